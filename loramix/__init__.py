@@ -1,0 +1,41 @@
+"""loramix: compose LoRA-family adapters.
+
+Load many adapters, measure how they overlap (exact, from the low-rank
+factors), merge them into base weights, evaluate and predict interference.
+
+The public API is imported lazily so that ``import loramix`` (and the CLI)
+starts fast; ``loramix.load_adapter`` etc. resolve on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_API = {
+    "Adapter": "loramix.adapter",
+    "ModuleDelta": "loramix.adapter",
+    "LoramixError": "loramix.errors",
+    "load_adapter": "loramix.io.adapter_files",
+    "save_peft_adapter": "loramix.io.adapter_files",
+    "save_d2_adapter": "loramix.io.adapter_files",
+    "similarity": "loramix.similarity",
+    "sum_into_base": "loramix.summation",
+    "sum_adapters": "loramix.summation",
+    "merge": "loramix.merge",
+    "train_adapter": "loramix.train",
+    "evaluate": "loramix.evaluate",
+    "build_base": "loramix.basebuild",
+    "run_scenario": "loramix.scenario",
+    "predict": "loramix.predict",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'loramix' has no attribute {name!r}")

@@ -1,0 +1,87 @@
+"""The ``loramix`` command: a thin layer over the library.
+
+Each command lives in its own module of this package and exposes ``command``
+(a click command or group). Heavy imports (torch, transformers) happen inside
+the commands, so ``loramix --help`` is quick.
+
+Errors a user can cause (:class:`loramix.errors.LoramixError`) print one line
+on stderr and exit with code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import LoramixError
+
+# module (in this package) -> command name
+COMMANDS = {
+    "inspect_cmd": "inspect",
+    "similarity_cmd": "similarity",
+    "sum_cmd": "sum",
+    "merge_cmd": "merge",
+    "base_cmd": "base",
+    "train_cmd": "train",
+    "eval_cmd": "eval",
+    "scenario_cmd": "scenario",
+    "predict_cmd": "predict",
+}
+
+
+class LazyGroup(click.Group):
+    """Imports a command's module only when that command is used."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS.values())
+
+    def get_command(self, ctx, name):
+        for mod, cmd in COMMANDS.items():
+            if cmd == name:
+                return importlib.import_module(f"{__name__}.{mod}").command
+        return None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="loramix")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """Compose LoRA-family adapters: inspect, compare, merge, train, evaluate."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def main(argv=None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="loramix", standalone_mode=False)
+    except LoramixError as e:
+        if debug:
+            raise
+        click.echo(f"loramix: error: {e.message}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("loramix: interrupted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("loramix: interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Errors a user can cause.
+
+Every such error names the file (or setting) at fault and the problem in one
+line. The CLI prints ``loramix: error: <where>: <problem>`` on stderr and exits
+with code 2; a traceback is shown only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class LoramixError(Exception):
+    """A problem with the user's input: one line, naming where it is.
+
+    ``where`` is usually a path; it may also be a setting such as
+    ``--density`` or a scenario key such as ``scenario.toml: adapters.rank``.
+    """
+
+    exit_code = 2
+
+    def __init__(self, where: str | os.PathLike | None, problem: str):
+        self.where = None if where is None else str(where)
+        self.problem = " ".join(str(problem).split())  # always one line
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        return f"{self.where}: {self.problem}" if self.where else self.problem
+
+
+class AdapterError(LoramixError):
+    """An adapter file or folder is missing, malformed or unsupported."""
+
+
+class BaseModelError(LoramixError):
+    """A base model folder is missing, malformed or does not fit the adapters."""
+
+
+class DataError(LoramixError):
+    """A data file is missing, empty or lacks the expected fields."""
+
+
+class ScenarioError(LoramixError):
+    """A scenario file is invalid; raised before any work starts."""
+
+
+class OutputError(LoramixError):
+    """An output path is refused (exists without --force, or is an input)."""
+
+
+class UsageError(LoramixError):
+    """A parameter is out of range (density, rank, method name, ...)."""

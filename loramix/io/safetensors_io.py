@@ -1,0 +1,78 @@
+"""Checked safetensors reading: one tensor at a time, errors name the file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import LoramixError
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class CheckedSafetensors:
+    """``safe_open`` with errors turned into one-line :class:`LoramixError`\\ s.
+
+    Use as a context manager. ``error`` is the error class to raise (for
+    instance ``AdapterError`` or ``BaseModelError``).
+    """
+
+    def __init__(self, path: str | Path, error: type[LoramixError] = LoramixError, device: str = "cpu"):
+        self.path = Path(path)
+        self.error = error
+        self.device = device
+        self._f = None
+
+    def __enter__(self) -> CheckedSafetensors:
+        if not self.path.exists():
+            raise self.error(self.path, "no such file")
+        try:
+            self._f = safe_open(str(self.path), framework="pt", device=self.device)
+            self._f.__enter__()
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise self.error(self.path, f"not a valid safetensors file (corrupt or truncated): {e}") from e
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._f is not None:
+            self._f.__exit__(*exc)
+
+    def keys(self) -> list[str]:
+        return list(self._f.keys())
+
+    def metadata(self) -> dict:
+        return self._f.metadata() or {}
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._f.get_slice(key).get_shape())
+
+    def dtype_str(self, key: str) -> str:
+        return self._f.get_slice(key).get_dtype()
+
+    def get(self, key: str, check_finite: bool = False) -> torch.Tensor:
+        try:
+            t = self._f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise self.error(self.path, f"cannot read tensor {key} (corrupt or truncated file): {e}") from e
+        if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise self.error(self.path, f"tensor {key} has non-finite values (nan or inf)")
+        return t
+
+
+def safetensors_metadata(provenance: dict | None = None) -> dict[str, str]:
+    """Metadata for a file we write: ``format: pt`` (transformers requires it)
+    plus the provenance as one JSON string."""
+    meta = {"format": "pt"}
+    if provenance is not None:
+        meta["loramix"] = json.dumps(provenance, sort_keys=True)
+    return meta

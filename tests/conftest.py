@@ -1,0 +1,19 @@
+import os
+
+import pytest
+import torch
+
+from .factories import SHARED_DATA
+
+# Two cores here: keep torch from oversubscribing them in tests.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    skip_data = pytest.mark.skip(reason=f"real QA data not found at {SHARED_DATA} (see README: Data)")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+        if "realdata" in item.keywords and not (SHARED_DATA / "math.jsonl").exists():
+            item.add_marker(skip_data)

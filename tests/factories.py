@@ -1,0 +1,90 @@
+"""Real, small models and adapters for tests: transformers models built from a
+config with random weights, and real PEFT adapters made by ``peft`` on them.
+
+Nothing here is mocked: the models are the real GPT-2 (``Conv1D``,
+``fan_in_fan_out``) and Llama (``nn.Linear``) classes, just tiny.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def tiny_gpt2(seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_head: int = 2, vocab_size: int = 128):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        vocab_size=vocab_size,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama(seed: int = 0, n_layer: int = 2, hidden: int = 32, n_head: int = 4, vocab_size: int = 128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        num_hidden_layers=n_layer,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 8,
+        num_attention_heads=n_head,
+        num_key_value_heads=n_head // 2,
+        vocab_size=vocab_size,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def save_base(model, folder: str | Path, max_shard_size: str | None = None) -> Path:
+    """``save_pretrained`` as safetensors (sharded when ``max_shard_size`` is small)."""
+    folder = Path(folder)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, safe_serialization=True, **kw)
+    return folder
+
+
+def make_peft_adapter(model, folder: str | Path, seed: int = 0, **lora_kwargs) -> Path:
+    """Wrap ``model`` with a random (non-zero B) PEFT LoRA and save it.
+
+    ``lora_kwargs`` go to ``peft.LoraConfig`` (r, lora_alpha, target_modules,
+    rank_pattern, alpha_pattern, use_rslora, ...). ``model`` is left unchanged.
+    """
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    kw = dict(r=4, lora_alpha=8, init_lora_weights=False)
+    kw.update(lora_kwargs)
+    if "target_modules" not in kw:
+        kw["target_modules"] = GPT2_TARGETS if model.config.model_type == "gpt2" else LLAMA_TARGETS
+    if model.config.model_type == "gpt2":
+        kw.setdefault("fan_in_fan_out", True)
+    torch.manual_seed(seed)
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(**kw))
+    pm.save_pretrained(str(folder))
+    return Path(folder)
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
