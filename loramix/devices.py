@@ -1,0 +1,26 @@
+"""``--device auto|cpu|cuda``: where the arithmetic runs. Everything runs on CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UsageError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is
+    a usage error (exit 2), not a silent fallback."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError("--device", f"{spec} requested but torch.cuda.is_available() is False")
+        return torch.device(spec)
+    if spec == "cpu":
+        return torch.device("cpu")
+    raise UsageError("--device", f"unknown device {spec!r}; choose auto, cpu or cuda")
