@@ -1,0 +1,154 @@
+"""Loading a local Hugging Face causal LM (GPT-2, Llama-style, ...) and its tokenizer.
+
+Offline only (``local_files_only=True``). Every problem a user can cause is a
+one-line :class:`~loramix.errors.BaseModelError` naming the folder: not a
+folder, no ``config.json``, not a causal LM, no weights, no tokenizer, or a
+tokenizer whose vocabulary is larger than the model's embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import BaseModelError
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}  # fmt: skip
+
+
+def _causal_lm_names() -> tuple[set[str], set[str]]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def check_model_folder(path: str | os.PathLike) -> dict:
+    """Validate ``path`` as a causal-LM folder without loading weights; return its config dict."""
+    p = Path(path)
+    if not p.exists():
+        raise BaseModelError(p, "no such folder")
+    if not p.is_dir():
+        raise BaseModelError(p, "not a folder; expected a Hugging Face model folder with config.json")
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise BaseModelError(p, "no config.json; not a Hugging Face model folder")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BaseModelError(cfg_path, f"invalid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise BaseModelError(cfg_path, "expected a JSON object")
+    model_types, classes = _causal_lm_names()
+    mt = cfg.get("model_type")
+    if mt not in model_types:
+        raise BaseModelError(p, f"model_type {mt!r} is not a causal language model known to transformers")
+    archs = cfg.get("architectures") or []
+    if archs and not any(a in classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise BaseModelError(p, f"architecture {', '.join(archs)} is not a causal language model")
+    if not any((p / f).is_file() for f in WEIGHT_FILES):
+        raise BaseModelError(p, "no weights (model.safetensors or pytorch_model.bin)")
+    return cfg
+
+
+def _torch_dtype(dtype):
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return "auto"
+    if dtype in _DTYPES:
+        return getattr(torch, _DTYPES[dtype])
+    raise BaseModelError(None, f"unknown dtype {dtype!r}; choose float32, bfloat16, float16 or auto")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """``AutoTokenizer.from_pretrained(path, local_files_only=True)``; a tokenizer
+    without a pad token gets its EOS as pad (pads are always masked)."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise BaseModelError(p, "no tokenizer files (tokenizer.json or tokenizer_config.json)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:  # transformers raises OSError/ValueError/... for broken files
+        raise BaseModelError(p, f"tokenizer does not load: {type(e).__name__}: {e}") from None
+    if tok.eos_token_id is None:
+        raise BaseModelError(p, "tokenizer has no eos_token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_tokenizer(model, tokenizer, where) -> None:
+    """The tokenizer's ids must all index the model's embedding."""
+    n_emb = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_emb:
+        raise BaseModelError(
+            where,
+            f"tokenizer does not match the model: {len(tokenizer)} tokens but the embedding has {n_emb} rows",
+        )
+
+
+def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None, tokenizer_path=None):
+    """Load ``(model, tokenizer)`` from a local folder, model in eval mode on ``device``.
+
+    ``dtype``: ``None`` gives float32 (exact CPU arithmetic), or a
+    ``torch.dtype`` / ``"bfloat16"`` / ``"float16"`` / ``"auto"`` (the
+    checkpoint's own). ``tokenizer_path`` loads the tokenizer from another
+    folder (checked against the model's embedding all the same).
+    """
+    from .devices import resolve_device
+
+    p = Path(path)
+    check_model_folder(p)
+    dev = resolve_device(device)
+    tdtype = _torch_dtype(dtype)
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws a "Loading weights" bar per load; loramix loads bases
+    # many times in a study, so keep it quiet and restore the user's setting.
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=tdtype)
+    except Exception as e:
+        raise BaseModelError(p, f"model does not load: {type(e).__name__}: {e}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    model.to(dev).eval()
+    tok_where = Path(tokenizer_path) if tokenizer_path is not None else p
+    tok = load_tokenizer(tok_where)
+    check_tokenizer(model, tok, tok_where)
+    return model, tok
+
+
+def base_provenance(path: str | os.PathLike) -> dict:
+    """``{"path", "sha256"}`` for a base folder: sha256 of its weight files (in name
+    order, hashed together) so that a changed checkpoint changes the record."""
+    import hashlib
+
+    from .io.safetensors_io import file_sha256
+
+    p = Path(path)
+    files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(file_sha256(f).encode())
+    return {"path": str(p), "kind": "base_model", "sha256": h.hexdigest()}
