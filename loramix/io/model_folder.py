@@ -1,0 +1,492 @@
+"""A Hugging Face model folder, read lazily (DESIGN.md section 6).
+
+A base folder holds ``config.json`` and its weights as ``model.safetensors``,
+or sharded as ``model-0000i-of-0000N.safetensors`` with
+``model.safetensors.index.json``. :class:`BaseModelFolder` checks it (every
+shard present and as long as its header says), lists every tensor from the
+safetensors headers without reading any weight, and maps adapter modules to
+base tensors.
+
+Layout. Adapters are always ``(out, in)`` (``nn.Linear``). A GPT-2 ``Conv1D``
+stores its weight ``(in, out)``, so its base tensor is the transpose. A
+non-square weight tells its layout by its shape, a square one (GPT-2's
+``attn.c_proj``, 768 x 768) cannot, so the layout is read off the real model
+class: the model skeleton is built from ``config.json`` on the meta device
+(no memory, no weights) and each adapted submodule is checked for being a
+``transformers`` ``Conv1D``. Importing the modeling code costs a second or
+two, so the answer (module name -> layout, per ``config.json`` and
+transformers version) is cached on disk, and the skeleton is only built when a
+shape does not already decide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import BaseModelError
+from .safetensors_io import CheckedSafetensors, file_sha256
+
+CONFIG_NAME = "config.json"
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+PEFT_PREFIX = "base_model.model."
+
+# Weight files of other formats: never read (pickle) and never copied into an
+# output, since they would hold the unmerged weights.
+OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".safetensors")
+
+# safetensors dtype codes -> torch dtypes (those torch has).
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16")):
+    if hasattr(torch, _name):
+        ST_DTYPES[_code] = getattr(torch, _name)
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+
+# Model types whose projections are transformers Conv1D, used only when the
+# skeleton cannot be built (a model class this transformers does not know).
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+
+LINEAR, CONV1D = "linear", "conv1d"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as its safetensors header describes it.
+
+    ``start``/``end`` are absolute byte offsets in the shard file.
+    """
+
+    key: str
+    shard: str
+    dtype: str  # safetensors code, e.g. "F32"
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return ST_DTYPES.get(self.dtype)
+
+    @property
+    def is_float(self) -> bool:
+        dt = self.torch_dtype
+        return dt is not None and dt.is_floating_point
+
+
+def read_safetensors_header(path: Path, error=BaseModelError) -> tuple[dict, int]:
+    """``(header, data_start)`` of a safetensors file, checking its length.
+
+    A file shorter than its header says (a truncated download or copy) is an
+    error naming the file; so is one with a malformed header.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise error(path, f"truncated: {size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise error(
+                    path, f"truncated or not a safetensors file: header length {n} but file has {size} bytes"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise error(path, f"cannot read: {e}") from e
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise error(path, f"not a valid safetensors file: bad header ({e})") from None
+    data_start = 8 + n
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            b, e = info["data_offsets"]
+            end = max(end, int(e))
+            if int(b) > int(e) or not isinstance(info["shape"], list):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise error(path, f"not a valid safetensors file: bad header entry for {key}") from None
+    if size < data_start + end:
+        raise error(path, f"truncated: {size} bytes, but its header needs {data_start + end}")
+    if size > data_start + end:
+        raise error(
+            path, f"{size - data_start - end} bytes after the last tensor: not a valid safetensors file"
+        )
+    return header, data_start
+
+
+class BaseModelFolder:
+    """A Hugging Face model folder, checked on construction, read lazily.
+
+    Attributes: ``path``, ``config`` (``config.json`` as a dict), ``shards``
+    (weight file names in order), ``index`` (the parsed index or None),
+    ``tensors`` (key -> :class:`TensorInfo`, in streaming order: shard by
+    shard, by offset). Nothing is loaded until asked for.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise BaseModelError(self.path, "no such folder")
+        if not self.path.is_dir():
+            raise BaseModelError(
+                self.path,
+                "not a folder: a base model is a Hugging Face model folder (config.json + model.safetensors)",
+            )
+        cfg = self.path / CONFIG_NAME
+        if not cfg.exists():
+            raise BaseModelError(self.path, f"not a Hugging Face model folder: no {CONFIG_NAME}")
+        try:
+            self.config_bytes = cfg.read_bytes()
+            self.config = json.loads(self.config_bytes)
+            if not isinstance(self.config, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise BaseModelError(cfg, f"not valid JSON: {e}") from None
+
+        index_path = self.path / INDEX_NAME
+        self.index: dict | None = None
+        if index_path.exists():
+            try:
+                self.index = json.loads(index_path.read_text())
+                weight_map = self.index["weight_map"]
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise ValueError("weight_map is empty or not an object")
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+                raise BaseModelError(index_path, f"not a valid safetensors index: {e}") from None
+            self.shards = sorted(set(weight_map.values()))
+            for shard in self.shards:
+                if not (self.path / shard).is_file():
+                    raise BaseModelError(index_path, f"names the shard {shard}, which does not exist")
+        elif (self.path / SINGLE_NAME).exists():
+            self.shards = [SINGLE_NAME]
+        else:
+            pickles = sorted(p.name for p in self.path.glob("*.bin"))
+            if pickles:
+                raise BaseModelError(
+                    self.path, f"has only pickle weights ({pickles[0]}); loramix reads safetensors only"
+                )
+            raise BaseModelError(self.path, f"no weights: neither {SINGLE_NAME} nor {INDEX_NAME}")
+
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, dict] = {}
+        for shard in self.shards:
+            header, data_start = read_safetensors_header(self.path / shard)
+            self.metadata[shard] = header.pop("__metadata__", None) or {}
+            items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+            for key, info in items:
+                if key in self.tensors:
+                    raise BaseModelError(
+                        self.path / shard, f"tensor {key} is also in {self.tensors[key].shard}"
+                    )
+                b, e = info["data_offsets"]
+                self.tensors[key] = TensorInfo(
+                    key,
+                    shard,
+                    info["dtype"],
+                    tuple(int(d) for d in info["shape"]),
+                    data_start + b,
+                    data_start + e,
+                )
+        if self.index is not None:
+            for key, shard in self.index["weight_map"].items():
+                info = self.tensors.get(key)
+                if info is None or info.shard != shard:
+                    raise BaseModelError(
+                        index_path, f"says {key} is in {shard}, but that shard does not hold it"
+                    )
+        if not self.tensors:
+            raise BaseModelError(self.path / self.shards[0], "holds no tensors")
+        self._skeleton: dict | None = None
+        self._sha: dict[str, str] | None = None
+
+    # ---- listing -----------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return (
+            f"BaseModelFolder({str(self.path)!r}, {len(self.shards)} shard(s), {len(self.tensors)} tensors)"
+        )
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __iter__(self):
+        """``(key, shard)`` in streaming order (shard by shard, by file offset)."""
+        return ((k, t.shard) for k, t in self.tensors.items())
+
+    def iter_shards(self):
+        """``(shard, [TensorInfo, ...])`` per weight file, tensors by offset."""
+        for shard in self.shards:
+            yield shard, [t for t in self.tensors.values() if t.shard == shard]
+
+    @property
+    def sharded(self) -> bool:
+        return self.index is not None
+
+    @property
+    def weight_files(self) -> list[str]:
+        return [*self.shards, INDEX_NAME] if self.sharded else list(self.shards)
+
+    @property
+    def prefix(self) -> str | None:
+        """The model's ``base_model_prefix`` (``transformer``, ``model``, ...)."""
+        if self._skeleton is not None:
+            return self._skeleton.get("prefix")
+        mt = self.config.get("model_type")
+        return {"gpt2": "transformer", "openai-gpt": "transformer"}.get(mt, "model")
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The floating dtype holding the most parameters (the base's dtype)."""
+        counts: dict[str, int] = {}
+        for t in self.tensors.values():
+            if t.is_float:
+                counts[t.dtype] = counts.get(t.dtype, 0) + t.nbytes
+        return ST_DTYPES[max(counts, key=counts.get)] if counts else None
+
+    def other_files(self) -> list[Path]:
+        """Files and folders to copy into an output as they are (config,
+        tokenizer, generation config, ...): everything but the weights, weight
+        files of other formats, hidden files and an old ``loramix.json``."""
+        skip = set(self.weight_files) | {"loramix.json"}
+        out = []
+        for p in sorted(self.path.iterdir()):
+            if p.name in skip or p.name.startswith("."):
+                continue
+            if p.is_file() and p.name.endswith(OTHER_WEIGHT_SUFFIXES):
+                continue
+            out.append(p)
+        return out
+
+    # ---- provenance -----------------------------------------------------------
+
+    def file_sha256s(self) -> dict[str, str]:
+        """sha256 of each weight file (and the index), computed once."""
+        if self._sha is None:
+            self._sha = {name: file_sha256(self.path / name) for name in self.weight_files}
+        return self._sha
+
+    def provenance(self) -> dict:
+        """An input record: ``path``, ``sha256`` (of the single weight file, or
+        of the list of ``name:sha256`` lines of a sharded folder), ``files``."""
+        files = self.file_sha256s()
+        if self.sharded:
+            manifest = "".join(f"{n}:{files[n]}\n" for n in sorted(files))
+            digest = hashlib.sha256(manifest.encode()).hexdigest()
+        else:
+            digest = files[SINGLE_NAME]
+        return {"role": "base", "path": str(self.path), "sha256": digest, "files": files}
+
+    # ---- adapter modules -> base tensors ------------------------------------
+
+    def _candidates(self, name: str) -> list[str]:
+        name = name.removeprefix(PEFT_PREFIX).removesuffix(".weight")
+        cands = [name]
+        prefix = self.prefix
+        if prefix:
+            if name.startswith(prefix + "."):
+                cands.append(name[len(prefix) + 1 :])
+            else:
+                cands.append(f"{prefix}.{name}")
+        return cands
+
+    def module_weight_key(self, name: str, shape: tuple[int, int] | None = None) -> tuple[str, bool]:
+        """``(key, transposed)``: the base tensor of adapter module ``name``.
+
+        ``key`` is ``name.weight``, with the model's ``base_model_prefix``
+        stripped or added when the checkpoint names it the other way (GPT-2
+        checkpoints saved from ``GPT2Model`` lack ``transformer.``).
+        ``transposed`` is True when the tensor is stored ``(in, out)``
+        (``Conv1D``). ``shape`` is the adapter's ``(out, in)``; when given, a
+        tensor that fits neither way is an error, and a non-square one decides
+        the layout without building the skeleton.
+        """
+        cands = self._candidates(name)
+        key = next((c + ".weight" for c in cands if c + ".weight" in self.tensors), None)
+        if key is None:
+            tied = self._tied_to(cands)
+            why = f" (it is tied to {tied}, which merging would change too)" if tied else ""
+            raise BaseModelError(
+                self.path, f"has no tensor for adapter module {name} (looked for {cands[0]}.weight){why}"
+            )
+        info = self.tensors[key]
+        if len(info.shape) != 2:
+            raise BaseModelError(
+                self.path / info.shard,
+                f"tensor {key} has shape {list(info.shape)}, not a 2-D weight for module {name}",
+            )
+        rows, cols = info.shape
+        if shape is not None:
+            out_f, in_f = shape
+            if (rows, cols) not in ((out_f, in_f), (in_f, out_f)):
+                raise BaseModelError(
+                    self.path / info.shard,
+                    f"tensor {key} is {rows}x{cols}, which does not fit adapter module {name} ({out_f}x{in_f}, out x in)",
+                )
+            if out_f != in_f:
+                return key, (rows, cols) == (in_f, out_f)
+        return key, self.module_layout(key.removesuffix(".weight")) == CONV1D
+
+    def module_layout(self, module_key: str) -> str:
+        """``"conv1d"`` or ``"linear"`` for a checkpoint module name."""
+        sk = self.skeleton()
+        layouts = sk["layouts"]
+        name = module_key
+        if name not in layouts:
+            prefix = sk.get("prefix")
+            alt = f"{prefix}.{name}" if prefix and not name.startswith(prefix + ".") else None
+            if prefix and name.startswith(prefix + "."):
+                alt = name[len(prefix) + 1 :]
+            name = alt if alt in layouts else name
+        if name in layouts:
+            return layouts[name]
+        # Not a Linear/Conv1D in the skeleton (or no skeleton): fall back on the model type.
+        return CONV1D if self.config.get("model_type") in CONV1D_MODEL_TYPES else LINEAR
+
+    def _tied_to(self, cands: list[str]) -> str | None:
+        try:
+            tied = self.skeleton().get("tied", {})
+        except Exception:  # the hint is optional
+            return None
+        for c in cands:
+            if c + ".weight" in tied:
+                return tied[c + ".weight"]
+        return None
+
+    def skeleton(self) -> dict:
+        """``{"prefix", "layouts": {module: layout}, "tied": {param: param}}``
+        from the model class built on the meta device, cached on disk."""
+        if self._skeleton is None:
+            self._skeleton = _cached_skeleton(self.path, self.config_bytes)
+        return self._skeleton
+
+    # ---- reading ---------------------------------------------------------------
+
+    def read_tensor(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """One tensor as stored (dtype, layout)."""
+        info = self.tensors.get(key)
+        if info is None:
+            raise BaseModelError(self.path, f"has no tensor {key}")
+        with CheckedSafetensors(self.path / info.shard, BaseModelError) as f:
+            return f.get(key).to(device)
+
+    def read_module_weight(
+        self, name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
+        """The base weight of adapter module ``name`` as ``(out, in)``
+        (``nn.Linear`` layout; a ``Conv1D`` weight is transposed), contiguous."""
+        key, transposed = self.module_weight_key(name)
+        W = self.read_tensor(key, device=device)
+        if dtype is not None:
+            W = W.to(dtype)
+        return W.T.contiguous() if transposed else W
+
+
+# ---- the skeleton and its cache -------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """``$LORAMIX_CACHE_DIR``, else ``$XDG_CACHE_HOME/loramix``, else ``~/.cache/loramix``."""
+    env = os.environ.get("LORAMIX_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loramix"
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return "none"
+
+
+def _cached_skeleton(folder: Path, config_bytes: bytes) -> dict:
+    key = hashlib.sha256(config_bytes + b"\0" + _transformers_version().encode()).hexdigest()[:24]
+    path = cache_dir() / "layouts" / f"{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    sk = build_skeleton(folder)
+    if sk.get("built"):  # cache only a real answer, not the fallback
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(sk, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home only costs the rebuild
+    return sk
+
+
+def build_skeleton(folder: Path) -> dict:
+    """Build the model on the meta device from its config and record, for
+    each ``nn.Linear``/``Conv1D`` submodule, its layout; plus tied parameters
+    and ``base_model_prefix``. Never reads weights, never uses the network."""
+    import torch.nn as nn
+
+    try:
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+        from transformers.pytorch_utils import Conv1D
+
+        cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        model = None
+        with torch.device("meta"):
+            for auto in (AutoModelForCausalLM, AutoModel):
+                try:
+                    model = auto.from_config(cfg)
+                    break
+                except (ValueError, KeyError):
+                    continue
+    except Exception:  # an unknown model class: fall back on shapes and model type
+        model = None
+    if model is None:
+        return {"built": False, "prefix": None, "layouts": {}, "tied": {}}
+    layouts = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, Conv1D):
+            layouts[name] = CONV1D
+        elif isinstance(mod, nn.Linear):
+            layouts[name] = LINEAR
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[pname] = first[id(p)]
+        else:
+            first[id(p)] = pname
+    return {
+        "built": True,
+        "prefix": getattr(model, "base_model_prefix", None) or None,
+        "layouts": layouts,
+        "tied": tied,
+    }
