@@ -1,0 +1,59 @@
+"""Signed merging of D2-LoRA adapters (DESIGN.md section 4, way (b)).
+
+For D2-LoRA adapters with signed residuals ``dW_i = s_i (B+_i A+_i - tau B-_i A-_i)``::
+
+    R     = sum_i w_i dW_i                              (out, in), from the factors
+    W*    = d2_project(W0, R) = (W0 + R) * ||W0||_n / ||W0 + R||_n
+    W     = W* + R           delta = W - W0             (project once, add the residual)
+
+Way (a), adding the effective deltas ``sum_i w_i (W_hat_i - W0)``, is
+``sum`` on the same adapters (``--into BASE``). Each module's relative
+Frobenius difference between the two, ``||b - a|| / ||a||``, goes into the
+report so the two ways can be compared.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapter import D2LORA
+from ..d2lora import d2_merged_weight
+from ..errors import UsageError
+from . import register
+from .base import MergeMethod
+
+
+@register
+class D2Signed(MergeMethod):
+    name = "d2-signed"
+    summary = "D2-LoRA: sum the signed residuals, project once onto the base norms, add the summed residual"
+    params = ()
+    requires_kind = D2LORA
+
+    def check(self, params, adapters):
+        dims = {m.norm_dim for ad in adapters for m in ad.modules.values()}
+        if len(dims) > 1:
+            raise UsageError(
+                "d2-signed", f"the adapters project along different axes (norm_dim {sorted(dims)})"
+            )
+
+    def delta(self, ctx, module_deltas, weights, W0, params):
+        if W0 is None:
+            raise UsageError(ctx.name, "d2-signed needs the base weight: pass --into BASE")
+        W0 = W0.to(device=ctx.device, dtype=ctx.dtype)
+        m0 = module_deltas[0]
+        R = None
+        for m, w in zip(module_deltas, weights):
+            r = m.residual(dtype=ctx.dtype, device=ctx.device)
+            R = r * w if R is None else R.add_(r, alpha=w)
+        return d2_merged_weight(W0, R, norm_dim=m0.norm_dim, eps=m0.eps) - W0
+
+    def compare_effective(self, ctx, module_deltas, weights, W0, merged: torch.Tensor) -> float:
+        """``||merged - a|| / ||a||`` with ``a = sum_i w_i (W_hat_i - W0)`` (way (a))."""
+        a = None
+        for m, w in zip(module_deltas, weights):
+            d = m.delta(W0, dtype=ctx.dtype, device=ctx.device)
+            a = d * w if a is None else a.add_(d, alpha=w)
+        na = float(torch.linalg.vector_norm(a))
+        diff = float(torch.linalg.vector_norm(merged - a))
+        return diff / na if na > 0 else diff

@@ -1,0 +1,27 @@
+"""Magnitude pruning, then a weighted sum (DESIGN.md section 5)::
+
+    merged = lambda * sum_i w_i * dW_i * topmask(|dW_i|, density)
+
+``topmask`` keeps the top ``int(density * numel)`` entries of each delta, as
+PEFT's ``magnitude_prune`` does.
+"""
+
+from __future__ import annotations
+
+from . import register
+from .base import DENSITY, LAMBDA, MergeMethod, dense_deltas
+from .ties import trim
+
+
+@register
+class Magnitude(MergeMethod):
+    name = "magnitude"
+    summary = "keep the top-density entries of each delta by magnitude, then the weighted sum"
+    params = (DENSITY, LAMBDA)
+
+    def delta(self, ctx, module_deltas, weights, W0, params):
+        out = None
+        for t, w in zip(dense_deltas(ctx, module_deltas, W0), weights):
+            x = trim(t, params["density"]) * w
+            out = x if out is None else out.add_(x)
+        return out * params["lambda_"] if params["lambda_"] != 1.0 else out
