@@ -54,6 +54,19 @@ _UNSUPPORTED = {
     "trainable_tokens_delta": "trainable tokens",
     "token_adapter": "trainable tokens",
 }
+# PEFT LoRA variants whose saved factors are not (or not only) ``dW = s B A``
+# on a 2-D weight: refused when the config sets them, never silently dropped.
+_UNSUPPORTED_CONFIG = {
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "use_qalora": "QALoRA (use_qalora)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "kasa_config": "KaSA (kasa_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "layer_replication": "layer replication (layer_replication)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+}
 
 
 def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str | None:
@@ -119,13 +132,13 @@ def _parse_key(key: str, parts: dict) -> tuple[str, str, str, str | None]:
     for i, t in enumerate(toks):
         if t in _UNSUPPORTED:
             module = ".".join(toks[:i]).removeprefix(PREFIX)
-            raise KeyError(f"module {module}: {_UNSUPPORTED[t]} are not supported (tensor {key})")
+            raise KeyError(f"module {module}: not supported: {_UNSUPPORTED[t]} (tensor {key})")
         if t in parts:
             module = ".".join(toks[:i])
             module = module[len(PREFIX) :] if module.startswith(PREFIX) else module
             rest = toks[i + 1 :]
             if rest and rest[-1] == "bias":
-                raise KeyError(f"module {module}: LoRA biases (lora_bias) are not supported (tensor {key})")
+                raise KeyError(f"module {module}: not supported: LoRA biases (lora_bias) (tensor {key})")
             if rest == ["weight"]:
                 name = None
             elif len(rest) == 2 and rest[1] == "weight":
@@ -134,6 +147,12 @@ def _parse_key(key: str, parts: dict) -> tuple[str, str, str, str | None]:
                 break
             factor, branch = parts[t]
             return module, factor, branch, name
+    if toks[-1] == "bias":
+        # PEFT's bias="all" / "lora_only" saves trained base biases.
+        module = ".".join(t for t in toks[:-1] if t != "base_layer").removeprefix(PREFIX)
+        raise KeyError(
+            f"module {module}: not supported: trained biases (PEFT bias='all'/'lora_only') (tensor {key})"
+        )
     raise KeyError(f"unexpected tensor {key}: not a LoRA factor")
 
 
@@ -154,12 +173,8 @@ def load_adapter(path: str | Path, name: str | None = None) -> Adapter:
         raise AdapterError(
             cfg_path, f"unsupported peft_type {config.get('peft_type')!r}: loramix reads LORA and D2LORA"
         )
-    if config.get("use_dora"):
-        raise AdapterError(cfg_path, "DoRA adapters (use_dora: true) are not supported")
     if config.get("modules_to_save"):
         raise AdapterError(cfg_path, f"modules_to_save {config['modules_to_save']} is not supported")
-    if config.get("lora_bias"):
-        raise AdapterError(cfg_path, "LoRA biases (lora_bias: true) are not supported")
     use_rslora = bool(config.get("use_rslora", False))
 
     raw: dict[str, dict[tuple[str, str], torch.Tensor]] = {}
@@ -168,11 +183,22 @@ def load_adapter(path: str | Path, name: str | None = None) -> Adapter:
         keys = f.keys()
         if not keys:
             raise AdapterError(weights, "holds no tensors")
-        for key in keys:
-            try:
-                module, factor, branch, aname = _parse_key(key, parts)
-            except KeyError as e:
-                raise AdapterError(weights, e.args[0]) from None
+        # Parse every key before reading any tensor or trusting the config:
+        # an unsupported feature is then reported with the module it is on.
+        try:
+            parsed = [(key, *_parse_key(key, parts)) for key in keys]
+        except KeyError as e:
+            raise AdapterError(weights, e.args[0]) from None
+        if config.get("use_dora"):
+            raise AdapterError(cfg_path, "not supported: DoRA (use_dora: true)")
+        if config.get("lora_bias"):
+            raise AdapterError(cfg_path, "not supported: LoRA biases (lora_bias: true)")
+        if str(config.get("bias", "none")).lower() not in ("none", "null"):
+            raise AdapterError(cfg_path, f"not supported: trained biases (bias: {config['bias']})")
+        for k, feature in _UNSUPPORTED_CONFIG.items():
+            if config.get(k):
+                raise AdapterError(cfg_path, f"not supported: {feature}")
+        for key, module, factor, branch, aname in parsed:
             if aname is not None:
                 adapter_names.add(aname)
             t = f.get(key, check_finite=True)
