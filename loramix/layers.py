@@ -295,10 +295,13 @@ class D2LoraLinear(_Wrapped):
         w0_sq = self.base_weight().detach().double().pow(2).sum(dim=self.norm_dim)
         self.register_buffer("w0_sq", w0_sq.to(dtype), persistent=False)
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Bf, Af)`` with ``dW = Bf @ Af``: ``(out, 2r)`` and ``(2r, in)``."""
-        Bf = torch.cat([self.lora_B_pos, self.lora_B_neg * (-self.tau)], dim=1) * self.scale
-        Af = torch.cat([self.lora_A_pos, self.lora_A_neg], dim=0)
+        Bp, Bn, Ap, An = self.lora_B_pos, self.lora_B_neg, self.lora_A_pos, self.lora_A_neg
+        if dtype is not None:
+            Bp, Bn, Ap, An = (t.to(dtype) for t in (Bp, Bn, Ap, An))
+        Bf = torch.cat([Bp, Bn * (-self.tau)], dim=1) * self.scale
+        Af = torch.cat([Ap, An], dim=0)
         return Bf, Af
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -331,8 +334,9 @@ class D2LoraLinear(_Wrapped):
 
     def residual(self) -> torch.Tensor:
         """Dense signed residual ``dW`` ``(out, in)``, float64, detached."""
-        Bf, Af = self.factors()
-        return Bf.detach().double() @ Af.detach().double()
+        with torch.no_grad():
+            Bf, Af = self.factors(torch.float64)
+            return Bf @ Af
 
     def merged_weight(self) -> torch.Tensor:
         """``W_hat = W* + dW`` ``(out, in)``, float64, detached."""
