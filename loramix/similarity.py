@@ -1,0 +1,333 @@
+"""Exact pairwise similarity of adapter deltas, from the low-rank factors.
+
+DESIGN.md section 2. For module ``m`` and adapters ``i, j`` with deltas
+``dW_i = Bf_i @ Af_i`` (``Bf`` (out, r_i) with the scale folded in, ``Af``
+(r_i, in), from :meth:`ModuleDelta.factors`)::
+
+    <dW_i, dW_j>_F = sum( (Bf_i^T Bf_j) * (Af_i Af_j^T) )        (r_i x r_j)
+
+All ``n`` adapters that touch ``m`` are done at once: stack the factors,
+``B_cat = [Bf_1 ... Bf_n]`` (out, R) and ``A_cat = [Af_1; ...; Af_n]`` (R, in)
+with ``R = sum r_i``, form the ``R x R`` product of Gram matrices::
+
+    G  = (B_cat^T B_cat) * (A_cat A_cat^T)                         (R x R)
+    IP = P^T G P                                                   (n x n)
+
+where ``P`` (R x n) is the one-hot matrix mapping each column of ``B_cat`` to
+its adapter, so ``IP[i, j] = <dW_i, dW_j>_F`` and ``diag(IP) = ||dW_i||_F^2``.
+Cost ``O(R^2 (out + in))`` per module instead of ``O(n^2 out in)``; all in
+float64. Nothing of size ``out x in`` is formed.
+
+Reported, per pair of adapters ``(i, j)``:
+
+* ``cos_m(i, j) = IP[i, j] / (||dW_i|| ||dW_j||)`` per module; a module whose
+  delta is exactly zero in either adapter has no cosine (listed in
+  ``SimilarityResult.zero_norm``, left out of the means);
+* ``rms = sqrt(mean_m cos_m^2)`` and ``mean = mean_m cos_m`` over the modules
+  both adapters touch and that have a cosine;
+* ``coverage = |shared modules| / |union of modules|``.
+
+D2-LoRA adapters: ``factors()`` is the signed residual ``dW``, so the result
+is base-free. With ``base=`` (a base model folder) D2 modules use the
+*effective* delta ``W_hat - W0`` instead (:meth:`ModuleDelta.delta`), which is
+dense: it is formed one module at a time and combined with the factored
+LoRA deltas of the same module exactly (see :func:`_module_inner_products`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .adapter import D2LORA, Adapter, ModuleDelta, check_compatible
+from .devices import resolve_device
+from .errors import UsageError
+
+PER_MODULE_COLUMNS = ["module", "layer", "type", "i", "j", "a", "b", "cosine"]
+
+_LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def module_layer_type(name: str) -> tuple[int | None, str]:
+    """``(layer index, module type)`` parsed from a module name.
+
+    The layer is the first all-digit component (``transformer.h.3.attn.c_attn``
+    and ``model.layers.3.self_attn.q_proj`` give 3). The type is what follows
+    it (``attn.c_attn``, ``self_attn.q_proj``): GPT-2 has two ``c_proj``
+    (attention and MLP), so the last component alone would mix two different
+    matrices. Without a layer index the type is the last component.
+    """
+    m = _LAYER_RE.search(name)
+    if m is None:
+        return None, name.rsplit(".", 1)[-1]
+    rest = name[m.end() :]
+    return int(m.group(1)), rest or name.rsplit(".", 1)[-1]
+
+
+@dataclass
+class SimilarityResult:
+    """Similarity of ``N`` adapters (all DataFrames indexed by adapter name).
+
+    * ``rms``: N x N RMS cosine ``sqrt(mean_m cos_m^2)`` (NaN where a pair has
+      no module with a cosine);
+    * ``mean``: N x N signed mean cosine;
+    * ``coverage``: N x N shared / union modules;
+    * ``shared``: N x N number of modules with a cosine (the ``m`` averaged);
+    * ``norms``: N x M Frobenius norms ``||dW||_F`` with the scale applied
+      (NaN where an adapter lacks the module);
+    * ``per_module``: long table (``per_module=True`` only, else empty):
+      ``module, layer, type, i, j, a, b, cosine`` for each pair ``i < j``;
+    * ``zero_norm``: ``adapter, module`` pairs whose delta is zero (no cosine);
+    * ``effective``: True when D2 modules used the effective delta (``base=``).
+    """
+
+    names: list[str]
+    rms: pd.DataFrame
+    mean: pd.DataFrame
+    coverage: pd.DataFrame
+    shared: pd.DataFrame
+    norms: pd.DataFrame
+    per_module: pd.DataFrame
+    zero_norm: pd.DataFrame
+    effective: bool = False
+    paths: list[str | None] = field(default_factory=list)
+
+    def to_json_dict(self, per_module: bool = False) -> dict:
+        """Plain lists (NaN as None), for ``--format json``."""
+
+        def mat(df: pd.DataFrame) -> list[list[float | None]]:
+            return [[None if not math.isfinite(x) else float(x) for x in row] for row in df.to_numpy()]
+
+        out = {
+            "names": list(self.names),
+            "paths": list(self.paths),
+            "delta": "effective" if self.effective else "residual",
+            "rms": mat(self.rms),
+            "mean": mat(self.mean),
+            "coverage": mat(self.coverage),
+            "shared_modules": [[int(x) for x in row] for row in self.shared.to_numpy()],
+            "zero_norm": self.zero_norm.to_dict(orient="records"),
+        }
+        if per_module:
+            out["by_type"] = breakdown(self.per_module, "type").to_dict(orient="records")
+            out["by_layer"] = breakdown(self.per_module, "layer").to_dict(orient="records")
+        return out
+
+
+def breakdown(per_module: pd.DataFrame, by: str) -> pd.DataFrame:
+    """RMS and signed mean cosine per pair and per ``by`` (``type`` or ``layer``).
+
+    Long table ``a, b, <by>, rms, mean, modules``.
+    """
+    cols = ["a", "b", by, "rms", "mean", "modules"]
+    if per_module.empty:
+        return pd.DataFrame(columns=cols)
+    df = per_module.assign(cos2=per_module["cosine"] ** 2)
+    g = df.groupby(["i", "j", "a", "b", by], sort=True, dropna=False)
+    out = g.agg(rms=("cos2", "mean"), mean=("cosine", "mean"), modules=("cosine", "size")).reset_index()
+    out["rms"] = np.sqrt(out["rms"])
+    return out[cols]
+
+
+def _unique_names(adapters: Sequence[Adapter]) -> list[str]:
+    """Adapter names, made unique (full path, then ``#k``) where they collide."""
+    names = [a.name for a in adapters]
+    if len(set(names)) == len(names):
+        return names
+    counts = {n: names.count(n) for n in names}
+    names = [str(a.path) if counts[a.name] > 1 and a.path is not None else a.name for a in adapters]
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 and names.count(n) == 1 else f"{n}#{seen[n]}")
+    return out
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    # delay: a quick run shows no bar at all; disable=None: no bar when stderr
+    # is not a terminal (pipes, CI logs).
+    return tqdm(iterable, total=total, desc=desc, unit="mod", delay=0.5, disable=None, leave=False)
+
+
+def _module_inner_products(
+    deltas: list[ModuleDelta], dense: dict[int, torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """``IP`` (n x n, float64): Frobenius inner products of one module's deltas.
+
+    Factored deltas (all LoRA, and D2 without a base) go through the stacked
+    Gram product of the module docstring. ``dense`` maps a position in
+    ``deltas`` to an already formed (out, in) delta (D2 effective deltas); for
+    those ``<D, Bf Af>_F = sum(Bf * (D Af^T))`` and ``<D1, D2>_F`` directly.
+    """
+    n = len(deltas)
+    ip = torch.zeros(n, n, dtype=torch.float64, device=device)
+    low = [k for k in range(n) if k not in dense]
+    if low:
+        Bs, As, owner = [], [], []
+        for t, k in enumerate(low):
+            B, A = deltas[k].factors(dtype=torch.float64, device=device)
+            Bs.append(B)
+            As.append(A)
+            owner.append(torch.full((B.shape[1],), t, dtype=torch.long, device=device))
+        B_cat = torch.cat(Bs, dim=1)  # (out, R)
+        A_cat = torch.cat(As, dim=0)  # (R, in)
+        owner_t = torch.cat(owner)
+        G = (B_cat.T @ B_cat) * (A_cat @ A_cat.T)  # (R, R)
+        P = torch.nn.functional.one_hot(owner_t, len(low)).to(torch.float64)  # (R, n_low)
+        idx = torch.tensor(low, device=device)
+        ip[idx[:, None], idx[None, :]] = P.T @ G @ P
+    if dense:
+        keys = sorted(dense)
+        for x, k in enumerate(keys):
+            D = dense[k]
+            for k2 in keys[x:]:
+                v = (D * dense[k2]).sum()
+                ip[k, k2] = ip[k2, k] = v
+            if low:
+                # <D, B_t A_t> for every low-rank t at once: column sums of
+                # B_cat * (D A_cat^T), then block sums by owner.
+                colsum = (B_cat * (D @ A_cat.T)).sum(dim=0)  # (R,)
+                v = P.T @ colsum  # (n_low,)
+                ip[k, idx] = v
+                ip[idx, k] = v
+    return ip
+
+
+def similarity(
+    adapters_or_paths: Sequence[Adapter | str | Path],
+    *,
+    base: str | Path | None = None,
+    per_module: bool = False,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+) -> SimilarityResult:
+    """Pairwise cosine similarity of the adapters' deltas (module docstring).
+
+    ``adapters_or_paths``: loaded :class:`Adapter`\\ s or paths (each file is
+    read once). Shared modules must have the same shape in every adapter
+    (:func:`check_compatible`; else :class:`AdapterError`, exit 2 in the CLI).
+    ``base``: a base model folder; D2-LoRA modules then use their effective
+    delta (needs ``loramix.io.model_folder``). ``per_module``: also fill the
+    long ``per_module`` table. ``device``: where the Gram products run.
+    """
+    from .io.adapter_files import load_adapter
+
+    if len(adapters_or_paths) == 0:
+        raise UsageError("similarity", "needs at least one adapter")
+    dev = resolve_device(device)
+    items = list(adapters_or_paths)
+    adapters: list[Adapter] = []
+    for a in _progress(items, len(items), "loading", progress and len(items) > 4):
+        adapters.append(a if isinstance(a, Adapter) else load_adapter(a))
+    check_compatible(adapters)
+    names = _unique_names(adapters)
+    N = len(adapters)
+
+    base_folder = None
+    if base is not None:
+        from .io.model_folder import BaseModelFolder
+
+        base_folder = BaseModelFolder(base)
+
+    # Union of module names, in first-seen order.
+    modules: dict[str, list[int]] = {}
+    for i, ad in enumerate(adapters):
+        for m in ad.modules:
+            modules.setdefault(m, []).append(i)
+
+    sum_c = np.zeros((N, N))
+    sum_c2 = np.zeros((N, N))
+    n_cos = np.zeros((N, N), dtype=np.int64)
+    shared = np.zeros((N, N), dtype=np.int64)
+    norms = np.full((N, len(modules)), np.nan)
+    rows: list[tuple] = []
+    zero: list[tuple[str, str]] = []
+
+    for col, (mname, owners) in enumerate(
+        _progress(modules.items(), len(modules), "similarity", progress and N * len(modules) > 200)
+    ):
+        deltas = [adapters[i].modules[mname] for i in owners]
+        dense: dict[int, torch.Tensor] = {}
+        if base_folder is not None and any(d.kind == D2LORA for d in deltas):
+            W0 = base_folder.read_module_weight(mname)
+            for k, d in enumerate(deltas):
+                if d.kind == D2LORA:
+                    dense[k] = d.delta(W0, dtype=torch.float64, device=dev)
+        ip = _module_inner_products(deltas, dense, dev).cpu().numpy()
+        sq = np.clip(np.diag(ip), 0.0, None)
+        nrm = np.sqrt(sq)
+        idx = np.asarray(owners)
+        norms[idx, col] = nrm
+        ok = sq > 0.0  # an exactly zero delta has no cosine
+        for k in np.flatnonzero(~ok):
+            zero.append((names[owners[k]], mname))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = np.clip(ip / np.outer(nrm, nrm), -1.0, 1.0)
+        valid = np.outer(ok, ok)
+        cos_v = np.where(valid, cos, 0.0)
+        ix = np.ix_(idx, idx)
+        shared[ix] += 1
+        n_cos[ix] += valid
+        sum_c[ix] += cos_v
+        sum_c2[ix] += cos_v**2
+        if per_module:
+            layer, mtype = module_layer_type(mname)
+            iu, ju = np.triu_indices(len(owners), k=1)
+            for u, v in zip(iu, ju, strict=True):
+                if valid[u, v]:
+                    i, j = owners[u], owners[v]
+                    rows.append((mname, layer, mtype, i, j, names[i], names[j], float(cos[u, v])))
+
+    counts = np.array([len(ad.modules) for ad in adapters])
+    union = counts[:, None] + counts[None, :] - shared
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rms = np.sqrt(sum_c2 / n_cos)
+        mean = sum_c / n_cos
+        coverage = np.where(union > 0, shared / np.maximum(union, 1), np.nan)
+
+    def frame(x):
+        return pd.DataFrame(x, index=pd.Index(names, name="adapter"), columns=names)
+
+    per = pd.DataFrame(rows, columns=PER_MODULE_COLUMNS)
+    per["layer"] = per["layer"].astype("Int64")
+    return SimilarityResult(
+        names=names,
+        rms=frame(rms),
+        mean=frame(mean),
+        coverage=frame(coverage),
+        shared=frame(n_cos),
+        norms=pd.DataFrame(norms, index=pd.Index(names, name="adapter"), columns=list(modules)),
+        per_module=per,
+        zero_norm=pd.DataFrame(zero, columns=["adapter", "module"]),
+        effective=base_folder is not None,
+        paths=[None if a.path is None else str(a.path) for a in adapters],
+    )
+
+
+class _CallableModule(types.ModuleType):
+    """``loramix.similarity`` names both this module and its main function.
+
+    Once ``loramix.similarity`` (the module) is imported, Python binds it as
+    the package attribute, hiding the lazily exported function; making the
+    module callable keeps ``loramix.similarity(paths)`` working either way.
+    """
+
+    def __call__(self, *args, **kwargs) -> SimilarityResult:
+        return similarity(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,309 @@
+"""``loramix.similarity`` equals a dense float64 reference (form every s B A).
+
+The reference below is deliberately the obvious computation: one dense delta
+per adapter and module, ``<X, Y> / (||X|| ||Y||)``, then the means of
+DESIGN.md section 2. The library never forms a dense delta for LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loramix import load_adapter, save_peft_adapter, similarity
+from loramix.adapter import Adapter, ModuleDelta
+from loramix.errors import AdapterError
+from loramix.similarity import breakdown, module_layer_type
+
+from .factories import make_peft_adapter, tiny_gpt2, tiny_llama
+
+TOL = 1e-9
+
+
+def dense_reference(adapters: list[Adapter], W0: dict | None = None):
+    """rms, mean, coverage (N x N) and per-module cosines, all from dense
+    float64 deltas. ``W0``: module -> base weight, for D2 effective deltas."""
+    N = len(adapters)
+    rms, mean, cov = np.full((N, N), np.nan), np.full((N, N), np.nan), np.zeros((N, N))
+    per = {}
+    for i, a in enumerate(adapters):
+        for j, b in enumerate(adapters):
+            shared = [m for m in a.modules if m in b.modules]
+            union = set(a.modules) | set(b.modules)
+            cov[i, j] = len(shared) / len(union)
+            cs = []
+            for m in shared:
+                w = None if W0 is None else W0.get(m)
+                X = a.modules[m].delta(w) if w is not None else a.modules[m].residual()
+                Y = b.modules[m].delta(w) if w is not None else b.modules[m].residual()
+                nx, ny = torch.linalg.matrix_norm(X), torch.linalg.matrix_norm(Y)
+                if nx == 0 or ny == 0:
+                    continue
+                c = float((X * Y).sum() / (nx * ny))
+                cs.append(c)
+                per[(m, i, j)] = c
+            if cs:
+                rms[i, j] = math.sqrt(np.mean(np.square(cs)))
+                mean[i, j] = np.mean(cs)
+    return rms, mean, cov, per
+
+
+def assert_equals_reference(res, adapters, W0=None):
+    rms, mean, cov, per = dense_reference(adapters, W0)
+    np.testing.assert_allclose(res.rms.to_numpy(), rms, rtol=0, atol=TOL, equal_nan=True)
+    np.testing.assert_allclose(res.mean.to_numpy(), mean, rtol=0, atol=TOL, equal_nan=True)
+    np.testing.assert_allclose(res.coverage.to_numpy(), cov, rtol=0, atol=TOL)
+    for i, a in enumerate(adapters):
+        for m, d in a.modules.items():
+            X = d.delta(W0[m]) if W0 is not None and m in W0 else d.residual()
+            ref = float(torch.linalg.matrix_norm(X))
+            assert res.norms.loc[res.names[i], m] == pytest.approx(ref, rel=TOL, abs=TOL)
+    if not res.per_module.empty:
+        got = {(r.module, r.i, r.j): r.cosine for r in res.per_module.itertuples()}
+        want = {k: v for k, v in per.items() if k[1] < k[2]}
+        assert set(got) == set(want)
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, abs=TOL)
+
+
+def perturbed_copy(ad: Adapter, folder, seed: int, noise: float, sign: float = 1.0, alpha_scale: float = 1.0):
+    """A related adapter: the same factors plus noise, written as PEFT."""
+    g = torch.Generator().manual_seed(seed)
+    factors, alphas = {}, {}
+    for name, m in ad.modules.items():
+        B = sign * m.B + noise * torch.randn(m.B.shape, generator=g)
+        A = m.A + noise * torch.randn(m.A.shape, generator=g)
+        factors[name] = (B, A)
+        alphas[name] = m.alpha * alpha_scale
+    return save_peft_adapter(
+        folder, factors, alphas=alphas, fan_in_fan_out=bool(ad.config.get("fan_in_fan_out"))
+    )
+
+
+@pytest.fixture(scope="module")
+def gpt2_adapters(tmp_path_factory):
+    d = tmp_path_factory.mktemp("g")
+    model = tiny_gpt2()
+    p0 = make_peft_adapter(
+        model,
+        d / "g0",
+        seed=0,
+        r=4,
+        lora_alpha=8,
+        rank_pattern={"c_fc": 2},
+        alpha_pattern={"h.1.attn.c_proj": 3},
+    )
+    p1 = make_peft_adapter(model, d / "g1", seed=1, r=3, lora_alpha=5, use_rslora=True)
+    p2 = make_peft_adapter(model, d / "g2", seed=2, r=2, lora_alpha=2, target_modules=["c_attn", "c_fc"])
+    p3 = perturbed_copy(load_adapter(p0), d / "g3", seed=3, noise=0.05, alpha_scale=0.5)
+    p4 = perturbed_copy(load_adapter(p1), d / "g4", seed=4, noise=0.05, sign=-1.0)
+    return [p0, p1, p2, p3, p4]
+
+
+@pytest.fixture(scope="module")
+def llama_adapters(tmp_path_factory):
+    d = tmp_path_factory.mktemp("l")
+    model = tiny_llama()
+    p0 = make_peft_adapter(model, d / "l0", seed=0, r=4, lora_alpha=16, rank_pattern={r"layers\.1\..*": 2})
+    p1 = make_peft_adapter(
+        model,
+        d / "l1",
+        seed=1,
+        r=2,
+        lora_alpha=4,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+    )
+    p2 = perturbed_copy(load_adapter(p0), d / "l2", seed=2, noise=0.1)
+    return [p0, p1, p2]
+
+
+@pytest.mark.parametrize("which", ["gpt2_adapters", "llama_adapters"])
+def test_equals_dense_reference(request, which):
+    paths = request.getfixturevalue(which)
+    res = similarity(paths, per_module=True, progress=False)
+    ads = [load_adapter(p) for p in paths]
+    assert res.names == [a.name for a in ads]
+    assert_equals_reference(res, ads)
+    # related adapters are found related, negated ones anti-correlated
+    rms = res.rms.to_numpy()
+    assert np.allclose(np.diag(rms), 1.0)
+    if which == "gpt2_adapters":
+        assert rms[0, 3] > 0.5 and res.mean.iloc[1, 4] < -0.5 and rms[1, 4] > 0.5
+        assert res.coverage.iloc[0, 2] == pytest.approx(4 / 8)
+
+
+def test_accepts_loaded_adapters_and_reads_each_file_once(gpt2_adapters, monkeypatch):
+    import loramix.io.adapter_files as af
+
+    calls = []
+    real = af.load_adapter
+
+    def counting(path, *a, **k):
+        calls.append(path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(af, "load_adapter", counting)
+    res = similarity(gpt2_adapters, progress=False)
+    assert len(calls) == len(gpt2_adapters)
+    ads = [real(p) for p in gpt2_adapters]
+    res2 = similarity(ads, progress=False)
+    assert len(calls) == len(gpt2_adapters)
+    np.testing.assert_array_equal(res.rms.to_numpy(), res2.rms.to_numpy())
+
+
+def test_zero_norm_modules_excluded_and_reported(gpt2_adapters):
+    a, b = load_adapter(gpt2_adapters[0]), load_adapter(gpt2_adapters[3])
+    zeroed = "transformer.h.0.mlp.c_fc"
+    b.modules[zeroed].B = torch.zeros_like(b.modules[zeroed].B)
+    res = similarity([a, b], per_module=True, progress=False)
+    assert res.zero_norm.to_dict(orient="records") == [{"adapter": b.name, "module": zeroed}]
+    assert res.norms.loc[b.name, zeroed] == 0.0
+    assert res.shared.iloc[0, 1] == len(a) - 1 and res.coverage.iloc[0, 1] == 1.0
+    assert zeroed not in set(res.per_module["module"])
+    assert_equals_reference(res, [a, b])
+    # an adapter that is zero everywhere has no cosine with anything
+    for m in b.modules.values():
+        m.B = torch.zeros_like(m.B)
+    res = similarity([a, b], progress=False)
+    assert math.isnan(res.rms.iloc[0, 1]) and math.isnan(res.rms.iloc[1, 1])
+
+
+def test_disjoint_modules_give_nan(llama_adapters):
+    a = load_adapter(llama_adapters[0])
+    b = load_adapter(llama_adapters[1])
+    b.modules = {k: v for k, v in b.modules.items() if "q_proj" in k}
+    a.modules = {k: v for k, v in a.modules.items() if "q_proj" not in k}
+    res = similarity([a, b], progress=False)
+    assert math.isnan(res.rms.iloc[0, 1]) and res.coverage.iloc[0, 1] == 0.0
+
+
+def test_different_bases_refused(gpt2_adapters, tmp_path):
+    big = make_peft_adapter(tiny_gpt2(n_embd=48), tmp_path / "big", r=2)
+    with pytest.raises(AdapterError, match="different base models"):
+        similarity([gpt2_adapters[0], big], progress=False)
+
+
+def test_duplicate_names_made_unique(gpt2_adapters, tmp_path):
+    a = load_adapter(gpt2_adapters[0], name="task")
+    b = load_adapter(gpt2_adapters[1], name="task")
+    res = similarity([a, b, a], progress=False)
+    assert len(set(res.names)) == 3 and list(res.rms.index) == res.names
+
+
+def test_d2_residual_is_used_without_base():
+    g = torch.Generator().manual_seed(0)
+
+    def d2(seed_shift):
+        mods = {}
+        for k, (o, i) in enumerate([(6, 5), (4, 7)]):
+            r = 2
+            mods[f"model.layers.{k}.mlp.up_proj"] = ModuleDelta(
+                name=f"model.layers.{k}.mlp.up_proj",
+                B=torch.randn(o, r, generator=g),
+                A=torch.randn(r, i, generator=g),
+                B_neg=torch.randn(o, r, generator=g),
+                A_neg=torch.randn(r, i, generator=g),
+                scale=1.5 + seed_shift,
+                alpha=3.0,
+                tau=0.5,
+            )
+        return Adapter(name=f"d2_{seed_shift}", method="d2lora", modules=mods)
+
+    ads = [d2(0), d2(1)]
+    res = similarity(ads, per_module=True, progress=False)
+    assert not res.effective
+    assert_equals_reference(res, ads)
+
+
+def test_layer_and_type_parsing():
+    assert module_layer_type("transformer.h.3.attn.c_attn") == (3, "attn.c_attn")
+    assert module_layer_type("transformer.h.11.mlp.c_proj") == (11, "mlp.c_proj")
+    assert module_layer_type("model.layers.3.self_attn.q_proj") == (3, "self_attn.q_proj")
+    assert module_layer_type("lm_head") == (None, "lm_head")
+
+
+def test_breakdown_by_type_and_layer(llama_adapters):
+    res = similarity(llama_adapters, per_module=True, progress=False)
+    ads = [load_adapter(p) for p in llama_adapters]
+    _, _, _, per = dense_reference(ads)
+    by_layer = breakdown(res.per_module, "layer")
+    for row in by_layer.itertuples():
+        i, j = res.names.index(row.a), res.names.index(row.b)
+        cs = [c for (m, a, b), c in per.items() if (a, b) == (i, j) and module_layer_type(m)[0] == row.layer]
+        assert row.rms == pytest.approx(math.sqrt(np.mean(np.square(cs))), abs=TOL)
+        assert row.mean == pytest.approx(np.mean(cs), abs=TOL) and row.modules == len(cs)
+    by_type = breakdown(res.per_module, "type")
+    # l0 and l2 share all seven projections, l1 only three
+    assert len(by_type) == 7 + 3 + 3
+    assert set(by_type[by_type["a"] == res.names[1]]["type"]) == {
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+        "mlp.up_proj",
+    }
+
+
+# ---------------------------------------------------------------- properties
+
+
+@st.composite
+def adapter_sets(draw):
+    """2-4 adapters over up to 4 modules of random tiny shapes; each adapter
+    takes a random non-empty subset of modules, random rank 1-4 and scale."""
+    n_mod = draw(st.integers(1, 4))
+    shapes = [(draw(st.integers(1, 6)), draw(st.integers(1, 6))) for _ in range(n_mod)]
+    n = draw(st.integers(2, 4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    ads = []
+    for t in range(n):
+        subset = draw(st.lists(st.integers(0, n_mod - 1), min_size=1, max_size=n_mod, unique=True))
+        mods = {}
+        for k in sorted(subset):
+            o, i = shapes[k]
+            r = draw(st.integers(1, 4))
+            dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]))
+            name = f"model.layers.{k}.proj"
+            mods[name] = ModuleDelta(
+                name=name,
+                B=torch.randn(o, r, generator=g).to(dtype),
+                A=torch.randn(r, i, generator=g).to(dtype),
+                scale=draw(st.floats(0.01, 10.0)) * draw(st.sampled_from([1.0, -1.0])),
+                alpha=1.0,
+            )
+        ads.append(Adapter(name=f"a{t}", method="lora", modules=mods))
+    return ads
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(adapter_sets())
+def test_property_equals_dense_reference(ads):
+    res = similarity(ads, per_module=True, progress=False)
+    assert_equals_reference(res, ads)
+    rms = res.rms.to_numpy()
+    ok = ~np.isnan(rms)
+    assert np.all(rms[ok] <= 1.0 + 1e-12) and np.all(rms[ok] >= 0.0)
+    np.testing.assert_allclose(rms, rms.T, equal_nan=True)
+
+
+@settings(max_examples=15, deadline=None)
+@given(adapter_sets(), st.floats(0.1, 10.0))
+def test_property_scale_invariance(ads, c):
+    """Scaling one adapter changes its norms by |c| and no cosine (sign flips
+    the signed mean only)."""
+    res = similarity(ads, progress=False)
+    for m in ads[0].modules.values():
+        m.scale *= -c
+    res2 = similarity(ads, progress=False)
+    np.testing.assert_allclose(res2.rms.to_numpy(), res.rms.to_numpy(), atol=TOL, equal_nan=True)
+    np.testing.assert_allclose(
+        res2.mean.to_numpy()[0, 1:], -res.mean.to_numpy()[0, 1:], atol=TOL, equal_nan=True
+    )
+    np.testing.assert_allclose(
+        res2.norms.to_numpy()[0], c * res.norms.to_numpy()[0], rtol=1e-12, equal_nan=True
+    )
