@@ -202,6 +202,17 @@ class MergeMethod:
             return (lr.B @ lr.A).to(ctx.dtype)
         raise NotImplementedError
 
+    def merged(
+        self,
+        ctx: ModuleContext,
+        module_deltas: Sequence[ModuleDelta],
+        weights: Sequence[float],
+        W0: torch.Tensor | None,
+        params: dict,
+    ) -> tuple[torch.Tensor, dict]:
+        """:meth:`delta` plus the module's facts for the report (override to add some)."""
+        return self.delta(ctx, module_deltas, weights, W0, params), {}
+
     def factors(
         self, ctx: ModuleContext, module_deltas: Sequence[ModuleDelta], weights: Sequence[float], params: dict
     ) -> LowRank:

@@ -48,8 +48,13 @@ class D2Signed(MergeMethod):
             R = r * w if R is None else R.add_(r, alpha=w)
         return d2_merged_weight(W0, R, norm_dim=m0.norm_dim, eps=m0.eps) - W0
 
+    def merged(self, ctx, module_deltas, weights, W0, params):
+        d = self.delta(ctx, module_deltas, weights, W0, params)
+        return d, {"rel_diff_vs_effective_sum": self.compare_effective(ctx, module_deltas, weights, W0, d)}
+
     def compare_effective(self, ctx, module_deltas, weights, W0, merged: torch.Tensor) -> float:
         """``||merged - a|| / ||a||`` with ``a = sum_i w_i (W_hat_i - W0)`` (way (a))."""
+        W0 = W0.to(device=ctx.device, dtype=ctx.dtype)
         a = None
         for m, w in zip(module_deltas, weights):
             d = m.delta(W0, dtype=ctx.dtype, device=ctx.device)

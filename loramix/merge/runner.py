@@ -15,7 +15,7 @@ out the creation time, which only ``loramix.json`` carries.
 
 from __future__ import annotations
 
-import math
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from ..adapter import Adapter, ModuleDelta, check_compatible
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..io.adapter_files import load_adapter, save_peft_adapter
-from ..io.outputs import atomic_output_dir, check_output, provenance, write_provenance
+from ..io.outputs import atomic_output_dir, atomic_write, check_output, provenance, write_provenance
 from . import MergeResult, get_method, parse_dtype, parse_weights
 from .base import MergeMethod, ModuleContext
 
@@ -45,8 +45,8 @@ def _clean(params: dict) -> dict:
     return {k.rstrip("_"): v for k, v in params.items() if v is not None}
 
 
-def _summarize(method: MergeMethod, modules: dict[str, dict]) -> dict:
-    out: dict = {"modules": len(modules)}
+def _summarize(method: MergeMethod, modules: dict[str, dict], n_modules: int) -> dict:
+    out: dict = {"modules": n_modules}
     if method.name == "svd" and modules:
         total = sum(i["energy_total"] for i in modules.values())
         dropped = sum(i["energy_discarded"] for i in modules.values())
@@ -99,8 +99,6 @@ def run_merge(
     inputs = [a.path for a in ads if a.path is not None] + ([into] if into is not None else [])
     out = check_output(out, force=force, inputs=inputs)
 
-    if m.name == "sum":
-        return _run_sum(ads, ws, into=into, out=out, dev=dev, dtype=out_dtype, force=force, progress=progress)
     if into is None:
         return _write_adapter(m, ads, ws, p, out=out, dev=dev, dtype=out_dtype, force=force, inputs=inputs)
     return _write_model(
@@ -114,11 +112,12 @@ def _low_rank_names() -> list[str]:
     return sorted(n for n, c in _REGISTRY.items() if c.low_rank)
 
 
-def _record(m: MergeMethod, ads, ws, p, base_record: dict | None = None) -> dict:
-    inputs = [a.provenance() for a in ads]
-    if base_record is not None:
-        inputs.append(base_record)
-    return provenance(m.name, {**_clean(p), "weights": ws}, inputs)
+def _inputs(ads, ws) -> list[dict]:
+    return [dict(a.provenance(), role="adapter", weight=w) for a, w in zip(ads, ws)]
+
+
+def _record(m: MergeMethod, ads, ws, p) -> dict:
+    return provenance(m.name, {**_clean(p), "weights": ws}, _inputs(ads, ws))
 
 
 def _without_time(rec: dict) -> dict:
@@ -141,7 +140,7 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs) -> MergeRes
         if lr.info:
             infos[name] = lr.info
     rec = _record(m, ads, ws, p)
-    summary = _summarize(m, infos)
+    summary = _summarize(m, infos, len(plan))
     fan_in_fan_out = any(bool(a.config.get("fan_in_fan_out")) for a in ads)
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         save_peft_adapter(
@@ -151,6 +150,7 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs) -> MergeRes
             fan_in_fan_out=fan_in_fan_out,
             dtype=dtype,
             provenance=_without_time(rec),
+            extra_config={"task_type": ads[0].config.get("task_type", "CAUSAL_LM")},
         )
         full = {**rec, "output": "adapter", "summary": summary, "modules": infos}
         write_provenance(tmp, full)
@@ -168,16 +168,15 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
         items = plan[name]
         ctx = ModuleContext(name, tuple(i for i, _ in items), W0.device, torch.float32)
         mds, wsub = [md for _, md in items], [ws[i] for i, _ in items]
-        d = m.delta(ctx, mds, wsub, W0, p)
-        if m.name == "d2-signed":
-            infos[name] = {"rel_diff_vs_effective_sum": m.compare_effective(ctx, mds, wsub, W0, d)}
+        d, info = m.merged(ctx, mds, wsub, W0, p)
+        if info:
+            infos[name] = info
         if not bool(torch.isfinite(d).all()):
             raise UsageError(
                 name, f"method {m.name} produced non-finite values (check --weights and --lambda)"
             )
         return d
 
-    rec = _record(m, ads, ws, p)
     res = stream_into_base(
         into,
         out,
@@ -186,30 +185,25 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
         dtype=dtype,
         device=dev,
         force=force,
-        provenance=rec,
+        # "created" overrides the engine's timestamp: the weight files' metadata
+        # must not change from run to run. The time goes into loramix.json below.
+        provenance={
+            "method": m.name,
+            "parameters": {**_clean(p), "weights": ws},
+            "inputs": _inputs(ads, ws),
+            "created": None,
+        },
         progress=progress,
     )
-    summary = _summarize(m, infos)
-    return MergeResult(
-        Path(out), m.name, "model", _clean(p), ws, infos, summary, {**rec, "result": repr(res)}
-    )
-
-
-def _run_sum(ads, ws, *, into, out, dev, dtype, force, progress) -> MergeResult:
-    from .. import summation
-
-    if into is None:
-        res = summation.sum_adapters(ads, out, weights=ws, device=dev, dtype=dtype, force=force)
-        kind = "adapter"
-    else:
-        res = summation.sum_into_base(
-            ads, into, out, weights=ws, device=dev, dtype=dtype, force=force, progress=progress
-        )
-        kind = "model"
-    return MergeResult(
-        Path(out), "sum", kind, {}, ws, {}, {"modules": len(module_plan(ads))}, {"result": repr(res)}
-    )
-
-
-def _is_finite(x: float) -> bool:
-    return math.isfinite(x)
+    summary = _summarize(m, infos, len(plan))
+    record = {
+        **res.provenance,
+        "created": provenance(m.name, {}, [])["created"],
+        "output": "model",
+        "summary": summary,
+        "modules": infos,
+    }
+    with atomic_write(Path(res.out) / "loramix.json") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return MergeResult(Path(res.out), m.name, "model", _clean(p), ws, infos, summary, record)

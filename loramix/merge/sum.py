@@ -3,9 +3,8 @@
     into a base:    W = W0 + sum_i w_i dW_i       (effective deltas for D2-LoRA)
     as an adapter:  B = [w_1 s_1 B_1 ... w_N s_N B_N] (out, sum r_i),  A = [A_1; ...; A_N]
 
-The adapter form is exact (no approximation, scale 1). File outputs go
-through :mod:`loramix.summation`, so ``merge --method sum`` and ``loramix sum``
-write the same thing.
+The adapter form is exact (no approximation, scale 1). The arithmetic is that of
+:mod:`loramix.summation` (``loramix sum``), so both write the same tensors.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import torch
 from ..adapter import D2LORA
 from ..errors import UsageError
 from . import register
-from .base import LowRank, MergeMethod, dense_deltas
+from .base import LowRank, MergeMethod
 
 
 @register
@@ -26,9 +25,24 @@ class Sum(MergeMethod):
     low_rank = True
 
     def delta(self, ctx, module_deltas, weights, W0, params):
-        out = None
-        for t, w in zip(dense_deltas(ctx, module_deltas, W0), weights):
-            out = t * w if out is None else out.add_(t, alpha=w)
+        """LoRA terms as one matmul of the concatenated factors, in ``ctx.dtype``;
+        D2-LoRA terms as ``w_i`` times the effective delta, formed in float64.
+        The same operations as :func:`loramix.summation.sum_into_base`, so
+        ``merge --method sum`` writes the same tensors as ``loramix sum``."""
+        lora = [(m, w) for m, w in zip(module_deltas, weights) if m.kind != D2LORA]
+        if lora:
+            pairs = [m.factors(dtype=ctx.dtype, device=ctx.device) for m, _ in lora]
+            B = torch.cat([b * w for (b, _), (_, w) in zip(pairs, lora)], dim=1)
+            out = B @ torch.cat([a for _, a in pairs], dim=0)
+        else:
+            out = torch.zeros(module_deltas[0].shape, dtype=ctx.dtype, device=ctx.device)
+        for m, w in zip(module_deltas, weights):
+            if m.kind == D2LORA:
+                if W0 is None:
+                    raise UsageError(
+                        m.name, "D2-LoRA effective deltas depend on the base weight: pass --into BASE"
+                    )
+                out += (w * m.delta(W0, dtype=torch.float64, device=ctx.device)).to(out.dtype)
         return out
 
     def factors(self, ctx, module_deltas, weights, params):

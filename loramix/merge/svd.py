@@ -27,7 +27,7 @@ import torch
 from ..adapter import D2LORA
 from ..errors import UsageError
 from . import register
-from .base import LowRank, MergeMethod, Param
+from .base import LowRank, MergeMethod, ModuleContext, Param
 
 
 def stacked_rank(adapters, module: str | None = None) -> int:
@@ -130,3 +130,11 @@ class Svd(MergeMethod):
             "energy_discarded_fraction": dropped / total if total > 0 else 0.0,
         }
         return LowRank(P[:, :k] * S[:k], Qt[:k], info)
+
+    def merged(self, ctx, module_deltas, weights, W0, params):
+        # The factorisation always runs in float64 (it is small); the dense
+        # product is cast to the caller's dtype.
+        lr = self.factors(
+            ModuleContext(ctx.name, ctx.indices, ctx.device, torch.float64), module_deltas, weights, params
+        )
+        return (lr.B @ lr.A).to(ctx.dtype), lr.info
