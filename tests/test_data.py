@@ -1,0 +1,200 @@
+"""loramix.data: file formats, bad-file errors, split, prompt template, encoding, batching."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loramix.cli import main
+from loramix.data import (
+    PROMPT_TEMPLATE,
+    QARecord,
+    encode_records,
+    format_record,
+    load_records,
+    make_batches,
+    parse_synthetic_spec,
+    split_records,
+)
+from loramix.errors import DataError, UsageError
+
+from .factories import SHARED_DATA, write_jsonl
+
+ROWS = [
+    {"question": "What is 2 + 2?", "answer": "4"},
+    {"question": "Revenue in 2019?", "answer": "120", "context": "Revenue was 120 in 2019."},
+    {"question": "Capital of France?", "answer": "Paris", "context": None},
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from loramix.basebuild import train_tokenizer
+    from loramix.synthetic import generate
+
+    texts = [f"Question: {r.question}\nAnswer: {r.answer}" for r in generate("arith", 300, seed=0)]
+    return train_tokenizer(texts + [json.dumps(r) for r in ROWS], 400, 64)
+
+
+def test_jsonl_json_csv_agree(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", ROWS)
+    (tmp_path / "d.json").write_text(json.dumps(ROWS))
+    (tmp_path / "d.csv").write_text(
+        'question,answer,context\nWhat is 2 + 2?,4,\nRevenue in 2019?,120,"Revenue was 120 in 2019."\n'
+        "Capital of France?,Paris,\n"
+    )
+    want = [
+        QARecord("What is 2 + 2?", "4"),
+        QARecord("Revenue in 2019?", "120", "Revenue was 120 in 2019."),
+        QARecord("Capital of France?", "Paris"),
+    ]
+    for ext in ("jsonl", "json", "csv"):
+        assert load_records(tmp_path / f"d.{ext}") == want, ext
+        assert load_records(tmp_path / f"d.{ext}", limit=2) == want[:2], ext
+
+
+def test_field_names_numbers_and_no_context(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"q": "x?", "a": 3, "ctx": "c"}, {"q": "y?", "a": "z"}])
+    recs = load_records(tmp_path / "d.jsonl", question_field="q", answer_field="a", context_field="ctx")
+    assert recs == [QARecord("x?", "3", "c"), QARecord("y?", "z")]
+    assert (
+        load_records(tmp_path / "d.jsonl", question_field="q", answer_field="a", context_field=None)[
+            0
+        ].context
+        is None
+    )
+
+
+def test_plain_text_paragraphs(tmp_path):
+    (tmp_path / "t.txt").write_text("First para\ncontinues here.\n\n\n  \nSecond one.\n")
+    assert load_records(tmp_path / "t.txt") == [
+        QARecord("", "First para continues here."),
+        QARecord("", "Second one."),
+    ]
+    assert format_record(QARecord("", "Second one.")) == ("", "Second one.")
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.jsonl", None, "no such file"),
+        ("empty.jsonl", "\n\n", "empty file"),
+        (
+            "nofield.jsonl",
+            '{"question": "a", "answer": "b"}\n{"question": "c"}\n',
+            "line 2: missing field 'answer'",
+        ),
+        ("badjson.jsonl", '{"question": "a", "answer": "b"}\n{"question": \n', "line 2: invalid JSON"),
+        ("notobj.jsonl", "[1, 2]\n", "line 1: expected a JSON object"),
+        ("bad.json", "[{", "invalid JSON"),
+        ("dict.json", '{"question": "a"}', "expected a JSON list"),
+        (
+            "rec.json",
+            '[{"question": "a", "answer": "b"}, {"answer": "c"}]',
+            "record 1: missing field 'question'",
+        ),
+        ("hdr.csv", "question,reply\na,b\n", "line 1: missing field 'answer'"),
+        ("emptyans.csv", "question,answer\na,b\nc,\n", "line 3: field 'answer' is empty"),
+        ("null.jsonl", '{"question": "a", "answer": null}\n', "missing field 'answer'"),
+        ("x.parquet", "abc", "unsupported file type"),
+    ],
+)
+def test_bad_files_name_the_file_and_exit_2(tmp_path, capsys, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=message) as e:
+        load_records(path)
+    assert str(path) in e.value.message and "\n" not in e.value.message
+    # The same through the CLI: one line on stderr, exit code 2, before any model is loaded.
+    assert main(["eval", "--base", str(tmp_path / "nobase"), "--data", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(path) in err and message.split(":")[-1].strip() in err
+
+
+def test_split_is_deterministic_and_disjoint():
+    recs = [QARecord(f"q{i}", f"a{i}") for i in range(50)]
+    tr, ev = split_records(recs, eval_size=0.2, seed=3)
+    assert len(ev) == 10 and len(tr) == 40 and set(tr).isdisjoint(ev) and set(tr) | set(ev) == set(recs)
+    assert (tr, ev) == split_records(recs, eval_size=0.2, seed=3)
+    assert ev != split_records(recs, eval_size=0.2, seed=4)[1]
+    assert tr == sorted(tr, key=recs.index)  # original order kept
+    assert len(split_records(recs, eval_size=7, seed=0)[1]) == 7
+    assert split_records(recs, eval_size=0, seed=0) == (recs, [])
+    with pytest.raises(UsageError):
+        split_records(recs, eval_size=50, seed=0)
+    with pytest.raises(UsageError):
+        split_records(recs, eval_size=1.5, seed=0)
+
+
+def test_prompt_template():
+    assert format_record(QARecord("Q?", "A")) == ("Question: Q?\nAnswer:", " A")
+    assert format_record(QARecord("Q?", "A", "C")) == ("Context: C\nQuestion: Q?\nAnswer:", " A")
+    assert PROMPT_TEMPLATE.format(question="Q?") == "Question: Q?\nAnswer:"
+
+
+def test_encode_masks_prompt_and_appends_eos(tok):
+    rec = QARecord("What is 2 + 2?", "4")
+    (ex,) = encode_records(tok, [rec], max_len=64)
+    p = tok("Question: What is 2 + 2?\nAnswer:", add_special_tokens=False)["input_ids"]
+    a = tok(" 4", add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"] == p + a + [tok.eos_token_id]
+    assert ex["labels"] == [-100] * len(p) + a + [tok.eos_token_id]
+    (ex_all,) = encode_records(tok, [rec], max_len=64, on="all")
+    assert ex_all["labels"] == ex_all["input_ids"] == ex["input_ids"]
+
+
+def test_encode_truncates_prompt_from_the_left(tok):
+    rec = QARecord("How many apples " * 10 + "in total?", "17 apples")
+    (full,) = encode_records(tok, [rec], max_len=1000)
+    (ex,) = encode_records(tok, [rec], max_len=16)
+    assert len(ex["input_ids"]) == 16 and ex["input_ids"] == full["input_ids"][-16:]
+    n_ans = sum(x != -100 for x in full["labels"])
+    assert ex["labels"][-n_ans:] == full["labels"][-n_ans:]
+    # an answer longer than max_len keeps its start and loses its EOS
+    (ex,) = encode_records(tok, [QARecord("q", "seven " * 20)], max_len=8)
+    assert len(ex["input_ids"]) == 8 and all(x != -100 for x in ex["labels"])
+    assert ex["input_ids"][-1] != tok.eos_token_id
+
+
+def test_make_batches_padding_and_shuffle():
+    ex = [
+        {"input_ids": list(range(1, n + 1)), "labels": [-100] + list(range(2, n + 1))}
+        for n in (3, 5, 2, 4, 6)
+    ]
+    bs = make_batches(ex, batch_size=2, pad_id=0)
+    assert [b["input_ids"].shape for b in bs] == [(2, 5), (2, 4), (1, 6)]
+    b = bs[0]
+    assert b["input_ids"].dtype == torch.long
+    assert b["input_ids"][0].tolist() == [1, 2, 3, 0, 0]
+    assert b["attention_mask"][0].tolist() == [1, 1, 1, 0, 0]
+    assert b["labels"][0].tolist() == [-100, 2, 3, -100, -100]
+    s1 = make_batches(ex, batch_size=2, pad_id=0, shuffle=True, seed=1)
+    s2 = make_batches(ex, batch_size=2, pad_id=0, shuffle=True, seed=1)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(s1, s2))
+    sorted_b = make_batches(ex, batch_size=2, pad_id=0, sort_by_length=True)
+    assert [b["attention_mask"].sum().item() for b in sorted_b] == [5, 9, 6]
+
+
+def test_synthetic_spec():
+    spec = parse_synthetic_spec("synthetic:arith?n=20&seed=3&overlap=0.5&with=units")
+    assert spec == {"domain": "arith", "n": 20, "seed": 3, "overlap": 0.5, "overlap_with": "units"}
+    recs = load_records("synthetic:arith?n=20&seed=3")
+    assert len(recs) == 20 and recs == load_records("synthetic:arith?n=20&seed=3")
+    assert load_records("synthetic:arith?n=20&seed=3", limit=5) == recs[:5]
+    for bad, msg in [("synthetic:nope", "unknown synthetic domain"), ("synthetic:arith?n=x", "not a valid int"),
+                     ("synthetic:arith?size=3", "unknown parameter"), ("synthetic:arith?overlap=0.5", "overlap_with")]:  # fmt: skip
+        with pytest.raises(DataError, match=msg):
+            load_records(bad)
+
+
+@pytest.mark.realdata
+def test_real_data_files_load():
+    for name, has_context in [("math", False), ("medicine", False), ("finance", True)]:
+        recs = load_records(SHARED_DATA / f"{name}.jsonl", limit=200)
+        assert len(recs) == 200 and all(r.question and r.answer for r in recs)
+        assert any(r.context for r in recs) == has_context
+    math_recs = load_records(SHARED_DATA / "math.jsonl", limit=20)
+    assert all("####" in r.answer for r in math_recs)
