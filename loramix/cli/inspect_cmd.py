@@ -1,0 +1,60 @@
+"""``loramix inspect PATH``: modules, shapes, ranks, scales and norms of an adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
+def command(path: Path, fmt: str) -> None:
+    """Show what the adapter at PATH holds, module by module.
+
+    PATH is a PEFT LoRA (or loramix D2-LoRA) folder, or its .safetensors file
+    with adapter_config.json beside it. For each module: shape (out x in, the
+    nn.Linear layout), rank, alpha, scale, the Frobenius norm of the delta
+    s*B@A (computed from the factors), stored dtype and parameter count.
+    """
+    from ..inspect import inspect_adapter
+
+    df = inspect_adapter(path)
+    meta = df.attrs
+    if fmt == "json":
+        out = {k: meta[k] for k in ("name", "path", "sha256", "method", "base_model", "totals")}
+        out["modules"] = json.loads(df.to_json(orient="records"))
+        click.echo(json.dumps(out, indent=2))
+        return
+    t = meta["totals"]
+    click.echo(f"adapter:    {meta['name']} ({meta['method']})")
+    click.echo(f"path:       {meta['path']}")
+    click.echo(f"sha256:     {meta['sha256']}")
+    click.echo(f"base model: {meta['base_model'] or '(not recorded)'}")
+    click.echo("")
+    click.echo(
+        df.to_string(
+            index=False,
+            formatters={
+                "alpha": "{:g}".format,
+                "scale": "{:.6g}".format,
+                "norm": "{:.6g}".format,
+                "params": "{:,}".format,
+            },
+        )
+    )
+    click.echo("")
+    click.echo(
+        f"total: {t['modules']} modules, {t['params']:,} parameters, "
+        f"norm {t['norm']:.6g} (sqrt of the sum of squared module norms), "
+        f"ranks {', '.join(map(str, t['ranks']))}, dtype {', '.join(t['dtypes'])}"
+    )

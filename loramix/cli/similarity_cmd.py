@@ -1,0 +1,110 @@
+"""``loramix similarity A B [C ...]``: exact pairwise RMS cosine of adapter deltas.
+
+Never imports transformers: adapters are read with safetensors and the math is
+the factored Gram product of DESIGN.md section 2 (``loramix.similarity``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _pairs_table(long, by: str):
+    """Pivot a :func:`loramix.similarity.breakdown` table: one row per pair,
+    one column per ``by`` value, RMS cosine in the cells."""
+    if long.empty:
+        return long
+    wide = long.assign(pair=long["a"] + " ~ " + long["b"]).pivot(index="pair", columns=by, values="rms")
+    wide.columns.name = by
+    return wide
+
+
+@click.command("similarity")
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="table: the RMS matrix; csv: the RMS matrix (with --per-module: the per-module "
+    "cosines, one row per module and pair); json: names, rms, signed mean, coverage.",
+)
+@click.option(
+    "--per-module", is_flag=True, help="Also break the RMS cosine down by module type and by layer."
+)
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write a heatmap of the RMS matrix (e.g. sim.png).",
+)
+@click.option(
+    "--base",
+    type=click.Path(path_type=Path),
+    help="Base model folder: D2-LoRA adapters are compared on their effective delta W_hat - W0 "
+    "instead of the signed residual.",
+)
+@click.option(
+    "--device", default="cpu", show_default=True, help="auto|cpu|cuda: where the Gram products run."
+)
+@click.option("--force", is_flag=True, help="Replace an existing --plot file.")
+def command(adapters, fmt, per_module, plot, base, device, force) -> None:
+    """Pairwise similarity of the deltas of adapters A, B, C, ...
+
+    Per module, cos = <dW_i, dW_j>_F / (||dW_i|| ||dW_j||), computed exactly in
+    float64 from the low-rank factors (no dense delta); reported: the RMS
+    cosine sqrt(mean cos^2) over the modules both adapters touch, the signed
+    mean cosine and the coverage (shared / union modules). Adapters made for
+    different base models (a shared module with different shapes) are refused.
+    """
+    from ..errors import OutputError, UsageError
+
+    if len(adapters) < 2:
+        raise UsageError("similarity", "needs at least two adapters to compare")
+    if plot is not None:
+        if plot.exists() and not force:
+            raise OutputError(plot, "already exists; pass --force to replace it")
+        if any(plot.resolve() == Path(a).resolve() for a in adapters):
+            raise OutputError(plot, "--plot would overwrite an input")
+
+    from ..similarity import breakdown, similarity
+
+    res = similarity(list(adapters), base=base, per_module=per_module, progress=True, device=device)
+
+    if len(res.zero_norm):
+        z = [f"{r.adapter}:{r.module}" for r in res.zero_norm.itertuples()]
+        more = f" and {len(z) - 5} more" if len(z) > 5 else ""
+        click.echo(
+            f"loramix: note: {len(z)} module delta(s) are zero and have no cosine: {', '.join(z[:5])}{more}",
+            err=True,
+        )
+
+    if fmt == "json":
+        click.echo(json.dumps(res.to_json_dict(per_module=per_module), indent=2, allow_nan=False))
+    elif fmt == "csv":
+        if per_module:
+            click.echo(res.per_module.to_csv(index=False), nl=False)
+        else:
+            click.echo(res.rms.to_csv(float_format="%.10g"), nl=False)
+    else:
+        kind = "effective deltas" if res.effective else "deltas"
+        click.echo(f"RMS cosine similarity of {kind} ({len(res.names)} adapters)")
+        click.echo(res.rms.to_string(float_format=lambda x: f"{x:.4f}", na_rep="n/a"))
+        if not (res.coverage.to_numpy() == 1.0).all():
+            click.echo("\ncoverage (shared / union modules)")
+            click.echo(res.coverage.to_string(float_format=lambda x: f"{x:.3f}"))
+        if per_module:
+            for by, label in (("type", "module type"), ("layer", "layer")):
+                wide = _pairs_table(breakdown(res.per_module, by), by)
+                click.echo(f"\nRMS cosine by {label}")
+                click.echo(wide.to_string(float_format=lambda x: f"{x:.4f}", na_rep="n/a"))
+
+    if plot is not None:
+        from ..plots import similarity_heatmap
+
+        title = "RMS cosine similarity" + (" (effective deltas)" if res.effective else "")
+        similarity_heatmap(res.rms, plot, title=title)
+        click.echo(f"loramix: wrote {plot}", err=True)

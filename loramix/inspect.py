@@ -1,0 +1,76 @@
+"""What an adapter holds, module by module (``loramix inspect``).
+
+For each module: ``out x in`` (``nn.Linear`` layout), rank ``r`` (one branch;
+a D2 residual has rank ``2r``), ``alpha``, scale ``s``, the Frobenius norm of
+the delta computed from the factors (``||s B A||_F^2 = sum((Bf^T Bf) *
+(Af Af^T))``, no dense ``out x in`` matrix; D2: of the signed residual), the
+stored dtype and the parameter count.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from .adapter import Adapter
+
+COLUMNS = ["module", "kind", "out", "in", "rank", "alpha", "scale", "norm", "dtype", "params"]
+
+
+def _natural_key(name: str) -> list:
+    # h.2 before h.10 (safetensors stores keys in plain string order)
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
+    """One row per module, in natural name order; columns :data:`COLUMNS`.
+
+    ``df.attrs`` holds the adapter's ``name``, ``path``, ``sha256``,
+    ``method``, ``base_model`` and the :func:`totals`.
+    """
+    from .io.adapter_files import load_adapter
+
+    ad = adapter_or_path if isinstance(adapter_or_path, Adapter) else load_adapter(adapter_or_path)
+    rows = []
+    for name in sorted(ad.modules, key=_natural_key):
+        m = ad.modules[name]
+        out_f, in_f = m.shape
+        rows.append(
+            (
+                name,
+                m.kind,
+                out_f,
+                in_f,
+                m.rank,
+                m.alpha,
+                m.scale,
+                m.norm(),
+                str(m.dtype).removeprefix("torch."),
+                m.num_parameters,
+            )
+        )
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df.attrs.update(
+        name=ad.name,
+        path=None if ad.path is None else str(ad.path),
+        sha256=ad.sha256,
+        method=ad.method,
+        base_model=ad.base_model,
+        totals=totals(df),
+    )
+    return df
+
+
+def totals(df: pd.DataFrame) -> dict:
+    """``modules``, ``params``, ``norm`` (``sqrt(sum_m ||dW_m||^2)``, the norm
+    of the whole delta), ``ranks`` and ``dtypes`` present."""
+    return {
+        "modules": int(len(df)),
+        "params": int(df["params"].sum()) if len(df) else 0,
+        "norm": math.sqrt(float((df["norm"] ** 2).sum())) if len(df) else 0.0,
+        "ranks": sorted({int(r) for r in df["rank"]}),
+        "dtypes": sorted(set(df["dtype"])),
+    }

@@ -1,0 +1,90 @@
+"""``loramix inspect`` (library and CLI) on real PEFT and D2 adapters."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from loramix.adapter import ModuleDelta
+from loramix.cli import main
+from loramix.inspect import COLUMNS, inspect_adapter
+from loramix.io.adapter_files import save_d2_adapter
+
+from .factories import make_peft_adapter, tiny_gpt2, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def gpt2_adapter(tmp_path_factory):
+    d = tmp_path_factory.mktemp("i")
+    model = tiny_gpt2(n_layer=11)  # h.10 sorts after h.9, not after h.1
+    return make_peft_adapter(model, d / "g", r=4, lora_alpha=8, rank_pattern={"c_fc": 2}, use_rslora=True)
+
+
+def test_table_matches_factors(gpt2_adapter):
+    df = inspect_adapter(gpt2_adapter)
+    assert list(df.columns) == COLUMNS and len(df) == 11 * 4
+    names = list(df["module"])
+    assert names.index("transformer.h.2.attn.c_attn") < names.index("transformer.h.10.attn.c_attn")
+    row = df.set_index("module").loc["transformer.h.3.mlp.c_fc"]
+    assert (row["out"], row["in"], row["rank"]) == (128, 32, 2)
+    assert row["scale"] == pytest.approx(8 / math.sqrt(2)) and row["dtype"] == "float32"
+    assert row["params"] == 2 * (128 + 32)
+    from loramix import load_adapter
+
+    ad = load_adapter(gpt2_adapter)
+    for r in df.itertuples():
+        dense = ad.modules[r.module].residual()  # s * B @ A, float64
+        assert r.norm == pytest.approx(float(torch.linalg.matrix_norm(dense)), rel=1e-12)
+    t = df.attrs["totals"]
+    assert t["params"] == ad.num_parameters and t["modules"] == 44 and t["ranks"] == [2, 4]
+    assert t["norm"] == pytest.approx(math.sqrt(sum(m.squared_norm() for m in ad)), rel=1e-12)
+
+
+def test_cli_table_and_json(gpt2_adapter, capsys):
+    assert main(["inspect", str(gpt2_adapter)]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.10.mlp.c_proj" in out and "total: 44 modules" in out and "sha256" in out
+    assert main(["inspect", str(gpt2_adapter / "adapter_model.safetensors"), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["name"] == "g" and data["method"] == "lora" and len(data["sha256"]) == 64
+    assert len(data["modules"]) == 44 and set(data["modules"][0]) == set(COLUMNS)
+    assert data["totals"]["params"] == sum(m["params"] for m in data["modules"])
+
+
+def test_d2_adapter(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    mods = {}
+    for name, (o, i) in {
+        "model.layers.0.mlp.up_proj": (8, 6),
+        "model.layers.0.mlp.down_proj": (6, 8),
+    }.items():
+        mods[name] = ModuleDelta(
+            name=name,
+            B=torch.randn(o, 2, generator=g),
+            A=torch.randn(2, i, generator=g),
+            B_neg=torch.randn(o, 2, generator=g),
+            A_neg=torch.randn(2, i, generator=g),
+            scale=2.0,
+            alpha=4.0,
+            tau=0.5,
+        )
+    folder = save_d2_adapter(tmp_path / "d2", mods, r=2, lora_alpha=4, tau=0.5)
+    df = inspect_adapter(folder)
+    assert set(df["kind"]) == {"d2lora"} and list(df["params"]) == [4 * (6 + 8)] * 2
+    for r in df.itertuples():
+        m = mods[r.module]
+        ref = 2.0 * (m.B.double() @ m.A.double() - 0.5 * m.B_neg.double() @ m.A_neg.double())
+        assert r.norm == pytest.approx(float(torch.linalg.matrix_norm(ref)), rel=1e-12)
+
+
+def test_llama_half_storage(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = make_peft_adapter(tiny_llama(), tmp_path / "l", r=2, target_modules=["q_proj"])
+    w = folder / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(w)).items()}, str(w))
+    df = inspect_adapter(folder)
+    assert set(df["dtype"]) == {"bfloat16"} and len(df) == 2
