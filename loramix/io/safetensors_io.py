@@ -76,3 +76,26 @@ def safetensors_metadata(provenance: dict | None = None) -> dict[str, str]:
     if provenance is not None:
         meta["loramix"] = json.dumps(provenance, sort_keys=True)
     return meta
+
+
+def canonicalize_header(path: str | Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place.
+
+    ``safetensors`` serialises ``__metadata__`` from a Rust ``HashMap``, whose
+    order is random per call: two writes of the same tensors and metadata can
+    differ in bytes. Sorting the header's JSON keys (same compact separators,
+    padded with spaces to the original length, as the format allows) makes
+    the file a function of its content. Offsets are relative to the end of
+    the header, so the data is untouched.
+    """
+    path = Path(path)
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        if "__metadata__" in header and isinstance(header["__metadata__"], dict):
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # cannot happen for headers safetensors wrote; leave such a file alone
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))

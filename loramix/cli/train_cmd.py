@@ -1,0 +1,96 @@
+"""``loramix train``: train one LoRA or D2-LoRA adapter (see :mod:`loramix.train`)."""
+
+from __future__ import annotations
+
+import click
+
+from ..devices import DEVICE_CHOICES
+
+
+def _eval_size(value: str) -> int | float:
+    v = float(value)
+    return int(v) if v >= 1 or v == 0 else v
+
+
+@click.command("train")
+@click.option("--base", required=True, type=click.Path(), help="Base model folder (Hugging Face causal LM).")
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    required=True,
+    help="Data file (.jsonl/.json/.csv/.txt) or synthetic:NAME spec; several are pooled.",
+)
+@click.argument("more_data", nargs=-1, type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Output adapter folder.")
+@click.option("--method", type=click.Choice(["lora", "d2lora"]), default="lora", show_default=True)
+@click.option("--rank", type=int, default=8, show_default=True)
+@click.option("--alpha", type=float, default=16, show_default=True, help="Scale s = alpha / rank.")
+@click.option("--tau", type=float, default=0.5, show_default=True, help="D2-LoRA negative-branch weight.")
+@click.option(
+    "--norm-dim",
+    type=click.IntRange(0, 1),
+    default=1,
+    show_default=True,
+    help="D2-LoRA norm axis of the out x in weight: 1 per output unit, 0 per input column.",
+)
+@click.option("--targets", default=None, help="Comma-separated module suffixes (default: per architecture).")
+@click.option("--epochs", type=float, default=1, show_default=True)
+@click.option("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--warmup", type=int, default=None, help="Warm-up steps (default 5%% of the steps).")
+@click.option("--batch", type=int, default=16, show_default=True)
+@click.option("--max-len", type=int, default=128, show_default=True)
+@click.option(
+    "--eval-size",
+    type=str,
+    default="0.1",
+    show_default=True,
+    help="Held out per data source: a fraction (<1) or a count; 0 for none.",
+)
+@click.option("--limit", type=int, default=None, help="Use the first N records of each source.")
+@click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--question-field", default="question", show_default=True)
+@click.option("--answer-field", default="answer", show_default=True)
+@click.option("--context-field", default="context", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def command(base, data, more_data, out, targets, eval_size, quiet, **kw):
+    """Train an adapter on question/answer data and write it to --out.
+
+    LoRA adapters are PEFT folders; D2-LoRA adapters use loramix's format
+    (docs/d2lora.md). Also writes train_log.csv and loramix.json. Prints
+    the held-out perplexity of the base and of the adapted model.
+    """
+    from ..errors import UsageError
+    from ..train import train_adapter
+
+    try:
+        es = _eval_size(eval_size)
+    except ValueError:
+        raise UsageError("--eval-size", f"not a number: {eval_size!r}") from None
+    tg = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+    res = train_adapter(
+        base,
+        [*data, *more_data],
+        out,
+        targets=tg,
+        eval_size=es,
+        progress=not quiet,
+        **kw,
+    )
+    click.echo(
+        f"adapter   {res['out']} ({res['method']}, rank {kw['rank']}, {res['trainable_parameters']:,} parameters)"
+    )
+    click.echo(
+        f"trained   {res['steps']} steps, {res['tokens']:,} tokens, {res['train_seconds']:.1f} s "
+        f"({res['tokens_per_second']:,.0f} tokens/s), final loss {res['final_loss']:.4f}"
+    )
+    if res["ppl_base"] is not None:
+        change = 100 * (res["ppl_adapter"] - res["ppl_base"]) / res["ppl_base"]
+        click.echo(
+            f"held-out  perplexity {res['ppl_base']:.3f} (base) -> {res['ppl_adapter']:.3f} (adapter), "
+            f"{change:+.1f}% on {res['n_eval']} records"
+        )

@@ -1,0 +1,327 @@
+"""Train one LoRA or D2-LoRA adapter on question/answer data: the whole loop, in one place.
+
+    records  = load each data source, split each into train/eval (seeded)
+    model    = the base, frozen; target projections wrapped (loramix.layers)
+    for step in range(steps):                  batches reshuffled every epoch
+        lr     = linear warm-up, then cosine decay to lr / 10
+        loss   = mean next-token NLL over the supervised tokens of the batch
+        clip the gradient norm, AdamW step
+    evaluate held-out perplexity, base and adapted (token-weighted)
+    write the adapter, train_log.csv and loramix.json into OUT, atomically
+
+Outputs (``OUT/``):
+
+- LoRA: a PEFT adapter (``adapter_config.json`` with the real ``r`` and
+  ``lora_alpha``, ``fan_in_fan_out`` true for GPT-2 ``Conv1D`` targets;
+  ``adapter_model.safetensors``), loadable by ``PeftModel.from_pretrained``.
+- D2-LoRA: the loramix D2 format (``docs/d2lora.md``).
+- ``train_log.csv``: ``step, loss, lr, tokens, seconds`` per step (``tokens``
+  is the running count of supervised tokens, ``seconds`` since the start).
+- ``loramix.json``: provenance (base path and sha256, each data source with
+  its sha256 and record counts, every setting) and the final metrics.
+
+Reproducible on CPU: the factor init draws from a generator seeded with
+``seed``, the data split and the batch order are seeded, and dropout draws
+from ``torch.manual_seed(seed)``. The safetensors metadata carries no clock
+time, so two runs with the same inputs write identical adapter bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from .adapter import D2LORA, LORA
+from .errors import UsageError
+
+DEFAULT_EVAL_SIZE = 0.1
+"""Per data source: a tenth of the records are held out (at least one)."""
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Learning rate for optimizer step ``step`` (0-based).
+
+    Linear warm-up from ``lr / warmup`` to ``lr`` over ``warmup`` steps, then a
+    cosine from ``lr`` down to ``min_ratio * lr`` at the last step (nanoGPT).
+    """
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    decay = max(1, total - warmup - 1)
+    progress = min(1.0, (step - warmup) / decay)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _records_sha256(records) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.question, r.answer, r.context], ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _load_sources(data, *, eval_size, seed: int, limit, fields: dict):
+    """Load every source; return (train records, eval records, provenance per source)."""
+    from .data import data_name, is_synthetic_spec, load_records, split_records
+    from .io.safetensors_io import file_sha256
+
+    sources = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    if not sources:
+        raise UsageError("--data", "no data given")
+    train, held, inputs = [], [], []
+    for src in sources:
+        recs = load_records(src, limit=limit, **fields)
+        if eval_size:
+            tr, ev = split_records(recs, eval_size=eval_size, seed=seed)
+        else:
+            tr, ev = recs, []
+        train += tr
+        held += ev
+        is_file = not is_synthetic_spec(src)
+        inputs.append(
+            {
+                "path": str(src),
+                "kind": "data",
+                "name": data_name(src),
+                "sha256": file_sha256(src) if is_file else None,
+                "records_sha256": _records_sha256(recs),
+                "n_train": len(tr),
+                "n_eval": len(ev),
+            }
+        )
+    return train, held, inputs
+
+
+def _supervised_tokens(batch) -> int:
+    # Labels are shifted inside the loss: position 0 is never predicted.
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def train_adapter(
+    base,
+    data,
+    out,
+    *,
+    method: str = LORA,
+    rank: int = 8,
+    alpha: float = 16,
+    tau: float = 0.5,
+    norm_dim: int = 1,
+    targets=None,
+    steps: int | None = None,
+    epochs: float = 1,
+    lr: float = 2e-3,
+    batch: int = 16,
+    max_len: int = 128,
+    warmup: int | None = None,
+    eval_size: int | float | None = DEFAULT_EVAL_SIZE,
+    limit: int | None = None,
+    weight_decay: float = 0.0,
+    clip: float = 1.0,
+    seed: int = 0,
+    device: str = "auto",
+    on: str = "answer",
+    question_field: str = "question",
+    answer_field: str = "answer",
+    context_field: str | None = "context",
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train an adapter on ``data`` for the base model folder ``base``; write it to ``out``.
+
+    ``data`` is one source or a list (files or ``synthetic:`` specs); each is
+    split by ``seed`` into train and eval (``eval_size``: a count or a
+    fraction per source; 0 or None holds nothing out and skips the
+    evaluation), and the training parts are pooled, so several sources give
+    a merged-data adapter. ``steps`` overrides ``epochs``; ``warmup``
+    defaults to 5% of the steps. ``targets``: module-name suffixes (PEFT's
+    rule), a regex string, or None for the architecture's default (GPT-2
+    ``c_attn, c_proj, c_fc``; Llama ``q/k/v/o/gate/up/down_proj``).
+
+    Returns a dict with ``out``, ``method``, ``steps``, ``tokens``,
+    ``final_loss`` (mean of the last 10 steps), ``seconds``, ``ppl_base`` and
+    ``ppl_adapter`` (None without eval data), counts and the settings.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data import encode_records, make_batches, pad_id_for
+    from .devices import resolve_device
+    from .evaluate import perplexity
+    from .io.adapter_files import save_d2_adapter, save_peft_adapter
+    from .io.outputs import atomic_output_dir, check_output, provenance, write_provenance
+    from .io.safetensors_io import canonicalize_header
+    from .layers import extract_modules, find_targets, inject_trainable
+    from .models import base_provenance, load_causal_lm
+
+    # ---- validate everything before any work
+    if method not in (LORA, D2LORA):
+        raise UsageError("--method", f"unknown method {method!r}; choose lora or d2lora")
+    for flag, v, lo in (("--rank", rank, 1), ("--batch", batch, 1), ("--max-len", max_len, 2)):
+        if v < lo:
+            raise UsageError(flag, f"must be at least {lo}, got {v}")
+    if steps is not None and steps < 1:
+        raise UsageError("--steps", f"must be at least 1, got {steps}")
+    if steps is None and not epochs > 0:
+        raise UsageError("--epochs", f"must be positive, got {epochs}")
+    if not lr > 0:
+        raise UsageError("--lr", f"must be positive, got {lr}")
+    if norm_dim not in (0, 1):
+        raise UsageError("--norm-dim", f"must be 0 or 1, got {norm_dim}")
+    data_list = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    file_inputs = [d for d in data_list if not (isinstance(d, str) and d.startswith("synthetic:"))]
+    out = check_output(out, force=force, inputs=[base, *file_inputs])
+    dev = resolve_device(device)
+
+    t_load = time.perf_counter()
+    fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
+    train_recs, eval_recs, data_inputs = _load_sources(
+        data_list, eval_size=eval_size, seed=seed, limit=limit, fields=fields
+    )
+    model, tok = load_causal_lm(base, device=dev)
+    find_targets(model, targets)  # a bad --targets fails now, not after the base evaluation
+    # Sequences cannot be longer than the model's positions: cap max_len there (recorded below).
+    n_pos = getattr(model.config, "n_positions", None) or getattr(
+        model.config, "max_position_embeddings", None
+    )
+    if n_pos:
+        max_len = min(max_len, int(n_pos))
+    base_rec = base_provenance(base)
+    pad = pad_id_for(tok)
+    train_ex = encode_records(tok, train_recs, max_len=max_len, on=on)
+    eval_batches = None
+    if eval_recs:
+        eval_ex = encode_records(tok, eval_recs, max_len=max_len, on=on)
+        eval_batches = make_batches(eval_ex, batch_size=batch, pad_id=pad, sort_by_length=True)
+
+    n_per_epoch = math.ceil(len(train_ex) / batch)
+    total = steps if steps is not None else max(1, round(epochs * n_per_epoch))
+    warmup = max(1, round(0.05 * total)) if warmup is None else int(warmup)
+
+    # ---- base perplexity, then the adapter
+    ppl_base = perplexity(model, eval_batches, device=dev)["ppl"] if eval_batches else None
+    torch.manual_seed(seed)  # dropout
+    params = inject_trainable(
+        model, method=method, rank=rank, alpha=alpha, targets=targets, tau=tau, norm_dim=norm_dim, seed=seed
+    )
+    n_params = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
+    setup_seconds = time.perf_counter() - t_load
+
+    # ---- the loop
+    log = []
+    tokens, running = 0, None
+    model.train()
+    t0 = time.perf_counter()
+    epoch, batches = -1, []
+    bar = tqdm(total=total, desc=f"train {method}", unit="step", disable=not progress, dynamic_ncols=True)
+    for step in range(total):
+        if step // n_per_epoch != epoch:  # new epoch: reshuffle
+            epoch = step // n_per_epoch
+            batches = make_batches(train_ex, batch_size=batch, pad_id=pad, shuffle=True, seed=seed + epoch)
+        b = {k: v.to(dev) for k, v in batches[step % n_per_epoch].items()}
+        cur_lr = lr_at(step, lr=lr, warmup=warmup, total=total)
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        loss = model(**b).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip and clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        lv = float(loss.detach())
+        tokens += _supervised_tokens(b)
+        running = lv if running is None else 0.95 * running + 0.05 * lv
+        log.append((step + 1, lv, cur_lr, tokens, time.perf_counter() - t0))
+        bar.set_postfix(loss=f"{running:.3f}", lr=f"{cur_lr:.1e}", refresh=False)
+        bar.update(1)
+    bar.close()
+    train_seconds = time.perf_counter() - t0
+    model.eval()
+    ev = perplexity(model, eval_batches, device=dev) if eval_batches else None
+    ppl_adapter = ev["ppl"] if ev else None
+    final_loss = sum(r[1] for r in log[-10:]) / len(log[-10:])
+
+    # ---- write
+    settings = {
+        "method": method,
+        "rank": rank,
+        "alpha": alpha,
+        "tau": tau if method == D2LORA else None,
+        "norm_dim": norm_dim if method == D2LORA else None,
+        "targets": targets,
+        "steps": total,
+        "epochs": None if steps is not None else epochs,
+        "lr": lr,
+        "warmup": warmup,
+        "schedule": "linear warm-up, cosine decay to lr/10",
+        "batch": batch,
+        "max_len": max_len,  # after capping at the model's context
+        "eval_size": eval_size,
+        "limit": limit,
+        "weight_decay": weight_decay,
+        "clip": clip,
+        "seed": seed,
+        "on": on,
+        "fields": fields,
+    }
+    inputs = [base_rec, *data_inputs]
+    # No clock time or timings in the tensor file's metadata: same inputs, same bytes.
+    file_prov = provenance("train", settings, inputs)
+    file_prov.pop("created", None)
+    metrics = {
+        "ppl_base": ppl_base,
+        "ppl_adapter": ppl_adapter,
+        "final_loss": final_loss,
+        "steps": total,
+        "tokens": tokens,
+        "train_seconds": round(train_seconds, 3),
+        "setup_seconds": round(setup_seconds, 3),
+        "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds > 0 else None,
+        "n_train": len(train_ex),
+        "n_eval": len(eval_recs),
+        "eval_tokens": ev["tokens"] if ev else 0,
+        "trainable_parameters": n_params,
+        "device": str(dev),
+    }
+    modules = extract_modules(model)
+    base_name = str(Path(base))
+    with atomic_output_dir(out, force=force, inputs=[base, *file_inputs]) as tmp:
+        if method == LORA:
+            # GPT-2's Conv1D stores W0^T: PEFT must know (fan_in_fan_out) to wrap it.
+            fifo = any(not isinstance(model.get_submodule(n).base, torch.nn.Linear) for n in modules)
+            save_peft_adapter(
+                tmp,
+                {n: (m.B, m.A) for n, m in modules.items()},
+                base_model_name_or_path=base_name,
+                fan_in_fan_out=fifo,
+                alphas={n: float(alpha) for n in modules},
+                provenance=file_prov,
+                extra_config={"target_modules": targets} if targets is not None else None,
+            )
+        else:
+            save_d2_adapter(
+                tmp,
+                modules,
+                r=rank,
+                lora_alpha=alpha,
+                tau=tau,
+                norm_dim=norm_dim,
+                base_model_name_or_path=base_name,
+                provenance=file_prov,
+                extra_config={"target_modules": targets} if targets is not None else None,
+            )
+        # safetensors writes its metadata in a random key order: sort it, for identical bytes.
+        canonicalize_header(tmp / "adapter_model.safetensors")
+        with open(tmp / "train_log.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "loss", "lr", "tokens", "seconds"])
+            for s, lv, cl, tk, sec in log:
+                w.writerow([s, f"{lv:.6f}", f"{cl:.6g}", tk, f"{sec:.3f}"])
+        write_provenance(tmp, provenance("train", settings, inputs, metrics=metrics))
+
+    return {"out": str(out), **metrics, "method": method, "settings": settings}

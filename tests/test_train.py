@@ -1,0 +1,203 @@
+"""loramix.train and ``loramix train``: outputs, PEFT compatibility, reproducibility, learning."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loramix.cli import main
+from loramix.io.adapter_files import load_adapter
+from loramix.layers import attach_adapters, merge_into_model
+from loramix.train import lr_at, train_adapter
+
+from .factories import SHARED_DATA, save_base, tiny_gpt2, tiny_llama, write_jsonl
+
+ARITH = "synthetic:arith?n=240"
+UNITS = "synthetic:units?n=240"
+FAST = dict(steps=6, batch=8, max_len=48, rank=4, alpha=8, progress=False, eval_size=16)
+
+
+def make_tiny_base(folder: Path, arch: str) -> Path:
+    """A random tiny GPT-2 or Llama with a small BPE tokenizer trained on synthetic text."""
+    from loramix.basebuild import train_tokenizer
+    from loramix.data import load_records, record_text
+
+    texts = [record_text(r) for spec in (ARITH, UNITS) for r in load_records(spec)]
+    tok = train_tokenizer(texts, 300, 64)
+    model = (tiny_gpt2 if arch == "gpt2" else tiny_llama)(vocab_size=len(tok))
+    save_base(model, folder)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bases(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bases")
+    return {a: make_tiny_base(root / a, a) for a in ("gpt2", "llama")}
+
+
+def _logits_ids(tok_folder: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_folder))
+    return tok(["Question: What is 12 plus 7?\nAnswer: 19", "Question: Convert 3 km\nAnswer:"],
+               return_tensors="pt", padding=True)["input_ids"]  # fmt: skip
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_lr_schedule():
+    lrs = [lr_at(s, lr=1.0, warmup=4, total=20) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lora_adapter_loads_in_peft_with_same_logits(bases, tmp_path, arch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = bases[arch]
+    out = tmp_path / "a"
+    train_adapter(base, ARITH, out, lr=2e-2, **FAST)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert cfg["fan_in_fan_out"] is (arch == "gpt2")
+
+    ids = _logits_ids(base)
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(out)).eval()
+    ours = attach_adapters(AutoModelForCausalLM.from_pretrained(str(base)).eval(), [load_adapter(out)])
+    plain = AutoModelForCausalLM.from_pretrained(str(base)).eval()
+    with torch.no_grad():
+        y_peft, y_ours, y_base = pm(ids).logits, ours(ids).logits, plain(ids).logits
+        assert _rel(y_ours, y_peft) < 1e-5
+        assert _rel(y_ours, y_base) > 1e-3  # the adapter does something
+        merged = AutoModelForCausalLM.from_pretrained(str(base)).eval()
+        merge_into_model(merged, [load_adapter(out)])
+        assert _rel(merged(ids).logits, pm.merge_and_unload()(ids).logits) < 1e-5
+
+
+def test_outputs_and_provenance(bases, tmp_path):
+    out = tmp_path / "a"
+    res = train_adapter(bases["gpt2"], [ARITH, UNITS], out, **FAST)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "loramix.json",
+        "train_log.csv",
+    ]
+    rows = list(csv.DictReader((out / "train_log.csv").open()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    assert list(rows[0]) == ["step", "loss", "lr", "tokens", "seconds"]
+    assert int(rows[-1]["tokens"]) == res["tokens"] > 0
+    prov = json.loads((out / "loramix.json").read_text())
+    assert prov["method"] == "train" and prov["parameters"]["rank"] == 4
+    base_in, *data_in = prov["inputs"]
+    assert base_in["kind"] == "base_model" and len(base_in["sha256"]) == 64
+    assert [d["name"] for d in data_in] == ["arith", "units"]
+    assert all(len(d["records_sha256"]) == 64 and d["n_eval"] == 16 for d in data_in)
+    assert prov["metrics"]["ppl_base"] == pytest.approx(res["ppl_base"])
+    assert res["n_train"] == 2 * (240 - 16) and res["n_eval"] == 32
+    # No existing output is replaced without force.
+    from loramix.errors import OutputError
+
+    with pytest.raises(OutputError, match="already exists"):
+        train_adapter(bases["gpt2"], ARITH, out, **FAST)
+
+
+@pytest.mark.parametrize("method", ["lora", "d2lora"])
+def test_same_seed_same_bytes(bases, tmp_path, method):
+    runs = [train_adapter(bases["llama"], ARITH, tmp_path / f"r{i}", method=method, seed=s, **FAST)
+            for i, s in enumerate((3, 3, 4))]  # fmt: skip
+    b = [(Path(r["out"]) / "adapter_model.safetensors").read_bytes() for r in runs]
+    assert b[0] == b[1]
+    assert b[0] != b[2]
+    logs = [(Path(r["out"]) / "train_log.csv").read_text().splitlines() for r in runs[:2]]
+    assert [row.rsplit(",", 1)[0] for row in logs[0]] == [row.rsplit(",", 1)[0] for row in logs[1]]
+
+
+@pytest.mark.parametrize("method", ["lora", "d2lora"])
+def test_training_lowers_heldout_perplexity(bases, tmp_path, method):
+    res = train_adapter(
+        bases["gpt2"], ARITH, tmp_path / "a", method=method, steps=25, batch=8, max_len=48,
+        rank=4, alpha=8, lr=1e-2, eval_size=24, progress=False,
+    )  # fmt: skip
+    assert res["ppl_adapter"] < 0.8 * res["ppl_base"]
+
+
+def test_cli_train_and_bad_input(bases, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "--base", str(bases["gpt2"]), "--data", ARITH, UNITS, "--out", str(out),
+            "--method", "d2lora", "--rank", "2", "--alpha", "4", "--tau", "0.25", "--steps", "3",
+            "--batch", "4", "--max-len", "32", "--eval-size", "8", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "held-out  perplexity" in text and "d2lora, rank 2" in text
+    ad = load_adapter(out)
+    assert ad.method == "d2lora" and ad.config["tau"] == 0.25 and ad.config["r"] == 2
+    assert json.loads((out / "loramix.json").read_text())["metrics"]["n_eval"] == 16
+
+    def fails(argv, needle):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+
+    fails(args, "already exists")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q"}])
+    fails(["train", "--base", str(bases["gpt2"]), "--data", str(bad), "--out", str(tmp_path / "x")],
+          "missing field 'answer'")  # fmt: skip
+    (tmp_path / "notamodel").mkdir()
+    fails(["train", "--base", str(tmp_path / "notamodel"), "--data", ARITH, "--out", str(tmp_path / "y")],
+          "config.json")  # fmt: skip
+    fails(["train", "--base", str(bases["gpt2"]), "--data", ARITH, "--out", str(tmp_path / "z"),
+           "--targets", "q_proj"], "--targets")  # fmt: skip
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_adapter_for_another_base_is_refused(bases, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from loramix.errors import AdapterError
+
+    out = tmp_path / "a"
+    train_adapter(bases["gpt2"], ARITH, out, **FAST)
+    other = AutoModelForCausalLM.from_pretrained(str(bases["llama"]))
+    with pytest.raises(AdapterError, match="not in the base model") as e:
+        attach_adapters(other, [load_adapter(out)])
+    assert e.value.exit_code == 2
+
+
+# --------------------------------------------------------------------------- real data
+
+DOMAINS = ["math", "medicine", "finance"]
+
+
+@pytest.fixture(scope="module")
+def real_base(tmp_path_factory) -> Path:
+    """A tiny GPT-2 pre-trained briefly on all three domains (a minute or two)."""
+    from loramix.basebuild import build_base
+    from loramix.data import load_records
+
+    # The last 300 records of each domain: disjoint from the first 600 the adapters use.
+    recs = [r for d in DOMAINS for r in load_records(SHARED_DATA / f"{d}.jsonl")[-300:]]
+    out = tmp_path_factory.mktemp("real") / "base"
+    build_base(recs, out, size="tiny", steps=150, progress=False)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_training_on_real_domain_lowers_its_perplexity(real_base, tmp_path, domain):
+    res = train_adapter(
+        real_base, SHARED_DATA / f"{domain}.jsonl", tmp_path / domain, limit=600, eval_size=80,
+        steps=60, batch=16, max_len=128, lr=3e-3, progress=False,
+    )  # fmt: skip
+    assert res["ppl_adapter"] < res["ppl_base"], res
