@@ -1,0 +1,151 @@
+"""D2-LoRA end to end: trained adapters on disk, their format, merged against unmerged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from torch import nn
+
+from loramix.d2lora import d2_merged_weight
+from loramix.data import encode_records, load_records, make_batches, pad_id_for
+from loramix.evaluate import perplexity
+from loramix.io.adapter_files import load_adapter
+from loramix.layers import D2LoraLinear, attach_adapters, inject_trainable, merge_into_model, wrapped_modules
+from loramix.models import load_causal_lm
+from loramix.train import train_adapter
+
+from .test_train import ARITH, UNITS, make_tiny_base
+
+D2 = dict(method="d2lora", steps=8, batch=8, max_len=48, rank=4, alpha=8, tau=0.4, lr=2e-2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("d2bases")
+    return {a: make_tiny_base(root / a, a) for a in ("gpt2", "llama")}
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _eval_batches(tok, spec=ARITH, n=24):
+    recs = load_records(spec)[:n]
+    return make_batches(encode_records(tok, recs, max_len=48), batch_size=8, pad_id=pad_id_for(tok))
+
+
+def _w0(mod: nn.Module) -> torch.Tensor:
+    w = mod.weight.detach().double()
+    return w if isinstance(mod, nn.Linear) else w.T
+
+
+@pytest.mark.parametrize("arch,norm_dim", [("gpt2", 1), ("llama", 1), ("gpt2", 0)])
+def test_trained_d2_adapter_round_trip_and_merge(bases, tmp_path, arch, norm_dim):
+    base = bases[arch]
+    out = tmp_path / "d2"
+    train_adapter(base, ARITH, out, norm_dim=norm_dim, eval_size=16, **D2)
+
+    # The documented format (docs/d2lora.md).
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "D2LORA" and cfg["loramix_format"] == "d2lora/1"
+    assert (cfg["r"], cfg["lora_alpha"], cfg["tau"], cfg["norm_dim"]) == (4, 8, 0.4, norm_dim)
+    assert cfg["eps"] == 1e-8 and cfg["base_model_name_or_path"] == str(base)
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        k = next(k for k in keys if k.endswith("lora_B_neg.weight"))
+        assert k.startswith("base_model.model.") and f.get_tensor(k).shape[1] == 4
+    assert {k.rsplit(".", 2)[-2] for k in keys} == {"lora_A_pos", "lora_B_pos", "lora_A_neg", "lora_B_neg"}
+
+    ad = load_adapter(out)
+    assert ad.method == "d2lora" and len(ad) * 4 == len(keys)
+
+    # The training layers, rebuilt from the file: ModuleDelta.delta(W0) == W_hat - W0.
+    model, tok = load_causal_lm(base)
+    inject_trainable(model, method="d2lora", rank=4, alpha=8, tau=0.4, norm_dim=norm_dim)
+    layers = wrapped_modules(model)
+    assert set(layers) == set(ad.modules)
+    with torch.no_grad():
+        for name, m in ad.modules.items():
+            layer: D2LoraLinear = layers[name]
+            for p, t in ((layer.lora_A_pos, m.A), (layer.lora_B_pos, m.B), (layer.lora_A_neg, m.A_neg),
+                         (layer.lora_B_neg, m.B_neg)):  # fmt: skip
+                p.copy_(t)
+            W0 = _w0(layer.base)
+            assert float(m.B_neg.abs().max()) > 0
+            assert _rel(m.delta(W0), layer.merged_weight() - W0) < 1e-9
+            assert _rel(m.residual(), layer.residual()) < 1e-12
+
+    # Unmerged (training layers and loaded adapter on the fly) against merged.
+    batches = _eval_batches(tok)
+    ids = batches[0]["input_ids"]
+    unmerged, _ = load_causal_lm(base)
+    attach_adapters(unmerged, [ad])
+    merged, _ = load_causal_lm(base)
+    merge_into_model(merged, [ad])
+    with torch.no_grad():
+        y_layer, y_on, y_merged = (m(ids).logits for m in (model.eval(), unmerged, merged))
+    assert _rel(y_layer, y_merged) < 1e-5
+    assert _rel(y_on, y_merged) < 1e-5
+    p_layer, p_on, p_merged = (perplexity(m, batches)["ppl"] for m in (model, unmerged, merged))
+    assert abs(p_on - p_merged) / p_merged < 1e-3
+    assert abs(p_layer - p_merged) / p_merged < 1e-3
+
+
+def test_several_d2_adapters_effective_vs_signed(bases, tmp_path):
+    """DESIGN.md 4, merging two D2 adapters: (a) sum of effective deltas (what
+    attach/merge do) against (b) the summed residual projected once."""
+    base = bases["gpt2"]
+    ads = [
+        load_adapter(train_adapter(base, spec, tmp_path / n, eval_size=0, **D2)["out"])
+        for n, spec in (("a", ARITH), ("u", UNITS))
+    ]
+    unmerged, tok = load_causal_lm(base)
+    attach_adapters(unmerged, ads, [0.6, 0.9])
+    merged, _ = load_causal_lm(base)
+    merge_into_model(merged, ads, [0.6, 0.9])
+    batches = _eval_batches(tok, UNITS)
+    with torch.no_grad():
+        ids = batches[0]["input_ids"]
+        assert _rel(unmerged(ids).logits, merged(ids).logits) < 1e-5
+    pu, pm = perplexity(unmerged, batches)["ppl"], perplexity(merged, batches)["ppl"]
+    assert abs(pu - pm) / pm < 1e-3
+
+    # (a) and (b) are different merges: their weights differ, by more than rounding.
+    name = next(iter(ads[0].modules))
+    W0 = _w0(load_causal_lm(base)[0].get_submodule(name))
+    a = W0 + sum(w * ad.modules[name].delta(W0) for w, ad in zip((0.6, 0.9), ads))
+    dW = sum(w * ad.modules[name].residual() for w, ad in zip((0.6, 0.9), ads))
+    b = d2_merged_weight(W0, dW)
+    assert _rel(_w0(merged.get_submodule(name)), a) < 1e-6
+    assert _rel(a, b) > 1e-6
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    out_f=st.integers(1, 12),
+    in_f=st.integers(1, 12),
+    rank=st.integers(1, 4),
+    tau=st.floats(0.0, 2.0),
+    norm_dim=st.sampled_from([0, 1]),
+    conv=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_factored_forward_equals_dense_definition(out_f, in_f, rank, tau, norm_dim, conv, seed):
+    """Property: the factored D2 forward is y = (W* + dW) x + b for any shape (float64)."""
+    from transformers.pytorch_utils import Conv1D
+
+    g = torch.Generator().manual_seed(seed)
+    base = (Conv1D(out_f, in_f) if conv else nn.Linear(in_f, out_f)).double()
+    layer = D2LoraLinear(base, rank, 2.0 * rank, tau=tau, norm_dim=norm_dim, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        for p in (layer.lora_B_pos, layer.lora_B_neg):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
+    x = torch.randn(5, in_f, generator=g, dtype=torch.float64)
+    W_hat = layer.merged_weight()
+    expect = x @ W_hat.T + base.bias.detach()
+    assert torch.allclose(layer(x), expect, rtol=1e-9, atol=1e-10)
