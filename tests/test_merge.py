@@ -4,6 +4,7 @@ dense deltas, svd against a dense SVD, then end to end through the CLI."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -367,3 +368,352 @@ def test_registry_and_bad_params():
     with pytest.raises(UsageError, match="d2lora adapters"):
         get_method("d2-signed").validate({}, ads)
     assert get_method("ties").validate({"density": 0.5, "lambda": 2}, ads)["lambda_"] == 2.0
+
+
+# ----------------------------------------------------------------------------- end to end through the CLI
+
+import os  # noqa: E402
+
+from loramix.cli import main  # noqa: E402
+from loramix.io.adapter_files import load_adapter, save_d2_adapter  # noqa: E402
+from loramix.io.model_folder import BaseModelFolder  # noqa: E402
+
+from .factories import make_peft_adapter, save_base, tiny_gpt2, tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _layout_cache(tmp_path_factory):
+    """Keep the layout cache of these tests out of the user's home."""
+    old = os.environ.get("LORAMIX_CACHE_DIR")
+    os.environ["LORAMIX_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("LORAMIX_CACHE_DIR", None)
+    else:
+        os.environ["LORAMIX_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny GPT-2 (Conv1D) and Llama (nn.Linear) base, three PEFT adapters
+    each (mixed rank, alpha, rsLoRA, coverage), and two D2-LoRA adapters on GPT-2."""
+    root = tmp_path_factory.mktemp("merge")
+    out = {}
+    for kind, make in (("gpt2", tiny_gpt2), ("llama", tiny_llama)):
+        model = make(seed=0)
+        specs = [
+            dict(seed=1, r=4, lora_alpha=8),
+            dict(seed=2, r=3, lora_alpha=3, use_rslora=True),
+            dict(
+                seed=3,
+                r=2,
+                lora_alpha=6,
+                target_modules=["c_attn", "c_fc"] if kind == "gpt2" else ["q_proj", "up_proj"],
+            ),
+        ]
+        out[kind] = dict(
+            make=lambda make=make: make(seed=0),
+            base=save_base(model, root / f"{kind}_base"),
+            adapters=[make_peft_adapter(model, root / f"{kind}_ad{i}", **s) for i, s in enumerate(specs)],
+        )
+    base = BaseModelFolder(out["gpt2"]["base"])
+    d2 = []
+    for j in range(2):
+        g = torch.Generator().manual_seed(40 + j)
+        mods = {}
+        for name in (
+            "transformer.h.0.attn.c_proj",
+            "transformer.h.1.attn.c_attn",
+            "transformer.h.1.mlp.c_fc",
+        ):
+            o, i = base.read_module_weight(name).shape
+            mods[name] = ModuleDelta(
+                name=name,
+                B=torch.randn(o, 3, generator=g) * 0.3,
+                A=torch.randn(3, i, generator=g) * 0.3,
+                scale=8 / 3,
+                alpha=8.0,
+                B_neg=torch.randn(o, 3, generator=g) * 0.3,
+                A_neg=torch.randn(3, i, generator=g) * 0.3,
+                tau=0.5,
+            )
+        d2.append(save_d2_adapter(root / f"d2_{j}", mods, r=3, lora_alpha=8, tau=0.5))
+    out["gpt2"]["d2"] = d2
+    return out
+
+
+def cli(capsys, *args):
+    code = main(["merge", *map(str, args)])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def load_out(path):
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def tokens():
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def check_against_reference(base_dir, out_dir, adapter_dirs, ws, method, **params):
+    """Every adapted weight of the output equals W0 + the method's float64
+    dense reference on the loaded adapters (Conv1D transposes handled by
+    BaseModelFolder); every other tensor is the base's, unchanged."""
+    ads = [load_adapter(p) for p in adapter_dirs]
+    base, out = BaseModelFolder(base_dir), BaseModelFolder(out_dir)
+    names = list(dict.fromkeys(n for a in ads for n in a.modules))
+    for name in names:
+        sub = [(a, w) for a, w in zip(ads, ws) if name in a.modules]
+        dense = [raw_delta(a.modules[name]) for a, _ in sub]
+        wsub = [w for _, w in sub]
+        W0 = base.read_module_weight(name, dtype=F64)
+        if method == "ties":
+            ref = ref_elect(
+                [ref_trim(t, params["density"]) for t, _ in zip(dense, wsub)], wsub, "mass", "count"
+            )
+        elif method == "magnitude":
+            ref = sum(w * ref_trim(t, params["density"]) for t, w in zip(dense, wsub))
+        elif method in ("dare-linear", "dare-ties"):
+            idx = [ads.index(a) for a, _ in sub]
+            d = params["density"]
+            ts = [
+                t * ref_dare_mask(tuple(t.shape), d, module_seed(params["seed"], name, i)) / d
+                for t, i in zip(dense, idx)
+            ]
+            ref = (
+                sum(w * t for t, w in zip(ts, wsub))
+                if method == "dare-linear"
+                else ref_elect(ts, wsub, "mass", "count")
+            )
+        elif method == "svd":
+            U, S, Vh = torch.linalg.svd(sum(w * t for t, w in zip(dense, wsub)))
+            k = params["rank"]
+            ref = (U[:, :k] * S[:k]) @ Vh[:k]
+        else:
+            raise ValueError(method)
+        got = out.read_module_weight(name, dtype=F64)
+        err = float((got - W0 - ref).norm() / ref.norm())
+        assert err < 1e-5, (method, name, err)
+    adapted = {base.module_weight_key(n)[0] for n in names}
+    for key in base.keys():
+        if key not in adapted:
+            assert torch.equal(base.read_tensor(key), out.read_tensor(key)), key
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("ties", dict(density=0.3)),
+        ("dare-ties", dict(density=0.5, seed=4)),
+        ("dare-linear", dict(density=0.7, seed=0)),
+        ("magnitude", dict(density=0.4)),
+        ("svd", dict(rank=3)),
+    ],
+)
+def test_cli_into_base_matches_reference_and_loads(models, kind, method, params, tmp_path, capsys):
+    m = models[kind]
+    ws = [1.0, 0.5, 2.0]
+    flags = [x for k, v in params.items() for x in (f"--{k}", v)]
+    out = tmp_path / "out"
+    code, so, err = cli(
+        capsys,
+        "--method",
+        method,
+        *m["adapters"],
+        "--weights",
+        "1,0.5,2",
+        "--into",
+        m["base"],
+        "--out",
+        out,
+        *flags,
+    )
+    assert code == 0, err
+    assert f"with {method}" in so and "model written" in so
+    check_against_reference(m["base"], out, m["adapters"], ws, method, **params)
+    model = load_out(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(tokens()).logits).all()
+    rec = json.loads((out / "loramix.json").read_text())
+    assert rec["method"] == method and rec["created"] and rec["parameters"]["weights"] == ws
+    assert [i["sha256"] for i in rec["inputs"][:3]] == [load_adapter(p).sha256 for p in m["adapters"]]
+
+
+def test_merge_sum_writes_what_loramix_sum_writes(models, tmp_path, capsys):
+    m = models["llama"]
+    a = m["adapters"]
+    assert (
+        main(
+            [
+                "sum",
+                *map(str, a),
+                "--weights",
+                "1,0.5,2",
+                "--into",
+                str(m["base"]),
+                "--out",
+                str(tmp_path / "s"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli(capsys, "-m", "sum", *a, "--weights", "1,0.5,2", "--into", m["base"], "--out", tmp_path / "m")[0]
+        == 0
+    )
+    from safetensors.torch import load_file
+
+    x, y = load_file(tmp_path / "s" / "model.safetensors"), load_file(tmp_path / "m" / "model.safetensors")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    # and as an adapter: the exact concatenation
+    assert main(["sum", *map(str, a), "--weights", "1,0.5,2", "--out", str(tmp_path / "sa")]) == 0
+    assert cli(capsys, "-m", "sum", *a, "--weights", "1,0.5,2", "--out", tmp_path / "ma")[0] == 0
+    x = load_file(tmp_path / "sa" / "adapter_model.safetensors")
+    y = load_file(tmp_path / "ma" / "adapter_model.safetensors")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-m", "dare-ties", "--density", "0.5", "--seed", "9", "--into", "BASE"],
+        ["-m", "ties", "--density", "0.3", "--sign", "count", "--divide", "weight", "--into", "BASE"],
+        ["-m", "svd", "--energy", "0.8"],
+    ],
+)
+def test_two_runs_byte_identical(models, args, tmp_path, capsys):
+    m = models["gpt2"]
+    args = [str(m["base"]) if a == "BASE" else a for a in args]
+    for o in ("r1", "r2"):
+        code, _, err = cli(capsys, *args, *m["adapters"], "--weights", "1,-0.5,2", "--out", tmp_path / o)
+        assert code == 0, err
+    f1, f2 = _files(tmp_path / "r1"), _files(tmp_path / "r2")
+    assert f1.keys() == f2.keys()
+    for name in f1:
+        if name.name == "loramix.json":  # only the creation time may differ
+            j1, j2 = json.loads(f1[name]), json.loads(f2[name])
+            j1.pop("created"), j2.pop("created")
+            assert j1 == j2
+        else:
+            assert f1[name] == f2[name], name
+
+
+def test_svd_adapter_loads_in_peft_and_matches_dense_recompressed_sum(models, tmp_path, capsys):
+    from peft import PeftModel
+
+    m = models["gpt2"]
+    ws = [1.0, 0.5, 2.0]
+    code, so, err = cli(
+        capsys, "-m", "svd", "--rank", "3", *m["adapters"], "--weights", "1,0.5,2", "--out", tmp_path / "ad"
+    )
+    assert code == 0, err
+    assert "discarded energy" in so and "worst module" in so
+    rec = json.loads((tmp_path / "ad" / "loramix.json").read_text())
+    ads = [load_adapter(p) for p in m["adapters"]]
+    ref_model = m["make"]()
+    with torch.no_grad():
+        for name in dict.fromkeys(n for a in ads for n in a.modules):
+            dense = sum(w * raw_delta(a.modules[name]) for a, w in zip(ads, ws) if name in a.modules)
+            U, S, Vh = torch.linalg.svd(dense)
+            assert rec["modules"][name]["rank"] == 3
+            torch.testing.assert_close(
+                rec["modules"][name]["energy_discarded"], float((S[3:] ** 2).sum()), rtol=1e-9, atol=1e-12
+            )
+            lin = ref_model.get_submodule(name)  # Conv1D: weight is (in, out)
+            lin.weight += ((U[:, :3] * S[:3]) @ Vh[:3]).T.float()
+        want = ref_model(tokens()).logits
+        pm = PeftModel.from_pretrained(m["make"](), str(tmp_path / "ad")).eval()
+        got = pm(tokens()).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_d2_signed_against_dense_reference_and_effective_sum(models, tmp_path, capsys):
+    m = models["gpt2"]
+    d2 = m["d2"]
+    code, so, err = cli(
+        capsys, "-m", "d2-signed", *d2, "--weights", "0.7,1.5", "--into", m["base"], "--out", tmp_path / "b"
+    )
+    assert code == 0, err
+    assert "relative difference to adding effective deltas" in so
+    assert (
+        cli(capsys, "-m", "sum", *d2, "--weights", "0.7,1.5", "--into", m["base"], "--out", tmp_path / "a")[0]
+        == 0
+    )
+    ads = [load_adapter(p) for p in d2]
+    base = BaseModelFolder(m["base"])
+    outb, outa = BaseModelFolder(tmp_path / "b"), BaseModelFolder(tmp_path / "a")
+    rec = json.loads((tmp_path / "b" / "loramix.json").read_text())
+    for name in ads[0].modules:
+        W0 = base.read_module_weight(name, dtype=F64)
+        ref_b = ref_d2_signed(ads, [0.7, 1.5], name, W0)
+        got_b = outb.read_module_weight(name, dtype=F64) - W0
+        assert float((got_b - ref_b).norm() / ref_b.norm()) < 1e-5, name
+        ref_a = 0
+        for a, w in zip(ads, [0.7, 1.5]):
+            r = raw_delta(a.modules[name])
+            V = W0 + r
+            ref_a = ref_a + w * (V * (W0.norm(dim=1, keepdim=True) / V.norm(dim=1, keepdim=True)) + r - W0)
+        got_a = outa.read_module_weight(name, dtype=F64) - W0
+        assert float((got_a - ref_a).norm() / ref_a.norm()) < 1e-5, name
+        diff = float((ref_b - ref_a).norm() / ref_a.norm())
+        assert diff > 1e-3
+        torch.testing.assert_close(
+            rec["modules"][name]["rel_diff_vs_effective_sum"], diff, rtol=1e-3, atol=1e-6
+        )
+    load_out(tmp_path / "b")
+
+
+def assert_one_line_error(code, err, *needles):
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("loramix: error:"), (code, err)
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+
+
+def test_bad_input_exit_2(models, tmp_path, capsys):
+    m = models["gpt2"]
+    a, base, out = m["adapters"], m["base"], tmp_path / "o"
+    cases = [
+        (["-m", "ties", "--density", "0", *a, "--into", base], ["--density", "outside (0, 1]"]),
+        (["-m", "dare-ties", "--density", "1.01", *a, "--into", base], ["--density", "outside (0, 1]"]),
+        (["-m", "svd", "--rank", "0", *a], ["--rank", "below 1"]),
+        (["-m", "svd", "--rank", "10", *a], ["--rank", "above the stacked rank 9"]),
+        (["-m", "svd", "--rank", "2", "--energy", "0.5", *a], ["exactly one of"]),
+        (["-m", "svd", *a], ["exactly one of"]),
+        (["-m", "svd", "--energy", "1.5", *a], ["--energy", "outside (0, 1]"]),
+        (["-m", "d2-signed", *a, "--into", base], [a[0], "d2lora"]),
+        (["-m", "svd", "--rank", "2", *m["d2"]], [m["d2"][0], "D2-LoRA"]),
+        (["-m", "slerp", *a], ["unknown method", "dare-linear, dare-ties, magnitude, sum, svd, ties"]),
+        (["-m", "ties", "--density", "0.5", *a], ["--into", "only sum, svd"]),
+        (["-m", "ties", "--density", "0.5", "--rank", "2", *a, "--into", base], ["--rank", "does not apply"]),
+        (["-m", "ties", "--density", "0.5", "--sign", "vote", *a, "--into", base], ["--sign", "mass, count"]),
+        (
+            ["-m", "ties", "--density", "0.5", *a, "--weights", "1,2", "--into", base],
+            ["--weights", "3 adapters"],
+        ),
+        (["-m", "sum", *a, "--dtype", "int8"], ["--dtype"]),
+        (["-m", "sum", a[0], "--out", a[0]], ["overwrite the input"]),
+        (["-m", "sum", *m["d2"]], ["--into"]),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["-m", "sum", *a, "--device", "cuda"], ["--device"]))
+    for args, needles in cases:
+        if "--out" not in args:
+            args = [*args, "--out", out]
+        assert_one_line_error(*cli(capsys, *args)[::2], *needles)
+        assert not out.exists()
+    # an existing output needs --force
+    assert cli(capsys, "-m", "svd", "--rank", "2", *a, "--out", out)[0] == 0
+    assert_one_line_error(*cli(capsys, "-m", "svd", "--rank", "2", *a, "--out", out)[::2], "--force")
+    assert cli(capsys, "-m", "svd", "--rank", "2", *a, "--out", out, "--force")[0] == 0

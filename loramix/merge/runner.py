@@ -10,7 +10,9 @@ Two outputs:
   the device, from ``W0`` in ``(out, in)`` layout).
 
 Byte-identical outputs: the provenance inside the safetensors metadata leaves
-out the creation time, which only ``loramix.json`` carries.
+out the creation time, which only ``loramix.json`` carries, and the header of
+an adapter file is canonicalised (safetensors writes its metadata map in a
+random order).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch
 from ..adapter import Adapter, ModuleDelta, check_compatible
 from ..devices import resolve_device
 from ..errors import UsageError
-from ..io.adapter_files import load_adapter, save_peft_adapter
+from ..io.adapter_files import WEIGHTS_NAME, load_adapter, save_peft_adapter
 from ..io.outputs import atomic_output_dir, atomic_write, check_output, provenance, write_provenance
+from ..io.safetensors_io import canonicalize_header
 from . import MergeResult, get_method, parse_dtype, parse_weights
 from .base import MergeMethod, ModuleContext
 
@@ -152,6 +155,8 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs) -> MergeRes
             provenance=_without_time(rec),
             extra_config={"task_type": ads[0].config.get("task_type", "CAUSAL_LM")},
         )
+        # safetensors writes its metadata map in a random order: sort it.
+        canonicalize_header(tmp / WEIGHTS_NAME)
         full = {**rec, "output": "adapter", "summary": summary, "modules": infos}
         write_provenance(tmp, full)
     return MergeResult(out, m.name, "adapter", _clean(p), ws, infos, summary, full)

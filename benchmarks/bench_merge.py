@@ -1,0 +1,350 @@
+"""Benchmark the merge methods (issue 6).
+
+(a) ``svd``: three rank-8 adapters of GPT-2-small shape (12 layers; ``c_attn``
+    2304x768, ``attn.c_proj`` 768x768, ``c_fc`` 3072x768, ``mlp.c_proj``
+    768x3072) recompressed to rank 8. Timed: the merge computation itself,
+    inputs already in memory, in one process, interleaved repeats:
+
+    - ``loramix``: :meth:`Svd.factors` per module (QR of the stacked factors,
+      SVD of the 24x24 core; float64);
+    - ``dense``: form each module's summed delta (float32) and
+      ``torch.linalg.svd(full_matrices=False)``, truncate to rank 8;
+    - ``peft``: ``add_weighted_adapter(..., combination_type="svd",
+      svd_rank=8)`` on a PEFT GPT-2-small model holding the same three
+      adapters (PEFT's defaults, ``full_matrices=True``).
+
+    Target: loramix >= 100x faster than dense. The singular values of loramix
+    and of the dense SVD are compared as a sanity check.
+
+(b) ``ties`` / ``dare-ties`` / ``dare-linear`` into a 124M GPT-2-small base
+    against ``sum --into``, each a whole ``python -m loramix merge`` process
+    (wall time and peak RSS via ``os.wait4``), interleaved. Target: within 2x
+    of ``sum``. Reuses ``benchmarks/_work/sum/`` (``bench_sum.py``'s base and
+    adapters) when it is there, else builds its own in ``_work/merge/``.
+
+    python benchmarks/bench_merge.py [--repeat 3] [--device cpu|cuda] [--only a|b] [--threads N]
+
+Prints markdown tables. On a shared machine the figures are preliminary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "_work"
+TARGETS = ["c_attn", "c_proj", "c_fc"]
+N_ADAPTERS, RANK, ALPHA = 3, 8, 16
+# GPT-2 small, (out, in) in nn.Linear layout
+SHAPES = {
+    "attn.c_attn": (2304, 768),
+    "attn.c_proj": (768, 768),
+    "mlp.c_fc": (3072, 768),
+    "mlp.c_proj": (768, 3072),
+}
+
+
+def sync(device):
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ---- (a) svd: the computation itself ------------------------------------------------
+
+
+def make_adapters(n_layer: int):
+    """Three in-memory rank-8 adapters, GPT-2 module names, scale alpha/r = 2."""
+    import torch
+
+    from loramix.adapter import LORA, Adapter, ModuleDelta
+
+    ads = []
+    for i in range(N_ADAPTERS):
+        g = torch.Generator().manual_seed(100 + i)
+        mods = {}
+        for layer in range(n_layer):
+            for sub, (o, k) in SHAPES.items():
+                name = f"transformer.h.{layer}.{sub}"
+                mods[name] = ModuleDelta(
+                    name=name,
+                    B=torch.randn(o, RANK, generator=g) * 0.01,
+                    A=torch.randn(RANK, k, generator=g) * 0.01,
+                    scale=ALPHA / RANK,
+                    alpha=float(ALPHA),
+                )
+        ads.append(Adapter(name=f"a{i}", method=LORA, modules=mods))
+    return ads
+
+
+def svd_loramix(ads, device):
+    import torch
+
+    from loramix.merge import get_method
+    from loramix.merge.base import ModuleContext
+
+    m = get_method("svd")
+    p = m.validate({"rank": RANK}, ads)
+    out = {}
+    for name in ads[0].modules:
+        ctx = ModuleContext(name, tuple(range(len(ads))), device, torch.float64)
+        out[name] = m.factors(ctx, [a.modules[name] for a in ads], [1.0] * len(ads), p)
+    sync(device)
+    return out
+
+
+def svd_dense(ads, device):
+    import torch
+
+    out = {}
+    for name in ads[0].modules:
+        D = None
+        for a in ads:
+            B, A = a.modules[name].factors(dtype=torch.float32, device=device)
+            D = B @ A if D is None else D.addmm_(B, A)
+        U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+        out[name] = (U[:, :RANK] * S[:RANK], Vh[:RANK], S)
+    sync(device)
+    return out
+
+
+def peft_model(ads, device):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    n_layer = 1 + max(int(n.split(".")[2]) for n in ads[0].modules)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer))
+    cfg = dict(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, fan_in_fan_out=True)
+    pm = get_peft_model(model, LoraConfig(**cfg), adapter_name="a0")
+    for i in range(1, len(ads)):
+        pm.add_adapter(f"a{i}", LoraConfig(**cfg))
+    with torch.no_grad():
+        for i, a in enumerate(ads):
+            for name, md in a.modules.items():
+                layer = pm.base_model.model.get_submodule(name)
+                layer.lora_A[f"a{i}"].weight.copy_(md.A)
+                layer.lora_B[f"a{i}"].weight.copy_(md.B)
+    return pm.to(device).eval()
+
+
+def svd_peft(pm, n, device):
+    import torch
+
+    names = [f"a{i}" for i in range(n)]
+    if "svd" in pm.peft_config:
+        pm.delete_adapter("svd")
+    with torch.no_grad():
+        pm.add_weighted_adapter(names, [1.0] * n, "svd", combination_type="svd", svd_rank=RANK)
+    sync(device)
+
+
+def bench_svd(args) -> list[list[str]]:
+    import torch
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    ads = make_adapters(args.layers)
+    times = {"loramix": [], "dense": [], "peft": []}
+    pm = None if args.no_peft else peft_model(ads, device)
+    svd_loramix(ads, device)  # warm-up (kernels, lazy imports)
+    for _ in range(args.repeat):
+        for kind in times:
+            if kind == "peft" and pm is None:
+                continue
+            t0 = time.perf_counter()
+            if kind == "loramix":
+                lm = svd_loramix(ads, device)
+            elif kind == "dense":
+                dn = svd_dense(ads, device)
+            else:
+                svd_peft(pm, len(ads), device)
+            times[kind].append(time.perf_counter() - t0)
+    # sanity: the same singular values (relative to the largest)
+    err = max(
+        float(
+            (torch.linalg.svdvals(lm[n].B @ lm[n].A).float()[:RANK].cpu() - dn[n][2][:RANK].cpu()).abs().max()
+            / dn[n][2][0].cpu()
+        )
+        for n in lm
+    )
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+    rows = [["(a) svd, loramix (QR + small SVD)", f"{med['loramix'] * 1e3:.1f} ms", "1.0x", ""]]
+    rows.append(
+        [
+            "(a) svd, dense torch.linalg.svd",
+            f"{med['dense'] * 1e3:.0f} ms",
+            f"{med['dense'] / med['loramix']:.0f}x slower",
+            "target >= 100x",
+        ]
+    )
+    if "peft" in med:
+        rows.append(
+            [
+                "(a) svd, PEFT add_weighted_adapter",
+                f"{med['peft'] * 1e3:.0f} ms",
+                f"{med['peft'] / med['loramix']:.0f}x slower",
+                "",
+            ]
+        )
+    print(f"svd sanity: max |S_loramix - S_dense| / S_max over modules = {err:.2e}", file=sys.stderr)
+    return rows
+
+
+# ---- (b) whole processes into a 124M base --------------------------------------------
+
+
+def setup_files(work: Path) -> tuple[Path, list[Path]]:
+    """The 124M base and three rank-8 PEFT adapters (bench_sum's, when built)."""
+    shared = work / "sum"
+    base, ads = shared / "base", [shared / f"adapter{i}" for i in range(N_ADAPTERS)]
+    if (base / ".done").exists() and all((a / ".done").exists() for a in ads):
+        return base, ads
+    import torch
+
+    own = work / "merge"
+    base, ads = own / "base", [own / f"adapter{i}" for i in range(N_ADAPTERS)]
+    if not (base / ".done").exists():
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        shutil.rmtree(base, ignore_errors=True)
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config()).save_pretrained(base, safe_serialization=True)
+        (base / ".done").touch()
+    if not all((a / ".done").exists() for a in ads):
+        from loramix.io.adapter_files import save_peft_adapter
+        from loramix.io.model_folder import BaseModelFolder
+
+        folder = BaseModelFolder(base)
+        modules = [
+            k.removesuffix(".weight")
+            for k in folder.keys()
+            if k.endswith(".weight") and k.split(".")[-2] in TARGETS
+        ]
+        for i, a in enumerate(ads):
+            shutil.rmtree(a, ignore_errors=True)
+            g = torch.Generator().manual_seed(100 + i)
+            factors = {}
+            for m in modules:
+                rows, cols = folder.tensors[m + ".weight"].shape  # Conv1D: (in, out)
+                factors[m] = (
+                    torch.randn(cols, RANK, generator=g) * 0.01,
+                    torch.randn(RANK, rows, generator=g) * 0.01,
+                )
+            save_peft_adapter(a, factors, fan_in_fan_out=True, alphas={m: float(ALPHA) for m in modules})
+            (a / ".done").touch()
+    return base, ads
+
+
+def run_child(cmd: list[str], env: dict) -> tuple[float, float]:
+    """Run ``cmd``; (wall seconds, that child's peak RSS in MiB)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    err = p.stderr.read().decode(errors="replace")
+    p.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-3000:]}")
+    return wall, ru.ru_maxrss / 1024
+
+
+def bench_into(args) -> list[list[str]]:
+    work = Path(args.work)
+    base, ads = setup_files(work)
+    env = dict(os.environ, LORAMIX_CACHE_DIR=str(work / "layout-cache"))
+    runs = {
+        "sum": ["-m", "sum"],
+        "ties": ["-m", "ties", "--density", "0.2"],
+        "dare-ties": ["-m", "dare-ties", "--density", "0.5", "--seed", "0"],
+        "dare-linear": ["-m", "dare-linear", "--density", "0.5", "--seed", "0"],
+    }
+    out = work / "merge" / "out"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def cmd(flags):
+        return [
+            sys.executable,
+            "-m",
+            "loramix",
+            "merge",
+            *flags,
+            *map(str, ads),
+            "--into",
+            str(base),
+            "--out",
+            str(out),
+            "--force",
+            "--device",
+            args.device,
+        ]
+
+    run_child(cmd(runs["sum"]), env)  # warm the layout cache and the page cache
+    res = {k: [] for k in runs}
+    for _ in range(args.repeat):
+        for k, flags in runs.items():
+            res[k].append(run_child(cmd(flags), env))
+    shutil.rmtree(out, ignore_errors=True)
+    t_sum = statistics.median(w for w, _ in res["sum"])
+    rows = []
+    for k, v in res.items():
+        t, rss = statistics.median(w for w, _ in v), max(r for _, r in v)
+        rows.append(
+            [
+                f"(b) merge --method {k} --into 124M",
+                f"{t:.2f} s (peak RSS {rss:.0f} MiB)",
+                "1.0x" if k == "sum" else f"{t / t_sum:.2f}x of sum",
+                "" if k == "sum" else "target <= 2x",
+            ]
+        )
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--layers", type=int, default=12, help="(a) layers of the in-memory adapters")
+    ap.add_argument("--no-peft", action="store_true", help="(a) skip the PEFT baseline")
+    ap.add_argument("--only", choices=["a", "b"], default=None)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (here and in the (b) children); on a loaded machine 1 avoids "
+        "OpenMP oversubscription stalls",
+    )
+    ap.add_argument("--work", default=str(WORK))
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the (b) children
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+        f"repeat {args.repeat} (median)\n"
+    )
+    rows = []
+    if args.only in (None, "a"):
+        rows += bench_svd(args)
+    if args.only in (None, "b"):
+        rows += bench_into(args)
+    print("| benchmark | time | ratio | target |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()
