@@ -43,12 +43,12 @@ from .errors import AdapterError, BaseModelError, UsageError
 from .io.model_folder import INDEX_NAME, ST_DTYPES, TORCH_TO_ST, BaseModelFolder, TensorInfo
 from .io.outputs import atomic_output_dir, check_output, write_provenance
 from .io.outputs import provenance as make_provenance
-from .io.safetensors_io import CheckedSafetensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# module_fn(module_name, W0) -> dense delta (out, in); W0 is (out, in) on the device.
-ModuleFn = Callable[[str, torch.Tensor], torch.Tensor]
+# module_fn(module_name, W0) -> the delta to add to W0 (out, in): a dense
+# tensor (out, in), or a factor pair (B (out, k), A (k, in)) meaning B @ A.
+ModuleFn = Callable[[str, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 
 
 @dataclass
@@ -169,6 +169,81 @@ def _metadata(record: dict) -> dict[str, str]:
 # ---- the engine ---------------------------------------------------------------------
 
 
+class _Buffers:
+    """Reusable work tensors, one per (role, shape, dtype, device): a model
+    repeats a few weight shapes, and fresh allocations of that size cost a
+    page fault per 4 KiB page, more than the arithmetic."""
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def get(self, role: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (role, tuple(shape), dtype, str(device))
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = torch.empty(tuple(shape), dtype=dtype, device=device)
+        return buf
+
+
+def _read_into(src, info: TensorInfo, pool: _Buffers | None) -> torch.Tensor:
+    """Read one tensor's bytes with ``readinto`` into a reused buffer: one copy
+    from the page cache, and no mmap whose touched pages would count towards
+    the process's memory for the rest of the shard."""
+    dtype = ST_DTYPES[info.dtype]
+    if pool is None:  # a one-off (an embedding converted to another dtype): not kept
+        buf = torch.empty(info.shape, dtype=dtype)
+    else:
+        buf = pool.get("read", info.shape, dtype, torch.device("cpu"))
+    view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if info.nbytes else memoryview(b"")
+    src.seek(info.start)
+    got = src.readinto(view)
+    while got < info.nbytes:  # short reads are allowed
+        n = src.readinto(view[got:])
+        if not n:
+            raise BaseModelError(Path(src.name), f"truncated while reading tensor {info.key}")
+        got += n
+    return buf
+
+
+def _add_delta(
+    stored: torch.Tensor, name: str, transposed: bool, module_fn: ModuleFn, dev: torch.device, pool: _Buffers
+) -> torch.Tensor:
+    """``W0 + delta`` in the stored layout, in float32 (float64 for a float64
+    base), on ``dev``, in a reused buffer."""
+    compute = torch.float64 if stored.dtype == torch.float64 else torch.float32
+    if stored.dtype == compute and stored.device == dev:
+        W = stored
+    else:
+        W = pool.get("in", stored.shape, compute, dev)
+        W.copy_(stored)
+    W0 = W.T if transposed else W  # (out, in) view
+    res = module_fn(name, W0)
+    new = pool.get("out", W.shape, compute, dev)
+    if isinstance(res, tuple):
+        B, A = (x.to(device=dev, dtype=compute) for x in res)
+        if (
+            B.ndim != 2
+            or A.ndim != 2
+            or (B.shape[0], A.shape[1]) != tuple(W0.shape)
+            or B.shape[1] != A.shape[0]
+        ):
+            raise ValueError(
+                f"module_fn returned factors {tuple(B.shape)} @ {tuple(A.shape)} for {name}, "
+                f"expected (out, k) @ (k, in) with (out, in) = {tuple(W0.shape)}"
+            )
+        # One fused pass: W0 + B @ A, or for a Conv1D (in, out) tensor W + A^T B^T.
+        if transposed:
+            torch.addmm(W, A.T, B.T, out=new)
+        else:
+            torch.addmm(W, B, A, out=new)
+    else:
+        if tuple(res.shape) != tuple(W0.shape):
+            raise ValueError(f"module_fn returned {tuple(res.shape)} for {name}, expected {tuple(W0.shape)}")
+        delta = res.to(device=dev, dtype=compute)
+        torch.add(W, delta.T if transposed else delta, out=new)
+    return new
+
+
 def _as_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -219,8 +294,10 @@ def stream_into_base(
 
     - ``module_fn(name, W0)`` gets the base weight ``W0`` as ``(out, in)``
       (``nn.Linear`` layout, a ``Conv1D`` weight already transposed), float32
-      (float64 for a float64 base) on ``device``, and returns the dense delta
-      ``(out, in)`` to add. It must not modify ``W0``.
+      (float64 for a float64 base) on ``device``, and returns the delta to
+      add: a dense ``(out, in)`` tensor, or a factor pair ``(B, A)``, B
+      ``(out, k)``, A ``(k, in)``, meaning ``B @ A`` (added in one fused
+      ``addmm``, no dense delta formed). It must not modify ``W0``.
     - ``modules``: the module names to apply it to; default the union of the
       ``adapters``' modules. Every one must exist in the base with a fitting
       shape (checked before anything is written). ``adapters`` also supply the
@@ -267,10 +344,11 @@ def stream_into_base(
         return info.dtype
 
     bar = None
+    pool = _Buffers()
     writers: list[_ShardWriter] = []
     total_bytes = 0
-    with ThreadPoolExecutor(1) as pool, atomic_output_dir(out, force=force, inputs=inputs) as tmp:
-        hashing = pool.submit(base.provenance)
+    with ThreadPoolExecutor(1) as hasher, atomic_output_dir(out, force=force, inputs=inputs) as tmp:
+        hashing = hasher.submit(base.provenance)
         try:
             from tqdm.auto import tqdm
 
@@ -296,28 +374,19 @@ def stream_into_base(
                 w = _ShardWriter(tmp / shard, entries, _metadata(record))
                 writers.append(w)
                 total_bytes += w.data_size
-                with (
-                    open(base.path / shard, "rb") as src,
-                    CheckedSafetensors(base.path / shard, BaseModelError) as st,
-                ):
+                with open(base.path / shard, "rb") as src:
                     for info, (_, code, _, _) in zip(infos, entries):
                         if info.key in targets:
                             name, transposed = targets[info.key]
-                            # A safetensors tensor is a view of a private mmap: read it, never write it.
-                            stored = st.get(info.key)
-                            compute = torch.float64 if stored.dtype == torch.float64 else torch.float32
-                            W = stored.to(device=dev, dtype=compute)
-                            W0 = W.T if transposed else W  # (out, in) view
-                            delta = module_fn(name, W0)
-                            if tuple(delta.shape) != tuple(W0.shape):
-                                raise ValueError(
-                                    f"module_fn returned {tuple(delta.shape)} for {name}, expected {tuple(W0.shape)}"
+                            stored = _read_into(src, info, pool)
+                            new = _add_delta(stored, name, transposed, module_fn, dev, pool)
+                            if new.dtype != ST_DTYPES[code] or new.device.type != "cpu":
+                                new = pool.get("host", new.shape, ST_DTYPES[code], torch.device("cpu")).copy_(
+                                    new
                                 )
-                            delta = delta.to(device=dev, dtype=compute)
-                            W = torch.add(W, delta.T if transposed else delta)  # stored layout
-                            w.write_tensor(W.to(ST_DTYPES[code]))
+                            w.write_tensor(new)
                         elif code != info.dtype:
-                            w.write_tensor(st.get(info.key).to(ST_DTYPES[code]))
+                            w.write_tensor(_read_into(src, info, None).to(ST_DTYPES[code]))
                         else:
                             w.copy_bytes(src, info.start, info.nbytes)
                         bar.update(info.nbytes)
@@ -441,14 +510,15 @@ def sum_into_base(
     dev = resolve_device(device)
     has_d2 = any(ad.method == D2LORA for ad in adapters)
 
-    def module_fn(name: str, W0: torch.Tensor) -> torch.Tensor:
+    def module_fn(name: str, W0: torch.Tensor):
         pair = summed_factors(adapters, weights, name, dtype=W0.dtype, device=W0.device)
+        if not has_d2:
+            return pair  # the engine adds B @ A in one fused addmm
         delta = pair[0] @ pair[1] if pair is not None else torch.zeros_like(W0)
-        if has_d2:
-            for ad, w in zip(adapters, weights):
-                m = ad.modules.get(name)
-                if m is not None and m.kind == D2LORA:
-                    delta += (w * m.delta(W0, dtype=torch.float64, device=W0.device)).to(delta.dtype)
+        for ad, w in zip(adapters, weights):
+            m = ad.modules.get(name)
+            if m is not None and m.kind == D2LORA:
+                delta += (w * m.delta(W0, dtype=torch.float64, device=W0.device)).to(delta.dtype)
         return delta
 
     return stream_into_base(

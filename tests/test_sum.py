@@ -437,3 +437,28 @@ def test_bad_weights(gpt2, tmp_path, capsys):
     with pytest.raises(UsageError):
         sum_into_base(a[:2], gpt2["base"], tmp_path / "o", weights=[1.0], progress=False)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(gpt2, tmp_path):
+    weights = [1.0, 0.5, -0.7]
+    sum_into_base(
+        gpt2["adapters"], gpt2["base"], tmp_path / "cpu", weights=weights, device="cpu", progress=False
+    )
+    res = sum_into_base(
+        gpt2["adapters"], gpt2["sharded"], tmp_path / "cuda", weights=weights, device="cuda", progress=False
+    )
+    assert res.device.startswith("cuda")
+    cpu, cuda = BaseModelFolder(tmp_path / "cpu"), BaseModelFolder(tmp_path / "cuda")
+    for key in cpu.keys():
+        assert rel_err(cuda.read_tensor(key), cpu.read_tensor(key)) <= TOL, key
+
+
+def test_cli_cuda_without_gpu(gpt2, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, _, err = run_cli(
+        capsys, gpt2["adapters"][0], "--into", gpt2["base"], "--out", tmp_path / "o", "--device", "cuda"
+    )
+    assert_one_line_error(code, err, "--device")
+    assert _leftovers(tmp_path, "o") == []

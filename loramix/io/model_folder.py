@@ -288,9 +288,11 @@ class BaseModelFolder:
     # ---- provenance -----------------------------------------------------------
 
     def file_sha256s(self) -> dict[str, str]:
-        """sha256 of each weight file (and the index), computed once."""
+        """sha256 of each weight file (and the index), computed once, and
+        remembered on disk by (path, inode, size, mtime) as git's index does,
+        so that merging many adapters into one base hashes it once."""
         if self._sha is None:
-            self._sha = {name: file_sha256(self.path / name) for name in self.weight_files}
+            self._sha = {name: cached_file_sha256(self.path / name) for name in self.weight_files}
         return self._sha
 
     def provenance(self) -> dict:
@@ -418,6 +420,32 @@ def cache_dir() -> Path:
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loramix"
+
+
+def cached_file_sha256(path: Path) -> str:
+    """:func:`file_sha256`, cached under :func:`cache_dir` by the file's
+    resolved path, inode, size and mtime (ns); any change means a rehash."""
+    try:
+        st = path.stat()
+        ident = f"{path.resolve()}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
+    except OSError:
+        return file_sha256(path)
+    entry = cache_dir() / "sha256" / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".txt")
+    try:
+        digest = entry.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    except OSError:
+        pass
+    digest = file_sha256(path)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(digest + "\n")
+        os.replace(tmp, entry)
+    except OSError:
+        pass
+    return digest
 
 
 def _transformers_version() -> str:
