@@ -297,8 +297,8 @@ def encode_records(tokenizer, records: list[QARecord], *, max_len: int, on: str 
     head = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
     prompts, answers = zip(*(format_record(r) for r in records)) if records else ((), ())
     # Batch-tokenise for speed (the fast tokenizers parallelise in Rust).
-    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if records else []
-    a_ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"] if records else []
+    p_ids = tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"] if records else []
+    a_ids = tokenizer(list(answers), add_special_tokens=False, verbose=False)["input_ids"] if records else []
     out = []
     for p, a in zip(p_ids, a_ids):
         a = list(a) + [eos]

@@ -1,0 +1,75 @@
+"""``loramix eval``: perplexity of a base, alone or with a sum of adapters (see :mod:`loramix.evaluate`)."""
+
+from __future__ import annotations
+
+import click
+
+from ..devices import DEVICE_CHOICES
+
+
+@click.command("eval")
+@click.option("--base", required=True, type=click.Path(), help="Base model folder (Hugging Face causal LM).")
+@click.option(
+    "--adapter", "adapters", multiple=True, type=click.Path(), help="Adapter folder; repeat to sum."
+)
+@click.option("--weights", default=None, help="Comma-separated weight per adapter (default 1 each).")
+@click.option("--merged", is_flag=True, help="Merge the adapters into the weights first (else on the fly).")
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    required=True,
+    help="Data file (.jsonl/.json/.csv/.txt) or synthetic:NAME spec; repeat or list after it.",
+)
+@click.argument("more_data", nargs=-1)
+@click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True)
+@click.option(
+    "--max-len", type=int, default=None, help="Tokens per sequence (default: model context, <=1024)."
+)
+@click.option("--batch", type=int, default=16, show_default=True)
+@click.option("--limit", type=int, default=None, help="Use the first N records of each file.")
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--question-field", default="question", show_default=True)
+@click.option("--answer-field", default="answer", show_default=True)
+@click.option("--context-field", default="context", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def command(base, adapters, weights, merged, data, more_data, on, max_len, batch, limit, device,
+            question_field, answer_field, context_field, fmt):  # fmt: skip
+    """Perplexity per data file and over their union (token-weighted), with token
+    counts and tokens per second. Scored tokens: the answers (--on answer) or all."""
+    import json
+
+    from ..errors import UsageError
+    from ..evaluate import evaluate
+
+    w = None
+    if weights is not None:
+        try:
+            w = [float(x) for x in weights.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError("--weights", f"not a comma-separated list of numbers: {weights!r}") from None
+    df = evaluate(
+        base,
+        adapters=list(adapters),
+        weights=w,
+        merged=merged,
+        data=[*data, *more_data],
+        on=on,
+        max_len=max_len,
+        batch_size=batch,
+        limit=limit,
+        device=device,
+        fields={
+            "question_field": question_field,
+            "answer_field": answer_field,
+            "context_field": context_field,
+        },
+    )
+    if fmt == "json":
+        click.echo(json.dumps({"base": base, "adapters": list(adapters), "weights": w, "merged": merged,
+                               "on": on, "results": df.to_dict(orient="records")}, indent=2))  # fmt: skip
+        return
+    lines = ["| data | records | tokens | ppl | tokens/s |", "| --- | ---: | ---: | ---: | ---: |"]
+    for r in df.itertuples():
+        lines.append(f"| {r.data} | {r.records} | {r.tokens} | {r.ppl:.4f} | {r.tokens_per_s:,.0f} |")
+    click.echo("\n".join(lines))

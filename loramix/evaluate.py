@@ -1,0 +1,232 @@
+"""Perplexity: token-weighted, over the answer tokens by default.
+
+For a batch of ``input_ids`` and ``labels`` (both ``(B, L)``, labels ``-100``
+where a token is not scored: prompt and padding), position ``t`` predicts
+``labels[t+1]`` (the shift transformers uses). Over every scored token ``k``
+of every batch::
+
+    NLL   = sum_k -log p(token_k | tokens before it)      reduction="sum", in float32
+    N     = number of scored tokens (labels[:, 1:] != -100)
+    ppl   = exp(NLL / N)
+
+This is the perplexity of the whole set, not a mean of per-batch losses (which
+would over-weight short batches).
+
+Only scored positions need logits: for the model classes in
+:data:`_FAST_HEADS` (final hidden state -> ``lm_head``, nothing in between)
+loramix runs the decoder, gathers the hidden states of the scored positions
+and applies the output layer to those alone. With ``on="answer"`` most prompt
+positions are skipped, so the ``(B, L, vocab)`` logits tensor is never built.
+Other classes use the full ``model(...).logits``. Both give the same numbers
+to float rounding (tests check it against transformers' own loss).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Sequence
+
+from .errors import UsageError
+
+# Causal-LM classes whose logits are exactly ``get_output_embeddings()(base_model(...)[0])``.
+_FAST_HEADS = {
+    "GPT2LMHeadModel",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GPTNeoXForCausalLM",
+    "Phi3ForCausalLM",
+    "OPTForCausalLM",
+}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def perplexity(model, batches: Sequence[dict], *, device=None, fast: bool = True) -> dict:
+    """Token-weighted perplexity of ``model`` on ``batches`` (module docstring).
+
+    ``batches``: dicts of ``input_ids``, ``attention_mask``, ``labels``
+    (``LongTensor (B, L)``) as :func:`loramix.data.make_batches` makes them.
+    Returns ``{"ppl", "nll" (mean per token), "nll_sum", "tokens" (scored),
+    "input_tokens" (non-pad tokens processed), "seconds", "tokens_per_s"
+    (scored tokens per second)}``. ``fast=False`` forces the full-logits path.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    use_fast = fast and type(model).__name__ in _FAST_HEADS
+    head = model.get_output_embeddings() if use_fast else None
+    body = model.base_model if use_fast else None
+    nll = 0.0
+    n_tok = 0
+    n_in = 0
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in batches:
+            ids = b["input_ids"].to(device, non_blocking=True)
+            mask = b["attention_mask"].to(device, non_blocking=True)
+            labels = b["labels"].to(device, non_blocking=True)
+            target = labels[:, 1:]
+            keep = target != -100  # (B, L-1): positions whose next token is scored
+            if use_fast:
+                hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, d)
+                logits = head(hidden[:, :-1][keep])  # (N, vocab)
+            else:
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
+            nll += F.cross_entropy(logits.float(), target[keep], reduction="sum").item()
+            n_tok += int(keep.sum())
+            n_in += int(mask.sum())
+    _sync(device)
+    secs = time.perf_counter() - t0
+    mean = nll / n_tok if n_tok else float("nan")
+    return {
+        "ppl": math.exp(mean) if n_tok else float("nan"),
+        "nll": mean,
+        "nll_sum": nll,
+        "tokens": n_tok,
+        "input_tokens": n_in,
+        "seconds": secs,
+        "tokens_per_s": n_tok / secs if secs > 0 else float("nan"),
+    }
+
+
+def _default_max_len(model, tokenizer) -> int:
+    cfg = model.config
+    n = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1024
+    return int(min(n, 1024, tokenizer.model_max_length or n))
+
+
+def evaluate(
+    base,
+    *,
+    adapters=(),
+    weights: Sequence[float] | None = None,
+    merged: bool = False,
+    data=(),
+    on: str = "answer",
+    max_len: int | None = None,
+    batch_size: int = 16,
+    limit: int | None = None,
+    device="auto",
+    fields: dict | None = None,
+    dtype=None,
+):
+    """Perplexity of a base (plus the weighted sum of adapters) on data files.
+
+    ``base``: a model folder, or a ``(model, tokenizer)`` pair (then copied
+    before adapters are applied, so the caller's model is left unchanged).
+    ``adapters``: paths or loaded :class:`~loramix.adapter.Adapter` s; their
+    sum ``W0 + sum_i w_i dW_i`` is applied on the fly
+    (:func:`loramix.layers.attach_adapters`) or merged into the weights first
+    (``merged=True``, :func:`loramix.layers.merge_into_model`). ``data``:
+    paths, synthetic specs (``synthetic:arith?n=200``), or lists of
+    :class:`~loramix.data.QARecord`. ``limit`` keeps the first records of each.
+    ``fields``: ``question_field``/``answer_field``/``context_field`` for
+    :func:`loramix.data.load_records`.
+
+    Returns a pandas DataFrame, one row per data set and a ``union`` row
+    (their pooled, token-weighted perplexity), columns ``data, records,
+    tokens, ppl, nll, seconds, tokens_per_s``.
+    """
+    import pandas as pd
+
+    from .data import data_name, encode_records, load_records, make_batches, pad_id_for
+    from .devices import resolve_device
+    from .models import load_causal_lm
+
+    if isinstance(data, (str, os.PathLike)):
+        data = [data]
+    data = list(data)
+    if not data:
+        raise UsageError("--data", "no data to evaluate on")
+    if isinstance(adapters, (str, os.PathLike)) or hasattr(adapters, "modules"):
+        adapters = [adapters]
+    adapters = list(adapters)
+    if merged and not adapters:
+        raise UsageError("--merged", "needs at least one --adapter")
+    dev = resolve_device(device)
+    fields = fields or {}
+
+    # Read and check all data before loading models: bad files fail fast.
+    sets = []
+    for i, d in enumerate(data):
+        if isinstance(d, (str, os.PathLike)):
+            sets.append((data_name(d), load_records(d, limit=limit, **fields)))
+        else:
+            recs = list(d)[:limit] if limit else list(d)
+            if not recs:
+                raise UsageError("data", f"record set {i} is empty")
+            sets.append((f"set{i}", recs))
+
+    if adapters:
+        from .io.adapter_files import load_adapter
+
+        adapters = [load_adapter(a) if isinstance(a, (str, os.PathLike)) else a for a in adapters]
+
+    if isinstance(base, (tuple, list)):
+        model, tok = base
+        if adapters:
+            model = copy.deepcopy(model)
+        model.to(dev).eval()
+    else:
+        model, tok = load_causal_lm(base, device=dev, dtype=dtype)
+
+    if adapters:
+        from .layers import attach_adapters, merge_into_model
+
+        if merged:
+            merge_into_model(model, adapters, weights)
+        else:
+            attach_adapters(model, adapters, weights)
+    elif weights is not None:
+        raise UsageError("--weights", "given without --adapter")
+
+    max_len = max_len or _default_max_len(model, tok)
+    pad = pad_id_for(tok)
+    rows = []
+    tot = {"nll_sum": 0.0, "tokens": 0, "seconds": 0.0, "records": 0}
+    for name, recs in sets:
+        ex = encode_records(tok, recs, max_len=max_len, on=on)
+        batches = make_batches(ex, batch_size=batch_size, pad_id=pad, sort_by_length=True)
+        r = perplexity(model, batches, device=dev)
+        rows.append(
+            {
+                "data": name,
+                "records": len(recs),
+                "tokens": r["tokens"],
+                "ppl": r["ppl"],
+                "nll": r["nll"],
+                "seconds": r["seconds"],
+                "tokens_per_s": r["tokens_per_s"],
+            }
+        )
+        tot["nll_sum"] += r["nll_sum"]
+        tot["tokens"] += r["tokens"]
+        tot["seconds"] += r["seconds"]
+        tot["records"] += len(recs)
+    n = tot["tokens"]
+    rows.append(
+        {
+            "data": "union",
+            "records": tot["records"],
+            "tokens": n,
+            "ppl": math.exp(tot["nll_sum"] / n) if n else float("nan"),
+            "nll": tot["nll_sum"] / n if n else float("nan"),
+            "seconds": tot["seconds"],
+            "tokens_per_s": n / tot["seconds"] if tot["seconds"] > 0 else float("nan"),
+        }
+    )
+    return pd.DataFrame(rows)

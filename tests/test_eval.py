@@ -1,0 +1,196 @@
+"""loramix.evaluate and ``loramix eval``: perplexity equals transformers' own loss, adapters, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from loramix.cli import main
+from loramix.data import encode_records, load_records, make_batches
+from loramix.evaluate import evaluate, perplexity
+
+from .factories import SHARED_DATA, make_peft_adapter, save_base, tiny_gpt2, tiny_llama, write_jsonl
+
+ARITH = "synthetic:arith?n=60&seed=7"
+DATES = "synthetic:dates?n=40&seed=7"
+
+
+def _make_base(folder: Path, arch: str, vocab: int | None = None, seed: int = 0) -> Path:
+    from loramix.basebuild import train_tokenizer
+    from loramix.data import record_text
+
+    texts = [
+        record_text(r) for s in ("synthetic:arith?n=300", "synthetic:dates?n=300") for r in load_records(s)
+    ]
+    tok = train_tokenizer(texts, 400, 64)
+    model = (tiny_gpt2 if arch == "gpt2" else tiny_llama)(seed=seed, vocab_size=vocab or len(tok))
+    save_base(model, folder)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalbases")
+    return {a: _make_base(root / a, a) for a in ("gpt2", "llama")}
+
+
+def _hf_token_weighted_ppl(model, batches) -> float:
+    """transformers' own loss (mean over label != -100, shifted), re-weighted by token count."""
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            loss = model(**b).loss  # input_ids, attention_mask, labels
+            k = int((b["labels"][:, 1:] != -100).sum())
+            tot += loss.item() * k
+            n += k
+    return math.exp(tot / n)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("on", ["answer", "all"])
+def test_perplexity_equals_transformers_loss(bases, arch, on):
+    from loramix.models import load_causal_lm
+
+    model, tok = load_causal_lm(bases[arch])
+    with torch.no_grad():  # peaked logits: per-token losses vary, so batch means differ from the pooled mean
+        model.get_output_embeddings().weight.mul_(5)
+    ex = encode_records(tok, load_records(ARITH) + load_records(DATES), max_len=64, on=on)
+    # batches of unequal sizes and token counts, so a mean of batch losses would differ
+    batches = make_batches(ex[:7], batch_size=7, pad_id=tok.pad_token_id) + make_batches(
+        ex[7:], batch_size=16, pad_id=tok.pad_token_id, sort_by_length=True
+    )
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+    assert len(set(counts)) > 2
+    ours = perplexity(model, batches)
+    want = _hf_token_weighted_ppl(model, batches)
+    assert ours["ppl"] == pytest.approx(want, rel=1e-5)
+    assert ours["tokens"] == sum(counts)
+    assert perplexity(model, batches, fast=False)["ppl"] == pytest.approx(want, rel=1e-5)
+    mean_of_batches = math.exp(
+        sum(math.log(_hf_token_weighted_ppl(model, [b])) for b in batches) / len(batches)
+    )
+    assert (
+        abs(mean_of_batches - ours["ppl"]) > 1e-4 * ours["ppl"]
+    )  # 10x the tolerance above  # the test can tell the two apart
+
+
+def test_evaluate_rows_and_union(bases):
+    df = evaluate(bases["gpt2"], data=[ARITH, DATES], device="cpu", batch_size=8)
+    assert list(df["data"]) == ["arith", "dates", "union"]
+    assert list(df["records"]) == [60, 40, 100]
+    a, d, u = df.to_dict(orient="records")
+    assert u["tokens"] == a["tokens"] + d["tokens"]
+    want = math.exp((a["nll"] * a["tokens"] + d["nll"] * d["tokens"]) / u["tokens"])
+    assert u["ppl"] == pytest.approx(want, rel=1e-9)
+    assert min(a["ppl"], d["ppl"]) <= u["ppl"] <= max(a["ppl"], d["ppl"])
+    # batch size does not change a token-weighted perplexity
+    df2 = evaluate(bases["gpt2"], data=[ARITH], device="cpu", batch_size=3, limit=60)
+    assert df2["ppl"][0] == pytest.approx(a["ppl"], rel=1e-5)
+    # record lists work too
+    df3 = evaluate(bases["gpt2"], data=[load_records(ARITH)], device="cpu")
+    assert df3["ppl"][0] == pytest.approx(a["ppl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_adapters_on_the_fly_merged_and_peft_agree(bases, tmp_path, arch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loramix.models import load_causal_lm
+
+    base = bases[arch]
+    model, tok = load_causal_lm(base)
+    # a large scale (alpha / r = 32) so that the adapters move the perplexity visibly
+    a1 = make_peft_adapter(model, tmp_path / "a1", seed=1, lora_alpha=128)
+    a2 = make_peft_adapter(model, tmp_path / "a2", seed=2, lora_alpha=128)
+    plain = evaluate(base, data=[ARITH], device="cpu")["ppl"][0]
+    fly = evaluate(base, adapters=[a1], data=[ARITH], device="cpu")["ppl"][0]
+    merged = evaluate(base, adapters=[a1], merged=True, data=[ARITH], device="cpu")["ppl"][0]
+    assert fly == pytest.approx(merged, rel=1e-5) and abs(fly - plain) > 1e-3 * plain
+    # PEFT's own model gives the same perplexity
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(a1)).eval()
+    batches = make_batches(
+        encode_records(tok, load_records(ARITH), max_len=64), batch_size=16, pad_id=tok.pad_token_id
+    )
+    assert _hf_token_weighted_ppl(pm, batches) == pytest.approx(fly, rel=1e-5)
+    # a weighted sum of two
+    s_fly = evaluate(base, adapters=[a1, a2], weights=[0.5, 0.5], data=[ARITH], device="cpu")["ppl"][0]
+    s_mrg = evaluate(base, adapters=[a1, a2], weights=[0.5, 0.5], merged=True, data=[ARITH], device="cpu")[
+        "ppl"
+    ][0]
+    assert s_fly == pytest.approx(s_mrg, rel=1e-5) and abs(s_fly - fly) > 1e-3 * fly
+    # (model, tokenizer) input is not modified by the adapters
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    evaluate((model, tok), adapters=[a1], merged=True, data=[ARITH], device="cpu")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_table_and_json(bases, tmp_path, capsys):
+    assert main(["eval", "--base", str(bases["gpt2"]), "--data", ARITH, DATES, "--batch", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "| arith | 60 |" in out and "| union | 100 |" in out
+    assert (
+        main(["eval", "--base", str(bases["gpt2"]), "--data", ARITH, "--on", "all", "--format", "json"]) == 0
+    )
+    res = json.loads(capsys.readouterr().out)
+    assert res["on"] == "all" and [r["data"] for r in res["results"]] == ["arith", "union"]
+    assert res["results"][0]["ppl"] > 1
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    return err
+
+
+def test_cli_bad_inputs_exit_2(bases, tmp_path, capsys):
+    base = str(bases["gpt2"])
+    # adapter made for another base (different width)
+    other = make_peft_adapter(tiny_gpt2(n_embd=48, vocab_size=400), tmp_path / "other")
+    llama_ad = make_peft_adapter(tiny_llama(vocab_size=400), tmp_path / "llama_ad")
+    capsys.readouterr()
+    assert main(["eval", "--base", base, "--adapter", str(other), "--data", ARITH]) == 2
+    assert "another base" in _err(capsys)
+    # adapter for a module the base lacks (a Llama adapter on GPT-2)
+    assert main(["eval", "--base", base, "--adapter", str(llama_ad), "--data", ARITH]) == 2
+    assert "not in the base model" in _err(capsys)
+    # tokenizer larger than the embedding
+    small = _make_base(tmp_path / "small", "gpt2", vocab=128)
+    capsys.readouterr()  # drop save_pretrained's progress output
+    assert main(["eval", "--base", str(small), "--data", ARITH]) == 2
+    assert "tokenizer does not match" in _err(capsys)
+    # not a causal LM / not a model folder
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(
+        json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]})
+    )
+    assert main(["eval", "--base", str(tmp_path / "bert"), "--data", ARITH]) == 2
+    assert "not a causal language model" in _err(capsys)
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    assert main(["eval", "--base", str(tmp_path / "t5"), "--data", ARITH]) == 2
+    assert "not a causal language model" in _err(capsys)
+    assert main(["eval", "--base", str(tmp_path), "--data", ARITH]) == 2
+    assert "no config.json" in _err(capsys)
+    # data: missing field, empty file
+    write_jsonl(tmp_path / "nofield.jsonl", [{"question": "a", "answer": "b"}, {"question": "c"}])
+    assert main(["eval", "--base", base, "--data", str(tmp_path / "nofield.jsonl")]) == 2
+    assert "nofield.jsonl: line 2: missing field 'answer'" in _err(capsys)
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main(["eval", "--base", base, "--data", str(tmp_path / "empty.jsonl")]) == 2
+    assert "empty.jsonl: empty file" in _err(capsys)
+    assert main(["eval", "--base", base, "--data", ARITH, "--merged"]) == 2
+    assert "--merged" in _err(capsys)
+
+
+@pytest.mark.realdata
+def test_real_data_eval(bases):
+    files = [SHARED_DATA / f"{n}.jsonl" for n in ("math", "medicine", "finance")]
+    df = evaluate(bases["gpt2"], data=files, limit=8, max_len=64, device="cpu")
+    assert list(df["data"]) == ["math", "medicine", "finance", "union"]
+    assert (df["tokens"] > 0).all() and df["ppl"].map(math.isfinite).all()
