@@ -1,0 +1,130 @@
+"""Predict the interference of a composition from its similarity alone.
+
+A scenario run fits, per adapter kind and merge method, the line
+
+    delta_ppl% = slope * cos_C + intercept
+
+over its compositions (``fit.json``; :mod:`loramix.scenario.fit`). For new
+adapters ``A, B, ...`` (no training, no evaluation) loramix computes their
+pairwise RMS cosines (exact, from the factors; D2-LoRA on the signed residual,
+as the runner does) and the composition's cosine exactly as the runner does,
+:func:`loramix.scenario.fit.composition_cosine`::
+
+    cos_C = sqrt( mean_{i<j} rms_ij^2 )       (= rms_AB for two adapters)
+
+then ``y_hat = slope * cos_C + intercept`` with
+
+* the OLS prediction interval at ``level`` (default 95 %)
+  ``y_hat +- t_{(1+level)/2, n-2} * s * sqrt(1 + 1/n + (cos_C - x_bar)^2 / Sxx)``
+  (needs ``n >= 3`` fitted compositions), and
+* the fit's leave-one-out RMSE: how far a held-out composition's delta_ppl%
+  fell from the line fitted without it.
+
+A cosine outside the fitted range is flagged: the line is then extrapolated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import UsageError
+
+
+def load_fit(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(p, "no such fit file (a scenario run writes reports/NAME/fit.json)")
+    try:
+        fit = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(p, f"not a valid fit.json: {e}") from None
+    if not isinstance(fit, dict) or not isinstance(fit.get("fits"), list):
+        raise UsageError(p, "not a loramix fit.json (no 'fits' list)")
+    return fit
+
+
+def predict(
+    adapters_or_paths,
+    fit,
+    *,
+    merge_method: str = "sum",
+    level: float | None = None,
+    device: str = "cpu",
+) -> dict:
+    """Predicted delta_ppl% of merging ``adapters_or_paths`` (module docstring).
+
+    ``fit``: a ``fit.json`` path or its loaded dict. Returns a dict with
+    ``cosine`` (the composition's), ``pairwise`` (pair -> RMS cosine),
+    ``predicted_delta_ppl_pct``, ``interval`` (low, high or None),
+    ``level``, ``loo_rmse``, ``residual_se``, ``extrapolation`` and the fit
+    used.
+    """
+    from .adapter import Adapter
+    from .io.adapter_files import load_adapter
+    from .scenario.fit import LinearFit, composition_cosine
+    from .similarity import similarity
+
+    fit_path = None
+    if not isinstance(fit, dict):
+        fit_path = str(fit)
+        fit = load_fit(fit)
+    where = fit_path or "--fit"
+    items = list(adapters_or_paths)
+    if len(items) < 2:
+        raise UsageError("predict", f"a composition needs at least 2 adapters, got {len(items)}")
+    adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
+    kinds = sorted({a.method for a in adapters})
+    if len(kinds) > 1:
+        raise UsageError("predict", f"the adapters mix kinds ({', '.join(kinds)}); the fits are per kind")
+    kind = kinds[0]
+    entry = next((f for f in fit["fits"] if f.get("adapter_method") == kind
+                  and f.get("merge_method") == merge_method), None)  # fmt: skip
+    if entry is None:
+        have = ", ".join(f"{f.get('adapter_method')}/{f.get('merge_method')}" for f in fit["fits"]) or "none"
+        raise UsageError(where, f"no fit for {kind} adapters merged by {merge_method} (it has: {have})")
+    lf = LinearFit.from_dict(entry)
+    if not lf.ok:
+        raise UsageError(where, f"the {kind}/{merge_method} fit has {lf.n} point(s): too few to predict")
+
+    sim = similarity(adapters, progress=False, device=device)
+    names = list(sim.names)
+    rms = sim.rms.loc[names, names].to_numpy(dtype=float)
+    cos = composition_cosine(rms, list(range(len(names))))
+    if cos != cos:  # NaN: no shared module with a cosine
+        raise UsageError("predict", "the adapters share no module with a nonzero delta: no cosine")
+    level = float(level if level is not None else fit.get("prediction_level", 0.95))
+    if not 0 < level < 1:
+        raise UsageError("--level", f"must lie in (0, 1), got {level}")
+    y = lf.predict(cos)
+    interval = lf.prediction_interval(cos, level)
+    lo, hi = (min(lf.x), max(lf.x)) if lf.x else (cos, cos)
+    return {
+        "adapters": [str(a.path or a.name) for a in adapters],
+        "names": names,
+        "adapter_method": kind,
+        "merge_method": merge_method,
+        "pairwise": {
+            f"{names[i]}+{names[j]}": float(rms[i, j])
+            for i in range(len(names))
+            for j in range(i + 1, len(names))
+        },  # fmt: skip
+        "cosine": cos,
+        "predicted_delta_ppl_pct": y,
+        "interval": None if interval is None else list(interval),
+        "level": level,
+        "loo_rmse": lf.loo_rmse,
+        "residual_se": lf.residual_se,
+        "extrapolation": not (lo <= cos <= hi),
+        "fitted_range": [lo, hi],
+        "fit": {
+            "file": fit_path,
+            "scenario": fit.get("scenario"),
+            "n": lf.n,
+            "slope": lf.slope,
+            "intercept": lf.intercept,
+            "pearson_r": lf.pearson_r,
+            "r2": lf.r2,
+        },  # fmt: skip
+    }

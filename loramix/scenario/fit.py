@@ -1,0 +1,217 @@
+"""Linear fit of interference against similarity, with leave-one-out error.
+
+The paper (arXiv 2508.11985) observes that ``delta_ppl%`` of a naive sum grows
+roughly linearly with the RMS cosine of the summed deltas. With points
+``(x_i, y_i)``, ``i = 1..n`` (``x`` = RMS cosine of a composition, ``y`` = its
+``delta_ppl%``), ordinary least squares gives::
+
+    x_bar, y_bar = mean(x), mean(y)
+    Sxx = sum (x_i - x_bar)^2          Sxy = sum (x_i - x_bar)(y_i - y_bar)
+    slope = Sxy / Sxx                  intercept = y_bar - slope * x_bar
+    r     = Sxy / sqrt(Sxx * Syy)      (Pearson)
+    R^2   = 1 - SS_res / SS_tot        (= r^2 for a line with an intercept)
+
+Leave-one-out: for each ``i`` fit on the other ``n - 1`` points and predict
+``y_i``; the LOO errors ``e_i = y_hat_(-i)(x_i) - y_i`` are summarised by their
+RMSE and mean absolute error. They need ``n >= 3`` (a line through two points).
+
+Prediction interval at a new ``x0`` (needs ``n >= 3``)::
+
+    s      = sqrt(SS_res / (n - 2))                       residual standard error
+    se(x0) = s * sqrt(1 + 1/n + (x0 - x_bar)^2 / Sxx)
+    y_hat(x0) +- t_{1 - a/2, n - 2} * se(x0)
+
+The Student-t quantile is computed here (no SciPy dependency) by bisection on
+its CDF, written with the regularised incomplete beta function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class LinearFit:
+    """OLS fit ``y = slope * x + intercept`` and its diagnostics."""
+
+    n: int
+    slope: float | None
+    intercept: float | None
+    pearson_r: float | None
+    r2: float | None
+    x_mean: float | None
+    sxx: float | None
+    residual_se: float | None  # s = sqrt(SS_res / (n - 2)); None for n < 3
+    loo_rmse: float | None
+    loo_mae: float | None
+    loo_predictions: list[float | None] = field(default_factory=list)
+    x: list[float] = field(default_factory=list)
+    y: list[float] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LinearFit:
+        keys = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in keys})
+
+    @property
+    def ok(self) -> bool:
+        return self.slope is not None
+
+    def predict(self, x0: float) -> float:
+        if not self.ok:
+            raise ValueError("the fit has fewer than two distinct points")
+        return self.slope * x0 + self.intercept
+
+    def prediction_interval(self, x0: float, level: float = 0.95) -> tuple[float, float] | None:
+        """``(low, high)`` of the OLS prediction interval at ``x0``; None for n < 3."""
+        if self.residual_se is None or not self.ok:
+            return None
+        se = self.residual_se * math.sqrt(1 + 1 / self.n + (x0 - self.x_mean) ** 2 / self.sxx)
+        t = t_quantile(0.5 + level / 2, self.n - 2)
+        y0 = self.predict(x0)
+        return y0 - t * se, y0 + t * se
+
+
+def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
+    """``(slope, intercept)``, or None when the x values do not vary."""
+    xm, ym = x.mean(), y.mean()
+    sxx = float(((x - xm) ** 2).sum())
+    # x that does not vary (up to rounding) gives no line.
+    if len(x) < 2 or sxx <= 1e-20 * float((x**2).sum()) or sxx == 0:
+        return None
+    slope = float(((x - xm) * (y - ym)).sum() / sxx)
+    return slope, float(ym - slope * xm)
+
+
+def fit_line(x, y, labels=None) -> LinearFit:
+    """Fit ``y ~ x`` (see the module docstring); non-finite points are dropped."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    labels = list(labels) if labels is not None else [str(i) for i in range(len(x))]
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    labels = [lab for lab, k in zip(labels, keep) if k]
+    n = len(x)
+    base = dict(n=n, x=x.tolist(), y=y.tolist(), labels=labels)
+    line = _ols(x, y) if n >= 2 else None
+    if line is None:
+        return LinearFit(
+            slope=None, intercept=None, pearson_r=None, r2=None, x_mean=None, sxx=None,
+            residual_se=None, loo_rmse=None, loo_mae=None, loo_predictions=[None] * n, **base,
+        )  # fmt: skip
+    slope, intercept = line
+    xm, ym = x.mean(), y.mean()
+    sxx = float(((x - xm) ** 2).sum())
+    syy = float(((y - ym) ** 2).sum())
+    sxy = float(((x - xm) * (y - ym)).sum())
+    resid = y - (slope * x + intercept)
+    ss_res = float((resid**2).sum())
+    r = sxy / math.sqrt(sxx * syy) if syy > 0 else None
+    r2 = 1 - ss_res / syy if syy > 0 else None
+    s = math.sqrt(ss_res / (n - 2)) if n >= 3 else None
+
+    loo: list[float | None] = []
+    for i in range(n):
+        rest = np.arange(n) != i
+        li = _ols(x[rest], y[rest]) if n >= 3 else None
+        loo.append(None if li is None else li[0] * x[i] + li[1])
+    errs = np.array([p - yi for p, yi in zip(loo, y) if p is not None])
+    loo_rmse = float(np.sqrt((errs**2).mean())) if len(errs) else None
+    loo_mae = float(np.abs(errs).mean()) if len(errs) else None
+    return LinearFit(
+        slope=slope, intercept=intercept, pearson_r=r, r2=r2, x_mean=float(xm), sxx=sxx,
+        residual_se=s, loo_rmse=loo_rmse, loo_mae=loo_mae, loo_predictions=loo, **base,
+    )  # fmt: skip
+
+
+# --- Student t quantile without SciPy ---------------------------------------
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta (modified Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1, a - 1
+    c, d = 1.0, 1 - qab * x / qap
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1 + aa * d
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = 1 + aa / c if abs(1 + aa / c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1 + aa * d
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = 1 + aa / c if abs(1 + aa / c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta ``I_x(a, b)``."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    front = math.exp(lbeta + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1 - front * _betacf(b, a, 1 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """CDF of Student's t: ``1 - I_{df/(df+t^2)}(df/2, 1/2) / 2`` for ``t >= 0``."""
+    tail = 0.5 * betainc(df / 2, 0.5, df / (df + t * t))
+    return 1 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """Inverse of :func:`t_cdf` by bisection (to about 1e-12)."""
+    if not 0 < p < 1:
+        raise ValueError("p must lie in (0, 1)")
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return (lo + hi) / 2
+
+
+def composition_cosine(rms: np.ndarray, members: list[int]) -> float:
+    """The RMS cosine of a composition from the pairwise RMS-cosine matrix.
+
+    For a pair ``(i, j)`` it is ``rms[i, j]``. For ``k >= 3`` adapters it is
+    the quadratic mean over the ``k (k - 1) / 2`` pairs::
+
+        cos_C = sqrt( mean_{i<j in C} rms[i, j]^2 )
+
+    which is the RMS over all pooled per-module pairwise cosines when every
+    pair shares the same modules (then ``rms_ij^2`` is a mean of ``cos_m^2``).
+    The runner and ``loramix predict`` both use this function.
+    """
+    vals = [float(rms[i, j]) ** 2 for a, i in enumerate(members) for j in members[a + 1 :]]
+    vals = [v for v in vals if math.isfinite(v)]
+    if not vals:
+        return float("nan")
+    return math.sqrt(sum(vals) / len(vals))

@@ -1,0 +1,132 @@
+"""The scenario report's figures (matplotlib, Agg backend, PNG).
+
+* ``delta_vs_cosine``: delta_ppl% of the naive sum against the composition's
+  RMS cosine, one point per composition (mean over seeds, bars = one standard
+  deviation), labelled, with the least-squares line of the fit.
+* ``cosine_by_layer``: the RMS cosine of each domain pair per layer
+  (``sqrt(mean cos_m^2)`` over the pair's modules in that layer).
+* ``delta_by_method``: delta_ppl% per composition for every merge method.
+
+The similarity heatmap is :func:`loramix.plots.similarity_heatmap`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+_MARKERS = {"lora": "o", "d2lora": "s"}
+_COLORS = {"lora": "tab:blue", "d2lora": "tab:orange"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def delta_vs_cosine(summary: pd.DataFrame, fits: list[dict], path: Path, title: str) -> Path:
+    """``summary``: rows of merge method ``sum`` with ``adapter_method``,
+    ``composition``, ``rms_cosine``, ``rms_cosine_std``, ``delta_ppl_pct``,
+    ``delta_ppl_pct_std``. ``fits``: dicts with ``adapter_method``, ``slope``,
+    ``intercept``, ``pearson_r``, ``r2``, ``loo_rmse``."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=130)
+    xs_all = summary["rms_cosine"].to_numpy(dtype=float)
+    for method, g in summary.groupby("adapter_method", sort=False):
+        color, marker = _COLORS.get(method, None), _MARKERS.get(method, "o")
+        x, y = g["rms_cosine"].to_numpy(float), g["delta_ppl_pct"].to_numpy(float)
+        xerr = g["rms_cosine_std"].fillna(0).to_numpy(float)
+        yerr = g["delta_ppl_pct_std"].fillna(0).to_numpy(float)
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, color=color, ms=7, capsize=3, label=method,
+                    zorder=3)  # fmt: skip
+        for xi, yi, lab in zip(x, y, g["composition"]):
+            ax.annotate(lab, (xi, yi), textcoords="offset points", xytext=(6, 5), fontsize=8, color=color)
+        fit = next((f for f in fits if f["adapter_method"] == method and f.get("slope") is not None), None)
+        if fit is not None and np.isfinite(xs_all).any():
+            lo, hi = np.nanmin(xs_all), np.nanmax(xs_all)
+            pad = 0.08 * (hi - lo if hi > lo else max(abs(hi), 1e-3))
+            grid = np.linspace(lo - pad, hi + pad, 50)
+            r = fit.get("pearson_r")
+            loo = fit.get("loo_rmse")
+            lab = f"{method} fit: {fit['slope']:.3g}·cos {fit['intercept']:+.3g}"
+            lab += f" (r={r:.2f}" if r is not None else " ("
+            lab += f", LOO RMSE {loo:.2g})" if loo is not None else ")"
+            ax.plot(grid, fit["slope"] * grid + fit["intercept"], "-", color=color, alpha=0.6, label=lab)
+    ax.axhline(0, color="0.6", lw=0.8, ls=":")
+    ax.set_xlabel("RMS cosine similarity of the summed adapters")
+    ax.set_ylabel("Δppl % (naive sum vs merged-data adapter)")
+    ax.set_title(title, fontsize=11)
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def cosine_by_layer(by_layer: pd.DataFrame, path: Path, title: str) -> Path:
+    """``by_layer``: ``adapter_method``, ``pair``, ``layer``, ``rms_cosine``
+    (mean over seeds), one panel per adapter method."""
+    plt = _plt()
+    methods = list(dict.fromkeys(by_layer["adapter_method"]))
+    fig, axes = plt.subplots(1, len(methods), figsize=(6.2 * len(methods), 4.4), dpi=130, squeeze=False,
+                             sharey=True)  # fmt: skip
+    for ax, method in zip(axes[0], methods):
+        g = by_layer[by_layer["adapter_method"] == method]
+        for pair, gp in g.groupby("pair", sort=False):
+            gp = gp.sort_values("layer")
+            ax.plot(gp["layer"], gp["rms_cosine"], "o-", ms=4, label=pair)
+        layers = sorted(g["layer"].dropna().unique())
+        if layers and len(layers) <= 24:
+            ax.set_xticks(layers)
+        ax.set_xlabel("layer")
+        ax.set_title(f"{method}", fontsize=10)
+        ax.grid(alpha=0.25)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("RMS cosine over the layer's modules")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def delta_by_method(summary: pd.DataFrame, path: Path, title: str) -> Path:
+    """Grouped bars: compositions on x, one bar per merge method (mean over
+    seeds, error bar = standard deviation), one panel per adapter method."""
+    plt = _plt()
+    methods = list(dict.fromkeys(summary["adapter_method"]))
+    merges = list(dict.fromkeys(summary["merge_method"]))
+    comps = list(dict.fromkeys(summary["composition"]))
+    width = 0.8 / max(len(merges), 1)
+    fig, axes = plt.subplots(len(methods), 1, figsize=(max(6.5, 1.3 * len(comps) * max(1, len(merges) / 2)),
+                             3.8 * len(methods)), dpi=130, squeeze=False)  # fmt: skip
+    cmap = plt.get_cmap("tab10")
+    for ax, method in zip(axes[:, 0], methods):
+        g = summary[summary["adapter_method"] == method]
+        for k, mm in enumerate(merges):
+            gm = g[g["merge_method"] == mm].set_index("composition").reindex(comps)
+            if gm["delta_ppl_pct"].isna().all():
+                continue
+            x = np.arange(len(comps)) + (k - (len(merges) - 1) / 2) * width
+            err = gm["delta_ppl_pct_std"]
+            ax.bar(x, gm["delta_ppl_pct"], width, yerr=None if err.isna().all() else err.fillna(0), capsize=2,
+                   label=mm, color=cmap(k % 10))  # fmt: skip
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_xticks(np.arange(len(comps)))
+        ax.set_xticklabels(comps, fontsize=9)
+        ax.set_ylabel("Δppl % vs merged-data")
+        ax.set_title(method, fontsize=10)
+        ax.grid(axis="y", alpha=0.25)
+        ax.legend(fontsize=8, ncol=min(len(merges), 4))
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

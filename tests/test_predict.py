@@ -1,0 +1,188 @@
+"""The fit behind ``loramix predict`` (against direct numpy computations) and
+``predict`` itself on real PEFT adapters."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from loramix.cli import main
+from loramix.scenario.fit import composition_cosine, fit_line, t_cdf, t_quantile
+
+from .factories import make_peft_adapter, tiny_gpt2
+
+# ----------------------------------------------------------------------------- fit math
+
+
+def _data(n=7, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.05, 0.6, n)
+    y = 40 * x - 3 + rng.normal(0, 2.5, n)
+    return x, y
+
+
+def test_fit_matches_numpy():
+    x, y = _data()
+    f = fit_line(x, y)
+    slope, intercept = np.polyfit(x, y, 1)
+    assert f.slope == pytest.approx(slope, rel=1e-12)
+    assert f.intercept == pytest.approx(intercept, rel=1e-12)
+    r = np.corrcoef(x, y)[0, 1]
+    assert f.pearson_r == pytest.approx(r, rel=1e-12)
+    resid = y - (slope * x + intercept)
+    r2 = 1 - (resid**2).sum() / ((y - y.mean()) ** 2).sum()
+    assert f.r2 == pytest.approx(r2, rel=1e-12)
+    assert f.r2 == pytest.approx(r**2, rel=1e-10)  # a line with an intercept
+    assert f.residual_se == pytest.approx(math.sqrt((resid**2).sum() / (len(x) - 2)), rel=1e-12)
+
+
+def test_leave_one_out_matches_refits():
+    x, y = _data(n=6, seed=3)
+    f = fit_line(x, y)
+    errs = []
+    for i in range(len(x)):
+        keep = np.arange(len(x)) != i
+        s, c = np.polyfit(x[keep], y[keep], 1)
+        assert f.loo_predictions[i] == pytest.approx(s * x[i] + c, rel=1e-10)
+        errs.append(s * x[i] + c - y[i])
+    errs = np.array(errs)
+    assert f.loo_rmse == pytest.approx(np.sqrt((errs**2).mean()), rel=1e-10)
+    assert f.loo_mae == pytest.approx(np.abs(errs).mean(), rel=1e-10)
+
+
+def test_small_and_degenerate_fits():
+    two = fit_line([0.1, 0.3], [1.0, 5.0])
+    assert two.slope == pytest.approx(20.0) and two.intercept == pytest.approx(-1.0)
+    assert two.loo_rmse is None and two.residual_se is None  # a line through 2 points: no LOO
+    assert two.prediction_interval(0.2) is None
+    one = fit_line([0.1], [1.0])
+    assert not one.ok
+    flat = fit_line([0.2, 0.2, 0.2], [1.0, 2.0, 3.0])  # x does not vary: no line
+    assert not flat.ok
+    nan = fit_line([0.1, float("nan"), 0.3, 0.5], [1.0, 2.0, 5.0, 9.0])
+    assert nan.n == 3 and nan.labels == ["0", "2", "3"]
+
+
+@pytest.mark.parametrize(
+    "df, q",
+    # Student t 97.5% quantiles from standard tables.
+    [(1, 12.706204736), (2, 4.302652730), (3, 3.182446305), (5, 2.570581836), (10, 2.228138852),
+     (30, 2.042272456)],
+)  # fmt: skip
+def test_t_quantile_table(df, q):
+    assert t_quantile(0.975, df) == pytest.approx(q, rel=1e-8)
+    assert t_cdf(q, df) == pytest.approx(0.975, abs=1e-10)
+    assert t_quantile(0.025, df) == pytest.approx(-q, rel=1e-8)
+
+
+def test_t_cdf_against_numerical_integral():
+    # The t density integrated with the trapezoid rule on a fine grid.
+    for df in (1.0, 3.0, 7.5):
+        grid = np.linspace(0, 2.5, 200001)
+        c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+        pdf = c * (1 + grid**2 / df) ** (-(df + 1) / 2)
+        integral = float(((pdf[1:] + pdf[:-1]) / 2 * np.diff(grid)).sum())
+        assert t_cdf(2.5, df) == pytest.approx(0.5 + integral, abs=1e-9)
+
+
+def test_prediction_interval_formula():
+    x, y = _data(n=8, seed=5)
+    f = fit_line(x, y)
+    n = len(x)
+    slope, intercept = np.polyfit(x, y, 1)
+    s = math.sqrt(((y - slope * x - intercept) ** 2).sum() / (n - 2))
+    x0 = 0.45
+    se = s * math.sqrt(1 + 1 / n + (x0 - x.mean()) ** 2 / ((x - x.mean()) ** 2).sum())
+    t = t_quantile(0.975, n - 2)
+    lo, hi = f.prediction_interval(x0)
+    assert lo == pytest.approx(slope * x0 + intercept - t * se, rel=1e-10)
+    assert hi == pytest.approx(slope * x0 + intercept + t * se, rel=1e-10)
+    lo90, hi90 = f.prediction_interval(x0, level=0.9)
+    assert lo < lo90 < hi90 < hi
+
+
+def test_composition_cosine():
+    rms = np.array([[1.0, 0.2, 0.4], [0.2, 1.0, 0.1], [0.4, 0.1, 1.0]])
+    assert composition_cosine(rms, [0, 1]) == pytest.approx(0.2)
+    assert composition_cosine(rms, [0, 1, 2]) == pytest.approx(math.sqrt((0.04 + 0.16 + 0.01) / 3))
+
+
+def test_fit_roundtrip_dict():
+    x, y = _data()
+    f = fit_line(x, y, labels=[f"c{i}" for i in range(len(x))])
+    g = type(f).from_dict(json.loads(json.dumps(f.to_dict())))
+    assert g.predict(0.3) == pytest.approx(f.predict(0.3))
+    assert g.prediction_interval(0.3) == pytest.approx(f.prediction_interval(0.3))
+
+
+# ----------------------------------------------------------------------------- predict on adapters
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pred")
+    model = tiny_gpt2()
+    return [make_peft_adapter(model, d / name, seed=i, r=4, lora_alpha=8) for i, name in enumerate("abc")]
+
+
+@pytest.fixture(scope="module")
+def fit_file(tmp_path_factory):
+    x, y = _data(n=5, seed=1)
+    fits = [{"adapter_method": "lora", "merge_method": m, **fit_line(x, y + k).to_dict()}
+            for k, m in enumerate(["sum", "ties"])]  # fmt: skip
+    p = tmp_path_factory.mktemp("fit") / "fit.json"
+    p.write_text(json.dumps({"scenario": "t", "prediction_level": 0.95, "fits": fits}))
+    return p, fits
+
+
+def test_predict_uses_the_runner_cosine(adapters, fit_file):
+    from loramix.predict import predict
+    from loramix.scenario.fit import LinearFit
+    from loramix.similarity import similarity
+
+    path, fits = fit_file
+    sim = similarity(adapters, progress=False)
+    rms = sim.rms.to_numpy()
+    lf = LinearFit.from_dict(fits[0])
+    r2 = predict(adapters[:2], path)
+    assert r2["cosine"] == pytest.approx(rms[0, 1], rel=1e-12)
+    assert r2["predicted_delta_ppl_pct"] == pytest.approx(lf.slope * rms[0, 1] + lf.intercept, rel=1e-12)
+    assert r2["interval"] == pytest.approx(list(lf.prediction_interval(rms[0, 1])))
+    assert r2["loo_rmse"] == pytest.approx(lf.loo_rmse)
+    r3 = predict(adapters, path, merge_method="ties")
+    cos3 = math.sqrt((rms[0, 1] ** 2 + rms[0, 2] ** 2 + rms[1, 2] ** 2) / 3)
+    assert r3["cosine"] == pytest.approx(cos3, rel=1e-12)
+    lt = LinearFit.from_dict(fits[1])
+    assert r3["predicted_delta_ppl_pct"] == pytest.approx(lt.slope * cos3 + lt.intercept, rel=1e-12)
+
+
+def test_predict_cli(adapters, fit_file, capsys):
+    path, _ = fit_file
+    rc = main(["predict", str(adapters[0]), str(adapters[1]), "--fit", str(path), "--format", "json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["names"] == ["a", "b"] and out["interval"][0] < out["predicted_delta_ppl_pct"]
+    rc = main(["predict", str(adapters[0]), str(adapters[1]), str(adapters[2]), "--fit", str(path)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "predicted delta_ppl%" in text and "prediction interval" in text and "a+b" in text
+
+
+def test_predict_bad_input(adapters, fit_file, tmp_path, capsys):
+    path, _ = fit_file
+    cases = [
+        (["predict", str(adapters[0]), "--fit", str(path)], "at least 2 adapters"),
+        (
+            ["predict", str(adapters[0]), str(adapters[1]), "--fit", str(tmp_path / "nope.json")],
+            "no such fit",
+        ),
+        (
+            ["predict", str(adapters[0]), str(adapters[1]), "--fit", str(path), "--method", "svd"],
+            "no fit for lora",
+        ),
+    ]
+    for argv, msg in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1
