@@ -218,14 +218,16 @@ def d2_norm_scale(
     norm_dim: int = 1,
     eps: float = 1e-8,
     w0_sq: torch.Tensor | None = None,
+    w0_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``c = ||W0||_n / max(||W0 + Bf Af||_n, eps)`` without forming ``Bf Af``.
 
     ``W0`` ``(out, in)``, ``Bf`` ``(out, k)``, ``Af`` ``(k, in)``. Returns
     ``(out,)`` for ``norm_dim=1`` (a norm per output row) or ``(in,)`` for
     ``norm_dim=0`` (per input column). ``w0_sq`` is ``||W0||_n^2`` if already
-    known (it is cached by :class:`D2LoraLinear`). Cost ``O(out * in * k)``
-    plus ``O((out + in) k^2)``; differentiable in ``Bf`` and ``Af``.
+    known (it is cached by :class:`D2LoraLinear`, with ``w0_norm = sqrt(w0_sq)``).
+    Cost ``O(out * in * k)`` plus ``O((out + in) k^2)``; differentiable in
+    ``Bf`` and ``Af``.
 
     Row case: ``||V_i||^2 = ||W0_i||^2 + 2 sum_k (W0 Af^T)_ik Bf_ik +
     sum_k (Bf G)_ik Bf_ik`` with ``G = Af Af^T``. Column case: the transpose,
@@ -233,17 +235,20 @@ def d2_norm_scale(
     """
     if w0_sq is None:
         w0_sq = W0.double().pow(2).sum(dim=norm_dim).to(Bf.dtype)
-    W0 = W0.to(Bf.dtype)
+    # A 16-bit base is multiplied in its own dtype (fp32 accumulation) rather than
+    # copied to fp32 every step; fp32/fp64 bases keep full precision.
+    mm = W0.dtype if W0.dtype in (torch.float16, torch.bfloat16) else Bf.dtype
+    W0 = W0.to(mm)
     if norm_dim == 1:
-        cross = ((Af @ W0.T).T * Bf).sum(1)  # <W0_i, dW_i>, (out,)
+        cross = ((Af.to(mm) @ W0.T).to(Bf.dtype).T * Bf).sum(1)  # <W0_i, dW_i>, (out,)
         own = ((Bf @ (Af @ Af.T)) * Bf).sum(1)  # ||dW_i||^2
     elif norm_dim == 0:
-        cross = ((W0.T @ Bf) * Af.T).sum(1)  # <W0_:j, dW_:j>, (in,)
+        cross = ((W0.T @ Bf.to(mm)).to(Bf.dtype) * Af.T).sum(1)  # <W0_:j, dW_:j>, (in,)
         own = ((Af.T @ (Bf.T @ Bf)) * Af.T).sum(1)
     else:
         raise UsageError("--norm-dim", f"norm_dim must be 0 or 1, got {norm_dim}")
     v_sq = (w0_sq + 2 * cross + own).clamp_min(eps * eps)  # sqrt(max(.,eps^2)) = max(||V||, eps)
-    return w0_sq.sqrt() / v_sq.sqrt()
+    return (w0_sq.sqrt() if w0_norm is None else w0_norm) / v_sq.sqrt()
 
 
 class D2LoraLinear(_Wrapped):
@@ -294,6 +299,7 @@ class D2LoraLinear(_Wrapped):
         # ||W0||_n^2, accumulated in float64; not saved with the model (derivable from W0).
         w0_sq = self.base_weight().detach().double().pow(2).sum(dim=self.norm_dim)
         self.register_buffer("w0_sq", w0_sq.to(dtype), persistent=False)
+        self.register_buffer("w0_norm", w0_sq.sqrt().to(dtype), persistent=False)
 
     def factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Bf, Af)`` with ``dW = Bf @ Af``: ``(out, 2r)`` and ``(2r, in)``."""
@@ -309,19 +315,29 @@ class D2LoraLinear(_Wrapped):
             return self._dense_forward(x)
         Bf, Af = self.factors()
         W0 = self.base_weight()
-        c = d2_norm_scale(W0, Bf, Af, norm_dim=self.norm_dim, eps=self.eps, w0_sq=self.w0_sq)
-        xf = x.to(Af.dtype)
+        c = d2_norm_scale(
+            W0, Bf, Af, norm_dim=self.norm_dim, eps=self.eps, w0_sq=self.w0_sq, w0_norm=self.w0_norm
+        )
+        shape = x.shape[:-1] + (self.out_features,)
+        x2 = x.reshape(-1, self.in_features)  # (T, in)
+        xf = x2.to(Af.dtype)
+        bias = None if self.bias is None else self.bias.to(Af.dtype)
         if self.norm_dim == 1:
-            # y = c * (W0 x) + ((c + 1) * Bf)(Af x) + b; W0 x in the base dtype, as base(x) would.
-            h = self.base_matmul(x).to(Af.dtype)
-            y = c * h + (xf @ Af.T) @ ((c + 1).unsqueeze(1) * Bf).T
+            # y = c * (W0 x) + ((c + 1) * Bf)(Af x) + b: the bias rides in the low-rank
+            # GEMM (addmm) and c in one fused multiply-add, so beyond the GEMMs the D2
+            # forward makes one pass over the (T, out) output, as LoRA's add does.
+            h = self.base_matmul(x2).to(Af.dtype)  # W0 x, in the base dtype as base(x) would
+            Bc = (c + 1).unsqueeze(1) * Bf  # (out, 2r)
+            u = xf @ Af.T  # (T, 2r)
+            low = u @ Bc.T if bias is None else torch.addmm(bias, u, Bc.T)
+            y = torch.addcmul(low, h, c)
         else:
             # y = W0 (c * x) + Bf (Af ((c + 1) * x)) + b
             h = self.base_matmul((xf * c).to(x.dtype)).to(Af.dtype)
             y = h + ((xf * (c + 1)) @ Af.T) @ Bf.T
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype)
+            if bias is not None:
+                y = y + bias
+        return y.reshape(shape).to(x.dtype)
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         from .d2lora import d2_merged_weight

@@ -1,0 +1,215 @@
+"""D2-LoRA training-step overhead over LoRA at the same rank.
+
+One training step = forward, backward and an AdamW update of the adapter
+factors, on the same model and the same batches for every method:
+
+- ``lora``: :class:`loramix.layers.LoraLinear`.
+- ``d2lora``: :class:`loramix.layers.D2LoraLinear`, the factored forward
+  (row norms of ``W0 + dW`` from the factors, ``||W0||`` cached; ``dW`` and
+  ``W_hat`` never formed).
+- ``d2lora-dense``: the same layer with ``dense=True``, the reference forward
+  that builds ``W_hat = W* + dW`` each step (what a direct transcription of the
+  paper's formula costs; shown to measure the optimisation).
+
+Methods are timed round-robin (one step of each in turn, repeated) so that a
+load spike on a shared machine hits all of them alike; the table gives the
+median milliseconds per step and the overhead against LoRA (the paper
+reports 19% for D2-LoRA). Models are random-weight transformers configs of
+the given sizes (timing does not depend on the weights).
+
+    python benchmarks/bench_train.py                      # CPU, tiny and small GPT-2, small Llama
+    python benchmarks/bench_train.py --device cuda --models gpt2-124m llama-1b --batch 16 --seq 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+WORK = Path(__file__).resolve().parent / "_work"
+
+MODELS = {
+    # name: (family, layers, width, heads, vocab); tiny/small are `loramix base build`'s sizes.
+    "gpt2-tiny": ("gpt2", 2, 128, 4, 2048),
+    "gpt2-small": ("gpt2", 4, 256, 8, 4096),
+    "llama-small": ("llama", 4, 256, 8, 4096),
+    "gpt2-124m": ("gpt2", 12, 768, 12, 50257),
+    "llama-1b": ("llama", 16, 2048, 32, 32000),
+}
+
+
+def build_model(name: str, seq: int, device, dtype):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    family, n_layer, width, heads, vocab = MODELS[name]
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = GPT2Config(
+            n_layer=n_layer, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=max(seq, 128)
+        )
+        model = GPT2LMHeadModel(cfg)
+    else:
+        cfg = LlamaConfig(
+            num_hidden_layers=n_layer,
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            vocab_size=vocab,
+            max_position_embeddings=max(seq, 128),
+        )
+        model = LlamaForCausalLM(cfg)
+    # Dropout off: it would add noise to the timings and is the same for every method.
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model.to(device=device, dtype=dtype), vocab
+
+
+def make_setup(name, method, rank, alpha, seq, device, dtype):
+    from loramix.layers import inject_trainable
+
+    model, vocab = build_model(name, seq, device, dtype)
+    dense = method == "d2lora-dense"
+    params = inject_trainable(
+        model, method="lora" if method == "lora" else "d2lora", rank=rank, alpha=alpha, seed=0, dense=dense
+    )
+    # Non-zero B, as after some training (B = 0 would make some products trivially cheap).
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and ".lora_B" in n:
+                p.normal_(0, 0.01)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+    return model, opt, vocab
+
+
+def step(model, opt, batch):
+    loss = model(**batch).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_model(name, methods, *, rank, alpha, batch, seq, steps, warmup, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    setups = {m: make_setup(name, m, rank, alpha, seq, device, dtype) for m in methods}
+    vocab = next(iter(setups.values()))[2]
+    batches = []
+    for _ in range(4):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+        batches.append({"input_ids": ids, "labels": ids})
+    times = {m: [] for m in methods}
+    for i in range(warmup + steps):
+        for m in methods:
+            model, opt, _ = setups[m]
+            b = batches[i % len(batches)]
+            sync(device)
+            t0 = time.perf_counter()
+            step(model, opt, b)
+            sync(device)
+            if i >= warmup:
+                times[m].append(time.perf_counter() - t0)
+    rows = []
+    base = statistics.median(times["lora"]) if "lora" in times else None
+    for m in methods:
+        med = statistics.median(times[m])
+        rows.append(
+            {
+                "model": name,
+                "method": m,
+                "rank": rank,
+                "ms_per_step": 1000 * med,
+                "ms_min": 1000 * min(times[m]),
+                "overhead_vs_lora_pct": None if base is None else 100 * (med / base - 1),
+                "tokens_per_s": batch * seq / med,
+            }
+        )
+    return rows
+
+
+def markdown(rows, header) -> str:
+    lines = [
+        header,
+        "",
+        "| model | method | rank | ms/step (median) | ms/step (min) | tokens/s | vs LoRA |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ov = (
+            ""
+            if r["overhead_vs_lora_pct"] is None or r["method"] == "lora"
+            else f"{r['overhead_vs_lora_pct']:+.1f}%"
+        )
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['rank']} | {r['ms_per_step']:.1f} | {r['ms_min']:.1f} | "
+            f"{r['tokens_per_s']:,.0f} | {ov} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument(
+        "--models", nargs="+", default=["gpt2-tiny", "gpt2-small", "llama-small"], choices=list(MODELS)
+    )
+    ap.add_argument("--methods", nargs="+", default=["lora", "d2lora", "d2lora-dense"])
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=16)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--out", type=Path, default=WORK / "bench_train.json")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch.cuda.is_available() is False")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for name in args.models:
+        rows += bench_model(
+            name,
+            args.methods,
+            rank=args.rank,
+            alpha=args.alpha,
+            batch=args.batch,
+            seq=args.seq,
+            steps=args.steps,
+            warmup=args.warmup,
+            device=device,
+            dtype=dtype,
+        )
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    header = (
+        f"Training step (forward + backward + AdamW), batch {args.batch} x {args.seq} tokens, "
+        f"rank {args.rank}, {args.dtype}, {device.type} ({dev_name}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads)"
+    )
+    print(markdown(rows, header))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main()
