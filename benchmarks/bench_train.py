@@ -45,10 +45,15 @@ MODELS = {
 
 
 def build_model(name: str, seq: int, device, dtype):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
     family, n_layer, width, heads, vocab = MODELS[name]
     torch.manual_seed(0)
+    with torch.device(device):  # initialise on the device: a 1B model's CPU init takes long
+        return _build(family, n_layer, width, heads, vocab, seq, dtype), vocab
+
+
+def _build(family, n_layer, width, heads, vocab, seq, dtype):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
     if family == "gpt2":
         cfg = GPT2Config(
             n_layer=n_layer, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=max(seq, 128)
@@ -69,7 +74,7 @@ def build_model(name: str, seq: int, device, dtype):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    return model.to(device=device, dtype=dtype), vocab
+    return model.to(dtype=dtype)
 
 
 def make_setup(name, method, rank, alpha, seq, device, dtype):

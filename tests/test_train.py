@@ -161,7 +161,7 @@ def test_cli_train_and_bad_input(bases, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
 
 
-def test_adapter_for_another_base_is_refused(bases, tmp_path):
+def test_adapter_for_another_base_is_refused(bases, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from loramix.errors import AdapterError
@@ -172,6 +172,10 @@ def test_adapter_for_another_base_is_refused(bases, tmp_path):
     with pytest.raises(AdapterError, match="not in the base model") as e:
         attach_adapters(other, [load_adapter(out)])
     assert e.value.exit_code == 2
+    capsys.readouterr()
+    rc = main(["eval", "--base", str(bases["llama"]), "--adapter", str(out), "--data", ARITH, "--limit", "8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "made for another base" in err and len(err.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- real data
