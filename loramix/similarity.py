@@ -163,33 +163,102 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, unit="mod", delay=0.5, disable=None, leave=False)
 
 
+# Rows per strip of the Gram product: large enough for efficient GEMMs and
+# few thread synchronisations, small enough that skipping the part below the
+# diagonal saves real work.
+GRAM_BLOCK = 192
+
+
+def _stack_factors(
+    deltas: list[ModuleDelta], device
+) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
+    """``Bt = B_cat^T`` (R, out) and ``A_cat`` (R, in) in float64 *without*
+    the scales, the column offsets of each delta (``len(deltas) + 1``) and the
+    scales (n,). D2 deltas come from :meth:`ModuleDelta.factors` (scale and
+    ``-tau`` folded in, so their scale here is 1)."""
+    parts = []
+    for d in deltas:
+        if d.kind == D2LORA:
+            B, A = d.factors(dtype=torch.float64, device=device)
+            parts.append((B, A, 1.0))
+        else:
+            parts.append((d.B, d.A, float(d.scale)))
+    offsets = [0]
+    for B, _, _ in parts:
+        offsets.append(offsets[-1] + int(B.shape[1]))
+    out_f, in_f = int(parts[0][0].shape[0]), int(parts[0][1].shape[1])
+    Bt = torch.empty(offsets[-1], out_f, dtype=torch.float64, device=device)
+    A_cat = torch.empty(offsets[-1], in_f, dtype=torch.float64, device=device)
+    for k, (B, A, _) in enumerate(parts):
+        # copy_ converts dtype and device in one pass, no temporary
+        Bt[offsets[k] : offsets[k + 1]].copy_(B.T)
+        A_cat[offsets[k] : offsets[k + 1]].copy_(A)
+    scales = torch.tensor([sc for _, _, sc in parts], dtype=torch.float64, device=device)
+    return Bt, A_cat, offsets, scales
+
+
+def _groups(offsets: list[int], block: int) -> list[tuple[int, int]]:
+    """Split the deltas into ``ceil(R / block)`` consecutive runs ``[t0, t1)``
+    of about equal column count."""
+    n, R = len(offsets) - 1, offsets[-1]
+    k = max(1, min(n, math.ceil(R / max(block, 1))))
+    groups, t0 = [], 0
+    for g in range(1, k + 1):
+        target = R * g / k
+        t1 = t0 + 1
+        while t1 < n and offsets[t1] < target:
+            t1 += 1
+        if g == k:
+            t1 = n
+        groups.append((t0, t1))
+        t0 = t1
+        if t0 >= n:
+            break
+    return groups
+
+
+def _lowrank_inner_products(Bt: torch.Tensor, A_cat: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """``IP = P^T ((B_cat^T B_cat) * (A_cat A_cat^T)) P`` (n x n), unscaled.
+
+    ``G`` is symmetric, so it is formed in horizontal strips starting at the
+    diagonal (strip ``[r0, r1)`` x columns ``[r0, R)``): about half the
+    ``O(R^2 (out + in))`` flops, in a few large GEMMs. Each strip is summed
+    per delta with the one-hot ``P`` (R, n) and mirrored.
+    """
+    n, dev = len(offsets) - 1, Bt.device
+    ranks = torch.tensor([offsets[t + 1] - offsets[t] for t in range(n)], device=dev)
+    owner = torch.repeat_interleave(torch.arange(n, device=dev), ranks)  # column -> delta
+    P = torch.nn.functional.one_hot(owner, n).to(torch.float64)  # (R, n)
+    ip = torch.zeros(n, n, dtype=torch.float64, device=dev)
+    for a0, a1 in _groups(offsets, GRAM_BLOCK):
+        r0, r1 = offsets[a0], offsets[a1]
+        G = (Bt[r0:r1] @ Bt[r0:].T) * (A_cat[r0:r1] @ A_cat[r0:].T)  # (r1 - r0, R - r0)
+        blk = P[r0:r1, a0:a1].T @ G @ P[r0:, a0:]  # (a1 - a0, n - a0)
+        ip[a0:a1, a0:] = blk
+        ip[a1:, a0:a1] = blk[:, a1 - a0 :].T
+    return ip
+
+
 def _module_inner_products(
     deltas: list[ModuleDelta], dense: dict[int, torch.Tensor], device: torch.device
 ) -> torch.Tensor:
     """``IP`` (n x n, float64): Frobenius inner products of one module's deltas.
 
     Factored deltas (all LoRA, and D2 without a base) go through the stacked
-    Gram product of the module docstring. ``dense`` maps a position in
+    Gram product of the module docstring, scales applied to the small result:
+    ``IP[i, j] = s_i s_j <B_i A_i, B_j A_j>``. ``dense`` maps a position in
     ``deltas`` to an already formed (out, in) delta (D2 effective deltas); for
-    those ``<D, Bf Af>_F = sum(Bf * (D Af^T))`` and ``<D1, D2>_F`` directly.
+    those ``<D, s B A>_F = s * sum(B * (D A^T))`` and ``<D1, D2>_F`` directly.
     """
     n = len(deltas)
     ip = torch.zeros(n, n, dtype=torch.float64, device=device)
     low = [k for k in range(n) if k not in dense]
     if low:
-        Bs, As, owner = [], [], []
-        for t, k in enumerate(low):
-            B, A = deltas[k].factors(dtype=torch.float64, device=device)
-            Bs.append(B)
-            As.append(A)
-            owner.append(torch.full((B.shape[1],), t, dtype=torch.long, device=device))
-        B_cat = torch.cat(Bs, dim=1)  # (out, R)
-        A_cat = torch.cat(As, dim=0)  # (R, in)
-        owner_t = torch.cat(owner)
-        G = (B_cat.T @ B_cat) * (A_cat @ A_cat.T)  # (R, R)
-        P = torch.nn.functional.one_hot(owner_t, len(low)).to(torch.float64)  # (R, n_low)
+        Bt, A_cat, offsets, scales = _stack_factors([deltas[k] for k in low], device)
         idx = torch.tensor(low, device=device)
-        ip[idx[:, None], idx[None, :]] = P.T @ G @ P
+        ip[idx[:, None], idx[None, :]] = _lowrank_inner_products(Bt, A_cat, offsets) * torch.outer(
+            scales, scales
+        )
     if dense:
         keys = sorted(dense)
         for x, k in enumerate(keys):
@@ -198,10 +267,10 @@ def _module_inner_products(
                 v = (D * dense[k2]).sum()
                 ip[k, k2] = ip[k2, k] = v
             if low:
-                # <D, B_t A_t> for every low-rank t at once: column sums of
-                # B_cat * (D A_cat^T), then block sums by owner.
-                colsum = (B_cat * (D @ A_cat.T)).sum(dim=0)  # (R,)
-                v = P.T @ colsum  # (n_low,)
+                # <D, s_t B_t A_t> for every low-rank t at once: column sums of
+                # B_cat * (D A_cat^T), block sums per delta, then the scales.
+                colsum = (Bt.T * (D @ A_cat.T)).sum(dim=0)  # (R,)
+                v = torch.stack([colsum[offsets[t] : offsets[t + 1]].sum() for t in range(len(low))]) * scales
                 ip[k, idx] = v
                 ip[idx, k] = v
     return ip
@@ -263,7 +332,11 @@ def similarity(
         deltas = [adapters[i].modules[mname] for i in owners]
         dense: dict[int, torch.Tensor] = {}
         if base_folder is not None and any(d.kind == D2LORA for d in deltas):
-            W0 = base_folder.read_module_weight(mname)
+            # With the adapter's shape a non-square weight tells its own
+            # layout (no model skeleton, no transformers import).
+            key, transposed = base_folder.module_weight_key(mname, shape=deltas[0].shape)
+            W0 = base_folder.read_tensor(key).to(torch.float64)
+            W0 = W0.T if transposed else W0  # (out, in)
             for k, d in enumerate(deltas):
                 if d.kind == D2LORA:
                     dense[k] = d.delta(W0, dtype=torch.float64, device=dev)

@@ -203,3 +203,8 @@ def test_real_process_exit_code_and_traceback(bad):
     assert "Traceback" not in p.stderr
     p = _python_m("--debug", "inspect", str(bad))
     assert p.returncode != 0 and "Traceback" in p.stderr and "AdapterError" in p.stderr
+
+
+def test_missing_base_folder(capsys, good, tmp_path):
+    missing = tmp_path / "no-base"
+    run_error(capsys, ["similarity", str(good), str(good), "--base", str(missing)], missing, "no such folder")

@@ -138,6 +138,16 @@ def test_equals_dense_reference(request, which):
         assert res.coverage.iloc[0, 2] == pytest.approx(4 / 8)
 
 
+@pytest.mark.parametrize("block", [1, 5])
+def test_blocked_gram_equals_reference(gpt2_adapters, monkeypatch, block):
+    """Small Gram blocks: the upper-triangular block pass and its mirror."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["loramix.similarity"], "GRAM_BLOCK", block)
+    ads = [load_adapter(p) for p in gpt2_adapters]
+    assert_equals_reference(similarity(ads, per_module=True, progress=False), ads)
+
+
 def test_accepts_loaded_adapters_and_reads_each_file_once(gpt2_adapters, monkeypatch):
     import loramix.io.adapter_files as af
 
@@ -307,3 +317,71 @@ def test_property_scale_invariance(ads, c):
     np.testing.assert_allclose(
         res2.norms.to_numpy()[0], c * res.norms.to_numpy()[0], rtol=1e-12, equal_nan=True
     )
+
+
+# ---------------------------------------------------------- D2 with a base
+
+
+def random_d2_like(lora: Adapter, seed: int, keep=lambda name: True, tau: float = 0.5) -> dict:
+    """D2-LoRA modules with the names and shapes of a real PEFT adapter."""
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for name, m in lora.modules.items():
+        if not keep(name):
+            continue
+        (o, i), r = m.shape, 2
+        mods[name] = ModuleDelta(
+            name=name,
+            B=0.3 * torch.randn(o, r, generator=g),
+            A=0.3 * torch.randn(r, i, generator=g),
+            B_neg=0.3 * torch.randn(o, r, generator=g),
+            A_neg=0.3 * torch.randn(r, i, generator=g),
+            scale=2.0,
+            alpha=4.0,
+            tau=tau,
+        )
+    return mods
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_d2_effective_deltas_with_base(tmp_path, arch, capsys):
+    import json
+
+    from loramix.cli import main
+    from loramix.io.adapter_files import save_d2_adapter
+
+    from .factories import save_base
+
+    model = tiny_gpt2() if arch == "gpt2" else tiny_llama()
+    base = save_base(model, tmp_path / "base")
+    lora_path = make_peft_adapter(model, tmp_path / "lora", r=2, lora_alpha=4)
+    lora = load_adapter(lora_path)
+    d2a = save_d2_adapter(tmp_path / "d2a", random_d2_like(lora, 1), r=2, lora_alpha=4, tau=0.5)
+    d2b = save_d2_adapter(
+        tmp_path / "d2b",
+        random_d2_like(lora, 2, keep=lambda n: ".1." not in n, tau=0.3),
+        r=2,
+        lora_alpha=4,
+        tau=0.3,
+    )
+    paths = [d2a, d2b, lora_path]
+    ads = [load_adapter(p) for p in paths]
+    # W0 in (out, in): GPT-2's Conv1D stores (in, out)
+    sd = model.state_dict()
+    W0 = {}
+    for name in lora.modules:
+        w = sd[name + ".weight"].double()
+        W0[name] = w.T if arch == "gpt2" else w
+
+    res = similarity(paths, base=base, per_module=True, progress=False)
+    assert res.effective
+    assert_equals_reference(res, ads, W0)
+    # the effective delta is not the residual: the numbers must move
+    res0 = similarity(paths, progress=False)
+    assert_equals_reference(res0, ads)
+    assert np.abs(res0.rms.to_numpy() - res.rms.to_numpy()).max() > 1e-5
+
+    assert main(["similarity", str(d2a), str(d2b), "--base", str(base), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["delta"] == "effective"
+    assert data["rms"][0][1] == pytest.approx(res.rms.iloc[0, 1], abs=TOL)

@@ -1,0 +1,84 @@
+"""Shared benchmark helpers: time and peak memory of whole processes.
+
+Benchmarks compare methods *as whole processes* (start-up, imports, file
+reads and all), measured from outside: wall time with ``perf_counter`` and
+the peak resident set size of that one child from ``os.wait4`` (its own
+``ru_maxrss``; ``getrusage(RUSAGE_CHILDREN)`` would give the maximum over all
+children so far, not this one).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Measured:
+    cmd: list[str]
+    wall_s: float
+    peak_rss_mb: float  # MiB
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def check(self) -> Measured:
+        if self.returncode != 0:
+            raise RuntimeError(
+                f"benchmark command failed ({self.returncode}): {' '.join(self.cmd)}\n{self.stderr[-4000:]}"
+            )
+        return self
+
+
+def run_measured(cmd: list[str], *, env: dict | None = None, cwd: str | Path | None = None) -> Measured:
+    """Run ``cmd`` to completion; return its wall time, peak RSS and output.
+
+    Output goes through temporary files (no pipe can fill up and stall the
+    child, and reading it does not count against the child's time).
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd, text=True)
+        _, status, usage = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4, tell Popen
+        out.seek(0)
+        err.seek(0)
+        # ru_maxrss is KiB on Linux, bytes on macOS
+        kib = usage.ru_maxrss / 1024 if sys.platform == "darwin" else usage.ru_maxrss
+        return Measured(cmd, wall, kib / 1024, p.returncode, out.read(), err.read())
+
+
+def best_of(cmd: list[str], repeat: int, **kw) -> Measured:
+    """``repeat`` runs; the fastest wall time and the largest peak RSS."""
+    runs = [run_measured(cmd, **kw).check() for _ in range(max(1, repeat))]
+    best = min(runs, key=lambda m: m.wall_s)
+    best.peak_rss_mb = max(m.peak_rss_mb for m in runs)
+    return best
+
+
+def machine_line() -> str:
+    """One line describing where the numbers were taken."""
+    try:
+        import torch
+
+        tv = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    except ImportError:  # pragma: no cover
+        tv = "torch not importable"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{platform.node()}: {os.cpu_count()} CPUs, {platform.python_implementation()} "
+        f"{platform.python_version()}, {tv}, load average {load:.2f} at start"
+    )
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
