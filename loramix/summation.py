@@ -29,6 +29,7 @@ import os
 import shutil
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -348,7 +349,8 @@ def stream_into_base(
     writers: list[_ShardWriter] = []
     total_bytes = 0
     with ThreadPoolExecutor(1) as hasher, atomic_output_dir(out, force=force, inputs=inputs) as tmp:
-        hashing = hasher.submit(base.provenance)
+        stop_hashing = threading.Event()
+        hashing = hasher.submit(base.provenance, stop_hashing)
         try:
             from tqdm.auto import tqdm
 
@@ -410,7 +412,7 @@ def stream_into_base(
                 w.finish(_metadata(record))
             write_provenance(tmp, record)
         except BaseException:
-            hashing.cancel()
+            stop_hashing.set()
             if bar is not None:
                 bar.close()
             raise

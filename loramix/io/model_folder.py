@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,18 +288,20 @@ class BaseModelFolder:
 
     # ---- provenance -----------------------------------------------------------
 
-    def file_sha256s(self) -> dict[str, str]:
+    def file_sha256s(self, stop: threading.Event | None = None) -> dict[str, str]:
         """sha256 of each weight file (and the index), computed once, and
         remembered on disk by (path, inode, size, mtime) as git's index does,
         so that merging many adapters into one base hashes it once."""
         if self._sha is None:
-            self._sha = {name: cached_file_sha256(self.path / name) for name in self.weight_files}
+            self._sha = {name: cached_file_sha256(self.path / name, stop) for name in self.weight_files}
         return self._sha
 
-    def provenance(self) -> dict:
+    def provenance(self, stop: threading.Event | None = None) -> dict:
         """An input record: ``path``, ``sha256`` (of the single weight file, or
-        of the list of ``name:sha256`` lines of a sharded folder), ``files``."""
-        files = self.file_sha256s()
+        of the list of ``name:sha256`` lines of a sharded folder), ``files``.
+        Setting ``stop`` (from another thread) abandons the hashing with
+        :class:`HashingStopped`."""
+        files = self.file_sha256s(stop)
         if self.sharded:
             manifest = "".join(f"{n}:{files[n]}\n" for n in sorted(files))
             digest = hashlib.sha256(manifest.encode()).hexdigest()
@@ -422,14 +425,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loramix"
 
 
-def cached_file_sha256(path: Path) -> str:
-    """:func:`file_sha256`, cached under :func:`cache_dir` by the file's
-    resolved path, inode, size and mtime (ns); any change means a rehash."""
+class HashingStopped(Exception):
+    """Hashing was abandoned because its ``stop`` event was set."""
+
+
+def _sha256(path: Path, stop: threading.Event | None, chunk: int = 8 << 20) -> str:
+    if stop is None:
+        return file_sha256(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if stop.is_set():  # an interrupted merge should not wait for a 10 GB hash
+                raise HashingStopped(str(path))
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_file_sha256(path: Path, stop: threading.Event | None = None) -> str:
+    """sha256 of a file, cached under :func:`cache_dir` by its resolved path,
+    inode, size and mtime (ns); any change means a rehash."""
     try:
         st = path.stat()
         ident = f"{path.resolve()}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
     except OSError:
-        return file_sha256(path)
+        return _sha256(path, stop)
     entry = cache_dir() / "sha256" / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".txt")
     try:
         digest = entry.read_text().strip()
@@ -437,7 +456,7 @@ def cached_file_sha256(path: Path) -> str:
             return digest
     except OSError:
         pass
-    digest = file_sha256(path)
+    digest = _sha256(path, stop)
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_suffix(f".tmp{os.getpid()}")
