@@ -245,8 +245,9 @@ def setup_files(work: Path) -> tuple[Path, list[Path]]:
     return base, ads
 
 
-def run_child(cmd: list[str], env: dict) -> tuple[float, float]:
-    """Run ``cmd``; (wall seconds, that child's peak RSS in MiB)."""
+def run_child(cmd: list[str], env: dict) -> tuple[float, float, float]:
+    """Run ``cmd``; (wall seconds, that child's CPU seconds (user + sys), its
+    peak RSS in MiB). CPU time is the steadier figure on a shared machine."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
@@ -255,7 +256,7 @@ def run_child(cmd: list[str], env: dict) -> tuple[float, float]:
     p.stderr.close()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-3000:]}")
-    return wall, ru.ru_maxrss / 1024
+    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024
 
 
 def bench_into(args) -> list[list[str]]:
@@ -294,15 +295,21 @@ def bench_into(args) -> list[list[str]]:
         for k, flags in runs.items():
             res[k].append(run_child(cmd(flags), env))
     shutil.rmtree(out, ignore_errors=True)
-    t_sum = statistics.median(w for w, _ in res["sum"])
+    t_sum = statistics.median(w for w, _, _ in res["sum"])
+    c_sum = statistics.median(c for _, c, _ in res["sum"])
     rows = []
     for k, v in res.items():
-        t, rss = statistics.median(w for w, _ in v), max(r for _, r in v)
+        t, c, rss = (
+            statistics.median(w for w, _, _ in v),
+            statistics.median(c for _, c, _ in v),
+            max(r for *_, r in v),
+        )
+        ratio = "1.0x" if k == "sum" else f"{t / t_sum:.2f}x of sum (CPU {c / c_sum:.2f}x)"
         rows.append(
             [
                 f"(b) merge --method {k} --into 124M",
-                f"{t:.2f} s (peak RSS {rss:.0f} MiB)",
-                "1.0x" if k == "sum" else f"{t / t_sum:.2f}x of sum",
+                f"{t:.2f} s wall, {c:.2f} s CPU, peak RSS {rss:.0f} MiB",
+                ratio,
                 "" if k == "sum" else "target <= 2x",
             ]
         )

@@ -31,19 +31,20 @@ from .base import (
 )
 
 
-def drop_and_rescale(t: torch.Tensor, density: float, seed: int) -> torch.Tensor:
-    """``t * m / density`` with ``m = dare_mask(t.shape, density, seed)``."""
+def drop_and_rescale_(x: torch.Tensor, density: float, seed: int) -> torch.Tensor:
+    """``x * m / density`` in place, ``m = dare_mask(x.shape, density, seed)``."""
     if density >= 1.0:
-        return t
-    m = dare_mask(tuple(t.shape), density, seed).to(t.device, non_blocking=True)
-    return torch.where(m, t, 0.0).div_(density)
+        return x
+    m = dare_mask(tuple(x.shape), density, seed).to(device=x.device, dtype=x.dtype, non_blocking=True)
+    return x.mul_(m).div_(density)
 
 
-def _dropped(ctx, module_deltas, W0, params):
-    ts = dense_deltas(ctx, module_deltas, W0)
+def _dropped(ctx, module_deltas, weights, W0, params):
+    """``[w_i dW_i m_i / density]``: weighted, dropped and rescaled deltas."""
+    xs = dense_deltas(ctx, module_deltas, W0, weights)
     return [
-        drop_and_rescale(t, params["density"], module_seed(params["seed"], ctx.name, i))
-        for t, i in zip(ts, ctx.indices)
+        drop_and_rescale_(x, params["density"], module_seed(params["seed"], ctx.name, i))
+        for x, i in zip(xs, ctx.indices)
     ]
 
 
@@ -55,9 +56,9 @@ class DareLinear(MergeMethod):
 
     def delta(self, ctx, module_deltas, weights, W0, params):
         out = None
-        for t, w in zip(_dropped(ctx, module_deltas, W0, params), weights):
-            out = t * w if out is None else out.add_(t, alpha=w)
-        return out * params["lambda_"] if params["lambda_"] != 1.0 else out
+        for x in _dropped(ctx, module_deltas, weights, W0, params):
+            out = x if out is None else out.add_(x)
+        return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out
 
 
 @register
@@ -67,5 +68,6 @@ class DareTies(MergeMethod):
     params = (DENSITY, SEED, SIGN, DIVIDE, LAMBDA)
 
     def delta(self, ctx, module_deltas, weights, W0, params):
-        ts = _dropped(ctx, module_deltas, W0, params)
-        return elect_and_merge(ts, weights, params["sign"], params["divide"]) * params["lambda_"]
+        xs = _dropped(ctx, module_deltas, weights, W0, params)
+        out = elect_and_merge(xs, weights, params["sign"], params["divide"])
+        return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out

@@ -9,8 +9,7 @@ PEFT's ``magnitude_prune`` does.
 from __future__ import annotations
 
 from . import register
-from .base import DENSITY, LAMBDA, MergeMethod, dense_deltas
-from .ties import trim
+from .base import DENSITY, LAMBDA, MergeMethod, dense_deltas, trim_
 
 
 @register
@@ -21,7 +20,7 @@ class Magnitude(MergeMethod):
 
     def delta(self, ctx, module_deltas, weights, W0, params):
         out = None
-        for t, w in zip(dense_deltas(ctx, module_deltas, W0), weights):
-            x = trim(t, params["density"]) * w
+        for x in dense_deltas(ctx, module_deltas, W0, weights):
+            x = trim_(x, params["density"])
             out = x if out is None else out.add_(x)
-        return out * params["lambda_"] if params["lambda_"] != 1.0 else out
+        return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out

@@ -11,15 +11,8 @@ divisor conventions (``count``: PEFT, ``weight``: mergekit).
 
 from __future__ import annotations
 
-import torch
-
 from . import register
-from .base import DENSITY, DIVIDE, LAMBDA, SIGN, MergeMethod, dense_deltas, elect_and_merge, magnitude_mask
-
-
-def trim(t: torch.Tensor, density: float) -> torch.Tensor:
-    mask = magnitude_mask(t, density)
-    return t if mask is None else torch.where(mask, t, 0.0)
+from .base import DENSITY, DIVIDE, LAMBDA, SIGN, MergeMethod, dense_deltas, elect_and_merge, trim_
 
 
 @register
@@ -29,5 +22,6 @@ class Ties(MergeMethod):
     params = (DENSITY, SIGN, DIVIDE, LAMBDA)
 
     def delta(self, ctx, module_deltas, weights, W0, params):
-        ts = [trim(t, params["density"]) for t in dense_deltas(ctx, module_deltas, W0)]
-        return elect_and_merge(ts, weights, params["sign"], params["divide"]) * params["lambda_"]
+        xs = [trim_(x, params["density"]) for x in dense_deltas(ctx, module_deltas, W0, weights)]
+        out = elect_and_merge(xs, weights, params["sign"], params["divide"])
+        return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out
