@@ -5,8 +5,10 @@ base (``GPT2Config()`` defaults, 124M parameters, random init,
 ``save_pretrained``) and three rank-8 adapters on ``c_attn``/``c_proj``/``c_fc``
 (random factors, written as PEFT folders).
 
-Three whole processes, interleaved, each timed with ``os.wait4`` (wall time
-and that child's own peak RSS):
+Three whole processes, interleaved, each timed by ``_common.run_measured``
+(wall time and that child's own peak RSS, from ``os.wait4``; this parent
+imports neither torch nor transformers, since a child's ``ru_maxrss`` can
+start from its parent's size):
 
 - ``loramix``: ``loramix sum A B C --into BASE --out OUT``;
 - ``peft``: transformers ``from_pretrained``, ``PeftModel`` + ``load_adapter``,
@@ -28,12 +30,14 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import machine_line, markdown_table, run_measured  # noqa: E402
+
 WORK = HERE / "_work" / "sum"
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 N_ADAPTERS, RANK, ALPHA = 3, 8, 16
@@ -138,28 +142,6 @@ def child_check(ours: str, ref: str) -> None:
     print(f"{worst:.2e}")
 
 
-def run_child(cmd: list[str], env: dict | None = None, capture: bool = False):
-    """Run ``cmd``; return (wall s, CPU s (user + sys), that child's peak RSS
-    in MiB[, stdout]). The parent imports neither torch nor transformers: a
-    child's ``ru_maxrss`` starts from its parent's size at fork."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE if capture else subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    err = p.stderr.read().decode(errors="replace")
-    p.stderr.close()
-    out = p.stdout.read().decode() if capture else ""
-    if capture:
-        p.stdout.close()
-    if p.returncode != 0:
-        raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
-    res = (wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024)  # Linux: KiB
-    return (*res, out) if capture else res
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
@@ -182,7 +164,7 @@ def main(argv=None) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    print(run_child([py, __file__, "--child", "setup", str(work)], capture=True)[-1].strip())
+    print(run_measured([py, __file__, "--child", "setup", str(work)]).check().stdout.strip())
     print(f"setup: {time.perf_counter() - t0:.1f} s")
     base, ads = work / "base", [work / f"adapter{i}" for i in range(N_ADAPTERS)]
     outs = {k: work / f"out_{k}" for k in ("loramix", "peft", "copy")}
@@ -202,41 +184,45 @@ def main(argv=None) -> None:
 
     def once(kind):
         shutil.rmtree(outs[kind], ignore_errors=True)
-        return run_child(cmds[kind], env)
+        m = run_measured(cmds[kind], env=env).check()
+        return m.wall_s, m.peak_rss_mb
 
     once("copy")  # warm the page cache with the base file
     shutil.rmtree(cache, ignore_errors=True)
     cold = once("loramix")  # builds the layout (imports the modeling code) and hashes the base
-    results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in cmds}
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in cmds}
     for _ in range(args.repeat):
         for kind in cmds:
             results[kind].append(once(kind))
     check = [py, __file__, "--child", "check", str(outs["loramix"]), str(outs["peft"])]
-    worst = run_child(check, capture=True)[-1].strip()
+    worst = run_measured(check).check().stdout.strip()
 
-    med = {k: tuple(statistics.median(r[i] for r in v) for i in range(3)) for k, v in results.items()}
-    lw, lc, lr = med["loramix"]
+    med = {k: tuple(statistics.median(r[i] for r in v) for i in range(2)) for k, v in results.items()}
+    lw, lr = med["loramix"]
     print(
         f"\n### loramix sum --into: GPT-2-small shape (124M, fp32), {N_ADAPTERS} rank-{RANK} adapters, "
         f"--device {args.device}, median of {args.repeat} whole-process runs"
         f"{f', {args.threads} thread(s)' if args.threads else ''}\n"
     )
-    print("| process | wall (s) | CPU (s) | peak RSS (MiB) | wall / loramix | RSS / loramix |")
-    print("|---|---:|---:|---:|---:|---:|")
     rows = [
         ("loramix sum --into, first run (empty layout/sha256 cache)", cold),
         ("loramix sum --into", med["loramix"]),
         ("PEFT: load, cat, merge_and_unload, save_pretrained", med["peft"]),
         ("plain copy (safe_open + save_file)", med["copy"]),
     ]
-    for label, (w, c, r) in rows:
-        print(f"| {label} | {w:.2f} | {c:.2f} | {r:.0f} | {w / lw:.2f} | {r / lr:.2f} |")
-    pw, _, pr = med["peft"]
-    cw, _, _ = med["copy"]
+    print(
+        markdown_table(
+            ["process", "wall (s)", "peak RSS (MiB)", "wall / loramix", "RSS / loramix"],
+            [[label, f"{w:.2f}", f"{r:.0f}", f"{w / lw:.2f}", f"{r / lr:.2f}"] for label, (w, r) in rows],
+        )
+    )
+    pw, pr = med["peft"]
+    cw, _ = med["copy"]
     print(f"\n- speed-up vs PEFT: {pw / lw:.2f}x (target >= 3x)")
     print(f"- peak memory vs PEFT: {lr / pr:.2f} (target <= 0.5)")
     print(f"- time vs plain copy: {lw / cw:.2f}x (target <= 1.3x); first run: {cold[0] / cw:.2f}x")
     print(f"- largest per-tensor relative difference, loramix vs PEFT: {worst}")
+    print(f"- {machine_line()}")
 
 
 if __name__ == "__main__":
