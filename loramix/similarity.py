@@ -36,6 +36,7 @@ LoRA deltas of the same module exactly (see :func:`_module_inner_products`).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -115,11 +116,12 @@ class SimilarityResult:
             "mean": mat(self.mean),
             "coverage": mat(self.coverage),
             "shared_modules": [[int(x) for x in row] for row in self.shared.to_numpy()],
-            "zero_norm": self.zero_norm.to_dict(orient="records"),
+            "zero_norm": json.loads(self.zero_norm.to_json(orient="records")),
         }
         if per_module:
-            out["by_type"] = breakdown(self.per_module, "type").to_dict(orient="records")
-            out["by_layer"] = breakdown(self.per_module, "layer").to_dict(orient="records")
+            # via pandas' JSON writer: numpy scalars and missing layers (<NA>) become plain JSON
+            for by in ("type", "layer"):
+                out[f"by_{by}"] = json.loads(breakdown(self.per_module, by).to_json(orient="records"))
         return out
 
 
@@ -153,14 +155,14 @@ def _unique_names(adapters: Sequence[Adapter]) -> list[str]:
     return out
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
+def _progress(iterable, total: int, desc: str, enabled: bool, unit: str = "module"):
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
 
     # delay: a quick run shows no bar at all; disable=None: no bar when stderr
     # is not a terminal (pipes, CI logs).
-    return tqdm(iterable, total=total, desc=desc, unit="mod", delay=0.5, disable=None, leave=False)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, delay=0.5, disable=None, leave=False)
 
 
 # Rows per strip of the Gram product: large enough for efficient GEMMs and
@@ -300,7 +302,7 @@ def similarity(
     dev = resolve_device(device)
     items = list(adapters_or_paths)
     adapters: list[Adapter] = []
-    for a in _progress(items, len(items), "loading", progress and len(items) > 4):
+    for a in _progress(items, len(items), "loading", progress and len(items) > 4, unit="adapter"):
         adapters.append(a if isinstance(a, Adapter) else load_adapter(a))
     check_compatible(adapters)
     names = _unique_names(adapters)

@@ -231,6 +231,29 @@ def test_d2_residual_is_used_without_base():
     assert_equals_reference(res, ads)
 
 
+def test_json_with_modules_without_layer_index():
+    import json
+
+    g = torch.Generator().manual_seed(0)
+    ads = []
+    for t in range(2):
+        mods = {
+            n: ModuleDelta(
+                name=n,
+                B=torch.randn(4, 2, generator=g),
+                A=torch.randn(2, 3, generator=g),
+                scale=1.0,
+                alpha=2.0,
+            )
+            for n in ("lm_head", "model.layers.0.q_proj")
+        }
+        ads.append(Adapter(name=f"a{t}", method="lora", modules=mods))
+    res = similarity(ads, per_module=True, progress=False)
+    data = json.loads(json.dumps(res.to_json_dict(per_module=True), allow_nan=False))
+    assert {r["layer"] for r in data["by_layer"]} == {None, 0}
+    assert {r["type"] for r in data["by_type"]} == {"lm_head", "q_proj"}
+
+
 def test_layer_and_type_parsing():
     assert module_layer_type("transformer.h.3.attn.c_attn") == (3, "attn.c_attn")
     assert module_layer_type("transformer.h.11.mlp.c_proj") == (11, "mlp.c_proj")
