@@ -5,8 +5,9 @@
     768x3072) recompressed to rank 8. Timed: the merge computation itself,
     inputs already in memory, in one process, interleaved repeats:
 
-    - ``loramix``: :meth:`Svd.factors` per module (QR of the stacked factors,
-      SVD of the 24x24 core; float64);
+    - ``loramix``: what ``merge(..., "svd")`` runs for an adapter output,
+      :meth:`Svd.factors_many` (QR of the stacked factors and SVD of the
+      24x24 cores, batched over same-shaped modules; float64);
     - ``dense``: form each module's summed delta (float32) and
       ``torch.linalg.svd(full_matrices=False)``, truncate to rank 8;
     - ``peft``: ``add_weighted_adapter(..., combination_type="svd",
@@ -86,6 +87,7 @@ def make_adapters(n_layer: int):
 
 
 def svd_loramix(ads, device):
+    """What ``merge(..., "svd")`` computes for an adapter output (same call)."""
     import torch
 
     from loramix.merge import get_method
@@ -93,10 +95,16 @@ def svd_loramix(ads, device):
 
     m = get_method("svd")
     p = m.validate({"rank": RANK}, ads)
-    out = {}
-    for name in ads[0].modules:
-        ctx = ModuleContext(name, tuple(range(len(ads))), device, torch.float64)
-        out[name] = m.factors(ctx, [a.modules[name] for a in ads], [1.0] * len(ads), p)
+    names = list(ads[0].modules)
+    jobs = [
+        (
+            ModuleContext(n, tuple(range(len(ads))), device, torch.float64),
+            [a.modules[n] for a in ads],
+            [1.0] * len(ads),
+        )
+        for n in names
+    ]
+    out = dict(zip(names, m.factors_many(jobs, p)))
     sync(device)
     return out
 

@@ -717,3 +717,19 @@ def test_bad_input_exit_2(models, tmp_path, capsys):
     assert cli(capsys, "-m", "svd", "--rank", "2", *a, "--out", out)[0] == 0
     assert_one_line_error(*cli(capsys, "-m", "svd", "--rank", "2", *a, "--out", out)[::2], "--force")
     assert cli(capsys, "-m", "svd", "--rank", "2", *a, "--out", out, "--force")[0] == 0
+
+
+def test_svd_batched_equals_per_module():
+    ads = rand_adapters(shapes=((24, 16), (24, 16), (16, 40)))
+    ws = [1.0, -0.5, 2.0]
+    m = get_method("svd")
+    for params in ({"rank": 4}, {"energy": 0.9}):
+        p = m.validate(params, ads)
+        jobs = [
+            (ModuleContext(n, (0, 1, 2), torch.device("cpu"), F64), [a.modules[n] for a in ads], ws)
+            for n in ads[0].modules
+        ]
+        for (ctx, mds, w), lr in zip(jobs, m.factors_many(jobs, p)):
+            one = m.factors(ctx, mds, w, p)
+            assert lr.info == pytest.approx(one.info, rel=1e-12)
+            torch.testing.assert_close(lr.B @ lr.A, one.B @ one.A, rtol=1e-10, atol=1e-12)

@@ -219,6 +219,13 @@ class MergeMethod:
         """Low-rank methods: ``(B, A)`` with ``B @ A`` the merged delta."""
         raise NotImplementedError(f"method {self.name} has no low-rank form")
 
+    def factors_many(
+        self, jobs: Sequence[tuple[ModuleContext, Sequence[ModuleDelta], Sequence[float]]], params: dict
+    ) -> list[LowRank]:
+        """:meth:`factors` of many modules (``jobs``: ``(ctx, module_deltas,
+        weights)`` each), in order. Methods may batch same-shaped modules."""
+        return [self.factors(ctx, mds, ws, params) for ctx, mds, ws in jobs]
+
 
 # ----------------------------------------------------------------------------- shared helpers
 

@@ -135,10 +135,16 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs) -> MergeRes
         for ad in ads[1:]:
             for md in ad.modules.values():
                 dtype = torch.promote_types(dtype, md.dtype)
+    jobs = [
+        (
+            ModuleContext(name, tuple(i for i, _ in items), dev, torch.float64),
+            [md for _, md in items],
+            [ws[i] for i, _ in items],
+        )
+        for name, items in plan.items()
+    ]
     factors, infos = {}, {}
-    for name, items in plan.items():
-        ctx = ModuleContext(name, tuple(i for i, _ in items), dev, torch.float64)
-        lr = m.factors(ctx, [md for _, md in items], [ws[i] for i, _ in items], p)
+    for name, lr in zip(plan, m.factors_many(jobs, p)):
         factors[name] = (lr.B.to(dtype).cpu(), lr.A.to(dtype).cpu())
         if lr.info:
             infos[name] = lr.info
