@@ -297,6 +297,8 @@ def similarity(
     """
     from .io.adapter_files import load_adapter
 
+    if isinstance(adapters_or_paths, (str, Path, Adapter)):
+        adapters_or_paths = [adapters_or_paths]
     if len(adapters_or_paths) == 0:
         raise UsageError("similarity", "needs at least one adapter")
     dev = resolve_device(device)

@@ -408,3 +408,12 @@ def test_d2_effective_deltas_with_base(tmp_path, arch, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["delta"] == "effective"
     assert data["rms"][0][1] == pytest.approx(res.rms.iloc[0, 1], abs=TOL)
+
+
+@pytest.mark.cuda
+def test_cuda_equals_cpu(gpt2_adapters):
+    ads = [load_adapter(p) for p in gpt2_adapters]
+    cpu = similarity(ads, per_module=True, progress=False, device="cpu")
+    gpu = similarity(ads, per_module=True, progress=False, device="cuda")
+    np.testing.assert_allclose(gpu.rms.to_numpy(), cpu.rms.to_numpy(), atol=TOL, equal_nan=True)
+    np.testing.assert_allclose(gpu.norms.to_numpy(), cpu.norms.to_numpy(), rtol=1e-12, equal_nan=True)
