@@ -44,6 +44,7 @@ from .errors import AdapterError, BaseModelError, UsageError
 from .io.model_folder import INDEX_NAME, ST_DTYPES, TORCH_TO_ST, BaseModelFolder, TensorInfo
 from .io.outputs import atomic_output_dir, check_output, write_provenance
 from .io.outputs import provenance as make_provenance
+from .io.safetensors_io import safetensors_metadata
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -161,10 +162,6 @@ class _ShardWriter:
     def close(self) -> None:
         if not self.f.closed:
             self.f.close()
-
-
-def _metadata(record: dict) -> dict[str, str]:
-    return {"format": "pt", "loramix": json.dumps(record, sort_keys=True)}
 
 
 # ---- the engine ---------------------------------------------------------------------
@@ -373,7 +370,7 @@ def stream_into_base(
                         else info.nbytes // ST_DTYPES[info.dtype].itemsize * ST_DTYPES[code].itemsize
                     )
                     entries.append((info.key, code, info.shape, n))
-                w = _ShardWriter(tmp / shard, entries, _metadata(record))
+                w = _ShardWriter(tmp / shard, entries, safetensors_metadata(record))
                 writers.append(w)
                 total_bytes += w.data_size
                 with open(base.path / shard, "rb") as src:
@@ -409,7 +406,7 @@ def stream_into_base(
 
             record["inputs"][-1] = hashing.result()
             for w in writers:
-                w.finish(_metadata(record))
+                w.finish(safetensors_metadata(record))
             write_provenance(tmp, record)
         except BaseException:
             stop_hashing.set()

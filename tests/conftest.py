@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# Before torch loads: idle OpenMP workers sleep instead of spinning, which on
+# a 2-core machine otherwise starves the other processes (and the test itself).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from .factories import SHARED_DATA
 

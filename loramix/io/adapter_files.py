@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from ..adapter import D2LORA, LORA, Adapter, ModuleDelta
 from ..errors import AdapterError
-from .safetensors_io import CheckedSafetensors, file_sha256, safetensors_metadata
+from .safetensors_io import CheckedSafetensors, canonicalize_header, file_sha256, safetensors_metadata
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -350,6 +350,7 @@ def save_peft_adapter(
     if extra_config:
         config.update(extra_config)
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata=safetensors_metadata(provenance))
+    canonicalize_header(out_dir / WEIGHTS_NAME)
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -397,5 +398,6 @@ def save_d2_adapter(
     if extra_config:
         config.update(extra_config)
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata=safetensors_metadata(provenance))
+    canonicalize_header(out_dir / WEIGHTS_NAME)
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir

@@ -71,10 +71,13 @@ class CheckedSafetensors:
 
 def safetensors_metadata(provenance: dict | None = None) -> dict[str, str]:
     """Metadata for a file we write: ``format: pt`` (transformers requires it)
-    plus the provenance as one JSON string."""
+    plus the provenance, less its timestamp, as one JSON string."""
     meta = {"format": "pt"}
     if provenance is not None:
-        meta["loramix"] = json.dumps(provenance, sort_keys=True)
+        # The wall-clock time lives in loramix.json only: with it here, the same
+        # inputs could never give byte-identical weight files.
+        record = {k: v for k, v in provenance.items() if k != "created"}
+        meta["loramix"] = json.dumps(record, sort_keys=True)
     return meta
 
 
