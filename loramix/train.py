@@ -155,7 +155,7 @@ def train_adapter(
     from .io.adapter_files import save_d2_adapter, save_peft_adapter
     from .io.outputs import atomic_output_dir, check_output, provenance, write_provenance
     from .io.safetensors_io import canonicalize_header
-    from .layers import extract_modules, find_targets, inject_trainable
+    from .layers import default_targets, extract_modules, find_targets, inject_trainable
     from .models import base_provenance, load_causal_lm
 
     # ---- validate everything before any work
@@ -184,6 +184,8 @@ def train_adapter(
     )
     model, tok = load_causal_lm(base, device=dev)
     find_targets(model, targets)  # a bad --targets fails now, not after the base evaluation
+    targets = list(targets) if targets is not None and not isinstance(targets, str) else targets
+    resolved_targets = default_targets(model) if targets is None else targets
     # Sequences cannot be longer than the model's positions: cap max_len there (recorded below).
     n_pos = getattr(model.config, "n_positions", None) or getattr(
         model.config, "max_position_embeddings", None
@@ -253,7 +255,7 @@ def train_adapter(
         "alpha": alpha,
         "tau": tau if method == D2LORA else None,
         "norm_dim": norm_dim if method == D2LORA else None,
-        "targets": targets,
+        "targets": resolved_targets,
         "steps": total,
         "epochs": None if steps is not None else epochs,
         "lr": lr,
