@@ -172,7 +172,9 @@ def load_records(
 
     records: list[QARecord] = []
     if suffix == ".jsonl":
-        for i, line in enumerate(text.splitlines(), 1):
+        # split("\n"), not splitlines(): JSON strings may hold U+2028, U+0085, ... which
+        # splitlines() would treat as line breaks (GSM8K's math.jsonl does).
+        for i, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
