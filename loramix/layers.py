@@ -22,7 +22,7 @@ D2-LoRA (:class:`D2LoraLinear`, DESIGN.md section 4)::
     y     = W* x + dW x + b                            training forward
     W_hat = W* + dW                                    merged weight: same y, to rounding
 
-Neither D2 layer here materialises ``dW`` or ``W_hat`` in its forward. With
+The D2 layer's forward materialises neither ``dW`` nor ``W_hat``. With
 the residual as one factor pair ``dW = Bf @ Af`` (``Bf = s [B+, -tau B-]``
 ``(out, 2r)``, ``Af = [A+; A-]`` ``(2r, in)``) the row norms follow from
 
@@ -41,10 +41,10 @@ with the roles of rows and columns exchanged:
 Init (``inject_trainable``): ``B+ = B- = 0`` so ``dW = 0`` and the model starts
 as the base; ``A+`` and ``A-`` are each drawn Kaiming-uniform with
 ``a = sqrt(5)`` (PEFT's LoRA init: uniform on ``+-1/sqrt(in)``), independently,
-from one generator seeded by ``seed``, module by module in model order. Two
-independent draws keep the two branches from receiving identical gradients to
-``B+`` and ``B-`` (with ``A+ = A-`` they would stay proportional forever and the
-rank-2r residual would collapse to rank r).
+from one generator seeded by ``seed``, module by module in model order. With
+``A+ = A-`` the loss would depend on ``B+ - tau B-`` alone at the start, the two
+``B`` gradients would be proportional, and the residual would begin as one
+rank-r branch; independent draws give it rank 2r from the first step.
 
 Loaded adapters (:func:`attach_adapters`, :func:`merge_into_model`) apply a
 weighted sum of *effective* deltas: LoRA ``s B A``; D2 ``W_hat - W0``. On the
