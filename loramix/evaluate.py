@@ -29,6 +29,7 @@ import os
 import time
 from collections.abc import Sequence
 
+from ._callable import make_callable
 from .errors import UsageError
 
 # Causal-LM classes whose logits are exactly ``get_output_embeddings()(base_model(...)[0])``.
@@ -230,3 +231,6 @@ def evaluate(
         }
     )
     return pd.DataFrame(rows)
+
+
+make_callable(__name__)

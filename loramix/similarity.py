@@ -39,8 +39,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +47,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ._callable import make_callable
 from .adapter import D2LORA, Adapter, ModuleDelta, check_compatible
 from .devices import resolve_device
 from .errors import UsageError
@@ -395,16 +394,4 @@ def similarity(
     )
 
 
-class _CallableModule(types.ModuleType):
-    """``loramix.similarity`` names both this module and its main function.
-
-    Once ``loramix.similarity`` (the module) is imported, Python binds it as
-    the package attribute, hiding the lazily exported function; making the
-    module callable keeps ``loramix.similarity(paths)`` working either way.
-    """
-
-    def __call__(self, *args, **kwargs) -> SimilarityResult:
-        return similarity(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._callable import make_callable
 from ..errors import UsageError
 
 _REGISTRY: dict[str, type] = {}
@@ -193,3 +194,6 @@ __all__ = [
     "parse_weights",
     "parse_dtype",
 ]
+
+
+make_callable(__name__)
