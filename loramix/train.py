@@ -154,7 +154,6 @@ def train_adapter(
     from .evaluate import perplexity
     from .io.adapter_files import save_d2_adapter, save_peft_adapter
     from .io.outputs import atomic_output_dir, check_output, provenance, write_provenance
-    from .io.safetensors_io import canonicalize_header
     from .layers import default_targets, extract_modules, find_targets, inject_trainable
     from .models import base_provenance, load_causal_lm
 
@@ -317,8 +316,6 @@ def train_adapter(
                 provenance=file_prov,
                 extra_config={"target_modules": targets} if targets is not None else None,
             )
-        # safetensors writes its metadata in a random key order: sort it, for identical bytes.
-        canonicalize_header(tmp / "adapter_model.safetensors")
         with open(tmp / "train_log.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["step", "loss", "lr", "tokens", "seconds"])
