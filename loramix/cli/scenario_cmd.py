@@ -50,13 +50,26 @@ def check_cmd(file):
     help="Cache folder (default $LORAMIX_CACHE or .loramix-cache).",
 )
 @click.option("--force", is_flag=True, help="Replace --out even if it is not a report of this scenario.")
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="torch CPU threads (default 1: small models on a shared CPU run fastest that way).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run_cmd(file, out, device, fresh, cache_dir, force, quiet):
+def run_cmd(file, out, device, fresh, cache_dir, force, threads, quiet):
     """Run the scenario FILE and write its report (report.md, results.csv, report.json, fit.json, plots)."""
+    import signal
+
     from ..scenario.runner import run_scenario
 
+    def _interrupt(signum, frame):
+        # A kill (SIGTERM) unwinds like Ctrl-C, so half-made artifacts are removed.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
     rep = run_scenario(file, out, device=device, fresh=fresh, cache_dir=cache_dir, force=force,
-                       progress=not quiet)  # fmt: skip
+                       progress=not quiet, threads=threads)  # fmt: skip
     t = rep["timings"]["total_seconds"]
     click.echo(f"report: {rep['out']}/report.md ({t:.1f} s)")
     for f in rep["fits"]:

@@ -2,7 +2,8 @@
 
 * ``delta_vs_cosine``: delta_ppl% of the naive sum against the composition's
   RMS cosine, one point per composition (mean over seeds, bars = one standard
-  deviation), labelled, with the least-squares line of the fit.
+  deviation; marker by composition size), labelled, with the least-squares
+  line of the fit.
 * ``cosine_by_layer``: the RMS cosine of each domain pair per layer
   (``sqrt(mean cos_m^2)`` over the pair's modules in that layer).
 * ``delta_by_method``: delta_ppl% per composition for every merge method.
@@ -17,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-_MARKERS = {"lora": "o", "d2lora": "s"}
+_K_MARKERS = {2: "o", 3: "^", 4: "s"}
+_K_NAMES = {2: "pairs", 3: "triples"}
 _COLORS = {"lora": "tab:blue", "d2lora": "tab:orange"}
 
 
@@ -30,6 +32,23 @@ def _plt():
     return plt
 
 
+def _place_labels(ax, labels: list[tuple]) -> None:
+    """Annotate points, moving a label below its point when it would overlap
+    one already placed (a greedy check in axis-fraction units)."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    placed: list[tuple[float, float]] = []
+    for x, y, text, color in sorted(labels, key=lambda t: (t[0], t[1])):
+        fx, fy = (x - x0) / ((x1 - x0) or 1), (y - y0) / ((y1 - y0) or 1)
+        dy = 0.03
+        for _ in range(4):
+            if all(abs(fx - px) > 0.16 or abs(fy + dy - py) > 0.04 for px, py in placed):
+                break
+            dy -= 0.05
+        placed.append((fx, fy + dy))
+        ax.annotate(text, (x, y), xytext=(fx + 0.012, fy + dy), textcoords="axes fraction", fontsize=8,
+                    color=color, va="center")  # fmt: skip
+
+
 def delta_vs_cosine(summary: pd.DataFrame, fits: list[dict], path: Path, title: str) -> Path:
     """``summary``: rows of merge method ``sum`` with ``adapter_method``,
     ``composition``, ``rms_cosine``, ``rms_cosine_std``, ``delta_ppl_pct``,
@@ -38,15 +57,21 @@ def delta_vs_cosine(summary: pd.DataFrame, fits: list[dict], path: Path, title: 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=130)
     xs_all = summary["rms_cosine"].to_numpy(dtype=float)
+    ks = sorted(set(summary["k"].astype(int))) if "k" in summary else [2]
+    labels: list[tuple] = []
     for method, g in summary.groupby("adapter_method", sort=False):
-        color, marker = _COLORS.get(method, None), _MARKERS.get(method, "o")
-        x, y = g["rms_cosine"].to_numpy(float), g["delta_ppl_pct"].to_numpy(float)
-        xerr = g["rms_cosine_std"].fillna(0).to_numpy(float)
-        yerr = g["delta_ppl_pct_std"].fillna(0).to_numpy(float)
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, color=color, ms=7, capsize=3, label=method,
-                    zorder=3)  # fmt: skip
-        for xi, yi, lab in zip(x, y, g["composition"]):
-            ax.annotate(lab, (xi, yi), textcoords="offset points", xytext=(6, 5), fontsize=8, color=color)
+        color = _COLORS.get(method, None)
+        for k in ks:
+            gk = g[g["k"].astype(int) == k] if "k" in g else g
+            if gk.empty:
+                continue
+            x, y = gk["rms_cosine"].to_numpy(float), gk["delta_ppl_pct"].to_numpy(float)
+            xerr = gk["rms_cosine_std"].fillna(0).to_numpy(float)
+            yerr = gk["delta_ppl_pct_std"].fillna(0).to_numpy(float)
+            label = f"{method}, {_K_NAMES.get(k, f'{k} adapters')}" if len(ks) > 1 else method
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=_K_MARKERS.get(k, "D"), color=color, ms=7, capsize=3,
+                        label=label, zorder=3)  # fmt: skip
+            labels += [(xi, yi, lab, color) for xi, yi, lab in zip(x, y, gk["composition"])]
         fit = next((f for f in fits if f["adapter_method"] == method and f.get("slope") is not None), None)
         if fit is not None and np.isfinite(xs_all).any():
             lo, hi = np.nanmin(xs_all), np.nanmax(xs_all)
@@ -58,6 +83,7 @@ def delta_vs_cosine(summary: pd.DataFrame, fits: list[dict], path: Path, title: 
             lab += f" (r={r:.2f}" if r is not None else " ("
             lab += f", LOO RMSE {loo:.2g})" if loo is not None else ")"
             ax.plot(grid, fit["slope"] * grid + fit["intercept"], "-", color=color, alpha=0.6, label=lab)
+    _place_labels(ax, labels)
     ax.axhline(0, color="0.6", lw=0.8, ls=":")
     ax.set_xlabel("RMS cosine similarity of the summed adapters")
     ax.set_ylabel("Δppl % (naive sum vs merged-data adapter)")

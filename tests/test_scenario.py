@@ -1,0 +1,364 @@
+"""Scenario files: validation before any work, the cache, and a small study end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from loramix.cli import main
+from loramix.scenario.cache import Cache, make_key
+from loramix.scenario.config import load_scenario
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A study small enough for CI: 3 synthetic domains (one pair with template
+# overlap), a tiny base built in a few steps, LoRA and D2-LoRA, two seeds.
+CI_SCENARIO = """
+name = "ci"
+seeds = [0, 1]
+compositions = ["all-pairs"]
+
+[base.build]
+size = "tiny"
+steps = 8
+
+[domains.arith]
+data = "synthetic:arith"
+train = 24
+eval = 8
+
+[domains.units]
+data = "synthetic:units"
+train = 24
+eval = 8
+overlap = 0.5
+overlap_with = "arith"
+
+[domains.dates]
+data = "synthetic:dates"
+train = 24
+eval = 8
+
+[adapters]
+methods = ["lora", "d2lora"]
+rank = 2
+alpha = 8
+steps = 3
+lr = 5e-3
+batch = 8
+max_len = 48
+
+[merge]
+methods = ["sum", "ties", "svd", "d2-signed"]
+ties = { density = 0.5 }
+svd = { rank = 2 }
+"""
+
+GOOD = """
+name = "v"
+[base.build]
+steps = 5
+[domains.a]
+data = "synthetic:arith"
+train = 10
+eval = 5
+[domains.b]
+data = "synthetic:units"
+train = 10
+eval = 5
+[adapters]
+rank = 4
+"""
+
+
+def _write(tmp_path: Path, text: str, name="s.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+BAD = [
+    # (edit of GOOD, key named in the error, words in the problem)
+    (GOOD + "rnak = 3\n", "adapters.rnak", "unknown key"),
+    (GOOD.replace('name = "v"', 'name = "v"\nsedes = [1]'), "sedes", "unknown key"),
+    (GOOD.replace("rank = 4", 'rank = "four"'), "adapters.rank", "expected an integer"),
+    (GOOD.replace("train = 10\neval = 5\n[domains.b]", "train = 1.5\neval = 5\n[domains.b]"),
+     "domains.a.train", "expected an integer"),
+    (GOOD.replace('data = "synthetic:units"', 'data = "missing/qa.jsonl"'), "domains.b.data", "no such data file"),
+    (GOOD.replace('name = "v"', 'name = "v"\ncompositions = [[]]'), "compositions[0]", "empty composition"),
+    (GOOD.replace('name = "v"', 'name = "v"\ncompositions = []'), "compositions", "empty"),
+    (GOOD.replace('name = "v"', 'name = "v"\ncompositions = [["a", "law"]]'), "compositions[0]", "unknown domain 'law'"),
+    (GOOD.replace('name = "v"', 'name = "v"\ncompositions = [["a"]]'), "compositions[0]", "at least 2 domains"),
+    (GOOD + '[merge]\nmethods = ["sum", "tie"]\n', "merge.methods", "unknown merge method 'tie'"),
+    (GOOD + '[merge]\nmethods = ["ties"]\nties = { density = 1.5 }\n', "merge.ties.density", "outside (0, 1]"),
+    (GOOD + '[merge]\nmethods = ["ties"]\n', "merge.ties.density", "missing"),
+    (GOOD + '[merge]\nmethods = ["d2-signed"]\n', "merge.methods", "does not apply to lora"),
+    (GOOD + '[merge]\nmethods = ["svd"]\nsvd = { rank = 99 }\n', "merge.svd.rank", "stacked rank"),
+    (GOOD.replace('data = "synthetic:units"', 'data = "${NO_SUCH_VAR}/x.jsonl"'), "domains.b.data", "unknown variable"),
+    (GOOD.replace('data = "synthetic:units"', 'data = "synthetic:poetry"'), "domains.b.data", "unknown synthetic"),
+    (GOOD.replace("[base.build]\nsteps = 5", '[base]\npath = "no/model"'), "base.path", "no such model folder"),
+    (GOOD.replace('data = "synthetic:units"', 'data = "small.jsonl"'), "domains.b.train", "fewer than"),
+    (GOOD.replace("[adapters]", "[adapters]\nmethods = ['lora', 'qlora']"), "adapters.methods", "unknown adapter method"),
+    (GOOD.replace('name = "v"', 'name = "v/../x"'), "name", "letters, digits"),
+    ("name = 'v'\n[domains\n", "", "not valid TOML"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text, key, words", BAD)
+def test_bad_scenarios_fail_before_any_work(tmp_path, capsys, text, key, words):
+    p = _write(tmp_path, text)
+    _write(tmp_path, "".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(3)),
+           "small.jsonl")  # fmt: skip
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    t0 = time.perf_counter()
+    rc = main(["scenario", "run", str(p), "--out", str(out), "--cache", str(cache), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith(f"loramix: error: {p}") and err.count("\n") == 1, err
+    if key:
+        assert f"{p}: {key}:" in err, err
+    assert words in err, err
+    assert not cache.exists() and not out.exists()  # nothing was started
+    assert time.perf_counter() - t0 < 20
+
+
+def test_variables_and_defaults(tmp_path):
+    data = tmp_path / "qa"
+    data.mkdir()
+    (data / "m.jsonl").write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n"
+                                          for i in range(30)))  # fmt: skip
+    text = GOOD.replace('data = "synthetic:units"', 'data = "${LORAMIX_DATA}/m.jsonl"')
+    sub = tmp_path / "scen"
+    sub.mkdir()
+    p = _write(sub, text)
+    sc = load_scenario(p, env={"LORAMIX_DATA": str(data)})
+    assert sc.domains["b"].data == str(data / "m.jsonl")
+    assert sc.variables == {"LORAMIX_DATA": str(data)}
+    # Unset: the first shared/data walking up from the scenario's folder.
+    shared = tmp_path / "shared" / "data"
+    shared.mkdir(parents=True)
+    (shared / "m.jsonl").write_text((data / "m.jsonl").read_text())
+    sc = load_scenario(p, env={})
+    assert sc.domains["b"].data == str(shared / "m.jsonl")
+    # Defaults and expansions of the rest.
+    assert sc.compositions == [("a", "b")] and [m.method for m in sc.merges] == ["sum"]
+    assert sc.domains["a"].data == "synthetic:arith?n=15&seed=0"
+    assert sc.seeds == (0,) and sc.adapters.epochs == 1.0 and sc.eval.max_len == sc.adapters.max_len
+
+
+def test_shipped_scenarios_are_valid():
+    for f in sorted((ROOT / "scenarios").glob("*.toml")):
+        try:
+            sc = load_scenario(f)
+        except Exception as e:  # the real-data one needs ../shared/data
+            if "qa-three-domains" in f.name and "LORAMIX_DATA" in str(e):
+                pytest.skip(f"real QA data absent: {e}")
+            raise
+        assert sc.name == f.stem
+
+
+def test_compositions_expand():
+    text = GOOD + "[domains.c]\ndata = 'synthetic:dates'\ntrain = 10\neval = 5\n"
+    text = text.replace('name = "v"', 'name = "v"\ncompositions = ["all-pairs", "all-triples", ["b", "a"]]')
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        sc = load_scenario(_write(Path(d), text))
+    assert sc.compositions == [("a", "b"), ("a", "c"), ("b", "c"), ("a", "b", "c")]
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def test_cache_atomic_resume_and_fresh(tmp_path):
+    c = Cache(tmp_path / "c")
+    spec = {"x": 1}
+
+    def boom(tmp):
+        (tmp / "half").write_text("partial")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        c.get_or_make("thing", spec, boom)
+    assert not c.has("thing", make_key("thing", spec))
+    assert list((tmp_path / "c" / "thing").iterdir()) == []  # no half artifact left
+
+    made = []
+
+    def ok(tmp):
+        made.append(1)
+        (tmp / "v").write_text("1")
+        return {"n": 1}
+
+    p = c.get_or_make("thing", spec, ok)
+    assert (p / "v").read_text() == "1" and c.record("thing", p)["info"] == {"n": 1}
+    assert c.get_or_make("thing", spec, ok) == p and len(made) == 1
+    assert c.get_or_make("thing", {"x": 2}, ok) != p and len(made) == 2
+    assert [e.status for e in c.log] == ["miss", "hit", "miss"]
+    f = Cache(tmp_path / "c", fresh=True)
+    f.get_or_make("thing", spec, ok)
+    f.get_or_make("thing", spec, ok)  # remade once per run, then reused
+    assert [e.status for e in f.log] == ["fresh", "hit"] and len(made) == 3
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    d = tmp_path_factory.mktemp("study")
+    scen = _write(d, CI_SCENARIO, "ci.toml")
+    out, cache = d / "reports" / "ci", d / "cache"
+    t0 = time.perf_counter()
+    rc = main(["scenario", "run", str(scen), "--out", str(out), "--cache", str(cache), "--quiet"])
+    first = time.perf_counter() - t0
+    assert rc == 0
+    log1 = list(csv.DictReader(open(out / "cache_log.csv")))
+    t0 = time.perf_counter()
+    rc = main(["scenario", "run", str(scen), "--out", str(out), "--cache", str(cache), "--quiet"])
+    second = time.perf_counter() - t0
+    assert rc == 0
+    log2 = list(csv.DictReader(open(out / "cache_log.csv")))
+    return {"out": out, "cache": cache, "scen": scen, "first": first, "second": second, "log1": log1,
+            "log2": log2}  # fmt: skip
+
+
+def test_every_artifact_is_written(study):
+    out = study["out"]
+    for f in ["report.md", "results.csv", "evaluations.csv", "report.json", "fit.json", "cache_log.csv",
+              "similarity_per_module.csv", "similarity_lora.png", "similarity_d2lora.png", "delta_vs_cosine.png",
+              "cosine_by_layer.png", "delta_by_method.png"]:  # fmt: skip
+        p = out / f
+        assert p.is_file() and p.stat().st_size > 0, f
+        if f.endswith(".png"):
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    for words in ["## Setup", "Naive sum vs merged-data training: lora", "d2lora", "Δppl % by merge method",
+                  "Does similarity predict interference?", "## Timings and environment", "torch 2.", "arith+units"]:  # fmt: skip
+        assert words in md, words
+    assert not list(out.parent.glob(".ci.tmp-*"))  # the report was renamed into place
+
+
+def test_numbers_are_consistent(study):
+    out = study["out"]
+    rep = json.loads((out / "report.json").read_text())
+    res = pd.read_csv(out / "results.csv")
+    ev = pd.read_csv(out / "evaluations.csv")
+    # results.csv and report.json hold the same rows.
+    assert len(res) == len(rep["results"])
+    for row, jrow in zip(res.to_dict(orient="records"), rep["results"]):
+        for k, v in jrow.items():
+            if isinstance(v, float):
+                assert row[k] == pytest.approx(v, rel=1e-9), k
+            elif v is None:
+                assert pd.isna(row[k]), k
+            else:
+                assert row[k] == v, k
+    # Every expected row: 2 methods x 2 seeds x 3 pairs x applicable merges.
+    per = {"lora": {"sum", "ties", "svd"}, "d2lora": {"sum", "ties", "d2-signed"}}
+    for am, ms in per.items():
+        sub = res[res["adapter_method"] == am]
+        assert set(sub["merge_method"]) == ms and len(sub) == 2 * 3 * len(ms)
+    # delta % recomputed from the report's own perplexities, themselves pooled from the evaluations.
+    for r in res.itertuples():
+        doms = r.composition.split("+")
+        sel = ev[(ev.adapter_method == r.adapter_method) & (ev.seed == r.seed) & ev.domain.isin(doms)]
+
+        def pooled(model, sel=sel, doms=doms):
+            s = sel[sel.model == model]
+            assert len(s) == len(doms)
+            return math.exp(s.nll.sum() / s.tokens.sum())
+
+        ppl_m = pooled(f"merge:{r.merge_method}:{r.composition}")
+        ppl_md = pooled(f"merged-data:{r.composition}")
+        assert r.ppl_merge == pytest.approx(ppl_m, rel=1e-9)
+        assert r.ppl_merged_data == pytest.approx(ppl_md, rel=1e-9)
+        assert r.delta_ppl_pct == pytest.approx(
+            100 * (r.ppl_merge - r.ppl_merged_data) / r.ppl_merged_data, rel=1e-9
+        )
+        assert r.eval_tokens == sel[sel.model == "base"].tokens.sum()
+        assert r.ppl_merge < 1e4 and r.ppl_merged_data < 1e4
+    # The pairwise cosine is the similarity matrix entry of that seed.
+    for r in res.itertuples():
+        sim = next(
+            s for s in rep["similarity"] if s["adapter_method"] == r.adapter_method and s["seed"] == r.seed
+        )
+        a, b = r.composition.split("+")
+        i, j = sim["names"].index(a), sim["names"].index(b)
+        assert r.rms_cosine == pytest.approx(sim["rms"][i][j], rel=1e-12)
+        assert 0 <= r.rms_cosine <= 1
+    # Seed means and spread, then the fit, recomputed from results.csv.
+    fit = json.loads((out / "fit.json").read_text())
+    summary = pd.DataFrame(rep["summary"])
+    for (am, mm), g in res.groupby(["adapter_method", "merge_method"]):
+        means = g.groupby("composition")[["rms_cosine", "delta_ppl_pct"]].mean()
+        stds = g.groupby("composition")["delta_ppl_pct"].std(ddof=1)
+        s = summary[(summary.adapter_method == am) & (summary.merge_method == mm)].set_index("composition")
+        assert np.allclose(s.loc[means.index, "delta_ppl_pct"], means["delta_ppl_pct"], rtol=1e-10)
+        assert np.allclose(s.loc[stds.index, "delta_ppl_pct_std"], stds, rtol=1e-10)
+        f = next(f for f in fit["fits"] if f["adapter_method"] == am and f["merge_method"] == mm)
+        slope, intercept = np.polyfit(means["rms_cosine"], means["delta_ppl_pct"], 1)
+        assert f["n"] == 3
+        assert f["slope"] == pytest.approx(slope, rel=1e-8, abs=1e-9)
+        assert f["intercept"] == pytest.approx(intercept, rel=1e-8, abs=1e-9)
+        assert f["pearson_r"] == pytest.approx(
+            np.corrcoef(means["rms_cosine"], means["delta_ppl_pct"])[0, 1], rel=1e-8
+        )
+        assert f["loo_rmse"] is not None
+
+
+def test_second_run_is_cached_and_quick(study):
+    log1, log2 = study["log1"], study["log2"]
+    made1 = [e for e in log1 if e["status"] != "hit"]
+    assert {e["kind"] for e in made1} >= {"base", "adapter", "eval", "merge", "data"}
+    # 2 methods x 2 seeds x (3 domain + 3 merged-data adapters)
+    assert sum(e["kind"] == "adapter" for e in made1) == 24
+    assert log2 and all(e["status"] == "hit" for e in log2), [e for e in log2 if e["status"] != "hit"]
+    assert len(log2) == len(log1)
+    assert study["second"] < 30, study["second"]
+
+
+def test_predict_on_the_study_adapters(study, capsys):
+    out = study["out"]
+    rep = json.loads((out / "report.json").read_text())
+    paths = next(a for a in rep["adapters"] if a["adapter_method"] == "lora" and a["seed"] == 0)
+    rc = main(["predict", paths["arith"], paths["units"], "--fit", str(out / "fit.json"), "--format", "json"])
+    r = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    row = next(x for x in rep["results"] if x["adapter_method"] == "lora" and x["seed"] == 0
+               and x["composition"] == "arith+units" and x["merge_method"] == "sum")  # fmt: skip
+    assert r["cosine"] == pytest.approx(row["rms_cosine"], rel=1e-9)
+    f = next(f for f in rep["fits"] if f["adapter_method"] == "lora" and f["merge_method"] == "sum")
+    assert r["predicted_delta_ppl_pct"] == pytest.approx(
+        f["slope"] * row["rms_cosine"] + f["intercept"], rel=1e-9
+    )
+
+
+def test_rerun_refuses_a_foreign_folder(study, tmp_path, capsys):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    rc = main(
+        [
+            "scenario",
+            "run",
+            str(study["scen"]),
+            "--out",
+            str(foreign),
+            "--cache",
+            str(study["cache"]),
+            "--quiet",
+        ]
+    )
+    assert rc == 2 and "--force" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "keep me"
