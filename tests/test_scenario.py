@@ -362,3 +362,47 @@ def test_rerun_refuses_a_foreign_folder(study, tmp_path, capsys):
     )
     assert rc == 2 and "--force" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_interrupted_run_resumes(study, tmp_path):
+    """Kill a run (SIGTERM) after some adapters are made: nothing half-made is
+    left, and the next run reuses what was finished and makes the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    text = CI_SCENARIO.replace("seeds = [0, 1]", "seeds = [7]").replace(
+        'methods = ["lora", "d2lora"]', 'methods = ["lora"]'
+    )
+    text = text.replace('"svd", "d2-signed"', '"svd"').replace('name = "ci"', 'name = "ci-resume"')
+    scen = _write(tmp_path, text, "resume.toml")
+    cache, out = study["cache"], tmp_path / "out"  # the base is reused from the study
+    adapters = cache / "adapter"
+    before = set(adapters.iterdir())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "loramix", "scenario", "run", str(scen), "--out", str(out),
+                             "--cache", str(cache), "--quiet"], env=env, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(set(adapters.iterdir()) - before) < 2:
+            time.sleep(0.05)
+        made_before_kill = {p.name for p in set(adapters.iterdir()) - before if not p.name.startswith(".")}
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc != 0 and not out.exists()  # it was interrupted before the report
+    assert made_before_kill, "no adapter was finished before the interrupt"
+    assert not [p for p in cache.rglob("*") if ".tmp-" in p.name]  # the half-made artifact was removed
+    done = {p.name for p in adapters.iterdir() if (p / "artifact.json").is_file()} - {p.name for p in before}
+    assert made_before_kill <= done | made_before_kill
+    assert main(["scenario", "run", str(scen), "--out", str(out), "--cache", str(cache), "--quiet"]) == 0
+    log = list(csv.DictReader(open(out / "cache_log.csv")))
+    ad = [e for e in log if e["kind"] == "adapter"]
+    assert len(ad) == 6
+    hits = {e["key"][:24] for e in ad if e["status"] == "hit"}
+    assert done and done <= hits  # every adapter finished before the kill was reused
+    assert all(e["status"] == "miss" for e in ad if e["key"][:24] not in done)
+    assert [e for e in log if e["kind"] == "base"][0]["status"] == "hit"

@@ -110,13 +110,21 @@ class Cache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if target.exists():
+        if (target / MARKER).is_file() and not redo:
+            # Another run sharing this cache finished the same artifact meanwhile: keep theirs.
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # made by another run between the check and the rename
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not (target / MARKER).is_file():
+                    raise
         self._made_this_run.add(key)
         self.log.append(CacheEvent(kind, key, "fresh" if done else "miss", seconds, label))
         return target
