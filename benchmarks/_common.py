@@ -24,6 +24,7 @@ class Measured:
     cmd: list[str]
     wall_s: float
     peak_rss_mb: float  # MiB
+    cpu_s: float  # the child's user + system time: the steadier figure on a shared machine
     returncode: int
     stdout: str
     stderr: str
@@ -52,7 +53,8 @@ def run_measured(cmd: list[str], *, env: dict | None = None, cwd: str | Path | N
         err.seek(0)
         # ru_maxrss is KiB on Linux, bytes on macOS
         kib = usage.ru_maxrss / 1024 if sys.platform == "darwin" else usage.ru_maxrss
-        return Measured(cmd, wall, kib / 1024, p.returncode, out.read(), err.read())
+        cpu = usage.ru_utime + usage.ru_stime
+        return Measured(cmd, wall, kib / 1024, cpu, p.returncode, out.read(), err.read())
 
 
 def best_of(cmd: list[str], repeat: int, **kw) -> Measured:

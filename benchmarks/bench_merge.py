@@ -34,12 +34,14 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import run_measured  # noqa: E402
+
 WORK = HERE / "_work"
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 N_ADAPTERS, RANK, ALPHA = 3, 8, 16
@@ -212,59 +214,16 @@ def bench_svd(args) -> list[list[str]]:
 
 
 def setup_files(work: Path) -> tuple[Path, list[Path]]:
-    """The 124M base and three rank-8 PEFT adapters (bench_sum's, when built)."""
-    shared = work / "sum"
-    base, ads = shared / "base", [shared / f"adapter{i}" for i in range(N_ADAPTERS)]
-    if (base / ".done").exists() and all((a / ".done").exists() for a in ads):
-        return base, ads
-    import torch
+    """The 124M base and three rank-8 PEFT adapters: bench_sum's, built once."""
+    from bench_sum import setup
 
-    own = work / "merge"
-    base, ads = own / "base", [own / f"adapter{i}" for i in range(N_ADAPTERS)]
-    if not (base / ".done").exists():
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        shutil.rmtree(base, ignore_errors=True)
-        torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config()).save_pretrained(base, safe_serialization=True)
-        (base / ".done").touch()
-    if not all((a / ".done").exists() for a in ads):
-        from loramix.io.adapter_files import save_peft_adapter
-        from loramix.io.model_folder import BaseModelFolder
-
-        folder = BaseModelFolder(base)
-        modules = [
-            k.removesuffix(".weight")
-            for k in folder.keys()
-            if k.endswith(".weight") and k.split(".")[-2] in TARGETS
-        ]
-        for i, a in enumerate(ads):
-            shutil.rmtree(a, ignore_errors=True)
-            g = torch.Generator().manual_seed(100 + i)
-            factors = {}
-            for m in modules:
-                rows, cols = folder.tensors[m + ".weight"].shape  # Conv1D: (in, out)
-                factors[m] = (
-                    torch.randn(cols, RANK, generator=g) * 0.01,
-                    torch.randn(RANK, rows, generator=g) * 0.01,
-                )
-            save_peft_adapter(a, factors, fan_in_fan_out=True, alphas={m: float(ALPHA) for m in modules})
-            (a / ".done").touch()
-    return base, ads
+    return setup(work / "sum")
 
 
 def run_child(cmd: list[str], env: dict) -> tuple[float, float, float]:
-    """Run ``cmd``; (wall seconds, that child's CPU seconds (user + sys), its
-    peak RSS in MiB). CPU time is the steadier figure on a shared machine."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    err = p.stderr.read().decode(errors="replace")
-    p.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-3000:]}")
-    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024
+    """(wall seconds, CPU seconds, peak RSS MiB) of one whole process."""
+    m = run_measured(cmd, env=env).check()
+    return m.wall_s, m.cpu_s, m.peak_rss_mb
 
 
 def bench_into(args) -> list[list[str]]:
