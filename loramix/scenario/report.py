@@ -139,6 +139,33 @@ def render_markdown(report: dict) -> str:
              "data.")  # fmt: skip
     L.append("")
 
+    # ---- key numbers, computed from the tables below
+    L.append("## Summary")
+    L.append("")
+    for am in dict.fromkeys(summary["adapter_method"]):
+        g = summary[(summary["adapter_method"] == am) & (summary["merge_method"] == "sum")]
+        if g.empty:
+            continue
+        lo, hi = g.loc[g["delta_ppl_pct"].idxmin()], g.loc[g["delta_ppl_pct"].idxmax()]
+        line = (f"- **{am}**: Δppl % of the naive sum against merged-data training ranges from "
+                f"{_f(lo['delta_ppl_pct'], 1)} ({lo['composition']}) to {_f(hi['delta_ppl_pct'], 1)} "
+                f"({hi['composition']}); RMS cosine from {_f(g['rms_cosine'].min(), 3)} to "
+                f"{_f(g['rms_cosine'].max(), 3)}")  # fmt: skip
+        f = next(
+            (f for f in report["fits"] if f["adapter_method"] == am and f["merge_method"] == "sum"), None
+        )
+        if f is not None and f.get("pearson_r") is not None:
+            line += (
+                f"; Pearson r of Δppl % with RMS cosine {_f(f['pearson_r'], 2)} over {f['n']} compositions"
+            )
+            if f.get("loo_rmse") is not None:
+                line += f" (leave-one-out RMSE {_f(f['loo_rmse'], 1)} points)"
+        best = report.get("best_methods", {}).get(am)
+        if best and len(sc["merge"]) > 1:
+            line += f"; lowest mean Δppl %: **{best['method']}** ({_f(best['delta'], 1)} %)"
+        L.append(line + ".")
+    L.append("")
+
     # ---- setup
     L.append("## Setup")
     L.append("")
