@@ -45,8 +45,9 @@ def _place_labels(ax, labels: list[tuple]) -> None:
                 break
             dy -= 0.05
         placed.append((fx, fy + dy))
-        ax.annotate(text, (x, y), xytext=(fx + 0.012, fy + dy), textcoords="axes fraction", fontsize=8,
-                    color=color, va="center")  # fmt: skip
+        right = fx > 0.75  # near the right edge: put the label to the left of the point
+        ax.annotate(text, (x, y), xytext=(fx - 0.012 if right else fx + 0.012, fy + dy), textcoords="axes fraction",
+                    fontsize=8, color=color, va="center", ha="right" if right else "left")  # fmt: skip
 
 
 def delta_vs_cosine(summary: pd.DataFrame, fits: list[dict], path: Path, title: str) -> Path:
