@@ -45,6 +45,7 @@ left (the start of a long context goes first; the question and the
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -194,7 +195,8 @@ def load_records(
         for i, obj in enumerate(data[:limit] if limit else data):
             records.append(_record(obj, p, f"record {i}", qf, af, cf))
     elif suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        # newline="" keeps line breaks inside quoted fields (and U+2028 etc.) in the field
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         header = reader.fieldnames or []
         for f in (qf, af):
             if f not in header:

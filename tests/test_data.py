@@ -198,3 +198,10 @@ def test_real_data_files_load():
         assert any(r.context for r in recs) == has_context
     math_recs = load_records(SHARED_DATA / "math.jsonl", limit=20)
     assert all("####" in r.answer for r in math_recs)
+
+
+def test_csv_keeps_line_breaks_inside_quoted_fields(tmp_path):
+    p = tmp_path / "qa.csv"
+    p.write_text('question,answer\n"line one\nline two","a\u2028b"\nq2,a2\n', newline="")
+    recs = load_records(p)
+    assert [(r.question, r.answer) for r in recs] == [("line one\nline two", "a\u2028b"), ("q2", "a2")]
