@@ -132,6 +132,10 @@ def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None, tokeniz
         if bar:
             hf_logging.enable_progress_bar()
     model.to(dev).eval()
+    if getattr(model, "loss_type", None) is None:
+        # GPT-2's class name maps to no loss type, so transformers warns on every
+        # run and then uses ForCausalLM anyway; name it to say the same quietly.
+        model.loss_type = "ForCausalLM"
     tok_where = Path(tokenizer_path) if tokenizer_path is not None else p
     tok = load_tokenizer(tok_where)
     check_tokenizer(model, tok, tok_where)
