@@ -214,10 +214,13 @@ def bench_svd(args) -> list[list[str]]:
 
 
 def setup_files(work: Path) -> tuple[Path, list[Path]]:
-    """The 124M base and three rank-8 PEFT adapters: bench_sum's, built once."""
-    from bench_sum import setup
+    """The 124M base and three rank-8 PEFT adapters: bench_sum's, built once,
+    in a child process so that this one stays free of torch."""
+    from bench_sum import N_ADAPTERS as n
 
-    return setup(work / "sum")
+    shared = work / "sum"
+    run_measured([sys.executable, str(HERE / "bench_sum.py"), "--child", "setup", str(shared)]).check()
+    return shared / "base", [shared / f"adapter{i}" for i in range(n)]
 
 
 def run_child(cmd: list[str], env: dict) -> tuple[float, float, float]:
@@ -300,20 +303,25 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default=str(WORK))
     args = ap.parse_args(argv)
 
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the (b) children
+    rows = []
+    # (b) first, while this process has not imported torch: on Linux a child's
+    # peak RSS starts from its parent's at exec, so (a)'s models would inflate it.
+    if args.only in (None, "b"):
+        rows += bench_into(args)
+    if args.only in (None, "a"):
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        rows = bench_svd(args) + rows
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the (b) children
     print(
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
         f"repeat {args.repeat} (median)\n"
     )
-    rows = []
-    if args.only in (None, "a"):
-        rows += bench_svd(args)
-    if args.only in (None, "b"):
-        rows += bench_into(args)
     print("| benchmark | time | ratio | target |")
     print("|---|---|---|---|")
     for r in rows:
