@@ -13,6 +13,19 @@ from .factories import SHARED_DATA
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _loramix_cache_dir(tmp_path_factory):
+    """loramix caches model layouts and file hashes in ``$LORAMIX_CACHE_DIR``
+    (default ``~/.cache/loramix``): keep the tests' out of the user's home."""
+    old = os.environ.get("LORAMIX_CACHE_DIR")
+    os.environ["LORAMIX_CACHE_DIR"] = str(tmp_path_factory.mktemp("loramix-cache"))
+    yield
+    if old is None:
+        os.environ.pop("LORAMIX_CACHE_DIR", None)
+    else:
+        os.environ["LORAMIX_CACHE_DIR"] = old
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
     skip_data = pytest.mark.skip(reason=f"real QA data not found at {SHARED_DATA} (see README: Data)")

@@ -372,25 +372,12 @@ def test_registry_and_bad_params():
 
 # ----------------------------------------------------------------------------- end to end through the CLI
 
-import os  # noqa: E402
 
 from loramix.cli import main  # noqa: E402
 from loramix.io.adapter_files import load_adapter, save_d2_adapter  # noqa: E402
 from loramix.io.model_folder import BaseModelFolder  # noqa: E402
 
 from .factories import make_peft_adapter, save_base, tiny_gpt2, tiny_llama  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _layout_cache(tmp_path_factory):
-    """Keep the layout cache of these tests out of the user's home."""
-    old = os.environ.get("LORAMIX_CACHE_DIR")
-    os.environ["LORAMIX_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("LORAMIX_CACHE_DIR", None)
-    else:
-        os.environ["LORAMIX_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="module")

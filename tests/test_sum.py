@@ -9,7 +9,6 @@ are not the sum (DESIGN.md section 3), so they are never the reference here.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
@@ -27,18 +26,6 @@ from loramix.summation import stream_into_base, sum_adapters, sum_into_base
 from .factories import make_peft_adapter, save_base, tiny_gpt2, tiny_llama
 
 TOL = 1e-6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _layout_cache(tmp_path_factory):
-    """Keep the layout cache of these tests out of the user's home."""
-    old = os.environ.get("LORAMIX_CACHE_DIR")
-    os.environ["LORAMIX_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("LORAMIX_CACHE_DIR", None)
-    else:
-        os.environ["LORAMIX_CACHE_DIR"] = old
 
 
 def _adapters(model, root, kind):
