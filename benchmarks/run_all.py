@@ -35,14 +35,9 @@ BENCHMARKS = {
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from loramix.environment import cpu_name
+
+    cpu = cpu_name()
     try:
         mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
         mem = f"{mem_kb / 2**20:.0f} GiB"

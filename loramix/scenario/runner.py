@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import sys
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..environment import environment
 from ..errors import OutputError, ScenarioError, UsageError
 from .cache import Cache, default_cache_dir
 from .config import Scenario, load_scenario, scenario_summary
@@ -113,38 +113,6 @@ def prepare_data(sc: Scenario) -> dict[str, DomainData]:
         src = None if d.synthetic else file_sha256(d.data)
         out[name] = DomainData(name, train, ev, _records_jsonl(train), _records_jsonl(ev), src)
     return out
-
-
-def environment(device) -> dict:
-    import numpy
-    import pandas
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev_name = "CPU"
-    if device.type == "cuda":
-        dev_name = torch.cuda.get_device_name(device)
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": numpy.__version__,
-        "pandas": pandas.__version__,
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "device_name": dev_name,
-    }
 
 
 def check_report_dir(out: Path, name: str, force: bool) -> None:
