@@ -44,11 +44,12 @@ def stacked_rank(adapters, module: str | None = None) -> int:
 def lowrank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(P, S, Qt)`` with ``B @ A = P diag(S) Qt``, ``P`` (out, n) and ``Qt``
     (n, in) orthonormal, ``S`` descending, ``n = min(out, in, R)``; from the
-    factors ``B`` (out, R), ``A`` (R, in) only."""
+    factors ``B`` (out, R), ``A`` (R, in) only. Leading batch dimensions are
+    allowed (``(G, out, R)``, ``(G, R, in)``)."""
     QB, RB = torch.linalg.qr(B)
-    QA, RA = torch.linalg.qr(A.T)
-    U, S, Vh = torch.linalg.svd(RB @ RA.T, full_matrices=False)
-    return QB @ U, S, Vh @ QA.T
+    QA, RA = torch.linalg.qr(A.mT)
+    U, S, Vh = torch.linalg.svd(RB @ RA.mT, full_matrices=False)
+    return QB @ U, S, Vh @ QA.mT
 
 
 def choose_rank(S: torch.Tensor, rank: int | None, energy: float | None) -> int:
@@ -112,24 +113,7 @@ class Svd(MergeMethod):
             )
 
     def factors(self, ctx, module_deltas, weights, params):
-        Bs, As = [], []
-        for m, w in zip(module_deltas, weights):
-            B, A = m.factors(dtype=torch.float64, device=ctx.device)
-            Bs.append(B * w)
-            As.append(A)
-        B, A = torch.cat(Bs, dim=1), torch.cat(As, dim=0)
-        P, S, Qt = lowrank_svd(B, A)
-        k = choose_rank(S, params["rank"], params["energy"])
-        e = S**2
-        total, dropped = float(e.sum()), float(e[k:].sum())
-        info = {
-            "rank": k,
-            "stacked_rank": int(B.shape[1]),
-            "energy_total": total,
-            "energy_discarded": dropped,
-            "energy_discarded_fraction": dropped / total if total > 0 else 0.0,
-        }
-        return LowRank(P[:, :k] * S[:k], Qt[:k], info)
+        return self._factors_group([(ctx, module_deltas, weights)], params)[0]
 
     def factors_many(self, jobs, params):
         """Batched: modules with the same shapes and the same stacked ranks
@@ -159,14 +143,12 @@ class Svd(MergeMethod):
             Bs.append(torch.cat(Bi, dim=1))
             As.append(torch.cat(Ai, dim=0))
         B, A = torch.stack(Bs), torch.stack(As)  # (G, out, R), (G, R, in)
-        QB, RB = torch.linalg.qr(B)
-        QA, RA = torch.linalg.qr(A.mT)
-        U, S, Vh = torch.linalg.svd(RB @ RA.mT, full_matrices=False)
+        P, S, Qt = lowrank_svd(B, A)
         S_cpu = S.cpu()  # one synchronisation per group: ranks and energies
         ks = [choose_rank(S_cpu[g], params["rank"], params["energy"]) for g in range(len(jobs))]
         kmax = max(ks)
-        Bk = (QB @ U[..., :kmax]) * S[..., None, :kmax]
-        Ak = Vh[..., :kmax, :] @ QA.mT
+        Bk = P[..., :kmax] * S[..., None, :kmax]
+        Ak = Qt[..., :kmax, :]
         res = []
         for g, k in enumerate(ks):
             e = S_cpu[g] ** 2
