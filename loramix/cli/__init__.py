@@ -32,6 +32,17 @@ COMMANDS = {
 }
 
 
+def data_options(help: str):
+    """``--data FILE`` (repeatable) plus further files listed after it; the
+    command gets ``data`` and ``more_data`` and uses ``[*data, *more_data]``."""
+
+    def decorate(f):
+        f = click.argument("more_data", nargs=-1)(f)
+        return click.option("--data", "data", multiple=True, required=True, help=help)(f)
+
+    return decorate
+
+
 class LazyGroup(click.Group):
     """Imports a command's module only when that command is used."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..devices import DEVICE_CHOICES
+from . import data_options
 
 
 @click.group("base")
@@ -13,14 +14,9 @@ def command():
 
 
 @command.command("build")
-@click.option(
-    "--data",
-    "data",
-    multiple=True,
-    required=True,
-    help="Data file (.jsonl/.json/.csv/.txt) or synthetic:NAME[?n=..&seed=..] spec; repeat or list after it.",
+@data_options(
+    "Data file (.jsonl/.json/.csv/.txt) or synthetic:NAME[?n=..&seed=..] spec; repeat or list after it."
 )
-@click.argument("more_data", nargs=-1)
 @click.option("--out", required=True, type=click.Path(), help="Output model folder.")
 @click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
 @click.option("--steps", type=int, default=None, help="Pre-training steps (default per size).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..devices import DEVICE_CHOICES
+from . import data_options
 
 
 @click.command("eval")
@@ -14,14 +15,7 @@ from ..devices import DEVICE_CHOICES
 )
 @click.option("--weights", default=None, help="Comma-separated weight per adapter (default 1 each).")
 @click.option("--merged", is_flag=True, help="Merge the adapters into the weights first (else on the fly).")
-@click.option(
-    "--data",
-    "data",
-    multiple=True,
-    required=True,
-    help="Data file (.jsonl/.json/.csv/.txt) or synthetic:NAME spec; repeat or list after it.",
-)
-@click.argument("more_data", nargs=-1)
+@data_options("Data file (.jsonl/.json/.csv/.txt) or synthetic:NAME spec; repeat or list after it.")
 @click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True)
 @click.option(
     "--max-len", type=int, default=None, help="Tokens per sequence (default: model context, <=1024)."

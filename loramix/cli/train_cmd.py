@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..devices import DEVICE_CHOICES
+from . import data_options
 
 
 def _eval_size(value: str) -> int | float:
@@ -14,14 +15,7 @@ def _eval_size(value: str) -> int | float:
 
 @click.command("train")
 @click.option("--base", required=True, type=click.Path(), help="Base model folder (Hugging Face causal LM).")
-@click.option(
-    "--data",
-    "data",
-    multiple=True,
-    required=True,
-    help="Data file (.jsonl/.json/.csv/.txt) or synthetic:NAME spec; several are pooled.",
-)
-@click.argument("more_data", nargs=-1, type=click.Path())
+@data_options("Data file (.jsonl/.json/.csv/.txt) or synthetic:NAME spec; several are pooled.")
 @click.option("--out", required=True, type=click.Path(), help="Output adapter folder.")
 @click.option("--method", type=click.Choice(["lora", "d2lora"]), default="lora", show_default=True)
 @click.option("--rank", type=int, default=8, show_default=True)
