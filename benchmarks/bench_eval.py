@@ -147,9 +147,9 @@ def main() -> None:
 
     from loramix.data import encode_records, load_records, make_batches, pad_id_for
     from loramix.devices import resolve_device
-    from loramix.evaluate import perplexity
     from loramix.layers import attach_adapters, detach, merge_into_model
     from loramix.models import load_causal_lm
+    from loramix.perplexity import perplexity
 
     dev = resolve_device(args.device)
     base = Path(args.base) if args.base else make_base(args.arch, args.max_len)

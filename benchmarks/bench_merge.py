@@ -92,8 +92,8 @@ def svd_loramix(ads, device):
     """What ``merge(..., "svd")`` computes for an adapter output (same call)."""
     import torch
 
-    from loramix.merge import get_method
-    from loramix.merge.base import ModuleContext
+    from loramix.methods import get_method
+    from loramix.methods.base import ModuleContext
 
     m = get_method("svd")
     p = m.validate({"rank": RANK}, ads)

@@ -21,15 +21,15 @@ _API = {
     "load_adapter": "loramix.io.adapter_files",
     "save_peft_adapter": "loramix.io.adapter_files",
     "save_d2_adapter": "loramix.io.adapter_files",
-    "similarity": "loramix.similarity",
+    "similarity": "loramix.overlap",
     "sum_into_base": "loramix.summation",
     "sum_adapters": "loramix.summation",
-    "merge": "loramix.merge",
+    "merge": "loramix.methods",
     "train_adapter": "loramix.train",
-    "evaluate": "loramix.evaluate",
+    "evaluate": "loramix.perplexity",
     "build_base": "loramix.basebuild",
     "run_scenario": "loramix.scenario",
-    "predict": "loramix.predict",
+    "predict": "loramix.interference",
 }
 
 __all__ = ["__version__", *_API]

@@ -154,8 +154,8 @@ def build_base(
 
     from .data import encode_records, make_batches
     from .devices import resolve_device
-    from .evaluate import perplexity
     from .io.outputs import atomic_output_dir, check_output, provenance, write_provenance
+    from .perplexity import perplexity
 
     if isinstance(size, BaseSize):
         cfg, size = size, "custom"

@@ -72,7 +72,6 @@ __all__ = [
     "LoraLinear",
     "D2LoraLinear",
     "AttachedLinear",
-    "DEFAULT_TARGETS",
     "default_targets",
     "find_targets",
     "inject_trainable",
@@ -85,13 +84,6 @@ __all__ = [
     "d2_norm_scale",
 ]
 
-# PEFT's defaults for these architectures, plus the MLP: every projection in a block.
-DEFAULT_TARGETS = {
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
 
 
 def _conv1d_class():
@@ -465,12 +457,15 @@ def wrapped_modules(model: nn.Module, kind: type | tuple = _Wrapped) -> dict[str
 
 def default_targets(model: nn.Module) -> list[str]:
     """Target suffixes for ``model``'s architecture (``config.model_type``)."""
+    from .archs import ARCHS, arch
+
     mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt in DEFAULT_TARGETS:
-        return list(DEFAULT_TARGETS[mt])
-    # Unknown architecture: every projection named like Llama's, else GPT-2's, if present.
+    a = arch(mt)
+    if a and a.targets:
+        return list(a.targets)
+    # Unknown architecture: the first known architecture's projections present in the model.
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_adaptable(m)}
-    for cand in DEFAULT_TARGETS.values():
+    for cand in (x.targets for x in ARCHS.values() if x.targets):
         if names & set(cand):
             return [t for t in cand if t in names]
     raise UsageError("--targets", f"no default target modules for model type {mt!r}; pass --targets")

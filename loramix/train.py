@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from .adapter import D2LORA, LORA
+from .archs import context_length
 from .errors import UsageError
 
 DEFAULT_EVAL_SIZE = 0.1
@@ -151,11 +152,11 @@ def train_adapter(
 
     from .data import encode_records, make_batches, pad_id_for
     from .devices import resolve_device
-    from .evaluate import perplexity
     from .io.adapter_files import save_d2_adapter, save_peft_adapter
     from .io.outputs import atomic_output_dir, check_output, provenance, write_provenance
     from .layers import default_targets, extract_modules, find_targets, inject_trainable
     from .models import base_provenance, load_causal_lm
+    from .perplexity import perplexity
 
     # ---- validate everything before any work
     if method not in (LORA, D2LORA):
@@ -186,9 +187,7 @@ def train_adapter(
     targets = list(targets) if targets is not None and not isinstance(targets, str) else targets
     resolved_targets = default_targets(model) if targets is None else targets
     # Sequences cannot be longer than the model's positions: cap max_len there (recorded below).
-    n_pos = getattr(model.config, "n_positions", None) or getattr(
-        model.config, "max_position_embeddings", None
-    )
+    n_pos = context_length(model.config)
     if n_pos:
         max_len = min(max_len, int(n_pos))
     base_rec = base_provenance(base)

@@ -71,8 +71,8 @@ def test_heldout_perplexity_beats_untrained_and_is_recorded(built):
     assert float(rows[-1]["running_loss"]) < float(rows[0]["loss"])
     # loramix's evaluation of the folder agrees with what the build reported
     from loramix.data import encode_records, make_batches, split_records
-    from loramix.evaluate import perplexity
     from loramix.models import load_causal_lm
+    from loramix.perplexity import perplexity
 
     model, tok = load_causal_lm(out)
     from loramix.data import load_records

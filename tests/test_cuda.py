@@ -53,7 +53,7 @@ def _assert_same_tensors(a: Path, b: Path, rtol: float):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_similarity_cuda_matches_cpu(setup, arch):
-    from loramix.similarity import similarity
+    from loramix.overlap import similarity
 
     ads = setup[arch]["adapters"]
     cpu = similarity(ads, device="cpu", progress=False)
@@ -84,7 +84,7 @@ def test_sum_into_base_cuda_matches_cpu(setup, arch, tmp_path):
     ],
 )
 def test_merge_methods_cuda_match_cpu(setup, method, params, tmp_path):
-    from loramix.merge import merge
+    from loramix.methods import merge
 
     s = setup["gpt2"]
     into = None if method == "svd" else s["base"]
@@ -113,7 +113,7 @@ def tiny_base(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["lora", "d2lora"])
 def test_train_and_eval_on_cuda(tiny_base, tmp_path, method):
-    from loramix.evaluate import evaluate
+    from loramix.perplexity import evaluate
     from loramix.train import train_adapter
 
     data = ["synthetic:arith?n=300"]

@@ -13,10 +13,10 @@ from torch import nn
 
 from loramix.d2lora import d2_merged_weight
 from loramix.data import encode_records, load_records, make_batches, pad_id_for
-from loramix.evaluate import perplexity
 from loramix.io.adapter_files import load_adapter
 from loramix.layers import D2LoraLinear, attach_adapters, inject_trainable, merge_into_model, wrapped_modules
 from loramix.models import load_causal_lm
+from loramix.perplexity import perplexity
 from loramix.train import train_adapter
 
 from .test_train import ARITH, UNITS, make_tiny_base

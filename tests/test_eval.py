@@ -11,7 +11,7 @@ import torch
 
 from loramix.cli import main
 from loramix.data import encode_records, load_records, make_batches
-from loramix.evaluate import evaluate, perplexity
+from loramix.perplexity import evaluate, perplexity
 
 from .factories import SHARED_DATA, make_peft_adapter, save_base, tiny_gpt2, tiny_llama, write_jsonl
 

@@ -10,7 +10,7 @@ import torch
 
 from loramix.adapter import ModuleDelta
 from loramix.cli import main
-from loramix.inspect import COLUMNS, inspect_adapter
+from loramix.contents import COLUMNS, inspect_adapter
 from loramix.io.adapter_files import save_d2_adapter
 
 from .factories import make_peft_adapter, tiny_gpt2, tiny_llama

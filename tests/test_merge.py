@@ -12,8 +12,8 @@ import torch
 
 from loramix.adapter import D2LORA, LORA, Adapter, ModuleDelta
 from loramix.errors import UsageError
-from loramix.merge import available_methods, get_method
-from loramix.merge.base import ModuleContext, dare_mask, kth_largest, module_seed
+from loramix.methods import available_methods, get_method
+from loramix.methods.base import ModuleContext, dare_mask, kth_largest, module_seed
 
 F64 = torch.float64
 

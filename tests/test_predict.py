@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from loramix.cli import main
-from loramix.scenario.fit import composition_cosine, fit_line, t_cdf, t_quantile
+from loramix.fit import composition_cosine, fit_line, t_cdf, t_quantile
 
 from .factories import make_peft_adapter, tiny_gpt2
 
@@ -139,9 +139,9 @@ def fit_file(tmp_path_factory):
 
 
 def test_predict_uses_the_runner_cosine(adapters, fit_file):
-    from loramix.predict import predict
-    from loramix.scenario.fit import LinearFit
-    from loramix.similarity import similarity
+    from loramix.fit import LinearFit
+    from loramix.interference import predict
+    from loramix.overlap import similarity
 
     path, fits = fit_file
     sim = similarity(adapters, progress=False)

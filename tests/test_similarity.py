@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from loramix import load_adapter, save_peft_adapter, similarity
 from loramix.adapter import Adapter, ModuleDelta
 from loramix.errors import AdapterError
-from loramix.similarity import breakdown, module_layer_type
+from loramix.overlap import breakdown, module_layer_type
 
 from .factories import make_peft_adapter, tiny_gpt2, tiny_llama
 
@@ -143,7 +143,7 @@ def test_blocked_gram_equals_reference(gpt2_adapters, monkeypatch, block):
     """Small Gram blocks: the upper-triangular block pass and its mirror."""
     import sys
 
-    monkeypatch.setattr(sys.modules["loramix.similarity"], "GRAM_BLOCK", block)
+    monkeypatch.setattr(sys.modules["loramix.overlap"], "GRAM_BLOCK", block)
     ads = [load_adapter(p) for p in gpt2_adapters]
     assert_equals_reference(similarity(ads, per_module=True, progress=False), ads)
 

@@ -34,7 +34,7 @@ def command(base, adapters, weights, merged, data, more_data, on, max_len, batch
     import json
 
     from ..errors import UsageError
-    from ..evaluate import evaluate
+    from ..perplexity import evaluate
 
     w = None
     if weights is not None:

@@ -26,7 +26,7 @@ def command(path: Path, fmt: str) -> None:
     nn.Linear layout), rank, alpha, scale, the Frobenius norm of the delta
     s*B@A (computed from the factors), stored dtype and parameter count.
     """
-    from ..inspect import inspect_adapter
+    from ..contents import inspect_adapter
 
     df = inspect_adapter(path)
     meta = df.attrs

@@ -1,4 +1,4 @@
-"""``loramix merge --method NAME A B [...] --out DIR``: a thin layer over :func:`loramix.merge.merge`.
+"""``loramix merge --method NAME A B [...] --out DIR``: a thin layer over :func:`loramix.methods.merge`.
 
 Torch and the methods are imported inside the command, so ``loramix --help``
 stays quick. Only the options the user gives reach the method; one that does
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-# Kept here (not imported from loramix.merge) so that --help needs no torch.
+# Kept here (not imported from loramix.methods) so that --help needs no torch.
 METHODS_HELP = "sum, svd, ties, dare-linear, dare-ties, magnitude, d2-signed"
 
 
@@ -62,7 +62,7 @@ def command(
     Low-rank methods (sum, svd) write a PEFT adapter without --into; every
     method writes a full model with --into BASE.
     """
-    from ..merge import merge
+    from ..methods import merge
 
     res = merge(
         list(adapters),

@@ -25,7 +25,7 @@ def command(adapters, fit_path, merge_method, level, fmt):
     """Predict delta_ppl% of merging ADAPTERS (at least two) from their RMS cosine, with error bars."""
     import json
 
-    from ..predict import predict
+    from ..interference import predict
 
     r = predict(list(adapters), fit_path, merge_method=merge_method, level=level)
     if fmt == "json":

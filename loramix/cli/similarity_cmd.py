@@ -77,7 +77,7 @@ def command(adapters, fmt, per_module, plot, base, device, force) -> None:
         if any(plot.resolve() == Path(a).resolve() for a in adapters):
             raise OutputError(plot, "--plot would overwrite an input")
 
-    from ..similarity import breakdown, similarity
+    from ..overlap import breakdown, similarity
 
     res = similarity(list(adapters), base=base, per_module=per_module, progress=True, device=device)
 

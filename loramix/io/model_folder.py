@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..archs import is_conv1d
 from ..errors import BaseModelError
 from .safetensors_io import CheckedSafetensors, file_sha256
 
@@ -63,7 +64,6 @@ TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 
 # Model types whose projections are transformers Conv1D, used only when the
 # skeleton cannot be built (a model class this transformers does not know).
-CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 
 LINEAR, CONV1D = "linear", "conv1d"
 
@@ -373,7 +373,7 @@ class BaseModelFolder:
         if name in layouts:
             return layouts[name]
         # Not a Linear/Conv1D in the skeleton (or no skeleton): fall back on the model type.
-        return CONV1D if self.config.get("model_type") in CONV1D_MODEL_TYPES else LINEAR
+        return CONV1D if is_conv1d(self.config.get("model_type")) else LINEAR
 
     def _tied_to(self, cands: list[str]) -> str | None:
         try:

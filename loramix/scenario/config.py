@@ -227,7 +227,7 @@ def _synthetic_domains() -> list[str]:
 
 
 def _merge_registry() -> list[str]:
-    from ..merge import available_methods
+    from ..methods import available_methods
 
     return available_methods()
 
@@ -433,7 +433,7 @@ def _parse_compositions(ctx, v, domains: list[str]) -> list[tuple[str, ...]]:
 
 def _method_params(name: str) -> dict[str, Any]:
     """``{toml key: Param}`` of a registered merge method (``lambda_`` is ``lambda``)."""
-    from ..merge import get_method
+    from ..methods import get_method
 
     return {("lambda" if p.name == "lambda_" else p.name): p for p in get_method(name).params}
 

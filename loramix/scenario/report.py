@@ -11,7 +11,7 @@ Inputs are plain tables (pandas), so a report can be re-rendered from a
   standard deviation (``ddof = 1``; empty with one seed).
 * ``fits``: for each adapter method and merge method, ``delta_ppl_pct`` of the
   summary rows (one point per composition) regressed on ``rms_cosine``
-  (:func:`loramix.scenario.fit.fit_line`).
+  (:func:`loramix.fit.fit_line`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .fit import fit_line
+from ..fit import fit_line
 
 RESULT_COLUMNS = [
     "adapter_method", "seed", "composition", "k", "merge_method", "rms_cosine", "mean_cosine",

@@ -20,7 +20,7 @@ Data splits are drawn once with ``data_seed`` (the same eval sets for every
 seed); the base is shared by all seeds; the seeds vary adapter training
 (initialisation and batch order), so the spread over seeds measures training
 noise. A composition's RMS cosine is
-:func:`loramix.scenario.fit.composition_cosine` of the pairwise matrix.
+:func:`loramix.fit.composition_cosine` of the pairwise matrix.
 
 Every artifact goes through :class:`loramix.scenario.cache.Cache`; dense
 merged models (as large as the base) are evaluated and then deleted, keeping
@@ -282,7 +282,7 @@ class Runner:
 
     def _evaluate(self, data: dict[str, DomainData], *, adapters=(), model_path=None) -> dict:
         """Per-domain ``{ppl, tokens, nll_sum}`` of a model on every eval split."""
-        from ..evaluate import evaluate
+        from ..perplexity import evaluate
 
         ev = self.sc.eval
         names = list(data)
@@ -310,8 +310,8 @@ class Runner:
     ) -> dict:
         """Evaluation of one merge (not ``sum``): svd keeps its adapter; dense
         merges are written into a copy of the base, evaluated, then deleted."""
-        from ..merge import get_method
-        from ..merge import merge as do_merge
+        from ..methods import get_method
+        from ..methods import merge as do_merge
 
         spec = {
             "method": merge.method,
@@ -356,9 +356,9 @@ class Runner:
         import pandas as pd
         from transformers.utils import logging as hf_logging
 
+        from ..fit import composition_cosine
         from ..io.adapter_files import load_adapter
-        from ..similarity import similarity
-        from .fit import composition_cosine
+        from ..overlap import similarity
         from .report import compute_fits, delta_pct, records, summarize
 
         hf_logging.disable_progress_bar()  # one overall bar; no per-save/per-load bars

@@ -1,6 +1,6 @@
 """The interface every merge method implements, and the pieces they share.
 
-A method is one small class, registered by name (see :mod:`loramix.merge`).
+A method is one small class, registered by name (see :mod:`loramix.methods`).
 It works on one module at a time, on the *true* deltas of that module::
 
     dW_i = ModuleDelta.delta(W0)      (out, in): s_i B_i A_i for LoRA, W_hat_i - W0 for D2-LoRA

@@ -13,7 +13,7 @@ This is the perplexity of the whole set, not a mean of per-batch losses (which
 would over-weight short batches).
 
 Only scored positions need logits: for the model classes in
-:data:`_FAST_HEADS` (final hidden state -> ``lm_head``, nothing in between)
+:func:`loramix.archs.fast_head_classes` (final hidden state -> ``lm_head``, nothing in between)
 loramix runs the decoder, gathers the hidden states of the scored positions
 and applies the output layer to those alone. With ``on="answer"`` most prompt
 positions are skipped, so the ``(B, L, vocab)`` logits tensor is never built.
@@ -29,20 +29,8 @@ import os
 import time
 from collections.abc import Sequence
 
-from ._callable import make_callable
+from .archs import context_length, fast_head_classes
 from .errors import UsageError
-
-# Causal-LM classes whose logits are exactly ``get_output_embeddings()(base_model(...)[0])``.
-_FAST_HEADS = {
-    "GPT2LMHeadModel",
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "GPTNeoXForCausalLM",
-    "Phi3ForCausalLM",
-    "OPTForCausalLM",
-}
 
 
 def _sync(device) -> None:
@@ -67,7 +55,7 @@ def perplexity(model, batches: Sequence[dict], *, device=None, fast: bool = True
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    use_fast = fast and type(model).__name__ in _FAST_HEADS
+    use_fast = fast and type(model).__name__ in fast_head_classes()
     head = model.get_output_embeddings() if use_fast else None
     body = model.base_model if use_fast else None
     nll = 0.0
@@ -106,7 +94,7 @@ def perplexity(model, batches: Sequence[dict], *, device=None, fast: bool = True
 
 def _default_max_len(model, tokenizer) -> int:
     cfg = model.config
-    n = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1024
+    n = context_length(cfg) or 1024
     return int(min(n, 1024, tokenizer.model_max_length or n))
 
 
@@ -233,4 +221,3 @@ def evaluate(
     return pd.DataFrame(rows)
 
 
-make_callable(__name__)

@@ -47,7 +47,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._callable import make_callable
 from .adapter import D2LORA, Adapter, ModuleDelta, check_compatible
 from .devices import resolve_device
 from .errors import UsageError
@@ -394,4 +393,3 @@ def similarity(
     )
 
 
-make_callable(__name__)

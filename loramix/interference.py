@@ -4,11 +4,11 @@ A scenario run fits, per adapter kind and merge method, the line
 
     delta_ppl% = slope * cos_C + intercept
 
-over its compositions (``fit.json``; :mod:`loramix.scenario.fit`). For new
+over its compositions (``fit.json``; :mod:`loramix.fit`). For new
 adapters ``A, B, ...`` (no training, no evaluation) loramix computes their
 pairwise RMS cosines (exact, from the factors; D2-LoRA on the signed residual,
 as the runner does) and the composition's cosine exactly as the runner does,
-:func:`loramix.scenario.fit.composition_cosine`::
+:func:`loramix.fit.composition_cosine`::
 
     cos_C = sqrt( mean_{i<j} rms_ij^2 )       (= rms_AB for two adapters)
 
@@ -62,9 +62,9 @@ def predict(
     used.
     """
     from .adapter import Adapter
+    from .fit import LinearFit, composition_cosine
     from .io.adapter_files import load_adapter
-    from .scenario.fit import LinearFit, composition_cosine
-    from .similarity import similarity
+    from .overlap import similarity
 
     fit_path = None
     if not isinstance(fit, dict):

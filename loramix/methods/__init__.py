@@ -1,7 +1,7 @@
 """Merge methods, registered by name (DESIGN.md sections 3-5).
 
 A method is one small file in this package defining a
-:class:`~loramix.merge.base.MergeMethod` subclass decorated with
+:class:`~loramix.methods.base.MergeMethod` subclass decorated with
 :func:`register`. Built in:
 
 ===========  =====================================================  ==========
@@ -19,7 +19,7 @@ d2-signed    D2-LoRA: sum residuals, project once, add              model
 Every method acts on the true per-module deltas (``ModuleDelta.delta``),
 one module at a time, on the chosen device. Use :func:`merge` from Python::
 
-    from loramix.merge import merge
+    from loramix.methods import merge
     res = merge(["a/", "b/"], "ties", into="base/", out="merged/", density=0.3)
     res.summary          # what the CLI prints
 """
@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._callable import make_callable
 from ..errors import UsageError
 
 _REGISTRY: dict[str, type] = {}
@@ -196,4 +195,3 @@ __all__ = [
 ]
 
 
-make_callable(__name__)

@@ -5,7 +5,7 @@ For deltas ``dW_i`` (out, in) with weights ``w_i``::
     t_i    = dW_i * topmask(|dW_i|, density)        trim: keep the top int(density * numel) entries
     merged = lambda * elect_and_merge(t_i, w_i)      sign election + disjoint mean
 
-see :func:`loramix.merge.base.elect_and_merge` for the election and the two
+see :func:`loramix.methods.base.elect_and_merge` for the election and the two
 divisor conventions (``count``: PEFT, ``weight``: mergekit).
 """
 

@@ -1,0 +1,42 @@
+"""The top-level API: plain functions, exported lazily, the same object on every access."""
+
+import importlib
+import subprocess
+import sys
+import types
+
+import loramix
+
+FUNCTIONS = ["similarity", "merge", "evaluate", "predict", "load_adapter", "sum_into_base", "sum_adapters",
+             "train_adapter", "build_base", "run_scenario", "save_peft_adapter", "save_d2_adapter"]
+
+
+def test_exports_are_functions_and_stable():
+    for name in FUNCTIONS:
+        first = getattr(loramix, name)
+        assert callable(first) and not isinstance(first, types.ModuleType), name
+        # importing the defining module must not rebind the package attribute to a module
+        importlib.import_module(first.__module__)
+        assert getattr(loramix, name) is first, name
+    assert set(FUNCTIONS) <= set(loramix.__all__)
+
+
+def test_no_module_shadows_an_exported_function():
+    # a submodule named like an exported function would replace it once imported
+    import pkgutil
+
+    subs = {m.name for m in pkgutil.iter_modules(loramix.__path__)}
+    assert not subs & set(FUNCTIONS), subs & set(FUNCTIONS)
+
+
+def test_predict_is_a_function_in_a_fresh_interpreter():
+    code = ("import loramix, types; a = loramix.predict; b = loramix.predict; "
+            "assert a is b and not isinstance(a, types.ModuleType)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_unknown_attribute():
+    import pytest
+
+    with pytest.raises(AttributeError):
+        loramix.no_such_thing  # noqa: B018

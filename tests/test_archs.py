@@ -1,0 +1,57 @@
+"""The per-architecture table: each entry's facts against a model transformers builds from a config."""
+
+import pytest
+import torch
+import transformers
+
+from loramix.archs import ARCHS, context_length, fast_head_classes, is_conv1d
+from loramix.layers import default_targets, is_adaptable
+
+TINY = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, max_position_embeddings=64)
+CONFIGS = {
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                                            bos_token_id=0, eos_token_id=0),
+    "llama": lambda: transformers.LlamaConfig(**TINY),
+    "mistral": lambda: transformers.MistralConfig(**TINY),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY),
+    "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=8),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                   num_hidden_layers=1, num_attention_heads=2,
+                                                   max_position_embeddings=64),
+    "phi3": lambda: transformers.Phi3Config(**TINY, pad_token_id=0),
+    "opt": lambda: transformers.OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                                          num_attention_heads=2, max_position_embeddings=64,
+                                          word_embed_proj_dim=16),
+}
+
+
+@pytest.mark.parametrize("model_type", [a for a in ARCHS if ARCHS[a].targets or ARCHS[a].fast_head])
+def test_entry_matches_the_model(model_type):
+    entry = ARCHS[model_type]
+    cfg = CONFIGS[model_type]()
+    assert cfg.model_type == model_type
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_adaptable(m)}
+    assert set(entry.targets) <= names, set(entry.targets) - names
+    assert default_targets(model) == list(entry.targets)
+    assert entry.fast_head == type(model).__name__
+    assert context_length(model.config) == 64
+    # the layout: a Conv1D architecture stores (in, out) projections
+    conv = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    assert is_conv1d(model_type) == conv
+    # the fast head: logits are the head applied to the last hidden state
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        full = model(ids).logits
+        h = model.base_model(ids)[0]
+        fast = model.get_output_embeddings()(h)
+    torch.testing.assert_close(fast, full, rtol=0, atol=1e-5)
+    assert type(model).__name__ in fast_head_classes()
+
+
+def test_unknown_architecture_has_no_facts():
+    assert not is_conv1d("no-such-arch")
+    assert context_length({"model_type": "x", "max_position_embeddings": 12}) == 12
+    assert context_length({"model_type": "x"}) is None
