@@ -94,7 +94,7 @@ def make_adapters(model, n: int, rank: int = 8) -> list:
             B = torch.randn(o, rank, generator=g) * 0.02
             A = torch.randn(rank, k, generator=g) / math.sqrt(k)
             mods[name] = ModuleDelta(name=name, B=B, A=A, scale=2.0, alpha=2.0 * rank)
-        out.append(Adapter(name=f"rand{i}", method=LORA, modules=mods))
+        out.append(Adapter(name=f"rand{i}", kind=LORA, modules=mods))
     return out
 
 

@@ -84,7 +84,7 @@ def make_adapters(n_layer: int):
                     scale=ALPHA / RANK,
                     alpha=float(ALPHA),
                 )
-        ads.append(Adapter(name=f"a{i}", method=LORA, modules=mods))
+        ads.append(Adapter(name=f"a{i}", kind=LORA, modules=mods))
     return ads
 
 

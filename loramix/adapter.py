@@ -4,21 +4,17 @@ An adapter is a set of modules. Each module adapts one weight ``W0`` of shape
 ``out x in`` (``nn.Linear`` layout; a GPT-2 ``Conv1D`` stores ``in x out``, but
 the factors below are the same, only the base tensor is transposed).
 
-LoRA module::
+Each module belongs to an adapter kind (:mod:`loramix.kinds`: LoRA, D2-LoRA),
+which defines its residual as one factor pair and its effective delta::
 
-    dW = s * B @ A                       B: (out, r), A: (r, in), s = alpha / r
-                                         (alpha / sqrt(r) with rsLoRA)
+    dW = Bf @ Af                         Bf: (out, k) scale folded in, Af: (k, in)
+    LoRA:    Bf = s B, Af = A, k = r     s = alpha / r (alpha / sqrt(r) with rsLoRA)
+    D2-LoRA: Bf = s [B, -tau B_neg], Af = [A; A_neg], k = 2r; the effective
+             delta W_hat - W0 depends on W0 (loramix.d2lora)
 
-D2-LoRA module (DESIGN.md section 4)::
-
-    dW = s * (B @ A - tau * B_neg @ A_neg)          a rank-2r signed residual
-    V  = W0 + dW
-    W* = V * (||W0||_n / ||V||_n)                   norm per output unit (norm_dim=1)
-    W_hat = W* + dW                                  the merged weight
-    effective delta = W_hat - W0                     depends on W0
-
-Factors are kept as stored (fp32/fp16/bf16); nothing forms ``B @ A`` unless a
-caller asks for a dense delta, one module at a time.
+See ``docs/adapters.md``. Factors are kept as stored (fp32/fp16/bf16);
+nothing forms ``B @ A`` unless a caller asks for a dense delta, one module at
+a time.
 """
 
 from __future__ import annotations
@@ -30,9 +26,9 @@ from pathlib import Path
 import torch
 
 from .errors import AdapterError
+from .kinds import D2LORA, LORA, AdapterKind, get_kind
 
-LORA = "lora"
-D2LORA = "d2lora"
+__all__ = ["LORA", "D2LORA", "ModuleDelta", "Adapter", "check_compatible"]
 
 
 @dataclass
@@ -55,15 +51,17 @@ class ModuleDelta:
     tau: float = 0.0
     norm_dim: int = 1
     eps: float = 1e-8
+    #: the adapter kind (a name or a kind object); by default D2-LoRA when a
+    #: negative branch is given, else LoRA (the only two v0.1 wrote)
+    kind: AdapterKind | str | None = None
 
-    @property
-    def kind(self) -> str:
-        return D2LORA if self.B_neg is not None else LORA
+    def __post_init__(self):
+        self.kind = get_kind(self.kind if self.kind is not None else (LORA if self.B_neg is None else D2LORA))
 
     @property
     def rank(self) -> int:
-        """Rank of one branch (``r``); the D2 residual has rank ``2r``."""
-        return int(self.A.shape[0])
+        """Rank of one branch (``r``); a D2 residual has rank ``2r``."""
+        return self.kind.rank(self)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -76,24 +74,13 @@ class ModuleDelta:
 
     @property
     def num_parameters(self) -> int:
-        n = self.A.numel() + self.B.numel()
-        if self.B_neg is not None:
-            n += self.A_neg.numel() + self.B_neg.numel()
-        return n
+        return self.kind.num_parameters(self)
 
     def factors(self, dtype: torch.dtype = torch.float64, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The signed residual as one factor pair, scale folded into ``B``.
-
-        Returns ``(Bf, Af)`` with ``dW = Bf @ Af``. LoRA: ``Bf = s B`` (out, r),
-        ``Af = A`` (r, in). D2: ``Bf = s [B, -tau B_neg]`` (out, 2r),
-        ``Af = [A; A_neg]`` (2r, in).
-        """
-        B = self.B.to(device=device, dtype=dtype)
-        A = self.A.to(device=device, dtype=dtype)
-        if self.B_neg is not None:
-            B = torch.cat([B, -self.tau * self.B_neg.to(device=device, dtype=dtype)], dim=1)
-            A = torch.cat([A, self.A_neg.to(device=device, dtype=dtype)], dim=0)
-        return B * self.scale, A
+        """The residual as one factor pair, scale folded into ``B``: ``(Bf, Af)``
+        with ``dW = Bf @ Af``, ``(out, k)`` and ``(k, in)`` (the kind's
+        :meth:`~loramix.kinds.base.AdapterKind.factors`)."""
+        return self.kind.factors(self, dtype=dtype, device=device)
 
     def residual(self, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
         """Dense ``dW`` (out, in): the LoRA delta, or the D2 signed residual."""
@@ -105,18 +92,9 @@ class ModuleDelta:
     ) -> torch.Tensor:
         """Dense effective delta (out, in): what merging adds to ``W0``.
 
-        LoRA: ``s B A`` (``W0`` unused). D2: ``W_hat - W0``, which needs ``W0``
-        in ``(out, in)`` layout.
-        """
-        dW = self.residual(dtype=dtype, device=device)
-        if self.kind == LORA:
-            return dW
-        if W0 is None:
-            raise ValueError(f"{self.name}: the effective delta of a D2-LoRA module needs the base weight")
-        from .d2lora import d2_merged_weight
-
-        W0 = W0.to(device=dW.device, dtype=dtype)
-        return d2_merged_weight(W0, dW, norm_dim=self.norm_dim, eps=self.eps) - W0
+        The residual, unless the kind ``needs_base`` (D2: ``W_hat - W0``, which
+        needs ``W0`` in ``(out, in)`` layout)."""
+        return self.kind.delta(self, W0, dtype=dtype, device=device)
 
     def squared_norm(self) -> float:
         """``||dW||_F^2`` of the residual from the factors, in float64:
@@ -137,12 +115,20 @@ class Adapter:
     """
 
     name: str
-    method: str  # LORA or D2LORA
+    kind: AdapterKind | str  # a kind object or its name ("lora", "d2lora")
     modules: dict[str, ModuleDelta]
     config: dict = field(default_factory=dict)
     path: Path | None = None  # the folder, or the .safetensors file given
     weights_path: Path | None = None
     sha256: str | None = None
+
+    def __post_init__(self):
+        self.kind = get_kind(self.kind)
+
+    @property
+    def method(self) -> str:
+        """Deprecated name of :attr:`kind` (v0.1), as a plain string."""
+        return self.kind.name
 
     @property
     def base_model(self) -> str | None:
@@ -163,7 +149,7 @@ class Adapter:
             "name": self.name,
             "path": None if self.path is None else str(self.path),
             "sha256": self.sha256,
-            "method": self.method,
+            "kind": self.kind.name,
         }
 
 

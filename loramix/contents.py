@@ -29,7 +29,7 @@ def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
     """One row per module, in natural name order; columns :data:`COLUMNS`.
 
     ``df.attrs`` holds the adapter's ``name``, ``path``, ``sha256``,
-    ``method``, ``base_model`` and the :func:`totals`.
+    ``kind`` (and ``method``, its v0.1 name), ``base_model`` and the :func:`totals`.
     """
     from .io.adapter_files import load_adapter
 
@@ -41,7 +41,7 @@ def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
         rows.append(
             (
                 name,
-                m.kind,
+                m.kind.name,
                 out_f,
                 in_f,
                 m.rank,
@@ -57,7 +57,8 @@ def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
         name=ad.name,
         path=None if ad.path is None else str(ad.path),
         sha256=ad.sha256,
-        method=ad.method,
+        kind=ad.kind.name,
+        method=ad.kind.name,
         base_model=ad.base_model,
         totals=totals(df),
     )

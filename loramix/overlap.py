@@ -1,6 +1,6 @@
 """Exact pairwise similarity of adapter deltas, from the low-rank factors.
 
-DESIGN.md section 2. For module ``m`` and adapters ``i, j`` with deltas
+The math is in ``docs/adapters.md`` (Similarity). For module ``m`` and adapters ``i, j`` with deltas
 ``dW_i = Bf_i @ Af_i`` (``Bf`` (out, r_i) with the scale folded in, ``Af``
 (r_i, in), from :meth:`ModuleDelta.factors`)::
 
@@ -27,9 +27,9 @@ Reported, per pair of adapters ``(i, j)``:
   both adapters touch and that have a cosine;
 * ``coverage = |shared modules| / |union of modules|``.
 
-D2-LoRA adapters: ``factors()`` is the signed residual ``dW``, so the result
-is base-free. With ``base=`` (a base model folder) D2 modules use the
-*effective* delta ``W_hat - W0`` instead (:meth:`ModuleDelta.delta`), which is
+Kinds whose effective delta needs the base (D2-LoRA): ``factors()`` is the
+signed residual ``dW``, so the result is base-free. With ``base=`` (a base
+model folder) those modules use the *effective* delta ``W_hat - W0`` instead (:meth:`ModuleDelta.delta`), which is
 dense: it is formed one module at a time and combined with the factored
 LoRA deltas of the same module exactly (see :func:`_module_inner_products`).
 """
@@ -47,9 +47,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .adapter import D2LORA, Adapter, ModuleDelta, check_compatible
+from .adapter import Adapter, ModuleDelta, check_compatible
 from .devices import resolve_device
 from .errors import UsageError
+from .kinds import stack_factors
 
 PER_MODULE_COLUMNS = ["module", "layer", "type", "i", "j", "a", "b", "cosine"]
 
@@ -174,27 +175,9 @@ def _stack_factors(
 ) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
     """``Bt = B_cat^T`` (R, out) and ``A_cat`` (R, in) in float64 *without*
     the scales, the column offsets of each delta (``len(deltas) + 1``) and the
-    scales (n,). D2 deltas come from :meth:`ModuleDelta.factors` (scale and
-    ``-tau`` folded in, so their scale here is 1)."""
-    parts = []
-    for d in deltas:
-        if d.kind == D2LORA:
-            B, A = d.factors(dtype=torch.float64, device=device)
-            parts.append((B, A, 1.0))
-        else:
-            parts.append((d.B, d.A, float(d.scale)))
-    offsets = [0]
-    for B, _, _ in parts:
-        offsets.append(offsets[-1] + int(B.shape[1]))
-    out_f, in_f = int(parts[0][0].shape[0]), int(parts[0][1].shape[1])
-    Bt = torch.empty(offsets[-1], out_f, dtype=torch.float64, device=device)
-    A_cat = torch.empty(offsets[-1], in_f, dtype=torch.float64, device=device)
-    for k, (B, A, _) in enumerate(parts):
-        # copy_ converts dtype and device in one pass, no temporary
-        Bt[offsets[k] : offsets[k + 1]].copy_(B.T)
-        A_cat[offsets[k] : offsets[k + 1]].copy_(A)
-    scales = torch.tensor([sc for _, _, sc in parts], dtype=torch.float64, device=device)
-    return Bt, A_cat, offsets, scales
+    scales (n,): :func:`loramix.kinds.stack_factors` with ``fold_scale=False``."""
+    st = stack_factors(deltas, dtype=torch.float64, device=device, fold_scale=False)
+    return st.B.T, st.A, st.offsets, st.scales
 
 
 def _groups(offsets: list[int], block: int) -> list[tuple[int, int]]:
@@ -333,14 +316,14 @@ def similarity(
     ):
         deltas = [adapters[i].modules[mname] for i in owners]
         dense: dict[int, torch.Tensor] = {}
-        if base_folder is not None and any(d.kind == D2LORA for d in deltas):
+        if base_folder is not None and any(d.kind.needs_base for d in deltas):
             # With the adapter's shape a non-square weight tells its own
             # layout (no model skeleton, no transformers import).
             key, transposed = base_folder.module_weight_key(mname, shape=deltas[0].shape)
             W0 = base_folder.read_tensor(key).to(torch.float64)
             W0 = W0.T if transposed else W0  # (out, in)
             for k, d in enumerate(deltas):
-                if d.kind == D2LORA:
+                if d.kind.needs_base:
                     dense[k] = d.delta(W0, dtype=torch.float64, device=dev)
         ip = _module_inner_products(deltas, dense, dev).cpu().numpy()
         sq = np.clip(np.diag(ip), 0.0, None)

@@ -34,9 +34,9 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapter import D2LORA, LORA
 from .archs import context_length
 from .errors import UsageError
 
@@ -107,7 +107,7 @@ def train_adapter(
     data,
     out,
     *,
-    method: str = LORA,
+    kind: str = "lora",
     rank: int = 8,
     alpha: float = 16,
     tau: float = 0.5,
@@ -131,36 +131,72 @@ def train_adapter(
     context_field: str | None = "context",
     force: bool = False,
     progress: bool = True,
+    method: str | None = None,
 ) -> dict:
-    """Train an adapter on ``data`` for the base model folder ``base``; write it to ``out``.
+    """Train an adapter of ``kind`` on ``data`` for the base model folder ``base``; write it to ``out``.
 
-    ``data`` is one source or a list (files or ``synthetic:`` specs); each is
-    split by ``seed`` into train and eval (``eval_size``: a count or a
-    fraction per source; 0 or None holds nothing out and skips the
-    evaluation), and the training parts are pooled, so several sources give
-    a merged-data adapter. ``steps`` overrides ``epochs``; ``warmup``
-    defaults to 5% of the steps. ``targets``: module-name suffixes (PEFT's
-    rule), a regex string, or None for the architecture's default (GPT-2
-    ``c_attn, c_proj, c_fc``; Llama ``q/k/v/o/gate/up/down_proj``).
+    ``kind``: an adapter kind's name (:mod:`loramix.kinds`; ``method`` is its
+    v0.1 name); ``tau`` and ``norm_dim`` are D2-LoRA's options (recorded only
+    for kinds that take them). ``data`` is one source or a list (files or
+    ``synthetic:`` specs); each is split by ``seed`` into train and eval
+    (``eval_size``: a count or a fraction per source; 0 or None holds nothing
+    out and skips the evaluation), and the training parts are pooled, so
+    several sources give a merged-data adapter. ``steps`` overrides
+    ``epochs``; ``warmup`` defaults to 5% of the steps. ``targets``:
+    module-name suffixes (PEFT's rule), a regex string, or None for the
+    architecture's default (GPT-2 ``c_attn, c_proj, c_fc``; Llama
+    ``q/k/v/o/gate/up/down_proj``).
 
-    Returns a dict with ``out``, ``method``, ``steps``, ``tokens``,
-    ``final_loss`` (mean of the last 10 steps), ``seconds``, ``ppl_base`` and
-    ``ppl_adapter`` (None without eval data), counts and the settings.
+    Returns a dict with ``out``, ``kind`` (and ``method``, its v0.1 name),
+    ``steps``, ``tokens``, ``final_loss`` (mean of the last 10 steps),
+    ``seconds``, ``ppl_base`` and ``ppl_adapter`` (None without eval data),
+    counts and the settings.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from .data import encode_records, make_batches, pad_id_for
-    from .devices import resolve_device
-    from .io.adapter_files import save_d2_adapter, save_peft_adapter
-    from .io.outputs import atomic_output_dir, check_output, provenance, write_provenance
-    from .layers import default_targets, extract_modules, find_targets, inject_trainable
-    from .models import base_provenance, load_causal_lm
-    from .perplexity import perplexity
+    from .io.outputs import check_output
+    from .layers import _kind_arg
 
     # ---- validate everything before any work
-    if method not in (LORA, D2LORA):
-        raise UsageError("--method", f"unknown method {method!r}; choose lora or d2lora")
+    kind = _kind_arg(kind) if method is None else _kind_arg(method, "--method")
+    _check_numbers(
+        rank=rank, batch=batch, max_len=max_len, steps=steps, epochs=epochs, lr=lr, norm_dim=norm_dim
+    )
+    data_list = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    file_inputs = [d for d in data_list if not (isinstance(d, str) and d.startswith("synthetic:"))]
+    out = check_output(out, force=force, inputs=[base, *file_inputs])
+    fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
+    run = _prepare(base, data_list, targets=targets, fields=fields, eval_size=eval_size, seed=seed,
+                   limit=limit, max_len=max_len, batch=batch, on=on, device=device)  # fmt: skip
+    total = steps if steps is not None else max(1, round(epochs * run.n_per_epoch))
+    warmup = max(1, round(0.05 * total)) if warmup is None else int(warmup)
+    options = {k: v for k, v in (("tau", tau), ("norm_dim", norm_dim)) if k in kind.options}
+    settings = {
+        "kind": kind.name,
+        "rank": rank,
+        "alpha": alpha,
+        "tau": options.get("tau"),
+        "norm_dim": options.get("norm_dim"),
+        "targets": run.resolved_targets,
+        "steps": total,
+        "epochs": None if steps is not None else epochs,
+        "lr": lr,
+        "warmup": warmup,
+        "schedule": "linear warm-up, cosine decay to lr/10",
+        "batch": batch,
+        "max_len": run.max_len,  # after capping at the model's context
+        "eval_size": eval_size,
+        "limit": limit,
+        "weight_decay": weight_decay,
+        "clip": clip,
+        "seed": seed,
+        "on": on,
+        "fields": fields,
+    }
+    metrics = _train(run, kind, settings, options, progress=progress)
+    _write(out, run, kind, settings, options, metrics, targets=targets, force=force, file_inputs=file_inputs)
+    return {"out": str(out), **metrics, "kind": kind.name, "method": kind.name, "settings": settings}
+
+
+def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim) -> None:
     for flag, v, lo in (("--rank", rank, 1), ("--batch", batch, 1), ("--max-len", max_len, 2)):
         if v < lo:
             raise UsageError(flag, f"must be at least {lo}, got {v}")
@@ -172,13 +208,38 @@ def train_adapter(
         raise UsageError("--lr", f"must be positive, got {lr}")
     if norm_dim not in (0, 1):
         raise UsageError("--norm-dim", f"must be 0 or 1, got {norm_dim}")
-    data_list = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-    file_inputs = [d for d in data_list if not (isinstance(d, str) and d.startswith("synthetic:"))]
-    out = check_output(out, force=force, inputs=[base, *file_inputs])
-    dev = resolve_device(device)
 
+
+@dataclass
+class _Run:
+    """What the set-up step hands to the loop and the writer."""
+
+    model: object
+    dev: object
+    base: str
+    base_rec: dict
+    data_inputs: list
+    train_ex: list
+    eval_batches: list | None
+    n_eval: int
+    pad: int
+    n_per_epoch: int
+    targets: object
+    resolved_targets: object
+    max_len: int
+    t_load: float = 0.0
+    log: list = field(default_factory=list)  # (step, loss, lr, tokens, seconds), filled by _train
+
+
+def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_len, batch, on, device) -> _Run:
+    """Load and split the data, load the base, resolve the targets, encode."""
+    from .data import encode_records, make_batches, pad_id_for
+    from .devices import resolve_device
+    from .layers import default_targets, find_targets
+    from .models import base_provenance, load_causal_lm
+
+    dev = resolve_device(device)
     t_load = time.perf_counter()
-    fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
     train_recs, eval_recs, data_inputs = _load_sources(
         data_list, eval_size=eval_size, seed=seed, limit=limit, fields=fields
     )
@@ -186,7 +247,7 @@ def train_adapter(
     find_targets(model, targets)  # a bad --targets fails now, not after the base evaluation
     targets = list(targets) if targets is not None and not isinstance(targets, str) else targets
     resolved_targets = default_targets(model) if targets is None else targets
-    # Sequences cannot be longer than the model's positions: cap max_len there (recorded below).
+    # Sequences cannot be longer than the model's positions: cap max_len there (recorded).
     n_pos = context_length(model.config)
     if n_pos:
         max_len = min(max_len, int(n_pos))
@@ -197,41 +258,52 @@ def train_adapter(
     if eval_recs:
         eval_ex = encode_records(tok, eval_recs, max_len=max_len, on=on)
         eval_batches = make_batches(eval_ex, batch_size=batch, pad_id=pad, sort_by_length=True)
+    return _Run(model=model, dev=dev, base=str(Path(base)), base_rec=base_rec, data_inputs=data_inputs,
+                train_ex=train_ex, eval_batches=eval_batches, n_eval=len(eval_recs), pad=pad,
+                n_per_epoch=math.ceil(len(train_ex) / batch), targets=targets,
+                resolved_targets=resolved_targets, max_len=max_len, t_load=t_load)  # fmt: skip
 
-    n_per_epoch = math.ceil(len(train_ex) / batch)
-    total = steps if steps is not None else max(1, round(epochs * n_per_epoch))
-    warmup = max(1, round(0.05 * total)) if warmup is None else int(warmup)
 
-    # ---- base perplexity, then the adapter
-    ppl_base = perplexity(model, eval_batches, device=dev)["ppl"] if eval_batches else None
+def _train(run: _Run, kind, settings: dict, options: dict, *, progress: bool) -> dict:
+    """Base perplexity, inject the kind's layers, the AdamW loop, adapted perplexity."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data import make_batches
+    from .layers import inject_trainable
+    from .perplexity import perplexity
+
+    model, dev, seed, total = run.model, run.dev, settings["seed"], settings["steps"]
+    lr, batch, n_per_epoch = settings["lr"], settings["batch"], run.n_per_epoch
+    ppl_base = perplexity(model, run.eval_batches, device=dev)["ppl"] if run.eval_batches else None
     torch.manual_seed(seed)  # dropout
-    params = inject_trainable(
-        model, method=method, rank=rank, alpha=alpha, targets=targets, tau=tau, norm_dim=norm_dim, seed=seed
-    )
+    params = inject_trainable(model, kind=kind, rank=settings["rank"], alpha=settings["alpha"],
+                              targets=run.targets, seed=seed, **options)  # fmt: skip
     n_params = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
-    setup_seconds = time.perf_counter() - t_load
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings["weight_decay"], betas=(0.9, 0.999))
+    setup_seconds = time.perf_counter() - run.t_load
 
-    # ---- the loop
     log = []
     tokens, running = 0, None
     model.train()
     t0 = time.perf_counter()
     epoch, batches = -1, []
-    bar = tqdm(total=total, desc=f"train {method}", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=f"train {kind.name}", unit="step", disable=not progress, dynamic_ncols=True)
     for step in range(total):
         if step // n_per_epoch != epoch:  # new epoch: reshuffle
             epoch = step // n_per_epoch
-            batches = make_batches(train_ex, batch_size=batch, pad_id=pad, shuffle=True, seed=seed + epoch)
+            batches = make_batches(
+                run.train_ex, batch_size=batch, pad_id=run.pad, shuffle=True, seed=seed + epoch
+            )
         b = {k: v.to(dev) for k, v in batches[step % n_per_epoch].items()}
-        cur_lr = lr_at(step, lr=lr, warmup=warmup, total=total)
+        cur_lr = lr_at(step, lr=lr, warmup=settings["warmup"], total=total)
         for g in opt.param_groups:
             g["lr"] = cur_lr
         loss = model(**b).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if clip and clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+        if settings["clip"] and settings["clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, settings["clip"])
         opt.step()
         lv = float(loss.detach())
         tokens += _supervised_tokens(b)
@@ -242,84 +314,54 @@ def train_adapter(
     bar.close()
     train_seconds = time.perf_counter() - t0
     model.eval()
-    ev = perplexity(model, eval_batches, device=dev) if eval_batches else None
-    ppl_adapter = ev["ppl"] if ev else None
-    final_loss = sum(r[1] for r in log[-10:]) / len(log[-10:])
-
-    # ---- write
-    settings = {
-        "method": method,
-        "rank": rank,
-        "alpha": alpha,
-        "tau": tau if method == D2LORA else None,
-        "norm_dim": norm_dim if method == D2LORA else None,
-        "targets": resolved_targets,
-        "steps": total,
-        "epochs": None if steps is not None else epochs,
-        "lr": lr,
-        "warmup": warmup,
-        "schedule": "linear warm-up, cosine decay to lr/10",
-        "batch": batch,
-        "max_len": max_len,  # after capping at the model's context
-        "eval_size": eval_size,
-        "limit": limit,
-        "weight_decay": weight_decay,
-        "clip": clip,
-        "seed": seed,
-        "on": on,
-        "fields": fields,
-    }
-    inputs = [base_rec, *data_inputs]
-    # No clock time or timings in the tensor file's metadata: same inputs, same bytes.
-    file_prov = provenance("train", settings, inputs)
-    file_prov.pop("created", None)
-    metrics = {
+    ev = perplexity(model, run.eval_batches, device=dev) if run.eval_batches else None
+    run.log = log
+    return {
         "ppl_base": ppl_base,
-        "ppl_adapter": ppl_adapter,
-        "final_loss": final_loss,
+        "ppl_adapter": ev["ppl"] if ev else None,
+        "final_loss": sum(r[1] for r in log[-10:]) / len(log[-10:]),
         "steps": total,
         "tokens": tokens,
         "train_seconds": round(train_seconds, 3),
         "setup_seconds": round(setup_seconds, 3),
         "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds > 0 else None,
-        "n_train": len(train_ex),
-        "n_eval": len(eval_recs),
+        "n_train": len(run.train_ex),
+        "n_eval": run.n_eval,
         "eval_tokens": ev["tokens"] if ev else 0,
         "trainable_parameters": n_params,
         "device": str(dev),
     }
-    modules = extract_modules(model)
-    base_name = str(Path(base))
-    with atomic_output_dir(out, force=force, inputs=[base, *file_inputs]) as tmp:
-        if method == LORA:
-            # GPT-2's Conv1D stores W0^T: PEFT must know (fan_in_fan_out) to wrap it.
-            fifo = any(not isinstance(model.get_submodule(n).base, torch.nn.Linear) for n in modules)
-            save_peft_adapter(
-                tmp,
-                {n: (m.B, m.A) for n, m in modules.items()},
-                base_model_name_or_path=base_name,
-                fan_in_fan_out=fifo,
-                alphas={n: float(alpha) for n in modules},
-                provenance=file_prov,
-                extra_config={"target_modules": targets} if targets is not None else None,
-            )
-        else:
-            save_d2_adapter(
-                tmp,
-                modules,
-                r=rank,
-                lora_alpha=alpha,
-                tau=tau,
-                norm_dim=norm_dim,
-                base_model_name_or_path=base_name,
-                provenance=file_prov,
-                extra_config={"target_modules": targets} if targets is not None else None,
-            )
+
+
+def _write(out, run: _Run, kind, settings, options, metrics, *, targets, force, file_inputs) -> None:
+    """The adapter (the kind's format), train_log.csv and loramix.json, atomically."""
+    import torch
+
+    from .io.outputs import atomic_output_dir, provenance, write_provenance
+    from .layers import extract_modules
+
+    inputs = [run.base_rec, *run.data_inputs]
+    # No clock time or timings in the tensor file's metadata: same inputs, same bytes.
+    file_prov = provenance("train", settings, inputs)
+    file_prov.pop("created", None)
+    modules = extract_modules(run.model)
+    # GPT-2's Conv1D stores W0^T: PEFT must know (fan_in_fan_out) to wrap it.
+    fifo = any(not isinstance(run.model.get_submodule(n).base, torch.nn.Linear) for n in modules)
+    with atomic_output_dir(out, force=force, inputs=[run.base, *file_inputs]) as tmp:
+        kind.save(
+            tmp,
+            modules,
+            rank=settings["rank"],
+            alpha=settings["alpha"],
+            options=options,
+            fan_in_fan_out=fifo,
+            base_model_name_or_path=run.base,
+            provenance=file_prov,
+            extra_config={"target_modules": targets} if targets is not None else None,
+        )
         with open(tmp / "train_log.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["step", "loss", "lr", "tokens", "seconds"])
-            for s, lv, cl, tk, sec in log:
+            for s, lv, cl, tk, sec in run.log:
                 w.writerow([s, f"{lv:.6f}", f"{cl:.6g}", tk, f"{sec:.3f}"])
         write_provenance(tmp, provenance("train", settings, inputs, metrics=metrics))
-
-    return {"out": str(out), **metrics, "method": method, "settings": settings}

@@ -121,7 +121,7 @@ def test_train_and_eval_on_cuda(tiny_base, tmp_path, method):
         tiny_base,
         data,
         tmp_path / method,
-        method=method,
+        kind=method,
         steps=30,
         batch=8,
         max_len=64,
@@ -147,7 +147,7 @@ def test_llama_d2_layer_cuda_merged_matches_unmerged():
     from loramix.layers import D2LoraLinear, inject_trainable, wrapped_modules
 
     model = tiny_llama().cuda()
-    inject_trainable(model, method="d2lora", rank=4, alpha=8, targets=["q_proj", "v_proj"], seed=0)
+    inject_trainable(model, kind="d2lora", rank=4, alpha=8, targets=["q_proj", "v_proj"], seed=0)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

@@ -21,7 +21,7 @@ from loramix.train import train_adapter
 
 from .test_train import ARITH, UNITS, make_tiny_base
 
-D2 = dict(method="d2lora", steps=8, batch=8, max_len=48, rank=4, alpha=8, tau=0.4, lr=2e-2, progress=False)
+D2 = dict(kind="d2lora", steps=8, batch=8, max_len=48, rank=4, alpha=8, tau=0.4, lr=2e-2, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +62,11 @@ def test_trained_d2_adapter_round_trip_and_merge(bases, tmp_path, arch, norm_dim
     assert {k.rsplit(".", 2)[-2] for k in keys} == {"lora_A_pos", "lora_B_pos", "lora_A_neg", "lora_B_neg"}
 
     ad = load_adapter(out)
-    assert ad.method == "d2lora" and len(ad) * 4 == len(keys)
+    assert ad.kind == "d2lora" and len(ad) * 4 == len(keys)
 
     # The training layers, rebuilt from the file: ModuleDelta.delta(W0) == W_hat - W0.
     model, tok = load_causal_lm(base)
-    inject_trainable(model, method="d2lora", rank=4, alpha=8, tau=0.4, norm_dim=norm_dim)
+    inject_trainable(model, kind="d2lora", rank=4, alpha=8, tau=0.4, norm_dim=norm_dim)
     layers = wrapped_modules(model)
     assert set(layers) == set(ad.modules)
     with torch.no_grad():

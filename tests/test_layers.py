@@ -57,7 +57,7 @@ def _perturb(params, std=0.2, seed=0):
 def _trained(model_fn, method, seed=0, **kw):
     """A model with trainable layers whose B factors are non-zero."""
     m = model_fn()
-    params = inject_trainable(m, method=method, rank=4, alpha=8, seed=seed, **kw)
+    params = inject_trainable(m, kind=method, rank=4, alpha=8, seed=seed, **kw)
     _perturb(params, seed=seed)
     return m
 
@@ -155,7 +155,7 @@ def test_inject_freezes_and_names_like_peft(model_fn, targets, method):
 
     m = model_fn()
     ref = m(IDS).logits
-    params = inject_trainable(m, method=method, rank=4, alpha=8, seed=0)
+    params = inject_trainable(m, kind=method, rank=4, alpha=8, seed=0)
     per = 2 if method == "lora" else 4
     n_mods = len(wrapped_modules(m))
     assert n_mods == (8 if model_fn is tiny_gpt2 else 14)  # 2 blocks; GPT-2's c_proj is in attn and mlp

@@ -90,7 +90,7 @@ def test_gpt2_conv1d_rank_and_alpha_patterns(gpt2, tmp_path):
     assert m.shape == (96, 32) and m.rank == 6 and m.scale == 8 / 6
     assert ad.modules["transformer.h.0.mlp.c_fc"].scale == 5 / 2
     assert ad.modules["transformer.h.0.mlp.c_proj"].scale == 3 / 4
-    assert ad.method == "lora" and ad.sha256 and len(ad.sha256) == 64
+    assert ad.kind == "lora" and ad.sha256 and len(ad.sha256) == 64
     assert ad.config["r"] == 4 and ad.path == folder
 
 

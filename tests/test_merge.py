@@ -48,7 +48,7 @@ def rand_adapters(n=3, shapes=((24, 16), (16, 40)), ranks=(2, 3, 4), d2=False, s
         for j, (o, k) in enumerate(shapes):
             name = f"layers.{j}.proj"
             mods[name] = rand_module(name, o, k, ranks[i % len(ranks)], seed=100 * seed + 10 * i + j, d2=d2)
-        ads.append(Adapter(name=f"a{i}", method=D2LORA if d2 else LORA, modules=mods))
+        ads.append(Adapter(name=f"a{i}", kind=D2LORA if d2 else LORA, modules=mods))
     return ads
 
 

@@ -223,7 +223,7 @@ def test_d2_residual_is_used_without_base():
                 alpha=3.0,
                 tau=0.5,
             )
-        return Adapter(name=f"d2_{seed_shift}", method="d2lora", modules=mods)
+        return Adapter(name=f"d2_{seed_shift}", kind="d2lora", modules=mods)
 
     ads = [d2(0), d2(1)]
     res = similarity(ads, per_module=True, progress=False)
@@ -247,7 +247,7 @@ def test_json_with_modules_without_layer_index():
             )
             for n in ("lm_head", "model.layers.0.q_proj")
         }
-        ads.append(Adapter(name=f"a{t}", method="lora", modules=mods))
+        ads.append(Adapter(name=f"a{t}", kind="lora", modules=mods))
     res = similarity(ads, per_module=True, progress=False)
     data = json.loads(json.dumps(res.to_json_dict(per_module=True), allow_nan=False))
     assert {r["layer"] for r in data["by_layer"]} == {None, 0}
@@ -309,7 +309,7 @@ def adapter_sets(draw):
                 scale=draw(st.floats(0.01, 10.0)) * draw(st.sampled_from([1.0, -1.0])),
                 alpha=1.0,
             )
-        ads.append(Adapter(name=f"a{t}", method="lora", modules=mods))
+        ads.append(Adapter(name=f"a{t}", kind="lora", modules=mods))
     return ads
 
 

@@ -114,7 +114,7 @@ def test_outputs_and_provenance(bases, tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "d2lora"])
 def test_same_seed_same_bytes(bases, tmp_path, method):
-    runs = [train_adapter(bases["llama"], ARITH, tmp_path / f"r{i}", method=method, seed=s, **FAST)
+    runs = [train_adapter(bases["llama"], ARITH, tmp_path / f"r{i}", kind=method, seed=s, **FAST)
             for i, s in enumerate((3, 3, 4))]  # fmt: skip
     b = [(Path(r["out"]) / "adapter_model.safetensors").read_bytes() for r in runs]
     assert b[0] == b[1]
@@ -126,7 +126,7 @@ def test_same_seed_same_bytes(bases, tmp_path, method):
 @pytest.mark.parametrize("method", ["lora", "d2lora"])
 def test_training_lowers_heldout_perplexity(bases, tmp_path, method):
     res = train_adapter(
-        bases["gpt2"], ARITH, tmp_path / "a", method=method, steps=25, batch=8, max_len=48,
+        bases["gpt2"], ARITH, tmp_path / "a", kind=method, steps=25, batch=8, max_len=48,
         rank=4, alpha=8, lr=1e-2, eval_size=24, progress=False,
     )  # fmt: skip
     assert res["ppl_adapter"] < 0.8 * res["ppl_base"]
@@ -135,13 +135,13 @@ def test_training_lowers_heldout_perplexity(bases, tmp_path, method):
 def test_cli_train_and_bad_input(bases, tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["train", "--base", str(bases["gpt2"]), "--data", ARITH, UNITS, "--out", str(out),
-            "--method", "d2lora", "--rank", "2", "--alpha", "4", "--tau", "0.25", "--steps", "3",
+            "--kind", "d2lora", "--rank", "2", "--alpha", "4", "--tau", "0.25", "--steps", "3",
             "--batch", "4", "--max-len", "32", "--eval-size", "8", "--quiet"]  # fmt: skip
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "held-out  perplexity" in text and "d2lora, rank 2" in text
     ad = load_adapter(out)
-    assert ad.method == "d2lora" and ad.config["tau"] == 0.25 and ad.config["r"] == 2
+    assert ad.kind == "d2lora" and ad.config["tau"] == 0.25 and ad.config["r"] == 2
     assert json.loads((out / "loramix.json").read_text())["metrics"]["n_eval"] == 16
 
     def fails(argv, needle):

@@ -31,12 +31,12 @@ def command(path: Path, fmt: str) -> None:
     df = inspect_adapter(path)
     meta = df.attrs
     if fmt == "json":
-        out = {k: meta[k] for k in ("name", "path", "sha256", "method", "base_model", "totals")}
+        out = {k: meta[k] for k in ("name", "path", "sha256", "kind", "method", "base_model", "totals")}
         out["modules"] = json.loads(df.to_json(orient="records"))
         click.echo(json.dumps(out, indent=2))
         return
     t = meta["totals"]
-    click.echo(f"adapter:    {meta['name']} ({meta['method']})")
+    click.echo(f"adapter:    {meta['name']} ({meta['kind']})")
     click.echo(f"path:       {meta['path']}")
     click.echo(f"sha256:     {meta['sha256']}")
     click.echo(f"base model: {meta['base_model'] or '(not recorded)'}")

@@ -1,7 +1,7 @@
 """``loramix similarity A B [C ...]``: exact pairwise RMS cosine of adapter deltas.
 
 Never imports transformers: adapters are read with safetensors and the math is
-the factored Gram product of DESIGN.md section 2 (``loramix.similarity``).
+the factored Gram product of docs/adapters.md (``loramix.similarity``).
 """
 
 from __future__ import annotations

@@ -17,7 +17,13 @@ def _eval_size(value: str) -> int | float:
 @click.option("--base", required=True, type=click.Path(), help="Base model folder (Hugging Face causal LM).")
 @data_options("Data file (.jsonl/.json/.csv/.txt) or synthetic:NAME spec; several are pooled.")
 @click.option("--out", required=True, type=click.Path(), help="Output adapter folder.")
-@click.option("--method", type=click.Choice(["lora", "d2lora"]), default="lora", show_default=True)
+@click.option(
+    "--kind",
+    default="lora",
+    show_default=True,
+    help="Adapter kind (loramix.kinds): lora (a PEFT folder) or d2lora (loramix's D2-LoRA format).",
+)
+@click.option("--method", default=None, hidden=True, help="Deprecated name of --kind.")
 @click.option("--rank", type=int, default=8, show_default=True)
 @click.option("--alpha", type=float, default=16, show_default=True, help="Scale s = alpha / rank.")
 @click.option("--tau", type=float, default=0.5, show_default=True, help="D2-LoRA negative-branch weight.")
@@ -51,7 +57,7 @@ def _eval_size(value: str) -> int | float:
 @click.option("--context-field", default="context", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(base, data, more_data, out, targets, eval_size, quiet, **kw):
+def command(base, data, more_data, out, targets, eval_size, quiet, kind, method, **kw):
     """Train an adapter on question/answer data and write it to --out.
 
     LoRA adapters are PEFT folders; D2-LoRA adapters use loramix's format
@@ -65,18 +71,22 @@ def command(base, data, more_data, out, targets, eval_size, quiet, **kw):
         es = _eval_size(eval_size)
     except ValueError:
         raise UsageError("--eval-size", f"not a number: {eval_size!r}") from None
+    if method is not None:  # the v0.1 name of --kind, still accepted
+        click.echo("loramix train: --method is deprecated; use --kind", err=True)
+        kind = method
     tg = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     res = train_adapter(
         base,
         [*data, *more_data],
         out,
+        kind=kind,
         targets=tg,
         eval_size=es,
         progress=not quiet,
         **kw,
     )
     click.echo(
-        f"adapter   {res['out']} ({res['method']}, rank {kw['rank']}, {res['trainable_parameters']:,} parameters)"
+        f"adapter   {res['out']} ({res['kind']}, rank {kw['rank']}, {res['trainable_parameters']:,} parameters)"
     )
     click.echo(
         f"trained   {res['steps']} steps, {res['tokens']:,} tokens, {res['train_seconds']:.1f} s "

@@ -1,0 +1,55 @@
+"""Adapter file formats: one reader per file, found here, tried in turn.
+
+A reader has ``name``, ``detect(path) -> bool`` (cheap: reads the config at
+most) and ``read(path, name=None) -> Adapter``. Every module of this package
+(other than ``base``) that defines a reader class registers one instance; a
+format name claimed twice is refused. :func:`find_format` returns the reader
+that detects ``path``; when none does it says why in one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from pathlib import Path
+
+from ...errors import AdapterError
+from .base import read_config, resolve_adapter_paths
+
+FORMATS: dict[str, object] = {}
+
+
+def register(reader) -> None:
+    """Add ``reader``; a second reader with its name is an error."""
+    if reader.name in FORMATS and type(FORMATS[reader.name]) is not type(reader):
+        raise ValueError(f"adapter format {reader.name!r} is already registered")
+    FORMATS[reader.name] = reader
+
+
+def _discover() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if info.name == "base" or info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(mod).values():
+            if inspect.isclass(obj) and obj.__module__ == mod.__name__ and getattr(obj, "name", ""):
+                if callable(getattr(obj, "detect", None)) and callable(getattr(obj, "read", None)):
+                    register(obj())
+
+
+def find_format(path: str | Path):
+    """The reader whose ``detect`` accepts ``path``, or :class:`AdapterError`."""
+    for reader in FORMATS.values():
+        if reader.detect(path):
+            return reader
+    # Nobody claims it: the layout's own checks name what is wrong.
+    _, cfg, _ = resolve_adapter_paths(path)
+    config = read_config(cfg)
+    known = sorted({r.kind.peft_type for r in FORMATS.values()}, key=len)
+    raise AdapterError(
+        cfg, f"unsupported peft_type {config.get('peft_type')!r}: loramix reads {' and '.join(known)}"
+    )
+
+
+_discover()

@@ -1,0 +1,59 @@
+"""loramix D2-LoRA adapters (``peft_type: D2LORA``, format ``d2lora/1``).
+
+PEFT's layout with four factors per module, ``lora_A_pos``, ``lora_B_pos``,
+``lora_A_neg``, ``lora_B_neg``, and config keys ``r``, ``lora_alpha``,
+``tau``, ``norm_dim``, ``eps``; documented in ``docs/d2lora.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...adapter import ModuleDelta
+from ...kinds import D2LORA
+from .base import PREFIX, PeftLayoutFormat, clean_number, write_folder
+
+
+class LoramixD2(PeftLayoutFormat):
+    name = "loramix-d2lora"
+    kind = D2LORA
+
+
+def save_d2_adapter(
+    out_dir: str | Path,
+    modules: dict[str, ModuleDelta],
+    *,
+    r: int,
+    lora_alpha: float,
+    tau: float,
+    norm_dim: int = 1,
+    eps: float = 1e-8,
+    base_model_name_or_path: str | None = None,
+    provenance: dict | None = None,
+    extra_config: dict | None = None,
+) -> Path:
+    """Write a loramix D2-LoRA folder (format in ``docs/d2lora.md``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, m in modules.items():
+        if m.kind is not D2LORA:
+            raise ValueError(f"{name} is not a D2-LoRA module")
+        for part, t in D2LORA.tensors(m).items():
+            tensors[f"{PREFIX}{name}.{part}.weight"] = t.detach().contiguous().cpu()
+    config = {
+        "peft_type": "D2LORA",
+        "loramix_format": "d2lora/1",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": int(r),
+        "lora_alpha": clean_number(lora_alpha),
+        "tau": float(tau),
+        "norm_dim": int(norm_dim),
+        "eps": float(eps),
+        "use_rslora": False,
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in modules}),
+    }
+    if extra_config:
+        config.update(extra_config)
+    return write_folder(out_dir, tensors, config, provenance)

@@ -1,0 +1,78 @@
+"""PEFT LoRA adapters (``peft_type: LORA``): read and written as PEFT does.
+
+``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight``
+(out, r), ``dW = s B A`` with ``s = lora_alpha / r`` (``/ sqrt(r)`` with
+``use_rslora``); layout and patterns in :mod:`loramix.io.formats.base`,
+``fan_in_fan_out`` and scales in ``docs/adapters.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...kinds import LORA
+from .base import PREFIX, PeftLayoutFormat, clean_number, common_rank_alpha, write_folder
+
+
+class PeftLora(PeftLayoutFormat):
+    name = "peft-lora"
+    kind = LORA
+
+
+def save_peft_adapter(
+    out_dir: str | Path,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    base_model_name_or_path: str | None = None,
+    fan_in_fan_out: bool = False,
+    dtype: torch.dtype | None = None,
+    provenance: dict | None = None,
+    alphas: dict[str, float] | None = None,
+    use_rslora: bool = False,
+    extra_config: dict | None = None,
+) -> Path:
+    """Write a PEFT LoRA folder (``adapter_config.json`` + weights).
+
+    ``factors`` maps module name to ``(B, A)`` with B (out, r), A (r, in).
+    Without ``alphas`` the scale is folded into ``B`` already, and the config
+    says ``lora_alpha = r`` per module, so PEFT's scale is exactly 1.
+    Per-module ranks and alphas that differ from the most common go into
+    ``rank_pattern`` / ``alpha_pattern`` with full module names.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for module, (B, A) in factors.items():
+        if dtype is not None:
+            B, A = B.to(dtype), A.to(dtype)
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = A.detach().contiguous().cpu()
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = B.detach().contiguous().cpu()
+        ranks[module] = int(A.shape[0])
+    if alphas is None:
+        # Scale 1: alpha = r (or sqrt(r) with rsLoRA, which we never write here).
+        alphas = {m: float(r) for m, r in ranks.items()}
+    r, a, rank_pattern, alpha_pattern = common_rank_alpha(ranks, alphas)
+    targets = sorted({m.rsplit(".", 1)[-1] for m in factors})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": int(r),
+        "lora_alpha": clean_number(a),
+        "rank_pattern": {m: int(v) for m, v in rank_pattern.items()},
+        "alpha_pattern": {m: clean_number(v) for m, v in alpha_pattern.items()},
+        "target_modules": targets,
+        "fan_in_fan_out": bool(fan_in_fan_out),
+        "use_rslora": bool(use_rslora),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    if extra_config:
+        config.update(extra_config)
+    return write_folder(out_dir, tensors, config, provenance)
