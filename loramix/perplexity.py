@@ -130,11 +130,7 @@ def evaluate(
     (their pooled, token-weighted perplexity), columns ``data, records,
     tokens, ppl, nll, seconds, tokens_per_s``.
     """
-    import pandas as pd
-
-    from .data import data_name, encode_records, load_records, make_batches, pad_id_for
     from .devices import resolve_device
-    from .models import load_causal_lm
 
     if isinstance(data, (str, os.PathLike)):
         data = [data]
@@ -147,9 +143,16 @@ def evaluate(
     if merged and not adapters:
         raise UsageError("--merged", "needs at least one --adapter")
     dev = resolve_device(device)
-    fields = fields or {}
-
     # Read and check all data before loading models: bad files fail fast.
+    sets = _read_sets(data, limit, fields or {})
+    model, tok = _model_with_adapters(base, adapters, weights, merged=merged, dev=dev, dtype=dtype)
+    return _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch_size, dev=dev)
+
+
+def _read_sets(data: list, limit: int | None, fields: dict) -> list[tuple[str, list]]:
+    """``[(name, records)]`` for paths, synthetic specs or record lists."""
+    from .data import data_name, load_records
+
     sets = []
     for i, d in enumerate(data):
         if isinstance(d, (str, os.PathLike)):
@@ -159,6 +162,13 @@ def evaluate(
             if not recs:
                 raise UsageError("data", f"record set {i} is empty")
             sets.append((f"set{i}", recs))
+    return sets
+
+
+def _model_with_adapters(base, adapters: list, weights, *, merged: bool, dev, dtype):
+    """The base (a folder, or a copied ``(model, tokenizer)``) with the adapters
+    attached on the fly or merged in; ``(model, tokenizer)``."""
+    from .models import load_causal_lm
 
     if adapters:
         from .io.adapter_files import load_adapter
@@ -182,6 +192,14 @@ def evaluate(
             attach_adapters(model, adapters, weights)
     elif weights is not None:
         raise UsageError("--weights", "given without --adapter")
+    return model, tok
+
+
+def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev):
+    """One row per record set and the pooled ``union`` row (see :func:`evaluate`)."""
+    import pandas as pd
+
+    from .data import encode_records, make_batches, pad_id_for
 
     max_len = max_len or _default_max_len(model, tok)
     pad = pad_id_for(tok)
@@ -219,5 +237,3 @@ def evaluate(
         }
     )
     return pd.DataFrame(rows)
-
-

@@ -71,15 +71,13 @@ def command(base, data, more_data, out, targets, eval_size, quiet, kind, method,
         es = _eval_size(eval_size)
     except ValueError:
         raise UsageError("--eval-size", f"not a number: {eval_size!r}") from None
-    if method is not None:  # the v0.1 name of --kind, still accepted
-        click.echo("loramix train: --method is deprecated; use --kind", err=True)
-        kind = method
     tg = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     res = train_adapter(
         base,
         [*data, *more_data],
         out,
         kind=kind,
+        method=method,  # the v0.1 name of --kind, still accepted (errors then name --method)
         targets=tg,
         eval_size=es,
         progress=not quiet,

@@ -9,13 +9,12 @@ that stacks the factors of several modules (see ``docs/adapters.md``).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
+from ..discovery import defined_here, package_modules
 from .base import AdapterKind, AttachTerms, TrainableLayer, Wrapped, is_adaptable
 
 __all__ = [
@@ -47,12 +46,9 @@ def register(kind: AdapterKind) -> AdapterKind:
 
 
 def _discover() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if info.name == "base" or info.name.startswith("_"):
-            continue
-        mod = importlib.import_module(f"{__name__}.{info.name}")
-        for obj in vars(mod).values():
-            if isinstance(obj, AdapterKind) and type(obj).__module__ == mod.__name__:
+    for mod in package_modules(__name__, __path__):
+        for _, obj in defined_here(mod):
+            if isinstance(obj, AdapterKind):
                 register(obj)
 
 

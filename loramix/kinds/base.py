@@ -207,10 +207,10 @@ class Wrapped(nn.Module):
 class TrainableLayer(Wrapped):
     """A kind's trainable layer: its factors are the parameters that train.
 
-    Subclasses set ``kind`` and implement ``forward``, :meth:`residual` (dense
-    ``dW``, float64, detached), :meth:`merged_weight` (what merging writes,
-    ``(out, in)`` float64) and :meth:`module_delta` (the trained factors as a
-    :class:`ModuleDelta`).
+    Subclasses set ``kind``, ``scale`` and ``alpha``, name their factor
+    parameters as the kind's ``parts`` and implement ``forward``,
+    :meth:`residual` (dense ``dW``, float64, detached) and
+    :meth:`merged_weight` (what merging writes, ``(out, in)`` float64).
     """
 
     kind: ClassVar[AdapterKind]
@@ -222,7 +222,14 @@ class TrainableLayer(Wrapped):
         raise NotImplementedError
 
     def module_delta(self, name: str) -> ModuleDelta:
-        raise NotImplementedError
+        """The trained factors as a :class:`ModuleDelta` (detached CPU copies).
+
+        The layer's parameters carry the kind's part names (``lora_A``, ...)
+        and its options (``tau``, ...) are attributes, so the kind builds the
+        module exactly as it would from a file."""
+        fs = {fb: getattr(self, part).detach().clone().cpu() for part, fb in self.kind.parts.items()}
+        options = {k: getattr(self, k) for k in self.kind.options}
+        return self.kind.from_tensors(name, fs, options, scale=self.scale, alpha=self.alpha)
 
 
 @torch.no_grad()

@@ -209,22 +209,5 @@ class D2LoraLinear(TrainableLayer):
         W0 = self.base_weight().detach().double()
         return d2_merged_weight(W0, self.residual(), norm_dim=self.norm_dim, eps=self.eps)
 
-    def module_delta(self, name: str):
-        from ..adapter import ModuleDelta
-
-        return ModuleDelta(
-            name=name,
-            B=self.lora_B_pos.detach().clone().cpu(),
-            A=self.lora_A_pos.detach().clone().cpu(),
-            scale=self.scale,
-            alpha=self.alpha,
-            B_neg=self.lora_B_neg.detach().clone().cpu(),
-            A_neg=self.lora_A_neg.detach().clone().cpu(),
-            tau=self.tau,
-            norm_dim=self.norm_dim,
-            eps=self.eps,
-            kind=D2LORA,
-        )
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.rank}, tau={self.tau}, norm_dim={self.norm_dim}"

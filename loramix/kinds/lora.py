@@ -101,15 +101,3 @@ class LoraLinear(TrainableLayer):
     def merged_weight(self) -> torch.Tensor:
         """``W0 + dW`` ``(out, in)``, float64."""
         return self.base_weight().detach().double() + self.residual()
-
-    def module_delta(self, name: str):
-        from ..adapter import ModuleDelta
-
-        return ModuleDelta(
-            name=name,
-            B=self.lora_B.detach().clone().cpu(),
-            A=self.lora_A.detach().clone().cpu(),
-            scale=self.scale,
-            alpha=self.alpha,
-            kind=LORA,
-        )

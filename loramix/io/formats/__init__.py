@@ -9,11 +9,9 @@ that detects ``path``; when none does it says why in one line.
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import pkgutil
 from pathlib import Path
 
+from ...discovery import defined_here, package_modules
 from ...errors import AdapterError
 from .base import read_config, resolve_adapter_paths
 
@@ -28,14 +26,10 @@ def register(reader) -> None:
 
 
 def _discover() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if info.name == "base" or info.name.startswith("_"):
-            continue
-        mod = importlib.import_module(f"{__name__}.{info.name}")
-        for obj in vars(mod).values():
-            if inspect.isclass(obj) and obj.__module__ == mod.__name__ and getattr(obj, "name", ""):
-                if callable(getattr(obj, "detect", None)) and callable(getattr(obj, "read", None)):
-                    register(obj())
+    for mod in package_modules(__name__, __path__):
+        for _, obj in defined_here(mod):
+            if isinstance(obj, type) and getattr(obj, "name", "") and callable(getattr(obj, "detect", None)):
+                register(obj())
 
 
 def find_format(path: str | Path):

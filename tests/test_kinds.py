@@ -1,0 +1,203 @@
+"""Adapter kinds as variants: the registry, the kind objects, one stack_factors,
+format readers, and a kind defined outside the package going through the
+similarity, attach and merge paths with no other change.
+
+References are dense float64 deltas formed explicitly from the factors.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from loramix.adapter import Adapter, ModuleDelta
+from loramix.cli import main
+from loramix.io.adapter_files import load_adapter, save_d2_adapter
+from loramix.io.formats import FORMATS, find_format
+from loramix.kinds import D2LORA, KINDS, LORA, AdapterKind, get_kind, register, stack_factors
+from loramix.kinds.lora import LoraKind
+from loramix.layers import attach_adapters, detach, merge_into_model, restore_weights
+from loramix.overlap import similarity
+
+from .factories import make_peft_adapter, tiny_gpt2, tiny_llama
+
+F64 = torch.float64
+
+
+def _lora(name, out_f, in_f, r, seed, scale=1.5):
+    g = torch.Generator().manual_seed(seed)
+    return ModuleDelta(
+        name=name,
+        B=torch.randn(out_f, r, generator=g),
+        A=torch.randn(r, in_f, generator=g),
+        scale=scale,
+        alpha=3.0,
+    )
+
+
+def _d2(name, out_f, in_f, r, seed, tau=0.4, norm_dim=1):
+    g = torch.Generator().manual_seed(seed)
+    return ModuleDelta(
+        name=name,
+        B=torch.randn(out_f, r, generator=g),
+        A=torch.randn(r, in_f, generator=g),
+        scale=0.75,
+        alpha=3.0,
+        B_neg=torch.randn(out_f, r, generator=g),
+        A_neg=torch.randn(r, in_f, generator=g),
+        tau=tau,
+        norm_dim=norm_dim,
+    )
+
+
+def _dense_residual(m):
+    """``dW`` from the stored factors, by the kind's textbook formula."""
+    dW = m.scale * (m.B.double() @ m.A.double())
+    if m.B_neg is not None:
+        dW = dW - m.scale * m.tau * (m.B_neg.double() @ m.A_neg.double())
+    return dW
+
+
+def test_kinds_are_registered_names():
+    assert set(KINDS) >= {"lora", "d2lora"}
+    assert get_kind("lora") is LORA and get_kind(D2LORA) is D2LORA
+    # the kind is its name on disk: equal, same hash, same JSON, pickles to the singleton
+    assert LORA == "lora" and {"d2lora": 1}[D2LORA] == 1
+    assert json.dumps({"k": D2LORA}) == '{"k": "d2lora"}'
+    assert pickle.loads(pickle.dumps(D2LORA)) is D2LORA
+    assert not LORA.needs_base and D2LORA.needs_base
+    with pytest.raises(ValueError, match="unknown adapter kind 'dora'"):
+        get_kind("dora")
+
+
+def test_a_second_kind_with_a_taken_name_is_refused():
+    class Again(LoraKind):
+        pass
+
+    with pytest.raises(ValueError, match="already registered"):
+        register(Again())
+    assert KINDS["lora"] is LORA
+
+
+def test_adapter_kind_and_the_v01_method_alias():
+    ad = Adapter("a", "d2lora", {"m": _d2("m", 5, 4, 2, 0)})
+    assert ad.kind is D2LORA and ad.method == "d2lora" and type(ad.method) is str
+    assert ad.provenance()["kind"] == "d2lora"
+    assert ad.modules["m"].kind is D2LORA and _lora("m", 5, 4, 2, 1).kind is LORA
+    with pytest.raises(ValueError, match="unknown adapter kind"):
+        Adapter("a", "nope", {})
+
+
+@pytest.mark.parametrize("fold_scale", [True, False])
+def test_stack_factors_is_the_weighted_sum(fold_scale):
+    mods = [_lora("m", 7, 5, 2, 0), _d2("m", 7, 5, 3, 1), _lora("m", 7, 5, 1, 2, scale=0.2)]
+    w = [0.5, -1.25, 2.0]
+    st = stack_factors(mods, w, fold_scale=fold_scale)
+    assert st.B.shape == (7, 2 + 6 + 1) and st.A.shape == (9, 5) and st.offsets == [0, 2, 8, 9]
+    assert st.B.T.is_contiguous()
+    ref = sum(wi * _dense_residual(m) for wi, m in zip(w, mods))
+    got = sum(
+        st.scales[k] * st.B[:, st.offsets[k] : st.offsets[k + 1]] @ st.A[st.offsets[k] : st.offsets[k + 1]]
+        for k in range(3)
+    )
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    if fold_scale:
+        torch.testing.assert_close(st.B @ st.A, ref, rtol=1e-12, atol=1e-12)
+        assert torch.equal(st.scales, torch.ones(3, dtype=F64))
+
+
+@pytest.mark.parametrize("norm_dim", [0, 1])
+def test_d2_kind_delta_is_the_projection(norm_dim):
+    m = _d2("m", 6, 9, 2, 3, norm_dim=norm_dim)
+    W0 = torch.randn(6, 9, generator=torch.Generator().manual_seed(9), dtype=F64)
+    dW = _dense_residual(m)
+    V = W0 + dW
+    n0 = W0.norm(dim=norm_dim, keepdim=True)
+    ref = V * (n0 / V.norm(dim=norm_dim, keepdim=True)) + dW - W0
+    torch.testing.assert_close(m.delta(W0), ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="needs the base weight"):
+        m.delta(None)
+    torch.testing.assert_close(_lora("m", 6, 9, 2, 4).delta(None), _dense_residual(_lora("m", 6, 9, 2, 4)))
+
+
+def test_format_readers_detect_their_files(tmp_path):
+    peft_dir = make_peft_adapter(tiny_gpt2(), tmp_path / "p", r=2, lora_alpha=4)
+    d2_dir = save_d2_adapter(tmp_path / "d", {"transformer.h.0.attn.c_attn": _d2("x", 96, 32, 2, 0)},
+                             r=2, lora_alpha=1.5, tau=0.4)  # fmt: skip
+    assert (
+        find_format(peft_dir).kind is LORA
+        and find_format(peft_dir / "adapter_model.safetensors").kind is LORA
+    )
+    assert find_format(d2_dir).kind is D2LORA
+    assert {f.kind for f in FORMATS.values()} >= {LORA, D2LORA}
+    assert load_adapter(peft_dir).kind is LORA and load_adapter(d2_dir).kind is D2LORA
+    for f in FORMATS.values():
+        assert not f.detect(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------- a kind from outside
+
+
+class NegatedLora(AdapterKind):
+    """A toy kind, ``dW = -s B A``, stored nowhere: what a kind must define to
+    be compared, attached and merged."""
+
+    id = "test-negated-lora"
+    label = "negated LoRA"
+    peft_type = "TEST_NEGATED_LORA"
+
+    def scaled_factors(self, m, dtype=F64, device=None):
+        return -m.B.to(device=device, dtype=dtype), m.A.to(device=device, dtype=dtype), float(m.scale)
+
+    def tensors(self, m):
+        return {"lora_A": m.A, "lora_B": m.B}
+
+
+@pytest.fixture
+def negated():
+    kind = register(NegatedLora())
+    yield kind
+    del KINDS[kind.name]
+
+
+def test_a_new_kind_needs_no_other_change(negated):
+    model = tiny_llama()
+    name = "model.layers.0.self_attn.q_proj"
+    lin = model.get_submodule(name)
+    base = _lora(name, lin.out_features, lin.in_features, 2, 5, scale=0.3)
+    neg = ModuleDelta(
+        name=name, B=base.B, A=base.A, scale=base.scale, alpha=base.alpha, kind="test-negated-lora"
+    )
+    a, b = Adapter("pos", "lora", {name: base}), Adapter("neg", negated, {name: neg})
+    assert neg.kind is negated and neg.num_parameters == base.num_parameters
+
+    sim = similarity([a, b])
+    assert sim.mean.loc["pos", "neg"] == pytest.approx(-1.0, abs=1e-12)
+
+    x = torch.randn(3, lin.in_features, generator=torch.Generator().manual_seed(0))
+    W0 = lin.weight.detach().double()
+    ref = x.double() @ (W0 - 0.5 * _dense_residual(base)).T
+    attach_adapters(model, [b], weights=[0.5])
+    torch.testing.assert_close(model.get_submodule(name)(x).double(), ref, rtol=1e-5, atol=1e-5)
+    detach(model)
+    kept = merge_into_model(model, [b], weights=[0.5], keep_original=True)
+    torch.testing.assert_close(model.get_submodule(name)(x).double(), ref, rtol=1e-5, atol=1e-5)
+    restore_weights(model, kept)
+    torch.testing.assert_close(model.get_submodule(name).weight.detach().double(), W0)
+
+
+# ----------------------------------------------------------------- the CLI's names
+
+
+@pytest.mark.parametrize("flag", ["--kind", "--method"])
+def test_train_kind_flag_and_its_hidden_alias(capsys, tmp_path, flag):
+    rc = main(["train", "--base", str(tmp_path), "--data", "synthetic:arith", "--out", str(tmp_path / "o"),
+               flag, "dora"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and flag in err[0] and "unknown adapter kind 'dora'" in err[0]
+    main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--kind" in out and "--method" not in out
