@@ -54,6 +54,9 @@ class ModuleDelta:
     #: the adapter kind (a name or a kind object); by default D2-LoRA when a
     #: negative branch is given, else LoRA (the only two v0.1 wrote)
     kind: AdapterKind | str | None = None
+    #: what a kind keeps beyond the fields above (its own tensors and options),
+    #: so that a new kind needs no new field here
+    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.kind = get_kind(self.kind if self.kind is not None else (LORA if self.B_neg is None else D2LORA))

@@ -201,3 +201,10 @@ def test_train_kind_flag_and_its_hidden_alias(capsys, tmp_path, flag):
     main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--kind" in out and "--method" not in out
+
+
+def test_a_kind_keeps_its_own_state_in_extra(negated):
+    m = ModuleDelta(name="m", B=torch.ones(3, 1), A=torch.ones(1, 2), scale=1.0, alpha=1.0, kind=negated,
+                    extra={"gate": torch.zeros(3)})  # fmt: skip
+    assert m.kind is negated and torch.equal(m.extra["gate"], torch.zeros(3))
+    assert _lora("m", 3, 2, 1, 0).extra == {}
