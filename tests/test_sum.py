@@ -17,11 +17,12 @@ import torch
 from loramix.adapter import ModuleDelta
 from loramix.cli import main
 from loramix.d2lora import d2_merged_weight
+from loramix.engine import stream_into_base
 from loramix.errors import AdapterError, BaseModelError, OutputError, UsageError
 from loramix.io.adapter_files import load_adapter, save_d2_adapter
 from loramix.io.model_folder import BaseModelFolder
 from loramix.io.safetensors_io import file_sha256
-from loramix.summation import stream_into_base, sum_adapters, sum_into_base
+from loramix.methods.sum import sum_adapters, sum_into_base
 
 from .factories import make_peft_adapter, save_base, tiny_gpt2, tiny_llama
 

@@ -5,7 +5,7 @@ It works on one module at a time, on the *true* deltas of that module::
 
     dW_i = ModuleDelta.delta(W0)      (out, in): s_i B_i A_i for LoRA, W_hat_i - W0 for D2-LoRA
 
-never on ``A`` and ``B`` separately (DESIGN.md sections 3 and 5).
+never on ``A`` and ``B`` separately (docs/merging.md).
 
 * Dense methods implement :meth:`MergeMethod.delta` and return the merged
   dense delta ``(out, in)`` that the streaming engine adds to ``W0``.
@@ -15,7 +15,11 @@ never on ``A`` and ``B`` separately (DESIGN.md sections 3 and 5).
 
 Parameters are declared with :class:`Param`; :meth:`MergeMethod.validate`
 fills the defaults and turns anything out of range into a one-line
-:class:`~loramix.errors.UsageError` before any work starts.
+:class:`~loramix.errors.UsageError` before any work starts. A method also
+says which adapter kinds it applies to (``kinds``), how its per-module facts
+add up (:meth:`MergeMethod.summarize`) and how to say the summary in words
+(:meth:`MergeMethod.describe`), so that the runner, the CLI and the scenario
+study need no special case per method.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..adapter import D2LORA, Adapter, ModuleDelta
+from ..adapter import D2LORA, LORA, Adapter, ModuleDelta
 from ..errors import UsageError
 
 # ----------------------------------------------------------------------------- parameters
@@ -151,8 +155,15 @@ class MergeMethod:
     params: tuple[Param, ...] = ()
     #: the result is ``B @ A`` of small rank: can be written as an adapter
     low_rank: bool = False
-    #: only adapters of this kind are accepted (``"d2lora"``), or any
-    requires_kind: str | None = None
+    #: the adapter kinds (``Adapter.method``) the method applies to
+    kinds: tuple[str, ...] = (LORA, D2LORA)
+    #: why other kinds are refused (appended to the error)
+    kinds_reason: str = ""
+
+    @classmethod
+    def applies_to(cls, kind: str) -> bool:
+        """Whether adapters of ``kind`` (``"lora"``, ``"d2lora"``) can be merged with it."""
+        return kind in cls.kinds
 
     # -- validation -------------------------------------------------------------
     def validate(self, params: dict, adapters: Sequence[Adapter]) -> dict:
@@ -173,15 +184,26 @@ class MergeMethod:
             if p.required and p.name not in given:
                 raise UsageError(p.flag, f"method {self.name} needs {p.flag} ({p.help})")
             out[p.name] = p.coerce(given[p.name]) if p.name in given else p.default
-        if self.requires_kind is not None:
-            for ad in adapters:
-                if ad.method != self.requires_kind:
-                    raise UsageError(
-                        ad.path or ad.name,
-                        f"method {self.name} needs {self.requires_kind} adapters; this is a {ad.method} adapter",
-                    )
+        for ad in adapters:
+            if not self.applies_to(ad.method):
+                why = f": {self.kinds_reason}" if self.kinds_reason else ""
+                raise UsageError(
+                    ad.path or ad.name,
+                    f"method {self.name} needs {' or '.join(self.kinds)} adapters; "
+                    f"this is a {ad.method} adapter{why}",
+                )
         self.check(out, adapters)
         return out
+
+    # -- reporting --------------------------------------------------------------
+    def summarize(self, facts: dict[str, dict]) -> dict:
+        """Totals of the per-module ``facts`` (module -> what :meth:`merged` or
+        :meth:`factors` reported) for the summary; none by default."""
+        return {}
+
+    def describe(self, summary: dict) -> list[str]:
+        """Lines that say :meth:`summarize`'s totals to a user (the CLI prints them)."""
+        return []
 
     def check(self, params: dict, adapters: Sequence[Adapter]) -> None:
         """Cross-parameter and adapter checks of a method (override)."""

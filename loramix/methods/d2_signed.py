@@ -1,4 +1,4 @@
-"""Signed merging of D2-LoRA adapters (DESIGN.md section 4, way (b)).
+"""Signed merging of D2-LoRA adapters (docs/merging.md; way (b) of docs/d2lora.md).
 
 For D2-LoRA adapters with signed residuals ``dW_i = s_i (B+_i A+_i - tau B-_i A-_i)``::
 
@@ -28,7 +28,7 @@ class D2Signed(MergeMethod):
     name = "d2-signed"
     summary = "D2-LoRA: sum the signed residuals, project once onto the base norms, add the summed residual"
     params = ()
-    requires_kind = D2LORA
+    kinds = (D2LORA,)
 
     def check(self, params, adapters):
         dims = {m.norm_dim for ad in adapters for m in ad.modules.values()}
@@ -62,3 +62,20 @@ class D2Signed(MergeMethod):
         na = float(torch.linalg.vector_norm(a))
         diff = float(torch.linalg.vector_norm(merged - a))
         return diff / na if na > 0 else diff
+
+    def summarize(self, facts):
+        diffs = [f["rel_diff_vs_effective_sum"] for f in facts.values()]
+        if not diffs:
+            return {}
+        return {
+            "rel_diff_vs_effective_sum_mean": sum(diffs) / len(diffs),
+            "rel_diff_vs_effective_sum_max": max(diffs),
+        }
+
+    def describe(self, summary):
+        if "rel_diff_vs_effective_sum_mean" not in summary:
+            return []
+        return [
+            "relative difference to adding effective deltas (sum --into): "
+            f"mean {summary['rel_diff_vs_effective_sum_mean']:.4g}, max {summary['rel_diff_vs_effective_sum_max']:.4g}"
+        ]

@@ -1,4 +1,4 @@
-"""DARE (Yu et al. 2023): drop and rescale, then linear or TIES (DESIGN.md section 5).
+"""DARE (Yu et al. 2023): drop and rescale, then linear or TIES (docs/merging.md).
 
 For deltas ``dW_i`` (out, in)::
 

@@ -1,4 +1,4 @@
-"""The weighted sum recompressed to low rank, from the factors only (DESIGN.md section 3).
+"""The weighted sum recompressed to low rank, from the factors only (docs/merging.md).
 
 For one module with stacked factors (R = sum of the adapters' ranks)::
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adapter import D2LORA
+from ..adapter import LORA
 from ..errors import UsageError
 from . import register
 from .base import LowRank, MergeMethod, ModuleContext, Param
@@ -94,17 +94,15 @@ class Svd(MergeMethod):
         ),
     )
     low_rank = True
+    kinds = (LORA,)
+    kinds_reason = (
+        "svd recompresses LoRA factors; D2-LoRA effective deltas depend on the base "
+        "(use d2-signed or sum with --into)"
+    )
 
     def check(self, params, adapters):
         if (params["rank"] is None) == (params["energy"] is None):
             raise UsageError("--rank/--energy", "method svd needs exactly one of --rank k or --energy e")
-        for ad in adapters:
-            if ad.method == D2LORA:
-                raise UsageError(
-                    ad.path or ad.name,
-                    "svd recompresses LoRA factors; D2-LoRA effective deltas depend on the base "
-                    "(use d2-signed or sum with --into)",
-                )
         R = stacked_rank(adapters)
         if params["rank"] is not None and params["rank"] > R:
             raise UsageError(
@@ -170,3 +168,28 @@ class Svd(MergeMethod):
             ModuleContext(ctx.name, ctx.indices, ctx.device, torch.float64), module_deltas, weights, params
         )
         return (lr.B @ lr.A).to(ctx.dtype), lr.info
+
+    def summarize(self, facts):
+        if not facts:
+            return {}
+        total = sum(i["energy_total"] for i in facts.values())
+        dropped = sum(i["energy_discarded"] for i in facts.values())
+        worst = max(facts, key=lambda n: facts[n]["energy_discarded_fraction"])
+        return {
+            "ranks": sorted({i["rank"] for i in facts.values()}),
+            "energy_discarded": dropped,
+            "energy_discarded_fraction": dropped / total if total > 0 else 0.0,
+            "worst_module": worst,
+            "worst_module_discarded_fraction": facts[worst]["energy_discarded_fraction"],
+        }
+
+    def describe(self, summary):
+        if "energy_discarded_fraction" not in summary:
+            return []
+        ranks = summary["ranks"]
+        rank_txt = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
+        return [
+            f"rank {rank_txt}; discarded energy {summary['energy_discarded']:.4g} "
+            f"({100 * summary['energy_discarded_fraction']:.3g}% of ||sum||^2); worst module "
+            f"{summary['worst_module']} ({100 * summary['worst_module_discarded_fraction']:.3g}%)"
+        ]
