@@ -155,4 +155,11 @@ def base_provenance(path: str | os.PathLike) -> dict:
     for f in files:
         h.update(f.name.encode())
         h.update(file_sha256(f).encode())
-    return {"path": str(p), "kind": "base_model", "sha256": h.hexdigest()}
+    rec = {"path": str(p), "kind": "base_model", "sha256": h.hexdigest()}
+    try:  # the hash merges and the scenario cache also record for this base
+        from .io.model_folder import BaseModelFolder
+
+        rec["identity"] = BaseModelFolder(p).identity()
+    except BaseModelError:  # pickle weights only: no identity
+        pass
+    return rec

@@ -3,7 +3,7 @@
 GPT-2 (``Conv1D``) and Llama (``nn.Linear``) models with real PEFT adapters.
 
 PEFT's ``linear``/``ties``/``dare`` combinations act on A and B separately and
-are not the sum (DESIGN.md section 3), so they are never the reference here.
+are not the sum (docs/merging.md, "Deltas, not factors"), so they are never the reference here.
 """
 
 from __future__ import annotations

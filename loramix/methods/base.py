@@ -198,7 +198,8 @@ class MergeMethod:
     # -- reporting --------------------------------------------------------------
     def summarize(self, facts: dict[str, dict]) -> dict:
         """Totals of the per-module ``facts`` (module -> what :meth:`merged` or
-        :meth:`factors` reported) for the summary; none by default."""
+        :meth:`factors` reported; called only when some module reported
+        facts) for the summary; none by default."""
         return {}
 
     def describe(self, summary: dict) -> list[str]:

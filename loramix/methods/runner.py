@@ -51,7 +51,7 @@ def _clean(params: dict) -> dict:
 
 
 def _summarize(method: MergeMethod, facts: dict[str, dict], n_modules: int) -> dict:
-    return {"modules": n_modules, **method.summarize(facts)}
+    return {"modules": n_modules, **(method.summarize(facts) if facts else {})}
 
 
 def run_merge(
