@@ -152,7 +152,11 @@ def scaled_norm():
 def test_method_registered_from_outside_runs_through_the_cli(gpt2, scaled_norm, tmp_path, capsys):
     a = [str(p) for p in gpt2["adapters"]]
     assert main(["merge", "--help"]) == 0
-    assert "--gain" in capsys.readouterr().out
+    helptext = capsys.readouterr().out
+    # every method's parameters are options, once each, the help option last
+    for flag in ("--gain", "--density", "--rank", "--lambda FLOAT"):
+        assert flag in helptext, flag
+    assert helptext.count("--help") == 1 and "--lambda-" not in helptext
     out = tmp_path / "o"
     args = ["merge", "-m", "scaled-norm", *a, "--gain", "0.5", "--weights", "1,-2", "--into", str(gpt2["base"])]
     assert main([*args, "--out", str(out)]) == 0

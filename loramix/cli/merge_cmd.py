@@ -49,11 +49,11 @@ class MergeCommand(click.Command):
     def get_params(self, ctx):
         from ..methods import available_methods
 
-        params = [p for p in super().get_params(ctx) if p.name != "help"]
+        help_opt = self.get_help_option(ctx)
+        params = [p for p in super().get_params(ctx) if p is not help_opt]
         for p in params:
             if p.name == "method":
                 p.help = f"Merge method: {', '.join(available_methods())}."
-        help_opt = self.get_help_option(ctx)
         return [*params, *method_options(), *([help_opt] if help_opt is not None else [])]
 
 

@@ -56,7 +56,7 @@ class Param:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return "--" + self.name.rstrip("_").replace("_", "-")
 
     def coerce(self, value: Any) -> Any:
         if self.choices is not None:
