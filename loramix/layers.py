@@ -67,6 +67,7 @@ from torch import nn
 
 from .adapter import D2LORA, LORA, Adapter, ModuleDelta
 from .errors import AdapterError, UsageError
+from .options import parse_weights
 
 __all__ = [
     "LoraLinear",
@@ -578,11 +579,7 @@ def _entries_per_module(
     if isinstance(adapters, Adapter):
         adapters = [adapters]
     adapters = list(adapters)
-    if weights is None:
-        weights = [1.0] * len(adapters)
-    weights = [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise UsageError("--weights", f"{len(weights)} weights for {len(adapters)} adapters")
+    weights = parse_weights(weights, len(adapters))
     per: dict[str, list[tuple[float, ModuleDelta]]] = {}
     for ad, w in zip(adapters, weights):
         where = ad.path or ad.name

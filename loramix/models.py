@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from .errors import BaseModelError
+from .options import DTYPE_NAMES as _DTYPES
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -21,9 +22,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-           "bfloat16": "bfloat16", "bf16": "bfloat16"}  # fmt: skip
 
 
 def _causal_lm_names() -> tuple[set[str], set[str]]:

@@ -49,20 +49,37 @@ def parse_weights(weights: Any, n: int, where: str = "weights") -> list[float]:
     return ws
 
 
-def parse_dtype(dtype: Any, where: str = "dtype"):
-    """``None``/``"auto"`` -> None (keep the input's); a torch dtype as is; a
-    name of :data:`DTYPE_NAMES` (``bf16``, ``torch.float16``, ...) -> the
-    torch dtype. Anything else is a :class:`UsageError` naming ``where``."""
-    import torch
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
+def check_dtype(dtype: Any, where: str = "dtype") -> str | None:
+    """The torch name of a dtype spelling (``"bf16"`` -> ``"bfloat16"``),
+    None for ``None``/``"auto"``; an unknown one is a :class:`UsageError`
+    naming ``where``. Needs no torch, so a command can refuse a bad
+    ``--dtype`` before loading it."""
+    if dtype is None:
+        return None
     key = str(dtype).lower().removeprefix("torch.")
     if key == "auto":
         return None
     if key not in DTYPE_NAMES:
         raise UsageError(where, f"unknown dtype {dtype!r}; choose {', '.join(OUTPUT_DTYPES)}")
-    return getattr(torch, DTYPE_NAMES[key])
+    return DTYPE_NAMES[key]
+
+
+def parse_dtype(dtype: Any, where: str = "dtype"):
+    """``None``/``"auto"`` -> None (keep the input's); a torch dtype as is; a
+    name of :data:`DTYPE_NAMES` (``bf16``, ``torch.float16``, ...) -> the
+    torch dtype (see :func:`check_dtype`)."""
+    if dtype is None or isinstance(dtype, str):
+        name = check_dtype(dtype, where)
+        if name is None:
+            return None
+        import torch
+
+        return getattr(torch, name)
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    raise UsageError(where, f"unknown dtype {dtype!r}; choose {', '.join(OUTPUT_DTYPES)}")
 
 
 def dtype_name(dtype) -> str | None:

@@ -255,3 +255,28 @@ def test_base_identity_links_merge_training_and_cache(gpt2, tmp_path):
     res = methods.merge([str(p) for p in gpt2["adapters"]], "sum", into=gpt2["base"], out=tmp_path / "m")
     (b,) = [i for i in res.record["inputs"] if i["role"] == "base"]
     assert b["identity"] == ident
+
+
+def test_method_declarations_import_no_torch():
+    """The merge command's options come from the methods' declarations, which
+    load without torch (``loramix merge --help`` stays quick)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; from loramix.cli.merge_cmd import method_options; "
+        "opts = method_options(); "
+        "print(len(opts), sorted(m.split('.')[0] for m in sys.modules if m.split('.')[0] == 'torch')[:1])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    n, torch_seen = p.stdout.split(" ", 1)
+    assert int(n) >= 7 and torch_seen.strip() == "[]", p.stdout
+    # the kind names spelled in methods/base.py are the adapter's
+    from loramix import adapter
+    from loramix.methods import base
+
+    assert (base.LORA, base.D2LORA) == (adapter.LORA, adapter.D2LORA)

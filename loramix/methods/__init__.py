@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..options import parse_dtype, parse_weights
+from ..options import check_dtype, parse_dtype, parse_weights  # noqa: F401  (parse_dtype re-exported)
 
 _REGISTRY: dict[str, type] = {}
 # Modules of this package that hold no method.
@@ -152,6 +152,13 @@ def merge(
     give byte-identical output files (the creation time is only in
     ``loramix.json``).
     """
+    # Checks that need no torch come first: a bad command line fails fast.
+    get_method(method)
+    if not adapters:
+        raise UsageError("merge", "no adapters given")
+    weights = parse_weights(weights, len(adapters))
+    if dtype is None or isinstance(dtype, str):  # a torch dtype is taken as it is
+        check_dtype(dtype)
     from .runner import run_merge
 
     return run_merge(

@@ -28,12 +28,20 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..adapter import D2LORA, LORA, Adapter, ModuleDelta
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapter import Adapter, ModuleDelta
+
+# Torch is imported inside the functions that compute: the ``merge`` command
+# builds its options from the methods' declarations, and ``--help`` must stay
+# quick. For the same reason the adapter kind names are spelled here (they
+# equal loramix.adapter.LORA / D2LORA; a test checks).
+LORA, D2LORA = "lora", "d2lora"
 
 # ----------------------------------------------------------------------------- parameters
 
@@ -130,8 +138,14 @@ class ModuleContext:
 
     name: str
     indices: tuple[int, ...]
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32
+    device: torch.device | None = None  # None: the CPU
+    dtype: torch.dtype | None = None  # None: float32
+
+    def __post_init__(self):
+        import torch
+
+        self.device = torch.device("cpu") if self.device is None else torch.device(self.device)
+        self.dtype = torch.float32 if self.dtype is None else self.dtype
 
 
 @dataclass
@@ -292,6 +306,8 @@ def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     bucket that holds the answer, and ``kthvalue`` runs on that bucket only
     (small buckets also keep the boolean selection cheap).
     """
+    import torch
+
     n = x.numel()
     if x.dtype == torch.float32:
         key = x.view(torch.int32) >> 16  # 15 bits: sign (0), 8 exponent, 7 mantissa
@@ -346,6 +362,8 @@ def dare_mask(shape: tuple[int, ...], density: float, seed: int) -> torch.Tensor
     ``random_pruning`` draws (``torch.bernoulli(torch.full_like(x, density))``
     on a float32 ``x``) from a generator in the same state; tests check it.
     """
+    import torch
+
     g = torch.Generator(device="cpu").manual_seed(seed)
     return torch.rand(shape, generator=g, dtype=torch.float32).lt_(density)
 
@@ -370,6 +388,8 @@ def elect_and_merge(
     ``g`` and 0 elsewhere, so ``sum_i keep_i x_i = g sum_i y_i`` and
     ``keep_i = sign(y_i)``.
     """
+    import torch
+
     if sign == "mass":
         g = xs[0].clone()
         for x in xs[1:]:

@@ -14,13 +14,14 @@ report so the two ways can be compared.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from ..adapter import D2LORA
-from ..d2lora import d2_merged_weight
 from ..errors import UsageError
 from . import register
-from .base import MergeMethod
+from .base import D2LORA, MergeMethod
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register
@@ -40,6 +41,8 @@ class D2Signed(MergeMethod):
     def delta(self, ctx, module_deltas, weights, W0, params):
         if W0 is None:
             raise UsageError(ctx.name, "d2-signed needs the base weight: pass --into BASE")
+        from ..d2lora import d2_merged_weight
+
         W0 = W0.to(device=ctx.device, dtype=ctx.dtype)
         m0 = module_deltas[0]
         R = None
@@ -54,6 +57,8 @@ class D2Signed(MergeMethod):
 
     def compare_effective(self, ctx, module_deltas, weights, W0, merged: torch.Tensor) -> float:
         """``||merged - a|| / ||a||`` with ``a = sum_i w_i (W_hat_i - W0)`` (way (a))."""
+        import torch
+
         W0 = W0.to(device=ctx.device, dtype=ctx.dtype)
         a = None
         for m, w in zip(module_deltas, weights):

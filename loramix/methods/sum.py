@@ -12,19 +12,22 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..adapter import D2LORA, Adapter
 from ..errors import UsageError
 from . import merge, register
-from .base import LowRank, MergeMethod
+from .base import D2LORA, LowRank, MergeMethod
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _lora_factors(module_deltas, weights, dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The LoRA terms as one factor pair: ``B = [w_i s_i B_i ...]`` (out, R),
     ``A = [A_i; ...]`` (R, in), so ``B @ A = sum_i w_i s_i B_i A_i``; None
     when there is no LoRA term."""
+    import torch
+
     pairs = [
         (m.factors(dtype=dtype, device=device), w) for m, w in zip(module_deltas, weights) if m.kind != D2LORA
     ]
@@ -43,6 +46,8 @@ class Sum(MergeMethod):
     def delta(self, ctx, module_deltas, weights, W0, params):
         """LoRA terms as one matmul of the concatenated factors, in ``ctx.dtype``;
         D2-LoRA terms as ``w_i`` times the effective delta, formed in float64."""
+        import torch
+
         pair = _lora_factors(module_deltas, weights, ctx.dtype, ctx.device)
         if pair is not None:
             out = pair[0] @ pair[1]
@@ -74,6 +79,8 @@ class Sum(MergeMethod):
 
 
 def _as_list(adapters_or_paths) -> list:
+    from ..adapter import Adapter
+
     if isinstance(adapters_or_paths, (str, os.PathLike, Adapter)):
         return [adapters_or_paths]
     return list(adapters_or_paths)
@@ -112,6 +119,7 @@ def sum_adapters(
     checks that every module exists in it with a fitting shape."""
     ads = _as_list(adapters_or_paths)
     if base is not None:
+        from ..adapter import Adapter
         from ..engine import resolve_targets
         from ..io.adapter_files import load_adapter
         from ..io.model_folder import BaseModelFolder

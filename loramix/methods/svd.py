@@ -22,12 +22,14 @@ Computed in float64 on the device; written in the adapters' dtype.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from ..adapter import LORA
 from ..errors import UsageError
 from . import register
-from .base import LowRank, MergeMethod, ModuleContext, Param
+from .base import LORA, LowRank, MergeMethod, ModuleContext, Param
+
+if TYPE_CHECKING:
+    import torch
 
 
 def stacked_rank(adapters, module: str | None = None) -> int:
@@ -46,6 +48,8 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
     (n, in) orthonormal, ``S`` descending, ``n = min(out, in, R)``; from the
     factors ``B`` (out, R), ``A`` (R, in) only. Leading batch dimensions are
     allowed (``(G, out, R)``, ``(G, R, in)``)."""
+    import torch
+
     QB, RB = torch.linalg.qr(B)
     QA, RA = torch.linalg.qr(A.mT)
     U, S, Vh = torch.linalg.svd(RB @ RA.mT, full_matrices=False)
@@ -55,6 +59,8 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def choose_rank(S: torch.Tensor, rank: int | None, energy: float | None) -> int:
     """``min(rank, len(S))``, or the smallest ``k`` with
     ``sum_{j<k} S_j^2 >= energy * sum_j S_j^2`` (at least 1)."""
+    import torch
+
     n = int(S.numel())
     if rank is not None:
         return max(1, min(rank, n))
@@ -130,6 +136,8 @@ class Svd(MergeMethod):
         return out
 
     def _factors_group(self, jobs, params) -> list[LowRank]:
+        import torch
+
         device = jobs[0][0].device
         Bs, As = [], []
         for _ctx, mds, ws in jobs:
@@ -162,6 +170,8 @@ class Svd(MergeMethod):
         return res
 
     def merged(self, ctx, module_deltas, weights, W0, params):
+        import torch
+
         # The factorisation always runs in float64 (it is small); the dense
         # product is cast to the caller's dtype.
         lr = self.factors(
