@@ -280,3 +280,22 @@ def test_method_declarations_import_no_torch():
     from loramix.methods import base
 
     assert (base.LORA, base.D2LORA) == (adapter.LORA, adapter.D2LORA)
+
+
+@pytest.mark.parametrize(
+    "merge, key, words",
+    [
+        ('[merge]\nmethods = ["svd"]\nsvd = { rank = 2, energy = 0.5 }\n', "merge.svd", "exactly one of"),
+        ('[merge]\nmethods = ["svd"]\n', "merge.svd", "exactly one of"),
+        ('[merge]\nmethods = ["ties"]\nties = { density = 0.5, sign = "vote" }\n', "merge.ties", "mass, count"),
+        ('[merge]\nmethods = ["d2-signed"]\n', "merge.methods", "does not apply to lora"),
+    ],
+)
+def test_scenario_validation_runs_the_methods_checks(tmp_path, capsys, merge, key, words):
+    from .test_scenario import GOOD
+
+    p = tmp_path / "s.toml"
+    p.write_text(GOOD + merge)
+    assert main(["scenario", "check", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loramix: error:") and key in err and words in err and "\n" not in err, err

@@ -110,7 +110,7 @@ class Svd(MergeMethod):
         if (params["rank"] is None) == (params["energy"] is None):
             raise UsageError("--rank/--energy", "method svd needs exactly one of --rank k or --energy e")
         R = stacked_rank(adapters)
-        if params["rank"] is not None and params["rank"] > R:
+        if adapters and params["rank"] is not None and params["rank"] > R:
             raise UsageError(
                 "--rank",
                 f"{params['rank']} is above the stacked rank {R} of the adapters (the sum of their ranks)",

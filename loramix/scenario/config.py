@@ -222,11 +222,15 @@ def _synthetic_domains() -> list[str]:
     return sorted(synthetic_domains())
 
 
-def _applies(method: str, kind: str) -> bool:
-    """Whether merge ``method`` applies to adapters of ``kind`` (the method says)."""
+def _get_method(name: str):
     from ..methods import get_method
 
-    return get_method(method).applies_to(kind)
+    return get_method(name)
+
+
+def _applies(method: str, kind: str) -> bool:
+    """Whether merge ``method`` applies to adapters of ``kind`` (the method says)."""
+    return _get_method(method).applies_to(kind)
 
 
 def _merge_registry() -> list[str]:
@@ -489,15 +493,14 @@ def _parse_merge(ctx, t, adapters: AdapterSpec, min_k: int) -> list[MergeSpec]:
         for pk, p in reg.items():
             if p.required and pk not in clean:
                 raise ctx.error(f"merge.{m}.{pk}", f"missing (required by {m}: {p.help})")
-        if "density" in clean and not 0 < clean["density"] <= 1:
-            raise ctx.error(f"merge.{m}.density", f"must lie in (0, 1], got {clean['density']}")
-        if m == "svd":
-            if ("rank" in clean) == ("energy" in clean):
-                raise ctx.error("merge.svd", "give exactly one of rank or energy")
-            if "rank" in clean and clean["rank"] > min_k * adapters.rank:
-                raise ctx.error("merge.svd.rank", f"{clean['rank']} is above the stacked rank "
-                                f"{min_k * adapters.rank} of the smallest composition ({min_k} x rank "
-                                f"{adapters.rank})")  # fmt: skip
+        try:  # the method's own checks, as `loramix merge` runs them (no adapters yet)
+            _get_method(m).validate(clean, [])
+        except UsageError as e:
+            raise ctx.error(f"merge.{m}", e.problem) from None
+        if "rank" in clean and clean["rank"] > min_k * adapters.rank:
+            raise ctx.error(f"merge.{m}.rank", f"{clean['rank']} is above the stacked rank "
+                            f"{min_k * adapters.rank} of the smallest composition ({min_k} x rank "
+                            f"{adapters.rank})")  # fmt: skip
         out.append(MergeSpec(m, clean))
     return out
 
