@@ -236,7 +236,10 @@ def add_delta(stored: torch.Tensor, job: ModuleJob, compute: ModuleCompute, dev,
     if isinstance(res.delta, tuple):
         B, A = (x.to(device=dev, dtype=cdt) for x in res.delta)
         # One fused pass: W0 + B @ A, or for a Conv1D (in, out) tensor W + A^T B^T.
-        torch.addmm(W, A.T, B.T, out=new) if job.transposed else torch.addmm(W, B, A, out=new)
+        if job.transposed:
+            torch.addmm(W, A.T, B.T, out=new)
+        else:
+            torch.addmm(W, B, A, out=new)
     else:
         delta = res.delta.to(device=dev, dtype=cdt)
         torch.add(W, delta.T if job.transposed else delta, out=new)
@@ -344,11 +347,11 @@ def execute_into_base(
     t0 = time.perf_counter()
     executor = executor or SerialExecutor("cpu")
     base, out = plan.base, Path(out)
-    bar = _progress_bar(plan, out, progress)
     writers: list[ShardWriter] = []
     with ThreadPoolExecutor(1) as hasher, atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         stop_hashing = threading.Event()
         hashing = hasher.submit(base.provenance, stop_hashing)
+        bar = _progress_bar(plan, out, progress)
         try:
             total, facts = _write_shards(plan, tmp, executor, compute, record, bar, writers)
             finish_model_folder(base, tmp, total, plan.out_dtype)
