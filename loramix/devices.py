@@ -19,8 +19,8 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UsageError("--device", f"{spec} requested but torch.cuda.is_available() is False")
+            raise UsageError("device", f"{spec} requested but torch.cuda.is_available() is False")
         return torch.device(spec)
     if spec == "cpu":
         return torch.device("cpu")
-    raise UsageError("--device", f"unknown device {spec!r}; choose auto, cpu or cuda")
+    raise UsageError("device", f"unknown device {spec!r}; choose auto, cpu or cuda")

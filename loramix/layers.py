@@ -42,6 +42,7 @@ from .errors import AdapterError, UsageError
 from .kinds import LORA, AttachTerms, TrainableLayer, Wrapped, get_kind, is_adaptable
 from .kinds.d2lora import D2LoraLinear
 from .kinds.lora import LoraLinear
+from .options import parse_weights
 
 __all__ = [
     "LoraLinear",
@@ -249,11 +250,7 @@ def _entries_per_module(
     if isinstance(adapters, Adapter):
         adapters = [adapters]
     adapters = list(adapters)
-    if weights is None:
-        weights = [1.0] * len(adapters)
-    weights = [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise UsageError("--weights", f"{len(weights)} weights for {len(adapters)} adapters")
+    weights = parse_weights(weights, len(adapters))
     per: dict[str, list[tuple[float, ModuleDelta]]] = {}
     for ad, w in zip(adapters, weights):
         where = ad.path or ad.name

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from .errors import BaseModelError
+from .options import DTYPE_NAMES as _DTYPES
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -21,9 +22,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-           "bfloat16": "bfloat16", "bf16": "bfloat16"}  # fmt: skip
 
 
 def _causal_lm_names() -> tuple[set[str], set[str]]:
@@ -155,4 +153,11 @@ def base_provenance(path: str | os.PathLike) -> dict:
     for f in files:
         h.update(f.name.encode())
         h.update(file_sha256(f).encode())
-    return {"path": str(p), "kind": "base_model", "sha256": h.hexdigest()}
+    rec = {"path": str(p), "kind": "base_model", "sha256": h.hexdigest()}
+    try:  # the hash merges and the scenario cache also record for this base
+        from .io.model_folder import BaseModelFolder
+
+        rec["identity"] = BaseModelFolder(p).identity()
+    except BaseModelError:  # pickle weights only: no identity
+        pass
+    return rec

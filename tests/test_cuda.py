@@ -64,7 +64,7 @@ def test_similarity_cuda_matches_cpu(setup, arch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_sum_into_base_cuda_matches_cpu(setup, arch, tmp_path):
-    from loramix.summation import sum_into_base
+    from loramix.methods.sum import sum_into_base
 
     s = setup[arch]
     kw = dict(weights=[1.0, 0.5, -0.25], progress=False)

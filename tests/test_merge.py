@@ -532,41 +532,6 @@ def test_cli_into_base_matches_reference_and_loads(models, kind, method, params,
     assert [i["sha256"] for i in rec["inputs"][:3]] == [load_adapter(p).sha256 for p in m["adapters"]]
 
 
-def test_merge_sum_writes_what_loramix_sum_writes(models, tmp_path, capsys):
-    m = models["llama"]
-    a = m["adapters"]
-    assert (
-        main(
-            [
-                "sum",
-                *map(str, a),
-                "--weights",
-                "1,0.5,2",
-                "--into",
-                str(m["base"]),
-                "--out",
-                str(tmp_path / "s"),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    assert (
-        cli(capsys, "-m", "sum", *a, "--weights", "1,0.5,2", "--into", m["base"], "--out", tmp_path / "m")[0]
-        == 0
-    )
-    from safetensors.torch import load_file
-
-    x, y = load_file(tmp_path / "s" / "model.safetensors"), load_file(tmp_path / "m" / "model.safetensors")
-    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-    # and as an adapter: the exact concatenation
-    assert main(["sum", *map(str, a), "--weights", "1,0.5,2", "--out", str(tmp_path / "sa")]) == 0
-    assert cli(capsys, "-m", "sum", *a, "--weights", "1,0.5,2", "--out", tmp_path / "ma")[0] == 0
-    x = load_file(tmp_path / "sa" / "adapter_model.safetensors")
-    y = load_file(tmp_path / "ma" / "adapter_model.safetensors")
-    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-
-
 def _files(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -3,7 +3,7 @@
 GPT-2 (``Conv1D``) and Llama (``nn.Linear``) models with real PEFT adapters.
 
 PEFT's ``linear``/``ties``/``dare`` combinations act on A and B separately and
-are not the sum (DESIGN.md section 3), so they are never the reference here.
+are not the sum (docs/merging.md, "Deltas, not factors"), so they are never the reference here.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import torch
 from loramix.adapter import ModuleDelta
 from loramix.cli import main
 from loramix.d2lora import d2_merged_weight
+from loramix.engine import stream_into_base
 from loramix.errors import AdapterError, BaseModelError, OutputError, UsageError
 from loramix.io.adapter_files import load_adapter, save_d2_adapter
 from loramix.io.model_folder import BaseModelFolder
 from loramix.io.safetensors_io import file_sha256
-from loramix.summation import stream_into_base, sum_adapters, sum_into_base
+from loramix.methods.sum import sum_adapters, sum_into_base
 
 from .factories import make_peft_adapter, save_base, tiny_gpt2, tiny_llama
 

@@ -16,7 +16,7 @@ import sys
 import click
 
 from .. import __version__
-from ..errors import LoramixError
+from ..errors import LoramixError, UsageError
 
 # module (in this package) -> command name
 COMMANDS = {
@@ -39,6 +39,37 @@ def data_options(help: str):
     def decorate(f):
         f = click.argument("more_data", nargs=-1)(f)
         return click.option("--data", "data", multiple=True, required=True, help=help)(f)
+
+    return decorate
+
+
+# Library errors name the parameter; the CLI says the flag.
+FLAGS = {"weights": "--weights", "dtype": "--dtype", "device": "--device", "into": "--into"}
+
+
+def merge_options(progress: bool):
+    """The options ``sum`` and ``merge`` share: ``--weights``, ``--into``,
+    ``--out``, ``--dtype``, ``--device``, ``--force``, ``--progress``
+    (default ``progress``). Values are checked by the library
+    (:mod:`loramix.options`), so bad ones get the one-line error."""
+    opts = [
+        click.option("--weights", default=None, help="One weight per adapter, e.g. 1,0.5 (default: all 1)."),
+        click.option("--into", type=click.Path(), default=None,
+                     help="Base model folder to merge into (writes a model); without it, write one adapter."),
+        click.option("--out", "-o", required=True, type=click.Path(),
+                     help="Output folder (refused if it exists, unless --force)."),
+        click.option("--dtype", default=None,
+                     help="Output dtype: float32, float16, bfloat16 (default: the base's, or the adapters')."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+        click.option("--force", is_flag=True, help="Replace an existing --out."),
+        click.option("--progress/--no-progress", default=progress, show_default=True,
+                     help="Progress bar on stderr."),
+    ]  # fmt: skip
+
+    def decorate(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
 
     return decorate
 
@@ -73,6 +104,8 @@ def main(argv=None) -> int:
     except LoramixError as e:
         if debug:
             raise
+        if isinstance(e, UsageError) and e.where in FLAGS:
+            e.where = FLAGS[e.where]
         click.echo(f"loramix: error: {e.message}", err=True)
         return 2
     except click.exceptions.Abort:

@@ -33,15 +33,10 @@ def command(base, adapters, weights, merged, data, more_data, on, max_len, batch
     counts and tokens per second. Scored tokens: the answers (--on answer) or all."""
     import json
 
-    from ..errors import UsageError
+    from ..options import parse_weights
     from ..perplexity import evaluate
 
-    w = None
-    if weights is not None:
-        try:
-            w = [float(x) for x in weights.split(",") if x.strip()]
-        except ValueError:
-            raise UsageError("--weights", f"not a comma-separated list of numbers: {weights!r}") from None
+    w = None if weights is None else parse_weights(weights, len(adapters))
     df = evaluate(
         base,
         adapters=list(adapters),

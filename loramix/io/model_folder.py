@@ -1,4 +1,4 @@
-"""A Hugging Face model folder, read lazily (DESIGN.md section 6).
+"""A Hugging Face model folder, read lazily (docs/merging.md, "Outputs").
 
 A base folder holds ``config.json`` and its weights as ``model.safetensors``,
 or sharded as ``model-0000i-of-0000N.safetensors`` with
@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,13 @@ import torch
 
 from ..archs import is_conv1d
 from ..errors import BaseModelError
-from .safetensors_io import CheckedSafetensors, file_sha256
+from .safetensors_io import (  # noqa: F401  (ST_DTYPES, TORCH_TO_ST re-exported)
+    ST_DTYPES,
+    TORCH_TO_ST,
+    CheckedSafetensors,
+    file_sha256,
+    read_safetensors_header,
+)
 
 CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"
@@ -43,24 +48,6 @@ PEFT_PREFIX = "base_model.model."
 # Weight files of other formats: never read (pickle) and never copied into an
 # output, since they would hold the unmerged weights.
 OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".safetensors")
-
-# safetensors dtype codes -> torch dtypes (those torch has).
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16")):
-    if hasattr(torch, _name):
-        ST_DTYPES[_code] = getattr(torch, _name)
-TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 
 # Model types whose projections are transformers Conv1D, used only when the
 # skeleton cannot be built (a model class this transformers does not know).
@@ -94,53 +81,6 @@ class TensorInfo:
     def is_float(self) -> bool:
         dt = self.torch_dtype
         return dt is not None and dt.is_floating_point
-
-
-def read_safetensors_header(path: Path, error=BaseModelError) -> tuple[dict, int]:
-    """``(header, data_start)`` of a safetensors file, checking its length.
-
-    A file shorter than its header says (a truncated download or copy) is an
-    error naming the file; so is one with a malformed header.
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise error(path, f"truncated: {size} bytes, too short for a safetensors header")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise error(
-                    path, f"truncated or not a safetensors file: header length {n} but file has {size} bytes"
-                )
-            raw = f.read(n)
-    except OSError as e:
-        raise error(path, f"cannot read: {e}") from e
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise error(path, f"not a valid safetensors file: bad header ({e})") from None
-    data_start = 8 + n
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            b, e = info["data_offsets"]
-            end = max(end, int(e))
-            if int(b) > int(e) or not isinstance(info["shape"], list):
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
-            raise error(path, f"not a valid safetensors file: bad header entry for {key}") from None
-    if size < data_start + end:
-        raise error(path, f"truncated: {size} bytes, but its header needs {data_start + end}")
-    if size > data_start + end:
-        raise error(
-            path, f"{size - data_start - end} bytes after the last tensor: not a valid safetensors file"
-        )
-    return header, data_start
 
 
 class BaseModelFolder:
@@ -307,7 +247,22 @@ class BaseModelFolder:
             digest = hashlib.sha256(manifest.encode()).hexdigest()
         else:
             digest = files[SINGLE_NAME]
-        return {"role": "base", "path": str(self.path), "sha256": digest, "files": files}
+        ident = self.identity(stop)
+        return {"role": "base", "path": str(self.path), "sha256": digest, "identity": ident, "files": files}
+
+    def identity(self, stop: threading.Event | None = None) -> str:
+        """The hash that names this base wherever loramix records one (merge
+        and training provenance, the scenario cache key)::
+
+            sha256("config.json:" sha256(config.json) "\n" + "name:sha256\n" per weight file, by name)
+
+        It changes with the weights or the config and nothing else (not with
+        the folder's path or its tokenizer files), and is cheap to recompute:
+        the files' hashes are cached on disk (:meth:`file_sha256s`)."""
+        files = self.file_sha256s(stop)
+        lines = [f"{CONFIG_NAME}:{hashlib.sha256(self.config_bytes).hexdigest()}\n"]
+        lines += [f"{n}:{files[n]}\n" for n in sorted(files)]
+        return hashlib.sha256("".join(lines).encode()).hexdigest()
 
     # ---- adapter modules -> base tensors ------------------------------------
 

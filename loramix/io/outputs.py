@@ -1,4 +1,4 @@
-"""Atomic outputs and provenance (DESIGN.md section 6).
+"""Atomic outputs and provenance (docs/merging.md, "Outputs").
 
 Everything is written into a temporary folder beside the target and renamed
 into place at the end, so an error or an interrupt leaves nothing

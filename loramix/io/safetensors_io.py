@@ -1,15 +1,85 @@
-"""Checked safetensors reading: one tensor at a time, errors name the file."""
+"""Safetensors in one place: header reading and validation, the checked
+reader, reading one tensor into a reused buffer, and the metadata loramix
+writes. The streaming writer is :mod:`loramix.io.shard_writer`.
+
+Every error names the file and the problem in one line."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import LoramixError
+from ..errors import BaseModelError, LoramixError
+
+# safetensors dtype codes -> torch dtypes (those torch has).
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16")):
+    if hasattr(torch, _name):
+        ST_DTYPES[_code] = getattr(torch, _name)
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+
+
+def read_safetensors_header(path: Path, error=BaseModelError) -> tuple[dict, int]:
+    """``(header, data_start)`` of a safetensors file, checking its length.
+
+    A file shorter than its header says (a truncated download or copy) is an
+    error naming the file; so is one with a malformed header.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise error(path, f"truncated: {size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise error(
+                    path, f"truncated or not a safetensors file: header length {n} but file has {size} bytes"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise error(path, f"cannot read: {e}") from e
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise error(path, f"not a valid safetensors file: bad header ({e})") from None
+    data_start = 8 + n
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            b, e = info["data_offsets"]
+            end = max(end, int(e))
+            if int(b) > int(e) or not isinstance(info["shape"], list):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise error(path, f"not a valid safetensors file: bad header entry for {key}") from None
+    if size < data_start + end:
+        raise error(path, f"truncated: {size} bytes, but its header needs {data_start + end}")
+    if size > data_start + end:
+        raise error(
+            path, f"{size - data_start - end} bytes after the last tensor: not a valid safetensors file"
+        )
+    return header, data_start
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -102,3 +172,22 @@ def canonicalize_header(path: str | Path) -> None:
             return
         f.seek(8)
         f.write(text + b" " * (n - len(text)))
+
+
+def read_into(src, info, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor's bytes from the open file ``src`` into ``out`` (a tensor
+    of ``info``'s shape and dtype, typically reused across tensors; a fresh
+    one when None) with ``readinto``: one copy from the page cache, and no
+    mmap whose touched pages would count towards the process's memory for
+    the rest of the file. ``info`` is a :class:`~loramix.io.model_folder.TensorInfo`
+    (absolute ``start``, ``nbytes``, ``shape``, safetensors ``dtype`` code)."""
+    buf = torch.empty(info.shape, dtype=ST_DTYPES[info.dtype]) if out is None else out
+    view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if info.nbytes else memoryview(b"")
+    src.seek(info.start)
+    got = src.readinto(view)
+    while got < info.nbytes:  # short reads are allowed
+        n = src.readinto(view[got:])
+        if not n:
+            raise BaseModelError(Path(src.name), f"truncated while reading tensor {info.key}")
+        got += n
+    return buf

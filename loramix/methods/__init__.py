@@ -1,8 +1,12 @@
-"""Merge methods, registered by name (DESIGN.md sections 3-5).
+"""Merge methods, discovered from this package and registered by name (see docs/merging.md).
 
-A method is one small file in this package defining a
+A method is one file in this package defining a
 :class:`~loramix.methods.base.MergeMethod` subclass decorated with
-:func:`register`. Built in:
+:func:`register`: its parameters (:class:`~loramix.methods.base.Param`, which
+become the ``merge`` command's options), the adapter kinds it applies to,
+its math, and how it summarises and describes its per-module facts. Every
+module of the package is imported on first use of the registry (no list to
+keep), and a second method with a taken name is refused. Built in:
 
 ===========  =====================================================  ==========
 name         what                                                   output
@@ -27,23 +31,39 @@ one module at a time, on the chosen device. Use :func:`merge` from Python::
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..options import check_dtype, parse_dtype, parse_weights  # noqa: F401  (parse_dtype re-exported)
 
 _REGISTRY: dict[str, type] = {}
-# Modules of the built-in methods, imported on first use of the registry.
-_BUILTINS = ("sum", "svd", "ties", "dare", "magnitude", "d2_signed")
+# Modules of this package that hold no method.
+_NOT_METHODS = {"base", "runner"}
+# Names the merge command uses for its own options: a method parameter may not take one.
+RESERVED = {"method", "adapters", "weights", "into", "out", "device", "dtype", "force", "progress"}
 _loaded = False
 
 
 def register(cls):
-    """Class decorator: make a :class:`MergeMethod` available by its ``name``."""
+    """Class decorator: make a :class:`MergeMethod` available by its ``name``.
+
+    A name already taken by another class, or a parameter named like one of
+    the command's own options (:data:`RESERVED`), is refused."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    old = _REGISTRY.get(cls.name)
+    # The same class imported again (a reloaded module) is not a duplicate.
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(
+            f"merge method {cls.name!r} is already registered by {old.__module__}.{old.__qualname__}"
+        )
+    clash = sorted({p.name.rstrip("_") for p in cls.params} & RESERVED)
+    if clash:
+        raise ValueError(f"merge method {cls.name!r}: parameter {clash[0]} clashes with a merge option")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -52,14 +72,21 @@ def _load_builtins() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        for mod in _BUILTINS:
-            importlib.import_module(f"{__name__}.{mod}")
+        for mod in pkgutil.iter_modules(__path__):
+            if mod.name not in _NOT_METHODS and not mod.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{mod.name}")
 
 
 def available_methods() -> list[str]:
     """Names of the registered methods, sorted."""
     _load_builtins()
     return sorted(_REGISTRY)
+
+
+def method_classes() -> dict[str, type]:
+    """name -> :class:`MergeMethod` subclass, for every registered method."""
+    _load_builtins()
+    return dict(sorted(_REGISTRY.items()))
 
 
 def get_method(name: str):
@@ -92,51 +119,8 @@ class MergeResult:
     modules: dict[str, dict] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     record: dict = field(default_factory=dict)
-
-
-def parse_weights(weights: Any, n: int) -> list[float]:
-    """``None`` -> all 1; a ``"1,0.5"`` string or a sequence of ``n`` numbers."""
-    import math
-
-    if weights is None:
-        return [1.0] * n
-    if isinstance(weights, str):
-        parts = [p.strip() for p in weights.split(",") if p.strip()]
-    else:
-        parts = list(weights)
-    try:
-        ws = [float(p) for p in parts]
-    except (TypeError, ValueError):
-        raise UsageError("--weights", f"{weights!r} is not a comma-separated list of numbers") from None
-    if len(ws) != n:
-        raise UsageError("--weights", f"{len(ws)} weights given for {n} adapters")
-    if not all(math.isfinite(w) for w in ws):
-        raise UsageError("--weights", f"{weights!r} holds a non-finite number")
-    return ws
-
-
-def parse_dtype(dtype: Any):
-    """``None``/``"auto"`` -> None; ``float32``/``fp32``/``float16``/``bfloat16``/... -> torch dtype."""
-    import torch
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {
-        "auto": None,
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "half": torch.float16,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float64": torch.float64,
-        "fp64": torch.float64,
-    }
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in names:
-        raise UsageError("--dtype", f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
-    return names[key]
+    #: what the engine wrote for a model output (tensors, bytes, device, seconds)
+    stream: Any = None
 
 
 def merge(
@@ -168,6 +152,13 @@ def merge(
     give byte-identical output files (the creation time is only in
     ``loramix.json``).
     """
+    # Checks that need no torch come first: a bad command line fails fast.
+    get_method(method)
+    if not adapters:
+        raise UsageError("merge", "no adapters given")
+    weights = parse_weights(weights, len(adapters))
+    if dtype is None or isinstance(dtype, str):  # a torch dtype is taken as it is
+        check_dtype(dtype)
     from .runner import run_merge
 
     return run_merge(
@@ -188,10 +179,9 @@ __all__ = [
     "register",
     "get_method",
     "available_methods",
+    "method_classes",
     "merge",
     "MergeResult",
     "parse_weights",
     "parse_dtype",
 ]
-
-

@@ -5,7 +5,7 @@ It works on one module at a time, on the *true* deltas of that module::
 
     dW_i = ModuleDelta.delta(W0)      (out, in): s_i B_i A_i for LoRA, W_hat_i - W0 for D2-LoRA
 
-never on ``A`` and ``B`` separately (DESIGN.md sections 3 and 5).
+never on ``A`` and ``B`` separately (docs/merging.md).
 
 * Dense methods implement :meth:`MergeMethod.delta` and return the merged
   dense delta ``(out, in)`` that the streaming engine adds to ``W0``.
@@ -15,7 +15,11 @@ never on ``A`` and ``B`` separately (DESIGN.md sections 3 and 5).
 
 Parameters are declared with :class:`Param`; :meth:`MergeMethod.validate`
 fills the defaults and turns anything out of range into a one-line
-:class:`~loramix.errors.UsageError` before any work starts.
+:class:`~loramix.errors.UsageError` before any work starts. A method also
+says which adapter kinds it applies to (``kinds``), how its per-module facts
+add up (:meth:`MergeMethod.summarize`) and how to say the summary in words
+(:meth:`MergeMethod.describe`), so that the runner, the CLI and the scenario
+study need no special case per method.
 """
 
 from __future__ import annotations
@@ -24,12 +28,20 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..adapter import D2LORA, Adapter, ModuleDelta
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapter import Adapter, ModuleDelta
+
+# Torch is imported inside the functions that compute: the ``merge`` command
+# builds its options from the methods' declarations, and ``--help`` must stay
+# quick. For the same reason the adapter kind names are spelled here (they
+# equal loramix.adapter.LORA / D2LORA; a test checks).
+LORA, D2LORA = "lora", "d2lora"
 
 # ----------------------------------------------------------------------------- parameters
 
@@ -52,7 +64,7 @@ class Param:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return "--" + self.name.rstrip("_").replace("_", "-")
 
     def coerce(self, value: Any) -> Any:
         if self.choices is not None:
@@ -126,8 +138,14 @@ class ModuleContext:
 
     name: str
     indices: tuple[int, ...]
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32
+    device: torch.device | None = None  # None: the CPU
+    dtype: torch.dtype | None = None  # None: float32
+
+    def __post_init__(self):
+        import torch
+
+        self.device = torch.device("cpu") if self.device is None else torch.device(self.device)
+        self.dtype = torch.float32 if self.dtype is None else self.dtype
 
 
 @dataclass
@@ -151,8 +169,15 @@ class MergeMethod:
     params: tuple[Param, ...] = ()
     #: the result is ``B @ A`` of small rank: can be written as an adapter
     low_rank: bool = False
-    #: only adapters of this kind are accepted (``"d2lora"``), or any
-    requires_kind: str | None = None
+    #: the adapter kinds (``Adapter.method``) the method applies to
+    kinds: tuple[str, ...] = (LORA, D2LORA)
+    #: why other kinds are refused (appended to the error)
+    kinds_reason: str = ""
+
+    @classmethod
+    def applies_to(cls, kind: str) -> bool:
+        """Whether adapters of ``kind`` (``"lora"``, ``"d2lora"``) can be merged with it."""
+        return kind in cls.kinds
 
     # -- validation -------------------------------------------------------------
     def validate(self, params: dict, adapters: Sequence[Adapter]) -> dict:
@@ -173,15 +198,27 @@ class MergeMethod:
             if p.required and p.name not in given:
                 raise UsageError(p.flag, f"method {self.name} needs {p.flag} ({p.help})")
             out[p.name] = p.coerce(given[p.name]) if p.name in given else p.default
-        if self.requires_kind is not None:
-            for ad in adapters:
-                if ad.method != self.requires_kind:
-                    raise UsageError(
-                        ad.path or ad.name,
-                        f"method {self.name} needs {self.requires_kind} adapters; this is a {ad.method} adapter",
-                    )
+        for ad in adapters:
+            if not self.applies_to(ad.method):
+                why = f": {self.kinds_reason}" if self.kinds_reason else ""
+                raise UsageError(
+                    ad.path or ad.name,
+                    f"method {self.name} needs {' or '.join(self.kinds)} adapters; "
+                    f"this is a {ad.method} adapter{why}",
+                )
         self.check(out, adapters)
         return out
+
+    # -- reporting --------------------------------------------------------------
+    def summarize(self, facts: dict[str, dict]) -> dict:
+        """Totals of the per-module ``facts`` (module -> what :meth:`merged` or
+        :meth:`factors` reported; called only when some module reported
+        facts) for the summary; none by default."""
+        return {}
+
+    def describe(self, summary: dict) -> list[str]:
+        """Lines that say :meth:`summarize`'s totals to a user (the CLI prints them)."""
+        return []
 
     def check(self, params: dict, adapters: Sequence[Adapter]) -> None:
         """Cross-parameter and adapter checks of a method (override)."""
@@ -269,6 +306,8 @@ def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     bucket that holds the answer, and ``kthvalue`` runs on that bucket only
     (small buckets also keep the boolean selection cheap).
     """
+    import torch
+
     n = x.numel()
     if x.dtype == torch.float32:
         key = x.view(torch.int32) >> 16  # 15 bits: sign (0), 8 exponent, 7 mantissa
@@ -323,6 +362,8 @@ def dare_mask(shape: tuple[int, ...], density: float, seed: int) -> torch.Tensor
     ``random_pruning`` draws (``torch.bernoulli(torch.full_like(x, density))``
     on a float32 ``x``) from a generator in the same state; tests check it.
     """
+    import torch
+
     g = torch.Generator(device="cpu").manual_seed(seed)
     return torch.rand(shape, generator=g, dtype=torch.float32).lt_(density)
 
@@ -347,6 +388,8 @@ def elect_and_merge(
     ``g`` and 0 elsewhere, so ``sum_i keep_i x_i = g sum_i y_i`` and
     ``keep_i = sign(y_i)``.
     """
+    import torch
+
     if sign == "mass":
         g = xs[0].clone()
         for x in xs[1:]:

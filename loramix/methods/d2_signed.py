@@ -1,4 +1,4 @@
-"""Signed merging of D2-LoRA adapters (DESIGN.md section 4, way (b)).
+"""Signed merging of D2-LoRA adapters (docs/merging.md; way (b) of docs/d2lora.md).
 
 For D2-LoRA adapters with signed residuals ``dW_i = s_i (B+_i A+_i - tau B-_i A-_i)``::
 
@@ -14,13 +14,14 @@ report so the two ways can be compared.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from ..adapter import D2LORA
-from ..d2lora import d2_merged_weight
 from ..errors import UsageError
 from . import register
-from .base import MergeMethod
+from .base import D2LORA, MergeMethod
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register
@@ -28,7 +29,7 @@ class D2Signed(MergeMethod):
     name = "d2-signed"
     summary = "D2-LoRA: sum the signed residuals, project once onto the base norms, add the summed residual"
     params = ()
-    requires_kind = D2LORA
+    kinds = (D2LORA,)
 
     def check(self, params, adapters):
         dims = {m.norm_dim for ad in adapters for m in ad.modules.values()}
@@ -40,6 +41,8 @@ class D2Signed(MergeMethod):
     def delta(self, ctx, module_deltas, weights, W0, params):
         if W0 is None:
             raise UsageError(ctx.name, "d2-signed needs the base weight: pass --into BASE")
+        from ..d2lora import d2_merged_weight
+
         W0 = W0.to(device=ctx.device, dtype=ctx.dtype)
         m0 = module_deltas[0]
         R = None
@@ -54,6 +57,8 @@ class D2Signed(MergeMethod):
 
     def compare_effective(self, ctx, module_deltas, weights, W0, merged: torch.Tensor) -> float:
         """``||merged - a|| / ||a||`` with ``a = sum_i w_i (W_hat_i - W0)`` (way (a))."""
+        import torch
+
         W0 = W0.to(device=ctx.device, dtype=ctx.dtype)
         a = None
         for m, w in zip(module_deltas, weights):
@@ -62,3 +67,20 @@ class D2Signed(MergeMethod):
         na = float(torch.linalg.vector_norm(a))
         diff = float(torch.linalg.vector_norm(merged - a))
         return diff / na if na > 0 else diff
+
+    def summarize(self, facts):
+        diffs = [f["rel_diff_vs_effective_sum"] for f in facts.values()]
+        if not diffs:
+            return {}
+        return {
+            "rel_diff_vs_effective_sum_mean": sum(diffs) / len(diffs),
+            "rel_diff_vs_effective_sum_max": max(diffs),
+        }
+
+    def describe(self, summary):
+        if "rel_diff_vs_effective_sum_mean" not in summary:
+            return []
+        return [
+            "relative difference to adding effective deltas (sum --into): "
+            f"mean {summary['rel_diff_vs_effective_sum_mean']:.4g}, max {summary['rel_diff_vs_effective_sum_max']:.4g}"
+        ]

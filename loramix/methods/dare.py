@@ -1,4 +1,4 @@
-"""DARE (Yu et al. 2023): drop and rescale, then linear or TIES (DESIGN.md section 5).
+"""DARE (Yu et al. 2023): drop and rescale, then linear or TIES (docs/merging.md).
 
 For deltas ``dW_i`` (out, in)::
 
@@ -14,7 +14,7 @@ For deltas ``dW_i`` (out, in)::
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from . import register
 from .base import (
@@ -29,6 +29,9 @@ from .base import (
     elect_and_merge,
     module_seed,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 def drop_and_rescale_(x: torch.Tensor, density: float, seed: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Magnitude pruning, then a weighted sum (DESIGN.md section 5)::
+"""Magnitude pruning, then a weighted sum (docs/merging.md)::
 
     merged = lambda * sum_i w_i * dW_i * topmask(|dW_i|, density)
 

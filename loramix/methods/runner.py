@@ -4,15 +4,16 @@ Two outputs:
 
 * an adapter (low-rank methods without ``into``): each module's ``(B, A)``
   from :meth:`MergeMethod.factors`, written as a PEFT LoRA folder with scale 1;
-* a model (``into`` a base folder): the streaming engine of
-  :mod:`loramix.summation` reads the base one tensor at a time and adds
-  :meth:`MergeMethod.delta` of each adapted module (computed in float32 on
-  the device, from ``W0`` in ``(out, in)`` layout).
+* a model (``into`` a base folder): the engine (:mod:`loramix.engine`) plans a
+  job per base tensor and its executor runs :meth:`MergeMethod.merged` for
+  each adapted module (float32 on the device, ``W0`` in ``(out, in)``
+  layout), which returns the module's delta and facts.
 
-Byte-identical outputs: the provenance inside the safetensors metadata leaves
-out the creation time, which only ``loramix.json`` carries, and the header of
-an adapter file is canonicalised (safetensors writes its metadata map in a
-random order).
+The facts of all modules go through the method's :meth:`MergeMethod.summarize`
+into the summary. Byte-identical outputs: the provenance inside the
+safetensors metadata leaves out the creation time, which only
+``loramix.json`` carries, and the header of an adapter file is canonicalised
+(safetensors writes its metadata map in a random order).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, ModuleDelta, check_compatible
+from ..adapter import D2LORA, Adapter, ModuleDelta, check_compatible
 from ..devices import resolve_device
-from ..errors import UsageError
+from ..errors import AdapterError, UsageError
 from ..io.adapter_files import WEIGHTS_NAME, load_adapter, save_peft_adapter
 from ..io.outputs import atomic_output_dir, atomic_write, check_output, provenance, write_provenance
 from ..io.safetensors_io import canonicalize_header
-from . import MergeResult, get_method, parse_dtype, parse_weights
+from ..options import dtype_name, parse_dtype, parse_weights, promoted_dtype
+from . import MergeResult, get_method
 from .base import MergeMethod, ModuleContext
 
 
@@ -48,27 +50,8 @@ def _clean(params: dict) -> dict:
     return {k.rstrip("_"): v for k, v in params.items() if v is not None}
 
 
-def _summarize(method: MergeMethod, modules: dict[str, dict], n_modules: int) -> dict:
-    out: dict = {"modules": n_modules}
-    if method.name == "svd" and modules:
-        total = sum(i["energy_total"] for i in modules.values())
-        dropped = sum(i["energy_discarded"] for i in modules.values())
-        worst = max(modules, key=lambda n: modules[n]["energy_discarded_fraction"])
-        ranks = sorted({i["rank"] for i in modules.values()})
-        out.update(
-            ranks=ranks,
-            energy_discarded=dropped,
-            energy_discarded_fraction=dropped / total if total > 0 else 0.0,
-            worst_module=worst,
-            worst_module_discarded_fraction=modules[worst]["energy_discarded_fraction"],
-        )
-    if method.name == "d2-signed" and modules:
-        diffs = [i["rel_diff_vs_effective_sum"] for i in modules.values()]
-        out.update(
-            rel_diff_vs_effective_sum_mean=sum(diffs) / len(diffs),
-            rel_diff_vs_effective_sum_max=max(diffs),
-        )
-    return out
+def _summarize(method: MergeMethod, facts: dict[str, dict], n_modules: int) -> dict:
+    return {"modules": n_modules, **(method.summarize(facts) if facts else {})}
 
 
 def run_merge(
@@ -93,12 +76,8 @@ def run_merge(
     p = m.validate(params, ads)
     dev = resolve_device(device)
     out_dtype = parse_dtype(dtype)
-    if into is None and not m.low_rank:
-        raise UsageError(
-            "--into",
-            f"method {m.name} writes a full model: pass --into BASE (only "
-            f"{', '.join(n for n in _low_rank_names())} can write an adapter)",
-        )
+    if into is None:
+        _check_adapter_output(m, ads)
     inputs = [a.path for a in ads if a.path is not None] + ([into] if into is not None else [])
     out = check_output(out, force=force, inputs=inputs)
 
@@ -107,6 +86,24 @@ def run_merge(
     return _write_model(
         m, ads, ws, p, into=into, out=out, dev=dev, dtype=out_dtype, force=force, progress=progress
     )
+
+
+def _check_adapter_output(m: MergeMethod, ads: Sequence[Adapter]) -> None:
+    """Without a base the result must be an adapter: a low-rank method, and
+    adapters whose deltas do not depend on the base."""
+    if not m.low_rank:
+        raise UsageError(
+            "into",
+            f"method {m.name} writes a full model: pass --into BASE (only "
+            f"{', '.join(n for n in _low_rank_names())} can write an adapter)",
+        )
+    for ad in ads:
+        if ad.method == D2LORA:
+            raise AdapterError(
+                ad.path or ad.name,
+                "is a D2-LoRA adapter: its effective delta depends on the base weights, so no LoRA "
+                "adapter holds the result; merge it into the base with --into BASE",
+            )
 
 
 def _low_rank_names() -> list[str]:
@@ -119,8 +116,8 @@ def _inputs(ads, ws) -> list[dict]:
     return [dict(a.provenance(), role="adapter", weight=w) for a, w in zip(ads, ws)]
 
 
-def _record(m: MergeMethod, ads, ws, p) -> dict:
-    return provenance(m.name, {**_clean(p), "weights": ws}, _inputs(ads, ws))
+def _record(m: MergeMethod, ads, ws, p, dtype) -> dict:
+    return provenance(m.name, {**_clean(p), "weights": ws, "dtype": dtype_name(dtype)}, _inputs(ads, ws))
 
 
 def _without_time(rec: dict) -> dict:
@@ -131,10 +128,7 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs) -> MergeRes
     """Low-rank result as a PEFT LoRA folder: per module ``(B, A)``, scale 1."""
     plan = module_plan(ads)
     if dtype is None:
-        dtype = ads[0].modules[next(iter(ads[0].modules))].dtype
-        for ad in ads[1:]:
-            for md in ad.modules.values():
-                dtype = torch.promote_types(dtype, md.dtype)
+        dtype = promoted_dtype(md.dtype for ad in ads for md in ad.modules.values())
     jobs = [
         (
             ModuleContext(name, tuple(i for i, _ in items), dev, torch.float64),
@@ -148,8 +142,9 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs) -> MergeRes
         factors[name] = (lr.B.to(dtype).cpu(), lr.A.to(dtype).cpu())
         if lr.info:
             infos[name] = lr.info
-    rec = _record(m, ads, ws, p)
     summary = _summarize(m, infos, len(plan))
+    # The weights file carries the whole record but its creation time.
+    full = {**_record(m, ads, ws, p, dtype), "output": "adapter", "summary": summary, "modules": infos}
     fan_in_fan_out = any(bool(a.config.get("fan_in_fan_out")) for a in ads)
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         save_peft_adapter(
@@ -158,63 +153,49 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs) -> MergeRes
             base_model_name_or_path=ads[0].base_model,
             fan_in_fan_out=fan_in_fan_out,
             dtype=dtype,
-            provenance=_without_time(rec),
+            provenance=_without_time(full),
             extra_config={"task_type": ads[0].config.get("task_type", "CAUSAL_LM")},
         )
         # safetensors writes its metadata map in a random order: sort it.
         canonicalize_header(tmp / WEIGHTS_NAME)
-        full = {**rec, "output": "adapter", "summary": summary, "modules": infos}
         write_provenance(tmp, full)
     return MergeResult(out, m.name, "adapter", _clean(p), ws, infos, summary, full)
 
 
 def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> MergeResult:
-    """The base with each adapted module's merged delta added, streamed."""
-    from ..summation import stream_into_base
+    """The base with each adapted module's merged delta added, streamed by the engine."""
+    from ..engine import ModuleOutput, SerialExecutor, base_placeholder, execute_into_base, plan_into_base
+    from ..io.model_folder import BaseModelFolder
 
-    plan = module_plan(ads)
-    infos: dict[str, dict] = {}
+    base = BaseModelFolder(into)
+    modules = module_plan(ads)
+    plan = plan_into_base(base, list(modules), ads, dtype)
 
-    def module_fn(name: str, W0: torch.Tensor) -> torch.Tensor:
-        items = plan[name]
+    def compute(name: str, W0: torch.Tensor) -> ModuleOutput:
+        items = modules[name]
         ctx = ModuleContext(name, tuple(i for i, _ in items), W0.device, torch.float32)
-        mds, wsub = [md for _, md in items], [ws[i] for i, _ in items]
-        d, info = m.merged(ctx, mds, wsub, W0, p)
-        if info:
-            infos[name] = info
-        if not bool(torch.isfinite(d).all()):
+        d, facts = m.merged(ctx, [md for _, md in items], [ws[i] for i, _ in items], W0, p)
+        if not all(bool(torch.isfinite(t).all()) for t in (d if isinstance(d, tuple) else (d,))):
             raise UsageError(
                 name, f"method {m.name} produced non-finite values (check --weights and --lambda)"
             )
-        return d
+        return ModuleOutput(d, facts)
 
-    res = stream_into_base(
-        into,
-        out,
-        module_fn,
-        adapters=ads,
-        dtype=dtype,
-        device=dev,
-        force=force,
-        # "created" overrides the engine's timestamp: the weight files' metadata
-        # must not change from run to run. The time goes into loramix.json below.
-        provenance={
-            "method": m.name,
-            "parameters": {**_clean(p), "weights": ws},
-            "inputs": _inputs(ads, ws),
-            "created": None,
-        },
-        progress=progress,
-    )
-    summary = _summarize(m, infos, len(plan))
-    record = {
-        **res.provenance,
-        "created": provenance(m.name, {}, [])["created"],
-        "output": "model",
-        "summary": summary,
-        "modules": infos,
-    }
+    # "created" is left out: the weight files' metadata must not change from
+    # run to run; the time goes into loramix.json below. The facts are known
+    # only after the run: the weights carry the summary they imply up front.
+    params = {**_clean(p), "weights": ws, "dtype": dtype_name(dtype)}
+    inputs = [*_inputs(ads, ws), base_placeholder(base)]
+    summary = _summarize(m, {}, len(modules))
+    record = provenance(m.name, params, inputs, created=None, output="model", summary=summary, modules={})
+    paths = [base.path, *(a.path for a in ads if a.path is not None)]
+    res = execute_into_base(plan, out, compute, record=record, executor=SerialExecutor(dev), force=force,
+                            inputs=paths, progress=progress)  # fmt: skip
+    if res.facts:
+        summary = _summarize(m, res.facts, len(modules))
+    record = {**res.provenance, "created": provenance(m.name, {}, [])["created"], "summary": summary,
+              "modules": res.facts}  # fmt: skip
     with atomic_write(Path(res.out) / "loramix.json") as f:
         json.dump(record, f, indent=2, sort_keys=True)
         f.write("\n")
-    return MergeResult(Path(res.out), m.name, "model", _clean(p), ws, infos, summary, record)
+    return MergeResult(Path(res.out), m.name, "model", _clean(p), ws, res.facts, summary, record, res)

@@ -1,4 +1,4 @@
-"""The weighted sum recompressed to low rank, from the factors only (DESIGN.md section 3).
+"""The weighted sum recompressed to low rank, from the factors only (docs/merging.md).
 
 For one module with stacked factors (R = sum of the adapters' ranks)::
 
@@ -22,12 +22,14 @@ Computed in float64 on the device; written in the adapters' dtype.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from ..adapter import D2LORA
 from ..errors import UsageError
 from . import register
-from .base import LowRank, MergeMethod, ModuleContext, Param
+from .base import LORA, LowRank, MergeMethod, ModuleContext, Param
+
+if TYPE_CHECKING:
+    import torch
 
 
 def stacked_rank(adapters, module: str | None = None) -> int:
@@ -46,6 +48,8 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
     (n, in) orthonormal, ``S`` descending, ``n = min(out, in, R)``; from the
     factors ``B`` (out, R), ``A`` (R, in) only. Leading batch dimensions are
     allowed (``(G, out, R)``, ``(G, R, in)``)."""
+    import torch
+
     QB, RB = torch.linalg.qr(B)
     QA, RA = torch.linalg.qr(A.mT)
     U, S, Vh = torch.linalg.svd(RB @ RA.mT, full_matrices=False)
@@ -55,6 +59,8 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def choose_rank(S: torch.Tensor, rank: int | None, energy: float | None) -> int:
     """``min(rank, len(S))``, or the smallest ``k`` with
     ``sum_{j<k} S_j^2 >= energy * sum_j S_j^2`` (at least 1)."""
+    import torch
+
     n = int(S.numel())
     if rank is not None:
         return max(1, min(rank, n))
@@ -94,19 +100,17 @@ class Svd(MergeMethod):
         ),
     )
     low_rank = True
+    kinds = (LORA,)
+    kinds_reason = (
+        "svd recompresses LoRA factors; D2-LoRA effective deltas depend on the base "
+        "(use d2-signed or sum with --into)"
+    )
 
     def check(self, params, adapters):
         if (params["rank"] is None) == (params["energy"] is None):
             raise UsageError("--rank/--energy", "method svd needs exactly one of --rank k or --energy e")
-        for ad in adapters:
-            if ad.method == D2LORA:
-                raise UsageError(
-                    ad.path or ad.name,
-                    "svd recompresses LoRA factors; D2-LoRA effective deltas depend on the base "
-                    "(use d2-signed or sum with --into)",
-                )
         R = stacked_rank(adapters)
-        if params["rank"] is not None and params["rank"] > R:
+        if adapters and params["rank"] is not None and params["rank"] > R:
             raise UsageError(
                 "--rank",
                 f"{params['rank']} is above the stacked rank {R} of the adapters (the sum of their ranks)",
@@ -132,6 +136,8 @@ class Svd(MergeMethod):
         return out
 
     def _factors_group(self, jobs, params) -> list[LowRank]:
+        import torch
+
         device = jobs[0][0].device
         Bs, As = [], []
         for _ctx, mds, ws in jobs:
@@ -164,9 +170,36 @@ class Svd(MergeMethod):
         return res
 
     def merged(self, ctx, module_deltas, weights, W0, params):
+        import torch
+
         # The factorisation always runs in float64 (it is small); the dense
         # product is cast to the caller's dtype.
         lr = self.factors(
             ModuleContext(ctx.name, ctx.indices, ctx.device, torch.float64), module_deltas, weights, params
         )
         return (lr.B @ lr.A).to(ctx.dtype), lr.info
+
+    def summarize(self, facts):
+        if not facts:
+            return {}
+        total = sum(i["energy_total"] for i in facts.values())
+        dropped = sum(i["energy_discarded"] for i in facts.values())
+        worst = max(facts, key=lambda n: facts[n]["energy_discarded_fraction"])
+        return {
+            "ranks": sorted({i["rank"] for i in facts.values()}),
+            "energy_discarded": dropped,
+            "energy_discarded_fraction": dropped / total if total > 0 else 0.0,
+            "worst_module": worst,
+            "worst_module_discarded_fraction": facts[worst]["energy_discarded_fraction"],
+        }
+
+    def describe(self, summary):
+        if "energy_discarded_fraction" not in summary:
+            return []
+        ranks = summary["ranks"]
+        rank_txt = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
+        return [
+            f"rank {rank_txt}; discarded energy {summary['energy_discarded']:.4g} "
+            f"({100 * summary['energy_discarded_fraction']:.3g}% of ||sum||^2); worst module "
+            f"{summary['worst_module']} ({100 * summary['worst_module_discarded_fraction']:.3g}%)"
+        ]

@@ -1,4 +1,4 @@
-"""TIES (Yadav et al. 2023) on the true per-module deltas (DESIGN.md section 5).
+"""TIES (Yadav et al. 2023) on the true per-module deltas (docs/merging.md).
 
 For deltas ``dW_i`` (out, in) with weights ``w_i``::
 

@@ -28,10 +28,6 @@ from ..errors import ScenarioError, UsageError
 
 ADAPTER_METHODS = ("lora", "d2lora")
 
-# Merges that do not apply to a kind of adapter (the merge methods refuse them):
-# svd recompresses LoRA factors; d2-signed needs D2-LoRA adapters.
-NOT_APPLICABLE = {"svd": {"d2lora"}, "d2-signed": {"lora"}}
-
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -128,7 +124,7 @@ class Scenario:
 
     def merges_for(self, adapter_method: str) -> list[MergeSpec]:
         """The merge methods that apply to adapters of ``adapter_method``."""
-        return [m for m in self.merges if adapter_method not in NOT_APPLICABLE.get(m.method, set())]
+        return [m for m in self.merges if _applies(m.method, adapter_method)]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -224,6 +220,17 @@ def _synthetic_domains() -> list[str]:
     from ..synthetic import synthetic_domains
 
     return sorted(synthetic_domains())
+
+
+def _get_method(name: str):
+    from ..methods import get_method
+
+    return get_method(name)
+
+
+def _applies(method: str, kind: str) -> bool:
+    """Whether merge ``method`` applies to adapters of ``kind`` (the method says)."""
+    return _get_method(method).applies_to(kind)
 
 
 def _merge_registry() -> list[str]:
@@ -450,10 +457,10 @@ def _parse_merge(ctx, t, adapters: AdapterSpec, min_k: int) -> list[MergeSpec]:
     for m in methods:
         if m not in known:
             raise ctx.error("merge.methods", f"unknown merge method {m!r}; available: {', '.join(known)}")
-        usable = [a for a in adapters.methods if a not in NOT_APPLICABLE.get(m, set())]
+        usable = [a for a in adapters.methods if _applies(m, a)]
         if not usable:
             raise ctx.error("merge.methods", f"{m} does not apply to {', '.join(adapters.methods)} adapters "
-                            f"({m} takes {', '.join(sorted(set(ADAPTER_METHODS) - NOT_APPLICABLE[m]))})")  # fmt: skip
+                            f"({m} takes {', '.join(a for a in ADAPTER_METHODS if _applies(m, a))})")  # fmt: skip
     if "sum" not in methods:
         # The naive sum is the study's subject (and the fit's x-y relation).
         methods = ["sum", *methods]
@@ -486,15 +493,14 @@ def _parse_merge(ctx, t, adapters: AdapterSpec, min_k: int) -> list[MergeSpec]:
         for pk, p in reg.items():
             if p.required and pk not in clean:
                 raise ctx.error(f"merge.{m}.{pk}", f"missing (required by {m}: {p.help})")
-        if "density" in clean and not 0 < clean["density"] <= 1:
-            raise ctx.error(f"merge.{m}.density", f"must lie in (0, 1], got {clean['density']}")
-        if m == "svd":
-            if ("rank" in clean) == ("energy" in clean):
-                raise ctx.error("merge.svd", "give exactly one of rank or energy")
-            if "rank" in clean and clean["rank"] > min_k * adapters.rank:
-                raise ctx.error("merge.svd.rank", f"{clean['rank']} is above the stacked rank "
-                                f"{min_k * adapters.rank} of the smallest composition ({min_k} x rank "
-                                f"{adapters.rank})")  # fmt: skip
+        try:  # the method's own checks, as `loramix merge` runs them (no adapters yet)
+            _get_method(m).validate(clean, [])
+        except UsageError as e:
+            raise ctx.error(f"merge.{m}", e.problem) from None
+        if "rank" in clean and clean["rank"] > min_k * adapters.rank:
+            raise ctx.error(f"merge.{m}.rank", f"{clean['rank']} is above the stacked rank "
+                            f"{min_k * adapters.rank} of the smallest composition ({min_k} x rank "
+                            f"{adapters.rank})")  # fmt: skip
         out.append(MergeSpec(m, clean))
     return out
 

@@ -206,15 +206,12 @@ class Runner:
     def base_artifact(self, data: dict[str, DomainData]) -> None:
         b = self.sc.base
         if b.path is not None:
-            # A given folder: its key is the content of its config and weights.
-            h = hashlib.sha256()
-            from ..io.safetensors_io import file_sha256
+            # A given folder: its key is its identity (config and weights), the
+            # hash merge and training provenance record for the same base.
+            from ..io.model_folder import BaseModelFolder
 
-            for f in sorted(b.path.iterdir()):
-                if f.suffix in (".json", ".safetensors") and f.name != "loramix.json":
-                    h.update(f.name.encode() + file_sha256(f).encode())
-            self.base_path, self.base_key = b.path, h.hexdigest()
-            self.base_info = {"path": str(b.path)}
+            self.base_path, self.base_key = b.path, BaseModelFolder(b.path).identity()
+            self.base_info = {"path": str(b.path), "identity": self.base_key}
             return
         from ..data import load_records
 
@@ -235,7 +232,10 @@ class Runner:
 
         folder = self.cache.get_or_make("base", spec, make, label=f"base build {b.size}")
         self.base_path, self.base_key = folder / "model", folder.name
-        self.base_info = {"path": str(self.base_path), **self.cache.record("base", folder)["info"]}
+        from ..io.model_folder import BaseModelFolder
+
+        self.base_info = {"path": str(self.base_path), **self.cache.record("base", folder)["info"],
+                          "identity": BaseModelFolder(self.base_path).identity()}  # fmt: skip
 
     def adapter_artifact(
         self, method: str, seed: int, domains: list[DomainData], label: str, name: str

@@ -1,0 +1,437 @@
+"""The streaming engine: a plan of jobs over a base's tensors, an executor that
+runs them, and the shard writer that stores their results.
+
+Into a base (see docs/merging.md)::
+
+    W = W0 + delta(module, W0)          every adapted weight, (out, in)
+
+1. **Plan** (:func:`plan_into_base`): for every tensor of the base, in file
+   order, one job: a :class:`CopyJob` (the bytes as they are, or converted to
+   the output dtype) or a :class:`ModuleJob` (an adapted weight: which module,
+   whether it is stored transposed, its output dtype). Every module is checked
+   to exist in the base with a fitting shape before anything is written.
+2. **Execute** (an executor's ``results``): each job gives a
+   :class:`JobResult`: nothing to compute for a copy; for a module job
+   ``W0 + delta`` in the stored layout and the module's *facts* (the
+   per-module data a method reports, e.g. SVD's discarded energy), returned
+   rather than written into shared state. :class:`SerialExecutor` runs the
+   jobs one by one as the writer reaches them. This is the seam for others: a
+   threaded, multi-GPU or distributed executor runs module jobs ahead of the
+   writer (each worker with its own :class:`Buffers`) and yields the results
+   in plan order; the writer needs nothing else.
+3. **Write** (:class:`~loramix.io.shard_writer.ShardWriter`): results go to
+   their offsets in the output shards, copies from file to file.
+
+A module's computation, ``compute(name, W0) -> ModuleOutput``, gets ``W0`` as
+``(out, in)`` (``nn.Linear`` layout; a ``Conv1D`` weight already transposed)
+in float32 (float64 for a float64 base) on the device; its delta is a dense
+``(out, in)`` tensor or a factor pair ``(B (out, k), A (k, in))`` meaning
+``B @ A``, added in one fused ``addmm`` without forming a dense delta. Peak
+memory is about one large tensor plus the adapters.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter import Adapter, check_compatible
+from .devices import resolve_device
+from .errors import AdapterError, BaseModelError
+from .io.model_folder import BaseModelFolder, TensorInfo
+from .io.outputs import atomic_output_dir, check_output, write_provenance
+from .io.outputs import provenance as make_provenance
+from .io.safetensors_io import ST_DTYPES, TORCH_TO_ST, read_into, safetensors_metadata
+from .io.shard_writer import ShardWriter, finish_model_folder
+from .options import dtype_name, parse_dtype
+
+Delta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ModuleOutput:
+    """What one module's computation returns: its ``delta`` (dense
+    ``(out, in)``, or ``(B, A)`` meaning ``B @ A``) and its ``facts`` for the
+    report (empty when the method has none)."""
+
+    delta: Delta
+    facts: dict = field(default_factory=dict)
+
+
+# compute(module name, W0 (out, in)) -> ModuleOutput; must not modify W0.
+ModuleCompute = Callable[[str, torch.Tensor], ModuleOutput]
+
+
+# ---- the plan ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CopyJob:
+    """A base tensor written unchanged, or only converted to ``out_code``."""
+
+    info: TensorInfo
+    out_code: str
+
+    @property
+    def converts(self) -> bool:
+        return self.out_code != self.info.dtype
+
+
+@dataclass(frozen=True)
+class ModuleJob:
+    """An adapted weight: ``W0 + delta`` of adapter module ``module``;
+    ``transposed`` when the base stores it ``(in, out)`` (``Conv1D``)."""
+
+    info: TensorInfo
+    out_code: str
+    module: str
+    transposed: bool
+
+
+Job = CopyJob | ModuleJob
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One output shard: its file name and its jobs, in file order."""
+
+    name: str
+    jobs: tuple[Job, ...]
+
+    def entries(self) -> list[tuple[str, str, tuple[int, ...], int]]:
+        """``(key, dtype code, shape, nbytes)`` per tensor, for the writer."""
+        out = []
+        for job in self.jobs:
+            info, code = job.info, job.out_code
+            n = info.nbytes
+            if code != info.dtype:
+                n = n // ST_DTYPES[info.dtype].itemsize * ST_DTYPES[code].itemsize
+            out.append((info.key, code, info.shape, n))
+        return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every tensor of ``base`` with its job, shard by shard."""
+
+    base: BaseModelFolder
+    shards: tuple[ShardPlan, ...]
+    out_dtype: torch.dtype | None
+
+    @property
+    def module_jobs(self) -> list[ModuleJob]:
+        return [j for s in self.shards for j in s.jobs if isinstance(j, ModuleJob)]
+
+
+def resolve_targets(
+    base: BaseModelFolder, modules: Sequence[str], adapters: Sequence[Adapter] = ()
+) -> dict[str, tuple[str, bool]]:
+    """base tensor key -> (module name, transposed), checking every module
+    exists in the base with a shape that fits; errors name adapter and base."""
+    owner: dict[str, Adapter] = {}
+    for ad in adapters:
+        for name in ad.modules:
+            owner.setdefault(name, ad)
+    targets: dict[str, tuple[str, bool]] = {}
+    for name in modules:
+        ad = owner.get(name)
+        shape = ad.modules[name].shape if ad is not None else None
+        try:
+            key, transposed = base.module_weight_key(name, shape)
+        except BaseModelError as e:
+            if ad is None:
+                raise
+            raise AdapterError(ad.path or ad.name, f"does not fit the base: {e.message}") from None
+        if key in targets:
+            raise BaseModelError(base.path, f"modules {targets[key][0]} and {name} both map to {key}")
+        targets[key] = (name, transposed)
+    return targets
+
+
+def plan_into_base(
+    base: BaseModelFolder,
+    modules: Sequence[str],
+    adapters: Sequence[Adapter] = (),
+    out_dtype: torch.dtype | None = None,
+) -> Plan:
+    """The jobs that write ``base`` with ``modules`` changed, in ``out_dtype``
+    (floating tensors only; None keeps each tensor's dtype)."""
+    targets = resolve_targets(base, modules, adapters)
+    shards = []
+    for shard, infos in base.iter_shards():
+        jobs: list[Job] = []
+        for info in infos:
+            code = TORCH_TO_ST[out_dtype] if out_dtype is not None and info.is_float else info.dtype
+            if info.key in targets:
+                name, transposed = targets[info.key]
+                jobs.append(ModuleJob(info, code, name, transposed))
+            else:
+                jobs.append(CopyJob(info, code))
+        shards.append(ShardPlan(shard, tuple(jobs)))
+    return Plan(base, tuple(shards), out_dtype)
+
+
+# ---- running jobs ----------------------------------------------------------------------
+
+
+class Buffers:
+    """Reusable work tensors, one per (role, shape, dtype, device): a model
+    repeats a few weight shapes, and fresh allocations of that size cost a
+    page fault per 4 KiB page, more than the arithmetic. One per worker."""
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def get(self, role: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (role, tuple(shape), dtype, str(device))
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = torch.empty(tuple(shape), dtype=dtype, device=device)
+        return buf
+
+
+@dataclass
+class JobResult:
+    """A job done: ``tensor`` to write (None: copy the base's bytes) and,
+    for a module job, its ``facts``."""
+
+    job: Job
+    tensor: torch.Tensor | None = None
+    facts: dict = field(default_factory=dict)
+
+
+def _check_delta(delta: Delta, name: str, shape: tuple[int, int]) -> None:
+    if isinstance(delta, tuple):
+        B, A = delta
+        if B.ndim != 2 or A.ndim != 2 or (B.shape[0], A.shape[1]) != shape or B.shape[1] != A.shape[0]:
+            raise ValueError(
+                f"module {name}: delta factors {tuple(B.shape)} @ {tuple(A.shape)}, "
+                f"expected (out, k) @ (k, in) with (out, in) = {shape}"
+            )
+    elif tuple(delta.shape) != shape:
+        raise ValueError(f"module {name}: delta {tuple(delta.shape)}, expected {shape}")
+
+
+def add_delta(stored: torch.Tensor, job: ModuleJob, compute: ModuleCompute, dev, pool: Buffers) -> JobResult:
+    """``W0 + delta`` in the stored layout, computed in float32 (float64 for
+    a float64 base) on ``dev`` in reused buffers, returned on the CPU in the
+    job's output dtype."""
+    cdt = torch.float64 if stored.dtype == torch.float64 else torch.float32
+    if stored.dtype == cdt and stored.device == dev:
+        W = stored
+    else:
+        W = pool.get("in", stored.shape, cdt, dev).copy_(stored)
+    W0 = W.T if job.transposed else W  # (out, in) view
+    res = compute(job.module, W0)
+    _check_delta(res.delta, job.module, tuple(W0.shape))
+    new = pool.get("out", W.shape, cdt, dev)
+    if isinstance(res.delta, tuple):
+        B, A = (x.to(device=dev, dtype=cdt) for x in res.delta)
+        # One fused pass: W0 + B @ A, or for a Conv1D (in, out) tensor W + A^T B^T.
+        if job.transposed:
+            torch.addmm(W, A.T, B.T, out=new)
+        else:
+            torch.addmm(W, B, A, out=new)
+    else:
+        delta = res.delta.to(device=dev, dtype=cdt)
+        torch.add(W, delta.T if job.transposed else delta, out=new)
+    code_dtype = ST_DTYPES[job.out_code]
+    if new.dtype != code_dtype or new.device.type != "cpu":
+        new = pool.get("host", new.shape, code_dtype, torch.device("cpu")).copy_(new)
+    return JobResult(job, new, res.facts)
+
+
+class SerialExecutor:
+    """Runs each job when the writer asks for it, in plan order, on one
+    device with one set of buffers: memory stays at about one large tensor.
+
+    An executor is anything with ``results(plan, shard, src, compute)``
+    yielding one :class:`JobResult` per job of ``shard`` in order; ``src`` is
+    the shard's base file, open for reading."""
+
+    def __init__(self, device: str | torch.device = "auto"):
+        self.device = resolve_device(device)
+        self.pool = Buffers()
+
+    def results(self, plan: Plan, shard: ShardPlan, src, compute: ModuleCompute) -> Iterator[JobResult]:
+        for job in shard.jobs:
+            yield self.run_job(job, src, compute)
+
+    def run_job(self, job: Job, src, compute: ModuleCompute) -> JobResult:
+        if isinstance(job, ModuleJob):
+            stored = read_into(
+                src, job.info, self.pool.get("read", job.info.shape, ST_DTYPES[job.info.dtype], "cpu")
+            )
+            return add_delta(stored, job, compute, self.device, self.pool)
+        if job.converts:  # a one-off (say an embedding to bfloat16): no buffer kept
+            return JobResult(job, read_into(src, job.info).to(ST_DTYPES[job.out_code]))
+        return JobResult(job)
+
+
+# ---- the whole run ------------------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    """What :func:`execute_into_base` wrote; ``facts`` per module that has some."""
+
+    out: Path
+    modules: list[str]
+    tensors: int
+    bytes_written: int
+    dtype: torch.dtype | None
+    device: str
+    seconds: float
+    provenance: dict = field(default_factory=dict)
+    facts: dict[str, dict] = field(default_factory=dict)
+
+
+def _progress_bar(plan: Plan, out: Path, progress: bool):
+    from tqdm.auto import tqdm
+
+    total = sum(t.nbytes for t in plan.base.tensors.values())
+    return tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", file=sys.stderr,
+                disable=not progress, leave=False)  # fmt: skip
+
+
+def _write_shards(
+    plan: Plan, tmp: Path, executor, compute: ModuleCompute, record: dict, bar, writers
+) -> tuple:
+    """Every shard of ``plan`` into ``tmp`` (each writer appended to
+    ``writers``, which the caller closes); returns ``(bytes, facts)``."""
+    facts: dict[str, dict] = {}
+    total = 0
+    for shard in plan.shards:
+        w = ShardWriter(tmp / shard.name, shard.entries(), safetensors_metadata(record))
+        writers.append(w)
+        total += w.data_size
+        with open(plan.base.path / shard.name, "rb") as src:
+            for res in executor.results(plan, shard, src, compute):
+                if res.tensor is None:
+                    w.copy_bytes(src, res.job.info.start, res.job.info.nbytes)
+                else:
+                    w.write_tensor(res.tensor)
+                if res.facts:
+                    facts[res.job.module] = res.facts
+                bar.update(res.job.info.nbytes)
+        w.finish_data()
+    return total, facts
+
+
+def execute_into_base(
+    plan: Plan,
+    out: str | os.PathLike,
+    compute: ModuleCompute,
+    *,
+    record: dict,
+    executor=None,
+    force: bool = False,
+    inputs: Iterable = (),
+    progress: bool = True,
+) -> StreamResult:
+    """Run ``plan`` with ``executor`` (default :class:`SerialExecutor` on the
+    CPU) and write the result to ``out`` atomically: the same shards and
+    index as the base, its other files copied, ``record`` (a provenance
+    record whose last input is a placeholder for the base) completed with the
+    base's hashes (computed in a thread while the data streams) and written
+    into every shard's metadata and ``loramix.json``. An error or an interrupt
+    leaves nothing; an existing ``out`` is refused unless ``force``."""
+    t0 = time.perf_counter()
+    executor = executor or SerialExecutor("cpu")
+    base, out = plan.base, Path(out)
+    writers: list[ShardWriter] = []
+    with ThreadPoolExecutor(1) as hasher, atomic_output_dir(out, force=force, inputs=inputs) as tmp:
+        stop_hashing = threading.Event()
+        hashing = hasher.submit(base.provenance, stop_hashing)
+        bar = _progress_bar(plan, out, progress)
+        try:
+            total, facts = _write_shards(plan, tmp, executor, compute, record, bar, writers)
+            finish_model_folder(base, tmp, total, plan.out_dtype)
+            record["inputs"][-1] = hashing.result()
+            for w in writers:
+                w.finish(safetensors_metadata(record))
+            write_provenance(tmp, record)
+        except BaseException:
+            stop_hashing.set()
+            raise
+        finally:
+            bar.close()
+            for w in writers:
+                w.close()
+    return StreamResult(
+        out=out,
+        modules=[j.module for j in plan.module_jobs],
+        tensors=len(base.tensors),
+        bytes_written=total,
+        dtype=plan.out_dtype or base.dtype,
+        device=str(getattr(executor, "device", "cpu")),
+        seconds=time.perf_counter() - t0,
+        provenance=record,
+        facts=facts,
+    )
+
+
+def base_placeholder(base: BaseModelFolder) -> dict:
+    """The base's provenance record with zero hashes, the same length as the
+    real one (which :func:`execute_into_base` fills in once hashed)."""
+    zero = "0" * 64
+    return {"role": "base", "path": str(base.path), "sha256": zero, "identity": zero,
+            "files": {n: zero for n in base.weight_files}}  # fmt: skip
+
+
+def stream_into_base(
+    base: str | os.PathLike | BaseModelFolder,
+    out: str | os.PathLike,
+    module_fn: Callable[[str, torch.Tensor], Delta],
+    *,
+    adapters: Sequence[Adapter] = (),
+    modules: Sequence[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "auto",
+    force: bool = False,
+    provenance: dict | None = None,
+    progress: bool = True,
+) -> StreamResult:
+    """Write ``W0 + module_fn(name, W0)`` for each adapted weight of ``base``
+    into ``out``: :func:`plan_into_base` then :func:`execute_into_base` with
+    a :class:`SerialExecutor`.
+
+    ``module_fn`` returns a delta (dense ``(out, in)`` or ``(B, A)``), or a
+    :class:`ModuleOutput`. ``modules`` default to the union of the
+    ``adapters``' modules; ``adapters`` also give the compatibility check,
+    the refused outputs (``out`` may not be an input) and the provenance
+    inputs. ``provenance``: ``{"method", "parameters", "inputs"?, ...}``; the
+    base's record is added here. The sum is taken in float32 (or the base's
+    wider dtype) and written in the base's dtype or ``dtype``.
+    """
+    base = base if isinstance(base, BaseModelFolder) else BaseModelFolder(base)
+    adapters = list(adapters)
+    check_compatible(adapters)
+    if modules is None:
+        modules = list(dict.fromkeys(n for ad in adapters for n in ad.modules))
+    out_dtype = parse_dtype(dtype)
+    plan = plan_into_base(base, modules, adapters, out_dtype)
+    executor = SerialExecutor(device)
+    inputs = [base.path, *(ad.path for ad in adapters if ad.path is not None)]
+    out = check_output(out, force=force, inputs=inputs)
+
+    prov = dict(provenance or {})
+    method, parameters = prov.pop("method", "stream"), prov.pop("parameters", {})
+    ad_inputs = prov.pop("inputs", None) or [dict(ad.provenance(), role="adapter") for ad in adapters]
+    parameters = {**parameters, "dtype": dtype_name(out_dtype)}
+    record = make_provenance(method, parameters, [*ad_inputs, base_placeholder(base)], **prov)
+
+    def compute(name: str, W0: torch.Tensor) -> ModuleOutput:
+        res = module_fn(name, W0)
+        return res if isinstance(res, ModuleOutput) else ModuleOutput(res)
+
+    return execute_into_base(plan, out, compute, record=record, executor=executor, force=force,
+                             inputs=inputs, progress=progress)  # fmt: skip

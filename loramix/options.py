@@ -1,0 +1,99 @@
+"""The options every command shares, parsed once: weights, dtype, device.
+
+Library errors name the parameter (``weights``, ``dtype``, ``device``); the
+CLI prints them under their flag (``--weights``, ...; see
+:data:`loramix.cli.FLAGS`). Torch is imported only where a dtype is built,
+so the table of names is free to read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import UsageError
+
+#: dtype spellings accepted on the command line and in scenario files -> torch name
+DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float64": "float64",
+    "fp64": "float64",
+}
+#: the output dtypes a merge or a sum offers
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def parse_weights(weights: Any, n: int, where: str = "weights") -> list[float]:
+    """One finite weight per adapter: ``None`` -> ``[1.0] * n``; a ``"1,0.5"``
+    string or a sequence of ``n`` numbers. Errors name ``where``."""
+    if weights is None:
+        return [1.0] * n
+    if isinstance(weights, str):
+        parts = [p.strip() for p in weights.split(",") if p.strip()]
+    else:
+        parts = list(weights)
+    try:
+        ws = [float(p) for p in parts]
+    except (TypeError, ValueError):
+        raise UsageError(where, f"{weights!r} is not a comma-separated list of numbers") from None
+    if len(ws) != n:
+        raise UsageError(where, f"got {len(ws)} weights for {n} adapters; give one per adapter")
+    if not all(math.isfinite(w) for w in ws):
+        raise UsageError(where, f"{weights!r} holds a non-finite number")
+    return ws
+
+
+def check_dtype(dtype: Any, where: str = "dtype") -> str | None:
+    """The torch name of a dtype spelling (``"bf16"`` -> ``"bfloat16"``),
+    None for ``None``/``"auto"``; an unknown one is a :class:`UsageError`
+    naming ``where``. Needs no torch, so a command can refuse a bad
+    ``--dtype`` before loading it."""
+    if dtype is None:
+        return None
+    key = str(dtype).lower().removeprefix("torch.")
+    if key == "auto":
+        return None
+    if key not in DTYPE_NAMES:
+        raise UsageError(where, f"unknown dtype {dtype!r}; choose {', '.join(OUTPUT_DTYPES)}")
+    return DTYPE_NAMES[key]
+
+
+def parse_dtype(dtype: Any, where: str = "dtype"):
+    """``None``/``"auto"`` -> None (keep the input's); a torch dtype as is; a
+    name of :data:`DTYPE_NAMES` (``bf16``, ``torch.float16``, ...) -> the
+    torch dtype (see :func:`check_dtype`)."""
+    if dtype is None or isinstance(dtype, str):
+        name = check_dtype(dtype, where)
+        if name is None:
+            return None
+        import torch
+
+        return getattr(torch, name)
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    raise UsageError(where, f"unknown dtype {dtype!r}; choose {', '.join(OUTPUT_DTYPES)}")
+
+
+def dtype_name(dtype) -> str | None:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (None stays None), as written in
+    provenance and ``config.json``."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def promoted_dtype(dtypes):
+    """The smallest torch dtype every one of ``dtypes`` promotes to
+    (``torch.promote_types`` folded); float32 for none."""
+    import torch
+
+    out = None
+    for dt in dtypes:
+        out = dt if out is None else torch.promote_types(out, dt)
+    return torch.float32 if out is None else out
