@@ -60,7 +60,9 @@ def check_cmd(file):
               help="Steps run at once (default 1; >1 means --executor processes).")  # fmt: skip
 @click.option("--executor", type=click.Choice(["serial", "processes", "ray"]), default=None,
               help="Where steps run: this process, local worker processes, or a Ray cluster.")  # fmt: skip
-@click.option("--address", default=None, help="Ray cluster address (--executor ray; default: a local instance).")
+@click.option(
+    "--address", default=None, help="Ray cluster address (--executor ray; default: a local instance)."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run_cmd(file, out, device, fresh, cache_dir, force, threads, jobs, executor, address, quiet):
     """Run the scenario FILE and write its report (report.md, results.csv, report.json, fit.json, plots)."""

@@ -168,7 +168,9 @@ class _Planner:
     def base_step(self) -> None:
         b = self.sc.base
         if b.path is not None:
-            self.add("base", "base", None, None, (), "hash", "base", key=base_folder_key(b.path), path=str(b.path))
+            self.add(
+                "base", "base", None, None, (), "hash", "base", key=base_folder_key(b.path), path=str(b.path)
+            )
             return
         from ..data import load_records
 

@@ -158,8 +158,11 @@ class Runner:
             "merge_summaries": study["merge_summaries"],
             "adapters": study["adapters"],
             "cache": {"root": str(self.cache.root), "counts": self.cache.counts()},
-            "timings": {"total_seconds": time.perf_counter() - t_start, "by_kind": timings,
-                        "made_seconds": self._made_seconds()},  # fmt: skip
+            "timings": {
+                "total_seconds": time.perf_counter() - t_start,
+                "by_kind": timings,
+                "made_seconds": self._made_seconds(),
+            },  # fmt: skip
         }
 
 

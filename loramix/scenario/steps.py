@@ -104,7 +104,9 @@ def _adapter_step(ctx: StepContext, st: Step, deps: dict) -> dict:
                             alpha=ad.alpha, tau=ad.tau, targets=list(ad.targets) if ad.targets else None,
                             lr=ad.lr, batch=ad.batch, max_len=ad.max_len, eval_size=0, seed=a["seed"],
                             device=str(ctx.device), progress=False, **_train_kwargs(ad))  # fmt: skip
-        return {k: v for k, v in res.items() if (isinstance(v, (int, float, str)) or v is None) and k != "out"}
+        return {
+            k: v for k, v in res.items() if (isinstance(v, (int, float, str)) or v is None) and k != "out"
+        }
 
     folder = ctx.cache.get_or_make("adapter", st.spec, make, label=st.label)
     # The entry may have been made under another name (same data, another scenario).
