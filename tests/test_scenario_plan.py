@@ -113,7 +113,9 @@ def test_plan_is_a_dag_whose_keys_the_run_used(serial):
     assert kinds == {"data", "base", "adapter", "merged-data", "similarity", "eval", "merge"}
     # svd is planned for LoRA only, d2-signed for D2-LoRA only; the sum is never written.
     assert "merge/lora/0/svd/arith+units" in by_id and "merge/d2lora/0/svd/arith+units" not in by_id
-    assert "merge/d2lora/0/d2-signed/arith+units" in by_id and "merge/lora/0/d2-signed/arith+units" not in by_id
+    assert (
+        "merge/d2lora/0/d2-signed/arith+units" in by_id and "merge/lora/0/d2-signed/arith+units" not in by_id
+    )
     assert not [i for i in ids if i.startswith("merge/") and "/sum/" in i]
 
 
@@ -123,7 +125,9 @@ def test_jobs_2_is_byte_identical_to_serial(serial):
     assert _numbers(par) == _numbers(out)
     log = list(csv.DictReader(open(par / "cache_log.csv")))
     ref = list(csv.DictReader(open(out / "cache_log.csv")))
-    assert [(e["kind"], e["key"], e["status"]) for e in log] == [(e["kind"], e["key"], e["status"]) for e in ref]
+    assert [(e["kind"], e["key"], e["status"]) for e in log] == [
+        (e["kind"], e["key"], e["status"]) for e in ref
+    ]
     assert not [p for p in (root / "jobs2" / "cache").rglob("*") if ".tmp-" in p.name]
 
 
