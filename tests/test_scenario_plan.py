@@ -17,46 +17,12 @@ from loramix.scenario.config import load_scenario
 from loramix.scenario.executors import make_executor, threads_per_job
 from loramix.scenario.plan import plan
 
-# Two adapter kinds (so the effective-delta similarity and a kind-specific
-# merge are planned), every kind of merge step (on the fly, low-rank, dense).
-TINY = """
-name = "plan-ci"
-seeds = [0]
-compositions = ["all-pairs"]
+from .test_scenario import CI_SCENARIO
 
-[base.build]
-size = "tiny"
-steps = 4
-
-[domains.arith]
-data = "synthetic:arith"
-train = 16
-eval = 8
-
-[domains.units]
-data = "synthetic:units"
-train = 16
-eval = 8
-
-[domains.dates]
-data = "synthetic:dates"
-train = 16
-eval = 8
-
-[adapters]
-methods = ["lora", "d2lora"]
-rank = 2
-alpha = 8
-steps = 2
-lr = 5e-3
-batch = 8
-max_len = 48
-
-[merge]
-methods = ["sum", "ties", "svd", "d2-signed"]
-ties = { density = 0.5 }
-svd = { rank = 2 }
-"""
+# The end-to-end study of test_scenario with one seed: two adapter kinds (so the
+# effective-delta similarity and kind-specific merges are planned) and every
+# kind of merge step (on the fly, low-rank, dense).
+TINY = CI_SCENARIO.replace("seeds = [0, 1]", "seeds = [0]").replace('name = "ci"', 'name = "plan-ci"')
 
 # Files whose every byte is a number of the study (report.md and report.json
 # also hold timings and dates).
