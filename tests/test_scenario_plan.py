@@ -146,3 +146,11 @@ def test_two_processes_making_one_key(tmp_path):
     assert (folder / "value.txt").read_text() in ("a", "b")
     assert Cache(tmp_path).record("thing", folder)["label"] == (folder / "value.txt").read_text()
     assert [p.name for p in (tmp_path / "thing").iterdir()] == [folder.name]  # no tmp or old copy left
+
+
+def test_docs_key_table_is_the_schema():
+    from loramix.scenario.config import schema_markdown
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "scenarios.md").read_text()
+    table = doc.split("<!-- schema:start -->\n")[1].split("\n<!-- schema:end -->")[0]
+    assert table == schema_markdown()
