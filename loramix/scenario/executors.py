@@ -57,6 +57,9 @@ def threads_per_job(threads: int, jobs: int) -> int:
 
 @dataclass
 class SerialExecutor:
+    def describe(self) -> dict:
+        return {"name": "serial", "jobs": 1}
+
     def run(self, steps: list[Step], ctx: StepContext, on_done: Callable[[Step, Outcome], None]) -> dict:
         done: dict[str, Outcome] = {}
         for st in steps:
@@ -127,6 +130,13 @@ class ProcessExecutor:
     jobs: int
     threads: int = 1
 
+    def describe(self) -> dict:
+        return {
+            "name": "processes",
+            "jobs": self.jobs,
+            "threads_per_job": threads_per_job(self.threads, self.jobs),
+        }
+
     def run(self, steps: list[Step], ctx: StepContext, on_done) -> dict:
         import multiprocessing as mp
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -189,6 +199,10 @@ class RayExecutor:
     jobs: int
     threads: int = 1
     address: str | None = None
+
+    def describe(self) -> dict:
+        return {"name": "ray", "jobs": self.jobs, "threads_per_job": threads_per_job(self.threads, self.jobs),
+                "address": self.address or "local"}  # fmt: skip
 
     def run(self, steps: list[Step], ctx: StepContext, on_done) -> dict:
         ray = import_ray()

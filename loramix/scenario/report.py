@@ -405,6 +405,10 @@ def _section_timings(report: dict, v: _View) -> list[str]:
     L.append(f"- Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
              f"numpy {env['numpy']}, pandas {env['pandas']}; {env['platform']}")  # fmt: skip
     L.append(f"- Cache: `{report['cache']['root']}`")
+    ex = report.get("executor")
+    if ex and ex["name"] != "serial":
+        L.append(f"- Executor: {ex['name']}, {ex['jobs']} jobs of {ex['threads_per_job']} torch thread(s) each "
+                 "(step seconds above add up over the jobs)")  # fmt: skip
     L.append("")
     L.append("Files: `results.csv` (one row per adapter method, seed, composition and merge method), "
              "`evaluations.csv` (every perplexity), `report.json` (everything here), `fit.json` (for "

@@ -158,6 +158,7 @@ class Runner:
             "merge_summaries": study["merge_summaries"],
             "adapters": study["adapters"],
             "cache": {"root": str(self.cache.root), "counts": self.cache.counts()},
+            "executor": self.executor.describe(),
             "timings": {
                 "total_seconds": time.perf_counter() - t_start,
                 "by_kind": timings,
