@@ -30,6 +30,13 @@ def check_cmd(file):
         ms = [m.method for m in merges_for(sc, am)]
         click.echo(f"  {am}: {len(sc.seeds)} seed(s) x ({n_dom} domain + {n_comp} merged-data adapters); "
                    f"merges {', '.join(ms)}")  # fmt: skip
+    from collections import Counter
+
+    from ..scenario.plan import plan
+
+    steps = plan(sc)
+    kinds = Counter(st.kind for st in steps)
+    click.echo(f"  plan: {len(steps)} steps ({', '.join(f'{n} {k}' for k, n in kinds.items())})")
 
 
 @command.command("run")
