@@ -154,3 +154,12 @@ def test_docs_key_table_is_the_schema():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "scenarios.md").read_text()
     table = doc.split("<!-- schema:start -->\n")[1].split("\n<!-- schema:end -->")[0]
     assert table == schema_markdown()
+
+
+def test_check_prints_the_plan(serial, capsys):
+    root, _ = serial
+    assert main(["scenario", "check", str(root / "tiny.toml")]) == 0
+    out = capsys.readouterr().out
+    steps = plan(load_scenario(root / "tiny.toml"))
+    assert f"plan: {len(steps)} steps (" in out
+    assert f"{sum(st.kind == 'adapter' for st in steps)} adapter" in out
