@@ -74,7 +74,9 @@ def keys_of(cls) -> dict[str, tuple[str, Key, Any]]:
 
 @dataclass(frozen=True)
 class BaseSpec:
-    """A local model folder (``path``), or a recipe for ``loramix base build``."""
+    """A local model folder (``path``), or a recipe for ``loramix base build``
+    (the ``[base.build]`` table, whose keys :class:`_BuildKeys` declares, read
+    into ``build_data``, ``size``, ``steps``, ``seed`` and ``build_params``)."""
 
     path: Path | None = key("str", help="a local HF causal-LM folder (`config.json` + safetensors)",
                             doc_default="—")  # fmt: skip

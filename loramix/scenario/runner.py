@@ -26,7 +26,7 @@ from ..environment import environment
 from ..errors import OutputError, UsageError
 from .cache import Cache, default_cache_dir
 from .config import Scenario, load_scenario, scenario_summary
-from .plan import comp_name, plan, prepare_data  # noqa: F401  (comp_name: the composition's name)
+from .plan import plan, prepare_data
 
 
 def merges_for(sc: Scenario, adapter_method: str):
