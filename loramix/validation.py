@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +206,7 @@ class Validation:
     aggregate: dict[str, str]
     level: float
     target: str
+    dropped: list[str] = field(default_factory=list)  # features missing on some composition
 
     @property
     def best(self) -> str:
@@ -236,6 +237,7 @@ class Validation:
             "best": self.best, "beats_mean": self.beats_mean,
             "compositions": [list(c) for c in self.compositions], "y": list(self.y),
             "aggregate": dict(self.aggregate),
+            "dropped_features": list(self.dropped),
             "summary": [{k: clean(v) for k, v in r.items()} for r in self.summary.to_dict(orient="records")],
             "fits": self.fits,
         }  # fmt: skip
@@ -266,7 +268,9 @@ def validate(compositions, y, X: pd.DataFrame, *, level: float = 0.9, lambdas=LA
         )
     if not np.isfinite(y).all():
         raise UsageError("validation", "the measured interference has a missing or non-finite value")
-    X = X.loc[:, X.notna().all(axis=0).to_numpy()]
+    complete = X.notna().all(axis=0).to_numpy()
+    dropped = [str(c) for c in X.columns[~complete]]
+    X = X.loc[:, complete]
     X = X.reset_index(drop=True)
     splits = lodo_splits(comps)
     if not splits:
@@ -284,9 +288,8 @@ def validate(compositions, y, X: pd.DataFrame, *, level: float = 0.9, lambdas=LA
     )
     summary = summary.sort_values(["mae", "predictor"], kind="stable").reset_index(drop=True)[SUMMARY_COLUMNS]
     agg = {f: (aggregate or {}).get(f, "rms") for f in X.columns}
-    return Validation(
-        pred, summary, fit_all(comps, y, X, level, lambdas), comps, y.tolist(), agg, level, target
-    )
+    fits = fit_all(comps, y, X, level, lambdas)
+    return Validation(pred, summary, fits, comps, y.tolist(), agg, level, target, dropped)
 
 
 def write_predictors(path: str | os.PathLike, result: Validation) -> Path:

@@ -134,7 +134,9 @@ def test_ridge_lambda_is_chosen_by_inner_lodo(signal):
 def test_no_feature_beats_the_mean_is_said_first():
     comps, rng = _bank(seed=4)
     y = rng.normal(size=len(comps))
-    v = validate(comps, y, pd.DataFrame({"flat": np.ones(len(comps))}))
+    gap = np.where(np.arange(len(comps)) == 2, np.nan, 1.0)  # missing on one composition
+    v = validate(comps, y, pd.DataFrame({"flat": np.ones(len(comps)), "gap": gap}))
+    assert v.dropped == ["gap"] and "ols:gap" not in set(v.summary["predictor"])
     assert not v.beats_mean
     assert v.headline().startswith("No feature predicts")
     assert v.to_json_dict()["beats_mean"] is False
