@@ -263,3 +263,20 @@ def test_capture_refuses_bad_input(llama_bank, tmp_path):
     other = Adapter("x", "lora", {"model.layers.0.nonexistent": ads[0].modules[next(iter(ads[0].modules))]})
     with pytest.raises(BaseModelError, match="no module model.layers.0.nonexistent"):
         capture([ads[0], other], base, ["synthetic:arith?n=5"] * 2)
+
+
+def test_features_depend_on_the_delta_not_on_its_factorisation():
+    """``B A = (B M^-1)(M A)`` for any invertible ``M``: every feature of the
+    delta (and of its input subspace) is unchanged, while ``A`` itself changes."""
+    ads = _bank(n=3)
+    _, grams = _grams(ads)
+    before = compute_features(ads, calibration=from_grams(ads, grams))
+    gen = torch.Generator().manual_seed(9)
+    for d in ads[1].modules.values():
+        M = torch.randn(d.rank, d.rank, generator=gen, dtype=torch.float64) + 3 * torch.eye(
+            d.rank, dtype=torch.float64
+        )
+        d.A, d.B = M @ d.A, d.B @ torch.linalg.inv(M)
+    after = compute_features(ads, calibration=from_grams(ads, grams))
+    for k, m in before.matrices.items():
+        assert np.allclose(after.matrices[k], m, rtol=1e-9, atol=1e-12, equal_nan=True), k
