@@ -28,8 +28,10 @@ from ..fit import fit_line
 RESULT_COLUMNS = [
     "adapter_method", "seed", "composition", "k", "merge_method", "rms_cosine", "mean_cosine",
     "rms_cosine_effective", "ppl_merge", "ppl_merged_data", "delta_ppl_pct", "ppl_base", "eval_tokens",
+    "retention_pct",
 ]  # fmt: skip
-SUMMARY_VALUES = ["rms_cosine", "mean_cosine", "ppl_merge", "ppl_merged_data", "delta_ppl_pct", "ppl_base"]
+SUMMARY_VALUES = ["rms_cosine", "mean_cosine", "ppl_merge", "ppl_merged_data", "delta_ppl_pct", "ppl_base",
+                  "retention_pct"]  # fmt: skip
 PI_LEVEL = 0.95
 
 
@@ -55,6 +57,7 @@ def compute_fits(summary: pd.DataFrame) -> list[dict]:
     over the compositions (seed means)."""
     fits = []
     for (am, mm), g in summary.groupby(["adapter_method", "merge_method"], sort=False):
+        g = g[np.isfinite(g["delta_ppl_pct"].to_numpy(dtype=float))]  # compositions with a merged-data adapter
         f = fit_line(g["rms_cosine"], g["delta_ppl_pct"], labels=g["composition"]).to_dict()
         fits.append({"adapter_method": am, "merge_method": mm, **f})
     return fits
