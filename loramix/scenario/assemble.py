@@ -107,13 +107,23 @@ def _by_layer(per_module: pd.DataFrame) -> list[dict]:
     return g.reset_index().rename(columns={"cos2": "rms_cosine"}).to_dict(orient="records")
 
 
+def _validations(sc: Scenario, results: dict, summary: pd.DataFrame) -> list[dict]:
+    """The predictors step's validations (:mod:`.predictors`); empty without ``[predictors]``."""
+    from .predictors import feature_set, validate_targets
+
+    if sc.predictors is None:
+        return []
+    feats = {am: feature_set([results[f"features/{am}/{s}"] for s in sc.seeds]) for am in sc.adapters.methods}
+    return validate_targets(summary, feats, level=sc.predictors.level)
+
+
 def assemble(sc: Scenario, results: dict[str, dict]) -> dict:
     """The report's data from the plan's results (``{step id: result}``).
 
     Returns ``evaluations``, ``results`` (a DataFrame), ``summary``, ``fits``,
     ``similarity``, ``similarity_mean``, ``per_module`` (a DataFrame),
-    ``cosine_by_layer``, ``best_methods``, ``merge_summaries``, ``adapters``
-    and ``ev_base`` (the base's evaluation).
+    ``cosine_by_layer``, ``best_methods``, ``merge_summaries``, ``adapters``,
+    ``validations`` (:mod:`.predictors`) and ``ev_base`` (the base's evaluation).
     """
     from .report import compute_fits, summarize
 
@@ -146,6 +156,7 @@ def assemble(sc: Scenario, results: dict[str, dict]) -> dict:
         means = g.groupby("merge_method", sort=False)["delta_ppl_pct"].mean()
         best[am] = {"method": str(means.idxmin()), "delta": float(means.min())}
     return {"evaluations": t.evaluations, "results": res_df, "summary": summary, "fits": compute_fits(summary),
+            "validations": _validations(sc, results, summary),
             "similarity": t.sims, "similarity_mean": sim_mean, "per_module": per_module,
             "cosine_by_layer": _by_layer(per_module), "best_methods": best,
             "merge_summaries": t.merge_summaries, "adapters": t.adapters, "ev_base": ev_base}  # fmt: skip

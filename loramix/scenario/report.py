@@ -420,8 +420,21 @@ def _section_timings(report: dict, v: _View) -> list[str]:
     return L
 
 
-_SECTIONS = (_section_intro, _section_summary, _section_setup, _section_sum_tables, _section_per_domain,
-             _section_by_method, _section_fit, _section_similarity, _section_timings)  # fmt: skip
+def _section_answer(report: dict, v: _View) -> list[str]:
+    from .answer import section_answer
+
+    return section_answer(report, v)
+
+
+def _section_predictors(report: dict, v: _View) -> list[str]:
+    from .answer import section_predictors
+
+    return section_predictors(report, v)
+
+
+_SECTIONS = (_section_intro, _section_answer, _section_summary, _section_setup, _section_sum_tables,
+             _section_per_domain, _section_by_method, _section_fit, _section_predictors, _section_similarity,
+             _section_timings)  # fmt: skip
 
 
 def render_markdown(report: dict) -> str:
@@ -461,8 +474,14 @@ def write_report(folder: Path, report: dict, per_module: pd.DataFrame | None = N
 
     for sim in report["similarity_mean"]:
         df = pd.DataFrame(sim["rms"], index=sim["names"], columns=sim["names"])
+        order = [sim["names"][i] for i in plots.cluster_order(df.to_numpy(dtype=float))]
+        df = df.loc[order, order]
         similarity_heatmap(df, folder / f"similarity_{sim['adapter_method']}.png",
-                           title=f"{name}: RMS cosine of the domain adapters ({sim['adapter_method']})")  # fmt: skip
+                           title=f"{name}: RMS cosine of the domain adapters ({sim['adapter_method']}; clustered order)")  # fmt: skip
+    from .answer import write_predictor_files
+
+    write_predictor_files(folder, report)
+    summary = summary[np.isfinite(summary["delta_ppl_pct"].to_numpy(dtype=float))]  # with a merged-data adapter
     sums = summary[summary["merge_method"] == "sum"]
     plots.delta_vs_cosine(sums, [f for f in report["fits"] if f["merge_method"] == "sum"],
                           folder / "delta_vs_cosine.png",

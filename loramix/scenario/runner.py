@@ -154,6 +154,7 @@ class Runner:
             "results": records(study["results"]),
             "summary": records(study["summary"]),
             "fits": study["fits"],
+            "validations": study["validations"],
             "best_methods": study["best_methods"],
             "merge_summaries": study["merge_summaries"],
             "adapters": study["adapters"],

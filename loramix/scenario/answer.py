@@ -1,0 +1,178 @@
+"""The report's answer to the study's question, and its predictors section.
+
+* :func:`section_answer` (the report's first section): does similarity predict
+  interference across the pairs (Pearson r of each target with the RMS cosine
+  over the pairs, with its count), which predictor is best under
+  leave-one-domain-out and with what held-out error (its first line says so
+  when no feature beats the mean), and the paper's three pairs beside ours.
+* :func:`section_predictors`: every validation's table (r, R^2, MAE, interval
+  coverage per predictor) and the figures.
+* :func:`write_predictor_files`: ``predictors.json`` (the primary validation,
+  with the base identity and the adapter kind it was fitted for, read by
+  ``loramix predict`` and ``loramix plan --fit``), ``validation.csv``,
+  ``predictions.csv`` and the plots.
+
+Everything reads ``report.json``'s data only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# arXiv 2508.11985, GPT-2 small: delta_ppl% of the naive sum against merged-data training.
+PAPER_PAIRS = {("math", "medicine"): -9.1, ("math", "finance"): 4.5, ("finance", "medicine"): 27.6}
+TOP_ROWS = 8
+
+
+def _f(x, nd=2) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return f"{x:.{nd}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def primary_validation(report: dict) -> dict | None:
+    from .predictors import primary
+
+    p = report["scenario"].get("predictors")
+    vals = report.get("validations") or []
+    return primary(vals, p["target"], p["method"]) if p and vals else None
+
+
+def _pearson(x, y) -> tuple[float, int]:
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return float("nan"), int(len(x))
+    return float(np.corrcoef(x, y)[0, 1]), int(len(x))
+
+
+def _best_line(v: dict) -> str:
+    rows = {r["predictor"]: r for r in v["summary"]}
+    b, m = rows[v["best"]], rows["mean"]
+    if not v["beats_mean"]:
+        return (f"**No feature predicts {v['target']} better than the mean** under leave-one-domain-out over "
+                f"{len(v['y'])} compositions (held-out MAE of the mean {_f(m['mae'])} points; best feature "
+                f"{_best_feature(v)}).")  # fmt: skip
+    return (f"Best validated predictor of {v['target']}: **{v['best']}**, held-out MAE {_f(b['mae'])} points "
+            f"against {_f(m['mae'])} for the mean (r = {_f(b['r'])}, R² = {_f(b['r2'])}, "
+            f"{_f(100 * b['coverage'], 0) if b['coverage'] is not None else '—'}% of held-out values inside "
+            f"the {100 * v['level']:g}% intervals; leave-one-domain-out over {len(v['y'])} compositions).")  # fmt: skip
+
+
+def _best_feature(v: dict) -> str:
+    r = next((r for r in v["summary"] if r["predictor"] != "mean"), None)
+    return "none" if r is None else f"{r['predictor']}, MAE {_f(r['mae'])}, r = {_f(r['r'])}"
+
+
+def _similarity_lines(summary: pd.DataFrame) -> list[str]:
+    L = []
+    pairs = summary[summary["k"] == 2]
+    for (am, mm), g in pairs.groupby(["adapter_method", "merge_method"], sort=False):
+        for col, name in (("retention_pct", "retention %"), ("delta_ppl_pct", "Δppl %")):
+            r, n = _pearson(g["rms_cosine"], g[col])
+            if n >= 3:
+                L.append(f"- {am}, {mm}: Pearson r of {name} with the RMS cosine over {n} pairs = **{_f(r)}** "
+                         f"({name} from {_f(g[col].min(), 1)} to {_f(g[col].max(), 1)}; cosine from "
+                         f"{_f(g['rms_cosine'].min(), 3)} to {_f(g['rms_cosine'].max(), 3)})")  # fmt: skip
+    return L
+
+
+def _paper_rows(summary: pd.DataFrame) -> list[list[str]]:
+    rows = []
+    s = summary[(summary["merge_method"] == "sum") & (summary["k"] == 2)]
+    for (a, b), paper in PAPER_PAIRS.items():
+        g = s[s["composition"].isin([f"{a}+{b}", f"{b}+{a}"])]
+        for _, r in g.iterrows():
+            rows.append([r["composition"], f"{paper:+.1f}", _f(r["delta_ppl_pct"], 1), _f(r["retention_pct"], 1),
+                         _f(r["rms_cosine"], 3)])  # fmt: skip
+    return rows
+
+
+def section_answer(report: dict, v) -> list[str]:
+    """The report's first section (module docstring)."""
+    val = primary_validation(report)
+    if val is None:
+        return []
+    L = ["## The answer", "", _best_line(val), ""]
+    L += _similarity_lines(v.summary)
+    L.append("")
+    rows = _paper_rows(v.summary)
+    if rows:
+        L.append("The paper's three pairs (arXiv 2508.11985, GPT-2 small, Δppl % of the naive sum against "
+                 "merged-data training) beside ours (SmolLM2 here; Δppl % needs the pair's merged-data adapter):")  # fmt: skip
+        L.append("")
+        L.append(_table(["pair", "paper Δppl %", "our Δppl %", "our retention %", "our RMS cosine"], rows))
+        L.append("")
+    L.append("Retention % = mean over the member domains of 100 · (ppl of the merge − ppl of the domain's own "
+             "adapter) / ppl of the domain's own adapter, each on that domain's eval split: 0 when the merge "
+             "keeps every member's gain, positive when it loses some.")  # fmt: skip
+    L.append("")
+    return L
+
+
+def section_predictors(report: dict, v) -> list[str]:
+    """Every validation: the best predictors, the mean and the plain cosine."""
+    vals = report.get("validations") or []
+    if not vals:
+        return []
+    L = ["## Predictors, validated leave-one-domain-out", ""]
+    L.append("For each held-out domain, every predictor is fitted on the compositions without it and predicts "
+             "those with it (docs/predictors.md); r, R², MAE and the coverage of the prediction intervals pool "
+             "these held-out predictions. `ols:F` is a line on feature F; `ridge` a regularised combination of "
+             "the overall features; `mean` the training mean. Full tables: `validation.csv`, `predictions.csv`.")  # fmt: skip
+    L.append("")
+    for val in vals:
+        rows = val["summary"]
+        keep = rows[:TOP_ROWS] + [r for r in rows[TOP_ROWS:] if r["predictor"] in ("mean", "ols:rms_cosine")]
+        L.append(f"### {val['target']}, {val['adapter_method']} ({len(val['y'])} compositions)")
+        L.append("")
+        L.append(val["headline"])
+        L.append("")
+        L.append(_table(["predictor", "n", "r", "R²", "MAE", "coverage"],
+                        [[r["predictor"], str(r["n"]), _f(r["r"]), _f(r["r2"]), _f(r["mae"]),
+                          _f(r["coverage"])] for r in keep]))  # fmt: skip
+        L.append("")
+    L.append("![predicted vs measured](predicted_vs_measured.png)")
+    L.append("")
+    L.append("![interference by merge method](interference_by_method.png)")
+    L.append("")
+    return L
+
+
+def write_predictor_files(folder: Path, report: dict) -> None:
+    """``predictors.json``, ``validation.csv``, ``predictions.csv`` and the predictors' plots."""
+    from . import plots
+
+    vals = report.get("validations") or []
+    if not vals:
+        return
+    rows = [{"adapter_method": v["adapter_method"], "target": v["target_name"], "merge_method": v["merge_method"],
+             **r} for v in vals for r in v["summary"]]  # fmt: skip
+    pd.DataFrame(rows).to_csv(folder / "validation.csv", index=False)
+    preds = [{"adapter_method": v["adapter_method"], "target": v["target_name"], "merge_method": v["merge_method"],
+              **r} for v in vals for r in v["predictions"]]  # fmt: skip
+    pd.DataFrame(preds).to_csv(folder / "predictions.csv", index=False)
+    val = primary_validation(report)
+    if val is not None:
+        out = {k: x for k, x in val.items() if k != "predictions"}
+        out.update(scenario=report["scenario"]["name"], base_identity=report["base"].get("key"),
+                   adapter_kind=val["adapter_method"])  # fmt: skip
+        (folder / "predictors.json").write_text(json.dumps(out, indent=1) + "\n")
+        pred = pd.DataFrame(val["predictions"])
+        plots.predicted_vs_measured(pred[pred["predictor"] == val["best"]], folder / "predicted_vs_measured.png",
+                                    title=f"{report['scenario']['name']}: {val['best']} (held out by domain)",
+                                    ylabel=val["target"])  # fmt: skip
+    name = report["scenario"]["name"]
+    plots.interference_by_method(pd.DataFrame(report["summary"]), folder / "interference_by_method.png",
+                                 title=f"{name}: interference by merge method")  # fmt: skip
