@@ -166,7 +166,7 @@ def write_predictor_files(folder: Path, report: dict) -> None:
     val = primary_validation(report)
     if val is not None:
         out = {k: x for k, x in val.items() if k != "predictions"}
-        out.update(scenario=report["scenario"]["name"], base_identity=report["base"].get("key"),
+        out.update(scenario=report["scenario"]["name"], base_identity=report["base"].get("identity"),
                    adapter_kind=val["adapter_method"])  # fmt: skip
         (folder / "predictors.json").write_text(json.dumps(out, indent=1) + "\n")
         pred = pd.DataFrame(val["predictions"])
