@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
+
+if TYPE_CHECKING:  # torch is imported when a device is resolved, not by the CLI's option lists
+    import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -12,6 +15,8 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is
     a usage error (exit 2), not a silent fallback."""
+    import torch
+
     if isinstance(spec, torch.device):
         return spec
     spec = (spec or "auto").lower()

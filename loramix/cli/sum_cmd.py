@@ -49,9 +49,9 @@ def parse_weights(text: str | None, n: int) -> list[float] | None:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def command(adapters, weights, base, out, dtype, device, force, progress):
     """Sum adapters: W0 + sum_i w_i dW_i into BASE (--into), or as one exact adapter."""
+    w = parse_weights(weights, len(adapters))  # before torch loads: a bad --weights fails fast
     from ..summation import sum_adapters, sum_into_base
 
-    w = parse_weights(weights, len(adapters))
     t0 = time.perf_counter()
     if base is not None:
         res = sum_into_base(
