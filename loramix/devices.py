@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING
 
 from .errors import UsageError
@@ -29,3 +31,16 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if spec == "cpu":
         return torch.device("cpu")
     raise UsageError("--device", f"unknown device {spec!r}; choose auto, cpu or cuda")
+
+
+def is_cpu(spec: str | torch.device | None = "auto") -> bool:
+    """Whether ``spec`` resolves to the CPU, told without importing torch
+    where it can be: ``cpu``, or ``auto`` on a machine without a GPU driver
+    (then ``torch.cuda.is_available()`` is False anyway). Errors as
+    :func:`resolve_device`."""
+    if spec is None or isinstance(spec, str):
+        s = (spec or "auto").lower()
+        no_driver = not any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/kfd"))
+        if s == "cpu" or (s == "auto" and no_driver and "torch" not in sys.modules):
+            return True
+    return resolve_device(spec).type == "cpu"

@@ -23,137 +23,30 @@ message naming the module and the feature, never silently dropped.
 from __future__ import annotations
 
 import json
-import math
-import re
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from ..adapter import D2LORA, LORA, Adapter, ModuleDelta
+from ..adapter import D2LORA, Adapter, ModuleDelta
 from ..errors import AdapterError
+from .peft_layout import (  # noqa: F401  (re-exported: the PEFT layout's names, used across loramix)
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    adapter_method,
+    adapter_name,
+    check_features,
+    get_pattern_key,
+    lora_scale,
+    module_factors,
+    module_rank_alpha,
+    parse_keys,
+    read_config,
+    read_parts,
+    resolve_adapter_paths,
+)
 from .safetensors_io import CheckedSafetensors, canonicalize_header, file_sha256, safetensors_metadata
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-
-_LORA_PARTS = {"lora_A": ("A", "pos"), "lora_B": ("B", "pos")}
-_D2_PARTS = {
-    "lora_A_pos": ("A", "pos"),
-    "lora_B_pos": ("B", "pos"),
-    "lora_A_neg": ("A", "neg"),
-    "lora_B_neg": ("B", "neg"),
-}
-_UNSUPPORTED = {
-    "lora_embedding_A": "embedding LoRA",
-    "lora_embedding_B": "embedding LoRA",
-    "lora_magnitude_vector": "DoRA magnitude vectors",
-    "modules_to_save": "modules_to_save (full trained copies of modules)",
-    "trainable_tokens_delta": "trainable tokens",
-    "token_adapter": "trainable tokens",
-}
-# PEFT LoRA variants whose saved factors are not (or not only) ``dW = s B A``
-# on a 2-D weight: refused when the config sets them, never silently dropped.
-_UNSUPPORTED_CONFIG = {
-    "target_parameters": "LoRA on parameters (target_parameters)",
-    "use_qalora": "QALoRA (use_qalora)",
-    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
-    "kasa_config": "KaSA (kasa_config)",
-    "monteclora_config": "MonteCLoRA (monteclora_config)",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-    "arrow_config": "Arrow routing (arrow_config)",
-    "layer_replication": "layer replication (layer_replication)",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
-}
-
-
-def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str | None:
-    """PEFT's rule: the first pattern ``k`` with ``re.match(rf"(.*\\.)?({k})$", key)``."""
-    for k in pattern_keys:
-        if re.match(rf"(.*\.)?({k})$", key_to_match):
-            return k
-    return None
-
-
-def module_rank_alpha(config: dict, module: str) -> tuple[int, float]:
-    """``(r, alpha)`` for ``module`` from ``r``/``lora_alpha`` and the patterns."""
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rk = get_pattern_key(rank_pattern, module)
-    ak = get_pattern_key(alpha_pattern, module)
-    r = rank_pattern[rk] if rk is not None else config.get("r", 8)
-    alpha = alpha_pattern[ak] if ak is not None else config.get("lora_alpha", 8)
-    return int(r), float(alpha)
-
-
-def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def resolve_adapter_paths(path: str | Path) -> tuple[Path, Path, Path]:
-    """``(given path, config path, weights path)`` for a folder or a file."""
-    p = Path(path)
-    if not p.exists():
-        raise AdapterError(p, "no such file or folder")
-    if p.is_dir():
-        cfg, weights = p / CONFIG_NAME, p / WEIGHTS_NAME
-        if not cfg.exists():
-            raise AdapterError(p, f"not an adapter folder: no {CONFIG_NAME}")
-        if not weights.exists():
-            if (p / "adapter_model.bin").exists():
-                raise AdapterError(
-                    p, "adapter_model.bin (pickle) is not read; loramix reads safetensors only"
-                )
-            raise AdapterError(p, f"not an adapter folder: no {WEIGHTS_NAME}")
-    else:
-        if p.suffix != ".safetensors":
-            raise AdapterError(p, "not an adapter: expected a folder or a .safetensors file")
-        cfg, weights = p.parent / CONFIG_NAME, p
-        if not cfg.exists():
-            raise AdapterError(p, f"no {CONFIG_NAME} beside the file; loramix needs it for ranks and scales")
-    return p, cfg, weights
-
-
-def read_config(cfg: Path) -> dict:
-    try:
-        config = json.loads(cfg.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(cfg, f"not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise AdapterError(cfg, "not a JSON object")
-    return config
-
-
-def _parse_key(key: str, parts: dict) -> tuple[str, str, str, str | None]:
-    """``(module, factor, branch, adapter_name)`` of a tensor key, or raise."""
-    toks = key.split(".")
-    for i, t in enumerate(toks):
-        if t in _UNSUPPORTED:
-            module = ".".join(toks[:i]).removeprefix(PREFIX)
-            raise KeyError(f"module {module}: not supported: {_UNSUPPORTED[t]} (tensor {key})")
-        if t in parts:
-            module = ".".join(toks[:i])
-            module = module[len(PREFIX) :] if module.startswith(PREFIX) else module
-            rest = toks[i + 1 :]
-            if rest and rest[-1] == "bias":
-                raise KeyError(f"module {module}: not supported: LoRA biases (lora_bias) (tensor {key})")
-            if rest == ["weight"]:
-                name = None
-            elif len(rest) == 2 and rest[1] == "weight":
-                name = rest[0]
-            else:
-                break
-            factor, branch = parts[t]
-            return module, factor, branch, name
-    if toks[-1] == "bias":
-        # PEFT's bias="all" / "lora_only" saves trained base biases.
-        module = ".".join(t for t in toks[:-1] if t != "base_layer").removeprefix(PREFIX)
-        raise KeyError(
-            f"module {module}: not supported: trained biases (PEFT bias='all'/'lora_only') (tensor {key})"
-        )
-    raise KeyError(f"unexpected tensor {key}: not a LoRA factor")
 
 
 def load_adapter(path: str | Path, name: str | None = None) -> Adapter:
@@ -161,116 +54,22 @@ def load_adapter(path: str | Path, name: str | None = None) -> Adapter:
 
     Tensors are read one at a time with ``safe_open`` and kept as stored.
     Raises :class:`AdapterError` (one line naming the file) on bad input.
+    The checks are :mod:`loramix.io.peft_layout`'s, shared with the numpy
+    reader of :mod:`loramix.io.np_factors`.
     """
     given, cfg_path, weights = resolve_adapter_paths(path)
     config = read_config(cfg_path)
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type == "LORA":
-        method, parts = LORA, _LORA_PARTS
-    elif peft_type == "D2LORA":
-        method, parts = D2LORA, _D2_PARTS
-    else:
-        raise AdapterError(
-            cfg_path, f"unsupported peft_type {config.get('peft_type')!r}: loramix reads LORA and D2LORA"
-        )
-    if config.get("modules_to_save"):
-        raise AdapterError(cfg_path, f"modules_to_save {config['modules_to_save']} is not supported")
-    use_rslora = bool(config.get("use_rslora", False))
-
-    raw: dict[str, dict[tuple[str, str], torch.Tensor]] = {}
-    adapter_names: set[str] = set()
+    method, parts = adapter_method(config, cfg_path)
     with CheckedSafetensors(weights, AdapterError) as f:
-        keys = f.keys()
-        if not keys:
-            raise AdapterError(weights, "holds no tensors")
-        # Parse every key before reading any tensor or trusting the config:
-        # an unsupported feature is then reported with the module it is on.
-        try:
-            parsed = [(key, *_parse_key(key, parts)) for key in keys]
-        except KeyError as e:
-            raise AdapterError(weights, e.args[0]) from None
-        if config.get("use_dora"):
-            raise AdapterError(cfg_path, "not supported: DoRA (use_dora: true)")
-        if config.get("lora_bias"):
-            raise AdapterError(cfg_path, "not supported: LoRA biases (lora_bias: true)")
-        if str(config.get("bias", "none")).lower() not in ("none", "null"):
-            raise AdapterError(cfg_path, f"not supported: trained biases (bias: {config['bias']})")
-        for k, feature in _UNSUPPORTED_CONFIG.items():
-            if config.get(k):
-                raise AdapterError(cfg_path, f"not supported: {feature}")
-        for key, module, factor, branch, aname in parsed:
-            if aname is not None:
-                adapter_names.add(aname)
-            t = f.get(key, check_finite=True)
-            if t.ndim != 2:
-                raise AdapterError(
-                    weights,
-                    f"module {module}: {key} has {t.ndim} dimensions; only linear LoRA (2-D factors) is supported",
-                )
-            raw.setdefault(module, {})[(factor, branch)] = t
-    if len(adapter_names) > 1:
-        raise AdapterError(
-            weights, f"holds several adapters ({', '.join(sorted(adapter_names))}); save them apart"
-        )
-
-    modules: dict[str, ModuleDelta] = {}
-    for module, fs in raw.items():
-        branches = ["pos", "neg"] if method == D2LORA else ["pos"]
-        for br in branches:
-            for fac in ("A", "B"):
-                if (fac, br) not in fs:
-                    other = "B" if fac == "A" else "A"
-                    label = {"pos": "lora_{}" if method == LORA else "lora_{}_pos", "neg": "lora_{}_neg"}[br]
-                    raise AdapterError(
-                        weights, f"module {module} has {label.format(other)} but no {label.format(fac)}"
-                    )
-        A, B = fs[("A", "pos")], fs[("B", "pos")]
-        if B.shape[1] != A.shape[0]:
-            raise AdapterError(
-                weights, f"module {module}: lora_A has rank {A.shape[0]} but lora_B has rank {B.shape[1]}"
-            )
-        r_cfg, alpha = module_rank_alpha(config, module)
-        if A.shape[0] != r_cfg:
-            raise AdapterError(
-                weights,
-                f"config and tensors disagree: module {module} has rank {A.shape[0]} "
-                f"but {cfg_path.name} says {r_cfg} (r / rank_pattern)",
-            )
-        kw = {}
-        if method == D2LORA:
-            An, Bn = fs[("A", "neg")], fs[("B", "neg")]
-            if An.shape != A.shape or Bn.shape != B.shape:
-                raise AdapterError(
-                    weights,
-                    f"module {module}: negative branch shapes {tuple(Bn.shape)}, {tuple(An.shape)} "
-                    f"differ from positive {tuple(B.shape)}, {tuple(A.shape)}",
-                )
-            kw = dict(
-                B_neg=Bn,
-                A_neg=An,
-                tau=float(config.get("tau", 0.5)),
-                norm_dim=int(config.get("norm_dim", 1)),
-                eps=float(config.get("eps", 1e-8)),
-            )
-        modules[module] = ModuleDelta(
-            name=module, B=B, A=A, scale=lora_scale(alpha, r_cfg, use_rslora), alpha=alpha, **kw
-        )
-
-    targets = config.get("target_modules")
-    if isinstance(targets, list) and targets:
-        for module in modules:
-            if not any(module == t or module.endswith("." + t) for t in targets):
-                raise AdapterError(
-                    weights,
-                    f"config and tensors disagree: module {module} is not in target_modules {targets}",
-                )
-
-    if name is None:
-        name = given.name if given.is_dir() else given.stem
-        if name == "adapter_model":
-            name = given.parent.name
+        parsed = parse_keys(f.keys(), parts, weights)
+        check_features(config, cfg_path)
+        raw = read_parts(parsed, lambda key: f.get(key, check_finite=True), weights)
+    modules = {
+        module: ModuleDelta(name=module, **kw)
+        for module, kw in module_factors(raw, method, config, cfg_path, weights).items()
+    }
     return Adapter(
-        name=name,
+        name=name or adapter_name(given),
         method=method,
         modules=modules,
         config=config,
