@@ -48,6 +48,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -192,6 +193,8 @@ def _stack_factors(deltas: list, device) -> tuple:
         if d.kind == D2LORA:
             B, A = d.factors() if device is None else d.factors(dtype=_torch().float64, device=device)
             parts.append((B, A, 1.0))
+        elif device is None:  # numpy factors may be LazyFactors: read them now
+            parts.append((np.asarray(d.B), np.asarray(d.A), float(d.scale)))
         else:
             parts.append((d.B, d.A, float(d.scale)))
     offsets = [0]
@@ -245,19 +248,27 @@ def _lowrank_inner_products(Bt, A_cat, offsets: list[int]):
     ``G`` is symmetric, so it is formed in horizontal strips starting at the
     diagonal (strip ``[r0, r1)`` x columns ``[r0, R)``): about half the
     ``O(R^2 (out + in))`` flops, in a few large GEMMs. Each strip is summed
-    per delta with the one-hot ``P`` (R, n) and mirrored. Numpy arrays or
+    per delta (numpy: ``add.reduceat`` over the rank blocks; torch: with the
+    one-hot ``P`` (R, n)) and mirrored. Numpy arrays or
     torch tensors alike (the result is of the same kind).
     """
     n, R = len(offsets) - 1, offsets[-1]
-    P = np.zeros((R, n))  # (R, n): column -> its delta
-    P[np.arange(R), np.repeat(np.arange(n), np.diff(offsets))] = 1.0
+    on_np = isinstance(Bt, np.ndarray)
     ip = np.zeros((n, n))
-    if not isinstance(Bt, np.ndarray):
+    if on_np:
+        starts = np.asarray(offsets[:-1])
+    else:
+        P = np.zeros((R, n))  # (R, n): column -> its delta
+        P[np.arange(R), np.repeat(np.arange(n), np.diff(offsets))] = 1.0
         P, ip = (_torch().from_numpy(x).to(Bt.device) for x in (P, ip))
     for a0, a1 in _groups(offsets, GRAM_BLOCK):
         r0, r1 = offsets[a0], offsets[a1]
         G = (Bt[r0:r1] @ Bt[r0:].T) * (A_cat[r0:r1] @ A_cat[r0:].T)  # (r1 - r0, R - r0)
-        blk = P[r0:r1, a0:a1].T @ G @ P[r0:, a0:]  # (a1 - a0, n - a0)
+        if on_np:  # block sums in O(|G|), where P^T G P would cost O(|G| n)
+            rows = np.add.reduceat(G, starts[a0:a1] - r0, axis=0)
+            blk = np.add.reduceat(rows, starts[a0:] - r0, axis=1)  # (a1 - a0, n - a0)
+        else:
+            blk = P[r0:r1, a0:a1].T @ G @ P[r0:, a0:]  # (a1 - a0, n - a0)
         ip[a0:a1, a0:] = blk
         ip[a1:, a0:a1] = blk[:, a1 - a0 :].T
     return ip
@@ -332,7 +343,8 @@ def similarity(
     if numpy_path:
         from .io import np_factors
 
-        load, convert = np_factors.load_np_adapter, np_factors.np_adapter
+        # lazy: each module's factors are read when the module is compared
+        load, convert = partial(np_factors.load_np_adapter, lazy=True), np_factors.np_adapter
     else:
         from .io import adapter_files
 

@@ -70,8 +70,12 @@ def test_numpy_reader_gives_torchs_factors(adapter_paths, which):
         assert np_adapter(ta).modules.keys() == na.modules.keys()
 
 
-@pytest.mark.parametrize("which", ["gpt2", "llama"])
-def test_numpy_and_torch_similarity_agree(adapter_paths, which):
+@pytest.mark.parametrize("which,block", [("gpt2", None), ("llama", None), ("gpt2", 5)])
+def test_numpy_and_torch_similarity_agree(adapter_paths, which, block, monkeypatch):
+    import sys
+
+    if block is not None:  # strips of a few deltas: the block sums and their mirror
+        monkeypatch.setattr(sys.modules["loramix.overlap"], "GRAM_BLOCK", block)
     paths = adapter_paths[which]
     res_np = similarity(paths, per_module=True, progress=False, device="cpu")
     res_t = similarity(paths, per_module=True, progress=False, device=TORCH_CPU)
@@ -125,6 +129,19 @@ def test_numpy_reader_refuses_what_torchs_refuses(adapter_paths, tmp_path):
             assert n_err.value.message.startswith(t_err.value.message.split(":")[0])
         else:
             assert n_err.value.message == t_err.value.message, bad.name
+        # the lazy reader of a similarity run: the same error, when it reads the factor
+        with pytest.raises(AdapterError) as s_err:
+            similarity([adapter_paths["gpt2"][0], bad], progress=False)
+        assert s_err.value.message == n_err.value.message, bad.name
+
+
+def test_lazy_factors_equal_eager(adapter_paths):
+    for p in adapter_paths["gpt2"]:
+        eager, lazy = load_np_adapter(p), load_np_adapter(p, lazy=True)
+        for name, m in eager.modules.items():
+            for f in ("B", "A", "B_neg", "A_neg"):
+                if getattr(m, f) is not None:
+                    np.testing.assert_array_equal(np.asarray(getattr(lazy.modules[name], f)), getattr(m, f))
 
 
 def test_similarity_command_imports_no_torch(adapter_paths, tmp_path):

@@ -11,6 +11,7 @@ half of a ``float32``: the same value, exactly.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ class NpModule:
     D2-LoRA signed residual); the fields of :class:`loramix.adapter.ModuleDelta`."""
 
     name: str
-    B: np.ndarray
+    B: np.ndarray  # or LazyFactor: anything np.asarray reads
     A: np.ndarray
     scale: float
     alpha: float
@@ -61,10 +62,10 @@ class NpModule:
     def factors(self) -> tuple[np.ndarray, np.ndarray]:
         """``(Bf, Af)`` in float64 with ``dW = Bf @ Af``, the scale folded into
         ``Bf``: LoRA ``(s B, A)``; D2 ``(s [B, -tau B_neg], [A; A_neg])`` (rank 2r)."""
-        B, A = self.B.astype(np.float64), self.A.astype(np.float64)
+        B, A = np.asarray(self.B, dtype=np.float64), np.asarray(self.A, dtype=np.float64)
         if self.B_neg is not None:
-            B = np.concatenate([B, -self.tau * self.B_neg.astype(np.float64)], axis=1)
-            A = np.concatenate([A, self.A_neg.astype(np.float64)], axis=0)
+            B = np.concatenate([B, -self.tau * np.asarray(self.B_neg, dtype=np.float64)], axis=1)
+            A = np.concatenate([A, np.asarray(self.A_neg, dtype=np.float64)], axis=0)
         return B * self.scale, A
 
 
@@ -104,58 +105,73 @@ def np_adapter(adapter) -> NpAdapter:
     return NpAdapter(adapter.name, adapter.method, modules, adapter.config, adapter.path)
 
 
-class _NpSafetensors:
-    """``safe_open(framework="np")`` with one-line :class:`AdapterError`\\ s,
-    non-finite values refused, and ``BF16`` read from its bits."""
+# safetensors dtype codes numpy reads directly; BF16 is widened from its bits.
+_NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
-    def __init__(self, path: Path):
-        from safetensors import SafetensorError, safe_open
 
-        self.path, self._errors = path, (SafetensorError, OSError, ValueError, RuntimeError, TypeError)
+class LazyFactor:
+    """One stored factor, read from its file each time it is asked for
+    (``np.asarray``): a similarity over a bank of adapters then holds one
+    module's factors at a time, never the whole bank."""
+
+    def __init__(self, path: Path, key: str, code: str, shape: tuple[int, ...], offset: int):
+        self.path, self.key, self.code, self.shape, self.offset = path, key, code, shape, offset
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if self.code not in _NP_DTYPES:
+            raise AdapterError(self.path, f"tensor {self.key} has dtype {self.code}, not a float factor")
+        count = math.prod(self.shape)
         try:
-            self._f = safe_open(str(path), framework="np")
-        except self._errors as e:
-            raise AdapterError(path, f"not a valid safetensors file (corrupt or truncated): {e}") from e
-        self._header: dict | None = None
-
-    def keys(self) -> list[str]:
-        return list(self._f.keys())
-
-    def _bf16(self, key: str) -> np.ndarray:
-        if self._header is None:  # safe_open has checked it already
-            with open(self.path, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                self._header = json.loads(fh.read(n))
-                self._data_start = 8 + n
-        info = self._header[key]
-        b, e = info["data_offsets"]
-        bits = np.fromfile(self.path, dtype="<u2", count=(e - b) // 2, offset=self._data_start + b)
-        return (bits.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
-
-    def get(self, key: str) -> np.ndarray:
-        try:
-            if self._f.get_slice(key).get_dtype() == "BF16":
-                t = self._bf16(key)
-            else:
-                t = self._f.get_tensor(key)
-        except self._errors as e:
-            raise AdapterError(self.path, f"cannot read tensor {key} (corrupt or truncated file): {e}") from e
-        if np.issubdtype(t.dtype, np.floating) and not np.isfinite(t).all():
-            raise AdapterError(self.path, f"tensor {key} has non-finite values (nan or inf)")
-        return t
+            t = np.fromfile(self.path, dtype=_NP_DTYPES[self.code], count=count, offset=self.offset)
+            if t.size != count:
+                raise ValueError(f"{t.size} of {count} values present")
+        except (OSError, ValueError) as e:
+            raise AdapterError(self.path, f"cannot read tensor {self.key} (corrupt or truncated file): {e}") from e
+        if self.code == "BF16":
+            t = (t.astype(np.uint32) << 16).view(np.float32)
+        t = t.reshape(self.shape)
+        if not np.isfinite(t).all():
+            raise AdapterError(self.path, f"tensor {self.key} has non-finite values (nan or inf)")
+        return t if dtype is None else t.astype(dtype)
 
 
-def load_np_adapter(path: str | Path, name: str | None = None) -> NpAdapter:
+def _lazy_factors(path: Path) -> dict[str, LazyFactor]:
+    """``key -> LazyFactor`` from the file's header; safetensors' own
+    ``safe_open`` checks the file first (header, offsets, length)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np"):
+            pass
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+    except (SafetensorError, OSError, ValueError, RuntimeError, struct.error) as e:
+        raise AdapterError(path, f"not a valid safetensors file (corrupt or truncated): {e}") from e
+    header.pop("__metadata__", None)
+    return {
+        key: LazyFactor(path, key, info["dtype"], tuple(info["shape"]), 8 + n + info["data_offsets"][0])
+        for key, info in header.items()
+    }
+
+
+def load_np_adapter(path: str | Path, name: str | None = None, lazy: bool = False) -> NpAdapter:
     """Read a PEFT LoRA or loramix D2-LoRA adapter (folder or ``.safetensors``
     file) into numpy factors, with :func:`~loramix.io.adapter_files.load_adapter`'s
-    checks and errors."""
+    checks and errors. ``lazy``: check everything the header tells (keys,
+    shapes, ranks) now, but leave the factors as :class:`LazyFactor`\\ s, read
+    (and checked finite) when used."""
     given, cfg_path, weights = resolve_adapter_paths(path)
     config = read_config(cfg_path)
     method, parts = adapter_method(config, cfg_path)
-    f = _NpSafetensors(weights)
-    parsed = parse_keys(f.keys(), parts, weights)
+    factors = _lazy_factors(weights)
+    parsed = parse_keys(list(factors), parts, weights)
     check_features(config, cfg_path)
-    raw = read_parts(parsed, f.get, weights)
+    raw = read_parts(parsed, factors.__getitem__ if lazy else (lambda k: np.asarray(factors[k])), weights)
     modules = {
         module: NpModule(name=module, **kw)
         for module, kw in module_factors(raw, method, config, cfg_path, weights).items()
