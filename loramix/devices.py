@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from typing import TYPE_CHECKING
 
 from .errors import UsageError
@@ -41,6 +40,6 @@ def is_cpu(spec: str | torch.device | None = "auto") -> bool:
     if spec is None or isinstance(spec, str):
         s = (spec or "auto").lower()
         no_driver = not any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/kfd"))
-        if s == "cpu" or (s == "auto" and no_driver and "torch" not in sys.modules):
+        if s == "cpu" or (s == "auto" and no_driver):
             return True
     return resolve_device(spec).type == "cpu"

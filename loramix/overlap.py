@@ -210,9 +210,12 @@ def _stack_factors(deltas: list, device) -> tuple:
         A_cat = torch.empty(offsets[-1], in_f, dtype=torch.float64, device=device)
         scales = torch.tensor(scales, dtype=torch.float64, device=device)
     for k, (B, A, _) in enumerate(parts):
-        # slice assignment converts dtype (and device) in one pass, no temporary
-        Bt[offsets[k] : offsets[k + 1]] = B.T
-        A_cat[offsets[k] : offsets[k + 1]] = A
+        o0, o1 = offsets[k], offsets[k + 1]
+        if device is None:
+            Bt[o0:o1], A_cat[o0:o1] = B.T, A
+        else:  # copy_ converts dtype and device in one pass, no temporary
+            Bt[o0:o1].copy_(B.T)
+            A_cat[o0:o1].copy_(A)
     return Bt, A_cat, offsets, scales
 
 
@@ -249,8 +252,8 @@ def _lowrank_inner_products(Bt, A_cat, offsets: list[int]):
     diagonal (strip ``[r0, r1)`` x columns ``[r0, R)``): about half the
     ``O(R^2 (out + in))`` flops, in a few large GEMMs. Each strip is summed
     per delta (numpy: ``add.reduceat`` over the rank blocks; torch: with the
-    one-hot ``P`` (R, n)) and mirrored. Numpy arrays or
-    torch tensors alike (the result is of the same kind).
+    one-hot ``P`` (R, n)) and mirrored. Numpy arrays or torch tensors alike
+    (the result is of the same kind).
     """
     n, R = len(offsets) - 1, offsets[-1]
     on_np = isinstance(Bt, np.ndarray)

@@ -153,3 +153,18 @@ def test_similarity_command_imports_no_torch(adapter_paths, tmp_path):
     rc, mods, err = imported_modules("similarity", *paths[:2], "--per-module", cwd=tmp_path)
     assert rc == 0, err
     assert not any(m.split(".")[0] == "torch" for m in mods)
+
+
+def test_is_cpu_agrees_with_resolve_device():
+    from loramix.devices import is_cpu, resolve_device
+    from loramix.errors import UsageError
+
+    assert is_cpu("cpu") and is_cpu("CPU")
+    assert is_cpu("auto") == (resolve_device("auto").type == "cpu") == (not torch.cuda.is_available())
+    assert is_cpu(None) == is_cpu("auto")
+    assert is_cpu(torch.device("cpu"))
+    with pytest.raises(UsageError):
+        is_cpu("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="cuda"):
+            is_cpu("cuda")

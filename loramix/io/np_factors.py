@@ -81,14 +81,11 @@ class NpAdapter:
 
 
 def _np(t) -> np.ndarray | None:
-    # numpy has no bfloat16; float32 holds every bfloat16 value exactly
-    return (
-        None
-        if t is None
-        else t.detach().cpu().float().numpy()
-        if t.dtype.itemsize == 2
-        else t.detach().cpu().numpy()
-    )
+    if t is None:
+        return None
+    t = t.detach().cpu()
+    # numpy has no bfloat16; float32 holds every bfloat16 (and float16) value exactly
+    return (t.float() if t.dtype.itemsize == 2 else t).numpy()
 
 
 def np_adapter(adapter) -> NpAdapter:
