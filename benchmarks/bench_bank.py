@@ -67,8 +67,6 @@ def main(argv=None) -> None:
     if args.child:
         child_generate(*args.child)
         return
-    import numpy as np
-
     args.work.mkdir(parents=True, exist_ok=True)
     paths = [str(p) for p in bank(args.work, args.n)]
     size = sum(f.stat().st_size for p in paths for f in Path(p).iterdir()) / 2**30
@@ -77,6 +75,8 @@ def main(argv=None) -> None:
     cmd = [sys.executable, "-m", "loramix", "similarity", "--format", "csv"]
     full = run_measured([*cmd, *paths], env=env, cwd=HERE.parent).check()
     small = run_measured([*cmd, *paths[: args.n_check]], env=env, cwd=HERE.parent).check()
+    import numpy as np  # only now: a child's peak RSS starts from this parent's size
+
     M, S = _matrix(full.stdout), _matrix(small.stdout)
     k = args.n_check
     sym = float(np.abs(M - M.T).max())
