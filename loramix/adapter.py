@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdapterError
+from .io.peft_layout import check_compatible  # noqa: F401  (torch-free, used by the numpy similarity)
 from .kinds import D2LORA, LORA, AdapterKind, get_kind
 
 __all__ = ["LORA", "D2LORA", "ModuleDelta", "Adapter", "check_compatible"]
@@ -154,23 +154,3 @@ class Adapter:
             "sha256": self.sha256,
             "kind": self.kind.name,
         }
-
-
-def check_compatible(adapters: list[Adapter]) -> None:
-    """Shared modules must have the same ``(out, in)`` in every adapter.
-
-    Different shapes mean adapters made for different bases: refuse, naming
-    both files and the module.
-    """
-    seen: dict[str, tuple[tuple[int, int], Adapter]] = {}
-    for ad in adapters:
-        for name, m in ad.modules.items():
-            if name in seen and seen[name][0] != m.shape:
-                shape0, other = seen[name]
-                raise AdapterError(
-                    ad.path or ad.name,
-                    f"module {name} has shape {m.shape[0]}x{m.shape[1]} but "
-                    f"{shape0[0]}x{shape0[1]} in {other.path or other.name}: "
-                    "the adapters were made for different base models",
-                )
-            seen.setdefault(name, (m.shape, ad))

@@ -145,7 +145,8 @@ def resolve_targets(
         ad = owner.get(name)
         shape = ad.modules[name].shape if ad is not None else None
         try:
-            key, transposed = base.module_weight_key(name, shape)
+            fan_in_fan_out = ad.config.get("fan_in_fan_out") if ad is not None else None
+            key, transposed = base.module_weight_key(name, shape, fan_in_fan_out)
         except BaseModelError as e:
             if ad is None:
                 raise

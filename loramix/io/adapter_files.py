@@ -31,6 +31,15 @@ from .formats.base import (
 )
 from .formats.d2 import save_d2_adapter
 from .formats.peft import save_peft_adapter
+from .peft_layout import (  # noqa: F401  (re-exported: the torch-free layout functions perf's callers use)
+    adapter_method,
+    adapter_name,
+    check_compatible,
+    check_features,
+    module_factors,
+    parse_keys,
+    read_parts,
+)
 
 __all__ = [
     "CONFIG_NAME",
@@ -52,5 +61,7 @@ def load_adapter(path: str | Path, name: str | None = None) -> Adapter:
 
     Tensors are read one at a time with ``safe_open`` and kept as stored.
     Raises :class:`AdapterError` (one line naming the file) on bad input.
+    The checks are :mod:`loramix.io.peft_layout`'s, shared with the numpy
+    reader of :mod:`loramix.io.np_factors`.
     """
     return find_format(path).read(path, name)
