@@ -99,6 +99,34 @@ def _paper_rows(summary: pd.DataFrame) -> list[list[str]]:
     return rows
 
 
+def setup_lines(report: dict, v) -> list[str]:
+    """The setup choices of a study at scale: top layers, the merged-data
+    compositions and how they were chosen, where models are evaluated, the predictors."""
+    sc, L = v.sc, []
+    ad = sc["adapters"]
+    if ad.get("top_layers"):
+        L.append(f"- Adapters on the top {ad['top_layers']} transformer block(s) only (the targets inside them); "
+                 "the blocks below are frozen and shared by every adapter and merge")  # fmt: skip
+    md = sc.get("merged_data", "all")
+    with_md = list(dict.fromkeys(r["composition"] for r in report["results"] if r.get("delta_ppl_pct") is not None))
+    if md != "all":
+        how = (f"{md['count']} pairs: {', '.join('+'.join(c) for c in md['include']) or 'none'} by name, the others "
+               "at evenly spaced ranks of the domains' data similarity (cosine of the word counts of their training "
+               "splits, known before training)") if isinstance(md, dict) else "the listed compositions"  # fmt: skip
+        L.append(f"- Merged-data adapters (the Δppl % target), {how}: {', '.join(with_md)}; every other "
+                 "composition has the retention target only")  # fmt: skip
+    if sc["eval"].get("domains") == "members":
+        L.append("- Each model is evaluated only on the domains it serves: a domain adapter on its domain, a merge "
+                 "or merged-data adapter on its members, the base on all")  # fmt: skip
+    p = sc.get("predictors")
+    if p:
+        L.append(f"- Predictors: every feature of `loramix.features` from the domain adapters' factors, the "
+                 f"data-aware ones from {p['tokens']} calibration tokens of each domain's training split "
+                 f"(max_len {p['max_len']}); {100 * p['level']:g}% prediction intervals; `predictors.json` holds "
+                 f"the best predictor of {p['target']} ({p['method']})")  # fmt: skip
+    return L
+
+
 def section_answer(report: dict, v) -> list[str]:
     """The report's first section (module docstring)."""
     val = primary_validation(report)

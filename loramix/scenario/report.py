@@ -215,6 +215,9 @@ def _section_setup(report: dict, v: _View) -> list[str]:
     L.append(f"- Merge methods: {merges}")
     ev = sc["eval"]
     L.append(f"- Evaluation: perplexity over {ev['on']} tokens, max_len {ev['max_len']}, batch {ev['batch']}")
+    from .answer import setup_lines
+
+    L += setup_lines(report, v)
     L.append("")
     rows = []
     for name, d in report["domains"].items():
