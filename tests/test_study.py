@@ -89,6 +89,7 @@ BAD = [
     (STUDY.replace('domains = "members"', 'domains = "mine"'), "eval.domains", "must be 'all' or 'members'"),
     (STUDY.replace("tokens = 64", "tokens = 64\nlevel = 1.5"), "predictors.level", "[0, 1]"),
     (STUDY.replace("tokens = 64", 'tokens = 64\nmethod = "svd"'), "predictors.method", "not in merge.methods"),
+    (STUDY.replace("rank = 2", 'rank = 2\nmethods = ["lora", "lora@x"]'), "adapters.methods", "KIND@R"),
 ]  # fmt: skip
 
 
@@ -100,6 +101,14 @@ def test_new_keys_fail_as_one_line(tmp_path, capsys, text, key, words):
     assert rc == 2, err
     assert err.startswith(f"loramix: error: {p}: {key}:") and err.count("\n") == 1, err
     assert words in err, err
+
+
+def test_kind_at_rank_is_a_study_of_its_own(tmp_path):
+    sc = load_scenario(_write(tmp_path, STUDY.replace("rank = 2", 'rank = 2\nmethods = ["lora", "lora@4"]')))
+    steps = {s.id: s for s in plan(sc)}
+    a, b = steps["adapter/lora/0/arith"], steps["adapter/lora@4/0/arith"]
+    assert a.key != b.key and b.spec["method"] == "lora@4" and b.args["method"] == "lora@4"
+    assert [m.method for m in sc.merges_for("lora@4")] == ["sum", "ties"]
 
 
 def test_compositions_table_and_merged_data_span(tmp_path):

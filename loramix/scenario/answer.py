@@ -204,3 +204,45 @@ def write_predictor_files(folder: Path, report: dict) -> None:
     name = report["scenario"]["name"]
     plots.interference_by_method(pd.DataFrame(report["summary"]), folder / "interference_by_method.png",
                                  title=f"{name}: interference by merge method")  # fmt: skip
+
+
+# The D2-LoRA paper (arXiv 2602.14728): accuracy points over LoRA, training volatility, merge gap.
+D2_PAPER = "+2.2 points over LoRA (+1.6 against LoRA at rank 2r), 36% lower training volatility, merge gap near zero"
+
+
+def _kind_rows(evals: pd.DataFrame, summary: pd.DataFrame) -> list[list[str]]:
+    """Per adapter label: each domain adapter's perplexity on its own eval split
+    (mean over domains; the spread over seeds, as the mean over domains of the
+    sample std and of the coefficient of variation), against the base, and
+    the retention % of the sum (merged vs the unmerged own adapters)."""
+    rows = []
+    base = evals[evals["model"] == "base"].groupby("domain")["ppl"].mean()
+    own = evals[evals["model"].str.startswith("adapter:")]
+    own = own[own["model"].str.slice(len("adapter:")) == own["domain"]]
+    for am, g in own.groupby("adapter_method", sort=False):
+        per = g.groupby("domain")["ppl"]
+        mean, std = per.mean(), per.std(ddof=1)
+        gain = float((100 * (base[mean.index] - mean) / base[mean.index]).mean())
+        ret = summary[(summary["adapter_method"] == am) & (summary["merge_method"] == "sum")]["retention_pct"]
+        rows.append([am, _f(float(mean.mean())), _f(gain, 1), _f(float(std.mean()), 3),
+                     _f(float((100 * std / mean).mean()), 2), str(g["seed"].nunique()), _f(float(ret.mean()), 1)])  # fmt: skip
+    return rows
+
+
+def section_kinds(report: dict, v) -> list[str]:
+    """Adapter kinds (and ranks) side by side, when the study has more than one."""
+    labels = list(dict.fromkeys(v.summary["adapter_method"])) if not v.summary.empty else []
+    if len(labels) < 2:
+        return []
+    L = ["## Adapter kinds compared", ""]
+    L.append("Each domain adapter on its own domain's held-out split (perplexity, mean over domains), its gain "
+             "over the base, the spread over training seeds (sample std of the perplexity and the coefficient of "
+             "variation, mean over domains: the training volatility), and merged against unmerged: the retention "
+             "% of the sum (the merge's perplexity on each member against the member's own adapter). `KIND@R` is "
+             f"that kind at rank R. The D2-LoRA paper reports {D2_PAPER}, in accuracy on its own benchmarks; "
+             "these are perplexities, so compare directions and ratios, not points.")  # fmt: skip
+    L.append("")
+    L.append(_table(["adapters", "held-out ppl", "gain over base %", "seed std", "seed CV %", "seeds",
+                     "retention % (sum)"], _kind_rows(v.evals, v.summary)))  # fmt: skip
+    L.append("")
+    return L

@@ -130,7 +130,7 @@ class AdapterSpec:
     """The training recipe shared by every adapter (domain and merged-data)."""
 
     methods: tuple[str, ...] = key("str-list", ("lora",), choices=ADAPTER_METHODS, doc_default='`["lora"]`',
-                                   help="adapter kinds, each a full study (or `method = \"lora\"`)")  # fmt: skip
+                                   help="adapter kinds, each a full study (or `method = \"lora\"`); `KIND@R`: that kind at rank R")  # fmt: skip
     rank: int = key("int", 4, bound="positive", help="LoRA rank")
     alpha: float = key("float", 64.0, bound="positive", help="LoRA alpha")
     tau: float = key("float", 0.5, bound="nonneg", help="D2-LoRA negative-branch weight")
@@ -519,8 +519,11 @@ def _parse_adapters(ctx, t) -> AdapterSpec:
     if not v["methods"]:
         raise ctx.error("adapters.methods", "empty: list lora and/or d2lora")
     for m in v["methods"]:
-        if m not in ADAPTER_METHODS:
+        kind, at, r = m.partition("@")
+        if kind not in ADAPTER_METHODS:
             raise ctx.error("adapters.methods", f"unknown adapter method {m!r}; use lora or d2lora")
+        if at and not (r.isdigit() and int(r) > 0):
+            raise ctx.error("adapters.methods", f"{m!r}: write KIND@R with a positive rank R (e.g. lora@16)")
     v["methods"] = tuple(dict.fromkeys(v["methods"]))
     if v["targets"] is not None and not v["targets"]:
         raise ctx.error("adapters.targets", "empty list; leave it out for the default targets")

@@ -435,9 +435,15 @@ def _section_predictors(report: dict, v: _View) -> list[str]:
     return section_predictors(report, v)
 
 
-_SECTIONS = (_section_intro, _section_answer, _section_summary, _section_setup, _section_sum_tables,
-             _section_per_domain, _section_by_method, _section_fit, _section_predictors, _section_similarity,
-             _section_timings)  # fmt: skip
+def _section_kinds(report: dict, v: _View) -> list[str]:
+    from .answer import section_kinds
+
+    return section_kinds(report, v)
+
+
+_SECTIONS = (_section_intro, _section_answer, _section_summary, _section_setup, _section_kinds,
+             _section_sum_tables, _section_per_domain, _section_by_method, _section_fit, _section_predictors,
+             _section_similarity, _section_timings)  # fmt: skip
 
 
 def render_markdown(report: dict) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from .cache import Cache
 from .config import Scenario
 from .plan import DomainData, Step
+from .traits import kind_of, rank_of
 
 
 @dataclass
@@ -141,7 +142,8 @@ def _adapter_step(ctx: StepContext, st: Step, deps: dict) -> dict:
         from ..train import train_adapter
 
         base = deps["base"]["path"]
-        res = train_adapter(base, train_paths, tmp / a["name"], method=a["method"], rank=ad.rank,
+        res = train_adapter(base, train_paths, tmp / a["name"], method=kind_of(a["method"]),
+                            rank=rank_of(a["method"], ad.rank),
                             alpha=ad.alpha, tau=ad.tau, lr=ad.lr, batch=ad.batch, max_len=ad.max_len, eval_size=0,
                             seed=a["seed"], device=str(ctx.device), progress=False,
                             **layer_kwargs(train_adapter, ad, base), **_train_kwargs(ad))  # fmt: skip

@@ -14,6 +14,17 @@ from ..methods.base import D2LORA, LORA
 ADAPTER_KINDS = (LORA, D2LORA)
 
 
+def kind_of(label: str) -> str:
+    """The adapter kind of a study's adapter label: ``KIND`` or ``KIND@R`` (that kind at rank ``R``)."""
+    return label.partition("@")[0]
+
+
+def rank_of(label: str, default: int) -> int:
+    """The rank of an adapter label: ``R`` for ``KIND@R``, else ``default``."""
+    kind, at, r = label.partition("@")
+    return int(r) if at else default
+
+
 def _method(name: str):
     from ..methods import get_method
 
@@ -22,7 +33,7 @@ def _method(name: str):
 
 def applies_to(merge_method: str, adapter_kind: str) -> bool:
     """Whether ``merge_method`` can merge adapters of ``adapter_kind``."""
-    return _method(merge_method).applies_to(adapter_kind)
+    return _method(merge_method).applies_to(kind_of(adapter_kind))
 
 
 def kinds_for(merge_method: str) -> list[str]:
@@ -35,7 +46,7 @@ def needs_base(adapter_kind: str) -> bool:
     projection): the study then also reports the cosine of the effective deltas."""
     from ..kinds import get_kind
 
-    return get_kind(adapter_kind).needs_base
+    return get_kind(kind_of(adapter_kind)).needs_base
 
 
 def applied_on_the_fly(merge_method: str) -> bool:
