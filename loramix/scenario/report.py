@@ -33,6 +33,7 @@ RESULT_COLUMNS = [
 SUMMARY_VALUES = ["rms_cosine", "mean_cosine", "ppl_merge", "ppl_merged_data", "delta_ppl_pct", "ppl_base",
                   "retention_pct"]  # fmt: skip
 PI_LEVEL = 0.95
+MAX_DOMAIN_TABLES = 12  # beyond this many compositions, per-domain tables only for those with merged data
 
 
 def delta_pct(ppl: float, ppl_ref: float) -> float:
@@ -242,9 +243,10 @@ def _section_sum_tables(report: dict, v: _View) -> list[str]:
             rows.append([r["composition"], _pm(r["ppl_merge"], r.get("ppl_merge_std")),
                          _pm(r["ppl_merged_data"], r.get("ppl_merged_data_std")),
                          _pm(r["delta_ppl_pct"], r.get("delta_ppl_pct_std")),
+                         _pm(r.get("retention_pct"), r.get("retention_pct_std")),
                          _pm(r["rms_cosine"], r.get("rms_cosine_std"), 4), _f(r["mean_cosine"], 4),
                          _f(r["ppl_base"])])  # fmt: skip
-        L.append(_table(["composition", "ppl sum", "ppl merged-data", "Δppl %", "RMS cosine",
+        L.append(_table(["composition", "ppl sum", "ppl merged-data", "Δppl %", "retention %", "RMS cosine",
                          "mean cosine", "ppl base"], rows))  # fmt: skip
         L.append("")
     return L
@@ -262,9 +264,13 @@ def _section_per_domain(report: dict, v: _View) -> list[str]:
     L.append("")
     if not evals.empty:
         ev0 = evals[evals["seed"] == seeds[0]]
+        comps = list(dict.fromkeys(summary["composition"]))
+        if len(comps) > MAX_DOMAIN_TABLES:  # a study at scale: those with a merged-data adapter
+            comps = [c for c in comps if (ev0["model"] == f"merged-data:{c}").any()]
+            L += [f"(The {len(comps)} compositions with a merged-data adapter; `evaluations.csv` has the rest.)", ""]
         for am in dict.fromkeys(summary["adapter_method"]):
             e_am = ev0[ev0["adapter_method"] == am]
-            for comp in dict.fromkeys(summary["composition"]):
+            for comp in comps:
                 doms = comp.split("+")
                 models = ["base"] + [f"adapter:{d}" for d in doms] + [f"merged-data:{comp}"]
                 models += [
@@ -305,12 +311,15 @@ def _section_by_method(report: dict, v: _View) -> list[str]:
             g = summary[summary["adapter_method"] == am]
             methods = list(dict.fromkeys(g["merge_method"]))
             rows = []
-            for comp in dict.fromkeys(g["composition"]):
+            for comp in dict.fromkeys(g[g["delta_ppl_pct"].notna()]["composition"]):
                 gc = g[g["composition"] == comp].set_index("merge_method")
                 rows.append([comp] + [_pm(gc.loc[m, "delta_ppl_pct"], gc.loc[m, "delta_ppl_pct_std"])
                                       if m in gc.index else "—" for m in methods])  # fmt: skip
             mean_row = ["**mean**"] + [_f(g[g["merge_method"] == m]["delta_ppl_pct"].mean()) for m in methods]
             rows.append(mean_row)
+            if g["retention_pct"].notna().any():
+                rows.append(["**mean retention %** (all compositions)"]
+                            + [_f(g[g["merge_method"] == m]["retention_pct"].mean()) for m in methods])  # fmt: skip
             L.append(f"### {am}")
             L.append("")
             L.append(_table(["composition", *methods], rows))
