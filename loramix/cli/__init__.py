@@ -10,7 +10,9 @@ on stderr and exit with code 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 
 import click
@@ -119,7 +121,34 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         click.echo("loramix: interrupted", err=True)
         return 130
+    except OSError as e:
+        if debug or e.errno not in SYSTEM_ERRORS:
+            raise
+        click.echo(f"loramix: error: {_os_error_line(e)}", err=True)
+        return 2
+    except RecursionError:
+        if debug:
+            raise
+        click.echo("loramix: error: an input is nested too deeply to read (RecursionError)", err=True)
+        return 2
     return 0
+
+
+# What the system says about a path the user gave (a full disk, a read-only
+# or missing folder, a name too long, a symlink loop): the user's to fix, so
+# one line naming the path, exit 2; other OSErrors stay bugs with tracebacks.
+SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                 errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT, errno.EEXIST}  # fmt: skip
+
+
+def _os_error_line(e: OSError) -> str:
+    where = e.filename if e.filename is not None else e.filename2
+    problem = e.strerror or errno.errorcode.get(e.errno, str(e))
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        problem += "; nothing was written"
+    if isinstance(where, (str, bytes)):
+        where = os.fsdecode(where)
+    return LoramixError(where, problem).message
 
 
 if __name__ == "__main__":  # pragma: no cover

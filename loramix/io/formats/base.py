@@ -29,7 +29,15 @@ from safetensors.torch import save_file
 from ...adapter import Adapter, ModuleDelta
 from ...errors import AdapterError
 from ...kinds import AdapterKind
-from ..safetensors_io import CheckedSafetensors, canonicalize_header, file_sha256, safetensors_metadata
+from ..safetensors_io import (
+    FLOAT_CODES,
+    CheckedSafetensors,
+    canonicalize_header,
+    check_output_finite,
+    file_sha256,
+    safetensors_metadata,
+)
+from .config_schema import read_adapter_config
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -106,13 +114,8 @@ def resolve_adapter_paths(path: str | Path) -> tuple[Path, Path, Path]:
 
 
 def read_config(cfg: Path) -> dict:
-    try:
-        config = json.loads(cfg.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(cfg, f"not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise AdapterError(cfg, "not a JSON object")
-    return config
+    """The config, parsed and type-checked (:mod:`.config_schema`)."""
+    return read_adapter_config(cfg)
 
 
 def _parse_key(key: str, parts: dict) -> tuple[str, str, str, str | None]:
@@ -163,7 +166,10 @@ def clean_number(x: float) -> int | float:
 def write_folder(
     out_dir: Path, tensors: dict[str, torch.Tensor], config: dict, provenance: dict | None
 ) -> Path:
-    """Write ``tensors`` (canonical header, provenance in the metadata) and the config."""
+    """Write ``tensors`` (canonical header, provenance in the metadata) and the config;
+    a non-finite value refused naming its tensor."""
+    for key, t in tensors.items():
+        check_output_finite(t, key)
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata=safetensors_metadata(provenance))
     canonicalize_header(out_dir / WEIGHTS_NAME)
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -240,7 +246,7 @@ class PeftLayoutFormat:
         """``{module: {(factor, branch): tensor}}``, every key checked first."""
         raw: dict[str, dict[tuple[str, str], torch.Tensor]] = {}
         adapter_names: set[str] = set()
-        with CheckedSafetensors(weights, AdapterError) as f:
+        with CheckedSafetensors(weights, AdapterError, dtypes=FLOAT_CODES) as f:
             keys = f.keys()
             if not keys:
                 raise AdapterError(weights, "holds no tensors")
