@@ -122,6 +122,9 @@ class BaseModelFolder:
             except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
                 raise BaseModelError(index_path, f"not a valid safetensors index: {e}") from None
             self.shards = sorted(set(weight_map.values()))
+            for p in sorted(self.path.glob("model-*-of-*.safetensors")):
+                if p.name not in self.shards:
+                    raise BaseModelError(index_path, f"does not name the shard {p.name} beside it")
             for shard in self.shards:
                 if not (self.path / shard).is_file():
                     raise BaseModelError(index_path, f"names the shard {shard}, which does not exist")

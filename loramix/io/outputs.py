@@ -224,7 +224,10 @@ def atomic_output_dir(
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out.parent, out.name)
     tmp = out.parent / f"{TMP_PREFIX}{secrets.token_hex(4)}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise OutputError(out, f"cannot write beside it: {e.strerror or e}") from None
     try:
         (tmp / OWNER_NAME).write_text(json.dumps(_owner_record(out.name)))
         yield tmp
@@ -232,8 +235,10 @@ def atomic_output_dir(
         publish(tmp, out, force)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = str(out)  # a failed write (a full disk) names the output, not nothing
+        if isinstance(e, OSError):  # name the output, not its temporary (nor nothing, for a full disk)
+            inside = str(e.filename or tmp)
+            if inside.startswith(str(tmp)):
+                e.filename = str(out) + inside[len(str(tmp)) :]
         raise
 
 

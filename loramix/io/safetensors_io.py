@@ -108,13 +108,14 @@ def check_header(header: dict, data_size: int, path: Path, error=BaseModelError)
     spans = sorted(
         (*_check_entry(key, info, path, error), key) for key, info in header.items() if key != "__metadata__"
     )
+    # Overlaps first (two tensors sharing bytes is the worse news), then gaps.
+    for (_, e0, k0), (b, _, key) in zip(spans, spans[1:]):
+        if b < e0:
+            raise _bad(error, path, f"tensor {key} overlaps tensor {k0} (bytes {b}..{e0})")
     pos = 0
     for b, e, key in spans:
         if b != pos:
-            what = (
-                "overlaps the tensor before it" if b < pos else f"leaves a gap of {b - pos} bytes before it"
-            )
-            raise _bad(error, path, f"tensor {key} starts at byte {b}, which {what}")
+            raise _bad(error, path, f"tensor {key} starts at byte {b}, leaving a gap of {b - pos} bytes")
         pos = e
     if pos != data_size:
         if pos > data_size:
