@@ -626,3 +626,32 @@ def test_fuzz_single_byte_header_corruption(world, tmp_path, capsys):
         shutil.rmtree(out, ignore_errors=True)
     assert seen[0] > 0 and seen[2] > 0, seen  # both ends are exercised
     assert time.perf_counter() - t0 < 60
+
+
+def _dead_temporary(parent: Path, target: str) -> Path:
+    """A temporary made by a process that then exits without finishing (as
+    after kill -9): its owner.json names a pid that is gone."""
+    code = "import sys; from pathlib import Path; from loramix.io.outputs import new_temporary; "
+    code += "print(new_temporary(Path(sys.argv[1]), sys.argv[2]))"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-c", code, str(parent), target], capture_output=True, text=True,
+                       env=env, check=True, timeout=120)  # fmt: skip
+    return Path(p.stdout.strip())
+
+
+def test_cache_clean_removes_stale_cache_temporaries(tmp_path, capsys):
+    from loramix.io.outputs import new_temporary
+    from loramix.scenario.cache import Cache
+
+    kind = tmp_path / "cache" / "adapter"
+    kind.mkdir(parents=True)
+    dead = _dead_temporary(kind, "0123abcd")
+    live = new_temporary(kind, "4567ef01")
+    foreign = kind / ".lmx-notours"
+    foreign.mkdir()  # no owner.json: not ours to judge
+    rc, out, err = cli(capsys, "cache", "clean", "--dir", tmp_path / "cache")
+    assert rc == 0 and "removed 1 stale temporary" in out, err
+    assert not dead.exists() and live.exists() and foreign.exists()
+    dead = _dead_temporary(kind, "89abcdef")
+    Cache(tmp_path / "cache")  # a scenario run sweeps at start too
+    assert not dead.exists() and live.exists()

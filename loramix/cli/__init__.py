@@ -31,6 +31,7 @@ COMMANDS = {
     "eval_cmd": "eval",
     "scenario_cmd": "scenario",
     "predict_cmd": "predict",
+    "cache_cmd": "cache",
 }
 
 

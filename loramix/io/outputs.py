@@ -128,6 +128,25 @@ def remove_stale_temporaries(folder: str | Path, target: str | None = None) -> l
     return removed
 
 
+def new_temporary(parent: Path, target: str) -> Path:
+    """A fresh temporary folder ``parent/.lmx-<8 hex>`` for ``target`` (a
+    name in ``parent``), with its ``owner.json``; remove that record with
+    :func:`release_temporary` before renaming the folder into place."""
+    tmp = Path(parent) / f"{TMP_PREFIX}{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        (tmp / OWNER_NAME).write_text(json.dumps(_owner_record(target)))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def release_temporary(tmp: Path) -> None:
+    """Drop ``tmp``'s owner record: it is complete and about to be renamed."""
+    (Path(tmp) / OWNER_NAME).unlink(missing_ok=True)
+
+
 # ---- the final rename ----------------------------------------------------------------
 
 
@@ -223,15 +242,13 @@ def atomic_output_dir(
     out = check_output(out, force=force, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out.parent, out.name)
-    tmp = out.parent / f"{TMP_PREFIX}{secrets.token_hex(4)}"
     try:
-        tmp.mkdir()
+        tmp = new_temporary(out.parent, out.name)
     except OSError as e:
         raise OutputError(out, f"cannot write beside it: {e.strerror or e}") from None
     try:
-        (tmp / OWNER_NAME).write_text(json.dumps(_owner_record(out.name)))
         yield tmp
-        (tmp / OWNER_NAME).unlink()
+        release_temporary(tmp)
         publish(tmp, out, force)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
