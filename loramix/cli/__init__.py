@@ -31,6 +31,7 @@ COMMANDS = {
     "eval_cmd": "eval",
     "scenario_cmd": "scenario",
     "predict_cmd": "predict",
+    "plan_cmd": "plan",
     "cache_cmd": "cache",
 }
 
