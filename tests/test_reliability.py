@@ -655,3 +655,76 @@ def test_cache_clean_removes_stale_cache_temporaries(tmp_path, capsys):
     dead = _dead_temporary(kind, "89abcdef")
     Cache(tmp_path / "cache")  # a scenario run sweeps at start too
     assert not dead.exists() and live.exists()
+
+
+# ---- scenario check catches what scenario run would fail on -------------------------------------------------
+
+SCENARIO = """
+name = "v"
+[base.build]
+steps = 5
+[domains.a]
+data = "synthetic:arith"
+train = 10
+eval = 5
+[domains.b]
+data = "synthetic:units"
+train = 10
+eval = 5
+[adapters]
+rank = 4
+"""
+
+
+@pytest.fixture(scope="module")
+def llama_with_tokenizer(world, tmp_path_factory):
+    """The tiny Llama base with a real tokenizer (a byte-level BPE trained on the spot)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    base = copy(world["llama"], tmp_path_factory.mktemp("tok") / "llama")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["1 + 2 = 3", "two plus two is four"], trainers.BpeTrainer(vocab_size=300))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(str(base))
+    return base
+
+
+@pytest.mark.parametrize(
+    "edit, key, words",
+    [
+        (("rank = 4", "rank = 1000000000"), "adapters.rank", "above 128"),
+        (('name = "v"', 'name = "v"\nseeds = [99999999999999999999]'), "seeds", "not a seed"),
+        (('name = "v"', 'name = "v"\nseeds = [-1]'), "seeds", "not a seed"),
+        (('name = "v"', 'name = "v"\ndata_seed = 9223372036854775808'), "data_seed", "not a seed"),
+        (("train = 10\neval = 5\n[domains.b]", "train = 1000000000\neval = 5\n[domains.b]"), "domains.a.train",
+         "at most 100000"),
+        (('"synthetic:units"', '"synthetic:units?seed=99999999999999999999"'), "domains.b.data", "not a seed"),
+        (("rank = 4", "rank = 4\ntargets = ['q_proj']"), "adapters.targets", "names no 2-D weight"),
+    ],
+)  # fmt: skip
+def test_scenario_check_bounds_what_run_can_do(tmp_path, capsys, edit, key, words):
+    scen = tmp_path / "s.toml"
+    scen.write_text(SCENARIO.replace(*edit))
+    t0 = time.perf_counter()
+    rc, _, err = cli(capsys, "scenario", "check", scen)
+    assert_refused(rc, err, None, scen, key, words)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_scenario_check_reads_the_base_folder(world, llama_with_tokenizer, tmp_path, capsys):
+    def check(base, *edits):
+        text = SCENARIO.replace("[base.build]\nsteps = 5", f'[base]\npath = "{base}"')
+        for e in edits:
+            text = text.replace(*e)
+        (tmp_path / "s.toml").write_text(text)
+        return cli(capsys, "scenario", "check", tmp_path / "s.toml")
+
+    rc, _, err = check(llama_with_tokenizer)
+    assert rc == 0, err
+    rc, _, err = check(world["llama"])  # save_pretrained of a model writes no tokenizer
+    assert_refused(rc, err, None, "base.path", "no tokenizer")
+    rc, _, err = check(llama_with_tokenizer, ("rank = 4", "rank = 17"))  # k_proj is 16 x 32
+    assert_refused(rc, err, None, "adapters.rank", "above 16")
+    rc, _, err = check(llama_with_tokenizer, ("rank = 4", "rank = 4\ntargets = ['c_attn']"))
+    assert_refused(rc, err, None, "adapters.targets", "c_attn")
