@@ -178,7 +178,8 @@ def plan_into_base(
         for info in infos:
             # Only the float types loramix computes with are converted; the
             # rest (int8, float8, ...) is copied byte for byte.
-            code = TORCH_TO_ST[out_dtype] if out_dtype is not None and info.dtype in FLOAT_CODES else info.dtype
+            convert = out_dtype is not None and info.dtype in FLOAT_CODES
+            code = TORCH_TO_ST[out_dtype] if convert else info.dtype
             if info.key in targets:
                 if info.dtype not in FLOAT_CODES:
                     raise BaseModelError(base.path / shard, f"tensor {info.key} is {info.dtype}: loramix merges "

@@ -70,7 +70,9 @@ def cli(capsys, *args) -> tuple[int, str, str]:
 
 def leftovers(out: Path) -> list[str]:
     """Temporaries beside ``out`` (and ``out`` itself if it exists)."""
-    names = [p.name for p in out.parent.iterdir() if p.name.startswith(TMP_PREFIX)] if out.parent.exists() else []
+    names = (
+        [p.name for p in out.parent.iterdir() if p.name.startswith(TMP_PREFIX)] if out.parent.exists() else []
+    )
     return names + ([out.name] if os.path.lexists(out) else [])
 
 
@@ -418,7 +420,9 @@ def test_index_omitting_a_tensor_refused(world, tmp_path, capsys):
     dropped = sorted(k for k, s in data["weight_map"].items() if shards.count(s) > 1)[-1]
     alone = next(k for k, s in data["weight_map"].items() if shards.count(s) == 1)
     for key, what in ((dropped, dropped), (alone, data["weight_map"][alone])):
-        index.write_text(json.dumps({**data, "weight_map": {k: v for k, v in data["weight_map"].items() if k != key}}))
+        index.write_text(
+            json.dumps({**data, "weight_map": {k: v for k, v in data["weight_map"].items() if k != key}})
+        )
         out = tmp_path / "out"
         rc, _, err = sum_into(capsys, base, out, world["a"])
         assert_refused(rc, err, out, index, what)

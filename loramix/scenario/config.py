@@ -200,7 +200,8 @@ class Scenario:
     description: str = key("str", "", help="copied into the report")
     seeds: tuple[int, ...] = key("int-list", (0,), doc_default="`[0]`", bound="seed",
                                  help="adapter-training seeds (init and batch order)")  # fmt: skip
-    data_seed: int = key("int", 0, bound="seed", help="the train/eval split; the same eval sets for every seed")
+    data_seed: int = key("int", 0, bound="seed",
+                         help="the train/eval split; the same eval sets for every seed")  # fmt: skip
     base: BaseSpec = key("table", required=True, help="`base.path` or `[base.build]`")
     domains: dict[str, DomainSpec] = key("table", required=True, help="at least two `[domains.NAME]` tables")
     adapters: AdapterSpec = key("table", doc_default="the defaults below", help="the adapter training recipe")
@@ -326,7 +327,8 @@ def _base_weights(ctx, base) -> tuple[str | None, dict[str, tuple[int, ...]]]:
         from ..basebuild import SIZES
 
         cfg, d = SIZES[base.size], SIZES[base.size].n_embd
-        shapes = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d)}
+        shapes = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d),
+                  "mlp.c_proj": (4 * d, d)}  # fmt: skip
         return "gpt2", {f"transformer.h.{i}.{m}": s for i in range(cfg.n_layer) for m, s in shapes.items()}
     from ..errors import LoramixError
     from ..io.model_folder import BaseModelFolder
@@ -357,7 +359,9 @@ def _check_fit(ctx, base, adapters) -> None:
         if not names and adapters.targets:
             raise ctx.error("adapters.targets", f"{t!r} names no 2-D weight of the base ({model_type})")
     dims = [min(weights[n]) for names in hits.values() for n in names]
-    bound, why = (min(dims), "the smallest dimension of a targeted weight") if dims else (MAX_RANK, "the maximum")
+    bound, why = MAX_RANK, "the limit"
+    if dims:
+        bound, why = min(dims), "the smallest dimension of a targeted weight"
     if adapters.rank > bound:
         raise ctx.error("adapters.rank", f"{adapters.rank} is above {bound}, {why}")
 
