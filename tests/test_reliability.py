@@ -306,6 +306,14 @@ def test_float16_overflow_refused_naming_the_tensor(world, tmp_path, capsys):
     assert_refused(code, err, out, "transformer.h.0.mlp.c_fc.weight", "nan or inf")
 
 
+def test_float16_overflow_in_an_adapter_output_refused(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, err = cli(
+        capsys, "sum", world["a"], world["b"], "--weights", "1e6,1", "--dtype", "float16", "--out", out
+    )
+    assert_refused(rc, err, out, "lora_B", "nan or inf")
+
+
 def test_nan_in_the_base_refused_naming_the_tensor(world, tmp_path, capsys):
     base = copy(world["gpt2"], tmp_path / "base")
     t = load_file(str(base / SHARD))
