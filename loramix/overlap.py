@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ import numpy as np
 import pandas as pd
 
 from .devices import is_cpu, resolve_device
-from .errors import UsageError
+from .errors import AdapterError, UsageError
 from .io.peft_layout import D2LORA, check_compatible
 
 if TYPE_CHECKING:  # on the CPU the arithmetic is numpy's: torch is imported only for another device
@@ -347,7 +348,9 @@ def similarity(
     dev = None if numpy_path else resolve_device(device)
     adapters: list = []
     for a in _progress(items, len(items), "loading", progress and len(items) > 4, unit="adapter"):
-        adapters.append(load(a) if isinstance(a, (str, Path)) else convert(a))
+        if not isinstance(a, (str, os.PathLike)) and not hasattr(a, "modules"):
+            raise AdapterError(None, f"an adapter is a path or a loaded adapter, not {a!r}")
+        adapters.append(load(a) if isinstance(a, (str, os.PathLike)) else convert(a))
     check_compatible(adapters)
     names = _unique_names(adapters)
     N = len(adapters)

@@ -35,6 +35,8 @@ import torch
 
 from ..archs import arch, is_conv1d
 from ..errors import BaseModelError
+from .config_schema import load_json_file
+from .outputs import normalized_path
 from .safetensors_io import (  # noqa: F401  (ST_DTYPES, TORCH_TO_ST re-exported)
     ST_DTYPES,
     TORCH_TO_ST,
@@ -108,25 +110,25 @@ class BaseModelFolder:
         cfg = self.path / CONFIG_NAME
         if not cfg.exists():
             raise BaseModelError(self.path, f"not a Hugging Face model folder: no {CONFIG_NAME}")
-        try:
-            self.config_bytes = cfg.read_bytes()
-            self.config = json.loads(self.config_bytes)
-            if not isinstance(self.config, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise BaseModelError(cfg, f"not valid JSON: {e}") from None
+        self.config = load_json_file(cfg, BaseModelError, constants=True)
+        if not isinstance(self.config, dict):
+            raise BaseModelError(cfg, "not valid JSON: not a JSON object")
+        self.config_bytes = cfg.read_bytes()
 
         index_path = self.path / INDEX_NAME
         self.index: dict | None = None
         if index_path.exists():
+            self.index = load_json_file(index_path, BaseModelError)
             try:
-                self.index = json.loads(index_path.read_text())
                 weight_map = self.index["weight_map"]
                 if not isinstance(weight_map, dict) or not weight_map:
                     raise ValueError("weight_map is empty or not an object")
             except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
                 raise BaseModelError(index_path, f"not a valid safetensors index: {e}") from None
             self.shards = sorted(set(weight_map.values()))
+            for p in sorted(self.path.glob("model-*-of-*.safetensors")):
+                if p.name not in self.shards:
+                    raise BaseModelError(index_path, f"does not name the shard {p.name} beside it")
             for shard in self.shards:
                 if not (self.path / shard).is_file():
                     raise BaseModelError(index_path, f"names the shard {shard}, which does not exist")
@@ -161,6 +163,9 @@ class BaseModelFolder:
                     data_start + e,
                 )
         if self.index is not None:
+            for key, info in self.tensors.items():  # the index must list every tensor, exactly
+                if key not in self.index["weight_map"]:
+                    raise BaseModelError(index_path, f"does not list tensor {key}, which {info.shard} holds")
             for key, shard in self.index["weight_map"].items():
                 info = self.tensors.get(key)
                 if info is None or info.shard != shard:
@@ -252,7 +257,8 @@ class BaseModelFolder:
         else:
             digest = files[SINGLE_NAME]
         ident = self.identity(stop)
-        return {"role": "base", "path": str(self.path), "sha256": digest, "identity": ident, "files": files}
+        path = normalized_path(self.path)
+        return {"role": "base", "path": path, "sha256": digest, "identity": ident, "files": files}
 
     def identity(self, stop: threading.Event | None = None) -> str:
         """The hash that names this base wherever loramix records one (merge

@@ -10,9 +10,7 @@ half of a ``float32``: the same value, exactly.
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from .peft_layout import (
     read_parts,
     resolve_adapter_paths,
 )
+from .st_header import FLOAT_CODES, read_safetensors_header
 
 
 @dataclass
@@ -148,21 +147,16 @@ class LazyFactor:
 
 
 def _lazy_factors(path: Path) -> dict[str, LazyFactor]:
-    """``key -> LazyFactor`` from the file's header; safetensors' own
-    ``safe_open`` checks the file first (header, offsets, length)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="np"):
-            pass
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-    except (SafetensorError, OSError, ValueError, RuntimeError, struct.error) as e:
-        raise AdapterError(path, f"not a valid safetensors file (corrupt or truncated): {e}") from e
+    """``key -> LazyFactor`` from the file's header, validated by the one
+    header check every reader goes through (:mod:`loramix.io.st_header`);
+    only the float dtypes loramix computes with are accepted."""
+    header, start = read_safetensors_header(path, AdapterError)
     header.pop("__metadata__", None)
+    for key, info in header.items():
+        if info["dtype"] not in FLOAT_CODES:
+            raise AdapterError(path, f"tensor {key} has dtype {info['dtype']}; loramix reads {', '.join(FLOAT_CODES)}")
     return {
-        key: LazyFactor(path, key, info["dtype"], tuple(info["shape"]), 8 + n + info["data_offsets"][0])
+        key: LazyFactor(path, key, info["dtype"], tuple(info["shape"]), start + info["data_offsets"][0])
         for key, info in header.items()
     }
 

@@ -15,7 +15,6 @@ rule (:func:`get_pattern_key`).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -108,13 +107,10 @@ def resolve_adapter_paths(path: str | Path) -> tuple[Path, Path, Path]:
 
 
 def read_config(cfg: Path) -> dict:
-    try:
-        config = json.loads(cfg.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(cfg, f"not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise AdapterError(cfg, "not a JSON object")
-    return config
+    """The config, parsed and type-checked (:mod:`loramix.io.config_schema`)."""
+    from .config_schema import read_adapter_config
+
+    return read_adapter_config(cfg)
 
 
 def _parse_key(key: str, parts: dict) -> tuple[str, str, str, str | None]:

@@ -42,7 +42,14 @@ from ..peft_layout import (  # noqa: F401  (the torch-free parsing lives there; 
     read_parts,
     resolve_adapter_paths,
 )
-from ..safetensors_io import CheckedSafetensors, canonicalize_header, file_sha256, safetensors_metadata
+from ..safetensors_io import (
+    FLOAT_CODES,
+    CheckedSafetensors,
+    canonicalize_header,
+    check_output_finite,
+    file_sha256,
+    safetensors_metadata,
+)
 
 
 def common_rank_alpha(ranks: dict[str, int], alphas: dict[str, float]) -> tuple[int, float, dict, dict]:
@@ -63,7 +70,10 @@ def clean_number(x: float) -> int | float:
 def write_folder(
     out_dir: Path, tensors: dict[str, torch.Tensor], config: dict, provenance: dict | None
 ) -> Path:
-    """Write ``tensors`` (canonical header, provenance in the metadata) and the config."""
+    """Write ``tensors`` (canonical header, provenance in the metadata) and the config;
+    a non-finite value refused naming its tensor."""
+    for key, t in tensors.items():
+        check_output_finite(t, key)
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata=safetensors_metadata(provenance))
     canonicalize_header(out_dir / WEIGHTS_NAME)
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -116,7 +126,7 @@ class PeftLayoutFormat:
 
     def _read_tensors(self, weights: Path, config: dict, cfg_path: Path) -> dict[str, dict]:
         """``{module: {(factor, branch): tensor}}``, every key checked first."""
-        with CheckedSafetensors(weights, AdapterError) as f:
+        with CheckedSafetensors(weights, AdapterError, dtypes=FLOAT_CODES) as f:
             # Parse every key before reading any tensor or trusting the config:
             # an unsupported feature is then reported with the module it is on.
             parsed = parse_keys(f.keys(), self.kind.parts, weights)
