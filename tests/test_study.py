@@ -90,6 +90,7 @@ BAD = [
     (STUDY.replace("tokens = 64", "tokens = 64\nlevel = 1.5"), "predictors.level", "[0, 1]"),
     (STUDY.replace("tokens = 64", 'tokens = 64\nmethod = "svd"'), "predictors.method", "not in merge.methods"),
     (STUDY.replace("rank = 2", 'rank = 2\nmethods = ["lora", "lora@x"]'), "adapters.methods", "KIND@R"),
+    (STUDY.replace("top_layers = 1", "top_layers = 3"), "adapters.top_layers", "above the base's 2 blocks"),
 ]  # fmt: skip
 
 

@@ -27,7 +27,7 @@ import tomllib
 
 from ..errors import ScenarioError, UsageError
 from .traits import ADAPTER_KINDS as ADAPTER_METHODS
-from .traits import applies_to, kinds_for
+from .traits import applies_to, kinds_for, rank_of
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -403,8 +403,12 @@ def _check_fit(ctx, base, adapters) -> None:
     bound, why = MAX_RANK, "the limit"
     if dims:
         bound, why = min(dims), "the smallest dimension of a targeted weight"
-    if adapters.rank > bound:
-        raise ctx.error("adapters.rank", f"{adapters.rank} is above {bound}, {why}")
+    rank = max(rank_of(m, adapters.rank) for m in adapters.methods)  # KIND@R labels train at R
+    if rank > bound:
+        raise ctx.error("adapters.rank", f"{rank} is above {bound}, {why}")
+    blocks = {int(m.group(1)) for n in weights for m in [re.search(r"\.(\d+)\.", n)] if m}
+    if adapters.top_layers and blocks and adapters.top_layers > max(blocks) + 1:
+        raise ctx.error("adapters.top_layers", f"{adapters.top_layers} is above the base's {max(blocks) + 1} blocks")
 
 
 def _read(ctx: _Ctx, cls, t: dict, where: str, *, also=(), defaults=None) -> dict:
