@@ -18,14 +18,18 @@ gives the protocol)::
     eval/base                    the base on every eval split      (cache: eval)
     adapter/a/s/<domain>         one adapter per domain            (cache: adapter)
     merged-data/a/s/<comp>       one adapter on the union of comp  (cache: adapter)
+                                 (the compositions of ``merged_data`` only)
     similarity/a/s               RMS cosine of the domain adapters (not cached)
+    features/a/s                 every pairwise feature, with ``[predictors]`` (cache: features)
     eval/a/s/adapter/<domain>    each domain adapter               (cache: eval)
     eval/a/s/merged-data/<comp>  each merged-data adapter          (cache: eval)
     merge/a/s/<method>/<comp>    a merge: written, evaluated       (cache: merge)
     eval/a/s/merge/<method>/<comp>  a low-rank merge or the sum    (cache: eval)
 
 Data splits are drawn once with ``data_seed``; the seeds vary adapter
-training only.
+training only. With ``eval.domains = "members"`` an evaluation covers only the
+domains its model serves (the base: all). ``a`` is an adapter label: a kind,
+or ``KIND@R`` for that kind at rank ``R``.
 """
 
 from __future__ import annotations
