@@ -46,7 +46,7 @@ def validate_targets(summary: pd.DataFrame, features: dict[str, FeatureSet], *, 
     :data:`MIN_COMPOSITIONS` measured compositions: the predictors file's
     dict (:meth:`loramix.validation.Validation.to_json_dict`) plus
     ``adapter_method``, ``target_name``, ``merge_method`` and the held-out
-    ``predictions`` (records)."""
+    ``predictions`` (records) of the best predictor, the mean and the RMS cosine line."""
     from ..validation import composition_table, validate
 
     out = []
@@ -64,7 +64,8 @@ def validate_targets(summary: pd.DataFrame, features: dict[str, FeatureSet], *, 
                 except UsageError:  # too few domains to hold any out
                     continue
                 d = v.to_json_dict()
-                preds = v.predictions.astype(object).where(v.predictions.notna(), None)
+                keep = v.predictions["predictor"].isin([v.best, "mean", "ols:rms_cosine"])  # the report's; not all
+                preds = v.predictions[keep].astype(object).where(v.predictions[keep].notna(), None)
                 d.update(adapter_method=am, target_name=target, merge_method=mm,
                          predictions=preds.to_dict(orient="records"))  # fmt: skip
                 out.append(d)
