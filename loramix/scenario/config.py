@@ -247,6 +247,10 @@ def _parse_base(ctx, t, env, used) -> BaseSpec:
     if "path" in t:
         raw = _get(ctx, t, "path", "base", "str")
         p = _resolve_path(ctx, raw, "base.path", env, used)
+        from ..gguf_import import is_gguf
+
+        if is_gguf(p):  # imported into the cache when the run starts
+            return BaseSpec(path=p)
         if not p.is_dir():
             raise ctx.error("base.path", f"no such model folder: {p}")
         if not (p / "config.json").exists():

@@ -208,12 +208,14 @@ class Runner:
         if b.path is not None:
             # A given folder: its key is the content of its config and weights.
             h = hashlib.sha256()
+            from ..gguf_import import resolve_base
             from ..io.safetensors_io import file_sha256
 
-            for f in sorted(b.path.iterdir()):
+            path = resolve_base(b.path)
+            for f in sorted(path.iterdir()):
                 if f.suffix in (".json", ".safetensors") and f.name != "loramix.json":
                     h.update(f.name.encode() + file_sha256(f).encode())
-            self.base_path, self.base_key = b.path, h.hexdigest()
+            self.base_path, self.base_key = path, h.hexdigest()
             self.base_info = {"path": str(b.path)}
             return
         from ..data import load_records
