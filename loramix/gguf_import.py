@@ -82,7 +82,9 @@ def open_gguf(path: str | os.PathLike):
     try:
         return GGUFReader(str(p))
     except Exception as e:  # the reader raises ValueError/IndexError/... on a damaged file
-        raise BaseModelError(p, f"not a valid GGUF file (corrupt or truncated): {type(e).__name__}: {e}") from None
+        raise BaseModelError(
+            p, f"not a valid GGUF file (corrupt or truncated): {type(e).__name__}: {e}"
+        ) from None
 
 
 def _field(reader, key: str):
@@ -129,7 +131,9 @@ def _hf_config(path: Path, model_type: str, dtype: str):
     try:
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)
     except Exception as e:
-        raise BaseModelError(path, f"transformers cannot read its metadata: {type(e).__name__}: {e}") from None
+        raise BaseModelError(
+            path, f"transformers cannot read its metadata: {type(e).__name__}: {e}"
+        ) from None
     cfg = {k: v for k, v in parsed["config"].items() if k not in _DROP_CONFIG_KEYS}
     cfg.pop("model_type", None)
     config = AutoConfig.for_model(model_type, **cfg)
@@ -138,30 +142,37 @@ def _hf_config(path: Path, model_type: str, dtype: str):
     return config
 
 
-def _name_map(config, arch: str) -> tuple[dict[str, str], object, object]:
-    """GGUF tensor name -> transformers parameter name, and the tensor processor
-    (transformers' own, which un-permutes Llama's q/k), from a meta-device skeleton."""
+def _name_map(config, gguf_arch: str) -> tuple[dict[str, str], object, object]:
+    """GGUF tensor name -> transformers parameter name (``gguf``'s own tensor-name
+    table applied to a meta-device skeleton's keys), transformers' tensor
+    processor for the architecture (Llama's un-permutes q/k) and the skeleton."""
     import torch
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
     from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-    )
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
-    return get_gguf_hf_weights_map(skeleton, processor), processor, skeleton
+    arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == gguf_arch)
+    table = get_tensor_name_map(arch_id, config.num_hidden_layers)
+    name_map = {}
+    for hf in skeleton.state_dict():
+        stem, dot, suffix = hf.rpartition(".")
+        g = table.get_name(stem)
+        if g is not None:
+            name_map[f"{g}.{suffix}"] = hf
+    processor = TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=config.to_dict())
+    return name_map, processor, skeleton
 
 
-def _tensors(reader, path: Path, config, arch: str, dtype: str) -> dict:
+def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str) -> dict:
     """De-quantised, renamed, un-permuted tensors as ``{hf name: torch tensor}``."""
     import numpy as np
     import torch
     from gguf.quants import dequantize
 
-    name_map, processor, skeleton = _name_map(config, arch)
+    name_map, processor, skeleton = _name_map(config, gguf_arch)
+    arch = config.model_type
     tdtype = getattr(torch, dtype)
     out = {}
     for t in reader.tensors:
@@ -173,7 +184,9 @@ def _tensors(reader, path: Path, config, arch: str, dtype: str) -> dict:
         try:
             w = dequantize(t.data, t.tensor_type)
         except Exception as e:
-            raise BaseModelError(path, f"tensor {t.name} does not de-quantise: {type(e).__name__}: {e}") from None
+            raise BaseModelError(
+                path, f"tensor {t.name} does not de-quantise: {type(e).__name__}: {e}"
+            ) from None
         w = processor.process(weights=w, name=t.name).weights
         out[hf] = torch.from_numpy(np.array(w, dtype=np.float32)).to(tdtype)
     tied = set() if not config.tie_word_embeddings else {"lm_head.weight"}
@@ -183,15 +196,21 @@ def _tensors(reader, path: Path, config, arch: str, dtype: str) -> dict:
         raise BaseModelError(path, f"lacks {len(missing)} tensor(s) of a {arch} model, e.g. {missing[0]}")
     for k, shape in expected.items():
         if tuple(out[k].shape) != shape:
-            raise BaseModelError(path, f"tensor {k} has shape {tuple(out[k].shape)}; the config implies {shape}")
+            raise BaseModelError(
+                path, f"tensor {k} has shape {tuple(out[k].shape)}; the config implies {shape}"
+            )
     return {k: out[k] for k in sorted(out) if k not in tied}
 
 
 def _write_tokenizer(path: Path, folder: Path) -> None:
-    from transformers import AutoTokenizer
+    """transformers' GGUF tokenizer conversion, saved as ``tokenizer.json`` and its config."""
+    from transformers import TokenizersBackend
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        arch, tok_dict, tok_config = get_gguf_tokenizer(str(path))
+        backend, extra = convert_gguf_tokenizer(arch, tok_dict)
+        tok = TokenizersBackend(tokenizer_object=backend, **{**tok_config, **extra})
     except Exception as e:
         raise BaseModelError(path, f"its tokenizer does not convert: {type(e).__name__}: {e}") from None
     tok.save_pretrained(str(folder))
@@ -217,7 +236,7 @@ def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dty
     arch = gguf_architecture(reader, path)
     quants = check_quantisation(reader, path)
     config = _hf_config(path, arch, dtype)
-    tensors = _tensors(reader, path, config, arch, dtype)
+    tensors = _tensors(reader, path, config, _field(reader, "general.architecture"), dtype)
     rec = provenance(
         "gguf-import",
         {"dtype": dtype},
