@@ -34,6 +34,7 @@ import json
 import math
 import os
 import time
+import weakref
 from pathlib import Path
 
 from .adapter import D2LORA, LORA
@@ -97,6 +98,48 @@ def _load_sources(data, *, eval_size, seed: int, limit, fields: dict):
     return train, held, inputs
 
 
+def init_seed(seed: int, data_inputs: list[dict]) -> int:
+    """The seed of an adapter's initial factors: ``sha256(seed, the training
+    records)`` as a 63-bit integer. Adapters trained on different data start
+    from independent ``A``s (with one shared seed, the ``A``s of different
+    domains stay close after training and similarity mostly compares ``B``s);
+    the same seed and data give the same adapter."""
+    key = json.dumps([int(seed), sorted(d["records_sha256"] for d in data_inputs)])
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1
+
+
+class LiveLog:
+    """``train_log.csv`` written as training goes, so a long run can be followed:
+    ``<out>.train_log.csv`` beside the output, one flushed row per step, moved
+    into the output folder at the end (:meth:`move_to`). If training fails the
+    file is removed (when this object is collected, or at exit): no partial
+    output is left beside ``out``."""
+
+    HEADER = ("step", "loss", "lr", "tokens", "seconds")
+
+    def __init__(self, out: Path):
+        self.path = out.parent / f"{out.name}.train_log.csv"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "w", newline="")
+        self.w = csv.writer(self.f)
+        self.w.writerow(self.HEADER)
+        self._cleanup = weakref.finalize(self, _remove_file, self.f, self.path)
+
+    def row(self, step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
+        self.w.writerow([step, f"{loss:.6f}", f"{lr:.6g}", tokens, f"{seconds:.3f}"])
+        self.f.flush()
+
+    def move_to(self, dest: Path) -> None:
+        self.f.close()
+        os.replace(self.path, dest)
+        self._cleanup.detach()
+
+
+def _remove_file(f, path: Path) -> None:
+    f.close()
+    path.unlink(missing_ok=True)
+
+
 def _supervised_tokens(batch) -> int:
     # Labels are shifted inside the loss: position 0 is never predicted.
     return int((batch["labels"][:, 1:] != -100).sum())
@@ -131,6 +174,7 @@ def train_adapter(
     context_field: str | None = "context",
     force: bool = False,
     progress: bool = True,
+    shared_init: bool = False,
 ) -> dict:
     """Train an adapter on ``data`` for the base model folder ``base``; write it to ``out``.
 
@@ -139,7 +183,10 @@ def train_adapter(
     fraction per source; 0 or None holds nothing out and skips the
     evaluation), and the training parts are pooled, so several sources give
     a merged-data adapter. ``steps`` overrides ``epochs``; ``warmup``
-    defaults to 5% of the steps. ``targets``: module-name suffixes (PEFT's
+    defaults to 5% of the steps. The initial factors are drawn from
+    :func:`init_seed` (``seed`` and the data), or from ``seed`` alone with
+    ``shared_init`` (every adapter of a study starting from the same ``A``).
+    ``targets``: module-name suffixes (PEFT's
     rule), a regex string, or None for the architecture's default (GPT-2
     ``c_attn, c_proj, c_fc``; Llama ``q/k/v/o/gate/up/down_proj``).
 
@@ -205,15 +252,17 @@ def train_adapter(
     # ---- base perplexity, then the adapter
     ppl_base = perplexity(model, eval_batches, device=dev)["ppl"] if eval_batches else None
     torch.manual_seed(seed)  # dropout
+    factor_seed = seed if shared_init else init_seed(seed, data_inputs)
     params = inject_trainable(
-        model, method=method, rank=rank, alpha=alpha, targets=targets, tau=tau, norm_dim=norm_dim, seed=seed
-    )
+        model, method=method, rank=rank, alpha=alpha, targets=targets, tau=tau, norm_dim=norm_dim,
+        seed=factor_seed,
+    )  # fmt: skip
     n_params = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
     setup_seconds = time.perf_counter() - t_load
 
     # ---- the loop
-    log = []
+    log, live = [], LiveLog(out)
     tokens, running = 0, None
     model.train()
     t0 = time.perf_counter()
@@ -237,6 +286,7 @@ def train_adapter(
         tokens += _supervised_tokens(b)
         running = lv if running is None else 0.95 * running + 0.05 * lv
         log.append((step + 1, lv, cur_lr, tokens, time.perf_counter() - t0))
+        live.row(*log[-1])
         bar.set_postfix(loss=f"{running:.3f}", lr=f"{cur_lr:.1e}", refresh=False)
         bar.update(1)
     bar.close()
@@ -266,6 +316,7 @@ def train_adapter(
         "weight_decay": weight_decay,
         "clip": clip,
         "seed": seed,
+        "init": {"shared": bool(shared_init), "seed": factor_seed},
         "on": on,
         "fields": fields,
     }
@@ -315,11 +366,7 @@ def train_adapter(
                 provenance=file_prov,
                 extra_config={"target_modules": targets} if targets is not None else None,
             )
-        with open(tmp / "train_log.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "loss", "lr", "tokens", "seconds"])
-            for s, lv, cl, tk, sec in log:
-                w.writerow([s, f"{lv:.6f}", f"{cl:.6g}", tk, f"{sec:.3f}"])
+        live.move_to(tmp / "train_log.csv")
         write_provenance(tmp, provenance("train", settings, inputs, metrics=metrics))
 
     return {"out": str(out), **metrics, "method": method, "settings": settings}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import click
 
+from .threads import threads_option
+
 # Kept here (not imported from loramix.methods) so that --help needs no torch.
 METHODS_HELP = "sum, svd, ties, dare-linear, dare-ties, magnitude, d2-signed"
 
@@ -37,6 +39,7 @@ METHODS_HELP = "sum, svd, ties, dare-linear, dare-ties, magnitude, d2-signed"
     "--dtype", default=None, help="Output dtype: float32, float16, bfloat16 (default: the input's)."
 )
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
+@threads_option
 @click.option("--progress/--no-progress", default=False, help="Show a progress bar.")
 def command(
     adapters,

@@ -13,6 +13,7 @@ import time
 import click
 
 from ..errors import UsageError
+from .threads import threads_option
 
 
 def parse_weights(text: str | None, n: int) -> list[float] | None:
@@ -46,6 +47,7 @@ def parse_weights(text: str | None, n: int) -> list[float] | None:
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@threads_option
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def command(adapters, weights, base, out, dtype, device, force, progress):
     """Sum adapters: W0 + sum_i w_i dW_i into BASE (--into), or as one exact adapter."""
