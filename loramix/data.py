@@ -282,7 +282,9 @@ def _adds_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
-def encode_records(tokenizer, records: list[QARecord], *, max_len: int, on: str = "answer") -> list[dict]:
+def encode_records(
+    tokenizer, records: list[QARecord], *, max_len: int, on: str = "answer", stats: dict | None = None
+) -> list[dict]:
     """Tokenise records into ``{"input_ids": list[int], "labels": list[int]}``.
 
     Sequence: ``[BOS if the tokenizer adds one] + prompt + answer + [EOS]``,
@@ -290,6 +292,7 @@ def encode_records(tokenizer, records: list[QARecord], *, max_len: int, on: str 
     are ``-100`` on BOS and prompt tokens when ``on="answer"``; with
     ``on="all"`` they equal ``input_ids``. Truncation as in the module
     docstring (prompt from the left, then answer from the right).
+    ``stats``, if given, gets ``truncated``: the number of records cut.
     """
     if on not in ("answer", "all"):
         raise UsageError("--on", f"must be 'answer' or 'all', got {on!r}")
@@ -307,6 +310,8 @@ def encode_records(tokenizer, records: list[QARecord], *, max_len: int, on: str 
     for p, a in zip(p_ids, a_ids):
         a = list(a) + [eos]
         room = max_len - len(head) - len(a)
+        if stats is not None:
+            stats["truncated"] = stats.get("truncated", 0) + (len(p) > max(room, 0) or room < 0)
         if room < 0:  # the answer alone does not fit: keep its start
             p, a = [], a[: max_len - len(head)]
         elif len(p) > room:

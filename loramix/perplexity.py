@@ -93,9 +93,10 @@ def perplexity(model, batches: Sequence[dict], *, device=None, fast: bool = True
 
 
 def _default_max_len(model, tokenizer) -> int:
-    cfg = model.config
-    n = context_length(cfg) or 1024
-    return int(min(n, 1024, tokenizer.model_max_length or n))
+    """The model's context (:func:`loramix.archs.context_length`; 1024 where the
+    config names none), or the tokenizer's limit if smaller."""
+    n = context_length(model.config) or 1024
+    return int(min(n, tokenizer.model_max_length or n))
 
 
 def evaluate(
@@ -128,7 +129,8 @@ def evaluate(
 
     Returns a pandas DataFrame, one row per data set and a ``union`` row
     (their pooled, token-weighted perplexity), columns ``data, records,
-    tokens, ppl, nll, seconds, tokens_per_s``.
+    tokens, ppl, nll, seconds, tokens_per_s, truncated`` (records cut at
+    ``max_len``, which defaults to the model's context) ``, max_len``.
     """
     from .devices import resolve_device
 
@@ -204,9 +206,10 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev):
     max_len = max_len or _default_max_len(model, tok)
     pad = pad_id_for(tok)
     rows = []
-    tot = {"nll_sum": 0.0, "tokens": 0, "seconds": 0.0, "records": 0}
+    tot = {"nll_sum": 0.0, "tokens": 0, "seconds": 0.0, "records": 0, "truncated": 0}
     for name, recs in sets:
-        ex = encode_records(tok, recs, max_len=max_len, on=on)
+        stats = {"truncated": 0}
+        ex = encode_records(tok, recs, max_len=max_len, on=on, stats=stats)
         batches = make_batches(ex, batch_size=batch_size, pad_id=pad, sort_by_length=True)
         r = perplexity(model, batches, device=dev)
         rows.append(
@@ -218,8 +221,11 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev):
                 "nll": r["nll"],
                 "seconds": r["seconds"],
                 "tokens_per_s": r["tokens_per_s"],
+                "truncated": stats["truncated"],
+                "max_len": max_len,
             }
         )
+        tot["truncated"] += stats["truncated"]
         tot["nll_sum"] += r["nll_sum"]
         tot["tokens"] += r["tokens"]
         tot["seconds"] += r["seconds"]
@@ -234,6 +240,8 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev):
             "nll": tot["nll_sum"] / n if n else float("nan"),
             "seconds": tot["seconds"],
             "tokens_per_s": n / tot["seconds"] if tot["seconds"] > 0 else float("nan"),
+            "truncated": tot["truncated"],
+            "max_len": max_len,
         }
     )
     return pd.DataFrame(rows)

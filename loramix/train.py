@@ -21,8 +21,9 @@ Outputs (``OUT/``):
   its sha256 and record counts, every setting) and the final metrics.
 
 Reproducible on CPU: the factor init draws from a generator seeded with
-``seed``, the data split and the batch order are seeded, and dropout draws
-from ``torch.manual_seed(seed)``. The safetensors metadata carries no clock
+``init_seed(seed, the training records)`` (``seed`` alone with ``shared_init``),
+the data split and the batch order are seeded with ``seed``, and dropout
+draws from ``torch.manual_seed(seed)``. The safetensors metadata carries no clock
 time, so two runs with the same inputs write identical adapter bytes.
 """
 
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,6 +99,48 @@ def _load_sources(data, *, eval_size, seed: int, limit, fields: dict):
     return train, held, inputs
 
 
+def init_seed(seed: int, data_inputs: list[dict]) -> int:
+    """The seed of an adapter's initial factors: ``sha256(seed, the training
+    records)`` as a 63-bit integer. Adapters trained on different data start
+    from independent ``A``s (with one shared seed, the ``A``s of different
+    domains stay close after training and similarity mostly compares ``B``s);
+    the same seed and data give the same adapter."""
+    key = json.dumps([int(seed), sorted(d["records_sha256"] for d in data_inputs)])
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1
+
+
+class LiveLog:
+    """``train_log.csv`` written as training goes, so a long run can be followed:
+    ``<out>.train_log.csv`` beside the output, one flushed row per step, moved
+    into the output folder at the end (:meth:`move_to`). If training fails the
+    file is removed (when this object is collected, or at exit): no partial
+    output is left beside ``out``."""
+
+    HEADER = ("step", "loss", "lr", "tokens", "seconds")
+
+    def __init__(self, out: Path):
+        self.path = out.parent / f"{out.name}.train_log.csv"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "w", newline="")
+        self.w = csv.writer(self.f)
+        self.w.writerow(self.HEADER)
+        self._cleanup = weakref.finalize(self, _remove_file, self.f, self.path)
+
+    def row(self, step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
+        self.w.writerow([step, f"{loss:.6f}", f"{lr:.6g}", tokens, f"{seconds:.3f}"])
+        self.f.flush()
+
+    def move_to(self, dest: Path) -> None:
+        self.f.close()
+        os.replace(self.path, dest)
+        self._cleanup.detach()
+
+
+def _remove_file(f, path: Path) -> None:
+    f.close()
+    path.unlink(missing_ok=True)
+
+
 def _supervised_tokens(batch) -> int:
     # Labels are shifted inside the loss: position 0 is never predicted.
     return int((batch["labels"][:, 1:] != -100).sum())
@@ -132,6 +176,7 @@ def train_adapter(
     force: bool = False,
     progress: bool = True,
     method: str | None = None,
+    shared_init: bool = False,
 ) -> dict:
     """Train an adapter of ``kind`` on ``data`` for the base model folder ``base``; write it to ``out``.
 
@@ -142,7 +187,10 @@ def train_adapter(
     (``eval_size``: a count or a fraction per source; 0 or None holds nothing
     out and skips the evaluation), and the training parts are pooled, so
     several sources give a merged-data adapter. ``steps`` overrides
-    ``epochs``; ``warmup`` defaults to 5% of the steps. ``targets``:
+    ``epochs``; ``warmup`` defaults to 5% of the steps. The initial factors
+    are drawn from :func:`init_seed` (``seed`` and the data), or from
+    ``seed`` alone with ``shared_init`` (every adapter of a study starting
+    from the same ``A``); recorded as ``settings["init"]``. ``targets``:
     module-name suffixes (PEFT's rule), a regex string, or None for the
     architecture's default (GPT-2 ``c_attn, c_proj, c_fc``; Llama
     ``q/k/v/o/gate/up/down_proj``).
@@ -169,6 +217,7 @@ def train_adapter(
     total = steps if steps is not None else max(1, round(epochs * run.n_per_epoch))
     warmup = max(1, round(0.05 * total)) if warmup is None else int(warmup)
     options = {k: v for k, v in (("tau", tau), ("norm_dim", norm_dim)) if k in kind.options}
+    factor_seed = seed if shared_init else init_seed(seed, run.data_inputs)
     settings = {
         "kind": kind.name,
         "rank": rank,
@@ -188,10 +237,11 @@ def train_adapter(
         "weight_decay": weight_decay,
         "clip": clip,
         "seed": seed,
+        "init": {"shared": bool(shared_init), "seed": factor_seed},
         "on": on,
         "fields": fields,
     }
-    metrics = _train(run, kind, settings, options, progress=progress)
+    metrics = _train(run, kind, settings, options, out=out, progress=progress)
     _write(out, run, kind, settings, options, metrics, targets=targets, force=force, file_inputs=file_inputs)
     return {"out": str(out), **metrics, "kind": kind.name, "method": kind.name, "settings": settings}
 
@@ -229,6 +279,7 @@ class _Run:
     max_len: int
     t_load: float = 0.0
     log: list = field(default_factory=list)  # (step, loss, lr, tokens, seconds), filled by _train
+    live: LiveLog | None = None  # the same rows as a file, written by _train, moved by _write
 
 
 def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_len, batch, on, device) -> _Run:
@@ -264,8 +315,10 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
                 resolved_targets=resolved_targets, max_len=max_len, t_load=t_load)  # fmt: skip
 
 
-def _train(run: _Run, kind, settings: dict, options: dict, *, progress: bool) -> dict:
-    """Base perplexity, inject the kind's layers, the AdamW loop, adapted perplexity."""
+def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progress: bool) -> dict:
+    """Base perplexity, inject the kind's layers (initial factors seeded by
+    ``settings["init"]``), the AdamW loop (rows logged live beside ``out``),
+    adapted perplexity."""
     import torch
     from tqdm.auto import tqdm
 
@@ -278,12 +331,13 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, progress: bool) ->
     ppl_base = perplexity(model, run.eval_batches, device=dev)["ppl"] if run.eval_batches else None
     torch.manual_seed(seed)  # dropout
     params = inject_trainable(model, kind=kind, rank=settings["rank"], alpha=settings["alpha"],
-                              targets=run.targets, seed=seed, **options)  # fmt: skip
+                              targets=run.targets, seed=settings["init"]["seed"], **options)  # fmt: skip
     n_params = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings["weight_decay"], betas=(0.9, 0.999))
     setup_seconds = time.perf_counter() - run.t_load
 
-    log = []
+    log, live = [], LiveLog(out)
+    run.live = live
     tokens, running = 0, None
     model.train()
     t0 = time.perf_counter()
@@ -309,6 +363,7 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, progress: bool) ->
         tokens += _supervised_tokens(b)
         running = lv if running is None else 0.95 * running + 0.05 * lv
         log.append((step + 1, lv, cur_lr, tokens, time.perf_counter() - t0))
+        live.row(*log[-1])
         bar.set_postfix(loss=f"{running:.3f}", lr=f"{cur_lr:.1e}", refresh=False)
         bar.update(1)
     bar.close()
@@ -359,9 +414,5 @@ def _write(out, run: _Run, kind, settings, options, metrics, *, targets, force, 
             provenance=file_prov,
             extra_config={"target_modules": targets} if targets is not None else None,
         )
-        with open(tmp / "train_log.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "loss", "lr", "tokens", "seconds"])
-            for s, lv, cl, tk, sec in run.log:
-                w.writerow([s, f"{lv:.6f}", f"{cl:.6g}", tk, f"{sec:.3f}"])
+        run.live.move_to(tmp / "train_log.csv")
         write_provenance(tmp, provenance("train", settings, inputs, metrics=metrics))

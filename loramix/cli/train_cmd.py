@@ -6,6 +6,7 @@ import click
 
 from ..devices import DEVICE_CHOICES
 from . import data_options
+from .threads import threads_option
 
 
 def _eval_size(value: str) -> int | float:
@@ -51,11 +52,17 @@ def _eval_size(value: str) -> int | float:
 @click.option("--limit", type=int, default=None, help="Use the first N records of each source.")
 @click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--shared-init",
+    is_flag=True,
+    help="Initial factors from --seed alone (default: from --seed and the data, so domains start apart).",
+)
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
 @click.option("--question-field", default="question", show_default=True)
 @click.option("--answer-field", default="answer", show_default=True)
 @click.option("--context-field", default="context", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
+@threads_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(base, data, more_data, out, targets, eval_size, quiet, kind, method, **kw):
     """Train an adapter on question/answer data and write it to --out.
