@@ -328,9 +328,14 @@ def make_batches(
     shuffle: bool = False,
     seed: int = 0,
     sort_by_length: bool = False,
+    embeds: list | None = None,
 ) -> list[dict]:
     """Right-padded batches of ``{"input_ids", "attention_mask", "labels"}``, each a
     ``LongTensor`` of shape ``(batch, longest sequence in the batch)``.
+
+    ``embeds``: one ``(T_i, d)`` tensor per example (cached hidden states,
+    :mod:`loramix.prefix`); each batch then also holds ``inputs_embeds``
+    ``(batch, width, d)``, zero on padding.
 
     Padding: ``input_ids`` with ``pad_id``, ``attention_mask`` 0, ``labels``
     ``-100`` (so pads never count). ``shuffle`` permutes the examples with
@@ -360,6 +365,12 @@ def make_batches(
             mask[j, :n] = 1
             labels[j, :n] = torch.tensor(e["labels"], dtype=torch.long)
         batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        if embeds is not None:
+            rows = [embeds[i] for i in order[s : s + batch_size]]
+            h = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
+            for j, r in enumerate(rows):
+                h[j, : r.shape[0]] = r
+            batches[-1]["inputs_embeds"] = h
     return batches
 
 
