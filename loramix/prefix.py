@@ -100,9 +100,7 @@ def check_top_only(model, names, k: int, where) -> None:
     for n in names:
         i = layer_of(model, n)
         if i is None or i < k:
-            raise UsageError(
-                "--top-layers", f"{where}: module {n} is not in the top layers ({k} and up)"
-            )
+            raise UsageError("--top-layers", f"{where}: module {n} is not in the top layers ({k} and up)")
 
 
 def _view(module: nn.Module, **children) -> nn.Module:
