@@ -22,7 +22,8 @@ Prediction interval at a new ``x0`` (needs ``n >= 3``)::
     y_hat(x0) +- t_{1 - a/2, n - 2} * se(x0)
 
 The Student-t quantile is computed here (no SciPy dependency) by bisection on
-its CDF, written with the regularised incomplete beta function.
+its CDF, written with the regularised incomplete beta function. The study
+that produces the points, and how to read the error: docs/interference.md.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ then ``y_hat = slope * cos_C + intercept`` with
   fell from the line fitted without it.
 
 A cosine outside the fitted range is flagged: the line is then extrapolated.
+docs/interference.md defines the study, the fit and its validated error.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ COMMANDS = {
     "eval_cmd": "eval",
     "scenario_cmd": "scenario",
     "predict_cmd": "predict",
+    "plan_cmd": "plan",
 }
 
 

@@ -30,6 +30,13 @@ def check_cmd(file):
         ms = [m.method for m in merges_for(sc, am)]
         click.echo(f"  {am}: {len(sc.seeds)} seed(s) x ({n_dom} domain + {n_comp} merged-data adapters); "
                    f"merges {', '.join(ms)}")  # fmt: skip
+    from collections import Counter
+
+    from ..scenario.plan import plan
+
+    steps = plan(sc)
+    kinds = Counter(st.kind for st in steps)
+    click.echo(f"  plan: {len(steps)} steps ({', '.join(f'{n} {k}' for k, n in kinds.items())})")
 
 
 @command.command("run")
@@ -54,10 +61,17 @@ def check_cmd(file):
     "--threads",
     type=int,
     default=None,
-    help="torch CPU threads (default 1: small models on a shared CPU run fastest that way).",
+    help="torch CPU threads, split across --jobs (default 1: small models on a shared CPU run fastest that way).",
+)
+@click.option("--jobs", type=int, default=None,
+              help="Steps run at once (default 1; >1 means --executor processes).")  # fmt: skip
+@click.option("--executor", type=click.Choice(["serial", "processes", "ray"]), default=None,
+              help="Where steps run: this process, local worker processes, or a Ray cluster.")  # fmt: skip
+@click.option(
+    "--address", default=None, help="Ray cluster address (--executor ray; default: a local instance)."
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run_cmd(file, out, device, fresh, cache_dir, force, threads, quiet):
+def run_cmd(file, out, device, fresh, cache_dir, force, threads, jobs, executor, address, quiet):
     """Run the scenario FILE and write its report (report.md, results.csv, report.json, fit.json, plots)."""
     import signal
 
@@ -69,7 +83,8 @@ def run_cmd(file, out, device, fresh, cache_dir, force, threads, quiet):
 
     signal.signal(signal.SIGTERM, _interrupt)
     rep = run_scenario(file, out, device=device, fresh=fresh, cache_dir=cache_dir, force=force,
-                       progress=not quiet, threads=threads)  # fmt: skip
+                       progress=not quiet, threads=threads, jobs=jobs, executor=executor,
+                       address=address)  # fmt: skip
     t = rep["timings"]["total_seconds"]
     click.echo(f"report: {rep['out']}/report.md ({t:.1f} s)")
     for f in rep["fits"]:

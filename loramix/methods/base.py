@@ -169,6 +169,9 @@ class MergeMethod:
     params: tuple[Param, ...] = ()
     #: the result is ``B @ A`` of small rank: can be written as an adapter
     low_rank: bool = False
+    #: the merge equals the adapters applied together in the forward
+    #: (``W0 + sum_i w_i dW_i``), so a study evaluates it without writing it
+    attachable: bool = False
     #: the adapter kinds (``Adapter.method``) the method applies to
     kinds: tuple[str, ...] = (LORA, D2LORA)
     #: why other kinds are refused (appended to the error)

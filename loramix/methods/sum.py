@@ -42,6 +42,7 @@ class Sum(MergeMethod):
     summary = "the weighted sum of the deltas (exact; an adapter with ranks concatenated, or into a base)"
     params = ()
     low_rank = True
+    attachable = True
 
     def delta(self, ctx, module_deltas, weights, W0, params):
         """LoRA terms as one matmul of the concatenated factors, in ``ctx.dtype``;

@@ -1,11 +1,14 @@
 """Composition studies from scenario files (``loramix scenario run FILE``).
 
-* :mod:`.config`: the TOML schema, checked before any work starts;
+* :mod:`.config`: the TOML schema (each key declared once), checked before any work starts;
+* :mod:`.plan`: the study as steps with dependencies and cache keys (docs/interference.md);
+* :mod:`.steps` and :mod:`.executors`: running a step; serial, process and Ray executors;
 * :mod:`.cache`: content-addressed artifacts, so a run resumes and reruns are free;
-* :mod:`.runner`: the protocol of arXiv 2508.11985 (domain adapters, merged-data
-  baselines, sums and other merges, perplexities, delta_ppl%);
-* :mod:`.fit`: delta_ppl% against RMS cosine, with leave-one-out error;
-* :mod:`.report` and :mod:`.plots`: ``report.md``, CSV/JSON, PNG figures.
+* :mod:`.assemble`: the report's tables from the steps' results (pure);
+* :mod:`.runner`: plan, execute, assemble, write; :mod:`.traits`: what the study
+  asks of adapter kinds and merge methods;
+* :mod:`.report` and :mod:`.plots`: ``report.md``, CSV/JSON, PNG figures; the fit
+  itself is :mod:`loramix.fit`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,10 @@ split's key, so rebuilding the base changes every key below it).
 An artifact is made in a temporary folder beside its target and renamed into
 place only when complete, with ``artifact.json`` (its spec and timing) written
 last inside it: an interrupted run leaves no half artifact, and the next run
-starts again from the first missing one. ``fresh=True`` remakes each artifact
+starts again from the first missing one. Several processes (or nodes sharing
+the folder) may make the same artifact at once: the first rename wins and the
+others discard their copy, never replacing a finished artifact, so a reader
+never sees a folder move. ``fresh=True`` remakes each artifact
 once per run (the first time this run asks for it) and then reuses the new one.
 
 Every lookup is logged (``hit``/``miss``/``fresh``) with the kind and key; the
@@ -110,24 +113,29 @@ class Cache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if (target / MARKER).is_file() and not redo:
-            # Another run sharing this cache finished the same artifact meanwhile: keep theirs.
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+        if redo and target.exists():
+            self._swap(tmp, target)
         else:
             try:
                 os.replace(tmp, target)
-            except OSError:  # made by another run between the check and the rename
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not (target / MARKER).is_file():
+            except OSError:  # the target exists: another process finished it first
+                if (target / MARKER).is_file():
+                    shutil.rmtree(tmp, ignore_errors=True)  # keep theirs (same spec, same content)
+                elif target.exists():
+                    self._swap(tmp, target)  # a stale folder without its marker
+                else:
+                    shutil.rmtree(tmp, ignore_errors=True)
                     raise
         self._made_this_run.add(key)
         self.log.append(CacheEvent(kind, key, "fresh" if done else "miss", seconds, label))
         return target
+
+    @staticmethod
+    def _swap(tmp: Path, target: Path) -> None:
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
 
     def record(self, kind: str, key_or_path) -> dict:
         p = key_or_path if isinstance(key_or_path, Path) else self.path(kind, key_or_path)

@@ -25,18 +25,63 @@ from typing import Any
 import tomllib
 
 from ..errors import ScenarioError, UsageError
-
-ADAPTER_METHODS = ("lora", "d2lora")
+from .traits import ADAPTER_KINDS as ADAPTER_METHODS
+from .traits import applies_to, kinds_for
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
+# --------------------------------------------------------------------------- the schema
+#
+# Each key of the file is declared once, as a dataclass field whose metadata
+# (a Key) gives its TOML type, default, bound and meaning. The readers below
+# take the allowed keys, the type checks and the defaults from it, and
+# schema_markdown() writes the key table of docs/scenarios.md from it.
+
+
+@dataclass(frozen=True)
+class Key:
+    """A key of the scenario file. ``kind``: int, float, str, bool, str-list,
+    int-list (read and checked generically), or table / list / any (read by
+    its section's parser). ``bound``: positive, nonneg or unit ([0, 1]).
+    ``toml``: the key's name in the file when it differs from the field's."""
+
+    kind: str
+    help: str
+    required: bool = False
+    bound: str | None = None
+    choices: tuple[str, ...] | None = None
+    toml: str | None = None
+    doc_default: str | None = None
+
+
+def key(kind: str, default=None, help: str = "", **kw):
+    """A dataclass field declaring one key of the file."""
+    return field(default=default, metadata={"key": Key(kind, help, **kw)})
+
+
+def keys_of(cls) -> dict[str, tuple[str, Key, Any]]:
+    """``{toml name: (field name, Key, default)}`` of a schema dataclass."""
+    from dataclasses import MISSING, fields
+
+    out = {}
+    for f in fields(cls):
+        k = f.metadata.get("key")
+        if k is not None:
+            out[k.toml or f.name] = (f.name, k, None if f.default is MISSING else f.default)
+    return out
+
 
 @dataclass(frozen=True)
 class BaseSpec:
-    """A local model folder (``path``), or a recipe for ``loramix base build``."""
+    """A local model folder (``path``), or a recipe for ``loramix base build``
+    (the ``[base.build]`` table, whose keys :class:`_BuildKeys` declares, read
+    into ``build_data``, ``size``, ``steps``, ``seed`` and ``build_params``)."""
 
-    path: Path | None = None
+    path: Path | None = key("str", help="a local HF causal-LM folder (`config.json` + safetensors)",
+                            doc_default="—")  # fmt: skip
+    build: None = key("table", help="a recipe for `loramix base build` (below); give `path` or `build`",
+                      doc_default="—")  # fmt: skip
     build_data: tuple[str, ...] = ()  # data specs; empty = the domains' training data
     size: str = "tiny"
     steps: int | None = None
@@ -45,14 +90,34 @@ class BaseSpec:
 
 
 @dataclass(frozen=True)
+class _BuildKeys:
+    """``[base.build]``: its values land in :class:`BaseSpec`."""
+
+    data: None = key("any", help="text to pre-train the base on (a path, a `synthetic:` spec, or a list)",
+                     doc_default="the domains' training splits")  # fmt: skip
+    size: str = key("str", "tiny", help="see `loramix base build`", choices=("tiny", "small"))
+    steps: int | None = key("int", help="pre-training steps", bound="positive", doc_default="the size's")
+    seed: int = key("int", 0, help="pre-training seed")
+    lr: float | None = key("float", help="learning rate", bound="positive", doc_default="the size's")
+    batch: int | None = key("int", help="batch size", bound="positive", doc_default="the size's")
+    max_len: int | None = key("int", help="sequence length", bound="positive", doc_default="the size's")
+    epochs: float | None = key("float", help="epochs", bound="positive", doc_default="the size's")
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     name: str
-    data: str  # a resolved file path, or a synthetic:NAME spec
-    train: int
-    eval: int
-    question_field: str = "question"
-    answer_field: str = "answer"
-    context_field: str | None = "context"
+    data: str = key("str", required=True,
+                    help="the domain's QA records: .jsonl, .json, .csv, .txt, or `synthetic:NAME[?n=&seed=]`")  # fmt: skip
+    train: int = key("int", required=True, bound="positive", help="records in the training split")
+    eval: int = key("int", required=True, bound="positive", help="records in the eval split")
+    question_field: str = key("str", "question", toml="question", help="the question's field name")
+    answer_field: str = key("str", "answer", toml="answer", help="the answer's field name")
+    context_field: str | None = key("str", "context", toml="context",
+                                    help="optional field; absent/empty = no context")  # fmt: skip
+    overlap: float | None = key("float", bound="unit", doc_default="—",
+                                help="synthetic only: share this fraction of templates ...")  # fmt: skip
+    overlap_with: str | None = key("str", doc_default="—", help="... with this built-in domain")
 
     @property
     def synthetic(self) -> bool:
@@ -63,16 +128,18 @@ class DomainSpec:
 class AdapterSpec:
     """The training recipe shared by every adapter (domain and merged-data)."""
 
-    methods: tuple[str, ...] = ("lora",)
-    rank: int = 4
-    alpha: float = 64.0
-    tau: float = 0.5
-    targets: tuple[str, ...] | None = None
-    epochs: float | None = None
-    steps: int | None = None
-    lr: float = 2e-4
-    batch: int = 8
-    max_len: int = 256
+    methods: tuple[str, ...] = key("str-list", ("lora",), choices=ADAPTER_METHODS, doc_default='`["lora"]`',
+                                   help="adapter kinds, each a full study (or `method = \"lora\"`)")  # fmt: skip
+    rank: int = key("int", 4, bound="positive", help="LoRA rank")
+    alpha: float = key("float", 64.0, bound="positive", help="LoRA alpha")
+    tau: float = key("float", 0.5, bound="nonneg", help="D2-LoRA negative-branch weight")
+    targets: tuple[str, ...] | None = key("str-list", doc_default="the architecture's",
+                                          help="module-name suffixes")  # fmt: skip
+    epochs: float | None = key("float", bound="positive", doc_default="`epochs = 1`", help="passes over the data; or `steps`")  # fmt: skip
+    steps: int | None = key("int", bound="positive", doc_default="—", help="optimizer steps; or `epochs`")
+    lr: float = key("float", 2e-4, bound="positive", help="learning rate")
+    batch: int = key("int", 8, bound="positive", help="batch size")
+    max_len: int = key("int", 256, bound="positive", help="sequence length (at least 2)")
     extra: dict = field(default_factory=dict)  # warmup, weight_decay, ... passed through
 
     def recipe(self) -> dict:
@@ -91,6 +158,15 @@ class AdapterSpec:
 
 
 @dataclass(frozen=True)
+class _TrainerKeys:
+    """Optional ``[adapters]`` keys passed to the trainer (``AdapterSpec.extra``) only when given."""
+
+    warmup: int | None = key("int", bound="nonneg", doc_default="trainer default", help="warm-up steps")
+    weight_decay: float | None = key("float", bound="nonneg", doc_default="trainer default", help="AdamW weight decay")  # fmt: skip
+    grad_clip: float | None = key("float", bound="nonneg", doc_default="trainer default", help="gradient-norm clip")  # fmt: skip
+
+
+@dataclass(frozen=True)
 class MergeSpec:
     method: str
     params: dict = field(default_factory=dict)
@@ -101,30 +177,70 @@ class MergeSpec:
 
 
 @dataclass(frozen=True)
+class _MergeKeys:
+    methods: None = key("str-list", doc_default='`["sum"]`',
+                        help="any of `loramix merge`'s methods; `sum` is always added")  # fmt: skip
+    params: None = key("table", toml="METHOD", doc_default="the method's defaults",
+                       help="its parameters, as `loramix merge --help` lists them (`lambda` for `--lambda`)")  # fmt: skip
+
+
+@dataclass(frozen=True)
 class EvalSpec:
-    batch: int = 16
-    max_len: int = 256
-    on: str = "answer"
+    batch: int = key("int", 16, bound="positive", help="evaluation batch size")
+    max_len: int = key("int", 256, bound="positive", doc_default="`adapters.max_len`", help="sequence length")
+    on: str = key(
+        "str", "answer", choices=("answer", "all"), help="perplexity over answer tokens or all tokens"
+    )
 
 
 @dataclass
 class Scenario:
     path: Path
-    name: str
-    description: str
-    seeds: tuple[int, ...]
-    data_seed: int
-    base: BaseSpec
-    domains: dict[str, DomainSpec]
-    adapters: AdapterSpec
-    compositions: list[tuple[str, ...]]
-    merges: list[MergeSpec]
-    eval: EvalSpec
+    name: str = key("str", required=True, help="letters, digits, `_ . -`; the report goes to `reports/NAME`")
+    description: str = key("str", "", help="copied into the report")
+    seeds: tuple[int, ...] = key("int-list", (0,), doc_default="`[0]`",
+                                 help="adapter-training seeds (init and batch order)")  # fmt: skip
+    data_seed: int = key("int", 0, help="the train/eval split; the same eval sets for every seed")
+    base: BaseSpec = key("table", required=True, help="`base.path` or `[base.build]`")
+    domains: dict[str, DomainSpec] = key("table", required=True, help="at least two `[domains.NAME]` tables")
+    adapters: AdapterSpec = key("table", doc_default="the defaults below", help="the adapter training recipe")
+    compositions: list[tuple[str, ...]] = key("list", doc_default='`["all-pairs"]`',
+                                              help='`"all-pairs"`, `"all-triples"`, `"all-K"`, or lists of '
+                                              "domain names (at least 2)")  # fmt: skip
+    merges: list[MergeSpec] = key("table", toml="merge", doc_default="sum only", help="the merge methods")
+    eval: EvalSpec = key("table", doc_default="the defaults below", help="perplexity settings")
     variables: dict[str, str] = field(default_factory=dict)  # variables used, resolved
 
     def merges_for(self, adapter_method: str) -> list[MergeSpec]:
         """The merge methods that apply to adapters of ``adapter_method``."""
-        return [m for m in self.merges if _applies(m.method, adapter_method)]
+        return [m for m in self.merges if applies_to(m.method, adapter_method)]
+
+
+# The file's tables, in the order docs/scenarios.md lists them.
+SCHEMA = (("", Scenario), ("base", BaseSpec), ("base.build", _BuildKeys), ("domains.NAME", DomainSpec),
+          ("adapters", AdapterSpec), ("adapters", _TrainerKeys), ("merge", _MergeKeys), ("eval", EvalSpec))  # fmt: skip
+
+
+_DOC_TYPES = {"int": "int", "float": "number", "str": "string", "bool": "bool", "str-list": "list of string",
+              "int-list": "list of int", "table": "table", "list": "list", "any": "path/spec or list"}  # fmt: skip
+_DOC_BOUNDS = {"positive": " > 0", "nonneg": " ≥ 0", "unit": " in [0, 1]"}
+
+
+def schema_markdown() -> str:
+    """The key table of docs/scenarios.md, from the schema."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for where, cls in SCHEMA:
+        for name, (_, k, default) in keys_of(cls).items():
+            full = f"{where}.{name}" if where else name
+            if k.required:
+                dflt = "required"
+            elif k.doc_default is not None:
+                dflt = k.doc_default
+            else:
+                dflt = f"`{default}`"
+            typ = " / ".join(f"`{c}`" for c in k.choices) if k.choices else _DOC_TYPES[k.kind]
+            rows.append(f"| `{full}` | {typ}{_DOC_BOUNDS.get(k.bound, '')} | {dflt} | {k.help} |")
+    return "\n".join(rows)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -186,6 +302,29 @@ def _positive(ctx, v, key, allow_zero=False):
     return v
 
 
+def _read(ctx: _Ctx, cls, t: dict, where: str, *, also=(), defaults=None) -> dict:
+    """Check ``t``'s keys against the schema of ``cls`` (plus ``also``) and read
+    its scalar keys: ``{field name: value}``, the default where absent, each
+    checked for its type, bound and choices. Tables and lists are left to
+    the section's parser."""
+    out = {}
+    keys = keys_of(cls)
+    _check_keys(ctx, t, set(keys) | set(also), where)
+    for name, (fname, k, default) in keys.items():
+        if k.kind in ("table", "list", "any"):
+            continue
+        full = f"{where}.{name}" if where else name
+        v = _get(ctx, t, name, where, k.kind, (defaults or {}).get(fname, default), required=k.required)
+        if v is not None and k.bound in ("positive", "nonneg"):
+            _positive(ctx, v, full, allow_zero=k.bound == "nonneg")
+        if v is not None and k.bound == "unit" and not 0 <= v <= 1:
+            raise ctx.error(full, f"must lie in [0, 1], got {v}")
+        if k.choices and k.kind == "str" and v not in k.choices:
+            raise ctx.error(full, f"must be {' or '.join(repr(c) for c in k.choices)}, got {v!r}")
+        out[fname] = v
+    return out
+
+
 def default_data_dir(scenario_dir: Path) -> Path:
     """``LORAMIX_DATA`` when unset: the first ``shared/data`` walking up from
     the scenario's folder, else ``<scenario folder>/shared/data``."""
@@ -228,11 +367,6 @@ def _get_method(name: str):
     return get_method(name)
 
 
-def _applies(method: str, kind: str) -> bool:
-    """Whether merge ``method`` applies to adapters of ``kind`` (the method says)."""
-    return _get_method(method).applies_to(kind)
-
-
 def _merge_registry() -> list[str]:
     from ..methods import available_methods
 
@@ -241,14 +375,11 @@ def _merge_registry() -> list[str]:
 
 # --------------------------------------------------------------------------- sections
 
-TOP_KEYS = {"name", "description", "seeds", "data_seed", "base", "domains", "adapters", "compositions",
-            "merge", "eval"}  # fmt: skip
-
 
 def _parse_base(ctx, t, env, used) -> BaseSpec:
     if not isinstance(t, dict):
         raise ctx.error("base", f"expected a table, got {_typename(t)}")
-    _check_keys(ctx, t, {"path", "build"}, "base")
+    _check_keys(ctx, t, set(keys_of(BaseSpec)), "base")
     if ("path" in t) == ("build" in t):
         raise ctx.error("base", "give exactly one of base.path (a model folder) or [base.build] (a recipe)")
     if "path" in t:
@@ -262,8 +393,7 @@ def _parse_base(ctx, t, env, used) -> BaseSpec:
     b = t["build"]
     if not isinstance(b, dict):
         raise ctx.error("base.build", f"expected a table, got {_typename(b)}")
-    known = {"data", "size", "steps", "seed", "lr", "batch", "max_len", "epochs"}
-    _check_keys(ctx, b, known, "base.build")
+    v = _read(ctx, _BuildKeys, b, "base.build")
     data = b.get("data", [])
     if isinstance(data, str):
         data = [data]
@@ -278,17 +408,10 @@ def _parse_base(ctx, t, env, used) -> BaseSpec:
             if not p.is_file():
                 raise ctx.error(f"base.build.data[{i}]", f"no such data file: {p}")
             specs.append(str(p))
-    size = _get(ctx, b, "size", "base.build", "str", "tiny")
-    if size not in ("tiny", "small"):
-        raise ctx.error("base.build.size", f"must be 'tiny' or 'small', got {size!r}")
-    steps = _positive(ctx, _get(ctx, b, "steps", "base.build", "int"), "base.build.steps")
-    seed = _get(ctx, b, "seed", "base.build", "int", 0)
-    extra = {}
-    for k, kind in (("lr", "float"), ("batch", "int"), ("max_len", "int"), ("epochs", "float")):
-        v = _get(ctx, b, k, "base.build", kind)
-        if v is not None:
-            extra[k] = _positive(ctx, v, f"base.build.{k}")
-    return BaseSpec(build_data=tuple(specs), size=size, steps=steps, seed=seed, build_params=extra)
+    extra = {k: v[k] for k in ("lr", "batch", "max_len", "epochs") if v[k] is not None}
+    return BaseSpec(
+        build_data=tuple(specs), size=v["size"], steps=v["steps"], seed=v["seed"], build_params=extra
+    )
 
 
 def _parse_domain(ctx, name, t, env, used, synth_names) -> DomainSpec:
@@ -297,16 +420,8 @@ def _parse_domain(ctx, name, t, env, used, synth_names) -> DomainSpec:
         raise ctx.error(where, "a domain name may hold letters, digits, '_', '.', '-'")
     if not isinstance(t, dict):
         raise ctx.error(where, f"expected a table, got {_typename(t)}")
-    _check_keys(ctx, t, {"data", "train", "eval", "question", "answer", "context", "overlap",
-                         "overlap_with"}, where)  # fmt: skip
-    raw = _get(ctx, t, "data", where, "str", required=True)
-    train = _positive(ctx, _get(ctx, t, "train", where, "int", required=True), f"{where}.train")
-    ev = _positive(ctx, _get(ctx, t, "eval", where, "int", required=True), f"{where}.eval")
-    qf = _get(ctx, t, "question", where, "str", "question")
-    af = _get(ctx, t, "answer", where, "str", "answer")
-    cf = _get(ctx, t, "context", where, "str", "context")
-    overlap = _get(ctx, t, "overlap", where, "float")
-    overlap_with = _get(ctx, t, "overlap_with", where, "str")
+    v = _read(ctx, DomainSpec, t, where)
+    raw, train, ev, overlap, overlap_with = v["data"], v["train"], v["eval"], v["overlap"], v["overlap_with"]
     if raw.startswith("synthetic:"):
         from ..data import parse_synthetic_spec
 
@@ -318,8 +433,6 @@ def _parse_domain(ctx, name, t, env, used, synth_names) -> DomainSpec:
             raise ctx.error(f"{where}.data", f"unknown synthetic domain {spec['domain']!r}; built-in: "
                             f"{', '.join(synth_names)}")  # fmt: skip
         if overlap is not None:
-            if not 0 <= overlap <= 1:
-                raise ctx.error(f"{where}.overlap", f"must lie in [0, 1], got {overlap}")
             spec["overlap"] = overlap
         if overlap_with is not None:
             if overlap_with not in synth_names:
@@ -348,53 +461,37 @@ def _parse_domain(ctx, name, t, env, used, synth_names) -> DomainSpec:
                 hint = " (set LORAMIX_DATA to the folder holding the QA files)"
             raise ctx.error(f"{where}.data", f"no such data file: {p}{hint}")
         data = str(p)
-    return DomainSpec(name=name, data=data, train=train, eval=ev, question_field=qf, answer_field=af,
-                      context_field=cf)  # fmt: skip
+    return DomainSpec(name=name, **{**v, "data": data})
 
 
 def _parse_adapters(ctx, t) -> AdapterSpec:
     if not isinstance(t, dict):
         raise ctx.error("adapters", f"expected a table, got {_typename(t)}")
     w = "adapters"
-    known = {"methods", "method", "rank", "alpha", "tau", "targets", "epochs", "steps", "lr", "batch",
-             "max_len", "warmup", "weight_decay", "grad_clip"}  # fmt: skip
-    _check_keys(ctx, t, known, w)
+    trainer = {k: t[k] for k in keys_of(_TrainerKeys) if k in t}
+    v = _read(ctx, AdapterSpec, {k: x for k, x in t.items() if k not in trainer}, w,
+              also=("method", *keys_of(_TrainerKeys)))  # fmt: skip
     if "method" in t and "methods" in t:
         raise ctx.error("adapters.method", "give either adapters.method or adapters.methods")
     if "method" in t:
-        methods = [_get(ctx, t, "method", w, "str")]
-    else:
-        methods = _get(ctx, t, "methods", w, "str-list", ["lora"])
-    if not methods:
+        v["methods"] = [_get(ctx, t, "method", w, "str")]
+    if not v["methods"]:
         raise ctx.error("adapters.methods", "empty: list lora and/or d2lora")
-    for m in methods:
+    for m in v["methods"]:
         if m not in ADAPTER_METHODS:
             raise ctx.error("adapters.methods", f"unknown adapter method {m!r}; use lora or d2lora")
-    rank = _positive(ctx, _get(ctx, t, "rank", w, "int", 4), "adapters.rank")
-    alpha = _positive(ctx, _get(ctx, t, "alpha", w, "float", 64.0), "adapters.alpha")
-    tau = _positive(ctx, _get(ctx, t, "tau", w, "float", 0.5), "adapters.tau", allow_zero=True)
-    targets = _get(ctx, t, "targets", w, "str-list")
-    if targets is not None and not targets:
+    v["methods"] = tuple(dict.fromkeys(v["methods"]))
+    if v["targets"] is not None and not v["targets"]:
         raise ctx.error("adapters.targets", "empty list; leave it out for the default targets")
-    epochs = _positive(ctx, _get(ctx, t, "epochs", w, "float"), "adapters.epochs")
-    steps = _positive(ctx, _get(ctx, t, "steps", w, "int"), "adapters.steps")
-    if epochs is not None and steps is not None:
+    v["targets"] = tuple(v["targets"]) if v["targets"] else None
+    if v["epochs"] is not None and v["steps"] is not None:
         raise ctx.error("adapters.steps", "give adapters.epochs or adapters.steps, not both")
-    if epochs is None and steps is None:
-        epochs = 1.0
-    lr = _positive(ctx, _get(ctx, t, "lr", w, "float", 2e-4), "adapters.lr")
-    batch = _positive(ctx, _get(ctx, t, "batch", w, "int", 8), "adapters.batch")
-    max_len = _positive(ctx, _get(ctx, t, "max_len", w, "int", 256), "adapters.max_len")
-    if max_len < 2:
-        raise ctx.error("adapters.max_len", f"must be at least 2, got {max_len}")
-    extra = {}
-    for k, kind in (("warmup", "int"), ("weight_decay", "float"), ("grad_clip", "float")):
-        v = _get(ctx, t, k, w, kind)
-        if v is not None:
-            extra[k] = _positive(ctx, v, f"adapters.{k}", allow_zero=True)
-    return AdapterSpec(methods=tuple(dict.fromkeys(methods)), rank=rank, alpha=alpha, tau=tau,
-                       targets=tuple(targets) if targets else None, epochs=epochs, steps=steps, lr=lr,
-                       batch=batch, max_len=max_len, extra=extra)  # fmt: skip
+    if v["epochs"] is None and v["steps"] is None:
+        v["epochs"] = 1.0
+    if v["max_len"] < 2:
+        raise ctx.error("adapters.max_len", f"must be at least 2, got {v['max_len']}")
+    extra = {k: x for k, x in _read(ctx, _TrainerKeys, trainer, w).items() if x is not None}
+    return AdapterSpec(**v, extra=extra)
 
 
 def _parse_compositions(ctx, v, domains: list[str]) -> list[tuple[str, ...]]:
@@ -457,10 +554,10 @@ def _parse_merge(ctx, t, adapters: AdapterSpec, min_k: int) -> list[MergeSpec]:
     for m in methods:
         if m not in known:
             raise ctx.error("merge.methods", f"unknown merge method {m!r}; available: {', '.join(known)}")
-        usable = [a for a in adapters.methods if _applies(m, a)]
+        usable = [a for a in adapters.methods if applies_to(m, a)]
         if not usable:
             raise ctx.error("merge.methods", f"{m} does not apply to {', '.join(adapters.methods)} adapters "
-                            f"({m} takes {', '.join(a for a in ADAPTER_METHODS if _applies(m, a))})")  # fmt: skip
+                            f"({m} takes {', '.join(sorted(kinds_for(m)))})")  # fmt: skip
     if "sum" not in methods:
         # The naive sum is the study's subject (and the fit's x-y relation).
         methods = ["sum", *methods]
@@ -510,13 +607,7 @@ def _parse_eval(ctx, t, adapters: AdapterSpec) -> EvalSpec:
         return EvalSpec(max_len=adapters.max_len)
     if not isinstance(t, dict):
         raise ctx.error("eval", f"expected a table, got {_typename(t)}")
-    _check_keys(ctx, t, {"batch", "max_len", "on"}, "eval")
-    batch = _positive(ctx, _get(ctx, t, "batch", "eval", "int", 16), "eval.batch")
-    max_len = _positive(ctx, _get(ctx, t, "max_len", "eval", "int", adapters.max_len), "eval.max_len")
-    on = _get(ctx, t, "on", "eval", "str", "answer")
-    if on not in ("answer", "all"):
-        raise ctx.error("eval.on", f"must be 'answer' or 'all', got {on!r}")
-    return EvalSpec(batch=batch, max_len=max_len, on=on)
+    return EvalSpec(**_read(ctx, EvalSpec, t, "eval", defaults={"max_len": adapters.max_len}))
 
 
 def load_scenario(path: str | os.PathLike, env: dict | None = None) -> Scenario:
@@ -539,17 +630,14 @@ def load_scenario(path: str | os.PathLike, env: dict | None = None) -> Scenario:
     env.setdefault("LORAMIX_DATA", str(default_data_dir(path.parent)))
     used: dict[str, str] = {}
 
-    _check_keys(ctx, raw, TOP_KEYS, "")
-    name = _get(ctx, raw, "name", "", "str", required=True)
+    top = _read(ctx, Scenario, raw, "")
+    name, seeds = top["name"], list(top["seeds"])
     if not NAME_RE.match(name):
         raise ctx.error("name", f"{name!r}: use letters, digits, '_', '.', '-' (it names the report folder)")
-    description = _get(ctx, raw, "description", "", "str", "")
-    seeds = _get(ctx, raw, "seeds", "", "int-list", [0])
     if not seeds:
         raise ctx.error("seeds", "empty: give at least one seed")
     if len(set(seeds)) != len(seeds):
         raise ctx.error("seeds", f"repeated seed in {seeds}")
-    data_seed = _get(ctx, raw, "data_seed", "", "int", 0)
 
     if "domains" not in raw:
         raise ctx.error("domains", "missing (required): define at least two [domains.NAME] tables")
@@ -568,8 +656,8 @@ def load_scenario(path: str | os.PathLike, env: dict | None = None) -> Scenario:
     compositions = _parse_compositions(ctx, raw.get("compositions"), list(domains))
     merges = _parse_merge(ctx, raw.get("merge"), adapters, min(len(c) for c in compositions))
     ev = _parse_eval(ctx, raw.get("eval"), adapters)
-    return Scenario(path=path, name=name, description=description, seeds=tuple(seeds), data_seed=data_seed,
-                    base=base, domains=domains, adapters=adapters, compositions=compositions,
+    return Scenario(path=path, name=name, description=top["description"], seeds=tuple(seeds),
+                    data_seed=top["data_seed"], base=base, domains=domains, adapters=adapters, compositions=compositions,
                     merges=merges, eval=ev, variables=used)  # fmt: skip
 
 

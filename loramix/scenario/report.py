@@ -113,14 +113,22 @@ def _model_label(model: str) -> str:
     return model
 
 
-def render_markdown(report: dict) -> str:
-    sc = report["scenario"]
-    env = report["environment"]
-    summary = pd.DataFrame(report["summary"])
-    evals = pd.DataFrame(report["evaluations"])
-    seeds = sc["seeds"]
-    nseed = len(seeds)
-    spread = " (mean ± sample std over seeds)" if nseed > 1 else ""
+class _View:
+    """What several report sections read, taken from ``report.json`` once."""
+
+    def __init__(self, report: dict):
+        self.sc = report["scenario"]
+        self.env = report["environment"]
+        self.summary = pd.DataFrame(report["summary"])
+        self.evals = pd.DataFrame(report["evaluations"])
+        self.seeds = self.sc["seeds"]
+        self.nseed = len(self.seeds)
+        self.spread = " (mean ± sample std over seeds)" if self.nseed > 1 else ""
+
+
+def _section_intro(report: dict, v: _View) -> list[str]:
+    """Title, provenance and the definition of Δppl %."""
+    sc = v.sc
     L: list[str] = []
     L.append(f"# Composition study: {sc['name']}")
     L.append("")
@@ -138,8 +146,13 @@ def render_markdown(report: dict) -> str:
              "composition's eval splits (token-weighted). Negative: the merge beats training on the merged "
              "data.")  # fmt: skip
     L.append("")
+    return L
 
-    # ---- key numbers, computed from the tables below
+
+def _section_summary(report: dict, v: _View) -> list[str]:
+    """The key numbers, computed from the tables below."""
+    sc, summary = v.sc, v.summary
+    L: list[str] = []
     L.append("## Summary")
     L.append("")
     for am in dict.fromkeys(summary["adapter_method"]):
@@ -165,8 +178,13 @@ def render_markdown(report: dict) -> str:
             line += f"; lowest mean Δppl %: **{best['method']}** ({_f(best['delta'], 1)} %)"
         L.append(line + ".")
     L.append("")
+    return L
 
-    # ---- setup
+
+def _section_setup(report: dict, v: _View) -> list[str]:
+    """Base, adapters, seeds, merges, evaluation, and the domains table."""
+    sc, seeds = v.sc, v.seeds
+    L: list[str] = []
     L.append("## Setup")
     L.append("")
     b = sc["base"]
@@ -201,8 +219,13 @@ def render_markdown(report: dict) -> str:
                      d["sha256_train"][:12]])  # fmt: skip
     L.append(_table(["domain", "data", "train", "eval", "eval tokens", "train sha256"], rows))
     L.append("")
+    return L
 
-    # ---- main table
+
+def _section_sum_tables(report: dict, v: _View) -> list[str]:
+    """The naive sum against merged-data training, one table per adapter kind."""
+    summary, spread = v.summary, v.spread
+    L: list[str] = []
     sums = summary[summary["merge_method"] == "sum"]
     for am in dict.fromkeys(summary["adapter_method"]):
         g = sums[sums["adapter_method"] == am]
@@ -218,8 +241,13 @@ def render_markdown(report: dict) -> str:
         L.append(_table(["composition", "ppl sum", "ppl merged-data", "Δppl %", "RMS cosine",
                          "mean cosine", "ppl base"], rows))  # fmt: skip
         L.append("")
+    return L
 
-    # ---- per composition, per domain
+
+def _section_per_domain(report: dict, v: _View) -> list[str]:
+    """Perplexity per composition and domain, first seed."""
+    sc, summary, evals, seeds, nseed = v.sc, v.summary, v.evals, v.seeds, v.nseed
+    L: list[str] = []
     L.append("## Per composition and domain")
     L.append("")
     L.append("Perplexity on each eval split (first seed"
@@ -257,8 +285,13 @@ def render_markdown(report: dict) -> str:
                 L.append("")
                 L.append(_table(["model", *cols], rows))
                 L.append("")
+    return L
 
-    # ---- per method
+
+def _section_by_method(report: dict, v: _View) -> list[str]:
+    """Δppl % by merge method (only with several methods)."""
+    sc, summary, spread = v.sc, v.summary, v.spread
+    L: list[str] = []
     if len(sc["merge"]) > 1:
         L.append(f"## Δppl % by merge method{spread}")
         L.append("")
@@ -284,8 +317,13 @@ def render_markdown(report: dict) -> str:
         L.append("")
         L.append("![Δppl by method](delta_by_method.png)")
         L.append("")
+    return L
 
-    # ---- fit
+
+def _section_fit(report: dict, v: _View) -> list[str]:
+    """The fit of Δppl % on RMS cosine, and how to apply it."""
+    sc = v.sc
+    L: list[str] = []
     L.append("## Does similarity predict interference?")
     L.append("")
     L.append("Least-squares line `Δppl % = slope · RMS cosine + intercept` over the compositions (seed means); "
@@ -322,8 +360,12 @@ def render_markdown(report: dict) -> str:
         )
         L.append("```")
         L.append("")
+    return L
 
-    # ---- similarity
+
+def _section_similarity(report: dict, v: _View) -> list[str]:
+    """The similarity matrices of the domain adapters."""
+    L: list[str] = []
     L.append("## Similarity of the domain adapters")
     L.append("")
     for sim in report["similarity_mean"]:
@@ -338,8 +380,13 @@ def render_markdown(report: dict) -> str:
         L.append("")
     L.append("![cosine by layer](cosine_by_layer.png)")
     L.append("")
+    return L
 
-    # ---- timings & environment
+
+def _section_timings(report: dict, v: _View) -> list[str]:
+    """Timings and environment."""
+    env = v.env
+    L: list[str] = []
     L.append("## Timings and environment")
     L.append("")
     t = report["timings"]
@@ -358,12 +405,26 @@ def render_markdown(report: dict) -> str:
     L.append(f"- Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
              f"numpy {env['numpy']}, pandas {env['pandas']}; {env['platform']}")  # fmt: skip
     L.append(f"- Cache: `{report['cache']['root']}`")
+    ex = report.get("executor")
+    if ex and ex["name"] != "serial":
+        L.append(f"- Executor: {ex['name']}, {ex['jobs']} jobs of {ex['threads_per_job']} torch thread(s) each "
+                 "(step seconds above add up over the jobs)")  # fmt: skip
     L.append("")
     L.append("Files: `results.csv` (one row per adapter method, seed, composition and merge method), "
              "`evaluations.csv` (every perplexity), `report.json` (everything here), `fit.json` (for "
              "`loramix predict`), `similarity_per_module.csv`, `cache_log.csv`.")  # fmt: skip
     L.append("")
-    return "\n".join(L)
+    return L
+
+
+_SECTIONS = (_section_intro, _section_summary, _section_setup, _section_sum_tables, _section_per_domain,
+             _section_by_method, _section_fit, _section_similarity, _section_timings)  # fmt: skip
+
+
+def render_markdown(report: dict) -> str:
+    """``report.md``: one function per section, in this order."""
+    v = _View(report)
+    return "\n".join(line for section in _SECTIONS for line in section(report, v))
 
 
 def write_report(folder: Path, report: dict, per_module: pd.DataFrame | None = None) -> None:

@@ -1,0 +1,61 @@
+"""``loramix plan A B [C ...]``: which adapters to merge together, and with which method."""
+
+from __future__ import annotations
+
+import click
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
+
+
+@click.command("plan")
+@click.argument("adapters", nargs=-1, type=click.Path(path_type=str))
+@click.option(
+    "--fit",
+    "fit_path",
+    type=click.Path(path_type=str),
+    default=None,
+    help="Predictors file (loramix.validation); without it the cost is the RMS cosine.",
+)
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    help="Calibration data, one file per adapter in the same order (for data-aware predictors).",
+)
+@click.option("--base", type=click.Path(path_type=str), default=None, help="Base model folder (with --data).")
+@click.option("--tokens", type=int, default=256, show_default=True, help="Calibration tokens per domain.")
+@click.option(
+    "--max-group", "max_group", type=int, default=4, show_default=True, help="Largest group size K."
+)
+@click.option(
+    "--budget",
+    type=float,
+    default=None,
+    help="Largest predicted cost of a group (default: 0 with --fit, the zero-interference point; 0.1 cosine).",
+)
+@click.option("--device", default="cpu", show_default=True, help="Device for the calibration forward passes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def command(adapters, fit_path, data, base, tokens, max_group, budget, device, as_json):
+    """Propose groups of ADAPTERS to merge, with each group's predicted cost and a method."""
+    import json
+
+    from ..grouping import RULE, plan
+
+    p = plan(list(adapters), fit=fit_path, data=list(data) or None, base=base, max_group=max_group,
+             budget=budget, tokens=tokens, device=device)  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(p.to_json_dict(), indent=2))
+        return
+    click.echo(f"cost: {p.cost_source}")
+    if p.validated is not None:
+        v = p.validated
+        click.echo(f"  validated (leave-one-domain-out): MAE {_fmt(v.get('mae'))}, r {_fmt(v.get('r'))}, "
+                   f"interval coverage {_fmt(v.get('coverage'))}")  # fmt: skip
+    click.echo(f"budget: {p.budget:g}; groups of at most {p.max_group}")
+    click.echo(f"method: {RULE}")
+    click.echo(f"{'group':>5}  {'method':<6} {'cost':>9}  {'interval':<21} members")
+    for g in p.groups:
+        iv = "" if g["interval"] is None else f"[{g['interval'][0]:.3g}, {g['interval'][1]:.3g}]"
+        click.echo(f"{g['group']:>5}  {g['method']:<6} {g['cost']:>9.4g}  {iv:<21} {', '.join(g['members'])}")

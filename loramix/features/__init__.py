@@ -1,0 +1,147 @@
+"""Pairwise features of a bank of adapters: one module per feature, found by discovery.
+
+A *feature* turns ``N`` loaded adapters (and, for data-aware features, the
+calibration activations of each adapter's domain, :mod:`._calibration`) into
+one or more named ``N x N`` float64 matrices ``F`` with ``F[i, j]`` the value
+for the pair ``(i, j)`` (the diagonal is not used). Every non-underscore module
+of this package is imported by :func:`registry` and calls :func:`register`
+once per feature; a second feature with a name already taken is refused, so a
+new metric is one new file (and its test), nothing else.
+
+Each feature states how a composition ``C`` of ``k >= 2`` adapters is summarised
+from its pairs (:func:`composition_value`):
+
+* ``"rms"``: ``sqrt(mean_{i<j in C} F[i, j]^2)`` (as
+  :func:`loramix.fit.composition_cosine`), for magnitudes;
+* ``"mean"``: ``mean_{i<j in C} F[i, j]``, for signed values.
+
+A *directional* matrix (``F[i, j] != F[j, i]``, e.g. the interference of
+adapter ``j`` on domain ``i``) is kept for reports but not used as a predictor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One registered feature.
+
+    ``compute(ctx)`` returns ``{matrix name: (N, N) ndarray}``; the names must
+    start with ``name`` (``name`` itself or ``name:suffix``) so that no two
+    features can produce the same column. ``data_aware``: needs ``ctx.calibration``.
+    """
+
+    name: str
+    compute: Callable
+    data_aware: bool = False
+    aggregate: str = "rms"  # or "mean"
+    directional: frozenset[str] = frozenset()  # matrix names not symmetric
+    doc: str = ""
+
+
+_REGISTRY: dict[str, Feature] = {}
+_DISCOVERED = False
+
+
+def register(feature: Feature) -> Feature:
+    """Add ``feature``; a name already registered (or an unknown aggregate) is refused."""
+    if feature.name in _REGISTRY:
+        raise ValueError(f"feature {feature.name!r} is registered twice")
+    if feature.aggregate not in ("rms", "mean"):
+        raise ValueError(f"feature {feature.name!r}: aggregate must be 'rms' or 'mean'")
+    _REGISTRY[feature.name] = feature
+    return feature
+
+
+def registry() -> dict[str, Feature]:
+    """All features, importing this package's feature modules on first use."""
+    global _DISCOVERED
+    if not _DISCOVERED:
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{info.name}")
+        _DISCOVERED = True
+    return dict(_REGISTRY)
+
+
+@dataclass
+class FeatureSet:
+    """Named ``N x N`` matrices for adapters ``names`` and how each aggregates."""
+
+    names: list[str]
+    matrices: dict[str, np.ndarray] = field(default_factory=dict)
+    aggregate: dict[str, str] = field(default_factory=dict)
+    directional: set[str] = field(default_factory=set)
+
+    def predictors(self) -> list[str]:
+        """Matrix names usable as pair predictors (symmetric ones)."""
+        return [k for k in self.matrices if k not in self.directional]
+
+    def composition(self, feature: str, members: list[int]) -> float:
+        return composition_value(self.matrices[feature], members, self.aggregate[feature])
+
+    def to_json_dict(self) -> dict:
+        def mat(x):
+            return [[float(v) if math.isfinite(v) else None for v in row] for row in x]
+
+        return {
+            "names": list(self.names),
+            "features": {k: {"aggregate": self.aggregate[k], "directional": k in self.directional,
+                             "matrix": mat(v)} for k, v in self.matrices.items()},
+        }  # fmt: skip
+
+
+def composition_value(matrix: np.ndarray, members: list[int], aggregate: str = "rms") -> float:
+    """The composition's value from its pairs (module docstring); NaN pairs are
+    left out, NaN when none is left."""
+    vals = [float(matrix[i, j]) for a, i in enumerate(members) for j in members[a + 1 :]]
+    vals = [v for v in vals if math.isfinite(v)]
+    if not vals:
+        return float("nan")
+    if aggregate == "rms":
+        return math.sqrt(sum(v * v for v in vals) / len(vals))
+    return sum(vals) / len(vals)
+
+
+def compute_features(adapters, *, calibration=None, only: list[str] | None = None) -> FeatureSet:
+    """Compute the registered features for loaded ``adapters``.
+
+    Data-aware features are computed only when ``calibration`` (from
+    :func:`loramix.features._calibration.capture` or ``from_grams``) is given.
+    ``only``: feature names to compute (unknown names are a :class:`UsageError`).
+    """
+    from ._context import FeatureContext
+
+    feats = registry()
+    if only is not None:
+        unknown = sorted(set(only) - set(feats))
+        if unknown:
+            raise UsageError(
+                "features", f"unknown feature(s) {', '.join(unknown)}; known: {', '.join(feats)}"
+            )
+        feats = {k: feats[k] for k in only}
+    ctx = FeatureContext(list(adapters), calibration=calibration)
+    out = FeatureSet(names=ctx.names)
+    for f in feats.values():
+        if f.data_aware and calibration is None:
+            continue
+        for key, m in f.compute(ctx).items():
+            if key != f.name and not key.startswith(f.name + ":"):
+                raise ValueError(f"feature {f.name!r} produced a matrix named {key!r}")
+            if key in out.matrices:
+                raise ValueError(f"matrix {key!r} produced twice")
+            out.matrices[key] = np.asarray(m, dtype=np.float64)
+            out.aggregate[key] = f.aggregate
+            if key in f.directional:
+                out.directional.add(key)
+    return out

@@ -1,0 +1,74 @@
+"""What every feature reads: the adapters, their unique names, the exact
+similarity (computed once, with its per-module table) and the calibration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..adapter import Adapter, check_compatible
+from ..errors import UsageError
+
+
+@dataclass
+class FeatureContext:
+    adapters: list[Adapter]
+    calibration: object | None = None  # loramix.features._calibration.Calibration
+    names: list[str] = field(init=False)
+    _sim: object | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        from ..overlap import _unique_names
+
+        if len(self.adapters) < 2:
+            raise UsageError(
+                "adapters", f"pairwise features need at least two adapters, got {len(self.adapters)}"
+            )
+        check_compatible(self.adapters)
+        self.names = _unique_names(self.adapters)
+
+    @property
+    def n(self) -> int:
+        return len(self.adapters)
+
+    @property
+    def similarity(self):
+        """:func:`loramix.overlap.similarity` with ``per_module=True``, computed once."""
+        if self._sim is None:
+            from ..overlap import similarity
+
+            self._sim = similarity(self.adapters, per_module=True, progress=False)
+        return self._sim
+
+    def modules(self) -> dict[str, list[int]]:
+        """Module name -> indices of the adapters that adapt it (first-seen order)."""
+        out: dict[str, list[int]] = {}
+        for i, ad in enumerate(self.adapters):
+            for m in ad.modules:
+                out.setdefault(m, []).append(i)
+        return out
+
+
+def grouped_cosines(
+    per_module: pd.DataFrame, key: pd.Series, n: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{g: (rms, mean)}``: per value ``g`` of ``key`` (aligned with the rows of
+    :attr:`SimilarityResult.per_module`), the ``N x N`` RMS cosine
+    ``sqrt(mean cos_m^2)`` and signed mean ``mean cos_m`` over the group's
+    modules. Pairs without a module in the group are NaN."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if per_module.empty:
+        return out
+    df = per_module.assign(g=key.to_numpy(), cos2=per_module["cosine"] ** 2)
+    for g, part in df.groupby("g", sort=True):
+        agg = part.groupby(["i", "j"]).agg(rms=("cos2", "mean"), mean=("cosine", "mean"))
+        rms = np.full((n, n), np.nan)
+        mean = np.full((n, n), np.nan)
+        i = agg.index.get_level_values("i").to_numpy()
+        j = agg.index.get_level_values("j").to_numpy()
+        rms[i, j] = rms[j, i] = np.sqrt(agg["rms"].to_numpy())
+        mean[i, j] = mean[j, i] = agg["mean"].to_numpy()
+        out[str(g)] = (rms, mean)
+    return out

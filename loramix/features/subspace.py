@@ -1,0 +1,64 @@
+"""Overlap of the input subspaces the adapters read, from ``A`` alone.
+
+Module ``m``: adapter ``i``'s delta ``dW = Bf_i Af_i`` only sees the part of an
+input in the row space of ``Af_i`` (r_i x in). With ``Q_i`` (in x r_i) an
+orthonormal basis of that row space (reduced QR of ``Af_i^T``; ``Af`` has full
+row rank, as a trained or randomly initialised ``A`` with ``r <= in`` has), the
+cosines of the principal angles between the two subspaces are the singular
+values ``sigma_k`` of ``Q_i^T Q_j`` (r_i x r_j), so their mean square is::
+
+    overlap_m(i, j) = sum_k sigma_k^2 / min(r_i, r_j) = ||Q_i^T Q_j||_F^2 / min(r_i, r_j)
+
+in ``[0, 1]`` (1: one subspace contains the other). ``subspace_overlap[i, j]``
+is its mean over the modules both adapt. Adapters that share their initial
+``A`` start at 1, whatever ``B`` learns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import Feature, register
+
+
+def module_overlap(As: list[torch.Tensor]) -> np.ndarray:
+    """``overlap_m`` (n x n) for the ``Af`` (r_k x in, float64) of one module."""
+    Qs = [torch.linalg.qr(A.T, mode="reduced").Q for A in As]
+    n = len(Qs)
+    out = np.ones((n, n))
+    for a in range(n):
+        for b in range(a + 1, n):
+            k = min(Qs[a].shape[1], Qs[b].shape[1])
+            out[a, b] = out[b, a] = float((Qs[a].T @ Qs[b]).square().sum()) / k
+    return out
+
+
+def mean_over_modules(ctx, per_module) -> np.ndarray:
+    """``N x N`` mean over shared modules of ``per_module(name, owners)`` (an
+    ``len(owners)``-square array); NaN for pairs that share no module."""
+    total = np.zeros((ctx.n, ctx.n))
+    count = np.zeros((ctx.n, ctx.n))
+    for name, owners in ctx.modules().items():
+        ix = np.ix_(owners, owners)
+        total[ix] += per_module(name, owners)
+        count[ix] += 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return total / count
+
+
+def _overlap(ctx):
+    def one(name, owners):
+        return module_overlap([ctx.adapters[k].modules[name].factors()[1] for k in owners])
+
+    return {"subspace_overlap": mean_over_modules(ctx, one)}
+
+
+register(
+    Feature(
+        "subspace_overlap",
+        _overlap,
+        aggregate="rms",
+        doc="mean squared cosine of principal angles of A's row spaces",
+    )
+)

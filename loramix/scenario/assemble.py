@@ -1,0 +1,136 @@
+"""The study's tables from the results of its plan: a pure function.
+
+:func:`assemble` reads ``{step id: result}`` (as returned by an executor) and
+builds the report's data, in the order a serial run lists it: per adapter
+kind and seed, the evaluations, one row per composition and merge method
+(docs/interference.md defines ``delta_ppl%``), the similarity matrices and
+the merge summaries. It reads nothing from disk and computes no model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from ..fit import composition_cosine
+from .config import Scenario
+from .plan import comp_name
+
+
+def union_ppl(ev: dict, comp) -> tuple[float, int]:
+    """Token-weighted perplexity of the union of ``comp``'s eval splits:
+    ``exp(sum_d NLL_d / sum_d N_d)``, and the token count."""
+    nll = sum(ev[d]["nll_sum"] for d in comp)
+    tok = sum(ev[d]["tokens"] for d in comp)
+    return math.exp(nll / tok), tok
+
+
+class _Tables:
+    def __init__(self):
+        self.evaluations: list[dict] = []
+        self.results: list[dict] = []
+        self.sims: list[dict] = []
+        self.per_module: list[pd.DataFrame] = []
+        self.merge_summaries: list[dict] = []
+        self.adapters: list[dict] = []
+
+    def add_evals(self, am, seed, model, ev):
+        for dom, r in ev.items():
+            self.evaluations.append({"adapter_method": am, "seed": seed, "model": model, "domain": dom,
+                                     "ppl": r["ppl"], "tokens": r["tokens"], "nll": r["nll_sum"]})  # fmt: skip
+
+
+def _similarity(t: _Tables, am, seed, sim: dict):
+    t.sims.append({"adapter_method": am, "seed": seed, "names": sim["names"], "rms": sim["rms"],
+                   "mean": sim["mean"], "coverage": sim["coverage"], "rms_effective": sim["rms_effective"]})  # fmt: skip
+    pm = sim["per_module"].copy()
+    pm.insert(0, "seed", seed)
+    pm.insert(0, "adapter_method", am)
+    t.per_module.append(pm)
+
+
+def _composition_rows(t: _Tables, sc: Scenario, results: dict, am, seed, comp, sim, names, ev_base):
+    from .report import delta_pct
+
+    pre, cn = f"{am}/{seed}", comp_name(comp)
+    rms = np.array(sim["rms"], dtype=float)
+    rms_eff = None if sim["rms_effective"] is None else np.array(sim["rms_effective"], dtype=float)
+    mean = np.array(sim["mean"], dtype=float)
+    idx = [names.index(d) for d in comp]
+    cos = composition_cosine(rms, idx)
+    cos_eff = None if rms_eff is None else composition_cosine(rms_eff, idx)
+    mean_cos = float(np.mean([mean[i, j] for a, i in enumerate(idx) for j in idx[a + 1 :]]))
+    ev_md = results[f"eval/{pre}/merged-data/{cn}"]
+    t.add_evals(am, seed, f"merged-data:{cn}", ev_md)
+    ppl_md, tok = union_ppl(ev_md, comp)
+    ppl_base, _ = union_ppl(ev_base, comp)
+    for mg in sc.merges_for(am):
+        merge = results.get(f"merge/{pre}/{mg.method}/{cn}")
+        ev_m = merge["eval"] if merge and "eval" in merge else results[f"eval/{pre}/merge/{mg.method}/{cn}"]
+        if merge is not None:
+            t.merge_summaries.append({"adapter_method": am, "seed": seed, "composition": cn,
+                                      "merge_method": mg.method, "summary": merge["summary"]})  # fmt: skip
+        t.add_evals(am, seed, f"merge:{mg.method}:{cn}", ev_m)
+        ppl_m, _ = union_ppl(ev_m, comp)
+        t.results.append({
+            "adapter_method": am, "seed": seed, "composition": cn, "k": len(comp),
+            "merge_method": mg.method, "rms_cosine": cos, "mean_cosine": mean_cos,
+            "rms_cosine_effective": cos_eff, "ppl_merge": ppl_m, "ppl_merged_data": ppl_md,
+            "delta_ppl_pct": delta_pct(ppl_m, ppl_md), "ppl_base": ppl_base, "eval_tokens": tok,
+        })  # fmt: skip
+
+
+def _by_layer(per_module: pd.DataFrame) -> list[dict]:
+    """RMS cosine per layer and domain pair, averaged over seeds."""
+    if per_module.empty:
+        return []
+    pm = per_module.assign(pair=per_module["a"] + "+" + per_module["b"], cos2=per_module["cosine"] ** 2)
+    g = pm.groupby(["adapter_method", "seed", "pair", "layer"], sort=False)["cos2"].mean()
+    g = np.sqrt(g).reset_index().groupby(["adapter_method", "pair", "layer"], sort=False)["cos2"].mean()
+    return g.reset_index().rename(columns={"cos2": "rms_cosine"}).to_dict(orient="records")
+
+
+def assemble(sc: Scenario, results: dict[str, dict]) -> dict:
+    """The report's data from the plan's results (``{step id: result}``).
+
+    Returns ``evaluations``, ``results`` (a DataFrame), ``summary``, ``fits``,
+    ``similarity``, ``similarity_mean``, ``per_module`` (a DataFrame),
+    ``cosine_by_layer``, ``best_methods``, ``merge_summaries``, ``adapters``
+    and ``ev_base`` (the base's evaluation).
+    """
+    from .report import compute_fits, summarize
+
+    t = _Tables()
+    names = list(sc.domains)
+    ev_base = results["eval/base"]
+    for am in sc.adapters.methods:
+        for seed in sc.seeds:
+            pre = f"{am}/{seed}"
+            t.add_evals(am, seed, "base", ev_base)
+            sim = results[f"similarity/{pre}"]
+            _similarity(t, am, seed, sim)
+            t.adapters.append({"adapter_method": am, "seed": seed,
+                               **{d: results[f"adapter/{pre}/{d}"]["path"] for d in names},
+                               **{f"merged-data:{comp_name(c)}": results[f"merged-data/{pre}/{comp_name(c)}"]["path"]
+                                  for c in sc.compositions}})  # fmt: skip
+            for d in names:
+                t.add_evals(am, seed, f"adapter:{d}", results[f"eval/{pre}/adapter/{d}"])
+            for comp in sc.compositions:
+                _composition_rows(t, sc, results, am, seed, comp, sim, names, ev_base)
+    res_df = pd.DataFrame(t.results)
+    summary = summarize(res_df)
+    per_module = pd.concat(t.per_module, ignore_index=True) if t.per_module else pd.DataFrame()
+    sim_mean = []
+    for am in sc.adapters.methods:
+        mats = [np.array(s["rms"], dtype=float) for s in t.sims if s["adapter_method"] == am]
+        sim_mean.append({"adapter_method": am, "names": names, "rms": np.mean(mats, axis=0).tolist()})
+    best = {}
+    for am, g in summary.groupby("adapter_method", sort=False):
+        means = g.groupby("merge_method", sort=False)["delta_ppl_pct"].mean()
+        best[am] = {"method": str(means.idxmin()), "delta": float(means.min())}
+    return {"evaluations": t.evaluations, "results": res_df, "summary": summary, "fits": compute_fits(summary),
+            "similarity": t.sims, "similarity_mean": sim_mean, "per_module": per_module,
+            "cosine_by_layer": _by_layer(per_module), "best_methods": best,
+            "merge_summaries": t.merge_summaries, "adapters": t.adapters, "ev_base": ev_base}  # fmt: skip

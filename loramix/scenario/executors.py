@@ -1,0 +1,262 @@
+"""Executors: run a study's plan serially, in local processes, or on Ray.
+
+Every executor runs each :class:`~loramix.scenario.plan.Step` once, after
+all of its dependencies, and returns ``{step id: Outcome}``. A step is an
+idempotent job on the shared content-addressed cache: its result depends only
+on its spec, so the order (and the process) in which steps run changes no
+number, and two processes making the same artifact both end with the one
+renamed into place first (:meth:`loramix.scenario.cache.Cache.get_or_make`).
+
+* ``serial``: in this process, in plan order.
+* ``processes``: ``jobs`` local worker processes (``spawn``); with
+  ``device="cuda"`` and several GPUs, worker ``i`` uses GPU ``i mod n``.
+* ``ray``: tasks on a Ray cluster (``ray.init(address=...)``, or a local
+  instance without an address); the cache folder must be shared by the nodes.
+
+Torch threads: the run's ``threads`` are split across the ``jobs`` workers
+(at least one each). Results are byte-identical to a serial run whenever each
+job computes with the same number of threads as the serial run did.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import UsageError
+from .plan import Step
+from .steps import StepContext, run_step
+
+EXECUTORS = ("serial", "processes", "ray")
+
+
+@dataclass
+class Outcome:
+    """A step's result, its cache lookups and its wall time."""
+
+    result: dict
+    events: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _timed(ctx: StepContext, st: Step, deps: dict) -> Outcome:
+    n0, t0 = len(ctx.cache.log), time.perf_counter()
+    result = run_step(ctx, st, deps)
+    return Outcome(result, ctx.cache.log[n0:], time.perf_counter() - t0)
+
+
+def _deps_of(st: Step, done: dict[str, Outcome]) -> dict:
+    return {d: done[d].result for d in st.deps}
+
+
+def threads_per_job(threads: int, jobs: int) -> int:
+    """The run's torch threads split across ``jobs`` concurrent jobs."""
+    return max(1, threads // max(1, jobs))
+
+
+@dataclass
+class SerialExecutor:
+    def describe(self) -> dict:
+        return {"name": "serial", "jobs": 1}
+
+    def run(self, steps: list[Step], ctx: StepContext, on_done: Callable[[Step, Outcome], None]) -> dict:
+        done: dict[str, Outcome] = {}
+        for st in steps:
+            done[st.id] = _timed(ctx, st, _deps_of(st, done))
+            on_done(st, done[st.id])
+        return done
+
+
+def _schedule(steps: list[Step], submit, wait_any, on_done) -> dict[str, Outcome]:
+    """Submit each step once its dependencies are done; ``submit(step, deps)``
+    returns a handle, ``wait_any(handles)`` yields ``(handle, outcome)`` pairs
+    of finished ones."""
+    done: dict[str, Outcome] = {}
+    pending = list(steps)
+    running: dict = {}
+    while pending or running:
+        ready = [st for st in pending if all(d in done for d in st.deps)]
+        for st in ready:
+            pending.remove(st)
+            running[submit(st, _deps_of(st, done))] = st
+        if not running:
+            missing = {d for st in pending for d in st.deps} - done.keys()
+            raise RuntimeError(f"plan has unsatisfiable dependencies: {sorted(missing)[:5]}")
+        for handle, outcome in wait_any(list(running)):
+            st = running.pop(handle)
+            done[st.id] = outcome
+            on_done(st, outcome)
+    return done
+
+
+# ------------------------------------------------------------------ processes
+
+_WORKER: dict = {}
+
+
+def _worker_init(payload: dict, threads: int, devices) -> None:
+    import signal
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt  # unwind, so a half-made artifact is removed
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it terminates us
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    device = devices.get() if devices is not None else None
+    _WORKER["ctx"] = StepContext.from_payload(payload, device)
+
+
+def _worker_run(st: Step, deps: dict) -> Outcome:
+    return _timed(_WORKER["ctx"], st, deps)
+
+
+def _gpu_devices(device: str) -> list[str] | None:
+    if not str(device).startswith("cuda") or ":" in str(device):
+        return None
+    import torch
+
+    n = torch.cuda.device_count()
+    return [f"cuda:{i}" for i in range(n)] if n > 1 else None
+
+
+@dataclass
+class ProcessExecutor:
+    jobs: int
+    threads: int = 1
+
+    def describe(self) -> dict:
+        return {
+            "name": "processes",
+            "jobs": self.jobs,
+            "threads_per_job": threads_per_job(self.threads, self.jobs),
+        }
+
+    def run(self, steps: list[Step], ctx: StepContext, on_done) -> dict:
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        spawn = mp.get_context("spawn")
+        gpus = _gpu_devices(str(ctx.device))
+        devices = None
+        if gpus:
+            devices = spawn.Queue()
+            for i in range(self.jobs):
+                devices.put(gpus[i % len(gpus)])
+        pool = ProcessPoolExecutor(self.jobs, mp_context=spawn, initializer=_worker_init,
+                                   initargs=(ctx.payload(), threads_per_job(self.threads, self.jobs), devices))  # fmt: skip
+
+        def wait_any(futures):
+            finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+            return [(f, f.result()) for f in finished]
+
+        try:
+            out = _schedule(steps, lambda st, deps: pool.submit(_worker_run, st, deps), wait_any, on_done)
+        except BaseException:
+            for p in list(getattr(pool, "_processes", {}).values()):
+                p.terminate()  # each worker removes its half-made artifact (SIGTERM handler)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return out
+
+
+# ------------------------------------------------------------------ ray
+
+_RAY_CTX: dict = {}
+
+
+def _ray_run(payload: dict, threads: int, st: Step, deps: dict) -> Outcome:
+    import torch
+
+    torch.set_num_threads(threads)
+    key = payload["run"]
+    if key not in _RAY_CTX:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        _RAY_CTX.clear()
+        _RAY_CTX[key] = StepContext.from_payload(payload)
+    return _timed(_RAY_CTX[key], st, deps)
+
+
+def import_ray():
+    """``ray``, or a one-line error saying how to get it."""
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--executor", "ray is not installed; pip install 'loramix[ray]'") from None
+    return ray
+
+
+@dataclass
+class RayExecutor:
+    jobs: int
+    threads: int = 1
+    address: str | None = None
+
+    def describe(self) -> dict:
+        return {"name": "ray", "jobs": self.jobs, "threads_per_job": threads_per_job(self.threads, self.jobs),
+                "address": self.address or "local"}  # fmt: skip
+
+    def run(self, steps: list[Step], ctx: StepContext, on_done) -> dict:
+        ray = import_ray()
+        started = not ray.is_initialized()
+        if started:
+            self._init(ray)
+        per = threads_per_job(self.threads, self.jobs)
+        gpu = 1 if str(ctx.device).startswith("cuda") else 0
+        task = ray.remote(num_cpus=per, num_gpus=gpu, max_retries=0)(_ray_run)
+        import uuid
+
+        payload = ray.put({**ctx.payload(), "run": uuid.uuid4().hex})  # one context per run and worker
+
+        def wait_any(refs):
+            ready, _ = ray.wait(refs, num_returns=1)
+            return [(r, ray.get(r)) for r in ready]
+
+        try:
+            return _schedule(steps, lambda st, deps: task.remote(payload, per, st, deps), wait_any, on_done)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _init(self, ray) -> None:
+        import os
+        from pathlib import Path
+
+        if self.address:
+            ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
+            return
+        # A local instance: workers import this checkout of loramix.
+        root = str(Path(__file__).resolve().parents[2])
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        ray.init(num_cpus=max(1, self.jobs) * threads_per_job(self.threads, self.jobs), include_dashboard=False,
+                 logging_level="ERROR", log_to_driver=False, runtime_env={"env_vars": env})  # fmt: skip
+
+
+def make_executor(name: str | None = None, *, jobs: int | None = None, threads: int = 1,
+                  address: str | None = None):  # fmt: skip
+    """The executor ``name`` (serial, processes, ray); without a name,
+    processes when ``jobs`` > 1, else serial."""
+    if name is None:
+        name = "processes" if jobs and jobs > 1 else "serial"
+    if name not in EXECUTORS:
+        raise UsageError("--executor", f"unknown executor {name!r}; use {', '.join(EXECUTORS)}")
+    if jobs is not None and jobs < 1:
+        raise UsageError("--jobs", f"must be at least 1, got {jobs}")
+    if address and name != "ray":
+        raise UsageError("--address", "applies to --executor ray only")
+    if name == "serial" and jobs and jobs > 1:
+        raise UsageError("--jobs", "the serial executor runs one job; use --executor processes or ray")
+    if name == "processes":
+        return ProcessExecutor(jobs or 2, threads)
+    if name == "ray":
+        import_ray()
+        return RayExecutor(jobs or 2, threads, address)
+    return SerialExecutor()

@@ -1,0 +1,265 @@
+"""The study as a plan: every step of a scenario, its dependencies and its cache key.
+
+:func:`plan` turns a checked :class:`~loramix.scenario.config.Scenario` into a
+list of :class:`Step` in dependency order (each step's dependencies come
+before it). A step is one artifact of the content-addressed cache
+(:mod:`loramix.scenario.cache`) and its key is known before anything runs:
+an artifact's spec names its upstream artifacts by their folder names,
+``make_key(kind, spec)[:24]``, which depend only on their own specs. So a plan
+says exactly which cache entries a run reads or makes, and an executor
+(:mod:`loramix.scenario.executors`) may run independent steps in any order or
+in parallel.
+
+For each adapter kind ``a`` and seed ``s`` the steps are (docs/interference.md
+gives the protocol)::
+
+    data/<domain>/<part>         the train and eval splits       (cache: data)
+    base                         the base model (built or hashed) (cache: base)
+    eval/base                    the base on every eval split      (cache: eval)
+    adapter/a/s/<domain>         one adapter per domain            (cache: adapter)
+    merged-data/a/s/<comp>       one adapter on the union of comp  (cache: adapter)
+    similarity/a/s               RMS cosine of the domain adapters (not cached)
+    eval/a/s/adapter/<domain>    each domain adapter               (cache: eval)
+    eval/a/s/merged-data/<comp>  each merged-data adapter          (cache: eval)
+    merge/a/s/<method>/<comp>    a merge: written, evaluated       (cache: merge)
+    eval/a/s/merge/<method>/<comp>  a low-rank merge or the sum    (cache: eval)
+
+Data splits are drawn once with ``data_seed``; the seeds vary adapter
+training only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ScenarioError
+from .cache import make_key
+from .config import Scenario
+from .traits import applied_on_the_fly, needs_base
+
+
+def comp_name(comp) -> str:
+    return "+".join(comp)
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _records_jsonl(records) -> str:
+    return "".join(
+        json.dumps({"question": r.question, "answer": r.answer, "context": r.context}, ensure_ascii=False)
+        + "\n"
+        for r in records
+    )
+
+
+@dataclass
+class DomainData:
+    name: str
+    train: list
+    eval: list
+    train_text: str
+    eval_text: str
+    source_sha256: str | None
+
+    @property
+    def sha256_train(self) -> str:
+        return _sha256_text(self.train_text)
+
+    @property
+    def sha256_eval(self) -> str:
+        return _sha256_text(self.eval_text)
+
+
+def prepare_data(sc: Scenario) -> dict[str, DomainData]:
+    """Load and split every domain (cheap; done before any work so that a
+    domain too small for its sizes fails first)."""
+    from ..data import load_records, split_records
+    from ..errors import LoramixError
+    from ..io.safetensors_io import file_sha256
+
+    out = {}
+    for name, d in sc.domains.items():
+        try:
+            recs = load_records(d.data, question_field=d.question_field, answer_field=d.answer_field,
+                                context_field=d.context_field)  # fmt: skip
+        except LoramixError as e:
+            raise ScenarioError(f"{sc.path}: domains.{name}.data", e.message) from None
+        if len(recs) < d.train + d.eval:
+            raise ScenarioError(f"{sc.path}: domains.{name}.train",
+                                f"{d.data} has {len(recs)} records, fewer than train={d.train} + eval={d.eval}")  # fmt: skip
+        train_all, ev = split_records(recs, eval_size=d.eval, seed=sc.data_seed)
+        idx = list(range(len(train_all)))
+        random.Random(sc.data_seed + 1).shuffle(idx)
+        train = [train_all[i] for i in sorted(idx[: d.train])]
+        src = None if d.synthetic else file_sha256(d.data)
+        out[name] = DomainData(name, train, ev, _records_jsonl(train), _records_jsonl(ev), src)
+    return out
+
+
+@dataclass(frozen=True)
+class Step:
+    """One artifact of the study.
+
+    ``kind``: data, base, adapter, merged-data, similarity, eval or merge.
+    ``cache_kind``/``spec``: the cache entry it reads or makes (``None`` for
+    a step that is not cached: the similarity, a base given as a folder).
+    ``key``: ``make_key(cache_kind, spec)``, or the base folder's content hash.
+    ``deps``: ids of the steps whose results it uses. ``args``: what running
+    it needs besides the spec (names, merge parameters, dependency roles).
+    ``group``: the row of the report's timing table it counts under.
+    """
+
+    id: str
+    kind: str
+    cache_kind: str | None
+    spec: dict | None
+    key: str
+    deps: tuple[str, ...]
+    label: str
+    group: str
+    args: dict = field(default_factory=dict)
+
+    @property
+    def folder_name(self) -> str:
+        """The artifact's folder in the cache, which downstream specs name."""
+        return self.key[:24] if self.cache_kind else self.key
+
+
+def base_folder_key(path: Path) -> str:
+    """A given base folder's key: its identity (config and weights), the same
+    hash that merge and training provenance record for that base."""
+    from ..io.model_folder import BaseModelFolder
+
+    return BaseModelFolder(path).identity()
+
+
+class _Planner:
+    """Builds the steps in the order a serial run makes them."""
+
+    def __init__(self, sc: Scenario, data: dict[str, DomainData]):
+        self.sc, self.data = sc, data
+        self.steps: dict[str, Step] = {}
+
+    def add(self, id, kind, cache_kind, spec, deps, label, group, key=None, **args) -> Step:
+        key = key if key is not None else make_key(cache_kind, spec)
+        st = Step(id, kind, cache_kind, spec, key, tuple(deps), label, group, args)
+        self.steps[id] = st
+        return st
+
+    def key_of(self, step_id: str) -> str:
+        return self.steps[step_id].folder_name
+
+    def data_steps(self) -> None:
+        for dd in self.data.values():
+            for part, text in (("train", dd.train_text), ("eval", dd.eval_text)):
+                spec = {"sha256": _sha256_text(text), "records": text.count("\n")}
+                self.add(f"data/{dd.name}/{part}", "data", "data", spec, (), f"{dd.name}/{part}", "data",
+                         domain=dd.name, part=part)  # fmt: skip
+
+    def base_step(self) -> None:
+        b = self.sc.base
+        if b.path is not None:
+            self.add(
+                "base", "base", None, None, (), "hash", "base", key=base_folder_key(b.path), path=str(b.path)
+            )
+            return
+        from ..data import load_records
+
+        if b.build_data:
+            records = [r for spec in b.build_data for r in load_records(spec)]
+        else:
+            records = [r for dd in self.data.values() for r in dd.train]
+        spec = {"recipe": {"size": b.size, "steps": b.steps, "seed": b.seed, **b.build_params},
+                "data_sha256": _sha256_text(_records_jsonl(records))}  # fmt: skip
+        self.add("base", "base", "base", spec, (), f"base build {b.size}", "base", records=records)
+
+    def eval_step(self, id, model: dict, deps, label, group, **args) -> Step:
+        ev = self.sc.eval
+        spec = {"model": model, "data": {n: self.key_of(f"data/{n}/eval") for n in self.data},
+                "settings": {"on": ev.on, "max_len": ev.max_len}}  # fmt: skip
+        eval_deps = ("base", *(f"data/{n}/eval" for n in self.data), *deps)
+        return self.add(id, "eval", "eval", spec, eval_deps, label, group, **args)
+
+    def adapter_step(self, id, kind, am, seed, domains, label, name) -> Step:
+        spec = {"base": self.key_of("base"), "method": am, "recipe": self.sc.adapters.recipe(), "seed": seed,
+                "data": [self.key_of(f"data/{d}/train") for d in domains]}  # fmt: skip
+        deps = ("base", *(f"data/{d}/train" for d in domains))
+        return self.add(id, kind, "adapter", spec, deps, label, "train", method=am, seed=seed,
+                        domains=list(domains), name=name)  # fmt: skip
+
+    def seed_steps(self, am: str, seed: int) -> None:
+        sc, names, base = self.sc, list(self.data), self.key_of("base")
+        pre = f"{am}/{seed}"
+        for d in names:
+            self.adapter_step(f"adapter/{pre}/{d}", "adapter", am, seed, [d], f"{pre}/{d}", d)
+        for comp in sc.compositions:
+            cn = comp_name(comp)
+            self.adapter_step(f"merged-data/{pre}/{cn}", "merged-data", am, seed, comp,
+                              f"{pre}/merged-data {cn}", f"merged-data_{cn}")  # fmt: skip
+        dom = [f"adapter/{pre}/{d}" for d in names]
+        self.add(f"similarity/{pre}", "similarity", None, None, ("base", *dom), pre, "similarity",
+                 key=f"similarity/{pre}", names=names, effective=needs_base(am))  # fmt: skip
+        for d in names:
+            a = f"adapter/{pre}/{d}"
+            self.eval_step(f"eval/{pre}/adapter/{d}", {"base": base, "adapters": [self.key_of(a)]}, (a,),
+                           f"{pre}/{d}", "evaluate", adapters=[a])  # fmt: skip
+        for comp in sc.compositions:
+            cn = comp_name(comp)
+            md = f"merged-data/{pre}/{cn}"
+            self.eval_step(f"eval/{pre}/merged-data/{cn}", {"base": base, "adapters": [self.key_of(md)]}, (md,),
+                           f"{pre}/merged-data {cn}", "evaluate", adapters=[md])  # fmt: skip
+            for mg in sc.merges_for(am):
+                self.merge_steps(pre, comp, mg)
+
+    def merge_steps(self, pre: str, comp, mg) -> None:
+        """The sum is evaluated on the fly; a low-rank merge is kept as an
+        adapter and evaluated; a dense merge is written, evaluated and deleted
+        in one step (its result is the evaluation)."""
+        from ..methods import get_method
+
+        cn, base = comp_name(comp), self.key_of("base")
+        ads = [f"adapter/{pre}/{d}" for d in comp]
+        keys = [self.key_of(a) for a in ads]
+        label, eval_id = f"{pre}/{mg.method} {cn}", f"eval/{pre}/merge/{mg.method}/{cn}"
+        if applied_on_the_fly(mg.method):
+            self.eval_step(eval_id, {"base": base, "adapters": keys, "sum": True}, ads, f"{pre}/sum {cn}",
+                           "merge", adapters=ads)  # fmt: skip
+            return
+        spec = {"method": mg.method, "params": mg.params, "base": base, "adapters": keys}
+        merge_id = f"merge/{pre}/{mg.method}/{cn}"
+        if get_method(mg.method).low_rank:
+            self.add(merge_id, "merge", "merge", spec, ("base", *ads), label, "merge", method=mg.method,
+                     params=mg.params, adapters=ads, low_rank=True)  # fmt: skip
+            self.eval_step(eval_id, {"base": base, "merge": self.key_of(merge_id)}, (merge_id,), label, "merge",
+                           merge=merge_id)  # fmt: skip
+            return
+        ev = self.sc.eval
+        spec = {**spec, "model": {"dense": True}, "data": {n: self.key_of(f"data/{n}/eval") for n in self.data},
+                "settings": {"on": ev.on, "max_len": ev.max_len}}  # fmt: skip
+        deps = ("base", *(f"data/{n}/eval" for n in self.data), *ads)
+        self.add(merge_id, "merge", "merge", spec, deps, label, "merge", method=mg.method, params=mg.params,
+                 adapters=ads, low_rank=False)  # fmt: skip
+
+
+def plan(sc: Scenario, data: dict[str, DomainData] | None = None) -> list[Step]:
+    """Every step of the study ``sc``, dependencies first.
+
+    ``data``: the prepared domains (:func:`prepare_data`; loaded when omitted).
+    Pure apart from reading the data and, for a given base folder, hashing
+    its files.
+    """
+    data = prepare_data(sc) if data is None else data
+    p = _Planner(sc, data)
+    p.data_steps()
+    p.base_step()
+    p.eval_step("eval/base", {"base": p.key_of("base")}, (), "base", "evaluate")
+    for am in sc.adapters.methods:
+        for seed in sc.seeds:
+            p.seed_steps(am, seed)
+    return list(p.steps.values())

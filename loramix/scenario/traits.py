@@ -1,0 +1,44 @@
+"""What the study needs to know about adapter kinds and merge methods.
+
+The study never asks by name: a merge method declares the kinds it applies to
+(``MergeMethod.kinds``) and whether it equals the adapters applied together
+in the forward (``MergeMethod.attachable``); an adapter kind declares whether
+its delta depends on the base (``AdapterKind.needs_base``).
+"""
+
+from __future__ import annotations
+
+from ..methods.base import D2LORA, LORA
+
+# The kinds a study can train (loramix's trainer writes these).
+ADAPTER_KINDS = (LORA, D2LORA)
+
+
+def _method(name: str):
+    from ..methods import get_method
+
+    return get_method(name)
+
+
+def applies_to(merge_method: str, adapter_kind: str) -> bool:
+    """Whether ``merge_method`` can merge adapters of ``adapter_kind``."""
+    return _method(merge_method).applies_to(adapter_kind)
+
+
+def kinds_for(merge_method: str) -> list[str]:
+    """The trainable adapter kinds ``merge_method`` applies to."""
+    return [k for k in ADAPTER_KINDS if applies_to(merge_method, k)]
+
+
+def needs_base(adapter_kind: str) -> bool:
+    """Whether an adapter's delta depends on the base weights (D2-LoRA's
+    projection): the study then also reports the cosine of the effective deltas."""
+    from ..kinds import get_kind
+
+    return get_kind(adapter_kind).needs_base
+
+
+def applied_on_the_fly(merge_method: str) -> bool:
+    """Whether the study evaluates the merge without writing it: a merge equal to
+    the adapters loaded together (``W0 + sum_i dW_i`` in the forward)."""
+    return _method(merge_method).attachable

@@ -1,0 +1,317 @@
+"""Fit interference from pairwise features, validated by leave-one-domain-out.
+
+Inputs: compositions ``C_k`` (tuples of domain names, one adapter per domain),
+their measured interference ``y_k`` (e.g. ``delta_ppl%``) and a feature table
+``X`` (compositions x features) whose entries are the pair value for a pair
+and, for ``k >= 3`` members, the RMS (or mean, for signed features) over the
+member pairs (:func:`composition_table`, :func:`loramix.features.composition_value`).
+
+Predictors
+----------
+* ``mean``: ``y_hat = mean(y_train)``; interval ``y_bar +- t_{n-1} s sqrt(1 + 1/n)``.
+* ``ols:F`` for each feature ``F``: the line ``y = a x_F + b`` of
+  :func:`loramix.fit.fit_line` with its OLS prediction interval.
+* ``ridge``: the overall features (names without ``:``) standardised on the
+  training part, ``z = (x - mu) / sd``, and
+  ``beta = (Z^T Z + lambda I)^{-1} Z^T (y - y_bar)``, ``y_hat = y_bar + z beta``;
+  ``lambda`` from :data:`LAMBDAS` by an inner leave-one-domain-out on the
+  training part (smallest held-out MAE; 1.0 when the training part spans fewer
+  than three domains). Its interval adds the ``(1 -+ level) / 2`` quantiles of
+  the training residuals to ``y_hat``.
+
+Leave-one-domain-out
+--------------------
+For each domain ``d``: fit on the compositions that do not contain ``d`` and
+predict those that do (:func:`lodo_splits`), so no fit ever sees its held-out
+domain. A composition is predicted once per member domain; the metrics pool
+all these held-out predictions: Pearson ``r``, ``R^2 = 1 - SS_res / SS_tot``
+(about the held-out ``y``'s mean; negative when worse than that mean), ``MAE``,
+and the coverage of the ``level`` (default 90%) prediction intervals (the
+fraction of held-out ``y`` inside them). The best predictor has the lowest
+held-out MAE; it *beats the mean* when its MAE is below the ``mean``
+predictor's. Features with a missing value (NaN) on any composition are left
+out. The final fits (on all compositions) are kept for ``loramix plan``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import UsageError
+from .fit import LinearFit, fit_line, t_quantile
+
+LAMBDAS = (0.01, 0.1, 1.0, 10.0, 100.0)
+FORMAT = "loramix-predictors"
+SUMMARY_COLUMNS = ["predictor", "n", "r", "r2", "mae", "coverage"]
+PREDICTION_COLUMNS = ["predictor", "held_out", "composition", "y", "y_hat", "low", "high"]
+
+
+def label(comp) -> str:
+    return "+".join(comp)
+
+
+def composition_table(features, compositions: list[tuple[str, ...]]) -> pd.DataFrame:
+    """Compositions x predictor features (a :class:`loramix.features.FeatureSet`
+    whose ``names`` are the domains)."""
+    idx = {n: k for k, n in enumerate(features.names)}
+    rows = []
+    for comp in compositions:
+        unknown = [d for d in comp if d not in idx]
+        if unknown:
+            raise UsageError(
+                "compositions", f"domain {unknown[0]!r} is not among {', '.join(features.names)}"
+            )
+        members = [idx[d] for d in comp]
+        rows.append({f: features.composition(f, members) for f in features.predictors()})
+    return pd.DataFrame(rows, index=pd.Index([label(c) for c in compositions], name="composition"))
+
+
+def lodo_splits(compositions: list[tuple[str, ...]]) -> list[tuple[str, list[int], list[int]]]:
+    """``(domain, train, test)`` per domain: ``train`` indexes the compositions
+    without the domain, ``test`` those with it (folds with an empty side dropped)."""
+    domains = sorted({d for c in compositions for d in c})
+    out = []
+    for d in domains:
+        test = [k for k, c in enumerate(compositions) if d in c]
+        train = [k for k, c in enumerate(compositions) if d not in c]
+        if train and test:
+            out.append((d, train, test))
+    return out
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def _fit_mean(y: np.ndarray) -> dict:
+    n = len(y)
+    sd = float(y.std(ddof=1)) if n >= 2 else None
+    return {"kind": "mean", "n": n, "mean": float(y.mean()), "sd": sd}
+
+
+def _fit_ridge(X: np.ndarray, y: np.ndarray, features: list[str], lam: float, level: float) -> dict:
+    mu = X.mean(axis=0)
+    sd = X.std(axis=0)
+    sd = np.where(sd > 0, sd, 1.0)  # a constant column standardises to 0 and gets no weight
+    Z = (X - mu) / sd
+    ybar = float(y.mean())
+    beta = np.linalg.solve(Z.T @ Z + lam * np.eye(Z.shape[1]), Z.T @ (y - ybar))
+    resid = y - (ybar + Z @ beta)
+    q = (
+        [float(v) for v in np.quantile(resid, [(1 - level) / 2, (1 + level) / 2])]
+        if len(y) >= 3
+        else [None, None]
+    )
+    return {"kind": "ridge", "features": features, "lambda": lam, "mu": mu.tolist(), "sd": sd.tolist(),
+            "coef": beta.tolist(), "intercept": ybar, "resid_low": q[0],
+            "resid_high": q[1], "n": len(y)}  # fmt: skip
+
+
+def _fit_ols(x: np.ndarray, y: np.ndarray, feature: str) -> dict:
+    f = fit_line(x, y)
+    if not f.ok:  # the feature does not vary on the training part: no line
+        return _fit_mean(y)
+    keep = (
+        "n",
+        "slope",
+        "intercept",
+        "pearson_r",
+        "r2",
+        "x_mean",
+        "sxx",
+        "residual_se",
+        "loo_rmse",
+        "loo_mae",
+    )
+    return {"kind": "ols", "feature": feature, **{k: getattr(f, k) for k in keep}}
+
+
+def _ridge_value(fit: dict, x: np.ndarray) -> float:
+    """``y_bar + ((x - mu) / sd) @ beta``."""
+    return fit["intercept"] + float(((x - fit["mu"]) / np.asarray(fit["sd"])) @ np.asarray(fit["coef"]))
+
+
+def predict_from(fit: dict, x: dict, level: float = 0.9) -> tuple[float, float | None, float | None]:
+    """``(y_hat, low, high)`` of a fitted predictor at feature values ``x``
+    (feature name -> composition value); no interval where the fit has too few points."""
+    if fit["kind"] == "mean":
+        n, m, sd = fit["n"], fit["mean"], fit["sd"]
+        if n < 3 or sd is None:
+            return m, None, None
+        half = t_quantile(0.5 + level / 2, n - 1) * sd * math.sqrt(1 + 1 / n)
+        return m, m - half, m + half
+    if fit["kind"] == "ols":
+        f = LinearFit.from_dict(fit)
+        x0 = float(x[fit["feature"]])
+        iv = f.prediction_interval(x0, level)
+        return f.predict(x0), *(iv if iv is not None else (None, None))
+    yh = _ridge_value(fit, np.array([float(x[k]) for k in fit["features"]]))
+    if fit["resid_low"] is None:
+        return yh, None, None
+    return yh, yh + fit["resid_low"], yh + fit["resid_high"]
+
+
+def ridge_features(X: pd.DataFrame) -> list[str]:
+    """The overall features (no per-type or per-band breakdown) that the ridge combines."""
+    return [c for c in X.columns if ":" not in c]
+
+
+def _choose_lambda(comps, X: np.ndarray, y: np.ndarray, lambdas=LAMBDAS) -> float:
+    """The ``lambda`` with the lowest inner leave-one-domain-out MAE."""
+    splits = lodo_splits(comps)
+    if len({d for c in comps for d in c}) < 3 or not splits:
+        return 1.0
+    best, best_mae = 1.0, math.inf
+    for lam in lambdas:
+        errs = []
+        for _, tr, te in splits:
+            f = _fit_ridge(X[tr], y[tr], [], lam, 0.9)
+            errs += [abs(_ridge_value(f, X[k]) - y[k]) for k in te]
+        mae = float(np.mean(errs))
+        if mae < best_mae - 1e-12:
+            best, best_mae = lam, mae
+    return best
+
+
+def fit_all(comps, y: np.ndarray, X: pd.DataFrame, level: float = 0.9, lambdas=LAMBDAS) -> dict[str, dict]:
+    """Every predictor fitted on ``(comps, X, y)``: ``{"mean", "ols:F"..., "ridge"}``."""
+    fits = {"mean": _fit_mean(y)}
+    for f in X.columns:
+        fits[f"ols:{f}"] = _fit_ols(X[f].to_numpy(), y, f)
+    rf = ridge_features(X)
+    if rf:
+        R = X[rf].to_numpy()
+        fits["ridge"] = _fit_ridge(R, y, rf, _choose_lambda(comps, R, y, lambdas), level)
+    return fits
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@dataclass
+class Validation:
+    """Held-out predictions (long), per-predictor metrics and the final fits."""
+
+    predictions: pd.DataFrame  # PREDICTION_COLUMNS
+    summary: pd.DataFrame  # SUMMARY_COLUMNS, best first
+    fits: dict[str, dict]
+    compositions: list[tuple[str, ...]]
+    y: list[float]
+    aggregate: dict[str, str]
+    level: float
+    target: str
+    dropped: list[str] = field(default_factory=list)  # features missing on some composition
+
+    @property
+    def best(self) -> str:
+        return str(self.summary.iloc[0]["predictor"])
+
+    def mae(self, predictor: str) -> float:
+        return float(self.summary.set_index("predictor").loc[predictor, "mae"])
+
+    @property
+    def beats_mean(self) -> bool:
+        return self.best != "mean" and self.mae(self.best) < self.mae("mean")
+
+    def headline(self) -> str:
+        """One sentence: the best predictor and whether it beats the mean."""
+        b, m = self.mae(self.best), self.mae("mean")
+        if not self.beats_mean:
+            return (f"No feature predicts {self.target} better than the mean under leave-one-domain-out "
+                    f"(mean: held-out MAE {m:.3g}).")  # fmt: skip
+        return (f"Best predictor of {self.target}: {self.best}, held-out MAE {b:.3g} against {m:.3g} "
+                "for the mean (leave-one-domain-out).")  # fmt: skip
+
+    def to_json_dict(self) -> dict:
+        def clean(v):
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
+        return {
+            "format": FORMAT, "target": self.target, "level": self.level, "headline": self.headline(),
+            "best": self.best, "beats_mean": self.beats_mean,
+            "compositions": [list(c) for c in self.compositions], "y": list(self.y),
+            "aggregate": dict(self.aggregate),
+            "dropped_features": list(self.dropped),
+            "summary": [{k: clean(v) for k, v in r.items()} for r in self.summary.to_dict(orient="records")],
+            "fits": self.fits,
+        }  # fmt: skip
+
+
+def _metrics(pred: pd.DataFrame) -> dict:
+    y, yh = pred["y"].to_numpy(float), pred["y_hat"].to_numpy(float)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r = float(np.corrcoef(yh, y)[0, 1]) if len(y) > 1 and yh.std() > 0 and y.std() > 0 else float("nan")
+    iv = pred.dropna(subset=["low", "high"])
+    cov = float(((iv["low"] <= iv["y"]) & (iv["y"] <= iv["high"])).mean()) if len(iv) else float("nan")
+    return {"n": len(y), "r": r, "r2": 1 - float(((y - yh) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan"),
+            "mae": float(np.abs(y - yh).mean()), "coverage": cov}  # fmt: skip
+
+
+def validate(compositions, y, X: pd.DataFrame, *, level: float = 0.9, lambdas=LAMBDAS,
+             aggregate: dict[str, str] | None = None, target: str = "interference") -> Validation:  # fmt: skip
+    """Leave-one-domain-out validation of every predictor (module docstring).
+
+    ``compositions``: tuples of domain names, aligned with ``y`` and the rows of
+    ``X`` (compositions x features, e.g. from :func:`composition_table`).
+    """
+    comps = [tuple(c) for c in compositions]
+    y = np.asarray(y, dtype=np.float64)
+    if len(comps) != len(y) or len(y) != len(X):
+        raise UsageError(
+            "validation", f"{len(comps)} compositions, {len(y)} values and {len(X)} feature rows"
+        )
+    if not np.isfinite(y).all():
+        raise UsageError("validation", "the measured interference has a missing or non-finite value")
+    complete = X.notna().all(axis=0).to_numpy()
+    dropped = [str(c) for c in X.columns[~complete]]
+    X = X.loc[:, complete]
+    X = X.reset_index(drop=True)
+    splits = lodo_splits(comps)
+    if not splits:
+        raise UsageError("validation", "leave-one-domain-out needs compositions with and without each domain")
+    rows = []
+    for d, tr, te in splits:
+        fits = fit_all([comps[k] for k in tr], y[tr], X.iloc[tr], level, lambdas)
+        for name, fit in fits.items():
+            for k in te:
+                yh, lo, hi = predict_from(fit, X.iloc[k].to_dict(), level)
+                rows.append((name, d, label(comps[k]), float(y[k]), yh, lo, hi))
+    pred = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+    summary = pd.DataFrame(
+        [{"predictor": p, **_metrics(g)} for p, g in pred.groupby("predictor", sort=False)]
+    )
+    summary = summary.sort_values(["mae", "predictor"], kind="stable").reset_index(drop=True)[SUMMARY_COLUMNS]
+    agg = {f: (aggregate or {}).get(f, "rms") for f in X.columns}
+    fits = fit_all(comps, y, X, level, lambdas)
+    return Validation(pred, summary, fits, comps, y.tolist(), agg, level, target, dropped)
+
+
+def write_predictors(path: str | os.PathLike, result: Validation) -> Path:
+    """Write ``result.to_json_dict()`` atomically."""
+    from .io.outputs import atomic_write
+
+    with atomic_write(path) as f:
+        json.dump(result.to_json_dict(), f, indent=1)
+    return Path(path)
+
+
+def load_predictors(path: str | os.PathLike) -> dict:
+    """A predictors file written by :func:`write_predictors`; one-line errors otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(p, "no such predictors file (loramix.validation.write_predictors writes one)")
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(p, f"not a valid predictors file: {e}") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT or not isinstance(d.get("fits"), dict):
+        raise UsageError(p, f"not a loramix predictors file (no format {FORMAT!r} with 'fits')")
+    if d.get("best") not in d["fits"]:
+        raise UsageError(p, f"best predictor {d.get('best')!r} has no fit")
+    return d

@@ -1,0 +1,163 @@
+"""``loramix plan`` on synthetic banks with a known cluster structure, the
+greedy grouping and method rule, and bad input (one line, exit 2)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from loramix.cli import main
+from loramix.grouping import greedy_groups, method_for, plan
+from loramix.io.adapter_files import save_peft_adapter
+from loramix.validation import validate, write_predictors
+
+MODULES = [f"model.layers.{k}.self_attn.q_proj" for k in range(2)]
+CLUSTERS, PER, DIM = 3, 3, 16
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    """Nine adapters in three clusters: a cluster's deltas live in its own
+    4-dimensional row and column subspaces (orthogonal to the other clusters')
+    and share a core there, so cosines are high within a cluster, 0 across."""
+    root = tmp_path_factory.mktemp("bank")
+    gen = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(DIM, DIM, generator=gen, dtype=torch.float64)).Q
+    paths, cluster = [], []  # cluster[k]: the cluster of adapter k
+    for c in range(CLUSTERS):
+        U = Q[:, 4 * c : 4 * c + 4]  # the cluster's rows and columns both live here
+        core = {
+            m: (
+                torch.randn(4, 2, generator=gen, dtype=torch.float64),
+                torch.randn(2, 4, generator=gen, dtype=torch.float64),
+            )
+            for m in MODULES
+        }
+        for k in range(PER):
+            factors = {}
+            for m, (Mb, Ma) in core.items():
+                nb = 0.3 * torch.randn(4, 2, generator=gen, dtype=torch.float64)
+                na = 0.3 * torch.randn(2, 4, generator=gen, dtype=torch.float64)
+                factors[m] = (U @ (Mb + nb), (Ma + na) @ U.T)
+            paths.append(save_peft_adapter(root / f"c{c}_{k}", factors, dtype=torch.float32))
+            cluster.append(c)
+    return [str(p) for p in paths], cluster
+
+
+def _clusters_of(groups):
+    idx = {f"c{c}_{k}": c for c in range(CLUSTERS) for k in range(PER)}
+    return [sorted(idx[n] for n in g["members"]) for g in groups]
+
+
+def test_cosine_cost_groups_one_adapter_per_cluster(bank):
+    """Without a fit the cost is the RMS cosine: merge the orthogonal ones, so
+    every proposed group takes at most one adapter from each cluster."""
+    paths, cluster = bank
+    p = plan(paths, max_group=3)
+    assert p.budget == 0.1 and "RMS cosine" in p.cost_source
+    assert [sorted(g) for g in _clusters_of(p.groups)] == [[0, 1, 2]] * 3
+    for g in p.groups:
+        assert g["cost"] == pytest.approx(0.0, abs=1e-6) and g["method"] == "sum" and g["interval"] is None
+
+
+@pytest.fixture(scope="module")
+def similar_merge_well(tmp_path_factory):
+    """A predictors file from a study where interference falls with cosine."""
+    rng = np.random.default_rng(0)
+    comps = list(itertools.combinations([f"d{k}" for k in range(6)], 2))
+    x = rng.uniform(0, 1, len(comps))
+    v = validate(comps, 5 - 30 * x + rng.normal(0, 0.5, len(comps)), pd.DataFrame({"rms_cosine": x}))
+    assert v.best in ("ols:rms_cosine", "ridge")  # both read rms_cosine alone
+    return write_predictors(tmp_path_factory.mktemp("fit") / "predictors.json", v), v.best
+
+
+def test_fit_cost_recovers_the_clusters_through_the_cli(bank, similar_merge_well, capsys):
+    paths, _ = bank
+    fit, best = similar_merge_well
+    assert main(["plan", *paths, "--fit", str(fit), "--max-group", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["budget"] == 0.0 and best in out["cost"]
+    assert out["validated"]["predictor"] == best
+    assert sorted(sorted(g["members"]) for g in out["groups"]) == [
+        [f"c{c}_{k}" for k in range(PER)] for c in range(CLUSTERS)
+    ]
+    for g in out["groups"]:
+        lo, hi = g["interval"]
+        assert lo < g["cost"] < hi < 0 and g["method"] == "sum"
+    # the table form says where the cost comes from and the rule
+    assert main(["plan", *paths, "--fit", str(fit), "--max-group", "3"]) == 0
+    text = capsys.readouterr().out
+    assert f"predicted interference by {best}" in text and "sum when" in text
+    # a smaller K splits the clusters; a budget below every group's cost merges nothing
+    p = plan(paths, fit=fit, max_group=2)
+    assert max(len(g["members"]) for g in p.groups) == 2
+    p = plan(paths, fit=fit, budget=-1000)
+    assert all(len(g["members"]) == 1 and g["method"] == "keep" for g in p.groups)
+
+
+def test_greedy_groups_and_method_rule():
+    # cost of a group = its size minus the number of even members: odd ones are costly
+    def cost(m):
+        return (sum(1 for i in m if i % 2) * 1.0, None, None)
+
+    assert greedy_groups(6, cost, budget=0.5, max_group=3) == [[0, 2, 4], [1], [3], [5]]
+    assert greedy_groups(6, cost, budget=0.5, max_group=2) == [[0, 2], [1], [3], [4], [5]]
+    assert method_for(1, 0.0, None, 1.0) == "keep"
+    assert method_for(3, 0.4, None, 1.0) == "sum"
+    assert method_for(3, 0.4, 0.6, 1.0) == "ties"  # the interval's upper end decides
+    assert method_for(3, 0.9, None, 1.0) == "ties"
+
+
+def _one_line_error(capsys, argv, needle):
+    capsys.readouterr()  # drop what earlier steps printed
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("loramix: error:") and needle in err
+    return err
+
+
+def test_bad_input_is_one_line_and_exit_2(bank, tmp_path, capsys):
+    paths, _ = bank
+    _one_line_error(capsys, ["plan"], "needs at least two adapters")
+    bad = tmp_path / "fit.json"
+    bad.write_text("{oops")
+    _one_line_error(capsys, ["plan", *paths[:2], "--fit", str(bad)], str(bad))
+    _one_line_error(
+        capsys, ["plan", *paths[:2], "--fit", str(tmp_path / "missing.json")], "no such predictors file"
+    )
+    _one_line_error(capsys, ["plan", *paths[:2], "--data", "synthetic:arith"], "give --base")
+    _one_line_error(capsys, ["plan", *paths[:2], "--max-group", "0"], "--max-group")
+    _one_line_error(capsys, ["plan", paths[0], str(tmp_path / "nope")], "nope")
+
+
+def test_a_data_aware_fit_needs_data_and_runs_with_it(tmp_path, capsys):
+    from loramix.io.adapter_files import load_adapter
+    from loramix.models import load_causal_lm
+
+    from .factories import make_peft_adapter
+    from .test_train import make_tiny_base
+
+    base = make_tiny_base(tmp_path / "base", "llama")
+    model, _ = load_causal_lm(base)
+    ads = [
+        str(make_peft_adapter(model, tmp_path / f"a{k}", seed=k, r=2, target_modules=["q_proj"]))
+        for k in range(3)
+    ]
+    rng = np.random.default_rng(1)
+    comps = list(itertools.combinations([f"d{k}" for k in range(5)], 2))
+    x = rng.uniform(0, 2, len(comps))
+    v = validate(comps, 3 * x + rng.normal(0, 0.1, len(comps)), pd.DataFrame({"functional_interference": x}))
+    fit = write_predictors(tmp_path / "p.json", v)
+    _one_line_error(
+        capsys, ["plan", *ads, "--fit", str(fit)], "needs data-aware feature functional_interference"
+    )
+    data = ["synthetic:arith?n=20", "synthetic:units?n=20", "synthetic:dates?n=20"]
+    p = plan(ads, fit=fit, data=data, base=base, tokens=40, budget=100.0)
+    assert p.cost_source.startswith("predicted interference by ols:functional_interference")
+    assert [len(g["members"]) for g in p.groups] == [3]  # every group fits a loose budget
+    load_adapter(ads[0])  # the inputs are untouched

@@ -1,0 +1,177 @@
+"""Leave-one-domain-out validation: the split never leaks, the metrics and fits
+match direct numpy computations, and the predictors file round-trips."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from loramix.errors import UsageError
+from loramix.features import FeatureSet
+from loramix.fit import composition_cosine, t_quantile
+from loramix.validation import (
+    composition_table,
+    load_predictors,
+    lodo_splits,
+    validate,
+    write_predictors,
+)
+
+DOMAINS = [f"d{k}" for k in range(7)]
+
+
+def _bank(seed=0, triples=8):
+    rng = np.random.default_rng(seed)
+    comps = list(itertools.combinations(DOMAINS, 2))
+    trip = list(itertools.combinations(DOMAINS, 3))
+    comps += [trip[k] for k in rng.choice(len(trip), triples, replace=False)]
+    return comps, rng
+
+
+def test_lodo_split_never_contains_the_held_out_domain():
+    comps, _ = _bank()
+    splits = lodo_splits(comps)
+    assert [d for d, _, _ in splits] == DOMAINS
+    for d, train, test in splits:
+        assert all(d not in comps[k] for k in train)
+        assert all(d in comps[k] for k in test)
+        assert sorted(train + test) == list(range(len(comps)))
+
+
+def test_a_fit_cannot_predict_the_held_out_domains_identity():
+    """y is large exactly when the held-out domain is a member, and a feature
+    encodes that membership: a fold never sees it, so it predicts the others' level."""
+    comps, rng = _bank()
+    member = np.array([1.0 if "d3" in c else 0.0 for c in comps])
+    y = 10 * member + rng.normal(0, 0.01, len(comps))
+    X = pd.DataFrame({"is_d3": member, "noise": rng.normal(size=len(comps))})
+    v = validate(comps, y, X)
+    held = v.predictions[v.predictions["held_out"] == "d3"]
+    assert set(held["predictor"]) == {"mean", "ols:is_d3", "ols:noise", "ridge"}
+    assert (held["y_hat"].abs() < 1.0).all()  # never the 10 it would have learned with a leak
+    # while on all compositions the membership fits y exactly
+    assert v.fits["ols:is_d3"]["slope"] == pytest.approx(10, abs=0.05)
+
+
+def _ols_interval(x, y, x0, level):
+    n = len(x)
+    a, b = np.polyfit(x, y, 1)
+    s = math.sqrt(((y - (a * x + b)) ** 2).sum() / (n - 2))
+    se = s * math.sqrt(1 + 1 / n + (x0 - x.mean()) ** 2 / ((x - x.mean()) ** 2).sum())
+    t = t_quantile(0.5 + level / 2, n - 2)
+    return a * x0 + b, a * x0 + b - t * se, a * x0 + b + t * se
+
+
+def test_metrics_match_direct_numpy_refits():
+    comps, rng = _bank(seed=1)
+    x = rng.uniform(0, 0.5, len(comps))
+    y = 30 * x + rng.normal(0, 1.5, len(comps))
+    v = validate(comps, y, pd.DataFrame({"x": x}), level=0.9)
+    rows = {"ols:x": [], "mean": []}
+    for _, tr, te in lodo_splits(comps):
+        for k in te:
+            rows["ols:x"].append((y[k], *_ols_interval(x[tr], y[tr], x[k], 0.9)))
+            m, sd, n = y[tr].mean(), y[tr].std(ddof=1), len(tr)
+            half = t_quantile(0.95, n - 1) * sd * math.sqrt(1 + 1 / n)
+            rows["mean"].append((y[k], m, m - half, m + half))
+    summary = v.summary.set_index("predictor")
+    for name, r in rows.items():
+        yy, yh, lo, hi = (np.array(c) for c in zip(*r))
+        got = summary.loc[name]
+        assert got["n"] == len(yy)
+        assert got["mae"] == pytest.approx(np.abs(yy - yh).mean(), rel=1e-10)
+        assert got["r2"] == pytest.approx(
+            1 - ((yy - yh) ** 2).sum() / ((yy - yy.mean()) ** 2).sum(), rel=1e-10
+        )
+        assert got["coverage"] == pytest.approx(((lo <= yy) & (yy <= hi)).mean())
+        if name != "mean":
+            assert got["r"] == pytest.approx(np.corrcoef(yh, yy)[0, 1], rel=1e-10)
+    assert v.best in ("ols:x", "ridge") and v.beats_mean
+    assert v.headline().startswith("Best predictor of interference")
+    assert 0.75 <= summary.loc["ols:x", "coverage"] <= 1.0
+
+
+def test_ridge_matches_least_squares_on_standardised_features():
+    comps, rng = _bank(seed=2)
+    X = pd.DataFrame(rng.normal(size=(len(comps), 3)), columns=["a", "b", "c"])
+    y = X.to_numpy() @ np.array([2.0, -1.0, 0.5]) + rng.normal(0, 0.1, len(comps))
+    Z = (X - X.mean()) / X.std(ddof=0)
+    for lam in (1e-9, 3.0):
+        fit = validate(comps, y, X, lambdas=(lam,)).fits["ridge"]
+        beta = np.linalg.solve(Z.T @ Z + lam * np.eye(3), Z.T @ (y - y.mean()))
+        assert fit["lambda"] == lam
+        assert np.allclose(fit["coef"], beta, rtol=1e-9)
+    ls = np.linalg.lstsq(Z.to_numpy(), y - y.mean(), rcond=None)[0]
+    assert np.allclose(validate(comps, y, X, lambdas=(1e-9,)).fits["ridge"]["coef"], ls, rtol=1e-6)
+
+
+def _inner_lodo_mae(comps, X, y, lam):
+    errs = []
+    for _, tr, te in lodo_splits(comps):
+        mu, sd = X[tr].mean(0), X[tr].std(0)
+        Z = (X[tr] - mu) / sd
+        beta = np.linalg.solve(Z.T @ Z + lam * np.eye(X.shape[1]), Z.T @ (y[tr] - y[tr].mean()))
+        errs += list(np.abs(y[tr].mean() + ((X[te] - mu) / sd) @ beta - y[te]))
+    return np.mean(errs)
+
+
+@pytest.mark.parametrize("signal", [0.0, 1.0])
+def test_ridge_lambda_is_chosen_by_inner_lodo(signal):
+    comps, rng = _bank(seed=3)
+    X = rng.normal(size=(len(comps), 2))
+    y = signal * X @ np.array([1.0, -2.0]) + rng.normal(size=len(comps))
+    lams = (0.001, 1.0, 1000.0)
+    want = min(lams, key=lambda lam: _inner_lodo_mae(comps, X, y, lam))
+    got = validate(comps, y, pd.DataFrame(X, columns=["a", "b"]), lambdas=lams).fits["ridge"]["lambda"]
+    assert got == want
+
+
+def test_no_feature_beats_the_mean_is_said_first():
+    comps, rng = _bank(seed=4)
+    y = rng.normal(size=len(comps))
+    gap = np.where(np.arange(len(comps)) == 2, np.nan, 1.0)  # missing on one composition
+    v = validate(comps, y, pd.DataFrame({"flat": np.ones(len(comps)), "gap": gap}))
+    assert v.dropped == ["gap"] and "ols:gap" not in set(v.summary["predictor"])
+    assert not v.beats_mean
+    assert v.headline().startswith("No feature predicts")
+    assert v.to_json_dict()["beats_mean"] is False
+
+
+def test_composition_table_uses_rms_over_member_pairs():
+    rng = np.random.default_rng(5)
+    M = rng.uniform(0, 1, (4, 4))
+    M = (M + M.T) / 2
+    S = rng.uniform(-1, 1, (4, 4))
+    S = (S + S.T) / 2
+    fs = FeatureSet(names=["a", "b", "c", "d"], matrices={"rms_cosine": M, "mean_cosine": S},
+                    aggregate={"rms_cosine": "rms", "mean_cosine": "mean"})  # fmt: skip
+    t = composition_table(fs, [("a", "c"), ("a", "b", "d")])
+    assert t.loc["a+c", "rms_cosine"] == M[0, 2]
+    assert t.loc["a+b+d", "rms_cosine"] == pytest.approx(composition_cosine(M, [0, 1, 3]), rel=1e-12)
+    assert t.loc["a+b+d", "mean_cosine"] == pytest.approx((S[0, 1] + S[0, 3] + S[1, 3]) / 3)
+    with pytest.raises(UsageError, match="'z'"):
+        composition_table(fs, [("a", "z")])
+
+
+def test_predictors_file_round_trip_and_bad_files(tmp_path):
+    comps, rng = _bank(seed=6)
+    x = rng.uniform(size=len(comps))
+    v = validate(comps, 5 * x + rng.normal(0, 0.1, len(comps)), pd.DataFrame({"rms_cosine": x}))
+    p = write_predictors(tmp_path / "predictors.json", v)
+    d = load_predictors(p)
+    assert d["best"] == v.best and d["fits"]["ols:rms_cosine"]["slope"] == pytest.approx(
+        v.fits["ols:rms_cosine"]["slope"]
+    )
+    assert json.loads(p.read_text())["summary"][0]["predictor"] == v.best
+    (tmp_path / "bad.json").write_text("{not json")
+    for bad, msg in ((tmp_path / "bad.json", "not a valid"), (tmp_path / "none.json", "no such")):
+        with pytest.raises(UsageError, match=msg):
+            load_predictors(bad)
+    (tmp_path / "other.json").write_text('{"fits": []}')
+    with pytest.raises(UsageError, match="not a loramix predictors file"):
+        load_predictors(tmp_path / "other.json")
