@@ -226,3 +226,13 @@ def test_top_layers_from_the_cached_prefix_equal_the_full_forward(bases, tmp_pat
     low = make_peft_adapter(model, tmp_path / "low", target_modules=r"model\.layers\.0\.mlp\..*_proj")
     with pytest.raises(UsageError, match="not in the top layers"):
         evaluate(base, adapters=[low], top_layers=1, merged=merged, data=[ARITH], device="cpu")
+
+
+def test_cli_top_layers_and_bad_value(bases, capsys):
+    base = str(bases["llama"])
+    assert main(["eval", "--base", base, "--data", ARITH, "--top-layers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "input tokens/s" in out and "| arith |" in out
+    assert main(["eval", "--base", base, "--data", ARITH, "--top-layers", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "--top-layers" in err and "between 1 and" in err and len(err.strip().splitlines()) == 1
