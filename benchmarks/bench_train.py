@@ -207,13 +207,13 @@ def _smol_setup(method: str, base, ex, *, batch: int, top: int):
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
             opt.step()
-            return float(loss), int((b["labels"][:, 1:] != -100).sum()), int(b["attention_mask"].sum())
+            return float(loss.detach()), int((b["labels"][:, 1:] != -100).sum()), int(b["attention_mask"].sum())
 
         return peft_step, make_batches(ex, batch_size=batch, pad_id=pad, shuffle=True), 0.0
     ac = torch.bfloat16 if method.endswith("bf16") else None
     t0 = time.perf_counter()
     states = prefix_states(model, k, ex, batch_size=batch, pad_id=pad, cache=None, autocast=ac) if k else None
-    prefix_s = time.perf_counter() - t0
+    prefix_s = time.perf_counter() - t0 if k else 0.0
     params = inject_trainable(model, rank=8, alpha=16, targets=top_targets(model, None, k) if k else None)
     runner = top_view(model, k) if k else model
     runner.train()
