@@ -41,7 +41,7 @@ def _bank(n=4, seed=0):
                 if k == 1 and layer == 0 and t == "q_proj":
                     continue  # coverage < 1 for adapter 1
                 mods[name] = _module(name, shape, r=2 + k % 2, gen=gen, d2=(k == 3))
-        adapters.append(Adapter(name=f"a{k}", method="d2lora" if k == 3 else "lora", modules=mods))
+        adapters.append(Adapter(name=f"a{k}", kind="d2lora" if k == 3 else "lora", modules=mods))
     return adapters
 
 
