@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import best_of, machine_line, markdown_table  # noqa: E402
+from _common import best_of, machine_line, markdown_table, run_measured  # noqa: E402
 
 # (module path under transformer.h.<l>, out, in) in nn.Linear layout
 GPT2_SMALL = [
@@ -156,10 +156,14 @@ def main() -> None:
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="loramix-bench-sim-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"# similarity benchmark\n\n{machine_line()}\nwork folder: {work}\n", flush=True)
+    print(f"# similarity benchmark\n\nwork folder: {work}\n", flush=True)
     try:
         n_all = max(args.n, args.n_large)
-        paths = write_adapters(work, n_all, layers=args.layers, rank=args.rank)
+        # Written by a child: this parent stays free of torch, since a child's
+        # peak RSS (ru_maxrss) starts from its parent's size at the fork.
+        gen = [py, __file__, "write", str(work), str(n_all), str(args.layers), str(args.rank)]
+        run_measured(gen).check()
+        paths = [work / f"a{a:03d}" for a in range(n_all)]
         size_mb = sum(f.stat().st_size for p in paths[: args.n] for f in p.iterdir()) / 2**20
         small = [str(p) for p in paths[: args.n]]
         rows = []
@@ -221,6 +225,7 @@ def main() -> None:
             print(
                 f"target {args.n_large} adapters < 15 s: {'met' if lg.wall_s < 15 else 'NOT met'} ({lg.wall_s:.2f} s)"
             )
+        print(f"\n{machine_line()}")
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -229,5 +234,8 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "dense":
         dense_main(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "write":
+        folder, n, layers, rank = sys.argv[2:6]
+        write_adapters(Path(folder), int(n), layers=int(layers), rank=int(rank))
     else:
         main()

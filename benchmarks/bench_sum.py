@@ -16,10 +16,11 @@ start from its parent's size):
 - ``copy``: a plain streaming copy of the base file (``safe_open`` each tensor,
   ``save_file``) plus ``config.json``.
 
-Targets: loramix >= 3x faster than PEFT, <= 1/2 its peak memory, <= 1.3x the
-plain copy. loramix caches the model-class layout (Conv1D or Linear per module)
-on disk; its first run builds it (imports the modeling code) and is reported
-apart as "cold".
+Targets (issues 3 and 12): loramix >= 3x faster than PEFT, <= 1/2 its peak
+memory, <= 1.3x the plain copy, on the first run as on later ones. loramix
+keeps a cache (``$LORAMIX_CACHE_DIR``: the base's sha256, a model layout for
+architectures its table does not know); the first-run rows use a fresh, empty
+cache directory for every run, the others a warm one.
 
     python benchmarks/bench_sum.py [--repeat 3] [--device cpu|cuda]
 """
@@ -182,17 +183,20 @@ def main(argv=None) -> None:
         "peft": [py, __file__, "--child", "peft", str(base), str(outs["peft"]), args.device, *map(str, ads)],
     }
 
+    cmds["cold"] = cmds["loramix"]
+    outs["cold"] = outs["loramix"]
+
     def once(kind):
         shutil.rmtree(outs[kind], ignore_errors=True)
+        if kind == "cold":  # an empty cache: what a user meets on a base loramix has never seen
+            shutil.rmtree(cache, ignore_errors=True)
         m = run_measured(cmds[kind], env=env).check()
         return m.wall_s, m.peak_rss_mb
 
     once("copy")  # warm the page cache with the base file
-    shutil.rmtree(cache, ignore_errors=True)
-    cold = once("loramix")  # builds the layout (imports the modeling code) and hashes the base
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in cmds}
     for _ in range(args.repeat):
-        for kind in cmds:
+        for kind in ("copy", "cold", "loramix", "peft"):
             results[kind].append(once(kind))
     check = [py, __file__, "--child", "check", str(outs["loramix"]), str(outs["peft"])]
     worst = run_measured(check).check().stdout.strip()
@@ -204,9 +208,10 @@ def main(argv=None) -> None:
         f"--device {args.device}, median of {args.repeat} whole-process runs"
         f"{f', {args.threads} thread(s)' if args.threads else ''}\n"
     )
+    cold = med["cold"]
     rows = [
-        ("loramix sum --into, first run (empty layout/sha256 cache)", cold),
-        ("loramix sum --into", med["loramix"]),
+        ("loramix sum --into, first run (empty cache)", cold),
+        ("loramix sum --into, warm cache", med["loramix"]),
         ("PEFT: load, cat, merge_and_unload, save_pretrained", med["peft"]),
         ("plain copy (safe_open + save_file)", med["copy"]),
     ]
@@ -218,9 +223,9 @@ def main(argv=None) -> None:
     )
     pw, pr = med["peft"]
     cw, _ = med["copy"]
-    print(f"\n- speed-up vs PEFT: {pw / lw:.2f}x (target >= 3x)")
+    print(f"\n- first run: {pw / cold[0]:.2f}x faster than PEFT (target >= 3x), {cold[0] / cw:.2f}x the plain copy (target <= 1.3x)")
+    print(f"- warm: {pw / lw:.2f}x faster than PEFT (target >= 3x), {lw / cw:.2f}x the plain copy (target <= 1.3x)")
     print(f"- peak memory vs PEFT: {lr / pr:.2f} (target <= 0.5)")
-    print(f"- time vs plain copy: {lw / cw:.2f}x (target <= 1.3x); first run: {cold[0] / cw:.2f}x")
     print(f"- largest per-tensor relative difference, loramix vs PEFT: {worst}")
     print(f"- {machine_line()}")
 

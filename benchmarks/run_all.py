@@ -31,6 +31,8 @@ BENCHMARKS = {
     "train": ("bench_train.py", [], 4),
     "eval": ("bench_eval.py", [], 4),
     "basebuild": ("bench_basebuild.py", [], 4),
+    "startup": ("bench_startup.py", [], 12),
+    "bank": ("bench_bank.py", [], 12),
 }
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+import os
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
+
+if TYPE_CHECKING:  # torch is imported when a device is resolved, not by the CLI's option lists
+    import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -12,6 +16,8 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is
     a usage error (exit 2), not a silent fallback."""
+    import torch
+
     if isinstance(spec, torch.device):
         return spec
     spec = (spec or "auto").lower()
@@ -24,3 +30,16 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if spec == "cpu":
         return torch.device("cpu")
     raise UsageError("device", f"unknown device {spec!r}; choose auto, cpu or cuda")
+
+
+def is_cpu(spec: str | torch.device | None = "auto") -> bool:
+    """Whether ``spec`` resolves to the CPU, told without importing torch
+    where it can be: ``cpu``, or ``auto`` on a machine without a GPU driver
+    (then ``torch.cuda.is_available()`` is False anyway). Errors as
+    :func:`resolve_device`."""
+    if spec is None or isinstance(spec, str):
+        s = (spec or "auto").lower()
+        no_driver = not any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/kfd"))
+        if s == "cpu" or (s == "auto" and no_driver):
+            return True
+    return resolve_device(spec).type == "cpu"

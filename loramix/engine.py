@@ -47,9 +47,16 @@ from .adapter import Adapter, check_compatible
 from .devices import resolve_device
 from .errors import AdapterError, BaseModelError
 from .io.model_folder import BaseModelFolder, TensorInfo
-from .io.outputs import atomic_output_dir, check_output, write_provenance
+from .io.outputs import atomic_output_dir, check_output, normalized_path, write_provenance
 from .io.outputs import provenance as make_provenance
-from .io.safetensors_io import ST_DTYPES, TORCH_TO_ST, read_into, safetensors_metadata
+from .io.safetensors_io import (
+    FLOAT_CODES,
+    ST_DTYPES,
+    TORCH_TO_ST,
+    check_output_finite,
+    read_into,
+    safetensors_metadata,
+)
 from .io.shard_writer import ShardWriter, finish_model_folder
 from .options import dtype_name, parse_dtype
 
@@ -145,7 +152,8 @@ def resolve_targets(
         ad = owner.get(name)
         shape = ad.modules[name].shape if ad is not None else None
         try:
-            key, transposed = base.module_weight_key(name, shape)
+            fan_in_fan_out = ad.config.get("fan_in_fan_out") if ad is not None else None
+            key, transposed = base.module_weight_key(name, shape, fan_in_fan_out)
         except BaseModelError as e:
             if ad is None:
                 raise
@@ -169,8 +177,14 @@ def plan_into_base(
     for shard, infos in base.iter_shards():
         jobs: list[Job] = []
         for info in infos:
-            code = TORCH_TO_ST[out_dtype] if out_dtype is not None and info.is_float else info.dtype
+            # Only the float types loramix computes with are converted; the
+            # rest (int8, float8, ...) is copied byte for byte.
+            convert = out_dtype is not None and info.dtype in FLOAT_CODES
+            code = TORCH_TO_ST[out_dtype] if convert else info.dtype
             if info.key in targets:
+                if info.dtype not in FLOAT_CODES:
+                    raise BaseModelError(base.path / shard, f"tensor {info.key} is {info.dtype}: loramix merges "
+                                         f"into {', '.join(FLOAT_CODES)} weights only")  # fmt: skip
                 name, transposed = targets[info.key]
                 jobs.append(ModuleJob(info, code, name, transposed))
             else:
@@ -246,7 +260,7 @@ def add_delta(stored: torch.Tensor, job: ModuleJob, compute: ModuleCompute, dev,
     code_dtype = ST_DTYPES[job.out_code]
     if new.dtype != code_dtype or new.device.type != "cpu":
         new = pool.get("host", new.shape, code_dtype, torch.device("cpu")).copy_(new)
-    return JobResult(job, new, res.facts)
+    return JobResult(job, check_output_finite(new, job.info.key), res.facts)
 
 
 class SerialExecutor:
@@ -272,7 +286,8 @@ class SerialExecutor:
             )
             return add_delta(stored, job, compute, self.device, self.pool)
         if job.converts:  # a one-off (say an embedding to bfloat16): no buffer kept
-            return JobResult(job, read_into(src, job.info).to(ST_DTYPES[job.out_code]))
+            t = read_into(src, job.info).to(ST_DTYPES[job.out_code])
+            return JobResult(job, check_output_finite(t, job.info.key))
         return JobResult(job)
 
 
@@ -383,7 +398,7 @@ def base_placeholder(base: BaseModelFolder) -> dict:
     """The base's provenance record with zero hashes, the same length as the
     real one (which :func:`execute_into_base` fills in once hashed)."""
     zero = "0" * 64
-    return {"role": "base", "path": str(base.path), "sha256": zero, "identity": zero,
+    return {"role": "base", "path": normalized_path(base.path), "sha256": zero, "identity": zero,
             "files": {n: zero for n in base.weight_files}}  # fmt: skip
 
 

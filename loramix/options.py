@@ -25,13 +25,18 @@ DTYPE_NAMES = {
     "float64": "float64",
     "fp64": "float64",
 }
+#: the largest |weight| accepted: beyond it a merge only amplifies rounding
+#: noise into the weights (and float16 outputs overflow), so it is a typo
+MAX_WEIGHT = 1e6
 #: the output dtypes a merge or a sum offers
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def parse_weights(weights: Any, n: int, where: str = "weights") -> list[float]:
-    """One finite weight per adapter: ``None`` -> ``[1.0] * n``; a ``"1,0.5"``
-    string or a sequence of ``n`` numbers. Errors name ``where``."""
+    """One finite weight per adapter, ``|w| <= MAX_WEIGHT``: ``None`` ->
+    ``[1.0] * n``; a ``"1,0.5"`` string or a sequence of ``n`` numbers
+    (booleans are not numbers). Errors name ``where``. ``sum``, ``merge`` and
+    the Python API all parse their weights here."""
     if weights is None:
         return [1.0] * n
     if isinstance(weights, str):
@@ -39,13 +44,17 @@ def parse_weights(weights: Any, n: int, where: str = "weights") -> list[float]:
     else:
         parts = list(weights)
     try:
+        if any(isinstance(p, bool) for p in parts):
+            raise TypeError
         ws = [float(p) for p in parts]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UsageError(where, f"{weights!r} is not a comma-separated list of numbers") from None
     if len(ws) != n:
         raise UsageError(where, f"got {len(ws)} weights for {n} adapters; give one per adapter")
     if not all(math.isfinite(w) for w in ws):
         raise UsageError(where, f"{weights!r} holds a non-finite number")
+    if any(abs(w) > MAX_WEIGHT for w in ws):
+        raise UsageError(where, f"{weights!r} holds a weight beyond +-{MAX_WEIGHT:g}; that is not a weight")
     return ws
 
 

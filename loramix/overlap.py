@@ -32,25 +32,38 @@ signed residual ``dW``, so the result is base-free. With ``base=`` (a base
 model folder) those modules use the *effective* delta ``W_hat - W0`` instead (:meth:`ModuleDelta.delta`), which is
 dense: it is formed one module at a time and combined with the factored
 LoRA deltas of the same module exactly (see :func:`_module_inner_products`).
+
+Where the arithmetic runs: on the CPU (``device`` "cpu", or "auto" without a
+GPU) and without ``base``, in numpy float64: adapters given as paths are read
+as numpy factors (:mod:`loramix.io.np_factors`), so the run never imports
+torch; loaded :class:`Adapter` objects are viewed as numpy. Otherwise
+(``device="cuda"``, a ``torch.device``, D2 effective deltas with ``base``) in
+torch float64 on the device. Both run the same code on their arrays.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 
-from .adapter import Adapter, ModuleDelta, check_compatible
-from .devices import resolve_device
-from .errors import UsageError
-from .kinds import stack_factors
+from .devices import is_cpu, resolve_device
+from .errors import AdapterError, UsageError
+from .io.peft_layout import D2LORA, check_compatible
+
+if TYPE_CHECKING:  # on the CPU the arithmetic is numpy's: torch is imported only for another device
+    import torch
+
+    from .adapter import Adapter
 
 PER_MODULE_COLUMNS = ["module", "layer", "type", "i", "j", "a", "b", "cosine"]
 
@@ -170,14 +183,39 @@ def _progress(iterable, total: int, desc: str, enabled: bool, unit: str = "modul
 GRAM_BLOCK = 192
 
 
-def _stack_factors(
-    deltas: list[ModuleDelta], device
-) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
+def _stack_factors(deltas: list, device) -> tuple:
     """``Bt = B_cat^T`` (R, out) and ``A_cat`` (R, in) in float64 *without*
     the scales, the column offsets of each delta (``len(deltas) + 1``) and the
-    scales (n,): :func:`loramix.kinds.stack_factors` with ``fold_scale=False``."""
-    st = stack_factors(deltas, dtype=torch.float64, device=device, fold_scale=False)
-    return st.B.T, st.A, st.offsets, st.scales
+    scales (n,). ``device`` None: numpy arrays from
+    :class:`~loramix.io.np_factors.NpModule` objects (D2 deltas from their
+    ``factors()``, scale and ``-tau`` folded in, so their scale here is 1);
+    else torch tensors on it: :func:`loramix.kinds.stack_factors` with
+    ``fold_scale=False``."""
+    if device is not None:
+        from .kinds import stack_factors  # imports torch
+
+        st = stack_factors(deltas, dtype=_torch().float64, device=device, fold_scale=False)
+        return st.B.T, st.A, st.offsets, st.scales
+    parts = []
+    for d in deltas:
+        if d.kind == D2LORA:
+            parts.append((*d.factors(), 1.0))
+        else:  # numpy factors may be LazyFactors: read them now
+            parts.append((np.asarray(d.B), np.asarray(d.A), float(d.scale)))
+    offsets = [0]
+    for B, _, _ in parts:
+        offsets.append(offsets[-1] + int(B.shape[1]))
+    out_f, in_f = int(parts[0][0].shape[0]), int(parts[0][1].shape[1])
+    Bt, A_cat = np.empty((offsets[-1], out_f)), np.empty((offsets[-1], in_f))
+    for k, (B, A, _) in enumerate(parts):
+        Bt[offsets[k] : offsets[k + 1]], A_cat[offsets[k] : offsets[k + 1]] = B.T, A
+    return Bt, A_cat, offsets, np.array([sc for _, _, sc in parts])
+
+
+def _torch():
+    import torch
+
+    return torch
 
 
 def _groups(offsets: list[int], block: int) -> list[tuple[int, int]]:
@@ -200,31 +238,39 @@ def _groups(offsets: list[int], block: int) -> list[tuple[int, int]]:
     return groups
 
 
-def _lowrank_inner_products(Bt: torch.Tensor, A_cat: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+def _lowrank_inner_products(Bt, A_cat, offsets: list[int]):
     """``IP = P^T ((B_cat^T B_cat) * (A_cat A_cat^T)) P`` (n x n), unscaled.
 
     ``G`` is symmetric, so it is formed in horizontal strips starting at the
     diagonal (strip ``[r0, r1)`` x columns ``[r0, R)``): about half the
     ``O(R^2 (out + in))`` flops, in a few large GEMMs. Each strip is summed
-    per delta with the one-hot ``P`` (R, n) and mirrored.
+    per delta (numpy: ``add.reduceat`` over the rank blocks; torch: with the
+    one-hot ``P`` (R, n)) and mirrored. Numpy arrays or torch tensors alike
+    (the result is of the same kind).
     """
-    n, dev = len(offsets) - 1, Bt.device
-    ranks = torch.tensor([offsets[t + 1] - offsets[t] for t in range(n)], device=dev)
-    owner = torch.repeat_interleave(torch.arange(n, device=dev), ranks)  # column -> delta
-    P = torch.nn.functional.one_hot(owner, n).to(torch.float64)  # (R, n)
-    ip = torch.zeros(n, n, dtype=torch.float64, device=dev)
+    n, R = len(offsets) - 1, offsets[-1]
+    on_np = isinstance(Bt, np.ndarray)
+    ip = np.zeros((n, n))
+    if on_np:
+        starts = np.asarray(offsets[:-1])
+    else:
+        P = np.zeros((R, n))  # (R, n): column -> its delta
+        P[np.arange(R), np.repeat(np.arange(n), np.diff(offsets))] = 1.0
+        P, ip = (_torch().from_numpy(x).to(Bt.device) for x in (P, ip))
     for a0, a1 in _groups(offsets, GRAM_BLOCK):
         r0, r1 = offsets[a0], offsets[a1]
         G = (Bt[r0:r1] @ Bt[r0:].T) * (A_cat[r0:r1] @ A_cat[r0:].T)  # (r1 - r0, R - r0)
-        blk = P[r0:r1, a0:a1].T @ G @ P[r0:, a0:]  # (a1 - a0, n - a0)
+        if on_np:  # block sums in O(|G|), where P^T G P would cost O(|G| n)
+            rows = np.add.reduceat(G, starts[a0:a1] - r0, axis=0)
+            blk = np.add.reduceat(rows, starts[a0:] - r0, axis=1)  # (a1 - a0, n - a0)
+        else:
+            blk = P[r0:r1, a0:a1].T @ G @ P[r0:, a0:]  # (a1 - a0, n - a0)
         ip[a0:a1, a0:] = blk
         ip[a1:, a0:a1] = blk[:, a1 - a0 :].T
     return ip
 
 
-def _module_inner_products(
-    deltas: list[ModuleDelta], dense: dict[int, torch.Tensor], device: torch.device
-) -> torch.Tensor:
+def _module_inner_products(deltas: list, dense: dict, device):
     """``IP`` (n x n, float64): Frobenius inner products of one module's deltas.
 
     Factored deltas (all LoRA, and D2 without a base) go through the stacked
@@ -232,7 +278,12 @@ def _module_inner_products(
     ``IP[i, j] = s_i s_j <B_i A_i, B_j A_j>``. ``dense`` maps a position in
     ``deltas`` to an already formed (out, in) delta (D2 effective deltas); for
     those ``<D, s B A>_F = s * sum(B * (D A^T))`` and ``<D1, D2>_F`` directly.
+    ``device`` None: numpy, factored deltas only (``dense`` is empty).
     """
+    if device is None:
+        Bt, A_cat, offsets, scales = _stack_factors(deltas, None)
+        return _lowrank_inner_products(Bt, A_cat, offsets) * np.outer(scales, scales)
+    torch = _torch()
     n = len(deltas)
     ip = torch.zeros(n, n, dtype=torch.float64, device=device)
     low = [k for k in range(n) if k not in dense]
@@ -274,19 +325,32 @@ def similarity(
     (:func:`check_compatible`; else :class:`AdapterError`, exit 2 in the CLI).
     ``base``: a base model folder; D2-LoRA modules then use their effective
     delta (needs ``loramix.io.model_folder``). ``per_module``: also fill the
-    long ``per_module`` table. ``device``: where the Gram products run.
+    long ``per_module`` table. ``device``: where the Gram products run; on
+    the CPU (a string), in numpy (module docstring), equal to the torch
+    path (a ``torch.device``) to rounding.
     """
-    from .io.adapter_files import load_adapter
-
-    if isinstance(adapters_or_paths, (str, Path, Adapter)):
+    if isinstance(adapters_or_paths, (str, Path)) or hasattr(adapters_or_paths, "modules"):
         adapters_or_paths = [adapters_or_paths]
     if len(adapters_or_paths) == 0:
         raise UsageError("similarity", "needs at least one adapter")
-    dev = resolve_device(device)
     items = list(adapters_or_paths)
-    adapters: list[Adapter] = []
+    # A torch.device asks for torch; a base may need D2 effective deltas (torch).
+    numpy_path = base is None and (device is None or isinstance(device, str)) and is_cpu(device)
+    if numpy_path:
+        from .io import np_factors
+
+        # lazy: each module's factors are read when the module is compared
+        load, convert = partial(np_factors.load_np_adapter, lazy=True), np_factors.np_adapter
+    else:
+        from .io import adapter_files
+
+        load, convert = adapter_files.load_adapter, (lambda a: a)
+    dev = None if numpy_path else resolve_device(device)
+    adapters: list = []
     for a in _progress(items, len(items), "loading", progress and len(items) > 4, unit="adapter"):
-        adapters.append(a if isinstance(a, Adapter) else load_adapter(a))
+        if not isinstance(a, (str, os.PathLike)) and not hasattr(a, "modules"):
+            raise AdapterError(None, f"an adapter is a path or a loaded adapter, not {a!r}")
+        adapters.append(load(a) if isinstance(a, (str, os.PathLike)) else convert(a))
     check_compatible(adapters)
     names = _unique_names(adapters)
     N = len(adapters)
@@ -315,17 +379,19 @@ def similarity(
         _progress(modules.items(), len(modules), "similarity", progress and N * len(modules) > 200)
     ):
         deltas = [adapters[i].modules[mname] for i in owners]
-        dense: dict[int, torch.Tensor] = {}
+        dense: dict = {}
         if base_folder is not None and any(d.kind.needs_base for d in deltas):
-            # With the adapter's shape a non-square weight tells its own
-            # layout (no model skeleton, no transformers import).
-            key, transposed = base_folder.module_weight_key(mname, shape=deltas[0].shape)
-            W0 = base_folder.read_tensor(key).to(torch.float64)
+            # The adapter's shape and fan_in_fan_out tell the layout (no model
+            # skeleton, no transformers import).
+            ffo = adapters[owners[0]].config.get("fan_in_fan_out")
+            key, transposed = base_folder.module_weight_key(mname, deltas[0].shape, ffo)
+            W0 = base_folder.read_tensor(key).to(_torch().float64)
             W0 = W0.T if transposed else W0  # (out, in)
             for k, d in enumerate(deltas):
                 if d.kind.needs_base:
-                    dense[k] = d.delta(W0, dtype=torch.float64, device=dev)
-        ip = _module_inner_products(deltas, dense, dev).cpu().numpy()
+                    dense[k] = d.delta(W0, dtype=W0.dtype, device=dev)
+        ip = _module_inner_products(deltas, dense, dev)
+        ip = ip if isinstance(ip, np.ndarray) else ip.cpu().numpy()
         sq = np.clip(np.diag(ip), 0.0, None)
         nrm = np.sqrt(sq)
         idx = np.asarray(owners)

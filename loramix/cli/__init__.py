@@ -10,7 +10,9 @@ on stderr and exit with code 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 
 import click
@@ -30,6 +32,7 @@ COMMANDS = {
     "scenario_cmd": "scenario",
     "predict_cmd": "predict",
     "plan_cmd": "plan",
+    "cache_cmd": "cache",
 }
 
 
@@ -98,8 +101,17 @@ def cli(ctx, debug):
     ctx.obj["debug"] = debug
 
 
+def _paths_print_as_given() -> None:
+    """A path that is not valid UTF-8 (``caf\\xe9/``) prints as its bytes
+    instead of failing the whole command on output."""
+    for stream, real in ((sys.stdout, sys.__stdout__), (sys.stderr, sys.__stderr__)):
+        if stream is real and getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
+
+
 def main(argv=None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    _paths_print_as_given()
     try:
         cli.main(args=argv, prog_name="loramix", standalone_mode=False)
     except LoramixError as e:
@@ -120,7 +132,34 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         click.echo("loramix: interrupted", err=True)
         return 130
+    except OSError as e:
+        if debug or e.errno not in SYSTEM_ERRORS:
+            raise
+        click.echo(f"loramix: error: {_os_error_line(e)}", err=True)
+        return 2
+    except RecursionError:
+        if debug:
+            raise
+        click.echo("loramix: error: an input is nested too deeply to read (RecursionError)", err=True)
+        return 2
     return 0
+
+
+# What the system says about a path the user gave (a full disk, a read-only
+# or missing folder, a name too long, a symlink loop): the user's to fix, so
+# one line naming the path, exit 2; other OSErrors stay bugs with tracebacks.
+SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                 errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT, errno.EEXIST}  # fmt: skip
+
+
+def _os_error_line(e: OSError) -> str:
+    where = e.filename if e.filename is not None else e.filename2
+    problem = e.strerror or errno.errorcode.get(e.errno, str(e))
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        problem += "; nothing was written"
+    if isinstance(where, (str, bytes)):
+        where = os.fsdecode(where)
+    return LoramixError(where, problem).message
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -67,6 +67,13 @@ def command(adapters, fmt, per_module, plot, base, device, force) -> None:
     # 100 adapters took 60 s instead of 26 s with 2 threads under load 9 on
     # 2 cores); on an idle one it costs nothing measurable.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before numpy loads OpenBLAS: below a few hundred adapters each Gram strip
+    # is a small GEMM and OpenBLAS's second thread, which spins while it waits,
+    # costs more than it gives (measured on 2 busy cores: 10 adapters 1.6 s with
+    # one thread, 3.9-9 s with two; 100 adapters 8.6 s against 42 s). Larger
+    # banks keep BLAS's own choice; OPENBLAS_NUM_THREADS overrides either way.
+    if len(adapters) < 200:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from ..errors import OutputError, UsageError
 
     if len(adapters) < 2:

@@ -21,6 +21,9 @@ from . import merge_options
 @merge_options(progress=True)
 def command(adapters, weights, into, out, dtype, device, force, progress):
     """Sum adapters: W0 + sum_i w_i dW_i into BASE (--into), or as one exact adapter."""
+    from ..options import parse_weights
+
+    parse_weights(weights, len(adapters))  # torch-free, before torch loads: a bad --weights fails fast
     from ..methods import merge
 
     t0 = time.perf_counter()

@@ -15,9 +15,11 @@ message naming the module and the feature, never silently dropped.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..adapter import Adapter
+from ..errors import AdapterError
 from .formats import find_format
 from .formats.base import (
     CONFIG_NAME,
@@ -31,6 +33,15 @@ from .formats.base import (
 )
 from .formats.d2 import save_d2_adapter
 from .formats.peft import save_peft_adapter
+from .peft_layout import (  # noqa: F401  (re-exported: the torch-free layout functions perf's callers use)
+    adapter_method,
+    adapter_name,
+    check_compatible,
+    check_features,
+    module_factors,
+    parse_keys,
+    read_parts,
+)
 
 __all__ = [
     "CONFIG_NAME",
@@ -51,6 +62,11 @@ def load_adapter(path: str | Path, name: str | None = None) -> Adapter:
     """Load an adapter (folder or .safetensors file) in any known format.
 
     Tensors are read one at a time with ``safe_open`` and kept as stored.
-    Raises :class:`AdapterError` (one line naming the file) on bad input.
+    Raises :class:`AdapterError` (one line naming the file) on bad input,
+    also for something that is not a path at all (``None``, a number).
+    The checks are :mod:`loramix.io.peft_layout`'s, shared with the numpy
+    reader of :mod:`loramix.io.np_factors`.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise AdapterError(None, f"an adapter is a path to a folder or a .safetensors file, not {path!r}")
     return find_format(path).read(path, name)

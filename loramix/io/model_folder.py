@@ -9,14 +9,16 @@ base tensors.
 
 Layout. Adapters are always ``(out, in)`` (``nn.Linear``). A GPT-2 ``Conv1D``
 stores its weight ``(in, out)``, so its base tensor is the transpose. A
-non-square weight tells its layout by its shape, a square one (GPT-2's
-``attn.c_proj``, 768 x 768) cannot, so the layout is read off the real model
-class: the model skeleton is built from ``config.json`` on the meta device
-(no memory, no weights) and each adapted submodule is checked for being a
-``transformers`` ``Conv1D``. Importing the modeling code costs a second or
-two, so the answer (module name -> layout, per ``config.json`` and
-transformers version) is cached on disk, and the skeleton is only built when a
-shape does not already decide.
+non-square weight tells its layout by its shape (against the adapter's ``A``,
+``r x in``, and ``B``, ``out x r``); a square one (GPT-2's ``attn.c_proj``,
+768 x 768) cannot, and is decided, in this order, by the per-architecture
+table (:func:`loramix.archs.is_conv1d`: the numbered blocks of a ``Conv1D``
+architecture are ``Conv1D``, its heads ``nn.Linear``), by the adapter's own
+``fan_in_fan_out``, and only for an architecture the table does not know and
+an adapter that does not say, by the model skeleton: the model built from
+``config.json`` on the meta device (no weights; importing the modeling code
+costs seconds, so the answer is cached on disk per ``config.json`` and
+transformers version), announced by a one-line notice on stderr.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..archs import is_conv1d
+from ..archs import arch, is_conv1d
 from ..errors import BaseModelError
+from .config_schema import load_json_file
+from .outputs import normalized_path
 from .safetensors_io import (  # noqa: F401  (ST_DTYPES, TORCH_TO_ST re-exported)
     ST_DTYPES,
     TORCH_TO_ST,
@@ -49,10 +54,11 @@ PEFT_PREFIX = "base_model.model."
 # output, since they would hold the unmerged weights.
 OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".safetensors")
 
-# Model types whose projections are transformers Conv1D, used only when the
-# skeleton cannot be built (a model class this transformers does not know).
-
 LINEAR, CONV1D = "linear", "conv1d"
+
+# Names of output heads and of the input embeddings they are tied to.
+OUTPUT_HEADS = ("lm_head", "embed_out")
+INPUT_EMBEDDINGS = ("wte", "embed_tokens", "embed_in", "word_embeddings", "tok_embeddings", "shared")
 
 
 @dataclass(frozen=True)
@@ -104,25 +110,25 @@ class BaseModelFolder:
         cfg = self.path / CONFIG_NAME
         if not cfg.exists():
             raise BaseModelError(self.path, f"not a Hugging Face model folder: no {CONFIG_NAME}")
-        try:
-            self.config_bytes = cfg.read_bytes()
-            self.config = json.loads(self.config_bytes)
-            if not isinstance(self.config, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise BaseModelError(cfg, f"not valid JSON: {e}") from None
+        self.config = load_json_file(cfg, BaseModelError, constants=True)
+        if not isinstance(self.config, dict):
+            raise BaseModelError(cfg, "not valid JSON: not a JSON object")
+        self.config_bytes = cfg.read_bytes()
 
         index_path = self.path / INDEX_NAME
         self.index: dict | None = None
         if index_path.exists():
+            self.index = load_json_file(index_path, BaseModelError)
             try:
-                self.index = json.loads(index_path.read_text())
                 weight_map = self.index["weight_map"]
                 if not isinstance(weight_map, dict) or not weight_map:
                     raise ValueError("weight_map is empty or not an object")
             except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
                 raise BaseModelError(index_path, f"not a valid safetensors index: {e}") from None
             self.shards = sorted(set(weight_map.values()))
+            for p in sorted(self.path.glob("model-*-of-*.safetensors")):
+                if p.name not in self.shards:
+                    raise BaseModelError(index_path, f"does not name the shard {p.name} beside it")
             for shard in self.shards:
                 if not (self.path / shard).is_file():
                     raise BaseModelError(index_path, f"names the shard {shard}, which does not exist")
@@ -157,6 +163,9 @@ class BaseModelFolder:
                     data_start + e,
                 )
         if self.index is not None:
+            for key, info in self.tensors.items():  # the index must list every tensor, exactly
+                if key not in self.index["weight_map"]:
+                    raise BaseModelError(index_path, f"does not list tensor {key}, which {info.shard} holds")
             for key, shard in self.index["weight_map"].items():
                 info = self.tensors.get(key)
                 if info is None or info.shard != shard:
@@ -248,7 +257,8 @@ class BaseModelFolder:
         else:
             digest = files[SINGLE_NAME]
         ident = self.identity(stop)
-        return {"role": "base", "path": str(self.path), "sha256": digest, "identity": ident, "files": files}
+        path = normalized_path(self.path)
+        return {"role": "base", "path": path, "sha256": digest, "identity": ident, "files": files}
 
     def identity(self, stop: threading.Event | None = None) -> str:
         """The hash that names this base wherever loramix records one (merge
@@ -277,7 +287,9 @@ class BaseModelFolder:
                 cands.append(f"{prefix}.{name}")
         return cands
 
-    def module_weight_key(self, name: str, shape: tuple[int, int] | None = None) -> tuple[str, bool]:
+    def module_weight_key(
+        self, name: str, shape: tuple[int, int] | None = None, fan_in_fan_out: bool | None = None
+    ) -> tuple[str, bool]:
         """``(key, transposed)``: the base tensor of adapter module ``name``.
 
         ``key`` is ``name.weight``, with the model's ``base_model_prefix``
@@ -286,7 +298,8 @@ class BaseModelFolder:
         ``transposed`` is True when the tensor is stored ``(in, out)``
         (``Conv1D``). ``shape`` is the adapter's ``(out, in)``; when given, a
         tensor that fits neither way is an error, and a non-square one decides
-        the layout without building the skeleton.
+        the layout. A square one is decided by :meth:`module_layout`, which
+        takes the adapter's ``fan_in_fan_out`` (None: not stated).
         """
         cands = self._candidates(name)
         key = next((c + ".weight" for c in cands if c + ".weight" in self.tensors), None)
@@ -312,10 +325,31 @@ class BaseModelFolder:
                 )
             if out_f != in_f:
                 return key, (rows, cols) == (in_f, out_f)
-        return key, self.module_layout(key.removesuffix(".weight")) == CONV1D
+        return key, self.module_layout(key.removesuffix(".weight"), fan_in_fan_out) == CONV1D
 
-    def module_layout(self, module_key: str) -> str:
-        """``"conv1d"`` or ``"linear"`` for a checkpoint module name."""
+    def module_layout(self, module_key: str, fan_in_fan_out: bool | None = None) -> str:
+        """``"conv1d"`` or ``"linear"`` for a checkpoint module name, without
+        building the model where the facts decide (see the module docstring):
+        the architecture table, else the adapter's ``fan_in_fan_out``, else
+        the skeleton (with a notice: it imports the modeling code)."""
+        model_type = self.config.get("model_type")
+        if arch(model_type) is not None:
+            # Conv1D architectures (GPT-2 and kin) use Conv1D inside the numbered
+            # blocks only; their heads (lm_head, score, summary) are nn.Linear.
+            in_block = any(part.isdigit() for part in module_key.split("."))
+            return CONV1D if is_conv1d(model_type) and in_block else LINEAR
+        if fan_in_fan_out is not None:
+            return CONV1D if fan_in_fan_out else LINEAR
+        return self._skeleton_layout(module_key)
+
+    def _skeleton_layout(self, module_key: str) -> str:
+        if self._skeleton is None:
+            print(
+                f"loramix: note: {self.path}: model type {self.config.get('model_type')!r} is not in "
+                f"loramix's architecture table and the adapter does not state fan_in_fan_out; building "
+                f"the model skeleton to find the layout of square module {module_key}",
+                file=sys.stderr,
+            )
         sk = self.skeleton()
         layouts = sk["layouts"]
         name = module_key
@@ -325,20 +359,19 @@ class BaseModelFolder:
             if prefix and name.startswith(prefix + "."):
                 alt = name[len(prefix) + 1 :]
             name = alt if alt in layouts else name
-        if name in layouts:
-            return layouts[name]
-        # Not a Linear/Conv1D in the skeleton (or no skeleton): fall back on the model type.
-        return CONV1D if is_conv1d(self.config.get("model_type")) else LINEAR
+        # Not a Linear/Conv1D in the skeleton (or no skeleton): a Linear is what
+        # every architecture outside the table uses.
+        return layouts.get(name, LINEAR)
 
     def _tied_to(self, cands: list[str]) -> str | None:
-        try:
-            tied = self.skeleton().get("tied", {})
-        except Exception:  # the hint is optional
+        """The tensor an absent output head shares: with ``tie_word_embeddings``
+        (transformers' default) a checkpoint stores only the input embedding."""
+        if not self.config.get("tie_word_embeddings", True):
             return None
-        for c in cands:
-            if c + ".weight" in tied:
-                return tied[c + ".weight"]
-        return None
+        if not any(c.rsplit(".", 1)[-1] in OUTPUT_HEADS for c in cands):
+            return None
+        emb = (k for k in self.tensors if k.endswith(".weight") and k.split(".")[-2] in INPUT_EMBEDDINGS)
+        return next(emb, "the input embeddings")
 
     def skeleton(self) -> dict:
         """``{"prefix", "layouts": {module: layout}, "tied": {param: param}}``

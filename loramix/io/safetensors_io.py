@@ -6,15 +6,22 @@ Every error names the file and the problem in one line."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import struct
+import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import BaseModelError, LoramixError
+from ..errors import BaseModelError, LoramixError, OutputError
+from .st_header import (  # noqa: F401  (the torch-free header layer; re-exported)
+    DTYPE_SIZES,
+    FLOAT_CODES,
+    MAX_HEADER,
+    check_header,
+    file_sha256,
+    read_safetensors_header,
+)
 
 # safetensors dtype codes -> torch dtypes (those torch has).
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -29,93 +36,79 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16")):
+for _code, _name in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
     if hasattr(torch, _name):
         ST_DTYPES[_code] = getattr(torch, _name)
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 
 
-def read_safetensors_header(path: Path, error=BaseModelError) -> tuple[dict, int]:
-    """``(header, data_start)`` of a safetensors file, checking its length.
-
-    A file shorter than its header says (a truncated download or copy) is an
-    error naming the file; so is one with a malformed header.
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise error(path, f"truncated: {size} bytes, too short for a safetensors header")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise error(
-                    path, f"truncated or not a safetensors file: header length {n} but file has {size} bytes"
-                )
-            raw = f.read(n)
-    except OSError as e:
-        raise error(path, f"cannot read: {e}") from e
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise error(path, f"not a valid safetensors file: bad header ({e})") from None
-    data_start = 8 + n
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            b, e = info["data_offsets"]
-            end = max(end, int(e))
-            if int(b) > int(e) or not isinstance(info["shape"], list):
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
-            raise error(path, f"not a valid safetensors file: bad header entry for {key}") from None
-    if size < data_start + end:
-        raise error(path, f"truncated: {size} bytes, but its header needs {data_start + end}")
-    if size > data_start + end:
-        raise error(
-            path, f"{size - data_start - end} bytes after the last tensor: not a valid safetensors file"
-        )
-    return header, data_start
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
+#: bytes per element of every dtype the safetensors format defines (and loramix knows)
 class CheckedSafetensors:
-    """``safe_open`` with errors turned into one-line :class:`LoramixError`\\ s.
+    """``safe_open`` behind the header check, with errors turned into
+    one-line :class:`LoramixError`\\ s.
 
     Use as a context manager. ``error`` is the error class to raise (for
-    instance ``AdapterError`` or ``BaseModelError``).
+    instance ``AdapterError`` or ``BaseModelError``); ``dtypes``, when given,
+    are the only dtype codes accepted (a tensor of another is refused,
+    naming it and its dtype). The header is validated first
+    (:func:`read_safetensors_header`), so the library never sees a file
+    loramix would not accept. A path that is not valid UTF-8 (which the
+    library refuses) is opened through its file descriptor.
     """
 
-    def __init__(self, path: str | Path, error: type[LoramixError] = LoramixError, device: str = "cpu"):
+    def __init__(
+        self,
+        path: str | Path,
+        error: type[LoramixError] = LoramixError,
+        device: str = "cpu",
+        dtypes: tuple[str, ...] | None = None,
+    ):
         self.path = Path(path)
         self.error = error
         self.device = device
+        self.dtypes = dtypes
         self._f = None
+        self._fd = None
 
     def __enter__(self) -> CheckedSafetensors:
-        if not self.path.exists():
+        if not os.path.lexists(self.path):
             raise self.error(self.path, "no such file")
+        header, _ = read_safetensors_header(self.path, self.error)
+        for key, info in header.items():
+            if key != "__metadata__" and self.dtypes is not None and info["dtype"] not in self.dtypes:
+                raise self.error(
+                    self.path,
+                    f"tensor {key} has dtype {info['dtype']}; loramix reads {', '.join(self.dtypes)}",
+                )
+        name = str(self.path)
         try:
-            self._f = safe_open(str(self.path), framework="pt", device=self.device)
+            name.encode()
+        except UnicodeEncodeError:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            name = f"/proc/self/fd/{self._fd}"
+        try:
+            self._f = safe_open(name, framework="pt", device=self.device)
             self._f.__enter__()
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            self._close_fd()
             raise self.error(self.path, f"not a valid safetensors file (corrupt or truncated): {e}") from e
         return self
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __exit__(self, *exc) -> None:
         if self._f is not None:
             self._f.__exit__(*exc)
+        self._close_fd()
 
     def keys(self) -> list[str]:
         return list(self._f.keys())
@@ -137,6 +130,19 @@ class CheckedSafetensors:
         if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise self.error(self.path, f"tensor {key} has non-finite values (nan or inf)")
         return t
+
+
+def check_output_finite(t: torch.Tensor, key: str) -> torch.Tensor:
+    """``t`` (an output tensor about to be written) when it is all finite;
+    else an :class:`OutputError` naming the tensor. Called on each computed
+    tensor as it is written, so the check costs no extra pass over a file."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise OutputError(
+            key,
+            f"the output tensor would hold nan or inf ({str(t.dtype).removeprefix('torch.')}): an input "
+            "holds them or the result overflows its dtype; nothing was written",
+        )
+    return t
 
 
 def safetensors_metadata(provenance: dict | None = None) -> dict[str, str]:

@@ -42,7 +42,7 @@ from ..options import check_dtype, parse_dtype, parse_weights  # noqa: F401  (pa
 
 _REGISTRY: dict[str, type] = {}
 # Modules of this package that hold no method.
-_NOT_METHODS = {"base", "runner"}
+_NOT_METHODS = {"base", "params", "runner"}
 # Names the merge command uses for its own options: a method parameter may not take one.
 RESERVED = {"method", "adapters", "weights", "into", "out", "device", "dtype", "force", "progress"}
 _loaded = False

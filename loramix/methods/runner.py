@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import D2LORA, Adapter, ModuleDelta, check_compatible
+from ..adapter import D2LORA, Adapter, ModuleDelta, check_compatible, check_one_base
 from ..devices import resolve_device
 from ..errors import AdapterError, UsageError
 from ..io.adapter_files import WEIGHTS_NAME, load_adapter, save_peft_adapter
@@ -90,7 +90,8 @@ def run_merge(
 
 def _check_adapter_output(m: MergeMethod, ads: Sequence[Adapter]) -> None:
     """Without a base the result must be an adapter: a low-rank method, and
-    adapters whose deltas do not depend on the base."""
+    adapters whose deltas do not depend on the base, made for one base."""
+    check_one_base(list(ads))
     if not m.low_rank:
         raise UsageError(
             "into",

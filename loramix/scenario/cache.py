@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..io.outputs import new_temporary, release_temporary, remove_stale_temporaries
 
 MARKER = "artifact.json"
 
@@ -56,6 +57,13 @@ def make_key(kind: str, spec: dict) -> str:
 
     payload = canonical_json({"kind": kind, "loramix": __version__, "spec": spec})
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def remove_stale(root: Path) -> list[Path]:
+    """Remove the temporaries of runs that were killed (their owner is gone)
+    from the cache at ``root``; returns them."""
+    kinds = [p for p in Path(root).iterdir() if p.is_dir()] if Path(root).is_dir() else []
+    return [t for k in kinds for t in remove_stale_temporaries(k)]
 
 
 @dataclass
@@ -76,6 +84,7 @@ class Cache:
 
     def __post_init__(self):
         self.root = Path(self.root)
+        remove_stale(self.root)
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key[:24]
@@ -99,8 +108,7 @@ class Cache:
             self.log.append(CacheEvent(kind, key, "hit", 0.0, label))
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        tmp = new_temporary(target.parent, target.name)  # owned: a later run removes it if we die
         t0 = time.perf_counter()
         try:
             info = make(tmp) or {}
@@ -110,6 +118,7 @@ class Cache:
                       "spec": spec, "info": info}  # fmt: skip
             with open(tmp / MARKER, "w") as f:
                 json.dump(record, f, indent=2, sort_keys=True, default=str)
+            release_temporary(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -97,7 +97,7 @@ class _BuildKeys:
                      doc_default="the domains' training splits")  # fmt: skip
     size: str = key("str", "tiny", help="see `loramix base build`", choices=("tiny", "small"))
     steps: int | None = key("int", help="pre-training steps", bound="positive", doc_default="the size's")
-    seed: int = key("int", 0, help="pre-training seed")
+    seed: int = key("int", 0, bound="seed", help="pre-training seed")
     lr: float | None = key("float", help="learning rate", bound="positive", doc_default="the size's")
     batch: int | None = key("int", help="batch size", bound="positive", doc_default="the size's")
     max_len: int | None = key("int", help="sequence length", bound="positive", doc_default="the size's")
@@ -198,9 +198,10 @@ class Scenario:
     path: Path
     name: str = key("str", required=True, help="letters, digits, `_ . -`; the report goes to `reports/NAME`")
     description: str = key("str", "", help="copied into the report")
-    seeds: tuple[int, ...] = key("int-list", (0,), doc_default="`[0]`",
+    seeds: tuple[int, ...] = key("int-list", (0,), doc_default="`[0]`", bound="seed",
                                  help="adapter-training seeds (init and batch order)")  # fmt: skip
-    data_seed: int = key("int", 0, help="the train/eval split; the same eval sets for every seed")
+    data_seed: int = key("int", 0, bound="seed",
+                         help="the train/eval split; the same eval sets for every seed")  # fmt: skip
     base: BaseSpec = key("table", required=True, help="`base.path` or `[base.build]`")
     domains: dict[str, DomainSpec] = key("table", required=True, help="at least two `[domains.NAME]` tables")
     adapters: AdapterSpec = key("table", doc_default="the defaults below", help="the adapter training recipe")
@@ -223,7 +224,7 @@ SCHEMA = (("", Scenario), ("base", BaseSpec), ("base.build", _BuildKeys), ("doma
 
 _DOC_TYPES = {"int": "int", "float": "number", "str": "string", "bool": "bool", "str-list": "list of string",
               "int-list": "list of int", "table": "table", "list": "list", "any": "path/spec or list"}  # fmt: skip
-_DOC_BOUNDS = {"positive": " > 0", "nonneg": " ≥ 0", "unit": " in [0, 1]"}
+_DOC_BOUNDS = {"positive": " > 0", "nonneg": " ≥ 0", "unit": " in [0, 1]", "seed": " in [0, 2^63 - 1]"}
 
 
 def schema_markdown() -> str:
@@ -302,6 +303,69 @@ def _positive(ctx, v, key, allow_zero=False):
     return v
 
 
+# What a run can do, checked before it starts: seeds are 64-bit, a synthetic
+# domain generates at most MAX_SYNTHETIC_RECORDS records (more takes minutes
+# and teaches nothing new), and a rank is at most min(out, in) of every
+# targeted weight (MAX_RANK where the base's shapes cannot tell).
+MAX_SEED = 2**63 - 1
+MAX_SYNTHETIC_RECORDS = 100_000
+MAX_RANK = 4096
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _check_seeds(ctx, v, key: str) -> None:
+    for s in v if isinstance(v, (list, tuple)) else [v]:
+        if not 0 <= s <= MAX_SEED:
+            raise ctx.error(key, f"{s} is not a seed: seeds are integers in [0, 2^63 - 1]")
+
+
+def _base_weights(ctx, base) -> tuple[str | None, dict[str, tuple[int, ...]]]:
+    """``(model_type, {module: weight shape})`` of the base's 2-D weights, from
+    its safetensors headers (a folder; its tokenizer checked too) or from the
+    recipe (a GPT-2 of the size's width), without loading a weight."""
+    if base.path is None:
+        from ..basebuild import SIZES
+
+        cfg, d = SIZES[base.size], SIZES[base.size].n_embd
+        shapes = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d),
+                  "mlp.c_proj": (4 * d, d)}  # fmt: skip
+        return "gpt2", {f"transformer.h.{i}.{m}": s for i in range(cfg.n_layer) for m, s in shapes.items()}
+    from ..errors import LoramixError
+    from ..io.model_folder import BaseModelFolder
+
+    if not any((base.path / f).is_file() for f in TOKENIZER_FILES):
+        raise ctx.error("base.path", f"{base.path} has no tokenizer ({', '.join(TOKENIZER_FILES)}), "
+                        "which training and evaluation need")  # fmt: skip
+    try:
+        folder = BaseModelFolder(base.path)
+    except LoramixError as e:
+        raise ctx.error("base.path", e.message) from None
+    weights = {k.removesuffix(".weight"): t.shape for k, t in folder.tensors.items()
+               if k.endswith(".weight") and len(t.shape) == 2}  # fmt: skip
+    return folder.config.get("model_type"), weights
+
+
+def _check_fit(ctx, base, adapters) -> None:
+    """The targets name weights of the base, and the rank is at most
+    ``min(out, in)`` of each targeted weight (:data:`MAX_RANK` when the
+    default targets of an unknown architecture leave the shapes unknown)."""
+    from ..archs import arch
+
+    model_type, weights = _base_weights(ctx, base)
+    known = arch(model_type)
+    targets = adapters.targets or (known.targets if known and known.targets else None)
+    hits = {t: [n for n in weights if n == t or n.endswith("." + t)] for t in targets or ()}
+    for t, names in hits.items():
+        if not names and adapters.targets:
+            raise ctx.error("adapters.targets", f"{t!r} names no 2-D weight of the base ({model_type})")
+    dims = [min(weights[n]) for names in hits.values() for n in names]
+    bound, why = MAX_RANK, "the limit"
+    if dims:
+        bound, why = min(dims), "the smallest dimension of a targeted weight"
+    if adapters.rank > bound:
+        raise ctx.error("adapters.rank", f"{adapters.rank} is above {bound}, {why}")
+
+
 def _read(ctx: _Ctx, cls, t: dict, where: str, *, also=(), defaults=None) -> dict:
     """Check ``t``'s keys against the schema of ``cls`` (plus ``also``) and read
     its scalar keys: ``{field name: value}``, the default where absent, each
@@ -317,6 +381,8 @@ def _read(ctx: _Ctx, cls, t: dict, where: str, *, also=(), defaults=None) -> dic
         v = _get(ctx, t, name, where, k.kind, (defaults or {}).get(fname, default), required=k.required)
         if v is not None and k.bound in ("positive", "nonneg"):
             _positive(ctx, v, full, allow_zero=k.bound == "nonneg")
+        if v is not None and k.bound == "seed":
+            _check_seeds(ctx, v, full)
         if v is not None and k.bound == "unit" and not 0 <= v <= 1:
             raise ctx.error(full, f"must lie in [0, 1], got {v}")
         if k.choices and k.kind == "str" and v not in k.choices:
@@ -445,6 +511,10 @@ def _parse_domain(ctx, name, t, env, used, synth_names) -> DomainSpec:
             )
         # Generate exactly train + eval records unless the spec says n.
         n = spec["n"] if "n=" in raw else train + ev
+        _check_seeds(ctx, spec["seed"], f"{where}.data")
+        if n > MAX_SYNTHETIC_RECORDS:
+            raise ctx.error(f"{where}.train", f"a synthetic domain makes at most {MAX_SYNTHETIC_RECORDS} "
+                            f"records; train + eval (or n) asks for {n}")  # fmt: skip
         if n < train + ev:
             raise ctx.error(f"{where}.data", f"n={n} records cannot give train={train} + eval={ev}")
         q = f"n={n}&seed={spec['seed']}"
@@ -653,6 +723,7 @@ def load_scenario(path: str | os.PathLike, env: dict | None = None) -> Scenario:
         raise ctx.error("base", "missing (required): base.path or [base.build]")
     base = _parse_base(ctx, raw["base"], env, used)
     adapters = _parse_adapters(ctx, raw.get("adapters", {}))
+    _check_fit(ctx, base, adapters)
     compositions = _parse_compositions(ctx, raw.get("compositions"), list(domains))
     merges = _parse_merge(ctx, raw.get("merge"), adapters, min(len(c) for c in compositions))
     ev = _parse_eval(ctx, raw.get("eval"), adapters)

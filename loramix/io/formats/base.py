@@ -17,9 +17,6 @@ a message naming the module and the feature, never silently dropped.
 from __future__ import annotations
 
 import json
-import math
-import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,120 +26,30 @@ from safetensors.torch import save_file
 from ...adapter import Adapter, ModuleDelta
 from ...errors import AdapterError
 from ...kinds import AdapterKind
-from ..safetensors_io import CheckedSafetensors, canonicalize_header, file_sha256, safetensors_metadata
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-
-_UNSUPPORTED = {
-    "lora_embedding_A": "embedding LoRA",
-    "lora_embedding_B": "embedding LoRA",
-    "lora_magnitude_vector": "DoRA magnitude vectors",
-    "modules_to_save": "modules_to_save (full trained copies of modules)",
-    "trainable_tokens_delta": "trainable tokens",
-    "token_adapter": "trainable tokens",
-}
-# PEFT LoRA variants whose saved factors are not (or not only) ``dW = s B A``
-# on a 2-D weight: refused when the config sets them, never silently dropped.
-_UNSUPPORTED_CONFIG = {
-    "target_parameters": "LoRA on parameters (target_parameters)",
-    "use_qalora": "QALoRA (use_qalora)",
-    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
-    "kasa_config": "KaSA (kasa_config)",
-    "monteclora_config": "MonteCLoRA (monteclora_config)",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-    "arrow_config": "Arrow routing (arrow_config)",
-    "layer_replication": "layer replication (layer_replication)",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
-}
-
-
-def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str | None:
-    """PEFT's rule: the first pattern ``k`` with ``re.match(rf"(.*\\.)?({k})$", key)``."""
-    for k in pattern_keys:
-        if re.match(rf"(.*\.)?({k})$", key_to_match):
-            return k
-    return None
-
-
-def module_rank_alpha(config: dict, module: str) -> tuple[int, float]:
-    """``(r, alpha)`` for ``module`` from ``r``/``lora_alpha`` and the patterns."""
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rk = get_pattern_key(rank_pattern, module)
-    ak = get_pattern_key(alpha_pattern, module)
-    r = rank_pattern[rk] if rk is not None else config.get("r", 8)
-    alpha = alpha_pattern[ak] if ak is not None else config.get("lora_alpha", 8)
-    return int(r), float(alpha)
-
-
-def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def resolve_adapter_paths(path: str | Path) -> tuple[Path, Path, Path]:
-    """``(given path, config path, weights path)`` for a folder or a file."""
-    p = Path(path)
-    if not p.exists():
-        raise AdapterError(p, "no such file or folder")
-    if p.is_dir():
-        cfg, weights = p / CONFIG_NAME, p / WEIGHTS_NAME
-        if not cfg.exists():
-            raise AdapterError(p, f"not an adapter folder: no {CONFIG_NAME}")
-        if not weights.exists():
-            if (p / "adapter_model.bin").exists():
-                raise AdapterError(
-                    p, "adapter_model.bin (pickle) is not read; loramix reads safetensors only"
-                )
-            raise AdapterError(p, f"not an adapter folder: no {WEIGHTS_NAME}")
-    else:
-        if p.suffix != ".safetensors":
-            raise AdapterError(p, "not an adapter: expected a folder or a .safetensors file")
-        cfg, weights = p.parent / CONFIG_NAME, p
-        if not cfg.exists():
-            raise AdapterError(p, f"no {CONFIG_NAME} beside the file; loramix needs it for ranks and scales")
-    return p, cfg, weights
-
-
-def read_config(cfg: Path) -> dict:
-    try:
-        config = json.loads(cfg.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(cfg, f"not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise AdapterError(cfg, "not a JSON object")
-    return config
-
-
-def _parse_key(key: str, parts: dict) -> tuple[str, str, str, str | None]:
-    """``(module, factor, branch, adapter_name)`` of a tensor key, or raise."""
-    toks = key.split(".")
-    for i, t in enumerate(toks):
-        if t in _UNSUPPORTED:
-            module = ".".join(toks[:i]).removeprefix(PREFIX)
-            raise KeyError(f"module {module}: not supported: {_UNSUPPORTED[t]} (tensor {key})")
-        if t in parts:
-            module = ".".join(toks[:i])
-            module = module[len(PREFIX) :] if module.startswith(PREFIX) else module
-            rest = toks[i + 1 :]
-            if rest and rest[-1] == "bias":
-                raise KeyError(f"module {module}: not supported: LoRA biases (lora_bias) (tensor {key})")
-            if rest == ["weight"]:
-                name = None
-            elif len(rest) == 2 and rest[1] == "weight":
-                name = rest[0]
-            else:
-                break
-            factor, branch = parts[t]
-            return module, factor, branch, name
-    if toks[-1] == "bias":
-        # PEFT's bias="all" / "lora_only" saves trained base biases.
-        module = ".".join(t for t in toks[:-1] if t != "base_layer").removeprefix(PREFIX)
-        raise KeyError(
-            f"module {module}: not supported: trained biases (PEFT bias='all'/'lora_only') (tensor {key})"
-        )
-    raise KeyError(f"unexpected tensor {key}: not a LoRA factor")
+from ..peft_layout import (  # noqa: F401  (the torch-free parsing lives there; re-exported for the formats)
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    adapter_name,
+    check_config_rank,
+    check_features,
+    check_targets,
+    get_pattern_key,
+    lora_scale,
+    module_rank_alpha,
+    parse_keys,
+    read_config,
+    read_parts,
+    resolve_adapter_paths,
+)
+from ..safetensors_io import (
+    FLOAT_CODES,
+    CheckedSafetensors,
+    canonicalize_header,
+    check_output_finite,
+    file_sha256,
+    safetensors_metadata,
+)
 
 
 def common_rank_alpha(ranks: dict[str, int], alphas: dict[str, float]) -> tuple[int, float, dict, dict]:
@@ -163,24 +70,14 @@ def clean_number(x: float) -> int | float:
 def write_folder(
     out_dir: Path, tensors: dict[str, torch.Tensor], config: dict, provenance: dict | None
 ) -> Path:
-    """Write ``tensors`` (canonical header, provenance in the metadata) and the config."""
+    """Write ``tensors`` (canonical header, provenance in the metadata) and the config;
+    a non-finite value refused naming its tensor."""
+    for key, t in tensors.items():
+        check_output_finite(t, key)
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata=safetensors_metadata(provenance))
     canonicalize_header(out_dir / WEIGHTS_NAME)
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
-
-
-def _check_config(config: dict, cfg_path: Path) -> None:
-    """Refuse config switches whose saved factors loramix would misread."""
-    if config.get("use_dora"):
-        raise AdapterError(cfg_path, "not supported: DoRA (use_dora: true)")
-    if config.get("lora_bias"):
-        raise AdapterError(cfg_path, "not supported: LoRA biases (lora_bias: true)")
-    if str(config.get("bias", "none")).lower() not in ("none", "null"):
-        raise AdapterError(cfg_path, f"not supported: trained biases (bias: {config['bias']})")
-    for k, feature in _UNSUPPORTED_CONFIG.items():
-        if config.get(k):
-            raise AdapterError(cfg_path, f"not supported: {feature}")
 
 
 class PeftLayoutFormat:
@@ -214,18 +111,9 @@ class PeftLayoutFormat:
             raise AdapterError(cfg_path, f"modules_to_save {config['modules_to_save']} is not supported")
         raw = self._read_tensors(weights, config, cfg_path)
         modules = {m: self._module(m, fs, config, cfg_path, weights) for m, fs in raw.items()}
-        targets = config.get("target_modules")
-        if isinstance(targets, list) and targets:
-            for module in modules:
-                if not any(module == t or module.endswith("." + t) for t in targets):
-                    raise AdapterError(
-                        weights,
-                        f"config and tensors disagree: module {module} is not in target_modules {targets}",
-                    )
+        check_targets(modules, config, weights)
         if name is None:
-            name = given.name if given.is_dir() else given.stem
-            if name == "adapter_model":
-                name = given.parent.name
+            name = adapter_name(given)
         return Adapter(
             name=name,
             kind=self.kind,
@@ -238,34 +126,12 @@ class PeftLayoutFormat:
 
     def _read_tensors(self, weights: Path, config: dict, cfg_path: Path) -> dict[str, dict]:
         """``{module: {(factor, branch): tensor}}``, every key checked first."""
-        raw: dict[str, dict[tuple[str, str], torch.Tensor]] = {}
-        adapter_names: set[str] = set()
-        with CheckedSafetensors(weights, AdapterError) as f:
-            keys = f.keys()
-            if not keys:
-                raise AdapterError(weights, "holds no tensors")
+        with CheckedSafetensors(weights, AdapterError, dtypes=FLOAT_CODES) as f:
             # Parse every key before reading any tensor or trusting the config:
             # an unsupported feature is then reported with the module it is on.
-            try:
-                parsed = [(key, *_parse_key(key, self.kind.parts)) for key in keys]
-            except KeyError as e:
-                raise AdapterError(weights, e.args[0]) from None
-            _check_config(config, cfg_path)
-            for key, module, factor, branch, aname in parsed:
-                if aname is not None:
-                    adapter_names.add(aname)
-                t = f.get(key, check_finite=True)
-                if t.ndim != 2:
-                    raise AdapterError(
-                        weights,
-                        f"module {module}: {key} has {t.ndim} dimensions; only linear LoRA (2-D factors) is supported",
-                    )
-                raw.setdefault(module, {})[(factor, branch)] = t
-        if len(adapter_names) > 1:
-            raise AdapterError(
-                weights, f"holds several adapters ({', '.join(sorted(adapter_names))}); save them apart"
-            )
-        return raw
+            parsed = parse_keys(f.keys(), self.kind.parts, weights)
+            check_features(config, cfg_path)
+            return read_parts(parsed, lambda key: f.get(key, check_finite=True), weights)
 
     def _module(self, module: str, fs: dict, config: dict, cfg_path: Path, weights: Path) -> ModuleDelta:
         """One module from its tensors: ranks checked against the config, then the kind builds it."""
@@ -281,10 +147,5 @@ class PeftLayoutFormat:
             raise AdapterError(
                 weights, f"module {module}: lora_A has rank {m.A.shape[0]} but lora_B has rank {m.B.shape[1]}"
             )
-        if m.A.shape[0] != r_cfg:
-            raise AdapterError(
-                weights,
-                f"config and tensors disagree: module {module} has rank {m.A.shape[0]} "
-                f"but {cfg_path.name} says {r_cfg} (r / rank_pattern)",
-            )
+        check_config_rank(module, int(m.A.shape[0]), r_cfg, cfg_path, weights)
         return m

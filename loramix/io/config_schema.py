@@ -1,0 +1,137 @@
+"""The schema check of ``adapter_config.json``: every field loramix reads has
+the type PEFT's own ``LoraConfig`` gives it, before any value is used.
+
+JSON is read by :func:`load_json_file` (a regular file only; ``NaN`` and
+``Infinity`` constants, invalid UTF-8 and nesting deep enough to exhaust
+Python's recursion limit are errors naming the file). Then
+:func:`check_adapter_config` checks, for the fields present:
+
+====================================  ==========================================
+field                                 type
+====================================  ==========================================
+``peft_type``, ``task_type``,         str (``base_model_name_or_path``,
+``base_model_name_or_path``, ``bias``  ``task_type``, ``bias`` may be null)
+``r``                                 int > 0 (a bool or 4.5 is not)
+``lora_alpha``                        finite number (``1e309`` is infinite)
+``rank_pattern``                      null or {regex str: int > 0}
+``alpha_pattern``                     null or {regex str: finite number}
+``target_modules``                    null, str or list of str
+``modules_to_save``                   null or list of str
+``use_rslora``, ``fan_in_fan_out``,   bool (``"no"`` is not false)
+``use_dora``, ``lora_bias``,
+``inference_mode``
+``tau``, ``eps`` (D2-LoRA)            finite number (``eps`` > 0)
+``norm_dim`` (D2-LoRA)                0 or 1
+====================================  ==========================================
+
+Nothing is coerced: a value of the wrong type is an :class:`AdapterError`
+naming the file, the field and what it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+from pathlib import Path
+
+from ..errors import AdapterError, LoramixError
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def load_json_file(path: Path, error: type[LoramixError] = AdapterError, constants: bool = False):
+    """The JSON value in ``path``; ``error`` (naming the file) for a missing or
+    non-regular file, bad UTF-8, bad JSON, too deep nesting, or (unless
+    ``constants``) ``NaN``/``Infinity``."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise error(path, "not a regular file (a FIFO, device or folder?)")
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise error(path, f"cannot read: {e.strerror or e}") from None
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=None if constants else _refuse_constant)
+    except RecursionError:
+        raise error(path, "not valid JSON: nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise error(path, f"not valid JSON: {e}") from None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
+
+
+def _str_list(x) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+def _pattern(x, value_ok) -> bool:
+    if x is None:
+        return True
+    if not isinstance(x, dict):
+        return False
+    for k, v in x.items():
+        try:
+            re.compile(k)
+        except (re.error, RecursionError):
+            return False
+        if not value_ok(v):
+            return False
+    return True
+
+
+# field -> (check, what it must be)
+FIELDS = {
+    "peft_type": (lambda x: isinstance(x, str), "a string"),
+    "task_type": (lambda x: x is None or isinstance(x, str), "a string or null"),
+    "base_model_name_or_path": (lambda x: x is None or isinstance(x, str), "a string or null"),
+    "bias": (lambda x: x is None or isinstance(x, str), "a string (none, all or lora_only)"),
+    "r": (lambda x: _is_int(x) and x > 0, "a positive integer"),
+    "lora_alpha": (_is_number, "a finite number"),
+    "rank_pattern": (lambda x: _pattern(x, lambda v: _is_int(v) and v > 0),
+                     "an object of regular expression -> positive integer"),
+    "alpha_pattern": (lambda x: _pattern(x, _is_number), "an object of regular expression -> finite number"),
+    "target_modules": (lambda x: x is None or isinstance(x, str) or _str_list(x),
+                       "a string or a list of strings"),
+    "modules_to_save": (lambda x: x is None or _str_list(x), "null or a list of strings"),
+    "use_rslora": (lambda x: isinstance(x, bool), "true or false"),
+    "fan_in_fan_out": (lambda x: isinstance(x, bool), "true or false"),
+    "use_dora": (lambda x: isinstance(x, bool), "true or false"),
+    "lora_bias": (lambda x: isinstance(x, bool), "true or false"),
+    "inference_mode": (lambda x: isinstance(x, bool), "true or false"),
+    "tau": (_is_number, "a finite number"),
+    "eps": (lambda x: _is_number(x) and x > 0, "a positive finite number"),
+    "norm_dim": (lambda x: _is_int(x) and x in (0, 1), "0 or 1"),
+}  # fmt: skip
+
+
+def _show(value) -> str:
+    text = json.dumps(value, allow_nan=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_adapter_config(config, path: Path) -> dict:
+    """``config`` (the parsed ``adapter_config.json`` at ``path``) after
+    checking it is an object and the type of every field in :data:`FIELDS`
+    that it holds; an :class:`AdapterError` naming the first bad field."""
+    if not isinstance(config, dict):
+        raise AdapterError(path, "not a JSON object")
+    for key, (ok, what) in FIELDS.items():
+        if key in config and not ok(config[key]):
+            raise AdapterError(path, f"{key} must be {what}, not {_show(config[key])}")
+    return config
+
+
+def read_adapter_config(path: Path) -> dict:
+    """``adapter_config.json`` read (:func:`load_json_file`) and checked
+    (:func:`check_adapter_config`)."""
+    return check_adapter_config(load_json_file(path, AdapterError), path)

@@ -1,0 +1,183 @@
+"""Adapters as numpy factors, read without torch.
+
+The same folders and checks as :func:`loramix.io.adapter_files.load_adapter`
+(:mod:`loramix.io.peft_layout`), but the factors are numpy arrays read with
+safetensors' numpy interface, so that a similarity run on the CPU (float64
+numpy arithmetic, :mod:`loramix.overlap`) never imports torch. ``bfloat16``,
+which numpy lacks, is read as its raw ``uint16`` bits shifted into the high
+half of a ``float32``: the same value, exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import AdapterError
+from .peft_layout import (
+    D2LORA,
+    LORA,
+    adapter_method,
+    adapter_name,
+    check_features,
+    module_factors,
+    parse_keys,
+    read_config,
+    read_parts,
+    resolve_adapter_paths,
+)
+from .st_header import FLOAT_CODES, read_safetensors_header
+
+
+@dataclass
+class NpModule:
+    """One adapted weight as numpy factors: ``dW = scale B A`` (LoRA,
+    ``B`` (out, r), ``A`` (r, in)) or ``scale (B A - tau B_neg A_neg)`` (the
+    D2-LoRA signed residual); the fields of :class:`loramix.adapter.ModuleDelta`."""
+
+    name: str
+    B: np.ndarray  # or LazyFactor: anything np.asarray reads
+    A: np.ndarray
+    scale: float
+    alpha: float
+    B_neg: np.ndarray | None = None
+    A_neg: np.ndarray | None = None
+    tau: float = 0.0
+    norm_dim: int = 1
+    eps: float = 1e-8
+
+    @property
+    def kind(self) -> str:
+        return D2LORA if self.B_neg is not None else LORA
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out, in)`` of the delta, in ``nn.Linear`` layout."""
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(Bf, Af)`` in float64 with ``dW = Bf @ Af``, the scale folded into
+        ``Bf``: LoRA ``(s B, A)``; D2 ``(s [B, -tau B_neg], [A; A_neg])`` (rank 2r)."""
+        B, A = np.asarray(self.B, dtype=np.float64), np.asarray(self.A, dtype=np.float64)
+        if self.B_neg is not None:
+            B = np.concatenate([B, -self.tau * np.asarray(self.B_neg, dtype=np.float64)], axis=1)
+            A = np.concatenate([A, np.asarray(self.A_neg, dtype=np.float64)], axis=0)
+        return B * self.scale, A
+
+
+@dataclass
+class NpAdapter:
+    """An adapter's modules as :class:`NpModule` (``kind``: ``lora`` or ``d2lora``,
+    the name of :attr:`loramix.adapter.Adapter.kind`)."""
+
+    name: str
+    kind: str
+    modules: dict[str, NpModule]
+    config: dict
+    path: Path | None = None
+
+    @property
+    def method(self) -> str:
+        """Deprecated name of :attr:`kind`, as on :class:`loramix.adapter.Adapter`."""
+        return self.kind
+
+
+def _np(t) -> np.ndarray | None:
+    if t is None:
+        return None
+    t = t.detach().cpu()
+    # numpy has no bfloat16; float32 holds every bfloat16 (and float16) value exactly
+    return (t.float() if t.dtype.itemsize == 2 else t).numpy()
+
+
+def np_adapter(adapter) -> NpAdapter:
+    """A loaded :class:`loramix.adapter.Adapter` with its factors as numpy
+    arrays (views where the dtype allows; fp16/bf16 widened to float32).
+    A module of another kind than LoRA / D2-LoRA is its residual as its kind
+    defines it (``kind.scaled_factors``: ``dW = s B A``), in float64."""
+    fields = ("name", "scale", "alpha", "tau", "norm_dim", "eps")
+    modules = {}
+    for name, m in adapter.modules.items():
+        if m.kind in (LORA, D2LORA):
+            modules[name] = NpModule(
+                **{f: getattr(m, f) for f in fields},
+                **{f: _np(getattr(m, f)) for f in ("B", "A", "B_neg", "A_neg")},
+            )
+        else:
+            B, A, s = m.kind.scaled_factors(m)
+            modules[name] = NpModule(name=name, B=_np(B), A=_np(A), scale=float(s), alpha=m.alpha)
+    return NpAdapter(adapter.name, str(adapter.kind.name), modules, adapter.config, adapter.path)
+
+
+# safetensors dtype codes numpy reads directly; BF16 is widened from its bits.
+_NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+class LazyFactor:
+    """One stored factor, read from its file each time it is asked for
+    (``np.asarray``): a similarity over a bank of adapters then holds one
+    module's factors at a time, never the whole bank."""
+
+    def __init__(self, path: Path, key: str, code: str, shape: tuple[int, ...], offset: int):
+        self.path, self.key, self.code, self.shape, self.offset = path, key, code, shape, offset
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if self.code not in _NP_DTYPES:
+            raise AdapterError(self.path, f"tensor {self.key} has dtype {self.code}, not a float factor")
+        count = math.prod(self.shape)
+        try:
+            t = np.fromfile(self.path, dtype=_NP_DTYPES[self.code], count=count, offset=self.offset)
+            if t.size != count:
+                raise ValueError(f"{t.size} of {count} values present")
+        except (OSError, ValueError) as e:
+            raise AdapterError(self.path, f"cannot read tensor {self.key} (corrupt or truncated file): {e}") from e
+        if self.code == "BF16":
+            t = (t.astype(np.uint32) << 16).view(np.float32)
+        t = t.reshape(self.shape)
+        if not np.isfinite(t).all():
+            raise AdapterError(self.path, f"tensor {self.key} has non-finite values (nan or inf)")
+        return t if dtype is None else t.astype(dtype)
+
+
+def _lazy_factors(path: Path) -> dict[str, LazyFactor]:
+    """``key -> LazyFactor`` from the file's header, validated by the one
+    header check every reader goes through (:mod:`loramix.io.st_header`);
+    only the float dtypes loramix computes with are accepted."""
+    header, start = read_safetensors_header(path, AdapterError)
+    header.pop("__metadata__", None)
+    for key, info in header.items():
+        if info["dtype"] not in FLOAT_CODES:
+            raise AdapterError(path, f"tensor {key} has dtype {info['dtype']}; loramix reads {', '.join(FLOAT_CODES)}")
+    return {
+        key: LazyFactor(path, key, info["dtype"], tuple(info["shape"]), start + info["data_offsets"][0])
+        for key, info in header.items()
+    }
+
+
+def load_np_adapter(path: str | Path, name: str | None = None, lazy: bool = False) -> NpAdapter:
+    """Read a PEFT LoRA or loramix D2-LoRA adapter (folder or ``.safetensors``
+    file) into numpy factors, with :func:`~loramix.io.adapter_files.load_adapter`'s
+    checks and errors. ``lazy``: check everything the header tells (keys,
+    shapes, ranks) now, but leave the factors as :class:`LazyFactor`\\ s, read
+    (and checked finite) when used."""
+    given, cfg_path, weights = resolve_adapter_paths(path)
+    config = read_config(cfg_path)
+    method, parts = adapter_method(config, cfg_path)
+    factors = _lazy_factors(weights)
+    parsed = parse_keys(list(factors), parts, weights)
+    check_features(config, cfg_path)
+    raw = read_parts(parsed, factors.__getitem__ if lazy else (lambda k: np.asarray(factors[k])), weights)
+    modules = {
+        module: NpModule(name=module, **kw)
+        for module, kw in module_factors(raw, method, config, cfg_path, weights).items()
+    }
+    return NpAdapter(
+        name=name or adapter_name(given), kind=method, modules=modules, config=config, path=given
+    )

@@ -1,0 +1,95 @@
+"""Parameters of merge methods: :class:`Param` and the shared declarations.
+
+Torch-free on purpose: the ``merge`` command builds its options from these
+declarations, and ``loramix merge --help`` must not import torch. Re-exported
+from :mod:`loramix.methods.base`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method: ``--<flag>`` on the command line.
+
+    ``check(value)`` returns an error text (or None when the value is fine).
+    ``default`` of ``None`` means "no default": the method decides.
+    """
+
+    name: str
+    type: type
+    default: Any = None
+    help: str = ""
+    choices: tuple[str, ...] | None = None
+    check: Callable[[Any], str | None] | None = None
+    required: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.rstrip("_").replace("_", "-")
+
+    def coerce(self, value: Any) -> Any:
+        if self.choices is not None:
+            v = str(value).lower()
+            if v not in self.choices:
+                raise UsageError(self.flag, f"{value!r} is not one of {', '.join(self.choices)}")
+            return v
+        try:
+            if self.type is int:
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                v = int(value)
+            elif self.type is float:
+                v = float(value)
+                if not math.isfinite(v):
+                    raise ValueError
+            else:
+                v = self.type(value)
+        except (TypeError, ValueError):
+            raise UsageError(self.flag, f"{value!r} is not a valid {self.type.__name__}") from None
+        if self.check is not None and (msg := self.check(v)) is not None:
+            raise UsageError(self.flag, msg)
+        return v
+
+
+def _density_check(v: float) -> str | None:
+    return None if 0.0 < v <= 1.0 else f"{v} is outside (0, 1]: it is the fraction of entries kept"
+
+
+DENSITY = Param(
+    "density",
+    float,
+    None,
+    "fraction of each delta's entries kept, in (0, 1]",
+    check=_density_check,
+    required=True,
+)
+SIGN = Param(
+    "sign",
+    str,
+    "mass",
+    "sign election: mass (sign of the weighted sum) or count (majority)",
+    choices=("mass", "count"),
+)
+DIVIDE = Param(
+    "divide",
+    str,
+    "count",
+    "divide agreeing entries by their count (PEFT) or by their summed weights (mergekit)",
+    choices=("count", "weight"),
+)
+LAMBDA = Param("lambda_", float, 1.0, "scale of the merged delta")
+SEED = Param(
+    "seed",
+    int,
+    0,
+    "seed of the random drop masks (reproducible)",
+    check=lambda v: None if v >= 0 else f"{v} is negative",
+)

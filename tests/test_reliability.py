@@ -1,0 +1,742 @@
+"""The README's promises under bad input, faults and concurrency (issue 11).
+
+Every case drives the CLI as a user would (``loramix.cli.main`` in-process,
+or ``python -m loramix`` where a real process is the point: kill -9, two runs
+at once, a file-size limit) and asserts exit code 2, ONE line on stderr
+naming the file, and nothing left at the target or beside it. Inputs are
+real safetensors files written by transformers and PEFT, then damaged the way
+a user's file could be.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from loramix.cli import main
+from loramix.errors import LoramixError, UsageError
+from loramix.io.outputs import TMP_PREFIX, atomic_output_dir, remove_stale_temporaries
+
+from .factories import make_peft_adapter, save_base, tiny_gpt2, tiny_llama
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+SHARD = "model.safetensors"
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- fixtures and helpers -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny real GPT-2 and Llama bases (one file, and GPT-2 sharded) with
+    real PEFT adapters on them."""
+    root = tmp_path_factory.mktemp("world")
+    gpt2, llama = tiny_gpt2(seed=0), tiny_llama(seed=0)
+    return dict(
+        gpt2=save_base(gpt2, root / "gpt2"),
+        sharded=save_base(gpt2, root / "gpt2_sharded", max_shard_size="20KB"),
+        llama=save_base(llama, root / "llama"),
+        a=make_peft_adapter(gpt2, root / "a", seed=1, r=2, lora_alpha=4),
+        b=make_peft_adapter(gpt2, root / "b", seed=2, r=3, lora_alpha=3),
+        la=make_peft_adapter(llama, root / "la", seed=3, r=2, lora_alpha=4),
+    )
+
+
+def copy(src: Path, dst: Path) -> Path:
+    return Path(shutil.copytree(src, dst))
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([*map(str, args)])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def leftovers(out: Path) -> list[str]:
+    """Temporaries beside ``out`` (and ``out`` itself if it exists)."""
+    names = (
+        [p.name for p in out.parent.iterdir() if p.name.startswith(TMP_PREFIX)] if out.parent.exists() else []
+    )
+    return names + ([out.name] if os.path.lexists(out) else [])
+
+
+def assert_refused(code, err, out: Path | None, *names) -> str:
+    """Exit 2, one line naming ``names``, no traceback, nothing at or beside ``out``."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("loramix: error: "), (code, err)
+    assert "Traceback" not in err
+    for n in names:
+        assert str(n) in lines[0], (n, lines[0])
+    if out is not None:
+        assert leftovers(out) == [], leftovers(out)
+    return lines[0]
+
+
+def rewrite_header(path: Path, fn) -> None:
+    """Apply ``fn`` to the parsed safetensors header of ``path`` and write it
+    back (data bytes untouched)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    fn(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+
+
+def edit_config(folder: Path, **fields) -> None:
+    cfg = json.loads((folder / CONFIG).read_text())
+    cfg.update(fields)
+    (folder / CONFIG).write_text(json.dumps(cfg))
+
+
+def sum_into(capsys, base, out, *adapters, extra=()):
+    return cli(capsys, "sum", "--no-progress", *adapters, "--into", base, "--out", out, *extra)
+
+
+# ---- 1. a target that appears meanwhile is never replaced ----------------------------------
+
+
+def test_target_appearing_during_the_run_is_left_alone(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(LoramixError, match="appeared while loramix was writing"):
+        with atomic_output_dir(out) as tmp:
+            (tmp / "result").write_text("mine")
+            out.mkdir()  # another run finishes first
+            (out / "theirs").write_text("theirs")
+    assert sorted(p.name for p in out.iterdir()) == ["theirs"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with atomic_output_dir(out, force=True) as tmp:  # with --force it is replaced
+        (tmp / "result").write_text("mine")
+    assert sorted(p.name for p in out.iterdir()) == ["result"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _python_m(*args, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", **kw.pop("env", {})}
+    return subprocess.Popen([sys.executable, "-m", "loramix", *map(str, args)], cwd=kw.pop("cwd", None),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="surrogateescape", env=env, **kw)  # fmt: skip
+
+
+def test_two_runs_into_one_out(world, tmp_path):
+    """Two ``sum`` processes started together into one ``--out``: exactly one
+    succeeds, the other exits 2 naming it, and the survivor is complete
+    (byte-identical to a run alone)."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    args = ["sum", "--no-progress", world["a"], world["b"], "--into", world["sharded"]]
+    p = _python_m(*args, "--out", ref)
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    procs = [_python_m(*args, "--out", out) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    err = next(e for code, e in results if code == 2)
+    assert_refused(2, err, None, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ref"]
+    shards = sorted(p.name for p in ref.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in out.glob("*.safetensors"))
+    for name in shards:
+        assert (out / name).read_bytes() == (ref / name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def big_base(tmp_path_factory):
+    """A GPT-2 base of about 60 MB: a sum into it takes a while to write."""
+    root = tmp_path_factory.mktemp("big")
+    model = tiny_gpt2(seed=0, n_layer=8, n_embd=256, vocab_size=64)
+    return dict(base=save_base(model, root / "base"), adapter=make_peft_adapter(model, root / "ad", r=2))
+
+
+def test_kill_9_leftovers_are_removed_by_the_next_run(big_base, tmp_path):
+    out = tmp_path / "out"
+    args = ["sum", "--no-progress", big_base["adapter"], "--into", big_base["base"], "--dtype", "float16"]
+    for _ in range(5):  # catch the run while it writes (retry if it was faster than the poll)
+        p = _python_m(*args, "--out", out)
+        stale = []
+        while p.poll() is None and not stale:
+            stale = [q for q in tmp_path.glob(f"{TMP_PREFIX}*") if (q / SHARD).exists()]
+            time.sleep(0.002)
+        if stale and p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            break
+        p.wait()
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        pytest.skip("the run always finished before it could be killed")
+    assert stale[0].exists() and not out.exists()  # kill -9 cannot clean up
+    p = _python_m(*args, "--out", out)
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    assert leftovers(out) == ["out"]
+    ref = tmp_path / "ref"
+    p = _python_m(*args, "--out", ref)
+    assert p.wait(timeout=300) == 0
+    assert (out / SHARD).read_bytes() == (ref / SHARD).read_bytes()
+
+
+def test_live_temporaries_are_kept(tmp_path):
+    """Only temporaries whose owner is gone are stale: a running one is kept."""
+    with atomic_output_dir(tmp_path / "x") as tmp:
+        assert remove_stale_temporaries(tmp_path) == []
+        assert tmp.exists()
+
+
+# ---- 2, 3. safetensors headers: as strict as the safetensors library ------------------------
+
+
+def _overlap_k_on_q(h):
+    q, k = h["model.layers.0.self_attn.q_proj.weight"], h["model.layers.0.self_attn.k_proj.weight"]
+    b = q["data_offsets"][0]
+    k["data_offsets"] = [b, b + k["data_offsets"][1] - k["data_offsets"][0]]
+
+
+def _first_untouched(h):
+    return next(k for k in sorted(h) if "layernorm" in k or "norm" in k)
+
+
+def _digit(h):
+    k = sorted(x for x in h if x != "__metadata__")[3]
+    h[k]["data_offsets"][0] += 1
+
+
+def _set_dtype(code, which=None):
+    def fn(h):
+        k = which or _first_untouched(h)
+        h[k]["dtype"] = code
+
+    return fn
+
+
+def _shape(value):
+    def fn(h):
+        h["model.layers.0.self_attn.q_proj.weight"]["shape"] = value
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "damage, what",
+    [
+        (_overlap_k_on_q, "overlaps"),
+        (_digit, "model.safetensors"),
+        (_set_dtype("F33"), "unknown dtype"),
+        (_set_dtype("F33", "model.layers.0.self_attn.q_proj.weight"), "unknown dtype"),
+        (_set_dtype("F64"), "needs"),
+        (_shape([10**12, 10**12]), "needs"),
+        (_shape([-32, 32]), "invalid shape"),
+        (_shape([32.0, 32]), "invalid shape"),
+    ],
+    ids=["overlap", "offset-digit", "dtype-typo-untouched", "dtype-typo-read", "f64-f32-bytes", "huge-shape",
+         "negative-shape", "float-shape"],
+)  # fmt: skip
+def test_inconsistent_base_header_refused(world, tmp_path, capsys, damage, what):
+    base = copy(world["llama"], tmp_path / "base")
+    rewrite_header(base / SHARD, damage)
+    with pytest.raises(Exception):  # noqa: B017  the safetensors library refuses it too
+        load_file(str(base / SHARD))
+    out = tmp_path / "out"
+    code, _, err = sum_into(capsys, base, out, world["la"])
+    assert_refused(code, err, out, base / SHARD, what)
+
+
+def test_adapter_header_checked_the_same(world, tmp_path, capsys):
+    ad = copy(world["a"], tmp_path / "ad")
+    rewrite_header(ad / WEIGHTS, lambda h: h[sorted(h)[1]]["data_offsets"].__setitem__(1, 10**9))
+    code, _, err = cli(capsys, "inspect", ad)
+    assert_refused(code, err, None, ad / WEIGHTS)
+
+
+# ---- 4. non-finite values ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "1e309"])
+def test_non_finite_alpha_refused(world, tmp_path, capsys, text):
+    ad = copy(world["a"], tmp_path / "ad")
+    raw = (ad / CONFIG).read_text()
+    cfg = json.loads(raw)
+    (ad / CONFIG).write_text(raw.replace(f'"lora_alpha": {cfg["lora_alpha"]}', f'"lora_alpha": {text}'))
+    out = tmp_path / "out"
+    code, _, err = sum_into(capsys, world["gpt2"], out, ad)
+    assert_refused(code, err, out, ad / CONFIG)
+
+
+@pytest.mark.parametrize("weights", ["nan,1", "inf,1", "1,-inf", "1e39,1", "2e6,1"])
+def test_bad_weights_refused_by_sum(world, tmp_path, capsys, weights):
+    out = tmp_path / "out"
+    code, _, err = sum_into(capsys, world["gpt2"], out, world["a"], world["b"], extra=("--weights", weights))
+    assert_refused(code, err, out, "--weights")
+    code, _, err = cli(capsys, "sum", world["a"], world["b"], "--weights", weights, "--out", out)
+    assert_refused(code, err, out, "--weights")
+
+
+@pytest.mark.parametrize("w", [math.nan, math.inf, 1e39])
+def test_bad_weights_refused_by_the_python_api(world, tmp_path, w):
+    from loramix.methods.sum import sum_adapters, sum_into_base
+
+    with pytest.raises(UsageError, match="weights"):
+        sum_into_base([world["a"], world["b"]], world["gpt2"], tmp_path / "o", weights=[w, 1], progress=False)
+    with pytest.raises(UsageError, match="weights"):
+        sum_adapters([world["a"], world["b"]], tmp_path / "o", weights=[1, w])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_float16_overflow_refused_naming_the_tensor(world, tmp_path, capsys):
+    ad = copy(world["a"], tmp_path / "ad")
+    t = load_file(str(ad / WEIGHTS))
+    for key in [k for k in t if "h.0.mlp.c_fc" in k]:
+        t[key] = torch.full_like(t[key], 300.0)  # s B A = 2 * 300 * 300 * 2 > 65504
+    save_file(t, str(ad / WEIGHTS))
+    out = tmp_path / "out"
+    code, _, err = sum_into(capsys, world["gpt2"], out, ad, extra=("--dtype", "float16"))
+    assert_refused(code, err, out, "transformer.h.0.mlp.c_fc.weight", "nan or inf")
+
+
+def test_float16_overflow_in_an_adapter_output_refused(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, err = cli(
+        capsys, "sum", world["a"], world["b"], "--weights", "1e6,1", "--dtype", "float16", "--out", out
+    )
+    assert_refused(rc, err, out, "lora_B", "nan or inf")
+
+
+def test_nan_in_the_base_refused_naming_the_tensor(world, tmp_path, capsys):
+    base = copy(world["gpt2"], tmp_path / "base")
+    t = load_file(str(base / SHARD))
+    t["transformer.h.1.attn.c_proj.weight"][0, 0] = float("nan")
+    save_file(t, str(base / SHARD), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, _, err = sum_into(capsys, base, out, world["a"])
+    assert_refused(code, err, out, "transformer.h.1.attn.c_proj.weight", "nan or inf")
+
+
+# ---- 5. config types, as PEFT's LoraConfig has them --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, name",
+    [
+        (dict(use_rslora="no"), "use_rslora"),
+        (dict(fan_in_fan_out=1), "fan_in_fan_out"),
+        (dict(r=4.5), "r"),
+        (dict(r="4"), "r"),
+        (dict(r=None), "r"),
+        (dict(r=0), "r"),
+        (dict(r=True), "r"),
+        (dict(lora_alpha="abc"), "lora_alpha"),
+        (dict(target_modules=5), "target_modules"),
+        (dict(target_modules=["c_attn", 5]), "target_modules"),
+        (dict(rank_pattern=[1]), "rank_pattern"),
+        (dict(rank_pattern={"c_fc": "x"}), "rank_pattern"),
+        (dict(rank_pattern={"c_fc": 2.5}), "rank_pattern"),
+        (dict(rank_pattern={"(": 2}), "rank_pattern"),
+        (dict(alpha_pattern={"c_fc": "x"}), "alpha_pattern"),
+        (dict(alpha_pattern={"c_fc": None}), "alpha_pattern"),
+        (dict(peft_type=["LORA"]), "peft_type"),
+    ],
+)
+def test_config_of_the_wrong_type_refused(world, tmp_path, capsys, fields, name):
+    ad = copy(world["a"], tmp_path / "ad")
+    edit_config(ad, **fields)
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "sum", ad, world["b"], "--out", out)
+    assert_refused(code, err, out, ad / CONFIG, name)
+
+
+def test_deeply_nested_config_refused(world, tmp_path, capsys):
+    ad = copy(world["a"], tmp_path / "ad")
+    cfg = (ad / CONFIG).read_text().rstrip().rstrip("}")
+    (ad / CONFIG).write_text(cfg + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    code, _, err = cli(capsys, "inspect", ad)
+    assert_refused(code, err, None, ad / CONFIG, "nested too deeply")
+
+
+def test_deeply_nested_base_config_refused(world, tmp_path, capsys):
+    base = copy(world["gpt2"], tmp_path / "base")
+    (base / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    out = tmp_path / "out"
+    code, _, err = sum_into(capsys, base, out, world["a"])
+    assert_refused(code, err, out, base / "config.json")
+
+
+# ---- 6. dtypes -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, code", [(torch.int8, "I8"), (torch.int64, "I64"), (torch.bool, "BOOL"),
+                                         (torch.float8_e4m3fn, "F8_E4M3")])  # fmt: skip
+def test_adapter_factor_dtype_refused(world, tmp_path, capsys, dtype, code):
+    ad = copy(world["a"], tmp_path / "ad")
+    t = load_file(str(ad / WEIGHTS))
+    key = sorted(t)[0]
+    t[key] = t[key].to(dtype)
+    save_file(t, str(ad / WEIGHTS))
+    out = tmp_path / "out"
+    rc, _, err = cli(capsys, "sum", ad, world["b"], "--out", out)
+    assert_refused(rc, err, out, ad / WEIGHTS, key, code)
+
+
+@pytest.mark.parametrize("dtype, code", [(torch.int8, "I8"), (torch.float8_e4m3fn, "F8_E4M3")])
+def test_targeted_base_weight_must_be_float(world, tmp_path, capsys, dtype, code):
+    base = copy(world["gpt2"], tmp_path / "base")
+    t = load_file(str(base / SHARD))
+    key = "transformer.h.0.attn.c_attn.weight"
+    t[key] = t[key].to(dtype)
+    save_file(t, str(base / SHARD), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    rc, _, err = sum_into(capsys, base, out, world["a"])
+    assert_refused(rc, err, out, base / SHARD, key, code)
+
+
+def test_untouched_int8_and_float8_copied_byte_for_byte(world, tmp_path, capsys):
+    base = copy(world["gpt2"], tmp_path / "base")
+    t = load_file(str(base / SHARD))
+    t["extra.codes"] = torch.arange(-50, 50, dtype=torch.int8)
+    t["extra.scales"] = torch.linspace(-2, 2, 16).to(torch.float8_e4m3fn)
+    save_file(t, str(base / SHARD), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    rc, _, err = sum_into(capsys, base, out, world["a"], extra=("--dtype", "float16"))
+    assert rc == 0, err
+    got = load_file(str(out / SHARD))
+    assert got["extra.codes"].dtype == torch.int8 and torch.equal(got["extra.codes"], t["extra.codes"])
+    assert got["extra.scales"].dtype == torch.float8_e4m3fn
+    assert torch.equal(got["extra.scales"].view(torch.uint8), t["extra.scales"].view(torch.uint8))
+    assert got["transformer.h.0.attn.c_attn.weight"].dtype == torch.float16
+
+
+# ---- 7. shard index -----------------------------------------------------------------------------------
+
+
+def test_index_omitting_a_tensor_refused(world, tmp_path, capsys):
+    base = copy(world["sharded"], tmp_path / "base")
+    index = base / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shards = list(data["weight_map"].values())
+    dropped = sorted(k for k, s in data["weight_map"].items() if shards.count(s) > 1)[-1]
+    alone = next(k for k, s in data["weight_map"].items() if shards.count(s) == 1)
+    for key, what in ((dropped, dropped), (alone, data["weight_map"][alone])):
+        index.write_text(
+            json.dumps({**data, "weight_map": {k: v for k, v in data["weight_map"].items() if k != key}})
+        )
+        out = tmp_path / "out"
+        rc, _, err = sum_into(capsys, base, out, world["a"])
+        assert_refused(rc, err, out, index, what)
+
+
+# ---- 8. adapters of two architectures -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["sum", "svd"])
+def test_llama_and_gpt2_adapters_refused(world, tmp_path, capsys, method):
+    out = tmp_path / "out"
+    extra = ("--rank", "2") if method == "svd" else ()
+    rc, _, err = cli(capsys, "merge", "-m", method, *extra, world["a"], world["la"], "--out", out)
+    assert_refused(rc, err, out, world["la"], "different architectures")
+
+
+def test_adapters_on_different_modules_of_one_base_accepted(world, tmp_path, capsys):
+    model = tiny_gpt2(seed=0)
+    only_fc = make_peft_adapter(model, tmp_path / "fc", r=2, target_modules=["c_fc"])
+    only_attn = make_peft_adapter(model, tmp_path / "attn", r=2, target_modules=["c_attn"])
+    rc, _, err = cli(capsys, "sum", only_fc, only_attn, "--out", tmp_path / "out")
+    assert rc == 0, err
+
+
+# ---- system errors: one line, exit 2 ---------------------------------------------------------------------
+
+
+def test_parent_of_out_is_a_file(world, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "out"
+    rc, _, err = cli(capsys, "sum", world["a"], world["b"], "--out", out)
+    assert_refused(rc, err, None, tmp_path / "file")
+
+
+@pytest.mark.parametrize("length", [242, 250, 255])
+def test_long_legal_out_name_works(world, tmp_path, capsys, length):
+    out = tmp_path / ("o" * length)
+    rc, _, err = cli(capsys, "sum", world["a"], world["b"], "--out", out)
+    assert rc == 0, err
+    assert leftovers(out) == [out.name]
+
+
+def test_too_long_out_name_refused(world, tmp_path, capsys):
+    out = tmp_path / ("o" * 256)
+    rc, _, err = cli(capsys, "sum", world["a"], world["b"], "--out", out)
+    assert_refused(rc, err, None, "longer than 255")
+    deep = tmp_path / ("d" * 300) / "out"
+    rc, _, err = cli(capsys, "sum", world["a"], world["b"], "--out", deep)
+    assert_refused(rc, err, None, "File name too long")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_out_refused(world, capsys):
+    out = Path("/sys/loramix-test-out")
+    if os.access("/sys", os.W_OK) and not os.path.ismount("/sys"):
+        pytest.skip("/sys is writable here")
+    rc, _, err = cli(capsys, "sum", world["a"], world["b"], "--out", out)
+    assert_refused(rc, err, None, out)
+
+
+def test_file_size_limit_mid_write_is_one_line(world, tmp_path):
+    """A write that fails half-way (here RLIMIT_FSIZE, as a full disk would):
+    one line naming the output, exit 2, nothing left."""
+    import resource
+
+    out = tmp_path / "out"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
+
+    env = {"LORAMIX_CACHE_DIR": str(tmp_path / "cache")}
+    p = _python_m("sum", "--no-progress", world["a"], "--into", world["gpt2"], "--out", out, preexec_fn=limit,
+                  env=env)  # fmt: skip
+    p.wait(timeout=300)
+    assert_refused(p.returncode, p.stderr.read(), out, out)
+
+
+def test_symlink_loop_in_the_base(world, tmp_path, capsys):
+    base = copy(world["gpt2"], tmp_path / "base")
+    (base / "loop").symlink_to(base / "loop")
+    out = tmp_path / "out"
+    rc, _, err = sum_into(capsys, base, out, world["a"])
+    assert_refused(rc, err, out, base / "loop")
+
+
+def test_none_is_not_an_adapter():
+    import loramix
+
+    with pytest.raises(LoramixError):
+        loramix.load_adapter(None)
+    with pytest.raises(LoramixError):
+        loramix.similarity([None], progress=False)
+
+
+# ---- faults and odd files ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", [WEIGHTS, CONFIG])
+def test_fifo_refused_not_hung(world, tmp_path, which):
+    ad = copy(world["a"], tmp_path / "ad")
+    (ad / which).unlink()
+    os.mkfifo(ad / which)
+    p = _python_m("inspect", ad)
+    try:
+        p.wait(timeout=120)
+    finally:
+        p.kill()
+    assert_refused(p.returncode, p.stderr.read(), None, ad / which, "regular file")
+
+
+def test_non_utf8_path_works(world, tmp_path):
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+    ad = copy(world["a"], odd)
+    p = _python_m("inspect", ad)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and "c_attn" in out, err
+    p = _python_m("sum", ad, world["b"], "--into", world["gpt2"], "--out", tmp_path / "o", "--no-progress")
+    assert p.wait(timeout=120) == 0, p.stderr.read()
+
+
+def test_empty_out_refused(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli(capsys, "sum", world["a"], world["b"], "--out", "")
+    line = assert_refused(rc, err, None, "--out", "empty")
+    assert "input" not in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_relative_and_absolute_inputs_give_identical_bytes(world, tmp_path, capsys, monkeypatch):
+    root = tmp_path / "in"
+    base, a = copy(world["sharded"], root / "base"), copy(world["a"], root / "a")
+    rc, _, err = sum_into(capsys, base, tmp_path / "abs", a)
+    assert rc == 0, err
+    monkeypatch.chdir(root)
+    rc, _, err = sum_into(capsys, "base", "../rel", "./a")
+    assert rc == 0, err
+    names = sorted(p.name for p in (tmp_path / "abs").glob("*.safetensors"))
+    assert len(names) > 1
+    for n in names:
+        assert (tmp_path / "abs" / n).read_bytes() == (tmp_path / "rel" / n).read_bytes()
+    rc, _, err = cli(capsys, "sum", "a", str(world["b"]), "--out", "../rel-ad")
+    assert rc == 0, err
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli(capsys, "sum", str(a), str(world["b"]), "--out", "abs-ad")
+    assert rc == 0, err
+    assert (tmp_path / "abs-ad" / WEIGHTS).read_bytes() == (tmp_path / "rel-ad" / WEIGHTS).read_bytes()
+
+
+# ---- the fuzz test --------------------------------------------------------------------------------------------
+
+
+def _header_span(path: Path) -> int:
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def _library_opens(path: Path) -> bool:
+    try:
+        with safe_open(str(path), "pt") as f:
+            for k in f.keys():
+                f.get_tensor(k)
+    except Exception:
+        return False
+    return True
+
+
+def _check_output_loads(out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    with safe_open(str(out / SHARD), "pt") as f:
+        assert list(f.keys())
+    AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def test_fuzz_single_byte_header_corruption(world, tmp_path, capsys):
+    """Single bytes of an adapter header and of a base header set at random
+    (seeded): every run ends in exit 2 with one line, or exit 0 with an
+    output that safetensors opens and transformers loads. Never a traceback;
+    and whatever the safetensors library refuses, loramix refuses."""
+    rng = random.Random(1234)
+    seen = {0: 0, 2: 0}
+    t0 = time.perf_counter()
+    for i in range(400):
+        ad = copy(world["a"], tmp_path / f"a{i}")
+        base = tmp_path / f"b{i}"
+        base.mkdir()
+        for p in world["gpt2"].iterdir():
+            (base / p.name).symlink_to(p) if p.name != SHARD else shutil.copyfile(p, base / SHARD)
+        target = ad / WEIGHTS if i % 2 else base / SHARD
+        data = bytearray(target.read_bytes())
+        pos = rng.randrange(_header_span(target))
+        data[pos] = rng.choice([rng.randrange(256), ord(rng.choice('0123456789{}[]",:FIU '))])
+        target.write_bytes(bytes(data))
+        out = tmp_path / f"o{i}"
+        rc, _, err = sum_into(capsys, base, out, ad)
+        assert rc in (0, 2), (rc, err)
+        if not _library_opens(target):  # at least as strict as the safetensors library
+            assert rc == 2, (pos, err)
+        seen[rc] += 1
+        if rc == 2:
+            assert_refused(rc, err, out)
+        else:
+            _check_output_loads(out)
+        shutil.rmtree(ad)
+        shutil.rmtree(base)
+        shutil.rmtree(out, ignore_errors=True)
+    assert seen[0] > 0 and seen[2] > 0, seen  # both ends are exercised
+    assert time.perf_counter() - t0 < 60
+
+
+def _dead_temporary(parent: Path, target: str) -> Path:
+    """A temporary made by a process that then exits without finishing (as
+    after kill -9): its owner.json names a pid that is gone."""
+    code = "import sys; from pathlib import Path; from loramix.io.outputs import new_temporary; "
+    code += "print(new_temporary(Path(sys.argv[1]), sys.argv[2]))"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-c", code, str(parent), target], capture_output=True, text=True,
+                       env=env, check=True, timeout=120)  # fmt: skip
+    return Path(p.stdout.strip())
+
+
+def test_cache_clean_removes_stale_cache_temporaries(tmp_path, capsys):
+    from loramix.io.outputs import new_temporary
+    from loramix.scenario.cache import Cache
+
+    kind = tmp_path / "cache" / "adapter"
+    kind.mkdir(parents=True)
+    dead = _dead_temporary(kind, "0123abcd")
+    live = new_temporary(kind, "4567ef01")
+    foreign = kind / ".lmx-notours"
+    foreign.mkdir()  # no owner.json: not ours to judge
+    rc, out, err = cli(capsys, "cache", "clean", "--dir", tmp_path / "cache")
+    assert rc == 0 and "removed 1 stale temporary" in out, err
+    assert not dead.exists() and live.exists() and foreign.exists()
+    dead = _dead_temporary(kind, "89abcdef")
+    Cache(tmp_path / "cache")  # a scenario run sweeps at start too
+    assert not dead.exists() and live.exists()
+
+
+# ---- scenario check catches what scenario run would fail on -------------------------------------------------
+
+SCENARIO = """
+name = "v"
+[base.build]
+steps = 5
+[domains.a]
+data = "synthetic:arith"
+train = 10
+eval = 5
+[domains.b]
+data = "synthetic:units"
+train = 10
+eval = 5
+[adapters]
+rank = 4
+"""
+
+
+@pytest.fixture(scope="module")
+def llama_with_tokenizer(world, tmp_path_factory):
+    """The tiny Llama base with a real tokenizer (a byte-level BPE trained on the spot)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    base = copy(world["llama"], tmp_path_factory.mktemp("tok") / "llama")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["1 + 2 = 3", "two plus two is four"], trainers.BpeTrainer(vocab_size=300))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(str(base))
+    return base
+
+
+@pytest.mark.parametrize(
+    "edit, key, words",
+    [
+        (("rank = 4", "rank = 1000000000"), "adapters.rank", "above 128"),
+        (('name = "v"', 'name = "v"\nseeds = [99999999999999999999]'), "seeds", "not a seed"),
+        (('name = "v"', 'name = "v"\nseeds = [-1]'), "seeds", "not a seed"),
+        (('name = "v"', 'name = "v"\ndata_seed = 9223372036854775808'), "data_seed", "not a seed"),
+        (("train = 10\neval = 5\n[domains.b]", "train = 1000000000\neval = 5\n[domains.b]"), "domains.a.train",
+         "at most 100000"),
+        (('"synthetic:units"', '"synthetic:units?seed=99999999999999999999"'), "domains.b.data", "not a seed"),
+        (("rank = 4", "rank = 4\ntargets = ['q_proj']"), "adapters.targets", "names no 2-D weight"),
+    ],
+)  # fmt: skip
+def test_scenario_check_bounds_what_run_can_do(tmp_path, capsys, edit, key, words):
+    scen = tmp_path / "s.toml"
+    scen.write_text(SCENARIO.replace(*edit))
+    t0 = time.perf_counter()
+    rc, _, err = cli(capsys, "scenario", "check", scen)
+    assert_refused(rc, err, None, scen, key, words)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_scenario_check_reads_the_base_folder(world, llama_with_tokenizer, tmp_path, capsys):
+    def check(base, *edits):
+        text = SCENARIO.replace("[base.build]\nsteps = 5", f'[base]\npath = "{base}"')
+        for e in edits:
+            text = text.replace(*e)
+        (tmp_path / "s.toml").write_text(text)
+        return cli(capsys, "scenario", "check", tmp_path / "s.toml")
+
+    rc, _, err = check(llama_with_tokenizer)
+    assert rc == 0, err
+    rc, _, err = check(world["llama"])  # save_pretrained of a model writes no tokenizer
+    assert_refused(rc, err, None, "base.path", "no tokenizer")
+    rc, _, err = check(llama_with_tokenizer, ("rank = 4", "rank = 17"))  # k_proj is 16 x 32
+    assert_refused(rc, err, None, "adapters.rank", "above 16")
+    rc, _, err = check(llama_with_tokenizer, ("rank = 4", "rank = 4\ntargets = ['c_attn']"))
+    assert_refused(rc, err, None, "adapters.targets", "c_attn")

@@ -1,0 +1,117 @@
+"""Start-up: ``loramix --help``, every ``loramix CMD --help`` and argument
+errors import no torch, transformers or pandas (issue 12, item 2).
+
+Checked on whole processes with ``python -X importtime``, which lists every
+module the interpreter imported, so a heavy import anywhere on the path
+(including one a dependency pulls in) fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loramix.cli import COMMANDS
+
+HEAVY = ("torch", "transformers", "pandas")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(*args: str, cwd: Path = ROOT) -> tuple[int, set[str], str]:
+    """Run ``python -X importtime -m loramix ARGS``; its exit code, the names
+    of the modules it imported and its stderr without the import lines."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "loramix", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
+    mods, rest = set(), []
+    for line in p.stderr.splitlines():
+        if line.startswith("import time:"):
+            name = line.rsplit("|", 1)[-1].strip()
+            if name != "package":  # the header line
+                mods.add(name)
+        else:
+            rest.append(line)
+    return p.returncode, mods, "\n".join(rest)
+
+
+def heavy(mods: set[str]) -> list[str]:
+    return sorted(m for m in mods if m.split(".")[0] in HEAVY)
+
+
+def test_importtime_lists_torch_when_torch_is_imported():
+    # The probe itself must be able to see a heavy import, or the tests below prove nothing.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import loramix.devices as d; d.resolve_device('cpu')"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "torch" in {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines()}
+
+
+def test_top_level_help_imports_no_torch():
+    rc, mods, err = imported_modules("--help")
+    assert rc == 0, err
+    assert "loramix.cli" in mods
+    assert heavy(mods) == []
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS.values()))
+def test_command_help_imports_no_torch(command):
+    rc, mods, err = imported_modules(command, "--help")
+    assert rc == 0, err
+    assert heavy(mods) == [], f"loramix {command} --help imported {heavy(mods)[:5]}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("similarity",),  # no adapters: click's missing-argument error
+        ("similarity", "a"),  # one adapter: loramix's own usage error
+        ("similarity", "a", "b", "--format", "xml"),
+        ("sum", "a", "b"),  # no --out
+        ("sum", "a", "b", "--out", "o", "--weights", "1"),  # weights count
+        ("sum", "a", "b", "--out", "o", "--dtype", "int8"),
+        ("merge", "a", "b"),  # no --method
+        ("train", "--base", "b"),
+        ("eval", "--data", "d"),
+        ("base", "build"),
+        ("predict",),
+        ("scenario", "run"),
+        ("inspect",),
+        ("no-such-command",),
+    ],
+)
+def test_argument_errors_import_no_torch(args, tmp_path):
+    rc, mods, err = imported_modules(*args, cwd=tmp_path)
+    assert rc == 2, err
+    assert heavy(mods) == [], f"loramix {' '.join(args)} imported {heavy(mods)[:5]}"
+
+
+def test_method_params_import_no_torch():
+    # The merge command's options are built from these declarations.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = "import sys, json, loramix.methods.params as p; p.DENSITY.coerce(0.5); print(json.dumps(list(sys.modules)))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    mods = set(json.loads(p.stdout))
+    assert heavy(mods) == []
+    from loramix.methods.base import DENSITY, Param
+    from loramix.methods.params import DENSITY as D2
+    from loramix.methods.params import Param as P2
+
+    assert Param is P2 and DENSITY is D2
