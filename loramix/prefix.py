@@ -155,12 +155,15 @@ def _hash_tensor(h, t: torch.Tensor) -> None:
 
 
 def prefix_identity(model, k: int) -> str:
-    """sha256 of what ``h_k`` depends on: the config and the embedding's and
-    blocks ``0 .. k-1``'s parameters and buffers (names, dtypes, shapes, bytes)."""
+    """sha256 of what ``h_k`` depends on: the config (less its ``_`` keys, such
+    as the folder's path) and the embedding's and blocks ``0 .. k-1``'s
+    parameters and buffers (names, dtypes, shapes, bytes)."""
     import transformers
 
     h = hashlib.sha256()
     cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+    # not "_name_or_path" and the like: a merged copy of the base elsewhere shares the entries
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
     body = model.base_model

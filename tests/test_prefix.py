@@ -123,6 +123,8 @@ def test_disk_cache_round_trip_and_key(tmp_path, monkeypatch):
     key = prefix.cache_key(model, 2, ex)
     assert key != prefix.cache_key(model, 1, ex)
     assert key != prefix.cache_key(model, 2, ex[:3])
+    model.config._name_or_path = "/another/folder"  # a merged copy elsewhere shares the entry
+    assert prefix.cache_key(model, 2, ex) == key
     with torch.no_grad():  # a change in the top layers keeps the key, one in the prefix changes it
         model.model.layers[3].mlp.up_proj.weight.add_(1.0)
         assert prefix.cache_key(model, 2, ex) == key
