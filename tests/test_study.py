@@ -90,6 +90,7 @@ BAD = [
     (STUDY.replace("tokens = 64", "tokens = 64\nlevel = 1.5"), "predictors.level", "[0, 1]"),
     (STUDY.replace("tokens = 64", 'tokens = 64\nmethod = "svd"'), "predictors.method", "not in merge.methods"),
     (STUDY.replace("rank = 2", 'rank = 2\nmethods = ["lora", "lora@x"]'), "adapters.methods", "KIND@R"),
+    (STUDY.replace("rank = 2", 'rank = 2\ninit = ["data", "seed"]'), "adapters.init", 'expected "data"'),
     (STUDY.replace("top_layers = 1", "top_layers = 3"), "adapters.top_layers", "above the base's 2 blocks"),
 ]  # fmt: skip
 
@@ -110,6 +111,14 @@ def test_kind_at_rank_is_a_study_of_its_own(tmp_path):
     a, b = steps["adapter/lora/0/arith"], steps["adapter/lora@4/0/arith"]
     assert a.key != b.key and b.spec["method"] == "lora@4" and b.args["method"] == "lora@4"
     assert [m.method for m in sc.merges_for("lora@4")] == ["sum", "ties"]
+
+
+def test_init_list_is_an_ablation(tmp_path):
+    sc = load_scenario(_write(tmp_path, STUDY.replace("rank = 2", 'rank = 2\ninit = ["data", "shared"]')))
+    assert sc.adapters.methods == ("lora", "lora:shared")
+    steps = {s.id: s for s in plan(sc)}
+    assert steps["adapter/lora/0/arith"].spec["init"] == "data"
+    assert steps["adapter/lora:shared/0/arith"].spec["init"] == "shared"
 
 
 def test_compositions_table_and_merged_data_span(tmp_path):

@@ -27,7 +27,7 @@ import tomllib
 
 from ..errors import ScenarioError, UsageError
 from .traits import ADAPTER_KINDS as ADAPTER_METHODS
-from .traits import applies_to, kinds_for, rank_of
+from .traits import INITS, applies_to, kinds_for, parse_label, rank_of
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -143,8 +143,9 @@ class AdapterSpec:
     max_len: int = key("int", 256, bound="positive", help="sequence length (at least 2)")
     top_layers: int | None = key("int", bound="positive", doc_default="all layers",
                                  help="adapt only the top N transformer blocks (the targets inside them)")  # fmt: skip
-    init: str = key("str", "data", choices=("data", "shared"),
-                    help="initial factors from the seed and the domain's records, or from the seed alone")  # fmt: skip
+    init: str = key("any", "data", doc_default="`data`",
+                    help="initial factors from the seed and the domain's records (`data`), or from the seed alone "
+                    "(`shared`); a list of both: each a study of its own (labels `KIND:shared`)")  # fmt: skip
     extra: dict = field(default_factory=dict)  # warmup, weight_decay, ... passed through
 
     def recipe(self) -> dict:
@@ -599,12 +600,19 @@ def _parse_adapters(ctx, t) -> AdapterSpec:
     if not v["methods"]:
         raise ctx.error("adapters.methods", "empty: list lora and/or d2lora")
     for m in v["methods"]:
-        kind, at, r = m.partition("@")
+        kind, r, init = parse_label(m)
         if kind not in ADAPTER_METHODS:
             raise ctx.error("adapters.methods", f"unknown adapter method {m!r}; use lora or d2lora")
-        if at and not (r.isdigit() and int(r) > 0):
+        if r is not None and not (r.isdigit() and int(r) > 0):
             raise ctx.error("adapters.methods", f"{m!r}: write KIND@R with a positive rank R (e.g. lora@16)")
-    v["methods"] = tuple(dict.fromkeys(v["methods"]))
+        if init is not None and init not in INITS:
+            raise ctx.error("adapters.methods", f"{m!r}: write KIND:INIT with INIT one of {', '.join(INITS)}")
+    inits = t.get("init", "data")
+    inits = [inits] if isinstance(inits, str) else inits
+    if not isinstance(inits, list) or not inits or any(i not in INITS for i in inits) or len(set(inits)) < len(inits):
+        raise ctx.error("adapters.init", f'expected "data", "shared" or a list of both, got {t.get("init")!r}')
+    v["init"] = inits[0]  # the labels without ":INIT"; each further one is a study of its own
+    v["methods"] = tuple(dict.fromkeys(m if i == inits[0] else f"{m}:{i}" for i in inits for m in v["methods"]))
     if v["targets"] is not None and not v["targets"]:
         raise ctx.error("adapters.targets", "empty list; leave it out for the default targets")
     v["targets"] = tuple(v["targets"]) if v["targets"] else None
@@ -889,7 +897,7 @@ def scenario_summary(s: Scenario) -> dict[str, Any]:
             }
         },  # fmt: skip
         "domains": {n: {"data": d.data, "train": d.train, "eval": d.eval} for n, d in s.domains.items()},
-        "adapters": {"methods": list(s.adapters.methods), **s.adapters.recipe()},
+        "adapters": {"methods": list(s.adapters.methods), "init": s.adapters.init, **s.adapters.recipe()},
         "compositions": [list(c) for c in s.compositions],
         "merged_data": _merged_data_summary(s.merged_data),
         "merge": {m.method: m.params for m in s.merges},

@@ -43,7 +43,7 @@ from pathlib import Path
 from ..errors import ScenarioError
 from .cache import make_key
 from .config import Scenario
-from .traits import applied_on_the_fly, needs_base
+from .traits import applied_on_the_fly, init_of, needs_base
 
 
 def comp_name(comp) -> str:
@@ -249,7 +249,7 @@ class _Planner:
         # "init": adapters cached before per-data initialisation (the default since) were
         # trained from the seed alone and must not be reused for it.
         spec = {"base": self.key_of("base"), "method": am, "recipe": self.sc.adapters.recipe(), "seed": seed,
-                "init": self.sc.adapters.init, "data": [self.key_of(f"data/{d}/train") for d in domains]}  # fmt: skip
+                "init": init_of(am, self.sc.adapters.init), "data": [self.key_of(f"data/{d}/train") for d in domains]}  # fmt: skip
         deps = ("base", *(f"data/{d}/train" for d in domains))
         return self.add(id, kind, "adapter", spec, deps, label, "train", method=am, seed=seed,
                         domains=list(domains), name=name)  # fmt: skip

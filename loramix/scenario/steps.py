@@ -16,7 +16,7 @@ from pathlib import Path
 from .cache import Cache
 from .config import Scenario
 from .plan import DomainData, Step
-from .traits import kind_of, rank_of
+from .traits import init_of, kind_of, rank_of
 
 
 @dataclass
@@ -104,14 +104,21 @@ def top_layer_targets(base_path: str, top_layers: int, targets) -> str:
     return rf".*\.(?:{layers})\.(?:.*\.)?(?:{'|'.join(re.escape(t) for t in suffixes)})"
 
 
+def _prefix_cache(base_path: str) -> bool:
+    from ..archs import arch
+
+    a = arch(json.loads((Path(base_path) / "config.json").read_text()).get("model_type"))
+    return bool(a and a.prefix_cache)
+
+
 def layer_kwargs(fn, ad, base_path: str) -> dict:
     """How ``fn`` (training or evaluation) is told to adapt only the top layers:
-    ``top_layers`` where it takes it (the frozen-prefix cache), else, for
-    training, the targets restricted to those layers (the same adapter, with
-    the full forward)."""
+    ``top_layers`` where it takes it and the base's architecture allows the
+    frozen-prefix cache (:mod:`loramix.archs`), else, for training, the targets
+    restricted to those layers (the same adapter, with the full forward)."""
     if ad.top_layers is None:
         return {"targets": list(ad.targets) if ad.targets else None} if _accepts(fn, "targets") else {}
-    if _accepts(fn, "top_layers"):
+    if _accepts(fn, "top_layers") and _prefix_cache(base_path):
         kw = {"top_layers": ad.top_layers}
         if _accepts(fn, "targets"):
             kw["targets"] = list(ad.targets) if ad.targets else None
@@ -145,7 +152,7 @@ def _adapter_step(ctx: StepContext, st: Step, deps: dict) -> dict:
         res = train_adapter(base, train_paths, tmp / a["name"], method=kind_of(a["method"]),
                             rank=rank_of(a["method"], ad.rank),
                             alpha=ad.alpha, tau=ad.tau, lr=ad.lr, batch=ad.batch, max_len=ad.max_len, eval_size=0,
-                            seed=a["seed"], shared_init=ad.init == "shared", device=str(ctx.device), progress=False,
+                            seed=a["seed"], shared_init=init_of(a["method"], ad.init) == "shared", device=str(ctx.device), progress=False,
                             **layer_kwargs(train_adapter, ad, base), **_train_kwargs(ad))  # fmt: skip
         return {
             k: v for k, v in res.items() if (isinstance(v, (int, float, str)) or v is None) and k != "out"

@@ -14,15 +14,31 @@ from ..methods.base import D2LORA, LORA
 ADAPTER_KINDS = (LORA, D2LORA)
 
 
+INITS = ("data", "shared")
+
+
+def parse_label(label: str) -> tuple[str, str | None, str | None]:
+    """A study's adapter label ``KIND[@R][:INIT]`` (that kind, at rank ``R``,
+    initialised by ``INIT``) as ``(KIND, R or None, INIT or None)``."""
+    head, _, init = label.partition(":")
+    kind, _, rank = head.partition("@")
+    return kind, rank or None, init or None
+
+
 def kind_of(label: str) -> str:
-    """The adapter kind of a study's adapter label: ``KIND`` or ``KIND@R`` (that kind at rank ``R``)."""
-    return label.partition("@")[0]
+    """The adapter kind of a label (:func:`parse_label`)."""
+    return parse_label(label)[0]
 
 
 def rank_of(label: str, default: int) -> int:
-    """The rank of an adapter label: ``R`` for ``KIND@R``, else ``default``."""
-    kind, at, r = label.partition("@")
-    return int(r) if at else default
+    """The rank of a label: ``R`` for ``KIND@R``, else ``default``."""
+    r = parse_label(label)[1]
+    return int(r) if r else default
+
+
+def init_of(label: str, default: str) -> str:
+    """The initialisation of a label: ``INIT`` for ``KIND:INIT``, else ``default``."""
+    return parse_label(label)[2] or default
 
 
 def _method(name: str):
