@@ -15,6 +15,7 @@ import pytest
 from loramix.cli import main
 from loramix.scenario.config import load_scenario
 from loramix.scenario.plan import data_similarity, merged_data_compositions, plan, prepare_data
+from tests.test_scenario import _write
 
 # Four synthetic domains (one with template overlap), pairs plus one seeded
 # triple, merged-data adapters for 3 pairs (one forced), adapters on the top
@@ -70,12 +71,6 @@ domains = "members"
 [predictors]
 tokens = 64
 """
-
-
-def _write(tmp_path: Path, text: str, name="s.toml") -> Path:
-    p = tmp_path / name
-    p.write_text(text)
-    return p
 
 
 BAD = [
