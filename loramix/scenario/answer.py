@@ -98,6 +98,28 @@ def _similarity_lines(summary: pd.DataFrame) -> list[str]:
     return L
 
 
+def _ablation_lines(report: dict, summary: pd.DataFrame) -> list[str]:
+    """The initialisation ablation: each ``KIND:shared`` label against ``KIND`` (independent)."""
+    sims = {s["adapter_method"]: np.array(s["rms"], dtype=float) for s in report.get("similarity_mean", [])}
+    pairs = summary[(summary["k"] == 2) & (summary["merge_method"] == "sum")]
+    L = []
+    for shared in [a for a in sims if a.endswith(":shared")]:
+        indep = shared.removesuffix(":shared")
+        if indep not in sims:
+            continue
+        parts = []
+        for a, name in ((indep, "independent"), (shared, "shared")):
+            m = sims[a]
+            off = m[~np.eye(len(m), dtype=bool)]
+            g = pairs[pairs["adapter_method"] == a]
+            r, n = _pearson(g["rms_cosine"], g["retention_pct"])
+            parts.append(f"{name} initialisation: RMS cosine between domains {_f(float(np.nanmean(off)), 3)} on "
+                         f"average, r of retention % (sum) with it **{_f(r)}** over {n} pairs, mean retention % "
+                         f"{_f(float(g['retention_pct'].mean()), 1)}")  # fmt: skip
+        L.append(f"- Initialisation ablation ({indep}): " + "; ".join(parts) + ".")
+    return L
+
+
 def _paper_rows(summary: pd.DataFrame) -> list[list[str]]:
     rows = []
     s = summary[(summary["merge_method"] == "sum") & (summary["k"] == 2)]
@@ -144,6 +166,7 @@ def section_answer(report: dict, v) -> list[str]:
         return []
     L = ["## The answer", "", _best_line(val) + " " + _selection_note(val), ""]
     L += _similarity_lines(v.summary)
+    L += _ablation_lines(report, v.summary)
     L.append("")
     rows = _paper_rows(v.summary)
     if rows:

@@ -9,7 +9,8 @@ Paths may use ``${VAR}`` / ``$VAR`` (environment variables) and ``~``; a
 relative path is taken relative to the scenario file's folder. When
 ``LORAMIX_DATA`` is not set it defaults to the first ``shared/data`` folder
 found walking up from the scenario file's folder (``../shared/data`` seen from
-the repository), else ``shared/data`` beside the scenario file.
+the repository), else ``shared/data`` beside the scenario file; likewise
+``LORAMIX_MODELS`` and ``shared/models``.
 """
 
 from __future__ import annotations
@@ -375,13 +376,15 @@ def _base_weights(ctx, base) -> tuple[str | None, dict[str, tuple[int, ...]]]:
                   "mlp.c_proj": (4 * d, d)}  # fmt: skip
         return "gpt2", {f"transformer.h.{i}.{m}": s for i in range(cfg.n_layer) for m, s in shapes.items()}
     from ..errors import LoramixError
+    from ..gguf_import import resolve_base
     from ..io.model_folder import BaseModelFolder
 
-    if not any((base.path / f).is_file() for f in TOKENIZER_FILES):
+    path = resolve_base(base.path)  # a GGUF: its import (made once, as the run would)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ctx.error("base.path", f"{base.path} has no tokenizer ({', '.join(TOKENIZER_FILES)}), "
                         "which training and evaluation need")  # fmt: skip
     try:
-        folder = BaseModelFolder(base.path)
+        folder = BaseModelFolder(path)
     except LoramixError as e:
         raise ctx.error("base.path", e.message) from None
     weights = {k.removesuffix(".weight"): t.shape for k, t in folder.tensors.items()
@@ -439,14 +442,15 @@ def _read(ctx: _Ctx, cls, t: dict, where: str, *, also=(), defaults=None) -> dic
     return out
 
 
-def default_data_dir(scenario_dir: Path) -> Path:
+def default_data_dir(scenario_dir: Path, name: str = "data") -> Path:
     """``LORAMIX_DATA`` when unset: the first ``shared/data`` walking up from
-    the scenario's folder, else ``<scenario folder>/shared/data``."""
+    the scenario's folder, else ``<scenario folder>/shared/data``
+    (``LORAMIX_MODELS``: the same with ``name = "models"``)."""
     d = scenario_dir.resolve()
     for p in [d, *d.parents]:
-        if (p / "shared" / "data").is_dir():
-            return p / "shared" / "data"
-    return d / "shared" / "data"
+        if (p / "shared" / name).is_dir():
+            return p / "shared" / name
+    return d / "shared" / name
 
 
 def expand(ctx: _Ctx, value: str, key: str, env: dict, used: dict) -> str:
@@ -504,7 +508,8 @@ def _parse_base(ctx, t, env, used) -> BaseSpec:
         if is_gguf(p):  # imported into the cache when the run starts
             return BaseSpec(path=p)
         if not p.is_dir():
-            raise ctx.error("base.path", f"no such model folder: {p}")
+            hint = " (set LORAMIX_MODELS to the folder holding it)" if "LORAMIX_MODELS" in used else ""
+            raise ctx.error("base.path", f"no such model folder: {p}{hint}")
         if not (p / "config.json").exists():
             raise ctx.error("base.path", f"{p} is not a Hugging Face model folder (no config.json)")
         return BaseSpec(path=p)
@@ -833,6 +838,7 @@ def load_scenario(path: str | os.PathLike, env: dict | None = None) -> Scenario:
         raise ScenarioError(path, f"not UTF-8 text: {e.reason}") from None
     env = dict(os.environ if env is None else env)
     env.setdefault("LORAMIX_DATA", str(default_data_dir(path.parent)))
+    env.setdefault("LORAMIX_MODELS", str(default_data_dir(path.parent, "models")))
     used: dict[str, str] = {}
 
     top = _read(ctx, Scenario, raw, "")
