@@ -126,7 +126,7 @@ def _paper_rows(summary: pd.DataFrame) -> list[list[str]]:
     for (a, b), paper in PAPER_PAIRS.items():
         g = s[s["composition"].isin([f"{a}+{b}", f"{b}+{a}"])]
         for _, r in g.iterrows():
-            rows.append([r["composition"], f"{paper:+.1f}", _f(r["delta_ppl_pct"], 1), _f(r["retention_pct"], 1),
+            rows.append([r["composition"], r["adapter_method"], f"{paper:+.1f}", _f(r["delta_ppl_pct"], 1), _f(r["retention_pct"], 1),
                          _f(r["rms_cosine"], 3)])  # fmt: skip
     return rows
 
@@ -173,7 +173,8 @@ def section_answer(report: dict, v) -> list[str]:
         L.append("The paper's three pairs (arXiv 2508.11985, GPT-2 small, Δppl % of the naive sum against "
                  "merged-data training) beside ours (SmolLM2 here; Δppl % needs the pair's merged-data adapter):")  # fmt: skip
         L.append("")
-        L.append(_table(["pair", "paper Δppl %", "our Δppl %", "our retention %", "our RMS cosine"], rows))
+        L.append(_table(["pair", "adapters", "paper Δppl %", "our Δppl %", "our retention %", "our RMS cosine"],
+                        rows))  # fmt: skip
         L.append("")
     L.append("Retention % = mean over the member domains of 100 · (ppl of the merge − ppl of the domain's own "
              "adapter) / ppl of the domain's own adapter, each on that domain's eval split: 0 when the merge "
