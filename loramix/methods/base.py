@@ -175,9 +175,9 @@ class MergeMethod:
     kinds_reason: str = ""
 
     @classmethod
-    def applies_to(cls, kind: str) -> bool:
-        """Whether adapters of ``kind`` (``"lora"``, ``"d2lora"``) can be merged with it."""
-        return kind in cls.kinds
+    def applies_to(cls, kind) -> bool:
+        """Whether adapters of ``kind`` (a kind object or its name) can be merged with it."""
+        return str(kind) in cls.kinds
 
     # -- validation -------------------------------------------------------------
     def validate(self, params: dict, adapters: Sequence[Adapter]) -> dict:
@@ -199,12 +199,12 @@ class MergeMethod:
                 raise UsageError(p.flag, f"method {self.name} needs {p.flag} ({p.help})")
             out[p.name] = p.coerce(given[p.name]) if p.name in given else p.default
         for ad in adapters:
-            if not self.applies_to(ad.method):
+            if not self.applies_to(ad.kind):
                 why = f": {self.kinds_reason}" if self.kinds_reason else ""
                 raise UsageError(
                     ad.path or ad.name,
                     f"method {self.name} needs {' or '.join(self.kinds)} adapters; "
-                    f"this is a {ad.method} adapter{why}",
+                    f"this is a {ad.kind.name} adapter{why}",
                 )
         self.check(out, adapters)
         return out
@@ -275,25 +275,32 @@ def dense_deltas(
 ) -> list[torch.Tensor]:
     """``[w_i dW_i]`` (out, in) each, fresh tensors on ``ctx.device`` in
     ``ctx.dtype`` (callers may modify them in place): the true deltas (``s B A``;
-    the effective delta ``W_hat - W0`` for D2-LoRA), times ``weights`` if given.
-    A LoRA weight is folded into ``B`` before the product (saves a pass over
+    the effective delta, e.g. ``W_hat - W0``, for a kind that ``needs_base``),
+    times ``weights`` if given. For a kind that does not need the base the
+    weight is folded into ``B`` before the product (saves a pass over
     ``out x in``)."""
     if W0 is not None:
         W0 = W0.to(device=ctx.device, dtype=ctx.dtype)
     out = []
     for j, m in enumerate(module_deltas):
         w = 1.0 if weights is None else float(weights[j])
-        if m.kind == D2LORA:
-            if W0 is None:
-                raise UsageError(
-                    m.name, "D2-LoRA effective deltas depend on the base weight: pass --into BASE"
-                )
+        if m.kind.needs_base:
+            require_base(m, W0)
             d = m.delta(W0, dtype=ctx.dtype, device=ctx.device)
             out.append(d.mul_(w) if w != 1.0 else d)
         else:
             B, A = m.factors(dtype=ctx.dtype, device=ctx.device)
             out.append((B * w if w != 1.0 else B) @ A)
     return out
+
+
+def require_base(m: ModuleDelta, W0: torch.Tensor | None) -> None:
+    """Refuse (one line naming the module) to form the effective delta of a
+    kind that ``needs_base`` without the base weight."""
+    if W0 is None and m.kind.needs_base:
+        raise UsageError(
+            m.name, f"{m.kind.label} effective deltas depend on the base weight: pass --into BASE"
+        )
 
 
 def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import D2LORA, Adapter, ModuleDelta, check_compatible
+from ..adapter import Adapter, ModuleDelta, check_compatible
 from ..devices import resolve_device
 from ..errors import AdapterError, UsageError
 from ..io.adapter_files import WEIGHTS_NAME, load_adapter, save_peft_adapter
@@ -98,11 +98,11 @@ def _check_adapter_output(m: MergeMethod, ads: Sequence[Adapter]) -> None:
             f"{', '.join(n for n in _low_rank_names())} can write an adapter)",
         )
     for ad in ads:
-        if ad.method == D2LORA:
+        if ad.kind.needs_base:
             raise AdapterError(
                 ad.path or ad.name,
-                "is a D2-LoRA adapter: its effective delta depends on the base weights, so no LoRA "
-                "adapter holds the result; merge it into the base with --into BASE",
+                f"is a {ad.kind.label} adapter: its effective delta depends on the base weights, so no "
+                "LoRA adapter holds the result; merge it into the base with --into BASE",
             )
 
 

@@ -138,17 +138,12 @@ class Svd(MergeMethod):
     def _factors_group(self, jobs, params) -> list[LowRank]:
         import torch
 
+        from ..kinds import stack_factors
+
         device = jobs[0][0].device
-        Bs, As = [], []
-        for _ctx, mds, ws in jobs:
-            Bi, Ai = [], []
-            for m, w in zip(mds, ws):
-                B, A = m.factors(dtype=torch.float64, device=device)
-                Bi.append(B * w)
-                Ai.append(A)
-            Bs.append(torch.cat(Bi, dim=1))
-            As.append(torch.cat(Ai, dim=0))
-        B, A = torch.stack(Bs), torch.stack(As)  # (G, out, R), (G, R, in)
+        stacks = [stack_factors(mds, ws, dtype=torch.float64, device=device) for _ctx, mds, ws in jobs]
+        B = torch.stack([st.B for st in stacks])  # (G, out, R)
+        A = torch.stack([st.A for st in stacks])  # (G, R, in)
         P, S, Qt = lowrank_svd(B, A)
         S_cpu = S.cpu()  # one synchronisation per group: ranks and energies
         ks = [choose_rank(S_cpu[g], params["rank"], params["energy"]) for g in range(len(jobs))]
