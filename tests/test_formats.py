@@ -1,0 +1,75 @@
+"""What the format readers accept and refuse beyond plain PEFT LoRA (issue 13):
+foreign formats named in one line, LoRA on ``lm_head``, bare-model adapters
+merged into a model with a head, ``modules_to_save``. PEFT and transformers
+are the oracles; the models are tiny real ones built from configs."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+from .factories import make_peft_adapter, tiny_gpt2
+from .test_cli_errors import run_error
+
+# ---------------------------------------------------------------- 8: foreign formats named
+
+
+def test_kohya_lora_is_named(tmp_path, capsys):
+    t = torch.zeros(4, 8)
+    f = tmp_path / "style.safetensors"
+    save_file(
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": t,
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": t.T.contiguous(),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0),
+        },
+        str(f),
+    )
+    run_error(capsys, ["inspect", str(f)], str(f), "kohya-ss LoRA", "not supported")
+    # the same file in a folder
+    d = tmp_path / "kohya"
+    d.mkdir()
+    shutil.copy(f, d / "style.safetensors")
+    run_error(capsys, ["inspect", str(d)], "kohya-ss LoRA", "not supported")
+
+
+def test_diffusers_lora_is_named(tmp_path, capsys):
+    d = tmp_path / "diffusers"
+    d.mkdir()
+    save_file(
+        {
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(
+                4, 8
+            ),
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(
+                8, 4
+            ),
+        },
+        str(d / "pytorch_lora_weights.safetensors"),
+    )
+    run_error(capsys, ["inspect", str(d)], "diffusers LoRA", "not supported")
+    run_error(capsys, ["similarity", str(d), str(d)], "diffusers LoRA")
+
+
+def test_pickled_peft_adapter_is_named(tmp_path, capsys):
+    src = make_peft_adapter(tiny_gpt2(), tmp_path / "src", r=2)
+    d = tmp_path / "pickled"
+    d.mkdir()
+    shutil.copy(src / "adapter_config.json", d / "adapter_config.json")
+    torch.save({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(2, 32)},
+               d / "adapter_model.bin")  # fmt: skip
+    line = run_error(
+        capsys, ["inspect", str(d)], "pickled PEFT adapter", "adapter_model.bin", "not supported"
+    )
+    assert "no adapter_config.json" not in line
+    run_error(capsys, ["inspect", str(d / "adapter_model.bin")], "pickled PEFT adapter")
+
+
+def test_peft_file_without_config_still_says_so(tmp_path, capsys):
+    """A PEFT safetensors file alone is not a foreign format: the message stays about the config."""
+    src = make_peft_adapter(tiny_gpt2(), tmp_path / "src", r=2)
+    f = tmp_path / "alone.safetensors"
+    shutil.copy(src / "adapter_model.safetensors", f)
+    run_error(capsys, ["inspect", str(f)], "adapter_config.json")
