@@ -10,7 +10,7 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from .factories import make_peft_adapter, tiny_gpt2
+from .factories import make_peft_adapter, save_base, tiny_gpt2, tiny_llama
 from .test_cli_errors import run_error
 
 # ---------------------------------------------------------------- 8: foreign formats named
@@ -73,3 +73,59 @@ def test_peft_file_without_config_still_says_so(tmp_path, capsys):
     f = tmp_path / "alone.safetensors"
     shutil.copy(src / "adapter_model.safetensors", f)
     run_error(capsys, ["inspect", str(f)], "adapter_config.json")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def peft_merged(make_model, *adapters):
+    """PEFT's own merge of ``adapters`` (each once, weight 1) into a fresh model."""
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(make_model(), str(adapters[0]), adapter_name="a0")
+    for i, a in enumerate(adapters[1:], 1):
+        pm.load_adapter(str(a), adapter_name=f"a{i}")
+    if len(adapters) > 1:
+        pm.base_model.set_adapter([f"a{i}" for i in range(len(adapters))])
+    return pm.merge_and_unload().eval()
+
+
+def logits(model, vocab=128):
+    ids = torch.arange(16).remainder(vocab).reshape(2, 8)
+    with torch.no_grad():
+        return model(input_ids=ids).logits.double()
+
+
+def load_merged(folder, cls):
+    return cls.from_pretrained(str(folder)).eval()
+
+
+# ---------------------------------------------------------------- 1: LoRA on lm_head
+
+
+def test_untied_lm_head_lora_is_a_linear_module(tmp_path, capsys):
+    """PEFT saves ``lm_head.base_layer.weight`` beside the factors; loramix
+    reads the factors, and its sum into the base equals PEFT's merge."""
+    from transformers import LlamaForCausalLM
+
+    from loramix.cli import main
+    from loramix.io.adapter_files import load_adapter
+
+    model = tiny_llama()
+    base = save_base(model, tmp_path / "base")
+    ad = make_peft_adapter(model, tmp_path / "head", target_modules=["q_proj", "lm_head"], r=3, lora_alpha=5)
+    a = load_adapter(ad)
+    assert "lm_head" in a.modules and a.modules["lm_head"].shape == (128, 32)
+    assert main(["inspect", str(ad)]) == 0
+    assert main(["sum", str(ad), "--into", str(base), "--out", str(tmp_path / "merged")]) == 0
+    ours = logits(load_merged(tmp_path / "merged", LlamaForCausalLM))
+    ref = logits(peft_merged(tiny_llama, ad))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+
+
+def test_tied_lm_head_lora_is_refused_naming_the_tie(tmp_path, capsys):
+    model = tiny_gpt2()  # GPT-2 ties lm_head to transformer.wte
+    base = save_base(model, tmp_path / "base")
+    ad = make_peft_adapter(model, tmp_path / "head", target_modules=["c_attn", "lm_head"])
+    run_error(capsys, ["sum", str(ad), "--into", str(base), "--out", str(tmp_path / "m")],
+              "lm_head", "tied to", "wte")  # fmt: skip

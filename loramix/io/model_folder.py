@@ -296,6 +296,13 @@ class BaseModelFolder:
             raise BaseModelError(
                 self.path, f"has no tensor for adapter module {name} (looked for {cands[0]}.weight){why}"
             )
+        tied = self._tied_with(key)
+        if tied is not None:
+            raise BaseModelError(
+                self.path,
+                f"adapter module {name} targets {key}, which is tied to {tied}: merging would change "
+                "both (untie the weights, or leave the module out of the adapter)",
+            )
         info = self.tensors[key]
         if len(info.shape) != 2:
             raise BaseModelError(
@@ -329,6 +336,24 @@ class BaseModelFolder:
             return layouts[name]
         # Not a Linear/Conv1D in the skeleton (or no skeleton): fall back on the model type.
         return CONV1D if is_conv1d(self.config.get("model_type")) else LINEAR
+
+    def _tied_with(self, key: str) -> str | None:
+        """The parameter ``key`` shares its storage with in the model (a head
+        tied to the input embeddings), or None. Tied parameters are embeddings
+        and heads, outside the numbered blocks, so a key inside one (``.0.``)
+        does not build the skeleton."""
+        if any(t.isdigit() for t in key.split(".")):
+            return None
+        try:
+            tied = self.skeleton().get("tied", {})
+        except Exception:  # no skeleton: nothing known about ties
+            return None
+        prefix = self.prefix
+        alts = {key, key.removeprefix(f"{prefix}.") if prefix else key, f"{prefix}.{key}" if prefix else key}
+        for a, b in tied.items():
+            if a in alts or b in alts:
+                return b if a in alts else a
+        return None
 
     def _tied_to(self, cands: list[str]) -> str | None:
         try:

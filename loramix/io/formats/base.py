@@ -35,6 +35,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
+#: the "factor" of PEFT's saved copy of a base weight (see :func:`_parse_key`)
+BASE_COPY = "base_layer"
+
 _UNSUPPORTED = {
     "lora_embedding_A": "embedding LoRA",
     "lora_embedding_B": "embedding LoRA",
@@ -116,8 +119,14 @@ def read_config(cfg: Path) -> dict:
 
 
 def _parse_key(key: str, parts: dict) -> tuple[str, str, str, str | None]:
-    """``(module, factor, branch, adapter_name)`` of a tensor key, or raise."""
+    """``(module, factor, branch, adapter_name)`` of a tensor key, or raise.
+
+    ``factor`` is ``BASE_COPY`` for PEFT's copy of a targeted head's or
+    embedding's own weight (``lm_head.base_layer.weight``, saved with
+    ``save_embedding_layers``): not a factor, and never merged."""
     toks = key.split(".")
+    if toks[-2:] == ["base_layer", "weight"] and len(toks) > 2:
+        return ".".join(toks[:-2]).removeprefix(PREFIX), BASE_COPY, "", None
     for i, t in enumerate(toks):
         if t in _UNSUPPORTED:
             module = ".".join(toks[:i]).removeprefix(PREFIX)
@@ -252,6 +261,11 @@ class PeftLayoutFormat:
                 raise AdapterError(weights, e.args[0]) from None
             _check_config(config, cfg_path)
             for key, module, factor, branch, aname in parsed:
+                if factor == BASE_COPY:
+                    # PEFT saves the targeted head's own weight in case the vocabulary
+                    # was resized; the delta applies to the base's tensor, whose shape
+                    # the merge checks against the factors, so the copy is not read.
+                    continue
                 if aname is not None:
                     adapter_names.add(aname)
                 t = f.get(key, check_finite=True)
