@@ -129,3 +129,42 @@ def test_tied_lm_head_lora_is_refused_naming_the_tie(tmp_path, capsys):
     ad = make_peft_adapter(model, tmp_path / "head", target_modules=["c_attn", "lm_head"])
     run_error(capsys, ["sum", str(ad), "--into", str(base), "--out", str(tmp_path / "m")],
               "lm_head", "tied to", "wte")  # fmt: skip
+
+
+# ---------------------------------------------------------------- 5: bare-model adapter into a model with a head
+
+
+def _tiny_bert_config():
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=48, max_position_embeddings=64)  # fmt: skip
+
+
+def test_bare_model_adapter_into_a_model_with_a_head(tmp_path, capfd, monkeypatch):
+    """An adapter trained on ``BertModel`` (modules ``encoder.layer...``) merged
+    into ``BertForMaskedLM`` (tensors ``bert.encoder.layer...``): the prefix
+    comes from the base's tensor names; equal to PEFT applied to ``.bert``;
+    nothing but loramix's own lines on stderr."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import BertForMaskedLM
+
+    from loramix.cli import main
+
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))  # the skeleton is built here
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM(_tiny_bert_config()).eval()
+    base = save_base(mlm, tmp_path / "base")
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value", "dense"], init_lora_weights=False)
+    get_peft_model(BertForMaskedLM.from_pretrained(str(base)).bert, cfg).save_pretrained(str(tmp_path / "ad"))
+    capfd.readouterr()
+    rc = main(["sum", str(tmp_path / "ad"), "--into", str(base), "--out", str(tmp_path / "merged")])
+    out, err = capfd.readouterr()
+    assert rc == 0, err
+    assert "is_decoder" not in err and "warn" not in err.lower(), err
+
+    ref = BertForMaskedLM.from_pretrained(str(base)).eval()
+    ref.bert = PeftModel.from_pretrained(ref.bert, str(tmp_path / "ad")).merge_and_unload()
+    ours = BertForMaskedLM.from_pretrained(str(tmp_path / "merged")).eval()
+    torch.testing.assert_close(logits(ours), logits(ref.eval()), rtol=0, atol=1e-4)

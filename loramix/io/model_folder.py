@@ -21,6 +21,7 @@ shape does not already decide.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -166,6 +167,7 @@ class BaseModelFolder:
         if not self.tensors:
             raise BaseModelError(self.path / self.shards[0], "holds no tensors")
         self._skeleton: dict | None = None
+        self._leads: list[str] | None = None
         self._sha: dict[str, str] | None = None
 
     # ---- listing -----------------------------------------------------------
@@ -197,11 +199,24 @@ class BaseModelFolder:
 
     @property
     def prefix(self) -> str | None:
-        """The model's ``base_model_prefix`` (``transformer``, ``model``, ...)."""
+        """The model's ``base_model_prefix`` (``transformer``, ``model``, ``bert``, ...),
+        read off the tensor names when the skeleton is not built: the first
+        name part that leads most tensors, where what follows is a submodule
+        (``bert.encoder...``), not a block index (``layers.0``) or a weight.
+        None when no part leads more than half of them (a bare model)."""
         if self._skeleton is not None:
             return self._skeleton.get("prefix")
-        mt = self.config.get("model_type")
-        return {"gpt2": "transformer", "openai-gpt": "transformer"}.get(mt, "model")
+        counts: dict[str, int] = {}
+        for key in self.tensors:
+            toks = key.split(".")
+            if len(toks) >= 3 and not toks[1].isdigit():
+                counts[toks[0]] = counts.get(toks[0], 0) + 1
+        if not counts:
+            return None
+        best = max(counts, key=counts.get)
+        if counts[best] * 2 <= len(self.tensors) or best in ("encoder", "decoder"):
+            return None
+        return best
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -267,14 +282,20 @@ class BaseModelFolder:
     # ---- adapter modules -> base tensors ------------------------------------
 
     def _candidates(self, name: str) -> list[str]:
+        """Where adapter module ``name`` may live in this checkpoint, most
+        likely first: as named; without its first part (an adapter trained on
+        a model with a head, merged into the bare model); with the base's
+        prefix, or any other leading part of the base's tensor names, before
+        it (a bare-model adapter merged into a model with a head:
+        ``encoder.layer.0...`` -> ``bert.encoder.layer.0...``)."""
         name = name.removeprefix(PEFT_PREFIX).removesuffix(".weight")
         cands = [name]
-        prefix = self.prefix
-        if prefix:
-            if name.startswith(prefix + "."):
-                cands.append(name[len(prefix) + 1 :])
-            else:
-                cands.append(f"{prefix}.{name}")
+        if "." in name:
+            cands.append(name.split(".", 1)[1])
+        if self._leads is None:
+            self._leads = list(dict.fromkeys(k.split(".", 1)[0] for k in self.tensors if "." in k))
+        leads = dict.fromkeys([self.prefix, *self._leads])
+        cands += [f"{t}.{name}" for t in leads if t and not name.startswith(t + ".")]
         return cands
 
     def module_weight_key(self, name: str, shape: tuple[int, int] | None = None) -> tuple[str, bool]:
@@ -475,6 +496,23 @@ def _cached_skeleton(folder: Path, config_bytes: bytes) -> dict:
     return sk
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' logging at error level and Python warnings off, restored after."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def build_skeleton(folder: Path) -> dict:
     """Build the model on the meta device from its config and record, for
     each ``nn.Linear``/``Conv1D`` submodule, its layout; plus tied parameters
@@ -487,7 +525,10 @@ def build_skeleton(folder: Path) -> dict:
 
         cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         model = None
-        with torch.device("meta"):
+        # A head class built from a bare model's config logs advice (BERT: "add
+        # is_decoder=True"); it is about using the model, not about its layout,
+        # and it would break the CLI's one-line promise.
+        with torch.device("meta"), _quiet_transformers():
             for auto in (AutoModelForCausalLM, AutoModel):
                 try:
                     model = auto.from_config(cfg)
