@@ -6,6 +6,7 @@ are the oracles; the models are tiny real ones built from configs."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -168,3 +169,55 @@ def test_bare_model_adapter_into_a_model_with_a_head(tmp_path, capfd, monkeypatc
     ref.bert = PeftModel.from_pretrained(ref.bert, str(tmp_path / "ad")).merge_and_unload()
     ours = BertForMaskedLM.from_pretrained(str(tmp_path / "merged")).eval()
     torch.testing.assert_close(logits(ours), logits(ref.eval()), rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- 4: modules_to_save
+
+
+def test_modules_to_save_copied_into_the_base(tmp_path, capsys):
+    """One adapter carries a trained ``lm_head`` and norms (full copies): the
+    merge writes them in place of the base's, equal to PEFT's merge of both
+    adapters; a second adapter carrying a different copy is refused, naming it."""
+    from transformers import LlamaForCausalLM
+
+    from loramix.cli import main
+    from loramix.io.adapter_files import load_adapter
+
+    model = tiny_llama()
+    base = save_base(model, tmp_path / "base")
+    a = make_peft_adapter(
+        model, tmp_path / "a", seed=1, target_modules=["q_proj"], modules_to_save=["lm_head", "norm"]
+    )
+    # PEFT saves the module as it was wrapped: give the copies a trained value
+    from safetensors.torch import load_file
+
+    ts = load_file(str(a / "adapter_model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    for k in ts:
+        if "lora_" not in k:
+            ts[k] = ts[k] + 0.1 * torch.randn(ts[k].shape, generator=g)
+    save_file(ts, str(a / "adapter_model.safetensors"))
+    b = make_peft_adapter(model, tmp_path / "b", seed=2, target_modules=["v_proj"])
+    ad = load_adapter(a)
+    assert set(ad.saved) >= {"lm_head.weight", "model.norm.weight"} and list(ad.modules) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]  # fmt: skip
+    assert main(["sum", str(a), str(b), "--into", str(base), "--out", str(tmp_path / "m")]) == 0
+    ours = LlamaForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
+    torch.testing.assert_close(ours.lm_head.weight, ts["base_model.model.lm_head.weight"])
+    torch.testing.assert_close(logits(ours), logits(peft_merged(tiny_llama, a, b)), rtol=0, atol=1e-4)
+
+    # the adapter output carries the copies; PEFT loads it and gives the same model
+    assert main(["sum", str(a), str(b), "--out", str(tmp_path / "ad")]) == 0
+    torch.testing.assert_close(
+        logits(peft_merged(tiny_llama, tmp_path / "ad")), logits(ours), rtol=0, atol=1e-4
+    )
+
+    # two different copies of one module: refused, naming it
+    c = Path(shutil.copytree(a, tmp_path / "c"))
+    ts["base_model.model.lm_head.weight"] = ts["base_model.model.lm_head.weight"] + 1
+    save_file(ts, str(c / "adapter_model.safetensors"))
+    run_error(capsys, ["sum", str(a), str(c), "--into", str(base), "--out", str(tmp_path / "x")],
+              "modules_to_save", "lm_head.weight")  # fmt: skip
+    # an identical copy is fine
+    d = Path(shutil.copytree(a, tmp_path / "d"))
+    assert main(["sum", str(a), str(d), "--into", str(base), "--out", str(tmp_path / "y")]) == 0

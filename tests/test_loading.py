@@ -195,7 +195,6 @@ def test_never_forms_dense_delta_on_load(llama, tmp_path):
         (dict(target_modules=["wte", "c_attn"]), "embedding LoRA", "transformer.wte"),
         (dict(lora_bias=True), "LoRA biases", "transformer.h.0.attn.c_attn"),
         (dict(bias="all"), "trained biases", "transformer.h.0.attn.c_attn"),
-        (dict(modules_to_save=["lm_head"]), "modules_to_save", "lm_head"),
     ],
 )
 def test_unsupported_features_refused(gpt2, tmp_path, kwargs, feature, module):

@@ -298,6 +298,13 @@ class BaseModelFolder:
         cands += [f"{t}.{name}" for t in leads if t and not name.startswith(t + ".")]
         return cands
 
+    def tensor_key(self, module: str, param: str = "weight") -> str | None:
+        """The key of ``module``'s ``param`` under this checkpoint's naming
+        (:meth:`_candidates`), or None."""
+        return next(
+            (f"{c}.{param}" for c in self._candidates(module) if f"{c}.{param}" in self.tensors), None
+        )
+
     def module_weight_key(self, name: str, shape: tuple[int, int] | None = None) -> tuple[str, bool]:
         """``(key, transposed)``: the base tensor of adapter module ``name``.
 

@@ -26,6 +26,7 @@ import torch
 
 from ..adapter import Adapter, ModuleDelta, check_compatible
 from ..devices import resolve_device
+from ..engine import saved_tensors
 from ..errors import AdapterError, UsageError
 from ..io.adapter_files import WEIGHTS_NAME, load_adapter, save_peft_adapter
 from ..io.outputs import atomic_output_dir, atomic_write, check_output, provenance, write_provenance
@@ -146,6 +147,7 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs) -> MergeRes
     # The weights file carries the whole record but its creation time.
     full = {**_record(m, ads, ws, p, dtype), "output": "adapter", "summary": summary, "modules": infos}
     fan_in_fan_out = any(bool(a.config.get("fan_in_fan_out")) for a in ads)
+    saved = saved_tensors(ads)  # modules_to_save copies travel as they are
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         save_peft_adapter(
             tmp,
@@ -155,6 +157,7 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs) -> MergeRes
             dtype=dtype,
             provenance=_without_time(full),
             extra_config={"task_type": ads[0].config.get("task_type", "CAUSAL_LM")},
+            saved=saved,
         )
         # safetensors writes its metadata map in a random order: sort it.
         canonicalize_header(tmp / WEIGHTS_NAME)

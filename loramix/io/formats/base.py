@@ -9,9 +9,11 @@ for LoRA). Per-module rank and alpha follow PEFT's ``rank_pattern`` /
 when ``re.match(rf"(.*\\.)?({k})$", m)``; the first matching key wins.
 
 A path may be the folder or the ``.safetensors`` file with its
-``adapter_config.json`` beside it. Anything the kind does not define (DoRA,
-embedding LoRA, LoRA biases, modules_to_save, conv LoRA, ...) is refused with
-a message naming the module and the feature, never silently dropped.
+``adapter_config.json`` beside it. ``modules_to_save`` copies are kept as
+full tensors (``Adapter.saved``); PEFT's copy of a targeted head's own weight
+(``base_layer``) is skipped. Anything the kind does not define (LoRA biases,
+conv LoRA, ...) is refused with a message naming the module and the feature,
+never silently dropped.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ _UNSUPPORTED = {
     "lora_embedding_A": "embedding LoRA",
     "lora_embedding_B": "embedding LoRA",
     "lora_magnitude_vector": "DoRA magnitude vectors",
-    "modules_to_save": "modules_to_save (full trained copies of modules)",
     "trainable_tokens_delta": "trainable tokens",
     "token_adapter": "trainable tokens",
 }
@@ -154,6 +155,26 @@ def _parse_key(key: str, parts: dict) -> tuple[str, str, str, str | None]:
     raise KeyError(f"unexpected tensor {key}: not a LoRA factor")
 
 
+def saved_tensor_name(key: str, modules_to_save) -> str | None:
+    """The base tensor a ``modules_to_save`` key replaces (``lm_head.weight``),
+    or None when ``key`` is not one. PEFT saves them as
+    ``base_model.model.<module>.<param>`` (older versions keep
+    ``.modules_to_save.<adapter>.`` before the parameter); ``<module>`` ends
+    with an entry of the config's ``modules_to_save`` (PEFT's rule)."""
+    if not modules_to_save:
+        return None
+    toks = key.removeprefix(PREFIX).split(".")
+    if "modules_to_save" in toks:
+        i = toks.index("modules_to_save")
+        toks = toks[:i] + toks[-1:]
+    if len(toks) < 2 or toks[-1] not in ("weight", "bias"):
+        return None
+    module = ".".join(toks[:-1])
+    if any(module == t or module.endswith(str(t)) for t in modules_to_save):
+        return f"{module}.{toks[-1]}"
+    return None
+
+
 def common_rank_alpha(ranks: dict[str, int], alphas: dict[str, float]) -> tuple[int, float, dict, dict]:
     """Most common rank and alpha, plus patterns for the modules that differ."""
     from collections import Counter
@@ -219,9 +240,8 @@ class PeftLayoutFormat:
         """
         given, cfg_path, weights = resolve_adapter_paths(path)
         config = read_config(cfg_path)
-        if config.get("modules_to_save"):
-            raise AdapterError(cfg_path, f"modules_to_save {config['modules_to_save']} is not supported")
-        raw = self._read_tensors(weights, config, cfg_path)
+        saved: dict[str, torch.Tensor] = {}
+        raw = self._read_tensors(weights, config, cfg_path, saved)
         modules = {m: self._module(m, fs, config, cfg_path, weights) for m, fs in raw.items()}
         targets = config.get("target_modules")
         if isinstance(targets, list) and targets:
@@ -243,16 +263,23 @@ class PeftLayoutFormat:
             path=given,
             weights_path=weights,
             sha256=file_sha256(weights),
+            saved=saved,
         )
 
-    def _read_tensors(self, weights: Path, config: dict, cfg_path: Path) -> dict[str, dict]:
-        """``{module: {(factor, branch): tensor}}``, every key checked first."""
+    def _read_tensors(self, weights: Path, config: dict, cfg_path: Path, saved: dict) -> dict[str, dict]:
+        """``{module: {(factor, branch): tensor}}``, every key checked first;
+        ``modules_to_save`` tensors go into ``saved`` (base tensor name -> tensor)."""
         raw: dict[str, dict[tuple[str, str], torch.Tensor]] = {}
         adapter_names: set[str] = set()
         with CheckedSafetensors(weights, AdapterError) as f:
             keys = f.keys()
             if not keys:
                 raise AdapterError(weights, "holds no tensors")
+            to_save = config.get("modules_to_save")
+            for key in keys:
+                if (tname := saved_tensor_name(key, to_save)) is not None:
+                    saved[tname] = f.get(key, check_finite=True)
+            keys = [k for k in keys if saved_tensor_name(k, to_save) is None]
             # Parse every key before reading any tensor or trusting the config:
             # an unsupported feature is then reported with the module it is on.
             try:

@@ -32,6 +32,7 @@ def save_peft_adapter(
     alphas: dict[str, float] | None = None,
     use_rslora: bool = False,
     extra_config: dict | None = None,
+    saved: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a PEFT LoRA folder (``adapter_config.json`` + weights).
 
@@ -39,7 +40,9 @@ def save_peft_adapter(
     Without ``alphas`` the scale is folded into ``B`` already, and the config
     says ``lora_alpha = r`` per module, so PEFT's scale is exactly 1.
     Per-module ranks and alphas that differ from the most common go into
-    ``rank_pattern`` / ``alpha_pattern`` with full module names.
+    ``rank_pattern`` / ``alpha_pattern`` with full module names. ``saved``
+    (base tensor name -> tensor) are ``modules_to_save`` copies, stored as
+    PEFT stores them and listed by full module name.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -51,6 +54,10 @@ def save_peft_adapter(
         tensors[f"{PREFIX}{module}.lora_A.weight"] = A.detach().contiguous().cpu()
         tensors[f"{PREFIX}{module}.lora_B.weight"] = B.detach().contiguous().cpu()
         ranks[module] = int(A.shape[0])
+    for name, t in (saved or {}).items():
+        tensors[PREFIX + name] = (
+            t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        ).contiguous()
     if alphas is None:
         # Scale 1: alpha = r (or sqrt(r) with rsLoRA, which we never write here).
         alphas = {m: float(r) for m, r in ranks.items()}
@@ -71,7 +78,7 @@ def save_peft_adapter(
         "bias": "none",
         "inference_mode": True,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in saved}) if saved else None,
     }
     if extra_config:
         config.update(extra_config)
