@@ -44,7 +44,18 @@ _REGISTRY: dict[str, type] = {}
 # Modules of this package that hold no method.
 _NOT_METHODS = {"base", "runner"}
 # Names the merge command uses for its own options: a method parameter may not take one.
-RESERVED = {"method", "adapters", "weights", "into", "out", "device", "dtype", "force", "progress"}
+RESERVED = {
+    "method",
+    "adapters",
+    "weights",
+    "into",
+    "out",
+    "device",
+    "dtype",
+    "force",
+    "progress",
+    "out_rank",
+}
 _loaded = False
 
 

@@ -420,3 +420,50 @@ def elect_and_merge(
     else:
         den.masked_fill_(den == 0, 1.0)
     return num.mul_(g).div_(den)
+
+
+# ----------------------------------------------------------------------------- truncation facts
+
+
+def energy_info(S: torch.Tensor, k: int, stacked: int) -> dict:
+    """The facts of a rank-``k`` truncation of singular values ``S``."""
+    e = S.double().cpu() ** 2
+    total, dropped = float(e.sum()), float(e[k:].sum())
+    return {
+        "rank": int(k),
+        "stacked_rank": int(stacked),
+        "energy_total": total,
+        "energy_discarded": dropped,
+        "energy_discarded_fraction": dropped / total if total > 0 else 0.0,
+    }
+
+
+def summarize_energy(facts: dict[str, dict]) -> dict:
+    """Totals of per-module truncation facts: ranks, discarded energy (absolute
+    and relative to ``sum ||D||_F^2``) and the worst module."""
+    facts = {n: f for n, f in facts.items() if "energy_total" in f}
+    if not facts:
+        return {}
+    total = sum(i["energy_total"] for i in facts.values())
+    dropped = sum(i["energy_discarded"] for i in facts.values())
+    worst = max(facts, key=lambda n: facts[n]["energy_discarded_fraction"])
+    return {
+        "ranks": sorted({i["rank"] for i in facts.values()}),
+        "energy_discarded": dropped,
+        "energy_discarded_fraction": dropped / total if total > 0 else 0.0,
+        "worst_module": worst,
+        "worst_module_discarded_fraction": facts[worst]["energy_discarded_fraction"],
+    }
+
+
+def describe_energy(summary: dict) -> list[str]:
+    """:func:`summarize_energy`'s totals in words."""
+    if "energy_discarded_fraction" not in summary:
+        return []
+    ranks = summary["ranks"]
+    rank_txt = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
+    return [
+        f"rank {rank_txt}; discarded energy {summary['energy_discarded']:.4g} "
+        f"({100 * summary['energy_discarded_fraction']:.3g}% of ||merged||^2); worst module "
+        f"{summary['worst_module']} ({100 * summary['worst_module_discarded_fraction']:.3g}%)"
+    ]
