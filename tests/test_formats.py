@@ -221,3 +221,56 @@ def test_modules_to_save_copied_into_the_base(tmp_path, capsys):
     # an identical copy is fine
     d = Path(shutil.copytree(a, tmp_path / "d"))
     assert main(["sum", str(a), str(d), "--into", str(base), "--out", str(tmp_path / "y")]) == 0
+
+
+# ---------------------------------------------------------------- 2: embedding LoRA
+
+
+def test_embedding_lora_equals_peft(tmp_path, capsys):
+    """``lora_embedding_A`` (r, vocab) / ``lora_embedding_B`` (dim, r): the delta
+    ``s (B A)^T`` equals PEFT's ``get_delta_weight``; summed with a second
+    adapter into the base it equals PEFT's merge; the adapter output round-trips
+    through PEFT; ties on it equals the dense reference."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from loramix.cli import main
+    from loramix.io.adapter_files import load_adapter
+    from loramix.methods import merge
+    from loramix.overlap import similarity
+
+    model = tiny_llama()
+    base = save_base(model, tmp_path / "base")
+    a = make_peft_adapter(
+        model, tmp_path / "a", seed=1, target_modules=["embed_tokens", "q_proj"], r=3, lora_alpha=5
+    )
+    b = make_peft_adapter(model, tmp_path / "b", seed=2, target_modules=["embed_tokens", "v_proj"], r=2)
+    ad = load_adapter(a)
+    md = ad.modules["model.embed_tokens"]
+    pm = PeftModel.from_pretrained(tiny_llama(), str(a))
+    ref_delta = pm.base_model.model.model.embed_tokens.get_delta_weight("default").double()
+    torch.testing.assert_close(md.residual(), ref_delta, rtol=0, atol=1e-5)
+    assert main(["inspect", str(a)]) == 0
+    sim = similarity([ad, load_adapter(b)], progress=False)
+    assert sim.rms.shape == (2, 2)
+
+    assert main(["sum", str(a), str(b), "--into", str(base), "--out", str(tmp_path / "m")]) == 0
+    ours = LlamaForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
+    torch.testing.assert_close(logits(ours), logits(peft_merged(tiny_llama, a, b)), rtol=0, atol=1e-4)
+
+    assert main(["sum", str(a), str(b), "--out", str(tmp_path / "ad")]) == 0
+    torch.testing.assert_close(
+        logits(peft_merged(tiny_llama, tmp_path / "ad")), logits(ours), rtol=0, atol=1e-4
+    )
+
+    res = merge([str(a), str(b)], "ties", into=str(base), out=tmp_path / "t", density=0.5)
+    assert res.kind == "model"
+    from loramix.methods.base import trim_
+
+    da, db = (load_adapter(p).modules["model.embed_tokens"].residual() for p in (a, b))
+    ta, tb = trim_(da.clone(), 0.5), trim_(db.clone(), 0.5)
+    g = torch.where(ta + tb >= 0, 1.0, -1.0).double()
+    keep_a, keep_b = (ta * g > 0).double(), (tb * g > 0).double()
+    ref = (ta * keep_a + tb * keep_b) / (keep_a + keep_b).clamp(min=1)
+    got = LlamaForCausalLM.from_pretrained(str(tmp_path / "t")).model.embed_tokens.weight.double()
+    torch.testing.assert_close(got - model.model.embed_tokens.weight.double(), ref, rtol=0, atol=1e-5)

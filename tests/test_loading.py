@@ -192,7 +192,6 @@ def test_never_forms_dense_delta_on_load(llama, tmp_path):
     ("kwargs", "feature", "module"),
     [
         (dict(use_dora=True), "DoRA", "transformer.h.0.attn.c_attn"),
-        (dict(target_modules=["wte", "c_attn"]), "embedding LoRA", "transformer.wte"),
         (dict(lora_bias=True), "LoRA biases", "transformer.h.0.attn.c_attn"),
         (dict(bias="all"), "trained biases", "transformer.h.0.attn.c_attn"),
     ],

@@ -196,6 +196,9 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs, trunc=None)
             provenance=_without_time(full),
             extra_config={"task_type": ads[0].config.get("task_type", "CAUSAL_LM")},
             saved=saved,
+            embeddings={
+                n for a in ads for n, md in a.modules.items() if md.extra.get("layout") == "embedding"
+            },
         )
         # safetensors writes its metadata map in a random order: sort it.
         canonicalize_header(tmp / WEIGHTS_NAME)

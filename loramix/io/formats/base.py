@@ -40,9 +40,13 @@ PREFIX = "base_model.model."
 #: the "factor" of PEFT's saved copy of a base weight (see :func:`_parse_key`)
 BASE_COPY = "base_layer"
 
+#: PEFT's embedding LoRA parts (read by kinds with ``lora_A``/``lora_B``):
+#: ``lora_embedding_A`` (r, vocab), ``lora_embedding_B`` (dim, r), delta
+#: ``s (B A)^T`` (vocab, dim) in the weight's layout, so the module keeps
+#: ``B' = A^T``, ``A' = B^T`` and is a plain LoRA module of that weight.
+EMBEDDING_PARTS = {"lora_embedding_A": ("EA", "pos"), "lora_embedding_B": ("EB", "pos")}
+
 _UNSUPPORTED = {
-    "lora_embedding_A": "embedding LoRA",
-    "lora_embedding_B": "embedding LoRA",
     "lora_magnitude_vector": "DoRA magnitude vectors",
     "trainable_tokens_delta": "trainable tokens",
     "token_adapter": "trainable tokens",
@@ -138,8 +142,10 @@ def _parse_key(key: str, parts: dict) -> tuple[str, str, str, str | None]:
             rest = toks[i + 1 :]
             if rest and rest[-1] == "bias":
                 raise KeyError(f"module {module}: not supported: LoRA biases (lora_bias) (tensor {key})")
-            if rest == ["weight"]:
-                name = None
+            if rest == ["weight"] or (not rest and t in EMBEDDING_PARTS):
+                name = None  # PEFT saves embedding factors as bare parameters
+            elif len(rest) == 1 and t in EMBEDDING_PARTS:
+                name = rest[0]
             elif len(rest) == 2 and rest[1] == "weight":
                 name = rest[0]
             else:
@@ -173,6 +179,14 @@ def saved_tensor_name(key: str, modules_to_save) -> str | None:
     if any(module == t or module.endswith(str(t)) for t in modules_to_save):
         return f"{module}.{toks[-1]}"
     return None
+
+
+def embedding_as_weight_factors(fs: dict, module: str, weights: Path) -> dict:
+    """PEFT's embedding factors as factors of the embedding weight (vocab, dim):
+    ``B' = lora_embedding_A^T`` (vocab, r), ``A' = lora_embedding_B^T`` (r, dim)."""
+    if set(fs) != {("EA", "pos"), ("EB", "pos")}:
+        raise AdapterError(weights, f"module {module}: needs both lora_embedding_A and lora_embedding_B only")
+    return {("B", "pos"): fs[("EA", "pos")].T, ("A", "pos"): fs[("EB", "pos")].T}
 
 
 def common_rank_alpha(ranks: dict[str, int], alphas: dict[str, float]) -> tuple[int, float, dict, dict]:
@@ -282,8 +296,9 @@ class PeftLayoutFormat:
             keys = [k for k in keys if saved_tensor_name(k, to_save) is None]
             # Parse every key before reading any tensor or trusting the config:
             # an unsupported feature is then reported with the module it is on.
+            parts = {**self.kind.parts, **(EMBEDDING_PARTS if "lora_A" in self.kind.parts else {})}
             try:
-                parsed = [(key, *_parse_key(key, self.kind.parts)) for key in keys]
+                parsed = [(key, *_parse_key(key, parts)) for key in keys]
             except KeyError as e:
                 raise AdapterError(weights, e.args[0]) from None
             _check_config(config, cfg_path)
@@ -311,6 +326,9 @@ class PeftLayoutFormat:
     def _module(self, module: str, fs: dict, config: dict, cfg_path: Path, weights: Path) -> ModuleDelta:
         """One module from its tensors: ranks checked against the config, then the kind builds it."""
         r_cfg, alpha = module_rank_alpha(config, module)
+        embedding = ("EA", "pos") in fs or ("EB", "pos") in fs
+        if embedding:
+            fs = embedding_as_weight_factors(fs, module, weights)
         try:
             m = self.kind.from_tensors(
                 module, fs, config,
@@ -318,6 +336,8 @@ class PeftLayoutFormat:
             )  # fmt: skip
         except ValueError as e:
             raise AdapterError(weights, str(e)) from None
+        if embedding:
+            m.extra["layout"] = "embedding"
         if m.B.shape[1] != m.A.shape[0]:
             raise AdapterError(
                 weights, f"module {module}: lora_A has rank {m.A.shape[0]} but lora_B has rank {m.B.shape[1]}"

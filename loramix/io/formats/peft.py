@@ -33,6 +33,7 @@ def save_peft_adapter(
     use_rslora: bool = False,
     extra_config: dict | None = None,
     saved: dict[str, torch.Tensor] | None = None,
+    embeddings: set[str] | frozenset[str] = frozenset(),
 ) -> Path:
     """Write a PEFT LoRA folder (``adapter_config.json`` + weights).
 
@@ -42,7 +43,9 @@ def save_peft_adapter(
     Per-module ranks and alphas that differ from the most common go into
     ``rank_pattern`` / ``alpha_pattern`` with full module names. ``saved``
     (base tensor name -> tensor) are ``modules_to_save`` copies, stored as
-    PEFT stores them and listed by full module name.
+    PEFT stores them and listed by full module name. Modules in
+    ``embeddings`` are embedding weights (``(B, A)`` still in the weight's
+    ``(vocab, dim)`` layout) and are stored as PEFT's ``lora_embedding_A/B``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -51,8 +54,13 @@ def save_peft_adapter(
     for module, (B, A) in factors.items():
         if dtype is not None:
             B, A = B.to(dtype), A.to(dtype)
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = A.detach().contiguous().cpu()
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = B.detach().contiguous().cpu()
+        if module in (embeddings or ()):
+            # PEFT's embedding LoRA: delta (vocab, dim) = s (B_e A_e)^T, B_e = A^T, A_e = B^T.
+            tensors[f"{PREFIX}{module}.lora_embedding_A"] = B.detach().T.contiguous().cpu()
+            tensors[f"{PREFIX}{module}.lora_embedding_B"] = A.detach().T.contiguous().cpu()
+        else:
+            tensors[f"{PREFIX}{module}.lora_A.weight"] = A.detach().contiguous().cpu()
+            tensors[f"{PREFIX}{module}.lora_B.weight"] = B.detach().contiguous().cpu()
         ranks[module] = int(A.shape[0])
     for name, t in (saved or {}).items():
         tensors[PREFIX + name] = (
