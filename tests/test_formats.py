@@ -5,6 +5,7 @@ are the oracles; the models are tiny real ones built from configs."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -274,3 +275,71 @@ def test_embedding_lora_equals_peft(tmp_path, capsys):
     ref = (ta * keep_a + tb * keep_b) / (keep_a + keep_b).clamp(min=1)
     got = LlamaForCausalLM.from_pretrained(str(tmp_path / "t")).model.embed_tokens.weight.double()
     torch.testing.assert_close(got - model.model.embed_tokens.weight.double(), ref, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- 3: DoRA
+
+
+def _dora_ref(base_model, folder, module):
+    """``m / ||W0 + s B A||_row * (W0 + s B A) - W0`` from the raw tensors, float64."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    ts = {k: v.double() for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
+    key = f"base_model.model.{module}"
+    W0 = base_model.get_submodule(module).weight.detach().double()
+    V = W0 + cfg["lora_alpha"] / cfg["r"] * ts[f"{key}.lora_B.weight"] @ ts[f"{key}.lora_A.weight"]
+    return (ts[f"{key}.lora_magnitude_vector"] / V.norm(dim=1))[:, None] * V - W0
+
+
+def test_dora_into_the_base_equals_peft_and_composes_by_effective_deltas(tmp_path, capsys):
+    from transformers import LlamaForCausalLM
+
+    from loramix.cli import main
+    from loramix.io.adapter_files import load_adapter
+    from loramix.overlap import similarity
+
+    model = tiny_llama()
+    base = save_base(model, tmp_path / "base")
+    targets = ["q_proj", "v_proj", "down_proj"]
+    a = make_peft_adapter(
+        model, tmp_path / "a", seed=1, target_modules=targets, use_dora=True, r=3, lora_alpha=6
+    )
+    b = make_peft_adapter(model, tmp_path / "b", seed=2, target_modules=["q_proj"], use_dora=True, r=2)
+    # PEFT saves the magnitude as ||W0||_row (its init): make it trained
+    from safetensors.torch import load_file
+
+    ts = load_file(str(a / "adapter_model.safetensors"))
+    for k in ts:
+        if k.endswith("lora_magnitude_vector"):
+            ts[k] = ts[k] * (1 + 0.3 * torch.rand(ts[k].shape, generator=torch.Generator().manual_seed(3)))
+    save_file(ts, str(a / "adapter_model.safetensors"))
+    ad = load_adapter(a)
+    assert ad.kind == "dora" and ad.kind.needs_base
+    assert main(["inspect", str(a)]) == 0
+
+    # one adapter: PEFT's merge_and_unload
+    assert main(["sum", str(a), "--into", str(base), "--out", str(tmp_path / "m1")]) == 0
+    ours = LlamaForCausalLM.from_pretrained(str(tmp_path / "m1")).eval()
+    torch.testing.assert_close(logits(ours), logits(peft_merged(tiny_llama, a)), rtol=0, atol=1e-4)
+
+    # several: W0 + sum_i w_i (W_hat_i - W0), each against the same W0 (docs/adapters.md)
+    assert (
+        main(
+            ["sum", str(a), str(b), "--weights", "1,0.5", "--into", str(base), "--out", str(tmp_path / "m2")]
+        )
+        == 0
+    )
+    got = LlamaForCausalLM.from_pretrained(str(tmp_path / "m2")).eval()
+    for mod in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        ref = _dora_ref(model, a, mod) + (0.5 * _dora_ref(model, b, mod) if "q_proj" in mod else 0)
+        d = got.get_submodule(mod).weight.double() - model.get_submodule(mod).weight.double()
+        torch.testing.assert_close(d, ref, rtol=0, atol=1e-6)
+
+    # similarity on the effective deltas given the base
+    sim = similarity([ad, load_adapter(b)], base=base, progress=False)
+    assert sim.rms.shape == (2, 2)
+    # an adapter output of a DoRA merge is refused with the reason
+    run_error(capsys, ["sum", str(a), str(b), "--out", str(tmp_path / "x")], "DoRA", "depends on the base")
+    run_error(capsys, ["merge", "-m", "ties", "--density", "0.5", "--out-rank", "2", str(a), "--out", str(tmp_path / "y")],
+              "DoRA", "depends on the base")  # fmt: skip

@@ -191,7 +191,6 @@ def test_never_forms_dense_delta_on_load(llama, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "feature", "module"),
     [
-        (dict(use_dora=True), "DoRA", "transformer.h.0.attn.c_attn"),
         (dict(lora_bias=True), "LoRA biases", "transformer.h.0.attn.c_attn"),
         (dict(bias="all"), "trained biases", "transformer.h.0.attn.c_attn"),
     ],

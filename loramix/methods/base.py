@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 # Torch is imported inside the functions that compute: the ``merge`` command
 # builds its options from the methods' declarations, and ``--help`` must stay
 # quick. For the same reason the adapter kind names are spelled here (they
-# equal loramix.adapter.LORA / D2LORA; a test checks).
-LORA, D2LORA = "lora", "d2lora"
+# equal loramix.adapter.LORA / D2LORA and loramix.kinds.dora.DORA; a test checks).
+LORA, D2LORA, DORA = "lora", "d2lora", "dora"
 
 # ----------------------------------------------------------------------------- parameters
 
@@ -170,7 +170,7 @@ class MergeMethod:
     #: the result is ``B @ A`` of small rank: can be written as an adapter
     low_rank: bool = False
     #: the adapter kinds (``Adapter.method``) the method applies to
-    kinds: tuple[str, ...] = (LORA, D2LORA)
+    kinds: tuple[str, ...] = (LORA, D2LORA, DORA)
     #: why other kinds are refused (appended to the error)
     kinds_reason: str = ""
 

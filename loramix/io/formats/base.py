@@ -47,7 +47,6 @@ BASE_COPY = "base_layer"
 EMBEDDING_PARTS = {"lora_embedding_A": ("EA", "pos"), "lora_embedding_B": ("EB", "pos")}
 
 _UNSUPPORTED = {
-    "lora_magnitude_vector": "DoRA magnitude vectors",
     "trainable_tokens_delta": "trainable tokens",
     "token_adapter": "trainable tokens",
 }
@@ -142,9 +141,9 @@ def _parse_key(key: str, parts: dict) -> tuple[str, str, str, str | None]:
             rest = toks[i + 1 :]
             if rest and rest[-1] == "bias":
                 raise KeyError(f"module {module}: not supported: LoRA biases (lora_bias) (tensor {key})")
-            if rest == ["weight"] or (not rest and t in EMBEDDING_PARTS):
-                name = None  # PEFT saves embedding factors as bare parameters
-            elif len(rest) == 1 and t in EMBEDDING_PARTS:
+            if rest == ["weight"] or not rest:
+                name = None  # PEFT saves parameter-dict parts (embedding factors, magnitudes) bare
+            elif len(rest) == 1:
                 name = rest[0]
             elif len(rest) == 2 and rest[1] == "weight":
                 name = rest[0]
@@ -214,9 +213,10 @@ def write_folder(
     return out_dir
 
 
-def _check_config(config: dict, cfg_path: Path) -> None:
-    """Refuse config switches whose saved factors loramix would misread."""
-    if config.get("use_dora"):
+def _check_config(config: dict, cfg_path: Path, dora: bool = False) -> None:
+    """Refuse config switches whose saved factors loramix would misread
+    (``use_dora`` unless the reader is DoRA's)."""
+    if config.get("use_dora") and not dora:
         raise AdapterError(cfg_path, "not supported: DoRA (use_dora: true)")
     if config.get("lora_bias"):
         raise AdapterError(cfg_path, "not supported: LoRA biases (lora_bias: true)")
@@ -225,6 +225,12 @@ def _check_config(config: dict, cfg_path: Path) -> None:
     for k, feature in _UNSUPPORTED_CONFIG.items():
         if config.get(k):
             raise AdapterError(cfg_path, f"not supported: {feature}")
+
+
+def _dora_reader() -> bool:
+    from . import FORMATS
+
+    return any(getattr(r, "dora", False) for r in FORMATS.values())
 
 
 class PeftLayoutFormat:
@@ -237,6 +243,10 @@ class PeftLayoutFormat:
 
     name: ClassVar[str] = ""
     kind: ClassVar[AdapterKind]
+    #: the config's ``peft_type`` this format reads (default: the kind's)
+    peft_type: ClassVar[str] = ""
+    #: reads PEFT's ``use_dora: true`` adapters (and only those), else refuses them
+    dora: ClassVar[bool] = False
 
     def detect(self, path: str | Path) -> bool:
         try:
@@ -244,7 +254,10 @@ class PeftLayoutFormat:
             config = read_config(cfg)
         except AdapterError:
             return False
-        return str(config.get("peft_type", "")).upper() == self.kind.peft_type
+        if str(config.get("peft_type", "")).upper() != (self.peft_type or self.kind.peft_type):
+            return False
+        # A DoRA adapter is a PEFT LoRA with use_dora: its own reader claims it.
+        return bool(config.get("use_dora")) == self.dora or (not self.dora and not _dora_reader())
 
     def read(self, path: str | Path, name: str | None = None) -> Adapter:
         """Load the adapter at ``path`` (folder or .safetensors file).
@@ -301,7 +314,7 @@ class PeftLayoutFormat:
                 parsed = [(key, *_parse_key(key, parts)) for key in keys]
             except KeyError as e:
                 raise AdapterError(weights, e.args[0]) from None
-            _check_config(config, cfg_path)
+            _check_config(config, cfg_path, self.dora)
             for key, module, factor, branch, aname in parsed:
                 if factor == BASE_COPY:
                     # PEFT saves the targeted head's own weight in case the vocabulary
@@ -311,7 +324,7 @@ class PeftLayoutFormat:
                 if aname is not None:
                     adapter_names.add(aname)
                 t = f.get(key, check_finite=True)
-                if t.ndim != 2:
+                if t.ndim != (1 if factor == "M" else 2):  # "M": a per-row vector (DoRA's magnitude)
                     raise AdapterError(
                         weights,
                         f"module {module}: {key} has {t.ndim} dimensions; only linear LoRA (2-D factors) is supported",
