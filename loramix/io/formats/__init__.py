@@ -45,7 +45,7 @@ def find_format(path: str | Path):
         raise AdapterError(path, what)
     _, cfg, _ = resolve_adapter_paths(path)
     config = read_config(cfg)
-    known = sorted({r.kind.peft_type for r in FORMATS.values()}, key=len)
+    known = sorted({getattr(r, "peft_type", "") or r.kind.peft_type for r in FORMATS.values()}, key=len)
     raise AdapterError(
         cfg, f"unsupported peft_type {config.get('peft_type')!r}: loramix reads {' and '.join(known)}"
     )
