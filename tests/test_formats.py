@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -343,3 +344,39 @@ def test_dora_into_the_base_equals_peft_and_composes_by_effective_deltas(tmp_pat
     run_error(capsys, ["sum", str(a), str(b), "--out", str(tmp_path / "x")], "DoRA", "depends on the base")
     run_error(capsys, ["merge", "-m", "ties", "--density", "0.5", "--out-rank", "2", str(a), "--out", str(tmp_path / "y")],
               "DoRA", "depends on the base")  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["bloom", "gpt-neox", "falcon", "gpt-bigcode"])
+def test_bare_model_adapter_into_causal_lm(arch, tmp_path, capfd, monkeypatch):
+    """The same for causal LMs whose prefix is not ``model.`` (``transformer``,
+    ``gpt_neox``): an adapter made on the bare model merges into the LM with its head."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from loramix.cli import main
+
+    from .test_conformance import ARCHS, _build, _load, _logits
+
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    lm, base, targets = _build(arch, tmp_path)
+    bare = getattr(lm, lm.base_model_prefix)
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+    get_peft_model(bare, cfg).save_pretrained(str(tmp_path / "ad"))
+    capfd.readouterr()
+    assert (
+        main(
+            ["sum", str(tmp_path / "ad"), "--into", str(base), "--out", str(tmp_path / "m"), "--no-progress"]
+        )
+        == 0
+    )
+    assert capfd.readouterr().err == ""
+    cls = ARCHS[arch][2]
+    ref = _load(cls, base)
+    setattr(
+        ref,
+        ref.base_model_prefix,
+        PeftModel.from_pretrained(
+            getattr(ref, ref.base_model_prefix), str(tmp_path / "ad")
+        ).merge_and_unload(),
+    )
+    torch.testing.assert_close(_logits(_load(cls, tmp_path / "m")), _logits(ref.eval()), rtol=0, atol=2e-4)
