@@ -380,3 +380,17 @@ def test_bare_model_adapter_into_causal_lm(arch, tmp_path, capfd, monkeypatch):
         ).merge_and_unload(),
     )
     torch.testing.assert_close(_logits(_load(cls, tmp_path / "m")), _logits(ref.eval()), rtol=0, atol=2e-4)
+
+
+def test_tied_lm_head_refused_when_the_checkpoint_stores_both(tmp_path, capsys):
+    """Some checkpoints store the tied head too: the tie still decides (transformers re-ties on load)."""
+    from safetensors.torch import load_file
+
+    model = tiny_gpt2()
+    base = save_base(model, tmp_path / "base")
+    ts = load_file(str(base / "model.safetensors"))
+    ts["lm_head.weight"] = ts["transformer.wte.weight"].clone()
+    save_file(ts, str(base / "model.safetensors"), metadata={"format": "pt"})
+    ad = make_peft_adapter(model, tmp_path / "head", target_modules=["c_attn", "lm_head"])
+    run_error(capsys, ["sum", str(ad), "--into", str(base), "--out", str(tmp_path / "m")],
+              "lm_head.weight", "tied to", "wte")  # fmt: skip
