@@ -27,6 +27,15 @@ Timings are the best of ``--repeat`` interleaved runs after one warm-up.
         [--records 256] [--batch 16] [--max-len 256] [--on answer|all] [--adapters 3]
         [--repeat 3] [--device cpu|cuda] [--threads N]
 
+``--smol [DIR]``: the SmolLM2-135M rows (a real base and real data,
+``benchmarks/_smol.py``; skipped with the reason where absent): the plain
+transformers loop against loramix's full forward, loramix from the cached
+prefix with the top 4 layers run (the cost of evaluating any adapter or merge
+on those layers; the prefix's one-off cost per data set shown apart) and the
+base loaded in bf16, all on both cores (``--threads``).
+
+    python benchmarks/bench_eval.py --smol [DIR] [--records 64] [--max-len 256] [--repeat 1]
+
 Prints markdown tables. On a shared machine the figures are preliminary.
 """
 
@@ -127,6 +136,54 @@ def best(fns: dict, repeat: int) -> dict:
     return res
 
 
+def main_smol(args) -> None:
+    """The SmolLM2 rows (module docstring)."""
+    import os
+
+    from _smol import smol_base, smol_data
+
+    from loramix.data import encode_records, load_records, make_batches, pad_id_for
+    from loramix.models import load_causal_lm
+    from loramix.perplexity import perplexity
+    from loramix.prefix import prefix_states, split_point, top_view
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    base, how = smol_base(args.smol or None)
+    data, dhow = smol_data(args.data[0] if args.data else None)
+    if base is None or data is None:
+        print(how if base is None else dhow)
+        return
+    dev = torch.device("cpu")
+    model, tok = load_causal_lm(base)
+    bf16, _ = load_causal_lm(base, dtype="bfloat16")
+    pad = pad_id_for(tok)
+    ex = encode_records(tok, load_records(data, limit=args.records), max_len=args.max_len, on=args.on)
+    batches = make_batches(ex, batch_size=args.batch, pad_id=pad, sort_by_length=True)
+    k = split_point(model, 4)
+    t0 = time.perf_counter()
+    states = prefix_states(model, k, ex, batch_size=args.batch, pad_id=pad, cache=None)
+    prefix_s = time.perf_counter() - t0
+    cached = make_batches(ex, batch_size=args.batch, pad_id=pad, sort_by_length=True, embeds=states)
+    top = top_view(model, k)
+    res = best({
+        "transformers loop (model(**batch).loss)": lambda: hf_loop(model, batches, dev),
+        "loramix perplexity, 30 layers": lambda: perplexity(model, batches, device=dev),
+        "loramix perplexity, top 4 layers from the cached prefix": lambda: perplexity(top, cached, device=dev),
+        "loramix perplexity, base in bf16": lambda: perplexity(bf16, batches, device=dev),
+    }, args.repeat)  # fmt: skip
+    n_in = sum(len(e["input_ids"]) for e in ex)
+    print(f"## SmolLM2-135M evaluation ({how}; {dhow}, {len(ex)} records, {n_in:,} input tokens, batch "
+          f"{args.batch}, max_len {args.max_len}, on={args.on}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f})\n")  # fmt: skip
+    ref = res["transformers loop (model(**batch).loss)"]
+    print("| method | ppl | seconds | loss tokens/s | input tokens/s | vs transformers |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in res.items():
+        print(f"| {name} | {r['ppl']:.4f} | {r['seconds']:.2f} | {r['tokens_per_s']:,.0f} | "
+              f"{n_in / r['seconds']:,.0f} | {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x |")  # fmt: skip
+    print(f"\nThe prefix (26 layers) for these {len(ex)} records: {prefix_s:.1f} s, once per data set.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", choices=list(ARCHS), default="small")
@@ -141,7 +198,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", choices=["a", "b"], default=None)
+    ap.add_argument("--smol", nargs="?", const="", default=None, metavar="DIR", help="the SmolLM2-135M rows")
     args = ap.parse_args()
+    if args.smol is not None:
+        return main_smol(args)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -19,6 +19,20 @@ the given sizes (timing does not depend on the weights).
 
     python benchmarks/bench_train.py                      # CPU, tiny and small GPT-2, small Llama
     python benchmarks/bench_train.py --device cuda --models gpt2-124m llama-1b --batch 16 --seq 512
+
+``--smol [DIR]`` runs the SmolLM2-135M rows instead (a real base and real
+data, ``benchmarks/_smol.py``; skipped with the reason where absent): one
+training step of ``--batch`` x ``<= --seq`` tokens of ``medicine.jsonl``, LoRA
+rank 8 on every projection, for a plain PEFT + transformers loop
+(``model(**batch).loss``, backward, clip, AdamW) and loramix's step
+(:func:`loramix.train._step`: the fast head, length-bucketed batches), each
+on all 30 layers and on the top 4 (PEFT ``layers_to_transform``; loramix
+from the cached prefix, whose one-off cost per domain is shown apart), and
+loramix top 4 under bf16 autocast. Round-robin, same threads (``--threads``,
+default both cores); tokens/s are input tokens (every non-pad token run) and
+loss tokens (scored) per second.
+
+    python benchmarks/bench_train.py --smol [DIR] [--steps 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -165,6 +179,123 @@ def markdown(rows, header) -> str:
     return "\n".join(lines)
 
 
+SMOL_METHODS = ("peft", "loramix", "peft top-4", "loramix top-4", "loramix top-4 bf16")
+
+
+def _smol_setup(method: str, base, ex, *, batch: int, top: int):
+    """A step function ``b -> (loss, scored, input tokens)``, its batches, and the prefix seconds."""
+    from loramix.data import make_batches, pad_id_for
+    from loramix.layers import inject_trainable
+    from loramix.models import load_causal_lm
+    from loramix.prefix import prefix_states, split_point, top_targets, top_view
+    from loramix.train import _step
+
+    model, tok = load_causal_lm(base)
+    pad, n_top = pad_id_for(tok), top if "top-" in method else None
+    k = split_point(model, n_top) if n_top else None
+    if method.startswith("peft"):
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(_LLAMA_TARGETS),
+                         layers_to_transform=list(range(k, len(model.model.layers))) if k else None)  # fmt: skip
+        pm = get_peft_model(model, cfg).train()
+        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+
+        def peft_step(b):
+            loss = pm(**b).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+            opt.step()
+            return float(loss.detach()), int((b["labels"][:, 1:] != -100).sum()), int(b["attention_mask"].sum())
+
+        return peft_step, make_batches(ex, batch_size=batch, pad_id=pad, shuffle=True), 0.0
+    ac = torch.bfloat16 if method.endswith("bf16") else None
+    t0 = time.perf_counter()
+    states = prefix_states(model, k, ex, batch_size=batch, pad_id=pad, cache=None, autocast=ac) if k else None
+    prefix_s = time.perf_counter() - t0 if k else 0.0
+    params = inject_trainable(model, rank=8, alpha=16, targets=top_targets(model, None, k) if k else None)
+    runner = top_view(model, k) if k else model
+    runner.train()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def loramix_step(b):
+        opt.zero_grad(set_to_none=True)
+        out = _step(runner, b, dev=torch.device("cpu"), micro=1, autocast=ac)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return out
+
+    batches = make_batches(ex, batch_size=batch, pad_id=pad, shuffle=True, embeds=states, bucket=16)
+    return loramix_step, batches, prefix_s
+
+
+_LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def bench_smol(base, data, *, batch: int, seq: int, steps: int, warmup: int, top: int = 4) -> list[dict]:
+    """The SmolLM2 rows (module docstring): per method, median ms per step and tokens/s."""
+    from loramix.data import encode_records, load_records
+    from loramix.models import load_tokenizer
+
+    tok = load_tokenizer(base)
+    ex = encode_records(tok, load_records(data, limit=batch * (steps + warmup)), max_len=seq)
+    setups = {m: _smol_setup(m, base, ex, batch=batch, top=top) for m in SMOL_METHODS}
+    stats = {m: {"t": [], "scored": 0, "input": 0, "loss": []} for m in SMOL_METHODS}
+    for i in range(warmup + steps):
+        for m, (step_fn, batches, _) in setups.items():
+            t0 = time.perf_counter()
+            loss, scored, n_in = step_fn(batches[i % len(batches)])
+            dt = time.perf_counter() - t0
+            stats[m]["loss"].append(round(loss, 4))
+            if i >= warmup:
+                st = stats[m]
+                st["t"].append(dt)
+                st["scored"] += scored
+                st["input"] += n_in
+    rows = []
+    for m, st in stats.items():
+        secs = sum(st["t"])
+        rows.append({"method": m, "ms_per_step": 1000 * statistics.median(st["t"]),
+                     "input_tokens_per_s": st["input"] / secs, "loss_tokens_per_s": st["scored"] / secs,
+                     "prefix_s": setups[m][2], "prefix_tokens": sum(len(e["input_ids"]) for e in ex),
+                     "losses": st["loss"]})  # fmt: skip
+    ref = rows[0]["input_tokens_per_s"]
+    for r in rows:
+        r["vs_peft"] = r["input_tokens_per_s"] / ref
+    return rows
+
+
+def smol_markdown(rows, header) -> str:
+    lines = [header, "", "| method | ms/step (median) | input tokens/s | loss tokens/s | vs PEFT loop "
+             "| prefix, once per domain |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        pre = f"{r['prefix_s']:.1f} s for {r['prefix_tokens']:,} tokens" if r["prefix_s"] else ""
+        lines.append(f"| {r['method']} | {r['ms_per_step']:,.0f} | {r['input_tokens_per_s']:,.0f} | "
+                     f"{r['loss_tokens_per_s']:,.0f} | {r['vs_peft']:.2f}x | {pre} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main_smol(args) -> None:
+    import os
+
+    from _smol import smol_base, smol_data
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    base, how = smol_base(args.smol or None)
+    data, dhow = smol_data(args.smol_data)
+    if base is None or data is None:
+        print(how if base is None else dhow)
+        return
+    rows = bench_smol(base, data, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup)
+    header = (f"SmolLM2-135M training step ({how}; {dhow}), batch {args.batch} x <= {args.seq} tokens, "
+              f"LoRA rank 8, cpu ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end)")  # fmt: skip
+    print(smol_markdown(rows, header))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_name("bench_train_smol.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -181,7 +312,12 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--out", type=Path, default=WORK / "bench_train.json")
+    ap.add_argument("--smol", nargs="?", const="", default=None, metavar="DIR",
+                    help="the SmolLM2-135M rows (an imported folder, else the shared GGUF imported)")  # fmt: skip
+    ap.add_argument("--smol-data", default=None, help="data file for --smol (default medicine.jsonl)")
     args = ap.parse_args(argv)
+    if args.smol is not None:
+        return main_smol(args)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -11,7 +11,12 @@ A new architecture is one entry here (plus its test in ``tests/test_archs.py``):
   ``get_output_embeddings()(base_model(...)[0])`` (nothing between the last
   hidden state and the head), so evaluation can project only the scored
   positions;
-* ``context``: the config key holding the number of positions.
+* ``context``: the config key holding the number of positions;
+* ``prefix_cache``: whether the hidden state entering block ``k`` can be fed
+  back as ``inputs_embeds`` to the model cut to blocks ``k..L-1`` with the
+  same result (:mod:`loramix.prefix`): true for the Llama family, whose
+  embedding is neither scaled nor given position terms; GPT-2 adds position
+  embeddings to ``inputs_embeds``, so it may not.
 
 Architectures missing here still work: targets fall back to any known name
 present in the model, the layout to the model skeleton, evaluation to the
@@ -32,6 +37,7 @@ class Arch:
     conv1d: bool = False
     fast_head: str | None = None
     context: str = "max_position_embeddings"
+    prefix_cache: bool = False
 
 
 ARCHS: dict[str, Arch] = {
@@ -41,10 +47,10 @@ ARCHS: dict[str, Arch] = {
         Arch("openai-gpt", conv1d=True, context="n_positions"),
         Arch("imagegpt", conv1d=True, context="n_positions"),
         Arch("decision_transformer", conv1d=True, context="n_positions"),
-        Arch("llama", _LLAMA_TARGETS, fast_head="LlamaForCausalLM"),
-        Arch("mistral", _LLAMA_TARGETS, fast_head="MistralForCausalLM"),
-        Arch("qwen2", _LLAMA_TARGETS, fast_head="Qwen2ForCausalLM"),
-        Arch("qwen3", _LLAMA_TARGETS, fast_head="Qwen3ForCausalLM"),
+        Arch("llama", _LLAMA_TARGETS, fast_head="LlamaForCausalLM", prefix_cache=True),
+        Arch("mistral", _LLAMA_TARGETS, fast_head="MistralForCausalLM", prefix_cache=True),
+        Arch("qwen2", _LLAMA_TARGETS, fast_head="Qwen2ForCausalLM", prefix_cache=True),
+        Arch("qwen3", _LLAMA_TARGETS, fast_head="Qwen3ForCausalLM", prefix_cache=True),
         Arch("gpt_neox", ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"), fast_head="GPTNeoXForCausalLM"),
         Arch("phi3", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), fast_head="Phi3ForCausalLM"),
         Arch("opt", ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), fast_head="OPTForCausalLM"),

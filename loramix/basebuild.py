@@ -5,7 +5,7 @@
 load: ``config.json``, ``model.safetensors``, ``tokenizer.json`` and
 ``tokenizer_config.json`` (a GPT-2 tokenizer, ``<|endoftext|>`` as BOS/EOS/UNK,
 ``<|pad|>`` as pad), ``loramix.json`` (provenance and results) and
-``train_log.csv`` (one row per step). Written atomically (DESIGN.md section 6).
+``train_log.csv`` (one row per step). Written atomically (README, Conventions).
 
 Text and split
     Each record becomes ``prompt + answer`` by :func:`loramix.data.format_record`.
@@ -125,6 +125,102 @@ def _gather_records(data) -> tuple[list[QARecord], list[dict]]:
     return records, inputs
 
 
+def _recipe(size, steps, batch, lr) -> tuple[BaseSize, str, int, int, float]:
+    """``(config, size name, steps, batch, lr)`` with the overrides applied and checked."""
+    if isinstance(size, BaseSize):
+        cfg, size = size, "custom"
+    elif size in SIZES:
+        cfg = SIZES[size]
+    else:
+        raise UsageError("--size", f"unknown size {size!r}; choose {', '.join(SIZES)}")
+    steps = cfg.steps if steps is None else int(steps)
+    batch = cfg.batch if batch is None else int(batch)
+    lr = cfg.lr if lr is None else float(lr)
+    if steps < 1:
+        raise UsageError("--steps", f"must be at least 1, got {steps}")
+    return cfg, size, steps, batch, lr
+
+
+def _token_stream(tokenizer, train_texts: list[str], ctx: int) -> list[int]:
+    """The training texts tokenised and joined, each followed by EOS (one long stream
+    that training samples windows of ``ctx + 1`` tokens from)."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for ids in tokenizer(train_texts, add_special_tokens=False, verbose=False)["input_ids"]:
+        stream.extend(ids)
+        stream.append(eos)
+    if len(stream) < ctx + 2:
+        raise UsageError("--data", f"only {len(stream)} training tokens; need more than the context {ctx}")
+    return stream
+
+
+def _new_model(cfg: BaseSize, tokenizer, seed: int, dev):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    gcfg = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=cfg.ctx,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_inner=4 * cfg.n_embd,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=0.0,  # tiny data, short runs: dropout only slows learning
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(gcfg).to(dev)
+
+
+def _pretrain(model, stream: list[int], *, ctx, steps, batch, lr, seed, dev, label, progress, t0):
+    """AdamW on random windows of the stream (next-token loss on every position).
+
+    Returns ``(log rows, warmup, final running loss)``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    stream_t = torch.tensor(stream, dtype=torch.long)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
+    warmup = max(1, min(50, steps // 10))
+    gen = torch.Generator().manual_seed(seed)
+    n_windows = len(stream) - ctx - 1
+    log, running = [], None
+    model.train()
+    bar = tqdm(range(steps), desc=f"base build ({label})", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        cur_lr = lr_at(step, steps=steps, warmup=warmup, lr=lr)
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        off = torch.randint(0, n_windows + 1, (batch,), generator=gen)
+        win = torch.stack([stream_t[o : o + ctx + 1] for o in off.tolist()]).to(dev)
+        x, y = win[:, :-1], win[:, 1:]
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        li = loss.item()
+        running = li if running is None else 0.95 * running + 0.05 * li
+        log.append({"step": step + 1, "lr": cur_lr, "loss": li, "running_loss": running,
+                    "grad_norm": float(gnorm), "tokens": (step + 1) * batch * ctx,
+                    "seconds": time.perf_counter() - t0})  # fmt: skip
+        opt.step()
+        bar.set_postfix(loss=f"{running:.3f}", lr=f"{cur_lr:.1e}")
+    bar.close()
+    model.eval()
+    return log, warmup, running
+
+
 def build_base(
     data,
     out: str | os.PathLike,
@@ -148,29 +244,16 @@ def build_base(
     ``heldout_ppl``, ``untrained_ppl``, ``seconds``, ``params``, ``vocab_size``,
     ``train_tokens`` and the out path.
     """
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from .data import encode_records, make_batches
     from .devices import resolve_device
-    from .io.outputs import atomic_output_dir, check_output, provenance, write_provenance
+    from .io.outputs import check_output
     from .perplexity import perplexity
 
-    if isinstance(size, BaseSize):
-        cfg, size = size, "custom"
-    elif size in SIZES:
-        cfg = SIZES[size]
-    else:
-        raise UsageError("--size", f"unknown size {size!r}; choose {', '.join(SIZES)}")
-    steps = cfg.steps if steps is None else int(steps)
-    batch = cfg.batch if batch is None else int(batch)
-    lr = cfg.lr if lr is None else float(lr)
-    if steps < 1:
-        raise UsageError("--steps", f"must be at least 1, got {steps}")
+    cfg, size, steps, batch, lr = _recipe(size, steps, batch, lr)
     dev = resolve_device(device)
     records, inputs = _gather_records(data)
-    check_output(out, force=force, inputs=[i["path"] for i in inputs if i["kind"] == "data"])
+    data_paths = [i["path"] for i in inputs if i["kind"] == "data"]
+    check_output(out, force=force, inputs=data_paths)
     t0 = time.perf_counter()
 
     if len(records) < 2:
@@ -181,91 +264,22 @@ def build_base(
 
     train_texts = [record_text(r) for r in train_recs]
     tokenizer = train_tokenizer(train_texts, cfg.vocab, cfg.ctx)
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for ids in tokenizer(train_texts, add_special_tokens=False, verbose=False)["input_ids"]:
-        stream.extend(ids)
-        stream.append(eos)
-    if len(stream) < cfg.ctx + 2:
-        raise UsageError(
-            "--data", f"only {len(stream)} training tokens; need more than the context {cfg.ctx}"
-        )
-    stream_t = torch.tensor(stream, dtype=torch.long)
-
-    torch.manual_seed(seed)
-    gcfg = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=cfg.ctx,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        n_inner=4 * cfg.n_embd,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-        resid_pdrop=0.0,  # tiny data, short runs: dropout only slows learning
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    model = GPT2LMHeadModel(gcfg).to(dev)
-    n_params = sum(p.numel() for p in model.parameters())
+    stream = _token_stream(tokenizer, train_texts, cfg.ctx)
+    model = _new_model(cfg, tokenizer, seed, dev)
 
     held = encode_records(tokenizer, held_recs, max_len=cfg.ctx, on="all")
     held_batches = make_batches(held, batch_size=32, pad_id=tokenizer.pad_token_id, sort_by_length=True)
     model.eval()
     untrained = perplexity(model, held_batches, device=dev)
-
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.95),
-    )
-    warmup = max(1, min(50, steps // 10))
-    gen = torch.Generator().manual_seed(seed)
-    n_windows = len(stream) - cfg.ctx - 1
-    log = []
-    running = None
-    model.train()
-    bar = tqdm(range(steps), desc=f"base build ({size})", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        cur_lr = lr_at(step, steps=steps, warmup=warmup, lr=lr)
-        for g in opt.param_groups:
-            g["lr"] = cur_lr
-        off = torch.randint(0, n_windows + 1, (batch,), generator=gen)
-        win = torch.stack([stream_t[o : o + cfg.ctx + 1] for o in off.tolist()]).to(dev)
-        x, y = win[:, :-1], win[:, 1:]
-        logits = model(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        li = loss.item()
-        running = li if running is None else 0.95 * running + 0.05 * li
-        log.append(
-            {
-                "step": step + 1,
-                "lr": cur_lr,
-                "loss": li,
-                "running_loss": running,
-                "grad_norm": float(gnorm),
-                "tokens": (step + 1) * batch * cfg.ctx,
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        opt.step()
-        bar.set_postfix(loss=f"{running:.3f}", lr=f"{cur_lr:.1e}")
-    bar.close()
-    model.eval()
+    log, warmup, running = _pretrain(model, stream, ctx=cfg.ctx, steps=steps, batch=batch, lr=lr, seed=seed,
+                                     dev=dev, label=size, progress=progress, t0=t0)  # fmt: skip
     final = perplexity(model, held_batches, device=dev)
-    seconds = time.perf_counter() - t0
 
     results = {
         "out": str(out),
         "size": size,
         "steps": steps,
-        "params": n_params,
+        "params": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
         "train_records": len(train_recs),
         "heldout_records": len(held_recs),
@@ -274,14 +288,19 @@ def build_base(
         "heldout_tokens": final["tokens"],
         "untrained_ppl": untrained["ppl"],
         "final_running_loss": running,
-        "seconds": seconds,
+        "seconds": time.perf_counter() - t0,
         "device": str(dev),
     }
     params = {"size": size, **asdict(cfg), "steps": steps, "batch": batch, "lr": lr, "seed": seed,
               "heldout": heldout, "warmup": warmup}  # fmt: skip
-    with atomic_output_dir(
-        out, force=force, inputs=[i["path"] for i in inputs if i["kind"] == "data"]
-    ) as tmp:
+    _write(out, model, tokenizer, log, params, inputs, results, force=force, data_paths=data_paths)
+    return results
+
+
+def _write(out, model, tokenizer, log, params, inputs, results, *, force, data_paths) -> None:
+    from .io.outputs import atomic_output_dir, provenance, write_provenance
+
+    with atomic_output_dir(out, force=force, inputs=data_paths) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         with open(Path(tmp) / "train_log.csv", "w", newline="") as f:
@@ -289,4 +308,3 @@ def build_base(
             w.writeheader()
             w.writerows(log)
         write_provenance(tmp, provenance("base_build", params, inputs, results=results))
-    return results

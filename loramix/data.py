@@ -282,7 +282,9 @@ def _adds_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
-def encode_records(tokenizer, records: list[QARecord], *, max_len: int, on: str = "answer") -> list[dict]:
+def encode_records(
+    tokenizer, records: list[QARecord], *, max_len: int, on: str = "answer", stats: dict | None = None
+) -> list[dict]:
     """Tokenise records into ``{"input_ids": list[int], "labels": list[int]}``.
 
     Sequence: ``[BOS if the tokenizer adds one] + prompt + answer + [EOS]``,
@@ -290,6 +292,7 @@ def encode_records(tokenizer, records: list[QARecord], *, max_len: int, on: str 
     are ``-100`` on BOS and prompt tokens when ``on="answer"``; with
     ``on="all"`` they equal ``input_ids``. Truncation as in the module
     docstring (prompt from the left, then answer from the right).
+    ``stats``, if given, gets ``truncated``: the number of records cut.
     """
     if on not in ("answer", "all"):
         raise UsageError("--on", f"must be 'answer' or 'all', got {on!r}")
@@ -307,6 +310,8 @@ def encode_records(tokenizer, records: list[QARecord], *, max_len: int, on: str 
     for p, a in zip(p_ids, a_ids):
         a = list(a) + [eos]
         room = max_len - len(head) - len(a)
+        if stats is not None:
+            stats["truncated"] = stats.get("truncated", 0) + (len(p) > max(room, 0) or room < 0)
         if room < 0:  # the answer alone does not fit: keep its start
             p, a = [], a[: max_len - len(head)]
         elif len(p) > room:
@@ -328,15 +333,24 @@ def make_batches(
     shuffle: bool = False,
     seed: int = 0,
     sort_by_length: bool = False,
+    embeds: list | None = None,
+    bucket: int = 0,
 ) -> list[dict]:
     """Right-padded batches of ``{"input_ids", "attention_mask", "labels"}``, each a
     ``LongTensor`` of shape ``(batch, longest sequence in the batch)``.
+
+    ``embeds``: one ``(T_i, d)`` tensor per example (cached hidden states,
+    :mod:`loramix.prefix`); each batch then also holds ``inputs_embeds``
+    ``(batch, width, d)``, zero on padding.
 
     Padding: ``input_ids`` with ``pad_id``, ``attention_mask`` 0, ``labels``
     ``-100`` (so pads never count). ``shuffle`` permutes the examples with
     ``random.Random(seed)`` (reproducible); ``sort_by_length`` groups similar
     lengths (less padding, for evaluation; the results are unchanged because
-    perplexity is token-weighted).
+    perplexity is token-weighted). ``bucket=m`` with ``shuffle`` (training):
+    the shuffled examples are sorted by length within windows of ``m``
+    batches, cut into batches, and the batches shuffled again: batches stay
+    random but hold similar lengths, so little of them is padding.
     """
     import torch
 
@@ -347,9 +361,16 @@ def make_batches(
         random.Random(seed).shuffle(order)
     if sort_by_length:
         order.sort(key=lambda i: len(examples[i]["input_ids"]))
+    chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if shuffle and bucket > 0:
+        rng, w = random.Random(seed + 1), bucket * batch_size
+        order = [i for s in range(0, len(order), w)
+                 for i in sorted(order[s : s + w], key=lambda i: len(examples[i]["input_ids"]))]  # fmt: skip
+        chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        rng.shuffle(chunks)
     batches = []
-    for s in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[s : s + batch_size]]
+    for idx in chunks:
+        chunk = [examples[i] for i in idx]
         width = max(len(e["input_ids"]) for e in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -360,6 +381,12 @@ def make_batches(
             mask[j, :n] = 1
             labels[j, :n] = torch.tensor(e["labels"], dtype=torch.long)
         batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        if embeds is not None:
+            rows = [embeds[i] for i in idx]
+            h = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
+            for j, r in enumerate(rows):
+                h[j, : r.shape[0]] = r
+            batches[-1]["inputs_embeds"] = h
     return batches
 
 

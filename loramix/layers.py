@@ -183,7 +183,14 @@ def find_targets(model: nn.Module, targets: str | Iterable[str] | None) -> list[
             )
         names.append(n)
     if not names:
-        raise UsageError("--targets", f"no module of the model matches {targets}")
+        # Say what there is to target: the adaptable modules' short names, and one full name.
+        full = [n for n, m in model.named_modules() if n and is_adaptable(m)]
+        short = sorted({n.rpartition(".")[2] for n in full})
+        raise UsageError(
+            "--targets",
+            f"no module of the model matches {targets}; its Linear/Conv1D modules are "
+            f"{', '.join(short) or 'none'}" + (f" (full names like {full[0]})" if full else ""),
+        )
     return names
 
 

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from .errors import BaseModelError
+from .gguf_import import resolve_base
 from .options import DTYPE_NAMES as _DTYPES
 
 WEIGHT_FILES = (
@@ -31,8 +32,10 @@ def _causal_lm_names() -> tuple[set[str], set[str]]:
 
 
 def check_model_folder(path: str | os.PathLike) -> dict:
-    """Validate ``path`` as a causal-LM folder without loading weights; return its config dict."""
-    p = Path(path)
+    """Validate ``path`` as a causal-LM folder (or a GGUF file, imported once into
+    the cache: :func:`~loramix.gguf_import.resolve_base`) without loading
+    weights; return its config dict."""
+    p = resolve_base(path)
     if not p.exists():
         raise BaseModelError(p, "no such folder")
     if not p.is_dir():
@@ -102,7 +105,7 @@ def check_tokenizer(model, tokenizer, where) -> None:
 
 
 def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None, tokenizer_path=None):
-    """Load ``(model, tokenizer)`` from a local folder, model in eval mode on ``device``.
+    """Load ``(model, tokenizer)`` from a local folder or GGUF file, model in eval mode on ``device``.
 
     ``dtype``: ``None`` gives float32 (exact CPU arithmetic), or a
     ``torch.dtype`` / ``"bfloat16"`` / ``"float16"`` / ``"auto"`` (the
@@ -111,7 +114,7 @@ def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None, tokeniz
     """
     from .devices import resolve_device
 
-    p = Path(path)
+    p = resolve_base(path)
     check_model_folder(p)
     dev = resolve_device(device)
     tdtype = _torch_dtype(dtype)
@@ -141,19 +144,27 @@ def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None, tokeniz
 
 
 def base_provenance(path: str | os.PathLike) -> dict:
-    """``{"path", "sha256"}`` for a base folder: sha256 of its weight files (in name
-    order, hashed together) so that a changed checkpoint changes the record."""
+    """The record of a base in an output's provenance: ``path`` resolved to an
+    absolute folder (a relative path typed elsewhere would not find it), the
+    path as ``given`` when that differs, ``sha256`` of its weight files (in name
+    order, hashed together, so a changed checkpoint changes the record) and,
+    for a GGUF, the file and its own sha256."""
     import hashlib
 
     from .io.safetensors_io import file_sha256
 
-    p = Path(path)
+    p = resolve_base(path)
     files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
         h.update(file_sha256(f).encode())
-    rec = {"path": str(p), "kind": "base_model", "sha256": h.hexdigest()}
+    rec = {"path": str(p.resolve()), "kind": "base_model", "sha256": h.hexdigest()}
+    if str(path) != rec["path"]:
+        rec["given"] = str(path)
+    if p != Path(path):
+        rec["gguf"] = str(Path(path).resolve())
+        rec["gguf_sha256"] = p.name.split("-")[0]
     try:  # the hash merges and the scenario cache also record for this base
         from .io.model_folder import BaseModelFolder
 

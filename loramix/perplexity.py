@@ -40,44 +40,59 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def perplexity(model, batches: Sequence[dict], *, device=None, fast: bool = True) -> dict:
+def scored_nll(model, batch: dict, *, device, fast: bool = True):
+    """``(NLL summed over the scored tokens (0-d float32 tensor), their number)``
+    for one batch (module docstring), with gradients if enabled.
+
+    A batch holding ``inputs_embeds`` (cached states, :mod:`loramix.prefix`)
+    feeds those instead of ``input_ids``. The fast head (module docstring)
+    applies the output layer only at the ``N`` scored positions: ``(N, vocab)``
+    logits instead of ``(B, L, vocab)``, in the forward and the backward.
+    """
+    import torch.nn.functional as F
+
+    if "inputs_embeds" in batch:
+        inputs = {"inputs_embeds": batch["inputs_embeds"].to(device, non_blocking=True)}
+    else:
+        inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
+    mask = batch["attention_mask"].to(device, non_blocking=True)
+    target = batch["labels"].to(device, non_blocking=True)[:, 1:]
+    keep = target != -100  # (B, L-1): positions whose next token is scored
+    if fast and type(model).__name__ in fast_head_classes():
+        hidden = model.base_model(**inputs, attention_mask=mask, use_cache=False).last_hidden_state  # (B, L, d)
+        logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, vocab)
+    else:
+        logits = model(**inputs, attention_mask=mask, use_cache=False).logits[:, :-1][keep]
+    return F.cross_entropy(logits.float(), target[keep], reduction="sum"), int(keep.sum())
+
+
+def perplexity(model, batches: Sequence[dict], *, device=None, fast: bool = True, autocast=None) -> dict:
     """Token-weighted perplexity of ``model`` on ``batches`` (module docstring).
 
-    ``batches``: dicts of ``input_ids``, ``attention_mask``, ``labels``
-    (``LongTensor (B, L)``) as :func:`loramix.data.make_batches` makes them.
-    Returns ``{"ppl", "nll" (mean per token), "nll_sum", "tokens" (scored),
-    "input_tokens" (non-pad tokens processed), "seconds", "tokens_per_s"
-    (scored tokens per second)}``. ``fast=False`` forces the full-logits path.
+    ``batches``: dicts of ``input_ids`` (or ``inputs_embeds``),
+    ``attention_mask``, ``labels`` (``LongTensor (B, L)``) as
+    :func:`loramix.data.make_batches` makes them. ``autocast``: a dtype to run
+    the forward in (``torch.bfloat16``), or None. Returns ``{"ppl", "nll"
+    (mean per token), "nll_sum", "tokens" (scored), "input_tokens" (non-pad
+    tokens processed), "seconds", "tokens_per_s" (scored tokens per second),
+    "input_tokens_per_s"}``. ``fast=False`` forces the full-logits path.
     """
     import torch
-    import torch.nn.functional as F
 
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    use_fast = fast and type(model).__name__ in fast_head_classes()
-    head = model.get_output_embeddings() if use_fast else None
-    body = model.base_model if use_fast else None
     nll = 0.0
     n_tok = 0
     n_in = 0
     _sync(device)
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         for b in batches:
-            ids = b["input_ids"].to(device, non_blocking=True)
-            mask = b["attention_mask"].to(device, non_blocking=True)
-            labels = b["labels"].to(device, non_blocking=True)
-            target = labels[:, 1:]
-            keep = target != -100  # (B, L-1): positions whose next token is scored
-            if use_fast:
-                hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, d)
-                logits = head(hidden[:, :-1][keep])  # (N, vocab)
-            else:
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
-            nll += F.cross_entropy(logits.float(), target[keep], reduction="sum").item()
-            n_tok += int(keep.sum())
-            n_in += int(mask.sum())
+            s, n = scored_nll(model, b, device=device, fast=fast)
+            nll += s.item()
+            n_tok += n
+            n_in += int(b["attention_mask"].sum())
     _sync(device)
     secs = time.perf_counter() - t0
     mean = nll / n_tok if n_tok else float("nan")
@@ -89,13 +104,15 @@ def perplexity(model, batches: Sequence[dict], *, device=None, fast: bool = True
         "input_tokens": n_in,
         "seconds": secs,
         "tokens_per_s": n_tok / secs if secs > 0 else float("nan"),
+        "input_tokens_per_s": n_in / secs if secs > 0 else float("nan"),
     }
 
 
 def _default_max_len(model, tokenizer) -> int:
-    cfg = model.config
-    n = context_length(cfg) or 1024
-    return int(min(n, 1024, tokenizer.model_max_length or n))
+    """The model's context (:func:`loramix.archs.context_length`; 1024 where the
+    config names none), or the tokenizer's limit if smaller."""
+    n = context_length(model.config) or 1024
+    return int(min(n, tokenizer.model_max_length or n))
 
 
 def evaluate(
@@ -112,6 +129,8 @@ def evaluate(
     device="auto",
     fields: dict | None = None,
     dtype=None,
+    top_layers: int | None = None,
+    prefix_cache: str | None = "disk",
 ):
     """Perplexity of a base (plus the weighted sum of adapters) on data files.
 
@@ -124,11 +143,23 @@ def evaluate(
     paths, synthetic specs (``synthetic:arith?n=200``), or lists of
     :class:`~loramix.data.QARecord`. ``limit`` keeps the first records of each.
     ``fields``: ``question_field``/``answer_field``/``context_field`` for
-    :func:`loramix.data.load_records`.
+    :func:`loramix.data.load_records`. ``dtype``: the dtype the base is
+    loaded in (float32 by default; ``"bfloat16"`` halves memory and time).
+
+    ``top_layers=N``: the adapters may change only the top ``N`` blocks; the
+    state entering them is computed once per data set and cached
+    (:mod:`loramix.prefix`, ``prefix_cache`` ``"disk"``, ``"memory"`` or
+    None), then only those blocks and the head run: the same perplexity as
+    the full forward, to float rounding. Llama-family models only.
 
     Returns a pandas DataFrame, one row per data set and a ``union`` row
     (their pooled, token-weighted perplexity), columns ``data, records,
-    tokens, ppl, nll, seconds, tokens_per_s``.
+    tokens, ppl, nll, seconds, tokens_per_s, input_tokens,
+    input_tokens_per_s, truncated, max_len`` (``tokens``: scored;
+    ``input_tokens``: every non-pad token run through the model; ``seconds``
+    exclude the cached prefix, whose own time is ``prefix_seconds``;
+    ``truncated``: records cut at ``max_len``, which defaults to the model's
+    context).
     """
     from .devices import resolve_device
 
@@ -145,8 +176,15 @@ def evaluate(
     dev = resolve_device(device)
     # Read and check all data before loading models: bad files fail fast.
     sets = _read_sets(data, limit, fields or {})
-    model, tok = _model_with_adapters(base, adapters, weights, merged=merged, dev=dev, dtype=dtype)
-    return _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch_size, dev=dev)
+    model, tok = _model_with_adapters(base, adapters, weights, merged=merged, dev=dev, dtype=dtype,
+                                      top_layers=top_layers)  # fmt: skip
+    k = None
+    if top_layers is not None:
+        from .prefix import split_point
+
+        k = split_point(model, top_layers)
+    return _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch_size, dev=dev,
+                  prefix_at=k, prefix_cache=prefix_cache)  # fmt: skip
 
 
 def _read_sets(data: list, limit: int | None, fields: dict) -> list[tuple[str, list]]:
@@ -165,9 +203,10 @@ def _read_sets(data: list, limit: int | None, fields: dict) -> list[tuple[str, l
     return sets
 
 
-def _model_with_adapters(base, adapters: list, weights, *, merged: bool, dev, dtype):
+def _model_with_adapters(base, adapters: list, weights, *, merged: bool, dev, dtype, top_layers=None):
     """The base (a folder, or a copied ``(model, tokenizer)``) with the adapters
-    attached on the fly or merged in; ``(model, tokenizer)``."""
+    attached on the fly or merged in; ``(model, tokenizer)``. With
+    ``top_layers`` every adapter must change only those blocks."""
     from .models import load_causal_lm
 
     if adapters:
@@ -183,6 +222,12 @@ def _model_with_adapters(base, adapters: list, weights, *, merged: bool, dev, dt
     else:
         model, tok = load_causal_lm(base, device=dev, dtype=dtype)
 
+    if adapters and top_layers is not None:
+        from .prefix import check_top_only, split_point
+
+        k = split_point(model, top_layers)
+        for a in adapters:
+            check_top_only(model, a.modules, k, a.path or a.name)
     if adapters:
         from .layers import attach_adapters, merge_into_model
 
@@ -195,20 +240,46 @@ def _model_with_adapters(base, adapters: list, weights, *, merged: bool, dev, dt
     return model, tok
 
 
-def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev):
+def _scored_batches(model, ex, *, batch_size, pad, prefix_at, prefix_cache) -> tuple[list, float]:
+    """Batches sorted by length; with ``prefix_at = k`` they carry the cached
+    states entering block ``k`` instead of token ids. Returns them and the
+    seconds the prefix took (0 when cached)."""
+    from .data import make_batches
+
+    if prefix_at is None:
+        return make_batches(ex, batch_size=batch_size, pad_id=pad, sort_by_length=True), 0.0
+    from .prefix import prefix_states
+
+    t0 = time.perf_counter()
+    states = prefix_states(model, prefix_at, ex, batch_size=batch_size, pad_id=pad, cache=prefix_cache)
+    batches = make_batches(ex, batch_size=batch_size, pad_id=pad, sort_by_length=True, embeds=states)
+    for b in batches:
+        del b["input_ids"]
+    return batches, time.perf_counter() - t0
+
+
+def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_at=None, prefix_cache="disk"):
     """One row per record set and the pooled ``union`` row (see :func:`evaluate`)."""
     import pandas as pd
 
-    from .data import encode_records, make_batches, pad_id_for
+    from .data import encode_records, pad_id_for
 
     max_len = max_len or _default_max_len(model, tok)
     pad = pad_id_for(tok)
+    runner = model
+    if prefix_at is not None:
+        from .prefix import top_view
+
+        runner = top_view(model, prefix_at)
     rows = []
-    tot = {"nll_sum": 0.0, "tokens": 0, "seconds": 0.0, "records": 0}
+    tot = {"nll_sum": 0.0, "tokens": 0, "seconds": 0.0, "records": 0, "input_tokens": 0, "prefix_seconds": 0.0,
+           "truncated": 0}  # fmt: skip
     for name, recs in sets:
-        ex = encode_records(tok, recs, max_len=max_len, on=on)
-        batches = make_batches(ex, batch_size=batch_size, pad_id=pad, sort_by_length=True)
-        r = perplexity(model, batches, device=dev)
+        stats = {"truncated": 0}
+        ex = encode_records(tok, recs, max_len=max_len, on=on, stats=stats)
+        batches, pre_s = _scored_batches(model, ex, batch_size=batch_size, pad=pad, prefix_at=prefix_at,
+                                         prefix_cache=prefix_cache)  # fmt: skip
+        r = perplexity(runner, batches, device=dev)
         rows.append(
             {
                 "data": name,
@@ -218,12 +289,20 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev):
                 "nll": r["nll"],
                 "seconds": r["seconds"],
                 "tokens_per_s": r["tokens_per_s"],
+                "input_tokens": r["input_tokens"],
+                "input_tokens_per_s": r["input_tokens_per_s"],
+                "prefix_seconds": pre_s,
+                "truncated": stats["truncated"],
+                "max_len": max_len,
             }
         )
+        tot["truncated"] += stats["truncated"]
         tot["nll_sum"] += r["nll_sum"]
         tot["tokens"] += r["tokens"]
         tot["seconds"] += r["seconds"]
         tot["records"] += len(recs)
+        tot["input_tokens"] += r["input_tokens"]
+        tot["prefix_seconds"] += pre_s
     n = tot["tokens"]
     rows.append(
         {
@@ -234,6 +313,11 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev):
             "nll": tot["nll_sum"] / n if n else float("nan"),
             "seconds": tot["seconds"],
             "tokens_per_s": n / tot["seconds"] if tot["seconds"] > 0 else float("nan"),
+            "input_tokens": tot["input_tokens"],
+            "input_tokens_per_s": tot["input_tokens"] / tot["seconds"] if tot["seconds"] > 0 else float("nan"),
+            "prefix_seconds": tot["prefix_seconds"],
+            "truncated": tot["truncated"],
+            "max_len": max_len,
         }
     )
     return pd.DataFrame(rows)

@@ -21,8 +21,9 @@ Outputs (``OUT/``):
   its sha256 and record counts, every setting) and the final metrics.
 
 Reproducible on CPU: the factor init draws from a generator seeded with
-``seed``, the data split and the batch order are seeded, and dropout draws
-from ``torch.manual_seed(seed)``. The safetensors metadata carries no clock
+``init_seed(seed, the training records)`` (``seed`` alone with ``shared_init``),
+the data split and the batch order are seeded with ``seed``, and dropout
+draws from ``torch.manual_seed(seed)``. The safetensors metadata carries no clock
 time, so two runs with the same inputs write identical adapter bytes.
 """
 
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,6 +99,48 @@ def _load_sources(data, *, eval_size, seed: int, limit, fields: dict):
     return train, held, inputs
 
 
+def init_seed(seed: int, data_inputs: list[dict]) -> int:
+    """The seed of an adapter's initial factors: ``sha256(seed, the training
+    records)`` as a 63-bit integer. Adapters trained on different data start
+    from independent ``A``s (with one shared seed, the ``A``s of different
+    domains stay close after training and similarity mostly compares ``B``s);
+    the same seed and data give the same adapter."""
+    key = json.dumps([int(seed), sorted(d["records_sha256"] for d in data_inputs)])
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1
+
+
+class LiveLog:
+    """``train_log.csv`` written as training goes, so a long run can be followed:
+    ``<out>.train_log.csv`` beside the output, one flushed row per step, moved
+    into the output folder at the end (:meth:`move_to`). If training fails the
+    file is removed (when this object is collected, or at exit): no partial
+    output is left beside ``out``."""
+
+    HEADER = ("step", "loss", "lr", "tokens", "seconds")
+
+    def __init__(self, out: Path):
+        self.path = out.parent / f"{out.name}.train_log.csv"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "w", newline="")
+        self.w = csv.writer(self.f)
+        self.w.writerow(self.HEADER)
+        self._cleanup = weakref.finalize(self, _remove_file, self.f, self.path)
+
+    def row(self, step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
+        self.w.writerow([step, f"{loss:.6f}", f"{lr:.6g}", tokens, f"{seconds:.3f}"])
+        self.f.flush()
+
+    def move_to(self, dest: Path) -> None:
+        self.f.close()
+        os.replace(self.path, dest)
+        self._cleanup.detach()
+
+
+def _remove_file(f, path: Path) -> None:
+    f.close()
+    path.unlink(missing_ok=True)
+
+
 def _supervised_tokens(batch) -> int:
     # Labels are shifted inside the loss: position 0 is never predicted.
     return int((batch["labels"][:, 1:] != -100).sum())
@@ -132,6 +176,13 @@ def train_adapter(
     force: bool = False,
     progress: bool = True,
     method: str | None = None,
+    shared_init: bool = False,
+    top_layers: int | None = None,
+    prefix_cache: str | None = "disk",
+    dtype: str | None = None,
+    grad_accum: int = 1,
+    grad_checkpointing: bool = False,
+    bucket: int = 16,
 ) -> dict:
     """Train an adapter of ``kind`` on ``data`` for the base model folder ``base``; write it to ``out``.
 
@@ -142,10 +193,25 @@ def train_adapter(
     (``eval_size``: a count or a fraction per source; 0 or None holds nothing
     out and skips the evaluation), and the training parts are pooled, so
     several sources give a merged-data adapter. ``steps`` overrides
-    ``epochs``; ``warmup`` defaults to 5% of the steps. ``targets``:
+    ``epochs``; ``warmup`` defaults to 5% of the steps. The initial factors
+    are drawn from :func:`init_seed` (``seed`` and the data), or from
+    ``seed`` alone with ``shared_init`` (every adapter of a study starting
+    from the same ``A``); recorded as ``settings["init"]``. ``targets``:
     module-name suffixes (PEFT's rule), a regex string, or None for the
     architecture's default (GPT-2 ``c_attn, c_proj, c_fc``; Llama
     ``q/k/v/o/gate/up/down_proj``).
+
+    Speed (same result to float rounding unless said): ``top_layers=N`` puts
+    the adapters on the targets of the top ``N`` blocks only and runs the
+    frozen prefix once per example (:mod:`loramix.prefix`, cached as
+    ``prefix_cache`` says), so every step and evaluation runs ``N`` blocks
+    and the head (Llama family). ``dtype="bfloat16"``: the forward under
+    bf16 autocast (factors, optimizer and loss stay float32; not exact).
+    ``grad_accum=m`` runs each batch as ``m`` micro-batches whose gradients
+    add up to the batch's (less memory). ``grad_checkpointing`` recomputes
+    block activations in the backward (less memory, more time). ``bucket``:
+    training batches hold similar lengths (:func:`loramix.data.make_batches`;
+    0 for plain shuffled batches).
 
     Returns a dict with ``out``, ``kind`` (and ``method``, its v0.1 name),
     ``steps``, ``tokens``, ``final_loss`` (mean of the last 10 steps),
@@ -160,15 +226,18 @@ def train_adapter(
     _check_numbers(
         rank=rank, batch=batch, max_len=max_len, steps=steps, epochs=epochs, lr=lr, norm_dim=norm_dim
     )
+    _check_speed(dtype=dtype, grad_accum=grad_accum, batch=batch, prefix_cache=prefix_cache)
     data_list = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     file_inputs = [d for d in data_list if not (isinstance(d, str) and d.startswith("synthetic:"))]
     out = check_output(out, force=force, inputs=[base, *file_inputs])
     fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
     run = _prepare(base, data_list, targets=targets, fields=fields, eval_size=eval_size, seed=seed,
-                   limit=limit, max_len=max_len, batch=batch, on=on, device=device)  # fmt: skip
+                   limit=limit, max_len=max_len, batch=batch, on=on, device=device, top_layers=top_layers,
+                   prefix_cache=prefix_cache, autocast=dtype)  # fmt: skip
     total = steps if steps is not None else max(1, round(epochs * run.n_per_epoch))
     warmup = max(1, round(0.05 * total)) if warmup is None else int(warmup)
     options = {k: v for k, v in (("tau", tau), ("norm_dim", norm_dim)) if k in kind.options}
+    factor_seed = seed if shared_init else init_seed(seed, run.data_inputs)
     settings = {
         "kind": kind.name,
         "rank": rank,
@@ -188,12 +257,27 @@ def train_adapter(
         "weight_decay": weight_decay,
         "clip": clip,
         "seed": seed,
+        "init": {"shared": bool(shared_init), "seed": factor_seed},
         "on": on,
         "fields": fields,
+        "top_layers": top_layers,
+        "dtype": dtype or "float32",
+        "grad_accum": grad_accum,
+        "grad_checkpointing": grad_checkpointing,
+        "bucket": bucket,
     }
-    metrics = _train(run, kind, settings, options, progress=progress)
+    metrics = _train(run, kind, settings, options, out=out, progress=progress)
     _write(out, run, kind, settings, options, metrics, targets=targets, force=force, file_inputs=file_inputs)
     return {"out": str(out), **metrics, "kind": kind.name, "method": kind.name, "settings": settings}
+
+
+def _check_speed(*, dtype, grad_accum, batch, prefix_cache) -> None:
+    if dtype not in (None, "float32", "bfloat16"):
+        raise UsageError("--dtype", f"must be float32 or bfloat16, got {dtype!r}")
+    if not 1 <= grad_accum <= batch:
+        raise UsageError("--grad-accum", f"must be between 1 and --batch ({batch}), got {grad_accum}")
+    if prefix_cache not in ("disk", "memory", None):
+        raise UsageError("prefix_cache", f"must be 'disk', 'memory' or None, got {prefix_cache!r}")
 
 
 def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim) -> None:
@@ -227,12 +311,21 @@ class _Run:
     targets: object
     resolved_targets: object
     max_len: int
+    prefix_at: int | None = None  # k, the first adapted block, when the prefix is cached
+    train_states: list | None = None  # the cached states entering block k, per training example
+    prefix_seconds: float = 0.0
+    autocast: object = None  # torch.bfloat16 under --dtype bfloat16, else None
     t_load: float = 0.0
     log: list = field(default_factory=list)  # (step, loss, lr, tokens, seconds), filled by _train
+    live: LiveLog | None = None  # the same rows as a file, written by _train, moved by _write
 
 
-def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_len, batch, on, device) -> _Run:
-    """Load and split the data, load the base, resolve the targets, encode."""
+def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_len, batch, on, device,
+             top_layers=None, prefix_cache="disk", autocast=None) -> _Run:  # fmt: skip
+    """Load and split the data, load the base, resolve the targets, encode;
+    with ``top_layers``, the targets in those blocks and the cached prefix."""
+    import torch
+
     from .data import encode_records, make_batches, pad_id_for
     from .devices import resolve_device
     from .layers import default_targets, find_targets
@@ -247,25 +340,87 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
     find_targets(model, targets)  # a bad --targets fails now, not after the base evaluation
     targets = list(targets) if targets is not None and not isinstance(targets, str) else targets
     resolved_targets = default_targets(model) if targets is None else targets
+    k = None
+    if top_layers is not None:
+        from .prefix import split_point, top_targets
+
+        k = split_point(model, top_layers)
+        targets = resolved_targets = top_targets(model, targets, k)
     # Sequences cannot be longer than the model's positions: cap max_len there (recorded).
     n_pos = context_length(model.config)
     if n_pos:
         max_len = min(max_len, int(n_pos))
     base_rec = base_provenance(base)
     pad = pad_id_for(tok)
+    ac = getattr(torch, autocast) if autocast not in (None, "float32") else None
     train_ex = encode_records(tok, train_recs, max_len=max_len, on=on)
-    eval_batches = None
-    if eval_recs:
-        eval_ex = encode_records(tok, eval_recs, max_len=max_len, on=on)
-        eval_batches = make_batches(eval_ex, batch_size=batch, pad_id=pad, sort_by_length=True)
-    return _Run(model=model, dev=dev, base=str(Path(base)), base_rec=base_rec, data_inputs=data_inputs,
-                train_ex=train_ex, eval_batches=eval_batches, n_eval=len(eval_recs), pad=pad,
-                n_per_epoch=math.ceil(len(train_ex) / batch), targets=targets,
-                resolved_targets=resolved_targets, max_len=max_len, t_load=t_load)  # fmt: skip
+    run = _Run(model=model, dev=dev, base=str(Path(base)), base_rec=base_rec, data_inputs=data_inputs,
+               train_ex=train_ex, eval_batches=None, n_eval=len(eval_recs), pad=pad,
+               n_per_epoch=math.ceil(len(train_ex) / batch), targets=targets,
+               resolved_targets=resolved_targets, max_len=max_len, prefix_at=k, autocast=ac,
+               t_load=t_load)  # fmt: skip
+    eval_ex = encode_records(tok, eval_recs, max_len=max_len, on=on) if eval_recs else None
+    eval_states = None
+    if k is not None:
+        from .prefix import prefix_states
+
+        t0 = time.perf_counter()
+        cached = dict(batch_size=batch, pad_id=pad, cache=prefix_cache, autocast=ac)
+        run.train_states = prefix_states(model, k, train_ex, **cached)
+        eval_states = prefix_states(model, k, eval_ex, **cached) if eval_ex else None
+        run.prefix_seconds = time.perf_counter() - t0
+    if eval_ex:
+        run.eval_batches = make_batches(eval_ex, batch_size=batch, pad_id=pad, sort_by_length=True,
+                                        embeds=eval_states)  # fmt: skip
+    return run
 
 
-def _train(run: _Run, kind, settings: dict, options: dict, *, progress: bool) -> dict:
-    """Base perplexity, inject the kind's layers, the AdamW loop, adapted perplexity."""
+def _runner(run: _Run, grad_checkpointing: bool = False):
+    """What the steps call: the model, or its top blocks fed the cached states."""
+    if grad_checkpointing:
+        # non-reentrant: the inputs (ids, or cached states) need no gradient
+        run.model.activation_checkpointing_enable({"use_reentrant": False})
+    if run.prefix_at is None:
+        return run.model
+    from .prefix import top_view
+
+    return top_view(run.model, run.prefix_at)
+
+
+def _step(runner, b: dict, *, dev, micro: int, autocast) -> tuple[float, int, int]:
+    """Forward and backward of one batch as ``micro`` micro-batches, each
+    cut to its own longest sequence; the loss is the mean NLL over the
+    batch's scored tokens, so the gradients add up to the whole batch's.
+    Returns ``(loss, scored tokens, input tokens)``."""
+    import torch
+
+    from .perplexity import scored_nll
+
+    n_total = _supervised_tokens(b)
+    loss = 0.0
+    for part in _micro_batches(b, micro):
+        with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
+            nll, _ = scored_nll(runner, part, device=dev)
+        part_loss = nll / max(1, n_total)
+        part_loss.backward()
+        loss += float(part_loss.detach())
+    return loss, n_total, int(b["attention_mask"].sum())
+
+
+def _micro_batches(b: dict, micro: int) -> list[dict]:
+    import torch
+
+    parts = []
+    for idx in torch.tensor_split(torch.arange(b["attention_mask"].shape[0]), micro):
+        width = int(b["attention_mask"][idx].sum(1).max())  # right padding: columns past it are pads
+        parts.append({k: v[idx, :width] for k, v in b.items()})
+    return parts
+
+
+def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progress: bool) -> dict:
+    """Base perplexity, inject the kind's layers (initial factors seeded by
+    ``settings["init"]``), the AdamW loop (rows logged live beside ``out``),
+    adapted perplexity."""
     import torch
     from tqdm.auto import tqdm
 
@@ -275,46 +430,55 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, progress: bool) ->
 
     model, dev, seed, total = run.model, run.dev, settings["seed"], settings["steps"]
     lr, batch, n_per_epoch = settings["lr"], settings["batch"], run.n_per_epoch
-    ppl_base = perplexity(model, run.eval_batches, device=dev)["ppl"] if run.eval_batches else None
+    runner = _runner(run, settings["grad_checkpointing"])
+    ppl_base = (
+        perplexity(runner, run.eval_batches, device=dev, autocast=run.autocast)["ppl"]
+        if run.eval_batches
+        else None
+    )
     torch.manual_seed(seed)  # dropout
     params = inject_trainable(model, kind=kind, rank=settings["rank"], alpha=settings["alpha"],
-                              targets=run.targets, seed=seed, **options)  # fmt: skip
+                              targets=run.targets, seed=settings["init"]["seed"], **options)  # fmt: skip
     n_params = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings["weight_decay"], betas=(0.9, 0.999))
     setup_seconds = time.perf_counter() - run.t_load
 
-    log = []
+    log, live = [], LiveLog(out)
+    run.live = live
     tokens, running = 0, None
+    log = []
+    tokens, in_tokens, running = 0, 0, None
     model.train()
+    runner.train()
     t0 = time.perf_counter()
     epoch, batches = -1, []
     bar = tqdm(total=total, desc=f"train {kind.name}", unit="step", disable=not progress, dynamic_ncols=True)
     for step in range(total):
         if step // n_per_epoch != epoch:  # new epoch: reshuffle
             epoch = step // n_per_epoch
-            batches = make_batches(
-                run.train_ex, batch_size=batch, pad_id=run.pad, shuffle=True, seed=seed + epoch
-            )
-        b = {k: v.to(dev) for k, v in batches[step % n_per_epoch].items()}
+            batches = make_batches(run.train_ex, batch_size=batch, pad_id=run.pad, shuffle=True,
+                                   seed=seed + epoch, embeds=run.train_states, bucket=settings["bucket"])  # fmt: skip
         cur_lr = lr_at(step, lr=lr, warmup=settings["warmup"], total=total)
         for g in opt.param_groups:
             g["lr"] = cur_lr
-        loss = model(**b).loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        lv, n_scored, n_in = _step(runner, batches[step % n_per_epoch], dev=dev,
+                                   micro=settings["grad_accum"], autocast=run.autocast)  # fmt: skip
         if settings["clip"] and settings["clip"] > 0:
             torch.nn.utils.clip_grad_norm_(params, settings["clip"])
         opt.step()
-        lv = float(loss.detach())
-        tokens += _supervised_tokens(b)
+        tokens += n_scored
+        in_tokens += n_in
         running = lv if running is None else 0.95 * running + 0.05 * lv
         log.append((step + 1, lv, cur_lr, tokens, time.perf_counter() - t0))
+        live.row(*log[-1])
         bar.set_postfix(loss=f"{running:.3f}", lr=f"{cur_lr:.1e}", refresh=False)
         bar.update(1)
     bar.close()
     train_seconds = time.perf_counter() - t0
     model.eval()
-    ev = perplexity(model, run.eval_batches, device=dev) if run.eval_batches else None
+    runner.eval()
+    ev = perplexity(runner, run.eval_batches, device=dev, autocast=run.autocast) if run.eval_batches else None
     run.log = log
     return {
         "ppl_base": ppl_base,
@@ -322,9 +486,12 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, progress: bool) ->
         "final_loss": sum(r[1] for r in log[-10:]) / len(log[-10:]),
         "steps": total,
         "tokens": tokens,
+        "input_tokens": in_tokens,
         "train_seconds": round(train_seconds, 3),
         "setup_seconds": round(setup_seconds, 3),
+        "prefix_seconds": round(run.prefix_seconds, 3),
         "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds > 0 else None,
+        "input_tokens_per_second": round(in_tokens / train_seconds, 1) if train_seconds > 0 else None,
         "n_train": len(run.train_ex),
         "n_eval": run.n_eval,
         "eval_tokens": ev["tokens"] if ev else 0,
@@ -359,9 +526,5 @@ def _write(out, run: _Run, kind, settings, options, metrics, *, targets, force, 
             provenance=file_prov,
             extra_config={"target_modules": targets} if targets is not None else None,
         )
-        with open(tmp / "train_log.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "loss", "lr", "tokens", "seconds"])
-            for s, lv, cl, tk, sec in run.log:
-                w.writerow([s, f"{lv:.6f}", f"{cl:.6g}", tk, f"{sec:.3f}"])
+        run.live.move_to(tmp / "train_log.csv")
         write_provenance(tmp, provenance("train", settings, inputs, metrics=metrics))

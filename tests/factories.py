@@ -88,3 +88,17 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def one_line_error(capsys, args, *needles) -> str:
+    """Run the CLI on ``args``: exit 2 and one ``loramix: error:`` line on
+    stderr holding every needle; return that line."""
+    from loramix.cli import main
+
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("loramix: error:"), (code, err)
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+    return lines[0]

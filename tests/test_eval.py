@@ -16,6 +16,7 @@ from loramix.perplexity import evaluate, perplexity
 from .factories import SHARED_DATA, make_peft_adapter, save_base, tiny_gpt2, tiny_llama, write_jsonl
 
 ARITH = "synthetic:arith?n=60&seed=7"
+UNITS = "synthetic:units?n=40&seed=3"
 DATES = "synthetic:dates?n=40&seed=7"
 
 
@@ -194,3 +195,44 @@ def test_real_data_eval(bases):
     df = evaluate(bases["gpt2"], data=files, limit=8, max_len=64, device="cpu")
     assert list(df["data"]) == ["math", "medicine", "finance", "union"]
     assert (df["tokens"] > 0).all() and df["ppl"].map(math.isfinite).all()
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_top_layers_from_the_cached_prefix_equal_the_full_forward(bases, tmp_path, merged):
+    """Two PEFT adapters on the last block: the same perplexities with --top-layers 1 (cached
+    prefix, in memory and read back from disk) as with the full forward; a lower block is refused."""
+    from loramix.errors import UsageError
+    from loramix.models import load_causal_lm
+    from loramix.prefix import clear_memory
+
+    base = bases["llama"]
+    model, _ = load_causal_lm(base)
+    top = r"model\.layers\.1\..*_proj"
+    ads = [make_peft_adapter(model, tmp_path / f"a{i}", seed=i, lora_alpha=128, target_modules=top)
+           for i in (1, 2)]  # fmt: skip
+    kw = dict(adapters=ads, weights=[0.7, 0.5], merged=merged, data=[ARITH, UNITS], device="cpu")
+    full = evaluate(base, **kw)
+    clear_memory()
+    for _ in range(2):  # computed, then from the disk cache
+        cut = evaluate(base, top_layers=1, **kw)
+        clear_memory()
+        assert list(cut["tokens"]) == list(full["tokens"])
+        assert list(cut["input_tokens"]) == list(full["input_tokens"])
+        for a, b in zip(full["ppl"], cut["ppl"]):
+            assert b == pytest.approx(a, rel=1e-5)
+    assert evaluate(base, top_layers=2, data=[ARITH], device="cpu")["ppl"][0] == pytest.approx(
+        evaluate(base, data=[ARITH], device="cpu")["ppl"][0], rel=1e-5
+    )
+    low = make_peft_adapter(model, tmp_path / "low", target_modules=r"model\.layers\.0\.mlp\..*_proj")
+    with pytest.raises(UsageError, match="not in the top layers"):
+        evaluate(base, adapters=[low], top_layers=1, merged=merged, data=[ARITH], device="cpu")
+
+
+def test_cli_top_layers_and_bad_value(bases, capsys):
+    base = str(bases["llama"])
+    assert main(["eval", "--base", base, "--data", ARITH, "--top-layers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "input tokens/s" in out and "| arith |" in out
+    assert main(["eval", "--base", base, "--data", ARITH, "--top-layers", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "--top-layers" in err and "between 1 and" in err and len(err.strip().splitlines()) == 1

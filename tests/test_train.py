@@ -205,3 +205,67 @@ def test_training_on_real_domain_lowers_its_perplexity(real_base, tmp_path, doma
         steps=60, batch=16, max_len=128, lr=3e-3, progress=False,
     )  # fmt: skip
     assert res["ppl_adapter"] < res["ppl_base"], res
+
+
+def _factors(folder: Path) -> dict:
+    return {n: (m.A, m.B) for n, m in load_adapter(folder).modules.items()}
+
+
+def _assert_same_factors(a: Path, b: Path, tol: float) -> None:
+    fa, fb = _factors(a), _factors(b)
+    assert sorted(fa) == sorted(fb)
+    for n in fa:
+        for x, y in zip(fa[n], fb[n]):
+            torch.testing.assert_close(y, x, rtol=0, atol=tol)
+
+
+def test_top_layers_train_from_the_cached_prefix_as_from_the_full_model(bases, tmp_path):
+    """--top-layers 1: adapters on the last block only, trained from cached states; the same
+    factors and perplexities as the full forward with the same targets."""
+    from loramix.prefix import clear_memory
+
+    clear_memory()
+    top = train_adapter(bases["llama"], ARITH, tmp_path / "top", top_layers=1, **FAST)
+    names = sorted(load_adapter(tmp_path / "top").modules)
+    assert names and all(n.startswith("model.layers.1.") for n in names)
+    full = train_adapter(bases["llama"], ARITH, tmp_path / "full", targets=names, **FAST)
+    _assert_same_factors(tmp_path / "full", tmp_path / "top", 1e-5)
+    assert top["ppl_base"] == pytest.approx(full["ppl_base"], rel=1e-5)
+    assert top["ppl_adapter"] == pytest.approx(full["ppl_adapter"], rel=1e-5)
+    assert top["settings"]["top_layers"] == 1 and top["input_tokens"] > top["tokens"] > 0
+    assert top["input_tokens_per_second"] > top["tokens_per_second"] > 0
+    again = train_adapter(bases["llama"], ARITH, tmp_path / "again", top_layers=1, **FAST)  # cached prefix
+    assert again["prefix_seconds"] <= top["prefix_seconds"]
+    _assert_same_factors(tmp_path / "top", tmp_path / "again", 0)
+
+
+def test_gradient_accumulation_gives_the_same_adapter(bases, tmp_path):
+    train_adapter(bases["llama"], ARITH, tmp_path / "one", **FAST)
+    train_adapter(bases["llama"], ARITH, tmp_path / "three", grad_accum=3, **FAST)
+    _assert_same_factors(tmp_path / "one", tmp_path / "three", 1e-5)
+    train_adapter(bases["llama"], ARITH, tmp_path / "ckpt", grad_checkpointing=True, **FAST)
+    _assert_same_factors(tmp_path / "one", tmp_path / "ckpt", 1e-5)
+
+
+def test_bfloat16_autocast_trains_close_to_float32(bases, tmp_path):
+    a = train_adapter(bases["llama"], ARITH, tmp_path / "f32", **FAST)
+    b = train_adapter(bases["llama"], ARITH, tmp_path / "bf16", dtype="bfloat16", **FAST)
+    assert b["settings"]["dtype"] == "bfloat16"
+    assert b["final_loss"] == pytest.approx(a["final_loss"], rel=0.02)
+    assert b["ppl_adapter"] == pytest.approx(a["ppl_adapter"], rel=0.02)
+
+
+def test_cli_speed_options_and_bad_values(bases, tmp_path, capsys):
+    base = str(bases["llama"])
+    args = ["train", "--base", base, "--data", ARITH, "--steps", "2", "--batch", "8", "--max-len", "48",
+            "--rank", "4", "--eval-size", "8", "--quiet"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "a"), "--top-layers", "1", "--grad-accum", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "input tokens/s" in out and "top 1 layers" in out
+    for flag, value, msg in [("--top-layers", "3", "between 1 and"), ("--grad-accum", "9", "between 1 and"),
+                             ("--dtype", "float16", "float16")]:  # fmt: skip
+        assert main([*args, "--out", str(tmp_path / "b"), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and msg in err and len(err.strip().splitlines()) == 1
+    assert main([*args, "--base", str(bases["gpt2"]), "--out", str(tmp_path / "c"), "--top-layers", "1"]) == 2
+    assert "does not allow" in capsys.readouterr().err

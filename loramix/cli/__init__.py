@@ -19,6 +19,7 @@ import click
 
 from .. import __version__
 from ..errors import LoramixError, UsageError
+from .threads import threads_option
 
 # module (in this package) -> command name
 COMMANDS = {
@@ -53,8 +54,8 @@ FLAGS = {"weights": "--weights", "dtype": "--dtype", "device": "--device", "into
 
 def merge_options(progress: bool):
     """The options ``sum`` and ``merge`` share: ``--weights``, ``--into``,
-    ``--out``, ``--dtype``, ``--device``, ``--force``, ``--progress``
-    (default ``progress``). Values are checked by the library
+    ``--out``, ``--dtype``, ``--device``, ``--force``, ``--threads``,
+    ``--progress`` (default ``progress``). Values are checked by the library
     (:mod:`loramix.options`), so bad ones get the one-line error."""
     opts = [
         click.option("--weights", default=None, help="One weight per adapter, e.g. 1,0.5 (default: all 1)."),
@@ -66,6 +67,7 @@ def merge_options(progress: bool):
                      help="Output dtype: float32, float16, bfloat16 (default: the base's, or the adapters')."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
         click.option("--force", is_flag=True, help="Replace an existing --out."),
+        threads_option,
         click.option("--progress/--no-progress", default=progress, show_default=True,
                      help="Progress bar on stderr."),
     ]  # fmt: skip

@@ -10,7 +10,7 @@ from . import data_options
 
 @click.group("base")
 def command():
-    """Base models: build a small one offline from your data."""
+    """Base models: build a small one offline from your data, or import a GGUF."""
 
 
 @command.command("build")
@@ -46,4 +46,28 @@ def build(data, more_data, out, size, steps, seed, device, force, quiet):
         f"built {r['out']}: {r['params'] / 1e6:.2f}M parameters, vocab {r['vocab_size']}, "
         f"{r['steps']} steps in {r['seconds']:.1f}s on {r['device']}; held-out perplexity "
         f"{r['heldout_ppl']:.3f} (untrained {r['untrained_ppl']:.1f}) over {r['heldout_tokens']} tokens"
+    )
+
+
+@command.command("import")
+@click.argument("gguf_file", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Output model folder.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Data type of the de-quantised weights.")  # fmt: skip
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+def import_(gguf_file, out, dtype, force):
+    """Import a GGUF model (llama.cpp, Ollama, LM Studio) as a transformers folder.
+
+    The weights are de-quantised (Q4_0/Q4_1/Q5_x/Q8_0, K-quants, F16/BF16/F32)
+    into model.safetensors beside config.json, the tokenizer files and
+    loramix.json (provenance with the GGUF's sha256). Llama family only
+    (llama, SmolLM, mistral, qwen2).
+    """
+    from ..gguf_import import import_gguf
+
+    r = import_gguf(gguf_file, out, dtype=dtype, force=force)
+    quants = ", ".join(f"{n} {k}" for k, n in r["quantisation"].items())
+    click.echo(
+        f"imported {gguf_file} -> {r['out']}: {r['architecture']}, tensors {quants}, "
+        f"stored as {dtype}{', tied embeddings' if r['tie_word_embeddings'] else ''} in {r['seconds']:.1f}s"
     )

@@ -6,6 +6,7 @@ import click
 
 from ..devices import DEVICE_CHOICES
 from . import data_options
+from .threads import threads_option
 
 
 @click.command("eval")
@@ -17,18 +18,24 @@ from . import data_options
 @click.option("--merged", is_flag=True, help="Merge the adapters into the weights first (else on the fly).")
 @data_options("Data file (.jsonl/.json/.csv/.txt) or synthetic:NAME spec; repeat or list after it.")
 @click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True)
-@click.option(
-    "--max-len", type=int, default=None, help="Tokens per sequence (default: model context, <=1024)."
-)
+@click.option("--max-len", type=int, default=None, help="Tokens per sequence (default: the model's context).")
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--limit", type=int, default=None, help="Use the first N records of each file.")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
 @click.option("--question-field", default="question", show_default=True)
 @click.option("--answer-field", default="answer", show_default=True)
 @click.option("--context-field", default="context", show_default=True)
+@threads_option
+@click.option(
+    "--top-layers",
+    type=int,
+    default=None,
+    help="The adapters change only the top N layers: run the layers below once per data set (cached).",
+)
+@click.option("--dtype", default=None, help="Load the base in this dtype (float32, bfloat16; default float32).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def command(base, adapters, weights, merged, data, more_data, on, max_len, batch, limit, device,
-            question_field, answer_field, context_field, fmt):  # fmt: skip
+            question_field, answer_field, context_field, top_layers, dtype, fmt):  # fmt: skip
     """Perplexity per data file and over their union (token-weighted), with token
     counts and tokens per second. Scored tokens: the answers (--on answer) or all."""
     import json
@@ -53,12 +60,21 @@ def command(base, adapters, weights, merged, data, more_data, on, max_len, batch
             "answer_field": answer_field,
             "context_field": context_field,
         },
+        top_layers=top_layers,
+        dtype=dtype,
     )
     if fmt == "json":
         click.echo(json.dumps({"base": base, "adapters": list(adapters), "weights": w, "merged": merged,
                                "on": on, "results": df.to_dict(orient="records")}, indent=2))  # fmt: skip
         return
-    lines = ["| data | records | tokens | ppl | tokens/s |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| data | records | tokens | ppl | tokens/s | input tokens/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in df.itertuples():
-        lines.append(f"| {r.data} | {r.records} | {r.tokens} | {r.ppl:.4f} | {r.tokens_per_s:,.0f} |")
+        lines.append(f"| {r.data} | {r.records} | {r.tokens} | {r.ppl:.4f} | {r.tokens_per_s:,.0f} "
+                     f"| {r.input_tokens_per_s:,.0f} |")  # fmt: skip
+    union = df.iloc[-1]
+    if union["truncated"]:
+        lines.append(
+            f"{union['truncated']} of {union['records']} records cut at {union['max_len']} tokens (--max-len)"
+        )
     click.echo("\n".join(lines))

@@ -6,6 +6,7 @@ import click
 
 from ..devices import DEVICE_CHOICES
 from . import data_options
+from .threads import threads_option
 
 
 def _eval_size(value: str) -> int | float:
@@ -51,11 +52,26 @@ def _eval_size(value: str) -> int | float:
 @click.option("--limit", type=int, default=None, help="Use the first N records of each source.")
 @click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--shared-init",
+    is_flag=True,
+    help="Initial factors from --seed alone (default: from --seed and the data, so domains start apart).",
+)
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
 @click.option("--question-field", default="question", show_default=True)
 @click.option("--answer-field", default="answer", show_default=True)
 @click.option("--context-field", default="context", show_default=True)
+@click.option(
+    "--top-layers",
+    type=int,
+    default=None,
+    help="Adapters on the top N layers only; the frozen layers below run once per example and are cached.",
+)
+@click.option("--dtype", default=None, help="bfloat16: the forward under bf16 autocast (default float32).")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per batch.")
+@click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in the backward (less memory).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
+@threads_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(base, data, more_data, out, targets, eval_size, quiet, kind, method, **kw):
     """Train an adapter on question/answer data and write it to --out.
@@ -89,6 +105,11 @@ def command(base, data, more_data, out, targets, eval_size, quiet, kind, method,
     click.echo(
         f"trained   {res['steps']} steps, {res['tokens']:,} tokens, {res['train_seconds']:.1f} s "
         f"({res['tokens_per_second']:,.0f} tokens/s), final loss {res['final_loss']:.4f}"
+    )
+    top = f", top {kw['top_layers']} layers (prefix {res['prefix_seconds']:.1f} s)" if kw["top_layers"] else ""
+    click.echo(
+        f"processed {res['input_tokens']:,} input tokens ({res['input_tokens_per_second']:,.0f} input tokens/s)"
+        f"{top}"
     )
     if res["ppl_base"] is not None:
         change = 100 * (res["ppl_adapter"] - res["ppl_base"]) / res["ppl_base"]

@@ -100,7 +100,9 @@ class BaseModelFolder:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        from ..gguf_import import resolve_base  # a GGUF file stands for its imported folder
+
+        self.path = resolve_base(path)
         if not self.path.exists():
             raise BaseModelError(self.path, "no such folder")
         if not self.path.is_dir():

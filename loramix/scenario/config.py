@@ -78,7 +78,7 @@ class BaseSpec:
     (the ``[base.build]`` table, whose keys :class:`_BuildKeys` declares, read
     into ``build_data``, ``size``, ``steps``, ``seed`` and ``build_params``)."""
 
-    path: Path | None = key("str", help="a local HF causal-LM folder (`config.json` + safetensors)",
+    path: Path | None = key("str", help="a local HF causal-LM folder (`config.json` + safetensors) or a GGUF file",
                             doc_default="—")  # fmt: skip
     build: None = key("table", help="a recipe for `loramix base build` (below); give `path` or `build`",
                       doc_default="—")  # fmt: skip
@@ -140,6 +140,8 @@ class AdapterSpec:
     lr: float = key("float", 2e-4, bound="positive", help="learning rate")
     batch: int = key("int", 8, bound="positive", help="batch size")
     max_len: int = key("int", 256, bound="positive", help="sequence length (at least 2)")
+    init: str = key("str", "data", choices=("data", "shared"),
+                    help="initial factors from the seed and the domain's records, or from the seed alone")  # fmt: skip
     extra: dict = field(default_factory=dict)  # warmup, weight_decay, ... passed through
 
     def recipe(self) -> dict:
@@ -451,6 +453,10 @@ def _parse_base(ctx, t, env, used) -> BaseSpec:
     if "path" in t:
         raw = _get(ctx, t, "path", "base", "str")
         p = _resolve_path(ctx, raw, "base.path", env, used)
+        from ..gguf_import import is_gguf
+
+        if is_gguf(p):  # imported into the cache when the run starts
+            return BaseSpec(path=p)
         if not p.is_dir():
             raise ctx.error("base.path", f"no such model folder: {p}")
         if not (p / "config.json").exists():

@@ -133,10 +133,12 @@ class Step:
 
 def base_folder_key(path: Path) -> str:
     """A given base folder's key: its identity (config and weights), the same
-    hash that merge and training provenance record for that base."""
+    hash that merge and training provenance record for that base. A GGUF
+    file is imported (once, into the cache) and its folder's identity used."""
+    from ..gguf_import import resolve_base
     from ..io.model_folder import BaseModelFolder
 
-    return BaseModelFolder(path).identity()
+    return BaseModelFolder(resolve_base(path)).identity()
 
 
 class _Planner:
@@ -165,9 +167,11 @@ class _Planner:
     def base_step(self) -> None:
         b = self.sc.base
         if b.path is not None:
-            self.add(
-                "base", "base", None, None, (), "hash", "base", key=base_folder_key(b.path), path=str(b.path)
-            )
+            from ..gguf_import import resolve_base
+
+            folder = resolve_base(b.path)  # a GGUF: its imported folder, which every step uses
+            self.add("base", "base", None, None, (), "hash", "base", key=base_folder_key(folder),
+                     path=str(folder), given=str(b.path))  # fmt: skip
             return
         from ..data import load_records
 
@@ -187,8 +191,10 @@ class _Planner:
         return self.add(id, "eval", "eval", spec, eval_deps, label, group, **args)
 
     def adapter_step(self, id, kind, am, seed, domains, label, name) -> Step:
+        # "init": adapters cached before per-data initialisation (the default since) were
+        # trained from the seed alone and must not be reused for it.
         spec = {"base": self.key_of("base"), "method": am, "recipe": self.sc.adapters.recipe(), "seed": seed,
-                "data": [self.key_of(f"data/{d}/train") for d in domains]}  # fmt: skip
+                "init": self.sc.adapters.init, "data": [self.key_of(f"data/{d}/train") for d in domains]}  # fmt: skip
         deps = ("base", *(f"data/{d}/train" for d in domains))
         return self.add(id, kind, "adapter", spec, deps, label, "train", method=am, seed=seed,
                         domains=list(domains), name=name)  # fmt: skip
@@ -252,7 +258,7 @@ def plan(sc: Scenario, data: dict[str, DomainData] | None = None) -> list[Step]:
 
     ``data``: the prepared domains (:func:`prepare_data`; loaded when omitted).
     Pure apart from reading the data and, for a given base folder, hashing
-    its files.
+    its files (a GGUF base is imported into the cache first).
     """
     data = prepare_data(sc) if data is None else data
     p = _Planner(sc, data)

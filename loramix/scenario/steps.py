@@ -63,8 +63,8 @@ def _data_step(ctx: StepContext, st: Step, deps: dict) -> dict:
 
 
 def _base_step(ctx: StepContext, st: Step, deps: dict) -> dict:
-    if st.cache_kind is None:
-        return {"path": st.args["path"], "info": {"path": st.args["path"]}}
+    if st.cache_kind is None:  # a given folder (a GGUF: its import; "given" is the file)
+        return {"path": st.args["path"], "info": {"path": st.args.get("given", st.args["path"])}}
     b = ctx.sc.base
 
     def make(tmp):
@@ -103,7 +103,8 @@ def _adapter_step(ctx: StepContext, st: Step, deps: dict) -> dict:
         res = train_adapter(deps["base"]["path"], train_paths, tmp / a["name"], method=a["method"], rank=ad.rank,
                             alpha=ad.alpha, tau=ad.tau, targets=list(ad.targets) if ad.targets else None,
                             lr=ad.lr, batch=ad.batch, max_len=ad.max_len, eval_size=0, seed=a["seed"],
-                            device=str(ctx.device), progress=False, **_train_kwargs(ad))  # fmt: skip
+                            shared_init=ad.init == "shared", device=str(ctx.device), progress=False,
+                            **_train_kwargs(ad))  # fmt: skip
         return {
             k: v for k, v in res.items() if (isinstance(v, (int, float, str)) or v is None) and k != "out"
         }

@@ -1,0 +1,321 @@
+"""Importing a GGUF checkpoint (llama.cpp, Ollama, LM Studio) as a transformers folder.
+
+``import_gguf(FILE.gguf, out)`` writes ``config.json``, ``model.safetensors``
+and the tokenizer files, so that ``AutoModelForCausalLM.from_pretrained(out)``
+and ``AutoTokenizer.from_pretrained(out)`` load it offline. The ecosystem's
+readers do the parsing: the ``gguf`` package (``GGUFReader`` for the header and
+tensors, ``gguf.quants.dequantize`` for the blocks) and transformers' GGUF
+support (the config, the GGUF -> transformers tensor-name map, the tokenizer).
+
+What loramix adds is checking and writing:
+
+* **De-quantisation.** Each tensor is de-quantised to float32
+  (``Q4_0``/``Q4_1``/``Q5_0``/``Q5_1``/``Q8_0``, the K-quants ``Q2_K`` ... ``Q6_K``,
+  ``F16``/``BF16``/``F32``) and stored as ``--dtype`` (float32 or bfloat16).
+  GGUF lists a 2-D tensor's shape as ``(in, out)`` (ggml's fastest axis
+  first); the de-quantised array is already ``(out, in)``, transformers' order.
+* **Q/K un-permutation (Llama family).** llama.cpp's converter stores
+  ``W_q`` (``n_head * d x hidden``) with each head's rows reordered from
+  rotate-half pairs ``(i, i + d/2)`` to interleaved pairs ``(2i, 2i + 1)``:
+  ``W.reshape(h, 2, d/2, in).swapaxes(1, 2)``. The inverse,
+  ``W.reshape(h, d/2, 2, in).swapaxes(1, 2)``, is transformers'
+  ``LlamaTensorProcessor`` (``h = num_key_value_heads`` for ``W_k``). Getting it
+  wrong leaves the model loadable but wrong (perplexity in the thousands), so
+  the real-model test checks perplexity, not shapes.
+* **Tied embeddings** stay tied: a GGUF without ``output.weight`` gets
+  ``tie_word_embeddings = true`` and no ``lm_head.weight`` tensor.
+* **Provenance**: the GGUF's sha256, architecture and the quantisation of its
+  tensors, in ``loramix.json`` and in the safetensors metadata.
+
+Supported architectures: the Llama family (``llama``, which covers SmolLM and
+llama.cpp's Mistral, and ``qwen2``). Anything else, a file that is not a GGUF, a
+truncated one or a quantisation ``gguf`` cannot de-quantise is a one-line
+:class:`~loramix.errors.BaseModelError`, and nothing is left at ``out``.
+
+:func:`resolve_base` lets every command take a GGUF file where it takes a base
+folder: the file is imported once into ``cache_dir()/bases/<sha256>-<dtype>``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from .errors import BaseModelError
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# ggml types gguf.quants.dequantize handles and loramix has checked on real files.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # fmt: skip
+DTYPES = ("float32", "bfloat16")
+# GGUF metadata only: tokenizer bookkeeping transformers copies into the config.
+_DROP_CONFIG_KEYS = ("_model_name_or_path",)
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a file that starts with the GGUF magic bytes."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def open_gguf(path: str | os.PathLike):
+    """``gguf.GGUFReader(path)`` with every failure turned into one line naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise BaseModelError(p, "no such file")
+    if not p.is_file():
+        raise BaseModelError(p, "not a file; expected a .gguf model file")
+    if not is_gguf(p):
+        raise BaseModelError(p, "not a GGUF file (it does not start with the GGUF magic bytes)")
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(p))
+    except Exception as e:  # the reader raises ValueError/IndexError/... on a damaged file
+        raise BaseModelError(
+            p, f"not a valid GGUF file (corrupt or truncated): {type(e).__name__}: {e}"
+        ) from None
+
+
+def _field(reader, key: str):
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def gguf_architecture(reader, path) -> str:
+    """The transformers ``model_type`` of a GGUF, refusing what loramix does not import."""
+    arch = _field(reader, "general.architecture")
+    if not isinstance(arch, str):
+        raise BaseModelError(path, "has no general.architecture; not a model GGUF")
+    name = str(_field(reader, "general.name") or "").lower()
+    model_type = "mistral" if arch == "llama" and "mistral" in name else arch
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise BaseModelError(
+            path,
+            f"architecture {arch!r} is not supported; loramix imports the Llama family "
+            f"({', '.join(SUPPORTED_ARCHITECTURES)})",
+        )
+    return model_type
+
+
+def check_quantisation(reader, path) -> dict[str, int]:
+    """``{ggml type: tensor count}``; a type outside :data:`SUPPORTED_TYPES` is refused."""
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind not in SUPPORTED_TYPES:
+            raise BaseModelError(
+                path,
+                f"tensor {t.name} is quantised as {kind}, which loramix cannot import "
+                f"(supported: {', '.join(SUPPORTED_TYPES)})",
+            )
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _hf_config(path: Path, model_type: str, dtype: str):
+    """The transformers config transformers' GGUF support derives from the metadata."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    except Exception as e:
+        raise BaseModelError(
+            path, f"transformers cannot read its metadata: {type(e).__name__}: {e}"
+        ) from None
+    cfg = {k: v for k, v in parsed["config"].items() if k not in _DROP_CONFIG_KEYS}
+    cfg.pop("model_type", None)
+    config = AutoConfig.for_model(model_type, **cfg)
+    config.architectures = [config.__class__.__name__.replace("Config", "ForCausalLM")]
+    config.dtype = dtype
+    return config
+
+
+def _name_map(config, gguf_arch: str) -> tuple[dict[str, str], object, object]:
+    """GGUF tensor name -> transformers parameter name (``gguf``'s own tensor-name
+    table applied to a meta-device skeleton's keys), transformers' tensor
+    processor for the architecture (Llama's un-permutes q/k) and the skeleton."""
+    import torch
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == gguf_arch)
+    table = get_tensor_name_map(arch_id, config.num_hidden_layers)
+    name_map = {}
+    for hf in skeleton.state_dict():
+        stem, dot, suffix = hf.rpartition(".")
+        g = table.get_name(stem)
+        if g is not None:
+            name_map[f"{g}.{suffix}"] = hf
+    processor = TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=config.to_dict())
+    return name_map, processor, skeleton
+
+
+def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str) -> dict:
+    """De-quantised, renamed, un-permuted tensors as ``{hf name: torch tensor}``."""
+    import numpy as np
+    import torch
+    from gguf.quants import dequantize
+
+    name_map, processor, skeleton = _name_map(config, gguf_arch)
+    arch = config.model_type
+    tdtype = getattr(torch, dtype)
+    out = {}
+    for t in reader.tensors:
+        hf = name_map.get(t.name)
+        if hf is None:
+            if t.name.startswith("rope_freqs"):  # recomputed by transformers from the config
+                continue
+            raise BaseModelError(path, f"tensor {t.name} has no place in a {arch} model")
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise BaseModelError(
+                path, f"tensor {t.name} does not de-quantise: {type(e).__name__}: {e}"
+            ) from None
+        w = processor.process(weights=w, name=t.name).weights
+        out[hf] = torch.from_numpy(np.array(w, dtype=np.float32)).to(tdtype)
+    tied = set() if not config.tie_word_embeddings else {"lm_head.weight"}
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in tied}
+    missing = sorted(set(expected) - set(out))
+    if missing:
+        raise BaseModelError(path, f"lacks {len(missing)} tensor(s) of a {arch} model, e.g. {missing[0]}")
+    for k, shape in expected.items():
+        if tuple(out[k].shape) != shape:
+            raise BaseModelError(
+                path, f"tensor {k} has shape {tuple(out[k].shape)}; the config implies {shape}"
+            )
+    return {k: out[k] for k in sorted(out) if k not in tied}
+
+
+def _write_tokenizer(path: Path, folder: Path) -> None:
+    """transformers' GGUF tokenizer conversion, saved as ``tokenizer.json`` and its config."""
+    from transformers import TokenizersBackend
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    try:
+        arch, tok_dict, tok_config = get_gguf_tokenizer(str(path))
+        backend, extra = convert_gguf_tokenizer(arch, tok_dict)
+        tok = TokenizersBackend(tokenizer_object=backend, **{**tok_config, **extra})
+    except Exception as e:
+        raise BaseModelError(path, f"its tokenizer does not convert: {type(e).__name__}: {e}") from None
+    tok.save_pretrained(str(folder))
+
+
+def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dtype: str = "float32",
+                 sha256: str | None = None) -> dict:  # fmt: skip
+    """Write the transformers folder for ``gguf_path`` into the existing empty ``folder``.
+
+    Returns the provenance record (also written as ``loramix.json``). Not atomic
+    by itself: :func:`import_gguf` and :func:`resolve_base` write into a
+    temporary folder and rename it.
+    """
+    from safetensors.torch import save_file
+
+    from .io.outputs import provenance, write_provenance
+    from .io.safetensors_io import canonicalize_header, file_sha256, safetensors_metadata
+
+    path, folder = Path(gguf_path), Path(folder)
+    if dtype not in DTYPES:
+        raise BaseModelError("--dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
+    reader = open_gguf(path)
+    arch = gguf_architecture(reader, path)
+    quants = check_quantisation(reader, path)
+    config = _hf_config(path, arch, dtype)
+    tensors = _tensors(reader, path, config, _field(reader, "general.architecture"), dtype)
+    rec = provenance(
+        "gguf-import",
+        {"dtype": dtype},
+        [{"path": str(path.resolve()), "kind": "gguf", "sha256": sha256 or file_sha256(path)}],
+        architecture=arch,
+        quantisation=quants,
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+    )
+    save_file(tensors, str(folder / "model.safetensors"), metadata=safetensors_metadata(rec))
+    canonicalize_header(folder / "model.safetensors")
+    config.save_pretrained(str(folder))
+    _write_tokenizer(path, folder)
+    write_provenance(folder, rec)
+    return rec
+
+
+def import_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
+                force: bool = False) -> dict:  # fmt: skip
+    """``loramix base import``: write ``out`` atomically; return a summary dict."""
+    from .io.outputs import atomic_output_dir
+
+    t0 = time.perf_counter()
+    path = Path(gguf_path)
+    open_gguf(path)  # a bad file is refused before an output folder is created
+    with atomic_output_dir(out, force=force, inputs=[path]) as tmp:
+        rec = write_folder(path, tmp, dtype=dtype)
+    return {"out": str(out), "seconds": time.perf_counter() - t0, **rec}
+
+
+def resolve_base(path: str | os.PathLike) -> Path:
+    """A base model folder for ``path``: the folder itself, or for a GGUF file its
+    import in ``cache_dir()/bases/<sha256>-float32``, made on first use.
+
+    Concurrent-safe: an importer holds a lock file while it writes into a
+    private temporary folder and renames it into place; a second process waits
+    for the lock and then finds the folder. The key is the file's content, so
+    a changed file is imported anew.
+    """
+    p = Path(path)
+    if not is_gguf(p):
+        return p
+    from .io.model_folder import cache_dir, cached_file_sha256
+
+    sha = cached_file_sha256(p)
+    root = cache_dir() / "bases"
+    target = root / f"{sha}-float32"
+    if (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with _lock(root / f"{sha}.lock"):
+        if (target / "config.json").is_file():  # another process imported it meanwhile
+            return target
+        tmp = root / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            write_folder(p, tmp, dtype="float32", sha256=sha)
+            shutil.rmtree(target, ignore_errors=True)  # a leftover without config.json
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+class _lock:
+    """An exclusive ``flock`` on ``path`` (a no-op where fcntl is missing)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # Windows: fall back to the rename's atomicity alone
+            return self
+        self.f = open(self.path, "a")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.f is not None:
+            self.f.close()  # closing releases the lock

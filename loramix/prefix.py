@@ -1,0 +1,290 @@
+"""Frozen-prefix cache: run only the adapted top layers of a decoder.
+
+A decoder-only causal LM of the Llama family with ``L`` blocks computes, for
+token ids ``x`` of shape ``(B, T)`` and an attention mask ``m`` ``(B, T)``::
+
+    h_0     = E[x]                                          (B, T, d)  no scale, no position term
+    h_{i+1} = block_i(h_i; causal mask from m, rope(positions))         i = 0 .. L-1
+    logits  = head(norm(h_L))                               (B, T, vocab)
+
+When adapters sit only in blocks ``k .. L-1`` (the top ``N = L - k``), the
+state entering block ``k``, ``h_k``, depends on the frozen embedding and
+blocks ``0 .. k-1`` alone: it is the same for every adapter, every training
+step and every merge. :func:`prefix_states` computes it once per example
+(``(T_i, d)``, unpadded) and caches it; :func:`top_view` runs blocks
+``k .. L-1``, the final norm and the head on it, by passing ``h_k`` as
+``inputs_embeds`` to a view of the model whose block list is cut to
+``blocks[k:]``. The rotary embedding and the causal mask are built from the
+positions and ``m`` exactly as in the full forward, so the cached path is the
+same computation (tests check logits and loss against the full forward to
+1e-5). Right padding keeps it exact per example: a real position never
+attends to a later one, so the cached states of padded positions (zeros
+here) never reach a scored token.
+
+Only architectures whose table entry says ``prefix_cache``
+(:mod:`loramix.archs`) qualify: GPT-2 adds position embeddings to
+``inputs_embeds`` inside the model, and Gemma scales them.
+
+Cache: in this process (a bounded dictionary) and on disk under
+``cache_dir()/prefix/<key>.safetensors`` (written atomically), keyed by
+sha256 of the prefix's own weights (embedding and blocks ``0 .. k-1``, so a
+folder with merged top layers shares its base's entries), the token ids and
+labels of the examples (hence the data, tokenizer and ``max_len``), ``k``,
+the dtype and the torch/transformers versions. A file holds ``states``
+``(sum_i T_i, d)`` and ``lengths`` ``(n,)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+_MEMORY: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
+_MEMORY_BYTES = 2 << 30  # the in-process cache keeps at most about 2 GiB of states
+
+
+def supports_prefix(model) -> bool:
+    """Whether ``model``'s architecture allows the cached path (``archs`` table)."""
+    from .archs import arch
+
+    a = arch(getattr(getattr(model, "config", None), "model_type", None))
+    return bool(a and a.prefix_cache)
+
+
+def _blocks(model) -> nn.ModuleList:
+    return model.base_model.layers
+
+
+def split_point(model, top_layers: int, flag: str = "--top-layers") -> int:
+    """``k = L - top_layers``: the first adapted block; checks the architecture and range."""
+    mt = getattr(model.config, "model_type", None)
+    if not supports_prefix(model):
+        raise UsageError(flag, f"model type {mt!r} does not allow the frozen-prefix cache (loramix.archs)")
+    n = len(_blocks(model))
+    if not 1 <= int(top_layers) <= n:
+        raise UsageError(flag, f"must be between 1 and the model's {n} layers, got {top_layers}")
+    return n - int(top_layers)
+
+
+def _blocks_path(model) -> str:
+    blocks = _blocks(model)
+    return next(n for n, m in model.named_modules() if m is blocks)
+
+
+def layer_of(model, name: str) -> int | None:
+    """The block index of module ``name`` (``model.layers.12.mlp.up_proj`` -> 12), or None."""
+    m = re.match(re.escape(_blocks_path(model)) + r"\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def top_targets(model, targets, k: int) -> list[str]:
+    """Full names of the modules ``targets`` selects (PEFT's rule) in blocks ``k`` and up."""
+    from .layers import find_targets
+
+    names = [n for n in find_targets(model, targets) if (layer_of(model, n) or -1) >= k]
+    if not names:
+        raise UsageError("--top-layers", f"no target module in layers {k} and up")
+    return names
+
+
+def check_top_only(model, names, k: int, where) -> None:
+    """Refuse an adapter that changes a module below block ``k`` (the cache would be wrong)."""
+    for n in names:
+        i = layer_of(model, n)
+        if i is None or i < k:
+            raise UsageError("--top-layers", f"{where}: module {n} is not in the top layers ({k} and up)")
+
+
+def _view(module: nn.Module, **children) -> nn.Module:
+    """A shallow copy of ``module`` with some children replaced; parameters are shared."""
+    v = copy.copy(module)
+    v._modules = dict(module._modules)
+    v._modules.update(children)
+    return v
+
+
+def _config_for(config, lo: int, hi: int):
+    """The config as blocks ``lo .. hi-1`` see it: a per-layer ``layer_types`` list is cut
+    too (Qwen indexes it by position in the block list), and no key/value cache
+    (its layer indices are those of the full model)."""
+    c = copy.copy(config)
+    c.use_cache = False
+    types = getattr(config, "layer_types", None)
+    if types:
+        c.layer_types = list(types)[lo:hi]
+    return c
+
+
+def prefix_view(model, k: int) -> nn.Module:
+    """The base model (no head) running blocks ``0 .. k-1`` and no final norm:
+    ``prefix_view(model, k)(input_ids, attention_mask).last_hidden_state`` is ``h_k``."""
+    body = model.base_model
+    v = _view(body, layers=nn.ModuleList(list(body.layers)[:k]), norm=nn.Identity())
+    v.config = _config_for(body.config, 0, k)
+    return v
+
+
+def top_view(model, k: int) -> nn.Module:
+    """The causal LM running blocks ``k .. L-1``, the norm and the head on
+    ``inputs_embeds = h_k``; same class as ``model`` (so the fast head applies)."""
+    body = model.base_model
+    n = len(body.layers)
+    top_body = _view(body, layers=nn.ModuleList(list(body.layers)[k:]))
+    top_body.config = _config_for(body.config, k, n)
+    name = next(n for n, m in model.named_children() if m is body)
+    v = _view(model, **{name: top_body})
+    v.train(model.training)
+    return v
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def _hash_tensor(h, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+
+
+def prefix_identity(model, k: int) -> str:
+    """sha256 of what ``h_k`` depends on: the config (less its ``_`` keys, such
+    as the folder's path) and the embedding's and blocks ``0 .. k-1``'s
+    parameters and buffers (names, dtypes, shapes, bytes)."""
+    import transformers
+
+    h = hashlib.sha256()
+    cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+    # not "_name_or_path" and the like: a merged copy of the base elsewhere shares the entries
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
+    body = model.base_model
+    parts = [("embed", body.get_input_embeddings())] + [(f"block{i}", body.layers[i]) for i in range(k)]
+    for prefix, mod in parts:
+        for name, t in [*mod.named_parameters(), *mod.named_buffers()]:
+            h.update(f"{prefix}.{name}".encode())
+            _hash_tensor(h, t)
+    return h.hexdigest()
+
+
+def examples_sha256(examples: list[dict]) -> str:
+    """sha256 of the encoded examples' ``input_ids`` and ``labels``."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e["input_ids"], e["labels"]]).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def cache_key(model, k: int, examples: list[dict], *, dtype=None) -> str:
+    """The key of one cache entry (module docstring)."""
+    parts = {
+        "prefix": prefix_identity(model, k),
+        "data": examples_sha256(examples),
+        "k": k,
+        "dtype": str(dtype or next(model.parameters()).dtype),
+        "device": next(model.parameters()).device.type,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+@torch.inference_mode()
+def compute_states(model, k: int, examples: list[dict], *, batch_size: int = 16, pad_id: int = 0,
+                   autocast=None) -> list[torch.Tensor]:  # fmt: skip
+    """``h_k`` per example, ``(T_i, d)``, on the CPU; batches sorted by length
+    (little padding), ``autocast`` a dtype to compute in (or None)."""
+    from .data import make_batches
+
+    dev = next(model.parameters()).device
+    pre = prefix_view(model, k)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    ordered = [examples[i] for i in order]
+    batches = make_batches(ordered, batch_size=batch_size, pad_id=pad_id)
+    out: list[torch.Tensor | None] = [None] * len(examples)
+    j = 0
+    for b in batches:
+        ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
+        with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
+            h = pre(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        h = h.float().cpu() if autocast is not None else h.cpu()
+        for row in range(h.shape[0]):
+            n = int(mask[row].sum())
+            out[order[j]] = h[row, :n].clone()
+            j += 1
+    return out  # type: ignore[return-value]
+
+
+def prefix_states(model, k: int, examples: list[dict], *, batch_size: int = 16, pad_id: int = 0,
+                  cache: str | None = "disk", autocast=None) -> list[torch.Tensor]:  # fmt: skip
+    """Cached :func:`compute_states`: ``cache`` is ``"disk"`` (this process's
+    memory, then ``cache_dir()/prefix``), ``"memory"`` or None (compute)."""
+    if cache is None or not examples:
+        return compute_states(model, k, examples, batch_size=batch_size, pad_id=pad_id, autocast=autocast)
+    key = cache_key(model, k, examples, dtype=autocast)
+    if key in _MEMORY:
+        _MEMORY.move_to_end(key)
+        return _MEMORY[key]
+    states = _read(key) if cache == "disk" else None
+    if states is None:
+        states = compute_states(model, k, examples, batch_size=batch_size, pad_id=pad_id, autocast=autocast)
+        if cache == "disk":
+            _write(key, states)
+    _remember(key, states)
+    return states
+
+
+def _remember(key: str, states: list[torch.Tensor]) -> None:
+    _MEMORY[key] = states
+    size = lambda v: sum(t.numel() * t.element_size() for t in v)  # noqa: E731
+    while len(_MEMORY) > 1 and sum(size(v) for v in _MEMORY.values()) > _MEMORY_BYTES:
+        _MEMORY.popitem(last=False)
+
+
+def _path(key: str):
+    from .io.model_folder import cache_dir
+
+    return cache_dir() / "prefix" / f"{key}.safetensors"
+
+
+def _read(key: str) -> list[torch.Tensor] | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = _path(key)
+    if not path.is_file():
+        return None
+    try:
+        d = load_file(str(path))
+        states, lengths = d["states"], d["lengths"].tolist()
+    except (OSError, KeyError, SafetensorError):
+        return None  # a damaged entry is recomputed (and rewritten)
+    if sum(lengths) != states.shape[0]:
+        return None
+    return list(torch.split(states, lengths))
+
+
+def _write(key: str, states: list[torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    from .io.outputs import atomic_write
+
+    blob = save({"states": torch.cat(states).contiguous(),
+                 "lengths": torch.tensor([s.shape[0] for s in states], dtype=torch.long)})  # fmt: skip
+    try:
+        with atomic_write(_path(key), "wb") as f:
+            f.write(blob)
+    except OSError:
+        pass  # a read-only cache only costs the recomputation
+
+
+def clear_memory() -> None:
+    """Forget the in-process entries (tests; a caller short of memory)."""
+    _MEMORY.clear()

@@ -1,0 +1,150 @@
+"""The frozen-prefix cache: the cached path against the full forward, per architecture and on SmolLM2."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from loramix import prefix
+from loramix.archs import ARCHS
+from loramix.data import make_batches
+from loramix.errors import UsageError
+from loramix.layers import inject_trainable
+
+from .test_archs import CONFIGS
+
+SMOL = Path("/work/smol")
+PREFIX_ARCHS = [a for a in ARCHS if ARCHS[a].prefix_cache]
+
+
+def _tiny(model_type: str, layers: int = 4):
+    cfg = CONFIGS[model_type]()
+    key = "n_layer" if model_type == "gpt2" else "num_hidden_layers"
+    setattr(cfg, key, layers)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[0]] * layers
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _examples(vocab: int, lengths=(7, 3, 12, 5), seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(1, vocab, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3 :]})
+    return out
+
+
+def _full_and_cached(model, k: int, examples):
+    """Logits at real positions and the loss, from the full model and from the cached path."""
+    states = prefix.compute_states(model, k, examples, batch_size=3)
+    full = make_batches(examples, batch_size=4, pad_id=0)[0]
+    cached = make_batches(examples, batch_size=4, pad_id=0, embeds=states)[0]
+    top = prefix.top_view(model, k)
+    with torch.no_grad():
+        a = model(input_ids=full["input_ids"], attention_mask=full["attention_mask"], labels=full["labels"])
+        b = top(inputs_embeds=cached["inputs_embeds"], attention_mask=cached["attention_mask"],
+                labels=cached["labels"])  # fmt: skip
+    real = full["attention_mask"].bool()
+    return a.logits[real], b.logits[real], a.loss, b.loss
+
+
+@pytest.mark.parametrize("model_type", PREFIX_ARCHS)
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_cached_path_equals_the_full_forward(model_type, k):
+    model = _tiny(model_type)
+    la, lb, a, b = _full_and_cached(model, k, _examples(model.config.vocab_size))
+    torch.testing.assert_close(lb, la, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_with_trainable_adapters_on_the_top_layers_the_gradients_agree():
+    model = _tiny("llama")
+    k = 2
+    names = prefix.top_targets(model, None, k)
+    assert names and all(prefix.layer_of(model, n) >= k for n in names)
+    params = inject_trainable(model, rank=2, alpha=4, targets=names, seed=0)
+    with torch.no_grad():  # non-zero B, so the adapters change the output
+        for p in params[1::2]:
+            p.normal_(0, 0.1)
+    ex = _examples(model.config.vocab_size)
+    full = make_batches(ex, batch_size=4, pad_id=0)[0]
+    model(**full).loss.backward()
+    g_full = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    cached = make_batches(ex, batch_size=4, pad_id=0, embeds=prefix.compute_states(model, k, ex))[0]
+    cached.pop("input_ids")
+    prefix.top_view(model, k)(**cached).loss.backward()
+    for a, b in zip(g_full, (p.grad for p in params)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_gpt2_is_refused_and_would_be_wrong():
+    """GPT-2 adds position embeddings to inputs_embeds: the table says no, and rightly."""
+    model = _tiny("gpt2")
+    assert not ARCHS["gpt2"].prefix_cache
+    with pytest.raises(UsageError, match="does not allow"):
+        prefix.split_point(model, 2)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        full = model(ids).logits
+        h = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(4))  # h_0
+        cut = model(inputs_embeds=h).logits  # positions added a second time
+    assert not torch.allclose(full, cut, atol=1e-3)
+
+
+def test_split_point_range_and_top_only_check():
+    model = _tiny("llama")
+    assert prefix.split_point(model, 1) == 3
+    assert prefix.split_point(model, 4) == 0
+    for bad in (0, 5):
+        with pytest.raises(UsageError, match="between 1 and"):
+            prefix.split_point(model, bad)
+    with pytest.raises(UsageError, match="not in the top layers"):
+        prefix.check_top_only(model, ["model.layers.1.mlp.up_proj"], 2, "adapter")
+    prefix.check_top_only(model, ["model.layers.3.mlp.up_proj"], 2, "adapter")
+
+
+def test_disk_cache_round_trip_and_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path))
+    prefix.clear_memory()
+    model = _tiny("llama")
+    ex = _examples(model.config.vocab_size)
+    first = prefix.prefix_states(model, 2, ex)
+    files = list((tmp_path / "prefix").glob("*.safetensors"))
+    assert len(files) == 1
+    prefix.clear_memory()
+    again = prefix.prefix_states(model, 2, ex)  # read back from disk
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    key = prefix.cache_key(model, 2, ex)
+    assert key != prefix.cache_key(model, 1, ex)
+    assert key != prefix.cache_key(model, 2, ex[:3])
+    model.config._name_or_path = "/another/folder"  # a merged copy elsewhere shares the entry
+    assert prefix.cache_key(model, 2, ex) == key
+    with torch.no_grad():  # a change in the top layers keeps the key, one in the prefix changes it
+        model.model.layers[3].mlp.up_proj.weight.add_(1.0)
+        assert prefix.cache_key(model, 2, ex) == key
+        model.model.layers[1].mlp.up_proj.weight.add_(1.0)
+        assert prefix.cache_key(model, 2, ex) != key
+    files[0].write_bytes(b"damaged")  # a damaged entry is recomputed
+    prefix.clear_memory()
+    assert prefix._read(key) is None
+
+
+@pytest.mark.skipif(not (SMOL / "model.safetensors").exists(), reason=f"no imported SmolLM2 at {SMOL}")
+def test_cached_path_equals_the_full_forward_on_smollm2():
+    from loramix.data import encode_records, load_records
+    from loramix.models import load_causal_lm
+
+    model, tok = load_causal_lm(SMOL)
+    data = Path("/work/shared/data/science.jsonl")
+    if not data.exists():
+        pytest.skip(f"no real data at {data}")
+    ex = encode_records(tok, load_records(data, limit=3), max_len=48)
+    la, lb, a, b = _full_and_cached(model, len(model.model.layers) - 4, ex)
+    torch.testing.assert_close(lb, la, rtol=0, atol=1e-4)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)

@@ -1,0 +1,269 @@
+"""A real pretrained base: SmolLM2-135M-Instruct imported from its GGUF.
+
+The model tests use ``../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf`` beside
+the checkout and skip, saying so, where it is absent. One session-wide import
+is shared by all of them. Oracles: transformers (loading, perplexity), PEFT
+(loading a trained adapter, ``cat`` + ``merge_and_unload``) and a dense
+reference ``W0 + s B A`` formed here from the adapter's files.
+
+The bad-input tests need no model: they write small GGUF files with
+``gguf.GGUFWriter``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loramix.cli import main
+from loramix.io.safetensors_io import file_sha256
+
+from .factories import SHARED_DATA, one_line_error, write_jsonl
+
+MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+GGUF = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+needs_model = pytest.mark.skipif(
+    not GGUF.is_file(), reason=f"real model not found at {GGUF} (see README: Real model)"
+)
+needs_data = pytest.mark.skipif(
+    not (SHARED_DATA / "math.jsonl").is_file(), reason=f"real QA data not found at {SHARED_DATA}"
+)
+
+# Plain English prose, not from any of the data sets.
+PARAGRAPH = (
+    "The history of the printing press begins in the middle of the fifteenth century, when Johannes "
+    "Gutenberg, a goldsmith from Mainz, combined several existing technologies into a single machine. "
+    "Before his invention, books were copied by hand, a slow and expensive process that kept them out of "
+    "reach of most people. Gutenberg's press used movable metal type, oil-based ink and a screw mechanism "
+    "adapted from wine presses. Within a few decades, printing shops had spread to more than two hundred "
+    "cities across Europe, and millions of books had been produced. The new technology made it easier to "
+    "share ideas, and many historians believe it played an important role in the Renaissance, the "
+    "Reformation and the rise of modern science."
+)
+# The top two blocks only: training stays fast (no backward through the frozen prefix).
+TOP_TARGETS = (
+    r"model\.layers\.(28|29)\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+)
+
+
+# ---- the real model ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smol(tmp_path_factory):
+    if not GGUF.is_file():
+        pytest.skip(f"real model not found at {GGUF} (see README: Real model)")
+    out = tmp_path_factory.mktemp("smol") / "base"
+    assert main(["base", "import", str(GGUF), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(smol, tmp_path_factory):
+    """Two short LoRA trainings on the top blocks (math, medicine): a few steps each."""
+    if not (SHARED_DATA / "math.jsonl").is_file():
+        pytest.skip(f"real QA data not found at {SHARED_DATA}")
+    from loramix import train_adapter
+
+    root = tmp_path_factory.mktemp("smol-adapters")
+    res = {}
+    for i, dom in enumerate(["math", "medicine"]):
+        res[dom] = train_adapter(
+            str(smol), str(SHARED_DATA / f"{dom}.jsonl"), root / dom, targets=TOP_TARGETS, rank=4,
+            alpha=8, steps=6, batch=4, max_len=64, lr=3e-3, limit=40, eval_size=8, seed=i,
+            device="cpu", progress=False,
+        )  # fmt: skip
+    return res
+
+
+@needs_model
+def test_import_loads_tied_and_recorded(smol):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((smol / "config.json").read_text())
+    assert (cfg["model_type"], cfg["num_hidden_layers"], cfg["hidden_size"]) == ("llama", 30, 576)
+    assert cfg["num_key_value_heads"] < cfg["num_attention_heads"] and cfg["tie_word_embeddings"]
+    with safe_open(str(smol / "model.safetensors"), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    sha = file_sha256(GGUF)
+    assert json.loads(meta["loramix"])["inputs"][0]["sha256"] == sha
+    assert json.loads((smol / "loramix.json").read_text())["inputs"][0]["sha256"] == sha
+    model, info = AutoModelForCausalLM.from_pretrained(str(smol), output_loading_info=True)
+    assert not any(info.values()), info
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+@needs_model
+def test_import_loads_without_warnings(smol):
+    """A fresh process loading model and tokenizer prints nothing but transformers' progress bar."""
+    code = (
+        "import sys; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+        "AutoModelForCausalLM.from_pretrained(sys.argv[1]); AutoTokenizer.from_pretrained(sys.argv[1])"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "default"}
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(smol)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    noise = [ln for ln in r.stderr.splitlines() if ln.strip() and "Loading weights" not in ln]
+    assert not noise, noise
+
+
+@needs_model
+def test_perplexity_of_english_prose(smol):
+    """A real SmolLM2 gives about 12 here (about 18.5 on other prose; random weights ~56,000).
+    A wrong q/k un-permutation still loads but gives over 100."""
+    from loramix.models import load_causal_lm
+
+    model, tok = load_causal_lm(smol)
+    ids = tok(PARAGRAPH, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ppl = math.exp(float(model(ids, labels=ids).loss))
+    assert 5 < ppl < 30, ppl
+
+
+@needs_model
+@needs_data
+def test_short_training_lowers_heldout_loss(trained):
+    for dom, r in trained.items():
+        assert r["ppl_adapter"] < r["ppl_base"], (dom, r["ppl_base"], r["ppl_adapter"])
+
+
+@needs_model
+@needs_data
+def test_peft_loads_the_adapter_with_the_dense_logits(smol, trained, tmp_path):
+    """PEFT's model equals ``W0 + s B A`` formed here, and loramix's on-the-fly perplexity equals PEFT's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loramix import evaluate, load_adapter
+    from loramix.data import encode_records, load_records, make_batches
+    from loramix.models import load_tokenizer
+
+    path = Path(trained["math"]["out"])
+    ad = load_adapter(path)
+    dense = AutoModelForCausalLM.from_pretrained(str(smol)).eval()
+    with torch.no_grad():
+        for name, m in ad.modules.items():
+            w = dense.get_submodule(name).weight
+            w.copy_((w.double() + m.scale * m.B.double() @ m.A.double()).float())
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(smol)), str(path)).eval()
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+    recs = [{"question": "What is 12 times 7?", "answer": "12 * 7 = 84. #### 84"},
+            {"question": "Tom has 3 apples and buys 5 more. How many?", "answer": "3 + 5 = 8. #### 8"}]  # fmt: skip
+    recs = load_records(write_jsonl(tmp_path / "qa.jsonl", recs))
+    ours = evaluate(str(smol), adapters=[path], data=[recs], device="cpu")["ppl"][0]
+    tok = load_tokenizer(smol)
+    batches = make_batches(encode_records(tok, recs, max_len=64), batch_size=2, pad_id=tok.pad_token_id)
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            k = int((b["labels"][:, 1:] != -100).sum())
+            tot, n = tot + float(pm(**b).loss) * k, n + k
+    assert ours == pytest.approx(math.exp(tot / n), rel=1e-5)
+
+
+@needs_model
+@needs_data
+def test_sum_into_equals_peft_cat(smol, trained, tmp_path, capsys):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    paths = [trained[d]["out"] for d in ("math", "medicine")]
+    out = tmp_path / "merged"
+    assert (
+        main(["sum", "--no-progress", *paths, "--weights", "1,0.5", "--into", str(smol), "--out", str(out)])
+        == 0
+    )
+    capsys.readouterr()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())  # still tied
+    pm = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(smol)), paths[0], adapter_name="a0"
+    )
+    pm.load_adapter(paths[1], adapter_name="a1")
+    pm.add_weighted_adapter(["a0", "a1"], [1.0, 0.5], "summed", combination_type="cat")
+    pm.set_adapter("summed")
+    ref = pm.merge_and_unload().eval()
+    ours = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ref_sd, our_sd = ref.state_dict(), ours.state_dict()
+    assert set(ref_sd) == set(our_sd)
+    for k, v in ref_sd.items():
+        err = float((our_sd[k].double() - v.double()).norm() / v.double().norm().clamp_min(1e-30))
+        assert err <= 1e-6, k
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_model
+def test_gguf_path_accepted_as_base(smol, monkeypatch, tmp_path):
+    """A GGUF where a base folder goes is imported once into the cache, keyed by its sha256."""
+    from loramix.gguf_import import resolve_base
+    from loramix.io.model_folder import BaseModelFolder
+
+    folder = resolve_base(GGUF)
+    assert folder.name.startswith(file_sha256(GGUF)) and (folder / "config.json").is_file()
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert BaseModelFolder(GGUF).path == folder  # found, not imported again
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    assert (folder / "model.safetensors").read_bytes() == (smol / "model.safetensors").read_bytes()
+
+
+# ---- bad input, with small crafted files ----------------------------------------------------------
+
+
+def write_gguf(path: Path, arch: str, tensors: dict) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    for name, t in tensors.items():
+        w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_import_refuses_bad_input(tmp_path, capsys):
+    import numpy as np
+
+    text = tmp_path / "notes.gguf"
+    text.write_text("this is not a model\n")
+    good = write_gguf(tmp_path / "ok.gguf", "llama", {"token_embd.weight": np.ones((8, 32), np.float32)})
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(good.read_bytes()[:-100])
+    gpt2 = write_gguf(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": np.ones((8, 32), np.float32)})
+    ints = write_gguf(tmp_path / "int8.gguf", "llama", {"token_embd.weight": np.ones((8, 32), np.int8)})
+    cases = [
+        (text, ["not a GGUF file"]),
+        (tmp_path / "missing.gguf", ["no such file"]),
+        (truncated, ["corrupt or truncated"]),
+        (gpt2, ["architecture 'gpt2' is not supported", "llama"]),
+        (ints, ["token_embd.weight", "I8", "cannot import"]),
+    ]
+    for i, (path, needles) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        one_line_error(capsys, ["base", "import", path, "--out", out], path, *needles)
+        assert not out.exists() and not list(tmp_path.glob(f".out{i}*")), path
+
+
+def test_bad_gguf_as_base_is_one_line(tmp_path, capsys):
+    import numpy as np
+
+    gpt2 = write_gguf(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": np.ones((8, 32), np.float32)})
+    one_line_error(capsys, ["eval", "--base", gpt2, "--data", "synthetic:arith"], gpt2, "gpt2")
