@@ -213,10 +213,8 @@ def train_adapter(
     training batches hold similar lengths (:func:`loramix.data.make_batches`;
     0 for plain shuffled batches).
 
-    Returns a dict with ``out``, ``kind`` (and ``method``, its v0.1 name),
-    ``steps``, ``tokens``, ``final_loss`` (mean of the last 10 steps),
-    ``seconds``, ``ppl_base`` and ``ppl_adapter`` (None without eval data),
-    counts and the settings.
+    Returns ``out``, ``kind`` (``method``: its v0.1 name), ``steps``, ``tokens``, ``final_loss`` (last
+    10 steps), ``seconds``, ``ppl_base``/``ppl_adapter`` (None without eval data), counts, settings.
     """
     from .io.outputs import check_output
     from .layers import _kind_arg
@@ -238,37 +236,50 @@ def train_adapter(
     warmup = max(1, round(0.05 * total)) if warmup is None else int(warmup)
     options = {k: v for k, v in (("tau", tau), ("norm_dim", norm_dim)) if k in kind.options}
     factor_seed = seed if shared_init else init_seed(seed, run.data_inputs)
-    settings = {
+    settings = _settings(kind, run, options, total=total, warmup=warmup, factor_seed=factor_seed, fields=fields,
+                         given=dict(rank=rank, alpha=alpha, steps=steps, epochs=epochs, lr=lr, batch=batch,
+                                    eval_size=eval_size, limit=limit, weight_decay=weight_decay, clip=clip,
+                                    seed=seed, shared_init=shared_init, on=on, top_layers=top_layers,
+                                    dtype=dtype, grad_accum=grad_accum, grad_checkpointing=grad_checkpointing,
+                                    bucket=bucket))  # fmt: skip
+    metrics = _train(run, kind, settings, options, out=out, progress=progress)
+    _write(out, run, kind, settings, options, metrics, targets=targets, force=force, file_inputs=file_inputs)
+    return {"out": str(out), **metrics, "kind": kind.name, "method": kind.name, "settings": settings}
+
+
+def _settings(kind, run, options: dict, *, total: int, warmup: int, factor_seed: int, fields: dict,
+              given: dict) -> dict:  # fmt: skip
+    """What the adapter's provenance records about how it was trained
+    (``given``: train_adapter's arguments as passed)."""
+    g = given
+    return {
         "kind": kind.name,
-        "rank": rank,
-        "alpha": alpha,
+        "rank": g["rank"],
+        "alpha": g["alpha"],
         "tau": options.get("tau"),
         "norm_dim": options.get("norm_dim"),
         "targets": run.resolved_targets,
         "steps": total,
-        "epochs": None if steps is not None else epochs,
-        "lr": lr,
+        "epochs": None if g["steps"] is not None else g["epochs"],
+        "lr": g["lr"],
         "warmup": warmup,
         "schedule": "linear warm-up, cosine decay to lr/10",
-        "batch": batch,
+        "batch": g["batch"],
         "max_len": run.max_len,  # after capping at the model's context
-        "eval_size": eval_size,
-        "limit": limit,
-        "weight_decay": weight_decay,
-        "clip": clip,
-        "seed": seed,
-        "init": {"shared": bool(shared_init), "seed": factor_seed},
-        "on": on,
+        "eval_size": g["eval_size"],
+        "limit": g["limit"],
+        "weight_decay": g["weight_decay"],
+        "clip": g["clip"],
+        "seed": g["seed"],
+        "init": {"shared": bool(g["shared_init"]), "seed": factor_seed},
+        "on": g["on"],
         "fields": fields,
-        "top_layers": top_layers,
-        "dtype": dtype or "float32",
-        "grad_accum": grad_accum,
-        "grad_checkpointing": grad_checkpointing,
-        "bucket": bucket,
+        "top_layers": g["top_layers"],
+        "dtype": g["dtype"] or "float32",
+        "grad_accum": g["grad_accum"],
+        "grad_checkpointing": g["grad_checkpointing"],
+        "bucket": g["bucket"],
     }
-    metrics = _train(run, kind, settings, options, out=out, progress=progress)
-    _write(out, run, kind, settings, options, metrics, targets=targets, force=force, file_inputs=file_inputs)
-    return {"out": str(out), **metrics, "kind": kind.name, "method": kind.name, "settings": settings}
 
 
 def _check_speed(*, dtype, grad_accum, batch, prefix_cache) -> None:
