@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -46,8 +47,9 @@ def _old_sections(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
     text = path.read_text()
-    parts = text.split("\n## ")[1:]
-    return {p.split(" ", 1)[0]: "## " + p.rstrip() + "\n" for p in parts}
+    # a section starts at "## NAME (issue N)"; a benchmark's own "## ..." lines stay inside it
+    parts = re.split(r"\n(?=## [\w-]+ \(issue \d+\))", text)[1:]
+    return {p[3:].split(" ", 1)[0]: p.rstrip() + "\n" for p in parts}
 
 
 def machine() -> str:
