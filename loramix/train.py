@@ -212,15 +212,12 @@ def train_adapter(
     add up to the batch's (less memory). ``grad_checkpointing`` recomputes
     block activations in the backward (less memory, more time). ``bucket``:
     training batches hold similar lengths (:func:`loramix.data.make_batches`;
-    0 for plain shuffled batches). ``prompt``: ``"raw"`` (``Question: ...
-    Answer:``) or ``"chat"``: each record as a user turn and the answer as the
-    assistant's, by the base tokenizer's own chat template
-    (:func:`loramix.data.format_record`; recorded in the settings).
+    0 for plain shuffled batches). ``prompt``: ``"raw"`` or ``"chat"`` (the
+    base tokenizer's chat template, :func:`loramix.data.format_record`).
 
     Returns ``out``, ``kind`` (``method``: its v0.1 name), ``steps``, ``tokens``, ``final_loss`` (last
     10 steps), ``seconds``, ``ppl_base``/``ppl_adapter`` (None without eval data), counts, settings.
     """
-    from .data import check_prompt
     from .io.outputs import check_output
     from .layers import _kind_arg
 
@@ -229,8 +226,7 @@ def train_adapter(
     _check_numbers(
         rank=rank, batch=batch, max_len=max_len, steps=steps, epochs=epochs, lr=lr, norm_dim=norm_dim
     )
-    _check_speed(dtype=dtype, grad_accum=grad_accum, batch=batch, prefix_cache=prefix_cache)
-    check_prompt(prompt)
+    _check_speed(dtype=dtype, grad_accum=grad_accum, batch=batch, prefix_cache=prefix_cache, prompt=prompt)
     data_list = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     file_inputs = [d for d in data_list if not (isinstance(d, str) and d.startswith("synthetic:"))]
     out = check_output(out, force=force, inputs=[base, *file_inputs])
@@ -289,7 +285,10 @@ def _settings(kind, run, options: dict, *, total: int, warmup: int, factor_seed:
     }
 
 
-def _check_speed(*, dtype, grad_accum, batch, prefix_cache) -> None:
+def _check_speed(*, dtype, grad_accum, batch, prefix_cache, prompt="raw") -> None:
+    from .data import check_prompt
+
+    check_prompt(prompt)
     if dtype not in (None, "float32", "bfloat16"):
         raise UsageError("--dtype", f"must be float32 or bfloat16, got {dtype!r}")
     if not 1 <= grad_accum <= batch:
