@@ -51,6 +51,13 @@ def _eval_size(value: str) -> int | float:
 )
 @click.option("--limit", type=int, default=None, help="Use the first N records of each source.")
 @click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True)
+@click.option(
+    "--prompt",
+    type=click.Choice(["raw", "chat"]),
+    default="raw",
+    show_default=True,
+    help="raw: 'Question: ...\\nAnswer:'; chat: the base tokenizer's own chat template (instruct models).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--shared-init",
@@ -100,7 +107,8 @@ def command(base, data, more_data, out, targets, eval_size, quiet, kind, method,
         **kw,
     )
     click.echo(
-        f"adapter   {res['out']} ({res['kind']}, rank {kw['rank']}, {res['trainable_parameters']:,} parameters)"
+        f"adapter   {res['out']} ({res['kind']}, rank {kw['rank']}, {res['trainable_parameters']:,} parameters, "
+        f"{kw['prompt']} prompt)"
     )
     click.echo(
         f"trained   {res['steps']} steps, {res['tokens']:,} tokens, {res['train_seconds']:.1f} s "
