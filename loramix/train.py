@@ -208,9 +208,8 @@ def train_adapter(
     ``prefix_cache`` says), so every step and evaluation runs ``N`` blocks
     and the head (Llama family). ``dtype="bfloat16"``: the forward under
     bf16 autocast (factors, optimizer and loss stay float32; not exact).
-    ``grad_accum=m`` runs each batch as ``m`` micro-batches whose gradients
-    add up to the batch's (less memory). ``grad_checkpointing`` recomputes
-    block activations in the backward (less memory, more time). ``bucket``:
+    ``grad_accum=m``: ``m`` micro-batches whose gradients add up to the batch's (less memory);
+    ``grad_checkpointing`` recomputes block activations in the backward. ``bucket``:
     training batches hold similar lengths (:func:`loramix.data.make_batches`;
     0 for plain shuffled batches). ``prompt``: ``"raw"`` or ``"chat"`` (the
     base tokenizer's chat template, :func:`loramix.data.format_record`).
