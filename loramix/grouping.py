@@ -121,7 +121,7 @@ RULE = ("sum when the pessimistic predicted cost (upper end of the interval, els
         "is at most half the budget, ties otherwise; a group of one is kept")  # fmt: skip
 
 
-def _cost_model(adapters, fit_path, data, base, tokens, device) -> tuple[CostModel, str, dict | None]:
+def cost_model(adapters, fit_path, data, base, tokens, device) -> tuple[CostModel, str, dict | None]:
     fitfile = load_predictors(fit_path) if fit_path is not None else None
     fit = fitfile["fits"][fitfile["best"]] if fitfile else None
     needed = {f.split(":")[0] for f in fit_features(fit)} if fit else {"rms_cosine"}
@@ -168,7 +168,7 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
     if budget is not None and not math.isfinite(budget):
         raise UsageError("--budget", f"must be a finite number, got {budget}")
     adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
-    model, source, validated = _cost_model(adapters, fit, data, base, tokens, device)
+    model, source, validated = cost_model(adapters, fit, data, base, tokens, device)
     b = model.default_budget if budget is None else float(budget)
     names = model.features.names
     out = []

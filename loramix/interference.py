@@ -22,6 +22,17 @@ then ``y_hat = slope * cos_C + intercept`` with
 
 A cosine outside the fitted range is flagged: the line is then extrapolated.
 docs/interference.md defines the study, the fit and its validated error.
+
+With a predictors file (``predictors.json``, :mod:`loramix.validation`, written
+by a scenario run with a ``[predictors]`` table) the prediction uses its best
+predictor under leave-one-domain-out instead (:func:`predict_validated`): the
+composition's features (:mod:`loramix.features`; the data-aware ones need
+``base`` and one calibration file per adapter), that predictor's value and
+interval, and its held-out error against the mean's. A predictors file made
+for another adapter kind is refused; one made for another base (its
+``base_identity`` against the base identity in the adapters' training
+provenance) is used with a warning, as is one whose best predictor is no
+better than the mean.
 """
 
 from __future__ import annotations
@@ -46,6 +57,84 @@ def load_fit(path: str | os.PathLike) -> dict:
     return fit
 
 
+def _trained_base_identity(adapter) -> str | None:
+    """The base identity an adapter's ``loramix.json`` records (training provenance), if any."""
+    path = getattr(adapter, "path", None)
+    p = Path(path) if path is not None else None
+    if p is None or not (p if p.is_dir() else p.parent).joinpath("loramix.json").is_file():
+        return None
+    try:
+        rec = json.loads((p if p.is_dir() else p.parent).joinpath("loramix.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return next((i.get("identity") for i in rec.get("inputs", []) if isinstance(i, dict)
+                 and i.get("kind") == "base_model"), None)  # fmt: skip
+
+
+def _checks(adapters, fitfile: dict, where: str) -> list[str]:
+    """Refuse another adapter kind; warnings for another base and a fit no better than the mean."""
+    kinds = sorted({a.method for a in adapters})
+    want = fitfile.get("adapter_kind")
+    if want and kinds != [want]:
+        raise UsageError(where, f"fitted for {want} adapters, given {', '.join(kinds)}: the fits are per kind")
+    warnings = []
+    base = fitfile.get("base_identity")
+    seen = {i for i in (_trained_base_identity(a) for a in adapters) if i}
+    if base and seen and seen != {base}:
+        warnings.append(f"the adapters were trained on another base ({', '.join(sorted(x[:12] for x in seen))}) "
+                        f"than the one these predictors were fitted for ({base[:12]}): the prediction may not hold")  # fmt: skip
+    if not fitfile.get("beats_mean"):
+        warnings.append("no feature predicted this target better than the mean when validated: the prediction "
+                        "is the mean of the study's compositions")  # fmt: skip
+    return warnings
+
+
+def predict_validated(adapters_or_paths, path, *, data=None, base=None, tokens: int = 256, device="cpu") -> dict:
+    """Predicted interference from a predictors file (module docstring).
+
+    Returns ``names``, ``adapter_method``, ``target``, ``predictor`` (the best
+    validated one), ``predicted``, ``interval`` (low, high or None),
+    ``level``, ``validated`` (the predictor's held-out n, r, R^2, MAE and
+    coverage), ``mean_mae`` (the mean's held-out MAE), ``beats_mean``,
+    ``features`` (the composition's values of the features it reads) and
+    ``warnings``.
+    """
+    from .adapter import Adapter
+    from .grouping import cost_model, fit_features
+    from .io.adapter_files import load_adapter
+    from .validation import load_predictors
+
+    fitfile = load_predictors(path)
+    items = list(adapters_or_paths)
+    if len(items) < 2:
+        raise UsageError("predict", f"a composition needs at least 2 adapters, got {len(items)}")
+    adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
+    warnings = _checks(adapters, fitfile, str(path))
+    model, _, validated = cost_model(adapters, path, data, base, tokens, device)
+    members = list(range(len(adapters)))
+    y, lo, hi = model.cost(members)
+    rows = {r["predictor"]: r for r in fitfile["summary"]}
+    fit = fitfile["fits"][fitfile["best"]]
+    return {
+        "names": list(model.features.names), "adapter_method": adapters[0].method, "target": fitfile["target"],
+        "predictor": fitfile["best"], "predicted": y, "interval": None if lo is None else [lo, hi],
+        "level": fitfile["level"], "validated": validated, "mean_mae": rows.get("mean", {}).get("mae"),
+        "beats_mean": bool(fitfile.get("beats_mean")), "file": str(path), "scenario": fitfile.get("scenario"),
+        "features": {f: model.features.composition(f, members) for f in fit_features(fit)},
+        "warnings": warnings,
+    }  # fmt: skip
+
+
+def is_predictors_file(path) -> bool:
+    """Whether ``path`` holds a predictors file (rather than a ``fit.json``)."""
+    from .validation import FORMAT
+
+    try:
+        return json.loads(Path(path).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def predict(
     adapters_or_paths,
     fit,
@@ -56,7 +145,8 @@ def predict(
 ) -> dict:
     """Predicted delta_ppl% of merging ``adapters_or_paths`` (module docstring).
 
-    ``fit``: a ``fit.json`` path or its loaded dict. Returns a dict with
+    ``fit``: a ``fit.json`` path or its loaded dict; a predictors file's path
+    gives :func:`predict_validated`'s result instead. Returns a dict with
     ``cosine`` (the composition's), ``pairwise`` (pair -> RMS cosine),
     ``predicted_delta_ppl_pct``, ``interval`` (low, high or None),
     ``level``, ``loo_rmse``, ``residual_se``, ``extrapolation`` and the fit
@@ -67,6 +157,8 @@ def predict(
     from .io.adapter_files import load_adapter
     from .overlap import similarity
 
+    if not isinstance(fit, dict) and is_predictors_file(fit):
+        return predict_validated(adapters_or_paths, fit, device=device)
     fit_path = None
     if not isinstance(fit, dict):
         fit_path = str(fit)

@@ -1,4 +1,4 @@
-"""``loramix predict A B [C ...] --fit reports/NAME/fit.json``: interference from similarity alone."""
+"""``loramix predict A B [C ...] --fit reports/NAME/predictors.json``: interference before merging."""
 
 from __future__ import annotations
 
@@ -12,44 +12,73 @@ import click
     "fit_path",
     required=True,
     type=click.Path(path_type=str),
-    help="fit.json written by `loramix scenario run`.",
+    help="predictors.json (the best validated predictor) or fit.json (the cosine line), "
+    "written by `loramix scenario run`.",
 )
 @click.option(
-    "--method", "merge_method", default="sum", show_default=True, help="Merge method whose fit to use."
+    "--method", "merge_method", default="sum", show_default=True, help="Merge method whose fit to use (fit.json)."
 )
 @click.option(
-    "--level", type=float, default=None, help="Prediction-interval level (default: the fit's, 0.95)."
+    "--level", type=float, default=None, help="Prediction-interval level (fit.json; default: the fit's, 0.95)."
 )
+@click.option("--data", multiple=True, type=click.Path(path_type=str),
+              help="One calibration file per adapter, in order (predictors that read data-aware features).")  # fmt: skip
+@click.option("--base", type=click.Path(path_type=str), default=None, help="Base model folder (with --data).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def command(adapters, fit_path, merge_method, level, fmt):
-    """Predict delta_ppl% of merging ADAPTERS (at least two) from their RMS cosine, with error bars."""
+def command(adapters, fit_path, merge_method, level, data, base, fmt):
+    """Predict the interference of merging ADAPTERS (at least two), with error bars."""
     import json
 
-    from ..interference import predict
+    from ..interference import is_predictors_file, predict, predict_validated
 
-    r = predict(list(adapters), fit_path, merge_method=merge_method, level=level)
-    if fmt == "json":
-        click.echo(json.dumps(r, indent=2))
+    if is_predictors_file(fit_path):
+        r = predict_validated(list(adapters), fit_path, data=list(data) or None, base=base)
+        for w in r["warnings"]:
+            click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
+        click.echo(json.dumps(r, indent=2) if fmt == "json" else _validated_text(r))
         return
+    r = predict(list(adapters), fit_path, merge_method=merge_method, level=level)
+    click.echo(json.dumps(r, indent=2) if fmt == "json" else _line_text(r))
+
+
+def _validated_text(r: dict) -> str:
+    v = r["validated"] or {}
+    lines = [f"adapters: {', '.join(r['names'])} ({r['adapter_method']})"]
+    lines += [f"  {f}: {x:.4g}" for f, x in r["features"].items()]
+    mae = v.get("mae")
+    lines.append(f"predictor: {r['predictor']} from {r['file']} (best of the study's predictors under "
+                 f"leave-one-domain-out: held-out MAE {mae:.3g} over {v.get('n')} predictions, mean's "
+                 f"{r['mean_mae']:.3g})")  # fmt: skip
+    line = f"predicted {r['target']}: {r['predicted']:+.2f}"
+    if r["interval"] is not None:
+        lo, hi = r["interval"]
+        line += f"  ({100 * r['level']:g}% prediction interval [{lo:+.2f}, {hi:+.2f}])"
+    lines.append(line)
+    if not r["beats_mean"]:
+        lines.append("note: this predictor is no better than the mean of the study's compositions")
+    return "\n".join(lines)
+
+
+def _line_text(r: dict) -> str:
     f = r["fit"]
-    click.echo(f"adapters: {', '.join(r['names'])} ({r['adapter_method']})")
-    for pair, c in r["pairwise"].items():
-        click.echo(f"  RMS cosine {pair}: {c:.4f}")
+    lines = [f"adapters: {', '.join(r['names'])} ({r['adapter_method']})"]
+    lines += [f"  RMS cosine {pair}: {c:.4f}" for pair, c in r["pairwise"].items()]
     if len(r["names"]) > 2:
-        click.echo(f"  composition (quadratic mean over pairs): {r['cosine']:.4f}")
+        lines.append(f"  composition (quadratic mean over pairs): {r['cosine']:.4f}")
     rr = "n/a" if f["pearson_r"] is None else f"{f['pearson_r']:.3f}"
-    click.echo(f"fit: {f['file']} ({r['adapter_method']}, {r['merge_method']}; {f['n']} compositions, r = {rr}; "
-               f"delta = {f['slope']:.3g} * cos {f['intercept']:+.3g})")  # fmt: skip
+    lines.append(f"fit: {f['file']} ({r['adapter_method']}, {r['merge_method']}; {f['n']} compositions, r = {rr}; "
+                 f"delta = {f['slope']:.3g} * cos {f['intercept']:+.3g})")  # fmt: skip
     line = f"predicted delta_ppl%: {r['predicted_delta_ppl_pct']:+.2f}"
     if r["interval"] is not None:
         lo, hi = r["interval"]
         line += f"  ({100 * r['level']:g}% prediction interval [{lo:+.2f}, {hi:+.2f}])"
     else:
         line += "  (no prediction interval: the fit has fewer than 3 compositions)"
-    click.echo(line)
+    lines.append(line)
     if r["loo_rmse"] is not None:
-        click.echo(f"leave-one-out error of the fit: RMSE {r['loo_rmse']:.2f} points")
+        lines.append(f"leave-one-out error of the fit: RMSE {r['loo_rmse']:.2f} points")
     if r["extrapolation"]:
         lo, hi = r["fitted_range"]
-        click.echo(f"note: cosine {r['cosine']:.4f} lies outside the fitted range [{lo:.4f}, {hi:.4f}]: "
-                   "the line is extrapolated")  # fmt: skip
+        lines.append(f"note: cosine {r['cosine']:.4f} lies outside the fitted range [{lo:.4f}, {hi:.4f}]: "
+                     "the line is extrapolated")  # fmt: skip
+    return "\n".join(lines)

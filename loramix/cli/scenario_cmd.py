@@ -25,16 +25,20 @@ def check_cmd(file):
         click.echo(f"  domain {n}: {d.data} (train {d.train}, eval {d.eval})")
     comps = ", ".join("+".join(c) for c in sc.compositions)
     click.echo(f"  compositions ({len(sc.compositions)}): {comps}")
-    n_dom, n_comp = len(sc.domains), len(sc.compositions)
-    for am in sc.adapters.methods:
-        ms = [m.method for m in merges_for(sc, am)]
-        click.echo(f"  {am}: {len(sc.seeds)} seed(s) x ({n_dom} domain + {n_comp} merged-data adapters); "
-                   f"merges {', '.join(ms)}")  # fmt: skip
     from collections import Counter
 
-    from ..scenario.plan import plan
+    from ..scenario.plan import merged_data_compositions, plan, prepare_data
 
-    steps = plan(sc)
+    data = prepare_data(sc)
+    md = merged_data_compositions(sc, data)
+    if len(md) < len(sc.compositions):
+        click.echo(f"  merged-data adapters ({len(md)}): {', '.join('+'.join(c) for c in md)}")
+    n_dom = len(sc.domains)
+    for am in sc.adapters.methods:
+        ms = [m.method for m in merges_for(sc, am)]
+        click.echo(f"  {am}: {len(sc.seeds)} seed(s) x ({n_dom} domain + {len(md)} merged-data adapters); "
+                   f"merges {', '.join(ms)}")  # fmt: skip
+    steps = plan(sc, data)
     kinds = Counter(st.kind for st in steps)
     click.echo(f"  plan: {len(steps)} steps ({', '.join(f'{n} {k}' for k, n in kinds.items())})")
 

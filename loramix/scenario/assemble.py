@@ -62,10 +62,13 @@ def _composition_rows(t: _Tables, sc: Scenario, results: dict, am, seed, comp, s
     cos = composition_cosine(rms, idx)
     cos_eff = None if rms_eff is None else composition_cosine(rms_eff, idx)
     mean_cos = float(np.mean([mean[i, j] for a, i in enumerate(idx) for j in idx[a + 1 :]]))
-    ev_md = results[f"eval/{pre}/merged-data/{cn}"]
-    t.add_evals(am, seed, f"merged-data:{cn}", ev_md)
-    ppl_md, tok = union_ppl(ev_md, comp)
-    ppl_base, _ = union_ppl(ev_base, comp)
+    ev_md = results.get(f"eval/{pre}/merged-data/{cn}")
+    ppl_md = float("nan")
+    if ev_md is not None:
+        t.add_evals(am, seed, f"merged-data:{cn}", ev_md)
+        ppl_md, _ = union_ppl(ev_md, comp)
+    ppl_base, tok = union_ppl(ev_base, comp)
+    own = {d: results[f"eval/{pre}/adapter/{d}"][d]["ppl"] for d in comp}
     for mg in sc.merges_for(am):
         merge = results.get(f"merge/{pre}/{mg.method}/{cn}")
         ev_m = merge["eval"] if merge and "eval" in merge else results[f"eval/{pre}/merge/{mg.method}/{cn}"]
@@ -79,7 +82,19 @@ def _composition_rows(t: _Tables, sc: Scenario, results: dict, am, seed, comp, s
             "merge_method": mg.method, "rms_cosine": cos, "mean_cosine": mean_cos,
             "rms_cosine_effective": cos_eff, "ppl_merge": ppl_m, "ppl_merged_data": ppl_md,
             "delta_ppl_pct": delta_pct(ppl_m, ppl_md), "ppl_base": ppl_base, "eval_tokens": tok,
+            "retention_pct": retention_pct(ev_m, own),
         })  # fmt: skip
+
+
+def retention_pct(ev_merge: dict, own: dict[str, float]) -> float:
+    """The retention target of a composition ``C``:
+    ``mean_{d in C} 100 (ppl_merge(d) - ppl_d(d)) / ppl_d(d)``, the merge's
+    perplexity on each member's eval split against that member's own adapter
+    on it (``own = {d: ppl_d(d)}``); 0 when the merge keeps every member's gain,
+    positive when it loses some."""
+    from .report import delta_pct
+
+    return float(np.mean([delta_pct(ev_merge[d]["ppl"], own[d]) for d in own]))
 
 
 def _by_layer(per_module: pd.DataFrame) -> list[dict]:
@@ -92,13 +107,23 @@ def _by_layer(per_module: pd.DataFrame) -> list[dict]:
     return g.reset_index().rename(columns={"cos2": "rms_cosine"}).to_dict(orient="records")
 
 
+def _validations(sc: Scenario, results: dict, summary: pd.DataFrame) -> list[dict]:
+    """The predictors step's validations (:mod:`.predictors`); empty without ``[predictors]``."""
+    from .predictors import feature_set, validate_targets
+
+    if sc.predictors is None:
+        return []
+    feats = {am: feature_set([results[f"features/{am}/{s}"] for s in sc.seeds]) for am in sc.adapters.methods}
+    return validate_targets(summary, feats, level=sc.predictors.level)
+
+
 def assemble(sc: Scenario, results: dict[str, dict]) -> dict:
     """The report's data from the plan's results (``{step id: result}``).
 
     Returns ``evaluations``, ``results`` (a DataFrame), ``summary``, ``fits``,
     ``similarity``, ``similarity_mean``, ``per_module`` (a DataFrame),
-    ``cosine_by_layer``, ``best_methods``, ``merge_summaries``, ``adapters``
-    and ``ev_base`` (the base's evaluation).
+    ``cosine_by_layer``, ``best_methods``, ``merge_summaries``, ``adapters``,
+    ``validations`` (:mod:`.predictors`) and ``ev_base`` (the base's evaluation).
     """
     from .report import compute_fits, summarize
 
@@ -114,7 +139,7 @@ def assemble(sc: Scenario, results: dict[str, dict]) -> dict:
             t.adapters.append({"adapter_method": am, "seed": seed,
                                **{d: results[f"adapter/{pre}/{d}"]["path"] for d in names},
                                **{f"merged-data:{comp_name(c)}": results[f"merged-data/{pre}/{comp_name(c)}"]["path"]
-                                  for c in sc.compositions}})  # fmt: skip
+                                  for c in sc.compositions if f"merged-data/{pre}/{comp_name(c)}" in results}})  # fmt: skip
             for d in names:
                 t.add_evals(am, seed, f"adapter:{d}", results[f"eval/{pre}/adapter/{d}"])
             for comp in sc.compositions:
@@ -131,6 +156,7 @@ def assemble(sc: Scenario, results: dict[str, dict]) -> dict:
         means = g.groupby("merge_method", sort=False)["delta_ppl_pct"].mean()
         best[am] = {"method": str(means.idxmin()), "delta": float(means.min())}
     return {"evaluations": t.evaluations, "results": res_df, "summary": summary, "fits": compute_fits(summary),
+            "validations": _validations(sc, results, summary),
             "similarity": t.sims, "similarity_mean": sim_mean, "per_module": per_module,
             "cosine_by_layer": _by_layer(per_module), "best_methods": best,
             "merge_summaries": t.merge_summaries, "adapters": t.adapters, "ev_base": ev_base}  # fmt: skip

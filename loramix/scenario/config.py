@@ -9,7 +9,8 @@ Paths may use ``${VAR}`` / ``$VAR`` (environment variables) and ``~``; a
 relative path is taken relative to the scenario file's folder. When
 ``LORAMIX_DATA`` is not set it defaults to the first ``shared/data`` folder
 found walking up from the scenario file's folder (``../shared/data`` seen from
-the repository), else ``shared/data`` beside the scenario file.
+the repository), else ``shared/data`` beside the scenario file; likewise
+``LORAMIX_MODELS`` and ``shared/models``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ import tomllib
 
 from ..errors import ScenarioError, UsageError
 from .traits import ADAPTER_KINDS as ADAPTER_METHODS
-from .traits import applies_to, kinds_for
+from .traits import INITS, applies_to, kinds_for, parse_label, rank_of
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -129,7 +131,7 @@ class AdapterSpec:
     """The training recipe shared by every adapter (domain and merged-data)."""
 
     methods: tuple[str, ...] = key("str-list", ("lora",), choices=ADAPTER_METHODS, doc_default='`["lora"]`',
-                                   help="adapter kinds, each a full study (or `method = \"lora\"`)")  # fmt: skip
+                                   help="adapter kinds, each a full study (or `method = \"lora\"`); `KIND@R`: that kind at rank R")  # fmt: skip
     rank: int = key("int", 4, bound="positive", help="LoRA rank")
     alpha: float = key("float", 64.0, bound="positive", help="LoRA alpha")
     tau: float = key("float", 0.5, bound="nonneg", help="D2-LoRA negative-branch weight")
@@ -140,12 +142,18 @@ class AdapterSpec:
     lr: float = key("float", 2e-4, bound="positive", help="learning rate")
     batch: int = key("int", 8, bound="positive", help="batch size")
     max_len: int = key("int", 256, bound="positive", help="sequence length (at least 2)")
-    init: str = key("str", "data", choices=("data", "shared"),
-                    help="initial factors from the seed and the domain's records, or from the seed alone")  # fmt: skip
+    top_layers: int | None = key("int", bound="positive", doc_default="all layers",
+                                 help="adapt only the top N transformer blocks (the targets inside them)")  # fmt: skip
+    init: str = key("any", "data", doc_default="`data`",
+                    help="initial factors from the seed and the domain's records (`data`), or from the seed alone "
+                    "(`shared`); a list of both: each a study of its own (labels `KIND:shared`)")  # fmt: skip
     extra: dict = field(default_factory=dict)  # warmup, weight_decay, ... passed through
 
     def recipe(self) -> dict:
+        # top_layers only when set, so that the cache keys of recipes without it stay as they were.
+        top = {} if self.top_layers is None else {"top_layers": self.top_layers}
         return {
+            **top,
             "rank": self.rank,
             "alpha": self.alpha,
             "tau": self.tau,
@@ -193,6 +201,22 @@ class EvalSpec:
     on: str = key(
         "str", "answer", choices=("answer", "all"), help="perplexity over answer tokens or all tokens"
     )
+    domains: str = key("str", "all", choices=("all", "members"),
+                       help="evaluate each model on every domain, or only on the domains it serves "
+                       "(its own; a composition's members; the base on all)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PredictorSpec:
+    """``[predictors]``: compute every registered feature of the domain adapters and
+    validate each predictor of each interference target by leave-one-domain-out."""
+
+    tokens: int = key("int", 256, bound="positive", help="calibration tokens per domain (data-aware features)")
+    max_len: int = key("int", 128, bound="positive", help="sequence length of the calibration records")
+    level: float = key("float", 0.9, bound="unit", help="level of the prediction intervals")
+    target: str = key("str", "retention", choices=("retention", "delta_ppl"),
+                      help="the target whose best predictor is saved as predictors.json")  # fmt: skip
+    method: str = key("str", "sum", help="... for this merge method")
 
 
 @dataclass
@@ -209,9 +233,17 @@ class Scenario:
     adapters: AdapterSpec = key("table", doc_default="the defaults below", help="the adapter training recipe")
     compositions: list[tuple[str, ...]] = key("list", doc_default='`["all-pairs"]`',
                                               help='`"all-pairs"`, `"all-triples"`, `"all-K"`, or lists of '
-                                              "domain names (at least 2)")  # fmt: skip
+                                              "domain names (at least 2); or the table below")  # fmt: skip
+    # None: all; (N, included compositions): N pairs spanning the similarity; or a tuple of compositions.
+    merged_data: tuple | None = key(
+        "any", doc_default='`"all"`',
+        help='compositions that get a merged-data adapter (the `delta_ppl%` target): `"all"`, a number N '
+        "(N pairs spanning the domains' data similarity, docs/scenarios.md), `{ count = N, include = [...] }` "
+        "(the included pairs and N minus as many spanning ones) or lists of domain names")  # fmt: skip
     merges: list[MergeSpec] = key("table", toml="merge", doc_default="sum only", help="the merge methods")
     eval: EvalSpec = key("table", doc_default="the defaults below", help="perplexity settings")
+    predictors: PredictorSpec | None = key("table", doc_default="no predictors step",
+                                           help="features and validated predictors (below)")  # fmt: skip
     variables: dict[str, str] = field(default_factory=dict)  # variables used, resolved
 
     def merges_for(self, adapter_method: str) -> list[MergeSpec]:
@@ -219,9 +251,20 @@ class Scenario:
         return [m for m in self.merges if applies_to(m.method, adapter_method)]
 
 
+@dataclass(frozen=True)
+class _CompositionKeys:
+    """``[compositions]`` as a table (instead of a list)."""
+
+    pairs: None = key("any", doc_default="—", help='`"all"` (every pair) or lists of two domain names')
+    triples: None = key("any", doc_default="—",
+                        help='`"all"`, or a number K: K triples drawn with `seed` (sorted, without repeats)')  # fmt: skip
+    seed: int = key("int", 0, bound="nonneg", help="the seed of the triples' sample")
+
+
 # The file's tables, in the order docs/scenarios.md lists them.
 SCHEMA = (("", Scenario), ("base", BaseSpec), ("base.build", _BuildKeys), ("domains.NAME", DomainSpec),
-          ("adapters", AdapterSpec), ("adapters", _TrainerKeys), ("merge", _MergeKeys), ("eval", EvalSpec))  # fmt: skip
+          ("adapters", AdapterSpec), ("adapters", _TrainerKeys), ("compositions", _CompositionKeys),
+          ("merge", _MergeKeys), ("eval", EvalSpec), ("predictors", PredictorSpec))  # fmt: skip
 
 
 _DOC_TYPES = {"int": "int", "float": "number", "str": "string", "bool": "bool", "str-list": "list of string",
@@ -333,13 +376,15 @@ def _base_weights(ctx, base) -> tuple[str | None, dict[str, tuple[int, ...]]]:
                   "mlp.c_proj": (4 * d, d)}  # fmt: skip
         return "gpt2", {f"transformer.h.{i}.{m}": s for i in range(cfg.n_layer) for m, s in shapes.items()}
     from ..errors import LoramixError
+    from ..gguf_import import resolve_base
     from ..io.model_folder import BaseModelFolder
 
-    if not any((base.path / f).is_file() for f in TOKENIZER_FILES):
+    path = resolve_base(base.path)  # a GGUF: its import (made once, as the run would)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ctx.error("base.path", f"{base.path} has no tokenizer ({', '.join(TOKENIZER_FILES)}), "
                         "which training and evaluation need")  # fmt: skip
     try:
-        folder = BaseModelFolder(base.path)
+        folder = BaseModelFolder(path)
     except LoramixError as e:
         raise ctx.error("base.path", e.message) from None
     weights = {k.removesuffix(".weight"): t.shape for k, t in folder.tensors.items()
@@ -364,8 +409,12 @@ def _check_fit(ctx, base, adapters) -> None:
     bound, why = MAX_RANK, "the limit"
     if dims:
         bound, why = min(dims), "the smallest dimension of a targeted weight"
-    if adapters.rank > bound:
-        raise ctx.error("adapters.rank", f"{adapters.rank} is above {bound}, {why}")
+    rank = max(rank_of(m, adapters.rank) for m in adapters.methods)  # KIND@R labels train at R
+    if rank > bound:
+        raise ctx.error("adapters.rank", f"{rank} is above {bound}, {why}")
+    blocks = {int(m.group(1)) for n in weights for m in [re.search(r"\.(\d+)\.", n)] if m}
+    if adapters.top_layers and blocks and adapters.top_layers > max(blocks) + 1:
+        raise ctx.error("adapters.top_layers", f"{adapters.top_layers} is above the base's {max(blocks) + 1} blocks")
 
 
 def _read(ctx: _Ctx, cls, t: dict, where: str, *, also=(), defaults=None) -> dict:
@@ -393,14 +442,15 @@ def _read(ctx: _Ctx, cls, t: dict, where: str, *, also=(), defaults=None) -> dic
     return out
 
 
-def default_data_dir(scenario_dir: Path) -> Path:
+def default_data_dir(scenario_dir: Path, name: str = "data") -> Path:
     """``LORAMIX_DATA`` when unset: the first ``shared/data`` walking up from
-    the scenario's folder, else ``<scenario folder>/shared/data``."""
+    the scenario's folder, else ``<scenario folder>/shared/data``
+    (``LORAMIX_MODELS``: the same with ``name = "models"``)."""
     d = scenario_dir.resolve()
     for p in [d, *d.parents]:
-        if (p / "shared" / "data").is_dir():
-            return p / "shared" / "data"
-    return d / "shared" / "data"
+        if (p / "shared" / name).is_dir():
+            return p / "shared" / name
+    return d / "shared" / name
 
 
 def expand(ctx: _Ctx, value: str, key: str, env: dict, used: dict) -> str:
@@ -458,7 +508,8 @@ def _parse_base(ctx, t, env, used) -> BaseSpec:
         if is_gguf(p):  # imported into the cache when the run starts
             return BaseSpec(path=p)
         if not p.is_dir():
-            raise ctx.error("base.path", f"no such model folder: {p}")
+            hint = " (set LORAMIX_MODELS to the folder holding it)" if "LORAMIX_MODELS" in used else ""
+            raise ctx.error("base.path", f"no such model folder: {p}{hint}")
         if not (p / "config.json").exists():
             raise ctx.error("base.path", f"{p} is not a Hugging Face model folder (no config.json)")
         return BaseSpec(path=p)
@@ -554,9 +605,19 @@ def _parse_adapters(ctx, t) -> AdapterSpec:
     if not v["methods"]:
         raise ctx.error("adapters.methods", "empty: list lora and/or d2lora")
     for m in v["methods"]:
-        if m not in ADAPTER_METHODS:
+        kind, r, init = parse_label(m)
+        if kind not in ADAPTER_METHODS:
             raise ctx.error("adapters.methods", f"unknown adapter method {m!r}; use lora or d2lora")
-    v["methods"] = tuple(dict.fromkeys(v["methods"]))
+        if r is not None and not (r.isdigit() and int(r) > 0):
+            raise ctx.error("adapters.methods", f"{m!r}: write KIND@R with a positive rank R (e.g. lora@16)")
+        if init is not None and init not in INITS:
+            raise ctx.error("adapters.methods", f"{m!r}: write KIND:INIT with INIT one of {', '.join(INITS)}")
+    inits = t.get("init", "data")
+    inits = [inits] if isinstance(inits, str) else inits
+    if not isinstance(inits, list) or not inits or any(i not in INITS for i in inits) or len(set(inits)) < len(inits):
+        raise ctx.error("adapters.init", f'expected "data", "shared" or a list of both, got {t.get("init")!r}')
+    v["init"] = inits[0]  # the labels without ":INIT"; each further one is a study of its own
+    v["methods"] = tuple(dict.fromkeys(m if i == inits[0] else f"{m}:{i}" for i in inits for m in v["methods"]))
     if v["targets"] is not None and not v["targets"]:
         raise ctx.error("adapters.targets", "empty list; leave it out for the default targets")
     v["targets"] = tuple(v["targets"]) if v["targets"] else None
@@ -570,9 +631,38 @@ def _parse_adapters(ctx, t) -> AdapterSpec:
     return AdapterSpec(**v, extra=extra)
 
 
+def _composition_table(ctx, t: dict, domains: list[str]) -> list:
+    """``[compositions]`` as a table: its pairs and a seeded sample of triples,
+    returned in the list form that :func:`_parse_compositions` reads."""
+    v = _read(ctx, _CompositionKeys, t, "compositions")
+    out: list = []
+    pairs, triples = t.get("pairs"), t.get("triples")
+    if pairs is None and triples is None:
+        raise ctx.error("compositions", "give compositions.pairs and/or compositions.triples")
+    if pairs == "all":
+        out.append("all-pairs")
+    elif isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        out.extend(pairs)
+    elif pairs is not None:
+        raise ctx.error("compositions.pairs", f'expected "all" or lists of two domain names, got {pairs!r}')
+    if triples == "all":
+        out.append("all-triples")
+    elif isinstance(triples, int) and not isinstance(triples, bool):
+        every = list(itertools.combinations(domains, 3))
+        if not 1 <= triples <= len(every):
+            raise ctx.error("compositions.triples", f"must be between 1 and {len(every)} (all triples of "
+                            f"{len(domains)} domains), got {triples}")  # fmt: skip
+        out.extend(list(c) for c in sorted(random.Random(v["seed"]).sample(every, triples), key=every.index))
+    elif triples is not None:
+        raise ctx.error("compositions.triples", f'expected "all" or a number of triples, got {triples!r}')
+    return out
+
+
 def _parse_compositions(ctx, v, domains: list[str]) -> list[tuple[str, ...]]:
     if v is None:
         v = ["all-pairs"]
+    if isinstance(v, dict):
+        v = _composition_table(ctx, v, domains)
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, list):
@@ -609,6 +699,37 @@ def _parse_compositions(ctx, v, domains: list[str]) -> list[tuple[str, ...]]:
         else:
             raise ctx.error(key, f"expected a string or a list of domain names, got {_typename(item)}")
     return list(dict.fromkeys(out))  # dedupe, keep order
+
+
+def _parse_merged_data(ctx, v, compositions: list[tuple[str, ...]], domains: list[str]):
+    """``merged_data``: None (every composition), a number of pairs, or a tuple of compositions."""
+    if v is None or v == "all":
+        return None
+    n_pairs = sum(1 for c in compositions if len(c) == 2)
+    if isinstance(v, dict):  # { count = N, include = [[a, b], ...] }
+        _check_keys(ctx, v, {"count", "include"}, "merged_data")
+        n = _get(ctx, v, "count", "merged_data", "int", required=True)
+        include = _parse_merged_data(ctx, v.get("include", []) or "all", compositions, domains) or ()
+        if not len(include) <= n <= n_pairs:
+            raise ctx.error("merged_data.count", f"must be between {len(include)} (the included) and the "
+                            f"study's {n_pairs} pairs, got {n}")  # fmt: skip
+        return (n, include)
+    if isinstance(v, int) and not isinstance(v, bool):
+        if not 1 <= v <= n_pairs:
+            raise ctx.error("merged_data", f"must be between 1 and the study's {n_pairs} pairs, got {v}")
+        return (v, ())
+    if not isinstance(v, list) or not v:
+        raise ctx.error("merged_data", f'expected "all", a number of pairs, a table or lists of domain names, '
+                        f"got {v!r}")  # fmt: skip
+    out = []
+    for i, item in enumerate(v):
+        if not isinstance(item, list) or any(d not in domains for d in item):
+            raise ctx.error(f"merged_data[{i}]", f"expected a list of the scenario's domain names, got {item!r}")
+        comp = tuple(sorted(item, key=domains.index))
+        if comp not in compositions:
+            raise ctx.error(f"merged_data[{i}]", f"{'+'.join(comp)} is not one of the study's compositions")
+        out.append(comp)
+    return tuple(dict.fromkeys(out))
 
 
 def _method_params(name: str) -> dict[str, Any]:
@@ -686,6 +807,19 @@ def _parse_eval(ctx, t, adapters: AdapterSpec) -> EvalSpec:
     return EvalSpec(**_read(ctx, EvalSpec, t, "eval", defaults={"max_len": adapters.max_len}))
 
 
+def _parse_predictors(ctx, t, merges: list[MergeSpec]) -> PredictorSpec | None:
+    if t is None:
+        return None
+    if not isinstance(t, dict):
+        raise ctx.error("predictors", f"expected a table, got {_typename(t)}")
+    p = PredictorSpec(**_read(ctx, PredictorSpec, t, "predictors"))
+    if not 0 < p.level < 1:
+        raise ctx.error("predictors.level", f"must lie strictly between 0 and 1, got {p.level}")
+    if p.method not in [m.method for m in merges]:
+        raise ctx.error("predictors.method", f"{p.method!r} is not in merge.methods")
+    return p
+
+
 def load_scenario(path: str | os.PathLike, env: dict | None = None) -> Scenario:
     """Read and check a scenario file; raise :class:`ScenarioError` on any problem.
 
@@ -704,6 +838,7 @@ def load_scenario(path: str | os.PathLike, env: dict | None = None) -> Scenario:
         raise ScenarioError(path, f"not UTF-8 text: {e.reason}") from None
     env = dict(os.environ if env is None else env)
     env.setdefault("LORAMIX_DATA", str(default_data_dir(path.parent)))
+    env.setdefault("LORAMIX_MODELS", str(default_data_dir(path.parent, "models")))
     used: dict[str, str] = {}
 
     top = _read(ctx, Scenario, raw, "")
@@ -731,11 +866,21 @@ def load_scenario(path: str | os.PathLike, env: dict | None = None) -> Scenario:
     adapters = _parse_adapters(ctx, raw.get("adapters", {}))
     _check_fit(ctx, base, adapters)
     compositions = _parse_compositions(ctx, raw.get("compositions"), list(domains))
+    merged_data = _parse_merged_data(ctx, raw.get("merged_data"), compositions, list(domains))
     merges = _parse_merge(ctx, raw.get("merge"), adapters, min(len(c) for c in compositions))
     ev = _parse_eval(ctx, raw.get("eval"), adapters)
+    predictors = _parse_predictors(ctx, raw.get("predictors"), merges)
     return Scenario(path=path, name=name, description=top["description"], seeds=tuple(seeds),
                     data_seed=top["data_seed"], base=base, domains=domains, adapters=adapters, compositions=compositions,
-                    merges=merges, eval=ev, variables=used)  # fmt: skip
+                    merged_data=merged_data, merges=merges, eval=ev, predictors=predictors, variables=used)  # fmt: skip
+
+
+def _merged_data_summary(md):
+    if md is None:
+        return "all"
+    if isinstance(md[0], int):
+        return {"count": md[0], "include": [list(c) for c in md[1]]}
+    return [list(c) for c in md]
 
 
 def scenario_summary(s: Scenario) -> dict[str, Any]:
@@ -758,8 +903,10 @@ def scenario_summary(s: Scenario) -> dict[str, Any]:
             }
         },  # fmt: skip
         "domains": {n: {"data": d.data, "train": d.train, "eval": d.eval} for n, d in s.domains.items()},
-        "adapters": {"methods": list(s.adapters.methods), **s.adapters.recipe()},
+        "adapters": {"methods": list(s.adapters.methods), "init": s.adapters.init, **s.adapters.recipe()},
         "compositions": [list(c) for c in s.compositions],
+        "merged_data": _merged_data_summary(s.merged_data),
         "merge": {m.method: m.params for m in s.merges},
-        "eval": {"batch": s.eval.batch, "max_len": s.eval.max_len, "on": s.eval.on},
+        "eval": {"batch": s.eval.batch, "max_len": s.eval.max_len, "on": s.eval.on, "domains": s.eval.domains},
+        "predictors": None if s.predictors is None else dict(vars(s.predictors)),
     }

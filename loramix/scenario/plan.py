@@ -18,14 +18,18 @@ gives the protocol)::
     eval/base                    the base on every eval split      (cache: eval)
     adapter/a/s/<domain>         one adapter per domain            (cache: adapter)
     merged-data/a/s/<comp>       one adapter on the union of comp  (cache: adapter)
+                                 (the compositions of ``merged_data`` only)
     similarity/a/s               RMS cosine of the domain adapters (not cached)
+    features/a/s                 every pairwise feature, with ``[predictors]`` (cache: features)
     eval/a/s/adapter/<domain>    each domain adapter               (cache: eval)
     eval/a/s/merged-data/<comp>  each merged-data adapter          (cache: eval)
     merge/a/s/<method>/<comp>    a merge: written, evaluated       (cache: merge)
     eval/a/s/merge/<method>/<comp>  a low-rank merge or the sum    (cache: eval)
 
 Data splits are drawn once with ``data_seed``; the seeds vary adapter
-training only.
+training only. With ``eval.domains = "members"`` an evaluation covers only the
+domains its model serves (the base: all). ``a`` is an adapter label: a kind,
+or ``KIND@R`` for that kind at rank ``R``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from pathlib import Path
 from ..errors import ScenarioError
 from .cache import make_key
 from .config import Scenario
-from .traits import applied_on_the_fly, needs_base
+from .traits import applied_on_the_fly, init_of, needs_base
 
 
 def comp_name(comp) -> str:
@@ -100,6 +104,50 @@ def prepare_data(sc: Scenario) -> dict[str, DomainData]:
         src = None if d.synthetic else file_sha256(d.data)
         out[name] = DomainData(name, train, ev, _records_jsonl(train), _records_jsonl(ev), src)
     return out
+
+
+def _word_counts(records) -> dict[str, int]:
+    import re
+    from collections import Counter
+
+    words = Counter()
+    for r in records:
+        words.update(re.findall(r"\w+", f"{r.context or ''} {r.question} {r.answer}".lower()))
+    return words
+
+
+def data_similarity(data: dict[str, DomainData]) -> dict[tuple[str, str], float]:
+    """Cosine of the word-count vectors of two domains' training splits
+    (``\\w+`` words, lower-cased), for every pair of domains: a similarity known
+    before any adapter is trained."""
+    counts = {n: _word_counts(d.train) for n, d in data.items()}
+    norms = {n: sum(v * v for v in c.values()) ** 0.5 for n, c in counts.items()}
+    names, out = list(data), {}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            dot = sum(v * counts[b].get(w, 0) for w, v in counts[a].items())
+            out[(a, b)] = dot / (norms[a] * norms[b]) if norms[a] and norms[b] else 0.0
+    return out
+
+
+def merged_data_compositions(sc: Scenario, data: dict[str, DomainData]) -> list[tuple[str, ...]]:
+    """The compositions that get a merged-data adapter (``merged_data``): all;
+    the listed ones; or, for a number ``N``, ``N`` of the study's pairs at evenly
+    spaced ranks of :func:`data_similarity` (the least and the most similar pair
+    included), so that they span the similarity range."""
+    md = sc.merged_data
+    if md is None:
+        return list(sc.compositions)
+    if not isinstance(md[0], int):
+        return [c for c in sc.compositions if c in md]
+    (n, include), sim = md, data_similarity(data)
+    pairs = sorted((c for c in sc.compositions if len(c) == 2 and c not in include), key=lambda c: (sim[c], c))
+    chosen, m = set(include), n - len(include)
+    if m == 1:
+        chosen.add(pairs[len(pairs) // 2])
+    elif m > 1:
+        chosen |= {pairs[round(i * (len(pairs) - 1) / (m - 1))] for i in range(m)}
+    return [c for c in sc.compositions if c in chosen]
 
 
 @dataclass(frozen=True)
@@ -183,18 +231,25 @@ class _Planner:
                 "data_sha256": _sha256_text(_records_jsonl(records))}  # fmt: skip
         self.add("base", "base", "base", spec, (), f"base build {b.size}", "base", records=records)
 
-    def eval_step(self, id, model: dict, deps, label, group, **args) -> Step:
-        ev = self.sc.eval
-        spec = {"model": model, "data": {n: self.key_of(f"data/{n}/eval") for n in self.data},
+    def eval_domains(self, serves) -> list[str]:
+        """The domains a model is evaluated on: all, or (``eval.domains = "members"``)
+        only those it serves (``serves``: its domains; None for the base)."""
+        if self.sc.eval.domains == "all" or serves is None:
+            return list(self.data)
+        return [n for n in self.data if n in serves]
+
+    def eval_step(self, id, model: dict, deps, label, group, serves=None, **args) -> Step:
+        ev, names = self.sc.eval, self.eval_domains(serves)
+        spec = {"model": model, "data": {n: self.key_of(f"data/{n}/eval") for n in names},
                 "settings": {"on": ev.on, "max_len": ev.max_len}}  # fmt: skip
-        eval_deps = ("base", *(f"data/{n}/eval" for n in self.data), *deps)
-        return self.add(id, "eval", "eval", spec, eval_deps, label, group, **args)
+        eval_deps = ("base", *(f"data/{n}/eval" for n in names), *deps)
+        return self.add(id, "eval", "eval", spec, eval_deps, label, group, domains=names, **args)
 
     def adapter_step(self, id, kind, am, seed, domains, label, name) -> Step:
         # "init": adapters cached before per-data initialisation (the default since) were
         # trained from the seed alone and must not be reused for it.
         spec = {"base": self.key_of("base"), "method": am, "recipe": self.sc.adapters.recipe(), "seed": seed,
-                "init": self.sc.adapters.init, "data": [self.key_of(f"data/{d}/train") for d in domains]}  # fmt: skip
+                "init": init_of(am, self.sc.adapters.init), "data": [self.key_of(f"data/{d}/train") for d in domains]}  # fmt: skip
         deps = ("base", *(f"data/{d}/train" for d in domains))
         return self.add(id, kind, "adapter", spec, deps, label, "train", method=am, seed=seed,
                         domains=list(domains), name=name)  # fmt: skip
@@ -204,24 +259,39 @@ class _Planner:
         pre = f"{am}/{seed}"
         for d in names:
             self.adapter_step(f"adapter/{pre}/{d}", "adapter", am, seed, [d], f"{pre}/{d}", d)
-        for comp in sc.compositions:
+        md_comps = merged_data_compositions(sc, self.data)
+        for comp in md_comps:
             cn = comp_name(comp)
             self.adapter_step(f"merged-data/{pre}/{cn}", "merged-data", am, seed, comp,
                               f"{pre}/merged-data {cn}", f"merged-data_{cn}")  # fmt: skip
         dom = [f"adapter/{pre}/{d}" for d in names]
         self.add(f"similarity/{pre}", "similarity", None, None, ("base", *dom), pre, "similarity",
                  key=f"similarity/{pre}", names=names, effective=needs_base(am))  # fmt: skip
+        if sc.predictors:
+            self.features_step(pre, names)
         for d in names:
             a = f"adapter/{pre}/{d}"
             self.eval_step(f"eval/{pre}/adapter/{d}", {"base": base, "adapters": [self.key_of(a)]}, (a,),
-                           f"{pre}/{d}", "evaluate", adapters=[a])  # fmt: skip
+                           f"{pre}/{d}", "evaluate", serves=(d,), adapters=[a])  # fmt: skip
         for comp in sc.compositions:
             cn = comp_name(comp)
             md = f"merged-data/{pre}/{cn}"
-            self.eval_step(f"eval/{pre}/merged-data/{cn}", {"base": base, "adapters": [self.key_of(md)]}, (md,),
-                           f"{pre}/merged-data {cn}", "evaluate", adapters=[md])  # fmt: skip
+            if comp in md_comps:
+                self.eval_step(f"eval/{pre}/merged-data/{cn}", {"base": base, "adapters": [self.key_of(md)]},
+                               (md,), f"{pre}/merged-data {cn}", "evaluate", serves=comp, adapters=[md])  # fmt: skip
             for mg in sc.merges_for(am):
                 self.merge_steps(pre, comp, mg)
+
+    def features_step(self, pre: str, names: list[str]) -> None:
+        """Every registered feature of the domain adapters, the data-aware ones
+        from ``predictors.tokens`` calibration tokens of each domain's training split."""
+        p = self.sc.predictors
+        ads = [f"adapter/{pre}/{d}" for d in names]
+        spec = {"base": self.key_of("base"), "adapters": [self.key_of(a) for a in ads],
+                "data": [self.key_of(f"data/{d}/train") for d in names],
+                "settings": {"tokens": p.tokens, "max_len": p.max_len}}  # fmt: skip
+        deps = ("base", *(f"data/{d}/train" for d in names), *ads)
+        self.add(f"features/{pre}", "features", "features", spec, deps, pre, "features", names=names, adapters=ads)
 
     def merge_steps(self, pre: str, comp, mg) -> None:
         """The sum is evaluated on the fly; a low-rank merge is kept as an
@@ -235,7 +305,7 @@ class _Planner:
         label, eval_id = f"{pre}/{mg.method} {cn}", f"eval/{pre}/merge/{mg.method}/{cn}"
         if applied_on_the_fly(mg.method):
             self.eval_step(eval_id, {"base": base, "adapters": keys, "sum": True}, ads, f"{pre}/sum {cn}",
-                           "merge", adapters=ads)  # fmt: skip
+                           "merge", serves=comp, adapters=ads)  # fmt: skip
             return
         spec = {"method": mg.method, "params": mg.params, "base": base, "adapters": keys}
         merge_id = f"merge/{pre}/{mg.method}/{cn}"
@@ -243,14 +313,14 @@ class _Planner:
             self.add(merge_id, "merge", "merge", spec, ("base", *ads), label, "merge", method=mg.method,
                      params=mg.params, adapters=ads, low_rank=True)  # fmt: skip
             self.eval_step(eval_id, {"base": base, "merge": self.key_of(merge_id)}, (merge_id,), label, "merge",
-                           merge=merge_id)  # fmt: skip
+                           serves=comp, merge=merge_id)  # fmt: skip
             return
-        ev = self.sc.eval
-        spec = {**spec, "model": {"dense": True}, "data": {n: self.key_of(f"data/{n}/eval") for n in self.data},
+        ev, names = self.sc.eval, self.eval_domains(comp)
+        spec = {**spec, "model": {"dense": True}, "data": {n: self.key_of(f"data/{n}/eval") for n in names},
                 "settings": {"on": ev.on, "max_len": ev.max_len}}  # fmt: skip
-        deps = ("base", *(f"data/{n}/eval" for n in self.data), *ads)
+        deps = ("base", *(f"data/{n}/eval" for n in names), *ads)
         self.add(merge_id, "merge", "merge", spec, deps, label, "merge", method=mg.method, params=mg.params,
-                 adapters=ads, low_rank=False)  # fmt: skip
+                 adapters=ads, low_rank=False, domains=names)  # fmt: skip
 
 
 def plan(sc: Scenario, data: dict[str, DomainData] | None = None) -> list[Step]:

@@ -7,6 +7,10 @@
 * ``cosine_by_layer``: the RMS cosine of each domain pair per layer
   (``sqrt(mean cos_m^2)`` over the pair's modules in that layer).
 * ``delta_by_method``: delta_ppl% per composition for every merge method.
+* ``predicted_vs_measured``: held-out predictions of the best predictor with
+  their intervals against the measured target.
+* ``interference_by_method``: the targets' spread per merge method (box plots).
+* ``cluster_order``: the clustered order of the similarity heatmap.
 
 The similarity heatmap is :func:`loramix.plots.similarity_heatmap`.
 """
@@ -160,6 +164,81 @@ def delta_by_method(summary: pd.DataFrame, path: Path, title: str) -> Path:
         ax.set_title(method, fontsize=10)
         ax.grid(axis="y", alpha=0.25)
         ax.legend(fontsize=8, ncol=min(len(merges), 4))
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def cluster_order(sim: np.ndarray) -> list[int]:
+    """A leaf order for a similarity matrix: average-linkage agglomeration
+    (repeatedly join the two clusters with the highest mean pairwise
+    similarity, NaN counted as 0), the joined orders concatenated, so that
+    clusters sit in contiguous blocks."""
+    s = np.nan_to_num(np.asarray(sim, dtype=float))
+    clusters = [[i] for i in range(len(s))]
+    while len(clusters) > 1:
+        best, pair = -np.inf, (0, 1)
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                v = s[np.ix_(clusters[a], clusters[b])].mean()
+                if v > best:
+                    best, pair = v, (a, b)
+        a, b = pair
+        clusters[a] = clusters[a] + clusters[b]
+        del clusters[b]
+    return clusters[0]
+
+
+def predicted_vs_measured(pred: pd.DataFrame, path: Path, title: str, ylabel: str) -> Path:
+    """Held-out predictions (leave-one-domain-out) against the measured values:
+    one point per (composition, held-out domain), the bar its prediction
+    interval; the diagonal is a perfect prediction."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.2, 5.6), dpi=130)
+    lo = pred["low"].astype(float).to_numpy()
+    hi = pred["high"].astype(float).to_numpy()
+    y, yh = pred["y"].astype(float).to_numpy(), pred["y_hat"].astype(float).to_numpy()
+    has = np.isfinite(lo) & np.isfinite(hi)
+    ax.errorbar(y[has], yh[has], yerr=[yh[has] - lo[has], hi[has] - yh[has]], fmt="o", ms=3, alpha=0.55,
+                elinewidth=0.6, capsize=0, color="tab:blue", label="held-out prediction, interval")  # fmt: skip
+    ax.plot(y[~has], yh[~has], "o", ms=3, color="tab:blue", alpha=0.55)
+    span = [float(np.nanmin([y.min(), yh.min()])), float(np.nanmax([y.max(), yh.max()]))]
+    ax.plot(span, span, color="0.3", lw=0.8, label="measured = predicted")
+    ax.set_xlabel(f"measured {ylabel}")
+    ax.set_ylabel(f"predicted {ylabel} (fit without the held-out domain)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def interference_by_method(summary: pd.DataFrame, path: Path, title: str) -> Path:
+    """Each composition's retention % (and Δppl % where measured) per merge
+    method, as box plots with the points over them; one panel per target."""
+    plt = _plt()
+    cols = [(c, lab) for c, lab in (("retention_pct", "retention % vs own adapters"),
+                                    ("delta_ppl_pct", "Δppl % vs merged-data")) if summary[c].notna().any()]  # fmt: skip
+    fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols), 4.4), dpi=130, squeeze=False)
+    labels = [f"{am}/{mm}" for am, mm in dict.fromkeys(zip(summary["adapter_method"], summary["merge_method"]))]
+    for ax, (col, lab) in zip(axes[0], cols):
+        data = []
+        for name in labels:
+            am, mm = name.split("/")
+            g = summary[(summary["adapter_method"] == am) & (summary["merge_method"] == mm)][col]
+            data.append(g.dropna().to_numpy(dtype=float))
+        ax.boxplot(data, showfliers=False)
+        rng = np.random.default_rng(0)  # jitter only, fixed for identical figures
+        for k, d in enumerate(data, start=1):
+            ax.plot(k + rng.uniform(-0.15, 0.15, len(d)), d, "o", ms=2.5, alpha=0.5, color="tab:blue")
+        ax.set_xticks(range(1, len(labels) + 1), labels=labels, fontsize=9)
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_ylabel(lab)
+        ax.grid(axis="y", alpha=0.25)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path)

@@ -28,9 +28,12 @@ from ..fit import fit_line
 RESULT_COLUMNS = [
     "adapter_method", "seed", "composition", "k", "merge_method", "rms_cosine", "mean_cosine",
     "rms_cosine_effective", "ppl_merge", "ppl_merged_data", "delta_ppl_pct", "ppl_base", "eval_tokens",
+    "retention_pct",
 ]  # fmt: skip
-SUMMARY_VALUES = ["rms_cosine", "mean_cosine", "ppl_merge", "ppl_merged_data", "delta_ppl_pct", "ppl_base"]
+SUMMARY_VALUES = ["rms_cosine", "mean_cosine", "ppl_merge", "ppl_merged_data", "delta_ppl_pct", "ppl_base",
+                  "retention_pct"]  # fmt: skip
 PI_LEVEL = 0.95
+MAX_DOMAIN_TABLES = 12  # beyond this many compositions, per-domain tables only for those with merged data
 
 
 def _kinds(names) -> list:
@@ -62,6 +65,7 @@ def compute_fits(summary: pd.DataFrame) -> list[dict]:
     over the compositions (seed means)."""
     fits = []
     for (am, mm), g in summary.groupby(["adapter_method", "merge_method"], sort=False):
+        g = g[np.isfinite(g["delta_ppl_pct"].to_numpy(dtype=float))]  # compositions with a merged-data adapter
         f = fit_line(g["rms_cosine"], g["delta_ppl_pct"], labels=g["composition"]).to_dict()
         fits.append({"adapter_method": am, "merge_method": mm, **f})
     return fits
@@ -219,6 +223,9 @@ def _section_setup(report: dict, v: _View) -> list[str]:
     L.append(f"- Merge methods: {merges}")
     ev = sc["eval"]
     L.append(f"- Evaluation: perplexity over {ev['on']} tokens, max_len {ev['max_len']}, batch {ev['batch']}")
+    from .answer import setup_lines
+
+    L += setup_lines(report, v)
     L.append("")
     rows = []
     for name, d in report["domains"].items():
@@ -243,9 +250,10 @@ def _section_sum_tables(report: dict, v: _View) -> list[str]:
             rows.append([r["composition"], _pm(r["ppl_merge"], r.get("ppl_merge_std")),
                          _pm(r["ppl_merged_data"], r.get("ppl_merged_data_std")),
                          _pm(r["delta_ppl_pct"], r.get("delta_ppl_pct_std")),
+                         _pm(r.get("retention_pct"), r.get("retention_pct_std")),
                          _pm(r["rms_cosine"], r.get("rms_cosine_std"), 4), _f(r["mean_cosine"], 4),
                          _f(r["ppl_base"])])  # fmt: skip
-        L.append(_table(["composition", "ppl sum", "ppl merged-data", "Δppl %", "RMS cosine",
+        L.append(_table(["composition", "ppl sum", "ppl merged-data", "Δppl %", "retention %", "RMS cosine",
                          "mean cosine", "ppl base"], rows))  # fmt: skip
         L.append("")
     return L
@@ -263,9 +271,13 @@ def _section_per_domain(report: dict, v: _View) -> list[str]:
     L.append("")
     if not evals.empty:
         ev0 = evals[evals["seed"] == seeds[0]]
+        comps = list(dict.fromkeys(summary["composition"]))
+        if len(comps) > MAX_DOMAIN_TABLES:  # a study at scale: those with a merged-data adapter
+            comps = [c for c in comps if (ev0["model"] == f"merged-data:{c}").any()]
+            L += [f"(The {len(comps)} compositions with a merged-data adapter; `evaluations.csv` has the rest.)", ""]
         for am in dict.fromkeys(summary["adapter_method"]):
             e_am = ev0[ev0["adapter_method"] == am]
-            for comp in dict.fromkeys(summary["composition"]):
+            for comp in comps:
                 doms = comp.split("+")
                 models = ["base"] + [f"adapter:{d}" for d in doms] + [f"merged-data:{comp}"]
                 models += [
@@ -306,12 +318,15 @@ def _section_by_method(report: dict, v: _View) -> list[str]:
             g = summary[summary["adapter_method"] == am]
             methods = list(dict.fromkeys(g["merge_method"]))
             rows = []
-            for comp in dict.fromkeys(g["composition"]):
+            for comp in dict.fromkeys(g[g["delta_ppl_pct"].notna()]["composition"]):
                 gc = g[g["composition"] == comp].set_index("merge_method")
                 rows.append([comp] + [_pm(gc.loc[m, "delta_ppl_pct"], gc.loc[m, "delta_ppl_pct_std"])
                                       if m in gc.index else "—" for m in methods])  # fmt: skip
             mean_row = ["**mean**"] + [_f(g[g["merge_method"] == m]["delta_ppl_pct"].mean()) for m in methods]
             rows.append(mean_row)
+            if g["retention_pct"].notna().any():
+                rows.append(["**mean retention %** (all compositions)"]
+                            + [_f(g[g["merge_method"] == m]["retention_pct"].mean()) for m in methods])  # fmt: skip
             L.append(f"### {am}")
             L.append("")
             L.append(_table(["composition", *methods], rows))
@@ -424,8 +439,27 @@ def _section_timings(report: dict, v: _View) -> list[str]:
     return L
 
 
-_SECTIONS = (_section_intro, _section_summary, _section_setup, _section_sum_tables, _section_per_domain,
-             _section_by_method, _section_fit, _section_similarity, _section_timings)  # fmt: skip
+def _section_answer(report: dict, v: _View) -> list[str]:
+    from .answer import section_answer
+
+    return section_answer(report, v)
+
+
+def _section_predictors(report: dict, v: _View) -> list[str]:
+    from .answer import section_predictors
+
+    return section_predictors(report, v)
+
+
+def _section_kinds(report: dict, v: _View) -> list[str]:
+    from .answer import section_kinds
+
+    return section_kinds(report, v)
+
+
+_SECTIONS = (_section_intro, _section_answer, _section_summary, _section_setup, _section_kinds,
+             _section_sum_tables, _section_per_domain, _section_by_method, _section_fit, _section_predictors,
+             _section_similarity, _section_timings)  # fmt: skip
 
 
 def render_markdown(report: dict) -> str:
@@ -465,8 +499,14 @@ def write_report(folder: Path, report: dict, per_module: pd.DataFrame | None = N
 
     for sim in report["similarity_mean"]:
         df = pd.DataFrame(sim["rms"], index=sim["names"], columns=sim["names"])
+        order = [sim["names"][i] for i in plots.cluster_order(df.to_numpy(dtype=float))]
+        df = df.loc[order, order]
         similarity_heatmap(df, folder / f"similarity_{sim['adapter_method']}.png",
-                           title=f"{name}: RMS cosine of the domain adapters ({sim['adapter_method']})")  # fmt: skip
+                           title=f"{name}: RMS cosine of the domain adapters ({sim['adapter_method']}; clustered order)")  # fmt: skip
+    from .answer import write_predictor_files
+
+    write_predictor_files(folder, report)
+    summary = summary[np.isfinite(summary["delta_ppl_pct"].to_numpy(dtype=float))]  # with a merged-data adapter
     sums = summary[summary["merge_method"] == "sum"]
     plots.delta_vs_cosine(sums, [f for f in report["fits"] if f["merge_method"] == "sum"],
                           folder / "delta_vs_cosine.png",

@@ -145,7 +145,7 @@ class Runner:
             "scenario_file": str(sc.path),
             "scenario": scenario_summary(sc),
             "environment": environment(self.device),
-            "base": {"key": base_key, "parameters": params, **base_info},
+            "base": {"key": base_key, "identity": _identity(base["path"]), "parameters": params, **base_info},
             "domains": domains,
             "similarity": study["similarity"],
             "similarity_mean": study["similarity_mean"],
@@ -154,6 +154,7 @@ class Runner:
             "results": records(study["results"]),
             "summary": records(study["summary"]),
             "fits": study["fits"],
+            "validations": study["validations"],
             "best_methods": study["best_methods"],
             "merge_summaries": study["merge_summaries"],
             "adapters": study["adapters"],
@@ -165,6 +166,17 @@ class Runner:
                 "made_seconds": self._made_seconds(),
             },  # fmt: skip
         }
+
+
+def _identity(path: str) -> str | None:
+    """The base folder's identity (as training provenance records it), for predictors.json."""
+    from ..errors import LoramixError
+    from ..io.model_folder import BaseModelFolder
+
+    try:
+        return BaseModelFolder(path).identity()
+    except (LoramixError, OSError):
+        return None
 
 
 def run_scenario(

@@ -10,13 +10,13 @@ the results of its dependencies, which the executor passes in.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cache import Cache
 from .config import Scenario
 from .plan import DomainData, Step
+from .traits import init_of, kind_of, rank_of
 
 
 @dataclass
@@ -80,6 +80,54 @@ def _base_step(ctx: StepContext, st: Step, deps: dict) -> dict:
     return {"path": path, "info": {"path": path, **ctx.cache.record("base", folder)["info"]}}
 
 
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(fn).parameters
+
+
+def top_layer_targets(base_path: str, top_layers: int, targets) -> str:
+    """A PEFT regex selecting ``targets`` (suffixes; the architecture's defaults
+    when None) inside the top ``top_layers`` blocks of the base: any module
+    ``<...>.<i>.<...>.<target>`` with ``i >= L - top_layers``."""
+    import re
+
+    from ..archs import arch
+
+    cfg = json.loads((Path(base_path) / "config.json").read_text())
+    n = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    a = arch(cfg.get("model_type"))
+    suffixes = list(targets) if targets else list(a.targets if a else ())
+    if not n or not suffixes:
+        raise ValueError(f"{base_path}: cannot tell the layers or the default targets of this model")
+    layers = "|".join(str(i) for i in range(max(0, n - top_layers), n))
+    return rf".*\.(?:{layers})\.(?:.*\.)?(?:{'|'.join(re.escape(t) for t in suffixes)})"
+
+
+def _prefix_cache(base_path: str) -> bool:
+    from ..archs import arch
+
+    a = arch(json.loads((Path(base_path) / "config.json").read_text()).get("model_type"))
+    return bool(a and a.prefix_cache)
+
+
+def layer_kwargs(fn, ad, base_path: str) -> dict:
+    """How ``fn`` (training or evaluation) is told to adapt only the top layers:
+    ``top_layers`` where it takes it and the base's architecture allows the
+    frozen-prefix cache (:mod:`loramix.archs`), else, for training, the targets
+    restricted to those layers (the same adapter, with the full forward)."""
+    if ad.top_layers is None:
+        return {"targets": list(ad.targets) if ad.targets else None} if _accepts(fn, "targets") else {}
+    if _accepts(fn, "top_layers") and _prefix_cache(base_path):
+        kw = {"top_layers": ad.top_layers}
+        if _accepts(fn, "targets"):
+            kw["targets"] = list(ad.targets) if ad.targets else None
+        return kw
+    if _accepts(fn, "targets"):
+        return {"targets": top_layer_targets(base_path, ad.top_layers, ad.targets)}
+    return {}
+
+
 def _train_kwargs(ad) -> dict:
     kw = {"steps": ad.steps} if ad.steps is not None else {"epochs": ad.epochs}
     if "warmup" in ad.extra:
@@ -100,11 +148,12 @@ def _adapter_step(ctx: StepContext, st: Step, deps: dict) -> dict:
     def make(tmp):
         from ..train import train_adapter
 
-        res = train_adapter(deps["base"]["path"], train_paths, tmp / a["name"], method=a["method"], rank=ad.rank,
-                            alpha=ad.alpha, tau=ad.tau, targets=list(ad.targets) if ad.targets else None,
-                            lr=ad.lr, batch=ad.batch, max_len=ad.max_len, eval_size=0, seed=a["seed"],
-                            shared_init=ad.init == "shared", device=str(ctx.device), progress=False,
-                            **_train_kwargs(ad))  # fmt: skip
+        base = deps["base"]["path"]
+        res = train_adapter(base, train_paths, tmp / a["name"], method=kind_of(a["method"]),
+                            rank=rank_of(a["method"], ad.rank),
+                            alpha=ad.alpha, tau=ad.tau, lr=ad.lr, batch=ad.batch, max_len=ad.max_len, eval_size=0,
+                            seed=a["seed"], shared_init=init_of(a["method"], ad.init) == "shared", device=str(ctx.device), progress=False,
+                            **layer_kwargs(train_adapter, ad, base), **_train_kwargs(ad))  # fmt: skip
         return {
             k: v for k, v in res.items() if (isinstance(v, (int, float, str)) or v is None) and k != "out"
         }
@@ -114,14 +163,20 @@ def _adapter_step(ctx: StepContext, st: Step, deps: dict) -> dict:
     return {"path": str(next(p.parent for p in sorted(folder.glob("*/adapter_config.json"))))}
 
 
-def evaluate_on_splits(ctx: StepContext, base_path: str, *, adapters=(), model_path=None) -> dict:
-    """Per-domain ``{ppl, tokens, nll_sum}`` of a model on every eval split."""
+def evaluate_on_splits(ctx: StepContext, base_path: str, *, adapters=(), model_path=None, domains=None,
+                       model=None) -> dict:  # fmt: skip
+    """Per-domain ``{ppl, tokens, nll_sum}`` of a model on the eval splits of
+    ``domains`` (default: every domain). ``model``: an in-memory ``(model,
+    tokenizer)`` to evaluate instead of the base folder or ``model_path``."""
     from ..perplexity import evaluate
 
-    ev, names = ctx.sc.eval, list(ctx.data)
-    base = str(model_path) if model_path is not None else ctx.base_model(base_path)
+    ev = ctx.sc.eval
+    names = list(ctx.data) if domains is None else list(domains)
+    base = str(model_path) if model_path is not None else model or ctx.base_model(base_path)
     df = evaluate(base, adapters=[str(a) for a in adapters], data=[ctx.data[n].eval for n in names],
-                  on=ev.on, max_len=ev.max_len, batch_size=ev.batch, device=str(ctx.device))  # fmt: skip
+                  on=ev.on, max_len=ev.max_len, batch_size=ev.batch, device=str(ctx.device),
+                  **{k: v for k, v in layer_kwargs(evaluate, ctx.sc.adapters, base_path).items()
+                     if k == "top_layers"})  # fmt: skip
     out = {}
     for i, n in enumerate(names):
         row = df.iloc[i]
@@ -135,9 +190,47 @@ def _eval_step(ctx: StepContext, st: Step, deps: dict) -> dict:
         adapters = [Path(deps[st.args["merge"]]["path"]) / "adapter"]
     else:
         adapters = [deps[a]["path"] for a in st.args.get("adapters", ())]
-    base = deps["base"]["path"]
-    return ctx.cache.json_artifact("eval", st.spec, lambda: evaluate_on_splits(ctx, base, adapters=adapters),
+    base, doms = deps["base"]["path"], st.args.get("domains")
+    return ctx.cache.json_artifact("eval", st.spec,
+                                   lambda: evaluate_on_splits(ctx, base, adapters=adapters, domains=doms),
                                    st.label)  # fmt: skip
+
+
+def merged_in_memory(model, adapters, method: str, params: dict) -> tuple[dict, dict]:
+    """Add a dense merge's per-module deltas to ``model``'s weights in place
+    (``W <- W0 + delta``, computed by the method from ``W0`` in ``(out, in)``
+    layout, float32, exactly as the streaming engine does); returns the
+    original weights ``{module: W0}`` (to restore) and the method's facts."""
+    import torch
+
+    from ..methods import get_method
+    from ..methods.base import ModuleContext
+    from ..methods.runner import module_plan
+
+    m = get_method(method)
+    p = m.validate(dict(params), adapters)
+    saved, facts = {}, {}
+    with torch.no_grad():
+        for name, items in module_plan(adapters).items():
+            w = model.get_submodule(name).weight
+            conv = not isinstance(model.get_submodule(name), torch.nn.Linear)  # Conv1D stores W0^T
+            W0 = (w.T if conv else w).to(torch.float32)
+            ctx = ModuleContext(name, tuple(i for i, _ in items), W0.device, torch.float32)
+            d, f = m.merged(ctx, [md for _, md in items], [1.0] * len(items), W0, p)
+            d = d[0] @ d[1] if isinstance(d, tuple) else d
+            saved[name] = w.detach().clone()
+            w.add_((d.T if conv else d).to(w.dtype))
+            if f:
+                facts[name] = f
+    return saved, {"modules": len(saved), **(m.summarize(facts) if facts else {})}
+
+
+def _restore(model, saved: dict) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, w0 in saved.items():
+            model.get_submodule(name).weight.copy_(w0)
 
 
 def _merge_step(ctx: StepContext, st: Step, deps: dict) -> dict:
@@ -152,11 +245,18 @@ def _merge_step(ctx: StepContext, st: Step, deps: dict) -> dict:
         if a["low_rank"]:
             res = do_merge(paths, a["method"], out=tmp / "adapter", device=dev, **a["params"])
             return {"summary": res.summary}
-        res = do_merge(paths, a["method"], into=base, out=tmp / "model", device=dev, **a["params"])
-        ev = evaluate_on_splits(ctx, base, model_path=tmp / "model")
-        shutil.rmtree(tmp / "model")
+        # A dense merge changes only the adapted modules: add its deltas to the
+        # base held in memory, evaluate, restore, instead of writing a whole model.
+        from ..io.adapter_files import load_adapter
+
+        model = ctx.base_model(base)
+        saved, summary = merged_in_memory(model[0], [load_adapter(x) for x in paths], a["method"], a["params"])
+        try:
+            ev = evaluate_on_splits(ctx, base, domains=a.get("domains"), model=model)
+        finally:
+            _restore(model[0], saved)
         (tmp / "result.json").write_text(json.dumps(ev, indent=2, sort_keys=True))
-        return {"summary": res.summary}
+        return {"summary": summary}
 
     folder = ctx.cache.get_or_make("merge", st.spec, make, label=st.label)
     out = {"path": str(folder), "summary": ctx.cache.record("merge", folder)["info"].get("summary", {})}
@@ -183,8 +283,28 @@ def _similarity_step(ctx: StepContext, st: Step, deps: dict) -> dict:
             "rms_effective": None if sim_eff is None else mat(sim_eff.rms), "per_module": sim.per_module}  # fmt: skip
 
 
+def _features_step(ctx: StepContext, st: Step, deps: dict) -> dict:
+    """Every registered feature of the domain adapters (:mod:`loramix.features`),
+    the data-aware ones from calibration activations of each domain's training
+    split: the matrices as JSON (``FeatureSet.to_json_dict``)."""
+
+    def compute():
+        from ..features import compute_features
+        from ..features._calibration import capture
+        from ..io.adapter_files import load_adapter
+
+        names, p = st.args["names"], ctx.sc.predictors
+        ads = [load_adapter(deps[a]["path"], name=d) for a, d in zip(st.args["adapters"], names)]
+        data = [deps[f"data/{d}/train"]["path"] for d in names]
+        cal = capture(ads, deps["base"]["path"], data, tokens=p.tokens, max_len=p.max_len, device=str(ctx.device))
+        return compute_features(ads, calibration=cal).to_json_dict()
+
+    return ctx.cache.json_artifact("features", st.spec, compute, st.label)
+
+
 _RUNNERS = {"data": _data_step, "base": _base_step, "adapter": _adapter_step, "merged-data": _adapter_step,
-            "eval": _eval_step, "merge": _merge_step, "similarity": _similarity_step}  # fmt: skip
+            "eval": _eval_step, "merge": _merge_step, "similarity": _similarity_step,
+            "features": _features_step}  # fmt: skip
 
 
 def run_step(ctx: StepContext, st: Step, deps: dict) -> dict:

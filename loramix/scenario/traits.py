@@ -14,6 +14,33 @@ from ..methods.base import D2LORA, LORA
 ADAPTER_KINDS = (LORA, D2LORA)
 
 
+INITS = ("data", "shared")
+
+
+def parse_label(label: str) -> tuple[str, str | None, str | None]:
+    """A study's adapter label ``KIND[@R][:INIT]`` (that kind, at rank ``R``,
+    initialised by ``INIT``) as ``(KIND, R or None, INIT or None)``."""
+    head, _, init = label.partition(":")
+    kind, _, rank = head.partition("@")
+    return kind, rank or None, init or None
+
+
+def kind_of(label: str) -> str:
+    """The adapter kind of a label (:func:`parse_label`)."""
+    return parse_label(label)[0]
+
+
+def rank_of(label: str, default: int) -> int:
+    """The rank of a label: ``R`` for ``KIND@R``, else ``default``."""
+    r = parse_label(label)[1]
+    return int(r) if r else default
+
+
+def init_of(label: str, default: str) -> str:
+    """The initialisation of a label: ``INIT`` for ``KIND:INIT``, else ``default``."""
+    return parse_label(label)[2] or default
+
+
 def _method(name: str):
     from ..methods import get_method
 
@@ -22,7 +49,7 @@ def _method(name: str):
 
 def applies_to(merge_method: str, adapter_kind: str) -> bool:
     """Whether ``merge_method`` can merge adapters of ``adapter_kind``."""
-    return _method(merge_method).applies_to(adapter_kind)
+    return _method(merge_method).applies_to(kind_of(adapter_kind))
 
 
 def kinds_for(merge_method: str) -> list[str]:
@@ -35,7 +62,7 @@ def needs_base(adapter_kind: str) -> bool:
     projection): the study then also reports the cosine of the effective deltas."""
     from ..kinds import get_kind
 
-    return get_kind(adapter_kind).needs_base
+    return get_kind(kind_of(adapter_kind)).needs_base
 
 
 def applied_on_the_fly(merge_method: str) -> bool:

@@ -1,0 +1,282 @@
+"""The report's answer to the study's question, and its predictors section.
+
+* :func:`section_answer` (the report's first section): does similarity predict
+  interference across the pairs (Pearson r of each target with the RMS cosine
+  over the pairs, with its count), which predictor is best under
+  leave-one-domain-out and with what held-out error (its first line says so
+  when no feature beats the mean), and the paper's three pairs beside ours.
+* :func:`section_predictors`: every validation's table (r, R^2, MAE, interval
+  coverage per predictor) and the figures.
+* :func:`write_predictor_files`: ``predictors.json`` (the primary validation,
+  with the base identity and the adapter kind it was fitted for, read by
+  ``loramix predict`` and ``loramix plan --fit``), ``validation.csv``,
+  ``predictions.csv`` and the plots.
+
+Everything reads ``report.json``'s data only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# arXiv 2508.11985, GPT-2 small: delta_ppl% of the naive sum against merged-data training.
+PAPER_PAIRS = {("math", "medicine"): -9.1, ("math", "finance"): 4.5, ("finance", "medicine"): 27.6}
+TOP_ROWS = 8
+
+
+def _f(x, nd=2) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return f"{x:.{nd}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def primary_validation(report: dict) -> dict | None:
+    from .predictors import primary
+
+    p = report["scenario"].get("predictors")
+    vals = report.get("validations") or []
+    return primary(vals, p["target"], p["method"]) if p and vals else None
+
+
+def _pearson(x, y) -> tuple[float, int]:
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return float("nan"), int(len(x))
+    return float(np.corrcoef(x, y)[0, 1]), int(len(x))
+
+
+def _best_line(v: dict) -> str:
+    rows = {r["predictor"]: r for r in v["summary"]}
+    b, m = rows[v["best"]], rows["mean"]
+    if not v["beats_mean"]:
+        return (f"**No feature predicts {v['target']} better than the mean** under leave-one-domain-out over "
+                f"{len(v['y'])} compositions (held-out MAE of the mean {_f(m['mae'])} points; best feature "
+                f"{_best_feature(v)}).")  # fmt: skip
+    return (f"Best validated predictor of {v['target']}: **{v['best']}**, held-out MAE {_f(b['mae'])} points "
+            f"against {_f(m['mae'])} for the mean (r = {_f(b['r'])}, R² = {_f(b['r2'])}, "
+            f"{_f(100 * b['coverage'], 0) if b['coverage'] is not None else '—'}% of held-out values inside "
+            f"the {100 * v['level']:g}% intervals; leave-one-domain-out over {len(v['y'])} compositions).")  # fmt: skip
+
+
+def _selection_note(v: dict) -> str:
+    rows = {r["predictor"]: r for r in v["summary"]}
+    cos = rows.get("ols:rms_cosine")
+    note = (f"The best is chosen among {len(rows)} predictors by this same held-out MAE, so its error is "
+            "slightly optimistic")  # fmt: skip
+    if cos is not None:
+        note += f"; the plain RMS-cosine line scores MAE {_f(cos['mae'])}, r = {_f(cos['r'])}"
+    return note + "."
+
+
+def _best_feature(v: dict) -> str:
+    r = next((r for r in v["summary"] if r["predictor"] != "mean"), None)
+    return "none" if r is None else f"{r['predictor']}, MAE {_f(r['mae'])}, r = {_f(r['r'])}"
+
+
+def _similarity_lines(summary: pd.DataFrame) -> list[str]:
+    L = []
+    pairs = summary[summary["k"] == 2]
+    for (am, mm), g in pairs.groupby(["adapter_method", "merge_method"], sort=False):
+        for col, name in (("retention_pct", "retention %"), ("delta_ppl_pct", "Δppl %")):
+            r, n = _pearson(g["rms_cosine"], g[col])
+            if n >= 3:
+                L.append(f"- {am}, {mm}: Pearson r of {name} with the RMS cosine over {n} pairs = **{_f(r)}** "
+                         f"({name} from {_f(g[col].min(), 1)} to {_f(g[col].max(), 1)}; cosine from "
+                         f"{_f(g['rms_cosine'].min(), 3)} to {_f(g['rms_cosine'].max(), 3)})")  # fmt: skip
+    return L
+
+
+def _ablation_lines(report: dict, summary: pd.DataFrame) -> list[str]:
+    """The initialisation ablation: each ``KIND:shared`` label against ``KIND`` (independent)."""
+    sims = {s["adapter_method"]: np.array(s["rms"], dtype=float) for s in report.get("similarity_mean", [])}
+    pairs = summary[(summary["k"] == 2) & (summary["merge_method"] == "sum")]
+    L = []
+    for shared in [a for a in sims if a.endswith(":shared")]:
+        indep = shared.removesuffix(":shared")
+        if indep not in sims:
+            continue
+        parts = []
+        for a, name in ((indep, "independent"), (shared, "shared")):
+            m = sims[a]
+            off = m[~np.eye(len(m), dtype=bool)]
+            g = pairs[pairs["adapter_method"] == a]
+            r, n = _pearson(g["rms_cosine"], g["retention_pct"])
+            parts.append(f"{name} initialisation: RMS cosine between domains {_f(float(np.nanmean(off)), 3)} on "
+                         f"average, r of retention % (sum) with it **{_f(r)}** over {n} pairs, mean retention % "
+                         f"{_f(float(g['retention_pct'].mean()), 1)}")  # fmt: skip
+        L.append(f"- Initialisation ablation ({indep}): " + "; ".join(parts) + ".")
+    return L
+
+
+def _paper_rows(summary: pd.DataFrame) -> list[list[str]]:
+    rows = []
+    s = summary[(summary["merge_method"] == "sum") & (summary["k"] == 2)]
+    for (a, b), paper in PAPER_PAIRS.items():
+        g = s[s["composition"].isin([f"{a}+{b}", f"{b}+{a}"])]
+        for _, r in g.iterrows():
+            rows.append([r["composition"], r["adapter_method"], f"{paper:+.1f}", _f(r["delta_ppl_pct"], 1), _f(r["retention_pct"], 1),
+                         _f(r["rms_cosine"], 3)])  # fmt: skip
+    return rows
+
+
+def setup_lines(report: dict, v) -> list[str]:
+    """The setup choices of a study at scale: top layers, the merged-data
+    compositions and how they were chosen, where models are evaluated, the predictors."""
+    sc, L = v.sc, []
+    ad = sc["adapters"]
+    if ad.get("top_layers"):
+        L.append(f"- Adapters on the top {ad['top_layers']} transformer block(s) only (the targets inside them); "
+                 "the blocks below are frozen and shared by every adapter and merge")  # fmt: skip
+    md = sc.get("merged_data", "all")
+    with_md = list(dict.fromkeys(r["composition"] for r in report["results"] if r.get("delta_ppl_pct") is not None))
+    if md != "all":
+        how = (f"{md['count']} pairs: {', '.join('+'.join(c) for c in md['include']) or 'none'} by name, the others "
+               "at evenly spaced ranks of the domains' data similarity (cosine of the word counts of their training "
+               "splits, known before training)") if isinstance(md, dict) else "the listed compositions"  # fmt: skip
+        L.append(f"- Merged-data adapters (the Δppl % target), {how}: {', '.join(with_md)}; every other "
+                 "composition has the retention target only")  # fmt: skip
+    if sc["eval"].get("domains") == "members":
+        L.append("- Each model is evaluated only on the domains it serves: a domain adapter on its domain, a merge "
+                 "or merged-data adapter on its members, the base on all")  # fmt: skip
+    p = sc.get("predictors")
+    if p:
+        L.append(f"- Predictors: every feature of `loramix.features` from the domain adapters' factors, the "
+                 f"data-aware ones from {p['tokens']} calibration tokens of each domain's training split "
+                 f"(max_len {p['max_len']}); {100 * p['level']:g}% prediction intervals; `predictors.json` holds "
+                 f"the best predictor of {p['target']} ({p['method']})")  # fmt: skip
+    return L
+
+
+def section_answer(report: dict, v) -> list[str]:
+    """The report's first section (module docstring)."""
+    val = primary_validation(report)
+    if val is None:
+        return []
+    L = ["## The answer", "", _best_line(val) + " " + _selection_note(val), ""]
+    L += _similarity_lines(v.summary)
+    L += _ablation_lines(report, v.summary)
+    L.append("")
+    rows = _paper_rows(v.summary)
+    if rows:
+        L.append("The paper's three pairs (arXiv 2508.11985, GPT-2 small, Δppl % of the naive sum against "
+                 "merged-data training) beside ours (SmolLM2 here; Δppl % needs the pair's merged-data adapter):")  # fmt: skip
+        L.append("")
+        L.append(_table(["pair", "adapters", "paper Δppl %", "our Δppl %", "our retention %", "our RMS cosine"],
+                        rows))  # fmt: skip
+        L.append("")
+    L.append("Retention % = mean over the member domains of 100 · (ppl of the merge − ppl of the domain's own "
+             "adapter) / ppl of the domain's own adapter, each on that domain's eval split: 0 when the merge "
+             "keeps every member's gain, positive when it loses some.")  # fmt: skip
+    L.append("")
+    return L
+
+
+def section_predictors(report: dict, v) -> list[str]:
+    """Every validation: the best predictors, the mean and the plain cosine."""
+    vals = report.get("validations") or []
+    if not vals:
+        return []
+    L = ["## Predictors, validated leave-one-domain-out", ""]
+    L.append("For each held-out domain, every predictor is fitted on the compositions without it and predicts "
+             "those with it (docs/predictors.md); r, R², MAE and the coverage of the prediction intervals pool "
+             "these held-out predictions. `ols:F` is a line on feature F; `ridge` a regularised combination of "
+             "the overall features; `mean` the training mean. Full tables: `validation.csv`, `predictions.csv`.")  # fmt: skip
+    L.append("")
+    for val in vals:
+        rows = val["summary"]
+        keep = rows[:TOP_ROWS] + [r for r in rows[TOP_ROWS:] if r["predictor"] in ("mean", "ols:rms_cosine")]
+        L.append(f"### {val['target']}, {val['adapter_method']} ({len(val['y'])} compositions)")
+        L.append("")
+        L.append(val["headline"])
+        L.append("")
+        L.append(_table(["predictor", "n", "r", "R²", "MAE", "coverage"],
+                        [[r["predictor"], str(r["n"]), _f(r["r"]), _f(r["r2"]), _f(r["mae"]),
+                          _f(r["coverage"])] for r in keep]))  # fmt: skip
+        L.append("")
+    L.append("![predicted vs measured](predicted_vs_measured.png)")
+    L.append("")
+    L.append("![interference by merge method](interference_by_method.png)")
+    L.append("")
+    return L
+
+
+def write_predictor_files(folder: Path, report: dict) -> None:
+    """``predictors.json``, ``validation.csv``, ``predictions.csv`` and the predictors' plots."""
+    from . import plots
+
+    vals = report.get("validations") or []
+    if not vals:
+        return
+    rows = [{"adapter_method": v["adapter_method"], "target": v["target_name"], "merge_method": v["merge_method"],
+             **r} for v in vals for r in v["summary"]]  # fmt: skip
+    pd.DataFrame(rows).to_csv(folder / "validation.csv", index=False)
+    preds = [{"adapter_method": v["adapter_method"], "target": v["target_name"], "merge_method": v["merge_method"],
+              **r} for v in vals for r in v["predictions"]]  # fmt: skip
+    pd.DataFrame(preds).to_csv(folder / "predictions.csv", index=False)
+    val = primary_validation(report)
+    if val is not None:
+        out = {k: x for k, x in val.items() if k != "predictions"}
+        out.update(scenario=report["scenario"]["name"], base_identity=report["base"].get("identity"),
+                   adapter_kind=val["adapter_method"])  # fmt: skip
+        (folder / "predictors.json").write_text(json.dumps(out, indent=1) + "\n")
+        pred = pd.DataFrame(val["predictions"])
+        plots.predicted_vs_measured(pred[pred["predictor"] == val["best"]], folder / "predicted_vs_measured.png",
+                                    title=f"{report['scenario']['name']}: {val['best']} (held out by domain)",
+                                    ylabel=val["target"])  # fmt: skip
+    name = report["scenario"]["name"]
+    plots.interference_by_method(pd.DataFrame(report["summary"]), folder / "interference_by_method.png",
+                                 title=f"{name}: interference by merge method")  # fmt: skip
+
+
+# The D2-LoRA paper (arXiv 2602.14728): accuracy points over LoRA, training volatility, merge gap.
+D2_PAPER = "+2.2 points over LoRA (+1.6 against LoRA at rank 2r), 36% lower training volatility, merge gap near zero"
+
+
+def _kind_rows(evals: pd.DataFrame, summary: pd.DataFrame) -> list[list[str]]:
+    """Per adapter label: each domain adapter's perplexity on its own eval split
+    (mean over domains; the spread over seeds, as the mean over domains of the
+    sample std and of the coefficient of variation), against the base, and
+    the retention % of the sum (merged vs the unmerged own adapters)."""
+    rows = []
+    base = evals[evals["model"] == "base"].groupby("domain")["ppl"].mean()
+    own = evals[evals["model"].str.startswith("adapter:")]
+    own = own[own["model"].str.slice(len("adapter:")) == own["domain"]]
+    for am, g in own.groupby("adapter_method", sort=False):
+        per = g.groupby("domain")["ppl"]
+        mean, std = per.mean(), per.std(ddof=1)
+        gain = float((100 * (base[mean.index] - mean) / base[mean.index]).mean())
+        ret = summary[(summary["adapter_method"] == am) & (summary["merge_method"] == "sum")]["retention_pct"]
+        rows.append([am, _f(float(mean.mean())), _f(gain, 1), _f(float(std.mean()), 3),
+                     _f(float((100 * std / mean).mean()), 2), str(g["seed"].nunique()), _f(float(ret.mean()), 1)])  # fmt: skip
+    return rows
+
+
+def section_kinds(report: dict, v) -> list[str]:
+    """Adapter kinds (and ranks) side by side, when the study has more than one."""
+    labels = list(dict.fromkeys(v.summary["adapter_method"])) if not v.summary.empty else []
+    if len(labels) < 2:
+        return []
+    L = ["## Adapter kinds compared", ""]
+    L.append("Each domain adapter on its own domain's held-out split (perplexity, mean over domains), its gain "
+             "over the base, the spread over training seeds (sample std of the perplexity and the coefficient of "
+             "variation, mean over domains: the training volatility), and merged against unmerged: the retention "
+             "% of the sum (the merge's perplexity on each member against the member's own adapter). `KIND@R` is "
+             f"that kind at rank R. The D2-LoRA paper reports {D2_PAPER}, in accuracy on its own benchmarks; "
+             "these are perplexities, so compare directions and ratios, not points.")  # fmt: skip
+    L.append("")
+    L.append(_table(["adapters", "held-out ppl", "gain over base %", "seed std", "seed CV %", "seeds",
+                     "retention % (sum)"], _kind_rows(v.evals, v.summary)))  # fmt: skip
+    L.append("")
+    return L

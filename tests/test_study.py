@@ -1,0 +1,259 @@
+"""The study at scale: new scenario keys, the retention target, the predictors
+step and `loramix predict` with a predictors file (issue 10)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from loramix.cli import main
+from loramix.scenario.config import load_scenario
+from loramix.scenario.plan import data_similarity, merged_data_compositions, plan, prepare_data
+from tests.test_scenario import _write
+
+# Four synthetic domains (one with template overlap), pairs plus one seeded
+# triple, merged-data adapters for 3 pairs (one forced), adapters on the top
+# block only, each model evaluated on the domains it serves, the predictors step.
+STUDY = """
+name = "study"
+merged_data = { count = 3, include = [["arith", "units"]] }
+
+[compositions]
+pairs = "all"
+triples = 1
+seed = 3
+
+[base.build]
+size = "tiny"
+steps = 8
+
+[domains.arith]
+data = "synthetic:arith"
+train = 16
+eval = 6
+[domains.units]
+data = "synthetic:units"
+train = 16
+eval = 6
+overlap = 0.5
+overlap_with = "arith"
+[domains.dates]
+data = "synthetic:dates"
+train = 16
+eval = 6
+[domains.sort]
+data = "synthetic:sort"
+train = 16
+eval = 6
+
+[adapters]
+rank = 2
+alpha = 8
+steps = 3
+lr = 5e-3
+batch = 8
+max_len = 48
+top_layers = 1
+
+[merge]
+methods = ["sum", "ties"]
+ties = { density = 0.5 }
+
+[eval]
+domains = "members"
+
+[predictors]
+tokens = 64
+"""
+
+
+BAD = [
+    (STUDY.replace("count = 3", "count = 99"), "merged_data.count", "must be between 1"),
+    (STUDY.replace('include = [["arith", "units"]]', 'include = [["arith", "law"]]'), "merged_data[0]",
+     "domain names"),
+    (STUDY.replace("triples = 1", "triples = 0"), "compositions.triples", "must be between 1 and 4"),
+    (STUDY.replace('pairs = "all"', 'pairs = "some"'), "compositions.pairs", 'expected "all"'),
+    (STUDY.replace("seed = 3", "seed = 3\nquads = 2"), "compositions.quads", "unknown key"),
+    (STUDY.replace("top_layers = 1", "top_layers = 0"), "adapters.top_layers", "must be positive"),
+    (STUDY.replace('domains = "members"', 'domains = "mine"'), "eval.domains", "must be 'all' or 'members'"),
+    (STUDY.replace("tokens = 64", "tokens = 64\nlevel = 1.5"), "predictors.level", "[0, 1]"),
+    (STUDY.replace("tokens = 64", 'tokens = 64\nmethod = "svd"'), "predictors.method", "not in merge.methods"),
+    (STUDY.replace("rank = 2", 'rank = 2\nmethods = ["lora", "lora@x"]'), "adapters.methods", "KIND@R"),
+    (STUDY.replace("rank = 2", 'rank = 2\ninit = ["data", "seed"]'), "adapters.init", 'expected "data"'),
+    (STUDY.replace("top_layers = 1", "top_layers = 3"), "adapters.top_layers", "above the base's 2 blocks"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text, key, words", BAD)
+def test_new_keys_fail_as_one_line(tmp_path, capsys, text, key, words):
+    p = _write(tmp_path, text)
+    rc = main(["scenario", "check", str(p)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith(f"loramix: error: {p}: {key}:") and err.count("\n") == 1, err
+    assert words in err, err
+
+
+def test_kind_at_rank_is_a_study_of_its_own(tmp_path):
+    sc = load_scenario(_write(tmp_path, STUDY.replace("rank = 2", 'rank = 2\nmethods = ["lora", "lora@4"]')))
+    steps = {s.id: s for s in plan(sc)}
+    a, b = steps["adapter/lora/0/arith"], steps["adapter/lora@4/0/arith"]
+    assert a.key != b.key and b.spec["method"] == "lora@4" and b.args["method"] == "lora@4"
+    assert [m.method for m in sc.merges_for("lora@4")] == ["sum", "ties"]
+
+
+def test_init_list_is_an_ablation(tmp_path):
+    sc = load_scenario(_write(tmp_path, STUDY.replace("rank = 2", 'rank = 2\ninit = ["data", "shared"]')))
+    assert sc.adapters.methods == ("lora", "lora:shared")
+    steps = {s.id: s for s in plan(sc)}
+    assert steps["adapter/lora/0/arith"].spec["init"] == "data"
+    assert steps["adapter/lora:shared/0/arith"].spec["init"] == "shared"
+
+
+def test_compositions_table_and_merged_data_span(tmp_path):
+    sc = load_scenario(_write(tmp_path, STUDY))
+    pairs = [c for c in sc.compositions if len(c) == 2]
+    triples = [c for c in sc.compositions if len(c) == 3]
+    assert len(pairs) == 6 and len(triples) == 1
+    again = load_scenario(_write(tmp_path, STUDY.replace("seed = 3", "seed = 3 "), "t.toml"))
+    assert again.compositions == sc.compositions  # the sample is seeded
+    data = prepare_data(sc)
+    md = merged_data_compositions(sc, data)
+    sim = data_similarity(data)
+    assert len(md) == 3 and ("arith", "units") in md
+    rest = sorted((c for c in pairs if c != ("arith", "units")), key=lambda c: (sim[c], c))
+    assert rest[0] in md and rest[-1] in md  # the span: least and most similar of the others
+    steps = {s.id: s for s in plan(sc, data)}
+    assert {k for k in steps if k.startswith("merged-data/")} == {f"merged-data/lora/0/{'+'.join(c)}" for c in md}
+    # each model is evaluated on the domains it serves; the base on all
+    assert steps["eval/lora/0/adapter/dates"].args["domains"] == ["dates"]
+    assert steps["eval/lora/0/merge/sum/arith+sort"].args["domains"] == ["arith", "sort"]
+    assert steps["eval/base"].args["domains"] == list(sc.domains)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    d = tmp_path_factory.mktemp("study")
+    scen = _write(d, STUDY)
+    out, cache = d / "reports" / "study", d / "cache"
+    t0 = time.perf_counter()
+    rc = main(["scenario", "run", str(scen), "--out", str(out), "--cache", str(cache), "--quiet"])
+    assert rc == 0
+    return {"out": out, "cache": cache, "scen": scen, "seconds": time.perf_counter() - t0,
+            "report": json.loads((out / "report.json").read_text())}  # fmt: skip
+
+
+def _base_path(rep: dict) -> str:
+    return rep["base"]["path"]
+
+
+def _eval_records(sc, name):
+    return prepare_data(sc)[name].eval
+
+
+def test_adapters_sit_in_the_top_layers_only(study):
+    from loramix.io.adapter_files import load_adapter
+
+    rep = study["report"]
+    cfg = json.loads((Path(_base_path(rep)) / "config.json").read_text())
+    top = cfg["n_layer"] - 1
+    for name in ("arith", "sort"):
+        ad = load_adapter(rep["adapters"][0][name])
+        assert ad.modules and all(f".h.{top}." in m for m in ad.modules), list(ad.modules)
+
+
+def test_retention_against_a_direct_computation(study):
+    """retention % of the sum of arith and sort, from loramix.evaluate run here."""
+    from loramix.perplexity import evaluate
+
+    rep, sc = study["report"], load_scenario(study["scen"])
+    paths, base = rep["adapters"][0], _base_path(rep)
+    kw = dict(on=sc.eval.on, max_len=sc.eval.max_len, batch_size=sc.eval.batch, device="cpu")
+    doms = ["arith", "sort"]
+    data = [_eval_records(sc, d) for d in doms]
+    merged = evaluate(base, adapters=[paths[d] for d in doms], data=data, **kw)
+    own = [evaluate(base, adapters=[paths[d]], data=[x], **kw).iloc[0]["ppl"] for d, x in zip(doms, data)]
+    want = sum(100 * (merged.iloc[i]["ppl"] - own[i]) / own[i] for i in range(2)) / 2
+    row = next(r for r in rep["results"] if r["composition"] == "arith+sort" and r["merge_method"] == "sum")
+    assert row["retention_pct"] == pytest.approx(want, rel=1e-6, abs=1e-6)
+    assert row["delta_ppl_pct"] is None or not math.isfinite(row["delta_ppl_pct"])  # no merged-data adapter
+    forced = next(r for r in rep["results"] if r["composition"] == "arith+units" and r["merge_method"] == "sum")
+    assert math.isfinite(forced["delta_ppl_pct"])
+
+
+def test_dense_merge_in_memory_equals_the_written_merge(study, tmp_path):
+    """ties evaluated in memory (the study's path) equals ties written by `loramix merge --into`."""
+    from loramix.methods import merge
+    from loramix.perplexity import evaluate
+
+    rep, sc = study["report"], load_scenario(study["scen"])
+    paths, base = rep["adapters"][0], _base_path(rep)
+    merge([paths["arith"], paths["dates"]], "ties", into=base, out=tmp_path / "ties", density=0.5)
+    data = [_eval_records(sc, d) for d in ("arith", "dates")]
+    df = evaluate(str(tmp_path / "ties"), data=data, on=sc.eval.on, max_len=sc.eval.max_len,
+                  batch_size=sc.eval.batch, device="cpu")  # fmt: skip
+    ev = {e["domain"]: e["ppl"] for e in rep["evaluations"] if e["model"] == "merge:ties:arith+dates"}
+    assert ev["arith"] == pytest.approx(float(df.iloc[0]["ppl"]), rel=1e-5)
+    assert ev["dates"] == pytest.approx(float(df.iloc[1]["ppl"]), rel=1e-5)
+
+
+def test_predictors_step_writes_a_validated_predictors_file(study):
+    from loramix.io.model_folder import BaseModelFolder
+    from loramix.validation import load_predictors
+
+    out, rep = study["out"], study["report"]
+    p = load_predictors(out / "predictors.json")
+    assert p["target"] == "retention_pct (sum)" and p["adapter_kind"] == "lora"
+    assert p["base_identity"] == BaseModelFolder(_base_path(rep)).identity()
+    assert len(p["compositions"]) == 7  # every composition has the retention target
+    assert {"mean", "ols:rms_cosine", "ols:functional_interference"} <= set(p["fits"])
+    pred = pd.read_csv(out / "predictions.csv")
+    assert len(pred) and all(h in c.split("+") for h, c in zip(pred["held_out"], pred["composition"]))
+    val = pd.read_csv(out / "validation.csv")
+    assert set(val["target"]) == {"retention"}  # 3 merged-data pairs are too few to validate delta_ppl
+    md = (out / "report.md").read_text()
+    first = md.split("## ")[1]
+    assert first.startswith("The answer") and ("Best validated predictor" in first or "No feature" in first)
+    for png in ("predicted_vs_measured.png", "interference_by_method.png", "similarity_lora.png"):
+        assert (out / png).stat().st_size > 1000 and f"({png})" in md
+
+
+def test_predict_with_the_predictors_file(study, tmp_path, capsys):
+    out, rep = study["out"], study["report"]
+    paths = rep["adapters"][0]
+    base = _base_path(rep)
+    data = ["--data", str(next(Path(study["cache"]).glob("data/*/train.jsonl")))] * 2
+    rc = main(["predict", paths["arith"], paths["sort"], "--fit", str(out / "predictors.json"), "--base", base,
+               *data, "--format", "json"])  # fmt: skip
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    r = json.loads(cap.out)
+    p = json.loads((out / "predictors.json").read_text())
+    assert r["predictor"] == p["best"] and r["validated"]["mae"] == pytest.approx(
+        next(s["mae"] for s in p["summary"] if s["predictor"] == p["best"])
+    )
+    assert "another base" not in cap.err
+    # an adapter whose provenance names another base: a loud warning
+    moved = tmp_path / "arith"
+    shutil.copytree(paths["arith"], moved)
+    prov = json.loads((moved / "loramix.json").read_text())
+    next(i for i in prov["inputs"] if i.get("kind") == "base_model")["identity"] = "0" * 64
+    (moved / "loramix.json").write_text(json.dumps(prov))
+    rc = main(["predict", str(moved), paths["sort"], "--fit", str(out / "predictors.json"), "--base", base,
+               *data])  # fmt: skip
+    cap = capsys.readouterr()
+    assert rc == 0 and "warning" in cap.err and "another base" in cap.err
+    # a predictors file for another adapter kind is refused, one line, exit 2
+    other = tmp_path / "predictors.json"
+    other.write_text(json.dumps({**p, "adapter_kind": "d2lora"}))
+    rc = main(["predict", paths["arith"], paths["sort"], "--fit", str(other)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "d2lora" in err and str(other) in err
+    # the old fit.json still works
+    assert main(["predict", paths["arith"], paths["sort"], "--fit", str(out / "fit.json")]) == 0
