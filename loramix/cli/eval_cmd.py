@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..devices import DEVICE_CHOICES
-from . import data_options
+from . import data_options, prompt_option
 from .threads import threads_option
 
 
@@ -18,13 +18,7 @@ from .threads import threads_option
 @click.option("--merged", is_flag=True, help="Merge the adapters into the weights first (else on the fly).")
 @data_options("Data file (.jsonl/.json/.csv/.txt) or synthetic:NAME spec; repeat or list after it.")
 @click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True)
-@click.option(
-    "--prompt",
-    type=click.Choice(["raw", "chat"]),
-    default="raw",
-    show_default=True,
-    help="raw: 'Question: ...\\nAnswer:'; chat: the base tokenizer's own chat template (instruct models).",
-)
+@prompt_option
 @click.option("--max-len", type=int, default=None, help="Tokens per sequence (default: the model's context).")
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--limit", type=int, default=None, help="Use the first N records of each file.")

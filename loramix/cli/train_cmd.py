@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..devices import DEVICE_CHOICES
-from . import data_options
+from . import data_options, prompt_option
 from .threads import threads_option
 
 
@@ -51,13 +51,7 @@ def _eval_size(value: str) -> int | float:
 )
 @click.option("--limit", type=int, default=None, help="Use the first N records of each source.")
 @click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True)
-@click.option(
-    "--prompt",
-    type=click.Choice(["raw", "chat"]),
-    default="raw",
-    show_default=True,
-    help="raw: 'Question: ...\\nAnswer:'; chat: the base tokenizer's own chat template (instruct models).",
-)
+@prompt_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--shared-init",
