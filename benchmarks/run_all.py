@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -33,7 +34,22 @@ BENCHMARKS = {
     "basebuild": ("bench_basebuild.py", [], 4),
     "startup": ("bench_startup.py", [], 12),
     "bank": ("bench_bank.py", [], 12),
+    "gguf": ("bench_gguf.py", ["--repeat", "1"], 14),
+    "train-smol": ("bench_train.py", ["--smol", "--batch", "8", "--seq", "128", "--steps", "2", "--warmup", "1"], 14),
+    "eval-smol": ("bench_eval.py", ["--smol", "--records", "48", "--batch", "16", "--max-len", "256", "--repeat", "1"], 14),
 }
+
+
+def _old_sections(path: Path) -> dict[str, str]:
+    """The sections of an earlier report, by benchmark name, so that a run of
+    ``--only`` some benchmarks keeps the others' latest figures (each section
+    carries its own date and load)."""
+    if not path.exists():
+        return {}
+    text = path.read_text()
+    # a section starts at "## NAME (issue N)"; a benchmark's own "## ..." lines stay inside it
+    parts = re.split(r"\n(?=## [\w-]+ \(issue \d+\))", text)[1:]
+    return {p[3:].split(" ", 1)[0]: p.rstrip() + "\n" for p in parts}
 
 
 def machine() -> str:
@@ -60,11 +76,14 @@ def main() -> int:
     args = ap.parse_args()
     names = args.only or list(BENCHMARKS)
     started = dt.datetime.now(dt.timezone.utc)
-    sections = []
+    out = Path(args.out)
+    sections = _old_sections(out)
     for name in names:
         script, extra, issue = BENCHMARKS[name]
         print(f"== {name}: {script} {' '.join(extra)}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
+        when = dt.datetime.now(dt.timezone.utc)
+        load = os.getloadavg()[0]
         proc = subprocess.run(
             [sys.executable, str(HERE / script), *extra], cwd=ROOT, capture_output=True, text=True
         )
@@ -72,21 +91,25 @@ def main() -> int:
         body = proc.stdout.strip() or "(no output)"
         if proc.returncode != 0:
             body += f"\n\n**failed with exit code {proc.returncode}**:\n\n```\n{proc.stderr[-3000:]}\n```"
-        sections.append(
-            f"## {name} (issue {issue}): `python benchmarks/{script}`\n\nRan {took:.0f} s.\n\n{body}\n"
+        cmd = " ".join([f"benchmarks/{script}", *extra])
+        sections[name] = (
+            f"## {name} (issue {issue}): `python {cmd}`\n\n"
+            f"Ran {when:%Y-%m-%d %H:%M} UTC for {took:.0f} s, load average {load:.1f} at start.\n\n{body}\n"
         )
         print(body, file=sys.stderr)
     header = (
         "# loramix benchmarks\n\n"
-        f"Run {started:%Y-%m-%d %H:%M} UTC by `python benchmarks/run_all.py`, serially, on a quiet "
-        f"machine: {machine()}.\n\n"
+        f"Written {started:%Y-%m-%d %H:%M} UTC by `python benchmarks/run_all.py` (serially; "
+        f"`--only NAME...` reruns some and keeps the others' latest sections) on {machine()}. "
+        "Each section gives its date and the load average when it started: on a busy machine the "
+        "absolute times grow, the ratios (both sides measured in the same run) much less.\n\n"
         "Each benchmark compares loramix with the obvious alternative in the same run and prints the "
         "ratio; the targets are the issues'. GPU figures: [benchmarks-gpu.md](benchmarks-gpu.md).\n\n"
     )
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(header + "\n".join(sections))
+    order = [n for n in BENCHMARKS if n in sections] + [n for n in sections if n not in BENCHMARKS]
+    tmp.write_text(header + "\n".join(sections[n] for n in order))
     os.replace(tmp, out)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -126,6 +126,9 @@ class Adapter:
     path: Path | None = None  # the folder, or the .safetensors file given
     weights_path: Path | None = None
     sha256: str | None = None
+    #: full replacement tensors (PEFT ``modules_to_save``): base tensor name
+    #: as PEFT sees it (``lm_head.weight``, ``score.bias``) -> tensor
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         self.kind = get_kind(self.kind)

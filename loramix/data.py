@@ -28,6 +28,20 @@ and, with a context, ``Context: {context}\\n`` before it. The answer text is
 the end-of-sequence token is appended to it when tokenised. A record with an
 empty question and no context (plain text) has an empty prompt.
 
+Chat prompts (``prompt="chat"``, :func:`format_record`): an instruct model
+is given its own chat template instead. The user turn is the question (with
+a context, ``Context: {context}\nQuestion: {question}`` as above), and with
+``T`` the tokenizer's ``apply_chat_template``::
+
+    prompt = T([user], add_generation_prompt=True)
+    full   = T([user, assistant(answer)])
+    answer = full[len(prompt):].rstrip()
+
+(``full`` must start with ``prompt``.) The answer thus ends with the
+template's end-of-turn marker (SmolLM's ``<|im_end|>``); EOS is appended
+after it only when that marker is not the EOS token itself. Plain-text
+records have no turn to format and stay as they are.
+
 Loss masks
 ----------
 ``on="answer"`` (the default everywhere): labels are ``-100`` on the prompt
@@ -53,7 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-from .errors import DataError, UsageError
+from .errors import BaseModelError, DataError, UsageError
 
 SYNTHETIC_PREFIX = "synthetic:"
 
@@ -253,13 +267,40 @@ def split_records(records: list, *, eval_size: int | float, seed: int) -> tuple[
 # --------------------------------------------------------------------------- formatting
 
 
-def format_record(rec: QARecord) -> tuple[str, str]:
-    """``(prompt_text, answer_text)`` by :data:`PROMPT_TEMPLATE`.
+PROMPT_MODES = ("raw", "chat")
+"""``raw``: :data:`PROMPT_TEMPLATE`; ``chat``: the tokenizer's chat template."""
+
+
+def check_prompt(prompt: str, tokenizer=None, where="base") -> None:
+    """Raise unless ``prompt`` is a known mode and, for ``chat``, ``tokenizer``
+    (when given) has a chat template; ``where`` names the base folder."""
+    if prompt not in PROMPT_MODES:
+        raise UsageError("--prompt", f"must be 'raw' or 'chat', got {prompt!r}")
+    if prompt == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise BaseModelError(where, "its tokenizer has no chat template (needed by --prompt chat; use --prompt raw)")
+
+
+def _chat_format(tokenizer, rec: QARecord) -> tuple[str, str]:
+    """``(prompt, answer)`` by the tokenizer's chat template (module docstring)."""
+    user = f"Context: {rec.context}\nQuestion: {rec.question}" if rec.context else rec.question
+    turns = [{"role": "user", "content": user}]
+    prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": rec.answer}], tokenize=False)
+    if not full.startswith(prompt):
+        raise UsageError("--prompt chat", "the chat template's assistant turn does not extend its generation prompt")
+    return prompt, full[len(prompt) :].rstrip()
+
+
+def format_record(rec: QARecord, *, prompt: str = "raw", tokenizer=None) -> tuple[str, str]:
+    """``(prompt_text, answer_text)`` by :data:`PROMPT_TEMPLATE`, or with
+    ``prompt="chat"`` by ``tokenizer``'s chat template (module docstring).
 
     Plain-text records (empty question, no context) give ``("", paragraph)``.
     """
     if not rec.question and not rec.context:
         return "", rec.answer
+    if prompt == "chat":
+        return _chat_format(tokenizer, rec)
     if rec.context:
         prompt = PROMPT_TEMPLATE_CONTEXT.format(context=rec.context, question=rec.question)
     else:
@@ -283,7 +324,8 @@ def _adds_bos(tokenizer) -> bool:
 
 
 def encode_records(
-    tokenizer, records: list[QARecord], *, max_len: int, on: str = "answer", stats: dict | None = None
+    tokenizer, records: list[QARecord], *, max_len: int, on: str = "answer", stats: dict | None = None,
+    prompt: str = "raw",
 ) -> list[dict]:
     """Tokenise records into ``{"input_ids": list[int], "labels": list[int]}``.
 
@@ -293,7 +335,11 @@ def encode_records(
     ``on="all"`` they equal ``input_ids``. Truncation as in the module
     docstring (prompt from the left, then answer from the right).
     ``stats``, if given, gets ``truncated``: the number of records cut.
+    ``prompt``: ``"raw"`` or ``"chat"`` (:func:`format_record`); with
+    ``chat`` no EOS follows an answer whose end-of-turn marker already is EOS,
+    and a BOS the template writes itself is not doubled.
     """
+    check_prompt(prompt, tokenizer)
     if on not in ("answer", "all"):
         raise UsageError("--on", f"must be 'answer' or 'all', got {on!r}")
     if max_len < 2:
@@ -302,13 +348,17 @@ def encode_records(
     if eos is None:
         raise UsageError("tokenizer", "has no eos_token; loramix appends EOS after each answer")
     head = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
-    prompts, answers = zip(*(format_record(r) for r in records)) if records else ((), ())
+    pairs = [format_record(r, prompt=prompt, tokenizer=tokenizer) for r in records]
+    if prompt == "chat" and head:
+        bos = tokenizer.bos_token
+        pairs = [(p[len(bos) :] if p.startswith(bos) else p, a) for p, a in pairs]
+    prompts, answers = zip(*pairs) if records else ((), ())
     # Batch-tokenise for speed (the fast tokenizers parallelise in Rust).
     p_ids = tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"] if records else []
     a_ids = tokenizer(list(answers), add_special_tokens=False, verbose=False)["input_ids"] if records else []
     out = []
     for p, a in zip(p_ids, a_ids):
-        a = list(a) + [eos]
+        a = list(a) if prompt == "chat" and a and a[-1] == eos else list(a) + [eos]
         room = max_len - len(head) - len(a)
         if stats is not None:
             stats["truncated"] = stats.get("truncated", 0) + (len(p) > max(room, 0) or room < 0)

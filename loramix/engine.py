@@ -103,7 +103,17 @@ class ModuleJob:
     transposed: bool
 
 
-Job = CopyJob | ModuleJob
+@dataclass(frozen=True, eq=False)
+class ReplaceJob:
+    """A base tensor replaced by an adapter's full copy (PEFT ``modules_to_save``),
+    written in ``out_code``."""
+
+    info: TensorInfo
+    out_code: str
+    tensor: torch.Tensor
+
+
+Job = CopyJob | ModuleJob | ReplaceJob
 
 
 @dataclass(frozen=True)
@@ -164,15 +174,62 @@ def resolve_targets(
     return targets
 
 
+def saved_tensors(adapters: Sequence[Adapter]) -> dict[str, torch.Tensor]:
+    """The adapters' ``modules_to_save`` tensors (name -> tensor), each from the
+    one adapter that has it; several adapters carrying the same tensor must
+    carry equal ones, else :class:`AdapterError` names the tensor and both."""
+    out: dict[str, tuple[torch.Tensor, Adapter]] = {}
+    for ad in adapters:
+        for name, t in ad.saved.items():
+            if name in out:
+                t0, other = out[name]
+                if t0.shape != t.shape or not torch.equal(t0, t.to(t0.dtype)):
+                    raise AdapterError(
+                        ad.path or ad.name,
+                        f"modules_to_save tensor {name} differs from the one in {other.path or other.name}: "
+                        "a merge cannot keep both full copies",
+                    )
+                continue
+            out[name] = (t, ad)
+    return {n: t for n, (t, _) in out.items()}
+
+
+def resolve_saved(
+    base: BaseModelFolder, adapters: Sequence[Adapter], targets: dict[str, tuple[str, bool]]
+) -> dict[str, torch.Tensor]:
+    """base tensor key -> replacement, for every ``modules_to_save`` tensor of
+    the adapters: found under the base's naming, with the base's shape, and
+    not also adapted by a LoRA module."""
+    out = {}
+    for name, t in saved_tensors(adapters).items():
+        module, param = name.rsplit(".", 1)
+        key = base.tensor_key(module, param)
+        if key is None:
+            raise BaseModelError(base.path, f"has no tensor for the adapters' modules_to_save {name}")
+        if tuple(base.tensors[key].shape) != tuple(t.shape):
+            raise BaseModelError(
+                base.path,
+                f"tensor {key} is {list(base.tensors[key].shape)} but modules_to_save {name} is {list(t.shape)}",
+            )
+        if key in targets:
+            raise AdapterError(
+                targets[key][0], f"is both a LoRA module and a modules_to_save copy ({name}) in the adapters"
+            )
+        out[key] = t
+    return out
+
+
 def plan_into_base(
     base: BaseModelFolder,
     modules: Sequence[str],
     adapters: Sequence[Adapter] = (),
     out_dtype: torch.dtype | None = None,
 ) -> Plan:
-    """The jobs that write ``base`` with ``modules`` changed, in ``out_dtype``
-    (floating tensors only; None keeps each tensor's dtype)."""
+    """The jobs that write ``base`` with ``modules`` changed and the adapters'
+    ``modules_to_save`` copies in place of the base's tensors, in
+    ``out_dtype`` (floating tensors only; None keeps each tensor's dtype)."""
     targets = resolve_targets(base, modules, adapters)
+    replaced = resolve_saved(base, adapters, targets)
     shards = []
     for shard, infos in base.iter_shards():
         jobs: list[Job] = []
@@ -187,6 +244,8 @@ def plan_into_base(
                                          f"into {', '.join(FLOAT_CODES)} weights only")  # fmt: skip
                 name, transposed = targets[info.key]
                 jobs.append(ModuleJob(info, code, name, transposed))
+            elif info.key in replaced:
+                jobs.append(ReplaceJob(info, code, replaced[info.key]))
             else:
                 jobs.append(CopyJob(info, code))
         shards.append(ShardPlan(shard, tuple(jobs)))
@@ -285,6 +344,8 @@ class SerialExecutor:
                 src, job.info, self.pool.get("read", job.info.shape, ST_DTYPES[job.info.dtype], "cpu")
             )
             return add_delta(stored, job, compute, self.device, self.pool)
+        if isinstance(job, ReplaceJob):
+            return JobResult(job, job.tensor.to(ST_DTYPES[job.out_code]).contiguous())
         if job.converts:  # a one-off (say an embedding to bfloat16): no buffer kept
             t = read_into(src, job.info).to(ST_DTYPES[job.out_code])
             return JobResult(job, check_output_finite(t, job.info.key))

@@ -168,7 +168,7 @@ def predict(
     if len(items) < 2:
         raise UsageError("predict", f"a composition needs at least 2 adapters, got {len(items)}")
     adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
-    kinds = sorted({a.method for a in adapters})
+    kinds = sorted({a.kind.name for a in adapters})
     if len(kinds) > 1:
         raise UsageError("predict", f"the adapters mix kinds ({', '.join(kinds)}); the fits are per kind")
     kind = kinds[0]

@@ -310,6 +310,111 @@ def _module_inner_products(deltas: list, dense: dict, device):
     return ip
 
 
+def _load_all(items: list, numpy_path: bool, device, progress: bool) -> tuple[list, object]:
+    """The adapters (numpy factors on the numpy path, read lazily) and the torch device (or None)."""
+    if numpy_path:
+        from .io import np_factors
+
+        # lazy: each module's factors are read when the module is compared
+        load, convert = partial(np_factors.load_np_adapter, lazy=True), np_factors.np_adapter
+    else:
+        from .io import adapter_files
+
+        load, convert = adapter_files.load_adapter, (lambda a: a)
+    dev = None if numpy_path else resolve_device(device)
+    adapters: list = []
+    for a in _progress(items, len(items), "loading", progress and len(items) > 4, unit="adapter"):
+        if not isinstance(a, (str, os.PathLike)) and not hasattr(a, "modules"):
+            raise AdapterError(None, f"an adapter is a path or a loaded adapter, not {a!r}")
+        adapters.append(load(a) if isinstance(a, (str, os.PathLike)) else convert(a))
+    check_compatible(adapters)
+    return adapters, dev
+
+
+def _effective_deltas(base_folder, adapters: list, owners: list[int], mname: str, deltas: list, dev) -> dict:
+    """``{k: W_hat - W0}`` (out, in) for the owners whose kind needs the base; the
+    adapter's shape and fan_in_fan_out tell the layout (no model skeleton)."""
+    dense: dict = {}
+    if base_folder is None or not any(d.kind.needs_base for d in deltas):
+        return dense
+    ffo = adapters[owners[0]].config.get("fan_in_fan_out")
+    key, transposed = base_folder.module_weight_key(mname, deltas[0].shape, ffo)
+    W0 = base_folder.read_tensor(key).to(_torch().float64)
+    W0 = W0.T if transposed else W0  # (out, in)
+    for k, d in enumerate(deltas):
+        if d.kind.needs_base:
+            dense[k] = d.delta(W0, dtype=W0.dtype, device=dev)
+    return dense
+
+
+class _Totals:
+    """Running sums over modules of the per-pair cosines (N x N each), the
+    norms (N x modules) and, with ``per_module``, the long table's rows."""
+
+    def __init__(self, names: list[str], n_modules: int, per_module: bool):
+        N = len(names)
+        self.names, self.per_module = names, per_module
+        self.sum_c, self.sum_c2 = np.zeros((N, N)), np.zeros((N, N))
+        self.n_cos = np.zeros((N, N), dtype=np.int64)
+        self.shared = np.zeros((N, N), dtype=np.int64)
+        self.norms = np.full((N, n_modules), np.nan)
+        self.rows: list[tuple] = []
+        self.zero: list[tuple[str, str]] = []
+
+    def add(self, col: int, mname: str, owners: list[int], ip: np.ndarray) -> None:
+        """Fold one module's Gram matrix ``ip`` (owners x owners) into the sums."""
+        sq = np.clip(np.diag(ip), 0.0, None)
+        nrm = np.sqrt(sq)
+        idx = np.asarray(owners)
+        self.norms[idx, col] = nrm
+        ok = sq > 0.0  # an exactly zero delta has no cosine
+        for k in np.flatnonzero(~ok):
+            self.zero.append((self.names[owners[k]], mname))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = np.clip(ip / np.outer(nrm, nrm), -1.0, 1.0)
+        valid = np.outer(ok, ok)
+        cos_v = np.where(valid, cos, 0.0)
+        ix = np.ix_(idx, idx)
+        self.shared[ix] += 1
+        self.n_cos[ix] += valid
+        self.sum_c[ix] += cos_v
+        self.sum_c2[ix] += cos_v**2
+        if self.per_module:
+            layer, mtype = module_layer_type(mname)
+            iu, ju = np.triu_indices(len(owners), k=1)
+            for u, v in zip(iu, ju, strict=True):
+                if valid[u, v]:
+                    i, j = owners[u], owners[v]
+                    self.rows.append((mname, layer, mtype, i, j, self.names[i], self.names[j], float(cos[u, v])))
+
+    def result(self, adapters: list, modules: list[str], effective: bool) -> SimilarityResult:
+        counts = np.array([len(ad.modules) for ad in adapters])
+        union = counts[:, None] + counts[None, :] - self.shared
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rms = np.sqrt(self.sum_c2 / self.n_cos)
+            mean = self.sum_c / self.n_cos
+            coverage = np.where(union > 0, self.shared / np.maximum(union, 1), np.nan)
+        index = pd.Index(self.names, name="adapter")
+
+        def frame(x):
+            return pd.DataFrame(x, index=index, columns=self.names)
+
+        per = pd.DataFrame(self.rows, columns=PER_MODULE_COLUMNS)
+        per["layer"] = per["layer"].astype("Int64")
+        return SimilarityResult(
+            names=self.names,
+            rms=frame(rms),
+            mean=frame(mean),
+            coverage=frame(coverage),
+            shared=frame(self.n_cos),
+            norms=pd.DataFrame(self.norms, index=index, columns=modules),
+            per_module=per,
+            zero_norm=pd.DataFrame(self.zero, columns=["adapter", "module"]),
+            effective=effective,
+            paths=[None if a.path is None else str(a.path) for a in adapters],
+        )
+
+
 def similarity(
     adapters_or_paths: Sequence[Adapter | str | Path],
     *,
@@ -333,28 +438,10 @@ def similarity(
         adapters_or_paths = [adapters_or_paths]
     if len(adapters_or_paths) == 0:
         raise UsageError("similarity", "needs at least one adapter")
-    items = list(adapters_or_paths)
     # A torch.device asks for torch; a base may need D2 effective deltas (torch).
     numpy_path = base is None and (device is None or isinstance(device, str)) and is_cpu(device)
-    if numpy_path:
-        from .io import np_factors
-
-        # lazy: each module's factors are read when the module is compared
-        load, convert = partial(np_factors.load_np_adapter, lazy=True), np_factors.np_adapter
-    else:
-        from .io import adapter_files
-
-        load, convert = adapter_files.load_adapter, (lambda a: a)
-    dev = None if numpy_path else resolve_device(device)
-    adapters: list = []
-    for a in _progress(items, len(items), "loading", progress and len(items) > 4, unit="adapter"):
-        if not isinstance(a, (str, os.PathLike)) and not hasattr(a, "modules"):
-            raise AdapterError(None, f"an adapter is a path or a loaded adapter, not {a!r}")
-        adapters.append(load(a) if isinstance(a, (str, os.PathLike)) else convert(a))
-    check_compatible(adapters)
+    adapters, dev = _load_all(list(adapters_or_paths), numpy_path, device, progress)
     names = _unique_names(adapters)
-    N = len(adapters)
-
     base_folder = None
     if base is not None:
         from .io.model_folder import BaseModelFolder
@@ -366,79 +453,13 @@ def similarity(
     for i, ad in enumerate(adapters):
         for m in ad.modules:
             modules.setdefault(m, []).append(i)
-
-    sum_c = np.zeros((N, N))
-    sum_c2 = np.zeros((N, N))
-    n_cos = np.zeros((N, N), dtype=np.int64)
-    shared = np.zeros((N, N), dtype=np.int64)
-    norms = np.full((N, len(modules)), np.nan)
-    rows: list[tuple] = []
-    zero: list[tuple[str, str]] = []
-
-    for col, (mname, owners) in enumerate(
-        _progress(modules.items(), len(modules), "similarity", progress and N * len(modules) > 200)
-    ):
+    totals = _Totals(names, len(modules), per_module)
+    big = progress and len(adapters) * len(modules) > 200
+    for col, (mname, owners) in enumerate(_progress(modules.items(), len(modules), "similarity", big)):
         deltas = [adapters[i].modules[mname] for i in owners]
-        dense: dict = {}
-        if base_folder is not None and any(d.kind.needs_base for d in deltas):
-            # The adapter's shape and fan_in_fan_out tell the layout (no model
-            # skeleton, no transformers import).
-            ffo = adapters[owners[0]].config.get("fan_in_fan_out")
-            key, transposed = base_folder.module_weight_key(mname, deltas[0].shape, ffo)
-            W0 = base_folder.read_tensor(key).to(_torch().float64)
-            W0 = W0.T if transposed else W0  # (out, in)
-            for k, d in enumerate(deltas):
-                if d.kind.needs_base:
-                    dense[k] = d.delta(W0, dtype=W0.dtype, device=dev)
+        dense = _effective_deltas(base_folder, adapters, owners, mname, deltas, dev)
         ip = _module_inner_products(deltas, dense, dev)
-        ip = ip if isinstance(ip, np.ndarray) else ip.cpu().numpy()
-        sq = np.clip(np.diag(ip), 0.0, None)
-        nrm = np.sqrt(sq)
-        idx = np.asarray(owners)
-        norms[idx, col] = nrm
-        ok = sq > 0.0  # an exactly zero delta has no cosine
-        for k in np.flatnonzero(~ok):
-            zero.append((names[owners[k]], mname))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cos = np.clip(ip / np.outer(nrm, nrm), -1.0, 1.0)
-        valid = np.outer(ok, ok)
-        cos_v = np.where(valid, cos, 0.0)
-        ix = np.ix_(idx, idx)
-        shared[ix] += 1
-        n_cos[ix] += valid
-        sum_c[ix] += cos_v
-        sum_c2[ix] += cos_v**2
-        if per_module:
-            layer, mtype = module_layer_type(mname)
-            iu, ju = np.triu_indices(len(owners), k=1)
-            for u, v in zip(iu, ju, strict=True):
-                if valid[u, v]:
-                    i, j = owners[u], owners[v]
-                    rows.append((mname, layer, mtype, i, j, names[i], names[j], float(cos[u, v])))
-
-    counts = np.array([len(ad.modules) for ad in adapters])
-    union = counts[:, None] + counts[None, :] - shared
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rms = np.sqrt(sum_c2 / n_cos)
-        mean = sum_c / n_cos
-        coverage = np.where(union > 0, shared / np.maximum(union, 1), np.nan)
-
-    def frame(x):
-        return pd.DataFrame(x, index=pd.Index(names, name="adapter"), columns=names)
-
-    per = pd.DataFrame(rows, columns=PER_MODULE_COLUMNS)
-    per["layer"] = per["layer"].astype("Int64")
-    return SimilarityResult(
-        names=names,
-        rms=frame(rms),
-        mean=frame(mean),
-        coverage=frame(coverage),
-        shared=frame(n_cos),
-        norms=pd.DataFrame(norms, index=pd.Index(names, name="adapter"), columns=list(modules)),
-        per_module=per,
-        zero_norm=pd.DataFrame(zero, columns=["adapter", "module"]),
-        effective=base_folder is not None,
-        paths=[None if a.path is None else str(a.path) for a in adapters],
-    )
+        totals.add(col, mname, owners, ip if isinstance(ip, np.ndarray) else ip.cpu().numpy())
+    return totals.result(adapters, list(modules), effective=base_folder is not None)
 
 

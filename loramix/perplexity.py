@@ -131,6 +131,7 @@ def evaluate(
     dtype=None,
     top_layers: int | None = None,
     prefix_cache: str | None = "disk",
+    prompt: str = "raw",
 ):
     """Perplexity of a base (plus the weighted sum of adapters) on data files.
 
@@ -152,6 +153,10 @@ def evaluate(
     None), then only those blocks and the head run: the same perplexity as
     the full forward, to float rounding. Llama-family models only.
 
+    ``prompt``: ``"raw"`` (``Question: ... Answer:``) or ``"chat"`` (the base
+    tokenizer's own chat template, :func:`loramix.data.format_record`; a
+    tokenizer without one is refused naming the base).
+
     Returns a pandas DataFrame, one row per data set and a ``union`` row
     (their pooled, token-weighted perplexity), columns ``data, records,
     tokens, ppl, nll, seconds, tokens_per_s, input_tokens,
@@ -161,6 +166,7 @@ def evaluate(
     ``truncated``: records cut at ``max_len``, which defaults to the model's
     context).
     """
+    from .data import check_prompt
     from .devices import resolve_device
 
     if isinstance(data, (str, os.PathLike)):
@@ -173,18 +179,20 @@ def evaluate(
     adapters = list(adapters)
     if merged and not adapters:
         raise UsageError("--merged", "needs at least one --adapter")
+    check_prompt(prompt)
     dev = resolve_device(device)
     # Read and check all data before loading models: bad files fail fast.
     sets = _read_sets(data, limit, fields or {})
     model, tok = _model_with_adapters(base, adapters, weights, merged=merged, dev=dev, dtype=dtype,
                                       top_layers=top_layers)  # fmt: skip
+    check_prompt(prompt, tok, base if isinstance(base, (str, os.PathLike)) else "base")
     k = None
     if top_layers is not None:
         from .prefix import split_point
 
         k = split_point(model, top_layers)
     return _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch_size, dev=dev,
-                  prefix_at=k, prefix_cache=prefix_cache)  # fmt: skip
+                  prefix_at=k, prefix_cache=prefix_cache, prompt=prompt)  # fmt: skip
 
 
 def _read_sets(data: list, limit: int | None, fields: dict) -> list[tuple[str, list]]:
@@ -258,7 +266,8 @@ def _scored_batches(model, ex, *, batch_size, pad, prefix_at, prefix_cache) -> t
     return batches, time.perf_counter() - t0
 
 
-def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_at=None, prefix_cache="disk"):
+def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_at=None, prefix_cache="disk",
+           prompt="raw"):  # fmt: skip
     """One row per record set and the pooled ``union`` row (see :func:`evaluate`)."""
     import pandas as pd
 
@@ -276,7 +285,7 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_a
            "truncated": 0}  # fmt: skip
     for name, recs in sets:
         stats = {"truncated": 0}
-        ex = encode_records(tok, recs, max_len=max_len, on=on, stats=stats)
+        ex = encode_records(tok, recs, max_len=max_len, on=on, stats=stats, prompt=prompt)
         batches, pre_s = _scored_batches(model, ex, batch_size=batch_size, pad=pad, prefix_at=prefix_at,
                                          prefix_cache=prefix_cache)  # fmt: skip
         r = perplexity(runner, batches, device=dev)

@@ -183,6 +183,7 @@ def train_adapter(
     grad_accum: int = 1,
     grad_checkpointing: bool = False,
     bucket: int = 16,
+    prompt: str = "raw",
 ) -> dict:
     """Train an adapter of ``kind`` on ``data`` for the base model folder ``base``; write it to ``out``.
 
@@ -207,16 +208,14 @@ def train_adapter(
     ``prefix_cache`` says), so every step and evaluation runs ``N`` blocks
     and the head (Llama family). ``dtype="bfloat16"``: the forward under
     bf16 autocast (factors, optimizer and loss stay float32; not exact).
-    ``grad_accum=m`` runs each batch as ``m`` micro-batches whose gradients
-    add up to the batch's (less memory). ``grad_checkpointing`` recomputes
-    block activations in the backward (less memory, more time). ``bucket``:
+    ``grad_accum=m``: ``m`` micro-batches whose gradients add up to the batch's (less memory);
+    ``grad_checkpointing`` recomputes block activations in the backward. ``bucket``:
     training batches hold similar lengths (:func:`loramix.data.make_batches`;
-    0 for plain shuffled batches).
+    0 for plain shuffled batches). ``prompt``: ``"raw"`` or ``"chat"`` (the
+    base tokenizer's chat template, :func:`loramix.data.format_record`).
 
-    Returns a dict with ``out``, ``kind`` (and ``method``, its v0.1 name),
-    ``steps``, ``tokens``, ``final_loss`` (mean of the last 10 steps),
-    ``seconds``, ``ppl_base`` and ``ppl_adapter`` (None without eval data),
-    counts and the settings.
+    Returns ``out``, ``kind`` (``method``: its v0.1 name), ``steps``, ``tokens``, ``final_loss`` (last
+    10 steps), ``seconds``, ``ppl_base``/``ppl_adapter`` (None without eval data), counts, settings.
     """
     from .io.outputs import check_output
     from .layers import _kind_arg
@@ -226,52 +225,69 @@ def train_adapter(
     _check_numbers(
         rank=rank, batch=batch, max_len=max_len, steps=steps, epochs=epochs, lr=lr, norm_dim=norm_dim
     )
-    _check_speed(dtype=dtype, grad_accum=grad_accum, batch=batch, prefix_cache=prefix_cache)
+    _check_speed(dtype=dtype, grad_accum=grad_accum, batch=batch, prefix_cache=prefix_cache, prompt=prompt)
     data_list = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     file_inputs = [d for d in data_list if not (isinstance(d, str) and d.startswith("synthetic:"))]
     out = check_output(out, force=force, inputs=[base, *file_inputs])
     fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
     run = _prepare(base, data_list, targets=targets, fields=fields, eval_size=eval_size, seed=seed,
                    limit=limit, max_len=max_len, batch=batch, on=on, device=device, top_layers=top_layers,
-                   prefix_cache=prefix_cache, autocast=dtype)  # fmt: skip
+                   prefix_cache=prefix_cache, autocast=dtype, prompt=prompt)  # fmt: skip
     total = steps if steps is not None else max(1, round(epochs * run.n_per_epoch))
     warmup = max(1, round(0.05 * total)) if warmup is None else int(warmup)
     options = {k: v for k, v in (("tau", tau), ("norm_dim", norm_dim)) if k in kind.options}
     factor_seed = seed if shared_init else init_seed(seed, run.data_inputs)
-    settings = {
-        "kind": kind.name,
-        "rank": rank,
-        "alpha": alpha,
-        "tau": options.get("tau"),
-        "norm_dim": options.get("norm_dim"),
-        "targets": run.resolved_targets,
-        "steps": total,
-        "epochs": None if steps is not None else epochs,
-        "lr": lr,
-        "warmup": warmup,
-        "schedule": "linear warm-up, cosine decay to lr/10",
-        "batch": batch,
-        "max_len": run.max_len,  # after capping at the model's context
-        "eval_size": eval_size,
-        "limit": limit,
-        "weight_decay": weight_decay,
-        "clip": clip,
-        "seed": seed,
-        "init": {"shared": bool(shared_init), "seed": factor_seed},
-        "on": on,
-        "fields": fields,
-        "top_layers": top_layers,
-        "dtype": dtype or "float32",
-        "grad_accum": grad_accum,
-        "grad_checkpointing": grad_checkpointing,
-        "bucket": bucket,
-    }
+    settings = _settings(kind, run, options, total=total, warmup=warmup, factor_seed=factor_seed, fields=fields,
+                         given=dict(rank=rank, alpha=alpha, steps=steps, epochs=epochs, lr=lr, batch=batch,
+                                    eval_size=eval_size, limit=limit, weight_decay=weight_decay, clip=clip,
+                                    seed=seed, shared_init=shared_init, on=on, top_layers=top_layers,
+                                    dtype=dtype, grad_accum=grad_accum, grad_checkpointing=grad_checkpointing,
+                                    bucket=bucket, prompt=prompt))  # fmt: skip
     metrics = _train(run, kind, settings, options, out=out, progress=progress)
     _write(out, run, kind, settings, options, metrics, targets=targets, force=force, file_inputs=file_inputs)
     return {"out": str(out), **metrics, "kind": kind.name, "method": kind.name, "settings": settings}
 
 
-def _check_speed(*, dtype, grad_accum, batch, prefix_cache) -> None:
+def _settings(kind, run, options: dict, *, total: int, warmup: int, factor_seed: int, fields: dict,
+              given: dict) -> dict:  # fmt: skip
+    """What the adapter's provenance records about how it was trained
+    (``given``: train_adapter's arguments as passed)."""
+    g = given
+    return {
+        "kind": kind.name,
+        "rank": g["rank"],
+        "alpha": g["alpha"],
+        "tau": options.get("tau"),
+        "norm_dim": options.get("norm_dim"),
+        "targets": run.resolved_targets,
+        "steps": total,
+        "epochs": None if g["steps"] is not None else g["epochs"],
+        "lr": g["lr"],
+        "warmup": warmup,
+        "schedule": "linear warm-up, cosine decay to lr/10",
+        "batch": g["batch"],
+        "max_len": run.max_len,  # after capping at the model's context
+        "eval_size": g["eval_size"],
+        "limit": g["limit"],
+        "weight_decay": g["weight_decay"],
+        "clip": g["clip"],
+        "seed": g["seed"],
+        "init": {"shared": bool(g["shared_init"]), "seed": factor_seed},
+        "on": g["on"],
+        "prompt": g["prompt"],
+        "fields": fields,
+        "top_layers": g["top_layers"],
+        "dtype": g["dtype"] or "float32",
+        "grad_accum": g["grad_accum"],
+        "grad_checkpointing": g["grad_checkpointing"],
+        "bucket": g["bucket"],
+    }
+
+
+def _check_speed(*, dtype, grad_accum, batch, prefix_cache, prompt="raw") -> None:
+    from .data import check_prompt
+
+    check_prompt(prompt)
     if dtype not in (None, "float32", "bfloat16"):
         raise UsageError("--dtype", f"must be float32 or bfloat16, got {dtype!r}")
     if not 1 <= grad_accum <= batch:
@@ -321,12 +337,12 @@ class _Run:
 
 
 def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_len, batch, on, device,
-             top_layers=None, prefix_cache="disk", autocast=None) -> _Run:  # fmt: skip
+             top_layers=None, prefix_cache="disk", autocast=None, prompt="raw") -> _Run:  # fmt: skip
     """Load and split the data, load the base, resolve the targets, encode;
     with ``top_layers``, the targets in those blocks and the cached prefix."""
     import torch
 
-    from .data import encode_records, make_batches, pad_id_for
+    from .data import check_prompt, encode_records, make_batches, pad_id_for
     from .devices import resolve_device
     from .layers import default_targets, find_targets
     from .models import base_provenance, load_causal_lm
@@ -337,6 +353,7 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
         data_list, eval_size=eval_size, seed=seed, limit=limit, fields=fields
     )
     model, tok = load_causal_lm(base, device=dev)
+    check_prompt(prompt, tok, base)
     find_targets(model, targets)  # a bad --targets fails now, not after the base evaluation
     targets = list(targets) if targets is not None and not isinstance(targets, str) else targets
     resolved_targets = default_targets(model) if targets is None else targets
@@ -353,13 +370,13 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
     base_rec = base_provenance(base)
     pad = pad_id_for(tok)
     ac = getattr(torch, autocast) if autocast not in (None, "float32") else None
-    train_ex = encode_records(tok, train_recs, max_len=max_len, on=on)
+    train_ex = encode_records(tok, train_recs, max_len=max_len, on=on, prompt=prompt)
     run = _Run(model=model, dev=dev, base=str(Path(base)), base_rec=base_rec, data_inputs=data_inputs,
                train_ex=train_ex, eval_batches=None, n_eval=len(eval_recs), pad=pad,
                n_per_epoch=math.ceil(len(train_ex) / batch), targets=targets,
                resolved_targets=resolved_targets, max_len=max_len, prefix_at=k, autocast=ac,
                t_load=t_load)  # fmt: skip
-    eval_ex = encode_records(tok, eval_recs, max_len=max_len, on=on) if eval_recs else None
+    eval_ex = encode_records(tok, eval_recs, max_len=max_len, on=on, prompt=prompt) if eval_recs else None
     eval_states = None
     if k is not None:
         from .prefix import prefix_states

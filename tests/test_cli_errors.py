@@ -173,8 +173,9 @@ def test_adapters_for_different_bases(capsys, good, tmp_path):
 
 
 def test_unsupported_feature_named(capsys, tmp_path):
-    dora = make_peft_adapter(tiny_gpt2(), tmp_path / "dora", r=2, use_dora=True)
-    run_error(capsys, ["inspect", str(dora)], dora, "not supported: DoRA", "transformer.h.0.attn.c_attn")
+    # DoRA is read now (tests/test_formats.py); LoRA biases are still refused
+    biased = make_peft_adapter(tiny_gpt2(), tmp_path / "biased", r=2, lora_bias=True)
+    run_error(capsys, ["inspect", str(biased)], biased, "not supported: LoRA biases", "transformer.h.0.attn.c_attn")
 
 
 def test_similarity_usage_errors(capsys, good, tmp_path):

@@ -26,6 +26,7 @@ from loramix.errors import UsageError
 from loramix.io.adapter_files import load_adapter
 from loramix.io.model_folder import BaseModelFolder
 from loramix.io.outputs import provenance
+from loramix.kinds import KINDS, get_kind
 from loramix.methods import get_method, register
 from loramix.methods.base import MergeMethod, Param, dense_deltas
 from loramix.options import parse_dtype, parse_weights
@@ -206,7 +207,7 @@ def test_every_method_module_registers_a_method():
     assert mods <= owners, mods - owners
     for name, cls in methods.method_classes().items():
         importlib.import_module(cls.__module__)
-        assert cls.name == name and cls.kinds and all(k in ("lora", "d2lora") for k in cls.kinds)
+        assert cls.name == name and cls.kinds and all(k in KINDS for k in cls.kinds)
 
 
 # ----------------------------------------------------------------------------- options
@@ -280,6 +281,7 @@ def test_method_declarations_import_no_torch():
     from loramix.methods import base
 
     assert (base.LORA, base.D2LORA) == (adapter.LORA, adapter.D2LORA)
+    assert base.DORA == get_kind("dora")
 
 
 @pytest.mark.parametrize(

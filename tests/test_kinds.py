@@ -69,8 +69,8 @@ def test_kinds_are_registered_names():
     assert json.dumps({"k": D2LORA}) == '{"k": "d2lora"}'
     assert pickle.loads(pickle.dumps(D2LORA)) is D2LORA
     assert not LORA.needs_base and D2LORA.needs_base
-    with pytest.raises(ValueError, match="unknown adapter kind 'dora'"):
-        get_kind("dora")
+    with pytest.raises(ValueError, match="unknown adapter kind 'vera'"):
+        get_kind("vera")  # not a loramix kind (dora is one now)
 
 
 def test_a_second_kind_with_a_taken_name_is_refused():
@@ -195,9 +195,9 @@ def test_a_new_kind_needs_no_other_change(negated):
 @pytest.mark.parametrize("flag", ["--kind", "--method"])
 def test_train_kind_flag_and_its_hidden_alias(capsys, tmp_path, flag):
     rc = main(["train", "--base", str(tmp_path), "--data", "synthetic:arith", "--out", str(tmp_path / "o"),
-               flag, "dora"])  # fmt: skip
+               flag, "vera"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and flag in err[0] and "unknown adapter kind 'dora'" in err[0]
+    assert rc == 2 and len(err) == 1 and flag in err[0] and "unknown adapter kind 'vera'" in err[0]
     main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--kind" in out and "--method" not in out

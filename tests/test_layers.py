@@ -189,6 +189,8 @@ def test_inject_seed_and_targets():
     with pytest.raises(UsageError, match="LayerNorm"):
         find_targets(m, ["ln_1"])
     with pytest.raises(UsageError, match="method"):
+        inject_trainable(m, method="vera", rank=2, alpha=2)
+    with pytest.raises(UsageError, match="does not train"):  # DoRA is a kind now, read-only
         inject_trainable(m, method="dora", rank=2, alpha=2)
 
 

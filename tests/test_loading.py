@@ -191,11 +191,8 @@ def test_never_forms_dense_delta_on_load(llama, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "feature", "module"),
     [
-        (dict(use_dora=True), "DoRA", "transformer.h.0.attn.c_attn"),
-        (dict(target_modules=["wte", "c_attn"]), "embedding LoRA", "transformer.wte"),
         (dict(lora_bias=True), "LoRA biases", "transformer.h.0.attn.c_attn"),
         (dict(bias="all"), "trained biases", "transformer.h.0.attn.c_attn"),
-        (dict(modules_to_save=["lm_head"]), "modules_to_save", "lm_head"),
     ],
 )
 def test_unsupported_features_refused(gpt2, tmp_path, kwargs, feature, module):

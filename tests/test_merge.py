@@ -346,7 +346,7 @@ def test_registry_and_bad_params():
         "d2-signed",
     }
     with pytest.raises(UsageError, match="known methods: .*dare-linear.*ties"):
-        get_method("task-arithmetic")
+        get_method("model-stock")  # not a loramix method
     ads = rand_adapters()
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(UsageError, match=r"--density.*outside \(0, 1\]"):
@@ -646,7 +646,7 @@ def test_bad_input_exit_2(models, tmp_path, capsys):
         (["-m", "svd", "--energy", "1.5", *a], ["--energy", "outside (0, 1]"]),
         (["-m", "d2-signed", *a, "--into", base], [a[0], "d2lora"]),
         (["-m", "svd", "--rank", "2", *m["d2"]], [m["d2"][0], "D2-LoRA"]),
-        (["-m", "slerp", *a], ["unknown method", "dare-linear, dare-ties, magnitude, sum, svd, ties"]),
+        (["-m", "slerp", *a], ["unknown method", "dare-linear, dare-ties, della, magnitude, sum, svd, task-arithmetic, ties"]),
         (["-m", "ties", "--density", "0.5", *a], ["--into", "only sum, svd"]),
         (["-m", "ties", "--density", "0.5", "--rank", "2", *a, "--into", base], ["--rank", "does not apply"]),
         (["-m", "ties", "--density", "0.5", "--sign", "vote", *a, "--into", base], ["--sign", "mass, count"]),

@@ -168,3 +168,25 @@ def test_is_cpu_agrees_with_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="cuda"):
             is_cpu("cuda")
+
+
+def test_peft_features_the_numpy_reader_leaves_to_torch(tmp_path):
+    """Embedding LoRA, ``modules_to_save`` and DoRA are read by the torch
+    readers and viewed as numpy: the same modules, and a similarity by path
+    (numpy) equal to the torch path's."""
+    model = tiny_llama()
+    a = make_peft_adapter(model, tmp_path / "a", seed=1, target_modules=["embed_tokens", "q_proj"], r=3)
+    b = make_peft_adapter(
+        model, tmp_path / "b", seed=2, target_modules=["q_proj"], modules_to_save=["lm_head"], r=2
+    )
+    c = make_peft_adapter(model, tmp_path / "c", seed=3, target_modules=["q_proj"], use_dora=True, r=2)
+    for p in (a, b, c):
+        n, t = load_np_adapter(p), load_adapter(p)
+        assert n.kind == str(t.kind.name) and set(n.modules) == set(t.modules), p.name
+    assert "model.embed_tokens" in load_np_adapter(a).modules
+    res_np = similarity([a, b], per_module=True, progress=False, device="cpu")
+    res_t = similarity([a, b], per_module=True, progress=False, device=TORCH_CPU)
+    np.testing.assert_allclose(
+        res_np.rms.to_numpy(), res_t.rms.to_numpy(), rtol=0, atol=1e-12, equal_nan=True
+    )
+    np.testing.assert_allclose(res_np.per_module["cosine"], res_t.per_module["cosine"], rtol=0, atol=1e-12)

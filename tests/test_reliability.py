@@ -31,6 +31,7 @@ from loramix.errors import LoramixError, UsageError
 from loramix.io.outputs import TMP_PREFIX, atomic_output_dir, remove_stale_temporaries
 
 from .factories import make_peft_adapter, save_base, tiny_gpt2, tiny_llama
+from .test_scenario import GOOD
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -671,21 +672,8 @@ def test_cache_clean_removes_stale_cache_temporaries(tmp_path, capsys):
 
 # ---- scenario check catches what scenario run would fail on -------------------------------------------------
 
-SCENARIO = """
-name = "v"
-[base.build]
-steps = 5
-[domains.a]
-data = "synthetic:arith"
-train = 10
-eval = 5
-[domains.b]
-data = "synthetic:units"
-train = 10
-eval = 5
-[adapters]
-rank = 4
-"""
+# the smallest valid scenario, shared with tests/test_scenario.py
+SCENARIO = GOOD
 
 
 @pytest.fixture(scope="module")

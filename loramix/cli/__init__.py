@@ -37,6 +37,16 @@ COMMANDS = {
 }
 
 
+#: ``--prompt raw|chat`` for the commands that format records (train, eval)
+prompt_option = click.option(
+    "--prompt",
+    type=click.Choice(["raw", "chat"]),
+    default="raw",
+    show_default=True,
+    help="raw: 'Question: ...\\nAnswer:'; chat: the base tokenizer's own chat template (instruct models).",
+)
+
+
 def data_options(help: str):
     """``--data FILE`` (repeatable) plus further files listed after it; the
     command gets ``data`` and ``more_data`` and uses ``[*data, *more_data]``."""

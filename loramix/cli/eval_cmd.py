@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..devices import DEVICE_CHOICES
-from . import data_options
+from . import data_options, prompt_option
 from .threads import threads_option
 
 
@@ -18,6 +18,7 @@ from .threads import threads_option
 @click.option("--merged", is_flag=True, help="Merge the adapters into the weights first (else on the fly).")
 @data_options("Data file (.jsonl/.json/.csv/.txt) or synthetic:NAME spec; repeat or list after it.")
 @click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True)
+@prompt_option
 @click.option("--max-len", type=int, default=None, help="Tokens per sequence (default: the model's context).")
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--limit", type=int, default=None, help="Use the first N records of each file.")
@@ -34,7 +35,7 @@ from .threads import threads_option
 )
 @click.option("--dtype", default=None, help="Load the base in this dtype (float32, bfloat16; default float32).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def command(base, adapters, weights, merged, data, more_data, on, max_len, batch, limit, device,
+def command(base, adapters, weights, merged, data, more_data, on, prompt, max_len, batch, limit, device,
             question_field, answer_field, context_field, top_layers, dtype, fmt):  # fmt: skip
     """Perplexity per data file and over their union (token-weighted), with token
     counts and tokens per second. Scored tokens: the answers (--on answer) or all."""
@@ -51,6 +52,7 @@ def command(base, adapters, weights, merged, data, more_data, on, max_len, batch
         merged=merged,
         data=[*data, *more_data],
         on=on,
+        prompt=prompt,
         max_len=max_len,
         batch_size=batch,
         limit=limit,
@@ -65,7 +67,7 @@ def command(base, adapters, weights, merged, data, more_data, on, max_len, batch
     )
     if fmt == "json":
         click.echo(json.dumps({"base": base, "adapters": list(adapters), "weights": w, "merged": merged,
-                               "on": on, "results": df.to_dict(orient="records")}, indent=2))  # fmt: skip
+                               "on": on, "prompt": prompt, "results": df.to_dict(orient="records")}, indent=2))  # fmt: skip
         return
     lines = ["| data | records | tokens | ppl | tokens/s | input tokens/s |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
@@ -77,4 +79,5 @@ def command(base, adapters, weights, merged, data, more_data, on, max_len, batch
         lines.append(
             f"{union['truncated']} of {union['records']} records cut at {union['max_len']} tokens (--max-len)"
         )
+    lines.append(f"prompt: {prompt}" + (" (the base's chat template)" if prompt == "chat" else ""))
     click.echo("\n".join(lines))

@@ -29,17 +29,25 @@ def method_options() -> list[click.Option]:
             users.setdefault(p.name, []).append(name)
             first.setdefault(p.name, p)
     opts = []
+    trunc_help = "any method without --into: write an adapter truncated by SVD to"
     for pname, p in first.items():
         extra = f" ({', '.join(p.choices)})" if p.choices else ""
         default = f"; default {p.default}" if p.default is not None else ""
+        also = f"; {trunc_help} this energy fraction" if pname == "energy" else ""
         opts.append(
             click.Option(
                 [p.flag, pname],
                 type=_CLICK_TYPES.get(p.type, click.STRING),
                 default=None,
-                help=f"{'/'.join(users[pname])}: {p.help}{extra}{default}.",
+                help=f"{'/'.join(users[pname])}: {p.help}{extra}{default}{also}.",
             )
         )
+    if "energy" not in first:
+        opts.append(click.Option(["--energy", "energy"], type=click.FLOAT, default=None,
+                                 help=f"{trunc_help} the smallest rank keeping this energy fraction."))  # fmt: skip
+    opts.append(
+        click.Option(["--out-rank", "out_rank"], type=click.INT, default=None, help=f"{trunc_help} rank K.")
+    )
     return opts
 
 
@@ -65,8 +73,9 @@ def command(adapters, method, weights, into, out, device, dtype, force, progress
     """Merge adapters A B ... with a registered method.
 
     \b
-    Low-rank methods (sum, svd) write a PEFT adapter without --into; every
-    method writes a full model with --into BASE.
+    Low-rank methods (sum, svd) write a PEFT adapter without --into; any
+    method writes an adapter truncated by SVD with --out-rank K or --energy F,
+    and a full model with --into BASE.
     """
     from ..methods import get_method, merge
 
@@ -78,7 +87,9 @@ def command(adapters, method, weights, into, out, device, dtype, force, progress
         + (f" ({shown})" if shown else "")
         + f": {res.kind} written to {res.out} ({res.summary.get('modules', 0)} modules)"
     )
-    for line in get_method(res.method).describe(res.summary):
+    from ..methods.base import describe_energy
+
+    for line in get_method(res.method).describe(res.summary) or describe_energy(res.summary):
         click.echo(line)
     if res.modules:
         click.echo(f"per-module figures in {res.out}/loramix.json")

@@ -19,7 +19,9 @@ from . import merge_options
 @click.command("sum")
 @click.argument("adapters", nargs=-1, required=True)
 @merge_options(progress=True)
-def command(adapters, weights, into, out, dtype, device, force, progress):
+@click.option("--out-rank", type=int, default=None, help="Without --into: truncate the sum to rank K (SVD).")
+@click.option("--energy", type=float, default=None, help="Without --into: keep this energy fraction (SVD).")
+def command(adapters, weights, into, out, dtype, device, force, progress, out_rank, energy):
     """Sum adapters: W0 + sum_i w_i dW_i into BASE (--into), or as one exact adapter."""
     from ..options import parse_weights
 
@@ -28,7 +30,7 @@ def command(adapters, weights, into, out, dtype, device, force, progress):
 
     t0 = time.perf_counter()
     res = merge(list(adapters), "sum", weights=weights, into=into, out=out, device=device, dtype=dtype,
-                force=force, progress=progress and into is not None)  # fmt: skip
+                force=force, progress=progress and into is not None, out_rank=out_rank, energy=energy)  # fmt: skip
     dt = time.perf_counter() - t0
     if res.stream is not None:
         s = res.stream

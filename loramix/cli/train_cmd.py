@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..devices import DEVICE_CHOICES
-from . import data_options
+from . import data_options, prompt_option
 from .threads import threads_option
 
 
@@ -51,6 +51,7 @@ def _eval_size(value: str) -> int | float:
 )
 @click.option("--limit", type=int, default=None, help="Use the first N records of each source.")
 @click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True)
+@prompt_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--shared-init",
@@ -100,7 +101,8 @@ def command(base, data, more_data, out, targets, eval_size, quiet, kind, method,
         **kw,
     )
     click.echo(
-        f"adapter   {res['out']} ({res['kind']}, rank {kw['rank']}, {res['trainable_parameters']:,} parameters)"
+        f"adapter   {res['out']} ({res['kind']}, rank {kw['rank']}, {res['trainable_parameters']:,} parameters, "
+        f"{kw['prompt']} prompt)"
     )
     click.echo(
         f"trained   {res['steps']} steps, {res['tokens']:,} tokens, {res['train_seconds']:.1f} s "

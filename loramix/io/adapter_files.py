@@ -4,13 +4,16 @@
 turn whether it recognises the path and lets the first that does read it:
 
 * **PEFT LoRA** (``peft_type: LORA``, :mod:`loramix.io.formats.peft`);
+* **PEFT DoRA** (``peft_type: LORA``, ``use_dora: true``);
 * **loramix D2-LoRA** (``peft_type: D2LORA``, :mod:`loramix.io.formats.d2`,
   documented in ``docs/d2lora.md``).
 
 A path may be the folder or the ``.safetensors`` file with its
-``adapter_config.json`` beside it. Anything loramix does not support (DoRA,
-embedding LoRA, LoRA biases, modules_to_save, conv LoRA) is refused with a
-message naming the module and the feature, never silently dropped.
+``adapter_config.json`` beside it. PEFT DoRA (``use_dora``,
+:mod:`loramix.io.formats.dora`), embedding LoRA and ``modules_to_save`` are
+read; what loramix does not support (LoRA biases, conv LoRA, foreign formats
+such as kohya or diffusers, pickles) is refused with a message naming the
+module or format and the feature, never silently dropped.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ transformers version), announced by a one-line notice on stderr.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -177,6 +178,7 @@ class BaseModelFolder:
         if not self.tensors:
             raise BaseModelError(self.path / self.shards[0], "holds no tensors")
         self._skeleton: dict | None = None
+        self._leads: list[str] | None = None
         self._sha: dict[str, str] | None = None
 
     # ---- listing -----------------------------------------------------------
@@ -208,11 +210,24 @@ class BaseModelFolder:
 
     @property
     def prefix(self) -> str | None:
-        """The model's ``base_model_prefix`` (``transformer``, ``model``, ...)."""
+        """The model's ``base_model_prefix`` (``transformer``, ``model``, ``bert``, ...),
+        read off the tensor names when the skeleton is not built: the first
+        name part that leads most tensors, where what follows is a submodule
+        (``bert.encoder...``), not a block index (``layers.0``) or a weight.
+        None when no part leads more than half of them (a bare model)."""
         if self._skeleton is not None:
             return self._skeleton.get("prefix")
-        mt = self.config.get("model_type")
-        return {"gpt2": "transformer", "openai-gpt": "transformer"}.get(mt, "model")
+        counts: dict[str, int] = {}
+        for key in self.tensors:
+            toks = key.split(".")
+            if len(toks) >= 3 and not toks[1].isdigit():
+                counts[toks[0]] = counts.get(toks[0], 0) + 1
+        if not counts:
+            return None
+        best = max(counts, key=counts.get)
+        if counts[best] * 2 <= len(self.tensors) or best in ("encoder", "decoder"):
+            return None
+        return best
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -279,15 +294,28 @@ class BaseModelFolder:
     # ---- adapter modules -> base tensors ------------------------------------
 
     def _candidates(self, name: str) -> list[str]:
+        """Where adapter module ``name`` may live in this checkpoint, most
+        likely first: as named; without its first part (an adapter trained on
+        a model with a head, merged into the bare model); with the base's
+        prefix, or any other leading part of the base's tensor names, before
+        it (a bare-model adapter merged into a model with a head:
+        ``encoder.layer.0...`` -> ``bert.encoder.layer.0...``)."""
         name = name.removeprefix(PEFT_PREFIX).removesuffix(".weight")
         cands = [name]
-        prefix = self.prefix
-        if prefix:
-            if name.startswith(prefix + "."):
-                cands.append(name[len(prefix) + 1 :])
-            else:
-                cands.append(f"{prefix}.{name}")
+        if "." in name:
+            cands.append(name.split(".", 1)[1])
+        if self._leads is None:
+            self._leads = list(dict.fromkeys(k.split(".", 1)[0] for k in self.tensors if "." in k))
+        leads = dict.fromkeys([self.prefix, *self._leads])
+        cands += [f"{t}.{name}" for t in leads if t and not name.startswith(t + ".")]
         return cands
+
+    def tensor_key(self, module: str, param: str = "weight") -> str | None:
+        """The key of ``module``'s ``param`` under this checkpoint's naming
+        (:meth:`_candidates`), or None."""
+        return next(
+            (f"{c}.{param}" for c in self._candidates(module) if f"{c}.{param}" in self.tensors), None
+        )
 
     def module_weight_key(
         self, name: str, shape: tuple[int, int] | None = None, fan_in_fan_out: bool | None = None
@@ -310,6 +338,13 @@ class BaseModelFolder:
             why = f" (it is tied to {tied}, which merging would change too)" if tied else ""
             raise BaseModelError(
                 self.path, f"has no tensor for adapter module {name} (looked for {cands[0]}.weight){why}"
+            )
+        tied = self._tied_with(key)
+        if tied is not None:
+            raise BaseModelError(
+                self.path,
+                f"adapter module {name} targets {key}, which is tied to {tied}: merging would change "
+                "both (untie the weights, or leave the module out of the adapter)",
             )
         info = self.tensors[key]
         if len(info.shape) != 2:
@@ -364,6 +399,30 @@ class BaseModelFolder:
         # Not a Linear/Conv1D in the skeleton (or no skeleton): a Linear is what
         # every architecture outside the table uses.
         return layouts.get(name, LINEAR)
+
+    def _tied_with(self, key: str) -> str | None:
+        """The parameter ``key`` shares its storage with in the model (a head
+        tied to the input embeddings), or None. Tied parameters are output
+        heads and input embeddings (:data:`OUTPUT_HEADS`,
+        :data:`INPUT_EMBEDDINGS`), outside the numbered blocks: any other key
+        (a block's module, a classifier ``score`` head) does not build the
+        skeleton."""
+        toks = key.split(".")
+        if any(t.isdigit() for t in toks) or len(toks) < 2 or toks[-2] not in OUTPUT_HEADS + INPUT_EMBEDDINGS:
+            return None
+        # Without tie_word_embeddings only an encoder-decoder ties (its embeddings to ``shared``).
+        if not self.config.get("tie_word_embeddings", True) and not self.config.get("is_encoder_decoder"):
+            return None
+        try:
+            tied = self.skeleton().get("tied", {})
+        except Exception:  # no skeleton: nothing known about ties
+            return None
+        prefix = self.prefix
+        alts = {key, key.removeprefix(f"{prefix}.") if prefix else key, f"{prefix}.{key}" if prefix else key}
+        for a, b in tied.items():
+            if a in alts or b in alts:
+                return b if a in alts else a
+        return None
 
     def _tied_to(self, cands: list[str]) -> str | None:
         """The tensor an absent output head shares: with ``tie_word_embeddings``
@@ -485,6 +544,23 @@ def _cached_skeleton(folder: Path, config_bytes: bytes) -> dict:
     return sk
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' logging at error level and Python warnings off, restored after."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def build_skeleton(folder: Path) -> dict:
     """Build the model on the meta device from its config and record, for
     each ``nn.Linear``/``Conv1D`` submodule, its layout; plus tied parameters
@@ -497,7 +573,10 @@ def build_skeleton(folder: Path) -> dict:
 
         cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         model = None
-        with torch.device("meta"):
+        # A head class built from a bare model's config logs advice (BERT: "add
+        # is_decoder=True"); it is about using the model, not about its layout,
+        # and it would break the CLI's one-line promise.
+        with torch.device("meta"), _quiet_transformers():
             for auto in (AutoModelForCausalLM, AutoModel):
                 try:
                     model = auto.from_config(cfg)

@@ -18,7 +18,9 @@ import numpy as np
 
 from ..errors import AdapterError
 from .peft_layout import (
+    BASE_COPY,
     D2LORA,
+    EMBEDDING_PARTS,
     LORA,
     adapter_method,
     adapter_name,
@@ -30,6 +32,7 @@ from .peft_layout import (
     resolve_adapter_paths,
 )
 from .st_header import FLOAT_CODES, read_safetensors_header
+from .unsupported_formats import name_unsupported
 
 
 @dataclass
@@ -161,16 +164,50 @@ def _lazy_factors(path: Path) -> dict[str, LazyFactor]:
     }
 
 
+def _needs_torch_reader(keys) -> bool:
+    """Whether the tensor keys hold a PEFT part only the torch readers read:
+    embedding LoRA factors, or PEFT's saved copy of a targeted base weight
+    (``...base_layer.weight``)."""
+    for key in keys:
+        toks = key.split(".")
+        if toks[-2:] == [BASE_COPY, "weight"] or any(t in EMBEDDING_PARTS for t in toks):
+            return True
+    return False
+
+
+def _torch_read(path, name: str | None) -> NpAdapter:
+    """DoRA, embedding LoRA, ``modules_to_save``, PEFT's base-weight copies:
+    read by the torch readers (:mod:`loramix.io.formats`) and viewed as numpy;
+    only an adapter with such a feature makes a similarity run import torch."""
+    from .adapter_files import load_adapter
+
+    return np_adapter(load_adapter(path, name))
+
+
 def load_np_adapter(path: str | Path, name: str | None = None, lazy: bool = False) -> NpAdapter:
     """Read a PEFT LoRA or loramix D2-LoRA adapter (folder or ``.safetensors``
     file) into numpy factors, with :func:`~loramix.io.adapter_files.load_adapter`'s
     checks and errors. ``lazy``: check everything the header tells (keys,
     shapes, ranks) now, but leave the factors as :class:`LazyFactor`\\ s, read
-    (and checked finite) when used."""
-    given, cfg_path, weights = resolve_adapter_paths(path)
-    config = read_config(cfg_path)
-    method, parts = adapter_method(config, cfg_path)
+    (and checked finite) when used. An adapter with a PEFT feature this
+    reader leaves to the torch readers (DoRA, embedding LoRA,
+    ``modules_to_save``) is read by them and viewed as numpy (eagerly).
+    A foreign format (kohya, diffusers, a pickle) is named, as
+    :func:`~loramix.io.formats.find_format` names it."""
+    try:
+        given, cfg_path, weights = resolve_adapter_paths(path)
+        config = read_config(cfg_path)
+        method, parts = adapter_method(config, cfg_path)  # an unknown peft_type raises, naming it
+    except AdapterError:
+        # As io.formats.find_format: what no reader claims is named when foreign.
+        if Path(path).exists() and (what := name_unsupported(path)) is not None:
+            raise AdapterError(path, what) from None
+        raise
+    if config.get("use_dora") or config.get("modules_to_save"):
+        return _torch_read(path, name)
     factors = _lazy_factors(weights)
+    if _needs_torch_reader(factors):
+        return _torch_read(path, name)
     parsed = parse_keys(list(factors), parts, weights)
     check_features(config, cfg_path)
     raw = read_parts(parsed, factors.__getitem__ if lazy else (lambda k: np.asarray(factors[k])), weights)

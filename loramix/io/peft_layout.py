@@ -8,7 +8,11 @@ never imports torch). Torch-free on purpose.
 
 Keys are ``base_model.model.<module>.<part>.weight``, optionally with an
 adapter name (``lora_A.default.weight``); PEFT LoRA has the parts ``lora_A``
-(r, in) and ``lora_B`` (out, r), loramix D2-LoRA ``lora_{A,B}_{pos,neg}``.
+(r, in) and ``lora_B`` (out, r), loramix D2-LoRA ``lora_{A,B}_{pos,neg}``;
+PEFT's embedding LoRA ``lora_embedding_{A,B}`` (:data:`EMBEDDING_PARTS`) and
+DoRA's ``lora_magnitude_vector`` are parts of the kinds that read them,
+``modules_to_save`` copies are full tensors (:func:`saved_tensor_name`) and
+PEFT's copy of a targeted base weight is skipped (:data:`BASE_COPY`).
 Per-module rank and alpha follow PEFT's ``rank_pattern`` / ``alpha_pattern``
 rule (:func:`get_pattern_key`).
 """
@@ -36,11 +40,16 @@ _D2_PARTS = {
     "lora_A_neg": ("A", "neg"),
     "lora_B_neg": ("B", "neg"),
 }
+#: the "factor" of PEFT's saved copy of a base weight (see :func:`_parse_key`)
+BASE_COPY = "base_layer"
+
+#: PEFT's embedding LoRA parts (read by kinds with ``lora_A``/``lora_B``):
+#: ``lora_embedding_A`` (r, vocab), ``lora_embedding_B`` (dim, r), delta
+#: ``s (B A)^T`` (vocab, dim) in the weight's layout, so the module keeps
+#: ``B' = A^T``, ``A' = B^T`` and is a plain LoRA module of that weight.
+EMBEDDING_PARTS = {"lora_embedding_A": ("EA", "pos"), "lora_embedding_B": ("EB", "pos")}
+
 _UNSUPPORTED = {
-    "lora_embedding_A": "embedding LoRA",
-    "lora_embedding_B": "embedding LoRA",
-    "lora_magnitude_vector": "DoRA magnitude vectors",
-    "modules_to_save": "modules_to_save (full trained copies of modules)",
     "trainable_tokens_delta": "trainable tokens",
     "token_adapter": "trainable tokens",
 }
@@ -114,8 +123,14 @@ def read_config(cfg: Path) -> dict:
 
 
 def _parse_key(key: str, parts: dict) -> tuple[str, str, str, str | None]:
-    """``(module, factor, branch, adapter_name)`` of a tensor key, or raise."""
+    """``(module, factor, branch, adapter_name)`` of a tensor key, or raise.
+
+    ``factor`` is ``BASE_COPY`` for PEFT's copy of a targeted head's or
+    embedding's own weight (``lm_head.base_layer.weight``, saved with
+    ``save_embedding_layers``): not a factor, and never merged."""
     toks = key.split(".")
+    if toks[-2:] == ["base_layer", "weight"] and len(toks) > 2:
+        return ".".join(toks[:-2]).removeprefix(PREFIX), BASE_COPY, "", None
     for i, t in enumerate(toks):
         if t in _UNSUPPORTED:
             module = ".".join(toks[:i]).removeprefix(PREFIX)
@@ -126,8 +141,10 @@ def _parse_key(key: str, parts: dict) -> tuple[str, str, str, str | None]:
             rest = toks[i + 1 :]
             if rest and rest[-1] == "bias":
                 raise KeyError(f"module {module}: not supported: LoRA biases (lora_bias) (tensor {key})")
-            if rest == ["weight"]:
-                name = None
+            if rest == ["weight"] or not rest:
+                name = None  # PEFT saves parameter-dict parts (embedding factors, magnitudes) bare
+            elif len(rest) == 1:
+                name = rest[0]
             elif len(rest) == 2 and rest[1] == "weight":
                 name = rest[0]
             else:
@@ -143,6 +160,39 @@ def _parse_key(key: str, parts: dict) -> tuple[str, str, str, str | None]:
     raise KeyError(f"unexpected tensor {key}: not a LoRA factor")
 
 
+def saved_tensor_name(key: str, modules_to_save) -> str | None:
+    """The base tensor a ``modules_to_save`` key replaces (``lm_head.weight``),
+    or None when ``key`` is not one. PEFT saves them as
+    ``base_model.model.<module>.<param>`` (older versions keep
+    ``.modules_to_save.<adapter>.`` before the parameter); ``<module>`` ends
+    with an entry of the config's ``modules_to_save`` (PEFT's rule)."""
+    if not modules_to_save:
+        return None
+    toks = key.removeprefix(PREFIX).split(".")
+    if "modules_to_save" in toks:
+        i = toks.index("modules_to_save")
+        toks = toks[:i] + toks[-1:]
+    if len(toks) < 2 or toks[-1] not in ("weight", "bias"):
+        return None
+    module = ".".join(toks[:-1])
+    if any(module == t or module.endswith(str(t)) for t in modules_to_save):
+        return f"{module}.{toks[-1]}"
+    return None
+
+
+def embedding_as_weight_factors(fs: dict, module: str, weights: Path) -> dict:
+    """PEFT's embedding factors as factors of the embedding weight (vocab, dim):
+    ``B' = lora_embedding_A^T`` (vocab, r), ``A' = lora_embedding_B^T`` (r, dim)."""
+    if set(fs) != {("EA", "pos"), ("EB", "pos")}:
+        raise AdapterError(weights, f"module {module}: needs both lora_embedding_A and lora_embedding_B only")
+    return {("B", "pos"): fs[("EA", "pos")].T, ("A", "pos"): fs[("EB", "pos")].T}
+
+
+def with_embedding_parts(parts: dict) -> dict:
+    """``parts`` plus PEFT's embedding LoRA parts, for kinds with ``lora_A``/``lora_B``."""
+    return {**parts, **(EMBEDDING_PARTS if "lora_A" in parts else {})}
+
+
 def adapter_method(config: dict, cfg_path: Path) -> tuple[str, dict]:
     """``(kind, parts)`` from ``peft_type``; what no reader can accept is refused
     before any tensor is opened."""
@@ -155,8 +205,6 @@ def adapter_method(config: dict, cfg_path: Path) -> tuple[str, dict]:
         raise AdapterError(
             cfg_path, f"unsupported peft_type {config.get('peft_type')!r}: loramix reads LORA and D2LORA"
         )
-    if config.get("modules_to_save"):
-        raise AdapterError(cfg_path, f"modules_to_save {config['modules_to_save']} is not supported")
     return method, parts
 
 
@@ -173,9 +221,10 @@ def parse_keys(keys: list[str], parts: dict, weights: Path) -> list[tuple[str, s
         raise AdapterError(weights, e.args[0]) from None
 
 
-def check_features(config: dict, cfg_path: Path) -> None:
-    """Refuse the config flags of LoRA variants loramix does not read."""
-    if config.get("use_dora"):
+def check_features(config: dict, cfg_path: Path, dora: bool = False) -> None:
+    """Refuse the config flags of LoRA variants loramix would misread
+    (``use_dora`` unless the reader is DoRA's)."""
+    if config.get("use_dora") and not dora:
         raise AdapterError(cfg_path, "not supported: DoRA (use_dora: true)")
     if config.get("lora_bias"):
         raise AdapterError(cfg_path, "not supported: LoRA biases (lora_bias: true)")
@@ -188,14 +237,21 @@ def check_features(config: dict, cfg_path: Path) -> None:
 
 def read_parts(parsed: list[tuple], get: Callable, weights: Path) -> dict[str, dict]:
     """``{module: {(factor, branch): array}}`` with ``get(key)`` reading one
-    tensor (torch or numpy); 2-D factors and one adapter per file only."""
+    tensor (torch or numpy); 2-D factors (1-D for a per-row vector, factor
+    ``"M"``: DoRA's magnitude) and one adapter per file only. PEFT's copy of
+    a base weight (``BASE_COPY``) is skipped unread."""
     raw: dict[str, dict] = {}
     adapter_names: set[str] = set()
     for key, module, factor, branch, aname in parsed:
+        if factor == BASE_COPY:
+            # PEFT saves the targeted head's own weight in case the vocabulary
+            # was resized; the delta applies to the base's tensor, whose shape
+            # the merge checks against the factors, so the copy is not read.
+            continue
         if aname is not None:
             adapter_names.add(aname)
         t = get(key)
-        if t.ndim != 2:
+        if t.ndim != (1 if factor == "M" else 2):
             raise AdapterError(
                 weights,
                 f"module {module}: {key} has {t.ndim} dimensions; only linear LoRA (2-D factors) is supported",

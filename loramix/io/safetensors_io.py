@@ -127,16 +127,28 @@ class CheckedSafetensors:
             t = self._f.get_tensor(key)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise self.error(self.path, f"cannot read tensor {key} (corrupt or truncated file): {e}") from e
-        if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if check_finite and not all_finite(t):
             raise self.error(self.path, f"tensor {key} has non-finite values (nan or inf)")
         return t
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite, exactly. The sum is one
+    reduction with no tensor-sized allocation and is non-finite whenever an
+    entry is (nan and inf propagate); only when it is not finite (a nan or
+    inf, or finite values whose sum overflows) is the elementwise check run."""
+    if not t.is_floating_point():
+        return True
+    # float32 accumulation for half types (their own range would overflow on large tensors)
+    s = t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
+    return bool(torch.isfinite(s)) or bool(torch.isfinite(t).all())
 
 
 def check_output_finite(t: torch.Tensor, key: str) -> torch.Tensor:
     """``t`` (an output tensor about to be written) when it is all finite;
     else an :class:`OutputError` naming the tensor. Called on each computed
     tensor as it is written, so the check costs no extra pass over a file."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise OutputError(
             key,
             f"the output tensor would hold nan or inf ({str(t.dtype).removeprefix('torch.')}): an input "

@@ -17,8 +17,14 @@ ties         trim, elect sign, disjoint mean                        model
 dare-linear  random drop + rescale, weighted sum                    model
 dare-ties    random drop + rescale, then TIES election              model
 magnitude    top-density entries of each delta, weighted sum        model
+task-arith.  lambda times the weighted sum (exact)                  adapter or model
+breadcrumbs  drop largest (gamma) and smallest magnitudes, sum      model
+della        magnitude-ranked random drop, L1 rescale, TIES         model
 d2-signed    D2-LoRA: sum residuals, project once, add              model
 ===========  =====================================================  ==========
+
+Any method writes an adapter with ``out_rank`` / ``energy`` (the merged
+delta truncated by SVD; :func:`loramix.methods.runner.truncate`).
 
 Every method acts on the true per-module deltas (``ModuleDelta.delta``),
 one module at a time, on the chosen device. Use :func:`merge` from Python::
@@ -44,7 +50,18 @@ _REGISTRY: dict[str, type] = {}
 # Modules of this package that hold no method.
 _NOT_METHODS = {"base", "params", "runner"}
 # Names the merge command uses for its own options: a method parameter may not take one.
-RESERVED = {"method", "adapters", "weights", "into", "out", "device", "dtype", "force", "progress"}
+RESERVED = {
+    "method",
+    "adapters",
+    "weights",
+    "into",
+    "out",
+    "device",
+    "dtype",
+    "force",
+    "progress",
+    "out_rank",
+}
 _loaded = False
 
 

@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 # Torch is imported inside the functions that compute: the ``merge`` command
 # builds its options from the methods' declarations, and ``--help`` must stay
 # quick. For the same reason the adapter kind names are spelled here (they
-# equal loramix.adapter.LORA / D2LORA; a test checks).
-LORA, D2LORA = "lora", "d2lora"
+# equal loramix.adapter.LORA / D2LORA and loramix.kinds.dora.DORA; a test checks).
+LORA, D2LORA, DORA = "lora", "d2lora", "dora"
 
 
 @dataclass
@@ -91,14 +91,14 @@ class MergeMethod:
     #: (``W0 + sum_i w_i dW_i``), so a study evaluates it without writing it
     attachable: bool = False
     #: the adapter kinds (``Adapter.method``) the method applies to
-    kinds: tuple[str, ...] = (LORA, D2LORA)
+    kinds: tuple[str, ...] = (LORA, D2LORA, DORA)
     #: why other kinds are refused (appended to the error)
     kinds_reason: str = ""
 
     @classmethod
-    def applies_to(cls, kind: str) -> bool:
-        """Whether adapters of ``kind`` (``"lora"``, ``"d2lora"``) can be merged with it."""
-        return kind in cls.kinds
+    def applies_to(cls, kind) -> bool:
+        """Whether adapters of ``kind`` (a kind object or its name) can be merged with it."""
+        return str(kind) in cls.kinds
 
     # -- validation -------------------------------------------------------------
     def validate(self, params: dict, adapters: Sequence[Adapter]) -> dict:
@@ -120,12 +120,12 @@ class MergeMethod:
                 raise UsageError(p.flag, f"method {self.name} needs {p.flag} ({p.help})")
             out[p.name] = p.coerce(given[p.name]) if p.name in given else p.default
         for ad in adapters:
-            if not self.applies_to(ad.method):
+            if not self.applies_to(ad.kind):
                 why = f": {self.kinds_reason}" if self.kinds_reason else ""
                 raise UsageError(
                     ad.path or ad.name,
                     f"method {self.name} needs {' or '.join(self.kinds)} adapters; "
-                    f"this is a {ad.method} adapter{why}",
+                    f"this is a {ad.kind.name} adapter{why}",
                 )
         self.check(out, adapters)
         return out
@@ -196,25 +196,32 @@ def dense_deltas(
 ) -> list[torch.Tensor]:
     """``[w_i dW_i]`` (out, in) each, fresh tensors on ``ctx.device`` in
     ``ctx.dtype`` (callers may modify them in place): the true deltas (``s B A``;
-    the effective delta ``W_hat - W0`` for D2-LoRA), times ``weights`` if given.
-    A LoRA weight is folded into ``B`` before the product (saves a pass over
+    the effective delta, e.g. ``W_hat - W0``, for a kind that ``needs_base``),
+    times ``weights`` if given. For a kind that does not need the base the
+    weight is folded into ``B`` before the product (saves a pass over
     ``out x in``)."""
     if W0 is not None:
         W0 = W0.to(device=ctx.device, dtype=ctx.dtype)
     out = []
     for j, m in enumerate(module_deltas):
         w = 1.0 if weights is None else float(weights[j])
-        if m.kind == D2LORA:
-            if W0 is None:
-                raise UsageError(
-                    m.name, "D2-LoRA effective deltas depend on the base weight: pass --into BASE"
-                )
+        if m.kind.needs_base:
+            require_base(m, W0)
             d = m.delta(W0, dtype=ctx.dtype, device=ctx.device)
             out.append(d.mul_(w) if w != 1.0 else d)
         else:
             B, A = m.factors(dtype=ctx.dtype, device=ctx.device)
             out.append((B * w if w != 1.0 else B) @ A)
     return out
+
+
+def require_base(m: ModuleDelta, W0: torch.Tensor | None) -> None:
+    """Refuse (one line naming the module) to form the effective delta of a
+    kind that ``needs_base`` without the base weight."""
+    if W0 is None and m.kind.needs_base:
+        raise UsageError(
+            m.name, f"{m.kind.label} effective deltas depend on the base weight: pass --into BASE"
+        )
 
 
 def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -334,3 +341,50 @@ def elect_and_merge(
     else:
         den.masked_fill_(den == 0, 1.0)
     return num.mul_(g).div_(den)
+
+
+# ----------------------------------------------------------------------------- truncation facts
+
+
+def energy_info(S: torch.Tensor, k: int, stacked: int) -> dict:
+    """The facts of a rank-``k`` truncation of singular values ``S``."""
+    e = S.double().cpu() ** 2
+    total, dropped = float(e.sum()), float(e[k:].sum())
+    return {
+        "rank": int(k),
+        "stacked_rank": int(stacked),
+        "energy_total": total,
+        "energy_discarded": dropped,
+        "energy_discarded_fraction": dropped / total if total > 0 else 0.0,
+    }
+
+
+def summarize_energy(facts: dict[str, dict]) -> dict:
+    """Totals of per-module truncation facts: ranks, discarded energy (absolute
+    and relative to ``sum ||D||_F^2``) and the worst module."""
+    facts = {n: f for n, f in facts.items() if "energy_total" in f}
+    if not facts:
+        return {}
+    total = sum(i["energy_total"] for i in facts.values())
+    dropped = sum(i["energy_discarded"] for i in facts.values())
+    worst = max(facts, key=lambda n: facts[n]["energy_discarded_fraction"])
+    return {
+        "ranks": sorted({i["rank"] for i in facts.values()}),
+        "energy_discarded": dropped,
+        "energy_discarded_fraction": dropped / total if total > 0 else 0.0,
+        "worst_module": worst,
+        "worst_module_discarded_fraction": facts[worst]["energy_discarded_fraction"],
+    }
+
+
+def describe_energy(summary: dict) -> list[str]:
+    """:func:`summarize_energy`'s totals in words."""
+    if "energy_discarded_fraction" not in summary:
+        return []
+    ranks = summary["ranks"]
+    rank_txt = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
+    return [
+        f"rank {rank_txt}; discarded energy {summary['energy_discarded']:.4g} "
+        f"({100 * summary['energy_discarded_fraction']:.3g}% of ||merged||^2); worst module "
+        f"{summary['worst_module']} ({100 * summary['worst_module_discarded_fraction']:.3g}%)"
+    ]

@@ -42,13 +42,12 @@ class D2Signed(MergeMethod):
         if W0 is None:
             raise UsageError(ctx.name, "d2-signed needs the base weight: pass --into BASE")
         from ..d2lora import d2_merged_weight
+        from ..kinds import stack_factors
 
         W0 = W0.to(device=ctx.device, dtype=ctx.dtype)
         m0 = module_deltas[0]
-        R = None
-        for m, w in zip(module_deltas, weights):
-            r = m.residual(dtype=ctx.dtype, device=ctx.device)
-            R = r * w if R is None else R.add_(r, alpha=w)
+        st = stack_factors(module_deltas, weights, dtype=ctx.dtype, device=ctx.device)
+        R = st.B @ st.A  # sum_i w_i dW_i, the signed residuals
         return d2_merged_weight(W0, R, norm_dim=m0.norm_dim, eps=m0.eps) - W0
 
     def merged(self, ctx, module_deltas, weights, W0, params):

@@ -2,8 +2,13 @@
 
 Two outputs:
 
-* an adapter (low-rank methods without ``into``): each module's ``(B, A)``
-  from :meth:`MergeMethod.factors`, written as a PEFT LoRA folder with scale 1;
+* an adapter (without ``into``): each module's ``(B, A)`` from
+  :meth:`MergeMethod.factors` (low-rank methods: exact), written as a PEFT
+  LoRA folder with scale 1; with ``out_rank`` / ``energy`` any method's merged
+  delta ``D`` (exact factors, or dense) truncated by SVD,
+  ``D = P diag(S) Q^T -> B = P_k diag(S_k)``, ``A = Q_k^T``, ``k`` the given
+  rank or the smallest keeping the energy fraction, with the discarded
+  energy ``sum_{j>=k} S_j^2`` per module in the facts (:func:`truncate`);
 * a model (``into`` a base folder): the engine (:mod:`loramix.engine`) plans a
   job per base tensor and its executor runs :meth:`MergeMethod.merged` for
   each adapted module (float32 on the device, ``W0`` in ``(out, in)``
@@ -24,15 +29,16 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import D2LORA, Adapter, ModuleDelta, check_compatible, check_one_base
+from ..adapter import Adapter, ModuleDelta, check_compatible, check_one_base
 from ..devices import resolve_device
+from ..engine import saved_tensors
 from ..errors import AdapterError, UsageError
 from ..io.adapter_files import WEIGHTS_NAME, load_adapter, save_peft_adapter
 from ..io.outputs import atomic_output_dir, atomic_write, check_output, provenance, write_provenance
 from ..io.safetensors_io import canonicalize_header
 from ..options import dtype_name, parse_dtype, parse_weights, promoted_dtype
 from . import MergeResult, get_method
-from .base import MergeMethod, ModuleContext
+from .base import LowRank, MergeMethod, ModuleContext, energy_info, summarize_energy
 
 
 def module_plan(adapters: Sequence[Adapter]) -> dict[str, list[tuple[int, ModuleDelta]]]:
@@ -70,6 +76,7 @@ def run_merge(
     m = get_method(method)
     if not adapters:
         raise UsageError("merge", "no adapters given")
+    trunc = _truncation(m, params, into)
     ads = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
     check_compatible(ads)
     ws = parse_weights(weights, len(ads))
@@ -77,33 +84,49 @@ def run_merge(
     dev = resolve_device(device)
     out_dtype = parse_dtype(dtype)
     if into is None:
-        _check_adapter_output(m, ads)
+        _check_adapter_output(m, ads, trunc)
     inputs = [a.path for a in ads if a.path is not None] + ([into] if into is not None else [])
     out = check_output(out, force=force, inputs=inputs)
 
     if into is None:
-        return _write_adapter(m, ads, ws, p, out=out, dev=dev, dtype=out_dtype, force=force, inputs=inputs)
+        return _write_adapter(m, ads, ws, p, out=out, dev=dev, dtype=out_dtype, force=force, inputs=inputs,
+                              trunc=trunc)  # fmt: skip
     return _write_model(
         m, ads, ws, p, into=into, out=out, dev=dev, dtype=out_dtype, force=force, progress=progress
     )
 
 
-def _check_adapter_output(m: MergeMethod, ads: Sequence[Adapter]) -> None:
-    """Without a base the result must be an adapter: a low-rank method, and
-    adapters whose deltas do not depend on the base, made for one base."""
+def _truncation(m: MergeMethod, params: dict, into) -> tuple[int | None, float | None] | None:
+    """Pop the adapter-output truncation (``out_rank``; ``energy`` unless the
+    method declares its own) from ``params``: ``(out_rank, energy)`` or None."""
+    out_rank = params.pop("out_rank", None)
+    energy = None if any(q.name == "energy" for q in m.params) else params.pop("energy", None)
+    if out_rank is None and energy is None:
+        return None
+    if into is not None:
+        raise UsageError(
+            "--out-rank/--energy", "truncate an adapter output; a merge --into BASE is not truncated"
+        )
+    return check_truncation(out_rank, energy)
+
+
+def _check_adapter_output(m: MergeMethod, ads: Sequence[Adapter], trunc) -> None:
+    """Without a base the result must be an adapter: a low-rank method, or any
+    method truncated to a rank (``trunc``), and adapters whose deltas do not
+    depend on the base, made for one base."""
     check_one_base(list(ads))
-    if not m.low_rank:
+    if not m.low_rank and trunc is None:
         raise UsageError(
             "into",
-            f"method {m.name} writes a full model: pass --into BASE (only "
-            f"{', '.join(n for n in _low_rank_names())} can write an adapter)",
+            f"method {m.name} writes a dense delta: pass --into BASE, or --out-rank K / --energy F for an "
+            f"adapter truncated by SVD (only {', '.join(_low_rank_names())} write an exact adapter)",
         )
     for ad in ads:
-        if ad.method == D2LORA:
+        if ad.kind.needs_base:
             raise AdapterError(
                 ad.path or ad.name,
-                "is a D2-LoRA adapter: its effective delta depends on the base weights, so no LoRA "
-                "adapter holds the result; merge it into the base with --into BASE",
+                f"is a {ad.kind.label} adapter: its effective delta depends on the base weights, so no "
+                "LoRA adapter holds the result; merge it into the base with --into BASE",
             )
 
 
@@ -125,8 +148,20 @@ def _without_time(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if k != "created"}
 
 
-def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs) -> MergeResult:
-    """Low-rank result as a PEFT LoRA folder: per module ``(B, A)``, scale 1."""
+def _adapter_factors(m: MergeMethod, jobs, p, trunc) -> list[LowRank]:
+    """Per job, the merged delta as factors: the method's own (low-rank
+    methods), else from its dense delta; truncated by SVD when ``trunc``."""
+    if m.low_rank:
+        lrs = m.factors_many(jobs, p)
+    else:
+        lrs = [m.delta(ctx, mds, ws, None, p) for ctx, mds, ws in jobs]
+    if trunc is None:
+        return lrs
+    return [truncate(lr, *trunc) for lr in lrs]
+
+
+def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs, trunc=None) -> MergeResult:
+    """The result as a PEFT LoRA folder: per module ``(B, A)``, scale 1."""
     plan = module_plan(ads)
     if dtype is None:
         dtype = promoted_dtype(md.dtype for ad in ads for md in ad.modules.values())
@@ -139,14 +174,19 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs) -> MergeRes
         for name, items in plan.items()
     ]
     factors, infos = {}, {}
-    for name, lr in zip(plan, m.factors_many(jobs, p)):
+    for name, lr in zip(plan, _adapter_factors(m, jobs, p, trunc)):
         factors[name] = (lr.B.to(dtype).cpu(), lr.A.to(dtype).cpu())
         if lr.info:
             infos[name] = lr.info
     summary = _summarize(m, infos, len(plan))
+    params = _clean(p)
+    if trunc is not None:
+        summary.update(summarize_energy(infos))
+        params.update({k: v for k, v in zip(("out_rank", "energy"), trunc) if v is not None})
     # The weights file carries the whole record but its creation time.
-    full = {**_record(m, ads, ws, p, dtype), "output": "adapter", "summary": summary, "modules": infos}
+    full = {**_record(m, ads, ws, params, dtype), "output": "adapter", "summary": summary, "modules": infos}
     fan_in_fan_out = any(bool(a.config.get("fan_in_fan_out")) for a in ads)
+    saved = saved_tensors(ads)  # modules_to_save copies travel as they are
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         save_peft_adapter(
             tmp,
@@ -156,11 +196,15 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs) -> MergeRes
             dtype=dtype,
             provenance=_without_time(full),
             extra_config={"task_type": ads[0].config.get("task_type", "CAUSAL_LM")},
+            saved=saved,
+            embeddings={
+                n for a in ads for n, md in a.modules.items() if md.extra.get("layout") == "embedding"
+            },
         )
         # safetensors writes its metadata map in a random order: sort it.
         canonicalize_header(tmp / WEIGHTS_NAME)
         write_provenance(tmp, full)
-    return MergeResult(out, m.name, "adapter", _clean(p), ws, infos, summary, full)
+    return MergeResult(out, m.name, "adapter", params, ws, infos, summary, full)
 
 
 def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> MergeResult:
@@ -176,10 +220,8 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
         items = modules[name]
         ctx = ModuleContext(name, tuple(i for i, _ in items), W0.device, torch.float32)
         d, facts = m.merged(ctx, [md for _, md in items], [ws[i] for i, _ in items], W0, p)
-        if not all(bool(torch.isfinite(t).all()) for t in (d if isinstance(d, tuple) else (d,))):
-            raise UsageError(
-                name, f"method {m.name} produced non-finite values (check --weights and --lambda)"
-            )
+        # a non-finite delta makes a non-finite output tensor, which the writer
+        # refuses naming it (io.safetensors_io.check_output_finite): no second pass here
         return ModuleOutput(d, facts)
 
     # "created" is left out: the weight files' metadata must not change from
@@ -200,3 +242,46 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
         json.dump(record, f, indent=2, sort_keys=True)
         f.write("\n")
     return MergeResult(Path(res.out), m.name, "model", _clean(p), ws, res.facts, summary, record, res)
+
+
+# ----------------------------------------------------------------------------- any merge as an adapter
+
+
+def check_truncation(out_rank, energy) -> tuple[int | None, float | None]:
+    """``(out_rank, energy)`` coerced and range-checked; at most one of them."""
+    if out_rank is not None and energy is not None:
+        raise UsageError("--out-rank/--energy", "give one of --out-rank K or --energy F, not both")
+    if out_rank is not None:
+        try:
+            out_rank = int(out_rank)
+        except (TypeError, ValueError):
+            raise UsageError("--out-rank", f"{out_rank!r} is not a valid int") from None
+        if out_rank < 1:
+            raise UsageError("--out-rank", f"{out_rank} is below 1")
+    if energy is not None:
+        try:
+            energy = float(energy)
+        except (TypeError, ValueError):
+            raise UsageError("--energy", f"{energy!r} is not a valid float") from None
+        if not 0.0 < energy <= 1.0:
+            raise UsageError("--energy", f"{energy} is outside (0, 1]: it is the fraction of the energy kept")
+    return out_rank, energy
+
+
+def truncate(delta, out_rank: int | None, energy: float | None) -> LowRank:
+    """The rank-``k`` SVD truncation of a merged delta, as a :class:`LowRank`.
+
+    ``delta`` is a dense ``(out, in)`` tensor or a :class:`LowRank` (exact
+    factors ``B @ A``; its ``info`` is kept under the truncation's facts)."""
+    from .svd import choose_rank, lowrank_svd
+
+    if isinstance(delta, LowRank):
+        B, A = delta.B.double(), delta.A.double()
+        P, S, Qt = lowrank_svd(B, A)
+        stacked, prior = int(B.shape[1]), dict(delta.info)
+    else:
+        P, S, Qt = torch.linalg.svd(delta.double(), full_matrices=False)
+        stacked, prior = min(delta.shape), {}
+    k = choose_rank(S, out_rank, energy)
+    info = {**{f"method_{n}": v for n, v in prior.items()}, **energy_info(S, k, stacked)}
+    return LowRank(P[:, :k] * S[:k], Qt[:k], info)

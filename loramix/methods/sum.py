@@ -16,24 +16,23 @@ from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from . import merge, register
-from .base import D2LORA, LowRank, MergeMethod
+from .base import LowRank, MergeMethod, require_base
 
 if TYPE_CHECKING:
     import torch
 
 
-def _lora_factors(module_deltas, weights, dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The LoRA terms as one factor pair: ``B = [w_i s_i B_i ...]`` (out, R),
-    ``A = [A_i; ...]`` (R, in), so ``B @ A = sum_i w_i s_i B_i A_i``; None
-    when there is no LoRA term."""
-    import torch
+def _base_free_factors(module_deltas, weights, dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The terms whose delta does not depend on the base, as one factor pair
+    (:func:`loramix.kinds.stack_factors`): ``B @ A = sum_i w_i dW_i`` over
+    those modules; None when there is none."""
+    from ..kinds import stack_factors
 
-    pairs = [
-        (m.factors(dtype=dtype, device=device), w) for m, w in zip(module_deltas, weights) if m.kind != D2LORA
-    ]
+    pairs = [(m, w) for m, w in zip(module_deltas, weights) if not m.kind.needs_base]
     if not pairs:
         return None
-    return torch.cat([B * w for (B, _), w in pairs], dim=1), torch.cat([A for (_, A), _ in pairs], dim=0)
+    st = stack_factors([m for m, _ in pairs], [w for _, w in pairs], dtype=dtype, device=device)
+    return st.B, st.A
 
 
 @register
@@ -45,38 +44,37 @@ class Sum(MergeMethod):
     attachable = True
 
     def delta(self, ctx, module_deltas, weights, W0, params):
-        """LoRA terms as one matmul of the concatenated factors, in ``ctx.dtype``;
-        D2-LoRA terms as ``w_i`` times the effective delta, formed in float64."""
+        """Terms that do not need the base as one matmul of the stacked
+        factors, in ``ctx.dtype``; the others (D2-LoRA) as ``w_i`` times the
+        effective delta, formed in float64."""
         import torch
 
-        pair = _lora_factors(module_deltas, weights, ctx.dtype, ctx.device)
+        pair = _base_free_factors(module_deltas, weights, ctx.dtype, ctx.device)
         if pair is not None:
             out = pair[0] @ pair[1]
         else:
             out = torch.zeros(module_deltas[0].shape, dtype=ctx.dtype, device=ctx.device)
         for m, w in zip(module_deltas, weights):
-            if m.kind == D2LORA:
-                if W0 is None:
-                    raise UsageError(
-                        m.name, "D2-LoRA effective deltas depend on the base weight: pass --into BASE"
-                    )
+            if m.kind.needs_base:
+                require_base(m, W0)
                 out += (w * m.delta(W0, dtype=torch.float64, device=ctx.device)).to(out.dtype)
         return out
 
     def merged(self, ctx, module_deltas, weights, W0, params):
-        # LoRA only: the factor pair, which the engine adds in one fused addmm
-        # without forming the dense delta.
-        if all(m.kind != D2LORA for m in module_deltas):
-            return _lora_factors(module_deltas, weights, ctx.dtype, ctx.device), {}
+        # No kind needs the base: the factor pair, which the engine adds in one
+        # fused addmm without forming the dense delta.
+        if not any(m.kind.needs_base for m in module_deltas):
+            return _base_free_factors(module_deltas, weights, ctx.dtype, ctx.device), {}
         return self.delta(ctx, module_deltas, weights, W0, params), {}
 
     def factors(self, ctx, module_deltas, weights, params):
         for m in module_deltas:
-            if m.kind == D2LORA:
+            if m.kind.needs_base:
                 raise UsageError(
-                    m.name, "the sum of D2-LoRA effective deltas depends on the base: pass --into BASE"
+                    m.name,
+                    f"the sum of {m.kind.label} effective deltas depends on the base: pass --into BASE",
                 )
-        return LowRank(*_lora_factors(module_deltas, weights, ctx.dtype, ctx.device))
+        return LowRank(*_base_free_factors(module_deltas, weights, ctx.dtype, ctx.device))
 
 
 def _as_list(adapters_or_paths) -> list:

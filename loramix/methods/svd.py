@@ -26,7 +26,16 @@ from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from . import register
-from .base import LORA, LowRank, MergeMethod, ModuleContext, Param
+from .base import (
+    LORA,
+    LowRank,
+    MergeMethod,
+    ModuleContext,
+    Param,
+    describe_energy,
+    energy_info,
+    summarize_energy,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -138,17 +147,12 @@ class Svd(MergeMethod):
     def _factors_group(self, jobs, params) -> list[LowRank]:
         import torch
 
+        from ..kinds import stack_factors
+
         device = jobs[0][0].device
-        Bs, As = [], []
-        for _ctx, mds, ws in jobs:
-            Bi, Ai = [], []
-            for m, w in zip(mds, ws):
-                B, A = m.factors(dtype=torch.float64, device=device)
-                Bi.append(B * w)
-                Ai.append(A)
-            Bs.append(torch.cat(Bi, dim=1))
-            As.append(torch.cat(Ai, dim=0))
-        B, A = torch.stack(Bs), torch.stack(As)  # (G, out, R), (G, R, in)
+        stacks = [stack_factors(mds, ws, dtype=torch.float64, device=device) for _ctx, mds, ws in jobs]
+        B = torch.stack([st.B for st in stacks])  # (G, out, R)
+        A = torch.stack([st.A for st in stacks])  # (G, R, in)
         P, S, Qt = lowrank_svd(B, A)
         S_cpu = S.cpu()  # one synchronisation per group: ranks and energies
         ks = [choose_rank(S_cpu[g], params["rank"], params["energy"]) for g in range(len(jobs))]
@@ -157,15 +161,7 @@ class Svd(MergeMethod):
         Ak = Qt[..., :kmax, :]
         res = []
         for g, k in enumerate(ks):
-            e = S_cpu[g] ** 2
-            total, dropped = float(e.sum()), float(e[k:].sum())
-            info = {
-                "rank": k,
-                "stacked_rank": int(B.shape[2]),
-                "energy_total": total,
-                "energy_discarded": dropped,
-                "energy_discarded_fraction": dropped / total if total > 0 else 0.0,
-            }
+            info = energy_info(S_cpu[g], k, int(B.shape[2]))
             res.append(LowRank(Bk[g, :, :k], Ak[g, :k], info))
         return res
 
@@ -180,26 +176,7 @@ class Svd(MergeMethod):
         return (lr.B @ lr.A).to(ctx.dtype), lr.info
 
     def summarize(self, facts):
-        if not facts:
-            return {}
-        total = sum(i["energy_total"] for i in facts.values())
-        dropped = sum(i["energy_discarded"] for i in facts.values())
-        worst = max(facts, key=lambda n: facts[n]["energy_discarded_fraction"])
-        return {
-            "ranks": sorted({i["rank"] for i in facts.values()}),
-            "energy_discarded": dropped,
-            "energy_discarded_fraction": dropped / total if total > 0 else 0.0,
-            "worst_module": worst,
-            "worst_module_discarded_fraction": facts[worst]["energy_discarded_fraction"],
-        }
+        return summarize_energy(facts)
 
     def describe(self, summary):
-        if "energy_discarded_fraction" not in summary:
-            return []
-        ranks = summary["ranks"]
-        rank_txt = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
-        return [
-            f"rank {rank_txt}; discarded energy {summary['energy_discarded']:.4g} "
-            f"({100 * summary['energy_discarded_fraction']:.3g}% of ||sum||^2); worst module "
-            f"{summary['worst_module']} ({100 * summary['worst_module_discarded_fraction']:.3g}%)"
-        ]
+        return describe_energy(summary)

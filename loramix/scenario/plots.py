@@ -24,7 +24,15 @@ import pandas as pd
 
 _K_MARKERS = {2: "o", 3: "^", 4: "s"}
 _K_NAMES = {2: "pairs", 3: "triples"}
-_COLORS = {"lora": "tab:blue", "d2lora": "tab:orange"}
+_PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+
+
+def _kind_color(name: str) -> str | None:
+    """One colour per registered adapter kind (fixed by the registry's order), None for others."""
+    from ..kinds import KINDS
+
+    names = sorted(KINDS, key=lambda n: (n != "lora", n))
+    return _PALETTE[names.index(name) % len(_PALETTE)] if name in names else None
 
 
 def _plt():
@@ -65,7 +73,7 @@ def delta_vs_cosine(summary: pd.DataFrame, fits: list[dict], path: Path, title: 
     ks = sorted(set(summary["k"].astype(int))) if "k" in summary else [2]
     labels: list[tuple] = []
     for method, g in summary.groupby("adapter_method", sort=False):
-        color = _COLORS.get(method, None)
+        color = _kind_color(method)
         for k in ks:
             gk = g[g["k"].astype(int) == k] if "k" in g else g
             if gk.empty:

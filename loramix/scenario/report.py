@@ -36,6 +36,13 @@ PI_LEVEL = 0.95
 MAX_DOMAIN_TABLES = 12  # beyond this many compositions, per-domain tables only for those with merged data
 
 
+def _kinds(names) -> list:
+    """The adapter kind objects named ``names`` (the report asks them, not their names)."""
+    from ..kinds import get_kind
+
+    return [get_kind(n) for n in names]
+
+
 def delta_pct(ppl: float, ppl_ref: float) -> float:
     """``100 (ppl - ppl_ref) / ppl_ref``."""
     return 100.0 * (ppl - ppl_ref) / ppl_ref
@@ -206,7 +213,7 @@ def _section_setup(report: dict, v: _View) -> list[str]:
     sched = f"{ad['steps']} steps" if ad.get("steps") else f"{ad['epochs']:g} epoch(s)"
     extra = {k: v for k, v in ad.items() if k in ("warmup", "weight_decay", "grad_clip")}
     L.append(f"- Adapters: {', '.join(ad['methods'])}; rank {ad['rank']}, alpha {ad['alpha']:g}"
-             + (f", tau {ad['tau']:g} (D2-LoRA)" if "d2lora" in ad["methods"] else "")
+             + "".join(f", tau {ad['tau']:g} ({k.label})" for k in _kinds(ad["methods"]) if "tau" in k.options)
              + f", targets {', '.join(ad['targets']) if ad['targets'] else '(default)'}; {sched}, lr "
              f"{ad['lr']:g}, batch {ad['batch']}, max_len {ad['max_len']}"
              + "".join(f", {k} {v:g}" for k, v in extra.items()))  # fmt: skip
@@ -387,7 +394,7 @@ def _section_similarity(report: dict, v: _View) -> list[str]:
         names = sim["names"]
         rows = [[n] + [_f(v, 4) for v in row] for n, row in zip(names, sim["rms"])]
         L.append(f"RMS cosine, {sim['adapter_method']} (mean over seeds; "
-                 f"{'signed residual' if sim['adapter_method'] == 'd2lora' else 'delta B·A'}):")  # fmt: skip
+                 f"{'signed residual' if _kinds([sim['adapter_method']])[0].needs_base else 'delta B·A'}):")  # fmt: skip
         L.append("")
         L.append(_table(["", *names], rows))
         L.append("")

@@ -4,7 +4,10 @@ A reader has ``name``, ``detect(path) -> bool`` (cheap: reads the config at
 most) and ``read(path, name=None) -> Adapter``. Every module of this package
 (other than ``base``) that defines a reader class registers one instance; a
 format name claimed twice is refused. :func:`find_format` returns the reader
-that detects ``path``; when none does it says why in one line.
+that detects ``path``; when none does it says why in one line, naming a
+foreign format (kohya, diffusers, a pickle) where it recognises one
+(:mod:`loramix.io.unsupported_formats`, torch-free: the numpy reader of
+:mod:`loramix.io.np_factors` names them too).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 from ...discovery import defined_here, package_modules
 from ...errors import AdapterError
+from ..unsupported_formats import name_unsupported
 from .base import read_config, resolve_adapter_paths
 
 FORMATS: dict[str, object] = {}
@@ -37,10 +41,12 @@ def find_format(path: str | Path):
     for reader in FORMATS.values():
         if reader.detect(path):
             return reader
-    # Nobody claims it: the layout's own checks name what is wrong.
+    # Nobody claims it: a foreign format is named; else the layout's own checks say what is wrong.
+    if Path(path).exists() and (what := name_unsupported(path)) is not None:
+        raise AdapterError(path, what)
     _, cfg, _ = resolve_adapter_paths(path)
     config = read_config(cfg)
-    known = sorted({r.kind.peft_type for r in FORMATS.values()}, key=len)
+    known = sorted({getattr(r, "peft_type", "") or r.kind.peft_type for r in FORMATS.values()}, key=len)
     raise AdapterError(
         cfg, f"unsupported peft_type {config.get('peft_type')!r}: loramix reads {' and '.join(known)}"
     )

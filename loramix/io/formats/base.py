@@ -9,9 +9,11 @@ for LoRA). Per-module rank and alpha follow PEFT's ``rank_pattern`` /
 when ``re.match(rf"(.*\\.)?({k})$", m)``; the first matching key wins.
 
 A path may be the folder or the ``.safetensors`` file with its
-``adapter_config.json`` beside it. Anything the kind does not define (DoRA,
-embedding LoRA, LoRA biases, modules_to_save, conv LoRA, ...) is refused with
-a message naming the module and the feature, never silently dropped.
+``adapter_config.json`` beside it. ``modules_to_save`` copies are kept as
+full tensors (``Adapter.saved``); PEFT's copy of a targeted head's own weight
+(``base_layer``) is skipped. Anything the kind does not define (LoRA biases,
+conv LoRA, ...) is refused with a message naming the module and the feature,
+never silently dropped.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ from ...adapter import Adapter, ModuleDelta
 from ...errors import AdapterError
 from ...kinds import AdapterKind
 from ..peft_layout import (  # noqa: F401  (the torch-free parsing lives there; re-exported for the formats)
+    BASE_COPY,
     CONFIG_NAME,
+    EMBEDDING_PARTS,
     PREFIX,
     WEIGHTS_NAME,
     adapter_name,
     check_config_rank,
     check_features,
     check_targets,
+    embedding_as_weight_factors,
     get_pattern_key,
     lora_scale,
     module_rank_alpha,
@@ -41,6 +46,8 @@ from ..peft_layout import (  # noqa: F401  (the torch-free parsing lives there; 
     read_config,
     read_parts,
     resolve_adapter_paths,
+    saved_tensor_name,
+    with_embedding_parts,
 )
 from ..safetensors_io import (
     FLOAT_CODES,
@@ -80,6 +87,12 @@ def write_folder(
     return out_dir
 
 
+def _dora_reader() -> bool:
+    from . import FORMATS
+
+    return any(getattr(r, "dora", False) for r in FORMATS.values())
+
+
 class PeftLayoutFormat:
     """A reader for one adapter kind stored in PEFT's folder layout.
 
@@ -90,6 +103,10 @@ class PeftLayoutFormat:
 
     name: ClassVar[str] = ""
     kind: ClassVar[AdapterKind]
+    #: the config's ``peft_type`` this format reads (default: the kind's)
+    peft_type: ClassVar[str] = ""
+    #: reads PEFT's ``use_dora: true`` adapters (and only those), else refuses them
+    dora: ClassVar[bool] = False
 
     def detect(self, path: str | Path) -> bool:
         try:
@@ -97,7 +114,10 @@ class PeftLayoutFormat:
             config = read_config(cfg)
         except AdapterError:
             return False
-        return str(config.get("peft_type", "")).upper() == self.kind.peft_type
+        if str(config.get("peft_type", "")).upper() != (self.peft_type or self.kind.peft_type):
+            return False
+        # A DoRA adapter is a PEFT LoRA with use_dora: its own reader claims it.
+        return bool(config.get("use_dora")) == self.dora or (not self.dora and not _dora_reader())
 
     def read(self, path: str | Path, name: str | None = None) -> Adapter:
         """Load the adapter at ``path`` (folder or .safetensors file).
@@ -107,9 +127,8 @@ class PeftLayoutFormat:
         """
         given, cfg_path, weights = resolve_adapter_paths(path)
         config = read_config(cfg_path)
-        if config.get("modules_to_save"):
-            raise AdapterError(cfg_path, f"modules_to_save {config['modules_to_save']} is not supported")
-        raw = self._read_tensors(weights, config, cfg_path)
+        saved: dict[str, torch.Tensor] = {}
+        raw = self._read_tensors(weights, config, cfg_path, saved)
         modules = {m: self._module(m, fs, config, cfg_path, weights) for m, fs in raw.items()}
         check_targets(modules, config, weights)
         if name is None:
@@ -122,20 +141,35 @@ class PeftLayoutFormat:
             path=given,
             weights_path=weights,
             sha256=file_sha256(weights),
+            saved=saved,
         )
 
-    def _read_tensors(self, weights: Path, config: dict, cfg_path: Path) -> dict[str, dict]:
-        """``{module: {(factor, branch): tensor}}``, every key checked first."""
+    def _read_tensors(self, weights: Path, config: dict, cfg_path: Path, saved: dict) -> dict[str, dict]:
+        """``{module: {(factor, branch): tensor}}``, every key checked first;
+        ``modules_to_save`` tensors go into ``saved`` (base tensor name -> tensor)."""
         with CheckedSafetensors(weights, AdapterError, dtypes=FLOAT_CODES) as f:
+            keys = f.keys()
+            if not keys:
+                raise AdapterError(weights, "holds no tensors")
+            to_save = config.get("modules_to_save")
+            rest = []
+            for key in keys:
+                if (tname := saved_tensor_name(key, to_save)) is not None:
+                    saved[tname] = f.get(key, check_finite=True)
+                else:
+                    rest.append(key)
             # Parse every key before reading any tensor or trusting the config:
             # an unsupported feature is then reported with the module it is on.
-            parsed = parse_keys(f.keys(), self.kind.parts, weights)
-            check_features(config, cfg_path)
+            parsed = parse_keys(rest, with_embedding_parts(self.kind.parts), weights) if rest else []
+            check_features(config, cfg_path, self.dora)
             return read_parts(parsed, lambda key: f.get(key, check_finite=True), weights)
 
     def _module(self, module: str, fs: dict, config: dict, cfg_path: Path, weights: Path) -> ModuleDelta:
         """One module from its tensors: ranks checked against the config, then the kind builds it."""
         r_cfg, alpha = module_rank_alpha(config, module)
+        embedding = ("EA", "pos") in fs or ("EB", "pos") in fs
+        if embedding:
+            fs = embedding_as_weight_factors(fs, module, weights)
         try:
             m = self.kind.from_tensors(
                 module, fs, config,
@@ -143,6 +177,8 @@ class PeftLayoutFormat:
             )  # fmt: skip
         except ValueError as e:
             raise AdapterError(weights, str(e)) from None
+        if embedding:
+            m.extra["layout"] = "embedding"
         if m.B.shape[1] != m.A.shape[0]:
             raise AdapterError(
                 weights, f"module {module}: lora_A has rank {m.A.shape[0]} but lora_B has rank {m.B.shape[1]}"

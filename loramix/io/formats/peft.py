@@ -32,6 +32,8 @@ def save_peft_adapter(
     alphas: dict[str, float] | None = None,
     use_rslora: bool = False,
     extra_config: dict | None = None,
+    saved: dict[str, torch.Tensor] | None = None,
+    embeddings: set[str] | frozenset[str] = frozenset(),
 ) -> Path:
     """Write a PEFT LoRA folder (``adapter_config.json`` + weights).
 
@@ -39,7 +41,11 @@ def save_peft_adapter(
     Without ``alphas`` the scale is folded into ``B`` already, and the config
     says ``lora_alpha = r`` per module, so PEFT's scale is exactly 1.
     Per-module ranks and alphas that differ from the most common go into
-    ``rank_pattern`` / ``alpha_pattern`` with full module names.
+    ``rank_pattern`` / ``alpha_pattern`` with full module names. ``saved``
+    (base tensor name -> tensor) are ``modules_to_save`` copies, stored as
+    PEFT stores them and listed by full module name. Modules in
+    ``embeddings`` are embedding weights (``(B, A)`` still in the weight's
+    ``(vocab, dim)`` layout) and are stored as PEFT's ``lora_embedding_A/B``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -48,9 +54,18 @@ def save_peft_adapter(
     for module, (B, A) in factors.items():
         if dtype is not None:
             B, A = B.to(dtype), A.to(dtype)
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = A.detach().contiguous().cpu()
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = B.detach().contiguous().cpu()
+        if module in (embeddings or ()):
+            # PEFT's embedding LoRA: delta (vocab, dim) = s (B_e A_e)^T, B_e = A^T, A_e = B^T.
+            tensors[f"{PREFIX}{module}.lora_embedding_A"] = B.detach().T.contiguous().cpu()
+            tensors[f"{PREFIX}{module}.lora_embedding_B"] = A.detach().T.contiguous().cpu()
+        else:
+            tensors[f"{PREFIX}{module}.lora_A.weight"] = A.detach().contiguous().cpu()
+            tensors[f"{PREFIX}{module}.lora_B.weight"] = B.detach().contiguous().cpu()
         ranks[module] = int(A.shape[0])
+    for name, t in (saved or {}).items():
+        tensors[PREFIX + name] = (
+            t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        ).contiguous()
     if alphas is None:
         # Scale 1: alpha = r (or sqrt(r) with rsLoRA, which we never write here).
         alphas = {m: float(r) for m, r in ranks.items()}
@@ -71,7 +86,7 @@ def save_peft_adapter(
         "bias": "none",
         "inference_mode": True,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in saved}) if saved else None,
     }
     if extra_config:
         config.update(extra_config)

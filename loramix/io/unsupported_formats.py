@@ -1,0 +1,83 @@
+"""Adapter formats loramix does not read, named in one line.
+
+When no reader claims a path, :func:`name_unsupported` looks at what is
+there (file names, and the tensor names in a safetensors header: never a
+tensor, never a pickle) and says which foreign format it is, so the user
+reads "a kohya-ss LoRA ... is not supported" rather than "no
+adapter_config.json" or "not a LoRA factor":
+
+* **pickled PEFT adapters** (``adapter_model.bin``, ``.pt``, ``.pth``,
+  ``.ckpt``): loramix never unpickles (it runs code);
+* **kohya-ss / sd-scripts LoRA**: ``lora_down.weight`` / ``lora_up.weight``
+  / ``alpha`` keys (``lora_unet_...``, ``lora_te_...``);
+* **LyCORIS** (LoHa, LoKr): ``hada_w1_a`` / ``lokr_w1`` keys;
+* **diffusers LoRA**: ``pytorch_lora_weights.safetensors``, or keys under
+  ``unet.`` / ``text_encoder.`` or with ``.lora.down`` /
+  ``lora_linear_layer``, without an ``adapter_config.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import AdapterError
+from .st_header import read_safetensors_header
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+DIFFUSERS_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+_HINT = "loramix reads PEFT LoRA folders (adapter_config.json + adapter_model.safetensors)"
+
+
+def _kind_of_keys(keys: list[str], file_name: str) -> str | None:
+    """The foreign format a list of tensor names belongs to, or None."""
+    if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys) or any(
+        k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys
+    ):
+        return "a kohya-ss LoRA (lora_down / lora_up / alpha keys)"
+    if any(p in k for k in keys for p in ("hada_w1_a", "lokr_w1")):
+        return "a LyCORIS adapter (LoHa / LoKr keys)"
+    diffusers_keys = any(".lora.down." in k or "lora_linear_layer" in k for k in keys) or any(
+        k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys
+    )
+    if file_name in DIFFUSERS_NAMES or diffusers_keys:
+        return "a diffusers LoRA (pytorch_lora_weights)"
+    return None
+
+
+def _file_format(p: Path) -> str | None:
+    if p.suffix in PICKLE_SUFFIXES:
+        what = "a pickled PEFT adapter" if p.name == "adapter_model.bin" else "a pickled checkpoint"
+        if p.name in DIFFUSERS_NAMES:
+            what = "a pickled diffusers LoRA"
+        return f"{what} ({p.name}); loramix never unpickles (it can run code): save it as safetensors"
+    if p.suffix == ".safetensors":
+        try:
+            header, _ = read_safetensors_header(p, AdapterError)
+        except AdapterError:
+            return None  # the reader's own checks name what is wrong with the file
+        keys = [k for k in header if k != "__metadata__"]
+        return _kind_of_keys(keys, p.name)
+    return None
+
+
+def name_unsupported(path: str | Path) -> str | None:
+    """One line naming the foreign adapter format at ``path`` (a file or a
+    folder), or None when it looks like none of them (then the PEFT layout's
+    own checks explain what is missing)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "adapter_config.json").exists() and (p / "adapter_model.safetensors").exists():
+            return None
+        files = sorted(f for f in p.iterdir() if f.is_file())
+        # The PEFT pickle first: it is what a folder with a config but no safetensors holds.
+        files.sort(key=lambda f: f.name != "adapter_model.bin")
+        for f in files:
+            what = _file_format(f)
+            if what is not None:
+                return f"holds {what}: not supported; {_HINT}"
+        return None
+    if p.is_file() and (p.suffix in PICKLE_SUFFIXES or not (p.parent / "adapter_config.json").exists()):
+        what = _file_format(p)
+        if what is not None:
+            return f"is {what}: not supported; {_HINT}"
+    return None

@@ -1,0 +1,91 @@
+"""DoRA (Liu et al. 2024), as PEFT stores it (``use_dora: true``): a kind that
+needs the base.
+
+One module adapts ``W0`` ``(out, in)`` with LoRA factors and a magnitude
+vector ``m`` ``(out,)``::
+
+    dW = s B A                                   B: (out, r), A: (r, in), s as LoRA
+    V  = W0 + dW,   c = m / ||V||_row            ||V||_row: (out,), the norm of each output row
+    W_hat = c * V                                (row-scaled)
+    effective delta = W_hat - W0 = (c - 1) W0 + c dW        depends on W0: needs_base
+
+equal to PEFT's ``merge_and_unload`` for one adapter. Several DoRA adapters
+on one module add their effective deltas, each against the same ``W0``
+(``docs/adapters.md``, "DoRA"). Stored as PEFT's ``lora_A`` / ``lora_B`` /
+``lora_magnitude_vector``; loramix reads DoRA, it does not train or write it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UsageError
+from .base import AdapterKind, AttachTerms, missing_part
+
+
+def dora_gain(W0: torch.Tensor, dW: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """``c = m / ||W0 + dW||_row`` ``(out,)``, in ``dW``'s dtype."""
+    V = W0.to(dW.dtype) + dW
+    return magnitude.to(device=dW.device, dtype=dW.dtype) / torch.linalg.vector_norm(V, dim=1)
+
+
+class DoraKind(AdapterKind):
+    id = "dora"
+    label = "DoRA"
+    # PEFT writes peft_type LORA with use_dora; the registry needs a type of its own.
+    peft_type = "DORA"
+    parts = {"lora_A": ("A", "pos"), "lora_B": ("B", "pos"), "lora_magnitude_vector": ("M", "pos")}
+    options = {}
+    needs_base = True
+
+    def scaled_factors(self, m, dtype=torch.float64, device=None):
+        return m.B.to(device=device, dtype=dtype), m.A.to(device=device, dtype=dtype), float(m.scale)
+
+    def delta(self, m, W0, dtype=torch.float64, device=None):
+        """``W_hat - W0`` (out, in); ``W0`` (out, in) is required."""
+        if W0 is None:
+            raise ValueError(f"{m.name}: the effective delta of a DoRA module needs the base weight")
+        Bf, Af = self.factors(m, dtype=dtype, device=device)
+        dW = Bf @ Af
+        W0 = W0.to(device=dW.device, dtype=dtype)
+        c = dora_gain(W0, dW, m.extra["magnitude"])
+        return (c - 1).unsqueeze(1) * W0 + c.unsqueeze(1) * dW
+
+    def num_parameters(self, m):
+        return m.A.numel() + m.B.numel() + m.extra["magnitude"].numel()
+
+    def attach_terms(self, W0, weight, m, dtype):
+        """``w ((c - 1) W0 + c dW)``: a per-row gain ``w (c - 1)`` on ``W0 x`` and
+        the pair ``(w c Bf, Af)``; ``c`` once, in float64."""
+        Bf, Af = self.factors(m, dtype=torch.float64, device=W0.device)
+        c = dora_gain(W0.double(), Bf @ Af, m.extra["magnitude"])
+        return AttachTerms(B=weight * c.unsqueeze(1) * Bf, A=Af, gain=weight * (c - 1))
+
+    def layer(self, base, rank, alpha, *, generator=None, **options):
+        raise UsageError(
+            "--kind", "loramix reads DoRA adapters but does not train them (use PEFT's use_dora)"
+        )
+
+    def from_tensors(self, name, fs, config, *, scale, alpha):
+        from ..adapter import ModuleDelta
+
+        missing_part(fs, {k: v for k, v in self.parts.items() if v[0] != "M"}, name)
+        if ("M", "pos") not in fs:
+            raise ValueError(f"module {name} has lora_A and lora_B but no lora_magnitude_vector (use_dora)")
+        B, A, mag = fs[("B", "pos")], fs[("A", "pos")], fs[("M", "pos")]
+        if mag.shape != (B.shape[0],):
+            raise ValueError(
+                f"module {name}: lora_magnitude_vector has shape {tuple(mag.shape)}, not ({B.shape[0]},)"
+            )
+        return ModuleDelta(name=name, B=B, A=A, scale=scale, alpha=alpha, kind=self, extra={"magnitude": mag})
+
+    def tensors(self, m):
+        return {"lora_A": m.A, "lora_B": m.B, "lora_magnitude_vector": m.extra["magnitude"]}
+
+    def save(self, out_dir, modules, *, rank, alpha, **kw):
+        raise UsageError(
+            str(out_dir), "DoRA deltas depend on the base weights: no LoRA adapter holds a DoRA merge"
+        )
+
+
+DORA = DoraKind()

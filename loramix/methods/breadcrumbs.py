@@ -1,0 +1,56 @@
+"""Model Breadcrumbs (Davari & Belilovsky 2023), mergekit's ``breadcrumbs``
+(``magnitude_outliers`` sparsification, no sign consensus, no rescaling;
+docs/merging.md). For each delta ``dW_i`` with ``n`` entries::
+
+    order  = the entries sorted by |dW_i|, ascending
+    n_keep = int(density * n),  n_top = int(gamma * n),  n_bot = max(0, n - n_keep - n_top)
+    keep_i = the entries at positions [n_bot, n_bot + n_keep) of that order
+    merged = lambda * sum_i w_i * dW_i * keep_i
+
+so the ``gamma`` fraction of largest magnitudes (outliers) and the smallest
+are dropped, ``n_keep`` entries kept (fewer outliers dropped when ``density +
+gamma > 1``).
+"""
+
+from __future__ import annotations
+
+from . import register
+from .base import DENSITY, LAMBDA, MergeMethod, Param, dense_deltas
+
+GAMMA = Param(
+    "gamma",
+    float,
+    0.01,
+    "fraction of each delta's largest-magnitude entries dropped, in [0, 1)",
+    check=lambda v: None if 0.0 <= v < 1.0 else f"{v} is outside [0, 1)",
+)
+
+
+def breadcrumbs_(x, density: float, gamma: float):
+    """Keep ``int(density * n)`` entries of ``x`` after the ``int(gamma * n)``
+    largest magnitudes, zero the rest, in place; returns ``x``."""
+    if density >= 1.0:
+        return x
+    import torch
+
+    n = x.numel()
+    n_keep, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - n_keep - n_top)
+    order = torch.sort(x.abs().reshape(-1), stable=True).indices
+    keep = torch.zeros(n, dtype=x.dtype, device=x.device)
+    keep[order[n_bot : n_bot + n_keep]] = 1
+    return x.mul_(keep.reshape(x.shape))
+
+
+@register
+class Breadcrumbs(MergeMethod):
+    name = "breadcrumbs"
+    summary = "drop the largest (gamma) and the smallest magnitudes, keep density, weighted sum"
+    params = (DENSITY, GAMMA, LAMBDA)
+
+    def delta(self, ctx, module_deltas, weights, W0, params):
+        out = None
+        for x in dense_deltas(ctx, module_deltas, W0, weights):
+            x = breadcrumbs_(x, params["density"], params["gamma"])
+            out = x if out is None else out.add_(x)
+        return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out

@@ -1,0 +1,85 @@
+"""DELLA (Deep et al. 2024), mergekit's ``della`` (``della_magprune``
+sparsification, L1 rescaling, TIES sign consensus, normalised; docs/merging.md).
+
+For each delta ``x = w_i dW_i`` (out, in), row by row::
+
+    rank      = 1..in, the position of |x_rc| in its row, ascending
+    p_rc      = density - epsilon + 2 epsilon (rank - 1) / (in - 1)     keep probability
+    keep_rc   ~ Bernoulli(p_rc)                                          seeded per (seed, module, adapter)
+    t_i       = (x * keep) * ||x||_1 / ||x * keep||_1                    (L1 rescale; skipped below 1e-7)
+    merged    = lambda * elect_and_merge(t_i, w_i, sign, divide)         divide=weight: mergekit's normalize
+
+so larger magnitudes are dropped less often. The draws come from a CPU
+generator seeded with :func:`~loramix.methods.base.module_seed` (the same on
+any device); ``torch.bernoulli`` with that generator, as mergekit draws with
+the global one.
+"""
+
+from __future__ import annotations
+
+from . import register
+from .base import DENSITY, LAMBDA, SEED, SIGN, MergeMethod, Param, dense_deltas, elect_and_merge, module_seed
+
+EPSILON = Param(
+    "epsilon",
+    float,
+    0.15,
+    "half-width of the keep probabilities around density (by magnitude rank)",
+    check=lambda v: None if 0.0 <= v < 1.0 else f"{v} is outside [0, 1)",
+)
+DIVIDE_WEIGHT = Param(
+    "divide",
+    str,
+    "weight",
+    "divide agreeing entries by their summed weights (mergekit's normalize) or by their count",
+    choices=("weight", "count"),
+)
+
+
+def della_keep_probs(x, density: float, epsilon: float):
+    """``p`` (out, in) float32 on the CPU: the keep probability of each entry by its rank in its row."""
+    import torch
+
+    a = x.detach().abs().float().cpu()
+    ranks = a.argsort(dim=1).argsort(dim=1).float()  # 0 .. in-1
+    n = a.shape[1]
+    rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
+    return (density - epsilon) + rank_norm * (2 * epsilon)
+
+
+def della_prune_(x, density: float, epsilon: float, seed: int):
+    """Drop entries of ``x`` with :func:`della_keep_probs`, rescale to the L1 norm, in place."""
+    if density >= 1.0:
+        return x
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    keep = torch.bernoulli(della_keep_probs(x, density, epsilon), generator=g)
+    before = x.abs().sum()
+    x.mul_(keep.to(device=x.device, dtype=x.dtype))
+    after = x.abs().sum()
+    if float(before) >= 1e-7 and float(after) >= 1e-7:
+        x.mul_(before / after)
+    return x
+
+
+@register
+class Della(MergeMethod):
+    name = "della"
+    summary = "drop entries with magnitude-ranked probabilities, rescale (L1), TIES election, normalised sum"
+    params = (DENSITY, EPSILON, SEED, SIGN, DIVIDE_WEIGHT, LAMBDA)
+
+    def check(self, params, adapters):
+        from ..errors import UsageError
+
+        d, e = params["density"], params["epsilon"]
+        if d < 1.0 and not (0.0 < d - e and d + e < 1.0):
+            raise UsageError("--epsilon", f"density +- epsilon must lie in (0, 1); got {d} +- {e}")
+
+    def delta(self, ctx, module_deltas, weights, W0, params):
+        xs = [
+            della_prune_(x, params["density"], params["epsilon"], module_seed(params["seed"], ctx.name, i))
+            for x, i in zip(dense_deltas(ctx, module_deltas, W0, weights), ctx.indices)
+        ]
+        out = elect_and_merge(xs, weights, params["sign"], params["divide"])
+        return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out

@@ -1,0 +1,151 @@
+"""Any merge as one adapter (issue 13, item 6): ``--out-rank K`` / ``--energy F``
+without ``--into``. PEFT loads what loramix writes, and its merged model's
+logits equal the base plus the SVD truncation of the merged dense delta,
+computed here in float64 with ``torch.linalg.svd``; the discarded energy per
+module in ``loramix.json`` is the sum of the dropped squared singular values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loramix.io.adapter_files import load_adapter
+from loramix.methods import get_method, merge
+from loramix.methods.base import ModuleContext
+
+from .factories import make_peft_adapter, tiny_llama
+from .test_cli_errors import run_error
+
+METHOD_PARAMS = {
+    "sum": {},
+    "svd": {"rank": 5},
+    "ties": {"density": 0.5},
+    "dare-linear": {"density": 0.6, "seed": 3},
+    "dare-ties": {"density": 0.6, "seed": 3},
+    "magnitude": {"density": 0.4},
+}
+WEIGHTS = [1.0, 0.7]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adout")
+    model = tiny_llama()
+    ads = [
+        make_peft_adapter(model, root / "a", seed=1, r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj"]),
+        make_peft_adapter(model, root / "b", seed=2, r=2, lora_alpha=3, use_rslora=True, target_modules=["q_proj", "down_proj"]),
+    ]  # fmt: skip
+    return root, ads
+
+
+def dense_reference(method, ads, params):
+    """module -> the method's merged dense delta, float64 (loramix's per-module math)."""
+    loaded = [load_adapter(a) for a in ads]
+    m = get_method(method)
+    p = m.validate(dict(params), loaded)
+    names = list(dict.fromkeys(n for ad in loaded for n in ad.modules))
+    out = {}
+    for n in names:
+        idx = tuple(i for i, ad in enumerate(loaded) if n in ad.modules)
+        ctx = ModuleContext(n, idx, "cpu", torch.float64)
+        mds, ws = [loaded[i].modules[n] for i in idx], [WEIGHTS[i] for i in idx]
+        out[n] = m.delta(ctx, mds, ws, None, p).double()
+    return out
+
+
+def truncated(D, out_rank=None, energy=None):
+    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    if out_rank is not None:
+        k = min(out_rank, S.numel())
+    else:
+        cum = torch.cumsum(S**2, 0) / (S**2).sum()
+        k = int((cum < energy - 1e-12).sum()) + 1
+    return (U[:, :k] * S[:k]) @ Vh[:k], k, float((S[k:] ** 2).sum())
+
+
+def peft_logits(folder):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(tiny_llama(), str(folder)).merge_and_unload().eval()
+    with torch.no_grad():
+        return model(input_ids=torch.arange(16).reshape(2, 8)).logits.double()
+
+
+def reference_logits(deltas):
+    model = tiny_llama().double()
+    with torch.no_grad():
+        for n, d in deltas.items():
+            model.get_submodule(n).weight += d
+        return model(input_ids=torch.arange(16).reshape(2, 8)).logits
+
+
+# svd's own --energy is its recompression (tested in test_merge.py); here it takes --out-rank
+CASES = [
+    (m, t) for m in METHOD_PARAMS for t in ({"out_rank": 3}, {"energy": 0.9}) if (m, *t) != ("svd", "energy")
+]
+
+
+@pytest.mark.parametrize(("method", "trunc"), CASES)
+def test_any_merge_as_a_truncated_adapter(setup, method, trunc):
+    root, ads = setup
+    out = root / f"{method}-{'-'.join(map(str, trunc.values()))}"
+    res = merge([str(a) for a in ads], method, weights=WEIGHTS, out=out, **METHOD_PARAMS[method], **trunc)
+    assert res.kind == "adapter"
+    ref, dropped = {}, {}
+    for n, D in dense_reference(method, ads, METHOD_PARAMS[method]).items():
+        ref[n], k, dropped[n] = truncated(D, **trunc)
+        # exact factors hold no more than their stacked rank (what lies beyond is exactly 0)
+        assert res.modules[n]["rank"] == min(k, res.modules[n]["stacked_rank"])
+        if not get_method(method).low_rank:
+            assert res.modules[n]["stacked_rank"] == min(D.shape)
+    torch.testing.assert_close(peft_logits(out), reference_logits(ref), rtol=0, atol=2e-5)
+    rec = json.loads((out / "loramix.json").read_text())
+    for n, e in dropped.items():
+        assert rec["modules"][n]["energy_discarded"] == pytest.approx(e, rel=1e-6, abs=1e-12)
+    assert rec["summary"]["energy_discarded"] == pytest.approx(sum(dropped.values()), rel=1e-6, abs=1e-12)
+    assert rec["parameters"][next(iter(trunc))] == next(iter(trunc.values()))
+
+
+def test_exact_sum_adapter_is_untruncated(setup):
+    root, ads = setup
+    res = merge([str(a) for a in ads], "sum", weights=WEIGHTS, out=root / "exact")
+    ref = dense_reference("sum", ads, {})
+    torch.testing.assert_close(peft_logits(root / "exact"), reference_logits(ref), rtol=0, atol=2e-5)
+    assert "energy_discarded" not in res.summary
+
+
+def test_dense_method_without_truncation_or_base_is_one_line(setup, tmp_path, capsys):
+    _, ads = setup
+    run_error(capsys, ["merge", "-m", "ties", "--density", "0.5", *map(str, ads), "--out", str(tmp_path / "o")],
+              "--out-rank", "--into")  # fmt: skip
+    run_error(capsys, ["merge", "-m", "ties", "--density", "0.5", "--out-rank", "2", "--energy", "0.5",
+                       *map(str, ads), "--out", str(tmp_path / "o")], "not both")  # fmt: skip
+    run_error(capsys, ["merge", "-m", "magnitude", "--density", "0.5", "--out-rank", "0", *map(str, ads),
+                       "--out", str(tmp_path / "o")], "--out-rank")  # fmt: skip
+
+
+def test_cli_truncated_ties_prints_the_discarded_energy(setup, tmp_path, capsys):
+    from loramix.cli import main
+
+    _, ads = setup
+    capsys.readouterr()
+    rc = main(
+        [
+            "merge",
+            "-m",
+            "ties",
+            "--density",
+            "0.5",
+            "--energy",
+            "0.8",
+            *map(str, ads),
+            "--out",
+            str(tmp_path / "t"),
+        ]
+    )
+    out, _ = capsys.readouterr()
+    assert rc == 0 and "discarded energy" in out and "adapter written" in out
+    rc = main(["sum", *map(str, ads), "--out-rank", "2", "--out", str(tmp_path / "s")])
+    assert rc == 0 and json.loads((tmp_path / "s" / "loramix.json").read_text())["summary"]["ranks"] == [2]

@@ -1,0 +1,396 @@
+"""What the format readers accept and refuse beyond plain PEFT LoRA (issue 13):
+foreign formats named in one line, LoRA on ``lm_head``, bare-model adapters
+merged into a model with a head, ``modules_to_save``. PEFT and transformers
+are the oracles; the models are tiny real ones built from configs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from .factories import make_peft_adapter, save_base, tiny_gpt2, tiny_llama
+from .test_cli_errors import run_error
+
+# ---------------------------------------------------------------- 8: foreign formats named
+
+
+def test_kohya_lora_is_named(tmp_path, capsys):
+    t = torch.zeros(4, 8)
+    f = tmp_path / "style.safetensors"
+    save_file(
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": t,
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": t.T.contiguous(),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0),
+        },
+        str(f),
+    )
+    run_error(capsys, ["inspect", str(f)], str(f), "kohya-ss LoRA", "not supported")
+    # the same file in a folder
+    d = tmp_path / "kohya"
+    d.mkdir()
+    shutil.copy(f, d / "style.safetensors")
+    run_error(capsys, ["inspect", str(d)], "kohya-ss LoRA", "not supported")
+
+
+def test_diffusers_lora_is_named(tmp_path, capsys):
+    d = tmp_path / "diffusers"
+    d.mkdir()
+    save_file(
+        {
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(
+                4, 8
+            ),
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(
+                8, 4
+            ),
+        },
+        str(d / "pytorch_lora_weights.safetensors"),
+    )
+    run_error(capsys, ["inspect", str(d)], "diffusers LoRA", "not supported")
+    run_error(capsys, ["similarity", str(d), str(d)], "diffusers LoRA")
+
+
+def test_pickled_peft_adapter_is_named(tmp_path, capsys):
+    src = make_peft_adapter(tiny_gpt2(), tmp_path / "src", r=2)
+    d = tmp_path / "pickled"
+    d.mkdir()
+    shutil.copy(src / "adapter_config.json", d / "adapter_config.json")
+    torch.save({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(2, 32)},
+               d / "adapter_model.bin")  # fmt: skip
+    line = run_error(
+        capsys, ["inspect", str(d)], "pickled PEFT adapter", "adapter_model.bin", "not supported"
+    )
+    assert "no adapter_config.json" not in line
+    run_error(capsys, ["inspect", str(d / "adapter_model.bin")], "pickled PEFT adapter")
+
+
+def test_peft_file_without_config_still_says_so(tmp_path, capsys):
+    """A PEFT safetensors file alone is not a foreign format: the message stays about the config."""
+    src = make_peft_adapter(tiny_gpt2(), tmp_path / "src", r=2)
+    f = tmp_path / "alone.safetensors"
+    shutil.copy(src / "adapter_model.safetensors", f)
+    run_error(capsys, ["inspect", str(f)], "adapter_config.json")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def peft_merged(make_model, *adapters):
+    """PEFT's own merge of ``adapters`` (each once, weight 1) into a fresh model."""
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(make_model(), str(adapters[0]), adapter_name="a0")
+    for i, a in enumerate(adapters[1:], 1):
+        pm.load_adapter(str(a), adapter_name=f"a{i}")
+    if len(adapters) > 1:
+        pm.base_model.set_adapter([f"a{i}" for i in range(len(adapters))])
+    return pm.merge_and_unload().eval()
+
+
+def logits(model, vocab=128):
+    ids = torch.arange(16).remainder(vocab).reshape(2, 8)
+    with torch.no_grad():
+        return model(input_ids=ids).logits.double()
+
+
+def load_merged(folder, cls):
+    return cls.from_pretrained(str(folder)).eval()
+
+
+# ---------------------------------------------------------------- 1: LoRA on lm_head
+
+
+def test_untied_lm_head_lora_is_a_linear_module(tmp_path, capsys):
+    """PEFT saves ``lm_head.base_layer.weight`` beside the factors; loramix
+    reads the factors, and its sum into the base equals PEFT's merge."""
+    from transformers import LlamaForCausalLM
+
+    from loramix.cli import main
+    from loramix.io.adapter_files import load_adapter
+
+    model = tiny_llama()
+    base = save_base(model, tmp_path / "base")
+    ad = make_peft_adapter(model, tmp_path / "head", target_modules=["q_proj", "lm_head"], r=3, lora_alpha=5)
+    a = load_adapter(ad)
+    assert "lm_head" in a.modules and a.modules["lm_head"].shape == (128, 32)
+    assert main(["inspect", str(ad)]) == 0
+    assert main(["sum", str(ad), "--into", str(base), "--out", str(tmp_path / "merged")]) == 0
+    ours = logits(load_merged(tmp_path / "merged", LlamaForCausalLM))
+    ref = logits(peft_merged(tiny_llama, ad))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+
+
+def test_tied_lm_head_lora_is_refused_naming_the_tie(tmp_path, capsys):
+    model = tiny_gpt2()  # GPT-2 ties lm_head to transformer.wte
+    base = save_base(model, tmp_path / "base")
+    ad = make_peft_adapter(model, tmp_path / "head", target_modules=["c_attn", "lm_head"])
+    run_error(capsys, ["sum", str(ad), "--into", str(base), "--out", str(tmp_path / "m")],
+              "lm_head", "tied to", "wte")  # fmt: skip
+
+
+# ---------------------------------------------------------------- 5: bare-model adapter into a model with a head
+
+
+def _tiny_bert_config():
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=48, max_position_embeddings=64)  # fmt: skip
+
+
+def test_bare_model_adapter_into_a_model_with_a_head(tmp_path, capfd, monkeypatch):
+    """An adapter trained on ``BertModel`` (modules ``encoder.layer...``) merged
+    into ``BertForMaskedLM`` (tensors ``bert.encoder.layer...``): the prefix
+    comes from the base's tensor names; equal to PEFT applied to ``.bert``;
+    nothing but loramix's own lines on stderr."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import BertForMaskedLM
+
+    from loramix.cli import main
+
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))  # the skeleton is built here
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM(_tiny_bert_config()).eval()
+    base = save_base(mlm, tmp_path / "base")
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value", "dense"], init_lora_weights=False)
+    get_peft_model(BertForMaskedLM.from_pretrained(str(base)).bert, cfg).save_pretrained(str(tmp_path / "ad"))
+    capfd.readouterr()
+    rc = main(["sum", str(tmp_path / "ad"), "--into", str(base), "--out", str(tmp_path / "merged")])
+    out, err = capfd.readouterr()
+    assert rc == 0, err
+    assert "is_decoder" not in err and "warn" not in err.lower(), err
+
+    ref = BertForMaskedLM.from_pretrained(str(base)).eval()
+    ref.bert = PeftModel.from_pretrained(ref.bert, str(tmp_path / "ad")).merge_and_unload()
+    ours = BertForMaskedLM.from_pretrained(str(tmp_path / "merged")).eval()
+    torch.testing.assert_close(logits(ours), logits(ref.eval()), rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- 4: modules_to_save
+
+
+def test_modules_to_save_copied_into_the_base(tmp_path, capsys):
+    """One adapter carries a trained ``lm_head`` and norms (full copies): the
+    merge writes them in place of the base's, equal to PEFT's merge of both
+    adapters; a second adapter carrying a different copy is refused, naming it."""
+    from transformers import LlamaForCausalLM
+
+    from loramix.cli import main
+    from loramix.io.adapter_files import load_adapter
+
+    model = tiny_llama()
+    base = save_base(model, tmp_path / "base")
+    a = make_peft_adapter(
+        model, tmp_path / "a", seed=1, target_modules=["q_proj"], modules_to_save=["lm_head", "norm"]
+    )
+    # PEFT saves the module as it was wrapped: give the copies a trained value
+    from safetensors.torch import load_file
+
+    ts = load_file(str(a / "adapter_model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    for k in ts:
+        if "lora_" not in k:
+            ts[k] = ts[k] + 0.1 * torch.randn(ts[k].shape, generator=g)
+    save_file(ts, str(a / "adapter_model.safetensors"))
+    b = make_peft_adapter(model, tmp_path / "b", seed=2, target_modules=["v_proj"])
+    ad = load_adapter(a)
+    assert set(ad.saved) >= {"lm_head.weight", "model.norm.weight"} and list(ad.modules) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]  # fmt: skip
+    assert main(["sum", str(a), str(b), "--into", str(base), "--out", str(tmp_path / "m")]) == 0
+    ours = LlamaForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
+    torch.testing.assert_close(ours.lm_head.weight, ts["base_model.model.lm_head.weight"])
+    torch.testing.assert_close(logits(ours), logits(peft_merged(tiny_llama, a, b)), rtol=0, atol=1e-4)
+
+    # the adapter output carries the copies; PEFT loads it and gives the same model
+    assert main(["sum", str(a), str(b), "--out", str(tmp_path / "ad")]) == 0
+    torch.testing.assert_close(
+        logits(peft_merged(tiny_llama, tmp_path / "ad")), logits(ours), rtol=0, atol=1e-4
+    )
+
+    # two different copies of one module: refused, naming it
+    c = Path(shutil.copytree(a, tmp_path / "c"))
+    ts["base_model.model.lm_head.weight"] = ts["base_model.model.lm_head.weight"] + 1
+    save_file(ts, str(c / "adapter_model.safetensors"))
+    run_error(capsys, ["sum", str(a), str(c), "--into", str(base), "--out", str(tmp_path / "x")],
+              "modules_to_save", "lm_head.weight")  # fmt: skip
+    # an identical copy is fine
+    d = Path(shutil.copytree(a, tmp_path / "d"))
+    assert main(["sum", str(a), str(d), "--into", str(base), "--out", str(tmp_path / "y")]) == 0
+
+
+# ---------------------------------------------------------------- 2: embedding LoRA
+
+
+def test_embedding_lora_equals_peft(tmp_path, capsys):
+    """``lora_embedding_A`` (r, vocab) / ``lora_embedding_B`` (dim, r): the delta
+    ``s (B A)^T`` equals PEFT's ``get_delta_weight``; summed with a second
+    adapter into the base it equals PEFT's merge; the adapter output round-trips
+    through PEFT; ties on it equals the dense reference."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from loramix.cli import main
+    from loramix.io.adapter_files import load_adapter
+    from loramix.methods import merge
+    from loramix.overlap import similarity
+
+    model = tiny_llama()
+    base = save_base(model, tmp_path / "base")
+    a = make_peft_adapter(
+        model, tmp_path / "a", seed=1, target_modules=["embed_tokens", "q_proj"], r=3, lora_alpha=5
+    )
+    b = make_peft_adapter(model, tmp_path / "b", seed=2, target_modules=["embed_tokens", "v_proj"], r=2)
+    ad = load_adapter(a)
+    md = ad.modules["model.embed_tokens"]
+    pm = PeftModel.from_pretrained(tiny_llama(), str(a))
+    ref_delta = pm.base_model.model.model.embed_tokens.get_delta_weight("default").double()
+    torch.testing.assert_close(md.residual(), ref_delta, rtol=0, atol=1e-5)
+    assert main(["inspect", str(a)]) == 0
+    sim = similarity([ad, load_adapter(b)], progress=False)
+    assert sim.rms.shape == (2, 2)
+
+    assert main(["sum", str(a), str(b), "--into", str(base), "--out", str(tmp_path / "m")]) == 0
+    ours = LlamaForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
+    torch.testing.assert_close(logits(ours), logits(peft_merged(tiny_llama, a, b)), rtol=0, atol=1e-4)
+
+    assert main(["sum", str(a), str(b), "--out", str(tmp_path / "ad")]) == 0
+    torch.testing.assert_close(
+        logits(peft_merged(tiny_llama, tmp_path / "ad")), logits(ours), rtol=0, atol=1e-4
+    )
+
+    res = merge([str(a), str(b)], "ties", into=str(base), out=tmp_path / "t", density=0.5)
+    assert res.kind == "model"
+    from loramix.methods.base import trim_
+
+    da, db = (load_adapter(p).modules["model.embed_tokens"].residual() for p in (a, b))
+    ta, tb = trim_(da.clone(), 0.5), trim_(db.clone(), 0.5)
+    g = torch.where(ta + tb >= 0, 1.0, -1.0).double()
+    keep_a, keep_b = (ta * g > 0).double(), (tb * g > 0).double()
+    ref = (ta * keep_a + tb * keep_b) / (keep_a + keep_b).clamp(min=1)
+    got = LlamaForCausalLM.from_pretrained(str(tmp_path / "t")).model.embed_tokens.weight.double()
+    torch.testing.assert_close(got - model.model.embed_tokens.weight.double(), ref, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- 3: DoRA
+
+
+def _dora_ref(base_model, folder, module):
+    """``m / ||W0 + s B A||_row * (W0 + s B A) - W0`` from the raw tensors, float64."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    ts = {k: v.double() for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
+    key = f"base_model.model.{module}"
+    W0 = base_model.get_submodule(module).weight.detach().double()
+    V = W0 + cfg["lora_alpha"] / cfg["r"] * ts[f"{key}.lora_B.weight"] @ ts[f"{key}.lora_A.weight"]
+    return (ts[f"{key}.lora_magnitude_vector"] / V.norm(dim=1))[:, None] * V - W0
+
+
+def test_dora_into_the_base_equals_peft_and_composes_by_effective_deltas(tmp_path, capsys):
+    from transformers import LlamaForCausalLM
+
+    from loramix.cli import main
+    from loramix.io.adapter_files import load_adapter
+    from loramix.overlap import similarity
+
+    model = tiny_llama()
+    base = save_base(model, tmp_path / "base")
+    targets = ["q_proj", "v_proj", "down_proj"]
+    a = make_peft_adapter(
+        model, tmp_path / "a", seed=1, target_modules=targets, use_dora=True, r=3, lora_alpha=6
+    )
+    b = make_peft_adapter(model, tmp_path / "b", seed=2, target_modules=["q_proj"], use_dora=True, r=2)
+    # PEFT saves the magnitude as ||W0||_row (its init): make it trained
+    from safetensors.torch import load_file
+
+    ts = load_file(str(a / "adapter_model.safetensors"))
+    for k in ts:
+        if k.endswith("lora_magnitude_vector"):
+            ts[k] = ts[k] * (1 + 0.3 * torch.rand(ts[k].shape, generator=torch.Generator().manual_seed(3)))
+    save_file(ts, str(a / "adapter_model.safetensors"))
+    ad = load_adapter(a)
+    assert ad.kind == "dora" and ad.kind.needs_base
+    assert main(["inspect", str(a)]) == 0
+
+    # one adapter: PEFT's merge_and_unload
+    assert main(["sum", str(a), "--into", str(base), "--out", str(tmp_path / "m1")]) == 0
+    ours = LlamaForCausalLM.from_pretrained(str(tmp_path / "m1")).eval()
+    torch.testing.assert_close(logits(ours), logits(peft_merged(tiny_llama, a)), rtol=0, atol=1e-4)
+
+    # several: W0 + sum_i w_i (W_hat_i - W0), each against the same W0 (docs/adapters.md)
+    assert (
+        main(
+            ["sum", str(a), str(b), "--weights", "1,0.5", "--into", str(base), "--out", str(tmp_path / "m2")]
+        )
+        == 0
+    )
+    got = LlamaForCausalLM.from_pretrained(str(tmp_path / "m2")).eval()
+    for mod in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        ref = _dora_ref(model, a, mod) + (0.5 * _dora_ref(model, b, mod) if "q_proj" in mod else 0)
+        d = got.get_submodule(mod).weight.double() - model.get_submodule(mod).weight.double()
+        torch.testing.assert_close(d, ref, rtol=0, atol=1e-6)
+
+    # similarity on the effective deltas given the base
+    sim = similarity([ad, load_adapter(b)], base=base, progress=False)
+    assert sim.rms.shape == (2, 2)
+    # an adapter output of a DoRA merge is refused with the reason
+    run_error(capsys, ["sum", str(a), str(b), "--out", str(tmp_path / "x")], "DoRA", "depends on the base")
+    run_error(capsys, ["merge", "-m", "ties", "--density", "0.5", "--out-rank", "2", str(a), "--out", str(tmp_path / "y")],
+              "DoRA", "depends on the base")  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["bloom", "gpt-neox", "falcon", "gpt-bigcode"])
+def test_bare_model_adapter_into_causal_lm(arch, tmp_path, capfd, monkeypatch):
+    """The same for causal LMs whose prefix is not ``model.`` (``transformer``,
+    ``gpt_neox``): an adapter made on the bare model merges into the LM with its head."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from loramix.cli import main
+
+    from .test_conformance import ARCHS, _build, _load, _logits
+
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    lm, base, targets = _build(arch, tmp_path)
+    bare = getattr(lm, lm.base_model_prefix)
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+    get_peft_model(bare, cfg).save_pretrained(str(tmp_path / "ad"))
+    capfd.readouterr()
+    assert (
+        main(
+            ["sum", str(tmp_path / "ad"), "--into", str(base), "--out", str(tmp_path / "m"), "--no-progress"]
+        )
+        == 0
+    )
+    assert capfd.readouterr().err == ""
+    cls = ARCHS[arch][2]
+    ref = _load(cls, base)
+    setattr(
+        ref,
+        ref.base_model_prefix,
+        PeftModel.from_pretrained(
+            getattr(ref, ref.base_model_prefix), str(tmp_path / "ad")
+        ).merge_and_unload(),
+    )
+    torch.testing.assert_close(_logits(_load(cls, tmp_path / "m")), _logits(ref.eval()), rtol=0, atol=2e-4)
+
+
+def test_tied_lm_head_refused_when_the_checkpoint_stores_both(tmp_path, capsys):
+    """Some checkpoints store the tied head too: the tie still decides (transformers re-ties on load)."""
+    from safetensors.torch import load_file
+
+    model = tiny_gpt2()
+    base = save_base(model, tmp_path / "base")
+    ts = load_file(str(base / "model.safetensors"))
+    ts["lm_head.weight"] = ts["transformer.wte.weight"].clone()
+    save_file(ts, str(base / "model.safetensors"), metadata={"format": "pt"})
+    ad = make_peft_adapter(model, tmp_path / "head", target_modules=["c_attn", "lm_head"])
+    run_error(capsys, ["sum", str(ad), "--into", str(base), "--out", str(tmp_path / "m")],
+              "lm_head.weight", "tied to", "wte")  # fmt: skip
