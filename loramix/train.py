@@ -30,6 +30,7 @@ time, so two runs with the same inputs write identical adapter bytes.
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import json
 import math
@@ -111,16 +112,19 @@ def init_seed(seed: int, data_inputs: list[dict]) -> int:
 
 class LiveLog:
     """``train_log.csv`` written as training goes, so a long run can be followed:
-    ``<out>.train_log.csv`` beside the output, one flushed row per step, moved
-    into the output folder at the end (:meth:`move_to`). If training fails the
-    file is removed (when this object is collected, or at exit): no partial
-    output is left beside ``out``."""
+    ``<out>.train_log.<pid>.csv`` beside the output (one per process, so two
+    runs racing for one ``--out`` never write or move each other's log), one
+    flushed row per step, moved into the output folder at the end
+    (:meth:`move_to`). If training fails the file is removed (when this
+    object is collected, or at exit); a log left by a killed process is
+    removed by the next run to the same ``out`` once that process is gone."""
 
     HEADER = ("step", "loss", "lr", "tokens", "seconds")
 
     def __init__(self, out: Path):
-        self.path = out.parent / f"{out.name}.train_log.csv"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_logs(out)
+        self.path = out.parent / f"{out.name}.train_log.{os.getpid()}.csv"
         self.f = open(self.path, "w", newline="")
         self.w = csv.writer(self.f)
         self.w.writerow(self.HEADER)
@@ -134,6 +138,20 @@ class LiveLog:
         self.f.close()
         os.replace(self.path, dest)
         self._cleanup.detach()
+
+
+def _remove_dead_logs(out: Path) -> None:
+    """Remove ``<out>.train_log.<pid>.csv`` files whose process is gone (a killed run's)."""
+    for f in out.parent.glob(f"{glob.escape(out.name)}.train_log.*.csv"):
+        pid = f.name[len(out.name) + len(".train_log.") : -len(".csv")]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+        except PermissionError:
+            pass
 
 
 def _remove_file(f, path: Path) -> None:

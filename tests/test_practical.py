@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import click
 import pytest
@@ -103,22 +105,27 @@ def test_eval_uses_the_context_and_counts_cut_records(llama, tmp_path, capsys):
 
 def test_train_log_is_written_as_training_goes(llama, tmp_path):
     out = tmp_path / "ad"
+    live_path = tmp_path / f"ad.train_log.{os.getpid()}.csv"
     live = LiveLog(out)
     live.row(1, 2.5, 1e-3, 10, 0.5)
-    with open(tmp_path / "ad.train_log.csv") as f:  # readable while training still runs
+    with open(live_path) as f:  # readable while training still runs
         assert list(csv.reader(f)) == [list(LiveLog.HEADER), ["1", "2.500000", "0.001", "10", "0.500"]]
     del live  # a run that never finished leaves nothing beside its output
-    assert not (tmp_path / "ad.train_log.csv").exists()
+    assert not list(tmp_path.glob("ad.train_log.*"))
+    # a log left by a killed run (its process gone) is removed by the next run to that output
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"ad.train_log.{int(dead.stdout)}.csv"
+    stale.write_text("step\n")
     train_adapter(llama, ARITH, out, **FAST)
     with open(out / "train_log.csv") as f:
         assert len(list(csv.reader(f))) == FAST["steps"] + 1
-    assert not (tmp_path / "ad.train_log.csv").exists()
+    assert not list(tmp_path.glob("ad.train_log.*"))
 
 
 def test_targets_error_lists_the_modules(llama, tmp_path, capsys):
     one_line_error(capsys, ["train", "--base", llama, "--data", ARITH, "--out", tmp_path / "o", "--targets", "c_attn",
                             "--quiet", "--device", "cpu"], "--targets", "c_attn", "q_proj", "down_proj")  # fmt: skip
-    assert not (tmp_path / "o").exists() and not (tmp_path / "o.train_log.csv").exists()
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.train_log.*"))
 
 
 def test_base_recorded_resolved(llama, tmp_path, monkeypatch):
