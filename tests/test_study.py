@@ -257,3 +257,21 @@ def test_predict_with_the_predictors_file(study, tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "d2lora" in err and str(other) in err
     # the old fit.json still works
     assert main(["predict", paths["arith"], paths["sort"], "--fit", str(out / "fit.json")]) == 0
+
+
+def test_report_renders_labelled_adapters(study):
+    """A study's adapter labels (``KIND@R:INIT``) reach the report's kind lookups
+    as their kinds: the quickstart's ``init = ["shared", "data"]`` once failed
+    here, after every step had run."""
+    import copy
+
+    from loramix.scenario.report import render_markdown
+
+    rep = copy.deepcopy(study["report"])
+    rep["scenario"]["adapters"].update(methods=["lora", "lora:shared", "d2lora@4:data", "d2lora"], tau=0.5)
+    for sim in rep["similarity_mean"]:
+        sim["adapter_method"] = "lora:shared"
+    md = render_markdown(rep)
+    assert "- Adapters: lora, lora:shared, d2lora@4:data, d2lora; rank 2" in md
+    assert md.count(", tau 0.5 (") == 1  # one kind, named once however many labels carry it
+    assert "RMS cosine, lora:shared (mean over seeds; delta B·A)" in md

@@ -37,10 +37,12 @@ MAX_DOMAIN_TABLES = 12  # beyond this many compositions, per-domain tables only 
 
 
 def _kinds(names) -> list:
-    """The adapter kind objects named ``names`` (the report asks them, not their names)."""
+    """The distinct adapter kind objects of the study labels ``names``
+    (``KIND[@R][:INIT]``, in order; the report asks the kinds, not their names)."""
     from ..kinds import get_kind
+    from .traits import kind_of
 
-    return [get_kind(n) for n in names]
+    return [get_kind(k) for k in dict.fromkeys(kind_of(n) for n in names)]
 
 
 def delta_pct(ppl: float, ppl_ref: float) -> float:
