@@ -42,16 +42,14 @@ import os
 from pathlib import Path
 
 from .errors import UsageError
+from .io.config_schema import load_json_file
 
 
 def load_fit(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UsageError(p, "no such fit file (a scenario run writes reports/NAME/fit.json)")
-    try:
-        fit = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(p, f"not a valid fit.json: {e}") from None
+    fit = load_json_file(p, UsageError, constants=True, what="fit.json")
     if not isinstance(fit, dict) or not isinstance(fit.get("fits"), list):
         raise UsageError(p, "not a loramix fit.json (no 'fits' list)")
     return fit

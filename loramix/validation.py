@@ -46,6 +46,7 @@ import pandas as pd
 
 from .errors import UsageError
 from .fit import LinearFit, fit_line, t_quantile
+from .io.config_schema import load_json_file
 
 LAMBDAS = (0.01, 0.1, 1.0, 10.0, 100.0)
 FORMAT = "loramix-predictors"
@@ -306,10 +307,7 @@ def load_predictors(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UsageError(p, "no such predictors file (loramix.validation.write_predictors writes one)")
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(p, f"not a valid predictors file: {e}") from None
+    d = load_json_file(p, UsageError, constants=True, what="predictors file")
     if not isinstance(d, dict) or d.get("format") != FORMAT or not isinstance(d.get("fits"), dict):
         raise UsageError(p, f"not a loramix predictors file (no format {FORMAT!r} with 'fits')")
     if d.get("best") not in d["fits"]:

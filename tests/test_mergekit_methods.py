@@ -60,6 +60,23 @@ def test_breadcrumbs_matches_the_formula(density, gamma):
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_breadcrumbs_sparsify_breaks_ties_like_the_stable_sort(dtype):
+    """Heavy ties at both cut points (a few distinct magnitudes, signs mixed,
+    zeros), every cut fraction: the threshold selection keeps exactly the
+    entries a stable ascending sort keeps."""
+    from loramix.methods.breadcrumbs import breadcrumbs_
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        levels = 1 + trial % 6
+        d = (torch.randint(-levels, levels + 1, (7, 9), generator=g) * 0.25).to(dtype)
+        density = float(torch.rand((), generator=g))
+        gamma = float(torch.rand((), generator=g)) * 0.5
+        got = breadcrumbs_(d.clone(), density, gamma)
+        assert torch.equal(got, ref_breadcrumbs(d, density, gamma)), (trial, density, gamma)
+
+
 def ref_della_sparsify(d, density, epsilon, seed):
     """mergekit's della_magprune with L1 rescale, written out (rows ranked by magnitude)."""
     out_f, in_f = d.shape

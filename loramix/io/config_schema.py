@@ -44,10 +44,13 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def load_json_file(path: Path, error: type[LoramixError] = AdapterError, constants: bool = False):
+def load_json_file(path: Path, error: type[LoramixError] = AdapterError, constants: bool = False,
+                   what: str = "JSON"):  # fmt: skip
     """The JSON value in ``path``; ``error`` (naming the file) for a missing or
     non-regular file, bad UTF-8, bad JSON, too deep nesting, or (unless
-    ``constants``) ``NaN``/``Infinity``."""
+    ``constants``) ``NaN``/``Infinity``. ``what`` names the file's kind in the
+    message ("not valid JSON", or e.g. "not a valid fit.json")."""
+    bad = "not valid JSON" if what == "JSON" else f"not a valid {what}"
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise error(path, "not a regular file (a FIFO, device or folder?)")
@@ -57,9 +60,9 @@ def load_json_file(path: Path, error: type[LoramixError] = AdapterError, constan
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=None if constants else _refuse_constant)
     except RecursionError:
-        raise error(path, "not valid JSON: nested too deeply") from None
+        raise error(path, f"{bad}: nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as e:
-        raise error(path, f"not valid JSON: {e}") from None
+        raise error(path, f"{bad}: {e}") from None
 
 
 def _is_int(x) -> bool:

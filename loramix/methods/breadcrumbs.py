@@ -15,7 +15,7 @@ gamma > 1``).
 from __future__ import annotations
 
 from . import register
-from .base import DENSITY, LAMBDA, MergeMethod, Param, dense_deltas
+from .base import DENSITY, LAMBDA, MergeMethod, Param, dense_deltas, kth_largest
 
 GAMMA = Param(
     "gamma",
@@ -28,18 +28,33 @@ GAMMA = Param(
 
 def breadcrumbs_(x, density: float, gamma: float):
     """Keep ``int(density * n)`` entries of ``x`` after the ``int(gamma * n)``
-    largest magnitudes, zero the rest, in place; returns ``x``."""
+    largest magnitudes, zero the rest, in place; returns ``x``.
+
+    The kept entries are positions ``[n_bot, n_bot + n_keep)`` of the stable
+    ascending order of ``|x|`` (ties in index order, as mergekit's sort), found
+    without sorting: ``lo`` and ``hi``, the magnitudes at the two ends, come
+    from :func:`kth_largest`; entries strictly between are kept, and of the
+    entries equal to an end value ``v`` (``below_v`` entries lie under it) those
+    whose rank among the ties, in index order, is in
+    ``[n_bot - below_v, n_bot + n_keep - below_v)``.
+    """
     if density >= 1.0:
         return x
-    import torch
 
     n = x.numel()
     n_keep, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - n_keep - n_top)
-    order = torch.sort(x.abs().reshape(-1), stable=True).indices
-    keep = torch.zeros(n, dtype=x.dtype, device=x.device)
-    keep[order[n_bot : n_bot + n_keep]] = 1
-    return x.mul_(keep.reshape(x.shape))
+    if n_keep == 0:
+        return x.zero_()
+    a = x.abs().reshape(-1).contiguous()
+    lo = kth_largest(a, n - n_bot)
+    hi = kth_largest(a, n - n_bot - n_keep + 1)
+    keep = (a > lo) & (a < hi)
+    for v in {float(lo), float(hi)}:
+        tied = (a == v).nonzero().squeeze(1)  # the ties, in index order
+        below = int((a < v).sum())
+        keep[tied[max(0, n_bot - below) : max(0, n_bot + n_keep - below)]] = True
+    return x.mul_(keep.reshape(x.shape).to(x.dtype))
 
 
 @register
