@@ -281,14 +281,16 @@ def test_embedding_lora_equals_peft(tmp_path, capsys):
 # ---------------------------------------------------------------- 3: DoRA
 
 
-def _dora_ref(base_model, folder, module):
-    """``m / ||W0 + s B A||_row * (W0 + s B A) - W0`` from the raw tensors, float64."""
+def _dora_ref(base_model, folder, module, conv1d=False):
+    """``m / ||W0 + s B A||_row * (W0 + s B A) - W0`` from the raw tensors, float64,
+    ``(out, in)`` (a ``Conv1D``'s stored weight transposed)."""
     from safetensors.torch import load_file
 
     cfg = json.loads((folder / "adapter_config.json").read_text())
     ts = {k: v.double() for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
     key = f"base_model.model.{module}"
     W0 = base_model.get_submodule(module).weight.detach().double()
+    W0 = W0.T if conv1d else W0
     V = W0 + cfg["lora_alpha"] / cfg["r"] * ts[f"{key}.lora_B.weight"] @ ts[f"{key}.lora_A.weight"]
     return (ts[f"{key}.lora_magnitude_vector"] / V.norm(dim=1))[:, None] * V - W0
 
@@ -344,6 +346,100 @@ def test_dora_into_the_base_equals_peft_and_composes_by_effective_deltas(tmp_pat
     run_error(capsys, ["sum", str(a), str(b), "--out", str(tmp_path / "x")], "DoRA", "depends on the base")
     run_error(capsys, ["merge", "-m", "ties", "--density", "0.5", "--out-rank", "2", str(a), "--out", str(tmp_path / "y")],
               "DoRA", "depends on the base")  # fmt: skip
+
+
+def _train_magnitudes(folder: Path, seed: int) -> Path:
+    """PEFT saves the magnitude as its init ``||W0 + s B A||_row``, where DoRA is
+    plain LoRA: move it, as training would."""
+    from safetensors.torch import load_file
+
+    f = folder / "adapter_model.safetensors"
+    ts = load_file(str(f))
+    g = torch.Generator().manual_seed(seed)
+    for k in sorted(ts):
+        if k.endswith("lora_magnitude_vector"):
+            ts[k] = ts[k] * (1 + 0.3 * torch.rand(ts[k].shape, generator=g))
+    save_file(ts, str(f))
+    return folder
+
+
+def test_dora_on_gpt2_conv1d_equals_peft(tmp_path, capsys):
+    """GPT-2's ``Conv1D`` stores ``W0^T`` (``fan_in_fan_out``); DoRA's magnitude
+    is per output feature all the same (the rows of ``W0``, the columns of the
+    stored tensor), on the square ``attn.c_proj`` too. Into the base
+    (``sum --into``) equals PEFT's ``merge_and_unload``; on the fly
+    (``attach_adapters``) PEFT's forward; two weighted adapters compose by
+    their effective deltas, streamed, in memory and on the fly alike;
+    similarity given the base uses those effective deltas."""
+    import math
+
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    from loramix.cli import main
+    from loramix.io.adapter_files import load_adapter
+    from loramix.layers import attach_adapters, merge_into_model
+    from loramix.overlap import similarity
+
+    model = tiny_gpt2()
+    base = save_base(model, tmp_path / "base")
+    a = make_peft_adapter(model, tmp_path / "a", seed=1, use_dora=True, r=3, lora_alpha=6)
+    b = make_peft_adapter(
+        model, tmp_path / "b", seed=2, use_dora=True, r=2, target_modules=["c_attn", "c_proj"]
+    )
+    _train_magnitudes(a, 3), _train_magnitudes(b, 4)
+    ad, bd = load_adapter(a), load_adapter(b)
+    assert ad.kind == "dora" and ad.config["fan_in_fan_out"] is True
+    square = "transformer.h.0.attn.c_proj"
+    assert ad.modules[square].shape == (32, 32) and ad.modules["transformer.h.0.mlp.c_fc"].shape == (128, 32)
+
+    pm = PeftModel.from_pretrained(tiny_gpt2(), str(a)).eval()
+    torch.testing.assert_close(logits(attach_adapters(tiny_gpt2(), [ad])), logits(pm), rtol=0, atol=1e-6)
+    ref = pm.merge_and_unload()
+    assert main(["sum", str(a), "--into", str(base), "--out", str(tmp_path / "m1")]) == 0
+    ours = load_merged(tmp_path / "m1", GPT2LMHeadModel)
+    for n, p in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[n], p, rtol=0, atol=1e-6, msg=n)
+
+    w = [0.7, -0.4]
+    assert (
+        main(
+            [
+                "sum",
+                str(a),
+                str(b),
+                "--weights",
+                "0.7,-0.4",
+                "--into",
+                str(base),
+                "--out",
+                str(tmp_path / "m2"),
+            ]
+        )
+        == 0
+    )
+    streamed = load_merged(tmp_path / "m2", GPT2LMHeadModel)
+    in_memory = tiny_gpt2()
+    merge_into_model(in_memory, [ad, bd], w)
+    mods = [n for n in ad.modules if n in bd.modules]
+    for mod in ad.modules:
+        d_ref = w[0] * _dora_ref(model, a, mod, conv1d=True)
+        if mod in bd.modules:
+            d_ref = d_ref + w[1] * _dora_ref(model, b, mod, conv1d=True)
+        W0 = model.get_submodule(mod).weight.double()
+        for got in (streamed, in_memory):
+            d = (got.get_submodule(mod).weight.double() - W0).T
+            torch.testing.assert_close(d, d_ref, rtol=0, atol=1e-6, msg=mod)
+    torch.testing.assert_close(
+        logits(attach_adapters(tiny_gpt2(), [ad, bd], w)), logits(in_memory), rtol=0, atol=1e-5
+    )
+
+    sim = similarity([ad, bd], base=base, progress=False)
+    cos = []
+    for mod in mods:
+        x, y = _dora_ref(model, a, mod, conv1d=True), _dora_ref(model, b, mod, conv1d=True)
+        cos.append(float((x * y).sum() / (x.norm() * y.norm())))
+    assert float(sim.rms.iloc[0, 1]) == pytest.approx(math.sqrt(sum(c * c for c in cos) / len(cos)), rel=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["bloom", "gpt-neox", "falcon", "gpt-bigcode"])
