@@ -182,10 +182,15 @@ def saved_tensor_name(key: str, modules_to_save) -> str | None:
 
 def embedding_as_weight_factors(fs: dict, module: str, weights: Path) -> dict:
     """PEFT's embedding factors as factors of the embedding weight (vocab, dim):
-    ``B' = lora_embedding_A^T`` (vocab, r), ``A' = lora_embedding_B^T`` (r, dim)."""
-    if set(fs) != {("EA", "pos"), ("EB", "pos")}:
+    ``B' = lora_embedding_A^T`` (vocab, r), ``A' = lora_embedding_B^T`` (r, dim);
+    a DoRA magnitude (factor ``"M"``, ``(dim,)``) is kept as it is."""
+    pair = {("EA", "pos"), ("EB", "pos")}
+    if not pair <= set(fs) or set(fs) - pair - {("M", "pos")}:
         raise AdapterError(weights, f"module {module}: needs both lora_embedding_A and lora_embedding_B only")
-    return {("B", "pos"): fs[("EA", "pos")].T, ("A", "pos"): fs[("EB", "pos")].T}
+    out = {("B", "pos"): fs[("EA", "pos")].T, ("A", "pos"): fs[("EB", "pos")].T}
+    if ("M", "pos") in fs:
+        out[("M", "pos")] = fs[("M", "pos")]
+    return out
 
 
 def with_embedding_parts(parts: dict) -> dict:

@@ -13,10 +13,16 @@ for what differs between kinds instead of branching on the name:
 * :meth:`AdapterKind.layer`: its trainable layer, and
   :meth:`AdapterKind.attach_terms`: how a loaded module applies on the fly;
 * :meth:`AdapterKind.tensors` / :meth:`AdapterKind.from_tensors` and
-  :meth:`AdapterKind.save`: how it is stored.
+  :meth:`AdapterKind.save`: how it is stored;
+* ``embedding``: whether it is defined on an embedding (PEFT's
+  ``lora_embedding_A`` / ``_B``; such a module has ``extra["layout"] ==
+  "embedding"``).
 
 Shapes: ``W0`` and every delta are ``(out, in)`` (``nn.Linear`` layout);
-``B`` ``(out, k)``, ``A`` ``(k, in)``; see ``docs/adapters.md``.
+``B`` ``(out, k)``, ``A`` ``(k, in)``; see ``docs/adapters.md``. An embedding
+module is written in its weight's own layout, ``(vocab, dim)``: ``out`` is
+the vocabulary (the rows a lookup selects) and ``in`` the embedding width
+(the lookup's output features).
 """
 
 from __future__ import annotations
@@ -44,6 +50,11 @@ class AttachTerms:
     ``B`` ``(out, k)`` and ``A`` ``(k, in)`` join the layer's concatenated
     low-rank pair, ``extra`` (``x, layer -> (..., out)``) is for what does not
     fold into them. The module's weight is already applied.
+
+    For an embedding module (:class:`loramix.layers.AttachedEmbedding`,
+    ``W0 = E0`` ``(vocab, dim)``): ``y += gain * E0[ids] + B[ids] @ A``, so
+    ``gain`` is ``(dim,)`` (the lookup's output features), ``B`` ``(vocab,
+    k)`` and ``A`` ``(k, dim)``; ``extra`` is not allowed.
     """
 
     B: torch.Tensor
@@ -60,7 +71,9 @@ class AdapterKind(str):
     one module, each mapped to its ``(factor, branch)``), ``options`` (the
     hyperparameters its layer takes beyond rank and alpha, with defaults) and
     ``needs_base``, and implements :meth:`scaled_factors`, :meth:`layer`,
-    :meth:`from_tensors`, :meth:`tensors` and :meth:`save`.
+    :meth:`from_tensors`, :meth:`tensors` and :meth:`save`. A kind that sets
+    ``embedding`` handles modules with ``extra["layout"] == "embedding"`` in
+    :meth:`delta` and :meth:`attach_terms` (see :class:`AttachTerms`).
     """
 
     id: ClassVar[str] = ""
@@ -69,6 +82,8 @@ class AdapterKind(str):
     parts: ClassVar[dict[str, tuple[str, str]]] = {}
     options: ClassVar[dict[str, Any]] = {}
     needs_base: ClassVar[bool] = False
+    #: defined on an embedding (PEFT's embedding LoRA); else such modules are refused
+    embedding: ClassVar[bool] = False
 
     def __new__(cls):
         return super().__new__(cls, cls.id)
@@ -124,9 +139,15 @@ class AdapterKind(str):
         return AttachTerms(B=weight * Bf, A=Af)
 
     # ---- storage
-    def from_tensors(self, name: str, fs: dict, config: dict, *, scale: float, alpha: float) -> ModuleDelta:
+    def from_tensors(
+        self, name: str, fs: dict, config: dict, *, scale: float, alpha: float, embedding: bool = False
+    ) -> ModuleDelta:
         """A :class:`ModuleDelta` from the module's tensors ``{(factor, branch): t}``
-        and the adapter config. Raises ``ValueError`` (a message) on a mismatch."""
+        and the adapter config. ``embedding``: the factors are an embedding's,
+        already in its weight's layout (``B`` ``(vocab, r)``, ``A`` ``(r,
+        dim)``); the module gets ``extra["layout"] = "embedding"``. Raises
+        ``ValueError`` (a message) on a mismatch, also for an embedding module
+        of a kind that is not ``embedding``."""
         raise NotImplementedError
 
     def tensors(self, m: ModuleDelta) -> dict[str, torch.Tensor]:
@@ -146,6 +167,27 @@ def missing_part(fs: dict, parts: dict[str, tuple[str, str]], module: str) -> No
         if (fac, br) not in fs:
             other = by_key.get(("B" if fac == "A" else "A", br), "another factor")
             raise ValueError(f"module {module} has {other} but no {label}")
+
+
+#: ``ModuleDelta.extra["layout"]`` of a module that adapts an embedding
+EMBEDDING = "embedding"
+
+
+def is_embedding(m: ModuleDelta) -> bool:
+    """Whether ``m`` adapts an embedding (factors in the weight's ``(vocab, dim)`` layout)."""
+    return m.extra.get("layout") == EMBEDDING
+
+
+def layout_extra(kind: AdapterKind, name: str, embedding: bool) -> dict:
+    """``extra`` for a new module: the embedding layout, or ``{}``; a kind that
+    is not ``embedding`` refuses one (``ValueError`` naming the module)."""
+    if not embedding:
+        return {}
+    if not kind.embedding:
+        raise ValueError(
+            f"module {name}: {kind.label} on an embedding is not supported (loramix defines it on linear layers only)"
+        )
+    return {"layout": EMBEDDING}
 
 
 def check_rank(rank: int) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..d2lora import d2_effective_delta, d2_merged_weight, d2_norm_scale, d2_signed_factors
 from ..errors import UsageError
-from .base import AdapterKind, AttachTerms, TrainableLayer, check_rank, kaiming_, missing_part
+from .base import AdapterKind, AttachTerms, TrainableLayer, check_rank, kaiming_, layout_extra, missing_part
 
 
 class D2LoraKind(AdapterKind):
@@ -67,9 +67,10 @@ class D2LoraKind(AdapterKind):
 
         return AttachTerms(B=Bf[:, :0], A=Af[:0], extra=extra)
 
-    def from_tensors(self, name, fs, config, *, scale, alpha):
+    def from_tensors(self, name, fs, config, *, scale, alpha, embedding=False):
         from ..adapter import ModuleDelta
 
+        layout_extra(self, name, embedding)  # D2-LoRA is defined on linear layers only
         missing_part(fs, self.parts, name)
         A, B, An, Bn = fs[("A", "pos")], fs[("B", "pos")], fs[("A", "neg")], fs[("B", "neg")]
         if An.shape != A.shape or Bn.shape != B.shape:

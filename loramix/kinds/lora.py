@@ -6,7 +6,11 @@ One module adapts ``W0`` ``(out, in)``::
     y  = base(x) + s * (x @ A^T) @ B^T                         x: (..., in), y: (..., out)
 
 The delta does not depend on ``W0``. Stored as PEFT's ``lora_A`` / ``lora_B``
-(``docs/adapters.md``).
+(``docs/adapters.md``). On an embedding ``E0`` ``(vocab, dim)`` (PEFT's
+``lora_embedding_A`` ``(r, vocab)`` / ``lora_embedding_B`` ``(dim, r)``) the
+module keeps ``B = lora_embedding_A^T`` ``(vocab, r)`` and ``A =
+lora_embedding_B^T`` ``(r, dim)``: the same formula in the weight's layout,
+``dE = s B A``, and a lookup adds ``s B[ids] @ A``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AdapterKind, TrainableLayer, check_rank, kaiming_, missing_part
+from .base import AdapterKind, TrainableLayer, check_rank, kaiming_, layout_extra, missing_part
 
 
 class LoraKind(AdapterKind):
@@ -24,6 +28,7 @@ class LoraKind(AdapterKind):
     parts = {"lora_A": ("A", "pos"), "lora_B": ("B", "pos")}
     options = {}
     needs_base = False
+    embedding = True
 
     def scaled_factors(self, m, dtype=torch.float64, device=None):
         return m.B.to(device=device, dtype=dtype), m.A.to(device=device, dtype=dtype), float(m.scale)
@@ -31,13 +36,14 @@ class LoraKind(AdapterKind):
     def layer(self, base, rank, alpha, *, generator=None, dtype=torch.float32, **options):
         return LoraLinear(base, rank, alpha, generator=generator, dtype=dtype)
 
-    def from_tensors(self, name, fs, config, *, scale, alpha):
+    def from_tensors(self, name, fs, config, *, scale, alpha, embedding=False):
         from ..adapter import ModuleDelta
 
         missing_part(fs, self.parts, name)
         return ModuleDelta(
-            name=name, B=fs[("B", "pos")], A=fs[("A", "pos")], scale=scale, alpha=alpha, kind=self
-        )
+            name=name, B=fs[("B", "pos")], A=fs[("A", "pos")], scale=scale, alpha=alpha, kind=self,
+            extra=layout_extra(self, name, embedding),
+        )  # fmt: skip
 
     def tensors(self, m):
         return {"lora_A": m.A, "lora_B": m.B}

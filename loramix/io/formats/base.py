@@ -174,11 +174,10 @@ class PeftLayoutFormat:
             m = self.kind.from_tensors(
                 module, fs, config,
                 scale=lora_scale(alpha, r_cfg, bool(config.get("use_rslora", False))), alpha=alpha,
+                embedding=embedding,
             )  # fmt: skip
         except ValueError as e:
             raise AdapterError(weights, str(e)) from None
-        if embedding:
-            m.extra["layout"] = "embedding"
         if m.B.shape[1] != m.A.shape[0]:
             raise AdapterError(
                 weights, f"module {module}: lora_A has rank {m.A.shape[0]} but lora_B has rank {m.B.shape[1]}"
