@@ -27,6 +27,12 @@ plus one per-row gain on ``W0 x`` (:meth:`AdapterKind.attach_terms`):
 
 one dense product per module whatever the number of adapters (LoRA: ``gain = 0``,
 ``B = w s B``; row-norm D2: ``gain = w (c - 1)``, ``B = w (c + 1) Bf``).
+
+Loaded adapters may also adapt an ``nn.Embedding`` (PEFT's embedding LoRA,
+and DoRA on an embedding): the module is kept in the weight's own layout
+``(vocab, dim)`` and applied on the fly by :class:`AttachedEmbedding`, a
+lookup of the concatenated ``B`` rows, or merged into the weight as it is
+stored. Kinds not defined on an embedding (D2-LoRA) are refused.
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .adapter import Adapter, ModuleDelta
 from .d2lora import d2_norm_scale
 from .errors import AdapterError, UsageError
 from .kinds import LORA, AttachTerms, TrainableLayer, Wrapped, get_kind, is_adaptable
+from .kinds.base import is_embedding
 from .kinds.d2lora import D2LoraLinear
 from .kinds.lora import LoraLinear
 from .options import parse_weights
@@ -48,6 +56,8 @@ __all__ = [
     "LoraLinear",
     "D2LoraLinear",
     "AttachedLinear",
+    "AttachedEmbedding",
+    "weight_view",
     "default_targets",
     "find_targets",
     "inject_trainable",
@@ -117,6 +127,122 @@ class AttachedLinear(Wrapped):
         return f"{super().extra_repr()}, adapters={self.n_adapters}, rank={self.A_cat.shape[0]}"
 
 
+def _buffer_dtype(w: torch.Tensor) -> torch.dtype:
+    """The dtype of an attached layer's buffers: the base weight's, if floating."""
+    return (
+        w.dtype if w.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else torch.float32
+    )
+
+
+class AttachedEmbedding(nn.Module):
+    """A weighted sum of loaded adapters' effective deltas on an embedding, applied on the fly.
+
+    ``base`` is an ``nn.Embedding`` (or a subclass such as Gemma's scaled
+    one) with weight ``E0`` ``(vocab, dim)``; each module is in that layout,
+    ``B'_i`` ``(vocab, r_i)`` ``= lora_embedding_A^T`` and ``A'_i``
+    ``(r_i, dim)`` ``= lora_embedding_B^T`` (:mod:`loramix.kinds.lora`).
+    For token ids ``ids`` ``(...)`` the output is ``(..., dim)``:
+
+        y = E0[ids] + sum_i w_i * s_i * (B'_i[ids] @ A'_i)                  (LoRA)
+          = (1 + gamma) * base(ids) + g * (B_cat[ids] @ A_cat)              (in general)
+
+    ``B_cat = [w_1 s_1 B'_1 | ...]`` ``(vocab, R)`` is stored row-major so
+    that a lookup reads ``R`` numbers per token, ``A_cat = [A'_1; ...]``
+    ``(R, dim)``; ``gamma`` ``(dim,)`` is the kinds' per-feature gain (zero
+    for LoRA; ``w (c - 1)`` for DoRA, whose ``A`` is then scaled by ``c``,
+    :mod:`loramix.kinds.dora`); ``g`` is the base's ``embed_scale`` where its
+    lookup is scaled (Gemma), applied to the adapters' term as PEFT's
+    ``lora.Embedding`` does. Terms computed once in float64 and stored in the
+    base weight's dtype; frozen buffers only.
+
+    Tied weights: ``base`` is kept as it is, so an output head sharing
+    ``E0`` (GPT-2, SmolLM2) still multiplies by ``E0``: on the fly only the
+    input lookup changes, exactly as with PEFT's ``lora.Embedding``.
+    :func:`merge_into_model` writes the shared weight instead, so a merged
+    tied model changes both, as PEFT's ``merge_and_unload`` does.
+    """
+
+    def __init__(self, base: nn.Embedding, entries: Sequence[tuple[float, ModuleDelta]]):
+        super().__init__()
+        if not isinstance(base, nn.Embedding):
+            raise TypeError(f"cannot attach to {type(base).__name__}: not an nn.Embedding")
+        self.base = base
+        E0 = base.weight.detach().double()
+        dev, dt = E0.device, _buffer_dtype(base.weight)
+        vocab, dim = E0.shape
+        terms: list[AttachTerms] = [m.kind.attach_terms(E0, w, m, dt) for w, m in entries]
+        gamma = torch.zeros(dim, dtype=torch.float64, device=dev)
+        for t, (_, m) in zip(terms, entries):
+            if t.extra is not None:  # pragma: no cover - no embedding kind has one
+                raise TypeError(
+                    f"module {m.name}: {m.kind.label} needs an extra term, not defined on an embedding"
+                )
+            if t.gain is not None:
+                gamma += t.gain
+        self.has_gain = bool(gamma.abs().max() > 0) if gamma.numel() else False
+        self.register_buffer("gain", (1 + gamma).to(dt), persistent=False)
+        Bs = [t.B.to(dev, torch.float64) for t in terms] or [torch.zeros(vocab, 0, device=dev)]
+        As = [t.A.to(dev, torch.float64) for t in terms] or [torch.zeros(0, dim, device=dev)]
+        self.register_buffer("B_cat", torch.cat(Bs, dim=1).to(dt).contiguous(), persistent=False)
+        self.register_buffer("A_cat", torch.cat(As, dim=0).to(dt), persistent=False)
+        self.n_adapters = len(entries)
+
+    # What model code reads from its embedding module: the base's.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    @property
+    def padding_idx(self) -> int | None:
+        return self.base.padding_idx
+
+    def embed_scale(self) -> torch.Tensor | None:
+        """The base's scalar ``embed_scale`` (Gemma), or None; a non-scalar one
+        is not applied (as PEFT's ``_get_embed_scale``)."""
+        g = getattr(self.base, "embed_scale", None)
+        if isinstance(g, (int, float)):
+            return torch.tensor(float(g), dtype=self.base.weight.dtype, device=self.base.weight.device)
+        return g if isinstance(g, torch.Tensor) and g.numel() == 1 else None
+
+    def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base(ids, *args, **kwargs)
+        if self.has_gain:
+            y = y * self.gain
+        if self.A_cat.shape[0]:
+            d = F.embedding(ids, self.B_cat) @ self.A_cat
+            g = self.embed_scale()
+            if g is not None:
+                d = d * g.to(d.dtype)
+            y = y + d.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"vocab={self.num_embeddings}, dim={self.embedding_dim}, adapters={self.n_adapters}, "
+            f"rank={self.A_cat.shape[0]}"
+        )
+
+
+#: every loramix layer that holds a ``base`` module in its place
+LAYERS = (Wrapped, AttachedEmbedding)
+
+
+def weight_view(mod: nn.Module) -> torch.Tensor:
+    """``mod``'s weight in its adapter modules' layout (no copy): ``(out, in)``
+    for an ``nn.Linear``, the transpose of a ``Conv1D``'s ``(in, out)``, an
+    embedding's own ``(vocab, dim)``."""
+    w = mod.weight
+    return w.T if is_adaptable(mod) and not isinstance(mod, nn.Linear) else w
+
+
 # --------------------------------------------------------------------------- model surgery
 
 
@@ -126,8 +252,9 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def wrapped_modules(model: nn.Module, kind: type | tuple = Wrapped) -> dict[str, Wrapped]:
-    """``{name: wrapper}`` of loramix layers in ``model``, in model order."""
+def wrapped_modules(model: nn.Module, kind: type | tuple = LAYERS) -> dict[str, nn.Module]:
+    """``{name: wrapper}`` of loramix layers in ``model``, in model order
+    (by default every kind: :class:`Wrapped` and :class:`AttachedEmbedding`)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, kind)}
 
 
@@ -173,9 +300,9 @@ def find_targets(model: nn.Module, targets: str | Iterable[str] | None) -> list[
 
     names = []
     for n, m in model.named_modules():
-        if not n or isinstance(m, Wrapped) or not match(n):
+        if not n or isinstance(m, LAYERS) or not match(n):
             continue
-        if isinstance(model.get_submodule(n.rpartition(".")[0]) if "." in n else model, Wrapped):
+        if isinstance(model.get_submodule(n.rpartition(".")[0]) if "." in n else model, LAYERS):
             continue  # the .base inside one of our wrappers
         if not is_adaptable(m):
             raise UsageError(
@@ -253,7 +380,12 @@ def extract_modules(model: nn.Module) -> dict[str, ModuleDelta]:
 def _entries_per_module(
     model: nn.Module, adapters: Sequence[Adapter], weights: Sequence[float] | None
 ) -> dict[str, list[tuple[float, ModuleDelta]]]:
-    """Validate adapters against ``model``; group ``(weight, module)`` by module name."""
+    """Validate adapters against ``model``; group ``(weight, module)`` by module name.
+
+    A module adapts a linear layer (``nn.Linear`` / ``Conv1D``), or an
+    ``nn.Embedding`` when it holds embedding factors (``extra["layout"]``)
+    of a kind defined there; anything else is refused in one line naming
+    the module."""
     if isinstance(adapters, Adapter):
         adapters = [adapters]
     adapters = list(adapters)
@@ -268,14 +400,10 @@ def _entries_per_module(
                 raise AdapterError(
                     where, f"module {name} is not in the base model: the adapter was made for another base"
                 ) from None
-            if isinstance(mod, Wrapped):
+            if isinstance(mod, LAYERS):
                 mod = mod.base
-            if not is_adaptable(mod):
-                raise AdapterError(
-                    where, f"module {name} is a {type(mod).__name__} in the base model, not a linear layer"
-                )
-            wt = mod.weight
-            shape = (wt.shape[1], wt.shape[0]) if not isinstance(mod, nn.Linear) else tuple(wt.shape)
+            _check_module_type(where, name, mod, m)
+            shape = tuple(weight_view(mod).shape)
             if tuple(m.shape) != tuple(shape):
                 raise AdapterError(
                     where,
@@ -286,23 +414,57 @@ def _entries_per_module(
     return per
 
 
+def _check_module_type(where, name: str, mod: nn.Module, m: ModuleDelta) -> None:
+    """``m`` must fit the base's module ``mod``: linear factors a linear layer,
+    embedding factors an embedding (of a kind defined there)."""
+    kind = type(mod).__name__
+    if isinstance(mod, nn.Embedding):
+        if not is_embedding(m):
+            raise AdapterError(
+                where, f"module {name} is a {kind} in the base model but the adapter holds linear-layer "
+                "factors (lora_A/lora_B) for it, not lora_embedding_A/B",
+            )  # fmt: skip
+        if not m.kind.embedding:
+            raise AdapterError(
+                where, f"module {name} is a {kind} in the base model: {m.kind.label} on an embedding is "
+                "not supported (loramix defines it on linear layers only)",
+            )  # fmt: skip
+        if mod.max_norm is not None:
+            raise AdapterError(
+                where, f"module {name}: an embedding with max_norm (renormalised lookups) is not supported"
+            )
+    elif not is_adaptable(mod):
+        raise AdapterError(
+            where, f"module {name} is a {kind} in the base model, not a linear layer or an embedding"
+        )
+    elif is_embedding(m):
+        raise AdapterError(
+            where,
+            f"module {name} holds embedding factors (lora_embedding_A/B) but is a {kind} in the base model",
+        )
+
+
 def attach_adapters(
     model: nn.Module, adapters: Adapter | Sequence[Adapter], weights: Sequence[float] | None = None
 ) -> nn.Module:
     """Apply loaded adapters on the fly: ``W0 + sum_i w_i * effective delta_i``.
 
     LoRA contributes ``s B A``; a D2 adapter ``W_hat - W0`` as its own
-    definition gives it (each D2 adapter projects its own ``W0 + dW``). Any
-    loramix layers already in ``model`` are removed first (:func:`detach`,
-    without merging). ``weights`` default to 1. Raises
-    :class:`AdapterError` when a module is missing or its shape differs.
-    Returns ``model``; undo with :func:`detach`.
+    definition gives it (each D2 adapter projects its own ``W0 + dW``). Linear
+    modules get an :class:`AttachedLinear`, embeddings an
+    :class:`AttachedEmbedding` (the input lookup only: a tied output head is
+    left as it is, as PEFT does). Any loramix layers already in ``model`` are
+    removed first (:func:`detach`, without merging). ``weights`` default to
+    1. Raises :class:`AdapterError` when a module is missing, its shape
+    differs or its kind is not defined on its type of layer. Returns
+    ``model``; undo with :func:`detach`.
     """
     per = _entries_per_module(model, adapters, weights)
     detach(model)
     for name, entries in per.items():
         base = model.get_submodule(name)
-        _set_submodule(model, name, AttachedLinear(base, entries))
+        layer = AttachedEmbedding if isinstance(base, nn.Embedding) else AttachedLinear
+        _set_submodule(model, name, layer(base, entries))
     return model
 
 
@@ -318,7 +480,11 @@ def merge_into_model(
 
     Each effective delta is formed densely, one module at a time, in float64
     (:meth:`ModuleDelta.delta`), accumulated in float32 and written back in
-    the base weight's dtype (transposed for ``Conv1D``). With
+    the base weight's dtype, in place (transposed for ``Conv1D``; an
+    embedding's ``(vocab, dim)`` as stored). A weight shared by two modules
+    changes for both: merging an embedding LoRA into a model whose output
+    head is tied to it changes the head too, as PEFT's ``merge_and_unload``
+    does (on the fly, :func:`attach_adapters` changes the lookup only). With
     ``keep_original`` the returned dict holds CPU copies of the replaced
     weights, for :func:`restore_weights`; otherwise it is empty.
     """
@@ -327,8 +493,7 @@ def merge_into_model(
     originals: dict[str, torch.Tensor] = {}
     for name, entries in per.items():
         mod = model.get_submodule(name)
-        fan_in_fan_out = not isinstance(mod, nn.Linear)
-        W0 = mod.weight.T if fan_in_fan_out else mod.weight  # (out, in) view
+        W0 = weight_view(mod)  # (out, in) view; an embedding's (vocab, dim)
         if keep_original:
             originals[name] = mod.weight.detach().cpu().clone()
         acc = W0.to(torch.float32).clone()
@@ -343,7 +508,7 @@ def restore_weights(model: nn.Module, originals: dict[str, torch.Tensor]) -> Non
     """Put back the weights :func:`merge_into_model` kept (``keep_original``)."""
     for name, w in originals.items():
         mod = model.get_submodule(name)
-        if isinstance(mod, Wrapped):
+        if isinstance(mod, LAYERS):
             mod = mod.base
         mod.weight.copy_(w.to(device=mod.weight.device, dtype=mod.weight.dtype))
 

@@ -96,11 +96,16 @@ def top_targets(model, targets, k: int) -> list[str]:
 
 
 def check_top_only(model, names, k: int, where) -> None:
-    """Refuse an adapter that changes a module below block ``k`` (the cache would be wrong)."""
+    """Refuse an adapter that changes a module below block ``k`` or outside the
+    blocks (the input embedding, say): the prefix ``h_k`` would not be frozen,
+    and a cached one would be wrong."""
     for n in names:
         i = layer_of(model, n)
         if i is None or i < k:
-            raise UsageError("--top-layers", f"{where}: module {n} is not in the top layers ({k} and up)")
+            raise UsageError(
+                "--top-layers",
+                f"{where}: module {n} is not in the top layers ({k} and up): the cached prefix depends on it",
+            )
 
 
 def _view(module: nn.Module, **children) -> nn.Module:

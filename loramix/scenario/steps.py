@@ -199,10 +199,12 @@ def _eval_step(ctx: StepContext, st: Step, deps: dict) -> dict:
 def merged_in_memory(model, adapters, method: str, params: dict) -> tuple[dict, dict]:
     """Add a dense merge's per-module deltas to ``model``'s weights in place
     (``W <- W0 + delta``, computed by the method from ``W0`` in ``(out, in)``
-    layout, float32, exactly as the streaming engine does); returns the
-    original weights ``{module: W0}`` (to restore) and the method's facts."""
+    layout, an embedding's ``(vocab, dim)``, float32, exactly as the streaming
+    engine does); returns the original weights ``{module: W0}`` (to restore)
+    and the method's facts."""
     import torch
 
+    from ..layers import weight_view
     from ..methods import get_method
     from ..methods.base import ModuleContext
     from ..methods.runner import module_plan
@@ -212,14 +214,14 @@ def merged_in_memory(model, adapters, method: str, params: dict) -> tuple[dict, 
     saved, facts = {}, {}
     with torch.no_grad():
         for name, items in module_plan(adapters).items():
-            w = model.get_submodule(name).weight
-            conv = not isinstance(model.get_submodule(name), torch.nn.Linear)  # Conv1D stores W0^T
-            W0 = (w.T if conv else w).to(torch.float32)
+            mod = model.get_submodule(name)
+            view = weight_view(mod)  # a view of the stored weight: Conv1D stores W0^T
+            W0 = view.to(torch.float32)
             ctx = ModuleContext(name, tuple(i for i, _ in items), W0.device, torch.float32)
             d, f = m.merged(ctx, [md for _, md in items], [1.0] * len(items), W0, p)
             d = d[0] @ d[1] if isinstance(d, tuple) else d
-            saved[name] = w.detach().clone()
-            w.add_((d.T if conv else d).to(w.dtype))
+            saved[name] = mod.weight.detach().clone()
+            view.add_(d.to(view.dtype))
             if f:
                 facts[name] = f
     return saved, {"modules": len(saved), **(m.summarize(facts) if facts else {})}
