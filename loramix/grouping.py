@@ -169,11 +169,45 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
         raise UsageError("--budget", f"must be a finite number, got {budget}")
     adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
     model, source, validated = cost_model(adapters, fit, data, base, tokens, device)
-    b = model.default_budget if budget is None else float(budget)
-    names = model.features.names
-    out = []
-    for k, g in enumerate(greedy_groups(len(names), model.cost, b, max_group), start=1):
+    return plan_with(model, source=source, validated=validated, max_group=max_group, budget=budget)
+
+
+def describe_groups(model: CostModel, groups: list[list[int]], budget: float) -> list[dict]:
+    """Each group (indices) with its members' names, predicted cost, interval and the rule's method."""
+    names, out = model.features.names, []
+    for k, g in enumerate(groups, start=1):
         cost, lo, hi = model.cost(g)
         out.append({"group": k, "members": [names[i] for i in g], "cost": cost,
-                    "interval": None if lo is None else [lo, hi], "method": method_for(len(g), cost, hi, b)})  # fmt: skip
-    return Plan(names, out, b, max_group, source, validated)
+                    "interval": None if lo is None else [lo, hi], "method": method_for(len(g), cost, hi, budget)})  # fmt: skip
+    return out
+
+
+def plan_with(model: CostModel, *, source: str, validated: dict | None = None, max_group: int = 4,
+              budget: float | None = None) -> Plan:  # fmt: skip
+    """The plan of :func:`plan` from a ready cost model (the features already
+    computed, e.g. by a scenario's features step)."""
+    b = model.default_budget if budget is None else float(budget)
+    groups = greedy_groups(len(model.features.names), model.cost, b, max_group)
+    names = list(model.features.names)
+    return Plan(names, describe_groups(model, groups, b), b, max_group, source, validated)
+
+
+def random_groupings(n: int, sizes: list[int], count: int, seed: int) -> list[list[list[int]]]:
+    """``count`` random partitions of ``0..n-1`` into groups of ``sizes`` (which
+    sum to ``n``), drawn with ``random.Random(seed)``: the same seed gives the
+    same groupings. Each comes out in :func:`greedy_groups`' order (members
+    sorted; groups largest first), so its sizes are ``sorted(sizes, reverse=True)``."""
+    import random
+
+    if sum(sizes) != n or any(s < 1 for s in sizes):
+        raise UsageError("random groupings", f"group sizes {sizes} do not partition {n} adapters")
+    rng, out = random.Random(seed), []
+    for _ in range(count):
+        idx = list(range(n))
+        rng.shuffle(idx)
+        groups, at = [], 0
+        for s in sorted(sizes, reverse=True):
+            groups.append(sorted(idx[at : at + s]))
+            at += s
+        out.append(sorted(groups, key=lambda g: (-len(g), g)))
+    return out

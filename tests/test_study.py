@@ -19,7 +19,9 @@ from tests.test_scenario import _write
 
 # Four synthetic domains (one with template overlap), pairs plus one seeded
 # triple, merged-data adapters for 3 pairs (one forced), adapters on the top
-# block only, each model evaluated on the domains it serves, the predictors step.
+# block only, each model evaluated on the domains it serves, the predictors step,
+# and `loramix plan`'s groups against 4 random groupings (a budget that lets
+# every group grow to 3), merged as proposed and by ties.
 STUDY = """
 name = "study"
 merged_data = { count = 3, include = [["arith", "units"]] }
@@ -70,6 +72,12 @@ domains = "members"
 
 [predictors]
 tokens = 64
+
+[plan]
+max_size = 3
+budget = 1000
+random = 4
+methods = ["plan", "ties"]
 """
 
 
@@ -87,6 +95,14 @@ BAD = [
     (STUDY.replace("rank = 2", 'rank = 2\nmethods = ["lora", "lora@x"]'), "adapters.methods", "KIND@R"),
     (STUDY.replace("rank = 2", 'rank = 2\ninit = ["data", "seed"]'), "adapters.init", 'expected "data"'),
     (STUDY.replace("top_layers = 1", "top_layers = 3"), "adapters.top_layers", "above the base's 2 blocks"),
+    (STUDY.replace("max_size = 3", "max_size = 1"), "plan.max_size", "at least 2"),
+    (STUDY.replace('"plan", "ties"', '"plan", "svd"'), "plan.methods", "got 'svd'"),
+    (STUDY.replace("random = 4", "random = 0"), "plan.random", "must be positive"),
+    (STUDY.replace("budget = 1000", 'budget = "big"'), "plan.budget", "expected a number"),
+    (STUDY.replace("random = 4", 'random = 4\nadapters = "d2lora"'), "plan.adapters", "not one of"),
+    (STUDY.replace("random = 4", "random = 4\nseed = 7"), "plan.seed", "not one of the study's seeds"),
+    (STUDY.replace("[predictors]\ntokens = 64", ""), "plan", "needs [predictors]"),
+    (STUDY.replace("random = 4", "random = 4\ngroups = 2"), "plan.groups", "unknown key"),
 ]  # fmt: skip
 
 
@@ -275,3 +291,137 @@ def test_report_renders_labelled_adapters(study):
     assert "- Adapters: lora, lora:shared, d2lora@4:data, d2lora; rank 2" in md
     assert md.count(", tau 0.5 (") == 1  # one kind, named once however many labels carry it
     assert "RMS cosine, lora:shared (mean over seeds; delta B·A)" in md
+
+
+# ---------------------------------------------------------------- does `loramix plan` beat random groupings?
+
+
+def test_random_groupings_have_the_sizes_and_are_seeded():
+    from loramix.grouping import random_groupings
+
+    sizes = [1, 4, 2, 4, 3]
+    a = random_groupings(14, sizes, 20, seed=5)
+    assert a == random_groupings(14, sizes, 20, seed=5)  # same seed, same groupings
+    assert a != random_groupings(14, sizes, 20, seed=6)
+    assert len(a) == 20 and len({str(g) for g in a}) > 1
+    for g in a:
+        assert [len(x) for x in g] == [4, 4, 3, 2, 1]
+        assert sorted(i for x in g for i in x) == list(range(14))  # a partition
+
+
+def _train_files(sc, cache) -> list[str]:
+    steps = {s.id: s for s in plan(sc)}
+    return [str(Path(cache) / "data" / steps[f"data/{d}/train"].folder_name / "train.jsonl") for d in sc.domains]
+
+
+def test_plan_validation_section(study):
+    """The plan's groups are `loramix plan --fit predictors.json`'s; the random
+    groupings have exactly the plan's group sizes; the section and its files are written."""
+    from loramix.grouping import plan as make_plan
+
+    out, rep, sc = study["out"], study["report"], load_scenario(study["scen"])
+    pv = rep["plan_validation"]
+    assert pv["adapter_method"] == "lora" and pv["seed"] == 0 and pv["methods"] == ["plan", "ties"]
+    paths = rep["adapters"][0]
+    cli = make_plan([paths[d] for d in sc.domains], fit=out / "predictors.json", data=_train_files(sc, study["cache"]),
+                    base=_base_path(rep), max_group=3, budget=1000, tokens=sc.predictors.tokens)  # fmt: skip
+    assert [g["members"] for g in pv["plan_groups"]] == [g["members"] for g in cli.groups]
+    assert [g["method"] for g in pv["plan_groups"]] == [g["method"] for g in cli.groups]
+    for mine, theirs in zip(pv["plan_groups"], cli.groups):
+        assert mine["cost"] == pytest.approx(theirs["cost"], rel=1e-9, abs=1e-9)
+    sizes = sorted(len(g["members"]) for g in pv["plan_groups"])
+    assert max(sizes) > 1 and sum(sizes) == 4
+    assert [m["how"] for m in pv["by_method"]] == ["plan", "ties"]
+    for m in pv["by_method"]:
+        assert len(m["random"]) == 4
+        for r in m["random"]:
+            assert sorted(len(g["members"]) for g in r["groups"]) == sizes
+            assert sorted(d for g in r["groups"] for d in g["members"]) == sorted(sc.domains)
+        c = m["comparison"]
+        assert c["beats"] + c["ties"] + c["loses"] == 4 and 1 <= c["rank"] <= 5
+        assert all(g["method"] == "ties" for g in m["plan"]["groups"] if len(g["members"]) > 1) == (m["how"] == "ties")
+    md = (out / "report.md").read_text()
+    section = md.split("## Does `loramix plan` beat random groupings?")[1].split("\n## ")[0]
+    assert section.count("random groupings of the same sizes") == 2 and "one-sided p = " in section
+    assert (out / "plan_vs_random.png").stat().st_size > 1000 and "(plan_vs_random.png)" in section
+    csv = pd.read_csv(out / "plan_validation.csv")
+    assert set(csv["merged"]) == {"plan", "ties"} and set(csv["grouping"]) == {"plan", *(f"random-{k}" for k in range(1, 5))}
+
+
+def test_plan_group_retention_against_a_direct_computation(study, tmp_path):
+    """A plan group's measured retention %, merged by the sum (on the fly) and by
+    ties (dense, in memory), equals merging those adapters here and evaluating."""
+    from loramix.methods import merge
+    from loramix.perplexity import evaluate
+
+    rep, sc = study["report"], load_scenario(study["scen"])
+    paths, base = rep["adapters"][0], _base_path(rep)
+    kw = dict(on=sc.eval.on, max_len=sc.eval.max_len, batch_size=sc.eval.batch, device="cpu")
+    pv = rep["plan_validation"]
+    k, g = next((k, g) for k, g in enumerate(pv["plan_groups"]) if len(g["members"]) > 1)
+    doms = g["members"]
+    data = [_eval_records(sc, d) for d in doms]
+    own = [evaluate(base, adapters=[paths[d]], data=[x], **kw).iloc[0]["ppl"] for d, x in zip(doms, data)]
+    merge([paths[d] for d in doms], "ties", into=base, out=tmp_path / "ties", density=0.5)
+    models = {"sum": evaluate(base, adapters=[paths[d] for d in doms], data=data, **kw),
+              "ties": evaluate(str(tmp_path / "ties"), data=data, **kw)}  # fmt: skip
+    for m in pv["by_method"]:
+        got = m["plan"]["groups"][k]
+        df = models[got["method"]]
+        want = sum(100 * (df.iloc[i]["ppl"] - own[i]) / own[i] for i in range(len(doms))) / len(doms)
+        assert got["retention_pct"] == pytest.approx(want, rel=1e-5, abs=1e-5), got["method"]
+
+
+def test_plan_validation_is_cached(study, tmp_path):
+    """A second run makes nothing, the plan's steps included, and measures the same."""
+    out = tmp_path / "again"
+    rc = main(["scenario", "run", str(study["scen"]), "--out", str(out), "--cache", str(study["cache"]), "--quiet"])
+    assert rc == 0
+    log = pd.read_csv(out / "cache_log.csv")
+    assert len(log) and set(log["status"]) == {"hit"}
+    assert log["label"].str.contains("/plan/").sum() > 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["plan_validation"] == study["report"]["plan_validation"]
+
+
+def test_executors_take_the_steps_run_before():
+    """The plan validation's steps run in a second batch whose dependencies are
+    the study's steps, already done: every executor's scheduler takes them."""
+    from loramix.scenario.executors import Outcome, _schedule
+    from loramix.scenario.plan import Step
+
+    def step(i, deps=()):
+        return Step(i, "eval", None, None, i, tuple(deps), i, "plan")
+
+    before = {"base": Outcome({"x": 1})}
+    seen = []
+
+    def submit(st, deps):
+        seen.append((st.id, sorted(deps)))
+        return st.id
+
+    done = _schedule([step("b", ["base"]), step("c", ["b", "base"])], submit,
+                     lambda handles: [(h, Outcome({"id": h})) for h in handles], lambda st, o: None, before)  # fmt: skip
+    assert seen == [("b", ["base"]), ("c", ["b", "base"])]
+    assert set(done) == {"base", "b", "c"} and done["c"].result == {"id": "c"}
+
+
+def test_written_file_names_are_portable(study, tmp_path):
+    """No file of a report has a name outside [A-Za-z0-9._+-], whatever the
+    adapter labels (``KIND@R:INIT``) are; report.md links the files written."""
+    import copy
+    import re
+
+    from loramix.scenario.report import write_report
+
+    ok = re.compile(r"^[A-Za-z0-9._+-]+$")
+    assert all(ok.match(p.name) for p in study["out"].iterdir())
+    rep = copy.deepcopy(study["report"])
+    sim = rep["similarity_mean"][0]
+    rep["similarity_mean"] = [dict(sim, adapter_method=a) for a in ("lora", "lora:shared", "d2lora@4:data")]
+    write_report(tmp_path, rep)
+    names = [p.name for p in tmp_path.iterdir()]
+    assert all(ok.match(n) for n in names), names
+    links = re.findall(r"\]\(([^)]+\.png)\)", (tmp_path / "report.md").read_text())
+    assert {"similarity_lora-shared.png", "similarity_d2lora-4-data.png"} <= set(links)
+    assert all((tmp_path / f).is_file() for f in links)

@@ -14,7 +14,9 @@ def command():
 
 @command.command("check")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=str))
-def check_cmd(file):
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Cache folder to count the steps already made in (default $LORAMIX_CACHE or .loramix-cache).")  # fmt: skip
+def check_cmd(file, cache_dir):
     """Check FILE and print what a run would do, without doing it."""
     from ..scenario.config import load_scenario
     from ..scenario.runner import merges_for
@@ -41,6 +43,21 @@ def check_cmd(file):
     steps = plan(sc, data)
     kinds = Counter(st.kind for st in steps)
     click.echo(f"  plan: {len(steps)} steps ({', '.join(f'{n} {k}' for k, n in kinds.items())})")
+    from pathlib import Path
+
+    from ..scenario.cache import default_cache_dir
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cached = [st for st in steps if st.cache_kind]
+    new = Counter(st.kind for st in cached if not (root / st.cache_kind / st.folder_name / "artifact.json").is_file())  # fmt: skip
+    click.echo(f"  cache {root}: {len(cached) - sum(new.values())} of {len(cached)} cached steps made; to make: "
+               f"{', '.join(f'{n} {k}' for k, n in new.items()) or 'none'}")  # fmt: skip
+    if sc.plan is not None:
+        p = sc.plan
+        click.echo(f"  plan validation: the {p.adapters} adapters of seed {p.seed} grouped by `loramix plan` "
+                   f"(groups of at most {p.max_size}; merged: {', '.join(p.methods)}) and {p.random} random groupings of the "
+                   f"same sizes: at most {len(p.methods) * (p.random + 1) * (n_dom // 2)} merge evaluations, planned after the "
+                   "predictors step (cached like the others)")  # fmt: skip
 
 
 @command.command("run")
@@ -91,6 +108,8 @@ def run_cmd(file, out, device, fresh, cache_dir, force, threads, jobs, executor,
                        address=address)  # fmt: skip
     t = rep["timings"]["total_seconds"]
     click.echo(f"report: {rep['out']}/report.md ({t:.1f} s)")
+    for m in (rep.get("plan_validation") or {}).get("by_method", []):
+        click.echo(f"  plan vs random groupings: {m['verdict'].replace('**', '')}")
     for f in rep["fits"]:
         if f["merge_method"] != "sum":
             continue

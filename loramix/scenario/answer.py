@@ -307,3 +307,90 @@ def section_kinds(report: dict, v) -> list[str]:
     if verdicts:
         L += [*verdicts, ""]
     return L
+
+
+def _interval(iv) -> str:
+    return "—" if not iv or iv[0] is None else f"[{_f(iv[0])}, {_f(iv[1])}]"
+
+
+def section_plan(report: dict, v) -> list[str]:
+    """Does ``loramix plan`` beat random groupings? (:mod:`.planval`)"""
+    pv = report.get("plan_validation")
+    if not pv:
+        return []
+    L = ["## Does `loramix plan` beat random groupings?", ""]
+    for m in pv["by_method"]:
+        L += [f"- {m['verdict']}"]
+    L.append("")
+    val = pv.get("validated") or {}
+    how = f" (held-out MAE {_f(val.get('mae'))}, r = {_f(val.get('r'))})" if val else ""
+    sizes = "+".join(str(s) for s in pv["sizes"] if s > 1) or "none"
+    L.append(f"The {len(pv['names'])} `{pv['adapter_method']}` domain adapters of seed {pv['seed']}, grouped as "
+             f"`loramix plan --fit predictors.json --max-group {pv['max_size']} --budget {pv['budget']:g}` groups "
+             f"them: cost {pv['cost']}{how}; proposed method: {pv['rule']}. Each group of two or more is merged "
+             f"and evaluated on its members' eval splits, and so is every group of {pv['random_count']} random "
+             f"groupings with the same group sizes ({sizes}; seed {pv['random_seed']}). A group's retention % is "
+             "the mean over its members of 100 · (ppl of the merge − ppl of the member's own adapter) / ppl of the "
+             "own adapter; a grouping's, the mean over the domains it merges (lower is better). Every group: "
+             "`plan_validation.csv`.")  # fmt: skip
+    L.append("")
+    ms = pv["by_method"]
+    head = ["group", "members", "proposed", "predicted cost", "interval"]
+    head += [f"retention % ({'as proposed' if m['how'] == 'plan' else m['how']})" for m in ms]
+    rows = []
+    for k, g in enumerate(pv["plan_groups"]):
+        if len(g["members"]) > 1:
+            rows.append([str(g["group"]), ", ".join(g["members"]), g["method"], _f(g["cost"]),
+                         _interval(g.get("interval")), *(_f(m["plan"]["groups"][k]["retention_pct"]) for m in ms)])  # fmt: skip
+    if rows:
+        L += [_table(head, rows), ""]
+    alone = [g["members"][0] for g in pv["plan_groups"] if len(g["members"]) == 1]
+    if alone:
+        L += [f"Kept alone: {', '.join(alone)}.", ""]
+    rows = []
+    for m in ms:
+        c, label = m["comparison"], "as proposed" if m["how"] == "plan" else m["how"]
+        if c is None:
+            continue
+        pred = float(np.mean([r["predicted"] for r in m["random"]]))
+        std = f" ± {_f(c['std'])}" if c["std"] is not None else ""
+        rows.append([label, _f(m["plan"]["predicted"]), _f(pred), _f(m["plan"]["retention_pct"]),
+                     f"{_f(c['mean'])}{std}", f"{_f(c['min'])} / {_f(c['median'])} / {_f(c['max'])}",
+                     f"{c['beats']} of {c['n']}", f"{c['rank']} of {c['of']}", _f(c["p_value"], 3)])  # fmt: skip
+    if rows:
+        L.append(_table(["merged", "predicted: plan", "predicted: random mean", "retention %: plan",
+                         "random mean ± std", "random min / median / max", "plan beats", "plan's rank",
+                         "one-sided p"], rows))  # fmt: skip
+        L.append("")
+        L.append("Predicted: the mean over the merged domains of their group's predicted cost. The p-value "
+                 "counts the random groupings at least as good as the plan's, `(1 + #) / (R + 1)`.")  # fmt: skip
+        L.append("")
+        L.append("![plan vs random groupings](plan_vs_random.png)")
+        L.append("")
+    return L
+
+
+def write_plan_files(folder: Path, report: dict) -> None:
+    """``plan_validation.csv`` (every group of every grouping, for each way of
+    merging) and ``plan_vs_random.png``."""
+    from . import plots
+
+    pv = report.get("plan_validation")
+    if not pv:
+        return
+    rows = []
+    for m in pv["by_method"]:
+        for name, gr in [("plan", m["plan"]), *((f"random-{k}", r) for k, r in enumerate(m["random"], start=1))]:
+            for g in gr["groups"]:
+                iv = g.get("interval") or [None, None]
+                rows.append({"merged": m["how"], "grouping": name, "group": g["group"], "size": len(g["members"]),
+                             "members": "+".join(g["members"]), "method": g["method"], "predicted_cost": g["cost"],
+                             "low": iv[0], "high": iv[1], "retention_pct": g["retention_pct"],
+                             "grouping_retention_pct": gr["retention_pct"]})  # fmt: skip
+    pd.DataFrame(rows).to_csv(folder / "plan_validation.csv", index=False)
+    ms = [m for m in pv["by_method"] if m["comparison"] is not None]
+    if ms:
+        plots.plan_vs_random([(m["how"], m["plan"]["retention_pct"], [r["retention_pct"] for r in m["random"]])
+                              for m in ms], folder / "plan_vs_random.png",
+                             title=f"{report['scenario']['name']}: loramix plan against random groupings "
+                             f"({pv['adapter_method']}, seed {pv['seed']})")  # fmt: skip

@@ -219,6 +219,29 @@ class PredictorSpec:
     method: str = key("str", "sum", help="... for this merge method")
 
 
+@dataclass(frozen=True)
+class PlanSpec:
+    """``[plan]``: after the predictors step, group one seed's domain adapters of
+    one label with :mod:`loramix.grouping` (what ``loramix plan`` does) on the
+    study's validated predictor, evaluate the proposed groups' merges and those of
+    ``random`` seeded random groupings of the same sizes (docs/scenarios.md)."""
+
+    adapters: str | None = key("str", doc_default="the first of `adapters.methods`",
+                               help="the adapter label whose domain adapters are grouped")  # fmt: skip
+    seed: int | None = key("int", bound="seed", doc_default="the first of `seeds`",
+                           help="the training seed whose adapters are grouped")  # fmt: skip
+    max_size: int = key("int", 4, bound="positive", help="largest group (`loramix plan --max-group`), at least 2")
+    budget: float | None = key("float", doc_default="`0`, `loramix plan`'s with a predictors file",
+                               help="largest predicted cost (retention % or Δppl %) of a merged group "
+                               "(`loramix plan --budget`)")  # fmt: skip
+    methods: tuple[str, ...] = key("str-list", ("plan",), doc_default='`["plan"]`',
+                                   help='how the groups are merged, each a comparison of its own: `"plan"`, by '
+                                   "the method `loramix plan` proposes for each (`sum` or `ties`; a random group "
+                                   "by the same rule), or one of `merge.methods` for every group")  # fmt: skip
+    random: int = key("int", 20, bound="positive", help="random groupings with the plan's group sizes")
+    random_seed: int = key("int", 0, bound="seed", help="the seed of the random groupings")
+
+
 @dataclass
 class Scenario:
     path: Path
@@ -244,6 +267,8 @@ class Scenario:
     eval: EvalSpec = key("table", doc_default="the defaults below", help="perplexity settings")
     predictors: PredictorSpec | None = key("table", doc_default="no predictors step",
                                            help="features and validated predictors (below)")  # fmt: skip
+    plan: PlanSpec | None = key("table", doc_default="no plan validation",
+                                help="`loramix plan`'s groups against random groupings (below); needs `[predictors]`")  # fmt: skip
     variables: dict[str, str] = field(default_factory=dict)  # variables used, resolved
 
     def merges_for(self, adapter_method: str) -> list[MergeSpec]:
@@ -264,7 +289,7 @@ class _CompositionKeys:
 # The file's tables, in the order docs/scenarios.md lists them.
 SCHEMA = (("", Scenario), ("base", BaseSpec), ("base.build", _BuildKeys), ("domains.NAME", DomainSpec),
           ("adapters", AdapterSpec), ("adapters", _TrainerKeys), ("compositions", _CompositionKeys),
-          ("merge", _MergeKeys), ("eval", EvalSpec), ("predictors", PredictorSpec))  # fmt: skip
+          ("merge", _MergeKeys), ("eval", EvalSpec), ("predictors", PredictorSpec), ("plan", PlanSpec))  # fmt: skip
 
 
 _DOC_TYPES = {"int": "int", "float": "number", "str": "string", "bool": "bool", "str-list": "list of string",
@@ -820,6 +845,34 @@ def _parse_predictors(ctx, t, merges: list[MergeSpec]) -> PredictorSpec | None:
     return p
 
 
+def _parse_plan(ctx, t, sc_seeds, adapters: AdapterSpec, merges: list[MergeSpec], predictors) -> PlanSpec | None:
+    if t is None:
+        return None
+    if not isinstance(t, dict):
+        raise ctx.error("plan", f"expected a table, got {_typename(t)}")
+    v = _read(ctx, PlanSpec, t, "plan")
+    if predictors is None:
+        raise ctx.error("plan", "needs [predictors]: the plan's cost is the study's validated predictor")
+    v["adapters"] = v["adapters"] or adapters.methods[0]
+    if v["adapters"] not in adapters.methods:
+        raise ctx.error("plan.adapters", f"{v['adapters']!r} is not one of the study's adapter labels "
+                        f"({', '.join(adapters.methods)})")  # fmt: skip
+    v["seed"] = sc_seeds[0] if v["seed"] is None else v["seed"]
+    if v["seed"] not in sc_seeds:
+        raise ctx.error("plan.seed", f"{v['seed']} is not one of the study's seeds {list(sc_seeds)}")
+    if v["max_size"] < 2:
+        raise ctx.error("plan.max_size", f"must be at least 2 (a group of one merges nothing), got {v['max_size']}")
+    usable = [m.method for m in merges if applies_to(m.method, v["adapters"])]
+    if not v["methods"]:
+        raise ctx.error("plan.methods", 'empty: list "plan" and/or merge methods')
+    for m in v["methods"]:
+        if m != "plan" and m not in usable:
+            raise ctx.error("plan.methods", f'expected "plan" or one of merge.methods for {v["adapters"]} '
+                            f"({', '.join(usable)}), got {m!r}")  # fmt: skip
+    v["methods"] = tuple(dict.fromkeys(v["methods"]))
+    return PlanSpec(**v)
+
+
 def load_scenario(path: str | os.PathLike, env: dict | None = None) -> Scenario:
     """Read and check a scenario file; raise :class:`ScenarioError` on any problem.
 
@@ -870,9 +923,11 @@ def load_scenario(path: str | os.PathLike, env: dict | None = None) -> Scenario:
     merges = _parse_merge(ctx, raw.get("merge"), adapters, min(len(c) for c in compositions))
     ev = _parse_eval(ctx, raw.get("eval"), adapters)
     predictors = _parse_predictors(ctx, raw.get("predictors"), merges)
+    plan = _parse_plan(ctx, raw.get("plan"), seeds, adapters, merges, predictors)
     return Scenario(path=path, name=name, description=top["description"], seeds=tuple(seeds),
                     data_seed=top["data_seed"], base=base, domains=domains, adapters=adapters, compositions=compositions,
-                    merged_data=merged_data, merges=merges, eval=ev, predictors=predictors, variables=used)  # fmt: skip
+                    merged_data=merged_data, merges=merges, eval=ev, predictors=predictors, plan=plan,
+                    variables=used)  # fmt: skip
 
 
 def _merged_data_summary(md):
@@ -909,4 +964,5 @@ def scenario_summary(s: Scenario) -> dict[str, Any]:
         "merge": {m.method: m.params for m in s.merges},
         "eval": {"batch": s.eval.batch, "max_len": s.eval.max_len, "on": s.eval.on, "domains": s.eval.domains},
         "predictors": None if s.predictors is None else dict(vars(s.predictors)),
+        "plan": None if s.plan is None else dict(vars(s.plan)),
     }

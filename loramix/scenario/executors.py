@@ -1,7 +1,10 @@
 """Executors: run a study's plan serially, in local processes, or on Ray.
 
 Every executor runs each :class:`~loramix.scenario.plan.Step` once, after
-all of its dependencies, and returns ``{step id: Outcome}``. A step is an
+all of its dependencies, and returns ``{step id: Outcome}``; ``done`` passes
+the outcomes of steps run before (a second batch of steps planned from the
+results of the first: the plan validation, :mod:`loramix.scenario.planval`),
+which the returned dict includes. A step is an
 idempotent job on the shared content-addressed cache: its result depends only
 on its spec, so the order (and the process) in which steps run changes no
 number, and two processes making the same artifact both end with the one
@@ -60,19 +63,20 @@ class SerialExecutor:
     def describe(self) -> dict:
         return {"name": "serial", "jobs": 1}
 
-    def run(self, steps: list[Step], ctx: StepContext, on_done: Callable[[Step, Outcome], None]) -> dict:
-        done: dict[str, Outcome] = {}
+    def run(self, steps: list[Step], ctx: StepContext, on_done: Callable[[Step, Outcome], None],
+            done: dict | None = None) -> dict:  # fmt: skip
+        done = dict(done or {})
         for st in steps:
             done[st.id] = _timed(ctx, st, _deps_of(st, done))
             on_done(st, done[st.id])
         return done
 
 
-def _schedule(steps: list[Step], submit, wait_any, on_done) -> dict[str, Outcome]:
-    """Submit each step once its dependencies are done; ``submit(step, deps)``
-    returns a handle, ``wait_any(handles)`` yields ``(handle, outcome)`` pairs
-    of finished ones."""
-    done: dict[str, Outcome] = {}
+def _schedule(steps: list[Step], submit, wait_any, on_done, done: dict | None = None) -> dict[str, Outcome]:
+    """Submit each step once its dependencies are done (``done``: those run
+    before); ``submit(step, deps)`` returns a handle, ``wait_any(handles)``
+    yields ``(handle, outcome)`` pairs of finished ones."""
+    done = dict(done or {})
     pending = list(steps)
     running: dict = {}
     while pending or running:
@@ -137,7 +141,7 @@ class ProcessExecutor:
             "threads_per_job": threads_per_job(self.threads, self.jobs),
         }
 
-    def run(self, steps: list[Step], ctx: StepContext, on_done) -> dict:
+    def run(self, steps: list[Step], ctx: StepContext, on_done, done: dict | None = None) -> dict:
         import multiprocessing as mp
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -156,7 +160,8 @@ class ProcessExecutor:
             return [(f, f.result()) for f in finished]
 
         try:
-            out = _schedule(steps, lambda st, deps: pool.submit(_worker_run, st, deps), wait_any, on_done)
+            out = _schedule(steps, lambda st, deps: pool.submit(_worker_run, st, deps), wait_any, on_done,
+                            done)  # fmt: skip
         except BaseException:
             for p in list(getattr(pool, "_processes", {}).values()):
                 p.terminate()  # each worker removes its half-made artifact (SIGTERM handler)
@@ -204,7 +209,7 @@ class RayExecutor:
         return {"name": "ray", "jobs": self.jobs, "threads_per_job": threads_per_job(self.threads, self.jobs),
                 "address": self.address or "local"}  # fmt: skip
 
-    def run(self, steps: list[Step], ctx: StepContext, on_done) -> dict:
+    def run(self, steps: list[Step], ctx: StepContext, on_done, done: dict | None = None) -> dict:
         ray = import_ray()
         started = not ray.is_initialized()
         if started:
@@ -221,7 +226,8 @@ class RayExecutor:
             return [(r, ray.get(r)) for r in ready]
 
         try:
-            return _schedule(steps, lambda st, deps: task.remote(payload, per, st, deps), wait_any, on_done)
+            return _schedule(steps, lambda st, deps: task.remote(payload, per, st, deps), wait_any, on_done,
+                             done)  # fmt: skip
         finally:
             if started:
                 ray.shutdown()

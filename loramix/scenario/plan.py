@@ -179,6 +179,17 @@ class Step:
         return self.key[:24] if self.cache_kind else self.key
 
 
+def merge_result_id(pre: str, method: str, cn: str, prefix: str = "") -> str:
+    """The id of the step whose result holds the evaluation of the merge of ``cn``
+    by ``method`` (:meth:`_Planner.merge_steps`): the merge step for a dense
+    method (evaluated in memory), else its evaluation step."""
+    from ..methods import get_method
+
+    if applied_on_the_fly(method) or get_method(method).low_rank:
+        return f"{prefix}eval/{pre}/merge/{method}/{cn}"
+    return f"{prefix}merge/{pre}/{method}/{cn}"
+
+
 def base_folder_key(path: Path) -> str:
     """A given base folder's key: its identity (config and weights), the same
     hash that merge and training provenance record for that base. A GGUF
@@ -231,15 +242,15 @@ class _Planner:
                 "data_sha256": _sha256_text(_records_jsonl(records))}  # fmt: skip
         self.add("base", "base", "base", spec, (), f"base build {b.size}", "base", records=records)
 
-    def eval_domains(self, serves) -> list[str]:
-        """The domains a model is evaluated on: all, or (``eval.domains = "members"``)
-        only those it serves (``serves``: its domains; None for the base)."""
-        if self.sc.eval.domains == "all" or serves is None:
+    def eval_domains(self, serves, members: bool = False) -> list[str]:
+        """The domains a model is evaluated on: all, or (``eval.domains = "members"``,
+        or ``members``) only those it serves (``serves``: its domains; None for the base)."""
+        if (self.sc.eval.domains == "all" and not members) or serves is None:
             return list(self.data)
         return [n for n in self.data if n in serves]
 
-    def eval_step(self, id, model: dict, deps, label, group, serves=None, **args) -> Step:
-        ev, names = self.sc.eval, self.eval_domains(serves)
+    def eval_step(self, id, model: dict, deps, label, group, serves=None, members=False, **args) -> Step:
+        ev, names = self.sc.eval, self.eval_domains(serves, members)
         spec = {"model": model, "data": {n: self.key_of(f"data/{n}/eval") for n in names},
                 "settings": {"on": ev.on, "max_len": ev.max_len}}  # fmt: skip
         eval_deps = ("base", *(f"data/{n}/eval" for n in names), *deps)
@@ -293,34 +304,40 @@ class _Planner:
         deps = ("base", *(f"data/{d}/train" for d in names), *ads)
         self.add(f"features/{pre}", "features", "features", spec, deps, pre, "features", names=names, adapters=ads)
 
-    def merge_steps(self, pre: str, comp, mg) -> None:
+    def merge_steps(self, pre: str, comp, mg, *, prefix: str = "", group: str = "merge",
+                    members: bool = False) -> str:  # fmt: skip
         """The sum is evaluated on the fly; a low-rank merge is kept as an
         adapter and evaluated; a dense merge is written, evaluated and deleted
-        in one step (its result is the evaluation)."""
+        in one step (its result is the evaluation). ``prefix``: of the step ids
+        (the plan validation's); ``members``: evaluate on the members only,
+        whatever ``eval.domains`` says. Returns the id of the step whose result
+        holds the evaluation (a dense merge's ``eval``)."""
         from ..methods import get_method
 
         cn, base = comp_name(comp), self.key_of("base")
         ads = [f"adapter/{pre}/{d}" for d in comp]
         keys = [self.key_of(a) for a in ads]
-        label, eval_id = f"{pre}/{mg.method} {cn}", f"eval/{pre}/merge/{mg.method}/{cn}"
+        label = f"{pre}/{prefix}{mg.method} {cn}"
+        eval_id = f"{prefix}eval/{pre}/merge/{mg.method}/{cn}"
         if applied_on_the_fly(mg.method):
-            self.eval_step(eval_id, {"base": base, "adapters": keys, "sum": True}, ads, f"{pre}/sum {cn}",
-                           "merge", serves=comp, adapters=ads)  # fmt: skip
-            return
+            self.eval_step(eval_id, {"base": base, "adapters": keys, "sum": True}, ads, label,
+                           group, serves=comp, members=members, adapters=ads)  # fmt: skip
+            return eval_id
         spec = {"method": mg.method, "params": mg.params, "base": base, "adapters": keys}
-        merge_id = f"merge/{pre}/{mg.method}/{cn}"
+        merge_id = f"{prefix}merge/{pre}/{mg.method}/{cn}"
         if get_method(mg.method).low_rank:
-            self.add(merge_id, "merge", "merge", spec, ("base", *ads), label, "merge", method=mg.method,
+            self.add(merge_id, "merge", "merge", spec, ("base", *ads), label, group, method=mg.method,
                      params=mg.params, adapters=ads, low_rank=True)  # fmt: skip
-            self.eval_step(eval_id, {"base": base, "merge": self.key_of(merge_id)}, (merge_id,), label, "merge",
-                           serves=comp, merge=merge_id)  # fmt: skip
-            return
-        ev, names = self.sc.eval, self.eval_domains(comp)
+            self.eval_step(eval_id, {"base": base, "merge": self.key_of(merge_id)}, (merge_id,), label, group,
+                           serves=comp, members=members, merge=merge_id)  # fmt: skip
+            return eval_id
+        ev, names = self.sc.eval, self.eval_domains(comp, members)
         spec = {**spec, "model": {"dense": True}, "data": {n: self.key_of(f"data/{n}/eval") for n in names},
                 "settings": {"on": ev.on, "max_len": ev.max_len}}  # fmt: skip
         deps = ("base", *(f"data/{n}/eval" for n in names), *ads)
-        self.add(merge_id, "merge", "merge", spec, deps, label, "merge", method=mg.method, params=mg.params,
+        self.add(merge_id, "merge", "merge", spec, deps, label, group, method=mg.method, params=mg.params,
                  adapters=ads, low_rank=False, domains=names)  # fmt: skip
+        return merge_id
 
 
 def plan(sc: Scenario, data: dict[str, DomainData] | None = None) -> list[Step]:

@@ -10,6 +10,8 @@
 * ``predicted_vs_measured``: held-out predictions of the best predictor with
   their intervals against the measured target.
 * ``interference_by_method``: the targets' spread per merge method (box plots).
+* ``plan_vs_random``: the retention % of random groupings (a histogram) and of
+  ``loramix plan``'s grouping (a line).
 * ``cluster_order``: the clustered order of the similarity heatmap.
 
 The similarity heatmap is :func:`loramix.plots.similarity_heatmap`.
@@ -239,6 +241,30 @@ def interference_by_method(summary: pd.DataFrame, path: Path, title: str) -> Pat
         ax.axhline(0, color="0.3", lw=0.8)
         ax.set_ylabel(lab)
         ax.grid(axis="y", alpha=0.25)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plan_vs_random(panels: list[tuple[str, float, list[float]]], path: Path, title: str) -> Path:
+    """One panel per way of merging (``(name, plan value, random values)``): the
+    measured retention % of the random groupings (histogram) and of the plan's
+    grouping (a vertical line); lower is better."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 3.8), dpi=130, squeeze=False)
+    for ax, (name, value, values) in zip(axes[0], panels):
+        r = np.asarray(values, dtype=float)
+        ax.hist(r, bins=max(5, min(20, len(r) // 2)), color="tab:blue", alpha=0.6,
+                label=f"{len(r)} random groupings (same sizes)")  # fmt: skip
+        ax.axvline(float(r.mean()), color="tab:blue", lw=1, ls="--", label=f"random mean {r.mean():.2f}")
+        ax.axvline(value, color="tab:red", lw=2, label=f"loramix plan {value:.2f}")
+        ax.set_xlabel("retention % of the grouping (lower is better)")
+        ax.set_ylabel("groupings")
+        ax.set_title("merged as proposed" if name == "plan" else f"merged by {name}", fontsize=10)
+        ax.grid(alpha=0.25)
+        ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path)

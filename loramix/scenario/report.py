@@ -36,6 +36,19 @@ PI_LEVEL = 0.95
 MAX_DOMAIN_TABLES = 12  # beyond this many compositions, per-domain tables only for those with merged data
 
 
+def safe_name(text: str) -> str:
+    """``text`` with every character outside ``[A-Za-z0-9._+-]`` replaced by ``-``:
+    a file name every filesystem takes (adapter labels carry ``:`` and ``@``)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", text)
+
+
+def similarity_png(label: str) -> str:
+    """The similarity heatmap's file name for adapter label ``label``."""
+    return f"similarity_{safe_name(label)}.png"
+
+
 def _kinds(names) -> list:
     """The distinct adapter kind objects of the study labels ``names``
     (``KIND[@R][:INIT]``, in order; the report asks the kinds, not their names)."""
@@ -400,7 +413,7 @@ def _section_similarity(report: dict, v: _View) -> list[str]:
         L.append("")
         L.append(_table(["", *names], rows))
         L.append("")
-        L.append(f"![similarity {sim['adapter_method']}](similarity_{sim['adapter_method']}.png)")
+        L.append(f"![similarity {sim['adapter_method']}]({similarity_png(sim['adapter_method'])})")
         L.append("")
     L.append("![cosine by layer](cosine_by_layer.png)")
     L.append("")
@@ -453,13 +466,19 @@ def _section_predictors(report: dict, v: _View) -> list[str]:
     return section_predictors(report, v)
 
 
+def _section_plan(report: dict, v: _View) -> list[str]:
+    from .answer import section_plan
+
+    return section_plan(report, v)
+
+
 def _section_kinds(report: dict, v: _View) -> list[str]:
     from .answer import section_kinds
 
     return section_kinds(report, v)
 
 
-_SECTIONS = (_section_intro, _section_answer, _section_summary, _section_setup, _section_kinds,
+_SECTIONS = (_section_intro, _section_answer, _section_plan, _section_summary, _section_setup, _section_kinds,
              _section_sum_tables, _section_per_domain, _section_by_method, _section_fit, _section_predictors,
              _section_similarity, _section_timings)  # fmt: skip
 
@@ -503,11 +522,12 @@ def write_report(folder: Path, report: dict, per_module: pd.DataFrame | None = N
         df = pd.DataFrame(sim["rms"], index=sim["names"], columns=sim["names"])
         order = [sim["names"][i] for i in plots.cluster_order(df.to_numpy(dtype=float))]
         df = df.loc[order, order]
-        similarity_heatmap(df, folder / f"similarity_{sim['adapter_method']}.png",
+        similarity_heatmap(df, folder / similarity_png(sim["adapter_method"]),
                            title=f"{name}: RMS cosine of the domain adapters ({sim['adapter_method']}; clustered order)")  # fmt: skip
-    from .answer import write_predictor_files
+    from .answer import write_plan_files, write_predictor_files
 
     write_predictor_files(folder, report)
+    write_plan_files(folder, report)
     summary = summary[np.isfinite(summary["delta_ppl_pct"].to_numpy(dtype=float))]  # with a merged-data adapter
     sums = summary[summary["merge_method"] == "sum"]
     plots.delta_vs_cosine(sums, [f for f in report["fits"] if f["merge_method"] == "sum"],

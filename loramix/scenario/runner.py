@@ -103,14 +103,32 @@ class Runner:
         prog = _Progress(len(self.steps), enabled=self.progress_enabled)
         try:
             outcomes = self.executor.run(self.steps, ctx, prog.done)
+            study = assemble(self.sc, {k: o.result for k, o in outcomes.items()})
+            if self.sc.plan is not None:  # planned now: the groups depend on the validated predictors
+                outcomes, study["plan_validation"] = self._plan_validation(study, data, outcomes, ctx, prog)
         finally:
             prog.close()
         # The cache log in plan order, whichever process made each artifact.
         self.cache.log[:] = [e for st in self.steps for e in outcomes[st.id].events]
         self.outcomes = outcomes
-        study = assemble(self.sc, {k: o.result for k, o in outcomes.items()})
         self.per_module = study["per_module"]
         return self._report(study, data, outcomes["base"].result, prog.timings, t_start)
+
+    def _plan_validation(self, study: dict, data, outcomes: dict, ctx, prog) -> tuple[dict, dict]:
+        """``loramix plan``'s groups and the random groupings (:mod:`.planval`):
+        their merge and evaluation steps, run by the same executor after the
+        study's; returns all outcomes and the section's data."""
+        from . import planval
+
+        results = {k: o.result for k, o in outcomes.items()}
+        proposal = planval.propose(self.sc, results, study["validations"])
+        more = planval.steps(self.sc, data, self.steps, proposal)
+        if more:
+            prog.bar.total += len(more)
+            prog.bar.refresh()
+            outcomes = self.executor.run(more, ctx, prog.done, done=outcomes)
+            self.steps = [*self.steps, *more]
+        return outcomes, planval.assemble(self.sc, proposal, {k: o.result for k, o in outcomes.items()})
 
     def _made_seconds(self) -> dict[str, float]:
         """What each reused artifact cost when it was made (from its cache record)."""
@@ -155,6 +173,7 @@ class Runner:
             "summary": records(study["summary"]),
             "fits": study["fits"],
             "validations": study["validations"],
+            "plan_validation": study.get("plan_validation"),
             "best_methods": study["best_methods"],
             "merge_summaries": study["merge_summaries"],
             "adapters": study["adapters"],
