@@ -15,12 +15,22 @@ def command():
 @command.command("check")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=str), default=None,
-              help="Cache folder to count the steps already made in (default $LORAMIX_CACHE or .loramix-cache).")  # fmt: skip
-def check_cmd(file, cache_dir):
-    """Check FILE and print what a run would do, without doing it."""
+              help="The cache the run would use (default $LORAMIX_CACHE or .loramix-cache): its artifacts "
+              "are not counted, and its measured throughput prices the rest.")  # fmt: skip
+@click.option("--jobs", type=int, default=None, help="The run's --jobs (default 1).")
+@click.option("--threads", type=int, default=None, help="The run's --threads (default 1).")
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--fresh", is_flag=True, help="Estimate a --fresh run (every artifact remade).")
+def check_cmd(file, cache_dir, jobs, threads, device, fresh):
+    """Check FILE and print what a run would do, and roughly how long it would
+    take on this machine, without doing it."""
+    from ..errors import UsageError
     from ..scenario.config import load_scenario
     from ..scenario.runner import merges_for
 
+    for name, v in (("--jobs", jobs), ("--threads", threads)):
+        if v is not None and v < 1:
+            raise UsageError(name, f"must be at least 1, got {v}")
     sc = load_scenario(file)
     click.echo(f"{file}: ok — scenario {sc.name!r}")
     for n, d in sc.domains.items():
@@ -43,21 +53,22 @@ def check_cmd(file, cache_dir):
     steps = plan(sc, data)
     kinds = Counter(st.kind for st in steps)
     click.echo(f"  plan: {len(steps)} steps ({', '.join(f'{n} {k}' for k, n in kinds.items())})")
-    from pathlib import Path
-
     from ..scenario.cache import default_cache_dir
+    from ..scenario.estimate import estimate
+    from ..scenario.executors import threads_per_job
 
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cached = [st for st in steps if st.cache_kind]
-    new = Counter(st.kind for st in cached if not (root / st.cache_kind / st.folder_name / "artifact.json").is_file())  # fmt: skip
-    click.echo(f"  cache {root}: {len(cached) - sum(new.values())} of {len(cached)} cached steps made; to make: "
-               f"{', '.join(f'{n} {k}' for k, n in new.items()) or 'none'}")  # fmt: skip
+    jobs = jobs or 1
+    per_job = threads_per_job(threads or 1, jobs)
+    est = estimate(sc, steps, cache_dir if cache_dir is not None else default_cache_dir(), device=device,
+                   threads=per_job, jobs=jobs, fresh=fresh)  # fmt: skip
+    for line in est.lines():
+        click.echo(line)
     if sc.plan is not None:
         p = sc.plan
         click.echo(f"  plan validation: the {p.adapters} adapters of seed {p.seed} grouped by `loramix plan` "
                    f"(groups of at most {p.max_size}; merged: {', '.join(p.methods)}) and {p.random} random groupings of the "
                    f"same sizes: at most {len(p.methods) * (p.random + 1) * (n_dom // 2)} merge evaluations, planned after the "
-                   "predictors step (cached like the others)")  # fmt: skip
+                   "predictors step (cached like the others; not in the estimate)")  # fmt: skip
 
 
 @command.command("run")

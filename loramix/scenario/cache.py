@@ -66,6 +66,12 @@ def remove_stale(root: Path) -> list[Path]:
     return [t for k in kinds for t in remove_stale_temporaries(k)]
 
 
+def is_cached(root: str | os.PathLike, kind: str, key: str) -> bool:
+    """Whether the artifact ``(kind, key)`` is complete in the cache at ``root``
+    (read only: unlike :class:`Cache`, nothing is cleaned)."""
+    return (Path(root) / kind / key[:24] / MARKER).is_file()
+
+
 @dataclass
 class CacheEvent:
     kind: str
@@ -90,7 +96,7 @@ class Cache:
         return self.root / kind / key[:24]
 
     def has(self, kind: str, key: str) -> bool:
-        return (self.path(kind, key) / MARKER).is_file()
+        return is_cached(self.root, kind, key)
 
     def get_or_make(
         self, kind: str, spec: dict, make: Callable[[Path], dict | None], label: str = ""

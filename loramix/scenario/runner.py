@@ -78,10 +78,12 @@ class _Progress:
 
 
 class Runner:
-    def __init__(self, sc: Scenario, *, cache: Cache, device, progress: bool = True, executor=None):
+    def __init__(self, sc: Scenario, *, cache: Cache, device, progress: bool = True, executor=None,
+                 threads: int = 1):  # fmt: skip
         from .executors import SerialExecutor
 
         self.sc = sc
+        self.threads = threads  # torch threads of a serial run (an executor says its own per job)
         self.cache = cache
         self.device = device
         self.progress_enabled = progress
@@ -101,20 +103,30 @@ class Runner:
         self.steps = plan(self.sc, data)
         ctx = StepContext(self.sc, data, self.cache, self.device)
         prog = _Progress(len(self.steps), enabled=self.progress_enabled)
+        rec = self._recorder()
+
+        def on_done(st, outcome):
+            prog.done(st, outcome)
+            if rec is not None:
+                rec.add(st, outcome)
+
         try:
-            outcomes = self.executor.run(self.steps, ctx, prog.done)
+            outcomes = self.executor.run(self.steps, ctx, on_done)
             study = assemble(self.sc, {k: o.result for k, o in outcomes.items()})
             if self.sc.plan is not None:  # planned now: the groups depend on the validated predictors
-                outcomes, study["plan_validation"] = self._plan_validation(study, data, outcomes, ctx, prog)
+                outcomes, study["plan_validation"] = self._plan_validation(study, data, outcomes, ctx, prog,
+                                                                           on_done, rec)  # fmt: skip
         finally:
             prog.close()
+            if rec is not None:
+                rec.flush()
         # The cache log in plan order, whichever process made each artifact.
         self.cache.log[:] = [e for st in self.steps for e in outcomes[st.id].events]
         self.outcomes = outcomes
         self.per_module = study["per_module"]
         return self._report(study, data, outcomes["base"].result, prog.timings, t_start)
 
-    def _plan_validation(self, study: dict, data, outcomes: dict, ctx, prog) -> tuple[dict, dict]:
+    def _plan_validation(self, study: dict, data, outcomes: dict, ctx, prog, on_done, rec) -> tuple[dict, dict]:
         """``loramix plan``'s groups and the random groupings (:mod:`.planval`):
         their merge and evaluation steps, run by the same executor after the
         study's; returns all outcomes and the section's data."""
@@ -126,9 +138,23 @@ class Runner:
         if more:
             prog.bar.total += len(more)
             prog.bar.refresh()
-            outcomes = self.executor.run(more, ctx, prog.done, done=outcomes)
+            if rec is not None:
+                rec.by_id.update((st.id, st) for st in more)
+            outcomes = self.executor.run(more, ctx, on_done, done=outcomes)
             self.steps = [*self.steps, *more]
         return outcomes, planval.assemble(self.sc, proposal, {k: o.result for k, o in outcomes.items()})
+
+    def _recorder(self):
+        """What measures this run's throughput for later estimates
+        (:mod:`loramix.scenario.estimate`); None on a Ray cluster given by
+        address, whose steps ran on other machines."""
+        from .estimate import Recorder, machine
+
+        ex = self.executor.describe()
+        if ex.get("address", "local") != "local":
+            return None
+        return Recorder(self.cache.root, machine(self.device), self.sc, self.steps,
+                        threads=ex.get("threads_per_job", self.threads))  # fmt: skip
 
     def _made_seconds(self) -> dict[str, float]:
         """What each reused artifact cost when it was made (from its cache record)."""
@@ -244,7 +270,7 @@ def run_scenario(
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads or 1)
     cache = Cache(Path(cache_dir) if cache_dir is not None else default_cache_dir(), fresh=fresh)
-    runner = Runner(sc, cache=cache, device=dev, progress=progress, executor=ex)
+    runner = Runner(sc, cache=cache, device=dev, progress=progress, executor=ex, threads=threads or 1)
     try:
         report = runner.run()
     finally:
