@@ -4,9 +4,15 @@ Cost of a group ``C`` (a set of adapters):
 
 * with a predictors file (:mod:`loramix.validation`): its best validated
   predictor applied to ``C``'s composition features (pair values aggregated over
-  the member pairs, :func:`loramix.features.composition_value`), with the
-  fit's prediction interval; the default budget is ``0``, the zero-interference
-  point (merge only where no interference is predicted);
+  the member pairs, :func:`loramix.features.composition_value`; the size
+  ``k - 1`` where the predictor reads it), with the fit's prediction interval;
+  the default budget is ``0``, the zero-interference point (merge only where no
+  interference is predicted);
+* with a predictors file that has ``by_method`` (one best validated predictor
+  per merge method, written by ``loramix scenario run``): ``C`` is costed under
+  each of those methods, by that method's own predictor; its cost is the lowest
+  of them (with that prediction's interval) and its method the one that
+  predicts it (a tie goes to the file's first method, its primary target's);
 * without one: the composition's RMS cosine
   ``sqrt(mean_{i<j in C} rms_cosine[i, j]^2)``, no interval; default budget ``0.1``.
 
@@ -16,7 +22,10 @@ lowest predicted cost, as long as that cost is at most the budget; stop when no
 union qualifies. Each step evaluates the union's own composition cost (not a
 linkage of pair costs), so a group's cost is exactly what is reported.
 
-Method rule: a group of one is kept as is (``keep``); a merged group gets
+Method rule: a group of one is kept as is (``keep``). With predictors per merge
+method, a merged group gets the method of lowest predicted cost (above), so the
+groups are chosen by the cost of the method they will be merged by. Otherwise
+(one predictor, i.e. an older predictors file or none) a merged group gets
 ``sum`` when its pessimistic cost (the upper end of its interval, else its point
 cost) is at most half the budget, and ``ties`` (sign-resolved merging, robust to
 conflicting deltas) otherwise.
@@ -25,7 +34,7 @@ conflicting deltas) otherwise.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import UsageError
 from .features import FeatureSet, compute_features, registry
@@ -38,6 +47,8 @@ def fit_features(fit: dict) -> list[str]:
     """The feature matrices a fitted predictor reads."""
     if fit["kind"] == "ols":
         return [fit["feature"]]
+    if fit["kind"] == "ols_pairsum":
+        return [fit["feature"], fit["size"]]
     if fit["kind"] == "ridge":
         return list(fit["features"])
     return []
@@ -50,10 +61,41 @@ class CostModel:
     features: FeatureSet
     fit: dict | None = None  # a fitted predictor of loramix.validation; None: RMS cosine
     level: float = 0.9
+    by_method: dict[str, dict] = field(default_factory=dict)  # merge method -> its fitted predictor
+
+    @property
+    def method_aware(self) -> bool:
+        """Whether groups are costed per merge method (two or more methods with a predictor)."""
+        return self.fit is not None and len(self.by_method) >= 2
+
+    @property
+    def rule(self) -> str:
+        return RULE_BY_METHOD if self.method_aware else RULE
 
     @property
     def default_budget(self) -> float:
         return 0.0 if self.fit is not None else COSINE_BUDGET
+
+    def _predict(self, fit: dict, members: list[int]) -> tuple[float, float | None, float | None]:
+        x = {f: self.features.composition(f, members) for f in fit_features(fit)}
+        if any(not math.isfinite(v) for v in x.values()):
+            return float("nan"), None, None
+        return predict_from(fit, x, self.level)
+
+    def method_costs(self, members: list[int]) -> dict[str, tuple[float, float | None, float | None]]:
+        """``{method: (cost, low, high)}`` under each merge method's predictor (empty for one adapter)."""
+        if len(members) < 2:
+            return {}
+        return {m: self._predict(f, members) for m, f in self.by_method.items()}
+
+    def choose(self, members: list[int]) -> tuple[str | None, tuple[float, float | None, float | None]]:
+        """The method of lowest finite predicted cost and its ``(cost, low, high)``
+        (the first such method on a tie; ``None`` and NaN when none is finite)."""
+        best = None
+        for m, c in self.method_costs(members).items():
+            if math.isfinite(c[0]) and (best is None or c[0] < best[1][0]):
+                best = (m, c)
+        return best if best is not None else (None, (float("nan"), None, None))
 
     def cost(self, members: list[int]) -> tuple[float, float | None, float | None]:
         """``(cost, low, high)``; a single adapter costs nothing."""
@@ -61,10 +103,20 @@ class CostModel:
             return 0.0, None, None
         if self.fit is None:
             return self.features.composition("rms_cosine", members), None, None
-        x = {f: self.features.composition(f, members) for f in fit_features(self.fit)}
-        if any(not math.isfinite(v) for v in x.values()):
-            return float("nan"), None, None
-        return predict_from(self.fit, x, self.level)
+        if self.method_aware:
+            return self.choose(members)[1]
+        return self._predict(self.fit, members)
+
+    def method(self, members: list[int], budget: float) -> str:
+        """The merge method the rule of the module docstring proposes for ``members``."""
+        if len(members) < 2:
+            return "keep"
+        if self.method_aware:
+            m = self.choose(members)[0]
+            if m is not None:
+                return m
+        cost, _, high = self.cost(members)
+        return method_for(len(members), cost, high, budget)
 
 
 def greedy_groups(n: int, cost, budget: float, max_group: int) -> list[list[int]]:
@@ -111,20 +163,32 @@ class Plan:
     max_group: int
     cost_source: str
     validated: dict | None = None  # the predictors file's record of the chosen predictor
+    rule: str = ""
+    validated_by_method: dict | None = None  # merge method -> {"predictor", "validated"} when method-aware
 
     def to_json_dict(self) -> dict:
-        return {"adapters": self.names, "cost": self.cost_source, "validated": self.validated,
-                "budget": self.budget, "max_group": self.max_group, "rule": RULE, "groups": self.groups}  # fmt: skip
+        d = {"adapters": self.names, "cost": self.cost_source, "validated": self.validated,
+             "budget": self.budget, "max_group": self.max_group, "rule": self.rule or RULE, "groups": self.groups}  # fmt: skip
+        if self.validated_by_method:
+            d["validated_by_method"] = self.validated_by_method
+        return d
 
 
 RULE = ("sum when the pessimistic predicted cost (upper end of the interval, else the point cost) "
         "is at most half the budget, ties otherwise; a group of one is kept")  # fmt: skip
+RULE_BY_METHOD = ("each group costed under every merge method with a validated predictor; its cost is the lowest "
+                  "prediction and its method the one that makes it; a group of one is kept")  # fmt: skip
 
 
-def cost_model(adapters, fit_path, data, base, tokens, device) -> tuple[CostModel, str, dict | None]:
+def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: bool = True,
+               ) -> tuple[CostModel, str, dict | None]:  # fmt: skip
+    """The cost model of the module docstring for loaded ``adapters``; ``by_method=False``
+    keeps to the file's primary predictor (``loramix predict``)."""
     fitfile = load_predictors(fit_path) if fit_path is not None else None
     fit = fitfile["fits"][fitfile["best"]] if fitfile else None
-    needed = {f.split(":")[0] for f in fit_features(fit)} if fit else {"rms_cosine"}
+    methods = {m: e["fit"] for m, e in (fitfile.get("by_method") or {}).items()} if fitfile and by_method else {}
+    reads = [fit, *methods.values()] if fit else []
+    needed = {f.split(":")[0] for fi in reads for f in fit_features(fi)} if fit else {"rms_cosine"}
     aware = sorted(f for f in needed if f in registry() and registry()[f].data_aware)
     unknown = sorted(needed - set(registry()))
     if unknown:
@@ -145,8 +209,18 @@ def cost_model(adapters, fit_path, data, base, tokens, device) -> tuple[CostMode
     if fit is None:
         return CostModel(feats), "RMS cosine of the composition (no --fit given)", None
     summary = {r["predictor"]: r for r in fitfile["summary"]}.get(fitfile["best"])
-    src = f"predicted {fitfile['target']} by {fitfile['best']} from {fit_path}"
-    return CostModel(feats, fit, fitfile["level"]), src, summary
+    model = CostModel(feats, fit, fitfile["level"], methods)
+    if model.method_aware:
+        each = "; ".join(f"{m}: {e['best']}" for m, e in fitfile["by_method"].items())
+        src = f"the lowest predicted {fitfile['target'].split(' (')[0]} over merge methods ({each}) from {fit_path}"
+    else:
+        src = f"predicted {fitfile['target']} by {fitfile['best']} from {fit_path}"
+    return model, src, summary
+
+
+def by_method_records(by_method: dict) -> dict:
+    """``{method: {"predictor", "validated"}}`` of a predictors file's ``by_method``."""
+    return {m: {"predictor": e["best"], "validated": e.get("validated")} for m, e in by_method.items()}
 
 
 def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 4, budget: float | None = None,
@@ -169,27 +243,35 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
         raise UsageError("--budget", f"must be a finite number, got {budget}")
     adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
     model, source, validated = cost_model(adapters, fit, data, base, tokens, device)
-    return plan_with(model, source=source, validated=validated, max_group=max_group, budget=budget)
+    vbm = by_method_records(load_predictors(fit)["by_method"]) if model.method_aware else None
+    return plan_with(model, source=source, validated=validated, max_group=max_group, budget=budget,
+                     validated_by_method=vbm)  # fmt: skip
 
 
 def describe_groups(model: CostModel, groups: list[list[int]], budget: float) -> list[dict]:
-    """Each group (indices) with its members' names, predicted cost, interval and the rule's method."""
+    """Each group (indices) with its members' names, predicted cost, interval and
+    the rule's method; with predictors per merge method also ``costs``, the
+    predicted cost under each method."""
     names, out = model.features.names, []
     for k, g in enumerate(groups, start=1):
         cost, lo, hi = model.cost(g)
-        out.append({"group": k, "members": [names[i] for i in g], "cost": cost,
-                    "interval": None if lo is None else [lo, hi], "method": method_for(len(g), cost, hi, budget)})  # fmt: skip
+        d = {"group": k, "members": [names[i] for i in g], "cost": cost,
+             "interval": None if lo is None else [lo, hi], "method": model.method(g, budget)}  # fmt: skip
+        if model.method_aware and len(g) > 1:
+            d["costs"] = {m: c[0] for m, c in model.method_costs(g).items()}
+        out.append(d)
     return out
 
 
 def plan_with(model: CostModel, *, source: str, validated: dict | None = None, max_group: int = 4,
-              budget: float | None = None) -> Plan:  # fmt: skip
+              budget: float | None = None, validated_by_method: dict | None = None) -> Plan:  # fmt: skip
     """The plan of :func:`plan` from a ready cost model (the features already
     computed, e.g. by a scenario's features step)."""
     b = model.default_budget if budget is None else float(budget)
     groups = greedy_groups(len(model.features.names), model.cost, b, max_group)
     names = list(model.features.names)
-    return Plan(names, describe_groups(model, groups, b), b, max_group, source, validated)
+    return Plan(names, describe_groups(model, groups, b), b, max_group, source, validated, model.rule,
+                validated_by_method)  # fmt: skip
 
 
 def random_groupings(n: int, sizes: list[int], count: int, seed: int) -> list[list[list[int]]]:

@@ -108,7 +108,7 @@ def predict_validated(adapters_or_paths, path, *, data=None, base=None, tokens: 
         raise UsageError("predict", f"a composition needs at least 2 adapters, got {len(items)}")
     adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
     warnings = _checks(adapters, fitfile, str(path))
-    model, _, validated = cost_model(adapters, path, data, base, tokens, device)
+    model, _, validated = cost_model(adapters, path, data, base, tokens, device, by_method=False)
     members = list(range(len(adapters)))
     y, lo, hi = model.cost(members)
     rows = {r["predictor"]: r for r in fitfile["summary"]}

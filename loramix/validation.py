@@ -11,6 +11,15 @@ Predictors
 * ``mean``: ``y_hat = mean(y_train)``; interval ``y_bar +- t_{n-1} s sqrt(1 + 1/n)``.
 * ``ols:F`` for each feature ``F``: the line ``y = a x_F + b`` of
   :func:`loramix.fit.fit_line` with its OLS prediction interval.
+* ``ols_pairsum:F`` for each feature ``F``, when the compositions differ in size
+  (the ``pairs_per_member`` column of :mod:`loramix.features.size`, ``s = k - 1``,
+  takes more than one value): the additive pair model. If each pair ``(i, j)``
+  cost ``a x_ij + b`` and costs added up, a member would lose the sum over its
+  ``k - 1`` partners and the composition (the mean over members) ``s (a x_F + b)``.
+  So the line ``y / s = a x_F + b`` is fitted (:func:`loramix.fit.fit_line`) and
+  ``y_hat = s (a x_F + b)``, its interval scaled by ``s``. On pairs alone it is
+  ``ols:F``; it extrapolates to larger groups linearly in ``k - 1``, where
+  ``ols:F`` assumes a group costs what its mean pair does.
 * ``ridge``: the overall features (names without ``:``) standardised on the
   training part, ``z = (x - mu) / sd``, and
   ``beta = (Z^T Z + lambda I)^{-1} Z^T (y - y_bar)``, ``y_hat = y_bar + z beta``;
@@ -45,6 +54,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UsageError
+from .features.size import SIZE
 from .fit import LinearFit, fit_line, t_quantile
 from .io.config_schema import load_json_file
 
@@ -133,6 +143,14 @@ def _fit_ols(x: np.ndarray, y: np.ndarray, feature: str) -> dict:
     return {"kind": "ols", "feature": feature, **{k: getattr(f, k) for k in keep}}
 
 
+def _fit_pairsum(x: np.ndarray, size: np.ndarray, y: np.ndarray, feature: str) -> dict:
+    """The line of ``y / size`` on ``x`` (``ols_pairsum``, module docstring)."""
+    fit = _fit_ols(x, y / size, feature)
+    if fit["kind"] != "ols":  # no line: the plain mean of y
+        return _fit_mean(y)
+    return {**fit, "kind": "ols_pairsum", "size": SIZE}
+
+
 def _ridge_value(fit: dict, x: np.ndarray) -> float:
     """``y_bar + ((x - mu) / sd) @ beta``."""
     return fit["intercept"] + float(((x - fit["mu"]) / np.asarray(fit["sd"])) @ np.asarray(fit["coef"]))
@@ -147,11 +165,12 @@ def predict_from(fit: dict, x: dict, level: float = 0.9) -> tuple[float, float |
             return m, None, None
         half = t_quantile(0.5 + level / 2, n - 1) * sd * math.sqrt(1 + 1 / n)
         return m, m - half, m + half
-    if fit["kind"] == "ols":
+    if fit["kind"] in ("ols", "ols_pairsum"):
         f = LinearFit.from_dict(fit)
         x0 = float(x[fit["feature"]])
+        s = float(x[fit["size"]]) if fit["kind"] == "ols_pairsum" else 1.0
         iv = f.prediction_interval(x0, level)
-        return f.predict(x0), *(iv if iv is not None else (None, None))
+        return s * f.predict(x0), *((s * iv[0], s * iv[1]) if iv is not None else (None, None))
     yh = _ridge_value(fit, np.array([float(x[k]) for k in fit["features"]]))
     if fit["resid_low"] is None:
         return yh, None, None
@@ -180,11 +199,22 @@ def _choose_lambda(comps, X: np.ndarray, y: np.ndarray, lambdas=LAMBDAS) -> floa
     return best
 
 
-def fit_all(comps, y: np.ndarray, X: pd.DataFrame, level: float = 0.9, lambdas=LAMBDAS) -> dict[str, dict]:
-    """Every predictor fitted on ``(comps, X, y)``: ``{"mean", "ols:F"..., "ridge"}``."""
+def sized(X: pd.DataFrame) -> bool:
+    """Whether the compositions of ``X`` differ in size (then ``ols_pairsum`` predictors are fitted)."""
+    return SIZE in X.columns and X[SIZE].nunique() > 1
+
+
+def fit_all(comps, y: np.ndarray, X: pd.DataFrame, level: float = 0.9, lambdas=LAMBDAS,
+            pairsum: bool = False) -> dict[str, dict]:  # fmt: skip
+    """Every predictor fitted on ``(comps, X, y)``: ``{"mean", "ols:F"..., ["ols_pairsum:F"...], "ridge"}``."""
     fits = {"mean": _fit_mean(y)}
     for f in X.columns:
         fits[f"ols:{f}"] = _fit_ols(X[f].to_numpy(), y, f)
+    if pairsum:
+        size = X[SIZE].to_numpy(dtype=np.float64)
+        for f in X.columns:
+            if f != SIZE:
+                fits[f"ols_pairsum:{f}"] = _fit_pairsum(X[f].to_numpy(), size, y, f)
     rf = ridge_features(X)
     if rf:
         R = X[rf].to_numpy()
@@ -276,9 +306,9 @@ def validate(compositions, y, X: pd.DataFrame, *, level: float = 0.9, lambdas=LA
     splits = lodo_splits(comps)
     if not splits:
         raise UsageError("validation", "leave-one-domain-out needs compositions with and without each domain")
-    rows = []
+    rows, pairsum = [], sized(X)
     for d, tr, te in splits:
-        fits = fit_all([comps[k] for k in tr], y[tr], X.iloc[tr], level, lambdas)
+        fits = fit_all([comps[k] for k in tr], y[tr], X.iloc[tr], level, lambdas, pairsum)
         for name, fit in fits.items():
             for k in te:
                 yh, lo, hi = predict_from(fit, X.iloc[k].to_dict(), level)
@@ -289,8 +319,18 @@ def validate(compositions, y, X: pd.DataFrame, *, level: float = 0.9, lambdas=LA
     )
     summary = summary.sort_values(["mae", "predictor"], kind="stable").reset_index(drop=True)[SUMMARY_COLUMNS]
     agg = {f: (aggregate or {}).get(f, "rms") for f in X.columns}
-    fits = fit_all(comps, y, X, level, lambdas)
+    fits = fit_all(comps, y, X, level, lambdas, pairsum)
     return Validation(pred, summary, fits, comps, y.tolist(), agg, level, target, dropped)
+
+
+def method_entry(v: dict) -> dict:
+    """One merge method's part of a predictors file's ``by_method``: from a
+    :meth:`Validation.to_json_dict`, its target, level, best predictor (the fit
+    and its held-out record) and the mean's held-out MAE."""
+    rows = {r["predictor"]: r for r in v["summary"]}
+    return {"target": v["target"], "level": v["level"], "best": v["best"], "beats_mean": v["beats_mean"],
+            "fit": v["fits"][v["best"]], "validated": rows.get(v["best"]),
+            "mean_mae": rows.get("mean", {}).get("mae")}  # fmt: skip
 
 
 def write_predictors(path: str | os.PathLike, result: Validation) -> Path:
@@ -312,4 +352,8 @@ def load_predictors(path: str | os.PathLike) -> dict:
         raise UsageError(p, f"not a loramix predictors file (no format {FORMAT!r} with 'fits')")
     if d.get("best") not in d["fits"]:
         raise UsageError(p, f"best predictor {d.get('best')!r} has no fit")
+    bm = d.get("by_method")
+    if bm is not None and (not isinstance(bm, dict) or not all(isinstance(e, dict) and isinstance(e.get("fit"), dict)
+                                                              for e in bm.values())):  # fmt: skip
+        raise UsageError(p, "'by_method' is not {merge method: {'fit': ...}}; regenerate it with loramix scenario run")
     return d

@@ -161,3 +161,34 @@ def test_a_data_aware_fit_needs_data_and_runs_with_it(tmp_path, capsys):
     assert p.cost_source.startswith("predicted interference by ols:functional_interference")
     assert [len(g["members"]) for g in p.groups] == [3]  # every group fits a loose budget
     load_adapter(ads[0])  # the inputs are untouched
+
+
+def test_method_aware_cost_on_known_costs():
+    """Two merge methods with known costs: ``sum`` costs ``10 f`` (f a pair matrix),
+    ``ties`` a flat 1. Each group is costed by both and merged by the cheaper; the
+    grouping follows the chosen method's cost, where the sum-only model differs."""
+    from loramix.features import FeatureSet
+    from loramix.grouping import RULE_BY_METHOD, CostModel, plan_with
+
+    def line(a):  # cost a * f (a ridge on one unstandardised feature)
+        return {"kind": "ridge", "features": ["f"], "lambda": 0.0, "mu": [0.0], "sd": [1.0], "coef": [a],
+                "intercept": 0.0, "resid_low": None, "resid_high": None, "n": 10}  # fmt: skip
+
+    flat = {"kind": "mean", "n": 2, "mean": 1.0, "sd": None}
+    f = np.full((4, 4), 0.5)
+    f[0, 1] = f[1, 0] = 0.0  # 0 and 1 sum for free; every other pair costs 5 by the sum
+    fs = FeatureSet(names=list("abcd"), matrices={"f": f}, aggregate={"f": "rms"})
+    model = CostModel(fs, line(10.0), 0.9, {"sum": line(10.0), "ties": flat})
+    assert model.method_aware and model.rule == RULE_BY_METHOD
+    assert model.method_costs([0, 1]) == {"sum": (0.0, None, None), "ties": (1.0, None, None)}
+    assert model.choose([2, 3]) == ("ties", (1.0, None, None)) and model.method([0, 1], 2.0) == "sum"
+    p = plan_with(model, source="known", max_group=2, budget=2.0)
+    assert [(g["members"], g["method"], g["cost"]) for g in p.groups] == [
+        (["a", "b"], "sum", 0.0), (["c", "d"], "ties", 1.0)]  # fmt: skip
+    assert p.groups[1]["costs"] == {"sum": 5.0, "ties": 1.0}
+    # one method only (an older predictors file): the sum's cost, the half-budget rule
+    old = plan_with(CostModel(fs, line(10.0)), source="old", max_group=2, budget=2.0)
+    assert [(g["members"], g["method"]) for g in old.groups] == [(["a", "b"], "sum"), (["c"], "keep"), (["d"], "keep")]
+    # equal predicted costs: the first method (the file's primary)
+    tie = CostModel(fs, flat, 0.9, {"sum": flat, "ties": {**flat}})
+    assert tie.method([2, 3], 2.0) == "sum"

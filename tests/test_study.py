@@ -329,6 +329,14 @@ def test_plan_validation_section(study):
     assert [g["method"] for g in pv["plan_groups"]] == [g["method"] for g in cli.groups]
     for mine, theirs in zip(pv["plan_groups"], cli.groups):
         assert mine["cost"] == pytest.approx(theirs["cost"], rel=1e-9, abs=1e-9)
+    # method-aware: a predictor per merge method, each group merged by the cheaper prediction
+    from loramix.grouping import RULE_BY_METHOD
+
+    fitfile = json.loads((out / "predictors.json").read_text())
+    assert list(fitfile["by_method"]) == ["sum", "ties"] and fitfile["by_method"]["sum"]["best"] == fitfile["best"]
+    assert pv["rule"] == cli.rule == RULE_BY_METHOD and set(pv["validated_by_method"]) == {"sum", "ties"}
+    for g in (g for g in pv["plan_groups"] if len(g["members"]) > 1):
+        assert g["method"] == min(g["costs"], key=g["costs"].get) and g["cost"] == min(g["costs"].values())
     sizes = sorted(len(g["members"]) for g in pv["plan_groups"])
     assert max(sizes) > 1 and sum(sizes) == 4
     assert [m["how"] for m in pv["by_method"]] == ["plan", "ties"]

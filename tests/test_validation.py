@@ -175,3 +175,46 @@ def test_predictors_file_round_trip_and_bad_files(tmp_path):
     (tmp_path / "other.json").write_text('{"fits": []}')
     with pytest.raises(UsageError, match="not a loramix predictors file"):
         load_predictors(tmp_path / "other.json")
+
+
+def test_size_feature_is_k_minus_one_and_member_sum_is_each_members_partner_sum():
+    from loramix.features import composition_value, registry
+    from loramix.features.size import SIZE, ensure_size
+
+    assert registry()[SIZE].aggregate == "member_sum"
+    rng = np.random.default_rng(8)
+    M = rng.uniform(-1, 1, (5, 5))
+    M = (M + M.T) / 2
+    fs = ensure_size(FeatureSet(names=list("abcde"), matrices={"f": M}, aggregate={"f": "mean"}))
+    comps = [("a", "b"), ("a", "c", "e"), ("b", "c", "d", "e"), tuple("abcde")]
+    t = composition_table(fs, comps)
+    assert t[SIZE].tolist() == [len(c) - 1 for c in comps]  # pairs 1, triples 2, ...
+    for c in comps:
+        idx = ["abcde".index(d) for d in c]
+        direct = np.mean([sum(M[i, j] for j in idx if j != i) for i in idx])  # each member's sum over partners
+        assert composition_value(M, idx, "member_sum") == pytest.approx(direct, rel=1e-12)
+        assert composition_value(M, idx, "member_sum") == pytest.approx((len(c) - 1) * t.loc["+".join(c), "f"])
+
+
+def test_pairsum_predictor_extrapolates_the_additive_pair_model():
+    """y = (k - 1)(a x + b): the pair line scaled by k - 1 is the best held-out
+    predictor, ols on the mean pair value is worse, and a group of four is predicted
+    at 3 (a x + b); with pairs alone no ols_pairsum is fitted."""
+    from loramix.features.size import SIZE
+    from loramix.validation import predict_from
+
+    comps, rng = _bank(seed=9, triples=20)
+    x = rng.uniform(0, 1, len(comps))
+    s = np.array([len(c) - 1 for c in comps], dtype=float)
+    y = s * (4 * x + 1) + rng.normal(0, 0.05, len(comps))
+    v = validate(comps, y, pd.DataFrame({"f": x, SIZE: s}))
+    assert v.best == "ols_pairsum:f" and v.mae("ols_pairsum:f") < v.mae("ols:f") / 3
+    fit = v.fits["ols_pairsum:f"]
+    assert fit["slope"] == pytest.approx(4, abs=0.1) and fit["intercept"] == pytest.approx(1, abs=0.1)
+    yh, lo, hi = predict_from(fit, {"f": 0.5, SIZE: 3.0})
+    assert yh == pytest.approx(3 * (fit["slope"] * 0.5 + fit["intercept"]))
+    line, llo, lhi = predict_from({**fit, "kind": "ols"}, {"f": 0.5})
+    assert (lo, hi) == pytest.approx((3 * llo, 3 * lhi))
+    pairs = [k for k, c in enumerate(comps) if len(c) == 2]
+    v2 = validate([comps[k] for k in pairs], y[pairs], pd.DataFrame({"f": x[pairs], SIZE: s[pairs]}))
+    assert not any(p.startswith("ols_pairsum") for p in v2.fits)

@@ -41,7 +41,7 @@ def command(adapters, fit_path, data, base, tokens, max_group, budget, device, a
     """Propose groups of ADAPTERS to merge, with each group's predicted cost and a method."""
     import json
 
-    from ..grouping import RULE, plan
+    from ..grouping import plan
 
     p = plan(list(adapters), fit=fit_path, data=list(data) or None, base=base, max_group=max_group,
              budget=budget, tokens=tokens, device=device)  # fmt: skip
@@ -49,12 +49,17 @@ def command(adapters, fit_path, data, base, tokens, max_group, budget, device, a
         click.echo(json.dumps(p.to_json_dict(), indent=2))
         return
     click.echo(f"cost: {p.cost_source}")
-    if p.validated is not None:
+    if p.validated_by_method:
+        for m, e in p.validated_by_method.items():
+            v = e.get("validated") or {}
+            click.echo(f"  {m}: {e['predictor']}, validated (leave-one-domain-out): MAE {_fmt(v.get('mae'))}, "
+                       f"r {_fmt(v.get('r'))}, interval coverage {_fmt(v.get('coverage'))}")  # fmt: skip
+    elif p.validated is not None:
         v = p.validated
         click.echo(f"  validated (leave-one-domain-out): MAE {_fmt(v.get('mae'))}, r {_fmt(v.get('r'))}, "
                    f"interval coverage {_fmt(v.get('coverage'))}")  # fmt: skip
     click.echo(f"budget: {p.budget:g}; groups of at most {p.max_group}")
-    click.echo(f"method: {RULE}")
+    click.echo(f"method: {p.rule}")
     click.echo(f"{'group':>5}  {'method':<6} {'cost':>9}  {'interval':<21} members")
     for g in p.groups:
         iv = "" if g["interval"] is None else f"[{g['interval'][0]:.3g}, {g['interval'][1]:.3g}]"

@@ -13,7 +13,10 @@ from its pairs (:func:`composition_value`):
 
 * ``"rms"``: ``sqrt(mean_{i<j in C} F[i, j]^2)`` (as
   :func:`loramix.fit.composition_cosine`), for magnitudes;
-* ``"mean"``: ``mean_{i<j in C} F[i, j]``, for signed values.
+* ``"mean"``: ``mean_{i<j in C} F[i, j]``, for signed values;
+* ``"member_sum"``: ``(k - 1) mean_{i<j in C} F[i, j] = mean_{i in C} sum_{j in C, j != i} F[i, j]``,
+  each member's sum over its ``k - 1`` partners, averaged over the members: the
+  size-aware aggregation (:mod:`.size`, whose all-ones matrix gives ``k - 1``).
 
 A *directional* matrix (``F[i, j] != F[j, i]``, e.g. the interference of
 adapter ``j`` on domain ``i``) is kept for reports but not used as a predictor.
@@ -44,11 +47,12 @@ class Feature:
     name: str
     compute: Callable
     data_aware: bool = False
-    aggregate: str = "rms"  # or "mean"
+    aggregate: str = "rms"  # or "mean", "member_sum"
     directional: frozenset[str] = frozenset()  # matrix names not symmetric
     doc: str = ""
 
 
+AGGREGATES = ("rms", "mean", "member_sum")
 _REGISTRY: dict[str, Feature] = {}
 _DISCOVERED = False
 
@@ -57,8 +61,8 @@ def register(feature: Feature) -> Feature:
     """Add ``feature``; a name already registered (or an unknown aggregate) is refused."""
     if feature.name in _REGISTRY:
         raise ValueError(f"feature {feature.name!r} is registered twice")
-    if feature.aggregate not in ("rms", "mean"):
-        raise ValueError(f"feature {feature.name!r}: aggregate must be 'rms' or 'mean'")
+    if feature.aggregate not in AGGREGATES:
+        raise ValueError(f"feature {feature.name!r}: aggregate must be one of {', '.join(AGGREGATES)}")
     _REGISTRY[feature.name] = feature
     return feature
 
@@ -110,6 +114,8 @@ def composition_value(matrix: np.ndarray, members: list[int], aggregate: str = "
         return float("nan")
     if aggregate == "rms":
         return math.sqrt(sum(v * v for v in vals) / len(vals))
+    if aggregate == "member_sum":
+        return (len(members) - 1) * sum(vals) / len(vals)
     return sum(vals) / len(vals)
 
 

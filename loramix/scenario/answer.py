@@ -212,6 +212,17 @@ def section_predictors(report: dict, v) -> list[str]:
     return L
 
 
+def by_method(vals: list[dict], val: dict) -> dict:
+    """``predictors.json``'s ``by_method``: the best validated predictor of the
+    primary validation's target and adapter kind for each merge method, the
+    primary's method first (:func:`loramix.validation.method_entry`)."""
+    from ..validation import method_entry
+
+    same = [v for v in vals if v["adapter_method"] == val["adapter_method"] and v["target_name"] == val["target_name"]]
+    same.sort(key=lambda v: v["merge_method"] != val["merge_method"])
+    return {v["merge_method"]: method_entry(v) for v in same}
+
+
 def write_predictor_files(folder: Path, report: dict) -> None:
     """``predictors.json``, ``validation.csv``, ``predictions.csv`` and the predictors' plots."""
     from . import plots
@@ -230,6 +241,7 @@ def write_predictor_files(folder: Path, report: dict) -> None:
         out = {k: x for k, x in val.items() if k != "predictions"}
         out.update(scenario=report["scenario"]["name"], base_identity=report["base"].get("identity"),
                    adapter_kind=val["adapter_method"])  # fmt: skip
+        out["by_method"] = by_method(vals, val)
         (folder / "predictors.json").write_text(json.dumps(out, indent=1) + "\n")
         pred = pd.DataFrame(val["predictions"])
         plots.predicted_vs_measured(pred[pred["predictor"] == val["best"]], folder / "predicted_vs_measured.png",
@@ -324,6 +336,10 @@ def section_plan(report: dict, v) -> list[str]:
     L.append("")
     val = pv.get("validated") or {}
     how = f" (held-out MAE {_f(val.get('mae'))}, r = {_f(val.get('r'))})" if val else ""
+    if pv.get("validated_by_method"):
+        how = " (held-out MAE " + "; ".join(
+            f"{m}: {_f((e.get('validated') or {}).get('mae'))} by {e['predictor']}"
+            for m, e in pv["validated_by_method"].items()) + ")"  # fmt: skip
     sizes = "+".join(str(s) for s in pv["sizes"] if s > 1) or "none"
     L.append(f"The {len(pv['names'])} `{pv['adapter_method']}` domain adapters of seed {pv['seed']}, grouped as "
              f"`loramix plan --fit predictors.json --max-group {pv['max_size']} --budget {pv['budget']:g}` groups "

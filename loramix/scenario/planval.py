@@ -3,9 +3,11 @@
 With a ``[plan]`` table, once the predictors step has run (its validation is
 part of :func:`loramix.scenario.assemble.assemble`), the domain adapters of one
 label and seed are grouped by :mod:`loramix.grouping`, as ``loramix plan --fit
-predictors.json`` groups them: the cost of a group is the study's best validated
-predictor of ``predictors.target`` (for ``predictors.method``) fitted on that
-label's compositions, read from the features step's matrices of that seed. Each
+predictors.json`` groups them: the cost of a group is the lowest over the
+study's merge methods of each method's best validated predictor of
+``predictors.target``, fitted on that label's compositions, and its method the
+one of lowest cost (:mod:`loramix.grouping`), read from the features step's
+matrices of that seed. Each
 group of two or more is merged and evaluated on its members' eval splits; so is
 every group of ``plan.random`` random groupings with the same group sizes
 (:func:`loramix.grouping.random_groupings`, seeded by ``plan.random_seed``).
@@ -47,38 +49,48 @@ def _validation_for(validations: list[dict], am: str, target: str, method: str) 
 
 
 def cost_model(sc: Scenario, results: dict, validations: list[dict]):
-    """``(CostModel, source, validated)`` for the plan's label and seed: the
-    validated best predictor (``predictors.json``'s choice for this label), or,
-    where the study could not validate one, the RMS cosine (``loramix plan``
-    without ``--fit``)."""
-    from ..grouping import CostModel
+    """``(CostModel, source, validated, validated_by_method)`` for the plan's label
+    and seed: the validated best predictor of ``predictors.target`` under each of
+    the study's merge methods, ``predictors.method``'s first (what ``loramix plan
+    --fit predictors.json`` reads from the file's ``by_method``), or, where the
+    study could not validate one, the RMS cosine (``loramix plan`` without ``--fit``)."""
+    from ..grouping import CostModel, by_method_records
+    from .answer import by_method
     from .predictors import TARGETS, feature_set
 
     p, pr = sc.plan, sc.predictors
     fs = feature_set([results[f"features/{p.adapters}/{p.seed}"]])
     v = _validation_for(validations, p.adapters, pr.target, pr.method)
     if v is None:
-        return CostModel(fs), "RMS cosine of the composition (the study validated no predictor for it)", None
+        return CostModel(fs), "RMS cosine of the composition (the study validated no predictor for it)", None, None
     summary = {r["predictor"]: r for r in v["summary"]}.get(v["best"])
+    bm = by_method(validations, v)
+    model = CostModel(fs, v["fits"][v["best"]], v["level"], {m: e["fit"] for m, e in bm.items()})
+    if model.method_aware:
+        each = "; ".join(f"{m}: {e['best']}" for m, e in bm.items())
+        src = (f"the lowest predicted {TARGETS[pr.target]} over merge methods ({each}), each the study's best "
+               "validated predictor")  # fmt: skip
+        return model, src, summary, by_method_records(bm)
     src = f"predicted {TARGETS[pr.target]} ({pr.method}) by {v['best']}, the study's best validated predictor"
-    return CostModel(fs, v["fits"][v["best"]], v["level"]), src, summary
+    return model, src, summary, None
 
 
 def propose(sc: Scenario, results: dict, validations: list[dict]) -> dict:
     """The plan's grouping and the random groupings, each group with its predicted
     cost, interval and the method the rule proposes for it (a pure function of
     the study's results)."""
-    from ..grouping import RULE, describe_groups, plan_with, random_groupings
+    from ..grouping import describe_groups, plan_with, random_groupings
 
     p = sc.plan
-    model, source, validated = cost_model(sc, results, validations)
-    pl = plan_with(model, source=source, validated=validated, max_group=p.max_size, budget=p.budget)
+    model, source, validated, vbm = cost_model(sc, results, validations)
+    pl = plan_with(model, source=source, validated=validated, max_group=p.max_size, budget=p.budget,
+                   validated_by_method=vbm)  # fmt: skip
     sizes = [len(g["members"]) for g in pl.groups]
     rand = random_groupings(len(pl.names), sizes, p.random, p.random_seed)
     return {"adapter_method": p.adapters, "seed": p.seed, "names": pl.names, "cost": source, "validated": validated,
-            "budget": pl.budget, "max_size": p.max_size, "rule": RULE, "methods": list(p.methods), "sizes": sizes,
-            "random_count": p.random, "random_seed": p.random_seed, "plan": pl.groups,
-            "random": [describe_groups(model, g, pl.budget) for g in rand]}  # fmt: skip
+            "validated_by_method": vbm, "budget": pl.budget, "max_size": p.max_size, "rule": pl.rule,
+            "methods": list(p.methods), "sizes": sizes, "random_count": p.random, "random_seed": p.random_seed,
+            "plan": pl.groups, "random": [describe_groups(model, g, pl.budget) for g in rand]}  # fmt: skip
 
 
 def merge_spec(sc: Scenario, method: str) -> MergeSpec:
@@ -134,7 +146,9 @@ def _grouping(results: dict, groups: list[dict], how: str, pre: str, own: dict) 
             g.update(retention_pct=float(np.mean(list(deltas.values()))),
                      ppl={d: ev[d]["ppl"] for d in g["members"]})  # fmt: skip
         out.append(g)
-    costs = [g["cost"] for g in out if len(g["members"]) > 1 for _ in g["members"]]
+    # the predicted cost of the method it is merged by, where the plan costed that method
+    costs = [g.get("costs", {}).get(g["method"], g["cost"]) for g in out if len(g["members"]) > 1
+             for _ in g["members"]]  # fmt: skip
     return {"groups": out, "retention_pct": float(np.mean(list(per_domain.values()))) if per_domain else None,
             "predicted": float(np.mean(costs)) if costs else None}  # fmt: skip
 

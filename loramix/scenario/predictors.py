@@ -22,6 +22,7 @@ import pandas as pd
 
 from ..errors import UsageError
 from ..features import FeatureSet
+from ..features.size import ensure_size
 
 TARGETS = {"retention": "retention_pct", "delta_ppl": "delta_ppl_pct"}
 MIN_COMPOSITIONS = 6  # fewer points than this cannot validate a line held out domain by domain
@@ -29,7 +30,7 @@ MIN_COMPOSITIONS = 6  # fewer points than this cannot validate a line held out d
 
 def feature_set(results: list[dict]) -> FeatureSet:
     """The element-wise mean over seeds of ``FeatureSet.to_json_dict`` results
-    (missing values as NaN)."""
+    (missing values as NaN), with the composition size (:mod:`loramix.features.size`)."""
     first = results[0]
     fs = FeatureSet(names=list(first["names"]))
     for name, f in first["features"].items():
@@ -38,7 +39,7 @@ def feature_set(results: list[dict]) -> FeatureSet:
         fs.aggregate[name] = f["aggregate"]
         if f["directional"]:
             fs.directional.add(name)
-    return fs
+    return ensure_size(fs)  # results cached before the size feature was registered lack it
 
 
 def validate_targets(summary: pd.DataFrame, features: dict[str, FeatureSet], *, level: float) -> list[dict]:
