@@ -90,6 +90,10 @@ class MergeMethod:
     #: the merge equals the adapters applied together in the forward
     #: (``W0 + sum_i w_i dW_i``), so a study evaluates it without writing it
     attachable: bool = False
+    #: whether :meth:`merged` reads ``W0`` even for adapter kinds that do not
+    #: ``need_base`` (the default, safe for a method from outside: into a base
+    #: it always gets ``W0``); see :meth:`needs_base`
+    uses_base: bool = True
     #: the adapter kinds (``Adapter.method``) the method applies to
     kinds: tuple[str, ...] = (LORA, D2LORA, DORA)
     #: why other kinds are refused (appended to the error)
@@ -99,6 +103,13 @@ class MergeMethod:
     def applies_to(cls, kind) -> bool:
         """Whether adapters of ``kind`` (a kind object or its name) can be merged with it."""
         return str(kind) in cls.kinds
+
+    def needs_base(self, module_deltas: Sequence[ModuleDelta]) -> bool:
+        """Whether merging these deltas of one module into a base reads ``W0``:
+        the method's own use (``uses_base``) or a kind whose effective delta
+        depends on it (DoRA, D2-LoRA). Where it does not, the streaming engine
+        passes ``W0 = None`` and never forms it whole in float32."""
+        return self.uses_base or any(m.kind.needs_base for m in module_deltas)
 
     # -- validation -------------------------------------------------------------
     def validate(self, params: dict, adapters: Sequence[Adapter]) -> dict:

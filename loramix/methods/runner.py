@@ -216,13 +216,16 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
     modules = module_plan(ads)
     plan = plan_into_base(base, list(modules), ads, dtype)
 
-    def compute(name: str, W0: torch.Tensor) -> ModuleOutput:
+    def compute(name: str, W0: torch.Tensor | None) -> ModuleOutput:
         items = modules[name]
-        ctx = ModuleContext(name, tuple(i for i, _ in items), W0.device, torch.float32)
+        ctx = ModuleContext(name, tuple(i for i, _ in items), dev if W0 is None else W0.device, torch.float32)
         d, facts = m.merged(ctx, [md for _, md in items], [ws[i] for i, _ in items], W0, p)
         # a non-finite delta makes a non-finite output tensor, which the writer
         # refuses naming it (io.safetensors_io.check_output_finite): no second pass here
         return ModuleOutput(d, facts)
+
+    # W0 only where the method reads it: the engine then never forms it whole in float32
+    compute.needs_base = lambda name: m.needs_base([md for _, md in modules[name]])
 
     # "created" is left out: the weight files' metadata must not change from
     # run to run; the time goes into loramix.json below. The facts are known
