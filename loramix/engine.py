@@ -33,6 +33,7 @@ memory is about one large tensor plus the adapters.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import sys
 import threading
@@ -440,6 +441,25 @@ def _all_threads(helpers):
         torch.set_num_threads(1)
 
 
+# The helpers of the streaming run in progress in this thread (None outside one),
+# for the methods' own blocked work (parallel_rows, large_op).
+_RUN_HELPERS: contextvars.ContextVar[Helpers | None] = contextvars.ContextVar("loramix_helpers", default=None)
+
+
+def parallel_rows(rows: int, step: int, fn) -> list:
+    """``fn(r0, r1, k)`` over blocks of ``step`` rows (see :func:`_by_blocks`),
+    shared out with the helpers of the streaming run in progress, or all in
+    this thread outside one; ``k`` tells the threads apart (for their own
+    work buffers). The results, block by block."""
+    return _by_blocks(rows, step, _RUN_HELPERS.get(), fn)
+
+
+def large_op():
+    """A context for one large torch operation: all the run's threads during a
+    streaming run (where torch otherwise runs on one), nothing outside one."""
+    return _all_threads(_RUN_HELPERS.get())
+
+
 @contextlib.contextmanager
 def cpu_threads(executor):
     """For a run of ``executor`` on the CPU: torch on one thread, and the
@@ -460,9 +480,11 @@ def cpu_threads(executor):
     torch.set_num_threads(1)
     helpers = Helpers(n - 1) if n > 1 else None
     executor.helpers = helpers
+    token = _RUN_HELPERS.set(helpers)
     try:
         yield
     finally:
+        _RUN_HELPERS.reset(token)
         executor.helpers = None
         if helpers is not None:
             helpers.pool.shutdown(wait=True)
