@@ -15,25 +15,30 @@ Into a base (see docs/merging.md)::
    ``W0 + delta`` in the stored layout and the module's *facts* (the
    per-module data a method reports, e.g. SVD's discarded energy), returned
    rather than written into shared state. :class:`SerialExecutor` runs the
-   jobs one by one as the writer reaches them. This is the seam for others: a
-   threaded, multi-GPU or distributed executor runs module jobs ahead of the
-   writer (each worker with its own :class:`Buffers`) and yields the results
-   in plan order; the writer needs nothing else.
-3. **Write** (:class:`~loramix.io.shard_writer.ShardWriter`): results go to
-   their offsets in the output shards, copies from file to file.
+   jobs one by one as the writer reaches them, sharing out each tensor's
+   elementwise passes with helper threads (:func:`cpu_threads`). This is the
+   seam for others: a threaded, multi-GPU or distributed executor runs module
+   jobs ahead of the writer (each worker with its own :class:`Buffers`) and
+   yields the results in plan order; the writer needs nothing else.
+3. **Write** (:class:`~loramix.io.shard_writer.ShardWriter`, in a thread of
+   its own while the next job runs): results go to their offsets in the
+   output shards, copies from file to file.
 
 A module's computation, ``compute(name, W0) -> ModuleOutput``, gets ``W0`` as
 ``(out, in)`` (``nn.Linear`` layout; a ``Conv1D`` weight already transposed)
-in float32 (float64 for a float64 base) on the device; its delta is a dense
-``(out, in)`` tensor or a factor pair ``(B (out, k), A (k, in))`` meaning
-``B @ A``, added in one fused ``addmm`` without forming a dense delta. Peak
-memory is about one large tensor plus the adapters.
+in float32 (float64 for a float64 base) on the device, or None for a module
+it says it does not read ``W0`` for (``compute.needs_base``); its delta is a
+dense ``(out, in)`` tensor or a factor pair ``(B (out, k), A (k, in))``
+meaning ``B @ A``, added in one fused ``addmm`` without forming a dense
+delta. Peak memory is about two large tensors in the base's dtype and one in
+float32, plus the adapters (docs/merging.md, "The engine").
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import os
 import sys
 import threading
@@ -407,24 +412,29 @@ def add_delta(
 
 
 def _by_blocks(rows: int, step: int, helpers, fn) -> list:
-    """``fn(r0, r1, k)`` for every block of ``step`` rows, in order, the blocks
-    shared out in contiguous runs between this thread (``k = 0``) and the
-    ``helpers`` (``k`` = 1, 2, ...); the results, block by block."""
+    """``fn(r0, r1, k)`` for every block of ``step`` rows, shared out between
+    this thread (``k = 0``) and the ``helpers`` (``k`` = 1, 2, ...): each
+    takes the next block not yet taken, so a thread that gets less of the
+    CPU (a machine shared with other jobs) does fewer. The results, in block
+    order."""
     starts = list(range(0, rows, step))
     parts = min(len(starts), 1 + (helpers.threads if helpers is not None else 0))
     if parts <= 1:
         return [fn(r0, min(rows, r0 + step), 0) for r0 in starts]
-    cuts = [len(starts) * k // parts for k in range(parts + 1)]
+    done: list = [None] * len(starts)
+    taken = itertools.count()  # next() is atomic under the GIL
 
-    def run(k: int) -> list:
-        return [fn(r0, min(rows, r0 + step), k) for r0 in starts[cuts[k] : cuts[k + 1]]]
+    def run(k: int) -> None:
+        while (i := next(taken)) < len(starts):
+            done[i] = fn(starts[i], min(rows, starts[i] + step), k)
 
     others = [helpers.submit(run, k) for k in range(1, parts)]
     try:
-        mine = run(0)
+        run(0)
     finally:
-        done = [f.result() for f in others]
-    return mine + [r for d in done for r in d]
+        for f in others:
+            f.result()
+    return done
 
 
 @contextlib.contextmanager
