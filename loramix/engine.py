@@ -15,29 +15,37 @@ Into a base (see docs/merging.md)::
    ``W0 + delta`` in the stored layout and the module's *facts* (the
    per-module data a method reports, e.g. SVD's discarded energy), returned
    rather than written into shared state. :class:`SerialExecutor` runs the
-   jobs one by one as the writer reaches them. This is the seam for others: a
-   threaded, multi-GPU or distributed executor runs module jobs ahead of the
-   writer (each worker with its own :class:`Buffers`) and yields the results
-   in plan order; the writer needs nothing else.
-3. **Write** (:class:`~loramix.io.shard_writer.ShardWriter`): results go to
-   their offsets in the output shards, copies from file to file.
+   jobs one by one as the writer reaches them, sharing out each tensor's
+   elementwise passes with helper threads (:func:`cpu_threads`). This is the
+   seam for others: a threaded, multi-GPU or distributed executor runs module
+   jobs ahead of the writer (each worker with its own :class:`Buffers`) and
+   yields the results in plan order; the writer needs nothing else.
+3. **Write** (:class:`~loramix.io.shard_writer.ShardWriter`, in a thread of
+   its own while the next job runs): results go to their offsets in the
+   output shards, copies from file to file.
 
 A module's computation, ``compute(name, W0) -> ModuleOutput``, gets ``W0`` as
 ``(out, in)`` (``nn.Linear`` layout; a ``Conv1D`` weight already transposed)
-in float32 (float64 for a float64 base) on the device; its delta is a dense
-``(out, in)`` tensor or a factor pair ``(B (out, k), A (k, in))`` meaning
-``B @ A``, added in one fused ``addmm`` without forming a dense delta. Peak
-memory is about one large tensor plus the adapters.
+in float32 (float64 for a float64 base) on the device, or None for a module
+it says it does not read ``W0`` for (``compute.needs_base``); its delta is a
+dense ``(out, in)`` tensor or a factor pair ``(B (out, k), A (k, in))``
+meaning ``B @ A``, added in one fused ``addmm`` without forming a dense
+delta. Peak memory is about two large tensors in the base's dtype and one in
+float32, plus the adapters (docs/merging.md, "The engine").
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import itertools
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,8 +81,10 @@ class ModuleOutput:
     facts: dict = field(default_factory=dict)
 
 
-# compute(module name, W0 (out, in)) -> ModuleOutput; must not modify W0.
-ModuleCompute = Callable[[str, torch.Tensor], ModuleOutput]
+# compute(module name, W0 (out, in)) -> ModuleOutput; must not modify W0. A compute
+# may say which modules it needs W0 for (an attribute ``needs_base(module) -> bool``);
+# for the others it gets None and the engine never forms W0 in float32 whole.
+ModuleCompute = Callable[[str, torch.Tensor | None], ModuleOutput]
 
 
 # ---- the plan ------------------------------------------------------------------------
@@ -256,19 +266,28 @@ def plan_into_base(
 
 
 class Buffers:
-    """Reusable work tensors, one per (role, shape, dtype, device): a model
-    repeats a few weight shapes, and fresh allocations of that size cost a
-    page fault per 4 KiB page, more than the arithmetic. One per worker."""
+    """Reusable work tensors, one per (role, dtype, device), handed out as a
+    view of the requested shape: a model repeats a few weight sizes, and
+    fresh allocations of that size cost a page fault per 4 KiB page, more
+    than the arithmetic. A role's buffer grows to the largest size asked for
+    and is shared by every shape (Llama's ``(11008, 4096)`` and
+    ``(4096, 11008)`` take one buffer, not two). One per worker; a tensor
+    from :meth:`get` is valid until the next :meth:`get` of its role."""
 
     def __init__(self):
         self._bufs: dict = {}
 
     def get(self, role: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (role, tuple(shape), dtype, str(device))
+        shape = tuple(shape)
+        n = 1
+        for s in shape:
+            n *= s
+        key = (role, dtype, str(device))
         buf = self._bufs.get(key)
-        if buf is None:
-            buf = self._bufs[key] = torch.empty(tuple(shape), dtype=dtype, device=device)
-        return buf
+        if buf is None or buf.numel() < n:
+            self._bufs.pop(key, None)  # the smaller one goes before the larger one comes
+            buf = self._bufs[key] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
 
 
 @dataclass
@@ -293,46 +312,225 @@ def _check_delta(delta: Delta, name: str, shape: tuple[int, int]) -> None:
         raise ValueError(f"module {name}: delta {tuple(delta.shape)}, expected {shape}")
 
 
-def add_delta(stored: torch.Tensor, job: ModuleJob, compute: ModuleCompute, dev, pool: Buffers) -> JobResult:
+#: elements per block of the elementwise passes (4 MiB of float32): a block
+#: stays in the CPU's cache from its conversion to its check
+BLOCK_ELEMENTS = 1 << 20
+
+
+def needs_base(compute: ModuleCompute, module: str) -> bool:
+    """Whether ``compute`` reads ``W0`` for ``module``: its ``needs_base(module)``
+    when it has one, else True (then it always gets ``W0``)."""
+    fn = getattr(compute, "needs_base", None)
+    return True if fn is None else bool(fn(module))
+
+
+def add_delta(
+    stored: torch.Tensor,
+    job: ModuleJob,
+    compute: ModuleCompute,
+    dev,
+    pool: Buffers,
+    helpers=None,
+    scratch: Buffers | None = None,
+) -> JobResult:
     """``W0 + delta`` in the stored layout, computed in float32 (float64 for
     a float64 base) on ``dev`` in reused buffers, returned on the CPU in the
-    job's output dtype."""
+    job's output dtype.
+
+    ``compute`` gets ``W0`` only where it reads it (:func:`needs_base`), else
+    None. A factor pair is added by one ``addmm_`` on the whole float32
+    ``W0`` (``beta = 1``: the same call, and the same bits, as ever; BLAS
+    results do not depend on its threads, but can on how a caller splits the
+    rows). Everything else is elementwise and runs by blocks of rows
+    (``BLOCK_ELEMENTS``; one block on a GPU), each from its conversion to
+    float32, through its dense delta and the finite check (``aminmax``: the
+    output is finite iff the converted extremes are, rounding being monotone
+    and nan propagating) to its conversion back, while it is in the cache;
+    ``helpers`` (:class:`Helpers`, optional) take shares of the blocks.
+    ``stored`` is the caller's buffer (the bytes read from the file), and
+    the result goes back into it when the output dtype is the stored one;
+    else it is a buffer of ``pool``. Work buffers whose contents do not
+    outlive the call come from ``scratch`` (default ``pool``)."""
     cdt = torch.float64 if stored.dtype == torch.float64 else torch.float32
-    if stored.dtype == cdt and stored.device == dev:
-        W = stored
+    code_dtype = ST_DTYPES[job.out_code]
+    rows, cols = stored.shape
+    shape = (cols, rows) if job.transposed else (rows, cols)  # (out, in)
+    on_cpu = torch.device(dev).type == "cpu"
+    helpers = helpers if on_cpu else None
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1)) if on_cpu else max(rows, 1)
+    in_place = stored.dtype == cdt and stored.device == dev  # the stored tensor is the compute buffer
+    W = stored if in_place else None  # the whole W0 in the compute dtype, when one is needed
+
+    scratch = pool if scratch is None else scratch
+
+    def whole_w0() -> torch.Tensor:
+        # the result when the output dtype is the compute dtype: then it must outlive the call
+        buf = (pool if code_dtype == cdt else scratch).get("in", stored.shape, cdt, dev)
+        _by_blocks(rows, step, helpers, lambda r0, r1, k: buf[r0:r1].copy_(stored[r0:r1]))
+        return buf
+
+    if needs_base(compute, job.module):
+        W = W if W is not None else whole_w0()
+        res = compute(job.module, W.T if job.transposed else W)
     else:
-        W = pool.get("in", stored.shape, cdt, dev).copy_(stored)
-    W0 = W.T if job.transposed else W  # (out, in) view
-    res = compute(job.module, W0)
-    _check_delta(res.delta, job.module, tuple(W0.shape))
-    new = pool.get("out", W.shape, cdt, dev)
+        res = compute(job.module, None)
+    _check_delta(res.delta, job.module, shape)
+    dense = None
     if isinstance(res.delta, tuple):
         B, A = (x.to(device=dev, dtype=cdt) for x in res.delta)
-        # One fused pass: W0 + B @ A, or for a Conv1D (in, out) tensor W + A^T B^T.
-        if job.transposed:
-            torch.addmm(W, A.T, B.T, out=new)
-        else:
-            torch.addmm(W, B, A, out=new)
+        W = W if W is not None else whole_w0()
+        with _all_threads(helpers):  # W0 + B @ A, or for a Conv1D (in, out) tensor W + A^T B^T
+            if job.transposed:
+                W.addmm_(A.T, B.T)
+            else:
+                W.addmm_(B, A)
     else:
-        delta = res.delta.to(device=dev, dtype=cdt)
-        torch.add(W, delta.T if job.transposed else delta, out=new)
-    code_dtype = ST_DTYPES[job.out_code]
-    if new.dtype != code_dtype or new.device.type != "cpu":
-        new = pool.get("host", new.shape, code_dtype, torch.device("cpu")).copy_(new)
-    return JobResult(job, check_output_finite(new, job.info.key), res.facts)
+        dense = res.delta.to(device=dev, dtype=cdt)
+        dense = dense.T if job.transposed else dense
+    if W is not None and W.dtype == code_dtype and W.device.type == "cpu":
+        out = W
+    elif stored.dtype == code_dtype and stored.device.type == "cpu" and W is not stored:
+        out = stored  # each block goes back where it was read from
+    else:
+        out = pool.get("host", stored.shape, code_dtype, torch.device("cpu"))
+
+    def block(r0: int, r1: int, k: int) -> list[torch.Tensor]:
+        if W is not None:
+            blk = W[r0:r1]
+        else:
+            blk = scratch.get(f"block{k}", (r1 - r0, cols), cdt, dev).copy_(stored[r0:r1])
+        if dense is not None:
+            blk.add_(dense[r0:r1])
+        if out is not W:
+            out[r0:r1].copy_(blk)
+        return list(torch.aminmax(blk)) if blk.numel() else []
+
+    extremes = [e for part in _by_blocks(rows, step, helpers, block) for e in part]
+    if extremes and not bool(torch.isfinite(torch.stack(extremes).to(code_dtype)).all()):
+        check_output_finite(out, job.info.key)  # raises, naming the tensor
+    return JobResult(job, out, res.facts)
+
+
+def _by_blocks(rows: int, step: int, helpers, fn) -> list:
+    """``fn(r0, r1, k)`` for every block of ``step`` rows, shared out between
+    this thread (``k = 0``) and the ``helpers`` (``k`` = 1, 2, ...): each
+    takes the next block not yet taken, so a thread that gets less of the
+    CPU (a machine shared with other jobs) does fewer. The results, in block
+    order."""
+    starts = list(range(0, rows, step))
+    parts = min(len(starts), 1 + (helpers.threads if helpers is not None else 0))
+    if parts <= 1:
+        return [fn(r0, min(rows, r0 + step), 0) for r0 in starts]
+    done: list = [None] * len(starts)
+    taken = itertools.count()  # next() is atomic under the GIL
+
+    def run(k: int) -> None:
+        while (i := next(taken)) < len(starts):
+            done[i] = fn(starts[i], min(rows, starts[i] + step), k)
+
+    others = [helpers.submit(run, k) for k in range(1, parts)]
+    try:
+        run(0)
+    finally:
+        for f in others:
+            f.result()
+    return done
+
+
+@contextlib.contextmanager
+def _all_threads(helpers):
+    """torch on all the run's threads (this one and the helpers') for one
+    large operation (see :func:`cpu_threads`)."""
+    if helpers is None:
+        yield
+        return
+    torch.set_num_threads(helpers.threads + 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+
+
+# The helpers of the streaming run in progress in this thread (None outside one),
+# for the methods' own blocked work (parallel_rows, large_op).
+_RUN_HELPERS: contextvars.ContextVar[Helpers | None] = contextvars.ContextVar("loramix_helpers", default=None)
+
+
+def parallel_rows(rows: int, step: int, fn) -> list:
+    """``fn(r0, r1, k)`` over blocks of ``step`` rows (see :func:`_by_blocks`),
+    shared out with the helpers of the streaming run in progress, or all in
+    this thread outside one; ``k`` tells the threads apart (for their own
+    work buffers). The results, block by block."""
+    return _by_blocks(rows, step, _RUN_HELPERS.get(), fn)
+
+
+def large_op():
+    """A context for one large torch operation: all the run's threads during a
+    streaming run (where torch otherwise runs on one), nothing outside one."""
+    return _all_threads(_RUN_HELPERS.get())
+
+
+@contextlib.contextmanager
+def cpu_threads(executor):
+    """For a run of ``executor`` on the CPU: torch on one thread, and the
+    executor's ``helpers``, a pool of the other threads torch had (each
+    running torch on one thread), sharing out the blocks of each tensor.
+
+    The work per operation is small (a block of a tensor, an adapter's
+    factors), and torch's own OpenMP threads wait for each other at the end
+    of every operation: on a machine shared with other jobs that wait is a
+    scheduler time slice, milliseconds, whenever one of them is not running.
+    Threads of our own each take a share of the blocks and never wait on
+    each other; the writer's thread (:func:`_write_shards`) runs beside them."""
+    n = torch.get_num_threads()
+    device = getattr(executor, "device", None)
+    if device is None or torch.device(device).type != "cpu" or not hasattr(executor, "helpers"):
+        yield
+        return
+    torch.set_num_threads(1)
+    helpers = Helpers(n - 1) if n > 1 else None
+    executor.helpers = helpers
+    token = _RUN_HELPERS.set(helpers)
+    try:
+        yield
+    finally:
+        _RUN_HELPERS.reset(token)
+        executor.helpers = None
+        if helpers is not None:
+            helpers.pool.shutdown(wait=True)
+        torch.set_num_threads(n)
+
+
+class Helpers:
+    """``threads`` worker threads, each running torch on one thread."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads, "loramix-compute", torch.set_num_threads, (1,))
+
+    def submit(self, fn, *args):
+        return self.pool.submit(fn, *args)
 
 
 class SerialExecutor:
     """Runs each job when the writer asks for it, in plan order, on one
-    device with one set of buffers: memory stays at about one large tensor.
+    device with two sets of buffers, used in turn by the module jobs: memory
+    stays at about two large tensors.
 
     An executor is anything with ``results(plan, shard, src, compute)``
     yielding one :class:`JobResult` per job of ``shard`` in order; ``src`` is
-    the shard's base file, open for reading."""
+    the shard's base file, open for reading (read it at explicit offsets,
+    :func:`~loramix.io.safetensors_io.read_into`: the writer copies from it
+    in another thread). A result's tensor must stay as it is until the
+    executor has yielded the result after the next one: the writer stores
+    one result while the next is computed (:func:`_write_shards`)."""
 
     def __init__(self, device: str | torch.device = "auto"):
         self.device = resolve_device(device)
         self.pool = Buffers()
+        self._spare = Buffers()
+        self.scratch = Buffers()  # what does not outlive a job: shared by both sets
+        self.helpers = None  # threads sharing out each tensor's blocks (set by cpu_threads)
 
     def results(self, plan: Plan, shard: ShardPlan, src, compute: ModuleCompute) -> Iterator[JobResult]:
         for job in shard.jobs:
@@ -340,10 +538,21 @@ class SerialExecutor:
 
     def run_job(self, job: Job, src, compute: ModuleCompute) -> JobResult:
         if isinstance(job, ModuleJob):
+            pool = self.pool
+            # the next module job works in the other set: this result may still be being written
+            self.pool, self._spare = getattr(self, "_spare", None) or Buffers(), pool
             stored = read_into(
-                src, job.info, self.pool.get("read", job.info.shape, ST_DTYPES[job.info.dtype], "cpu")
+                src, job.info, pool.get("read", job.info.shape, ST_DTYPES[job.info.dtype], "cpu")
             )
-            return add_delta(stored, job, compute, self.device, self.pool)
+            return add_delta(
+                stored,
+                job,
+                compute,
+                self.device,
+                pool,
+                getattr(self, "helpers", None),
+                getattr(self, "scratch", None),
+            )
         if isinstance(job, ReplaceJob):
             return JobResult(job, job.tensor.to(ST_DTYPES[job.out_code]).contiguous())
         if job.converts:  # a one-off (say an embedding to bfloat16): no buffer kept
@@ -385,21 +594,40 @@ def _write_shards(
     ``writers``, which the caller closes); returns ``(bytes, facts)``."""
     facts: dict[str, dict] = {}
     total = 0
-    for shard in plan.shards:
-        w = ShardWriter(tmp / shard.name, shard.entries(), safetensors_metadata(record))
-        writers.append(w)
-        total += w.data_size
-        with open(plan.base.path / shard.name, "rb") as src:
-            for res in executor.results(plan, shard, src, compute):
-                if res.tensor is None:
-                    w.copy_bytes(src, res.job.info.start, res.job.info.nbytes)
-                else:
-                    w.write_tensor(res.tensor)
-                if res.facts:
-                    facts[res.job.module] = res.facts
-                bar.update(res.job.info.nbytes)
-        w.finish_data()
+    # One thread stores each result while the executor computes the next one:
+    # the writes (a copy into the page cache, and waits while the disk drains
+    # it) overlap the arithmetic. Results are stored in order; before a
+    # result is handed over the one before it is stored, so a result's
+    # buffers are free again by the time the executor reuses them.
+    with ThreadPoolExecutor(1, thread_name_prefix="loramix-writer") as io:
+        for shard in plan.shards:
+            w = ShardWriter(tmp / shard.name, shard.entries(), safetensors_metadata(record))
+            writers.append(w)
+            total += w.data_size
+            with open(plan.base.path / shard.name, "rb") as src:
+                pending = None
+                try:
+                    for res in executor.results(plan, shard, src, compute):
+                        if pending is not None:
+                            pending.result()
+                        pending = io.submit(_store, w, src, res)
+                        if res.facts:
+                            facts[res.job.module] = res.facts
+                        bar.update(res.job.info.nbytes)
+                    if pending is not None:
+                        pending.result()
+                finally:
+                    if pending is not None:  # no write left running on a closed file
+                        futures_wait([pending])
+            w.finish_data()
     return total, facts
+
+
+def _store(w: ShardWriter, src, res: JobResult) -> None:
+    if res.tensor is None:
+        w.copy_bytes(src, res.job.info.start, res.job.info.nbytes)
+    else:
+        w.write_tensor(res.tensor)
 
 
 def execute_into_base(
@@ -429,7 +657,8 @@ def execute_into_base(
         hashing = hasher.submit(base.provenance, stop_hashing)
         bar = _progress_bar(plan, out, progress)
         try:
-            total, facts = _write_shards(plan, tmp, executor, compute, record, bar, writers)
+            with cpu_threads(executor):
+                total, facts = _write_shards(plan, tmp, executor, compute, record, bar, writers)
             finish_model_folder(base, tmp, total, plan.out_dtype)
             record["inputs"][-1] = hashing.result()
             for w in writers:

@@ -301,3 +301,45 @@ def test_scenario_validation_runs_the_methods_checks(tmp_path, capsys, merge, ke
     assert main(["scenario", "check", str(p)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("loramix: error:") and key in err and words in err and "\n" not in err, err
+
+
+# ----------------------------------------------------------------------------- blocks and threads
+
+
+@pytest.mark.parametrize("method", [["sum"], ["ties", "--density", "0.3"]])
+def test_blocks_and_threads_do_not_change_bytes(gpt2, tmp_path, monkeypatch, method):
+    """The elementwise passes by blocks of rows (here many, a short last one),
+    shared out with helper threads, the methods' own blocks and bracket, and
+    one thread or two: the same files."""
+    import loramix.engine as engine
+    import loramix.methods.base as mb
+
+    def run(name, threads):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            ads = [str(p) for p in gpt2["adapters"]]
+            assert (
+                main(
+                    [
+                        "merge",
+                        "-m",
+                        *method,
+                        *ads,
+                        "--into",
+                        str(gpt2["sharded"]),
+                        "--out",
+                        str(tmp_path / name),
+                    ]
+                )
+                == 0
+            )
+        finally:
+            torch.set_num_threads(old)
+        return {p.name: p.read_bytes() for p in sorted((tmp_path / name).glob("*.safetensors"))}
+
+    whole = run("whole", 1)
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 100)
+    monkeypatch.setattr(mb, "ROW_BLOCK_ELEMENTS", 100)
+    monkeypatch.setattr(mb, "BRACKET_MIN", 256)  # the tiny model's deltas take the bracket and the blocks
+    assert run("blocks", 2) == whole

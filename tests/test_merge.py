@@ -685,3 +685,68 @@ def test_svd_batched_equals_per_module():
             one = m.factors(ctx, mds, w, p)
             assert lr.info == pytest.approx(one.info, rel=1e-12)
             torch.testing.assert_close(lr.B @ lr.A, one.B @ one.A, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the streaming pieces
+
+
+def _bits(t):
+    return t.view(torch.int64 if t.dtype == F64 else torch.int32)
+
+
+@pytest.mark.parametrize("miss", [False, True])
+def test_kth_largest_bracket_exact(monkeypatch, miss):
+    """Large tensors take the sampled bracket; a bracket that misses falls
+    back to the histogram; both exact, zeros and ties included."""
+    import loramix.methods.base as mb
+
+    if miss:
+        monkeypatch.setattr(
+            mb, "_bracket", lambda sample, k, n: (sample.dtype.type(5.0), sample.dtype.type(6.0))
+        )
+    g = torch.Generator().manual_seed(1)
+    for dt in (torch.float32, F64):
+        x = (torch.randn(200_000, generator=g, dtype=dt) * 1e-3).abs()
+        x[:3000] = 0.0
+        x[5000:6000] = x[7000]
+        ref = torch.sort(x, descending=True).values
+        for k in (1, 999, 40_000, 100_000, 197_000, 200_000):
+            assert kth_largest(x, k) == ref[k - 1]
+
+
+@pytest.mark.parametrize(
+    ("sign", "divide", "weights"), [("mass", "count", [1.0, 1.0, 1.0]), ("count", "weight", [1.0, 0.5, -2.0])]
+)
+@pytest.mark.parametrize("miss", [False, True])
+def test_streaming_trim_and_elect_same_bits(monkeypatch, sign, divide, weights, miss):
+    """What a streaming merge runs (work buffers, blocks of rows shared out
+    with a helper thread, the bracket) gives the bits of
+    ``elect_and_merge([trim_(x) ...])`` on whole fresh tensors, signed zeros
+    included."""
+    import loramix.methods.base as mb
+    from loramix.engine import Buffers, cpu_threads
+
+    if miss:
+        monkeypatch.setattr(
+            mb, "_bracket", lambda sample, k, n: (sample.dtype.type(5.0), sample.dtype.type(6.0))
+        )
+    monkeypatch.setattr(mb, "ROW_BLOCK_ELEMENTS", 3000)  # many blocks, a short last one
+
+    class Run:
+        device = torch.device("cpu")
+        helpers = None
+
+    g = torch.Generator().manual_seed(2)
+    for dt in (torch.float32, F64):
+        xs = [torch.randn(401, 307, generator=g, dtype=dt) * (i + 1) * w for i, w in enumerate(weights)]
+        xs[0][:5] = 0.0
+        xs[1][7:9] = xs[1][10, 0]
+        ref = mb.elect_and_merge([mb.trim_(x.clone(), 0.2) for x in xs], weights, sign, divide)
+        old = torch.get_num_threads()
+        torch.set_num_threads(2)  # a helper thread in the run
+        try:
+            with cpu_threads(Run):
+                got = mb.trim_and_elect([x.clone() for x in xs], weights, 0.2, sign, divide, Buffers())
+        finally:
+            torch.set_num_threads(old)
+        assert torch.equal(_bits(got), _bits(ref))

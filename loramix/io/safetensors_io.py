@@ -139,9 +139,30 @@ def all_finite(t: torch.Tensor) -> bool:
     inf, or finite values whose sum overflows) is the elementwise check run."""
     if not t.is_floating_point():
         return True
+    if t.device.type == "cpu" and t.numel() <= SMALL_ELEMENTS:
+        return _all_finite_small(t)
     # float32 accumulation for half types (their own range would overflow on large tensors)
     s = t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
     return bool(torch.isfinite(s)) or bool(torch.isfinite(t).all())
+
+
+#: up to this many elements (an adapter's factors), :func:`all_finite` checks
+#: on one thread, in numpy: torch would split the few microseconds of work
+#: over its threads, and on a machine shared with other jobs each such
+#: operation waits milliseconds for a thread that is not running
+SMALL_ELEMENTS = 1 << 20
+
+
+def _all_finite_small(t: torch.Tensor) -> bool:
+    import numpy as np
+
+    t = t.detach()
+    if t.dtype == torch.bfloat16:  # no numpy bfloat16: all exponent bits set is inf or nan
+        bits = t.contiguous().view(torch.int16).numpy()
+        return not bool(np.any((bits & 0x7F80) == 0x7F80))
+    if t.dtype not in (torch.float16, torch.float32, torch.float64):
+        return bool(torch.isfinite(t).all())
+    return bool(np.isfinite(t.numpy()).all())
 
 
 def check_output_finite(t: torch.Tensor, key: str) -> torch.Tensor:
@@ -197,15 +218,24 @@ def read_into(src, info, out: torch.Tensor | None = None) -> torch.Tensor:
     of ``info``'s shape and dtype, typically reused across tensors; a fresh
     one when None) with ``readinto``: one copy from the page cache, and no
     mmap whose touched pages would count towards the process's memory for
-    the rest of the file. ``info`` is a :class:`~loramix.io.model_folder.TensorInfo`
+    the rest of the file; at its offset, never moving ``src``'s position. ``info`` is a :class:`~loramix.io.model_folder.TensorInfo`
     (absolute ``start``, ``nbytes``, ``shape``, safetensors ``dtype`` code)."""
     buf = torch.empty(info.shape, dtype=ST_DTYPES[info.dtype]) if out is None else out
     view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if info.nbytes else memoryview(b"")
-    src.seek(info.start)
-    got = src.readinto(view)
+    got = 0
     while got < info.nbytes:  # short reads are allowed
-        n = src.readinto(view[got:])
+        n = pread_into(src, view[got:], info.start + got)
         if not n:
             raise BaseModelError(Path(src.name), f"truncated while reading tensor {info.key}")
         got += n
     return buf
+
+
+def pread_into(f, view: memoryview, offset: int) -> int:
+    """Read into ``view`` from the open file ``f`` at ``offset``, leaving its
+    position alone (``os.preadv``), so that threads can read one file at
+    their own offsets; bytes read (0 at the end of the file)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(f.fileno(), [view], offset)
+    f.seek(offset)  # pragma: no cover  (no preadv: one reader at a time)
+    return f.readinto(view)

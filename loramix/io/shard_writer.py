@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BaseModelError
+from .safetensors_io import pread_into
 
 
 class ShardWriter:
@@ -93,15 +94,15 @@ class ShardWriter:
             if n <= 0:
                 break
             done += n
-        if done < nbytes:  # no copy_file_range here (or it gave up): plain reads
-            src.seek(start + done)
+        if done < nbytes:  # no copy_file_range here (or it gave up): plain reads, at offsets
             self.f.seek(8 + self.header_len + self.pos - nbytes + done)
+            block = bytearray(min(64 << 20, nbytes - done))
             while done < nbytes:
-                block = src.read(min(64 << 20, nbytes - done))
-                if not block:
+                n = pread_into(src, memoryview(block)[: min(len(block), nbytes - done)], start + done)
+                if not n:
                     raise BaseModelError(Path(src.name), "truncated while copying")
-                self.f.write(block)
-                done += len(block)
+                self.f.write(memoryview(block)[:n])
+                done += n
         else:
             # copy_file_range moved the destination offset behind Python's back.
             self.f.seek(8 + self.header_len + self.pos)

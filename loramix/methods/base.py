@@ -52,12 +52,28 @@ class ModuleContext:
     touch this module, aligned with the ``module_deltas`` a method receives:
     DARE derives its per-adapter seeds from them. ``dtype`` is the compute
     dtype of dense deltas (float32 in files, float64 in the reference tests).
+    ``scratch`` (optional: anything with ``get(role, shape, dtype, device)``,
+    e.g. :class:`loramix.engine.Buffers`) lends work tensors that are reused
+    from module to module: the dense deltas, masks and sums of a method come
+    from it instead of fresh allocations (a fresh 180 MB tensor costs a page
+    fault per 4 KiB page, more than the arithmetic), and a merged delta that
+    lives in it is valid until the next module's merge.
     """
 
     name: str
     indices: tuple[int, ...]
     device: torch.device | None = None  # None: the CPU
     dtype: torch.dtype | None = None  # None: float32
+    scratch: object | None = None
+
+    def empty(self, role: str, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """An uninitialised work tensor: from ``scratch`` under ``role``, else fresh."""
+        import torch
+
+        dtype = self.dtype if dtype is None else dtype
+        if self.scratch is None:
+            return torch.empty(tuple(shape), dtype=dtype, device=self.device)
+        return self.scratch.get(role, tuple(shape), dtype, self.device)
 
     def __post_init__(self):
         import torch
@@ -90,6 +106,10 @@ class MergeMethod:
     #: the merge equals the adapters applied together in the forward
     #: (``W0 + sum_i w_i dW_i``), so a study evaluates it without writing it
     attachable: bool = False
+    #: whether :meth:`merged` reads ``W0`` even for adapter kinds that do not
+    #: ``need_base`` (the default, safe for a method from outside: into a base
+    #: it always gets ``W0``); see :meth:`needs_base`
+    uses_base: bool = True
     #: the adapter kinds (``Adapter.method``) the method applies to
     kinds: tuple[str, ...] = (LORA, D2LORA, DORA)
     #: why other kinds are refused (appended to the error)
@@ -99,6 +119,13 @@ class MergeMethod:
     def applies_to(cls, kind) -> bool:
         """Whether adapters of ``kind`` (a kind object or its name) can be merged with it."""
         return str(kind) in cls.kinds
+
+    def needs_base(self, module_deltas: Sequence[ModuleDelta]) -> bool:
+        """Whether merging these deltas of one module into a base reads ``W0``:
+        the method's own use (``uses_base``) or a kind whose effective delta
+        depends on it (DoRA, D2-LoRA). Where it does not, the streaming engine
+        passes ``W0 = None`` and never forms it whole in float32."""
+        return self.uses_base or any(m.kind.needs_base for m in module_deltas)
 
     # -- validation -------------------------------------------------------------
     def validate(self, params: dict, adapters: Sequence[Adapter]) -> dict:
@@ -194,12 +221,16 @@ def dense_deltas(
     W0: torch.Tensor | None,
     weights: Sequence[float] | None = None,
 ) -> list[torch.Tensor]:
-    """``[w_i dW_i]`` (out, in) each, fresh tensors on ``ctx.device`` in
-    ``ctx.dtype`` (callers may modify them in place): the true deltas (``s B A``;
-    the effective delta, e.g. ``W_hat - W0``, for a kind that ``needs_base``),
-    times ``weights`` if given. For a kind that does not need the base the
-    weight is folded into ``B`` before the product (saves a pass over
-    ``out x in``)."""
+    """``[w_i dW_i]`` (out, in) each, tensors of their own (fresh, or
+    ``ctx.scratch``'s) on ``ctx.device`` in ``ctx.dtype`` (callers may modify
+    them in place): the true deltas (``s B A``; the effective delta, e.g.
+    ``W_hat - W0``, for a kind that ``needs_base``), times ``weights`` if
+    given. For a kind that does not need the base the weight is folded into
+    ``B`` before the product (saves a pass over ``out x in``)."""
+    import torch
+
+    from ..engine import large_op
+
     if W0 is not None:
         W0 = W0.to(device=ctx.device, dtype=ctx.dtype)
     out = []
@@ -211,7 +242,9 @@ def dense_deltas(
             out.append(d.mul_(w) if w != 1.0 else d)
         else:
             B, A = m.factors(dtype=ctx.dtype, device=ctx.device)
-            out.append((B * w if w != 1.0 else B) @ A)
+            Bw = B * w if w != 1.0 else B
+            with large_op():
+                out.append(torch.mm(Bw, A, out=ctx.empty(f"delta{j}", (Bw.shape[0], A.shape[1]))))
     return out
 
 
@@ -224,12 +257,15 @@ def require_base(m: ModuleDelta, W0: torch.Tensor | None) -> None:
         )
 
 
-def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+def kth_largest(x: torch.Tensor, k: int, scratch=None) -> torch.Tensor:
     """The ``k``-th largest value of a contiguous 1-D tensor of non-negative
     floats (``1 <= k <= numel``), as a 0-d tensor.
 
-    Exact, and several times faster than ``torch.kthvalue`` on large tensors:
-    the bit pattern of a non-negative IEEE float orders like the float, so a
+    Exact, and several times faster than ``torch.kthvalue`` on large tensors.
+    A large float32/float64 tensor on the CPU goes through
+    :func:`_kth_largest_bracket` (a sample brackets the answer, one pass
+    counts and collects; ``scratch`` lends its masks). Otherwise: the bit
+    pattern of a non-negative IEEE float orders like the float, so a
     histogram of its top bits (sign, exponent and 7 mantissa bits) finds the
     bucket that holds the answer, and ``kthvalue`` runs on that bucket only
     (small buckets also keep the boolean selection cheap).
@@ -237,6 +273,10 @@ def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     import torch
 
     n = x.numel()
+    if n >= BRACKET_MIN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        found = _kth_largest_bracket(x, k, scratch)
+        if found is not None:
+            return found
     if x.dtype == torch.float32:
         key = x.view(torch.int32) >> 16  # 15 bits: sign (0), 8 exponent, 7 mantissa
         nb = 1 << 15
@@ -253,7 +293,41 @@ def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(bucket, bucket.numel() - (k - above) + 1).values
 
 
-def trim_(t: torch.Tensor, density: float) -> torch.Tensor:
+#: tensors from this size take :func:`_kth_largest_bracket`
+BRACKET_MIN = 1 << 16
+#: one element in this many goes into the sample (a prime: a sample of a
+#: matrix by a stride that divides its rows would see the same columns)
+SAMPLE_STRIDE = 31
+
+
+def _kth_largest_bracket(x: torch.Tensor, k: int, scratch=None) -> torch.Tensor | None:
+    """:func:`kth_largest` by a bracket, in numpy (its comparisons, counts and
+    boolean selection cost a fraction of torch's on the CPU): the quantile
+    of a strided sample gives ``lo <= hi`` (:func:`_bracket`); one pass
+    counts the entries above ``hi`` and collects those in ``[lo, hi]``, and
+    if the answer lies among them (it does unless the sample misleads)
+    ``np.partition`` picks it exactly. None when it does not: then the
+    caller's exact method runs."""
+    import numpy as np
+    import torch
+
+    a = x.detach().reshape(-1).numpy()
+    n = a.size
+    lo, hi = _bracket(np.array(a[::SAMPLE_STRIDE]), k, n)
+
+    def mask(role: str) -> np.ndarray:
+        if scratch is None:
+            return np.empty(n, dtype=bool)
+        return scratch.get(role, (n,), torch.bool, torch.device("cpu")).numpy()
+
+    above, window = mask("kth_above"), mask("kth_window")
+    np.greater(a, hi, out=above)
+    np.greater_equal(a, lo, out=window)
+    np.not_equal(window, above, out=window)  # lo <= a <= hi
+    return _pick(int(np.count_nonzero(above)), a[window], k, x.dtype)
+
+
+def trim_(t: torch.Tensor, density: float, scratch=None) -> torch.Tensor:
     """Zero all but the top ``k = int(density * numel)`` entries of ``|t|``,
     in place (PEFT's ``magnitude_based_pruning`` count); returns ``t``.
 
@@ -267,9 +341,106 @@ def trim_(t: torch.Tensor, density: float) -> torch.Tensor:
     k = int(density * t.numel())
     if k <= 0:
         return t.zero_()
-    a = t.abs()
-    thr = kth_largest(a.reshape(-1), k)
+    import torch
+
+    if _by_rows(t, scratch):
+        thr = _abs_kth_largest_by_rows(t, k, scratch)
+        if thr is not None:
+
+            def keep(r0: int, r1: int, j: int) -> None:
+                x = t[r0:r1]
+                a = torch.abs(x, out=scratch.get(f"abs{j}", x.shape, x.dtype, x.device))
+                x.mul_(a.ge_(thr))
+
+            _rows(t, keep)
+            return t
+    a = torch.abs(t) if scratch is None else torch.abs(t, out=scratch.get("abs", t.shape, t.dtype, t.device))
+    thr = kth_largest(a.reshape(-1), k, scratch)
     return t.mul_(a.ge_(thr))  # a becomes the 0/1 keep mask, in its own dtype
+
+
+#: elements per block of rows of the methods' elementwise work (1 MiB of
+#: float32: a block of each of a few tensors stays in the cache)
+ROW_BLOCK_ELEMENTS = 1 << 18
+
+
+def _by_rows(t: torch.Tensor, scratch) -> bool:
+    """Whether ``t`` is worked on by blocks of rows: a large float matrix on
+    the CPU, with work buffers to lend (a streaming merge)."""
+    import torch
+
+    return (
+        scratch is not None
+        and t.device.type == "cpu"
+        and t.dim() == 2
+        and t.is_contiguous()
+        and t.numel() >= BRACKET_MIN
+        and t.dtype in (torch.float32, torch.float64)
+    )
+
+
+def _rows(t: torch.Tensor, fn) -> list:
+    """``fn(r0, r1, j)`` over the blocks of rows of ``t``, shared out with the
+    streaming run's threads (:func:`loramix.engine.parallel_rows`)."""
+    from ..engine import parallel_rows
+
+    return parallel_rows(t.shape[0], max(1, ROW_BLOCK_ELEMENTS // max(t.shape[1], 1)), fn)
+
+
+def _abs_kth_largest_by_rows(t: torch.Tensor, k: int, scratch) -> torch.Tensor | None:
+    """The ``k``-th largest of ``|t|`` as :func:`_kth_largest_bracket` finds
+    it, by blocks of rows of ``t`` (never forming ``|t|`` whole); None when
+    the sample's bracket misses it."""
+    import numpy as np
+    import torch
+
+    flat = t.detach().reshape(-1).numpy()
+    lo, hi = _bracket(np.abs(flat[::SAMPLE_STRIDE]), k, flat.size)
+
+    def count(r0: int, r1: int, j: int):
+        x = t[r0:r1].detach().numpy()
+        n = x.size
+        a = np.abs(x, out=scratch.get(f"kabs{j}", x.shape, t.dtype, t.device).numpy())
+        above = scratch.get(f"kabove{j}", (n,), torch.bool, t.device).numpy().reshape(x.shape)
+        window = scratch.get(f"kwindow{j}", (n,), torch.bool, t.device).numpy().reshape(x.shape)
+        np.greater(a, hi, out=above)
+        np.greater_equal(a, lo, out=window)
+        np.not_equal(window, above, out=window)  # lo <= |x| <= hi
+        return int(np.count_nonzero(above)), a[window]
+
+    parts = _rows(t, count)
+    return _pick(sum(n for n, _ in parts), np.concatenate([w for _, w in parts]), k, t.dtype)
+
+
+def _bracket(sample, k: int, n: int):
+    """``(lo, hi)`` around the ``k``-th largest of ``n`` values from a sample
+    of them (partitioned in place): the sample's quantile with a margin of 8
+    standard errors of its rank and more; infinite where it reaches an end."""
+    import math
+
+    import numpy as np
+
+    m = sample.size
+    p = k / n  # the fraction at or above the answer
+    at = (1.0 - p) * (m - 1)  # where the answer falls in the sorted sample
+    margin = 8.0 * math.sqrt(p * (1.0 - p) * m) + 2.0 * SAMPLE_STRIDE + 8.0
+    i_lo, i_hi = max(0, math.floor(at - margin)), min(m - 1, math.ceil(at + margin))
+    sample.partition([i_lo, i_hi])
+    lo = sample[i_lo] if i_lo > 0 else sample.dtype.type(-np.inf)
+    hi = sample[i_hi] if i_hi < m - 1 else sample.dtype.type(np.inf)
+    return lo, hi
+
+
+def _pick(n_above: int, inside, k: int, dtype) -> torch.Tensor | None:
+    """The ``k``-th largest of all, given ``n_above`` values above the bracket
+    and the values ``inside`` it; None when it is not inside."""
+    import numpy as np
+    import torch
+
+    r = k - n_above  # the answer is the r-th largest inside
+    if n_above >= k or r > inside.size:
+        return None
+    return torch.tensor(np.partition(inside, inside.size - r)[inside.size - r], dtype=dtype)
 
 
 def module_seed(seed: int, module: str, index: int) -> int:
@@ -296,8 +467,46 @@ def dare_mask(shape: tuple[int, ...], density: float, seed: int) -> torch.Tensor
     return torch.rand(shape, generator=g, dtype=torch.float32).lt_(density)
 
 
+def trim_and_elect(
+    xs: Sequence[torch.Tensor], weights: Sequence[float], density: float, sign: str, divide: str, scratch=None
+) -> torch.Tensor:
+    """``elect_and_merge([trim_(x, density) for x in xs], ...)``, the same
+    values; with ``scratch``, on large matrices, each delta's threshold is
+    found first and the trim runs block by block just before the election,
+    while the block is in the cache."""
+    import torch
+
+    x0 = xs[0]
+    thresholds = []
+    if density < 1.0 and _by_rows(x0, scratch) and all(x.is_contiguous() and x.shape == x0.shape for x in xs):
+        for x in xs:
+            k = int(density * x.numel())
+            thr = _abs_kth_largest_by_rows(x, k, scratch) if k > 0 else None
+            if thr is None:  # nothing kept, or the sample missed: trimmed here, the exact way
+                trim_(x, density, scratch)
+            thresholds.append(thr)
+    else:
+        xs = [trim_(x, density, scratch) for x in xs]
+    if not any(t is not None for t in thresholds):
+        return elect_and_merge(xs, weights, sign, divide, scratch)
+    out = scratch.get("elect_out", x0.shape, x0.dtype, x0.device)
+
+    def block(r0: int, r1: int, j: int) -> None:
+        shape = (r1 - r0, x0.shape[1])
+        blocks = [x[r0:r1] for x in xs]
+        for xb, thr in zip(blocks, thresholds):
+            if thr is not None:
+                xb.mul_(torch.abs(xb, out=scratch.get(f"abs{j}", shape, x0.dtype, x0.device)).ge_(thr))
+        g = scratch.get(f"elect_g{j}", shape, x0.dtype, x0.device)
+        den = scratch.get(f"elect_den{j}", shape, x0.dtype, x0.device)
+        _elect(blocks, weights, sign, divide, g, out[r0:r1], den)
+
+    _rows(x0, block)
+    return out
+
+
 def elect_and_merge(
-    xs: Sequence[torch.Tensor], weights: Sequence[float], sign: str, divide: str
+    xs: Sequence[torch.Tensor], weights: Sequence[float], sign: str, divide: str, scratch=None
 ) -> torch.Tensor:
     """TIES' sign election and disjoint merge of trimmed, *weighted* deltas
     ``x_i = w_i t_i``::
@@ -314,21 +523,50 @@ def elect_and_merge(
     The ``xs`` are consumed (overwritten). Float arithmetic only, no boolean
     tensors: ``y_i = max(x_i g, 0)`` is ``|x_i|`` where ``x_i`` agrees with
     ``g`` and 0 elsewhere, so ``sum_i keep_i x_i = g sum_i y_i`` and
-    ``keep_i = sign(y_i)``.
+    ``keep_i = sign(y_i)``. ``scratch`` (optional, a ``get(role, shape,
+    dtype, device)``) lends the work tensors; the result is one of them. With
+    it, a large matrix is worked on by blocks of rows (the same operations on
+    each block: elementwise, so the same values).
     """
     import torch
 
+    x0 = xs[0]
+    if _by_rows(x0, scratch) and all(x.is_contiguous() and x.shape == x0.shape for x in xs):
+        out = scratch.get("elect_out", x0.shape, x0.dtype, x0.device)
+
+        def block(r0: int, r1: int, j: int) -> None:
+            shape = (r1 - r0, x0.shape[1])
+            g = scratch.get(f"elect_g{j}", shape, x0.dtype, x0.device)
+            den = scratch.get(f"elect_den{j}", shape, x0.dtype, x0.device)
+            _elect([x[r0:r1] for x in xs], weights, sign, divide, g, out[r0:r1], den)
+
+        _rows(x0, block)
+        return out
+
+    def work(role: str) -> torch.Tensor:
+        if scratch is None:
+            return torch.empty_like(x0)
+        return scratch.get(role, x0.shape, x0.dtype, x0.device)
+
+    return _elect(xs, weights, sign, divide, work("elect_g"), work("elect_num"), work("elect_den"))
+
+
+def _elect(xs, weights, sign: str, divide: str, g, num, den) -> torch.Tensor:
+    """:func:`elect_and_merge` into the work tensors ``g``, ``num`` (the
+    result) and ``den``, all of the ``xs``' shape."""
+    import torch
+
     if sign == "mass":
-        g = xs[0].clone()
+        g.copy_(xs[0])
         for x in xs[1:]:
             g += x
     else:
-        g = torch.sign(xs[0])
+        torch.sign(xs[0], out=g)
         for x in xs[1:]:
             g += torch.sign(x)
     g = g.ge_(0).mul_(2).sub_(1)  # +1 / -1, in place
-    num = torch.zeros_like(g)
-    den = torch.zeros_like(g)
+    num.zero_()
+    den.zero_()
     for x, w in zip(xs, weights):
         y = x.mul_(g).clamp_(min=0)
         num += y

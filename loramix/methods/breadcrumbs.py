@@ -60,6 +60,7 @@ def breadcrumbs_(x, density: float, gamma: float):
 @register
 class Breadcrumbs(MergeMethod):
     name = "breadcrumbs"
+    uses_base = False  # reads W0 only for kinds that need it
     summary = "drop the largest (gamma) and the smallest magnitudes, keep density, weighted sum"
     params = (DENSITY, GAMMA, LAMBDA)
 

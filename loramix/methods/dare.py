@@ -54,6 +54,7 @@ def _dropped(ctx, module_deltas, weights, W0, params):
 @register
 class DareLinear(MergeMethod):
     name = "dare-linear"
+    uses_base = False  # reads W0 only for kinds that need it
     summary = "drop entries at random with probability 1-density, rescale by 1/density, weighted sum"
     params = (DENSITY, SEED, LAMBDA)
 
@@ -67,6 +68,7 @@ class DareLinear(MergeMethod):
 @register
 class DareTies(MergeMethod):
     name = "dare-ties"
+    uses_base = False  # reads W0 only for kinds that need it
     summary = "drop and rescale as dare-linear, then TIES sign election and disjoint mean"
     params = (DENSITY, SEED, SIGN, DIVIDE, LAMBDA)
 

@@ -66,6 +66,7 @@ def della_prune_(x, density: float, epsilon: float, seed: int):
 @register
 class Della(MergeMethod):
     name = "della"
+    uses_base = False  # reads W0 only for kinds that need it
     summary = "drop entries with magnitude-ranked probabilities, rescale (L1), TIES election, normalised sum"
     params = (DENSITY, EPSILON, SEED, SIGN, DIVIDE_WEIGHT, LAMBDA)
 

@@ -24,6 +24,7 @@ safetensors metadata leaves out the creation time, which only
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -209,20 +210,36 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs, trunc=None)
 
 def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> MergeResult:
     """The base with each adapted module's merged delta added, streamed by the engine."""
-    from ..engine import ModuleOutput, SerialExecutor, base_placeholder, execute_into_base, plan_into_base
+    from ..engine import (
+        Buffers,
+        ModuleOutput,
+        SerialExecutor,
+        base_placeholder,
+        execute_into_base,
+        plan_into_base,
+    )
     from ..io.model_folder import BaseModelFolder
 
     base = BaseModelFolder(into)
     modules = module_plan(ads)
     plan = plan_into_base(base, list(modules), ads, dtype)
 
-    def compute(name: str, W0: torch.Tensor) -> ModuleOutput:
+    local = threading.local()  # work tensors reused from module to module, one set per thread
+
+    def compute(name: str, W0: torch.Tensor | None) -> ModuleOutput:
         items = modules[name]
-        ctx = ModuleContext(name, tuple(i for i, _ in items), W0.device, torch.float32)
+        scratch = getattr(local, "scratch", None)
+        if scratch is None:
+            scratch = local.scratch = Buffers()
+        device = dev if W0 is None else W0.device
+        ctx = ModuleContext(name, tuple(i for i, _ in items), device, torch.float32, scratch)
         d, facts = m.merged(ctx, [md for _, md in items], [ws[i] for i, _ in items], W0, p)
         # a non-finite delta makes a non-finite output tensor, which the writer
         # refuses naming it (io.safetensors_io.check_output_finite): no second pass here
         return ModuleOutput(d, facts)
+
+    # W0 only where the method reads it: the engine then never forms it whole in float32
+    compute.needs_base = lambda name: m.needs_base([md for _, md in modules[name]])
 
     # "created" is left out: the weight files' metadata must not change from
     # run to run; the time goes into loramix.json below. The facts are known

@@ -95,6 +95,7 @@ def _energy_check(v: float) -> str | None:
 @register
 class Svd(MergeMethod):
     name = "svd"
+    uses_base = False  # reads W0 only for kinds that need it
     summary = (
         "the weighted sum recompressed to rank k (or an energy fraction) from the factors: QR + small SVD"
     )

@@ -6,22 +6,24 @@ For deltas ``dW_i`` (out, in) with weights ``w_i``::
     merged = lambda * elect_and_merge(t_i, w_i)      sign election + disjoint mean
 
 see :func:`loramix.methods.base.elect_and_merge` for the election and the two
-divisor conventions (``count``: PEFT, ``weight``: mergekit).
+divisor conventions (``count``: PEFT, ``weight``: mergekit), and
+:func:`~loramix.methods.base.trim_and_elect` for how both run in a streaming merge.
 """
 
 from __future__ import annotations
 
 from . import register
-from .base import DENSITY, DIVIDE, LAMBDA, SIGN, MergeMethod, dense_deltas, elect_and_merge, trim_
+from .base import DENSITY, DIVIDE, LAMBDA, SIGN, MergeMethod, dense_deltas, trim_and_elect
 
 
 @register
 class Ties(MergeMethod):
     name = "ties"
+    uses_base = False  # reads W0 only for kinds that need it
     summary = "trim to the top-density entries, elect a sign per entry, average the agreeing ones"
     params = (DENSITY, SIGN, DIVIDE, LAMBDA)
 
     def delta(self, ctx, module_deltas, weights, W0, params):
-        xs = [trim_(x, params["density"]) for x in dense_deltas(ctx, module_deltas, W0, weights)]
-        out = elect_and_merge(xs, weights, params["sign"], params["divide"])
+        xs = dense_deltas(ctx, module_deltas, W0, weights)
+        out = trim_and_elect(xs, weights, params["density"], params["sign"], params["divide"], ctx.scratch)
         return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out
