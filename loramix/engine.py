@@ -83,7 +83,9 @@ class ModuleOutput:
 
 # compute(module name, W0 (out, in)) -> ModuleOutput; must not modify W0. A compute
 # may say which modules it needs W0 for (an attribute ``needs_base(module) -> bool``);
-# for the others it gets None and the engine never forms W0 in float32 whole.
+# for the others it gets None and the engine never forms W0 in float32 whole. It runs
+# on torch's threads as set before the run, unless it says one thread changes no bit
+# for a module (``one_thread(module) -> bool``).
 ModuleCompute = Callable[[str, torch.Tensor | None], ModuleOutput]
 
 
@@ -324,6 +326,15 @@ def needs_base(compute: ModuleCompute, module: str) -> bool:
     return True if fn is None else bool(fn(module))
 
 
+def _run_compute(compute: ModuleCompute, module: str, W0, helpers) -> ModuleOutput:
+    """``compute(module, W0)`` on the threads torch had before the run (its
+    reductions round as they always did), unless it says that one thread
+    gives the same bits (``compute.one_thread(module)``)."""
+    fn = getattr(compute, "one_thread", None)
+    with contextlib.nullcontext() if fn is not None and fn(module) else _all_threads(helpers):
+        return compute(module, W0)
+
+
 def add_delta(
     stored: torch.Tensor,
     job: ModuleJob,
@@ -371,9 +382,9 @@ def add_delta(
 
     if needs_base(compute, job.module):
         W = W if W is not None else whole_w0()
-        res = compute(job.module, W.T if job.transposed else W)
+        res = _run_compute(compute, job.module, W.T if job.transposed else W, helpers)
     else:
-        res = compute(job.module, None)
+        res = _run_compute(compute, job.module, None, helpers)
     _check_delta(res.delta, job.module, shape)
     dense = None
     if isinstance(res.delta, tuple):
@@ -438,17 +449,23 @@ def _by_blocks(rows: int, step: int, helpers, fn) -> list:
 
 
 @contextlib.contextmanager
-def _all_threads(helpers):
-    """torch on all the run's threads (this one and the helpers') for one
-    large operation (see :func:`cpu_threads`)."""
-    if helpers is None:
+def _torch_threads(n: int | None):
+    """torch on ``n`` threads in this block (None: as it is), as before after it."""
+    old = torch.get_num_threads()
+    if n is None or n == old:
         yield
         return
-    torch.set_num_threads(helpers.threads + 1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(1)
+        torch.set_num_threads(old)
+
+
+def _all_threads(helpers):
+    """torch on all the run's threads (this one and the helpers') for large
+    operations (see :func:`cpu_threads`)."""
+    return _torch_threads(None if helpers is None else helpers.threads + 1)
 
 
 # The helpers of the streaming run in progress in this thread (None outside one),
@@ -458,15 +475,19 @@ _RUN_HELPERS: contextvars.ContextVar[Helpers | None] = contextvars.ContextVar("l
 
 def parallel_rows(rows: int, step: int, fn) -> list:
     """``fn(r0, r1, k)`` over blocks of ``step`` rows (see :func:`_by_blocks`),
-    shared out with the helpers of the streaming run in progress, or all in
-    this thread outside one; ``k`` tells the threads apart (for their own
-    work buffers). The results, block by block."""
-    return _by_blocks(rows, step, _RUN_HELPERS.get(), fn)
+    shared out with the helpers of the streaming run in progress (torch on
+    one thread in each, this one included), or all in this thread outside
+    one; ``k`` tells the threads apart (for their own work buffers). The
+    results, block by block."""
+    helpers = _RUN_HELPERS.get()
+    with _torch_threads(1 if helpers is not None else None):
+        return _by_blocks(rows, step, helpers, fn)
 
 
 def large_op():
-    """A context for one large torch operation: all the run's threads during a
-    streaming run (where torch otherwise runs on one), nothing outside one."""
+    """A context for large torch operations (whole tensors): all the run's
+    threads during a streaming run (where torch otherwise runs on one),
+    nothing outside one."""
     return _all_threads(_RUN_HELPERS.get())
 
 

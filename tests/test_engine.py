@@ -343,3 +343,38 @@ def test_blocks_and_threads_do_not_change_bytes(gpt2, tmp_path, monkeypatch, met
     monkeypatch.setattr(mb, "ROW_BLOCK_ELEMENTS", 100)
     monkeypatch.setattr(mb, "BRACKET_MIN", 256)  # the tiny model's deltas take the bracket and the blocks
     assert run("blocks", 2) == whole
+
+
+def test_method_math_runs_on_the_threads_torch_had(gpt2, tmp_path, monkeypatch):
+    """During a streaming merge torch runs on one thread, but a method's math
+    (whose reductions round by how they are split) runs on the threads torch
+    had, unless the method is marked thread-independent."""
+    seen = {}
+
+    class Probe(MergeMethod):
+        name = "probe-threads"
+        summary = "test method"
+        uses_base = False
+
+        def merged(self, ctx, module_deltas, weights, W0, params):
+            seen.setdefault(self.thread_independent, set()).add(torch.get_num_threads())
+            return sum(dense_deltas(ctx, module_deltas, W0, weights)), {}
+
+    class ProbeOne(Probe):
+        name = "probe-one-thread"
+        thread_independent = True
+
+    register(Probe)
+    register(ProbeOne)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ads = [str(p) for p in gpt2["adapters"]]
+        for name in (Probe.name, ProbeOne.name):
+            args = ["merge", "-m", name, *ads, "--into", str(gpt2["base"]), "--out", str(tmp_path / name)]
+            assert main(args) == 0
+    finally:
+        torch.set_num_threads(old)
+        methods._REGISTRY.pop(Probe.name)
+        methods._REGISTRY.pop(ProbeOne.name)
+    assert seen == {False: {2}, True: {1}}

@@ -110,6 +110,13 @@ class MergeMethod:
     #: ``need_base`` (the default, safe for a method from outside: into a base
     #: it always gets ``W0``); see :meth:`needs_base`
     uses_base: bool = True
+    #: whether :meth:`merged` gives the same bits on any number of torch
+    #: threads (products, elementwise arithmetic, exact selection; not
+    #: reductions such as sums or norms, whose rounding follows the split):
+    #: a streaming merge then runs it on one thread (engine.cpu_threads);
+    #: otherwise on the threads torch had, as before. Adapter kinds that
+    #: ``need_base`` take norms, so they always get those threads.
+    thread_independent: bool = False
     #: the adapter kinds (``Adapter.method``) the method applies to
     kinds: tuple[str, ...] = (LORA, D2LORA, DORA)
     #: why other kinds are refused (appended to the error)
@@ -119,6 +126,11 @@ class MergeMethod:
     def applies_to(cls, kind) -> bool:
         """Whether adapters of ``kind`` (a kind object or its name) can be merged with it."""
         return str(kind) in cls.kinds
+
+    def one_thread(self, module_deltas: Sequence[ModuleDelta]) -> bool:
+        """Whether merging these deltas of one module may run on one torch
+        thread without changing a bit (see ``thread_independent``)."""
+        return self.thread_independent and not any(m.kind.needs_base for m in module_deltas)
 
     def needs_base(self, module_deltas: Sequence[ModuleDelta]) -> bool:
         """Whether merging these deltas of one module into a base reads ``W0``:
@@ -453,9 +465,12 @@ def module_seed(seed: int, module: str, index: int) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def dare_mask(shape: tuple[int, ...], density: float, seed: int) -> torch.Tensor:
+def dare_mask(
+    shape: tuple[int, ...], density: float, seed: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Bernoulli(``density``) keep-mask as float32 0/1 on the CPU, drawn from
-    a CPU generator seeded with ``seed`` (the same draws on any device).
+    a CPU generator seeded with ``seed`` (the same draws on any device), into
+    ``out`` (a float32 CPU tensor of ``shape``) when given.
 
     ``torch.rand(float32) < density`` draws exactly what PEFT's
     ``random_pruning`` draws (``torch.bernoulli(torch.full_like(x, density))``
@@ -464,7 +479,9 @@ def dare_mask(shape: tuple[int, ...], density: float, seed: int) -> torch.Tensor
     import torch
 
     g = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.rand(shape, generator=g, dtype=torch.float32).lt_(density)
+    if out is None:
+        return torch.rand(shape, generator=g, dtype=torch.float32).lt_(density)
+    return torch.rand(shape, generator=g, dtype=torch.float32, out=out).lt_(density)
 
 
 def trim_and_elect(

@@ -24,6 +24,8 @@ from .base import (
     SEED,
     SIGN,
     MergeMethod,
+    _by_rows,
+    _rows,
     dare_mask,
     dense_deltas,
     elect_and_merge,
@@ -34,11 +36,25 @@ if TYPE_CHECKING:
     import torch
 
 
-def drop_and_rescale_(x: torch.Tensor, density: float, seed: int) -> torch.Tensor:
-    """``x * m / density`` in place, ``m = dare_mask(x.shape, density, seed)``."""
+def drop_and_rescale_(x: torch.Tensor, density: float, seed: int, scratch=None) -> torch.Tensor:
+    """``x * m / density`` in place, ``m = dare_mask(x.shape, density, seed)``;
+    with ``scratch`` (a streaming merge) the mask is drawn into a reused
+    tensor and a large matrix is scaled by blocks of rows."""
     if density >= 1.0:
         return x
-    m = dare_mask(tuple(x.shape), density, seed).to(device=x.device, dtype=x.dtype, non_blocking=True)
+    import torch
+
+    buf = (
+        None
+        if scratch is None
+        else scratch.get("dare_mask", tuple(x.shape), torch.float32, torch.device("cpu"))
+    )
+    m = dare_mask(tuple(x.shape), density, seed, out=buf).to(
+        device=x.device, dtype=x.dtype, non_blocking=True
+    )
+    if _by_rows(x, scratch):
+        _rows(x, lambda r0, r1, j: x[r0:r1].mul_(m[r0:r1]).div_(density))
+        return x
     return x.mul_(m).div_(density)
 
 
@@ -46,7 +62,7 @@ def _dropped(ctx, module_deltas, weights, W0, params):
     """``[w_i dW_i m_i / density]``: weighted, dropped and rescaled deltas."""
     xs = dense_deltas(ctx, module_deltas, W0, weights)
     return [
-        drop_and_rescale_(x, params["density"], module_seed(params["seed"], ctx.name, i))
+        drop_and_rescale_(x, params["density"], module_seed(params["seed"], ctx.name, i), ctx.scratch)
         for x, i in zip(xs, ctx.indices)
     ]
 
@@ -55,6 +71,7 @@ def _dropped(ctx, module_deltas, weights, W0, params):
 class DareLinear(MergeMethod):
     name = "dare-linear"
     uses_base = False  # reads W0 only for kinds that need it
+    thread_independent = True
     summary = "drop entries at random with probability 1-density, rescale by 1/density, weighted sum"
     params = (DENSITY, SEED, LAMBDA)
 
@@ -69,10 +86,11 @@ class DareLinear(MergeMethod):
 class DareTies(MergeMethod):
     name = "dare-ties"
     uses_base = False  # reads W0 only for kinds that need it
+    thread_independent = True
     summary = "drop and rescale as dare-linear, then TIES sign election and disjoint mean"
     params = (DENSITY, SEED, SIGN, DIVIDE, LAMBDA)
 
     def delta(self, ctx, module_deltas, weights, W0, params):
         xs = _dropped(ctx, module_deltas, weights, W0, params)
-        out = elect_and_merge(xs, weights, params["sign"], params["divide"])
+        out = elect_and_merge(xs, weights, params["sign"], params["divide"], ctx.scratch)
         return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out

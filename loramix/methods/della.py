@@ -82,5 +82,5 @@ class Della(MergeMethod):
             della_prune_(x, params["density"], params["epsilon"], module_seed(params["seed"], ctx.name, i))
             for x, i in zip(dense_deltas(ctx, module_deltas, W0, weights), ctx.indices)
         ]
-        out = elect_and_merge(xs, weights, params["sign"], params["divide"])
+        out = elect_and_merge(xs, weights, params["sign"], params["divide"], ctx.scratch)
         return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out

@@ -16,6 +16,7 @@ from .base import DENSITY, LAMBDA, MergeMethod, dense_deltas, trim_
 class Magnitude(MergeMethod):
     name = "magnitude"
     uses_base = False  # reads W0 only for kinds that need it
+    thread_independent = True
     summary = "keep the top-density entries of each delta by magnitude, then the weighted sum"
     params = (DENSITY, LAMBDA)
 

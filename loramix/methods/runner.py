@@ -238,8 +238,10 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
         # refuses naming it (io.safetensors_io.check_output_finite): no second pass here
         return ModuleOutput(d, facts)
 
-    # W0 only where the method reads it: the engine then never forms it whole in float32
+    # W0 only where the method reads it: the engine then never forms it whole in float32;
+    # one torch thread where that changes no bit
     compute.needs_base = lambda name: m.needs_base([md for _, md in modules[name]])
+    compute.one_thread = lambda name: m.one_thread([md for _, md in modules[name]])
 
     # "created" is left out: the weight files' metadata must not change from
     # run to run; the time goes into loramix.json below. The facts are known

@@ -39,6 +39,7 @@ def _base_free_factors(module_deltas, weights, dtype, device) -> tuple[torch.Ten
 class Sum(MergeMethod):
     name = "sum"
     uses_base = False  # reads W0 only for kinds that need it
+    thread_independent = True
     summary = "the weighted sum of the deltas (exact; an adapter with ranks concatenated, or into a base)"
     params = ()
     low_rank = True

@@ -20,6 +20,7 @@ from .base import DENSITY, DIVIDE, LAMBDA, SIGN, MergeMethod, dense_deltas, trim
 class Ties(MergeMethod):
     name = "ties"
     uses_base = False  # reads W0 only for kinds that need it
+    thread_independent = True
     summary = "trim to the top-density entries, elect a sign per entry, average the agreeing ones"
     params = (DENSITY, SIGN, DIVIDE, LAMBDA)
 
