@@ -7,7 +7,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from .factories import SHARED_DATA
+from .factories import SHARED_DATA, SMOL_GGUF
 
 # Two cores here: keep torch from oversubscribing them in tests.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -24,6 +24,19 @@ def _loramix_cache_dir(tmp_path_factory):
         os.environ.pop("LORAMIX_CACHE_DIR", None)
     else:
         os.environ["LORAMIX_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def smol(tmp_path_factory):
+    """SmolLM2-135M-Instruct imported once per session from the GGUF in
+    ``../shared/models`` (``loramix base import``); skips where it is absent."""
+    if not SMOL_GGUF.is_file():
+        pytest.skip(f"real model not found at {SMOL_GGUF} (see README: Real model)")
+    from loramix.cli import main
+
+    out = tmp_path_factory.mktemp("smol") / "base"
+    assert main(["base", "import", str(SMOL_GGUF), "--out", str(out)]) == 0
+    return out
 
 
 def pytest_collection_modifyitems(config, items):

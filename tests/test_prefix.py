@@ -1,6 +1,5 @@
 """The frozen-prefix cache: the cached path against the full forward, per architecture and on SmolLM2."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from loramix.layers import inject_trainable
 
 from .test_archs import CONFIGS
 
-SMOL = Path("/work/smol")
 PREFIX_ARCHS = [a for a in ARCHS if ARCHS[a].prefix_cache]
 
 
@@ -135,13 +133,14 @@ def test_disk_cache_round_trip_and_key(tmp_path, monkeypatch):
     assert prefix._read(key) is None
 
 
-@pytest.mark.skipif(not (SMOL / "model.safetensors").exists(), reason=f"no imported SmolLM2 at {SMOL}")
-def test_cached_path_equals_the_full_forward_on_smollm2():
+def test_cached_path_equals_the_full_forward_on_smollm2(smol):
     from loramix.data import encode_records, load_records
     from loramix.models import load_causal_lm
 
-    model, tok = load_causal_lm(SMOL)
-    data = Path("/work/shared/data/science.jsonl")
+    from .factories import SHARED_DATA
+
+    model, tok = load_causal_lm(smol)
+    data = SHARED_DATA / "science.jsonl"
     if not data.exists():
         pytest.skip(f"no real data at {data}")
     ex = encode_records(tok, load_records(data, limit=3), max_len=48)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -117,19 +116,14 @@ def test_train_and_eval_record_the_prompt(bases, capsys, tmp_path):
     assert chat["ppl"] != raw["ppl"]
 
 
-SMOL = os.environ.get("LORAMIX_SMOL")
 
 
-@pytest.mark.skipif(
-    not SMOL or not (Path(SMOL) / "chat_template.jinja").exists(),
-    reason="set LORAMIX_SMOL to an imported SmolLM2 folder (loramix base import) to run this",
-)
-def test_smol_eval_with_its_chat_template(capsys):
+def test_smol_eval_with_its_chat_template(smol, capsys):
     from loramix.cli import main
 
     data = Path(__file__).resolve().parents[2] / "shared" / "data"
     src = next(iter(sorted(data.glob("*.jsonl"))), None) if data.is_dir() else None
     spec = str(src) if src else "synthetic:arith?n=8"
-    assert main(["eval", "--base", SMOL, "--data", spec, "--limit", "8", "--prompt", "chat", "--format", "json"]) == 0
+    assert main(["eval", "--base", str(smol), "--data", spec, "--limit", "8", "--prompt", "chat", "--format", "json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["prompt"] == "chat" and res["results"][-1]["tokens"] > 0

@@ -25,10 +25,9 @@ import torch
 from loramix.cli import main
 from loramix.io.safetensors_io import file_sha256
 
-from .factories import SHARED_DATA, one_line_error, write_jsonl
+from .factories import SHARED_DATA, SMOL_GGUF, one_line_error, write_jsonl
 
-MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
-GGUF = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF = SMOL_GGUF
 needs_model = pytest.mark.skipif(
     not GGUF.is_file(), reason=f"real model not found at {GGUF} (see README: Real model)"
 )
@@ -54,15 +53,6 @@ TOP_TARGETS = (
 
 
 # ---- the real model ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def smol(tmp_path_factory):
-    if not GGUF.is_file():
-        pytest.skip(f"real model not found at {GGUF} (see README: Real model)")
-    out = tmp_path_factory.mktemp("smol") / "base"
-    assert main(["base", "import", str(GGUF), "--out", str(out)]) == 0
-    return out
 
 
 @pytest.fixture(scope="session")
