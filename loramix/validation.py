@@ -307,6 +307,8 @@ def validate(compositions, y, X: pd.DataFrame, *, level: float = 0.9, lambdas=LA
     if not splits:
         raise UsageError("validation", "leave-one-domain-out needs compositions with and without each domain")
     rows, pairsum = [], sized(X)
+    if SIZE in X.columns and not pairsum:  # one size throughout: a constant, nothing to fit on
+        X = X.drop(columns=[SIZE])
     for d, tr, te in splits:
         fits = fit_all([comps[k] for k in tr], y[tr], X.iloc[tr], level, lambdas, pairsum)
         for name, fit in fits.items():

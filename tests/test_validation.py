@@ -218,3 +218,5 @@ def test_pairsum_predictor_extrapolates_the_additive_pair_model():
     pairs = [k for k, c in enumerate(comps) if len(c) == 2]
     v2 = validate([comps[k] for k in pairs], y[pairs], pd.DataFrame({"f": x[pairs], SIZE: s[pairs]}))
     assert not any(p.startswith("ols_pairsum") for p in v2.fits)
+    # one size throughout is a constant: no line is fitted on it, alone or in the ridge
+    assert f"ols:{SIZE}" not in v2.fits and SIZE not in v2.fits["ridge"].get("features", [])
