@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from . import register
 from .base import DENSITY, LAMBDA, MergeMethod, Param, dense_deltas, kth_largest
+from .params import in_unit_interval
 
 GAMMA = Param(
     "gamma",
     float,
     0.01,
     "fraction of each delta's largest-magnitude entries dropped, in [0, 1)",
-    check=lambda v: None if 0.0 <= v < 1.0 else f"{v} is outside [0, 1)",
+    check=in_unit_interval,
 )
 
 

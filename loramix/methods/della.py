@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from . import register
 from .base import DENSITY, LAMBDA, SEED, SIGN, MergeMethod, Param, dense_deltas, elect_and_merge, module_seed
+from .params import in_unit_interval
 
 EPSILON = Param(
     "epsilon",
     float,
     0.15,
     "half-width of the keep probabilities around density (by magnitude rank)",
-    check=lambda v: None if 0.0 <= v < 1.0 else f"{v} is outside [0, 1)",
+    check=in_unit_interval,
 )
 DIVIDE_WEIGHT = Param(
     "divide",

@@ -59,6 +59,11 @@ class Param:
         return v
 
 
+def in_unit_interval(v: float) -> str | None:
+    """A Param check: ``v`` in ``[0, 1)`` (a fraction that cannot be all)."""
+    return None if 0.0 <= v < 1.0 else f"{v} is outside [0, 1)"
+
+
 def _density_check(v: float) -> str | None:
     return None if 0.0 < v <= 1.0 else f"{v} is outside (0, 1]: it is the fraction of entries kept"
 
