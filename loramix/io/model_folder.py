@@ -37,6 +37,7 @@ import torch
 from ..archs import arch, is_conv1d
 from ..errors import BaseModelError
 from .config_schema import load_json_file
+from .filehash import HashingStopped, cache_dir, cached_file_sha256  # noqa: F401  (re-exported)
 from .outputs import normalized_path
 from .safetensors_io import (  # noqa: F401  (ST_DTYPES, TORCH_TO_ST re-exported)
     ST_DTYPES,
@@ -464,56 +465,6 @@ class BaseModelFolder:
 
 
 # ---- the skeleton and its cache -------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """``$LORAMIX_CACHE_DIR``, else ``$XDG_CACHE_HOME/loramix``, else ``~/.cache/loramix``."""
-    env = os.environ.get("LORAMIX_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loramix"
-
-
-class HashingStopped(Exception):
-    """Hashing was abandoned because its ``stop`` event was set."""
-
-
-def _sha256(path: Path, stop: threading.Event | None, chunk: int = 8 << 20) -> str:
-    if stop is None:
-        return file_sha256(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            if stop.is_set():  # an interrupted merge should not wait for a 10 GB hash
-                raise HashingStopped(str(path))
-            h.update(block)
-    return h.hexdigest()
-
-
-def cached_file_sha256(path: Path, stop: threading.Event | None = None) -> str:
-    """sha256 of a file, cached under :func:`cache_dir` by its resolved path,
-    inode, size and mtime (ns); any change means a rehash."""
-    try:
-        st = path.stat()
-        ident = f"{path.resolve()}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
-    except OSError:
-        return _sha256(path, stop)
-    entry = cache_dir() / "sha256" / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".txt")
-    try:
-        digest = entry.read_text().strip()
-        if len(digest) == 64:
-            return digest
-    except OSError:
-        pass
-    digest = _sha256(path, stop)
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(digest + "\n")
-        os.replace(tmp, entry)
-    except OSError:
-        pass
-    return digest
 
 
 def _transformers_version() -> str:

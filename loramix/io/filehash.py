@@ -1,0 +1,179 @@
+"""sha256 of weight files: cached on disk, and started before torch loads.
+
+Every merge into a base records the base's sha256 (its provenance). A file's
+hash is remembered under :func:`cache_dir` by (resolved path, inode, size,
+mtime in ns), as git's index does, so a base is hashed once per change.
+
+The first merge into a base must hash it. A command line knows the base
+before it imports torch (about 2 s on one core, while the other cores idle),
+so ``loramix sum/merge --into`` call :func:`prefetch` first: a daemon thread
+hashes the base's files during the import (hashlib releases the GIL) and
+:func:`cached_file_sha256` later waits for that thread's answer instead of
+hashing the file again. Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+
+from .st_header import file_sha256
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def cache_dir() -> Path:
+    """``$LORAMIX_CACHE_DIR``, else ``$XDG_CACHE_HOME/loramix``, else ``~/.cache/loramix``."""
+    env = os.environ.get("LORAMIX_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loramix"
+
+
+class HashingStopped(Exception):
+    """Hashing was abandoned because its ``stop`` event was set."""
+
+
+# Hashes in flight in this process (started by prefetch), by file identity.
+_PENDING: dict[str, Future] = {}
+_LOCK = threading.Lock()
+
+
+def _sha256(path: Path, stop: threading.Event | None, chunk: int = 8 << 20) -> str:
+    if stop is None:
+        return file_sha256(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if stop.is_set():  # an interrupted merge should not wait for a 10 GB hash
+                raise HashingStopped(str(path))
+            h.update(block)
+    return h.hexdigest()
+
+
+def _identity(path: Path) -> str | None:
+    try:
+        st = path.stat()
+        return f"{path.resolve()}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
+    except OSError:
+        return None
+
+
+def _entry(ident: str) -> Path:
+    return cache_dir() / "sha256" / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".txt")
+
+
+def _cached(ident: str) -> str | None:
+    try:
+        digest = _entry(ident).read_text().strip()
+    except OSError:
+        return None
+    return digest if len(digest) == 64 else None
+
+
+def _store(ident: str, digest: str) -> None:
+    entry = _entry(ident)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+        tmp.write_text(digest + "\n")
+        os.replace(tmp, entry)
+    except OSError:
+        pass  # a read-only cache only costs the rehash
+
+
+def _wait(fut: Future, stop: threading.Event | None) -> str | None:
+    """The prefetched hash, or None if its thread failed (then the caller
+    hashes); :class:`HashingStopped` once ``stop`` is set."""
+    while True:
+        try:
+            return fut.result(timeout=0.05)
+        except FutureTimeout:
+            if stop is not None and stop.is_set():
+                raise HashingStopped("waiting for a prefetched hash") from None
+        except Exception:
+            return None
+
+
+def cached_file_sha256(path: Path, stop: threading.Event | None = None) -> str:
+    """sha256 of a file, cached under :func:`cache_dir` by its resolved path,
+    inode, size and mtime (ns); any change means a rehash. A hash that
+    :func:`prefetch` has in flight for the same file is waited for, not
+    repeated."""
+    path = Path(path)
+    ident = _identity(path)
+    if ident is None:
+        return _sha256(path, stop)
+    with _LOCK:
+        fut = _PENDING.get(ident)
+    if fut is not None and (digest := _wait(fut, stop)) is not None:
+        return digest
+    digest = _cached(ident)
+    if digest is not None:
+        return digest
+    digest = _sha256(path, stop)
+    _store(ident, digest)
+    return digest
+
+
+def model_weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a model folder as :class:`BaseModelFolder` hashes
+    them (the shards named by the index and the index itself, or
+    ``model.safetensors``), read without validating anything; [] for
+    anything else (a GGUF file, a broken folder: those are for the real
+    reader to report)."""
+    folder = Path(folder)
+    try:
+        index = folder / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted({str(v) for v in weight_map.values()})
+            files = [folder / n for n in names if "/" not in n and "\\" not in n]
+            return [*files, index]
+        single = folder / SINGLE_NAME
+        return [single] if single.is_file() else []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def prefetch(paths) -> None:
+    """Start hashing ``paths`` (those not cached yet) in one daemon thread,
+    in order; :func:`cached_file_sha256` picks the results up. Never raises:
+    a file that cannot be hashed here is hashed, or reported, by the caller
+    later. A daemon: a command that fails on its input exits at once."""
+    todo = []
+    with _LOCK:
+        for p in map(Path, paths):
+            ident = _identity(p)
+            if ident is None or ident in _PENDING or _cached(ident) is not None:
+                continue
+            fut: Future = Future()
+            _PENDING[ident] = fut
+            todo.append((p, ident, fut))
+    if not todo:
+        return
+
+    def run() -> None:
+        for p, ident, fut in todo:
+            try:
+                digest = _sha256(p, None)
+            except BaseException as e:  # the caller hashes it again, and reports what fails
+                fut.set_exception(e)
+                continue
+            _store(ident, digest)
+            fut.set_result(digest)
+
+    threading.Thread(target=run, name="loramix-prefetch-sha256", daemon=True).start()
+
+
+def prefetch_base(base: str | os.PathLike | None) -> None:
+    """:func:`prefetch` of a base model folder's weight files (nothing for
+    None or anything that is not a safetensors model folder)."""
+    if base is not None:
+        prefetch(model_weight_files(base))

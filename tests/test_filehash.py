@@ -1,0 +1,140 @@
+"""The base's sha256: cached on disk, prefetched while torch loads (loramix/io/filehash.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+
+import pytest
+
+from loramix.io import filehash
+from loramix.io.filehash import (
+    HashingStopped,
+    cached_file_sha256,
+    model_weight_files,
+    prefetch,
+    prefetch_base,
+)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(filehash, "_PENDING", {})
+
+
+def _file(tmp_path, name="w.bin", size=3 << 20, fill=7):
+    p = tmp_path / name
+    p.write_bytes(bytes([fill]) * size)
+    return p
+
+
+def _digest(p):
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_prefetched_hash_is_the_files_and_is_cached(tmp_path):
+    p = _file(tmp_path)
+    prefetch([p])
+    assert cached_file_sha256(p) == _digest(p)
+    entries = list((tmp_path / "cache" / "sha256").iterdir())
+    assert [e.read_text().strip() for e in entries] == [_digest(p)]  # no temporaries left beside it
+
+
+def test_an_in_flight_hash_is_waited_for_not_repeated(tmp_path):
+    p = _file(tmp_path)
+    fut: Future = Future()
+    filehash._PENDING[filehash._identity(p)] = fut
+    fake = "ab" * 32  # what the prefetching thread will say: proves the file was not hashed again
+    threading.Timer(0.2, fut.set_result, (fake,)).start()
+    t0 = time.perf_counter()
+    assert cached_file_sha256(p) == fake
+    assert time.perf_counter() - t0 >= 0.15
+
+
+def test_a_failed_prefetch_is_hashed_by_the_caller(tmp_path):
+    p = _file(tmp_path)
+    fut: Future = Future()
+    fut.set_exception(OSError("disk went away"))
+    filehash._PENDING[filehash._identity(p)] = fut
+    assert cached_file_sha256(p) == _digest(p)
+
+
+def test_stop_abandons_the_wait(tmp_path):
+    p = _file(tmp_path)
+    filehash._PENDING[filehash._identity(p)] = Future()  # never finishes
+    stop = threading.Event()
+    threading.Timer(0.1, stop.set).start()
+    with pytest.raises(HashingStopped):
+        cached_file_sha256(p, stop)
+
+
+def test_a_changed_file_is_rehashed(tmp_path):
+    p = _file(tmp_path)
+    first = cached_file_sha256(p)
+    p.write_bytes(b"other bytes")
+    assert cached_file_sha256(p) == _digest(p) != first
+
+
+def test_weight_files_are_those_the_base_hashes(tmp_path):
+    from loramix.io.model_folder import BaseModelFolder
+
+    from .factories import save_base, tiny_gpt2
+
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    save_base(tiny_gpt2(), single)
+    save_base(tiny_gpt2(), sharded, max_shard_size="40KB")
+    for folder in (single, sharded):
+        base = BaseModelFolder(folder)
+        assert [p.name for p in model_weight_files(folder)] == sorted(base.weight_files)
+        prefetch_base(folder)
+        assert base.file_sha256s() == {n: _digest(folder / n) for n in base.weight_files}
+    assert len(BaseModelFolder(sharded).shards) >= 2
+
+
+@pytest.mark.parametrize("what", ["missing", "file", "bad_index", "index_not_a_map", "gguf"])
+def test_prefetch_of_anything_else_does_nothing(tmp_path, what):
+    target = tmp_path / "x"
+    if what == "file":
+        target.write_text("{}")
+    elif what in ("bad_index", "index_not_a_map"):
+        target.mkdir()
+        text = "{not json" if what == "bad_index" else json.dumps({"weight_map": [1, 2]})
+        (target / "model.safetensors.index.json").write_text(text)
+    elif what == "gguf":
+        target = tmp_path / "m.gguf"
+        target.write_bytes(b"GGUF" + bytes(64))
+    assert model_weight_files(target) == []
+    prefetch_base(target)
+    prefetch_base(None)
+    assert filehash._PENDING == {}
+
+
+def test_cli_prefetch_happens_before_torch_loads(tmp_path):
+    """The sum command starts hashing the base before it imports torch, and a
+    merge that fails on its input (no such adapters) still exits 2 at once."""
+    from .factories import save_base, tiny_gpt2
+
+    base = tmp_path / "base"
+    save_base(tiny_gpt2(), base)
+    code = (
+        "import sys, threading, loramix.io.filehash as fh\n"
+        "orig = fh.prefetch\n"
+        "def spy(paths):\n"
+        "    paths = list(paths)\n"
+        "    print('prefetch', len(paths), 'torch' in sys.modules, flush=True)\n"
+        "    orig(paths)\n"
+        "fh.prefetch = spy\n"
+        "from loramix.cli import main\n"
+        f"sys.exit(main(['sum', 'nope1', 'nope2', '--into', {str(base)!r}, '--out', {str(tmp_path / 'o')!r}]))\n"
+    )
+    env = {"LORAMIX_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stdout.splitlines()[0] == "prefetch 1 False"
+    assert not (tmp_path / "o").exists()
