@@ -314,9 +314,13 @@ def _check_delta(delta: Delta, name: str, shape: tuple[int, int]) -> None:
         raise ValueError(f"module {name}: delta {tuple(delta.shape)}, expected {shape}")
 
 
-#: elements per block of the elementwise passes (4 MiB of float32): a block
-#: stays in the CPU's cache from its conversion to its check
-BLOCK_ELEMENTS = 1 << 20
+#: elements per block of rows (1 MiB of float32): a block stays in the
+#: CPU's cache from its read through its product to its check
+BLOCK_ELEMENTS = 1 << 18
+#: rows per block at least: a one-row product takes BLAS's matrix-vector
+#: path, which sums the rank in another order than the matrix product of the
+#: whole tensor (two rows and more give its bits; tests/test_engine.py)
+MIN_ROWS = 8
 
 
 def needs_base(compute: ModuleCompute, module: str) -> bool:
@@ -343,58 +347,81 @@ def add_delta(
     pool: Buffers,
     helpers=None,
     scratch: Buffers | None = None,
+    read=None,
 ) -> JobResult:
     """``W0 + delta`` in the stored layout, computed in float32 (float64 for
     a float64 base) on ``dev`` in reused buffers, returned on the CPU in the
     job's output dtype.
 
     ``compute`` gets ``W0`` only where it reads it (:func:`needs_base`), else
-    None. A factor pair is added by one ``addmm_`` on the whole float32
-    ``W0`` (``beta = 1``: the same call, and the same bits, as ever; BLAS
-    results do not depend on its threads, but can on how a caller splits the
-    rows). Everything else is elementwise and runs by blocks of rows
-    (``BLOCK_ELEMENTS``; one block on a GPU), each from its conversion to
-    float32, through its dense delta and the finite check (``aminmax``: the
-    output is finite iff the converted extremes are, rounding being monotone
-    and nan propagating) to its conversion back, while it is in the cache;
-    ``helpers`` (:class:`Helpers`, optional) take shares of the blocks.
+    None. On the CPU everything runs by blocks of rows (``BLOCK_ELEMENTS``),
+    each while it is in the cache: its conversion to float32, its share of
+    the delta (a factor pair ``B @ A`` as ``addmm_`` of the block's rows of
+    ``B``, ``beta = 1``; a dense delta as an add), its conversion back and the
+    finite check; ``helpers`` (:class:`Helpers`, optional) take shares of the
+    blocks. A block's ``addmm_`` gives the bits of the same rows of one
+    ``addmm_`` on the whole tensor (each output entry is one dot product
+    over the rank, added to ``W0`` once; tested) and the blocks are the same
+    whatever the threads, so results do not depend on them. On a GPU the
+    whole tensor is one block.
+
+    The finite check sums each output block (``sum`` propagates nan and
+    inf, and a float16 block is summed in float32 where it cannot overflow);
+    only when a sum is not finite is the tensor checked entry by entry
+    (:func:`check_output_finite`: a sum that overflowed is no error).
     ``stored`` is the caller's buffer (the bytes read from the file), and
     the result goes back into it when the output dtype is the stored one;
     else it is a buffer of ``pool``. Work buffers whose contents do not
-    outlive the call come from ``scratch`` (default ``pool``)."""
+    outlive the call come from ``scratch`` (default ``pool``).
+
+    ``read`` (optional): ``read(r0, r1)`` fills rows ``r0:r1`` of ``stored``
+    from the file, which then need not hold them yet: each block reads its
+    own rows, in its own thread, just before it converts them (the read is
+    parallel and lands in the cache), unless the whole ``W0`` is needed
+    first (a compute that reads it)."""
     cdt = torch.float64 if stored.dtype == torch.float64 else torch.float32
     code_dtype = ST_DTYPES[job.out_code]
     rows, cols = stored.shape
     shape = (cols, rows) if job.transposed else (rows, cols)  # (out, in)
     on_cpu = torch.device(dev).type == "cpu"
     helpers = helpers if on_cpu else None
-    step = max(1, BLOCK_ELEMENTS // max(cols, 1)) if on_cpu else max(rows, 1)
+    step = max(MIN_ROWS, BLOCK_ELEMENTS // max(cols, 1)) if on_cpu else max(rows, 1)
     in_place = stored.dtype == cdt and stored.device == dev  # the stored tensor is the compute buffer
     W = stored if in_place else None  # the whole W0 in the compute dtype, when one is needed
 
     scratch = pool if scratch is None else scratch
+    unread = read is not None  # rows are read by the blocks
 
     def whole_w0() -> torch.Tensor:
+        nonlocal unread
+        if W is stored:  # in place: W0 is the stored tensor, once read
+            if unread:
+                _by_blocks(rows, step, helpers, lambda r0, r1, k: read(r0, r1))
+            unread = False
+            return W
         # the result when the output dtype is the compute dtype: then it must outlive the call
         buf = (pool if code_dtype == cdt else scratch).get("in", stored.shape, cdt, dev)
-        _by_blocks(rows, step, helpers, lambda r0, r1, k: buf[r0:r1].copy_(stored[r0:r1]))
+
+        def load(r0: int, r1: int, k: int) -> None:
+            if unread:
+                read(r0, r1)
+            buf[r0:r1].copy_(stored[r0:r1])
+
+        _by_blocks(rows, step, helpers, load)
+        unread = False
         return buf
 
     if needs_base(compute, job.module):
-        W = W if W is not None else whole_w0()
+        W = whole_w0()
         res = _run_compute(compute, job.module, W.T if job.transposed else W, helpers)
     else:
         res = _run_compute(compute, job.module, None, helpers)
     _check_delta(res.delta, job.module, shape)
-    dense = None
+    dense = left = right = None
     if isinstance(res.delta, tuple):
         B, A = (x.to(device=dev, dtype=cdt) for x in res.delta)
-        W = W if W is not None else whole_w0()
-        with _all_threads(helpers):  # W0 + B @ A, or for a Conv1D (in, out) tensor W + A^T B^T
-            if job.transposed:
-                W.addmm_(A.T, B.T)
-            else:
-                W.addmm_(B, A)
+        # the stored rows are B's rows, or for a Conv1D (in, out) tensor, A^T's: W + A^T B^T
+        left, right = (A.T.contiguous(), B.T) if job.transposed else (B, A)
     else:
         dense = res.delta.to(device=dev, dtype=cdt)
         dense = dense.T if job.transposed else dense
@@ -404,40 +431,51 @@ def add_delta(
         out = stored  # each block goes back where it was read from
     else:
         out = pool.get("host", stored.shape, code_dtype, torch.device("cpu"))
+    wide = code_dtype if code_dtype != torch.float16 else torch.float32
 
     def block(r0: int, r1: int, k: int) -> list[torch.Tensor]:
+        if unread:
+            read(r0, r1)
         if W is not None:
             blk = W[r0:r1]
         else:
             blk = scratch.get(f"block{k}", (r1 - r0, cols), cdt, dev).copy_(stored[r0:r1])
+        if left is not None:
+            blk.addmm_(left[r0:r1], right)
         if dense is not None:
             blk.add_(dense[r0:r1])
         if out is not W:
             out[r0:r1].copy_(blk)
-        return list(torch.aminmax(blk)) if blk.numel() else []
+        if not blk.numel():
+            return []
+        written = out[r0:r1] if on_cpu else blk.to(code_dtype)  # on a GPU: summed there
+        return [written.sum(dtype=wide)]
 
-    extremes = [e for part in _by_blocks(rows, step, helpers, block) for e in part]
-    if extremes and not bool(torch.isfinite(torch.stack(extremes).to(code_dtype)).all()):
-        check_output_finite(out, job.info.key)  # raises, naming the tensor
+    sums = [e for part in _by_blocks(rows, step, helpers, block, MIN_ROWS) for e in part]
+    if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
+        check_output_finite(out, job.info.key)  # raises, naming the tensor, unless a sum overflowed
     return JobResult(job, out, res.facts)
 
 
-def _by_blocks(rows: int, step: int, helpers, fn) -> list:
-    """``fn(r0, r1, k)`` for every block of ``step`` rows, shared out between
+def _by_blocks(rows: int, step: int, helpers, fn, min_rows: int = 1) -> list:
+    """``fn(r0, r1, k)`` for every block of ``step`` rows (a last block of
+    fewer than ``min_rows`` rows joins the one before), shared out between
     this thread (``k = 0``) and the ``helpers`` (``k`` = 1, 2, ...): each
     takes the next block not yet taken, so a thread that gets less of the
     CPU (a machine shared with other jobs) does fewer. The results, in block
     order."""
-    starts = list(range(0, rows, step))
-    parts = min(len(starts), 1 + (helpers.threads if helpers is not None else 0))
+    bounds = [[r0, min(rows, r0 + step)] for r0 in range(0, rows, step)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_rows:
+        bounds[-2][1] = bounds.pop()[1]
+    parts = min(len(bounds), 1 + (helpers.threads if helpers is not None else 0))
     if parts <= 1:
-        return [fn(r0, min(rows, r0 + step), 0) for r0 in starts]
-    done: list = [None] * len(starts)
+        return [fn(r0, r1, 0) for r0, r1 in bounds]
+    done: list = [None] * len(bounds)
     taken = itertools.count()  # next() is atomic under the GIL
 
     def run(k: int) -> None:
-        while (i := next(taken)) < len(starts):
-            done[i] = fn(starts[i], min(rows, starts[i] + step), k)
+        while (i := next(taken)) < len(bounds):
+            done[i] = fn(*bounds[i], k)
 
     others = [helpers.submit(run, k) for k in range(1, parts)]
     try:
@@ -562,9 +600,7 @@ class SerialExecutor:
             pool = self.pool
             # the next module job works in the other set: this result may still be being written
             self.pool, self._spare = getattr(self, "_spare", None) or Buffers(), pool
-            stored = read_into(
-                src, job.info, pool.get("read", job.info.shape, ST_DTYPES[job.info.dtype], "cpu")
-            )
+            stored = pool.get("read", job.info.shape, ST_DTYPES[job.info.dtype], "cpu")
             return add_delta(
                 stored,
                 job,
@@ -573,6 +609,7 @@ class SerialExecutor:
                 pool,
                 getattr(self, "helpers", None),
                 getattr(self, "scratch", None),
+                read=lambda r0, r1: read_into(src, job.info, stored, (r0, r1)),
             )
         if isinstance(job, ReplaceJob):
             return JobResult(job, job.tensor.to(ST_DTYPES[job.out_code]).contiguous())

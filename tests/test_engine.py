@@ -378,3 +378,24 @@ def test_method_math_runs_on_the_threads_torch_had(gpt2, tmp_path, monkeypatch):
         methods._REGISTRY.pop(Probe.name)
         methods._REGISTRY.pop(ProbeOne.name)
     assert seen == {False: {2}, True: {1}}
+
+
+@pytest.mark.parametrize("k", [3, 16, 48, 200])
+def test_row_blocks_of_a_factor_product_give_the_whole_products_bits(k):
+    """What the engine's blocked ``addmm_`` relies on (add_delta, MIN_ROWS):
+    the rows of ``W + B @ A`` computed a block of two or more rows at a time
+    are bit for bit those of one product over the whole tensor, on one
+    thread or two."""
+    from loramix.engine import MIN_ROWS
+
+    g = torch.Generator().manual_seed(k)
+    W, B, A = (torch.randn(*s, generator=g) for s in ((300, 2304), (300, k), (k, 2304)))
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            whole = W.clone().addmm_(B, A)
+            for r0, r1 in ((0, MIN_ROWS), (5, 7), (8, 72), (72, 300), (299 - MIN_ROWS, 300)):
+                assert torch.equal(W[r0:r1].clone().addmm_(B[r0:r1], A), whole[r0:r1]), (r0, r1, threads)
+        finally:
+            torch.set_num_threads(old)

@@ -213,18 +213,26 @@ def canonicalize_header(path: str | Path) -> None:
         f.write(text + b" " * (n - len(text)))
 
 
-def read_into(src, info, out: torch.Tensor | None = None) -> torch.Tensor:
+def read_into(src, info, out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """One tensor's bytes from the open file ``src`` into ``out`` (a tensor
     of ``info``'s shape and dtype, typically reused across tensors; a fresh
     one when None) with ``readinto``: one copy from the page cache, and no
     mmap whose touched pages would count towards the process's memory for
-    the rest of the file; at its offset, never moving ``src``'s position. ``info`` is a :class:`~loramix.io.model_folder.TensorInfo`
-    (absolute ``start``, ``nbytes``, ``shape``, safetensors ``dtype`` code)."""
+    the rest of the file; at its offset, never moving ``src``'s position, so
+    threads may read parts of one tensor at once. ``rows = (r0, r1)`` reads
+    only those rows (the first dimension) into ``out[r0:r1]``. ``info`` is a
+    :class:`~loramix.io.model_folder.TensorInfo` (absolute ``start``,
+    ``nbytes``, ``shape``, safetensors ``dtype`` code)."""
     buf = torch.empty(info.shape, dtype=ST_DTYPES[info.dtype]) if out is None else out
-    view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if info.nbytes else memoryview(b"")
+    start, nbytes = info.start, info.nbytes
+    part = buf
+    if rows is not None and info.shape:
+        row_bytes = nbytes // info.shape[0] if info.shape[0] else 0
+        start, nbytes, part = start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes, buf[rows[0] : rows[1]]
+    view = memoryview(part.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
     got = 0
-    while got < info.nbytes:  # short reads are allowed
-        n = pread_into(src, view[got:], info.start + got)
+    while got < nbytes:  # short reads are allowed
+        n = pread_into(src, view[got:], start + got)
         if not n:
             raise BaseModelError(Path(src.name), f"truncated while reading tensor {info.key}")
         got += n

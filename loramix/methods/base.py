@@ -507,19 +507,35 @@ def trim_and_elect(
     if not any(t is not None for t in thresholds):
         return elect_and_merge(xs, weights, sign, divide, scratch)
     out = scratch.get("elect_out", x0.shape, x0.dtype, x0.device)
+    below = [None if t is None else _just_below(t) for t in thresholds]
 
     def block(r0: int, r1: int, j: int) -> None:
         shape = (r1 - r0, x0.shape[1])
         blocks = [x[r0:r1] for x in xs]
-        for xb, thr in zip(blocks, thresholds):
-            if thr is not None:
-                xb.mul_(torch.abs(xb, out=scratch.get(f"abs{j}", shape, x0.dtype, x0.device)).ge_(thr))
+        for xb, lam in zip(blocks, below):
+            if lam is not None:  # |x| >= thr is |x| > lam: one pass instead of abs, compare, multiply
+                torch.hardshrink(xb, lam, out=xb)
         g = scratch.get(f"elect_g{j}", shape, x0.dtype, x0.device)
         den = scratch.get(f"elect_den{j}", shape, x0.dtype, x0.device)
         _elect(blocks, weights, sign, divide, g, out[r0:r1], den)
 
     _rows(x0, block)
     return out
+
+
+def _just_below(thr: torch.Tensor) -> float | None:
+    """The largest float of ``thr``'s dtype below ``thr`` (a 0-d tensor, the
+    k-th largest magnitude): ``hardshrink(x, lam)`` zeroes ``|x| <= lam``,
+    so it keeps exactly ``|x| >= thr``. None when ``thr <= 0`` (everything is
+    kept). A trimmed entry becomes +0 where ``x * 0`` gives -0 for a negative
+    ``x``; the election cannot tell them apart (``+0 >= 0`` and ``-0 >= 0``,
+    and a sum that starts from +0 loses the sign of zeros added to it)."""
+    import numpy as np
+
+    t = thr.detach().cpu().numpy()
+    if not t > 0:
+        return None
+    return float(np.nextafter(t, t.dtype.type(-np.inf)))
 
 
 def elect_and_merge(
