@@ -466,7 +466,8 @@ def _by_blocks(rows: int, step: int, helpers, fn, min_rows: int = 1) -> list:
     order."""
     bounds = [[r0, min(rows, r0 + step)] for r0 in range(0, rows, step)]
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_rows:
-        bounds[-2][1] = bounds.pop()[1]
+        last = bounds.pop()
+        bounds[-1][1] = last[1]
     parts = min(len(bounds), 1 + (helpers.threads if helpers is not None else 0))
     if parts <= 1:
         return [fn(r0, r1, 0) for r0, r1 in bounds]

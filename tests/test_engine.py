@@ -340,6 +340,7 @@ def test_blocks_and_threads_do_not_change_bytes(gpt2, tmp_path, monkeypatch, met
 
     whole = run("whole", 1)
     monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 100)
+    monkeypatch.setattr(engine, "MIN_ROWS", 5)  # blocks of 5 rows: 32 rows end in a short one, joined
     monkeypatch.setattr(mb, "ROW_BLOCK_ELEMENTS", 100)
     monkeypatch.setattr(mb, "BRACKET_MIN", 256)  # the tiny model's deltas take the bracket and the blocks
     assert run("blocks", 2) == whole
@@ -399,3 +400,24 @@ def test_row_blocks_of_a_factor_product_give_the_whole_products_bits(k):
                 assert torch.equal(W[r0:r1].clone().addmm_(B[r0:r1], A), whole[r0:r1]), (r0, r1, threads)
         finally:
             torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_blocks_cover_every_row_once(threads):
+    """Every row in exactly one block, in order, none shorter than
+    ``min_rows <= step`` unless the tensor is: over many heights and steps,
+    with a short last block joined to the one before."""
+    from loramix.engine import Helpers, _by_blocks
+
+    helpers = Helpers(threads) if threads else None
+    try:
+        for rows in (0, 1, 7, 8, 9, 85, 768, 769, 3072):
+            for step in (1, 3, 8, 85, 341, 1000):
+                for min_rows in (m for m in (1, 8) if m <= step):  # the engine's steps are >= MIN_ROWS
+                    got = _by_blocks(rows, step, helpers, lambda r0, r1, k: (r0, r1), min_rows)
+                    flat = [r for r0, r1 in got for r in range(r0, r1)]
+                    assert flat == list(range(rows)), (rows, step, min_rows)
+                    assert all(r1 - r0 >= min(min_rows, rows) for r0, r1 in got), (rows, step, min_rows)
+    finally:
+        if helpers is not None:
+            helpers.pool.shutdown()
