@@ -306,7 +306,15 @@ def test_scenario_validation_runs_the_methods_checks(tmp_path, capsys, merge, ke
 # ----------------------------------------------------------------------------- blocks and threads
 
 
-@pytest.mark.parametrize("method", [["sum"], ["ties", "--density", "0.3"]])
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["sum"],
+        ["ties", "--density", "0.3"],
+        ["dare-linear", "--density", "0.4", "--lambda", "0.7"],
+        ["dare-ties", "--density", "0.4"],
+    ],
+)
 def test_blocks_and_threads_do_not_change_bytes(gpt2, tmp_path, monkeypatch, method):
     """The elementwise passes by blocks of rows (here many, a short last one),
     shared out with helper threads, the methods' own blocks and bracket, and

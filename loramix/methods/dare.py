@@ -40,31 +40,76 @@ def drop_and_rescale_(x: torch.Tensor, density: float, seed: int, scratch=None) 
     """``x * m / density`` in place, ``m = dare_mask(x.shape, density, seed)``;
     with ``scratch`` (a streaming merge) the mask is drawn into a reused
     tensor and a large matrix is scaled by blocks of rows."""
+    return _drop_all([x], density, [seed], scratch)[0]
+
+
+def _drop_all(xs, density: float, seeds, scratch=None, then=None):
+    """:func:`drop_and_rescale_` of each ``xs[j]`` with ``seeds[j]``, in place.
+
+    With ``scratch`` on large CPU matrices (a streaming merge): the masks
+    are drawn a few at a time in parallel (each from its own generator, so
+    the draws are those of one at a time; a draw is serial and the largest
+    cost of DARE), into reused tensors, and each is applied by blocks of
+    rows. ``then(r0, r1, j)`` (optional) runs on each block after its rows
+    of every delta are dropped, while they are in the cache."""
     if density >= 1.0:
-        return x
+        if then is not None:
+            then(0, xs[0].shape[0], 0)
+        return xs
+    if scratch is None or not all(_by_rows(x, scratch) and x.device.type == "cpu" for x in xs):
+        for x, seed in zip(xs, seeds):
+            m = dare_mask(tuple(x.shape), density, seed).to(device=x.device, dtype=x.dtype, non_blocking=True)
+            x.mul_(m).div_(density)
+        if then is not None:
+            then(0, xs[0].shape[0], 0)
+        return xs
+    group = max(1, min(len(xs), _threads()))  # masks drawn at once: one per thread
+    for g0 in range(0, len(xs), group):
+        part = list(range(g0, min(len(xs), g0 + group)))
+        _drop_group(xs, part, density, seeds, scratch, then if part[-1] == len(xs) - 1 else None)
+    return xs
+
+
+def _drop_group(xs, part, density: float, seeds, scratch, then) -> None:
+    """The masks of ``xs[i]`` for ``i`` in ``part`` drawn in parallel, then
+    applied by blocks of rows (followed by ``then`` on each block)."""
     import torch
 
-    buf = (
-        None
-        if scratch is None
-        else scratch.get("dare_mask", tuple(x.shape), torch.float32, torch.device("cpu"))
-    )
-    m = dare_mask(tuple(x.shape), density, seed, out=buf).to(
-        device=x.device, dtype=x.dtype, non_blocking=True
-    )
-    if _by_rows(x, scratch):
-        _rows(x, lambda r0, r1, j: x[r0:r1].mul_(m[r0:r1]).div_(density))
-        return x
-    return x.mul_(m).div_(density)
+    from ..engine import parallel_rows
+
+    masks = [
+        scratch.get(f"dare_mask{n}", tuple(xs[i].shape), torch.float32, torch.device("cpu"))
+        for n, i in enumerate(part)
+    ]
+
+    def draw(r0: int, r1: int, k: int) -> None:
+        for n in range(r0, r1):
+            dare_mask(tuple(xs[part[n]].shape), density, seeds[part[n]], out=masks[n])
+
+    parallel_rows(len(part), 1, draw)  # one mask per thread
+
+    def apply(r0: int, r1: int, j: int) -> None:
+        for i, m in zip(part, masks):
+            xs[i][r0:r1].mul_(m[r0:r1].to(xs[i].dtype)).div_(density)
+        if then is not None:
+            then(r0, r1, j)
+
+    _rows(xs[0], apply)
+
+
+def _threads() -> int:
+    """Threads of the streaming run in progress (1 outside one)."""
+    from ..engine import _RUN_HELPERS
+
+    h = _RUN_HELPERS.get()
+    return 1 + (h.threads if h is not None else 0)
 
 
 def _dropped(ctx, module_deltas, weights, W0, params):
     """``[w_i dW_i m_i / density]``: weighted, dropped and rescaled deltas."""
     xs = dense_deltas(ctx, module_deltas, W0, weights)
-    return [
-        drop_and_rescale_(x, params["density"], module_seed(params["seed"], ctx.name, i), ctx.scratch)
-        for x, i in zip(xs, ctx.indices)
-    ]
+    seeds = [module_seed(params["seed"], ctx.name, i) for i in ctx.indices]
+    return _drop_all(xs, params["density"], seeds, ctx.scratch)
 
 
 @register
@@ -76,10 +121,19 @@ class DareLinear(MergeMethod):
     params = (DENSITY, SEED, LAMBDA)
 
     def delta(self, ctx, module_deltas, weights, W0, params):
-        out = None
-        for x in _dropped(ctx, module_deltas, weights, W0, params):
-            out = x if out is None else out.add_(x)
-        return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out
+        lam = params["lambda_"]
+        xs = dense_deltas(ctx, module_deltas, W0, weights)
+
+        def add(r0: int, r1: int, j: int) -> None:  # x_0 + x_1 + ... in order, by blocks of rows
+            out = xs[0][r0:r1]
+            for x in xs[1:]:
+                out.add_(x[r0:r1])
+            if lam != 1.0:
+                out.mul_(lam)
+
+        seeds = [module_seed(params["seed"], ctx.name, i) for i in ctx.indices]
+        _drop_all(xs, params["density"], seeds, ctx.scratch, add)
+        return xs[0]
 
 
 @register
