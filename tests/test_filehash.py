@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ from loramix.io.filehash import (
     cached_file_sha256,
     model_weight_files,
     prefetch,
-    prefetch_base,
+    prefetch_inputs,
 )
 
 
@@ -28,9 +29,12 @@ def own_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(filehash, "_PENDING", {})
 
 
-def _file(tmp_path, name="w.bin", size=3 << 20, fill=7):
+def _file(tmp_path, name="w.bin", size=3 << 20, fill=7, age_s=60):
+    """A file last modified ``age_s`` seconds ago (younger than RACY_NS: its hash is not remembered)."""
     p = tmp_path / name
     p.write_bytes(bytes([fill]) * size)
+    t = time.time() - age_s
+    os.utime(p, (t, t))
     return p
 
 
@@ -81,6 +85,19 @@ def test_a_changed_file_is_rehashed(tmp_path):
     assert cached_file_sha256(p) == _digest(p) != first
 
 
+def test_a_just_written_file_is_hashed_but_not_remembered(tmp_path):
+    """A rewrite within the file system's timestamp tick could keep the
+    identity (size, inode, mtime): a file this young is never cached, so
+    rewriting it in place, same size, same mtime, gives the new hash."""
+    p = _file(tmp_path, age_s=0)
+    st = p.stat()
+    assert cached_file_sha256(p) == _digest(p)
+    assert not (tmp_path / "cache" / "sha256").exists()
+    p.write_bytes(bytes([8]) * st.st_size)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same identity as before
+    assert cached_file_sha256(p) == _digest(p)
+
+
 def test_weight_files_are_those_the_base_hashes(tmp_path):
     from loramix.io.model_folder import BaseModelFolder
 
@@ -92,7 +109,7 @@ def test_weight_files_are_those_the_base_hashes(tmp_path):
     for folder in (single, sharded):
         base = BaseModelFolder(folder)
         assert [p.name for p in model_weight_files(folder)] == sorted(base.weight_files)
-        prefetch_base(folder)
+        prefetch_inputs(base=folder)
         assert base.file_sha256s() == {n: _digest(folder / n) for n in base.weight_files}
     assert len(BaseModelFolder(sharded).shards) >= 2
 
@@ -110,8 +127,8 @@ def test_prefetch_of_anything_else_does_nothing(tmp_path, what):
         target = tmp_path / "m.gguf"
         target.write_bytes(b"GGUF" + bytes(64))
     assert model_weight_files(target) == []
-    prefetch_base(target)
-    prefetch_base(None)
+    prefetch_inputs([target], target)
+    prefetch_inputs()
     assert filehash._PENDING == {}
 
 

@@ -77,9 +77,9 @@ def command(adapters, method, weights, into, out, device, dtype, force, progress
     method writes an adapter truncated by SVD with --out-rank K or --energy F,
     and a full model with --into BASE.
     """
-    from ..io.filehash import prefetch_base
+    from ..io.filehash import prefetch_inputs
 
-    prefetch_base(into)  # hashed while torch loads (the output records the base's sha256)
+    prefetch_inputs(adapters, into)  # hashed while torch loads (the output records their sha256)
     from ..methods import get_method, merge
 
     res = merge(list(adapters), method, weights=weights, into=into, out=out, device=device, dtype=dtype,

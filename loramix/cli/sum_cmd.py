@@ -26,9 +26,9 @@ def command(adapters, weights, into, out, dtype, device, force, progress, out_ra
     from ..options import parse_weights
 
     parse_weights(weights, len(adapters))  # torch-free, before torch loads: a bad --weights fails fast
-    from ..io.filehash import prefetch_base
+    from ..io.filehash import prefetch_inputs
 
-    prefetch_base(into)  # hashed while torch loads (the output records the base's sha256)
+    prefetch_inputs(adapters, into)  # hashed while torch loads (the output records their sha256)
     from ..methods import merge
 
     t0 = time.perf_counter()

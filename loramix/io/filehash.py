@@ -4,12 +4,12 @@ Every merge into a base records the base's sha256 (its provenance). A file's
 hash is remembered under :func:`cache_dir` by (resolved path, inode, size,
 mtime in ns), as git's index does, so a base is hashed once per change.
 
-The first merge into a base must hash it. A command line knows the base
-before it imports torch (about 2 s on one core, while the other cores idle),
-so ``loramix sum/merge --into`` call :func:`prefetch` first: a daemon thread
-hashes the base's files during the import (hashlib releases the GIL) and
-:func:`cached_file_sha256` later waits for that thread's answer instead of
-hashing the file again. Torch-free.
+The first merge into a base must hash it (and its adapters). A command line
+knows its inputs before it imports torch (about 2 s on one core, while the
+other cores idle), so ``loramix sum/merge`` call :func:`prefetch_inputs`
+first: a daemon thread hashes the files during the import (hashlib releases
+the GIL) and :func:`cached_file_sha256` later waits for that thread's answer
+instead of hashing the file again. Torch-free.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -66,7 +67,11 @@ def _identity(path: Path) -> str | None:
 
 
 def _entry(ident: str) -> Path:
-    return cache_dir() / "sha256" / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".txt")
+    return (
+        cache_dir()
+        / "sha256"
+        / (hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()[:32] + ".txt")
+    )
 
 
 def _cached(ident: str) -> str | None:
@@ -77,7 +82,16 @@ def _cached(ident: str) -> str | None:
     return digest if len(digest) == 64 else None
 
 
+#: a file modified this recently (ns) is hashed but its hash not remembered:
+#: a rewrite within the file system's timestamp tick (milliseconds) could
+#: keep size, inode and mtime, and so the identity (git's "racy" files)
+RACY_NS = 2_000_000_000
+
+
 def _store(ident: str, digest: str) -> None:
+    mtime_ns = int(ident.rsplit("\0", 1)[1])
+    if time.time_ns() - mtime_ns < RACY_NS:
+        return
     entry = _entry(ident)
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -172,8 +186,24 @@ def prefetch(paths) -> None:
     threading.Thread(target=run, name="loramix-prefetch-sha256", daemon=True).start()
 
 
-def prefetch_base(base: str | os.PathLike | None) -> None:
-    """:func:`prefetch` of a base model folder's weight files (nothing for
-    None or anything that is not a safetensors model folder)."""
+def adapter_weight_file(adapter: str | os.PathLike) -> list[Path]:
+    """``[adapter_model.safetensors]`` of an adapter folder, or the file
+    itself when it is a ``.safetensors`` file; [] otherwise."""
+    p = Path(adapter)
+    try:
+        if p.is_dir():
+            f = p / "adapter_model.safetensors"
+            return [f] if f.is_file() else []
+        return [p] if p.suffix == ".safetensors" and p.is_file() else []
+    except OSError:
+        return []
+
+
+def prefetch_inputs(adapters=(), base: str | os.PathLike | None = None) -> None:
+    """:func:`prefetch` of the adapters' weight files (read first) and a
+    base model folder's weight files (nothing for None or anything that is
+    not a safetensors model folder)."""
+    files = [f for a in adapters for f in adapter_weight_file(a)]
     if base is not None:
-        prefetch(model_weight_files(base))
+        files += model_weight_files(base)
+    prefetch(files)

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from ...adapter import Adapter, ModuleDelta
 from ...errors import AdapterError
 from ...kinds import AdapterKind
+from ..filehash import cached_file_sha256
 from ..peft_layout import (  # noqa: F401  (the torch-free parsing lives there; re-exported for the formats)
     BASE_COPY,
     CONFIG_NAME,
@@ -54,7 +55,6 @@ from ..safetensors_io import (
     CheckedSafetensors,
     canonicalize_header,
     check_output_finite,
-    file_sha256,
     safetensors_metadata,
 )
 
@@ -140,7 +140,7 @@ class PeftLayoutFormat:
             config=config,
             path=given,
             weights_path=weights,
-            sha256=file_sha256(weights),
+            sha256=cached_file_sha256(weights),
             saved=saved,
         )
 
