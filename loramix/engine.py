@@ -351,34 +351,25 @@ def add_delta(
 ) -> JobResult:
     """``W0 + delta`` in the stored layout, computed in float32 (float64 for
     a float64 base) on ``dev`` in reused buffers, returned on the CPU in the
-    job's output dtype.
+    job's output dtype. ``compute`` gets ``W0`` only where it reads it
+    (:func:`needs_base`), else None.
 
-    ``compute`` gets ``W0`` only where it reads it (:func:`needs_base`), else
-    None. On the CPU everything runs by blocks of rows (``BLOCK_ELEMENTS``),
-    each while it is in the cache: its conversion to float32, its share of
-    the delta (a factor pair ``B @ A`` as ``addmm_`` of the block's rows of
-    ``B``, ``beta = 1``; a dense delta as an add), its conversion back and the
-    finite check; ``helpers`` (:class:`Helpers`, optional) take shares of the
-    blocks. A block's ``addmm_`` gives the bits of the same rows of one
-    ``addmm_`` on the whole tensor (each output entry is one dot product
-    over the rank, added to ``W0`` once; tested) and the blocks are the same
-    whatever the threads, so results do not depend on them. On a GPU the
-    whole tensor is one block.
+    On the CPU each block of rows (``BLOCK_ELEMENTS``; ``helpers``, a
+    :class:`Helpers`, take shares) runs in one thread while it is in the
+    cache: read (``read(r0, r1)``, when given, fills those rows of
+    ``stored`` from the file; else ``stored`` holds them), converted to
+    float32, given its rows of the delta (a factor pair ``B @ A`` by
+    ``addmm_`` of the block's rows of ``B``: the bits of one product over
+    the whole tensor, see ``MIN_ROWS``; a dense delta by an add), converted
+    back and summed. A sum propagates nan and inf; only a sum that is not
+    finite (an overflow can also make one) sends the tensor to the exact
+    check, :func:`check_output_finite`. On a GPU the tensor is one block.
+    A compute that reads ``W0`` gets it whole first.
 
-    The finite check sums each output block (``sum`` propagates nan and
-    inf, and a float16 block is summed in float32 where it cannot overflow);
-    only when a sum is not finite is the tensor checked entry by entry
-    (:func:`check_output_finite`: a sum that overflowed is no error).
-    ``stored`` is the caller's buffer (the bytes read from the file), and
-    the result goes back into it when the output dtype is the stored one;
-    else it is a buffer of ``pool``. Work buffers whose contents do not
-    outlive the call come from ``scratch`` (default ``pool``).
-
-    ``read`` (optional): ``read(r0, r1)`` fills rows ``r0:r1`` of ``stored``
-    from the file, which then need not hold them yet: each block reads its
-    own rows, in its own thread, just before it converts them (the read is
-    parallel and lands in the cache), unless the whole ``W0`` is needed
-    first (a compute that reads it)."""
+    The result goes into ``stored`` (the caller's read buffer) when the
+    output dtype is the stored one, else into a buffer of ``pool``; work
+    buffers that do not outlive the call come from ``scratch`` (default
+    ``pool``)."""
     cdt = torch.float64 if stored.dtype == torch.float64 else torch.float32
     code_dtype = ST_DTYPES[job.out_code]
     rows, cols = stored.shape
@@ -388,24 +379,21 @@ def add_delta(
     step = max(MIN_ROWS, BLOCK_ELEMENTS // max(cols, 1)) if on_cpu else max(rows, 1)
     in_place = stored.dtype == cdt and stored.device == dev  # the stored tensor is the compute buffer
     W = stored if in_place else None  # the whole W0 in the compute dtype, when one is needed
-
     scratch = pool if scratch is None else scratch
     unread = read is not None  # rows are read by the blocks
 
     def whole_w0() -> torch.Tensor:
         nonlocal unread
-        if W is stored:  # in place: W0 is the stored tensor, once read
-            if unread:
-                _by_blocks(rows, step, helpers, lambda r0, r1, k: read(r0, r1))
-            unread = False
-            return W
-        # the result when the output dtype is the compute dtype: then it must outlive the call
-        buf = (pool if code_dtype == cdt else scratch).get("in", stored.shape, cdt, dev)
+        # in place, the stored tensor once read; else a float32 copy, which is the
+        # result when the output dtype is the compute dtype (then it must outlive the call)
+        keep = pool if code_dtype == cdt else scratch
+        buf = W if W is not None else keep.get("in", stored.shape, cdt, dev)
 
         def load(r0: int, r1: int, k: int) -> None:
             if unread:
                 read(r0, r1)
-            buf[r0:r1].copy_(stored[r0:r1])
+            if buf is not stored:
+                buf[r0:r1].copy_(stored[r0:r1])
 
         _by_blocks(rows, step, helpers, load)
         unread = False
@@ -425,12 +413,7 @@ def add_delta(
     else:
         dense = res.delta.to(device=dev, dtype=cdt)
         dense = dense.T if job.transposed else dense
-    if W is not None and W.dtype == code_dtype and W.device.type == "cpu":
-        out = W
-    elif stored.dtype == code_dtype and stored.device.type == "cpu" and W is not stored:
-        out = stored  # each block goes back where it was read from
-    else:
-        out = pool.get("host", stored.shape, code_dtype, torch.device("cpu"))
+    out = _output_buffer(W, stored, code_dtype, pool)
     wide = code_dtype if code_dtype != torch.float16 else torch.float32
 
     def block(r0: int, r1: int, k: int) -> list[torch.Tensor]:
@@ -455,6 +438,18 @@ def add_delta(
     if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
         check_output_finite(out, job.info.key)  # raises, naming the tensor, unless a sum overflowed
     return JobResult(job, out, res.facts)
+
+
+def _output_buffer(W, stored: torch.Tensor, code_dtype: torch.dtype, pool: Buffers) -> torch.Tensor:
+    """Where :func:`add_delta` writes its result (on the CPU, in the output
+    dtype): the float32 ``W`` itself when that is the output dtype, else the
+    read buffer ``stored`` when it is (each block goes back where it was
+    read from), else a buffer of ``pool``."""
+    if W is not None and W.dtype == code_dtype and W.device.type == "cpu":
+        return W
+    if stored.dtype == code_dtype and stored.device.type == "cpu" and W is not stored:
+        return stored
+    return pool.get("host", stored.shape, code_dtype, torch.device("cpu"))
 
 
 def _by_blocks(rows: int, step: int, helpers, fn, min_rows: int = 1) -> list:
