@@ -27,7 +27,7 @@ ROOT = HERE.parent
 # name -> (script, arguments, issue)
 BENCHMARKS = {
     "similarity": ("bench_similarity.py", [], 2),
-    "sum": ("bench_sum.py", [], 3),
+    "sum": ("bench_sum.py", ["--repeat", "5"], 3),
     "merge": ("bench_merge.py", [], 6),
     "train": ("bench_train.py", [], 4),
     "eval": ("bench_eval.py", [], 4),
