@@ -115,3 +115,30 @@ def test_method_params_import_no_torch():
     from loramix.methods.params import Param as P2
 
     assert Param is P2 and DENSITY is D2
+
+
+def _run_entry(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_the_entry_point_runs_atexit_handlers_and_flushes_before_it_exits():
+    """``run()`` ends the process without the interpreter's teardown
+    (cli.exit_now), but the atexit handlers still run, in order, after the
+    command's own output, and piped stdout and stderr arrive whole."""
+    prog = (
+        "import atexit, sys\n"
+        "atexit.register(print, 'atexit ran')\n"
+        "sys.argv = ['loramix', {args}]\n"
+        "from loramix.cli import run\n"
+        "run()\n"
+        "print('never here')\n"
+    )
+    p = _run_entry(prog.format(args="'--version'"))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [p.stdout.splitlines()[0], "atexit ran"]
+    assert p.stdout.startswith("loramix, version ")
+    p = _run_entry(prog.format(args="'sum', 'a', 'b', '--weights', 'x', '--out', 'o'"))
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("loramix: error: --weights") and p.stdout == "atexit ran\n"
+
