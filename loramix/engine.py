@@ -518,6 +518,13 @@ def parallel_rows(rows: int, step: int, fn) -> list:
         return _by_blocks(rows, step, helpers, fn)
 
 
+def run_threads() -> int:
+    """Threads of the streaming run in progress in this thread (this one and
+    its helpers); 1 outside one."""
+    helpers = _RUN_HELPERS.get()
+    return 1 + (helpers.threads if helpers is not None else 0)
+
+
 def large_op():
     """A context for large torch operations (whole tensors): all the run's
     threads during a streaming run (where torch otherwise runs on one),

@@ -63,7 +63,9 @@ def _drop_all(xs, density: float, seeds, scratch=None, then=None):
         if then is not None:
             then(0, xs[0].shape[0], 0)
         return xs
-    group = max(1, min(len(xs), _threads()))  # masks drawn at once: one per thread
+    from ..engine import run_threads
+
+    group = max(1, min(len(xs), run_threads()))  # masks drawn at once: one per thread
     for g0 in range(0, len(xs), group):
         part = list(range(g0, min(len(xs), g0 + group)))
         _drop_group(xs, part, density, seeds, scratch, then if part[-1] == len(xs) - 1 else None)
@@ -95,14 +97,6 @@ def _drop_group(xs, part, density: float, seeds, scratch, then) -> None:
             then(r0, r1, j)
 
     _rows(xs[0], apply)
-
-
-def _threads() -> int:
-    """Threads of the streaming run in progress (1 outside one)."""
-    from ..engine import _RUN_HELPERS
-
-    h = _RUN_HELPERS.get()
-    return 1 + (h.threads if h is not None else 0)
 
 
 def _dropped(ctx, module_deltas, weights, W0, params):
