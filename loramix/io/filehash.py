@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .st_header import file_sha256
 
+# A model folder's weight files (loramix.io.model_folder reads them from here: one place).
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 

@@ -37,7 +37,13 @@ import torch
 from ..archs import arch, is_conv1d
 from ..errors import BaseModelError
 from .config_schema import load_json_file
-from .filehash import HashingStopped, cache_dir, cached_file_sha256  # noqa: F401  (re-exported)
+from .filehash import (  # noqa: F401  (re-exported)
+    INDEX_NAME,
+    SINGLE_NAME,
+    HashingStopped,
+    cache_dir,
+    cached_file_sha256,
+)
 from .outputs import normalized_path
 from .safetensors_io import (  # noqa: F401  (ST_DTYPES, TORCH_TO_ST re-exported)
     ST_DTYPES,
@@ -48,8 +54,6 @@ from .safetensors_io import (  # noqa: F401  (ST_DTYPES, TORCH_TO_ST re-exported
 )
 
 CONFIG_NAME = "config.json"
-SINGLE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 PEFT_PREFIX = "base_model.model."
 
 # Weight files of other formats: never read (pickle) and never copied into an
