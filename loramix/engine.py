@@ -388,6 +388,8 @@ def add_delta(
         # result when the output dtype is the compute dtype (then it must outlive the call)
         keep = pool if code_dtype == cdt else scratch
         buf = W if W is not None else keep.get("in", stored.shape, cdt, dev)
+        if buf is stored and not unread:  # in place and already read: nothing to do
+            return buf
 
         def load(r0: int, r1: int, k: int) -> None:
             if unread:

@@ -14,8 +14,6 @@ For deltas ``dW_i`` (out, in)::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from . import register
 from .base import (
     DENSITY,
@@ -32,43 +30,34 @@ from .base import (
     module_seed,
 )
 
-if TYPE_CHECKING:
-    import torch
-
-
-def drop_and_rescale_(x: torch.Tensor, density: float, seed: int, scratch=None) -> torch.Tensor:
-    """``x * m / density`` in place, ``m = dare_mask(x.shape, density, seed)``;
-    with ``scratch`` (a streaming merge) the mask is drawn into a reused
-    tensor and a large matrix is scaled by blocks of rows."""
-    return _drop_all([x], density, [seed], scratch)[0]
-
 
 def _drop_all(xs, density: float, seeds, scratch=None, then=None):
-    """:func:`drop_and_rescale_` of each ``xs[j]`` with ``seeds[j]``, in place.
+    """``x_j * m_j / density`` in place for each ``x_j`` of ``xs``,
+    ``m_j = dare_mask(x_j.shape, density, seeds[j])``; ``density = 1`` keeps
+    everything (no draw). ``then(r0, r1, j)`` (optional) runs afterwards on
+    the rows ``r0:r1``.
 
     With ``scratch`` on large CPU matrices (a streaming merge): the masks
     are drawn a few at a time in parallel (each from its own generator, so
     the draws are those of one at a time; a draw is serial and the largest
     cost of DARE), into reused tensors, and each is applied by blocks of
-    rows. ``then(r0, r1, j)`` (optional) runs on each block after its rows
-    of every delta are dropped, while they are in the cache."""
-    if density >= 1.0:
-        if then is not None:
-            then(0, xs[0].shape[0], 0)
+    rows, ``then`` on each block after its rows of every delta are dropped,
+    while they are in the cache."""
+    blocked = scratch is not None and all(_by_rows(x, scratch) and x.device.type == "cpu" for x in xs)
+    if density < 1.0 and blocked:
+        from ..engine import run_threads
+
+        group = max(1, min(len(xs), run_threads()))  # masks drawn at once: one per thread
+        for g0 in range(0, len(xs), group):
+            part = list(range(g0, min(len(xs), g0 + group)))
+            _drop_group(xs, part, density, seeds, scratch, then if part[-1] == len(xs) - 1 else None)
         return xs
-    if scratch is None or not all(_by_rows(x, scratch) and x.device.type == "cpu" for x in xs):
+    if density < 1.0:
         for x, seed in zip(xs, seeds):
             m = dare_mask(tuple(x.shape), density, seed).to(device=x.device, dtype=x.dtype, non_blocking=True)
             x.mul_(m).div_(density)
-        if then is not None:
-            then(0, xs[0].shape[0], 0)
-        return xs
-    from ..engine import run_threads
-
-    group = max(1, min(len(xs), run_threads()))  # masks drawn at once: one per thread
-    for g0 in range(0, len(xs), group):
-        part = list(range(g0, min(len(xs), g0 + group)))
-        _drop_group(xs, part, density, seeds, scratch, then if part[-1] == len(xs) - 1 else None)
+    if then is not None:
+        then(0, xs[0].shape[0], 0)
     return xs
 
 
