@@ -16,15 +16,19 @@
     (the D2-LoRA paper reports 1.91x for merged). Both perplexities are
     printed as a check that they agree.
 
+``--kind d2lora`` makes (b)'s adapters D2-LoRA ones (on the fly, each forward
+also takes the row norms of ``W0 + dW``; merged, nothing).
+
 The model: by default a randomly initialised GPT-2 of ``--arch`` (``small``:
-loramix's ``base build --size small`` shape; ``gpt2``: GPT-2 small, 124M)
+loramix's ``base build --size small`` shape; ``gpt2``: GPT-2 small, 124M;
+``smol``: a Llama of SmolLM2-135M's shapes)
 with a BPE tokenizer trained on the synthetic domains; weights do not change
 the speed. ``--base DIR`` uses a real folder instead. Data: the synthetic
 domains, or ``--data FILE ...`` (e.g. ``../shared/data/math.jsonl``).
 Timings are the best of ``--repeat`` interleaved runs after one warm-up.
 
-    python benchmarks/bench_eval.py [--arch small|gpt2|tiny] [--base DIR] [--data F ...]
-        [--records 256] [--batch 16] [--max-len 256] [--on answer|all] [--adapters 3]
+    python benchmarks/bench_eval.py [--arch small|gpt2|tiny|smol] [--base DIR] [--data F ...]
+        [--records 256] [--batch 16] [--max-len 256] [--on answer|all] [--adapters 3] [--kind lora|d2lora]
         [--repeat 3] [--device cpu|cuda] [--threads N]
 
 ``--smol [DIR]``: the SmolLM2-135M rows (a real base and real data,
@@ -56,12 +60,16 @@ ARCHS = {
     "tiny": dict(n_layer=2, n_embd=128, n_head=4),
     "small": dict(n_layer=4, n_embd=256, n_head=8),
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
+    # SmolLM2-135M's shapes (a Llama with grouped-query attention), random weights
+    "smol": dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                 intermediate_size=1536, tie_word_embeddings=True),  # fmt: skip
 }
 
 
 def make_base(arch: str, max_len: int) -> Path:
-    """A random GPT-2 of ``arch`` with a synthetic-data tokenizer, cached in ``_work``."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """A random GPT-2 (or Llama, ``smol``) of ``arch`` with a synthetic-data
+    tokenizer, cached in ``_work``."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     from loramix.basebuild import train_tokenizer
     from loramix.data import load_records, record_text
@@ -76,16 +84,20 @@ def make_base(arch: str, max_len: int) -> Path:
     ]
     tok = train_tokenizer(texts, 4096, max_len)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=max_len, eos_token_id=tok.eos_token_id,
-                     bos_token_id=tok.bos_token_id, **ARCHS[arch])  # fmt: skip
-    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    ids = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    if arch == "smol":
+        model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=max_len, **ids, **ARCHS[arch]))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_positions=max_len, **ids, **ARCHS[arch]))
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
 
-def make_adapters(model, n: int, rank: int = 8) -> list:
-    """``n`` random PEFT-layout LoRA adapters (non-zero B) as loramix Adapters, in memory."""
-    from loramix.adapter import LORA, Adapter, ModuleDelta
+def make_adapters(model, n: int, rank: int = 8, kind: str = "lora") -> list:
+    """``n`` random PEFT-layout LoRA adapters (non-zero B) as loramix Adapters, in
+    memory; ``kind="d2lora"``: D2-LoRA ones (a second, negative branch, tau 0.5)."""
+    from loramix.adapter import D2LORA, LORA, Adapter, ModuleDelta
     from loramix.layers import default_targets, find_targets
 
     names = find_targets(model, default_targets(model))
@@ -102,8 +114,12 @@ def make_adapters(model, n: int, rank: int = 8) -> list:
             )
             B = torch.randn(o, rank, generator=g) * 0.02
             A = torch.randn(rank, k, generator=g) / math.sqrt(k)
-            mods[name] = ModuleDelta(name=name, B=B, A=A, scale=2.0, alpha=2.0 * rank)
-        out.append(Adapter(name=f"rand{i}", kind=LORA, modules=mods))
+            neg = {}
+            if kind == D2LORA:
+                neg = dict(B_neg=torch.randn(o, rank, generator=g) * 0.02, tau=0.5,
+                           A_neg=torch.randn(rank, k, generator=g) / math.sqrt(k))  # fmt: skip
+            mods[name] = ModuleDelta(name=name, B=B, A=A, scale=2.0, alpha=2.0 * rank, **neg)
+        out.append(Adapter(name=f"rand{i}", kind=D2LORA if kind == D2LORA else LORA, modules=mods))
     return out
 
 
@@ -194,6 +210,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--on", choices=["answer", "all"], default="answer")
     ap.add_argument("--adapters", type=int, default=3)
+    ap.add_argument("--kind", choices=["lora", "d2lora"], default="lora", help="the adapters of (b)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
@@ -243,7 +260,7 @@ def main() -> None:
         print()
 
     if args.only in (None, "b") and args.adapters > 0:
-        ads = make_adapters(model, args.adapters)
+        ads = make_adapters(model, args.adapters, kind=args.kind)
         fly = attach_adapters(copy.deepcopy(detach(model)), ads)
         merged = copy.deepcopy(detach(model))
         merge_into_model(merged, ads)
@@ -256,7 +273,8 @@ def main() -> None:
             args.repeat,
         )
         ref = res["on the fly (attach_adapters)"]["tokens_per_s"]
-        print(f"### Sum of {args.adapters} rank-8 LoRA adapters: merged vs on the fly\n")
+        kind = {"lora": "LoRA", "d2lora": "D2-LoRA"}[args.kind]
+        print(f"### Sum of {args.adapters} rank-8 {kind} adapters: merged vs on the fly\n")
         print("| model | ppl | seconds | tokens/s | vs on the fly |")
         print("| --- | ---: | ---: | ---: | ---: |")
         for k, r in res.items():

@@ -10,6 +10,10 @@ factors, on the same model and the same batches for every method:
 - ``d2lora-dense``: the same layer with ``dense=True``, the reference forward
   that builds ``W_hat = W* + dW`` each step (what a direct transcription of the
   paper's formula costs; shown to measure the optimisation).
+- ``lora-compiled``, ``d2lora-compiled``: the model under
+  ``torch.compile(dynamic=False)`` (compiled in the warm-up steps): the D2
+  forward's small kernels (row norms, scales) fused; each is set against
+  ``lora-compiled`` where both run. On the CPU, inductor needs a C++ compiler.
 
 Methods are timed round-robin (one step of each in turn, repeated) so that a
 load spike on a shared machine hits all of them alike; the table gives the
@@ -19,6 +23,8 @@ the given sizes (timing does not depend on the weights).
 
     python benchmarks/bench_train.py                      # CPU, tiny and small GPT-2, small Llama
     python benchmarks/bench_train.py --device cuda --models gpt2-124m llama-1b --batch 16 --seq 512
+    python benchmarks/bench_train.py --device cuda --models smollm2-135m --batch 32 --seq 512 \
+        --methods lora d2lora lora-compiled d2lora-compiled     # issue 12 item 5: a model that fills the GPU
 
 ``--smol [DIR]`` runs the SmolLM2-135M rows instead (a real base and real
 data, ``benchmarks/_smol.py``; skipped with the reason where absent): one
@@ -49,23 +55,29 @@ import torch
 WORK = Path(__file__).resolve().parent / "_work"
 
 MODELS = {
-    # name: (family, layers, width, heads, vocab); tiny/small are `loramix base build`'s sizes.
+    # name: (family, layers, width, heads, vocab[, kv heads, intermediate]);
+    # tiny/small are `loramix base build`'s sizes.
     "gpt2-tiny": ("gpt2", 2, 128, 4, 2048),
     "gpt2-small": ("gpt2", 4, 256, 8, 4096),
     "llama-small": ("llama", 4, 256, 8, 4096),
     "gpt2-124m": ("gpt2", 12, 768, 12, 50257),
+    # SmolLM2-135M's shapes (its config.json): grouped-query attention, tied embeddings
+    "smollm2-135m": ("llama", 30, 576, 9, 49152, 3, 1536),
     "llama-1b": ("llama", 16, 2048, 32, 32000),
 }
+#: methods: the adapter kind, then "-dense" (D2's reference forward) or
+#: "-compiled" (the model under ``torch.compile``: its small kernels fused)
+METHODS = ("lora", "d2lora", "d2lora-dense", "lora-compiled", "d2lora-compiled")
 
 
 def build_model(name: str, seq: int, device, dtype):
-    family, n_layer, width, heads, vocab = MODELS[name]
+    family, n_layer, width, heads, vocab, *gqa = MODELS[name]
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: a 1B model's CPU init takes long
-        return _build(family, n_layer, width, heads, vocab, seq, dtype), vocab
+        return _build(family, n_layer, width, heads, vocab, seq, dtype, *gqa), vocab
 
 
-def _build(family, n_layer, width, heads, vocab, seq, dtype):
+def _build(family, n_layer, width, heads, vocab, seq, dtype, kv_heads=None, intermediate=None):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     if family == "gpt2":
@@ -77,11 +89,12 @@ def _build(family, n_layer, width, heads, vocab, seq, dtype):
         cfg = LlamaConfig(
             num_hidden_layers=n_layer,
             hidden_size=width,
-            intermediate_size=4 * width,
+            intermediate_size=intermediate or 4 * width,
             num_attention_heads=heads,
-            num_key_value_heads=heads,
+            num_key_value_heads=kv_heads or heads,
             vocab_size=vocab,
             max_position_embeddings=max(seq, 128),
+            tie_word_embeddings=kv_heads is not None,
         )
         model = LlamaForCausalLM(cfg)
     # Dropout off: it would add noise to the timings and is the same for every method.
@@ -95,10 +108,8 @@ def make_setup(name, method, rank, alpha, seq, device, dtype):
     from loramix.layers import inject_trainable
 
     model, vocab = build_model(name, seq, device, dtype)
-    dense = method == "d2lora-dense"
-    params = inject_trainable(
-        model, method="lora" if method == "lora" else "d2lora", rank=rank, alpha=alpha, seed=0, dense=dense
-    )
+    kind, _, variant = method.partition("-")
+    params = inject_trainable(model, method=kind, rank=rank, alpha=alpha, seed=0, dense=variant == "dense")
     # Non-zero B, as after some training (B = 0 would make some products trivially cheap).
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -106,6 +117,8 @@ def make_setup(name, method, rank, alpha, seq, device, dtype):
                 p.normal_(0, 0.01)
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
+    if variant == "compiled":  # compiled on its first step (a warm-up step), shapes fixed
+        model = torch.compile(model, dynamic=False)
     return model, opt, vocab
 
 
@@ -142,9 +155,11 @@ def bench_model(name, methods, *, rank, alpha, batch, seq, steps, warmup, device
             if i >= warmup:
                 times[m].append(time.perf_counter() - t0)
     rows = []
-    base = statistics.median(times["lora"]) if "lora" in times else None
     for m in methods:
         med = statistics.median(times[m])
+        # a compiled D2 step is set against the compiled LoRA step where both ran
+        ref = "lora-compiled" if m.endswith("-compiled") and "lora-compiled" in times else "lora"
+        base = statistics.median(times[ref]) if ref in times else None
         rows.append(
             {
                 "model": name,
@@ -152,7 +167,8 @@ def bench_model(name, methods, *, rank, alpha, batch, seq, steps, warmup, device
                 "rank": rank,
                 "ms_per_step": 1000 * med,
                 "ms_min": 1000 * min(times[m]),
-                "overhead_vs_lora_pct": None if base is None else 100 * (med / base - 1),
+                "vs": None if base is None or m == ref else ref,
+                "overhead_vs_lora_pct": None if base is None or m == ref else 100 * (med / base - 1),
                 "tokens_per_s": batch * seq / med,
             }
         )
@@ -163,15 +179,11 @@ def markdown(rows, header) -> str:
     lines = [
         header,
         "",
-        "| model | method | rank | ms/step (median) | ms/step (min) | tokens/s | vs LoRA |",
+        "| model | method | rank | ms/step (median) | ms/step (min) | tokens/s | overhead (vs) |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        ov = (
-            ""
-            if r["overhead_vs_lora_pct"] is None or r["method"] == "lora"
-            else f"{r['overhead_vs_lora_pct']:+.1f}%"
-        )
+        ov = "" if r["overhead_vs_lora_pct"] is None else f"{r['overhead_vs_lora_pct']:+.1f}% ({r['vs']})"
         lines.append(
             f"| {r['model']} | {r['method']} | {r['rank']} | {r['ms_per_step']:.1f} | {r['ms_min']:.1f} | "
             f"{r['tokens_per_s']:,.0f} | {ov} |"
@@ -302,7 +314,7 @@ def main(argv=None):
     ap.add_argument(
         "--models", nargs="+", default=["gpt2-tiny", "gpt2-small", "llama-small"], choices=list(MODELS)
     )
-    ap.add_argument("--methods", nargs="+", default=["lora", "d2lora", "d2lora-dense"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS[:3]), choices=METHODS)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16)
     ap.add_argument("--batch", type=int, default=16)
