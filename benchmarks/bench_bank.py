@@ -94,17 +94,29 @@ def main(argv=None) -> None:
         markdown_table(
             ["process", "wall (s)", "CPU (s)", "peak RSS (MiB)", "pairs / s"],
             [
-                [f"`loramix similarity` x {args.n}", f"{full.wall_s:.1f}", f"{full.cpu_s:.1f}",
-                 f"{full.peak_rss_mb:.0f}", f"{pairs / full.wall_s:.0f}"],
-                [f"`loramix similarity` x {k} (check)", f"{small.wall_s:.2f}", f"{small.cpu_s:.2f}",
-                 f"{small.peak_rss_mb:.0f}", f"{k * (k - 1) // 2 / small.wall_s:.0f}"],
+                [
+                    f"`loramix similarity` x {args.n}",
+                    f"{full.wall_s:.1f}",
+                    f"{full.cpu_s:.1f}",
+                    f"{full.peak_rss_mb:.0f}",
+                    f"{pairs / full.wall_s:.0f}",
+                ],
+                [
+                    f"`loramix similarity` x {k} (check)",
+                    f"{small.wall_s:.2f}",
+                    f"{small.cpu_s:.2f}",
+                    f"{small.peak_rss_mb:.0f}",
+                    f"{k * (k - 1) // 2 / small.wall_s:.0f}",
+                ],
             ],
         )
     )
     ok = full.peak_rss_mb < 2048
     print(f"\n- peak memory {full.peak_rss_mb / 1024:.2f} GiB (target < 2 GiB: {'met' if ok else 'NOT met'})")
-    print(f"- max |M - M^T| = {sym:.1e}, max |diag - 1| = {diag:.1e}, "
-          f"first {k}x{k} block vs a run on those alone: {block:.1e}")
+    print(
+        f"- max |M - M^T| = {sym:.1e}, max |diag - 1| = {diag:.1e}, "
+        f"first {k}x{k} block vs a run on those alone: {block:.1e}"
+    )
     print(f"- {machine_line()}")
 
 

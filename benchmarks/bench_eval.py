@@ -61,8 +61,14 @@ ARCHS = {
     "small": dict(n_layer=4, n_embd=256, n_head=8),
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
     # SmolLM2-135M's shapes (a Llama with grouped-query attention), random weights
-    "smol": dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
-                 intermediate_size=1536, tie_word_embeddings=True),  # fmt: skip
+    "smol": dict(
+        num_hidden_layers=30,
+        hidden_size=576,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        tie_word_embeddings=True,
+    ),  # fmt: skip
 }
 
 

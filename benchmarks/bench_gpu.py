@@ -62,7 +62,11 @@ def steps(device: str, quick: bool, work: Path) -> list[tuple[str, list[str], fl
         ("train", [*train, "--methods", "lora", "d2lora", "d2lora-dense"], 0.2),
         ("eval-d2", [*evals, "--kind", "d2lora"], 0.1),
         ("eval-lora", [*evals, "--kind", "lora"], 0.1),
-        ("bank", [py, str(HERE / "bench_bank.py"), "--device", device, "--work", str(work / "bank"), *n_bank], 0.2),
+        (
+            "bank",
+            [py, str(HERE / "bench_bank.py"), "--device", device, "--work", str(work / "bank"), *n_bank],
+            0.2,
+        ),
         ("train-compiled", [*train, "--methods", "lora-compiled", "d2lora-compiled"], 0.25),
     ]
 
@@ -95,7 +99,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "work"
     work.mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    )
     env.setdefault("LORAMIX_CACHE_DIR", str(work / "cache"))
     report = args.out / "gpu-round.md"
     lines = [f"# GPU round ({'quick, ' if args.quick else ''}device {args.device}), "

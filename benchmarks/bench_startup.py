@@ -39,7 +39,17 @@ def main(argv=None) -> None:
         "loramix --help": [py, "-m", "loramix", "--help"],
         "loramix merge --help": [py, "-m", "loramix", "merge", "--help"],
         "loramix similarity --help": [py, "-m", "loramix", "similarity", "--help"],
-        "loramix sum: bad --weights (exit 2)": [py, "-m", "loramix", "sum", "a", "--out", "o", "--weights", "1,2"],
+        "loramix sum: bad --weights (exit 2)": [
+            py,
+            "-m",
+            "loramix",
+            "sum",
+            "a",
+            "--out",
+            "o",
+            "--weights",
+            "1,2",
+        ],
         'python -c "pass"': [py, "-c", "pass"],
     }
     expect_rc = {"loramix sum: bad --weights (exit 2)": 2}

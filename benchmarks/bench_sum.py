@@ -223,8 +223,12 @@ def main(argv=None) -> None:
     )
     pw, pr = med["peft"]
     cw, _ = med["copy"]
-    print(f"\n- first run: {pw / cold[0]:.2f}x faster than PEFT (target >= 3x), {cold[0] / cw:.2f}x the plain copy (target <= 1.3x)")
-    print(f"- warm: {pw / lw:.2f}x faster than PEFT (target >= 3x), {lw / cw:.2f}x the plain copy (target <= 1.3x)")
+    print(
+        f"\n- first run: {pw / cold[0]:.2f}x faster than PEFT (target >= 3x), {cold[0] / cw:.2f}x the plain copy (target <= 1.3x)"
+    )
+    print(
+        f"- warm: {pw / lw:.2f}x faster than PEFT (target >= 3x), {lw / cw:.2f}x the plain copy (target <= 1.3x)"
+    )
     print(f"- peak memory vs PEFT: {lr / pr:.2f} (target <= 0.5)")
     print(f"- largest per-tensor relative difference, loramix vs PEFT: {worst}")
     print(f"- {machine_line()}")

@@ -219,7 +219,11 @@ def _smol_setup(method: str, base, ex, *, batch: int, top: int):
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
             opt.step()
-            return float(loss.detach()), int((b["labels"][:, 1:] != -100).sum()), int(b["attention_mask"].sum())
+            return (
+                float(loss.detach()),
+                int((b["labels"][:, 1:] != -100).sum()),
+                int(b["attention_mask"].sum()),
+            )
 
         return peft_step, make_batches(ex, batch_size=batch, pad_id=pad, shuffle=True), 0.0
     ac = torch.bfloat16 if method.endswith("bf16") else None
@@ -305,7 +309,9 @@ def main_smol(args) -> None:
               f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end)")  # fmt: skip
     print(smol_markdown(rows, header))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_name("bench_train_smol.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    args.out.with_name("bench_train_smol.json").write_text(
+        json.dumps({"header": header, "rows": rows}, indent=2)
+    )
 
 
 def main(argv=None):

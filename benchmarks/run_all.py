@@ -36,8 +36,16 @@ BENCHMARKS = {
     "bank": ("bench_bank.py", [], 12),
     "scale": ("bench_scale.py", ["--repeat", "2"], 12),
     "gguf": ("bench_gguf.py", ["--repeat", "1"], 14),
-    "train-smol": ("bench_train.py", ["--smol", "--batch", "8", "--seq", "128", "--steps", "2", "--warmup", "1"], 14),
-    "eval-smol": ("bench_eval.py", ["--smol", "--records", "48", "--batch", "16", "--max-len", "256", "--repeat", "1"], 14),
+    "train-smol": (
+        "bench_train.py",
+        ["--smol", "--batch", "8", "--seq", "128", "--steps", "2", "--warmup", "1"],
+        14,
+    ),
+    "eval-smol": (
+        "bench_eval.py",
+        ["--smol", "--records", "48", "--batch", "16", "--max-len", "256", "--repeat", "1"],
+        14,
+    ),
 }
 
 

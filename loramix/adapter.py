@@ -189,4 +189,3 @@ def check_one_base(adapters: list[Adapter]) -> None:
                     f"({sorted(sa)[0]}.N...) cannot belong to one base model: the adapters were made "
                     "for different architectures",
                 )
-

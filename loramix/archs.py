@@ -43,7 +43,13 @@ class Arch:
 ARCHS: dict[str, Arch] = {
     a.model_type: a
     for a in [
-        Arch("gpt2", ("c_attn", "c_proj", "c_fc"), conv1d=True, fast_head="GPT2LMHeadModel", context="n_positions"),
+        Arch(
+            "gpt2",
+            ("c_attn", "c_proj", "c_fc"),
+            conv1d=True,
+            fast_head="GPT2LMHeadModel",
+            context="n_positions",
+        ),
         Arch("openai-gpt", conv1d=True, context="n_positions"),
         Arch("imagegpt", conv1d=True, context="n_positions"),
         Arch("decision_transformer", conv1d=True, context="n_positions"),
@@ -51,7 +57,11 @@ ARCHS: dict[str, Arch] = {
         Arch("mistral", _LLAMA_TARGETS, fast_head="MistralForCausalLM", prefix_cache=True),
         Arch("qwen2", _LLAMA_TARGETS, fast_head="Qwen2ForCausalLM", prefix_cache=True),
         Arch("qwen3", _LLAMA_TARGETS, fast_head="Qwen3ForCausalLM", prefix_cache=True),
-        Arch("gpt_neox", ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"), fast_head="GPTNeoXForCausalLM"),
+        Arch(
+            "gpt_neox",
+            ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+            fast_head="GPTNeoXForCausalLM",
+        ),
         Arch("phi3", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), fast_head="Phi3ForCausalLM"),
         Arch("opt", ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), fast_head="OPTForCausalLM"),
     ]

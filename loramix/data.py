@@ -277,7 +277,9 @@ def check_prompt(prompt: str, tokenizer=None, where="base") -> None:
     if prompt not in PROMPT_MODES:
         raise UsageError("--prompt", f"must be 'raw' or 'chat', got {prompt!r}")
     if prompt == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-        raise BaseModelError(where, "its tokenizer has no chat template (needed by --prompt chat; use --prompt raw)")
+        raise BaseModelError(
+            where, "its tokenizer has no chat template (needed by --prompt chat; use --prompt raw)"
+        )
 
 
 def _chat_format(tokenizer, rec: QARecord) -> tuple[str, str]:
@@ -285,9 +287,13 @@ def _chat_format(tokenizer, rec: QARecord) -> tuple[str, str]:
     user = f"Context: {rec.context}\nQuestion: {rec.question}" if rec.context else rec.question
     turns = [{"role": "user", "content": user}]
     prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": rec.answer}], tokenize=False)
+    full = tokenizer.apply_chat_template(
+        turns + [{"role": "assistant", "content": rec.answer}], tokenize=False
+    )
     if not full.startswith(prompt):
-        raise UsageError("--prompt chat", "the chat template's assistant turn does not extend its generation prompt")
+        raise UsageError(
+            "--prompt chat", "the chat template's assistant turn does not extend its generation prompt"
+        )
     return prompt, full[len(prompt) :].rstrip()
 
 
@@ -324,7 +330,12 @@ def _adds_bos(tokenizer) -> bool:
 
 
 def encode_records(
-    tokenizer, records: list[QARecord], *, max_len: int, on: str = "answer", stats: dict | None = None,
+    tokenizer,
+    records: list[QARecord],
+    *,
+    max_len: int,
+    on: str = "answer",
+    stats: dict | None = None,
     prompt: str = "raw",
 ) -> list[dict]:
     """Tokenise records into ``{"input_ids": list[int], "labels": list[int]}``.

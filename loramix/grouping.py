@@ -186,7 +186,9 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
     keeps to the file's primary predictor (``loramix predict``)."""
     fitfile = load_predictors(fit_path) if fit_path is not None else None
     fit = fitfile["fits"][fitfile["best"]] if fitfile else None
-    methods = {m: e["fit"] for m, e in (fitfile.get("by_method") or {}).items()} if fitfile and by_method else {}
+    methods = (
+        {m: e["fit"] for m, e in (fitfile.get("by_method") or {}).items()} if fitfile and by_method else {}
+    )
     reads = [fit, *methods.values()] if fit else []
     needed = {f.split(":")[0] for fi in reads for f in fit_features(fi)} if fit else {"rms_cosine"}
     aware = sorted(f for f in needed if f in registry() and registry()[f].data_aware)

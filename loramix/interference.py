@@ -74,7 +74,9 @@ def _checks(adapters, fitfile: dict, where: str) -> list[str]:
     kinds = sorted({a.method for a in adapters})
     want = fitfile.get("adapter_kind")
     if want and kinds != [want]:
-        raise UsageError(where, f"fitted for {want} adapters, given {', '.join(kinds)}: the fits are per kind")
+        raise UsageError(
+            where, f"fitted for {want} adapters, given {', '.join(kinds)}: the fits are per kind"
+        )
     warnings = []
     base = fitfile.get("base_identity")
     seen = {i for i in (_trained_base_identity(a) for a in adapters) if i}
@@ -87,7 +89,9 @@ def _checks(adapters, fitfile: dict, where: str) -> list[str]:
     return warnings
 
 
-def predict_validated(adapters_or_paths, path, *, data=None, base=None, tokens: int = 256, device="cpu") -> dict:
+def predict_validated(
+    adapters_or_paths, path, *, data=None, base=None, tokens: int = 256, device="cpu"
+) -> dict:
     """Predicted interference from a predictors file (module docstring).
 
     Returns ``names``, ``adapter_method``, ``target``, ``predictor`` (the best

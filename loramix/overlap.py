@@ -385,7 +385,9 @@ class _Totals:
             for u, v in zip(iu, ju, strict=True):
                 if valid[u, v]:
                     i, j = owners[u], owners[v]
-                    self.rows.append((mname, layer, mtype, i, j, self.names[i], self.names[j], float(cos[u, v])))
+                    self.rows.append(
+                        (mname, layer, mtype, i, j, self.names[i], self.names[j], float(cos[u, v]))
+                    )
 
     def result(self, adapters: list, modules: list[str], effective: bool) -> SimilarityResult:
         counts = np.array([len(ad.modules) for ad in adapters])
@@ -461,5 +463,3 @@ def similarity(
         ip = _module_inner_products(deltas, dense, dev)
         totals.add(col, mname, owners, ip if isinstance(ip, np.ndarray) else ip.cpu().numpy())
     return totals.result(adapters, list(modules), effective=base_folder is not None)
-
-

@@ -59,7 +59,9 @@ def scored_nll(model, batch: dict, *, device, fast: bool = True):
     target = batch["labels"].to(device, non_blocking=True)[:, 1:]
     keep = target != -100  # (B, L-1): positions whose next token is scored
     if fast and type(model).__name__ in fast_head_classes():
-        hidden = model.base_model(**inputs, attention_mask=mask, use_cache=False).last_hidden_state  # (B, L, d)
+        hidden = model.base_model(
+            **inputs, attention_mask=mask, use_cache=False
+        ).last_hidden_state  # (B, L, d)
         logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, vocab)
     else:
         logits = model(**inputs, attention_mask=mask, use_cache=False).logits[:, :-1][keep]
@@ -323,7 +325,9 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_a
             "seconds": tot["seconds"],
             "tokens_per_s": n / tot["seconds"] if tot["seconds"] > 0 else float("nan"),
             "input_tokens": tot["input_tokens"],
-            "input_tokens_per_s": tot["input_tokens"] / tot["seconds"] if tot["seconds"] > 0 else float("nan"),
+            "input_tokens_per_s": tot["input_tokens"] / tot["seconds"]
+            if tot["seconds"] > 0
+            else float("nan"),
             "prefix_seconds": tot["prefix_seconds"],
             "truncated": tot["truncated"],
             "max_len": max_len,

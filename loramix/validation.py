@@ -357,5 +357,7 @@ def load_predictors(path: str | os.PathLike) -> dict:
     bm = d.get("by_method")
     if bm is not None and (not isinstance(bm, dict) or not all(isinstance(e, dict) and isinstance(e.get("fit"), dict)
                                                               for e in bm.values())):  # fmt: skip
-        raise UsageError(p, "'by_method' is not {merge method: {'fit': ...}}; regenerate it with loramix scenario run")
+        raise UsageError(
+            p, "'by_method' is not {merge method: {'fit': ...}}; regenerate it with loramix scenario run"
+        )
     return d

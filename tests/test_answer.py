@@ -19,7 +19,9 @@ BASE = {"a": 16.0, "b": 25.0}
 def _view():
     rows = [{"model": f"adapter:{d}", "domain": d, "ppl": p, "adapter_method": am, "seed": s}
             for (am, s, d), p in PPL.items()]  # fmt: skip
-    rows += [{"model": "base", "domain": d, "ppl": p, "adapter_method": "", "seed": 0} for d, p in BASE.items()]
+    rows += [
+        {"model": "base", "domain": d, "ppl": p, "adapter_method": "", "seed": 0} for d, p in BASE.items()
+    ]
     rows.append({"model": "adapter:b", "domain": "a", "ppl": 99.0, "adapter_method": "lora", "seed": 0})
     summary = pd.DataFrame([{"adapter_method": "lora", "merge_method": "sum", "retention_pct": 4.0},
                             {"adapter_method": "lora", "merge_method": "ties", "retention_pct": 50.0},

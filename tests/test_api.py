@@ -7,8 +7,20 @@ import types
 
 import loramix
 
-FUNCTIONS = ["similarity", "merge", "evaluate", "predict", "load_adapter", "sum_into_base", "sum_adapters",
-             "train_adapter", "build_base", "run_scenario", "save_peft_adapter", "save_d2_adapter"]
+FUNCTIONS = [
+    "similarity",
+    "merge",
+    "evaluate",
+    "predict",
+    "load_adapter",
+    "sum_into_base",
+    "sum_adapters",
+    "train_adapter",
+    "build_base",
+    "run_scenario",
+    "save_peft_adapter",
+    "save_d2_adapter",
+]
 
 
 def test_exports_are_functions_and_stable():
@@ -30,8 +42,10 @@ def test_no_module_shadows_an_exported_function():
 
 
 def test_predict_is_a_function_in_a_fresh_interpreter():
-    code = ("import loramix, types; a = loramix.predict; b = loramix.predict; "
-            "assert a is b and not isinstance(a, types.ModuleType)")
+    code = (
+        "import loramix, types; a = loramix.predict; b = loramix.predict; "
+        "assert a is b and not isinstance(a, types.ModuleType)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -175,7 +175,9 @@ def test_adapters_for_different_bases(capsys, good, tmp_path):
 def test_unsupported_feature_named(capsys, tmp_path):
     # DoRA is read now (tests/test_formats.py); LoRA biases are still refused
     biased = make_peft_adapter(tiny_gpt2(), tmp_path / "biased", r=2, lora_bias=True)
-    run_error(capsys, ["inspect", str(biased)], biased, "not supported: LoRA biases", "transformer.h.0.attn.c_attn")
+    run_error(
+        capsys, ["inspect", str(biased)], biased, "not supported: LoRA biases", "transformer.h.0.attn.c_attn"
+    )
 
 
 def test_similarity_usage_errors(capsys, good, tmp_path):

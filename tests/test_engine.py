@@ -159,7 +159,18 @@ def test_method_registered_from_outside_runs_through_the_cli(gpt2, scaled_norm, 
         assert flag in helptext, flag
     assert helptext.count("--help") == 1 and "--lambda-" not in helptext
     out = tmp_path / "o"
-    args = ["merge", "-m", "scaled-norm", *a, "--gain", "0.5", "--weights", "1,-2", "--into", str(gpt2["base"])]
+    args = [
+        "merge",
+        "-m",
+        "scaled-norm",
+        *a,
+        "--gain",
+        "0.5",
+        "--weights",
+        "1,-2",
+        "--into",
+        str(gpt2["base"]),
+    ]
     assert main([*args, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     refs = [dense_lora(p) for p in gpt2["adapters"]]
@@ -289,7 +300,11 @@ def test_method_declarations_import_no_torch():
     [
         ('[merge]\nmethods = ["svd"]\nsvd = { rank = 2, energy = 0.5 }\n', "merge.svd", "exactly one of"),
         ('[merge]\nmethods = ["svd"]\n', "merge.svd", "exactly one of"),
-        ('[merge]\nmethods = ["ties"]\nties = { density = 0.5, sign = "vote" }\n', "merge.ties", "mass, count"),
+        (
+            '[merge]\nmethods = ["ties"]\nties = { density = 0.5, sign = "vote" }\n',
+            "merge.ties",
+            "mass, count",
+        ),
         ('[merge]\nmethods = ["d2-signed"]\n', "merge.methods", "does not apply to lora"),
     ],
 )

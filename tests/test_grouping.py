@@ -188,7 +188,11 @@ def test_method_aware_cost_on_known_costs():
     assert p.groups[1]["costs"] == {"sum": 5.0, "ties": 1.0}
     # one method only (an older predictors file): the sum's cost, the half-budget rule
     old = plan_with(CostModel(fs, line(10.0)), source="old", max_group=2, budget=2.0)
-    assert [(g["members"], g["method"]) for g in old.groups] == [(["a", "b"], "sum"), (["c"], "keep"), (["d"], "keep")]
+    assert [(g["members"], g["method"]) for g in old.groups] == [
+        (["a", "b"], "sum"),
+        (["c"], "keep"),
+        (["d"], "keep"),
+    ]
     # equal predicted costs: the first method (the file's primary)
     tie = CostModel(fs, flat, 0.9, {"sum": flat, "ties": {**flat}})
     assert tie.method([2, 3], 2.0) == "sum"

@@ -646,7 +646,10 @@ def test_bad_input_exit_2(models, tmp_path, capsys):
         (["-m", "svd", "--energy", "1.5", *a], ["--energy", "outside (0, 1]"]),
         (["-m", "d2-signed", *a, "--into", base], [a[0], "d2lora"]),
         (["-m", "svd", "--rank", "2", *m["d2"]], [m["d2"][0], "D2-LoRA"]),
-        (["-m", "slerp", *a], ["unknown method", "dare-linear, dare-ties, della, magnitude, sum, svd, task-arithmetic, ties"]),
+        (
+            ["-m", "slerp", *a],
+            ["unknown method", "dare-linear, dare-ties, della, magnitude, sum, svd, task-arithmetic, ties"],
+        ),
         (["-m", "ties", "--density", "0.5", *a], ["--into", "only sum, svd"]),
         (["-m", "ties", "--density", "0.5", "--rank", "2", *a, "--into", base], ["--rank", "does not apply"]),
         (["-m", "ties", "--density", "0.5", "--sign", "vote", *a, "--into", base], ["--sign", "mass, count"]),

@@ -110,7 +110,9 @@ def test_della_matches_the_formula():
     ref = 0.9 * ref_consensus(sp, WS)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)
     # the same seed gives the same draws; another seed others
-    torch.testing.assert_close(run_method("della", ads, WS, MOD, density=density, epsilon=eps, seed=seed), got / 0.9)
+    torch.testing.assert_close(
+        run_method("della", ads, WS, MOD, density=density, epsilon=eps, seed=seed), got / 0.9
+    )
     assert not torch.equal(run_method("della", ads, WS, MOD, density=density, epsilon=eps, seed=8), got / 0.9)
 
 
@@ -123,7 +125,9 @@ def test_della_refuses_probabilities_outside_0_1():
 
 
 def test_against_mergekit_itself():
-    sp = pytest.importorskip("mergekit.sparsify", reason="mergekit not installed (pip install mergekit --no-deps)")
+    sp = pytest.importorskip(
+        "mergekit.sparsify", reason="mergekit not installed (pip install mergekit --no-deps)"
+    )
     gta = pytest.importorskip("mergekit.merge_methods.generalized_task_arithmetic")
     ads = rand_adapters()
     ds = [d.float() for d in _deltas(ads)]

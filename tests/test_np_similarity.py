@@ -44,8 +44,9 @@ def adapter_paths(tmp_path_factory):
     g3 = _recast(make_peft_adapter(gpt2, d / "g3f", seed=3, r=2), d / "g3", torch.float16)
     lora = load_adapter(g0)
     d0 = save_d2_adapter(d / "d0", random_d2_like(lora, 1), r=2, lora_alpha=4, tau=0.5)
-    d1 = save_d2_adapter(d / "d1", random_d2_like(lora, 2, keep=lambda n: ".1." not in n, tau=0.3), r=2,
-                         lora_alpha=4, tau=0.3)
+    d1 = save_d2_adapter(
+        d / "d1", random_d2_like(lora, 2, keep=lambda n: ".1." not in n, tau=0.3), r=2, lora_alpha=4, tau=0.3
+    )
     l0 = make_peft_adapter(llama, d / "l0", seed=0, r=4, lora_alpha=16)
     l1 = _recast(make_peft_adapter(llama, d / "l1f", seed=1, r=2), d / "l1", torch.bfloat16)
     return {"gpt2": [g0, g1, g2, g3, d0, d1], "llama": [l0, l1]}
@@ -55,7 +56,12 @@ def adapter_paths(tmp_path_factory):
 def test_numpy_reader_gives_torchs_factors(adapter_paths, which):
     for p in adapter_paths[which]:
         ta, na = load_adapter(p), load_np_adapter(p)
-        assert (na.name, na.method, na.config, list(na.modules)) == (ta.name, ta.method, ta.config, list(ta.modules))
+        assert (na.name, na.method, na.config, list(na.modules)) == (
+            ta.name,
+            ta.method,
+            ta.config,
+            list(ta.modules),
+        )
         for name, m in ta.modules.items():
             n = na.modules[name]
             assert (n.kind, n.shape, n.scale, n.alpha, n.tau) == (m.kind, m.shape, m.scale, m.alpha, m.tau)
@@ -101,7 +107,10 @@ def _bad_adapters(src, tmp_path):
         "missing_B": ({k: v for k, v in tensors.items() if "h.0.attn.c_attn.lora_B" not in k}, config),
         "rank": (tensors, {**config, "r": 7, "rank_pattern": {}}),
         "dora": (tensors, {**config, "use_dora": True}),
-        "nan": ({k: v.clone().fill_(float("nan")) if "lora_A" in k else v for k, v in tensors.items()}, config),
+        "nan": (
+            {k: v.clone().fill_(float("nan")) if "lora_A" in k else v for k, v in tensors.items()},
+            config,
+        ),
         "three_d": ({k: v[None] if "lora_A" in k else v for k, v in tensors.items()}, config),
         "peft_type": (tensors, {**config, "peft_type": "IA3"}),
         "embedding": ({**tensors, "base_model.model.wte.lora_embedding_A": torch.zeros(2, 3)}, config),

@@ -113,7 +113,9 @@ def test_train_log_is_written_as_training_goes(llama, tmp_path):
     del live  # a run that never finished leaves nothing beside its output
     assert not list(tmp_path.glob("ad.train_log.*"))
     # a log left by a killed run (its process gone) is removed by the next run to that output
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     stale = tmp_path / f"ad.train_log.{int(dead.stdout)}.csv"
     stale.write_text("step\n")
     train_adapter(llama, ARITH, out, **FAST)

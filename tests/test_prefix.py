@@ -1,6 +1,5 @@
 """The frozen-prefix cache: the cached path against the full forward, per architecture and on SmolLM2."""
 
-
 import pytest
 import torch
 import transformers

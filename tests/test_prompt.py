@@ -116,14 +116,29 @@ def test_train_and_eval_record_the_prompt(bases, capsys, tmp_path):
     assert chat["ppl"] != raw["ppl"]
 
 
-
-
 def test_smol_eval_with_its_chat_template(smol, capsys):
     from loramix.cli import main
 
     data = Path(__file__).resolve().parents[2] / "shared" / "data"
     src = next(iter(sorted(data.glob("*.jsonl"))), None) if data.is_dir() else None
     spec = str(src) if src else "synthetic:arith?n=8"
-    assert main(["eval", "--base", str(smol), "--data", spec, "--limit", "8", "--prompt", "chat", "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--base",
+                str(smol),
+                "--data",
+                spec,
+                "--limit",
+                "8",
+                "--prompt",
+                "chat",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert res["prompt"] == "chat" and res["results"][-1]["tokens"] > 0

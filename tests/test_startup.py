@@ -141,4 +141,3 @@ def test_the_entry_point_runs_atexit_handlers_and_flushes_before_it_exits():
     p = _run_entry(prog.format(args="'sum', 'a', 'b', '--weights', 'x', '--out', 'o'"))
     assert p.returncode == 2
     assert p.stderr.strip().startswith("loramix: error: --weights") and p.stdout == "atexit ran\n"
-

@@ -146,7 +146,9 @@ def test_compositions_table_and_merged_data_span(tmp_path):
     rest = sorted((c for c in pairs if c != ("arith", "units")), key=lambda c: (sim[c], c))
     assert rest[0] in md and rest[-1] in md  # the span: least and most similar of the others
     steps = {s.id: s for s in plan(sc, data)}
-    assert {k for k in steps if k.startswith("merged-data/")} == {f"merged-data/lora/0/{'+'.join(c)}" for c in md}
+    assert {k for k in steps if k.startswith("merged-data/")} == {
+        f"merged-data/lora/0/{'+'.join(c)}" for c in md
+    }
     # each model is evaluated on the domains it serves; the base on all
     assert steps["eval/lora/0/adapter/dates"].args["domains"] == ["dates"]
     assert steps["eval/lora/0/merge/sum/arith+sort"].args["domains"] == ["arith", "sort"]
@@ -199,7 +201,9 @@ def test_retention_against_a_direct_computation(study):
     row = next(r for r in rep["results"] if r["composition"] == "arith+sort" and r["merge_method"] == "sum")
     assert row["retention_pct"] == pytest.approx(want, rel=1e-6, abs=1e-6)
     assert row["delta_ppl_pct"] is None or not math.isfinite(row["delta_ppl_pct"])  # no merged-data adapter
-    forced = next(r for r in rep["results"] if r["composition"] == "arith+units" and r["merge_method"] == "sum")
+    forced = next(
+        r for r in rep["results"] if r["composition"] == "arith+units" and r["merge_method"] == "sum"
+    )
     assert math.isfinite(forced["delta_ppl_pct"])
 
 
@@ -311,7 +315,9 @@ def test_random_groupings_have_the_sizes_and_are_seeded():
 
 def _train_files(sc, cache) -> list[str]:
     steps = {s.id: s for s in plan(sc)}
-    return [str(Path(cache) / "data" / steps[f"data/{d}/train"].folder_name / "train.jsonl") for d in sc.domains]
+    return [
+        str(Path(cache) / "data" / steps[f"data/{d}/train"].folder_name / "train.jsonl") for d in sc.domains
+    ]
 
 
 def test_plan_validation_section(study):
@@ -333,7 +339,10 @@ def test_plan_validation_section(study):
     from loramix.grouping import RULE_BY_METHOD
 
     fitfile = json.loads((out / "predictors.json").read_text())
-    assert list(fitfile["by_method"]) == ["sum", "ties"] and fitfile["by_method"]["sum"]["best"] == fitfile["best"]
+    assert (
+        list(fitfile["by_method"]) == ["sum", "ties"]
+        and fitfile["by_method"]["sum"]["best"] == fitfile["best"]
+    )
     assert pv["rule"] == cli.rule == RULE_BY_METHOD and set(pv["validated_by_method"]) == {"sum", "ties"}
     for g in (g for g in pv["plan_groups"] if len(g["members"]) > 1):
         assert g["method"] == min(g["costs"], key=g["costs"].get) and g["cost"] == min(g["costs"].values())
@@ -347,13 +356,18 @@ def test_plan_validation_section(study):
             assert sorted(d for g in r["groups"] for d in g["members"]) == sorted(sc.domains)
         c = m["comparison"]
         assert c["beats"] + c["ties"] + c["loses"] == 4 and 1 <= c["rank"] <= 5
-        assert all(g["method"] == "ties" for g in m["plan"]["groups"] if len(g["members"]) > 1) == (m["how"] == "ties")
+        assert all(g["method"] == "ties" for g in m["plan"]["groups"] if len(g["members"]) > 1) == (
+            m["how"] == "ties"
+        )
     md = (out / "report.md").read_text()
     section = md.split("## Does `loramix plan` beat random groupings?")[1].split("\n## ")[0]
     assert section.count("random groupings of the same sizes") == 2 and "one-sided p = " in section
     assert (out / "plan_vs_random.png").stat().st_size > 1000 and "(plan_vs_random.png)" in section
     csv = pd.read_csv(out / "plan_validation.csv")
-    assert set(csv["merged"]) == {"plan", "ties"} and set(csv["grouping"]) == {"plan", *(f"random-{k}" for k in range(1, 5))}
+    assert set(csv["merged"]) == {"plan", "ties"} and set(csv["grouping"]) == {
+        "plan",
+        *(f"random-{k}" for k in range(1, 5)),
+    }
 
 
 def test_plan_group_retention_against_a_direct_computation(study, tmp_path):
@@ -383,7 +397,9 @@ def test_plan_group_retention_against_a_direct_computation(study, tmp_path):
 def test_plan_validation_is_cached(study, tmp_path):
     """A second run makes nothing, the plan's steps included, and measures the same."""
     out = tmp_path / "again"
-    rc = main(["scenario", "run", str(study["scen"]), "--out", str(out), "--cache", str(study["cache"]), "--quiet"])
+    rc = main(
+        ["scenario", "run", str(study["scen"]), "--out", str(out), "--cache", str(study["cache"]), "--quiet"]
+    )
     assert rc == 0
     log = pd.read_csv(out / "cache_log.csv")
     assert len(log) and set(log["status"]) == {"hit"}

@@ -191,9 +191,13 @@ def test_size_feature_is_k_minus_one_and_member_sum_is_each_members_partner_sum(
     assert t[SIZE].tolist() == [len(c) - 1 for c in comps]  # pairs 1, triples 2, ...
     for c in comps:
         idx = ["abcde".index(d) for d in c]
-        direct = np.mean([sum(M[i, j] for j in idx if j != i) for i in idx])  # each member's sum over partners
+        direct = np.mean(
+            [sum(M[i, j] for j in idx if j != i) for i in idx]
+        )  # each member's sum over partners
         assert composition_value(M, idx, "member_sum") == pytest.approx(direct, rel=1e-12)
-        assert composition_value(M, idx, "member_sum") == pytest.approx((len(c) - 1) * t.loc["+".join(c), "f"])
+        assert composition_value(M, idx, "member_sum") == pytest.approx(
+            (len(c) - 1) * t.loc["+".join(c), "f"]
+        )
 
 
 def test_pairsum_predictor_extrapolates_the_additive_pair_model():

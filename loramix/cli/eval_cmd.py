@@ -33,7 +33,9 @@ from .threads import threads_option
     default=None,
     help="The adapters change only the top N layers: run the layers below once per data set (cached).",
 )
-@click.option("--dtype", default=None, help="Load the base in this dtype (float32, bfloat16; default float32).")
+@click.option(
+    "--dtype", default=None, help="Load the base in this dtype (float32, bfloat16; default float32)."
+)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def command(base, adapters, weights, merged, data, more_data, on, prompt, max_len, batch, limit, device,
             question_field, answer_field, context_field, top_layers, dtype, fmt):  # fmt: skip

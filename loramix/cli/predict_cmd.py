@@ -16,10 +16,17 @@ import click
     "written by `loramix scenario run`.",
 )
 @click.option(
-    "--method", "merge_method", default="sum", show_default=True, help="Merge method whose fit to use (fit.json)."
+    "--method",
+    "merge_method",
+    default="sum",
+    show_default=True,
+    help="Merge method whose fit to use (fit.json).",
 )
 @click.option(
-    "--level", type=float, default=None, help="Prediction-interval level (fit.json; default: the fit's, 0.95)."
+    "--level",
+    type=float,
+    default=None,
+    help="Prediction-interval level (fit.json; default: the fit's, 0.95).",
 )
 @click.option("--data", multiple=True, type=click.Path(path_type=str),
               help="One calibration file per adapter, in order (predictors that read data-aware features).")  # fmt: skip

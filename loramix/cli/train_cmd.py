@@ -70,7 +70,9 @@ def _eval_size(value: str) -> int | float:
 )
 @click.option("--dtype", default=None, help="bfloat16: the forward under bf16 autocast (default float32).")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per batch.")
-@click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in the backward (less memory).")
+@click.option(
+    "--grad-checkpointing", is_flag=True, help="Recompute activations in the backward (less memory)."
+)
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @threads_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -108,7 +110,9 @@ def command(base, data, more_data, out, targets, eval_size, quiet, kind, method,
         f"trained   {res['steps']} steps, {res['tokens']:,} tokens, {res['train_seconds']:.1f} s "
         f"({res['tokens_per_second']:,.0f} tokens/s), final loss {res['final_loss']:.4f}"
     )
-    top = f", top {kw['top_layers']} layers (prefix {res['prefix_seconds']:.1f} s)" if kw["top_layers"] else ""
+    top = (
+        f", top {kw['top_layers']} layers (prefix {res['prefix_seconds']:.1f} s)" if kw["top_layers"] else ""
+    )
     click.echo(
         f"processed {res['input_tokens']:,} input tokens ({res['input_tokens_per_second']:,.0f} input tokens/s)"
         f"{top}"

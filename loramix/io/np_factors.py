@@ -140,7 +140,9 @@ class LazyFactor:
             if t.size != count:
                 raise ValueError(f"{t.size} of {count} values present")
         except (OSError, ValueError) as e:
-            raise AdapterError(self.path, f"cannot read tensor {self.key} (corrupt or truncated file): {e}") from e
+            raise AdapterError(
+                self.path, f"cannot read tensor {self.key} (corrupt or truncated file): {e}"
+            ) from e
         if self.code == "BF16":
             t = (t.astype(np.uint32) << 16).view(np.float32)
         t = t.reshape(self.shape)
@@ -157,7 +159,9 @@ def _lazy_factors(path: Path) -> dict[str, LazyFactor]:
     header.pop("__metadata__", None)
     for key, info in header.items():
         if info["dtype"] not in FLOAT_CODES:
-            raise AdapterError(path, f"tensor {key} has dtype {info['dtype']}; loramix reads {', '.join(FLOAT_CODES)}")
+            raise AdapterError(
+                path, f"tensor {key} has dtype {info['dtype']}; loramix reads {', '.join(FLOAT_CODES)}"
+            )
     return {
         key: LazyFactor(path, key, info["dtype"], tuple(info["shape"]), start + info["data_offsets"][0])
         for key, info in header.items()

@@ -213,7 +213,9 @@ def canonicalize_header(path: str | Path) -> None:
         f.write(text + b" " * (n - len(text)))
 
 
-def read_into(src, info, out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+def read_into(
+    src, info, out: torch.Tensor | None = None, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
     """One tensor's bytes from the open file ``src`` into ``out`` (a tensor
     of ``info``'s shape and dtype, typically reused across tensors; a fresh
     one when None) with ``readinto``: one copy from the page cache, and no
@@ -228,7 +230,11 @@ def read_into(src, info, out: torch.Tensor | None = None, rows: tuple[int, int] 
     part = buf
     if rows is not None and info.shape:
         row_bytes = nbytes // info.shape[0] if info.shape[0] else 0
-        start, nbytes, part = start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes, buf[rows[0] : rows[1]]
+        start, nbytes, part = (
+            start + rows[0] * row_bytes,
+            (rows[1] - rows[0]) * row_bytes,
+            buf[rows[0] : rows[1]],
+        )
     view = memoryview(part.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
     got = 0
     while got < nbytes:  # short reads are allowed

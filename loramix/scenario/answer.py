@@ -140,7 +140,9 @@ def setup_lines(report: dict, v) -> list[str]:
         L.append(f"- Adapters on the top {ad['top_layers']} transformer block(s) only (the targets inside them); "
                  "the blocks below are frozen and shared by every adapter and merge")  # fmt: skip
     md = sc.get("merged_data", "all")
-    with_md = list(dict.fromkeys(r["composition"] for r in report["results"] if r.get("delta_ppl_pct") is not None))
+    with_md = list(
+        dict.fromkeys(r["composition"] for r in report["results"] if r.get("delta_ppl_pct") is not None)
+    )
     if md != "all":
         how = (f"{md['count']} pairs: {', '.join('+'.join(c) for c in md['include']) or 'none'} by name, the others "
                "at evenly spaced ranks of the domains' data similarity (cosine of the word counts of their training "
@@ -218,7 +220,11 @@ def by_method(vals: list[dict], val: dict) -> dict:
     primary's method first (:func:`loramix.validation.method_entry`)."""
     from ..validation import method_entry
 
-    same = [v for v in vals if v["adapter_method"] == val["adapter_method"] and v["target_name"] == val["target_name"]]
+    same = [
+        v
+        for v in vals
+        if v["adapter_method"] == val["adapter_method"] and v["target_name"] == val["target_name"]
+    ]
     same.sort(key=lambda v: v["merge_method"] != val["merge_method"])
     return {v["merge_method"]: method_entry(v) for v in same}
 
@@ -253,7 +259,9 @@ def write_predictor_files(folder: Path, report: dict) -> None:
 
 
 # The D2-LoRA paper (arXiv 2602.14728): accuracy points over LoRA, training volatility, merge gap.
-D2_PAPER = "+2.2 points over LoRA (+1.6 against LoRA at rank 2r), 36% lower training volatility, merge gap near zero"
+D2_PAPER = (
+    "+2.2 points over LoRA (+1.6 against LoRA at rank 2r), 36% lower training volatility, merge gap near zero"
+)
 
 
 def _kind_stats(evals: pd.DataFrame, summary: pd.DataFrame) -> list[dict]:
@@ -396,7 +404,10 @@ def write_plan_files(folder: Path, report: dict) -> None:
         return
     rows = []
     for m in pv["by_method"]:
-        for name, gr in [("plan", m["plan"]), *((f"random-{k}", r) for k, r in enumerate(m["random"], start=1))]:
+        for name, gr in [
+            ("plan", m["plan"]),
+            *((f"random-{k}", r) for k, r in enumerate(m["random"], start=1)),
+        ]:
             for g in gr["groups"]:
                 iv = g.get("interval") or [None, None]
                 rows.append({"merged": m["how"], "grouping": name, "group": g["group"], "size": len(g["members"]),

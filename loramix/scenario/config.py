@@ -211,7 +211,9 @@ class PredictorSpec:
     """``[predictors]``: compute every registered feature of the domain adapters and
     validate each predictor of each interference target by leave-one-domain-out."""
 
-    tokens: int = key("int", 256, bound="positive", help="calibration tokens per domain (data-aware features)")
+    tokens: int = key(
+        "int", 256, bound="positive", help="calibration tokens per domain (data-aware features)"
+    )
     max_len: int = key("int", 128, bound="positive", help="sequence length of the calibration records")
     level: float = key("float", 0.9, bound="unit", help="level of the prediction intervals")
     target: str = key("str", "retention", choices=("retention", "delta_ppl"),
@@ -230,7 +232,9 @@ class PlanSpec:
                                help="the adapter label whose domain adapters are grouped")  # fmt: skip
     seed: int | None = key("int", bound="seed", doc_default="the first of `seeds`",
                            help="the training seed whose adapters are grouped")  # fmt: skip
-    max_size: int = key("int", 4, bound="positive", help="largest group (`loramix plan --max-group`), at least 2")
+    max_size: int = key(
+        "int", 4, bound="positive", help="largest group (`loramix plan --max-group`), at least 2"
+    )
     budget: float | None = key("float", doc_default="`0`, `loramix plan`'s with a predictors file",
                                help="largest predicted cost (retention % or Δppl %) of a merged group "
                                "(`loramix plan --budget`)")  # fmt: skip
@@ -439,7 +443,9 @@ def _check_fit(ctx, base, adapters) -> None:
         raise ctx.error("adapters.rank", f"{rank} is above {bound}, {why}")
     blocks = {int(m.group(1)) for n in weights for m in [re.search(r"\.(\d+)\.", n)] if m}
     if adapters.top_layers and blocks and adapters.top_layers > max(blocks) + 1:
-        raise ctx.error("adapters.top_layers", f"{adapters.top_layers} is above the base's {max(blocks) + 1} blocks")
+        raise ctx.error(
+            "adapters.top_layers", f"{adapters.top_layers} is above the base's {max(blocks) + 1} blocks"
+        )
 
 
 def _read(ctx: _Ctx, cls, t: dict, where: str, *, also=(), defaults=None) -> dict:
@@ -639,10 +645,19 @@ def _parse_adapters(ctx, t) -> AdapterSpec:
             raise ctx.error("adapters.methods", f"{m!r}: write KIND:INIT with INIT one of {', '.join(INITS)}")
     inits = t.get("init", "data")
     inits = [inits] if isinstance(inits, str) else inits
-    if not isinstance(inits, list) or not inits or any(i not in INITS for i in inits) or len(set(inits)) < len(inits):
-        raise ctx.error("adapters.init", f'expected "data", "shared" or a list of both, got {t.get("init")!r}')
+    if (
+        not isinstance(inits, list)
+        or not inits
+        or any(i not in INITS for i in inits)
+        or len(set(inits)) < len(inits)
+    ):
+        raise ctx.error(
+            "adapters.init", f'expected "data", "shared" or a list of both, got {t.get("init")!r}'
+        )
     v["init"] = inits[0]  # the labels without ":INIT"; each further one is a study of its own
-    v["methods"] = tuple(dict.fromkeys(m if i == inits[0] else f"{m}:{i}" for i in inits for m in v["methods"]))
+    v["methods"] = tuple(
+        dict.fromkeys(m if i == inits[0] else f"{m}:{i}" for i in inits for m in v["methods"])
+    )
     if v["targets"] is not None and not v["targets"]:
         raise ctx.error("adapters.targets", "empty list; leave it out for the default targets")
     v["targets"] = tuple(v["targets"]) if v["targets"] else None
@@ -749,7 +764,9 @@ def _parse_merged_data(ctx, v, compositions: list[tuple[str, ...]], domains: lis
     out = []
     for i, item in enumerate(v):
         if not isinstance(item, list) or any(d not in domains for d in item):
-            raise ctx.error(f"merged_data[{i}]", f"expected a list of the scenario's domain names, got {item!r}")
+            raise ctx.error(
+                f"merged_data[{i}]", f"expected a list of the scenario's domain names, got {item!r}"
+            )
         comp = tuple(sorted(item, key=domains.index))
         if comp not in compositions:
             raise ctx.error(f"merged_data[{i}]", f"{'+'.join(comp)} is not one of the study's compositions")
@@ -845,7 +862,9 @@ def _parse_predictors(ctx, t, merges: list[MergeSpec]) -> PredictorSpec | None:
     return p
 
 
-def _parse_plan(ctx, t, sc_seeds, adapters: AdapterSpec, merges: list[MergeSpec], predictors) -> PlanSpec | None:
+def _parse_plan(
+    ctx, t, sc_seeds, adapters: AdapterSpec, merges: list[MergeSpec], predictors
+) -> PlanSpec | None:
     if t is None:
         return None
     if not isinstance(t, dict):
@@ -861,7 +880,9 @@ def _parse_plan(ctx, t, sc_seeds, adapters: AdapterSpec, merges: list[MergeSpec]
     if v["seed"] not in sc_seeds:
         raise ctx.error("plan.seed", f"{v['seed']} is not one of the study's seeds {list(sc_seeds)}")
     if v["max_size"] < 2:
-        raise ctx.error("plan.max_size", f"must be at least 2 (a group of one merges nothing), got {v['max_size']}")
+        raise ctx.error(
+            "plan.max_size", f"must be at least 2 (a group of one merges nothing), got {v['max_size']}"
+        )
     usable = [m.method for m in merges if applies_to(m.method, v["adapters"])]
     if not v["methods"]:
         raise ctx.error("plan.methods", 'empty: list "plan" and/or merge methods')
@@ -962,7 +983,12 @@ def scenario_summary(s: Scenario) -> dict[str, Any]:
         "compositions": [list(c) for c in s.compositions],
         "merged_data": _merged_data_summary(s.merged_data),
         "merge": {m.method: m.params for m in s.merges},
-        "eval": {"batch": s.eval.batch, "max_len": s.eval.max_len, "on": s.eval.on, "domains": s.eval.domains},
+        "eval": {
+            "batch": s.eval.batch,
+            "max_len": s.eval.max_len,
+            "on": s.eval.on,
+            "domains": s.eval.domains,
+        },
         "predictors": None if s.predictors is None else dict(vars(s.predictors)),
         "plan": None if s.plan is None else dict(vars(s.plan)),
     }

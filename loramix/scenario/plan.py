@@ -141,7 +141,9 @@ def merged_data_compositions(sc: Scenario, data: dict[str, DomainData]) -> list[
     if not isinstance(md[0], int):
         return [c for c in sc.compositions if c in md]
     (n, include), sim = md, data_similarity(data)
-    pairs = sorted((c for c in sc.compositions if len(c) == 2 and c not in include), key=lambda c: (sim[c], c))
+    pairs = sorted(
+        (c for c in sc.compositions if len(c) == 2 and c not in include), key=lambda c: (sim[c], c)
+    )
     chosen, m = set(include), n - len(include)
     if m == 1:
         chosen.add(pairs[len(pairs) // 2])
@@ -302,7 +304,9 @@ class _Planner:
                 "data": [self.key_of(f"data/{d}/train") for d in names],
                 "settings": {"tokens": p.tokens, "max_len": p.max_len}}  # fmt: skip
         deps = ("base", *(f"data/{d}/train" for d in names), *ads)
-        self.add(f"features/{pre}", "features", "features", spec, deps, pre, "features", names=names, adapters=ads)
+        self.add(
+            f"features/{pre}", "features", "features", spec, deps, pre, "features", names=names, adapters=ads
+        )
 
     def merge_steps(self, pre: str, comp, mg, *, prefix: str = "", group: str = "merge",
                     members: bool = False) -> str:  # fmt: skip

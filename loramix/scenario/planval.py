@@ -62,7 +62,12 @@ def cost_model(sc: Scenario, results: dict, validations: list[dict]):
     fs = feature_set([results[f"features/{p.adapters}/{p.seed}"]])
     v = _validation_for(validations, p.adapters, pr.target, pr.method)
     if v is None:
-        return CostModel(fs), "RMS cosine of the composition (the study validated no predictor for it)", None, None
+        return (
+            CostModel(fs),
+            "RMS cosine of the composition (the study validated no predictor for it)",
+            None,
+            None,
+        )
     summary = {r["predictor"]: r for r in v["summary"]}.get(v["best"])
     bm = by_method(validations, v)
     model = CostModel(fs, v["fits"][v["best"]], v["level"], {m: e["fit"] for m, e in bm.items()})

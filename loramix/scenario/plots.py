@@ -226,7 +226,9 @@ def interference_by_method(summary: pd.DataFrame, path: Path, title: str) -> Pat
     cols = [(c, lab) for c, lab in (("retention_pct", "retention % vs own adapters"),
                                     ("delta_ppl_pct", "Δppl % vs merged-data")) if summary[c].notna().any()]  # fmt: skip
     fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols), 4.4), dpi=130, squeeze=False)
-    labels = [f"{am}/{mm}" for am, mm in dict.fromkeys(zip(summary["adapter_method"], summary["merge_method"]))]
+    labels = [
+        f"{am}/{mm}" for am, mm in dict.fromkeys(zip(summary["adapter_method"], summary["merge_method"]))
+    ]
     for ax, (col, lab) in zip(axes[0], cols):
         data = []
         for name in labels:

@@ -65,7 +65,9 @@ def validate_targets(summary: pd.DataFrame, features: dict[str, FeatureSet], *, 
                 except UsageError:  # too few domains to hold any out
                     continue
                 d = v.to_json_dict()
-                keep = v.predictions["predictor"].isin([v.best, "mean", "ols:rms_cosine"])  # the report's; not all
+                keep = v.predictions["predictor"].isin(
+                    [v.best, "mean", "ols:rms_cosine"]
+                )  # the report's; not all
                 preds = v.predictions[keep].astype(object).where(v.predictions[keep].notna(), None)
                 d.update(adapter_method=am, target_name=target, merge_method=mm,
                          predictions=preds.to_dict(orient="records"))  # fmt: skip

@@ -80,7 +80,9 @@ def compute_fits(summary: pd.DataFrame) -> list[dict]:
     over the compositions (seed means)."""
     fits = []
     for (am, mm), g in summary.groupby(["adapter_method", "merge_method"], sort=False):
-        g = g[np.isfinite(g["delta_ppl_pct"].to_numpy(dtype=float))]  # compositions with a merged-data adapter
+        g = g[
+            np.isfinite(g["delta_ppl_pct"].to_numpy(dtype=float))
+        ]  # compositions with a merged-data adapter
         f = fit_line(g["rms_cosine"], g["delta_ppl_pct"], labels=g["composition"]).to_dict()
         fits.append({"adapter_method": am, "merge_method": mm, **f})
     return fits
@@ -289,7 +291,10 @@ def _section_per_domain(report: dict, v: _View) -> list[str]:
         comps = list(dict.fromkeys(summary["composition"]))
         if len(comps) > MAX_DOMAIN_TABLES:  # a study at scale: those with a merged-data adapter
             comps = [c for c in comps if (ev0["model"] == f"merged-data:{c}").any()]
-            L += [f"(The {len(comps)} compositions with a merged-data adapter; `evaluations.csv` has the rest.)", ""]
+            L += [
+                f"(The {len(comps)} compositions with a merged-data adapter; `evaluations.csv` has the rest.)",
+                "",
+            ]
         for am in dict.fromkeys(summary["adapter_method"]):
             e_am = ev0[ev0["adapter_method"] == am]
             for comp in comps:
@@ -528,7 +533,9 @@ def write_report(folder: Path, report: dict, per_module: pd.DataFrame | None = N
 
     write_predictor_files(folder, report)
     write_plan_files(folder, report)
-    summary = summary[np.isfinite(summary["delta_ppl_pct"].to_numpy(dtype=float))]  # with a merged-data adapter
+    summary = summary[
+        np.isfinite(summary["delta_ppl_pct"].to_numpy(dtype=float))
+    ]  # with a merged-data adapter
     sums = summary[summary["merge_method"] == "sum"]
     plots.delta_vs_cosine(sums, [f for f in report["fits"] if f["merge_method"] == "sum"],
                           folder / "delta_vs_cosine.png",

@@ -126,7 +126,9 @@ class Runner:
         self.per_module = study["per_module"]
         return self._report(study, data, outcomes["base"].result, prog.timings, t_start)
 
-    def _plan_validation(self, study: dict, data, outcomes: dict, ctx, prog, on_done, rec) -> tuple[dict, dict]:
+    def _plan_validation(
+        self, study: dict, data, outcomes: dict, ctx, prog, on_done, rec
+    ) -> tuple[dict, dict]:
         """``loramix plan``'s groups and the random groupings (:mod:`.planval`):
         their merge and evaluation steps, run by the same executor after the
         study's; returns all outcomes and the section's data."""

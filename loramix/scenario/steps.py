@@ -252,7 +252,9 @@ def _merge_step(ctx: StepContext, st: Step, deps: dict) -> dict:
         from ..io.adapter_files import load_adapter
 
         model = ctx.base_model(base)
-        saved, summary = merged_in_memory(model[0], [load_adapter(x) for x in paths], a["method"], a["params"])
+        saved, summary = merged_in_memory(
+            model[0], [load_adapter(x) for x in paths], a["method"], a["params"]
+        )
         try:
             ev = evaluate_on_splits(ctx, base, domains=a.get("domains"), model=model)
         finally:
@@ -298,7 +300,9 @@ def _features_step(ctx: StepContext, st: Step, deps: dict) -> dict:
         names, p = st.args["names"], ctx.sc.predictors
         ads = [load_adapter(deps[a]["path"], name=d) for a, d in zip(st.args["adapters"], names)]
         data = [deps[f"data/{d}/train"]["path"] for d in names]
-        cal = capture(ads, deps["base"]["path"], data, tokens=p.tokens, max_len=p.max_len, device=str(ctx.device))
+        cal = capture(
+            ads, deps["base"]["path"], data, tokens=p.tokens, max_len=p.max_len, device=str(ctx.device)
+        )
         return compute_features(ads, calibration=cal).to_json_dict()
 
     return ctx.cache.json_artifact("features", st.spec, compute, st.label)
