@@ -509,15 +509,16 @@ def _all_threads(helpers):
 _RUN_HELPERS: contextvars.ContextVar[Helpers | None] = contextvars.ContextVar("loramix_helpers", default=None)
 
 
-def parallel_rows(rows: int, step: int, fn) -> list:
-    """``fn(r0, r1, k)`` over blocks of ``step`` rows (see :func:`_by_blocks`),
-    shared out with the helpers of the streaming run in progress (torch on
-    one thread in each, this one included), or all in this thread outside
-    one; ``k`` tells the threads apart (for their own work buffers). The
-    results, block by block."""
+def parallel_rows(rows: int, step: int, fn, min_rows: int = 1) -> list:
+    """``fn(r0, r1, k)`` over blocks of ``step`` rows (a last block of fewer
+    than ``min_rows`` joins the one before; see :func:`_by_blocks`), shared
+    out with the helpers of the streaming run in progress (torch on one
+    thread in each, this one included), or all in this thread outside one;
+    ``k`` tells the threads apart (for their own work buffers). The results,
+    block by block."""
     helpers = _RUN_HELPERS.get()
     with _torch_threads(1 if helpers is not None else None):
-        return _by_blocks(rows, step, helpers, fn)
+        return _by_blocks(rows, step, helpers, fn, min_rows)
 
 
 def run_threads() -> int:

@@ -421,6 +421,12 @@ def test_row_blocks_of_a_factor_product_give_the_whole_products_bits(k):
             whole = W.clone().addmm_(B, A)
             for r0, r1 in ((0, MIN_ROWS), (5, 7), (8, 72), (72, 300), (299 - MIN_ROWS, 300)):
                 assert torch.equal(W[r0:r1].clone().addmm_(B[r0:r1], A), whole[r0:r1]), (r0, r1, threads)
+            # and the plain product (methods.base._FactorRows), blocks on one thread against the
+            # whole on all of them (methods.base.dense_deltas)
+            product = B @ A
+            torch.set_num_threads(1)
+            for r0, r1 in ((0, MIN_ROWS), (5, 7), (72, 300)):
+                assert torch.equal(torch.mm(B[r0:r1], A), product[r0:r1]), (r0, r1, threads)
         finally:
             torch.set_num_threads(old)
 

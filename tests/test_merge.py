@@ -731,7 +731,7 @@ def test_streaming_trim_and_elect_same_bits(monkeypatch, sign, divide, weights, 
 
     if miss:
         monkeypatch.setattr(
-            mb, "_bracket", lambda sample, k, n: (sample.dtype.type(5.0), sample.dtype.type(6.0))
+            mb, "_bracket", lambda sample, k, n, *stride: (sample.dtype.type(5.0), sample.dtype.type(6.0))
         )
     monkeypatch.setattr(mb, "ROW_BLOCK_ELEMENTS", 3000)  # many blocks, a short last one
 
@@ -753,3 +753,107 @@ def test_streaming_trim_and_elect_same_bits(monkeypatch, sign, divide, weights, 
         finally:
             torch.set_num_threads(old)
         assert torch.equal(_bits(got), _bits(ref))
+
+
+def _factor_deltas(out_f, in_f, rank, n, seed, zero_rows=0):
+    g = torch.Generator().manual_seed(seed)
+    mods = []
+    for _ in range(n):
+        B = torch.randn(out_f, rank, generator=g) * 0.02
+        B[:zero_rows] = 0.0  # whole rows of exact zeros: ties at the bottom
+        mods.append(ModuleDelta(name="m", B=B, A=torch.randn(rank, in_f, generator=g) / in_f**0.5,
+                                scale=1.5, alpha=1.5 * rank))  # fmt: skip
+    return mods
+
+
+class _Run:  # what engine.cpu_threads needs of an executor
+    device = torch.device("cpu")
+    helpers = None
+
+
+@pytest.mark.parametrize(
+    ("shape", "rank", "weights", "density", "sign", "divide", "dtype"),
+    [
+        ((1001, 770), 8, [1.0, -0.5, 2.0], 0.05, "mass", "weight", torch.float32),
+        ((517, 301), 16, [1.0, 1.0, 1.0, 1.0], 0.9, "count", "count", F64),
+        ((77, 1024), 2, [1.0, 1.0], 0.5, "mass", "count", torch.float32),
+        ((4097, 64), 8, [1.0, 2.0, 3.0], 0.2, "count", "weight", torch.float32),
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ties_from_factors_gives_the_dense_ways_bits(monkeypatch, shape, rank, weights, density, sign, divide,
+                                                     dtype, threads):  # fmt: skip
+    """TIES of LoRA deltas from their factors (blocks of rows formed twice,
+    no delta whole) gives the bits of the dense way (``dense_deltas`` then
+    ``trim_and_elect``), with many blocks, a last one shorter than
+    ``engine.MIN_ROWS`` (joined), zero rows, negative weights, one thread
+    or a helper beside it."""
+    import loramix.methods.base as mb
+    from loramix.engine import Buffers, cpu_threads
+
+    # blocks of 25 rows: 1001 rows leave a last block of 1, joined to the one before
+    monkeypatch.setattr(mb, "ROW_BLOCK_ELEMENTS", 25 * shape[1])
+    mods = _factor_deltas(*shape, rank, len(weights), seed=shape[0], zero_rows=5)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with cpu_threads(_Run):
+            ctx = ModuleContext("m", tuple(range(len(mods))), dtype=dtype, scratch=Buffers())
+            got = mb.ties_from_factors(ctx, mods, weights, density, sign, divide)
+            assert got is not None
+            got = got.clone()
+            ctx = ModuleContext("m", tuple(range(len(mods))), dtype=dtype, scratch=Buffers())
+            ref = mb.trim_and_elect(mb.dense_deltas(ctx, mods, None, weights), weights, density, sign, divide,
+                                    ctx.scratch)  # fmt: skip
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(_bits(got), _bits(ref))
+    assert ref.count_nonzero() > 0
+
+
+def test_factor_rows_sample_is_the_dense_sample():
+    """The bracket's sample from the factors holds the entries the dense
+    delta's strided sample holds (every 31st of the flattened delta)."""
+    import loramix.methods.base as mb
+
+    for out_f, in_f in ((1003, 770), (77, 1024), (4097, 64), (40, 31), (33, 20)):
+        (m,) = _factor_deltas(out_f, in_f, 4, 1, seed=out_f)
+        B, A = m.factors(F64)
+        dense = mb._DeltaRows(B @ A).abs_sample()
+        ours = mb._FactorRows(B, A, None, "r").abs_sample()
+        assert ours.size == dense.size
+        torch.testing.assert_close(torch.from_numpy(ours).sort().values, torch.from_numpy(dense).sort().values,
+                                   rtol=1e-12, atol=0)  # fmt: skip
+
+
+def test_ties_from_factors_declines_what_it_cannot_do(monkeypatch):
+    """None (the caller takes the dense way) for nothing trimmed, nothing
+    kept, a delta that needs the base, a small module, no work buffers, and
+    a sample whose bracket misses; TIES then still gives the dense way's
+    result."""
+    import loramix.methods.base as mb
+    from loramix.engine import Buffers
+
+    mods = _factor_deltas(300, 400, 4, 2, seed=3)
+    ctx = ModuleContext("m", (0, 1), scratch=Buffers())
+    assert mb.ties_from_factors(ctx, mods, [1, 1], 1.0, "mass", "count") is None
+    assert mb.ties_from_factors(ctx, mods, [1, 1], 1e-9, "mass", "count") is None
+    assert mb.ties_from_factors(ModuleContext("m", (0, 1)), mods, [1, 1], 0.2, "mass", "count") is None
+    small = _factor_deltas(30, 40, 4, 2, seed=3)
+    assert mb.ties_from_factors(ctx, small, [1, 1], 0.2, "mass", "count") is None
+    g = torch.Generator().manual_seed(0)
+    d2 = ModuleDelta(name="m", B=torch.randn(300, 4, generator=g), A=torch.randn(4, 400, generator=g), scale=1.0,
+                     alpha=4.0, B_neg=torch.randn(300, 4, generator=g), A_neg=torch.randn(4, 400, generator=g),
+                     tau=0.5)  # fmt: skip
+    assert mb.ties_from_factors(ctx, [mods[0], d2], [1, 1], 0.2, "mass", "count") is None
+    params = dict(density=0.2, sign="mass", divide="count", lambda_=1.0)
+    ref = get_method("ties").delta(ModuleContext("m", (0, 1)), mods, [1.0, 1.0], None, params).clone()
+    assert mb.ties_from_factors(ctx, mods, [1, 1], 0.2, "mass", "count") is not None
+    monkeypatch.setattr(
+        mb, "_bracket", lambda sample, k, n, *stride: (sample.dtype.type(5.0), sample.dtype.type(6.0))
+    )
+    assert mb.ties_from_factors(ctx, mods, [1, 1], 0.2, "mass", "count") is None
+    got = get_method("ties").delta(
+        ModuleContext("m", (0, 1), scratch=Buffers()), mods, [1.0, 1.0], None, params
+    )
+    assert torch.equal(_bits(got), _bits(ref))

@@ -391,43 +391,109 @@ def _by_rows(t: torch.Tensor, scratch) -> bool:
     )
 
 
-def _rows(t: torch.Tensor, fn) -> list:
-    """``fn(r0, r1, j)`` over the blocks of rows of ``t``, shared out with the
-    streaming run's threads (:func:`loramix.engine.parallel_rows`)."""
-    from ..engine import parallel_rows
+def _rows(t, fn) -> list:
+    """``fn(r0, r1, j)`` over the blocks of rows of ``t`` (a tensor or a
+    :class:`_DeltaRows`; at least ``engine.MIN_ROWS`` rows each), shared out
+    with the streaming run's threads (:func:`loramix.engine.parallel_rows`)."""
+    from ..engine import MIN_ROWS, parallel_rows
 
-    return parallel_rows(t.shape[0], max(1, ROW_BLOCK_ELEMENTS // max(t.shape[1], 1)), fn)
+    rows, cols = t.shape
+    return parallel_rows(rows, max(1, ROW_BLOCK_ELEMENTS // max(cols, 1)), fn, MIN_ROWS)
 
 
-def _abs_kth_largest_by_rows(t: torch.Tensor, k: int, scratch) -> torch.Tensor | None:
-    """The ``k``-th largest of ``|t|`` as :func:`_kth_largest_bracket` finds
-    it, by blocks of rows of ``t`` (never forming ``|t|`` whole); None when
-    the sample's bracket misses it."""
+class _DeltaRows:
+    """A dense delta ``x`` (out, in) read by blocks of rows: ``rows(r0, r1,
+    j)`` is ``x[r0:r1]`` (a view: what a caller does to it is done to
+    ``x``); ``abs_sample()`` is ``|x|`` at every ``SAMPLE_STRIDE``-th entry
+    (``stride``: how far apart, for :func:`_bracket`'s margin)."""
+
+    stride = SAMPLE_STRIDE
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.shape, self.dtype, self.device = x, tuple(x.shape), x.dtype, x.device
+
+    def rows(self, r0: int, r1: int, j: int) -> torch.Tensor:
+        return self.x[r0:r1]
+
+    def abs_sample(self):
+        import numpy as np
+
+        return np.abs(self.x.detach().reshape(-1).numpy()[::SAMPLE_STRIDE])
+
+
+class _FactorRows(_DeltaRows):
+    """The delta ``B @ A`` ((out, k) @ (k, in)) formed block by block from
+    its factors and never whole: ``rows(r0, r1, j)`` is ``B[r0:r1] @ A``,
+    into thread ``j``'s work buffer ``role`` of ``scratch`` (valid until
+    that thread's next call). Each entry is one dot product over ``k``, so a
+    block of at least ``engine.MIN_ROWS`` rows has the same bits as those
+    rows of ``B @ A`` (tests/test_engine.py). Re-forming a block costs
+    ``2 k`` flops per entry, less than storing the whole delta and reading it
+    back from memory twice. The sample holds the same entries as the dense
+    delta's (formed from the factors in small products: their values may
+    differ in the last bit, which the exact count that checks the bracket
+    does not mind, :func:`_pick`)."""
+
+    def __init__(self, B: torch.Tensor, A: torch.Tensor, scratch, role: str):
+        self.B, self.A, self.scratch, self.role = B, A, scratch, role
+        self.shape, self.dtype, self.device = (B.shape[0], A.shape[1]), A.dtype, A.device
+
+    def rows(self, r0: int, r1: int, j: int) -> torch.Tensor:
+        import torch
+
+        out = self.scratch.get(f"{self.role}/{j}", (r1 - r0, self.shape[1]), self.dtype, self.device)
+        return torch.mm(self.B[r0:r1], self.A, out=out)
+
+    def abs_sample(self):
+        import numpy as np
+        import torch
+
+        # the dense delta's sample, every SAMPLE_STRIDE-th entry of it flattened: in row r
+        # the columns o(r), o(r) + S, ... with o(r) = (-r in) mod S, so the rows that share
+        # an o(r) make one small product with a strided slice of A's columns
+        out_f, in_f = self.shape
+        offsets = (-(torch.arange(out_f) * in_f)) % SAMPLE_STRIDE
+        parts = []
+        for o in range(min(SAMPLE_STRIDE, in_f)):
+            rows = (offsets == o).nonzero().reshape(-1)
+            if rows.numel():
+                parts.append((self.B[rows] @ self.A[:, o::SAMPLE_STRIDE]).reshape(-1))
+        return np.abs(torch.cat(parts).numpy())
+
+
+def _abs_kth_largest_by_rows(t, k: int, scratch) -> torch.Tensor | None:
+    """The ``k``-th largest of ``|t|`` (``t`` a tensor or a :class:`_DeltaRows`)
+    as :func:`_kth_largest_bracket` finds it, by blocks of rows of ``t``
+    (never forming ``|t|`` whole); None when the sample's bracket misses it."""
     import numpy as np
     import torch
 
-    flat = t.detach().reshape(-1).numpy()
-    lo, hi = _bracket(np.abs(flat[::SAMPLE_STRIDE]), k, flat.size)
+    src = t if isinstance(t, _DeltaRows) else _DeltaRows(t)
+    lo, hi = _bracket(src.abs_sample(), k, src.shape[0] * src.shape[1], src.stride)
 
     def count(r0: int, r1: int, j: int):
-        x = t[r0:r1].detach().numpy()
+        x = src.rows(r0, r1, j).detach().numpy()
         n = x.size
-        a = np.abs(x, out=scratch.get(f"kabs{j}", x.shape, t.dtype, t.device).numpy())
-        above = scratch.get(f"kabove{j}", (n,), torch.bool, t.device).numpy().reshape(x.shape)
-        window = scratch.get(f"kwindow{j}", (n,), torch.bool, t.device).numpy().reshape(x.shape)
+        # a formed block is the thread's own: its magnitudes can take its place
+        own = isinstance(src, _FactorRows)
+        a = np.abs(x, out=x if own else scratch.get(f"kabs{j}", x.shape, src.dtype, src.device).numpy())
+        above = scratch.get(f"kabove{j}", (n,), torch.bool, src.device).numpy().reshape(x.shape)
+        window = scratch.get(f"kwindow{j}", (n,), torch.bool, src.device).numpy().reshape(x.shape)
         np.greater(a, hi, out=above)
         np.greater_equal(a, lo, out=window)
         np.not_equal(window, above, out=window)  # lo <= |x| <= hi
         return int(np.count_nonzero(above)), a[window]
 
-    parts = _rows(t, count)
-    return _pick(sum(n for n, _ in parts), np.concatenate([w for _, w in parts]), k, t.dtype)
+    parts = _rows(src, count)
+    return _pick(sum(n for n, _ in parts), np.concatenate([w for _, w in parts]), k, src.dtype)
 
 
-def _bracket(sample, k: int, n: int):
+def _bracket(sample, k: int, n: int, stride: int = SAMPLE_STRIDE):
     """``(lo, hi)`` around the ``k``-th largest of ``n`` values from a sample
     of them (partitioned in place): the sample's quantile with a margin of 8
-    standard errors of its rank and more; infinite where it reaches an end."""
+    standard errors of its rank, plus two sampling ``stride``s (a strided
+    sample's entries are not independent draws) and 8; infinite where it
+    reaches an end."""
     import math
 
     import numpy as np
@@ -435,7 +501,7 @@ def _bracket(sample, k: int, n: int):
     m = sample.size
     p = k / n  # the fraction at or above the answer
     at = (1.0 - p) * (m - 1)  # where the answer falls in the sorted sample
-    margin = 8.0 * math.sqrt(p * (1.0 - p) * m) + 2.0 * SAMPLE_STRIDE + 8.0
+    margin = 8.0 * math.sqrt(p * (1.0 - p) * m) + 2.0 * stride + 8.0
     i_lo, i_hi = max(0, math.floor(at - margin)), min(m - 1, math.ceil(at + margin))
     sample.partition([i_lo, i_hi])
     lo = sample[i_lo] if i_lo > 0 else sample.dtype.type(-np.inf)
@@ -491,8 +557,6 @@ def trim_and_elect(
     values; with ``scratch``, on large matrices, each delta's threshold is
     found first and the trim runs block by block just before the election,
     while the block is in the cache."""
-    import torch
-
     x0 = xs[0]
     thresholds = []
     if density < 1.0 and _by_rows(x0, scratch) and all(x.is_contiguous() and x.shape == x0.shape for x in xs):
@@ -506,20 +570,71 @@ def trim_and_elect(
         xs = [trim_(x, density, scratch) for x in xs]
     if not any(t is not None for t in thresholds):
         return elect_and_merge(xs, weights, sign, divide, scratch)
-    out = scratch.get("elect_out", x0.shape, x0.dtype, x0.device)
+    return _trim_and_elect_rows([_DeltaRows(x) for x in xs], thresholds, weights, sign, divide, scratch)
+
+
+def ties_from_factors(
+    ctx: ModuleContext,
+    module_deltas: Sequence[ModuleDelta],
+    weights: Sequence[float],
+    density: float,
+    sign: str,
+    divide: str,
+) -> torch.Tensor | None:
+    """:func:`trim_and_elect` of the deltas ``w_i B_i A_i`` of factor kinds
+    (those that do not need the base) from their factors, the same bits,
+    without forming any delta whole (:class:`_FactorRows`): one pass over
+    blocks of rows finds each delta's exact threshold, a second re-forms
+    each block, trims and elects it while it is in the cache. Memory: the
+    result and a few blocks per thread, instead of one float32 delta per
+    adapter. None where it does not apply (a dense or small delta, another
+    device, no ``ctx.scratch``, nothing trimmed or nothing kept, or a
+    sample that missed its bracket): the caller then takes the dense way."""
+    import torch
+
+    if (
+        density >= 1.0
+        or ctx.scratch is None
+        or ctx.device.type != "cpu"
+        or ctx.dtype not in (torch.float32, torch.float64)
+        or any(m.kind.needs_base for m in module_deltas)
+    ):
+        return None
+    out_f, in_f = module_deltas[0].shape
+    k = int(density * out_f * in_f)
+    if k <= 0 or out_f * in_f < BRACKET_MIN or any(m.shape != (out_f, in_f) for m in module_deltas):
+        return None
+    srcs = []
+    for i, (m, w) in enumerate(zip(module_deltas, weights)):
+        B, A = m.factors(dtype=ctx.dtype, device=ctx.device)
+        srcs.append(_FactorRows(B * float(w) if float(w) != 1.0 else B, A, ctx.scratch, f"ties_rows{i}"))
+    thresholds = [_abs_kth_largest_by_rows(s, k, ctx.scratch) for s in srcs]
+    if any(t is None for t in thresholds):
+        return None
+    return _trim_and_elect_rows(srcs, thresholds, weights, sign, divide, ctx.scratch)
+
+
+def _trim_and_elect_rows(srcs, thresholds, weights, sign: str, divide: str, scratch) -> torch.Tensor:
+    """The election of :func:`trim_and_elect` by blocks of rows of the
+    deltas ``srcs`` (:class:`_DeltaRows`), each block trimmed at its delta's
+    threshold first (None: nothing to trim). The result is ``scratch``'s."""
+    import torch
+
+    s0 = srcs[0]
+    out = scratch.get("elect_out", s0.shape, s0.dtype, s0.device)
     below = [None if t is None else _just_below(t) for t in thresholds]
 
     def block(r0: int, r1: int, j: int) -> None:
-        shape = (r1 - r0, x0.shape[1])
-        blocks = [x[r0:r1] for x in xs]
+        shape = (r1 - r0, s0.shape[1])
+        blocks = [s.rows(r0, r1, j) for s in srcs]
         for xb, lam in zip(blocks, below):
             if lam is not None:  # |x| >= thr is |x| > lam: one pass instead of abs, compare, multiply
                 torch.hardshrink(xb, lam, out=xb)
-        g = scratch.get(f"elect_g{j}", shape, x0.dtype, x0.device)
-        den = scratch.get(f"elect_den{j}", shape, x0.dtype, x0.device)
+        g = scratch.get(f"elect_g{j}", shape, s0.dtype, s0.device)
+        den = scratch.get(f"elect_den{j}", shape, s0.dtype, s0.device)
         _elect(blocks, weights, sign, divide, g, out[r0:r1], den)
 
-    _rows(x0, block)
+    _rows(s0, block)
     return out
 
 

@@ -7,13 +7,15 @@ For deltas ``dW_i`` (out, in) with weights ``w_i``::
 
 see :func:`loramix.methods.base.elect_and_merge` for the election and the two
 divisor conventions (``count``: PEFT, ``weight``: mergekit), and
-:func:`~loramix.methods.base.trim_and_elect` for how both run in a streaming merge.
+:func:`~loramix.methods.base.trim_and_elect` for how both run in a streaming merge
+(:func:`~loramix.methods.base.ties_from_factors` for LoRA-like deltas there: from
+their factors, block by block, never whole).
 """
 
 from __future__ import annotations
 
 from . import register
-from .base import DENSITY, DIVIDE, LAMBDA, SIGN, MergeMethod, dense_deltas, trim_and_elect
+from .base import DENSITY, DIVIDE, LAMBDA, SIGN, MergeMethod, dense_deltas, ties_from_factors, trim_and_elect
 
 
 @register
@@ -25,6 +27,8 @@ class Ties(MergeMethod):
     params = (DENSITY, SIGN, DIVIDE, LAMBDA)
 
     def delta(self, ctx, module_deltas, weights, W0, params):
-        xs = dense_deltas(ctx, module_deltas, W0, weights)
-        out = trim_and_elect(xs, weights, params["density"], params["sign"], params["divide"], ctx.scratch)
+        how = (params["density"], params["sign"], params["divide"])
+        out = ties_from_factors(ctx, module_deltas, weights, *how)  # None: the dense way
+        if out is None:
+            out = trim_and_elect(dense_deltas(ctx, module_deltas, W0, weights), weights, *how, ctx.scratch)
         return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out
