@@ -7,15 +7,11 @@ import transformers
 from loramix.archs import ARCHS, context_length, fast_head_classes, is_conv1d
 from loramix.layers import default_targets, is_adaptable
 
-TINY = dict(
-    vocab_size=64,
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
+# what every config below shares; TINY adds what the Llama family names alike
+BASE = dict(
+    vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64
 )
+TINY = dict(BASE, intermediate_size=32, num_key_value_heads=2)
 CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
@@ -24,24 +20,9 @@ CONFIGS = {
     "mistral": lambda: transformers.MistralConfig(**TINY),
     "qwen2": lambda: transformers.Qwen2Config(**TINY),
     "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=8),
-    "gpt_neox": lambda: transformers.GPTNeoXConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=64,
-    ),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**BASE, intermediate_size=32),
     "phi3": lambda: transformers.Phi3Config(**TINY, pad_token_id=0),
-    "opt": lambda: transformers.OPTConfig(
-        vocab_size=64,
-        hidden_size=16,
-        ffn_dim=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=64,
-        word_embed_proj_dim=16,
-    ),
+    "opt": lambda: transformers.OPTConfig(**BASE, ffn_dim=32, word_embed_proj_dim=16),
 }
 
 
