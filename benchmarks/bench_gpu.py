@@ -25,7 +25,8 @@ command itself on a machine without a GPU.
     PYTHONPATH=. python3 benchmarks/bench_gpu.py --out "$OUT" [--budget 480]
 
 Writes ``OUT/gpu-round.md`` (every step's command, status, seconds and
-output, in order) and prints it.
+output, in order) and prints it; the steps' own files (the adapter bank,
+4 GB) go to ``--work``, not under ``--out``, whose files are copied back.
 """
 
 from __future__ import annotations
@@ -91,14 +92,16 @@ def run_step(name: str, argv: list[str], limit: float, env: dict) -> tuple[str, 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=HERE / "_work" / "gpu", help="where gpu-round.md goes")
+    ap.add_argument("--work", type=Path, default=HERE / "_work" / "gpu-work",
+                    help="the steps' own files (the 4 GB adapter bank): not under --out")  # fmt: skip
     ap.add_argument("--budget", type=float, default=480.0, help="seconds for all the steps together")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--quick", action="store_true", help="toy sizes: checks the command, measures nothing")
     ap.add_argument("--only", nargs="*", default=None, help="run only these steps")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    work = args.out / "work"
-    work.mkdir(exist_ok=True)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     )
