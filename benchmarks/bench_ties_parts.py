@@ -84,8 +84,7 @@ def main(argv=None) -> None:
             t.append(time.perf_counter())
             dense = mb.trim_and_elect(xs, weights, args.density, "mass", "count", scratch).clone()
             t.append(time.perf_counter())
-            srcs = [mb._FactorRows(m.factors(torch.float32)[0], m.factors(torch.float32)[1], scratch, f"r{j}")
-                    for j, m in enumerate(mods)]  # fmt: skip
+            srcs = [mb._FactorRows(*m.factors(torch.float32), scratch, f"r{j}") for j, m in enumerate(mods)]
             if any(mb._abs_kth_largest_by_rows(s, k, scratch) is None for s in srcs):
                 raise SystemExit("a sampled bracket missed its threshold: rerun")
             t.append(time.perf_counter())

@@ -253,11 +253,19 @@ def dense_deltas(
             d = m.delta(W0, dtype=ctx.dtype, device=ctx.device)
             out.append(d.mul_(w) if w != 1.0 else d)
         else:
-            B, A = m.factors(dtype=ctx.dtype, device=ctx.device)
-            Bw = B * w if w != 1.0 else B
+            Bw, A = _weighted_factors(ctx, m, w)
             with large_op():
                 out.append(torch.mm(Bw, A, out=ctx.empty(f"delta{j}", (Bw.shape[0], A.shape[1]))))
     return out
+
+
+def _weighted_factors(ctx: ModuleContext, m: ModuleDelta, w: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w B, A)`` of a factor kind in ``ctx``'s dtype and device, the weight
+    folded into ``B`` (one pass over ``(out, k)``, not over ``(out, in)``):
+    the dense way and :func:`ties_from_factors` give the same bits because
+    both fold it so."""
+    B, A = m.factors(dtype=ctx.dtype, device=ctx.device)
+    return (B * w if w != 1.0 else B), A
 
 
 def require_base(m: ModuleDelta, W0: torch.Tensor | None) -> None:
@@ -405,9 +413,11 @@ class _DeltaRows:
     """A dense delta ``x`` (out, in) read by blocks of rows: ``rows(r0, r1,
     j)`` is ``x[r0:r1]`` (a view: what a caller does to it is done to
     ``x``); ``abs_sample()`` is ``|x|`` at every ``SAMPLE_STRIDE``-th entry
-    (``stride``: how far apart, for :func:`_bracket`'s margin)."""
+    (``stride``: how far apart, for :func:`_bracket`'s margin). ``owned``:
+    whether a block is the thread's own buffer (else a view of ``x``)."""
 
     stride = SAMPLE_STRIDE
+    owned = False
 
     def __init__(self, x: torch.Tensor):
         self.x, self.shape, self.dtype, self.device = x, tuple(x.shape), x.dtype, x.device
@@ -433,6 +443,8 @@ class _FactorRows(_DeltaRows):
     delta's (formed from the factors in small products: their values may
     differ in the last bit, which the exact count that checks the bracket
     does not mind, :func:`_pick`)."""
+
+    owned = True
 
     def __init__(self, B: torch.Tensor, A: torch.Tensor, scratch, role: str):
         self.B, self.A, self.scratch, self.role = B, A, scratch, role
@@ -475,8 +487,7 @@ def _abs_kth_largest_by_rows(t, k: int, scratch) -> torch.Tensor | None:
         x = src.rows(r0, r1, j).detach().numpy()
         n = x.size
         # a formed block is the thread's own: its magnitudes can take its place
-        own = isinstance(src, _FactorRows)
-        a = np.abs(x, out=x if own else scratch.get(f"kabs{j}", x.shape, src.dtype, src.device).numpy())
+        a = np.abs(x, out=x if src.owned else scratch.get(f"kabs{j}", x.shape, src.dtype, src.device).numpy())
         above = scratch.get(f"kabove{j}", (n,), torch.bool, src.device).numpy().reshape(x.shape)
         window = scratch.get(f"kwindow{j}", (n,), torch.bool, src.device).numpy().reshape(x.shape)
         np.greater(a, hi, out=above)
@@ -604,10 +615,10 @@ def ties_from_factors(
     k = int(density * out_f * in_f)
     if k <= 0 or out_f * in_f < BRACKET_MIN or any(m.shape != (out_f, in_f) for m in module_deltas):
         return None
-    srcs = []
-    for i, (m, w) in enumerate(zip(module_deltas, weights)):
-        B, A = m.factors(dtype=ctx.dtype, device=ctx.device)
-        srcs.append(_FactorRows(B * float(w) if float(w) != 1.0 else B, A, ctx.scratch, f"ties_rows{i}"))
+    srcs = [
+        _FactorRows(*_weighted_factors(ctx, m, float(w)), ctx.scratch, f"ties_rows{i}")
+        for i, (m, w) in enumerate(zip(module_deltas, weights))
+    ]
     thresholds = [_abs_kth_largest_by_rows(s, k, ctx.scratch) for s in srcs]
     if any(t is None for t in thresholds):
         return None
