@@ -91,8 +91,13 @@ def _drop_group(xs, part, density: float, seeds, scratch, then) -> None:
 def _dropped(ctx, module_deltas, weights, W0, params):
     """``[w_i dW_i m_i / density]``: weighted, dropped and rescaled deltas."""
     xs = dense_deltas(ctx, module_deltas, W0, weights)
-    seeds = [module_seed(params["seed"], ctx.name, i) for i in ctx.indices]
-    return _drop_all(xs, params["density"], seeds, ctx.scratch)
+    return _drop_all(xs, params["density"], _seeds(ctx, params), ctx.scratch)
+
+
+def _seeds(ctx, params) -> list[int]:
+    """Each adapter's mask seed in this module (by its index in the user's
+    list, so the masks do not depend on which adapters touch the module)."""
+    return [module_seed(params["seed"], ctx.name, i) for i in ctx.indices]
 
 
 @register
@@ -114,8 +119,7 @@ class DareLinear(MergeMethod):
             if lam != 1.0:
                 out.mul_(lam)
 
-        seeds = [module_seed(params["seed"], ctx.name, i) for i in ctx.indices]
-        _drop_all(xs, params["density"], seeds, ctx.scratch, add)
+        _drop_all(xs, params["density"], _seeds(ctx, params), ctx.scratch, add)
         return xs[0]
 
 
