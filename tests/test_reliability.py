@@ -508,9 +508,12 @@ def test_unwritable_out_refused(world, capsys):
     assert_refused(rc, err, None, out)
 
 
-def test_file_size_limit_mid_write_is_one_line(world, tmp_path):
+@pytest.mark.parametrize("direct", ["0", "1"])
+def test_file_size_limit_mid_write_is_one_line(world, tmp_path, direct):
     """A write that fails half-way (here RLIMIT_FSIZE, as a full disk would):
-    one line naming the output, exit 2, nothing left."""
+    one line naming the output, exit 2, nothing left; also where the data
+    bypasses the page cache (``LORAMIX_DIRECT_IO=1``: the write fails in the
+    writer's own thread)."""
     import resource
 
     out = tmp_path / "out"
@@ -518,7 +521,7 @@ def test_file_size_limit_mid_write_is_one_line(world, tmp_path):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
 
-    env = {"LORAMIX_CACHE_DIR": str(tmp_path / "cache")}
+    env = {"LORAMIX_CACHE_DIR": str(tmp_path / "cache"), "LORAMIX_DIRECT_IO": direct}
     p = _python_m("sum", "--no-progress", world["a"], "--into", world["gpt2"], "--out", out, preexec_fn=limit,
                   env=env)  # fmt: skip
     p.wait(timeout=300)

@@ -241,6 +241,20 @@ def test_sum_is_byte_reproducible(gpt2, tmp_path):
             assert (tmp_path / "a" / sub / f).read_bytes() == (tmp_path / "b" / sub / f).read_bytes(), f
 
 
+def test_direct_writes_give_the_same_bytes(gpt2, tmp_path, monkeypatch):
+    """``LORAMIX_DIRECT_IO=1`` (``O_DIRECT``, as for a large base) and ``0``
+    (the page cache) write the same files."""
+    for how in ("0", "1"):
+        monkeypatch.setenv("LORAMIX_DIRECT_IO", how)
+        for base in ("base", "sharded"):
+            sum_into_base(gpt2["adapters"], gpt2[base], tmp_path / how / base, progress=False)
+    for base in ("base", "sharded"):
+        files = sorted(p.name for p in (tmp_path / "0" / base).glob("*.safetensors"))
+        assert files
+        for f in files:
+            assert (tmp_path / "0" / base / f).read_bytes() == (tmp_path / "1" / base / f).read_bytes(), f
+
+
 def _leftovers(parent, name):
     return [p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}.")]
 
