@@ -36,8 +36,10 @@ float32, plus the adapters (docs/merging.md, "The engine").
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
+import inspect
 import itertools
 import os
 import sys
@@ -65,6 +67,7 @@ from .io.safetensors_io import (
     read_into,
     safetensors_metadata,
 )
+from .io.shard_writer import ALIGN as PAGE
 from .io.shard_writer import ShardWriter, finish_model_folder
 from .options import dtype_name, parse_dtype
 
@@ -279,17 +282,27 @@ class Buffers:
     def __init__(self):
         self._bufs: dict = {}
 
-    def get(self, role: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def get(
+        self, role: str, shape, dtype: torch.dtype, device: torch.device, phase: int | None = None
+    ) -> torch.Tensor:
+        """With ``phase`` (CPU only), the view starts ``phase`` bytes into a
+        page where ``phase`` is a multiple of the item size (the shard
+        writer writes such a tensor to a file offset as far into its page
+        without copying it)."""
         shape = tuple(shape)
         n = 1
         for s in shape:
             n *= s
+        extra = PAGE if phase is not None and torch.device(device).type == "cpu" else 0
         key = (role, dtype, str(device))
         buf = self._bufs.get(key)
-        if buf is None or buf.numel() < n:
+        if buf is None or buf.numel() < n + extra:
             self._bufs.pop(key, None)  # the smaller one goes before the larger one comes
-            buf = self._bufs[key] = torch.empty(n, dtype=dtype, device=device)
-        return buf[:n].view(shape)
+            buf = self._bufs[key] = torch.empty(n + extra, dtype=dtype, device=device)
+        start = 0
+        if extra and phase % buf.element_size() == 0:
+            start = (phase - buf.data_ptr()) % PAGE // buf.element_size()
+        return buf[start : start + n].view(shape)
 
 
 @dataclass
@@ -579,34 +592,46 @@ class Helpers:
 
 class SerialExecutor:
     """Runs each job when the writer asks for it, in plan order, on one
-    device with two sets of buffers, used in turn by the module jobs: memory
-    stays at about two large tensors.
+    device with three sets of buffers, used in turn by the module jobs:
+    memory stays at about three large tensors.
 
     An executor is anything with ``results(plan, shard, src, compute)``
     yielding one :class:`JobResult` per job of ``shard`` in order; ``src`` is
     the shard's base file, open for reading (read it at explicit offsets,
     :func:`~loramix.io.safetensors_io.read_into`: the writer copies from it
-    in another thread). A result's tensor must stay as it is until the
-    executor has yielded the result after the next one: the writer stores
-    one result while the next is computed (:func:`_write_shards`)."""
+    in another thread). The writer stores results in order while the next
+    ones are computed (:func:`_write_shards`): a result's tensor must stay as
+    it is until the executor has yielded ``in_flight`` (default 1) more
+    results. ``results`` may also take ``phases=``: where in its page each
+    tensor starts in the output file."""
+
+    #: results that may wait to be stored: a store that waits for the disk does
+    #: not hold up the arithmetic (one set of buffers per result, and one more)
+    in_flight = 2
 
     def __init__(self, device: str | torch.device = "auto"):
         self.device = resolve_device(device)
         self.pool = Buffers()
-        self._spare = Buffers()
-        self.scratch = Buffers()  # what does not outlive a job: shared by both sets
+        self._spares = collections.deque(Buffers() for _ in range(self.in_flight))
+        self.scratch = Buffers()  # what does not outlive a job: shared by all sets
         self.helpers = None  # threads sharing out each tensor's blocks (set by cpu_threads)
 
-    def results(self, plan: Plan, shard: ShardPlan, src, compute: ModuleCompute) -> Iterator[JobResult]:
-        for job in shard.jobs:
-            yield self.run_job(job, src, compute)
+    def results(
+        self, plan: Plan, shard: ShardPlan, src, compute: ModuleCompute, phases: Sequence[int] | None = None
+    ) -> Iterator[JobResult]:
+        """``phases``: where in its page each job's tensor starts in the
+        output file (:meth:`ShardWriter.phase`), for its read buffer."""
+        for i, job in enumerate(shard.jobs):
+            yield self.run_job(job, src, compute, None if phases is None else phases[i])
 
-    def run_job(self, job: Job, src, compute: ModuleCompute) -> JobResult:
+    def run_job(self, job: Job, src, compute: ModuleCompute, phase: int | None = None) -> JobResult:
         if isinstance(job, ModuleJob):
             pool = self.pool
-            # the next module job works in the other set: this result may still be being written
-            self.pool, self._spare = getattr(self, "_spare", None) or Buffers(), pool
-            stored = pool.get("read", job.info.shape, ST_DTYPES[job.info.dtype], "cpu")
+            # the next module jobs work in the other sets: this result may still be being written
+            self._spares.append(pool)
+            self.pool = self._spares.popleft()
+            # where the result is the read buffer (in place), it is written from it without a copy
+            stored = pool.get("read", job.info.shape, ST_DTYPES[job.info.dtype], "cpu", phase)
             return add_delta(
                 stored,
                 job,
@@ -658,31 +683,42 @@ def _write_shards(
     ``writers``, which the caller closes); returns ``(bytes, facts)``."""
     facts: dict[str, dict] = {}
     total = 0
-    # One thread stores each result while the executor computes the next one:
-    # the writes (a copy into the page cache, and waits while the disk drains
-    # it) overlap the arithmetic. Results are stored in order; before a
-    # result is handed over the one before it is stored, so a result's
-    # buffers are free again by the time the executor reuses them.
+    # One thread stores the results, in order, while the executor computes the
+    # next ones: the writes (to the disk, or a copy into the page cache) overlap
+    # the arithmetic. An executor says how many of its results may be waiting
+    # to be stored (``in_flight``, default 1) before it reuses their buffers:
+    # before a result is handed over, the stores that many results back are done.
+    depth = max(1, int(getattr(executor, "in_flight", 1)))
+    # an executor that takes them is told where each tensor starts within a page of the
+    # output file, so that its result buffers can be written to the disk without a copy
+    phased = "phases" in inspect.signature(executor.results).parameters
+
+    def results(shard: ShardPlan, src, w: ShardWriter):
+        if not phased:
+            return executor.results(plan, shard, src, compute)
+        return executor.results(
+            plan, shard, src, compute, phases=[w.phase(i) for i in range(len(shard.jobs))]
+        )
+
     with ThreadPoolExecutor(1, thread_name_prefix="loramix-writer") as io:
         for shard in plan.shards:
             w = ShardWriter(tmp / shard.name, shard.entries(), safetensors_metadata(record))
             writers.append(w)
             total += w.data_size
             with open(plan.base.path / shard.name, "rb") as src:
-                pending = None
+                pending: collections.deque = collections.deque()
                 try:
-                    for res in executor.results(plan, shard, src, compute):
-                        if pending is not None:
-                            pending.result()
-                        pending = io.submit(_store, w, src, res)
+                    for res in results(shard, src, w):
+                        while len(pending) >= depth:
+                            pending.popleft().result()
+                        pending.append(io.submit(_store, w, src, res))
                         if res.facts:
                             facts[res.job.module] = res.facts
                         bar.update(res.job.info.nbytes)
-                    if pending is not None:
-                        pending.result()
+                    while pending:
+                        pending.popleft().result()
                 finally:
-                    if pending is not None:  # no write left running on a closed file
-                        futures_wait([pending])
+                    futures_wait(pending)  # no write left running on a closed file
             w.finish_data()
     return total, facts
 

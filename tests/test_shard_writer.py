@@ -150,3 +150,47 @@ def test_a_failed_direct_write_raises_and_leaves_no_thread(folder, monkeypatch):
         _write(folder / "full.safetensors", tensors, src_path, True, copied)
     assert e.value.errno == errno.ENOSPC
     assert {t.name for t in threading.enumerate()} <= before
+
+
+def test_a_buffer_at_its_file_place_in_the_page_is_written_without_a_copy(folder, monkeypatch):
+    """A tensor whose memory starts as far into a page as its place in the
+    file (``ShardWriter.phase``; the engine's read buffers are placed so) is
+    written from where it lies, in the caller's thread; the same bytes."""
+    from loramix.engine import Buffers
+
+    monkeypatch.setattr(sw, "DIRECT_MIN_BYTES", 0)  # a page-aligned data section
+    monkeypatch.setattr(sw, "ZERO_COPY_MIN", 2 * ALIGN)
+    monkeypatch.setattr(sw, "DIRECT_CHUNK", 2 * ALIGN)
+    tensors, src_path, copied = _case(folder, 6)
+    ref, _ = _write(folder / "ref.safetensors", tensors, src_path, False, copied)
+    calls = []
+    real = sw._DirectWrites._write
+
+    def spy(self, view, fill, at):
+        calls.append((threading.current_thread() is threading.main_thread(), fill))
+        return real(self, view, fill, at)
+
+    monkeypatch.setattr(sw._DirectWrites, "_write", spy)
+    entries = [(f"t{i}", "U8", (t.numel(),), t.numel()) for i, t in enumerate(tensors)]
+    path = folder / "direct.safetensors"
+    w = ShardWriter(path, entries, {"pad": ""}, direct=True)
+    pool = Buffers()
+    assert w.data_start % ALIGN == 0
+    with open(src_path, "rb") as src:
+        for i, t in enumerate(tensors):
+            if i in copied:
+                w.copy_bytes(src, 11 * i + 3, t.numel())
+            else:
+                buf = pool.get(f"b{i}", t.shape, t.dtype, torch.device("cpu"), phase=w.phase(i))
+                assert not t.numel() or buf.data_ptr() % ALIGN == w.phase(i)
+                w.write_tensor(buf.copy_(t))
+    w.finish_data()
+    w.finish({"pad": "y" * 40})
+    w.close()
+    big = [n for i, n in enumerate(SIZES) if i not in copied and n >= 2 * ALIGN]
+    assert big and sum(1 for here, _ in calls if here) == len(big)
+    # the same data as the buffered file (whose header pads only to 8 bytes)
+    with safe_open(str(path), "pt") as f:
+        for i, t in enumerate(tensors):
+            assert torch.equal(f.get_tensor(f"t{i}"), t), i
+    assert path.read_bytes()[w.data_start :] == ref[8 + int.from_bytes(ref[:8], "little") :]

@@ -35,7 +35,9 @@ from .safetensors_io import pread_into
 #: ``O_DIRECT`` where the file system takes it (:func:`direct_wanted`)
 DIRECT_MIN_BYTES = 256 << 20
 #: the aligned buffer that direct writes go through, and the size of each write
-DIRECT_CHUNK = 64 << 20
+DIRECT_CHUNK = 16 << 20
+#: data of at least this many bytes is written from where it lies when it can be
+ZERO_COPY_MIN = 1 << 20
 #: file offsets, lengths and the buffer's address of direct writes are multiples
 #: of this (a page: every block size Linux file systems use divides it)
 ALIGN = 4096
@@ -76,7 +78,11 @@ class ShardWriter:
             off += nbytes
         self.data_size = off
         first = self._encode(metadata)
-        self.header_len = (len(first) + self.SLACK + 7) // 8 * 8
+        # a large file's data starts on a page (spaces pad the header): then a
+        # tensor in memory that starts where it will in the file within its
+        # page is written from where it lies (``phase``)
+        unit = ALIGN if self.data_size >= DIRECT_MIN_BYTES else 8
+        self.header_len = -(-(8 + len(first) + self.SLACK) // unit) * unit - 8
         self.data_start = 8 + self.header_len
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
         self.direct: _DirectWrites | None = None
@@ -127,6 +133,12 @@ class ShardWriter:
             if a < b:
                 yield a, b - a, direct
 
+    def phase(self, key_index: int) -> int:
+        """Where in its page the data of entry ``key_index`` starts in the
+        file (a buffer holding it at that place within a page is written with
+        no copy)."""
+        return (self.data_start + sum(e[3] for e in self.entries[:key_index])) % ALIGN
+
     def write_tensor(self, t: torch.Tensor) -> None:
         t = t.detach().to("cpu").contiguous().reshape(-1)
         buf = memoryview(t.view(torch.uint8).numpy())  # a view: no copy
@@ -134,7 +146,7 @@ class ShardWriter:
         for off, n, direct in self._pieces(at, buf.nbytes):
             piece = buf[off - at : off - at + n]
             if direct:
-                self.direct.put(piece, off)
+                self.direct.put(piece, off, t.data_ptr() + off - at)
             else:
                 _pwrite_all(self.fd, piece, off)
 
@@ -191,6 +203,7 @@ class _DirectWrites:
 
     def __init__(self, fd: int, cached_fd: int, lo: int, hi: int):
         self.fd, self.cached_fd, self.lo, self.hi = fd, cached_fd, lo, hi
+        self.refused = False
         size = min(DIRECT_CHUNK, hi - lo)
         self.bufs = [mmap.mmap(-1, size) for _ in range(2)]  # page aligned
         self.views = [memoryview(b) for b in self.bufs]
@@ -243,7 +256,24 @@ class _DirectWrites:
             self.writes[self.k].result()
             self.writes[self.k] = None
 
-    def put(self, data: memoryview, off: int) -> None:
+    def put(self, data: memoryview, off: int, addr: int | None = None) -> None:
+        """``data`` for file offset ``off``. Where its address ``addr`` is
+        as far into its page as ``off`` is, its whole pages are written from
+        where they lie, in this thread (no copy: the caller's memory is
+        free again on return); else, and for the partial pages at its ends,
+        it is copied into the buffer."""
+        if addr is None or len(data) < ZERO_COPY_MIN or (addr - off) % ALIGN:
+            return self._copy(data, off)
+        head = -off % ALIGN
+        self._copy(data[:head], off)
+        mid = (len(data) - head) // ALIGN * ALIGN
+        if self.fill:  # the buffer now ends on a page: out with it
+            self._hand_over()
+        self._write(data[head : head + mid], mid, off + head)
+        self.at += mid
+        self._copy(data[head + mid :], off + head + mid)
+
+    def _copy(self, data: memoryview, off: int) -> None:
         done = 0
         while done < len(data):
             n = min(self._room(off + done), len(data) - done)
@@ -266,13 +296,15 @@ class _DirectWrites:
     def _write(self, view: memoryview, fill: int, at: int) -> None:
         """``view[:fill]`` at file offset ``at`` (in the writing thread)."""
         done = 0
-        while done < fill and self.fd >= 0:
+        while done < fill and not self.refused:
             try:
                 n = os.pwrite(self.fd, view[done:fill], at + done)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                self._close_fd()  # a device that wants larger blocks than ALIGN
+                # a device that wants larger blocks than ALIGN (the descriptor stays
+                # open until close(): another thread may be writing through it)
+                self.refused = True
                 break
             done += n
             if n <= 0 or n % ALIGN:
