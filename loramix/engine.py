@@ -620,7 +620,7 @@ class SerialExecutor:
         self, plan: Plan, shard: ShardPlan, src, compute: ModuleCompute, phases: Sequence[int] | None = None
     ) -> Iterator[JobResult]:
         """``phases``: where in its page each job's tensor starts in the
-        output file (:meth:`ShardWriter.phase`), for its read buffer."""
+        output file (:meth:`ShardWriter.phases`), for its read buffer."""
         for i, job in enumerate(shard.jobs):
             yield self.run_job(job, src, compute, None if phases is None else phases[i])
 
@@ -696,9 +696,7 @@ def _write_shards(
     def results(shard: ShardPlan, src, w: ShardWriter):
         if not phased:
             return executor.results(plan, shard, src, compute)
-        return executor.results(
-            plan, shard, src, compute, phases=[w.phase(i) for i in range(len(shard.jobs))]
-        )
+        return executor.results(plan, shard, src, compute, phases=w.phases())
 
     with ThreadPoolExecutor(1, thread_name_prefix="loramix-writer") as io:
         for shard in plan.shards:

@@ -133,11 +133,15 @@ class ShardWriter:
             if a < b:
                 yield a, b - a, direct
 
-    def phase(self, key_index: int) -> int:
-        """Where in its page the data of entry ``key_index`` starts in the
-        file (a buffer holding it at that place within a page is written with
-        no copy)."""
-        return (self.data_start + sum(e[3] for e in self.entries[:key_index])) % ALIGN
+    def phases(self) -> list[int]:
+        """Where in its page each entry's data starts in the file (a buffer
+        holding a tensor at that place within a page is written with no
+        copy)."""
+        out, off = [], self.data_start
+        for *_, nbytes in self.entries:
+            out.append(off % ALIGN)
+            off += nbytes
+        return out
 
     def write_tensor(self, t: torch.Tensor) -> None:
         t = t.detach().to("cpu").contiguous().reshape(-1)
