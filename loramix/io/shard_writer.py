@@ -80,7 +80,7 @@ class ShardWriter:
         first = self._encode(metadata)
         # a large file's data starts on a page (spaces pad the header): then a
         # tensor in memory that starts where it will in the file within its
-        # page is written from where it lies (``phase``)
+        # page is written from where it lies (:meth:`phases`)
         unit = ALIGN if self.data_size >= DIRECT_MIN_BYTES else 8
         self.header_len = -(-(8 + len(first) + self.SLACK) // unit) * unit - 8
         self.data_start = 8 + self.header_len
@@ -201,9 +201,11 @@ class _DirectWrites:
     buffer of ``DIRECT_CHUNK`` bytes, which a thread writes out while the
     next one fills (two buffers), so that a caller waits for the disk only
     when it falls two buffers behind. The last write may be shorter, still a
-    multiple of ``ALIGN``. The bytes outside the range (the header, the
-    first and last partial pages) go through the page cache; the two never
-    share a page, so neither sees the other's stale copy."""
+    multiple of ``ALIGN``. Data that lies in memory as far into a page as
+    it goes in the file is written from where it lies (:meth:`put`). The
+    bytes outside the range (the header, the first and last partial pages)
+    go through the page cache; the two never share a page, so neither sees
+    the other's stale copy."""
 
     def __init__(self, fd: int, cached_fd: int, lo: int, hi: int):
         self.fd, self.cached_fd, self.lo, self.hi = fd, cached_fd, lo, hi
@@ -298,7 +300,8 @@ class _DirectWrites:
             done += got
 
     def _write(self, view: memoryview, fill: int, at: int) -> None:
-        """``view[:fill]`` at file offset ``at`` (in the writing thread)."""
+        """``view[:fill]`` at file offset ``at``: in the writing thread for a
+        full buffer, in the caller's for :meth:`put`'s whole pages."""
         done = 0
         while done < fill and not self.refused:
             try:
