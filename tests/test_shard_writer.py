@@ -5,6 +5,7 @@ against the pages and the buffer, and fail cleanly."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import threading
@@ -113,7 +114,7 @@ def _failing_pwrite(monkeypatch, err, after=0):
     seen = []
 
     def pwrite(fd, data, off):
-        if os.get_blocking(fd) and fcntl_flags(fd) & os.O_DIRECT:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             seen.append(off)
             if len(seen) > after:
                 raise OSError(err, os.strerror(err))
@@ -121,12 +122,6 @@ def _failing_pwrite(monkeypatch, err, after=0):
 
     monkeypatch.setattr(os, "pwrite", pwrite)
     return seen
-
-
-def fcntl_flags(fd):
-    import fcntl
-
-    return fcntl.fcntl(fd, fcntl.F_GETFL)
 
 
 def test_a_refused_direct_write_falls_back_to_the_page_cache(folder, monkeypatch):
