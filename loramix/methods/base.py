@@ -477,26 +477,59 @@ def _abs_kth_largest_by_rows(t, k: int, scratch) -> torch.Tensor | None:
     """The ``k``-th largest of ``|t|`` (``t`` a tensor or a :class:`_DeltaRows`)
     as :func:`_kth_largest_bracket` finds it, by blocks of rows of ``t``
     (never forming ``|t|`` whole); None when the sample's bracket misses it."""
+    return _abs_kth_largest_many([t], k, scratch)[0]
+
+
+def _abs_kth_largest_many(ts, k: int, scratch) -> list:
+    """:func:`_abs_kth_largest_by_rows` of each of ``ts`` (all of one shape),
+    together: the samples' brackets and the final picks run one per thread,
+    and one pass over blocks of rows counts every ``t``'s block (formed, for
+    factors, while the others wait in the cache)."""
     import numpy as np
     import torch
 
-    src = t if isinstance(t, _DeltaRows) else _DeltaRows(t)
-    lo, hi = _bracket(src.abs_sample(), k, src.shape[0] * src.shape[1], src.stride)
+    srcs = [t if isinstance(t, _DeltaRows) else _DeltaRows(t) for t in ts]
+    s0 = srcs[0]
+    n = s0.shape[0] * s0.shape[1]
+    brackets = _each(len(srcs), lambda i: _bracket(srcs[i].abs_sample(), k, n, srcs[i].stride))
+    fused = _fused(s0)
 
     def count(r0: int, r1: int, j: int):
-        x = src.rows(r0, r1, j).detach().numpy()
-        n = x.size
-        # a formed block is the thread's own: its magnitudes can take its place
-        a = np.abs(x, out=x if src.owned else scratch.get(f"kabs{j}", x.shape, src.dtype, src.device).numpy())
-        above = scratch.get(f"kabove{j}", (n,), torch.bool, src.device).numpy().reshape(x.shape)
-        window = scratch.get(f"kwindow{j}", (n,), torch.bool, src.device).numpy().reshape(x.shape)
-        np.greater(a, hi, out=above)
-        np.greater_equal(a, lo, out=window)
-        np.not_equal(window, above, out=window)  # lo <= |x| <= hi
-        return int(np.count_nonzero(above)), a[window]
+        out = []
+        for src, (lo, hi) in zip(srcs, brackets):
+            x = src.rows(r0, r1, j).detach().numpy()
+            m = x.size
+            if fused is not None:
+                out.append(
+                    fused.count(x, lo, hi, scratch.get(f"kwin{j}", (m,), src.dtype, src.device).numpy())
+                )
+                continue
+            # a formed block is the thread's own: its magnitudes can take its place
+            kabs = x if src.owned else scratch.get(f"kabs{j}", x.shape, src.dtype, src.device).numpy()
+            a = np.abs(x, out=kabs)
+            above = scratch.get(f"kabove{j}", (m,), torch.bool, src.device).numpy().reshape(x.shape)
+            window = scratch.get(f"kwindow{j}", (m,), torch.bool, src.device).numpy().reshape(x.shape)
+            np.greater(a, hi, out=above)
+            np.greater_equal(a, lo, out=window)
+            np.not_equal(window, above, out=window)  # lo <= |x| <= hi
+            out.append((int(np.count_nonzero(above)), a[window]))
+        return out
 
-    parts = _rows(src, count)
-    return _pick(sum(n for n, _ in parts), np.concatenate([w for _, w in parts]), k, src.dtype)
+    parts = _rows(s0, count)
+
+    def pick(i: int):
+        mine = [p[i] for p in parts]
+        return _pick(sum(c for c, _ in mine), np.concatenate([w for _, w in mine]), k, srcs[i].dtype)
+
+    return _each(len(srcs), pick)
+
+
+def _each(n: int, fn) -> list:
+    """``[fn(0), ..., fn(n - 1)]``, shared out with the streaming run's
+    threads like :func:`_rows`' blocks."""
+    from ..engine import parallel_rows
+
+    return [r for part in parallel_rows(n, 1, lambda i0, i1, j: [fn(i) for i in range(i0, i1)]) for r in part]
 
 
 def _bracket(sample, k: int, n: int, stride: int = SAMPLE_STRIDE):
@@ -514,7 +547,9 @@ def _bracket(sample, k: int, n: int, stride: int = SAMPLE_STRIDE):
     at = (1.0 - p) * (m - 1)  # where the answer falls in the sorted sample
     margin = 8.0 * math.sqrt(p * (1.0 - p) * m) + 2.0 * stride + 8.0
     i_lo, i_hi = max(0, math.floor(at - margin)), min(m - 1, math.ceil(at + margin))
-    sample.partition([i_lo, i_hi])
+    # two single partitions: numpy's partition at two indices at once costs several times more
+    sample.partition(i_lo)
+    sample[i_lo:].partition(i_hi - i_lo)  # the entries from i_lo on are those at or above it
     lo = sample[i_lo] if i_lo > 0 else sample.dtype.type(-np.inf)
     hi = sample[i_hi] if i_hi < m - 1 else sample.dtype.type(np.inf)
     return lo, hi
@@ -571,12 +606,11 @@ def trim_and_elect(
     x0 = xs[0]
     thresholds = []
     if density < 1.0 and _by_rows(x0, scratch) and all(x.is_contiguous() and x.shape == x0.shape for x in xs):
-        for x in xs:
-            k = int(density * x.numel())
-            thr = _abs_kth_largest_by_rows(x, k, scratch) if k > 0 else None
+        k = int(density * x0.numel())
+        thresholds = _abs_kth_largest_many(xs, k, scratch) if k > 0 else [None] * len(xs)
+        for x, thr in zip(xs, thresholds):
             if thr is None:  # nothing kept, or the sample missed: trimmed here, the exact way
                 trim_(x, density, scratch)
-            thresholds.append(thr)
     else:
         xs = [trim_(x, density, scratch) for x in xs]
     if not any(t is not None for t in thresholds):
@@ -619,7 +653,7 @@ def ties_from_factors(
         _FactorRows(*_weighted_factors(ctx, m, float(w)), ctx.scratch, f"ties_rows{i}")
         for i, (m, w) in enumerate(zip(module_deltas, weights))
     ]
-    thresholds = [_abs_kth_largest_by_rows(s, k, ctx.scratch) for s in srcs]
+    thresholds = _abs_kth_largest_many(srcs, k, ctx.scratch)
     if any(t is None for t in thresholds):
         return None
     return _trim_and_elect_rows(srcs, thresholds, weights, sign, divide, ctx.scratch)
@@ -635,9 +669,14 @@ def _trim_and_elect_rows(srcs, thresholds, weights, sign: str, divide: str, scra
     out = scratch.get("elect_out", s0.shape, s0.dtype, s0.device)
     below = [None if t is None else _just_below(t) for t in thresholds]
 
+    fused = _fused(s0, len(srcs))
+
     def block(r0: int, r1: int, j: int) -> None:
         shape = (r1 - r0, s0.shape[1])
         blocks = [s.rows(r0, r1, j) for s in srcs]
+        if fused is not None:
+            fused.elect(blocks, below, weights, sign == "mass", divide == "count", out[r0:r1])
+            return
         for xb, lam in zip(blocks, below):
             if lam is not None:  # |x| >= thr is |x| > lam: one pass instead of abs, compare, multiply
                 torch.hardshrink(xb, lam, out=xb)
@@ -647,6 +686,19 @@ def _trim_and_elect_rows(srcs, thresholds, weights, sign: str, divide: str, scra
 
     _rows(s0, block)
     return out
+
+
+def _fused(t, adapters: int = 1):
+    """The fused kernels (:mod:`loramix.native.ties`) for blocks of ``t`` (a
+    tensor or :class:`_DeltaRows`: float32/float64 on the CPU), or None: the
+    eager code, the same bits, runs instead."""
+    import torch
+
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+        return None
+    from ..native import ties
+
+    return ties.kernels() if adapters <= ties.MAX_ADAPTERS else None
 
 
 def _just_below(thr: torch.Tensor) -> float | None:
@@ -692,8 +744,19 @@ def elect_and_merge(
     x0 = xs[0]
     if _by_rows(x0, scratch) and all(x.is_contiguous() and x.shape == x0.shape for x in xs):
         out = scratch.get("elect_out", x0.shape, x0.dtype, x0.device)
+        fused = _fused(x0, len(xs))
 
         def block(r0: int, r1: int, j: int) -> None:
+            if fused is not None:
+                fused.elect(
+                    [x[r0:r1] for x in xs],
+                    [None] * len(xs),
+                    weights,
+                    sign == "mass",
+                    divide == "count",
+                    out[r0:r1],
+                )
+                return
             shape = (r1 - r0, x0.shape[1])
             g = scratch.get(f"elect_g{j}", shape, x0.dtype, x0.device)
             den = scratch.get(f"elect_den{j}", shape, x0.dtype, x0.device)

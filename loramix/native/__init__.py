@@ -1,0 +1,110 @@
+"""Small C kernels, compiled on first use with the machine's C compiler and
+loaded with ctypes; the eager torch/numpy code is the fallback and the
+reference.
+
+A kernel here fuses a chain of elementwise operations that the eager code
+runs as one whole pass over a block per operation (each pass reads and
+writes the block from the L2 cache or memory); the fused loop keeps a small
+chunk in the L1 cache and does every operation on it. Each kernel performs
+the eager code's operations in the same order with the same rounding (C11,
+``-ffp-contract=off``, no fast-math flag), so it gives the same bits;
+``tests/test_native.py`` checks that against the eager code, edge values
+included.
+
+The library is built once per source, compiler and machine type into
+``<cache>/native/`` (:func:`loramix.io.filehash.cache_dir`), written to a
+temporary and renamed, so processes racing to build it each get a whole
+file. ``LORAMIX_NATIVE=0`` turns the kernels off; where no compiler is found
+or the build fails, the eager code runs, with a one-line notice. ``$CC``
+names the compiler (default ``cc``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FLAGS = ("-std=c11", "-O3", "-ffp-contract=off", "-fno-trapping-math", "-fPIC", "-shared")
+
+_LOCK = threading.Lock()
+_LOADED: dict[str, object] = {}
+
+
+def enabled() -> bool:
+    """Whether kernels may be used (``LORAMIX_NATIVE`` is not ``0``)."""
+    return os.environ.get("LORAMIX_NATIVE", "1").strip() != "0"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or "cc"
+    return shutil.which(cc.split()[0]) and cc
+
+
+def _build(name: str) -> Path | None:
+    from ..io.filehash import cache_dir
+
+    src = HERE / f"{name}.c"
+    cc = _compiler()
+    if cc is None:
+        return _notice(f"no C compiler ({os.environ.get('CC') or 'cc'}) found")
+    try:
+        version = subprocess.run(
+            [*cc.split(), "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return _notice(f"{cc}: {e}")
+    key = hashlib.sha256(
+        "\0".join([src.read_text(), cc, version, " ".join(FLAGS), platform.machine(), sys.platform]).encode()
+    ).hexdigest()[:16]
+    lib = cache_dir() / "native" / f"{name}-{key}.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [*cc.split(), *FLAGS, "-o", tmp, str(src)], capture_output=True, text=True, timeout=300
+        )
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["failed"])[-1]
+            return _notice(f"building {src.name} with {cc}: {last}")
+        os.replace(tmp, lib)
+        return lib
+    except (OSError, subprocess.SubprocessError) as e:
+        return _notice(f"building {src.name} with {cc}: {e}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _notice(why: str) -> None:
+    print(f"loramix: native kernels off ({why}); the slower eager code runs", file=sys.stderr)
+    return None
+
+
+def library(name: str):
+    """The ctypes library built from ``<name>.c``, or None (kernels off, or no
+    compiler or a failed build: said once per process)."""
+    if not enabled():
+        return None
+    with _LOCK:
+        if name not in _LOADED:
+            path = _build(name)
+            lib = None
+            if path is not None:
+                try:
+                    lib = ctypes.CDLL(str(path))
+                except OSError as e:
+                    _notice(f"loading {path}: {e}")
+            _LOADED[name] = lib
+        return _LOADED[name]

@@ -1,0 +1,155 @@
+"""The native kernels (loramix/native): the bits of the eager code they
+replace, NaN, infinities, signed zeros and ties included; and the eager code
+(with one notice) where no compiler builds them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from loramix import native
+from loramix.methods import base as mb
+from loramix.native import ties
+
+EDGE = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-45, 0.5, -0.5, 0.25, -0.25]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    k = ties.kernels()
+    if k is None:
+        pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
+    return k
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+def _blocks(n: int, m: int, dtype, seed: int) -> list[torch.Tensor]:
+    """``n`` blocks of ``m`` entries: normal values, exact ties with the
+    lambdas, and every edge value, scattered."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(m, generator=g, dtype=dtype) * 0.4
+        at = torch.randint(0, m, (m // 4,), generator=g)
+        x[at] = torch.tensor(EDGE, dtype=dtype)[torch.randint(0, len(EDGE), (m // 4,), generator=g)]
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+@pytest.mark.parametrize(("sign", "divide"), [("mass", "count"), ("count", "weight"), ("mass", "weight")])
+def test_elect_kernel_has_the_eager_bits(kernels, dtype, n, sign, divide):
+    """hardshrink then ``_elect`` (eager torch) against the fused kernel, on
+    lengths that are and are not a multiple of its chunk, with and without a
+    trim per adapter, negative and fractional weights."""
+    weights = [1.0, -0.5, 2.0, 0.3, -1.7][:n]
+    lams = [0.25, None, 0.0, float(np.nextafter(np.float32(0.5), np.float32(0))), 1e-45][:n]
+    for m in (1, 255, 256, 1000, 4099):
+        xs = _blocks(n, m, dtype, seed=m + n)
+        ref_in = [x.clone() for x in xs]
+        for x, lam in zip(ref_in, lams):
+            if lam is not None:
+                torch.hardshrink(x, lam, out=x)
+        ref = mb._elect(ref_in, weights, sign, divide, torch.empty_like(xs[0]), torch.empty_like(xs[0]),
+                        torch.empty_like(xs[0]))  # fmt: skip
+        got = torch.full_like(xs[0], 7.0)
+        before = [x.clone() for x in xs]
+        kernels.elect(xs, lams, weights, sign == "mass", divide == "count", got)
+        assert torch.equal(_bits(got), _bits(ref)), (m, n)
+        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(xs, before))  # inputs untouched
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_count_kernel_counts_and_collects_as_numpy(kernels, dtype):
+    """``#{|x| > hi}`` and the ``|x|`` in ``[lo, hi]`` (as a multiset; NaN in
+    neither), with infinite ends and ends tied with entries."""
+    rng = np.random.default_rng(0)
+    for m in (1, 31, 32, 33, 1000, 70_001):
+        x = rng.standard_normal(m).astype(dtype)
+        x[rng.integers(0, m, m // 5)] = rng.choice(np.array(EDGE, dtype=dtype), m // 5)
+        a = np.abs(x)
+        for lo, hi in (
+            (0.25, 0.5),
+            (-np.inf, 0.25),
+            (0.5, np.inf),
+            (-np.inf, np.inf),
+            (0.0, 0.0),
+            (3.0, 2.0),
+        ):
+            lo, hi = dtype(lo), dtype(hi)
+            window = np.empty(m, dtype)
+            above, got = kernels.count(x, lo, hi, window)
+            assert above == int(np.count_nonzero(a > hi))
+            want = a[(a >= lo) & (a <= hi)]
+            assert got.dtype == want.dtype and np.array_equal(np.sort(got), np.sort(want))
+
+
+def test_merge_same_bits_with_and_without_kernels(kernels, monkeypatch):
+    """TIES from factors and the dense way, in a streaming run, with the
+    kernels and with ``LORAMIX_NATIVE=0``: the same bits."""
+    from loramix.adapter import ModuleDelta
+    from loramix.engine import Buffers, cpu_threads
+
+    class Run:
+        device = torch.device("cpu")
+        helpers = None
+
+    g = torch.Generator().manual_seed(3)
+    mods = [ModuleDelta(name="m", B=torch.randn(700, 8, generator=g) * 0.02, A=torch.randn(8, 300, generator=g),
+                        scale=1.0, alpha=8.0) for _ in range(3)]  # fmt: skip
+    weights = [1.0, 0.5, -1.0]
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = mb.ModuleContext("m", (0, 1, 2), scratch=Buffers())
+        with cpu_threads(Run):
+            fact = mb.ties_from_factors(ctx, mods, weights, 0.2, "mass", "count").clone()
+            dense = mb.trim_and_elect(mb.dense_deltas(ctx, mods, None, weights), weights, 0.2, "mass", "count",
+                                      Buffers()).clone()  # fmt: skip
+        return fact, dense
+
+    with_kernels = run()
+    monkeypatch.setenv("LORAMIX_NATIVE", "0")
+    assert ties.kernels() is None
+    without = run()
+    for a, b in zip(with_kernels, without):
+        assert torch.equal(_bits(a), _bits(b))
+    assert torch.equal(_bits(with_kernels[0]), _bits(with_kernels[1]))
+
+
+def test_no_compiler_means_eager_code_and_one_notice(monkeypatch, tmp_path, capsys):
+    """``CC`` that does not exist: one notice, no library, and a build that
+    fails leaves no file behind."""
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    assert native.library("ties") is None
+    assert native.library("ties") is None  # remembered: said once
+    err = capsys.readouterr().err
+    assert err.count("native kernels off") == 1 and "no-such-compiler-here" in err
+
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setenv("CC", "false")  # found, and fails every build
+    assert native.library("ties") is None
+    assert "building ties.c" in capsys.readouterr().err
+    assert not list((tmp_path / "native").glob("*"))
+
+
+def test_build_is_cached_per_source(kernels, monkeypatch, tmp_path):
+    """A fresh cache builds the library once, into ``<cache>/native``; a
+    second process (here: a cleared registry) loads the same file."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path))
+    assert native.library("ties") is not None
+    built = list((tmp_path / "native").glob("ties-*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(native, "_LOADED", {})
+    assert native.library("ties") is not None
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "native").glob("*")] == [mtime]
