@@ -15,12 +15,14 @@ from loramix.native import ties
 EDGE = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-45, 0.5, -0.5, 0.25, -0.25]
 
 
-@pytest.fixture(scope="module")
-def kernels():
+@pytest.fixture(scope="module", params=["dispatched", "generic"])
+def kernels(request):
+    """The kernels as loramix calls them (AVX-512 where the CPU has it), and
+    the portable loops."""
     k = ties.kernels()
     if k is None:
         pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
-    return k
+    return k if request.param == "dispatched" else ties.Ties(native.library("ties"), generic=True)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -89,6 +91,59 @@ def test_count_kernel_counts_and_collects_as_numpy(kernels, dtype):
             assert got.dtype == want.dtype and np.array_equal(np.sort(got), np.sort(want))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("sign", "divide"), [("mass", "count"), ("count", "weight")])
+def test_one_pass_kernel_counts_elects_and_records(kernels, dtype, sign, divide):
+    """*pass*: the counts of *count*, the election of *elect* trimmed at
+    ``prov``, and the records: every position where some block is in its
+    band, in order, with every block's value there."""
+    rng = np.random.default_rng(1)
+    n, weights = 3, np.array([1.0, -0.5, 2.0], dtype=dtype)
+    for m in (1, 17, 256, 1000, 4099):
+        xs = _blocks(n, m, torch.float64 if dtype == np.float64 else torch.float32, seed=m)
+        lo = np.array([0.25, -np.inf, 0.3], dtype=dtype)
+        hi = np.array([0.5, 0.0, 0.3 + rng.random()], dtype=dtype)
+        prov = np.array([0.3, 0.0, hi[2]], dtype=dtype)  # a provisional trim inside each window
+        out = torch.empty_like(xs[0])
+        rlo, rhi = np.array([0.28, -np.inf, hi[2]], dtype=dtype), np.array([0.4, 0.0, hi[2]], dtype=dtype)
+        one = kernels.one_pass(lo, hi, prov, rlo, rhi, weights, sign == "mass", divide == "count",
+                               lambda role, size, dt: np.full(size, 7, dt))  # fmt: skip
+        one.run([x[:1] for x in xs], out[:1])  # a smaller block first: the arrays grow
+        records = one.run(xs, out)
+        above, n_window, windows, vals, pos = one.above, one.n_window, one.windows, one.vals, one.pos
+        inside = np.zeros(m, bool)
+        for i, x in enumerate(xs):
+            want_above, want_window = kernels.count(x.numpy(), lo[i], hi[i], np.empty(m, dtype))
+            assert above[i] == want_above
+            assert np.array_equal(np.sort(windows[i][: n_window[i]]), np.sort(want_window))
+            a = np.abs(x.numpy())
+            inside |= (a >= rlo[i]) & (a <= rhi[i])
+        want = torch.empty_like(out)
+        kernels.elect(xs, prov.tolist(), weights.tolist(), sign == "mass", divide == "count", want)
+        assert torch.equal(_bits(out), _bits(want))
+        assert np.array_equal(pos[:records], np.flatnonzero(inside))
+        for i, x in enumerate(xs):
+            assert np.array_equal(vals[i][:records].view(np.uint8), x.numpy()[inside].view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("sign", "divide"), [("mass", "count"), ("count", "weight")])
+def test_fixup_turns_a_provisional_election_into_the_exact_one(kernels, dtype, sign, divide):
+    """Elected with provisional trims, then *fixup* with the exact ones: the
+    exact election's bits at every record, whichever were elected again."""
+    n, m, weights = 3, 5000, [1.0, -0.5, 2.0]
+    xs = _blocks(n, m, dtype, seed=7)
+    prov, lams = [0.3, 0.25, -1.0], [0.31, None, 0.0]  # tighter, looser (not trimmed), the same
+    out, want = torch.empty_like(xs[0]), torch.empty_like(xs[0])
+    kernels.elect(xs, prov, weights, sign == "mass", divide == "count", out)
+    kernels.elect(xs, lams, weights, sign == "mass", divide == "count", want)
+    vals = [x.numpy() for x in xs]
+    fixed = kernels.fixup(vals, np.array(prov, dtype=vals[0].dtype), lams, weights, sign == "mass",
+                          divide == "count", np.arange(m, dtype=np.int64), out)  # fmt: skip
+    assert 0 < fixed < m
+    assert torch.equal(_bits(out), _bits(want))
+
+
 def test_merge_same_bits_with_and_without_kernels(kernels, monkeypatch):
     """TIES from factors and the dense way, in a streaming run, with the
     kernels and with ``LORAMIX_NATIVE=0``: the same bits."""
@@ -112,13 +167,28 @@ def test_merge_same_bits_with_and_without_kernels(kernels, monkeypatch):
                                       Buffers()).clone()  # fmt: skip
         return fact, dense
 
-    with_kernels = run()
+    monkeypatch.setattr(mb, "ONE_PASS_MAX_SHARE", 1.0)  # a small module's wide brackets: many records
+    passes = []
+    real = ties.Ties.one_pass
+    monkeypatch.setattr(ties.Ties, "one_pass", lambda self, *a: passes.append(1) or real(self, *a))
+    one_pass = run()
+    assert passes  # the one pass was taken, both ways
+    monkeypatch.setattr(mb, "ONE_PASS_BAND", 0.0)  # records at the estimate only: the threshold is outside
+    passes.clear()
+    outside = run()
+    assert passes  # taken, then the two passes
+    monkeypatch.setattr(mb, "ONE_PASS_BAND", 4.0)
+    monkeypatch.setattr(mb, "ONE_PASS_MAX_SHARE", -1.0)  # brackets "too wide": two passes, kernels
+    passes.clear()
+    two_passes = run()
+    assert not passes
     monkeypatch.setenv("LORAMIX_NATIVE", "0")
     assert ties.kernels() is None
-    without = run()
-    for a, b in zip(with_kernels, without):
-        assert torch.equal(_bits(a), _bits(b))
-    assert torch.equal(_bits(with_kernels[0]), _bits(with_kernels[1]))
+    eager = run()
+    for got in (one_pass, outside, two_passes):
+        for a, b in zip(got, eager):
+            assert torch.equal(_bits(a), _bits(b))
+    assert torch.equal(_bits(eager[0]), _bits(eager[1]))
 
 
 def test_no_compiler_means_eager_code_and_one_notice(monkeypatch, tmp_path, capsys):

@@ -1,17 +1,19 @@
 /*
- * TIES' two elementwise passes over one block of rows, fused: each runs the
+ * TIES' elementwise passes over one block of rows, fused: each runs the
  * operations of loramix.methods.base's eager (torch/numpy) code on a chunk of
- * CHUNK entries that stays in the L1 cache, instead of one whole-block pass
- * per operation. Same operations, same order, same rounding: the result has
+ * entries that stays in the L1 cache, instead of one whole-block pass per
+ * operation. Same operations, same order, same rounding: the results have
  * the eager code's bits, NaN, infinities and signed zeros included
  * (tests/test_native.py checks every case).
  *
- * Built with -std=c11 -O3 -ffp-contract=off and no fast-math flag: no fused
- * multiply-add, no reassociation, signed zeros respected. The vector clones
- * (target_clones) differ only in the width of the same IEEE operations.
+ * Built with -std=c11 -O3 -ffp-contract=off -fno-trapping-math and no
+ * fast-math flag: no fused multiply-add, no reassociation, signed zeros kept;
+ * -fno-trapping-math only lets a comparison's both sides be evaluated (vector
+ * code), which changes no value. The vector clones (target_clones) differ only
+ * in the width of the same IEEE operations.
  *
  * count:  above = #{e : |x_e| > hi},  window = [|x_e| : lo <= |x_e| <= hi]
- *         (NaN in neither), as _abs_kth_largest_by_rows counts them.
+ *         (NaN in neither), as _abs_kth_largest_many counts them.
  * elect:  t_i = hardshrink(x_i, lam_i)  (x where not -lam <= x <= lam, +0
  *         there; lam < 0: t_i = x_i untouched)
  *         g   = t_0 + t_1 + ...  (mass)  or  sign(t_0) + sign(t_1) + ... (count)
@@ -21,12 +23,30 @@
  *         den = max(den, 1) (by count)  or  den == 0 ? 1 : den (by weight)
  *         out = num g / den
  *         with sign(v) = (v > 0) - (v < 0): NaN and -0 give +0, as torch.sign.
+ * pass:   count of every x_i against its [lo_i, hi_i], and elect with
+ *         lam_i = prov_i (the sample's estimate of the threshold, in the
+ *         window), in one reading of the blocks; and the records: every
+ *         position where some |x_i| is in its band [rlo_i, rhi_i] (around
+ *         prov_i, inside the window), with all the x_i there. Where the
+ *         threshold turns out to lie in the band, the trim at it and the trim
+ *         at prov_i differ only at recorded positions (an entry between the
+ *         two is in the band); elsewhere the provisional result is final.
+ * fixup:  once the thresholds are known (lam_i just below each), elect again
+ *         the records where the trim at lam_i differs from the trim at prov_i
+ *         (few: the entries between the estimate and the threshold).
  */
 #include <math.h>
 #include <stdint.h>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define AVX512 1
+#define AVX512_FN __attribute__((target("avx512f,popcnt")))
+#endif
+
 #define CHUNK 256
-#define COUNT_CHUNK 32
+#define MAX_ADAPTERS 64 /* loramix.native.ties.MAX_ADAPTERS */
+#define SUB 32 /* entries looked at one by one when a window entry is among them */
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -34,72 +54,333 @@
 #define CLONES
 #endif
 
-#define KERNELS(T, I, SUF, ABS)                                                                    \
-    CLONES int64_t loramix_count_##SUF(const T *x, int64_t m, T lo, T hi, T *window,              \
-                                       int64_t *n_window)                                         \
-    {                                                                                              \
-        I flag[COUNT_CHUNK];                                                                       \
-        int64_t above = 0, w = 0;                                                                  \
-        for (int64_t e0 = 0; e0 < m; e0 += COUNT_CHUNK) {                                          \
-            int c = m - e0 < COUNT_CHUNK ? (int)(m - e0) : COUNT_CHUNK;                            \
-            I n_above = 0, n_in = 0;                                                               \
-            /* a vector loop; most chunks hold no window entry, and only one that holds */        \
-            /* one is looked at again, entry by entry (NaN: in neither) */                          \
-            for (int j = 0; j < c; j++) {                                                          \
-                T a = ABS(x[e0 + j]);                                                              \
-                I f = (a >= lo) & (a <= hi);                                                       \
-                n_above += a > hi;                                                                 \
-                n_in += f;                                                                         \
-                flag[j] = f;                                                                       \
-            }                                                                                      \
-            above += n_above;                                                                      \
-            if (n_in)                                                                              \
-                for (int j = 0; j < c; j++)                                                        \
-                    if (flag[j])                                                                   \
-                        window[w++] = ABS(x[e0 + j]);                                              \
-        }                                                                                          \
-        *n_window = w;                                                                             \
-        return above;                                                                              \
-    }                                                                                              \
-                                                                                                   \
-    CLONES void loramix_elect_##SUF(int n, const T *const *xs, const T *lam, const T *w,          \
-                                    int mass, int by_count, T *out, int64_t m)                    \
-    {                                                                                              \
-        T g[CHUNK], num[CHUNK], den[CHUNK];                                                        \
-        for (int64_t e0 = 0; e0 < m; e0 += CHUNK) {                                                \
-            int c = m - e0 < CHUNK ? (int)(m - e0) : CHUNK;                                        \
-            for (int i = 0; i < n; i++) {                                                          \
-                const T *x = xs[i] + e0;                                                           \
-                T l = lam[i];                                                                      \
-                for (int j = 0; j < c; j++) {                                                      \
-                    T t = ((x[j] >= -l) & (x[j] <= l)) ? (T)0 : x[j];                                 \
-                    T s = mass ? t : (T)((t > 0) - (t < 0));                                       \
-                    g[j] = i ? g[j] + s : s;                                                       \
-                }                                                                                  \
-            }                                                                                      \
-            for (int j = 0; j < c; j++) {                                                          \
-                g[j] = g[j] >= 0 ? (T)1 : (T)-1;                                                   \
-                num[j] = 0;                                                                        \
-                den[j] = 0;                                                                        \
-            }                                                                                      \
-            for (int i = 0; i < n; i++) {                                                          \
-                const T *x = xs[i] + e0;                                                           \
-                T l = lam[i], wi = w[i];                                                           \
-                for (int j = 0; j < c; j++) {                                                      \
-                    T t = ((x[j] >= -l) & (x[j] <= l)) ? (T)0 : x[j];                                 \
-                    T y = t * g[j];                                                                \
-                    y = y < 0 ? (T)0 : y;                                                          \
-                    num[j] = num[j] + y;                                                           \
-                    T s = (T)((y > 0) - (y < 0));                                                  \
-                    den[j] = by_count ? den[j] + s : den[j] + wi * s;                              \
-                }                                                                                  \
-            }                                                                                      \
-            for (int j = 0; j < c; j++) {                                                          \
-                T d = by_count ? (den[j] < 1 ? (T)1 : den[j]) : (den[j] == 0 ? (T)1 : den[j]);     \
-                out[e0 + j] = num[j] * g[j] / d;                                                   \
-            }                                                                                      \
-        }                                                                                          \
+/* the election of entries e0 .. e0 + c - 1 of the xs (lam[i]: adapter i's lambda) */
+#define ELECT_CHUNK(T, lam)                                                                      \
+    for (int i = 0; i < n; i++) {                                                                \
+        const T *x = xs[i] + e0;                                                                 \
+        T l = lam[i];                                                                            \
+        for (int j = 0; j < c; j++) {                                                            \
+            T t = ((x[j] >= -l) & (x[j] <= l)) ? (T)0 : x[j];                                    \
+            T s = mass ? t : (T)((t > 0) - (t < 0));                                             \
+            g[j] = i ? g[j] + s : s;                                                             \
+        }                                                                                        \
+    }                                                                                            \
+    for (int j = 0; j < c; j++) {                                                                \
+        g[j] = g[j] >= 0 ? (T)1 : (T)-1;                                                         \
+        num[j] = 0;                                                                              \
+        den[j] = 0;                                                                              \
+    }                                                                                            \
+    for (int i = 0; i < n; i++) {                                                                \
+        const T *x = xs[i] + e0;                                                                 \
+        T l = lam[i], wi = w[i];                                                                 \
+        for (int j = 0; j < c; j++) {                                                            \
+            T t = ((x[j] >= -l) & (x[j] <= l)) ? (T)0 : x[j];                                    \
+            T y = t * g[j];                                                                      \
+            y = y < 0 ? (T)0 : y;                                                                \
+            num[j] = num[j] + y;                                                                 \
+            T s = (T)((y > 0) - (y < 0));                                                        \
+            den[j] = by_count ? den[j] + s : den[j] + wi * s;                                    \
+        }                                                                                        \
+    }                                                                                            \
+    for (int j = 0; j < c; j++) {                                                                \
+        T d = by_count ? (den[j] < 1 ? (T)1 : den[j]) : (den[j] == 0 ? (T)1 : den[j]);           \
+        out[e0 + j] = num[j] * g[j] / d;                                                         \
+    }
+
+/* count entries s0 .. s0 + cs - 1 of x (a vector loop; only a run that holds a window
+ * entry is looked at again, one by one); flag[j] |= in the window */
+#define COUNT_SUB(T, I, ABS, x, l, h, rl, rh, above, window, nw, flag, any)                      \
+    do {                                                                                         \
+        I n_above = 0, n_in = 0;                                                                 \
+        for (int j = s0; j < s0 + cs; j++) {                                                     \
+            T a = ABS(x[j]);                                                                     \
+            n_above += a > h;                                                                    \
+            n_in += (a >= l) & (a <= h);                                                         \
+        }                                                                                        \
+        above += n_above;                                                                        \
+        if (n_in) {                                                                              \
+            any = 1;                                                                             \
+            for (int j = s0; j < s0 + cs; j++) {                                                 \
+                T a = ABS(x[j]);                                                                 \
+                if ((a >= l) & (a <= h))                                                         \
+                    window[nw++] = a;                                                            \
+                flag[j] |= (a >= rl) & (a <= rh);                                                \
+            }                                                                                    \
+        }                                                                                        \
+    } while (0)
+
+#define KERNELS(T, I, SUF, ABS)                                                                  \
+    CLONES int64_t loramix_count_##SUF##_generic(const T *x, int64_t m, T lo, T hi, T *window,            \
+                                       int64_t *n_window)                                       \
+    {                                                                                            \
+        I flag[SUB];                                                                             \
+        int64_t above = 0, nw = 0;                                                               \
+        for (int64_t e0 = 0; e0 < m; e0 += SUB) {                                                \
+            int s0 = 0, cs = m - e0 < SUB ? (int)(m - e0) : SUB, any = 0;                        \
+            const T *xe = x + e0;                                                                \
+            for (int j = 0; j < cs; j++)                                                         \
+                flag[j] = 0;                                                                     \
+            COUNT_SUB(T, I, ABS, xe, lo, hi, (T)INFINITY, -(T)INFINITY, above, window, nw, flag, any);                      \
+            (void)any;                                                                           \
+        }                                                                                        \
+        *n_window = nw;                                                                          \
+        return above;                                                                            \
+    }                                                                                            \
+                                                                                                 \
+    CLONES void loramix_elect_##SUF##_generic(int n, const T *const *xs, const T *lam, const T *w,        \
+                                    int mass, int by_count, T *out, int64_t m)                  \
+    {                                                                                            \
+        T g[CHUNK], num[CHUNK], den[CHUNK];                                                      \
+        for (int64_t e0 = 0; e0 < m; e0 += CHUNK) {                                              \
+            int c = m - e0 < CHUNK ? (int)(m - e0) : CHUNK;                                      \
+            ELECT_CHUNK(T, lam)                                                                  \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    CLONES int64_t loramix_pass_##SUF##_generic(int n, const T *const *xs, const T *lo, const T *hi,      \
+                                      const T *prov, const T *rlo, const T *rhi, const T *w, int mass, int by_count, T *out, int64_t m, \
+                                      int64_t *above, T *const *window, int64_t *n_window,      \
+                                      int64_t *pos, T *const *vals)                             \
+    {                                                                                            \
+        T g[CHUNK], num[CHUNK], den[CHUNK];                                                      \
+        I flag[CHUNK];                                                                           \
+        int64_t rec = 0;                                                                         \
+        for (int i = 0; i < n; i++)                                                              \
+            above[i] = n_window[i] = 0;                                                          \
+        for (int64_t e0 = 0; e0 < m; e0 += CHUNK) {                                              \
+            int c = m - e0 < CHUNK ? (int)(m - e0) : CHUNK;                                      \
+            int any[CHUNK / SUB] = {0};                                                          \
+            for (int j = 0; j < c; j++)                                                          \
+                flag[j] = 0;                                                                     \
+            for (int i = 0; i < n; i++) {                                                        \
+                /* locals: the compiler cannot know that the outputs do not alias the inputs */  \
+                const T *x = xs[i] + e0;                                                         \
+                const T l = lo[i], h = hi[i];                                                    \
+                T *win = window[i];                                                              \
+                int64_t a_i = above[i], nw = n_window[i];                                        \
+                for (int s0 = 0; s0 < c; s0 += SUB) {                                            \
+                    int cs = c - s0 < SUB ? c - s0 : SUB;                                        \
+                    COUNT_SUB(T, I, ABS, x, l, h, rlo[i], rhi[i], a_i, win, nw, flag, any[s0 / SUB]);            \
+                }                                                                                \
+                above[i] = a_i;                                                                  \
+                n_window[i] = nw;                                                                \
+            }                                                                                    \
+            ELECT_CHUNK(T, prov)                                                                 \
+            for (int s0 = 0; s0 < c; s0 += SUB) {                                                \
+                if (!any[s0 / SUB])                                                              \
+                    continue;                                                                    \
+                int end = c - s0 < SUB ? c : s0 + SUB;                                           \
+                for (int j = s0; j < end; j++)                                                   \
+                    if (flag[j]) {                                                               \
+                        pos[rec] = e0 + j;                                                       \
+                        for (int i = 0; i < n; i++)                                              \
+                            vals[i][rec] = xs[i][e0 + j];                                        \
+                        rec++;                                                                   \
+                    }                                                                            \
+            }                                                                                    \
+        }                                                                                        \
+        return rec;                                                                              \
     }
 
 KERNELS(float, int32_t, f32, fabsf)
 KERNELS(double, int64_t, f64, fabs)
+
+#ifdef AVX512
+/*
+ * AVX-512: W lanes at a time with every adapter's values in registers. A compare
+ * gives the lanes' answers as the bits of a mask; popcount counts them; a compress
+ * store appends the lanes in the window, in order; the records' positions are the
+ * set bits. The operations are the generic loop's, rewritten lane for lane where
+ * a cheaper one gives the same bits:
+ *   hardshrink's cut  (x >= -l) & (x <= l)  is  |x| <= l  (NaN: false either way;
+ *                     l < 0: never);
+ *   clamp  y < 0 ? 0 : y  is  max(0, y) in that operand order (MAXPS returns its
+ *                     second operand for two zeros and for a NaN);
+ *   den + s or den + w s, with s = (y > 0) as 0/1 (after the clamp y < 0 never
+ *                     holds), is den plus 1 or w in the lanes where y > 0: adding
+ *                     +0 or -0 (w s with s = 0) to den changes nothing, as den,
+ *                     a sum started at +0, is never -0.
+ * The comparisons are the ordered quiet ones (_CMP_LE_OQ ...): false for NaN, as C's.
+ */
+#define AVX512_KERNELS(T, SUF, VT, MT, S, I, ABSMASK)                                            \
+    enum { W_##SUF = 64 / sizeof(T) };                                                           \
+                                                                                                 \
+    AVX512_FN static inline VT abs_##SUF(VT x)                                                   \
+    {                                                                                            \
+        return _mm512_castsi512_##S(_mm512_and_si512(_mm512_cast##S##_si512(x), ABSMASK));       \
+    }                                                                                            \
+                                                                                                 \
+    /* the election of the lanes of e given each adapter's trimmed values t[i] */               \
+    AVX512_FN static inline void elect_t_##SUF(int n, const VT *t, int64_t e, MT lanes,          \
+                                               const T *w, int mass, int by_count, T *out)       \
+    {                                                                                            \
+        const VT zero = _mm512_setzero_##S(), one = _mm512_set1_##S(1), minus = _mm512_set1_##S(-1); \
+        VT g = zero, num = zero, den = zero;                                                     \
+        for (int i = 0; i < n; i++) {                                                            \
+            VT s = mass ? t[i]                                                                   \
+                        : _mm512_mask_mov_##S(_mm512_mask_mov_##S(zero, _mm512_cmp_##S##_mask(t[i], zero, _CMP_LT_OQ), minus), \
+                                              _mm512_cmp_##S##_mask(t[i], zero, _CMP_GT_OQ), one); \
+            g = i ? _mm512_add_##S(g, s) : s;                                                    \
+        }                                                                                        \
+        g = _mm512_mask_mov_##S(minus, _mm512_cmp_##S##_mask(g, zero, _CMP_GE_OQ), one);         \
+        for (int i = 0; i < n; i++) {                                                            \
+            VT y = _mm512_max_##S(zero, _mm512_mul_##S(t[i], g));                                \
+            num = _mm512_add_##S(num, y);                                                        \
+            MT kept = _mm512_cmp_##S##_mask(y, zero, _CMP_GT_OQ);                                \
+            den = _mm512_mask_add_##S(den, kept, den, by_count ? one : _mm512_set1_##S(w[i]));   \
+        }                                                                                        \
+        MT fix = by_count ? _mm512_cmp_##S##_mask(den, one, _CMP_LT_OQ)                          \
+                          : _mm512_cmp_##S##_mask(den, zero, _CMP_EQ_OQ);                        \
+        den = _mm512_mask_mov_##S(den, fix, one);                                                \
+        _mm512_mask_storeu_##S(out + e, lanes, _mm512_div_##S(_mm512_mul_##S(num, g), den));     \
+    }                                                                                            \
+                                                                                                 \
+    AVX512_FN static void elect_avx512_##SUF(int n, const T *const *xs, const T *lam, const T *w, \
+                                             int mass, int by_count, T *out, int64_t m)          \
+    {                                                                                            \
+        VT t[MAX_ADAPTERS];                                                                      \
+        for (int64_t e = 0; e < m; e += W_##SUF) {                                               \
+            MT lanes = m - e >= W_##SUF ? (MT)-1 : (MT)((1u << (m - e)) - 1);                    \
+            for (int i = 0; i < n; i++) {                                                        \
+                VT x = _mm512_maskz_loadu_##S(lanes, xs[i] + e);                                 \
+                MT cut = _mm512_cmp_##S##_mask(abs_##SUF(x), _mm512_set1_##S(lam[i]), _CMP_LE_OQ); \
+                t[i] = _mm512_mask_mov_##S(x, cut, _mm512_setzero_##S());                        \
+            }                                                                                    \
+            elect_t_##SUF(n, t, e, lanes, w, mass, by_count, out);                               \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    AVX512_FN static int64_t count_avx512_##SUF(const T *x, int64_t m, T lo, T hi, T *window,    \
+                                                int64_t *n_window)                               \
+    {                                                                                            \
+        const VT vlo = _mm512_set1_##S(lo), vhi = _mm512_set1_##S(hi);                           \
+        int64_t above = 0, nw = 0;                                                               \
+        for (int64_t e = 0; e < m; e += W_##SUF) {                                               \
+            MT lanes = m - e >= W_##SUF ? (MT)-1 : (MT)((1u << (m - e)) - 1);                    \
+            VT a = abs_##SUF(_mm512_maskz_loadu_##S(lanes, x + e));                              \
+            MT le = _mm512_cmp_##S##_mask(a, vhi, _CMP_LE_OQ) & lanes;                           \
+            MT in = _mm512_cmp_##S##_mask(a, vlo, _CMP_GE_OQ) & le;                              \
+            above += __builtin_popcount(_mm512_cmp_##S##_mask(a, vhi, _CMP_GT_OQ) & lanes);      \
+            if (in) {                                                                            \
+                _mm512_mask_compressstoreu_##S(window + nw, in, a);                              \
+                nw += __builtin_popcount(in);                                                    \
+            }                                                                                    \
+        }                                                                                        \
+        *n_window = nw;                                                                          \
+        return above;                                                                            \
+    }                                                                                            \
+                                                                                                 \
+    AVX512_FN static int64_t pass_avx512_##SUF(int n, const T *const *xs, const T *lo,           \
+                                               const T *hi, const T *prov, const T *rlo, const T *rhi, const T *w, int mass, int by_count, \
+                                               T *out, int64_t m, int64_t *above,                \
+                                               T *const *window, int64_t *n_window,              \
+                                               int64_t *pos, T *const *vals)                     \
+    {                                                                                            \
+        VT t[MAX_ADAPTERS];                                                                      \
+        int64_t rec = 0;                                                                         \
+        for (int i = 0; i < n; i++)                                                              \
+            above[i] = n_window[i] = 0;                                                          \
+        for (int64_t e = 0; e < m; e += W_##SUF) {                                               \
+            MT lanes = m - e >= W_##SUF ? (MT)-1 : (MT)((1u << (m - e)) - 1), any = 0;           \
+            for (int i = 0; i < n; i++) {                                                        \
+                VT x = _mm512_maskz_loadu_##S(lanes, xs[i] + e), a = abs_##SUF(x);               \
+                VT vhi = _mm512_set1_##S(hi[i]);                                                 \
+                MT cut = _mm512_cmp_##S##_mask(a, vhi, _CMP_LE_OQ);                              \
+                MT in = _mm512_cmp_##S##_mask(a, _mm512_set1_##S(lo[i]), _CMP_GE_OQ) & cut & lanes; \
+                above[i] += __builtin_popcount(_mm512_cmp_##S##_mask(a, vhi, _CMP_GT_OQ) & lanes); \
+                if (in) {                                                                        \
+                    _mm512_mask_compressstoreu_##S(window[i] + n_window[i], in, a);              \
+                    n_window[i] += __builtin_popcount(in);                                       \
+                    any |= in & _mm512_cmp_##S##_mask(a, _mm512_set1_##S(rlo[i]), _CMP_GE_OQ) &  \
+                           _mm512_cmp_##S##_mask(a, _mm512_set1_##S(rhi[i]), _CMP_LE_OQ);        \
+                }                                                                                \
+                cut = _mm512_cmp_##S##_mask(a, _mm512_set1_##S(prov[i]), _CMP_LE_OQ);           \
+                t[i] = _mm512_mask_mov_##S(x, cut, _mm512_setzero_##S());                        \
+            }                                                                                    \
+            elect_t_##SUF(n, t, e, lanes, w, mass, by_count, out);                               \
+            for (unsigned bits = any; bits; bits &= bits - 1) {                                  \
+                int64_t j = e + __builtin_ctz(bits);                                             \
+                pos[rec] = j;                                                                    \
+                for (int i = 0; i < n; i++)                                                      \
+                    vals[i][rec] = xs[i][j];                                                     \
+                rec++;                                                                           \
+            }                                                                                    \
+        }                                                                                        \
+        return rec;                                                                              \
+    }
+
+AVX512_KERNELS(float, f32, __m512, __mmask16, ps, int32_t, _mm512_set1_epi32(0x7fffffff))
+AVX512_KERNELS(double, f64, __m512d, __mmask8, pd, int64_t, _mm512_set1_epi64(0x7fffffffffffffffLL))
+#endif
+
+/* the entry points: the AVX-512 kernels where the CPU has them (and the adapters fit
+ * their registers' array), else the generic ones */
+#ifdef AVX512
+#define PICK(SUF, NAME, n)                                                                       \
+    ((n) <= MAX_ADAPTERS && __builtin_cpu_supports("avx512f") ? NAME##_avx512_##SUF              \
+                                                              : loramix_##NAME##_##SUF##_generic)
+#else
+#define PICK(SUF, NAME, n) loramix_##NAME##_##SUF##_generic
+#endif
+
+#define ENTRY_POINTS(T, SUF)                                                                     \
+    void loramix_elect_##SUF(int n, const T *const *xs, const T *lam, const T *w, int mass,      \
+                             int by_count, T *out, int64_t m)                                    \
+    {                                                                                            \
+        PICK(SUF, elect, n)(n, xs, lam, w, mass, by_count, out, m);                                 \
+    }                                                                                            \
+                                                                                                 \
+    int64_t loramix_count_##SUF(const T *x, int64_t m, T lo, T hi, T *window, int64_t *n_window) \
+    {                                                                                            \
+        return PICK(SUF, count, 1)(x, m, lo, hi, window, n_window);                                 \
+    }                                                                                            \
+                                                                                                 \
+    int64_t loramix_pass_##SUF(int n, const T *const *xs, const T *lo, const T *hi, const T *prov, \
+                               const T *rlo, const T *rhi, const T *w, int mass, int by_count,   \
+                               T *out, int64_t m,                                                \
+                               int64_t *above, T *const *window, int64_t *n_window, int64_t *pos, \
+                               T *const *vals)                                                   \
+    {                                                                                            \
+        return PICK(SUF, pass, n)(n, xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out, m, above, window, \
+                                  n_window, pos, vals);                                          \
+    }                                                                                            \
+                                                                                                 \
+    /* out[pos[r]] for the records r where a trim at lam gives another t_i than the trim */     \
+    /* at prov did: the election of the record's values, one by one (few of them) */            \
+    int64_t loramix_fixup_##SUF(int n, const T *const *vals, const T *prov, const T *lam,       \
+                                const T *w, int mass, int by_count, const int64_t *pos,         \
+                                int64_t records, T *out)                                        \
+    {                                                                                            \
+        int64_t fixed = 0;                                                                       \
+        for (int64_t r = 0; r < records; r++) {                                                  \
+            int need = 0;                                                                        \
+            for (int i = 0; i < n; i++) {                                                        \
+                T v = vals[i][r], p = prov[i], l = lam[i];                                       \
+                need |= ((v >= -p) & (v <= p)) != ((v >= -l) & (v <= l));                        \
+            }                                                                                    \
+            if (!need)                                                                           \
+                continue;                                                                        \
+            T g = 0, num = 0, den = 0;                                                           \
+            for (int i = 0; i < n; i++) {                                                        \
+                T v = vals[i][r], t = ((v >= -lam[i]) & (v <= lam[i])) ? (T)0 : v;               \
+                T s = mass ? t : (T)((t > 0) - (t < 0));                                         \
+                g = i ? g + s : s;                                                               \
+            }                                                                                    \
+            g = g >= 0 ? (T)1 : (T)-1;                                                           \
+            for (int i = 0; i < n; i++) {                                                        \
+                T v = vals[i][r], t = ((v >= -lam[i]) & (v <= lam[i])) ? (T)0 : v;               \
+                T y = t * g;                                                                     \
+                y = y < 0 ? (T)0 : y;                                                            \
+                num = num + y;                                                                   \
+                T s = (T)((y > 0) - (y < 0));                                                    \
+                den = by_count ? den + s : den + w[i] * s;                                       \
+            }                                                                                    \
+            T d = by_count ? (den < 1 ? (T)1 : den) : (den == 0 ? (T)1 : den);                   \
+            out[pos[r]] = num * g / d;                                                           \
+            fixed++;                                                                             \
+        }                                                                                        \
+        return fixed;                                                                            \
+    }
+
+ENTRY_POINTS(float, f32)
+ENTRY_POINTS(double, f64)

@@ -17,14 +17,21 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 class Ties:
     """Typed entry points of the built ``ties.c``, float32 and float64."""
 
-    def __init__(self, lib):
-        self._count, self._elect = {}, {}
+    def __init__(self, lib, generic: bool = False):
+        """``generic``: the portable loops even where the CPU has AVX-512 (for the tests)."""
+        n, i, p, i64 = ctypes.c_int, ctypes.c_int, _P, _I64
+        self._fns: dict = {}
         for suf, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
-            f = getattr(lib, f"loramix_count_{suf}")
-            f.argtypes, f.restype = [_P, _I64, real, real, _P, ctypes.POINTER(_I64)], _I64
-            e = getattr(lib, f"loramix_elect_{suf}")
-            e.argtypes, e.restype = [ctypes.c_int, _P, _P, _P, ctypes.c_int, ctypes.c_int, _P, _I64], None
-            self._count[suf], self._elect[suf] = f, e
+            for name, args, res in (
+                ("count", [p, i64, real, real, p, ctypes.POINTER(i64)], i64),
+                ("elect", [n, p, p, p, i, i, p, i64], None),
+                ("pass", [n, p, p, p, p, p, p, p, i, i, p, i64, p, p, p, p, p], i64),
+                ("fixup", [n, p, p, p, p, i, i, p, i64, p], i64),
+            ):
+                tail = "_generic" if generic and name != "fixup" else ""  # fixup: scalar, one kind
+                fn = getattr(lib, f"loramix_{name}_{suf}{tail}")
+                fn.argtypes, fn.restype = args, res
+                self._fns[name, suf] = fn
 
     @staticmethod
     def _suffix(dtype) -> str:
@@ -37,7 +44,7 @@ class Ties:
         array ``a``; ``window`` (same dtype, at least ``a.size``) holds the
         collected magnitudes, and the second result is a copy of them."""
         n = _I64(0)
-        above = self._count[self._suffix(a.dtype)](
+        above = self._fns["count", self._suffix(a.dtype)](
             a.ctypes.data, a.size, float(lo), float(hi), window.ctypes.data, ctypes.byref(n)
         )
         return int(above), window[: n.value].copy()
@@ -53,9 +60,83 @@ class Ties:
         ptrs = (_P * n)(*(b.data_ptr() for b in blocks))
         lam = np.array([-1.0 if v is None else v for v in lams], dtype=dt)
         w = np.array([float(v) for v in weights], dtype=dt)
-        self._elect[self._suffix(dt)](
+        self._fns["elect", self._suffix(dt)](
             n, ptrs, lam.ctypes.data, w.ctypes.data, int(mass), int(by_count), out.data_ptr(), out.numel()
         )
+
+    def one_pass(self, lo, hi, prov, rlo, rhi, weights, mass: bool, by_count: bool, space) -> OnePass:
+        """*pass* (``ties.c``) prepared for blocks of ``len(lo)`` deltas:
+        ``lo``, ``hi``, ``prov`` (the provisional trims' lambdas, each in
+        ``[lo_i, hi_i]``), ``rlo``, ``rhi`` (the bands whose positions are
+        recorded, inside the windows), ``weights``: numpy arrays of the
+        blocks' dtype; ``space(role, n, dtype)`` lends a numpy work array of
+        ``n`` entries."""
+        return OnePass(
+            self._fns["pass", self._suffix(lo.dtype)], lo, hi, prov, rlo, rhi, weights, mass, by_count, space
+        )
+
+    def fixup(self, vals, prov, lams, weights, mass: bool, by_count: bool, pos, out) -> int:
+        """*fixup* (``ties.c``): ``out.flat[pos[r]]`` elected again with the
+        trims at ``lams`` (None: not trimmed) for the records ``r`` (values
+        ``vals[i][r]``, numpy) where they trim another way than at ``prov``;
+        returns how many. ``out``: a C-contiguous tensor."""
+        import numpy as np
+
+        dt, n = prov.dtype, len(vals)
+        lam = np.array([-1.0 if v is None else v for v in lams], dtype=dt)
+        w = np.array([float(v) for v in weights], dtype=dt)
+        return int(
+            self._fns["fixup", self._suffix(dt)](
+                n, (_P * n)(*(v.ctypes.data for v in vals)), prov.ctypes.data, lam.ctypes.data, w.ctypes.data,
+                int(mass), int(by_count), pos.ctypes.data, pos.size, out.data_ptr(),
+            )
+        )  # fmt: skip
+
+
+class OnePass:
+    """The count of each of a module's blocks against its ``[lo_i, hi_i]``
+    and the election trimmed at ``prov_i``, in one reading of the blocks
+    (``ties.c``, *pass*). Its work arrays and the call's fixed arguments are
+    made once per module and thread: a block's call costs one ``ctypes``
+    call. After :meth:`run`: ``above[i]`` entries of block ``i`` above
+    ``hi_i``, its magnitudes in the window in ``windows[i][:n_window[i]]``,
+    and the records, the positions ``pos[:records]`` where some block is in
+    its band, with block ``i``'s value there in ``vals[i][:records]``."""
+
+    def __init__(self, fn, lo, hi, prov, rlo, rhi, weights, mass: bool, by_count: bool, space):
+        import numpy as np
+
+        self._fn, self._space, n = fn, space, len(lo)
+        self._fixed = (lo, hi, prov, rlo, rhi, weights)  # kept alive: the call holds their addresses
+        self._head = (n, None, *(a.ctypes.data for a in self._fixed), int(mass), int(by_count))
+        self.above, self.n_window = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        self.capacity = 0
+
+    def _grow(self, m: int) -> None:
+        import numpy as np
+
+        n, dt = len(self.above), self._fixed[0].dtype
+        self.windows = [self._space(f"pass_window{i}", m, dt) for i in range(n)]
+        self.vals = [self._space(f"pass_value{i}", m, dt) for i in range(n)]
+        self.pos = self._space("pass_pos", m, np.dtype(np.int64))
+        self._tail = (
+            self.above.ctypes.data,
+            (_P * n)(*(a.ctypes.data for a in self.windows)),
+            self.n_window.ctypes.data,
+            self.pos.ctypes.data,
+            (_P * n)(*(a.ctypes.data for a in self.vals)),
+        )
+        self.capacity = m
+
+    def run(self, blocks, out) -> int:
+        """Count and elect the ``blocks`` (C-contiguous tensors of one shape)
+        into ``out``; returns the number of records."""
+        m = out.numel()
+        if m > self.capacity:
+            self._grow(m)
+        n = self._head[0]
+        ptrs = (_P * n)(*(b.data_ptr() for b in blocks))
+        return int(self._fn(n, ptrs, *self._head[2:], out.data_ptr(), m, *self._tail))
 
 
 _KERNELS: list = []
