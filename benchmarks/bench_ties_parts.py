@@ -1,27 +1,26 @@
-"""Where a TIES merge spends its time, part by part, on one 7B-sized module.
+"""Where a TIES merge spends its time, way by way, on one 7B-sized module.
 
 ``merge -m ties`` on the 7B-shaped base (``bench_scale.py``) costs several
-times a ``sum``. This times its three parts in-process, on one Llama-2-7B MLP
-module (``out x in`` = 11008 x 4096, 45M entries) with ``--adapters`` rank-16
-LoRA deltas, under the streaming run's threads (``engine.cpu_threads``), as
-the engine runs them:
+times a ``sum``. This times the ways it can run on one Llama-2-7B MLP module
+(``out x in`` = 11008 x 4096, 45M entries) with ``--adapters`` rank-16 LoRA
+deltas, under the streaming run's threads (``engine.cpu_threads``), as the
+engine runs them (``methods.base``):
 
-- ``products``: the dense deltas ``w_i B_i A_i`` (``methods.base.dense_deltas``);
-- ``thresholds``: each delta's exact ``k``-th largest magnitude, ``k =
-  int(density * numel)`` (``_abs_kth_largest_by_rows``: a sampled bracket,
-  one blocked pass counting and collecting);
-- ``election``: trim (``hardshrink``), sign election and disjoint mean, by
-  blocks of rows (``trim_and_elect`` after the thresholds).
+- ``eager, two passes``: ``LORAMIX_NATIVE=0`` (no C kernels): one pass over
+  blocks of rows ``B[r0:r1] @ A`` finds each delta's exact threshold (a
+  sampled bracket, a count), a second forms the blocks again and trims and
+  elects them, each step a torch/numpy operation;
+- ``kernels, two passes``: the same with the fused C kernels
+  (``loramix/native/ties.c``);
+- ``kernels, one pass``: what a merge runs: each block formed and read once
+  (counted, elected at the estimated threshold, positions near it
+  recorded), then the few recorded entries that the exact trims cut another
+  way elected again;
+- ``dense deltas``: the deltas formed whole first (what a D2-LoRA delta
+  takes), then the one pass on them.
 
-That is the dense way (what a D2-LoRA delta takes). LoRA deltas take it
-from their factors (``ties_from_factors``): no delta formed whole, each block
-of rows formed twice (once to count for the thresholds, once to trim and
-elect) while it is in the cache; its two passes are timed the same way, and
-its result is checked to be the dense way's bits.
-
-Each is given in ms and in ns of CPU per entry of the module (wall x
-threads / entries): the figure to set against the ~0.3 ns that one
-elementwise pass over a float32 block costs here, to count passes. The
+Every way's result is checked to be the eager way's bits. Each is given in
+ms and in ns of CPU per entry of the module (wall x threads / entries), the
 median of ``--repeat`` runs after one warm-up.
 
     python benchmarks/bench_ties_parts.py [--adapters 3] [--density 0.2] [--repeat 5]
@@ -30,6 +29,7 @@ median of ``--repeat`` runs after one warm-up.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -69,52 +69,47 @@ def main(argv=None) -> None:
         device, helpers = "cpu", None
 
     parts: dict[str, list[float]] = {k: [] for k in ROWS}
+    how = (args.density, "mass", "count")
+    share = mb.ONE_PASS_MAX_SHARE
+    if mb._fused(torch.empty(1)) is None:
+        raise SystemExit("the native kernels are not built here (no C compiler?): nothing to compare")
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.view(torch.int32)
+
     with engine.cpu_threads(Run()):
         threads = engine.run_threads()
         for i in range(args.repeat + 1):
-            t = [time.perf_counter()]
-            xs = mb.dense_deltas(ctx, mods, None, weights)
-            t.append(time.perf_counter())
-            k = int(args.density * xs[0].numel())
-            if any(mb._abs_kth_largest_by_rows(x, k, scratch) is None for x in xs):
-                raise SystemExit("a sampled bracket missed its threshold: rerun")
-            t.append(time.perf_counter())
-            # trim_and_elect finds the thresholds again: the election is its time less theirs
-            xs = mb.dense_deltas(ctx, mods, None, weights)
-            t.append(time.perf_counter())
-            dense = mb.trim_and_elect(xs, weights, args.density, "mass", "count", scratch).clone()
-            t.append(time.perf_counter())
-            srcs = [mb._FactorRows(*m.factors(torch.float32), scratch, f"r{j}") for j, m in enumerate(mods)]
-            if any(mb._abs_kth_largest_by_rows(s, k, scratch) is None for s in srcs):
-                raise SystemExit("a sampled bracket missed its threshold: rerun")
-            t.append(time.perf_counter())
-            fact = mb.ties_from_factors(ctx, mods, weights, args.density, "mass", "count")
-            t.append(time.perf_counter())
-            if not torch.equal(fact, dense):
-                raise SystemExit("the two ways differ")
+            times, results = {}, {}
+            for way in ROWS:
+                os.environ["LORAMIX_NATIVE"] = "0" if way.startswith("eager") else "1"
+                mb.ONE_PASS_MAX_SHARE = -1.0 if "two passes" in way else share
+                t = time.perf_counter()
+                if way.startswith("dense"):
+                    out = mb.trim_and_elect(mb.dense_deltas(ctx, mods, None, weights), weights, *how, scratch)
+                else:
+                    out = mb.ties_from_factors(ctx, mods, weights, *how)
+                times[way], results[way] = time.perf_counter() - t, bits(out).clone()
+            os.environ.pop("LORAMIX_NATIVE", None)
+            mb.ONE_PASS_MAX_SHARE = share
+            if any(not torch.equal(r, results[ROWS[0]]) for r in results.values()):
+                raise SystemExit("the ways differ")
             if i:
-                d = [b - a for a, b in zip(t, t[1:])]
-                parts["dense: products"].append(d[0])
-                parts["dense: thresholds"].append(d[1])
-                parts["dense: election"].append(d[3] - d[1])
-                parts["dense: all"].append(d[0] + d[3])
-                parts["from the factors: thresholds"].append(d[4])
-                parts["from the factors: election"].append(d[5] - d[4])
-                parts["from the factors: all"].append(d[5])
+                for way, dt in times.items():
+                    parts[way].append(dt)
     entries = out_f * in_f
     med = {k: statistics.median(v) for k, v in parts.items()}
     print(f"### TIES, one {out_f} x {in_f} module, {n} rank-{args.rank} deltas, density {args.density}, "
           f"{threads} threads, median of {args.repeat}\n")  # fmt: skip
-    print("| way: part | ms | ns CPU per entry |\n|---|---:|---:|")
+    print("| way | ms | ns CPU per entry | speed-up over eager |\n|---|---:|---:|---:|")
     for k, v in med.items():
-        print(f"| {k} | {1e3 * v:.0f} | {v * threads / entries * 1e9:.1f} |")
-    ratio = med["dense: all"] / med["from the factors: all"]
-    print(f"\n- from the factors: {ratio:.2f}x the dense way's speed, the same bits (checked every run)")
+        print(f"| {k} | {1e3 * v:.0f} | {v * threads / entries * 1e9:.1f} | {med[ROWS[0]] / v:.2f}x |")
+    print("\n- every way gives the eager way's bits (checked every run)")
     print(f"- {machine_line()}")
 
 
-ROWS = ("dense: products", "dense: thresholds", "dense: election", "dense: all",
-        "from the factors: thresholds", "from the factors: election", "from the factors: all")  # fmt: skip
+ROWS = ("eager (LORAMIX_NATIVE=0), two passes", "kernels, two passes", "kernels, one pass",
+        "kernels, dense deltas, one pass")  # fmt: skip
 
 
 if __name__ == "__main__":

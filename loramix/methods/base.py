@@ -539,21 +539,26 @@ def _bracket(sample, k: int, n: int, stride: int = SAMPLE_STRIDE):
     standard errors of its rank, plus two sampling ``stride``s (a strided
     sample's entries are not independent draws) and 8; infinite where it
     reaches an end."""
-    import math
 
     import numpy as np
 
     m = sample.size
-    p = k / n  # the fraction at or above the answer
-    at = (1.0 - p) * (m - 1)  # where the answer falls in the sorted sample
-    margin = 8.0 * math.sqrt(p * (1.0 - p) * m) + 2.0 * stride + 8.0
-    i_lo, i_hi = max(0, math.floor(at - margin)), min(m - 1, math.ceil(at + margin))
+    _, i_lo, i_hi = _bracket_ranks(m, k, n, stride)
     # two single partitions: numpy's partition at two indices at once costs several times more
     sample.partition(i_lo)
     sample[i_lo:].partition(i_hi - i_lo)  # the entries from i_lo on are those at or above it
     lo = sample[i_lo] if i_lo > 0 else sample.dtype.type(-np.inf)
     hi = sample[i_hi] if i_hi < m - 1 else sample.dtype.type(np.inf)
     return lo, hi
+
+
+def _bracket_ranks(m: int, k: int, n: int, stride: int) -> tuple[float, int, int]:
+    """Where :func:`_bracket` looks in the sorted sample of ``m``: the
+    answer's place ``at`` and the bracket's ends ``i_lo <= at <= i_hi``."""
+    p = k / n  # the fraction at or above the answer
+    at = (1.0 - p) * (m - 1)
+    margin = 8.0 * math.sqrt(p * (1.0 - p) * m) + 2.0 * stride + 8.0
+    return at, max(0, math.floor(at - margin)), min(m - 1, math.ceil(at + margin))
 
 
 def _pick(n_above: int, inside, k: int, dtype) -> torch.Tensor | None:
@@ -714,16 +719,19 @@ def _ties_in_one_pass(srcs, k: int, weights, sign: str, divide: str, scratch):
         sample = srcs[i].abs_sample()
         m = sample.size
         lo, hi = _bracket(sample, k, total, srcs[i].stride)
-        inside = np.sort(sample[(sample >= lo) & (sample <= hi)])
-        if not inside.size:
-            return lo, hi, lo, lo, hi, 0.0
-        # the estimate: the sample's own k-th largest (by its rank among those inside),
-        # and the band of ONE_PASS_BAND standard errors of that rank around it
+        # _bracket left the sample's ranks i_lo .. i_hi (those in [lo, hi]) together:
+        # the estimate is the sample's own k-th largest, at rank `at` among them, and
+        # the band ONE_PASS_BAND standard errors of that rank around it
+        at, i_lo, i_hi = _bracket_ranks(m, k, total, srcs[i].stride)
+        inside = np.sort(sample[i_lo : i_hi + 1])
         p = k / total
-        at = round((1.0 - p) * (m - 1)) - int(np.count_nonzero(sample < lo))
         band = ONE_PASS_BAND * math.sqrt(p * (1.0 - p) * m)
-        mid, rlo, rhi = (inside[min(max(round(r), 0), inside.size - 1)] for r in (at, at - band, at + band))
-        return lo, hi, mid, rlo, rhi, inside.size / max(m, 1)
+        mid, rlo, rhi = (
+            inside[min(max(round(r - i_lo), 0), inside.size - 1)] for r in (at, at - band, at + band)
+        )
+        # in [lo, hi] (the infinite ends included): what the records and the fixup assume
+        mid, rlo, rhi = (min(max(v, lo), hi) for v in (mid, rlo, rhi))
+        return lo, hi, mid, rlo, rhi, inside.size / m
 
     brackets = _each(n, bracket)
     dt = torch.empty(0, dtype=s0.dtype).numpy().dtype
@@ -763,10 +771,19 @@ def _ties_in_one_pass(srcs, k: int, weights, sign: str, divide: str, scratch):
         return MISSED
     if not all(a <= float(t) <= b for a, t, b in zip(rlo, thresholds, rhi)):
         return None  # a threshold outside its band: entries to elect again were not recorded
-    at = np.concatenate([p[2] for p in parts])
-    if at.size:
-        vals = [np.concatenate([p[3][i] for p in parts]) for i in range(n)]
-        fused.fixup(vals, prov, [_just_below(t) for t in thresholds], weights, mass, by_count, at, out)
+    lams = [_just_below(t) for t in thresholds]
+    from ..engine import run_threads
+
+    share = -(-len(parts) // run_threads())  # the blocks' records in one share per thread
+
+    def fixup(j: int) -> None:
+        mine = parts[j * share : (j + 1) * share]
+        at = np.concatenate([p[2] for p in mine])
+        if at.size:
+            vals = [np.concatenate([p[3][i] for p in mine]) for i in range(n)]
+            fused.fixup(vals, prov, lams, weights, mass, by_count, at, out)
+
+    _each(-(-len(parts) // share), fixup)
     return out
 
 
