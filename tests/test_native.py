@@ -191,10 +191,41 @@ def test_merge_same_bits_with_and_without_kernels(kernels, monkeypatch):
     assert torch.equal(_bits(eager[0]), _bits(eager[1]))
 
 
+@pytest.mark.parametrize("method", ["ties", "dare-ties", "magnitude"])
+def test_merge_writes_the_same_bytes_with_and_without_kernels(method, monkeypatch, tmp_path):
+    """A merge into a bfloat16 base through the command line, with the
+    kernels and with ``LORAMIX_NATIVE=0``: the same bytes."""
+    from loramix.cli import main
+
+    from .factories import make_peft_adapter, save_base, tiny_llama
+
+    if ties.kernels() is None:
+        pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
+    model = tiny_llama(seed=0, hidden=256).to(torch.bfloat16)  # 256 x 520 MLP modules: the streaming way
+    base = save_base(model, tmp_path / "base")
+    ads = [make_peft_adapter(model.float(), tmp_path / f"ad{i}", seed=i + 1, r=4) for i in range(2)]
+    calls = []
+    for name in ("elect", "count", "one_pass"):
+        real = getattr(ties.Ties, name)
+        monkeypatch.setattr(ties.Ties, name, lambda self, *a, real=real: calls.append(1) or real(self, *a))
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LORAMIX_NATIVE", flag)
+        calls.clear()
+        out = tmp_path / f"out{flag}"
+        assert main(["merge", "-m", method, "--density", "0.3", *map(str, ads), "--into", str(base), "--out",
+                     str(out), "--no-progress"]) == 0  # fmt: skip
+        outs[flag] = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+        if flag == "0" or method != "magnitude":  # the TIES ways take the kernels; LORAMIX_NATIVE=0 none
+            assert bool(calls) == (flag == "1")
+    assert outs["1"] and outs["1"] == outs["0"]
+
+
 def test_no_compiler_means_eager_code_and_one_notice(monkeypatch, tmp_path, capsys):
     """``CC`` that does not exist: one notice, no library, and a build that
     fails leaves no file behind."""
     monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setattr(native, "_SAID", set())
     monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "no-such-compiler-here")
     assert native.library("ties") is None
@@ -203,6 +234,7 @@ def test_no_compiler_means_eager_code_and_one_notice(monkeypatch, tmp_path, caps
     assert err.count("native kernels off") == 1 and "no-such-compiler-here" in err
 
     monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setattr(native, "_SAID", set())
     monkeypatch.setenv("CC", "false")  # found, and fails every build
     assert native.library("ties") is None
     assert "building ties.c" in capsys.readouterr().err

@@ -87,8 +87,13 @@ def _build(name: str) -> Path | None:
             os.unlink(tmp)
 
 
+_SAID: set[str] = set()
+
+
 def _notice(why: str) -> None:
-    print(f"loramix: native kernels off ({why}); the slower eager code runs", file=sys.stderr)
+    if why not in _SAID:  # once per process, whichever library asked
+        _SAID.add(why)
+        print(f"loramix: native kernels off ({why}); the slower eager code runs", file=sys.stderr)
     return None
 
 
