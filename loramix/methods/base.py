@@ -516,13 +516,20 @@ def _abs_kth_largest_many(ts, k: int, scratch) -> list:
             out.append((int(np.count_nonzero(above)), a[window]))
         return out
 
-    parts = _rows(s0, count)
+    return _pick_each(_rows(s0, count), k, s0.dtype)
+
+
+def _pick_each(parts, k: int, dtype) -> list:
+    """Each delta's :func:`_pick` from the blocks' counts: ``parts[b][i]`` is
+    ``(entries above the bracket, magnitudes inside it)`` of delta ``i`` in
+    block ``b``; the deltas one per thread."""
+    import numpy as np
 
     def pick(i: int):
         mine = [p[i] for p in parts]
-        return _pick(sum(c for c, _ in mine), np.concatenate([w for _, w in mine]), k, srcs[i].dtype)
+        return _pick(sum(int(c) for c, _ in mine), np.concatenate([w for _, w in mine]), k, dtype)
 
-    return _each(len(srcs), pick)
+    return _each(len(parts[0]), pick)
 
 
 def _each(n: int, fn) -> list:
@@ -753,20 +760,11 @@ def _ties_in_one_pass(srcs, k: int, weights, sign: str, divide: str, scratch):
 
             one = passes[j] = fused.one_pass(lo, hi, prov, rlo, rhi, w, mass, by_count, space)
         records = one.run([s.rows(r0, r1, j) for s in srcs], out[r0:r1])
-        return (
-            one.above.copy(),
-            [a[:c].copy() for a, c in zip(one.windows, one.n_window)],
-            one.pos[:records] + r0 * cols,
-            [v[:records].copy() for v in one.vals],
-        )
+        counts = [(int(c), a[:m].copy()) for c, a, m in zip(one.above, one.windows, one.n_window)]
+        return counts, one.pos[:records] + r0 * cols, [v[:records].copy() for v in one.vals]
 
     parts = _rows(s0, block)
-
-    def pick(i: int):
-        inside = np.concatenate([p[1][i] for p in parts])
-        return _pick(int(sum(p[0][i] for p in parts)), inside, k, s0.dtype)
-
-    thresholds = _each(n, pick)
+    thresholds = _pick_each([p[0] for p in parts], k, s0.dtype)
     if any(t is None for t in thresholds):
         return MISSED
     if not all(a <= float(t) <= b for a, t, b in zip(rlo, thresholds, rhi)):
@@ -774,16 +772,16 @@ def _ties_in_one_pass(srcs, k: int, weights, sign: str, divide: str, scratch):
     lams = [_just_below(t) for t in thresholds]
     from ..engine import run_threads
 
-    share = -(-len(parts) // run_threads())  # the blocks' records in one share per thread
+    per_thread = -(-len(parts) // run_threads())  # the blocks' records in one share per thread
 
     def fixup(j: int) -> None:
-        mine = parts[j * share : (j + 1) * share]
-        at = np.concatenate([p[2] for p in mine])
+        mine = parts[j * per_thread : (j + 1) * per_thread]
+        at = np.concatenate([p[1] for p in mine])
         if at.size:
-            vals = [np.concatenate([p[3][i] for p in mine]) for i in range(n)]
+            vals = [np.concatenate([p[2][i] for p in mine]) for i in range(n)]
             fused.fixup(vals, prov, lams, weights, mass, by_count, at, out)
 
-    _each(-(-len(parts) // share), fixup)
+    _each(-(-len(parts) // per_thread), fixup)
     return out
 
 
