@@ -23,6 +23,6 @@ class Magnitude(MergeMethod):
     def delta(self, ctx, module_deltas, weights, W0, params):
         out = None
         for x in dense_deltas(ctx, module_deltas, W0, weights):
-            x = trim_(x, params["density"])
+            x = trim_(x, params["density"], ctx.scratch)
             out = x if out is None else out.add_(x)
         return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out
