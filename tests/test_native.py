@@ -240,6 +240,20 @@ def test_no_compiler_means_eager_code_and_one_notice(monkeypatch, tmp_path, caps
     assert not list((tmp_path / "native").glob("*"))
 
 
+def test_unwritable_cache_means_eager_code_and_a_notice(monkeypatch, tmp_path, capsys):
+    """A cache that cannot hold the build (here a file where its folder
+    would be): a notice naming it, the eager code, no exception."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler here")
+    (tmp_path / "native").write_text("not a folder")
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setattr(native, "_SAID", set())
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path))
+    assert native.library("ties") is None
+    err = capsys.readouterr().err
+    assert "native kernels off" in err and str(tmp_path / "native") in err
+
+
 def test_build_is_cached_per_source(kernels, monkeypatch, tmp_path):
     """A fresh cache builds the library once, into ``<cache>/native``; a
     second process (here: a cleared registry) loads the same file."""

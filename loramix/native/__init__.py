@@ -68,9 +68,12 @@ def _build(name: str) -> Path | None:
     lib = cache_dir() / "native" / f"{name}-{key}.so"
     if lib.exists():
         return lib
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=lib.parent)
-    os.close(fd)
+    try:
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=lib.parent)
+        os.close(fd)
+    except OSError as e:  # a cache that cannot be written: read-only, full, not a folder
+        return _notice(f"{lib.parent}: {e.strerror or e}")
     try:
         done = subprocess.run(
             [*cc.split(), *FLAGS, "-o", tmp, str(src)], capture_output=True, text=True, timeout=300
