@@ -7,9 +7,10 @@ runs as one whole pass over a block per operation (each pass reads and
 writes the block from the L2 cache or memory); the fused loop keeps a small
 chunk in the L1 cache and does every operation on it. Each kernel performs
 the eager code's operations in the same order with the same rounding (C11,
-``-ffp-contract=off``, no fast-math flag), so it gives the same bits;
-``tests/test_native.py`` checks that against the eager code, edge values
-included.
+``-ffp-contract=off``, no fast-math flag), or, in its AVX-512 form, a
+lane-for-lane equivalent that provably gives the same bits (listed in the
+source and in docs/merging.md); ``tests/test_native.py`` checks both forms
+against the eager code, edge values included.
 
 The library is built once per source, compiler and machine type into
 ``<cache>/native/`` (:func:`loramix.io.filehash.cache_dir`), written to a
