@@ -43,7 +43,7 @@ def _blocks(n: int, m: int, dtype, seed: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [1, 2, 3, 5])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize(("sign", "divide"), [("mass", "count"), ("count", "weight"), ("mass", "weight")])
 def test_elect_kernel_has_the_eager_bits(kernels, dtype, n, sign, divide):
     """hardshrink then ``_elect`` (eager torch) against the fused kernel, on
@@ -93,19 +93,23 @@ def test_count_kernel_counts_and_collects_as_numpy(kernels, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("sign", "divide"), [("mass", "count"), ("count", "weight")])
-def test_one_pass_kernel_counts_elects_and_records(kernels, dtype, sign, divide):
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])  # 1 .. 4: a copy of the AVX-512 pass each; 5: the general one
+def test_one_pass_kernel_counts_elects_and_records(kernels, dtype, sign, divide, n):
     """*pass*: the counts of *count*, the election of *elect* trimmed at
     ``prov``, and the records: every position where some block is in its
     band, in order, with every block's value there."""
     rng = np.random.default_rng(1)
-    n, weights = 3, np.array([1.0, -0.5, 2.0], dtype=dtype)
+    weights = np.array([1.0, -0.5, 2.0, 0.75, 1.0][:n], dtype=dtype)
     for m in (1, 17, 256, 1000, 4099):
         xs = _blocks(n, m, torch.float64 if dtype == np.float64 else torch.float32, seed=m)
-        lo = np.array([0.25, -np.inf, 0.3], dtype=dtype)
-        hi = np.array([0.5, 0.0, 0.3 + rng.random()], dtype=dtype)
-        prov = np.array([0.3, 0.0, hi[2]], dtype=dtype)  # a provisional trim inside each window
+        top = 0.3 + rng.random()
+        # windows with finite ends, [-inf, 0], and one of a single value ([0.5, 0.5])
+        lo = np.array([0.25, -np.inf, 0.3, 0.5, 0.0][:n], dtype=dtype)
+        hi = np.array([0.5, 0.0, top, 0.5, 0.25][:n], dtype=dtype)
+        prov = np.array([0.3, 0.0, top, 0.5, 0.25][:n], dtype=dtype)  # a provisional trim inside each window
         out = torch.empty_like(xs[0])
-        rlo, rhi = np.array([0.28, -np.inf, hi[2]], dtype=dtype), np.array([0.4, 0.0, hi[2]], dtype=dtype)
+        rlo = np.array([0.28, -np.inf, top, 0.5, 0.1][:n], dtype=dtype)
+        rhi = np.array([0.4, 0.0, top, 0.5, 0.2][:n], dtype=dtype)
         one = kernels.one_pass(lo, hi, prov, rlo, rhi, weights, sign == "mass", divide == "count",
                                lambda role, size, dt: np.full(size, 7, dt))  # fmt: skip
         one.run([x[:1] for x in xs], out[:1])  # a smaller block first: the arrays grow
