@@ -327,13 +327,30 @@ def _check_delta(delta: Delta, name: str, shape: tuple[int, int]) -> None:
         raise ValueError(f"module {name}: delta {tuple(delta.shape)}, expected {shape}")
 
 
-#: elements per block of rows (1 MiB of float32): a block stays in the
-#: CPU's cache from its read through its product to its check
+#: elements per block of rows at least (1 MiB of float32: a block stays in
+#: the CPU's cache from its read through its product to its check) ...
 BLOCK_ELEMENTS = 1 << 18
+#: ... and at most (16 MiB): a large tensor takes the largest blocks that still
+#: leave each thread BLOCKS_PER_THREAD of them (:func:`block_rows`). Each block
+#: costs calls and Python work; on the 7B benchmark, blocks of up to 4M entries
+#: made ``ties`` 15-20% faster and ``sum`` about 8% (reports/benchmarks.md),
+#: cache or not, while a small model's modules keep their 1 MiB blocks
+MAX_BLOCK_ELEMENTS = 1 << 22
+BLOCKS_PER_THREAD = 4
 #: rows per block at least: a one-row product takes BLAS's matrix-vector
 #: path, which sums the rank in another order than the matrix product of the
 #: whole tensor (two rows and more give its bits; tests/test_engine.py)
 MIN_ROWS = 8
+
+
+def block_rows(rows: int, cols: int, threads: int, least: int | None = None) -> int:
+    """Rows per block of a ``(rows, cols)`` tensor worked on by ``threads``
+    threads: ``least`` entries (default :data:`BLOCK_ELEMENTS`), or more, up
+    to :data:`MAX_BLOCK_ELEMENTS`, while each thread still gets
+    :data:`BLOCKS_PER_THREAD` blocks; at least one row."""
+    least = BLOCK_ELEMENTS if least is None else least
+    entries = max(least, min(MAX_BLOCK_ELEMENTS, rows * cols // (BLOCKS_PER_THREAD * max(threads, 1))))
+    return max(1, entries // max(cols, 1))
 
 
 def needs_base(compute: ModuleCompute, module: str) -> bool:
@@ -367,7 +384,7 @@ def add_delta(
     job's output dtype. ``compute`` gets ``W0`` only where it reads it
     (:func:`needs_base`), else None.
 
-    On the CPU each block of rows (``BLOCK_ELEMENTS``; ``helpers``, a
+    On the CPU each block of rows (:func:`block_rows`; ``helpers``, a
     :class:`Helpers`, take shares) runs in one thread while it is in the
     cache: read (``read(r0, r1)``, when given, fills those rows of
     ``stored`` from the file; else ``stored`` holds them), converted to
@@ -389,7 +406,8 @@ def add_delta(
     shape = (cols, rows) if job.transposed else (rows, cols)  # (out, in)
     on_cpu = torch.device(dev).type == "cpu"
     helpers = helpers if on_cpu else None
-    step = max(MIN_ROWS, BLOCK_ELEMENTS // max(cols, 1)) if on_cpu else max(rows, 1)
+    threads = 1 + (helpers.threads if helpers is not None else 0)
+    step = max(MIN_ROWS, block_rows(rows, cols, threads)) if on_cpu else max(rows, 1)
     in_place = stored.dtype == cdt and stored.device == dev  # the stored tensor is the compute buffer
     W = stored if in_place else None  # the whole W0 in the compute dtype, when one is needed
     scratch = pool if scratch is None else scratch

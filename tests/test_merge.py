@@ -726,6 +726,7 @@ def test_streaming_trim_and_elect_same_bits(monkeypatch, sign, divide, weights, 
     with a helper thread, the bracket) gives the bits of
     ``elect_and_merge([trim_(x) ...])`` on whole fresh tensors, signed zeros
     included."""
+    import loramix.engine as engine
     import loramix.methods.base as mb
     from loramix.engine import Buffers, cpu_threads
 
@@ -734,6 +735,7 @@ def test_streaming_trim_and_elect_same_bits(monkeypatch, sign, divide, weights, 
             mb, "_bracket", lambda sample, k, n, *stride: (sample.dtype.type(5.0), sample.dtype.type(6.0))
         )
     monkeypatch.setattr(mb, "ROW_BLOCK_ELEMENTS", 3000)  # many blocks, a short last one
+    monkeypatch.setattr(engine, "MAX_BLOCK_ELEMENTS", 3000)
 
     class Run:
         device = torch.device("cpu")
@@ -788,11 +790,13 @@ def test_ties_from_factors_gives_the_dense_ways_bits(monkeypatch, shape, rank, w
     ``trim_and_elect``), with many blocks, a last one shorter than
     ``engine.MIN_ROWS`` (joined), zero rows, negative weights, one thread
     or a helper beside it."""
+    import loramix.engine as engine
     import loramix.methods.base as mb
     from loramix.engine import Buffers, cpu_threads
 
     # blocks of 25 rows: 1001 rows leave a last block of 1, joined to the one before
     monkeypatch.setattr(mb, "ROW_BLOCK_ELEMENTS", 25 * shape[1])
+    monkeypatch.setattr(engine, "MAX_BLOCK_ELEMENTS", 25 * shape[1])
     mods = _factor_deltas(*shape, rank, len(weights), seed=shape[0], zero_rows=5)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -380,8 +380,8 @@ def trim_(t: torch.Tensor, density: float, scratch=None) -> torch.Tensor:
     return t.mul_(a.ge_(thr))  # a becomes the 0/1 keep mask, in its own dtype
 
 
-#: elements per block of rows of the methods' elementwise work (1 MiB of
-#: float32: a block of each of a few tensors stays in the cache)
+#: elements per block of rows of the methods' elementwise work at least (1 MiB
+#: of float32; a large tensor takes larger ones: :func:`loramix.engine.block_rows`)
 ROW_BLOCK_ELEMENTS = 1 << 18
 
 
@@ -404,10 +404,10 @@ def _rows(t, fn) -> list:
     """``fn(r0, r1, j)`` over the blocks of rows of ``t`` (a tensor or a
     :class:`_DeltaRows`; at least ``engine.MIN_ROWS`` rows each), shared out
     with the streaming run's threads (:func:`loramix.engine.parallel_rows`)."""
-    from ..engine import MIN_ROWS, parallel_rows
+    from ..engine import MIN_ROWS, block_rows, parallel_rows, run_threads
 
     rows, cols = t.shape
-    return parallel_rows(rows, max(1, ROW_BLOCK_ELEMENTS // max(cols, 1)), fn, MIN_ROWS)
+    return parallel_rows(rows, block_rows(rows, cols, run_threads(), ROW_BLOCK_ELEMENTS), fn, MIN_ROWS)
 
 
 class _DeltaRows:
