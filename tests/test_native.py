@@ -272,3 +272,28 @@ def test_build_is_cached_per_source(kernels, monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_LOADED", {})
     assert native.library("ties") is not None
     assert [p.stat().st_mtime_ns for p in (tmp_path / "native").glob("*")] == [mtime]
+
+
+@pytest.mark.parametrize("seed", [0, 5489, 2**32 + 7, 2**63 - 1])
+def test_dare_mask_kernel_draws_what_torch_draws(seed, monkeypatch):
+    """``dare.c``'s mask is ``torch.rand(generator seeded with seed) < density``
+    bit for bit: seeds past 32 bits, lengths around the twister's 624-word
+    refills, densities at the ends and between two float32 values."""
+    from loramix.native import dare
+
+    k = dare.kernels()
+    if k is None:
+        pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
+    for m in (1, 623, 624, 625, 1249, 50_000):
+        for density in (0.0, 1e-8, 0.2, 0.5, 1 / 3, 0.9, 1.0):
+            g = torch.Generator().manual_seed(seed)
+            want = torch.rand(m, generator=g, dtype=torch.float32).lt_(density)
+            got = torch.full((m,), 7.0)
+            k.mask(seed, density, got)
+            assert torch.equal(_bits(got), _bits(want)), (m, density)
+    # what the merges call, both ways (a 2-D mask, into a work tensor and fresh)
+    monkeypatch.setenv("LORAMIX_NATIVE", "0")
+    eager = mb.dare_mask((300, 7), 0.3, seed)
+    monkeypatch.setenv("LORAMIX_NATIVE", "1")
+    assert torch.equal(_bits(mb.dare_mask((300, 7), 0.3, seed)), _bits(eager))
+    assert torch.equal(_bits(mb.dare_mask((300, 7), 0.3, seed, out=torch.empty(300, 7))), _bits(eager))

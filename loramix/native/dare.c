@@ -1,0 +1,80 @@
+/*
+ * DARE's keep-mask, drawn as torch draws it: loramix.methods.base.dare_mask is
+ *
+ *     g = torch.Generator().manual_seed(seed)
+ *     torch.rand(m, generator=g, dtype=torch.float32).lt_(density)
+ *
+ * and torch's CPU generator is the standard 32-bit Mersenne Twister (MT19937)
+ * seeded with the seed's low 32 bits (the reference initialisation); rand
+ * draws one 32-bit output per entry, in order, and keeps its low 24 bits:
+ * u = (v & 0xffffff) * 2^-24, exact in float32. The comparison is u < density
+ * in float32 (torch casts the Python float to the tensor's dtype). So the mask
+ * is 1.0f where (v & 0xffffff) * 2^-24 < density32, else 0.0f: the same bits
+ * as the torch code (tests/test_native.py checks it against torch.rand), at a
+ * fraction of its cost (torch calls the generator once per entry through its
+ * dispatch; this loop is one tempering and one compare).
+ */
+#include <stdint.h>
+
+#define N 624
+#define M 397
+
+typedef struct {
+    uint32_t s[N];
+    int i;
+} mt19937;
+
+static void mt_seed(mt19937 *g, uint32_t seed)
+{
+    g->s[0] = seed;
+    for (int j = 1; j < N; j++)
+        g->s[j] = 1812433253u * (g->s[j - 1] ^ (g->s[j - 1] >> 30)) + (uint32_t)j;
+    g->i = N;
+}
+
+#define TWIST(j, j1, jm)                                                                         \
+    do {                                                                                         \
+        uint32_t y = (s[j] & 0x80000000u) | (s[j1] & 0x7fffffffu);                               \
+        s[j] = s[jm] ^ (y >> 1) ^ (-(y & 1u) & 0x9908b0dfu);                                     \
+    } while (0)
+
+/* the next N words of state (the reference algorithm, its index wrap-around split out) */
+static void mt_twist(mt19937 *g)
+{
+    uint32_t *s = g->s;
+    int j = 0;
+    for (; j < N - M; j++)
+        TWIST(j, j + 1, j + M);
+    for (; j < N - 1; j++)
+        TWIST(j, j + 1, j + M - N);
+    TWIST(N - 1, 0, M - 1);
+    g->i = 0;
+}
+
+static inline uint32_t temper(uint32_t y)
+{
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    y ^= y >> 18;
+    return y;
+}
+
+/* out[0 .. m) = the keep-mask (1.0f / 0.0f) of the generator seeded with seed */
+void loramix_dare_mask_f32(uint64_t seed, float density, float *out, int64_t m)
+{
+    mt19937 g;
+    mt_seed(&g, (uint32_t)seed);
+    for (int64_t e = 0; e < m;) {
+        if (g.i == N)
+            mt_twist(&g);
+        int64_t c = m - e < N - g.i ? m - e : N - g.i;
+        const uint32_t *s = g.s + g.i;
+        for (int64_t j = 0; j < c; j++) {
+            float u = (float)(temper(s[j]) & 0xffffffu) * 0x1p-24f;
+            out[e + j] = u < density ? 1.0f : 0.0f;
+        }
+        g.i += (int)c;
+        e += c;
+    }
+}

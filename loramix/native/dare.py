@@ -1,0 +1,37 @@
+"""DARE's keep-mask (``dare.c``): the draws of ``torch.rand`` from a
+generator seeded with ``seed``, compared with ``density``, without torch's
+per-entry dispatch. :func:`kernels` is None where the kernels are off
+(:mod:`loramix.native`)."""
+
+from __future__ import annotations
+
+import ctypes
+
+from . import enabled, library
+
+
+class Dare:
+    """Typed entry point of the built ``dare.c``."""
+
+    def __init__(self, lib):
+        self._mask = lib.loramix_dare_mask_f32
+        self._mask.argtypes = [ctypes.c_uint64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64]
+        self._mask.restype = None
+
+    def mask(self, seed: int, density: float, out) -> None:
+        """``out`` (a C-contiguous float32 CPU tensor) = ``torch.rand(out.shape,
+        generator=torch.Generator().manual_seed(seed)) < density`` as 1.0 / 0.0."""
+        self._mask(seed, density, out.data_ptr(), out.numel())
+
+
+_KERNELS: list = []
+
+
+def kernels() -> Dare | None:
+    """The mask kernel, or None (off, or not built here)."""
+    if not enabled():
+        return None
+    if not _KERNELS:
+        lib = library("dare")
+        _KERNELS.append(None if lib is None else Dare(lib))
+    return _KERNELS[0]
