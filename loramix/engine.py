@@ -41,6 +41,7 @@ import contextlib
 import contextvars
 import inspect
 import itertools
+import math
 import os
 import sys
 import threading
@@ -393,7 +394,10 @@ def add_delta(
     the whole tensor, see ``MIN_ROWS``; a dense delta by an add), converted
     back and summed. A sum propagates nan and inf; only a sum that is not
     finite (an overflow can also make one) sends the tensor to the exact
-    check, :func:`check_output_finite`. On a GPU the tensor is one block.
+    check, :func:`check_output_finite`. A bfloat16 weight read and written
+    as bfloat16 takes the delta's rows apart and one fused kernel for the
+    rest, the same bits (:func:`_fused_bf16`). On a GPU the tensor is one
+    block.
     A compute that reads ``W0`` gets it whole first.
 
     The result goes into ``stored`` (the caller's read buffer) when the
@@ -448,10 +452,17 @@ def add_delta(
         dense = dense.T if job.transposed else dense
     out = _output_buffer(W, stored, code_dtype, pool)
     wide = code_dtype if code_dtype != torch.float16 else torch.float32
+    fused = _fused_bf16(stored, out, W, cdt, on_cpu) if dense is None or dense.is_contiguous() else None
 
     def block(r0: int, r1: int, k: int) -> list[torch.Tensor]:
         if unread:
             read(r0, r1)
+        if fused is not None:  # bfloat16 in and out: the delta's rows, then one fused pass
+            if left is not None:
+                d = torch.mm(left[r0:r1], right, out=scratch.get(f"delta{k}", (r1 - r0, cols), cdt, dev))
+            else:
+                d = dense[r0:r1]
+            return [] if fused.add(stored[r0:r1], d, out[r0:r1]) else [torch.tensor(math.inf)]
         if W is not None:
             blk = W[r0:r1]
         else:
@@ -471,6 +482,23 @@ def add_delta(
     if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
         check_output_finite(out, job.info.key)  # raises, naming the tensor, unless a sum overflowed
     return JobResult(job, out, res.facts)
+
+
+def _fused_bf16(stored: torch.Tensor, out: torch.Tensor, W, cdt: torch.dtype, on_cpu: bool):
+    """The fused ``bf16(f32(W0) + delta)`` kernel (:mod:`loramix.native.bf16`)
+    where :func:`add_delta` may take it: on the CPU, a bfloat16 weight read
+    and written as bfloat16, computed in float32, ``W0`` not needed whole;
+    else None. Its bits are those of ``W0.float().addmm_(B, A)`` (the product
+    added once, rounded once: ``addmm_`` adds ``C`` to the finished product,
+    tests/test_native.py) and of ``W0.float() + dense``, narrowed as torch
+    narrows."""
+    if not on_cpu or W is not None or cdt != torch.float32:
+        return None
+    if stored.dtype != torch.bfloat16 or out.dtype != torch.bfloat16:
+        return None
+    from .native import bf16
+
+    return bf16.kernels()
 
 
 def _output_buffer(W, stored: torch.Tensor, code_dtype: torch.dtype, pool: Buffers) -> torch.Tensor:

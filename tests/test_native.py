@@ -195,11 +195,12 @@ def test_merge_same_bits_with_and_without_kernels(kernels, monkeypatch):
     assert torch.equal(_bits(eager[0]), _bits(eager[1]))
 
 
-@pytest.mark.parametrize("method", ["ties", "dare-ties", "magnitude"])
+@pytest.mark.parametrize("method", ["ties", "dare-ties", "magnitude", "sum"])
 def test_merge_writes_the_same_bytes_with_and_without_kernels(method, monkeypatch, tmp_path):
     """A merge into a bfloat16 base through the command line, with the
     kernels and with ``LORAMIX_NATIVE=0``: the same bytes."""
     from loramix.cli import main
+    from loramix.native import bf16
 
     from .factories import make_peft_adapter, save_base, tiny_llama
 
@@ -209,15 +210,17 @@ def test_merge_writes_the_same_bytes_with_and_without_kernels(method, monkeypatc
     base = save_base(model, tmp_path / "base")
     ads = [make_peft_adapter(model.float(), tmp_path / f"ad{i}", seed=i + 1, r=4) for i in range(2)]
     calls = []
-    for name in ("elect", "count", "one_pass"):
-        real = getattr(ties.Ties, name)
-        monkeypatch.setattr(ties.Ties, name, lambda self, *a, real=real: calls.append(1) or real(self, *a))
+    taken = ((ties.Ties, "elect"), (ties.Ties, "count"), (ties.Ties, "one_pass"), (bf16.Bf16, "add"))
+    for cls, name in taken:
+        real = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, *a, real=real: calls.append(1) or real(self, *a))
     outs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("LORAMIX_NATIVE", flag)
         calls.clear()
         out = tmp_path / f"out{flag}"
-        assert main(["merge", "-m", method, "--density", "0.3", *map(str, ads), "--into", str(base), "--out",
+        density = [] if method == "sum" else ["--density", "0.3"]
+        assert main(["merge", "-m", method, *density, *map(str, ads), "--into", str(base), "--out",
                      str(out), "--no-progress"]) == 0  # fmt: skip
         outs[flag] = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
         assert bool(calls) == (flag == "1")  # the kernels are taken, and LORAMIX_NATIVE=0 takes none
@@ -297,3 +300,54 @@ def test_dare_mask_kernel_draws_what_torch_draws(seed, monkeypatch):
     monkeypatch.setenv("LORAMIX_NATIVE", "1")
     assert torch.equal(_bits(mb.dare_mask((300, 7), 0.3, seed)), _bits(eager))
     assert torch.equal(_bits(mb.dare_mask((300, 7), 0.3, seed, out=torch.empty(300, 7))), _bits(eager))
+
+
+def test_bf16_add_kernel_has_torchs_bits():
+    """``bf16.c``: ``(w0.float() + d).bfloat16()`` bit for bit for every
+    bfloat16 ``w0`` that is a number, with deltas that tie (round to even),
+    carry to infinity, are subnormal or zero of either sign; not finite
+    (NaN or infinity in, or an overflow) is reported, on lengths on and off
+    the vector width, in place or not."""
+    from loramix.native import bf16
+
+    k = bf16.kernels()
+    if k is None:
+        pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    w0 = bits.view(torch.bfloat16)
+    w0 = w0[~torch.isnan(w0)]
+    g = torch.Generator().manual_seed(0)
+    w = w0.float()
+    deltas = [
+        torch.zeros_like(w),
+        -torch.zeros_like(w),
+        torch.randn(w.shape, generator=g) * w.abs().clamp_min(1e-30),  # the same scale as w0: every rounding
+        torch.full_like(w, 1e-45),
+        (w * 2.0**-8).neg(),  # about half a bfloat16 step: exact ties where w0 is a power of two
+        torch.full_like(w, 3.0e38),  # overflows where w0 is large
+    ]
+    for d in deltas:
+        want = (w + d).bfloat16()
+        got = torch.empty_like(w0)
+        finite = k.add(w0.contiguous(), d.contiguous(), got)
+        assert finite == bool(torch.isfinite(want).all())
+        ok = ~torch.isnan(want)  # a NaN result's bits are unspecified (the merge raises)
+        assert torch.equal(got[ok].view(torch.int16), want[ok].view(torch.int16))
+    for m in (1, 15, 16, 17, 1000):  # in place (out is w0), lengths off the vector width
+        x, d = w0[:m].clone(), deltas[2][:m].contiguous()
+        want = (x.float() + d).bfloat16()
+        assert k.add(x, d, x) and torch.equal(x.view(torch.int16), want.view(torch.int16))
+    inf = torch.tensor([1.0, float("inf")]).bfloat16()
+    assert not k.add(inf, torch.zeros(2), torch.empty_like(inf))
+
+
+def test_addmm_adds_the_finished_product():
+    """What the fused bfloat16 step relies on for the engine's bits:
+    ``W.addmm_(B, A)`` is ``W + B @ A`` (the product rounded, then added
+    once), for the engine's block shapes and a transposed ``B``."""
+    g = torch.Generator().manual_seed(0)
+    for out_f, in_f, r in ((1024, 4096, 48), (64, 11008, 48), (256, 768, 8)):
+        Bt, A = torch.randn(r, out_f, generator=g), torch.randn(r, in_f, generator=g)
+        W = torch.randn(out_f, in_f, generator=g)
+        for B in (Bt.T, Bt.T.contiguous()):
+            assert torch.equal(W.clone().addmm_(B, A), W + B @ A)
