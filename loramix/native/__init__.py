@@ -103,6 +103,21 @@ def _notice(why: str) -> None:
     return None
 
 
+_BOUND: dict[str, object] = {}
+
+
+def bound(name: str, wrap):
+    """``wrap(library(name))``, the typed entry points of ``<name>.c``, made
+    once per process; None where the kernels are off (checked on every call:
+    ``LORAMIX_NATIVE`` may change) or not built here."""
+    if not enabled():
+        return None
+    if name not in _BOUND:
+        lib = library(name)
+        _BOUND[name] = None if lib is None else wrap(lib)
+    return _BOUND[name]
+
+
 def library(name: str):
     """The ctypes library built from ``<name>.c``, or None (kernels off, or no
     compiler or a failed build: said once per process)."""

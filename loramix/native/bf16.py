@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ctypes
 
-from . import enabled, library
+from . import bound
 
 _P = ctypes.c_void_p
 
@@ -27,14 +27,6 @@ class Bf16:
         return not self._add(w0.data_ptr(), d.data_ptr(), out.data_ptr(), d.numel())
 
 
-_KERNELS: list = []
-
-
 def kernels() -> Bf16 | None:
     """The kernel, or None (off, or not built here)."""
-    if not enabled():
-        return None
-    if not _KERNELS:
-        lib = library("bf16")
-        _KERNELS.append(None if lib is None else Bf16(lib))
-    return _KERNELS[0]
+    return bound("bf16", Bf16)

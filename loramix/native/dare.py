@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ctypes
 
-from . import enabled, library
+from . import bound
 
 
 class Dare:
@@ -24,14 +24,6 @@ class Dare:
         self._mask(seed, density, out.data_ptr(), out.numel())
 
 
-_KERNELS: list = []
-
-
 def kernels() -> Dare | None:
     """The mask kernel, or None (off, or not built here)."""
-    if not enabled():
-        return None
-    if not _KERNELS:
-        lib = library("dare")
-        _KERNELS.append(None if lib is None else Dare(lib))
-    return _KERNELS[0]
+    return bound("dare", Dare)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ctypes
 
-from . import enabled, library
+from . import bound
 
 #: adapters one election takes at most (the eager code takes more)
 MAX_ADAPTERS = 64
@@ -139,14 +139,6 @@ class OnePass:
         return int(self._fn(n, ptrs, *self._head[2:], out.data_ptr(), m, *self._tail))
 
 
-_KERNELS: list = []
-
-
 def kernels() -> Ties | None:
     """The fused TIES kernels, or None (off, or not built here)."""
-    if not enabled():
-        return None
-    if not _KERNELS:
-        lib = library("ties")
-        _KERNELS.append(None if lib is None else Ties(lib))
-    return _KERNELS[0]
+    return bound("ties", Ties)
