@@ -5,8 +5,9 @@ reference.
 A kernel here fuses a chain of elementwise operations that the eager code
 runs as one whole pass over a block per operation (each pass reads and
 writes the block from the L2 cache or memory); the fused loop keeps a small
-chunk in the L1 cache and does every operation on it (``ties.c``). Or it
-draws what torch draws without torch's per-entry dispatch (``dare.c``: the
+chunk in the L1 cache and does every operation on it (``ties.c``; ``bf16.c``,
+the last step of a bfloat16 weight: widen, add, round, check). Or it draws
+what torch draws without torch's per-entry dispatch (``dare.c``: the
 generator's Mersenne Twister, DARE's masks). Each kernel performs
 the eager code's operations in the same order with the same rounding (C11,
 ``-ffp-contract=off``, no fast-math flag), or, in its AVX-512 form, a
