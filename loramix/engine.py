@@ -452,7 +452,7 @@ def add_delta(
         dense = dense.T if job.transposed else dense
     out = _output_buffer(W, stored, code_dtype, pool)
     wide = code_dtype if code_dtype != torch.float16 else torch.float32
-    fused = _fused_bf16(stored, out, W, cdt, on_cpu) if dense is None or dense.is_contiguous() else None
+    fused = _fused_bf16(stored, out, W, dense, cdt, on_cpu)
 
     def block(r0: int, r1: int, k: int) -> list[torch.Tensor]:
         if unread:
@@ -484,15 +484,21 @@ def add_delta(
     return JobResult(job, out, res.facts)
 
 
-def _fused_bf16(stored: torch.Tensor, out: torch.Tensor, W, cdt: torch.dtype, on_cpu: bool):
+def _fused_bf16(stored: torch.Tensor, out: torch.Tensor, W, dense, cdt: torch.dtype, on_cpu: bool):
     """The fused ``bf16(f32(W0) + delta)`` kernel (:mod:`loramix.native.bf16`)
     where :func:`add_delta` may take it: on the CPU, a bfloat16 weight read
-    and written as bfloat16, computed in float32, ``W0`` not needed whole;
+    and written as bfloat16, computed in float32, ``W0`` not needed whole, a
+    dense delta (if any) contiguous (the kernel reads its rows as they lie);
     else None. Its bits are those of ``W0.float().addmm_(B, A)`` (the product
     added once, rounded once: ``addmm_`` adds ``C`` to the finished product,
     tests/test_native.py) and of ``W0.float() + dense``, narrowed as torch
     narrows."""
-    if not on_cpu or W is not None or cdt != torch.float32:
+    if (
+        not on_cpu
+        or W is not None
+        or cdt != torch.float32
+        or (dense is not None and not dense.is_contiguous())
+    ):
         return None
     if stored.dtype != torch.bfloat16 or out.dtype != torch.bfloat16:
         return None
