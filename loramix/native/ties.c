@@ -223,7 +223,7 @@ KERNELS(double, int64_t, f64, fabs)
                                window, n_window, pos, vals);                                     \
     }
 
-#define AVX512_KERNELS(T, SUF, VT, MT, S, I, ABSMASK, EPI, MANT, RCP)                         \
+#define AVX512_KERNELS(T, SUF, VT, MT, S, ABSMASK, EPI, MANT, RCP)                            \
     enum { W_##SUF = 64 / sizeof(T) };                                                           \
                                                                                                  \
     AVX512_FN static inline VT abs_##SUF(VT x)                                                   \
@@ -373,9 +373,9 @@ KERNELS(double, int64_t, f64, fabs)
                                window, n_window, pos, vals);                                     \
     }
 
-AVX512_KERNELS(float, f32, __m512, __mmask16, ps, int32_t, _mm512_set1_epi32(0x7fffffff), epi32,
+AVX512_KERNELS(float, f32, __m512, __mmask16, ps, _mm512_set1_epi32(0x7fffffff), epi32,
                _mm512_set1_epi32(0x007fffff), _mm512_set1_epi32(0x7f000000))
-AVX512_KERNELS(double, f64, __m512d, __mmask8, pd, int64_t, _mm512_set1_epi64(0x7fffffffffffffffLL), epi64,
+AVX512_KERNELS(double, f64, __m512d, __mmask8, pd, _mm512_set1_epi64(0x7fffffffffffffffLL), epi64,
                _mm512_set1_epi64(0x000fffffffffffffLL), _mm512_set1_epi64(0x7fe0000000000000LL))
 #endif
 
