@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import functools
 import inspect
 import itertools
 import math
@@ -54,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from . import native
 from .adapter import Adapter, check_compatible
 from .devices import resolve_device
 from .errors import AdapterError, BaseModelError
@@ -807,7 +809,10 @@ def execute_into_base(
         hashing = hasher.submit(base.provenance, stop_hashing)
         bar = _progress_bar(plan, out, progress)
         try:
-            with cpu_threads(executor):
+            with (
+                cpu_threads(executor),
+                native.announcing(functools.partial(bar.write, file=sys.stderr) if progress else None),
+            ):
                 total, facts = _write_shards(plan, tmp, executor, compute, record, bar, writers)
             finish_model_folder(base, tmp, total, plan.out_dtype)
             record["inputs"][-1] = hashing.result()

@@ -268,13 +268,44 @@ def test_build_is_cached_per_source(kernels, monkeypatch, tmp_path):
         pytest.skip("no C compiler here")
     monkeypatch.setattr(native, "_LOADED", {})
     monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path))
-    assert native.library("ties") is not None
+    said: list[str] = []
+    with native.announcing(said.append):
+        assert native.library("ties") is not None
     built = list((tmp_path / "native").glob("ties-*.so"))
     assert len(built) == 1
+    assert len(said) == 1 and "ties.c" in said[0] and str(tmp_path / "native") in said[0]
     mtime = built[0].stat().st_mtime_ns
     monkeypatch.setattr(native, "_LOADED", {})
-    assert native.library("ties") is not None
+    with native.announcing(said.append):
+        assert native.library("ties") is not None
     assert [p.stat().st_mtime_ns for p in (tmp_path / "native").glob("*")] == [mtime]
+    assert len(said) == 1  # loaded, not built: nothing to announce
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_a_merge_says_it_is_compiling_above_its_progress_bar(progress, monkeypatch, tmp_path, capfd):
+    """The first merge on a machine builds the kernels it takes; with a
+    progress bar, one line says so (the bar stops meanwhile); with
+    ``--no-progress``, nothing is said."""
+    from loramix.cli import main
+
+    from .factories import make_peft_adapter, save_base, tiny_llama
+
+    if native._compiler() is None or not native.enabled():
+        pytest.skip("no C compiler here, or LORAMIX_NATIVE=0")
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setattr(native, "_BOUND", {})
+    model = tiny_llama(seed=0, hidden=256).to(torch.bfloat16)  # bfloat16: the sum takes bf16.c
+    base = save_base(model, tmp_path / "base")
+    ad = make_peft_adapter(model.float(), tmp_path / "ad", seed=1, r=4)
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    capfd.readouterr()
+    flag = [] if progress else ["--no-progress"]
+    assert main(["sum", str(ad), "--into", str(base), "--out", str(tmp_path / "out"), *flag]) == 0
+    assert list((tmp_path / "cache" / "native").glob("bf16-*.so"))
+    said = [line for line in capfd.readouterr().err.splitlines() if "compiling" in line]
+    assert len(said) == (1 if progress else 0)
+    assert not progress or "bf16.c" in said[0]
 
 
 @pytest.mark.parametrize("seed", [0, 5489, 2**32 + 7, 2**63 - 1])

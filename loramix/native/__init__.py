@@ -20,11 +20,14 @@ The library is built once per source, compiler and machine type into
 temporary and renamed, so processes racing to build it each get a whole
 file. ``LORAMIX_NATIVE=0`` turns the kernels off; where no compiler is found
 or the build fails, the eager code runs, with a one-line notice. ``$CC``
-names the compiler (default ``cc``).
+names the compiler (default ``cc``). A build takes up to a few seconds
+(``ties.c``: about 5); within :func:`announcing` it is announced first, so
+that a progress bar that stops for that long says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -78,6 +81,8 @@ def _build(name: str) -> Path | None:
         os.close(fd)
     except OSError as e:  # a cache that cannot be written: read-only, full, not a folder
         return _notice(f"{lib.parent}: {e.strerror or e}")
+    if _SAY is not None:
+        _SAY(f"loramix: compiling {src.name} into {lib.parent} (once per machine and compiler)")
     try:
         done = subprocess.run(
             [*cc.split(), *FLAGS, "-o", tmp, str(src)], capture_output=True, text=True, timeout=300
@@ -95,6 +100,20 @@ def _build(name: str) -> Path | None:
 
 
 _SAID: set[str] = set()
+_SAY = None
+
+
+@contextlib.contextmanager
+def announcing(say):
+    """Within, a build about to run is first announced by ``say(line)``
+    (e.g. ``tqdm.write``, which keeps a progress bar whole); ``say=None``
+    builds silently, as outside."""
+    global _SAY
+    old, _SAY = _SAY, say
+    try:
+        yield
+    finally:
+        _SAY = old
 
 
 def _notice(why: str) -> None:
