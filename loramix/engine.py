@@ -417,47 +417,21 @@ def add_delta(
     in_place = stored.dtype == cdt and stored.device == dev  # the stored tensor is the compute buffer
     W = stored if in_place else None  # the whole W0 in the compute dtype, when one is needed
     scratch = pool if scratch is None else scratch
-    unread = read is not None  # rows are read by the blocks
-
-    def whole_w0() -> torch.Tensor:
-        nonlocal unread
-        # in place, the stored tensor once read; else a float32 copy, which is the
-        # result when the output dtype is the compute dtype (then it must outlive the call)
-        keep = pool if code_dtype == cdt else scratch
-        buf = W if W is not None else keep.get("in", stored.shape, cdt, dev)
-        if buf is stored and not unread:  # in place and already read: nothing to do
-            return buf
-
-        def load(r0: int, r1: int, k: int) -> None:
-            if unread:
-                read(r0, r1)
-            if buf is not stored:
-                buf[r0:r1].copy_(stored[r0:r1])
-
-        _by_blocks(rows, step, helpers, load)
-        unread = False
-        return buf
-
     if needs_base(compute, job.module):
-        W = whole_w0()
+        # a copy of W0 is the result when the output dtype is the compute dtype: it must outlive the call
+        W = _whole_w0(stored, W, read, step, helpers, pool if code_dtype == cdt else scratch, cdt, dev)
+        read = None  # every row is read
         res = _run_compute(compute, job.module, W.T if job.transposed else W, helpers)
     else:
         res = _run_compute(compute, job.module, None, helpers)
     _check_delta(res.delta, job.module, shape)
-    dense = left = right = None
-    if isinstance(res.delta, tuple):
-        B, A = (x.to(device=dev, dtype=cdt) for x in res.delta)
-        # the stored rows are B's rows, or for a Conv1D (in, out) tensor, A^T's: W + A^T B^T
-        left, right = (A.T.contiguous(), B.T) if job.transposed else (B, A)
-    else:
-        dense = res.delta.to(device=dev, dtype=cdt)
-        dense = dense.T if job.transposed else dense
+    dense, left, right = _operands(res.delta, dev, cdt, job.transposed)
     out = _output_buffer(W, stored, code_dtype, pool)
     wide = code_dtype if code_dtype != torch.float16 else torch.float32
     fused = _fused_bf16(stored, out, W, dense, cdt, on_cpu)
 
     def block(r0: int, r1: int, k: int) -> list[torch.Tensor]:
-        if unread:
+        if read is not None:
             read(r0, r1)
         if fused is not None:  # bfloat16 in and out: the delta's rows, then one fused pass
             if left is not None:
@@ -484,6 +458,37 @@ def add_delta(
     if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
         check_output_finite(out, job.info.key)  # raises, naming the tensor, unless a sum overflowed
     return JobResult(job, out, res.facts)
+
+
+def _whole_w0(stored: torch.Tensor, W, read, step: int, helpers, keep: Buffers, cdt, dev) -> torch.Tensor:
+    """``W0`` whole in the compute dtype ``cdt`` on ``dev``: ``W`` (the stored
+    tensor itself, in place) once its rows are read (``read(r0, r1)``, when
+    given, fills them), else a copy of ``stored`` into a buffer of ``keep``."""
+    buf = W if W is not None else keep.get("in", stored.shape, cdt, dev)
+    if buf is stored and read is None:  # in place and already read: nothing to do
+        return buf
+
+    def load(r0: int, r1: int, k: int) -> None:
+        if read is not None:
+            read(r0, r1)
+        if buf is not stored:
+            buf[r0:r1].copy_(stored[r0:r1])
+
+    _by_blocks(stored.shape[0], step, helpers, load)
+    return buf
+
+
+def _operands(delta, dev, cdt: torch.dtype, transposed: bool) -> tuple:
+    """``(dense, left, right)`` of a module's delta in the stored layout, on
+    ``dev`` in ``cdt``: a factor pair ``(B, A)`` gives the stored rows'
+    factors ``left @ right`` (``B @ A``, or for a Conv1D ``(in, out)`` tensor
+    ``A^T @ B^T``) and ``dense = None``; a dense delta gives itself (viewed
+    transposed for a Conv1D) and no factors."""
+    if isinstance(delta, tuple):
+        B, A = (x.to(device=dev, dtype=cdt) for x in delta)
+        return (None, A.T.contiguous(), B.T) if transposed else (None, B, A)
+    dense = delta.to(device=dev, dtype=cdt)
+    return (dense.T if transposed else dense), None, None
 
 
 def _fused_bf16(stored: torch.Tensor, out: torch.Tensor, W, dense, cdt: torch.dtype, on_cpu: bool):
