@@ -227,6 +227,37 @@ def test_merge_writes_the_same_bytes_with_and_without_kernels(method, monkeypatc
     assert outs["1"] and outs["1"] == outs["0"]
 
 
+def test_sum_into_bfloat16_by_pieces_writes_the_bytes_of_one_product(monkeypatch, tmp_path):
+    """The fused bfloat16 step forms a block's product by pieces of rows
+    (``engine.FUSED_PIECE_ELEMENTS``, here as small as it goes: 16 rows and
+    more): the bytes of the eager ``addmm_`` of the whole block."""
+    from loramix import engine
+    from loramix.cli import main
+    from loramix.native import bf16
+
+    from .factories import make_peft_adapter, save_base, tiny_llama
+
+    if bf16.kernels() is None:
+        pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
+    model = tiny_llama(seed=0, hidden=256).to(torch.bfloat16)
+    base = save_base(model, tmp_path / "base")
+    ads = [make_peft_adapter(model.float(), tmp_path / f"ad{i}", seed=i + 1, r=4) for i in range(3)]
+    monkeypatch.setattr(engine, "FUSED_PIECE_ELEMENTS", 1)
+    sizes = []
+    real = bf16.Bf16.add
+    monkeypatch.setattr(
+        bf16.Bf16, "add", lambda self, w0, d, out: sizes.append(d.shape[0]) or real(self, w0, d, out)
+    )
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LORAMIX_NATIVE", flag)
+        out = tmp_path / f"out{flag}"
+        assert main(["sum", *map(str, ads), "--into", str(base), "--out", str(out), "--no-progress"]) == 0
+        outs[flag] = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    assert sizes and min(sizes) >= engine.MIN_ROWS and max(sizes) <= 2 * engine.MIN_ROWS  # pieces taken
+    assert outs["1"] and outs["1"] == outs["0"]
+
+
 def test_no_compiler_means_eager_code_and_one_notice(monkeypatch, tmp_path, capsys):
     """``CC`` that does not exist: one notice, no library, and a build that
     fails leaves no file behind."""
