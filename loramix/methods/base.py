@@ -24,6 +24,7 @@ study need no special case per method.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Sequence
@@ -458,20 +459,42 @@ class _FactorRows(_DeltaRows):
         return torch.mm(self.B[r0:r1], self.A, out=out)
 
     def abs_sample(self):
-        import numpy as np
         import torch
 
         # the dense delta's sample, every SAMPLE_STRIDE-th entry of it flattened: in row r
         # the columns o(r), o(r) + S, ... with o(r) = (-r in) mod S, so the rows that share
-        # an o(r) make one small product with a strided slice of A's columns
-        out_f, in_f = self.shape
-        offsets = (-(torch.arange(out_f) * in_f)) % SAMPLE_STRIDE
-        parts = []
-        for o in range(min(SAMPLE_STRIDE, in_f)):
-            rows = (offsets == o).nonzero().reshape(-1)
-            if rows.numel():
-                parts.append((self.B[rows] @ self.A[:, o::SAMPLE_STRIDE]).reshape(-1))
-        return np.abs(torch.cat(parts).numpy())
+        # an o(r) make one small product with those columns of A; with B's rows and A's
+        # columns put in that order once, each product takes contiguous slices
+        rows, cols, groups, size = _sample_plan(*self.shape)
+        B, A = self.B[rows], self.A[:, cols]
+        out = torch.empty(size, dtype=self.dtype, device=self.device)
+        for r0, r1, c0, c1, at in groups:
+            torch.mm(B[r0:r1], A[:, c0:c1], out=out[at : at + (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
+        return out.abs_().numpy()
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_plan(out_f: int, in_f: int):
+    """How :meth:`_FactorRows.abs_sample` forms an ``(out_f, in_f)`` delta's
+    sample: ``(rows, cols, groups, size)``, B's rows ordered by their first
+    sampled column ``o(r)``, A's columns ``o, o + S, ...`` for o = 0, 1, ...
+    in turn, and for each ``o`` that some row has, ``(r0, r1, c0, c1, at)``:
+    those rows and columns, and where their product goes in the sample
+    (``size`` entries). The same for every delta of that shape."""
+    import torch
+
+    offsets = (-(torch.arange(out_f) * in_f)) % SAMPLE_STRIDE
+    rows = torch.argsort(offsets, stable=True)
+    per_offset = torch.bincount(offsets, minlength=SAMPLE_STRIDE).tolist()
+    col_sets = [torch.arange(o, in_f, SAMPLE_STRIDE) for o in range(min(SAMPLE_STRIDE, in_f))]
+    groups, r0, c0, at = [], 0, 0, 0
+    for o, c in enumerate(col_sets):
+        r1, c1 = r0 + per_offset[o], c0 + c.numel()
+        if r1 > r0:
+            groups.append((r0, r1, c0, c1, at))
+            at += (r1 - r0) * (c1 - c0)
+        r0, c0 = r1, c1
+    return rows, torch.cat(col_sets), tuple(groups), at
 
 
 def _abs_kth_largest_by_rows(t, k: int, scratch) -> torch.Tensor | None:
