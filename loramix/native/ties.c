@@ -223,6 +223,26 @@ KERNELS(double, int64_t, f64, fabs)
                                window, n_window, pos, vals);                                     \
     }
 
+/*
+ * The step (the arguments after m) for the vectors at e = 0, W, 2W, ... below m, given
+ * lanes, the mask of its lanes below m: a constant in the loop over the whole vectors,
+ * where the compiler then drops the masks (and the branches and spills they brought), and
+ * the last, partial vector on its own. Three adapters, one thread, 64K to 4M entries:
+ * pass 1.12-1.26x, count 1.15x, elect 1.06x faster than with lanes computed per vector.
+ */
+#define BY_VECTORS(W, MT, m, ...)                                                                \
+    do {                                                                                         \
+        int64_t e = 0;                                                                           \
+        for (; e + (W) <= (m); e += (W)) {                                                       \
+            const MT lanes = (MT)-1;                                                             \
+            __VA_ARGS__                                                                          \
+        }                                                                                        \
+        if (e < (m)) {                                                                           \
+            const MT lanes = (MT)((1u << ((m) - e)) - 1);                                        \
+            __VA_ARGS__                                                                          \
+        }                                                                                        \
+    } while (0)
+
 #define AVX512_KERNELS(T, SUF, VT, MT, S, ABSMASK, EPI, MANT, RCP)                            \
     enum { W_##SUF = 64 / sizeof(T) };                                                           \
                                                                                                  \
@@ -270,15 +290,14 @@ KERNELS(double, int64_t, f64, fabs)
         VT t[MAX_ADAPTERS], vw[MAX_ADAPTERS];                                                    \
         for (int i = 0; i < n; i++)                                                              \
             vw[i] = _mm512_set1_##S(w[i]);                                                       \
-        for (int64_t e = 0; e < m; e += W_##SUF) {                                               \
-            MT lanes = m - e >= W_##SUF ? (MT)-1 : (MT)((1u << (m - e)) - 1);                    \
+        BY_VECTORS(W_##SUF, MT, m, {                                                             \
             for (int i = 0; i < n; i++) {                                                        \
                 VT x = _mm512_maskz_loadu_##S(lanes, xs[i] + e);                                 \
                 MT cut = _mm512_cmp_##S##_mask(abs_##SUF(x), _mm512_set1_##S(lam[i]), _CMP_LE_OQ); \
                 t[i] = _mm512_mask_mov_##S(x, cut, _mm512_setzero_##S());                        \
             }                                                                                    \
             elect_t_##SUF(n, t, e, lanes, vw, mass, by_count, out);                              \
-        }                                                                                        \
+        });                                                                                      \
     }                                                                                            \
                                                                                                  \
     AVX512_FN static int64_t count_avx512_##SUF(const T *x, int64_t m, T lo, T hi, T *window,    \
@@ -286,8 +305,7 @@ KERNELS(double, int64_t, f64, fabs)
     {                                                                                            \
         const VT vlo = _mm512_set1_##S(lo), vhi = _mm512_set1_##S(hi);                           \
         int64_t above = 0, nw = 0;                                                               \
-        for (int64_t e = 0; e < m; e += W_##SUF) {                                               \
-            MT lanes = m - e >= W_##SUF ? (MT)-1 : (MT)((1u << (m - e)) - 1);                    \
+        BY_VECTORS(W_##SUF, MT, m, {                                                             \
             VT a = abs_##SUF(_mm512_maskz_loadu_##S(lanes, x + e));                              \
             MT le = _mm512_cmp_##S##_mask(a, vhi, _CMP_LE_OQ) & lanes;                           \
             MT in = _mm512_cmp_##S##_mask(a, vlo, _CMP_GE_OQ) & le;                              \
@@ -296,7 +314,7 @@ KERNELS(double, int64_t, f64, fabs)
                 _mm512_mask_compressstoreu_##S(window + nw, in, a);                              \
                 nw += __builtin_popcount(in);                                                    \
             }                                                                                    \
-        }                                                                                        \
+        });                                                                                      \
         *n_window = nw;                                                                          \
         return above;                                                                            \
     }                                                                                            \
@@ -321,13 +339,13 @@ KERNELS(double, int64_t, f64, fabs)
             vhi[i] = _mm512_set1_##S(hi[i]);                                                     \
             vprov[i] = _mm512_set1_##S(prov[i]);                                                 \
         }                                                                                        \
-        for (int64_t e = 0; e < m; e += W_##SUF) {                                               \
-            MT lanes = m - e >= W_##SUF ? (MT)-1 : (MT)((1u << (m - e)) - 1), any = 0;           \
+        BY_VECTORS(W_##SUF, MT, m, {                                                             \
+            MT any = 0;                                                                          \
             for (int i = 0; i < n; i++) {                                                        \
                 VT x = _mm512_maskz_loadu_##S(lanes, xp[i] + e), a = abs_##SUF(x);               \
                 MT cut = _mm512_cmp_##S##_mask(a, vhi[i], _CMP_LE_OQ);                           \
                 MT in = _mm512_cmp_##S##_mask(a, vlo[i], _CMP_GE_OQ) & cut & lanes;              \
-                ab[i] += __builtin_popcount(_mm512_cmp_##S##_mask(a, vhi[i], _CMP_GT_OQ) & lanes); \
+                ab[i] += __builtin_popcount(_mm512_cmp_##S##_mask(a, vhi[i], _CMP_GT_OQ) & lanes);\
                 if (in) {                                                                        \
                     _mm512_mask_compressstoreu_##S(win[i] + nw[i], in, a);                       \
                     nw[i] += __builtin_popcount(in);                                             \
@@ -337,7 +355,7 @@ KERNELS(double, int64_t, f64, fabs)
                 cut = _mm512_cmp_##S##_mask(a, vprov[i], _CMP_LE_OQ);                            \
                 t[i] = _mm512_mask_mov_##S(x, cut, _mm512_setzero_##S());                        \
             }                                                                                    \
-            elect_t_##SUF(n, t, e, lanes, vw, mass, by_count, out);                               \
+            elect_t_##SUF(n, t, e, lanes, vw, mass, by_count, out);                              \
             for (unsigned bits = any; bits; bits &= bits - 1) {                                  \
                 int64_t j = e + __builtin_ctz(bits);                                             \
                 pos[rec] = j;                                                                    \
@@ -345,7 +363,7 @@ KERNELS(double, int64_t, f64, fabs)
                     vals[i][rec] = xp[i][j];                                                     \
                 rec++;                                                                           \
             }                                                                                    \
-        }                                                                                        \
+        });                                                                                      \
         for (int i = 0; i < n; i++) {                                                            \
             above[i] = ab[i];                                                                    \
             n_window[i] = nw[i];                                                                 \
