@@ -364,17 +364,20 @@ def test_dare_mask_kernel_draws_what_torch_draws(seed, monkeypatch):
     assert torch.equal(_bits(mb.dare_mask((300, 7), 0.3, seed, out=torch.empty(300, 7))), _bits(eager))
 
 
-def test_bf16_add_kernel_has_torchs_bits():
+@pytest.mark.parametrize("generic", [False, True])
+def test_bf16_add_kernel_has_torchs_bits(generic):
     """``bf16.c``: ``(w0.float() + d).bfloat16()`` bit for bit for every
     bfloat16 ``w0`` that is a number, with deltas that tie (round to even),
     carry to infinity, are subnormal or zero of either sign; not finite
     (NaN or infinity in, or an overflow) is reported, on lengths on and off
-    the vector width, in place or not."""
+    the vector width, in place or not; by the kernel as loramix calls it
+    (AVX-512 where the CPU has it) and by the portable loop."""
     from loramix.native import bf16
 
     k = bf16.kernels()
     if k is None:
         pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
+    k = bf16.Bf16(native.library("bf16"), generic=True) if generic else k
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
     w0 = bits.view(torch.bfloat16)
     w0 = w0[~torch.isnan(w0)]
@@ -401,6 +404,13 @@ def test_bf16_add_kernel_has_torchs_bits():
         assert k.add(x, d, x) and torch.equal(x.view(torch.int16), want.view(torch.int16))
     inf = torch.tensor([1.0, float("inf")]).bfloat16()
     assert not k.add(inf, torch.zeros(2), torch.empty_like(inf))
+    ones = torch.ones(33, dtype=torch.bfloat16)
+    for at in (0, 5, 15, 16, 31, 32):  # in a whole vector of 16 and in the rest
+        for bad in (float("inf"), -float("inf"), float("nan"), -float("nan")):
+            d = torch.zeros(33)
+            d[at] = bad
+            assert not k.add(ones, d, torch.empty_like(ones)), (at, bad)
+        assert k.add(ones, torch.zeros(33), torch.empty_like(ones))
 
 
 def test_addmm_adds_the_finished_product():

@@ -15,8 +15,9 @@ _P = ctypes.c_void_p
 class Bf16:
     """Typed entry point of the built ``bf16.c``."""
 
-    def __init__(self, lib):
-        self._add = lib.loramix_add_bf16
+    def __init__(self, lib, generic: bool = False):
+        """``generic``: the portable loop even where the CPU has AVX-512 (for the tests)."""
+        self._add = lib.loramix_add_bf16_generic if generic else lib.loramix_add_bf16
         self._add.argtypes, self._add.restype = [_P, _P, _P, ctypes.c_int64], ctypes.c_int
 
     def add(self, w0, d, out) -> bool:
