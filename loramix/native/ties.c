@@ -345,7 +345,7 @@ KERNELS(double, int64_t, f64, fabs)
                 VT x = _mm512_maskz_loadu_##S(lanes, xp[i] + e), a = abs_##SUF(x);               \
                 MT cut = _mm512_cmp_##S##_mask(a, vhi[i], _CMP_LE_OQ);                           \
                 MT in = _mm512_cmp_##S##_mask(a, vlo[i], _CMP_GE_OQ) & cut & lanes;              \
-                ab[i] += __builtin_popcount(_mm512_cmp_##S##_mask(a, vhi[i], _CMP_GT_OQ) & lanes);\
+                ab[i] += __builtin_popcount(_mm512_cmp_##S##_mask(a, vhi[i], _CMP_GT_OQ) & lanes); \
                 if (in) {                                                                        \
                     _mm512_mask_compressstoreu_##S(win[i] + nw[i], in, a);                       \
                     nw[i] += __builtin_popcount(in);                                             \
@@ -355,7 +355,7 @@ KERNELS(double, int64_t, f64, fabs)
                 cut = _mm512_cmp_##S##_mask(a, vprov[i], _CMP_LE_OQ);                            \
                 t[i] = _mm512_mask_mov_##S(x, cut, _mm512_setzero_##S());                        \
             }                                                                                    \
-            elect_t_##SUF(n, t, e, lanes, vw, mass, by_count, out);                              \
+            elect_t_##SUF(n, t, e, lanes, vw, mass, by_count, out);                               \
             for (unsigned bits = any; bits; bits &= bits - 1) {                                  \
                 int64_t j = e + __builtin_ctz(bits);                                             \
                 pos[rec] = j;                                                                    \
