@@ -340,9 +340,11 @@ BLOCK_ELEMENTS = 1 << 18
 #: cache or not, while a small model's modules keep their 1 MiB blocks
 MAX_BLOCK_ELEMENTS = 1 << 22
 BLOCKS_PER_THREAD = 4
-#: rows per block at least: a one-row product takes BLAS's matrix-vector
-#: path, which sums the rank in another order than the matrix product of the
-#: whole tensor (two rows and more give its bits; tests/test_engine.py)
+#: rows per block at least: BLAS forms a product of very few rows with other
+#: kernels than the whole tensor's, which sum the rank in another order (MKL:
+#: one row by its matrix-vector path on an Intel Xeon, one to three rows on an
+#: AMD EPYC); from four rows on, a block had the whole product's bits on both
+#: (tests/test_engine.py checks blocks of MIN_ROWS on the machine it runs on)
 MIN_ROWS = 8
 
 

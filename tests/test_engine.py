@@ -362,10 +362,12 @@ def test_blocks_and_threads_do_not_change_bytes(gpt2, tmp_path, monkeypatch, met
         return {p.name: p.read_bytes() for p in sorted((tmp_path / name).glob("*.safetensors"))}
 
     whole = run("whole", 1)
-    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 100)
-    monkeypatch.setattr(engine, "MAX_BLOCK_ELEMENTS", 100)  # not grown for a large tensor
-    monkeypatch.setattr(engine, "MIN_ROWS", 5)  # blocks of 5 rows: 32 rows end in a short one, joined
-    monkeypatch.setattr(mb, "ROW_BLOCK_ELEMENTS", 100)
+    # blocks of 9 rows where a row has 32 entries (32 rows end in a short one, joined to the one
+    # before) and of MIN_ROWS where it has more; MIN_ROWS as shipped: shorter blocks may take
+    # other BLAS kernels (engine.MIN_ROWS)
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 9 * 32)
+    monkeypatch.setattr(engine, "MAX_BLOCK_ELEMENTS", 9 * 32)  # not grown for a large tensor
+    monkeypatch.setattr(mb, "ROW_BLOCK_ELEMENTS", 9 * 32)
     monkeypatch.setattr(mb, "BRACKET_MIN", 256)  # the tiny model's deltas take the bracket and the blocks
     assert run("blocks", 2) == whole
 
@@ -408,28 +410,27 @@ def test_method_math_runs_on_the_threads_torch_had(gpt2, tmp_path, monkeypatch):
 @pytest.mark.parametrize("k", [3, 16, 48, 200])
 def test_row_blocks_of_a_factor_product_give_the_whole_products_bits(k):
     """What the engine's blocked ``addmm_`` relies on (add_delta, MIN_ROWS):
-    the rows of ``W + B @ A`` computed a block of two or more rows at a time
-    are bit for bit those of one product over the whole tensor, on one
-    thread or two."""
+    the rows of ``W + B @ A``, and of ``B @ A`` (methods.base._FactorRows),
+    computed a block of ``MIN_ROWS`` or more rows at a time from any row, on
+    one thread as the engine computes them, are bit for bit those of one
+    product over the whole tensor, on one thread or two (methods.base.dense_deltas).
+    Blocks on two threads are not: BLAS may split one into parts too short
+    for its kernel (on an AMD EPYC, 9 rows into 8 and 1)."""
     from loramix.engine import MIN_ROWS
 
     g = torch.Generator().manual_seed(k)
     W, B, A = (torch.randn(*s, generator=g) for s in ((300, 2304), (300, k), (k, 2304)))
-    for threads in (1, 2):
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            whole = W.clone().addmm_(B, A)
-            for r0, r1 in ((0, MIN_ROWS), (5, 7), (8, 72), (72, 300), (299 - MIN_ROWS, 300)):
-                assert torch.equal(W[r0:r1].clone().addmm_(B[r0:r1], A), whole[r0:r1]), (r0, r1, threads)
-            # and the plain product (methods.base._FactorRows), blocks on one thread against the
-            # whole on all of them (methods.base.dense_deltas)
-            product = B @ A
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            whole, product = W.clone().addmm_(B, A), B @ A
             torch.set_num_threads(1)
-            for r0, r1 in ((0, MIN_ROWS), (5, 7), (72, 300)):
+            for r0, r1 in ((0, MIN_ROWS), (5, 5 + MIN_ROWS), (8, 72), (72, 300), (299 - MIN_ROWS, 300)):
+                assert torch.equal(W[r0:r1].clone().addmm_(B[r0:r1], A), whole[r0:r1]), (r0, r1, threads)
                 assert torch.equal(torch.mm(B[r0:r1], A), product[r0:r1]), (r0, r1, threads)
-        finally:
-            torch.set_num_threads(old)
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("threads", [0, 1])

@@ -408,7 +408,8 @@ def _rows(t, fn) -> list:
     from ..engine import MIN_ROWS, block_rows, parallel_rows, run_threads
 
     rows, cols = t.shape
-    return parallel_rows(rows, block_rows(rows, cols, run_threads(), ROW_BLOCK_ELEMENTS), fn, MIN_ROWS)
+    step = max(MIN_ROWS, block_rows(rows, cols, run_threads(), ROW_BLOCK_ELEMENTS))
+    return parallel_rows(rows, step, fn, MIN_ROWS)
 
 
 class _DeltaRows:
