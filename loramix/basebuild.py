@@ -298,10 +298,18 @@ def build_base(
 
 
 def _write(out, model, tokenizer, log, params, inputs, results, *, force, data_paths) -> None:
+    from transformers.utils import logging as hf_logging
+
     from .io.outputs import atomic_output_dir, provenance, write_provenance
 
     with atomic_output_dir(out, force=force, inputs=data_paths) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # its bar for a one-file model (and under --quiet)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
         tokenizer.save_pretrained(tmp)
         with open(Path(tmp) / "train_log.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(log[0]))

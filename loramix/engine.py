@@ -826,14 +826,17 @@ def execute_into_base(
     force: bool = False,
     inputs: Iterable = (),
     progress: bool = True,
+    finish: Callable[[dict, dict], dict] | None = None,
 ) -> StreamResult:
     """Run ``plan`` with ``executor`` (default :class:`SerialExecutor` on the
     CPU) and write the result to ``out`` atomically: the same shards and
     index as the base, its other files copied, ``record`` (a provenance
     record whose last input is a placeholder for the base) completed with the
     base's hashes (computed in a thread while the data streams) and written
-    into every shard's metadata and ``loramix.json``. An error or an interrupt
-    leaves nothing; an existing ``out`` is refused unless ``force``."""
+    into every shard's metadata, and into ``loramix.json`` as
+    ``finish(record, facts)`` when given (what the facts add). An error or
+    an interrupt leaves nothing; an existing ``out`` is refused unless
+    ``force``."""
     t0 = time.perf_counter()
     executor = executor or SerialExecutor("cpu")
     base, out = plan.base, Path(out)
@@ -852,6 +855,8 @@ def execute_into_base(
             record["inputs"][-1] = hashing.result()
             for w in writers:
                 w.finish(safetensors_metadata(record))
+            if finish is not None:
+                record = finish(record, facts)
             write_provenance(tmp, record)
         except BaseException:
             stop_hashing.set()

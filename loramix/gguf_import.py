@@ -38,6 +38,7 @@ folder: the file is imported once into ``cache_dir()/bases/<sha256>-<dtype>``.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import time
@@ -289,6 +290,9 @@ def resolve_base(path: str | os.PathLike) -> Path:
     with _lock(root / f"{sha}.lock"):
         if (target / "config.json").is_file():  # another process imported it meanwhile
             return target
+        # an importer killed while it wrote (the lock was its: no one else writes them now)
+        for old in root.glob(f".{glob.escape(target.name)}.tmp-*"):
+            shutil.rmtree(old, ignore_errors=True)
         tmp = root / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:

@@ -131,8 +131,12 @@ class LiveLog:
         self._cleanup = weakref.finalize(self, _remove_file, self.f, self.path)
 
     def row(self, step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
-        self.w.writerow([step, f"{loss:.6f}", f"{lr:.6g}", tokens, f"{seconds:.3f}"])
-        self.f.flush()
+        try:
+            self.w.writerow([step, f"{loss:.6f}", f"{lr:.6g}", tokens, f"{seconds:.3f}"])
+            self.f.flush()
+        except OSError as e:  # a full disk: name the file (a failed flush names none)
+            e.filename = e.filename or str(self.path)
+            raise
 
     def move_to(self, dest: Path) -> None:
         self.f.close()
@@ -155,8 +159,12 @@ def _remove_dead_logs(out: Path) -> None:
 
 
 def _remove_file(f, path: Path) -> None:
-    f.close()
-    path.unlink(missing_ok=True)
+    try:
+        f.close()  # flushes what is buffered, which fails on a full disk
+    except OSError:
+        pass
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _supervised_tokens(batch) -> int:

@@ -10,6 +10,7 @@ a user's file could be.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -23,12 +24,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from loramix.cli import main
 from loramix.errors import LoramixError, UsageError
-from loramix.io.outputs import TMP_PREFIX, atomic_output_dir, remove_stale_temporaries
+from loramix.io.outputs import PAYLOAD, TMP_PREFIX, atomic_output_dir, remove_stale_temporaries
 
 from .factories import make_peft_adapter, save_base, tiny_gpt2, tiny_llama
 from .test_scenario import GOOD
@@ -170,7 +171,7 @@ def test_kill_9_leftovers_are_removed_by_the_next_run(big_base, tmp_path):
         p = _python_m(*args, "--out", out)
         stale = []
         while p.poll() is None and not stale:
-            stale = [q for q in tmp_path.glob(f"{TMP_PREFIX}*") if (q / SHARD).exists()]
+            stale = [q for q in tmp_path.glob(f"{TMP_PREFIX}*") if (q / PAYLOAD / SHARD).exists()]
             time.sleep(0.002)
         if stale and p.poll() is None:
             p.send_signal(signal.SIGKILL)
@@ -195,6 +196,111 @@ def test_live_temporaries_are_kept(tmp_path):
     with atomic_output_dir(tmp_path / "x") as tmp:
         assert remove_stale_temporaries(tmp_path) == []
         assert tmp.exists()
+
+
+def test_force_replaced_target_lies_in_an_owned_temporary(tmp_path):
+    """With --force the old target is swapped into the run's temporary
+    folder, which keeps its owner.json: if the run dies before removing it
+    (kill -9 right after the swap), the next run removes it."""
+    from loramix.io.outputs import publish
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("old")
+    owned = _dead_temporary(tmp_path, "out")  # as if its owner was killed after the swap
+    (owned / PAYLOAD).mkdir()
+    (owned / PAYLOAD / "new").write_text("new")
+    publish(owned / PAYLOAD, out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["new"]
+    assert (owned / PAYLOAD / "old").exists() and (owned / "owner.json").exists()
+    assert remove_stale_temporaries(tmp_path, "out") == [owned]
+    with atomic_output_dir(out, force=True) as tmp:  # a run that finishes leaves nothing beside
+        (tmp / "newer").write_text("newer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["newer"]
+
+
+def test_atomic_write_temporaries_of_dead_writers_are_removed(tmp_path):
+    """A file written through atomic_write and killed before its rename
+    leaves its temporary; the next write to the same file removes it, not
+    those of a live writer or of another file."""
+    from loramix.io.outputs import _temporary_file, atomic_write
+
+    code = "import sys; from pathlib import Path; from loramix.io.outputs import _temporary_file; "
+    code += "t = _temporary_file(Path(sys.argv[1])); t.write_text('half'); print(t)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    dead = [Path(subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], capture_output=True, text=True,
+                                env=env, check=True, timeout=120).stdout.strip()) for name in ("sim.png", "other.png")]  # fmt: skip
+    live = _temporary_file(tmp_path / "sim.png")
+    live.write_text("being written")
+    with atomic_write(tmp_path / "sim.png") as f:
+        f.write("done")
+    assert (tmp_path / "sim.png").read_text() == "done"
+    assert not dead[0].exists() and dead[1].exists() and live.exists()
+    assert remove_stale_temporaries(tmp_path) == [dead[1]]  # cache clean: every dead one
+    assert live.exists()
+
+
+def test_full_disk_names_the_output_whatever_file_it_struck(tmp_path):
+    """A full disk while copying an input's file into the output names the
+    output, not the input; safetensors' error for a failed write becomes
+    the OSError it wraps, naming the output."""
+    from loramix.cli import _os_error_line
+
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as e:
+        with atomic_output_dir(out):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "base" / "config.json"))
+    assert e.value.filename == str(out) and leftovers(out) == []
+    with pytest.raises(OSError) as e:
+        with atomic_output_dir(out):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(out) and leftovers(out) == []
+    assert _os_error_line(e.value) == f"{out}: No space left on device; nothing was written"
+    with pytest.raises(OSError) as e:  # a plot: the write names no file
+        from loramix.io.outputs import atomic_write
+
+        with atomic_write(tmp_path / "sim.png", "wb"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert e.value.filename == str(tmp_path / "sim.png") and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_live_log_is_removed_when_its_close_fails(tmp_path):
+    """A failed training run's live log is removed even where closing it
+    fails (its buffered rows cannot be written to a full disk)."""
+    from loramix.train import _remove_file
+
+    class FullDisk:
+        def close(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    log = tmp_path / "out.train_log.1.csv"
+    log.write_text("step,loss\n")
+    _remove_file(FullDisk(), log)
+    assert not log.exists()
+
+
+def test_merge_provenance_is_final_when_published(world, tmp_path, capsys, monkeypatch):
+    """loramix.json of a merge into a base (its time and the methods' facts)
+    is written before the folder is renamed into place: a kill after the
+    rename cannot leave a published output with an unfinished record."""
+    import loramix.io.outputs as outputs
+
+    seen = []
+    publish = outputs.publish
+
+    def check(tmp, out, force):
+        seen.append(json.loads((tmp / "loramix.json").read_text()))
+        assert not [p.name for p in tmp.iterdir() if p.name.startswith(TMP_PREFIX)]
+        publish(tmp, out, force)
+
+    monkeypatch.setattr(outputs, "publish", check)
+    out = tmp_path / "out"
+    rc, _, err = cli(capsys, "merge", "-m", "svd", "--rank", "2", world["a"], world["b"], "--into",
+                     world["gpt2"], "--out", out, "--no-progress")  # fmt: skip
+    assert rc == 0, err
+    assert seen == [json.loads((out / "loramix.json").read_text())]
+    assert seen[0]["created"] and seen[0]["summary"] and seen[0]["modules"]
 
 
 # ---- 2, 3. safetensors headers: as strict as the safetensors library ------------------------
@@ -506,6 +612,26 @@ def test_unwritable_out_refused(world, capsys):
         pytest.skip("/sys is writable here")
     rc, _, err = cli(capsys, "sum", world["a"], world["b"], "--out", out)
     assert_refused(rc, err, None, out)
+
+
+def test_file_size_limit_in_a_safetensors_write_is_one_line(world, tmp_path):
+    """An adapter output is written by safetensors, whose error for a failed
+    write (here RLIMIT_FSIZE, as a full disk) is one line naming the output,
+    exit 2, nothing left."""
+    import resource
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    p = _python_m("sum", world["a"], world["b"], "--out", ref)
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    size = (ref / WEIGHTS).stat().st_size
+    assert max(f.stat().st_size for f in ref.iterdir() if f.name != WEIGHTS) < size // 2
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    p = _python_m("sum", world["a"], world["b"], "--out", out, preexec_fn=limit)
+    p.wait(timeout=300)
+    assert_refused(p.returncode, p.stderr.read(), out, out)
 
 
 @pytest.mark.parametrize("direct", ["0", "1"])

@@ -13,7 +13,14 @@ exclusive ``flock`` of the parent folder).
 A temporary folder holds ``owner.json`` (pid, host, process start time,
 target) while it is written; a run that is killed (``kill -9``) cannot remove
 its own, so the next run to the same target, and
-:func:`remove_stale_temporaries`, remove those whose owner is gone.
+:func:`remove_stale_temporaries`, remove those whose owner is gone. An output
+folder is written inside its temporary (``.lmx-<hex>/output``), so the
+temporary keeps its ``owner.json`` to the end: through the rename, and after
+it, when a replaced target lies there until it is removed. A temporary file
+(:func:`atomic_write`) carries the same facts in its name.
+
+A full disk (or a file-size limit) is the output's problem whatever file
+was being written or copied when it struck: the error names the output.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ import ctypes
 import ctypes.util
 import datetime as _dt
 import errno
+import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -35,6 +44,10 @@ from ..errors import OutputError
 
 TMP_PREFIX = ".lmx-"
 OWNER_NAME = "owner.json"
+#: the output folder inside its temporary folder
+PAYLOAD = "output"
+#: errors that a full disk or a file-size limit raise
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _AT_FDCWD = -100
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 NAME_MAX = 255
@@ -104,17 +117,49 @@ def _owner_alive(rec: dict) -> bool:
     return rec.get("start") is None or _start_time(pid) == rec.get("start")
 
 
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def _temporary_file(path: Path) -> Path:
+    """A fresh temporary file name beside ``path`` that says who writes it:
+    ``.lmx-<random>.<target hash>.<host hash>.<pid>.<start>.tmp``."""
+    rec = _owner_record(path.name)
+    facts = (_short_hash(path.name), _short_hash(rec["host"]), rec["pid"], rec["start"] or 0)
+    return path.parent / f"{TMP_PREFIX}{secrets.token_hex(4)}.{'.'.join(map(str, facts))}.tmp"
+
+
+def _file_owner(name: str) -> tuple[str, dict] | None:
+    """``(target hash, owner record)`` of a :func:`_temporary_file` name, or None."""
+    parts = name[len(TMP_PREFIX) : -len(".tmp")].split(".") if name.endswith(".tmp") else []
+    if len(parts) != 5 or not parts[3].isdigit():
+        return None
+    host = socket.gethostname() if parts[2] == _short_hash(socket.gethostname()) else None
+    return parts[1], {"pid": int(parts[3]), "host": host, "start": None if parts[4] == "0" else parts[4]}
+
+
 def remove_stale_temporaries(folder: str | Path, target: str | None = None) -> list[Path]:
-    """Remove the temporary folders (``.lmx-*`` with an ``owner.json``) in
-    ``folder`` whose owning process is gone; only those for ``target`` (a
-    name in ``folder``) when given. Returns what was removed."""
+    """Remove the temporaries in ``folder`` whose owning process is gone:
+    folders ``.lmx-*`` with an ``owner.json``, and files named by
+    :func:`atomic_write`; only those for ``target`` (a name in ``folder``)
+    when given. Returns what was removed."""
     removed = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
     for entry in entries:
-        if not entry.name.startswith(TMP_PREFIX) or not entry.is_dir(follow_symlinks=False):
+        if not entry.name.startswith(TMP_PREFIX):
+            continue
+        if entry.is_file(follow_symlinks=False):
+            owner = _file_owner(entry.name)
+            if owner is None or (target is not None and owner[0] != _short_hash(target)):
+                continue
+            if not _owner_alive(owner[1]):
+                Path(entry.path).unlink(missing_ok=True)
+                removed.append(Path(entry.path))
+            continue
+        if not entry.is_dir(follow_symlinks=False):
             continue
         try:
             rec = json.loads(Path(entry.path, OWNER_NAME).read_text())
@@ -192,10 +237,8 @@ def _locked_rename(tmp: Path, out: Path, force: bool) -> None:
         if os.path.lexists(out):
             if not force:
                 raise _appeared(out)
-            old = out.parent / f"{TMP_PREFIX}{secrets.token_hex(4)}"
-            os.rename(out, old)
+            os.rename(out, tmp.parent / "replaced")  # into the owned temporary: removed with it
             os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
     finally:
@@ -203,10 +246,12 @@ def _locked_rename(tmp: Path, out: Path, force: bool) -> None:
 
 
 def publish(tmp: Path, out: Path, force: bool) -> None:
-    """Move the finished folder ``tmp`` to ``out`` atomically. Without
+    """Move the finished folder ``tmp`` (the output inside a temporary
+    folder of :func:`new_temporary`) to ``out`` atomically. Without
     ``force`` a target that exists now (it appeared during the run) is left
     untouched and an :class:`OutputError` raised; with ``force`` it is
-    swapped out atomically (``RENAME_EXCHANGE``) and removed."""
+    swapped out atomically (``RENAME_EXCHANGE``) into the temporary folder,
+    which the caller removes."""
     for _ in range(8):  # with force, the target may come and go meanwhile
         try:
             done = _rename(tmp, out, _RENAME_NOREPLACE)
@@ -219,8 +264,6 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
                 done = _rename(tmp, out, _RENAME_EXCHANGE)
             except FileNotFoundError:
                 continue  # the target vanished between the two calls: try again
-            if done:
-                shutil.rmtree(tmp, ignore_errors=True)  # now the old target
         if not done:
             _locked_rename(tmp, out, force)
         return
@@ -231,47 +274,87 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
 def atomic_output_dir(
     out: str | Path, *, force: bool = False, inputs: Iterable[str | Path] = ()
 ) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success rename it to ``out``.
+    """Yield a folder to write (``.lmx-<hex>/output``, inside a temporary
+    folder beside ``out``); on success rename it to ``out``.
 
     On any exception (``KeyboardInterrupt`` included) the temporary folder is
-    removed and ``out`` is left as it was. Stale temporaries of earlier runs
-    to ``out`` (their owner is gone) are removed first; a target that
-    appears meanwhile is refused at the end unless ``force``
+    removed and ``out`` is left as it was; an :class:`OSError`, or
+    safetensors' error for a failed write, names ``out`` (for a full disk
+    whatever file it struck: :func:`_name_output`). Stale temporaries of
+    earlier runs to ``out`` (their owner is gone) are removed first; a
+    target that appears meanwhile is refused at the end unless ``force``
     (:func:`publish`).
     """
     out = check_output(out, force=force, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out.parent, out.name)
     try:
-        tmp = new_temporary(out.parent, out.name)
+        owned = new_temporary(out.parent, out.name)
     except OSError as e:
         raise OutputError(out, f"cannot write beside it: {e.strerror or e}") from None
+    tmp = owned / PAYLOAD
     try:
+        tmp.mkdir()
         yield tmp
-        release_temporary(tmp)
         publish(tmp, out, force)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):  # name the output, not its temporary (nor nothing, for a full disk)
-            inside = str(e.filename or tmp)
-            if inside.startswith(str(tmp)):
-                e.filename = str(out) + inside[len(str(tmp)) :]
-        raise
+        shutil.rmtree(owned, ignore_errors=True)
+        err = os_error(e)
+        if err is None:
+            raise
+        _name_output(err, (tmp, owned), out)
+        if err is e:
+            raise
+        raise err from None
+    shutil.rmtree(owned, ignore_errors=True)  # its owner.json, and a replaced target
+
+
+def os_error(e: BaseException) -> OSError | None:
+    """``e`` as an :class:`OSError`: itself, or safetensors' error for a
+    failed write (its message ends ``(os error N)``); else None."""
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r"\(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
+    return OSError(int(m[1]), os.strerror(int(m[1]))) if m else None
+
+
+def _name_output(e: OSError, temporaries: tuple[Path, ...], out: Path) -> None:
+    """Make ``e`` name the output ``out``: for a full disk whatever it named
+    (a copied input, say); else where it names no path, or a path in the
+    first of ``temporaries`` (the output's path there) or in another."""
+    inside = None if e.filename is None else os.fsdecode(e.filename)
+    if e.errno in NO_SPACE or inside is None:
+        e.filename, e.filename2 = str(out), None
+        return
+    for k, t in enumerate(map(str, temporaries)):
+        if inside == t or inside.startswith(t + os.sep):
+            e.filename = str(out) + (inside[len(t) :] if k == 0 else "")
+            return
 
 
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "w") -> Iterator:
-    """Write one file through a temporary sibling and rename it into place."""
+    """Write one file through a temporary sibling and rename it into place.
+    The sibling's name says which process writes it, so one left by a killed
+    process is removed by the next write to ``path`` (or
+    :func:`remove_stale_temporaries`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TMP_PREFIX}{secrets.token_hex(4)}.tmp"
+    remove_stale_temporaries(path.parent, path.name)
+    tmp = _temporary_file(path)
     try:
         with open(tmp, mode) as f:
             yield f
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        err = os_error(e)
+        if err is None:
+            raise
+        _name_output(err, (tmp,), path)
+        if err is e:
+            raise
+        raise err from None
 
 
 def provenance(method: str, parameters: dict, inputs: list[dict], **extra) -> dict:

@@ -23,7 +23,6 @@ safetensors metadata leaves out the creation time, which only
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ from ..devices import resolve_device
 from ..engine import saved_tensors
 from ..errors import AdapterError, UsageError
 from ..io.adapter_files import WEIGHTS_NAME, load_adapter, save_peft_adapter
-from ..io.outputs import atomic_output_dir, atomic_write, check_output, provenance, write_provenance
+from ..io.outputs import atomic_output_dir, check_output, provenance, write_provenance
 from ..io.safetensors_io import canonicalize_header
 from ..options import dtype_name, parse_dtype, parse_weights, promoted_dtype
 from . import MergeResult, get_method
@@ -251,16 +250,17 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
     summary = _summarize(m, {}, len(modules))
     record = provenance(m.name, params, inputs, created=None, output="model", summary=summary, modules={})
     paths = [base.path, *(a.path for a in ads if a.path is not None)]
+
+    def finish(rec: dict, facts: dict) -> dict:  # loramix.json, written before the output is published
+        return {**rec, "created": provenance(m.name, {}, [])["created"],
+                "summary": _summarize(m, facts, len(modules)) if facts else summary, "modules": facts}  # fmt: skip
+
     res = execute_into_base(plan, out, compute, record=record, executor=SerialExecutor(dev), force=force,
-                            inputs=paths, progress=progress)  # fmt: skip
-    if res.facts:
-        summary = _summarize(m, res.facts, len(modules))
-    record = {**res.provenance, "created": provenance(m.name, {}, [])["created"], "summary": summary,
-              "modules": res.facts}  # fmt: skip
-    with atomic_write(Path(res.out) / "loramix.json") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-        f.write("\n")
-    return MergeResult(Path(res.out), m.name, "model", _clean(p), ws, res.facts, summary, record, res)
+                            inputs=paths, progress=progress, finish=finish)  # fmt: skip
+    record = res.provenance
+    return MergeResult(
+        Path(res.out), m.name, "model", _clean(p), ws, res.facts, record["summary"], record, res
+    )
 
 
 # ----------------------------------------------------------------------------- any merge as an adapter
