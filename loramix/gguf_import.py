@@ -129,8 +129,11 @@ def _hf_config(path: Path, model_type: str, dtype: str):
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    from .io.model_folder import _quiet_transformers
+
     try:
-        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+        with _quiet_transformers():  # its warnings about a file we then refuse in one line
+            parsed = load_gguf_checkpoint(str(path), return_tensors=False)
     except Exception as e:
         raise BaseModelError(
             path, f"transformers cannot read its metadata: {type(e).__name__}: {e}"
@@ -189,6 +192,11 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str) -> dict:
                 path, f"tensor {t.name} does not de-quantise: {type(e).__name__}: {e}"
             ) from None
         w = processor.process(weights=w, name=t.name).weights
+        w = np.asarray(w, dtype=np.float32)
+        if not np.isfinite(w).all():  # a damaged file (a real model holds no nan or inf)
+            raise BaseModelError(
+                path, f"tensor {t.name} holds {int((~np.isfinite(w)).sum())} nan or inf values"
+            )
         out[hf] = torch.from_numpy(np.array(w, dtype=np.float32)).to(tdtype)
     tied = set() if not config.tie_word_embeddings else {"lm_head.weight"}
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in tied}

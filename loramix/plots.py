@@ -10,6 +10,19 @@ import pandas as pd
 from .io.outputs import atomic_write
 
 
+def check_figure_path(path: str | Path) -> None:
+    """Refuse (one line naming it) a figure path whose extension matplotlib
+    cannot write, before the work that the figure would show."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from .errors import OutputError
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in known:
+        raise OutputError(path, f"cannot write a .{fmt} figure; use one of .{', .'.join(sorted(known))}")
+
+
 def similarity_heatmap(
     df: pd.DataFrame,
     path: str | Path,

@@ -239,12 +239,17 @@ def test_import_refuses_bad_input(tmp_path, capsys):
     truncated.write_bytes(good.read_bytes()[:-100])
     gpt2 = write_gguf(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": np.ones((8, 32), np.float32)})
     ints = write_gguf(tmp_path / "int8.gguf", "llama", {"token_embd.weight": np.ones((8, 32), np.int8)})
+    damaged = np.ones((8, 32), np.float32)
+    damaged[3, 5] = np.nan  # as bytes overwritten in a real file make the de-quantised values
+    nan = write_gguf(tmp_path / "nan.gguf", "llama", {"token_embd.weight": damaged})
     cases = [
         (text, ["not a GGUF file"]),
         (tmp_path / "missing.gguf", ["no such file"]),
         (truncated, ["corrupt or truncated"]),
         (gpt2, ["architecture 'gpt2' is not supported", "llama"]),
         (ints, ["token_embd.weight", "I8", "cannot import"]),
+        (nan, ["token_embd.weight", "1 nan or inf"]),
+        (good, ["lacks", "tensor(s) of a llama model"]),  # and no transformers warning before the line
     ]
     for i, (path, needles) in enumerate(cases):
         out = tmp_path / f"out{i}"

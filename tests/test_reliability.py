@@ -606,6 +606,44 @@ def test_too_long_out_name_refused(world, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["sum"], ["Missing argument 'ADAPTERS...'", "'loramix sum --help'"]),
+        (["sum", "A", "--outt", "x"], ["No such option '--outt'", "--out"]),
+        (["nosuch"], ["No such command 'nosuch'", "'loramix --help'"]),
+        (["similarity", "A", "B", "--plot", "DIR"], ["Invalid value for '--plot'", "is a directory"]),
+        (["scenario", "check", "DIR"], ["is a directory"]),
+        (["merge", "-m", "ties", "A", "--out", "x", "--density", "abc"], ["'--density'", "abc"]),
+    ],
+)
+def test_usage_errors_are_one_line(world, tmp_path, capsys, args, needles):
+    """Errors click finds in the arguments (a missing argument, an unknown
+    option, a folder given for a file) are one line too, exit 2."""
+    names = {"A": world["a"], "B": world["b"], "DIR": tmp_path}
+    rc, out, err = cli(capsys, *(names.get(a, a) for a in args))
+    line = assert_refused(rc, err, None, *needles)
+    assert "Usage:" not in err and not out, line
+
+
+def test_no_arguments_still_show_the_help(capsys):
+    rc, out, err = cli(capsys)
+    assert "Commands:" in out + err and "loramix: error" not in err
+
+
+def test_eval_size_must_be_a_count_or_a_fraction(world, tmp_path, capsys):
+    for bad in ("inf", "nan", "-1", "2.5", "1e400"):
+        rc, _, err = cli(capsys, "train", "--base", world["gpt2"], "--data", "synthetic:arith", "--out",
+                         tmp_path / "t", "--eval-size", bad, "--quiet")  # fmt: skip
+        assert_refused(rc, err, tmp_path / "t", "--eval-size", repr(bad))
+
+
+def test_plot_format_refused_before_the_work(world, tmp_path, capsys):
+    plot = tmp_path / "sim.xyz"
+    rc, _, err = cli(capsys, "similarity", world["a"], world["b"], "--plot", plot)
+    assert_refused(rc, err, plot, plot, "cannot write a .xyz figure", ".png")
+
+
 def test_unwritable_out_refused(world, capsys):
     out = Path("/sys/loramix-test-out")
     if os.access("/sys", os.W_OK) and not os.path.ismount("/sys"):

@@ -136,6 +136,14 @@ def main(argv=None) -> int:
     except click.exceptions.Abort:
         click.echo("loramix: interrupted", err=True)
         return 130
+    except click.UsageError as e:
+        if e.ctx is None or isinstance(e, click.exceptions.NoArgsIsHelpError):
+            e.show()  # `loramix` alone: the help
+            return e.exit_code
+        # one line, as for every other bad input; click's own is four (usage, hint, blank, error)
+        message = " ".join(e.format_message().split())
+        click.echo(f"loramix: error: {message} (see '{e.ctx.command_path} --help')", err=True)
+        return 2
     except click.ClickException as e:
         e.show()
         return e.exit_code

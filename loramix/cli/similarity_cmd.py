@@ -83,6 +83,9 @@ def command(adapters, fmt, per_module, plot, base, device, force) -> None:
             raise OutputError(plot, "already exists; pass --force to replace it")
         if any(plot.resolve() == Path(a).resolve() for a in adapters):
             raise OutputError(plot, "--plot would overwrite an input")
+        from ..plots import check_figure_path
+
+        check_figure_path(plot)
 
     from ..overlap import breakdown, similarity
 

@@ -10,8 +10,14 @@ from .threads import threads_option
 
 
 def _eval_size(value: str) -> int | float:
+    """A count (1 and more, or 0: none held out) or a fraction in (0, 1);
+    ValueError for anything else (nan, inf, negative, 2.5)."""
     v = float(value)
-    return int(v) if v >= 1 or v == 0 else v
+    if v == 0 or 0 < v < 1:
+        return v if v else 0
+    if v >= 1 and v.is_integer() and v < 2**63:
+        return int(v)
+    raise ValueError(value)
 
 
 @click.command("train")
@@ -89,7 +95,9 @@ def command(base, data, more_data, out, targets, eval_size, quiet, kind, method,
     try:
         es = _eval_size(eval_size)
     except ValueError:
-        raise UsageError("--eval-size", f"not a number: {eval_size!r}") from None
+        raise UsageError(
+            "--eval-size", f"a count of records or a fraction in (0, 1), got {eval_size!r}"
+        ) from None
     tg = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     res = train_adapter(
         base,
