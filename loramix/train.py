@@ -248,9 +248,8 @@ def train_adapter(
 
     # ---- validate everything before any work
     kind = _kind_arg(kind) if method is None else _kind_arg(method, "--method")
-    _check_numbers(
-        rank=rank, batch=batch, max_len=max_len, steps=steps, epochs=epochs, lr=lr, norm_dim=norm_dim
-    )
+    _check_numbers(rank=rank, batch=batch, max_len=max_len, steps=steps, epochs=epochs, lr=lr,
+                   norm_dim=norm_dim, alpha=alpha, tau=tau)  # fmt: skip
     _check_speed(dtype=dtype, grad_accum=grad_accum, batch=batch, prefix_cache=prefix_cache, prompt=prompt)
     data_list = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     file_inputs = [d for d in data_list if not (isinstance(d, str) and d.startswith("synthetic:"))]
@@ -322,7 +321,7 @@ def _check_speed(*, dtype, grad_accum, batch, prefix_cache, prompt="raw") -> Non
         raise UsageError("prefix_cache", f"must be 'disk', 'memory' or None, got {prefix_cache!r}")
 
 
-def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim) -> None:
+def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, tau) -> None:
     for flag, v, lo in (("--rank", rank, 1), ("--batch", batch, 1), ("--max-len", max_len, 2)):
         if v < lo:
             raise UsageError(flag, f"must be at least {lo}, got {v}")
@@ -330,8 +329,15 @@ def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim) -> None
         raise UsageError("--steps", f"must be at least 1, got {steps}")
     if steps is None and not epochs > 0:
         raise UsageError("--epochs", f"must be positive, got {epochs}")
-    if not lr > 0:
-        raise UsageError("--lr", f"must be positive, got {lr}")
+    if not 0 < lr < math.inf:
+        raise UsageError("--lr", f"must be a positive finite number, got {lr}")
+    # the scale alpha / rank and tau multiply factors in float32: beyond its range, inf or nan
+    if not abs(alpha / max(rank, 1)) <= 3.4028234663852886e38:
+        raise UsageError(
+            "--alpha", f"must be a finite number with --alpha / --rank within float32's range, got {alpha}"
+        )
+    if not abs(tau) <= 3.4028234663852886e38:
+        raise UsageError("--tau", f"must be a finite number within float32's range, got {tau}")
     if norm_dim not in (0, 1):
         raise UsageError("--norm-dim", f"must be 0 or 1, got {norm_dim}")
 

@@ -382,6 +382,68 @@ def test_non_finite_alpha_refused(world, tmp_path, capsys, text):
     assert_refused(code, err, out, ad / CONFIG)
 
 
+@pytest.mark.parametrize("command", ["similarity", "eval", "sum"])
+def test_alpha_whose_scale_overflows_float32_refused(world, tmp_path, capsys, command):
+    """A finite lora_alpha whose scale alpha / r does not fit float32 (every
+    delta would be inf or nan) is refused naming the config, by every command
+    (similarity printed overflow warnings and n/a, eval a perplexity of nan)."""
+    ad = copy(world["a"], tmp_path / "ad")
+    edit_config(ad, lora_alpha=1e308)
+    out = tmp_path / "out"
+    args = {"similarity": ["similarity", world["b"], ad],
+            "eval": ["eval", "--base", world["gpt2"], "--adapter", ad, "--data", "synthetic:arith", "--limit", "4"],
+            "sum": ["sum", world["b"], ad, "--out", out]}[command]  # fmt: skip
+    rc, _, err = cli(capsys, *args)
+    assert_refused(rc, err, out, ad / CONFIG, "does not fit float32")
+    edit_config(ad, lora_alpha=1e30)  # large, but its scale fits: read
+    rc, _, err = cli(capsys, "inspect", ad)
+    assert rc == 0, err
+
+
+def _d2_adapter(folder: Path) -> Path:
+    from loramix.adapter import ModuleDelta
+    from loramix.io.adapter_files import save_d2_adapter
+
+    g = torch.Generator().manual_seed(0)
+    f = [torch.randn(*s, generator=g) for s in ((8, 2), (2, 6), (8, 2), (2, 6))]
+    m = ModuleDelta(name="model.layers.0.mlp.up_proj", B=f[0], A=f[1], B_neg=f[2], A_neg=f[3], scale=2.0,
+                    alpha=4.0, tau=0.5)  # fmt: skip
+    return save_d2_adapter(folder, {m.name: m}, r=2, lora_alpha=4, tau=0.5)
+
+
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [("tau", 1e300, "within float32's range"), ("loramix_format", "d2lora/99", '"d2lora/1"'),
+     ("loramix_format", 1, '"d2lora/1"')],
+)  # fmt: skip
+def test_d2lora_config_refused(tmp_path, capsys, field, value, needle):
+    """D2-LoRA: a tau beyond float32, and a format version this loramix does
+    not know, are refused naming the file and the field."""
+    ad = _d2_adapter(tmp_path / "d2")
+    rc, _, err = cli(capsys, "inspect", ad)
+    assert rc == 0, err
+    edit_config(ad, **{field: value})
+    rc, _, err = cli(capsys, "inspect", ad)
+    assert_refused(rc, err, None, ad / CONFIG, field, needle)
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--alpha", "nan"), ("--alpha", "inf"), ("--alpha", "1e308"), ("--lr", "inf"), ("--tau", "1e300")],
+)
+def test_train_numbers_refused_naming_the_option(world, tmp_path, capsys, flag, value):
+    out = tmp_path / "t"
+    rc, _, err = cli(capsys, "train", "--base", world["gpt2"], "--data", "synthetic:arith", "--out", out,
+                     "--quiet", flag, value)  # fmt: skip
+    assert_refused(rc, err, out, flag)
+
+
+def test_eval_max_len_below_two_refused(world, capsys):
+    for v in ("0", "1"):
+        rc, _, err = cli(capsys, "eval", "--base", world["gpt2"], "--data", "synthetic:arith", "--max-len", v)
+        assert_refused(rc, err, None, "--max-len")
+
+
 @pytest.mark.parametrize("weights", ["nan,1", "inf,1", "1,-inf", "1e39,1", "2e6,1"])
 def test_bad_weights_refused_by_sum(world, tmp_path, capsys, weights):
     out = tmp_path / "out"

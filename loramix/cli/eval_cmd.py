@@ -19,7 +19,12 @@ from .threads import threads_option
 @data_options("Data file (.jsonl/.json/.csv/.txt) or synthetic:NAME spec; repeat or list after it.")
 @click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True)
 @prompt_option
-@click.option("--max-len", type=int, default=None, help="Tokens per sequence (default: the model's context).")
+@click.option(
+    "--max-len",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Tokens per sequence (default: the model's context).",
+)
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--limit", type=int, default=None, help="Use the first N records of each file.")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)

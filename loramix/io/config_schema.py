@@ -20,9 +20,13 @@ field                                 type
 ``use_rslora``, ``fan_in_fan_out``,   bool (``"no"`` is not false)
 ``use_dora``, ``lora_bias``,
 ``inference_mode``
-``tau``, ``eps`` (D2-LoRA)            finite number (``eps`` > 0)
+``tau``, ``eps`` (D2-LoRA)            finite number (``eps`` > 0, ``|tau|``
+                                      within float32's range)
 ``norm_dim`` (D2-LoRA)                0 or 1
+``loramix_format`` (D2-LoRA)          ``"d2lora/1"``
 ====================================  ==========================================
+
+The scale ``lora_alpha / r`` must fit float32 too (``peft_layout.checked_scale``).
 
 Nothing is coerced: a value of the wrong type is an :class:`AdapterError`
 naming the file, the field and what it holds.
@@ -111,9 +115,12 @@ FIELDS = {
     "use_dora": (lambda x: isinstance(x, bool), "true or false"),
     "lora_bias": (lambda x: isinstance(x, bool), "true or false"),
     "inference_mode": (lambda x: isinstance(x, bool), "true or false"),
-    "tau": (_is_number, "a finite number"),
+    # B- is scaled by tau in float32: beyond its range every delta is inf or nan
+    "tau": (lambda x: _is_number(x) and abs(x) <= 3.4028234663852886e38, "a finite number within float32's range"),
     "eps": (lambda x: _is_number(x) and x > 0, "a positive finite number"),
     "norm_dim": (lambda x: _is_int(x) and x in (0, 1), "0 or 1"),
+    # a later version may change what the tensors mean: refused, not guessed at
+    "loramix_format": (lambda x: x == "d2lora/1", '"d2lora/1", the D2-LoRA format this loramix reads'),
 }  # fmt: skip
 
 

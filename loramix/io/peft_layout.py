@@ -91,6 +91,24 @@ def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+#: the largest float32: a scale beyond it is inf in float32, in which merges,
+#: evaluation (and PEFT) compute
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def checked_scale(config: dict, module: str, alpha: float, r: int, cfg_path: Path) -> float:
+    """:func:`lora_scale` of ``module``, refused (naming the config and the
+    module) where it does not fit float32: ``lora_alpha`` may be any finite
+    number, but ``1e308 / r`` would make every delta inf or nan."""
+    scale = lora_scale(alpha, r, bool(config.get("use_rslora", False)))
+    if not abs(scale) <= FLOAT32_MAX:
+        raise AdapterError(
+            cfg_path, f"module {module}: the scale lora_alpha / r = {scale:.3g} does not fit float32, in "
+            "which its deltas are computed (PEFT's too)",
+        )  # fmt: skip
+    return scale
+
+
 def resolve_adapter_paths(path: str | Path) -> tuple[Path, Path, Path]:
     """``(given path, config path, weights path)`` for a folder or a file."""
     p = Path(path)
@@ -321,14 +339,13 @@ def module_factors(raw: dict[str, dict], method: str, config: dict, cfg_path: Pa
     ``A``, ``scale``, ``alpha``; for D2 also ``B_neg``, ``A_neg``, ``tau``,
     ``norm_dim``, ``eps``). The config must agree with the tensors (ranks,
     ``target_modules``)."""
-    use_rslora = bool(config.get("use_rslora", False))
     modules: dict[str, dict] = {}
     for module, fs in raw.items():
         _check_factors(module, fs, method, weights)
         A, B = fs[("A", "pos")], fs[("B", "pos")]
         r_cfg, alpha = module_rank_alpha(config, module)
         check_config_rank(module, int(A.shape[0]), r_cfg, cfg_path, weights)
-        kw = dict(B=B, A=A, scale=lora_scale(alpha, r_cfg, use_rslora), alpha=alpha)
+        kw = dict(B=B, A=A, scale=checked_scale(config, module, alpha, r_cfg, cfg_path), alpha=alpha)
         if method == D2LORA:
             kw.update(
                 B_neg=fs[("B", "neg")],

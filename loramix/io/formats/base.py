@@ -39,6 +39,7 @@ from ..peft_layout import (  # noqa: F401  (the torch-free parsing lives there; 
     check_config_rank,
     check_features,
     check_targets,
+    checked_scale,
     embedding_as_weight_factors,
     get_pattern_key,
     lora_scale,
@@ -173,7 +174,7 @@ class PeftLayoutFormat:
         try:
             m = self.kind.from_tensors(
                 module, fs, config,
-                scale=lora_scale(alpha, r_cfg, bool(config.get("use_rslora", False))), alpha=alpha,
+                scale=checked_scale(config, module, alpha, r_cfg, cfg_path), alpha=alpha,
                 embedding=embedding,
             )  # fmt: skip
         except ValueError as e:
