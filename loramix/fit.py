@@ -28,10 +28,16 @@ that produces the points, and how to read the error: docs/interference.md.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from .errors import UsageError
+from .io.config_schema import load_json_file
 
 
 @dataclass
@@ -130,6 +136,181 @@ def fit_line(x, y, labels=None) -> LinearFit:
         slope=slope, intercept=intercept, pearson_r=r, r2=r2, x_mean=float(xm), sxx=sxx,
         residual_se=s, loo_rmse=loo_rmse, loo_mae=loo_mae, loo_predictions=loo, **base,
     )  # fmt: skip
+
+
+# --- checking fit files -------------------------------------------------------
+#
+# A fit file (fit.json, or a fit inside predictors.json) is refused at load time
+# with one line naming the file and the field, so that no later arithmetic can
+# fail on it or print a number made of nonsense.
+
+MISSING = object()
+
+
+def _show(value) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def field_error(path, name: str, what: str, value) -> UsageError:
+    """``<path>: <name> must be <what>, got <value>`` (``is missing`` when absent)."""
+    if value is MISSING:
+        return UsageError(path, f"{name} is missing (it must be {what})")
+    return UsageError(path, f"{name} must be {what}, got {_show(value)}")
+
+
+def _is_number(v) -> bool:
+    # bool is an int in Python, but true/false in a fit file is not a number
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def check_number(path, name: str, value, *, null: bool = False, low: float | None = None,
+                 above: bool = False):  # fmt: skip
+    """``value`` if it is a finite number (``>= low``, or ``> low`` with ``above``);
+    ``None`` where ``null`` allows it; :class:`UsageError` naming ``name`` otherwise."""
+    if value is None and null:
+        return None
+    if _is_number(value) and (low is None or (value > low if above else value >= low)):
+        return value
+    what = "a finite number"
+    if low is not None:
+        what += f" {'>' if above else '>='} {low:g}"
+    raise field_error(path, name, what + (" or null" if null else ""), value)
+
+
+def check_int(path, name: str, value, low: int = 0) -> int:
+    """``value`` if it is an integer ``>= low``; :class:`UsageError` naming ``name`` otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= low:
+        # a count past 2^53 is no count a study made, and overflows the float arithmetic
+        if value <= 2**53:
+            return value
+        raise field_error(path, name, f"an integer from {low} to 2^53", value)
+    raise field_error(path, name, f"an integer >= {low}", value)
+
+
+def check_level(path, name: str, value) -> float:
+    """``value`` if it is a number strictly between 0 and 1 (a prediction-interval level)."""
+    if _is_number(value) and 0 < value < 1:
+        return value
+    raise field_error(path, name, "a number in (0, 1)", value)
+
+
+def check_str(path, name: str, value, *, null: bool = False) -> str | None:
+    """``value`` if it is a string (``None`` where ``null`` allows it)."""
+    if isinstance(value, str) or (value is None and null):
+        return value
+    raise field_error(path, name, "a string" + (" or null" if null else ""), value)
+
+
+def _check_list(path, name: str, value, n: int, item) -> None:
+    if not isinstance(value, list):
+        raise field_error(path, name, f"a list of {n} values", value)
+    if len(value) != n:
+        raise UsageError(path, f"{name} has {len(value)} values, but n is {n}")
+    for k, v in enumerate(value):
+        item(f"{name}[{k}]", v)
+
+
+def check_linear_fit(path, name: str, d, *, line: bool = False) -> LinearFit:
+    """The :class:`LinearFit` of the dict ``d`` (``name`` in the file ``path``), checked.
+
+    Checked: ``n`` an integer >= 0 (>= 2 for a line); ``slope`` and
+    ``intercept`` finite, or both null (no line, refused where ``line``);
+    ``pearson_r`` and ``r2`` finite or null; for a line ``x_mean`` finite and
+    ``sxx`` finite and > 0; ``residual_se``, ``loo_rmse`` and ``loo_mae``
+    finite, >= 0 or null, ``residual_se`` only with ``n >= 3``; where present,
+    ``x`` and ``y`` ``n`` finite numbers, ``loo_predictions`` ``n`` finite
+    numbers or nulls, ``labels`` ``n`` strings, and ``x`` agreeing with
+    ``x_mean`` and ``sxx``. Other keys are ignored.
+    """
+    if not isinstance(d, dict):
+        raise field_error(path, name, "an object (a fitted line)", d)
+
+    def get(key):
+        return d.get(key, MISSING)
+
+    def num(key, **kw):
+        return check_number(path, f"{name}.{key}", get(key), **kw)
+
+    n = check_int(path, f"{name}.n", get("n"))
+    slope = num("slope", null=not line)
+    intercept = num("intercept", null=slope is None)
+    if slope is None and intercept is not None:
+        raise UsageError(path, f"{name}.intercept is given but {name}.slope is null")
+    if slope is not None and n < 2:
+        raise field_error(path, f"{name}.n", "at least 2 for a line", n)
+    num("pearson_r", null=True)
+    num("r2", null=True)
+    x_mean = num("x_mean", null=slope is None)
+    # sxx divides in the prediction interval: zero or negative means no spread in x
+    sxx = num("sxx", null=slope is None, low=0, above=True)
+    se = num("residual_se", null=True, low=0)
+    if se is not None and n < 3:
+        raise UsageError(path, f"{name}.residual_se is given but n is {n} (it needs n >= 3)")
+    num("loo_rmse", null=True, low=0)
+    num("loo_mae", null=True, low=0)
+
+    def finite(k, v):
+        check_number(path, k, v)
+
+    def finite_or_null(k, v):
+        check_number(path, k, v, null=True)
+
+    def text(k, v):
+        check_str(path, k, v)
+
+    for key, item in (("x", finite), ("y", finite), ("loo_predictions", finite_or_null), ("labels", text)):
+        if key in d:
+            _check_list(path, f"{name}.{key}", d[key], n, item)
+    if slope is not None and "x" in d:
+        # x_mean and sxx are computed from x when the fit is made; a file in
+        # which they disagree has been edited, and its interval would be wrong
+        x = np.asarray(d["x"], dtype=np.float64)
+        with np.errstate(all="ignore"):  # x near the float limit: a mismatch, not a warning
+            xm = float(x.mean())
+            s = float(((x - xm) ** 2).sum())
+        if not math.isclose(xm, x_mean, rel_tol=1e-9, abs_tol=1e-12):
+            raise UsageError(path, f"{name}.x_mean is {x_mean:g}, but the mean of {name}.x is {xm:g}")
+        if not math.isclose(s, sxx, rel_tol=1e-6, abs_tol=1e-15):
+            raise UsageError(path, f"{name}.sxx is {sxx:g}, but {name}.x gives {s:g}")
+    return LinearFit.from_dict(d)
+
+
+def load_fit_file(path: str | os.PathLike) -> dict:
+    """A ``fit.json`` written by a scenario run, checked in full; one-line errors otherwise.
+
+    Checked: a JSON object with a ``fits`` list; ``prediction_level``, where
+    present, in (0, 1); ``scenario`` a string or null; each entry an object
+    with string ``adapter_method`` and ``merge_method`` and the fields of a
+    :class:`LinearFit` (:func:`check_linear_fit`). Returns the dict as read.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(p, "a folder, not a fit file (give its fit.json or predictors.json)")
+    if not p.is_file():
+        raise UsageError(p, "no such fit file (a scenario run writes reports/NAME/fit.json)")
+    fit = load_json_file(p, UsageError, constants=True, what="fit.json")
+    if not isinstance(fit, dict) or not isinstance(fit.get("fits"), list):
+        raise UsageError(p, "not a loramix fit.json (no 'fits' list)")
+    if "prediction_level" in fit:
+        check_level(p, "prediction_level", fit["prediction_level"])
+    check_str(p, "scenario", fit.get("scenario"), null=True)
+    for k, entry in enumerate(fit["fits"]):
+        name = f"fits[{k}]"
+        if not isinstance(entry, dict):
+            raise field_error(p, name, "an object (a fitted line)", entry)
+        check_str(p, f"{name}.adapter_method", entry.get("adapter_method", MISSING))
+        check_str(p, f"{name}.merge_method", entry.get("merge_method", MISSING))
+        check_linear_fit(p, name, entry)
+    return fit
 
 
 # --- Student t quantile without SciPy ---------------------------------------

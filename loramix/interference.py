@@ -42,17 +42,13 @@ import os
 from pathlib import Path
 
 from .errors import UsageError
-from .io.config_schema import load_json_file
 
 
 def load_fit(path: str | os.PathLike) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(p, "no such fit file (a scenario run writes reports/NAME/fit.json)")
-    fit = load_json_file(p, UsageError, constants=True, what="fit.json")
-    if not isinstance(fit, dict) or not isinstance(fit.get("fits"), list):
-        raise UsageError(p, "not a loramix fit.json (no 'fits' list)")
-    return fit
+    """A scenario run's ``fit.json``, every field checked (:func:`loramix.fit.load_fit_file`)."""
+    from .fit import load_fit_file
+
+    return load_fit_file(path)
 
 
 def _trained_base_identity(adapter) -> str | None:

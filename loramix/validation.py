@@ -55,11 +55,23 @@ import pandas as pd
 
 from .errors import UsageError
 from .features.size import SIZE
-from .fit import LinearFit, fit_line, t_quantile
+from .fit import (
+    MISSING,
+    LinearFit,
+    check_int,
+    check_level,
+    check_linear_fit,
+    check_number,
+    check_str,
+    field_error,
+    fit_line,
+    t_quantile,
+)
 from .io.config_schema import load_json_file
 
 LAMBDAS = (0.01, 0.1, 1.0, 10.0, 100.0)
 FORMAT = "loramix-predictors"
+KINDS = ("mean", "ols", "ols_pairsum", "ridge")  # the fitted predictors (module docstring)
 SUMMARY_COLUMNS = ["predictor", "n", "r", "r2", "mae", "coverage"]
 PREDICTION_COLUMNS = ["predictor", "held_out", "composition", "y", "y_hat", "low", "high"]
 
@@ -344,20 +356,153 @@ def write_predictors(path: str | os.PathLike, result: Validation) -> Path:
     return Path(path)
 
 
+def _check_feature(path, name: str, value) -> None:
+    from .features import registry
+
+    check_str(path, name, value)
+    if value.split(":")[0] not in registry():
+        raise field_error(path, name, "a loramix feature", value)
+
+
+def check_predictor_fit(path, name: str, fit) -> dict:
+    """A fitted predictor of :func:`fit_all` (``name`` in the file ``path``), checked.
+
+    Checked: ``kind`` one of :data:`KINDS`. ``mean``: ``n`` an integer >= 1,
+    ``mean`` finite, ``sd`` finite and >= 0 or null (null for ``n < 2``).
+    ``ols``/``ols_pairsum``: ``feature`` (and ``size``) a known feature and the
+    fields of a line (:func:`loramix.fit.check_linear_fit`). ``ridge``:
+    ``features`` a non-empty list of known features, ``mu``, ``sd`` (> 0) and
+    ``coef`` one finite number per feature, ``lambda`` (where present) >= 0,
+    ``intercept`` finite, ``n`` an integer >= 1, ``resid_low <= resid_high``
+    finite or both null. Returns ``fit``.
+    """
+    if not isinstance(fit, dict):
+        raise field_error(path, name, "an object (a fitted predictor)", fit)
+
+    def get(key):
+        return fit.get(key, MISSING)
+
+    kind = get("kind")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise field_error(path, f"{name}.kind", f"one of {', '.join(KINDS)}", kind)
+    if kind == "mean":
+        n = check_int(path, f"{name}.n", get("n"), 1)
+        check_number(path, f"{name}.mean", get("mean"))
+        sd = check_number(path, f"{name}.sd", get("sd"), null=True, low=0)
+        if sd is not None and n < 2:
+            raise UsageError(path, f"{name}.sd is given but n is {n} (it needs n >= 2)")
+    elif kind in ("ols", "ols_pairsum"):
+        _check_feature(path, f"{name}.feature", get("feature"))
+        if kind == "ols_pairsum":
+            _check_feature(path, f"{name}.size", get("size"))
+        check_linear_fit(path, name, fit, line=True)
+    else:
+        feats = get("features")
+        if not isinstance(feats, list) or not feats:
+            raise field_error(path, f"{name}.features", "a non-empty list of feature names", feats)
+        for k, f in enumerate(feats):
+            _check_feature(path, f"{name}.features[{k}]", f)
+        # sd divides the features when they are standardised
+        for key, low in (("mu", None), ("sd", 0), ("coef", None)):
+            v = get(key)
+            if not isinstance(v, list) or len(v) != len(feats):
+                raise field_error(
+                    path, f"{name}.{key}", f"a list of {len(feats)} numbers (one per feature)", v
+                )
+            for k, x in enumerate(v):
+                check_number(path, f"{name}.{key}[{k}]", x, low=low, above=low is not None)
+        if "lambda" in fit:
+            check_number(path, f"{name}.lambda", fit["lambda"], low=0)
+        check_number(path, f"{name}.intercept", get("intercept"))
+        check_int(path, f"{name}.n", get("n"), 1)
+        lo = check_number(path, f"{name}.resid_low", get("resid_low"), null=True)
+        hi = check_number(path, f"{name}.resid_high", get("resid_high"), null=True)
+        if (lo is None) != (hi is None):
+            raise UsageError(
+                path, f"{name}.resid_low and {name}.resid_high must be both numbers or both null"
+            )
+        if lo is not None and lo > hi:
+            raise UsageError(path, f"{name}.resid_low ({lo:g}) is above {name}.resid_high ({hi:g})")
+    return fit
+
+
+def _check_record(path, name: str, row) -> dict:
+    """A held-out record (a ``summary`` row): ``predictor`` a string, ``n`` an
+    integer >= 1, ``r`` and ``r2`` finite or null, ``mae`` >= 0 or null,
+    ``coverage`` in [0, 1] or null."""
+    if not isinstance(row, dict):
+        raise field_error(path, name, "an object (a held-out record)", row)
+    check_str(path, f"{name}.predictor", row.get("predictor", MISSING))
+    check_int(path, f"{name}.n", row.get("n", MISSING), 1)
+    for key in ("r", "r2"):
+        check_number(path, f"{name}.{key}", row.get(key), null=True)
+    check_number(path, f"{name}.mae", row.get("mae"), null=True, low=0)
+    cov = check_number(path, f"{name}.coverage", row.get("coverage"), null=True, low=0)
+    if cov is not None and cov > 1:
+        raise field_error(path, f"{name}.coverage", "a number in [0, 1] or null", cov)
+    return row
+
+
+def _check_bool(path, name: str, d: dict, key: str) -> None:
+    if key in d and not isinstance(d[key], bool):
+        raise field_error(path, name, "true or false", d[key])
+
+
 def load_predictors(path: str | os.PathLike) -> dict:
-    """A predictors file written by :func:`write_predictors`; one-line errors otherwise."""
+    """A predictors file written by :func:`write_predictors`, checked; one-line errors otherwise.
+
+    Checked, as ``loramix predict`` and ``loramix plan`` read them: ``format``;
+    ``fits`` an object; ``best`` a string naming one of ``fits``; ``level`` in
+    (0, 1); ``target`` a string; ``scenario``, ``adapter_kind`` and
+    ``base_identity`` strings or null; ``beats_mean`` true or false; ``summary``
+    a list of held-out records (:func:`_check_record`) with a finite ``mae`` for
+    the best predictor and for ``mean``; the best fit
+    (:func:`check_predictor_fit`); and each ``by_method`` entry: its ``fit``,
+    ``best`` a string, ``validated`` a held-out record or null, ``level`` in
+    (0, 1), ``target`` a string or null, ``mean_mae`` >= 0 or null. The other
+    fits and fields, which neither command reads, are not checked.
+    """
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(p, "a folder, not a predictors file (give its predictors.json)")
     if not p.is_file():
         raise UsageError(p, "no such predictors file (loramix.validation.write_predictors writes one)")
     d = load_json_file(p, UsageError, constants=True, what="predictors file")
     if not isinstance(d, dict) or d.get("format") != FORMAT or not isinstance(d.get("fits"), dict):
         raise UsageError(p, f"not a loramix predictors file (no format {FORMAT!r} with 'fits')")
-    if d.get("best") not in d["fits"]:
-        raise UsageError(p, f"best predictor {d.get('best')!r} has no fit")
+    best = d.get("best")
+    if not isinstance(best, str) or best not in d["fits"]:
+        raise UsageError(p, f"best predictor {best!r} has no fit")
     bm = d.get("by_method")
     if bm is not None and (not isinstance(bm, dict) or not all(isinstance(e, dict) and isinstance(e.get("fit"), dict)
                                                               for e in bm.values())):  # fmt: skip
         raise UsageError(
             p, "'by_method' is not {merge method: {'fit': ...}}; regenerate it with loramix scenario run"
         )
+    check_level(p, "level", d.get("level", MISSING))
+    check_str(p, "target", d.get("target", MISSING))
+    for key in ("scenario", "adapter_kind", "base_identity"):
+        check_str(p, key, d.get(key), null=True)
+    _check_bool(p, "beats_mean", d, "beats_mean")
+    summary = d.get("summary", MISSING)
+    if not isinstance(summary, list):
+        raise field_error(p, "summary", "a list of held-out records", summary)
+    rows = {}
+    for k, row in enumerate(summary):
+        rows.setdefault(_check_record(p, f"summary[{k}]", row)["predictor"], row)
+    for name in dict.fromkeys((best, "mean")):
+        if rows.get(name, {}).get("mae") is None:
+            raise UsageError(p, f"summary has no held-out MAE for predictor {name!r}")
+    check_predictor_fit(p, f"fits[{json.dumps(best)}]", d["fits"][best])
+    for m, e in (bm or {}).items():
+        name = f"by_method[{json.dumps(m)}]"
+        check_predictor_fit(p, f"{name}.fit", e["fit"])
+        check_str(p, f"{name}.best", e.get("best", MISSING))
+        if e.get("validated") is not None:
+            _check_record(p, f"{name}.validated", e["validated"])
+        if "level" in e:
+            check_level(p, f"{name}.level", e["level"])
+        check_str(p, f"{name}.target", e.get("target"), null=True)
+        check_number(p, f"{name}.mean_mae", e.get("mean_mae"), null=True, low=0)
+        _check_bool(p, f"{name}.beats_mean", e, "beats_mean")
     return d
