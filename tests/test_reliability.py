@@ -191,6 +191,30 @@ def test_kill_9_leftovers_are_removed_by_the_next_run(big_base, tmp_path):
     assert (out / SHARD).read_bytes() == (ref / SHARD).read_bytes()
 
 
+def test_sigterm_removes_what_the_run_was_writing(big_base, tmp_path):
+    """A kill (SIGTERM, as timeout or a scheduler sends) unwinds like Ctrl-C:
+    one line, exit 130, nothing at the target or beside it."""
+    out = tmp_path / "out"
+    args = ["sum", "--no-progress", big_base["adapter"], "--into", big_base["base"], "--dtype", "float16"]
+    for _ in range(5):  # catch the run while it writes (retry if it was faster than the poll)
+        p = _python_m(*args, "--out", out)
+        writing = False
+        while p.poll() is None and not writing:
+            writing = any((q / PAYLOAD / SHARD).exists() for q in tmp_path.glob(f"{TMP_PREFIX}*"))
+            time.sleep(0.002)
+        if writing and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            break
+        p.wait()
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        pytest.skip("the run always finished before it could be stopped")
+    assert p.wait(timeout=120) == 130
+    err = p.stderr.read()
+    assert [ln for ln in err.splitlines() if ln.strip()] == ["loramix: interrupted"], err
+    assert leftovers(out) == []
+
+
 def test_live_temporaries_are_kept(tmp_path):
     """Only temporaries whose owner is gone are stale: a running one is kept."""
     with atomic_output_dir(tmp_path / "x") as tmp:

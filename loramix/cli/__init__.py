@@ -121,7 +121,26 @@ def _paths_print_as_given() -> None:
             stream.reconfigure(errors="surrogateescape")
 
 
+def _terminate(signum, frame):
+    # A kill (SIGTERM: timeout, a job scheduler) unwinds like Ctrl-C, so outputs
+    # and temporaries half made are removed, not left for the next run to find.
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
+    import signal
+    import threading
+
+    in_main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main:  # None: the handler was not Python's, the default then
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
+
+
+def _main(argv) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     _paths_print_as_given()
     try:

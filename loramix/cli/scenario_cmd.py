@@ -105,15 +105,9 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run_cmd(file, out, device, fresh, cache_dir, force, threads, jobs, executor, address, quiet):
     """Run the scenario FILE and write its report (report.md, results.csv, report.json, fit.json, plots)."""
-    import signal
-
     from ..scenario.runner import run_scenario
 
-    def _interrupt(signum, frame):
-        # A kill (SIGTERM) unwinds like Ctrl-C, so half-made artifacts are removed.
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _interrupt)
+    # a kill (SIGTERM) unwinds like Ctrl-C (loramix.cli.main), so half-made artifacts are removed
     rep = run_scenario(file, out, device=device, fresh=fresh, cache_dir=cache_dir, force=force,
                        progress=not quiet, threads=threads, jobs=jobs, executor=executor,
                        address=address)  # fmt: skip
