@@ -284,6 +284,16 @@ def check_linear_fit(path, name: str, d, *, line: bool = False) -> LinearFit:
     return LinearFit.from_dict(d)
 
 
+def read_json_file(p: Path, kind: str, folder_hint: str, missing_hint: str, what: str):
+    """The JSON in the file ``p`` (a ``kind`` of file), or one line saying it
+    is a folder (``folder_hint``), missing (``missing_hint``) or not JSON."""
+    if p.is_dir():
+        raise UsageError(p, f"a folder, not a {kind} ({folder_hint})")
+    if not p.is_file():
+        raise UsageError(p, f"no such {kind} ({missing_hint})")
+    return load_json_file(p, UsageError, constants=True, what=what)
+
+
 def load_fit_file(path: str | os.PathLike) -> dict:
     """A ``fit.json`` written by a scenario run, checked in full; one-line errors otherwise.
 
@@ -293,11 +303,8 @@ def load_fit_file(path: str | os.PathLike) -> dict:
     :class:`LinearFit` (:func:`check_linear_fit`). Returns the dict as read.
     """
     p = Path(path)
-    if p.is_dir():
-        raise UsageError(p, "a folder, not a fit file (give its fit.json or predictors.json)")
-    if not p.is_file():
-        raise UsageError(p, "no such fit file (a scenario run writes reports/NAME/fit.json)")
-    fit = load_json_file(p, UsageError, constants=True, what="fit.json")
+    fit = read_json_file(p, "fit file", "give its fit.json or predictors.json",
+                         "a scenario run writes reports/NAME/fit.json", "fit.json")  # fmt: skip
     if not isinstance(fit, dict) or not isinstance(fit.get("fits"), list):
         raise UsageError(p, "not a loramix fit.json (no 'fits' list)")
     if "prediction_level" in fit:

@@ -65,9 +65,9 @@ from .fit import (
     check_str,
     field_error,
     fit_line,
+    read_json_file,
     t_quantile,
 )
-from .io.config_schema import load_json_file
 
 LAMBDAS = (0.01, 0.1, 1.0, 10.0, 100.0)
 FORMAT = "loramix-predictors"
@@ -463,11 +463,8 @@ def load_predictors(path: str | os.PathLike) -> dict:
     fits and fields, which neither command reads, are not checked.
     """
     p = Path(path)
-    if p.is_dir():
-        raise UsageError(p, "a folder, not a predictors file (give its predictors.json)")
-    if not p.is_file():
-        raise UsageError(p, "no such predictors file (loramix.validation.write_predictors writes one)")
-    d = load_json_file(p, UsageError, constants=True, what="predictors file")
+    d = read_json_file(p, "predictors file", "give its predictors.json",
+                       "loramix.validation.write_predictors writes one", "predictors file")  # fmt: skip
     if not isinstance(d, dict) or d.get("format") != FORMAT or not isinstance(d.get("fits"), dict):
         raise UsageError(p, f"not a loramix predictors file (no format {FORMAT!r} with 'fits')")
     best = d.get("best")
