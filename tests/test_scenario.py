@@ -209,6 +209,10 @@ def test_cache_atomic_resume_and_fresh(tmp_path):
     f.get_or_make("thing", spec, ok)
     f.get_or_make("thing", spec, ok)  # remade once per run, then reused
     assert [e.status for e in f.log] == ["fresh", "hit"] and len(made) == 3
+    # the remade artifact replaced the old one, and neither temporaries nor the old one are left
+    assert sorted(q.name for q in (tmp_path / "c" / "thing").iterdir()) == sorted(
+        {make_key("thing", spec)[:24], make_key("thing", {"x": 2})[:24]}
+    )
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -175,8 +175,9 @@ def remove_stale_temporaries(folder: str | Path, target: str | None = None) -> l
 
 def new_temporary(parent: Path, target: str) -> Path:
     """A fresh temporary folder ``parent/.lmx-<8 hex>`` for ``target`` (a
-    name in ``parent``), with its ``owner.json``; remove that record with
-    :func:`release_temporary` before renaming the folder into place."""
+    name in ``parent``), with its ``owner.json``. What is made goes into a
+    folder inside it (:data:`PAYLOAD`), which is renamed into place; the
+    temporary, owner record and all, is removed after."""
     tmp = Path(parent) / f"{TMP_PREFIX}{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
@@ -185,11 +186,6 @@ def new_temporary(parent: Path, target: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return tmp
-
-
-def release_temporary(tmp: Path) -> None:
-    """Drop ``tmp``'s owner record: it is complete and about to be renamed."""
-    (Path(tmp) / OWNER_NAME).unlink(missing_ok=True)
 
 
 # ---- the final rename ----------------------------------------------------------------

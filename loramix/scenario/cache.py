@@ -33,13 +33,12 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..io.outputs import new_temporary, release_temporary, remove_stale_temporaries
+from ..io.outputs import PAYLOAD, new_temporary, remove_stale_temporaries
 
 MARKER = "artifact.json"
 
@@ -114,9 +113,14 @@ class Cache:
             self.log.append(CacheEvent(kind, key, "hit", 0.0, label))
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = new_temporary(target.parent, target.name)  # owned: a later run removes it if we die
+        # the artifact is made inside an owned temporary, which keeps its owner.json until it
+        # is removed: a run killed at any point (a replaced folder swapped into it included)
+        # leaves a temporary that a later run removes
+        owned = new_temporary(target.parent, target.name)
+        tmp = owned / PAYLOAD
         t0 = time.perf_counter()
         try:
+            tmp.mkdir()
             info = make(tmp) or {}
             seconds = time.perf_counter() - t0
             record = {"kind": kind, "key": key, "label": label, "loramix_version": __version__,
@@ -124,33 +128,30 @@ class Cache:
                       "spec": spec, "info": info}  # fmt: skip
             with open(tmp / MARKER, "w") as f:
                 json.dump(record, f, indent=2, sort_keys=True, default=str)
-            release_temporary(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if redo and target.exists():
-            self._swap(tmp, target)
-        else:
-            try:
-                os.replace(tmp, target)
-            except OSError:  # the target exists: another process finished it first
-                if (target / MARKER).is_file():
-                    shutil.rmtree(tmp, ignore_errors=True)  # keep theirs (same spec, same content)
-                elif target.exists():
-                    self._swap(tmp, target)  # a stale folder without its marker
-                else:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
+            if redo and target.exists():
+                self._swap(tmp, target)
+            else:
+                try:
+                    os.replace(tmp, target)
+                except OSError:  # the target exists: another process finished it first
+                    if (target / MARKER).is_file():
+                        pass  # keep theirs (same spec, same content); ours goes with the temporary
+                    elif target.exists():
+                        self._swap(tmp, target)  # a stale folder without its marker
+                    else:
+                        raise
+        finally:
+            shutil.rmtree(owned, ignore_errors=True)
         self._made_this_run.add(key)
         self.log.append(CacheEvent(kind, key, "fresh" if done else "miss", seconds, label))
         return target
 
     @staticmethod
     def _swap(tmp: Path, target: Path) -> None:
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
+        """``tmp`` (in its owned temporary) in place of ``target``, which goes
+        into that temporary, to be removed with it."""
+        os.replace(target, tmp.parent / "replaced")
         os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
 
     def record(self, kind: str, key_or_path) -> dict:
         p = key_or_path if isinstance(key_or_path, Path) else self.path(kind, key_or_path)
