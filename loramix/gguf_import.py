@@ -197,7 +197,7 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str) -> dict:
             raise BaseModelError(
                 path, f"tensor {t.name} holds {int((~np.isfinite(w)).sum())} nan or inf values"
             )
-        out[hf] = torch.from_numpy(np.array(w, dtype=np.float32)).to(tdtype)
+        out[hf] = torch.from_numpy(np.array(w)).to(tdtype)  # a copy of its own, writable
     tied = set() if not config.tie_word_embeddings else {"lm_head.weight"}
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in tied}
     missing = sorted(set(expected) - set(out))

@@ -322,6 +322,8 @@ def _check_speed(*, dtype, grad_accum, batch, prefix_cache, prompt="raw") -> Non
 
 
 def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, tau) -> None:
+    from .io.config_schema import FLOAT32_MAX
+
     for flag, v, lo in (("--rank", rank, 1), ("--batch", batch, 1), ("--max-len", max_len, 2)):
         if v < lo:
             raise UsageError(flag, f"must be at least {lo}, got {v}")
@@ -332,11 +334,11 @@ def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, 
     if not 0 < lr < math.inf:
         raise UsageError("--lr", f"must be a positive finite number, got {lr}")
     # the scale alpha / rank and tau multiply factors in float32: beyond its range, inf or nan
-    if not abs(alpha / max(rank, 1)) <= 3.4028234663852886e38:
+    if not abs(alpha / max(rank, 1)) <= FLOAT32_MAX:
         raise UsageError(
             "--alpha", f"must be a finite number with --alpha / --rank within float32's range, got {alpha}"
         )
-    if not abs(tau) <= 3.4028234663852886e38:
+    if not abs(tau) <= FLOAT32_MAX:
         raise UsageError("--tau", f"must be a finite number within float32's range, got {tau}")
     if norm_dim not in (0, 1):
         raise UsageError("--norm-dim", f"must be 0 or 1, got {norm_dim}")

@@ -13,9 +13,9 @@ def _eval_size(value: str) -> int | float:
     """A count (1 and more, or 0: none held out) or a fraction in (0, 1);
     ValueError for anything else (nan, inf, negative, 2.5)."""
     v = float(value)
-    if v == 0 or 0 < v < 1:
-        return v if v else 0
-    if v >= 1 and v.is_integer() and v < 2**63:
+    if 0 < v < 1:
+        return v
+    if v == 0 or (v >= 1 and v.is_integer() and v < 2**63):
         return int(v)
     raise ValueError(value)
 

@@ -69,6 +69,11 @@ def load_json_file(path: Path, error: type[LoramixError] = AdapterError, constan
         raise error(path, f"{bad}: {e}") from None
 
 
+#: the largest float32: a factor scaled beyond it is inf in float32, in which
+#: merges, evaluation (and PEFT) compute
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -116,7 +121,7 @@ FIELDS = {
     "lora_bias": (lambda x: isinstance(x, bool), "true or false"),
     "inference_mode": (lambda x: isinstance(x, bool), "true or false"),
     # B- is scaled by tau in float32: beyond its range every delta is inf or nan
-    "tau": (lambda x: _is_number(x) and abs(x) <= 3.4028234663852886e38, "a finite number within float32's range"),
+    "tau": (lambda x: _is_number(x) and abs(x) <= FLOAT32_MAX, "a finite number within float32's range"),
     "eps": (lambda x: _is_number(x) and x > 0, "a positive finite number"),
     "norm_dim": (lambda x: _is_int(x) and x in (0, 1), "0 or 1"),
     # a later version may change what the tensors mean: refused, not guessed at

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from ..errors import AdapterError
+from .config_schema import FLOAT32_MAX
 
 # The kinds, as loramix.adapter names them (LORA, D2LORA).
 LORA, D2LORA = "lora", "d2lora"
@@ -89,11 +90,6 @@ def module_rank_alpha(config: dict, module: str) -> tuple[int, float]:
 
 def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-#: the largest float32: a scale beyond it is inf in float32, in which merges,
-#: evaluation (and PEFT) compute
-FLOAT32_MAX = 3.4028234663852886e38
 
 
 def checked_scale(config: dict, module: str, alpha: float, r: int, cfg_path: Path) -> float:
