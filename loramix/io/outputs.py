@@ -164,7 +164,7 @@ def remove_stale_temporaries(folder: str | Path, target: str | None = None) -> l
         try:
             rec = json.loads(Path(entry.path, OWNER_NAME).read_text())
         except (OSError, ValueError):
-            continue  # not ours, or finishing right now: leave it
+            continue  # not ours, or its owner record not yet written: leave it
         if not isinstance(rec, dict) or (target is not None and rec.get("target") != target):
             continue
         if not _owner_alive(rec):
