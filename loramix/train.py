@@ -269,7 +269,7 @@ def train_adapter(
                                     dtype=dtype, grad_accum=grad_accum, grad_checkpointing=grad_checkpointing,
                                     bucket=bucket, prompt=prompt))  # fmt: skip
     metrics = _train(run, kind, settings, options, out=out, progress=progress)
-    _write(out, run, kind, settings, options, metrics, targets=targets, force=force, file_inputs=file_inputs)
+    _write(out, run, kind, settings, options, metrics, force=force, file_inputs=file_inputs)
     return {"out": str(out), **metrics, "kind": kind.name, "method": kind.name, "settings": settings}
 
 
@@ -551,7 +551,7 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
     }
 
 
-def _write(out, run: _Run, kind, settings, options, metrics, *, targets, force, file_inputs) -> None:
+def _write(out, run: _Run, kind, settings, options, metrics, *, force, file_inputs) -> None:
     """The adapter (the kind's format), train_log.csv and loramix.json, atomically."""
     import torch
 
@@ -565,6 +565,11 @@ def _write(out, run: _Run, kind, settings, options, metrics, *, targets, force, 
     modules = extract_modules(run.model)
     # GPT-2's Conv1D stores W0^T: PEFT must know (fan_in_fan_out) to wrap it.
     fifo = any(not isinstance(run.model.get_submodule(n).base, torch.nn.Linear) for n in modules)
+    # target_modules: the last names where the adapter is on every module of those names, else
+    # (--top-layers) the full names, so that PEFT wraps only the modules the file has factors for
+    last = {n.rsplit(".", 1)[-1] for n in modules}
+    named = {n for n, _ in run.model.named_modules() if n.rsplit(".", 1)[-1] in last}
+    target_modules = sorted(last) if named == set(modules) else sorted(modules)
     with atomic_output_dir(out, force=force, inputs=[run.base, *file_inputs]) as tmp:
         kind.save(
             tmp,
@@ -575,7 +580,7 @@ def _write(out, run: _Run, kind, settings, options, metrics, *, targets, force, 
             fan_in_fan_out=fifo,
             base_model_name_or_path=run.base,
             provenance=file_prov,
-            extra_config={"target_modules": targets} if targets is not None else None,
+            extra_config={"target_modules": target_modules},
         )
         run.live.move_to(tmp / "train_log.csv")
         write_provenance(tmp, provenance("train", settings, inputs, metrics=metrics))

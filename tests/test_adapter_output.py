@@ -116,6 +116,33 @@ def test_exact_sum_adapter_is_untruncated(setup):
     assert "energy_discarded" not in res.summary
 
 
+@pytest.mark.parametrize("covering", ["layers_to_transform", "regex"])
+def test_output_of_an_adapter_on_some_layers_names_its_modules(tmp_path, covering):
+    """An input on some layers only (PEFT's layers_to_transform, or a regex
+    target_modules): the output lists its modules by full name, so PEFT
+    wraps just those (the last names alone made it wrap every layer and warn
+    of missing keys), and it loads to the input's logits; an input on every
+    layer keeps the last names."""
+    import warnings
+
+    model = tiny_llama()
+    kw = {"layers_to_transform": [1], "target_modules": ["q_proj", "v_proj"]}
+    if covering == "regex":
+        kw = {"target_modules": r".*layers\.1\.self_attn\.(q_proj|v_proj)"}
+    some = make_peft_adapter(model, tmp_path / "some", seed=1, r=2, lora_alpha=4, **kw)
+    every = make_peft_adapter(model, tmp_path / "every", seed=2, r=2, lora_alpha=4, target_modules=["q_proj"])
+    merge([str(some)], "sum", out=tmp_path / "out")
+    names = ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["target_modules"] == names
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = peft_logits(tmp_path / "out")
+    assert not [w for w in seen if "missing adapter keys" in str(w.message)], [str(w.message) for w in seen]
+    torch.testing.assert_close(got, peft_logits(some), rtol=0, atol=1e-5)
+    merge([str(every)], "sum", out=tmp_path / "out2")
+    assert json.loads((tmp_path / "out2" / "adapter_config.json").read_text())["target_modules"] == ["q_proj"]
+
+
 def test_dense_method_without_truncation_or_base_is_one_line(setup, tmp_path, capsys):
     _, ads = setup
     run_error(capsys, ["merge", "-m", "ties", "--density", "0.5", *map(str, ads), "--out", str(tmp_path / "o")],

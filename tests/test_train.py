@@ -239,6 +239,31 @@ def test_top_layers_train_from_the_cached_prefix_as_from_the_full_model(bases, t
     _assert_same_factors(tmp_path / "top", tmp_path / "again", 0)
 
 
+def test_top_layers_adapter_loads_in_peft_on_its_modules_only(bases, tmp_path):
+    """--top-layers: target_modules lists the trained modules by full name,
+    so PEFT wraps just those and finds every key (the last names alone made
+    it wrap every layer and warn of missing keys); on every layer, the last
+    names."""
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    train_adapter(bases["llama"], ARITH, tmp_path / "top", top_layers=1, **FAST)
+    train_adapter(bases["llama"], ARITH, tmp_path / "all", **FAST)
+    top = json.loads((tmp_path / "top" / "adapter_config.json").read_text())["target_modules"]
+    assert top == sorted(load_adapter(tmp_path / "top").modules) and all(".layers.1." in n for n in top)
+    every = json.loads((tmp_path / "all" / "adapter_config.json").read_text())["target_modules"]
+    assert every and all("." not in n for n in every)
+    for folder in ("top", "all"):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(bases["llama"]), str(tmp_path / folder)
+            )
+        assert not [w for w in seen if "missing adapter keys" in str(w.message)], folder
+
+
 def test_gradient_accumulation_gives_the_same_adapter(bases, tmp_path):
     train_adapter(bases["llama"], ARITH, tmp_path / "one", **FAST)
     train_adapter(bases["llama"], ARITH, tmp_path / "three", grad_accum=3, **FAST)

@@ -87,7 +87,8 @@ DIVIDE = Param(
     "divide",
     str,
     "count",
-    "divide agreeing entries by their count (PEFT) or by their summed weights (mergekit)",
+    "divide agreeing entries by their count (as PEFT) or by their summed weights (mergekit); "
+    "the sign is elected from the weighted deltas either way (docs/merging.md)",
     choices=("count", "weight"),
 )
 LAMBDA = Param("lambda_", float, 1.0, "scale of the merged delta")

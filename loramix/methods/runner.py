@@ -160,6 +160,20 @@ def _adapter_factors(m: MergeMethod, jobs, p, trunc) -> list[LowRank]:
     return [truncate(lr, *trunc) for lr in lrs]
 
 
+def _targets_every_layer(ad: Adapter) -> bool:
+    """Whether ``ad``'s config puts it on every module of the names it lists
+    (a list of last names, no layer selection, no exclusions), so that the
+    same names describe a sum's modules exactly; a regex, full names,
+    ``layers_to_transform`` or ``exclude_modules`` may cover some layers only."""
+    cfg = ad.config
+    t = cfg.get("target_modules")
+    return (
+        isinstance(t, list)
+        and all("." not in x for x in t)
+        and not any(cfg.get(k) for k in ("layers_to_transform", "layers_pattern", "exclude_modules"))
+    )
+
+
 def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs, trunc=None) -> MergeResult:
     """The result as a PEFT LoRA folder: per module ``(B, A)``, scale 1."""
     plan = module_plan(ads)
@@ -200,6 +214,7 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs, trunc=None)
             embeddings={
                 n for a in ads for n, md in a.modules.items() if md.extra.get("layout") == "embedding"
             },
+            full_names=not all(_targets_every_layer(a) for a in ads),
         )
         # safetensors writes its metadata map in a random order: sort it.
         canonicalize_header(tmp / WEIGHTS_NAME)

@@ -34,8 +34,15 @@ def save_peft_adapter(
     extra_config: dict | None = None,
     saved: dict[str, torch.Tensor] | None = None,
     embeddings: set[str] | frozenset[str] = frozenset(),
+    full_names: bool = False,
 ) -> Path:
     """Write a PEFT LoRA folder (``adapter_config.json`` + weights).
+
+    ``target_modules`` lists the modules' last names (``q_proj``), which PEFT
+    wraps in every layer: right where the adapter has every module of those
+    names. Where it may not (an input covered some layers only), pass
+    ``full_names``: the full module names, each of which PEFT matches to that
+    module alone, so it finds no module without its factors.
 
     ``factors`` maps module name to ``(B, A)`` with B (out, r), A (r, in).
     Without ``alphas`` the scale is folded into ``B`` already, and the config
@@ -70,7 +77,7 @@ def save_peft_adapter(
         # Scale 1: alpha = r (or sqrt(r) with rsLoRA, which we never write here).
         alphas = {m: float(r) for m, r in ranks.items()}
     r, a, rank_pattern, alpha_pattern = common_rank_alpha(ranks, alphas)
-    targets = sorted({m.rsplit(".", 1)[-1] for m in factors})
+    targets = sorted(factors) if full_names else sorted({m.rsplit(".", 1)[-1] for m in factors})
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
