@@ -223,7 +223,13 @@ def resolve_saved(
         module, param = name.rsplit(".", 1)
         key = base.tensor_key(module, param)
         if key is None:
-            raise BaseModelError(base.path, f"has no tensor for the adapters' modules_to_save {name}")
+            tied = base.tied_to(module)
+            why = (
+                f" (it is tied to {tied}: a full copy of it cannot be merged without untying them)"
+                if tied
+                else ""
+            )
+            raise BaseModelError(base.path, f"has no tensor for the adapters' modules_to_save {name}{why}")
         if tuple(base.tensors[key].shape) != tuple(t.shape):
             raise BaseModelError(
                 base.path,

@@ -610,6 +610,16 @@ def test_targeted_base_weight_must_be_float(world, tmp_path, capsys, dtype, code
     assert_refused(rc, err, out, base / SHARD, key, code)
 
 
+def test_modules_to_save_of_a_tied_head_refused_naming_the_tie(world, tmp_path, capsys):
+    """GPT-2's lm_head is tied to wte, so the checkpoint has no lm_head
+    tensor: a modules_to_save copy of it is refused naming the tie."""
+    ad = make_peft_adapter(tiny_gpt2(seed=0), tmp_path / "ad", seed=1, r=2, target_modules=["c_attn"],
+                           modules_to_save=["lm_head"])  # fmt: skip
+    out = tmp_path / "out"
+    rc, _, err = sum_into(capsys, world["gpt2"], out, ad)
+    assert_refused(rc, err, out, world["gpt2"], "lm_head.weight", "tied to transformer.wte.weight")
+
+
 def test_untouched_int8_and_float8_copied_byte_for_byte(world, tmp_path, capsys):
     base = copy(world["gpt2"], tmp_path / "base")
     t = load_file(str(base / SHARD))

@@ -429,6 +429,11 @@ class BaseModelFolder:
                 return b if a in alts else a
         return None
 
+    def tied_to(self, module: str) -> str | None:
+        """The tensor that ``module``, an output head absent from the
+        checkpoint, shares (the input embeddings), or None."""
+        return self._tied_to(self._candidates(module))
+
     def _tied_to(self, cands: list[str]) -> str | None:
         """The tensor an absent output head shares: with ``tie_word_embeddings``
         (transformers' default) a checkpoint stores only the input embedding."""
