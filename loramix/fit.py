@@ -305,6 +305,10 @@ def load_fit_file(path: str | os.PathLike) -> dict:
     p = Path(path)
     fit = read_json_file(p, "fit file", "give its fit.json or predictors.json",
                          "a scenario run writes reports/NAME/fit.json", "fit.json")  # fmt: skip
+    if isinstance(fit, dict) and isinstance(fit.get("fits"), dict) and "format" in fit:
+        # a predictors file (its fits by name) whose format is not the one this loramix writes
+        raise field_error(p, "format", '"loramix-predictors" (a predictors file) or absent (a fit.json)',
+                          fit["format"])  # fmt: skip
     if not isinstance(fit, dict) or not isinstance(fit.get("fits"), list):
         raise UsageError(p, "not a loramix fit.json (no 'fits' list)")
     if "prediction_level" in fit:

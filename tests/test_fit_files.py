@@ -237,6 +237,7 @@ PRED_DAMAGE = {
     "adapter-kind-int": (None, _pred_top("adapter_kind", 3), "adapter_kind must be a string or null"),
     "scenario-list": (None, _pred_top("scenario", ["x"]), "scenario"),
     "level-3": (None, _pred_top("level", 3), "level must be a number in (0, 1), got 3"),
+    "format-other": (None, _pred_top("format", "loramix-predictors-v9"), "loramix-predictors"),
     "level-str": (None, _pred_top("level", "x"), "level must be a number in (0, 1)"),
     "level-missing": (None, lambda d: d.pop("level"), "level is missing"),
     "target-int": (None, _pred_top("target", 7), "target must be a string"),
