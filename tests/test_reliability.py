@@ -681,7 +681,9 @@ def test_parent_of_out_is_a_file(world, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / "out"
     rc, _, err = cli(capsys, "sum", world["a"], world["b"], "--out", out)
-    assert_refused(rc, err, None, tmp_path / "file")
+    assert_refused(rc, err, None, tmp_path / "file", "is a file, not a folder")
+    rc, _, err = cli(capsys, "sum", world["a"], world["b"], "--out", out / "deeper")
+    assert_refused(rc, err, None, tmp_path / "file", "is a file, not a folder")
 
 
 @pytest.mark.parametrize("length", [242, 250, 255])
@@ -794,6 +796,16 @@ def test_symlink_loop_in_the_base(world, tmp_path, capsys):
     out = tmp_path / "out"
     rc, _, err = sum_into(capsys, base, out, world["a"])
     assert_refused(rc, err, out, base / "loop")
+
+
+def test_adapter_path_that_is_a_symlink_loop_or_dangling(tmp_path, capsys):
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    rc, _, err = cli(capsys, "inspect", tmp_path / "loop1")
+    assert_refused(rc, err, None, tmp_path / "loop1", "symbolic link loop")
+    rc, _, err = cli(capsys, "inspect", tmp_path / "dangling")
+    assert_refused(rc, err, None, tmp_path / "dangling", "does not exist")
 
 
 def test_none_is_not_an_adapter():

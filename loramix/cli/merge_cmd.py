@@ -17,6 +17,18 @@ from . import merge_options
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT}
 
 
+def _default_text(by_method: dict[str, object]) -> str:
+    """``; default X`` for a parameter's defaults over the methods taking it,
+    naming the methods whose default differs from the most common one."""
+    given = {m: d for m, d in by_method.items() if d is not None}
+    if not given:
+        return ""
+    values = list(given.values())
+    common = max(values, key=values.count)
+    others = ", ".join(f"{m}: {d}" for m, d in given.items() if d != common)
+    return f"; default {common}" + (f" ({others})" if others else "")
+
+
 def method_options() -> list[click.Option]:
     """One option per parameter name over all registered methods; its help
     names the methods that take it. Values are checked by the method."""
@@ -24,15 +36,17 @@ def method_options() -> list[click.Option]:
 
     users: dict[str, list[str]] = {}
     first: dict[str, object] = {}
+    defaults: dict[str, dict[str, object]] = {}  # parameter -> method -> its default there
     for name, cls in method_classes().items():
         for p in cls.params:
             users.setdefault(p.name, []).append(name)
             first.setdefault(p.name, p)
+            defaults.setdefault(p.name, {})[name] = p.default
     opts = []
     trunc_help = "any method without --into: write an adapter truncated by SVD to"
     for pname, p in first.items():
         extra = f" ({', '.join(p.choices)})" if p.choices else ""
-        default = f"; default {p.default}" if p.default is not None else ""
+        default = _default_text(defaults[pname])
         also = f"; {trunc_help} this energy fraction" if pname == "energy" else ""
         opts.append(
             click.Option(

@@ -75,6 +75,9 @@ def check_output(out: str | Path, *, force: bool = False, inputs: Iterable[str |
     for inp in inputs:
         if inp is not None and _overlaps(out, Path(inp)):
             raise OutputError(out, f"output would overwrite the input {inp}; choose another --out")
+    above = next((q for q in out.parents if os.path.lexists(q)), None)
+    if above is not None and not above.is_dir():
+        raise OutputError(above, f"is a file, not a folder: {out} cannot be written inside it")
     if os.path.lexists(out) and not force:
         raise OutputError(out, "already exists; pass --force to replace it")
     if os.path.lexists(out) and not out.is_dir():

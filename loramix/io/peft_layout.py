@@ -19,7 +19,9 @@ rule (:func:`get_pattern_key`).
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -105,11 +107,23 @@ def checked_scale(config: dict, module: str, alpha: float, r: int, cfg_path: Pat
     return scale
 
 
+def _missing(p: Path) -> str:
+    """Why ``p`` (which does not exist as far as ``exists`` can tell) cannot be read."""
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if p.is_symlink():
+            return f"a symbolic link to {os.readlink(p)}, which does not exist"
+    return "no such file or folder"
+
+
 def resolve_adapter_paths(path: str | Path) -> tuple[Path, Path, Path]:
     """``(given path, config path, weights path)`` for a folder or a file."""
     p = Path(path)
     if not p.exists():
-        raise AdapterError(p, "no such file or folder")
+        raise AdapterError(p, _missing(p))
     if p.is_dir():
         cfg, weights = p / CONFIG_NAME, p / WEIGHTS_NAME
         if not cfg.exists():
