@@ -28,7 +28,6 @@ that produces the points, and how to read the error: docs/interference.md.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .io.config_schema import load_json_file
+from .io.config_schema import is_number, load_json_file, show
 
 
 @dataclass
@@ -147,29 +146,11 @@ def fit_line(x, y, labels=None) -> LinearFit:
 MISSING = object()
 
 
-def _show(value) -> str:
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def field_error(path, name: str, what: str, value) -> UsageError:
     """``<path>: <name> must be <what>, got <value>`` (``is missing`` when absent)."""
     if value is MISSING:
         return UsageError(path, f"{name} is missing (it must be {what})")
-    return UsageError(path, f"{name} must be {what}, got {_show(value)}")
-
-
-def _is_number(v) -> bool:
-    # bool is an int in Python, but true/false in a fit file is not a number
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an integer too large for a float
-        return False
+    return UsageError(path, f"{name} must be {what}, got {show(value)}")
 
 
 def check_number(path, name: str, value, *, null: bool = False, low: float | None = None,
@@ -178,7 +159,7 @@ def check_number(path, name: str, value, *, null: bool = False, low: float | Non
     ``None`` where ``null`` allows it; :class:`UsageError` naming ``name`` otherwise."""
     if value is None and null:
         return None
-    if _is_number(value) and (low is None or (value > low if above else value >= low)):
+    if is_number(value) and (low is None or (value > low if above else value >= low)):
         return value
     what = "a finite number"
     if low is not None:
@@ -198,7 +179,7 @@ def check_int(path, name: str, value, low: int = 0) -> int:
 
 def check_level(path, name: str, value) -> float:
     """``value`` if it is a number strictly between 0 and 1 (a prediction-interval level)."""
-    if _is_number(value) and 0 < value < 1:
+    if is_number(value) and 0 < value < 1:
         return value
     raise field_error(path, name, "a number in (0, 1)", value)
 

@@ -395,7 +395,7 @@ def test_adapter_header_checked_the_same(world, tmp_path, capsys):
 # ---- 4. non-finite values ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "1e309"])
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "1e309", "1" + "0" * 400])
 def test_non_finite_alpha_refused(world, tmp_path, capsys, text):
     ad = copy(world["a"], tmp_path / "ad")
     raw = (ad / CONFIG).read_text()

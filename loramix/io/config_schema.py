@@ -78,8 +78,15 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_number(x) -> bool:
-    return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
+def is_number(x) -> bool:
+    """A finite JSON number: not a bool, not nan or infinity, and not an
+    integer too large for a float (its 400 digits are finite, but not as a float)."""
+    if not (_is_int(x) or isinstance(x, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def _str_list(x) -> bool:
@@ -108,10 +115,10 @@ FIELDS = {
     "base_model_name_or_path": (lambda x: x is None or isinstance(x, str), "a string or null"),
     "bias": (lambda x: x is None or isinstance(x, str), "a string (none, all or lora_only)"),
     "r": (lambda x: _is_int(x) and x > 0, "a positive integer"),
-    "lora_alpha": (_is_number, "a finite number"),
+    "lora_alpha": (is_number, "a finite number"),
     "rank_pattern": (lambda x: _pattern(x, lambda v: _is_int(v) and v > 0),
                      "an object of regular expression -> positive integer"),
-    "alpha_pattern": (lambda x: _pattern(x, _is_number), "an object of regular expression -> finite number"),
+    "alpha_pattern": (lambda x: _pattern(x, is_number), "an object of regular expression -> finite number"),
     "target_modules": (lambda x: x is None or isinstance(x, str) or _str_list(x),
                        "a string or a list of strings"),
     "modules_to_save": (lambda x: x is None or _str_list(x), "null or a list of strings"),
@@ -121,15 +128,15 @@ FIELDS = {
     "lora_bias": (lambda x: isinstance(x, bool), "true or false"),
     "inference_mode": (lambda x: isinstance(x, bool), "true or false"),
     # B- is scaled by tau in float32: beyond its range every delta is inf or nan
-    "tau": (lambda x: _is_number(x) and abs(x) <= FLOAT32_MAX, "a finite number within float32's range"),
-    "eps": (lambda x: _is_number(x) and x > 0, "a positive finite number"),
+    "tau": (lambda x: is_number(x) and abs(x) <= FLOAT32_MAX, "a finite number within float32's range"),
+    "eps": (lambda x: is_number(x) and x > 0, "a positive finite number"),
     "norm_dim": (lambda x: _is_int(x) and x in (0, 1), "0 or 1"),
     # a later version may change what the tensors mean: refused, not guessed at
     "loramix_format": (lambda x: x == "d2lora/1", '"d2lora/1", the D2-LoRA format this loramix reads'),
 }  # fmt: skip
 
 
-def _show(value) -> str:
+def show(value) -> str:
     text = json.dumps(value, allow_nan=True)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -142,7 +149,7 @@ def check_adapter_config(config, path: Path) -> dict:
         raise AdapterError(path, "not a JSON object")
     for key, (ok, what) in FIELDS.items():
         if key in config and not ok(config[key]):
-            raise AdapterError(path, f"{key} must be {what}, not {_show(config[key])}")
+            raise AdapterError(path, f"{key} must be {what}, not {show(config[key])}")
     return config
 
 
