@@ -192,12 +192,12 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str) -> dict:
                 path, f"tensor {t.name} does not de-quantise: {type(e).__name__}: {e}"
             ) from None
         w = processor.process(weights=w, name=t.name).weights
-        w = np.asarray(w, dtype=np.float32)
+        w = np.array(w, dtype=np.float32)  # a copy of its own, writable, for torch
         if not np.isfinite(w).all():  # a damaged file (a real model holds no nan or inf)
             raise BaseModelError(
                 path, f"tensor {t.name} holds {int((~np.isfinite(w)).sum())} nan or inf values"
             )
-        out[hf] = torch.from_numpy(np.array(w)).to(tdtype)  # a copy of its own, writable
+        out[hf] = torch.from_numpy(w).to(tdtype)
     tied = set() if not config.tie_word_embeddings else {"lm_head.weight"}
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in tied}
     missing = sorted(set(expected) - set(out))
