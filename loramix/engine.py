@@ -346,22 +346,33 @@ BLOCK_ELEMENTS = 1 << 18
 #: cache or not, while a small model's modules keep their 1 MiB blocks
 MAX_BLOCK_ELEMENTS = 1 << 22
 BLOCKS_PER_THREAD = 4
-#: rows per block at least: BLAS forms a product of very few rows with other
-#: kernels than the whole tensor's, which sum the rank in another order (MKL:
-#: one row by its matrix-vector path on an Intel Xeon, one to three rows on an
-#: AMD EPYC); from four rows on, a block had the whole product's bits on both
-#: (tests/test_engine.py checks blocks of MIN_ROWS on the machine it runs on)
+#: rows per block at least, and every block starts at a multiple of it: BLAS
+#: forms a product of very few rows with other kernels than the whole tensor's,
+#: which sum the rank in another order (MKL: one row by its matrix-vector path
+#: on an Intel Xeon, one to three rows on an AMD EPYC), and works on tiles of
+#: rows (MKL's float64 product on an AMD EPYC: 4 rows), a tile cut short taking
+#: an edge kernel of another order; from four rows on, a block had the whole
+#: product's bits on both in float32, and in float64 a block that starts and
+#: ends on a multiple of 4 rows (or ends at the last row) on the EPYC
+#: (tests/test_engine.py checks such blocks on the machine it runs on)
 MIN_ROWS = 8
+
+
+def aligned_rows(rows: int) -> int:
+    """``rows`` rounded down to a multiple of :data:`MIN_ROWS`, at least
+    ``MIN_ROWS``: a step of blocks that start on tile boundaries."""
+    return max(MIN_ROWS, rows // MIN_ROWS * MIN_ROWS)
 
 
 def block_rows(rows: int, cols: int, threads: int, least: int | None = None) -> int:
     """Rows per block of a ``(rows, cols)`` tensor worked on by ``threads``
     threads: ``least`` entries (default :data:`BLOCK_ELEMENTS`), or more, up
     to :data:`MAX_BLOCK_ELEMENTS`, while each thread still gets
-    :data:`BLOCKS_PER_THREAD` blocks; at least one row."""
+    :data:`BLOCKS_PER_THREAD` blocks; a multiple of :data:`MIN_ROWS`
+    (:func:`aligned_rows`)."""
     least = BLOCK_ELEMENTS if least is None else least
     entries = max(least, min(MAX_BLOCK_ELEMENTS, rows * cols // (BLOCKS_PER_THREAD * max(threads, 1))))
-    return max(1, entries // max(cols, 1))
+    return aligned_rows(entries // max(cols, 1))
 
 
 def needs_base(compute: ModuleCompute, module: str) -> bool:
@@ -421,7 +432,7 @@ def add_delta(
     on_cpu = torch.device(dev).type == "cpu"
     helpers = helpers if on_cpu else None
     threads = 1 + (helpers.threads if helpers is not None else 0)
-    step = max(MIN_ROWS, block_rows(rows, cols, threads)) if on_cpu else max(rows, 1)
+    step = block_rows(rows, cols, threads) if on_cpu else max(rows, 1)
     in_place = stored.dtype == cdt and stored.device == dev  # the stored tensor is the compute buffer
     W = stored if in_place else None  # the whole W0 in the compute dtype, when one is needed
     scratch = pool if scratch is None else scratch
@@ -511,14 +522,18 @@ FUSED_PIECE_ELEMENTS = 1 << 19
 
 def _fused_product(fused, stored, left, right, out, r0: int, r1: int, scratch: Buffers, name: str) -> bool:
     """``out[r0:r1] = bf16(f32(stored[r0:r1]) + left[r0:r1] @ right)`` by
-    pieces of rows (:data:`FUSED_PIECE_ELEMENTS`, equal shares of at least
-    ``MIN_ROWS`` rows: each piece's product has the bits of the whole one),
-    each formed into ``scratch``'s buffer ``name`` and added at once; True
-    when every result is finite."""
-    rows, cols = r1 - r0, right.shape[1]
-    pieces = -(-rows // max(2 * MIN_ROWS, FUSED_PIECE_ELEMENTS // max(cols, 1)))
-    bounds = [r0 + rows * i // pieces for i in range(pieces + 1)]
-    d = scratch.get(name, (bounds[1] - bounds[0] + 1, cols), torch.float32, torch.device("cpu"))
+    pieces of rows (:data:`FUSED_PIECE_ELEMENTS`, as blocks are: a multiple
+    of ``MIN_ROWS`` rows from ``r0``, a block's start, a short last piece
+    joined to the one before, so each piece's product has the bits of the
+    whole one), each formed into ``scratch``'s buffer ``name`` and added at
+    once; True when every result is finite."""
+    cols = right.shape[1]
+    step = aligned_rows(FUSED_PIECE_ELEMENTS // max(cols, 1))
+    bounds = [*range(r0, r1, step), r1]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < MIN_ROWS:
+        del bounds[-2]
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    d = scratch.get(name, (longest, cols), torch.float32, torch.device("cpu"))
     finite = True
     for a, b in zip(bounds, bounds[1:]):
         piece = torch.mm(left[a:b], right, out=d[: b - a])

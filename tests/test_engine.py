@@ -331,7 +331,7 @@ def test_scenario_validation_runs_the_methods_checks(tmp_path, capsys, merge, ke
     ],
 )
 def test_blocks_and_threads_do_not_change_bytes(gpt2, tmp_path, monkeypatch, method):
-    """The elementwise passes by blocks of rows (here many, a short last one),
+    """The elementwise passes by blocks of rows (here many),
     shared out with helper threads, the methods' own blocks and bracket, and
     one thread or two: the same files."""
     import loramix.engine as engine
@@ -362,9 +362,9 @@ def test_blocks_and_threads_do_not_change_bytes(gpt2, tmp_path, monkeypatch, met
         return {p.name: p.read_bytes() for p in sorted((tmp_path / name).glob("*.safetensors"))}
 
     whole = run("whole", 1)
-    # blocks of 9 rows where a row has 32 entries (32 rows end in a short one, joined to the one
-    # before) and of MIN_ROWS where it has more; MIN_ROWS as shipped: shorter blocks may take
-    # other BLAS kernels (engine.MIN_ROWS)
+    # blocks of MIN_ROWS rows (9 x 32 entries: 9 rows where a row has 32 entries, rounded down to
+    # a multiple of MIN_ROWS; one row where it has more, raised to MIN_ROWS); MIN_ROWS as shipped:
+    # shorter blocks, or blocks that start inside a tile, may take other BLAS kernels (engine.MIN_ROWS)
     monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 9 * 32)
     monkeypatch.setattr(engine, "MAX_BLOCK_ELEMENTS", 9 * 32)  # not grown for a large tensor
     monkeypatch.setattr(mb, "ROW_BLOCK_ELEMENTS", 9 * 32)
@@ -407,26 +407,29 @@ def test_method_math_runs_on_the_threads_torch_had(gpt2, tmp_path, monkeypatch):
     assert seen == {False: {2}, True: {1}}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k", [3, 16, 48, 200])
-def test_row_blocks_of_a_factor_product_give_the_whole_products_bits(k):
+def test_row_blocks_of_a_factor_product_give_the_whole_products_bits(k, dtype):
     """What the engine's blocked ``addmm_`` relies on (add_delta, MIN_ROWS):
     the rows of ``W + B @ A``, and of ``B @ A`` (methods.base._FactorRows),
-    computed a block of ``MIN_ROWS`` or more rows at a time from any row, on
-    one thread as the engine computes them, are bit for bit those of one
-    product over the whole tensor, on one thread or two (methods.base.dense_deltas).
-    Blocks on two threads are not: BLAS may split one into parts too short
-    for its kernel (on an AMD EPYC, 9 rows into 8 and 1)."""
+    computed a block of ``MIN_ROWS`` or more rows at a time from a multiple
+    of ``MIN_ROWS`` (to one, or to the last row), on one thread as the
+    engine computes them, are bit for bit those of one product over the
+    whole tensor, on one thread or two (methods.base.dense_deltas). Blocks
+    on two threads are not: BLAS may split one into parts too short for its
+    kernel (on an AMD EPYC, 9 rows into 8 and 1). Nor, in float64 on an AMD
+    EPYC, are blocks that end inside a tile of 4 rows."""
     from loramix.engine import MIN_ROWS
 
     g = torch.Generator().manual_seed(k)
-    W, B, A = (torch.randn(*s, generator=g) for s in ((300, 2304), (300, k), (k, 2304)))
+    W, B, A = (torch.randn(*s, generator=g, dtype=dtype) for s in ((301, 2304), (301, k), (k, 2304)))
     old = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             whole, product = W.clone().addmm_(B, A), B @ A
             torch.set_num_threads(1)
-            for r0, r1 in ((0, MIN_ROWS), (5, 5 + MIN_ROWS), (8, 72), (72, 300), (299 - MIN_ROWS, 300)):
+            for r0, r1 in ((0, MIN_ROWS), (MIN_ROWS, 72), (72, 296), (296 - MIN_ROWS, 301), (288, 301)):
                 assert torch.equal(W[r0:r1].clone().addmm_(B[r0:r1], A), whole[r0:r1]), (r0, r1, threads)
                 assert torch.equal(torch.mm(B[r0:r1], A), product[r0:r1]), (r0, r1, threads)
     finally:

@@ -787,16 +787,19 @@ def test_ties_from_factors_gives_the_dense_ways_bits(monkeypatch, shape, rank, w
                                                      dtype, threads):  # fmt: skip
     """TIES of LoRA deltas from their factors (blocks of rows formed twice,
     no delta whole) gives the bits of the dense way (``dense_deltas`` then
-    ``trim_and_elect``), with many blocks, a last one shorter than
-    ``engine.MIN_ROWS`` (joined), zero rows, negative weights, one thread
-    or a helper beside it."""
+    ``trim_and_elect``), with many blocks (of other sizes than the dense
+    way's), a last one shorter than ``engine.MIN_ROWS`` (joined), zero rows,
+    negative weights, one thread or a helper beside it."""
     import loramix.engine as engine
     import loramix.methods.base as mb
     from loramix.engine import Buffers, cpu_threads
 
-    # blocks of 25 rows: 1001 rows leave a last block of 1, joined to the one before
+    # blocks of 24 rows (25, rounded down to a multiple of MIN_ROWS), and of 16 where they are
+    # formed from factors, so the two ways block differently; 517 rows leave a last block of 5
+    # from factors, 4097 one of 1, each joined to the one before
     monkeypatch.setattr(mb, "ROW_BLOCK_ELEMENTS", 25 * shape[1])
     monkeypatch.setattr(engine, "MAX_BLOCK_ELEMENTS", 25 * shape[1])
+    monkeypatch.setattr(mb, "FACTOR_BLOCK_ELEMENTS", 19 * shape[1])
     mods = _factor_deltas(*shape, rank, len(weights), seed=shape[0], zero_rows=5)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
