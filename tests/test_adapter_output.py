@@ -143,6 +143,33 @@ def test_output_of_an_adapter_on_some_layers_names_its_modules(tmp_path, coverin
     assert json.loads((tmp_path / "out2" / "adapter_config.json").read_text())["target_modules"] == ["q_proj"]
 
 
+def test_output_names_the_base_and_task_of_any_input_that_names_them(tmp_path):
+    """The first input names neither its base nor its task (both null), the
+    second does: the output adapter takes them from the second, so PEFT's
+    ``AutoPeftModelForCausalLM`` finds the base and loads the merge."""
+    from peft import AutoPeftModelForCausalLM
+
+    from .factories import save_base
+
+    model = tiny_llama()
+    base = save_base(model, tmp_path / "base")
+    ads = [
+        make_peft_adapter(model, tmp_path / f"a{i}", seed=i + 1, r=2, target_modules=["q_proj"])
+        for i in (0, 1)
+    ]
+    for a, (name, task) in zip(ads, [(None, None), (str(base), "CAUSAL_LM")]):
+        cfg = json.loads((a / "adapter_config.json").read_text())
+        cfg.update(base_model_name_or_path=name, task_type=task)
+        (a / "adapter_config.json").write_text(json.dumps(cfg))
+    merge([str(a) for a in ads], "sum", out=tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (cfg["base_model_name_or_path"], cfg["task_type"]) == (str(base), "CAUSAL_LM")
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out")).merge_and_unload().eval()
+    with torch.no_grad():
+        got = auto(input_ids=torch.arange(16).reshape(2, 8)).logits.double()
+    torch.testing.assert_close(got, peft_logits(tmp_path / "out"), rtol=0, atol=0)
+
+
 def test_dense_method_without_truncation_or_base_is_one_line(setup, tmp_path, capsys):
     _, ads = setup
     run_error(capsys, ["merge", "-m", "ties", "--density", "0.5", *map(str, ads), "--out", str(tmp_path / "o")],

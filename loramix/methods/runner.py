@@ -174,6 +174,13 @@ def _targets_every_layer(ad: Adapter) -> bool:
     )
 
 
+def _first_given(ads, key: str):
+    """The first input's ``key`` in its config that is set (not missing or
+    null), else None: an output adapter names the base and the task of any
+    input that names them (PEFT's ``AutoPeftModel`` loads the base from it)."""
+    return next((a.config[key] for a in ads if a.config.get(key) is not None), None)
+
+
 def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs, trunc=None) -> MergeResult:
     """The result as a PEFT LoRA folder: per module ``(B, A)``, scale 1."""
     plan = module_plan(ads)
@@ -205,11 +212,11 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs, trunc=None)
         save_peft_adapter(
             tmp,
             factors,
-            base_model_name_or_path=ads[0].base_model,
+            base_model_name_or_path=_first_given(ads, "base_model_name_or_path"),
             fan_in_fan_out=fan_in_fan_out,
             dtype=dtype,
             provenance=_without_time(full),
-            extra_config={"task_type": ads[0].config.get("task_type", "CAUSAL_LM")},
+            extra_config={"task_type": _first_given(ads, "task_type") or "CAUSAL_LM"},
             saved=saved,
             embeddings={
                 n for a in ads for n, md in a.modules.items() if md.extra.get("layout") == "embedding"
