@@ -496,8 +496,6 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
 
     log, live = [], LiveLog(out)
     run.live = live
-    tokens, running = 0, None
-    log = []
     tokens, in_tokens, running = 0, 0, None
     model.train()
     runner.train()
@@ -517,6 +515,8 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
                                    micro=settings["grad_accum"], autocast=run.autocast)  # fmt: skip
         if settings["clip"] and settings["clip"] > 0:
             torch.nn.utils.clip_grad_norm_(params, settings["clip"])
+        if not math.isfinite(lv):
+            raise _diverged(step + 1, total, f"loss {lv}", lr)
         opt.step()
         tokens += n_scored
         in_tokens += n_in
@@ -526,6 +526,8 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
         bar.set_postfix(loss=f"{running:.3f}", lr=f"{cur_lr:.1e}", refresh=False)
         bar.update(1)
     bar.close()
+    if not all(bool(torch.isfinite(p).all()) for p in params):  # the last step's update overflowed
+        raise _diverged(total, total, "its update left nan or inf in the factors", lr)
     train_seconds = time.perf_counter() - t0
     model.eval()
     runner.eval()
@@ -549,6 +551,13 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
         "trainable_parameters": n_params,
         "device": str(dev),
     }
+
+
+def _diverged(step: int, total: int, what: str, lr: float) -> UsageError:
+    """The one-line error of a run whose loss or factors stopped being finite."""
+    return UsageError(
+        "--lr", f"training diverged at step {step} of {total} ({what}); try a smaller --lr than {lr:g}"
+    )
 
 
 def _write(out, run: _Run, kind, settings, options, metrics, *, force, file_inputs) -> None:

@@ -161,6 +161,20 @@ def test_cli_train_and_bad_input(bases, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
 
 
+@pytest.mark.parametrize("kind", ["lora", "d2lora"])
+def test_training_that_diverges_is_refused_naming_lr(bases, tmp_path, capsys, kind):
+    """A learning rate so large that the loss or the factors stop being
+    finite: one line naming --lr and the step, exit 2, nothing written (it
+    named a lora_A tensor of the output before)."""
+    out = tmp_path / "t"
+    argv = ["train", "--base", str(bases["gpt2"]), "--data", ARITH, "--out", str(out), "--kind", kind,
+            "--steps", "3", "--batch", "4", "--max-len", "32", "--eval-size", "8", "--quiet", "--lr", "1e30"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--lr" in err and "diverged at step" in err and len(err.strip().splitlines()) == 1, err
+    assert "lora_A" not in err and not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_adapter_for_another_base_is_refused(bases, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
