@@ -38,6 +38,7 @@ better than the mean.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -190,6 +191,12 @@ def predict(
         raise UsageError("--level", f"must lie in (0, 1), got {level}")
     y = lf.predict(cos)
     interval = lf.prediction_interval(cos, level)
+    if not all(math.isfinite(v) for v in (y, *(interval or ()))):
+        raise UsageError(
+            where,
+            f"the {kind}/{merge_method} fit's line (slope {lf.slope:.6g}, intercept {lf.intercept:.6g}) "
+            f"overflows at cosine {cos:.6g}: its prediction is beyond a float's range",
+        )
     lo, hi = (min(lf.x), max(lf.x)) if lf.x else (cos, cos)
     return {
         "adapters": [str(a.path or a.name) for a in adapters],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -182,6 +183,13 @@ def test_predict_bad_input(adapters, fit_file, tmp_path, capsys):
             "no fit for lora",
         ),
     ]
+    # a valid fit file whose line, every number in it finite, overflows at the composition's cosine
+    huge = json.loads(path.read_text())
+    huge["fits"][0].update(slope=1.7e308, intercept=sys.float_info.max)  # overflows at any cosine > 1e-16
+    (tmp_path / "huge.json").write_text(json.dumps(huge))
+    cases.append(
+        (["predict", str(adapters[0]), str(adapters[1]), "--fit", str(tmp_path / "huge.json")], "overflows")
+    )
     for argv, msg in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err
