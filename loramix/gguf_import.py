@@ -288,6 +288,7 @@ def resolve_base(path: str | os.PathLike) -> Path:
     if not is_gguf(p):
         return p
     from .io.model_folder import cache_dir, cached_file_sha256
+    from .io.outputs import usual_modes
 
     sha = cached_file_sha256(p)
     root = cache_dir() / "bases"
@@ -305,6 +306,7 @@ def resolve_base(path: str | os.PathLike) -> Path:
         tmp.mkdir()
         try:
             write_folder(p, tmp, dtype="float32", sha256=sha)
+            usual_modes(tmp)
             shutil.rmtree(target, ignore_errors=True)  # a leftover without config.json
             os.replace(tmp, target)
         finally:

@@ -1019,3 +1019,24 @@ def test_scenario_check_reads_the_base_folder(world, llama_with_tokenizer, tmp_p
     assert_refused(rc, err, None, "adapters.rank", "above 16")
     rc, _, err = check(llama_with_tokenizer, ("rank = 4", "rank = 4\ntargets = ['c_attn']"))
     assert_refused(rc, err, None, "adapters.targets", "c_attn")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_take_the_usual_file_modes(world, tmp_path, capsys, umask):
+    """Every file of an output has the mode a new file gets (0o666 less the
+    umask): safetensors writes its files owner-only, so an adapter output's
+    weights were 0o600 whatever the umask, unreadable to the other users of
+    a shared folder."""
+    import stat
+
+    old = os.umask(umask)
+    try:
+        assert cli(capsys, "sum", world["a"], world["b"], "--out", tmp_path / "adapter")[0] == 0
+        assert sum_into(capsys, world["gpt2"], tmp_path / "model", world["a"], world["b"])[0] == 0
+    finally:
+        os.umask(old)
+    files = [p for out in ("adapter", "model") for p in (tmp_path / out).rglob("*") if p.is_file()]
+    assert any(p.name == "adapter_model.safetensors" for p in files)
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {
+        p.name: oct(0o666 & ~umask) for p in files
+    }

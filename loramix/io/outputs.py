@@ -36,6 +36,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -244,13 +245,44 @@ def _locked_rename(tmp: Path, out: Path, force: bool) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it
+    (``os.umask`` can only be read by setting it, which races other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a new file gets here
+    (``0o666`` less the umask; executables are left alone): safetensors
+    writes its files owner-only (``0o600``), which would make a model or
+    adapter folder unreadable to the other users of a shared one."""
+    mode = 0o666 & ~_umask()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != mode and not st.st_mode & 0o111:
+                os.chmod(p, mode)
+
+
 def publish(tmp: Path, out: Path, force: bool) -> None:
     """Move the finished folder ``tmp`` (the output inside a temporary
-    folder of :func:`new_temporary`) to ``out`` atomically. Without
+    folder of :func:`new_temporary`) to ``out`` atomically, its files
+    given their usual modes first (:func:`usual_modes`). Without
     ``force`` a target that exists now (it appeared during the run) is left
     untouched and an :class:`OutputError` raised; with ``force`` it is
     swapped out atomically (``RENAME_EXCHANGE``) into the temporary folder,
     which the caller removes."""
+    usual_modes(tmp)
     for _ in range(8):  # with force, the target may come and go meanwhile
         try:
             done = _rename(tmp, out, _RENAME_NOREPLACE)

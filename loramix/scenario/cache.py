@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..io.outputs import PAYLOAD, new_temporary, remove_stale_temporaries
+from ..io.outputs import PAYLOAD, new_temporary, remove_stale_temporaries, usual_modes
 
 MARKER = "artifact.json"
 
@@ -128,6 +128,7 @@ class Cache:
                       "spec": spec, "info": info}  # fmt: skip
             with open(tmp / MARKER, "w") as f:
                 json.dump(record, f, indent=2, sort_keys=True, default=str)
+            usual_modes(tmp)
             if redo and target.exists():
                 self._swap(tmp, target)
             else:
