@@ -33,8 +33,10 @@ conflicting deltas) otherwise.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import UsageError
 from .features import FeatureSet, compute_features, registry
@@ -165,10 +167,12 @@ class Plan:
     validated: dict | None = None  # the predictors file's record of the chosen predictor
     rule: str = ""
     validated_by_method: dict | None = None  # merge method -> {"predictor", "validated"} when method-aware
+    warnings: list[str] = field(default_factory=list)  # the predictors file's caveats for these adapters
 
     def to_json_dict(self) -> dict:
         d = {"adapters": self.names, "cost": self.cost_source, "validated": self.validated,
-             "budget": self.budget, "max_group": self.max_group, "rule": self.rule or RULE, "groups": self.groups}  # fmt: skip
+             "budget": self.budget, "max_group": self.max_group, "rule": self.rule or RULE, "groups": self.groups,
+             "warnings": self.warnings}  # fmt: skip
         if self.validated_by_method:
             d["validated_by_method"] = self.validated_by_method
         return d
@@ -178,6 +182,41 @@ RULE = ("sum when the pessimistic predicted cost (upper end of the interval, els
         "is at most half the budget, ties otherwise; a group of one is kept")  # fmt: skip
 RULE_BY_METHOD = ("each group costed under every merge method with a validated predictor; its cost is the lowest "
                   "prediction and its method the one that makes it; a group of one is kept")  # fmt: skip
+
+
+def _trained_base_identity(adapter) -> str | None:
+    """The base identity an adapter's ``loramix.json`` records (training provenance), if any."""
+    path = getattr(adapter, "path", None)
+    p = Path(path) if path is not None else None
+    if p is None or not (p if p.is_dir() else p.parent).joinpath("loramix.json").is_file():
+        return None
+    try:
+        rec = json.loads((p if p.is_dir() else p.parent).joinpath("loramix.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return next((i.get("identity") for i in rec.get("inputs", []) if isinstance(i, dict)
+                 and i.get("kind") == "base_model"), None)  # fmt: skip
+
+
+def adapter_checks(adapters, fitfile: dict, where: str) -> list[str]:
+    """Of a predictors file ``fitfile`` (read from ``where``) for ``adapters``: another
+    adapter kind refused; warnings for another base and a fit no better than the mean."""
+    kinds = sorted({a.method for a in adapters})
+    want = fitfile.get("adapter_kind")
+    if want and kinds != [want]:
+        raise UsageError(
+            where, f"fitted for {want} adapters, given {', '.join(kinds)}: the fits are per kind"
+        )
+    warnings = []
+    base = fitfile.get("base_identity")
+    seen = {i for i in (_trained_base_identity(a) for a in adapters) if i}
+    if base and seen and seen != {base}:
+        warnings.append(f"the adapters were trained on another base ({', '.join(sorted(x[:12] for x in seen))}) "
+                        f"than the one these predictors were fitted for ({base[:12]}): the prediction may not hold")  # fmt: skip
+    if not fitfile.get("beats_mean"):
+        warnings.append("no feature predicted this target better than the mean when validated: the prediction "
+                        "is the mean of the study's compositions")  # fmt: skip
+    return warnings
 
 
 def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: bool = True,
@@ -244,10 +283,14 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
     if budget is not None and not math.isfinite(budget):
         raise UsageError("--budget", f"must be a finite number, got {budget}")
     adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
+    # the checks of `loramix predict`: another adapter kind refused, another base warned of
+    warnings = [] if fit is None else adapter_checks(adapters, load_predictors(fit), str(fit))
     model, source, validated = cost_model(adapters, fit, data, base, tokens, device)
     vbm = by_method_records(load_predictors(fit)["by_method"]) if model.method_aware else None
-    return plan_with(model, source=source, validated=validated, max_group=max_group, budget=budget,
-                     validated_by_method=vbm)  # fmt: skip
+    p = plan_with(model, source=source, validated=validated, max_group=max_group, budget=budget,
+                  validated_by_method=vbm)  # fmt: skip
+    p.warnings = warnings
+    return p
 
 
 def describe_groups(model: CostModel, groups: list[list[int]], budget: float) -> list[dict]:

@@ -52,40 +52,6 @@ def load_fit(path: str | os.PathLike) -> dict:
     return load_fit_file(path)
 
 
-def _trained_base_identity(adapter) -> str | None:
-    """The base identity an adapter's ``loramix.json`` records (training provenance), if any."""
-    path = getattr(adapter, "path", None)
-    p = Path(path) if path is not None else None
-    if p is None or not (p if p.is_dir() else p.parent).joinpath("loramix.json").is_file():
-        return None
-    try:
-        rec = json.loads((p if p.is_dir() else p.parent).joinpath("loramix.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return next((i.get("identity") for i in rec.get("inputs", []) if isinstance(i, dict)
-                 and i.get("kind") == "base_model"), None)  # fmt: skip
-
-
-def _checks(adapters, fitfile: dict, where: str) -> list[str]:
-    """Refuse another adapter kind; warnings for another base and a fit no better than the mean."""
-    kinds = sorted({a.method for a in adapters})
-    want = fitfile.get("adapter_kind")
-    if want and kinds != [want]:
-        raise UsageError(
-            where, f"fitted for {want} adapters, given {', '.join(kinds)}: the fits are per kind"
-        )
-    warnings = []
-    base = fitfile.get("base_identity")
-    seen = {i for i in (_trained_base_identity(a) for a in adapters) if i}
-    if base and seen and seen != {base}:
-        warnings.append(f"the adapters were trained on another base ({', '.join(sorted(x[:12] for x in seen))}) "
-                        f"than the one these predictors were fitted for ({base[:12]}): the prediction may not hold")  # fmt: skip
-    if not fitfile.get("beats_mean"):
-        warnings.append("no feature predicted this target better than the mean when validated: the prediction "
-                        "is the mean of the study's compositions")  # fmt: skip
-    return warnings
-
-
 def predict_validated(
     adapters_or_paths, path, *, data=None, base=None, tokens: int = 256, device="cpu"
 ) -> dict:
@@ -99,7 +65,7 @@ def predict_validated(
     ``warnings``.
     """
     from .adapter import Adapter
-    from .grouping import cost_model, fit_features
+    from .grouping import adapter_checks, cost_model, fit_features
     from .io.adapter_files import load_adapter
     from .validation import load_predictors
 
@@ -108,7 +74,7 @@ def predict_validated(
     if len(items) < 2:
         raise UsageError("predict", f"a composition needs at least 2 adapters, got {len(items)}")
     adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
-    warnings = _checks(adapters, fitfile, str(path))
+    warnings = adapter_checks(adapters, fitfile, str(path))
     model, _, validated = cost_model(adapters, path, data, base, tokens, device, by_method=False)
     members = list(range(len(adapters)))
     y, lo, hi = model.cost(members)

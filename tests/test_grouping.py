@@ -100,6 +100,28 @@ def test_fit_cost_recovers_the_clusters_through_the_cli(bank, similar_merge_well
     assert all(len(g["members"]) == 1 and g["method"] == "keep" for g in p.groups)
 
 
+def test_plan_makes_the_checks_of_predict(bank, similar_merge_well, tmp_path, capsys):
+    """``plan --fit`` refuses adapters of another kind than the predictors
+    were fitted for, and says the predictors' caveats, as ``predict`` does
+    (it proposed groups for D2-LoRA adapters from LoRA predictors)."""
+    paths, _ = bank
+    fit, _ = similar_merge_well
+    d = json.loads(fit.read_text())
+    other = tmp_path / "d2.json"
+    other.write_text(json.dumps({**d, "adapter_kind": "d2lora"}))
+    for cmd in ("plan", "predict"):
+        _one_line_error(
+            capsys, [cmd, *paths[:2], "--fit", str(other)], "fitted for d2lora adapters, given lora"
+        )
+    weak = tmp_path / "weak.json"
+    weak.write_text(json.dumps({**d, "adapter_kind": "lora", "beats_mean": False}))
+    capsys.readouterr()
+    assert main(["plan", *paths[:3], "--fit", str(weak), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert f"loramix: warning: {weak}: no feature predicted this target better than the mean" in err
+    assert json.loads(out)["warnings"] and plan(paths[:2]).warnings == []
+
+
 def test_greedy_groups_and_method_rule():
     # cost of a group = its size minus the number of even members: odd ones are costly
     def cost(m):

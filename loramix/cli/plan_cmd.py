@@ -45,6 +45,8 @@ def command(adapters, fit_path, data, base, tokens, max_group, budget, device, a
 
     p = plan(list(adapters), fit=fit_path, data=list(data) or None, base=base, max_group=max_group,
              budget=budget, tokens=tokens, device=device)  # fmt: skip
+    for w in p.warnings:
+        click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
     if as_json:
         click.echo(json.dumps(p.to_json_dict(), indent=2))
         return
