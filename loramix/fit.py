@@ -275,13 +275,18 @@ def read_json_file(p: Path, kind: str, folder_hint: str, missing_hint: str, what
     return load_json_file(p, UsageError, constants=True, what=what)
 
 
+#: how a study's adapters were initialised (``adapters.init``; ``train --shared-init``)
+INITS = ("data", "shared")
+
+
 def load_fit_file(path: str | os.PathLike) -> dict:
     """A ``fit.json`` written by a scenario run, checked in full; one-line errors otherwise.
 
     Checked: a JSON object with a ``fits`` list; ``prediction_level``, where
     present, in (0, 1); ``scenario`` a string or null; each entry an object
     with string ``adapter_method`` and ``merge_method`` and the fields of a
-    :class:`LinearFit` (:func:`check_linear_fit`). Returns the dict as read.
+    :class:`LinearFit` (:func:`check_linear_fit`), and where present ``init``
+    one of :data:`INITS`. Returns the dict as read.
     """
     p = Path(path)
     fit = read_json_file(p, "fit file", "give its fit.json or predictors.json",
@@ -301,6 +306,8 @@ def load_fit_file(path: str | os.PathLike) -> dict:
             raise field_error(p, name, "an object (a fitted line)", entry)
         check_str(p, f"{name}.adapter_method", entry.get("adapter_method", MISSING))
         check_str(p, f"{name}.merge_method", entry.get("merge_method", MISSING))
+        if "init" in entry and entry["init"] not in INITS:
+            raise field_error(p, f"{name}.init", " or ".join(f'"{i}"' for i in INITS), entry["init"])
         check_linear_fit(p, name, entry)
     return fit
 

@@ -184,18 +184,26 @@ RULE_BY_METHOD = ("each group costed under every merge method with a validated p
                   "prediction and its method the one that makes it; a group of one is kept")  # fmt: skip
 
 
-def _trained_base_identity(adapter) -> str | None:
-    """The base identity an adapter's ``loramix.json`` records (training provenance), if any."""
+def training_record(adapter) -> dict | None:
+    """The ``loramix.json`` beside an adapter (its provenance: how ``loramix
+    train`` made it), or None where there is none or it is not a JSON object."""
     path = getattr(adapter, "path", None)
-    p = Path(path) if path is not None else None
-    if p is None or not (p if p.is_dir() else p.parent).joinpath("loramix.json").is_file():
+    if path is None:
         return None
+    p = Path(path)
+    f = (p if p.is_dir() else p.parent) / "loramix.json"
     try:
-        rec = json.loads((p if p.is_dir() else p.parent).joinpath("loramix.json").read_text())
+        rec = json.loads(f.read_text())
     except (OSError, ValueError):
         return None
-    return next((i.get("identity") for i in rec.get("inputs", []) if isinstance(i, dict)
-                 and i.get("kind") == "base_model"), None)  # fmt: skip
+    return rec if isinstance(rec, dict) else None
+
+
+def _trained_base_identity(adapter) -> str | None:
+    """The base identity an adapter's ``loramix.json`` records (training provenance), if any."""
+    inputs = (training_record(adapter) or {}).get("inputs")
+    return next((i.get("identity") for i in inputs if isinstance(i, dict)
+                 and i.get("kind") == "base_model"), None) if isinstance(inputs, list) else None  # fmt: skip
 
 
 def adapter_checks(adapters, fitfile: dict, where: str) -> list[str]:

@@ -100,6 +100,46 @@ def is_predictors_file(path) -> bool:
         return False
 
 
+def _recorded_init(adapter) -> str | None:
+    """How ``adapter`` was initialised (``"shared"`` or ``"data"``), as its
+    training record (``loramix.json`` of ``loramix train``) says; else None."""
+    from .grouping import training_record
+
+    init = ((training_record(adapter) or {}).get("parameters") or {}).get("init")
+    if not isinstance(init, dict) or not isinstance(init.get("shared"), bool):
+        return None
+    return "shared" if init["shared"] else "data"
+
+
+def _study(fits: list, kind: str, merge_method: str, label: str | None, adapters, where: str) -> dict:
+    """The fit of ``fits`` (a fit.json's) for ``kind`` adapters merged by
+    ``merge_method``: of the study ``label``; else the only one; else the
+    one whose ``init`` the adapters all record. One line otherwise."""
+    from .scenario.traits import kind_of
+
+    mine = [f for f in fits if kind_of(f["adapter_method"]) == kind and f["merge_method"] == merge_method]
+    labels = ", ".join(f["adapter_method"] for f in mine)
+    if label is not None:
+        chosen = [f for f in mine if f["adapter_method"] == label]
+        if not chosen:
+            raise UsageError("--label", f"{where} has no study {label} of {kind} adapters merged by "
+                             f"{merge_method} (it has: {labels or 'none'})")  # fmt: skip
+        return chosen[0]
+    if not mine:
+        have = ", ".join(f"{f['adapter_method']}/{f['merge_method']}" for f in fits) or "none"
+        raise UsageError(where, f"no fit for {kind} adapters merged by {merge_method} (it has: {have})")
+    if len(mine) == 1:
+        return mine[0]
+    inits = {_recorded_init(a) for a in adapters}
+    init = next(iter(inits)) if len(inits) == 1 else None
+    matching = [f for f in mine if init is not None and f.get("init") == init]
+    if len(matching) == 1:
+        return matching[0]
+    said = f"initialised by {init}" if init else "with no one initialisation recorded"
+    raise UsageError(where, f"holds {len(mine)} studies of {kind} adapters merged by {merge_method} ({labels}) and "
+                     f"the adapters ({said}) match no one of them: choose one with --label")  # fmt: skip
+
+
 def predict(
     adapters_or_paths,
     fit,
@@ -107,15 +147,20 @@ def predict(
     merge_method: str = "sum",
     level: float | None = None,
     device: str = "cpu",
+    label: str | None = None,
 ) -> dict:
     """Predicted delta_ppl% of merging ``adapters_or_paths`` (module docstring).
 
     ``fit``: a ``fit.json`` path or its loaded dict; a predictors file's path
-    gives :func:`predict_validated`'s result instead. Returns a dict with
+    gives :func:`predict_validated`'s result instead. The fit is the one of
+    the adapters' kind and ``merge_method``; where the file holds several
+    studies of that kind (labels such as ``lora`` and ``lora:data``), the
+    one named by ``label``, else the one whose initialisation the adapters
+    record (:func:`_study`). Returns a dict with
     ``cosine`` (the composition's), ``pairwise`` (pair -> RMS cosine),
     ``predicted_delta_ppl_pct``, ``interval`` (low, high or None),
-    ``level``, ``loo_rmse``, ``residual_se``, ``extrapolation`` and the fit
-    used.
+    ``level``, ``loo_rmse``, ``residual_se``, ``extrapolation``, the
+    study's ``label`` and the fit used.
     """
     from .adapter import Adapter
     from .fit import LinearFit, composition_cosine
@@ -137,11 +182,7 @@ def predict(
     if len(kinds) > 1:
         raise UsageError("predict", f"the adapters mix kinds ({', '.join(kinds)}); the fits are per kind")
     kind = kinds[0]
-    entry = next((f for f in fit["fits"] if f.get("adapter_method") == kind
-                  and f.get("merge_method") == merge_method), None)  # fmt: skip
-    if entry is None:
-        have = ", ".join(f"{f.get('adapter_method')}/{f.get('merge_method')}" for f in fit["fits"]) or "none"
-        raise UsageError(where, f"no fit for {kind} adapters merged by {merge_method} (it has: {have})")
+    entry = _study(fit["fits"], kind, merge_method, label, adapters, where)
     lf = LinearFit.from_dict(entry)
     if not lf.ok:
         raise UsageError(where, f"the {kind}/{merge_method} fit has {lf.n} point(s): too few to predict")
@@ -168,6 +209,7 @@ def predict(
         "adapters": [str(a.path or a.name) for a in adapters],
         "names": names,
         "adapter_method": kind,
+        "label": entry["adapter_method"],
         "merge_method": merge_method,
         "pairwise": {
             f"{names[i]}+{names[j]}": float(rms[i, j])

@@ -170,6 +170,46 @@ def test_predict_cli(adapters, fit_file, capsys):
     assert rc == 0 and "predicted delta_ppl%" in text and "prediction interval" in text and "a+b" in text
 
 
+def test_predict_picks_the_study_of_the_adapters_initialisation(adapters, fit_file, tmp_path, capsys):
+    """A fit.json with two studies of LoRA adapters (``lora``: shared initial
+    factors, ``lora:data``: per-domain ones, as the quickstart writes): the
+    one the adapters' training records match, or ``--label``'s; adapters
+    that record nothing are refused naming the studies (the first study was
+    taken silently)."""
+    import shutil
+
+    from loramix.fit import LinearFit
+    from loramix.interference import predict
+
+    _, fits = fit_file
+    two = [{**fits[0], "adapter_method": "lora", "init": "shared"},
+           {**fits[0], "adapter_method": "lora:data", "init": "data", "intercept": fits[0]["intercept"] + 7}]  # fmt: skip
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps({"scenario": "t", "fits": two}))
+    pair = [shutil.copytree(a, tmp_path / a.name) for a in adapters[:2]]
+    rc = main(["predict", *map(str, pair), "--fit", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds 2 studies of lora adapters merged by sum (lora, lora:data)" in err
+    assert "--label" in err and err.count("\n") == 1
+    by_label = {f["adapter_method"]: LinearFit.from_dict(f) for f in two}
+    for label, shared in (("lora", True), ("lora:data", False)):
+        r = predict(pair, path, label=label)
+        assert r["label"] == label
+        assert r["predicted_delta_ppl_pct"] == pytest.approx(by_label[label].predict(r["cosine"]), rel=1e-12)
+        for a in pair:  # what `loramix train` records
+            (a / "loramix.json").write_text(
+                json.dumps({"parameters": {"init": {"shared": shared, "seed": 0}}})
+            )
+        assert predict(pair, path)["label"] == label
+    rc = main(["predict", *map(str, pair), "--fit", str(path), "--label", "d2lora"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--label" in err and "no study d2lora" in err and "(it has: lora, lora:data)" in err
+    path.write_text(json.dumps({"scenario": "t", "fits": [{**two[0], "init": "random"}]}))
+    rc = main(["predict", *map(str, pair), "--fit", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "fits[0].init" in err
+
+
 def test_predict_bad_input(adapters, fit_file, tmp_path, capsys):
     path, _ = fit_file
     cases = [

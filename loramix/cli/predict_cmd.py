@@ -23,6 +23,12 @@ import click
     help="Merge method whose fit to use (fit.json).",
 )
 @click.option(
+    "--label",
+    default=None,
+    help="The study whose fit to use where fit.json holds several of the adapters' kind "
+    "(e.g. lora:data); default: the one whose initialisation the adapters record.",
+)
+@click.option(
     "--level",
     type=float,
     default=None,
@@ -32,19 +38,22 @@ import click
               help="One calibration file per adapter, in order (predictors that read data-aware features).")  # fmt: skip
 @click.option("--base", type=click.Path(path_type=str), default=None, help="Base model folder (with --data).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def command(adapters, fit_path, merge_method, level, data, base, fmt):
+def command(adapters, fit_path, merge_method, label, level, data, base, fmt):
     """Predict the interference of merging ADAPTERS (at least two), with error bars."""
     import json
 
+    from ..errors import UsageError
     from ..interference import is_predictors_file, predict, predict_validated
 
     if is_predictors_file(fit_path):
+        if label is not None:
+            raise UsageError("--label", "applies to a fit.json; a predictors file holds one study")
         r = predict_validated(list(adapters), fit_path, data=list(data) or None, base=base)
         for w in r["warnings"]:
             click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
         click.echo(json.dumps(r, indent=2) if fmt == "json" else _validated_text(r))
         return
-    r = predict(list(adapters), fit_path, merge_method=merge_method, level=level)
+    r = predict(list(adapters), fit_path, merge_method=merge_method, level=level, label=label)
     click.echo(json.dumps(r, indent=2) if fmt == "json" else _line_text(r))
 
 
@@ -73,7 +82,7 @@ def _line_text(r: dict) -> str:
     if len(r["names"]) > 2:
         lines.append(f"  composition (quadratic mean over pairs): {r['cosine']:.4f}")
     rr = "n/a" if f["pearson_r"] is None else f"{f['pearson_r']:.3f}"
-    lines.append(f"fit: {f['file']} ({r['adapter_method']}, {r['merge_method']}; {f['n']} compositions, r = {rr}; "
+    lines.append(f"fit: {f['file']} ({r['label']}, {r['merge_method']}; {f['n']} compositions, r = {rr}; "
                  f"delta = {f['slope']:.3g} * cos {f['intercept']:+.3g})")  # fmt: skip
     line = f"predicted delta_ppl%: {r['predicted_delta_ppl_pct']:+.2f}"
     if r["interval"] is not None:

@@ -155,7 +155,7 @@ def assemble(sc: Scenario, results: dict[str, dict]) -> dict:
     for am, g in summary.groupby("adapter_method", sort=False):
         means = g.groupby("merge_method", sort=False)["delta_ppl_pct"].mean()
         best[am] = {"method": str(means.idxmin()), "delta": float(means.min())}
-    return {"evaluations": t.evaluations, "results": res_df, "summary": summary, "fits": compute_fits(summary),
+    return {"evaluations": t.evaluations, "results": res_df, "summary": summary, "fits": compute_fits(summary, sc.adapters.init),
             "validations": _validations(sc, results, summary),
             "similarity": t.sims, "similarity_mean": sim_mean, "per_module": per_module,
             "cosine_by_layer": _by_layer(per_module), "best_methods": best,

@@ -75,16 +75,22 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def compute_fits(summary: pd.DataFrame) -> list[dict]:
+def compute_fits(summary: pd.DataFrame, init: str | None = None) -> list[dict]:
     """One fit per (adapter method, merge method): ``delta_ppl_pct ~ rms_cosine``
-    over the compositions (seed means)."""
+    over the compositions (seed means); with the study's default ``init``,
+    each says how its adapters were initialised (``loramix predict`` picks
+    the study that matches the adapters it is given)."""
+    from .traits import init_of
+
     fits = []
     for (am, mm), g in summary.groupby(["adapter_method", "merge_method"], sort=False):
         g = g[
             np.isfinite(g["delta_ppl_pct"].to_numpy(dtype=float))
         ]  # compositions with a merged-data adapter
         f = fit_line(g["rms_cosine"], g["delta_ppl_pct"], labels=g["composition"]).to_dict()
-        fits.append({"adapter_method": am, "merge_method": mm, **f})
+        fits.append(
+            {"adapter_method": am, "merge_method": mm, **({"init": init_of(am, init)} if init else {}), **f}
+        )
     return fits
 
 
