@@ -587,7 +587,8 @@ def _write(out, run: _Run, kind, settings, options, metrics, *, force, file_inpu
             alpha=settings["alpha"],
             options=options,
             fan_in_fan_out=fifo,
-            base_model_name_or_path=run.base,
+            # absolute: PEFT's AutoPeftModel loads the base from it, from any working folder
+            base_model_name_or_path=os.path.abspath(run.base),
             provenance=file_prov,
             extra_config={"target_modules": target_modules},
         )

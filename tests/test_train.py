@@ -175,6 +175,22 @@ def test_training_that_diverges_is_refused_naming_lr(bases, tmp_path, capsys, ki
     assert "lora_A" not in err and not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_trained_adapter_names_its_base_by_absolute_path(bases, tmp_path, monkeypatch):
+    """``--base`` given relative to the working folder: the adapter's config
+    names the base by its absolute path, so PEFT's AutoPeftModel finds it
+    from another folder (it took the relative name for a Hub id)."""
+    from peft import AutoPeftModelForCausalLM
+
+    base, out = bases["llama"], tmp_path / "ad"
+    monkeypatch.chdir(base.parent)
+    assert main(["train", "--base", base.name, "--data", ARITH, "--out", str(out), "--steps", "1", "--batch", "4",
+                 "--max-len", "32", "--eval-size", "8", "--quiet"]) == 0  # fmt: skip
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    monkeypatch.chdir(tmp_path)
+    model = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    assert model.base_model.model.config.model_type == "llama"
+
+
 def test_adapter_for_another_base_is_refused(bases, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
