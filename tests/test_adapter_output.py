@@ -203,3 +203,8 @@ def test_cli_truncated_ties_prints_the_discarded_energy(setup, tmp_path, capsys)
     assert rc == 0 and "discarded energy" in out and "adapter written" in out
     rc = main(["sum", *map(str, ads), "--out-rank", "2", "--out", str(tmp_path / "s")])
     assert rc == 0 and json.loads((tmp_path / "s" / "loramix.json").read_text())["summary"]["ranks"] == [2]
+    out, _ = capsys.readouterr()  # sum says what its truncation discarded, as merge does (it said nothing)
+    assert "summed 2 adapters into one adapter" in out and "rank 2; discarded energy" in out
+    rc = main(["sum", str(ads[0]), "--out", str(tmp_path / "one")])
+    out, _ = capsys.readouterr()
+    assert rc == 0 and "summed 1 adapter into one adapter" in out and "discarded" not in out

@@ -314,10 +314,12 @@ def test_build_is_cached_per_source(kernels, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("progress", [True, False])
-def test_a_merge_says_it_is_compiling_above_its_progress_bar(progress, monkeypatch, tmp_path, capfd):
+@pytest.mark.parametrize("cmd", [["sum"], ["merge", "-m", "ties", "--density", "0.5"]])
+def test_a_merge_says_it_is_compiling_above_its_progress_bar(cmd, progress, monkeypatch, tmp_path, capfd):
     """The first merge on a machine builds the kernels it takes; with a
-    progress bar, one line says so (the bar stops meanwhile); with
-    ``--no-progress``, nothing is said."""
+    progress bar (the default of sum and merge alike: merge had none, and
+    built its kernels without a word), one line per kernel says so (the bar
+    stops meanwhile); with ``--no-progress``, nothing is said."""
     from loramix.cli import main
 
     from .factories import make_peft_adapter, save_base, tiny_llama
@@ -332,11 +334,14 @@ def test_a_merge_says_it_is_compiling_above_its_progress_bar(progress, monkeypat
     monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
     capfd.readouterr()
     flag = [] if progress else ["--no-progress"]
-    assert main(["sum", str(ad), "--into", str(base), "--out", str(tmp_path / "out"), *flag]) == 0
-    assert list((tmp_path / "cache" / "native").glob("bf16-*.so"))
+    assert main([*cmd, str(ad), "--into", str(base), "--out", str(tmp_path / "out"), *flag]) == 0
+    kernels = ["bf16", *(["ties"] if "ties" in cmd else [])]
+    assert all(list((tmp_path / "cache" / "native").glob(f"{k}-*.so")) for k in kernels)
     said = [line for line in capfd.readouterr().err.splitlines() if "compiling" in line]
-    assert len(said) == (1 if progress else 0)
-    assert not progress or "bf16.c" in said[0]
+    assert sorted(k for k in kernels if any(f"{k}.c" in line for line in said)) == (
+        kernels if progress else []
+    )
+    assert len(said) == (len(kernels) if progress else 0)
 
 
 @pytest.mark.parametrize("seed", [0, 5489, 2**32 + 7, 2**63 - 1])

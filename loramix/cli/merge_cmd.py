@@ -82,7 +82,7 @@ class MergeCommand(click.Command):
 @click.command(name="merge", cls=MergeCommand)
 @click.option("--method", "-m", required=True, help="Merge method (loramix merge --help lists them).")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@merge_options(progress=False)
+@merge_options(progress=True)
 def command(adapters, method, weights, into, out, device, dtype, force, progress, **params):
     """Merge adapters A B ... with a registered method.
 
@@ -97,7 +97,7 @@ def command(adapters, method, weights, into, out, device, dtype, force, progress
     from ..methods import get_method, merge
 
     res = merge(list(adapters), method, weights=weights, into=into, out=out, device=device, dtype=dtype,
-                force=force, progress=progress, **params)  # fmt: skip
+                force=force, progress=progress and into is not None, **params)  # fmt: skip
     shown = ", ".join(f"{k}={v}" for k, v in res.params.items())
     click.echo(
         f"merged {len(adapters)} adapter(s) with {res.method}"

@@ -35,12 +35,17 @@ def command(adapters, weights, into, out, dtype, device, force, progress, out_ra
     res = merge(list(adapters), "sum", weights=weights, into=into, out=out, device=device, dtype=dtype,
                 force=force, progress=progress and into is not None, out_rank=out_rank, energy=energy)  # fmt: skip
     dt = time.perf_counter() - t0
+    n = f"{len(adapters)} adapter{'' if len(adapters) == 1 else 's'}"
     if res.stream is not None:
         s = res.stream
         click.echo(
-            f"summed {len(adapters)} adapters into {into}: {len(s.modules)} modules merged, "
+            f"summed {n} into {into}: {len(s.modules)} modules merged, "
             f"{s.tensors} tensors ({s.bytes_written / 1e6:.1f} MB, {str(s.dtype).removeprefix('torch.')}) "
             f"on {s.device} in {dt:.2f} s -> {res.out}"
         )
     else:
-        click.echo(f"summed {len(adapters)} adapters into one adapter in {dt:.2f} s -> {res.out}")
+        click.echo(f"summed {n} into one adapter in {dt:.2f} s -> {res.out}")
+        from ..methods.base import describe_energy
+
+        for line in describe_energy(res.summary):  # --out-rank / --energy: what the truncation dropped
+            click.echo(line)
