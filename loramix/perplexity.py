@@ -68,7 +68,9 @@ def scored_nll(model, batch: dict, *, device, fast: bool = True):
     return F.cross_entropy(logits.float(), target[keep], reduction="sum"), int(keep.sum())
 
 
-def perplexity(model, batches: Sequence[dict], *, device=None, fast: bool = True, autocast=None) -> dict:
+def perplexity(
+    model, batches: Sequence[dict], *, device=None, fast: bool = True, autocast=None, bar=None
+) -> dict:
     """Token-weighted perplexity of ``model`` on ``batches`` (module docstring).
 
     ``batches``: dicts of ``input_ids`` (or ``inputs_embeds``),
@@ -78,6 +80,7 @@ def perplexity(model, batches: Sequence[dict], *, device=None, fast: bool = True
     (mean per token), "nll_sum", "tokens" (scored), "input_tokens" (non-pad
     tokens processed), "seconds", "tokens_per_s" (scored tokens per second),
     "input_tokens_per_s"}``. ``fast=False`` forces the full-logits path.
+    ``bar``: a progress bar (tqdm) advanced by each batch's records.
     """
     import torch
 
@@ -95,6 +98,8 @@ def perplexity(model, batches: Sequence[dict], *, device=None, fast: bool = True
             nll += s.item()
             n_tok += n
             n_in += int(b["attention_mask"].sum())
+            if bar is not None:
+                bar.update(int(b["attention_mask"].shape[0]))
     _sync(device)
     secs = time.perf_counter() - t0
     mean = nll / n_tok if n_tok else float("nan")
@@ -134,6 +139,7 @@ def evaluate(
     top_layers: int | None = None,
     prefix_cache: str | None = "disk",
     prompt: str = "raw",
+    progress: bool = False,
 ):
     """Perplexity of a base (plus the weighted sum of adapters) on data files.
 
@@ -157,7 +163,8 @@ def evaluate(
 
     ``prompt``: ``"raw"`` (``Question: ... Answer:``) or ``"chat"`` (the base
     tokenizer's own chat template, :func:`loramix.data.format_record`; a
-    tokenizer without one is refused naming the base).
+    tokenizer without one is refused naming the base). ``progress``: a
+    progress bar of the records scored, on stderr.
 
     Returns a pandas DataFrame, one row per data set and a ``union`` row
     (their pooled, token-weighted perplexity), columns ``data, records,
@@ -194,7 +201,7 @@ def evaluate(
 
         k = split_point(model, top_layers)
     return _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch_size, dev=dev,
-                  prefix_at=k, prefix_cache=prefix_cache, prompt=prompt)  # fmt: skip
+                  prefix_at=k, prefix_cache=prefix_cache, prompt=prompt, progress=progress)  # fmt: skip
 
 
 def _read_sets(data: list, limit: int | None, fields: dict) -> list[tuple[str, list]]:
@@ -269,9 +276,12 @@ def _scored_batches(model, ex, *, batch_size, pad, prefix_at, prefix_cache) -> t
 
 
 def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_at=None, prefix_cache="disk",
-           prompt="raw"):  # fmt: skip
+           prompt="raw", progress: bool = False):  # fmt: skip
     """One row per record set and the pooled ``union`` row (see :func:`evaluate`)."""
+    import sys
+
     import pandas as pd
+    from tqdm.auto import tqdm
 
     from .data import encode_records, pad_id_for
 
@@ -285,12 +295,15 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_a
     rows = []
     tot = {"nll_sum": 0.0, "tokens": 0, "seconds": 0.0, "records": 0, "input_tokens": 0, "prefix_seconds": 0.0,
            "truncated": 0}  # fmt: skip
+    bar = tqdm(total=sum(len(recs) for _, recs in sets), unit="record", desc="eval", file=sys.stderr,
+               disable=not progress, leave=False, dynamic_ncols=True)  # fmt: skip
     for name, recs in sets:
         stats = {"truncated": 0}
+        bar.set_description(f"eval {name}")
         ex = encode_records(tok, recs, max_len=max_len, on=on, stats=stats, prompt=prompt)
         batches, pre_s = _scored_batches(model, ex, batch_size=batch_size, pad=pad, prefix_at=prefix_at,
                                          prefix_cache=prefix_cache)  # fmt: skip
-        r = perplexity(runner, batches, device=dev)
+        r = perplexity(runner, batches, device=dev, bar=bar)
         rows.append(
             {
                 "data": name,
@@ -314,6 +327,7 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_a
         tot["records"] += len(recs)
         tot["input_tokens"] += r["input_tokens"]
         tot["prefix_seconds"] += pre_s
+    bar.close()
     n = tot["tokens"]
     rows.append(
         {

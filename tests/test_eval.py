@@ -131,14 +131,21 @@ def test_adapters_on_the_fly_merged_and_peft_agree(bases, tmp_path, arch):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_cli_table_and_json(bases, tmp_path, capsys):
+def test_cli_table_and_json(bases, tmp_path, capfd):
+    """The table names what was scored and has a union row where there are
+    several data sets (with one it repeated that set's row); a progress bar
+    of the records goes to stderr, none with --no-progress."""
     assert main(["eval", "--base", str(bases["gpt2"]), "--data", ARITH, DATES, "--batch", "8"]) == 0
-    out = capsys.readouterr().out
-    assert "| arith | 60 |" in out and "| union | 100 |" in out
+    out, err = capfd.readouterr()
+    assert f"the base: {bases['gpt2']}" in out and "| arith | 60 |" in out and "| union | 100 |" in out
+    assert "eval arith" in err and "record" in err
+    assert main(["eval", "--base", str(bases["gpt2"]), "--data", ARITH, "--batch", "8", "--no-progress"]) == 0
+    out, err = capfd.readouterr()
+    assert "| arith | 60 |" in out and "union" not in out and err == ""
     assert (
         main(["eval", "--base", str(bases["gpt2"]), "--data", ARITH, "--on", "all", "--format", "json"]) == 0
     )
-    res = json.loads(capsys.readouterr().out)
+    res = json.loads(capfd.readouterr().out)
     assert res["on"] == "all" and [r["data"] for r in res["results"]] == ["arith", "union"]
     assert res["results"][0]["ppl"] > 1
 

@@ -42,8 +42,9 @@ from .threads import threads_option
     "--dtype", default=None, help="Load the base in this dtype (float32, bfloat16; default float32)."
 )
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on stderr.")
 def command(base, adapters, weights, merged, data, more_data, on, prompt, max_len, batch, limit, device,
-            question_field, answer_field, context_field, top_layers, dtype, fmt):  # fmt: skip
+            question_field, answer_field, context_field, top_layers, dtype, fmt, progress):  # fmt: skip
     """Perplexity per data file and over their union (token-weighted), with token
     counts and tokens per second. Scored tokens: the answers (--on answer) or all."""
     import json
@@ -71,14 +72,20 @@ def command(base, adapters, weights, merged, data, more_data, on, prompt, max_le
         },
         top_layers=top_layers,
         dtype=dtype,
+        progress=progress,
     )
     if fmt == "json":
         click.echo(json.dumps({"base": base, "adapters": list(adapters), "weights": w, "merged": merged,
                                "on": on, "prompt": prompt, "results": df.to_dict(orient="records")}, indent=2))  # fmt: skip
         return
-    lines = ["| data | records | tokens | ppl | tokens/s | input tokens/s |",
+    scored = "the base" if not adapters else (
+        f"the base with {', '.join(adapters)} " + ("merged in" if merged else "on the fly")
+        + ("" if w is None else f" (weights {', '.join(f'{x:g}' for x in w)})"))  # fmt: skip
+    lines = [f"{scored}: {base}",
+             "| data | records | tokens | ppl | tokens/s | input tokens/s |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
-    for r in df.itertuples():
+    # one data set: its row is the union's
+    for r in df.iloc[:-1].itertuples() if len(df) == 2 else df.itertuples():
         lines.append(f"| {r.data} | {r.records} | {r.tokens} | {r.ppl:.4f} | {r.tokens_per_s:,.0f} "
                      f"| {r.input_tokens_per_s:,.0f} |")  # fmt: skip
     union = df.iloc[-1]
