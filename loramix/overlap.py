@@ -267,6 +267,10 @@ def _lowrank_inner_products(Bt, A_cat, offsets: list[int]):
             blk = P[r0:r1, a0:a1].T @ G @ P[r0:, a0:]  # (a1 - a0, n - a0)
         ip[a0:a1, a0:] = blk
         ip[a1:, a0:a1] = blk[:, a1 - a0 :].T
+    # a strip's square part X X^T need not be symmetric to the bit (BLAS may sum
+    # (i, j) and (j, i) in other orders): the upper triangle, mirrored
+    i, j = np.tril_indices(n, -1)
+    ip[i, j] = ip[j, i]
     return ip
 
 
@@ -372,6 +376,7 @@ class _Totals:
             self.zero.append((self.names[owners[k]], mname))
         with np.errstate(divide="ignore", invalid="ignore"):
             cos = np.clip(ip / np.outer(nrm, nrm), -1.0, 1.0)
+        np.fill_diagonal(cos, 1.0)  # exactly: sqrt(x)^2 need not give back x
         valid = np.outer(ok, ok)
         cos_v = np.where(valid, cos, 0.0)
         ix = np.ix_(idx, idx)

@@ -138,6 +138,34 @@ def test_equals_dense_reference(request, which):
         assert res.coverage.iloc[0, 2] == pytest.approx(4 / 8)
 
 
+@pytest.mark.parametrize("device", ["numpy", "cpu"])
+def test_matrices_are_symmetric_with_ones_on_the_diagonal_to_the_bit(gpt2_adapters, device):
+    """cos(i, j) and cos(j, i) are one number, and an adapter's cosine with
+    itself is exactly 1 (they differed in the last bit: BLAS sums a strip's
+    X X^T in other orders on the two sides, and sqrt(x)^2 is not x)."""
+    res = similarity(
+        gpt2_adapters, progress=False, device="cpu" if device == "numpy" else torch.device(device)
+    )
+    for m in (res.rms, res.mean):
+        a = m.to_numpy()
+        assert np.array_equal(a, a.T, equal_nan=True) and (np.diag(a) == 1.0).all()
+
+
+def test_cli_table_shows_rms_signed_mean_and_coverage(gpt2_adapters, capsys):
+    """The table gives the three matrices the README names (the signed mean
+    was in the JSON only), headed by the adapters' names alone."""
+    from loramix.cli import main
+
+    assert main(["similarity", *map(str, gpt2_adapters[:3])]) == 0
+    out = capsys.readouterr().out
+    blocks = out.split("\n\n")
+    assert [b.splitlines()[0] for b in blocks] == [
+        "RMS cosine similarity of deltas (3 adapters)", "signed mean cosine", "coverage (shared / union modules)"
+    ]  # fmt: skip
+    assert all(b.splitlines()[1].split() == ["g0", "g1", "g2"] for b in blocks)
+    assert "+1.0000" in blocks[1] and not any(line.strip() == "adapter" for line in out.splitlines())
+
+
 @pytest.mark.parametrize("block", [1, 5])
 def test_blocked_gram_equals_reference(gpt2_adapters, monkeypatch, block):
     """Small Gram blocks: the upper-triangular block pass and its mirror."""

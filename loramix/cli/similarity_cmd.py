@@ -30,7 +30,7 @@ def _pairs_table(long, by: str):
     type=click.Choice(["table", "csv", "json"]),
     default="table",
     show_default=True,
-    help="table: the RMS matrix; csv: the RMS matrix (with --per-module: the per-module "
+    help="table: the RMS and signed mean matrices (and coverage where not 1); csv: the RMS matrix (with --per-module: the per-module "
     "cosines, one row per module and pair); json: names, rms, signed mean, coverage.",
 )
 @click.option(
@@ -109,10 +109,12 @@ def command(adapters, fmt, per_module, plot, base, device, force) -> None:
     else:
         kind = "effective deltas" if res.effective else "deltas"
         click.echo(f"RMS cosine similarity of {kind} ({len(res.names)} adapters)")
-        click.echo(res.rms.to_string(float_format=lambda x: f"{x:.4f}", na_rep="n/a"))
+        click.echo(res.rms.rename_axis(None).to_string(float_format=lambda x: f"{x:.4f}", na_rep="n/a"))
+        click.echo("\nsigned mean cosine")
+        click.echo(res.mean.rename_axis(None).to_string(float_format=lambda x: f"{x:+.4f}", na_rep="n/a"))
         if not (res.coverage.to_numpy() == 1.0).all():
             click.echo("\ncoverage (shared / union modules)")
-            click.echo(res.coverage.to_string(float_format=lambda x: f"{x:.3f}"))
+            click.echo(res.coverage.rename_axis(None).to_string(float_format=lambda x: f"{x:.3f}"))
         if per_module:
             for by, label in (("type", "module type"), ("layer", "layer")):
                 wide = _pairs_table(breakdown(res.per_module, by), by)
