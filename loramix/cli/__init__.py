@@ -121,10 +121,25 @@ def _paths_print_as_given() -> None:
             stream.reconfigure(errors="surrogateescape")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt: it unwinds like Ctrl-C."""
+
+
 def _terminate(signum, frame):
     # A kill (SIGTERM: timeout, a job scheduler) unwinds like Ctrl-C, so outputs
     # and temporaries half made are removed, not left for the next run to find.
-    raise KeyboardInterrupt
+    raise Terminated
+
+
+def _interrupted(e: BaseException) -> int:
+    """One line, and the exit status of a process stopped by the signal: 128 + 15
+    for SIGTERM (what a shell or scheduler expects of a terminated job), 128 + 2
+    for Ctrl-C."""
+    if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
+        click.echo("loramix: terminated", err=True)
+        return 143
+    click.echo("loramix: interrupted", err=True)
+    return 130
 
 
 def main(argv=None) -> int:
@@ -152,9 +167,8 @@ def _main(argv) -> int:
             e.where = FLAGS[e.where]
         click.echo(f"loramix: error: {e.message}", err=True)
         return 2
-    except click.exceptions.Abort:
-        click.echo("loramix: interrupted", err=True)
-        return 130
+    except click.exceptions.Abort as e:  # click's form of an interrupt (its cause)
+        return _interrupted(e)
     except click.UsageError as e:
         if e.ctx is None or isinstance(e, click.exceptions.NoArgsIsHelpError):
             e.show()  # `loramix` alone: the help
@@ -168,9 +182,8 @@ def _main(argv) -> int:
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
-    except KeyboardInterrupt:
-        click.echo("loramix: interrupted", err=True)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     except OSError as e:
         if debug or e.errno not in SYSTEM_ERRORS:
             raise
