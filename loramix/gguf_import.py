@@ -41,6 +41,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -124,8 +125,9 @@ def check_quantisation(reader, path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _hf_config(path: Path, model_type: str, dtype: str):
-    """The transformers config transformers' GGUF support derives from the metadata."""
+def _hf_config(reader, path: Path, model_type: str, dtype: str):
+    """The transformers config transformers' GGUF support derives from the
+    metadata, which must shape the model (:func:`check_shape`)."""
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -140,10 +142,39 @@ def _hf_config(path: Path, model_type: str, dtype: str):
         ) from None
     cfg = {k: v for k, v in parsed["config"].items() if k not in _DROP_CONFIG_KEYS}
     cfg.pop("model_type", None)
-    config = AutoConfig.for_model(model_type, **cfg)
+    check_shape(reader, path, cfg, _field(reader, "general.architecture"))
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+    except Exception as e:
+        raise BaseModelError(
+            path, f"its metadata make no valid {model_type} config: {type(e).__name__}: {e}"
+        ) from None
     config.architectures = [config.__class__.__name__.replace("Config", "ForCausalLM")]
     config.dtype = dtype
     return config
+
+
+#: metadata a model GGUF must give (``{arch}.KEY``): without them transformers
+#: would fill in its defaults, which do not fit the file's tensors
+SHAPE_KEYS = ("block_count", "embedding_length", "attention.head_count")
+
+
+def check_shape(reader, path: Path, cfg: dict, gguf_arch: str) -> None:
+    """Refuse in one line a GGUF whose metadata cannot shape its model: a
+    missing :data:`SHAPE_KEYS` entry, or heads that do not divide the width
+    (``embedding_length``) or whose key-value heads do not divide them
+    (``cfg``: the config keys transformers reads from the metadata)."""
+    for key in SHAPE_KEYS:
+        if _field(reader, f"{gguf_arch}.{key}") is None:
+            raise BaseModelError(path, f"has no {gguf_arch}.{key} in its metadata")
+    width, heads = int(cfg.get("hidden_size") or 0), int(cfg.get("num_attention_heads") or 0)
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    if heads < 1 or width % heads:
+        raise BaseModelError(path, f"{gguf_arch}.attention.head_count {heads} does not divide its "
+                             f"embedding_length {width}")  # fmt: skip
+    if kv < 1 or heads % kv:
+        raise BaseModelError(path, f"{gguf_arch}.attention.head_count_kv {kv} does not divide its "
+                             f"attention.head_count {heads}")  # fmt: skip
 
 
 def _name_map(config, gguf_arch: str) -> tuple[dict[str, str], object, object]:
@@ -191,7 +222,10 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str) -> dict:
             raise BaseModelError(
                 path, f"tensor {t.name} does not de-quantise: {type(e).__name__}: {e}"
             ) from None
-        w = processor.process(weights=w, name=t.name).weights
+        try:
+            w = processor.process(weights=w, name=t.name).weights
+        except (ValueError, ZeroDivisionError) as e:  # q/k un-permuted by heads the shape does not fit
+            raise BaseModelError(path, f"tensor {t.name} does not fit the metadata's heads: {e}") from None
         w = np.array(w, dtype=np.float32)  # a copy of its own, writable, for torch
         if not np.isfinite(w).all():  # a damaged file (a real model holds no nan or inf)
             raise BaseModelError(
@@ -226,11 +260,12 @@ def _write_tokenizer(path: Path, folder: Path) -> None:
 
 
 def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dtype: str = "float32",
-                 sha256: str | None = None) -> dict:  # fmt: skip
+                 sha256: str | None = None, say=None) -> dict:  # fmt: skip
     """Write the transformers folder for ``gguf_path`` into the existing empty ``folder``.
 
-    Returns the provenance record (also written as ``loramix.json``). Not atomic
-    by itself: :func:`import_gguf` and :func:`resolve_base` write into a
+    Returns the provenance record (also written as ``loramix.json``).
+    ``say``: called once the file's metadata are checked, before the long
+    de-quantisation (a notice). Not atomic by itself: :func:`import_gguf` and :func:`resolve_base` write into a
     temporary folder and rename it.
     """
     from safetensors.torch import save_file
@@ -244,7 +279,9 @@ def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dty
     reader = open_gguf(path)
     arch = gguf_architecture(reader, path)
     quants = check_quantisation(reader, path)
-    config = _hf_config(path, arch, dtype)
+    config = _hf_config(reader, path, arch, dtype)
+    if say is not None:
+        say()
     tensors = _tensors(reader, path, config, _field(reader, "general.architecture"), dtype)
     rec = provenance(
         "gguf-import",
@@ -304,8 +341,12 @@ def resolve_base(path: str | os.PathLike) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         tmp = root / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
+
+        def say() -> None:  # seconds of work (0.5 GB for SmolLM2) not asked for by name: say so
+            print(f"loramix: importing {p} into {target} (once per file)", file=sys.stderr, flush=True)
+
         try:
-            write_folder(p, tmp, dtype="float32", sha256=sha)
+            write_folder(p, tmp, dtype="float32", sha256=sha, say=say)
             usual_modes(tmp)
             shutil.rmtree(target, ignore_errors=True)  # a leftover without config.json
             os.replace(tmp, target)

@@ -79,7 +79,7 @@ def similar_merge_well(tmp_path_factory):
 def test_fit_cost_recovers_the_clusters_through_the_cli(bank, similar_merge_well, capsys):
     paths, _ = bank
     fit, best = similar_merge_well
-    assert main(["plan", *paths, "--fit", str(fit), "--max-group", "3", "--json"]) == 0
+    assert main(["plan", *paths, "--fit", str(fit), "--max-group", "3", "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["budget"] == 0.0 and best in out["cost"]
     assert out["validated"]["predictor"] == best

@@ -199,16 +199,24 @@ def test_sum_into_equals_peft_cat(smol, trained, tmp_path, capsys):
 
 
 @needs_model
-def test_gguf_path_accepted_as_base(smol, monkeypatch, tmp_path):
-    """A GGUF where a base folder goes is imported once into the cache, keyed by its sha256."""
+def test_gguf_path_accepted_as_base(smol, monkeypatch, tmp_path, capfd):
+    """A GGUF where a base folder goes is imported once into the cache, keyed
+    by its sha256, and the import says so on stderr (it was silent)."""
     from loramix.gguf_import import resolve_base
+    from loramix.io.filehash import cache_dir
     from loramix.io.model_folder import BaseModelFolder
 
+    imported = not (cache_dir() / "bases" / f"{file_sha256(GGUF)}-float32" / "config.json").is_file()
+    capfd.readouterr()
     folder = resolve_base(GGUF)
+    said = [line for line in capfd.readouterr().err.splitlines() if "importing" in line]
+    assert said == ([f"loramix: importing {GGUF} into {folder} (once per file)"] if imported else [])
     assert folder.name.startswith(file_sha256(GGUF)) and (folder / "config.json").is_file()
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
     assert BaseModelFolder(GGUF).path == folder  # found, not imported again
-    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    assert (
+        folder / "model.safetensors"
+    ).stat().st_mtime_ns == mtime and "importing" not in capfd.readouterr().err
     assert (folder / "model.safetensors").read_bytes() == (smol / "model.safetensors").read_bytes()
 
 
@@ -229,6 +237,34 @@ def write_gguf(path: Path, arch: str, tensors: dict) -> Path:
     return path
 
 
+def llama_gguf(path: Path, drop: str | None = None, put: dict | None = None, **meta) -> Path:
+    """A one-block Llama GGUF (width 32, vocab 64) with the metadata a model
+    has (``meta`` overrides them, None leaves one out), less tensor ``drop``,
+    with the tensors ``put`` in place of the random ones."""
+    import gguf
+    import numpy as np
+
+    k = {"block_count": 1, "context_length": 64, "embedding_length": 32, "feed_forward_length": 64,
+         "head_count": 2, "head_count_kv": 2, "layer_norm_rms_eps": 1e-5, **meta}  # fmt: skip
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, v in k.items():
+        if v is not None:
+            getattr(w, f"add_{key}")(v)
+    r = np.random.RandomState(0)
+    shapes = {"token_embd.weight": (64, 32), "output_norm.weight": (32,), "blk.0.attn_norm.weight": (32,),
+              "blk.0.ffn_norm.weight": (32,), "blk.0.attn_q.weight": (32, 32), "blk.0.attn_k.weight": (32, 32),
+              "blk.0.attn_v.weight": (32, 32), "blk.0.attn_output.weight": (32, 32),
+              "blk.0.ffn_gate.weight": (64, 32), "blk.0.ffn_up.weight": (64, 32), "blk.0.ffn_down.weight": (32, 64)}  # fmt: skip
+    for name, shape in shapes.items():
+        if name != drop:
+            w.add_tensor(name, (put or {}).get(name, r.randn(*shape).astype(np.float32)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def test_import_refuses_bad_input(tmp_path, capsys):
     import numpy as np
 
@@ -239,9 +275,9 @@ def test_import_refuses_bad_input(tmp_path, capsys):
     truncated.write_bytes(good.read_bytes()[:-100])
     gpt2 = write_gguf(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": np.ones((8, 32), np.float32)})
     ints = write_gguf(tmp_path / "int8.gguf", "llama", {"token_embd.weight": np.ones((8, 32), np.int8)})
-    damaged = np.ones((8, 32), np.float32)
+    damaged = np.ones((64, 32), np.float32)
     damaged[3, 5] = np.nan  # as bytes overwritten in a real file make the de-quantised values
-    nan = write_gguf(tmp_path / "nan.gguf", "llama", {"token_embd.weight": damaged})
+    nan = llama_gguf(tmp_path / "nan.gguf", put={"token_embd.weight": damaged})
     cases = [
         (text, ["not a GGUF file"]),
         (tmp_path / "missing.gguf", ["no such file"]),
@@ -249,7 +285,23 @@ def test_import_refuses_bad_input(tmp_path, capsys):
         (gpt2, ["architecture 'gpt2' is not supported", "llama"]),
         (ints, ["token_embd.weight", "I8", "cannot import"]),
         (nan, ["token_embd.weight", "1 nan or inf"]),
-        (good, ["lacks", "tensor(s) of a llama model"]),  # and no transformers warning before the line
+        (
+            good,
+            ["has no llama.embedding_length in its metadata"],
+        ),  # and no transformers warning before the line
+        (
+            llama_gguf(tmp_path / "nokv.gguf", drop="blk.0.ffn_up.weight"),
+            ["lacks 1 tensor(s) of a llama model"],
+        ),
+        # metadata that cannot shape the model: transformers' defaults or a reshape failed with tracebacks
+        (llama_gguf(tmp_path / "noheads.gguf", head_count=None), ["has no llama.attention.head_count"]),
+        (llama_gguf(tmp_path / "noblocks.gguf", block_count=None), ["has no llama.block_count"]),
+        (llama_gguf(tmp_path / "h0.gguf", head_count=0, head_count_kv=0), ["head_count 0 does not divide"]),
+        (
+            llama_gguf(tmp_path / "h3.gguf", head_count=3, head_count_kv=3),
+            ["head_count 3 does not divide", "32"],
+        ),
+        (llama_gguf(tmp_path / "kv3.gguf", head_count_kv=3), ["head_count_kv 3 does not divide"]),
     ]
     for i, (path, needles) in enumerate(cases):
         out = tmp_path / f"out{i}"
@@ -262,3 +314,6 @@ def test_bad_gguf_as_base_is_one_line(tmp_path, capsys):
 
     gpt2 = write_gguf(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": np.ones((8, 32), np.float32)})
     one_line_error(capsys, ["eval", "--base", gpt2, "--data", "synthetic:arith"], gpt2, "gpt2")
+    # refused before the import's notice: one line still
+    h3 = llama_gguf(tmp_path / "h3.gguf", head_count=3, head_count_kv=3)
+    one_line_error(capsys, ["eval", "--base", h3, "--data", "synthetic:arith"], h3, "does not divide")

@@ -36,8 +36,9 @@ def _fmt(v) -> str:
     help="Largest predicted cost of a group (default: 0 with --fit, the zero-interference point; 0.1 cosine).",
 )
 @click.option("--device", default="cpu", show_default=True, help="Device for the calibration forward passes.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def command(adapters, fit_path, data, base, tokens, max_group, budget, device, as_json):
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--json", "as_json", is_flag=True, hidden=True, help="Same as --format json.")
+def command(adapters, fit_path, data, base, tokens, max_group, budget, device, fmt, as_json):
     """Propose groups of ADAPTERS to merge, with each group's predicted cost and a method."""
     import json
 
@@ -47,7 +48,7 @@ def command(adapters, fit_path, data, base, tokens, max_group, budget, device, a
              budget=budget, tokens=tokens, device=device)  # fmt: skip
     for w in p.warnings:
         click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
-    if as_json:
+    if as_json or fmt == "json":
         click.echo(json.dumps(p.to_json_dict(), indent=2))
         return
     click.echo(f"cost: {p.cost_source}")
