@@ -285,7 +285,11 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_a
 
     from .data import encode_records, pad_id_for
 
-    max_len = max_len or _default_max_len(model, tok)
+    # a sequence cannot be longer than the model's positions: a larger --max-len is capped there
+    # (as train does; the row's max_len says so), else its embedding lookup fails mid-run
+    max_len = (
+        min(max_len, context_length(model.config) or max_len) if max_len else _default_max_len(model, tok)
+    )
     pad = pad_id_for(tok)
     runner = model
     if prefix_at is not None:

@@ -150,6 +150,27 @@ def test_cli_table_and_json(bases, tmp_path, capfd):
     assert res["results"][0]["ppl"] > 1
 
 
+def test_max_len_beyond_the_context_is_capped(bases, tmp_path, capsys):
+    """--max-len above the model's context (64 positions here) with a record
+    longer than it: capped at the context, as train does, the row and the
+    note say so (it failed mid-run with an IndexError from the embedding)."""
+    from .factories import write_jsonl
+
+    data = write_jsonl(
+        tmp_path / "long.jsonl",
+        [{"question": "1 + 1 " * 60, "answer": "2"}, {"question": "q", "answer": "a"}],
+    )
+    for base in bases.values():
+        assert (
+            main(
+                ["eval", "--base", str(base), "--data", str(data), "--max-len", "100000", "--format", "json"]
+            )
+            == 0
+        )
+        rows = json.loads(capsys.readouterr().out)["results"]
+        assert {r["max_len"] for r in rows} == {64} and rows[0]["truncated"] == 1
+
+
 def _err(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0, err
