@@ -1041,3 +1041,27 @@ def test_outputs_take_the_usual_file_modes(world, tmp_path, capsys, umask):
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {
         p.name: oct(0o666 & ~umask) for p in files
     }
+
+
+def test_symlink_loops_and_the_current_folder_as_outputs_are_one_line(world, tmp_path, capsys, monkeypatch):
+    """An output, a plot or a base through a symlink loop, and --out naming
+    the current folder or one above it (with --force): one line, exit 2,
+    before any work. They gave RuntimeError tracebacks (Path.resolve on a
+    loop), and --out . --force an EBUSY traceback after the whole merge."""
+    monkeypatch.chdir(tmp_path)
+    os.symlink("loop1", "loop2")
+    os.symlink("loop2", "loop1")
+    a, b = world["a"], world["b"]
+    cases = [
+        (["sum", a, "--out", "loop1/x"], "loop1/x", "symlink loop"),
+        (["sum", a, "--out", "loop1", "--force"], "loop1", "symlink loop"),
+        (["sum", a, "--into", "loop1", "--out", "zz"], "loop1", "symlink loop"),
+        (["merge", "-m", "ties", "--density", "0.5", a, b, "--into", world["gpt2"], "--out", "loop1/q"], "loop1/q", "symlink loop"),
+        (["similarity", a, b, "--plot", "loop1/x.png"], "loop1/x.png", "symlink loop"),
+        (["sum", a, "--into", world["gpt2"], "--out", ".", "--force"], ".", "the current folder"),
+        (["sum", a, b, "--out", "..", "--force"], "..", "the current folder"),
+    ]  # fmt: skip
+    for argv, *needles in cases:
+        code, _, err = cli(capsys, *argv)
+        assert_refused(code, err, None, *needles)
+    assert sorted(os.listdir(tmp_path)) == ["loop1", "loop2"]

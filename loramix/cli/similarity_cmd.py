@@ -75,13 +75,14 @@ def command(adapters, fmt, per_module, plot, base, device, force) -> None:
     if len(adapters) < 200:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from ..errors import OutputError, UsageError
+    from ..io.outputs import resolved
 
     if len(adapters) < 2:
         raise UsageError("similarity", "needs at least two adapters to compare")
     if plot is not None:
         if plot.exists() and not force:
             raise OutputError(plot, "already exists; pass --force to replace it")
-        if any(plot.resolve() == Path(a).resolve() for a in adapters):
+        if any(resolved(plot) == resolved(a) for a in adapters):
             raise OutputError(plot, "--plot would overwrite an input")
         from ..plots import check_figure_path
 

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import OutputError
+from ..errors import OutputError, UsageError
 
 TMP_PREFIX = ".lmx-"
 OWNER_NAME = "owner.json"
@@ -54,8 +54,18 @@ _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 NAME_MAX = 255
 
 
+def resolved(path: str | os.PathLike) -> Path:
+    """``path`` with its symlinks resolved; a symlink loop on the way is a
+    one-line :class:`UsageError` naming it (``Path.resolve`` raises
+    RuntimeError for one, a traceback in the CLI)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):
+        raise UsageError(path, "is a symlink loop, or lies under one") from None
+
+
 def _overlaps(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
+    a, b = resolved(a), resolved(b)
     return a == b or a in b.parents or b in a.parents
 
 
@@ -73,6 +83,10 @@ def check_output(out: str | Path, *, force: bool = False, inputs: Iterable[str |
     out = Path(out)
     if len(os.fsencode(out.name)) > NAME_MAX:
         raise OutputError(out, f"the name is longer than {NAME_MAX} bytes, which no file system allows")
+    where = resolved(out)
+    if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
+        # renaming onto the folder a command runs in fails (EBUSY) after all the work; and it is never meant
+        raise OutputError(out, "is the current folder or holds it; choose another --out")
     for inp in inputs:
         if inp is not None and _overlaps(out, Path(inp)):
             raise OutputError(out, f"output would overwrite the input {inp}; choose another --out")
