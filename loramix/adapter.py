@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdapterError
 from .io.outputs import normalized_path
-from .io.peft_layout import check_compatible  # noqa: F401  (torch-free, used by the numpy similarity)
+from .io.peft_layout import check_compatible, check_one_base  # noqa: F401  (torch-free: the numpy similarity)
 from .kinds import D2LORA, LORA, AdapterKind, get_kind
 
 __all__ = ["LORA", "D2LORA", "ModuleDelta", "Adapter", "check_compatible", "check_one_base"]
@@ -159,33 +158,3 @@ class Adapter:
             "sha256": self.sha256,
             "kind": self.kind.name,
         }
-
-
-def _layer_stems(ad: Adapter) -> set[str]:
-    """The containers of ``ad``'s layered modules: the name up to its first
-    numeric part (``model.layers``, ``transformer.h``)."""
-    stems = set()
-    for name in ad.modules:
-        parts = name.split(".")
-        i = next((k for k, p in enumerate(parts) if p.isdigit()), None)
-        if i:
-            stems.add(".".join(parts[:i]))
-    return stems
-
-
-def check_one_base(adapters: list[Adapter]) -> None:
-    """Refuse adapters whose modules cannot belong to one base model: two
-    adapters that share no module and whose layered modules live in
-    different containers (``model.layers.N...`` against ``transformer.h.N...``:
-    a Llama and a GPT-2) were made for different architectures. Shared
-    modules are checked for shape by :func:`check_compatible`."""
-    for i, a in enumerate(adapters):
-        for b in adapters[i + 1 :]:
-            sa, sb = _layer_stems(a), _layer_stems(b)
-            if sa and sb and not (sa & sb) and not (set(a.modules) & set(b.modules)):
-                raise AdapterError(
-                    b.path or b.name,
-                    f"its modules ({sorted(sb)[0]}.N...) and those of {a.path or a.name} "
-                    f"({sorted(sa)[0]}.N...) cannot belong to one base model: the adapters were made "
-                    "for different architectures",
-                )

@@ -58,7 +58,7 @@ import pandas as pd
 
 from .devices import is_cpu, resolve_device
 from .errors import AdapterError, UsageError
-from .io.peft_layout import D2LORA, check_compatible
+from .io.peft_layout import D2LORA, check_compatible, check_one_base
 
 if TYPE_CHECKING:  # on the CPU the arithmetic is numpy's: torch is imported only for another device
     import torch
@@ -332,6 +332,7 @@ def _load_all(items: list, numpy_path: bool, device, progress: bool) -> tuple[li
             raise AdapterError(None, f"an adapter is a path or a loaded adapter, not {a!r}")
         adapters.append(load(a) if isinstance(a, (str, os.PathLike)) else convert(a))
     check_compatible(adapters)
+    check_one_base(adapters)  # as merging does: a GPT-2 and a Llama adapter gave an all-n/a table
     return adapters, dev
 
 

@@ -254,6 +254,10 @@ def train_adapter(
     data_list = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     file_inputs = [d for d in data_list if not (isinstance(d, str) and d.startswith("synthetic:"))]
     out = check_output(out, force=force, inputs=[base, *file_inputs])
+    if (
+        warmup is not None and warmup < 0
+    ):  # a negative one bent the schedule (steps before the start), silently
+        raise UsageError("--warmup", f"must be 0 or more steps, got {warmup}")
     fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
     run = _prepare(base, data_list, targets=targets, fields=fields, eval_size=eval_size, seed=seed,
                    limit=limit, max_len=max_len, batch=batch, on=on, device=device, top_layers=top_layers,

@@ -454,7 +454,14 @@ def test_d2lora_config_refused(tmp_path, capsys, field, value, needle):
 
 @pytest.mark.parametrize(
     "flag, value",
-    [("--alpha", "nan"), ("--alpha", "inf"), ("--alpha", "1e308"), ("--lr", "inf"), ("--tau", "1e300")],
+    [
+        ("--alpha", "nan"),
+        ("--alpha", "inf"),
+        ("--alpha", "1e308"),
+        ("--lr", "inf"),
+        ("--tau", "1e300"),
+        ("--warmup", "-5"),
+    ],
 )
 def test_train_numbers_refused_naming_the_option(world, tmp_path, capsys, flag, value):
     out = tmp_path / "t"
@@ -665,6 +672,9 @@ def test_llama_and_gpt2_adapters_refused(world, tmp_path, capsys, method):
     extra = ("--rank", "2") if method == "svd" else ()
     rc, _, err = cli(capsys, "merge", "-m", method, *extra, world["a"], world["la"], "--out", out)
     assert_refused(rc, err, out, world["la"], "different architectures")
+    # and similarity, which gave a table of n/a (no module in common) with exit 0
+    rc, _, err = cli(capsys, "similarity", world["a"], world["la"])
+    assert_refused(rc, err, None, world["la"], "different architectures")
 
 
 def test_adapters_on_different_modules_of_one_base_accepted(world, tmp_path, capsys):

@@ -394,3 +394,33 @@ def check_compatible(adapters: Sequence) -> None:
                     "the adapters were made for different base models",
                 )
             seen.setdefault(name, (m.shape, ad))
+
+
+def _layer_stems(ad) -> set[str]:
+    """The containers of ``ad``'s layered modules: the name up to its first
+    numeric part (``model.layers``, ``transformer.h``)."""
+    stems = set()
+    for name in ad.modules:
+        parts = name.split(".")
+        i = next((k for k, p in enumerate(parts) if p.isdigit()), None)
+        if i:
+            stems.add(".".join(parts[:i]))
+    return stems
+
+
+def check_one_base(adapters: Sequence) -> None:
+    """Refuse adapters whose modules cannot belong to one base model: two
+    adapters that share no module and whose layered modules live in
+    different containers (``model.layers.N...`` against ``transformer.h.N...``:
+    a Llama and a GPT-2) were made for different architectures. Shared
+    modules are checked for shape by :func:`check_compatible`."""
+    for i, a in enumerate(adapters):
+        for b in adapters[i + 1 :]:
+            sa, sb = _layer_stems(a), _layer_stems(b)
+            if sa and sb and not (sa & sb) and not (set(a.modules) & set(b.modules)):
+                raise AdapterError(
+                    b.path or b.name,
+                    f"its modules ({sorted(sb)[0]}.N...) and those of {a.path or a.name} "
+                    f"({sorted(sa)[0]}.N...) cannot belong to one base model: the adapters were made "
+                    "for different architectures",
+                )
