@@ -663,6 +663,27 @@ def test_index_omitting_a_tensor_refused(world, tmp_path, capsys):
         assert_refused(rc, err, out, index, what)
 
 
+@pytest.mark.parametrize("where", ["../outside.safetensors", "sub/inner.safetensors", ".."])
+def test_index_naming_a_file_outside_the_base_refused(world, tmp_path, capsys, where):
+    """A shard is a file name in the base folder: an index that names one
+    elsewhere (``../``, a sub-folder) is refused before anything is read
+    (it was opened, wherever it was)."""
+    base = copy(world["sharded"], tmp_path / "base")
+    index = base / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = sorted(data["weight_map"].values())[0]
+    target = (base / where).resolve() if where != ".." else None
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(base / first, target)  # a real shard there: only the name is wrong
+    data["weight_map"] = {k: (where if v == first else v) for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    (base / first).unlink()
+    out = tmp_path / "out"
+    rc, _, err = sum_into(capsys, base, out, world["a"])
+    assert_refused(rc, err, out, index, "not a file name in the base folder")
+
+
 # ---- 8. adapters of two architectures -------------------------------------------------------------------
 
 

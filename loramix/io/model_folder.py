@@ -134,6 +134,11 @@ class BaseModelFolder:
             except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
                 raise BaseModelError(index_path, f"not a valid safetensors index: {e}") from None
             self.shards = sorted(set(weight_map.values()))
+            for shard in self.shards:
+                # a shard is a file name in the folder (transformers' rule): no folders, no ../
+                if not isinstance(shard, str) or shard in ("", ".", "..") or "/" in shard or os.sep in shard:
+                    raise BaseModelError(index_path, f"names the shard {shard!r}, which is not a file name in "
+                                         "the base folder")  # fmt: skip
             for p in sorted(self.path.glob("model-*-of-*.safetensors")):
                 if p.name not in self.shards:
                     raise BaseModelError(index_path, f"does not name the shard {p.name} beside it")
