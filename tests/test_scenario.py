@@ -368,6 +368,26 @@ def test_rerun_refuses_a_foreign_folder(study, tmp_path, capsys):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+def test_an_unwritable_report_folder_is_refused_before_the_study(study, tmp_path, capsys):
+    """--out under a file: refused in one line before any work (a fresh
+    cache stays empty; it was refused only after the whole study ran)."""
+    (tmp_path / "afile").write_text("x")
+    cache = tmp_path / "fresh-cache"
+    argv = [
+        "scenario",
+        "run",
+        str(study["scen"]),
+        "--out",
+        str(tmp_path / "afile" / "rep"),
+        "--cache",
+        str(cache),
+    ]
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and err.count("\n") == 1
+    assert not cache.exists() or not any(cache.rglob("artifact.json"))
+
+
 def test_interrupted_run_resumes(study, tmp_path):
     """Kill a run (SIGTERM) after some adapters are made: nothing half-made is
     left, and the next run reuses what was finished and makes the rest."""

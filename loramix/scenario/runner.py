@@ -35,7 +35,13 @@ def merges_for(sc: Scenario, adapter_method: str):
 
 def check_report_dir(out: Path, name: str, force: bool) -> None:
     """A report folder may be replaced when it holds an earlier report of the
-    same scenario (or with ``force``); anything else is refused."""
+    same scenario (or with ``force``); anything else is refused, and so is a
+    folder that cannot be written at all (under a file, a symlink loop, the
+    current folder: :func:`~loramix.io.outputs.check_output`), before the
+    study runs rather than after it."""
+    from ..io.outputs import check_output
+
+    check_output(out, force=True)
     if not out.exists() or force:
         return
     rj = out / "report.json"
