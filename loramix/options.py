@@ -40,7 +40,9 @@ def parse_weights(weights: Any, n: int, where: str = "weights") -> list[float]:
     if weights is None:
         return [1.0] * n
     if isinstance(weights, str):
-        parts = [p.strip() for p in weights.split(",") if p.strip()]
+        parts = [p.strip() for p in weights.split(",")]
+        if not all(parts):  # "1,,2" or "1,2,": an entry left out, not to be dropped silently
+            raise UsageError(where, f"{weights!r} has an empty entry; give one number per adapter")
     else:
         parts = list(weights)
     try:

@@ -211,7 +211,10 @@ def _read_sets(data: list, limit: int | None, fields: dict) -> list[tuple[str, l
     sets = []
     for i, d in enumerate(data):
         if isinstance(d, (str, os.PathLike)):
-            sets.append((data_name(d), load_records(d, limit=limit, **fields)))
+            name = data_name(d)
+            if name == "union" or any(name == n for n, _ in sets):  # rows a reader could not tell apart
+                name = os.fspath(d)
+            sets.append((name, load_records(d, limit=limit, **fields)))
         else:
             recs = list(d)[:limit] if limit else list(d)
             if not recs:

@@ -307,6 +307,10 @@ def synthetic_domains() -> list[str]:
     return list(DOMAINS)
 
 
+#: records a synthetic domain makes at most: more takes minutes and teaches nothing new
+MAX_RECORDS = 100_000
+
+
 def generate(
     domain: str, n: int, *, seed: int = 0, overlap: float = 0.0, overlap_with: str | None = None
 ) -> list[QARecord]:
@@ -318,8 +322,8 @@ def generate(
     """
     if domain not in DOMAINS:
         raise ValueError(f"unknown synthetic domain {domain!r}; choose from {', '.join(DOMAINS)}")
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+    if not 1 <= n <= MAX_RECORDS:
+        raise ValueError(f"n must lie in [1, {MAX_RECORDS}], got {n}")
     if not 0.0 <= overlap <= 1.0:
         raise ValueError(f"overlap must lie in [0, 1], got {overlap}")
     if overlap > 0:

@@ -264,3 +264,19 @@ def test_cli_top_layers_and_bad_value(bases, capsys):
     assert main(["eval", "--base", base, "--data", ARITH, "--top-layers", "7"]) == 2
     err = capsys.readouterr().err
     assert "--top-layers" in err and "between 1 and" in err and len(err.strip().splitlines()) == 1
+
+
+def test_rows_are_told_apart(bases, tmp_path, capsys):
+    """Two files with one stem, and a file named union: each row named so a
+    reader can tell it from the others (two rows said 'ok')."""
+    from .factories import write_jsonl
+
+    recs = [{"question": "1 + 1", "answer": "2"}]
+    (tmp_path / "z").mkdir()
+    files = [
+        write_jsonl(p, recs)
+        for p in (tmp_path / "ok.jsonl", tmp_path / "z" / "ok.jsonl", tmp_path / "union.jsonl")
+    ]
+    assert main(["eval", "--base", str(bases["gpt2"]), "--data", *map(str, files), "--format", "json"]) == 0
+    names = [r["data"] for r in json.loads(capsys.readouterr().out)["results"]]
+    assert names == ["ok", str(files[1]), str(files[2]), "union"]

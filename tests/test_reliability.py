@@ -476,7 +476,7 @@ def test_eval_max_len_below_two_refused(world, capsys):
         assert_refused(rc, err, None, "--max-len")
 
 
-@pytest.mark.parametrize("weights", ["nan,1", "inf,1", "1,-inf", "1e39,1", "2e6,1"])
+@pytest.mark.parametrize("weights", ["nan,1", "inf,1", "1,-inf", "1e39,1", "2e6,1", "1,,1", "1,1,"])
 def test_bad_weights_refused_by_sum(world, tmp_path, capsys, weights):
     out = tmp_path / "out"
     code, _, err = sum_into(capsys, world["gpt2"], out, world["a"], world["b"], extra=("--weights", weights))
@@ -766,6 +766,22 @@ def test_eval_size_must_be_a_count_or_a_fraction(world, tmp_path, capsys):
         rc, _, err = cli(capsys, "train", "--base", world["gpt2"], "--data", "synthetic:arith", "--out",
                          tmp_path / "t", "--eval-size", bad, "--quiet")  # fmt: skip
         assert_refused(rc, err, tmp_path / "t", "--eval-size", repr(bad))
+
+
+def test_seeds_and_synthetic_sizes_out_of_range_refused(world, tmp_path, capsys):
+    """Negative seeds, as merge and the scenarios refuse them (train and base
+    build took them), and a synthetic domain larger than a scenario may ask
+    for (a run of 1e8 records went on for minutes)."""
+    for cmd in (
+        ["train", "--base", world["gpt2"], "--data", "synthetic:arith"],
+        ["base", "build", "--data", "synthetic:arith"],
+    ):
+        rc, _, err = cli(capsys, *cmd, "--out", tmp_path / "o", "--seed", "-1")
+        assert_refused(rc, err, tmp_path / "o", "--seed", "-1")
+    rc, _, err = cli(
+        capsys, "base", "build", "--data", "synthetic:arith?n=100000000", "--out", tmp_path / "o"
+    )
+    assert_refused(rc, err, tmp_path / "o", "synthetic:arith?n=100000000", "n must lie in [1, 100000]")
 
 
 def test_plot_format_refused_before_the_work(world, tmp_path, capsys):

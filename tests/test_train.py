@@ -175,6 +175,20 @@ def test_training_that_diverges_is_refused_naming_lr(bases, tmp_path, capsys, ki
     assert "lora_A" not in err and not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_eval_size_beyond_the_records_names_the_option(bases, tmp_path, capsys):
+    """All records held out: the one line names --eval-size (it said eval_size)."""
+    data = write_jsonl(tmp_path / "two.jsonl", [{"question": "q", "answer": "a"}] * 2)
+    out = tmp_path / "t"
+    assert main(["train", "--base", str(bases["gpt2"]), "--data", str(data), "--out", str(out), "--eval-size", "2",
+                 "--quiet"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("loramix: error: --eval-size: 2 eval records leave no training records")
+        and err.count("\n") == 1
+    )
+    assert not out.exists()
+
+
 def test_trained_adapter_names_its_base_by_absolute_path(bases, tmp_path, monkeypatch):
     """``--base`` given relative to the working folder: the adapter's config
     names the base by its absolute path, so PEFT's AutoPeftModel finds it

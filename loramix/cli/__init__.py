@@ -59,7 +59,13 @@ def data_options(help: str):
 
 
 # Library errors name the parameter; the CLI says the flag.
-FLAGS = {"weights": "--weights", "dtype": "--dtype", "device": "--device", "into": "--into"}
+FLAGS = {
+    "weights": "--weights",
+    "dtype": "--dtype",
+    "device": "--device",
+    "into": "--into",
+    "eval_size": "--eval-size",
+}
 
 
 def merge_options(progress: bool):

@@ -58,7 +58,7 @@ def _eval_size(value: str) -> int | float:
 @click.option("--limit", type=int, default=None, help="Use the first N records of each source.")
 @click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True)
 @prompt_option
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option(
     "--shared-init",
     is_flag=True,
