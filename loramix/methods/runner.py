@@ -216,7 +216,9 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs, trunc=None)
             fan_in_fan_out=fan_in_fan_out,
             dtype=dtype,
             provenance=_without_time(full),
-            extra_config={"task_type": _first_given(ads, "task_type") or "CAUSAL_LM"},
+            # null where no input names one, as PEFT writes it: a default (CAUSAL_LM) would make PEFT
+            # wrap a BERT masked-LM base as a causal LM
+            extra_config={"task_type": _first_given(ads, "task_type")},
             saved=saved,
             embeddings={
                 n for a in ads for n, md in a.modules.items() if md.extra.get("layout") == "embedding"
