@@ -67,7 +67,7 @@ def predict_validated(
     from .adapter import Adapter
     from .grouping import adapter_checks, cost_model, fit_features
     from .io.adapter_files import load_adapter
-    from .validation import load_predictors
+    from .validation import extrapolation, load_predictors
 
     fitfile = load_predictors(path)
     items = list(adapters_or_paths)
@@ -78,14 +78,18 @@ def predict_validated(
     model, _, validated = cost_model(adapters, path, data, base, tokens, device, by_method=False)
     members = list(range(len(adapters)))
     y, lo, hi = model.cost(members)
-    rows = {r["predictor"]: r for r in fitfile["summary"]}
     fit = fitfile["fits"][fitfile["best"]]
+    features = {f: model.features.composition(f, members) for f in fit_features(fit)}
+    far = extrapolation(fit, features)
+    if far is not None:
+        warnings.append(far)
+    rows = {r["predictor"]: r for r in fitfile["summary"]}
     return {
         "names": list(model.features.names), "adapter_method": adapters[0].method, "target": fitfile["target"],
         "predictor": fitfile["best"], "predicted": y, "interval": None if lo is None else [lo, hi],
         "level": fitfile["level"], "validated": validated, "mean_mae": rows.get("mean", {}).get("mae"),
         "beats_mean": bool(fitfile.get("beats_mean")), "file": str(path), "scenario": fitfile.get("scenario"),
-        "features": {f: model.features.composition(f, members) for f in fit_features(fit)},
+        "features": features, "extrapolation": far is not None,
         "warnings": warnings,
     }  # fmt: skip
 

@@ -189,6 +189,31 @@ def predict_from(fit: dict, x: dict, level: float = 0.9) -> tuple[float, float |
     return yh, yh + fit["resid_low"], yh + fit["resid_high"]
 
 
+#: a feature value this many of the study's standard deviations from its mean is an extrapolation
+FAR = 3.0
+
+
+def extrapolation(fit: dict, x: dict) -> str | None:
+    """Where a fitted predictor is asked far outside what it was fitted on:
+    a feature value ``x[f]`` more than :data:`FAR` of the study's standard
+    deviations of ``f`` from its mean (``ols``: from ``x_mean`` and ``sxx``;
+    ``ridge``: ``mu`` and ``sd``), said in words; None otherwise (the mean
+    reads no feature)."""
+    if fit["kind"] in ("ols", "ols_pairsum"):
+        n, sxx = fit.get("n") or 0, fit.get("sxx")
+        stats = {fit["feature"]: (fit["x_mean"], math.sqrt(sxx / (n - 1)))} if n > 1 and sxx else {}
+    elif fit["kind"] == "ridge":
+        stats = dict(zip(fit["features"], zip(fit["mu"], fit["sd"])))
+    else:
+        return None
+    for f, (m, sd) in stats.items():
+        v = float(x[f])
+        if sd > 0 and abs(v - m) > FAR * sd:
+            return (f"the composition's {f} ({v:.4g}) lies {abs(v - m) / sd:.0f} standard deviations from the "
+                    f"study's mean ({m:.4g}): the prediction extrapolates the fit")  # fmt: skip
+    return None
+
+
 def ridge_features(X: pd.DataFrame) -> list[str]:
     """The overall features (no per-type or per-band breakdown) that the ridge combines."""
     return [c for c in X.columns if ":" not in c]

@@ -122,6 +122,29 @@ def test_plan_makes_the_checks_of_predict(bank, similar_merge_well, tmp_path, ca
     assert json.loads(out)["warnings"] and plan(paths[:2]).warnings == []
 
 
+def test_predict_with_predictors_says_when_it_extrapolates(bank, similar_merge_well, tmp_path, capsys):
+    """A composition whose feature lies far from the study's (here: the study
+    moved to a mean of 5, sd 0.01): a warning and ``extrapolation`` in the
+    JSON (there was no note); within the study's spread, none."""
+    paths, _ = bank
+    fit, best = similar_merge_well
+    d = json.loads(fit.read_text())
+    assert main(["predict", *paths[:2], "--fit", str(fit), "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["extrapolation"] is False and "extrapolates" not in err
+    f = d["fits"][best]
+    if f["kind"] == "ridge":
+        f.update(mu=[5.0] * len(f["mu"]), sd=[0.01] * len(f["sd"]))
+    else:
+        f.update(x_mean=5.0, sxx=1e-4 * (f["n"] - 1))
+    far = tmp_path / "far.json"
+    far.write_text(json.dumps(d))
+    assert main(["predict", *paths[:2], "--fit", str(far), "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["extrapolation"] is True
+    assert f"loramix: warning: {far}: the composition's rms_cosine" in err and "extrapolates the fit" in err
+
+
 def test_greedy_groups_and_method_rule():
     # cost of a group = its size minus the number of even members: odd ones are costly
     def cost(m):

@@ -411,8 +411,8 @@ def _rows(t, fn) -> list:
     """``fn(r0, r1, j)`` over the blocks of rows of ``t`` (a tensor or a
     :class:`_DeltaRows`; at least ``engine.MIN_ROWS`` rows each, starting on
     a multiple of it, blocks formed from factors at most
-    :data:`FACTOR_BLOCK_ELEMENTS` entries where that allows), shared out with the streaming run's threads
-    (:func:`loramix.engine.parallel_rows`)."""
+    :data:`FACTOR_BLOCK_ELEMENTS` entries where that allows), shared out
+    with the streaming run's threads (:func:`loramix.engine.parallel_rows`)."""
     from ..engine import MIN_ROWS, aligned_rows, block_rows, parallel_rows, run_threads
 
     rows, cols = t.shape
@@ -450,8 +450,8 @@ class _FactorRows(_DeltaRows):
     into thread ``j``'s work buffer ``role`` of ``scratch`` (valid until
     that thread's next call). Each entry is one dot product over ``k``, so a
     block of at least ``engine.MIN_ROWS`` rows from a multiple of it has the
-    bits of those rows of ``B @ A`` (tests/test_engine.py). Re-forming a block costs
-    ``2 k`` flops per entry, less than storing the whole delta and reading it
+    bits of those rows of ``B @ A`` (tests/test_engine.py). Re-forming a
+    block costs ``2 k`` flops per entry, less than storing the whole delta and reading it
     back from memory twice. The sample holds the same entries as the dense
     delta's (formed from the factors in small products: their values may
     differ in the last bit, which the exact count that checks the bracket
