@@ -249,15 +249,11 @@ def train_adapter(
     # ---- validate everything before any work
     kind = _kind_arg(kind) if method is None else _kind_arg(method, "--method")
     _check_numbers(rank=rank, batch=batch, max_len=max_len, steps=steps, epochs=epochs, lr=lr,
-                   norm_dim=norm_dim, alpha=alpha, tau=tau)  # fmt: skip
+                   norm_dim=norm_dim, alpha=alpha, tau=tau, warmup=warmup)  # fmt: skip
     _check_speed(dtype=dtype, grad_accum=grad_accum, batch=batch, prefix_cache=prefix_cache, prompt=prompt)
     data_list = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     file_inputs = [d for d in data_list if not (isinstance(d, str) and d.startswith("synthetic:"))]
     out = check_output(out, force=force, inputs=[base, *file_inputs])
-    if (
-        warmup is not None and warmup < 0
-    ):  # a negative one bent the schedule (steps before the start), silently
-        raise UsageError("--warmup", f"must be 0 or more steps, got {warmup}")
     fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
     run = _prepare(base, data_list, targets=targets, fields=fields, eval_size=eval_size, seed=seed,
                    limit=limit, max_len=max_len, batch=batch, on=on, device=device, top_layers=top_layers,
@@ -325,7 +321,7 @@ def _check_speed(*, dtype, grad_accum, batch, prefix_cache, prompt="raw") -> Non
         raise UsageError("prefix_cache", f"must be 'disk', 'memory' or None, got {prefix_cache!r}")
 
 
-def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, tau) -> None:
+def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, tau, warmup) -> None:
     from .io.config_schema import FLOAT32_MAX
 
     for flag, v, lo in (("--rank", rank, 1), ("--batch", batch, 1), ("--max-len", max_len, 2)):
@@ -333,6 +329,8 @@ def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, 
             raise UsageError(flag, f"must be at least {lo}, got {v}")
     if steps is not None and steps < 1:
         raise UsageError("--steps", f"must be at least 1, got {steps}")
+    if warmup is not None and warmup < 0:  # a negative one bent the schedule, silently
+        raise UsageError("--warmup", f"must be 0 or more steps, got {warmup}")
     if steps is None and not epochs > 0:
         raise UsageError("--epochs", f"must be positive, got {epochs}")
     if not 0 < lr < math.inf:
