@@ -265,8 +265,8 @@ def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dty
 
     Returns the provenance record (also written as ``loramix.json``).
     ``say``: called once the file's metadata are checked, before the long
-    de-quantisation (a notice). Not atomic by itself: :func:`import_gguf` and :func:`resolve_base` write into a
-    temporary folder and rename it.
+    de-quantisation (a notice). Not atomic by itself: :func:`import_gguf`
+    and :func:`resolve_base` write into a temporary folder and rename it.
     """
     from safetensors.torch import save_file
 
