@@ -118,6 +118,10 @@ def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None, tokeniz
     check_model_folder(p)
     dev = resolve_device(device)
     tdtype = _torch_dtype(dtype)
+    # the tokenizer first: quick, and a folder without one is refused before the model's load
+    # prints transformers' warnings about its config
+    tok_where = Path(tokenizer_path) if tokenizer_path is not None else p
+    tok = load_tokenizer(tok_where)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -137,8 +141,6 @@ def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None, tokeniz
         # GPT-2's class name maps to no loss type, so transformers warns on every
         # run and then uses ForCausalLM anyway; name it to say the same quietly.
         model.loss_type = "ForCausalLM"
-    tok_where = Path(tokenizer_path) if tokenizer_path is not None else p
-    tok = load_tokenizer(tok_where)
     check_tokenizer(model, tok, tok_where)
     return model, tok
 

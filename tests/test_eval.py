@@ -217,6 +217,24 @@ def test_cli_bad_inputs_exit_2(bases, tmp_path, capsys):
     assert "--merged" in _err(capsys)
 
 
+def test_no_tokenizer_is_one_line_before_transformers_speaks(tmp_path):
+    """No tokenizer, and a config transformers warns about (EOS beyond the
+    vocabulary): the tokenizer is looked for first, so the one line is all
+    (transformers' two warnings came before it). A process of its own:
+    transformers says each warning once per process."""
+    import subprocess
+    import sys
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    save_base(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100)), tmp_path / "notok")
+    p = subprocess.run([sys.executable, "-m", "loramix", "eval", "--base", str(tmp_path / "notok"), "--data", ARITH],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "no tokenizer files" in p.stderr, (
+        p.stderr
+    )
+
+
 @pytest.mark.realdata
 def test_real_data_eval(bases):
     files = [SHARED_DATA / f"{n}.jsonl" for n in ("math", "medicine", "finance")]
