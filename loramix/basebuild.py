@@ -183,6 +183,8 @@ def _pretrain(model, stream: list[int], *, ctx, steps, batch, lr, seed, dev, lab
     import torch
     from tqdm.auto import tqdm
 
+    from .options import bar_disabled
+
     stream_t = torch.tensor(stream, dtype=torch.long)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -196,7 +198,7 @@ def _pretrain(model, stream: list[int], *, ctx, steps, batch, lr, seed, dev, lab
     n_windows = len(stream) - ctx - 1
     log, running = [], None
     model.train()
-    bar = tqdm(range(steps), desc=f"base build ({label})", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=f"base build ({label})", disable=bar_disabled(progress), dynamic_ncols=True)
     for step in bar:
         cur_lr = lr_at(step, steps=steps, warmup=warmup, lr=lr)
         for g in opt.param_groups:

@@ -72,7 +72,7 @@ from .io.safetensors_io import (
 )
 from .io.shard_writer import ALIGN as PAGE
 from .io.shard_writer import ShardWriter, finish_model_folder
-from .options import dtype_name, parse_dtype
+from .options import bar_disabled, dtype_name, parse_dtype
 
 Delta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -782,7 +782,7 @@ def _progress_bar(plan: Plan, out: Path, progress: bool):
 
     total = sum(t.nbytes for t in plan.base.tensors.values())
     return tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", file=sys.stderr,
-                disable=not progress, leave=False)  # fmt: skip
+                disable=bar_disabled(progress), leave=False)  # fmt: skip
 
 
 def _write_shards(

@@ -1,4 +1,4 @@
-"""The options every command shares, parsed once: weights, dtype, device.
+"""The options every command shares, parsed once: weights, dtype, device, progress.
 
 Library errors name the parameter (``weights``, ``dtype``, ``device``); the
 CLI prints them under their flag (``--weights``, ...; see
@@ -30,6 +30,14 @@ DTYPE_NAMES = {
 MAX_WEIGHT = 1e6
 #: the output dtypes a merge or a sum offers
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def bar_disabled(progress: bool) -> bool | None:
+    """tqdm's ``disable`` for a progress bar asked for by ``progress``: None
+    (tqdm's own rule: drawn only where stderr is a terminal) or True. A bar
+    written into a file or a pipe is control characters around the output,
+    and stderr redirected must hold one line for bad input."""
+    return None if progress else True
 
 
 def parse_weights(weights: Any, n: int, where: str = "weights") -> list[float]:

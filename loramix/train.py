@@ -479,6 +479,7 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
 
     from .data import make_batches
     from .layers import inject_trainable
+    from .options import bar_disabled
     from .perplexity import perplexity
 
     model, dev, seed, total = run.model, run.dev, settings["seed"], settings["steps"]
@@ -503,7 +504,8 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
     runner.train()
     t0 = time.perf_counter()
     epoch, batches = -1, []
-    bar = tqdm(total=total, desc=f"train {kind.name}", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=f"train {kind.name}", unit="step", disable=bar_disabled(progress),
+               dynamic_ncols=True)  # fmt: skip
     for step in range(total):
         if step // n_per_epoch != epoch:  # new epoch: reshuffle
             epoch = step // n_per_epoch

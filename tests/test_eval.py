@@ -133,12 +133,12 @@ def test_adapters_on_the_fly_merged_and_peft_agree(bases, tmp_path, arch):
 
 def test_cli_table_and_json(bases, tmp_path, capfd):
     """The table names what was scored and has a union row where there are
-    several data sets (with one it repeated that set's row); a progress bar
-    of the records goes to stderr, none with --no-progress."""
+    several data sets (with one it repeated that set's row); stderr, not a
+    terminal here, holds no progress bar (test_progress_bar_on_a_terminal)."""
     assert main(["eval", "--base", str(bases["gpt2"]), "--data", ARITH, DATES, "--batch", "8"]) == 0
     out, err = capfd.readouterr()
     assert f"the base: {bases['gpt2']}" in out and "| arith | 60 |" in out and "| union | 100 |" in out
-    assert "eval arith" in err and "record" in err
+    assert err == ""
     assert main(["eval", "--base", str(bases["gpt2"]), "--data", ARITH, "--batch", "8", "--no-progress"]) == 0
     out, err = capfd.readouterr()
     assert "| arith | 60 |" in out and "union" not in out and err == ""
@@ -169,6 +169,45 @@ def test_max_len_beyond_the_context_is_capped(bases, tmp_path, capsys):
         )
         rows = json.loads(capsys.readouterr().out)["results"]
         assert {r["max_len"] for r in rows} == {64} and rows[0]["truncated"] == 1
+
+
+def _on_a_terminal(argv: list[str]) -> str:
+    """What ``python -m loramix ARGV`` writes to stderr when stderr is a
+    terminal (a pseudo-terminal), stdout to a pipe."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal of 100 columns
+    p = subprocess.Popen([sys.executable, "-m", "loramix", *argv], stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    p.communicate(timeout=120)
+    os.close(master)
+    assert p.returncode == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal(bases):
+    """eval draws a bar of the records scored where stderr is a terminal
+    (a long eval said nothing for minutes), not with --no-progress."""
+    argv = ["eval", "--base", str(bases["gpt2"]), "--data", ARITH, "--batch", "8"]
+    err = _on_a_terminal(argv)
+    assert "eval arith" in err and "record" in err
+    assert _on_a_terminal([*argv, "--no-progress"]) == ""
 
 
 def _err(capsys) -> str:

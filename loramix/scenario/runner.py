@@ -67,7 +67,9 @@ class _Progress:
     def __post_init__(self):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=self.total, desc="scenario", unit="step", disable=not self.enabled,
+        from ..options import bar_disabled
+
+        self.bar = tqdm(total=self.total, desc="scenario", unit="step", disable=bar_disabled(self.enabled),
                         dynamic_ncols=True, file=sys.stderr)  # fmt: skip
 
     def done(self, step, outcome) -> None:
