@@ -1112,3 +1112,22 @@ def test_symlink_loops_and_the_current_folder_as_outputs_are_one_line(world, tmp
         code, _, err = cli(capsys, *argv)
         assert_refused(code, err, None, *needles)
     assert sorted(os.listdir(tmp_path)) == ["loop1", "loop2"]
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [([0], "model.layers.1.self_attn.q_proj is in layer 1, not in layers_to_transform [0]"),
+     (0, "is in layer 1, not in layers_to_transform [0]"),
+     ("1", "layers_to_transform"), ([-1], "layers_to_transform")],
+)  # fmt: skip
+def test_layers_to_transform_must_cover_the_tensors(tmp_path, capsys, value, needle):
+    """An adapter whose tensors are on layer 1 and whose config says
+    another layer (PEFT would wrap that layer, and find no factors for it)
+    is refused naming the module, as target_modules are checked; a value
+    of another type is refused naming the field. It was accepted."""
+    ad = make_peft_adapter(tiny_llama(), tmp_path / "ad", seed=1, r=2, target_modules=["q_proj"],
+                           layers_to_transform=[1])  # fmt: skip
+    assert cli(capsys, "inspect", ad)[0] == 0
+    edit_config(ad, layers_to_transform=value)
+    rc, _, err = cli(capsys, "inspect", ad)
+    assert_refused(rc, err, None, needle)

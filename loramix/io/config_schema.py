@@ -122,6 +122,10 @@ FIELDS = {
     "target_modules": (lambda x: x is None or isinstance(x, str) or _str_list(x),
                        "a string or a list of strings"),
     "modules_to_save": (lambda x: x is None or _str_list(x), "null or a list of strings"),
+    "layers_to_transform": (lambda x: x is None or (_is_int(x) and x >= 0)
+                            or (isinstance(x, list) and all(_is_int(v) and v >= 0 for v in x)),
+                            "null, a layer index or a list of them"),
+    "layers_pattern": (lambda x: x is None or isinstance(x, str) or _str_list(x), "null, a string or a list of strings"),
     "use_rslora": (lambda x: isinstance(x, bool), "true or false"),
     "fan_in_fan_out": (lambda x: isinstance(x, bool), "true or false"),
     "use_dora": (lambda x: isinstance(x, bool), "true or false"),

@@ -332,15 +332,39 @@ def check_config_rank(module: str, rank: int, r_cfg: int, cfg_path: Path, weight
 
 
 def check_targets(modules: Iterable[str], config: dict, weights: Path) -> None:
-    """Every module read must be in the config's ``target_modules`` (when a list)."""
+    """Every module read must be in the config's ``target_modules`` (when a
+    list), and in its ``layers_to_transform`` (when given): PEFT would wrap
+    other modules than those the file has factors for, and merge other deltas."""
     targets = config.get("target_modules")
-    if isinstance(targets, list) and targets:
-        for module in modules:
-            if not any(module == t or module.endswith("." + t) for t in targets):
-                raise AdapterError(
-                    weights,
-                    f"config and tensors disagree: module {module} is not in target_modules {targets}",
-                )
+    layers = config.get("layers_to_transform")
+    layers = None if layers is None or layers == [] else ([layers] if isinstance(layers, int) else layers)
+    for module in modules:
+        if (
+            isinstance(targets, list)
+            and targets
+            and not any(module == t or module.endswith("." + t) for t in targets)
+        ):
+            raise AdapterError(
+                weights, f"config and tensors disagree: module {module} is not in target_modules {targets}"
+            )
+        if layers is not None and (k := peft_layer_index(module, config.get("layers_pattern"))) not in layers:
+            where = "in no layer" if k is None else f"in layer {k}"
+            raise AdapterError(
+                weights,
+                f"config and tensors disagree: module {module} is {where}, not in layers_to_transform {layers}",
+            )
+
+
+def peft_layer_index(module: str, layers_pattern=None) -> int | None:
+    """The layer of ``module`` as PEFT finds it for ``layers_to_transform``:
+    the number after ``PATTERN.`` (each of ``layers_pattern``), else after
+    the last ``.NAME.`` followed by a number and a dot; None without one."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    for rx in [rf".*\.{p}\.(\d+)\." for p in patterns] or [r".*\.[^.]*\.(\d+)\."]:
+        m = re.match(rx, module)
+        if m is not None:
+            return int(m.group(1))
+    return None
 
 
 def module_factors(raw: dict[str, dict], method: str, config: dict, cfg_path: Path, weights: Path) -> dict:
