@@ -438,13 +438,22 @@ def check_one_base(adapters: Sequence) -> None:
     different containers (``model.layers.N...`` against ``transformer.h.N...``:
     a Llama and a GPT-2) were made for different architectures. Shared
     modules are checked for shape by :func:`check_compatible`."""
-    for i, a in enumerate(adapters):
-        for b in adapters[i + 1 :]:
-            sa, sb = _layer_stems(a), _layer_stems(b)
-            if sa and sb and not (sa & sb) and not (set(a.modules) & set(b.modules)):
-                raise AdapterError(
-                    b.path or b.name,
-                    f"its modules ({sorted(sb)[0]}.N...) and those of {a.path or a.name} "
-                    f"({sorted(sa)[0]}.N...) cannot belong to one base model: the adapters were made "
-                    "for different architectures",
-                )
+    # each adapter's stems once, and pairs compared by group of equal stems: a bank of 1,000
+    # adapters is 500,000 pairs, and their stems alike (one group, nothing to compare)
+    groups: dict[frozenset, list] = {}
+    for a in adapters:
+        groups.setdefault(frozenset(_layer_stems(a)), []).append(a)
+    keys = list(groups)
+    for i, sa in enumerate(keys):
+        for sb in keys[i + 1 :]:
+            if not sa or not sb or sa & sb:
+                continue
+            for a in groups[sa]:
+                for b in groups[sb]:
+                    if not (set(a.modules) & set(b.modules)):
+                        raise AdapterError(
+                            b.path or b.name,
+                            f"its modules ({sorted(sb)[0]}.N...) and those of {a.path or a.name} "
+                            f"({sorted(sa)[0]}.N...) cannot belong to one base model: the adapters were made "
+                            "for different architectures",
+                        )
