@@ -228,10 +228,12 @@ def adapter_checks(adapters, fitfile: dict, where: str) -> list[str]:
 
 
 def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: bool = True,
-               ) -> tuple[CostModel, str, dict | None]:  # fmt: skip
+               fitfile: dict | None = None) -> tuple[CostModel, str, dict | None]:  # fmt: skip
     """The cost model of the module docstring for loaded ``adapters``; ``by_method=False``
-    keeps to the file's primary predictor (``loramix predict``)."""
-    fitfile = load_predictors(fit_path) if fit_path is not None else None
+    keeps to the file's primary predictor (``loramix predict``). ``fitfile``: the
+    predictors file at ``fit_path`` where the caller has read it already."""
+    if fitfile is None and fit_path is not None:
+        fitfile = load_predictors(fit_path)
     fit = fitfile["fits"][fitfile["best"]] if fitfile else None
     methods = (
         {m: e["fit"] for m, e in (fitfile.get("by_method") or {}).items()} if fitfile and by_method else {}
@@ -292,9 +294,10 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
         raise UsageError("--budget", f"must be a finite number, got {budget}")
     adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
     # the checks of `loramix predict`: another adapter kind refused, another base warned of
-    warnings = [] if fit is None else adapter_checks(adapters, load_predictors(fit), str(fit))
-    model, source, validated = cost_model(adapters, fit, data, base, tokens, device)
-    vbm = by_method_records(load_predictors(fit)["by_method"]) if model.method_aware else None
+    fitfile = None if fit is None else load_predictors(fit)  # read and checked once, used thrice
+    warnings = [] if fitfile is None else adapter_checks(adapters, fitfile, str(fit))
+    model, source, validated = cost_model(adapters, fit, data, base, tokens, device, fitfile=fitfile)
+    vbm = by_method_records(fitfile["by_method"]) if model.method_aware else None
     p = plan_with(model, source=source, validated=validated, max_group=max_group, budget=budget,
                   validated_by_method=vbm)  # fmt: skip
     p.warnings = warnings

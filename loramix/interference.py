@@ -75,7 +75,9 @@ def predict_validated(
         raise UsageError("predict", f"a composition needs at least 2 adapters, got {len(items)}")
     adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
     warnings = adapter_checks(adapters, fitfile, str(path))
-    model, _, validated = cost_model(adapters, path, data, base, tokens, device, by_method=False)
+    model, _, validated = cost_model(
+        adapters, path, data, base, tokens, device, by_method=False, fitfile=fitfile
+    )
     members = list(range(len(adapters)))
     y, lo, hi = model.cost(members)
     fit = fitfile["fits"][fitfile["best"]]
