@@ -83,8 +83,8 @@ def check_output(out: str | Path, *, force: bool = False, inputs: Iterable[str |
     out = Path(out)
     if len(os.fsencode(out.name)) > NAME_MAX:
         raise OutputError(out, f"the name is longer than {NAME_MAX} bytes, which no file system allows")
-    where = resolved(out)
-    if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
+    where, cwd = resolved(out), Path.cwd().resolve()
+    if where == cwd or where in cwd.parents:
         # renaming onto the folder a command runs in fails (EBUSY) after all the work; and it is never meant
         raise OutputError(out, "is the current folder or holds it; choose another --out")
     for inp in inputs:
