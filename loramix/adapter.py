@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import AdapterError
 from .io.outputs import normalized_path
 from .io.peft_layout import check_compatible, check_one_base  # noqa: F401  (torch-free: the numpy similarity)
 from .kinds import D2LORA, LORA, AdapterKind, get_kind
@@ -158,3 +159,29 @@ class Adapter:
             "sha256": self.sha256,
             "kind": self.kind.name,
         }
+
+
+def saved_copies(adapters) -> dict[str, tuple[torch.Tensor, Adapter]]:
+    """The adapters' ``modules_to_save`` copies: base tensor name (as PEFT
+    names it, ``lm_head.weight``) -> (tensor, the first adapter carrying it).
+    Several adapters carrying one tensor must carry equal copies, else
+    :class:`AdapterError` names the tensor and both adapters."""
+    out: dict[str, tuple[torch.Tensor, Adapter]] = {}
+    for ad in adapters:
+        for name, t in ad.saved.items():
+            if name in out:
+                t0, other = out[name]
+                if t0.shape != t.shape or not torch.equal(t0, t.to(t0.dtype)):
+                    raise AdapterError(
+                        ad.path or ad.name,
+                        f"modules_to_save tensor {name} differs from the one in {other.path or other.name}: "
+                        "a merge cannot keep both full copies",
+                    )
+                continue
+            out[name] = (t, ad)
+    return out
+
+
+def saved_tensors(adapters) -> dict[str, torch.Tensor]:
+    """:func:`saved_copies` without the adapters: name -> tensor."""
+    return {n: t for n, (t, _) in saved_copies(adapters).items()}

@@ -56,12 +56,13 @@ from pathlib import Path
 import torch
 
 from . import native
-from .adapter import Adapter, check_compatible
+from .adapter import Adapter, check_compatible, saved_tensors
 from .devices import resolve_device
 from .errors import AdapterError, BaseModelError
 from .io.model_folder import BaseModelFolder, TensorInfo
 from .io.outputs import atomic_output_dir, check_output, normalized_path, write_provenance
 from .io.outputs import provenance as make_provenance
+from .io.peft_layout import missing_copy_message, missing_saved_copy
 from .io.safetensors_io import (
     FLOAT_CODES,
     ST_DTYPES,
@@ -192,32 +193,17 @@ def resolve_targets(
     return targets
 
 
-def saved_tensors(adapters: Sequence[Adapter]) -> dict[str, torch.Tensor]:
-    """The adapters' ``modules_to_save`` tensors (name -> tensor), each from the
-    one adapter that has it; several adapters carrying the same tensor must
-    carry equal ones, else :class:`AdapterError` names the tensor and both."""
-    out: dict[str, tuple[torch.Tensor, Adapter]] = {}
-    for ad in adapters:
-        for name, t in ad.saved.items():
-            if name in out:
-                t0, other = out[name]
-                if t0.shape != t.shape or not torch.equal(t0, t.to(t0.dtype)):
-                    raise AdapterError(
-                        ad.path or ad.name,
-                        f"modules_to_save tensor {name} differs from the one in {other.path or other.name}: "
-                        "a merge cannot keep both full copies",
-                    )
-                continue
-            out[name] = (t, ad)
-    return {n: t for n, (t, _) in out.items()}
-
-
 def resolve_saved(
     base: BaseModelFolder, adapters: Sequence[Adapter], targets: dict[str, tuple[str, bool]]
 ) -> dict[str, torch.Tensor]:
     """base tensor key -> replacement, for every ``modules_to_save`` tensor of
     the adapters: found under the base's naming, with the base's shape, and
     not also adapted by a LoRA module."""
+    for ad in adapters:
+        if to_save := ad.config.get("modules_to_save"):
+            held = {base.tensor_key(*n.rsplit(".", 1)) for n in ad.saved}
+            if (key := missing_saved_copy(base.tensors, to_save, held)) is not None:
+                raise AdapterError(ad.path or ad.name, missing_copy_message(key, to_save))
     out = {}
     for name, t in saved_tensors(adapters).items():
         module, param = name.rsplit(".", 1)

@@ -460,11 +460,13 @@ def attach_adapters(
     ``model``; undo with :func:`detach`.
     """
     per = _entries_per_module(model, adapters, weights)
+    copies = _saved_per_param(model, adapters, per)
     detach(model)
     for name, entries in per.items():
         base = model.get_submodule(name)
         layer = AttachedEmbedding if isinstance(base, nn.Embedding) else AttachedLinear
         _set_submodule(model, name, layer(base, entries))
+    model.__dict__[_SWAPPED] = _swap_in(model, copies)
     return model
 
 
@@ -489,6 +491,7 @@ def merge_into_model(
     weights, for :func:`restore_weights`; otherwise it is empty.
     """
     per = _entries_per_module(model, adapters, weights)
+    copies = _saved_per_param(model, adapters, per)
     detach(model)
     originals: dict[str, torch.Tensor] = {}
     for name, entries in per.items():
@@ -500,6 +503,9 @@ def merge_into_model(
         for w, m in entries:
             acc += (w * m.delta(W0, dtype=torch.float64, device=W0.device)).to(torch.float32)
         W0.copy_(acc.to(W0.dtype))
+    swapped = _swap_in(model, copies)
+    if keep_original:
+        originals.update(swapped)
     return originals
 
 
@@ -507,6 +513,9 @@ def merge_into_model(
 def restore_weights(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
     """Put back the weights :func:`merge_into_model` kept (``keep_original``)."""
     for name, w in originals.items():
+        if isinstance(w, nn.Parameter):  # a modules_to_save copy's place: the parameter itself goes back
+            _put_param(model, name, w)
+            continue
         mod = model.get_submodule(name)
         if isinstance(mod, LAYERS):
             mod = mod.base
@@ -528,4 +537,66 @@ def detach(model: nn.Module, *, merge: bool = False) -> nn.Module:
                 W = layer.merged_weight()
                 layer.base_weight().copy_(W.to(layer.base.weight.dtype))
         _set_submodule(model, name, layer.base)
+    for name, p in model.__dict__.pop(_SWAPPED, {}).items():
+        _put_param(model, name, p)
     return model
+
+
+#: where :func:`attach_adapters` keeps the parameters its ``modules_to_save``
+#: copies stand in for, for :func:`detach` to put back
+_SWAPPED = "_loramix_swapped_params"
+
+
+def _saved_per_param(model: nn.Module, adapters, per: dict) -> dict[str, torch.Tensor]:
+    """The adapters' ``modules_to_save`` copies, by the parameter of ``model``
+    each replaces (``lm_head.weight``): the parameter must exist with the
+    copy's shape, and its module must not be adapted too (PEFT wraps a module
+    one way or the other)."""
+    from .adapter import saved_copies
+    from .io.peft_layout import missing_copy_message, missing_saved_copy
+
+    if isinstance(adapters, Adapter):
+        adapters = [adapters]
+    params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    for ad in adapters:
+        if to_save := ad.config.get("modules_to_save"):
+            if (name := missing_saved_copy(params, to_save, ad.saved)) is not None:
+                raise AdapterError(ad.path or ad.name, missing_copy_message(name, to_save))
+    out = {}
+    for name, (t, ad) in saved_copies(adapters).items():
+        where = ad.path or ad.name
+        module, param = name.rsplit(".", 1)
+        try:
+            p = model.get_submodule(module).get_parameter(param)
+        except AttributeError:
+            raise AdapterError(
+                where,
+                f"modules_to_save tensor {name} is not in the base model: the adapter was made for another base",
+            ) from None
+        if tuple(p.shape) != tuple(t.shape):
+            raise AdapterError(
+                where,
+                f"modules_to_save tensor {name} is {list(t.shape)} but the base model's is {list(p.shape)}",
+            )
+        if module in per:
+            raise AdapterError(where, f"module {module} is both a LoRA module and a modules_to_save copy")
+        out[name] = t
+    return out
+
+
+def _put_param(model: nn.Module, name: str, p: nn.Parameter) -> None:
+    module, param = name.rsplit(".", 1)
+    setattr(model.get_submodule(module), param, p)
+
+
+def _swap_in(model: nn.Module, copies: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    """Put each copy in place of its parameter, as a new frozen parameter (so
+    a head tied to the input embedding is untied, as PEFT's copy is its own);
+    returns the parameters replaced."""
+    old = {}
+    for name, t in copies.items():
+        module, param = name.rsplit(".", 1)
+        p = model.get_submodule(module).get_parameter(param)
+        old[name] = p
+        _put_param(model, name, nn.Parameter(t.to(device=p.device, dtype=p.dtype), requires_grad=False))
+    return old

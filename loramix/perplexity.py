@@ -246,8 +246,8 @@ def _model_with_adapters(base, adapters: list, weights, *, merged: bool, dev, dt
         from .prefix import check_top_only, split_point
 
         k = split_point(model, top_layers)
-        for a in adapters:
-            check_top_only(model, a.modules, k, a.path or a.name)
+        for a in adapters:  # modules_to_save copies change their modules as much as the factors do
+            check_top_only(model, [*a.modules, *(n.rpartition(".")[0] for n in a.saved)], k, a.path or a.name)
     if adapters:
         from .layers import attach_adapters, merge_into_model
 

@@ -225,6 +225,78 @@ def test_modules_to_save_copied_into_the_base(tmp_path, capsys):
     assert main(["sum", str(a), str(d), "--into", str(base), "--out", str(tmp_path / "y")]) == 0
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_modules_to_save_in_memory_equals_peft(tmp_path, tied):
+    """On the fly (``attach_adapters``, what ``eval`` runs) and merged in memory,
+    an adapter's trained ``lm_head`` copy is used as PEFT uses it: the logits
+    equal PEFT's; a head tied to the input embedding is untied (PEFT's copy is
+    its own), and ``detach`` / ``restore_weights`` put the tied base back."""
+    from peft import PeftModel
+
+    from loramix.io.adapter_files import load_adapter
+    from loramix.layers import attach_adapters, detach, merge_into_model, restore_weights
+
+    def make():
+        m = tiny_llama()
+        if tied:
+            m.config.tie_word_embeddings = True
+            m.lm_head.weight = m.model.embed_tokens.weight
+        return m
+
+    a = make_peft_adapter(
+        make(), tmp_path / "a", seed=1, target_modules=["q_proj"], modules_to_save=["lm_head"]
+    )
+    from safetensors.torch import load_file
+
+    ts = load_file(str(a / "adapter_model.safetensors"))
+    ts["base_model.model.lm_head.weight"] = ts["base_model.model.lm_head.weight"] + 0.5
+    save_file(ts, str(a / "adapter_model.safetensors"))
+    ref = PeftModel.from_pretrained(make(), str(a)).eval()
+    ad = load_adapter(a)
+    model = make()
+    base_logits = logits(model)
+    attach_adapters(model, ad)
+    torch.testing.assert_close(logits(model), logits(ref), rtol=0, atol=1e-5)
+    assert not torch.equal(logits(model), base_logits)
+    detach(model)
+    torch.testing.assert_close(logits(model), base_logits, rtol=0, atol=0)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+
+    originals = merge_into_model(model, ad, keep_original=True)
+    torch.testing.assert_close(logits(model), logits(ref), rtol=0, atol=1e-5)
+    restore_weights(model, originals)
+    torch.testing.assert_close(logits(model), base_logits, rtol=0, atol=0)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+
+
+def test_modules_to_save_without_its_copy_is_refused(tmp_path, capsys):
+    """A config listing ``modules_to_save`` whose tensors the file lacks: PEFT
+    cannot load it (a missing key); loramix refuses it in one line naming the
+    entry and the tensor, for a merge into the base and for ``eval``, instead
+    of merging as if the entry were not there."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from .test_eval import _make_base
+
+    base = _make_base(tmp_path / "base", "llama")
+    model = LlamaForCausalLM.from_pretrained(str(base))
+    a = make_peft_adapter(
+        model, tmp_path / "a", seed=1, target_modules=["q_proj"], modules_to_save=["lm_head"]
+    )
+    ts = {k: v for k, v in load_file(str(a / "adapter_model.safetensors")).items() if "lm_head" not in k}
+    save_file(ts, str(a / "adapter_model.safetensors"))
+    with pytest.raises(KeyError):
+        PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(base)), str(a))
+    why = ("modules_to_save lists 'lm_head'", "no copy of lm_head.weight")
+    run_error(capsys, ["sum", str(a), "--into", str(base), "--out", str(tmp_path / "m")], str(a), *why)
+    assert not (tmp_path / "m").exists()
+    run_error(
+        capsys, ["eval", "--base", str(base), "--adapter", str(a), "--data", "synthetic:arith?n=8"], *why
+    )
+
+
 # ---------------------------------------------------------------- 2: embedding LoRA
 
 

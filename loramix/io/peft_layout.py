@@ -197,15 +197,47 @@ def saved_tensor_name(key: str, modules_to_save) -> str | None:
     if not modules_to_save:
         return None
     toks = key.removeprefix(PREFIX).split(".")
-    if "modules_to_save" in toks:
+    if "modules_to_save" in toks:  # <module>.modules_to_save.<adapter>.<path in the module>
         i = toks.index("modules_to_save")
-        toks = toks[:i] + toks[-1:]
+        toks = toks[:i] + toks[i + 2 :]
     if len(toks) < 2 or toks[-1] not in ("weight", "bias"):
         return None
     module = ".".join(toks[:-1])
-    if any(module == t or module.endswith(str(t)) for t in modules_to_save):
-        return f"{module}.{toks[-1]}"
+    return f"{module}.{toks[-1]}" if in_modules_to_save(module, modules_to_save) else None
+
+
+def in_modules_to_save(module: str, modules_to_save) -> bool:
+    """Whether PEFT copies ``module`` for ``modules_to_save``: it wraps every
+    module whose name ends with an entry (``str.endswith``, PEFT's rule), so
+    ``module`` is copied when it or a module containing it matches."""
+    return any(n.endswith(str(t)) for n in _ancestors(module) for t in modules_to_save or ())
+
+
+def _ancestors(module: str) -> list[str]:
+    """``a.b.c`` -> ``a``, ``a.b``, ``a.b.c``."""
+    toks = module.split(".")
+    return [".".join(toks[: i + 1]) for i in range(len(toks))]
+
+
+def missing_saved_copy(names, modules_to_save, saved) -> str | None:
+    """The first parameter name in ``names`` (``lm_head.weight``, a base's
+    tensor names; only weights and biases) that ``modules_to_save`` covers
+    but ``saved`` (the names the adapter holds copies of) lacks, or None.
+    PEFT refuses to load such an adapter (a missing key)."""
+    for n in names:
+        module, _, param = n.rpartition(".")
+        if param in ("weight", "bias") and n not in saved and in_modules_to_save(module, modules_to_save):
+            return n
     return None
+
+
+def missing_copy_message(name: str, modules_to_save) -> str:
+    entry = next(str(t) for t in modules_to_save if any(
+        m.endswith(str(t)) for m in _ancestors(name.rpartition(".")[0])))  # fmt: skip
+    return (
+        f"modules_to_save lists {entry!r}, but the adapter holds no copy of {name} "
+        "(PEFT cannot load it either): save the adapter again with it, or drop the entry"
+    )
 
 
 def embedding_as_weight_factors(fs: dict, module: str, weights: Path) -> dict:

@@ -29,9 +29,8 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, ModuleDelta, check_compatible, check_one_base
+from ..adapter import Adapter, ModuleDelta, check_compatible, check_one_base, saved_tensors
 from ..devices import resolve_device
-from ..engine import saved_tensors
 from ..errors import AdapterError, UsageError
 from ..io.adapter_files import WEIGHTS_NAME, load_adapter, save_peft_adapter
 from ..io.outputs import atomic_output_dir, check_output, provenance, write_provenance
