@@ -332,6 +332,36 @@ def test_second_run_is_cached_and_quick(study):
     assert study["second"] < 30, study["second"]
 
 
+def test_progress_lines_where_stderr_is_a_file(study, capsys, monkeypatch):
+    """Run in the background with stderr in a file, a study draws no bar (its
+    control characters) but says in plain lines how far it is."""
+    from loramix.scenario import runner
+
+    monkeypatch.setattr(runner, "LINE_EVERY", 0.0)
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "scenario",
+                "run",
+                str(study["scen"]),
+                "--out",
+                str(study["out"]),
+                "--cache",
+                str(study["cache"]),
+            ]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("scenario: ")]
+    k = len(lines)  # one a step, as LINE_EVERY is 0; all of them cached
+    assert k > 10 and lines[-1].startswith(f"scenario: {k}/{k} steps (0 made, {k} from the cache), "), lines[
+        -1
+    ]
+
+
 def test_predict_on_the_study_adapters(study, capsys):
     out = study["out"]
     rep = json.loads((out / "report.json").read_text())

@@ -54,10 +54,16 @@ def check_report_dir(out: Path, name: str, force: bool) -> None:
     raise OutputError(out, "exists and is not a report of this scenario; pass --force to replace it")
 
 
+#: seconds between two progress lines where stderr is a file or a pipe
+LINE_EVERY = 60.0
+
+
 @dataclass
 class _Progress:
     """One bar over the plan's steps, and the seconds and cache hits per
-    timing group (train, evaluate, merge, ...) of this run."""
+    timing group (train, evaluate, merge, ...) of this run. Where stderr is
+    not a terminal (a run in the background, its output in a file) the bar
+    is off and a plain line says how far the run is, once a minute."""
 
     total: int
     enabled: bool = True
@@ -71,14 +77,24 @@ class _Progress:
 
         self.bar = tqdm(total=self.total, desc="scenario", unit="step", disable=bar_disabled(self.enabled),
                         dynamic_ncols=True, file=sys.stderr)  # fmt: skip
+        self.lines = self.enabled and not sys.stderr.isatty()
+        self.count = self.made = 0
+        self.t0 = self.last = time.monotonic()
 
     def done(self, step, outcome) -> None:
         t = self.timings.setdefault(step.group, {"seconds": 0.0, "made": 0, "reused": 0})
         t["seconds"] += outcome.seconds
         for e in outcome.events:
             t["reused" if e.status == "hit" else "made"] += 1
+        self.made += any(e.status != "hit" for e in outcome.events)
+        self.count += 1
         self.bar.set_postfix_str(f"{step.kind}: {step.label}", refresh=False)
         self.bar.update(1)
+        if self.lines and time.monotonic() - self.last >= LINE_EVERY:
+            self.last = time.monotonic()
+            minutes = (self.last - self.t0) / 60
+            print(f"scenario: {self.count}/{self.bar.total} steps ({self.made} made, {self.count - self.made} "
+                  f"from the cache), {minutes:.1f} min; last {step.kind}: {step.label}", file=sys.stderr, flush=True)  # fmt: skip
 
     def close(self):
         self.bar.set_postfix_str("done")
