@@ -39,3 +39,8 @@ def __getattr__(name: str):
     if name in _API:
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'loramix' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazily imported API too, so a notebook's completion offers it."""
+    return sorted(set(globals()) | set(_API))

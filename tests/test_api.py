@@ -54,3 +54,10 @@ def test_unknown_attribute():
 
     with pytest.raises(AttributeError):
         loramix.no_such_thing  # noqa: B018
+
+
+def test_dir_lists_the_lazy_api():
+    """A notebook completes ``loramix.<TAB>`` from ``dir``: the lazily
+    imported functions must be in it before any of them is touched."""
+    code = "import loramix; missing = set(loramix.__all__) - set(dir(loramix)); assert not missing, missing"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -158,11 +158,15 @@ def merge(
 
     ``weights``: one per adapter (default 1; a list or ``"1,0.5"``).
     ``into``: a Hugging Face base folder; the result is that model with the
-    merged delta added. Without it, low-rank methods (``sum``, ``svd``) write
-    a PEFT adapter; the others need ``into``. ``params`` are the method's
-    (``density``, ``sign``, ``divide``, ``lambda_``/``lambda``, ``seed``,
-    ``rank``, ``energy``); ``None`` values mean "not given". ``dtype``: the
-    output dtype (default: the base's, or the adapters' for an adapter).
+    merged delta added. Without it the result is a PEFT adapter: exact for
+    the low-rank methods (``sum``, ``task-arithmetic``, ``svd``: those whose
+    class has ``low_rank``), the SVD truncation of the
+    merged delta for any other method given ``out_rank`` (a rank) or
+    ``energy`` (a fraction kept). ``params`` are the method's (``density``,
+    ``sign``, ``divide``, ``lambda_``/``lambda``, ``seed``, ``rank``,
+    ``energy``) and ``out_rank``; ``None`` values mean "not given".
+    ``dtype``: the output dtype (default: the base's, or the adapters' for
+    an adapter).
 
     Every check runs before any work: bad input raises a one-line
     :class:`~loramix.errors.LoramixError`. The same inputs and parameters

@@ -117,8 +117,9 @@ def _check_adapter_output(m: MergeMethod, ads: Sequence[Adapter], trunc) -> None
     if not m.low_rank and trunc is None:
         raise UsageError(
             "into",
-            f"method {m.name} writes a dense delta: pass --into BASE, or --out-rank K / --energy F for an "
-            f"adapter truncated by SVD (only {', '.join(_low_rank_names())} write an exact adapter)",
+            f"method {m.name} writes a dense delta: pass --into BASE (into=), or --out-rank K / --energy F "
+            f"(out_rank= / energy=) for an adapter truncated by SVD (only {', '.join(_low_rank_names())} "
+            "write an exact adapter)",
         )
     for ad in ads:
         if ad.kind.needs_base:
