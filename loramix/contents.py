@@ -29,7 +29,10 @@ def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
     """One row per module, in natural name order; columns :data:`COLUMNS`.
 
     ``df.attrs`` holds the adapter's ``name``, ``path``, ``sha256``,
-    ``kind`` (and ``method``, its v0.1 name), ``base_model`` and the :func:`totals`.
+    ``kind`` (and ``method``, its v0.1 name), ``base_model``, the
+    :func:`totals` and ``saved``: its ``modules_to_save`` full copies, one
+    ``{tensor, shape, dtype, params}`` each (they replace base tensors; they
+    are not deltas, so no row of their own).
     """
     from .io.adapter_files import load_adapter
 
@@ -61,6 +64,15 @@ def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
         method=ad.kind.name,
         base_model=ad.base_model,
         totals=totals(df),
+        saved=[
+            {
+                "tensor": n,
+                "shape": list(t.shape),
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "params": t.numel(),
+            }
+            for n, t in sorted(ad.saved.items())
+        ],
     )
     return df
 

@@ -54,6 +54,24 @@ def test_cli_table_and_json(gpt2_adapter, capsys):
     assert data["totals"]["params"] == sum(m["params"] for m in data["modules"])
 
 
+def test_modules_to_save_copies_are_listed(tmp_path, capsys):
+    """Full copies replace base tensors when merged: inspect lists each one
+    (the table of deltas does not), in the JSON too."""
+    a = make_peft_adapter(
+        tiny_llama(), tmp_path / "a", target_modules=["q_proj"], modules_to_save=["lm_head"]
+    )
+    assert main(["inspect", str(a)]) == 0
+    out = capsys.readouterr().out
+    assert "full copy (modules_to_save): lm_head.weight 128x32 float32, 4,096 parameters" in out, out
+    assert main(["inspect", str(a), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["saved"] == [
+        {"tensor": "lm_head.weight", "shape": [128, 32], "dtype": "float32", "params": 4096}
+    ]
+    assert main(["inspect", str(make_peft_adapter(tiny_llama(), tmp_path / "b")), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["saved"] == []
+
+
 def test_d2_adapter(tmp_path):
     g = torch.Generator().manual_seed(0)
     mods = {}

@@ -31,7 +31,9 @@ def command(path: Path, fmt: str) -> None:
     df = inspect_adapter(path)
     meta = df.attrs
     if fmt == "json":
-        out = {k: meta[k] for k in ("name", "path", "sha256", "kind", "method", "base_model", "totals")}
+        out = {
+            k: meta[k] for k in ("name", "path", "sha256", "kind", "method", "base_model", "totals", "saved")
+        }
         out["modules"] = json.loads(df.to_json(orient="records"))
         click.echo(json.dumps(out, indent=2))
         return
@@ -58,3 +60,8 @@ def command(path: Path, fmt: str) -> None:
         f"norm {t['norm']:.6g} (sqrt of the sum of squared module norms), "
         f"ranks {', '.join(map(str, t['ranks']))}, dtype {', '.join(t['dtypes'])}"
     )
+    for c in meta["saved"]:
+        shape = "x".join(map(str, c["shape"]))
+        click.echo(
+            f"full copy (modules_to_save): {c['tensor']} {shape} {c['dtype']}, {c['params']:,} parameters"
+        )
