@@ -331,6 +331,11 @@ def test_cli_speed_options_and_bad_values(bases, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "a"), "--top-layers", "1", "--grad-accum", "2"]) == 0
     out = capsys.readouterr().out
     assert "input tokens/s" in out and "top 1 layers" in out
+    scored = int(out.split(" scored tokens (those the loss counts)")[0].rsplit(" ", 1)[1].replace(",", ""))
+    run = int(
+        out.split(" input tokens (every token run, padding excluded; ")[0].rsplit(" ", 1)[1].replace(",", "")
+    )
+    assert 0 < scored < run, out  # a loss on the answers, a forward over prompts and answers
     for flag, value, msg in [("--top-layers", "3", "between 1 and"), ("--grad-accum", "9", "between 1 and"),
                              ("--dtype", "float16", "float16")]:  # fmt: skip
         assert main([*args, "--out", str(tmp_path / "b"), flag, value]) == 2

@@ -115,14 +115,16 @@ def command(base, data, more_data, out, targets, eval_size, quiet, kind, method,
         f"{kw['prompt']} prompt)"
     )
     click.echo(
-        f"trained   {res['steps']} steps, {res['tokens']:,} tokens, {res['train_seconds']:.1f} s "
-        f"({res['tokens_per_second']:,.0f} tokens/s), final loss {res['final_loss']:.4f}"
+        f"trained   {res['steps']} steps on {res['tokens']:,} scored tokens (those the loss counts), "
+        f"{res['train_seconds']:.1f} s ({res['tokens_per_second']:,.0f} scored tokens/s), "
+        f"final loss {res['final_loss']:.4f}"
     )
     top = (
         f", top {kw['top_layers']} layers (prefix {res['prefix_seconds']:.1f} s)" if kw["top_layers"] else ""
     )
     click.echo(
-        f"processed {res['input_tokens']:,} input tokens ({res['input_tokens_per_second']:,.0f} input tokens/s)"
+        f"processed {res['input_tokens']:,} input tokens (every token run, padding excluded; "
+        f"{res['input_tokens_per_second']:,.0f} input tokens/s)"
         f"{top}"
     )
     if res["ppl_base"] is not None:
