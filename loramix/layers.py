@@ -459,6 +459,7 @@ def attach_adapters(
     differs or its kind is not defined on its type of layer. Returns
     ``model``; undo with :func:`detach`.
     """
+    adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
     per = _entries_per_module(model, adapters, weights)
     copies = _saved_per_param(model, adapters, per)
     detach(model)
@@ -490,6 +491,7 @@ def merge_into_model(
     ``keep_original`` the returned dict holds CPU copies of the replaced
     weights, for :func:`restore_weights`; otherwise it is empty.
     """
+    adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
     per = _entries_per_module(model, adapters, weights)
     copies = _saved_per_param(model, adapters, per)
     detach(model)
@@ -555,8 +557,6 @@ def _saved_per_param(model: nn.Module, adapters, per: dict) -> dict[str, torch.T
     from .adapter import saved_copies
     from .io.peft_layout import missing_copy_message, missing_saved_copy
 
-    if isinstance(adapters, Adapter):
-        adapters = [adapters]
     params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     for ad in adapters:
         if to_save := ad.config.get("modules_to_save"):
