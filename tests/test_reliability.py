@@ -245,6 +245,44 @@ def test_force_replaced_target_lies_in_an_owned_temporary(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["newer"]
 
 
+def test_a_temporary_killed_while_removed_still_names_its_owner(tmp_path, monkeypatch):
+    """Removing a temporary (a replaced model: seconds) takes its owner.json
+    last, so a run killed meanwhile leaves one the next run can tell is
+    stale. shutil.rmtree took owner.json first about once in 30 kills."""
+    from loramix.io import outputs
+
+    owned = outputs.new_temporary(tmp_path, "out")
+    (owned / PAYLOAD / "replaced").mkdir(parents=True)
+    (owned / PAYLOAD / "replaced" / "model.safetensors").write_text("old model")
+    real = shutil.rmtree
+
+    def killed(path, *a, **k):  # the kill lands in the first removal
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        outputs.remove_temporary(owned)
+    assert (owned / "owner.json").is_file()
+    monkeypatch.setattr(outputs.shutil, "rmtree", real)
+    outputs.remove_temporary(owned)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_temporary_without_its_owner_record_is_removed_once_old(tmp_path):
+    """A run killed between making its temporary and writing owner.json (or
+    between removing owner.json and the empty folder) leaves a folder with
+    no owner: removed once older than a live owner could be, kept before."""
+    from loramix.io.outputs import ORPHAN_SECONDS
+
+    young, old = tmp_path / f"{TMP_PREFIX}0000aaaa", tmp_path / f"{TMP_PREFIX}0000bbbb"
+    for d in (young, old):
+        (d / PAYLOAD).mkdir(parents=True)
+    t = time.time() - ORPHAN_SECONDS - 5
+    os.utime(old, (t, t))
+    assert remove_stale_temporaries(tmp_path, "out") == [old]
+    assert young.is_dir() and not old.exists()
+
+
 def test_atomic_write_temporaries_of_dead_writers_are_removed(tmp_path):
     """A file written through atomic_write and killed before its rename
     leaves its temporary; the next write to the same file removes it, not
@@ -1131,3 +1169,43 @@ def test_layers_to_transform_must_cover_the_tensors(tmp_path, capsys, value, nee
     edit_config(ad, layers_to_transform=value)
     rc, _, err = cli(capsys, "inspect", ad)
     assert_refused(rc, err, None, needle)
+
+
+def test_a_full_disk_in_the_study_cache_names_the_artifact(tmp_path):
+    """A full disk while an artifact is made names that artifact in the cache,
+    not the temporary it was written in (which is gone when the line is read)."""
+    from loramix.scenario.cache import Cache, make_key
+
+    cache = Cache(tmp_path / "cache")
+
+    def make(tmp):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "a" / "model.safetensors"))
+
+    with pytest.raises(OSError) as e:
+        cache.get_or_make("adapter", {"x": 1}, make)
+    target = cache.path("adapter", make_key("adapter", {"x": 1}))
+    assert e.value.filename == str(target), e.value.filename
+    assert [p.name for p in target.parent.iterdir()] == []
+
+
+def test_a_folder_appearing_at_the_report_path_during_a_study_is_left_alone(tmp_path, capsys, monkeypatch):
+    """Not there at the start, made by someone else while the study ran: the
+    report is refused at the end in one line (the study stays cached), the
+    folder is left as it is, as one there at the start is."""
+    from loramix.scenario import report
+
+    scen = tmp_path / "s.toml"
+    scen.write_text(GOOD)
+    out = tmp_path / "rep"
+    real = report.write_report
+
+    def meanwhile(*a, **k):
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        return real(*a, **k)
+
+    monkeypatch.setattr(report, "write_report", meanwhile)
+    rc, _, err = cli(capsys, "scenario", "run", scen, "--out", out, "--cache", tmp_path / "cache", "--quiet")
+    assert_refused(rc, err, None, out, "appeared during the study")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "rep", "s.toml"]

@@ -37,6 +37,7 @@ import secrets
 import shutil
 import socket
 import stat
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -182,13 +183,47 @@ def remove_stale_temporaries(folder: str | Path, target: str | None = None) -> l
         try:
             rec = json.loads(Path(entry.path, OWNER_NAME).read_text())
         except (OSError, ValueError):
-            continue  # not ours, or its owner record not yet written: leave it
+            # No owner record: a run killed in the instant between making the folder and
+            # writing it, or while removing the empty folder after it. A live owner writes
+            # its record at once, so one that has waited ORPHAN_SECONDS has none.
+            if _age(entry) >= ORPHAN_SECONDS:
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(Path(entry.path))
+            continue
         if not isinstance(rec, dict) or (target is not None and rec.get("target") != target):
             continue
         if not _owner_alive(rec):
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(Path(entry.path))
     return removed
+
+
+#: how old a temporary folder without an owner record must be to be removed
+ORPHAN_SECONDS = 60.0
+
+
+def _age(entry: os.DirEntry) -> float:
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return 0.0
+
+
+def remove_temporary(owned: Path) -> None:
+    """Remove a temporary folder of :func:`new_temporary`, its owner record
+    last: a run killed while removing it (a replaced model can take seconds)
+    leaves a temporary that still names its owner, which is gone, so the
+    next run removes it."""
+    try:
+        entries = [e for e in os.scandir(owned) if e.name != OWNER_NAME]
+    except OSError:
+        return
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            shutil.rmtree(e.path, ignore_errors=True)
+        else:
+            Path(e.path).unlink(missing_ok=True)
+    shutil.rmtree(owned, ignore_errors=True)
 
 
 def new_temporary(parent: Path, target: str) -> Path:
@@ -325,7 +360,7 @@ def atomic_output_dir(
     On any exception (``KeyboardInterrupt`` included) the temporary folder is
     removed and ``out`` is left as it was; an :class:`OSError`, or
     safetensors' error for a failed write, names ``out`` (for a full disk
-    whatever file it struck: :func:`_name_output`). Stale temporaries of
+    whatever file it struck: :func:`name_output`). Stale temporaries of
     earlier runs to ``out`` (their owner is gone) are removed first; a
     target that appears meanwhile is refused at the end unless ``force``
     (:func:`publish`).
@@ -343,15 +378,15 @@ def atomic_output_dir(
         yield tmp
         publish(tmp, out, force)
     except BaseException as e:
-        shutil.rmtree(owned, ignore_errors=True)
+        remove_temporary(owned)
         err = os_error(e)
         if err is None:
             raise
-        _name_output(err, (tmp, owned), out)
+        name_output(err, (tmp, owned), out)
         if err is e:
             raise
         raise err from None
-    shutil.rmtree(owned, ignore_errors=True)  # its owner.json, and a replaced target
+    remove_temporary(owned)  # its owner.json, and a replaced target
 
 
 def os_error(e: BaseException) -> OSError | None:
@@ -363,7 +398,7 @@ def os_error(e: BaseException) -> OSError | None:
     return OSError(int(m[1]), os.strerror(int(m[1]))) if m else None
 
 
-def _name_output(e: OSError, temporaries: tuple[Path, ...], out: Path) -> None:
+def name_output(e: OSError, temporaries: tuple[Path, ...], out: Path) -> None:
     """Make ``e`` name the output ``out``: for a full disk whatever it named
     (a copied input, say); else where it names no path, or a path in the
     first of ``temporaries`` (the output's path there) or in another."""
@@ -396,7 +431,7 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator:
         err = os_error(e)
         if err is None:
             raise
-        _name_output(err, (tmp,), path)
+        name_output(err, (tmp,), path)
         if err is e:
             raise
         raise err from None

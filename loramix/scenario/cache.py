@@ -31,14 +31,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..io.outputs import PAYLOAD, new_temporary, remove_stale_temporaries, usual_modes
+from ..io.outputs import (
+    PAYLOAD,
+    name_output,
+    new_temporary,
+    os_error,
+    remove_stale_temporaries,
+    remove_temporary,
+    usual_modes,
+)
 
 MARKER = "artifact.json"
 
@@ -141,8 +148,15 @@ class Cache:
                         self._swap(tmp, target)  # a stale folder without its marker
                     else:
                         raise
+        except BaseException as e:
+            err = os_error(e)
+            if err is not None:  # a full disk names the artifact, not its temporary
+                name_output(err, (tmp, owned), target)
+                if err is not e:
+                    raise err from None
+            raise
         finally:
-            shutil.rmtree(owned, ignore_errors=True)
+            remove_temporary(owned)
         self._made_this_run.add(key)
         self.log.append(CacheEvent(kind, key, "fresh" if done else "miss", seconds, label))
         return target

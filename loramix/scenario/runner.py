@@ -33,12 +33,13 @@ def merges_for(sc: Scenario, adapter_method: str):
     return sc.merges_for(adapter_method)
 
 
-def check_report_dir(out: Path, name: str, force: bool) -> None:
+def check_report_dir(out: Path, name: str, force: bool, *, late: bool = False) -> None:
     """A report folder may be replaced when it holds an earlier report of the
     same scenario (or with ``force``); anything else is refused, and so is a
     folder that cannot be written at all (under a file, a symlink loop, the
     current folder: :func:`~loramix.io.outputs.check_output`), before the
-    study runs rather than after it."""
+    study runs rather than after it; and again at the end (``late``), for a
+    folder that appeared meanwhile."""
     from ..io.outputs import check_output
 
     check_output(out, force=True)
@@ -51,6 +52,9 @@ def check_report_dir(out: Path, name: str, force: bool) -> None:
                 return
         except (OSError, json.JSONDecodeError):
             pass
+    if late:
+        raise OutputError(out, "appeared during the study and is not a report of this scenario: left as it is; "
+                               "the study is cached, so a rerun with another --out (or --force) is quick")  # fmt: skip
     raise OutputError(out, "exists and is not a report of this scenario; pass --force to replace it")
 
 
@@ -305,5 +309,8 @@ def run_scenario(
     with atomic_output_dir(out, force=True) as tmp:
         cache.write_log(tmp / "cache_log.csv")
         write_report(tmp, report, per_module=runner.per_module)
+        # again at the last moment: a folder that appeared during the study (not a report
+        # of this scenario) is refused as one there at the start was, not replaced
+        check_report_dir(out, sc.name, force, late=True)
     report["out"] = str(out)
     return report
