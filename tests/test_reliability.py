@@ -1209,3 +1209,63 @@ def test_a_folder_appearing_at_the_report_path_during_a_study_is_left_alone(tmp_
     assert_refused(rc, err, None, out, "appeared during the study")
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "rep", "s.toml"]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_bytes().rsplit(b")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _gone(pids: list[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(Path(f"/proc/{q}").exists() and b"Z" not in Path(f"/proc/{q}/stat").read_bytes().rsplit(b")", 1)[1][:3]
+                   for q in pids):  # fmt: skip
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how", ["term", "kill"])
+def test_a_study_with_workers_stops_cleanly(tmp_path, how):
+    """``scenario run --jobs 2`` stopped while its workers make artifacts.
+    SIGTERM: one line and exit 143 as a serial run (workers printed their
+    tracebacks, and an idle one could keep the run waiting for ever), no
+    temporary left in the cache. kill -9: the workers stop too (they went on
+    computing, orphaned)."""
+    scen = tmp_path / "s.toml"
+    scen.write_text(GOOD)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LORAMIX_CACHE": str(cache)}
+    p = subprocess.Popen([sys.executable, "-m", "loramix", "scenario", "run", str(scen), "--out", str(tmp_path / "r"),
+                          "--quiet", "--jobs", "2"], stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while p.poll() is None and time.monotonic() < deadline:
+        workers = [
+            q for q in _children(p.pid) if b"multiprocessing" in Path(f"/proc/{q}/cmdline").read_bytes()
+        ]
+        if len(workers) >= 2 and list(cache.glob(f"*/{TMP_PREFIX}*/{PAYLOAD}")):
+            break  # both workers up, a step being made
+        time.sleep(0.05)
+    else:
+        p.kill()
+        pytest.skip("the study ended (or never got going) before it could be stopped")
+    if how == "term":
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=120) == 143
+        err = p.stderr.read()
+        assert [ln for ln in err.splitlines() if ln.strip()] == ["loramix: terminated"], err
+        assert _gone(workers, 5)
+        assert list(cache.glob(f"*/{TMP_PREFIX}*")) == []
+    else:
+        p.kill()
+        p.wait(timeout=60)
+        assert _gone(workers, 60), "workers outlived a killed run"

@@ -23,6 +23,8 @@ job computes with the same number of threads as the serial run did.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,27 +99,66 @@ def _schedule(steps: list[Step], submit, wait_any, on_done, done: dict | None = 
 # ------------------------------------------------------------------ processes
 
 _WORKER: dict = {}
+#: seconds a terminated worker has to unwind its step before it is killed
+STOP_SECONDS = 30.0
 
 
-def _worker_init(payload: dict, threads: int, devices) -> None:
+def _worker_init(payload: dict, threads: int, devices, parent: int | None = None) -> None:
     import signal
+    import threading
 
     import torch
+    from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
-    def _interrupt(signum, frame):
-        raise KeyboardInterrupt  # unwind, so a half-made artifact is removed
-
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, _worker_terminated)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it terminates us
+    _die_with(parent)
+    # tqdm's default lock holds a multiprocessing semaphore, which a worker leaving by
+    # os._exit would leak (the resource tracker's warning at exit); its bars are off here
+    tqdm.set_lock(threading.RLock())
     hf_logging.disable_progress_bar()
     torch.set_num_threads(threads)
     device = devices.get() if devices is not None else None
     _WORKER["ctx"] = StepContext.from_payload(payload, device)
 
 
+def _worker_terminated(signum, frame):
+    """SIGTERM in a worker. Within a step: unwind it, so its half-made
+    artifact is removed, then leave (:func:`_worker_run`). Idle: leave at
+    once. Either way without a traceback, and without going back to the
+    pool for more work (the pool would take the interrupt for the step's
+    result and wait)."""
+    if _WORKER.get("in_step"):
+        _WORKER["stopping"] = True
+        raise KeyboardInterrupt
+    os._exit(128 + signum)
+
+
+def _die_with(parent: int | None) -> None:
+    """Ask Linux for SIGTERM when the parent dies (a ``kill -9`` of the run
+    would otherwise leave its workers computing); elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request
+        os._exit(143)
+
+
 def _worker_run(st: Step, deps: dict) -> Outcome:
-    return _timed(_WORKER["ctx"], st, deps)
+    _WORKER["in_step"] = True
+    try:
+        return _timed(_WORKER["ctx"], st, deps)
+    finally:
+        _WORKER["in_step"] = False
+        if _WORKER.get("stopping"):
+            os._exit(143)  # the step has unwound
 
 
 def _gpu_devices(device: str) -> list[str] | None:
@@ -153,7 +194,8 @@ class ProcessExecutor:
             for i in range(self.jobs):
                 devices.put(gpus[i % len(gpus)])
         pool = ProcessPoolExecutor(self.jobs, mp_context=spawn, initializer=_worker_init,
-                                   initargs=(ctx.payload(), threads_per_job(self.threads, self.jobs), devices))  # fmt: skip
+                                   initargs=(ctx.payload(), threads_per_job(self.threads, self.jobs), devices,
+                                             os.getpid()))  # fmt: skip
 
         def wait_any(futures):
             finished, _ = wait(futures, return_when=FIRST_COMPLETED)
@@ -163,12 +205,26 @@ class ProcessExecutor:
             out = _schedule(steps, lambda st, deps: pool.submit(_worker_run, st, deps), wait_any, on_done,
                             done)  # fmt: skip
         except BaseException:
-            for p in list(getattr(pool, "_processes", {}).values()):
-                p.terminate()  # each worker removes its half-made artifact (SIGTERM handler)
+            _stop(list(getattr(pool, "_processes", {}).values()))
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
         return out
+
+
+def _stop(procs: list) -> None:
+    """Terminate the workers: each removes its half-made artifact and exits
+    (:func:`_worker_terminated`); one still there after
+    :data:`STOP_SECONDS` (in a long native call) is killed, so the run never
+    waits on it."""
+    for p in procs:
+        p.terminate()
+    deadline = time.monotonic() + STOP_SECONDS
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(5)
 
 
 # ------------------------------------------------------------------ ray
