@@ -124,7 +124,7 @@ class LiveLog:
     def __init__(self, out: Path):
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_logs(out)
-        self.path = out.parent / f"{out.name}.train_log.{os.getpid()}.csv"
+        self.path = out.parent / f"{_log_stem(out)}.train_log.{os.getpid()}.csv"
         self.f = open(self.path, "w", newline="")
         self.w = csv.writer(self.f)
         self.w.writerow(self.HEADER)
@@ -144,10 +144,22 @@ class LiveLog:
         self._cleanup.detach()
 
 
+def _log_stem(out: Path) -> str:
+    """``out``'s name, or where the log's name would pass the file system's
+    limit (255 bytes), its start and a hash of the whole name."""
+    room = 255 - len(".train_log.") - 10 - len(".csv")  # a pid has at most 10 digits
+    raw = os.fsencode(out.name)
+    if len(raw) <= room:
+        return out.name
+    digest = hashlib.sha256(raw).hexdigest()[:8]
+    return raw[: room - 9].decode("utf-8", "ignore") + "~" + digest  # a character cut in two is dropped
+
+
 def _remove_dead_logs(out: Path) -> None:
     """Remove ``<out>.train_log.<pid>.csv`` files whose process is gone (a killed run's)."""
-    for f in out.parent.glob(f"{glob.escape(out.name)}.train_log.*.csv"):
-        pid = f.name[len(out.name) + len(".train_log.") : -len(".csv")]
+    stem = _log_stem(out)
+    for f in out.parent.glob(f"{glob.escape(stem)}.train_log.*.csv"):
+        pid = f.name[len(stem) + len(".train_log.") : -len(".csv")]
         if not pid.isdigit():
             continue
         try:

@@ -343,3 +343,15 @@ def test_cli_speed_options_and_bad_values(bases, tmp_path, capsys):
         assert flag in err and msg in err and len(err.strip().splitlines()) == 1
     assert main([*args, "--base", str(bases["gpt2"]), "--out", str(tmp_path / "c"), "--top-layers", "1"]) == 2
     assert "does not allow" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["t" * 255, "t" * 230 + "é" * 12])
+def test_long_legal_out_name_works(bases, tmp_path, capsys, name):
+    """Any name the file system allows: the live log beside the output
+    (``<out>.train_log.<pid>.csv``) shortens a long one instead of failing
+    with 'File name too long' on a file the user never named."""
+    out = tmp_path / name
+    args = ["train", "--base", str(bases["llama"]), "--data", ARITH, "--steps", "1", "--batch", "4",
+            "--max-len", "32", "--eval-size", "0", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    assert (out / "train_log.csv").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [name]
