@@ -29,12 +29,16 @@ def similarity_heatmap(
     title: str = "RMS cosine similarity",
     vmin: float = 0.0,
     vmax: float = 1.0,
+    *,
+    replace: bool = True,
 ) -> Path:
     """Write an annotated heatmap of a square matrix (e.g. ``SimilarityResult.rms``).
 
     Cells show the value to 2 decimals (``n/a`` for NaN: no shared module
     with a cosine). The colour range is fixed to ``[vmin, vmax]`` so figures
-    of different runs compare; use ``vmin=-1`` for the signed mean.
+    of different runs compare; use ``vmin=-1`` for the signed mean. Without
+    ``replace``, a file at ``path`` when the figure is done (made meanwhile)
+    is left as it is and an :class:`~loramix.errors.OutputError` raised.
     """
     import matplotlib
 
@@ -69,7 +73,7 @@ def similarity_heatmap(
     fig.tight_layout()
     # Written beside the target and renamed: never a half-written figure.
     try:
-        with atomic_write(path, "wb") as f:
+        with atomic_write(path, "wb", replace=replace) as f:
             fig.savefig(f, dpi=120, format=(path.suffix.lstrip(".") or "png"))
     finally:
         plt.close(fig)

@@ -1269,3 +1269,24 @@ def test_a_study_with_workers_stops_cleanly(tmp_path, how):
         p.kill()
         p.wait(timeout=60)
         assert _gone(workers, 60), "workers outlived a killed run"
+
+
+def test_a_plot_appearing_during_the_run_is_left_alone(world, tmp_path, capsys, monkeypatch):
+    """``similarity --plot`` without --force: a file made at the path while
+    the figure is drawn (a second run's) is not replaced (the rename was
+    os.replace); with --force it is."""
+    from loramix import plots
+
+    real, plot = plots.similarity_heatmap, tmp_path / "sim.png"
+
+    def meanwhile(*a, **k):
+        plot.write_text("theirs")
+        return real(*a, **k)
+
+    monkeypatch.setattr(plots, "similarity_heatmap", meanwhile)
+    rc, _, err = cli(capsys, "similarity", world["a"], world["b"], "--plot", plot)
+    assert_refused(rc, err, None, plot, "appeared while loramix was writing it")
+    assert plot.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["sim.png"]
+    rc, _, err = cli(capsys, "similarity", world["a"], world["b"], "--plot", plot, "--force")
+    assert rc == 0, err
+    assert plot.read_bytes()[:4] == b"\x89PNG" and sorted(p.name for p in tmp_path.iterdir()) == ["sim.png"]

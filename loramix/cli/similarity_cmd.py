@@ -126,5 +126,5 @@ def command(adapters, fmt, per_module, plot, base, device, force) -> None:
         from ..plots import similarity_heatmap
 
         title = "RMS cosine similarity" + (" (effective deltas)" if res.effective else "")
-        similarity_heatmap(res.rms, plot, title=title)
+        similarity_heatmap(res.rms, plot, title=title, replace=force)  # a file made meanwhile is not replaced
         click.echo(f"loramix: wrote {plot}", err=True)

@@ -413,11 +413,13 @@ def name_output(e: OSError, temporaries: tuple[Path, ...], out: Path) -> None:
 
 
 @contextmanager
-def atomic_write(path: str | Path, mode: str = "w") -> Iterator:
+def atomic_write(path: str | Path, mode: str = "w", *, replace: bool = True) -> Iterator:
     """Write one file through a temporary sibling and rename it into place.
     The sibling's name says which process writes it, so one left by a killed
     process is removed by the next write to ``path`` (or
-    :func:`remove_stale_temporaries`)."""
+    :func:`remove_stale_temporaries`). Without ``replace`` a file that
+    exists at the end (another run's, or one made meanwhile) is left as it
+    is and an :class:`OutputError` raised: the rename does not replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, path.name)
@@ -425,7 +427,10 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator:
     try:
         with open(tmp, mode) as f:
             yield f
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _publish_file(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         err = os_error(e)
@@ -435,6 +440,20 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator:
         if err is e:
             raise
         raise err from None
+
+
+def _publish_file(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path`` unless ``path`` exists: ``renameat2``'s
+    no-replace rename, else a hard link (which fails on an existing name)."""
+    try:
+        if not _rename(tmp, path, _RENAME_NOREPLACE):
+            os.link(tmp, path)
+            tmp.unlink()
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        raise OutputError(path, "appeared while loramix was writing it (another run?); it was left as it is; "
+                                "pass --force to replace it") from None  # fmt: skip
 
 
 def provenance(method: str, parameters: dict, inputs: list[dict], **extra) -> dict:
