@@ -1290,3 +1290,20 @@ def test_a_plot_appearing_during_the_run_is_left_alone(world, tmp_path, capsys, 
     rc, _, err = cli(capsys, "similarity", world["a"], world["b"], "--plot", plot, "--force")
     assert rc == 0, err
     assert plot.read_bytes()[:4] == b"\x89PNG" and sorted(p.name for p in tmp_path.iterdir()) == ["sim.png"]
+
+
+def test_a_failed_run_removes_the_folders_it_made_for_its_output(tmp_path):
+    """``--out new/deeper/x`` on a run that fails: 'nothing was written'
+    holds for the parent folders made for it too; folders that were there
+    (or that hold something else) stay."""
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "new" / "deeper" / "x", tmp_path / "kept" / "deeper" / "x"):
+        with pytest.raises(RuntimeError), atomic_output_dir(out) as tmp:
+            (tmp / "part").write_text("half")
+            raise RuntimeError("the merge failed")
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+    )
+    with atomic_output_dir(tmp_path / "new" / "deeper" / "x") as tmp:
+        (tmp / "done").write_text("done")
+    assert (tmp_path / "new" / "deeper" / "x" / "done").is_file()

@@ -366,11 +366,12 @@ def atomic_output_dir(
     (:func:`publish`).
     """
     out = check_output(out, force=force, inputs=inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(out.parent)
     remove_stale_temporaries(out.parent, out.name)
     try:
         owned = new_temporary(out.parent, out.name)
     except OSError as e:
+        _remove_empty(out.parent, made)
         raise OutputError(out, f"cannot write beside it: {e.strerror or e}") from None
     tmp = owned / PAYLOAD
     try:
@@ -379,6 +380,7 @@ def atomic_output_dir(
         publish(tmp, out, force)
     except BaseException as e:
         remove_temporary(owned)
+        _remove_empty(out.parent, made)
         err = os_error(e)
         if err is None:
             raise
@@ -387,6 +389,27 @@ def atomic_output_dir(
             raise
         raise err from None
     remove_temporary(owned)  # its owner.json, and a replaced target
+
+
+def _make_parents(folder: Path) -> Path | None:
+    """``mkdir -p folder``; returns the highest folder it made (None: none)."""
+    missing = [q for q in (folder, *folder.parents) if not os.path.lexists(q)]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[-1] if missing else None
+
+
+def _remove_empty(folder: Path, made: Path | None) -> None:
+    """Undo :func:`_make_parents` for a run that wrote nothing: remove
+    ``folder`` and its parents up to ``made`` while they are empty."""
+    if made is None:
+        return
+    for q in (folder, *folder.parents):
+        try:
+            q.rmdir()
+        except OSError:
+            return  # not empty (another run writes there too), or gone
+        if q == made:
+            return
 
 
 def os_error(e: BaseException) -> OSError | None:
