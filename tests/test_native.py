@@ -428,3 +428,27 @@ def test_addmm_adds_the_finished_product():
         W = torch.randn(out_f, in_f, generator=g)
         for B in (Bt.T, Bt.T.contiguous()):
             assert torch.equal(W.clone().addmm_(B, A), W + B @ A)
+
+
+def test_a_killed_builds_temporary_is_removed_by_the_next_build(kernels, monkeypatch, tmp_path):
+    """kill -9 while compiling leaves the compiler's output beside the
+    library; its name says whose it was, so the next build removes it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if native._compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path))
+    assert native.library("ties") is not None
+    (lib,) = (tmp_path / "native").iterdir()
+    code = "import sys; from pathlib import Path; from loramix.io.outputs import temporary_file; "
+    code += "t = temporary_file(Path(sys.argv[1])); t.write_text('half'); print(t)"
+    dead = Path(subprocess.run([sys.executable, "-c", code, str(lib)], capture_output=True, text=True,
+                               check=True).stdout.strip())  # fmt: skip
+    assert dead.exists()
+    lib.unlink()
+    monkeypatch.setattr(native, "_LOADED", {})
+    assert native.library("ties") is not None
+    assert [p.name for p in (tmp_path / "native").iterdir()] == [lib.name]

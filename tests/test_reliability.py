@@ -287,14 +287,14 @@ def test_atomic_write_temporaries_of_dead_writers_are_removed(tmp_path):
     """A file written through atomic_write and killed before its rename
     leaves its temporary; the next write to the same file removes it, not
     those of a live writer or of another file."""
-    from loramix.io.outputs import _temporary_file, atomic_write
+    from loramix.io.outputs import atomic_write, temporary_file
 
-    code = "import sys; from pathlib import Path; from loramix.io.outputs import _temporary_file; "
-    code += "t = _temporary_file(Path(sys.argv[1])); t.write_text('half'); print(t)"
+    code = "import sys; from pathlib import Path; from loramix.io.outputs import temporary_file; "
+    code += "t = temporary_file(Path(sys.argv[1])); t.write_text('half'); print(t)"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     dead = [Path(subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], capture_output=True, text=True,
                                 env=env, check=True, timeout=120).stdout.strip()) for name in ("sim.png", "other.png")]  # fmt: skip
-    live = _temporary_file(tmp_path / "sim.png")
+    live = temporary_file(tmp_path / "sim.png")
     live.write_text("being written")
     with atomic_write(tmp_path / "sim.png") as f:
         f.write("done")

@@ -140,7 +140,7 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
-def _temporary_file(path: Path) -> Path:
+def temporary_file(path: Path) -> Path:
     """A fresh temporary file name beside ``path`` that says who writes it:
     ``.lmx-<random>.<target hash>.<host hash>.<pid>.<start>.tmp``."""
     rec = _owner_record(path.name)
@@ -149,7 +149,7 @@ def _temporary_file(path: Path) -> Path:
 
 
 def _file_owner(name: str) -> tuple[str, dict] | None:
-    """``(target hash, owner record)`` of a :func:`_temporary_file` name, or None."""
+    """``(target hash, owner record)`` of a :func:`temporary_file` name, or None."""
     parts = name[len(TMP_PREFIX) : -len(".tmp")].split(".") if name.endswith(".tmp") else []
     if len(parts) != 5 or not parts[3].isdigit():
         return None
@@ -446,7 +446,7 @@ def atomic_write(path: str | Path, mode: str = "w", *, replace: bool = True) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, path.name)
-    tmp = _temporary_file(path)
+    tmp = temporary_file(path)
     try:
         with open(tmp, mode) as f:
             yield f

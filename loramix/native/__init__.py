@@ -35,7 +35,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -75,10 +74,12 @@ def _build(name: str) -> Path | None:
     lib = cache_dir() / "native" / f"{name}-{key}.so"
     if lib.exists():
         return lib
+    from ..io.outputs import remove_stale_temporaries, temporary_file
+
     try:
         lib.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=lib.parent)
-        os.close(fd)
+        remove_stale_temporaries(lib.parent, lib.name)  # a build killed before its rename
+        tmp = str(temporary_file(lib))  # its name says which process builds it
     except OSError as e:  # a cache that cannot be written: read-only, full, not a folder
         return _notice(f"{lib.parent}: {e.strerror or e}")
     if _SAY is not None:

@@ -45,7 +45,6 @@ import json
 import math
 import os
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -259,25 +258,17 @@ def _merge(old: dict | None, new: dict) -> dict:
 
 def add_rates(path: Path, m: dict, measured: dict[str, dict]) -> None:
     """Add ``measured`` (entries as :func:`load_rates` returns) to the file at
-    ``path``: read, merge, write a temporary, ``os.replace``."""
+    ``path``: read, merge, write a temporary, rename it into place."""
     rates = load_rates(path)
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for e in measured.values():
         k = canonical_json(e["key"])
         rates[k] = _merge(rates.get(k), {**e, "updated": now})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        tmp.write_text(
-            json.dumps(
-                {"format": FORMAT, "machine": m, "rates": [rates[k] for k in sorted(rates)]},
-                indent=1,
-                sort_keys=True,
-            )
-        )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from ..io.outputs import atomic_write  # its temporary names its owner: a killed run's is removed later
+
+    with atomic_write(path) as f:
+        json.dump({"format": FORMAT, "machine": m, "rates": [rates[k] for k in sorted(rates)]}, f, indent=1,
+                  sort_keys=True)  # fmt: skip
 
 
 class Recorder:
