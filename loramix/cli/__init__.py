@@ -127,8 +127,11 @@ def _paths_print_as_given() -> None:
             stream.reconfigure(errors="surrogateescape")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised as an interrupt: it unwinds like Ctrl-C."""
+class Terminated(BaseException):
+    """SIGTERM, raised to unwind like Ctrl-C (``finally`` and ``except
+    BaseException`` clean up), but not a ``KeyboardInterrupt``: click would
+    print a blank line for one (closing a terminal's ``^C`` echo, which a
+    kill has not made)."""
 
 
 def _terminate(signum, frame):
@@ -188,7 +191,7 @@ def _main(argv) -> int:
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, Terminated) as e:
         return _interrupted(e)
     except OSError as e:
         if debug or e.errno not in SYSTEM_ERRORS:
