@@ -455,8 +455,11 @@ def attach_adapters(
     :class:`AttachedEmbedding` (the input lookup only: a tied output head is
     left as it is, as PEFT does). Any loramix layers already in ``model`` are
     removed first (:func:`detach`, without merging). ``weights`` default to
-    1. Raises :class:`AdapterError` when a module is missing, its shape
-    differs or its kind is not defined on its type of layer. Returns
+    1. An adapter's ``modules_to_save`` copies stand in for their base
+    parameters (a tied head is untied), as in PEFT; they are full copies,
+    so weights do not scale them. Raises :class:`AdapterError` when a
+    module is missing, its shape differs or its kind is not defined on its
+    type of layer, or a ``modules_to_save`` entry has no copy. Returns
     ``model``; undo with :func:`detach`.
     """
     adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
@@ -489,7 +492,10 @@ def merge_into_model(
     head is tied to it changes the head too, as PEFT's ``merge_and_unload``
     does (on the fly, :func:`attach_adapters` changes the lookup only). With
     ``keep_original`` the returned dict holds CPU copies of the replaced
-    weights, for :func:`restore_weights`; otherwise it is empty.
+    weights, for :func:`restore_weights`; otherwise it is empty. The
+    adapters' ``modules_to_save`` copies replace their parameters as in
+    :func:`attach_adapters` (with ``keep_original`` the dict holds the
+    replaced parameters themselves, under their names).
     """
     adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
     per = _entries_per_module(model, adapters, weights)
