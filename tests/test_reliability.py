@@ -463,6 +463,25 @@ def test_alpha_whose_scale_overflows_float32_refused(world, tmp_path, capsys, co
     assert rc == 0, err
 
 
+@pytest.mark.parametrize("command", ["inspect", "similarity", "sum"])
+def test_alpha_whose_scale_underflows_float32_refused(world, tmp_path, capsys, command):
+    """A lora_alpha so small that alpha / r is below float32's range: PEFT's
+    delta is 0 there, loramix's float64 one was not (inspect printed a norm
+    of 7.9e-46). Refused naming the config; 0 (an adapter turned off) and a
+    small normal scale are read."""
+    ad = copy(world["a"], tmp_path / "ad")
+    edit_config(ad, lora_alpha=1e-45)
+    out = tmp_path / "out"
+    args = {"inspect": ["inspect", ad], "similarity": ["similarity", world["b"], ad],
+            "sum": ["sum", world["b"], ad, "--out", out]}[command]  # fmt: skip
+    rc, _, err = cli(capsys, *args)
+    assert_refused(rc, err, out, ad / CONFIG, "below float32's range")
+    for alpha in (0, 1e-30):
+        edit_config(ad, lora_alpha=alpha)
+        rc, _, err = cli(capsys, "inspect", ad)
+        assert rc == 0, err
+
+
 def _d2_adapter(folder: Path) -> Path:
     from loramix.adapter import ModuleDelta
     from loramix.io.adapter_files import save_d2_adapter

@@ -72,6 +72,8 @@ def load_json_file(path: Path, error: type[LoramixError] = AdapterError, constan
 #: the largest float32: a factor scaled beyond it is inf in float32, in which
 #: merges, evaluation (and PEFT) compute
 FLOAT32_MAX = 3.4028234663852886e38
+#: the smallest normal float32; a scale below it loses its bits in PEFT's float32 products
+FLOAT32_TINY = 1.1754943508222875e-38
 
 
 def _is_int(x) -> bool:

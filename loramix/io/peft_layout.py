@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from ..errors import AdapterError
-from .config_schema import FLOAT32_MAX
+from .config_schema import FLOAT32_MAX, FLOAT32_TINY
 
 # The kinds, as loramix.adapter names them (LORA, D2LORA).
 LORA, D2LORA = "lora", "d2lora"
@@ -103,6 +103,12 @@ def checked_scale(config: dict, module: str, alpha: float, r: int, cfg_path: Pat
         raise AdapterError(
             cfg_path, f"module {module}: the scale lora_alpha / r = {scale:.3g} does not fit float32, in "
             "which its deltas are computed (PEFT's too)",
+        )  # fmt: skip
+    if scale != 0 and abs(scale) < FLOAT32_TINY:
+        # below float32's normal range PEFT's delta is 0 or a few bits, loramix's (float64) is not
+        raise AdapterError(
+            cfg_path, f"module {module}: the scale lora_alpha / r = {scale:.3g} is below float32's range "
+            "(1.2e-38), in which PEFT computes its deltas; a zero lora_alpha turns an adapter off",
         )  # fmt: skip
     return scale
 
