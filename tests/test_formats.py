@@ -269,6 +269,22 @@ def test_modules_to_save_in_memory_equals_peft(tmp_path, tied):
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
 
 
+@pytest.mark.parametrize("method", ["sum", "svd"])
+def test_lora_and_a_saved_copy_of_one_module_refused_for_an_adapter_output(tmp_path, capsys, method):
+    """One input adapts ``lm_head`` by LoRA, another carries a full copy of it:
+    refused for an adapter output as for ``--into`` (PEFT would load the
+    written adapter with only the copy, dropping the LoRA delta silently)."""
+    model = tiny_llama()
+    a = make_peft_adapter(model, tmp_path / "a", seed=1, target_modules=["q_proj", "lm_head"])
+    m = make_peft_adapter(
+        model, tmp_path / "m", seed=2, target_modules=["q_proj"], modules_to_save=["lm_head"]
+    )
+    extra = ["--rank", "2"] if method == "svd" else []
+    run_error(capsys, ["merge", "-m", method, *extra, str(m), str(a), "--out", str(tmp_path / "o")],
+              str(a), "module lm_head is LoRA here and a modules_to_save copy")  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
 def test_modules_to_save_without_its_copy_is_refused(tmp_path, capsys):
     """A config listing ``modules_to_save`` whose tensors the file lacks: PEFT
     cannot load it (a missing key); loramix refuses it in one line naming the

@@ -184,6 +184,12 @@ def _first_given(ads, key: str):
 def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs, trunc=None) -> MergeResult:
     """The result as a PEFT LoRA folder: per module ``(B, A)``, scale 1."""
     plan = module_plan(ads)
+    saved = saved_tensors(ads)  # modules_to_save copies travel as they are
+    for name in saved:  # PEFT would wrap the module as the copy and drop the factors, silently
+        if (module := name.rpartition(".")[0]) in plan:
+            where = next(a.path or a.name for a in ads if module in a.modules)
+            raise AdapterError(where, f"module {module} is LoRA here and a modules_to_save copy ({name}) in "
+                                      "another input: an adapter cannot carry both (PEFT keeps only the copy)")  # fmt: skip
     if dtype is None:
         dtype = promoted_dtype(md.dtype for ad in ads for md in ad.modules.values())
     jobs = [
@@ -207,7 +213,6 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs, trunc=None)
     # The weights file carries the whole record but its creation time.
     full = {**_record(m, ads, ws, params, dtype), "output": "adapter", "summary": summary, "modules": infos}
     fan_in_fan_out = any(bool(a.config.get("fan_in_fan_out")) for a in ads)
-    saved = saved_tensors(ads)  # modules_to_save copies travel as they are
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         save_peft_adapter(
             tmp,
