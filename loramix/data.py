@@ -50,10 +50,14 @@ tokens, so the loss and perplexity cover the answer tokens and the EOS only.
 inside the loss: position ``t`` predicts ``labels[t+1]``, so the first token of
 a sequence is never predicted.
 
-Truncation (to ``max_len`` tokens): first the prompt loses tokens from its
-left (the start of a long context goes first; the question and the
-``Answer:`` cue stay), then, if the answer with its EOS alone is longer than
-``max_len``, the answer is cut on the right (losing its EOS).
+Truncation (to ``max_len`` tokens, ``B`` after a BOS): a record that does
+not fit keeps the end of its prompt, ``min(len(prompt), max(B - len(answer),
+B // 2))`` tokens, so the question and the ``Answer:`` cue stay and a long
+context loses its start; the answer (with its EOS) fills the rest and is cut
+on the right. A long answer thus never pushes the question out: a record is
+scored as an answer to its question, not as free text. (Before version 2 of
+this rule, :data:`TRUNCATION`, an answer longer than ``B`` dropped the whole
+prompt, and one nearly as long kept a few prompt tokens.)
 """
 
 from __future__ import annotations
@@ -68,6 +72,10 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 from .errors import BaseModelError, DataError, UsageError
+
+#: version of the truncation rule (module docstring): part of the study cache's
+#: keys, so artifacts made by an earlier rule are not reused
+TRUNCATION = 2
 
 SYNTHETIC_PREFIX = "synthetic:"
 
@@ -344,7 +352,8 @@ def encode_records(
     prompt and answer tokenised separately (so the boundary is exact). Labels
     are ``-100`` on BOS and prompt tokens when ``on="answer"``; with
     ``on="all"`` they equal ``input_ids``. Truncation as in the module
-    docstring (prompt from the left, then answer from the right).
+    docstring (the prompt's end kept, at least half the room when it needs
+    it; the answer cut on the right).
     ``stats``, if given, gets ``truncated``: the number of records cut.
     ``prompt``: ``"raw"`` or ``"chat"`` (:func:`format_record`); with
     ``chat`` no EOS follows an answer whose end-of-turn marker already is EOS,
@@ -368,15 +377,16 @@ def encode_records(
     p_ids = tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"] if records else []
     a_ids = tokenizer(list(answers), add_special_tokens=False, verbose=False)["input_ids"] if records else []
     out = []
+    if stats is not None:
+        stats.setdefault("truncated", 0)
     for p, a in zip(p_ids, a_ids):
         a = list(a) if prompt == "chat" and a and a[-1] == eos else list(a) + [eos]
-        room = max_len - len(head) - len(a)
-        if stats is not None:
-            stats["truncated"] = stats.get("truncated", 0) + (len(p) > max(room, 0) or room < 0)
-        if room < 0:  # the answer alone does not fit: keep its start
-            p, a = [], a[: max_len - len(head)]
-        elif len(p) > room:
-            p = p[len(p) - room :] if room > 0 else []
+        budget = max_len - len(head)
+        if len(p) + len(a) > budget:  # the module docstring's rule
+            keep = min(len(p), max(budget - len(a), budget // 2))
+            p, a = (p[len(p) - keep :] if keep else []), a[: budget - keep]
+            if stats is not None:
+                stats["truncated"] += 1
         ids = head + list(p) + a
         if on == "all":
             labels = list(ids)

@@ -51,7 +51,9 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0
     """Learning rate for optimizer step ``step`` (0-based).
 
     Linear warm-up from ``lr / warmup`` to ``lr`` over ``warmup`` steps, then a
-    cosine from ``lr`` down to ``min_ratio * lr`` at the last step (nanoGPT).
+    cosine from ``lr`` down to ``min_ratio * lr`` at the last step (nanoGPT);
+    a single step after the warm-up is both the cosine's first and last, and
+    takes ``lr``.
     """
     if warmup > 0 and step < warmup:
         return lr * (step + 1) / warmup

@@ -153,10 +153,28 @@ def test_encode_truncates_prompt_from_the_left(tok):
     assert len(ex["input_ids"]) == 16 and ex["input_ids"] == full["input_ids"][-16:]
     n_ans = sum(x != -100 for x in full["labels"])
     assert ex["labels"][-n_ans:] == full["labels"][-n_ans:]
-    # an answer longer than max_len keeps its start and loses its EOS
-    (ex,) = encode_records(tok, [QARecord("q", "seven " * 20)], max_len=8)
-    assert len(ex["input_ids"]) == 8 and all(x != -100 for x in ex["labels"])
-    assert ex["input_ids"][-1] != tok.eos_token_id
+    # an answer longer than max_len keeps its start and loses its EOS, but not the question:
+    # the prompt keeps its end, half the room (it lost all of it, and the record was scored as
+    # free text)
+    rec = QARecord("How many apples " * 10 + "in total?", "seven " * 40)
+    (full,) = encode_records(tok, [rec], max_len=1000)
+    n_prompt = sum(x == -100 for x in full["labels"])
+    stats: dict = {}
+    (ex,) = encode_records(tok, [rec], max_len=16, stats=stats)
+    assert ex["input_ids"] == full["input_ids"][n_prompt - 8 : n_prompt + 8] and stats == {"truncated": 1}
+    assert ex["labels"] == [-100] * 8 + full["labels"][n_prompt : n_prompt + 8]
+    assert tok.decode(ex["input_ids"][:8]).endswith(" total?\nAnswer:")  # the question's end, and the cue
+    # a prompt shorter than half the room keeps all of itself; the answer takes the rest
+    rec = QARecord("q", "seven " * 20)
+    (ex,) = encode_records(tok, [rec], max_len=24, stats=stats)
+    (full,) = encode_records(tok, [rec], max_len=1000)
+    n_prompt = sum(x == -100 for x in full["labels"])
+    assert (
+        n_prompt < 12
+        and ex["input_ids"] == full["input_ids"][:24]
+        and ex["labels"][:n_prompt] == [-100] * n_prompt
+    )
+    assert ex["input_ids"][-1] != tok.eos_token_id and stats == {"truncated": 2}
 
 
 def test_make_batches_padding_and_shuffle():

@@ -40,6 +40,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data import TRUNCATION
 from ..errors import ScenarioError
 from .cache import make_key
 from .config import Scenario
@@ -254,15 +255,17 @@ class _Planner:
     def eval_step(self, id, model: dict, deps, label, group, serves=None, members=False, **args) -> Step:
         ev, names = self.sc.eval, self.eval_domains(serves, members)
         spec = {"model": model, "data": {n: self.key_of(f"data/{n}/eval") for n in names},
-                "settings": {"on": ev.on, "max_len": ev.max_len}}  # fmt: skip
+                "settings": {"on": ev.on, "max_len": ev.max_len, "truncation": TRUNCATION}}  # fmt: skip
         eval_deps = ("base", *(f"data/{n}/eval" for n in names), *deps)
         return self.add(id, "eval", "eval", spec, eval_deps, label, group, domains=names, **args)
 
     def adapter_step(self, id, kind, am, seed, domains, label, name) -> Step:
         # "init": adapters cached before per-data initialisation (the default since) were
-        # trained from the seed alone and must not be reused for it.
+        # trained from the seed alone and must not be reused for it; "truncation": nor those
+        # trained on records cut by an earlier rule (loramix.data).
         spec = {"base": self.key_of("base"), "method": am, "recipe": self.sc.adapters.recipe(), "seed": seed,
-                "init": init_of(am, self.sc.adapters.init), "data": [self.key_of(f"data/{d}/train") for d in domains]}  # fmt: skip
+                "init": init_of(am, self.sc.adapters.init), "data": [self.key_of(f"data/{d}/train") for d in domains],
+                "truncation": TRUNCATION}  # fmt: skip
         deps = ("base", *(f"data/{d}/train" for d in domains))
         return self.add(id, kind, "adapter", spec, deps, label, "train", method=am, seed=seed,
                         domains=list(domains), name=name)  # fmt: skip
@@ -302,7 +305,7 @@ class _Planner:
         ads = [f"adapter/{pre}/{d}" for d in names]
         spec = {"base": self.key_of("base"), "adapters": [self.key_of(a) for a in ads],
                 "data": [self.key_of(f"data/{d}/train") for d in names],
-                "settings": {"tokens": p.tokens, "max_len": p.max_len}}  # fmt: skip
+                "settings": {"tokens": p.tokens, "max_len": p.max_len, "truncation": TRUNCATION}}  # fmt: skip
         deps = ("base", *(f"data/{d}/train" for d in names), *ads)
         self.add(
             f"features/{pre}", "features", "features", spec, deps, pre, "features", names=names, adapters=ads
@@ -337,7 +340,7 @@ class _Planner:
             return eval_id
         ev, names = self.sc.eval, self.eval_domains(comp, members)
         spec = {**spec, "model": {"dense": True}, "data": {n: self.key_of(f"data/{n}/eval") for n in names},
-                "settings": {"on": ev.on, "max_len": ev.max_len}}  # fmt: skip
+                "settings": {"on": ev.on, "max_len": ev.max_len, "truncation": TRUNCATION}}  # fmt: skip
         deps = ("base", *(f"data/{n}/eval" for n in names), *ads)
         self.add(merge_id, "merge", "merge", spec, deps, label, group, method=mg.method, params=mg.params,
                  adapters=ads, low_rank=False, domains=names)  # fmt: skip
