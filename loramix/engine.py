@@ -62,7 +62,7 @@ from .errors import AdapterError, BaseModelError
 from .io.model_folder import BaseModelFolder, TensorInfo
 from .io.outputs import atomic_output_dir, check_output, normalized_path, write_provenance
 from .io.outputs import provenance as make_provenance
-from .io.peft_layout import missing_copy_message, missing_saved_copy
+from .io.peft_layout import check_copies_held
 from .io.safetensors_io import (
     FLOAT_CODES,
     ST_DTYPES,
@@ -200,10 +200,8 @@ def resolve_saved(
     the adapters: found under the base's naming, with the base's shape, and
     not also adapted by a LoRA module."""
     for ad in adapters:
-        if to_save := ad.config.get("modules_to_save"):
-            held = {base.tensor_key(*n.rsplit(".", 1)) for n in ad.saved}
-            if (key := missing_saved_copy(base.tensors, to_save, held)) is not None:
-                raise AdapterError(ad.path or ad.name, missing_copy_message(key, to_save))
+        held = {base.tensor_key(*n.rsplit(".", 1)) for n in ad.saved}
+        check_copies_held(ad.path or ad.name, ad.config.get("modules_to_save"), base.tensors, held)
     out = {}
     for name, t in saved_tensors(adapters).items():
         module, param = name.rsplit(".", 1)

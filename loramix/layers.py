@@ -561,13 +561,12 @@ def _saved_per_param(model: nn.Module, adapters, per: dict) -> dict[str, torch.T
     copy's shape, and its module must not be adapted too (PEFT wraps a module
     one way or the other)."""
     from .adapter import saved_copies
-    from .io.peft_layout import missing_copy_message, missing_saved_copy
+    from .io.peft_layout import check_copies_held
 
-    params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    for ad in adapters:
-        if to_save := ad.config.get("modules_to_save"):
-            if (name := missing_saved_copy(params, to_save, ad.saved)) is not None:
-                raise AdapterError(ad.path or ad.name, missing_copy_message(name, to_save))
+    if any(ad.config.get("modules_to_save") for ad in adapters):
+        params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+        for ad in adapters:
+            check_copies_held(ad.path or ad.name, ad.config.get("modules_to_save"), params, ad.saved)
     out = {}
     for name, (t, ad) in saved_copies(adapters).items():
         where = ad.path or ad.name

@@ -41,6 +41,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from ..errors import OutputError, UsageError
 
@@ -381,13 +382,7 @@ def atomic_output_dir(
     except BaseException as e:
         remove_temporary(owned)
         _remove_empty(out.parent, made)
-        err = os_error(e)
-        if err is None:
-            raise
-        name_output(err, (tmp, owned), out)
-        if err is e:
-            raise
-        raise err from None
+        raise_naming(e, (tmp, owned), out)
     remove_temporary(owned)  # its owner.json, and a replaced target
 
 
@@ -419,6 +414,18 @@ def os_error(e: BaseException) -> OSError | None:
         return e
     m = re.search(r"\(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
     return OSError(int(m[1]), os.strerror(int(m[1]))) if m else None
+
+
+def raise_naming(e: BaseException, temporaries: tuple[Path, ...], out: Path) -> NoReturn:
+    """Raise ``e`` again; as an :class:`OSError` naming ``out``
+    (:func:`name_output`) where it is one, or safetensors' failed write."""
+    err = os_error(e)
+    if err is None:
+        raise e
+    name_output(err, temporaries, out)
+    if err is e:
+        raise e
+    raise err from None
 
 
 def name_output(e: OSError, temporaries: tuple[Path, ...], out: Path) -> None:
@@ -456,13 +463,7 @@ def atomic_write(path: str | Path, mode: str = "w", *, replace: bool = True) -> 
             _publish_file(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        err = os_error(e)
-        if err is None:
-            raise
-        name_output(err, (tmp,), path)
-        if err is e:
-            raise
-        raise err from None
+        raise_naming(e, (tmp,), path)
 
 
 def _publish_file(tmp: Path, path: Path) -> None:
@@ -475,8 +476,7 @@ def _publish_file(tmp: Path, path: Path) -> None:
     except OSError as e:
         if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
-        raise OutputError(path, "appeared while loramix was writing it (another run?); it was left as it is; "
-                                "pass --force to replace it") from None  # fmt: skip
+        raise _appeared(path) from None
 
 
 def provenance(method: str, parameters: dict, inputs: list[dict], **extra) -> dict:

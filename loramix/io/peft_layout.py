@@ -237,13 +237,16 @@ def missing_saved_copy(names, modules_to_save, saved) -> str | None:
     return None
 
 
-def missing_copy_message(name: str, modules_to_save) -> str:
+def check_copies_held(where, modules_to_save, names, held) -> None:
+    """Refuse (:class:`AdapterError` naming ``where``, the adapter) an adapter
+    whose ``modules_to_save`` covers a parameter in ``names`` (the base's)
+    that ``held`` (its copies, in the same naming) lacks: PEFT cannot load it."""
+    if not modules_to_save or (name := missing_saved_copy(names, modules_to_save, held)) is None:
+        return
     entry = next(str(t) for t in modules_to_save if any(
         m.endswith(str(t)) for m in _ancestors(name.rpartition(".")[0])))  # fmt: skip
-    return (
-        f"modules_to_save lists {entry!r}, but the adapter holds no copy of {name} "
-        "(PEFT cannot load it either): save the adapter again with it, or drop the entry"
-    )
+    raise AdapterError(where, f"modules_to_save lists {entry!r}, but the adapter holds no copy of {name} "
+                              "(PEFT cannot load it either): save the adapter again with it, or drop the entry")  # fmt: skip
 
 
 def embedding_as_weight_factors(fs: dict, module: str, weights: Path) -> dict:

@@ -39,9 +39,8 @@ from pathlib import Path
 from .. import __version__
 from ..io.outputs import (
     PAYLOAD,
-    name_output,
     new_temporary,
-    os_error,
+    raise_naming,
     remove_stale_temporaries,
     remove_temporary,
     usual_modes,
@@ -149,12 +148,7 @@ class Cache:
                     else:
                         raise
         except BaseException as e:
-            err = os_error(e)
-            if err is not None:  # a full disk names the artifact, not its temporary
-                name_output(err, (tmp, owned), target)
-                if err is not e:
-                    raise err from None
-            raise
+            raise_naming(e, (tmp, owned), target)  # a full disk names the artifact, not its temporary
         finally:
             remove_temporary(owned)
         self._made_this_run.add(key)
