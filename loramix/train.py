@@ -149,7 +149,9 @@ class LiveLog:
 def _log_stem(out: Path) -> str:
     """``out``'s name, or where the log's name would pass the file system's
     limit (255 bytes), its start and a hash of the whole name."""
-    room = 255 - len(".train_log.") - 10 - len(".csv")  # a pid has at most 10 digits
+    from .io.outputs import NAME_MAX
+
+    room = NAME_MAX - len(".train_log.") - 10 - len(".csv")  # a pid has at most 10 digits
     raw = os.fsencode(out.name)
     if len(raw) <= room:
         return out.name
