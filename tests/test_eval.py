@@ -169,6 +169,11 @@ def test_max_len_beyond_the_context_is_capped(bases, tmp_path, capsys):
         )
         rows = json.loads(capsys.readouterr().out)["results"]
         assert {r["max_len"] for r in rows} == {64} and rows[0]["truncated"] == 1
+        assert main(["eval", "--base", str(base), "--data", str(data), "--max-len", "100000"]) == 0
+        out = capsys.readouterr().out  # the table says so too (only the JSON did)
+        assert "--max-len 100000 is above the model's context: 64 tokens used" in out, out
+        assert main(["eval", "--base", str(base), "--data", str(data), "--max-len", "32"]) == 0
+        assert "above the model's context" not in capsys.readouterr().out
 
 
 def _on_a_terminal(argv: list[str]) -> str:

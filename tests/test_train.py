@@ -355,3 +355,16 @@ def test_long_legal_out_name_works(bases, tmp_path, capsys, name):
             "--max-len", "32", "--eval-size", "0", "--quiet", "--out", str(out)]  # fmt: skip
     assert main(args) == 0, capsys.readouterr().err
     assert (out / "train_log.csv").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_max_len_above_the_context_is_capped_and_said(bases, tmp_path, capsys):
+    """--max-len above the model's positions (64 here) is capped there, as eval
+    does; the record says so, and now the printed summary too."""
+    args = ["train", "--base", str(bases["llama"]), "--data", ARITH, "--steps", "1", "--batch", "4",
+            "--eval-size", "0", "--quiet"]  # fmt: skip
+    assert main([*args, "--max-len", "100000", "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "--max-len 100000 is above the model's context: 64 tokens used" in out, out
+    assert json.loads((tmp_path / "a" / "loramix.json").read_text())["parameters"]["max_len"] == 64
+    assert main([*args, "--max-len", "48", "--out", str(tmp_path / "b")]) == 0
+    assert "above the model's context" not in capsys.readouterr().out

@@ -127,6 +127,10 @@ def command(base, data, more_data, out, targets, eval_size, quiet, kind, method,
         f"{res['input_tokens_per_second']:,.0f} input tokens/s)"
         f"{top}"
     )
+    if res["settings"]["max_len"] < kw["max_len"]:  # capped at the model's context
+        click.echo(
+            f"--max-len {kw['max_len']} is above the model's context: {res['settings']['max_len']} tokens used"
+        )
     if res["ppl_base"] is not None:
         change = 100 * (res["ppl_adapter"] - res["ppl_base"]) / res["ppl_base"]
         click.echo(
