@@ -177,6 +177,20 @@ def test_compositions_expand():
     assert sc.compositions == [("a", "b"), ("a", "c"), ("b", "c"), ("a", "b", "c")]
 
 
+def test_the_truncation_rule_is_in_the_cache_keys(tmp_path):
+    """Adapters, evaluations and dense merges depend on how records are cut
+    to max_len: their cache keys carry the rule's version, so an artifact
+    made by an earlier rule is made again, not reused."""
+    from loramix.data import TRUNCATION
+    from loramix.scenario.plan import plan
+
+    text = GOOD + '[merge]\nmethods = ["sum", "ties"]\nties = { density = 0.5 }\n'
+    steps = plan(load_scenario(_write(tmp_path, text)))
+    cut = {st.cache_kind for st in steps if st.spec and TRUNCATION == (st.spec.get("truncation")
+           or (st.spec.get("settings") or {}).get("truncation"))}  # fmt: skip
+    assert {"adapter", "eval", "merge"} <= cut, cut  # merge: ties, evaluated as it is made
+
+
 # ----------------------------------------------------------------------------- cache
 
 
