@@ -40,6 +40,14 @@ def bar_disabled(progress: bool) -> bool | None:
     return None if progress else True
 
 
+def capped_note(asked: int | None, used: int) -> str | None:
+    """The line saying that ``--max-len`` was capped at the model's context
+    (``eval`` and ``train`` cap it there), or None when it was not."""
+    if asked is None or used >= asked:
+        return None
+    return f"--max-len {asked} is above the model's context: {used} tokens used"
+
+
 def parse_weights(weights: Any, n: int, where: str = "weights") -> list[float]:
     """One finite weight per adapter, ``|w| <= MAX_WEIGHT``: ``None`` ->
     ``[1.0] * n``; a ``"1,0.5"`` string or a sequence of ``n`` numbers

@@ -49,7 +49,7 @@ def command(base, adapters, weights, merged, data, more_data, on, prompt, max_le
     counts and tokens per second. Scored tokens: the answers (--on answer) or all."""
     import json
 
-    from ..options import parse_weights
+    from ..options import capped_note, parse_weights
     from ..perplexity import evaluate
 
     w = None if weights is None else parse_weights(weights, len(adapters))
@@ -89,8 +89,8 @@ def command(base, adapters, weights, merged, data, more_data, on, prompt, max_le
         lines.append(f"| {r.data} | {r.records} | {r.tokens} | {r.ppl:.4f} | {r.tokens_per_s:,.0f} "
                      f"| {r.input_tokens_per_s:,.0f} |")  # fmt: skip
     union = df.iloc[-1]
-    if max_len is not None and int(union["max_len"]) < max_len:  # capped at the model's context
-        lines.append(f"--max-len {max_len} is above the model's context: {union['max_len']} tokens used")
+    if note := capped_note(max_len, int(union["max_len"])):
+        lines.append(note)
     if union["truncated"]:
         lines.append(
             f"{union['truncated']} of {union['records']} records cut at {union['max_len']} tokens (--max-len)"

@@ -90,6 +90,7 @@ def command(base, data, more_data, out, targets, eval_size, quiet, kind, method,
     the held-out perplexity of the base and of the adapted model.
     """
     from ..errors import UsageError
+    from ..options import capped_note
     from ..train import train_adapter
 
     try:
@@ -127,10 +128,8 @@ def command(base, data, more_data, out, targets, eval_size, quiet, kind, method,
         f"{res['input_tokens_per_second']:,.0f} input tokens/s)"
         f"{top}"
     )
-    if res["settings"]["max_len"] < kw["max_len"]:  # capped at the model's context
-        click.echo(
-            f"--max-len {kw['max_len']} is above the model's context: {res['settings']['max_len']} tokens used"
-        )
+    if note := capped_note(kw["max_len"], res["settings"]["max_len"]):
+        click.echo(note)
     if res["ppl_base"] is not None:
         change = 100 * (res["ppl_adapter"] - res["ppl_base"]) / res["ppl_base"]
         click.echo(

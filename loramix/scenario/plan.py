@@ -252,10 +252,15 @@ class _Planner:
             return list(self.data)
         return [n for n in self.data if n in serves]
 
-    def eval_step(self, id, model: dict, deps, label, group, serves=None, members=False, **args) -> Step:
-        ev, names = self.sc.eval, self.eval_domains(serves, members)
-        spec = {"model": model, "data": {n: self.key_of(f"data/{n}/eval") for n in names},
+    def eval_spec(self, names: list[str]) -> dict:
+        """What an evaluation on the domains ``names`` depends on besides its model."""
+        ev = self.sc.eval
+        return {"data": {n: self.key_of(f"data/{n}/eval") for n in names},
                 "settings": {"on": ev.on, "max_len": ev.max_len, "truncation": TRUNCATION}}  # fmt: skip
+
+    def eval_step(self, id, model: dict, deps, label, group, serves=None, members=False, **args) -> Step:
+        names = self.eval_domains(serves, members)
+        spec = {"model": model, **self.eval_spec(names)}
         eval_deps = ("base", *(f"data/{n}/eval" for n in names), *deps)
         return self.add(id, "eval", "eval", spec, eval_deps, label, group, domains=names, **args)
 
@@ -338,9 +343,8 @@ class _Planner:
             self.eval_step(eval_id, {"base": base, "merge": self.key_of(merge_id)}, (merge_id,), label, group,
                            serves=comp, members=members, merge=merge_id)  # fmt: skip
             return eval_id
-        ev, names = self.sc.eval, self.eval_domains(comp, members)
-        spec = {**spec, "model": {"dense": True}, "data": {n: self.key_of(f"data/{n}/eval") for n in names},
-                "settings": {"on": ev.on, "max_len": ev.max_len, "truncation": TRUNCATION}}  # fmt: skip
+        names = self.eval_domains(comp, members)
+        spec = {**spec, "model": {"dense": True}, **self.eval_spec(names)}
         deps = ("base", *(f"data/{n}/eval" for n in names), *ads)
         self.add(merge_id, "merge", "merge", spec, deps, label, group, method=mg.method, params=mg.params,
                  adapters=ads, low_rank=False, domains=names)  # fmt: skip
