@@ -369,11 +369,35 @@ def test_progress_lines_where_stderr_is_a_file(study, capsys, monkeypatch):
     )
     err = capsys.readouterr().err
     assert "\r" not in err and "\x1b" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("scenario: ")]
+    lines = [ln for ln in err.splitlines() if ln.startswith("scenario: ") and " steps (" in ln]
     k = len(lines)  # one a step, as LINE_EVERY is 0; all of them cached
     assert k > 10 and lines[-1].startswith(f"scenario: {k}/{k} steps (0 made, {k} from the cache), "), lines[
         -1
     ]
+
+
+def test_progress_line_while_one_step_runs_long(capsys, monkeypatch):
+    """A step that runs for minutes (a base build) still gets its line a
+    minute, naming it, where stderr is a file; none before it has run that
+    long, and none once the step is done."""
+    from types import SimpleNamespace
+
+    from loramix.scenario import runner
+
+    monkeypatch.setattr(runner, "LINE_EVERY", 1.0)
+    prog = runner._Progress(3)
+    base = SimpleNamespace(id="base", kind="base", label="tiny gpt2", group="base")
+    prog.start(base)
+    time.sleep(0.5)
+    assert "under way" not in capsys.readouterr().err
+    time.sleep(2.2)
+    beats = [ln for ln in capsys.readouterr().err.splitlines() if "under way" in ln]
+    assert beats and beats[0].startswith("scenario: ") and "0/3 steps done; base: tiny gpt2 under way for " in beats[0]
+    prog.done(base, SimpleNamespace(seconds=2.7, events=[]))
+    capsys.readouterr()
+    time.sleep(2.2)
+    prog.close()
+    assert "under way" not in capsys.readouterr().err
 
 
 def test_predict_on_the_study_adapters(study, capsys):

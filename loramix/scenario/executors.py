@@ -66,18 +66,22 @@ class SerialExecutor:
         return {"name": "serial", "jobs": 1}
 
     def run(self, steps: list[Step], ctx: StepContext, on_done: Callable[[Step, Outcome], None],
-            done: dict | None = None) -> dict:  # fmt: skip
+            done: dict | None = None, on_start: Callable[[Step], None] | None = None) -> dict:  # fmt: skip
         done = dict(done or {})
         for st in steps:
+            if on_start is not None:
+                on_start(st)
             done[st.id] = _timed(ctx, st, _deps_of(st, done))
             on_done(st, done[st.id])
         return done
 
 
-def _schedule(steps: list[Step], submit, wait_any, on_done, done: dict | None = None) -> dict[str, Outcome]:
+def _schedule(steps: list[Step], submit, wait_any, on_done, done: dict | None = None,
+              on_start=None) -> dict[str, Outcome]:  # fmt: skip
     """Submit each step once its dependencies are done (``done``: those run
     before); ``submit(step, deps)`` returns a handle, ``wait_any(handles)``
-    yields ``(handle, outcome)`` pairs of finished ones."""
+    yields ``(handle, outcome)`` pairs of finished ones. ``on_start(step)``
+    is called as a step is submitted (it may wait in the pool's queue)."""
     done = dict(done or {})
     pending = list(steps)
     running: dict = {}
@@ -85,6 +89,8 @@ def _schedule(steps: list[Step], submit, wait_any, on_done, done: dict | None = 
         ready = [st for st in pending if all(d in done for d in st.deps)]
         for st in ready:
             pending.remove(st)
+            if on_start is not None:
+                on_start(st)
             running[submit(st, _deps_of(st, done))] = st
         if not running:
             missing = {d for st in pending for d in st.deps} - done.keys()
@@ -182,7 +188,8 @@ class ProcessExecutor:
             "threads_per_job": threads_per_job(self.threads, self.jobs),
         }
 
-    def run(self, steps: list[Step], ctx: StepContext, on_done, done: dict | None = None) -> dict:
+    def run(self, steps: list[Step], ctx: StepContext, on_done, done: dict | None = None,
+            on_start=None) -> dict:  # fmt: skip
         import multiprocessing as mp
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -203,7 +210,7 @@ class ProcessExecutor:
 
         try:
             out = _schedule(steps, lambda st, deps: pool.submit(_worker_run, st, deps), wait_any, on_done,
-                            done)  # fmt: skip
+                            done, on_start)  # fmt: skip
         except BaseException:
             _stop(list(getattr(pool, "_processes", {}).values()))
             pool.shutdown(wait=True, cancel_futures=True)
@@ -265,7 +272,8 @@ class RayExecutor:
         return {"name": "ray", "jobs": self.jobs, "threads_per_job": threads_per_job(self.threads, self.jobs),
                 "address": self.address or "local"}  # fmt: skip
 
-    def run(self, steps: list[Step], ctx: StepContext, on_done, done: dict | None = None) -> dict:
+    def run(self, steps: list[Step], ctx: StepContext, on_done, done: dict | None = None,
+            on_start=None) -> dict:  # fmt: skip
         ray = import_ray()
         started = not ray.is_initialized()
         if started:
@@ -283,7 +291,7 @@ class RayExecutor:
 
         try:
             return _schedule(steps, lambda st, deps: task.remote(payload, per, st, deps), wait_any, on_done,
-                             done)  # fmt: skip
+                             done, on_start)  # fmt: skip
         finally:
             if started:
                 ray.shutdown()

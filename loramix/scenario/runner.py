@@ -67,7 +67,9 @@ class _Progress:
     """One bar over the plan's steps, and the seconds and cache hits per
     timing group (train, evaluate, merge, ...) of this run. Where stderr is
     not a terminal (a run in the background, its output in a file) the bar
-    is off and a plain line says how far the run is, once a minute."""
+    is off and a plain line says how far the run is, once a minute: when a
+    step ends, or, while one step runs for minutes (a base build, a long
+    training), from a thread that names the step under way."""
 
     total: int
     enabled: bool = True
@@ -75,6 +77,8 @@ class _Progress:
     timings: dict = field(default_factory=dict)  # group -> {seconds, made, reused} (this run)
 
     def __post_init__(self):
+        import threading
+
         from tqdm.auto import tqdm
 
         from ..options import bar_disabled
@@ -84,6 +88,15 @@ class _Progress:
         self.lines = self.enabled and not sys.stderr.isatty()
         self.count = self.made = 0
         self.t0 = self.last = time.monotonic()
+        self.under_way: dict = {}  # step id -> (step, when it was started or queued)
+        self.lock = threading.Lock()  # the thread's line and a step's line
+        self.stop = threading.Event()
+        if self.lines:
+            threading.Thread(target=self._beat, name="loramix-progress", daemon=True).start()
+
+    def start(self, step) -> None:
+        with self.lock:
+            self.under_way[step.id] = (step, time.monotonic())
 
     def done(self, step, outcome) -> None:
         t = self.timings.setdefault(step.group, {"seconds": 0.0, "made": 0, "reused": 0})
@@ -94,13 +107,36 @@ class _Progress:
         self.count += 1
         self.bar.set_postfix_str(f"{step.kind}: {step.label}", refresh=False)
         self.bar.update(1)
-        if self.lines and time.monotonic() - self.last >= LINE_EVERY:
-            self.last = time.monotonic()
-            minutes = (self.last - self.t0) / 60
-            print(f"scenario: {self.count}/{self.bar.total} steps ({self.made} made, {self.count - self.made} "
-                  f"from the cache), {minutes:.1f} min; last {step.kind}: {step.label}", file=sys.stderr, flush=True)  # fmt: skip
+        with self.lock:
+            self.under_way.pop(step.id, None)
+            if self.lines and time.monotonic() - self.last >= LINE_EVERY:
+                self.last = time.monotonic()
+                print(f"scenario: {self.count}/{self.bar.total} steps ({self.made} made, {self.count - self.made} "
+                      f"from the cache), {self._minutes():.1f} min; last {step.kind}: {step.label}", file=sys.stderr,
+                      flush=True)  # fmt: skip
+
+    def _minutes(self) -> float:
+        return (time.monotonic() - self.t0) / 60
+
+    def _beat(self) -> None:
+        # Polled each second; a line only after LINE_EVERY without one, and
+        # only once the oldest step under way has itself run that long.
+        while not self.stop.wait(1.0):
+            with self.lock:
+                now = time.monotonic()
+                if not self.under_way or now - self.last < max(LINE_EVERY, 1.0):
+                    continue
+                step, since = min(self.under_way.values(), key=lambda v: v[1])
+                if now - since < max(LINE_EVERY, 1.0):
+                    continue
+                self.last = now
+                more = len(self.under_way) - 1
+                print(f"scenario: {self._minutes():.1f} min, {self.count}/{self.bar.total} steps done; "
+                      f"{step.kind}: {step.label} under way for {(now - since) / 60:.1f} min"
+                      + (f" (and {more} more)" if more else ""), file=sys.stderr, flush=True)  # fmt: skip
 
     def close(self):
+        self.stop.set()
         self.bar.set_postfix_str("done")
         self.bar.close()
 
@@ -139,7 +175,7 @@ class Runner:
                 rec.add(st, outcome)
 
         try:
-            outcomes = self.executor.run(self.steps, ctx, on_done)
+            outcomes = self.executor.run(self.steps, ctx, on_done, on_start=prog.start)
             study = assemble(self.sc, {k: o.result for k, o in outcomes.items()})
             if self.sc.plan is not None:  # planned now: the groups depend on the validated predictors
                 outcomes, study["plan_validation"] = self._plan_validation(study, data, outcomes, ctx, prog,
@@ -170,7 +206,7 @@ class Runner:
             prog.bar.refresh()
             if rec is not None:
                 rec.by_id.update((st.id, st) for st in more)
-            outcomes = self.executor.run(more, ctx, on_done, done=outcomes)
+            outcomes = self.executor.run(more, ctx, on_done, done=outcomes, on_start=prog.start)
             self.steps = [*self.steps, *more]
         return outcomes, planval.assemble(self.sc, proposal, {k: o.result for k, o in outcomes.items()})
 
