@@ -20,6 +20,7 @@ a time.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +181,22 @@ def saved_copies(adapters) -> dict[str, tuple[torch.Tensor, Adapter]]:
                 continue
             out[name] = (t, ad)
     return out
+
+
+def warn_unscaled_copies(adapters, weights: Sequence[float]) -> None:
+    """Warn (:class:`~loramix.errors.LoramixWarning`) where an adapter
+    weighted other than 1 carries ``modules_to_save`` copies: a copy is a
+    full tensor put in place of the base's, so its weight does not scale it
+    (``W0 + w (copy - W0)`` would be a guess at what the user meant)."""
+    import warnings
+
+    from .errors import LoramixWarning
+
+    hit = [f"{ad.path or ad.name} (weight {w:g}: {', '.join(sorted(ad.saved))})"
+           for ad, w in zip(adapters, weights) if ad.saved and w != 1.0]  # fmt: skip
+    if hit:
+        warnings.warn(f"modules_to_save copies are full tensors and are put in whole, not scaled by their "
+                      f"adapter's weight: {'; '.join(hit)}", LoramixWarning, stacklevel=3)  # fmt: skip
 
 
 def saved_tensors(adapters) -> dict[str, torch.Tensor]:

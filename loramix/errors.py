@@ -29,6 +29,12 @@ class LoramixError(Exception):
         return f"{self.where}: {self.problem}" if self.where else self.problem
 
 
+class LoramixWarning(UserWarning):
+    """Something a user should know about a result that is still computed
+    (not an error): one line. The CLI prints ``loramix: warning: <line>``
+    on stderr; a notebook sees a Python warning."""
+
+
 class AdapterError(LoramixError):
     """An adapter file or folder is missing, malformed or unsupported."""
 

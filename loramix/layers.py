@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import Adapter, ModuleDelta
+from .adapter import Adapter, ModuleDelta, warn_unscaled_copies
 from .d2lora import d2_norm_scale
 from .errors import AdapterError, UsageError
 from .kinds import LORA, AttachTerms, TrainableLayer, Wrapped, get_kind, is_adaptable
@@ -390,6 +390,7 @@ def _entries_per_module(
         adapters = [adapters]
     adapters = list(adapters)
     weights = parse_weights(weights, len(adapters))
+    warn_unscaled_copies(adapters, weights)
     per: dict[str, list[tuple[float, ModuleDelta]]] = {}
     for ad, w in zip(adapters, weights):
         where = ad.path or ad.name

@@ -269,6 +269,50 @@ def test_modules_to_save_in_memory_equals_peft(tmp_path, tied):
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
 
 
+def test_a_weight_does_not_scale_a_saved_copy_and_says_so(tmp_path, capfd):
+    """A weight other than 1 on an adapter carrying ``modules_to_save`` copies:
+    the copy is still put in whole (the merge is computed), and one warning
+    line names the adapter, its weight and the copies; none at weight 1, and
+    none for a weighted adapter without copies. The library warns too."""
+    import warnings
+
+    from transformers import LlamaForCausalLM
+
+    from loramix.cli import main
+    from loramix.errors import LoramixWarning
+    from loramix.io.adapter_files import load_adapter
+    from loramix.layers import attach_adapters
+
+    model = tiny_llama()
+    base = save_base(model, tmp_path / "base")
+    a = make_peft_adapter(
+        model, tmp_path / "a", seed=1, target_modules=["q_proj"], modules_to_save=["lm_head"]
+    )
+    b = make_peft_adapter(model, tmp_path / "b", seed=2, target_modules=["v_proj"])
+    capfd.readouterr()
+    assert (
+        main(["sum", str(a), str(b), "--weights", "0.5,1", "--into", str(base), "--out", str(tmp_path / "m")])
+        == 0
+    )
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if "warning" in ln]
+    assert lines == [
+        f"loramix: warning: modules_to_save copies are full tensors and are put in whole, not scaled by their "
+        f"adapter's weight: {a} (weight 0.5: lm_head.weight)"
+    ], err
+    ours = LlamaForCausalLM.from_pretrained(str(tmp_path / "m"))
+    torch.testing.assert_close(ours.lm_head.weight, load_adapter(a).saved["lm_head.weight"])
+    for weights in ("1,1", "1,0.5"):
+        assert main(["sum", str(a), str(b), "--weights", weights, "--into", str(base), "--out",
+                     str(tmp_path / f"m{weights}")]) == 0  # fmt: skip
+        assert "warning" not in capfd.readouterr().err
+    with pytest.warns(LoramixWarning, match=r"weight -1: lm_head\.weight"):
+        attach_adapters(tiny_llama(), [load_adapter(a)], [-1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoramixWarning)
+        attach_adapters(tiny_llama(), [load_adapter(a)], [1.0])
+
+
 @pytest.mark.parametrize("method", ["sum", "svd"])
 def test_lora_and_a_saved_copy_of_one_module_refused_for_an_adapter_output(tmp_path, capsys, method):
     """One input adapts ``lm_head`` by LoRA, another carries a full copy of it:

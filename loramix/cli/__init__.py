@@ -14,11 +14,12 @@ import errno
 import importlib
 import os
 import sys
+import warnings
 
 import click
 
 from .. import __version__
-from ..errors import LoramixError, UsageError
+from ..errors import LoramixError, LoramixWarning, UsageError
 from .threads import threads_option
 
 # module (in this package) -> command name
@@ -158,10 +159,23 @@ def main(argv=None) -> int:
     in_main = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
-        return _main(argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return _main(argv)
     finally:
         if in_main:  # None: the handler was not Python's, the default then
             signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """loramix's own warnings as one line on stderr; others as Python shows them."""
+    if issubclass(category, LoramixWarning):
+        click.echo(f"loramix: warning: {message}", err=True)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
 
 
 def _main(argv) -> int:

@@ -29,7 +29,14 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, ModuleDelta, check_compatible, check_one_base, saved_tensors
+from ..adapter import (
+    Adapter,
+    ModuleDelta,
+    check_compatible,
+    check_one_base,
+    saved_tensors,
+    warn_unscaled_copies,
+)
 from ..devices import resolve_device
 from ..errors import AdapterError, UsageError
 from ..io.adapter_files import WEIGHTS_NAME, load_adapter, save_peft_adapter
@@ -79,6 +86,7 @@ def run_merge(
     ads = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
     check_compatible(ads)
     ws = parse_weights(weights, len(ads))
+    warn_unscaled_copies(ads, ws)
     p = m.validate(params, ads)
     dev = resolve_device(device)
     out_dtype = parse_dtype(dtype)
