@@ -392,7 +392,11 @@ def test_progress_line_while_one_step_runs_long(capsys, monkeypatch):
     assert "under way" not in capsys.readouterr().err
     time.sleep(2.2)
     beats = [ln for ln in capsys.readouterr().err.splitlines() if "under way" in ln]
-    assert beats and beats[0].startswith("scenario: ") and "0/3 steps done; base: tiny gpt2 under way for " in beats[0]
+    assert (
+        beats
+        and beats[0].startswith("scenario: ")
+        and "0/3 steps done; base: tiny gpt2 under way for " in beats[0]
+    )
     prog.done(base, SimpleNamespace(seconds=2.7, events=[]))
     capsys.readouterr()
     time.sleep(2.2)
