@@ -280,3 +280,19 @@ def test_features_depend_on_the_delta_not_on_its_factorisation():
     after = compute_features(ads, calibration=from_grams(ads, grams))
     for k, m in before.matrices.items():
         assert np.allclose(after.matrices[k], m, rtol=1e-9, atol=1e-12, equal_nan=True), k
+
+
+def test_subspace_overlap_of_dependent_rows_uses_the_row_space():
+    """An ``A`` with dependent rows (the exact sum of an adapter with itself:
+    ``[A; A]``) reads the same subspace as ``A``: a reduced QR of ``A^T`` gave
+    its basis arbitrary extra directions (overlap 0.58 instead of 1)."""
+    ads = _bank(n=3)
+    twice = {}
+    for m, d in ads[0].modules.items():
+        twice[m] = ModuleDelta(name=m, B=torch.cat([d.B, d.B], 1), A=torch.cat([d.A, d.A], 0),
+                               scale=d.scale, alpha=d.alpha)  # fmt: skip
+    ads.append(Adapter(name="twice", kind="lora", modules=twice))
+    fs = compute_features(ads, only=["subspace_overlap"])
+    ov = fs.matrices["subspace_overlap"]
+    assert ov[0, 3] == pytest.approx(1.0, rel=1e-12)
+    assert ov[2, 3] == pytest.approx(ov[2, 0], rel=1e-9)

@@ -1,13 +1,15 @@
 """Overlap of the input subspaces the adapters read, from ``A`` alone.
 
 Module ``m``: adapter ``i``'s delta ``dW = Bf_i Af_i`` only sees the part of an
-input in the row space of ``Af_i`` (r_i x in). With ``Q_i`` (in x r_i) an
-orthonormal basis of that row space (reduced QR of ``Af_i^T``; ``Af`` has full
-row rank, as a trained or randomly initialised ``A`` with ``r <= in`` has), the
-cosines of the principal angles between the two subspaces are the singular
-values ``sigma_k`` of ``Q_i^T Q_j`` (r_i x r_j), so their mean square is::
+input in the row space of ``Af_i`` (r_i x in). With ``Q_i`` (in x k_i) an
+orthonormal basis of that row space (the left singular vectors of ``Af_i^T``
+whose singular values exceed ``1e-12`` of the largest, so ``k_i = rank Af_i``:
+``r_i`` for a trained or randomly initialised ``A`` with ``r <= in``, fewer for
+one with dependent rows, such as the exact sum of two adapters that share an
+``A``), the cosines of the principal angles between the two subspaces are the
+singular values ``sigma_k`` of ``Q_i^T Q_j`` (k_i x k_j), so their mean square is::
 
-    overlap_m(i, j) = sum_k sigma_k^2 / min(r_i, r_j) = ||Q_i^T Q_j||_F^2 / min(r_i, r_j)
+    overlap_m(i, j) = sum_k sigma_k^2 / min(k_i, k_j) = ||Q_i^T Q_j||_F^2 / min(k_i, k_j)
 
 in ``[0, 1]`` (1: one subspace contains the other). ``subspace_overlap[i, j]``
 is its mean over the modules both adapt. Adapters that share their initial
@@ -24,14 +26,22 @@ from . import Feature, register
 
 def module_overlap(As: list[torch.Tensor]) -> np.ndarray:
     """``overlap_m`` (n x n) for the ``Af`` (r_k x in, float64) of one module."""
-    Qs = [torch.linalg.qr(A.T, mode="reduced").Q for A in As]
+    Qs = [row_space(A) for A in As]
     n = len(Qs)
     out = np.ones((n, n))
     for a in range(n):
         for b in range(a + 1, n):
             k = min(Qs[a].shape[1], Qs[b].shape[1])
-            out[a, b] = out[b, a] = float((Qs[a].T @ Qs[b]).square().sum()) / k
+            out[a, b] = out[b, a] = float((Qs[a].T @ Qs[b]).square().sum()) / k if k else float("nan")
     return out
+
+
+def row_space(A: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
+    """An orthonormal basis (in x rank) of the row space of ``A`` (r x in): a
+    reduced QR of ``A^T`` would add arbitrary directions for dependent rows."""
+    U, s, _ = torch.linalg.svd(A.T, full_matrices=False)
+    keep = s > rtol * float(s.max()) if s.numel() and float(s.max()) > 0 else s > 0
+    return U[:, keep]
 
 
 def mean_over_modules(ctx, per_module) -> np.ndarray:
