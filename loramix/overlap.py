@@ -128,12 +128,14 @@ class SimilarityResult:
             "mean": mat(self.mean),
             "coverage": mat(self.coverage),
             "shared_modules": [[int(x) for x in row] for row in self.shared.to_numpy()],
-            "zero_norm": json.loads(self.zero_norm.to_json(orient="records")),
+            "zero_norm": json.loads(self.zero_norm.to_json(orient="records", double_precision=15)),
         }
         if per_module:
             # via pandas' JSON writer: numpy scalars and missing layers (<NA>) become plain JSON
             for by in ("type", "layer"):
-                out[f"by_{by}"] = json.loads(breakdown(self.per_module, by).to_json(orient="records"))
+                out[f"by_{by}"] = json.loads(
+                    breakdown(self.per_module, by).to_json(orient="records", double_precision=15)
+                )
         return out
 
 

@@ -106,3 +106,25 @@ def test_llama_half_storage(tmp_path, capsys):
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(w)).items()}, str(w))
     df = inspect_adapter(folder)
     assert set(df["dtype"]) == {"bfloat16"} and len(df) == 2
+
+
+def test_json_keeps_full_precision(tmp_path, capsys):
+    """The JSON's module norms and scales are those of the table, not rounded
+    to 10 decimals by pandas (a 1e-9 delta lost all but two digits)."""
+    model = tiny_llama()
+    a = make_peft_adapter(model, tmp_path / "a", r=3, lora_alpha=5)
+    df = inspect_adapter(a)
+    assert main(["inspect", str(a), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["modules"]
+    assert [r["scale"] for r in rows] == list(df["scale"])  # 5/3 exactly
+    assert [r["norm"] for r in rows] == list(df["norm"])
+    from safetensors.torch import load_file, save_file
+
+    f = a / "adapter_model.safetensors"
+    small = {k: v * 1e-6 for k, v in load_file(f).items()}  # deltas of norm ~1e-12
+    save_file(small, f, metadata={"format": "pt"})
+    df = inspect_adapter(a)
+    assert main(["inspect", str(a), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["modules"]
+    assert all(r["norm"] > 0 for r in rows)
+    assert [r["norm"] for r in rows] == list(df["norm"])

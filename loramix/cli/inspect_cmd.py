@@ -34,7 +34,11 @@ def command(path: Path, fmt: str) -> None:
         out = {
             k: meta[k] for k in ("name", "path", "sha256", "kind", "method", "base_model", "totals", "saved")
         }
-        out["modules"] = json.loads(df.to_json(orient="records"))
+        # not df.to_json: pandas rounds to 10 decimals (a norm of 7.08e-9 became 7.1e-09)
+        out["modules"] = [
+            {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
+            for row in df.to_dict(orient="records")
+        ]
         click.echo(json.dumps(out, indent=2))
         return
     t = meta["totals"]
