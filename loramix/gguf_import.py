@@ -142,7 +142,13 @@ def _hf_config(reader, path: Path, model_type: str, dtype: str):
         ) from None
     cfg = {k: v for k, v in parsed["config"].items() if k not in _DROP_CONFIG_KEYS}
     cfg.pop("model_type", None)
-    check_shape(reader, path, cfg, _field(reader, "general.architecture"))
+    gguf_arch = _field(reader, "general.architecture")
+    check_shape(reader, path, cfg, gguf_arch)
+    if model_type == "mistral":
+        # llama.cpp runs a "llama" GGUF with full attention; MistralConfig's default
+        # sliding_window (4096) would make positions >= 4096 attend differently
+        window = _field(reader, f"{gguf_arch}.attention.sliding_window")
+        cfg["sliding_window"] = int(window) if window else None
     try:
         config = AutoConfig.for_model(model_type, **cfg)
     except Exception as e:

@@ -317,3 +317,16 @@ def test_bad_gguf_as_base_is_one_line(tmp_path, capsys):
     # refused before the import's notice: one line still
     h3 = llama_gguf(tmp_path / "h3.gguf", head_count=3, head_count_kv=3)
     one_line_error(capsys, ["eval", "--base", h3, "--data", "synthetic:arith"], h3, "does not divide")
+
+
+def test_mistral_named_gguf_has_no_sliding_window(tmp_path):
+    """A "llama" GGUF named Mistral is imported as MistralConfig; llama.cpp runs
+    it with full attention, so the config must not take MistralConfig's default
+    4096-token sliding window (positions >= 4096 gave other logits than
+    transformers' own GGUF loader)."""
+    from loramix.gguf_import import _hf_config, open_gguf
+
+    path = llama_gguf(tmp_path / "m.gguf", name="Mistral 7B Instruct v0.3")
+    config = _hf_config(open_gguf(path), path, "mistral", "float32")
+    assert config.model_type == "mistral"
+    assert config.sliding_window is None
