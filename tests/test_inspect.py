@@ -128,3 +128,16 @@ def test_json_keeps_full_precision(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)["modules"]
     assert all(r["norm"] > 0 for r in rows)
     assert [r["norm"] for r in rows] == list(df["norm"])
+
+
+def test_d2_table_says_the_norm_is_the_residual(tmp_path, capsys):
+    """A D2 adapter's effective delta W_hat - W0 is about twice its residual on
+    a real base; the table must not present the residual's norm as the delta's."""
+    g = torch.Generator().manual_seed(0)
+    mods = {"model.layers.0.mlp.up_proj": ModuleDelta(
+        name="model.layers.0.mlp.up_proj", B=torch.randn(8, 2, generator=g), A=torch.randn(2, 6, generator=g),
+        B_neg=torch.randn(8, 2, generator=g), A_neg=torch.randn(2, 6, generator=g), scale=2.0, alpha=4.0, tau=0.5,
+    )}  # fmt: skip
+    folder = save_d2_adapter(tmp_path / "d2", mods, r=2, lora_alpha=4, tau=0.5)
+    assert main(["inspect", str(folder)]) == 0
+    assert "signed residual" in capsys.readouterr().out

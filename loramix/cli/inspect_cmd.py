@@ -25,6 +25,8 @@ def command(path: Path, fmt: str) -> None:
     with adapter_config.json beside it. For each module: shape (out x in, the
     nn.Linear layout), rank, alpha, scale, the Frobenius norm of the delta
     s*B@A (computed from the factors), stored dtype and parameter count.
+    For D2-LoRA the norm is that of the signed residual s(B+A+ - tau B-A-);
+    the delta merging adds, W_hat - W0, depends on the base and differs.
     """
     from ..contents import inspect_adapter
 
@@ -64,6 +66,11 @@ def command(path: Path, fmt: str) -> None:
         f"norm {t['norm']:.6g} (sqrt of the sum of squared module norms), "
         f"ranks {', '.join(map(str, t['ranks']))}, dtype {', '.join(t['dtypes'])}"
     )
+    if any(k != "lora" for k in df["kind"]):
+        click.echo(
+            "norm of a D2-LoRA module: its signed residual s(B+A+ - tau B-A-), not the delta "
+            "W_hat - W0 that merging adds (that one depends on the base weight)"
+        )
     for c in meta["saved"]:
         shape = "x".join(map(str, c["shape"]))
         click.echo(
