@@ -27,13 +27,19 @@ What loramix adds is checking and writing:
 * **Provenance**: the GGUF's sha256, architecture and the quantisation of its
   tensors, in ``loramix.json`` and in the safetensors metadata.
 
+* **RoPE scaling** is refused: a ``rope_freqs`` tensor other than all ones
+  (llama.cpp's form of Llama 3.1's scaled frequencies) or a
+  ``{arch}.rope.scaling.type`` other than ``none``. transformers' GGUF support
+  drops both, so the model written would not be the model in the file.
+
 Supported architectures: the Llama family (``llama``, which covers SmolLM and
 llama.cpp's Mistral, and ``qwen2``). Anything else, a file that is not a GGUF, a
-truncated one or a quantisation ``gguf`` cannot de-quantise is a one-line
+truncated one or a quantisation outside :data:`SUPPORTED_TYPES` is a one-line
 :class:`~loramix.errors.BaseModelError`, and nothing is left at ``out``.
 
 :func:`resolve_base` lets every command take a GGUF file where it takes a base
-folder: the file is imported once into ``cache_dir()/bases/<sha256>-<dtype>``.
+folder: the file is imported once into
+``cache_dir()/bases/<sha256>-float32-r<IMPORT_RULE>``.
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # fmt: skip
 DTYPES = ("float32", "bfloat16")
+#: the version of what an import writes from a given file, in the name of
+#: :func:`resolve_base`'s cached folder (2: a Mistral-named llama GGUF without a
+#: sliding window in its metadata gets none, not MistralConfig's 4096)
+IMPORT_RULE = 2
 # GGUF metadata only: tokenizer bookkeeping transformers copies into the config.
 _DROP_CONFIG_KEYS = ("_model_name_or_path",)
 
@@ -144,6 +154,10 @@ def _hf_config(reader, path: Path, model_type: str, dtype: str):
     cfg.pop("model_type", None)
     gguf_arch = _field(reader, "general.architecture")
     check_shape(reader, path, cfg, gguf_arch)
+    scaling = _field(reader, f"{gguf_arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise BaseModelError(path, f"its RoPE is scaled ({gguf_arch}.rope.scaling.type = {scaling!r}), "
+                                   "which loramix cannot import: transformers' GGUF support drops it")  # fmt: skip
     if model_type == "mistral":
         # llama.cpp runs a "llama" GGUF with full attention; MistralConfig's default
         # sliding_window (4096) would make positions >= 4096 attend differently
@@ -219,7 +233,11 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str) -> dict:
     for t in reader.tensors:
         hf = name_map.get(t.name)
         if hf is None:
-            if t.name.startswith("rope_freqs"):  # recomputed by transformers from the config
+            if t.name.startswith("rope_freqs"):  # per-frequency RoPE factors: all ones is no scaling
+                if not np.all(dequantize(t.data, t.tensor_type) == 1):
+                    raise BaseModelError(path, f"tensor {t.name} scales the RoPE frequencies (as llama.cpp "
+                                               "stores Llama 3.1's), which loramix cannot import: transformers' "
+                                               "GGUF support drops it")  # fmt: skip
                 continue
             raise BaseModelError(path, f"tensor {t.name} has no place in a {arch} model")
         try:
@@ -320,7 +338,9 @@ def import_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, *, dtype: 
 
 def resolve_base(path: str | os.PathLike) -> Path:
     """A base model folder for ``path``: the folder itself, or for a GGUF file its
-    import in ``cache_dir()/bases/<sha256>-float32``, made on first use.
+    import in ``cache_dir()/bases/<sha256>-float32-r<IMPORT_RULE>``, made on
+    first use (an import by an older rule, ``<sha256>-float32[-rN]``, is
+    removed then).
 
     Concurrent-safe: an importer holds a lock file while it writes into a
     private temporary folder and renames it into place; a second process waits
@@ -335,7 +355,7 @@ def resolve_base(path: str | os.PathLike) -> Path:
 
     sha = cached_file_sha256(p)
     root = cache_dir() / "bases"
-    target = root / f"{sha}-float32"
+    target = root / f"{sha}-float32-r{IMPORT_RULE}"
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -358,6 +378,10 @@ def resolve_base(path: str | os.PathLike) -> Path:
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        # superseded imports of this file (half a GB for SmolLM2 each)
+        for old in [root / f"{sha}-float32", *root.glob(f"{glob.escape(sha)}-float32-r*")]:
+            if old != target and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
     return target
 
 

@@ -201,17 +201,25 @@ def test_sum_into_equals_peft_cat(smol, trained, tmp_path, capsys):
 @needs_model
 def test_gguf_path_accepted_as_base(smol, monkeypatch, tmp_path, capfd):
     """A GGUF where a base folder goes is imported once into the cache, keyed
-    by its sha256, and the import says so on stderr (it was silent)."""
-    from loramix.gguf_import import resolve_base
+    by its sha256 and the import rule, and the import says so on stderr (it
+    was silent); imports of that file by older rules are removed then."""
+    from loramix.gguf_import import IMPORT_RULE, resolve_base
     from loramix.io.filehash import cache_dir
     from loramix.io.model_folder import BaseModelFolder
 
-    imported = not (cache_dir() / "bases" / f"{file_sha256(GGUF)}-float32" / "config.json").is_file()
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    sha = file_sha256(GGUF)
+    stale = [cache_dir() / "bases" / f"{sha}-float32", cache_dir() / "bases" / f"{sha}-float32-r1"]
+    other = cache_dir() / "bases" / f"{'0' * 64}-float32"  # another file's import: kept
+    for d in [*stale, other]:
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
     capfd.readouterr()
     folder = resolve_base(GGUF)
     said = [line for line in capfd.readouterr().err.splitlines() if "importing" in line]
-    assert said == ([f"loramix: importing {GGUF} into {folder} (once per file)"] if imported else [])
-    assert folder.name.startswith(file_sha256(GGUF)) and (folder / "config.json").is_file()
+    assert said == [f"loramix: importing {GGUF} into {folder} (once per file)"]
+    assert folder.name == f"{sha}-float32-r{IMPORT_RULE}" and (folder / "config.json").is_file()
+    assert not any(d.exists() for d in stale) and other.is_dir()
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
     assert BaseModelFolder(GGUF).path == folder  # found, not imported again
     assert (
@@ -240,7 +248,7 @@ def write_gguf(path: Path, arch: str, tensors: dict) -> Path:
 def llama_gguf(path: Path, drop: str | None = None, put: dict | None = None, **meta) -> Path:
     """A one-block Llama GGUF (width 32, vocab 64) with the metadata a model
     has (``meta`` overrides them, None leaves one out), less tensor ``drop``,
-    with the tensors ``put`` in place of the random ones."""
+    with the tensors ``put`` in place of the random ones (or beside them)."""
     import gguf
     import numpy as np
 
@@ -258,6 +266,9 @@ def llama_gguf(path: Path, drop: str | None = None, put: dict | None = None, **m
     for name, shape in shapes.items():
         if name != drop:
             w.add_tensor(name, (put or {}).get(name, r.randn(*shape).astype(np.float32)))
+    for name, t in (put or {}).items():
+        if name not in shapes:
+            w.add_tensor(name, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -266,6 +277,7 @@ def llama_gguf(path: Path, drop: str | None = None, put: dict | None = None, **m
 
 
 def test_import_refuses_bad_input(tmp_path, capsys):
+    import gguf
     import numpy as np
 
     text = tmp_path / "notes.gguf"
@@ -302,6 +314,17 @@ def test_import_refuses_bad_input(tmp_path, capsys):
             ["head_count 3 does not divide", "32"],
         ),
         (llama_gguf(tmp_path / "kv3.gguf", head_count_kv=3), ["head_count_kv 3 does not divide"]),
+        # RoPE scaling, which transformers' GGUF support drops: the written model would not be the file's
+        (
+            llama_gguf(
+                tmp_path / "freqs.gguf", put={"rope_freqs.weight": np.linspace(1, 8, 8, dtype=np.float32)}
+            ),
+            ["tensor rope_freqs.weight scales the RoPE frequencies"],
+        ),
+        (
+            llama_gguf(tmp_path / "linear.gguf", rope_scaling_type=gguf.RopeScalingType.LINEAR),
+            ["its RoPE is scaled (llama.rope.scaling.type = 'linear')"],
+        ),
     ]
     for i, (path, needles) in enumerate(cases):
         out = tmp_path / f"out{i}"
