@@ -646,6 +646,11 @@ def test_bad_input_exit_2(models, tmp_path, capsys):
         (["-m", "svd", "--energy", "1.5", *a], ["--energy", "outside (0, 1]"]),
         (["-m", "d2-signed", *a, "--into", base], [a[0], "d2lora"]),
         (["-m", "svd", "--rank", "2", *m["d2"]], [m["d2"][0], "D2-LoRA"]),
+        # not "--out-rank K ... for an adapter truncated by SVD", which would then be refused
+        (
+            ["-m", "d2-signed", *m["d2"]],
+            [m["d2"][0], "D2-LoRA adapter: its effective delta depends on the base"],
+        ),
         (
             ["-m", "slerp", *a],
             ["unknown method", "dare-linear, dare-ties, della, magnitude, sum, svd, task-arithmetic, ties"],

@@ -122,13 +122,7 @@ def _check_adapter_output(m: MergeMethod, ads: Sequence[Adapter], trunc) -> None
     method truncated to a rank (``trunc``), and adapters whose deltas do not
     depend on the base, made for one base."""
     check_one_base(list(ads))
-    if not m.low_rank and trunc is None:
-        raise UsageError(
-            "into",
-            f"method {m.name} writes a dense delta: pass --into BASE (into=), or --out-rank K / --energy F "
-            f"(out_rank= / energy=) for an adapter truncated by SVD (only {', '.join(_low_rank_names())} "
-            "write an exact adapter)",
-        )
+    # first: no flag makes an adapter of these, so the method's hint below would mislead
     for ad in ads:
         if ad.kind.needs_base:
             raise AdapterError(
@@ -136,6 +130,13 @@ def _check_adapter_output(m: MergeMethod, ads: Sequence[Adapter], trunc) -> None
                 f"is a {ad.kind.label} adapter: its effective delta depends on the base weights, so no "
                 "LoRA adapter holds the result; merge it into the base with --into BASE",
             )
+    if not m.low_rank and trunc is None:
+        raise UsageError(
+            "into",
+            f"method {m.name} writes a dense delta: pass --into BASE (into=), or --out-rank K / --energy F "
+            f"(out_rank= / energy=) for an adapter truncated by SVD (only {', '.join(_low_rank_names())} "
+            "write an exact adapter)",
+        )
 
 
 def _low_rank_names() -> list[str]:
