@@ -385,12 +385,33 @@ def resolve_base(path: str | os.PathLike) -> Path:
     return target
 
 
-class _lock:
-    """An exclusive ``flock`` on ``path`` (a no-op where fcntl is missing)."""
+def remove_stale_imports() -> list[Path]:
+    """Remove the temporary folders of GGUF imports that were killed
+    (``cache_dir()/bases/.<sha256>-...tmp-*``) where no process is importing
+    that file now (its lock is free); returns them. :func:`resolve_base`
+    removes a file's own when it imports it again."""
+    from .io.model_folder import cache_dir
 
-    def __init__(self, path: Path):
-        self.path = path
+    root = cache_dir() / "bases"
+    out = []
+    for tmp in sorted(root.glob(".*.tmp-*")) if root.is_dir() else []:
+        sha = tmp.name[1:].split("-", 1)[0]
+        with _lock(root / f"{sha}.lock", wait=False) as lock:
+            if lock.held and tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+                out.append(tmp)
+    return out
+
+
+class _lock:
+    """An exclusive ``flock`` on ``path`` (a no-op where fcntl is missing).
+    ``wait=False``: do not wait for another holder; ``held`` says whether
+    the lock was taken (never where fcntl is missing: no one can tell)."""
+
+    def __init__(self, path: Path, wait: bool = True):
+        self.path, self.wait = path, wait
         self.f = None
+        self.held = False
 
     def __enter__(self):
         try:
@@ -398,7 +419,11 @@ class _lock:
         except ImportError:  # Windows: fall back to the rename's atomicity alone
             return self
         self.f = open(self.path, "a")
-        fcntl.flock(self.f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return self
+        self.held = True
         return self
 
     def __exit__(self, *exc):

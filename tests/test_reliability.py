@@ -1066,6 +1066,37 @@ def test_cache_clean_removes_stale_cache_temporaries(tmp_path, capsys):
     assert not dead.exists() and live.exists()
 
 
+def test_cache_clean_removes_killed_gguf_imports(tmp_path, capsys, monkeypatch):
+    """A GGUF import killed mid-write leaves ``bases/.<sha>-...tmp-*``:
+    ``cache clean`` removes it unless an import of that file holds its lock
+    now. A --dir that does not exist is refused in one line; a default
+    cache not made yet is nothing to clean."""
+    from loramix.gguf_import import _lock
+
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    bases = tmp_path / "home" / "bases"
+    dead = bases / f".{'a' * 64}-float32-r2.tmp-0123abcd"
+    busy = bases / f".{'b' * 64}-float32-r2.tmp-4567ef01"
+    done = bases / f"{'c' * 64}-float32-r2"
+    for d in (dead, busy, done):
+        d.mkdir(parents=True)
+    with _lock(bases / f"{'b' * 64}.lock"):  # an import of that file under way
+        rc, out, err = cli(capsys, "cache", "clean")
+    assert rc == 0, err
+    assert out.splitlines() == [
+        f"no scenario cache at {Path('.loramix-cache')}: nothing to clean",
+        f"removed 1 temporary folder of killed GGUF imports from {bases}",
+    ], out
+    assert not dead.exists() and busy.is_dir() and done.is_dir()
+    rc, out, err = cli(capsys, "cache", "clean")
+    assert rc == 0 and not busy.exists() and "removed 1 temporary folder" in out
+    rc, out, err = cli(capsys, "cache", "clean", "--dir", tmp_path / "typo")
+    assert (
+        rc == 2 and out == "" and len(err.splitlines()) == 1 and "typo" in err and "does not exist" in err
+    ), err
+
+
 # ---- scenario check catches what scenario run would fail on -------------------------------------------------
 
 # the smallest valid scenario, shared with tests/test_scenario.py
