@@ -32,16 +32,18 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
         if v is not None and v < 1:
             raise UsageError(name, f"must be at least 1, got {v}")
     sc = load_scenario(file)
+    from collections import Counter
+
+    from ..scenario.plan import merged_data_compositions, plan, prepare_data
+
+    # the data files are read (and refused: empty, too few records, a missing
+    # field) before anything is printed, so a failed check never says "ok" first
+    data = prepare_data(sc)
     click.echo(f"{file}: ok — scenario {sc.name!r}")
     for n, d in sc.domains.items():
         click.echo(f"  domain {n}: {d.data} (train {d.train}, eval {d.eval})")
     comps = ", ".join("+".join(c) for c in sc.compositions)
     click.echo(f"  compositions ({len(sc.compositions)}): {comps}")
-    from collections import Counter
-
-    from ..scenario.plan import merged_data_compositions, plan, prepare_data
-
-    data = prepare_data(sc)
     md = merged_data_compositions(sc, data)
     if len(md) < len(sc.compositions):
         click.echo(f"  merged-data adapters ({len(md)}): {', '.join('+'.join(c) for c in md)}")
@@ -50,6 +52,14 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
         ms = [m.method for m in merges_for(sc, am)]
         click.echo(f"  {am}: {len(sc.seeds)} seed(s) x ({n_dom} domain + {len(md)} merged-data adapters); "
                    f"merges {', '.join(ms)}")  # fmt: skip
+    if sc.predictors is not None:
+        from ..scenario.predictors import MIN_COMPOSITIONS
+
+        n_target = len(md) if sc.predictors.target == "delta_ppl" else len(sc.compositions)
+        if n_target < MIN_COMPOSITIONS:
+            click.echo(f"  note: [predictors] needs at least {MIN_COMPOSITIONS} compositions with the "
+                       f"{sc.predictors.target} target to validate a predictor; this study has {n_target}, so the "
+                       "report will have no predictors section and no predictors.json")  # fmt: skip
     steps = plan(sc, data)
     kinds = Counter(st.kind for st in steps)
     click.echo(f"  plan: {len(steps)} steps ({', '.join(f'{n} {k}' for k, n in kinds.items())})")

@@ -92,9 +92,11 @@ def _similarity_lines(summary: pd.DataFrame) -> list[str]:
         for col, name in (("retention_pct", "retention %"), ("delta_ppl_pct", "Δppl %")):
             r, n = _pearson(g["rms_cosine"], g[col])
             if n >= 3:
+                # the ranges over the same n pairs as r (Δppl % only where a merged-data adapter is)
+                gc = g[np.isfinite(g[col].to_numpy(dtype=float)) & np.isfinite(g["rms_cosine"].to_numpy(dtype=float))]
                 L.append(f"- {am}, {mm}: Pearson r of {name} with the RMS cosine over {n} pairs = **{_f(r)}** "
-                         f"({name} from {_f(g[col].min(), 1)} to {_f(g[col].max(), 1)}; cosine from "
-                         f"{_f(g['rms_cosine'].min(), 3)} to {_f(g['rms_cosine'].max(), 3)})")  # fmt: skip
+                         f"({name} from {_f(gc[col].min(), 1)} to {_f(gc[col].max(), 1)}; cosine from "
+                         f"{_f(gc['rms_cosine'].min(), 3)} to {_f(gc['rms_cosine'].max(), 3)})")  # fmt: skip
     return L
 
 
@@ -154,10 +156,18 @@ def setup_lines(report: dict, v) -> list[str]:
                  "or merged-data adapter on its members, the base on all")  # fmt: skip
     p = sc.get("predictors")
     if p:
+        from .predictors import MIN_COMPOSITIONS
+
+        if primary_validation(report) is not None:
+            saved = f"`predictors.json` holds the best predictor of {p['target']} ({p['method']})"
+        else:  # nothing validated: say so rather than name a file that is not there
+            n = len({r["composition"] for r in report["results"]})
+            saved = (f"**no predictor of {p['target']} ({p['method']}) could be validated** (leave-one-domain-out "
+                     f"needs at least {MIN_COMPOSITIONS} compositions with a measured target and enough domains to "
+                     f"hold out; this study has {n} compositions), so there is no `predictors.json`")  # fmt: skip
         L.append(f"- Predictors: every feature of `loramix.features` from the domain adapters' factors, the "
                  f"data-aware ones from {p['tokens']} calibration tokens of each domain's training split "
-                 f"(max_len {p['max_len']}); {100 * p['level']:g}% prediction intervals; `predictors.json` holds "
-                 f"the best predictor of {p['target']} ({p['method']})")  # fmt: skip
+                 f"(max_len {p['max_len']}); {100 * p['level']:g}% prediction intervals; {saved}")  # fmt: skip
     return L
 
 
