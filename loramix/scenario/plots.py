@@ -26,6 +26,8 @@ import pandas as pd
 
 _K_MARKERS = {2: "o", 3: "^", 4: "s"}
 _K_NAMES = {2: "pairs", 3: "triples"}
+#: pairs named in a panel of cosine_by_layer's legend (the most similar ones)
+LEGEND_PAIRS = 10
 _PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
 
 
@@ -35,6 +37,20 @@ def _kind_color(name: str) -> str | None:
 
     names = sorted(KINDS, key=lambda n: (n != "lora", n))
     return _PALETTE[names.index(name) % len(_PALETTE)] if name in names else None
+
+
+def _label_colors(labels) -> dict[str, str]:
+    """A distinct colour for each adapter label: a plain kind keeps its own
+    (:func:`_kind_color`), the others (``lora:data``, ``lora@16``, ...) take
+    the palette's unused colours in order, so no two labels share one."""
+    labels = list(dict.fromkeys(labels))
+    out = {lab: c for lab in labels if (c := _kind_color(lab)) is not None}
+    free = [c for c in _PALETTE if c not in out.values()]
+    extra = iter(free + [f"C{i}" for i in range(5, 10)])
+    for lab in labels:
+        if lab not in out:
+            out[lab] = next(extra, "0.3")
+    return out
 
 
 def _plt():
@@ -47,20 +63,23 @@ def _plt():
 
 
 def _place_labels(ax, labels: list[tuple]) -> None:
-    """Annotate points, moving a label below its point when it would overlap
-    one already placed (a greedy check in axis-fraction units)."""
+    """Annotate points: each label beside its point, or just above or below
+    it when that would overlap one already placed (a greedy check in
+    axis-fraction units); a label with no free place nearby is left out
+    rather than piled on the others (every value is in results.csv)."""
     (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
     placed: list[tuple[float, float]] = []
     for x, y, text, color in sorted(labels, key=lambda t: (t[0], t[1])):
         fx, fy = (x - x0) / ((x1 - x0) or 1), (y - y0) / ((y1 - y0) or 1)
-        dy = 0.03
-        for _ in range(4):
-            if all(abs(fx - px) > 0.16 or abs(fy + dy - py) > 0.04 for px, py in placed):
+        for dy in (0.03, -0.03, 0.07, -0.07):
+            ty = fy + dy
+            if 0.02 <= ty <= 0.98 and all(abs(fx - px) > 0.16 or abs(ty - py) > 0.04 for px, py in placed):
                 break
-            dy -= 0.05
-        placed.append((fx, fy + dy))
+        else:
+            continue
+        placed.append((fx, ty))
         right = fx > 0.75  # near the right edge: put the label to the left of the point
-        ax.annotate(text, (x, y), xytext=(fx - 0.012 if right else fx + 0.012, fy + dy), textcoords="axes fraction",
+        ax.annotate(text, (x, y), xytext=(fx - 0.012 if right else fx + 0.012, ty), textcoords="axes fraction",
                     fontsize=8, color=color, va="center", ha="right" if right else "left")  # fmt: skip
 
 
@@ -74,8 +93,9 @@ def delta_vs_cosine(summary: pd.DataFrame, fits: list[dict], path: Path, title: 
     xs_all = summary["rms_cosine"].to_numpy(dtype=float)
     ks = sorted(set(summary["k"].astype(int))) if "k" in summary else [2]
     labels: list[tuple] = []
+    colors = _label_colors(summary["adapter_method"])
     for method, g in summary.groupby("adapter_method", sort=False):
-        color = _kind_color(method)
+        color = colors[method]
         for k in ks:
             gk = g[g["k"].astype(int) == k] if "k" in g else g
             if gk.empty:
@@ -116,20 +136,29 @@ def cosine_by_layer(by_layer: pd.DataFrame, path: Path, title: str) -> Path:
     (mean over seeds), one panel per adapter method."""
     plt = _plt()
     methods = list(dict.fromkeys(by_layer["adapter_method"]))
-    fig, axes = plt.subplots(1, len(methods), figsize=(6.2 * len(methods), 4.4), dpi=130, squeeze=False,
+    fig, axes = plt.subplots(1, len(methods), figsize=(8.4 * len(methods), 4.4), dpi=130, squeeze=False,
                              sharey=True)  # fmt: skip
     for ax, method in zip(axes[0], methods):
         g = by_layer[by_layer["adapter_method"] == method]
+        # a legend of more than LEGEND_PAIRS pairs covers the panel: name the most similar
+        # pairs only, the others in grey (every value is in similarity_per_module.csv)
+        peak = g.groupby("pair", sort=False)["rms_cosine"].max()
+        named = set(peak.nlargest(LEGEND_PAIRS).index)
         for pair, gp in g.groupby("pair", sort=False):
             gp = gp.sort_values("layer")
-            ax.plot(gp["layer"], gp["rms_cosine"], "o-", ms=4, label=pair)
+            if pair in named:
+                ax.plot(gp["layer"], gp["rms_cosine"], "o-", ms=4, label=pair, zorder=3)
+            else:
+                ax.plot(gp["layer"], gp["rms_cosine"], "-", color="0.8", lw=0.8, zorder=2)
+        if len(peak) > len(named):
+            ax.plot([], [], "-", color="0.8", label=f"the other {len(peak) - len(named)} pairs")
         layers = sorted(g["layer"].dropna().unique())
         if layers and len(layers) <= 24:
             ax.set_xticks(layers)
         ax.set_xlabel("layer")
         ax.set_title(f"{method}", fontsize=10)
         ax.grid(alpha=0.25)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     axes[0][0].set_ylabel("RMS cosine over the layer's modules")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
