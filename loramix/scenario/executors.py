@@ -262,6 +262,29 @@ def import_ray():
     return ray
 
 
+#: seconds to wait for a TCP connection to a Ray cluster's address before refusing it
+PROBE_SECONDS = 10.0
+
+
+def probe_ray_address(address: str, timeout: float = PROBE_SECONDS) -> None:
+    """Refuse, in one line, an ``--address`` HOST:PORT (or ray://HOST:PORT)
+    where nothing listens: ``ray.init`` would otherwise retry for minutes,
+    printing a warning every few seconds. ``auto`` and forms without a port
+    are left to Ray."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise UsageError("--address", f"no Ray cluster answers at {address} ({e.strerror or e}); start one with "
+                         "`ray start --head` or leave --address out for a local instance") from None  # fmt: skip
+
+
 @dataclass
 class RayExecutor:
     jobs: int
@@ -301,7 +324,11 @@ class RayExecutor:
         from pathlib import Path
 
         if self.address:
-            ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
+            try:
+                ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise UsageError("--address", f"cannot join the Ray cluster at {self.address}: "
+                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None  # fmt: skip
             return
         # A local instance: workers import this checkout of loramix.
         root = str(Path(__file__).resolve().parents[2])
@@ -328,5 +355,7 @@ def make_executor(name: str | None = None, *, jobs: int | None = None, threads: 
         return ProcessExecutor(jobs or 2, threads)
     if name == "ray":
         import_ray()
+        if address:
+            probe_ray_address(address)
         return RayExecutor(jobs or 2, threads, address)
     return SerialExecutor()
