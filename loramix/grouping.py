@@ -300,6 +300,12 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
     vbm = by_method_records(fitfile["by_method"]) if model.method_aware else None
     p = plan_with(model, source=source, validated=validated, max_group=max_group, budget=budget,
                   validated_by_method=vbm)  # fmt: skip
+    if fitfile is not None:  # groups larger than any composition the predictor was validated on
+        from .interference import fitted_sizes, size_note
+
+        sizes = fitted_sizes(fitfile.get("compositions") or [])
+        big = sorted({len(g["members"]) for g in p.groups if sizes and len(g["members"]) > max(sizes)})
+        warnings += [f"group(s) of {k}: {size_note(k, sizes)}" for k in big]
     p.warnings = warnings
     return p
 

@@ -85,6 +85,10 @@ def predict_validated(
     far = extrapolation(fit, features)
     if far is not None:
         warnings.append(far)
+    sizes = fitted_sizes(fitfile.get("compositions") or [])
+    if sizes and len(adapters) > max(sizes):
+        far = far or "size"
+        warnings.append(size_note(len(adapters), sizes))
     rows = {r["predictor"]: r for r in fitfile["summary"]}
     return {
         "names": list(model.features.names), "adapter_method": adapters[0].method, "target": fitfile["target"],
@@ -94,6 +98,17 @@ def predict_validated(
         "features": features, "extrapolation": far is not None,
         "warnings": warnings,
     }  # fmt: skip
+
+
+def fitted_sizes(compositions) -> list[int]:
+    """The composition sizes a fit saw, from its labels (``a+b``) or member lists."""
+    return sorted({c.count("+") + 1 if isinstance(c, str) else len(c) for c in compositions})
+
+
+def size_note(k: int, sizes: list[int]) -> str:
+    """Why a composition of ``k`` adapters is an extrapolation of a fit on ``sizes``."""
+    return (f"the fit saw compositions of {', '.join(map(str, sizes))} adapters only; a composition of {k} "
+            "extrapolates it in size (docs/predictors.md: ols:F says a group costs what its mean pair costs)")
 
 
 def is_predictors_file(path) -> bool:
@@ -211,6 +226,8 @@ def predict(
             f"overflows at cosine {cos:.6g}: its prediction is beyond a float's range",
         )
     lo, hi = (min(lf.x), max(lf.x)) if lf.x else (cos, cos)
+    sizes = fitted_sizes(entry.get("labels") or [])
+    size_far = bool(sizes) and len(adapters) > max(sizes)
     return {
         "adapters": [str(a.path or a.name) for a in adapters],
         "names": names,
@@ -228,8 +245,9 @@ def predict(
         "level": level,
         "loo_rmse": lf.loo_rmse,
         "residual_se": lf.residual_se,
-        "extrapolation": not (lo <= cos <= hi),
+        "extrapolation": not (lo <= cos <= hi) or size_far,
         "fitted_range": [lo, hi],
+        "fitted_sizes": sizes,
         "fit": {
             "file": fit_path,
             "scenario": fit.get("scenario"),

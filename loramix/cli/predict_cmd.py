@@ -93,8 +93,13 @@ def _line_text(r: dict) -> str:
     lines.append(line)
     if r["loo_rmse"] is not None:
         lines.append(f"leave-one-out error of the fit: RMSE {r['loo_rmse']:.2f} points")
-    if r["extrapolation"]:
-        lo, hi = r["fitted_range"]
+    lo, hi = r["fitted_range"]
+    if not lo <= r["cosine"] <= hi:
         lines.append(f"note: cosine {r['cosine']:.4f} lies outside the fitted range [{lo:.4f}, {hi:.4f}]: "
                      "the line is extrapolated")  # fmt: skip
+    sizes = r.get("fitted_sizes") or []
+    if sizes and len(r["names"]) > max(sizes):
+        from ..interference import size_note
+
+        lines.append(f"note: {size_note(len(r['names']), sizes)}")
     return "\n".join(lines)
