@@ -1,0 +1,161 @@
+"""Regression tests for the scenario/report/predict audit (each failed before its fix)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from loramix.cli import main
+
+from .factories import make_peft_adapter, tiny_gpt2
+
+GOOD = """
+name = "v"
+[base.build]
+steps = 5
+[domains.a]
+data = "synthetic:arith"
+train = 10
+eval = 5
+[domains.b]
+data = "synthetic:units"
+train = 10
+eval = 5
+[adapters]
+rank = 4
+"""
+
+
+def test_check_never_says_ok_before_a_data_error(tmp_path, capsys):
+    """`scenario check` printed "FILE: ok — scenario ..." and the domains, then
+    refused the data (too few records, an empty file, a missing field)."""
+    (tmp_path / "small.jsonl").write_text(
+        "".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(3))
+    )
+    p = tmp_path / "s.toml"
+    p.write_text(GOOD.replace('data = "synthetic:units"', 'data = "small.jsonl"'))
+    rc = main(["scenario", "check", str(p), "--cache", str(tmp_path / "cache")])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert out == "", out
+    assert err.startswith(f"loramix: error: {p}: domains.b.train:") and err.count("\n") == 1, err
+
+
+def test_check_says_when_predictors_cannot_be_validated(tmp_path, capsys):
+    p = tmp_path / "s.toml"
+    p.write_text(GOOD + "[predictors]\ntokens = 16\n")
+    rc = main(["scenario", "check", str(p), "--cache", str(tmp_path / "cache")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "no predictors section and no predictors.json" in out, out
+
+
+def _summary():
+    # four pairs; Δppl % (merged-data) only for three of them, the widest cosine without
+    rows = [("a+b", 0.01, 1.0, 2.0), ("a+c", 0.02, 2.0, 3.0), ("b+c", 0.03, 4.0, 5.0), ("a+d", 0.50, 9.0, None)]
+    return pd.DataFrame([{"adapter_method": "lora", "merge_method": "sum", "composition": c, "k": 2,
+                          "rms_cosine": x, "retention_pct": r, "delta_ppl_pct": np.nan if d is None else d}
+                         for c, x, r, d in rows])  # fmt: skip
+
+
+def test_answer_ranges_are_over_the_pairs_of_r():
+    """'r of Δppl % over 3 pairs (... cosine from A to B)' quoted the cosine
+    range of every pair, also those without a merged-data adapter."""
+    from loramix.scenario.answer import _similarity_lines
+
+    lines = _similarity_lines(_summary())
+    d = next(line for line in lines if "Δppl %" in line)
+    assert "over 3 pairs" in d and "cosine from 0.010 to 0.030" in d, d
+    r = next(line for line in lines if "retention %" in line)
+    assert "over 4 pairs" in r and "cosine from 0.010 to 0.500" in r, r
+
+
+def test_setup_does_not_promise_a_predictors_file_that_is_not_written():
+    from loramix.scenario.answer import setup_lines
+
+    pred = {"tokens": 64, "max_len": 128, "level": 0.9, "target": "retention", "method": "sum"}
+    sc = {"adapters": {}, "eval": {}, "predictors": pred}
+    report = {"scenario": sc, "validations": [], "results": [{"composition": c} for c in ("a+b", "a+c", "b+c")]}
+    (line,) = [x for x in setup_lines(report, SimpleNamespace(sc=sc)) if x.startswith("- Predictors")]
+    assert "`predictors.json` holds" not in line and "no `predictors.json`" in line, line
+
+
+def test_each_adapter_label_gets_its_own_colour():
+    """lora:data / lora:shared / lora@16 had no colour: their points took
+    matplotlib's first colour, the same blue as lora's."""
+    from loramix.scenario.plots import _label_colors
+
+    c = _label_colors(["lora", "lora:data", "d2lora", "lora@16"])
+    assert len(set(c.values())) == 4 and None not in c.values()
+
+
+def test_labels_stay_inside_the_axes():
+    """Crowded point labels were pushed below the x axis, over its label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from loramix.scenario.plots import _place_labels
+
+    fig, ax = plt.subplots()
+    x = np.full(30, 0.01) + np.linspace(0, 1e-3, 30)
+    y = np.linspace(-1, 1, 30)
+    ax.plot(x, y, "o")
+    ax.set_ylim(-1.1, 1.1)
+    _place_labels(ax, [(a, b, f"p{i}", "k") for i, (a, b) in enumerate(zip(x, y))])
+    for t in ax.texts:
+        fy = t.get_position()[1]
+        assert 0.0 <= fy <= 1.0, (t.get_text(), fy)
+    plt.close(fig)
+
+
+def test_ray_address_where_nothing_listens_is_refused_at_once():
+    """`--executor ray --address HOST:PORT` with no cluster there retried for
+    minutes inside ray.init, a warning every few seconds."""
+    pytest.importorskip("ray")
+    from loramix.errors import UsageError
+    from loramix.scenario.executors import make_executor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    t0 = time.perf_counter()
+    with pytest.raises(UsageError, match="no Ray cluster answers"):
+        make_executor("ray", address=f"127.0.0.1:{port}")
+    assert time.perf_counter() - t0 < 15
+    with socket.socket() as s:  # something listens: left to ray.init
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert make_executor("ray", address=f"127.0.0.1:{s.getsockname()[1]}").address
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    d = tmp_path_factory.mktemp("aud")
+    model = tiny_gpt2()
+    return [make_peft_adapter(model, d / n, seed=i, r=4, lora_alpha=8) for i, n in enumerate("abc")]
+
+
+def test_predict_flags_a_composition_larger_than_the_fit_saw(three, tmp_path, capsys):
+    """A fit on pairs only predicted a triple with no note ("extrapolation": false)."""
+    from loramix.fit import fit_line
+
+    x, y = [0.0, 0.5, 1.0, 0.2, 0.8], [1.0, 2.0, 4.0, 1.5, 3.0]
+    fits = [{"adapter_method": "lora", "merge_method": "sum",
+             **fit_line(x, y, labels=["a+b", "a+c", "b+c", "a+d", "b+d"]).to_dict()}]  # fmt: skip
+    p = tmp_path / "fit.json"
+    p.write_text(json.dumps({"scenario": "t", "prediction_level": 0.95, "fits": fits}))
+    rc = main(["predict", *map(str, three), "--fit", str(p), "--format", "json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["extrapolation"] is True and out["fitted_sizes"] == [2]
+    main(["predict", *map(str, three), "--fit", str(p)])
+    assert "extrapolates it in size" in capsys.readouterr().out
+    main(["predict", *map(str, three[:2]), "--fit", str(p)])
+    assert "extrapolates it in size" not in capsys.readouterr().out
