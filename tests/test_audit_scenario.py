@@ -159,3 +159,39 @@ def test_predict_flags_a_composition_larger_than_the_fit_saw(three, tmp_path, ca
     assert "extrapolates it in size" in capsys.readouterr().out
     main(["predict", *map(str, three[:2]), "--fit", str(p)])
     assert "extrapolates it in size" not in capsys.readouterr().out
+
+
+def test_ray_executor_keeps_loramix_sigterm_handler(monkeypatch):
+    """ray.init replaced loramix's SIGTERM handler: a kill during a Ray run
+    printed Ray's stack dump and aborted (exit 134) instead of unwinding
+    ("loramix: terminated", 143)."""
+    import signal
+    import sys
+    import types
+
+    from loramix.scenario.executors import RayExecutor
+
+    fake = types.ModuleType("ray")
+    state = {"up": False}
+
+    def init(**kw):
+        state["up"] = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what Ray's own handler does to ours
+
+    fake.init = init
+    fake.is_initialized = lambda: state["up"]
+    fake.shutdown = lambda: state.update(up=False)
+    fake.remote = lambda **kw: (lambda f: types.SimpleNamespace(remote=f))
+    fake.put = lambda x: x
+    monkeypatch.setitem(sys.modules, "ray", fake)
+
+    def ours(signum, frame):  # stands for loramix.cli's handler
+        raise RuntimeError
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        ctx = types.SimpleNamespace(device="cpu", payload=lambda: {})
+        RayExecutor(1, 1, None).run([], ctx, lambda st, o: None)
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -300,7 +300,16 @@ class RayExecutor:
         ray = import_ray()
         started = not ray.is_initialized()
         if started:
+            import signal
+            import threading
+
+            main = threading.current_thread() is threading.main_thread()
+            before = signal.getsignal(signal.SIGTERM) if main else None
             self._init(ray)
+            # ray.init installs its own SIGTERM handler (a stack dump, then abort: exit 134);
+            # give back loramix's, so a kill unwinds as in the other executors ("terminated", 143)
+            if main and callable(before):
+                signal.signal(signal.SIGTERM, before)
         per = threads_per_job(self.threads, self.jobs)
         gpu = 1 if str(ctx.device).startswith("cuda") else 0
         task = ray.remote(num_cpus=per, num_gpus=gpu, max_retries=0)(_ray_run)
