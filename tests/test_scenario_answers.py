@@ -1,4 +1,6 @@
-"""Regression tests for the scenario/report/predict audit (each failed before its fix)."""
+"""What a study and its readers are told: scenario check before a run, the
+report's answer and setup lines, its plots, predict's extrapolation notes,
+and the Ray executor's --address and SIGTERM (each test failed before its fix)."""
 
 from __future__ import annotations
 
@@ -58,7 +60,12 @@ def test_check_says_when_predictors_cannot_be_validated(tmp_path, capsys):
 
 def _summary():
     # four pairs; Δppl % (merged-data) only for three of them, the widest cosine without
-    rows = [("a+b", 0.01, 1.0, 2.0), ("a+c", 0.02, 2.0, 3.0), ("b+c", 0.03, 4.0, 5.0), ("a+d", 0.50, 9.0, None)]
+    rows = [
+        ("a+b", 0.01, 1.0, 2.0),
+        ("a+c", 0.02, 2.0, 3.0),
+        ("b+c", 0.03, 4.0, 5.0),
+        ("a+d", 0.50, 9.0, None),
+    ]
     return pd.DataFrame([{"adapter_method": "lora", "merge_method": "sum", "composition": c, "k": 2,
                           "rms_cosine": x, "retention_pct": r, "delta_ppl_pct": np.nan if d is None else d}
                          for c, x, r, d in rows])  # fmt: skip
@@ -81,7 +88,11 @@ def test_setup_does_not_promise_a_predictors_file_that_is_not_written():
 
     pred = {"tokens": 64, "max_len": 128, "level": 0.9, "target": "retention", "method": "sum"}
     sc = {"adapters": {}, "eval": {}, "predictors": pred}
-    report = {"scenario": sc, "validations": [], "results": [{"composition": c} for c in ("a+b", "a+c", "b+c")]}
+    report = {
+        "scenario": sc,
+        "validations": [],
+        "results": [{"composition": c} for c in ("a+b", "a+c", "b+c")],
+    }
     (line,) = [x for x in setup_lines(report, SimpleNamespace(sc=sc)) if x.startswith("- Predictors")]
     assert "`predictors.json` holds" not in line and "no `predictors.json`" in line, line
 
@@ -181,7 +192,7 @@ def test_ray_executor_keeps_loramix_sigterm_handler(monkeypatch):
     fake.init = init
     fake.is_initialized = lambda: state["up"]
     fake.shutdown = lambda: state.update(up=False)
-    fake.remote = lambda **kw: (lambda f: types.SimpleNamespace(remote=f))
+    fake.remote = lambda **kw: lambda f: types.SimpleNamespace(remote=f)
     fake.put = lambda x: x
     monkeypatch.setitem(sys.modules, "ray", fake)
 
