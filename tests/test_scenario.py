@@ -109,6 +109,11 @@ BAD = [
     (GOOD.replace("[base.build]\nsteps = 5", '[base]\npath = "no/model"'), "base.path", "no such model folder"),
     (GOOD.replace('data = "synthetic:units"', 'data = "small.jsonl"'), "domains.b.train", "fewer than"),
     (GOOD.replace("[adapters]", "[adapters]\nmethods = ['lora', 'qlora']"), "adapters.methods", "unknown adapter method"),
+    # a method or seed listed twice is refused, as a repeated init always was (they were merged silently)
+    (GOOD.replace("[adapters]", "[adapters]\nmethods = ['lora', 'lora']"), "adapters.methods", "'lora' is listed twice"),
+    (GOOD + '[merge]\nmethods = ["sum", "ties", "ties"]\nties = { density = 0.5 }\n', "merge.methods",
+     "'ties' is listed twice in ['sum', 'ties', 'ties']"),
+    (GOOD.replace('name = "v"', 'name = "v"\nseeds = [0, 1, 0]'), "seeds", "0 is listed twice"),
     (GOOD.replace('name = "v"', 'name = "v/../x"'), "name", "letters, digits"),
     ("name = 'v'\n[domains\n", "", "not valid TOML"),
 ]  # fmt: skip

@@ -636,6 +636,7 @@ def _parse_adapters(ctx, t) -> AdapterSpec:
         v["methods"] = [_get(ctx, t, "method", w, "str")]
     if not v["methods"]:
         raise ctx.error("adapters.methods", "empty: list lora and/or d2lora")
+    _no_repeats(ctx, "adapters.methods", v["methods"])
     for m in v["methods"]:
         kind, r, init = parse_label(m)
         if kind not in ADAPTER_METHODS:
@@ -782,6 +783,18 @@ def _method_params(name: str) -> dict[str, Any]:
     return {("lambda" if p.name == "lambda_" else p.name): p for p in get_method(name).params}
 
 
+def _no_repeats(ctx, key: str, items) -> None:
+    """A list of methods or seeds names each once: a repeat is refused (it
+    is a typo or a copy left in, and would not run twice). Compositions
+    differ: they are sets of domains, so one written twice, in another order
+    or also covered by all-pairs is one composition."""
+    seen = set()
+    for x in items:
+        if x in seen:
+            raise ctx.error(key, f"{x!r} is listed twice in {list(items)}")
+        seen.add(x)
+
+
 def _parse_merge(ctx, t, adapters: AdapterSpec, min_k: int) -> list[MergeSpec]:
     if t is None:
         return [MergeSpec("sum")]
@@ -790,6 +803,7 @@ def _parse_merge(ctx, t, adapters: AdapterSpec, min_k: int) -> list[MergeSpec]:
     methods = _get(ctx, t, "methods", "merge", "str-list", ["sum"])
     if not methods:
         raise ctx.error("merge.methods", "empty: list at least sum")
+    _no_repeats(ctx, "merge.methods", methods)
     known = _merge_registry()
     for m in methods:
         if m not in known:
@@ -922,8 +936,7 @@ def load_scenario(path: str | os.PathLike, env: dict | None = None) -> Scenario:
         raise ctx.error("name", f"{name!r}: use letters, digits, '_', '.', '-' (it names the report folder)")
     if not seeds:
         raise ctx.error("seeds", "empty: give at least one seed")
-    if len(set(seeds)) != len(seeds):
-        raise ctx.error("seeds", f"repeated seed in {seeds}")
+    _no_repeats(ctx, "seeds", seeds)
 
     if "domains" not in raw:
         raise ctx.error("domains", "missing (required): define at least two [domains.NAME] tables")
