@@ -107,8 +107,10 @@ def fitted_sizes(compositions) -> list[int]:
 
 def size_note(k: int, sizes: list[int]) -> str:
     """Why a composition of ``k`` adapters is an extrapolation of a fit on ``sizes``."""
-    return (f"the fit saw compositions of {', '.join(map(str, sizes))} adapters only; a composition of {k} "
-            "extrapolates it in size (docs/predictors.md: ols:F says a group costs what its mean pair costs)")
+    return (
+        f"the fit saw compositions of {', '.join(map(str, sizes))} adapters only; a composition of {k} "
+        "extrapolates it in size (docs/predictors.md: ols:F says a group costs what its mean pair costs)"
+    )
 
 
 def is_predictors_file(path) -> bool:

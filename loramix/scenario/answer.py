@@ -93,7 +93,10 @@ def _similarity_lines(summary: pd.DataFrame) -> list[str]:
             r, n = _pearson(g["rms_cosine"], g[col])
             if n >= 3:
                 # the ranges over the same n pairs as r (Δppl % only where a merged-data adapter is)
-                gc = g[np.isfinite(g[col].to_numpy(dtype=float)) & np.isfinite(g["rms_cosine"].to_numpy(dtype=float))]
+                gc = g[
+                    np.isfinite(g[col].to_numpy(dtype=float))
+                    & np.isfinite(g["rms_cosine"].to_numpy(dtype=float))
+                ]
                 L.append(f"- {am}, {mm}: Pearson r of {name} with the RMS cosine over {n} pairs = **{_f(r)}** "
                          f"({name} from {_f(gc[col].min(), 1)} to {_f(gc[col].max(), 1)}; cosine from "
                          f"{_f(gc['rms_cosine'].min(), 3)} to {_f(gc['rms_cosine'].max(), 3)})")  # fmt: skip
