@@ -3,6 +3,9 @@ import os
 # Before torch loads: idle OpenMP workers sleep instead of spinning, which on
 # a 2-core machine otherwise starves the other processes (and the test itself).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Studies run serially unless a test asks for workers: a monkeypatch reaches
+# this process only (test_scenario.py checks the default of one job per core).
+os.environ.setdefault("LORAMIX_JOBS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -381,6 +381,34 @@ def test_progress_lines_where_stderr_is_a_file(study, capsys, monkeypatch):
     ]
 
 
+def test_default_jobs_one_per_core_on_the_cpu(monkeypatch, capsys, tmp_path):
+    """A run given neither --jobs, --threads nor --executor uses a worker per
+    usable core (at most 4) on the CPU, one on a GPU; $LORAMIX_JOBS
+    overrides, and a bad value is one line naming it."""
+    import os
+
+    from loramix.scenario import executors
+    from loramix.scenario.executors import AUTO_JOBS_MAX, default_jobs
+
+    monkeypatch.delenv("LORAMIX_JOBS")
+    cores = len(os.sched_getaffinity(0))
+    assert default_jobs("cpu") == max(1, min(cores, AUTO_JOBS_MAX))
+    monkeypatch.setattr(executors.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert default_jobs("cpu") == AUTO_JOBS_MAX and default_jobs("cuda:0") == 1
+    monkeypatch.setattr(executors.os, "sched_getaffinity", lambda pid: {0})
+    assert default_jobs("cpu") == 1
+    monkeypatch.setenv("LORAMIX_JOBS", "3")
+    assert default_jobs("cpu") == 3 and default_jobs("cuda:0") == 3
+    monkeypatch.setenv("LORAMIX_JOBS", "0")
+    p = _write(tmp_path, GOOD)
+    assert (
+        main(["scenario", "run", str(p), "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err == "loramix: error: LORAMIX_JOBS: must be a whole number of at least 1, got '0'\n", err
+    assert not (tmp_path / "o").exists()
+
+
 def test_progress_line_while_one_step_runs_long(capsys, monkeypatch):
     """A step that runs for minutes (a base build) still gets its line a
     minute, naming it, where stderr is a file; none before it has run that

@@ -17,7 +17,7 @@ def command():
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=str), default=None,
               help="The cache the run would use (default $LORAMIX_CACHE or .loramix-cache): its artifacts "
               "are not counted, and its measured throughput prices the rest.")  # fmt: skip
-@click.option("--jobs", type=int, default=None, help="The run's --jobs (default 1).")
+@click.option("--jobs", type=int, default=None, help="The run's --jobs (default: as the run would pick).")
 @click.option("--threads", type=int, default=None, help="The run's --threads (default 1).")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
 @click.option("--fresh", is_flag=True, help="Estimate a --fresh run (every artifact remade).")
@@ -67,6 +67,11 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     from ..scenario.estimate import estimate
     from ..scenario.executors import threads_per_job
 
+    if jobs is None and threads is None:  # as run_scenario picks them
+        from ..devices import resolve_device
+        from ..scenario.executors import default_jobs
+
+        jobs = default_jobs(resolve_device(device))
     jobs = jobs or 1
     per_job = threads_per_job(threads or 1, jobs)
     est = estimate(sc, steps, cache_dir if cache_dir is not None else default_cache_dir(), device=device,
@@ -106,7 +111,8 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     help="torch CPU threads, split across --jobs (default 1: small models on a shared CPU run fastest that way).",
 )
 @click.option("--jobs", type=int, default=None,
-              help="Steps run at once (default 1; >1 means --executor processes).")  # fmt: skip
+              help="Steps run at once (>1 means --executor processes). Default on the CPU: one per core, at "
+                   "most 4, same results as --jobs 1 ($LORAMIX_JOBS overrides); 1 on a GPU or with --threads.")  # fmt: skip
 @click.option("--executor", type=click.Choice(["serial", "processes", "ray"]), default=None,
               help="Where steps run: this process, local worker processes, or a Ray cluster.")  # fmt: skip
 @click.option(

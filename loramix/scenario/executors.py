@@ -346,6 +346,31 @@ class RayExecutor:
                  logging_level="ERROR", log_to_driver=False, runtime_env={"env_vars": env})  # fmt: skip
 
 
+#: the most worker processes a run starts unasked (each holds its own copy of the model)
+AUTO_JOBS_MAX = 4
+
+
+def default_jobs(device) -> int:
+    """The jobs of a run given neither ``--jobs``, ``--threads`` nor
+    ``--executor``: ``$LORAMIX_JOBS`` where set; else on the CPU one per
+    usable core, at most :data:`AUTO_JOBS_MAX`, each with one torch thread (the
+    results are byte-identical to a serial run's, as every job computes with
+    the serial run's one thread); 1 on a GPU, whose memory the workers would
+    share."""
+    env = os.environ.get("LORAMIX_JOBS")
+    if env is not None:
+        if not env.strip().isdigit() or int(env) < 1:
+            raise UsageError("LORAMIX_JOBS", f"must be a whole number of at least 1, got {env!r}")
+        return int(env)
+    if str(device) != "cpu":
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, AUTO_JOBS_MAX))
+
+
 def make_executor(name: str | None = None, *, jobs: int | None = None, threads: int = 1,
                   address: str | None = None):  # fmt: skip
     """The executor ``name`` (serial, processes, ray); without a name,
