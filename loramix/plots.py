@@ -23,22 +23,39 @@ def check_figure_path(path: str | Path) -> None:
         raise OutputError(path, f"cannot write a .{fmt} figure; use one of .{', .'.join(sorted(known))}")
 
 
+def nice_ceiling(x: float) -> float:
+    """The smallest of 1, 2, 5 times a power of ten that is at least ``x``
+    (at least 1e-3: a colour scale for cosines)."""
+    x = max(float(x), 1e-3)
+    e = math.floor(math.log10(x))
+    for m in (1, 2, 5, 10):
+        if m * 10.0**e >= x * (1 - 1e-12):
+            return m * 10.0**e
+    return 10.0 ** (e + 1)
+
+
 def similarity_heatmap(
     df: pd.DataFrame,
     path: str | Path,
     title: str = "RMS cosine similarity",
     vmin: float = 0.0,
-    vmax: float = 1.0,
+    vmax: float | None = None,
     *,
+    label: str = "RMS cosine",
     replace: bool = True,
 ) -> Path:
     """Write an annotated heatmap of a square matrix (e.g. ``SimilarityResult.rms``).
 
-    Cells show the value to 2 decimals (``n/a`` for NaN: no shared module
-    with a cosine). The colour range is fixed to ``[vmin, vmax]`` so figures
-    of different runs compare; use ``vmin=-1`` for the signed mean. Without
-    ``replace``, a file at ``path`` when the figure is done (made meanwhile)
-    is left as it is and an :class:`~loramix.errors.OutputError` raised.
+    The diagonal (each adapter with itself: 1) is drawn in grey, outside the
+    colour scale, so the off-diagonal values use all of it: ``[vmin, vmax]``,
+    with ``vmax`` by default the largest off-diagonal value rounded up to 1,
+    2 or 5 times a power of ten (real adapters' cosines are often below 0.1,
+    one flat colour on a 0-1 scale). Cells show the value to 2 decimals, 3
+    where ``vmax < 0.1`` (``n/a`` for NaN: no shared module with a cosine);
+    the colour bar is labelled ``label``. Use ``vmin=-1`` for the signed
+    mean. Without ``replace``, a file at ``path`` when the figure is done
+    (made meanwhile) is left as it is and an
+    :class:`~loramix.errors.OutputError` raised.
     """
     import matplotlib
 
@@ -51,7 +68,12 @@ def similarity_heatmap(
     size = max(4.0, min(0.55 * n + 2.5, 30.0))
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
     vals = df.to_numpy(dtype=float)
-    im = ax.imshow(np.ma.masked_invalid(vals), cmap="viridis", vmin=vmin, vmax=vmax)
+    diag = np.eye(n, dtype=bool) & (df.index.to_numpy()[:, None] == df.columns.to_numpy()[None, :])
+    off = vals[~diag & np.isfinite(vals)]
+    if vmax is None:
+        vmax = nice_ceiling(float(np.abs(off).max()) if off.size else 1.0)
+    ax.imshow(np.where(diag, 1.0, np.nan), cmap="Greys", vmin=0, vmax=4)  # the diagonal: light grey
+    im = ax.imshow(np.ma.masked_invalid(np.where(diag, np.nan, vals)), cmap="viridis", vmin=vmin, vmax=vmax)
     ax.set_xticks(
         range(n), labels=[str(c) for c in df.columns], rotation=45, ha="right", rotation_mode="anchor"
     )
@@ -61,20 +83,23 @@ def similarity_heatmap(
     if n <= 25:
         fs = 10 if n <= 8 else max(5, 10 - (n - 8) // 3)
         mid = (vmin + vmax) / 2
+        digits = 2 if not off.size or np.abs(off).max() >= 0.1 else 3
         for i in range(n):
             for j in range(n):
                 v = vals[i, j]
-                text = "n/a" if math.isnan(v) else f"{v:.2f}"
-                color = "black" if (not math.isnan(v) and v > mid) else "white"
-                if math.isnan(v):
-                    color = "black"
-                ax.text(j, i, text, ha="center", va="center", color=color, fontsize=fs)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+                text = "n/a" if math.isnan(v) else f"{v:.{digits}f}"
+                light = diag[i, j] or math.isnan(v) or v > mid
+                ax.text(
+                    j, i, text, ha="center", va="center", color="black" if light else "white", fontsize=fs
+                )
+    fig.colorbar(
+        im, ax=ax, fraction=0.046, pad=0.04, label=label + (" (diagonal: grey)" if diag.any() else "")
+    )
     fig.tight_layout()
     # Written beside the target and renamed: never a half-written figure.
     try:
         with atomic_write(path, "wb", replace=replace) as f:
-            fig.savefig(f, dpi=120, format=(path.suffix.lstrip(".") or "png"))
+            fig.savefig(f, dpi=120, format=(path.suffix.lstrip(".") or "png"), bbox_inches="tight")
     finally:
         plt.close(fig)
     return path

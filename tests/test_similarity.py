@@ -445,3 +445,41 @@ def test_cuda_equals_cpu(gpt2_adapters):
     gpu = similarity(ads, per_module=True, progress=False, device="cuda")
     np.testing.assert_allclose(gpu.rms.to_numpy(), cpu.rms.to_numpy(), atol=TOL, equal_nan=True)
     np.testing.assert_allclose(gpu.norms.to_numpy(), cpu.norms.to_numpy(), rtol=1e-12, equal_nan=True)
+
+
+def test_heatmap_scale_follows_the_off_diagonal_values(tmp_path, monkeypatch):
+    """Real adapters' cosines are often below 0.1: the heatmap's colour scale
+    ends at the largest off-diagonal value rounded up (1, 2 or 5 times a power
+    of ten), the diagonal is drawn apart in grey, cells get 3 decimals, and the
+    colour bar is labelled."""
+    import matplotlib.figure
+    import pandas as pd
+
+    from loramix.plots import nice_ceiling, similarity_heatmap
+
+    assert [nice_ceiling(x) for x in (0.057, 0.05, 0.3, 1.0, 0.0, 0.0011, 7.0)] == [
+        0.1, 0.05, 0.5, 1.0, 0.001, 0.002, 10.0]  # fmt: skip
+    seen = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *a, **k):
+        seen["clims"] = [im.get_clim() for im in fig.axes[0].images]
+        seen["texts"] = [t.get_text() for t in fig.axes[0].texts]
+        seen["label"] = fig.axes[1].get_ylabel()
+        return real_savefig(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    names = ["a", "b", "c"]
+    m = pd.DataFrame(
+        [[1.0, 0.057, 0.01], [0.057, 1.0, float("nan")], [0.01, float("nan"), 1.0]], names, names
+    )
+    assert similarity_heatmap(m, tmp_path / "s.png").stat().st_size > 0
+    assert seen["clims"][-1] == (0.0, 0.1)  # the cosines' scale; the diagonal's grey layer is apart
+    assert seen["texts"][:3] == ["1.000", "0.057", "0.010"] and "n/a" in seen["texts"]
+    assert seen["label"] == "RMS cosine (diagonal: grey)"
+    similarity_heatmap(m.mul(3), tmp_path / "t.png", vmin=-1, vmax=1, label="mean cosine")
+    assert (
+        seen["clims"][-1] == (-1, 1)
+        and seen["texts"][1] == "0.17"
+        and seen["label"].startswith("mean cosine")
+    )
