@@ -33,6 +33,7 @@ BENCHMARKS = {
     "eval": ("bench_eval.py", [], 4),
     "basebuild": ("bench_basebuild.py", [], 4),
     "startup": ("bench_startup.py", [], 12),
+    "scenario": ("bench_scenario.py", [], 12),
     "bank": ("bench_bank.py", [], 12),
     "scale": ("bench_scale.py", ["--repeat", "2"], 12),
     "ties-parts": ("bench_ties_parts.py", [], 12),
