@@ -123,6 +123,11 @@ def run_cmd(file, out, device, fresh, cache_dir, force, threads, jobs, executor,
     """Run the scenario FILE and write its report (report.md, results.csv, report.json, fit.json, plots)."""
     from ..scenario.runner import run_scenario
 
+    if jobs is None and threads is None and executor is None:  # the command's default (not the library's)
+        from ..devices import resolve_device
+        from ..scenario.executors import default_jobs
+
+        jobs = default_jobs(resolve_device(device))
     # a kill (SIGTERM) unwinds like Ctrl-C (loramix.cli.main), so half-made artifacts are removed
     rep = run_scenario(file, out, device=device, fresh=fresh, cache_dir=cache_dir, force=force,
                        progress=not quiet, threads=threads, jobs=jobs, executor=executor,

@@ -316,9 +316,11 @@ def run_scenario(
     ``executor`` (serial, processes, ray; default processes when ``jobs`` > 1,
     else serial), ``jobs`` and ``address``: see
     :mod:`loramix.scenario.executors`; the threads are split across the jobs.
-    Given none of ``jobs``, ``threads`` and ``executor``, a CPU run uses
-    :func:`~loramix.scenario.executors.default_jobs` worker processes (one per
-    core, at most 4, ``$LORAMIX_JOBS`` where set), with the same results.
+    Without ``jobs`` the run is serial here; ``loramix scenario run`` passes
+    :func:`~loramix.scenario.executors.default_jobs` (one worker per core on
+    the CPU). A script that passes ``jobs`` > 1 needs the usual
+    ``if __name__ == "__main__":`` guard: workers are spawned, and re-import
+    the script's main module.
     Returns the report dict (also written as ``report.json``), with ``out``.
     """
     from ..devices import resolve_device
@@ -331,10 +333,8 @@ def run_scenario(
     dev = resolve_device(device)
     if threads is not None and threads < 1:
         raise UsageError("--threads", f"must be at least 1, got {threads}")
-    from .executors import default_jobs, make_executor
+    from .executors import make_executor
 
-    if jobs is None and threads is None and executor is None:
-        jobs = default_jobs(dev)
     ex = make_executor(executor, jobs=jobs, threads=threads or 1, address=address)
     import torch
 
