@@ -175,8 +175,12 @@ def delta_by_method(summary: pd.DataFrame, path: Path, title: str) -> Path:
     merges = list(dict.fromkeys(summary["merge_method"]))
     comps = list(dict.fromkeys(summary["composition"]))
     width = 0.8 / max(len(merges), 1)
-    fig, axes = plt.subplots(len(methods), 1, figsize=(max(6.5, 1.3 * len(comps) * max(1, len(merges) / 2)),
-                             3.8 * len(methods)), dpi=130, squeeze=False)  # fmt: skip
+    # long names (math_geometry+finance) overlap when level: slant them and
+    # give each composition less width
+    slant = max(map(len, comps), default=0) > 12
+    per = (0.7 if slant else 1.3) * max(1, len(merges) / 2)
+    fig, axes = plt.subplots(len(methods), 1, figsize=(max(6.5, per * len(comps) + 1.5),
+                             (4.6 if slant else 3.8) * len(methods)), dpi=130, squeeze=False)  # fmt: skip
     cmap = plt.get_cmap("tab10")
     for ax, method in zip(axes[:, 0], methods):
         g = summary[summary["adapter_method"] == method]
@@ -190,7 +194,10 @@ def delta_by_method(summary: pd.DataFrame, path: Path, title: str) -> Path:
                    label=mm, color=cmap(k % 10))  # fmt: skip
         ax.axhline(0, color="0.3", lw=0.8)
         ax.set_xticks(np.arange(len(comps)))
-        ax.set_xticklabels(comps, fontsize=9)
+        if slant:
+            ax.set_xticklabels(comps, fontsize=8, rotation=35, ha="right", rotation_mode="anchor")
+        else:
+            ax.set_xticklabels(comps, fontsize=9)
         ax.set_ylabel("Δppl % vs merged-data")
         ax.set_title(method, fontsize=10)
         ax.grid(axis="y", alpha=0.25)
