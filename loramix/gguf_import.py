@@ -378,11 +378,22 @@ def resolve_base(path: str | os.PathLike) -> Path:
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        # superseded imports of this file (half a GB for SmolLM2 each)
-        for old in [root / f"{sha}-float32", *root.glob(f"{glob.escape(sha)}-float32-r*")]:
-            if old != target and old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
+        for old in older_imports(root, sha):  # superseded (half a GB for SmolLM2 each)
+            shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def older_imports(root: Path, sha: str) -> list[Path]:
+    """The imports of the file ``sha`` in ``root`` by a rule older than
+    :data:`IMPORT_RULE` (``<sha>-float32``, ``<sha>-float32-rN``, N smaller);
+    not a newer rule's, which a newer loramix sharing the cache made (and may
+    be reading now)."""
+    out = []
+    for d in [root / f"{sha}-float32", *root.glob(f"{glob.escape(sha)}-float32-r*")]:
+        rule = d.name[len(f"{sha}-float32-r") :] if d.name != f"{sha}-float32" else "0"
+        if rule.isascii() and rule.isdigit() and int(rule) < IMPORT_RULE and d.is_dir():
+            out.append(d)
+    return sorted(out)
 
 
 def remove_stale_imports() -> list[Path]:

@@ -1357,3 +1357,22 @@ def test_a_failed_run_removes_the_folders_it_made_for_its_output(tmp_path):
     with atomic_output_dir(tmp_path / "new" / "deeper" / "x") as tmp:
         (tmp / "done").write_text("done")
     assert (tmp_path / "new" / "deeper" / "x" / "done").is_file()
+
+
+def test_gguf_import_removes_older_rules_only(tmp_path):
+    """An import removes the same file's imports by older rules, not a newer
+    loramix's import sharing the cache (``-r3`` was removed by a rule-2 import,
+    and each version then re-imported the file on every run)."""
+    from loramix.gguf_import import IMPORT_RULE, older_imports
+
+    sha = "a" * 64
+    names = [
+        f"{sha}-float32",
+        *(f"{sha}-float32-r{n}" for n in range(1, IMPORT_RULE + 2)),
+        f"{'b' * 64}-float32",
+    ]
+    for n in names:
+        (tmp_path / n).mkdir()
+    assert [d.name for d in older_imports(tmp_path, sha)] == sorted(
+        [f"{sha}-float32", *(f"{sha}-float32-r{n}" for n in range(1, IMPORT_RULE))]
+    )

@@ -409,6 +409,56 @@ def test_default_jobs_one_per_core_on_the_cpu(monkeypatch, capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_default_jobs_odd_values_and_check_says_no_ok_first(monkeypatch, capsys, tmp_path):
+    """$LORAMIX_JOBS other than ASCII digits is the one-line error, not a
+    traceback ("²" passed str.isdigit and failed int()); and `scenario check`
+    refuses it (and a --device it cannot use) before printing "ok"."""
+    from loramix.errors import UsageError
+    from loramix.scenario.executors import default_jobs
+
+    for bad in ("\u00b2", "", " ", "+2", "1.5"):
+        monkeypatch.setenv("LORAMIX_JOBS", bad)
+        with pytest.raises(UsageError, match="LORAMIX_JOBS"):
+            default_jobs("cpu")
+    monkeypatch.setenv("LORAMIX_JOBS", " 3 ")
+    assert default_jobs("cpu") == 3
+    p = _write(tmp_path, GOOD)
+    monkeypatch.setenv("LORAMIX_JOBS", "0")
+    assert main(["scenario", "check", str(p), "--cache", str(tmp_path / "c")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("loramix: error: LORAMIX_JOBS:"), (out, err)
+
+
+def test_processes_submit_no_more_steps_than_workers():
+    """The processes executor hands the pool at most ``jobs`` steps at once,
+    so ``on_start`` (the progress line's "under way for") is when a step
+    starts, not when it was queued behind the running ones: with 2 workers and
+    6 ready 5-minute steps the third was "under way for 9 min" after 4."""
+    from types import SimpleNamespace
+
+    from loramix.scenario.executors import Outcome, _schedule
+
+    steps = [SimpleNamespace(id=f"s{i}", deps=[]) for i in range(6)]
+    in_flight, most, started = set(), 0, []
+
+    def submit(st, deps):
+        nonlocal most
+        in_flight.add(st.id)
+        most = max(most, len(in_flight))
+        return st.id
+
+    def wait_any(handles):
+        h = sorted(handles)[0]
+        in_flight.discard(h)
+        yield h, Outcome({})
+
+    out = _schedule(
+        steps, submit, wait_any, lambda st, o: None, on_start=lambda st: started.append(st.id), slots=2
+    )
+    assert sorted(out) == [st.id for st in steps] and started == [st.id for st in steps]
+    assert most == 2, most
+
+
 def test_progress_line_while_one_step_runs_long(capsys, monkeypatch):
     """A step that runs for minutes (a base build) still gets its line a
     minute, naming it, where stderr is a file; none before it has run that
@@ -535,3 +585,15 @@ def test_interrupted_run_resumes(study, tmp_path):
     assert done and done <= hits  # every adapter finished before the kill was reused
     assert all(e["status"] == "miss" for e in ad if e["key"][:24] not in done)
     assert [e for e in log if e["kind"] == "base"][0]["status"] == "hit"
+
+
+def test_label_colors_distinct_beyond_the_palette():
+    """Every adapter label of a figure gets its own colour: the sixth label
+    took "C5", which is tab:brown, the fifth's."""
+    from matplotlib.colors import to_hex
+
+    from loramix.scenario.plots import _label_colors
+
+    labels = ["lora", "lora:data", "lora@16", "lora@8", "lora:x", "lora@2", "lora@32", "d2lora"]
+    colors = [to_hex(c) for c in _label_colors(labels).values()]
+    assert len(set(colors)) == len(labels), colors

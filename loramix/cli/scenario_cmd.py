@@ -39,6 +39,13 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     # the data files are read (and refused: empty, too few records, a missing
     # field) before anything is printed, so a failed check never says "ok" first
     data = prepare_data(sc)
+    from ..devices import resolve_device
+
+    dev = resolve_device(device)  # and the device, and $LORAMIX_JOBS: refused before "ok" too
+    if jobs is None and threads is None:  # as `scenario run` picks them
+        from ..scenario.executors import default_jobs
+
+        jobs = default_jobs(dev)
     click.echo(f"{file}: ok — scenario {sc.name!r}")
     for n, d in sc.domains.items():
         click.echo(f"  domain {n}: {d.data} (train {d.train}, eval {d.eval})")
@@ -67,11 +74,6 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     from ..scenario.estimate import estimate
     from ..scenario.executors import threads_per_job
 
-    if jobs is None and threads is None:  # as run_scenario picks them
-        from ..devices import resolve_device
-        from ..scenario.executors import default_jobs
-
-        jobs = default_jobs(resolve_device(device))
     jobs = jobs or 1
     per_job = threads_per_job(threads or 1, jobs)
     est = estimate(sc, steps, cache_dir if cache_dir is not None else default_cache_dir(), device=device,

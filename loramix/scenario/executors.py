@@ -77,16 +77,21 @@ class SerialExecutor:
 
 
 def _schedule(steps: list[Step], submit, wait_any, on_done, done: dict | None = None,
-              on_start=None) -> dict[str, Outcome]:  # fmt: skip
+              on_start=None, slots: int | None = None) -> dict[str, Outcome]:  # fmt: skip
     """Submit each step once its dependencies are done (``done``: those run
     before); ``submit(step, deps)`` returns a handle, ``wait_any(handles)``
     yields ``(handle, outcome)`` pairs of finished ones. ``on_start(step)``
-    is called as a step is submitted (it may wait in the pool's queue)."""
+    is called as a step is submitted. ``slots``: at most that many steps
+    submitted at once (a pool of that many workers), so a step starts when it
+    is submitted rather than waiting in the pool's queue, and ``on_start``
+    is its start; None: no limit (a Ray cluster schedules by its resources)."""
     done = dict(done or {})
     pending = list(steps)
     running: dict = {}
     while pending or running:
         ready = [st for st in pending if all(d in done for d in st.deps)]
+        if slots is not None:
+            ready = ready[: max(0, slots - len(running))]
         for st in ready:
             pending.remove(st)
             if on_start is not None:
@@ -210,7 +215,7 @@ class ProcessExecutor:
 
         try:
             out = _schedule(steps, lambda st, deps: pool.submit(_worker_run, st, deps), wait_any, on_done,
-                            done, on_start)  # fmt: skip
+                            done, on_start, slots=self.jobs)  # fmt: skip
         except BaseException:
             _stop(list(getattr(pool, "_processes", {}).values()))
             pool.shutdown(wait=True, cancel_futures=True)
@@ -359,9 +364,11 @@ def default_jobs(device) -> int:
     share."""
     env = os.environ.get("LORAMIX_JOBS")
     if env is not None:
-        if not env.strip().isdigit() or int(env) < 1:
+        v = env.strip()  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+        n = int(v) if v.isascii() and v.isdigit() else 0
+        if n < 1:
             raise UsageError("LORAMIX_JOBS", f"must be a whole number of at least 1, got {env!r}")
-        return int(env)
+        return n
     if str(device) != "cpu":
         return 1
     try:

@@ -45,8 +45,16 @@ def _label_colors(labels) -> dict[str, str]:
     the palette's unused colours in order, so no two labels share one."""
     labels = list(dict.fromkeys(labels))
     out = {lab: c for lab in labels if (c := _kind_color(lab)) is not None}
-    free = [c for c in _PALETTE if c not in out.values()]
-    extra = iter(free + [f"C{i}" for i in range(5, 10)])
+    from matplotlib.colors import to_hex
+
+    # then the rest of tab10, compared as colours (C5 is tab:brown, already in the palette)
+    used = {to_hex(c) for c in out.values()}
+    free = []
+    for c in [*_PALETTE, *(f"C{i}" for i in range(10))]:
+        if to_hex(c) not in used:
+            used.add(to_hex(c))
+            free.append(c)
+    extra = iter(free)
     for lab in labels:
         if lab not in out:
             out[lab] = next(extra, "0.3")
