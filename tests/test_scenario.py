@@ -111,6 +111,9 @@ BAD = [
     (GOOD.replace("[adapters]", "[adapters]\nmethods = ['lora', 'qlora']"), "adapters.methods", "unknown adapter method"),
     # a method or seed listed twice is refused, as a repeated init always was (they were merged silently)
     (GOOD.replace("[adapters]", "[adapters]\nmethods = ['lora', 'lora']"), "adapters.methods", "'lora' is listed twice"),
+    (GOOD.replace("[adapters]", "[adapters]\nmethods = ['lora@4', 'lora@04']"), "adapters.methods",
+     "'lora@04' is listed twice"),
+    (GOOD.replace("[adapters]", "[adapters]\nmethods = ['lora@\u00b2']"), "adapters.methods", "positive rank"),
     (GOOD + '[merge]\nmethods = ["sum", "ties", "ties"]\nties = { density = 0.5 }\n', "merge.methods",
      "'ties' is listed twice in ['sum', 'ties', 'ties']"),
     (GOOD.replace('name = "v"', 'name = "v"\nseeds = [0, 1, 0]'), "seeds", "0 is listed twice"),

@@ -4,6 +4,7 @@ serial, process and Ray runs that give byte-identical results."""
 from __future__ import annotations
 
 import csv
+import json
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -95,6 +96,9 @@ def test_jobs_2_is_byte_identical_to_serial(serial):
         (e["kind"], e["key"], e["status"]) for e in ref
     ]
     assert not [p for p in (root / "jobs2" / "cache").rglob("*") if ".tmp-" in p.name]
+    # the timing table's rows in plan order whichever group finished first
+    by_kind = [list(json.loads((o / "report.json").read_text())["timings"]["by_kind"]) for o in (par, out)]
+    assert by_kind[0] == by_kind[1], by_kind
 
 
 def test_ray_is_byte_identical_to_serial(serial):

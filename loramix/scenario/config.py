@@ -636,15 +636,15 @@ def _parse_adapters(ctx, t) -> AdapterSpec:
         v["methods"] = [_get(ctx, t, "method", w, "str")]
     if not v["methods"]:
         raise ctx.error("adapters.methods", "empty: list lora and/or d2lora")
-    _no_repeats(ctx, "adapters.methods", v["methods"])
     for m in v["methods"]:
         kind, r, init = parse_label(m)
         if kind not in ADAPTER_METHODS:
             raise ctx.error("adapters.methods", f"unknown adapter method {m!r}; use lora or d2lora")
-        if r is not None and not (r.isdigit() and int(r) > 0):
+        if r is not None and not (r.isascii() and r.isdigit() and int(r) > 0):
             raise ctx.error("adapters.methods", f"{m!r}: write KIND@R with a positive rank R (e.g. lora@16)")
         if init is not None and init not in INITS:
             raise ctx.error("adapters.methods", f"{m!r}: write KIND:INIT with INIT one of {', '.join(INITS)}")
+    _no_repeats(ctx, "adapters.methods", v["methods"], meaning=_canonical_label)
     inits = t.get("init", "data")
     inits = [inits] if isinstance(inits, str) else inits
     if (
@@ -783,16 +783,24 @@ def _method_params(name: str) -> dict[str, Any]:
     return {("lambda" if p.name == "lambda_" else p.name): p for p in get_method(name).params}
 
 
-def _no_repeats(ctx, key: str, items) -> None:
+def _no_repeats(ctx, where: str, items, meaning=None) -> None:
     """A list of methods or seeds names each once: a repeat is refused (it
-    is a typo or a copy left in, and would not run twice). Compositions
+    is a typo or a copy left in, and would not run twice). ``meaning`` maps
+    an entry to what it stands for (``lora@04`` is ``lora@4``). Compositions
     differ: they are sets of domains, so one written twice, in another order
     or also covered by all-pairs is one composition."""
     seen = set()
     for x in items:
-        if x in seen:
-            raise ctx.error(key, f"{x!r} is listed twice in {list(items)}")
-        seen.add(x)
+        k = x if meaning is None else meaning(x)
+        if k in seen:
+            raise ctx.error(where, f"{x!r} is listed twice in {list(items)}")
+        seen.add(k)
+
+
+def _canonical_label(label: str):
+    """An adapter label as what it means: ``lora@04`` and ``lora@4`` are one."""
+    kind, r, init = parse_label(label)
+    return kind, None if r is None else int(r), init  # r: checked digits
 
 
 def _parse_merge(ctx, t, adapters: AdapterSpec, min_k: int) -> list[MergeSpec]:

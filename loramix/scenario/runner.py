@@ -91,8 +91,10 @@ class _Progress:
         self.under_way: dict = {}  # step id -> (step, when it was started or queued)
         self.lock = threading.Lock()  # the thread's line and a step's line
         self.stop = threading.Event()
+        self.thread = None
         if self.lines:
-            threading.Thread(target=self._beat, name="loramix-progress", daemon=True).start()
+            self.thread = threading.Thread(target=self._beat, name="loramix-progress", daemon=True)
+            self.thread.start()
 
     def start(self, step) -> None:
         with self.lock:
@@ -137,6 +139,8 @@ class _Progress:
 
     def close(self):
         self.stop.set()
+        if self.thread is not None:  # no line after the bar's last (or after "interrupted")
+            self.thread.join(5.0)
         self.bar.set_postfix_str("done")
         self.bar.close()
 
@@ -273,7 +277,10 @@ class Runner:
             "executor": self.executor.describe(),
             "timings": {
                 "total_seconds": time.perf_counter() - t_start,
-                "by_kind": timings,
+                # in plan order, not in the order the groups first finished (which differs with --jobs)
+                "by_kind": {
+                    g: timings[g] for g in dict.fromkeys(st.group for st in self.steps) if g in timings
+                },
                 "made_seconds": self._made_seconds(),
             },  # fmt: skip
         }
