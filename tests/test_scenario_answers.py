@@ -16,22 +16,7 @@ import pytest
 from loramix.cli import main
 
 from .factories import make_peft_adapter, tiny_gpt2
-
-GOOD = """
-name = "v"
-[base.build]
-steps = 5
-[domains.a]
-data = "synthetic:arith"
-train = 10
-eval = 5
-[domains.b]
-data = "synthetic:units"
-train = 10
-eval = 5
-[adapters]
-rank = 4
-"""
+from .test_scenario import GOOD  # the smallest valid scenario
 
 
 def test_check_never_says_ok_before_a_data_error(tmp_path, capsys):
