@@ -12,6 +12,19 @@ def command():
     """Run a composition study described by a scenario file (docs/scenarios.md)."""
 
 
+def _jobs(jobs, threads, executor, device) -> int | None:
+    """The run's jobs as ``scenario run`` (and so ``scenario check``) picks
+    them: given, or without ``--jobs``, ``--threads`` and ``--executor``
+    :func:`~loramix.scenario.executors.default_jobs` for the device (the
+    command's default; the library's ``run_scenario`` stays serial)."""
+    if jobs is not None or threads is not None or executor is not None:
+        return jobs
+    from ..devices import resolve_device
+    from ..scenario.executors import default_jobs
+
+    return default_jobs(resolve_device(device))
+
+
 @command.command("check")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=str), default=None,
@@ -41,11 +54,8 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     data = prepare_data(sc)
     from ..devices import resolve_device
 
-    dev = resolve_device(device)  # and the device, and $LORAMIX_JOBS: refused before "ok" too
-    if jobs is None and threads is None:  # as `scenario run` picks them
-        from ..scenario.executors import default_jobs
-
-        jobs = default_jobs(dev)
+    resolve_device(device)  # the device and $LORAMIX_JOBS: refused before "ok" too
+    jobs = _jobs(jobs, threads, None, device)
     click.echo(f"{file}: ok — scenario {sc.name!r}")
     for n, d in sc.domains.items():
         click.echo(f"  domain {n}: {d.data} (train {d.train}, eval {d.eval})")
@@ -125,11 +135,7 @@ def run_cmd(file, out, device, fresh, cache_dir, force, threads, jobs, executor,
     """Run the scenario FILE and write its report (report.md, results.csv, report.json, fit.json, plots)."""
     from ..scenario.runner import run_scenario
 
-    if jobs is None and threads is None and executor is None:  # the command's default (not the library's)
-        from ..devices import resolve_device
-        from ..scenario.executors import default_jobs
-
-        jobs = default_jobs(resolve_device(device))
+    jobs = _jobs(jobs, threads, executor, device)
     # a kill (SIGTERM) unwinds like Ctrl-C (loramix.cli.main), so half-made artifacts are removed
     rep = run_scenario(file, out, device=device, fresh=fresh, cache_dir=cache_dir, force=force,
                        progress=not quiet, threads=threads, jobs=jobs, executor=executor,
