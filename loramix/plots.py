@@ -28,7 +28,7 @@ def nice_ceiling(x: float) -> float:
     (at least 1e-3: a colour scale for cosines)."""
     x = max(float(x), 1e-3)
     e = math.floor(math.log10(x))
-    for m in (1, 2, 5, 10):
+    for m in (1, 2, 5):
         if m * 10.0**e >= x * (1 - 1e-12):
             return m * 10.0**e
     return 10.0 ** (e + 1)

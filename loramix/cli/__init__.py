@@ -11,6 +11,7 @@ on stderr and exit with code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import errno
+import functools
 import importlib
 import os
 import sys
@@ -159,23 +160,21 @@ def main(argv=None) -> int:
     in_main = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
+        with warnings.catch_warnings():  # restores the caller's showwarning
+            warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
             return _main(argv)
     finally:
         if in_main:  # None: the handler was not Python's, the default then
             signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """loramix's own warnings as one line on stderr; others as Python shows them."""
+def _show_warning(shown_before, message, category, filename, lineno, file=None, line=None):
+    """loramix's own warnings as one line on stderr; others as they were
+    shown before (``shown_before``: Python's, or a caller's)."""
     if issubclass(category, LoramixWarning):
         click.echo(f"loramix: warning: {message}", err=True)
     else:
-        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
-
-
-_PYTHON_SHOWWARNING = warnings.showwarning
+        shown_before(message, category, filename, lineno, file, line)
 
 
 def _main(argv) -> int:
