@@ -402,6 +402,8 @@ def test_default_jobs_one_per_core_on_the_cpu(monkeypatch, capsys, tmp_path):
     assert default_jobs("cpu") == 1
     monkeypatch.setenv("LORAMIX_JOBS", "3")
     assert default_jobs("cpu") == 3 and default_jobs("cuda:0") == 3
+    monkeypatch.setenv("LORAMIX_JOBS", " ")  # set to nothing: as unset
+    assert default_jobs("cpu") == 1 and default_jobs("cuda:0") == 1
     monkeypatch.setenv("LORAMIX_JOBS", "0")
     p = _write(tmp_path, GOOD)
     assert (

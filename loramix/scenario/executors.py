@@ -357,13 +357,13 @@ AUTO_JOBS_MAX = 4
 
 def default_jobs(device) -> int:
     """The jobs of a run given neither ``--jobs``, ``--threads`` nor
-    ``--executor``: ``$LORAMIX_JOBS`` where set; else on the CPU one per
+    ``--executor``: ``$LORAMIX_JOBS`` where set (and not empty); else on the CPU one per
     usable core, at most :data:`AUTO_JOBS_MAX`, each with one torch thread (the
     results are byte-identical to a serial run's, as every job computes with
     the serial run's one thread); 1 on a GPU, whose memory the workers would
     share."""
     env = os.environ.get("LORAMIX_JOBS")
-    if env is not None:
+    if env is not None and env.strip():  # set to nothing (LORAMIX_JOBS=): as unset
         v = env.strip()  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
         n = int(v) if v.isascii() and v.isdigit() else 0
         if n < 1:
