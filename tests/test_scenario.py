@@ -414,6 +414,35 @@ def test_default_jobs_one_per_core_on_the_cpu(monkeypatch, capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_default_workers_only_where_the_plan_has_enough_to_spread(monkeypatch, capsys, tmp_path):
+    """Without --jobs, --threads and --executor, workers start only where the
+    plan has AUTO_MIN_TRAININGS trainings per worker: a small study runs
+    serially (workers' start-up would cost more than they save), and
+    `scenario check` estimates it so."""
+    from types import SimpleNamespace
+
+    from loramix.scenario import executors
+    from loramix.scenario.executors import AUTO_MIN_TRAININGS, worth_workers
+
+    def steps(n_train):
+        return [SimpleNamespace(group="train")] * n_train + [SimpleNamespace(group="evaluate")] * 50
+
+    assert worth_workers(steps(2 * AUTO_MIN_TRAININGS), 2) and not worth_workers(
+        steps(2 * AUTO_MIN_TRAININGS - 1), 2
+    )
+    monkeypatch.delenv("LORAMIX_JOBS")
+    monkeypatch.setattr(executors.os, "sched_getaffinity", lambda pid: {0, 1})
+    p = _write(tmp_path, GOOD)  # 2 domain adapters and 1 merged-data adapter: 3 trainings
+    assert main(["scenario", "check", str(p), "--cache", str(tmp_path / "c")]) == 0
+    assert "with 2 jobs" not in capsys.readouterr().out
+    out = tmp_path / "o"
+    assert (
+        main(["scenario", "run", str(p), "--out", str(out), "--cache", str(tmp_path / "c"), "--quiet"]) == 0
+    )
+    ex = json.loads((out / "report.json").read_text())["executor"]
+    assert ex == {"name": "serial", "jobs": 1, "chosen": "too few trainings for 2 workers"}, ex
+
+
 def test_default_jobs_odd_values_and_check_says_no_ok_first(monkeypatch, capsys, tmp_path):
     """$LORAMIX_JOBS other than ASCII digits is the one-line error, not a
     traceback ("²" passed str.isdigit and failed int()); and `scenario check`

@@ -12,17 +12,16 @@ def command():
     """Run a composition study described by a scenario file (docs/scenarios.md)."""
 
 
-def _jobs(jobs, threads, executor, device) -> int | None:
-    """The run's jobs as ``scenario run`` (and so ``scenario check``) picks
-    them: given, or without ``--jobs``, ``--threads`` and ``--executor``
-    :func:`~loramix.scenario.executors.default_jobs` for the device (the
-    command's default; the library's ``run_scenario`` stays serial)."""
+def _jobs(jobs, threads, executor):
+    """The run's jobs as ``scenario run`` picks them: as given, or without
+    ``--jobs``, ``--threads`` and ``--executor`` ``"auto"``: workers per
+    core on the CPU where the plan has enough trainings to spread
+    (:func:`loramix.scenario.executors.default_jobs`, ``worth_workers``).
+    That is the command's default; the library's ``run_scenario`` stays
+    serial."""
     if jobs is not None or threads is not None or executor is not None:
         return jobs
-    from ..devices import resolve_device
-    from ..scenario.executors import default_jobs
-
-    return default_jobs(resolve_device(device))
+    return "auto"
 
 
 @command.command("check")
@@ -53,9 +52,11 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     # field) before anything is printed, so a failed check never says "ok" first
     data = prepare_data(sc)
     from ..devices import resolve_device
+    from ..scenario.executors import default_jobs, worth_workers
 
-    resolve_device(device)  # the device and $LORAMIX_JOBS: refused before "ok" too
-    jobs = _jobs(jobs, threads, None, device)
+    dev = resolve_device(device)  # the device and $LORAMIX_JOBS: refused before "ok" too
+    jobs = _jobs(jobs, threads, None)
+    auto = default_jobs(dev) if jobs == "auto" else None
     click.echo(f"{file}: ok — scenario {sc.name!r}")
     for n, d in sc.domains.items():
         click.echo(f"  domain {n}: {d.data} (train {d.train}, eval {d.eval})")
@@ -84,6 +85,8 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     from ..scenario.estimate import estimate
     from ..scenario.executors import threads_per_job
 
+    if jobs == "auto":  # as the run decides, from the plan
+        jobs = auto if auto > 1 and worth_workers(steps, auto) else 1
     jobs = jobs or 1
     per_job = threads_per_job(threads or 1, jobs)
     est = estimate(sc, steps, cache_dir if cache_dir is not None else default_cache_dir(), device=device,
@@ -135,7 +138,7 @@ def run_cmd(file, out, device, fresh, cache_dir, force, threads, jobs, executor,
     """Run the scenario FILE and write its report (report.md, results.csv, report.json, fit.json, plots)."""
     from ..scenario.runner import run_scenario
 
-    jobs = _jobs(jobs, threads, executor, device)
+    jobs = _jobs(jobs, threads, executor)
     # a kill (SIGTERM) unwinds like Ctrl-C (loramix.cli.main), so half-made artifacts are removed
     rep = run_scenario(file, out, device=device, fresh=fresh, cache_dir=cache_dir, force=force,
                        progress=not quiet, threads=threads, jobs=jobs, executor=executor,

@@ -183,10 +183,19 @@ def _gpu_devices(device: str) -> list[str] | None:
 
 @dataclass
 class ProcessExecutor:
+    """``jobs`` worker processes. ``auto`` (the command's default, not asked
+    for): a plan of fewer than :data:`AUTO_MIN_TRAININGS` training steps per
+    worker runs serially instead, in this process, as workers' start-up
+    (importing torch and transformers) would cost more than they save."""
+
     jobs: int
     threads: int = 1
+    auto: bool = False
+    serial: bool = False  # an auto run found too little to spread
 
     def describe(self) -> dict:
+        if self.serial:
+            return {"name": "serial", "jobs": 1, "chosen": f"too few trainings for {self.jobs} workers"}
         return {
             "name": "processes",
             "jobs": self.jobs,
@@ -195,6 +204,10 @@ class ProcessExecutor:
 
     def run(self, steps: list[Step], ctx: StepContext, on_done, done: dict | None = None,
             on_start=None) -> dict:  # fmt: skip
+        if self.auto and not done:  # decided on the plan's first batch, kept for a second
+            self.serial = not worth_workers(steps, self.jobs)
+        if self.serial:
+            return SerialExecutor().run(steps, ctx, on_done, done, on_start)
         import multiprocessing as mp
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -353,6 +366,16 @@ class RayExecutor:
 
 #: the most worker processes a run starts unasked (each holds its own copy of the model)
 AUTO_JOBS_MAX = 4
+#: training steps per worker below which a run not asked for workers stays serial
+#: (a worker's start-up, a few seconds, is about one small training)
+AUTO_MIN_TRAININGS = 4
+
+
+def worth_workers(steps: list[Step], jobs: int) -> bool:
+    """Whether ``jobs`` workers pay for their start-up on this plan: at
+    least :data:`AUTO_MIN_TRAININGS` training steps (domain and merged-data
+    adapters) each."""
+    return sum(st.group == "train" for st in steps) >= AUTO_MIN_TRAININGS * jobs
 
 
 def default_jobs(device) -> int:

@@ -307,7 +307,7 @@ def run_scenario(
     force: bool = False,
     progress: bool = True,
     threads: int | None = None,
-    jobs: int | None = None,
+    jobs: int | str | None = None,
     executor: str | None = None,
     address: str | None = None,
 ) -> dict:
@@ -324,10 +324,12 @@ def run_scenario(
     else serial), ``jobs`` and ``address``: see
     :mod:`loramix.scenario.executors`; the threads are split across the jobs.
     Without ``jobs`` the run is serial here; ``loramix scenario run`` passes
-    :func:`~loramix.scenario.executors.default_jobs` (one worker per core on
-    the CPU). A script that passes ``jobs`` > 1 needs the usual
-    ``if __name__ == "__main__":`` guard: workers are spawned, and re-import
-    the script's main module.
+    ``jobs="auto"``: :func:`~loramix.scenario.executors.default_jobs` workers
+    (one per core on the CPU) where the plan has at least
+    :data:`~loramix.scenario.executors.AUTO_MIN_TRAININGS` trainings per
+    worker, else serial. A script that passes ``jobs`` > 1 (or ``"auto"``)
+    needs the usual ``if __name__ == "__main__":`` guard: workers are
+    spawned, and re-import the script's main module.
     Returns the report dict (also written as ``report.json``), with ``out``.
     """
     from ..devices import resolve_device
@@ -340,9 +342,15 @@ def run_scenario(
     dev = resolve_device(device)
     if threads is not None and threads < 1:
         raise UsageError("--threads", f"must be at least 1, got {threads}")
-    from .executors import make_executor
+    from .executors import ProcessExecutor, default_jobs, make_executor
 
-    ex = make_executor(executor, jobs=jobs, threads=threads or 1, address=address)
+    if jobs == "auto":  # the command's default: workers per core where the plan has enough to spread
+        if executor is not None or threads is not None:
+            raise UsageError("jobs", '"auto" stands for no --jobs, --threads and --executor')
+        n = default_jobs(dev)
+        ex = ProcessExecutor(n, 1, auto=True) if n > 1 and not address else make_executor(address=address)
+    else:
+        ex = make_executor(executor, jobs=jobs, threads=threads or 1, address=address)
     import torch
 
     old_threads = torch.get_num_threads()
