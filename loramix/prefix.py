@@ -89,7 +89,8 @@ def top_targets(model, targets, k: int) -> list[str]:
     """Full names of the modules ``targets`` selects (PEFT's rule) in blocks ``k`` and up."""
     from .layers import find_targets
 
-    names = [n for n in find_targets(model, targets) if (layer_of(model, n) or -1) >= k]
+    # layer_of is None outside the blocks and 0 in the first one: compare with None, not by truth
+    names = [n for n in find_targets(model, targets) if (i := layer_of(model, n)) is not None and i >= k]
     if not names:
         raise UsageError("--top-layers", f"no target module in layers {k} and up")
     return names

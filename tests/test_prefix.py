@@ -146,3 +146,14 @@ def test_cached_path_equals_the_full_forward_on_smollm2(smol):
     la, lb, a, b = _full_and_cached(model, len(model.model.layers) - 4, ex)
     torch.testing.assert_close(lb, la, rtol=0, atol=1e-4)
     torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_top_targets_on_every_layer_keep_block_0():
+    """--top-layers equal to the model's layers (k = 0): the targets of block 0
+    are adapted too (``layer_of`` gives 0 there, which ``or -1`` took for
+    'not in a block', so block 0 was silently left out)."""
+    model = _tiny("llama")
+    k = prefix.split_point(model, 4)
+    names = prefix.top_targets(model, ["q_proj"], k)
+    assert names == [f"model.layers.{i}.self_attn.q_proj" for i in range(4)]
+    assert prefix.top_targets(model, ["q_proj"], 3) == ["model.layers.3.self_attn.q_proj"]
