@@ -347,8 +347,8 @@ def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, 
         raise UsageError("--steps", f"must be at least 1, got {steps}")
     if warmup is not None and warmup < 0:  # a negative one bent the schedule, silently
         raise UsageError("--warmup", f"must be 0 or more steps, got {warmup}")
-    if steps is None and not epochs > 0:
-        raise UsageError("--epochs", f"must be positive, got {epochs}")
+    if steps is None and not 0 < epochs < math.inf:  # inf: round(inf * batches) raised OverflowError
+        raise UsageError("--epochs", f"must be a positive finite number, got {epochs}")
     if not 0 < lr < math.inf:
         raise UsageError("--lr", f"must be a positive finite number, got {lr}")
     # the scale alpha / rank and tau multiply factors in float32: beyond its range, inf or nan

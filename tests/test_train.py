@@ -368,3 +368,16 @@ def test_max_len_above_the_context_is_capped_and_said(bases, tmp_path, capsys):
     assert json.loads((tmp_path / "a" / "loramix.json").read_text())["parameters"]["max_len"] == 64
     assert main([*args, "--max-len", "48", "--out", str(tmp_path / "b")]) == 0
     assert "above the model's context" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("epochs", ["inf", "-inf", "nan", "0"])
+def test_epochs_not_a_positive_finite_number_is_one_line(bases, tmp_path, capsys, epochs):
+    """--epochs inf: one line naming --epochs, exit 2, nothing written (it
+    loaded the base, then raised OverflowError from round(inf))."""
+    out = tmp_path / "t"
+    argv = ["train", "--base", str(bases["gpt2"]), "--data", ARITH, "--out", str(out), "--epochs", epochs,
+            "--batch", "4", "--max-len", "32", "--eval-size", "8", "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loramix: error: --epochs:") and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
