@@ -73,6 +73,7 @@ def _records_sha256(records) -> str:
 def _load_sources(data, *, eval_size, seed: int, limit, fields: dict):
     """Load every source; return (train records, eval records, provenance per source)."""
     from .data import data_name, is_synthetic_spec, load_records, split_records
+    from .io.outputs import normalized_path
     from .io.safetensors_io import file_sha256
 
     sources = [data] if isinstance(data, (str, os.PathLike)) else list(data)
@@ -90,7 +91,7 @@ def _load_sources(data, *, eval_size, seed: int, limit, fields: dict):
         is_file = not is_synthetic_spec(src)
         inputs.append(
             {
-                "path": str(src),
+                "path": normalized_path(src) if is_file else str(src),  # absolute, as every input's
                 "kind": "data",
                 "name": data_name(src),
                 "sha256": file_sha256(src) if is_file else None,
@@ -591,6 +592,8 @@ def _write(out, run: _Run, kind, settings, options, metrics, *, force, file_inpu
     # No clock time or timings in the tensor file's metadata: same inputs, same bytes.
     file_prov = provenance("train", settings, inputs)
     file_prov.pop("created", None)
+    # nor how a path was typed (the base's "given"): relative or absolute, same bytes
+    file_prov["inputs"] = [{k: v for k, v in i.items() if k != "given"} for i in inputs]
     modules = extract_modules(run.model)
     # GPT-2's Conv1D stores W0^T: PEFT must know (fan_in_fan_out) to wrap it.
     fifo = any(not isinstance(run.model.get_submodule(n).base, torch.nn.Linear) for n in modules)

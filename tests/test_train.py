@@ -381,3 +381,27 @@ def test_epochs_not_a_positive_finite_number_is_one_line(bases, tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("loramix: error: --epochs:") and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["lora", "d2lora"])
+def test_same_inputs_named_relatively_give_the_same_bytes(bases, tmp_path, monkeypatch, kind):
+    """README: input paths are recorded absolute, so the same inputs named
+    relatively or absolutely give byte-identical weight files. The data
+    file's path was recorded as typed and the base's as ``given``, both in
+    the safetensors metadata."""
+    import shutil
+
+    from safetensors import safe_open
+
+    shutil.copytree(bases["gpt2"], tmp_path / "base")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": f"What is {i} plus 1?", "answer": str(i + 1)}
+                                              for i in range(12)])  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    opts = dict(kind=kind, steps=2, batch=4, max_len=32, rank=2, alpha=4, eval_size=0, progress=False)
+    train_adapter("base", "d.jsonl", tmp_path / "rel", **opts)
+    train_adapter(str(tmp_path / "base"), str(data), tmp_path / "abs", **opts)
+    files = [(tmp_path / d / "adapter_model.safetensors") for d in ("rel", "abs")]
+    with safe_open(str(files[0]), "pt") as f:
+        inputs = json.loads(f.metadata()["loramix"])["inputs"]
+    assert [i["path"] for i in inputs] == [str(tmp_path / "base"), str(data)]
+    assert files[0].read_bytes() == files[1].read_bytes()
