@@ -101,6 +101,7 @@ def lr_at(step: int, *, steps: int, warmup: int, lr: float, min_ratio: float = 0
 
 def _gather_records(data) -> tuple[list[QARecord], list[dict]]:
     """Records and provenance entries from paths, synthetic specs or records."""
+    from .io.outputs import normalized_path
     from .io.safetensors_io import file_sha256
 
     if isinstance(data, (str, os.PathLike, QARecord)):
@@ -116,7 +117,8 @@ def _gather_records(data) -> tuple[list[QARecord], list[dict]]:
             inputs.append({"path": d, "kind": "synthetic", "sha256": None})
         else:
             records += load_records(d)
-            inputs.append({"path": str(d), "kind": "data", "sha256": file_sha256(d)})
+            # absolute, as every input's: the same file typed either way gives the same bytes
+            inputs.append({"path": normalized_path(d), "kind": "data", "sha256": file_sha256(d)})
     if loose:
         records += loose
         inputs.append({"path": None, "kind": "records", "count": len(loose)})

@@ -133,3 +133,21 @@ def test_build_on_real_data(tmp_path):
     ]
     res = build_base(recs, tmp_path / "real", size=MINI, steps=60, progress=False)
     assert res["heldout_ppl"] < 0.5 * res["untrained_ppl"]
+
+
+def test_same_data_named_relatively_gives_the_same_bytes(tmp_path, monkeypatch):
+    """README: input paths are recorded absolute (loramix.json's inputs held
+    the data path as typed), and the weights are the same bytes either way."""
+    import json
+
+    rows = [{"question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(40)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    kw = dict(size=MINI, steps=2, progress=False)
+    build_base("d.jsonl", tmp_path / "rel", **kw)
+    build_base(str(data), tmp_path / "abs", **kw)
+    rec = [json.loads((tmp_path / d / "loramix.json").read_text()) for d in ("rel", "abs")]
+    assert [[i["path"] for i in r["inputs"]] for r in rec] == [[str(data)], [str(data)]]
+    files = [tmp_path / d / "model.safetensors" for d in ("rel", "abs")]
+    assert files[0].read_bytes() == files[1].read_bytes()
