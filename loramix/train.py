@@ -389,6 +389,26 @@ class _Run:
     live: LiveLog | None = None  # the same rows as a file, written by _train, moved by _write
 
 
+def _warn_tied_head(model, names) -> None:
+    """Warn (:class:`~loramix.errors.LoramixWarning`) when a target is the
+    output head tied to the input embedding: trained and on the fly (PEFT)
+    only the head changes, but merged (``eval --merged``, ``sum --into``)
+    the shared weight changes for both, so the two models differ."""
+    out = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    if out is None or emb is None or out.weight is not emb.weight:
+        return
+    head = next((n for n in names if model.get_submodule(n) is out), None)
+    if head is not None:
+        import warnings
+
+        from .errors import LoramixWarning
+
+        warnings.warn(f"target {head} is tied to the input embedding: the adapter is trained on the head alone "
+                      "(as PEFT applies it on the fly), but merging it changes the shared weight, so a merged "
+                      "model (eval --merged, sum --into) differs from the trained one", LoramixWarning, stacklevel=3)  # fmt: skip
+
+
 def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_len, batch, on, device,
              top_layers=None, prefix_cache="disk", autocast=None, prompt="raw") -> _Run:  # fmt: skip
     """Load and split the data, load the base, resolve the targets, encode;
@@ -407,7 +427,7 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
     )
     model, tok = load_causal_lm(base, device=dev)
     check_prompt(prompt, tok, base)
-    find_targets(model, targets)  # a bad --targets fails now, not after the base evaluation
+    names = find_targets(model, targets)  # a bad --targets fails now, not after the base evaluation
     targets = list(targets) if targets is not None and not isinstance(targets, str) else targets
     resolved_targets = default_targets(model) if targets is None else targets
     k = None
@@ -415,7 +435,8 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
         from .prefix import split_point, top_targets
 
         k = split_point(model, top_layers)
-        targets = resolved_targets = top_targets(model, targets, k)
+        targets = resolved_targets = names = top_targets(model, targets, k)
+    _warn_tied_head(model, names)
     # Sequences cannot be longer than the model's positions: cap max_len there (recorded).
     n_pos = context_length(model.config)
     if n_pos:

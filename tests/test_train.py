@@ -405,3 +405,25 @@ def test_same_inputs_named_relatively_give_the_same_bytes(bases, tmp_path, monke
         inputs = json.loads(f.metadata()["loramix"])["inputs"]
     assert [i["path"] for i in inputs] == [str(tmp_path / "base"), str(data)]
     assert files[0].read_bytes() == files[1].read_bytes()
+
+
+def test_training_a_tied_head_says_merging_differs(bases, tmp_path, capsys):
+    """GPT-2's lm_head is tied to wte: an adapter on it is trained on the head
+    alone (as PEFT applies it), but merging changes the shared weight, so a
+    merged model differs; train says so in one warning line. No warning
+    without the head, or where --top-layers leaves it out."""
+    from loramix.cli import main
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": f"What is {i} plus 1?", "answer": str(i + 1)}
+                                              for i in range(12)])  # fmt: skip
+    common = ["--base", str(bases["gpt2"]), "--data", str(data), "--steps", "1", "--batch", "4", "--max-len", "32",
+              "--eval-size", "0", "--quiet"]  # fmt: skip
+    assert main(["train", *common, "--targets", "c_attn,lm_head", "--out", str(tmp_path / "a")]) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert warned == [
+        "loramix: warning: target lm_head is tied to the input embedding: the adapter is trained on the head "
+        "alone (as PEFT applies it on the fly), but merging it changes the shared weight, so a merged model "
+        "(eval --merged, sum --into) differs from the trained one"
+    ], warned
+    assert main(["train", *common, "--targets", "c_attn", "--out", str(tmp_path / "b")]) == 0
+    assert "warning" not in capsys.readouterr().err
