@@ -392,8 +392,8 @@ class _Run:
 def _warn_tied_head(model, names) -> None:
     """Warn (:class:`~loramix.errors.LoramixWarning`) when a target is the
     output head tied to the input embedding: trained and on the fly (PEFT)
-    only the head changes, but merged (``eval --merged``, ``sum --into``)
-    the shared weight changes for both, so the two models differ."""
+    only the head changes, but merged (``eval --merged``) the shared weight
+    changes for both, so the two models differ (``sum --into`` refuses it)."""
     out = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     if out is None or emb is None or out.weight is not emb.weight:
@@ -405,8 +405,8 @@ def _warn_tied_head(model, names) -> None:
         from .errors import LoramixWarning
 
         warnings.warn(f"target {head} is tied to the input embedding: the adapter is trained on the head alone "
-                      "(as PEFT applies it on the fly), but merging it changes the shared weight, so a merged "
-                      "model (eval --merged, sum --into) differs from the trained one", LoramixWarning, stacklevel=3)  # fmt: skip
+                      "(as PEFT applies it on the fly), but merging it changes the shared weight, so eval --merged "
+                      "gives another model (and sum --into refuses it)", LoramixWarning, stacklevel=3)  # fmt: skip
 
 
 def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_len, batch, on, device,
