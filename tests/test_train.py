@@ -427,3 +427,20 @@ def test_training_a_tied_head_says_merging_differs(bases, tmp_path, capsys):
     ], warned
     assert main(["train", *common, "--targets", "c_attn", "--out", str(tmp_path / "b")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [["--tau", "0.3"], ["--norm-dim", "0"]])
+def test_d2_options_for_a_lora_are_refused(bases, tmp_path, capsys, flag):
+    """--tau and --norm-dim shape D2-LoRA only: given for a LoRA they were
+    ignored without a word; now one line naming the flag, exit 2, nothing
+    written."""
+    from loramix.cli import main
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}] * 4)
+    rc = main(
+        ["train", "--base", str(bases["gpt2"]), "--data", str(data), "--out", str(tmp_path / "o"), *flag]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"loramix: error: {flag[0]}: applies to --kind d2lora only (a LoRA has no negative " \
+                              "branch or norm)\n", err  # fmt: skip
+    assert not (tmp_path / "o").exists()

@@ -99,6 +99,12 @@ def command(base, data, more_data, out, targets, eval_size, quiet, kind, method,
         raise UsageError(
             "--eval-size", f"a count of records or a fraction in (0, 1), got {eval_size!r}"
         ) from None
+    ctx = click.get_current_context()
+    if (method or kind) == "lora":  # D2-LoRA's options given for a LoRA: a mistake, not to be ignored
+        for opt in ("tau", "norm_dim"):
+            if ctx.get_parameter_source(opt) == click.core.ParameterSource.COMMANDLINE:
+                flag = "--" + opt.replace("_", "-")
+                raise UsageError(flag, "applies to --kind d2lora only (a LoRA has no negative branch or norm)")
     tg = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     res = train_adapter(
         base,
