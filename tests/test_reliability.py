@@ -522,8 +522,9 @@ def test_d2lora_config_refused(tmp_path, capsys, field, value, needle):
 )
 def test_train_numbers_refused_naming_the_option(world, tmp_path, capsys, flag, value):
     out = tmp_path / "t"
+    kind = ["--kind", "d2lora"] if flag == "--tau" else []  # the range check, not "d2lora only"
     rc, _, err = cli(capsys, "train", "--base", world["gpt2"], "--data", "synthetic:arith", "--out", out,
-                     "--quiet", flag, value)  # fmt: skip
+                     "--quiet", *kind, flag, value)  # fmt: skip
     assert_refused(rc, err, out, flag)
 
 
