@@ -209,9 +209,12 @@ def _trained_base_identity(adapter) -> str | None:
 def adapter_checks(adapters, fitfile: dict, where: str) -> list[str]:
     """Of a predictors file ``fitfile`` (read from ``where``) for ``adapters``: another
     adapter kind refused; warnings for another base and a fit no better than the mean."""
+    from .scenario.traits import kind_of
+
     kinds = sorted({a.method for a in adapters})
     want = fitfile.get("adapter_kind")
-    if want and kinds != [want]:
+    # a scenario writes its study's label (``lora@8``, ``lora:shared``): its kind is the part before @ or :
+    if want and kinds != [kind_of(want)]:
         raise UsageError(
             where, f"fitted for {want} adapters, given {', '.join(kinds)}: the fits are per kind"
         )
@@ -225,6 +228,13 @@ def adapter_checks(adapters, fitfile: dict, where: str) -> list[str]:
         warnings.append("no feature predicted this target better than the mean when validated: the prediction "
                         "is the mean of the study's compositions")  # fmt: skip
     return warnings
+
+
+def one_kind(adapters, where: str) -> None:
+    """Refuse adapters of more than one kind in one line (the fits, and merges, are per kind)."""
+    kinds = sorted({a.method for a in adapters})
+    if len(kinds) > 1:
+        raise UsageError(where, f"the adapters mix kinds ({', '.join(kinds)}); the fits are per kind")
 
 
 def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: bool = True,
@@ -293,6 +303,7 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
     if budget is not None and not math.isfinite(budget):
         raise UsageError("--budget", f"must be a finite number, got {budget}")
     adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
+    one_kind(adapters, "plan")
     # the checks of `loramix predict`: another adapter kind refused, another base warned of
     fitfile = None if fit is None else load_predictors(fit)  # read and checked once, used thrice
     warnings = [] if fitfile is None else adapter_checks(adapters, fitfile, str(fit))

@@ -53,7 +53,8 @@ def load_fit(path: str | os.PathLike) -> dict:
 
 
 def predict_validated(
-    adapters_or_paths, path, *, data=None, base=None, tokens: int = 256, device="cpu"
+    adapters_or_paths, path, *, data=None, base=None, tokens: int = 256, device="cpu",
+    merge_method: str | None = None,
 ) -> dict:
     """Predicted interference from a predictors file (module docstring).
 
@@ -62,18 +63,23 @@ def predict_validated(
     ``level``, ``validated`` (the predictor's held-out n, r, R^2, MAE and
     coverage), ``mean_mae`` (the mean's held-out MAE), ``beats_mean``,
     ``features`` (the composition's values of the features it reads) and
-    ``warnings``.
+    ``warnings``. ``merge_method``: the prediction for that merge method, from
+    the file's ``by_method`` (what ``loramix plan`` quotes for a group it merges
+    by that method); None: the file's primary predictor.
     """
     from .adapter import Adapter
-    from .grouping import adapter_checks, cost_model, fit_features
+    from .grouping import adapter_checks, cost_model, fit_features, one_kind
     from .io.adapter_files import load_adapter
     from .validation import extrapolation, load_predictors
 
     fitfile = load_predictors(path)
+    if merge_method is not None:
+        fitfile = _for_method(fitfile, merge_method, str(path))
     items = list(adapters_or_paths)
     if len(items) < 2:
         raise UsageError("predict", f"a composition needs at least 2 adapters, got {len(items)}")
     adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
+    one_kind(adapters, "predict")
     warnings = adapter_checks(adapters, fitfile, str(path))
     model, _, validated = cost_model(
         adapters, path, data, base, tokens, device, by_method=False, fitfile=fitfile
@@ -82,6 +88,10 @@ def predict_validated(
     y, lo, hi = model.cost(members)
     fit = fitfile["fits"][fitfile["best"]]
     features = {f: model.features.composition(f, members) for f in fit_features(fit)}
+    if not math.isfinite(y):
+        bad = [f for f, v in features.items() if not math.isfinite(v)]
+        raise UsageError("predict", f"the composition has no value of {', '.join(bad) or 'its features'} "
+                         "(no pair of adapters shares a module with a nonzero delta): no prediction")  # fmt: skip
     far = extrapolation(fit, features)
     if far is not None:
         warnings.append(far)
@@ -98,6 +108,19 @@ def predict_validated(
         "features": features, "extrapolation": far is not None,
         "warnings": warnings,
     }  # fmt: skip
+
+
+def _for_method(fitfile: dict, method: str, where: str) -> dict:
+    """``fitfile`` as if ``method``'s entry of its ``by_method`` were its primary predictor."""
+    bm = fitfile.get("by_method") or {}
+    if method not in bm:
+        have = ", ".join(bm) or "only its primary predictor"
+        raise UsageError("--method", f"{where} has no predictor for merge method {method} (it has: {have})")
+    e = bm[method]
+    rows = [{**(e.get("validated") or {}), "predictor": e["best"]}, {"predictor": "mean", "mae": e.get("mean_mae")}]
+    return {**fitfile, "best": e["best"], "fits": {e["best"]: e["fit"]}, "summary": rows, "by_method": None,
+            "level": fitfile["level"], "target": e.get("target") or fitfile["target"],
+            "beats_mean": bool(e.get("beats_mean", fitfile.get("beats_mean")))}  # fmt: skip
 
 
 def fitted_sizes(compositions) -> list[int]:

@@ -241,3 +241,82 @@ def test_method_aware_cost_on_known_costs():
     # equal predicted costs: the first method (the file's primary)
     tie = CostModel(fs, flat, 0.9, {"sum": flat, "ties": {**flat}})
     assert tie.method([2, 3], 2.0) == "sum"
+
+
+def test_a_scenario_label_names_the_kind_of_its_predictors(bank, similar_merge_well, tmp_path, capsys):
+    """A study of ``lora@2`` (or ``lora:shared``) writes that label as ``adapter_kind``:
+    its own LoRA adapters are accepted by ``plan`` and ``predict`` (they were refused
+    as "fitted for lora@2 adapters, given lora"); another kind still is refused."""
+    paths, _ = bank
+    fit, _ = similar_merge_well
+    d = json.loads(fit.read_text())
+    for label in ("lora@2", "lora:shared", "lora@16:data"):
+        f = tmp_path / f"{label.replace(':', '_')}.json"
+        f.write_text(json.dumps({**d, "adapter_kind": label}))
+        assert main(["plan", *paths[:3], "--fit", str(f), "--json"]) == 0
+        assert main(["predict", *paths[:2], "--fit", str(f), "--format", "json"]) == 0
+    other = tmp_path / "d2r.json"
+    other.write_text(json.dumps({**d, "adapter_kind": "d2lora@4"}))
+    _one_line_error(capsys, ["plan", *paths[:2], "--fit", str(other)], "fitted for d2lora@4 adapters, given lora")
+
+
+def test_adapters_of_two_kinds_are_refused(bank, similar_merge_well, tmp_path, capsys):
+    """A LoRA and a D2-LoRA adapter: one line, exit 2, with or without ``--fit`` (``plan``
+    proposed summing them, which ``merge`` then refuses; ``predict`` with a fit.json refused it)."""
+    from loramix.adapter import ModuleDelta
+    from loramix.io.formats.d2 import save_d2_adapter
+
+    paths, _ = bank
+    fit, _ = similar_merge_well
+    gen = torch.Generator().manual_seed(7)
+    mods = {m: ModuleDelta(name=m, B=torch.randn(DIM, 2, generator=gen), A=torch.randn(2, DIM, generator=gen),
+                           scale=1.0, alpha=2.0, B_neg=torch.randn(DIM, 2, generator=gen),
+                           A_neg=torch.randn(2, DIM, generator=gen), tau=0.5) for m in MODULES}  # fmt: skip
+    d2 = str(save_d2_adapter(tmp_path / "d2", mods, r=2, lora_alpha=2.0, tau=0.5))
+    _one_line_error(capsys, ["plan", *paths[:2], d2], "mix kinds")
+    _one_line_error(capsys, ["plan", *paths[:2], d2, "--fit", str(fit)], "mix kinds")
+    _one_line_error(capsys, ["predict", paths[0], d2, "--fit", str(fit)], "mix kinds")
+
+
+def test_predict_method_gives_the_number_plan_quotes(bank, similar_merge_well, tmp_path, capsys):
+    """With ``by_method``, ``plan`` quotes a group's cost under the method it merges
+    it by; ``predict --method M`` gives that number and interval (``--method`` was
+    ignored with a predictors file: the primary's number came back), and a method
+    the file lacks is refused in one line."""
+    from loramix.validation import method_entry
+
+    paths, _ = bank
+    fit, _ = similar_merge_well
+    down = json.loads(fit.read_text())
+    rng = np.random.default_rng(2)
+    comps = list(itertools.combinations([f"d{k}" for k in range(6)], 2))
+    x = rng.uniform(0, 1, len(comps))
+    up = validate(comps, 2 + 30 * x + rng.normal(0, 0.5, len(comps)), pd.DataFrame({"rms_cosine": x}))
+    d = up.to_json_dict()
+    d["by_method"] = {"sum": method_entry(d), "ties": method_entry(down)}
+    f = tmp_path / "bm.json"
+    f.write_text(json.dumps(d))
+    g = plan(paths[:2], fit=f, max_group=2, budget=100.0).groups[0]
+    assert g["method"] == "ties" and g["costs"]["sum"] > g["cost"]
+    for method, cost, interval in (("ties", g["cost"], g["interval"]), ("sum", g["costs"]["sum"], None)):
+        capsys.readouterr()
+        assert main(["predict", *paths[:2], "--fit", str(f), "--method", method, "--format", "json"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r["predicted"] == pytest.approx(cost) and r["predictor"] == d["by_method"][method]["best"]
+        if interval is not None:
+            assert r["interval"] == pytest.approx(interval)
+    assert main(["predict", *paths[:2], "--fit", str(f), "--format", "json"]) == 0  # default: the primary
+    assert json.loads(capsys.readouterr().out)["predicted"] == pytest.approx(g["costs"]["sum"])
+    _one_line_error(capsys, ["predict", *paths[:2], "--fit", str(f), "--method", "dare-ties"], "dare-ties")
+
+
+def test_predict_without_a_feature_value_is_refused(bank, similar_merge_well, tmp_path, capsys):
+    """Two adapters sharing no module: no RMS cosine; ``predict`` with a predictors file
+    printed ``predicted interference: +nan`` and exit 0 (with a fit.json it is refused)."""
+    paths, _ = bank
+    fit, _ = similar_merge_well
+    gen = torch.Generator().manual_seed(3)
+    other = save_peft_adapter(tmp_path / "mlp", {f"model.layers.{k}.mlp.down_proj": (
+        torch.randn(DIM, 2, generator=gen), torch.randn(2, DIM, generator=gen)) for k in range(2)})  # fmt: skip
+    _one_line_error(capsys, ["predict", paths[0], str(other), "--fit", str(fit)], "no prediction")
+

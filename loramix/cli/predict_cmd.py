@@ -18,9 +18,9 @@ import click
 @click.option(
     "--method",
     "merge_method",
-    default="sum",
-    show_default=True,
-    help="Merge method whose fit to use (fit.json).",
+    default=None,
+    help="Merge method whose fit to use (fit.json: default sum; predictors.json: from its by_method, "
+    "default its primary predictor).",
 )
 @click.option(
     "--label",
@@ -48,12 +48,13 @@ def command(adapters, fit_path, merge_method, label, level, data, base, fmt):
     if is_predictors_file(fit_path):
         if label is not None:
             raise UsageError("--label", "applies to a fit.json; a predictors file holds one study")
-        r = predict_validated(list(adapters), fit_path, data=list(data) or None, base=base)
+        r = predict_validated(list(adapters), fit_path, data=list(data) or None, base=base,
+                              merge_method=merge_method)  # fmt: skip
         for w in r["warnings"]:
             click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
         click.echo(json.dumps(r, indent=2) if fmt == "json" else _validated_text(r))
         return
-    r = predict(list(adapters), fit_path, merge_method=merge_method, level=level, label=label)
+    r = predict(list(adapters), fit_path, merge_method=merge_method or "sum", level=level, label=label)
     click.echo(json.dumps(r, indent=2) if fmt == "json" else _line_text(r))
 
 
