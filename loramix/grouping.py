@@ -341,8 +341,12 @@ def plan_with(model: CostModel, *, source: str, validated: dict | None = None, m
     """The plan of :func:`plan` from a ready cost model (the features already
     computed, e.g. by a scenario's features step)."""
     b = model.default_budget if budget is None else float(budget)
-    groups = greedy_groups(len(model.features.names), model.cost, b, max_group)
     names = list(model.features.names)
+    # search in the order of the names, so that ties (equal predicted costs, e.g. the mean
+    # predictor's) go the same way whatever order the adapters were given in
+    order = sorted(range(len(names)), key=lambda i: (names[i], i))
+    groups = greedy_groups(len(names), lambda m: model.cost([order[i] for i in m]), b, max_group)
+    groups = [[order[i] for i in g] for g in groups]  # members and groups in the names' order
     return Plan(names, describe_groups(model, groups, b), b, max_group, source, validated, model.rule,
                 validated_by_method)  # fmt: skip
 

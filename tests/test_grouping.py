@@ -320,3 +320,19 @@ def test_predict_without_a_feature_value_is_refused(bank, similar_merge_well, tm
         torch.randn(DIM, 2, generator=gen), torch.randn(2, DIM, generator=gen)) for k in range(2)})  # fmt: skip
     _one_line_error(capsys, ["predict", paths[0], str(other), "--fit", str(fit)], "no prediction")
 
+
+def test_the_plan_does_not_depend_on_the_order_of_the_adapters():
+    """Equal predicted costs (here every group costs the same, as under the ``mean``
+    predictor of a study where no feature beats the mean): the groups were the first
+    pairs in command-line order, so ``a b c d`` gave {a, b}, {c, d} and ``d c b a``
+    gave {d, c}, {b, a}, but ``c a d b`` gave {c, a}, {d, b}."""
+    from loramix.features import FeatureSet
+    from loramix.grouping import CostModel, plan_with
+
+    flat = {"kind": "mean", "n": 5, "mean": -2.0, "sd": 1.0}
+    seen = set()
+    for perm in itertools.permutations("abcd"):
+        fs = FeatureSet(names=list(perm), matrices={}, aggregate={})
+        p = plan_with(CostModel(fs, flat), source="flat", max_group=2, budget=0.0)
+        seen.add(json.dumps([(g["members"], g["cost"], g["method"]) for g in p.groups]))
+    assert seen == {json.dumps([(["a", "b"], -2.0, "ties"), (["c", "d"], -2.0, "ties")])}
