@@ -53,7 +53,13 @@ def load_fit(path: str | os.PathLike) -> dict:
 
 
 def predict_validated(
-    adapters_or_paths, path, *, data=None, base=None, tokens: int = 256, device="cpu",
+    adapters_or_paths,
+    path,
+    *,
+    data=None,
+    base=None,
+    tokens: int = 256,
+    device="cpu",
     merge_method: str | None = None,
 ) -> dict:
     """Predicted interference from a predictors file (module docstring).
@@ -117,7 +123,10 @@ def _for_method(fitfile: dict, method: str, where: str) -> dict:
         have = ", ".join(bm) or "only its primary predictor"
         raise UsageError("--method", f"{where} has no predictor for merge method {method} (it has: {have})")
     e = bm[method]
-    rows = [{**(e.get("validated") or {}), "predictor": e["best"]}, {"predictor": "mean", "mae": e.get("mean_mae")}]
+    rows = [
+        {**(e.get("validated") or {}), "predictor": e["best"]},
+        {"predictor": "mean", "mae": e.get("mean_mae")},
+    ]
     return {**fitfile, "best": e["best"], "fits": {e["best"]: e["fit"]}, "summary": rows, "by_method": None,
             "level": fitfile["level"], "target": e.get("target") or fitfile["target"],
             "beats_mean": bool(e.get("beats_mean", fitfile.get("beats_mean")))}  # fmt: skip

@@ -257,7 +257,9 @@ def test_a_scenario_label_names_the_kind_of_its_predictors(bank, similar_merge_w
         assert main(["predict", *paths[:2], "--fit", str(f), "--format", "json"]) == 0
     other = tmp_path / "d2r.json"
     other.write_text(json.dumps({**d, "adapter_kind": "d2lora@4"}))
-    _one_line_error(capsys, ["plan", *paths[:2], "--fit", str(other)], "fitted for d2lora@4 adapters, given lora")
+    _one_line_error(
+        capsys, ["plan", *paths[:2], "--fit", str(other)], "fitted for d2lora@4 adapters, given lora"
+    )
 
 
 def test_adapters_of_two_kinds_are_refused(bank, similar_merge_well, tmp_path, capsys):

@@ -104,7 +104,9 @@ def command(base, data, more_data, out, targets, eval_size, quiet, kind, method,
         for opt in ("tau", "norm_dim"):
             if ctx.get_parameter_source(opt) == click.core.ParameterSource.COMMANDLINE:
                 flag = "--" + opt.replace("_", "-")
-                raise UsageError(flag, "applies to --kind d2lora only (a LoRA has no negative branch or norm)")
+                raise UsageError(
+                    flag, "applies to --kind d2lora only (a LoRA has no negative branch or norm)"
+                )
     tg = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     res = train_adapter(
         base,
