@@ -233,10 +233,10 @@ def predict(
     if len(items) < 2:
         raise UsageError("predict", f"a composition needs at least 2 adapters, got {len(items)}")
     adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
-    kinds = sorted({a.kind.name for a in adapters})
-    if len(kinds) > 1:
-        raise UsageError("predict", f"the adapters mix kinds ({', '.join(kinds)}); the fits are per kind")
-    kind = kinds[0]
+    from .grouping import one_kind
+
+    one_kind(adapters, "predict")
+    kind = adapters[0].kind.name
     entry = _study(fit["fits"], kind, merge_method, label, adapters, where)
     lf = LinearFit.from_dict(entry)
     if not lf.ok:
