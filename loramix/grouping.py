@@ -315,7 +315,7 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
         from .interference import fitted_sizes, size_note
 
         sizes = fitted_sizes(fitfile.get("compositions") or [])
-        big = sorted({len(g["members"]) for g in p.groups if sizes and len(g["members"]) > max(sizes)})
+        big = sorted({len(g["members"]) for g in p.groups if size_note(len(g["members"]), sizes)})
         warnings += [f"group(s) of {k}: {size_note(k, sizes)}" for k in big]
     p.warnings = warnings
     return p

@@ -101,10 +101,9 @@ def predict_validated(
     far = extrapolation(fit, features)
     if far is not None:
         warnings.append(far)
-    sizes = fitted_sizes(fitfile.get("compositions") or [])
-    if sizes and len(adapters) > max(sizes):
+    if note := size_note(len(adapters), fitted_sizes(fitfile.get("compositions") or [])):
         far = far or "size"
-        warnings.append(size_note(len(adapters), sizes))
+        warnings.append(note)
     rows = {r["predictor"]: r for r in fitfile["summary"]}
     return {
         "names": list(model.features.names), "adapter_method": adapters[0].method, "target": fitfile["target"],
@@ -128,7 +127,7 @@ def _for_method(fitfile: dict, method: str, where: str) -> dict:
         {"predictor": "mean", "mae": e.get("mean_mae")},
     ]
     return {**fitfile, "best": e["best"], "fits": {e["best"]: e["fit"]}, "summary": rows, "by_method": None,
-            "level": fitfile["level"], "target": e.get("target") or fitfile["target"],
+            "target": e.get("target") or fitfile["target"],
             "beats_mean": bool(e.get("beats_mean", fitfile.get("beats_mean")))}  # fmt: skip
 
 
@@ -137,8 +136,12 @@ def fitted_sizes(compositions) -> list[int]:
     return sorted({c.count("+") + 1 if isinstance(c, str) else len(c) for c in compositions})
 
 
-def size_note(k: int, sizes: list[int]) -> str:
-    """Why a composition of ``k`` adapters is an extrapolation of a fit on ``sizes``."""
+def size_note(k: int, sizes: list[int]) -> str | None:
+    """Why a composition of ``k`` adapters is an extrapolation of a fit on
+    compositions of ``sizes`` adapters; None where it is not (``k`` within
+    them, or no sizes known)."""
+    if not sizes or k <= max(sizes):
+        return None
     return (
         f"the fit saw compositions of {', '.join(map(str, sizes))} adapters only; a composition of {k} "
         "extrapolates it in size (docs/predictors.md: ols:F says a group costs what its mean pair costs)"
@@ -261,7 +264,7 @@ def predict(
         )
     lo, hi = (min(lf.x), max(lf.x)) if lf.x else (cos, cos)
     sizes = fitted_sizes(entry.get("labels") or [])
-    size_far = bool(sizes) and len(adapters) > max(sizes)
+    size_far = size_note(len(adapters), sizes) is not None
     return {
         "adapters": [str(a.path or a.name) for a in adapters],
         "names": names,

@@ -98,9 +98,8 @@ def _line_text(r: dict) -> str:
     if not lo <= r["cosine"] <= hi:
         lines.append(f"note: cosine {r['cosine']:.4f} lies outside the fitted range [{lo:.4f}, {hi:.4f}]: "
                      "the line is extrapolated")  # fmt: skip
-    sizes = r.get("fitted_sizes") or []
-    if sizes and len(r["names"]) > max(sizes):
-        from ..interference import size_note
+    from ..interference import size_note
 
-        lines.append(f"note: {size_note(len(r['names']), sizes)}")
+    if note := size_note(len(r["names"]), r.get("fitted_sizes") or []):
+        lines.append(f"note: {note}")
     return "\n".join(lines)
