@@ -213,7 +213,7 @@ def adapter_checks(adapters, fitfile: dict, where: str) -> list[str]:
 
     kinds = sorted({a.method for a in adapters})
     want = fitfile.get("adapter_kind")
-    # a scenario writes its study's label (``lora@8``, ``lora:shared``): its kind is the part before @ or :
+    # older scenario runs wrote the study's label (``lora@8``, ``lora:shared``): its kind is before @ or :
     if want and kinds != [kind_of(want)]:
         raise UsageError(
             where, f"fitted for {want} adapters, given {', '.join(kinds)}: the fits are per kind"

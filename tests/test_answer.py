@@ -51,3 +51,20 @@ def test_no_verdict_without_both_kinds(labels):
     v.summary = v.summary[v.summary["adapter_method"].isin(labels)]
     md = "\n".join(section_kinds({}, v))
     assert "against" not in md.replace("against unmerged", "").replace("against the base", "")
+
+
+def test_predictors_file_names_the_kind_and_keeps_the_label(tmp_path):
+    """A study of ``lora@2`` wrote that label as the predictors file's ``adapter_kind``;
+    it is now the kind (``lora``), the label staying in ``adapter_method``."""
+    import json
+    from pathlib import Path
+
+    from loramix.scenario.answer import write_predictor_files
+
+    shipped = Path(__file__).parents[1] / "reports" / "quickstart" / "report.json"
+    report = json.loads(shipped.read_text())
+    for v in report["validations"]:
+        v["adapter_method"] = v["adapter_method"].replace("lora", "lora@2", 1)
+    write_predictor_files(tmp_path, report)
+    p = json.loads((tmp_path / "predictors.json").read_text())
+    assert p["adapter_kind"] == "lora" and p["adapter_method"] in ("lora@2", "lora@2:data")

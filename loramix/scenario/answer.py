@@ -245,6 +245,7 @@ def by_method(vals: list[dict], val: dict) -> dict:
 def write_predictor_files(folder: Path, report: dict) -> None:
     """``predictors.json``, ``validation.csv``, ``predictions.csv`` and the predictors' plots."""
     from . import plots
+    from .traits import kind_of
 
     vals = report.get("validations") or []
     if not vals:
@@ -258,8 +259,9 @@ def write_predictor_files(folder: Path, report: dict) -> None:
     val = primary_validation(report)
     if val is not None:
         out = {k: x for k, x in val.items() if k != "predictions"}
+        # ``adapter_method`` keeps the study's label (``lora@2``); readers match ``adapter_kind`` to a kind
         out.update(scenario=report["scenario"]["name"], base_identity=report["base"].get("identity"),
-                   adapter_kind=val["adapter_method"])  # fmt: skip
+                   adapter_kind=kind_of(val["adapter_method"]))  # fmt: skip
         out["by_method"] = by_method(vals, val)
         (folder / "predictors.json").write_text(json.dumps(out, indent=1) + "\n")
         pred = pd.DataFrame(val["predictions"])
