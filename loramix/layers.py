@@ -281,10 +281,12 @@ def find_targets(model: nn.Module, targets: str | Iterable[str] | None) -> list[
     ``"." + t``. A single string: ``re.fullmatch`` on the module name (PEFT's
     regex form). ``None``: :func:`default_targets`. Only ``nn.Linear`` and
     ``Conv1D`` may be targeted; anything else matched is an error, as is no
-    match at all.
+    match at all, or an entry of a list given here that matches nothing (a
+    misspelt name, which PEFT would skip without a word).
     """
     import re
 
+    given = targets is not None
     if targets is None:
         targets = default_targets(model)
     if isinstance(targets, str):
@@ -318,7 +320,23 @@ def find_targets(model: nn.Module, targets: str | Iterable[str] | None) -> list[
             f"no module of the model matches {targets}; its Linear/Conv1D modules are "
             f"{', '.join(short) or 'none'}" + (f" (full names like {full[0]})" if full else ""),
         )
+    if given and not isinstance(targets, str):
+        missing = unmatched_targets(names, tl)
+        if missing:
+            short = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if n and is_adaptable(m)})
+            raise UsageError(
+                "--targets",
+                f"{', '.join(map(repr, missing))} matches no module of the model (the other targets do); "
+                f"its Linear/Conv1D modules are {', '.join(short)}",
+            )
     return names
+
+
+def unmatched_targets(names: Iterable[str], targets: Iterable[str]) -> list[str]:
+    """The entries of a target list that select none of ``names`` (PEFT's rule:
+    ``n == t`` or ``n`` ends with ``"." + t``)."""
+    names = list(names)
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
 def inject_trainable(

@@ -444,3 +444,19 @@ def test_d2_options_for_a_lora_are_refused(bases, tmp_path, capsys, flag):
     assert rc == 2 and err == f"loramix: error: {flag[0]}: applies to --kind d2lora only (a LoRA has no negative " \
                               "branch or norm)\n", err  # fmt: skip
     assert not (tmp_path / "o").exists()
+
+
+def test_a_misspelt_target_among_good_ones_is_refused(bases, tmp_path, capsys):
+    """--targets q_proj,v_prj: the misspelt entry matched nothing and was
+    dropped without a word (an adapter on q_proj alone was written); a
+    scenario's adapters.targets already refused it. Now one line naming the
+    entry, exit 2, nothing written."""
+    from loramix.cli import main
+
+    out = tmp_path / "o"
+    rc = main(["train", "--base", str(bases["llama"]), "--data", ARITH, "--out", str(out),
+               "--targets", "q_proj,v_prj", "--steps", "1", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("loramix: error: --targets: 'v_prj' matches no module of the model"), err
+    assert not out.exists()
