@@ -86,13 +86,24 @@ def layer_of(model, name: str) -> int | None:
 
 
 def top_targets(model, targets, k: int) -> list[str]:
-    """Full names of the modules ``targets`` selects (PEFT's rule) in blocks ``k`` and up."""
-    from .layers import find_targets
+    """Full names of the modules ``targets`` selects (PEFT's rule) in blocks ``k`` and up.
+    An entry of a target list that selects nothing there (``lm_head``, outside
+    the blocks; a module of a lower block named in full) is refused, naming it,
+    as ``eval --top-layers`` refuses an adapter on such a module."""
+    from .layers import find_targets, unmatched_targets
 
     # layer_of is None outside the blocks and 0 in the first one: compare with None, not by truth
     names = [n for n in find_targets(model, targets) if (i := layer_of(model, n)) is not None and i >= k]
     if not names:
         raise UsageError("--top-layers", f"no target module in layers {k} and up")
+    if targets is not None and not isinstance(targets, str):
+        missing = unmatched_targets(names, targets)
+        if missing:
+            raise UsageError(
+                "--top-layers",
+                f"target {', '.join(map(repr, missing))} selects no module in the top layers ({k} and up), "
+                "so it would be left out; drop it from --targets",
+            )
     return names
 
 

@@ -157,3 +157,18 @@ def test_top_targets_on_every_layer_keep_block_0():
     names = prefix.top_targets(model, ["q_proj"], k)
     assert names == [f"model.layers.{i}.self_attn.q_proj" for i in range(4)]
     assert prefix.top_targets(model, ["q_proj"], 3) == ["model.layers.3.self_attn.q_proj"]
+
+
+def test_top_targets_refuse_a_named_target_outside_the_top_layers():
+    """--targets q_proj,lm_head --top-layers 1: lm_head (outside the blocks)
+    was left out without a word, and the adapter written without it (found
+    on SmolLM2); so was a lower block's module named in full. Each is refused
+    naming it; a suffix with matches in the top layers keeps those."""
+    model = _tiny("llama")
+    for extra in ("lm_head", "model.layers.0.self_attn.v_proj"):
+        with pytest.raises(UsageError, match=f"target '{extra}' selects no module in the top layers"):
+            prefix.top_targets(model, ["q_proj", extra], 3)
+    assert prefix.top_targets(model, ["q_proj", "v_proj"], 3) == [
+        "model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.v_proj"
+    ]  # fmt: skip
+    assert prefix.top_targets(model, None, 3)  # the architecture's defaults: restricted, not refused

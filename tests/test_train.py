@@ -411,7 +411,7 @@ def test_training_a_tied_head_says_merging_differs(bases, tmp_path, capsys):
     """GPT-2's lm_head is tied to wte: an adapter on it is trained on the head
     alone (as PEFT applies it), but merging changes the shared weight, so a
     merged model differs; train says so in one warning line. No warning
-    without the head, or where --top-layers leaves it out."""
+    without the head (--top-layers refuses the head: tests/test_prefix.py)."""
     from loramix.cli import main
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"question": f"What is {i} plus 1?", "answer": str(i + 1)}
