@@ -269,6 +269,8 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
     feats = compute_features(adapters, calibration=calibration, only=sorted(needed))
     if fit is None:
         return CostModel(feats), "RMS cosine of the composition (no --fit given)", None
+    _check_features_present(feats, [(None, fitfile["best"], fit)] +
+                            [(m, fitfile["by_method"][m]["best"], f) for m, f in methods.items()], fit_path)  # fmt: skip
     summary = {r["predictor"]: r for r in fitfile["summary"]}.get(fitfile["best"])
     model = CostModel(feats, fit, fitfile["level"], methods)
     if model.method_aware:
@@ -277,6 +279,24 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
     else:
         src = f"predicted {fitfile['target']} by {fitfile['best']} from {fit_path}"
     return model, src, summary
+
+
+def _check_features_present(feats: FeatureSet, fits, where) -> None:
+    """Refuse, in one line, a predictor reading a per-type or per-band matrix
+    (``type_rms_cosine:mlp.gate_proj``) that these adapters have none of: they
+    adapt no module of that type (or in that band). ``fits``: ``(merge method
+    or None, predictor name, fit)``."""
+    for method, name, fit in fits:
+        for f in fit_features(fit):
+            if f in feats.matrices:
+                continue
+            family = f.split(":")[0]
+            theirs = sorted(k.partition(":")[2] for k in feats.matrices if k.startswith(family + ":"))
+            of = f" (merge method {method})" if method else ""
+            sub = f.partition(":")[2]
+            what = f"module in the {sub} band of layers" if family.startswith("band_") else f"{sub} module"
+            raise UsageError(where, f"predictor {name}{of} reads {f}, which these adapters have no value of: they "
+                             f"adapt no {what} (theirs: {', '.join(theirs) or 'none'})")  # fmt: skip
 
 
 def by_method_records(by_method: dict) -> dict:

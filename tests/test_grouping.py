@@ -338,3 +338,20 @@ def test_the_plan_does_not_depend_on_the_order_of_the_adapters():
         p = plan_with(CostModel(fs, flat), source="flat", max_group=2, budget=0.0)
         seen.add(json.dumps([(g["members"], g["cost"], g["method"]) for g in p.groups]))
     assert seen == {json.dumps([(["a", "b"], -2.0, "ties"), (["c", "d"], -2.0, "ties")])}
+
+
+def test_a_fit_on_a_module_type_the_adapters_lack_is_one_line(bank, tmp_path, capsys):
+    """The shipped reports/real-14-domains/predictors.json reads
+    type_rms_cosine:mlp.gate_proj; adapters on q_proj and v_proj only (the
+    README's SmolLM2 recipe) made predict and plan end in a KeyError
+    traceback, exit 1. Now one line naming the feature and the adapters' types."""
+    paths, _ = bank  # q_proj only
+    rng = np.random.default_rng(2)
+    comps = list(itertools.combinations([f"d{k}" for k in range(6)], 2))
+    x = rng.uniform(0, 1, len(comps))
+    feat = "type_rms_cosine:mlp.gate_proj"
+    fit = write_predictors(tmp_path / "p.json", validate(comps, 4 * x + rng.normal(0, 0.1, len(comps)),
+                                                         pd.DataFrame({feat: x})))  # fmt: skip
+    for cmd in ("predict", "plan"):
+        err = _one_line_error(capsys, [cmd, *paths[:2], "--fit", str(fit)], f"reads {feat}")
+        assert "adapt no mlp.gate_proj module (theirs: self_attn.q_proj)" in err, err
