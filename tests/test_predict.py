@@ -234,3 +234,21 @@ def test_predict_bad_input(adapters, fit_file, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1
+
+
+def test_predict_json_is_standard_json_where_a_pair_shares_no_module(adapters, fit_file, tmp_path, capsys):
+    """A pair sharing no module has no cosine: --format json wrote a bare NaN
+    (found on SmolLM2 adapters on attention and on mlp.down_proj), which
+    strict JSON parsers reject; now null, as similarity --format json writes."""
+    path, _ = fit_file
+    model = tiny_gpt2()
+    e = make_peft_adapter(model, tmp_path / "e", seed=7, r=2, target_modules=["c_fc"])
+    f = make_peft_adapter(model, tmp_path / "f", seed=8, r=2, target_modules=["c_attn"])
+    rc = main(["predict", str(adapters[0]), str(e), str(f), "--fit", str(path), "--format", "json"])
+
+    def strict(c):
+        raise ValueError(f"not JSON: {c}")
+
+    out = json.loads(capsys.readouterr().out, parse_constant=strict)
+    assert rc == 0 and out["pairwise"]["e+f"] is None
+    assert out["pairwise"]["a+e"] > 0 and math.isfinite(out["predicted_delta_ppl_pct"])

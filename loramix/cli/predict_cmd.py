@@ -40,8 +40,6 @@ import click
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def command(adapters, fit_path, merge_method, label, level, data, base, fmt):
     """Predict the interference of merging ADAPTERS (at least two), with error bars."""
-    import json
-
     from ..errors import UsageError
     from ..interference import is_predictors_file, predict, predict_validated
 
@@ -52,10 +50,28 @@ def command(adapters, fit_path, merge_method, label, level, data, base, fmt):
                               merge_method=merge_method)  # fmt: skip
         for w in r["warnings"]:
             click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
-        click.echo(json.dumps(r, indent=2) if fmt == "json" else _validated_text(r))
+        click.echo(_json(r) if fmt == "json" else _validated_text(r))
         return
     r = predict(list(adapters), fit_path, merge_method=merge_method or "sum", level=level, label=label)
-    click.echo(json.dumps(r, indent=2) if fmt == "json" else _line_text(r))
+    click.echo(_json(r) if fmt == "json" else _line_text(r))
+
+
+def _json(r: dict) -> str:
+    """Standard JSON: a value with none (a pair of adapters sharing no module) is null, as
+    in ``similarity --format json``, never the bare ``NaN`` that strict parsers reject."""
+    import json
+    import math
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(r), indent=2, allow_nan=False)
 
 
 def _validated_text(r: dict) -> str:
