@@ -215,10 +215,16 @@ def cache_key(model, k: int, examples: list[dict], *, dtype=None) -> str:
 
 @torch.inference_mode()
 def compute_states(model, k: int, examples: list[dict], *, batch_size: int = 16, pad_id: int = 0,
-                   autocast=None) -> list[torch.Tensor]:  # fmt: skip
+                   autocast=None, progress: bool = False) -> list[torch.Tensor]:  # fmt: skip
     """``h_k`` per example, ``(T_i, d)``, on the CPU; batches sorted by length
-    (little padding), ``autocast`` a dtype to compute in (or None)."""
+    (little padding), ``autocast`` a dtype to compute in (or None); ``progress``:
+    a bar of the examples run, on stderr where it is a terminal."""
+    import sys
+
+    from tqdm.auto import tqdm
+
     from .data import make_batches
+    from .options import bar_disabled
 
     dev = next(model.parameters()).device
     pre = prefix_view(model, k)
@@ -227,6 +233,8 @@ def compute_states(model, k: int, examples: list[dict], *, batch_size: int = 16,
     batches = make_batches(ordered, batch_size=batch_size, pad_id=pad_id)
     out: list[torch.Tensor | None] = [None] * len(examples)
     j = 0
+    bar = tqdm(total=len(examples), unit="record", desc=f"prefix (layers 0-{k - 1}, once)", file=sys.stderr,
+               disable=bar_disabled(progress), leave=False, dynamic_ncols=True)  # fmt: skip
     for b in batches:
         ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
         with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
@@ -236,22 +244,26 @@ def compute_states(model, k: int, examples: list[dict], *, batch_size: int = 16,
             n = int(mask[row].sum())
             out[order[j]] = h[row, :n].clone()
             j += 1
+        bar.update(h.shape[0])
+    bar.close()
     return out  # type: ignore[return-value]
 
 
 def prefix_states(model, k: int, examples: list[dict], *, batch_size: int = 16, pad_id: int = 0,
-                  cache: str | None = "disk", autocast=None) -> list[torch.Tensor]:  # fmt: skip
+                  cache: str | None = "disk", autocast=None, progress: bool = False) -> list[torch.Tensor]:  # fmt: skip
     """Cached :func:`compute_states`: ``cache`` is ``"disk"`` (this process's
     memory, then ``cache_dir()/prefix``), ``"memory"`` or None (compute)."""
     if cache is None or not examples:
-        return compute_states(model, k, examples, batch_size=batch_size, pad_id=pad_id, autocast=autocast)
+        return compute_states(model, k, examples, batch_size=batch_size, pad_id=pad_id, autocast=autocast,
+                              progress=progress)  # fmt: skip
     key = cache_key(model, k, examples, dtype=autocast)
     if key in _MEMORY:
         _MEMORY.move_to_end(key)
         return _MEMORY[key]
     states = _read(key) if cache == "disk" else None
     if states is None:
-        states = compute_states(model, k, examples, batch_size=batch_size, pad_id=pad_id, autocast=autocast)
+        states = compute_states(model, k, examples, batch_size=batch_size, pad_id=pad_id, autocast=autocast,
+                                progress=progress)  # fmt: skip
         if cache == "disk":
             _write(key, states)
     _remember(key, states)

@@ -274,7 +274,7 @@ def train_adapter(
     fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
     run = _prepare(base, data_list, targets=targets, fields=fields, eval_size=eval_size, seed=seed,
                    limit=limit, max_len=max_len, batch=batch, on=on, device=device, top_layers=top_layers,
-                   prefix_cache=prefix_cache, autocast=dtype, prompt=prompt)  # fmt: skip
+                   prefix_cache=prefix_cache, autocast=dtype, prompt=prompt, progress=progress)  # fmt: skip
     total = steps if steps is not None else max(1, round(epochs * run.n_per_epoch))
     warmup = max(1, round(0.05 * total)) if warmup is None else int(warmup)
     options = {k: v for k, v in (("tau", tau), ("norm_dim", norm_dim)) if k in kind.options}
@@ -410,7 +410,7 @@ def _warn_tied_head(model, names) -> None:
 
 
 def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_len, batch, on, device,
-             top_layers=None, prefix_cache="disk", autocast=None, prompt="raw") -> _Run:  # fmt: skip
+             top_layers=None, prefix_cache="disk", autocast=None, prompt="raw", progress=False) -> _Run:  # fmt: skip
     """Load and split the data, load the base, resolve the targets, encode;
     with ``top_layers``, the targets in those blocks and the cached prefix."""
     import torch
@@ -456,7 +456,7 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
         from .prefix import prefix_states
 
         t0 = time.perf_counter()
-        cached = dict(batch_size=batch, pad_id=pad, cache=prefix_cache, autocast=ac)
+        cached = dict(batch_size=batch, pad_id=pad, cache=prefix_cache, autocast=ac, progress=progress)
         run.train_states = prefix_states(model, k, train_ex, **cached)
         eval_states = prefix_states(model, k, eval_ex, **cached) if eval_ex else None
         run.prefix_seconds = time.perf_counter() - t0

@@ -460,3 +460,19 @@ def test_a_misspelt_target_among_good_ones_is_refused(bases, tmp_path, capsys):
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("loramix: error: --targets: 'v_prj' matches no module of the model"), err
     assert not out.exists()
+
+
+def test_top_layers_prefix_shows_a_bar_on_a_terminal(bases, tmp_path):
+    """train --top-layers runs the frozen layers over every record first: on
+    SmolLM2 (200 records, --max-len 96) 76-104 s with nothing on the terminal
+    before the training bar. Now a bar of the records run, as eval has; not
+    with --quiet."""
+    from .test_eval import _on_a_terminal
+
+    common = ["train", "--base", str(bases["llama"]), "--top-layers", "1", "--steps", "1", "--batch", "8",
+              "--max-len", "32", "--eval-size", "8"]  # fmt: skip
+    err = _on_a_terminal([*common, "--data", "synthetic:arith?n=60&seed=11", "--out", str(tmp_path / "a")])
+    assert "prefix (layers 0-0, once)" in err and "record" in err, err
+    err = _on_a_terminal([*common, "--data", "synthetic:arith?n=60&seed=12", "--out", str(tmp_path / "b"),
+                          "--quiet"])  # fmt: skip
+    assert "prefix" not in err, err
