@@ -345,9 +345,15 @@ class BaseModelFolder:
         key = next((c + ".weight" for c in cands if c + ".weight" in self.tensors), None)
         if key is None:
             tied = self._tied_to(cands)
-            why = f" (it is tied to {tied}, which merging would change too)" if tied else ""
+            if tied:  # the cause first: the head is the embedding, not a missing file
+                raise BaseModelError(
+                    self.path,
+                    f"adapter module {name} is the output head, tied to {tied} (the folder stores no "
+                    f"{cands[0]}.weight): merging would change both (untie the weights, or leave the "
+                    "module out of the adapter)",
+                )
             raise BaseModelError(
-                self.path, f"has no tensor for adapter module {name} (looked for {cands[0]}.weight){why}"
+                self.path, f"has no tensor for adapter module {name} (looked for {cands[0]}.weight)"
             )
         tied = self._tied_with(key)
         if tied is not None:
