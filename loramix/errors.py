@@ -28,6 +28,12 @@ class LoramixError(Exception):
     def message(self) -> str:
         return f"{self.where}: {self.problem}" if self.where else self.problem
 
+    def __reduce__(self):
+        # Pickled as (where, problem): Exception's default pickles args, the one joined
+        # message, which __init__ cannot take back; a worker process's error (a scenario
+        # step) then failed to unpickle in the parent, which saw a broken pool instead.
+        return type(self), (self.where, self.problem), self.__dict__
+
 
 class LoramixWarning(UserWarning):
     """Something a user should know about a result that is still computed

@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -1320,6 +1321,68 @@ def test_a_study_with_workers_stops_cleanly(tmp_path, how):
         p.kill()
         p.wait(timeout=60)
         assert _gone(workers, 60), "workers outlived a killed run"
+
+
+def _processes_with(env_entry: str) -> list[int]:
+    """The live processes (not zombies) whose environment holds ``env_entry``
+    (``NAME=value``): a run's workers inherit its environment."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and env_entry.encode() in (d / "environ").read_bytes().split(b"\0"):
+                if b"Z" not in (d / "stat").read_bytes().rsplit(b")", 1)[1][:3]:
+                    out.append(int(d.name))
+        except OSError:
+            pass
+    return out
+
+
+def _study_with_a_damaged_training_split(tmp_path):
+    """GOOD's scenario and a cache where domain a's training split (a data
+    artifact, made and checked before) is no longer JSON: an error a worker
+    meets only when it trains on it. Returns (scenario, cache, damaged file)."""
+    from loramix.scenario.cache import Cache
+    from loramix.scenario.config import load_scenario
+    from loramix.scenario.plan import plan, prepare_data
+
+    scen = tmp_path / "s.toml"
+    scen.write_text(GOOD)
+    cache = tmp_path / "cache"
+    sc = load_scenario(scen)
+    st = next(st for st in plan(sc, prepare_data(sc)) if st.id == "data/a/train")
+    folder = Cache(cache).get_or_make("data", st.spec, lambda tmp: (tmp / "train.jsonl").write_text("x\n"))
+    (folder / "train.jsonl").write_text('{"question": broken\n')
+    return scen, cache, folder / "train.jsonl"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_bad_input_met_in_a_worker_is_one_line(tmp_path):
+    """A bad input that a worker meets (here a training split that is no
+    longer JSON) is the one line a serial run gives, exit 2, the workers
+    gone and nothing left in the cache or at --out. It was a traceback of
+    BrokenProcessPool, exit 1: the error did not unpickle in the parent."""
+    scen, cache, bad = _study_with_a_damaged_training_split(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LORAMIX_CACHE": str(cache)}
+    p = subprocess.run([sys.executable, "-m", "loramix", "scenario", "run", str(scen), "--out", str(tmp_path / "r"),
+                        "--quiet", "--jobs", "2"], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.splitlines() == [
+        f"loramix: error: {bad}: line 1: invalid JSON (Expecting value at column 14)"
+    ], p.stderr
+    assert _gone(_processes_with(f"LORAMIX_CACHE={cache}"), 10), "workers outlived the failed run"
+    assert list(cache.glob(f"*/{TMP_PREFIX}*")) == [] and not (tmp_path / "r").exists()
+
+
+def test_errors_survive_pickling():
+    """A LoramixError crosses a process boundary (a worker's step, a Ray
+    task) as itself: its class, where, problem and one-line message."""
+    from loramix import errors
+
+    for cls in (errors.LoramixError, errors.DataError, errors.UsageError, errors.ScenarioError):
+        for where in ("a/b.jsonl", None):
+            e = cls(where, "two\nlines")
+            back = pickle.loads(pickle.dumps(e))
+            assert type(back) is cls and (back.where, back.problem, str(back)) == (e.where, e.problem, str(e))
 
 
 def test_a_plot_appearing_during_the_run_is_left_alone(world, tmp_path, capsys, monkeypatch):
