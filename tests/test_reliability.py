@@ -1373,6 +1373,42 @@ def test_a_bad_input_met_in_a_worker_is_one_line(tmp_path):
     assert list(cache.glob(f"*/{TMP_PREFIX}*")) == [] and not (tmp_path / "r").exists()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_killed_mid_study_is_one_line(tmp_path):
+    """kill -9 of one worker (what the out-of-memory killer does) while the
+    study makes an artifact: the run says so in one line naming the signal,
+    exits 2 at once, stops the other worker, and leaves no temporary in the
+    cache (the killed worker's is removed, as its owner is gone). It was a
+    traceback of BrokenProcessPool, exit 1, the temporary left for the next run."""
+    scen = tmp_path / "s.toml"
+    scen.write_text(GOOD)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LORAMIX_CACHE": str(cache)}
+    p = subprocess.Popen([sys.executable, "-m", "loramix", "scenario", "run", str(scen), "--out", str(tmp_path / "r"),
+                          "--quiet", "--jobs", "2"], stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while p.poll() is None and time.monotonic() < deadline:
+        workers = [
+            q for q in _children(p.pid) if b"multiprocessing" in Path(f"/proc/{q}/cmdline").read_bytes()
+        ]
+        if len(workers) >= 2 and list(cache.glob(f"*/{TMP_PREFIX}*/{PAYLOAD}")):
+            break  # both workers up, a step being made
+        time.sleep(0.05)
+    else:
+        p.kill()
+        pytest.skip("the study ended (or never got going) before a worker could be killed")
+    # the worker making the artifact (the base, first): its temporary is what a kill leaves
+    owner = json.loads(next(cache.glob(f"*/{TMP_PREFIX}*/owner.json")).read_text())["pid"]
+    os.kill(owner, signal.SIGKILL)
+    assert p.wait(timeout=60) == 2
+    err = p.stderr.read()
+    assert len(err.splitlines()) == 1 and err.startswith("loramix: error: a worker process of the study was killed "
+                                                         "by SIGKILL"), err  # fmt: skip
+    assert "a rerun resumes" in err, err
+    assert _gone(workers, 10), "a worker outlived the failed run"
+    assert list(cache.glob(f"*/{TMP_PREFIX}*")) == [] and not (tmp_path / "r").exists()
+
+
 def test_errors_survive_pickling():
     """A LoramixError crosses a process boundary (a worker's step, a Ray
     task) as itself: its class, where, problem and one-line message."""

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import UsageError
+from ..errors import LoramixError, UsageError
 from .plan import Step
 from .steps import StepContext, run_step
 
@@ -218,23 +218,66 @@ class ProcessExecutor:
             devices = spawn.Queue()
             for i in range(self.jobs):
                 devices.put(gpus[i % len(gpus)])
+        from concurrent.futures.process import BrokenProcessPool
+
         pool = ProcessPoolExecutor(self.jobs, mp_context=spawn, initializer=_worker_init,
                                    initargs=(ctx.payload(), threads_per_job(self.threads, self.jobs), devices,
                                              os.getpid()))  # fmt: skip
+        # every worker started and the steps under way: to say which died, and during what
+        workers: dict = {}
+        under_way: dict = {}
+
+        def submit(st, deps):
+            under_way[st.id] = st
+            future = pool.submit(_worker_run, st, deps)
+            workers.update(getattr(pool, "_processes", None) or {})
+            return future
+
+        def ended(st, outcome):
+            under_way.pop(st.id, None)
+            on_done(st, outcome)
 
         def wait_any(futures):
             finished, _ = wait(futures, return_when=FIRST_COMPLETED)
             return [(f, f.result()) for f in finished]
 
         try:
-            out = _schedule(steps, lambda st, deps: pool.submit(_worker_run, st, deps), wait_any, on_done,
-                            done, on_start, slots=self.jobs)  # fmt: skip
-        except BaseException:
-            _stop(list(getattr(pool, "_processes", {}).values()))
+            out = _schedule(steps, submit, wait_any, ended, done, on_start, slots=self.jobs)
+        except BaseException as e:
+            _stop(list({**workers, **(getattr(pool, "_processes", None) or {})}.values()))
             pool.shutdown(wait=True, cancel_futures=True)
+            if isinstance(e, BrokenProcessPool):
+                # a worker killed (kill -9, the out-of-memory killer) could not unwind: its
+                # temporary is removed here, as its owner is gone, and the run says so in a line
+                from .cache import remove_stale
+
+                remove_stale(ctx.cache.root)
+                line = _lost_worker(list(workers.values()), list(under_way.values()))
+                raise LoramixError(None, line) from e
             raise
         pool.shutdown(wait=True)
         return out
+
+
+def _lost_worker(procs: list, under_way: list[Step]) -> str:
+    """The line for a pool broken by a worker that died (not one stopped by
+    :func:`_stop`, which leaves with 143): how it died and what was under way."""
+    import signal
+
+    codes = [p.exitcode for p in procs if p.exitcode not in (None, 0, 128 + signal.SIGTERM, -signal.SIGTERM)]
+    how = "died"
+    if codes and codes[0] < 0:
+        try:
+            how = f"was killed by {signal.Signals(-codes[0]).name}"
+        except ValueError:
+            how = f"was killed by signal {-codes[0]}"
+        if codes[0] == -signal.SIGKILL:
+            how += " (the out-of-memory killer, or kill -9)"
+    elif codes:
+        how = f"exited with status {codes[0]}"
+    steps = ", ".join(f"{st.kind} {st.label}" for st in under_way[:3]) + (" ..." if len(under_way) > 3 else "")  # fmt: skip
+    return (f"a worker process of the study {how}" + (f" (steps under way: {steps})" if steps else "") +
+            "; the steps finished are cached, so a rerun resumes (with fewer --jobs if memory is short)")  # fmt: skip
 
 
 def _stop(procs: list) -> None:
