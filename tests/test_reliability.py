@@ -1409,6 +1409,85 @@ def test_a_worker_killed_mid_study_is_one_line(tmp_path):
     assert list(cache.glob(f"*/{TMP_PREFIX}*")) == [] and not (tmp_path / "r").exists()
 
 
+def _sigint_held(pid: int) -> bool:
+    """Whether SIGINT is blocked or ignored in process ``pid`` (/proc's masks)."""
+    fields = dict(
+        line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line
+    )
+    return any(int(fields[k], 16) & (1 << (signal.SIGINT - 1)) for k in ("SigBlk", "SigIgn"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_as_workers_start_is_one_line(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) just as
+    the workers start: ``loramix: interrupted``, exit 130, and nothing from
+    the workers. A worker took SIGINT from its birth until its initializer
+    ignored it (its Python starting, importing torch: seconds), printing a
+    KeyboardInterrupt traceback, or "Fatal Python error", beside the line;
+    now it is born with SIGINT blocked (as multiprocessing's resource
+    tracker is), which the test reads in /proc on first sight."""
+    scen = tmp_path / "s.toml"
+    scen.write_text(GOOD)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LORAMIX_CACHE": str(tmp_path / "cache")}
+    p = subprocess.Popen([sys.executable, "-m", "loramix", "scenario", "run", str(scen), "--out", str(tmp_path / "r"),
+                          "--quiet", "--jobs", "2"], stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)  # fmt: skip
+    deadline, held = time.monotonic() + 120, None
+    while p.poll() is None and time.monotonic() < deadline and held is None:
+        for q in _children(p.pid):
+            try:
+                if b"spawn_main" in Path(f"/proc/{q}/cmdline").read_bytes():
+                    held = _sigint_held(q)
+                    break
+            except (OSError, KeyError):
+                pass
+        else:
+            time.sleep(0.002)
+    if held is None:
+        p.kill()
+        pytest.skip("no worker seen starting")
+    os.killpg(p.pid, signal.SIGINT)
+    assert p.wait(timeout=60) == 130
+    err = p.stderr.read()
+    assert held, "a worker was born taking SIGINT"
+    assert [line for line in err.splitlines() if line] == ["loramix: interrupted"], err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_waits_while_a_worker_starts(signum):
+    """Ctrl-C or a kill arriving while the pool starts a worker is raised
+    once the start is done (it interrupted the pool writing the worker its
+    start-up data: the worker printed an EOFError traceback), by the handler
+    it was meant for; the handlers and the signal mask are as before."""
+    from loramix.scenario.executors import _starting_workers
+
+    class Stop(BaseException):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    before = signal.signal(signal.SIGTERM, stop)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    reached = []
+    try:
+        with pytest.raises(KeyboardInterrupt if signum == signal.SIGINT else Stop):
+            with _starting_workers():
+                os.kill(os.getpid(), signum)
+                time.sleep(0.2)
+                reached.append(True)
+        assert reached == [True]
+        assert (
+            signal.getsignal(signal.SIGTERM) is stop
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        )
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == mask
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_errors_survive_pickling():
     """A LoramixError crosses a process boundary (a worker's step, a Ray
     task) as itself: its class, where, problem and one-line message."""

@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..errors import LoramixError, UsageError
@@ -124,6 +125,8 @@ def _worker_init(payload: dict, threads: int, devices, parent: int | None = None
 
     signal.signal(signal.SIGTERM, _worker_terminated)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it terminates us
+    if hasattr(signal, "pthread_sigmask"):  # born with SIGINT blocked (_starting_workers); ignored now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _die_with(parent)
     # tqdm's default lock holds a multiprocessing semaphore, which a worker leaving by
     # os._exit would leak (the resource tracker's warning at exit); its bars are off here
@@ -132,6 +135,41 @@ def _worker_init(payload: dict, threads: int, devices, parent: int | None = None
     torch.set_num_threads(threads)
     device = devices.get() if devices is not None else None
     _WORKER["ctx"] = StepContext.from_payload(payload, device)
+
+
+@contextmanager
+def _starting_workers():
+    """Around the pool's start of a worker process (``pool.submit``): a
+    Ctrl-C or a kill waits until the worker is started, then is raised here as
+    usual. SIGINT is blocked in this thread, and the workers inherit the mask
+    (:func:`_worker_init` ignores it, then unblocks it): a terminal's Ctrl-C,
+    sent to the whole process group, reaching a worker while its Python
+    starts and imports torch printed a KeyboardInterrupt traceback, or "Fatal
+    Python error", beside the run's one line. SIGINT and SIGTERM are also held
+    back from this process's own handlers, which run in the main thread
+    whichever thread the signal reaches: raised while the pool writes a new
+    worker its start-up data, they left it an EOFError traceback.
+    (Multiprocessing's resource tracker is started the same way.)"""
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    handlers = {
+        s: signal.signal(s, lambda signum, frame: held.append(signum))
+        for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for s, h in handlers.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(held):  # now to the handlers it was meant for
+            signal.raise_signal(s)
 
 
 def _worker_terminated(signum, frame):
@@ -229,7 +267,8 @@ class ProcessExecutor:
 
         def submit(st, deps):
             under_way[st.id] = st
-            future = pool.submit(_worker_run, st, deps)
+            with _starting_workers():  # the pool starts a worker here, on demand
+                future = pool.submit(_worker_run, st, deps)
             workers.update(getattr(pool, "_processes", None) or {})
             return future
 
