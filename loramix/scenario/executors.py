@@ -177,7 +177,12 @@ def _worker_terminated(signum, frame):
     artifact is removed, then leave (:func:`_worker_run`). Idle: leave at
     once. Either way without a traceback, and without going back to the
     pool for more work (the pool would take the interrupt for the step's
-    result and wait)."""
+    result and wait). Already unwinding: ignored, so that the removal of
+    the half-made artifact is not itself interrupted (a SIGTERM sent to the
+    whole process group reaches a worker twice: once itself, once from the
+    parent's :func:`_stop`)."""
+    if _WORKER.get("stopping"):
+        return
     if _WORKER.get("in_step"):
         _WORKER["stopping"] = True
         raise KeyboardInterrupt
@@ -285,12 +290,12 @@ class ProcessExecutor:
         except BaseException as e:
             _stop(list({**workers, **(getattr(pool, "_processes", None) or {})}.values()))
             pool.shutdown(wait=True, cancel_futures=True)
-            if isinstance(e, BrokenProcessPool):
-                # a worker killed (kill -9, the out-of-memory killer) could not unwind: its
-                # temporary is removed here, as its owner is gone, and the run says so in a line
-                from .cache import remove_stale
+            # a worker that could not unwind (kill -9, the out-of-memory killer, one killed by
+            # _stop after STOP_SECONDS) left its temporary: removed here, as its owner is gone
+            from .cache import remove_stale
 
-                remove_stale(ctx.cache.root)
+            remove_stale(ctx.cache.root)
+            if isinstance(e, BrokenProcessPool):  # and the run says so in a line
                 line = _lost_worker(list(workers.values()), list(under_way.values()))
                 raise LoramixError(None, line) from e
             raise
