@@ -1374,12 +1374,15 @@ def test_a_bad_input_met_in_a_worker_is_one_line(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_worker_killed_mid_study_is_one_line(tmp_path):
-    """kill -9 of one worker (what the out-of-memory killer does) while the
-    study makes an artifact: the run says so in one line naming the signal,
-    exits 2 at once, stops the other worker, and leaves no temporary in the
-    cache (the killed worker's is removed, as its owner is gone). It was a
-    traceback of BrokenProcessPool, exit 1, the temporary left for the next run."""
+@pytest.mark.parametrize("signum, says", [(signal.SIGKILL, "was killed by SIGKILL"),
+                                          (signal.SIGTERM, "was terminated (SIGTERM)")])  # fmt: skip
+def test_a_worker_killed_mid_study_is_one_line(tmp_path, signum, says):
+    """kill -9 of one worker (what the out-of-memory killer does), or a plain
+    kill, while the study makes an artifact: the run says so in one line
+    naming the signal, exits 2 at once, stops the other worker, and leaves no
+    temporary in the cache (a killed worker's is removed, as its owner is
+    gone). It was a traceback of BrokenProcessPool, exit 1, the temporary
+    left for the next run; then, for SIGTERM, "died" without the signal."""
     scen = tmp_path / "s.toml"
     scen.write_text(GOOD)
     cache = tmp_path / "cache"
@@ -1399,11 +1402,12 @@ def test_a_worker_killed_mid_study_is_one_line(tmp_path):
         pytest.skip("the study ended (or never got going) before a worker could be killed")
     # the worker making the artifact (the base, first): its temporary is what a kill leaves
     owner = json.loads(next(cache.glob(f"*/{TMP_PREFIX}*/owner.json")).read_text())["pid"]
-    os.kill(owner, signal.SIGKILL)
+    os.kill(owner, signum)
     assert p.wait(timeout=60) == 2
     err = p.stderr.read()
-    assert len(err.splitlines()) == 1 and err.startswith("loramix: error: a worker process of the study was killed "
-                                                         "by SIGKILL"), err  # fmt: skip
+    assert len(err.splitlines()) == 1 and err.startswith(
+        f"loramix: error: a worker process of the study {says}"
+    ), err
     assert "a rerun resumes" in err, err
     assert _gone(workers, 10), "a worker outlived the failed run"
     assert list(cache.glob(f"*/{TMP_PREFIX}*")) == [] and not (tmp_path / "r").exists()

@@ -319,6 +319,8 @@ def _lost_worker(procs: list, under_way: list[Step]) -> str:
             how += " (the out-of-memory killer, or kill -9)"
     elif codes:
         how = f"exited with status {codes[0]}"
+    elif any(p.exitcode == 128 + signal.SIGTERM for p in procs):  # one unwound a SIGTERM (ours, or a kill)
+        how = "was terminated (SIGTERM)"
     steps = ", ".join(f"{st.kind} {st.label}" for st in under_way[:3]) + (" ..." if len(under_way) > 3 else "")  # fmt: skip
     return (f"a worker process of the study {how}" + (f" (steps under way: {steps})" if steps else "") +
             "; the steps finished are cached, so a rerun resumes (with fewer --jobs if memory is short)")  # fmt: skip
