@@ -296,3 +296,58 @@ def test_subspace_overlap_of_dependent_rows_uses_the_row_space():
     ov = fs.matrices["subspace_overlap"]
     assert ov[0, 3] == pytest.approx(1.0, rel=1e-12)
     assert ov[2, 3] == pytest.approx(ov[2, 0], rel=1e-9)
+
+
+def test_capture_on_an_embedding_adapter_uses_the_token_rows(tmp_path):
+    """An embedding's input is token ids, not a hidden state: the hook took
+    ``ids.reshape(-1, seq)`` for ``X`` and failed with an IndexError. The delta
+    an embedding adapter adds on domain ``i`` is the rows ``dW[ids_i]``, so
+    ``F[i, j] = ||dW_j[ids_i]|| / ||dW_i[ids_i]||`` (with ``dW`` in the
+    weight's ``(vocab, dim)`` layout), and the other module still counts."""
+    from loramix.io.adapter_files import load_adapter
+    from loramix.models import load_causal_lm
+
+    from .factories import make_peft_adapter
+    from .test_train import make_tiny_base
+
+    base = make_tiny_base(tmp_path / "base", "llama")
+    model, tok = load_causal_lm(base)
+    ads = [load_adapter(make_peft_adapter(model, tmp_path / f"ad{k}", seed=k, r=2,
+                                          target_modules=["embed_tokens", "q_proj"])) for k in range(2)]  # fmt: skip
+    emb = "model.embed_tokens"
+    assert emb in ads[0].modules
+    data = ["synthetic:arith?n=20&seed=3", "synthetic:units?n=20&seed=4"]
+    cal = capture(ads, base, data, tokens=40, max_len=16)
+    D = compute_features(ads, calibration=cal).matrices["functional_interference:directional"]
+
+    mods = list(ads[0].modules)
+    q = [m for m in mods if m != emb]
+    got = {m: [] for m in q}
+    hs = [model.get_submodule(m).register_forward_hook(
+        lambda mod, inp, out, m=m: got[m].append(inp[0].reshape(-1, inp[0].shape[-1]))) for m in q]  # fmt: skip
+    ids, X = [], []
+    for path in data:
+        for v in got.values():
+            v.clear()
+        batches = calibration_batches(tok, path, tokens=40, max_len=16)
+        with torch.no_grad():
+            for b in batches:
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        masks = [b["attention_mask"].reshape(-1).bool() for b in batches]
+        ids.append(torch.cat([b["input_ids"].reshape(-1)[k] for b, k in zip(batches, masks)]))
+        X.append({m: torch.cat([x[k] for x, k in zip(got[m], masks)]).double() for m in q})
+    for h in hs:
+        h.remove()
+    assert ids[0].numel() == 40
+    for i in range(2):
+        j = 1 - i
+        r = [
+            float(
+                torch.linalg.norm(_dense(ads[j], emb)[ids[i]])
+                / torch.linalg.norm(_dense(ads[i], emb)[ids[i]])
+            )
+            ** 2
+        ]
+        r += [float(torch.linalg.norm(_dense(ads[j], m) @ X[i][m].T) / torch.linalg.norm(_dense(ads[i], m) @ X[i][m].T)) ** 2
+              for m in q]  # fmt: skip
+        assert D[i, j] == pytest.approx(math.sqrt(np.mean(r)), rel=1e-8)

@@ -10,6 +10,13 @@ and what is kept is::
 
     S_i,m = A_cat G_i A_cat^T = (X_i A_cat^T)^T (X_i A_cat^T)       (R x R, float64)
 
+An embedding module (``extra["layout"] == "embedding"``) keeps its factors in
+the weight's ``(vocab, dim)`` layout, ``dW = B A``; its input is a token id,
+i.e. a one-hot row of ``X`` (T x vocab), and the output it adds is ``dW[id] =
+B[id] A``. In the ``out x in`` orientation every feature here reads, its
+factors are therefore ``(A^T, B^T)`` (:func:`input_factors`), and ``X A_cat^T``
+is the rows of ``A_cat^T`` the ids select.
+
 Captured with forward hooks as ``Y = X A_cat^T`` (T x R) per batch, ``S += Y^T Y``:
 neither a ``T x in`` activation nor an ``in x in`` Gram is stored, only
 ``R x R`` per module and domain. :func:`from_grams` builds the same object from
@@ -44,6 +51,17 @@ class Calibration:
         return self.S[domain][module][off[pa] : off[pa + 1], off[pb] : off[pb + 1]]
 
 
+def input_factors(m) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Bf, Af)`` (float64) of module delta ``m`` oriented as the module's
+    forward applies it, ``out = X Af^T Bf^T`` with ``X`` its input: the
+    factors themselves, or ``(A^T, B^T)`` for an embedding, whose input is a
+    one-hot row over the vocabulary (module docstring)."""
+    from ..kinds.base import is_embedding
+
+    B, A = m.factors()
+    return (A.T, B.T) if is_embedding(m) else (B, A)
+
+
 def stacked_a(adapters) -> tuple[dict[str, list[int]], dict[str, list[int]], dict[str, torch.Tensor]]:
     """``owners``, ``offsets`` and ``A_cat`` (R x in, float64) per module."""
     owners: dict[str, list[int]] = {}
@@ -52,7 +70,7 @@ def stacked_a(adapters) -> tuple[dict[str, list[int]], dict[str, list[int]], dic
             owners.setdefault(m, []).append(i)
     offsets, a_cat = {}, {}
     for m, own in owners.items():
-        As = [adapters[k].modules[m].factors()[1] for k in own]
+        As = [input_factors(adapters[k].modules[m])[1] for k in own]
         off = [0]
         for A in As:
             off.append(off[-1] + int(A.shape[0]))
@@ -93,11 +111,16 @@ def calibration_batches(tokenizer, path, *, tokens: int, max_len: int, batch_siz
     return make_batches(examples, batch_size=batch_size, pad_id=pad_id_for(tokenizer))
 
 
-def _hook(S: dict, name: str, A: torch.Tensor, state: dict):
+def _hook(S: dict, name: str, A: torch.Tensor, state: dict, embedding: bool = False):
+    At = A.T.contiguous() if embedding else None
+
     def hook(module, inputs, output):
         x = inputs[0]
-        rows = x.reshape(-1, x.shape[-1])[state["mask"]].to(torch.float64)  # (T_batch, in)
-        Y = rows @ A.T  # (T_batch, R): never an in x in Gram
+        if embedding:  # token ids: the one-hot X A^T is the rows of A^T they select
+            Y = At[x.reshape(-1)[state["mask"]]]
+        else:
+            rows = x.reshape(-1, x.shape[-1])[state["mask"]].to(torch.float64)  # (T_batch, in)
+            Y = rows @ A.T  # (T_batch, R): never an in x in Gram
         S[name] += Y.T @ Y
 
     return hook
@@ -107,6 +130,7 @@ def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = 256,
             device="cpu") -> Calibration:  # fmt: skip
     """Run the base model over ``tokens`` calibration tokens of each ``data[i]``
     (adapter ``i``'s domain) and keep ``S_i,m`` for every adapted module."""
+    from ..kinds.base import is_embedding
     from ..models import load_causal_lm
 
     if len(data) != len(adapters):
@@ -121,6 +145,7 @@ def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = 256,
     for m in owners:
         if m not in subs:
             raise BaseModelError(base, f"has no module {m} (adapted by {adapters[owners[m][0]].name})")
+    embeddings = {m for m, own in owners.items() if is_embedding(adapters[own[0]].modules[m])}
     cal = Calibration(owners=owners, offsets=offsets)
     dev = next(model.parameters()).device
     a_dev = {m: A.to(dev) for m, A in a_cat.items()}
@@ -129,7 +154,9 @@ def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = 256,
             m: torch.zeros(A.shape[0], A.shape[0], dtype=torch.float64, device=dev) for m, A in a_dev.items()
         }
         state: dict = {}
-        handles = [subs[m].register_forward_hook(_hook(S, m, A, state)) for m, A in a_dev.items()]
+        handles = [
+            subs[m].register_forward_hook(_hook(S, m, A, state, m in embeddings)) for m, A in a_dev.items()
+        ]
         n = 0
         try:
             with torch.no_grad():

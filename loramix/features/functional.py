@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import Feature, register
+from ._calibration import input_factors
 
 
 def directional(ctx) -> np.ndarray:
@@ -31,7 +32,7 @@ def directional(ctx) -> np.ndarray:
     total = np.zeros((ctx.n, ctx.n))
     count = np.zeros((ctx.n, ctx.n))
     for m, own in cal.owners.items():
-        btb = {k: (lambda B: B.T @ B)(ctx.adapters[k].modules[m].factors()[0]) for k in own}
+        btb = {k: (lambda B: B.T @ B)(input_factors(ctx.adapters[k].modules[m])[0]) for k in own}
         for i in own:
             own_sq = float((btb[i] * cal.block(i, m, i, i)).sum())
             if not own_sq > 0:
