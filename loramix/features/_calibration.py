@@ -94,13 +94,23 @@ def from_grams(adapters, grams: list[dict[str, torch.Tensor]]) -> Calibration:
     return cal
 
 
-def calibration_batches(tokenizer, path, *, tokens: int, max_len: int, batch_size: int = 8) -> list[dict]:
+def calibration_records(path, tokens: int) -> list:
+    """The records of ``path`` that can hold ``tokens`` calibration tokens (each
+    has at least one): the file read and checked, a :class:`DataError` naming it."""
+    from ..data import load_records
+
+    return load_records(path, limit=max(tokens, 1))
+
+
+def calibration_batches(tokenizer, path, *, tokens: int, max_len: int, batch_size: int = 8,
+                        records: list | None = None) -> list[dict]:  # fmt: skip
     """The first ``tokens`` tokens of ``path``'s records (whole records, the last
     one cut on the right, which leaves earlier activations unchanged in a causal
-    model), as padded batches."""
-    from ..data import encode_records, load_records, make_batches, pad_id_for
+    model), as padded batches. ``records``: those of :func:`calibration_records`,
+    already read."""
+    from ..data import encode_records, make_batches, pad_id_for
 
-    recs = load_records(path, limit=max(tokens, 1))
+    recs = records if records is not None else calibration_records(path, tokens)
     examples, total = [], 0
     for ex in encode_records(tokenizer, recs, max_len=max_len, on="all"):
         ids = ex["input_ids"][: tokens - total]
@@ -139,6 +149,8 @@ def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = 256,
         )
     if tokens < 1:
         raise UsageError("--tokens", f"must be at least 1, got {tokens}")
+    # Every file read (and a bad one refused) before the base is loaded and run.
+    records = [calibration_records(path, tokens) for path in data]
     model, tok = load_causal_lm(base, device=device)
     owners, offsets, a_cat = stacked_a(adapters)
     subs = dict(model.named_modules())
@@ -149,7 +161,7 @@ def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = 256,
     cal = Calibration(owners=owners, offsets=offsets)
     dev = next(model.parameters()).device
     a_dev = {m: A.to(dev) for m, A in a_cat.items()}
-    for path in data:
+    for path, recs in zip(data, records):
         S = {
             m: torch.zeros(A.shape[0], A.shape[0], dtype=torch.float64, device=dev) for m, A in a_dev.items()
         }
@@ -160,7 +172,7 @@ def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = 256,
         n = 0
         try:
             with torch.no_grad():
-                for b in calibration_batches(tok, path, tokens=tokens, max_len=max_len):
+                for b in calibration_batches(tok, path, tokens=tokens, max_len=max_len, records=recs):
                     state["mask"] = b["attention_mask"].reshape(-1).bool().to(dev)
                     model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev))
                     n += int(b["attention_mask"].sum())
