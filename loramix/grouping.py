@@ -238,10 +238,12 @@ def one_kind(adapters, where: str) -> None:
 
 
 def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: bool = True,
-               fitfile: dict | None = None) -> tuple[CostModel, str, dict | None]:  # fmt: skip
+               fitfile: dict | None = None, max_len: int | None = None) -> tuple[CostModel, str, dict | None]:  # fmt: skip
     """The cost model of the module docstring for loaded ``adapters``; ``by_method=False``
     keeps to the file's primary predictor (``loramix predict``). ``fitfile``: the
-    predictors file at ``fit_path`` where the caller has read it already."""
+    predictors file at ``fit_path`` where the caller has read it already.
+    ``tokens``, ``max_len``: the calibration recipe; None: the one the study
+    computed its features with (the file's ``calibration``), else the defaults."""
     if fitfile is None and fit_path is not None:
         fitfile = load_predictors(fit_path)
     fit = fitfile["fits"][fitfile["best"]] if fitfile else None
@@ -258,9 +260,12 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
     if data:
         if base is None:
             raise UsageError("--data", "data-aware features need the base model: give --base")
-        from .features._calibration import capture
+        from .features._calibration import DEFAULT_MAX_LEN, DEFAULT_TOKENS, capture
 
-        calibration = capture(adapters, base, list(data), tokens=tokens, device=device)
+        recipe = (fitfile or {}).get("calibration") or {}
+        tokens = tokens if tokens is not None else recipe.get("tokens", DEFAULT_TOKENS)
+        max_len = max_len if max_len is not None else recipe.get("max_len", DEFAULT_MAX_LEN)
+        calibration = capture(adapters, base, list(data), tokens=tokens, max_len=max_len, device=device)
     elif aware:
         raise UsageError(
             fit_path,
@@ -305,12 +310,14 @@ def by_method_records(by_method: dict) -> dict:
 
 
 def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 4, budget: float | None = None,
-         tokens: int = 256, device="cpu") -> Plan:  # fmt: skip
+         tokens: int | None = None, device="cpu", max_len: int | None = None) -> Plan:  # fmt: skip
     """Group ``adapters_or_paths`` for merging (module docstring).
 
     ``fit``: a predictors file (:func:`loramix.validation.write_predictors`);
     ``data``: one calibration file per adapter (its domain) and ``base``, needed
     when the predictor reads data-aware features; ``max_group``: ``K``.
+    ``tokens``, ``max_len``: the calibration recipe (None: the study's, see
+    :func:`cost_model`).
     """
     from .adapter import Adapter
     from .io.adapter_files import load_adapter
@@ -327,7 +334,9 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
     # the checks of `loramix predict`: another adapter kind refused, another base warned of
     fitfile = None if fit is None else load_predictors(fit)  # read and checked once, used thrice
     warnings = [] if fitfile is None else adapter_checks(adapters, fitfile, str(fit))
-    model, source, validated = cost_model(adapters, fit, data, base, tokens, device, fitfile=fitfile)
+    model, source, validated = cost_model(
+        adapters, fit, data, base, tokens, device, fitfile=fitfile, max_len=max_len
+    )
     vbm = by_method_records(fitfile["by_method"]) if model.method_aware else None
     p = plan_with(model, source=source, validated=validated, max_group=max_group, budget=budget,
                   validated_by_method=vbm)  # fmt: skip

@@ -58,8 +58,9 @@ def predict_validated(
     *,
     data=None,
     base=None,
-    tokens: int = 256,
+    tokens: int | None = None,
     device="cpu",
+    max_len: int | None = None,
     merge_method: str | None = None,
 ) -> dict:
     """Predicted interference from a predictors file (module docstring).
@@ -71,7 +72,9 @@ def predict_validated(
     ``features`` (the composition's values of the features it reads) and
     ``warnings``. ``merge_method``: the prediction for that merge method, from
     the file's ``by_method`` (what ``loramix plan`` quotes for a group it merges
-    by that method); None: the file's primary predictor.
+    by that method); None: the file's primary predictor. ``tokens``,
+    ``max_len``: the calibration recipe of the data-aware features; None: the
+    study's (the file's ``calibration``), else 256 tokens of records cut at 128.
     """
     from .adapter import Adapter
     from .grouping import adapter_checks, cost_model, fit_features, one_kind
@@ -88,7 +91,7 @@ def predict_validated(
     one_kind(adapters, "predict")
     warnings = adapter_checks(adapters, fitfile, str(path))
     model, _, validated = cost_model(
-        adapters, path, data, base, tokens, device, by_method=False, fitfile=fitfile
+        adapters, path, data, base, tokens, device, by_method=False, fitfile=fitfile, max_len=max_len
     )
     members = list(range(len(adapters)))
     y, lo, hi = model.cost(members)

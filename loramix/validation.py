@@ -478,7 +478,9 @@ def load_predictors(path: str | os.PathLike) -> dict:
 
     Checked, as ``loramix predict`` and ``loramix plan`` read them: ``format``;
     ``fits`` an object; ``best`` a string naming one of ``fits``; ``level`` in
-    (0, 1); ``target`` a string; ``scenario``, ``adapter_kind`` and
+    (0, 1); ``target`` a string; ``calibration`` (the study's recipe of the
+    data-aware features) null or positive integers ``tokens`` and ``max_len``;
+    ``scenario``, ``adapter_kind`` and
     ``base_identity`` strings or null; ``beats_mean`` true or false; ``summary``
     a list of held-out records (:func:`_check_record`) with a finite ``mae`` for
     the best predictor and for ``mean``; the best fit
@@ -503,6 +505,14 @@ def load_predictors(path: str | os.PathLike) -> dict:
         )
     check_level(p, "level", d.get("level", MISSING))
     check_str(p, "target", d.get("target", MISSING))
+    cal = d.get("calibration")
+    if cal is not None:
+        if not isinstance(cal, dict):
+            raise field_error(p, "calibration", "an object {tokens, max_len} or null", cal)
+        for key in ("tokens", "max_len"):
+            v = cal.get(key, MISSING)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise field_error(p, f"calibration.{key}", "a positive integer", v)
     for key in ("scenario", "adapter_kind", "base_identity"):
         check_str(p, key, d.get(key), null=True)
     _check_bool(p, "beats_mean", d, "beats_mean")

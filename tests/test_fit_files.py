@@ -237,6 +237,17 @@ PRED_DAMAGE = {
     "adapter-kind-int": (None, _pred_top("adapter_kind", 3), "adapter_kind must be a string or null"),
     "scenario-list": (None, _pred_top("scenario", ["x"]), "scenario"),
     "level-3": (None, _pred_top("level", 3), "level must be a number in (0, 1), got 3"),
+    "calibration-list": (None, _pred_top("calibration", [128, 64]), "calibration must be an object"),
+    "calibration-tokens-0": (
+        None,
+        _pred_top("calibration", {"tokens": 0, "max_len": 64}),
+        "calibration.tokens must be a positive integer, got 0",
+    ),
+    "calibration-no-max-len": (
+        None,
+        _pred_top("calibration", {"tokens": 128}),
+        "calibration.max_len is missing",
+    ),
     "format-other": (None, _pred_top("format", "loramix-predictors-v9"), "loramix-predictors"),
     "level-str": (None, _pred_top("level", "x"), "level must be a number in (0, 1)"),
     "level-missing": (None, lambda d: d.pop("level"), "level is missing"),

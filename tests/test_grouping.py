@@ -208,6 +208,59 @@ def test_a_data_aware_fit_needs_data_and_runs_with_it(tmp_path, capsys):
     load_adapter(ads[0])  # the inputs are untouched
 
 
+def test_data_aware_predict_and_plan_use_the_studys_calibration_recipe(tmp_path):
+    """A study computes its data-aware features from ``[predictors] tokens`` and
+    ``max_len`` (real-14-domains: 128 tokens of records cut at 64); predict and
+    plan computed them from 256 of 128 whatever the fit was made on (predict
+    had no --tokens at all), a different feature: on SmolLM2 the functional
+    interference of a pair moved by up to 0.04 (the study's x spread is about
+    0.12) and the weighted overlap shifts with the token count. The file now
+    records the recipe and both use it unless told otherwise."""
+    import json
+
+    from loramix.features import compute_features
+    from loramix.features._calibration import capture
+    from loramix.interference import predict_validated
+    from loramix.io.adapter_files import load_adapter
+    from loramix.models import load_causal_lm
+
+    from .factories import make_peft_adapter
+    from .test_train import make_tiny_base
+
+    base = make_tiny_base(tmp_path / "base", "llama")
+    model, _ = load_causal_lm(base)
+    ads = [
+        str(make_peft_adapter(model, tmp_path / f"a{k}", seed=k, r=2, target_modules=["q_proj", "v_proj"]))
+        for k in range(2)
+    ]
+    rng = np.random.default_rng(1)
+    comps = list(itertools.combinations([f"d{k}" for k in range(5)], 2))
+    x = rng.uniform(0, 1, len(comps))
+    v = validate(
+        comps, 3 * x + rng.normal(0, 0.1, len(comps)), pd.DataFrame({"weighted_subspace_overlap": x})
+    )
+    fit = write_predictors(tmp_path / "p.json", v)
+    d = json.loads(fit.read_text())
+    d["calibration"] = {"tokens": 24, "max_len": 12}  # what a scenario run writes
+    fit.write_text(json.dumps(d))
+    data = ["synthetic:arith?n=30", "synthetic:units?n=30"]
+    loaded = [load_adapter(a) for a in ads]
+
+    def wso(**kw):
+        fs = compute_features(loaded, calibration=capture(loaded, base, data, **kw))
+        return fs.composition("weighted_subspace_overlap", [0, 1])
+
+    study, default = wso(tokens=24, max_len=12), wso()
+    assert abs(study - default) > 1e-3  # the recipe matters
+    r = predict_validated(ads, fit, data=data, base=base)
+    assert r["features"]["weighted_subspace_overlap"] == pytest.approx(study, rel=1e-12)
+    told = predict_validated(ads, fit, data=data, base=base, tokens=256, max_len=128)
+    assert told["features"]["weighted_subspace_overlap"] == pytest.approx(default, rel=1e-12)
+    p = plan(ads, fit=fit, data=data, base=base, budget=100.0)
+    assert [len(g["members"]) for g in p.groups] == [2]
+    assert p.groups[0]["cost"] == pytest.approx(r["predicted"], rel=1e-12)
+
+
 def test_method_aware_cost_on_known_costs():
     """Two merge methods with known costs: ``sum`` costs ``10 f`` (f a pair matrix),
     ``ties`` a flat 1. Each group is costed by both and merged by the cheaper; the

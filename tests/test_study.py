@@ -233,6 +233,8 @@ def test_predictors_step_writes_a_validated_predictors_file(study):
     assert p["base_identity"] == BaseModelFolder(_base_path(rep)).identity()
     assert len(p["compositions"]) == 7  # every composition has the retention target
     assert {"mean", "ols:rms_cosine", "ols:functional_interference"} <= set(p["fits"])
+    # the recipe of its data-aware features, which predict and plan reuse
+    assert p["calibration"] == {"tokens": 64, "max_len": 128}
     pred = pd.read_csv(out / "predictions.csv")
     assert len(pred) and all(h in c.split("+") for h, c in zip(pred["held_out"], pred["composition"]))
     val = pd.read_csv(out / "validation.csv")
@@ -329,8 +331,9 @@ def test_plan_validation_section(study):
     pv = rep["plan_validation"]
     assert pv["adapter_method"] == "lora" and pv["seed"] == 0 and pv["methods"] == ["plan", "ties"]
     paths = rep["adapters"][0]
+    # no tokens=: the calibration recipe is the file's
     cli = make_plan([paths[d] for d in sc.domains], fit=out / "predictors.json", data=_train_files(sc, study["cache"]),
-                    base=_base_path(rep), max_group=3, budget=1000, tokens=sc.predictors.tokens)  # fmt: skip
+                    base=_base_path(rep), max_group=3, budget=1000)  # fmt: skip
     assert [g["members"] for g in pv["plan_groups"]] == [g["members"] for g in cli.groups]
     assert [g["method"] for g in pv["plan_groups"]] == [g["method"] for g in cli.groups]
     for mine, theirs in zip(pv["plan_groups"], cli.groups):

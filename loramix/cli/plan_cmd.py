@@ -25,7 +25,19 @@ def _fmt(v) -> str:
     help="Calibration data, one file per adapter in the same order (for data-aware predictors).",
 )
 @click.option("--base", type=click.Path(path_type=str), default=None, help="Base model folder (with --data).")
-@click.option("--tokens", type=int, default=256, show_default=True, help="Calibration tokens per domain.")
+@click.option(
+    "--tokens",
+    type=int,
+    default=None,
+    help="Calibration tokens per domain (default: the study's, from the --fit file; else 256).",
+)
+@click.option(
+    "--max-len",
+    "max_len",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Length at which calibration records are cut (default: the study's; else 128).",
+)
 @click.option(
     "--max-group", "max_group", type=int, default=4, show_default=True, help="Largest group size K."
 )
@@ -38,14 +50,14 @@ def _fmt(v) -> str:
 @click.option("--device", default="cpu", show_default=True, help="Device for the calibration forward passes.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--json", "as_json", is_flag=True, hidden=True, help="Same as --format json.")
-def command(adapters, fit_path, data, base, tokens, max_group, budget, device, fmt, as_json):
+def command(adapters, fit_path, data, base, tokens, max_len, max_group, budget, device, fmt, as_json):
     """Propose groups of ADAPTERS to merge, with each group's predicted cost and a method."""
     import json
 
     from ..grouping import plan
 
     p = plan(list(adapters), fit=fit_path, data=list(data) or None, base=base, max_group=max_group,
-             budget=budget, tokens=tokens, device=device)  # fmt: skip
+             budget=budget, tokens=tokens, device=device, max_len=max_len)  # fmt: skip
     for w in p.warnings:
         click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
     if as_json or fmt == "json":

@@ -37,8 +37,21 @@ import click
 @click.option("--data", multiple=True, type=click.Path(path_type=str),
               help="One calibration file per adapter, in order (predictors that read data-aware features).")  # fmt: skip
 @click.option("--base", type=click.Path(path_type=str), default=None, help="Base model folder (with --data).")
+@click.option(
+    "--tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Calibration tokens per domain (default: the study's, from predictors.json; else 256).",
+)
+@click.option(
+    "--max-len",
+    "max_len",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Length at which calibration records are cut (default: the study's; else 128).",
+)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def command(adapters, fit_path, merge_method, label, level, data, base, fmt):
+def command(adapters, fit_path, merge_method, label, level, data, base, tokens, max_len, fmt):
     """Predict the interference of merging ADAPTERS (at least two), with error bars."""
     from ..errors import UsageError
     from ..interference import is_predictors_file, predict, predict_validated
@@ -47,7 +60,7 @@ def command(adapters, fit_path, merge_method, label, level, data, base, fmt):
         if label is not None:
             raise UsageError("--label", "applies to a fit.json; a predictors file holds one study")
         r = predict_validated(list(adapters), fit_path, data=list(data) or None, base=base,
-                              merge_method=merge_method)  # fmt: skip
+                              merge_method=merge_method, tokens=tokens, max_len=max_len)  # fmt: skip
         for w in r["warnings"]:
             click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
         click.echo(_json(r) if fmt == "json" else _validated_text(r))

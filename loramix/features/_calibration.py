@@ -32,6 +32,10 @@ import torch
 
 from ..errors import BaseModelError, UsageError
 
+#: calibration tokens per domain and sequence length where neither the caller
+#: nor the study (a predictors file's ``calibration``) says otherwise
+DEFAULT_TOKENS, DEFAULT_MAX_LEN = 256, 128
+
 
 @dataclass
 class Calibration:
@@ -136,7 +140,7 @@ def _hook(S: dict, name: str, A: torch.Tensor, state: dict, embedding: bool = Fa
     return hook
 
 
-def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = 256, max_len: int = 128,
+def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = DEFAULT_TOKENS, max_len: int = DEFAULT_MAX_LEN,
             device="cpu") -> Calibration:  # fmt: skip
     """Run the base model over ``tokens`` calibration tokens of each ``data[i]``
     (adapter ``i``'s domain) and keep ``S_i,m`` for every adapted module."""

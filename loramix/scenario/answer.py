@@ -262,6 +262,11 @@ def write_predictor_files(folder: Path, report: dict) -> None:
         # ``adapter_method`` keeps the study's label (``lora@2``); readers match ``adapter_kind`` to a kind
         out.update(scenario=report["scenario"]["name"], base_identity=report["base"].get("identity"),
                    adapter_kind=kind_of(val["adapter_method"]))  # fmt: skip
+        # the recipe of the data-aware features the fits read: predict and plan
+        # compute them the same way (a feature of 128 tokens is not one of 256)
+        rp = report["scenario"].get("predictors") or {}
+        if "tokens" in rp and "max_len" in rp:
+            out["calibration"] = {"tokens": rp["tokens"], "max_len": rp["max_len"]}
         out["by_method"] = by_method(vals, val)
         (folder / "predictors.json").write_text(json.dumps(out, indent=1) + "\n")
         pred = pd.DataFrame(val["predictions"])
