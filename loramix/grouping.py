@@ -238,7 +238,8 @@ def one_kind(adapters, where: str) -> None:
 
 
 def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: bool = True,
-               fitfile: dict | None = None, max_len: int | None = None) -> tuple[CostModel, str, dict | None]:  # fmt: skip
+               fitfile: dict | None = None, max_len: int | None = None,
+               progress: bool = False) -> tuple[CostModel, str, dict | None]:  # fmt: skip
     """The cost model of the module docstring for loaded ``adapters``; ``by_method=False``
     keeps to the file's primary predictor (``loramix predict``). ``fitfile``: the
     predictors file at ``fit_path`` where the caller has read it already.
@@ -265,7 +266,8 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
         recipe = (fitfile or {}).get("calibration") or {}
         tokens = tokens if tokens is not None else recipe.get("tokens", DEFAULT_TOKENS)
         max_len = max_len if max_len is not None else recipe.get("max_len", DEFAULT_MAX_LEN)
-        calibration = capture(adapters, base, list(data), tokens=tokens, max_len=max_len, device=device)
+        calibration = capture(adapters, base, list(data), tokens=tokens, max_len=max_len, device=device,
+                              progress=progress)  # fmt: skip
     elif aware:
         raise UsageError(
             fit_path,
@@ -310,7 +312,7 @@ def by_method_records(by_method: dict) -> dict:
 
 
 def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 4, budget: float | None = None,
-         tokens: int | None = None, device="cpu", max_len: int | None = None) -> Plan:  # fmt: skip
+         tokens: int | None = None, device="cpu", max_len: int | None = None, progress: bool = False) -> Plan:  # fmt: skip
     """Group ``adapters_or_paths`` for merging (module docstring).
 
     ``fit``: a predictors file (:func:`loramix.validation.write_predictors`);
@@ -335,7 +337,7 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
     fitfile = None if fit is None else load_predictors(fit)  # read and checked once, used thrice
     warnings = [] if fitfile is None else adapter_checks(adapters, fitfile, str(fit))
     model, source, validated = cost_model(
-        adapters, fit, data, base, tokens, device, fitfile=fitfile, max_len=max_len
+        adapters, fit, data, base, tokens, device, fitfile=fitfile, max_len=max_len, progress=progress
     )
     vbm = by_method_records(fitfile["by_method"]) if model.method_aware else None
     p = plan_with(model, source=source, validated=validated, max_group=max_group, budget=budget,

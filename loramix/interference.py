@@ -62,6 +62,7 @@ def predict_validated(
     device="cpu",
     max_len: int | None = None,
     merge_method: str | None = None,
+    progress: bool = False,
 ) -> dict:
     """Predicted interference from a predictors file (module docstring).
 
@@ -75,6 +76,7 @@ def predict_validated(
     by that method); None: the file's primary predictor. ``tokens``,
     ``max_len``: the calibration recipe of the data-aware features; None: the
     study's (the file's ``calibration``), else 256 tokens of records cut at 128.
+    ``progress``: a bar of the calibration pass (on a terminal).
     """
     from .adapter import Adapter
     from .grouping import adapter_checks, cost_model, fit_features, one_kind
@@ -91,7 +93,16 @@ def predict_validated(
     one_kind(adapters, "predict")
     warnings = adapter_checks(adapters, fitfile, str(path))
     model, _, validated = cost_model(
-        adapters, path, data, base, tokens, device, by_method=False, fitfile=fitfile, max_len=max_len
+        adapters,
+        path,
+        data,
+        base,
+        tokens,
+        device,
+        by_method=False,
+        fitfile=fitfile,
+        max_len=max_len,
+        progress=progress,
     )
     members = list(range(len(adapters)))
     y, lo, hi = model.cost(members)

@@ -261,6 +261,63 @@ def test_data_aware_predict_and_plan_use_the_studys_calibration_recipe(tmp_path)
     assert p.groups[0]["cost"] == pytest.approx(r["predicted"], rel=1e-12)
 
 
+def test_plan_and_predict_show_the_calibration_progress_on_a_terminal(tmp_path):
+    """The calibration pass (every domain through the base: minutes for many
+    domains or a large base) ran without a word; now a bar counts its tokens
+    on stderr where stderr is a terminal (a real pty here), and nothing where
+    it is a pipe."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from loramix.models import load_causal_lm
+
+    from .factories import make_peft_adapter
+    from .test_train import make_tiny_base
+
+    base = make_tiny_base(tmp_path / "base", "llama")
+    model, _ = load_causal_lm(base)
+    ads = [
+        str(make_peft_adapter(model, tmp_path / f"a{k}", seed=k, r=2, target_modules=["q_proj"]))
+        for k in range(2)
+    ]
+    rng = np.random.default_rng(1)
+    comps = list(itertools.combinations([f"d{k}" for k in range(5)], 2))
+    x = rng.uniform(0, 2, len(comps))
+    v = validate(comps, 3 * x + rng.normal(0, 0.1, len(comps)), pd.DataFrame({"functional_interference": x}))
+    fit = write_predictors(tmp_path / "p.json", v)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for cmd in ("plan", "predict"):
+        args = [sys.executable, "-m", "loramix", cmd, *ads, "--fit", str(fit), "--base", str(base),
+                "--data", "synthetic:arith?n=20", "--data", "synthetic:units?n=20", "--tokens", "40"]  # fmt: skip
+        main_fd, tty = pty.openpty()
+        fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 0 columns: an empty bar
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=tty, env=env)
+        os.close(tty)
+        err = b""
+        while True:
+            try:
+                chunk = os.read(main_fd, 4096)
+            except OSError:  # the child closed the pty
+                break
+            if not chunk:
+                break
+            err += chunk
+        out = proc.communicate()[0].decode()
+        os.close(main_fd)
+        assert proc.returncode == 0, err
+        assert "calibration" in err.decode(errors="replace") and "/80 " in err.decode(errors="replace"), (
+            err
+        )  # 2 x 40 tokens
+        assert "calibration" not in out
+        piped = subprocess.run(args, capture_output=True, text=True, env=env)
+        assert piped.returncode == 0 and "calibration" not in piped.stderr, piped.stderr
+
+
 def test_method_aware_cost_on_known_costs():
     """Two merge methods with known costs: ``sum`` costs ``10 f`` (f a pair matrix),
     ``ties`` a flat 1. Each group is costed by both and merged by the cheaper; the

@@ -57,7 +57,7 @@ def command(adapters, fit_path, data, base, tokens, max_len, max_group, budget, 
     from ..grouping import plan
 
     p = plan(list(adapters), fit=fit_path, data=list(data) or None, base=base, max_group=max_group,
-             budget=budget, tokens=tokens, device=device, max_len=max_len)  # fmt: skip
+             budget=budget, tokens=tokens, device=device, max_len=max_len, progress=True)  # fmt: skip
     for w in p.warnings:
         click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
     if as_json or fmt == "json":

@@ -60,7 +60,7 @@ def command(adapters, fit_path, merge_method, label, level, data, base, tokens, 
         if label is not None:
             raise UsageError("--label", "applies to a fit.json; a predictors file holds one study")
         r = predict_validated(list(adapters), fit_path, data=list(data) or None, base=base,
-                              merge_method=merge_method, tokens=tokens, max_len=max_len)  # fmt: skip
+                              merge_method=merge_method, tokens=tokens, max_len=max_len, progress=True)  # fmt: skip
         for w in r["warnings"]:
             click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
         click.echo(_json(r) if fmt == "json" else _validated_text(r))

@@ -26,6 +26,7 @@ given Grams (tests, or activations computed elsewhere).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -141,9 +142,10 @@ def _hook(S: dict, name: str, A: torch.Tensor, state: dict, embedding: bool = Fa
 
 
 def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = DEFAULT_TOKENS, max_len: int = DEFAULT_MAX_LEN,
-            device="cpu") -> Calibration:  # fmt: skip
+            device="cpu", progress: bool = False) -> Calibration:  # fmt: skip
     """Run the base model over ``tokens`` calibration tokens of each ``data[i]``
-    (adapter ``i``'s domain) and keep ``S_i,m`` for every adapted module."""
+    (adapter ``i``'s domain) and keep ``S_i,m`` for every adapted module.
+    ``progress``: a bar of the tokens run, on stderr where it is a terminal."""
     from ..kinds.base import is_embedding
     from ..models import load_causal_lm
 
@@ -165,7 +167,16 @@ def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = DEFA
     cal = Calibration(owners=owners, offsets=offsets)
     dev = next(model.parameters()).device
     a_dev = {m: A.to(dev) for m, A in a_cat.items()}
-    for path, recs in zip(data, records):
+    batches = [calibration_batches(tok, path, tokens=tokens, max_len=max_len, records=recs)
+               for path, recs in zip(data, records)]  # fmt: skip
+    from tqdm.auto import tqdm
+
+    from ..options import bar_disabled
+
+    bar = tqdm(total=sum(int(b["attention_mask"].sum()) for bs in batches for b in bs), unit="token",
+               desc="calibration", file=sys.stderr, disable=bar_disabled(progress), leave=False,
+               dynamic_ncols=True)  # fmt: skip
+    for domain in batches:
         S = {
             m: torch.zeros(A.shape[0], A.shape[0], dtype=torch.float64, device=dev) for m, A in a_dev.items()
         }
@@ -176,13 +187,15 @@ def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = DEFA
         n = 0
         try:
             with torch.no_grad():
-                for b in calibration_batches(tok, path, tokens=tokens, max_len=max_len, records=recs):
+                for b in domain:
                     state["mask"] = b["attention_mask"].reshape(-1).bool().to(dev)
                     model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev))
                     n += int(b["attention_mask"].sum())
+                    bar.update(int(b["attention_mask"].sum()))
         finally:
             for h in handles:
                 h.remove()
         cal.S.append({m: s.cpu() for m, s in S.items()})
         cal.tokens.append(n)
+    bar.close()
     return cal
