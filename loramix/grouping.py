@@ -244,7 +244,8 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
     keeps to the file's primary predictor (``loramix predict``). ``fitfile``: the
     predictors file at ``fit_path`` where the caller has read it already.
     ``tokens``, ``max_len``: the calibration recipe; None: the one the study
-    computed its features with (the file's ``calibration``), else the defaults."""
+    computed its features with (the file's ``calibration``), else the defaults.
+    ``data`` runs through ``base`` only when a fit reads a data-aware feature."""
     if fitfile is None and fit_path is not None:
         fitfile = load_predictors(fit_path)
     fit = fitfile["fits"][fitfile["best"]] if fitfile else None
@@ -261,6 +262,7 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
     if data:
         if base is None:
             raise UsageError("--data", "data-aware features need the base model: give --base")
+    if data and aware:  # no calibration pass (the base loaded, every domain run) for features no fit reads
         from .features._calibration import DEFAULT_MAX_LEN, DEFAULT_TOKENS, capture
 
         recipe = (fitfile or {}).get("calibration") or {}
