@@ -270,11 +270,13 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
         max_len = max_len if max_len is not None else recipe.get("max_len", DEFAULT_MAX_LEN)
         calibration = capture(adapters, base, list(data), tokens=tokens, max_len=max_len, device=device,
                               progress=progress)  # fmt: skip
+        _warn_short_calibration(list(data), calibration.tokens, tokens)
     elif aware:
-        raise UsageError(
-            fit_path,
-            f"predictor {fitfile['best']} needs data-aware feature {aware[0]}: give --base and --data",
-        )
+        # the predictor that reads it: the primary, or the one of a merge method (by_method)
+        named = [(fitfile["best"], fit)] + [(fitfile["by_method"][m]["best"], f) for m, f in methods.items()]
+        who, feat = next((n, g) for n, fi in named for g in (f.split(":")[0] for f in fit_features(fi))
+                         if g in aware)  # fmt: skip
+        raise UsageError(fit_path, f"predictor {who} needs data-aware feature {feat}: give --base and --data")
     feats = compute_features(adapters, calibration=calibration, only=sorted(needed))
     if fit is None:
         return CostModel(feats), "RMS cosine of the composition (no --fit given)", None
@@ -288,6 +290,22 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
     else:
         src = f"predicted {fitfile['target']} by {fitfile['best']} from {fit_path}"
     return model, src, summary
+
+
+def _warn_short_calibration(data: list, got: list[int], tokens: int) -> None:
+    """Warn (:class:`~loramix.errors.LoramixWarning`) of a calibration file that
+    holds fewer tokens than the recipe asks: its data-aware features rest on
+    fewer tokens than the study's did, so they are noisier than those the
+    predictor was fitted on."""
+    import warnings
+
+    from .errors import LoramixWarning
+
+    short = [f"{path} ({n})" for path, n in zip(data, got) if n < tokens]
+    if short:
+        warnings.warn(f"calibration files with fewer than the {tokens} tokens asked: {', '.join(short)}; "
+                      "their data-aware features rest on fewer tokens than the fits'", LoramixWarning,
+                      stacklevel=2)  # fmt: skip
 
 
 def _check_features_present(feats: FeatureSet, fits, where) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -206,6 +207,58 @@ def test_a_data_aware_fit_needs_data_and_runs_with_it(tmp_path, capsys):
     assert p.cost_source.startswith("predicted interference by ols:functional_interference")
     assert [len(g["members"]) for g in p.groups] == [3]  # every group fits a loose budget
     load_adapter(ads[0])  # the inputs are untouched
+
+
+def test_a_calibration_file_shorter_than_the_recipe_is_warned_of(tmp_path):
+    """A calibration file holding fewer tokens than asked was used without a
+    word: its data-aware features then rest on fewer tokens than the fits'."""
+    from loramix.errors import LoramixWarning
+    from loramix.models import load_causal_lm
+
+    from .factories import make_peft_adapter
+    from .test_train import make_tiny_base
+
+    base = make_tiny_base(tmp_path / "base", "llama")
+    model, _ = load_causal_lm(base)
+    ads = [
+        str(make_peft_adapter(model, tmp_path / f"a{k}", seed=k, r=2, target_modules=["q_proj"]))
+        for k in range(2)
+    ]
+    rng = np.random.default_rng(1)
+    comps = list(itertools.combinations([f"d{k}" for k in range(5)], 2))
+    x = rng.uniform(0, 2, len(comps))
+    v = validate(comps, 3 * x + rng.normal(0, 0.1, len(comps)), pd.DataFrame({"functional_interference": x}))
+    fit = write_predictors(tmp_path / "p.json", v)
+    short, long = "synthetic:arith?n=2", "synthetic:units?n=40"
+    with pytest.warns(
+        LoramixWarning, match=r"fewer than the 200 tokens asked: synthetic:arith\?n=2 \(\d+\);"
+    ):
+        plan(ads, fit=fit, data=[short, long], base=base, tokens=200, budget=100.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoramixWarning)
+        plan(ads, fit=fit, data=[long, long], base=base, tokens=200, budget=100.0)
+
+
+def test_the_missing_data_names_the_predictor_that_reads_it(bank, tmp_path, capsys):
+    """Where only a merge method's predictor (``by_method``) reads a data-aware
+    feature, the line named the file's primary predictor, which reads none."""
+    import json
+
+    from loramix.validation import method_entry
+
+    paths, _ = bank
+    rng = np.random.default_rng(1)
+    comps = list(itertools.combinations([f"d{k}" for k in range(5)], 2))
+    x = rng.uniform(0, 2, len(comps))
+    y = 3 * x + rng.normal(0, 0.1, len(comps))
+    weight = validate(comps, y, pd.DataFrame({"rms_cosine": x}))
+    aware = validate(comps, y, pd.DataFrame({"functional_interference": x}))
+    fit = write_predictors(tmp_path / "p.json", weight)
+    d = json.loads(fit.read_text())
+    d["by_method"] = {"sum": method_entry(weight.to_json_dict()), "ties": method_entry(aware.to_json_dict())}
+    fit.write_text(json.dumps(d))
+    _one_line_error(capsys, ["plan", *paths[:2], "--fit", str(fit)],
+                    f"predictor {aware.best} needs data-aware feature functional_interference")  # fmt: skip
 
 
 def test_data_aware_predict_and_plan_use_the_studys_calibration_recipe(tmp_path):
