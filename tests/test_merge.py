@@ -245,6 +245,21 @@ def test_dare_seed_depends_on_module_adapter_not_order():
     assert len({module_seed(1, MOD, i) for i in range(3)} | {module_seed(1, "layers.1.proj", 0)}) == 4
 
 
+def test_dare_seed_is_the_adapters_place_in_the_users_list():
+    """An adapter that does not touch a module does not shift the others'
+    masks there: adapter ``i`` draws with ``module_seed(seed, module, i)``,
+    ``i`` its place in the user's list (not among the module's owners)."""
+    ads = rand_adapters()
+    del ads[0].modules[MOD]  # adapters 1 and 2 own MOD; 0 owns only layers.1.proj
+    ws, density, seed = [1.0, 0.5, 2.0], 0.4, 7
+    got = run_method("dare-linear", ads, ws, MOD, density=density, seed=seed)
+    ref = 0
+    for i in (1, 2):
+        t = raw_delta(ads[i].modules[MOD])
+        ref = ref + ws[i] * t * ref_dare_mask(tuple(t.shape), density, module_seed(seed, MOD, i)) / density
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- svd
 
 
