@@ -347,6 +347,23 @@ def test_d2_signed_matches_reference_and_differs_from_effective_sum():
     assert (got - eff).norm() > 1e-3 * eff.norm()
 
 
+def test_d2_signed_projects_along_the_adapters_norm_dim():
+    """Adapters trained with ``norm_dim=0`` (one norm per input column) are
+    projected onto the base's column norms, not its row norms."""
+    ads = rand_adapters(d2=True)
+    for a in ads:
+        for m in a.modules.values():
+            m.norm_dim = 0
+    ws = [1.0, 0.5, 2.0]
+    W0 = torch.randn(24, 16, generator=torch.Generator().manual_seed(5), dtype=F64) * 3
+    got = run_method("d2-signed", ads, ws, MOD, W0=W0)
+    R = sum(w * raw_delta(a.modules[MOD]) for a, w in zip(ads, ws))
+    V = W0 + R
+    ref = V * (W0.norm(dim=0, keepdim=True) / V.norm(dim=0, keepdim=True)) + R - W0
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert (got - ref_d2_signed(ads, ws, MOD, W0)).norm() > 1e-3 * ref.norm()  # not the row-norm result
+
+
 # ----------------------------------------------------------------------------- parameter checks
 
 
