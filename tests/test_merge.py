@@ -364,6 +364,35 @@ def test_d2_signed_projects_along_the_adapters_norm_dim():
     assert (got - ref_d2_signed(ads, ws, MOD, W0)).norm() > 1e-3 * ref.norm()  # not the row-norm result
 
 
+LAMBDA_METHODS = [
+    ("ties", dict(density=0.3)),
+    ("magnitude", dict(density=0.35)),
+    ("dare-linear", dict(density=0.4, seed=7)),
+    ("dare-ties", dict(density=0.4, seed=7)),
+    ("breadcrumbs", dict(density=0.4, gamma=0.05)),
+    ("della", dict(density=0.5, epsilon=0.2, seed=7)),
+    ("task-arithmetic", {}),
+]
+
+
+def test_lambda_methods_are_all_listed():
+    with_lambda = {n for n in available_methods() if "lambda_" in {p.name for p in get_method(n).params}}
+    assert with_lambda == {m for m, _ in LAMBDA_METHODS}
+
+
+@pytest.mark.parametrize(("method", "params"), LAMBDA_METHODS, ids=[m for m, _ in LAMBDA_METHODS])
+def test_lambda_scales_the_merged_delta(method, params):
+    """``merged = lambda * (...)`` for every method with ``--lambda`` (the
+    reference tests above mostly run at the default ``lambda = 1``)."""
+    assert "lambda_" in {p.name for p in get_method(method).params}
+    ads = rand_adapters()
+    ws = [1.0, -0.5, 2.0]
+    one = run_method(method, ads, ws, MOD, **params)
+    got = run_method(method, ads, ws, MOD, lambda_=0.6, **params)
+    assert one.abs().max() > 0
+    torch.testing.assert_close(got, 0.6 * one, rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- parameter checks
 
 
