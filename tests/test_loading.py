@@ -110,6 +110,17 @@ def test_llama_rslora_regex_patterns(llama, tmp_path):
     assert ad.modules["model.layers.0.mlp.down_proj"].shape == (32, 72)
 
 
+def test_pattern_keys_must_match_the_end_of_the_module_name(llama, tmp_path):
+    """PEFT's rule anchors a pattern at the end of the name: ``up`` is not
+    ``up_proj``, ``layers\\.1`` is no module of layer 1. Such keys apply to
+    nothing, in PEFT as in loramix (every module keeps ``lora_alpha / r``)."""
+    folder = make_peft_adapter(
+        llama, tmp_path / "l", r=4, lora_alpha=16, alpha_pattern={"up": 9, r"layers\.1": 11}
+    )
+    ad = assert_matches_peft(llama, folder)
+    assert {m.scale for m in ad.modules.values()} == {16 / 4}
+
+
 def test_llama_partial_targets(llama, tmp_path):
     folder = make_peft_adapter(
         llama, tmp_path / "p", r=3, lora_alpha=7, target_modules=["v_proj", "down_proj"]
