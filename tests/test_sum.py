@@ -496,3 +496,28 @@ def test_cli_cuda_without_gpu(gpt2, tmp_path, capsys):
     )
     assert_one_line_error(code, err, "--device")
     assert _leftovers(tmp_path, "o") == []
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_sum_into_a_bfloat16_base_is_computed_in_float32(native, monkeypatch, tmp_path):
+    """A bfloat16 base is widened, summed in float32 and rounded once
+    (engine.add_delta), with the kernels or without: ``bf16(f32(W0) + s B A)``,
+    not a sum with bfloat16 factors or in bfloat16."""
+    monkeypatch.setenv("LORAMIX_NATIVE", native)
+    model = tiny_llama(seed=0, hidden=64).to(torch.bfloat16)
+    base = save_base(model, tmp_path / "base")
+    ad = make_peft_adapter(model.float(), tmp_path / "ad", seed=1, r=4, lora_alpha=32)
+    sum_into_base([ad], base, tmp_path / "out", progress=False)
+    out, src = BaseModelFolder(tmp_path / "out"), BaseModelFolder(base)
+    checked = 0
+    for name, m in load_adapter(ad).modules.items():
+        W0 = src.read_module_weight(name, dtype=None)
+        assert W0.dtype == torch.bfloat16
+        want = (W0.double() + m.scale * m.B.double() @ m.A.double()).float().bfloat16()
+        got = out.read_module_weight(name, dtype=None)
+        assert got.dtype == torch.bfloat16
+        # float32 products may round differently from float64's: at most one step, rarely
+        steps = (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()
+        assert int(steps.max()) <= 1 and float((steps > 0).float().mean()) < 1e-3, name
+        checked += 1
+    assert checked > 0
