@@ -92,6 +92,31 @@ def _dense_cos(adapters, i, j, m):
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
+def _four_layer_pair():
+    """Two adapters on the q_proj of four layers, layers 0-2 and 1-3: neither
+    one's modules contain the other's."""
+    gen = torch.Generator().manual_seed(3)
+    ads = []
+    for k, layers in enumerate(((0, 1, 2), (1, 2, 3))):
+        names = [f"model.layers.{layer}.self_attn.q_proj" for layer in layers]
+        mods = {name: _module(name, SHAPES["q_proj"], r=2, gen=gen) for name in names}
+        ads.append(Adapter(name=f"a{k}", kind="lora", modules=mods))
+    return ads
+
+
+def test_bands_on_four_layers():
+    """Bands ``min(2, floor(3 l / L))`` with ``L = 4``: bottom {0, 1}, middle
+    {2}, top {3}. (With the bank's three layers every band is one layer, and a
+    wrong ``L``, say 3 - 1, gives the same bands.)"""
+    ads = _four_layer_pair()
+    fs = compute_features(ads)
+    cos = {layer: _dense_cos(ads, 0, 1, f"model.layers.{layer}.self_attn.q_proj") for layer in (1, 2)}
+    assert fs.matrices["band_rms_cosine:bottom"][0, 1] == pytest.approx(abs(cos[1]), rel=1e-9)
+    assert fs.matrices["band_rms_cosine:middle"][0, 1] == pytest.approx(abs(cos[2]), rel=1e-9)
+    top = fs.matrices.get("band_rms_cosine:top")  # layer 3 is adapter 1's only: no shared module
+    assert top is None or math.isnan(top[0, 1])
+
+
 def test_weight_space_features_equal_dense_reference():
     ads = _bank()
     fs = compute_features(ads)
