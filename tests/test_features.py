@@ -117,6 +117,12 @@ def test_bands_on_four_layers():
     assert top is None or math.isnan(top[0, 1])
 
 
+def test_coverage_of_module_sets_that_are_not_nested():
+    """Coverage is shared / union modules: 2 / 4 here, not shared / the larger
+    set (2 / 3), which the bank, whose module sets are nested, cannot tell apart."""
+    assert compute_features(_four_layer_pair()).matrices["coverage"][0, 1] == pytest.approx(2 / 4)
+
+
 def test_weight_space_features_equal_dense_reference():
     ads = _bank()
     fs = compute_features(ads)
