@@ -18,6 +18,7 @@ from loramix.validation import (
     composition_table,
     load_predictors,
     lodo_splits,
+    predict_from,
     validate,
     write_predictors,
 )
@@ -108,6 +109,28 @@ def test_ridge_matches_least_squares_on_standardised_features():
         assert np.allclose(fit["coef"], beta, rtol=1e-9)
     ls = np.linalg.lstsq(Z.to_numpy(), y - y.mean(), rcond=None)[0]
     assert np.allclose(validate(comps, y, X, lambdas=(1e-9,)).fits["ridge"]["coef"], ls, rtol=1e-6)
+
+
+def test_ridge_interval_is_the_central_quantiles_of_its_residuals():
+    """The ridge's interval at ``level`` adds the ``(1 - level) / 2`` and
+    ``(1 + level) / 2`` quantiles of its training residuals to ``y_hat``."""
+    comps, rng = _bank(seed=2)
+    X = pd.DataFrame(rng.normal(size=(len(comps), 2)), columns=["a", "b"])
+    y = X.to_numpy() @ np.array([2.0, -1.0]) + rng.normal(0, 0.5, len(comps))
+    Z = ((X - X.mean()) / X.std(ddof=0)).to_numpy()
+    beta = np.linalg.solve(Z.T @ Z + 3.0 * np.eye(2), Z.T @ (y - y.mean()))
+    resid = y - (y.mean() + Z @ beta)
+    level = 0.8
+    fit = validate(comps, y, X, lambdas=(3.0,), level=level).fits["ridge"]
+    lo, hi = np.quantile(resid, [0.1, 0.9])
+    assert fit["resid_low"] == pytest.approx(lo, rel=1e-9) and fit["resid_high"] == pytest.approx(
+        hi, rel=1e-9
+    )
+    x0 = {"a": 0.3, "b": -0.2}
+    yh, low, high = predict_from(fit, x0, level)
+    want = y.mean() + ((np.array([0.3, -0.2]) - X.mean().to_numpy()) / X.std(ddof=0).to_numpy()) @ beta
+    assert yh == pytest.approx(want, rel=1e-9)
+    assert (low, high) == (pytest.approx(want + lo, rel=1e-9), pytest.approx(want + hi, rel=1e-9))
 
 
 def _inner_lodo_mae(comps, X, y, lam):
