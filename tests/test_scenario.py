@@ -199,6 +199,24 @@ def test_the_truncation_rule_is_in_the_cache_keys(tmp_path):
     assert {"adapter", "eval", "merge"} <= cut, cut  # merge: ties, evaluated as it is made
 
 
+def test_merge_parameters_are_in_the_cache_keys(tmp_path):
+    """A dense merge's key (and so its evaluation's) carries the method's
+    parameters: a run with another density makes the ties merges again
+    instead of reusing the cached ones; what does not depend on it keeps its key."""
+    from loramix.scenario.plan import plan
+
+    def keys(density):
+        text = GOOD + f'[merge]\nmethods = ["sum", "ties"]\nties = {{ density = {density} }}\n'
+        return {st.id: st.key for st in plan(load_scenario(_write(tmp_path, text, name=f"s{density}.toml")))}
+
+    a, b = keys(0.5), keys(0.3)
+    assert a.keys() == b.keys()
+    changed = {i for i in a if a[i] != b[i]}
+    merges = {i for i in a if i.startswith("merge/") and "/ties/" in i}
+    assert merges and merges <= changed
+    assert all("/ties/" in i for i in changed), changed  # adapters, sums and the rest are reused
+
+
 # ----------------------------------------------------------------------------- cache
 
 
