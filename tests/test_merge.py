@@ -740,6 +740,23 @@ def test_bad_input_exit_2(models, tmp_path, capsys):
     assert cli(capsys, "-m", "svd", "--rank", "2", *a, "--out", out, "--force")[0] == 0
 
 
+def test_an_output_that_holds_an_input_is_refused_even_with_force(models, tmp_path, capsys):
+    """``--out`` a folder that contains an input adapter (its parent): with
+    ``--force`` replacing it would delete the input, so it is refused before
+    any work, and the input is left as it was."""
+    import shutil
+
+    holder = tmp_path / "holder"
+    ad = shutil.copytree(models["gpt2"]["adapters"][0], holder / "ad")
+    before = {p.name: p.read_bytes() for p in ad.iterdir()}
+    for out in (holder, tmp_path):
+        assert_one_line_error(
+            *cli(capsys, "-m", "sum", ad, "--out", out, "--force")[::2], "overwrite the input"
+        )
+    assert {p.name: p.read_bytes() for p in ad.iterdir()} == before
+    assert sorted(p.name for p in holder.iterdir()) == ["ad"]
+
+
 def test_svd_batched_equals_per_module():
     ads = rand_adapters(shapes=((24, 16), (24, 16), (16, 40)))
     ws = [1.0, -0.5, 2.0]
