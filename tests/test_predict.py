@@ -160,6 +160,26 @@ def test_predict_uses_the_runner_cosine(adapters, fit_file):
     assert r3["predicted_delta_ppl_pct"] == pytest.approx(lt.slope * cos3 + lt.intercept, rel=1e-12)
 
 
+def test_predict_flags_a_cosine_outside_the_fitted_range(adapters, tmp_path):
+    """``extrapolation`` is true where the composition's cosine lies outside
+    the fitted cosines, false inside them."""
+    from loramix.interference import predict
+
+    def run(x):
+        y = 2.0 * np.asarray(x) + np.array([0.1, -0.2, 0.05, 0.0, 0.15])
+        pairs = [f"d{i}+d{i + 1}" for i in range(5)]  # pairs: no extrapolation in size
+        fit = {"adapter_method": "lora", "merge_method": "sum", **fit_line(x, y, pairs).to_dict()}
+        p = tmp_path / f"fit{x[0]}.json"
+        p.write_text(json.dumps({"scenario": "t", "prediction_level": 0.95, "fits": [fit]}))
+        return predict(adapters[:2], p)
+
+    inside = run([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert 0.0 <= inside["cosine"] <= 1.0 and inside["extrapolation"] is False
+    lo = inside["cosine"] + 0.1
+    outside = run([lo, lo + 0.1, lo + 0.2, lo + 0.3, lo + 0.4])
+    assert outside["fitted_range"] == pytest.approx([lo, lo + 0.4]) and outside["extrapolation"] is True
+
+
 def test_predict_cli(adapters, fit_file, capsys):
     path, _ = fit_file
     rc = main(["predict", str(adapters[0]), str(adapters[1]), "--fit", str(path), "--format", "json"])
