@@ -133,6 +133,21 @@ def test_ridge_interval_is_the_central_quantiles_of_its_residuals():
     assert (low, high) == (pytest.approx(want + lo, rel=1e-9), pytest.approx(want + hi, rel=1e-9))
 
 
+def test_extrapolation_is_measured_in_the_studys_standard_deviations():
+    """An OLS predictor flags a feature value more than ``FAR`` sample standard
+    deviations (``ddof=1``) of the study's values from their mean, and only those."""
+    from loramix.validation import FAR, extrapolation
+
+    comps, rng = _bank(seed=5)
+    x = rng.uniform(0, 0.5, len(comps))
+    y = 30 * x + rng.normal(0, 1.5, len(comps))
+    fit = validate(comps, y, pd.DataFrame({"x": x})).fits["ols:x"]
+    m, sd = x.mean(), x.std(ddof=1)
+    for side in (1, -1):
+        assert extrapolation(fit, {"x": m + side * (FAR + 0.5) * sd}) is not None
+        assert extrapolation(fit, {"x": m + side * (FAR - 0.5) * sd}) is None
+
+
 def _inner_lodo_mae(comps, X, y, lam):
     errs = []
     for _, tr, te in lodo_splits(comps):
