@@ -181,8 +181,8 @@ def test_bad_input_is_one_line_and_exit_2(bank, tmp_path, capsys):
     _one_line_error(capsys, ["plan", paths[0], str(tmp_path / "nope")], "nope")
 
 
-def test_a_data_aware_fit_needs_data_and_runs_with_it(tmp_path, capsys):
-    from loramix.io.adapter_files import load_adapter
+def _tiny_llama_bank(tmp_path, n: int, targets=("q_proj",)):
+    """A tiny Llama base folder and ``n`` rank-2 PEFT adapters on ``targets``."""
     from loramix.models import load_causal_lm
 
     from .factories import make_peft_adapter
@@ -191,14 +191,25 @@ def test_a_data_aware_fit_needs_data_and_runs_with_it(tmp_path, capsys):
     base = make_tiny_base(tmp_path / "base", "llama")
     model, _ = load_causal_lm(base)
     ads = [
-        str(make_peft_adapter(model, tmp_path / f"a{k}", seed=k, r=2, target_modules=["q_proj"]))
-        for k in range(3)
+        str(make_peft_adapter(model, tmp_path / f"a{k}", seed=k, r=2, target_modules=list(targets)))
+        for k in range(n)
     ]
+    return base, ads
+
+
+def _feature_validation(feature: str, high: float = 2.0):
+    """A validation of ``y = 3 x + noise`` on five domains' pairs, ``x`` read as ``feature``."""
     rng = np.random.default_rng(1)
     comps = list(itertools.combinations([f"d{k}" for k in range(5)], 2))
-    x = rng.uniform(0, 2, len(comps))
-    v = validate(comps, 3 * x + rng.normal(0, 0.1, len(comps)), pd.DataFrame({"functional_interference": x}))
-    fit = write_predictors(tmp_path / "p.json", v)
+    x = rng.uniform(0, high, len(comps))
+    return validate(comps, 3 * x + rng.normal(0, 0.1, len(comps)), pd.DataFrame({feature: x}))
+
+
+def test_a_data_aware_fit_needs_data_and_runs_with_it(tmp_path, capsys):
+    from loramix.io.adapter_files import load_adapter
+
+    base, ads = _tiny_llama_bank(tmp_path, 3)
+    fit = write_predictors(tmp_path / "p.json", _feature_validation("functional_interference"))
     _one_line_error(
         capsys, ["plan", *ads, "--fit", str(fit)], "needs data-aware feature functional_interference"
     )
@@ -213,22 +224,9 @@ def test_a_calibration_file_shorter_than_the_recipe_is_warned_of(tmp_path):
     """A calibration file holding fewer tokens than asked was used without a
     word: its data-aware features then rest on fewer tokens than the fits'."""
     from loramix.errors import LoramixWarning
-    from loramix.models import load_causal_lm
 
-    from .factories import make_peft_adapter
-    from .test_train import make_tiny_base
-
-    base = make_tiny_base(tmp_path / "base", "llama")
-    model, _ = load_causal_lm(base)
-    ads = [
-        str(make_peft_adapter(model, tmp_path / f"a{k}", seed=k, r=2, target_modules=["q_proj"]))
-        for k in range(2)
-    ]
-    rng = np.random.default_rng(1)
-    comps = list(itertools.combinations([f"d{k}" for k in range(5)], 2))
-    x = rng.uniform(0, 2, len(comps))
-    v = validate(comps, 3 * x + rng.normal(0, 0.1, len(comps)), pd.DataFrame({"functional_interference": x}))
-    fit = write_predictors(tmp_path / "p.json", v)
+    base, ads = _tiny_llama_bank(tmp_path, 2)
+    fit = write_predictors(tmp_path / "p.json", _feature_validation("functional_interference"))
     short, long = "synthetic:arith?n=2", "synthetic:units?n=40"
     with pytest.warns(
         LoramixWarning, match=r"fewer than the 200 tokens asked: synthetic:arith\?n=2 \(\d+\);"
@@ -247,12 +245,7 @@ def test_the_missing_data_names_the_predictor_that_reads_it(bank, tmp_path, caps
     from loramix.validation import method_entry
 
     paths, _ = bank
-    rng = np.random.default_rng(1)
-    comps = list(itertools.combinations([f"d{k}" for k in range(5)], 2))
-    x = rng.uniform(0, 2, len(comps))
-    y = 3 * x + rng.normal(0, 0.1, len(comps))
-    weight = validate(comps, y, pd.DataFrame({"rms_cosine": x}))
-    aware = validate(comps, y, pd.DataFrame({"functional_interference": x}))
+    weight, aware = _feature_validation("rms_cosine"), _feature_validation("functional_interference")
     fit = write_predictors(tmp_path / "p.json", weight)
     d = json.loads(fit.read_text())
     d["by_method"] = {"sum": method_entry(weight.to_json_dict()), "ties": method_entry(aware.to_json_dict())}
@@ -275,24 +268,9 @@ def test_data_aware_predict_and_plan_use_the_studys_calibration_recipe(tmp_path)
     from loramix.features._calibration import capture
     from loramix.interference import predict_validated
     from loramix.io.adapter_files import load_adapter
-    from loramix.models import load_causal_lm
 
-    from .factories import make_peft_adapter
-    from .test_train import make_tiny_base
-
-    base = make_tiny_base(tmp_path / "base", "llama")
-    model, _ = load_causal_lm(base)
-    ads = [
-        str(make_peft_adapter(model, tmp_path / f"a{k}", seed=k, r=2, target_modules=["q_proj", "v_proj"]))
-        for k in range(2)
-    ]
-    rng = np.random.default_rng(1)
-    comps = list(itertools.combinations([f"d{k}" for k in range(5)], 2))
-    x = rng.uniform(0, 1, len(comps))
-    v = validate(
-        comps, 3 * x + rng.normal(0, 0.1, len(comps)), pd.DataFrame({"weighted_subspace_overlap": x})
-    )
-    fit = write_predictors(tmp_path / "p.json", v)
+    base, ads = _tiny_llama_bank(tmp_path, 2, ("q_proj", "v_proj"))
+    fit = write_predictors(tmp_path / "p.json", _feature_validation("weighted_subspace_overlap", high=1.0))
     d = json.loads(fit.read_text())
     d["calibration"] = {"tokens": 24, "max_len": 12}  # what a scenario run writes
     fit.write_text(json.dumps(d))
@@ -327,22 +305,8 @@ def test_plan_and_predict_show_the_calibration_progress_on_a_terminal(tmp_path):
     import sys
     import termios
 
-    from loramix.models import load_causal_lm
-
-    from .factories import make_peft_adapter
-    from .test_train import make_tiny_base
-
-    base = make_tiny_base(tmp_path / "base", "llama")
-    model, _ = load_causal_lm(base)
-    ads = [
-        str(make_peft_adapter(model, tmp_path / f"a{k}", seed=k, r=2, target_modules=["q_proj"]))
-        for k in range(2)
-    ]
-    rng = np.random.default_rng(1)
-    comps = list(itertools.combinations([f"d{k}" for k in range(5)], 2))
-    x = rng.uniform(0, 2, len(comps))
-    v = validate(comps, 3 * x + rng.normal(0, 0.1, len(comps)), pd.DataFrame({"functional_interference": x}))
-    fit = write_predictors(tmp_path / "p.json", v)
+    base, ads = _tiny_llama_bank(tmp_path, 2)
+    fit = write_predictors(tmp_path / "p.json", _feature_validation("functional_interference"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     for cmd in ("plan", "predict"):
         args = [sys.executable, "-m", "loramix", cmd, *ads, "--fit", str(fit), "--base", str(base),

@@ -1285,14 +1285,10 @@ def _gone(pids: list[int], seconds: float) -> bool:
     return False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("how", ["term", "kill"])
-def test_a_study_with_workers_stops_cleanly(tmp_path, how):
-    """``scenario run --jobs 2`` stopped while its workers make artifacts.
-    SIGTERM: one line and exit 143 as a serial run (workers printed their
-    tracebacks, and an idle one could keep the run waiting for ever), no
-    temporary left in the cache. kill -9: the workers stop too (they went on
-    computing, orphaned)."""
+def _study_with_workers_making(tmp_path, before: str):
+    """``scenario run --jobs 2`` on ``GOOD``, returned once both workers are up
+    and a step is being made: ``(process, cache, worker pids)``; the test is
+    skipped, saying it ended ``before`` that, if the study never got there."""
     scen = tmp_path / "s.toml"
     scen.write_text(GOOD)
     cache = tmp_path / "cache"
@@ -1305,11 +1301,21 @@ def test_a_study_with_workers_stops_cleanly(tmp_path, how):
             q for q in _children(p.pid) if b"multiprocessing" in Path(f"/proc/{q}/cmdline").read_bytes()
         ]
         if len(workers) >= 2 and list(cache.glob(f"*/{TMP_PREFIX}*/{PAYLOAD}")):
-            break  # both workers up, a step being made
+            return p, cache, workers  # both workers up, a step being made
         time.sleep(0.05)
-    else:
-        p.kill()
-        pytest.skip("the study ended (or never got going) before it could be stopped")
+    p.kill()
+    pytest.skip(f"the study ended (or never got going) before {before}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how", ["term", "kill"])
+def test_a_study_with_workers_stops_cleanly(tmp_path, how):
+    """``scenario run --jobs 2`` stopped while its workers make artifacts.
+    SIGTERM: one line and exit 143 as a serial run (workers printed their
+    tracebacks, and an idle one could keep the run waiting for ever), no
+    temporary left in the cache. kill -9: the workers stop too (they went on
+    computing, orphaned)."""
+    p, cache, workers = _study_with_workers_making(tmp_path, "it could be stopped")
     if how == "term":
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=120) == 143
@@ -1383,23 +1389,7 @@ def test_a_worker_killed_mid_study_is_one_line(tmp_path, signum, says):
     temporary in the cache (a killed worker's is removed, as its owner is
     gone). It was a traceback of BrokenProcessPool, exit 1, the temporary
     left for the next run; then, for SIGTERM, "died" without the signal."""
-    scen = tmp_path / "s.toml"
-    scen.write_text(GOOD)
-    cache = tmp_path / "cache"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LORAMIX_CACHE": str(cache)}
-    p = subprocess.Popen([sys.executable, "-m", "loramix", "scenario", "run", str(scen), "--out", str(tmp_path / "r"),
-                          "--quiet", "--jobs", "2"], stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
-    deadline = time.monotonic() + 240
-    while p.poll() is None and time.monotonic() < deadline:
-        workers = [
-            q for q in _children(p.pid) if b"multiprocessing" in Path(f"/proc/{q}/cmdline").read_bytes()
-        ]
-        if len(workers) >= 2 and list(cache.glob(f"*/{TMP_PREFIX}*/{PAYLOAD}")):
-            break  # both workers up, a step being made
-        time.sleep(0.05)
-    else:
-        p.kill()
-        pytest.skip("the study ended (or never got going) before a worker could be killed")
+    p, cache, workers = _study_with_workers_making(tmp_path, "a worker could be killed")
     # the worker making the artifact (the base, first): its temporary is what a kill leaves
     owner = json.loads(next(cache.glob(f"*/{TMP_PREFIX}*/owner.json")).read_text())["pid"]
     os.kill(owner, signum)

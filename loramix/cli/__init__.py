@@ -60,6 +60,22 @@ def data_options(help: str):
     return decorate
 
 
+def calibration_options(f):
+    """``--data`` (one calibration file per adapter), ``--base``, ``--tokens`` and
+    ``--max-len``: the data-aware features of ``predict`` and ``plan``."""
+    for opt in reversed([
+        click.option("--data", multiple=True, type=click.Path(path_type=str),
+                     help="One calibration file per adapter, in order (predictors that read data-aware features)."),
+        click.option("--base", type=click.Path(path_type=str), default=None, help="Base model folder (with --data)."),
+        click.option("--tokens", type=click.IntRange(min=1), default=None,
+                     help="Calibration tokens per domain (default: the study's, from the predictors file; else 256)."),
+        click.option("--max-len", "max_len", type=click.IntRange(min=2), default=None,
+                     help="Length at which calibration records are cut (default: the study's; else 128)."),
+    ]):  # fmt: skip
+        f = opt(f)
+    return f
+
+
 # Library errors name the parameter; the CLI says the flag.
 FLAGS = {
     "weights": "--weights",

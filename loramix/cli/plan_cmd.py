@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from . import calibration_options
+
 
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4g}"
@@ -18,26 +20,7 @@ def _fmt(v) -> str:
     default=None,
     help="Predictors file (loramix.validation); without it the cost is the RMS cosine.",
 )
-@click.option(
-    "--data",
-    "data",
-    multiple=True,
-    help="Calibration data, one file per adapter in the same order (for data-aware predictors).",
-)
-@click.option("--base", type=click.Path(path_type=str), default=None, help="Base model folder (with --data).")
-@click.option(
-    "--tokens",
-    type=int,
-    default=None,
-    help="Calibration tokens per domain (default: the study's, from the --fit file; else 256).",
-)
-@click.option(
-    "--max-len",
-    "max_len",
-    type=click.IntRange(min=2),
-    default=None,
-    help="Length at which calibration records are cut (default: the study's; else 128).",
-)
+@calibration_options
 @click.option(
     "--max-group", "max_group", type=int, default=4, show_default=True, help="Largest group size K."
 )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from . import calibration_options
+
 
 @click.command("predict")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=str))
@@ -34,22 +36,7 @@ import click
     default=None,
     help="Prediction-interval level (fit.json; default: the fit's, 0.95).",
 )
-@click.option("--data", multiple=True, type=click.Path(path_type=str),
-              help="One calibration file per adapter, in order (predictors that read data-aware features).")  # fmt: skip
-@click.option("--base", type=click.Path(path_type=str), default=None, help="Base model folder (with --data).")
-@click.option(
-    "--tokens",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Calibration tokens per domain (default: the study's, from predictors.json; else 256).",
-)
-@click.option(
-    "--max-len",
-    "max_len",
-    type=click.IntRange(min=2),
-    default=None,
-    help="Length at which calibration records are cut (default: the study's; else 128).",
-)
+@calibration_options
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def command(adapters, fit_path, merge_method, label, level, data, base, tokens, max_len, fmt):
     """Predict the interference of merging ADAPTERS (at least two), with error bars."""
