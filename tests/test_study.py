@@ -103,6 +103,10 @@ BAD = [
     (STUDY.replace("random = 4", "random = 4\nseed = 7"), "plan.seed", "not one of the study's seeds"),
     (STUDY.replace("[predictors]\ntokens = 64", ""), "plan", "needs [predictors]"),
     (STUDY.replace("random = 4", "random = 4\ngroups = 2"), "plan.groups", "unknown key"),
+    # a sequence length of 1 passed the check, then failed the run at its first
+    # evaluation or calibration, naming --max-len, not the key
+    (STUDY.replace('domains = "members"', 'domains = "members"\nmax_len = 1'), "eval.max_len", "at least 2"),
+    (STUDY.replace("tokens = 64", "tokens = 64\nmax_len = 1"), "predictors.max_len", "at least 2"),
 ]  # fmt: skip
 
 

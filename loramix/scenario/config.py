@@ -46,7 +46,8 @@ _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)
 class Key:
     """A key of the scenario file. ``kind``: int, float, str, bool, str-list,
     int-list (read and checked generically), or table / list / any (read by
-    its section's parser). ``bound``: positive, nonneg or unit ([0, 1]).
+    its section's parser). ``bound``: positive, nonneg, unit ([0, 1]), seed or
+    seqlen (a sequence length: at least 2, a token and the next to predict).
     ``toml``: the key's name in the file when it differs from the field's."""
 
     kind: str
@@ -142,7 +143,7 @@ class AdapterSpec:
     steps: int | None = key("int", bound="positive", doc_default="—", help="optimizer steps; or `epochs`")
     lr: float = key("float", 2e-4, bound="positive", help="learning rate")
     batch: int = key("int", 8, bound="positive", help="batch size")
-    max_len: int = key("int", 256, bound="positive", help="sequence length (at least 2)")
+    max_len: int = key("int", 256, bound="seqlen", help="sequence length")
     top_layers: int | None = key("int", bound="positive", doc_default="all layers",
                                  help="adapt only the top N transformer blocks (the targets inside them)")  # fmt: skip
     init: str = key("any", "data", doc_default="`data`",
@@ -198,7 +199,7 @@ class _MergeKeys:
 @dataclass(frozen=True)
 class EvalSpec:
     batch: int = key("int", 16, bound="positive", help="evaluation batch size")
-    max_len: int = key("int", 256, bound="positive", doc_default="`adapters.max_len`", help="sequence length")
+    max_len: int = key("int", 256, bound="seqlen", doc_default="`adapters.max_len`", help="sequence length")
     on: str = key(
         "str", "answer", choices=("answer", "all"), help="perplexity over answer tokens or all tokens"
     )
@@ -215,7 +216,7 @@ class PredictorSpec:
     tokens: int = key(
         "int", 256, bound="positive", help="calibration tokens per domain (data-aware features)"
     )
-    max_len: int = key("int", 128, bound="positive", help="sequence length of the calibration records")
+    max_len: int = key("int", 128, bound="seqlen", help="sequence length of the calibration records")
     level: float = key("float", 0.9, bound="unit", help="level of the prediction intervals")
     target: str = key("str", "retention", choices=("retention", "delta_ppl"),
                       help="the target whose best predictor is saved as predictors.json")  # fmt: skip
@@ -299,7 +300,8 @@ SCHEMA = (("", Scenario), ("base", BaseSpec), ("base.build", _BuildKeys), ("doma
 
 _DOC_TYPES = {"int": "int", "float": "number", "str": "string", "bool": "bool", "str-list": "list of string",
               "int-list": "list of int", "table": "table", "list": "list", "any": "path/spec or list"}  # fmt: skip
-_DOC_BOUNDS = {"positive": " > 0", "nonneg": " ≥ 0", "unit": " in [0, 1]", "seed": " in [0, 2^63 - 1]"}
+_DOC_BOUNDS = {"positive": " > 0", "nonneg": " ≥ 0", "unit": " in [0, 1]", "seed": " in [0, 2^63 - 1]",
+               "seqlen": " ≥ 2"}  # fmt: skip
 
 
 def schema_markdown() -> str:
@@ -464,6 +466,9 @@ def _read(ctx: _Ctx, cls, t: dict, where: str, *, also=(), defaults=None) -> dic
         v = _get(ctx, t, name, where, k.kind, (defaults or {}).get(fname, default), required=k.required)
         if v is not None and k.bound in ("positive", "nonneg"):
             _positive(ctx, v, full, allow_zero=k.bound == "nonneg")
+        if v is not None and k.bound == "seqlen" and v < 2:
+            # what encode_records refuses (as --max-len) when the run reaches the step
+            raise ctx.error(full, f"must be at least 2, got {v}")
         if v is not None and k.bound == "seed":
             _check_seeds(ctx, v, full)
         if v is not None and k.bound == "unit" and not 0 <= v <= 1:
@@ -667,8 +672,6 @@ def _parse_adapters(ctx, t) -> AdapterSpec:
         raise ctx.error("adapters.steps", "give adapters.epochs or adapters.steps, not both")
     if v["epochs"] is None and v["steps"] is None:
         v["epochs"] = 1.0
-    if v["max_len"] < 2:
-        raise ctx.error("adapters.max_len", f"must be at least 2, got {v['max_len']}")
     extra = {k: x for k, x in _read(ctx, _TrainerKeys, trainer, w).items() if x is not None}
     return AdapterSpec(**v, extra=extra)
 
