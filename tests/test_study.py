@@ -107,6 +107,9 @@ BAD = [
     # evaluation or calibration, naming --max-len, not the key
     (STUDY.replace('domains = "members"', 'domains = "members"\nmax_len = 1'), "eval.max_len", "at least 2"),
     (STUDY.replace("tokens = 64", "tokens = 64\nmax_len = 1"), "predictors.max_len", "at least 2"),
+    # base.build.max_len and .epochs were read, recorded and cache-keyed, but never reached the build
+    (STUDY.replace("steps = 8", "steps = 8\nmax_len = 64"), "base.build.max_len", "unknown key"),
+    (STUDY.replace("steps = 8", "steps = 8\nepochs = 2"), "base.build.epochs", "unknown key"),
 ]  # fmt: skip
 
 

@@ -104,8 +104,8 @@ class _BuildKeys:
     seed: int = key("int", 0, bound="seed", help="pre-training seed")
     lr: float | None = key("float", help="learning rate", bound="positive", doc_default="the size's")
     batch: int | None = key("int", help="batch size", bound="positive", doc_default="the size's")
-    max_len: int | None = key("int", help="sequence length", bound="positive", doc_default="the size's")
-    epochs: float | None = key("float", help="epochs", bound="positive", doc_default="the size's")
+    # no max_len or epochs: loramix base build has neither (the size fixes the context,
+    # --steps the length); keys the build ignored were recorded in the report all the same
 
 
 @dataclass(frozen=True)
@@ -568,7 +568,7 @@ def _parse_base(ctx, t, env, used) -> BaseSpec:
             if not p.is_file():
                 raise ctx.error(f"base.build.data[{i}]", f"no such data file: {p}")
             specs.append(str(p))
-    extra = {k: v[k] for k in ("lr", "batch", "max_len", "epochs") if v[k] is not None}
+    extra = {k: v[k] for k in ("lr", "batch") if v[k] is not None}
     return BaseSpec(
         build_data=tuple(specs), size=v["size"], steps=v["steps"], seed=v["seed"], build_params=extra
     )
