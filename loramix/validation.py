@@ -479,7 +479,7 @@ def load_predictors(path: str | os.PathLike) -> dict:
     Checked, as ``loramix predict`` and ``loramix plan`` read them: ``format``;
     ``fits`` an object; ``best`` a string naming one of ``fits``; ``level`` in
     (0, 1); ``target`` a string; ``calibration`` (the study's recipe of the
-    data-aware features) null or positive integers ``tokens`` and ``max_len``;
+    data-aware features) null or integers ``tokens`` >= 1 and ``max_len`` >= 2;
     ``scenario``, ``adapter_kind`` and
     ``base_identity`` strings or null; ``beats_mean`` true or false; ``summary``
     a list of held-out records (:func:`_check_record`) with a finite ``mae`` for
@@ -509,10 +509,14 @@ def load_predictors(path: str | os.PathLike) -> dict:
     if cal is not None:
         if not isinstance(cal, dict):
             raise field_error(p, "calibration", "an object {tokens, max_len} or null", cal)
-        for key in ("tokens", "max_len"):
+        # max_len as --max-len: at least 2 (else the calibration pass refused it, naming --max-len)
+        for key, low, want in (
+            ("tokens", 1, "a positive integer"),
+            ("max_len", 2, "an integer of at least 2"),
+        ):
             v = cal.get(key, MISSING)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise field_error(p, f"calibration.{key}", "a positive integer", v)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise field_error(p, f"calibration.{key}", want, v)
     for key in ("scenario", "adapter_kind", "base_identity"):
         check_str(p, key, d.get(key), null=True)
     _check_bool(p, "beats_mean", d, "beats_mean")

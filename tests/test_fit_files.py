@@ -243,6 +243,11 @@ PRED_DAMAGE = {
         _pred_top("calibration", {"tokens": 0, "max_len": 64}),
         "calibration.tokens must be a positive integer, got 0",
     ),
+    "calibration-max-len-1": (
+        None,
+        _pred_top("calibration", {"tokens": 128, "max_len": 1}),
+        "calibration.max_len must be an integer of at least 2, got 1",
+    ),
     "calibration-no-max-len": (
         None,
         _pred_top("calibration", {"tokens": 128}),
