@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import BaseModelError
+from .errors import BaseModelError, UsageError
 from .gguf_import import resolve_base
 from .options import DTYPE_NAMES as _DTYPES
 
@@ -72,7 +72,8 @@ def _torch_dtype(dtype):
         return "auto"
     if dtype in _DTYPES:
         return getattr(torch, _DTYPES[dtype])
-    raise BaseModelError(None, f"unknown dtype {dtype!r}; choose float32, bfloat16, float16 or auto")
+    # "dtype": the CLI says --dtype (as sum and merge do); no where at all named nothing
+    raise UsageError("dtype", f"unknown dtype {dtype!r}; choose float32, bfloat16, float16 or auto")
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -221,6 +221,16 @@ def _err(capsys) -> str:
     return err
 
 
+def test_unknown_dtype_names_the_option(bases, capsys):
+    """eval's --dtype is checked where the base is loaded; its one line named
+    nothing ('loramix: error: unknown dtype ...'), sum's and merge's --dtype."""
+    capsys.readouterr()
+    assert (
+        main(["eval", "--base", str(bases["gpt2"]), "--data", ARITH, "--dtype", "int8", "--no-progress"]) == 2
+    )
+    assert _err(capsys).startswith("loramix: error: --dtype: unknown dtype 'int8'")
+
+
 def test_cli_bad_inputs_exit_2(bases, tmp_path, capsys):
     base = str(bases["gpt2"])
     # adapter made for another base (different width)
