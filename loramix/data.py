@@ -109,9 +109,15 @@ def parse_synthetic_spec(spec: str) -> dict:
     domain, _, query = body.partition("?")
     out = {"domain": domain.strip(), "n": 1000, "seed": 0, "overlap": 0.0, "overlap_with": None}
     keys = {"n": int, "seed": int, "overlap": float, "with": str, "overlap_with": str}
+    seen: dict[str, str] = {}
     for k, v in parse_qsl(query, keep_blank_values=True):
         if k not in keys:
             raise DataError(spec, f"unknown parameter {k!r}; use n, seed, overlap, with")
+        # n=5&n=6 (or with= and overlap_with=): the last one won, silently
+        name = "overlap_with" if k in ("with", "overlap_with") else k
+        if name in seen:
+            raise DataError(spec, f"parameter {k!r} is given twice (after {seen[name]!r}); give it once")
+        seen[name] = k
         try:
             val = keys[k](v)
         except ValueError:

@@ -208,6 +208,20 @@ def test_synthetic_spec():
             load_records(bad)
 
 
+@pytest.mark.parametrize(
+    "spec", ["synthetic:arith?n=5&n=6", "synthetic:arith?overlap=0.5&with=units&overlap_with=dates"]
+)
+def test_synthetic_spec_parameter_given_twice(capsys, tmp_path, spec):
+    """A parameter given twice was taken from its last occurrence, silently."""
+    from .factories import one_line_error
+
+    with pytest.raises(DataError, match="given twice"):
+        parse_synthetic_spec(spec)
+    one_line_error(
+        capsys, ["base", "build", "--data", spec, "--out", "unused", "--quiet"], spec, "given twice"
+    )
+
+
 @pytest.mark.realdata
 def test_real_data_files_load():
     for name, has_context in [("math", False), ("medicine", False), ("finance", True)]:
