@@ -211,3 +211,13 @@ def test_real_process_exit_code_and_traceback(bad):
 def test_missing_base_folder(capsys, good, tmp_path):
     missing = tmp_path / "no-base"
     run_error(capsys, ["similarity", str(good), str(good), "--base", str(missing)], missing, "no such folder")
+
+
+@pytest.mark.parametrize("cmd", ["plan", "predict"])
+def test_calibration_tokens_below_one(capsys, good, tmp_path, cmd):
+    """plan's --tokens was a bare int: 0 or -5 passed whenever no calibration
+    pass ran (no data-aware predictor), where predict's is refused by its range."""
+    other = make_peft_adapter(tiny_gpt2(), tmp_path / "other", r=2, lora_alpha=4, seed=1)
+    fit = Path(__file__).resolve().parents[1] / "reports" / "quickstart" / "predictors.json"
+    argv = [cmd, str(good), str(other), "--fit", str(fit), "--tokens", "0"]
+    run_error(capsys, argv, "--tokens", "0 is not in the range x>=1")
