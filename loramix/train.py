@@ -274,7 +274,7 @@ def train_adapter(
     fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
     run = _prepare(base, data_list, targets=targets, fields=fields, eval_size=eval_size, seed=seed,
                    limit=limit, max_len=max_len, batch=batch, on=on, device=device, top_layers=top_layers,
-                   prefix_cache=prefix_cache, autocast=dtype, prompt=prompt, progress=progress)  # fmt: skip
+                   prefix_cache=prefix_cache, autocast=dtype, prompt=prompt, progress=progress, rank=rank)  # fmt: skip
     total = steps if steps is not None else max(1, round(epochs * run.n_per_epoch))
     warmup = max(1, round(0.05 * total)) if warmup is None else int(warmup)
     options = {k: v for k, v in (("tau", tau), ("norm_dim", norm_dim)) if k in kind.options}
@@ -338,6 +338,19 @@ def _check_speed(*, dtype, grad_accum, batch, prefix_cache, prompt="raw") -> Non
         raise UsageError("prefix_cache", f"must be 'disk', 'memory' or None, got {prefix_cache!r}")
 
 
+def _check_rank(model, names: list[str], rank: int) -> None:
+    """Refuse a rank above ``min(out, in)`` of a targeted weight, as a scenario's
+    ``adapters.rank`` is refused: ``B A`` cannot have a rank above it, so the
+    extra rank only adds parameters (and a scale ``alpha / rank`` that no longer
+    means what it says)."""
+    dims = {n: min(model.get_submodule(n).weight.shape) for n in names}
+    n = min(dims, key=dims.get)
+    if rank > dims[n]:
+        raise UsageError(
+            "--rank", f"{rank} is above {dims[n]}, the smallest dimension of a targeted weight ({n})"
+        )
+
+
 def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, tau, warmup) -> None:
     from .io.config_schema import FLOAT32_MAX
 
@@ -352,6 +365,8 @@ def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, 
         raise UsageError("--epochs", f"must be a positive finite number, got {epochs}")
     if not 0 < lr < math.inf:
         raise UsageError("--lr", f"must be a positive finite number, got {lr}")
+    if not alpha > 0:  # 0 trained an adapter that does nothing; a scenario's adapters.alpha is refused so too
+        raise UsageError("--alpha", f"must be above 0, got {alpha}")
     # the scale alpha / rank and tau multiply factors in float32: beyond its range, inf or nan
     if not abs(alpha / max(rank, 1)) <= FLOAT32_MAX:
         raise UsageError(
@@ -410,7 +425,8 @@ def _warn_tied_head(model, names) -> None:
 
 
 def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_len, batch, on, device,
-             top_layers=None, prefix_cache="disk", autocast=None, prompt="raw", progress=False) -> _Run:  # fmt: skip
+             top_layers=None, prefix_cache="disk", autocast=None, prompt="raw", progress=False,
+             rank=None) -> _Run:  # fmt: skip
     """Load and split the data, load the base, resolve the targets, encode;
     with ``top_layers``, the targets in those blocks and the cached prefix."""
     import torch
@@ -437,6 +453,8 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
         k = split_point(model, top_layers)
         targets = resolved_targets = names = top_targets(model, targets, k)
     _warn_tied_head(model, names)
+    if rank is not None:
+        _check_rank(model, names, rank)
     # Sequences cannot be longer than the model's positions: cap max_len there (recorded).
     n_pos = context_length(model.config)
     if n_pos:

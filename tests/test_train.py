@@ -462,6 +462,28 @@ def test_a_misspelt_target_among_good_ones_is_refused(bases, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "args, line",
+    [(["--alpha", "0"], "--alpha: must be above 0, got 0.0"),
+     (["--alpha", "-2"], "--alpha: must be above 0, got -2.0"),
+     (["--rank", "99999"], "--rank: 99999 is above ")],
+)  # fmt: skip
+def test_settings_a_scenario_refuses_are_refused_by_train(bases, tmp_path, capsys, args, line):
+    """``--alpha 0`` trained an adapter that does nothing (a negative one, its
+    mirror) and ``--rank`` above a targeted weight's smaller dimension only
+    added parameters; a scenario's ``adapters.alpha`` and ``adapters.rank``
+    refuse both. Now train does too: one line, exit 2, nothing written."""
+    from loramix.cli import main
+
+    out = tmp_path / "o"
+    rc = main(["train", "--base", str(bases["llama"]), "--data", ARITH, "--out", str(out), "--steps", "1",
+               "--quiet", *args])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"loramix: error: {line}"), err
+    assert not out.exists()
+
+
 def test_top_layers_prefix_shows_a_bar_on_a_terminal(bases, tmp_path):
     """train --top-layers runs the frozen layers over every record first: on
     SmolLM2 (200 records, --max-len 96) 76-104 s with nothing on the terminal
