@@ -39,7 +39,9 @@ from .threads import threads_option
     help="The adapters change only the top N layers: run the layers below once per data set (cached).",
 )
 @click.option(
-    "--dtype", default=None, help="Load the base in this dtype (float32, bfloat16; default float32)."
+    "--dtype",
+    default=None,
+    help="Load the base in this dtype (float32, bfloat16, float16, auto: the checkpoint's; default float32).",
 )
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on stderr.")
