@@ -503,3 +503,29 @@ def test_a_fit_on_a_module_type_the_adapters_lack_is_one_line(bank, tmp_path, ca
     for cmd in ("predict", "plan"):
         err = _one_line_error(capsys, [cmd, *paths[:2], "--fit", str(fit)], f"reads {feat}")
         assert "adapt no mlp.gate_proj module (theirs: self_attn.q_proj)" in err, err
+
+
+def test_options_that_would_be_ignored_are_refused(bank, similar_merge_well, capsys):
+    """Settings that could not take effect were ignored without a word, so a
+    user took them for settings that did: the calibration options without
+    ``--data``, ``--level`` with a predictors file (its intervals are at the
+    level its study validated), ``--data`` with a fit.json (the cosine line
+    reads no data). Each is now one line naming the flag, exit 2 (as
+    ``--label`` with a predictors file already was)."""
+    from pathlib import Path
+
+    paths, _ = bank
+    fit, _ = similar_merge_well
+    line = Path(__file__).parents[1] / "reports" / "quickstart" / "fit.json"
+    data = ["--data", "synthetic:arith?n=5", "--data", "synthetic:units?n=5"]
+    for argv, needle in [
+        (["plan", *paths[:2], "--tokens", "40"], "--tokens: applies with --data"),
+        (["plan", *paths[:2], "--fit", str(fit), "--max-len", "32"], "--max-len: applies with --data"),
+        (["predict", *paths[:2], "--fit", str(fit), "--base", "somewhere"], "--base: applies with --data"),
+        (["predict", *paths[:2], "--fit", str(fit), "--level", "0.8"], "--level: applies to a fit.json"),
+        (
+            ["predict", *paths[:2], "--fit", str(line), *data, "--base", "b"],
+            "--data: applies to a predictors file",
+        ),
+    ]:
+        _one_line_error(capsys, argv, needle)

@@ -76,6 +76,18 @@ def calibration_options(f):
     return f
 
 
+def check_calibration_args(data, base, tokens, max_len) -> None:
+    """Refuse ``--base``, ``--tokens`` or ``--max-len`` without ``--data``: they
+    set the calibration pass, which runs only over data (else they were
+    ignored, and a user took them for a setting that took effect)."""
+    from ..errors import UsageError
+
+    if not data:
+        for flag, v in (("--base", base), ("--tokens", tokens), ("--max-len", max_len)):
+            if v is not None:
+                raise UsageError(flag, "applies with --data (the calibration files it sets the pass over)")
+
+
 # Library errors name the parameter; the CLI says the flag.
 FLAGS = {
     "weights": "--weights",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import calibration_options
+from . import calibration_options, check_calibration_args
 
 
 def _fmt(v) -> str:
@@ -39,6 +39,7 @@ def command(adapters, fit_path, data, base, tokens, max_len, max_group, budget, 
 
     from ..grouping import plan
 
+    check_calibration_args(data, base, tokens, max_len)
     p = plan(list(adapters), fit=fit_path, data=list(data) or None, base=base, max_group=max_group,
              budget=budget, tokens=tokens, device=device, max_len=max_len, progress=True)  # fmt: skip
     for w in p.warnings:

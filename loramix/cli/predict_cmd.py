@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import calibration_options
+from . import calibration_options, check_calibration_args
 
 
 @click.command("predict")
@@ -43,15 +43,23 @@ def command(adapters, fit_path, merge_method, label, level, data, base, tokens, 
     from ..errors import UsageError
     from ..interference import is_predictors_file, predict, predict_validated
 
+    check_calibration_args(data, base, tokens, max_len)
     if is_predictors_file(fit_path):
         if label is not None:
             raise UsageError("--label", "applies to a fit.json; a predictors file holds one study")
+        if level is not None:  # its intervals' coverage was validated at its own level
+            raise UsageError("--level", "applies to a fit.json; a predictors file's intervals are at the "
+                             "level its study validated them at")  # fmt: skip
         r = predict_validated(list(adapters), fit_path, data=list(data) or None, base=base,
                               merge_method=merge_method, tokens=tokens, max_len=max_len, progress=True)  # fmt: skip
         for w in r["warnings"]:
             click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
         click.echo(_json(r) if fmt == "json" else _validated_text(r))
         return
+    if data:  # the cosine line reads no data-aware feature
+        raise UsageError(
+            "--data", "applies to a predictors file; a fit.json predicts from the RMS cosine alone"
+        )
     r = predict(list(adapters), fit_path, merge_method=merge_method or "sum", level=level, label=label)
     click.echo(_json(r) if fmt == "json" else _line_text(r))
 
