@@ -466,13 +466,16 @@ def test_a_misspelt_target_among_good_ones_is_refused(bases, tmp_path, capsys):
     "args, line",
     [(["--alpha", "0"], "--alpha: must be above 0, got 0.0"),
      (["--alpha", "-2"], "--alpha: must be above 0, got -2.0"),
-     (["--rank", "99999"], "--rank: 99999 is above ")],
+     (["--rank", "99999"], "--rank: 99999 is above "),
+     (["--targets", ""], "--targets: names no module"),  # an unset $T: the defaults, silently
+     (["--targets", " , "], "--targets: names no module")],
 )  # fmt: skip
-def test_settings_a_scenario_refuses_are_refused_by_train(bases, tmp_path, capsys, args, line):
+def test_settings_that_train_nothing_useful_are_refused(bases, tmp_path, capsys, args, line):
     """``--alpha 0`` trained an adapter that does nothing (a negative one, its
     mirror) and ``--rank`` above a targeted weight's smaller dimension only
     added parameters; a scenario's ``adapters.alpha`` and ``adapters.rank``
-    refuse both. Now train does too: one line, exit 2, nothing written."""
+    refuse both. An empty ``--targets`` (an unset shell variable) trained on
+    the architecture's defaults. Each is now one line, exit 2, nothing written."""
     from loramix.cli import main
 
     out = tmp_path / "o"

@@ -107,7 +107,10 @@ def command(base, data, more_data, out, targets, eval_size, quiet, kind, method,
                 raise UsageError(
                     flag, "applies to --kind d2lora only (a LoRA has no negative branch or norm)"
                 )
-    tg = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+    tg = [t.strip() for t in targets.split(",") if t.strip()] if targets is not None else None
+    if tg == []:  # '' (an unset shell variable) trained on the architecture's defaults, silently
+        raise UsageError("--targets", "names no module; give module suffixes, or leave it out for the "
+                         "architecture's")  # fmt: skip
     res = train_adapter(
         base,
         [*data, *more_data],
