@@ -219,6 +219,29 @@ def test_weighted_subspace_overlap_equals_dense_reference():
             assert fs.matrices["weighted_subspace_overlap"][i, j] == pytest.approx(np.mean(ov), rel=1e-9)
 
 
+def test_a_module_no_calibration_input_reached_is_left_out_of_the_mean():
+    """Where neither domain's tokens reach a module (a zero Gram), it has no
+    subspace to compare: the weighted overlap's mean over the pair's modules
+    was NaN for the whole pair; it now leaves that module out, as the
+    functional interference does."""
+    ads = _bank()
+    _, grams = _grams(ads, tokens=11)
+    fs = compute_features(ads, calibration=from_grams(ads, grams))
+    shared = _shared(ads, 0, 1)
+    assert len(shared) >= 2
+    dead = shared[0]
+    for g in grams:
+        g[dead] = torch.zeros_like(g[dead])
+    cut = compute_features(ads, calibration=from_grams(ads, grams))
+    from loramix.features.subspace_weighted import pair_overlap
+
+    cal = from_grams(ads, grams)
+    want = np.mean([pair_overlap(cal, m, 0, 1) for m in shared[1:]])
+    assert cut.matrices["weighted_subspace_overlap"][0, 1] == pytest.approx(want, rel=1e-12)
+    assert np.isfinite(cut.matrices["functional_interference"][0, 1])
+    assert fs.matrices["weighted_subspace_overlap"][0, 1] != pytest.approx(want, rel=1e-12)
+
+
 def test_calibration_refuses_mismatched_domains():
     from loramix.errors import UsageError
 

@@ -46,13 +46,18 @@ def row_space(A: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
 
 def mean_over_modules(ctx, per_module) -> np.ndarray:
     """``N x N`` mean over shared modules of ``per_module(name, owners)`` (an
-    ``len(owners)``-square array); NaN for pairs that share no module."""
+    ``len(owners)``-square array) where it is defined; NaN for pairs that share
+    no module with a value. A module without one (no input reached it in the
+    calibration data, so no subspace to compare) is left out, as
+    :mod:`.functional` leaves it out, rather than making the pair's mean NaN."""
     total = np.zeros((ctx.n, ctx.n))
     count = np.zeros((ctx.n, ctx.n))
     for name, owners in ctx.modules().items():
         ix = np.ix_(owners, owners)
-        total[ix] += per_module(name, owners)
-        count[ix] += 1
+        v = per_module(name, owners)
+        ok = np.isfinite(v)
+        total[ix] += np.where(ok, v, 0.0)
+        count[ix] += ok
     with np.errstate(divide="ignore", invalid="ignore"):
         return total / count
 

@@ -14,7 +14,8 @@ between ``U_i`` and ``U_j`` is::
 
 (``X Af_k^T W_k`` is an orthonormal basis of ``U_k``, so ``C`` holds the
 cosines). Eigenvalues below ``1e-12`` of the largest count as zero. The pair
-value is the mean over the modules both adapt.
+value is the mean over the modules both adapt, leaving out one the pair's
+calibration tokens never reached (``K`` zero: no subspace to compare).
 """
 
 from __future__ import annotations
