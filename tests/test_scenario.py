@@ -481,6 +481,26 @@ def test_default_jobs_odd_values_and_check_says_no_ok_first(monkeypatch, capsys,
     assert out == "" and err.startswith("loramix: error: LORAMIX_JOBS:"), (out, err)
 
 
+def test_a_cache_that_is_a_file_is_one_line_before_anything(monkeypatch, capsys, tmp_path):
+    """$LORAMIX_CACHE naming a file: ``scenario check`` said ok (and estimated
+    from it), the run failed naming a path inside it (``.../data: Not a
+    directory``). Both now name the file, before printing or writing anything."""
+    p = _write(tmp_path, GOOD)
+    cache = tmp_path / "cache-file"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("LORAMIX_CACHE", str(cache))
+    out = tmp_path / "o"
+    for argv in (["scenario", "check", str(p)], ["scenario", "run", str(p), "--out", str(out), "--quiet"]):
+        assert main(argv) == 2
+        o, err = capsys.readouterr()
+        assert (
+            o == ""
+            and err
+            == f"loramix: error: {cache}: is not a folder: the scenario cache (--cache, or $LORAMIX_CACHE) must be one\n"
+        ), (o, err)
+    assert not out.exists() and cache.read_text() == "not a folder"
+
+
 def test_processes_submit_no_more_steps_than_workers():
     """The processes executor hands the pool at most ``jobs`` steps at once,
     so ``on_start`` (the progress line's "under way for") is when a step

@@ -54,7 +54,10 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     from ..devices import resolve_device
     from ..scenario.executors import default_jobs, worth_workers
 
-    dev = resolve_device(device)  # the device and $LORAMIX_JOBS: refused before "ok" too
+    dev = resolve_device(device)  # the device, $LORAMIX_JOBS and the cache: refused before "ok" too
+    from ..scenario.cache import check_cache_root, default_cache_dir
+
+    root = check_cache_root(cache_dir if cache_dir is not None else default_cache_dir())
     jobs = _jobs(jobs, threads, None)
     auto = default_jobs(dev) if jobs == "auto" else None
     click.echo(f"{file}: ok — scenario {sc.name!r}")
@@ -81,7 +84,6 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     steps = plan(sc, data)
     kinds = Counter(st.kind for st in steps)
     click.echo(f"  plan: {len(steps)} steps ({', '.join(f'{n} {k}' for k, n in kinds.items())})")
-    from ..scenario.cache import default_cache_dir
     from ..scenario.estimate import estimate
     from ..scenario.executors import threads_per_job
 
@@ -89,7 +91,7 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
         jobs = auto if auto > 1 and worth_workers(steps, auto) else 1
     jobs = jobs or 1
     per_job = threads_per_job(threads or 1, jobs)
-    est = estimate(sc, steps, cache_dir if cache_dir is not None else default_cache_dir(), device=device,
+    est = estimate(sc, steps, root, device=device,
                    threads=per_job, jobs=jobs, fresh=fresh)  # fmt: skip
     for line in est.lines():
         click.echo(line)

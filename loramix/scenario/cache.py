@@ -53,6 +53,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LORAMIX_CACHE") or ".loramix-cache")
 
 
+def check_cache_root(root: str | os.PathLike) -> Path:
+    """``root``, refused in one line naming it where it exists and is not a
+    folder (a file given as ``--cache`` or ``$LORAMIX_CACHE``): the run failed
+    later naming a path inside it, and ``scenario check`` said ok."""
+    from ..errors import UsageError
+
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UsageError(root, "is not a folder: the scenario cache (--cache, or $LORAMIX_CACHE) must be one")
+    return root
+
+
 def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
@@ -94,7 +106,7 @@ class Cache:
     _made_this_run: set = field(default_factory=set)
 
     def __post_init__(self):
-        self.root = Path(self.root)
+        self.root = check_cache_root(self.root)
         remove_stale(self.root)
 
     def path(self, kind: str, key: str) -> Path:
