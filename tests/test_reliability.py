@@ -1343,19 +1343,20 @@ def _processes_with(env_entry: str) -> list[int]:
     return out
 
 
-def _study_with_a_damaged_training_split(tmp_path):
-    """GOOD's scenario and a cache where domain a's training split (a data
-    artifact, made and checked before) is no longer JSON: an error a worker
-    meets only when it trains on it. Returns (scenario, cache, damaged file)."""
+def _study_with_a_damaged_training_split(tmp_path, domain="a", text=GOOD):
+    """GOOD's scenario (or ``text``) and a cache where ``domain``'s training
+    split (a data artifact, made and checked before) is no longer JSON: an
+    error a worker meets only when it trains on it. Returns (scenario,
+    cache, damaged file)."""
     from loramix.scenario.cache import Cache
     from loramix.scenario.config import load_scenario
     from loramix.scenario.plan import plan, prepare_data
 
     scen = tmp_path / "s.toml"
-    scen.write_text(GOOD)
+    scen.write_text(text)
     cache = tmp_path / "cache"
     sc = load_scenario(scen)
-    st = next(st for st in plan(sc, prepare_data(sc)) if st.id == "data/a/train")
+    st = next(st for st in plan(sc, prepare_data(sc)) if st.id == f"data/{domain}/train")
     folder = Cache(cache).get_or_make("data", st.spec, lambda tmp: (tmp / "train.jsonl").write_text("x\n"))
     (folder / "train.jsonl").write_text('{"question": broken\n')
     return scen, cache, folder / "train.jsonl"
@@ -1377,6 +1378,84 @@ def test_a_bad_input_met_in_a_worker_is_one_line(tmp_path):
     ], p.stderr
     assert _gone(_processes_with(f"LORAMIX_CACHE={cache}"), 10), "workers outlived the failed run"
     assert list(cache.glob(f"*/{TMP_PREFIX}*")) == [] and not (tmp_path / "r").exists()
+
+
+# GOOD with adapters that train long enough to be stopped mid-step
+LONG_ADAPTERS = GOOD.replace("rank = 4", "rank = 4\nsteps = 5000")
+
+
+def _ray_study(tmp_path, scen, cache):
+    """``scenario run --executor ray --jobs 2`` (a local Ray instance) of
+    ``scen`` on ``cache``, in its own process group, stderr piped."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LORAMIX_CACHE": str(cache)}
+    return subprocess.Popen([sys.executable, "-m", "loramix", "scenario", "run", str(scen), "--out", str(tmp_path / "r"),
+                             "--quiet", "--executor", "ray", "--jobs", "2"], stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)  # fmt: skip
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how, code, line", [("int", 130, "loramix: interrupted")])
+def test_a_ray_study_stopped_mid_step_leaves_nothing(tmp_path, how, code, line):
+    """``--executor ray`` stopped (Ctrl-C to the process group) while its
+    tasks train adapters: one line and the usual exit, no temporary in the
+    cache, no process of the local Ray instance left. The tasks were not
+    cancelled: the end of the run force-exited their workers mid-step,
+    leaving the half-made adapters' temporaries (unless the raylet, in the
+    group too, stopped them first: a race)."""
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'loramix[ray]')")
+    scen, cache = tmp_path / "s.toml", tmp_path / "cache"
+    scen.write_text(LONG_ADAPTERS)
+    p = _ray_study(tmp_path, scen, cache)
+    deadline = time.monotonic() + 240
+    while (
+        p.poll() is None
+        and time.monotonic() < deadline
+        and not list(cache.glob(f"adapter/{TMP_PREFIX}*/{PAYLOAD}"))
+    ):
+        time.sleep(0.1)
+    if p.poll() is not None or time.monotonic() >= deadline:
+        p.kill()
+        pytest.skip(
+            f"the study ended (or never got going) before an adapter was being made: {p.stderr.read()}"
+        )
+    ray_processes = _processes_with(f"LORAMIX_CACHE={cache}")
+    time.sleep(1.5)  # the run waits on its tasks (in ray.wait)
+    if how == "term":
+        p.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(p.pid, signal.SIGINT)
+    assert p.wait(timeout=120) == code
+    err = p.stderr.read()
+    assert [x for x in err.splitlines() if x] == [line], err
+    assert list(cache.glob(f"*/{TMP_PREFIX}*")) == [] and not (tmp_path / "r").exists()
+    assert len(ray_processes) > 3 and _gone(ray_processes, 15), "Ray's processes outlived the run"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_bad_input_met_in_a_ray_task_stops_the_others_cleanly(tmp_path):
+    """A bad input met in one Ray task (domain b's damaged training split)
+    while another trains (domain a's adapter, submitted first): the serial
+    run's one line, exit 2, and the other task cancelled, so its half-made
+    adapter is removed (its worker was force-exited mid-step, leaving the
+    temporary)."""
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'loramix[ray]')")
+    scen, cache, bad = _study_with_a_damaged_training_split(tmp_path, "b", LONG_ADAPTERS)
+    p = _ray_study(tmp_path, scen, cache)
+    made, deadline = set(), time.monotonic() + 300  # the adapters' temporaries seen being made
+    try:
+        while p.poll() is None and time.monotonic() < deadline:
+            made.update(cache.glob(f"adapter/{TMP_PREFIX}*"))
+            time.sleep(0.05)
+        err = p.communicate(timeout=30)[1]
+    finally:
+        p.kill()
+    assert p.returncode == 2, err
+    assert err.splitlines() == [
+        f"loramix: error: {bad}: line 1: invalid JSON (Expecting value at column 14)"
+    ], err
+    assert _gone(_processes_with(f"LORAMIX_CACHE={cache}"), 15), "Ray's processes outlived the failed run"
+    assert list(cache.glob(f"*/{TMP_PREFIX}*")) == [] and not (tmp_path / "r").exists()
+    assert made, "no adapter was being made as the run failed"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -360,6 +360,30 @@ def _ray_run(payload: dict, threads: int, st: Step, deps: dict) -> Outcome:
     return _timed(_RAY_CTX[key], st, deps)
 
 
+def _cancel(ray, refs: list, seconds: float = STOP_SECONDS) -> None:
+    """Cancel the Ray tasks still running when a run stops (an error, a
+    Ctrl-C, a kill): each gets a KeyboardInterrupt, unwinds its step (its
+    half-made artifact removed) and ends; waited for at most ``seconds``.
+    Without this, the end of the run's Ray job force-exited the workers
+    mid-step, leaving their temporaries in the cache (on a cluster, for ever:
+    another host's owner counts as alive)."""
+    if not refs:
+        return
+    for ref in refs:
+        try:
+            ray.cancel(ref)
+        except Exception:  # already finished, or the instance is going
+            pass
+    deadline = time.monotonic() + seconds
+    left = refs
+    try:
+        while left and time.monotonic() < deadline:
+            wait = max(0.0, deadline - time.monotonic())
+            _, left = ray.wait(left, num_returns=len(left), timeout=wait)
+    except Exception:
+        pass
+
+
 def import_ray():
     """``ray``, or a one-line error saying how to get it."""
     try:
@@ -424,16 +448,35 @@ class RayExecutor:
 
         payload = ray.put({**ctx.payload(), "run": uuid.uuid4().hex})  # one context per run and worker
 
+        in_flight: set = set()  # the tasks submitted and not yet seen finished
+
+        def submit(st, deps):
+            ref = task.remote(payload, per, st, deps)
+            in_flight.add(ref)
+            return ref
+
         def wait_any(refs):
             ready, _ = ray.wait(refs, num_returns=1)
+            in_flight.difference_update(ready)
             return [(r, ray.get(r)) for r in ready]
 
+        stopped = False
         try:
-            return _schedule(steps, lambda st, deps: task.remote(payload, per, st, deps), wait_any, on_done,
-                             done, on_start)  # fmt: skip
+            return _schedule(steps, submit, wait_any, on_done, done, on_start)
+        except BaseException:
+            stopped = True
+            _cancel(ray, list(in_flight))
+            raise
         finally:
             if started:
                 ray.shutdown()
+            if started and stopped:
+                # a task that could not unwind (its worker force-exited with the instance, or a
+                # Ctrl-C sent to the group, which holds the instance's raylet, stopped it first)
+                # left its temporary: removed here, as its owner is gone
+                from .cache import remove_stale
+
+                remove_stale(ctx.cache.root)
 
     def _init(self, ray) -> None:
         import os
