@@ -360,6 +360,40 @@ def _ray_run(payload: dict, threads: int, st: Step, deps: dict) -> Outcome:
     return _timed(_RAY_CTX[key], st, deps)
 
 
+def _ray_blocking(call: Callable, *args, **kwargs):
+    """``call(*args, **kwargs)``, a Ray call that blocks (``ray.wait``, ``ray.get``): in the
+    main thread, a SIGTERM ends it as Ctrl-C does, then goes to the handler
+    it was meant for (loramix's raises :class:`loramix.cli.Terminated`:
+    "terminated", 143; one that returns lets the call go on). Ray runs
+    Python's signal handlers while it waits but passes on only
+    KeyboardInterrupt and SystemExit: the exception loramix's handler raised
+    was left pending while Ray went on waiting, until a step finished
+    (minutes, or hours), then came out as a SystemError traceback, exit 1."""
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or not callable(before):
+        return call(*args, **kwargs)
+    got: list = []
+
+    def term(signum, frame):
+        got.append(frame)
+        raise KeyboardInterrupt  # what ends Ray's wait
+
+    while True:
+        got.clear()
+        signal.signal(signal.SIGTERM, term)
+        try:
+            return call(*args, **kwargs)
+        except KeyboardInterrupt:
+            if not got:
+                raise  # a Ctrl-C
+        finally:
+            signal.signal(signal.SIGTERM, before)
+        before(signal.SIGTERM, got[0])
+
+
 def _cancel(ray, refs: list, seconds: float = STOP_SECONDS) -> None:
     """Cancel the Ray tasks still running when a run stops (an error, a
     Ctrl-C, a kill): each gets a KeyboardInterrupt, unwinds its step (its
@@ -379,7 +413,7 @@ def _cancel(ray, refs: list, seconds: float = STOP_SECONDS) -> None:
     try:
         while left and time.monotonic() < deadline:
             wait = max(0.0, deadline - time.monotonic())
-            _, left = ray.wait(left, num_returns=len(left), timeout=wait)
+            _, left = _ray_blocking(ray.wait, left, num_returns=len(left), timeout=wait)
     except Exception:
         pass
 
@@ -456,9 +490,9 @@ class RayExecutor:
             return ref
 
         def wait_any(refs):
-            ready, _ = ray.wait(refs, num_returns=1)
+            ready, _ = _ray_blocking(ray.wait, refs, num_returns=1)
             in_flight.difference_update(ready)
-            return [(r, ray.get(r)) for r in ready]
+            return [(r, _ray_blocking(ray.get, r)) for r in ready]
 
         stopped = False
         try:
