@@ -233,9 +233,13 @@ def new_temporary(parent: Path, target: str) -> Path:
     folder inside it (:data:`PAYLOAD`), which is renamed into place; the
     temporary, owner record and all, is removed after."""
     tmp = Path(parent) / f"{TMP_PREFIX}{secrets.token_hex(4)}"
-    tmp.mkdir()
     try:
+        # the mkdir inside the try: an interrupt landing just after it (a Ctrl-C, or ray.cancel
+        # as a Ray task starts) left the folder without its owner record, for ORPHAN_SECONDS
+        tmp.mkdir()
         (tmp / OWNER_NAME).write_text(json.dumps(_owner_record(target)))
+    except FileExistsError:
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
