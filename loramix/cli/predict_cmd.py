@@ -68,18 +68,10 @@ def _json(r: dict) -> str:
     """Standard JSON: a value with none (a pair of adapters sharing no module) is null, as
     in ``similarity --format json``, never the bare ``NaN`` that strict parsers reject."""
     import json
-    import math
 
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
+    from ..io.outputs import json_safe
 
-    return json.dumps(clean(r), indent=2, allow_nan=False)
+    return json.dumps(json_safe(r), indent=2, allow_nan=False)
 
 
 def _validated_text(r: dict) -> str:

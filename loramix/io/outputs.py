@@ -483,6 +483,28 @@ def _publish_file(tmp: Path, path: Path) -> None:
         raise _appeared(path) from None
 
 
+def json_safe(obj):
+    """``obj`` as standard JSON takes it: NaN and inf as None (``null``, never the
+    bare ``NaN`` strict parsers reject), numpy scalars as Python ones, keys as
+    strings; dicts, lists and tuples walked."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
 def provenance(method: str, parameters: dict, inputs: list[dict], **extra) -> dict:
     """The provenance record written into every output.
 

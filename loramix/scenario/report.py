@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..fit import fit_line
+from ..io.outputs import json_safe
 
 RESULT_COLUMNS = [
     "adapter_method", "seed", "composition", "k", "merge_method", "rms_cosine", "mean_cosine",
@@ -94,24 +95,8 @@ def compute_fits(summary: pd.DataFrame, init: str | None = None) -> list[dict]:
     return fits
 
 
-def _clean(obj):
-    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
 def records(df: pd.DataFrame) -> list[dict]:
-    return _clean(df.to_dict(orient="records"))
+    return json_safe(df.to_dict(orient="records"))
 
 
 # --------------------------------------------------------------------------- markdown
@@ -505,7 +490,7 @@ def write_report(folder: Path, report: dict, per_module: pd.DataFrame | None = N
     from . import plots
 
     folder = Path(folder)
-    report = _clean(report)
+    report = json_safe(report)
     results = pd.DataFrame(report["results"], columns=RESULT_COLUMNS)
     results.to_csv(folder / "results.csv", index=False)
     pd.DataFrame(report["evaluations"]).to_csv(folder / "evaluations.csv", index=False)
