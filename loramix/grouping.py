@@ -252,16 +252,17 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
     methods = (
         {m: e["fit"] for m, e in (fitfile.get("by_method") or {}).items()} if fitfile and by_method else {}
     )
-    reads = [fit, *methods.values()] if fit else []
-    needed = {f.split(":")[0] for fi in reads for f in fit_features(fi)} if fit else {"rms_cosine"}
+    # every predictor the costs read: (its merge method, None for the primary; its name; its fit)
+    predictors = [(None, fitfile["best"], fit)] if fit else []
+    predictors += [(m, fitfile["by_method"][m]["best"], f) for m, f in methods.items()]
+    needed = {f.split(":")[0] for _, _, fi in predictors for f in fit_features(fi)} if fit else {"rms_cosine"}
     aware = sorted(f for f in needed if f in registry() and registry()[f].data_aware)
     unknown = sorted(needed - set(registry()))
     if unknown:
         raise UsageError(fit_path, f"predictor {fitfile['best']} reads unknown feature {unknown[0]}")
     calibration = None
-    if data:
-        if base is None:
-            raise UsageError("--data", "data-aware features need the base model: give --base")
+    if data and base is None:
+        raise UsageError("--data", "data-aware features need the base model: give --base")
     if data and aware:  # no calibration pass (the base loaded, every domain run) for features no fit reads
         from .features._calibration import DEFAULT_MAX_LEN, DEFAULT_TOKENS, capture
 
@@ -273,15 +274,13 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
         _warn_short_calibration(list(data), calibration.tokens, tokens)
     elif aware:
         # the predictor that reads it: the primary, or the one of a merge method (by_method)
-        named = [(fitfile["best"], fit)] + [(fitfile["by_method"][m]["best"], f) for m, f in methods.items()]
-        who, feat = next((n, g) for n, fi in named for g in (f.split(":")[0] for f in fit_features(fi))
+        who, feat = next((n, g) for _, n, fi in predictors for g in (f.split(":")[0] for f in fit_features(fi))
                          if g in aware)  # fmt: skip
         raise UsageError(fit_path, f"predictor {who} needs data-aware feature {feat}: give --base and --data")
     feats = compute_features(adapters, calibration=calibration, only=sorted(needed))
     if fit is None:
         return CostModel(feats), "RMS cosine of the composition (no --fit given)", None
-    _check_features_present(feats, [(None, fitfile["best"], fit)] +
-                            [(m, fitfile["by_method"][m]["best"], f) for m, f in methods.items()], fit_path)  # fmt: skip
+    _check_features_present(feats, predictors, fit_path)
     summary = {r["predictor"]: r for r in fitfile["summary"]}.get(fitfile["best"])
     model = CostModel(feats, fit, fitfile["level"], methods)
     if model.method_aware:
