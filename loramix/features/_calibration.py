@@ -190,8 +190,9 @@ def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = DEFA
                 for b in domain:
                     state["mask"] = b["attention_mask"].reshape(-1).bool().to(dev)
                     model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev))
-                    n += int(b["attention_mask"].sum())
-                    bar.update(int(b["attention_mask"].sum()))
+                    t = int(b["attention_mask"].sum())
+                    n += t
+                    bar.update(t)
         finally:
             for h in handles:
                 h.remove()
