@@ -20,7 +20,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 
     if isinstance(spec, torch.device):
         return spec
-    spec = (spec or "auto").lower()
+    spec = "auto" if spec is None else spec.lower()  # '' (an unset shell variable) is refused, not auto
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda"):
@@ -38,7 +38,7 @@ def is_cpu(spec: str | torch.device | None = "auto") -> bool:
     (then ``torch.cuda.is_available()`` is False anyway). Errors as
     :func:`resolve_device`."""
     if spec is None or isinstance(spec, str):
-        s = (spec or "auto").lower()
+        s = "auto" if spec is None else spec.lower()
         no_driver = not any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/kfd"))
         if s == "cpu" or (s == "auto" and no_driver):
             return True

@@ -174,6 +174,9 @@ def test_is_cpu_agrees_with_resolve_device():
     assert is_cpu(torch.device("cpu"))
     with pytest.raises(UsageError):
         is_cpu("tpu")
+    for f in (is_cpu, resolve_device):  # an unset shell variable, `--device "$DEV"`, is not auto
+        with pytest.raises(UsageError, match="unknown device ''"):
+            f("")
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="cuda"):
             is_cpu("cuda")
