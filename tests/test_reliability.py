@@ -1162,6 +1162,19 @@ def test_scenario_check_bounds_what_run_can_do(tmp_path, capsys, edit, key, word
     assert time.perf_counter() - t0 < 10
 
 
+@pytest.mark.parametrize("length", [("--steps", "3"), ("--epochs", "1")])
+def test_train_warmup_beyond_the_run_refused(llama_with_tokenizer, tmp_path, capsys, length):
+    """A warm-up longer than the run never reaches --lr; the run's length is
+    --steps, or (with --epochs) the batches of the data, known once it is read."""
+    out = tmp_path / "t"
+    rc, _, err = cli(capsys, "train", "--base", llama_with_tokenizer, "--data", "synthetic:arith", "--out", out,
+                     "--quiet", *length, "--warmup", "100000")  # fmt: skip
+    assert_refused(rc, err, out, "--warmup", "100000 steps is more than the run's")
+    rc, _, err = cli(capsys, "train", "--base", llama_with_tokenizer, "--data", "synthetic:arith", "--out", out,
+                     "--quiet", "--steps", "3", "--warmup", "3")  # fmt: skip
+    assert rc == 0, err  # a warm-up as long as the run reaches --lr at its last step
+
+
 def test_scenario_check_reads_the_base_folder(world, llama_with_tokenizer, tmp_path, capsys):
     def check(base, *edits):
         text = SCENARIO.replace("[base.build]\nsteps = 5", f'[base]\npath = "{base}"')

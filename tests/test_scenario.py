@@ -119,6 +119,7 @@ BAD = [
     (GOOD.replace('name = "v"', 'name = "v"\nseeds = [0, 1, 0]'), "seeds", "0 is listed twice"),
     (GOOD.replace('name = "v"', 'name = "v/../x"'), "name", "letters, digits"),
     ("name = 'v'\n[domains\n", "", "not valid TOML"),
+    (GOOD.replace("rank = 4", "rank = 4\nsteps = 3\nwarmup = 4"), "adapters.warmup", "more than adapters.steps = 3"),
 ]  # fmt: skip
 
 

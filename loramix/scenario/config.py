@@ -173,7 +173,7 @@ class AdapterSpec:
 class _TrainerKeys:
     """Optional ``[adapters]`` keys passed to the trainer (``AdapterSpec.extra``) only when given."""
 
-    warmup: int | None = key("int", bound="nonneg", doc_default="trainer default", help="warm-up steps")
+    warmup: int | None = key("int", bound="nonneg", doc_default="trainer default", help="warm-up steps, at most the run's")
     weight_decay: float | None = key("float", bound="nonneg", doc_default="trainer default", help="AdamW weight decay")  # fmt: skip
     grad_clip: float | None = key("float", bound="nonneg", doc_default="trainer default", help="gradient-norm clip")  # fmt: skip
 
@@ -673,6 +673,10 @@ def _parse_adapters(ctx, t) -> AdapterSpec:
     if v["epochs"] is None and v["steps"] is None:
         v["epochs"] = 1.0
     extra = {k: x for k, x in _read(ctx, _TrainerKeys, trainer, w).items() if x is not None}
+    if "warmup" in extra and v["steps"] is not None and extra["warmup"] > v["steps"]:
+        # epochs: the step count is known when the domain's data is read, and the trainer refuses it then
+        raise ctx.error("adapters.warmup", f"{extra['warmup']} steps is more than adapters.steps = {v['steps']}: "
+                        "the learning rate would never reach adapters.lr")  # fmt: skip
     return AdapterSpec(**v, extra=extra)
 
 
