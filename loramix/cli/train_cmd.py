@@ -45,7 +45,9 @@ def _eval_size(value: str) -> int | float:
 @click.option("--epochs", type=float, default=1, show_default=True)
 @click.option("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
 @click.option("--lr", type=float, default=2e-3, show_default=True)
-@click.option("--warmup", type=int, default=None, help="Warm-up steps, at most the run's (default 5% of the steps).")
+@click.option(
+    "--warmup", type=int, default=None, help="Warm-up steps, at most the run's (default 5% of the steps)."
+)
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--max-len", type=int, default=128, show_default=True)
 @click.option(

@@ -173,7 +173,9 @@ class AdapterSpec:
 class _TrainerKeys:
     """Optional ``[adapters]`` keys passed to the trainer (``AdapterSpec.extra``) only when given."""
 
-    warmup: int | None = key("int", bound="nonneg", doc_default="trainer default", help="warm-up steps, at most the run's")
+    warmup: int | None = key(
+        "int", bound="nonneg", doc_default="trainer default", help="warm-up steps, at most the run's"
+    )
     weight_decay: float | None = key("float", bound="nonneg", doc_default="trainer default", help="AdamW weight decay")  # fmt: skip
     grad_clip: float | None = key("float", bound="nonneg", doc_default="trainer default", help="gradient-norm clip")  # fmt: skip
 
