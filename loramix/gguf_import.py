@@ -56,9 +56,11 @@ from .errors import BaseModelError
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-# ggml types gguf.quants.dequantize handles and loramix has checked on real files.
+# ggml types gguf.quants.dequantize handles and loramix has checked, on real files
+# or (IQ4_NL, IQ4_XS) against their block layouts (tests/test_realmodel.py). The
+# other i-quants read lattice tables; without a file to check them on, refused.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # fmt: skip
+                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")  # fmt: skip
 DTYPES = ("float32", "bfloat16")
 #: the version of what an import writes from a given file, in the name of
 #: :func:`resolve_base`'s cached folder (2: a Mistral-named llama GGUF without a

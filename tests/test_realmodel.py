@@ -245,7 +245,14 @@ def write_gguf(path: Path, arch: str, tensors: dict) -> Path:
     return path
 
 
-def llama_gguf(path: Path, drop: str | None = None, put: dict | None = None, **meta) -> Path:
+def llama_gguf(
+    path: Path,
+    drop: str | None = None,
+    put: dict | None = None,
+    _raw: dict | None = None,
+    tokenizer: bool = False,
+    **meta,
+) -> Path:
     """A one-block Llama GGUF (width 32, vocab 64) with the metadata a model
     has (``meta`` overrides them, None leaves one out), less tensor ``drop``,
     with the tensors ``put`` in place of the random ones (or beside them)."""
@@ -258,14 +265,23 @@ def llama_gguf(path: Path, drop: str | None = None, put: dict | None = None, **m
     for key, v in k.items():
         if v is not None:
             getattr(w, f"add_{key}")(v)
+    if tokenizer:  # a byte-level BPE of 64 single characters, no merges
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list([chr(33 + i) for i in range(64)])
+        w.add_token_merges([])
+        w.add_token_scores([0.0] * 64)
+        w.add_token_types([1] * 64)
+        w.add_eos_token_id(0)
     r = np.random.RandomState(0)
+    ff = k["feed_forward_length"] or 64
     shapes = {"token_embd.weight": (64, 32), "output_norm.weight": (32,), "blk.0.attn_norm.weight": (32,),
               "blk.0.ffn_norm.weight": (32,), "blk.0.attn_q.weight": (32, 32), "blk.0.attn_k.weight": (32, 32),
               "blk.0.attn_v.weight": (32, 32), "blk.0.attn_output.weight": (32, 32),
-              "blk.0.ffn_gate.weight": (64, 32), "blk.0.ffn_up.weight": (64, 32), "blk.0.ffn_down.weight": (32, 64)}  # fmt: skip
+              "blk.0.ffn_gate.weight": (ff, 32), "blk.0.ffn_up.weight": (ff, 32), "blk.0.ffn_down.weight": (32, ff)}  # fmt: skip
     for name, shape in shapes.items():
         if name != drop:
-            w.add_tensor(name, (put or {}).get(name, r.randn(*shape).astype(np.float32)))
+            raw = (_raw or {}).get(name)  # put holds the bytes of a quantised tensor of this ggml type
+            w.add_tensor(name, (put or {}).get(name, r.randn(*shape).astype(np.float32)), raw_dtype=raw)
     for name, t in (put or {}).items():
         if name not in shapes:
             w.add_tensor(name, t)
@@ -353,3 +369,70 @@ def test_mistral_named_gguf_has_no_sliding_window(tmp_path):
     config = _hf_config(open_gguf(path), path, "mistral", "float32")
     assert config.model_type == "mistral"
     assert config.sliding_window is None
+
+
+# ggml's IQ4 non-linear grid (kvalues_iq4nl): 16 levels a 4-bit index picks from
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def iq4_reference(raw, kind: str):
+    """ggml's IQ4_NL and IQ4_XS blocks de-quantised from their layouts, apart
+    from gguf's code. IQ4_NL: 32 weights per 18 bytes, an fp16 scale ``d``
+    and 16 bytes of index pairs (low nibble -> weight j, high -> j + 16),
+    ``w = d * level``. IQ4_XS: 256 weights per 136 bytes, ``d`` (fp16), the
+    high 2 bits of eight 6-bit sub-scales (uint16), their low 4 bits (4
+    bytes), then eight 32-weight groups laid out as IQ4_NL's, each
+    ``w = d * (scale - 32) * level``. Returns float32, one row per block."""
+    import numpy as np
+
+    levels = np.array(IQ4_LEVELS, np.float32)
+
+    def groups(qs):  # (blocks, 16) index bytes -> (blocks, 32) levels
+        return np.concatenate([levels[qs & 15], levels[qs >> 4]], axis=1)
+
+    size = {"IQ4_NL": 18, "IQ4_XS": 136}[kind]
+    b = raw.reshape(-1, size)
+    d = b[:, :2].copy().view(np.float16).astype(np.float32)
+    if kind == "IQ4_NL":
+        return d * groups(b[:, 2:])
+    high = b[:, 2:4].copy().view(np.uint16).astype(np.int32)
+    low = b[:, 4:8].astype(np.int32)
+    parts = []
+    for g in range(8):
+        scale = ((low[:, g // 2] >> (4 * (g % 2))) & 15) | (((high[:, 0] >> (2 * g)) & 3) << 4)
+        parts.append(d * (scale[:, None] - 32) * groups(b[:, 8 + 16 * g : 24 + 16 * g]))
+    return np.concatenate(parts, axis=1)
+
+
+def test_import_iq4_nl_and_iq4_xs(tmp_path, capsys):
+    """IQ4_NL and IQ4_XS tensors (what llama.cpp's IQ4 quantisations are made
+    of) import to the values their block layouts define: random blocks with
+    small fp16 scales, checked against :func:`iq4_reference`."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from loramix.cli import main
+
+    r = np.random.RandomState(1)
+
+    def blocks(rows, per_row, size):
+        raw = r.randint(0, 256, (rows, per_row, size)).astype(np.uint8)
+        scales = (r.rand(rows, per_row) * 0.01 + 0.001).astype(np.float16)
+        raw[..., :2] = scales[..., None].view(np.uint8)
+        return raw.reshape(rows, per_row * size)
+
+    v, down = blocks(32, 1, 18), blocks(32, 1, 136)  # v_proj 32 x 32 (IQ4_NL), down_proj 32 x 256 (IQ4_XS)
+    path = tmp_path / "iq4.gguf"
+    put = {"blk.0.attn_v.weight": v, "blk.0.ffn_down.weight": down}
+    T = gguf.GGMLQuantizationType
+    llama_gguf(path, feed_forward_length=256, tokenizer=True, put=put, _raw={"blk.0.attn_v.weight": T.IQ4_NL,
+                                                              "blk.0.ffn_down.weight": T.IQ4_XS})  # fmt: skip
+    assert main(["base", "import", str(path), "--out", str(tmp_path / "m")]) == 0, capsys.readouterr().err
+    got = load_file(str(tmp_path / "m" / "model.safetensors"))
+    np.testing.assert_array_equal(
+        got["model.layers.0.self_attn.v_proj.weight"], iq4_reference(v, "IQ4_NL").reshape(32, 32)
+    )
+    np.testing.assert_array_equal(
+        got["model.layers.0.mlp.down_proj.weight"], iq4_reference(down, "IQ4_XS").reshape(32, 256)
+    )
