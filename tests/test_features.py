@@ -274,10 +274,33 @@ def llama_bank(tmp_path_factory):
 
 def test_capture_on_a_real_model_equals_dense_activations(llama_bank):
     """Hooks keep only ``A_cat G A_cat^T``; the reference keeps raw ``X`` from the
-    same batches and forms ``B_j A_j X_i^T`` densely."""
+    same batches (of the whole model) and forms ``B_j A_j X_i^T`` densely."""
+    _capture_equals_dense(*llama_bank)
+
+
+def test_capture_of_an_output_head_adapter(llama_bank, tmp_path):
+    """The capture runs the model without its head where no adapter reaches
+    the head (a fifth of SmolLM2's FLOPs), and the whole model where one does:
+    the head's inputs are captured all the same."""
+    from loramix.features._calibration import _trunk
+    from loramix.io.adapter_files import load_adapter
     from loramix.models import load_causal_lm
 
+    from .factories import make_peft_adapter
+
     base, ads = llama_bank
+    model, _ = load_causal_lm(base)
+    assert _trunk(model, ads[0].modules) is model.model
+    paths = [make_peft_adapter(model, tmp_path / f"h{k}", seed=k, r=2, target_modules=["q_proj", "lm_head"])
+             for k in range(2)]  # fmt: skip
+    heads = [load_adapter(p) for p in paths]
+    assert "lm_head" in heads[0].modules and _trunk(model, heads[0].modules) is model
+    _capture_equals_dense(base, heads)
+
+
+def _capture_equals_dense(base, ads):
+    from loramix.models import load_causal_lm
+
     data = ["synthetic:arith?n=20&seed=3", "synthetic:units?n=20&seed=4"]
     cal = capture(ads, base, data, tokens=50, max_len=32)
     assert cal.tokens == [50, 50]

@@ -141,6 +141,17 @@ def _hook(S: dict, name: str, A: torch.Tensor, state: dict, embedding: bool = Fa
     return hook
 
 
+def _trunk(model, owners):
+    """What to run for the inputs of the ``owners`` modules: the model without
+    its output head (``model.base_model``, e.g. ``model`` of a Llama) when every
+    one lies inside it. The head's logits are read by no hook, and on SmolLM2 they
+    are a fifth of the forward's FLOPs (49,152 x 576 per token)."""
+    trunk, prefix = model.base_model, getattr(model, "base_model_prefix", "")
+    if trunk is not model and prefix and all(m.startswith(prefix + ".") for m in owners):
+        return trunk
+    return model
+
+
 def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = DEFAULT_TOKENS, max_len: int = DEFAULT_MAX_LEN,
             device="cpu", progress: bool = False) -> Calibration:  # fmt: skip
     """Run the base model over ``tokens`` calibration tokens of each ``data[i]``
@@ -164,6 +175,7 @@ def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = DEFA
         if m not in subs:
             raise BaseModelError(base, f"has no module {m} (adapted by {adapters[owners[m][0]].name})")
     embeddings = {m for m, own in owners.items() if is_embedding(adapters[own[0]].modules[m])}
+    run = _trunk(model, owners)
     cal = Calibration(owners=owners, offsets=offsets)
     dev = next(model.parameters()).device
     a_dev = {m: A.to(dev) for m, A in a_cat.items()}
@@ -189,7 +201,11 @@ def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = DEFA
             with torch.no_grad():
                 for b in domain:
                     state["mask"] = b["attention_mask"].reshape(-1).bool().to(dev)
-                    model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev))
+                    run(
+                        input_ids=b["input_ids"].to(dev),
+                        attention_mask=b["attention_mask"].to(dev),
+                        use_cache=False,
+                    )
                     t = int(b["attention_mask"].sum())
                     n += t
                     bar.update(t)
