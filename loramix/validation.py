@@ -25,8 +25,14 @@ Predictors
   ``beta = (Z^T Z + lambda I)^{-1} Z^T (y - y_bar)``, ``y_hat = y_bar + z beta``;
   ``lambda`` from :data:`LAMBDAS` by an inner leave-one-domain-out on the
   training part (smallest held-out MAE; 1.0 when the training part spans fewer
-  than three domains). Its interval adds the ``(1 -+ level) / 2`` quantiles of
-  the training residuals to ``y_hat``.
+  than three domains). Its interval adds to ``y_hat`` the ``(1 -+ level) / 2``
+  quantiles of the held-out residuals ``y_k - y_hat_(-d)(x_k)`` of that inner
+  leave-one-domain-out at the chosen ``lambda`` (each composition once per
+  member domain), not of the in-sample residuals ``y - y_hat``: a fit's own
+  residuals are smaller than its errors on unseen domains, and their quantiles
+  gave "90%" intervals that held 58% of the held-out values in a study of 20
+  pairs. No interval where that inner validation cannot run (fewer than three
+  domains) or gives fewer than three residuals.
 
 Leave-one-domain-out
 --------------------
@@ -118,17 +124,23 @@ def _fit_mean(y: np.ndarray) -> dict:
     return {"kind": "mean", "n": n, "mean": float(y.mean()), "sd": sd}
 
 
-def _fit_ridge(X: np.ndarray, y: np.ndarray, features: list[str], lam: float, level: float) -> dict:
+def _fit_ridge(X: np.ndarray, y: np.ndarray, features: list[str], lam: float, level: float,
+               held_out: np.ndarray | None = None) -> dict:  # fmt: skip
+    """The ridge of the module docstring on ``(X, y)`` at ``lam``. Its interval:
+    the ``(1 -+ level) / 2`` quantiles of ``held_out``, residuals ``y - y_hat``
+    of fits that did not see the residual's domain (:func:`_choose_lambda`);
+    none without three of them."""
     mu = X.mean(axis=0)
     sd = X.std(axis=0)
     sd = np.where(sd > 0, sd, 1.0)  # a constant column standardises to 0 and gets no weight
     Z = (X - mu) / sd
     ybar = float(y.mean())
     beta = np.linalg.solve(Z.T @ Z + lam * np.eye(Z.shape[1]), Z.T @ (y - ybar))
-    resid = y - (ybar + Z @ beta)
+    # held-out residuals, not y - (ybar + Z @ beta): the in-sample ones are what the
+    # fit was made to shrink, and their quantiles make intervals that are too narrow
     q = (
-        [float(v) for v in np.quantile(resid, [(1 - level) / 2, (1 + level) / 2])]
-        if len(y) >= 3
+        [float(v) for v in np.quantile(held_out, [(1 - level) / 2, (1 + level) / 2])]
+        if held_out is not None and len(held_out) >= 3
         else [None, None]
     )
     return {"kind": "ridge", "features": features, "lambda": lam, "mu": mu.tolist(), "sd": sd.tolist(),
@@ -219,21 +231,24 @@ def ridge_features(X: pd.DataFrame) -> list[str]:
     return [c for c in X.columns if ":" not in c]
 
 
-def _choose_lambda(comps, X: np.ndarray, y: np.ndarray, lambdas=LAMBDAS) -> float:
-    """The ``lambda`` with the lowest inner leave-one-domain-out MAE."""
+def _choose_lambda(comps, X: np.ndarray, y: np.ndarray, lambdas=LAMBDAS) -> tuple[float, np.ndarray | None]:
+    """The ``lambda`` with the lowest inner leave-one-domain-out MAE, and the
+    held-out residuals ``y_k - y_hat_(-d)(x_k)`` at it (one per fold and member
+    ``d`` of ``k``); ``(1.0, None)`` with fewer than three domains."""
     splits = lodo_splits(comps)
     if len({d for c in comps for d in c}) < 3 or not splits:
-        return 1.0
-    best, best_mae = 1.0, math.inf
+        return 1.0, None
+    best, best_mae, best_res = 1.0, math.inf, None
     for lam in lambdas:
-        errs = []
+        res = []
         for _, tr, te in splits:
             f = _fit_ridge(X[tr], y[tr], [], lam, 0.9)
-            errs += [abs(_ridge_value(f, X[k]) - y[k]) for k in te]
-        mae = float(np.mean(errs))
+            res += [y[k] - _ridge_value(f, X[k]) for k in te]
+        res = np.asarray(res)
+        mae = float(np.abs(res).mean())
         if mae < best_mae - 1e-12:
-            best, best_mae = lam, mae
-    return best
+            best, best_mae, best_res = lam, mae, res
+    return best, best_res
 
 
 def sized(X: pd.DataFrame) -> bool:
@@ -255,7 +270,8 @@ def fit_all(comps, y: np.ndarray, X: pd.DataFrame, level: float = 0.9, lambdas=L
     rf = ridge_features(X)
     if rf:
         R = X[rf].to_numpy()
-        fits["ridge"] = _fit_ridge(R, y, rf, _choose_lambda(comps, R, y, lambdas), level)
+        lam, held_out = _choose_lambda(comps, R, y, lambdas)
+        fits["ridge"] = _fit_ridge(R, y, rf, lam, level, held_out)
     return fits
 
 

@@ -111,26 +111,69 @@ def test_ridge_matches_least_squares_on_standardised_features():
     assert np.allclose(validate(comps, y, X, lambdas=(1e-9,)).fits["ridge"]["coef"], ls, rtol=1e-6)
 
 
-def test_ridge_interval_is_the_central_quantiles_of_its_residuals():
-    """The ridge's interval at ``level`` adds the ``(1 - level) / 2`` and
-    ``(1 + level) / 2`` quantiles of its training residuals to ``y_hat``."""
+def test_ridge_interval_is_the_central_quantiles_of_its_held_out_residuals():
+    """The ridge's interval at ``level`` adds to ``y_hat`` the ``(1 - level) / 2``
+    and ``(1 + level) / 2`` quantiles of the residuals of its inner
+    leave-one-domain-out (each fit on the compositions without a domain,
+    predicting those with it), not of its in-sample residuals."""
     comps, rng = _bank(seed=2)
     X = pd.DataFrame(rng.normal(size=(len(comps), 2)), columns=["a", "b"])
     y = X.to_numpy() @ np.array([2.0, -1.0]) + rng.normal(0, 0.5, len(comps))
-    Z = ((X - X.mean()) / X.std(ddof=0)).to_numpy()
-    beta = np.linalg.solve(Z.T @ Z + 3.0 * np.eye(2), Z.T @ (y - y.mean()))
-    resid = y - (y.mean() + Z @ beta)
+
+    def ridge(Xa, ya):
+        mu, sd = Xa.mean(0), Xa.std(0)
+        Z = (Xa - mu) / sd
+        beta = np.linalg.solve(Z.T @ Z + 3.0 * np.eye(2), Z.T @ (ya - ya.mean()))
+        return lambda x: ya.mean() + ((x - mu) / sd) @ beta
+
+    Xa = X.to_numpy()
+    held = []
+    for _, tr, te in lodo_splits(comps):
+        f = ridge(Xa[tr], y[tr])
+        held += [y[k] - f(Xa[k]) for k in te]
     level = 0.8
     fit = validate(comps, y, X, lambdas=(3.0,), level=level).fits["ridge"]
-    lo, hi = np.quantile(resid, [0.1, 0.9])
+    lo, hi = np.quantile(held, [0.1, 0.9])
     assert fit["resid_low"] == pytest.approx(lo, rel=1e-9) and fit["resid_high"] == pytest.approx(
         hi, rel=1e-9
     )
     x0 = {"a": 0.3, "b": -0.2}
     yh, low, high = predict_from(fit, x0, level)
-    want = y.mean() + ((np.array([0.3, -0.2]) - X.mean().to_numpy()) / X.std(ddof=0).to_numpy()) @ beta
+    want = ridge(Xa, y)(np.array([0.3, -0.2]))
     assert yh == pytest.approx(want, rel=1e-9)
     assert (low, high) == (pytest.approx(want + lo, rel=1e-9), pytest.approx(want + hi, rel=1e-9))
+
+
+def test_ridge_intervals_cover_held_out_domains_at_their_level():
+    """On data drawn from a line in two of six features (21 pairs of 7 domains),
+    the ridge's 90% intervals hold 87% of the held-out values (12 such data sets
+    pooled), near the OLS line's 90%. With the quantiles of its in-sample
+    residuals they held 65% (each data set between 55% and 74%)."""
+    pairs = list(itertools.combinations(DOMAINS, 2))
+    cover = {"ridge": [], "ols:a": []}
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        X = rng.normal(size=(len(pairs), 6))
+        y = X @ np.array([1.0, 0.5, 0, 0, 0, 0]) + rng.normal(0, 1, len(pairs))
+        v = validate(pairs, y, pd.DataFrame(X, columns=list("abcdef")), level=0.9)
+        for name in cover:
+            p = v.predictions[v.predictions["predictor"] == name]
+            cover[name].append(((p["low"] <= p["y"]) & (p["y"] <= p["high"])).mean())
+    assert np.mean(cover["ols:a"]) == pytest.approx(0.9, abs=0.03)
+    assert np.mean(cover["ridge"]) >= 0.8
+
+
+def test_ridge_has_no_interval_without_an_inner_validation():
+    """Fewer than three domains in the fit: no inner leave-one-domain-out, so no
+    held-out residuals to size an interval with (and the in-sample ones are not
+    used in their place)."""
+    from loramix.validation import fit_all
+
+    comps = [("a", "b")] * 4
+    X = pd.DataFrame({"f": [0.1, 0.2, 0.3, 0.4]})
+    fit = fit_all(comps, np.array([1.0, 2.5, 2.9, 4.2]), X)["ridge"]
+    assert fit["resid_low"] is None and fit["resid_high"] is None
+    assert predict_from(fit, {"f": 0.25})[1:] == (None, None)
 
 
 def test_extrapolation_is_measured_in_the_studys_standard_deviations():
