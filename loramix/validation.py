@@ -44,8 +44,8 @@ all these held-out predictions: Pearson ``r``, ``R^2 = 1 - SS_res / SS_tot``
 and the coverage of the ``level`` (default 90%) prediction intervals (the
 fraction of held-out ``y`` inside them). The best predictor has the lowest
 held-out MAE; it *beats the mean* when its MAE is below the ``mean``
-predictor's. Features with a missing value (NaN) on any composition are left
-out. The final fits (on all compositions) are kept for ``loramix plan``.
+predictor's. Features with a missing or infinite value on any composition are
+left out. The final fits (on all compositions) are kept for ``loramix plan``.
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ class Validation:
     aggregate: dict[str, str]
     level: float
     target: str
-    dropped: list[str] = field(default_factory=list)  # features missing on some composition
+    dropped: list[str] = field(default_factory=list)  # features missing or infinite on some composition
 
     @property
     def best(self) -> str:
@@ -352,7 +352,9 @@ def validate(compositions, y, X: pd.DataFrame, *, level: float = 0.9, lambdas=LA
         )
     if not np.isfinite(y).all():
         raise UsageError("validation", "the measured interference has a missing or non-finite value")
-    complete = X.notna().all(axis=0).to_numpy()
+    # an infinite value is as unusable as a missing one: a line through it predicts inf,
+    # and it turns the ridge's standardisation (mean, sd) and so every ridge prediction into NaN
+    complete = np.isfinite(X.to_numpy(dtype=np.float64)).all(axis=0)
     dropped = [str(c) for c in X.columns[~complete]]
     X = X.loc[:, complete]
     X = X.reset_index(drop=True)

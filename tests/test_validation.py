@@ -305,3 +305,20 @@ def test_pairsum_predictor_extrapolates_the_additive_pair_model():
     assert not any(p.startswith("ols_pairsum") for p in v2.fits)
     # one size throughout is a constant: no line is fitted on it, alone or in the ridge
     assert f"ols:{SIZE}" not in v2.fits and SIZE not in v2.fits["ridge"].get("features", [])
+
+
+def test_a_feature_infinite_on_some_composition_is_left_out_like_a_missing_one():
+    """An infinite feature value is as unusable as a missing one: the feature is
+    dropped (and named) rather than fitted, where it made its line's MAE
+    infinite and, through the standardisation, every ridge prediction NaN."""
+    comps, rng = _bank(seed=4)
+    x = rng.normal(size=len(comps))
+    y = 2 * x + rng.normal(0, 0.5, len(comps))
+    bad = rng.normal(size=len(comps))
+    bad[3] = np.inf
+    v = validate(comps, y, pd.DataFrame({"x": x, "bad": bad}))
+    assert v.dropped == ["bad"] and "ols:bad" not in set(v.summary["predictor"])
+    assert v.fits["ridge"]["features"] == ["x"]
+    assert np.isfinite(
+        v.summary.set_index("predictor").loc["ridge", ["r", "mae", "coverage"]].astype(float)
+    ).all()
