@@ -38,11 +38,15 @@ Leave-one-domain-out
 --------------------
 For each domain ``d``: fit on the compositions that do not contain ``d`` and
 predict those that do (:func:`lodo_splits`), so no fit ever sees its held-out
-domain. A composition is predicted once per member domain; the metrics pool
-all these held-out predictions: Pearson ``r``, ``R^2 = 1 - SS_res / SS_tot``
+domain. A composition is predicted once per member domain that can be held
+out: a domain in every composition leaves no training part and is never held
+out (its compositions are predicted by their other members' folds only). The
+metrics pool all these held-out predictions (a composition of ``k`` domains
+counts up to ``k`` times): Pearson ``r``, ``R^2 = 1 - SS_res / SS_tot``
 (about the held-out ``y``'s mean; negative when worse than that mean), ``MAE``,
 and the coverage of the ``level`` (default 90%) prediction intervals (the
-fraction of held-out ``y`` inside them). The best predictor has the lowest
+fraction of held-out ``y`` inside them, over the predictions that have an
+interval; NaN when none has). The best predictor has the lowest
 held-out MAE; it *beats the mean* when its MAE is below the ``mean``
 predictor's. Features with a missing or infinite value on any composition are
 left out. The final fits (on all compositions) are kept for ``loramix plan``.

@@ -322,3 +322,16 @@ def test_a_feature_infinite_on_some_composition_is_left_out_like_a_missing_one()
     assert np.isfinite(
         v.summary.set_index("predictor").loc["ridge", ["r", "mae", "coverage"]].astype(float)
     ).all()
+
+
+def test_a_domain_in_every_composition_is_never_held_out():
+    """With ``a`` in every composition, its fold would fit on nothing: it is
+    not held out, and each composition is predicted once per other member."""
+    comps = [("a", "b"), ("a", "c"), ("a", "d"), ("a", "e"), ("a", "b", "c"), ("a", "d", "e")]
+    rng = np.random.default_rng(7)
+    v = validate(comps, rng.normal(size=len(comps)), pd.DataFrame({"f": rng.normal(size=len(comps))}))
+    mean = v.predictions[v.predictions["predictor"] == "mean"]
+    assert sorted(mean["held_out"].unique()) == ["b", "c", "d", "e"]
+    assert mean.groupby("composition").size().to_dict() == {
+        "a+b": 1, "a+c": 1, "a+d": 1, "a+e": 1, "a+b+c": 2, "a+d+e": 2}  # fmt: skip
+    assert v.summary.set_index("predictor").loc["mean", "n"] == 8
