@@ -218,6 +218,34 @@ def test_merge_parameters_are_in_the_cache_keys(tmp_path):
     assert all("/ties/" in i for i in changed), changed  # adapters, sums and the rest are reused
 
 
+def test_a_given_base_tokenizer_is_in_the_cache_keys(tmp_path):
+    """A given base folder's key covers its tokenizer files as well as its
+    config and weights (its identity): the adapters and evaluations of a
+    study read the base through its tokenizer, so a fixed tokenizer makes them
+    again instead of reusing the ones tokenized the old way. A file that no
+    step reads (a README) keeps every key."""
+    from loramix.scenario.plan import plan
+    from tests.factories import save_base, tiny_gpt2
+
+    base = save_base(tiny_gpt2(), tmp_path / "base")
+    (base / "tokenizer_config.json").write_text('{"tokenizer_class": "GPT2Tokenizer"}')
+    (base / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0, "b": 1}}}')
+    scen = _write(tmp_path, GOOD.replace("[base.build]\nsteps = 5", f'[base]\npath = "{base}"'))
+
+    def keys():
+        return {st.id: st.key for st in plan(load_scenario(scen))}
+
+    before = keys()
+    (base / "README.md").write_text("a model card\n")
+    assert keys() == before
+    (base / "tokenizer.json").write_text('{"model": {"vocab": {"a": 1, "b": 0}}}')
+    after = keys()
+    assert after["base"] != before["base"]
+    trained = [i for i in before if i.startswith(("adapter/", "merged-data/", "eval/"))]
+    assert trained and all(after[i] != before[i] for i in trained)
+    assert all(after[i] == before[i] for i in before if i.startswith("data/"))  # the splits are the same text
+
+
 # ----------------------------------------------------------------------------- cache
 
 
