@@ -464,10 +464,22 @@ def similarity(
         for m in ad.modules:
             modules.setdefault(m, []).append(i)
     totals = _Totals(names, len(modules), per_module)
+    # The arithmetic runs over the adapters in the order of their names: BLAS rounds an
+    # entry of a Gram product by where it sits, and a pair's means add its modules' cosines
+    # in the order the modules are visited, so in the order given a pair's cosine changed in
+    # the last bit with the order of the command line. (Columns stay in first-seen order.)
+    by_name = sorted(range(len(names)), key=names.__getitem__)
+    rank = {i: r for r, i in enumerate(by_name)}
+    col_of = {m: c for c, m in enumerate(modules)}
+    walk = list(dict.fromkeys(m for i in by_name for m in adapters[i].modules))
     big = progress and len(adapters) * len(modules) > 200
-    for col, (mname, owners) in enumerate(_progress(modules.items(), len(modules), "similarity", big)):
-        deltas = [adapters[i].modules[mname] for i in owners]
-        dense = _effective_deltas(base_folder, adapters, owners, mname, deltas, dev)
+    for mname in _progress(walk, len(walk), "similarity", big):
+        col, owners = col_of[mname], modules[mname]
+        canon = sorted(owners, key=rank.__getitem__)
+        deltas = [adapters[i].modules[mname] for i in canon]
+        dense = _effective_deltas(base_folder, adapters, canon, mname, deltas, dev)
         ip = _module_inner_products(deltas, dense, dev)
-        totals.add(col, mname, owners, ip if isinstance(ip, np.ndarray) else ip.cpu().numpy())
+        ip = ip if isinstance(ip, np.ndarray) else ip.cpu().numpy()
+        back = [canon.index(i) for i in owners]  # owners' rows and columns, in their order
+        totals.add(col, mname, owners, ip[np.ix_(back, back)])
     return totals.result(adapters, list(modules), effective=base_folder is not None)

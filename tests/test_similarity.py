@@ -151,6 +151,30 @@ def test_matrices_are_symmetric_with_ones_on_the_diagonal_to_the_bit(gpt2_adapte
         assert np.array_equal(a, a.T, equal_nan=True) and (np.diag(a) == 1.0).all()
 
 
+@pytest.mark.parametrize("device", ["numpy", "cpu"])
+def test_a_pair_gets_the_same_bits_in_any_order_of_the_adapters(gpt2_adapters, device):
+    """A pair's cosines do not depend on the order the adapters are given in
+    (they differed in the last bit, so that `loramix predict B A` called the
+    cosine of a composition the fit was made on "outside the fitted range"
+    where `predict A B` did not, and `plan`'s costs changed with the order)."""
+    import itertools
+
+    dev = "cpu" if device == "numpy" else torch.device(device)
+    paths = gpt2_adapters[:3]
+    ref = similarity(paths, per_module=True, progress=False, device=dev)
+    key = ["module", "a", "b"]
+    for perm in itertools.permutations(range(3)):
+        res = similarity([paths[i] for i in perm], per_module=True, progress=False, device=dev)
+        for got, want in ((res.rms, ref.rms), (res.mean, ref.mean)):
+            assert np.array_equal(got.loc[ref.names, ref.names].to_numpy(), want.to_numpy()), perm
+        # the per-module table names each pair in the order given: compare it pair by pair
+        per = res.per_module.copy()
+        flip = per["a"].map(ref.names.index) > per["b"].map(ref.names.index)
+        per.loc[flip, ["a", "b"]] = per.loc[flip, ["b", "a"]].to_numpy()
+        merged = per.merge(ref.per_module, on=key, suffixes=("", "_ref"))
+        assert len(merged) == len(ref.per_module) and (merged["cosine"] == merged["cosine_ref"]).all(), perm
+
+
 def test_cli_table_shows_rms_signed_mean_and_coverage(gpt2_adapters, capsys):
     """The table gives the three matrices the README names (the signed mean
     was in the JSON only), headed by the adapters' names alone."""
