@@ -146,11 +146,28 @@ def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None, tokeniz
     return model, tok
 
 
+#: the files transformers reads a tokenizer from, whichever a base folder has
+TOKENIZER_FILES = ("added_tokens.json", "chat_template.jinja", "chat_template.json", "merges.txt",
+                   "special_tokens_map.json", "spiece.model", "tokenizer.json", "tokenizer.model",
+                   "tokenizer_config.json", "vocab.json", "vocab.txt")  # fmt: skip
+
+
+def tokenizer_files(folder: str | os.PathLike) -> dict[str, str]:
+    """``{name: sha256}`` of the :data:`TOKENIZER_FILES` a model folder holds,
+    by name: what a training or an evaluation reads its text through, which the
+    folder's identity (config and weights) leaves out."""
+    from .io.safetensors_io import file_sha256
+
+    folder = Path(folder)
+    return {n: file_sha256(folder / n) for n in TOKENIZER_FILES if (folder / n).is_file()}
+
+
 def base_provenance(path: str | os.PathLike) -> dict:
     """The record of a base in an output's provenance: ``path`` resolved to an
     absolute folder (a relative path typed elsewhere would not find it), the
     path as ``given`` when that differs, ``sha256`` of its weight files (in name
-    order, hashed together, so a changed checkpoint changes the record) and,
+    order, hashed together, so a changed checkpoint changes the record),
+    ``tokenizer``: :func:`tokenizer_files` (the data was read through them) and,
     for a GGUF, the file and its own sha256."""
     import hashlib
 
@@ -162,7 +179,12 @@ def base_provenance(path: str | os.PathLike) -> dict:
     for f in files:
         h.update(f.name.encode())
         h.update(file_sha256(f).encode())
-    rec = {"path": str(p.resolve()), "kind": "base_model", "sha256": h.hexdigest()}
+    rec = {
+        "path": str(p.resolve()),
+        "kind": "base_model",
+        "sha256": h.hexdigest(),
+        "tokenizer": tokenizer_files(p),
+    }
     if str(path) != rec["path"]:
         rec["given"] = str(path)
     if p != Path(path):

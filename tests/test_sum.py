@@ -9,6 +9,7 @@ are not the sum (docs/merging.md, "Deltas, not factors"), so they are never the 
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 
 import pytest
@@ -206,6 +207,13 @@ def test_provenance(gpt2, tmp_path):
     sum_into_base(gpt2["adapters"], gpt2["sharded"], tmp_path / "out", weights=weights, progress=False)
     rec = json.loads((tmp_path / "out" / "loramix.json").read_text())
     assert rec["method"] == "sum" and rec["loramix_version"] == loramix.__version__
+    import numpy
+    import safetensors
+    import transformers
+
+    assert rec["software"] == {"python": platform.python_version(), "torch": torch.__version__,
+                               "transformers": transformers.__version__, "safetensors": safetensors.__version__,
+                               "numpy": numpy.__version__}  # fmt: skip
     assert rec["parameters"]["weights"] == weights
     ads = [i for i in rec["inputs"] if i["role"] == "adapter"]
     assert [i["sha256"] for i in ads] == [

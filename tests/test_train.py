@@ -11,7 +11,9 @@ import torch
 
 from loramix.cli import main
 from loramix.io.adapter_files import load_adapter
+from loramix.io.safetensors_io import file_sha256
 from loramix.layers import attach_adapters, merge_into_model
+from loramix.models import TOKENIZER_FILES
 from loramix.train import lr_at, train_adapter
 
 from .factories import SHARED_DATA, save_base, tiny_gpt2, tiny_llama, write_jsonl
@@ -101,6 +103,12 @@ def test_outputs_and_provenance(bases, tmp_path):
     assert prov["method"] == "train" and prov["parameters"]["rank"] == 4
     base_in, *data_in = prov["inputs"]
     assert base_in["kind"] == "base_model" and len(base_in["sha256"]) == 64
+    # the tokenizer the data was read through, which the weights' hash leaves out
+    base_folder = Path(bases["gpt2"])
+    assert base_in["tokenizer"] and base_in["tokenizer"] == {
+        f.name: file_sha256(f) for f in sorted(base_folder.iterdir()) if f.name in TOKENIZER_FILES
+    }
+    assert prov["software"]["torch"] == torch.__version__
     assert [d["name"] for d in data_in] == ["arith", "units"]
     assert all(len(d["records_sha256"]) == 64 and d["n_eval"] == 16 for d in data_in)
     assert prov["metrics"]["ppl_base"] == pytest.approx(res["ppl_base"])

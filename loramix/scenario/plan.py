@@ -193,29 +193,24 @@ def merge_result_id(pre: str, method: str, cn: str, prefix: str = "") -> str:
     return f"{prefix}merge/{pre}/{method}/{cn}"
 
 
-#: the files transformers reads a tokenizer from, whichever a base folder has
-TOKENIZER_STATE = ("added_tokens.json", "chat_template.jinja", "chat_template.json", "merges.txt",
-                   "special_tokens_map.json", "spiece.model", "tokenizer.json", "tokenizer.model",
-                   "tokenizer_config.json", "vocab.json", "vocab.txt")  # fmt: skip
-
-
 def base_folder_key(path: Path) -> str:
     """A given base folder's key::
 
-        sha256(identity "\n" + "name:sha256\n" per file of TOKENIZER_STATE present, by name)
+        sha256(identity "\n" + "name:sha256\n" per tokenizer file present, by name)
 
     ``identity`` is the hash of its config and weights that merge and training
-    provenance record for the base; the tokenizer files are added because
-    every training and evaluation reads the data through them (the identity
-    leaves them out: a merge never reads them). A GGUF file is imported
-    (once, into the cache) and its folder's files used."""
+    provenance record for the base; the tokenizer files
+    (:func:`loramix.models.tokenizer_files`) are added because every training
+    and evaluation reads the data through them (the identity leaves them out: a
+    merge never reads them). A GGUF file is imported (once, into the cache) and
+    its folder's files used."""
     from ..gguf_import import resolve_base
     from ..io.model_folder import BaseModelFolder
-    from ..io.safetensors_io import file_sha256
+    from ..models import tokenizer_files
 
     folder = Path(resolve_base(path))
     lines = [BaseModelFolder(folder).identity() + "\n"]
-    lines += [f"{n}:{file_sha256(folder / n)}\n" for n in TOKENIZER_STATE if (folder / n).is_file()]
+    lines += [f"{n}:{h}\n" for n, h in tokenizer_files(folder).items()]
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
