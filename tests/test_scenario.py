@@ -246,6 +246,21 @@ def test_a_given_base_tokenizer_is_in_the_cache_keys(tmp_path):
     assert all(after[i] == before[i] for i in before if i.startswith("data/"))  # the splits are the same text
 
 
+def test_a_warmup_beyond_the_steps_of_an_epoch_names_the_key(tmp_path, capsys):
+    """With adapters.epochs the steps are known once the data is read: the
+    trainer's refusal names the scenario key and the adapter, not --warmup."""
+    p = _write(tmp_path, GOOD.replace("rank = 4", "rank = 4\nwarmup = 1000"))
+    rc = main(
+        ["scenario", "run", str(p), "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "c"), "--quiet"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(
+        f"loramix: error: {p}: adapters.warmup: 1000 steps is more than the run's 2 steps"
+    ), err
+    assert "adapters.lr (adapter lora/0/" in err and "--" not in err, err
+
+
 # ----------------------------------------------------------------------------- cache
 
 

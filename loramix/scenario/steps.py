@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import ScenarioError, UsageError
 from .cache import Cache
 from .config import Scenario
 from .plan import DomainData, Step
@@ -149,11 +150,18 @@ def _adapter_step(ctx: StepContext, st: Step, deps: dict) -> dict:
         from ..train import train_adapter
 
         base = deps["base"]["path"]
-        res = train_adapter(base, train_paths, tmp / a["name"], method=kind_of(a["method"]),
-                            rank=rank_of(a["method"], ad.rank),
-                            alpha=ad.alpha, tau=ad.tau, lr=ad.lr, batch=ad.batch, max_len=ad.max_len, eval_size=0,
-                            seed=a["seed"], shared_init=init_of(a["method"], ad.init) == "shared", device=str(ctx.device), progress=False,
-                            **layer_kwargs(train_adapter, ad, base), **_train_kwargs(ad))  # fmt: skip
+        try:
+            res = train_adapter(base, train_paths, tmp / a["name"], method=kind_of(a["method"]),
+                                rank=rank_of(a["method"], ad.rank),
+                                alpha=ad.alpha, tau=ad.tau, lr=ad.lr, batch=ad.batch, max_len=ad.max_len, eval_size=0,
+                                seed=a["seed"], shared_init=init_of(a["method"], ad.init) == "shared", device=str(ctx.device), progress=False,
+                                **layer_kwargs(train_adapter, ad, base), **_train_kwargs(ad))  # fmt: skip
+        except UsageError as e:
+            # with adapters.epochs the steps are known once the data is read: name the key, not the flag
+            if e.where != "--warmup":
+                raise
+            raise ScenarioError(f"{ctx.sc.path}: adapters.warmup",
+                                f"{e.problem.replace('--lr', 'adapters.lr')} (adapter {st.label})") from None  # fmt: skip
         return {
             k: v for k, v in res.items() if (isinstance(v, (int, float, str)) or v is None) and k != "out"
         }
