@@ -34,6 +34,24 @@ def nice_ceiling(x: float) -> float:
     return 10.0 ** (e + 1)
 
 
+#: longest tick label of the heatmap, in characters (longer names are shortened in the middle)
+LABEL_CHARS = 32
+
+
+def short_labels(names, width: int = LABEL_CHARS) -> list[str]:
+    """Tick labels of at most ``width`` characters, still telling the names
+    apart: a long one keeps its end (a path's folder and name, where names
+    that collide are told apart), or its start and end where the ends alone
+    collide; names that stay alike either way are kept whole."""
+    names = [str(n) for n in names]
+    for head in (0, width // 3):
+        tail = width - 1 - head
+        out = [n if len(n) <= width else n[:head] + "…" + n[-tail:] for n in names]
+        if len(set(out)) == len(set(names)):
+            return out
+    return names
+
+
 def similarity_heatmap(
     df: pd.DataFrame,
     path: str | Path,
@@ -52,7 +70,8 @@ def similarity_heatmap(
     2 or 5 times a power of ten (real adapters' cosines are often below 0.1,
     one flat colour on a 0-1 scale). Cells show the value to 2 decimals, 3
     where ``vmax < 0.1`` (``n/a`` for NaN: no shared module with a cosine);
-    the colour bar is labelled ``label``. Use ``vmin=-1`` for the signed
+    the colour bar is labelled ``label``; names longer than
+    :data:`LABEL_CHARS` are shortened (:func:`short_labels`). Use ``vmin=-1`` for the signed
     mean. Without ``replace``, a file at ``path`` when the figure is done
     (made meanwhile) is left as it is and an
     :class:`~loramix.errors.OutputError` raised.
@@ -74,10 +93,10 @@ def similarity_heatmap(
         vmax = nice_ceiling(float(np.abs(off).max()) if off.size else 1.0)
     ax.imshow(np.where(diag, 1.0, np.nan), cmap="Greys", vmin=0, vmax=4)  # the diagonal: light grey
     im = ax.imshow(np.ma.masked_invalid(np.where(diag, np.nan, vals)), cmap="viridis", vmin=vmin, vmax=vmax)
-    ax.set_xticks(
-        range(n), labels=[str(c) for c in df.columns], rotation=45, ha="right", rotation_mode="anchor"
-    )
-    ax.set_yticks(range(n), labels=[str(i) for i in df.index])
+    # Names that collide are told apart by their full paths: a label of 60+
+    # characters took the whole figure and squeezed the matrix to nothing.
+    ax.set_xticks(range(n), labels=short_labels(df.columns), rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), labels=short_labels(df.index))
     ax.set_title(title)
     # Annotate only while cells stay legible.
     if n <= 25:

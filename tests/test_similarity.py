@@ -507,3 +507,40 @@ def test_heatmap_scale_follows_the_off_diagonal_values(tmp_path, monkeypatch):
         and seen["texts"][1] == "0.17"
         and seen["label"].startswith("mean cosine")
     )
+
+
+def test_heatmap_of_long_adapter_names_keeps_its_matrix(tmp_path, monkeypatch):
+    """Adapters whose names collide are named by their full paths: labels of
+    60+ characters took the whole figure and squeezed the matrix to a line.
+    Tick labels are shortened in the middle, still unique, and the matrix
+    keeps most of the figure."""
+    import matplotlib.figure
+    import pandas as pd
+
+    from loramix.plots import LABEL_CHARS, short_labels, similarity_heatmap
+
+    seen = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *a, **k):
+        ax = fig.axes[0]
+        seen["x"] = [t.get_text() for t in ax.get_xticklabels()]
+        seen["y"] = [t.get_text() for t in ax.get_yticklabels()]
+        seen["box"] = ax.get_position()
+        return real_savefig(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    names = [
+        f"/very/long/path/to/adapters/run-2024-11-30/domain_{i}_lora_r16_alpha32/adapter" for i in range(5)
+    ]
+    m = pd.DataFrame(np.eye(5) + 0.01 * (1 - np.eye(5)), names, names)
+    similarity_heatmap(m, tmp_path / "s.png")
+    for labels in (seen["x"], seen["y"]):
+        assert len(set(labels)) == 5 and max(map(len, labels)) <= LABEL_CHARS, labels
+    assert seen["box"].width > 0.3 and seen["box"].height > 0.3, seen["box"]
+    # short names stay as they are; ends that collide keep their start too
+    assert short_labels(["a", "b"]) == ["a", "b"]
+    alike = ["x" * 40 + "/one/" + "z" * 40, "x" * 40 + "/two/" + "z" * 40]
+    assert short_labels(alike) == alike  # alike at both ends: whole
+    ends = ["first-" + "y" * 40, "second-" + "y" * 40]
+    assert len(set(short_labels(ends))) == 2 and max(map(len, short_labels(ends))) <= LABEL_CHARS
