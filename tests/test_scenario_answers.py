@@ -191,3 +191,55 @@ def test_ray_executor_keeps_loramix_sigterm_handler(monkeypatch):
         assert signal.getsignal(signal.SIGTERM) is ours
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def _two_kinds_summary():
+    """A delta_vs_cosine summary of two adapter kinds at different cosines
+    (independent initialisation near 0.01, shared near 0.2), one seed."""
+    rows = []
+    for method, x0, x1 in (("lora", 0.005, 0.05), ("lora:shared", 0.04, 0.21)):
+        for i, x in enumerate(np.linspace(x0, x1, 6)):
+            rows.append(dict(adapter_method=method, composition=f"dom{i}+other{i}", k=2, rms_cosine=x,
+                             rms_cosine_std=np.nan, delta_ppl_pct=-12 + 100 * x, delta_ppl_pct_std=np.nan))  # fmt: skip
+    fits = [dict(adapter_method=m, slope=s, intercept=-12.0, pearson_r=0.7, r2=0.5, loo_rmse=7.0)
+            for m, s in (("lora", 580.0), ("lora:shared", 130.0))]  # fmt: skip
+    return pd.DataFrame(rows), fits
+
+
+def _saved_figure(monkeypatch, draw):
+    """Run ``draw()`` and return the figure it saves (drawn, still open)."""
+    import matplotlib.figure
+
+    seen = {}
+    real = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *a, **k):
+        seen["fig"] = fig
+        out = real(fig, *a, **k)
+        fig.canvas.draw()
+        return out
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    monkeypatch.setattr("matplotlib.pyplot.close", lambda *a, **k: None)
+    draw()
+    return seen["fig"]
+
+
+def test_a_fit_line_spans_its_own_points_only(tmp_path, monkeypatch):
+    """real-14-domains: lora's fit (points at cosine 0.005-0.05) was drawn
+    across lora:shared's range too, up to 0.22, where it claimed a Δppl % of
+    +116 that nothing measured."""
+    from loramix.scenario.plots import delta_vs_cosine
+
+    summary, fits = _two_kinds_summary()
+    fig = _saved_figure(monkeypatch, lambda: delta_vs_cosine(summary, fits, tmp_path / "d.png", "t"))
+    lines = {
+        ln.get_label().split(" fit")[0]: ln.get_xdata()
+        for ln in fig.axes[0].lines
+        if " fit:" in ln.get_label()
+    }
+    assert set(lines) == {"lora", "lora:shared"}
+    for method, xd in lines.items():
+        x = summary.loc[summary["adapter_method"] == method, "rms_cosine"]
+        pad = 0.1 * (x.max() - x.min())
+        assert x.min() - pad <= min(xd) and max(xd) <= x.max() + pad, (method, min(xd), max(xd))

@@ -98,7 +98,6 @@ def delta_vs_cosine(summary: pd.DataFrame, fits: list[dict], path: Path, title: 
     ``intercept``, ``pearson_r``, ``r2``, ``loo_rmse``."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=130)
-    xs_all = summary["rms_cosine"].to_numpy(dtype=float)
     ks = sorted(set(summary["k"].astype(int))) if "k" in summary else [2]
     labels: list[tuple] = []
     colors = _label_colors(summary["adapter_method"])
@@ -116,8 +115,12 @@ def delta_vs_cosine(summary: pd.DataFrame, fits: list[dict], path: Path, title: 
                         label=label, zorder=3)  # fmt: skip
             labels += [(xi, yi, lab, color) for xi, yi, lab in zip(x, y, gk["composition"])]
         fit = next((f for f in fits if f["adapter_method"] == method and f.get("slope") is not None), None)
-        if fit is not None and np.isfinite(xs_all).any():
-            lo, hi = np.nanmin(xs_all), np.nanmax(xs_all)
+        xs = g["rms_cosine"].to_numpy(float)
+        if fit is not None and np.isfinite(xs).any():
+            # over this method's own cosines only: drawn across every method's
+            # range, a fit of points at 0.005-0.05 ran on to 0.2 and claimed a
+            # Δppl % there that nothing measured
+            lo, hi = np.nanmin(xs), np.nanmax(xs)
             pad = 0.08 * (hi - lo if hi > lo else max(abs(hi), 1e-3))
             grid = np.linspace(lo - pad, hi + pad, 50)
             r = fit.get("pearson_r")
