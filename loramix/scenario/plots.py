@@ -70,25 +70,58 @@ def _plt():
     return plt
 
 
-def _place_labels(ax, labels: list[tuple]) -> None:
-    """Annotate points: each label beside its point, or just above or below
-    it when that would overlap one already placed (a greedy check in
-    axis-fraction units); a label with no free place nearby is left out
-    rather than piled on the others (every value is in results.csv)."""
-    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
-    placed: list[tuple[float, float]] = []
-    for x, y, text, color in sorted(labels, key=lambda t: (t[0], t[1])):
-        fx, fy = (x - x0) / ((x1 - x0) or 1), (y - y0) / ((y1 - y0) or 1)
-        for dy in (0.03, -0.03, 0.07, -0.07):
-            ty = fy + dy
-            if 0.02 <= ty <= 0.98 and all(abs(fx - px) > 0.16 or abs(ty - py) > 0.04 for px, py in placed):
-                break
-        else:
+#: where a point's label may go, tried in order: (dx, dy) offset in points, ha, va
+_LABEL_SPOTS = ((6, 0, "left", "center"), (-6, 0, "right", "center"), (5, 5, "left", "bottom"),
+                (5, -5, "left", "top"), (-5, 5, "right", "bottom"), (-5, -5, "right", "top"),
+                (0, 6, "center", "bottom"), (0, -6, "center", "top"))  # fmt: skip
+
+
+def _place_labels(ax, labels: list[tuple], marker_pt: float = 7.0) -> None:
+    """Annotate points ``(x, y, text, colour)``: each label a few points
+    beside its point (right, left, the four diagonals, above, below), at
+    the first place where its measured text box stays inside the axes and
+    covers no label already placed, no marker and no error bar; a label with no free place is left
+    out rather than piled on the others (every value is in results.csv).
+
+    Call it once the axes' limits are final (after every line, axhline
+    included): the labels are anchored to their points in data coordinates,
+    offset in points, so they stay beside them however the axes are later
+    resized. (Placed in axes fractions before the y = 0 line widened the
+    limits, labels drifted up to a third of the axes away from their points.)
+    """
+    from matplotlib.collections import LineCollection
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    ax.set_xlim(ax.get_xlim())  # fixed from here: what is measured is what is drawn
+    ax.set_ylim(ax.get_ylim())
+    inside = ax.get_window_extent(renderer)
+    pts = ax.transData.transform([(x, y) for x, y, _, _ in labels]) if labels else np.empty((0, 2))
+    r = marker_pt / 2 * ax.figure.dpi / 72
+    taken = [
+        Bbox.from_extents(px - r, py - r, px + r, py + r) for px, py in pts if np.isfinite([px, py]).all()
+    ]
+    for coll in ax.collections:  # the error bars: a label across one hides where it ends
+        if isinstance(coll, LineCollection):
+            for seg in coll.get_segments():
+                (sx0, sy0), (sx1, sy1) = ax.transData.transform(seg[[0, -1]])
+                taken.append(
+                    Bbox.from_extents(
+                        min(sx0, sx1) - 1, min(sy0, sy1) - 1, max(sx0, sx1) + 1, max(sy0, sy1) + 1
+                    )
+                )
+    for (x, y, text, color), (px, py) in sorted(zip(labels, pts), key=lambda t: (t[0][0], t[0][1])):
+        if not np.isfinite([px, py]).all():
             continue
-        placed.append((fx, ty))
-        right = fx > 0.75  # near the right edge: put the label to the left of the point
-        ax.annotate(text, (x, y), xytext=(fx - 0.012 if right else fx + 0.012, ty), textcoords="axes fraction",
-                    fontsize=8, color=color, va="center", ha="right" if right else "left")  # fmt: skip
+        for dx, dy, ha, va in _LABEL_SPOTS:
+            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8,
+                              color=color, ha=ha, va=va)  # fmt: skip
+            box = ann.get_window_extent(renderer)
+            fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+            if fits and not any(box.overlaps(b) for b in taken):
+                taken.append(box)
+                break
+            ann.remove()
 
 
 def delta_vs_cosine(summary: pd.DataFrame, fits: list[dict], path: Path, title: str) -> Path:
@@ -129,13 +162,14 @@ def delta_vs_cosine(summary: pd.DataFrame, fits: list[dict], path: Path, title: 
             lab += f" (r={r:.2f}" if r is not None else " ("
             lab += f", LOO RMSE {loo:.2g})" if loo is not None else ")"
             ax.plot(grid, fit["slope"] * grid + fit["intercept"], "-", color=color, alpha=0.6, label=lab)
-    _place_labels(ax, labels)
     ax.axhline(0, color="0.6", lw=0.8, ls=":")
     ax.set_xlabel("RMS cosine similarity of the summed adapters")
     ax.set_ylabel("Δppl % (naive sum vs merged-data adapter)")
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.25)
-    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()  # the axes' final size, before labels are measured against it
+    _place_labels(ax, labels)
+    ax.legend(fontsize=8, loc="best")  # "best" keeps clear of the labels too
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
