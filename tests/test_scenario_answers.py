@@ -278,3 +278,27 @@ def test_point_labels_stay_beside_their_points(tmp_path, monkeypatch):
         assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
     for i, a in enumerate(boxes):
         assert not any(a.overlaps(b) for b in boxes[i + 1 :]), texts[i].get_text()
+
+
+def test_box_plot_names_do_not_run_into_each_other(tmp_path, monkeypatch):
+    """quickstart: 2 adapter kinds x 4 merges side by side, and the tick
+    labels (lora:data/dare-ties ...) overprinted one another."""
+    from loramix.scenario.plots import interference_by_method
+
+    rng = np.random.default_rng(0)
+    summary = pd.DataFrame([
+        dict(adapter_method=am, merge_method=mm, composition=f"c{i}", retention_pct=rng.normal(5, 3),
+             delta_ppl_pct=rng.normal(8, 3))
+        for am in ("lora", "lora:data") for mm in ("sum", "ties", "dare-ties", "svd") for i in range(6)])  # fmt: skip
+    fig = _saved_figure(monkeypatch, lambda: interference_by_method(summary, tmp_path / "i.png", "t"))
+    for ax in fig.axes:
+        ticks = ax.get_xticklabels()
+        boxes = [t.get_window_extent() for t in ticks]
+        assert len(boxes) == 8
+        for t, a, b in zip(ticks, boxes, boxes[1:]):
+            if t.get_rotation() == 0:
+                assert not a.overlaps(b), (a, b)
+            else:  # slanted, parallel lines: apart by the step times the sine of the slant
+                step = b.x1 - a.x1  # right-aligned: their ends are one tick apart
+                line = t.get_fontsize() * fig.dpi / 72
+                assert step * np.sin(np.radians(t.get_rotation())) >= line, (t.get_text(), step)

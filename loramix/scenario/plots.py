@@ -306,10 +306,11 @@ def interference_by_method(summary: pd.DataFrame, path: Path, title: str) -> Pat
     plt = _plt()
     cols = [(c, lab) for c, lab in (("retention_pct", "retention % vs own adapters"),
                                     ("delta_ppl_pct", "Δppl % vs merged-data")) if summary[c].notna().any()]  # fmt: skip
-    fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols), 4.4), dpi=130, squeeze=False)
     labels = [
         f"{am}/{mm}" for am, mm in dict.fromkeys(zip(summary["adapter_method"], summary["merge_method"]))
     ]
+    width = max(5.2, 0.6 * len(labels) + 1.5)  # 2 kinds x 4 merges: 8 boxes need more than 5.2 inches
+    fig, axes = plt.subplots(1, len(cols), figsize=(width * len(cols), 4.4), dpi=130, squeeze=False)
     for ax, (col, lab) in zip(axes[0], cols):
         data = []
         for name in labels:
@@ -326,6 +327,13 @@ def interference_by_method(summary: pd.DataFrame, path: Path, title: str) -> Pat
         ax.grid(axis="y", alpha=0.25)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
+    # names such as lora:data/dare-ties still run into each other level: slant them
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in axes[0][0].get_xticklabels()]
+    if any(a.x1 > b.x0 for a, b in zip(boxes, boxes[1:])):
+        for ax in axes[0]:
+            plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
+        fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
