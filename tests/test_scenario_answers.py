@@ -302,3 +302,20 @@ def test_box_plot_names_do_not_run_into_each_other(tmp_path, monkeypatch):
                 step = b.x1 - a.x1  # right-aligned: their ends are one tick apart
                 line = t.get_fontsize() * fig.dpi / 72
                 assert step * np.sin(np.radians(t.get_rotation())) >= line, (t.get_text(), step)
+
+
+def test_one_composition_keeps_its_bars_under_its_name(tmp_path, monkeypatch):
+    """d2-vs-lora: one composition, and a panel with one of the two merges
+    was one bar filling the whole panel, its name under the right edge."""
+    from loramix.scenario.plots import delta_by_method
+
+    summary = pd.DataFrame([
+        dict(adapter_method=am, merge_method=mm, composition="math+medicine", delta_ppl_pct=-9.0,
+             delta_ppl_pct_std=0.6)
+        for am, mm in (("lora", "sum"), ("d2lora", "sum"), ("d2lora", "d2-signed"))])  # fmt: skip
+    fig = _saved_figure(monkeypatch, lambda: delta_by_method(summary, tmp_path / "b.png", "t"))
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        assert lo <= -0.45 and hi >= 0.45, (ax.get_title(), lo, hi)  # the name's tick (0) in the middle
+        for bar in ax.patches:
+            assert -0.5 <= bar.get_x() and bar.get_x() + bar.get_width() <= 0.5

@@ -238,6 +238,9 @@ def delta_by_method(summary: pd.DataFrame, path: Path, title: str) -> Path:
             ax.bar(x, gm["delta_ppl_pct"], width, yerr=None if err.isna().all() else err.fillna(0), capsize=2,
                    label=mm, color=cmap(k % 10))  # fmt: skip
         ax.axhline(0, color="0.3", lw=0.8)
+        # each composition its whole slot: fitted to the bars, one composition
+        # with one merge filled the panel and left its name at an edge
+        ax.set_xlim(-0.5, len(comps) - 0.5)
         ax.set_xticks(np.arange(len(comps)))
         if slant:
             ax.set_xticklabels(comps, fontsize=8, rotation=35, ha="right", rotation_mode="anchor")
