@@ -43,6 +43,7 @@ BENCHMARKS = {
         ["--smol", "--batch", "8", "--seq", "128", "--steps", "2", "--warmup", "1"],
         14,
     ),
+    "calibration": ("bench_calibration.py", [], 12),
     "eval-smol": (
         "bench_eval.py",
         ["--smol", "--records", "48", "--batch", "16", "--max-len", "256", "--repeat", "1"],
