@@ -309,7 +309,9 @@ def test_build_is_cached_per_source(kernels, monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_LOADED", {})
     with native.announcing(said.append):
         assert native.library("ties") is not None
-    assert [p.stat().st_mtime_ns for p in (tmp_path / "native").glob("*")] == [mtime]
+    kept = sorted(p.name for p in (tmp_path / "native").iterdir())
+    assert kept == sorted([built[0].name, built[0].stem + ".sha256"])  # the library and its digest
+    assert built[0].stat().st_mtime_ns == mtime
     assert len(said) == 1  # loaded, not built: nothing to announce
 
 
@@ -442,7 +444,8 @@ def test_a_killed_builds_temporary_is_removed_by_the_next_build(kernels, monkeyp
     monkeypatch.setattr(native, "_LOADED", {})
     monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path))
     assert native.library("ties") is not None
-    (lib,) = (tmp_path / "native").iterdir()
+    (lib,) = (tmp_path / "native").glob("*.so")
+    kept = sorted(p.name for p in (tmp_path / "native").iterdir())  # the library and its digest
     code = "import sys; from pathlib import Path; from loramix.io.outputs import temporary_file; "
     code += "t = temporary_file(Path(sys.argv[1])); t.write_text('half'); print(t)"
     dead = Path(subprocess.run([sys.executable, "-c", code, str(lib)], capture_output=True, text=True,
@@ -451,4 +454,32 @@ def test_a_killed_builds_temporary_is_removed_by_the_next_build(kernels, monkeyp
     lib.unlink()
     monkeypatch.setattr(native, "_LOADED", {})
     assert native.library("ties") is not None
-    assert [p.name for p in (tmp_path / "native").iterdir()] == [lib.name]
+    assert sorted(p.name for p in (tmp_path / "native").iterdir()) == kept
+
+
+@pytest.mark.parametrize("size", [0, 5000])
+def test_a_damaged_library_in_the_cache_is_built_again(size, monkeypatch, tmp_path):
+    """A cached library cut short (a disk that filled, a crash before its
+    pages reached the disk): the loader refused an empty one (the kernels off
+    in every run after) and faulted on a truncated one (SIGBUS: every merge
+    died). It is built again, and loaded. In a process of its own: the
+    fault kills it."""
+    import shutil
+    import subprocess
+    import sys
+
+    if native._compiler() is None or not native.enabled():
+        pytest.skip("no C compiler here, or LORAMIX_NATIVE=0")
+    built = native._build("ties")  # the session cache's, built once
+    assert built is not None
+    (tmp_path / "native").mkdir()
+    lib = tmp_path / "native" / built.name
+    for f in built.parent.glob(built.stem + ".*"):  # the library and what is kept beside it
+        shutil.copy(f, tmp_path / "native" / f.name)
+    with open(lib, "r+b") as f:
+        f.truncate(size)
+    code = "from loramix.native import ties; print(ties.kernels() is not None)"
+    env = {**__import__("os").environ, "LORAMIX_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "True", "")
+    assert lib.read_bytes() == built.read_bytes()

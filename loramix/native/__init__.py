@@ -18,8 +18,10 @@ against the eager code, edge values included.
 The library is built once per source, compiler and machine type into
 ``<cache>/native/`` (:func:`loramix.io.filehash.cache_dir`), written to a
 temporary and renamed, so processes racing to build it each get a whole
-file. ``LORAMIX_NATIVE=0`` turns the kernels off; where no compiler is found
-or the build fails, the eager code runs, with a one-line notice. ``$CC``
+file; its sha256 is kept beside it, and a library that does not match it
+(cut short or damaged in the cache) is built again rather than loaded.
+``LORAMIX_NATIVE=0`` turns the kernels off; where no compiler is found or
+the build fails, the eager code runs, with a one-line notice. ``$CC``
 names the compiler (default ``cc``). A build takes up to a few seconds
 (``ties.c``: about 5); within :func:`announcing` it is announced first, so
 that a progress bar that stops for that long says why.
@@ -72,9 +74,9 @@ def _build(name: str) -> Path | None:
         "\0".join([src.read_text(), cc, version, " ".join(FLAGS), platform.machine(), sys.platform]).encode()
     ).hexdigest()[:16]
     lib = cache_dir() / "native" / f"{name}-{key}.so"
-    if lib.exists():
+    if _whole(lib):
         return lib
-    from ..io.outputs import remove_stale_temporaries, temporary_file
+    from ..io.outputs import atomic_write, remove_stale_temporaries, temporary_file
 
     try:
         lib.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +93,9 @@ def _build(name: str) -> Path | None:
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["failed"])[-1]
             return _notice(f"building {src.name} with {cc}: {last}")
+        # the digest first: a library is only loaded once it matches (see _whole)
+        with atomic_write(_digest_file(lib)) as f:
+            f.write(_sha256(Path(tmp)) + "\n")
         os.replace(tmp, lib)
         return lib
     except (OSError, subprocess.SubprocessError) as e:
@@ -98,6 +103,27 @@ def _build(name: str) -> Path | None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _digest_file(lib: Path) -> Path:
+    return lib.with_suffix(".sha256")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()  # about 150 KB: well under a millisecond
+
+
+def _whole(lib: Path) -> bool:
+    """Whether ``lib`` is the library its build wrote, as its digest beside it
+    says. A truncated library (a disk that filled, a crash before the data
+    reached the disk) makes the loader fault on its missing pages (SIGBUS:
+    the process dies, in every run after) or refuse it; a damaged one may
+    run wrong code. So one that does not match, or has no digest (a cache
+    of an older loramix), is built again rather than loaded."""
+    try:
+        return _digest_file(lib).read_text().strip() == _sha256(lib)
+    except OSError:
+        return False
 
 
 _SAID: set[str] = set()
