@@ -85,6 +85,25 @@ def test_a_changed_file_is_rehashed(tmp_path):
     assert cached_file_sha256(p) == _digest(p) != first
 
 
+def test_a_changed_file_whose_mtime_was_put_back_is_rehashed(tmp_path):
+    """Rewritten in place, same size, and its mtime put back (``touch -d``,
+    ``touch -r``, a sync tool that keeps times): the cache gave the old hash,
+    a wrong sha256 in every output's provenance after. The change time,
+    which no one can set back, is part of the identity (as in git's index)."""
+    p = _file(tmp_path)
+    st = p.stat()
+    first = cached_file_sha256(p)
+    tick = tmp_path / "tick"  # until the file system's clock (coarse: a few ms) moves on from p's change time
+    while tick.touch() or tick.stat().st_ctime_ns <= st.st_ctime_ns:
+        pass
+    with open(p, "r+b") as f:
+        f.write(b"\x00")
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    key = lambda s: (s.st_ino, s.st_size, s.st_mtime_ns)  # noqa: E731
+    assert key(p.stat()) == key(st)  # the old key: inode, size, mtime
+    assert cached_file_sha256(p) == _digest(p) != first
+
+
 def test_a_just_written_file_is_hashed_but_not_remembered(tmp_path):
     """A rewrite within the file system's timestamp tick could keep the
     identity (size, inode, mtime): a file this young is never cached, so

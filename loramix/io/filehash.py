@@ -2,7 +2,9 @@
 
 Every merge into a base records the base's sha256 (its provenance). A file's
 hash is remembered under :func:`cache_dir` by (resolved path, inode, size,
-mtime in ns), as git's index does, so a base is hashed once per change.
+change time and mtime in ns), as git's index does, so a base is hashed once
+per change (a rename, a chmod or a new hard link change the change time
+too: one more hash).
 
 The first merge into a base must hash it (and its adapters). A command line
 knows its inputs before it imports torch (about 2 s on one core, while the
@@ -62,7 +64,10 @@ def _sha256(path: Path, stop: threading.Event | None, chunk: int = 8 << 20) -> s
 def _identity(path: Path) -> str | None:
     try:
         st = path.stat()
-        return f"{path.resolve()}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
+        # the change time too: a tool that puts the mtime back after rewriting a file
+        # in place (touch -d, touch -r, rsync --inplace) cannot put it back (git's index
+        # keeps it for that); the mtime stays last, for _store
+        return f"{path.resolve()}\0{st.st_ino}\0{st.st_size}\0{st.st_ctime_ns}\0{st.st_mtime_ns}"
     except OSError:
         return None
 
@@ -118,7 +123,7 @@ def _wait(fut: Future, stop: threading.Event | None) -> str | None:
 
 def cached_file_sha256(path: Path, stop: threading.Event | None = None) -> str:
     """sha256 of a file, cached under :func:`cache_dir` by its resolved path,
-    inode, size and mtime (ns); any change means a rehash. A hash that
+    inode, size, change time and mtime (ns); any change means a rehash. A hash that
     :func:`prefetch` has in flight for the same file is waited for, not
     repeated."""
     path = Path(path)

@@ -266,7 +266,7 @@ class BaseModelFolder:
 
     def file_sha256s(self, stop: threading.Event | None = None) -> dict[str, str]:
         """sha256 of each weight file (and the index), computed once, and
-        remembered on disk by (path, inode, size, mtime) as git's index does,
+        remembered on disk by (path, inode, size, change time, mtime) as git's index does,
         so that merging many adapters into one base hashes it once."""
         if self._sha is None:
             self._sha = {name: cached_file_sha256(self.path / name, stop) for name in self.weight_files}
