@@ -126,3 +126,21 @@ def test_unknown_architecture_falls_back_on_the_skeleton_with_a_notice(tmp_path,
     assert len(err) == 1 and "bloom" in err[0] and "skeleton" in err[0] and key in err[0]
     base.module_layout("transformer.h.0.self_attention.query_key_value")
     assert capsys.readouterr().err == ""  # once per folder
+
+
+@pytest.mark.parametrize(
+    "entry", ["", "\0" * 8, "[]", "{}", '{"built": true, "prefix": null, "layouts": [], "tied": {}}']
+)
+def test_a_damaged_layout_in_the_cache_is_built_again(entry, tmp_path, monkeypatch):
+    """``$LORAMIX_CACHE_DIR/layouts``: an entry that is not the JSON a build
+    writes (empty, zeros, or JSON of another form, which failed with a bare
+    KeyError or TypeError in every run) is built again and rewritten."""
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    _bloom(tmp_path / "bloom")
+    key = "transformer.h.0.self_attention.dense"
+    assert BaseModelFolder(tmp_path / "bloom").module_weight_key(key, (16, 16)) == (key + ".weight", False)
+    (cached,) = (tmp_path / "cache" / "layouts").iterdir()
+    good = cached.read_text()
+    cached.write_text(entry)
+    assert BaseModelFolder(tmp_path / "bloom").module_weight_key(key, (16, 16)) == (key + ".weight", False)
+    assert cached.read_text() == good

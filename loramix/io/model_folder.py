@@ -496,13 +496,27 @@ def _transformers_version() -> str:
         return "none"
 
 
+def _skeleton_ok(sk) -> bool:
+    """Whether a cached entry has the form :func:`build_skeleton` writes. One
+    that parses but has another (edited, or damaged into other JSON) failed
+    later with a bare KeyError or TypeError, in every run; it is built again."""
+    return (
+        isinstance(sk, dict)
+        and sk.get("built") is True
+        and isinstance(sk.get("prefix"), (str, type(None)))
+        and all(isinstance(sk.get(k), dict) for k in ("layouts", "tied"))
+    )
+
+
 def _cached_skeleton(folder: Path, config_bytes: bytes) -> dict:
     key = hashlib.sha256(config_bytes + b"\0" + _transformers_version().encode()).hexdigest()[:24]
     path = cache_dir() / "layouts" / f"{key}.json"
     try:
-        return json.loads(path.read_text())
+        sk = json.loads(path.read_text())
     except (OSError, ValueError):
-        pass
+        sk = None
+    if _skeleton_ok(sk):
+        return sk
     sk = build_skeleton(folder)
     if sk.get("built"):  # cache only a real answer, not the fallback
         try:
