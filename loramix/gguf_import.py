@@ -45,6 +45,7 @@ folder: the file is imported once into
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import sys
@@ -347,7 +348,8 @@ def resolve_base(path: str | os.PathLike) -> Path:
     Concurrent-safe: an importer holds a lock file while it writes into a
     private temporary folder and renames it into place; a second process waits
     for the lock and then finds the folder. The key is the file's content, so
-    a changed file is imported anew.
+    a changed file is imported anew; an import whose config or weights are
+    cut short (:func:`_whole_import`) is imported again.
     """
     p = Path(path)
     if not is_gguf(p):
@@ -358,12 +360,14 @@ def resolve_base(path: str | os.PathLike) -> Path:
     sha = cached_file_sha256(p)
     root = cache_dir() / "bases"
     target = root / f"{sha}-float32-r{IMPORT_RULE}"
-    if (target / "config.json").is_file():
+    if _whole_import(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
     with _lock(root / f"{sha}.lock"):
-        if (target / "config.json").is_file():  # another process imported it meanwhile
+        if _whole_import(target):  # another process imported it meanwhile
             return target
+        damaged = (target / "config.json").is_file()
+        why = " again (the import there is damaged)" if damaged else " (once per file)"
         # an importer killed while it wrote (the lock was its: no one else writes them now)
         for old in root.glob(f".{glob.escape(target.name)}.tmp-*"):
             shutil.rmtree(old, ignore_errors=True)
@@ -371,18 +375,36 @@ def resolve_base(path: str | os.PathLike) -> Path:
         tmp.mkdir()
 
         def say() -> None:  # seconds of work (0.5 GB for SmolLM2) not asked for by name: say so
-            print(f"loramix: importing {p} into {target} (once per file)", file=sys.stderr, flush=True)
+            print(f"loramix: importing {p} into {target}{why}", file=sys.stderr, flush=True)
 
         try:
             write_folder(p, tmp, dtype="float32", sha256=sha, say=say)
             usual_modes(tmp)
-            shutil.rmtree(target, ignore_errors=True)  # a leftover without config.json
+            shutil.rmtree(target, ignore_errors=True)  # a leftover without config.json, or damaged
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         for old in older_imports(root, sha):  # superseded (half a GB for SmolLM2 each)
             shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _whole_import(target: Path) -> bool:
+    """Whether ``target`` holds an import whose config and weights are whole:
+    ``config.json`` parses and ``model.safetensors``' header covers the file
+    (a few milliseconds). A cut-short one (a disk that filled, a crash before
+    the data reached the disk: the import is renamed into place unsynced)
+    failed every command given the GGUF until its folder was found and
+    removed by hand; it is imported again instead."""
+    from .errors import LoramixError
+    from .io.st_header import read_safetensors_header
+
+    try:
+        json.loads((target / "config.json").read_text())
+        read_safetensors_header(target / "model.safetensors")
+    except (OSError, ValueError, LoramixError):
+        return False
+    return True
 
 
 def older_imports(root: Path, sha: str) -> list[Path]:

@@ -1674,6 +1674,31 @@ def test_a_failed_run_removes_the_folders_it_made_for_its_output(tmp_path):
     assert (tmp_path / "new" / "deeper" / "x" / "done").is_file()
 
 
+@pytest.mark.parametrize("damage", ["model.safetensors", "config.json"])
+def test_a_damaged_gguf_import_in_the_cache_is_imported_again(damage, tmp_path, monkeypatch, capfd):
+    """A GGUF's import in ``$LORAMIX_CACHE_DIR/bases`` with its weights or
+    config cut short (a disk that filled, a crash before the unsynced data
+    reached the disk) failed every command given the GGUF, until the user
+    found and removed the folder; it is imported again, and said so."""
+    from loramix.gguf_import import resolve_base
+    from loramix.io.model_folder import BaseModelFolder
+
+    from .test_realmodel import llama_gguf
+
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = llama_gguf(tmp_path / "tiny.gguf", tokenizer=True)
+    target = resolve_base(gguf)
+    whole = {f.name: f.read_bytes() for f in target.iterdir()}
+    with open(target / damage, "r+b") as f:
+        f.truncate(len(whole[damage]) // 2)
+    capfd.readouterr()
+    assert resolve_base(gguf) == target
+    assert "again (the import there is damaged)" in capfd.readouterr().err
+    assert (target / damage).read_bytes() == whole[damage]
+    BaseModelFolder(gguf)  # reads the import
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == []  # no temporaries left
+
+
 def test_gguf_import_removes_older_rules_only(tmp_path):
     """An import removes the same file's imports by older rules, not a newer
     loramix's import sharing the cache (``-r3`` was removed by a rule-2 import,
