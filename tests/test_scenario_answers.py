@@ -319,3 +319,22 @@ def test_one_composition_keeps_its_bars_under_its_name(tmp_path, monkeypatch):
         assert lo <= -0.45 and hi >= 0.45, (ax.get_title(), lo, hi)  # the name's tick (0) in the middle
         for bar in ax.patches:
             assert -0.5 <= bar.get_x() and bar.get_x() + bar.get_width() <= 0.5
+
+
+def test_the_bars_legend_lies_on_no_bar(tmp_path, monkeypatch):
+    """delta_by_method: one legend for every panel, beside them: inside a panel
+    (d2-vs-lora's d2lora panel, one composition) it lay across the bars."""
+    from loramix.scenario.plots import delta_by_method
+
+    summary = pd.DataFrame([
+        dict(adapter_method=am, merge_method=mm, composition="math+medicine", delta_ppl_pct=-9.0,
+             delta_ppl_pct_std=0.6)
+        for am, mm in (("lora", "sum"), ("d2lora", "sum"), ("d2lora", "d2-signed"))])  # fmt: skip
+    fig = _saved_figure(monkeypatch, lambda: delta_by_method(summary, tmp_path / "b.png", "t"))
+    legends = [lg for ax in fig.axes for lg in [ax.get_legend()] if lg is not None]
+    assert len(legends) == 1 and [t.get_text() for t in legends[0].get_texts()] == ["sum", "d2-signed"]
+    r = fig.canvas.get_renderer()
+    box = legends[0].get_window_extent(r)
+    assert box.x1 <= fig.bbox.x1 + 1  # inside the saved figure
+    for ax in fig.axes:
+        assert not any(box.overlaps(bar.get_window_extent(r)) for bar in ax.patches), ax.get_title()

@@ -227,6 +227,7 @@ def delta_by_method(summary: pd.DataFrame, path: Path, title: str) -> Path:
     fig, axes = plt.subplots(len(methods), 1, figsize=(max(6.5, per * len(comps) + 1.5),
                              (4.6 if slant else 3.8) * len(methods)), dpi=130, squeeze=False)  # fmt: skip
     cmap = plt.get_cmap("tab10")
+    handles: dict = {}  # merge method -> its bars, for the one legend of every panel
     for ax, method in zip(axes[:, 0], methods):
         g = summary[summary["adapter_method"] == method]
         for k, mm in enumerate(merges):
@@ -235,8 +236,8 @@ def delta_by_method(summary: pd.DataFrame, path: Path, title: str) -> Path:
                 continue
             x = np.arange(len(comps)) + (k - (len(merges) - 1) / 2) * width
             err = gm["delta_ppl_pct_std"]
-            ax.bar(x, gm["delta_ppl_pct"], width, yerr=None if err.isna().all() else err.fillna(0), capsize=2,
-                   label=mm, color=cmap(k % 10))  # fmt: skip
+            handles[mm] = ax.bar(x, gm["delta_ppl_pct"], width, yerr=None if err.isna().all() else err.fillna(0),
+                                 capsize=2, label=mm, color=cmap(k % 10))  # fmt: skip
         ax.axhline(0, color="0.3", lw=0.8)
         # each composition its whole slot: fitted to the bars, one composition
         # with one merge filled the panel and left its name at an edge
@@ -249,7 +250,11 @@ def delta_by_method(summary: pd.DataFrame, path: Path, title: str) -> Path:
         ax.set_ylabel("Δppl % vs merged-data")
         ax.set_title(method, fontsize=10)
         ax.grid(axis="y", alpha=0.25)
-        ax.legend(fontsize=8, ncol=min(len(merges), 4))
+    # One legend beside the top panel (a merge has one colour in every panel): inside
+    # a panel it lay across the bars wherever they filled it (one composition)
+    order = [m for m in merges if m in handles]
+    axes[0, 0].legend([handles[m] for m in order], order, fontsize=8, loc="upper left",
+                      bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # fmt: skip
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
