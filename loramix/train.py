@@ -531,10 +531,16 @@ def _step(runner, b: dict, *, dev, micro: int, autocast) -> tuple[float, int, in
 
 
 def _micro_batches(b: dict, micro: int) -> list[dict]:
+    """``b`` cut into at most ``micro`` parts of consecutive rows, each cut to
+    its own longest sequence. A batch of fewer than ``micro`` rows (an epoch's
+    last, partial batch) gives one part per row: ``tensor_split`` would also
+    give empty parts, which have no longest sequence."""
     import torch
 
     parts = []
     for idx in torch.tensor_split(torch.arange(b["attention_mask"].shape[0]), micro):
+        if not len(idx):
+            continue
         width = int(b["attention_mask"][idx].sum(1).max())  # right padding: columns past it are pads
         parts.append({k: v[idx, :width] for k, v in b.items()})
     return parts

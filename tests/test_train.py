@@ -509,3 +509,16 @@ def test_top_layers_prefix_shows_a_bar_on_a_terminal(bases, tmp_path):
     err = _on_a_terminal([*common, "--data", "synthetic:arith?n=60&seed=12", "--out", str(tmp_path / "b"),
                           "--quiet"])  # fmt: skip
     assert "prefix" not in err, err
+
+
+def test_gradient_accumulation_on_a_last_batch_smaller_than_the_micro_batches(bases, tmp_path):
+    """The epoch's last batch may hold fewer records than --grad-accum: 109
+    training records in batches of 8 leave 5 for the last, cut into 8
+    micro-batches (three of them empty: a RuntimeError from max() before);
+    the same adapter as without accumulation."""
+    kw = {**FAST, "steps": 14, "eval_size": 16}
+    data = "synthetic:arith?n=125"  # 109 training records: 13 batches of 8 and one of 5
+    one = train_adapter(bases["llama"], data, tmp_path / "one", **kw)
+    eight = train_adapter(bases["llama"], data, tmp_path / "eight", grad_accum=8, **kw)
+    assert one["n_train"] == 109 and eight["steps"] == 14
+    _assert_same_factors(tmp_path / "one", tmp_path / "eight", 1e-5)
