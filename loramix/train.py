@@ -252,8 +252,13 @@ def train_adapter(
     and the head (Llama family). ``dtype="bfloat16"``: the forward under
     bf16 autocast (factors, optimizer and loss stay float32; not exact).
     ``grad_accum=m``: ``m`` micro-batches whose gradients add up to the batch's (less memory);
-    ``grad_checkpointing`` recomputes block activations in the backward. ``bucket``:
-    training batches hold similar lengths (:func:`loramix.data.make_batches`;
+    ``grad_checkpointing`` recomputes block activations in the backward. Exact
+    for a base without dropout (Llama-family and ``loramix base build`` bases);
+    a base that has it (GPT-2's 0.1) keeps it on while training, so
+    ``grad_accum`` draws other masks for each micro-batch and ``top_layers``
+    runs the cached prefix without them: the same in expectation, not to
+    rounding (``grad_checkpointing`` replays the same masks and stays exact).
+    ``bucket``: training batches hold similar lengths (:func:`loramix.data.make_batches`;
     0 for plain shuffled batches). ``prompt``: ``"raw"`` or ``"chat"`` (the
     base tokenizer's chat template, :func:`loramix.data.format_record`).
 
