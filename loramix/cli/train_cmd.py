@@ -48,7 +48,13 @@ def _eval_size(value: str) -> int | float:
 @click.option(
     "--warmup", type=int, default=None, help="Warm-up steps, at most the run's (default 5% of the steps)."
 )
-@click.option("--batch", type=int, default=16, show_default=True)
+@click.option(
+    "--batch",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Records per optimizer step; a batch holds records of similar length (less padding).",
+)
 @click.option("--max-len", type=int, default=128, show_default=True)
 @click.option(
     "--eval-size",
