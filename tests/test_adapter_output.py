@@ -108,6 +108,30 @@ def test_any_merge_as_a_truncated_adapter(setup, method, trunc):
     assert rec["parameters"][next(iter(trunc))] == next(iter(trunc.values()))
 
 
+def test_truncated_adapter_holds_one_dense_delta_at_a_time(setup, monkeypatch):
+    """A dense method's merged delta is truncated before the next module's is
+    formed: when the method forms a module's delta, no earlier one is alive
+    (they all were, one per module: 4.4 GiB on a 0.3B-parameter base)."""
+    import gc
+    import weakref
+
+    root, ads = setup
+    m = get_method("ties")
+    alive: list[weakref.ref] = []
+    formed = type(m).delta
+
+    def delta(self, *args, **kw):
+        gc.collect()
+        assert not [r for r in alive if r() is not None], "an earlier module's dense delta is still held"
+        d = formed(self, *args, **kw)
+        alive.append(weakref.ref(d))
+        return d
+
+    monkeypatch.setattr(type(m), "delta", delta)
+    merge([str(a) for a in ads], "ties", weights=WEIGHTS, out=root / "one-at-a-time", density=0.5, out_rank=3)
+    assert len(alive) == 8  # q, v, up and down of both layers
+
+
 def test_exact_sum_adapter_is_untruncated(setup):
     root, ads = setup
     res = merge([str(a) for a in ads], "sum", weights=WEIGHTS, out=root / "exact")

@@ -24,7 +24,7 @@ safetensors metadata leaves out the creation time, which only
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -157,16 +157,20 @@ def _without_time(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if k != "created"}
 
 
-def _adapter_factors(m: MergeMethod, jobs, p, trunc) -> list[LowRank]:
-    """Per job, the merged delta as factors: the method's own (low-rank
-    methods), else from its dense delta; truncated by SVD when ``trunc``."""
+def _adapter_factors(m: MergeMethod, jobs, p, trunc) -> Iterator[LowRank]:
+    """Per job, in order, the merged delta as factors: the method's own
+    (low-rank methods), else from its dense delta; truncated by SVD when
+    ``trunc``. A dense delta is formed one module at a time and dropped once
+    truncated, before the next one is formed (not one per module at once)."""
     if m.low_rank:
         lrs = m.factors_many(jobs, p)
-    else:
-        lrs = [m.delta(ctx, mds, ws, None, p) for ctx, mds, ws in jobs]
-    if trunc is None:
-        return lrs
-    return [truncate(lr, *trunc) for lr in lrs]
+        yield from (lrs if trunc is None else (truncate(lr, *trunc) for lr in lrs))
+        return
+    for ctx, mds, ws in jobs:
+        d = m.delta(ctx, mds, ws, None, p)
+        lr = d if trunc is None else truncate(d, *trunc)
+        del d  # not held while the caller waits for the next module
+        yield lr
 
 
 def _targets_every_layer(ad: Adapter) -> bool:
