@@ -156,6 +156,33 @@ def test_magnitude_matches_reference_and_peft():
     torch.testing.assert_close(got1, sum(w * t for t, w in zip(dense, ws)), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("method", "params"), [("magnitude", dict(density=0.35)), ("breadcrumbs", dict(density=0.4, gamma=0.05))]
+)
+def test_running_sum_methods_hold_two_dense_deltas(method, params):
+    """magnitude and breadcrumbs trim each delta and add it to a running sum:
+    with the run's work tensors, two dense deltas per module (the sum and the
+    one being trimmed), not one per adapter, and the same values as without."""
+    from loramix.engine import Buffers
+
+    ads = rand_adapters(n=6)
+    ws = [1.0, -0.5, 2.0, 0.7, 1.3, -1.1]
+    m = get_method(method)
+    p = m.validate(params, ads)
+    mds = [a.modules[MOD] for a in ads]
+    roles = []
+
+    class Counting(Buffers):
+        def get(self, role, *a, **kw):
+            roles.append(role)
+            return super().get(role, *a, **kw)
+
+    ctx = ModuleContext(MOD, tuple(range(6)), torch.device("cpu"), F64, Counting())
+    got = m.delta(ctx, mds, ws, None, p).clone()
+    assert {r for r in roles if r.startswith("delta")} == {"delta0", "delta1"}
+    assert torch.equal(got, run_method(method, ads, ws, MOD, **params))
+
+
 def test_kth_largest_exact():
     g = torch.Generator().manual_seed(0)
     for dt in (torch.float32, torch.float64):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -241,24 +241,41 @@ def dense_deltas(
     ``W_hat - W0``, for a kind that ``needs_base``), times ``weights`` if
     given. For a kind that does not need the base the weight is folded into
     ``B`` before the product (saves a pass over ``out x in``)."""
+    return list(iter_dense_deltas(ctx, module_deltas, W0, weights))
+
+
+def iter_dense_deltas(
+    ctx: ModuleContext,
+    module_deltas: Sequence[ModuleDelta],
+    W0: torch.Tensor | None,
+    weights: Sequence[float] | None = None,
+    *,
+    reuse: bool = False,
+) -> Iterator[torch.Tensor]:
+    """:func:`dense_deltas` one at a time, each formed when the caller asks
+    for it. ``reuse``, for a caller done with each delta before it takes the
+    next (a running sum into the first): every delta after the first is
+    formed in one shared work tensor, which the next overwrites, so a module
+    holds two dense deltas whatever the number of adapters, not one each."""
     import torch
 
     from ..engine import large_op
 
     if W0 is not None:
         W0 = W0.to(device=ctx.device, dtype=ctx.dtype)
-    out = []
     for j, m in enumerate(module_deltas):
         w = 1.0 if weights is None else float(weights[j])
         if m.kind.needs_base:
             require_base(m, W0)
             d = m.delta(W0, dtype=ctx.dtype, device=ctx.device)
-            out.append(d.mul_(w) if w != 1.0 else d)
+            yield d.mul_(w) if w != 1.0 else d
         else:
             Bw, A = _weighted_factors(ctx, m, w)
+            role = f"delta{min(j, 1) if reuse else j}"
             with large_op():
-                out.append(torch.mm(Bw, A, out=ctx.empty(f"delta{j}", (Bw.shape[0], A.shape[1]))))
-    return out
+                d = torch.mm(Bw, A, out=ctx.empty(role, (Bw.shape[0], A.shape[1])))
+            yield d
+        del d
 
 
 def _weighted_factors(ctx: ModuleContext, m: ModuleDelta, w: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ gamma > 1``).
 from __future__ import annotations
 
 from . import register
-from .base import DENSITY, LAMBDA, MergeMethod, Param, dense_deltas, kth_largest
+from .base import DENSITY, LAMBDA, MergeMethod, Param, iter_dense_deltas, kth_largest
 from .params import in_unit_interval
 
 GAMMA = Param(
@@ -67,7 +67,7 @@ class Breadcrumbs(MergeMethod):
 
     def delta(self, ctx, module_deltas, weights, W0, params):
         out = None
-        for x in dense_deltas(ctx, module_deltas, W0, weights):
+        for x in iter_dense_deltas(ctx, module_deltas, W0, weights, reuse=True):
             x = breadcrumbs_(x, params["density"], params["gamma"])
             out = x if out is None else out.add_(x)
         return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out

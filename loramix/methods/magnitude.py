@@ -9,7 +9,7 @@ PEFT's ``magnitude_prune`` does.
 from __future__ import annotations
 
 from . import register
-from .base import DENSITY, LAMBDA, MergeMethod, dense_deltas, trim_
+from .base import DENSITY, LAMBDA, MergeMethod, iter_dense_deltas, trim_
 
 
 @register
@@ -22,7 +22,7 @@ class Magnitude(MergeMethod):
 
     def delta(self, ctx, module_deltas, weights, W0, params):
         out = None
-        for x in dense_deltas(ctx, module_deltas, W0, weights):
+        for x in iter_dense_deltas(ctx, module_deltas, W0, weights, reuse=True):
             x = trim_(x, params["density"], ctx.scratch)
             out = x if out is None else out.add_(x)
         return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out
