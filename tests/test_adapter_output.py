@@ -132,6 +132,34 @@ def test_truncated_adapter_holds_one_dense_delta_at_a_time(setup, monkeypatch):
     assert len(alive) == 8  # q, v, up and down of both layers
 
 
+def test_sum_adapter_converts_each_module_as_it_comes(setup, monkeypatch):
+    """An adapter output takes each module's float64 factors as the method
+    forms them and keeps only their copy in the output dtype: when a module's
+    are formed, at most the previous module's float64 ones are still alive
+    (all of them were, twice the output's size)."""
+    import gc
+    import weakref
+
+    root, ads = setup
+    m = get_method("sum")
+    alive: list[weakref.ref] = []
+    formed = type(m).factors
+
+    def factors(self, *args, **kw):
+        gc.collect()
+        assert not [r for r in alive[:-1] if r() is not None], (
+            "earlier modules' float64 factors are still held"
+        )
+        lr = formed(self, *args, **kw)
+        assert lr.B.dtype == torch.float64
+        alive.append(weakref.ref(lr.B))
+        return lr
+
+    monkeypatch.setattr(type(m), "factors", factors)
+    merge([str(a) for a in ads], "sum", weights=WEIGHTS, out=root / "as-it-comes")
+    assert len(alive) == 8
+
+
 def test_exact_sum_adapter_is_untruncated(setup):
     root, ads = setup
     res = merge([str(a) for a in ads], "sum", weights=WEIGHTS, out=root / "exact")

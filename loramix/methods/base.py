@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -220,10 +220,13 @@ class MergeMethod:
 
     def factors_many(
         self, jobs: Sequence[tuple[ModuleContext, Sequence[ModuleDelta], Sequence[float]]], params: dict
-    ) -> list[LowRank]:
+    ) -> Iterable[LowRank]:
         """:meth:`factors` of many modules (``jobs``: ``(ctx, module_deltas,
-        weights)`` each), in order. Methods may batch same-shaped modules."""
-        return [self.factors(ctx, mds, ws, params) for ctx, mds, ws in jobs]
+        weights)`` each), in order. Methods may batch same-shaped modules;
+        by default each module's are formed when the caller takes them (it
+        keeps them in the output's dtype: not every module's float64 at once)."""
+        for ctx, mds, ws in jobs:
+            yield self.factors(ctx, mds, ws, params)
 
 
 # ----------------------------------------------------------------------------- shared helpers
