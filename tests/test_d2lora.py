@@ -149,3 +149,25 @@ def test_factored_forward_equals_dense_definition(out_f, in_f, rank, tau, norm_d
     W_hat = layer.merged_weight()
     expect = x @ W_hat.T + base.bias.detach()
     assert torch.allclose(layer(x), expect, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("norm_dim", [1, 0])
+def test_effective_delta_in_place_has_the_bits_of_the_formula(norm_dim):
+    """A merge forms the effective delta in place (three (out, in) tensors
+    alive, not five): the same bits as d2_effective_delta, which autograd
+    still gets."""
+    from loramix.adapter import D2LORA, ModuleDelta
+    from loramix.d2lora import d2_effective_delta
+
+    g = torch.Generator().manual_seed(5)
+    o, i, r = 48, 40, 3
+    m = ModuleDelta(name="p", B=torch.randn(o, r, generator=g), A=torch.randn(r, i, generator=g), scale=1.5,
+                    alpha=4.5, B_neg=torch.randn(o, r, generator=g), A_neg=torch.randn(r, i, generator=g),
+                    tau=0.4, norm_dim=norm_dim, eps=1e-8, kind=D2LORA)  # fmt: skip
+    W0 = torch.randn(o, i, generator=g)
+    Bf, Af = m.factors(dtype=torch.float64)
+    ref = d2_effective_delta(W0.double(), Bf @ Af, norm_dim=norm_dim, eps=1e-8)
+    assert torch.equal(m.delta(W0), ref)
+    W0g = W0.double().requires_grad_()
+    m.delta(W0g).sum().backward()
+    assert W0g.grad is not None

@@ -59,7 +59,7 @@ class Sum(MergeMethod):
         for m, w in zip(module_deltas, weights):
             if m.kind.needs_base:
                 require_base(m, W0)
-                out += (w * m.delta(W0, dtype=torch.float64, device=ctx.device)).to(out.dtype)
+                out += m.delta(W0, dtype=torch.float64, device=ctx.device).mul_(w).to(out.dtype)
         return out
 
     def merged(self, ctx, module_deltas, weights, W0, params):
