@@ -60,8 +60,17 @@ def d2_merged_weight(
 def d2_effective_delta(
     W0: torch.Tensor, dW: torch.Tensor, norm_dim: int = 1, eps: float = 1e-8
 ) -> torch.Tensor:
-    """``W_hat - W0`` (out, in): what merging the module adds to ``W0``."""
-    return d2_merged_weight(W0, dW, norm_dim=norm_dim, eps=eps) - W0
+    """``W_hat - W0`` (out, in): what merging the module adds to ``W0``.
+
+    Outside autograd it is computed in place on one buffer, with
+    :func:`d2_merged_weight`'s operations in its order (the same bits): three
+    ``(out, in)`` tensors alive instead of five, each float64 on a merge."""
+    if torch.is_grad_enabled() and (W0.requires_grad or dW.requires_grad):
+        return d2_merged_weight(W0, dW, norm_dim=norm_dim, eps=eps) - W0
+    V = W0 + dW
+    target = torch.linalg.vector_norm(W0, dim=norm_dim, keepdim=True)
+    current = torch.linalg.vector_norm(V, dim=norm_dim, keepdim=True).clamp_min(eps)
+    return V.mul_(target / current).add_(dW).sub_(W0)
 
 
 def d2_norm_scale(

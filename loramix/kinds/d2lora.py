@@ -44,15 +44,7 @@ class D2LoraKind(AdapterKind):
             raise ValueError(f"{m.name}: the effective delta of a D2-LoRA module needs the base weight")
         Bf, Af = self.factors(m, dtype=dtype, device=device)
         dW = Bf @ Af
-        W0 = W0.to(device=dW.device, dtype=dtype)
-        if torch.is_grad_enabled() and (W0.requires_grad or dW.requires_grad):
-            return d2_effective_delta(W0, dW, norm_dim=m.norm_dim, eps=m.eps)
-        # d2_effective_delta's operations in its order, in place on V: the same bits, with
-        # three (out, in) tensors alive instead of five (each float64 on a merge)
-        V = W0 + dW
-        target = torch.linalg.vector_norm(W0, dim=m.norm_dim, keepdim=True)
-        current = torch.linalg.vector_norm(V, dim=m.norm_dim, keepdim=True).clamp_min(m.eps)
-        return V.mul_(target / current).add_(dW).sub_(W0)
+        return d2_effective_delta(W0.to(device=dW.device, dtype=dtype), dW, norm_dim=m.norm_dim, eps=m.eps)
 
     def layer(self, base, rank, alpha, *, generator=None, dtype=torch.float32, dense=False, **options):
         opts = {k: options.get(k, v) for k, v in self.options.items()}
