@@ -18,10 +18,18 @@ def command():
     "Data file (.jsonl/.json/.csv/.txt) or synthetic:NAME[?n=..&seed=..] spec; repeat or list after it."
 )
 @click.option("--out", required=True, type=click.Path(), help="Output model folder.")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True,
+              help="Model size (loramix.basebuild.SIZES), each with its own steps, batch and learning rate.")  # fmt: skip
 @click.option("--steps", type=int, default=None, help="Pre-training steps (default per size).")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
-@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+              help="Seed of the initial weights, the held-out split and the training windows.")  # fmt: skip
+@click.option(
+    "--device",
+    type=click.Choice(DEVICE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="auto: CUDA where torch sees a GPU, else the CPU.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build(data, more_data, out, size, steps, seed, device, force, quiet):
@@ -58,9 +66,9 @@ def build(data, more_data, out, size, steps, seed, device, force, quiet):
 def import_(gguf_file, out, dtype, force):
     """Import a GGUF model (llama.cpp, Ollama, LM Studio) as a transformers folder.
 
-    The weights are de-quantised (Q4_0/Q4_1/Q5_x/Q8_0, K-quants, F16/BF16/F32)
-    into model.safetensors beside config.json, the tokenizer files and
-    loramix.json (provenance with the GGUF's sha256). Llama family only
+    The weights are de-quantised (Q4_0/Q4_1/Q5_x/Q8_0, K-quants,
+    IQ4_NL/IQ4_XS, F16/BF16/F32) into model.safetensors beside config.json,
+    the tokenizer files and loramix.json (provenance with the GGUF's sha256). Llama family only
     (llama, SmolLM, mistral, qwen2).
     """
     from ..gguf_import import import_gguf

@@ -17,7 +17,8 @@ from .threads import threads_option
 @click.option("--weights", default=None, help="Comma-separated weight per adapter (default 1 each).")
 @click.option("--merged", is_flag=True, help="Merge the adapters into the weights first (else on the fly).")
 @data_options("Data file (.jsonl/.json/.csv/.txt) or synthetic:NAME spec; repeat or list after it.")
-@click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True)
+@click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True,
+              help="Tokens scored: the answer's, or all (the prompt's too).")  # fmt: skip
 @prompt_option
 @click.option(
     "--max-len",
@@ -25,25 +26,40 @@ from .threads import threads_option
     default=None,
     help="Tokens per sequence (default: the model's context).",
 )
-@click.option("--batch", type=int, default=16, show_default=True)
+@click.option("--batch", type=int, default=16, show_default=True, help="Records per forward pass.")
 @click.option("--limit", type=int, default=None, help="Use the first N records of each file.")
-@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
-@click.option("--question-field", default="question", show_default=True)
-@click.option("--answer-field", default="answer", show_default=True)
-@click.option("--context-field", default="context", show_default=True)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="auto: CUDA where torch sees a GPU, else the CPU.",
+)
+@click.option("--question-field", default="question", show_default=True, help="Field holding the question.")
+@click.option("--answer-field", default="answer", show_default=True, help="Field holding the answer.")
+@click.option("--context-field", default="context", show_default=True,
+              help="Field holding a passage put before the question (absent or empty: none).")  # fmt: skip
 @threads_option
 @click.option(
     "--top-layers",
     type=int,
     default=None,
-    help="The adapters change only the top N layers: run the layers below once per data set (cached).",
+    help="The adapters change only the top N layers (Llama family): run the layers below once per data set "
+    "(cached).",
 )
 @click.option(
     "--dtype",
     default=None,
     help="Load the base in this dtype (float32, bfloat16, float16, auto: the checkpoint's; default float32).",
 )
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on stderr.")
 def command(base, adapters, weights, merged, data, more_data, on, prompt, max_len, batch, limit, device,
             question_field, answer_field, context_field, top_layers, dtype, fmt, progress):  # fmt: skip

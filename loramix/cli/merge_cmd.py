@@ -37,16 +37,22 @@ def method_options() -> list[click.Option]:
     users: dict[str, list[str]] = {}
     first: dict[str, object] = {}
     defaults: dict[str, dict[str, object]] = {}  # parameter -> method -> its default there
+    required: dict[str, list[str]] = {}  # parameter -> the methods that need it
     for name, cls in method_classes().items():
         for p in cls.params:
             users.setdefault(p.name, []).append(name)
             first.setdefault(p.name, p)
             defaults.setdefault(p.name, {})[name] = p.default
+            if p.required:
+                required.setdefault(p.name, []).append(name)
     opts = []
     trunc_help = "any method without --into: write an adapter truncated by SVD to"
     for pname, p in first.items():
         extra = f" ({', '.join(p.choices)})" if p.choices else ""
         default = _default_text(defaults[pname])
+        if pname in required:  # no default to show: say that it must be given
+            needs = required[pname]
+            default += "; required" + ("" if needs == users[pname] else f" by {'/'.join(needs)}")
         also = f"; {trunc_help} this energy fraction" if pname == "energy" else ""
         opts.append(
             click.Option(

@@ -31,7 +31,14 @@ def _fmt(v) -> str:
     help="Largest predicted cost of a group (default: 0 with --fit, the zero-interference point; 0.1 cosine).",
 )
 @click.option("--device", default="cpu", show_default=True, help="Device for the calibration forward passes.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
 @click.option("--json", "as_json", is_flag=True, hidden=True, help="Same as --format json.")
 def command(adapters, fit_path, data, base, tokens, max_len, max_group, budget, device, fmt, as_json):
     """Propose groups of ADAPTERS to merge, with each group's predicted cost and a method."""

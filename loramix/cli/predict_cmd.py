@@ -37,7 +37,14 @@ from . import calibration_options, check_calibration_args
     help="Prediction-interval level (fit.json; default: the fit's, 0.95).",
 )
 @calibration_options
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
 def command(adapters, fit_path, merge_method, label, level, data, base, tokens, max_len, fmt):
     """Predict the interference of merging ADAPTERS (at least two), with error bars."""
     from ..errors import UsageError

@@ -31,7 +31,7 @@ def _eval_size(value: str) -> int | float:
     help="Adapter kind (loramix.kinds): lora (a PEFT folder) or d2lora (loramix's D2-LoRA format).",
 )
 @click.option("--method", default=None, hidden=True, help="Deprecated name of --kind.")
-@click.option("--rank", type=int, default=8, show_default=True)
+@click.option("--rank", type=int, default=8, show_default=True, help="Rank r of the factors.")
 @click.option("--alpha", type=float, default=16, show_default=True, help="Scale s = alpha / rank.")
 @click.option("--tau", type=float, default=0.5, show_default=True, help="D2-LoRA negative-branch weight.")
 @click.option(
@@ -42,9 +42,9 @@ def _eval_size(value: str) -> int | float:
     help="D2-LoRA norm axis of the out x in weight: 1 per output unit, 0 per input column.",
 )
 @click.option("--targets", default=None, help="Comma-separated module suffixes (default: per architecture).")
-@click.option("--epochs", type=float, default=1, show_default=True)
+@click.option("--epochs", type=float, default=1, show_default=True, help="Passes over the training records.")
 @click.option("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
-@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak AdamW learning rate.")
 @click.option(
     "--warmup", type=int, default=None, help="Warm-up steps, at most the run's (default 5% of the steps)."
 )
@@ -55,7 +55,8 @@ def _eval_size(value: str) -> int | float:
     show_default=True,
     help="Records per optimizer step; a batch holds records of similar length (less padding).",
 )
-@click.option("--max-len", type=int, default=128, show_default=True)
+@click.option("--max-len", type=int, default=128, show_default=True,
+              help="Tokens per record; a longer one is cut, keeping its question.")  # fmt: skip
 @click.option(
     "--eval-size",
     type=str,
@@ -64,23 +65,33 @@ def _eval_size(value: str) -> int | float:
     help="Held out per data source: a fraction (<1) or a count; 0 for none.",
 )
 @click.option("--limit", type=int, default=None, help="Use the first N records of each source.")
-@click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True)
+@click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True,
+              help="Tokens the loss counts: the answer's, or all (the prompt's too).")  # fmt: skip
 @prompt_option
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+              help="Seed of the held-out split, the initial factors and the batch order.")  # fmt: skip
 @click.option(
     "--shared-init",
     is_flag=True,
     help="Initial factors from --seed alone (default: from --seed and the data, so domains start apart).",
 )
-@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
-@click.option("--question-field", default="question", show_default=True)
-@click.option("--answer-field", default="answer", show_default=True)
-@click.option("--context-field", default="context", show_default=True)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="auto: CUDA where torch sees a GPU, else the CPU.",
+)
+@click.option("--question-field", default="question", show_default=True, help="Field holding the question.")
+@click.option("--answer-field", default="answer", show_default=True, help="Field holding the answer.")
+@click.option("--context-field", default="context", show_default=True,
+              help="Field holding a passage put before the question (absent or empty: none).")  # fmt: skip
 @click.option(
     "--top-layers",
     type=int,
     default=None,
-    help="Adapters on the top N layers only; the frozen layers below run once per example and are cached.",
+    help="Adapters on the top N layers only (Llama family); the frozen layers below run once per example "
+    "and are cached.",
 )
 @click.option("--dtype", default=None, help="bfloat16: the forward under bf16 autocast (default float32).")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per batch.")
