@@ -46,9 +46,11 @@ _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)
 class Key:
     """A key of the scenario file. ``kind``: int, float, str, bool, str-list,
     int-list (read and checked generically), or table / list / any (read by
-    its section's parser). ``bound``: positive, nonneg, unit ([0, 1]), seed or
-    seqlen (a sequence length: at least 2, a token and the next to predict).
-    ``toml``: the key's name in the file when it differs from the field's."""
+    its section's parser). ``bound``: positive, nonneg, unit ([0, 1]), open-unit
+    ((0, 1)), seed or seqlen (a sequence length: at least 2, a token and the
+    next to predict). ``toml``: the key's name in the file when it differs
+    from the field's. ``doc_type``: the type column of docs/scenarios.md where
+    the kind does not say it (a key its section's parser reads)."""
 
     kind: str
     help: str
@@ -57,6 +59,7 @@ class Key:
     choices: tuple[str, ...] | None = None
     toml: str | None = None
     doc_default: str | None = None
+    doc_type: str | None = None
 
 
 def key(kind: str, default=None, help: str = "", **kw):
@@ -146,7 +149,7 @@ class AdapterSpec:
     max_len: int = key("int", 256, bound="seqlen", help="sequence length")
     top_layers: int | None = key("int", bound="positive", doc_default="all layers",
                                  help="adapt only the top N transformer blocks (the targets inside them)")  # fmt: skip
-    init: str = key("any", "data", doc_default="`data`",
+    init: str = key("any", "data", doc_default="`data`", doc_type="string or list",
                     help="initial factors from the seed and the domain's records (`data`), or from the seed alone "
                     "(`shared`); a list of both: each a study of its own (labels `KIND:shared`)")  # fmt: skip
     extra: dict = field(default_factory=dict)  # warmup, weight_decay, ... passed through
@@ -219,7 +222,7 @@ class PredictorSpec:
         "int", 256, bound="positive", help="calibration tokens per domain (data-aware features)"
     )
     max_len: int = key("int", 128, bound="seqlen", help="sequence length of the calibration records")
-    level: float = key("float", 0.9, bound="unit", help="level of the prediction intervals")
+    level: float = key("float", 0.9, bound="open-unit", help="level of the prediction intervals")
     target: str = key("str", "retention", choices=("retention", "delta_ppl"),
                       help="the target whose best predictor is saved as predictors.json")  # fmt: skip
     method: str = key("str", "sum", help="... for this merge method")
@@ -262,12 +265,12 @@ class Scenario:
     base: BaseSpec = key("table", required=True, help="`base.path` or `[base.build]`")
     domains: dict[str, DomainSpec] = key("table", required=True, help="at least two `[domains.NAME]` tables")
     adapters: AdapterSpec = key("table", doc_default="the defaults below", help="the adapter training recipe")
-    compositions: list[tuple[str, ...]] = key("list", doc_default='`["all-pairs"]`',
+    compositions: list[tuple[str, ...]] = key("list", doc_default='`["all-pairs"]`', doc_type="list or table",
                                               help='`"all-pairs"`, `"all-triples"`, `"all-K"`, or lists of '
                                               "domain names (at least 2); or the table below")  # fmt: skip
     # None: all; (N, included compositions): N pairs spanning the similarity; or a tuple of compositions.
     merged_data: tuple | None = key(
-        "any", doc_default='`"all"`',
+        "any", doc_default='`"all"`', doc_type="string, int, table or list",
         help='compositions that get a merged-data adapter (the `delta_ppl%` target): `"all"`, a number N '
         "(N pairs spanning the domains' data similarity, docs/scenarios.md), `{ count = N, include = [...] }` "
         "(the included pairs and N minus as many spanning ones) or lists of domain names")  # fmt: skip
@@ -288,8 +291,13 @@ class Scenario:
 class _CompositionKeys:
     """``[compositions]`` as a table (instead of a list)."""
 
-    pairs: None = key("any", doc_default="—", help='`"all"` (every pair) or lists of two domain names')
-    triples: None = key("any", doc_default="—",
+    pairs: None = key(
+        "any",
+        doc_default="—",
+        doc_type="string or list",
+        help='`"all"` (every pair) or lists of two domain names',
+    )
+    triples: None = key("any", doc_default="—", doc_type="string or int",
                         help='`"all"`, or a number K: K triples drawn with `seed` (sorted, without repeats)')  # fmt: skip
     seed: int = key("int", 0, bound="nonneg", help="the seed of the triples' sample")
 
@@ -302,8 +310,8 @@ SCHEMA = (("", Scenario), ("base", BaseSpec), ("base.build", _BuildKeys), ("doma
 
 _DOC_TYPES = {"int": "int", "float": "number", "str": "string", "bool": "bool", "str-list": "list of string",
               "int-list": "list of int", "table": "table", "list": "list", "any": "path/spec or list"}  # fmt: skip
-_DOC_BOUNDS = {"positive": " > 0", "nonneg": " ≥ 0", "unit": " in [0, 1]", "seed": " in [0, 2^63 - 1]",
-               "seqlen": " ≥ 2"}  # fmt: skip
+_DOC_BOUNDS = {"positive": " > 0", "nonneg": " ≥ 0", "unit": " in [0, 1]", "open-unit": " in (0, 1)",
+               "seed": " in [0, 2^63 - 1]", "seqlen": " ≥ 2"}  # fmt: skip
 
 
 def schema_markdown() -> str:
@@ -318,7 +326,7 @@ def schema_markdown() -> str:
                 dflt = k.doc_default
             else:
                 dflt = f"`{default}`"
-            typ = " / ".join(f"`{c}`" for c in k.choices) if k.choices else _DOC_TYPES[k.kind]
+            typ = " / ".join(f"`{c}`" for c in k.choices) if k.choices else k.doc_type or _DOC_TYPES[k.kind]
             rows.append(f"| `{full}` | {typ}{_DOC_BOUNDS.get(k.bound, '')} | {dflt} | {k.help} |")
     return "\n".join(rows)
 
@@ -475,6 +483,8 @@ def _read(ctx: _Ctx, cls, t: dict, where: str, *, also=(), defaults=None) -> dic
             _check_seeds(ctx, v, full)
         if v is not None and k.bound == "unit" and not 0 <= v <= 1:
             raise ctx.error(full, f"must lie in [0, 1], got {v}")
+        if v is not None and k.bound == "open-unit" and not 0 < v < 1:
+            raise ctx.error(full, f"must lie strictly between 0 and 1, got {v}")
         if k.choices and k.kind == "str" and v not in k.choices:
             raise ctx.error(full, f"must be {' or '.join(repr(c) for c in k.choices)}, got {v!r}")
         out[fname] = v
@@ -887,8 +897,6 @@ def _parse_predictors(ctx, t, merges: list[MergeSpec]) -> PredictorSpec | None:
     if not isinstance(t, dict):
         raise ctx.error("predictors", f"expected a table, got {_typename(t)}")
     p = PredictorSpec(**_read(ctx, PredictorSpec, t, "predictors"))
-    if not 0 < p.level < 1:
-        raise ctx.error("predictors.level", f"must lie strictly between 0 and 1, got {p.level}")
     if p.method not in [m.method for m in merges]:
         raise ctx.error("predictors.method", f"{p.method!r} is not in merge.methods")
     return p
