@@ -95,3 +95,21 @@ def test_every_loramix_variable_is_documented_and_every_documented_one_read():
     documented = _variables(DOCS)
     assert read - documented == set(), "read by loramix/ but in neither README.md nor docs/"
     assert documented - read == set(), "documented but read nowhere in loramix/"
+
+
+def test_the_readme_names_each_commands_device_default():
+    """README's Conventions list which commands default to ``--device auto``
+    (CUDA where there is a GPU) and which to ``cpu``."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    start = readme.index("- `--device auto|cpu|cuda`:")
+    line = readme[start : readme.index("- ", start + 2)]
+    auto_part, cpu_part = line.split("uses CUDA")[0], line.split("uses CUDA")[1]
+    for name in COMMANDS:
+        device = [p for p in _options(name) if "--device" in p.opts]
+        if not device:
+            continue
+        short = f"`{name.removeprefix('loramix ').split()[0]}`"
+        if name.startswith("loramix base "):
+            short = "`base build`"
+        said = short in auto_part and "auto" or short in cpu_part and "cpu" or None
+        assert said == device[0].default, f"{name}: --device defaults to {device[0].default}, README: {said}"
