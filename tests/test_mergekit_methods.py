@@ -116,6 +116,18 @@ def test_della_matches_the_formula():
     assert not torch.equal(run_method("della", ads, WS, MOD, density=density, epsilon=eps, seed=8), got / 0.9)
 
 
+def test_della_ranks_are_the_inverse_of_the_row_sort():
+    """The keep probabilities' ranks, scattered from one argsort, are the
+    ranks a second argsort gives (the former code), ties included (values
+    rounded to bfloat16 repeat): the same bits, so the same masks."""
+    from loramix.methods.della import della_keep_probs
+
+    x = torch.randn(37, 300, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).float()
+    a = x.abs()
+    ranks = a.argsort(dim=1).argsort(dim=1).float()
+    assert torch.equal(della_keep_probs(x, 0.5, 0.2), (0.5 - 0.2) + ranks / 299 * (2 * 0.2))
+
+
 def test_della_refuses_probabilities_outside_0_1():
     with pytest.raises(UsageError, match="density"):
         get_method("della").validate({"density": 0.1, "epsilon": 0.2}, rand_adapters())

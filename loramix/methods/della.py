@@ -42,8 +42,15 @@ def della_keep_probs(x, density: float, epsilon: float):
     import torch
 
     a = x.detach().abs().float().cpu()
-    ranks = a.argsort(dim=1).argsort(dim=1).float()  # 0 .. in-1
     n = a.shape[1]
+    # each entry's rank in its row (0 .. in-1): the inverse of the sorting permutation,
+    # scattered rather than found by a second argsort (the same ranks, half the sorting,
+    # one (out, in) int64 tensor fewer)
+    order = a.argsort(dim=1)
+    del a
+    ranks = torch.empty(order.shape, dtype=torch.float32)
+    ranks.scatter_(1, order, torch.arange(n, dtype=torch.float32).expand_as(ranks))
+    del order
     rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
     return (density - epsilon) + rank_norm * (2 * epsilon)
 
