@@ -20,6 +20,7 @@ import warnings
 import click
 
 from .. import __version__
+from ..devices import DEVICE_CHOICES
 from ..errors import LoramixError, LoramixWarning, UsageError
 from .threads import threads_option
 
@@ -96,6 +97,26 @@ FLAGS = {
     "into": "--into",
     "eval_size": "--eval-size",
 }
+
+
+# Options several commands take, spelled once.
+device_option = click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
+                             help="auto: CUDA where torch sees a GPU, else the CPU.")  # fmt: skip
+format_option = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+                             show_default=True, help="Output format.")  # fmt: skip
+
+
+def field_options(f):
+    """``--question-field``, ``--answer-field``, ``--context-field``: where a
+    record of a JSONL file keeps its parts (``train`` and ``eval``)."""
+    for opt in reversed([
+        click.option("--question-field", default="question", show_default=True, help="Field holding the question."),
+        click.option("--answer-field", default="answer", show_default=True, help="Field holding the answer."),
+        click.option("--context-field", default="context", show_default=True,
+                     help="Field holding a passage put before the question (absent or empty: none)."),
+    ]):  # fmt: skip
+        f = opt(f)
+    return f
 
 
 def merge_options(progress: bool):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..devices import DEVICE_CHOICES
-from . import data_options
+from . import data_options, device_option
 
 
 @click.group("base")
@@ -23,13 +22,7 @@ def command():
 @click.option("--steps", type=int, default=None, help="Pre-training steps (default per size).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
               help="Seed of the initial weights, the held-out split and the training windows.")  # fmt: skip
-@click.option(
-    "--device",
-    type=click.Choice(DEVICE_CHOICES),
-    default="auto",
-    show_default=True,
-    help="auto: CUDA where torch sees a GPU, else the CPU.",
-)
+@device_option
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build(data, more_data, out, size, steps, seed, device, force, quiet):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..devices import DEVICE_CHOICES
-from . import data_options, prompt_option
+from . import data_options, device_option, field_options, format_option, prompt_option
 from .threads import threads_option
 
 
@@ -28,17 +27,8 @@ from .threads import threads_option
 )
 @click.option("--batch", type=int, default=16, show_default=True, help="Records per forward pass.")
 @click.option("--limit", type=int, default=None, help="Use the first N records of each file.")
-@click.option(
-    "--device",
-    type=click.Choice(DEVICE_CHOICES),
-    default="auto",
-    show_default=True,
-    help="auto: CUDA where torch sees a GPU, else the CPU.",
-)
-@click.option("--question-field", default="question", show_default=True, help="Field holding the question.")
-@click.option("--answer-field", default="answer", show_default=True, help="Field holding the answer.")
-@click.option("--context-field", default="context", show_default=True,
-              help="Field holding a passage put before the question (absent or empty: none).")  # fmt: skip
+@device_option
+@field_options
 @threads_option
 @click.option(
     "--top-layers",
@@ -52,14 +42,7 @@ from .threads import threads_option
     default=None,
     help="Load the base in this dtype (float32, bfloat16, float16, auto: the checkpoint's; default float32).",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="Output format.",
-)
+@format_option
 @click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on stderr.")
 def command(base, adapters, weights, merged, data, more_data, on, prompt, max_len, batch, limit, device,
             question_field, answer_field, context_field, top_layers, dtype, fmt, progress):  # fmt: skip

@@ -7,17 +7,12 @@ from pathlib import Path
 
 import click
 
+from . import format_option
+
 
 @click.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="Output format.",
-)
+@format_option
 def command(path: Path, fmt: str) -> None:
     """Show what the adapter at PATH holds, module by module.
 

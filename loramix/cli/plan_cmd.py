@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import calibration_options, check_calibration_args
+from . import calibration_options, check_calibration_args, format_option
 
 
 def _fmt(v) -> str:
@@ -31,14 +31,7 @@ def _fmt(v) -> str:
     help="Largest predicted cost of a group (default: 0 with --fit, the zero-interference point; 0.1 cosine).",
 )
 @click.option("--device", default="cpu", show_default=True, help="Device for the calibration forward passes.")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="Output format.",
-)
+@format_option
 @click.option("--json", "as_json", is_flag=True, hidden=True, help="Same as --format json.")
 def command(adapters, fit_path, data, base, tokens, max_len, max_group, budget, device, fmt, as_json):
     """Propose groups of ADAPTERS to merge, with each group's predicted cost and a method."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import calibration_options, check_calibration_args
+from . import calibration_options, check_calibration_args, format_option
 
 
 @click.command("predict")
@@ -37,14 +37,7 @@ from . import calibration_options, check_calibration_args
     help="Prediction-interval level (fit.json; default: the fit's, 0.95).",
 )
 @calibration_options
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="Output format.",
-)
+@format_option
 def command(adapters, fit_path, merge_method, label, level, data, base, tokens, max_len, fmt):
     """Predict the interference of merging ADAPTERS (at least two), with error bars."""
     from ..errors import UsageError

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..devices import DEVICE_CHOICES
-from . import data_options, prompt_option
+from . import data_options, device_option, field_options, prompt_option
 from .threads import threads_option
 
 
@@ -75,17 +74,8 @@ def _eval_size(value: str) -> int | float:
     is_flag=True,
     help="Initial factors from --seed alone (default: from --seed and the data, so domains start apart).",
 )
-@click.option(
-    "--device",
-    type=click.Choice(DEVICE_CHOICES),
-    default="auto",
-    show_default=True,
-    help="auto: CUDA where torch sees a GPU, else the CPU.",
-)
-@click.option("--question-field", default="question", show_default=True, help="Field holding the question.")
-@click.option("--answer-field", default="answer", show_default=True, help="Field holding the answer.")
-@click.option("--context-field", default="context", show_default=True,
-              help="Field holding a passage put before the question (absent or empty: none).")  # fmt: skip
+@device_option
+@field_options
 @click.option(
     "--top-layers",
     type=int,
