@@ -65,8 +65,9 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
 DTYPES = ("float32", "bfloat16")
 #: the version of what an import writes from a given file, in the name of
 #: :func:`resolve_base`'s cached folder (2: a Mistral-named llama GGUF without a
-#: sliding window in its metadata gets none, not MistralConfig's 4096)
-IMPORT_RULE = 2
+#: sliding window in its metadata gets none, not MistralConfig's 4096; 3: nor
+#: with one, which llama.cpp does not read for a llama GGUF)
+IMPORT_RULE = 3
 # GGUF metadata only: tokenizer bookkeeping transformers copies into the config.
 _DROP_CONFIG_KEYS = ("_model_name_or_path",)
 
@@ -162,10 +163,10 @@ def _hf_config(reader, path: Path, model_type: str, dtype: str):
         raise BaseModelError(path, f"its RoPE is scaled ({gguf_arch}.rope.scaling.type = {scaling!r}), "
                                    "which loramix cannot import: transformers' GGUF support drops it")  # fmt: skip
     if model_type == "mistral":
-        # llama.cpp runs a "llama" GGUF with full attention; MistralConfig's default
-        # sliding_window (4096) would make positions >= 4096 attend differently
-        window = _field(reader, f"{gguf_arch}.attention.sliding_window")
-        cfg["sliding_window"] = int(window) if window else None
+        # llama.cpp runs a "llama" GGUF with full attention: it reads no sliding
+        # window for that architecture, even where the metadata state one. Neither
+        # MistralConfig's default window (4096) nor the file's may be kept.
+        cfg["sliding_window"] = None
     try:
         config = AutoConfig.for_model(model_type, **cfg)
     except Exception as e:

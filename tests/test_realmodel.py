@@ -371,6 +371,21 @@ def test_mistral_named_gguf_has_no_sliding_window(tmp_path):
     assert config.sliding_window is None
 
 
+def test_mistral_named_gguf_ignores_a_sliding_window_key(tmp_path):
+    """llama.cpp reads no sliding window for a "llama" GGUF (its LLM_ARCH_LLAMA
+    hparams are the RMS eps alone), and neither does transformers' GGUF loader:
+    a ``llama.attention.sliding_window`` in the metadata changes nothing there.
+    The import gave MistralConfig that window (16 here), so every position past
+    it attended differently (logits off by 6 on 40 tokens against
+    ``from_pretrained(gguf_file=...)``)."""
+    from loramix.gguf_import import _hf_config, open_gguf
+
+    path = llama_gguf(tmp_path / "m.gguf", name="Mistral 7B Instruct v0.1", sliding_window=16)
+    config = _hf_config(open_gguf(path), path, "mistral", "float32")
+    assert config.model_type == "mistral"
+    assert config.sliding_window is None
+
+
 # ggml's IQ4 non-linear grid (kvalues_iq4nl): 16 levels a 4-bit index picks from
 IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
