@@ -28,8 +28,10 @@ What loramix adds is checking and writing:
   tensors, in ``loramix.json`` and in the safetensors metadata.
 
 * **RoPE scaling** is refused: a ``rope_freqs`` tensor other than all ones
-  (llama.cpp's form of Llama 3.1's scaled frequencies) or a
-  ``{arch}.rope.scaling.type`` other than ``none``. transformers' GGUF support
+  (llama.cpp's form of Llama 3.1's scaled frequencies), a
+  ``{arch}.rope.scaling.type`` other than ``none``, or without a type a
+  ``rope.scaling.factor`` (``rope.scale_linear``) other than 0 or 1, which
+  llama.cpp reads as linear scaling. transformers' GGUF support
   drops both, so the model written would not be the model in the file.
 
 Supported architectures: the Llama family (``llama``, which covers SmolLM and
@@ -162,6 +164,18 @@ def _hf_config(reader, path: Path, model_type: str, dtype: str):
     if scaling not in (None, "none"):
         raise BaseModelError(path, f"its RoPE is scaled ({gguf_arch}.rope.scaling.type = {scaling!r}), "
                                    "which loramix cannot import: transformers' GGUF support drops it")  # fmt: skip
+    if scaling is None:
+        # llama.cpp reads a factor without a type as linear scaling (the type
+        # defaults to "linear"; rope.scale_linear is older converters' key); 0 and 1
+        # scale nothing. transformers' GGUF support drops the factor as well.
+        for key in (f"{gguf_arch}.rope.scaling.factor", f"{gguf_arch}.rope.scale_linear"):
+            factor = _field(reader, key)
+            if factor is not None:
+                if float(factor) not in (0.0, 1.0):
+                    raise BaseModelError(path, f"its RoPE is scaled ({key} = {float(factor)}, linear as llama.cpp "
+                                               "reads it), which loramix cannot import: transformers' GGUF "
+                                               "support drops it")  # fmt: skip
+                break  # llama.cpp reads the older key only where the newer is absent
     if model_type == "mistral":
         # llama.cpp runs a "llama" GGUF with full attention: it reads no sliding
         # window for that architecture, even where the metadata state one. Neither

@@ -251,11 +251,13 @@ def llama_gguf(
     put: dict | None = None,
     _raw: dict | None = None,
     tokenizer: bool = False,
+    floats: dict | None = None,
     **meta,
 ) -> Path:
     """A one-block Llama GGUF (width 32, vocab 64) with the metadata a model
     has (``meta`` overrides them, None leaves one out), less tensor ``drop``,
-    with the tensors ``put`` in place of the random ones (or beside them)."""
+    with the tensors ``put`` in place of the random ones (or beside them);
+    ``floats``: float32 keys by full name (ones GGUFWriter has no adder for)."""
     import gguf
     import numpy as np
 
@@ -265,6 +267,8 @@ def llama_gguf(
     for key, v in k.items():
         if v is not None:
             getattr(w, f"add_{key}")(v)
+    for key, v in (floats or {}).items():
+        w.add_float32(key, v)
     if tokenizer:  # a byte-level BPE of 64 single characters, no merges
         w.add_tokenizer_model("gpt2")
         w.add_token_list([chr(33 + i) for i in range(64)])
@@ -346,6 +350,26 @@ def test_import_refuses_bad_input(tmp_path, capsys):
         out = tmp_path / f"out{i}"
         one_line_error(capsys, ["base", "import", path, "--out", out], path, *needles)
         assert not out.exists() and not list(tmp_path.glob(f".out{i}*")), path
+
+
+def test_rope_scale_factor_without_a_type_is_refused(tmp_path, capsys):
+    """llama.cpp reads a RoPE scaling factor with no ``rope.scaling.type`` as
+    linear scaling (its type defaults to "linear"), from ``rope.scaling.factor``
+    or the older converters' ``rope.scale_linear``: positions divided by the
+    factor. transformers' GGUF support drops both, so the import computed
+    unscaled positions (accepted silently). A factor of 0 or 1 scales nothing
+    and still imports."""
+    for i, (kw, needle) in enumerate(
+        [
+            ({"rope_scaling_factor": 4.0}, "llama.rope.scaling.factor = 4.0"),
+            ({"floats": {"llama.rope.scale_linear": 2.0}}, "llama.rope.scale_linear = 2.0"),
+        ]
+    ):
+        path = llama_gguf(tmp_path / f"scaled{i}.gguf", tokenizer=True, **kw)
+        one_line_error(capsys, ["base", "import", path, "--out", tmp_path / f"o{i}"], path, needle, "linear")
+    for i, kw in enumerate([{"rope_scaling_factor": 1.0}, {"floats": {"llama.rope.scale_linear": 0.0}}]):
+        path = llama_gguf(tmp_path / f"unscaled{i}.gguf", tokenizer=True, **kw)
+        assert main(["base", "import", str(path), "--out", str(tmp_path / f"u{i}")]) == 0, capsys.readouterr()
 
 
 def test_bad_gguf_as_base_is_one_line(tmp_path, capsys):
