@@ -58,7 +58,10 @@ from pathlib import Path
 from .errors import BaseModelError
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")  # transformers model types written
+# general.architecture values read: llama.cpp writes Mistral as "llama" and knows
+# no "mistral" (nor does gguf's tensor-name table, which maps the names)
+GGUF_ARCHITECTURES = ("llama", "qwen2")
 # ggml types gguf.quants.dequantize handles and loramix has checked, on real files
 # or (IQ4_NL, IQ4_XS) against their block layouts (tests/test_realmodel.py). The
 # other i-quants read lattice tables; without a file to check them on, refused.
@@ -115,15 +118,14 @@ def gguf_architecture(reader, path) -> str:
     arch = _field(reader, "general.architecture")
     if not isinstance(arch, str):
         raise BaseModelError(path, "has no general.architecture; not a model GGUF")
-    name = str(_field(reader, "general.name") or "").lower()
-    model_type = "mistral" if arch == "llama" and "mistral" in name else arch
-    if model_type not in SUPPORTED_ARCHITECTURES:
+    if arch not in GGUF_ARCHITECTURES:
         raise BaseModelError(
             path,
             f"architecture {arch!r} is not supported; loramix imports the Llama family "
-            f"({', '.join(SUPPORTED_ARCHITECTURES)})",
+            "(llama, which covers llama.cpp's Mistral files, and qwen2)",
         )
-    return model_type
+    name = str(_field(reader, "general.name") or "").lower()
+    return "mistral" if arch == "llama" and "mistral" in name else arch
 
 
 def check_quantisation(reader, path) -> dict[str, int]:

@@ -261,9 +261,10 @@ def llama_gguf(
     import gguf
     import numpy as np
 
+    arch = meta.pop("arch", "llama")
     k = {"block_count": 1, "context_length": 64, "embedding_length": 32, "feed_forward_length": 64,
          "head_count": 2, "head_count_kv": 2, "layer_norm_rms_eps": 1e-5, **meta}  # fmt: skip
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     for key, v in k.items():
         if v is not None:
             getattr(w, f"add_{key}")(v)
@@ -306,6 +307,7 @@ def test_import_refuses_bad_input(tmp_path, capsys):
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(good.read_bytes()[:-100])
     gpt2 = write_gguf(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": np.ones((8, 32), np.float32)})
+    mistral = llama_gguf(tmp_path / "mistral.gguf", tokenizer=True, arch="mistral")
     ints = write_gguf(tmp_path / "int8.gguf", "llama", {"token_embd.weight": np.ones((8, 32), np.int8)})
     damaged = np.ones((64, 32), np.float32)
     damaged[3, 5] = np.nan  # as bytes overwritten in a real file make the de-quantised values
@@ -315,6 +317,8 @@ def test_import_refuses_bad_input(tmp_path, capsys):
         (tmp_path / "missing.gguf", ["no such file"]),
         (truncated, ["corrupt or truncated"]),
         (gpt2, ["architecture 'gpt2' is not supported", "llama"]),
+        # llama.cpp has no "mistral" architecture (its Mistral files are "llama"): was a StopIteration traceback
+        (mistral, ["architecture 'mistral' is not supported", "llama"]),
         (ints, ["token_embd.weight", "I8", "cannot import"]),
         (nan, ["token_embd.weight", "1 nan or inf"]),
         (
