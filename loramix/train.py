@@ -650,12 +650,12 @@ def _write(out, run: _Run, kind, settings, options, metrics, *, force, file_inpu
     import torch
 
     from .io.outputs import atomic_output_dir, provenance, write_provenance
+    from .io.safetensors_io import file_record
     from .layers import extract_modules
 
     inputs = [run.base_rec, *run.data_inputs]
     # No clock time or timings in the tensor file's metadata: same inputs, same bytes.
-    file_prov = provenance("train", settings, inputs)
-    file_prov.pop("created", None)
+    file_prov = file_record(provenance("train", settings, inputs))
     # nor how a path was typed (the base's "given"): relative or absolute, same bytes
     file_prov["inputs"] = [{k: v for k, v in i.items() if k != "given"} for i in inputs]
     modules = extract_modules(run.model)

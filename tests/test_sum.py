@@ -227,14 +227,19 @@ def test_provenance(gpt2, tmp_path):
     for shard in BaseModelFolder(tmp_path / "out").shards:
         with safe_open(str(tmp_path / "out" / shard), "pt") as f:
             assert f.metadata()["format"] == "pt"
-            # The weights carry the provenance less its timestamp (byte-identical reruns).
-            assert json.loads(f.metadata()["loramix"]) == {k: v for k, v in rec.items() if k != "created"}
+            # The weights carry the provenance less when and where it ran: byte-identical reruns,
+            # and a weight file's hash (a base's identity) that no package upgrade changes
+            assert json.loads(f.metadata()["loramix"]) == {
+                k: v for k, v in rec.items() if k not in ("created", "software")
+            }
 
     sum_adapters(gpt2["adapters"], tmp_path / "ad", weights=weights)
     rec2 = json.loads((tmp_path / "ad" / "loramix.json").read_text())
     with safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as f:
-        assert json.loads(f.metadata()["loramix"]) == {k: v for k, v in rec2.items() if k != "created"}
-    assert "created" in rec2
+        assert json.loads(f.metadata()["loramix"]) == {
+            k: v for k, v in rec2.items() if k not in ("created", "software")
+        }
+    assert "created" in rec2 and "software" in rec2
     assert [i["sha256"] for i in rec2["inputs"]] == [i["sha256"] for i in ads]
 
 

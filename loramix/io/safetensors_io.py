@@ -178,15 +178,25 @@ def check_output_finite(t: torch.Tensor, key: str) -> torch.Tensor:
     return t
 
 
+#: provenance that says when and where a run was made, not what it made: in
+#: ``loramix.json`` only. In a weight file's metadata the time would make the
+#: same inputs never give the same bytes, and the software versions would make a
+#: base's identity (its weight files' hash, the scenario cache's key) change with
+#: the installed packages although its tensors do not.
+RUN_FACTS = ("created", "software")
+
+
+def file_record(provenance: dict) -> dict:
+    """``provenance`` less :data:`RUN_FACTS`: what a weight file carries."""
+    return {k: v for k, v in provenance.items() if k not in RUN_FACTS}
+
+
 def safetensors_metadata(provenance: dict | None = None) -> dict[str, str]:
     """Metadata for a file we write: ``format: pt`` (transformers requires it)
-    plus the provenance, less its timestamp, as one JSON string."""
+    plus the provenance, less :data:`RUN_FACTS`, as one JSON string."""
     meta = {"format": "pt"}
     if provenance is not None:
-        # The wall-clock time lives in loramix.json only: with it here, the same
-        # inputs could never give byte-identical weight files.
-        record = {k: v for k, v in provenance.items() if k != "created"}
-        meta["loramix"] = json.dumps(record, sort_keys=True)
+        meta["loramix"] = json.dumps(file_record(provenance), sort_keys=True)
     return meta
 
 

@@ -41,7 +41,7 @@ from ..devices import resolve_device
 from ..errors import AdapterError, UsageError
 from ..io.adapter_files import WEIGHTS_NAME, load_adapter, save_peft_adapter
 from ..io.outputs import atomic_output_dir, check_output, provenance, write_provenance
-from ..io.safetensors_io import canonicalize_header
+from ..io.safetensors_io import canonicalize_header, file_record
 from ..options import dtype_name, parse_dtype, parse_weights, promoted_dtype
 from . import MergeResult, get_method
 from .base import LowRank, MergeMethod, ModuleContext, energy_info, summarize_energy
@@ -153,10 +153,6 @@ def _record(m: MergeMethod, ads, ws, p, dtype) -> dict:
     return provenance(m.name, {**_clean(p), "weights": ws, "dtype": dtype_name(dtype)}, _inputs(ads, ws))
 
 
-def _without_time(rec: dict) -> dict:
-    return {k: v for k, v in rec.items() if k != "created"}
-
-
 def _adapter_factors(m: MergeMethod, jobs, p, trunc) -> Iterator[LowRank]:
     """Per job, in order, the merged delta as factors: the method's own
     (low-rank methods), else from its dense delta; truncated by SVD when
@@ -233,7 +229,7 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs, trunc=None)
             base_model_name_or_path=_first_given(ads, "base_model_name_or_path"),
             fan_in_fan_out=fan_in_fan_out,
             dtype=dtype,
-            provenance=_without_time(full),
+            provenance=file_record(full),
             # null where no input names one, as PEFT writes it: a default (CAUSAL_LM) would make PEFT
             # wrap a BERT masked-LM base as a causal LM
             extra_config={"task_type": _first_given(ads, "task_type")},
