@@ -215,6 +215,14 @@ def check_shape(reader, path: Path, cfg: dict, gguf_arch: str) -> None:
     if kv < 1 or heads % kv:
         raise BaseModelError(path, f"{gguf_arch}.attention.head_count_kv {kv} does not divide its "
                              f"attention.head_count {heads}")  # fmt: skip
+    # llama.cpp rotates only the first rope.dimension_count dimensions of each head;
+    # transformers' Llama and Qwen2 rotate all of them, so a smaller count is another model
+    # (transformers takes head_dim from the rotated count itself: the head size is the key length)
+    rot = _field(reader, f"{gguf_arch}.rope.dimension_count")
+    head_dim = int(_field(reader, f"{gguf_arch}.attention.key_length") or width // heads)
+    if rot is not None and int(rot) != head_dim:
+        raise BaseModelError(path, f"{gguf_arch}.rope.dimension_count {int(rot)} rotates part of each head "
+                             f"(head size {head_dim}), which transformers' {gguf_arch} cannot run")  # fmt: skip
 
 
 def _name_map(config, gguf_arch: str) -> tuple[dict[str, str], object, object]:

@@ -338,6 +338,11 @@ def test_import_refuses_bad_input(tmp_path, capsys):
             ["head_count 3 does not divide", "32"],
         ),
         (llama_gguf(tmp_path / "kv3.gguf", head_count_kv=3), ["head_count_kv 3 does not divide"]),
+        # llama.cpp would rotate 8 of each head's 16 dimensions, transformers all 16
+        (
+            llama_gguf(tmp_path / "rot8.gguf", rope_dimension_count=8),
+            ["llama.rope.dimension_count 8 rotates part of each head (head size 16)"],
+        ),
         # RoPE scaling, which transformers' GGUF support drops: the written model would not be the file's
         (
             llama_gguf(
