@@ -59,8 +59,12 @@ def module_sets(draw, n_min=1, n_max=5, dtypes=(torch.float32, torch.float16, to
 
 
 def dense(md: ModuleDelta) -> torch.Tensor:
-    """The textbook delta s B A, in float64 from the stored factors."""
-    return md.scale * (md.B.double() @ md.A.double())
+    """The textbook delta s B A (D2-LoRA: the signed residual
+    s (B+ A+ - tau B- A-)), in float64 from the stored factors."""
+    d = md.scale * (md.B.double() @ md.A.double())
+    if md.B_neg is not None:
+        d = d - md.scale * md.tau * (md.B_neg.double() @ md.A_neg.double())
+    return d
 
 
 def ref_sum(ads, ws):
@@ -118,6 +122,10 @@ def multi_module_sets(draw):
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     ads = []
     for t in range(draw(st.integers(1, 4))):
+        if ads and draw(st.integers(0, 4)) == 0:  # the same adapter again, under another name
+            ads.append(Adapter(name=f"a{t}", kind=ads[-1].kind, modules=dict(ads[-1].modules)))
+            continue
+        d2 = draw(st.integers(0, 3)) == 0  # a D2-LoRA adapter: its signed residual
         subset = draw(st.lists(st.integers(0, n_mod - 1), min_size=1, max_size=n_mod, unique=True))
         mods = {}
         for k in sorted(subset):
@@ -125,10 +133,14 @@ def multi_module_sets(draw):
             r = draw(st.integers(1, min(o, i)))
             B = torch.randn(o, r, generator=g) * draw(st.sampled_from([1.0, 1.0, 0.0, -1.0]))
             name = f"model.layers.{k}.proj"
-            mods[name] = ModuleDelta(name=name, B=B.to(dt := draw(st.sampled_from(HALF_AND_FULL))),
-                                     A=torch.randn(r, i, generator=g).to(dt), scale=draw(st.sampled_from([0.5, 2.0, 1e-3])),
-                                     alpha=1.0)  # fmt: skip
-        ads.append(Adapter(name=f"a{t}", kind="lora", modules=mods))
+            dt = draw(st.sampled_from(HALF_AND_FULL))
+            kw = {}
+            if d2:
+                kw = dict(B_neg=torch.randn(o, r, generator=g).to(dt), A_neg=torch.randn(r, i, generator=g).to(dt),
+                          tau=draw(st.sampled_from([0.0, 0.5, 1.0])))  # fmt: skip
+            mods[name] = ModuleDelta(name=name, B=B.to(dt), A=torch.randn(r, i, generator=g).to(dt),
+                                     scale=draw(st.sampled_from([0.5, 2.0, 1e-3])), alpha=1.0, **kw)  # fmt: skip
+        ads.append(Adapter(name=f"a{t}", kind="d2lora" if d2 else "lora", modules=mods))
     return ads
 
 
@@ -600,8 +612,13 @@ def test_sum_adapter_over_modules_only_some_adapters_have(tmp_path_factory, ads,
     """Each module's stacked rank differs (rank_pattern/alpha_pattern in the
     written config); a module is the sum over the adapters that have it."""
     from loramix import load_adapter, sum_adapters
+    from loramix.errors import AdapterError
 
     ws = [data.draw(WEIGHTS) for _ in ads]
+    if any(a.kind.name == "d2lora" for a in ads):  # documented: no LoRA adapter holds their sum
+        with pytest.raises(AdapterError, match="D2-LoRA"):
+            sum_adapters(ads, tmp_path_factory.mktemp("s") / "out", weights=ws)
+        return
     out = sum_adapters(ads, tmp_path_factory.mktemp("s") / "out", weights=ws)
     got = load_adapter(out)
     names = {m for a in ads for m in a.modules}
@@ -734,3 +751,80 @@ def test_merge_into_gpt2_base_equals_reference(gpt2_base, tmp_path_factory, data
         torch.testing.assert_close(got, ref, rtol=0, atol=tol)
         compared += 1
     assert compared or method in ("ties", "magnitude")
+
+
+@SET
+@given(
+    st.integers(1, 8),
+    st.integers(1, 8),
+    st.lists(st.tuples(st.integers(1, 3), st.floats(0.0, 1.5), WEIGHTS), min_size=1, max_size=4),
+    st.sampled_from([0, 1]),
+    st.integers(0, 2**20),
+)
+def test_d2_signed_equals_reference(o, i, specs, norm_dim, seed):
+    """d2-signed: R = sum_i w_i dW_i, W* = (W0 + R) ||W0||_n / ||W0 + R||_n,
+    delta W* + R - W0; its reported difference to the effective sum."""
+    from loramix.methods import get_method
+    from loramix.methods.base import ModuleContext
+
+    g = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(o, i, generator=g, dtype=F64)
+    ads, ws, R, eff = [], [], 0, 0
+    for n, (r, tau, w) in enumerate(specs):
+        Bp, Bn = torch.randn(o, r, generator=g, dtype=F64), torch.randn(o, r, generator=g, dtype=F64)
+        Ap, An = torch.randn(r, i, generator=g, dtype=F64), torch.randn(r, i, generator=g, dtype=F64)
+        md = ModuleDelta(
+            name=MOD, B=Bp, A=Ap, B_neg=Bn, A_neg=An, tau=tau, scale=0.4, alpha=0.4 * r, norm_dim=norm_dim
+        )
+        ads.append(Adapter(name=f"d{n}", kind="d2lora", modules={MOD: md}))
+        ws.append(w)
+        dW = 0.4 * (Bp @ Ap - tau * Bn @ An)
+        R = R + w * dW
+        V = W0 + dW
+        eff = eff + w * (
+            V * (W0.norm(dim=norm_dim, keepdim=True) / V.norm(dim=norm_dim, keepdim=True)) + dW - W0
+        )
+    V = W0 + R
+    ref = (
+        V * (W0.norm(dim=norm_dim, keepdim=True) / V.norm(dim=norm_dim, keepdim=True).clamp_min(1e-8))
+        + R
+        - W0
+    )
+    close(run_method("d2-signed", ads, ws, MOD, W0=W0), ref, rtol=1e-9)
+    m = get_method("d2-signed")
+    ctx = ModuleContext(MOD, tuple(range(len(ads))), torch.device("cpu"), F64)
+    d, facts = m.merged(ctx, [a.modules[MOD] for a in ads], ws, W0, m.validate({}, ads))
+    ne = float(eff.norm())
+    want = float((ref - eff).norm()) / ne if ne > 0 else float((ref - eff).norm())
+    assert facts["rel_diff_vs_effective_sum"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=FIX)
+@given(case=module_sets(dtypes=(torch.float64, torch.float32)), k=st.integers(1, 4),
+       method=st.sampled_from(["magnitude", "ties", "breadcrumbs"]))  # fmt: skip
+def test_out_rank_adapter_is_the_best_rank_k_of_the_merged_delta(tmp_path_factory, case, k, method):
+    """--out-rank K without --into: the written adapter is the rank-K SVD
+    truncation of the method's dense merged delta (computed in float32 by
+    the run), its recorded discarded energy the tail of S^2."""
+    import json
+
+    from loramix import load_adapter, merge
+
+    ads, ws = case
+    params = {"density": 0.5} if method != "breadcrumbs" else {"density": 0.5, "gamma": 0.1}
+    out = tmp_path_factory.mktemp("r") / "out"
+    merge(ads, method, weights=ws, out=out, out_rank=k, device="cpu", **params)
+    D = run_method(method, ads, ws, MOD, dtype=torch.float32, **params).double()
+    S = torch.linalg.svdvals(D)
+    kk = max(1, min(k, len(S)))
+    md = load_adapter(out).modules[MOD]
+    assert md.rank == kk
+    err = float((md.residual() - D).pow(2).sum())
+    tot = float((S**2).sum())
+    assert err == pytest.approx(float((S[kk:] ** 2).sum()), rel=1e-3, abs=1e-6 * max(tot, 1e-30))
+    facts = json.loads((out / "loramix.json").read_text())["modules"][MOD]
+    assert facts["rank"] == kk
+    assert facts["energy_total"] == pytest.approx(tot, rel=1e-5, abs=1e-12)
+    assert facts["energy_discarded"] == pytest.approx(
+        float((S[kk:] ** 2).sum()), rel=1e-4, abs=1e-6 * max(tot, 1e-30)
+    )
