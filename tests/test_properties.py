@@ -828,3 +828,42 @@ def test_out_rank_adapter_is_the_best_rank_k_of_the_merged_delta(tmp_path_factor
     assert facts["energy_discarded"] == pytest.approx(
         float((S[kk:] ** 2).sum()), rel=1e-4, abs=1e-6 * max(tot, 1e-30)
     )
+
+
+@pytest.fixture(scope="module")
+def gpt2_bases_16(tmp_path_factory):
+    from .factories import save_base, tiny_gpt2
+
+    out = {}
+    for dt in (torch.bfloat16, torch.float16):
+        folder = tmp_path_factory.mktemp("gpt2") / str(dt).split(".")[1]
+        save_base(tiny_gpt2(n_layer=1, n_embd=16).to(dt), folder)
+        out[dt] = folder
+    return out
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=FIX)
+@given(data=st.data(), dt=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_sum_into_a_16_bit_base_is_the_rounded_sum(gpt2_bases_16, tmp_path_factory, data, dt):
+    """A 16-bit base written in its dtype: each weight is W0 + sum_i w_i dW_i
+    (float32) rounded once to the dtype, within one ulp of the float64 sum's
+    rounding (ties of the two roundings aside)."""
+    from safetensors.torch import load_file
+
+    from loramix import merge
+
+    root = tmp_path_factory.mktemp("m")
+    ads = _gpt2_adapters(data.draw, root)
+    ws = [data.draw(WEIGHTS) for _ in ads]
+    base = gpt2_bases_16[dt]
+    merge([str(p) for p, _ in ads], "sum", weights=ws, into=base, out=root / "out", device="cpu")
+    W0s, Ws = load_file(str(base / "model.safetensors")), load_file(str(root / "out" / "model.safetensors"))
+    for name in sorted({m for _, d in ads for m in d}):
+        key = f"{name}.weight"
+        assert Ws[key].dtype == dt
+        ref = W0s[key].double() + sum(w * d[name] for (_, d), w in zip(ads, ws) if name in d).T
+        ulp = torch.finfo(dt).eps * ref.abs().clamp_min(torch.finfo(dt).tiny)
+        assert bool(((Ws[key].double() - ref).abs() <= ulp).all())
+    for key in W0s:  # untouched tensors are copied
+        if not any(key == f"{n}.weight" for _, d in ads for n in d):
+            assert torch.equal(Ws[key], W0s[key])
