@@ -9,8 +9,15 @@ os.environ.setdefault("LORAMIX_JOBS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
-from .factories import SHARED_DATA, SMOL_GGUF
+# The property tests draw the same examples in every run: a red CI must be a draw
+# anyone can reproduce. HYPOTHESIS_PROFILE=explore draws new ones each run.
+settings.register_profile("suite", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
+
+from .factories import SHARED_DATA, SMOL_GGUF  # noqa: E402
 
 # Two cores here: keep torch from oversubscribing them in tests.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
