@@ -281,11 +281,7 @@ def train_adapter(
                    limit=limit, max_len=max_len, batch=batch, on=on, device=device, top_layers=top_layers,
                    prefix_cache=prefix_cache, autocast=dtype, prompt=prompt, progress=progress, rank=rank)  # fmt: skip
     total = steps if steps is not None else max(1, round(epochs * run.n_per_epoch))
-    if warmup is None:
-        warmup = max(1, round(0.05 * total))
-    else:
-        check_warmup(int(warmup), total)  # known only now where --epochs sets the steps
-        warmup = int(warmup)
+    warmup = warmup_steps(warmup, total)  # checked again: --epochs sets the steps only now
     options = {k: v for k, v in (("tau", tau), ("norm_dim", norm_dim)) if k in kind.options}
     factor_seed = seed if shared_init else init_seed(seed, run.data_inputs)
     settings = _settings(kind, run, options, total=total, warmup=warmup, factor_seed=factor_seed, fields=fields,
@@ -360,12 +356,16 @@ def _check_rank(model, names: list[str], rank: int) -> None:
         )
 
 
-def check_warmup(warmup: int, total: int) -> None:
-    """Refuse a warm-up longer than the run: :func:`lr_at` would still be
-    ramping at the last step, and ``--lr`` never reached, which no one asks for."""
+def warmup_steps(warmup: int | None, total: int) -> int:
+    """The warm-up of a run of ``total`` steps: 5% of them by default. A given
+    one longer than the run is refused: :func:`lr_at` would still be ramping at
+    the last step, and ``--lr`` never reached, which no one asks for."""
+    if warmup is None:
+        return max(1, round(0.05 * total))
     if warmup > total:
         raise UsageError("--warmup", f"{warmup} steps is more than the run's {total} steps: the learning rate "
                          "would never reach --lr")  # fmt: skip
+    return int(warmup)
 
 
 def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, tau, warmup) -> None:
@@ -379,7 +379,7 @@ def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, 
     if warmup is not None and warmup < 0:  # a negative one bent the schedule, silently
         raise UsageError("--warmup", f"must be 0 or more steps, got {warmup}")
     if warmup is not None and steps is not None:
-        check_warmup(warmup, steps)
+        warmup_steps(warmup, steps)
     if steps is None and not 0 < epochs < math.inf:  # inf: round(inf * batches) raised OverflowError
         raise UsageError("--epochs", f"must be a positive finite number, got {epochs}")
     if not 0 < lr < math.inf:
