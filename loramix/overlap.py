@@ -480,6 +480,7 @@ def similarity(
         dense = _effective_deltas(base_folder, adapters, canon, mname, deltas, dev)
         ip = _module_inner_products(deltas, dense, dev)
         ip = ip if isinstance(ip, np.ndarray) else ip.cpu().numpy()
-        back = [canon.index(i) for i in owners]  # owners' rows and columns, in their order
+        at = {i: k for k, i in enumerate(canon)}
+        back = [at[i] for i in owners]  # owners' rows and columns, in their order
         totals.add(col, mname, owners, ip[np.ix_(back, back)])
     return totals.result(adapters, list(modules), effective=base_folder is not None)
