@@ -419,6 +419,7 @@ class _Run:
     prefix_seconds: float = 0.0
     autocast: object = None  # torch.bfloat16 under --dtype bfloat16, else None
     t_load: float = 0.0
+    truncated: dict = field(default_factory=dict)  # {"train": n, "eval": n}: records cut at max_len
     log: list = field(default_factory=list)  # (step, loss, lr, tokens, seconds), filled by _train
     live: LiveLog | None = None  # the same rows as a file, written by _train, moved by _write
 
@@ -481,13 +482,15 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
     base_rec = base_provenance(base)
     pad = pad_id_for(tok)
     ac = getattr(torch, autocast) if autocast not in (None, "float32") else None
-    train_ex = encode_records(tok, train_recs, max_len=max_len, on=on, prompt=prompt)
+    cut_train, cut_eval = {}, {}
+    train_ex = encode_records(tok, train_recs, max_len=max_len, on=on, prompt=prompt, stats=cut_train)
     run = _Run(model=model, dev=dev, base=str(Path(base)), base_rec=base_rec, data_inputs=data_inputs,
                train_ex=train_ex, eval_batches=None, n_eval=len(eval_recs), pad=pad,
                n_per_epoch=math.ceil(len(train_ex) / batch), targets=targets,
                resolved_targets=resolved_targets, max_len=max_len, prefix_at=k, autocast=ac,
                t_load=t_load)  # fmt: skip
-    eval_ex = encode_records(tok, eval_recs, max_len=max_len, on=on, prompt=prompt) if eval_recs else None
+    eval_ex = encode_records(tok, eval_recs, max_len=max_len, on=on, prompt=prompt, stats=cut_eval)
+    run.truncated = {"train": cut_train["truncated"], "eval": cut_eval["truncated"]}
     eval_states = None
     if k is not None:
         from .prefix import prefix_states
@@ -632,6 +635,8 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
         "input_tokens_per_second": round(in_tokens / train_seconds, 1) if train_seconds > 0 else None,
         "n_train": len(run.train_ex),
         "n_eval": run.n_eval,
+        "n_train_truncated": run.truncated["train"],
+        "n_eval_truncated": run.truncated["eval"],
         "eval_tokens": ev["tokens"] if ev else 0,
         "trainable_parameters": n_params,
         "device": str(dev),

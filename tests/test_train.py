@@ -378,6 +378,39 @@ def test_max_len_above_the_context_is_capped_and_said(bases, tmp_path, capsys):
     assert "above the model's context" not in capsys.readouterr().out
 
 
+def test_records_cut_at_max_len_are_counted_and_said(bases, tmp_path, capsys):
+    """Train says how many training and held-out records --max-len cut (eval
+    did; train's held-out perplexity is at --max-len, so a reader needs it).
+    Records of 3 + (i mod 12) words: at 16 tokens those above are cut, at the
+    model's 64 none is; the counts agree with the tokenizer's lengths."""
+    from transformers import AutoTokenizer
+
+    from loramix.data import PROMPT_TEMPLATE
+
+    rows = [{"question": "one " + "two " * (i % 12), "answer": "four"} for i in range(40)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    tok = AutoTokenizer.from_pretrained(str(bases["llama"]))
+    # BOS (the tiny tokenizer adds none), prompt, answer, EOS; the split is seeded, so count all
+    lengths = [len(tok(PROMPT_TEMPLATE.format(question=r["question"]), add_special_tokens=False)["input_ids"])
+               + len(tok(" " + r["answer"], add_special_tokens=False)["input_ids"]) + 1 for r in rows]  # fmt: skip
+    assert tok.bos_token_id is None or not tok("x")["input_ids"][0] == tok.bos_token_id
+    assert 0 < sum(n > 16 for n in lengths) < 40 and max(lengths) <= 64, lengths
+    args = ["train", "--base", str(bases["llama"]), "--data", str(data), "--steps", "1", "--batch", "4",
+            "--eval-size", "8", "--quiet"]  # fmt: skip
+    assert main([*args, "--max-len", "16", "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    m = json.loads((tmp_path / "a" / "loramix.json").read_text())["metrics"]
+    assert (m["n_train"], m["n_eval"]) == (32, 8)
+    assert m["n_train_truncated"] + m["n_eval_truncated"] == sum(n > 16 for n in lengths)
+    said = (f"cut       {m['n_train_truncated']} of 32 training and {m['n_eval_truncated']} of 8 held-out "
+            f"records at 16 tokens (--max-len)")  # fmt: skip
+    assert said in out, out
+    assert main([*args, "--max-len", "64", "--out", str(tmp_path / "b")]) == 0
+    assert "cut " not in capsys.readouterr().out
+    m = json.loads((tmp_path / "b" / "loramix.json").read_text())["metrics"]
+    assert (m["n_train_truncated"], m["n_eval_truncated"]) == (0, 0)
+
+
 @pytest.mark.parametrize("epochs", ["inf", "-inf", "nan", "0"])
 def test_epochs_not_a_positive_finite_number_is_one_line(bases, tmp_path, capsys, epochs):
     """--epochs inf: one line naming --epochs, exit 2, nothing written (it

@@ -55,7 +55,8 @@ def _eval_size(value: str) -> int | float:
     help="Records per optimizer step; a batch holds records of similar length (less padding).",
 )
 @click.option("--max-len", type=int, default=128, show_default=True,
-              help="Tokens per record; a longer one is cut, keeping its question.")  # fmt: skip
+              help="Tokens per record, in training and the held-out perplexity; a longer one is cut, "
+                   "keeping its question (the summary counts them).")  # fmt: skip
 @click.option(
     "--eval-size",
     type=str,
@@ -150,6 +151,11 @@ def command(base, data, more_data, out, targets, eval_size, quiet, kind, method,
     )
     if note := capped_note(kw["max_len"], res["settings"]["max_len"]):
         click.echo(note)
+    if cut := [f"{res[f'n_{p}_truncated']} of {res[f'n_{p}']} {what}" for p, what in
+               (("train", "training"), ("eval", "held-out")) if res[f"n_{p}_truncated"]]:  # fmt: skip
+        click.echo(
+            f"cut       {' and '.join(cut)} records at {res['settings']['max_len']} tokens (--max-len)"
+        )
     if res["ppl_base"] is not None:
         change = 100 * (res["ppl_adapter"] - res["ppl_base"]) / res["ppl_base"]
         click.echo(
