@@ -69,8 +69,9 @@ def similarity_heatmap(
     with ``vmax`` by default the largest off-diagonal value rounded up to 1,
     2 or 5 times a power of ten (real adapters' cosines are often below 0.1,
     one flat colour on a 0-1 scale). Cells show the value to 2 decimals, 3
-    where ``vmax < 0.1`` (``n/a`` for NaN: no shared module with a cosine);
-    the colour bar is labelled ``label``; names longer than
+    where ``vmax < 0.1`` (``n/a`` for NaN: no shared module with a cosine),
+    up to 25 adapters; above, cells are bare and a NaN one is white, which the
+    colour bar's label says. The colour bar is labelled ``label``; names longer than
     :data:`LABEL_CHARS` are shortened (:func:`short_labels`). Use ``vmin=-1`` for the signed
     mean. Without ``replace``, a file at ``path`` when the figure is done
     (made meanwhile) is left as it is and an
@@ -111,9 +112,10 @@ def similarity_heatmap(
                 ax.text(
                     j, i, text, ha="center", va="center", color="black" if light else "white", fontsize=fs
                 )
-    fig.colorbar(
-        im, ax=ax, fraction=0.046, pad=0.04, label=label + (" (diagonal: grey)" if diag.any() else "")
-    )
+    # Above 25 adapters cells carry no text, so a pair with no cosine (white) needs the key.
+    keys = ["diagonal: grey"] if diag.any() else []
+    keys += ["white: n/a"] if n > 25 and np.isnan(vals[~diag]).any() else []
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=label + (f" ({'; '.join(keys)})" if keys else ""))
     fig.tight_layout()
     # Written beside the target and renamed: never a half-written figure.
     try:

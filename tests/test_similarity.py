@@ -507,6 +507,13 @@ def test_heatmap_scale_follows_the_off_diagonal_values(tmp_path, monkeypatch):
         and seen["texts"][1] == "0.17"
         and seen["label"].startswith("mean cosine")
     )
+    # above 25 adapters cells are bare: a pair with no cosine is white, and the colour bar says so
+    big = pd.DataFrame(np.eye(30) + 0.01 * (1 - np.eye(30)), range(30), range(30))
+    similarity_heatmap(big, tmp_path / "u.png")
+    assert seen["texts"] == [] and seen["label"] == "RMS cosine (diagonal: grey)"
+    big.iloc[3, 7] = big.iloc[7, 3] = float("nan")
+    similarity_heatmap(big, tmp_path / "v.png")
+    assert seen["label"] == "RMS cosine (diagonal: grey; white: n/a)"
 
 
 def test_heatmap_of_long_adapter_names_keeps_its_matrix(tmp_path, monkeypatch):
