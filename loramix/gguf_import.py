@@ -195,16 +195,22 @@ def _hf_config(reader, path: Path, model_type: str, dtype: str):
 
 
 #: metadata a model GGUF must give (``{arch}.KEY``): without them transformers
-#: would fill in its defaults, which do not fit the file's tensors
-SHAPE_KEYS = ("block_count", "embedding_length", "attention.head_count")
+#: would fill in its defaults, which do not fit the file's tensors, or (the norm's
+#: epsilon) which change its outputs where llama.cpp refuses the file
+REQUIRED_KEYS = (
+    "block_count",
+    "embedding_length",
+    "attention.head_count",
+    "attention.layer_norm_rms_epsilon",
+)
 
 
 def check_shape(reader, path: Path, cfg: dict, gguf_arch: str) -> None:
     """Refuse in one line a GGUF whose metadata cannot shape its model: a
-    missing :data:`SHAPE_KEYS` entry, or heads that do not divide the width
+    missing :data:`REQUIRED_KEYS` entry, or heads that do not divide the width
     (``embedding_length``) or whose key-value heads do not divide them
     (``cfg``: the config keys transformers reads from the metadata)."""
-    for key in SHAPE_KEYS:
+    for key in REQUIRED_KEYS:
         if _field(reader, f"{gguf_arch}.{key}") is None:
             raise BaseModelError(path, f"has no {gguf_arch}.{key} in its metadata")
     width, heads = int(cfg.get("hidden_size") or 0), int(cfg.get("num_attention_heads") or 0)

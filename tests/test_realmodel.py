@@ -332,6 +332,11 @@ def test_import_refuses_bad_input(tmp_path, capsys):
         # metadata that cannot shape the model: transformers' defaults or a reshape failed with tracebacks
         (llama_gguf(tmp_path / "noheads.gguf", head_count=None), ["has no llama.attention.head_count"]),
         (llama_gguf(tmp_path / "noblocks.gguf", block_count=None), ["has no llama.block_count"]),
+        # llama.cpp refuses it; transformers took its default epsilon (1e-6), another model's outputs
+        (
+            llama_gguf(tmp_path / "noeps.gguf", layer_norm_rms_eps=None),
+            ["has no llama.attention.layer_norm_rms_epsilon"],
+        ),
         (llama_gguf(tmp_path / "h0.gguf", head_count=0, head_count_kv=0), ["head_count 0 does not divide"]),
         (
             llama_gguf(tmp_path / "h3.gguf", head_count=3, head_count_kv=3),
