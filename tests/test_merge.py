@@ -391,6 +391,20 @@ def test_d2_signed_projects_along_the_adapters_norm_dim():
     assert (got - ref_d2_signed(ads, ws, MOD, W0)).norm() > 1e-3 * ref.norm()  # not the row-norm result
 
 
+def test_d2_signed_refuses_adapters_with_different_projections():
+    """One projection is applied to the summed residual, so its axis
+    (``norm_dim``) and its floor (``eps``) must be every adapter's: it took
+    the first adapter's eps silently."""
+    for field, value, msg in (("norm_dim", 0, r"different axes \(norm_dim \[0, 1\]\)"),
+                              ("eps", 1e-4, r"different eps \(\[1e-08, 0.0001\]\)")):  # fmt: skip
+        ads = rand_adapters(d2=True)
+        assert get_method("d2-signed").validate({}, ads) == {}
+        for m in ads[1].modules.values():
+            setattr(m, field, value)
+        with pytest.raises(UsageError, match=msg):
+            get_method("d2-signed").validate({}, ads)
+
+
 LAMBDA_METHODS = [
     ("ties", dict(density=0.3)),
     ("magnitude", dict(density=0.35)),

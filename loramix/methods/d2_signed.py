@@ -32,11 +32,15 @@ class D2Signed(MergeMethod):
     kinds = (D2LORA,)
 
     def check(self, params, adapters):
+        # one projection for the sum: its axis and its norm's floor must be every adapter's
         dims = {m.norm_dim for ad in adapters for m in ad.modules.values()}
         if len(dims) > 1:
             raise UsageError(
                 "d2-signed", f"the adapters project along different axes (norm_dim {sorted(dims)})"
             )
+        eps = {m.eps for ad in adapters for m in ad.modules.values()}
+        if len(eps) > 1:
+            raise UsageError("d2-signed", f"the adapters' projections use different eps ({sorted(eps)})")
 
     def delta(self, ctx, module_deltas, weights, W0, params):
         if W0 is None:
