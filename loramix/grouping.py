@@ -199,6 +199,15 @@ def training_record(adapter) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
+def trained_prompt(adapter) -> str:
+    """How ``loramix train`` formatted the adapter's records (``raw`` or
+    ``chat``, its ``loramix.json``'s ``parameters.prompt``): a calibration pass
+    formats its domain's records the same way. ``raw`` where nothing says."""
+    params = (training_record(adapter) or {}).get("parameters")
+    prompt = params.get("prompt") if isinstance(params, dict) else None
+    return prompt if prompt in ("raw", "chat") else "raw"
+
+
 def _trained_base_identity(adapter) -> str | None:
     """The base identity an adapter's ``loramix.json`` records (training provenance), if any."""
     inputs = (training_record(adapter) or {}).get("inputs")
@@ -270,7 +279,7 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
         tokens = tokens if tokens is not None else recipe.get("tokens", DEFAULT_TOKENS)
         max_len = max_len if max_len is not None else recipe.get("max_len", DEFAULT_MAX_LEN)
         calibration = capture(adapters, base, list(data), tokens=tokens, max_len=max_len, device=device,
-                              progress=progress)  # fmt: skip
+                              progress=progress, prompts=[trained_prompt(a) for a in adapters])  # fmt: skip
         _warn_short_calibration(list(data), calibration.tokens, tokens)
     elif aware:
         # the predictor that reads it: the primary, or the one of a merge method (by_method)

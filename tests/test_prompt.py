@@ -142,3 +142,38 @@ def test_smol_eval_with_its_chat_template(smol, capsys):
     )
     res = json.loads(capsys.readouterr().out)
     assert res["prompt"] == "chat" and res["results"][-1]["tokens"] > 0
+
+
+def test_calibration_formats_each_domain_as_its_adapter_was_trained(bases, tmp_path):
+    """Data-aware features run each domain's records through the base as its
+    adapter saw them in training: ``--prompt chat`` adapters get the chat
+    template (it ran the raw ``Question: ...`` text for every adapter)."""
+    from loramix.cli import main
+    from loramix.features import compute_features
+    from loramix.features._calibration import capture
+    from loramix.interference import predict_validated
+    from loramix.io.adapter_files import load_adapter
+    from loramix.validation import write_predictors
+
+    from .test_grouping import _feature_validation
+
+    base, data = bases["chat"], [ARITH, "synthetic:units?n=12&seed=3"]
+    ads = [tmp_path / "a", tmp_path / "b"]
+    for out, d, prompt in zip(ads, data, ("chat", "raw")):
+        args = ["train", "--base", base, "--data", d, "--out", out, "--steps", "2", "--batch", "4",
+                "--rank", "2", "--prompt", prompt, "--eval-size", "0", "--quiet", "--device", "cpu"]  # fmt: skip
+        assert main([str(a) for a in args]) == 0
+    loaded = [load_adapter(a) for a in ads]
+
+    def wso(prompts):
+        cal = capture(loaded, base, data, tokens=48, max_len=32, prompts=prompts)
+        return compute_features(loaded, calibration=cal).composition("weighted_subspace_overlap", [0, 1])
+
+    trained, raw = wso(["chat", "raw"]), wso(None)
+    assert abs(trained - raw) > 1e-6  # the format reaches the activations
+    fit = write_predictors(tmp_path / "p.json", _feature_validation("weighted_subspace_overlap", high=1.0))
+    d = json.loads(fit.read_text())
+    d["calibration"] = {"tokens": 48, "max_len": 32}
+    fit.write_text(json.dumps(d))
+    got = predict_validated([str(a) for a in ads], fit, data=data, base=base)
+    assert got["features"]["weighted_subspace_overlap"] == pytest.approx(trained, rel=1e-12)

@@ -108,16 +108,17 @@ def calibration_records(path, tokens: int) -> list:
 
 
 def calibration_batches(tokenizer, path, *, tokens: int, max_len: int, batch_size: int = 8,
-                        records: list | None = None) -> list[dict]:  # fmt: skip
+                        records: list | None = None, prompt: str = "raw") -> list[dict]:  # fmt: skip
     """The first ``tokens`` tokens of ``path``'s records (whole records, the last
     one cut on the right, which leaves earlier activations unchanged in a causal
-    model), as padded batches. ``records``: those of :func:`calibration_records`,
-    already read."""
+    model), as padded batches, formatted by ``prompt`` (``raw`` or ``chat``, as
+    :func:`loramix.data.encode_records`). ``records``: those of
+    :func:`calibration_records`, already read."""
     from ..data import encode_records, make_batches, pad_id_for
 
     recs = records if records is not None else calibration_records(path, tokens)
     examples, total = [], 0
-    for ex in encode_records(tokenizer, recs, max_len=max_len, on="all"):
+    for ex in encode_records(tokenizer, recs, max_len=max_len, on="all", prompt=prompt):
         ids = ex["input_ids"][: tokens - total]
         examples.append({"input_ids": ids, "labels": ids})
         total += len(ids)
@@ -153,9 +154,11 @@ def _trunk(model, owners):
 
 
 def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = DEFAULT_TOKENS, max_len: int = DEFAULT_MAX_LEN,
-            device="cpu", progress: bool = False) -> Calibration:  # fmt: skip
+            device="cpu", progress: bool = False, prompts: list[str] | None = None) -> Calibration:  # fmt: skip
     """Run the base model over ``tokens`` calibration tokens of each ``data[i]``
     (adapter ``i``'s domain) and keep ``S_i,m`` for every adapted module.
+    ``prompts[i]``: how domain ``i``'s records are formatted (``raw``, the
+    default, or ``chat``), as adapter ``i`` saw them in training.
     ``progress``: a bar of the tokens run, on stderr where it is a terminal."""
     from ..kinds.base import is_embedding
     from ..models import load_causal_lm
@@ -179,8 +182,9 @@ def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = DEFA
     cal = Calibration(owners=owners, offsets=offsets)
     dev = next(model.parameters()).device
     a_dev = {m: A.to(dev) for m, A in a_cat.items()}
-    batches = [calibration_batches(tok, path, tokens=tokens, max_len=max_len, records=recs)
-               for path, recs in zip(data, records)]  # fmt: skip
+    prompts = prompts or ["raw"] * len(data)
+    batches = [calibration_batches(tok, path, tokens=tokens, max_len=max_len, records=recs, prompt=pr)
+               for path, recs, pr in zip(data, records, prompts)]  # fmt: skip
     from tqdm.auto import tqdm
 
     from ..options import bar_disabled
