@@ -24,41 +24,11 @@ from pathlib import Path
 from ..adapter import Adapter
 from ..errors import AdapterError
 from .formats import find_format
-from .formats.base import (
-    CONFIG_NAME,
-    PREFIX,
-    WEIGHTS_NAME,
-    get_pattern_key,
-    lora_scale,
-    module_rank_alpha,
-    read_config,
-    resolve_adapter_paths,
-)
+from .formats.base import WEIGHTS_NAME
 from .formats.d2 import save_d2_adapter
 from .formats.peft import save_peft_adapter
-from .peft_layout import (  # noqa: F401  (re-exported: the torch-free layout functions perf's callers use)
-    adapter_method,
-    adapter_name,
-    check_compatible,
-    check_features,
-    module_factors,
-    parse_keys,
-    read_parts,
-)
 
-__all__ = [
-    "CONFIG_NAME",
-    "PREFIX",
-    "WEIGHTS_NAME",
-    "get_pattern_key",
-    "load_adapter",
-    "lora_scale",
-    "module_rank_alpha",
-    "read_config",
-    "resolve_adapter_paths",
-    "save_d2_adapter",
-    "save_peft_adapter",
-]
+__all__ = ["WEIGHTS_NAME", "load_adapter", "save_d2_adapter", "save_peft_adapter"]
 
 
 def load_adapter(path: str | Path, name: str | None = None) -> Adapter:

@@ -37,19 +37,16 @@ import torch
 from ..archs import arch, is_conv1d
 from ..errors import BaseModelError
 from .config_schema import load_json_file
-from .filehash import (  # noqa: F401  (re-exported)
+from .filehash import (
     INDEX_NAME,
     SINGLE_NAME,
-    HashingStopped,
     cache_dir,
     cached_file_sha256,
 )
 from .outputs import normalized_path
-from .safetensors_io import (  # noqa: F401  (ST_DTYPES, TORCH_TO_ST re-exported)
+from .safetensors_io import (
     ST_DTYPES,
-    TORCH_TO_ST,
     CheckedSafetensors,
-    file_sha256,
     read_safetensors_header,
 )
 

@@ -15,10 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import BaseModelError, LoramixError, OutputError
 from .st_header import (  # noqa: F401  (the torch-free header layer; re-exported)
-    DTYPE_SIZES,
     FLOAT_CODES,
-    MAX_HEADER,
-    check_header,
     file_sha256,
     read_safetensors_header,
 )

@@ -30,9 +30,7 @@ from ...errors import AdapterError
 from ...kinds import AdapterKind
 from ..filehash import cached_file_sha256
 from ..peft_layout import (  # noqa: F401  (the torch-free parsing lives there; re-exported for the formats)
-    BASE_COPY,
     CONFIG_NAME,
-    EMBEDDING_PARTS,
     PREFIX,
     WEIGHTS_NAME,
     adapter_name,
@@ -41,8 +39,6 @@ from ..peft_layout import (  # noqa: F401  (the torch-free parsing lives there; 
     check_targets,
     checked_scale,
     embedding_as_weight_factors,
-    get_pattern_key,
-    lora_scale,
     module_rank_alpha,
     parse_keys,
     read_config,
