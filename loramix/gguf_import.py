@@ -58,7 +58,6 @@ from pathlib import Path
 from .errors import BaseModelError
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")  # transformers model types written
 # general.architecture values read: llama.cpp writes Mistral as "llama" and knows
 # no "mistral" (nor does gguf's tensor-name table, which maps the names)
 GGUF_ARCHITECTURES = ("llama", "qwen2")

@@ -71,9 +71,6 @@ __all__ = [
     "is_adaptable",
 ]
 
-_Wrapped = Wrapped  # the name v0.1 used
-
-
 # --------------------------------------------------------------------------- loaded adapters
 
 

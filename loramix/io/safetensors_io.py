@@ -116,9 +116,6 @@ class CheckedSafetensors:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._f.get_slice(key).get_shape())
 
-    def dtype_str(self, key: str) -> str:
-        return self._f.get_slice(key).get_dtype()
-
     def get(self, key: str, check_finite: bool = False) -> torch.Tensor:
         try:
             t = self._f.get_tensor(key)
