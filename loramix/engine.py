@@ -56,12 +56,11 @@ from pathlib import Path
 import torch
 
 from . import native
-from .adapter import Adapter, check_compatible, saved_tensors
+from .adapter import Adapter, saved_tensors
 from .devices import resolve_device
 from .errors import AdapterError, BaseModelError
 from .io.model_folder import BaseModelFolder, TensorInfo
-from .io.outputs import atomic_output_dir, check_output, normalized_path, write_provenance
-from .io.outputs import provenance as make_provenance
+from .io.outputs import atomic_output_dir, normalized_path, write_provenance
 from .io.peft_layout import check_copies_held
 from .io.safetensors_io import (
     FLOAT_CODES,
@@ -73,7 +72,7 @@ from .io.safetensors_io import (
 )
 from .io.shard_writer import ALIGN as PAGE
 from .io.shard_writer import ShardWriter, finish_model_folder
-from .options import bar_disabled, dtype_name, parse_dtype
+from .options import bar_disabled
 
 Delta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -889,53 +888,3 @@ def base_placeholder(base: BaseModelFolder) -> dict:
     zero = "0" * 64
     return {"role": "base", "path": normalized_path(base.path), "sha256": zero, "identity": zero,
             "files": {n: zero for n in base.weight_files}}  # fmt: skip
-
-
-def stream_into_base(
-    base: str | os.PathLike | BaseModelFolder,
-    out: str | os.PathLike,
-    module_fn: Callable[[str, torch.Tensor], Delta],
-    *,
-    adapters: Sequence[Adapter] = (),
-    modules: Sequence[str] | None = None,
-    dtype: str | torch.dtype | None = None,
-    device: str | torch.device = "auto",
-    force: bool = False,
-    provenance: dict | None = None,
-    progress: bool = True,
-) -> StreamResult:
-    """Write ``W0 + module_fn(name, W0)`` for each adapted weight of ``base``
-    into ``out``: :func:`plan_into_base` then :func:`execute_into_base` with
-    a :class:`SerialExecutor`.
-
-    ``module_fn`` returns a delta (dense ``(out, in)`` or ``(B, A)``), or a
-    :class:`ModuleOutput`. ``modules`` default to the union of the
-    ``adapters``' modules; ``adapters`` also give the compatibility check,
-    the refused outputs (``out`` may not be an input) and the provenance
-    inputs. ``provenance``: ``{"method", "parameters", "inputs"?, ...}``; the
-    base's record is added here. The sum is taken in float32 (or the base's
-    wider dtype) and written in the base's dtype or ``dtype``.
-    """
-    base = base if isinstance(base, BaseModelFolder) else BaseModelFolder(base)
-    adapters = list(adapters)
-    check_compatible(adapters)
-    if modules is None:
-        modules = list(dict.fromkeys(n for ad in adapters for n in ad.modules))
-    out_dtype = parse_dtype(dtype)
-    plan = plan_into_base(base, modules, adapters, out_dtype)
-    executor = SerialExecutor(device)
-    inputs = [base.path, *(ad.path for ad in adapters if ad.path is not None)]
-    out = check_output(out, force=force, inputs=inputs)
-
-    prov = dict(provenance or {})
-    method, parameters = prov.pop("method", "stream"), prov.pop("parameters", {})
-    ad_inputs = prov.pop("inputs", None) or [dict(ad.provenance(), role="adapter") for ad in adapters]
-    parameters = {**parameters, "dtype": dtype_name(out_dtype)}
-    record = make_provenance(method, parameters, [*ad_inputs, base_placeholder(base)], **prov)
-
-    def compute(name: str, W0: torch.Tensor) -> ModuleOutput:
-        res = module_fn(name, W0)
-        return res if isinstance(res, ModuleOutput) else ModuleOutput(res)
-
-    return execute_into_base(plan, out, compute, record=record, executor=executor, force=force,
-                             inputs=inputs, progress=progress)  # fmt: skip

@@ -17,6 +17,7 @@ from loramix.engine import (
     Buffers,
     CopyJob,
     ModuleJob,
+    ModuleOutput,
     SerialExecutor,
     base_placeholder,
     execute_into_base,
@@ -96,8 +97,6 @@ def _run(base_path, ads, out, executor):
     plan = plan_into_base(base, list(dict.fromkeys(n for a in ads for n in a.modules)), ads)
 
     def compute(name, W0):
-        from loramix.engine import ModuleOutput
-
         B = torch.cat([a.modules[name].factors(dtype=W0.dtype)[0] for a in ads if name in a.modules], 1)
         A = torch.cat([a.modules[name].factors(dtype=W0.dtype)[1] for a in ads if name in a.modules], 0)
         return ModuleOutput((B, A), {"rank": A.shape[0]})
@@ -120,6 +119,30 @@ def test_another_executor_writes_the_same_bytes(gpt2, tmp_path):
         expect = base.read_module_weight(name, dtype=torch.float64) + sum(r[name] for r in refs if name in r)
         got = out.read_module_weight(name, dtype=torch.float64)
         assert (got - expect).abs().max() <= 1e-5 * expect.abs().max(), name
+
+
+def _leftovers(parent, name):
+    return [p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}.")]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_interrupt_leaves_nothing(gpt2, tmp_path, exc):
+    ads = [load_adapter(p) for p in gpt2["adapters"]]
+    base = BaseModelFolder(gpt2["sharded"])
+    plan = plan_into_base(base, list(dict.fromkeys(n for a in ads for n in a.modules)), ads)
+    seen = []
+
+    def compute(name, W0):
+        seen.append(name)
+        if len(seen) == 3:
+            raise exc("stop")
+        return ModuleOutput(torch.zeros_like(W0))
+
+    record = provenance("test", {}, [base_placeholder(base)], created=None)
+    with pytest.raises(exc):
+        execute_into_base(plan, tmp_path / "out", compute, record=record, progress=False)
+    assert len(seen) == 3
+    assert _leftovers(tmp_path, "out") == []
 
 
 # ----------------------------------------------------------------------------- a method from outside
