@@ -26,7 +26,6 @@ __all__ = [
     "KINDS",
     "register",
     "get_kind",
-    "kind_for_peft_type",
     "Stacked",
     "stack_factors",
     "LORA",
@@ -60,12 +59,6 @@ def get_kind(kind: str | AdapterKind) -> AdapterKind:
         return KINDS[str(kind)]
     except KeyError:
         raise ValueError(f"unknown adapter kind {kind!r}; known: {', '.join(sorted(KINDS))}") from None
-
-
-def kind_for_peft_type(peft_type: str) -> AdapterKind | None:
-    """The kind an ``adapter_config.json`` ``peft_type`` names, or None."""
-    pt = str(peft_type).upper()
-    return next((k for k in KINDS.values() if k.peft_type == pt), None)
 
 
 class Stacked(NamedTuple):
