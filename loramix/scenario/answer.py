@@ -24,20 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .report import _f, _table
+
 # arXiv 2508.11985, GPT-2 small: delta_ppl% of the naive sum against merged-data training.
 PAPER_PAIRS = {("math", "medicine"): -9.1, ("math", "finance"): 4.5, ("finance", "medicine"): 27.6}
 TOP_ROWS = 8
-
-
-def _f(x, nd=2) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "—"
-    return f"{x:.{nd}f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def primary_validation(report: dict) -> dict | None:
