@@ -78,19 +78,13 @@ def predict_validated(
     study's (the file's ``calibration``), else 256 tokens of records cut at 128.
     ``progress``: a bar of the calibration pass (on a terminal).
     """
-    from .adapter import Adapter
-    from .grouping import adapter_checks, cost_model, fit_features, one_kind
-    from .io.adapter_files import load_adapter
+    from .grouping import adapter_checks, cost_model, fit_features
     from .validation import extrapolation, load_predictors
 
     fitfile = load_predictors(path)
     if merge_method is not None:
         fitfile = _for_method(fitfile, merge_method, str(path))
-    items = list(adapters_or_paths)
-    if len(items) < 2:
-        raise UsageError("predict", f"a composition needs at least 2 adapters, got {len(items)}")
-    adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
-    one_kind(adapters, "predict")
+    adapters = _composition(adapters_or_paths)
     warnings = adapter_checks(adapters, fitfile, str(path))
     model, _, validated = cost_model(
         adapters,
@@ -127,6 +121,20 @@ def predict_validated(
         "features": features, "extrapolation": far is not None,
         "warnings": warnings,
     }  # fmt: skip
+
+
+def _composition(adapters_or_paths) -> list:
+    """The composition to predict: at least two adapters (paths are loaded), all of one kind."""
+    from .adapter import Adapter
+    from .grouping import one_kind
+    from .io.adapter_files import load_adapter
+
+    items = list(adapters_or_paths)
+    if len(items) < 2:
+        raise UsageError("predict", f"a composition needs at least 2 adapters, got {len(items)}")
+    adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
+    one_kind(adapters, "predict")
+    return adapters
 
 
 def _for_method(fitfile: dict, method: str, where: str) -> dict:
@@ -234,9 +242,7 @@ def predict(
     ``level``, ``loo_rmse``, ``residual_se``, ``extrapolation``, the
     study's ``label`` and the fit used.
     """
-    from .adapter import Adapter
     from .fit import LinearFit, composition_cosine
-    from .io.adapter_files import load_adapter
     from .overlap import similarity
 
     if not isinstance(fit, dict) and is_predictors_file(fit):
@@ -246,13 +252,7 @@ def predict(
         fit_path = str(fit)
         fit = load_fit(fit)
     where = fit_path or "--fit"
-    items = list(adapters_or_paths)
-    if len(items) < 2:
-        raise UsageError("predict", f"a composition needs at least 2 adapters, got {len(items)}")
-    adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
-    from .grouping import one_kind
-
-    one_kind(adapters, "predict")
+    adapters = _composition(adapters_or_paths)
     kind = adapters[0].kind.name
     entry = _study(fit["fits"], kind, merge_method, label, adapters, where)
     lf = LinearFit.from_dict(entry)
