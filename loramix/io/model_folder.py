@@ -119,52 +119,62 @@ class BaseModelFolder:
         if not isinstance(self.config, dict):
             raise BaseModelError(cfg, "not valid JSON: not a JSON object")
         self.config_bytes = cfg.read_bytes()
+        self.index, self.shards = self._find_shards()
+        self.tensors, self.metadata = self._read_headers()
+        self._skeleton: dict | None = None
+        self._leads: list[str] | None = None
+        self._sha: dict[str, str] | None = None
 
+    def _find_shards(self) -> tuple[dict | None, list[str]]:
+        """``(index, weight files)``: the parsed index and the files it names
+        (each a file name in the folder that exists, and every ``model-*-of-*``
+        file beside it named), else ``(None, ["model.safetensors"])``."""
         index_path = self.path / INDEX_NAME
-        self.index: dict | None = None
         if index_path.exists():
-            self.index = load_json_file(index_path, BaseModelError)
+            index = load_json_file(index_path, BaseModelError)
             try:
-                weight_map = self.index["weight_map"]
+                weight_map = index["weight_map"]
                 if not isinstance(weight_map, dict) or not weight_map:
                     raise ValueError("weight_map is empty or not an object")
             except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
                 raise BaseModelError(index_path, f"not a valid safetensors index: {e}") from None
-            self.shards = sorted(set(weight_map.values()))
-            for shard in self.shards:
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
                 # a shard is a file name in the folder (transformers' rule): no folders, no ../
                 if not isinstance(shard, str) or shard in ("", ".", "..") or "/" in shard or os.sep in shard:
                     raise BaseModelError(index_path, f"names the shard {shard!r}, which is not a file name in "
                                          "the base folder")  # fmt: skip
             for p in sorted(self.path.glob("model-*-of-*.safetensors")):
-                if p.name not in self.shards:
+                if p.name not in shards:
                     raise BaseModelError(index_path, f"does not name the shard {p.name} beside it")
-            for shard in self.shards:
+            for shard in shards:
                 if not (self.path / shard).is_file():
                     raise BaseModelError(index_path, f"names the shard {shard}, which does not exist")
-        elif (self.path / SINGLE_NAME).exists():
-            self.shards = [SINGLE_NAME]
-        else:
-            pickles = sorted(p.name for p in self.path.glob("*.bin"))
-            if pickles:
-                raise BaseModelError(
-                    self.path, f"has only pickle weights ({pickles[0]}); loramix reads safetensors only"
-                )
-            raise BaseModelError(self.path, f"no weights: neither {SINGLE_NAME} nor {INDEX_NAME}")
+            return index, shards
+        if (self.path / SINGLE_NAME).exists():
+            return None, [SINGLE_NAME]
+        pickles = sorted(p.name for p in self.path.glob("*.bin"))
+        if pickles:
+            raise BaseModelError(
+                self.path, f"has only pickle weights ({pickles[0]}); loramix reads safetensors only"
+            )
+        raise BaseModelError(self.path, f"no weights: neither {SINGLE_NAME} nor {INDEX_NAME}")
 
-        self.tensors: dict[str, TensorInfo] = {}
-        self.metadata: dict[str, dict] = {}
+    def _read_headers(self) -> tuple[dict[str, TensorInfo], dict[str, dict]]:
+        """Every shard's header: ``(tensors, metadata)``, tensors in streaming
+        order; a key in two shards, an index that does not list exactly what
+        the shards hold, or no tensor at all is refused."""
+        tensors: dict[str, TensorInfo] = {}
+        metadata: dict[str, dict] = {}
         for shard in self.shards:
             header, data_start = read_safetensors_header(self.path / shard)
-            self.metadata[shard] = header.pop("__metadata__", None) or {}
+            metadata[shard] = header.pop("__metadata__", None) or {}
             items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
             for key, info in items:
-                if key in self.tensors:
-                    raise BaseModelError(
-                        self.path / shard, f"tensor {key} is also in {self.tensors[key].shard}"
-                    )
+                if key in tensors:
+                    raise BaseModelError(self.path / shard, f"tensor {key} is also in {tensors[key].shard}")
                 b, e = info["data_offsets"]
-                self.tensors[key] = TensorInfo(
+                tensors[key] = TensorInfo(
                     key,
                     shard,
                     info["dtype"],
@@ -173,20 +183,19 @@ class BaseModelFolder:
                     data_start + e,
                 )
         if self.index is not None:
-            for key, info in self.tensors.items():  # the index must list every tensor, exactly
+            index_path = self.path / INDEX_NAME
+            for key, info in tensors.items():  # the index must list every tensor, exactly
                 if key not in self.index["weight_map"]:
                     raise BaseModelError(index_path, f"does not list tensor {key}, which {info.shard} holds")
             for key, shard in self.index["weight_map"].items():
-                info = self.tensors.get(key)
+                info = tensors.get(key)
                 if info is None or info.shard != shard:
                     raise BaseModelError(
                         index_path, f"says {key} is in {shard}, but that shard does not hold it"
                     )
-        if not self.tensors:
+        if not tensors:
             raise BaseModelError(self.path / self.shards[0], "holds no tensors")
-        self._skeleton: dict | None = None
-        self._leads: list[str] | None = None
-        self._sha: dict[str, str] | None = None
+        return tensors, metadata
 
     # ---- listing -----------------------------------------------------------
 
