@@ -70,6 +70,13 @@ def _plt():
     return plt
 
 
+def _saved(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` and free it (pyplot keeps every open figure)."""
+    fig.savefig(path)
+    _plt().close(fig)
+    return path
+
+
 #: where a point's label may go, tried in order: (dx, dy) offset in points, ha, va
 _LABEL_SPOTS = ((6, 0, "left", "center"), (-6, 0, "right", "center"), (5, 5, "left", "bottom"),
                 (5, -5, "left", "top"), (-5, 5, "right", "bottom"), (-5, -5, "right", "top"),
@@ -171,9 +178,7 @@ def delta_vs_cosine(summary: pd.DataFrame, fits: list[dict], path: Path, title: 
     _place_labels(ax, labels)
     ax.legend(fontsize=8, loc="best")  # "best" keeps clear of the labels too
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _saved(fig, path)
 
 
 def cosine_by_layer(by_layer: pd.DataFrame, path: Path, title: str) -> Path:
@@ -207,9 +212,7 @@ def cosine_by_layer(by_layer: pd.DataFrame, path: Path, title: str) -> Path:
     axes[0][0].set_ylabel("RMS cosine over the layer's modules")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _saved(fig, path)
 
 
 def delta_by_method(summary: pd.DataFrame, path: Path, title: str) -> Path:
@@ -257,9 +260,7 @@ def delta_by_method(summary: pd.DataFrame, path: Path, title: str) -> Path:
                       bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # fmt: skip
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _saved(fig, path)
 
 
 def cluster_order(sim: np.ndarray) -> list[int]:
@@ -303,9 +304,7 @@ def predicted_vs_measured(pred: pd.DataFrame, path: Path, title: str, ylabel: st
     ax.grid(alpha=0.25)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _saved(fig, path)
 
 
 def interference_by_method(summary: pd.DataFrame, path: Path, title: str) -> Path:
@@ -342,9 +341,7 @@ def interference_by_method(summary: pd.DataFrame, path: Path, title: str) -> Pat
         for ax in axes[0]:
             plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
         fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _saved(fig, path)
 
 
 def plan_vs_random(panels: list[tuple[str, float, list[float]]], path: Path, title: str) -> Path:
@@ -366,6 +363,4 @@ def plan_vs_random(panels: list[tuple[str, float, list[float]]], path: Path, tit
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _saved(fig, path)
