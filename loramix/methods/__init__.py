@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..options import check_dtype, parse_dtype, parse_weights  # noqa: F401  (parse_dtype re-exported)
+from ..options import check_dtype, parse_weights
 
 _REGISTRY: dict[str, type] = {}
 # Modules of this package that hold no method.
@@ -204,5 +204,4 @@ __all__ = [
     "merge",
     "MergeResult",
     "parse_weights",
-    "parse_dtype",
 ]
