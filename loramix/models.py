@@ -105,13 +105,13 @@ def check_tokenizer(model, tokenizer, where) -> None:
         )
 
 
-def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None, tokenizer_path=None):
+def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None):
     """Load ``(model, tokenizer)`` from a local folder or GGUF file, model in eval mode on ``device``.
 
     ``dtype``: ``None`` gives float32 (exact CPU arithmetic), or a
     ``torch.dtype`` / ``"bfloat16"`` / ``"float16"`` / ``"auto"`` (the
-    checkpoint's own). ``tokenizer_path`` loads the tokenizer from another
-    folder (checked against the model's embedding all the same).
+    checkpoint's own). The tokenizer is the folder's, checked against the
+    model's embedding.
     """
     from .devices import resolve_device
 
@@ -121,8 +121,7 @@ def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None, tokeniz
     tdtype = _torch_dtype(dtype)
     # the tokenizer first: quick, and a folder without one is refused before the model's load
     # prints transformers' warnings about its config
-    tok_where = Path(tokenizer_path) if tokenizer_path is not None else p
-    tok = load_tokenizer(tok_where)
+    tok = load_tokenizer(p)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -142,7 +141,7 @@ def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None, tokeniz
         # GPT-2's class name maps to no loss type, so transformers warns on every
         # run and then uses ForCausalLM anyway; name it to say the same quietly.
         model.loss_type = "ForCausalLM"
-    check_tokenizer(model, tok, tok_where)
+    check_tokenizer(model, tok, p)
     return model, tok
 
 

@@ -41,14 +41,12 @@ if TYPE_CHECKING:
     import torch
 
 
-def stacked_rank(adapters, module: str | None = None) -> int:
-    """``R = sum_i r_i`` of a module (or the largest over modules)."""
+def stacked_rank(adapters) -> int:
+    """The largest ``R = sum_i r_i`` over the adapters' modules."""
     ranks: dict[str, int] = {}
     for ad in adapters:
         for name, m in ad.modules.items():
             ranks[name] = ranks.get(name, 0) + m.rank
-    if module is not None:
-        return ranks.get(module, 0)
     return max(ranks.values(), default=0)
 
 

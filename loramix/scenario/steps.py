@@ -171,16 +171,15 @@ def _adapter_step(ctx: StepContext, st: Step, deps: dict) -> dict:
     return {"path": str(next(p.parent for p in sorted(folder.glob("*/adapter_config.json"))))}
 
 
-def evaluate_on_splits(ctx: StepContext, base_path: str, *, adapters=(), model_path=None, domains=None,
-                       model=None) -> dict:  # fmt: skip
+def evaluate_on_splits(ctx: StepContext, base_path: str, *, adapters=(), domains=None, model=None) -> dict:
     """Per-domain ``{ppl, tokens, nll_sum}`` of a model on the eval splits of
     ``domains`` (default: every domain). ``model``: an in-memory ``(model,
-    tokenizer)`` to evaluate instead of the base folder or ``model_path``."""
+    tokenizer)`` to evaluate instead of the base folder."""
     from ..perplexity import evaluate
 
     ev = ctx.sc.eval
     names = list(ctx.data) if domains is None else list(domains)
-    base = str(model_path) if model_path is not None else model or ctx.base_model(base_path)
+    base = model or ctx.base_model(base_path)
     df = evaluate(base, adapters=[str(a) for a in adapters], data=[ctx.data[n].eval for n in names],
                   on=ev.on, max_len=ev.max_len, batch_size=ev.batch, device=str(ctx.device),
                   **{k: v for k, v in layer_kwargs(evaluate, ctx.sc.adapters, base_path).items()
