@@ -158,7 +158,7 @@ def _grouping(results: dict, groups: list[dict], how: str, pre: str, own: dict) 
             "predicted": float(np.mean(costs)) if costs else None}  # fmt: skip
 
 
-def assemble(sc: Scenario, proposal: dict, results: dict) -> dict:
+def assemble(proposal: dict, results: dict) -> dict:
     """The section's data: per entry of ``plan.methods``, the plan's grouping and
     the random groupings measured, the plan's rank among them and the verdict."""
     pre = f"{proposal['adapter_method']}/{proposal['seed']}"

@@ -212,7 +212,7 @@ class Runner:
                 rec.by_id.update((st.id, st) for st in more)
             outcomes = self.executor.run(more, ctx, on_done, done=outcomes, on_start=prog.start)
             self.steps = [*self.steps, *more]
-        return outcomes, planval.assemble(self.sc, proposal, {k: o.result for k, o in outcomes.items()})
+        return outcomes, planval.assemble(proposal, {k: o.result for k, o in outcomes.items()})
 
     def _recorder(self):
         """What measures this run's throughput for later estimates
