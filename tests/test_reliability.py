@@ -1120,6 +1120,119 @@ def test_cache_clean_removes_killed_gguf_imports(tmp_path, capsys, monkeypatch):
     ), err
 
 
+# A writer of the per-user cache stopped just before its rename: os.replace announces the
+# temporary it would rename and hangs, so the test kills the process mid-write, as kill -9 does.
+_WRITER = r"""
+import os, sys, time
+from pathlib import Path
+def hang(src, dst):
+    print(src, flush=True)
+    time.sleep(600)
+os.replace = hang
+if sys.argv[1] == "sha256":
+    from loramix.io.filehash import cached_file_sha256
+    cached_file_sha256(Path(sys.argv[2]))
+elif sys.argv[1] == "layouts":
+    from loramix.io import model_folder
+    model_folder.build_skeleton = lambda folder: {"built": True, "prefix": None, "layouts": {}, "tied": {}}
+    model_folder._cached_skeleton(Path("."), sys.argv[2].encode())
+else:
+    from loramix.native import library
+    library("ties")
+"""
+# A compiler that writes its output and then takes its time: orphaned when the build is killed.
+_SLOW_CC = """#!/bin/sh
+[ "$1" = --version ] && { echo slow-cc 1; exit 0; }
+while [ $# -gt 1 ]; do [ "$1" = -o ] && out=$2; shift; done
+echo half > "$out"
+echo "$$ $out" > "$LMX_TEST_SAYS.tmp" && mv "$LMX_TEST_SAYS.tmp" "$LMX_TEST_SAYS"
+exec sleep 600
+"""
+
+
+def test_cache_clean_removes_killed_writers_temporaries_in_the_user_cache(tmp_path, capsys, monkeypatch):
+    """Real processes write the per-user cache (a file's sha256, a base's
+    layouts, a kernel build whose compiler is orphaned) and are killed with
+    SIGKILL before their rename: ``cache clean`` removes their temporaries
+    and says so; those of live writers stay (the other sha256 writer, the
+    other build), as does one of another host and a young one named by the
+    pid alone (older loramix), whose old twin goes, as does one whose pid
+    now belongs to another process (here: this one, started at another time)."""
+    import select
+    import socket
+
+    from loramix.io.outputs import ORPHAN_SECONDS, _short_hash
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(home))
+    monkeypatch.chdir(tmp_path)
+    cc = tmp_path / "slow-cc"
+    cc.write_text(_SLOW_CC)
+    cc.chmod(0o755)
+    hashed = tmp_path / "weights.bin"
+    hashed.write_bytes(b"w" * 100)
+    os.utime(hashed, (time.time() - 10, time.time() - 10))  # old enough for its hash to be kept
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LORAMIX_CACHE_DIR": str(home), "CC": str(cc),
+           "LORAMIX_NATIVE": "1"}  # fmt: skip
+    procs, orphans = {}, []
+
+    def start(name, *args):
+        says = tmp_path / f"{name}.says"
+        procs[name] = subprocess.Popen([sys.executable, "-c", _WRITER, *map(str, args)], stdout=subprocess.PIPE,
+                                       text=True, env={**env, "LMX_TEST_SAYS": str(says)})  # fmt: skip
+        return says
+
+    def temporary(name, says=None) -> Path:
+        """The temporary the writer ``name`` made: the one it is about to rename, or its compiler's output."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert procs[name].poll() is None, f"writer {name} exited"
+            if says is None and select.select([procs[name].stdout], [], [], 0.2)[0]:
+                return Path(procs[name].stdout.readline().strip())
+            if says is not None and says.exists():
+                pid, path = says.read_text().split()
+                orphans.append(int(pid))
+                return Path(path)
+            time.sleep(0.05)
+        raise AssertionError(f"writer {name} made no temporary")
+
+    try:
+        names = {n: start(n, *a) for n, *a in [("sha-dead", "sha256", hashed), ("sha-live", "sha256", hashed),
+                                              ("layouts-dead", "layouts", "{}"), ("native-dead", "native"),
+                                              ("native-live", "native")]}  # fmt: skip
+        tmps = {n: temporary(n, says if n.startswith("native") else None) for n, says in names.items()}
+        assert len(set(tmps.values())) == len(tmps) and all(t.is_file() for t in tmps.values()), tmps
+        for n in ("sha-dead", "layouts-dead", "native-dead"):
+            procs[n].kill()  # SIGKILL; native-dead's compiler lives on
+            procs[n].wait(timeout=60)
+        sha256, layouts = home / "sha256", home / "layouts"
+        here, there = _short_hash(socket.gethostname()), _short_hash("another-host")
+        reused = sha256 / f"{TMP_PREFIX}0000aaaa.{_short_hash('x.txt')}.{here}.{os.getpid()}.1.tmp"
+        foreign = sha256 / f"{TMP_PREFIX}0000bbbb.{_short_hash('x.txt')}.{there}.{os.getpid()}.1.tmp"
+        old, young = layouts / f"{'a' * 24}.tmp{os.getpid()}", sha256 / f"{'b' * 32}.tmp{os.getpid()}.1"
+        for f in (reused, foreign, old, young):
+            f.write_text("half")
+        t = time.time() - ORPHAN_SECONDS - 5
+        os.utime(old, (t, t))
+        rc, out, err = cli(capsys, "cache", "clean")
+        assert rc == 0, err
+        assert out.splitlines()[1:] == [
+            f"removed 5 temporary files of killed writers from {home} (layouts/, native/, sha256/)"
+        ], out
+        gone = [tmps["sha-dead"], tmps["layouts-dead"], tmps["native-dead"], reused, old]
+        assert [p for p in gone if p.exists()] == []
+        assert all(p.exists() for p in (tmps["sha-live"], tmps["native-live"], foreign, young))
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait(timeout=60)
+        for pid in orphans:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 # ---- scenario check catches what scenario run would fail on -------------------------------------------------
 
 # the smallest valid scenario, shared with tests/test_scenario.py

@@ -5,7 +5,10 @@ A run killed with ``kill -9`` cannot remove its temporary folders
 those whose process is gone, and nothing else. Scenario runs do the same
 when they start (:class:`loramix.scenario.cache.Cache`). It also removes the
 temporary folders of killed GGUF imports no process holds the lock of
-(:func:`loramix.gguf_import.remove_stale_imports`).
+(:func:`loramix.gguf_import.remove_stale_imports`), and the temporary files
+of killed writers in the per-user cache's ``sha256/``, ``layouts/``,
+``native/`` and ``prefix/`` (:func:`loramix.io.filehash.remove_stale_cache_temporaries`),
+which no later run would remove: each is written under a name of its own.
 """
 
 from __future__ import annotations
@@ -15,18 +18,22 @@ import click
 
 @click.group("cache")
 def command():
-    """The scenario cache (artifacts of scenario runs)."""
+    """The caches: the scenario cache (artifacts of scenario runs) and
+    $LORAMIX_CACHE_DIR (hashes, layouts, kernels, GGUF imports, prefix states)."""
 
 
 @command.command("clean")
 @click.option("--dir", "root", type=click.Path(file_okay=False, exists=True), default=None,
               help="The cache folder (default: $LORAMIX_CACHE, else .loramix-cache/).")  # fmt: skip
 def clean(root):
-    """Remove the temporaries of killed runs (their process is gone), and
-    those of killed GGUF imports in $LORAMIX_CACHE_DIR/bases."""
+    """Remove the temporaries of killed runs (their process is gone), those
+    of killed GGUF imports in $LORAMIX_CACHE_DIR/bases, and those of killed
+    writers in $LORAMIX_CACHE_DIR's sha256/, layouts/, native/ and prefix/
+    (their process is gone on this host; another host's are kept)."""
     from pathlib import Path
 
     from ..gguf_import import remove_stale_imports
+    from ..io.filehash import cache_dir, remove_stale_cache_temporaries
     from ..scenario.cache import default_cache_dir, remove_stale
 
     root = Path(root) if root is not None else default_cache_dir()
@@ -39,3 +46,7 @@ def clean(root):
         n = len(imports)
         click.echo(f"removed {n} temporary folder{'' if n == 1 else 's'} of killed GGUF imports from "
                    f"{imports[0].parent}")  # fmt: skip
+    if files := remove_stale_cache_temporaries():
+        n, parts = len(files), sorted({f.parent.name + "/" for f in files})
+        click.echo(f"removed {n} temporary file{'' if n == 1 else 's'} of killed writers from {cache_dir()} "
+                   f"({', '.join(parts)})")  # fmt: skip

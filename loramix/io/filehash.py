@@ -19,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
+from .outputs import ORPHAN_SECONDS, remove_stale_temporaries, temporary_file
 from .st_header import file_sha256
 
 # A model folder's weight files (loramix.io.model_folder reads them from here: one place).
@@ -38,6 +40,44 @@ def cache_dir() -> Path:
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loramix"
+
+
+#: the folders of :func:`cache_dir` whose files are written through temporaries
+#: (``bases/`` has its own: :func:`loramix.gguf_import.remove_stale_imports`)
+WRITTEN_FOLDERS = ("sha256", "layouts", "native", "prefix")
+#: the temporaries of older loramix in sha256/ (``<key>.tmp<pid>.<thread>``) and
+#: layouts/ (``<key>.tmp<pid>``), which name no host and no process start
+_PID_ONLY = re.compile(r"\.tmp\d+(\.\d+)?$")
+
+
+def remove_stale_cache_temporaries() -> list[Path]:
+    """Remove from :data:`WRITTEN_FOLDERS` of :func:`cache_dir` the temporaries
+    of writers that were killed (``kill -9``, between the write and the
+    rename), and return them. A temporary's name says its host, pid and
+    process start (:func:`loramix.io.outputs.temporary_file`): it is removed
+    when that process is gone on this host, so a live writer's stays (a pid
+    reused since is told apart by its start); another host's is kept, as it
+    cannot be checked. One named by the pid alone (an older loramix) is
+    removed once :data:`~loramix.io.outputs.ORPHAN_SECONDS` old: its writer
+    wrote a few kilobytes and renamed them at once."""
+    removed = []
+    for part in WRITTEN_FOLDERS:
+        folder = cache_dir() / part
+        removed += remove_stale_temporaries(folder)
+        if part not in ("sha256", "layouts"):
+            continue
+        try:
+            entries = [e for e in os.scandir(folder) if _PID_ONLY.search(e.name)]
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.is_file(follow_symlinks=False) and time.time() - e.stat().st_mtime >= ORPHAN_SECONDS:
+                    os.unlink(e.path)
+                    removed.append(Path(e.path))
+            except OSError:
+                pass  # gone meanwhile (renamed by its writer, or removed by another clean)
+    return removed
 
 
 class HashingStopped(Exception):
@@ -101,7 +141,10 @@ def _store(ident: str, digest: str) -> None:
     entry = _entry(ident)
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+        # a temporary whose name says who writes it, so that `cache clean` knows one left by
+        # a killed process (not atomic_write: its sweep of this folder, which grows by one
+        # entry per file ever hashed, would cost more than the write)
+        tmp = temporary_file(entry)
         tmp.write_text(digest + "\n")
         os.replace(tmp, entry)
     except OSError:

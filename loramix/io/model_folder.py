@@ -43,7 +43,7 @@ from .filehash import (
     cache_dir,
     cached_file_sha256,
 )
-from .outputs import normalized_path
+from .outputs import atomic_write, normalized_path
 from .safetensors_io import (
     ST_DTYPES,
     CheckedSafetensors,
@@ -526,10 +526,8 @@ def _cached_skeleton(folder: Path, config_bytes: bytes) -> dict:
     sk = build_skeleton(folder)
     if sk.get("built"):  # cache only a real answer, not the fallback
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(sk, sort_keys=True))
-            os.replace(tmp, path)
+            with atomic_write(path) as f:  # its temporary names its writer: see `cache clean`
+                f.write(json.dumps(sk, sort_keys=True))
         except OSError:
             pass  # a read-only home only costs the rebuild
     return sk
