@@ -299,6 +299,118 @@ def test_cache_atomic_resume_and_fresh(tmp_path):
     )
 
 
+# A process that makes the artifact ("thing", {"x": argv[2]}) in the cache argv[1], taking
+# argv[4] seconds, writes argv[3] into it, and prints its lookup
+_MAKER = r"""
+import sys, time
+from pathlib import Path
+from loramix.scenario.cache import Cache
+def make(tmp):
+    print("making", flush=True)
+    time.sleep(float(sys.argv[4]))
+    (tmp / "who").write_text(sys.argv[3])
+c = Cache(Path(sys.argv[1]))
+print("asking", flush=True)
+c.get_or_make("thing", {"x": sys.argv[2]}, make)
+print(c.log[-1].status, flush=True)
+"""
+
+
+def _maker(root: Path, x: str, who: str, seconds: float, until: str):
+    """A real process making ("thing", {"x": x}), returned once it printed ``until``."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", _MAKER, str(root), x, who, str(seconds)], text=True,
+                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(repo)})  # fmt: skip
+    for line in proc.stdout:
+        if line.strip() == until:
+            return proc
+    proc.wait(timeout=60)
+    raise AssertionError(f"the maker exited ({proc.returncode}) before {until!r}")
+
+
+def test_an_artifact_another_process_is_making_is_waited_for(tmp_path, capsys):
+    """While a real process makes an artifact, a run asking for it waits and
+    then uses it (a hit, its seconds the wait) instead of making it again.
+    --fresh does not wait but makes its own. Where the maker is killed
+    (SIGKILL), the waiting run makes it itself and removes the killed one's
+    temporary. A killed maker no one waited for leaves its temporary and its
+    lock file: ``cache clean`` removes both."""
+    root, made = tmp_path / "c", []
+
+    def make(tmp):
+        made.append(tmp)
+        (tmp / "who").write_text("us")
+
+    procs = [_maker(root, "1", "them", 2.0, "making")]
+    try:
+        c = Cache(root)
+        p = c.get_or_make("thing", {"x": "1"}, make)
+        assert procs[0].wait(timeout=60) == 0 and procs[0].stdout.read().split() == ["miss"]
+        assert made == [] and (p / "who").read_text() == "them"
+        assert [(e.status, e.seconds > 0) for e in c.log] == [("hit", True)]  # > 0: it waited
+        procs.append(_maker(root, "2", "them", 600, "making"))
+        f = Cache(root, fresh=True)
+        p = f.get_or_make("thing", {"x": "2"}, make)
+        assert procs[1].poll() is None and len(made) == 1 and [e.status for e in f.log] == ["miss"]
+        assert (p / "who").read_text() == "us"
+        procs[1].kill()
+        procs[1].wait(timeout=60)
+        procs.append(_maker(root, "3", "them", 600, "making"))
+        procs.append(_maker(root, "3", "waiter", 0, "asking"))
+        time.sleep(1.0)  # the waiter is blocked on the maker's lock by now
+        procs[2].kill()
+        assert procs[3].wait(timeout=60) == 0 and procs[3].stdout.read().split() == ["making", "miss"]
+        assert (root / "thing" / make_key("thing", {"x": "3"})[:24] / "who").read_text() == "waiter"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=60)
+    keys = sorted(make_key("thing", {"x": x})[:24] for x in "123")
+    two = make_key("thing", {"x": "2"})[:24]
+    assert sorted(q.name for q in (root / "thing").iterdir() if not q.name.startswith(".lmx-")) == sorted(
+        [*keys, f".{two}.lock"]
+    )
+    capsys.readouterr()
+    assert main(["cache", "clean", "--dir", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"removed 1 stale temporary from {root}",
+        f"removed 1 lock file of killed runs from {root}",
+    ]
+    assert sorted(q.name for q in (root / "thing").iterdir()) == keys
+
+
+def test_two_runs_at_once_make_each_artifact_once(tmp_path):
+    """Two real ``scenario run`` processes started together on one cache (one
+    with a pool of 2 workers): every artifact is made once, by one of them (a
+    miss in its cache log), and used by the other (a hit), which waited for
+    it where it was being made; both reports are written."""
+    import os
+    import subprocess
+    import sys
+
+    scen = _write(tmp_path, GOOD)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    runs = [subprocess.Popen([sys.executable, "-m", "loramix", "scenario", "run", str(scen), "--out",
+                              str(tmp_path / f"r{jobs}"), "--cache", str(tmp_path / "cache"), "--quiet", "--jobs",
+                              str(jobs)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for jobs in (1, 2)]  # fmt: skip
+    try:
+        errs = [r.communicate(timeout=600)[1] for r in runs]
+    finally:
+        for r in runs:
+            r.kill()
+    assert [r.returncode for r in runs] == [0, 0], errs
+    statuses: dict[tuple, list] = {}
+    for jobs in (1, 2):
+        for e in csv.DictReader(open(tmp_path / f"r{jobs}" / "cache_log.csv")):
+            statuses.setdefault((e["kind"], e["key"]), []).append(e["status"])
+    assert len(statuses) >= 10 and all(sorted(s) == ["hit", "miss"] for s in statuses.values()), statuses
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -680,9 +792,10 @@ def test_interrupted_run_resumes(study, tmp_path):
                              "--cache", str(cache), "--quiet"], env=env, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and len(set(adapters.iterdir()) - before) < 2:
+        new = lambda: {p.name for p in set(adapters.iterdir()) - before if not p.name.startswith(".")}  # noqa: E731
+        while time.time() < deadline and not new():  # hidden: temporaries and lock files
             time.sleep(0.05)
-        made_before_kill = {p.name for p in set(adapters.iterdir()) - before if not p.name.startswith(".")}
+        made_before_kill = new()
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=60)
     finally:

@@ -1,9 +1,11 @@
 """``loramix cache clean``: remove what killed runs left in the caches.
 
 A run killed with ``kill -9`` cannot remove its temporary folders
-(``.lmx-<8 hex>`` with an ``owner.json`` naming the process); this removes
-those whose process is gone, and nothing else. Scenario runs do the same
-when they start (:class:`loramix.scenario.cache.Cache`). It also removes the
+(``.lmx-<8 hex>`` with an ``owner.json`` naming the process) nor the lock
+file of the artifact it was making (``<kind>/.<key>.lock``); this removes
+those whose process is gone (a lock no process holds), and nothing else.
+Scenario runs remove such temporaries (not the locks) when they start
+(:class:`loramix.scenario.cache.Cache`). It also removes the
 temporary folders of killed GGUF imports no process holds the lock of
 (:func:`loramix.gguf_import.remove_stale_imports`), and the temporary files
 of killed writers in the per-user cache's ``sha256/``, ``layouts/``,
@@ -26,20 +28,24 @@ def command():
 @click.option("--dir", "root", type=click.Path(file_okay=False, exists=True), default=None,
               help="The cache folder (default: $LORAMIX_CACHE, else .loramix-cache/).")  # fmt: skip
 def clean(root):
-    """Remove the temporaries of killed runs (their process is gone), those
-    of killed GGUF imports in $LORAMIX_CACHE_DIR/bases, and those of killed
-    writers in $LORAMIX_CACHE_DIR's sha256/, layouts/, native/ and prefix/
-    (their process is gone on this host; another host's are kept)."""
+    """Remove the temporaries of killed runs (their process is gone) and
+    their lock files no process holds, those of killed GGUF imports in
+    $LORAMIX_CACHE_DIR/bases, and those of killed writers in
+    $LORAMIX_CACHE_DIR's sha256/, layouts/, native/ and prefix/ (their
+    process is gone on this host; another host's are kept)."""
     from pathlib import Path
 
     from ..gguf_import import remove_stale_imports
     from ..io.filehash import cache_dir, remove_stale_cache_temporaries
-    from ..scenario.cache import default_cache_dir, remove_stale
+    from ..scenario.cache import default_cache_dir, remove_stale, remove_stale_locks
 
     root = Path(root) if root is not None else default_cache_dir()
     if root.is_dir():
         removed = remove_stale(root)
         click.echo(f"removed {len(removed)} stale temporar{'y' if len(removed) == 1 else 'ies'} from {root}")
+        if locks := remove_stale_locks(root):
+            n = len(locks)
+            click.echo(f"removed {n} lock file{'' if n == 1 else 's'} of killed runs from {root}")
     else:  # the default folder, before any run made it
         click.echo(f"no scenario cache at {root}: nothing to clean")
     if imports := remove_stale_imports():

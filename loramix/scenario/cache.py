@@ -13,15 +13,21 @@ split's key, so rebuilding the base changes every key below it).
 An artifact is made in a temporary folder beside its target and renamed into
 place only when complete, with ``artifact.json`` (its spec and timing) written
 last inside it: an interrupted run leaves no half artifact, and the next run
-starts again from the first missing one. Several processes (or nodes sharing
-the folder) may make the same artifact at once: the first rename wins and the
-others discard their copy, never replacing a finished artifact, so a reader
-never sees a folder move. ``fresh=True`` remakes each artifact
-once per run (the first time this run asks for it) and then reuses the new one.
+starts again from the first missing one. A process making an artifact holds
+a lock file beside it (``<kind>/.<key>.lock``, :class:`Making`): another
+process (a second run on the same cache, or a node sharing it where its file
+system's locks reach the nodes) asking for it meanwhile waits, and uses it
+once made, or makes it itself if the maker failed or was killed. Where two
+processes make it all the same (no locks there; ``fresh=True``, which does
+not wait), the first rename wins and the others discard their copy, never
+replacing a finished artifact, so a reader never sees a folder move.
+``fresh=True`` remakes each artifact once per run (the first time this run
+asks for it) and then reuses the new one.
 
 Every lookup is logged (``hit``/``miss``/``fresh``) with the kind and key; the
 runner writes that log beside the report (``cache_log.csv``), so one can check
-that a second run trained nothing.
+that a second run trained nothing. A hit's seconds are 0, or the time it
+waited for another process to make it; a miss's, the time its ``make`` took.
 
 The root defaults to ``$LORAMIX_CACHE`` when set, else ``.loramix-cache/`` in
 the current folder.
@@ -83,6 +89,102 @@ def remove_stale(root: Path) -> list[Path]:
     return [t for k in kinds for t in remove_stale_temporaries(k)]
 
 
+#: the lock file beside an artifact being made (``<kind>/.<key>.lock``)
+LOCK_SUFFIX = ".lock"
+
+
+def _lock_file(target: Path) -> Path:
+    return target.parent / f".{target.name}{LOCK_SUFFIX}"
+
+
+class Making:
+    """An exclusive ``flock`` of ``<kind>/.<key>.lock`` (:data:`LOCK_SUFFIX`),
+    held while the artifact ``target`` is made; ``wait``: take it when its
+    holder lets go (``waited``: the seconds that took), else give up at once.
+
+    A process that asks for an artifact another one is making waits for it
+    and then, finding it finished, uses it, instead of making it too; it
+    makes it itself where the maker failed or was killed (the kernel lets go
+    of a dead process's lock). The holder removes the lock file before letting
+    go: a waiter still holds the file it opened, and whoever takes a later one
+    finds the artifact first. So each lock is held by a process that either
+    makes the artifact or finds it made: the makers never wait for one
+    another, and nothing can deadlock (a step makes one artifact and asks for
+    none while making it). After a maker that failed, a waiter and a
+    newcomer may both make it: the rename decides. Where no lock can be had (no ``fcntl``, a file
+    system that takes none) each process makes its own and the rename
+    decides, as before; a file system whose locks do not reach other hosts
+    (NFS mounted ``local_lock=flock``) excludes the processes of each host
+    alone."""
+
+    def __init__(self, target: Path, wait: bool = True):
+        self.path, self.wait = _lock_file(target), wait
+        self.fd: int | None = None
+        self.waited = 0.0
+
+    def __enter__(self) -> Making:
+        try:
+            import fcntl
+
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except (ImportError, OSError):
+            return self
+        t0 = time.perf_counter()
+        try:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not self.wait:
+                    raise
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+                self.waited = time.perf_counter() - t0
+        except OSError:  # held, and not waited for; or no locks here (ENOLCK): not held
+            os.close(self.fd)
+            self.fd = None
+        except BaseException:  # an interrupt while waiting
+            os.close(self.fd)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass  # removed already (by a holder of an older one), or a read-only cache
+        finally:
+            os.close(self.fd)
+
+
+def remove_stale_locks(root: Path) -> list[Path]:
+    """Remove the lock files (:class:`Making`) of the cache at ``root`` that no
+    process holds: those of makers that were killed, and not asked for
+    since; returns them. Not when a run starts, as :func:`remove_stale` is:
+    a lock file removed between a maker's opening it and its taking the
+    lock lets a second process make the artifact too."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    removed = []
+    for kind in [p for p in Path(root).iterdir() if p.is_dir()] if Path(root).is_dir() else []:
+        for lock in kind.glob(f".*{LOCK_SUFFIX}"):
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lock.unlink()
+                removed.append(lock)
+            except OSError:
+                pass  # held: an artifact being made
+            finally:
+                os.close(fd)
+    return removed
+
+
 def is_cached(root: str | os.PathLike, kind: str, key: str) -> bool:
     """Whether the artifact ``(kind, key)`` is complete in the cache at ``root``
     (read only: unlike :class:`Cache`, nothing is cleaned)."""
@@ -131,6 +233,21 @@ class Cache:
             self.log.append(CacheEvent(kind, key, "hit", 0.0, label))
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
+        # --fresh remakes it whoever else is making it: it does not wait
+        with Making(target, wait=not redo) as lock:
+            if not redo and (target / MARKER).is_file():  # made meanwhile, by the process waited for
+                self.log.append(CacheEvent(kind, key, "hit", lock.waited, label))
+                return target
+            # a maker killed before us (the lock was its) left its temporary: it goes now
+            remove_stale_temporaries(target.parent, target.name)
+            seconds = self._make(kind, key, spec, make, label, target, redo)
+        self._made_this_run.add(key)
+        self.log.append(CacheEvent(kind, key, "fresh" if done else "miss", seconds, label))
+        return target
+
+    def _make(self, kind: str, key: str, spec: dict, make, label: str, target: Path, redo: bool) -> float:
+        """Make the artifact into an owned temporary and rename it to
+        ``target``; returns the seconds ``make`` took."""
         # the artifact is made inside an owned temporary, which keeps its owner.json until it
         # is removed: a run killed at any point (a replaced folder swapped into it included)
         # leaves a temporary that a later run removes
@@ -163,9 +280,7 @@ class Cache:
             raise_naming(e, (tmp, owned), target)  # a full disk names the artifact, not its temporary
         finally:
             remove_temporary(owned)
-        self._made_this_run.add(key)
-        self.log.append(CacheEvent(kind, key, "fresh" if done else "miss", seconds, label))
-        return target
+        return seconds
 
     @staticmethod
     def _swap(tmp: Path, target: Path) -> None:

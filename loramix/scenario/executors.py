@@ -7,8 +7,8 @@ results of the first: the plan validation, :mod:`loramix.scenario.planval`),
 which the returned dict includes. A step is an
 idempotent job on the shared content-addressed cache: its result depends only
 on its spec, so the order (and the process) in which steps run changes no
-number, and two processes making the same artifact both end with the one
-renamed into place first (:meth:`loramix.scenario.cache.Cache.get_or_make`).
+number; a process asking for an artifact another one is making waits for
+it, and uses it once made (:meth:`loramix.scenario.cache.Cache.get_or_make`).
 
 * ``serial``: in this process, in plan order.
 * ``processes``: ``jobs`` local worker processes (``spawn``); with
