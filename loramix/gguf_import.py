@@ -88,8 +88,9 @@ def is_gguf(path: str | os.PathLike) -> bool:
         return False
 
 
-def open_gguf(path: str | os.PathLike):
-    """``gguf.GGUFReader(path)`` with every failure turned into one line naming the file."""
+def check_gguf_file(path: str | os.PathLike) -> Path:
+    """Refuse a path that is no GGUF file (missing, a folder, no magic bytes)
+    in one line, from its first bytes; the header itself is not parsed."""
     p = Path(path)
     if not p.exists():
         raise BaseModelError(p, "no such file")
@@ -97,6 +98,12 @@ def open_gguf(path: str | os.PathLike):
         raise BaseModelError(p, "not a file; expected a .gguf model file")
     if not is_gguf(p):
         raise BaseModelError(p, "not a GGUF file (it does not start with the GGUF magic bytes)")
+    return p
+
+
+def open_gguf(path: str | os.PathLike):
+    """``gguf.GGUFReader(path)`` with every failure turned into one line naming the file."""
+    p = check_gguf_file(path)
     from gguf import GGUFReader
 
     try:
@@ -317,13 +324,15 @@ def _write_tokenizer(path: Path, folder: Path) -> None:
 
 
 def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dtype: str = "float32",
-                 sha256: str | None = None, say=None) -> dict:  # fmt: skip
+                 sha256: str | None = None, say=None, reader=None) -> dict:  # fmt: skip
     """Write the transformers folder for ``gguf_path`` into the existing empty ``folder``.
 
     Returns the provenance record (also written as ``loramix.json``).
     ``say``: called once the file's metadata are checked, before the long
-    de-quantisation (a notice). Not atomic by itself: :func:`import_gguf`
-    and :func:`resolve_base` write into a temporary folder and rename it.
+    de-quantisation (a notice). ``reader``: the file's :func:`open_gguf`
+    where the caller has one (parsing the header again costs seconds). Not
+    atomic by itself: :func:`import_gguf` and :func:`resolve_base` write
+    into a temporary folder and rename it.
     """
     from safetensors.torch import save_file
 
@@ -333,7 +342,7 @@ def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dty
     path, folder = Path(gguf_path), Path(folder)
     if dtype not in DTYPES:
         raise BaseModelError("--dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
-    reader = open_gguf(path)
+    reader = open_gguf(path) if reader is None else reader
     arch = gguf_architecture(reader, path)
     quants = check_quantisation(reader, path)
     config = _hf_config(reader, path, arch, dtype)
@@ -359,13 +368,15 @@ def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dty
 def import_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
                 force: bool = False) -> dict:  # fmt: skip
     """``loramix base import``: write ``out`` atomically; return a summary dict."""
-    from .io.outputs import atomic_output_dir
+    from .io.outputs import atomic_output_dir, check_output
 
     t0 = time.perf_counter()
-    path = Path(gguf_path)
-    open_gguf(path)  # a bad file is refused before an output folder is created
+    path = check_gguf_file(gguf_path)
+    # an --out that exists is refused before the header is parsed (4 s for SmolLM2's vocabulary)
+    check_output(out, force=force, inputs=[path])
+    reader = open_gguf(path)  # a bad file is refused before an output folder is created
     with atomic_output_dir(out, force=force, inputs=[path]) as tmp:
-        rec = write_folder(path, tmp, dtype=dtype)
+        rec = write_folder(path, tmp, dtype=dtype, reader=reader)
     return {"out": str(out), "seconds": time.perf_counter() - t0, **rec}
 
 

@@ -489,3 +489,23 @@ def test_import_iq4_nl_and_iq4_xs(tmp_path, capsys):
     np.testing.assert_array_equal(
         got["model.layers.0.mlp.down_proj.weight"], iq4_reference(down, "IQ4_XS").reshape(32, 256)
     )
+
+
+def test_import_parses_the_gguf_header_once(tmp_path, monkeypatch, capsys):
+    """``base import`` parses the file's header (gguf.GGUFReader: 4 s for
+    SmolLM2's 49,152-token vocabulary) once for its checks and the
+    de-quantisation, not once for each (transformers' own metadata read is
+    another, outside loramix)."""
+    import loramix.gguf_import as gi
+
+    opened = []
+
+    def counted(path):
+        opened.append(path)
+        return real(path)
+
+    real = gi.open_gguf
+    monkeypatch.setattr(gi, "open_gguf", counted)
+    path = llama_gguf(tmp_path / "m.gguf", tokenizer=True)
+    assert main(["base", "import", str(path), "--out", str(tmp_path / "m")]) == 0, capsys.readouterr().err
+    assert len(opened) == 1

@@ -141,3 +141,15 @@ def test_the_entry_point_runs_atexit_handlers_and_flushes_before_it_exits():
     p = _run_entry(prog.format(args="'sum', 'a', 'b', '--weights', 'x', '--out', 'o'"))
     assert p.returncode == 2
     assert p.stderr.strip().startswith("loramix: error: --weights") and p.stdout == "atexit ran\n"
+
+
+def test_gguf_import_to_an_existing_out_is_refused_before_the_file_is_parsed(tmp_path):
+    """``base import F --out EXISTING`` says so at once: parsing a real GGUF's
+    header (gguf.GGUFReader over its vocabulary) takes seconds."""
+    from .test_realmodel import llama_gguf
+
+    path = llama_gguf(tmp_path / "m.gguf", tokenizer=True)
+    (tmp_path / "out").mkdir()
+    rc, mods, err = imported_modules("base", "import", str(path), "--out", str(tmp_path / "out"))
+    assert rc == 2 and "already exists" in err, err
+    assert not {"gguf", "torch", "numpy"} & mods
