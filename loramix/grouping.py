@@ -241,7 +241,7 @@ def adapter_checks(adapters, fitfile: dict, where: str) -> list[str]:
 
 def one_kind(adapters, where: str) -> None:
     """Refuse adapters of more than one kind in one line (the fits, and merges, are per kind)."""
-    kinds = sorted({a.kind.name for a in adapters})
+    kinds = sorted({a.method for a in adapters})  # the kind's name, on Adapter and NpAdapter alike
     if len(kinds) > 1:
         raise UsageError(where, f"the adapters mix kinds ({', '.join(kinds)}); the fits are per kind")
 

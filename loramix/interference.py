@@ -123,16 +123,19 @@ def predict_validated(
     }  # fmt: skip
 
 
-def _composition(adapters_or_paths) -> list:
-    """The composition to predict: at least two adapters (paths are loaded), all of one kind."""
-    from .adapter import Adapter
+def _composition(adapters_or_paths, load=None) -> list:
+    """The composition to predict: at least two adapters, all of one kind;
+    paths are checked, then read by ``load`` (torch's reader by default)."""
     from .grouping import one_kind
-    from .io.adapter_files import load_adapter
+    from .io.peft_layout import check_adapter_paths
 
     items = list(adapters_or_paths)
     if len(items) < 2:
         raise UsageError("predict", f"a composition needs at least 2 adapters, got {len(items)}")
-    adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
+    check_adapter_paths(items)  # before torch loads: a mistyped path fails fast
+    if load is None:
+        from .io.adapter_files import load_adapter as load
+    adapters = [a if hasattr(a, "modules") else load(a) for a in items]
     one_kind(adapters, "predict")
     return adapters
 
@@ -242,6 +245,7 @@ def predict(
     ``level``, ``loo_rmse``, ``residual_se``, ``extrapolation``, the
     study's ``label`` and the fit used.
     """
+    from .devices import is_cpu
     from .fit import LinearFit, composition_cosine
     from .overlap import similarity
 
@@ -252,8 +256,14 @@ def predict(
         fit_path = str(fit)
         fit = load_fit(fit)
     where = fit_path or "--fit"
-    adapters = _composition(adapters_or_paths)
-    kind = adapters[0].kind.name
+    if isinstance(device, str) and is_cpu(device):
+        # the cosines run in numpy on the CPU (overlap.similarity) whichever reader loaded the
+        # factors, so the numpy reader's (the same checks and values) spares the process torch
+        from .io.np_factors import load_np_adapter as load
+    else:
+        load = None
+    adapters = _composition(adapters_or_paths, load)
+    kind = adapters[0].method
     entry = _study(fit["fits"], kind, merge_method, label, adapters, where)
     lf = LinearFit.from_dict(entry)
     if not lf.ok:

@@ -272,3 +272,16 @@ def test_predict_json_is_standard_json_where_a_pair_shares_no_module(adapters, f
     out = json.loads(capsys.readouterr().out, parse_constant=strict)
     assert rc == 0 and out["pairwise"]["e+f"] is None
     assert out["pairwise"]["a+e"] > 0 and math.isfinite(out["predicted_delta_ppl_pct"])
+
+
+def test_predict_reads_paths_with_the_numpy_reader_to_the_same_figures(adapters, fit_file):
+    """Given paths, predict reads the factors with the numpy reader (no torch);
+    the figures are those of the same adapters loaded by the torch reader."""
+    from loramix.interference import predict
+    from loramix.io.adapter_files import load_adapter
+
+    path, _ = fit_file
+    for method in ("sum", "ties"):
+        by_path = predict(adapters, path, merge_method=method)
+        loaded = predict([load_adapter(a) for a in adapters], path, merge_method=method)
+        assert json.dumps(by_path) == json.dumps(loaded)

@@ -143,6 +143,30 @@ def test_the_entry_point_runs_atexit_handlers_and_flushes_before_it_exits():
     assert p.stderr.strip().startswith("loramix: error: --weights") and p.stdout == "atexit ran\n"
 
 
+def test_predict_with_a_fit_json_imports_no_torch(tmp_path):
+    """``predict A B --fit fit.json`` reads the adapters with the numpy reader:
+    its cosines are computed in numpy on the CPU anyway (overlap.similarity),
+    so the process never pays for torch (the same figures: test_predict)."""
+    from loramix.fit import fit_line
+
+    from .factories import make_peft_adapter, tiny_gpt2
+    from .test_predict import _data
+
+    model = tiny_gpt2()
+    a, b = (make_peft_adapter(model, tmp_path / n, seed=i, r=4) for i, n in enumerate("ab"))
+    x, y = _data(n=5, seed=1)
+    fit = tmp_path / "fit.json"
+    fit.write_text(
+        json.dumps({"fits": [{"adapter_method": "lora", "merge_method": "sum", **fit_line(x, y).to_dict()}]})
+    )
+    rc, mods, err = imported_modules("predict", str(a), str(b), "--fit", str(fit))
+    assert rc == 0, err
+    assert not {"torch", "transformers"} & mods
+    rc, mods, err = imported_modules("predict", str(a), "missing", "--fit", str(fit))
+    assert rc == 2 and "missing: no such file or folder" in err
+    assert not {"torch", "transformers"} & mods
+
+
 def test_gguf_import_to_an_existing_out_is_refused_before_the_file_is_parsed(tmp_path):
     """``base import F --out EXISTING`` says so at once: parsing a real GGUF's
     header (gguf.GGUFReader over its vocabulary) takes seconds."""

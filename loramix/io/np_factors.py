@@ -100,7 +100,10 @@ def np_adapter(adapter) -> NpAdapter:
     """A loaded :class:`loramix.adapter.Adapter` with its factors as numpy
     arrays (views where the dtype allows; fp16/bf16 widened to float32).
     A module of another kind than LoRA / D2-LoRA is its residual as its kind
-    defines it (``kind.scaled_factors``: ``dW = s B A``), in float64."""
+    defines it (``kind.scaled_factors``: ``dW = s B A``), in float64. An
+    :class:`NpAdapter` is returned as it is."""
+    if isinstance(adapter, NpAdapter):
+        return adapter
     fields = ("name", "scale", "alpha", "tau", "norm_dim", "eps")
     modules = {}
     for name, m in adapter.modules.items():
