@@ -40,7 +40,6 @@ from pathlib import Path
 
 from .errors import UsageError
 from .features import FeatureSet, compute_features, registry
-from .validation import load_predictors, predict_from
 
 COSINE_BUDGET = 0.1
 
@@ -82,6 +81,8 @@ class CostModel:
         x = {f: self.features.composition(f, members) for f in fit_features(fit)}
         if any(not math.isfinite(v) for v in x.values()):
             return float("nan"), None, None
+        from .validation import predict_from  # pandas: imported where a predictors file is used
+
         return predict_from(fit, x, self.level)
 
     def method_costs(self, members: list[int]) -> dict[str, tuple[float, float | None, float | None]]:
@@ -256,6 +257,8 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
     computed its features with (the file's ``calibration``), else the defaults.
     ``data`` runs through ``base`` only when a fit reads a data-aware feature."""
     if fitfile is None and fit_path is not None:
+        from .validation import load_predictors
+
         fitfile = load_predictors(fit_path)
     fit = fitfile["fits"][fitfile["best"]] if fitfile else None
     methods = (
@@ -349,8 +352,7 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
     ``tokens``, ``max_len``: the calibration recipe (None: the study's, see
     :func:`cost_model`).
     """
-    from .adapter import Adapter
-    from .io.adapter_files import load_adapter
+    from .io.peft_layout import check_adapter_paths
 
     items = list(adapters_or_paths)
     if len(items) < 2:
@@ -359,9 +361,14 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
         raise UsageError("--max-group", f"must be at least 1, got {max_group}")
     if budget is not None and not math.isfinite(budget):
         raise UsageError("--budget", f"must be a finite number, got {budget}")
-    adapters = [a if isinstance(a, Adapter) else load_adapter(a) for a in items]
+    check_adapter_paths(items)  # before torch loads: a mistyped path fails fast
+    from .io.adapter_files import load_adapter
+
+    adapters = [a if hasattr(a, "modules") else load_adapter(a) for a in items]
     one_kind(adapters, "plan")
     # the checks of `loramix predict`: another adapter kind refused, another base warned of
+    from .validation import load_predictors
+
     fitfile = None if fit is None else load_predictors(fit)  # read and checked once, used thrice
     warnings = [] if fitfile is None else adapter_checks(adapters, fitfile, str(fit))
     model, source, validated = cost_model(

@@ -622,3 +622,35 @@ def test_tied_lm_head_refused_when_the_checkpoint_stores_both(tmp_path, capsys):
     ad = make_peft_adapter(model, tmp_path / "head", target_modules=["c_attn", "lm_head"])
     run_error(capsys, ["sum", str(ad), "--into", str(base), "--out", str(tmp_path / "m")],
               "lm_head.weight", "tied to", "wte")  # fmt: skip
+
+
+def test_the_torch_free_path_check_refuses_as_the_readers_do(tmp_path):
+    """``check_adapter_path`` (run before a command imports torch) raises, for
+    every path without a readable config and weights, the one line that
+    ``load_adapter`` (the torch readers) raises for it."""
+    from loramix.errors import AdapterError
+    from loramix.io.adapter_files import load_adapter
+    from loramix.io.peft_layout import check_adapter_path
+
+    good = make_peft_adapter(tiny_gpt2(), tmp_path / "good", r=2)
+    kohya = tmp_path / "style.safetensors"
+    save_file({"lora_unet_x_proj_in.lora_down.weight": torch.zeros(4, 8)}, str(kohya))
+    bin_only, bad_json, no_weights = (tmp_path / n for n in ("bin_only", "bad_json", "no_weights"))
+    for d in (bin_only, bad_json, no_weights):
+        d.mkdir()
+    shutil.copy(good / "adapter_config.json", bin_only / "adapter_config.json")
+    (bin_only / "adapter_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    shutil.copy(good / "adapter_model.safetensors", bad_json / "adapter_model.safetensors")
+    (bad_json / "adapter_config.json").write_text("{not json")
+    shutil.copy(good / "adapter_config.json", no_weights / "adapter_config.json")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    bad = [tmp_path / "missing", tmp_path / "empty", kohya, bin_only, bad_json, no_weights, tmp_path / "notes.txt",
+           good / "adapter_model.safetensors.missing"]  # fmt: skip
+    for path in bad:
+        with pytest.raises(AdapterError) as read:
+            load_adapter(path)
+        with pytest.raises(AdapterError) as checked:
+            check_adapter_path(path)
+        assert str(checked.value) == str(read.value), path
+    check_adapter_path(good)  # a readable one passes

@@ -94,6 +94,14 @@ def test_command_help_imports_no_torch(command):
         ("scenario", "run"),
         ("inspect",),
         ("no-such-command",),
+        # a mistyped or wrong path: refused by the torch-free checks before torch loads
+        ("inspect", "missing"),
+        ("inspect", "."),  # a folder, but no adapter in it
+        ("sum", "a", "b", "--out", "o"),
+        ("merge", "a", "b", "--method", "ties", "--out", "o"),
+        ("plan", "a", "b"),
+        ("base", "import", "missing.gguf", "--out", "o"),
+        ("scenario", "check", "missing.toml"),
     ],
 )
 def test_argument_errors_import_no_torch(args, tmp_path):

@@ -23,6 +23,9 @@ def command(path: Path, fmt: str) -> None:
     For D2-LoRA the norm is that of the signed residual s(B+A+ - tau B-A-);
     the delta merging adds, W_hat - W0, depends on the base and differs.
     """
+    from ..io.peft_layout import check_adapter_path
+
+    check_adapter_path(path)  # torch-free, before torch loads: a mistyped path fails fast
     from ..contents import inspect_adapter
 
     df = inspect_adapter(path)

@@ -24,12 +24,11 @@ from .peft_layout import (
     LORA,
     adapter_method,
     adapter_name,
+    check_adapter_path,
     check_features,
     module_factors,
     parse_keys,
-    read_config,
     read_parts,
-    resolve_adapter_paths,
 )
 from .st_header import FLOAT_CODES, read_safetensors_header
 from .unsupported_formats import name_unsupported
@@ -201,13 +200,12 @@ def load_np_adapter(path: str | Path, name: str | None = None, lazy: bool = Fals
     ``modules_to_save``) is read by them and viewed as numpy (eagerly).
     A foreign format (kohya, diffusers, a pickle) is named, as
     :func:`~loramix.io.formats.find_format` names it."""
+    given, cfg_path, weights, config = check_adapter_path(path)
     try:
-        given, cfg_path, weights = resolve_adapter_paths(path)
-        config = read_config(cfg_path)
         method, parts = adapter_method(config, cfg_path)  # an unknown peft_type raises, naming it
     except AdapterError:
         # As io.formats.find_format: what no reader claims is named when foreign.
-        if Path(path).exists() and (what := name_unsupported(path)) is not None:
+        if (what := name_unsupported(path)) is not None:
             raise AdapterError(path, what) from None
         raise
     if config.get("use_dora") or config.get("modules_to_save"):

@@ -149,6 +149,33 @@ def resolve_adapter_paths(path: str | Path) -> tuple[Path, Path, Path]:
     return p, cfg, weights
 
 
+def check_adapter_path(path) -> tuple[Path, Path, Path, dict]:
+    """``(given path, config path, weights path, config)`` for an adapter path,
+    or the one-line :class:`AdapterError` that
+    :func:`~loramix.io.formats.find_format` raises when the path has no
+    readable config and weights: a foreign format (kohya, diffusers, a
+    pickle) named, else what :func:`resolve_adapter_paths` or
+    :func:`read_config` says. Torch-free, so a command refuses a mistyped
+    path before it imports torch; what only a reader can tell (the tensors)
+    is left to it."""
+    try:
+        given, cfg, weights = resolve_adapter_paths(path)
+        return given, cfg, weights, read_config(cfg)
+    except AdapterError:
+        from .unsupported_formats import name_unsupported
+
+        if Path(path).exists() and (what := name_unsupported(path)) is not None:
+            raise AdapterError(path, what) from None
+        raise
+
+
+def check_adapter_paths(items) -> None:
+    """:func:`check_adapter_path` for each path among ``items`` (loaded adapters are skipped)."""
+    for a in items:
+        if isinstance(a, (str, os.PathLike)):
+            check_adapter_path(a)
+
+
 def read_config(cfg: Path) -> dict:
     """The config, parsed and type-checked (:mod:`loramix.io.config_schema`)."""
     from .config_schema import read_adapter_config

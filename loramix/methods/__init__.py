@@ -180,6 +180,9 @@ def merge(
     weights = parse_weights(weights, len(adapters))
     if dtype is None or isinstance(dtype, str):  # a torch dtype is taken as it is
         check_dtype(dtype)
+    from ..io.peft_layout import check_adapter_paths
+
+    check_adapter_paths(adapters)  # a mistyped path: what loading it would say, without torch
     from .runner import run_merge
 
     return run_merge(
