@@ -362,9 +362,13 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
     if budget is not None and not math.isfinite(budget):
         raise UsageError("--budget", f"must be a finite number, got {budget}")
     check_adapter_paths(items)  # before torch loads: a mistyped path fails fast
-    from .io.adapter_files import load_adapter
-
-    adapters = [a if hasattr(a, "modules") else load_adapter(a) for a in items]
+    if fit is None:
+        # the cost is the RMS cosine, computed in numpy (overlap.similarity) whichever reader
+        # loaded the factors, so the numpy reader's (the same checks and values) spares torch
+        from .io.np_factors import load_np_adapter as load
+    else:  # a predictor's features may read the factors as torch tensors
+        from .io.adapter_files import load_adapter as load
+    adapters = [a if hasattr(a, "modules") else load(a) for a in items]
     one_kind(adapters, "plan")
     # the checks of `loramix predict`: another adapter kind refused, another base warned of
     from .validation import load_predictors

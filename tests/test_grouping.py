@@ -50,6 +50,18 @@ def bank(tmp_path_factory):
     return [str(p) for p in paths], cluster
 
 
+def test_plan_without_a_fit_reads_paths_with_the_numpy_reader_to_the_same_plan(bank):
+    """Without a fit, plan reads paths with the numpy reader (its cosines are
+    numpy's either way): the plan is that of the torch-loaded adapters."""
+    from loramix.io.adapter_files import load_adapter
+
+    paths, _ = bank
+    by_path = plan(paths, max_group=3).to_json_dict()
+    assert json.dumps(by_path) == json.dumps(
+        plan([load_adapter(p) for p in paths], max_group=3).to_json_dict()
+    )
+
+
 def _clusters_of(groups):
     idx = {f"c{c}_{k}": c for c in range(CLUSTERS) for k in range(PER)}
     return [sorted(idx[n] for n in g["members"]) for g in groups]

@@ -185,3 +185,21 @@ def test_gguf_import_to_an_existing_out_is_refused_before_the_file_is_parsed(tmp
     rc, mods, err = imported_modules("base", "import", str(path), "--out", str(tmp_path / "out"))
     assert rc == 2 and "already exists" in err, err
     assert not {"gguf", "torch", "numpy"} & mods
+
+
+def test_plan_without_a_fit_and_a_predictors_files_path_errors_import_no_torch(tmp_path):
+    """``plan A B`` (the RMS cosine) reads the adapters with the numpy reader;
+    ``predict`` with a predictors file refuses a missing adapter before torch
+    loads (the feature registry it checks the file against is torch-free)."""
+    from .factories import make_peft_adapter, tiny_gpt2
+
+    model = tiny_gpt2()
+    a, b = (make_peft_adapter(model, tmp_path / n, seed=i, r=4) for i, n in enumerate("ab"))
+    rc, mods, err = imported_modules("plan", str(a), str(b))
+    assert rc == 0, err
+    assert not {"torch", "transformers"} & mods
+    predictors = ROOT / "reports" / "quickstart" / "predictors.json"
+    if predictors.is_file():
+        rc, mods, err = imported_modules("predict", str(a), "missing", "--fit", str(predictors))
+        assert rc == 2 and "missing: no such file or folder" in err, err
+        assert not {"torch", "transformers"} & mods

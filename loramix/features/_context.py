@@ -4,12 +4,16 @@ similarity (computed once, with its per-module table) and the calibration."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from ..adapter import Adapter, check_compatible
 from ..errors import UsageError
+from ..io.peft_layout import check_compatible
+
+if TYPE_CHECKING:
+    from ..adapter import Adapter
 
 
 @dataclass

@@ -23,11 +23,12 @@ from __future__ import annotations
 import numpy as np
 
 from . import Feature, register
-from ._calibration import input_factors
 
 
 def directional(ctx) -> np.ndarray:
     """``D`` (N x N), NaN where ``i`` and ``j`` share no usable module."""
+    from ._calibration import input_factors  # torch: here, not when the registry is read
+
     cal = ctx.calibration
     total = np.zeros((ctx.n, ctx.n))
     count = np.zeros((ctx.n, ctx.n))

@@ -18,10 +18,14 @@ is its mean over the modules both adapt. Adapters that share their initial
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from . import Feature, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 def module_overlap(As: list[torch.Tensor]) -> np.ndarray:
@@ -39,6 +43,8 @@ def module_overlap(As: list[torch.Tensor]) -> np.ndarray:
 def row_space(A: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
     """An orthonormal basis (in x rank) of the row space of ``A`` (r x in): a
     reduced QR of ``A^T`` would add arbitrary directions for dependent rows."""
+    import torch  # here, not at import: the registry is read by commands that compute no subspace
+
     U, s, _ = torch.linalg.svd(A.T, full_matrices=False)
     keep = s > rtol * float(s.max()) if s.numel() and float(s.max()) > 0 else s > 0
     return U[:, keep]

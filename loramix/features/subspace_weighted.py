@@ -20,15 +20,21 @@ calibration tokens never reached (``K`` zero: no subspace to compare).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from . import Feature, register
 from .subspace import mean_over_modules
 
+if TYPE_CHECKING:
+    import torch
+
 
 def whitener(K: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
     """``W`` with ``W^T K W = I`` on the range of the PSD ``K`` (r x rank)."""
+    import torch  # here, not at import: the registry is read by commands that compute no subspace
+
     e, V = torch.linalg.eigh(K)
     keep = e > rtol * max(float(e.max()), 0.0) if e.numel() else e > 0
     return V[:, keep] / e[keep].sqrt()
