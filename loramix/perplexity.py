@@ -176,7 +176,7 @@ def evaluate(
     context).
     """
     from .data import check_prompt
-    from .devices import resolve_device
+    from .devices import is_cpu, resolve_device
 
     if isinstance(data, (str, os.PathLike)):
         data = [data]
@@ -189,9 +189,10 @@ def evaluate(
     if merged and not adapters:
         raise UsageError("--merged", "needs at least one --adapter")
     check_prompt(prompt)
-    dev = resolve_device(device)
-    # Read and check all data before loading models: bad files fail fast.
+    is_cpu(device)  # a bad --device is refused first, told without torch where it can be
+    # Read and check all data before loading models: bad files fail fast (and before torch loads).
     sets = _read_sets(data, limit, fields or {})
+    dev = resolve_device(device)
     model, tok = _model_with_adapters(base, adapters, weights, merged=merged, dev=dev, dtype=dtype,
                                       top_layers=top_layers)  # fmt: skip
     check_prompt(prompt, tok, base if isinstance(base, (str, os.PathLike)) else "base")

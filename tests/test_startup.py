@@ -102,6 +102,7 @@ def test_command_help_imports_no_torch(command):
         ("plan", "a", "b"),
         ("base", "import", "missing.gguf", "--out", "o"),
         ("scenario", "check", "missing.toml"),
+        ("eval", "--base", "b", "--data", "missing.jsonl"),  # the data are read before the device is resolved
     ],
 )
 def test_argument_errors_import_no_torch(args, tmp_path):
