@@ -395,7 +395,7 @@ def resolve_base(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not is_gguf(p):
         return p
-    from .io.model_folder import cache_dir, cached_file_sha256
+    from .io.filehash import cache_dir, cached_file_sha256  # torch-free (model_folder re-exports them)
     from .io.outputs import usual_modes
 
     sha = cached_file_sha256(p)
@@ -466,7 +466,7 @@ def remove_stale_imports() -> list[Path]:
     (``cache_dir()/bases/.<sha256>-...tmp-*``) where no process is importing
     that file now (its lock is free); returns them. :func:`resolve_base`
     removes a file's own when it imports it again."""
-    from .io.model_folder import cache_dir
+    from .io.filehash import cache_dir  # torch-free (model_folder re-exports it)
 
     root = cache_dir() / "bases"
     out = []

@@ -509,3 +509,22 @@ def test_import_parses_the_gguf_header_once(tmp_path, monkeypatch, capsys):
     path = llama_gguf(tmp_path / "m.gguf", tokenizer=True)
     assert main(["base", "import", str(path), "--out", str(tmp_path / "m")]) == 0, capsys.readouterr().err
     assert len(opened) == 1
+
+
+def test_a_gguf_imported_before_resolves_without_torch(tmp_path):
+    """A GGUF given where a base goes, imported by an earlier run, resolves to
+    its cached folder from the file's cached hash alone: no torch, no gguf
+    (it imported torch through io.model_folder: 2 s of every warm lookup)."""
+    path = llama_gguf(tmp_path / "m.gguf", tokenizer=True)
+    env = {**os.environ, "LORAMIX_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    code = (
+        "import sys; from loramix.gguf_import import resolve_base; p = resolve_base(sys.argv[1]); "
+        "print(p, 'torch' in sys.modules, 'gguf' in sys.modules)"
+    )
+    runs = [subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env,
+                           timeout=300) for _ in range(2)]  # fmt: skip
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    first, warm = (r.stdout.split() for r in runs)
+    assert first[0] == warm[0] and first[1:] == ["True", "True"]  # the import itself needs both
+    assert warm[1:] == ["False", "False"]
