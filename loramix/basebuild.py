@@ -102,7 +102,7 @@ def lr_at(step: int, *, steps: int, warmup: int, lr: float, min_ratio: float = 0
 def _gather_records(data) -> tuple[list[QARecord], list[dict]]:
     """Records and provenance entries from paths, synthetic specs or records."""
     from .io.outputs import normalized_path
-    from .io.safetensors_io import file_sha256
+    from .io.st_header import file_sha256  # torch-free (safetensors_io re-exports it)
 
     if isinstance(data, (str, os.PathLike, QARecord)):
         data = [data]
@@ -249,15 +249,16 @@ def build_base(
     ``train_tokens`` and the out path.
     """
     from .data import encode_records, make_batches
-    from .devices import resolve_device
+    from .devices import is_cpu, resolve_device
     from .io.outputs import check_output
     from .perplexity import perplexity
 
     cfg, size, steps, batch, lr = _recipe(size, steps, batch, lr)
-    dev = resolve_device(device)
+    is_cpu(device)  # a bad --device is refused first, told without torch where it can be
     records, inputs = _gather_records(data)
     data_paths = [i["path"] for i in inputs if i["kind"] == "data"]
     check_output(out, force=force, inputs=data_paths)
+    dev = resolve_device(device)  # torch: once the data and --out have passed
     t0 = time.perf_counter()
 
     if len(records) < 2:

@@ -103,6 +103,8 @@ def test_command_help_imports_no_torch(command):
         ("base", "import", "missing.gguf", "--out", "o"),
         ("scenario", "check", "missing.toml"),
         ("eval", "--base", "b", "--data", "missing.jsonl"),  # the data are read before the device is resolved
+        ("base", "build", "--data", "missing.jsonl", "--out", "o"),  # likewise
+        ("base", "build", "--data", "synthetic:arith?n=20", "--out", "."),  # --out: before the device too
     ],
 )
 def test_argument_errors_import_no_torch(args, tmp_path):
