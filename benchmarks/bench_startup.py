@@ -27,9 +27,10 @@ command must at least do):
 * ``scenario check scenarios/quickstart.toml`` with an empty cache; anchor
   ``import torch`` (its plan reads the adapter kinds, which are torch modules);
 * argument errors with a missing path (``inspect``, ``sum``, ``plan``,
-  ``predict``, ``base import``, ``scenario check``, ``eval --data``): anchor
-  ``python -c "pass"`` (a path check needs nothing heavy; ``predict``'s, which
-  reads the fit file first, ``import pandas``);
+  ``predict``, ``base import``, ``scenario check``, ``eval --data``,
+  ``base build --data``): anchor ``python -c "pass"`` (a path check needs
+  nothing heavy; ``predict``'s, which reads the fit file first, ``import
+  pandas``);
 * ``base import SmolLM2.gguf --out EXISTING`` (exit 2, refused before the file
   is parsed), where ``../shared/models`` holds the GGUF.
 
@@ -140,6 +141,15 @@ def run(args, work: Path) -> None:
         ],
         "loramix base import MISSING (exit 2)": [*lmx, "base", "import", str(work / "m.gguf"), "--out", "o"],
         "loramix scenario check MISSING (exit 2)": [*lmx, "scenario", "check", str(work / "missing.toml")],
+        "loramix base build --data MISSING (exit 2)": [
+            *lmx,
+            "base",
+            "build",
+            "--data",
+            str(work / "m.jsonl"),
+            "--out",
+            "o",
+        ],
         "loramix eval --data MISSING (exit 2)": [
             *lmx,
             "eval",
