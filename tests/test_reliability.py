@@ -224,6 +224,32 @@ def test_live_temporaries_are_kept(tmp_path):
         assert tmp.exists()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_owner_not_yet_reaped_is_gone(tmp_path):
+    """A writer killed with kill -9 whose parent has not reaped it yet (a
+    zombie: a worker pool's under load) writes nothing more, so its temporary
+    is stale. It counted as alive (the pid answers signal 0 and keeps its
+    start time), and a study whose worker was killed left it in the cache."""
+    code = "import sys, time; from pathlib import Path; from loramix.io.outputs import new_temporary; "
+    code += "print(new_temporary(Path(sys.argv[1]), 'out'), flush=True); time.sleep(600)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        owned = Path(p.stdout.readline().strip())
+        assert remove_stale_temporaries(tmp_path) == [] and owned.is_dir()  # alive: kept
+        os.kill(p.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{p.pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z":
+            assert time.monotonic() < deadline, "the killed child never became a zombie"
+            time.sleep(0.01)
+        assert remove_stale_temporaries(tmp_path) == [owned] and not owned.exists()
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_force_replaced_target_lies_in_an_owned_temporary(tmp_path):
     """With --force the old target is swapped into the run's temporary
     folder, which keeps its owner.json: if the run dies before removing it

@@ -106,14 +106,22 @@ def check_output(out: str | Path, *, force: bool = False, inputs: Iterable[str |
 # ---- owners of temporary folders ---------------------------------------------------
 
 
+def _proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (Linux):
+    ``[0]`` the state, ``[19]`` the start time; None where unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields if len(fields) > 19 else None
+
+
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), which
     tells a live owner from a later process that reused its pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return None
+    fields = _proc_stat(pid)
+    return None if fields is None else fields[19].decode()
 
 
 def _owner_record(target: str) -> dict:
@@ -135,7 +143,11 @@ def _owner_alive(rec: dict) -> bool:
         return False
     except PermissionError:
         return True
-    return rec.get("start") is None or _start_time(pid) == rec.get("start")
+    fields = _proc_stat(pid)
+    if fields is not None and fields[0] in (b"Z", b"X"):
+        # killed, not yet reaped by its parent (a worker pool's, under load): it writes nothing more
+        return False
+    return rec.get("start") is None or (None if fields is None else fields[19].decode()) == rec.get("start")
 
 
 def _short_hash(text: str) -> str:
