@@ -46,6 +46,7 @@ from torch import nn
 from .adapter import Adapter, ModuleDelta, warn_unscaled_copies
 from .d2lora import d2_norm_scale
 from .errors import AdapterError, UsageError
+from .io.safetensors_io import check_output_finite
 from .kinds import LORA, AttachTerms, TrainableLayer, Wrapped, get_kind, is_adaptable
 from .kinds.base import is_embedding
 from .kinds.d2lora import D2LoraLinear
@@ -511,7 +512,10 @@ def merge_into_model(
     weights, for :func:`restore_weights`; otherwise it is empty. The
     adapters' ``modules_to_save`` copies replace their parameters as in
     :func:`attach_adapters` (with ``keep_original`` the dict holds the
-    replaced parameters themselves, under their names).
+    replaced parameters themselves, under their names). A merged weight that
+    would hold nan or inf in the model's dtype (a float16 model overflows
+    beyond 65504) raises :class:`~loramix.errors.OutputError` naming it; the
+    modules merged before it stay merged (discard the model).
     """
     adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
     per = _entries_per_module(model, adapters, weights)
@@ -526,7 +530,8 @@ def merge_into_model(
         acc = W0.to(torch.float32).clone()
         for w, m in entries:
             acc += (w * m.delta(W0, dtype=torch.float64, device=W0.device)).to(torch.float32)
-        W0.copy_(acc.to(W0.dtype))
+        # a float16 model holds |x| <= 65504 only: an inf here gave a perplexity of nan, silently
+        W0.copy_(check_output_finite(acc.to(W0.dtype), f"{name}.weight"))
     swapped = _swap_in(model, copies)
     if keep_original:
         originals.update(swapped)

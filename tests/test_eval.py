@@ -13,7 +13,15 @@ from loramix.cli import main
 from loramix.data import encode_records, load_records, make_batches
 from loramix.perplexity import evaluate, perplexity
 
-from .factories import SHARED_DATA, make_peft_adapter, save_base, tiny_gpt2, tiny_llama, write_jsonl
+from .factories import (
+    SHARED_DATA,
+    make_peft_adapter,
+    one_line_error,
+    save_base,
+    tiny_gpt2,
+    tiny_llama,
+    write_jsonl,
+)
 
 ARITH = "synthetic:arith?n=60&seed=7"
 UNITS = "synthetic:units?n=40&seed=3"
@@ -352,3 +360,29 @@ def test_rows_are_told_apart(bases, tmp_path, capsys):
     assert main(["eval", "--base", str(bases["gpt2"]), "--data", *map(str, files), "--format", "json"]) == 0
     names = [r["data"] for r in json.loads(capsys.readouterr().out)["results"]]
     assert names == ["ok", str(files[1]), str(files[2]), "union"]
+
+
+def test_merged_weight_that_overflows_the_dtype_is_refused(bases, tmp_path, capsys):
+    """``eval --merged`` in float16 with an adapter whose delta overflows it
+    (|W0 + s B A| > 65504 at one entry): one line naming the weight and the
+    dtype, exit 2. It wrote inf into the model and reported a perplexity of
+    nan with exit 0; a merge into a file refuses the same sum
+    (``check_output_finite``). In float32 the same merge is finite."""
+    from safetensors.torch import load_file, save_file
+
+    from loramix.models import load_causal_lm
+
+    base = bases["llama"]
+    model, _ = load_causal_lm(base)
+    ad = make_peft_adapter(model, tmp_path / "big", seed=1, r=4, lora_alpha=8)
+    f = ad / "adapter_model.safetensors"
+    sd = load_file(f)
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    sd[f"{q}.lora_B.weight"][0, :] = 100.0
+    sd[f"{q}.lora_A.weight"][:, 0] = 100.0  # s * sum_k B A = 2 * 4e4 = 8e4 at (0, 0)
+    save_file(sd, f)
+    args = ["eval", "--base", str(base), "--adapter", str(ad), "--data", ARITH, "--merged", "--no-progress"]
+    capsys.readouterr()
+    assert main([*args, "--format", "json"]) == 0
+    assert math.isfinite(json.loads(capsys.readouterr().out)["results"][0]["ppl"])
+    one_line_error(capsys, [*args, "--dtype", "float16"], "model.layers.0.self_attn.q_proj.weight", "float16")
