@@ -58,7 +58,7 @@ import torch
 from . import native
 from .adapter import Adapter, saved_tensors
 from .devices import resolve_device
-from .errors import AdapterError, BaseModelError
+from .errors import AdapterError, BaseModelError, OutputError
 from .io.model_folder import BaseModelFolder, TensorInfo
 from .io.outputs import atomic_output_dir, normalized_path, write_provenance
 from .io.peft_layout import check_copies_held
@@ -66,6 +66,7 @@ from .io.safetensors_io import (
     FLOAT_CODES,
     ST_DTYPES,
     TORCH_TO_ST,
+    all_finite,
     check_output_finite,
     read_into,
     safetensors_metadata,
@@ -807,10 +808,24 @@ def _write_shards(
                         bar.update(res.job.info.nbytes)
                     while pending:
                         pending.popleft().result()
+                except OutputError as e:
+                    _blame_the_base(plan.base, shard, src, e)
+                    raise
                 finally:
                     futures_wait(pending)  # no write left running on a closed file
             w.finish_data()
     return total, facts
+
+
+def _blame_the_base(base: BaseModelFolder, shard: ShardPlan, src, err: OutputError) -> None:
+    """For an output tensor that would hold nan or inf (``err`` names it):
+    raise :class:`BaseModelError` naming the base's file and tensor when the
+    base's own tensor holds them, as an adapter's is named; else return (the
+    sum overflowed). Read again from ``src``: the result may have replaced
+    the read buffer."""
+    info = base.tensors.get(err.where or "")
+    if info is not None and info.shard == shard.name and not all_finite(read_into(src, info)):
+        raise BaseModelError(base.path / shard.name, f"tensor {info.key} holds nan or inf") from None
 
 
 def _store(w: ShardWriter, src, res: JobResult) -> None:

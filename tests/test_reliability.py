@@ -621,14 +621,27 @@ def test_float16_overflow_in_an_adapter_output_refused(world, tmp_path, capsys):
     assert_refused(rc, err, out, "lora_B", "nan or inf")
 
 
-def test_nan_in_the_base_refused_naming_the_tensor(world, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "dtype, key, extra",
+    [
+        (torch.float32, "transformer.h.1.attn.c_proj.weight", ()),
+        (torch.bfloat16, "transformer.h.1.attn.c_proj.weight", ()),  # the fused kernel, in place
+        (torch.float16, "transformer.h.1.attn.c_proj.weight", ("--dtype", "bfloat16")),
+        (torch.float32, "transformer.ln_f.weight", ("--dtype", "float16")),  # converted, not adapted
+    ],
+)
+def test_nan_in_the_base_refused_naming_the_file_and_tensor(world, tmp_path, capsys, dtype, key, extra):
+    """A base tensor that holds nan or inf is named with its file. The
+    error named the tensor only, as the output that would hold nan or inf,
+    for an input holding them or an overflow, without saying which."""
     base = copy(world["gpt2"], tmp_path / "base")
-    t = load_file(str(base / SHARD))
-    t["transformer.h.1.attn.c_proj.weight"][0, 0] = float("nan")
+    t = {k: v.to(dtype) for k, v in load_file(str(base / SHARD)).items()}
+    t[key][0] = float("inf")
     save_file(t, str(base / SHARD), metadata={"format": "pt"})
     out = tmp_path / "out"
-    code, _, err = sum_into(capsys, base, out, world["a"])
-    assert_refused(code, err, out, "transformer.h.1.attn.c_proj.weight", "nan or inf")
+    code, _, err = sum_into(capsys, base, out, world["a"], extra=extra)
+    line = assert_refused(code, err, out, base / SHARD, key, "nan or inf")
+    assert "overflow" not in line
 
 
 def test_huge_but_finite_output_is_written(world, tmp_path, capsys):
