@@ -85,6 +85,9 @@ class AttachedLinear(Wrapped):
 
         y = (1 + gamma) * (W0 x) + b + B_cat (A_cat x) + sum_i extra_i(x)
 
+    On a bfloat16/float16 base the terms are kept and computed in float32,
+    added to the base's output and the sum rounded once to its dtype, as
+    PEFT's layer does with its float32 factors (``autocast_adapter_dtype``).
     Frozen buffers only.
     """
 
@@ -94,7 +97,10 @@ class AttachedLinear(Wrapped):
         dev, dt = W0.device, self.base.weight.dtype
         if dt not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             dt = torch.float32
-        terms: list[AttachTerms] = [m.kind.attach_terms(W0, w, m, dt) for w, m in entries]
+        # the adapters' terms in float32 on a half-precision base, as PEFT keeps its factors
+        # (autocast_adapter_dtype): rounded to the base's dtype they took 8 or 11 bits
+        ft = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+        terms: list[AttachTerms] = [m.kind.attach_terms(W0, w, m, ft) for w, m in entries]
         gamma = torch.zeros(self.out_features, dtype=torch.float64, device=dev)
         for t in terms:
             if t.gain is not None:
@@ -103,8 +109,8 @@ class AttachedLinear(Wrapped):
         self.register_buffer("gain", (1 + gamma).to(dt), persistent=False)
         Bs = [t.B.to(dev, torch.float64) for t in terms] or [torch.zeros(self.out_features, 0, device=dev)]
         As = [t.A.to(dev, torch.float64) for t in terms] or [torch.zeros(0, self.in_features, device=dev)]
-        self.register_buffer("B_cat", torch.cat(Bs, dim=1).to(dt), persistent=False)
-        self.register_buffer("A_cat", torch.cat(As, dim=0).to(dt), persistent=False)
+        self.register_buffer("B_cat", torch.cat(Bs, dim=1).to(ft), persistent=False)
+        self.register_buffer("A_cat", torch.cat(As, dim=0).to(ft), persistent=False)
         self._extras = [t.extra for t in terms if t.extra is not None]
         self.n_adapters = len(entries)
 
@@ -115,11 +121,13 @@ class AttachedLinear(Wrapped):
                 y = y + self.bias
         else:
             y = self.base(x)
+        # on a half-precision base: widened (exactly), the terms added, rounded once at the end
+        z = y.to(self.A_cat.dtype)
         if self.A_cat.shape[0]:
-            y = y + ((x.to(self.A_cat.dtype) @ self.A_cat.T) @ self.B_cat.T).to(y.dtype)
+            z = z + (x.to(self.A_cat.dtype) @ self.A_cat.T) @ self.B_cat.T
         for extra in self._extras:
-            y = y + extra(x, self).to(y.dtype)
-        return y
+            z = z + extra(x, self)
+        return z.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, adapters={self.n_adapters}, rank={self.A_cat.shape[0]}"
