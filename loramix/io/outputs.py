@@ -106,9 +106,14 @@ def check_output(out: str | Path, *, force: bool = False, inputs: Iterable[str |
 # ---- owners of temporary folders ---------------------------------------------------
 
 
+#: the kernel's flag of a process that has begun to exit (``include/linux/sched.h``)
+_PF_EXITING = 0x4
+
+
 def _proc_stat(pid: int) -> list[bytes] | None:
     """The fields of ``/proc/<pid>/stat`` after the command name (Linux):
-    ``[0]`` the state, ``[19]`` the start time; None where unreadable."""
+    ``[0]`` the state, ``[6]`` the kernel's flags, ``[19]`` the start time;
+    None where unreadable."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
@@ -144,8 +149,9 @@ def _owner_alive(rec: dict) -> bool:
     except PermissionError:
         return True
     fields = _proc_stat(pid)
-    if fields is not None and fields[0] in (b"Z", b"X"):
-        # killed, not yet reaped by its parent (a worker pool's, under load): it writes nothing more
+    if fields is not None and (fields[0] in (b"Z", b"X") or int(fields[6]) & _PF_EXITING):
+        # exiting (its files, and locks, already let go), or killed and not yet reaped by its
+        # parent (a worker pool's, under load): it writes nothing more
         return False
     return rec.get("start") is None or (None if fields is None else fields[19].decode()) == rec.get("start")
 
