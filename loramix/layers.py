@@ -159,7 +159,9 @@ class AttachedEmbedding(nn.Module):
     :mod:`loramix.kinds.dora`); ``g`` is the base's ``embed_scale`` where its
     lookup is scaled (Gemma), applied to the adapters' term as PEFT's
     ``lora.Embedding`` does. Terms computed once in float64 and stored in the
-    base weight's dtype; frozen buffers only.
+    base weight's dtype, or in float32 on a bfloat16/float16 base, whose
+    output is then widened, the term added and the sum rounded once, as
+    PEFT's layer does with its float32 factors; frozen buffers only.
 
     Tied weights: ``base`` is kept as it is, so an output head sharing
     ``E0`` (GPT-2, SmolLM2) still multiplies by ``E0``: on the fly only the
@@ -176,7 +178,10 @@ class AttachedEmbedding(nn.Module):
         E0 = base.weight.detach().double()
         dev, dt = E0.device, _buffer_dtype(base.weight)
         vocab, dim = E0.shape
-        terms: list[AttachTerms] = [m.kind.attach_terms(E0, w, m, dt) for w, m in entries]
+        # the adapters' terms in float32 on a half-precision base, as PEFT keeps its factors
+        # (and as AttachedLinear): rounded to the base's dtype they took 8 or 11 bits
+        ft = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+        terms: list[AttachTerms] = [m.kind.attach_terms(E0, w, m, ft) for w, m in entries]
         gamma = torch.zeros(dim, dtype=torch.float64, device=dev)
         for t, (_, m) in zip(terms, entries):
             if t.extra is not None:  # pragma: no cover - no embedding kind has one
@@ -189,8 +194,8 @@ class AttachedEmbedding(nn.Module):
         self.register_buffer("gain", (1 + gamma).to(dt), persistent=False)
         Bs = [t.B.to(dev, torch.float64) for t in terms] or [torch.zeros(vocab, 0, device=dev)]
         As = [t.A.to(dev, torch.float64) for t in terms] or [torch.zeros(0, dim, device=dev)]
-        self.register_buffer("B_cat", torch.cat(Bs, dim=1).to(dt).contiguous(), persistent=False)
-        self.register_buffer("A_cat", torch.cat(As, dim=0).to(dt), persistent=False)
+        self.register_buffer("B_cat", torch.cat(Bs, dim=1).to(ft).contiguous(), persistent=False)
+        self.register_buffer("A_cat", torch.cat(As, dim=0).to(ft), persistent=False)
         self.n_adapters = len(entries)
 
     # What model code reads from its embedding module: the base's.
@@ -227,7 +232,8 @@ class AttachedEmbedding(nn.Module):
             g = self.embed_scale()
             if g is not None:
                 d = d * g.to(d.dtype)
-            y = y + d.to(y.dtype)
+            # on a half-precision base: widened (exactly), the term added, rounded once
+            y = (y.to(d.dtype) + d).to(y.dtype)
         return y
 
     def extra_repr(self) -> str:

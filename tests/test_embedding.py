@@ -101,6 +101,29 @@ def assert_same_weights(ours, ref, tol=1e-6):
 # ---------------------------------------------------------------- LoRA on an embedding
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("model_fn", [tiny_gpt2, tiny_llama], ids=["gpt2-tied", "llama"])
+def test_embedding_lora_on_a_half_base_rounds_as_peft(tmp_path, model_fn, dtype):
+    """On a bfloat16/float16 base the adapted lookup adds the float32 term to
+    the base's row and rounds once, as PEFT's ``lora.Embedding`` does with
+    its float32 factors (and as loramix's linear layers do): PEFT's bits but
+    where the two float32 sums fall on either side of a rounding boundary.
+    The factors and the term were rounded to the base's dtype, and the sum
+    again."""
+    from peft import PeftModel
+
+    folder = emb_adapter(model_fn, tmp_path / "a", seed=1, targets=TARGETS[model_fn][:1], r=8, lora_alpha=16)
+    pm = PeftModel.from_pretrained(model_fn().to(dtype), str(folder)).eval()
+    ours = attach_adapters(model_fn().to(dtype), [load_adapter(folder)])
+    ids = torch.arange(128).reshape(4, 32)
+    with torch.no_grad():
+        got = ours.get_submodule(EMB[model_fn])(ids)
+        want = pm.base_model.model.get_submodule(EMB[model_fn])(ids)
+    assert got.dtype == want.dtype == dtype
+    assert (got != want).float().mean() < 0.02
+    assert ((got - want).abs() <= torch.finfo(dtype).eps * want.abs()).all()
+
+
 @pytest.mark.parametrize("model_fn", [tiny_gpt2, tiny_llama], ids=["gpt2-tied", "llama"])
 @pytest.mark.parametrize("weights", [None, [0.7, -0.4]], ids=["one", "two-weighted"])
 def test_embedding_lora_on_the_fly_and_merged_equal_peft(tmp_path, model_fn, weights):
