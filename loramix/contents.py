@@ -5,17 +5,28 @@ a D2 residual has rank ``2r``), ``alpha``, scale ``s``, the Frobenius norm of
 the delta computed from the factors (``||s B A||_F^2 = sum((Bf^T Bf) *
 (Af Af^T))``, no dense ``out x in`` matrix; D2: of the signed residual), the
 stored dtype and the parameter count.
+
+A path is read as numpy factors (:func:`loramix.io.np_factors.load_np_adapter`,
+lazily: one module's factors at a time) and every number is computed in numpy
+float64, so inspecting a PEFT LoRA or D2-LoRA adapter never imports torch.
+What that reader leaves to the torch readers (DoRA, embedding LoRA,
+``modules_to_save``, PEFT's copy of a base weight) is loaded as an
+:class:`~loramix.adapter.Adapter` and computed in torch float64: the same
+formula, so the same numbers up to the last bits (BLAS summation order).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .adapter import Adapter
+if TYPE_CHECKING:
+    from .adapter import Adapter
 
 COLUMNS = ["module", "kind", "out", "in", "rank", "alpha", "scale", "norm", "dtype", "params"]
 
@@ -34,9 +45,7 @@ def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
     ``{tensor, shape, dtype, params}`` each (they replace base tensors; they
     are not deltas, so no row of their own).
     """
-    from .io.adapter_files import load_adapter
-
-    ad = adapter_or_path if isinstance(adapter_or_path, Adapter) else load_adapter(adapter_or_path)
+    ad, sha256, saved = _read(adapter_or_path)
     rows = []
     for name in sorted(ad.modules, key=_natural_key):
         m = ad.modules[name]
@@ -44,7 +53,7 @@ def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
         rows.append(
             (
                 name,
-                m.kind.name,
+                getattr(m.kind, "name", m.kind),  # a kind object, or its name (NpModule)
                 out_f,
                 in_f,
                 m.rank,
@@ -59,9 +68,9 @@ def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
     df.attrs.update(
         name=ad.name,
         path=None if ad.path is None else str(ad.path),
-        sha256=ad.sha256,
-        kind=ad.kind.name,
-        method=ad.kind.name,
+        sha256=sha256,
+        kind=getattr(ad.kind, "name", ad.kind),
+        method=getattr(ad.kind, "name", ad.kind),
         base_model=ad.base_model,
         totals=totals(df),
         saved=[
@@ -71,10 +80,29 @@ def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
                 "dtype": str(t.dtype).removeprefix("torch."),
                 "params": t.numel(),
             }
-            for n, t in sorted(ad.saved.items())
+            for n, t in sorted(saved.items())
         ],
     )
     return df
+
+
+def _read(adapter_or_path) -> tuple:
+    """``(adapter, sha256, saved copies)``: a path the numpy reader reads as an
+    :class:`~loramix.io.np_factors.NpAdapter` (lazy factors, so the dtype
+    column is the stored one), anything else as an ``Adapter``."""
+    if isinstance(adapter_or_path, (str, os.PathLike)):
+        from .io.np_factors import load_np_adapter
+
+        ad = load_np_adapter(adapter_or_path, lazy=True, torch_fallback=False)
+        if ad is not None:
+            from .io.filehash import cached_file_sha256
+
+            return ad, cached_file_sha256(ad.weights_path), {}
+    from .adapter import Adapter
+    from .io.adapter_files import load_adapter
+
+    ad = adapter_or_path if isinstance(adapter_or_path, Adapter) else load_adapter(adapter_or_path)
+    return ad, ad.sha256, ad.saved
 
 
 def totals(df: pd.DataFrame) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from loramix.contents import COLUMNS, inspect_adapter
 from loramix.io.adapter_files import save_d2_adapter
 
 from .factories import make_peft_adapter, tiny_gpt2, tiny_llama
+from .test_np_similarity import adapter_paths  # noqa: F401  (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +143,78 @@ def test_d2_table_says_the_norm_is_the_residual(tmp_path, capsys):
     folder = save_d2_adapter(tmp_path / "d2", mods, r=2, lora_alpha=4, tau=0.5)
     assert main(["inspect", str(folder)]) == 0
     assert "signed residual" in capsys.readouterr().out
+
+
+def _inspected_by_torch(monkeypatch):
+    """Make a path's inspect take the torch path (as for a kind the numpy reader leaves to torch)."""
+    monkeypatch.setattr("loramix.io.np_factors.load_np_adapter", lambda *a, **k: None)
+
+
+@pytest.fixture(scope="module")
+def all_kinds(adapter_paths, tmp_path_factory):  # noqa: F811  (the fixture of test_np_similarity)
+    """test_np_similarity's adapters (GPT-2 Conv1D with rank/alpha patterns,
+    rsLoRA, bf16 and fp16 factors, D2-LoRA, Llama, Llama bf16), and three the
+    numpy reader leaves to torch: embedding LoRA, modules_to_save, DoRA."""
+    d, model = tmp_path_factory.mktemp("kinds"), tiny_llama()
+    torch_read = [
+        make_peft_adapter(model, d / "emb", seed=1, target_modules=["embed_tokens", "q_proj"], r=3),
+        make_peft_adapter(model, d / "mts", seed=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        make_peft_adapter(model, d / "dora", seed=3, target_modules=["q_proj"], use_dora=True, r=2),
+    ]
+    return adapter_paths["gpt2"] + adapter_paths["llama"], torch_read
+
+
+def test_a_path_is_inspected_in_numpy_with_torchs_numbers(all_kinds, monkeypatch):
+    """By path, a LoRA or D2-LoRA adapter is read as numpy factors (torch's
+    reader is not called) and every column and attribute is that of the
+    loaded Adapter (torch float64), the norms to 1e-12 (BLAS summation order)."""
+    import loramix.io.adapter_files as files
+    from loramix import load_adapter
+
+    numpy_read, torch_read = all_kinds
+    loaded = {p: load_adapter(p) for p in numpy_read + torch_read}
+    calls = []
+    monkeypatch.setattr(files, "load_adapter", lambda *a, **k: calls.append(a) or load_adapter(*a, **k))
+    for p in numpy_read + torch_read:
+        calls.clear()
+        by_path, by_torch = inspect_adapter(p), inspect_adapter(loaded[p])
+        assert (calls == []) == (p in numpy_read), p.name
+        pd.testing.assert_frame_equal(by_path, by_torch, check_exact=False, rtol=1e-12, atol=0)
+        a, b = by_path.attrs, by_torch.attrs
+        assert a["totals"].pop("norm") == pytest.approx(b["totals"].pop("norm"), rel=1e-12, abs=0)
+        assert a == b, p.name
+    kinds = {p.name: set(inspect_adapter(p)["kind"]) for p in numpy_read}
+    assert kinds["d0"] == {"d2lora"} and kinds["g0"] == {"lora"}
+    assert {d for p in numpy_read for d in inspect_adapter(p)["dtype"]} == {"float32", "bfloat16", "float16"}
+
+
+def test_numpy_and_torch_print_the_same(all_kinds, capsys, monkeypatch, tmp_path):
+    """The text (every digit) and the JSON of a path's inspect are those of the
+    torch path; a bad adapter gives the same one-line error."""
+    from .test_np_similarity import _bad_adapters
+
+    numpy_read, _ = all_kinds
+    paths = numpy_read + list(_bad_adapters(numpy_read[0], tmp_path))
+    outs = {}
+    for how in ("numpy", "torch"):
+        if how == "torch":
+            _inspected_by_torch(monkeypatch)
+        for p in paths:
+            for fmt in ("table", "json"):
+                code = main(["inspect", str(p), "--format", fmt])
+                outs[how, p, fmt] = (code, *capsys.readouterr())
+    assert all(outs["numpy", p, "table"][0] == 0 for p in numpy_read)
+    for p in paths:
+        if p.name == "truncated":  # the safetensors library's own words differ between frameworks
+            assert outs["numpy", p, "table"][0] == outs["torch", p, "table"][0] == 2
+            continue
+        assert outs["numpy", p, "table"] == outs["torch", p, "table"], p.name
+        code, out, err = outs["numpy", p, "json"]
+        assert (code, err) == outs["torch", p, "json"][::2], p.name
+        if code == 0:
+            n, t = json.loads(out), json.loads(outs["torch", p, "json"][1])
+            assert [m.pop("norm") for m in n["modules"]] == pytest.approx(
+                [m.pop("norm") for m in t["modules"]], rel=1e-12, abs=0
+            )
+            assert n["totals"].pop("norm") == pytest.approx(t["totals"].pop("norm"), rel=1e-12, abs=0)
+            assert n == t, p.name

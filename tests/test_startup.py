@@ -178,6 +178,23 @@ def test_predict_with_a_fit_json_imports_no_torch(tmp_path):
     assert not {"torch", "transformers"} & mods
 
 
+def test_inspect_of_a_lora_adapter_imports_no_torch(tmp_path):
+    """``inspect A`` reads a PEFT LoRA adapter with the numpy reader and
+    computes its norms in numpy float64 (the same figures: test_inspect)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from .factories import make_peft_adapter, tiny_gpt2
+
+    a = make_peft_adapter(tiny_gpt2(), tmp_path / "a", r=4, rank_pattern={"c_fc": 2}, use_rslora=True)
+    w = a / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(w).items()}, w)
+    for fmt in ("table", "json"):
+        rc, mods, err = imported_modules("inspect", str(a), "--format", fmt)
+        assert rc == 0, err
+        assert not {"torch", "transformers"} & mods, fmt
+
+
 def test_gguf_import_to_an_existing_out_is_refused_before_the_file_is_parsed(tmp_path):
     """``base import F --out EXISTING`` says so at once: parsing a real GGUF's
     header (gguf.GGUFReader over its vocabulary) takes seconds."""

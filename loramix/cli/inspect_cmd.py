@@ -19,13 +19,15 @@ def command(path: Path, fmt: str) -> None:
     PATH is a PEFT LoRA (or loramix D2-LoRA) folder, or its .safetensors file
     with adapter_config.json beside it. For each module: shape (out x in, the
     nn.Linear layout), rank, alpha, scale, the Frobenius norm of the delta
-    s*B@A (computed from the factors), stored dtype and parameter count.
-    For D2-LoRA the norm is that of the signed residual s(B+A+ - tau B-A-);
-    the delta merging adds, W_hat - W0, depends on the base and differs.
+    s*B@A (computed from the factors, in float64), stored dtype and parameter
+    count. LoRA and D2-LoRA are read and computed in numpy, without torch;
+    DoRA, embedding LoRA and modules_to_save by the torch readers. For
+    D2-LoRA the norm is that of the signed residual s(B+A+ - tau B-A-); the
+    delta merging adds, W_hat - W0, depends on the base and differs.
     """
     from ..io.peft_layout import check_adapter_path
 
-    check_adapter_path(path)  # torch-free, before torch loads: a mistyped path fails fast
+    check_adapter_path(path)  # before pandas (or torch) loads: a mistyped path fails fast
     from ..contents import inspect_adapter
 
     df = inspect_adapter(path)

@@ -60,6 +60,21 @@ class NpModule:
         """``(out, in)`` of the delta, in ``nn.Linear`` layout."""
         return int(self.B.shape[0]), int(self.A.shape[1])
 
+    @property
+    def rank(self) -> int:
+        """Rank of one branch (``r``); a D2 residual has rank ``2r``."""
+        return int(self.A.shape[0])
+
+    @property
+    def dtype(self) -> str:
+        """The dtype ``A`` is stored in (``float32``, ``bfloat16``, ...) when it
+        is a :class:`LazyFactor`; else the array's (a widened bfloat16 says float32)."""
+        return self.A.stored_dtype if isinstance(self.A, LazyFactor) else str(self.A.dtype)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(math.prod(t.shape) for t in (self.B, self.A, self.B_neg, self.A_neg) if t is not None)
+
     def factors(self) -> tuple[np.ndarray, np.ndarray]:
         """``(Bf, Af)`` in float64 with ``dW = Bf @ Af``, the scale folded into
         ``Bf``: LoRA ``(s B, A)``; D2 ``(s [B, -tau B_neg], [A; A_neg])`` (rank 2r)."""
@@ -68,6 +83,15 @@ class NpModule:
             B = np.concatenate([B, -self.tau * np.asarray(self.B_neg, dtype=np.float64)], axis=1)
             A = np.concatenate([A, np.asarray(self.A_neg, dtype=np.float64)], axis=0)
         return B * self.scale, A
+
+    def squared_norm(self) -> float:
+        """``||dW||_F^2`` from the factors, in float64: ``sum((Bf^T Bf) * (Af Af^T))``
+        (:meth:`loramix.adapter.ModuleDelta.squared_norm`), cost O(r^2 (out + in))."""
+        B, A = self.factors()
+        return float(((B.T @ B) * (A @ A.T)).sum())
+
+    def norm(self) -> float:
+        return math.sqrt(max(self.squared_norm(), 0.0))
 
 
 @dataclass
@@ -80,6 +104,11 @@ class NpAdapter:
     modules: dict[str, NpModule]
     config: dict
     path: Path | None = None
+    weights_path: Path | None = None  # the .safetensors file (read with load_np_adapter)
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
 
     @property
     def method(self) -> str:
@@ -119,6 +148,8 @@ def np_adapter(adapter) -> NpAdapter:
 
 # safetensors dtype codes numpy reads directly; BF16 is widened from its bits.
 _NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+# ... and the names torch gives them (what `loramix inspect` prints)
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 class LazyFactor:
@@ -132,6 +163,11 @@ class LazyFactor:
     @property
     def ndim(self) -> int:
         return len(self.shape)
+
+    @property
+    def stored_dtype(self) -> str:
+        """The dtype in the file, as torch names it (``bfloat16``)."""
+        return _DTYPE_NAMES.get(self.code, self.code)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         if self.code not in _NP_DTYPES:
@@ -190,15 +226,18 @@ def _torch_read(path, name: str | None) -> NpAdapter:
     return np_adapter(load_adapter(path, name))
 
 
-def load_np_adapter(path: str | Path, name: str | None = None, lazy: bool = False) -> NpAdapter:
+def load_np_adapter(
+    path: str | Path, name: str | None = None, lazy: bool = False, torch_fallback: bool = True
+) -> NpAdapter | None:
     """Read a PEFT LoRA or loramix D2-LoRA adapter (folder or ``.safetensors``
     file) into numpy factors, with :func:`~loramix.io.adapter_files.load_adapter`'s
     checks and errors. ``lazy``: check everything the header tells (keys,
     shapes, ranks) now, but leave the factors as :class:`LazyFactor`\\ s, read
     (and checked finite) when used. An adapter with a PEFT feature this
     reader leaves to the torch readers (DoRA, embedding LoRA,
-    ``modules_to_save``) is read by them and viewed as numpy (eagerly).
-    A foreign format (kohya, diffusers, a pickle) is named, as
+    ``modules_to_save``) is read by them and viewed as numpy (eagerly);
+    with ``torch_fallback=False`` it is not read: None is returned, for a
+    caller that reads such an adapter its own way. A foreign format (kohya, diffusers, a pickle) is named, as
     :func:`~loramix.io.formats.find_format` names it."""
     given, cfg_path, weights, config = check_adapter_path(path)
     try:
@@ -209,10 +248,10 @@ def load_np_adapter(path: str | Path, name: str | None = None, lazy: bool = Fals
             raise AdapterError(path, what) from None
         raise
     if config.get("use_dora") or config.get("modules_to_save"):
-        return _torch_read(path, name)
+        return _torch_read(path, name) if torch_fallback else None
     factors = _lazy_factors(weights)
     if _needs_torch_reader(factors):
-        return _torch_read(path, name)
+        return _torch_read(path, name) if torch_fallback else None
     parsed = parse_keys(list(factors), parts, weights)
     check_features(config, cfg_path)
     raw = read_parts(parsed, factors.__getitem__ if lazy else (lambda k: np.asarray(factors[k])), weights)
@@ -221,5 +260,6 @@ def load_np_adapter(path: str | Path, name: str | None = None, lazy: bool = Fals
         for module, kw in module_factors(raw, method, config, cfg_path, weights).items()
     }
     return NpAdapter(
-        name=name or adapter_name(given), kind=method, modules=modules, config=config, path=given
-    )
+        name=name or adapter_name(given), kind=method, modules=modules, config=config, path=given,
+        weights_path=weights,
+    )  # fmt: skip
