@@ -19,8 +19,9 @@ temporary folder (two GPT-2-shaped LoRA adapters of 2 layers, a fit.json of 5
 points), in the same interleaved runs, each beside its anchor (what the
 command must at least do):
 
-* ``inspect A``: torch (its norms are torch's float64 Gram products); anchor
-  ``import torch``;
+* ``inspect A``: numpy and pandas, no torch (the numpy reader; its norms are
+  numpy's float64 Gram products); anchors ``import torch`` and ``python -c
+  "import pandas"``;
 * ``plan A B`` (no fit) and ``predict A B --fit fit.json``: numpy and pandas,
   no torch (the cosines are numpy's); anchors ``import torch`` and
   ``python -c "import pandas"``;
@@ -166,7 +167,7 @@ def run(args, work: Path) -> None:
     torch_, pass_, pandas_ = 'python -c "import torch"', 'python -c "pass"', 'python -c "import pandas"'
     anchor = {k: torch_ for k in cmds if k.startswith("loramix")}
     anchor.update({k: pass_ for k in cmds if "(exit 2)" in k})
-    anchor.update({k: pandas_ for k in cmds if "predict" in k})
+    anchor.update({k: pandas_ for k in cmds if "predict" in k or k == "loramix inspect A"})
     expect_rc = {k: 2 for k in cmds if "(exit 2)" in k}
     runs: dict[str, list[float]] = {k: [] for k in cmds}
     rss: dict[str, float] = {}
