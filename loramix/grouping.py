@@ -362,11 +362,11 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
     if budget is not None and not math.isfinite(budget):
         raise UsageError("--budget", f"must be a finite number, got {budget}")
     check_adapter_paths(items)  # before torch loads: a mistyped path fails fast
-    if fit is None:
-        # the cost is the RMS cosine, computed in numpy (overlap.similarity) whichever reader
-        # loaded the factors, so the numpy reader's (the same checks and values) spares torch
+    if fit is None or not data:
+        # the cost is the RMS cosine, or features without data, computed in numpy whichever
+        # reader loaded the factors, so the numpy reader's (the same checks and values) spares torch
         from .io.np_factors import load_np_adapter as load
-    else:  # a predictor's features may read the factors as torch tensors
+    else:  # a calibration pass runs the adapters in the base model: torch's
         from .io.adapter_files import load_adapter as load
     adapters = [a if hasattr(a, "modules") else load(a) for a in items]
     one_kind(adapters, "plan")

@@ -84,7 +84,12 @@ def predict_validated(
     fitfile = load_predictors(path)
     if merge_method is not None:
         fitfile = _for_method(fitfile, merge_method, str(path))
-    adapters = _composition(adapters_or_paths)
+    load = None
+    if not data:
+        # without --data no feature needs the base (the data-aware ones are refused below), and
+        # the others read the factors in numpy: the numpy reader's (the same values) spares torch
+        from .io.np_factors import load_np_adapter as load
+    adapters = _composition(adapters_or_paths, load)
     warnings = adapter_checks(adapters, fitfile, str(path))
     model, _, validated = cost_model(
         adapters,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -285,3 +286,45 @@ def test_predict_reads_paths_with_the_numpy_reader_to_the_same_figures(adapters,
         by_path = predict(adapters, path, merge_method=method)
         loaded = predict([load_adapter(a) for a in adapters], path, merge_method=method)
         assert json.dumps(by_path) == json.dumps(loaded)
+
+
+def test_a_predictors_file_reads_paths_with_the_numpy_reader_to_the_same_figures(adapters):
+    """Without --data, predict and plan with a predictors file read the factors
+    with the numpy reader: the features (subspace_overlap's SVD in numpy, the
+    cosines already numpy's) and the prediction are those of the adapters
+    loaded by torch's reader, to 1e-12, and torch's own SVD gives the same
+    subspace overlap."""
+    import torch
+
+    from loramix.features import compute_features, registry
+    from loramix.grouping import plan
+    from loramix.interference import predict_validated
+    from loramix.io.adapter_files import load_adapter
+    from loramix.io.np_factors import load_np_adapter
+
+    predictors = Path(__file__).resolve().parents[1] / "reports" / "quickstart" / "predictors.json"
+    if not predictors.is_file():
+        pytest.skip("no committed quickstart predictors file")
+    loaded = [load_adapter(a) for a in adapters]
+    by_path, by_torch = predict_validated(adapters, predictors), predict_validated(loaded, predictors)
+    assert by_path.pop("features") == pytest.approx(by_torch.pop("features"), rel=1e-12, abs=0)
+    assert by_path.pop("predicted") == pytest.approx(by_torch.pop("predicted"), rel=1e-12, abs=0)
+    assert by_path.pop("interval") == pytest.approx(by_torch.pop("interval"), rel=1e-12, abs=0)
+    assert by_path == by_torch
+    p, t = plan(adapters, fit=predictors), plan(loaded, fit=predictors)
+    assert [g["members"] for g in p.groups] == [g["members"] for g in t.groups]
+    only = sorted(n for n, f in registry().items() if not f.data_aware)
+    fn = compute_features([load_np_adapter(a) for a in adapters], only=only)
+    ft = compute_features(loaded, only=only)
+    assert fn.matrices.keys() == ft.matrices.keys()
+    for k, m in fn.matrices.items():
+        np.testing.assert_allclose(m, ft.matrices[k], rtol=1e-12, atol=0, equal_nan=True, err_msg=k)
+
+    def torch_overlap(Ai, Aj):  # the torch SVD the feature used before
+        Qi, Qj = (torch.linalg.svd(A.T, full_matrices=False).U for A in (Ai, Aj))
+        return float((Qi.T @ Qj).square().sum()) / min(Ai.shape[0], Aj.shape[0])
+
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        ref = np.mean([torch_overlap(loaded[i].modules[m].factors()[1], loaded[j].modules[m].factors()[1])
+                       for m in loaded[i].modules])  # fmt: skip
+        assert fn.matrices["subspace_overlap"][i, j] == pytest.approx(ref, rel=1e-12, abs=0)

@@ -223,3 +223,8 @@ def test_plan_without_a_fit_and_a_predictors_files_path_errors_import_no_torch(t
         rc, mods, err = imported_modules("predict", str(a), "missing", "--fit", str(predictors))
         assert rc == 2 and "missing: no such file or folder" in err, err
         assert not {"torch", "transformers"} & mods
+        # without --data its features (subspace_overlap, per-type cosines) are numpy's
+        for args in (("predict", str(a), str(b)), ("plan", str(a), str(b))):
+            rc, mods, err = imported_modules(*args, "--fit", str(predictors))
+            assert rc == 0, err
+            assert not {"torch", "transformers"} & mods, args[0]

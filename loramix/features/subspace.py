@@ -14,39 +14,43 @@ singular values ``sigma_k`` of ``Q_i^T Q_j`` (k_i x k_j), so their mean square i
 in ``[0, 1]`` (1: one subspace contains the other). ``subspace_overlap[i, j]``
 is its mean over the modules both adapt. Adapters that share their initial
 ``A`` start at 1, whatever ``B`` learns.
+
+Computed in numpy float64 (LAPACK's SVD, the routine torch calls on the CPU):
+from the numpy reader's factors (:mod:`loramix.io.np_factors`) a predictor
+that reads it needs no torch; torch tensors (a loaded ``Adapter``) are viewed
+as numpy.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import Feature, register
 
-if TYPE_CHECKING:
-    import torch
+
+def _np64(A) -> np.ndarray:
+    # a loaded Adapter's factors are torch tensors (on the CPU: its reader's)
+    return np.asarray(A if isinstance(A, np.ndarray) else A.detach().cpu().numpy(), dtype=np.float64)
 
 
-def module_overlap(As: list[torch.Tensor]) -> np.ndarray:
-    """``overlap_m`` (n x n) for the ``Af`` (r_k x in, float64) of one module."""
-    Qs = [row_space(A) for A in As]
+def module_overlap(As: list) -> np.ndarray:
+    """``overlap_m`` (n x n) for the ``Af`` (r_k x in, float64; numpy arrays or
+    torch tensors) of one module."""
+    Qs = [row_space(_np64(A)) for A in As]
     n = len(Qs)
     out = np.ones((n, n))
     for a in range(n):
         for b in range(a + 1, n):
             k = min(Qs[a].shape[1], Qs[b].shape[1])
-            out[a, b] = out[b, a] = float((Qs[a].T @ Qs[b]).square().sum()) / k if k else float("nan")
+            out[a, b] = out[b, a] = float(np.square(Qs[a].T @ Qs[b]).sum()) / k if k else float("nan")
     return out
 
 
-def row_space(A: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
+def row_space(A: np.ndarray, rtol: float = 1e-12) -> np.ndarray:
     """An orthonormal basis (in x rank) of the row space of ``A`` (r x in): a
     reduced QR of ``A^T`` would add arbitrary directions for dependent rows."""
-    import torch  # here, not at import: the registry is read by commands that compute no subspace
-
-    U, s, _ = torch.linalg.svd(A.T, full_matrices=False)
-    keep = s > rtol * float(s.max()) if s.numel() and float(s.max()) > 0 else s > 0
+    U, s, _ = np.linalg.svd(A.T, full_matrices=False)
+    keep = s > rtol * float(s.max()) if s.size and float(s.max()) > 0 else s > 0
     return U[:, keep]
 
 
