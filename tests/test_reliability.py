@@ -1658,9 +1658,8 @@ def test_a_worker_killed_mid_study_is_one_line(tmp_path, signum, says):
     gone). It was a traceback of BrokenProcessPool, exit 1, the temporary
     left for the next run; then, for SIGTERM, "died" without the signal."""
     p, cache, workers = _study_with_workers_making(tmp_path, "a worker could be killed")
-    # the worker making the artifact (the base, first): its temporary is what a kill leaves
-    owner = json.loads(next(cache.glob(f"*/{TMP_PREFIX}*/owner.json")).read_text())["pid"]
-    os.kill(owner, signum)
+    # the worker making an artifact: its temporary is what a kill leaves
+    os.kill(_a_maker(p, cache), signum)
     assert p.wait(timeout=60) == 2
     err = p.stderr.read()
     assert len(err.splitlines()) == 1 and err.startswith(
@@ -1669,6 +1668,22 @@ def test_a_worker_killed_mid_study_is_one_line(tmp_path, signum, says):
     assert "a rerun resumes" in err, err
     assert _gone(workers, 10), "a worker outlived the failed run"
     assert list(cache.glob(f"*/{TMP_PREFIX}*")) == [] and not (tmp_path / "r").exists()
+
+
+def _a_maker(p, cache: Path) -> int:
+    """The pid of a worker making an artifact of the study ``p`` (its
+    temporary's owner.json): an artifact can be finished, and its temporary
+    renamed away, between the glob and the read, so a vanished one is skipped."""
+    deadline = time.monotonic() + 60
+    while p.poll() is None and time.monotonic() < deadline:
+        for f in cache.glob(f"*/{TMP_PREFIX}*/owner.json"):
+            try:
+                return json.loads(f.read_text())["pid"]
+            except (OSError, ValueError):  # renamed away, or being written
+                continue
+        time.sleep(0.01)
+    p.kill()
+    pytest.skip("the study ended before a worker making an artifact could be killed")
 
 
 def _sigint_held(pid: int) -> bool:
