@@ -35,6 +35,24 @@ def check_model_folder(path: str | os.PathLike) -> dict:
     """Validate ``path`` as a causal-LM folder (or a GGUF file, imported once into
     the cache: :func:`~loramix.gguf_import.resolve_base`) without loading
     weights; return its config dict."""
+    p, cfg = read_model_config(path)
+    model_types, classes = _causal_lm_names()
+    mt = cfg.get("model_type")
+    if mt not in model_types:
+        raise BaseModelError(p, f"model_type {mt!r} is not a causal language model known to transformers")
+    archs = cfg.get("architectures") or []
+    if archs and not any(a in classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise BaseModelError(p, f"architecture {', '.join(archs)} is not a causal language model")
+    if not any((p / f).is_file() for f in WEIGHT_FILES):
+        raise BaseModelError(p, "no weights (model.safetensors or pytorch_model.bin)")
+    return cfg
+
+
+def read_model_config(path: str | os.PathLike) -> tuple[Path, dict]:
+    """``(folder, config dict)`` of a base: the first checks of
+    :func:`check_model_folder` (a folder with a ``config.json`` holding a JSON
+    object), which need neither torch nor transformers, so a command refuses a
+    mistyped ``--base`` before it imports them."""
     p = resolve_base(path)
     if not p.exists():
         raise BaseModelError(p, "no such folder")
@@ -49,16 +67,17 @@ def check_model_folder(path: str | os.PathLike) -> dict:
         raise BaseModelError(cfg_path, f"invalid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise BaseModelError(cfg_path, "expected a JSON object")
-    model_types, classes = _causal_lm_names()
-    mt = cfg.get("model_type")
-    if mt not in model_types:
-        raise BaseModelError(p, f"model_type {mt!r} is not a causal language model known to transformers")
-    archs = cfg.get("architectures") or []
-    if archs and not any(a in classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        raise BaseModelError(p, f"architecture {', '.join(archs)} is not a causal language model")
-    if not any((p / f).is_file() for f in WEIGHT_FILES):
-        raise BaseModelError(p, "no weights (model.safetensors or pytorch_model.bin)")
-    return cfg
+    return p, cfg
+
+
+def check_dtype_name(dtype) -> None:
+    """Refuse a ``dtype`` spelling that :func:`load_causal_lm` would not take,
+    without torch (a ``torch.dtype`` passes)."""
+    if dtype is None or dtype == "auto" or type(dtype).__module__ == "torch":
+        return
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        # "dtype": the CLI says --dtype (as sum and merge do); no where at all named nothing
+        raise UsageError("dtype", f"unknown dtype {dtype!r}; choose float32, bfloat16, float16 or auto")
 
 
 def _torch_dtype(dtype):
@@ -70,10 +89,8 @@ def _torch_dtype(dtype):
         return dtype
     if dtype == "auto":
         return "auto"
-    if dtype in _DTYPES:
-        return getattr(torch, _DTYPES[dtype])
-    # "dtype": the CLI says --dtype (as sum and merge do); no where at all named nothing
-    raise UsageError("dtype", f"unknown dtype {dtype!r}; choose float32, bfloat16, float16 or auto")
+    check_dtype_name(dtype)
+    return getattr(torch, _DTYPES[dtype])
 
 
 def load_tokenizer(path: str | os.PathLike):

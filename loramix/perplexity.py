@@ -192,6 +192,15 @@ def evaluate(
     is_cpu(device)  # a bad --device is refused first, told without torch where it can be
     # Read and check all data before loading models: bad files fail fast (and before torch loads).
     sets = _read_sets(data, limit, fields or {})
+    # Likewise the paths, in the order they are loaded in: a mistyped adapter or base is refused without
+    # torch; what needs transformers (the base's model type) is checked when it loads.
+    from .io.peft_layout import check_adapter_paths
+    from .models import check_dtype_name, read_model_config
+
+    check_adapter_paths(adapters)
+    if isinstance(base, (str, os.PathLike)):
+        read_model_config(base)
+    check_dtype_name(dtype)
     dev = resolve_device(device)
     model, tok = _model_with_adapters(base, adapters, weights, merged=merged, dev=dev, dtype=dtype,
                                       top_layers=top_layers)  # fmt: skip

@@ -74,7 +74,7 @@ def _load_sources(data, *, eval_size, seed: int, limit, fields: dict):
     """Load every source; return (train records, eval records, provenance per source)."""
     from .data import data_name, is_synthetic_spec, load_records, split_records
     from .io.outputs import normalized_path
-    from .io.safetensors_io import file_sha256
+    from .io.st_header import file_sha256  # torch-free (safetensors_io re-exports it)
 
     sources = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     if not sources:
@@ -266,10 +266,10 @@ def train_adapter(
     10 steps), ``seconds``, ``ppl_base``/``ppl_adapter`` (None without eval data), counts, settings.
     """
     from .io.outputs import check_output
-    from .layers import _kind_arg
 
-    # ---- validate everything before any work
-    kind = _kind_arg(kind) if method is None else _kind_arg(method, "--method")
+    # ---- validate everything before any work (and, for a file or flag mistyped, before torch loads)
+    kind, flag = (kind, "--kind") if method is None else (method, "--method")
+    _check_kind_name(kind, flag)
     _check_numbers(rank=rank, batch=batch, max_len=max_len, steps=steps, epochs=epochs, lr=lr,
                    norm_dim=norm_dim, alpha=alpha, tau=tau, warmup=warmup)  # fmt: skip
     _check_speed(dtype=dtype, grad_accum=grad_accum, batch=batch, prefix_cache=prefix_cache, prompt=prompt)
@@ -280,6 +280,9 @@ def train_adapter(
     run = _prepare(base, data_list, targets=targets, fields=fields, eval_size=eval_size, seed=seed,
                    limit=limit, max_len=max_len, batch=batch, on=on, device=device, top_layers=top_layers,
                    prefix_cache=prefix_cache, autocast=dtype, prompt=prompt, progress=progress, rank=rank)  # fmt: skip
+    from .layers import _kind_arg
+
+    kind = _kind_arg(kind, flag)
     total = steps if steps is not None else max(1, round(epochs * run.n_per_epoch))
     warmup = warmup_steps(warmup, total)  # checked again: --epochs sets the steps only now
     options = {k: v for k, v in (("tau", tau), ("norm_dim", norm_dim)) if k in kind.options}
@@ -293,6 +296,23 @@ def train_adapter(
     metrics = _train(run, kind, settings, options, out=out, progress=progress)
     _write(out, run, kind, settings, options, metrics, force=force, file_inputs=file_inputs)
     return {"out": str(out), **metrics, "kind": kind.name, "method": kind.name, "settings": settings}
+
+
+def _check_kind_name(kind, flag: str) -> None:
+    """The line :func:`loramix.kinds.get_kind` gives for an unknown kind name,
+    told from the names the kinds declare (:func:`loramix.discovery.declared_names`)
+    without importing them: they import torch. Once they are imported, the
+    registry itself says (it may hold kinds registered from outside the package)."""
+    import sys
+
+    from .discovery import declared_names
+
+    if "loramix.kinds" in sys.modules:
+        from .layers import _kind_arg
+
+        _kind_arg(kind, flag)
+    elif isinstance(kind, str) and kind not in (names := declared_names("loramix.kinds", "AdapterKind")):
+        raise UsageError(flag, f"unknown adapter kind {kind!r}; known: {', '.join(names)}")
 
 
 def _settings(kind, run, options: dict, *, total: int, warmup: int, factor_seed: int, fields: dict,
@@ -449,6 +469,14 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
              rank=None) -> _Run:  # fmt: skip
     """Load and split the data, load the base, resolve the targets, encode;
     with ``top_layers``, the targets in those blocks and the cached prefix."""
+    from .models import read_model_config
+
+    t_load = time.perf_counter()
+    # The data and the base's folder first: a mistyped file is refused before torch loads.
+    train_recs, eval_recs, data_inputs = _load_sources(
+        data_list, eval_size=eval_size, seed=seed, limit=limit, fields=fields
+    )
+    read_model_config(base)
     import torch
 
     from .data import check_prompt, encode_records, make_batches, pad_id_for
@@ -457,10 +485,6 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
     from .models import base_provenance, load_causal_lm
 
     dev = resolve_device(device)
-    t_load = time.perf_counter()
-    train_recs, eval_recs, data_inputs = _load_sources(
-        data_list, eval_size=eval_size, seed=seed, limit=limit, fields=fields
-    )
     model, tok = load_causal_lm(base, device=dev)
     check_prompt(prompt, tok, base)
     names = find_targets(model, targets)  # a bad --targets fails now, not after the base evaluation

@@ -73,6 +73,15 @@ def test_kinds_are_registered_names():
         get_kind("vera")  # not a loramix kind (dora is one now)
 
 
+def test_the_kinds_names_are_read_from_their_files():
+    # train checks --kind against these before torch loads (test_startup): a kind file
+    # must declare its name as a literal ``id = "..."`` in a class derived from AdapterKind
+    from loramix.discovery import declared_names
+
+    packaged = sorted(n for n, k in KINDS.items() if type(k).__module__.startswith("loramix.kinds."))
+    assert declared_names("loramix.kinds", "AdapterKind") == packaged
+
+
 def test_a_second_kind_with_a_taken_name_is_refused():
     class Again(LoraKind):
         pass

@@ -113,6 +113,38 @@ def test_argument_errors_import_no_torch(args, tmp_path):
     assert heavy(mods) == [], f"loramix {' '.join(args)} imported {heavy(mods)[:5]}"
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("train", "--base", "{base}", "--data", "{data}", "--out", "o", "--kind", "bogus"),
+        ("train", "--base", "{base}", "--data", "{data}", "--out", "o", "--method", "bogus"),
+        ("train", "--base", "{base}", "--data", "{data}", "--out", "o", "--rank", "0"),
+        ("train", "--base", "{base}", "--data", "missing.jsonl", "--out", "o"),
+        ("train", "--base", "{base}", "--data", "{data}", "--out", "{exists}"),
+        ("train", "--base", "missing", "--data", "{data}", "--out", "o"),
+        ("train", "--base", "{exists}", "--data", "{data}", "--out", "o"),  # no config.json
+        ("eval", "--base", "missing", "--data", "{data}"),
+        ("eval", "--base", "{exists}", "--data", "{data}"),
+        ("eval", "--base", "{base}", "--data", "{data}", "--adapter", "missing"),
+        ("eval", "--base", "{base}", "--data", "{data}", "--adapter", "{exists}"),  # no adapter in it
+        ("eval", "--base", "{base}", "--data", "{data}", "--dtype", "int8"),
+    ],
+)
+def test_train_and_eval_path_errors_import_no_torch(args, tmp_path):
+    """train checks --kind against the names the kind files declare, and both
+    commands check the data, the base folder (it exists, has a config.json) and
+    the adapters' paths before torch loads; the base's model type, which needs
+    transformers, is checked when it loads."""
+    f = {"base": tmp_path / "base", "data": tmp_path / "d.jsonl", "exists": tmp_path / "exists"}
+    f["base"].mkdir()
+    (f["base"] / "config.json").write_text('{"model_type": "gpt2"}')
+    f["data"].write_text('{"question": "q", "answer": "a"}\n' * 3)
+    f["exists"].mkdir()
+    rc, mods, err = imported_modules(*(a.format(**f) for a in args), cwd=tmp_path)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert heavy(mods) == [], f"loramix {' '.join(args)} imported {heavy(mods)[:5]}"
+
+
 def test_method_params_import_no_torch():
     # The merge command's options are built from these declarations.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
