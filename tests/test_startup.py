@@ -145,6 +145,32 @@ def test_train_and_eval_path_errors_import_no_torch(args, tmp_path):
     assert heavy(mods) == [], f"loramix {' '.join(args)} imported {heavy(mods)[:5]}"
 
 
+@pytest.fixture(scope="module")
+def two_adapters(tmp_path_factory):
+    from .factories import make_peft_adapter, tiny_gpt2
+
+    where, model = tmp_path_factory.mktemp("adapters"), tiny_gpt2()
+    return {n: str(make_peft_adapter(model, where / n, seed=i, r=4)) for i, n in enumerate("ab")}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("merge", "{a}", "{b}", "-m", "ties", "--density", "2", "--out", "o"),
+        ("merge", "{a}", "{b}", "-m", "svd", "--rank", "0", "--out", "o"),
+        ("merge", "{a}", "{b}", "-m", "sum", "--density", "0.5", "--out", "o"),  # not sum's
+        ("sum", "{a}", "{b}", "--energy", "2", "--out", "o"),
+        ("sum", "{a}", "{b}", "--out-rank", "2", "--into", "base", "--out", "o"),
+    ],
+)
+def test_merge_parameter_errors_import_no_torch(args, two_adapters, tmp_path):
+    """The truncation and the method's parameters are checked before the
+    adapters load (run_merge checks them again, with the adapters)."""
+    rc, mods, err = imported_modules(*(a.format(**two_adapters) for a in args), cwd=tmp_path)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert heavy(mods) == [], f"loramix {' '.join(args)} imported {heavy(mods)[:5]}"
+
+
 def test_method_params_import_no_torch():
     # The merge command's options are built from these declarations.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -174,7 +174,7 @@ def merge(
     ``loramix.json``).
     """
     # Checks that need no torch come first: a bad command line fails fast.
-    get_method(method)
+    m = get_method(method)
     if not adapters:
         raise UsageError("merge", "no adapters given")
     weights = parse_weights(weights, len(adapters))
@@ -183,6 +183,12 @@ def merge(
     from ..io.peft_layout import check_adapter_paths
 
     check_adapter_paths(adapters)  # a mistyped path: what loading it would say, without torch
+    from .base import split_truncation
+
+    # the truncation and the method's own parameters too (run_merge checks them again)
+    own = dict(params)
+    split_truncation(m, own, into)
+    m.coerce_params(own)
     from .runner import run_merge
 
     return run_merge(

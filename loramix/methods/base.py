@@ -148,6 +148,21 @@ class MergeMethod:
         ``params`` uses Python names (``lambda_``; ``lambda`` is accepted too).
         ``None`` values count as "not given".
         """
+        out = self.coerce_params(params)
+        for ad in adapters:
+            if not self.applies_to(ad.kind):
+                why = f": {self.kinds_reason}" if self.kinds_reason else ""
+                raise UsageError(
+                    ad.path or ad.name,
+                    f"method {self.name} needs {' or '.join(self.kinds)} adapters; "
+                    f"this is a {ad.kind.name} adapter{why}",
+                )
+        self.check(out, adapters)
+        return out
+
+    def coerce_params(self, params: dict) -> dict:
+        """The part of :meth:`validate` that needs no adapters (and no torch):
+        ``params`` with defaults filled, coerced and range-checked."""
         known = {p.name: p for p in self.params}
         given = {("lambda_" if k == "lambda" else k): v for k, v in params.items() if v is not None}
         for k in given:
@@ -160,15 +175,6 @@ class MergeMethod:
             if p.required and p.name not in given:
                 raise UsageError(p.flag, f"method {self.name} needs {p.flag} ({p.help})")
             out[p.name] = p.coerce(given[p.name]) if p.name in given else p.default
-        for ad in adapters:
-            if not self.applies_to(ad.kind):
-                why = f": {self.kinds_reason}" if self.kinds_reason else ""
-                raise UsageError(
-                    ad.path or ad.name,
-                    f"method {self.name} needs {' or '.join(self.kinds)} adapters; "
-                    f"this is a {ad.kind.name} adapter{why}",
-                )
-        self.check(out, adapters)
         return out
 
     # -- reporting --------------------------------------------------------------
@@ -1038,3 +1044,42 @@ def describe_energy(summary: dict) -> list[str]:
         f"({100 * summary['energy_discarded_fraction']:.3g}% of ||merged||^2); worst module "
         f"{summary['worst_module']} ({100 * summary['worst_module_discarded_fraction']:.3g}%)"
     ]
+
+
+# ----------------------------------------------------------------------------- the adapter output's truncation
+
+
+def split_truncation(m: MergeMethod, params: dict, into) -> tuple[int | None, float | None] | None:
+    """Pop the adapter-output truncation (``out_rank``; ``energy`` unless the
+    method declares its own) from ``params``: ``(out_rank, energy)`` or None.
+    Torch-free, as is :meth:`MergeMethod.coerce_params` of what is left."""
+    out_rank = params.pop("out_rank", None)
+    energy = None if any(q.name == "energy" for q in m.params) else params.pop("energy", None)
+    if out_rank is None and energy is None:
+        return None
+    if into is not None:
+        raise UsageError(
+            "--out-rank/--energy", "truncate an adapter output; a merge --into BASE is not truncated"
+        )
+    return check_truncation(out_rank, energy)
+
+
+def check_truncation(out_rank, energy) -> tuple[int | None, float | None]:
+    """``(out_rank, energy)`` coerced and range-checked; at most one of them."""
+    if out_rank is not None and energy is not None:
+        raise UsageError("--out-rank/--energy", "give one of --out-rank K or --energy F, not both")
+    if out_rank is not None:
+        try:
+            out_rank = int(out_rank)
+        except (TypeError, ValueError):
+            raise UsageError("--out-rank", f"{out_rank!r} is not a valid int") from None
+        if out_rank < 1:
+            raise UsageError("--out-rank", f"{out_rank} is below 1")
+    if energy is not None:
+        try:
+            energy = float(energy)
+        except (TypeError, ValueError):
+            raise UsageError("--energy", f"{energy!r} is not a valid float") from None
+        if not 0.0 < energy <= 1.0:
+            raise UsageError("--energy", f"{energy} is outside (0, 1]: it is the fraction of the energy kept")
+    return out_rank, energy

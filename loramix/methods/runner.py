@@ -44,7 +44,14 @@ from ..io.outputs import atomic_output_dir, check_output, provenance, write_prov
 from ..io.safetensors_io import canonicalize_header, file_record
 from ..options import dtype_name, parse_dtype, parse_weights, promoted_dtype
 from . import MergeResult, get_method
-from .base import LowRank, MergeMethod, ModuleContext, energy_info, summarize_energy
+from .base import (
+    LowRank,
+    MergeMethod,
+    ModuleContext,
+    energy_info,
+    split_truncation,
+    summarize_energy,
+)
 
 
 def module_plan(adapters: Sequence[Adapter]) -> dict[str, list[tuple[int, ModuleDelta]]]:
@@ -82,7 +89,7 @@ def run_merge(
     m = get_method(method)
     if not adapters:
         raise UsageError("merge", "no adapters given")
-    trunc = _truncation(m, params, into)
+    trunc = split_truncation(m, params, into)
     ads = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
     check_compatible(ads)
     ws = parse_weights(weights, len(ads))
@@ -101,20 +108,6 @@ def run_merge(
     return _write_model(
         m, ads, ws, p, into=into, out=out, dev=dev, dtype=out_dtype, force=force, progress=progress
     )
-
-
-def _truncation(m: MergeMethod, params: dict, into) -> tuple[int | None, float | None] | None:
-    """Pop the adapter-output truncation (``out_rank``; ``energy`` unless the
-    method declares its own) from ``params``: ``(out_rank, energy)`` or None."""
-    out_rank = params.pop("out_rank", None)
-    energy = None if any(q.name == "energy" for q in m.params) else params.pop("energy", None)
-    if out_rank is None and energy is None:
-        return None
-    if into is not None:
-        raise UsageError(
-            "--out-rank/--energy", "truncate an adapter output; a merge --into BASE is not truncated"
-        )
-    return check_truncation(out_rank, energy)
 
 
 def _check_adapter_output(m: MergeMethod, ads: Sequence[Adapter], trunc) -> None:
@@ -302,27 +295,6 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
 
 
 # ----------------------------------------------------------------------------- any merge as an adapter
-
-
-def check_truncation(out_rank, energy) -> tuple[int | None, float | None]:
-    """``(out_rank, energy)`` coerced and range-checked; at most one of them."""
-    if out_rank is not None and energy is not None:
-        raise UsageError("--out-rank/--energy", "give one of --out-rank K or --energy F, not both")
-    if out_rank is not None:
-        try:
-            out_rank = int(out_rank)
-        except (TypeError, ValueError):
-            raise UsageError("--out-rank", f"{out_rank!r} is not a valid int") from None
-        if out_rank < 1:
-            raise UsageError("--out-rank", f"{out_rank} is below 1")
-    if energy is not None:
-        try:
-            energy = float(energy)
-        except (TypeError, ValueError):
-            raise UsageError("--energy", f"{energy!r} is not a valid float") from None
-        if not 0.0 < energy <= 1.0:
-            raise UsageError("--energy", f"{energy} is outside (0, 1]: it is the fraction of the energy kept")
-    return out_rank, energy
 
 
 def truncate(delta, out_rank: int | None, energy: float | None) -> LowRank:
