@@ -180,12 +180,13 @@ def size_note(k: int, sizes: list[int]) -> str | None:
 
 def is_predictors_file(path) -> bool:
     """Whether ``path`` holds a predictors file (rather than a ``fit.json``)."""
-    from .validation import FORMAT
-
     try:
-        return json.loads(Path(path).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
         return False
+    from .validation import FORMAT  # it imports pandas: not for a mistyped path
+
+    return isinstance(d, dict) and d.get("format") == FORMAT
 
 
 def _recorded_init(adapter) -> str | None:
@@ -252,7 +253,6 @@ def predict(
     """
     from .devices import is_cpu
     from .fit import LinearFit, composition_cosine
-    from .overlap import similarity
 
     if not isinstance(fit, dict) and is_predictors_file(fit):
         return predict_validated(adapters_or_paths, fit, device=device)
@@ -260,6 +260,8 @@ def predict(
     if not isinstance(fit, dict):
         fit_path = str(fit)
         fit = load_fit(fit)
+    from .overlap import similarity  # pandas: after the fit file is read and checked
+
     where = fit_path or "--fit"
     if isinstance(device, str) and is_cpu(device):
         # the cosines run in numpy on the CPU (overlap.similarity) whichever reader loaded the

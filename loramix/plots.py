@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from .io.outputs import atomic_write
+
+if TYPE_CHECKING:  # check_figure_path runs before the work, and needs no pandas
+    import pandas as pd
 
 
 def check_figure_path(path: str | Path) -> None:

@@ -105,6 +105,10 @@ def test_command_help_imports_no_torch(command):
         ("eval", "--base", "b", "--data", "missing.jsonl"),  # the data are read before the device is resolved
         ("base", "build", "--data", "missing.jsonl", "--out", "o"),  # likewise
         ("base", "build", "--data", "synthetic:arith?n=20", "--out", "."),  # --out: before the device too
+        ("similarity", "a", "b"),  # the paths are checked before pandas loads (overlap's results)
+        ("similarity", "a", "b", "--plot", "x.xyz"),  # plots.check_figure_path needs matplotlib only
+        ("scenario", "run", "missing.toml"),  # the report's writer (pandas) loads after the study
+        ("predict", "a", "b", "--fit", "missing.json"),  # overlap (pandas) loads after the fit is read
     ],
 )
 def test_argument_errors_import_no_torch(args, tmp_path):

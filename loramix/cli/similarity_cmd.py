@@ -87,7 +87,9 @@ def command(adapters, fmt, per_module, plot, base, device, force) -> None:
         from ..plots import check_figure_path
 
         check_figure_path(plot)
+    from ..io.peft_layout import check_adapter_paths
 
+    check_adapter_paths(adapters)  # what loading one would say, before pandas (and torch) load
     from ..overlap import breakdown, similarity
 
     res = similarity(list(adapters), base=base, per_module=per_module, progress=True, device=device)

@@ -334,7 +334,6 @@ def run_scenario(
     """
     from ..devices import resolve_device
     from ..io.outputs import atomic_output_dir
-    from .report import write_report
 
     sc = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
     out = Path(out) if out is not None else Path("reports") / sc.name
@@ -362,6 +361,8 @@ def run_scenario(
     finally:
         torch.set_num_threads(old_threads)
     report["out_hint"] = str(out / "fit.json")
+    from .report import write_report  # pandas: not for a file refused above
+
     with atomic_output_dir(out, force=True) as tmp:
         cache.write_log(tmp / "cache_log.csv")
         write_report(tmp, report, per_module=runner.per_module)
