@@ -19,13 +19,15 @@ def package_modules(package: str, path, skip: tuple[str, ...] = ("base",)) -> It
         yield importlib.import_module(f"{package}.{info.name}")
 
 
-def declared_names(package: str, base: str, attr: str = "id", skip: tuple[str, ...] = ("base",)) -> list[str]:
-    """The string constants ``attr = "..."`` of the classes whose bases name
-    ``base``, in the modules :func:`package_modules` would import, read from
-    their source without importing them (or the package): a plug-in's name is
-    known before the modules' own imports (torch) are paid for. Sorted."""
+def declared(package: str, base: str, attr: str = "id", skip: tuple[str, ...] = ("base",)) -> dict[str, dict]:
+    """``{name: {attribute: value}}`` of the classes whose bases name ``base``
+    and that set ``attr = "name"`` (a string literal), in the modules
+    :func:`package_modules` would import, with the other class attributes they
+    set to literals (``needs_base = True``); read from the source without
+    importing the modules (or the package), so a plug-in's name and flags are
+    known before its imports (torch) are paid for."""
     spec = importlib.util.find_spec(package)  # imports the parents only, not ``package``
-    names = []
+    found: dict[str, dict] = {}
     for info in pkgutil.iter_modules(spec.submodule_search_locations):
         if info.name in skip or info.name.startswith("_"):
             continue
@@ -35,11 +37,25 @@ def declared_names(package: str, base: str, attr: str = "id", skip: tuple[str, .
         for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
             if not any((getattr(b, "id", None) or getattr(b, "attr", None)) == base for b in cls.bases):
                 continue
+            attrs = {}
             for st in cls.body:
-                if (isinstance(st, ast.Assign) and any(getattr(t, "id", None) == attr for t in st.targets)
-                        and isinstance(st.value, ast.Constant) and isinstance(st.value.value, str)):  # fmt: skip
-                    names.append(st.value.value)
-    return sorted(names)
+                if (
+                    isinstance(st, ast.Assign)
+                    and len(st.targets) == 1
+                    and isinstance(st.targets[0], ast.Name)
+                ):
+                    try:
+                        attrs[st.targets[0].id] = ast.literal_eval(st.value)
+                    except ValueError:  # not a literal
+                        pass
+            if isinstance(attrs.get(attr), str):
+                found[attrs[attr]] = attrs
+    return found
+
+
+def declared_names(package: str, base: str, attr: str = "id") -> list[str]:
+    """The names :func:`declared` finds, sorted."""
+    return sorted(declared(package, base, attr))
 
 
 def defined_here(mod: ModuleType) -> Iterator[tuple[str, object]]:

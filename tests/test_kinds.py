@@ -76,10 +76,15 @@ def test_kinds_are_registered_names():
 def test_the_kinds_names_are_read_from_their_files():
     # train checks --kind against these before torch loads (test_startup): a kind file
     # must declare its name as a literal ``id = "..."`` in a class derived from AdapterKind
-    from loramix.discovery import declared_names
+    # (and scenario check reads needs_base there: AdapterKind's default unless the class sets it)
+    from loramix.discovery import declared, declared_names
 
     packaged = sorted(n for n, k in KINDS.items() if type(k).__module__.startswith("loramix.kinds."))
     assert declared_names("loramix.kinds", "AdapterKind") == packaged
+    found = declared("loramix.kinds", "AdapterKind")
+    assert {n: found[n].get("needs_base", AdapterKind.needs_base) for n in packaged} == {
+        n: KINDS[n].needs_base for n in packaged
+    }
 
 
 def test_a_second_kind_with_a_taken_name_is_refused():

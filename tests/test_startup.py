@@ -149,6 +149,20 @@ def test_train_and_eval_path_errors_import_no_torch(args, tmp_path):
     assert heavy(mods) == [], f"loramix {' '.join(args)} imported {heavy(mods)[:5]}"
 
 
+def test_scenario_check_imports_no_torch(tmp_path):
+    """``scenario check`` validates and estimates, no work: the kinds' needs_base
+    is read from their files (scenario.traits), the CPU is told without torch
+    (devices.is_cpu), and the predictors' minimum is read without pandas. A
+    scenario on a base folder still reads its headers through io.model_folder,
+    which imports torch."""
+    rc, mods, err = imported_modules(
+        "scenario", "check", str(ROOT / "scenarios" / "quickstart.toml"), "--cache", str(tmp_path / "c"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert rc == 0, err
+    assert heavy(mods) == [], f"scenario check imported {heavy(mods)[:5]}"
+
+
 @pytest.fixture(scope="module")
 def two_adapters(tmp_path_factory):
     from .factories import make_peft_adapter, tiny_gpt2

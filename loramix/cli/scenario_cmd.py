@@ -51,10 +51,11 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     # the data files are read (and refused: empty, too few records, a missing
     # field) before anything is printed, so a failed check never says "ok" first
     data = prepare_data(sc)
-    from ..devices import resolve_device
+    from ..devices import is_cpu, resolve_device
     from ..scenario.executors import default_jobs, worth_workers
 
-    dev = resolve_device(device)  # the device, $LORAMIX_JOBS and the cache: refused before "ok" too
+    # the device, $LORAMIX_JOBS and the cache: refused before "ok" too (the CPU told without torch)
+    dev = "cpu" if is_cpu(device) else resolve_device(device)
     from ..scenario.cache import check_cache_root, default_cache_dir
 
     root = check_cache_root(cache_dir if cache_dir is not None else default_cache_dir())

@@ -86,7 +86,7 @@ def prepare_data(sc: Scenario) -> dict[str, DomainData]:
     domain too small for its sizes fails first)."""
     from ..data import load_records, split_records
     from ..errors import LoramixError
-    from ..io.safetensors_io import file_sha256
+    from ..io.st_header import file_sha256  # torch-free (safetensors_io re-exports it)
 
     out = {}
     for name, d in sc.domains.items():

@@ -59,7 +59,16 @@ def kinds_for(merge_method: str) -> list[str]:
 
 def needs_base(adapter_kind: str) -> bool:
     """Whether an adapter's delta depends on the base weights (D2-LoRA's
-    projection): the study then also reports the cosine of the effective deltas."""
+    projection): the study then also reports the cosine of the effective deltas.
+    Until the kinds are imported, their files say it (``scenario check``, a plan,
+    needs no torch); ``AdapterKind.needs_base`` is False unless a kind sets it."""
+    import sys
+
+    if "loramix.kinds" not in sys.modules:
+        from ..discovery import declared
+
+        if (d := declared("loramix.kinds", "AdapterKind").get(kind_of(adapter_kind))) is not None:
+            return bool(d.get("needs_base", False))
     from ..kinds import get_kind
 
     return get_kind(kind_of(adapter_kind)).needs_base
