@@ -26,12 +26,15 @@ command must at least do):
   no torch (the cosines are numpy's); anchors ``import torch`` and
   ``python -c "import pandas"``;
 * ``scenario check scenarios/quickstart.toml`` with an empty cache; anchor
-  ``import torch`` (its plan reads the adapter kinds, which are torch modules);
+  ``import torch`` (it imports neither torch nor pandas: the kinds' flags are
+  read from their files; a scenario on a base folder reads its headers
+  through ``io.model_folder``, which imports torch);
 * argument errors with a missing path (``inspect``, ``sum``, ``plan``,
   ``predict``, ``base import``, ``scenario check``, ``eval --data``,
-  ``base build --data``): anchor ``python -c "pass"`` (a path check needs
-  nothing heavy; ``predict``'s, which reads the fit file first, ``import
-  pandas``);
+  ``eval --base``, ``similarity``, ``base build --data``), an unknown
+  ``train --kind`` and a ``merge --density`` out of range: anchor ``python -c
+  "pass"`` (those checks need nothing heavy; ``predict``'s, which reads the
+  fit file first, ``import pandas``);
 * ``base import SmolLM2.gguf --out EXISTING`` (exit 2, refused before the file
   is parsed), where ``../shared/models`` holds the GGUF.
 
@@ -72,8 +75,8 @@ def main(argv=None) -> None:
 
 
 def fixtures(work: Path) -> None:
-    """Two small LoRA adapters (``adapters/a000``, ``a001``), a fit.json and two
-    folders (``exists``, ``cache``) in ``work``."""
+    """Two small LoRA adapters (``adapters/a000``, ``a001``), a fit.json, a data
+    file (``d.jsonl``) and two folders (``exists``, ``cache``) in ``work``."""
     from bench_similarity import write_adapters
 
     from loramix.fit import fit_line
@@ -85,6 +88,7 @@ def fixtures(work: Path) -> None:
     )
     (work / "exists").mkdir()
     (work / "cache").mkdir()
+    (work / "d.jsonl").write_text('{"question": "1+1?", "answer": "2"}\n' * 8)
 
 
 def run(args, work: Path) -> None:
@@ -159,7 +163,18 @@ def run(args, work: Path) -> None:
             "--data",
             str(work / "m.jsonl"),
         ],
-    }
+        "loramix train --kind bogus (exit 2)": [
+            *lmx, "train", "--base", f["exists"], "--data", str(work / "d.jsonl"), "--out", str(work / "o"),
+            "--kind", "bogus",
+        ],
+        "loramix eval --base MISSING (exit 2)": [
+            *lmx, "eval", "--base", str(work / "missing"), "--data", str(work / "d.jsonl"),
+        ],
+        "loramix merge -m ties --density 2 (exit 2)": [
+            *lmx, "merge", f["a"], f["b"], "-m", "ties", "--density", "2", "--out", str(work / "o"),
+        ],
+        "loramix similarity A MISSING (exit 2)": [*lmx, "similarity", f["a"], str(work / "missing")],
+    }  # fmt: skip
     if GGUF.is_file():
         cmds["loramix base import SmolLM2 --out EXISTING (exit 2)"] = [
             *lmx, "base", "import", str(GGUF), "--out", f["exists"],
