@@ -168,7 +168,10 @@ def two_adapters(tmp_path_factory):
     from .factories import make_peft_adapter, tiny_gpt2
 
     where, model = tmp_path_factory.mktemp("adapters"), tiny_gpt2()
-    return {n: str(make_peft_adapter(model, where / n, seed=i, r=4)) for i, n in enumerate("ab")}
+    (where / "exists").mkdir()
+    return {"exists": str(where / "exists")} | {
+        n: str(make_peft_adapter(model, where / n, seed=i, r=4)) for i, n in enumerate("ab")
+    }
 
 
 @pytest.mark.parametrize(
@@ -179,11 +182,16 @@ def two_adapters(tmp_path_factory):
         ("merge", "{a}", "{b}", "-m", "sum", "--density", "0.5", "--out", "o"),  # not sum's
         ("sum", "{a}", "{b}", "--energy", "2", "--out", "o"),
         ("sum", "{a}", "{b}", "--out-rank", "2", "--into", "base", "--out", "o"),
+        ("merge", "{a}", "{b}", "-m", "svd", "--out", "o"),  # svd's check: --rank or --energy
+        ("merge", "{a}", "{b}", "-m", "della", "--density", "0.5", "--epsilon", "0.6", "--out", "o"),
+        ("sum", "{a}", "{b}", "--out", "{exists}"),  # the output is checked before the adapters load too
+        ("sum", "{a}", "{b}", "--out", "{a}"),
+        ("merge", "{a}", "{b}", "-m", "ties", "--density", "0.5", "--out-rank", "2", "--out", "{exists}"),
     ],
 )
 def test_merge_parameter_errors_import_no_torch(args, two_adapters, tmp_path):
-    """The truncation and the method's parameters are checked before the
-    adapters load (run_merge checks them again, with the adapters)."""
+    """The truncation, the method's parameters and the output are checked
+    before the adapters load (run_merge checks them again, with the adapters)."""
     rc, mods, err = imported_modules(*(a.format(**two_adapters) for a in args), cwd=tmp_path)
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert heavy(mods) == [], f"loramix {' '.join(args)} imported {heavy(mods)[:5]}"

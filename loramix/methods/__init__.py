@@ -187,8 +187,13 @@ def merge(
 
     # the truncation and the method's own parameters too (run_merge checks them again)
     own = dict(params)
-    split_truncation(m, own, into)
-    m.coerce_params(own)
+    trunc = split_truncation(m, own, into)
+    m.check(m.coerce_params(own), [])  # the cross-parameter checks (svd: --rank or --energy); no adapter yet
+    if into is not None or m.low_rank or trunc is not None:  # else run_merge says "pass --into" first
+        from ..io.outputs import check_output
+
+        # an --out that exists (a command run again): checked again with the adapters loaded
+        check_output(out, force=force, inputs=[getattr(a, "path", a) for a in adapters] + [into])
     from .runner import run_merge
 
     return run_merge(

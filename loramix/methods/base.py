@@ -189,7 +189,8 @@ class MergeMethod:
         return []
 
     def check(self, params: dict, adapters: Sequence[Adapter]) -> None:
-        """Cross-parameter and adapter checks of a method (override)."""
+        """Cross-parameter and adapter checks of a method (override); :func:`merge`
+        calls it first with no adapters, before they load."""
 
     # -- the math ---------------------------------------------------------------
     def delta(
