@@ -477,6 +477,7 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
         data_list, eval_size=eval_size, seed=seed, limit=limit, fields=fields
     )
     read_model_config(base)
+    t_import = time.perf_counter()
     import torch
 
     from .data import check_prompt, encode_records, make_batches, pad_id_for
@@ -484,6 +485,7 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
     from .layers import default_targets, find_targets
     from .models import base_provenance, load_causal_lm
 
+    t_load += time.perf_counter() - t_import  # torch's import is the process's start-up, not the setup's
     dev = resolve_device(device)
     model, tok = load_causal_lm(base, device=dev)
     check_prompt(prompt, tok, base)
