@@ -8,12 +8,12 @@ tokenizer whose vocabulary is larger than the model's embedding.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from .errors import BaseModelError, UsageError
 from .gguf_import import resolve_base
+from .io.config_schema import load_json_file
 from .options import DTYPE_NAMES as _DTYPES
 
 WEIGHT_FILES = (
@@ -49,24 +49,26 @@ def check_model_folder(path: str | os.PathLike) -> dict:
 
 
 def read_model_config(path: str | os.PathLike) -> tuple[Path, dict]:
-    """``(folder, config dict)`` of a base: the first checks of
-    :func:`check_model_folder` (a folder with a ``config.json`` holding a JSON
-    object), which need neither torch nor transformers, so a command refuses a
-    mistyped ``--base`` before it imports them."""
+    """``(folder, config dict)`` of a base (a GGUF file stands for its imported
+    folder): a folder with a ``config.json`` holding a JSON object, else one
+    :class:`BaseModelError` line naming the folder or the file. The first
+    checks of :func:`check_model_folder` and of
+    :class:`~loramix.io.model_folder.BaseModelFolder`, in one place; they
+    need neither torch nor transformers, so a command refuses a mistyped base
+    before it imports them."""
     p = resolve_base(path)
     if not p.exists():
         raise BaseModelError(p, "no such folder")
     if not p.is_dir():
-        raise BaseModelError(p, "not a folder; expected a Hugging Face model folder with config.json")
+        raise BaseModelError(
+            p, "not a folder: a base model is a Hugging Face model folder (config.json + model.safetensors)"
+        )
     cfg_path = p / "config.json"
-    if not cfg_path.is_file():
-        raise BaseModelError(p, "no config.json; not a Hugging Face model folder")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BaseModelError(cfg_path, f"invalid JSON: {e}") from None
+    if not cfg_path.exists():
+        raise BaseModelError(p, "not a Hugging Face model folder: no config.json")
+    cfg = load_json_file(cfg_path, BaseModelError, constants=True)
     if not isinstance(cfg, dict):
-        raise BaseModelError(cfg_path, "expected a JSON object")
+        raise BaseModelError(cfg_path, "not valid JSON: not a JSON object")
     return p, cfg
 
 

@@ -187,11 +187,14 @@ def two_adapters(tmp_path_factory):
         ("sum", "{a}", "{b}", "--out", "{exists}"),  # the output is checked before the adapters load too
         ("sum", "{a}", "{b}", "--out", "{a}"),
         ("merge", "{a}", "{b}", "-m", "ties", "--density", "0.5", "--out-rank", "2", "--out", "{exists}"),
+        ("sum", "{a}", "{b}", "--into", "missing", "--out", "o"),  # --into: the base's first checks too
+        ("merge", "{a}", "{b}", "-m", "ties", "--density", "0.5", "--into", "{exists}", "--out", "o"),
     ],
 )
 def test_merge_parameter_errors_import_no_torch(args, two_adapters, tmp_path):
-    """The truncation, the method's parameters and the output are checked
-    before the adapters load (run_merge checks them again, with the adapters)."""
+    """The truncation, the method's parameters, the output and the base
+    folder (``--into``: it exists, has a config.json) are checked before the
+    adapters load (run_merge and BaseModelFolder check them again)."""
     rc, mods, err = imported_modules(*(a.format(**two_adapters) for a in args), cwd=tmp_path)
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert heavy(mods) == [], f"loramix {' '.join(args)} imported {heavy(mods)[:5]}"

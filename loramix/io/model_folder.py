@@ -102,23 +102,10 @@ class BaseModelFolder:
     """
 
     def __init__(self, path: str | os.PathLike):
-        from ..gguf_import import resolve_base  # a GGUF file stands for its imported folder
+        from ..models import read_model_config  # a GGUF file stands for its imported folder
 
-        self.path = resolve_base(path)
-        if not self.path.exists():
-            raise BaseModelError(self.path, "no such folder")
-        if not self.path.is_dir():
-            raise BaseModelError(
-                self.path,
-                "not a folder: a base model is a Hugging Face model folder (config.json + model.safetensors)",
-            )
-        cfg = self.path / CONFIG_NAME
-        if not cfg.exists():
-            raise BaseModelError(self.path, f"not a Hugging Face model folder: no {CONFIG_NAME}")
-        self.config = load_json_file(cfg, BaseModelError, constants=True)
-        if not isinstance(self.config, dict):
-            raise BaseModelError(cfg, "not valid JSON: not a JSON object")
-        self.config_bytes = cfg.read_bytes()
+        self.path, self.config = read_model_config(path)
+        self.config_bytes = (self.path / CONFIG_NAME).read_bytes()
         self.index, self.shards = self._find_shards()
         self.tensors, self.metadata = self._read_headers()
         self._skeleton: dict | None = None

@@ -194,6 +194,10 @@ def merge(
 
         # an --out that exists (a command run again): checked again with the adapters loaded
         check_output(out, force=force, inputs=[getattr(a, "path", a) for a in adapters] + [into])
+    if into is not None:  # after the output's checks, which name a symlink loop as one
+        from ..models import read_model_config
+
+        read_model_config(into)  # a mistyped --into: BaseModelFolder's first checks, without torch
     from .runner import run_merge
 
     return run_merge(
