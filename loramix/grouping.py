@@ -81,7 +81,7 @@ class CostModel:
         x = {f: self.features.composition(f, members) for f in fit_features(fit)}
         if any(not math.isfinite(v) for v in x.values()):
             return float("nan"), None, None
-        from .validation import predict_from  # pandas: imported where a predictors file is used
+        from .validation import predict_from
 
         return predict_from(fit, x, self.level)
 
@@ -362,6 +362,10 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
     if budget is not None and not math.isfinite(budget):
         raise UsageError("--budget", f"must be a finite number, got {budget}")
     check_adapter_paths(items)  # before torch loads: a mistyped path fails fast
+    from .validation import load_predictors
+
+    # the fit file too: with --data the adapters load with torch, which a mistyped --fit need not wait for
+    fitfile = None if fit is None else load_predictors(fit)  # read and checked once, used thrice
     if fit is None or not data:
         # the cost is the RMS cosine, or features without data, computed in numpy whichever
         # reader loaded the factors, so the numpy reader's (the same checks and values) spares torch
@@ -371,9 +375,6 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
     adapters = [a if hasattr(a, "modules") else load(a) for a in items]
     one_kind(adapters, "plan")
     # the checks of `loramix predict`: another adapter kind refused, another base warned of
-    from .validation import load_predictors
-
-    fitfile = None if fit is None else load_predictors(fit)  # read and checked once, used thrice
     warnings = [] if fitfile is None else adapter_checks(adapters, fitfile, str(fit))
     model, source, validated = cost_model(
         adapters, fit, data, base, tokens, device, fitfile=fitfile, max_len=max_len, progress=progress

@@ -184,7 +184,7 @@ def is_predictors_file(path) -> bool:
         d = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
-    from .validation import FORMAT  # it imports pandas: not for a mistyped path
+    from .validation import FORMAT
 
     return isinstance(d, dict) and d.get("format") == FORMAT
 
@@ -260,8 +260,6 @@ def predict(
     if not isinstance(fit, dict):
         fit_path = str(fit)
         fit = load_fit(fit)
-    from .overlap import similarity  # pandas: after the fit file is read and checked
-
     where = fit_path or "--fit"
     if isinstance(device, str) and is_cpu(device):
         # the cosines run in numpy on the CPU (overlap.similarity) whichever reader loaded the
@@ -275,6 +273,7 @@ def predict(
     lf = LinearFit.from_dict(entry)
     if not lf.ok:
         raise UsageError(where, f"the {kind}/{merge_method} fit has {lf.n} point(s): too few to predict")
+    from .overlap import similarity  # pandas: after the fit, the adapters and the study are checked
 
     sim = similarity(adapters, progress=False, device=device)
     names = list(sim.names)

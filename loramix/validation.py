@@ -59,9 +59,9 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from .errors import UsageError
 from .features.size import SIZE
@@ -79,6 +79,9 @@ from .fit import (
     t_quantile,
 )
 
+if TYPE_CHECKING:  # imported where a table is made: reading a predictors file (predict, plan) needs no pandas
+    import pandas as pd
+
 LAMBDAS = (0.01, 0.1, 1.0, 10.0, 100.0)
 FORMAT = "loramix-predictors"
 KINDS = ("mean", "ols", "ols_pairsum", "ridge")  # the fitted predictors (module docstring)
@@ -93,6 +96,8 @@ def label(comp) -> str:
 def composition_table(features, compositions: list[tuple[str, ...]]) -> pd.DataFrame:
     """Compositions x predictor features (a :class:`loramix.features.FeatureSet`
     whose ``names`` are the domains)."""
+    import pandas as pd
+
     idx = {n: k for k, n in enumerate(features.names)}
     rows = []
     for comp in compositions:
@@ -348,6 +353,8 @@ def validate(compositions, y, X: pd.DataFrame, *, level: float = 0.9, lambdas=LA
     ``compositions``: tuples of domain names, aligned with ``y`` and the rows of
     ``X`` (compositions x features, e.g. from :func:`composition_table`).
     """
+    import pandas as pd
+
     comps = [tuple(c) for c in compositions]
     y = np.asarray(y, dtype=np.float64)
     if len(comps) != len(y) or len(y) != len(X):

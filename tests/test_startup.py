@@ -315,3 +315,55 @@ def test_plan_without_a_fit_and_a_predictors_files_path_errors_import_no_torch(t
             rc, mods, err = imported_modules(*args, "--fit", str(predictors))
             assert rc == 0, err
             assert not {"torch", "transformers"} & mods, args[0]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("plan", "{a}", "{b}", "--fit", "missing.json"),
+        ("plan", "{a}", "{b}", "--fit", "{bad}"),
+        # with --data the adapters load with torch: the fit file is read first
+        (
+            "plan",
+            "{a}",
+            "{b}",
+            "--fit",
+            "missing.json",
+            "--data",
+            "{data}",
+            "--data",
+            "{data}",
+            "--base",
+            "{base}",
+        ),
+        ("predict", "{a}", "missing", "--fit", "{fit}"),  # the fit file parses: the adapters, then overlap
+        ("predict", "{a}", "{b}", "--fit", "{fit}", "--data", "{data}"),
+        ("predict", "{a}", "missing", "--fit", "{predictors}"),
+        ("predict", "{a}", "{b}", "--fit", "{predictors}", "--label", "x"),
+    ],
+)
+def test_fit_file_errors_import_no_pandas(args, two_adapters, tmp_path):
+    """A fit or predictors file that is missing, does not parse, or parses
+    but comes with a wrong adapter or option is refused without pandas:
+    loramix.validation and the feature registry import it where a table is
+    made, ``plan`` reads the file before the adapters load, and ``predict``
+    imports overlap once the adapters are read."""
+    from loramix.fit import fit_line
+
+    from .test_predict import _data
+
+    x, y = _data(n=5, seed=1)
+    f = {**two_adapters, "fit": tmp_path / "fit.json", "bad": tmp_path / "bad.json", "data": tmp_path / "d.jsonl",
+         "base": tmp_path / "base", "predictors": ROOT / "reports" / "quickstart" / "predictors.json"}  # fmt: skip
+    if "{predictors}" in args and not f["predictors"].is_file():
+        pytest.skip("no reports/quickstart/predictors.json")
+    f["fit"].write_text(
+        json.dumps({"fits": [{"adapter_method": "lora", "merge_method": "sum", **fit_line(x, y).to_dict()}]})
+    )
+    f["bad"].write_text("{not json")
+    f["data"].write_text('{"question": "q", "answer": "a"}\n' * 3)
+    f["base"].mkdir()
+    (f["base"] / "config.json").write_text('{"model_type": "gpt2"}')
+    rc, mods, err = imported_modules(*(a.format(**f) for a in args), cwd=tmp_path)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert heavy(mods) == [], f"loramix {' '.join(args)} imported {heavy(mods)[:5]}"

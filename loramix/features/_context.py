@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from ..errors import UsageError
 from ..io.peft_layout import check_compatible
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pandas too: the registry (predict, plan) loads this module, which makes no table
+    import pandas as pd
+
     from ..adapter import Adapter
 
 

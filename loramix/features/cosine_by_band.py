@@ -14,7 +14,6 @@ of the band.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 from . import Feature, register
 from ._context import grouped_cosines
@@ -28,6 +27,8 @@ def layer_band(layer: np.ndarray, n_layers: int) -> np.ndarray:
 
 
 def _groups(ctx):
+    import pandas as pd  # here, not at the top: the registry (predict, plan) loads this module
+
     from ..overlap import module_layer_type
 
     layers = [module_layer_type(m)[0] for m in ctx.modules()]
