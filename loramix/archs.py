@@ -25,7 +25,10 @@ full forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from .errors import UsageError
 
 _LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -91,3 +94,34 @@ def context_length(config) -> int | None:
         if isinstance(n, int) and n > 0:
             return n
     return None
+
+
+def top_layers_split(model_type: str | None, n_layers: Callable[[], int], top_layers: int,
+                     flag: str = "--top-layers") -> int:  # fmt: skip
+    """``k = L - top_layers``: the first block a run on the top ``top_layers``
+    blocks of a model of ``L`` blocks adapts. ``n_layers()`` gives ``L``,
+    asked for only once the architecture allows the frozen-prefix cache
+    (``prefix_cache``). One line for another architecture or a ``top_layers``
+    outside ``[1, L]``."""
+    a = arch(model_type)
+    if not (a and a.prefix_cache):
+        raise UsageError(
+            flag, f"model type {model_type!r} does not allow the frozen-prefix cache (loramix.archs)"
+        )
+    n = n_layers()
+    if not 1 <= int(top_layers) <= n:
+        raise UsageError(flag, f"must be between 1 and the model's {n} layers, got {top_layers}")
+    return n - int(top_layers)
+
+
+def check_top_layers(config: dict, top_layers: int | None, flag: str = "--top-layers") -> None:
+    """:func:`top_layers_split`'s checks from a base's ``config.json``, before
+    the model (and torch) loads, where the config decides them: a model type
+    in the table (transformers builds it) and, for the frozen-prefix cache,
+    the block count in ``num_hidden_layers`` (the Llama family's; the model
+    has that many). Otherwise they wait for the model (``prefix.split_point``)."""
+    a, n = arch(config.get("model_type")), config.get("num_hidden_layers")
+    known = isinstance(n, int) and not isinstance(n, bool) and n > 0
+    if top_layers is None or a is None or (a.prefix_cache and not known):
+        return
+    top_layers_split(a.model_type, lambda: n, top_layers, flag)

@@ -198,9 +198,12 @@ def evaluate(
     from .models import check_dtype_name, read_model_config
 
     check_adapter_paths(adapters)
-    if isinstance(base, (str, os.PathLike)):
-        read_model_config(base)
+    cfg = read_model_config(base)[1] if isinstance(base, (str, os.PathLike)) else None
     check_dtype_name(dtype)
+    if cfg is not None:  # a --top-layers out of config.json's blocks, before torch
+        from .archs import check_top_layers
+
+        check_top_layers(cfg, top_layers)
     dev = resolve_device(device)
     model, tok = _model_with_adapters(base, adapters, weights, merged=merged, dev=dev, dtype=dtype,
                                       top_layers=top_layers)  # fmt: skip

@@ -64,14 +64,13 @@ def _blocks(model) -> nn.ModuleList:
 
 
 def split_point(model, top_layers: int, flag: str = "--top-layers") -> int:
-    """``k = L - top_layers``: the first adapted block; checks the architecture and range."""
-    mt = getattr(model.config, "model_type", None)
-    if not supports_prefix(model):
-        raise UsageError(flag, f"model type {mt!r} does not allow the frozen-prefix cache (loramix.archs)")
-    n = len(_blocks(model))
-    if not 1 <= int(top_layers) <= n:
-        raise UsageError(flag, f"must be between 1 and the model's {n} layers, got {top_layers}")
-    return n - int(top_layers)
+    """``k = L - top_layers``: the first adapted block; checks the architecture and range
+    (:func:`loramix.archs.top_layers_split`, which train and eval ask first of config.json)."""
+    from .archs import top_layers_split
+
+    return top_layers_split(
+        getattr(model.config, "model_type", None), lambda: len(_blocks(model)), top_layers, flag
+    )
 
 
 def _blocks_path(model) -> str:

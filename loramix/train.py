@@ -469,6 +469,7 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
              rank=None) -> _Run:  # fmt: skip
     """Load and split the data, load the base, resolve the targets, encode;
     with ``top_layers``, the targets in those blocks and the cached prefix."""
+    from .archs import check_top_layers
     from .models import read_model_config
 
     t_load = time.perf_counter()
@@ -476,7 +477,7 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
     train_recs, eval_recs, data_inputs = _load_sources(
         data_list, eval_size=eval_size, seed=seed, limit=limit, fields=fields
     )
-    read_model_config(base)
+    check_top_layers(read_model_config(base)[1], top_layers)  # in range of config.json's blocks: before torch
     t_import = time.perf_counter()
     import torch
 

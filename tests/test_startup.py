@@ -367,3 +367,44 @@ def test_fit_file_errors_import_no_pandas(args, two_adapters, tmp_path):
     rc, mods, err = imported_modules(*(a.format(**f) for a in args), cwd=tmp_path)
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert heavy(mods) == [], f"loramix {' '.join(args)} imported {heavy(mods)[:5]}"
+
+
+@pytest.fixture(scope="module")
+def bases_with_tokenizer(tmp_path_factory):
+    """Tiny Llama and GPT-2 bases of 2 blocks with a real tokenizer (a byte-level BPE trained on the spot)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .factories import save_base, tiny_gpt2, tiny_llama
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["1 + 2 = 3", "two plus two is four"], trainers.BpeTrainer(vocab_size=300))
+    where, out = tmp_path_factory.mktemp("bases"), {}
+    for name, model in (("llama", tiny_llama()), ("gpt2", tiny_gpt2())):
+        out[name] = save_base(model, where / name)
+        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(str(out[name]))
+    return out
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize(
+    ("base", "top", "line"),
+    [
+        ("llama", "0", "must be between 1 and the model's 2 layers, got 0"),
+        ("llama", "3", "must be between 1 and the model's 2 layers, got 3"),
+        ("gpt2", "1", "model type 'gpt2' does not allow the frozen-prefix cache (loramix.archs)"),
+    ],
+)
+def test_top_layers_errors_import_no_torch(command, base, top, line, bases_with_tokenizer, tmp_path):
+    """``--top-layers`` out of the base's blocks, or on an architecture without
+    the frozen-prefix cache, is refused from config.json (the model type, and
+    ``num_hidden_layers`` for the Llama family) before torch loads
+    (archs.check_top_layers), with the line prefix.split_point says of the
+    loaded model, which checks it again."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "q", "answer": "a"}\n' * 3)
+    args = [command, "--base", str(bases_with_tokenizer[base]), "--data", str(data), "--top-layers", top]
+    rc, mods, err = imported_modules(*args, *(["--out", "o"] if command == "train" else []), cwd=tmp_path)
+    assert rc == 2 and err.strip() == f"loramix: error: --top-layers: {line}", err
+    assert heavy(mods) == [], f"loramix {' '.join(args)} imported {heavy(mods)[:5]}"
