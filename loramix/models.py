@@ -174,7 +174,7 @@ def tokenizer_files(folder: str | os.PathLike) -> dict[str, str]:
     """``{name: sha256}`` of the :data:`TOKENIZER_FILES` a model folder holds,
     by name: what a training or an evaluation reads its text through, which the
     folder's identity (config and weights) leaves out."""
-    from .io.safetensors_io import file_sha256
+    from .io.st_header import file_sha256  # torch-free (safetensors_io re-exports it)
 
     folder = Path(folder)
     return {n: file_sha256(folder / n) for n in TOKENIZER_FILES if (folder / n).is_file()}
@@ -189,7 +189,7 @@ def base_provenance(path: str | os.PathLike) -> dict:
     for a GGUF, the file and its own sha256."""
     import hashlib
 
-    from .io.safetensors_io import file_sha256
+    from .io.st_header import file_sha256  # torch-free (safetensors_io re-exports it)
 
     p = resolve_base(path)
     files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())

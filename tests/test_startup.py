@@ -152,9 +152,8 @@ def test_train_and_eval_path_errors_import_no_torch(args, tmp_path):
 def test_scenario_check_imports_no_torch(tmp_path):
     """``scenario check`` validates and estimates, no work: the kinds' needs_base
     is read from their files (scenario.traits), the CPU is told without torch
-    (devices.is_cpu), and the predictors' minimum is read without pandas. A
-    scenario on a base folder still reads its headers through io.model_folder,
-    which imports torch."""
+    (devices.is_cpu), and the predictors' minimum is read without pandas (a
+    scenario on a base folder: test_scenario_check_of_a_base_folder_imports_no_torch)."""
     rc, mods, err = imported_modules(
         "scenario", "check", str(ROOT / "scenarios" / "quickstart.toml"), "--cache", str(tmp_path / "c"),
         cwd=tmp_path,
@@ -408,3 +407,33 @@ def test_top_layers_errors_import_no_torch(command, base, top, line, bases_with_
     rc, mods, err = imported_modules(*args, *(["--out", "o"] if command == "train" else []), cwd=tmp_path)
     assert rc == 2 and err.strip() == f"loramix: error: --top-layers: {line}", err
     assert heavy(mods) == [], f"loramix {' '.join(args)} imported {heavy(mods)[:5]}"
+
+
+@pytest.mark.parametrize(
+    ("edit", "line"),
+    [
+        (("", ""), None),
+        (
+            ("rank = 4", "rank = 17"),
+            "adapters.rank: 17 is above 16, the smallest dimension of a targeted weight",
+        ),
+        (("rank = 4", "rank = 4\ntop_layers = 3"), "adapters.top_layers: 3 is above the base's 2 blocks"),
+    ],
+)
+def test_scenario_check_of_a_base_folder_imports_no_torch(edit, line, bases_with_tokenizer, tmp_path):
+    """``scenario check`` of a scenario on a base folder reads its config and
+    safetensors headers (io.model_folder imports torch where a tensor or a
+    dtype is made) and hashes its files (st_header): no torch."""
+    from .test_scenario import GOOD
+
+    base = f'[base]\npath = "{bases_with_tokenizer["llama"]}"'
+    scen = tmp_path / "s.toml"
+    scen.write_text(GOOD.replace("[base.build]\nsteps = 5", base).replace(*edit))
+    rc, mods, err = imported_modules(
+        "scenario", "check", str(scen), "--cache", str(tmp_path / "c"), cwd=tmp_path
+    )
+    if line is None:
+        assert rc == 0, err
+    else:
+        assert rc == 2 and err.strip() == f"loramix: error: {scen}: {line}", err
+    assert heavy(mods) == [], f"scenario check imported {heavy(mods)[:5]}"

@@ -31,8 +31,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..archs import arch, is_conv1d
 from ..errors import BaseModelError
@@ -44,11 +43,10 @@ from .filehash import (
     cached_file_sha256,
 )
 from .outputs import atomic_write, normalized_path
-from .safetensors_io import (
-    ST_DTYPES,
-    CheckedSafetensors,
-    read_safetensors_header,
-)
+from .st_header import read_safetensors_header
+
+if TYPE_CHECKING:  # torch is imported where a tensor or a dtype is made: the headers are plain JSON
+    import torch
 
 CONFIG_NAME = "config.json"
 PEFT_PREFIX = "base_model.model."
@@ -84,6 +82,8 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
+        from .safetensors_io import ST_DTYPES
+
         return ST_DTYPES.get(self.dtype)
 
     @property
@@ -235,6 +235,8 @@ class BaseModelFolder:
     @property
     def dtype(self) -> torch.dtype | None:
         """The floating dtype holding the most parameters (the base's dtype)."""
+        from .safetensors_io import ST_DTYPES
+
         counts: dict[str, int] = {}
         for t in self.tensors.values():
             if t.is_float:
@@ -459,6 +461,8 @@ class BaseModelFolder:
 
     def read_tensor(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """One tensor as stored (dtype, layout)."""
+        from .safetensors_io import CheckedSafetensors
+
         info = self.tensors.get(key)
         if info is None:
             raise BaseModelError(self.path, f"has no tensor {key}")
@@ -466,14 +470,17 @@ class BaseModelFolder:
             return f.get(key).to(device)
 
     def read_module_weight(
-        self, name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+        self, name: str, dtype: torch.dtype | str | None = "float32", device: str | torch.device = "cpu"
     ) -> torch.Tensor:
         """The base weight of adapter module ``name`` as ``(out, in)``
-        (``nn.Linear`` layout; a ``Conv1D`` weight is transposed), contiguous."""
+        (``nn.Linear`` layout; a ``Conv1D`` weight is transposed), contiguous,
+        in ``dtype`` (a torch dtype or its name; None: as stored)."""
+        import torch
+
         key, transposed = self.module_weight_key(name)
         W = self.read_tensor(key, device=device)
         if dtype is not None:
-            W = W.to(dtype)
+            W = W.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return W.T.contiguous() if transposed else W
 
 
@@ -541,6 +548,7 @@ def build_skeleton(folder: Path) -> dict:
     """Build the model on the meta device from its config and record, for
     each ``nn.Linear``/``Conv1D`` submodule, its layout; plus tied parameters
     and ``base_model_prefix``. Never reads weights, never uses the network."""
+    import torch
     import torch.nn as nn
 
     try:
