@@ -188,6 +188,9 @@ def two_adapters(tmp_path_factory):
         ("merge", "{a}", "{b}", "-m", "ties", "--density", "0.5", "--out-rank", "2", "--out", "{exists}"),
         ("sum", "{a}", "{b}", "--into", "missing", "--out", "o"),  # --into: the base's first checks too
         ("merge", "{a}", "{b}", "-m", "ties", "--density", "0.5", "--into", "{exists}", "--out", "o"),
+        # a dense method without --into: "pass --into" after the adapters' checks, in numpy (LoRA, CPU)
+        ("merge", "{a}", "{b}", "-m", "ties", "--density", "0.5", "--out", "{exists}"),
+        ("merge", "{a}", "{b}", "-m", "della", "--density", "0.5", "--out", "o", "--device", "cpu"),
     ],
 )
 def test_merge_parameter_errors_import_no_torch(args, two_adapters, tmp_path):
@@ -437,3 +440,30 @@ def test_scenario_check_of_a_base_folder_imports_no_torch(edit, line, bases_with
     else:
         assert rc == 2 and err.strip() == f"loramix: error: {scen}: {line}", err
     assert heavy(mods) == [], f"scenario check imported {heavy(mods)[:5]}"
+
+
+@pytest.mark.parametrize(
+    ("other", "words"),
+    [
+        ("b", "--into: method ties writes a dense delta: pass --into BASE"),
+        ("wide", "has shape 144x48 but 96x32 in"),  # check_compatible first, as run_merge
+        ("llama", "cannot belong to one base model"),  # check_one_base too
+    ],
+)
+def test_a_dense_merge_without_into_is_refused_without_torch(other, words, two_adapters, tmp_path):
+    """``merge -m ties`` without ``--into`` or a truncation has nothing to write.
+    The adapters' checks that come before that line (the files, their shapes,
+    one base) are made on the numpy reader's LoRA adapters, so each line is
+    run_merge's and the process imports no torch (test_merge checks the lines
+    with the torch path)."""
+    from .factories import make_peft_adapter, tiny_gpt2, tiny_llama
+
+    paths = {"b": two_adapters["b"]}
+    if other == "wide":
+        paths["wide"] = make_peft_adapter(tiny_gpt2(n_embd=48), tmp_path / "wide", r=4)
+    if other == "llama":
+        paths["llama"] = make_peft_adapter(tiny_llama(), tmp_path / "llama", r=4)
+    args = ("merge", two_adapters["a"], str(paths[other]), "-m", "ties", "--density", "0.5", "--out", "o")
+    rc, mods, err = imported_modules(*args, cwd=tmp_path)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    assert heavy(mods) == [], f"loramix {' '.join(args)} imported {heavy(mods)[:5]}"

@@ -37,6 +37,7 @@ one module at a time, on the chosen device. Use :func:`merge` from Python::
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -198,6 +199,8 @@ def merge(
         from ..models import read_model_config
 
         read_model_config(into)  # a mistyped --into: BaseModelFolder's first checks, without torch
+    elif not m.low_rank and trunc is None:
+        _refuse_a_dense_adapter(m, adapters, own, device)
     from .runner import run_merge
 
     return run_merge(
@@ -212,6 +215,39 @@ def merge(
         progress=progress,
         **params,
     )
+
+
+def _refuse_a_dense_adapter(m, adapters: Sequence, params: dict, device) -> None:
+    """A dense method without ``--into`` or a truncation has nothing to write:
+    run_merge says so once the adapters load and its earlier checks pass. For
+    PEFT LoRA paths on the CPU those checks are made here, in run_merge's order
+    and with its lines, on the numpy reader's adapters (the same checks of
+    the files), so that the refusal needs no torch: the files read, shapes
+    that fit (check_compatible), the method's checks, one base, then "pass
+    --into". Anything else (a loaded Adapter, DoRA, D2-LoRA, embedding LoRA,
+    modules_to_save, a device that may be a GPU) is left to run_merge."""
+    from ..devices import is_cpu
+    from ..errors import LoramixError
+    from ..io.np_factors import load_np_adapter
+    from ..io.peft_layout import LORA, check_compatible
+    from .base import check_adapter_output
+
+    if not m.applies_to(LORA) or not all(isinstance(a, (str, os.PathLike)) for a in adapters):
+        return
+    ads = []
+    for a in adapters:  # as run_merge loads them: all of them, in order (their errors first)
+        ad = load_np_adapter(a, torch_fallback=False)
+        if ad is None or ad.kind != LORA:
+            return
+        ads.append(ad)
+    try:
+        if not is_cpu(device):
+            return
+    except LoramixError:  # a bad --device: run_merge says so, after the adapters
+        return
+    check_compatible(ads)
+    m.check(m.coerce_params(params), ads)
+    check_adapter_output(m, ads, None)
 
 
 __all__ = [

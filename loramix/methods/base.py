@@ -1047,6 +1047,42 @@ def describe_energy(summary: dict) -> list[str]:
     ]
 
 
+# ----------------------------------------------------------------------------- an adapter output
+
+
+def check_adapter_output(m: MergeMethod, ads: Sequence, trunc) -> None:
+    """Without a base the result must be an adapter: a low-rank method, or any
+    method truncated to a rank (``trunc``), and adapters whose deltas do not
+    depend on the base, made for one base. ``ads``: loaded
+    :class:`~loramix.adapter.Adapter`\\ s (a kind object each), or the numpy
+    reader's LoRA adapters (``kind`` ``"lora"``, which needs no base). Torch-free."""
+    from ..errors import AdapterError
+    from ..io.peft_layout import check_one_base
+
+    check_one_base(list(ads))
+    # first: no flag makes an adapter of these, so the method's hint below would mislead
+    for ad in ads:
+        if getattr(ad.kind, "needs_base", False):
+            raise AdapterError(
+                ad.path or ad.name,
+                f"is a {ad.kind.label} adapter: its effective delta depends on the base weights, so no "
+                "LoRA adapter holds the result; merge it into the base with --into BASE",
+            )
+    if not m.low_rank and trunc is None:
+        raise UsageError(
+            "into",
+            f"method {m.name} writes a dense delta: pass --into BASE (into=), or --out-rank K / --energy F "
+            f"(out_rank= / energy=) for an adapter truncated by SVD (only {', '.join(_low_rank_names())} "
+            "write an exact adapter)",
+        )
+
+
+def _low_rank_names() -> list[str]:
+    from . import _REGISTRY
+
+    return sorted(n for n, c in _REGISTRY.items() if c.low_rank)
+
+
 # ----------------------------------------------------------------------------- the adapter output's truncation
 
 

@@ -33,7 +33,6 @@ from ..adapter import (
     Adapter,
     ModuleDelta,
     check_compatible,
-    check_one_base,
     saved_tensors,
     warn_unscaled_copies,
 )
@@ -48,6 +47,7 @@ from .base import (
     LowRank,
     MergeMethod,
     ModuleContext,
+    check_adapter_output,
     energy_info,
     split_truncation,
     summarize_energy,
@@ -98,7 +98,7 @@ def run_merge(
     dev = resolve_device(device)
     out_dtype = parse_dtype(dtype)
     if into is None:
-        _check_adapter_output(m, ads, trunc)
+        check_adapter_output(m, ads, trunc)
     inputs = [a.path for a in ads if a.path is not None] + ([into] if into is not None else [])
     out = check_output(out, force=force, inputs=inputs)
 
@@ -108,34 +108,6 @@ def run_merge(
     return _write_model(
         m, ads, ws, p, into=into, out=out, dev=dev, dtype=out_dtype, force=force, progress=progress
     )
-
-
-def _check_adapter_output(m: MergeMethod, ads: Sequence[Adapter], trunc) -> None:
-    """Without a base the result must be an adapter: a low-rank method, or any
-    method truncated to a rank (``trunc``), and adapters whose deltas do not
-    depend on the base, made for one base."""
-    check_one_base(list(ads))
-    # first: no flag makes an adapter of these, so the method's hint below would mislead
-    for ad in ads:
-        if ad.kind.needs_base:
-            raise AdapterError(
-                ad.path or ad.name,
-                f"is a {ad.kind.label} adapter: its effective delta depends on the base weights, so no "
-                "LoRA adapter holds the result; merge it into the base with --into BASE",
-            )
-    if not m.low_rank and trunc is None:
-        raise UsageError(
-            "into",
-            f"method {m.name} writes a dense delta: pass --into BASE (into=), or --out-rank K / --energy F "
-            f"(out_rank= / energy=) for an adapter truncated by SVD (only {', '.join(_low_rank_names())} "
-            "write an exact adapter)",
-        )
-
-
-def _low_rank_names() -> list[str]:
-    from . import _REGISTRY
-
-    return sorted(n for n, c in _REGISTRY.items() if c.low_rank)
 
 
 def _inputs(ads, ws) -> list[dict]:
