@@ -16,7 +16,8 @@ Target: ``loramix --help`` (and every ``CMD --help``) <= 1/5 of ``import torch``
 
 Then the other commands as a user meets them, on small inputs written to a
 temporary folder (two GPT-2-shaped LoRA adapters of 2 layers, a fit.json of 5
-points), in the same interleaved runs, each beside its anchor (what the
+points, a tiny Llama base folder of 2 blocks with a tokenizer and a scenario on
+it), in the same interleaved runs, each beside its anchor (what the
 command must at least do):
 
 * ``inspect A``: numpy and pandas, no torch (the numpy reader; its norms are
@@ -25,16 +26,17 @@ command must at least do):
 * ``plan A B`` (no fit) and ``predict A B --fit fit.json``: numpy and pandas,
   no torch (the cosines are numpy's); anchors ``import torch`` and
   ``python -c "import pandas"``;
-* ``scenario check scenarios/quickstart.toml`` with an empty cache; anchor
-  ``import torch`` (it imports neither torch nor pandas: the kinds' flags are
-  read from their files; a scenario on a base folder reads its headers
-  through ``io.model_folder``, which imports torch);
+* ``scenario check scenarios/quickstart.toml`` with an empty cache, and
+  ``scenario check`` of a scenario on the base folder; anchor ``import
+  torch`` (they import neither torch nor pandas: the kinds' flags are read
+  from their files, the base's config and safetensors headers as JSON);
 * argument errors with a missing path (``inspect``, ``sum``, ``plan``,
   ``predict``, ``base import``, ``scenario check``, ``eval --data``,
-  ``eval --base``, ``similarity``, ``base build --data``), an unknown
-  ``train --kind`` and a ``merge --density`` out of range: anchor ``python -c
-  "pass"`` (those checks need nothing heavy; ``predict``'s, which reads the
-  fit file first, ``import pandas``);
+  ``eval --base``, ``similarity``, ``base build --data``, ``plan --fit``), an
+  unknown ``train --kind``, a ``merge --density`` out of range, ``merge -m
+  ties`` without ``--into`` (the adapters' checks in numpy first) and
+  ``train --top-layers 0`` (checked against config.json): anchor ``python -c
+  "pass"`` (those checks need nothing heavy);
 * ``base import SmolLM2.gguf --out EXISTING`` (exit 2, refused before the file
   is parsed), where ``../shared/models`` holds the GGUF.
 
@@ -76,8 +78,13 @@ def main(argv=None) -> None:
 
 def fixtures(work: Path) -> None:
     """Two small LoRA adapters (``adapters/a000``, ``a001``), a fit.json, a data
-    file (``d.jsonl``) and two folders (``exists``, ``cache``) in ``work``."""
+    file (``d.jsonl``), two folders (``exists``, ``cache``), a tiny Llama base
+    (``base``: 2 blocks, a byte-level BPE tokenizer) and a scenario on it
+    (``base.toml``) in ``work``."""
+    import torch
     from bench_similarity import write_adapters
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from loramix.fit import fit_line
 
@@ -89,6 +96,19 @@ def fixtures(work: Path) -> None:
     (work / "exists").mkdir()
     (work / "cache").mkdir()
     (work / "d.jsonl").write_text('{"question": "1+1?", "answer": "2"}\n' * 8)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(work / "base")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["1 + 2 = 3", "two plus two is four"], trainers.BpeTrainer(vocab_size=300))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(str(work / "base"))
+    (work / "base.toml").write_text(
+        f'name = "v"\n[base]\npath = "{work / "base"}"\n'
+        '[domains.a]\ndata = "synthetic:arith"\ntrain = 10\neval = 5\n'
+        '[domains.b]\ndata = "synthetic:units"\ntrain = 10\neval = 5\n[adapters]\nrank = 4\n'
+    )
 
 
 def run(args, work: Path) -> None:
@@ -174,6 +194,17 @@ def run(args, work: Path) -> None:
             *lmx, "merge", f["a"], f["b"], "-m", "ties", "--density", "2", "--out", str(work / "o"),
         ],
         "loramix similarity A MISSING (exit 2)": [*lmx, "similarity", f["a"], str(work / "missing")],
+        "loramix scenario check (a base folder)": [
+            *lmx, "scenario", "check", str(work / "base.toml"), "--cache", f["cache"],
+        ],
+        "loramix plan A B --fit MISSING (exit 2)": [*lmx, "plan", f["a"], f["b"], "--fit", str(work / "m.json")],
+        "loramix merge -m ties, no --into (exit 2)": [
+            *lmx, "merge", f["a"], f["b"], "-m", "ties", "--density", "0.5", "--out", str(work / "o"),
+        ],
+        "loramix train --top-layers 0 (exit 2)": [
+            *lmx, "train", "--base", str(work / "base"), "--data", str(work / "d.jsonl"), "--out", str(work / "o"),
+            "--top-layers", "0",
+        ],
     }  # fmt: skip
     if GGUF.is_file():
         cmds["loramix base import SmolLM2 --out EXISTING (exit 2)"] = [
@@ -182,7 +213,9 @@ def run(args, work: Path) -> None:
     torch_, pass_, pandas_ = 'python -c "import torch"', 'python -c "pass"', 'python -c "import pandas"'
     anchor = {k: torch_ for k in cmds if k.startswith("loramix")}
     anchor.update({k: pass_ for k in cmds if "(exit 2)" in k})
-    anchor.update({k: pandas_ for k in cmds if "predict" in k or k == "loramix inspect A"})
+    anchor.update(
+        {k: pandas_ for k in cmds if k in ("loramix predict A B --fit fit.json", "loramix inspect A")}
+    )
     expect_rc = {k: 2 for k in cmds if "(exit 2)" in k}
     runs: dict[str, list[float]] = {k: [] for k in cmds}
     rss: dict[str, float] = {}
