@@ -123,9 +123,15 @@ def test_della_ranks_are_the_inverse_of_the_row_sort():
     from loramix.methods.della import della_keep_probs
 
     x = torch.randn(37, 300, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).float()
-    a = x.abs()
-    ranks = a.argsort(dim=1).argsort(dim=1).float()
-    assert torch.equal(della_keep_probs(x, 0.5, 0.2), (0.5 - 0.2) + ranks / 299 * (2 * 0.2))
+    # zeros of both signs and small integers: long runs of equal magnitudes (the
+    # int32 sort must order them as the float sort does), float64 as merges pass them
+    x[:5, ::3], x[5:9] = -0.0, torch.randint(-3, 4, (4, 300), generator=torch.Generator().manual_seed(4))
+    x[9:12, 1::2] = 0.0
+    for t in (x, x.double()):
+        ranks = t.float().abs().argsort(dim=1).argsort(dim=1).float()
+        assert torch.equal(della_keep_probs(t, 0.5, 0.2), (0.5 - 0.2) + ranks / 299 * (2 * 0.2))
+    one = torch.randn(4, 1, dtype=torch.float64)  # a single column: every rank is the middle
+    assert torch.equal(della_keep_probs(one, 0.5, 0.2), torch.full((4, 1), 0.3 + 0.5 * 0.4))
 
 
 def test_della_refuses_probabilities_outside_0_1():
