@@ -27,17 +27,19 @@ Reported, per pair of adapters ``(i, j)``:
   both adapters touch and that have a cosine;
 * ``coverage = |shared modules| / |union of modules|``.
 
-Kinds whose effective delta needs the base (D2-LoRA): ``factors()`` is the
-signed residual ``dW``, so the result is base-free. With ``base=`` (a base
-model folder) those modules use the *effective* delta ``W_hat - W0`` instead (:meth:`ModuleDelta.delta`), which is
-dense: it is formed one module at a time and combined with the factored
-LoRA deltas of the same module exactly (see :func:`_module_inner_products`).
+Kinds whose effective delta needs the base (DoRA, D2-LoRA): ``factors()``
+is the residual ``dW``, so the result is base-free. With ``base=`` (a base
+model folder) those modules use the *effective* delta ``W_hat - W0`` instead
+(:meth:`ModuleDelta.delta`), a row or column scaling of ``W0`` and of
+``dW``; its inner products are formed from the factors, ``W0`` and the
+per-row (or per-column) gains, no dense delta held (see
+:func:`_effective_inner_products`, ``docs/adapters.md``).
 
 Where the arithmetic runs: on the CPU (``device`` "cpu", or "auto" without a
 GPU) and without ``base``, in numpy float64: adapters given as paths are read
 as numpy factors (:mod:`loramix.io.np_factors`), so the run never imports
 torch; loaded :class:`Adapter` objects are viewed as numpy. Otherwise
-(``device="cuda"``, a ``torch.device``, D2 effective deltas with ``base``) in
+(``device="cuda"``, a ``torch.device``, effective deltas with ``base``) in
 torch float64 on the device. Both run the same code on their arrays.
 """
 
@@ -250,15 +252,13 @@ def _lowrank_inner_products(Bt, A_cat, offsets: list[int]):
     one-hot ``P`` (R, n)) and mirrored. Numpy arrays or torch tensors alike
     (the result is of the same kind).
     """
-    n, R = len(offsets) - 1, offsets[-1]
+    n = len(offsets) - 1
     on_np = isinstance(Bt, np.ndarray)
     ip = np.zeros((n, n))
     if on_np:
         starts = np.asarray(offsets[:-1])
     else:
-        P = np.zeros((R, n))  # (R, n): column -> its delta
-        P[np.arange(R), np.repeat(np.arange(n), np.diff(offsets))] = 1.0
-        P, ip = (_torch().from_numpy(x).to(Bt.device) for x in (P, ip))
+        P, ip = (_torch().from_numpy(x).to(Bt.device) for x in (_one_hot(offsets), ip))
     for a0, a1 in _groups(offsets, GRAM_BLOCK):
         r0, r1 = offsets[a0], offsets[a1]
         G = (Bt[r0:r1] @ Bt[r0:].T) * (A_cat[r0:r1] @ A_cat[r0:].T)  # (r1 - r0, R - r0)
@@ -276,44 +276,121 @@ def _lowrank_inner_products(Bt, A_cat, offsets: list[int]):
     return ip
 
 
-def _module_inner_products(deltas: list, dense: dict, device):
+def _module_inner_products(deltas: list, W0, device):
     """``IP`` (n x n, float64): Frobenius inner products of one module's deltas.
 
     Factored deltas (all LoRA, and D2 without a base) go through the stacked
     Gram product of the module docstring, scales applied to the small result:
-    ``IP[i, j] = s_i s_j <B_i A_i, B_j A_j>``. ``dense`` maps a position in
-    ``deltas`` to an already formed (out, in) delta (D2 effective deltas); for
-    those ``<D, s B A>_F = s * sum(B * (D A^T))`` and ``<D1, D2>_F`` directly.
-    ``device`` None: numpy, factored deltas only (``dense`` is empty).
+    ``IP[i, j] = s_i s_j <B_i A_i, B_j A_j>``. ``W0`` (out, in), float64 on
+    ``device``, or None: given, the deltas of kinds that ``needs_base`` are
+    their effective deltas, combined from the factors
+    (:func:`_effective_inner_products`). ``device`` None: numpy, factored
+    deltas only (``W0`` is None).
     """
     if device is None:
         Bt, A_cat, offsets, scales = _stack_factors(deltas, None)
         return _lowrank_inner_products(Bt, A_cat, offsets) * np.outer(scales, scales)
+    if W0 is not None:
+        return _effective_inner_products(deltas, W0)
     torch = _torch()
-    n = len(deltas)
-    ip = torch.zeros(n, n, dtype=torch.float64, device=device)
-    low = [k for k in range(n) if k not in dense]
-    if low:
-        Bt, A_cat, offsets, scales = _stack_factors([deltas[k] for k in low], device)
-        idx = torch.tensor(low, device=device)
-        ip[idx[:, None], idx[None, :]] = _lowrank_inner_products(Bt, A_cat, offsets) * torch.outer(
-            scales, scales
-        )
-    if dense:
-        keys = sorted(dense)
-        for x, k in enumerate(keys):
-            D = dense[k]
-            for k2 in keys[x:]:
-                v = (D * dense[k2]).sum()
-                ip[k, k2] = ip[k2, k] = v
-            if low:
-                # <D, s_t B_t A_t> for every low-rank t at once: column sums of
-                # B_cat * (D A_cat^T), block sums per delta, then the scales.
-                colsum = (Bt.T * (D @ A_cat.T)).sum(dim=0)  # (R,)
-                v = torch.stack([colsum[offsets[t] : offsets[t + 1]].sum() for t in range(len(low))]) * scales
-                ip[k, idx] = v
-                ip[idx, k] = v
+    Bt, A_cat, offsets, scales = _stack_factors(deltas, device)
+    return _lowrank_inner_products(Bt, A_cat, offsets) * torch.outer(scales, scales)
+
+
+def _effective_inner_products(deltas: list, W0):
+    """``IP`` (n x n) of one module's effective deltas without forming any of
+    them (``docs/adapters.md``, "Similarity against the base").
+
+    Each delta is ``E_t = g0_t * W0 + Bg_t Ag_t``: a kind that ``needs_base``
+    scales the rows (``norm_axis`` 1) or the columns (0) of ``W0`` by ``g0_t``
+    and of its residual ``Bf_t Af_t`` by ``g1_t`` (:meth:`AdapterKind.gains`,
+    from ``||W0||_n^2`` and ``||W0 + dW_t||_n^2 = ||W0||_n^2 + 2 <W0, dW_t>_n
+    + ||dW_t||_n^2``), folded into ``Bg_t = g1_t * Bf_t`` or ``Ag_t = Af_t *
+    g1_t``; any other delta is its residual (``g0_t = 0``). Then::
+
+        <E_i, E_j> = <g0_i W0, g0_j W0> + <g0_i W0, Bg_j Ag_j> + <Bg_i Ag_i, g0_j W0> + <Bg_i Ag_i, Bg_j Ag_j>
+
+    the last term the stacked Gram product; with row gains ``<g0_i W0, g0_j
+    W0> = sum_r g0_i g0_j ||W0_r||^2`` and ``<g0_i W0, Bg Ag> = sum_r g0_i
+    <W0_r, (Bg Ag)_r>``, the per-row products ``<W0_r, (Bf Af)_r>`` being the
+    row sums of ``Bf * (W0 Af^T)`` (out, r) that the norms need too (columns:
+    the transpose, ``(Bf^T W0) * Af`` (r, in)). Cost ``O(out in R)`` for
+    ``W0 A_cat^T``, as forming the deltas would, but ``out x R`` memory
+    instead of ``n`` dense deltas and no ``O(n^2 out in)`` pairwise products.
+    ``W0`` (out, in) float64; torch tensors on its device.
+    """
+    torch = _torch()
+    dev, f64, n = W0.device, torch.float64, len(deltas)
+    Bs, As = zip(*(d.factors(dtype=f64, device=dev) for d in deltas))  # (out, r_t), (r_t, in)
+    axes = [d.kind.norm_axis(d) if d.kind.needs_base else None for d in deltas]
+    offsets = np.concatenate([[0], np.cumsum([B.shape[1] for B in Bs])]).tolist()
+    onehot = torch.from_numpy(_one_hot(offsets)).to(dev)  # (R, n)
+    B_cat, A_cat = torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+    sq = W0 * W0
+    w0_sq = {ax: sq.sum(dim=ax) for ax in set(axes) - {None}}  # ||W0||_n^2 per row (1) / column (0)
+    mixed = len(w0_sq) == 2  # rows and columns scaled in one module (D2 norm_dim 0 beside DoRA)
+    if not mixed:
+        del sq
+    # x[ax][t]: <W0, dW_t> per row (ax 1, (out,)) or per column (ax 0, (in,)), every t at once
+    x = {}
+    if 1 in w0_sq:
+        x[1] = ((B_cat * (W0 @ A_cat.T)) @ onehot).T  # (n, out)
+    if 0 in w0_sq:
+        x[0] = onehot.T @ ((B_cat.T @ W0) * A_cat)  # (n, in)
+    g0, g1 = [None] * n, [None] * n
+    Bg, Ag = list(Bs), list(As)
+    for t, (d, ax) in enumerate(zip(deltas, axes, strict=True)):
+        if ax is None:
+            continue
+        B, A = Bs[t], As[t]
+        if ax == 1:
+            own = ((B @ (A @ A.T)) * B).sum(dim=1)  # ||dW_t||^2 per row
+        else:
+            own = ((A.T @ (B.T @ B)) * A.T).sum(dim=1)  # per column
+        g0[t], g1[t] = d.kind.gains(d, w0_sq[ax], w0_sq[ax] + 2 * x[ax][t] + own)
+        if ax == 1:
+            Bg[t] = B * g1[t].unsqueeze(1)
+        else:
+            Ag[t] = A * g1[t].unsqueeze(0)
+
+    ip = torch.zeros(n, n, dtype=f64, device=dev)
+    # <Bg_i Ag_i, Bg_j Ag_j>: the stacked Gram product of the gained factors
+    Bt = torch.cat([B.T for B in Bg], dim=0)  # (R, out)
+    ip += _lowrank_inner_products(Bt, torch.cat(Ag, dim=0), offsets).to(dev)
+    # m[i, t] = <g0_i W0, Bg_t Ag_t>; per axis, h[t] = <W0, Bg_t Ag_t> per row / column
+    m = torch.zeros(n, n, dtype=f64, device=dev)
+    for ax in w0_sq:
+        h = []
+        for t in range(n):
+            if axes[t] in (None, ax):  # gains along ax factor out of <W0, .>_ax
+                h.append(x[ax][t] if g1[t] is None else g1[t] * x[ax][t])
+            elif ax == 1:  # column gains inside the row products: one more (out, r) product
+                h.append((Bg[t] * (W0 @ Ag[t].T)).sum(dim=1))
+            else:
+                h.append(((Bg[t].T @ W0) * Ag[t]).sum(dim=0))
+        own_ax = [t for t in range(n) if axes[t] == ax]
+        G = torch.stack([g0[t] for t in own_ax])  # (n_ax, len)
+        m[own_ax] = G @ torch.stack(h).T
+        # <g0_i W0, g0_j W0> within the axis: sum g0_i g0_j ||W0||_n^2
+        ip[np.ix_(own_ax, own_ax)] += (G * w0_sq[ax]) @ G.T
+    if mixed:  # row gains g against column gains k: g^T (W0 * W0) k
+        rows, cols = [t for t in range(n) if axes[t] == 1], [t for t in range(n) if axes[t] == 0]
+        Gr, Gc = torch.stack([g0[t] for t in rows]), torch.stack([g0[t] for t in cols])
+        v = Gr @ sq @ Gc.T
+        ip[np.ix_(rows, cols)] += v
+        ip[np.ix_(cols, rows)] += v.T
+    ip += m + m.T
+    i, j = np.tril_indices(n, -1)
+    ip[i, j] = ip[j, i]  # symmetric to the bit, as the Gram product
     return ip
+
+
+def _one_hot(offsets: list[int]) -> np.ndarray:
+    """``P`` (R, n): column ``k`` of the stacked factors -> its delta."""
+    n, R = len(offsets) - 1, offsets[-1]
+    P = np.zeros((R, n))
+    P[np.arange(R), np.repeat(np.arange(n), np.diff(offsets))] = 1.0
+    return P
 
 
 def _load_all(items: list, numpy_path: bool, device, progress: bool) -> tuple[list, object]:
@@ -338,20 +415,15 @@ def _load_all(items: list, numpy_path: bool, device, progress: bool) -> tuple[li
     return adapters, dev
 
 
-def _effective_deltas(base_folder, adapters: list, owners: list[int], mname: str, deltas: list, dev) -> dict:
-    """``{k: W_hat - W0}`` (out, in) for the owners whose kind needs the base; the
-    adapter's shape and fan_in_fan_out tell the layout (no model skeleton)."""
-    dense: dict = {}
+def _base_weight(base_folder, adapters: list, owners: list[int], mname: str, deltas: list, dev):
+    """``W0`` (out, in) float64 on ``dev`` when some delta's kind needs the base, else None;
+    the adapter's shape and fan_in_fan_out tell the layout (no model skeleton)."""
     if base_folder is None or not any(d.kind.needs_base for d in deltas):
-        return dense
+        return None
     ffo = adapters[owners[0]].config.get("fan_in_fan_out")
     key, transposed = base_folder.module_weight_key(mname, deltas[0].shape, ffo)
-    W0 = base_folder.read_tensor(key).to(_torch().float64)
-    W0 = W0.T if transposed else W0  # (out, in)
-    for k, d in enumerate(deltas):
-        if d.kind.needs_base:
-            dense[k] = d.delta(W0, dtype=W0.dtype, device=dev)
-    return dense
+    W0 = base_folder.read_tensor(key).to(device=dev, dtype=_torch().float64)
+    return W0.T if transposed else W0
 
 
 class _Totals:
@@ -477,8 +549,8 @@ def similarity(
         col, owners = col_of[mname], modules[mname]
         canon = sorted(owners, key=rank.__getitem__)
         deltas = [adapters[i].modules[mname] for i in canon]
-        dense = _effective_deltas(base_folder, adapters, canon, mname, deltas, dev)
-        ip = _module_inner_products(deltas, dense, dev)
+        W0 = _base_weight(base_folder, adapters, canon, mname, deltas, dev)
+        ip = _module_inner_products(deltas, W0, dev)
         ip = ip if isinstance(ip, np.ndarray) else ip.cpu().numpy()
         at = {i: k for k, i in enumerate(canon)}
         back = [at[i] for i in owners]  # owners' rows and columns, in their order

@@ -551,3 +551,125 @@ def test_heatmap_of_long_adapter_names_keeps_its_matrix(tmp_path, monkeypatch):
     assert short_labels(alike) == alike  # alike at both ends: whole
     ends = ["first-" + "y" * 40, "second-" + "y" * 40]
     assert len(set(short_labels(ends))) == 2 and max(map(len, short_labels(ends))) <= LABEL_CHARS
+
+
+# ---------------------------------------------------------- effective deltas from the factors
+
+
+def _random_module(kind: str, o: int, i: int, g: torch.Generator) -> ModuleDelta:
+    """``lora``, ``dora`` (rows), ``dora-emb`` (an embedding's columns), ``d2``
+    (rows) or ``d2-col`` (``norm_dim`` 0), rank 1 to 4, trained-looking magnitudes."""
+    r = int(torch.randint(1, 5, (1,), generator=g))
+    B, A = 0.3 * torch.randn(o, r, generator=g), 0.3 * torch.randn(r, i, generator=g)
+    if kind == "lora":
+        return ModuleDelta(name="m", B=B, A=A, scale=2.0, alpha=2.0 * r)
+    if kind.startswith("dora"):
+        emb = kind == "dora-emb"
+        extra = {"magnitude": 1 + torch.rand(i if emb else o, generator=g)}
+        return ModuleDelta(
+            name="m", B=B, A=A, scale=2.0, alpha=2.0 * r, kind="dora",
+            extra={**extra, "layout": "embedding"} if emb else extra,
+        )  # fmt: skip
+    Bn, An = 0.3 * torch.randn(o, r, generator=g), 0.3 * torch.randn(r, i, generator=g)
+    nd = 0 if kind == "d2-col" else 1
+    return ModuleDelta(
+        name="m", B=B, A=A, B_neg=Bn, A_neg=An, scale=2.0, alpha=2.0 * r, kind="d2lora", tau=0.4, norm_dim=nd
+    )
+
+
+@pytest.mark.parametrize(
+    "kinds",
+    [
+        ["dora", "dora", "lora"],
+        ["d2", "d2-col", "lora"],
+        ["dora", "d2-col", "d2", "lora"],
+        ["dora-emb", "d2-col", "lora", "lora"],
+        ["dora"],
+        ["d2-col", "d2-col"],
+    ],
+)
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (33, 33)])
+def test_effective_inner_products_equal_the_dense_deltas(kinds, shape):
+    """With a base, the inner products of effective deltas come from the factors,
+    ``W0`` and per-row or per-column gains (docs/adapters.md): equal to those of
+    the dense ``W_hat - W0`` (:meth:`ModuleDelta.delta`) to 1e-13 of the norms,
+    row gains (DoRA, D2), column gains (D2 ``norm_dim`` 0, DoRA on an
+    embedding), LoRA residuals and both kinds of gain in one module."""
+    from loramix.overlap import _effective_inner_products
+
+    g = torch.Generator().manual_seed(hash((tuple(kinds), shape)) % 2**31)
+    W0 = torch.randn(*shape, generator=g, dtype=torch.float64)
+    ds = [_random_module(k, *shape, g) for k in kinds]
+    dense = [d.delta(W0) for d in ds]
+    ref = torch.tensor([[float((x * y).sum()) for y in dense] for x in dense], dtype=torch.float64)
+    got = _effective_inner_products(ds, W0)
+    scale = torch.sqrt(torch.outer(ref.diag(), ref.diag()))
+    assert float(((got - ref).abs() / scale).max()) < 1e-13
+    assert torch.equal(got, got.T)
+
+
+def test_dora_similarity_with_base_equals_peft_merged_deltas(tmp_path, monkeypatch):
+    """``similarity --base`` on PEFT DoRA adapters (trained magnitudes) equals the
+    cosines and norms of the deltas PEFT's ``merge_and_unload`` writes into a
+    float64 model, to 1e-12, without forming any dense effective delta
+    (``DoraKind.delta`` refused: the former code formed one per adapter and
+    module, ``n`` dense ``(out, in)`` float64 matrices at once)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    from loramix.kinds.dora import DoraKind
+
+    from .factories import save_base
+
+    model = tiny_llama()
+    base = save_base(model, tmp_path / "base")
+    targets = ["q_proj", "v_proj", "down_proj"]
+    paths = []
+    for k, (r, tm) in enumerate([(3, targets), (2, targets), (4, ["q_proj", "down_proj"])]):
+        p = make_peft_adapter(model, tmp_path / f"a{k}", seed=k + 1, target_modules=tm, use_dora=True, r=r)
+        f = p / "adapter_model.safetensors"
+        ts = load_file(str(f))
+        gm = torch.Generator().manual_seed(10 + k)
+        for key in sorted(ts):  # PEFT saves the magnitude as its init ||W0 + s B A||_row: move it
+            if key.endswith("lora_magnitude_vector"):
+                ts[key] = ts[key] * (1 + 0.3 * torch.rand(ts[key].shape, generator=gm))
+        save_file(ts, str(f))
+        paths.append(p)
+
+    sd0 = {k: v.double() for k, v in model.state_dict().items()}
+    deltas = []
+    for p in paths:
+        merged = PeftModel.from_pretrained(tiny_llama().double(), str(p)).merge_and_unload().state_dict()
+        deltas.append(
+            {
+                k[: -len(".weight")]: merged[k].double() - sd0[k]
+                for k in sd0
+                if not torch.equal(merged[k].double(), sd0[k])
+            }
+        )
+
+    def refused(self, m, W0, dtype=torch.float64, device=None):
+        raise AssertionError("a dense DoRA effective delta was formed")
+
+    monkeypatch.setattr(DoraKind, "delta", refused)
+    res = similarity(paths, base=base, per_module=True, progress=False)
+    assert res.effective and len(res.per_module) == 6 + 4 + 4  # a2 lacks v_proj
+    for row in res.per_module.itertuples():
+        x, y = deltas[row.i][row.module], deltas[row.j][row.module]
+        assert row.cosine == pytest.approx(float((x * y).sum() / (x.norm() * y.norm())), rel=1e-12, abs=1e-14)
+    for i, d in enumerate(deltas):
+        for mod, x in d.items():
+            assert res.norms.loc[res.names[i], mod] == pytest.approx(float(x.norm()), rel=1e-12)
+
+
+@pytest.mark.cuda
+def test_effective_inner_products_cuda_equal_cpu():
+    """The same factored effective inner products on the GPU (``--device cuda --base``)."""
+    from loramix.overlap import _effective_inner_products
+
+    g = torch.Generator().manual_seed(5)
+    W0 = torch.randn(48, 40, generator=g, dtype=torch.float64)
+    ds = [_random_module(k, 48, 40, g) for k in ["dora", "d2-col", "d2", "lora"]]
+    cpu = _effective_inner_products(ds, W0)
+    gpu = _effective_inner_products(ds, W0.cuda()).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-12, atol=0)

@@ -44,8 +44,8 @@ def _pairs_table(long, by: str):
 @click.option(
     "--base",
     type=click.Path(path_type=Path),
-    help="Base model folder: D2-LoRA adapters are compared on their effective delta W_hat - W0 "
-    "instead of the signed residual.",
+    help="Base model folder: DoRA and D2-LoRA adapters are compared on their effective delta "
+    "W_hat - W0 instead of the residual (still from the factors, docs/adapters.md).",
 )
 @click.option(
     "--device", default="cpu", show_default=True, help="auto|cpu|cuda: where the Gram products run."

@@ -10,6 +10,8 @@ for what differs between kinds instead of branching on the name:
 * :meth:`AdapterKind.scaled_factors` / :meth:`AdapterKind.factors`: the
   module's residual as one pair, ``dW = s * B @ A = Bf @ Af``;
 * :meth:`AdapterKind.delta`: the dense effective delta given ``W0``;
+  :meth:`AdapterKind.norm_axis` and :meth:`AdapterKind.gains`: the same as
+  per-row or per-column gains on ``W0`` and ``dW``, from two norms;
 * :meth:`AdapterKind.layer`: its trainable layer, and
   :meth:`AdapterKind.attach_terms`: how a loaded module applies on the fly;
 * :meth:`AdapterKind.tensors` / :meth:`AdapterKind.from_tensors` and
@@ -117,6 +119,21 @@ class AdapterKind(str):
         ``(out, in)``, is required)."""
         B, A = self.factors(m, dtype=dtype, device=device)
         return B @ A
+
+    def norm_axis(self, m: ModuleDelta) -> int | None:
+        """For a kind that ``needs_base``, the axis its norms run along (1: one per
+        output row, 0: one per input column), so that the effective delta is
+        ``g0 * W0 + g1 * dW`` with gains ``(g0, g1)`` from :meth:`gains` scaling
+        the rows (``(out,)``) or the columns (``(in,)``). None: the residual is
+        the effective delta."""
+        return None
+
+    def gains(self, m: ModuleDelta, w0_sq: torch.Tensor, v_sq: torch.Tensor):
+        """``(g0, g1)`` along :meth:`norm_axis` from ``w0_sq = ||W0||_n^2`` and
+        ``v_sq = ||W0 + dW||_n^2`` (both that axis's length): what
+        :meth:`delta` forms densely, from the norms alone (similarity against a
+        base, ``docs/adapters.md``)."""
+        raise NotImplementedError
 
     def rank(self, m: ModuleDelta) -> int:
         """Rank of one branch (the ``r`` of the config)."""

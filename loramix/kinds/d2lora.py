@@ -46,6 +46,15 @@ class D2LoraKind(AdapterKind):
         dW = Bf @ Af
         return d2_effective_delta(W0.to(device=dW.device, dtype=dtype), dW, norm_dim=m.norm_dim, eps=m.eps)
 
+    def norm_axis(self, m):
+        return m.norm_dim
+
+    def gains(self, m, w0_sq, v_sq):
+        """``(c - 1, c + 1)`` with ``c = ||W0||_n / max(||W0 + dW||_n, eps)``, as
+        :func:`~loramix.d2lora.d2_norm_scale` forms it from the same two norms."""
+        c = w0_sq.sqrt() / v_sq.clamp_min(m.eps * m.eps).sqrt()
+        return c - 1, c + 1
+
     def layer(self, base, rank, alpha, *, generator=None, dtype=torch.float32, dense=False, **options):
         opts = {k: options.get(k, v) for k, v in self.options.items()}
         return D2LoraLinear(base, rank, alpha, generator=generator, dtype=dtype, dense=dense, **opts)

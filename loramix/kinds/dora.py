@@ -72,6 +72,14 @@ class DoraKind(AdapterKind):
         c = dora_gain(W0, dW, m.extra["magnitude"], nd).unsqueeze(nd)
         return (c - 1) * W0 + c * dW
 
+    def norm_axis(self, m):
+        return _norm_dim(m)
+
+    def gains(self, m, w0_sq, v_sq):
+        """``(c - 1, c)`` with ``c = m / ||W0 + dW||``, as :func:`dora_gain` (no guard: a zero norm divides)."""
+        c = m.extra["magnitude"].to(device=v_sq.device, dtype=v_sq.dtype) / v_sq.sqrt()
+        return c - 1, c
+
     def num_parameters(self, m):
         return m.A.numel() + m.B.numel() + m.extra["magnitude"].numel()
 
