@@ -382,6 +382,30 @@ def test_an_artifact_another_process_is_making_is_waited_for(tmp_path, capsys):
     assert sorted(q.name for q in (root / "thing").iterdir()) == keys
 
 
+def test_a_wait_for_another_process_says_so_once(tmp_path, capsys):
+    """A run about to wait for an artifact that a real process is making says
+    so in one line on stderr, naming the artifact and the maker's pid (read
+    from the lock file, which the maker signs); the wait was silent, seen
+    only in cache_log.csv afterwards. A hit or a miss says nothing."""
+    root = tmp_path / "c"
+    maker = _maker(root, "1", "them", 2.0, "making")
+    try:
+        c = Cache(root)
+        capsys.readouterr()
+        p = c.get_or_make("thing", {"x": "1"}, lambda tmp: None, label="a thing")
+        assert maker.wait(timeout=60) == 0 and (p / "who").read_text() == "them"
+        assert [e.status for e in c.log] == ["hit"]
+        assert capsys.readouterr().err.splitlines() == [
+            f"loramix: waiting for thing {p.name} (a thing), being made by another run (pid {maker.pid})"
+        ]
+        c.get_or_make("thing", {"x": "1"}, lambda tmp: None)
+        c.get_or_make("thing", {"x": "2"}, lambda tmp: None)
+        assert [e.status for e in c.log] == ["hit", "hit", "miss"] and capsys.readouterr().err == ""
+    finally:
+        maker.kill()
+        maker.wait(timeout=60)
+
+
 def test_two_runs_at_once_make_each_artifact_once(tmp_path):
     """Two real ``scenario run`` processes started together on one cache (one
     with a pool of 2 workers): every artifact is made once, by one of them (a

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,10 +117,16 @@ class Making:
     system that takes none) each process makes its own and the rename
     decides, as before; a file system whose locks do not reach other hosts
     (NFS mounted ``local_lock=flock``) excludes the processes of each host
-    alone."""
+    alone.
 
-    def __init__(self, target: Path, wait: bool = True):
+    The holder writes ``"<pid> <host>"`` into the lock file, so that a
+    process about to wait says on stderr for whom (``label``: the
+    artifact's name in the study, said beside its kind and key): a wait can
+    last as long as the other run takes to train an adapter."""
+
+    def __init__(self, target: Path, wait: bool = True, label: str = ""):
         self.path, self.wait = _lock_file(target), wait
+        self.what = f"{target.parent.name} {target.name}" + (f" ({label})" if label else "")
         self.fd: int | None = None
         self.waited = 0.0
 
@@ -136,6 +144,7 @@ class Making:
             except BlockingIOError:
                 if not self.wait:
                     raise
+                _say(f"loramix: waiting for {self.what}, being made by another run{self._holder()}")
                 fcntl.flock(self.fd, fcntl.LOCK_EX)
                 self.waited = time.perf_counter() - t0
         except OSError:  # held, and not waited for; or no locks here (ENOLCK): not held
@@ -144,7 +153,28 @@ class Making:
         except BaseException:  # an interrupt while waiting
             os.close(self.fd)
             raise
+        if self.fd is not None:
+            self._sign()
         return self
+
+    def _sign(self) -> None:
+        """``"<pid> <host>"`` into the lock file (a waiter's is overwritten)."""
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same; a waiter names no one
+            pass
+
+    def _holder(self) -> str:
+        """`` (pid N)`` of the lock file's holder, `` (pid N on HOST)`` where it
+        runs on another host; empty where unknown (taken a moment ago and not
+        yet signed, or by a loramix that signed none)."""
+        try:
+            pid, host = os.pread(self.fd, 300, 0).decode().split()
+            int(pid)
+        except (OSError, ValueError):
+            return ""
+        return f" (pid {pid})" if host == socket.gethostname() else f" (pid {pid} on {host})"
 
     def __exit__(self, *exc) -> None:
         if self.fd is None:
@@ -155,6 +185,14 @@ class Making:
             pass  # removed already (by a holder of an older one), or a read-only cache
         finally:
             os.close(self.fd)
+
+
+def _say(line: str) -> None:
+    # tqdm's write: a scenario bar drawn by this process is cleared and redrawn under the
+    # line instead of being cut by it (a worker process has no bar: a plain line)
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stderr)
 
 
 def remove_stale_locks(root: Path) -> list[Path]:
@@ -234,7 +272,7 @@ class Cache:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         # --fresh remakes it whoever else is making it: it does not wait
-        with Making(target, wait=not redo) as lock:
+        with Making(target, wait=not redo, label=label) as lock:
             if not redo and (target / MARKER).is_file():  # made meanwhile, by the process waited for
                 self.log.append(CacheEvent(kind, key, "hit", lock.waited, label))
                 return target
