@@ -15,6 +15,9 @@ Cost of a group ``C`` (a set of adapters):
   predicts it (a tie goes to the file's first method, its primary target's);
 * without one: the composition's RMS cosine
   ``sqrt(mean_{i<j in C} rms_cosine[i, j]^2)``, no interval; default budget ``0.1``.
+  A pair that adapts no module in common (``coverage[i, j] = 0``) counts 0,
+  not as missing: its deltas are orthogonal (no weight has both), so summing
+  them cannot interfere inside a weight, the best case for a merge.
 
 Grouping (greedy agglomerative): start from singletons; among all pairs of
 groups whose union has at most ``K`` members, merge the one whose union has the
@@ -36,10 +39,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 from .errors import UsageError
-from .features import FeatureSet, compute_features, registry
+from .features import FeatureSet, composition_value, compute_features, registry
 
 COSINE_BUDGET = 0.1
 
@@ -100,12 +106,21 @@ class CostModel:
                 best = (m, c)
         return best if best is not None else (None, (float("nan"), None, None))
 
+    @cached_property
+    def _cosines(self) -> np.ndarray:
+        """``rms_cosine`` with 0 for the pairs that share no module (module
+        docstring): the RMS over shared modules is NaN there, no module having
+        a cosine, and a NaN pair was left out, so two such adapters were never
+        grouped, yet joined a group by a third one's cosine."""
+        m, cov = self.features.matrices["rms_cosine"], self.features.matrices.get("coverage")
+        return m if cov is None else np.where(cov == 0, 0.0, m)
+
     def cost(self, members: list[int]) -> tuple[float, float | None, float | None]:
         """``(cost, low, high)``; a single adapter costs nothing."""
         if len(members) < 2:
             return 0.0, None, None
         if self.fit is None:
-            return self.features.composition("rms_cosine", members), None, None
+            return composition_value(self._cosines, members, "rms"), None, None
         if self.method_aware:
             return self.choose(members)[1]
         return self._predict(self.fit, members)
@@ -267,7 +282,12 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
     # every predictor the costs read: (its merge method, None for the primary; its name; its fit)
     predictors = [(None, fitfile["best"], fit)] if fit else []
     predictors += [(m, fitfile["by_method"][m]["best"], f) for m, f in methods.items()]
-    needed = {f.split(":")[0] for _, _, fi in predictors for f in fit_features(fi)} if fit else {"rms_cosine"}
+    # coverage, without a fit: the pairs that share no module (CostModel._cosines)
+    needed = (
+        {f.split(":")[0] for _, _, fi in predictors for f in fit_features(fi)}
+        if fit
+        else {"rms_cosine", "coverage"}
+    )
     aware = sorted(f for f in needed if f in registry() and registry()[f].data_aware)
     unknown = sorted(needed - set(registry()))
     if unknown:

@@ -541,3 +541,33 @@ def test_options_that_would_be_ignored_are_refused(bank, similar_merge_well, cap
         ),
     ]:
         _one_line_error(capsys, argv, needle)
+
+
+def test_adapters_that_share_no_module_are_grouped_at_cost_0(tmp_path, capsys):
+    """Without a fit, two adapters with no module in common cost 0 (their
+    deltas are orthogonal: no weight has both), the best case for a merge.
+    Their RMS cosine over shared modules is NaN, which was left out: such a
+    pair was never grouped (two groups of one), yet joined a group through a
+    third adapter's cosine, at that cosine's cost."""
+    gen = torch.Generator().manual_seed(0)
+
+    def adapter(name, modules):
+        factors = {
+            m: (torch.randn(DIM, 2, generator=gen), torch.randn(2, DIM, generator=gen)) for m in modules
+        }
+        return str(save_peft_adapter(tmp_path / name, factors, dtype=torch.float32))
+
+    first, second = adapter("first", MODULES[:1]), adapter("second", MODULES[1:])
+    assert main(["plan", first, second, "--format", "json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    assert [(g["members"], g["cost"], g["method"]) for g in groups] == [(["first", "second"], 0.0, "sum")]
+    # with a third adapter that shares second's module: the composition's pairs are
+    # (first, second) 0, (first, third) 0 and (second, third) its cosine
+    third = adapter("third", MODULES[1:])
+    assert main(["similarity", second, third, "--format", "json"]) == 0
+    cos = json.loads(capsys.readouterr().out)["rms"][0][1]
+    assert main(["plan", first, second, third, "--format", "json", "--budget", "1"]) == 0
+    (g,) = json.loads(capsys.readouterr().out)["groups"]
+    assert g["members"] == ["first", "second", "third"] and g["cost"] == pytest.approx(
+        abs(cos) / 3**0.5, rel=1e-6
+    )
