@@ -1727,8 +1727,83 @@ def test_ctrl_c_as_workers_start_is_one_line(tmp_path):
     assert p.wait(timeout=60) == 130
     err = p.stderr.read()
     assert held, "a worker was born taking SIGINT"
-    assert [line for line in err.splitlines() if line] == ["loramix: interrupted"], err
+    assert err.splitlines() == ["loramix: interrupted"], err
     assert not (tmp_path / "r").exists()
+
+
+def _interrupt_a_serial_study(tmp_path, terminal: bool) -> tuple[int, str]:
+    """``scenario run --jobs 1`` stopped by Ctrl-C while it trains an adapter:
+    ``(exit status, stderr)``. ``terminal``: on a pseudo-terminal, Ctrl-C
+    typed (the byte its line discipline turns into SIGINT and echoes as
+    ``^C``), stderr as the terminal shows it; else SIGINT to the process
+    group and stderr a pipe."""
+    import pty
+    import select
+
+    tmp_path.mkdir()
+    scen, cache = tmp_path / "s.toml", tmp_path / "cache"
+    scen.write_text(LONG_ADAPTERS)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LORAMIX_CACHE": str(cache)}
+    argv = [
+        sys.executable,
+        "-m",
+        "loramix",
+        "scenario",
+        "run",
+        str(scen),
+        "--out",
+        str(tmp_path / "r"),
+        "--jobs",
+        "1",
+    ]
+    if terminal:
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: stdin, stdout and stderr the terminal, its session's controlling one
+            os.execve(sys.executable, argv, env)
+    else:
+        p = subprocess.Popen([*argv, "--quiet"], stderr=subprocess.PIPE, env=env, start_new_session=True)
+        pid, fd = p.pid, p.stderr.fileno()
+    out, sent, deadline = b"", False, time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.05)[0]:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # EIO: the terminal's child ended
+                break
+            if not data:
+                break
+            out += data
+        if not sent and list(cache.glob(f"adapter/{TMP_PREFIX}*/{PAYLOAD}")):
+            time.sleep(0.5)  # in the training loop
+            if terminal:
+                os.write(fd, b"\x03")
+            else:
+                os.killpg(pid, signal.SIGINT)
+            sent = True
+    if not sent:
+        os.kill(pid, signal.SIGKILL)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if terminal:
+        os.close(fd)
+    if not sent:
+        pytest.skip(f"the study ended (or never got going) before an adapter was being made: {out!r}")
+    assert list(cache.glob(f"*/{TMP_PREFIX}*")) == [] and not (tmp_path / "r").exists()
+    return status, out.decode(errors="replace")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX terminals and process groups")
+def test_ctrl_c_is_one_line_and_130(tmp_path):
+    """Ctrl-C in a long command: ``loramix: interrupted``, exit 130, no
+    traceback and nothing half made. click printed a blank line before it
+    (for the terminal's ``^C`` echo, a line of its own in a pipe or a log);
+    on a terminal the line now replaces the ``^C`` in place (a carriage
+    return and an erase to the end of the line), no blank line between."""
+    status, err = _interrupt_a_serial_study(tmp_path / "pipe", terminal=False)
+    assert (status, err) == (130, "loramix: interrupted\n")
+    status, shown = _interrupt_a_serial_study(tmp_path / "terminal", terminal=True)
+    assert status == 130 and "^C" in shown, shown
+    assert shown.endswith("\r\x1b[Kloramix: interrupted\r\n") and "\r\n\r\n" not in shown, repr(shown)
+    assert "Traceback" not in shown and "Aborted" not in shown, shown
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")

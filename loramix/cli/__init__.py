@@ -150,6 +150,13 @@ def merge_options(progress: bool):
 class LazyGroup(click.Group):
     """Imports a command's module only when that command is used."""
 
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            # past click's main, which would print a blank line for it (and, standalone, "Aborted!")
+            raise Interrupted from e
+
     def list_commands(self, ctx):
         return sorted(COMMANDS.values())
 
@@ -185,6 +192,14 @@ class Terminated(BaseException):
     kill has not made)."""
 
 
+class Interrupted(BaseException):
+    """Ctrl-C in a command, carried past click (which takes neither this nor
+    :class:`Terminated`) to :func:`main`'s one line: click printed a blank
+    line for a ``KeyboardInterrupt`` before its ``Abort``, a line of its own
+    below the ``^C`` a terminal echoes (a kill of the process group, or stderr
+    in a file, has no ``^C`` to close)."""
+
+
 def _terminate(signum, frame):
     # A kill (SIGTERM: timeout, a job scheduler) unwinds like Ctrl-C, so outputs
     # and temporaries half made are removed, not left for the next run to find.
@@ -198,8 +213,16 @@ def _interrupted(e: BaseException) -> int:
     if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
         click.echo("loramix: terminated", err=True)
         return 143
-    click.echo("loramix: interrupted", err=True)
+    click.echo(f"{_line_start()}loramix: interrupted", err=True)
     return 130
+
+
+def _line_start() -> str:
+    """On a terminal, what takes the cursor to the start of its line and clears
+    it: Ctrl-C left the terminal's ``^C`` echo there (after a bar's last
+    state, or alone), which the one line replaces; elsewhere nothing."""
+    tty = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+    return "\r\x1b[K" if tty else ""
 
 
 def main(argv=None) -> int:
@@ -253,7 +276,7 @@ def _main(argv) -> int:
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
-    except (KeyboardInterrupt, Terminated) as e:
+    except (KeyboardInterrupt, Interrupted, Terminated) as e:
         return _interrupted(e)
     except OSError as e:
         if debug or e.errno not in SYSTEM_ERRORS:
