@@ -491,6 +491,27 @@ def test_import_iq4_nl_and_iq4_xs(tmp_path, capsys):
     )
 
 
+def test_the_imported_tokenizer_adds_bos_as_the_file_says(tmp_path, capsys):
+    """``tokenizer.ggml.add_bos_token`` decides whether the imported tokenizer
+    puts BOS first, as in llama.cpp, which honours the flag: the written
+    tokenizer.json's post-processor carries it. Its ``add_bos_token``
+    attribute reads False either way (transformers 5 neither saves the flag
+    nor reads it back beside a tokenizer.json), so loramix asks an encode
+    (``data._adds_bos``). SmolLM2's file says False: no BOS, in llama.cpp too."""
+    from transformers import AutoTokenizer
+
+    from loramix.data import _adds_bos
+
+    for flag in (True, False):
+        path = llama_gguf(tmp_path / f"{flag}.gguf", tokenizer=True, bos_token_id=1, add_bos_token=flag)
+        assert main(["base", "import", str(path), "--out", str(tmp_path / f"m{flag}")]) == 0, (
+            capsys.readouterr()
+        )
+        tok = AutoTokenizer.from_pretrained(str(tmp_path / f"m{flag}"))
+        assert tok("ABC").input_ids == [1] * flag + [32, 33, 34]  # "!" is id 0, so "A" is 32
+        assert _adds_bos(tok) is flag
+
+
 def test_import_parses_the_gguf_header_once(tmp_path, monkeypatch, capsys):
     """``base import`` parses the file's header (gguf.GGUFReader: 4 s for
     SmolLM2's 49,152-token vocabulary) once for its checks and the
