@@ -222,3 +222,103 @@ def test_a_kind_keeps_its_own_state_in_extra(negated):
                     extra={"gate": torch.zeros(3)})  # fmt: skip
     assert m.kind is negated and torch.equal(m.extra["gate"], torch.zeros(3))
     assert _lora("m", 3, 2, 1, 0).extra == {}
+
+
+_PLUGIN_KIND = """
+import torch
+
+from loramix.kinds.base import AdapterKind, layout_extra, missing_part
+
+
+class PlainKind(AdapterKind):
+    id = "test-plain"
+    label = "plain"
+    peft_type = "TEST_PLAIN"
+    parts = {"lora_A": ("A", "pos"), "lora_B": ("B", "pos")}
+
+    def scaled_factors(self, m, dtype=torch.float64, device=None):
+        return m.B.to(device=device, dtype=dtype), m.A.to(device=device, dtype=dtype), 1.0
+
+    def from_tensors(self, name, fs, config, *, scale, alpha, embedding=False):
+        from loramix.adapter import ModuleDelta
+
+        missing_part(fs, self.parts, name)
+        return ModuleDelta(name=name, B=fs[("B", "pos")], A=fs[("A", "pos")], scale=1.0, alpha=alpha,
+                           kind=self, extra=layout_extra(self, name, embedding))
+
+    def tensors(self, m):
+        return {"lora_A": m.A, "lora_B": m.B}
+
+
+PLAIN = PlainKind()
+"""
+_PLUGIN_FORMAT = """
+from loramix.io.formats.base import PeftLayoutFormat
+from loramix.kinds.test_plugin_plain import PLAIN
+
+
+class PlainFormat(PeftLayoutFormat):
+    name = "test-plain"
+    kind = PLAIN
+"""
+
+
+@pytest.fixture
+def plugin_kind(tmp_path):
+    """A kind and its format as files of their packages (``dW = B A``, scale 1,
+    ``peft_type: TEST_PLAIN``): found by the packages' discovery as a file added there is."""
+    import importlib
+    import sys
+
+    import loramix.io.formats as formats_pkg
+    import loramix.kinds as kinds_pkg
+
+    added = []
+    for pkg, mod, src in ((kinds_pkg, "test_plugin_plain", _PLUGIN_KIND),
+                          (formats_pkg, "test_plugin_plain_format", _PLUGIN_FORMAT)):  # fmt: skip
+        folder = tmp_path / pkg.__name__
+        folder.mkdir()
+        (folder / f"{mod}.py").write_text(src)
+        pkg.__path__.append(str(folder))  # the list discovery reads (the package spec's)
+        added.append((pkg, str(folder), f"{pkg.__name__}.{mod}"))
+    try:
+        kind = register(importlib.import_module("loramix.kinds.test_plugin_plain").PLAIN)
+        fmt = importlib.import_module("loramix.io.formats.test_plugin_plain_format").PlainFormat()
+        FORMATS[fmt.name] = fmt
+        yield kind
+    finally:
+        KINDS.pop("test-plain", None)
+        FORMATS.pop("test-plain", None)
+        for pkg, folder, mod in added:
+            pkg.__path__.remove(folder)
+            sys.modules.pop(mod, None)
+
+
+def test_a_kind_added_as_a_file_with_its_format_is_read_by_every_reader(plugin_kind, tmp_path, capsys):
+    """inspect and similarity read adapters with the numpy reader, which reads
+    LoRA and D2-LoRA itself: another kind's ``peft_type`` goes to the torch
+    readers (it was refused as an unsupported peft_type)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    folders, refs = [], []
+    for i in range(2):
+        B, A = torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)
+        d = tmp_path / f"plain{i}"
+        d.mkdir()
+        save_file({"base_model.model.l.0.q.lora_A.weight": A, "base_model.model.l.0.q.lora_B.weight": B},
+                  str(d / "adapter_model.safetensors"))  # fmt: skip
+        cfg = {"peft_type": "TEST_PLAIN", "r": 2, "lora_alpha": 16, "target_modules": ["q"]}
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        folders.append(str(d))
+        refs.append((B.double() @ A.double()).flatten())
+    ad = load_adapter(folders[0])
+    assert ad.kind is plugin_kind
+    torch.testing.assert_close(ad.modules["l.0.q"].residual(), refs[0].reshape(6, 5))
+    assert main(["inspect", folders[0]]) == 0, capsys.readouterr().err
+    assert "l.0.q" in capsys.readouterr().out
+    assert main(["similarity", *folders, "--format", "json"]) == 0, capsys.readouterr().err
+    got = json.loads(capsys.readouterr().out)
+    assert got["rms"][0][1] == pytest.approx(
+        float(torch.nn.functional.cosine_similarity(*refs, dim=0)), abs=1e-9
+    )

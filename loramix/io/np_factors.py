@@ -217,8 +217,21 @@ def _needs_torch_reader(keys) -> bool:
     return False
 
 
+def plugin_peft_types() -> set[str]:
+    """The ``peft_type``\\ s that the adapter kinds (:mod:`loramix.kinds`) and
+    formats (:mod:`loramix.io.formats`) name in their files, read without
+    importing them: a config of such a type that this reader does not read
+    (a kind added by one file and its format) is one for the torch readers."""
+    from ..discovery import declared
+
+    found = [*declared("loramix.kinds", "AdapterKind").values(),
+             *declared("loramix.io.formats", "PeftLayoutFormat", attr="name").values()]  # fmt: skip
+    return {d["peft_type"].upper() for d in found if isinstance(d.get("peft_type"), str) and d["peft_type"]}
+
+
 def _torch_read(path, name: str | None) -> NpAdapter:
-    """DoRA, embedding LoRA, ``modules_to_save``, PEFT's base-weight copies:
+    """DoRA, embedding LoRA, ``modules_to_save``, PEFT's base-weight copies, a kind's
+    ``peft_type`` other than LoRA's and D2-LoRA's (:func:`plugin_peft_types`):
     read by the torch readers (:mod:`loramix.io.formats`) and viewed as numpy;
     only an adapter with such a feature makes a similarity run import torch."""
     from .adapter_files import load_adapter
@@ -246,6 +259,8 @@ def load_np_adapter(
         # As io.formats.find_format: what no reader claims is named when foreign.
         if (what := name_unsupported(path)) is not None:
             raise AdapterError(path, what) from None
+        if str(config.get("peft_type", "")).upper() in plugin_peft_types():  # another kind's: its reader's
+            return _torch_read(path, name) if torch_fallback else None
         raise
     if config.get("use_dora") or config.get("modules_to_save"):
         return _torch_read(path, name) if torch_fallback else None
