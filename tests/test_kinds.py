@@ -322,3 +322,25 @@ def test_a_kind_added_as_a_file_with_its_format_is_read_by_every_reader(plugin_k
     assert got["rms"][0][1] == pytest.approx(
         float(torch.nn.functional.cosine_similarity(*refs, dim=0)), abs=1e-9
     )
+
+
+@pytest.mark.parametrize(
+    ("method", "params"), [("sum", {}), ("ties", {"density": 0.5}), ("magnitude", {"density": 0.5})]
+)
+def test_a_new_kind_is_merged_by_the_methods_that_name_no_kinds(negated, method, params):
+    """A method that does not restrict ``kinds`` merges any kind from its
+    effective deltas: the negated kind as LoRA with the weight negated (a
+    hand-written default list of kind names refused every kind added later)."""
+    from loramix.methods import get_method
+    from loramix.methods.base import ModuleContext
+
+    name = "layers.0.proj"
+    pos = _lora(name, 12, 8, 2, 7, scale=0.5)
+    neg = ModuleDelta(name=name, B=pos.B, A=pos.A, scale=pos.scale, alpha=pos.alpha, kind=negated)
+    other = _lora(name, 12, 8, 3, 8)
+    m = get_method(method)
+    ctx = ModuleContext(name, (0, 1), torch.device("cpu"), F64)
+    p = m.validate(params, [Adapter("neg", negated, {name: neg}), Adapter("o", "lora", {name: other})])
+    got = m.delta(ctx, [neg, other], [0.7, 1.2], None, p)
+    ref = m.delta(ctx, [pos, other], [-0.7, 1.2], None, m.validate(params, []))
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)

@@ -119,15 +119,16 @@ class MergeMethod:
     #: otherwise on the threads torch had, as before. Adapter kinds that
     #: ``need_base`` take norms, so they always get those threads.
     thread_independent: bool = False
-    #: the adapter kinds (``Adapter.method``) the method applies to
-    kinds: tuple[str, ...] = (LORA, D2LORA, DORA)
+    #: the adapter kinds (``Adapter.method``) the method applies to; None: every
+    #: kind (a method acts on effective deltas, which every kind defines)
+    kinds: tuple[str, ...] | None = None
     #: why other kinds are refused (appended to the error)
     kinds_reason: str = ""
 
     @classmethod
     def applies_to(cls, kind) -> bool:
         """Whether adapters of ``kind`` (a kind object or its name) can be merged with it."""
-        return str(kind) in cls.kinds
+        return cls.kinds is None or str(kind) in cls.kinds
 
     def one_thread(self, module_deltas: Sequence[ModuleDelta]) -> bool:
         """Whether merging these deltas of one module may run on one torch
