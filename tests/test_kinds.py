@@ -85,6 +85,8 @@ def test_the_kinds_names_are_read_from_their_files():
     assert {n: found[n].get("needs_base", AdapterKind.needs_base) for n in packaged} == {
         n: KINDS[n].needs_base for n in packaged
     }
+    # a study trains those whose file leaves trainable True (scenario.traits.trainable_kinds)
+    assert {n: found[n].get("trainable", True) for n in packaged} == {n: KINDS[n].trainable for n in packaged}
 
 
 def test_a_second_kind_with_a_taken_name_is_refused():
@@ -249,6 +251,13 @@ class PlainKind(AdapterKind):
     def tensors(self, m):
         return {"lora_A": m.A, "lora_B": m.B}
 
+    def layer(self, base, rank, alpha, *, generator=None, dtype=torch.float32, **options):
+        from loramix.kinds.lora import LoraLinear
+
+        layer = LoraLinear(base, rank, float(rank), generator=generator, dtype=dtype)  # scale 1
+        layer.kind = self
+        return layer
+
 
 PLAIN = PlainKind()
 """
@@ -344,3 +353,21 @@ def test_a_new_kind_is_merged_by_the_methods_that_name_no_kinds(negated, method,
     got = m.delta(ctx, [neg, other], [0.7, 1.2], None, p)
     ref = m.delta(ctx, [pos, other], [-0.7, 1.2], None, m.validate(params, []))
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_a_kind_added_as_a_file_can_be_a_studys_adapters(plugin_kind, tmp_path):
+    """A study trains the kinds whose files do not say ``trainable = False``
+    (DoRA's): a kind added as one file is one (it was refused as an unknown
+    adapter method, from a hand-written list of lora and d2lora)."""
+    from loramix.scenario.config import load_scenario
+
+    p = tmp_path / "s.toml"
+    p.write_text(
+        'name = "v"\n[base.build]\nsteps = 5\n[domains.a]\ndata = "synthetic:arith"\ntrain = 10\neval = 5\n'
+        '[domains.b]\ndata = "synthetic:units"\ntrain = 10\neval = 5\n[adapters]\nmethods = ["test-plain", "lora"]\n'
+    )
+    assert load_scenario(p).adapters.methods == ("test-plain", "lora")
+    from loramix.scenario.traits import kinds_for, trainable_kinds
+
+    assert trainable_kinds() == ("lora", "d2lora", "test-plain")
+    assert "test-plain" in kinds_for("sum") and "test-plain" not in kinds_for("svd")

@@ -84,6 +84,9 @@ class AdapterKind(str):
     parts: ClassVar[dict[str, tuple[str, str]]] = {}
     options: ClassVar[dict[str, Any]] = {}
     needs_base: ClassVar[bool] = False
+    #: loramix trains it (:meth:`layer`), so a study may list it; read from the
+    #: kind's file (:func:`loramix.scenario.traits.trainable_kinds`)
+    trainable: ClassVar[bool] = True
     #: defined on an embedding (PEFT's embedding LoRA); else such modules are refused
     embedding: ClassVar[bool] = False
 

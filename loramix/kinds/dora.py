@@ -57,6 +57,7 @@ class DoraKind(AdapterKind):
     options = {}
     needs_base = True
     embedding = True
+    trainable = False  # loramix reads DoRA, it does not train it
 
     def scaled_factors(self, m, dtype=torch.float64, device=None):
         return m.B.to(device=device, dtype=dtype), m.A.to(device=device, dtype=dtype), float(m.scale)

@@ -29,7 +29,7 @@ import tomllib
 from ..errors import ScenarioError, UsageError
 from ..synthetic import MAX_RECORDS
 from .traits import ADAPTER_KINDS as ADAPTER_METHODS
-from .traits import INITS, applies_to, kinds_for, parse_label, rank_of
+from .traits import INITS, applies_to, kinds_for, parse_label, rank_of, trainable_kinds
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -651,12 +651,13 @@ def _parse_adapters(ctx, t) -> AdapterSpec:
         raise ctx.error("adapters.method", "give either adapters.method or adapters.methods")
     if "method" in t:
         v["methods"] = [_get(ctx, t, "method", w, "str")]
+    kinds = trainable_kinds()
     if not v["methods"]:
-        raise ctx.error("adapters.methods", "empty: list lora and/or d2lora")
+        raise ctx.error("adapters.methods", f"empty: list any of {', '.join(kinds)}")
     for m in v["methods"]:
         kind, r, init = parse_label(m)
-        if kind not in ADAPTER_METHODS:
-            raise ctx.error("adapters.methods", f"unknown adapter method {m!r}; use lora or d2lora")
+        if kind not in kinds:
+            raise ctx.error("adapters.methods", f"unknown adapter method {m!r}; use {' or '.join(kinds)}")
         if r is not None and not (r.isascii() and r.isdigit() and int(r) > 0):
             raise ctx.error("adapters.methods", f"{m!r}: write KIND@R with a positive rank R (e.g. lora@16)")
         if init is not None and init not in INITS:

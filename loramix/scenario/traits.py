@@ -8,10 +8,21 @@ its delta depends on the base (``AdapterKind.needs_base``).
 
 from __future__ import annotations
 
-from ..methods.base import D2LORA, LORA
+from ..methods.base import LORA
 
-# The kinds a study can train (loramix's trainer writes these).
-ADAPTER_KINDS = (LORA, D2LORA)
+
+def trainable_kinds() -> tuple[str, ...]:
+    """The kinds a study can train: those whose files do not set
+    ``trainable = False`` (read from the files, torch-free:
+    :func:`loramix.discovery.declared`), LoRA first, then by name."""
+    from ..discovery import declared
+
+    names = [n for n, d in declared("loramix.kinds", "AdapterKind").items() if d.get("trainable", True)]
+    return tuple(sorted(names, key=lambda n: (n != LORA, n)))
+
+
+# The kinds a study can train, as the package holds them (the schema's choices).
+ADAPTER_KINDS = trainable_kinds()
 
 
 INITS = ("data", "shared")
@@ -54,7 +65,7 @@ def applies_to(merge_method: str, adapter_kind: str) -> bool:
 
 def kinds_for(merge_method: str) -> list[str]:
     """The trainable adapter kinds ``merge_method`` applies to."""
-    return [k for k in ADAPTER_KINDS if applies_to(merge_method, k)]
+    return [k for k in trainable_kinds() if applies_to(merge_method, k)]
 
 
 def needs_base(adapter_kind: str) -> bool:
