@@ -19,15 +19,11 @@ def package_modules(package: str, path, skip: tuple[str, ...] = ("base",)) -> It
         yield importlib.import_module(f"{package}.{info.name}")
 
 
-def declared(package: str, base: str, attr: str = "id", skip: tuple[str, ...] = ("base",)) -> dict[str, dict]:
-    """``{name: {attribute: value}}`` of the classes whose bases name ``base``
-    and that set ``attr = "name"`` (a string literal), in the modules
-    :func:`package_modules` would import, with the other class attributes they
-    set to literals (``needs_base = True``); read from the source without
-    importing the modules (or the package), so a plug-in's name and flags are
-    known before its imports (torch) are paid for."""
+def _class_defs(package: str, skip: tuple[str, ...]) -> Iterator[tuple[ast.ClassDef, dict]]:
+    """Each top-level class of the modules :func:`package_modules` would import,
+    with the class attributes it sets to literals; read from the source
+    without importing the modules (or the package)."""
     spec = importlib.util.find_spec(package)  # imports the parents only, not ``package``
-    found: dict[str, dict] = {}
     for info in pkgutil.iter_modules(spec.submodule_search_locations):
         if info.name in skip or info.name.startswith("_"):
             continue
@@ -35,8 +31,6 @@ def declared(package: str, base: str, attr: str = "id", skip: tuple[str, ...] = 
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read(), path)
         for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
-            if not any((getattr(b, "id", None) or getattr(b, "attr", None)) == base for b in cls.bases):
-                continue
             attrs = {}
             for st in cls.body:
                 if (
@@ -48,9 +42,35 @@ def declared(package: str, base: str, attr: str = "id", skip: tuple[str, ...] = 
                         attrs[st.targets[0].id] = ast.literal_eval(st.value)
                     except ValueError:  # not a literal
                         pass
-            if isinstance(attrs.get(attr), str):
-                found[attrs[attr]] = attrs
+            yield cls, attrs
+
+
+def declared(package: str, base: str, attr: str = "id", skip: tuple[str, ...] = ("base",)) -> dict[str, dict]:
+    """``{name: {attribute: value}}`` of the classes whose bases name ``base``
+    and that set ``attr = "name"`` (a string literal), in the modules
+    :func:`package_modules` would import, with the other class attributes they
+    set to literals (``needs_base = True``); read from the source without
+    importing the modules (or the package), so a plug-in's name and flags are
+    known before its imports (torch) are paid for."""
+    found: dict[str, dict] = {}
+    for cls, attrs in _class_defs(package, skip):
+        if any(
+            (getattr(b, "id", None) or getattr(b, "attr", None)) == base for b in cls.bases
+        ) and isinstance(attrs.get(attr), str):
+            found[attrs[attr]] = attrs
     return found
+
+
+def defining(package: str, method: str, attr: str = "name", skip: tuple[str, ...] = ("base",)) -> list[str]:
+    """The ``attr`` literals of the classes that define ``method`` themselves,
+    in the modules :func:`package_modules` would import; read as
+    :func:`declared` reads them, without importing anything."""
+    return sorted(
+        attrs[attr]
+        for cls, attrs in _class_defs(package, skip)
+        if isinstance(attrs.get(attr), str)
+        and any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == method for n in cls.body)
+    )
 
 
 def declared_names(package: str, base: str, attr: str = "id") -> list[str]:

@@ -654,3 +654,92 @@ def test_the_torch_free_path_check_refuses_as_the_readers_do(tmp_path):
             check_adapter_path(path)
         assert str(checked.value) == str(read.value), path
     check_adapter_path(good)  # a readable one passes
+
+
+_FLAT_FORMAT = '''
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from loramix.adapter import Adapter, ModuleDelta
+from loramix.io.filehash import cached_file_sha256
+from loramix.kinds import LORA
+
+
+class FlatFormat:
+    """``lora.json`` {"alpha": a} and ``lora.safetensors`` with ``<module>.A``
+    (r, in) and ``<module>.B`` (out, r): ``dW = (a / r) B A``."""
+
+    name = "test-flat"
+    kind = LORA
+    peft_type = "LORA"
+
+    def detect(self, path):
+        return (Path(path) / "lora.json").is_file()
+
+    def read(self, path, name=None):
+        path = Path(path)
+        alpha = float(json.loads((path / "lora.json").read_text())["alpha"])
+        t = load_file(str(path / "lora.safetensors"))
+        mods = {k[:-2]: ModuleDelta(name=k[:-2], B=t[k[:-2] + ".B"], A=t[k], scale=alpha / t[k].shape[0],
+                                    alpha=alpha) for k in t if k.endswith(".A")}
+        w = path / "lora.safetensors"
+        return Adapter(name=name or path.name, kind=LORA, modules=mods, path=path, weights_path=w,
+                       sha256=cached_file_sha256(w))
+'''
+
+
+@pytest.fixture
+def flat_format(tmp_path):
+    """A reader of another layout (no adapter_config.json) as a file of
+    loramix.io.formats, found by the package's discovery as one added there is."""
+    import importlib
+    import sys
+
+    import loramix.io.formats as formats_pkg
+    from loramix.io.formats import FORMATS
+
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    (folder / "test_plugin_flat.py").write_text(_FLAT_FORMAT)
+    formats_pkg.__path__.append(str(folder))  # the list discovery reads (the package spec's)
+    try:
+        fmt = importlib.import_module("loramix.io.formats.test_plugin_flat").FlatFormat()
+        FORMATS[fmt.name] = fmt
+        yield fmt
+    finally:
+        FORMATS.pop("test-flat", None)
+        formats_pkg.__path__.remove(str(folder))
+        sys.modules.pop("loramix.io.formats.test_plugin_flat", None)
+
+
+def test_a_format_of_another_layout_added_as_a_file_is_read_by_every_command(flat_format, tmp_path, capsys):
+    """The commands' torch-free path checks and the numpy reader know PEFT's
+    layout: a folder that another format file's reader detects goes to it
+    (every command refused it: 'not an adapter folder: no adapter_config.json')."""
+    from loramix.cli import main
+    from loramix.io.adapter_files import load_adapter
+
+    g = torch.Generator().manual_seed(0)
+    mod, folders, deltas = "model.layers.0.self_attn.q_proj", [], []
+    for i in range(2):
+        A, B = (
+            torch.randn(2, 5, generator=g, dtype=torch.float64),
+            torch.randn(6, 2, generator=g, dtype=torch.float64),
+        )
+        d = tmp_path / f"flat{i}"
+        d.mkdir()
+        save_file({f"{mod}.A": A, f"{mod}.B": B}, str(d / "lora.safetensors"))
+        (d / "lora.json").write_text(json.dumps({"alpha": 4 + i}))
+        folders.append(str(d))
+        deltas.append((4 + i) / 2 * B @ A)
+    assert main(["inspect", folders[0]]) == 0, capsys.readouterr().err
+    assert mod in capsys.readouterr().out
+    assert main(["similarity", *folders, "--format", "json"]) == 0, capsys.readouterr().err
+    cos = float(torch.nn.functional.cosine_similarity(deltas[0].flatten(), deltas[1].flatten(), dim=0))
+    assert json.loads(capsys.readouterr().out)["rms"][0][1] == pytest.approx(abs(cos), abs=1e-9)
+    out = tmp_path / "sum"
+    assert main(["sum", *folders, "--weights", "1,-0.5", "--out", str(out)]) == 0, capsys.readouterr().err
+    got = load_adapter(out).modules[mod].residual()
+    torch.testing.assert_close(got, deltas[0] - 0.5 * deltas[1], rtol=1e-6, atol=1e-6)

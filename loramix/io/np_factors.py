@@ -253,6 +253,8 @@ def load_np_adapter(
     caller that reads such an adapter its own way. A foreign format (kohya, diffusers, a pickle) is named, as
     :func:`~loramix.io.formats.find_format` names it."""
     given, cfg_path, weights, config = check_adapter_path(path)
+    if config is None:  # a format in another layout: its reader's
+        return _torch_read(path, name) if torch_fallback else None
     try:
         method, parts = adapter_method(config, cfg_path)  # an unknown peft_type raises, naming it
     except AdapterError:

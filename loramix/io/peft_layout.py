@@ -149,7 +149,7 @@ def resolve_adapter_paths(path: str | Path) -> tuple[Path, Path, Path]:
     return p, cfg, weights
 
 
-def check_adapter_path(path) -> tuple[Path, Path, Path, dict]:
+def check_adapter_path(path) -> tuple[Path, Path | None, Path | None, dict | None]:
     """``(given path, config path, weights path, config)`` for an adapter path,
     or the one-line :class:`AdapterError` that
     :func:`~loramix.io.formats.find_format` raises when the path has no
@@ -157,16 +157,35 @@ def check_adapter_path(path) -> tuple[Path, Path, Path, dict]:
     pickle) named, else what :func:`resolve_adapter_paths` or
     :func:`read_config` says. Torch-free, so a command refuses a mistyped
     path before it imports torch; what only a reader can tell (the tensors)
-    is left to it."""
+    is left to it. A path in no PEFT layout that a reader of another layout
+    detects (:func:`_other_layout_reads`) is ``(path, None, None, None)``:
+    for the torch readers."""
     try:
         given, cfg, weights = resolve_adapter_paths(path)
         return given, cfg, weights, read_config(cfg)
     except AdapterError:
         from .unsupported_formats import name_unsupported
 
-        if Path(path).exists() and (what := name_unsupported(path)) is not None:
-            raise AdapterError(path, what) from None
+        if Path(path).exists():
+            if _other_layout_reads(path):
+                return Path(path), None, None, None
+            if (what := name_unsupported(path)) is not None:
+                raise AdapterError(path, what) from None
         raise
+
+
+def _other_layout_reads(path) -> bool:
+    """Whether a format reader that defines its own ``detect`` (one not in
+    PEFT's layout) detects ``path``. The format files are read first
+    (:func:`loramix.discovery.defining`), so the readers (and torch) are
+    imported only where the package holds such a reader."""
+    from ..discovery import defining
+
+    if not defining("loramix.io.formats", "detect"):
+        return False
+    from .formats import FORMATS
+
+    return any(r.detect(path) for r in FORMATS.values())
 
 
 def check_adapter_paths(items) -> None:
