@@ -113,3 +113,28 @@ def test_the_readme_names_each_commands_device_default():
             short = "`base build`"
         said = short in auto_part and "auto" or short in cpu_part and "cpu" or None
         assert said == device[0].default, f"{name}: --device defaults to {device[0].default}, README: {said}"
+
+
+def test_every_plug_in_is_named_in_its_document():
+    """A merge method, adapter kind or feature is one file that the packages
+    discover; the tables that explain them are written by hand, so a new one
+    is asked for here: a method's math in docs/merging.md and its name in the
+    README's list of methods, a kind's row in docs/adapters.md, a feature's
+    matrix in docs/predictors.md (README, "Adding ...")."""
+    from loramix.features import registry
+    from loramix.kinds import KINDS
+    from loramix.methods import available_methods
+
+    merging, adapters, predictors = (
+        (ROOT / "docs" / f).read_text() for f in ("merging.md", "adapters.md", "predictors.md")
+    )
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    methods = readme[
+        readme.index("`loramix merge -m NAME`") : readme.index("All act on the true per-module deltas")
+    ]
+    missing = [f"docs/merging.md: {n}" for n in available_methods() if f"`{n}`" not in merging]
+    missing += [f"README.md (merge -m NAME): {n}" for n in available_methods() if f"`{n}`" not in methods]
+    packaged = [n for n, k in KINDS.items() if type(k).__module__.startswith("loramix.kinds.")]
+    missing += [f"docs/adapters.md (Kinds): {n}" for n in packaged if f"| `{n}` |" not in adapters]
+    missing += [f"docs/predictors.md (Features): {n}" for n in registry() if f"`{n}" not in predictors]
+    assert missing == []

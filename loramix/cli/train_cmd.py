@@ -27,7 +27,8 @@ def _eval_size(value: str) -> int | float:
     "--kind",
     default="lora",
     show_default=True,
-    help="Adapter kind (loramix.kinds): lora (a PEFT folder) or d2lora (loramix's D2-LoRA format).",
+    help="Adapter kind, one that loramix.kinds trains (docs/adapters.md): e.g. lora (a PEFT folder) or d2lora "
+    "(loramix's D2-LoRA format).",
 )
 @click.option("--method", default=None, hidden=True, help="Deprecated name of --kind.")
 @click.option("--rank", type=int, default=8, show_default=True, help="Rank r of the factors.")
