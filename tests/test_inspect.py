@@ -145,6 +145,18 @@ def test_d2_table_says_the_norm_is_the_residual(tmp_path, capsys):
     assert "signed residual" in capsys.readouterr().out
 
 
+def test_the_residual_note_names_the_kinds_whose_delta_needs_the_base(tmp_path, capsys):
+    """The note is for kinds whose delta depends on the base, named as they
+    are: a DoRA adapter's said 'norm of a D2-LoRA module: its signed residual'
+    (any kind but lora got D2-LoRA's note)."""
+    dora = make_peft_adapter(
+        tiny_llama(), tmp_path / "dora", seed=3, target_modules=["q_proj"], use_dora=True, r=2
+    )
+    assert main(["inspect", str(dora)]) == 0
+    out = capsys.readouterr().out
+    assert "D2-LoRA" not in out and "norm of a DoRA module: its residual" in out
+
+
 def _inspected_by_torch(monkeypatch):
     """Make a path's inspect take the torch path (as for a kind the numpy reader leaves to torch)."""
     monkeypatch.setattr("loramix.io.np_factors.load_np_adapter", lambda *a, **k: None)

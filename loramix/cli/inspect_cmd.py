@@ -66,9 +66,19 @@ def command(path: Path, fmt: str) -> None:
         f"norm {t['norm']:.6g} (sqrt of the sum of squared module norms), "
         f"ranks {', '.join(map(str, t['ranks']))}, dtype {', '.join(t['dtypes'])}"
     )
-    if any(k != "lora" for k in df["kind"]):
+    from ..discovery import declared
+
+    kinds = declared("loramix.kinds", "AdapterKind")  # read from the files: no torch
+    based = [kinds[k] for k in dict.fromkeys(df["kind"]) if kinds.get(k, {}).get("needs_base")]
+    if based:
+        what = " or ".join(k.get("label") or k["id"] for k in based)
+        d2 = (
+            " (D2-LoRA's: the signed residual s(B+A+ - tau B-A-))"
+            if any(k["id"] == "d2lora" for k in based)
+            else ""
+        )
         click.echo(
-            "norm of a D2-LoRA module: its signed residual s(B+A+ - tau B-A-), not the delta "
+            f"norm of a {what} module: its residual{d2}, not the delta "
             "W_hat - W0 that merging adds (that one depends on the base weight)"
         )
     for c in meta["saved"]:
