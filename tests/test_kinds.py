@@ -371,3 +371,17 @@ def test_a_kind_added_as_a_file_can_be_a_studys_adapters(plugin_kind, tmp_path):
 
     assert trainable_kinds() == ("lora", "d2lora", "test-plain")
     assert "test-plain" in kinds_for("sum") and "test-plain" not in kinds_for("svd")
+
+
+@pytest.mark.parametrize("flag", [["--tau", "0.3"], ["--norm-dim", "0"]])
+def test_d2_options_for_a_kind_added_as_a_file_are_refused(plugin_kind, tmp_path, capsys, flag):
+    """--tau and --norm-dim are D2-LoRA's options (its file's ``options``):
+    given for another kind they are an error naming the flag, not ignored
+    (only a LoRA's were refused; a kind added later went on without them)."""
+    rc = main(["train", "--base", str(tmp_path), "--data", "synthetic:arith", "--out", str(tmp_path / "o"),
+               "--kind", "test-plain", *flag])  # fmt: skip
+    err = capsys.readouterr().err
+    assert (
+        rc == 2
+        and err == f"loramix: error: {flag[0]}: applies to --kind d2lora only (a plain has no such option)\n"
+    )

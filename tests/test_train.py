@@ -482,8 +482,8 @@ def test_d2_options_for_a_lora_are_refused(bases, tmp_path, capsys, flag):
         ["train", "--base", str(bases["gpt2"]), "--data", str(data), "--out", str(tmp_path / "o"), *flag]
     )
     err = capsys.readouterr().err
-    assert rc == 2 and err == f"loramix: error: {flag[0]}: applies to --kind d2lora only (a LoRA has no negative " \
-                              "branch or norm)\n", err  # fmt: skip
+    assert rc == 2 and err == f"loramix: error: {flag[0]}: applies to --kind d2lora only (a LoRA has no such " \
+                              "option)\n", err  # fmt: skip
     assert not (tmp_path / "o").exists()
 
 

@@ -111,12 +111,19 @@ def command(base, data, more_data, out, targets, eval_size, quiet, kind, method,
             "--eval-size", f"a count of records or a fraction in (0, 1), got {eval_size!r}"
         ) from None
     ctx = click.get_current_context()
-    if (method or kind) == "lora":  # D2-LoRA's options given for a LoRA: a mistake, not to be ignored
+    from ..discovery import declared
+
+    # A kind's options given for a kind without them (D2-LoRA's --tau for a LoRA): a mistake, not to be
+    # ignored. The kinds' files say which they take (their ``options``); an unknown kind is train's to name.
+    kinds = declared("loramix.kinds", "AdapterKind")
+    if (mine := kinds.get(method or kind)) is not None:
         for opt in ("tau", "norm_dim"):
-            if ctx.get_parameter_source(opt) == click.core.ParameterSource.COMMANDLINE:
-                flag = "--" + opt.replace("_", "-")
+            given = ctx.get_parameter_source(opt) == click.core.ParameterSource.COMMANDLINE
+            if given and opt not in mine.get("options", {}):
+                takes = " or ".join(n for n, d in kinds.items() if opt in d.get("options", {}))
                 raise UsageError(
-                    flag, "applies to --kind d2lora only (a LoRA has no negative branch or norm)"
+                    "--" + opt.replace("_", "-"),
+                    f"applies to --kind {takes} only (a {mine.get('label') or mine['id']} has no such option)",
                 )
     tg = [t.strip() for t in targets.split(",") if t.strip()] if targets is not None else None
     if tg == []:  # '' (an unset shell variable) trained on the architecture's defaults, silently
