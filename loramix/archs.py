@@ -60,6 +60,7 @@ ARCHS: dict[str, Arch] = {
         Arch("mistral", _LLAMA_TARGETS, fast_head="MistralForCausalLM", prefix_cache=True),
         Arch("qwen2", _LLAMA_TARGETS, fast_head="Qwen2ForCausalLM", prefix_cache=True),
         Arch("qwen3", _LLAMA_TARGETS, fast_head="Qwen3ForCausalLM", prefix_cache=True),
+        Arch("olmo2", _LLAMA_TARGETS, fast_head="Olmo2ForCausalLM", prefix_cache=True),
         Arch(
             "gpt_neox",
             ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),

@@ -20,6 +20,7 @@ CONFIGS = {
     "mistral": lambda: transformers.MistralConfig(**TINY),
     "qwen2": lambda: transformers.Qwen2Config(**TINY),
     "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=8),
+    "olmo2": lambda: transformers.Olmo2Config(**TINY),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**BASE, intermediate_size=32),
     "phi3": lambda: transformers.Phi3Config(**TINY, pad_token_id=0),
     "opt": lambda: transformers.OPTConfig(**BASE, ffn_dim=32, word_embed_proj_dim=16),
