@@ -61,16 +61,18 @@ def declared(package: str, base: str, attr: str = "id", skip: tuple[str, ...] = 
     return found
 
 
-def defining(package: str, method: str, attr: str = "name", skip: tuple[str, ...] = ("base",)) -> list[str]:
-    """The ``attr`` literals of the classes that define ``method`` themselves,
-    in the modules :func:`package_modules` would import; read as
-    :func:`declared` reads them, without importing anything."""
-    return sorted(
-        attrs[attr]
+def defining(
+    package: str, method: str, attr: str = "name", skip: tuple[str, ...] = ("base",)
+) -> dict[str, dict]:
+    """``{name: {attribute: value}}`` as :func:`declared` gives it, of the
+    classes that define ``method`` themselves and set ``attr`` to a string
+    literal, whatever their bases; read without importing anything."""
+    return {
+        attrs[attr]: attrs
         for cls, attrs in _class_defs(package, skip)
         if isinstance(attrs.get(attr), str)
         and any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == method for n in cls.body)
-    )
+    }
 
 
 def declared_names(package: str, base: str, attr: str = "id") -> list[str]:

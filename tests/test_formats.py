@@ -673,7 +673,7 @@ class FlatFormat:
 
     name = "test-flat"
     kind = LORA
-    peft_type = "LORA"
+    files = ("lora.json",)  # what marks its folders: the torch-free checks read it from this file
 
     def detect(self, path):
         return (Path(path) / "lora.json").is_file()

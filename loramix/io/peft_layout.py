@@ -177,11 +177,14 @@ def check_adapter_path(path) -> tuple[Path, Path | None, Path | None, dict | Non
 def _other_layout_reads(path) -> bool:
     """Whether a format reader that defines its own ``detect`` (one not in
     PEFT's layout) detects ``path``. The format files are read first
-    (:func:`loramix.discovery.defining`), so the readers (and torch) are
-    imported only where the package holds such a reader."""
+    (:func:`loramix.discovery.defining`): the readers (and torch) are imported
+    only where the package holds such a reader and, if it names the files
+    that mark its folders (``files = ("lora.json",)``), one of them is there."""
     from ..discovery import defining
 
-    if not defining("loramix.io.formats", "detect"):
+    readers = defining("loramix.io.formats", "detect")
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    if not any("files" not in d or any((folder / f).exists() for f in d["files"]) for d in readers.values()):
         return False
     from .formats import FORMATS
 
@@ -313,6 +316,20 @@ def with_embedding_parts(parts: dict) -> dict:
     return {**parts, **(EMBEDDING_PARTS if "lora_A" in parts else {})}
 
 
+def unsupported_peft_type(config: dict) -> str:
+    """What a config whose ``peft_type`` no reader reads is told: the
+    ``peft_type``\\ s the PEFT-layout formats name in their files
+    (:func:`loramix.discovery.declared`, torch-free), so that the numpy and
+    the torch readers say the same."""
+    from ..discovery import declared
+
+    found = declared("loramix.io.formats", "PeftLayoutFormat", attr="name").values()
+    known = sorted(
+        {str(d["peft_type"]).upper() for d in found if d.get("peft_type")}, key=lambda t: (len(t), t)
+    )
+    return f"unsupported peft_type {config.get('peft_type')!r}: loramix reads {' and '.join(known)}"
+
+
 def adapter_method(config: dict, cfg_path: Path) -> tuple[str, dict]:
     """``(kind, parts)`` from ``peft_type``; what no reader can accept is refused
     before any tensor is opened."""
@@ -322,9 +339,7 @@ def adapter_method(config: dict, cfg_path: Path) -> tuple[str, dict]:
     elif peft_type == "D2LORA":
         method, parts = D2LORA, _D2_PARTS
     else:
-        raise AdapterError(
-            cfg_path, f"unsupported peft_type {config.get('peft_type')!r}: loramix reads LORA and D2LORA"
-        )
+        raise AdapterError(cfg_path, unsupported_peft_type(config))
     return method, parts
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ...discovery import defined_here, package_modules
 from ...errors import AdapterError
+from ..peft_layout import unsupported_peft_type
 from ..unsupported_formats import name_unsupported
 from .base import read_config, resolve_adapter_paths
 
@@ -45,11 +46,7 @@ def find_format(path: str | Path):
     if Path(path).exists() and (what := name_unsupported(path)) is not None:
         raise AdapterError(path, what)
     _, cfg, _ = resolve_adapter_paths(path)
-    config = read_config(cfg)
-    known = sorted({getattr(r, "peft_type", "") or r.kind.peft_type for r in FORMATS.values()}, key=len)
-    raise AdapterError(
-        cfg, f"unsupported peft_type {config.get('peft_type')!r}: loramix reads {' and '.join(known)}"
-    )
+    raise AdapterError(cfg, unsupported_peft_type(read_config(cfg)))
 
 
 _discover()

@@ -100,7 +100,8 @@ class PeftLayoutFormat:
 
     name: ClassVar[str] = ""
     kind: ClassVar[AdapterKind]
-    #: the config's ``peft_type`` this format reads (default: the kind's)
+    #: the config's ``peft_type`` this format reads (default: the kind's); set as a
+    #: literal, it is read from the file for the error that lists the types read
     peft_type: ClassVar[str] = ""
     #: reads PEFT's ``use_dora: true`` adapters (and only those), else refuses them
     dora: ClassVar[bool] = False

@@ -17,6 +17,7 @@ from .base import PREFIX, PeftLayoutFormat, clean_number, write_folder
 class LoramixD2(PeftLayoutFormat):
     name = "loramix-d2lora"
     kind = D2LORA
+    peft_type = "D2LORA"
 
 
 def save_d2_adapter(

@@ -19,6 +19,7 @@ from .base import PREFIX, PeftLayoutFormat, clean_number, common_rank_alpha, wri
 class PeftLora(PeftLayoutFormat):
     name = "peft-lora"
     kind = LORA
+    peft_type = "LORA"
 
 
 def save_peft_adapter(
