@@ -757,7 +757,10 @@ def test_bad_input_exit_2(models, tmp_path, capsys):
             ["-m", "slerp", *a],
             ["unknown method", ", ".join(available_methods())],
         ),
-        (["-m", "ties", "--density", "0.5", *a], ["--into", "only sum, svd"]),
+        (
+            ["-m", "ties", "--density", "0.5", *a],
+            ["--into", f"only {', '.join(n for n in available_methods() if get_method(n).low_rank)} write"],
+        ),
         (["-m", "ties", "--density", "0.5", "--rank", "2", *a, "--into", base], ["--rank", "does not apply"]),
         (["-m", "ties", "--density", "0.5", "--sign", "vote", *a, "--into", base], ["--sign", "mass, count"]),
         (
