@@ -54,6 +54,28 @@ GPT2_SMALL = [
 ]
 
 
+def save_peft(d: Path, tensors: dict, rank: int, **extra) -> Path:
+    """A PEFT LoRA folder for GPT-2's ``Conv1D`` modules: ``tensors`` and a
+    config with ``lora_alpha = 2 r`` and the ``extra`` keys; returns ``d``."""
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "gpt2",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": ["c_attn", "c_proj", "c_fc"],
+        "fan_in_fan_out": True,
+        "bias": "none",
+        **extra,
+    }
+    (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    return d
+
+
 def write_adapters(
     folder: Path, n: int, *, layers: int = 12, rank: int = 8, width_scale: float = 1.0, seed: int = 0
 ):
@@ -64,7 +86,6 @@ def write_adapters(
     (random high-dimensional factors are nearly orthogonal).
     """
     import torch
-    from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
     shapes = [
@@ -87,24 +108,11 @@ def write_adapters(
             A = mix * At + (1 - mix) * torch.randn(rank, i, generator=g) / i**0.5
             tensors[f"base_model.model.{m}.lora_A.weight"] = A.contiguous()
             tensors[f"base_model.model.{m}.lora_B.weight"] = B.contiguous()
-        d = folder / f"a{a:03d}"
-        d.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-        cfg = {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": "gpt2",
-            "r": rank,
-            "lora_alpha": 2 * rank,
-            "target_modules": ["c_attn", "c_proj", "c_fc"],
-            "fan_in_fan_out": True,
-            "use_rslora": False,
-            "bias": "none",
-            "rank_pattern": {},
-            "alpha_pattern": {},
-        }
-        (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-        paths.append(d)
+        paths.append(
+            save_peft(
+                folder / f"a{a:03d}", tensors, rank, use_rslora=False, rank_pattern={}, alpha_pattern={}
+            )
+        )
     return paths
 
 
@@ -165,22 +173,7 @@ def write_dora(folder: Path, n: int, *, layers: int = 12, rank: int = 16, seed: 
             tensors[f"{k}.lora_B.weight"] = (torch.randn(o, rank, generator=g) * 0.01).contiguous()
             gain = 0.9 + 0.2 * torch.rand(o, generator=g)
             tensors[f"{k}.lora_magnitude_vector"] = (w0[m].norm(dim=1) * gain).contiguous()
-        d = folder / f"d{a:03d}"
-        d.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-        cfg = {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": "gpt2",
-            "r": rank,
-            "lora_alpha": 2 * rank,
-            "use_dora": True,
-            "target_modules": ["c_attn", "c_proj", "c_fc"],
-            "fan_in_fan_out": True,
-            "bias": "none",
-        }
-        (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-        paths.append(d)
+        paths.append(save_peft(folder / f"d{a:03d}", tensors, rank, use_dora=True))
     return base, paths
 
 
