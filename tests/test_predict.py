@@ -80,6 +80,22 @@ def test_t_quantile_table(df, q):
     assert t_quantile(0.025, df) == pytest.approx(-q, rel=1e-8)
 
 
+def test_t_quantile_bisects_once_per_level_and_df(monkeypatch):
+    """A study's validation asks for the same few quantiles thousands of times
+    (one per held-out prediction interval): each ``(p, df)`` is bisected once,
+    and later calls, either tail, give the same number without the CDF."""
+    import loramix.fit as fit
+
+    calls = []
+    cdf = fit.t_cdf
+    monkeypatch.setattr(fit, "t_cdf", lambda t, df: calls.append(t) or cdf(t, df))
+    q = t_quantile(0.9375, 6.25)  # a level and df no other test asks for
+    bisected = len(calls)
+    assert bisected > 30 and t_cdf(q, 6.25) == pytest.approx(0.9375, abs=1e-10)
+    assert [t_quantile(0.9375, 6.25), t_quantile(0.0625, 6.25)] == [q, -q]
+    assert len(calls) == bisected
+
+
 def test_t_cdf_against_numerical_integral():
     # The t density integrated with the trapezoid rule on a fine grid.
     for df in (1.0, 3.0, 7.5):
