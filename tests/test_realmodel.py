@@ -513,23 +513,32 @@ def test_the_imported_tokenizer_adds_bos_as_the_file_says(tmp_path, capsys):
 
 
 def test_import_parses_the_gguf_header_once(tmp_path, monkeypatch, capsys):
-    """``base import`` parses the file's header (gguf.GGUFReader: 4 s for
-    SmolLM2's 49,152-token vocabulary) once for its checks and the
-    de-quantisation, not once for each (transformers' own metadata read is
-    another, outside loramix)."""
+    """``base import`` parses the file's header (gguf.GGUFReader: 2-4 s for
+    SmolLM2's 49,152-token vocabulary) once for its checks, transformers'
+    metadata read (``load_gguf_checkpoint``, handed loramix's reader) and the
+    de-quantisation, not once for each (transformers parsed it a second time:
+    1.5 s of a 7-8 s SmolLM2 import)."""
+    import gguf
+
     import loramix.gguf_import as gi
 
-    opened = []
+    opened, parsed = [], []
 
     def counted(path):
         opened.append(path)
         return real(path)
 
-    real = gi.open_gguf
+    def reader(path, *args, **kwargs):
+        parsed.append(path)
+        return real_reader(path, *args, **kwargs)
+
+    real, real_reader = gi.open_gguf, gguf.GGUFReader
     monkeypatch.setattr(gi, "open_gguf", counted)
+    monkeypatch.setattr(gguf, "GGUFReader", reader)
     path = llama_gguf(tmp_path / "m.gguf", tokenizer=True)
     assert main(["base", "import", str(path), "--out", str(tmp_path / "m")]) == 0, capsys.readouterr().err
-    assert len(opened) == 1
+    assert len(opened) == 1 and parsed == [str(path)]
+    assert gguf.GGUFReader is reader  # put back after transformers' read
 
 
 def test_a_gguf_imported_before_resolves_without_torch(tmp_path):
