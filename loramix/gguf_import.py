@@ -51,6 +51,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -150,27 +151,33 @@ def check_quantisation(reader, path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+_HANDOVER = threading.Lock()
+
+
 @contextmanager
 def _reader_handed_over(reader, path: Path):
     """Within it, ``gguf.GGUFReader(path)`` gives ``reader``, the file's header
     already parsed: transformers' ``load_gguf_checkpoint`` opens its own reader
     by that name, and parsed the header a second time (SmolLM2's 49,152-token
     vocabulary: 1.5 s of an 8 s import); it reads the same fields from ours.
-    Any other path or argument gets a new reader as usual."""
+    Any other path or argument gets a new reader as usual. One import at a
+    time swaps it (a lock): two overlapping in threads would otherwise
+    restore each other's stand-in and leave it in place."""
     import gguf
 
-    made = gguf.GGUFReader
+    with _HANDOVER:
+        made = gguf.GGUFReader
 
-    def reader_for(p, *args, **kwargs):
-        if not args and not kwargs and os.fspath(p) == os.fspath(path):
-            return reader
-        return made(p, *args, **kwargs)
+        def reader_for(p, *args, **kwargs):
+            if not args and not kwargs and os.fspath(p) == os.fspath(path):
+                return reader
+            return made(p, *args, **kwargs)
 
-    gguf.GGUFReader = reader_for
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = made
+        gguf.GGUFReader = reader_for
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = made
 
 
 def _hf_config(reader, path: Path, model_type: str, dtype: str):
