@@ -406,6 +406,31 @@ def test_a_wait_for_another_process_says_so_once(tmp_path, capsys):
         maker.wait(timeout=60)
 
 
+def test_an_interrupt_as_the_lock_is_signed_lets_it_go(tmp_path, monkeypatch):
+    """A Ctrl-C (or a kill, raised as Terminated) landing while the maker
+    writes its pid into the lock it has just taken: ``Making`` is not entered,
+    so nothing would close the file and the lock stayed held for as long as
+    the process lived (a notebook driving a study through the API: every
+    later wait for that artifact, in it or in another run, never ended).
+    The interrupt is raised as the signature is written."""
+    import os
+
+    from loramix.scenario.cache import Making
+
+    target = tmp_path / "thing" / "key"
+    target.parent.mkdir()
+
+    def interrupted(fd, length):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "ftruncate", interrupted)
+    with pytest.raises(KeyboardInterrupt), Making(target):
+        pass
+    monkeypatch.undo()
+    with Making(target, wait=False) as lock:
+        assert lock.fd is not None  # taken at once: the interrupted one let go
+
+
 def test_two_runs_at_once_make_each_artifact_once(tmp_path):
     """Two real ``scenario run`` processes started together on one cache (one
     with a pool of 2 workers): every artifact is made once, by one of them (a

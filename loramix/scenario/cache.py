@@ -147,14 +147,13 @@ class Making:
                 _say(f"loramix: waiting for {self.what}, being made by another run{self._holder()}")
                 fcntl.flock(self.fd, fcntl.LOCK_EX)
                 self.waited = time.perf_counter() - t0
+            self._sign()
         except OSError:  # held, and not waited for; or no locks here (ENOLCK): not held
             os.close(self.fd)
             self.fd = None
-        except BaseException:  # an interrupt while waiting
+        except BaseException:  # an interrupt while waiting or signing: __exit__ will not run
             os.close(self.fd)
             raise
-        if self.fd is not None:
-            self._sign()
         return self
 
     def _sign(self) -> None:
