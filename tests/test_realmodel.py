@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -539,6 +540,46 @@ def test_import_parses_the_gguf_header_once(tmp_path, monkeypatch, capsys):
     assert main(["base", "import", str(path), "--out", str(tmp_path / "m")]) == 0, capsys.readouterr().err
     assert len(opened) == 1 and parsed == [str(path)]
     assert gguf.GGUFReader is reader  # put back after transformers' read
+
+
+def test_overlapping_reader_hand_overs_put_gguf_back(tmp_path):
+    """Two imports in threads whose GGUFReader hand-overs overlap: the swap is
+    of gguf's module attribute, for the whole process, and each puts back what
+    it found, so without one at a time the second put back the first's
+    stand-in, left in gguf for every later reader. The first leaves once the
+    second is inside (or after a second, the second held off), the second
+    after the first."""
+    import threading
+
+    import gguf
+
+    import loramix.gguf_import as gi
+
+    real = gguf.GGUFReader
+    inside, first_out = threading.Event(), threading.Event()
+
+    def first():
+        with gi._reader_handed_over(object(), tmp_path / "a.gguf"):
+            inside.wait(1.0)
+        first_out.set()
+
+    def second():
+        with gi._reader_handed_over(object(), tmp_path / "b.gguf"):
+            inside.set()
+            first_out.wait(10.0)
+
+    try:
+        t1 = threading.Thread(target=first)
+        t1.start()
+        while gguf.GGUFReader is real and t1.is_alive():  # the first's stand-in is in place
+            time.sleep(0.001)
+        t2 = threading.Thread(target=second)
+        t2.start()
+        t1.join(30)
+        t2.join(30)
+        assert gguf.GGUFReader is real
+    finally:
+        gguf.GGUFReader = real
 
 
 def test_a_gguf_imported_before_resolves_without_torch(tmp_path):
