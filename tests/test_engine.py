@@ -27,7 +27,7 @@ from loramix.errors import UsageError
 from loramix.io.adapter_files import load_adapter
 from loramix.io.model_folder import BaseModelFolder
 from loramix.io.outputs import provenance
-from loramix.kinds import KINDS, get_kind
+from loramix.kinds import KINDS
 from loramix.methods import get_method, register
 from loramix.methods.base import MergeMethod, Param, dense_deltas
 from loramix.options import parse_dtype, parse_weights
@@ -315,7 +315,6 @@ def test_method_declarations_import_no_torch():
     from loramix.methods import base
 
     assert (base.LORA, base.D2LORA) == (adapter.LORA, adapter.D2LORA)
-    assert base.DORA == get_kind("dora")
 
 
 @pytest.mark.parametrize(

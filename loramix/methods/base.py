@@ -41,9 +41,9 @@ if TYPE_CHECKING:
 
 # Torch is imported inside the functions that compute: the ``merge`` command
 # builds its options from the methods' declarations, and ``--help`` must stay
-# quick. For the same reason the adapter kind names are spelled here (they
-# equal loramix.adapter.LORA / D2LORA and loramix.kinds.dora.DORA; a test checks).
-LORA, D2LORA, DORA = "lora", "d2lora", "dora"
+# quick. For the same reason the adapter kind names the methods name are spelled
+# here (they equal loramix.adapter.LORA / D2LORA; a test checks).
+LORA, D2LORA = "lora", "d2lora"
 
 
 @dataclass
