@@ -425,6 +425,73 @@ def test_mistral_named_gguf_ignores_a_sliding_window_key(tmp_path):
     assert config.sliding_window is None
 
 
+def qwen_gguf(path: Path, arch: str, key_length: int | None = None, tied: bool = True) -> tuple[Path, dict]:
+    """:func:`llama_gguf`'s block as ``qwen2`` (with q/k/v biases) or ``qwen3``
+    (with the per-head q/k RMSNorm weights ``attn_q_norm``/``attn_k_norm``):
+    2 heads, 1 key-value head, head size ``key_length`` (written as the
+    key and value lengths, as llama.cpp's converter does) else 32 / 2 = 16,
+    RoPE base 1e6 as Qwen's files have, an ``output.weight`` unless ``tied``.
+    Returns the path and the tensors written in place of llama_gguf's own."""
+    import numpy as np
+
+    r = np.random.RandomState(1)
+    d = key_length or 16
+    shapes = {"blk.0.attn_q.weight": (2 * d, 32), "blk.0.attn_k.weight": (d, 32), "blk.0.attn_v.weight": (d, 32),
+              "blk.0.attn_output.weight": (32, 2 * d)}  # fmt: skip
+    if arch == "qwen2":
+        shapes.update({"blk.0.attn_q.bias": (2 * d,), "blk.0.attn_k.bias": (d,), "blk.0.attn_v.bias": (d,)})
+    else:
+        shapes.update({"blk.0.attn_q_norm.weight": (d,), "blk.0.attn_k_norm.weight": (d,)})
+    if not tied:
+        shapes["output.weight"] = (64, 32)
+    put = {name: r.randn(*shape).astype(np.float32) for name, shape in shapes.items()}
+    lengths = {"key_length": key_length, "value_length": key_length}
+    path = llama_gguf(path, arch=arch, tokenizer=True, put=put, head_count_kv=1, layer_norm_rms_eps=1e-6,
+                      rope_freq_base=1e6, **lengths)  # fmt: skip
+    return path, put
+
+
+@pytest.mark.parametrize(
+    "arch, key_length, tied",
+    [("qwen2", None, True), ("qwen2", None, False)],
+)  # fmt: skip
+def test_qwen_gguf_imports_as_transformers_loads_it(tmp_path, capsys, arch, key_length, tied):
+    """A qwen2 GGUF (q/k/v biases) imports to the logits of transformers' own
+    GGUF loader on the same file, to float32 rounding. Q/K are stored
+    unpermuted (llama.cpp runs Qwen2 with rotate-half RoPE): the weights
+    imported are the file's, as written."""
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, put = qwen_gguf(tmp_path / f"{arch}.gguf", arch, key_length, tied)
+    out = tmp_path / "m"
+    assert main(["base", "import", str(path), "--out", str(out)]) == 0, capsys.readouterr().err
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    head_dim = key_length or 16
+    assert (model.config.model_type, model.config.tie_word_embeddings) == (arch, tied)
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (head_dim, 32)
+    got = load_file(str(out / "model.safetensors"))
+    # Q/K as written: no Llama un-permutation; the biases or the q/k norms in their places
+    names = {"attn_q.weight": "q_proj.weight", "attn_k.weight": "k_proj.weight"}
+    if arch == "qwen2":
+        names.update(
+            {"attn_q.bias": "q_proj.bias", "attn_k.bias": "k_proj.bias", "attn_v.bias": "v_proj.bias"}
+        )
+    else:
+        names.update({"attn_q_norm.weight": "q_norm.weight", "attn_k_norm.weight": "k_norm.weight"})
+    for g, hf in names.items():
+        assert (got[f"model.layers.0.self_attn.{hf}"] == put[f"blk.0.{g}"]).all(), hf
+    assert ("lm_head.weight" in got) is not tied
+    oracle, info = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, output_loading_info=True
+    )
+    assert not any(info.values()), info
+    ids = AutoTokenizer.from_pretrained(str(out))("HELLO@WORLD=42?", return_tensors="pt").input_ids
+    assert ids.shape[1] == 15
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, oracle.eval()(ids).logits)
+
+
 # ggml's IQ4 non-linear grid (kvalues_iq4nl): 16 levels a 4-bit index picks from
 IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
