@@ -34,8 +34,15 @@ What loramix adds is checking and writing:
   llama.cpp reads as linear scaling. transformers' GGUF support
   drops both, so the model written would not be the model in the file.
 
+* **Head size** (``qwen3``): llama.cpp's is ``attention.key_length``, else
+  ``embedding_length / head_count``; transformers' GGUF support reads no key
+  length for Qwen3 and leaves ``Qwen3Config``'s default ``head_dim = 128``, so
+  the import sets it. Qwen2 and Qwen3 store Q/K unpermuted (llama.cpp runs them
+  with rotate-half RoPE, as transformers does); the un-permutation is Llama's alone.
+
 Supported architectures: the Llama family (``llama``, which covers SmolLM and
-llama.cpp's Mistral, and ``qwen2``). Anything else, a file that is not a GGUF, a
+llama.cpp's Mistral, ``qwen2``, with its q/k/v biases, and ``qwen3``, with its
+per-head q/k RMSNorm). Anything else, a file that is not a GGUF, a
 truncated one or a quantisation outside :data:`SUPPORTED_TYPES` is a one-line
 :class:`~loramix.errors.BaseModelError`, and nothing is left at ``out``.
 
@@ -62,7 +69,7 @@ from .errors import BaseModelError
 GGUF_MAGIC = b"GGUF"
 # general.architecture values read: llama.cpp writes Mistral as "llama" and knows
 # no "mistral" (nor does gguf's tensor-name table, which maps the names)
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # ggml types gguf.quants.dequantize handles and loramix has checked, on real files
 # or (IQ4_NL, IQ4_XS) against their block layouts (tests/test_realmodel.py). The
 # other i-quants read lattice tables; without a file to check them on, refused.
@@ -130,7 +137,7 @@ def gguf_architecture(reader, path) -> str:
         raise BaseModelError(
             path,
             f"architecture {arch!r} is not supported; loramix imports the Llama family "
-            "(llama, which covers llama.cpp's Mistral files, and qwen2)",
+            "(llama, which covers llama.cpp's Mistral files, qwen2 and qwen3)",
         )
     name = str(_field(reader, "general.name") or "").lower()
     return "mistral" if arch == "llama" and "mistral" in name else arch
@@ -199,7 +206,11 @@ def _hf_config(reader, path: Path, model_type: str, dtype: str):
     cfg = {k: v for k, v in parsed["config"].items() if k not in _DROP_CONFIG_KEYS}
     cfg.pop("model_type", None)
     gguf_arch = _field(reader, "general.architecture")
-    check_shape(reader, path, cfg, gguf_arch)
+    head_dim = check_shape(reader, path, cfg, gguf_arch)
+    if gguf_arch == "qwen3":
+        # transformers' GGUF map reads no key_length for qwen3: Qwen3Config's default
+        # 128 would stand for every file (Qwen3's own are 128; any other was refused)
+        cfg["head_dim"] = head_dim
     scaling = _field(reader, f"{gguf_arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         raise BaseModelError(path, f"its RoPE is scaled ({gguf_arch}.rope.scaling.type = {scaling!r}), "
@@ -243,11 +254,12 @@ REQUIRED_KEYS = (
 )
 
 
-def check_shape(reader, path: Path, cfg: dict, gguf_arch: str) -> None:
+def check_shape(reader, path: Path, cfg: dict, gguf_arch: str) -> int:
     """Refuse in one line a GGUF whose metadata cannot shape its model: a
     missing :data:`REQUIRED_KEYS` entry, or heads that do not divide the width
     (``embedding_length``) or whose key-value heads do not divide them
-    (``cfg``: the config keys transformers reads from the metadata)."""
+    (``cfg``: the config keys transformers reads from the metadata). Returns
+    llama.cpp's head size ``d``: ``attention.key_length``, else ``width / heads``."""
     for key in REQUIRED_KEYS:
         if _field(reader, f"{gguf_arch}.{key}") is None:
             raise BaseModelError(path, f"has no {gguf_arch}.{key} in its metadata")
@@ -260,13 +272,14 @@ def check_shape(reader, path: Path, cfg: dict, gguf_arch: str) -> None:
         raise BaseModelError(path, f"{gguf_arch}.attention.head_count_kv {kv} does not divide its "
                              f"attention.head_count {heads}")  # fmt: skip
     # llama.cpp rotates only the first rope.dimension_count dimensions of each head;
-    # transformers' Llama and Qwen2 rotate all of them, so a smaller count is another model
+    # transformers' Llama, Qwen2 and Qwen3 rotate all of them, so a smaller count is another model
     # (transformers takes head_dim from the rotated count itself: the head size is the key length)
     rot = _field(reader, f"{gguf_arch}.rope.dimension_count")
     head_dim = int(_field(reader, f"{gguf_arch}.attention.key_length") or width // heads)
     if rot is not None and int(rot) != head_dim:
         raise BaseModelError(path, f"{gguf_arch}.rope.dimension_count {int(rot)} rotates part of each head "
                              f"(head size {head_dim}), which transformers' {gguf_arch} cannot run")  # fmt: skip
+    return head_dim
 
 
 def _name_map(config, gguf_arch: str) -> tuple[dict[str, str], object, object]:

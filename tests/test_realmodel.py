@@ -453,15 +453,19 @@ def qwen_gguf(path: Path, arch: str, key_length: int | None = None, tied: bool =
 
 @pytest.mark.parametrize(
     "arch, key_length, tied",
-    [("qwen2", None, True), ("qwen2", None, False)],
+    [("qwen2", None, True), ("qwen2", None, False), ("qwen3", None, True), ("qwen3", 128, False),
+     ("qwen3", 24, True)],
 )  # fmt: skip
 def test_qwen_gguf_imports_as_transformers_loads_it(tmp_path, capsys, arch, key_length, tied):
-    """A qwen2 GGUF (q/k/v biases) imports to the logits of transformers' own
-    GGUF loader on the same file, to float32 rounding. Q/K are stored
-    unpermuted (llama.cpp runs Qwen2 with rotate-half RoPE): the weights
-    imported are the file's, as written."""
+    """A qwen2 GGUF (q/k/v biases) and a qwen3 one (q/k norms; head size from
+    ``attention.key_length``, as llama.cpp takes it) import to the logits of
+    transformers' own GGUF loader on the same file, to float32 rounding. Q/K
+    are stored unpermuted (llama.cpp runs both with rotate-half RoPE): the
+    weights imported are the file's. transformers' map reads no key length for
+    qwen3, so its loader takes Qwen3Config's head_dim 128 and refuses any other
+    file; it is given the file's head size (``config``) where that is not 128."""
     from safetensors.numpy import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path, put = qwen_gguf(tmp_path / f"{arch}.gguf", arch, key_length, tied)
     out = tmp_path / "m"
@@ -482,8 +486,11 @@ def test_qwen_gguf_imports_as_transformers_loads_it(tmp_path, capsys, arch, key_
     for g, hf in names.items():
         assert (got[f"model.layers.0.self_attn.{hf}"] == put[f"blk.0.{g}"]).all(), hf
     assert ("lm_head.weight" in got) is not tied
+    kw = {}
+    if arch == "qwen3" and head_dim != 128:
+        kw["config"] = AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name, head_dim=head_dim)
     oracle, info = AutoModelForCausalLM.from_pretrained(
-        str(tmp_path), gguf_file=path.name, output_loading_info=True
+        str(tmp_path), gguf_file=path.name, output_loading_info=True, **kw
     )
     assert not any(info.values()), info
     ids = AutoTokenizer.from_pretrained(str(out))("HELLO@WORLD=42?", return_tensors="pt").input_ids

@@ -62,7 +62,7 @@ def import_(gguf_file, out, dtype, force):
     The weights are de-quantised (Q4_0/Q4_1/Q5_x/Q8_0, K-quants,
     IQ4_NL/IQ4_XS, F16/BF16/F32) into model.safetensors beside config.json,
     the tokenizer files and loramix.json (provenance with the GGUF's sha256). Llama family only
-    (llama, SmolLM, mistral, qwen2).
+    (llama, SmolLM, mistral, qwen2, qwen3).
     """
     from ..gguf_import import import_gguf
 
