@@ -140,6 +140,35 @@ def test_ties_matches_peft():
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("ties", dict(density=0.4, divide="count")),
+        ("ties", dict(density=0.4, sign="count", divide="weight")),
+        ("dare-ties", dict(density=0.5, divide="count")),
+        ("dare-linear", dict(density=0.5)),
+        ("della", dict(density=0.5)),
+        ("magnitude", dict(density=0.4)),
+        ("breadcrumbs", dict(density=0.4, gamma=0.05)),
+        ("task-arithmetic", dict(lambda_=0.7)),
+        ("sum", {}),
+        ("svd", dict(rank=3)),
+    ],
+)
+def test_a_zero_weight_adapter_is_as_if_left_out(method, params):
+    """``--weights 1,0.5,0``: the zero-weight delta is 0, which no method keeps,
+    elects with or counts (``divide=count`` too, where PEFT's ``ties``, electing
+    on unweighted deltas, would count it), so the merge is that of the others
+    (docs/merging.md, "Signed and zero weights"). Last in the list, so the
+    others' DARE/DELLA masks, seeded by their place, are the same."""
+    ads = rand_adapters()
+    for mod in ("layers.0.proj", "layers.1.proj"):
+        got = run_method(method, ads, [1.0, 0.5, 0.0], mod, **params)
+        ref = run_method(method, ads[:2], [1.0, 0.5], mod, **params)
+        assert got.abs().max() > 0
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+
+
 def test_magnitude_matches_reference_and_peft():
     from peft.utils import merge_utils as mu
 
@@ -649,8 +678,9 @@ def _files(folder):
 def test_two_runs_byte_identical(models, args, tmp_path, capsys):
     m = models["gpt2"]
     args = [str(m["base"]) if a == "BASE" else a for a in args]
+    ws = "1,0.5,2" if "weight" in args else "1,-0.5,2"  # --divide weight takes no negative weight
     for o in ("r1", "r2"):
-        code, _, err = cli(capsys, *args, *m["adapters"], "--weights", "1,-0.5,2", "--out", tmp_path / o)
+        code, _, err = cli(capsys, *args, *m["adapters"], "--weights", ws, "--out", tmp_path / o)
         assert code == 0, err
     f1, f2 = _files(tmp_path / "r1"), _files(tmp_path / "r2")
     assert f1.keys() == f2.keys()
@@ -784,6 +814,54 @@ def test_bad_input_exit_2(models, tmp_path, capsys):
     assert cli(capsys, "-m", "svd", "--rank", "2", *a, "--out", out, "--force")[0] == 0
 
 
+def test_divide_weight_refuses_a_negative_weight(models, tmp_path, capsys):
+    """``--divide weight`` (mergekit's ``normalize``: ``D = sum_i keep_i w_i``)
+    with a negative weight is refused in one line before any work, also where
+    it is the default (della) and from the API; ``--divide count`` takes the
+    same weights. Why: the division cancels a negative weight's sign and
+    blows the entry up where ``D`` nears 0 (``1,-0.999``: about 1000-fold)."""
+    from loramix.errors import UsageError
+    from loramix.methods import merge
+    from loramix.methods.base import elect_and_merge
+
+    m = models["gpt2"]
+    a, base, out = m["adapters"], m["base"], tmp_path / "o"
+    cases = [
+        ["-m", "ties", "--density", "0.5", "--divide", "weight", "--weights", "1,-1,1", "--into", base],
+        ["-m", "della", "--density", "0.5", "--weights", "1,-0.999,1", "--out-rank", "2"],
+        [
+            "-m",
+            "dare-ties",
+            "--density",
+            "0.5",
+            "--divide",
+            "weight",
+            "--weights",
+            "-1,-1,-1",
+            "--into",
+            base,
+        ],
+    ]
+    for args in cases:
+        assert_one_line_error(
+            *cli(capsys, *a, *args, "--out", out)[::2], "--weights", "negative", "--divide count"
+        )
+        assert not out.exists()
+    with pytest.raises(UsageError, match="negative weight"):
+        merge(a, "ties", weights=[1, -0.5, 1], out=out, into=base, density=0.5, divide="weight")
+    assert not out.exists()
+    code, _, err = cli(capsys, *a, "-m", "ties", "--density", "0.5", "--weights", "1,-1,1", "--into", base,
+                       "--out", out)  # fmt: skip
+    assert code == 0, err
+    check_against_reference(base, out, a, [1.0, -1.0, 1.0], "ties", density=0.5)
+    # what the refusal spares: the same kept entries divided by 1 - 0.999
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(64, 64, generator=g, dtype=F64)
+    xs = [d.clone(), -0.999 * (0.5 * d + torch.randn(64, 64, generator=g, dtype=F64))]
+    got = elect_and_merge([x.clone() for x in xs], [1.0, -0.999], "mass", "weight")
+    assert got.abs().max() > 100 * (xs[0] + xs[1]).abs().max()
+
+
 def test_an_output_that_holds_an_input_is_refused_even_with_force(models, tmp_path, capsys):
     """``--out`` a folder that contains an input adapter (its parent): with
     ``--force`` replacing it would delete the input, so it is refused before
@@ -845,7 +923,13 @@ def test_kth_largest_bracket_exact(monkeypatch, miss):
 
 
 @pytest.mark.parametrize(
-    ("sign", "divide", "weights"), [("mass", "count", [1.0, 1.0, 1.0]), ("count", "weight", [1.0, 0.5, -2.0])]
+    ("sign", "divide", "weights"),
+    [
+        ("mass", "count", [1.0, 1.0, 1.0]),
+        ("count", "weight", [1.0, 0.5, -2.0]),
+        ("mass", "count", [1.0, -1.0, 0.0]),
+        ("mass", "weight", [1.0, -1.0, -0.999]),  # D = 0 (taken as 1) and near it
+    ],
 )
 @pytest.mark.parametrize("miss", [False, True])
 def test_streaming_trim_and_elect_same_bits(monkeypatch, sign, divide, weights, miss):
@@ -904,6 +988,8 @@ class _Run:  # what engine.cpu_threads needs of an executor
     ("shape", "rank", "weights", "density", "sign", "divide", "dtype"),
     [
         ((1001, 770), 8, [1.0, -0.5, 2.0], 0.05, "mass", "weight", torch.float32),
+        ((1001, 770), 8, [1.0, -1.0], 0.05, "mass", "count", torch.float32),  # task negation
+        ((517, 301), 4, [1.0, -0.999, 0.0], 0.2, "count", "weight", F64),  # D near and at 0; a zero weight
         ((517, 301), 16, [1.0, 1.0, 1.0, 1.0], 0.9, "count", "count", F64),
         ((77, 1024), 2, [1.0, 1.0], 0.5, "mass", "count", torch.float32),
         ((4097, 64), 8, [1.0, 2.0, 3.0], 0.2, "count", "weight", torch.float32),

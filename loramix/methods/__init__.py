@@ -46,6 +46,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..options import check_dtype, parse_weights
+from .params import check_divide_weights
 
 _REGISTRY: dict[str, type] = {}
 # Modules of this package that hold no method.
@@ -189,7 +190,9 @@ def merge(
     # the truncation and the method's own parameters too (run_merge checks them again)
     own = dict(params)
     trunc = split_truncation(m, own, into)
-    m.check(m.coerce_params(own), [])  # the cross-parameter checks (svd: --rank or --energy); no adapter yet
+    own_params = m.coerce_params(own)
+    m.check(own_params, [])  # the cross-parameter checks (svd: --rank or --energy); no adapter yet
+    check_divide_weights(own_params, weights)
     if into is not None or m.low_rank or trunc is not None:  # else run_merge says "pass --into" first
         from ..io.outputs import check_output
 

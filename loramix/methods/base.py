@@ -925,6 +925,11 @@ def elect_and_merge(
         merged = sum_i keep_i x_i / D,  D = max(sum_i keep_i, 1)        divide=count (PEFT)
                                         D = sum_i keep_i w_i, 0 -> 1    divide=weight (mergekit)
 
+    ``divide=weight`` with a negative ``w_i`` is computed as written (``D``
+    can cancel the sign, vanish or nearly); ``merge`` refuses it before
+    (:func:`~loramix.methods.params.check_divide_weights`). A zero ``w_i``
+    gives ``x_i = 0``, never kept: that adapter neither votes nor counts.
+
     The sign is elected on the weighted deltas, as mergekit does; PEFT elects
     on the unweighted ones, which gives the same result for ``count`` with
     positive weights and for ``mass`` with equal positive weights.

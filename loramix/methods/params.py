@@ -91,6 +91,27 @@ DIVIDE = Param(
     "the sign is elected from the weighted deltas either way (docs/merging.md)",
     choices=("count", "weight"),
 )
+
+
+def check_divide_weights(params: dict, weights) -> None:
+    """Refuse ``--divide weight`` with a negative weight (docs/merging.md, TIES).
+
+    That divisor is ``D = sum_i keep_i w_i`` (mergekit's ``normalize``), the
+    merged entry ``sum_i keep_i w_i t_i / D``: where the kept weights are all
+    negative it is their weighted mean of the unweighted ``t_i``, so the sign
+    of the weights cancels (``--weights -1`` gives ``+dW``); with both signs
+    kept ``D`` can vanish (``1,-1``: 0, taken as 1) or nearly (``1,-0.999``:
+    the entry grows 1000-fold). Task negation is ``--divide count``'s mean or
+    a linear method's sum; mergekit computes this, loramix refuses it."""
+    if params.get("divide") == "weight" and any(float(w) < 0 for w in weights):
+        raise UsageError(
+            "--weights",
+            f"{','.join(f'{float(w):g}' for w in weights)} holds a negative weight, which --divide weight (della's "
+            "default) cannot take: dividing each kept entry by the kept weights' sum cancels that sign, and blows "
+            "it up where the sum nears 0 (1,-0.999: 1000-fold); use --divide count, or task-arithmetic",
+        )
+
+
 LAMBDA = Param("lambda_", float, 1.0, "scale of the merged delta")
 SEED = Param(
     "seed",

@@ -52,6 +52,7 @@ from .base import (
     split_truncation,
     summarize_energy,
 )
+from .params import check_divide_weights
 
 
 def module_plan(adapters: Sequence[Adapter]) -> dict[str, list[tuple[int, ModuleDelta]]]:
@@ -95,6 +96,7 @@ def run_merge(
     ws = parse_weights(weights, len(ads))
     warn_unscaled_copies(ads, ws)
     p = m.validate(params, ads)
+    check_divide_weights(p, ws)
     dev = resolve_device(device)
     out_dtype = parse_dtype(dtype)
     if into is None:
