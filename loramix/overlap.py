@@ -16,7 +16,9 @@ with ``R = sum r_i``, form the ``R x R`` product of Gram matrices::
 where ``P`` (R x n) is the one-hot matrix mapping each column of ``B_cat`` to
 its adapter, so ``IP[i, j] = <dW_i, dW_j>_F`` and ``diag(IP) = ||dW_i||_F^2``.
 Cost ``O(R^2 (out + in))`` per module instead of ``O(n^2 out in)``; all in
-float64. Nothing of size ``out x in`` is formed.
+float64 (factors so large or small that the products would leave its range
+are first brought to unit size by powers of two, exactly:
+:func:`_unit_factors`). Nothing of size ``out x in`` is formed.
 
 Reported, per pair of adapters ``(i, j)``:
 
@@ -191,10 +193,9 @@ def _stack_factors(deltas: list, device) -> tuple:
     """``Bt = B_cat^T`` (R, out) and ``A_cat`` (R, in) in float64 *without*
     the scales, the column offsets of each delta (``len(deltas) + 1``) and the
     scales (n,). ``device`` None: numpy arrays from
-    :class:`~loramix.io.np_factors.NpModule` objects (D2 deltas from their
-    ``factors()``, scale and ``-tau`` folded in, so their scale here is 1);
-    else torch tensors on it: :func:`loramix.kinds.stack_factors` with
-    ``fold_scale=False``."""
+    :class:`~loramix.io.np_factors.NpModule` objects (D2: ``[B, -tau B_neg]``
+    and ``[A; A_neg]``, their scale apart); else torch tensors on it:
+    :func:`loramix.kinds.stack_factors` with ``fold_scale=False``."""
     if device is not None:
         from .kinds import stack_factors  # imports torch
 
@@ -202,8 +203,10 @@ def _stack_factors(deltas: list, device) -> tuple:
         return st.B.T, st.A, st.offsets, st.scales
     parts = []
     for d in deltas:
-        if d.kind == D2LORA:
-            parts.append((*d.factors(), 1.0))
+        if d.kind == D2LORA:  # (s [B, -tau B_neg], [A; A_neg]) with s left out, as the torch path's
+            B, A = (np.asarray(x, dtype=np.float64) for x in (d.B, d.A))
+            Bn, An = (np.asarray(x, dtype=np.float64) for x in (d.B_neg, d.A_neg))
+            parts.append((np.concatenate([B, -d.tau * Bn], axis=1), np.concatenate([A, An]), float(d.scale)))
         else:  # numpy factors may be LazyFactors: read them now
             parts.append((np.asarray(d.B), np.asarray(d.A), float(d.scale)))
     offsets = [0]
@@ -243,7 +246,11 @@ def _groups(offsets: list[int], block: int) -> list[tuple[int, int]]:
 
 
 def _lowrank_inner_products(Bt, A_cat, offsets: list[int]):
-    """``IP = P^T ((B_cat^T B_cat) * (A_cat A_cat^T)) P`` (n x n), unscaled.
+    """``(IP, in_range)``: ``IP = P^T ((B_cat^T B_cat) * (A_cat A_cat^T)) P``
+    (n x n), unscaled, and whether the two Gram factors' diagonals (the
+    squared norms of the rows of ``Bt`` and ``A_cat``) lie in
+    :data:`GRAM_RANGE`, where nothing the products form can overflow or lose
+    digits below float64's normal range.
 
     ``G`` is symmetric, so it is formed in horizontal strips starting at the
     diagonal (strip ``[r0, r1)`` x columns ``[r0, R)``): about half the
@@ -254,14 +261,17 @@ def _lowrank_inner_products(Bt, A_cat, offsets: list[int]):
     """
     n = len(offsets) - 1
     on_np = isinstance(Bt, np.ndarray)
-    ip = np.zeros((n, n))
+    ip, in_range = np.zeros((n, n)), True
     if on_np:
         starts = np.asarray(offsets[:-1])
     else:
         P, ip = (_torch().from_numpy(x).to(Bt.device) for x in (_one_hot(offsets), ip))
     for a0, a1 in _groups(offsets, GRAM_BLOCK):
         r0, r1 = offsets[a0], offsets[a1]
-        G = (Bt[r0:r1] @ Bt[r0:].T) * (A_cat[r0:r1] @ A_cat[r0:].T)  # (r1 - r0, R - r0)
+        BB, AA = Bt[r0:r1] @ Bt[r0:].T, A_cat[r0:r1] @ A_cat[r0:].T
+        in_range = in_range and all(_in_gram_range(X[:, : r1 - r0].diagonal()) for X in (BB, AA))
+        G = BB * AA  # (r1 - r0, R - r0)
+        del BB, AA
         if on_np:  # block sums in O(|G|), where P^T G P would cost O(|G| n)
             rows = np.add.reduceat(G, starts[a0:a1] - r0, axis=0)
             blk = np.add.reduceat(rows, starts[a0:] - r0, axis=1)  # (a1 - a0, n - a0)
@@ -273,28 +283,94 @@ def _lowrank_inner_products(Bt, A_cat, offsets: list[int]):
     # (i, j) and (j, i) in other orders): the upper triangle, mirrored
     i, j = np.tril_indices(n, -1)
     ip[i, j] = ip[j, i]
-    return ip
+    return ip, in_range
 
 
 def _module_inner_products(deltas: list, W0, device):
-    """``IP`` (n x n, float64): Frobenius inner products of one module's deltas.
+    """``(IP', mant, exp)``: the Frobenius inner products of one module's
+    deltas, ``IP[i, j] = c_i c_j IP'[i, j]`` with ``c_i = mant_i 2^exp_i``
+    (``IP'`` n x n float64, ``mant`` (n,) float, ``exp`` (n,) int).
 
     Factored deltas (all LoRA, and D2 without a base) go through the stacked
-    Gram product of the module docstring, scales applied to the small result:
-    ``IP[i, j] = s_i s_j <B_i A_i, B_j A_j>``. ``W0`` (out, in), float64 on
-    ``device``, or None: given, the deltas of kinds that ``needs_base`` are
-    their effective deltas, combined from the factors
-    (:func:`_effective_inner_products`). ``device`` None: numpy, factored
-    deltas only (``W0`` is None).
+    Gram product of the module docstring, scales applied to the small result
+    (``c_i = 1``); where a factor's size takes the products out of float64's
+    range (:data:`GRAM_RANGE`: a row of a factor whose squared norm is beyond
+    ``1e+-144``), on factors
+    brought to unit size (:func:`_unit_factors`), ``c_i`` their scale and the
+    powers of two taken out. ``W0`` (out, in), float64 on ``device``, or None: given, the deltas
+    of kinds that ``needs_base`` are their effective deltas, combined from the
+    factors (:func:`_effective_inner_products`; ``c_i = 1``). ``device``
+    None: numpy, factored deltas only (``W0`` is None).
     """
-    if device is None:
-        Bt, A_cat, offsets, scales = _stack_factors(deltas, None)
-        return _lowrank_inner_products(Bt, A_cat, offsets) * np.outer(scales, scales)
+    one, zero = np.ones(len(deltas)), np.zeros(len(deltas), dtype=np.int64)
     if W0 is not None:
-        return _effective_inner_products(deltas, W0)
-    torch = _torch()
+        return _effective_inner_products(deltas, W0), one, zero
     Bt, A_cat, offsets, scales = _stack_factors(deltas, device)
-    return _lowrank_inner_products(Bt, A_cat, offsets) * torch.outer(scales, scales)
+    ip, in_range = _lowrank_inner_products(Bt, A_cat, offsets)
+    mant = scales if isinstance(scales, np.ndarray) else scales.cpu().numpy()
+    if in_range:  # every factor of ordinary size: the products as they are
+        ip = ip * (np.outer(scales, scales) if device is None else _torch().outer(scales, scales))
+        if _out_of_range(ip if device is None else ip.cpu().numpy()) is None:
+            return ip, one, zero
+    Bt, A_cat, exp = _unit_factors(Bt, A_cat, offsets)
+    return _lowrank_inner_products(Bt, A_cat, offsets)[0], mant, exp
+
+
+#: the squared norms of the factors' rows taken as they are (above: unit
+#: factors, :func:`_unit_factors`): products and sums of such numbers (up to
+#: ``R^2`` terms) stay inside float64's normal range
+GRAM_RANGE = (2.0**-480, 2.0**480)
+
+
+def _in_gram_range(d) -> bool:
+    """Whether the squared norms ``d`` (a vector) are finite and, where not
+    0, inside :data:`GRAM_RANGE`."""
+    d = d if isinstance(d, np.ndarray) else d.cpu().numpy()
+    nz = d[d != 0]
+    return bool(
+        np.isfinite(d).all() and (nz.size == 0 or (GRAM_RANGE[0] <= nz.min() and nz.max() <= GRAM_RANGE[1]))
+    )
+
+
+#: a squared norm below this (float64's smallest normal number over its epsilon) has lost digits
+SQ_MIN = np.finfo(np.float64).tiny / np.finfo(np.float64).eps
+
+
+def _out_of_range(ip: np.ndarray) -> int | None:
+    """The first delta whose squared norm ``ip[k, k]`` is not finite or is
+    nonzero below :data:`SQ_MIN`, or None. With unit factors
+    (:func:`_unit_factors`) no stored factor gets there; a factor that
+    overflows once its scale is folded in (D2) or an effective delta against
+    a base of such weights can."""
+    d = np.diag(ip)
+    bad = ~np.isfinite(d) | ((d != 0) & (np.abs(d) < SQ_MIN))
+    return int(np.flatnonzero(bad)[0]) if bad.any() else None
+
+
+def _unit_factors(Bt, A_cat, offsets: list[int]):
+    """``(Bt', A', exp)``: each delta's block of ``Bt`` (R, out) and of
+    ``A_cat`` (R, in) divided by the power of two ``2^e`` just above its
+    largest magnitude, ``exp_k = eB_k + eA_k`` (new arrays or tensors).
+
+    Exact (a power of two only moves the exponent), and it keeps the Gram
+    products inside float64's normal range: factors stored in float64 reach
+    ``1e+-300``, and the squares of ``||dW||_F`` formed as they are overflow
+    beyond ``1e154`` (a NaN cosine, the module taken for a zero delta) and
+    lose digits below ``1e-154`` (subnormal) until they are 0 (a nonzero
+    delta reported as zero). Unit blocks give products of ordinary size
+    whatever the deltas' sizes."""
+    n = len(offsets) - 1
+    eB, eA = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    fB, fA = np.ones(offsets[-1]), np.ones(offsets[-1])
+    for k in range(n):
+        r0, r1 = offsets[k], offsets[k + 1]
+        if r1 > r0:
+            for e, f, X in ((eB, fB, Bt), (eA, fA, A_cat)):
+                e[k] = math.frexp(float(abs(X[r0:r1]).max()))[1]  # 0 for a zero block
+                f[r0:r1] = math.ldexp(1.0, -int(e[k]))
+    if not isinstance(Bt, np.ndarray):
+        fB, fA = (_torch().from_numpy(f).to(Bt.device) for f in (fB, fA))
+    return Bt * fB[:, None], A_cat * fA[:, None], eB + eA
 
 
 def _effective_inner_products(deltas: list, W0):
@@ -356,7 +432,7 @@ def _effective_inner_products(deltas: list, W0):
     ip = torch.zeros(n, n, dtype=f64, device=dev)
     # <Bg_i Ag_i, Bg_j Ag_j>: the stacked Gram product of the gained factors
     Bt = torch.cat([B.T for B in Bg], dim=0)  # (R, out)
-    ip += _lowrank_inner_products(Bt, torch.cat(Ag, dim=0), offsets).to(dev)
+    ip += _lowrank_inner_products(Bt, torch.cat(Ag, dim=0), offsets)[0].to(dev)
     # m[i, t] = <g0_i W0, Bg_t Ag_t>; per axis, h[t] = <W0, Bg_t Ag_t> per row / column
     m = torch.zeros(n, n, dtype=f64, device=dev)
     for ax in w0_sq:
@@ -440,17 +516,22 @@ class _Totals:
         self.rows: list[tuple] = []
         self.zero: list[tuple[str, str]] = []
 
-    def add(self, col: int, mname: str, owners: list[int], ip: np.ndarray) -> None:
-        """Fold one module's Gram matrix ``ip`` (owners x owners) into the sums."""
+    def add(self, col: int, mname: str, owners: list[int], ip: np.ndarray, mant, exp) -> None:
+        """Fold one module's Gram matrix into the sums: ``IP[i, j] = c_i c_j
+        ip[i, j]`` (owners x owners), ``c_i = mant_i 2^exp_i``
+        (:func:`_module_inner_products`). The cosine takes ``ip`` and the
+        signs of the ``c_i`` (their sizes cancel), the norm ``|c_i|
+        sqrt(ip[i, i])`` (inf beyond float64, ``1.8e308``)."""
         sq = np.clip(np.diag(ip), 0.0, None)
-        nrm = np.sqrt(sq)
+        root = np.sqrt(sq)
         idx = np.asarray(owners)
-        self.norms[idx, col] = nrm
-        ok = sq > 0.0  # an exactly zero delta has no cosine
+        with np.errstate(over="ignore"):
+            self.norms[idx, col] = np.ldexp(np.abs(mant) * root, exp)
+        ok = (sq > 0.0) & (mant != 0)  # an exactly zero delta has no cosine
         for k in np.flatnonzero(~ok):
             self.zero.append((self.names[owners[k]], mname))
         with np.errstate(divide="ignore", invalid="ignore"):
-            cos = np.clip(ip / np.outer(nrm, nrm), -1.0, 1.0)
+            cos = np.clip(ip / np.outer(root, root) * np.sign(np.outer(mant, mant)), -1.0, 1.0)
         np.fill_diagonal(cos, 1.0)  # exactly: sqrt(x)^2 need not give back x
         valid = np.outer(ok, ok)
         cos_v = np.where(valid, cos, 0.0)
@@ -550,9 +631,15 @@ def similarity(
         canon = sorted(owners, key=rank.__getitem__)
         deltas = [adapters[i].modules[mname] for i in canon]
         W0 = _base_weight(base_folder, adapters, canon, mname, deltas, dev)
-        ip = _module_inner_products(deltas, W0, dev)
+        ip, mant, exp = _module_inner_products(deltas, W0, dev)
         ip = ip if isinstance(ip, np.ndarray) else ip.cpu().numpy()
         at = {i: k for k, i in enumerate(canon)}
         back = [at[i] for i in owners]  # owners' rows and columns, in their order
-        totals.add(col, mname, owners, ip[np.ix_(back, back)])
+        if (bad := _out_of_range(ip)) is not None:
+            ad = adapters[canon[bad]]
+            raise AdapterError(
+                ad.path or ad.name, f"module {mname}: the squared norm of its delta{' against the base' if W0 is not None else ''} "
+                f"({float(ip[bad, bad]):.3g}) leaves float64's range, so no cosine can be formed from it",
+            )  # fmt: skip
+        totals.add(col, mname, owners, ip[np.ix_(back, back)], mant[back], exp[back])
     return totals.result(adapters, list(modules), effective=base_folder is not None)

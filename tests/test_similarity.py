@@ -8,6 +8,7 @@ DESIGN.md section 2. The library never forms a dense delta for LoRA.
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -283,6 +284,35 @@ def test_d2_residual_is_used_without_base():
     assert_equals_reference(res, ads)
 
 
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])  # numpy, torch
+def test_float64_factors_far_from_one_give_the_same_cosines(gpt2_adapters, tmp_path, device):
+    """Float64 adapter files can hold factors of 1e+-200, whose squared norms
+    leave float64 (before: NaN cosines and every module listed as a zero
+    delta at 1e160 and 1e-200, 0.6% off at 1e-160): the cosines are those of
+    the same adapters at unit size, and the norms are scaled."""
+    from safetensors.torch import load_file, save_file
+
+    def scaled(src, name, fb, fa):
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        t = load_file(dst / "adapter_model.safetensors")
+        t = {k: v.double() * (fb if "lora_B" in k else fa) for k, v in t.items()}
+        save_file(t, dst / "adapter_model.safetensors", metadata={"format": "pt"})
+        return dst
+
+    srcs = gpt2_adapters[:3]
+    ref = similarity(srcs, per_module=True, progress=False, device=device)
+    factors = [(1e200, 1.0), (1e-80, 1e-80), (1e80, 1e80)]
+    got = similarity([scaled(p, f"s{k}", *f) for k, (p, f) in enumerate(zip(srcs, factors))],
+                     per_module=True, progress=False, device=device)  # fmt: skip
+    assert got.zero_norm.empty and np.isfinite(got.rms.to_numpy()).all()
+    for a, b in ((got.rms, ref.rms), (got.mean, ref.mean)):
+        np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got.per_module["cosine"], ref.per_module["cosine"], rtol=0, atol=1e-12)
+    for k, (fb, fa) in enumerate(factors):
+        np.testing.assert_allclose(got.norms.iloc[k], ref.norms.iloc[k] * fb * fa, rtol=1e-12)
+
+
 def test_json_with_modules_without_layer_index():
     import json
 
@@ -460,6 +490,38 @@ def test_d2_effective_deltas_with_base(tmp_path, arch, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["delta"] == "effective"
     assert data["rms"][0][1] == pytest.approx(res.rms.iloc[0, 1], abs=TOL)
+
+
+def test_an_effective_delta_beyond_float64_is_refused_in_one_line(tmp_path, capsys):
+    """A float64 D2 file with ``B+`` and ``B-`` of 1e200: its residual has cosines (the
+    factors are brought to unit size), but against a base its effective
+    delta's squared norm overflows float64 (formed from ``W0``, the gains and
+    the factors as they are): one line naming the file and the module, exit 2."""
+    from loramix.io.adapter_files import save_d2_adapter
+
+    from .factories import one_line_error, save_base
+
+    model = tiny_llama()
+    base = save_base(model, tmp_path / "base")
+    lora = load_adapter(make_peft_adapter(model, tmp_path / "lora", r=2, lora_alpha=4))
+    d2a = save_d2_adapter(tmp_path / "d2a", random_d2_like(lora, 1), r=2, lora_alpha=4, tau=0.5)
+    mods = random_d2_like(lora, 2)
+    for m in mods.values():
+        m.B, m.A, m.B_neg, m.A_neg = (
+            m.B.double() * 1e200,
+            m.A.double(),
+            m.B_neg.double() * 1e200,
+            m.A_neg.double(),
+        )
+    big = save_d2_adapter(tmp_path / "big", mods, r=2, lora_alpha=4, tau=0.5)
+    res = similarity([d2a, big], progress=False)
+    ref = similarity([d2a, save_d2_adapter(tmp_path / "unit", random_d2_like(lora, 2), r=2, lora_alpha=4, tau=0.5)],
+                     progress=False)  # fmt: skip
+    np.testing.assert_allclose(res.rms.to_numpy(), ref.rms.to_numpy(), rtol=0, atol=1e-12)
+    capsys.readouterr()  # save_base's progress bar
+    one_line_error(
+        capsys, ["similarity", d2a, big, "--base", base], str(big), "module model.layers.0.", "float64"
+    )
 
 
 @pytest.mark.cuda
