@@ -148,6 +148,36 @@ def test_d2_norm_scale_is_exact(norm_dim):
     assert torch.allclose(d2_merged_weight(W0, Bz @ Az, eps=1e-3)[0], -W0[0])
 
 
+@pytest.mark.parametrize(
+    ("dtype", "rhos"), [(torch.float64, [1e-2, 1e-4, 1e-5, 1e-6]), (torch.float32, [1e-1, 3e-2, 1e-2])]
+)
+def test_d2_norm_scale_near_cancellation_keeps_the_documented_bound(dtype, rhos):
+    """A row of ``V = W0 + dW`` at ``rho = ||V_i|| / ||W0_i||``: the fast
+    norm formula's ``c_i`` is within ``8 u / rho^2`` of a float64 dense
+    reference on the same inputs (docs/d2lora.md, "Near cancellation"), and
+    the other rows are exact to rounding."""
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f, r = 64, 256, 8
+    W0 = torch.randn(out_f, in_f, generator=g, dtype=torch.float64) / in_f**0.5
+    Bf = torch.randn(out_f, r, generator=g, dtype=torch.float64) * 0.1
+    Af = torch.randn(r, in_f, generator=g, dtype=torch.float64) * 0.1
+    d0 = (Bf @ Af)[0]
+    u = torch.finfo(dtype).eps / 2
+    for rho in rhos:
+        W = W0.clone()
+        v = torch.randn(in_f, generator=g, dtype=torch.float64)
+        W[0] = -d0 + rho * float(d0.norm()) * v / v.norm()
+        Wd, Bd, Ad = W.to(dtype), Bf.to(dtype), Af.to(dtype)
+        c = d2_norm_scale(Wd, Bd, Ad).double()
+        Wr = Wd.double()
+        V = Wr + Bd.double() @ Ad.double()
+        ref = Wr.norm(dim=1) / V.norm(dim=1)
+        rho_got = float(V[0].norm() / Wr[0].norm())
+        err = ((c - ref).abs() / ref).tolist()
+        assert err[0] <= 8 * u / rho_got**2, (dtype, rho, err[0])
+        assert max(err[1:]) < 1e3 * u, (dtype, rho, max(err[1:]))
+
+
 @pytest.mark.parametrize("model_fn,targets", [(tiny_gpt2, GPT2_TARGETS), (tiny_llama, LLAMA_TARGETS)])
 @pytest.mark.parametrize("method", ["lora", "d2lora"])
 def test_inject_freezes_and_names_like_peft(model_fn, targets, method):
