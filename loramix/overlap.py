@@ -266,19 +266,21 @@ def _lowrank_inner_products(Bt, A_cat, offsets: list[int]):
         starts = np.asarray(offsets[:-1])
     else:
         P, ip = (_torch().from_numpy(x).to(Bt.device) for x in (_one_hot(offsets), ip))
-    for a0, a1 in _groups(offsets, GRAM_BLOCK):
-        r0, r1 = offsets[a0], offsets[a1]
-        BB, AA = Bt[r0:r1] @ Bt[r0:].T, A_cat[r0:r1] @ A_cat[r0:].T
-        in_range = in_range and all(_in_gram_range(X[:, : r1 - r0].diagonal()) for X in (BB, AA))
-        G = BB * AA  # (r1 - r0, R - r0)
-        del BB, AA
-        if on_np:  # block sums in O(|G|), where P^T G P would cost O(|G| n)
-            rows = np.add.reduceat(G, starts[a0:a1] - r0, axis=0)
-            blk = np.add.reduceat(rows, starts[a0:] - r0, axis=1)  # (a1 - a0, n - a0)
-        else:
-            blk = P[r0:r1, a0:a1].T @ G @ P[r0:, a0:]  # (a1 - a0, n - a0)
-        ip[a0:a1, a0:] = blk
-        ip[a1:, a0:a1] = blk[:, a1 - a0 :].T
+    # out-of-range products are found (in_range, then _out_of_range) and formed again or refused
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        for a0, a1 in _groups(offsets, GRAM_BLOCK):
+            r0, r1 = offsets[a0], offsets[a1]
+            BB, AA = Bt[r0:r1] @ Bt[r0:].T, A_cat[r0:r1] @ A_cat[r0:].T
+            in_range = in_range and all(_in_gram_range(X[:, : r1 - r0].diagonal()) for X in (BB, AA))
+            G = BB * AA  # (r1 - r0, R - r0)
+            del BB, AA
+            if on_np:  # block sums in O(|G|), where P^T G P would cost O(|G| n)
+                rows = np.add.reduceat(G, starts[a0:a1] - r0, axis=0)
+                blk = np.add.reduceat(rows, starts[a0:] - r0, axis=1)  # (a1 - a0, n - a0)
+            else:
+                blk = P[r0:r1, a0:a1].T @ G @ P[r0:, a0:]  # (a1 - a0, n - a0)
+            ip[a0:a1, a0:] = blk
+            ip[a1:, a0:a1] = blk[:, a1 - a0 :].T
     # a strip's square part X X^T need not be symmetric to the bit (BLAS may sum
     # (i, j) and (j, i) in other orders): the upper triangle, mirrored
     i, j = np.tril_indices(n, -1)
@@ -309,7 +311,8 @@ def _module_inner_products(deltas: list, W0, device):
     ip, in_range = _lowrank_inner_products(Bt, A_cat, offsets)
     mant = scales if isinstance(scales, np.ndarray) else scales.cpu().numpy()
     if in_range:  # every factor of ordinary size: the products as they are
-        ip = ip * (np.outer(scales, scales) if device is None else _torch().outer(scales, scales))
+        with np.errstate(over="ignore", under="ignore"):  # checked next
+            ip = ip * (np.outer(scales, scales) if device is None else _torch().outer(scales, scales))
         if _out_of_range(ip if device is None else ip.cpu().numpy()) is None:
             return ip, one, zero
     Bt, A_cat, exp = _unit_factors(Bt, A_cat, offsets)
@@ -323,13 +326,11 @@ GRAM_RANGE = (2.0**-480, 2.0**480)
 
 
 def _in_gram_range(d) -> bool:
-    """Whether the squared norms ``d`` (a vector) are finite and, where not
-    0, inside :data:`GRAM_RANGE`."""
+    """Whether the squared norms ``d`` (a vector) all lie in :data:`GRAM_RANGE`.
+    A 0 does not: it may be a nonzero row whose square underflowed (1e-200),
+    told from a zero row only on unit factors."""
     d = d if isinstance(d, np.ndarray) else d.cpu().numpy()
-    nz = d[d != 0]
-    return bool(
-        np.isfinite(d).all() and (nz.size == 0 or (GRAM_RANGE[0] <= nz.min() and nz.max() <= GRAM_RANGE[1]))
-    )
+    return bool(((GRAM_RANGE[0] <= d) & (d <= GRAM_RANGE[1])).all())
 
 
 #: a squared norm below this (float64's smallest normal number over its epsilon) has lost digits

@@ -285,7 +285,18 @@ def test_d2_residual_is_used_without_base():
 
 
 @pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])  # numpy, torch
-def test_float64_factors_far_from_one_give_the_same_cosines(gpt2_adapters, tmp_path, device):
+@pytest.mark.parametrize(
+    "factors",
+    [
+        [(1e200, 1.0), (1e-80, 1e-80), (1e80, 1e80)],
+        [
+            (1.0, 1.0),
+            (1e-200, 1.0),
+            (1.0, 2.0),
+        ],  # one adapter whose squares underflow to 0, among ordinary ones
+    ],
+)
+def test_float64_factors_far_from_one_give_the_same_cosines(gpt2_adapters, tmp_path, device, factors):
     """Float64 adapter files can hold factors of 1e+-200, whose squared norms
     leave float64 (before: NaN cosines and every module listed as a zero
     delta at 1e160 and 1e-200, 0.6% off at 1e-160): the cosines are those of
@@ -302,7 +313,6 @@ def test_float64_factors_far_from_one_give_the_same_cosines(gpt2_adapters, tmp_p
 
     srcs = gpt2_adapters[:3]
     ref = similarity(srcs, per_module=True, progress=False, device=device)
-    factors = [(1e200, 1.0), (1e-80, 1e-80), (1e80, 1e80)]
     got = similarity([scaled(p, f"s{k}", *f) for k, (p, f) in enumerate(zip(srcs, factors))],
                      per_module=True, progress=False, device=device)  # fmt: skip
     assert got.zero_norm.empty and np.isfinite(got.rms.to_numpy()).all()
