@@ -296,12 +296,12 @@ def _module_inner_products(deltas: list, W0, device):
     Factored deltas (all LoRA, and D2 without a base) go through the stacked
     Gram product of the module docstring, scales applied to the small result
     (``c_i = 1``); where a factor's size takes the products out of float64's
-    range (:data:`GRAM_RANGE`: a row of a factor whose squared norm is beyond
-    ``1e+-144``), on factors
-    brought to unit size (:func:`_unit_factors`), ``c_i`` their scale and the
-    powers of two taken out. ``W0`` (out, in), float64 on ``device``, or None: given, the deltas
-    of kinds that ``needs_base`` are their effective deltas, combined from the
-    factors (:func:`_effective_inner_products`; ``c_i = 1``). ``device``
+    range (:data:`GRAM_RANGE`: a row of a factor whose squared norm is 0 or
+    beyond ``1e+-144``), on factors brought to unit size
+    (:func:`_unit_factors`), ``c_i`` their scale and the powers of two taken
+    out. ``W0`` (out, in), float64 on ``device``, or None: given, the deltas
+    of kinds that ``needs_base`` are their effective deltas, combined from
+    the factors (:func:`_effective_inner_products`; ``c_i = 1``). ``device``
     None: numpy, factored deltas only (``W0`` is None).
     """
     one, zero = np.ones(len(deltas)), np.zeros(len(deltas), dtype=np.int64)

@@ -94,12 +94,13 @@ DIVIDE = Param(
 
 
 def check_divide_weights(params: dict, weights) -> None:
-    """Refuse ``--divide weight`` with a negative weight (docs/merging.md, TIES).
+    """Refuse ``--divide weight`` with a negative weight (docs/merging.md,
+    "Signed and zero weights").
 
     That divisor is ``D = sum_i keep_i w_i`` (mergekit's ``normalize``), the
     merged entry ``sum_i keep_i w_i t_i / D``: where the kept weights are all
     negative it is their weighted mean of the unweighted ``t_i``, so the sign
-    of the weights cancels (``--weights -1`` gives ``+dW``); with both signs
+    of the weights cancels (``--weights -1`` gives ``+t``); with both signs
     kept ``D`` can vanish (``1,-1``: 0, taken as 1) or nearly (``1,-0.999``:
     the entry grows 1000-fold). Task negation is ``--divide count``'s mean or
     a linear method's sum; mergekit computes this, loramix refuses it."""
