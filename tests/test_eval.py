@@ -221,6 +221,34 @@ def test_progress_bar_on_a_terminal(bases):
     err = _on_a_terminal(argv)
     assert "eval arith" in err and "record" in err
     assert _on_a_terminal([*argv, "--no-progress"]) == ""
+    assert _on_a_terminal([*argv, "--quiet"]) == ""
+
+
+def test_every_command_with_a_bar_takes_quiet_and_no_progress():
+    """train, scenario run and base build took only --quiet; eval, sum and
+    merge only --no-progress: each refused the other's spelling (exit 2, 'No
+    such option'). Every command with a bar now takes --progress,
+    --no-progress and --quiet, the last two turning it off."""
+    import click
+
+    from loramix.cli import cli
+
+    def commands(group, ctx):
+        for name in group.list_commands(ctx):
+            cmd = group.get_command(ctx, name)
+            yield from commands(cmd, ctx) if isinstance(cmd, click.Group) else [cmd]
+
+    spellings = {"--quiet", "--progress", "--no-progress"}
+    with click.Context(cli) as ctx:
+        found = [
+            c for c in commands(cli, ctx) if any(spellings & {*p.opts, *p.secondary_opts} for p in c.params)
+        ]
+    assert {"train", "eval", "sum", "merge", "run", "build"} <= {c.name for c in found}
+    for cmd in found:
+        assert spellings <= {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}, cmd.name
+        for flag, on in (("--quiet", False), ("--no-progress", False), ("--progress", True), (None, True)):
+            ctx = cmd.make_context(cmd.name, [flag] if flag else [], resilient_parsing=True)
+            assert ctx.params["progress"] is on, (cmd.name, flag)
 
 
 def _err(capsys) -> str:

@@ -104,6 +104,10 @@ device_option = click.option("--device", type=click.Choice(DEVICE_CHOICES), defa
                              help="auto: CUDA where torch sees a GPU, else the CPU.")  # fmt: skip
 format_option = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
                              show_default=True, help="Output format.")  # fmt: skip
+# Every command with a bar takes both spellings: train and scenario run took
+# only --quiet, eval, sum and merge only --no-progress, so each refused the other's.
+progress_option = click.option("--progress/--no-progress", " /--quiet", default=True, show_default=True,
+                               help="A progress bar on stderr (where it is a terminal).")  # fmt: skip
 
 
 def field_options(f):
@@ -119,10 +123,10 @@ def field_options(f):
     return f
 
 
-def merge_options(progress: bool):
+def merge_options():
     """The options ``sum`` and ``merge`` share: ``--weights``, ``--into``,
     ``--out``, ``--dtype``, ``--device``, ``--force``, ``--threads``,
-    ``--progress`` (default ``progress``). Values are checked by the library
+    ``--progress/--no-progress`` (or ``--quiet``). Values are checked by the library
     (:mod:`loramix.options`), so bad ones get the one-line error."""
     opts = [
         click.option("--weights", default=None, help="One weight per adapter, e.g. 1,0.5 (default: all 1)."),
@@ -135,8 +139,7 @@ def merge_options(progress: bool):
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
         click.option("--force", is_flag=True, help="Replace an existing --out."),
         threads_option,
-        click.option("--progress/--no-progress", default=progress, show_default=True,
-                     help="Progress bar on stderr."),
+        progress_option,
     ]  # fmt: skip
 
     def decorate(f):

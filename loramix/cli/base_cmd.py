@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import data_options, device_option
+from . import data_options, device_option, progress_option
 
 
 @click.group("base")
@@ -24,8 +24,8 @@ def command():
               help="Seed of the initial weights, the held-out split and the training windows.")  # fmt: skip
 @device_option
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def build(data, more_data, out, size, steps, seed, device, force, quiet):
+@progress_option
+def build(data, more_data, out, size, steps, seed, device, force, progress):
     """Train a byte-level BPE tokenizer and pre-train a small GPT-2 on the data.
 
     The folder loads with AutoModelForCausalLM and AutoTokenizer; it also holds
@@ -41,7 +41,7 @@ def build(data, more_data, out, size, steps, seed, device, force, quiet):
         seed=seed,
         device=device,
         force=force,
-        progress=not quiet,
+        progress=progress,
     )
     click.echo(
         f"built {r['out']}: {r['params'] / 1e6:.2f}M parameters, vocab {r['vocab_size']}, "

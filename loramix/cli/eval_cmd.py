@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import data_options, device_option, field_options, format_option, prompt_option
+from . import data_options, device_option, field_options, format_option, progress_option, prompt_option
 from .threads import threads_option
 
 
@@ -43,7 +43,7 @@ from .threads import threads_option
     help="Load the base in this dtype (float32, bfloat16, float16, auto: the checkpoint's; default float32).",
 )
 @format_option
-@click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on stderr.")
+@progress_option
 def command(base, adapters, weights, merged, data, more_data, on, prompt, max_len, batch, limit, device,
             question_field, answer_field, context_field, top_layers, dtype, fmt, progress):  # fmt: skip
     """Perplexity per data file and over their union (token-weighted), with token

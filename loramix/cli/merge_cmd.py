@@ -88,7 +88,7 @@ class MergeCommand(click.Command):
 @click.command(name="merge", cls=MergeCommand)
 @click.option("--method", "-m", required=True, help="Merge method (loramix merge --help lists them).")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@merge_options(progress=True)
+@merge_options()
 def command(adapters, method, weights, into, out, device, dtype, force, progress, **params):
     """Merge adapters A B ... with a registered method.
 

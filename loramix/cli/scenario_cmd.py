@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import device_option
+from . import device_option, progress_option
 
 
 @click.group("scenario")
@@ -137,15 +137,15 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
 @click.option(
     "--address", default=None, help="Ray cluster address (--executor ray; default: a local instance)."
 )
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def run_cmd(file, out, device, fresh, cache_dir, force, threads, jobs, executor, address, quiet):
+@progress_option
+def run_cmd(file, out, device, fresh, cache_dir, force, threads, jobs, executor, address, progress):
     """Run the scenario FILE and write its report (report.md, results.csv, report.json, fit.json, plots)."""
     from ..scenario.runner import run_scenario
 
     jobs = _jobs(jobs, threads, executor)
     # a kill (SIGTERM) unwinds like Ctrl-C (loramix.cli.main), so half-made artifacts are removed
     rep = run_scenario(file, out, device=device, fresh=fresh, cache_dir=cache_dir, force=force,
-                       progress=not quiet, threads=threads, jobs=jobs, executor=executor,
+                       progress=progress, threads=threads, jobs=jobs, executor=executor,
                        address=address)  # fmt: skip
     t = rep["timings"]["total_seconds"]
     click.echo(f"report: {rep['out']}/report.md ({t:.1f} s)")

@@ -18,7 +18,7 @@ from . import merge_options
 
 @click.command("sum")
 @click.argument("adapters", nargs=-1, required=True)
-@merge_options(progress=True)
+@merge_options()
 @click.option("--out-rank", type=int, default=None, help="Without --into: truncate the sum to rank K (SVD).")
 @click.option("--energy", type=float, default=None, help="Without --into: keep this energy fraction (SVD).")
 def command(adapters, weights, into, out, dtype, device, force, progress, out_rank, energy):

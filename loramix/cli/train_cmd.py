@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import data_options, device_option, field_options, prompt_option
+from . import data_options, device_option, field_options, progress_option, prompt_option
 from .threads import threads_option
 
 
@@ -92,8 +92,8 @@ def _eval_size(value: str) -> int | float:
 )
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @threads_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(base, data, more_data, out, targets, eval_size, quiet, kind, method, **kw):
+@progress_option
+def command(base, data, more_data, out, targets, eval_size, progress, kind, method, **kw):
     """Train an adapter on question/answer data and write it to --out.
 
     LoRA adapters are PEFT folders; D2-LoRA adapters use loramix's format
@@ -137,7 +137,7 @@ def command(base, data, more_data, out, targets, eval_size, quiet, kind, method,
         method=method,  # the v0.1 name of --kind, still accepted (errors then name --method)
         targets=tg,
         eval_size=es,
-        progress=not quiet,
+        progress=progress,
         **kw,
     )
     click.echo(
