@@ -763,6 +763,32 @@ def test_progress_line_while_one_step_runs_long(capsys, monkeypatch):
     assert "under way" not in capsys.readouterr().err
 
 
+def test_an_interrupted_run_does_not_leave_its_bar_saying_done(monkeypatch):
+    """Ctrl-C at step 15 of 27 left '15/27 [...] done' above 'loramix:
+    interrupted' on the terminal (close() wrote "done" whatever the count).
+    Now the bar says done only once every step has run."""
+    import io
+    import sys
+    from types import SimpleNamespace
+
+    from loramix.scenario import runner
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for ran, done in ((1, False), (3, True)):
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        prog = runner._Progress(3)
+        for i in range(ran):
+            step = SimpleNamespace(id=f"s{i}", kind="eval", label=f"model {i}", group="evaluate")
+            prog.start(step)
+            prog.done(step, SimpleNamespace(seconds=0.1, events=[]))
+        prog.close()
+        last = sys.stderr.getvalue().split("\r")[-1]
+        assert f"{ran}/3" in last and ("done" in last) is done, last
+
+
 def test_predict_on_the_study_adapters(study, capsys):
     out = study["out"]
     rep = json.loads((out / "report.json").read_text())

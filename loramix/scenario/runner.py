@@ -141,7 +141,8 @@ class _Progress:
         self.stop.set()
         if self.thread is not None:  # no line after the bar's last (or after "interrupted")
             self.thread.join(5.0)
-        self.bar.set_postfix_str("done")
+        if self.count >= self.bar.total:  # an interrupted or failed run keeps its last step, not "done"
+            self.bar.set_postfix_str("done")
         self.bar.close()
 
 
