@@ -610,7 +610,7 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
 
     log, live = [], LiveLog(out)
     run.live = live
-    tokens, in_tokens, running = 0, 0, None
+    tokens, in_tokens = 0, 0
     model.train()
     runner.train()
     t0 = time.perf_counter()
@@ -635,10 +635,9 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
         opt.step()
         tokens += n_scored
         in_tokens += n_in
-        running = lv if running is None else 0.95 * running + 0.05 * lv
         log.append((step + 1, lv, cur_lr, tokens, time.perf_counter() - t0))
         live.row(*log[-1])
-        bar.set_postfix(loss=f"{running:.3f}", lr=f"{cur_lr:.1e}", refresh=False)
+        bar.set_postfix(loss=f"{_final_loss(log):.3f}", lr=f"{cur_lr:.1e}", refresh=False)
         bar.update(1)
     bar.close()
     if not all(bool(torch.isfinite(p).all()) for p in params):  # the last step's update overflowed
@@ -651,7 +650,7 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
     return {
         "ppl_base": ppl_base,
         "ppl_adapter": ev["ppl"] if ev else None,
-        "final_loss": sum(r[1] for r in log[-10:]) / len(log[-10:]),
+        "final_loss": _final_loss(log),
         "steps": total,
         "tokens": tokens,
         "input_tokens": in_tokens,
@@ -668,6 +667,15 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
         "trainable_parameters": n_params,
         "device": str(dev),
     }
+
+
+def _final_loss(log: list[tuple]) -> float:
+    """The mean loss of the last 10 steps of ``log`` (rows ``(step, loss, ...)``):
+    the summary's final loss, and the bar's loss so far. The bar showed an
+    average seeded with the first step's loss instead, which lagged: 3.39 at
+    the end of 12 steps on SmolLM2 whose last 10 losses mean 2.58."""
+    last = log[-10:]
+    return sum(r[1] for r in last) / len(last)
 
 
 def _diverged(step: int, total: int, what: str, lr: float) -> UsageError:

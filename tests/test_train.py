@@ -544,6 +544,27 @@ def test_top_layers_prefix_shows_a_bar_on_a_terminal(bases, tmp_path):
     assert "prefix" not in err, err
 
 
+def test_the_bars_loss_is_the_summarys_final_loss(bases, tmp_path):
+    """The bar's loss was an average seeded with the first step's loss: at the
+    end of 12 steps on SmolLM2 it read 3.387 where the summary's final loss
+    (the mean of the last 10 steps) was 2.575. Now the bar shows that mean."""
+    import csv
+    import re
+
+    from .test_eval import _on_a_terminal
+
+    out = tmp_path / "a"
+    err = _on_a_terminal(["train", "--base", str(bases["llama"]), "--data", "synthetic:arith?n=80&seed=3", "--out",
+                          str(out), "--steps", "12", "--batch", "4", "--max-len", "32", "--eval-size", "0",
+                          "--lr", "0.01"])  # fmt: skip
+    losses = [float(r["loss"]) for r in csv.DictReader((out / "train_log.csv").open())]
+    shown = re.findall(r"12/12 \[[^]]*loss=([0-9.]+)", err)
+    assert shown and float(shown[-1]) == pytest.approx(sum(losses[-10:]) / 10, abs=6e-4), (shown, losses)
+    assert json.loads((out / "loramix.json").read_text())["metrics"]["final_loss"] == pytest.approx(
+        sum(losses[-10:]) / 10, abs=1e-6
+    )
+
+
 def test_gradient_accumulation_on_a_last_batch_smaller_than_the_micro_batches(bases, tmp_path):
     """The epoch's last batch may hold fewer records than --grad-accum: 109
     training records in batches of 8 leave 5 for the last, cut into 8
