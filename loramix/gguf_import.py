@@ -305,16 +305,25 @@ def _name_map(config, gguf_arch: str) -> tuple[dict[str, str], object, object]:
     return name_map, processor, skeleton
 
 
-def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str) -> dict:
-    """De-quantised, renamed, un-permuted tensors as ``{hf name: torch tensor}``."""
+def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str, progress: bool = False) -> dict:
+    """De-quantised, renamed, un-permuted tensors as ``{hf name: torch tensor}``;
+    ``progress``: a bar of the file's tensor bytes, on stderr where it is a terminal."""
+    import sys
+
     import numpy as np
     import torch
     from gguf.quants import dequantize
+    from tqdm.auto import tqdm
+
+    from .options import bar_disabled
 
     name_map, processor, skeleton = _name_map(config, gguf_arch)
     arch = config.model_type
     tdtype = getattr(torch, dtype)
     out = {}
+    # the longest part of an import (minutes for a 7B file), which said nothing until it ended
+    bar = tqdm(total=sum(int(t.n_bytes) for t in reader.tensors), unit="B", unit_scale=True, desc="de-quantising",
+               file=sys.stderr, disable=bar_disabled(progress), leave=False, dynamic_ncols=True)  # fmt: skip
     for t in reader.tensors:
         hf = name_map.get(t.name)
         if hf is None:
@@ -323,6 +332,7 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str) -> dict:
                     raise BaseModelError(path, f"tensor {t.name} scales the RoPE frequencies (as llama.cpp "
                                                "stores Llama 3.1's), which loramix cannot import: transformers' "
                                                "GGUF support drops it")  # fmt: skip
+                bar.update(int(t.n_bytes))
                 continue
             raise BaseModelError(path, f"tensor {t.name} has no place in a {arch} model")
         try:
@@ -341,6 +351,8 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str) -> dict:
                 path, f"tensor {t.name} holds {int((~np.isfinite(w)).sum())} nan or inf values"
             )
         out[hf] = torch.from_numpy(w).to(tdtype)
+        bar.update(int(t.n_bytes))
+    bar.close()
     tied = set() if not config.tie_word_embeddings else {"lm_head.weight"}
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in tied}
     missing = sorted(set(expected) - set(out))
@@ -369,13 +381,14 @@ def _write_tokenizer(path: Path, folder: Path) -> None:
 
 
 def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dtype: str = "float32",
-                 sha256: str | None = None, say=None, reader=None) -> dict:  # fmt: skip
+                 sha256: str | None = None, say=None, reader=None, progress: bool = False) -> dict:  # fmt: skip
     """Write the transformers folder for ``gguf_path`` into the existing empty ``folder``.
 
     Returns the provenance record (also written as ``loramix.json``).
     ``say``: called once the file's metadata are checked, before the long
     de-quantisation (a notice). ``reader``: the file's :func:`open_gguf`
-    where the caller has one (parsing the header again costs seconds). Not
+    where the caller has one (parsing the header again costs seconds);
+    ``progress``: a bar of the de-quantisation. Not
     atomic by itself: :func:`import_gguf` and :func:`resolve_base` write
     into a temporary folder and rename it.
     """
@@ -393,7 +406,7 @@ def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dty
     config = _hf_config(reader, path, arch, dtype)
     if say is not None:
         say()
-    tensors = _tensors(reader, path, config, _field(reader, "general.architecture"), dtype)
+    tensors = _tensors(reader, path, config, _field(reader, "general.architecture"), dtype, progress=progress)
     rec = provenance(
         "gguf-import",
         {"dtype": dtype},
@@ -411,8 +424,9 @@ def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dty
 
 
 def import_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
-                force: bool = False) -> dict:  # fmt: skip
-    """``loramix base import``: write ``out`` atomically; return a summary dict."""
+                force: bool = False, progress: bool = False) -> dict:  # fmt: skip
+    """``loramix base import``: write ``out`` atomically; return a summary dict.
+    ``progress``: a bar of the de-quantisation (:func:`_tensors`)."""
     from .io.outputs import atomic_output_dir, check_output
 
     t0 = time.perf_counter()
@@ -421,7 +435,7 @@ def import_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, *, dtype: 
     check_output(out, force=force, inputs=[path])
     reader = open_gguf(path)  # a bad file is refused before an output folder is created
     with atomic_output_dir(out, force=force, inputs=[path]) as tmp:
-        rec = write_folder(path, tmp, dtype=dtype, reader=reader)
+        rec = write_folder(path, tmp, dtype=dtype, reader=reader, progress=progress)
     return {"out": str(out), "seconds": time.perf_counter() - t0, **rec}
 
 

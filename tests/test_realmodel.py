@@ -587,6 +587,19 @@ def test_the_imported_tokenizer_adds_bos_as_the_file_says(tmp_path, capsys):
         assert _adds_bos(tok) is flag
 
 
+def test_import_shows_a_bar_on_a_terminal(tmp_path):
+    """``base import`` said nothing until it ended (7-20 s for SmolLM2 on a
+    shared 2-core machine, minutes for a 7B file): now a bar of the bytes
+    de-quantised where stderr is a terminal; none with --quiet."""
+    from .test_eval import _on_a_terminal
+
+    path = llama_gguf(tmp_path / "m.gguf", tokenizer=True)
+    err = _on_a_terminal(["base", "import", str(path), "--out", str(tmp_path / "a")])
+    assert "de-quantising" in err and "49.5k" in err, err  # the file's tensor bytes
+    err = _on_a_terminal(["base", "import", str(path), "--out", str(tmp_path / "b"), "--quiet"])
+    assert "de-quantising" not in err, err
+
+
 def test_import_parses_the_gguf_header_once(tmp_path, monkeypatch, capsys):
     """``base import`` parses the file's header (gguf.GGUFReader: 2-4 s for
     SmolLM2's 49,152-token vocabulary) once for its checks, transformers'

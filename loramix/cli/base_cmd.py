@@ -56,7 +56,8 @@ def build(data, more_data, out, size, steps, seed, device, force, progress):
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Data type of the de-quantised weights.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
-def import_(gguf_file, out, dtype, force):
+@progress_option
+def import_(gguf_file, out, dtype, force, progress):
     """Import a GGUF model (llama.cpp, Ollama, LM Studio) as a transformers folder.
 
     The weights are de-quantised (Q4_0/Q4_1/Q5_x/Q8_0, K-quants,
@@ -66,7 +67,7 @@ def import_(gguf_file, out, dtype, force):
     """
     from ..gguf_import import import_gguf
 
-    r = import_gguf(gguf_file, out, dtype=dtype, force=force)
+    r = import_gguf(gguf_file, out, dtype=dtype, force=force, progress=progress)
     quants = ", ".join(f"{n} {k}" for k, n in r["quantisation"].items())
     click.echo(
         f"imported {gguf_file} -> {r['out']}: {r['architecture']}, tensors {quants}, "
