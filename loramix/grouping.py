@@ -255,11 +255,11 @@ def adapter_checks(adapters, fitfile: dict, where: str) -> list[str]:
     return warnings
 
 
-def one_kind(adapters, where: str) -> None:
-    """Refuse adapters of more than one kind in one line (the fits, and merges, are per kind)."""
+def one_kind(adapters, where: str, why: str = "the fits are per kind") -> None:
+    """Refuse adapters of more than one kind in one line (the fits, and plans, are per kind)."""
     kinds = sorted({a.method for a in adapters})  # the kind's name, on Adapter and NpAdapter alike
     if len(kinds) > 1:
-        raise UsageError(where, f"the adapters mix kinds ({', '.join(kinds)}); the fits are per kind")
+        raise UsageError(where, f"the adapters mix kinds ({', '.join(kinds)}); {why}")
 
 
 def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: bool = True,
@@ -393,7 +393,10 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
     else:  # a calibration pass runs the adapters in the base model: torch's
         from .io.adapter_files import load_adapter as load
     adapters = [a if hasattr(a, "modules") else load(a) for a in items]
-    one_kind(adapters, "plan")
+    # without a fit no fit is per kind, but a plan is: its groups are merged by one method each
+    one_kind(
+        adapters, "plan", "the fits are per kind" if fit is not None else "a plan groups adapters of one kind"
+    )
     # the checks of `loramix predict`: another adapter kind refused, another base warned of
     warnings = [] if fitfile is None else adapter_checks(adapters, fitfile, str(fit))
     model, source, validated = cost_model(

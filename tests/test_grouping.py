@@ -435,8 +435,12 @@ def test_adapters_of_two_kinds_are_refused(bank, similar_merge_well, tmp_path, c
                            scale=1.0, alpha=2.0, B_neg=torch.randn(DIM, 2, generator=gen),
                            A_neg=torch.randn(2, DIM, generator=gen), tau=0.5) for m in MODULES}  # fmt: skip
     d2 = str(save_d2_adapter(tmp_path / "d2", mods, r=2, lora_alpha=2.0, tau=0.5))
-    _one_line_error(capsys, ["plan", *paths[:2], d2], "mix kinds")
-    _one_line_error(capsys, ["plan", *paths[:2], d2, "--fit", str(fit)], "mix kinds")
+    # no fit is involved without --fit: the line must not blame one
+    err = _one_line_error(capsys, ["plan", *paths[:2], d2], "mix kinds")
+    assert "a plan groups adapters of one kind" in err and "fit" not in err
+    assert "fits are per kind" in _one_line_error(
+        capsys, ["plan", *paths[:2], d2, "--fit", str(fit)], "mix kinds"
+    )
     _one_line_error(capsys, ["predict", paths[0], d2, "--fit", str(fit)], "mix kinds")
 
 
