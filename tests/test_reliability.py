@@ -1409,6 +1409,70 @@ def test_layers_to_transform_must_cover_the_tensors(tmp_path, capsys, value, nee
     assert_refused(rc, err, None, needle)
 
 
+def _peft_wraps(base: Path, adapter: Path) -> set[str]:
+    """The modules PEFT's ``PeftModel.from_pretrained`` puts the adapter on."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter))
+    return {
+        n.removeprefix("base_model.model.")
+        for n, m in model.named_modules()
+        if "default" in getattr(m, "lora_A", {})
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle", "peft"),
+    [(dict(target_modules=r".*\.c_attn"), r'transformer.h.0.attn.c_proj does not match target_modules ".*\.c_attn"',
+      "some"),
+     (dict(target_modules="zzz"), 'does not match target_modules "zzz"', "none"),
+     (dict(target_modules=[]), "is not in target_modules []", "none"),
+     (dict(exclude_modules=["c_fc"]), "transformer.h.0.mlp.c_fc is in exclude_modules ['c_fc']", "some"),
+     (dict(exclude_modules=r".*\.h\.1\..*"), "transformer.h.1.attn.c_attn is in exclude_modules", "some"),
+     (dict(target_modules="("), "target_modules must be", None),
+     (dict(exclude_modules=7), "exclude_modules must be", None)],
+)  # fmt: skip
+def test_target_and_exclude_modules_must_select_the_tensors(world, tmp_path, capsys, fields, needle, peft):
+    """PEFT wraps only the modules its config selects (``target_modules`` as a
+    regular expression matching the whole name, or a list of last names; none
+    in ``exclude_modules``) and drops the factors of any other without a word
+    (``peft``: "some" of the file's modules are wrapped; "none": PEFT refuses
+    to load it): a config selecting fewer modules than the file has factors
+    for is refused naming the first such module, as a list of other names
+    was. A regular expression, an empty list and exclude_modules were not
+    checked (the sum merged deltas PEFT never applies); a bad regular
+    expression or an exclude_modules of another type is refused naming the field."""
+    ad = copy(world["a"], tmp_path / "ad")
+    edit_config(ad, **fields)
+    every = {
+        f"transformer.h.{i}.{m}"
+        for i in (0, 1)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+    if peft == "some":
+        assert set() < _peft_wraps(world["gpt2"], ad) < every
+    elif peft == "none":
+        with pytest.raises(ValueError):  # PEFT's NoMatchingPeftModuleError
+            _peft_wraps(world["gpt2"], ad)
+    out = tmp_path / "out"
+    code, _, err = sum_into(capsys, world["gpt2"], out, ad)
+    assert_refused(code, err, out, ad, needle)
+    code, _, err = cli(capsys, "similarity", ad, world["b"])
+    assert_refused(code, err, None, ad, needle)
+
+
+def test_target_modules_selecting_every_tensor_accepted(world, tmp_path, capsys):
+    """A regular expression, PEFT's ``all-linear`` and an exclude_modules naming
+    modules without factors select every module of the file: read as before."""
+    for i, fields in enumerate([dict(target_modules=r".*\.(c_attn|c_proj|c_fc)"), dict(target_modules="all-linear"),
+                                dict(exclude_modules=["lm_head"]), dict(exclude_modules=r".*\.wte")]):  # fmt: skip
+        ad = copy(world["a"], tmp_path / f"ad{i}")
+        edit_config(ad, **fields)
+        assert cli(capsys, "similarity", ad, world["a"])[0] == 0, fields
+        assert cli(capsys, "sum", "--no-progress", ad, "--out", tmp_path / f"out{i}")[0] == 0, fields
+
+
 def test_a_full_disk_in_the_study_cache_names_the_artifact(tmp_path):
     """A full disk while an artifact is made names that artifact in the cache,
     not the temporary it was written in (which is gone when the line is read)."""

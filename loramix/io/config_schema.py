@@ -15,7 +15,8 @@ field                                 type
 ``lora_alpha``                        finite number (``1e309`` is infinite)
 ``rank_pattern``                      null or {regex str: int > 0}
 ``alpha_pattern``                     null or {regex str: finite number}
-``target_modules``                    null, str or list of str
+``target_modules``,                   null, a regular expression str or list
+``exclude_modules``                   of str
 ``modules_to_save``                   null or list of str
 ``use_rslora``, ``fan_in_fan_out``,   bool (``"no"`` is not false)
 ``use_dora``, ``lora_bias``,
@@ -95,6 +96,18 @@ def _str_list(x) -> bool:
     return isinstance(x, list) and all(isinstance(v, str) for v in x)
 
 
+def _regex(x) -> bool:
+    """A string that compiles as a regular expression (PEFT matches a string
+    ``target_modules`` / ``exclude_modules`` with ``re.fullmatch``)."""
+    if not isinstance(x, str):
+        return False
+    try:
+        re.compile(x)
+    except (re.error, RecursionError):
+        return False
+    return True
+
+
 def _pattern(x, value_ok) -> bool:
     if x is None:
         return True
@@ -121,8 +134,10 @@ FIELDS = {
     "rank_pattern": (lambda x: _pattern(x, lambda v: _is_int(v) and v > 0),
                      "an object of regular expression -> positive integer"),
     "alpha_pattern": (lambda x: _pattern(x, is_number), "an object of regular expression -> finite number"),
-    "target_modules": (lambda x: x is None or isinstance(x, str) or _str_list(x),
-                       "a string or a list of strings"),
+    "target_modules": (lambda x: x is None or _regex(x) or _str_list(x),
+                       "a regular expression or a list of strings"),
+    "exclude_modules": (lambda x: x is None or _regex(x) or _str_list(x),
+                        "null, a regular expression or a list of strings"),
     "modules_to_save": (lambda x: x is None or _str_list(x), "null or a list of strings"),
     "layers_to_transform": (lambda x: x is None or (_is_int(x) and x >= 0)
                             or (isinstance(x, list) and all(_is_int(v) and v >= 0 for v in x)),

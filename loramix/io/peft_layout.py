@@ -434,20 +434,35 @@ def check_config_rank(module: str, rank: int, r_cfg: int, cfg_path: Path, weight
 
 
 def check_targets(modules: Iterable[str], config: dict, weights: Path) -> None:
-    """Every module read must be in the config's ``target_modules`` (when a
-    list), and in its ``layers_to_transform`` (when given): PEFT would wrap
-    other modules than those the file has factors for, and merge other deltas."""
+    """Every module read must be one PEFT wraps by the config: matched by
+    ``target_modules`` (a list: the name or its last parts, ``name == t`` or
+    ``name.endswith("." + t)``; a string: ``re.fullmatch(t, name)``, except
+    PEFT's ``all-linear``), not matched by ``exclude_modules`` (the same two
+    rules), and in ``layers_to_transform`` (when given). PEFT wraps only the
+    modules the config selects and drops the factors of any other without a
+    word, so loramix would merge deltas that PEFT never applies."""
     targets = config.get("target_modules")
+    excluded = config.get("exclude_modules")
     layers = config.get("layers_to_transform")
     layers = None if layers is None or layers == [] else ([layers] if isinstance(layers, int) else layers)
     for module in modules:
-        if (
-            isinstance(targets, list)
-            and targets
-            and not any(module == t or module.endswith("." + t) for t in targets)
-        ):
+        if isinstance(targets, list) and not _peft_selects(targets, module):
             raise AdapterError(
                 weights, f"config and tensors disagree: module {module} is not in target_modules {targets}"
+            )
+        if (
+            isinstance(targets, str)
+            and targets.lower() != "all-linear"
+            and not _peft_selects(targets, module)
+        ):
+            raise AdapterError(
+                weights,
+                f'config and tensors disagree: module {module} does not match target_modules "{targets}" '
+                "(a regular expression PEFT matches against the whole module name)",
+            )
+        if excluded and _peft_selects(excluded, module):
+            raise AdapterError(
+                weights, f"config and tensors disagree: module {module} is in exclude_modules {excluded}"
             )
         if layers is not None and (k := peft_layer_index(module, config.get("layers_pattern"))) not in layers:
             where = "in no layer" if k is None else f"in layer {k}"
@@ -455,6 +470,14 @@ def check_targets(modules: Iterable[str], config: dict, weights: Path) -> None:
                 weights,
                 f"config and tensors disagree: module {module} is {where}, not in layers_to_transform {layers}",
             )
+
+
+def _peft_selects(names: str | list[str], module: str) -> bool:
+    """PEFT's rule for ``target_modules`` and ``exclude_modules``: a string is a
+    regular expression of the whole name, a list holds names or their last parts."""
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    return any(module == t or module.endswith("." + t) for t in names)
 
 
 def peft_layer_index(module: str, layers_pattern=None) -> int | None:
