@@ -803,6 +803,23 @@ def test_index_naming_a_file_outside_the_base_refused(world, tmp_path, capsys, w
     assert_refused(rc, err, out, index, "not a file name in the base folder")
 
 
+@pytest.mark.parametrize("value", [5, ["model-00001-of-00008.safetensors"], None])
+def test_index_naming_a_shard_by_a_non_string_refused(world, tmp_path, capsys, value):
+    """One weight_map value of another JSON type among the shard names is
+    refused naming the index, by sum --into and by similarity --base. It was a
+    TypeError traceback (the names were sorted as a set before each was checked)."""
+    base = copy(world["sharded"], tmp_path / "base")
+    index = base / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"][sorted(data["weight_map"])[0]] = value
+    index.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    rc, _, err = sum_into(capsys, base, out, world["a"])
+    assert_refused(rc, err, out, index, f"names the shard {value!r}, which is not a file name")
+    rc, _, err = cli(capsys, "similarity", "--base", base, world["a"], world["b"])
+    assert_refused(rc, err, None, index, "not a file name")
+
+
 # ---- 8. adapters of two architectures -------------------------------------------------------------------
 
 

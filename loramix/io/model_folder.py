@@ -125,12 +125,14 @@ class BaseModelFolder:
                     raise ValueError("weight_map is empty or not an object")
             except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
                 raise BaseModelError(index_path, f"not a valid safetensors index: {e}") from None
-            shards = sorted(set(weight_map.values()))
-            for shard in shards:
+            # each value checked before the set is sorted: a number or a list among the
+            # names would raise TypeError there (a traceback), not this line
+            for shard in weight_map.values():
                 # a shard is a file name in the folder (transformers' rule): no folders, no ../
                 if not isinstance(shard, str) or shard in ("", ".", "..") or "/" in shard or os.sep in shard:
                     raise BaseModelError(index_path, f"names the shard {shard!r}, which is not a file name in "
                                          "the base folder")  # fmt: skip
+            shards = sorted(set(weight_map.values()))
             for p in sorted(self.path.glob("model-*-of-*.safetensors")):
                 if p.name not in shards:
                     raise BaseModelError(index_path, f"does not name the shard {p.name} beside it")
