@@ -2,8 +2,10 @@
 
 Offline only (``local_files_only=True``). Every problem a user can cause is a
 one-line :class:`~loramix.errors.BaseModelError` naming the folder: not a
-folder, no ``config.json``, not a causal LM, no weights, no tokenizer, or a
-tokenizer whose vocabulary is larger than the model's embedding.
+folder, no ``config.json``, not a causal LM, no weights, weights lacking
+parameters of the model ``config.json`` describes (transformers would fill
+them at random), no tokenizer, or a tokenizer whose vocabulary is larger than
+the model's embedding.
 """
 
 from __future__ import annotations
@@ -149,12 +151,24 @@ def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None):
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=tdtype)
+        check_weights_hold_the_model(p)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(p), local_files_only=True, dtype=tdtype, output_loading_info=True
+        )
+    except BaseModelError:
+        raise
     except Exception as e:
         raise BaseModelError(p, f"model does not load: {type(e).__name__}: {e}") from None
     finally:
         if bar:
             hf_logging.enable_progress_bar()
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise BaseModelError(
+            p,
+            f"the weights lack {len(missing)} tensor(s) of the model config.json describes ({missing[0]}, ...), "
+            "which transformers would fill at random",
+        )
     model.to(dev).eval()
     if getattr(model, "loss_type", None) is None:
         # GPT-2's class name maps to no loss type, so transformers warns on every
@@ -162,6 +176,59 @@ def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None):
         model.loss_type = "ForCausalLM"
     check_tokenizer(model, tok, p)
     return model, tok
+
+
+def check_weights_hold_the_model(p: Path) -> None:
+    """Refuse a ``config.json`` whose model has more parameters than the
+    folder's safetensors weights hold values, before transformers builds it.
+
+    transformers fills every parameter the weights lack at random: a
+    ``model_type`` or a size that does not match the weights (a GPT-2 folder
+    whose config says ``llama`` gets Llama's defaults, 6.7e9 parameters) is
+    built in full and killed for memory, or evaluated as a random model. The
+    count comes from the model built on the meta device (tied parameters once)
+    against the sum of the tensors' sizes in the safetensors headers; a
+    quantized or pickle-only checkpoint is left to transformers."""
+    import math
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .io.filehash import INDEX_NAME, SINGLE_NAME
+    from .io.model_folder import _quiet_transformers
+    from .io.st_header import read_safetensors_header
+
+    cfg = load_json_file(p / "config.json", BaseModelError, constants=True)
+    if cfg.get("quantization_config") is not None:
+        return
+    if (p / INDEX_NAME).is_file():
+        weight_map = load_json_file(p / INDEX_NAME, BaseModelError).get("weight_map")
+        names = weight_map.values() if isinstance(weight_map, dict) else [None]
+        if not all(
+            isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and os.sep not in v
+            for v in names
+        ):
+            return  # transformers says what is wrong with it; nothing outside the folder is read here
+        files = sorted({p / v for v in weight_map.values()})
+    elif (p / SINGLE_NAME).is_file():
+        files = [p / SINGLE_NAME]
+    else:
+        return
+    held = 0
+    for f in files:
+        if not f.is_file():
+            return
+        header, _ = read_safetensors_header(f)
+        held += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    with torch.device("meta"), _quiet_transformers():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(p), local_files_only=True))
+    need = sum(t.numel() for t in model.parameters())
+    if need > held:
+        raise BaseModelError(
+            p / "config.json",
+            f"describes a model of {need:,} parameters but the weights hold {held:,} values "
+            "(a model_type or size that does not match the weights?); transformers would fill the rest at random",
+        )
 
 
 #: the files transformers reads a tokenizer from, whichever a base folder has
