@@ -67,6 +67,7 @@ import io
 import json
 import os
 import random
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -190,12 +191,17 @@ def load_records(
         raise DataError(p, "no such file")
     if p.is_dir():
         raise DataError(p, "is a folder, expected a .jsonl, .json, .csv or .txt file")
+    if not stat.S_ISREG(p.stat().st_mode):
+        # reading a FIFO waits for a writer that may never come: refused, not hung
+        raise DataError(p, "not a regular file (a FIFO or device?)")
     qf, af, cf = question_field, answer_field, context_field
     suffix = p.suffix.lower()
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(p, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(p, f"cannot read: {e.strerror or e}") from None
     if not text.strip():
         raise DataError(p, "empty file: no records")
 
@@ -210,6 +216,8 @@ def load_records(
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(p, f"line {i}: invalid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(p, f"line {i}: invalid JSON (nested too deeply)") from None
             records.append(_record(obj, p, f"line {i}", qf, af, cf))
             if limit is not None and len(records) >= limit:
                 break
@@ -218,6 +226,8 @@ def load_records(
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(p, f"invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        except RecursionError:
+            raise DataError(p, "invalid JSON (nested too deeply)") from None
         if not isinstance(data, list):
             raise DataError(p, f"expected a JSON list of objects, got {type(data).__name__}")
         for i, obj in enumerate(data[:limit] if limit else data):

@@ -99,6 +99,13 @@ def test_plain_text_paragraphs(tmp_path):
         ("emptyans.csv", "question,answer\na,b\nc,\n", "line 3: field 'answer' is empty"),
         ("null.jsonl", '{"question": "a", "answer": null}\n', "missing field 'answer'"),
         ("x.parquet", "abc", "unsupported file type"),
+        # a RecursionError, which the CLI's last resort reported naming no file
+        (
+            "deep.jsonl",
+            '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+            "nested too deeply",
+        ),
+        ("deep.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ],
 )
 def test_bad_files_name_the_file_and_exit_2(tmp_path, capsys, name, content, message):
@@ -112,6 +119,26 @@ def test_bad_files_name_the_file_and_exit_2(tmp_path, capsys, name, content, mes
     assert main(["eval", "--base", str(tmp_path / "nobase"), "--data", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(path) in err and message.split(":")[-1].strip() in err
+
+
+def test_fifo_refused_not_hung(tmp_path):
+    """A FIFO given as data is refused naming it; reading it waited for a
+    writer, for ever (a real process: the old code hung in it)."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "data.jsonl"
+    os.mkfifo(fifo)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.Popen([sys.executable, "-m", "loramix", "eval", "--base", str(tmp_path / "nobase"), "--data",
+                          str(fifo)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": repo})  # fmt: skip
+    try:
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 2 and err.count("\n") == 1 and f"{fifo}: not a regular file" in err, err
 
 
 def test_split_is_deterministic_and_disjoint():
