@@ -279,11 +279,14 @@ def _merge_step(ctx: StepContext, st: Step, deps: dict) -> dict:
 def _similarity_step(ctx: StepContext, st: Step, deps: dict) -> dict:
     """Pairwise RMS/mean cosine and coverage of the domain adapters (and, for
     a kind whose delta needs the base, of the effective deltas)."""
-    from ..io.adapter_files import load_adapter
     from ..overlap import similarity
 
     names, pre = st.args["names"], st.label
-    ads = [load_adapter(deps[f"adapter/{pre}/{d}"]["path"], name=d) for d in names]
+    if st.args["effective"]:  # the effective deltas are formed with the base's weights, in torch
+        from ..io.adapter_files import load_adapter as load
+    else:  # numpy factors, as similarity() reads them anyway on the CPU: no torch imported
+        from ..io.np_factors import load_np_adapter as load
+    ads = [load(deps[f"adapter/{pre}/{d}"]["path"], name=d) for d in names]
     sim = similarity(ads, per_module=True, progress=False)
     sim_eff = similarity(ads, base=deps["base"]["path"], progress=False) if st.args["effective"] else None
 
