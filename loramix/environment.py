@@ -19,27 +19,45 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device) -> dict:
-    """Versions, platform, CPU and device (a ``torch.device``) as a flat dict."""
+def _version(module: str) -> str:
+    """``module.__version__``: from the module where it is imported, else from
+    its installed metadata (the same string) without importing it."""
+    if module in sys.modules:
+        return sys.modules[module].__version__
+    from importlib.metadata import version
+
+    return version(module)
+
+
+def environment(device, torch_threads: int | None = None) -> dict:
+    """Versions, platform, CPU and device (a ``torch.device``, or ``"cpu"``) as
+    a flat dict. ``torch_threads``: the threads the numbers were computed
+    with (default: torch's now). torch and transformers are imported only
+    where needed (a CUDA device, no ``torch_threads``): a scenario rerun read
+    back from the cache reports them without the seconds of their import."""
     import numpy
     import pandas
-    import torch
-    import transformers
 
     cpu = cpu_name()
     dev_name = "CPU"
-    if device.type == "cuda":
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
         dev_name = torch.cuda.get_device_name(device)
+    if torch_threads is None:
+        import torch
+
+        torch_threads = torch.get_num_threads()
     return {
         "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
         "numpy": numpy.__version__,
         "pandas": pandas.__version__,
         "platform": platform.platform(),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch_threads,
         "device": str(device),
         "device_name": dev_name,
     }

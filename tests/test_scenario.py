@@ -900,3 +900,89 @@ def test_label_colors_distinct_beyond_the_palette():
     labels = ["lora", "lora:data", "lora@16", "lora@8", "lora:x", "lora@2", "lora@32", "d2lora"]
     colors = [to_hex(c) for c in _label_colors(labels).values()]
     assert len(set(colors)) == len(labels), colors
+
+
+# A LoRA-only study (no effective-delta similarity, which needs the base's weights in torch).
+TINY_LORA = """
+name = "tiny"
+[base.build]
+steps = 4
+[domains.a]
+data = "synthetic:arith"
+train = 16
+eval = 8
+[domains.b]
+data = "synthetic:units"
+train = 16
+eval = 8
+[adapters]
+rank = 2
+alpha = 8
+steps = 2
+batch = 8
+max_len = 48
+[merge]
+methods = ["sum", "ties"]
+ties = { density = 0.5 }
+"""
+
+# run_scenario from Python, as a notebook calls it, in a process of its own (this
+# one's transformers state is whatever earlier tests left): the caller's settings after
+_API_RUN = """
+import json, sys, torch
+from transformers.utils import logging as hf_logging
+from loramix.scenario.runner import run_scenario
+before = []
+for bars in (True, False):
+    hf_logging.enable_progress_bar() if bars else hf_logging.disable_progress_bar()
+    torch.set_num_threads(3)
+    run_scenario(sys.argv[1], sys.argv[2], cache_dir=sys.argv[3], progress=False, force=True)
+    before.append([bars, hf_logging.is_progress_bar_enabled(), torch.get_num_threads()])
+print(json.dumps(before))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_lora_study(tmp_path_factory):
+    """The first run of :data:`TINY_LORA` (every artifact made), by the
+    library's ``run_scenario``, then a rerun read back from the cache."""
+    import os
+    import subprocess
+    import sys
+
+    d = tmp_path_factory.mktemp("tiny")
+    scen, out, cache = _write(d, TINY_LORA, "tiny.toml"), d / "first", d / "cache"
+    p = subprocess.run([sys.executable, "-c", _API_RUN, str(scen), str(out), str(cache)], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {"scen": scen, "out": out, "cache": cache, "states": json.loads(p.stdout.splitlines()[-1])}
+
+
+def test_run_scenario_leaves_transformers_bars_and_torch_threads_as_it_found_them(tiny_lora_study):
+    """A study turns transformers' progress bars off while it computes (one
+    overall bar) and sets torch's threads; a Python caller gets both back as
+    they were, on or off (the bars were left off for the rest of a notebook's
+    session)."""
+    assert tiny_lora_study["states"] == [[True, True, 3], [False, False, 3]]
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_rerun_read_back_from_the_cache_imports_no_torch(tiny_lora_study, tmp_path, jobs):
+    """Every step a cache hit (and the similarity in numpy): the rerun imports
+    neither torch nor transformers, in this process (the device told without
+    torch, the report's versions from the packages' metadata) nor in workers
+    (none started: ``--jobs 2``), and writes the same report."""
+    from .test_startup import imported_modules
+
+    s = tiny_lora_study
+    out = tmp_path / "again"
+    rc, mods, err = imported_modules("scenario", "run", str(s["scen"]), "--out", str(out), "--cache", str(s["cache"]),
+                                     "--jobs", jobs, "--quiet", cwd=tmp_path)  # fmt: skip
+    assert rc == 0, err
+    assert not {"torch", "transformers"} & mods
+    log = list(csv.DictReader(open(out / "cache_log.csv")))
+    assert log and all(e["status"] == "hit" for e in log)
+    for f in ("results.csv", "evaluations.csv", "similarity_per_module.csv"):
+        assert (out / f).read_bytes() == (s["out"] / f).read_bytes(), f
+    env1, env2 = (json.loads((o / "report.json").read_text())["environment"] for o in (s["out"], out))
+    assert env1 == env2

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from ..errors import LoramixError, UsageError
 from .plan import Step
-from .steps import StepContext, run_step
+from .steps import StepContext, reads_back, run_step
 
 EXECUTORS = ("serial", "processes", "ray")
 
@@ -261,16 +261,24 @@ class ProcessExecutor:
             devices = spawn.Queue()
             for i in range(self.jobs):
                 devices.put(gpus[i % len(gpus)])
+        from concurrent.futures import Future
         from concurrent.futures.process import BrokenProcessPool
 
-        pool = ProcessPoolExecutor(self.jobs, mp_context=spawn, initializer=_worker_init,
-                                   initargs=(ctx.payload(), threads_per_job(self.threads, self.jobs), devices,
-                                             os.getpid()))  # fmt: skip
         # every worker started and the steps under way: to say which died, and during what
         workers: dict = {}
         under_way: dict = {}
+        pools: list = []  # started at the first step that computes: a study read back starts none
 
         def submit(st, deps):
+            if reads_back(ctx, st):  # milliseconds here; a worker's start is seconds (torch, transformers)
+                future = Future()
+                future.set_result(_timed(ctx, st, deps))
+                return future
+            if not pools:
+                pools.append(ProcessPoolExecutor(self.jobs, mp_context=spawn, initializer=_worker_init,
+                                                 initargs=(ctx.payload(), threads_per_job(self.threads, self.jobs),
+                                                           devices, os.getpid())))  # fmt: skip
+            pool = pools[0]
             under_way[st.id] = st
             with _starting_workers():  # the pool starts a worker here, on demand
                 future = pool.submit(_worker_run, st, deps)
@@ -288,8 +296,9 @@ class ProcessExecutor:
         try:
             out = _schedule(steps, submit, wait_any, ended, done, on_start, slots=self.jobs)
         except BaseException as e:
-            _stop(list({**workers, **(getattr(pool, "_processes", None) or {})}.values()))
-            pool.shutdown(wait=True, cancel_futures=True)
+            for pool in pools:
+                _stop(list({**workers, **(getattr(pool, "_processes", None) or {})}.values()))
+                pool.shutdown(wait=True, cancel_futures=True)
             # a worker that could not unwind (kill -9, the out-of-memory killer, one killed by
             # _stop after STOP_SECONDS) left its temporary: removed here, as its owner is gone
             from .cache import remove_stale
@@ -299,7 +308,8 @@ class ProcessExecutor:
                 line = _lost_worker(list(workers.values()), list(under_way.values()))
                 raise LoramixError(None, line) from e
             raise
-        pool.shutdown(wait=True)
+        for pool in pools:
+            pool.shutdown(wait=True)
         return out
 
 

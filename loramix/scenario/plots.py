@@ -33,8 +33,14 @@ _PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
 
 def _kind_color(name: str) -> str | None:
     """One colour per registered adapter kind (fixed by the registry's order), None for others."""
-    from ..kinds import KINDS
+    import sys
 
+    if "loramix.kinds" in sys.modules:  # the registry (it may hold kinds registered from outside)
+        from ..kinds import KINDS
+    else:  # the names the kinds declare, read without importing them (they import torch)
+        from ..discovery import declared_names
+
+        KINDS = declared_names("loramix.kinds", "AdapterKind")
     names = sorted(KINDS, key=lambda n: (n != "lora", n))
     return _PALETTE[names.index(name) % len(_PALETTE)] if name in names else None
 

@@ -51,12 +51,12 @@ def similarity_png(label: str) -> str:
 
 
 def _kinds(names) -> list:
-    """The distinct adapter kind objects of the study labels ``names``
-    (``KIND[@R][:INIT]``, in order; the report asks the kinds, not their names)."""
-    from ..kinds import get_kind
-    from .traits import kind_of
+    """The traits of the distinct adapter kinds of the study labels ``names``
+    (``KIND[@R][:INIT]``, in order; the report asks the kinds, not their names):
+    :func:`~loramix.scenario.traits.kind_traits`, torch-free."""
+    from .traits import kind_of, kind_traits
 
-    return [get_kind(k) for k in dict.fromkeys(kind_of(n) for n in names)]
+    return [kind_traits(k) for k in dict.fromkeys(kind_of(n) for n in names)]
 
 
 def delta_pct(ppl: float, ppl_ref: float) -> float:

@@ -159,14 +159,12 @@ class Runner:
         self.executor = executor or SerialExecutor()
         self.steps: list = []
         self.per_module = None
+        self._saved = None  # (torch threads, transformers' bars) of the caller while the run computes
 
     def run(self) -> dict:
-        from transformers.utils import logging as hf_logging
-
         from .assemble import assemble
         from .steps import StepContext
 
-        hf_logging.disable_progress_bar()  # one overall bar; no per-save/per-load bars
         t_start = time.perf_counter()
         data = prepare_data(self.sc)
         self.steps = plan(self.sc, data)
@@ -180,6 +178,7 @@ class Runner:
                 rec.add(st, outcome)
 
         try:
+            self._computing(ctx, self.steps)
             outcomes = self.executor.run(self.steps, ctx, on_done, on_start=prog.start)
             study = assemble(self.sc, {k: o.result for k, o in outcomes.items()})
             if self.sc.plan is not None:  # planned now: the groups depend on the validated predictors
@@ -189,6 +188,7 @@ class Runner:
             prog.close()
             if rec is not None:
                 rec.flush()
+            self._computed()
         # The cache log in plan order, whichever process made each artifact.
         self.cache.log[:] = [e for st in self.steps for e in outcomes[st.id].events]
         self.outcomes = outcomes
@@ -207,6 +207,7 @@ class Runner:
         proposal = planval.propose(self.sc, results, study["validations"])
         more = planval.steps(self.sc, data, self.steps, proposal)
         if more:
+            self._computing(ctx, more)
             prog.bar.total += len(more)
             prog.bar.refresh()
             if rec is not None:
@@ -214,6 +215,38 @@ class Runner:
             outcomes = self.executor.run(more, ctx, on_done, done=outcomes, on_start=prog.start)
             self.steps = [*self.steps, *more]
         return outcomes, planval.assemble(proposal, {k: o.result for k, o in outcomes.items()})
+
+    def _computing(self, ctx, steps: list) -> None:
+        """Before ``steps`` run: unless each only reads back what is in the cache
+        (:func:`~loramix.scenario.steps.reads_back`; a rerun of a finished
+        study), torch on the run's threads and transformers' progress bars off
+        (one overall bar, no per-load or per-save bars), both as they were
+        again after the run (:meth:`_computed`), so that a library caller's
+        process is left as it was. A study read back from the cache imports
+        neither torch nor transformers (seconds of a rerun's start)."""
+        from .steps import reads_back
+
+        if self._saved is not None or all(reads_back(ctx, st) for st in steps):
+            return
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        self._saved = (torch.get_num_threads(), hf_logging.is_progress_bar_enabled())
+        torch.set_num_threads(self.threads)
+        hf_logging.disable_progress_bar()
+
+    def _computed(self) -> None:
+        """torch's threads and transformers' progress bars as :meth:`_computing` found them."""
+        if self._saved is None:
+            return
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        threads, bars = self._saved
+        self._saved = None
+        torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
 
     def _recorder(self):
         """What measures this run's throughput for later estimates
@@ -259,7 +292,7 @@ class Runner:
             "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "scenario_file": str(sc.path),
             "scenario": scenario_summary(sc),
-            "environment": environment(self.device),
+            "environment": environment(self.device, torch_threads=self.threads),
             "base": {"key": base_key, "identity": _identity(base["path"]), "parameters": params, **base_info},
             "domains": domains,
             "similarity": study["similarity"],
@@ -333,13 +366,14 @@ def run_scenario(
     spawned, and re-import the script's main module.
     Returns the report dict (also written as ``report.json``), with ``out``.
     """
-    from ..devices import resolve_device
+    from ..devices import is_cpu, resolve_device
     from ..io.outputs import atomic_output_dir
 
     sc = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
     out = Path(out) if out is not None else Path("reports") / sc.name
     check_report_dir(out, sc.name, force)
-    dev = resolve_device(device)
+    # the CPU told without torch (no GPU driver): a rerun read back from the cache never imports it
+    dev = "cpu" if is_cpu(device) else resolve_device(device)
     if threads is not None and threads < 1:
         raise UsageError("--threads", f"must be at least 1, got {threads}")
     from .executors import ProcessExecutor, default_jobs, make_executor
@@ -351,16 +385,9 @@ def run_scenario(
         ex = ProcessExecutor(n, 1, auto=True) if n > 1 and not address else make_executor(address=address)
     else:
         ex = make_executor(executor, jobs=jobs, threads=threads or 1, address=address)
-    import torch
-
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or 1)
     cache = Cache(Path(cache_dir) if cache_dir is not None else default_cache_dir(), fresh=fresh)
     runner = Runner(sc, cache=cache, device=dev, progress=progress, executor=ex, threads=threads or 1)
-    try:
-        report = runner.run()
-    finally:
-        torch.set_num_threads(old_threads)
+    report = runner.run()  # torch's threads set for the run's computing, restored after
     report["out_hint"] = str(out / "fit.json")
     from .report import write_report  # pandas: not for a file refused above
 

@@ -323,6 +323,18 @@ _RUNNERS = {"data": _data_step, "base": _base_step, "adapter": _adapter_step, "m
             "features": _features_step}  # fmt: skip
 
 
+def reads_back(ctx: StepContext, st: Step) -> bool:
+    """Whether running ``st`` in this process only reads back what is on disk,
+    with neither torch nor a model: its artifact is complete in the cache
+    (and the run is not ``fresh``), or it is a base given as a folder, or the
+    similarity of the domain adapters' factors (numpy, tenths of a second;
+    not an effective-delta one, which needs the base's weights). A run whose
+    every step reads back imports neither torch nor transformers."""
+    if st.cache_kind is not None:
+        return not ctx.cache.fresh and ctx.cache.has(st.cache_kind, st.key)
+    return st.kind == "base" or (st.kind == "similarity" and not st.args.get("effective"))
+
+
 def run_step(ctx: StepContext, st: Step, deps: dict) -> dict:
     """Run ``st`` given ``deps`` (``{step id: result}`` of its dependencies)."""
     return _RUNNERS[st.kind](ctx, st, deps)

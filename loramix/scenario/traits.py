@@ -8,6 +8,8 @@ its delta depends on the base (``AdapterKind.needs_base``).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from ..methods.base import LORA
 
 
@@ -73,16 +75,36 @@ def needs_base(adapter_kind: str) -> bool:
     projection): the study then also reports the cosine of the effective deltas.
     Until the kinds are imported, their files say it (``scenario check``, a plan,
     needs no torch); ``AdapterKind.needs_base`` is False unless a kind sets it."""
+    return kind_traits(adapter_kind).needs_base
+
+
+class KindTraits(NamedTuple):
+    """What the study says of an adapter kind (the attributes of :class:`~loramix.kinds.base.AdapterKind`)."""
+
+    label: str
+    options: dict
+    needs_base: bool
+
+
+def kind_traits(adapter_kind: str) -> KindTraits:
+    """The label, options (``tau``, ...) and ``needs_base`` of a label's kind.
+    Until the kinds are imported, read from their files (literals; unset: the
+    base class's defaults), so a plan or a report of a study read back from
+    the cache imports no torch; then from the registry."""
     import sys
 
+    name = kind_of(adapter_kind)
     if "loramix.kinds" not in sys.modules:
         from ..discovery import declared
 
-        if (d := declared("loramix.kinds", "AdapterKind").get(kind_of(adapter_kind))) is not None:
-            return bool(d.get("needs_base", False))
+        if (d := declared("loramix.kinds", "AdapterKind").get(name)) is not None:
+            return KindTraits(
+                d.get("label", ""), dict(d.get("options", {})), bool(d.get("needs_base", False))
+            )
     from ..kinds import get_kind
 
-    return get_kind(kind_of(adapter_kind)).needs_base
+    k = get_kind(name)
+    return KindTraits(k.label, dict(k.options), bool(k.needs_base))
 
 
 def applied_on_the_fly(merge_method: str) -> bool:
