@@ -38,7 +38,11 @@ command must at least do):
   ``train --top-layers 0`` (checked against config.json): anchor ``python -c
   "pass"`` (those checks need nothing heavy);
 * ``base import SmolLM2.gguf --out EXISTING`` (exit 2, refused before the file
-  is parsed), where ``../shared/models`` holds the GGUF.
+  is parsed), where ``../shared/models`` holds the GGUF;
+* ``scenario run`` of a small LoRA study (a tiny GPT-2 built on the spot, two
+  synthetic domains, sum and TIES) whose every step is in the cache (run once
+  by the fixtures): the report re-rendered, torch and transformers not
+  imported; anchor ``import torch``.
 
 A first ``base import`` of that GGUF (20-40 s, de-quantisation and tokenizer
 conversion) is ``bench_gguf.py``'s.
@@ -80,7 +84,8 @@ def fixtures(work: Path) -> None:
     """Two small LoRA adapters (``adapters/a000``, ``a001``), a fit.json, a data
     file (``d.jsonl``), two folders (``exists``, ``cache``), a tiny Llama base
     (``base``: 2 blocks, a byte-level BPE tokenizer) and a scenario on it
-    (``base.toml``) in ``work``."""
+    (``base.toml``), and a small study (``tiny.toml``) run once into the cache
+    ``scache`` (report ``tiny``) in ``work``."""
     import torch
     from bench_similarity import write_adapters
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -109,6 +114,16 @@ def fixtures(work: Path) -> None:
         '[domains.a]\ndata = "synthetic:arith"\ntrain = 10\neval = 5\n'
         '[domains.b]\ndata = "synthetic:units"\ntrain = 10\neval = 5\n[adapters]\nrank = 4\n'
     )
+    from loramix.scenario.runner import run_scenario
+
+    (work / "tiny.toml").write_text(
+        'name = "tiny"\n[base.build]\nsteps = 20\n'
+        '[domains.a]\ndata = "synthetic:arith"\ntrain = 32\neval = 16\n'
+        '[domains.b]\ndata = "synthetic:units"\ntrain = 32\neval = 16\n'
+        "[adapters]\nrank = 2\nalpha = 8\nsteps = 4\nbatch = 8\nmax_len = 48\n"
+        '[merge]\nmethods = ["sum", "ties"]\nties = { density = 0.5 }\n'
+    )
+    run_scenario(work / "tiny.toml", work / "tiny", cache_dir=work / "scache", progress=False)
 
 
 def run(args, work: Path) -> None:
@@ -200,6 +215,10 @@ def run(args, work: Path) -> None:
         "loramix plan A B --fit MISSING (exit 2)": [*lmx, "plan", f["a"], f["b"], "--fit", str(work / "m.json")],
         "loramix merge -m ties, no --into (exit 2)": [
             *lmx, "merge", f["a"], f["b"], "-m", "ties", "--density", "0.5", "--out", str(work / "o"),
+        ],
+        "loramix scenario run, every step cached": [
+            *lmx, "scenario", "run", str(work / "tiny.toml"), "--out", str(work / "tiny"), "--cache",
+            str(work / "scache"), "--quiet",
         ],
         "loramix train --top-layers 0 (exit 2)": [
             *lmx, "train", "--base", str(work / "base"), "--data", str(work / "d.jsonl"), "--out", str(work / "o"),
