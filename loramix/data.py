@@ -412,6 +412,34 @@ def encode_records(
     return out
 
 
+def batch_indices(
+    examples: list[dict],
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    sort_by_length: bool = False,
+    bucket: int = 0,
+) -> list[list[int]]:
+    """The example indices of each batch :func:`make_batches` makes with the
+    same arguments, in order (its docstring says how they are drawn)."""
+    if batch_size < 1:
+        raise UsageError("--batch", f"must be at least 1, got {batch_size}")
+    order = list(range(len(examples)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    if sort_by_length:
+        order.sort(key=lambda i: len(examples[i]["input_ids"]))
+    chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if shuffle and bucket > 0:
+        rng, w = random.Random(seed + 1), bucket * batch_size
+        order = [i for s in range(0, len(order), w)
+                 for i in sorted(order[s : s + w], key=lambda i: len(examples[i]["input_ids"]))]  # fmt: skip
+        chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        rng.shuffle(chunks)
+    return chunks
+
+
 def make_batches(
     examples: list[dict],
     *,
@@ -422,6 +450,7 @@ def make_batches(
     sort_by_length: bool = False,
     embeds: list | None = None,
     bucket: int = 0,
+    take: int | None = None,
 ) -> list[dict]:
     """Right-padded batches of ``{"input_ids", "attention_mask", "labels"}``, each a
     ``LongTensor`` of shape ``(batch, longest sequence in the batch)``.
@@ -438,25 +467,15 @@ def make_batches(
     the shuffled examples are sorted by length within windows of ``m``
     batches, cut into batches, and the batches shuffled again: batches stay
     random but hold similar lengths, so little of them is padding.
+    ``take=n``: only the first ``n`` of those batches (a run that stops
+    mid-epoch; ``embeds`` then needs only their examples' states).
     """
     import torch
 
-    if batch_size < 1:
-        raise UsageError("--batch", f"must be at least 1, got {batch_size}")
-    order = list(range(len(examples)))
-    if shuffle:
-        random.Random(seed).shuffle(order)
-    if sort_by_length:
-        order.sort(key=lambda i: len(examples[i]["input_ids"]))
-    chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    if shuffle and bucket > 0:
-        rng, w = random.Random(seed + 1), bucket * batch_size
-        order = [i for s in range(0, len(order), w)
-                 for i in sorted(order[s : s + w], key=lambda i: len(examples[i]["input_ids"]))]  # fmt: skip
-        chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-        rng.shuffle(chunks)
+    chunks = batch_indices(examples, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                           sort_by_length=sort_by_length, bucket=bucket)  # fmt: skip
     batches = []
-    for idx in chunks:
+    for idx in chunks[:take]:
         chunk = [examples[i] for i in idx]
         width = max(len(e["input_ids"]) for e in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)

@@ -248,9 +248,11 @@ def train_adapter(
     Speed (same result to float rounding unless said): ``top_layers=N`` puts
     the adapters on the targets of the top ``N`` blocks only and runs the
     frozen prefix once per example (:mod:`loramix.prefix`, cached as
-    ``prefix_cache`` says), so every step and evaluation runs ``N`` blocks
-    and the head (Llama family). ``dtype="bfloat16"``: the forward under
-    bf16 autocast (factors, optimizer and loss stay float32; not exact).
+    ``prefix_cache`` says; for a run of fewer steps than an epoch, only the
+    examples it draws), so every step and
+    evaluation runs ``N`` blocks and the head (Llama family).
+    ``dtype="bfloat16"``: the forward under bf16 autocast (factors,
+    optimizer and loss stay float32; not exact).
     ``grad_accum=m``: ``m`` micro-batches whose gradients add up to the batch's (less memory);
     ``grad_checkpointing`` recomputes block activations in the backward. Exact
     for a base without dropout (Llama-family and ``loramix base build`` bases);
@@ -279,11 +281,12 @@ def train_adapter(
     fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
     run = _prepare(base, data_list, targets=targets, fields=fields, eval_size=eval_size, seed=seed,
                    limit=limit, max_len=max_len, batch=batch, on=on, device=device, top_layers=top_layers,
-                   prefix_cache=prefix_cache, autocast=dtype, prompt=prompt, progress=progress, rank=rank)  # fmt: skip
+                   prefix_cache=prefix_cache, autocast=dtype, prompt=prompt, progress=progress, rank=rank,
+                   steps=steps, epochs=epochs, bucket=bucket)  # fmt: skip
     from .layers import _kind_arg
 
     kind = _kind_arg(kind, flag)
-    total = steps if steps is not None else max(1, round(epochs * run.n_per_epoch))
+    total = run.total
     warmup = warmup_steps(warmup, total)  # checked again: --epochs sets the steps only now
     options = {k: v for k, v in (("tau", tau), ("norm_dim", norm_dim)) if k in kind.options}
     factor_seed = seed if shared_init else init_seed(seed, run.data_inputs)
@@ -431,11 +434,12 @@ class _Run:
     n_eval: int
     pad: int
     n_per_epoch: int
+    total: int  # the optimizer steps: --steps, or --epochs times n_per_epoch
     targets: object
     resolved_targets: object
     max_len: int
     prefix_at: int | None = None  # k, the first adapted block, when the prefix is cached
-    train_states: list | None = None  # the cached states entering block k, per training example
+    train_states: list | None = None  # the cached states entering block k, per training example (or None)
     prefix_seconds: float = 0.0
     autocast: object = None  # torch.bfloat16 under --dtype bfloat16, else None
     t_load: float = 0.0
@@ -466,9 +470,10 @@ def _warn_tied_head(model, names) -> None:
 
 def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_len, batch, on, device,
              top_layers=None, prefix_cache="disk", autocast=None, prompt="raw", progress=False,
-             rank=None) -> _Run:  # fmt: skip
+             rank=None, steps=None, epochs=1, bucket=16) -> _Run:  # fmt: skip
     """Load and split the data, load the base, resolve the targets, encode;
-    with ``top_layers``, the targets in those blocks and the cached prefix."""
+    with ``top_layers``, the targets in those blocks and the cached prefix (of
+    the training examples the run's steps draw, :func:`_drawn`)."""
     from .archs import check_top_layers
     from .models import read_model_config
 
@@ -511,9 +516,10 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
     ac = getattr(torch, autocast) if autocast not in (None, "float32") else None
     cut_train, cut_eval = {}, {}
     train_ex = encode_records(tok, train_recs, max_len=max_len, on=on, prompt=prompt, stats=cut_train)
+    n_per_epoch = math.ceil(len(train_ex) / batch)
     run = _Run(model=model, dev=dev, base=str(Path(base)), base_rec=base_rec, data_inputs=data_inputs,
-               train_ex=train_ex, eval_batches=None, n_eval=len(eval_recs), pad=pad,
-               n_per_epoch=math.ceil(len(train_ex) / batch), targets=targets,
+               train_ex=train_ex, eval_batches=None, n_eval=len(eval_recs), pad=pad, n_per_epoch=n_per_epoch,
+               total=steps if steps is not None else max(1, round(epochs * n_per_epoch)), targets=targets,
                resolved_targets=resolved_targets, max_len=max_len, prefix_at=k, autocast=ac,
                t_load=t_load)  # fmt: skip
     eval_ex = encode_records(tok, eval_recs, max_len=max_len, on=on, prompt=prompt, stats=cut_eval)
@@ -524,13 +530,32 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
 
         t0 = time.perf_counter()
         cached = dict(batch_size=batch, pad_id=pad, cache=prefix_cache, autocast=ac, progress=progress)
-        run.train_states = prefix_states(model, k, train_ex, **cached)
+        drawn = _drawn(train_ex, batch=batch, seed=seed, bucket=bucket, total=run.total)
+        if drawn is None:
+            run.train_states = prefix_states(model, k, train_ex, **cached)
+        else:  # a run shorter than an epoch: the states of the examples it draws, None for the others
+            states = prefix_states(model, k, [train_ex[i] for i in drawn], **cached)
+            run.train_states = [None] * len(train_ex)
+            for i, st in zip(drawn, states):
+                run.train_states[i] = st
         eval_states = prefix_states(model, k, eval_ex, **cached) if eval_ex else None
         run.prefix_seconds = time.perf_counter() - t0
     if eval_ex:
         run.eval_batches = make_batches(eval_ex, batch_size=batch, pad_id=pad, sort_by_length=True,
                                         embeds=eval_states)  # fmt: skip
     return run
+
+
+def _drawn(train_ex: list, *, batch: int, seed: int, bucket: int, total: int) -> list[int] | None:
+    """The indices (ascending) of the training examples that ``total`` steps
+    draw, when they stop within the first epoch (the batches :func:`_train`
+    makes for it); None when every example is drawn."""
+    from .data import batch_indices
+
+    if total >= math.ceil(len(train_ex) / batch):
+        return None
+    chunks = batch_indices(train_ex, batch_size=batch, shuffle=True, seed=seed, bucket=bucket)
+    return sorted({i for idx in chunks[:total] for i in idx})
 
 
 def _runner(run: _Run, grad_checkpointing: bool = False):
@@ -620,8 +645,10 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
     for step in range(total):
         if step // n_per_epoch != epoch:  # new epoch: reshuffle
             epoch = step // n_per_epoch
+            # take: the batches this epoch runs (a short run has the states of theirs alone, _drawn)
             batches = make_batches(run.train_ex, batch_size=batch, pad_id=run.pad, shuffle=True,
-                                   seed=seed + epoch, embeds=run.train_states, bucket=settings["bucket"])  # fmt: skip
+                                   seed=seed + epoch, embeds=run.train_states, bucket=settings["bucket"],
+                                   take=total - step)  # fmt: skip
         cur_lr = lr_at(step, lr=lr, warmup=settings["warmup"], total=total)
         for g in opt.param_groups:
             g["lr"] = cur_lr
