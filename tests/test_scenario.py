@@ -299,6 +299,36 @@ def test_cache_atomic_resume_and_fresh(tmp_path):
     )
 
 
+def test_derived_results_are_keyed_by_their_inputs_and_loramix_source(tmp_path, monkeypatch):
+    """A validation or a figure (Cache.derived) is made once per inputs and
+    source: the last bit of an input, or a changed line of loramix, makes it
+    again; an interrupted one is never read back."""
+    from loramix.scenario import cache as cache_mod
+
+    c = Cache(tmp_path / "c")
+    made = []
+
+    def make(tmp):
+        made.append(1)
+        (tmp / "v").write_text(str(len(made)))
+
+    inputs = {"y": [0.1, float("nan")], "level": 0.9}
+    p = c.derived("validation", inputs, make)
+    assert c.derived("validation", {"level": 0.9, "y": [0.1, float("nan")]}, make) == p and len(made) == 1
+    assert c.derived("validation", {"y": [np.nextafter(0.1, 1), float("nan")], "level": 0.9}, make) != p
+    assert len(made) == 2
+    monkeypatch.setattr(cache_mod, "source_digest", lambda: "another loramix")
+    assert c.derived("validation", inputs, make) != p and len(made) == 3
+
+    def boom(tmp):
+        (tmp / "v").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        c.derived("figure", inputs, boom)
+    assert c.derived("figure", inputs, make).joinpath("v").read_text() == "4"
+
+
 # A process that makes the artifact ("thing", {"x": argv[2]}) in the cache argv[1], taking
 # argv[4] seconds, writes argv[3] into it, and prints its lookup
 _MAKER = r"""

@@ -233,8 +233,9 @@ def by_method(vals: list[dict], val: dict) -> dict:
     return {v["merge_method"]: method_entry(v) for v in same}
 
 
-def write_predictor_files(folder: Path, report: dict) -> None:
-    """``predictors.json``, ``validation.csv``, ``predictions.csv`` and the predictors' plots."""
+def write_predictor_files(folder: Path, report: dict, cache=None) -> None:
+    """``predictors.json``, ``validation.csv``, ``predictions.csv`` and the
+    predictors' plots (kept in ``cache``: :func:`.plots.drawn`)."""
     from . import plots
     from .traits import kind_of
 
@@ -261,12 +262,13 @@ def write_predictor_files(folder: Path, report: dict) -> None:
         out["by_method"] = by_method(vals, val)
         (folder / "predictors.json").write_text(json.dumps(out, indent=1) + "\n")
         pred = pd.DataFrame(val["predictions"])
-        plots.predicted_vs_measured(pred[pred["predictor"] == val["best"]], folder / "predicted_vs_measured.png",
-                                    title=f"{report['scenario']['name']}: {val['best']} (held out by domain)",
-                                    ylabel=val["target"])  # fmt: skip
+        plots.drawn(cache, plots.predicted_vs_measured, folder / "predicted_vs_measured.png",
+                    pred[pred["predictor"] == val["best"]],
+                    title=f"{report['scenario']['name']}: {val['best']} (held out by domain)",
+                    ylabel=val["target"])  # fmt: skip
     name = report["scenario"]["name"]
-    plots.interference_by_method(pd.DataFrame(report["summary"]), folder / "interference_by_method.png",
-                                 title=f"{name}: interference by merge method")  # fmt: skip
+    plots.drawn(cache, plots.interference_by_method, folder / "interference_by_method.png",
+                pd.DataFrame(report["summary"]), title=f"{name}: interference by merge method")  # fmt: skip
 
 
 # The D2-LoRA paper (arXiv 2602.14728): accuracy points over LoRA, training volatility, merge gap.
@@ -405,9 +407,9 @@ def section_plan(report: dict, v) -> list[str]:
     return L
 
 
-def write_plan_files(folder: Path, report: dict) -> None:
+def write_plan_files(folder: Path, report: dict, cache=None) -> None:
     """``plan_validation.csv`` (every group of every grouping, for each way of
-    merging) and ``plan_vs_random.png``."""
+    merging) and ``plan_vs_random.png`` (kept in ``cache``: :func:`.plots.drawn`)."""
     from . import plots
 
     pv = report.get("plan_validation")
@@ -428,7 +430,7 @@ def write_plan_files(folder: Path, report: dict) -> None:
     pd.DataFrame(rows).to_csv(folder / "plan_validation.csv", index=False)
     ms = [m for m in pv["by_method"] if m["comparison"] is not None]
     if ms:
-        plots.plan_vs_random([(m["how"], m["plan"]["retention_pct"], [r["retention_pct"] for r in m["random"]])
-                              for m in ms], folder / "plan_vs_random.png",
-                             title=f"{report['scenario']['name']}: loramix plan against random groupings "
-                             f"({pv['adapter_method']}, seed {pv['seed']})")  # fmt: skip
+        plots.drawn(cache, plots.plan_vs_random, folder / "plan_vs_random.png",
+                    [(m["how"], m["plan"]["retention_pct"], [r["retention_pct"] for r in m["random"]]) for m in ms],
+                    title=f"{report['scenario']['name']}: loramix plan against random groupings "
+                    f"({pv['adapter_method']}, seed {pv['seed']})")  # fmt: skip

@@ -4,11 +4,13 @@
 builds the report's data, in the order a serial run lists it: per adapter
 kind and seed, the evaluations, one row per composition and merge method
 (docs/interference.md defines ``delta_ppl%``), the similarity matrices and
-the merge summaries. It reads nothing from disk and computes no model.
+the merge summaries. It computes no model, and reads nothing from disk but
+the cached validations of the predictors.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -107,18 +109,45 @@ def _by_layer(per_module: pd.DataFrame) -> list[dict]:
     return g.reset_index().rename(columns={"cos2": "rms_cosine"}).to_dict(orient="records")
 
 
-def _validations(sc: Scenario, results: dict, summary: pd.DataFrame) -> list[dict]:
-    """The predictors step's validations (:mod:`.predictors`); empty without ``[predictors]``."""
+def _validations(sc: Scenario, results: dict, summary: pd.DataFrame, cache=None) -> list[dict]:
+    """The predictors step's validations (:mod:`.predictors`); empty without
+    ``[predictors]``. With ``cache``, read back from it where the same inputs
+    (the summary, every seed's features, the level) were validated by the
+    same code (:meth:`~loramix.scenario.cache.Cache.derived`): seconds of a
+    rerun. A fresh validation is read back too, from the JSON written, so
+    that both give the report the same values."""
     from .predictors import feature_set, validate_targets
 
     if sc.predictors is None:
         return []
-    feats = {am: feature_set([results[f"features/{am}/{s}"] for s in sc.seeds]) for am in sc.adapters.methods}
-    return validate_targets(summary, feats, level=sc.predictors.level)
+    runs = {am: [results[f"features/{am}/{s}"] for s in sc.seeds] for am in sc.adapters.methods}
+
+    def compute() -> list[dict]:
+        feats = {am: feature_set(r) for am, r in runs.items()}
+        return validate_targets(summary, feats, level=sc.predictors.level)
+
+    if cache is None:
+        return compute()
+
+    def make(tmp):
+        # in order (not sorted: report.json keeps it) and NaN as NaN, read back as the same floats
+        (tmp / "result.json").write_text(json.dumps(compute(), indent=1, default=_item))
+
+    inputs = {"summary": summary.to_dict(orient="split"), "features": runs, "level": sc.predictors.level}
+    folder = cache.derived("validation", inputs, make, label="predictors")
+    return json.loads((folder / "result.json").read_text())
 
 
-def assemble(sc: Scenario, results: dict[str, dict]) -> dict:
-    """The report's data from the plan's results (``{step id: result}``).
+def _item(x):
+    """A numpy scalar as the Python one (``json.dumps``'s ``default``)."""
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not JSON")
+
+
+def assemble(sc: Scenario, results: dict[str, dict], cache=None) -> dict:
+    """The report's data from the plan's results (``{step id: result}``);
+    ``cache``: where the validations are kept (:func:`_validations`).
 
     Returns ``evaluations``, ``results`` (a DataFrame), ``summary``, ``fits``,
     ``similarity``, ``similarity_mean``, ``per_module`` (a DataFrame),
@@ -156,7 +185,7 @@ def assemble(sc: Scenario, results: dict[str, dict]) -> dict:
         means = g.groupby("merge_method", sort=False)["delta_ppl_pct"].mean()
         best[am] = {"method": str(means.idxmin()), "delta": float(means.min())}
     return {"evaluations": t.evaluations, "results": res_df, "summary": summary, "fits": compute_fits(summary, sc.adapters.init),
-            "validations": _validations(sc, results, summary),
+            "validations": _validations(sc, results, summary, cache),
             "similarity": t.sims, "similarity_mean": sim_mean, "per_module": per_module,
             "cosine_by_layer": _by_layer(per_module), "best_methods": best,
             "merge_summaries": t.merge_summaries, "adapters": t.adapters, "ev_base": ev_base}  # fmt: skip

@@ -29,12 +29,19 @@ runner writes that log beside the report (``cache_log.csv``), so one can check
 that a second run trained nothing. A hit's seconds are 0, or the time it
 waited for another process to make it; a miss's, the time its ``make`` took.
 
+A result derived from cached ones by loramix alone (the predictors'
+validation, a figure of the report: :meth:`Cache.derived`) is cached too,
+keyed by the digest of its inputs and of loramix's source
+(:func:`source_digest`), so that a rerun of a finished study recomputes
+nothing, and a changed input or a changed line of loramix redoes it.
+
 The root defaults to ``$LORAMIX_CACHE`` when set, else ``.loramix-cache/`` in
 the current folder.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -82,6 +89,29 @@ def make_key(kind: str, spec: dict) -> str:
 
     payload = canonical_json({"kind": kind, "loramix": __version__, "spec": spec})
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def digest(obj) -> str:
+    """sha256 of the canonical JSON of ``obj``."""
+    import hashlib
+
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 of loramix's source: every ``loramix/**/*.py``, by path and
+    content (a hundred files, hundredths of a second). The code version of
+    a derived result (:meth:`Cache.derived`): one that takes seconds to redo
+    is redone after any change of the code rather than kept stale, where an
+    artifact that took a training keys on ``__version__`` alone."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256(__version__.encode())
+    for p in sorted(root.rglob("*.py")):
+        h.update(b"\0" + p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
 
 
 def remove_stale(root: Path) -> list[Path]:
@@ -339,6 +369,13 @@ class Cache:
 
         folder = self.get_or_make(kind, spec, make, label)
         return json.loads((folder / "result.json").read_text())
+
+    def derived(self, kind: str, inputs, make: Callable[[Path], dict | None], label: str = "") -> Path:
+        """The folder of a result that loramix computes from ``inputs`` alone
+        (JSON-able: what it reads, every setting that changes it), made by
+        ``make(tmp)`` if needed (:meth:`get_or_make`): its spec is
+        ``{"inputs": digest(inputs), "code": source_digest()}``."""
+        return self.get_or_make(kind, {"inputs": digest(inputs), "code": source_digest()}, make, label)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """``{kind: {hit: n, miss: n, fresh: n}}`` over this run's lookups."""

@@ -15,10 +15,14 @@
 * ``cluster_order``: the clustered order of the similarity heatmap.
 
 The similarity heatmap is :func:`loramix.plots.similarity_heatmap`.
+:func:`drawn` keeps each figure's PNG in the scenario cache, keyed by what it
+is drawn from, so a rerun of a finished study copies them instead of
+drawing them (and imports no matplotlib).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -31,17 +35,29 @@ LEGEND_PAIRS = 10
 _PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
 
 
-def _kind_color(name: str) -> str | None:
-    """One colour per registered adapter kind (fixed by the registry's order), None for others."""
+@functools.cache
+def _declared_kinds() -> tuple[str, ...]:
+    """The names the kinds declare, read without importing them (they import
+    torch); once per process: parsing their files takes a tenth of a second."""
+    from ..discovery import declared_names
+
+    return tuple(declared_names("loramix.kinds", "AdapterKind"))
+
+
+def _kind_names() -> list[str]:
+    """The registered adapter kinds in the palette's order (``lora`` first)."""
     import sys
 
     if "loramix.kinds" in sys.modules:  # the registry (it may hold kinds registered from outside)
         from ..kinds import KINDS
-    else:  # the names the kinds declare, read without importing them (they import torch)
-        from ..discovery import declared_names
+    else:
+        KINDS = _declared_kinds()
+    return sorted(KINDS, key=lambda n: (n != "lora", n))
 
-        KINDS = declared_names("loramix.kinds", "AdapterKind")
-    names = sorted(KINDS, key=lambda n: (n != "lora", n))
+
+def _kind_color(name: str) -> str | None:
+    """One colour per registered adapter kind (fixed by the registry's order), None for others."""
+    names = _kind_names()
     return _PALETTE[names.index(name) % len(_PALETTE)] if name in names else None
 
 
@@ -81,6 +97,41 @@ def _saved(fig, path: Path) -> Path:
     fig.savefig(path)
     _plt().close(fig)
     return path
+
+
+def _plain(x):
+    """``x`` as JSON for a figure's key: a DataFrame as its values, index,
+    columns and dtypes (floats as ``repr``, exact)."""
+    if isinstance(x, pd.DataFrame):
+        return {"split": x.to_dict(orient="split"), "dtypes": [str(t) for t in x.dtypes]}
+    return x
+
+
+def drawn(cache, fn, path: Path, *args, **kw) -> Path:
+    """``fn(*args, path=path, **kw)``, one of the report's figures, by way of
+    the scenario cache (:meth:`~loramix.scenario.cache.Cache.derived`, kind
+    ``figure``): the PNG drawn from the same arguments by the same code, with
+    the same matplotlib and the same adapter kinds registered (their
+    colours), is copied from there, else drawn there and copied; without
+    ``cache``, drawn at ``path``. The copy is the bytes a first run drew: a
+    rerun's report is the same, and takes no second of drawing."""
+    if cache is None:
+        return fn(*args, path=path, **kw)
+    import shutil
+
+    from ..environment import _version
+
+    name = Path(path).name
+    inputs = {"figure": f"{fn.__module__}.{fn.__qualname__}", "file": name, "args": [_plain(a) for a in args],
+              "kw": {k: _plain(v) for k, v in kw.items()}, "matplotlib": _version("matplotlib"),
+              "kinds": _kind_names()}  # fmt: skip
+
+    def make(tmp: Path):
+        fn(*args, path=tmp / name, **kw)
+
+    folder = cache.derived("figure", inputs, make, label=name)
+    shutil.copyfile(folder / name, path)
+    return Path(path)
 
 
 #: where a point's label may go, tried in order: (dx, dy) offset in points, ha, va

@@ -485,8 +485,9 @@ def render_markdown(report: dict) -> str:
     return "\n".join(line for section in _SECTIONS for line in section(report, v))
 
 
-def write_report(folder: Path, report: dict, per_module: pd.DataFrame | None = None) -> None:
-    """Write report.json, results.csv, evaluations.csv, fit.json, report.md and plots into ``folder``."""
+def write_report(folder: Path, report: dict, per_module: pd.DataFrame | None = None, cache=None) -> None:
+    """Write report.json, results.csv, evaluations.csv, fit.json, report.md and plots into ``folder``;
+    ``cache``: the scenario cache the figures are kept in (:func:`.plots.drawn`), None to draw them."""
     from . import plots
 
     folder = Path(folder)
@@ -518,22 +519,23 @@ def write_report(folder: Path, report: dict, per_module: pd.DataFrame | None = N
         df = pd.DataFrame(sim["rms"], index=sim["names"], columns=sim["names"])
         order = [sim["names"][i] for i in plots.cluster_order(df.to_numpy(dtype=float))]
         df = df.loc[order, order]
-        similarity_heatmap(df, folder / similarity_png(sim["adapter_method"]),
-                           title=f"{name}: RMS cosine of the domain adapters ({sim['adapter_method']}; clustered order)")  # fmt: skip
+        plots.drawn(cache, similarity_heatmap, folder / similarity_png(sim["adapter_method"]), df,
+                    title=f"{name}: RMS cosine of the domain adapters ({sim['adapter_method']}; clustered order)")  # fmt: skip
     from .answer import write_plan_files, write_predictor_files
 
-    write_predictor_files(folder, report)
-    write_plan_files(folder, report)
+    write_predictor_files(folder, report, cache)
+    write_plan_files(folder, report, cache)
     summary = summary[
         np.isfinite(summary["delta_ppl_pct"].to_numpy(dtype=float))
     ]  # with a merged-data adapter
     sums = summary[summary["merge_method"] == "sum"]
-    plots.delta_vs_cosine(sums, [f for f in report["fits"] if f["merge_method"] == "sum"],
-                          folder / "delta_vs_cosine.png",
-                          title=f"{name}: interference of the naive sum against similarity")  # fmt: skip
+    plots.drawn(cache, plots.delta_vs_cosine, folder / "delta_vs_cosine.png", sums,
+                [f for f in report["fits"] if f["merge_method"] == "sum"],
+                title=f"{name}: interference of the naive sum against similarity")  # fmt: skip
     by_layer = pd.DataFrame(report["cosine_by_layer"])
     if not by_layer.empty:
-        plots.cosine_by_layer(by_layer, folder / "cosine_by_layer.png", title=f"{name}: RMS cosine by layer")
-    plots.delta_by_method(summary, folder / "delta_by_method.png",
-                          title=f"{name}: Δppl % by merge method and composition")  # fmt: skip
+        plots.drawn(cache, plots.cosine_by_layer, folder / "cosine_by_layer.png", by_layer,
+                    title=f"{name}: RMS cosine by layer")  # fmt: skip
+    plots.drawn(cache, plots.delta_by_method, folder / "delta_by_method.png", summary,
+                title=f"{name}: Δppl % by merge method and composition")  # fmt: skip
     (folder / "report.md").write_text(render_markdown(report))

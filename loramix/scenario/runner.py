@@ -180,7 +180,7 @@ class Runner:
         try:
             self._computing(ctx, self.steps)
             outcomes = self.executor.run(self.steps, ctx, on_done, on_start=prog.start)
-            study = assemble(self.sc, {k: o.result for k, o in outcomes.items()})
+            study = assemble(self.sc, {k: o.result for k, o in outcomes.items()}, cache=self.cache)
             if self.sc.plan is not None:  # planned now: the groups depend on the validated predictors
                 outcomes, study["plan_validation"] = self._plan_validation(study, data, outcomes, ctx, prog,
                                                                            on_done, rec)  # fmt: skip
@@ -393,7 +393,7 @@ def run_scenario(
 
     with atomic_output_dir(out, force=True) as tmp:
         cache.write_log(tmp / "cache_log.csv")
-        write_report(tmp, report, per_module=runner.per_module)
+        write_report(tmp, report, per_module=runner.per_module, cache=cache)
         # again at the last moment: a folder that appeared during the study (not a report
         # of this scenario) is refused as one there at the start was, not replaced
         check_report_dir(out, sc.name, force, late=True)
