@@ -101,6 +101,28 @@ def test_jobs_2_is_byte_identical_to_serial(serial):
     assert by_kind[0] == by_kind[1], by_kind
 
 
+def test_a_d2lora_rerun_reads_the_effective_similarity_back_without_torch(serial):
+    """The effective deltas' cosine of a D2-LoRA study takes the base's
+    weights in torch: it is a cache entry (``similarity``) now, so a rerun of
+    the finished study imports no torch (it loaded torch, transformers and
+    the base every time) and writes the same numbers."""
+    from .test_startup import imported_modules
+
+    root, out = serial
+    again = root / "serial" / "again"
+    rc, mods, err = imported_modules("scenario", "run", str(root / "tiny.toml"), "--out", str(again), "--cache",
+                                     str(root / "serial" / "cache"), "--quiet", cwd=root)  # fmt: skip
+    assert rc == 0, err
+    assert not {"torch", "transformers"} & mods
+    assert _numbers(again) == _numbers(out)
+    assert (
+        json.loads((again / "report.json").read_text())["similarity"]
+        == json.loads((out / "report.json").read_text())["similarity"]
+    )
+    log = list(csv.DictReader(open(again / "cache_log.csv")))
+    assert ("similarity", "hit") in {(e["kind"], e["status"]) for e in log}
+
+
 def test_ray_is_byte_identical_to_serial(serial):
     pytest.importorskip("ray", reason="ray is not installed (pip install 'loramix[ray]')")
     root, out = serial

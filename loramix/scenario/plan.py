@@ -19,7 +19,8 @@ gives the protocol)::
     adapter/a/s/<domain>         one adapter per domain            (cache: adapter)
     merged-data/a/s/<comp>       one adapter on the union of comp  (cache: adapter)
                                  (the compositions of ``merged_data`` only)
-    similarity/a/s               RMS cosine of the domain adapters (not cached)
+    similarity/a/s               RMS cosine of the domain adapters (numpy, not cached;
+                                 the effective deltas' of a kind that needs the base: cache: similarity)
     features/a/s                 every pairwise feature, with ``[predictors]`` (cache: features)
     eval/a/s/adapter/<domain>    each domain adapter               (cache: eval)
     eval/a/s/merged-data/<comp>  each merged-data adapter          (cache: eval)
@@ -159,7 +160,8 @@ class Step:
 
     ``kind``: data, base, adapter, merged-data, similarity, eval or merge.
     ``cache_kind``/``spec``: the cache entry it reads or makes (``None`` for
-    a step that is not cached: the similarity, a base given as a folder).
+    a step that is not cached: the similarity of a kind whose delta needs no
+    base, a base given as a folder).
     ``key``: ``make_key(cache_kind, spec)``, or the base folder's content hash.
     ``deps``: ids of the steps whose results it uses. ``args``: what running
     it needs besides the spec (names, merge parameters, dependency roles).
@@ -297,8 +299,20 @@ class _Planner:
             self.adapter_step(f"merged-data/{pre}/{cn}", "merged-data", am, seed, comp,
                               f"{pre}/merged-data {cn}", f"merged-data_{cn}")  # fmt: skip
         dom = [f"adapter/{pre}/{d}" for d in names]
-        self.add(f"similarity/{pre}", "similarity", None, None, ("base", *dom), pre, "similarity",
-                 key=f"similarity/{pre}", names=names, effective=needs_base(am))  # fmt: skip
+        # a kind whose delta needs the base: the effective deltas' cosine takes its weights, in torch, so
+        # it is kept in the cache as a model step is (a rerun imports no torch); else numpy, uncached
+        if needs_base(am):
+            spec = {
+                "base": base,
+                "adapters": [self.key_of(a) for a in dom],
+                "names": names,
+                "effective": True,
+            }
+            self.add(f"similarity/{pre}", "similarity", "similarity", spec, ("base", *dom), pre, "similarity",
+                     names=names, effective=True)  # fmt: skip
+        else:
+            self.add(f"similarity/{pre}", "similarity", None, None, ("base", *dom), pre, "similarity",
+                     key=f"similarity/{pre}", names=names, effective=False)  # fmt: skip
         if sc.predictors:
             self.features_step(pre, names)
         for d in names:

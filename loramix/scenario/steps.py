@@ -277,24 +277,35 @@ def _merge_step(ctx: StepContext, st: Step, deps: dict) -> dict:
 
 
 def _similarity_step(ctx: StepContext, st: Step, deps: dict) -> dict:
-    """Pairwise RMS/mean cosine and coverage of the domain adapters (and, for
-    a kind whose delta needs the base, of the effective deltas)."""
+    """Pairwise RMS/mean cosine and coverage of the domain adapters, from
+    their numpy factors (no torch), and, for a kind whose delta needs the
+    base, the RMS cosine of the effective deltas: formed with the base's
+    weights in torch, so kept in the cache (``similarity``), and read back
+    by a rerun, which then imports no torch."""
+    from ..io.np_factors import load_np_adapter
     from ..overlap import similarity
 
     names, pre = st.args["names"], st.label
-    if st.args["effective"]:  # the effective deltas are formed with the base's weights, in torch
-        from ..io.adapter_files import load_adapter as load
-    else:  # numpy factors, as similarity() reads them anyway on the CPU: no torch imported
-        from ..io.np_factors import load_np_adapter as load
-    ads = [load(deps[f"adapter/{pre}/{d}"]["path"], name=d) for d in names]
-    sim = similarity(ads, per_module=True, progress=False)
-    sim_eff = similarity(ads, base=deps["base"]["path"], progress=False) if st.args["effective"] else None
+    paths = [deps[f"adapter/{pre}/{d}"]["path"] for d in names]
 
     def mat(df):
         return df.loc[names, names].to_numpy(dtype=float).tolist()
 
+    sim = similarity(
+        [load_np_adapter(p, name=d) for p, d in zip(paths, names)], per_module=True, progress=False
+    )
+    rms_eff = None
+    if st.args["effective"]:
+
+        def effective() -> dict:
+            from ..io.adapter_files import load_adapter
+
+            ads = [load_adapter(p, name=d) for p, d in zip(paths, names)]
+            return {"rms_effective": mat(similarity(ads, base=deps["base"]["path"], progress=False).rms)}
+
+        rms_eff = ctx.cache.json_artifact("similarity", st.spec, effective, st.label)["rms_effective"]
     return {"names": names, "rms": mat(sim.rms), "mean": mat(sim.mean), "coverage": mat(sim.coverage),
-            "rms_effective": None if sim_eff is None else mat(sim_eff.rms), "per_module": sim.per_module}  # fmt: skip
+            "rms_effective": rms_eff, "per_module": sim.per_module}  # fmt: skip
 
 
 def _features_step(ctx: StepContext, st: Step, deps: dict) -> dict:
@@ -326,10 +337,10 @@ _RUNNERS = {"data": _data_step, "base": _base_step, "adapter": _adapter_step, "m
 def reads_back(ctx: StepContext, st: Step) -> bool:
     """Whether running ``st`` in this process only reads back what is on disk,
     with neither torch nor a model: its artifact is complete in the cache
-    (and the run is not ``fresh``), or it is a base given as a folder, or the
-    similarity of the domain adapters' factors (numpy, tenths of a second;
-    not an effective-delta one, which needs the base's weights). A run whose
-    every step reads back imports neither torch nor transformers."""
+    (and the run is not ``fresh``; the effective deltas' similarity
+    included), or it is a base given as a folder, or the similarity of the
+    domain adapters' factors (numpy, tenths of a second). A run whose every
+    step reads back imports neither torch nor transformers."""
     if st.cache_kind is not None:
         return not ctx.cache.fresh and ctx.cache.has(st.cache_kind, st.key)
     return st.kind == "base" or (st.kind == "similarity" and not st.args.get("effective"))
