@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
 import pkgutil
@@ -78,6 +79,25 @@ def defining(
 def declared_names(package: str, base: str, attr: str = "id") -> list[str]:
     """The names :func:`declared` finds, sorted."""
     return sorted(declared(package, base, attr))
+
+
+def kind_names() -> list[str]:
+    """The adapter kinds' names, sorted: once :mod:`loramix.kinds` is imported,
+    its registry's (:data:`loramix.kinds.KINDS`, which may hold kinds registered
+    from outside the package); until then the names the kind files declare
+    (:func:`declared_names`), read without importing them (they import torch)."""
+    import sys
+
+    if (kinds := sys.modules.get("loramix.kinds")) is not None:
+        return sorted(kinds.KINDS)
+    return list(_declared_kinds())
+
+
+@functools.cache
+def _declared_kinds() -> tuple[str, ...]:
+    # once per process: parsing the kind files takes a tenth of a second, and a
+    # report asks for every figure it keys
+    return tuple(declared_names("loramix.kinds", "AdapterKind"))
 
 
 def defined_here(mod: ModuleType) -> Iterator[tuple[str, object]]:

@@ -303,18 +303,11 @@ def train_adapter(
 
 def _check_kind_name(kind, flag: str) -> None:
     """The line :func:`loramix.kinds.get_kind` gives for an unknown kind name,
-    told from the names the kinds declare (:func:`loramix.discovery.declared_names`)
-    without importing them: they import torch. Once they are imported, the
-    registry itself says (it may hold kinds registered from outside the package)."""
-    import sys
+    told from :func:`loramix.discovery.kind_names`: before the kinds are
+    imported (they import torch), the names their files declare."""
+    from .discovery import kind_names
 
-    from .discovery import declared_names
-
-    if "loramix.kinds" in sys.modules:
-        from .layers import _kind_arg
-
-        _kind_arg(kind, flag)
-    elif isinstance(kind, str) and kind not in (names := declared_names("loramix.kinds", "AdapterKind")):
+    if isinstance(kind, str) and kind not in (names := kind_names()):
         raise UsageError(flag, f"unknown adapter kind {kind!r}; known: {', '.join(names)}")
 
 

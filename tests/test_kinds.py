@@ -333,6 +333,27 @@ def test_a_kind_added_as_a_file_with_its_format_is_read_by_every_reader(plugin_k
     )
 
 
+def test_kind_names_are_the_registrys_once_imported_else_the_files(plugin_kind):
+    """train's --kind check and the report's colours ask :func:`kind_names`:
+    the registry (with a kind registered from outside) once the kinds are
+    imported; before, the names their files declare, without importing torch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from loramix.discovery import kind_names
+
+    assert kind_names() == sorted(KINDS) and plugin_kind.name in kind_names()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    code = "import sys, json; from loramix.discovery import kind_names; print(json.dumps([kind_names(), list(sys.modules)]))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    names, mods = json.loads(p.stdout)
+    assert "torch" not in mods and "loramix.kinds" not in mods
+    assert names == sorted(set(KINDS) - {plugin_kind.name})  # the packaged kinds, as their files name them
+
+
 @pytest.mark.parametrize(
     ("method", "params"), [("sum", {}), ("ties", {"density": 0.5}), ("magnitude", {"density": 0.5})]
 )

@@ -4,7 +4,7 @@ Every module of this package (other than ``base``) that defines an
 :class:`~loramix.kinds.base.AdapterKind` instance registers it; a name (or
 PEFT type) claimed twice is refused. Its class names it with a literal
 ``id = "..."``, which ``train`` reads from the file without importing it
-(:func:`loramix.discovery.declared_names`: these modules import torch). :func:`get_kind` turns a name from a file
+(:func:`loramix.discovery.kind_names`: these modules import torch). :func:`get_kind` turns a name from a file
 or a command line into the kind object; :func:`stack_factors` is the one place
 that stacks the factors of several modules (see ``docs/adapters.md``).
 """

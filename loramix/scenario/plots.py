@@ -22,7 +22,6 @@ drawing them (and imports no matplotlib).
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -35,28 +34,16 @@ LEGEND_PAIRS = 10
 _PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
 
 
-@functools.cache
-def _declared_kinds() -> tuple[str, ...]:
-    """The names the kinds declare, read without importing them (they import
-    torch); once per process: parsing their files takes a tenth of a second."""
-    from ..discovery import declared_names
-
-    return tuple(declared_names("loramix.kinds", "AdapterKind"))
-
-
 def _kind_names() -> list[str]:
-    """The registered adapter kinds in the palette's order (``lora`` first)."""
-    import sys
+    """The adapter kinds in the palette's order: ``lora`` first, then by name
+    (:func:`loramix.discovery.kind_names`)."""
+    from ..discovery import kind_names
 
-    if "loramix.kinds" in sys.modules:  # the registry (it may hold kinds registered from outside)
-        from ..kinds import KINDS
-    else:
-        KINDS = _declared_kinds()
-    return sorted(KINDS, key=lambda n: (n != "lora", n))
+    return sorted(kind_names(), key=lambda n: (n != "lora", n))
 
 
 def _kind_color(name: str) -> str | None:
-    """One colour per registered adapter kind (fixed by the registry's order), None for others."""
+    """One colour per adapter kind (fixed by :func:`_kind_names`), None for other labels."""
     names = _kind_names()
     return _PALETTE[names.index(name) % len(_PALETTE)] if name in names else None
 
