@@ -289,9 +289,11 @@ def _lowrank_inner_products(Bt, A_cat, offsets: list[int]):
 
 
 def _module_inner_products(deltas: list, W0, device):
-    """``(IP', mant, exp)``: the Frobenius inner products of one module's
+    """``(IP', mant, exp, bad)``: the Frobenius inner products of one module's
     deltas, ``IP[i, j] = c_i c_j IP'[i, j]`` with ``c_i = mant_i 2^exp_i``
-    (``IP'`` n x n float64, ``mant`` (n,) float, ``exp`` (n,) int).
+    (``IP'`` n x n float64 numpy, ``mant`` (n,) float, ``exp`` (n,) int), and
+    ``bad``, the first delta whose squared norm ``IP'[k, k]`` leaves
+    float64's range (:func:`_out_of_range`), or None.
 
     Factored deltas (all LoRA, and D2 without a base) go through the stacked
     Gram product of the module docstring, scales applied to the small result
@@ -306,17 +308,24 @@ def _module_inner_products(deltas: list, W0, device):
     """
     one, zero = np.ones(len(deltas)), np.zeros(len(deltas), dtype=np.int64)
     if W0 is not None:
-        return _effective_inner_products(deltas, W0), one, zero
+        ip = _host(_effective_inner_products(deltas, W0))
+        return ip, one, zero, _out_of_range(ip)
     Bt, A_cat, offsets, scales = _stack_factors(deltas, device)
     ip, in_range = _lowrank_inner_products(Bt, A_cat, offsets)
-    mant = scales if isinstance(scales, np.ndarray) else scales.cpu().numpy()
+    mant = _host(scales)
     if in_range:  # every factor of ordinary size: the products as they are
         with np.errstate(over="ignore", under="ignore"):  # checked next
-            ip = ip * (np.outer(scales, scales) if device is None else _torch().outer(scales, scales))
-        if _out_of_range(ip if device is None else ip.cpu().numpy()) is None:
-            return ip, one, zero
+            ip = _host(ip * (np.outer(scales, scales) if device is None else _torch().outer(scales, scales)))
+        if _out_of_range(ip) is None:
+            return ip, one, zero, None
     Bt, A_cat, exp = _unit_factors(Bt, A_cat, offsets)
-    return _lowrank_inner_products(Bt, A_cat, offsets)[0], mant, exp
+    ip = _host(_lowrank_inner_products(Bt, A_cat, offsets)[0])
+    return ip, mant, exp, _out_of_range(ip)
+
+
+def _host(x) -> np.ndarray:
+    """``x`` as a numpy array: itself, or a torch tensor's copy on the CPU."""
+    return x if isinstance(x, np.ndarray) else x.cpu().numpy()
 
 
 #: the squared norms of the factors' rows taken as they are (above: unit
@@ -329,7 +338,7 @@ def _in_gram_range(d) -> bool:
     """Whether the squared norms ``d`` (a vector) all lie in :data:`GRAM_RANGE`.
     A 0 does not: it may be a nonzero row whose square underflowed (1e-200),
     told from a zero row only on unit factors."""
-    d = d if isinstance(d, np.ndarray) else d.cpu().numpy()
+    d = _host(d)
     return bool(((GRAM_RANGE[0] <= d) & (d <= GRAM_RANGE[1])).all())
 
 
@@ -632,11 +641,10 @@ def similarity(
         canon = sorted(owners, key=rank.__getitem__)
         deltas = [adapters[i].modules[mname] for i in canon]
         W0 = _base_weight(base_folder, adapters, canon, mname, deltas, dev)
-        ip, mant, exp = _module_inner_products(deltas, W0, dev)
-        ip = ip if isinstance(ip, np.ndarray) else ip.cpu().numpy()
+        ip, mant, exp, bad = _module_inner_products(deltas, W0, dev)
         at = {i: k for k, i in enumerate(canon)}
         back = [at[i] for i in owners]  # owners' rows and columns, in their order
-        if (bad := _out_of_range(ip)) is not None:
+        if bad is not None:
             ad = adapters[canon[bad]]
             raise AdapterError(
                 ad.path or ad.name, f"module {mname}: the squared norm of its delta{' against the base' if W0 is not None else ''} "
