@@ -523,7 +523,7 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
 
         t0 = time.perf_counter()
         cached = dict(batch_size=batch, pad_id=pad, cache=prefix_cache, autocast=ac, progress=progress)
-        drawn = _drawn(train_ex, batch=batch, seed=seed, bucket=bucket, total=run.total)
+        drawn = _drawn(run, batch=batch, seed=seed, bucket=bucket)
         if drawn is None:
             run.train_states = prefix_states(model, k, train_ex, **cached)
         else:  # a run shorter than an epoch: the states of the examples it draws, None for the others
@@ -539,16 +539,16 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
     return run
 
 
-def _drawn(train_ex: list, *, batch: int, seed: int, bucket: int, total: int) -> list[int] | None:
-    """The indices (ascending) of the training examples that ``total`` steps
-    draw, when they stop within the first epoch (the batches :func:`_train`
-    makes for it); None when every example is drawn."""
+def _drawn(run: _Run, *, batch: int, seed: int, bucket: int) -> list[int] | None:
+    """The indices (ascending) of the training examples that the run's
+    ``total`` steps draw, when they stop within the first epoch (the batches
+    :func:`_train` makes for it); None when every example is drawn."""
     from .data import batch_indices
 
-    if total >= math.ceil(len(train_ex) / batch):
+    if run.total >= run.n_per_epoch:
         return None
-    chunks = batch_indices(train_ex, batch_size=batch, shuffle=True, seed=seed, bucket=bucket)
-    return sorted({i for idx in chunks[:total] for i in idx})
+    chunks = batch_indices(run.train_ex, batch_size=batch, shuffle=True, seed=seed, bucket=bucket)
+    return sorted({i for idx in chunks[: run.total] for i in idx})
 
 
 def _runner(run: _Run, grad_checkpointing: bool = False):
