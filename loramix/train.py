@@ -232,40 +232,47 @@ def train_adapter(
 
     ``kind``: an adapter kind's name (:mod:`loramix.kinds`; ``method`` is its
     v0.1 name); ``tau`` and ``norm_dim`` are D2-LoRA's options (recorded only
-    for kinds that take them). ``data`` is one source or a list (files or
-    ``synthetic:`` specs); each is split by ``seed`` into train and eval
-    (``eval_size``: a count or a fraction per source; 0 or None holds nothing
-    out and skips the evaluation), and the training parts are pooled, so
-    several sources give a merged-data adapter. ``steps`` overrides
-    ``epochs``; ``warmup`` defaults to 5% of the steps. The initial factors
-    are drawn from :func:`init_seed` (``seed`` and the data), or from
-    ``seed`` alone with ``shared_init`` (every adapter of a study starting
-    from the same ``A``); recorded as ``settings["init"]``. ``targets``:
-    module-name suffixes (PEFT's rule), a regex string, or None for the
-    architecture's default (GPT-2 ``c_attn, c_proj, c_fc``; Llama
-    ``q/k/v/o/gate/up/down_proj``).
+    for kinds that take them). ``targets``: module-name suffixes (PEFT's
+    rule), a regex string, or None for the architecture's default
+    (:func:`loramix.layers.find_targets`; GPT-2 ``c_attn, c_proj, c_fc``,
+    Llama ``q/k/v/o/gate/up/down_proj``).
+
+    ``data`` is one source or a list (files or ``synthetic:`` specs); each is
+    split by ``seed`` into train and eval (``eval_size``: a count or a
+    fraction per source; 0 or None holds nothing out and skips the
+    evaluation), and the training parts are pooled, so several sources give a
+    merged-data adapter. ``prompt``: ``"raw"`` or ``"chat"`` (the base
+    tokenizer's chat template, :func:`loramix.data.format_record`).
+
+    The loop is the module docstring's. ``steps`` overrides ``epochs``
+    (``round(epochs * batches per epoch)`` steps, at least 1); ``warmup``
+    defaults to 5% of the steps (:func:`warmup_steps`). ``bucket``: training
+    batches hold similar lengths (:func:`loramix.data.make_batches`; 0 for
+    plain shuffled batches). ``shared_init``: the initial factors drawn from
+    ``seed`` alone, the same for every adapter of a study, not from
+    :func:`init_seed` (``seed`` and the data); recorded as ``settings["init"]``.
 
     Speed (same result to float rounding unless said): ``top_layers=N`` puts
     the adapters on the targets of the top ``N`` blocks only and runs the
     frozen prefix once per example (:mod:`loramix.prefix`, cached as
-    ``prefix_cache`` says; for a run of fewer steps than an epoch, only the
-    examples it draws), so every step and
-    evaluation runs ``N`` blocks and the head (Llama family).
-    ``dtype="bfloat16"``: the forward under bf16 autocast (factors,
-    optimizer and loss stay float32; not exact).
-    ``grad_accum=m``: ``m`` micro-batches whose gradients add up to the batch's (less memory);
-    ``grad_checkpointing`` recomputes block activations in the backward. Exact
-    for a base without dropout (Llama-family and ``loramix base build`` bases);
-    a base that has it (GPT-2's 0.1) keeps it on while training, so
-    ``grad_accum`` draws other masks for each micro-batch and ``top_layers``
-    runs the cached prefix without them: the same in expectation, not to
-    rounding (``grad_checkpointing`` replays the same masks and stays exact).
-    ``bucket``: training batches hold similar lengths (:func:`loramix.data.make_batches`;
-    0 for plain shuffled batches). ``prompt``: ``"raw"`` or ``"chat"`` (the
-    base tokenizer's chat template, :func:`loramix.data.format_record`).
+    ``prefix_cache`` says; a run of fewer steps than an epoch, only over the
+    examples it draws), so every step and evaluation runs ``N`` blocks and
+    the head (Llama family). ``dtype="bfloat16"``: the forward under bf16
+    autocast (factors, optimizer and loss stay float32; not exact).
+    ``grad_accum=m``: ``m`` micro-batches whose gradients add up to the
+    batch's (less memory); ``grad_checkpointing`` recomputes block
+    activations in the backward. Exact for a base without dropout
+    (Llama-family and ``loramix base build`` bases); a base that has it
+    (GPT-2's 0.1) keeps it on while training, so ``grad_accum`` draws other
+    masks for each micro-batch and ``top_layers`` runs the cached prefix
+    without them: the same in expectation, not to rounding
+    (``grad_checkpointing`` replays the same masks and stays exact).
 
-    Returns ``out``, ``kind`` (``method``: its v0.1 name), ``steps``, ``tokens``, ``final_loss`` (last
-    10 steps), ``seconds``, ``ppl_base``/``ppl_adapter`` (None without eval data), counts, settings.
+    Returns ``out``, ``kind`` (``method``: its v0.1 name), ``settings`` (as
+    the provenance records them) and what :func:`_train` measured: ``steps``,
+    ``tokens``, ``final_loss`` (the mean of the last 10 steps),
+    ``ppl_base``/``ppl_adapter`` (None without eval data), the setup, prefix
+    and training ``*_seconds``, throughput and counts.
     """
     from .io.outputs import check_output
 
