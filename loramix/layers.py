@@ -94,23 +94,9 @@ class AttachedLinear(Wrapped):
     def __init__(self, base: nn.Module, entries: Sequence[tuple[float, ModuleDelta]]):
         super().__init__(base)
         W0 = self.base_weight().detach().double()
-        dev, dt = W0.device, self.base.weight.dtype
-        if dt not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            dt = torch.float32
-        # the adapters' terms in float32 on a half-precision base, as PEFT keeps its factors
-        # (autocast_adapter_dtype): rounded to the base's dtype they took 8 or 11 bits
-        ft = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+        dt, ft = _buffer_dtypes(self.base.weight)
         terms: list[AttachTerms] = [m.kind.attach_terms(W0, w, m, ft) for w, m in entries]
-        gamma = torch.zeros(self.out_features, dtype=torch.float64, device=dev)
-        for t in terms:
-            if t.gain is not None:
-                gamma += t.gain
-        self.has_gain = bool(gamma.abs().max() > 0) if gamma.numel() else False
-        self.register_buffer("gain", (1 + gamma).to(dt), persistent=False)
-        Bs = [t.B.to(dev, torch.float64) for t in terms] or [torch.zeros(self.out_features, 0, device=dev)]
-        As = [t.A.to(dev, torch.float64) for t in terms] or [torch.zeros(0, self.in_features, device=dev)]
-        self.register_buffer("B_cat", torch.cat(Bs, dim=1).to(ft), persistent=False)
-        self.register_buffer("A_cat", torch.cat(As, dim=0).to(ft), persistent=False)
+        _fold_terms(self, terms, (self.out_features, self.in_features), self.out_features, W0.device, dt, ft)
         self._extras = [t.extra for t in terms if t.extra is not None]
         self.n_adapters = len(entries)
 
@@ -133,11 +119,35 @@ class AttachedLinear(Wrapped):
         return f"{super().extra_repr()}, adapters={self.n_adapters}, rank={self.A_cat.shape[0]}"
 
 
-def _buffer_dtype(w: torch.Tensor) -> torch.dtype:
-    """The dtype of an attached layer's buffers: the base weight's, if floating."""
-    return (
-        w.dtype if w.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else torch.float32
-    )
+def _buffer_dtypes(w: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """``(dt, ft)``: the dtype of an attached layer's gain, the base weight's if
+    floating (else float32), and of its adapters' terms: float32 on a
+    bfloat16/float16 base, as PEFT keeps its factors
+    (``autocast_adapter_dtype``; rounded to the base's dtype they took 8 or
+    11 bits), else ``dt``."""
+    half = (torch.float16, torch.bfloat16)
+    dt = w.dtype if w.dtype in (*half, torch.float32, torch.float64) else torch.float32
+    return dt, torch.float32 if dt in half else dt
+
+
+def _fold_terms(layer: nn.Module, terms: Sequence[AttachTerms], shape: tuple[int, int], n_gain: int, dev,
+                dt: torch.dtype, ft: torch.dtype) -> None:  # fmt: skip
+    """The adapters' ``terms`` folded into ``layer``'s frozen buffers: ``gain =
+    1 + sum_i gain_i`` ``(n_gain,)`` in ``dt`` (and ``has_gain``: whether any
+    is nonzero), ``B_cat = [B_1 | ...]`` ``(rows, R)`` and ``A_cat = [A_1;
+    ...]`` ``(R, cols)`` in ``ft``, ``shape = (rows, cols)`` (``R = 0`` without
+    terms); summed and joined in float64 on ``dev``."""
+    rows, cols = shape
+    gamma = torch.zeros(n_gain, dtype=torch.float64, device=dev)
+    for t in terms:
+        if t.gain is not None:
+            gamma += t.gain
+    layer.has_gain = bool(gamma.abs().max() > 0) if gamma.numel() else False
+    layer.register_buffer("gain", (1 + gamma).to(dt), persistent=False)
+    Bs = [t.B.to(dev, torch.float64) for t in terms] or [torch.zeros(rows, 0, device=dev)]
+    As = [t.A.to(dev, torch.float64) for t in terms] or [torch.zeros(0, cols, device=dev)]
+    layer.register_buffer("B_cat", torch.cat(Bs, dim=1).to(ft).contiguous(), persistent=False)
+    layer.register_buffer("A_cat", torch.cat(As, dim=0).to(ft), persistent=False)
 
 
 class AttachedEmbedding(nn.Module):
@@ -176,26 +186,15 @@ class AttachedEmbedding(nn.Module):
             raise TypeError(f"cannot attach to {type(base).__name__}: not an nn.Embedding")
         self.base = base
         E0 = base.weight.detach().double()
-        dev, dt = E0.device, _buffer_dtype(base.weight)
-        vocab, dim = E0.shape
-        # the adapters' terms in float32 on a half-precision base, as PEFT keeps its factors
-        # (and as AttachedLinear): rounded to the base's dtype they took 8 or 11 bits
-        ft = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+        dt, ft = _buffer_dtypes(base.weight)
         terms: list[AttachTerms] = [m.kind.attach_terms(E0, w, m, ft) for w, m in entries]
-        gamma = torch.zeros(dim, dtype=torch.float64, device=dev)
         for t, (_, m) in zip(terms, entries):
             if t.extra is not None:  # pragma: no cover - no embedding kind has one
                 raise TypeError(
                     f"module {m.name}: {m.kind.label} needs an extra term, not defined on an embedding"
                 )
-            if t.gain is not None:
-                gamma += t.gain
-        self.has_gain = bool(gamma.abs().max() > 0) if gamma.numel() else False
-        self.register_buffer("gain", (1 + gamma).to(dt), persistent=False)
-        Bs = [t.B.to(dev, torch.float64) for t in terms] or [torch.zeros(vocab, 0, device=dev)]
-        As = [t.A.to(dev, torch.float64) for t in terms] or [torch.zeros(0, dim, device=dev)]
-        self.register_buffer("B_cat", torch.cat(Bs, dim=1).to(ft).contiguous(), persistent=False)
-        self.register_buffer("A_cat", torch.cat(As, dim=0).to(ft), persistent=False)
+        # the gain is per output feature (dim), B_cat is looked up by token id: row-major (vocab, R)
+        _fold_terms(self, terms, tuple(E0.shape), E0.shape[1], E0.device, dt, ft)
         self.n_adapters = len(entries)
 
     # What model code reads from its embedding module: the base's.
