@@ -150,11 +150,16 @@ def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None):
     # many times in a study, so keep it quiet and restore the user's setting.
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    from .io.model_folder import _quiet_transformers
+
     try:
         check_weights_hold_the_model(p)
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(p), local_files_only=True, dtype=tdtype, output_loading_info=True
-        )
+        # quiet: transformers prints a table of missing and unexpected keys, where
+        # a missing one is refused below in one line and an unexpected one is unused
+        with _quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(p), local_files_only=True, dtype=tdtype, output_loading_info=True
+            )
     except BaseModelError:
         raise
     except Exception as e:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,8 +193,6 @@ def _on_a_terminal(argv: list[str]) -> str:
     import os
     import pty
     import struct
-    import subprocess
-    import sys
     import termios
 
     master, slave = pty.openpty()
@@ -319,7 +319,7 @@ def _llama_config_over(cfg: dict) -> dict:
     [("n_layer", "config.json: describes a model of"), ("llama", "config.json: describes a model of"),
      ("renamed", "the weights lack 1 tensor(s) of the model config.json describes (transformer.h.1.mlp.c_fc.weight")],
 )  # fmt: skip
-def test_weights_lacking_what_config_describes_refused(bases, tmp_path, capsys, edit, needle):
+def test_weights_lacking_what_config_describes_refused(bases, tmp_path, edit, needle):
     """A config.json whose model has parameters the weights lack (a layer more,
     a model_type over another architecture's weights, a tensor under another
     name) is refused in one line naming it. transformers fills such parameters
@@ -342,9 +342,13 @@ def test_weights_lacking_what_config_describes_refused(bases, tmp_path, capsys, 
         t["transformer.h.1.mlp.c_fcx.weight"] = t.pop("transformer.h.1.mlp.c_fc.weight")
         save_file(t, str(base / "model.safetensors"), metadata={"format": "pt"})
     (base / "config.json").write_text(json.dumps(cfg))
-    capsys.readouterr()
-    assert main(["eval", "--base", str(base), "--data", ARITH, "--limit", "4", "--no-progress"]) == 2
-    err = _err(capsys)
+    # a real process: transformers' logging handler writes to the stderr of its
+    # first use, which under pytest is not the captured one (its table of
+    # missing keys came before the line, unseen by capsys)
+    r = subprocess.run([sys.executable, "-m", "loramix", "eval", "--base", str(base), "--data", ARITH, "--limit", "4",
+                        "--no-progress"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    err = r.stderr.strip()
+    assert r.returncode == 2 and err.count("\n") == 0, err
     assert err.startswith(f"loramix: error: {base}") and needle in err, err
 
 
@@ -353,8 +357,6 @@ def test_no_tokenizer_is_one_line_before_transformers_speaks(tmp_path):
     vocabulary): the tokenizer is looked for first, so the one line is all
     (transformers' two warnings came before it). A process of its own:
     transformers says each warning once per process."""
-    import subprocess
-    import sys
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
