@@ -1426,6 +1426,91 @@ def test_layers_to_transform_must_cover_the_tensors(tmp_path, capsys, value, nee
     assert_refused(rc, err, None, needle)
 
 
+class _Experts(torch.nn.Module):
+    """A mixture-of-experts block as PEFT sees one: ``experts.J.w1`` inside a
+    numbered layer, so a module's name holds two indices."""
+
+    def __init__(self):
+        super().__init__()
+        self.self_attn = torch.nn.Module()
+        self.self_attn.q_proj = torch.nn.Linear(8, 8, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Module() for _ in range(3))
+        for e in self.experts:
+            e.w1 = torch.nn.Linear(8, 8, bias=False)
+
+
+def _moe():
+    net = torch.nn.Module()
+    net.model = torch.nn.Module()
+    net.model.layers = torch.nn.ModuleList(_Experts() for _ in range(3))
+    return net
+
+
+def _peft_modules(net, folder: Path, **lora) -> set[str]:
+    """Save a PEFT LoRA of ``lora`` on a copy of ``net`` to ``folder``, load it
+    back onto another copy (``PeftModel.from_pretrained``) and return the
+    modules that carry it."""
+    import copy
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    pm = get_peft_model(copy.deepcopy(net), LoraConfig(r=2, init_lora_weights=False, **lora))
+    pm.save_pretrained(folder)
+    model = PeftModel.from_pretrained(copy.deepcopy(net), str(folder))
+    return {
+        n.removeprefix("base_model.model.")
+        for n, m in model.named_modules()
+        if "default" in getattr(m, "lora_A", {})
+    }
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [dict(target_modules=["w1"], layers_to_transform=[1]),
+     dict(target_modules=["w1", "q_proj"], layers_to_transform=[0, 2], layers_pattern="layers"),
+     dict(target_modules=["model.layers.2.self_attn.q_proj", "w1"], layers_to_transform=0)],
+)  # fmt: skip
+def test_layers_to_transform_selects_as_peft_does(tmp_path, capsys, lora):
+    """PEFT's layer of a module is its FIRST numbered part (``model.layers.1.
+    experts.2.w1`` is in layer 1, not 2), and a module named in full in
+    ``target_modules`` is wrapped in whatever layer: loramix reads exactly
+    the modules PEFT puts the adapter on. It took the last number (refusing
+    ``experts.0`` of layer 1 as "in layer 0") and checked named modules' layers."""
+    from loramix.io.adapter_files import load_adapter
+
+    wrapped = _peft_modules(_moe(), tmp_path / "ad", **lora)
+    assert wrapped and any(".experts." in n for n in wrapped)
+    assert cli(capsys, "inspect", tmp_path / "ad")[0] == 0
+    assert set(load_adapter(tmp_path / "ad").modules) == wrapped
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [(dict(layers_to_transform=[0, 1]), "layers_to_transform cannot be used when target_modules is a regular"),
+     (dict(layers_to_transform=[]), "layers_to_transform cannot be used"),
+     (dict(layers_pattern="layers"), "layers_pattern cannot be used"),
+     (dict(target_modules=["q_proj"], layers_pattern="layers"), "layers_pattern is given without layers_to_transform")],
+)  # fmt: skip
+def test_layer_fields_peft_refuses_are_refused(world, tmp_path, capsys, fields, needle):
+    """PEFT's ``LoraConfig`` refuses ``layers_to_transform`` / ``layers_pattern``
+    beside a regular expression ``target_modules`` (its matching ignores the
+    layers then) and a ``layers_pattern`` alone: PEFT cannot load such an
+    adapter, so loramix refuses it naming the config, where it read every
+    factor (the regex covers them all) as if the layers applied."""
+    from peft import PeftModel
+
+    from loramix.io.adapter_files import load_adapter
+
+    ad = make_peft_adapter(tiny_llama(), tmp_path / "ad", seed=1, r=2, target_modules=r".*\.q_proj")
+    assert len(load_adapter(ad).modules) == 2
+    edit_config(ad, **fields)
+    with pytest.raises(ValueError, match="layers_"):
+        PeftModel.from_pretrained(tiny_llama(), str(ad))
+    rc, _, err = cli(capsys, "inspect", ad)
+    assert_refused(rc, err, None, ad / CONFIG, needle)
+
+
 def _peft_wraps(base: Path, adapter: Path) -> set[str]:
     """The modules PEFT's ``PeftModel.from_pretrained`` puts the adapter on."""
     from peft import PeftModel

@@ -30,7 +30,10 @@ field                                 type
 The scale ``lora_alpha / r`` must fit float32 too (``peft_layout.checked_scale``).
 
 Nothing is coerced: a value of the wrong type is an :class:`AdapterError`
-naming the file, the field and what it holds.
+naming the file, the field and what it holds. So are the pairs of fields
+PEFT's ``LoraConfig`` refuses: ``layers_to_transform`` or ``layers_pattern``
+(not null) beside a regular expression ``target_modules``, and a
+``layers_pattern`` without ``layers_to_transform``.
 """
 
 from __future__ import annotations
@@ -171,6 +174,18 @@ def check_adapter_config(config, path: Path) -> dict:
     for key, (ok, what) in FIELDS.items():
         if key in config and not ok(config[key]):
             raise AdapterError(path, f"{key} must be {what}, not {show(config[key])}")
+    # PEFT's LoraConfig refuses these pairs when it loads the config (a
+    # regular expression selects modules in every layer itself), so no PEFT
+    # user has such an adapter applied; loramix reading it would guess.
+    if isinstance(config.get("target_modules"), str):
+        for key in ("layers_to_transform", "layers_pattern"):
+            if config.get(key) is not None:
+                raise AdapterError(
+                    path,
+                    f"{key} cannot be used when target_modules is a regular expression (PEFT refuses it)",
+                )
+    if config.get("layers_pattern") and config.get("layers_to_transform") is None:
+        raise AdapterError(path, "layers_pattern is given without layers_to_transform (PEFT refuses it)")
     return config
 
 

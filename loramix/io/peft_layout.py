@@ -438,9 +438,11 @@ def check_targets(modules: Iterable[str], config: dict, weights: Path) -> None:
     ``target_modules`` (a list: the name or its last parts, ``name == t`` or
     ``name.endswith("." + t)``; a string: ``re.fullmatch(t, name)``, except
     PEFT's ``all-linear``), not matched by ``exclude_modules`` (the same two
-    rules), and in ``layers_to_transform`` (when given). PEFT wraps only the
-    modules the config selects and drops the factors of any other without a
-    word, so loramix would merge deltas that PEFT never applies."""
+    rules), and in ``layers_to_transform`` (when given; PEFT applies it only
+    to a list's suffix matches: a module named in full in the list, or any
+    module of a regular expression, is in whatever layer). PEFT wraps only
+    the modules the config selects and drops the factors of any other without
+    a word, so loramix would merge deltas that PEFT never applies."""
     targets = config.get("target_modules")
     excluded = config.get("exclude_modules")
     layers = config.get("layers_to_transform")
@@ -464,7 +466,12 @@ def check_targets(modules: Iterable[str], config: dict, weights: Path) -> None:
             raise AdapterError(
                 weights, f"config and tensors disagree: module {module} is in exclude_modules {excluded}"
             )
-        if layers is not None and (k := peft_layer_index(module, config.get("layers_pattern"))) not in layers:
+        if (
+            layers is not None
+            and not isinstance(targets, str)
+            and module not in (targets or ())
+            and (k := peft_layer_index(module, config.get("layers_pattern"))) not in layers
+        ):
             where = "in no layer" if k is None else f"in layer {k}"
             raise AdapterError(
                 weights,
@@ -482,10 +489,17 @@ def _peft_selects(names: str | list[str], module: str) -> bool:
 
 def peft_layer_index(module: str, layers_pattern=None) -> int | None:
     """The layer of ``module`` as PEFT finds it for ``layers_to_transform``:
-    the number after ``PATTERN.`` (each of ``layers_pattern``), else after
-    the last ``.NAME.`` followed by a number and a dot; None without one."""
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
-    for rx in [rf".*\.{p}\.(\d+)\." for p in patterns] or [r".*\.[^.]*\.(\d+)\."]:
+    the number after the first ``PATTERN.`` (each of ``layers_pattern`` in
+    turn, at the start or after a dot), else after the first ``.NAME.``
+    followed by a number and a dot; None without one. The first, not the
+    last: in ``model.layers.3.mlp.experts.7.w1`` the layer is 3, not the expert."""
+    # PEFT reads an empty layers_pattern ("" or []) as none given
+    patterns = (
+        ([layers_pattern] if layers_pattern else [])
+        if isinstance(layers_pattern, str)
+        else list(layers_pattern or [])
+    )
+    for rx in [rf"(?:^|.*?\.){p}\.(\d+)\." for p in patterns] or [r".*?\.[^.]*\.(\d+)\."]:
         m = re.match(rx, module)
         if m is not None:
             return int(m.group(1))
