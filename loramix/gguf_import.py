@@ -34,10 +34,13 @@ What loramix adds is checking and writing:
   llama.cpp reads as linear scaling. transformers' GGUF support
   drops both, so the model written would not be the model in the file.
 
-* **Head size** (``qwen3``): llama.cpp's is ``attention.key_length``, else
+* **Head size**: llama.cpp's is ``attention.key_length``, else
   ``embedding_length / head_count``; transformers' GGUF support reads no key
-  length for Qwen3 and leaves ``Qwen3Config``'s default ``head_dim = 128``, so
-  the import sets it. Qwen2 and Qwen3 store Q/K unpermuted (llama.cpp runs them
+  length (Llama's ``head_dim`` comes from ``rope.dimension_count`` alone) and
+  leaves ``Qwen3Config``'s default ``head_dim = 128``, so the import sets it
+  for qwen3, and for llama and qwen2 where it is not ``width / heads``. A
+  ``value_length`` other than the key length (given, or by default ``width /
+  heads``) is refused: llama.cpp's graphs for these architectures refuse it. Qwen2 and Qwen3 store Q/K unpermuted (llama.cpp runs them
   with rotate-half RoPE, as transformers does); the un-permutation is Llama's alone.
 
 Supported architectures: the Llama family (``llama``, which covers SmolLM and
@@ -207,9 +210,10 @@ def _hf_config(reader, path: Path, model_type: str, dtype: str):
     cfg.pop("model_type", None)
     gguf_arch = _field(reader, "general.architecture")
     head_dim = check_shape(reader, path, cfg, gguf_arch)
-    if gguf_arch == "qwen3":
-        # transformers' GGUF map reads no key_length for qwen3: Qwen3Config's default
-        # 128 would stand for every file (Qwen3's own are 128; any other was refused)
+    if gguf_arch == "qwen3" or head_dim != int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]):
+        # transformers' GGUF map reads no key_length: Qwen3Config's default 128 would
+        # stand for every qwen3 file, width / heads for a llama file without
+        # rope.dimension_count or any qwen2 one (whose config then gains the key)
         cfg["head_dim"] = head_dim
     scaling = _field(reader, f"{gguf_arch}.rope.scaling.type")
     if scaling not in (None, "none"):
@@ -256,10 +260,17 @@ REQUIRED_KEYS = (
 
 def check_shape(reader, path: Path, cfg: dict, gguf_arch: str) -> int:
     """Refuse in one line a GGUF whose metadata cannot shape its model: a
-    missing :data:`REQUIRED_KEYS` entry, or heads that do not divide the width
+    missing :data:`REQUIRED_KEYS` entry, heads that do not divide the width
     (``embedding_length``) or whose key-value heads do not divide them
-    (``cfg``: the config keys transformers reads from the metadata). Returns
-    llama.cpp's head size ``d``: ``attention.key_length``, else ``width / heads``."""
+    (``cfg``: the config keys transformers reads from the metadata), or head
+    sizes llama.cpp does not run. Returns llama.cpp's head size ``d``:
+    ``attention.key_length``, else ``width / heads``.
+
+    llama.cpp reads the key and the value head sizes apart
+    (``attention.key_length``, ``attention.value_length``, each defaulting to
+    ``width / heads``) and the rotated dimensions (``rope.dimension_count``,
+    default the key size); its llama, qwen2 and qwen3 graphs assert that all
+    three are one size ``d``, and transformers' models have one ``head_dim``."""
     for key in REQUIRED_KEYS:
         if _field(reader, f"{gguf_arch}.{key}") is None:
             raise BaseModelError(path, f"has no {gguf_arch}.{key} in its metadata")
@@ -276,6 +287,13 @@ def check_shape(reader, path: Path, cfg: dict, gguf_arch: str) -> int:
     # (transformers takes head_dim from the rotated count itself: the head size is the key length)
     rot = _field(reader, f"{gguf_arch}.rope.dimension_count")
     head_dim = int(_field(reader, f"{gguf_arch}.attention.key_length") or width // heads)
+    value = _field(reader, f"{gguf_arch}.attention.value_length")
+    if int(value or width // heads) != head_dim:
+        given = (
+            f"value_length {int(value)}" if value else f"no value_length (so {width // heads}, width / heads)"
+        )
+        raise BaseModelError(path, f"{gguf_arch}.attention.key_length {head_dim} with {given}: llama.cpp's "
+                             f"{gguf_arch} needs one head size for keys and values and refuses it")  # fmt: skip
     if rot is not None and int(rot) != head_dim:
         raise BaseModelError(path, f"{gguf_arch}.rope.dimension_count {int(rot)} rotates part of each head "
                              f"(head size {head_dim}), which transformers' {gguf_arch} cannot run")  # fmt: skip

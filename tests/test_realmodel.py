@@ -425,12 +425,15 @@ def test_mistral_named_gguf_ignores_a_sliding_window_key(tmp_path):
     assert config.sliding_window is None
 
 
-def qwen_gguf(path: Path, arch: str, key_length: int | None = None, tied: bool = True) -> tuple[Path, dict]:
-    """:func:`llama_gguf`'s block as ``qwen2`` (with q/k/v biases) or ``qwen3``
-    (with the per-head q/k RMSNorm weights ``attn_q_norm``/``attn_k_norm``):
-    2 heads, 1 key-value head, head size ``key_length`` (written as the
-    key and value lengths, as llama.cpp's converter does) else 32 / 2 = 16,
-    RoPE base 1e6 as Qwen's files have, an ``output.weight`` unless ``tied``.
+def qwen_gguf(
+    path: Path, arch: str, key_length: int | None = None, tied: bool = True, **meta
+) -> tuple[Path, dict]:
+    """:func:`llama_gguf`'s block as ``qwen2`` (with q/k/v biases), ``qwen3``
+    (with the per-head q/k RMSNorm weights ``attn_q_norm``/``attn_k_norm``)
+    or ``llama`` (neither): 2 heads, 1 key-value head, head size
+    ``key_length`` (written as the key and value lengths, as llama.cpp's
+    converter does) else 32 / 2 = 16, RoPE base 1e6 as Qwen's files have, an
+    ``output.weight`` unless ``tied``; ``meta`` overrides the metadata.
     Returns the path and the tensors written in place of llama_gguf's own."""
     import numpy as np
 
@@ -440,12 +443,12 @@ def qwen_gguf(path: Path, arch: str, key_length: int | None = None, tied: bool =
               "blk.0.attn_output.weight": (32, 2 * d)}  # fmt: skip
     if arch == "qwen2":
         shapes.update({"blk.0.attn_q.bias": (2 * d,), "blk.0.attn_k.bias": (d,), "blk.0.attn_v.bias": (d,)})
-    else:
+    elif arch == "qwen3":
         shapes.update({"blk.0.attn_q_norm.weight": (d,), "blk.0.attn_k_norm.weight": (d,)})
     if not tied:
         shapes["output.weight"] = (64, 32)
     put = {name: r.randn(*shape).astype(np.float32) for name, shape in shapes.items()}
-    lengths = {"key_length": key_length, "value_length": key_length}
+    lengths = {"key_length": key_length, "value_length": key_length, **meta}
     path = llama_gguf(path, arch=arch, tokenizer=True, put=put, head_count_kv=1, layer_norm_rms_eps=1e-6,
                       rope_freq_base=1e6, **lengths)  # fmt: skip
     return path, put
@@ -454,16 +457,17 @@ def qwen_gguf(path: Path, arch: str, key_length: int | None = None, tied: bool =
 @pytest.mark.parametrize(
     "arch, key_length, tied",
     [("qwen2", None, True), ("qwen2", None, False), ("qwen3", None, True), ("qwen3", 128, False),
-     ("qwen3", 24, True)],
+     ("qwen3", 24, True), ("qwen2", 24, True), ("qwen2", 8, False)],
 )  # fmt: skip
 def test_qwen_gguf_imports_as_transformers_loads_it(tmp_path, capsys, arch, key_length, tied):
     """A qwen2 GGUF (q/k/v biases) and a qwen3 one (q/k norms; head size from
     ``attention.key_length``, as llama.cpp takes it) import to the logits of
     transformers' own GGUF loader on the same file, to float32 rounding. Q/K
     are stored unpermuted (llama.cpp runs both with rotate-half RoPE): the
-    weights imported are the file's. transformers' map reads no key length for
-    qwen3, so its loader takes Qwen3Config's head_dim 128 and refuses any other
-    file; it is given the file's head size (``config``) where that is not 128."""
+    weights imported are the file's. transformers' map reads no key length
+    (so its loader takes Qwen3Config's head_dim 128, qwen2's width / heads
+    16, and refuses any other file); it is given the file's head size
+    (``config``) where that differs. A qwen2 head size other than 16 was refused."""
     from safetensors.numpy import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -487,8 +491,10 @@ def test_qwen_gguf_imports_as_transformers_loads_it(tmp_path, capsys, arch, key_
         assert (got[f"model.layers.0.self_attn.{hf}"] == put[f"blk.0.{g}"]).all(), hf
     assert ("lm_head.weight" in got) is not tied
     kw = {}
-    if arch == "qwen3" and head_dim != 128:
-        kw["config"] = AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name, head_dim=head_dim)
+    if head_dim != {"qwen3": 128, "qwen2": 16}[arch]:
+        # set after loading: from_pretrained drops a keyword Qwen2Config does not declare
+        kw["config"] = AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name)
+        kw["config"].head_dim = head_dim
     oracle, info = AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=path.name, output_loading_info=True, **kw
     )
@@ -497,6 +503,53 @@ def test_qwen_gguf_imports_as_transformers_loads_it(tmp_path, capsys, arch, key_
     assert ids.shape[1] == 15
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, oracle.eval()(ids).logits)
+
+
+@pytest.mark.parametrize("rot", [True, False])
+def test_llama_gguf_head_size_from_key_length(tmp_path, capsys, rot):
+    """A llama GGUF whose head size (24, ``attention.key_length`` and
+    ``value_length``) is not width / heads (16) imports to the logits of
+    transformers' own GGUF loader on the file. That loader takes Llama's
+    ``head_dim`` from ``rope.dimension_count`` (llama.cpp's converter writes
+    it); without that key it is given the head size (``config``), as llama.cpp
+    reads it from the key length. Without ``rope.dimension_count`` the import
+    took width / heads and refused the file over q_proj's shape."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path, _ = qwen_gguf(tmp_path / "l.gguf", "llama", 24, rope_dimension_count=24 if rot else None)
+    out = tmp_path / "m"
+    assert main(["base", "import", str(path), "--out", str(out)]) == 0, capsys.readouterr().err
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert (model.config.model_type, model.config.head_dim) == ("llama", 24)
+    kw = (
+        {} if rot else {"config": AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name, head_dim=24)}
+    )
+    oracle, info = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, output_loading_info=True, **kw
+    )
+    assert not any(info.values()), info
+    ids = AutoTokenizer.from_pretrained(str(out))("HELLO@WORLD=42?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, oracle.eval()(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "arch, lengths, needle",
+    [("qwen3", dict(value_length=None), "qwen3.attention.key_length 24 with no value_length (so 16, width / heads)"),
+     ("qwen3", dict(value_length=16), "qwen3.attention.key_length 24 with value_length 16"),
+     ("qwen2", dict(value_length=None), "qwen2.attention.key_length 24 with no value_length"),
+     ("llama", dict(value_length=32), "llama.attention.key_length 24 with value_length 32")],
+)  # fmt: skip
+def test_gguf_key_and_value_head_sizes_must_agree(tmp_path, capsys, arch, lengths, needle):
+    """llama.cpp reads the value head size apart from the key's
+    (``attention.value_length``, default width / heads) and its llama, qwen2
+    and qwen3 graphs refuse a file where they differ; transformers' models
+    have one head size. Such a file is refused in one line naming it, where
+    the import took the key length for both (a qwen3 file imported)."""
+    path, _ = qwen_gguf(tmp_path / f"{arch}.gguf", arch, 24, **lengths)
+    out = tmp_path / "m"
+    one_line_error(capsys, ["base", "import", path, "--out", out], path, needle, "llama.cpp")
+    assert not out.exists()
 
 
 # ggml's IQ4 non-linear grid (kvalues_iq4nl): 16 levels a 4-bit index picks from
