@@ -61,7 +61,7 @@ from .devices import resolve_device
 from .errors import AdapterError, BaseModelError, OutputError
 from .io.model_folder import BaseModelFolder, TensorInfo
 from .io.outputs import atomic_output_dir, normalized_path, write_provenance
-from .io.peft_layout import check_copies_held
+from .io.peft_layout import check_copies_held, check_default_targets
 from .io.safetensors_io import (
     FLOAT_CODES,
     ST_DTYPES,
@@ -171,7 +171,10 @@ def resolve_targets(
     base: BaseModelFolder, modules: Sequence[str], adapters: Sequence[Adapter] = ()
 ) -> dict[str, tuple[str, bool]]:
     """base tensor key -> (module name, transposed), checking every module
-    exists in the base with a shape that fits; errors name adapter and base."""
+    exists in the base with a shape that fits; errors name adapter and base.
+    An adapter with no ``target_modules`` takes PEFT's default for the base's
+    type (:func:`~loramix.io.peft_layout.check_default_targets`)."""
+    check_default_targets(adapters, base.config.get("model_type"))
     owner: dict[str, Adapter] = {}
     for ad in adapters:
         for name in ad.modules:

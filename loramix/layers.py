@@ -46,6 +46,7 @@ from torch import nn
 from .adapter import Adapter, ModuleDelta, warn_unscaled_copies
 from .d2lora import d2_norm_scale
 from .errors import AdapterError, UsageError
+from .io.peft_layout import check_default_targets
 from .io.safetensors_io import check_output_finite
 from .kinds import LORA, AttachTerms, TrainableLayer, Wrapped, get_kind, is_adaptable
 from .kinds.base import is_embedding
@@ -419,6 +420,7 @@ def _entries_per_module(
         adapters = [adapters]
     adapters = list(adapters)
     weights = parse_weights(weights, len(adapters))
+    check_default_targets(adapters, getattr(getattr(model, "config", None), "model_type", None))
     warn_unscaled_copies(adapters, weights)
     per: dict[str, list[tuple[float, ModuleDelta]]] = {}
     for ad, w in zip(adapters, weights):

@@ -62,7 +62,7 @@ import pandas as pd
 
 from .devices import is_cpu, resolve_device
 from .errors import AdapterError, UsageError
-from .io.peft_layout import D2LORA, check_compatible, check_one_base
+from .io.peft_layout import D2LORA, check_compatible, check_default_targets, check_one_base, warn_null_targets
 
 if TYPE_CHECKING:  # on the CPU the arithmetic is numpy's: torch is imported only for another device
     import torch
@@ -616,10 +616,13 @@ def similarity(
     adapters, dev = _load_all(list(adapters_or_paths), numpy_path, device, progress)
     names = _unique_names(adapters)
     base_folder = None
-    if base is not None:
+    if base is None:
+        warn_null_targets(adapters)
+    else:
         from .io.model_folder import BaseModelFolder
 
         base_folder = BaseModelFolder(base)
+        check_default_targets(adapters, base_folder.config.get("model_type"))
 
     # Union of module names, in first-seen order.
     modules: dict[str, list[int]] = {}

@@ -56,3 +56,13 @@ def test_unknown_architecture_has_no_facts():
     assert not is_conv1d("no-such-arch")
     assert context_length({"model_type": "x", "max_position_embeddings": 12}) == 12
     assert context_length({"model_type": "x"}) is None
+
+
+def test_peft_targets_are_pefts_defaults():
+    """``peft_targets`` is PEFT's own default ``target_modules`` for each type
+    (None where PEFT has none and refuses an adapter without them)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT
+
+    for model_type, entry in ARCHS.items():
+        want = PEFT.get(model_type)
+        assert entry.peft_targets == (None if want is None else tuple(want)), model_type

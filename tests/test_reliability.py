@@ -1564,6 +1564,83 @@ def test_target_and_exclude_modules_must_select_the_tensors(world, tmp_path, cap
     assert_refused(code, err, None, ad, needle)
 
 
+def test_null_target_modules_take_pefts_default_for_the_base(world, tmp_path, capsys):
+    """An adapter whose config has no ``target_modules``: PEFT, loading it onto
+    a base, takes its default for the model type (GPT-2: ``c_attn`` only) and
+    drops the factors of any other module. Where loramix has the base (``sum
+    --into``, ``similarity --base``, ``eval``'s attach and merge) it checks the
+    adapter against that default as against a list it names: one on
+    ``c_attn`` alone merges to PEFT's ``merge_and_unload``; one with
+    ``c_proj`` and ``c_fc`` factors too, or outside
+    ``layers_to_transform``, is refused naming the module (all were merged,
+    deltas PEFT never applies). Without a base every factor is read, with a
+    warning (similarity, an adapter written)."""
+    import re
+
+    from peft import PeftModel
+    from safetensors.torch import load_file as load_st
+    from transformers import AutoModelForCausalLM
+
+    from loramix.errors import AdapterError
+    from loramix.io.adapter_files import load_adapter
+    from loramix.layers import attach_adapters, merge_into_model
+
+    every = copy(world["a"], tmp_path / "every")
+    edit_config(every, target_modules=None)
+    assert _peft_wraps(world["gpt2"], every) == {f"transformer.h.{i}.attn.c_attn" for i in (0, 1)}
+    needle = "transformer.h.0.attn.c_proj is not in target_modules ['c_attn'] (target_modules is null: PEFT's default"
+    code, _, err = sum_into(capsys, world["gpt2"], tmp_path / "out", every)
+    assert_refused(code, err, tmp_path / "out", every, needle)
+    code, _, err = cli(capsys, "similarity", every, world["b"], "--base", world["gpt2"])
+    assert_refused(code, err, None, every, needle)
+    model = AutoModelForCausalLM.from_pretrained(str(world["gpt2"]))
+    for apply in (attach_adapters, merge_into_model):  # eval's in-memory paths
+        with pytest.raises(AdapterError, match=re.escape(needle)):
+            apply(model, [load_adapter(every)])
+    for args in (
+        ["similarity", every, world["b"]],
+        ["sum", "--no-progress", every, "--out", tmp_path / "ad"],
+    ):
+        code, _, err = cli(capsys, *args)  # no base: every factor, and one line saying so
+        assert code == 0 and err.count("loramix: warning: target_modules is null in") == 1, err
+        assert f"{every} (8 modules)" in err, err
+
+    attn = make_peft_adapter(tiny_gpt2(), tmp_path / "attn", seed=4, r=2, target_modules=["c_attn"])
+    edit_config(attn, target_modules=None)
+    assert sum_into(capsys, world["gpt2"], tmp_path / "merged", attn)[0] == 0
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(world["gpt2"])), str(attn))
+    want = peft.merge_and_unload().state_dict()
+    got = load_st(str(tmp_path / "merged" / "model.safetensors"))
+    assert "transformer.h.1.attn.c_attn.weight" in got
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], msg=key)
+
+    edit_config(attn, layers_to_transform=[1])
+    assert _peft_wraps(world["gpt2"], attn) == {"transformer.h.1.attn.c_attn"}
+    code, _, err = sum_into(capsys, world["gpt2"], tmp_path / "out", attn)
+    assert_refused(code, err, tmp_path / "out", "transformer.h.0.attn.c_attn is in layer 0", "null")
+
+
+def test_null_target_modules_on_a_base_peft_has_no_default_for(world, tmp_path):
+    """PEFT has no default targets for OLMo 2 and refuses an adapter without
+    ``target_modules`` there; so does loramix (it merged every factor)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, Olmo2Config
+
+    from loramix.errors import AdapterError
+    from loramix.io.adapter_files import load_adapter
+    from loramix.layers import attach_adapters
+
+    ad = copy(world["la"], tmp_path / "ad")
+    edit_config(ad, target_modules=None)
+    cfg = Olmo2Config(vocab_size=128, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    with pytest.raises(ValueError, match="target_modules"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_config(cfg), str(ad))
+    with pytest.raises(AdapterError, match="PEFT has no default targets for model type 'olmo2'"):
+        attach_adapters(AutoModelForCausalLM.from_config(cfg), [load_adapter(ad)])
+
+
 def test_target_modules_selecting_every_tensor_accepted(world, tmp_path, capsys):
     """A regular expression, PEFT's ``all-linear`` and an exclude_modules naming
     modules without factors select every module of the file: read as before."""

@@ -479,6 +479,65 @@ def check_targets(modules: Iterable[str], config: dict, weights: Path) -> None:
             )
 
 
+def _null_targets(config: dict | None) -> bool:
+    """Whether ``config`` is a PEFT LoRA config (DoRA included) with no
+    ``target_modules``. An adapter built in memory (no config, no
+    ``peft_type``) names its modules itself; D2-LoRA is not PEFT's."""
+    config = config or {}
+    return str(config.get("peft_type", "")).upper() == "LORA" and config.get("target_modules") is None
+
+
+def check_default_targets(adapters: Sequence, model_type: str | None) -> None:
+    """PEFT's rule for a LoRA adapter whose config has no ``target_modules``
+    (null or absent), once the base's ``model_type`` is known: PEFT fills
+    them with its default for the type (:func:`loramix.archs.peft_default_targets`;
+    GPT-2: ``c_attn`` only) and ignores the factors of any other module, so
+    the adapter is checked as if its config named them (:func:`check_targets`,
+    ``layers_to_transform`` included). A type loramix's table knows with no
+    PEFT default is refused, as PEFT refuses it; a type outside the table,
+    and any adapter where no base is given, keeps every factor."""
+    from ..archs import arch, peft_default_targets
+
+    for ad in adapters:
+        cfg = ad.config or {}
+        if not _null_targets(cfg):
+            continue
+        where = ad.weights_path or ad.path or ad.name
+        defaults = peft_default_targets(model_type)
+        if defaults is None:
+            if arch(model_type) is not None:
+                raise AdapterError(
+                    where,
+                    f"target_modules is null and PEFT has no default targets for model type {model_type!r}, "
+                    "so PEFT refuses to load it; name the modules in adapter_config.json",
+                )
+            continue
+        try:
+            check_targets(ad.modules, {**cfg, "target_modules": list(defaults)}, where)
+        except AdapterError as e:
+            raise AdapterError(
+                where, f"{e.problem} (target_modules is null: PEFT's default for a {model_type} base)"
+            ) from None
+
+
+def warn_null_targets(adapters: Sequence) -> None:
+    """Warn (:class:`~loramix.errors.LoramixWarning`) of LoRA adapters with no
+    ``target_modules`` read where no base is given: PEFT applies only its
+    default targets for the base it loads them onto
+    (:func:`check_default_targets`), which loramix cannot tell without one,
+    so every factor is read (and an adapter written from them names them all)."""
+    import warnings
+
+    from ..errors import LoramixWarning
+
+    hit = [f"{ad.path or ad.name} ({len(ad.modules)} modules)" for ad in adapters if _null_targets(ad.config)]
+    if hit:
+        warnings.warn(f"target_modules is null in {'; '.join(hit)}: PEFT applies only its default targets for "
+                      "the base's model type (GPT-2: c_attn; Llama, Mistral, Qwen: q_proj, v_proj); without a "
+                      "base every factor is read (give the base to apply PEFT's rule)",
+                      LoramixWarning, stacklevel=3)  # fmt: skip
+
+
 def _peft_selects(names: str | list[str], module: str) -> bool:
     """PEFT's rule for ``target_modules`` and ``exclude_modules``: a string is a
     regular expression of the whole name, a list holds names or their last parts."""

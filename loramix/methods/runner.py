@@ -40,6 +40,7 @@ from ..devices import resolve_device
 from ..errors import AdapterError, UsageError
 from ..io.adapter_files import WEIGHTS_NAME, load_adapter, save_peft_adapter
 from ..io.outputs import atomic_output_dir, check_output, provenance, write_provenance
+from ..io.peft_layout import warn_null_targets
 from ..io.safetensors_io import canonicalize_header, file_record
 from ..options import dtype_name, parse_dtype, parse_weights, promoted_dtype
 from . import MergeResult, get_method
@@ -101,6 +102,7 @@ def run_merge(
     out_dtype = parse_dtype(dtype)
     if into is None:
         check_adapter_output(m, ads, trunc)
+        warn_null_targets(ads)
     inputs = [a.path for a in ads if a.path is not None] + ([into] if into is not None else [])
     out = check_output(out, force=force, inputs=inputs)
 
