@@ -1,4 +1,6 @@
+import logging
 import os
+import sys
 
 # Before torch loads: idle OpenMP workers sleep instead of spinning, which on
 # a 2-core machine otherwise starves the other processes (and the test itself).
@@ -21,6 +23,26 @@ from .factories import SHARED_DATA, SMOL_GGUF  # noqa: E402
 
 # Two cores here: keep torch from oversubscribing them in tests.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+class _CurrentStderr:
+    """``sys.stderr`` as it is at each write. transformers' logging handler keeps
+    the stream of its first use, which under pytest is not the one ``capsys``
+    captures: its warnings printed before a one-line error went unseen."""
+
+    def write(self, s: str) -> int:
+        return sys.stderr.write(s)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.get_logger("transformers")  # makes transformers' handler
+for _h in logging.getLogger("transformers").handlers:
+    if isinstance(_h, logging.StreamHandler):
+        _h.setStream(_CurrentStderr())
 
 
 @pytest.fixture(scope="session", autouse=True)
