@@ -233,16 +233,26 @@ def predict(
     adapters_or_paths,
     fit,
     *,
-    merge_method: str = "sum",
+    merge_method: str | None = None,
     level: float | None = None,
     device: str = "cpu",
     label: str | None = None,
+    data=None,
+    base=None,
+    tokens: int | None = None,
+    max_len: int | None = None,
+    progress: bool = False,
 ) -> dict:
     """Predicted delta_ppl% of merging ``adapters_or_paths`` (module docstring).
 
     ``fit``: a ``fit.json`` path or its loaded dict; a predictors file's path
-    gives :func:`predict_validated`'s result instead. The fit is the one of
-    the adapters' kind and ``merge_method``; where the file holds several
+    gives :func:`predict_validated`'s result instead, for ``merge_method``
+    (None: the file's primary predictor) with the calibration ``data``,
+    ``base``, ``tokens``, ``max_len`` and ``progress`` (what ``loramix
+    predict --fit predictors.json`` passes); ``label`` and ``level`` are
+    refused there, as ``data`` is with a ``fit.json`` (it reads no data-aware
+    feature). The fit is the one of
+    the adapters' kind and ``merge_method`` (None: ``sum``); where the file holds several
     studies of that kind (labels such as ``lora`` and ``lora:data``), the
     one named by ``label``, else the one whose initialisation the adapters
     record (:func:`_study`). Returns a dict with
@@ -255,7 +265,20 @@ def predict(
     from .fit import LinearFit, composition_cosine
 
     if not isinstance(fit, dict) and is_predictors_file(fit):
-        return predict_validated(adapters_or_paths, fit, device=device)
+        # every argument reaches it or is refused: merge_method dropped here gave the primary
+        # predictor's figure for any method asked, and a level or label was silently ignored
+        if label is not None:
+            raise UsageError("--label", "applies to a fit.json; a predictors file holds one study")
+        if level is not None:  # its intervals' coverage was validated at its own level
+            raise UsageError("--level", "applies to a fit.json; a predictors file's intervals are at the "
+                             "level its study validated them at")  # fmt: skip
+        return predict_validated(adapters_or_paths, fit, data=data, base=base, tokens=tokens, device=device,
+                                 max_len=max_len, merge_method=merge_method, progress=progress)  # fmt: skip
+    if data:  # the cosine line reads no data-aware feature
+        raise UsageError(
+            "--data", "applies to a predictors file; a fit.json predicts from the RMS cosine alone"
+        )
+    merge_method = merge_method or "sum"
     fit_path = None
     if not isinstance(fit, dict):
         fit_path = str(fit)

@@ -344,3 +344,36 @@ def test_a_predictors_file_reads_paths_with_the_numpy_reader_to_the_same_figures
         ref = np.mean([torch_overlap(loaded[i].modules[m].factors()[1], loaded[j].modules[m].factors()[1])
                        for m in loaded[i].modules])  # fmt: skip
         assert fn.matrices["subspace_overlap"][i, j] == pytest.approx(ref, rel=1e-12, abs=0)
+
+
+def test_predict_with_a_predictors_file_is_the_commands_for_every_method(adapters, fit_file, capsys):
+    """``loramix.predict(..., predictors.json, merge_method=M)`` gives what
+    ``loramix predict --fit predictors.json --method M`` prints, for each
+    method of the file's ``by_method`` (it dropped ``merge_method``: every
+    method got the primary predictor's figure), and refuses what the command
+    refuses (``label`` and ``level`` were ignored; ``data`` with a fit.json)."""
+    import loramix
+    from loramix.cli.predict_cmd import _json
+
+    predictors = Path(__file__).resolve().parents[1] / "reports" / "quickstart" / "predictors.json"
+    if not predictors.is_file():
+        pytest.skip("no committed quickstart predictors file")
+    methods = list(json.loads(predictors.read_text())["by_method"])
+    figures = set()
+    for m in methods:
+        r = loramix.predict(adapters, predictors, merge_method=m)
+        capsys.readouterr()
+        assert (
+            main(
+                ["predict", *map(str, adapters), "--fit", str(predictors), "--method", m, "--format", "json"]
+            )
+            == 0
+        )
+        assert json.loads(_json(r)) == json.loads(capsys.readouterr().out), m
+        figures.add((r["predictor"], r["predicted"]))
+    assert len(figures) > 1  # the methods' predictors differ: a dropped method would show
+    for kw, needle in (({"label": "lora"}, "--label"), ({"level": 0.5}, "--level")):
+        with pytest.raises(loramix.LoramixError, match=needle):
+            loramix.predict(adapters, predictors, **kw)
+    with pytest.raises(loramix.LoramixError, match="--data"):
+        loramix.predict(adapters, fit_file[0], data=["x.jsonl", "y.jsonl", "z.jsonl"])

@@ -40,27 +40,17 @@ from . import calibration_options, check_calibration_args, format_option
 @format_option
 def command(adapters, fit_path, merge_method, label, level, data, base, tokens, max_len, fmt):
     """Predict the interference of merging ADAPTERS (at least two), with error bars."""
-    from ..errors import UsageError
-    from ..interference import is_predictors_file, predict, predict_validated
+    from ..interference import is_predictors_file, predict
 
     check_calibration_args(data, base, tokens, max_len)
+    # loramix.predict checks and passes on every option, so a notebook gets what this command prints
+    r = predict(list(adapters), fit_path, merge_method=merge_method, level=level, label=label,
+                data=list(data) or None, base=base, tokens=tokens, max_len=max_len, progress=True)  # fmt: skip
     if is_predictors_file(fit_path):
-        if label is not None:
-            raise UsageError("--label", "applies to a fit.json; a predictors file holds one study")
-        if level is not None:  # its intervals' coverage was validated at its own level
-            raise UsageError("--level", "applies to a fit.json; a predictors file's intervals are at the "
-                             "level its study validated them at")  # fmt: skip
-        r = predict_validated(list(adapters), fit_path, data=list(data) or None, base=base,
-                              merge_method=merge_method, tokens=tokens, max_len=max_len, progress=True)  # fmt: skip
         for w in r["warnings"]:
             click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
         click.echo(_json(r) if fmt == "json" else _validated_text(r))
         return
-    if data:  # the cosine line reads no data-aware feature
-        raise UsageError(
-            "--data", "applies to a predictors file; a fit.json predicts from the RMS cosine alone"
-        )
-    r = predict(list(adapters), fit_path, merge_method=merge_method or "sum", level=level, label=label)
     click.echo(_json(r) if fmt == "json" else _line_text(r))
 
 
