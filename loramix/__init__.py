@@ -28,7 +28,7 @@ _API = {
     "train_adapter": "loramix.train",
     "evaluate": "loramix.perplexity",
     "build_base": "loramix.basebuild",
-    "run_scenario": "loramix.scenario",
+    "run_scenario": "loramix.scenario.runner",
     "predict": "loramix.interference",
 }
 

@@ -61,3 +61,16 @@ def test_dir_lists_the_lazy_api():
     imported functions must be in it before any of them is touched."""
     code = "import loramix; missing = set(loramix.__all__) - set(dir(loramix)); assert not missing, missing"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_help_shows_each_exports_parameters():
+    """``help(loramix.X)`` in a notebook shows the real parameters and
+    docstring: ``run_scenario`` was a ``(*args, **kwargs)`` forwarder whose
+    help said only "See :func:`loramix.scenario.runner.run_scenario`"."""
+    import inspect
+
+    for name in FUNCTIONS:
+        f = getattr(loramix, name)
+        kinds = {p.kind for p in inspect.signature(f).parameters.values()}
+        assert inspect.Parameter.VAR_POSITIONAL not in kinds, name
+        assert not f.__doc__.lstrip().startswith("See "), name
