@@ -64,6 +64,12 @@ class ModuleDelta:
     def __post_init__(self):
         self.kind = get_kind(self.kind if self.kind is not None else (LORA if self.B_neg is None else D2LORA))
 
+    def __repr__(self) -> str:
+        # shapes, not values: a notebook echoes the object, and torch's repr of
+        # the factors ran to hundreds of lines per module
+        return (f"ModuleDelta({self.name!r}, kind={self.kind.name!r}, shape={self.shape}, rank={self.rank}, "
+                f"scale={self.scale:g}, dtype={self.dtype})")  # fmt: skip
+
     @property
     def rank(self) -> int:
         """Rank of one branch (``r``); a D2 residual has rank ``2r``."""
@@ -133,6 +139,15 @@ class Adapter:
 
     def __post_init__(self):
         self.kind = get_kind(self.kind)
+
+    def __repr__(self) -> str:
+        # one line, as ModuleDelta's: the dataclass repr printed every module's factors
+        ranks = sorted({m.rank for m in self.modules.values()})
+        rank = f"rank={ranks[0]}" if len(ranks) == 1 else f"ranks={ranks}"
+        saved = f", saved={sorted(self.saved)}" if self.saved else ""
+        path = None if self.path is None else str(self.path)
+        return (f"Adapter({self.name!r}, kind={self.kind.name!r}, modules={len(self.modules)}, {rank}, "
+                f"parameters={self.num_parameters}{saved}, path={path!r})")  # fmt: skip
 
     @property
     def method(self) -> str:

@@ -74,3 +74,19 @@ def test_help_shows_each_exports_parameters():
         kinds = {p.kind for p in inspect.signature(f).parameters.values()}
         assert inspect.Parameter.VAR_POSITIONAL not in kinds, name
         assert not f.__doc__.lstrip().startswith("See "), name
+
+
+def test_an_adapter_echoes_in_one_line(tmp_path):
+    """A notebook echoes ``loramix.load_adapter(p)``: one line with the name,
+    kind, size and path, each module its shape and scale (the dataclass repr
+    printed every factor: 1,000 lines for a two-block GPT-2 adapter)."""
+    from .factories import make_peft_adapter, tiny_gpt2
+
+    a = loramix.load_adapter(make_peft_adapter(tiny_gpt2(), tmp_path / "a", r=4, lora_alpha=8))
+    assert repr(a) == (
+        f"Adapter('a', kind='lora', modules=8, rank=4, parameters={a.num_parameters}, path='{tmp_path / 'a'}')"
+    )
+    m = a.modules["transformer.h.0.attn.c_attn"]
+    assert repr(m) == (
+        "ModuleDelta('transformer.h.0.attn.c_attn', kind='lora', shape=(96, 32), rank=4, scale=2, dtype=torch.float32)"
+    )
