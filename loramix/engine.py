@@ -751,17 +751,20 @@ class SerialExecutor:
 
 @dataclass
 class StreamResult:
-    """What :func:`execute_into_base` wrote; ``facts`` per module that has some."""
+    """What :func:`execute_into_base` wrote; ``facts`` per module that has some.
+
+    Its repr leaves out the per-module lists and the provenance, which a
+    notebook echoing the result showed as a wall of text."""
 
     out: Path
-    modules: list[str]
+    modules: list[str] = field(repr=False)
     tensors: int
     bytes_written: int
     dtype: torch.dtype | None
     device: str
     seconds: float
-    provenance: dict = field(default_factory=dict)
-    facts: dict[str, dict] = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict, repr=False)
+    facts: dict[str, dict] = field(default_factory=dict, repr=False)
 
 
 def _progress_bar(plan: Plan, out: Path, progress: bool):

@@ -76,13 +76,16 @@ def test_help_shows_each_exports_parameters():
         assert not f.__doc__.lstrip().startswith("See "), name
 
 
-def test_an_adapter_echoes_in_one_line(tmp_path):
+def test_an_adapter_and_a_merge_echo_in_one_line(tmp_path):
     """A notebook echoes ``loramix.load_adapter(p)``: one line with the name,
     kind, size and path, each module its shape and scale (the dataclass repr
-    printed every factor: 1,000 lines for a two-block GPT-2 adapter)."""
-    from .factories import make_peft_adapter, tiny_gpt2
+    printed every factor: 1,000 lines for a two-block GPT-2 adapter); and a
+    merge's result without its provenance record and module lists (7,000
+    characters for three SmolLM2 adapters on two blocks)."""
+    from .factories import make_peft_adapter, save_base, tiny_gpt2
 
-    a = loramix.load_adapter(make_peft_adapter(tiny_gpt2(), tmp_path / "a", r=4, lora_alpha=8))
+    model = tiny_gpt2()
+    a = loramix.load_adapter(make_peft_adapter(model, tmp_path / "a", r=4, lora_alpha=8))
     assert repr(a) == (
         f"Adapter('a', kind='lora', modules=8, rank=4, parameters={a.num_parameters}, path='{tmp_path / 'a'}')"
     )
@@ -90,3 +93,12 @@ def test_an_adapter_echoes_in_one_line(tmp_path):
     assert repr(m) == (
         "ModuleDelta('transformer.h.0.attn.c_attn', kind='lora', shape=(96, 32), rank=4, scale=2, dtype=torch.float32)"
     )
+    b = make_peft_adapter(model, tmp_path / "b", seed=1, r=4, lora_alpha=8)
+    base = save_base(model, tmp_path / "base")
+    results = [
+        loramix.merge([a, b], "ties", out=tmp_path / "t", density=0.5, out_rank=2),
+        loramix.merge([a, b], "sum", into=base, out=tmp_path / "m"),
+        loramix.sum_into_base([a, b], base, tmp_path / "s", progress=False),
+    ]
+    for r in results:
+        assert "\n" not in repr(r) and len(repr(r)) < 600 and "loramix_version" not in repr(r), repr(r)

@@ -128,6 +128,8 @@ class MergeResult:
     merge added). ``modules`` holds per-module facts (svd: rank and discarded
     energy; d2-signed: difference to adding effective deltas); ``summary``
     the totals the CLI prints. ``record`` is the ``loramix.json`` content.
+    The repr leaves out ``modules``, ``record`` and ``stream`` (a notebook
+    echoing the result showed thousands of characters of them).
     """
 
     out: Path
@@ -135,11 +137,11 @@ class MergeResult:
     kind: str
     params: dict
     weights: list[float]
-    modules: dict[str, dict] = field(default_factory=dict)
+    modules: dict[str, dict] = field(default_factory=dict, repr=False)
     summary: dict = field(default_factory=dict)
-    record: dict = field(default_factory=dict)
+    record: dict = field(default_factory=dict, repr=False)
     #: what the engine wrote for a model output (tensors, bytes, device, seconds)
-    stream: Any = None
+    stream: Any = field(default=None, repr=False)
 
 
 def merge(
