@@ -102,3 +102,35 @@ def test_an_adapter_and_a_merge_echo_in_one_line(tmp_path):
     ]
     for r in results:
         assert "\n" not in repr(r) and len(repr(r)) < 600 and "loramix_version" not in repr(r), repr(r)
+
+
+def test_the_writers_refuse_what_the_reader_refuses_before_making_the_folder(tmp_path):
+    """``save_peft_adapter`` wrote a folder for factors whose ranks differ, an
+    empty dict or a non-finite factor (load_adapter then refused it, or the
+    folder stayed empty); ``save_d2_adapter`` raised a bare ValueError for a
+    LoRA module. Each is now a one-line LoramixError naming the folder, and
+    no folder is made; a good pair still reads back exactly."""
+    import pytest
+    import torch
+
+    from loramix.adapter import ModuleDelta
+
+    B, A = torch.randn(6, 2), torch.randn(2, 5)
+    bad = {
+        "ranks differ": {"m": (torch.randn(6, 3), A)},
+        "1-D": {"m": (torch.randn(6), A)},
+        "not a pair": {"m": B},
+        "nothing": {},
+        "nan": {"m": (B, torch.full((2, 5), float("nan")))},
+    }
+    for case, factors in bad.items():
+        out = tmp_path / case.replace(" ", "-")
+        with pytest.raises(loramix.LoramixError) as e:
+            loramix.save_peft_adapter(out, factors)
+        assert "\n" not in str(e.value) and not out.exists(), case
+    lora = ModuleDelta("m", B, A, scale=1.0, alpha=2.0)
+    with pytest.raises(loramix.LoramixError, match="D2-LoRA"):
+        loramix.save_d2_adapter(tmp_path / "d2", {"m": lora}, r=2, lora_alpha=2, tau=0.5)
+    assert not (tmp_path / "d2").exists()
+    back = loramix.load_adapter(loramix.save_peft_adapter(tmp_path / "good", {"m": (B, A)})).modules["m"]
+    assert torch.equal(back.B, B) and torch.equal(back.A, A) and back.scale == 1.0

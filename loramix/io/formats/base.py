@@ -71,13 +71,36 @@ def clean_number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
+def check_pair(out_dir: Path, module: str, B, A) -> None:
+    """``B`` (out, r) and ``A`` (r, in): 2-D tensors sharing ``r`` >= 1, else an
+    :class:`AdapterError` naming ``out_dir`` and ``module`` (the writers took
+    any pair and wrote a file that :func:`~loramix.io.adapter_files.load_adapter`
+    refuses)."""
+    if not (isinstance(B, torch.Tensor) and isinstance(A, torch.Tensor) and B.dim() == 2 and A.dim() == 2):
+        got = ", ".join(
+            str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (B, A)
+        )
+        raise AdapterError(
+            out_dir, f"module {module}: B and A must be 2-D tensors, (out, r) and (r, in); got {got}"
+        )
+    if B.shape[1] != A.shape[0] or A.shape[0] < 1:
+        raise AdapterError(
+            out_dir,
+            f"module {module}: B {tuple(B.shape)} and A {tuple(A.shape)} must be (out, r) and (r, in) with one r >= 1",
+        )
+
+
 def write_folder(
     out_dir: Path, tensors: dict[str, torch.Tensor], config: dict, provenance: dict | None
 ) -> Path:
     """Write ``tensors`` (canonical header, provenance in the metadata) and the config;
-    a non-finite value refused naming its tensor."""
+    a non-finite value refused naming its tensor, and no tensor at all naming
+    ``out_dir`` (the readers refuse both), before ``out_dir`` is made."""
+    if not tensors:
+        raise AdapterError(out_dir, "no module to write: an adapter file holds at least one tensor")
     for key, t in tensors.items():
         check_output_finite(t, key)
+    out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata=safetensors_metadata(provenance))
     canonicalize_header(out_dir / WEIGHTS_NAME)
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...adapter import ModuleDelta
+from ...errors import AdapterError
 from ...kinds import D2LORA
-from .base import PREFIX, PeftLayoutFormat, clean_number, write_folder
+from .base import PREFIX, PeftLayoutFormat, check_pair, clean_number, write_folder
 
 
 class LoramixD2(PeftLayoutFormat):
@@ -33,13 +34,23 @@ def save_d2_adapter(
     provenance: dict | None = None,
     extra_config: dict | None = None,
 ) -> Path:
-    """Write a loramix D2-LoRA folder (format in ``docs/d2lora.md``)."""
+    """Write a loramix D2-LoRA folder (format in ``docs/d2lora.md``): each of
+    ``modules`` (name -> a D2-LoRA :class:`~loramix.adapter.ModuleDelta`,
+    ``B``/``B_neg`` (out, r), ``A``/``A_neg`` (r, in)) as its four factors,
+    the config from ``r``, ``lora_alpha``, ``tau``, ``norm_dim``, ``eps``.
+    Written into ``out_dir`` as :func:`~loramix.io.formats.peft.save_peft_adapter`
+    writes; a module of another kind or with factors that do not pair up
+    raises :class:`~loramix.errors.AdapterError` before anything is made.
+    Returns ``out_dir``."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, m in modules.items():
-        if m.kind is not D2LORA:
-            raise ValueError(f"{name} is not a D2-LoRA module")
+        if not isinstance(m, ModuleDelta) or m.kind is not D2LORA:
+            # a ValueError before: a traceback where a notebook expects loramix's one-line error
+            what = m.kind.name if isinstance(m, ModuleDelta) else type(m).__name__
+            raise AdapterError(out_dir, f"module {name}: a D2-LoRA folder holds D2-LoRA modules, not {what}")
+        check_pair(out_dir, name, m.B, m.A)
+        check_pair(out_dir, name, m.B_neg, m.A_neg)
         for part, t in D2LORA.tensors(m).items():
             tensors[f"{PREFIX}{name}.{part}.weight"] = t.detach().contiguous().cpu()
     config = {

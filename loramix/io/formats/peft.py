@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from ...errors import AdapterError
 from ...kinds import LORA
-from .base import PREFIX, PeftLayoutFormat, clean_number, common_rank_alpha, write_folder
+from .base import PREFIX, PeftLayoutFormat, check_pair, clean_number, common_rank_alpha, write_folder
 
 
 class PeftLora(PeftLayoutFormat):
@@ -54,12 +55,21 @@ def save_peft_adapter(
     PEFT stores them and listed by full module name. Modules in
     ``embeddings`` are embedding weights (``(B, A)`` still in the weight's
     ``(vocab, dim)`` layout) and are stored as PEFT's ``lora_embedding_A/B``.
+
+    The files are written into ``out_dir`` as it is (made if missing, files of
+    the same names replaced; the commands write into a temporary folder,
+    :func:`loramix.io.outputs.atomic_output_dir`). Factors that are not such
+    pairs, or nothing to write, raise :class:`~loramix.errors.AdapterError`
+    naming ``out_dir`` before anything is made. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
-    for module, (B, A) in factors.items():
+    for module, pair in factors.items():
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise AdapterError(out_dir, f"module {module}: expected a pair (B, A), got {type(pair).__name__}")
+        B, A = pair
+        check_pair(out_dir, module, B, A)
         if dtype is not None:
             B, A = B.to(dtype), A.to(dtype)
         if module in (embeddings or ()):
