@@ -292,6 +292,13 @@ def load_fit_file(path: str | os.PathLike) -> dict:
     p = Path(path)
     fit = read_json_file(p, "fit file", "give its fit.json or predictors.json",
                          "a scenario run writes reports/NAME/fit.json", "fit.json")  # fmt: skip
+    return check_fit(fit, p)
+
+
+def check_fit(fit, p: str | os.PathLike) -> dict:
+    """:func:`load_fit_file`'s checks of a ``fit.json`` already read (``fit``),
+    errors naming ``p``: a dict given to :func:`loramix.predict` is checked as
+    the file would be (it raised a bare KeyError). Returns ``fit``."""
     if isinstance(fit, dict) and isinstance(fit.get("fits"), dict) and "format" in fit:
         # a predictors file (its fits by name) whose format is not the one this loramix writes
         raise field_error(p, "format", '"loramix-predictors" (a predictors file) or absent (a fit.json)',

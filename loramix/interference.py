@@ -283,6 +283,10 @@ def predict(
     if not isinstance(fit, dict):
         fit_path = str(fit)
         fit = load_fit(fit)
+    else:
+        from .fit import check_fit
+
+        check_fit(fit, "fit")
     where = fit_path or "--fit"
     if isinstance(device, str) and is_cpu(device):
         # the cosines run in numpy on the CPU (overlap.similarity) whichever reader loaded the

@@ -377,3 +377,21 @@ def test_predict_with_a_predictors_file_is_the_commands_for_every_method(adapter
             loramix.predict(adapters, predictors, **kw)
     with pytest.raises(loramix.LoramixError, match="--data"):
         loramix.predict(adapters, fit_file[0], data=["x.jsonl", "y.jsonl", "z.jsonl"])
+
+
+def test_predict_checks_a_fit_given_as_a_dict(adapters, fit_file):
+    """``fit`` may be a loaded dict: it gets the file's checks, one-line
+    LoramixErrors (an empty dict was a bare KeyError 'fits', a fit without
+    its slope another KeyError), and a good one predicts as its file does."""
+    import loramix
+
+    path, fits = fit_file
+    for bad, needle in (
+        ({}, "no 'fits' list"),
+        ({"fits": [{"adapter_method": "lora", "merge_method": "sum"}]}, "fits[0]"),
+    ):
+        with pytest.raises(loramix.LoramixError, match=needle.replace("[", r"\[")) as e:
+            loramix.predict(adapters, bad)
+        assert str(e.value).startswith("fit: ")
+    as_dict = loramix.predict(adapters, json.loads(path.read_text()))
+    assert as_dict["predicted_delta_ppl_pct"] == loramix.predict(adapters, path)["predicted_delta_ppl_pct"]
