@@ -318,16 +318,28 @@ def _check_kind_name(kind, flag: str) -> None:
         raise UsageError(flag, f"unknown adapter kind {kind!r}; known: {', '.join(names)}")
 
 
+#: train_adapter's arguments that ``loramix train`` takes as FLOAT
+_REALS = frozenset({"alpha", "epochs", "lr", "weight_decay", "clip"})
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _settings(kind, run, options: dict, *, total: int, warmup: int, factor_seed: int, fields: dict,
               given: dict) -> dict:  # fmt: skip
     """What the adapter's provenance records about how it was trained
-    (``given``: train_adapter's arguments as passed)."""
-    g = given
+    (``given``: train_adapter's arguments as passed; the real-valued ones as
+    floats, as ``loramix train`` parses them: ``alpha=16`` from Python wrote
+    ``16`` where the command wrote ``16.0``, so the same training gave
+    weights files that differed in their header)."""
+    g = {k: float(v) if k in _REALS and _number(v) else v for k, v in given.items()}
+    tau = options.get("tau")
     return {
         "kind": kind.name,
         "rank": g["rank"],
         "alpha": g["alpha"],
-        "tau": options.get("tau"),
+        "tau": float(tau) if _number(tau) else tau,
         "norm_dim": options.get("norm_dim"),
         "targets": run.resolved_targets,
         "steps": total,

@@ -607,3 +607,20 @@ def test_gradient_accumulation_on_a_last_batch_smaller_than_the_micro_batches(ba
     eight = train_adapter(bases["llama"], data, tmp_path / "eight", grad_accum=8, **kw)
     assert one["n_train"] == 109 and eight["steps"] == 14
     _assert_same_factors(tmp_path / "one", tmp_path / "eight", 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lora", "d2lora"])
+def test_the_function_and_the_command_write_the_same_bytes(bases, tmp_path, kind):
+    """``train_adapter`` with its defaults and ``loramix train`` with the same
+    options write byte-identical weight files. The record held the Python
+    arguments as given, ``"alpha": 16`` and ``"epochs": 1``, where the command
+    wrote ``16.0`` and ``1.0``: the same tensors in files that differed."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": f"What is {i} plus 2?", "answer": str(i + 2)}
+                                              for i in range(12)])  # fmt: skip
+    train_adapter(
+        bases["gpt2"], data, tmp_path / "py", kind=kind, batch=4, max_len=32, eval_size=0, progress=False
+    )
+    assert main(["train", "--base", str(bases["gpt2"]), "--data", str(data), "--out", str(tmp_path / "cli"),
+                 "--kind", kind, "--batch", "4", "--max-len", "32", "--eval-size", "0", "--quiet"]) == 0  # fmt: skip
+    py, cli = ((tmp_path / d / "adapter_model.safetensors").read_bytes() for d in ("py", "cli"))
+    assert py == cli
