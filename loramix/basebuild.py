@@ -249,7 +249,7 @@ def build_base(
     ``train_tokens`` and the out path.
     """
     from .data import encode_records, make_batches
-    from .devices import is_cpu, resolve_device
+    from .devices import is_cpu, kept_rng, resolve_device
     from .io.outputs import check_output
     from .perplexity import perplexity
 
@@ -270,15 +270,15 @@ def build_base(
     train_texts = [record_text(r) for r in train_recs]
     tokenizer = train_tokenizer(train_texts, cfg.vocab, cfg.ctx)
     stream = _token_stream(tokenizer, train_texts, cfg.ctx)
-    model = _new_model(cfg, tokenizer, seed, dev)
-
-    held = encode_records(tokenizer, held_recs, max_len=cfg.ctx, on="all")
-    held_batches = make_batches(held, batch_size=32, pad_id=tokenizer.pad_token_id, sort_by_length=True)
-    model.eval()
-    untrained = perplexity(model, held_batches, device=dev)
-    log, warmup, running = _pretrain(model, stream, ctx=cfg.ctx, steps=steps, batch=batch, lr=lr, seed=seed,
-                                     dev=dev, label=size, progress=progress, t0=t0)  # fmt: skip
-    final = perplexity(model, held_batches, device=dev)
+    with kept_rng(dev):  # the build seeds torch's global generator: the caller's stream is kept
+        model = _new_model(cfg, tokenizer, seed, dev)
+        held = encode_records(tokenizer, held_recs, max_len=cfg.ctx, on="all")
+        held_batches = make_batches(held, batch_size=32, pad_id=tokenizer.pad_token_id, sort_by_length=True)
+        model.eval()
+        untrained = perplexity(model, held_batches, device=dev)
+        log, warmup, running = _pretrain(model, stream, ctx=cfg.ctx, steps=steps, batch=batch, lr=lr, seed=seed,
+                                         dev=dev, label=size, progress=progress, t0=t0)  # fmt: skip
+        final = perplexity(model, held_batches, device=dev)
 
     results = {
         "out": str(out),

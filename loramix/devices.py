@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from .errors import UsageError
@@ -43,3 +44,15 @@ def is_cpu(spec: str | torch.device | None = "auto") -> bool:
         if s == "cpu" or (s == "auto" and no_driver):
             return True
     return resolve_device(spec).type == "cpu"
+
+
+@contextmanager
+def kept_rng(dev: torch.device):
+    """torch's global random state (the CPU's, and ``dev``'s where it is a GPU)
+    as it was on entry, restored on exit: a training seeds it for its dropout
+    (``torch.manual_seed``), which reset a notebook's own random stream."""
+    import torch
+
+    gpus = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        yield

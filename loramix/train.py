@@ -303,7 +303,10 @@ def train_adapter(
                                     seed=seed, shared_init=shared_init, on=on, top_layers=top_layers,
                                     dtype=dtype, grad_accum=grad_accum, grad_checkpointing=grad_checkpointing,
                                     bucket=bucket, prompt=prompt))  # fmt: skip
-    metrics = _train(run, kind, settings, options, out=out, progress=progress)
+    from .devices import kept_rng
+
+    with kept_rng(run.dev):
+        metrics = _train(run, kind, settings, options, out=out, progress=progress)
     _write(out, run, kind, settings, options, metrics, force=force, file_inputs=file_inputs)
     return {"out": str(out), **metrics, "kind": kind.name, "method": kind.name, "settings": settings}
 

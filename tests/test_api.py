@@ -134,3 +134,19 @@ def test_the_writers_refuse_what_the_reader_refuses_before_making_the_folder(tmp
     assert not (tmp_path / "d2").exists()
     back = loramix.load_adapter(loramix.save_peft_adapter(tmp_path / "good", {"m": (B, A)})).modules["m"]
     assert torch.equal(back.B, B) and torch.equal(back.A, A) and back.scale == 1.0
+
+
+def test_training_keeps_the_callers_random_stream(tmp_path):
+    """``train_adapter`` and ``build_base`` seed torch's global generator for
+    their dropout and initial weights; a notebook's own stream (what it draws
+    next) was reset to theirs. It is now as the caller left it."""
+    import torch
+
+    data = "synthetic:arith?n=80"
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    loramix.build_base(data, tmp_path / "base", steps=2, device="cpu", progress=False)
+    assert torch.equal(torch.get_rng_state(), state), "build_base"
+    loramix.train_adapter(tmp_path / "base", data, tmp_path / "a", steps=2, batch=4, eval_size=0, device="cpu",
+                          progress=False)  # fmt: skip
+    assert torch.equal(torch.get_rng_state(), state), "train_adapter"
