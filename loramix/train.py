@@ -268,11 +268,10 @@ def train_adapter(
     without them: the same in expectation, not to rounding
     (``grad_checkpointing`` replays the same masks and stays exact).
 
-    Returns ``out``, ``kind`` (``method``: its v0.1 name), ``settings`` (as
-    the provenance records them) and what :func:`_train` measured: ``steps``,
-    ``tokens``, ``final_loss`` (the mean of the last 10 steps),
-    ``ppl_base``/``ppl_adapter`` (None without eval data), the setup, prefix
-    and training ``*_seconds``, throughput and counts.
+    Returns ``out``, ``kind`` (``method``: its v0.1 name), ``steps``, ``tokens``, ``final_loss`` (last
+    10 steps), ``train_seconds`` (``setup_seconds``, ``prefix_seconds`` apart), ``tokens_per_second``,
+    ``ppl_base``/``ppl_adapter`` (None without eval data), counts (``n_train``, ``n_eval``,
+    ``trainable_parameters``, ...) and ``settings`` (what ``loramix.json`` records).
     """
     from .io.outputs import check_output
 

@@ -150,3 +150,30 @@ def test_training_keeps_the_callers_random_stream(tmp_path):
     loramix.train_adapter(tmp_path / "base", data, tmp_path / "a", steps=2, batch=4, eval_size=0, device="cpu",
                           progress=False)  # fmt: skip
     assert torch.equal(torch.get_rng_state(), state), "train_adapter"
+
+
+def _returned_names(doc: str, start: str) -> set[str]:
+    """The ``names`` in the paragraph of ``doc`` that begins with ``start`` (not file names)."""
+    import re
+
+    para = doc[doc.index(start) :].split("\n\n")[0]
+    return {n for span in re.findall(r"``([^`.]+)``", para) for n in re.findall(r"[a-z_]+", span)}
+
+
+def test_the_docstrings_name_the_fields_returned(tmp_path):
+    """What ``help()`` says a function returns is there: ``train_adapter``'s
+    docstring promised ``seconds`` (the dict has ``train_seconds``,
+    ``setup_seconds``, ``prefix_seconds``)."""
+    built = loramix.build_base(
+        "synthetic:arith?n=80", tmp_path / "base", steps=2, device="cpu", progress=False
+    )
+    trained = loramix.train_adapter(tmp_path / "base", "synthetic:arith?n=40", tmp_path / "a", steps=1, batch=4,
+                                    device="cpu", progress=False)  # fmt: skip
+    table = loramix.evaluate(tmp_path / "base", data=["synthetic:arith?n=8"])
+    assert _returned_names(loramix.train_adapter.__doc__, "Returns ``out``") - set(trained) == set()
+    in_record = {"results"}  # build_base: "also stored under ``results`` in loramix.json"
+    assert _returned_names(loramix.build_base.__doc__, "Returns a") - set(built) == in_record
+    assert (
+        _returned_names(loramix.evaluate.__doc__, "Returns a pandas") - set(table.columns) - {"union"}
+        == set()
+    )
