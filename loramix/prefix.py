@@ -41,6 +41,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -117,6 +118,38 @@ def check_top_only(model, names, k: int, where) -> None:
                 "--top-layers",
                 f"{where}: module {n} is not in the top layers ({k} and up): the cached prefix depends on it",
             )
+
+
+def lowest_block(model, names) -> int | None:
+    """``k``, the lowest block holding a module of ``names``, when every one of
+    them is in a block, ``k > 0`` and the architecture has the cached path
+    (:func:`supports_prefix`); else None. Adapters on those modules leave the
+    state entering block ``k``, ``h_k``, as the base computes it."""
+    if not names or not supports_prefix(model):
+        return None
+    at = [layer_of(model, n) for n in names]
+    if any(i is None for i in at) or min(at) == 0:
+        return None
+    return min(at)
+
+
+@contextmanager
+def states_entering(model, k: int):
+    """Within it, each forward of ``model`` appends ``h_k``, the hidden state
+    entering block ``k`` ``(B, T, d)`` (padded positions included), to the
+    list it yields: the full forward's own tensor, so :func:`top_view` fed it
+    as ``inputs_embeds`` with the same mask repeats the full forward's
+    computation of blocks ``k ..`` exactly."""
+    got: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        got.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    handle = _blocks(model)[k].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield got
+    finally:
+        handle.remove()
 
 
 def _view(module: nn.Module, **children) -> nn.Module:

@@ -257,8 +257,12 @@ def train_adapter(
     frozen prefix once per example (:mod:`loramix.prefix`, cached as
     ``prefix_cache`` says; a run of fewer steps than an epoch, only over the
     examples it draws), so every step and evaluation runs ``N`` blocks and
-    the head (Llama family). ``dtype="bfloat16"``: the forward under bf16
-    autocast (factors, optimizer and loss stay float32; not exact).
+    the head (Llama family). Without it, targets that all sit in blocks
+    ``k > 0`` and up still spare the adapted held-out evaluation blocks
+    ``0 .. k-1``: it starts from the states the base's evaluation computed
+    there, exactly the full forward (float32). ``dtype="bfloat16"``: the
+    forward under bf16 autocast (factors, optimizer and loss stay float32;
+    not exact).
     ``grad_accum=m``: ``m`` micro-batches whose gradients add up to the
     batch's (less memory); ``grad_checkpointing`` recomputes block
     activations in the backward. Exact for a base without dropout
@@ -635,11 +639,14 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
     model, dev, seed, total = run.model, run.dev, settings["seed"], settings["steps"]
     lr, batch, n_per_epoch = settings["lr"], settings["batch"], run.n_per_epoch
     runner = _runner(run, settings["grad_checkpointing"])
-    ppl_base = (
-        perplexity(runner, run.eval_batches, device=dev, autocast=run.autocast)["ppl"]
-        if run.eval_batches
-        else None
-    )
+    ppl_base, k = None, _held_out_prefix(run)
+    if run.eval_batches and k is None:
+        ppl_base = perplexity(runner, run.eval_batches, device=dev, autocast=run.autocast)["ppl"]
+    elif run.eval_batches:
+        from .prefix import states_entering
+
+        with states_entering(model, k) as states:
+            ppl_base = perplexity(runner, run.eval_batches, device=dev, autocast=run.autocast)["ppl"]
     torch.manual_seed(seed)  # dropout
     params = inject_trainable(model, kind=kind, rank=settings["rank"], alpha=settings["alpha"],
                               targets=run.targets, seed=settings["init"]["seed"], **options)  # fmt: skip
@@ -686,7 +693,15 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
     train_seconds = time.perf_counter() - t0
     model.eval()
     runner.eval()
-    ev = perplexity(runner, run.eval_batches, device=dev, autocast=run.autocast) if run.eval_batches else None
+    ev = None
+    if run.eval_batches and k is None:
+        ev = perplexity(runner, run.eval_batches, device=dev, autocast=run.autocast)
+    elif run.eval_batches:  # blocks k and up on the base's own h_k: the same computation as the full forward
+        from .prefix import top_view
+
+        held = [{**{n: v for n, v in b.items() if n != "input_ids"}, "inputs_embeds": h}
+                for b, h in zip(run.eval_batches, states)]  # fmt: skip
+        ev = perplexity(top_view(model, k), held, device=dev, autocast=run.autocast)
     run.log = log
     return {
         "ppl_base": ppl_base,
@@ -708,6 +723,25 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
         "trainable_parameters": n_params,
         "device": str(dev),
     }
+
+
+def _held_out_prefix(run: _Run) -> int | None:
+    """``k`` when the adapters sit in blocks ``k > 0`` and up (targets named
+    there, ``--top-layers`` not given): the base's held-out evaluation then
+    keeps the state entering block ``k`` of each batch, and the adapted
+    one runs blocks ``k ..`` and the head on it, not the frozen blocks below
+    a second time (on SmolLM2 with the README's targets in blocks 28-29, 28 of
+    30 blocks of that pass). None under autocast (kept as it was), or when the
+    states, ``sum_b B*T*d`` floats, would pass the prefix cache's memory bound."""
+    if run.prefix_at is not None or run.autocast is not None or not run.eval_batches:
+        return None
+    from .layers import find_targets
+    from .prefix import _MEMORY_BYTES, lowest_block
+
+    k = lowest_block(run.model, find_targets(run.model, run.targets))
+    emb = run.model.get_input_embeddings().weight
+    size = sum(b["attention_mask"].numel() for b in run.eval_batches) * emb.shape[1] * emb.element_size()
+    return k if k is not None and size <= _MEMORY_BYTES else None
 
 
 def _final_loss(log: list[tuple]) -> float:

@@ -322,6 +322,37 @@ def test_top_layers_short_run_computes_the_prefix_of_the_drawn_records_only(base
     _assert_same_factors(tmp_path / "full", tmp_path / "top", 1e-5)
 
 
+def test_held_out_evaluation_runs_the_blocks_below_the_adapters_once(bases, tmp_path, monkeypatch):
+    """Targets in block 1 alone, no --top-layers: the adapted model's held-out
+    evaluation starts from the states entering block 1 that the base's
+    evaluation computed, so block 0 runs once per training step and once per
+    held-out batch (it ran twice per held-out batch: on SmolLM2 with the
+    README's targets, 28 of the 30 blocks of the second pass). The same
+    perplexities, exactly, and the same adapter bytes as the full forward."""
+    import loramix.train as train_mod
+
+    calls = []
+
+    def count(module, args):
+        if type(module).__name__ == "LlamaDecoderLayer" and module.self_attn.layer_idx == 0:
+            calls.append(1)
+
+    targets = ["layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj"]
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        once = train_adapter(bases["llama"], ARITH, tmp_path / "once", targets=targets, **FAST)
+    finally:
+        handle.remove()
+    held_out_batches = -(-FAST["eval_size"] // FAST["batch"])
+    assert len(calls) == FAST["steps"] + held_out_batches
+    monkeypatch.setattr(train_mod, "_held_out_prefix", lambda run: None)  # the full forward, twice
+    twice = train_adapter(bases["llama"], ARITH, tmp_path / "twice", targets=targets, **FAST)
+    assert (once["ppl_base"], once["ppl_adapter"]) == (twice["ppl_base"], twice["ppl_adapter"])
+    assert once["ppl_adapter"] < once["ppl_base"]
+    adapter = "adapter_model.safetensors"
+    assert (tmp_path / "once" / adapter).read_bytes() == (tmp_path / "twice" / adapter).read_bytes()
+
+
 def test_top_layers_adapter_loads_in_peft_on_its_modules_only(bases, tmp_path):
     """--top-layers: target_modules lists the trained modules by full name,
     so PEFT wraps just those and finds every key (the last names alone made
