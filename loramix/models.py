@@ -261,14 +261,16 @@ def base_provenance(path: str | os.PathLike) -> dict:
     for a GGUF, the file and its own sha256."""
     import hashlib
 
-    from .io.st_header import file_sha256  # torch-free (safetensors_io re-exports it)
+    from .io.filehash import cached_file_sha256
 
     p = resolve_base(path)
     files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
-        h.update(file_sha256(f).encode())
+        # cached on disk: the identity below hashes the same files (a cold run read the 538 MB of
+        # SmolLM2 twice), and every later training of this base hashed them again
+        h.update(cached_file_sha256(f).encode())
     rec = {
         "path": str(p.resolve()),
         "kind": "base_model",

@@ -501,6 +501,10 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
         data_list, eval_size=eval_size, seed=seed, limit=limit, fields=fields
     )
     check_top_layers(read_model_config(base)[1], top_layers)  # in range of config.json's blocks: before torch
+    from .gguf_import import resolve_base
+    from .io.filehash import prefetch_inputs
+
+    prefetch_inputs(base=resolve_base(base))  # the provenance's hashes, on another core during torch's import
     t_import = time.perf_counter()
     import torch
 

@@ -174,3 +174,54 @@ def test_cli_prefetch_happens_before_torch_loads(tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stdout.splitlines()[0] == "prefetch 1 False"
     assert not (tmp_path / "o").exists()
+
+
+def test_a_training_base_is_hashed_once_then_never(tmp_path, monkeypatch):
+    """The provenance of a base (``loramix train`` records it) hashed its
+    weights uncached and then again for its identity: SmolLM2's 538 MB read
+    twice on the first training and once on every later one. Now once, then
+    from the cache, with the same record."""
+    from loramix.io import st_header
+    from loramix.models import base_provenance
+
+    from .factories import save_base, tiny_llama
+
+    base = save_base(tiny_llama(), tmp_path / "base")
+    t = time.time() - 60  # older than RACY_NS: its hash may be remembered
+    os.utime(base / "model.safetensors", (t, t))
+    read = []
+    real = st_header.file_sha256
+
+    def counted(path, *a, **kw):
+        read.append(os.path.basename(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(st_header, "file_sha256", counted)
+    monkeypatch.setattr(filehash, "file_sha256", counted)
+    first = base_provenance(base)
+    assert read == ["model.safetensors"]
+    assert base_provenance(base) == first and read == ["model.safetensors"]
+    digest = _digest(base / "model.safetensors")
+    assert first["sha256"] == hashlib.sha256(b"model.safetensors" + digest.encode()).hexdigest()
+
+
+def test_train_starts_hashing_its_base_before_torch_loads(tmp_path):
+    """``loramix train`` records its base's sha256: the hash starts on another
+    thread before torch's import (as ``sum`` and ``merge`` do), once the data
+    and the base's config.json have been read."""
+    from .factories import save_base, tiny_llama
+
+    base = save_base(tiny_llama(), tmp_path / "base")
+    code = (
+        "import os, sys, loramix.io.filehash as fh\n"
+        "def spy(paths):\n"
+        "    print('prefetch', [os.path.basename(p) for p in paths], 'torch' in sys.modules, flush=True)\n"
+        "    os._exit(0)\n"
+        "fh.prefetch = spy\n"
+        "from loramix.cli import main\n"
+        f"sys.exit(main(['train', '--base', {str(base)!r}, '--data', 'synthetic:arith?n=20', '--steps', '1',\n"
+        f"               '--out', {str(tmp_path / 'o')!r}]))\n"
+    )
+    env = {"LORAMIX_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.stdout.splitlines()[:1] == ["prefetch ['model.safetensors'] False"], (r.stdout, r.stderr)
