@@ -288,7 +288,7 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
         if fit
         else {"rms_cosine", "coverage"}
     )
-    aware = sorted(f for f in needed if f in registry() and registry()[f].data_aware)
+    aware = _data_aware(needed)
     unknown = sorted(needed - set(registry()))
     if unknown:
         raise UsageError(fit_path, f"predictor {fitfile['best']} reads unknown feature {unknown[0]}")
@@ -321,6 +321,24 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
     else:
         src = f"predicted {fitfile['target']} by {fitfile['best']} from {fit_path}"
     return model, src, summary
+
+
+def _data_aware(features) -> list[str]:
+    """The data-aware features (``registry()[f].data_aware``) among the names ``features``, sorted."""
+    return sorted(f for f in features if f in registry() and registry()[f].data_aware)
+
+
+def reads_data(fitfile: dict | None, *, by_method: bool = True) -> bool:
+    """Whether a cost from ``fitfile`` (its primary predictor, and with
+    ``by_method`` those of its ``by_method``) reads a data-aware feature: only
+    then do ``--data`` and ``--base`` matter, and the adapters need torch's
+    reader (:func:`cost_model`). False without a file (the RMS cosine)."""
+    if not fitfile:
+        return False
+    fits = [fitfile["fits"][fitfile["best"]]]
+    if by_method:
+        fits += [e["fit"] for e in (fitfile.get("by_method") or {}).values()]
+    return bool(_data_aware({f.split(":")[0] for fi in fits for f in fit_features(fi)}))
 
 
 def _warn_short_calibration(data: list, got: list[int], tokens: int) -> None:
@@ -386,9 +404,10 @@ def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 
 
     # the fit file too: with --data the adapters load with torch, which a mistyped --fit need not wait for
     fitfile = None if fit is None else load_predictors(fit)  # read and checked once, used thrice
-    if fit is None or not data:
-        # the cost is the RMS cosine, or features without data, computed in numpy whichever
-        # reader loaded the factors, so the numpy reader's (the same checks and values) spares torch
+    if fit is None or not data or not reads_data(fitfile):
+        # the cost is the RMS cosine, or features without data (--data given for a file whose
+        # predictors read none: ignored), computed in numpy whichever reader loaded the factors,
+        # so the numpy reader's (the same checks and values) spares torch
         from .io.np_factors import load_np_adapter as load
     else:  # a calibration pass runs the adapters in the base model: torch's
         from .io.adapter_files import load_adapter as load
