@@ -329,6 +329,44 @@ def test_derived_results_are_keyed_by_their_inputs_and_loramix_source(tmp_path, 
     assert c.derived("figure", inputs, make).joinpath("v").read_text() == "4"
 
 
+def test_cache_clean_removes_derived_entries_of_another_source(tmp_path, monkeypatch, capsys):
+    """``cache clean`` removes the validations and figures that another
+    loramix source made (this code never reads them: ~300 KB per study per
+    code change piled up) and says how many and how much; it keeps this
+    source's, every artifact (an evaluation, a training's adapter: keyed on
+    the version, not the source) and an old entry whose lock another maker
+    holds (a --fresh run of that code replacing it)."""
+    from loramix.scenario import cache as cache_mod
+    from loramix.scenario.cache import Making
+
+    root = tmp_path / "c"
+    c = Cache(root)
+
+    def make(tmp):
+        (tmp / "v").write_bytes(b"x" * 1000)
+
+    ours = [c.derived("figure", {"n": 1}, make), c.derived("validation", {"n": 1}, make)]
+    kept = [c.get_or_make("adapter", {"n": 1}, make), c.get_or_make("eval", {"n": 1}, make)]
+    monkeypatch.setattr(cache_mod, "source_digest", lambda: "f" * 64)
+    old = [c.derived("figure", {"n": 1}, make), c.derived("validation", {"n": 1}, make)]
+    being_made = c.derived("figure", {"n": 2}, make)
+    monkeypatch.undo()
+    assert all((p / "artifact.json").is_file() for p in [*ours, *kept, *old, being_made])
+    size = sum(f.stat().st_size for p in old for f in p.rglob("*") if f.is_file())
+    capsys.readouterr()
+    with Making(being_made, wait=False) as lock:
+        assert lock.fd is not None
+        assert main(["cache", "clean", "--dir", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"removed 0 stale temporaries from {root}",
+        f"removed 2 derived entries of another loramix source ({size / 1e3:.0f} kB; figure/, validation/) from {root}",
+    ]
+    assert [p.is_dir() for p in [*ours, *kept, being_made]] == [True] * 5 and not any(p.exists() for p in old)
+    assert sorted(q.name for q in root.rglob("*") if q.name.startswith(".")) == []  # no temporary, no lock
+    assert main(["cache", "clean", "--dir", str(root)]) == 0
+    assert "derived" in capsys.readouterr().out and not being_made.exists()
+
+
 # A process that makes the artifact ("thing", {"x": argv[2]}) in the cache argv[1], taking
 # argv[4] seconds, writes argv[3] into it, and prints its lookup
 _MAKER = r"""

@@ -11,6 +11,10 @@ temporary folders of killed GGUF imports no process holds the lock of
 of killed writers in the per-user cache's ``sha256/``, ``layouts/``,
 ``native/`` and ``prefix/`` (:func:`loramix.io.filehash.remove_stale_cache_temporaries`),
 which no later run would remove: each is written under a name of its own.
+And it removes the scenario cache's derived entries (validations, figures:
+:meth:`loramix.scenario.cache.Cache.derived`) that another loramix source
+made, which this code never reads again
+(:func:`loramix.scenario.cache.remove_other_code_derived`); never an artifact.
 """
 
 from __future__ import annotations
@@ -32,12 +36,21 @@ def clean(root):
     their lock files no process holds, those of killed GGUF imports in
     $LORAMIX_CACHE_DIR/bases, and those of killed writers in
     $LORAMIX_CACHE_DIR's sha256/, layouts/, native/ and prefix/ (their
-    process is gone on this host; another host's are kept)."""
+    process is gone on this host; another host's are kept). Also removes
+    the scenario cache's validations and figures made by another version of
+    loramix's source, which this one never reads (that version, run again,
+    redoes them in seconds); never an artifact (data, adapters, merges,
+    evaluations), which keeps across code changes."""
     from pathlib import Path
 
     from ..gguf_import import remove_stale_imports
     from ..io.filehash import cache_dir, remove_stale_cache_temporaries
-    from ..scenario.cache import default_cache_dir, remove_stale, remove_stale_locks
+    from ..scenario.cache import (
+        default_cache_dir,
+        remove_other_code_derived,
+        remove_stale,
+        remove_stale_locks,
+    )
 
     root = Path(root) if root is not None else default_cache_dir()
     if root.is_dir():
@@ -46,6 +59,12 @@ def clean(root):
         if locks := remove_stale_locks(root):
             n = len(locks)
             click.echo(f"removed {n} lock file{'' if n == 1 else 's'} of killed runs from {root}")
+        if derived := remove_other_code_derived(root):
+            n, size = len(derived), sum(b for _, b in derived)
+            kinds = sorted({p.parent.name + "/" for p, _ in derived})
+            amount = f"({size / 1e6:.1f} MB" if size >= 1e6 else f"({size / 1e3:.0f} kB"
+            click.echo(f"removed {n} derived entr{'y' if n == 1 else 'ies'} of another loramix source "
+                       f"{amount}; {', '.join(kinds)}) from {root}")  # fmt: skip
     else:  # the default folder, before any run made it
         click.echo(f"no scenario cache at {root}: nothing to clean")
     if imports := remove_stale_imports():

@@ -159,6 +159,7 @@ class Making:
         self.what = f"{target.parent.name} {target.name}" + (f" ({label})" if label else "")
         self.fd: int | None = None
         self.waited = 0.0
+        self.busy = False  # held by another process, and not waited for
 
     def __enter__(self) -> Making:
         try:
@@ -173,6 +174,7 @@ class Making:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if not self.wait:
+                    self.busy = True
                     raise
                 _say(f"loramix: waiting for {self.what}, being made by another run{self._holder()}")
                 fcntl.flock(self.fd, fcntl.LOCK_EX)
@@ -249,6 +251,49 @@ def remove_stale_locks(root: Path) -> list[Path]:
                 pass  # held: an artifact being made
             finally:
                 os.close(fd)
+    return removed
+
+
+def _is_derived(spec) -> bool:
+    return isinstance(spec, dict) and spec.keys() == {"inputs", "code"}
+
+
+def remove_other_code_derived(root: Path) -> list[tuple[Path, int]]:
+    """Remove the derived entries (:meth:`Cache.derived`) of the cache at
+    ``root`` that another loramix source made (their spec's ``code`` is not
+    :func:`source_digest`): this code never reads them again, and the code
+    that made them, if it runs again, redoes them in seconds. Returns each
+    with its size in bytes. Artifacts (keyed on ``__version__``: a training
+    can take hours) are never touched, nor an entry whose lock
+    (:class:`Making`) another process holds: it is being made again or
+    replaced under ``--fresh``. Each goes by a rename into an owned
+    temporary, so a killed clean leaves no half entry."""
+    code, removed = source_digest(), []
+    for kind in sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []:
+        for entry in sorted(kind.iterdir()):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue  # a temporary or a lock file
+            try:
+                spec = json.loads((entry / MARKER).read_text()).get("spec")
+            except (OSError, ValueError, AttributeError):
+                continue  # no marker: not an entry this removes
+            if not _is_derived(spec) or spec["code"] == code:
+                continue
+            with Making(entry, wait=False) as lock:
+                if lock.busy:
+                    continue
+                size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+                try:
+                    owned = new_temporary(kind, entry.name)
+                except OSError:  # a read-only cache: nothing can go
+                    return removed
+                try:
+                    os.replace(entry, owned / PAYLOAD)
+                    removed.append((entry, size))
+                except OSError:
+                    pass  # gone meanwhile
+                finally:
+                    remove_temporary(owned)
     return removed
 
 
