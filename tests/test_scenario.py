@@ -1054,3 +1054,45 @@ def test_a_rerun_read_back_from_the_cache_imports_no_torch(tiny_lora_study, tmp_
         assert (out / f).read_bytes() == (s["out"] / f).read_bytes(), f
     env1, env2 = (json.loads((o / "report.json").read_text())["environment"] for o in (s["out"], out))
     assert env1 == env2
+
+
+# Runs `loramix scenario run` in this process (a missing file: it fails, before numpy is
+# imported), then loads numpy, as a run does next, and prints the threads OpenBLAS runs with
+_BLAS_THREADS = r"""
+import ctypes, sys
+from loramix.cli import main
+assert main(["scenario", "run", "missing.toml"]) == 2 and "numpy" not in sys.modules
+import numpy
+libs = {l.split()[-1] for l in open("/proc/self/maps") if "openblas" in l.lower() and ".so" in l}
+for lib in map(ctypes.CDLL, libs):
+    for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_", "openblas_get_num_threads"):
+        if hasattr(lib, name):
+            print(getattr(lib, name)())
+            sys.exit(0)
+print("no OpenBLAS")
+"""
+
+
+@pytest.mark.parametrize("env, threads", [(None, "1"), ("2", "2")])
+def test_scenario_run_gives_openblas_one_thread(tmp_path, env, threads):
+    """`scenario run` has OpenBLAS run on one thread (the similarity step's
+    small Gram GEMMs: with a second thread spinning on a busy 2-core machine
+    that step of the 14-domain study took 1.2-3.1 s, not 0.1-0.2 s), as `loramix
+    similarity` does; OPENBLAS_NUM_THREADS, when set, is kept. Where OpenBLAS
+    would take one thread by itself (one core), this cannot tell."""
+    import os
+    import subprocess
+    import sys
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: OpenBLAS takes one thread anyway")
+    repo = Path(__file__).resolve().parents[1]
+    e = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    e["PYTHONPATH"] = str(repo)
+    if env is not None:
+        e["OPENBLAS_NUM_THREADS"] = env
+    p = subprocess.run([sys.executable, "-c", _BLAS_THREADS], capture_output=True, text=True, cwd=tmp_path,
+                       env=e, timeout=120)  # fmt: skip
+    if p.stdout.strip() == "no OpenBLAS":
+        pytest.skip("numpy without OpenBLAS")
+    assert p.returncode == 0 and p.stdout.split() == [threads], (p.stdout, p.stderr)

@@ -140,6 +140,13 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
 @progress_option
 def run_cmd(file, out, device, fresh, cache_dir, force, threads, jobs, executor, address, progress):
     """Run the scenario FILE and write its report (report.md, results.csv, report.json, fit.json, plots)."""
+    import os
+
+    # Before numpy loads OpenBLAS (as `loramix similarity` does below 200 adapters): the
+    # similarity step's Gram strips are small GEMMs, which a second, spinning OpenBLAS
+    # thread slows down on a busy machine (the 14-domain study's cached rerun, 2 cores at
+    # load 10: 1.2-3.1 s instead of 0.1-0.2 s, most of that rerun); OPENBLAS_NUM_THREADS overrides.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from ..scenario.runner import run_scenario
 
     jobs = _jobs(jobs, threads, executor)
