@@ -329,6 +329,44 @@ def test_derived_results_are_keyed_by_their_inputs_and_loramix_source(tmp_path, 
     assert c.derived("figure", inputs, make).joinpath("v").read_text() == "4"
 
 
+def test_derived_results_on_a_cache_that_cannot_be_written(tmp_path, monkeypatch):
+    """Where the cache cannot be written (a read-only mount: the temporary
+    of a missing validation or figure cannot be made), it is made in a
+    private temporary folder instead, once per run, and removed with the
+    Cache: a cached rerun on a read-only cache failed with 'Read-only file
+    system' naming that temporary. Another error (a full disk) still
+    stops the run."""
+    import errno
+    import os
+
+    from loramix.scenario import cache as cache_mod
+
+    root = tmp_path / "c"
+    c = Cache(root)
+    made = []
+
+    def make(tmp):
+        made.append(tmp)
+        (tmp / "v").write_text("drawn")
+
+    there = c.derived("figure", {"n": 1}, make)
+
+    def refused(parent, target, err=errno.EROFS):
+        raise OSError(err, os.strerror(err), str(parent / ".lmx-00000000"))
+
+    monkeypatch.setattr(cache_mod, "new_temporary", refused)
+    assert c.derived("figure", {"n": 1}, make) == there and len(made) == 1  # a hit writes nothing
+    aside = c.derived("figure", {"n": 2}, make)
+    assert len(made) == 2 and (aside / "v").read_text() == "drawn" and root not in aside.parents
+    assert c.derived("figure", {"n": 2}, make) == aside and len(made) == 2
+    assert sorted(q.name for q in (root / "figure").iterdir()) == [there.name]
+    monkeypatch.setattr(cache_mod, "new_temporary", lambda p, t: refused(p, t, errno.ENOSPC))
+    with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
+        c.derived("figure", {"n": 3}, make)
+    del c
+    assert not aside.exists()
+
+
 def test_cache_clean_removes_derived_entries_of_another_source(tmp_path, monkeypatch, capsys):
     """``cache clean`` removes the validations and figures that another
     loramix source made (this code never reads them: ~300 KB per study per

@@ -41,9 +41,11 @@ the current folder.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -318,6 +320,7 @@ class Cache:
     fresh: bool = False
     log: list[CacheEvent] = field(default_factory=list)
     _made_this_run: set = field(default_factory=set)
+    _aside: object = None  # a TemporaryDirectory: derived results where the cache cannot be written
 
     def __post_init__(self):
         self.root = check_cache_root(self.root)
@@ -419,8 +422,36 @@ class Cache:
         """The folder of a result that loramix computes from ``inputs`` alone
         (JSON-able: what it reads, every setting that changes it), made by
         ``make(tmp)`` if needed (:meth:`get_or_make`): its spec is
-        ``{"inputs": digest(inputs), "code": source_digest()}``."""
-        return self.get_or_make(kind, {"inputs": digest(inputs), "code": source_digest()}, make, label)
+        ``{"inputs": digest(inputs), "code": source_digest()}``.
+
+        Where the cache cannot be written (a read-only mount, another
+        user's folder) a missing one is made in a private temporary folder
+        instead, removed with this :class:`Cache` or at exit: a rerun on a
+        read-only cache of a finished study only read it before derived
+        results were cached, and still goes through."""
+        spec = {"inputs": digest(inputs), "code": source_digest()}
+        try:
+            return self.get_or_make(kind, spec, make, label)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+        return self._made_aside(kind, make_key(kind, spec), make)
+
+    def _made_aside(self, kind: str, key: str, make: Callable[[Path], dict | None]) -> Path:
+        """``make(folder)`` into a folder of this cache's private temporary one
+        (made once per key)."""
+        if self._aside is None:
+            import tempfile
+
+            self._aside = tempfile.TemporaryDirectory(prefix="loramix-derived-")
+        folder = Path(self._aside.name) / kind / key[:24]
+        if not folder.is_dir():
+            tmp = folder.with_name(folder.name + ".part")
+            shutil.rmtree(tmp, ignore_errors=True)  # an earlier make that raised
+            tmp.mkdir(parents=True)
+            make(tmp)
+            tmp.rename(folder)
+        return folder
 
     def counts(self) -> dict[str, dict[str, int]]:
         """``{kind: {hit: n, miss: n, fresh: n}}`` over this run's lookups."""
