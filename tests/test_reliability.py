@@ -1890,6 +1890,40 @@ def test_a_bad_input_met_in_a_ray_task_stops_the_others_cleanly(tmp_path):
     assert made, "no adapter was being made as the run failed"
 
 
+def test_a_ray_task_stops_when_its_run_makes_the_stop_flag(tmp_path):
+    """A Ray task's step is stopped by its run's flag file (what the run
+    makes as it stops, instead of ``ray.cancel``, which crashed the run in
+    Ray's own check when it met a task just finishing): one not yet started
+    does not run; one running gets a KeyboardInterrupt within a look or two,
+    and unwinds; one that ends first is left alone, the watching thread gone."""
+    import threading
+
+    from loramix.scenario.executors import STOP_POLL_SECONDS, _stop_flag, _stopped_by
+
+    flag = _stop_flag(tmp_path, "run1")
+    with _stopped_by(flag):  # no flag: the step runs to its end
+        time.sleep(3 * STOP_POLL_SECONDS)
+    assert not [t for t in threading.enumerate() if t.name == "loramix-stop"]
+    time.sleep(2 * STOP_POLL_SECONDS)  # no interrupt comes after the step
+
+    unwound, t0 = [], time.monotonic()
+    threading.Timer(0.3, flag.touch).start()
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            with _stopped_by(flag):
+                while time.monotonic() - t0 < 30:  # a step's Python loop (training), not one long call
+                    time.sleep(0.01)
+        finally:
+            unwound.append(time.monotonic() - t0)
+    assert unwound and unwound[0] < 0.3 + 10 * STOP_POLL_SECONDS
+
+    ran = []
+    with pytest.raises(KeyboardInterrupt):
+        with _stopped_by(flag):
+            ran.append(1)
+    assert ran == []
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("signum, says", [(signal.SIGKILL, "was killed by SIGKILL"),
                                           (signal.SIGTERM, "was terminated (SIGTERM)")])  # fmt: skip

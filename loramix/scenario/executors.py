@@ -367,7 +367,48 @@ def _ray_run(payload: dict, threads: int, st: Step, deps: dict) -> Outcome:
         hf_logging.disable_progress_bar()
         _RAY_CTX.clear()
         _RAY_CTX[key] = StepContext.from_payload(payload)
-    return _timed(_RAY_CTX[key], st, deps)
+    with _stopped_by(_stop_flag(payload["cache_root"], key)):
+        return _timed(_RAY_CTX[key], st, deps)
+
+
+#: seconds between a Ray task's looks for its run's stop flag
+STOP_POLL_SECONDS = 0.2
+
+
+def _stop_flag(cache_root, run: str):
+    """The file whose existence tells a run's Ray tasks to stop (:func:`_stop_tasks`):
+    in the cache folder, which the nodes share."""
+    from pathlib import Path
+
+    return Path(cache_root) / f".stop-{run}"
+
+
+@contextmanager
+def _stopped_by(flag, every: float = STOP_POLL_SECONDS):
+    """Within: once ``flag`` exists, a KeyboardInterrupt in this (the main)
+    thread, which unwinds the step (its half-made artifact removed), as
+    ``ray.cancel`` does; a step that would start after it is not run. A
+    thread looks every ``every`` seconds."""
+    import _thread
+    import threading
+
+    if flag.exists():
+        raise KeyboardInterrupt
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(every):
+            if flag.exists():
+                _thread.interrupt_main()
+                return
+
+    watcher = threading.Thread(target=watch, name="loramix-stop", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 def _ray_blocking(call: Callable, *args, **kwargs):
@@ -404,20 +445,22 @@ def _ray_blocking(call: Callable, *args, **kwargs):
         before(signal.SIGTERM, got[0])
 
 
-def _cancel(ray, refs: list, seconds: float = STOP_SECONDS) -> None:
-    """Cancel the Ray tasks still running when a run stops (an error, a
-    Ctrl-C, a kill): each gets a KeyboardInterrupt, unwinds its step (its
-    half-made artifact removed) and ends; waited for at most ``seconds``.
-    Without this, the end of the run's Ray job force-exited the workers
-    mid-step, leaving their temporaries in the cache (on a cluster, for ever:
-    another host's owner counts as alive)."""
+def _stop_tasks(ray, refs: list, flag, seconds: float = STOP_SECONDS) -> None:
+    """Stop the Ray tasks still running when a run stops (an error, a Ctrl-C,
+    a kill): ``flag`` is made, and each task, seeing it
+    (:func:`_stopped_by`), unwinds its step (its half-made artifact removed)
+    and ends; waited for at most ``seconds``. Without this, the end of the
+    run's Ray job force-exited the workers mid-step, leaving their
+    temporaries in the cache (on a cluster, for ever: another host's owner
+    counts as alive). Not ``ray.cancel``: one that met a task just finishing
+    (its reply received, not yet recorded) crashed this process in Ray's own
+    check ("Tried to complete task that was not pending"), exit 1."""
     if not refs:
         return
-    for ref in refs:
-        try:
-            ray.cancel(ref)
-        except Exception:  # already finished, or the instance is going
-            pass
+    try:
+        flag.touch()
+    except OSError:  # the cache gone read-only: the tasks end with the instance
+        return
     deadline = time.monotonic() + seconds
     left = refs
     try:
@@ -490,7 +533,8 @@ class RayExecutor:
         task = ray.remote(num_cpus=per, num_gpus=gpu, max_retries=0)(_ray_run)
         import uuid
 
-        payload = ray.put({**ctx.payload(), "run": uuid.uuid4().hex})  # one context per run and worker
+        run = uuid.uuid4().hex  # one context per run and worker
+        payload = ray.put({**ctx.payload(), "run": run})
 
         in_flight: set = set()  # the tasks submitted and not yet seen finished
 
@@ -509,11 +553,16 @@ class RayExecutor:
             return _schedule(steps, submit, wait_any, on_done, done, on_start)
         except BaseException:
             stopped = True
-            _cancel(ray, list(in_flight))
+            _stop_tasks(ray, list(in_flight), _stop_flag(ctx.cache.root, run))
             raise
         finally:
             if started:
                 ray.shutdown()
+            if stopped:
+                try:
+                    _stop_flag(ctx.cache.root, run).unlink(missing_ok=True)
+                except OSError:  # not to hide the run's own error
+                    pass
             if started and stopped:
                 # a task that could not unwind (its worker force-exited with the instance, or a
                 # Ctrl-C sent to the group, which holds the instance's raylet, stopped it first)
