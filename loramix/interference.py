@@ -262,9 +262,6 @@ def predict(
     ``level``, ``loo_rmse``, ``residual_se``, ``extrapolation``, the
     study's ``label`` and the fit used.
     """
-    from .devices import is_cpu
-    from .fit import LinearFit, composition_cosine
-
     if not isinstance(fit, dict) and is_predictors_file(fit):
         # every argument reaches it or is refused: merge_method dropped here gave the primary
         # predictor's figure for any method asked, and a level or label was silently ignored
@@ -279,7 +276,15 @@ def predict(
         raise UsageError(
             "--data", "applies to a predictors file; a fit.json predicts from the RMS cosine alone"
         )
-    merge_method = merge_method or "sum"
+    return _predict_line(adapters_or_paths, fit, merge_method or "sum", level, device, label)
+
+
+def _predict_line(adapters_or_paths, fit, merge_method: str, level, device, label) -> dict:
+    """:func:`predict` from a ``fit.json`` (path or dict): the RMS-cosine line of
+    the adapters' study, at the composition's cosine."""
+    from .devices import is_cpu
+    from .fit import LinearFit, composition_cosine
+
     fit_path = None
     if not isinstance(fit, dict):
         fit_path = str(fit)
