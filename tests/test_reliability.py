@@ -250,6 +250,24 @@ def test_a_killed_owner_not_yet_reaped_is_gone(tmp_path):
         p.wait()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_writer_killed_before_its_owner_record_leaves_no_nameless_temporary(tmp_path):
+    """kill -9 between a temporary folder's mkdir and its owner.json (the
+    instant a clean CI run met: a study's worker killed as it began its next
+    artifact) left a folder naming no one, kept for ORPHAN_SECONDS after the
+    run. The folder is made under a name that says its owner, then renamed,
+    so what such a kill leaves is removed as soon as its owner is gone."""
+    code = ("import os, signal, sys; from pathlib import Path; import loramix.io.outputs as o; "
+            "o.json = type('J', (), {'dumps': staticmethod(lambda rec: os.kill(os.getpid(), signal.SIGKILL))}); "
+            "o.new_temporary(Path(sys.argv[1]), 'out')")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, timeout=120)
+    assert r.returncode == -signal.SIGKILL
+    left = list(tmp_path.glob(f"{TMP_PREFIX}*"))
+    assert len(left) == 1 and not (left[0] / "owner.json").exists()  # killed between the two
+    assert remove_stale_temporaries(tmp_path) == left and list(tmp_path.iterdir()) == []
+
+
 def test_force_replaced_target_lies_in_an_owned_temporary(tmp_path):
     """With --force the old target is swapped into the run's temporary
     folder, which keeps its owner.json: if the run dies before removing it

@@ -203,9 +203,14 @@ def remove_stale_temporaries(folder: str | Path, target: str | None = None) -> l
         try:
             rec = json.loads(Path(entry.path, OWNER_NAME).read_text())
         except (OSError, ValueError):
-            # No owner record: a run killed in the instant between making the folder and
-            # writing it, or while removing the empty folder after it. A live owner writes
-            # its record at once, so one that has waited ORPHAN_SECONDS has none.
+            # No owner record: a folder of new_temporary being made, whose name says its
+            # owner; or a run killed while removing the empty folder after it. A live owner
+            # writes its record at once, so one that has waited ORPHAN_SECONDS has none.
+            if (named := _file_owner(entry.name)) is not None:
+                if (target is None or named[0] == _short_hash(target)) and not _owner_alive(named[1]):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    removed.append(Path(entry.path))
+                continue
             if _age(entry) >= ORPHAN_SECONDS:
                 shutil.rmtree(entry.path, ignore_errors=True)
                 removed.append(Path(entry.path))
@@ -252,15 +257,17 @@ def new_temporary(parent: Path, target: str) -> Path:
     folder inside it (:data:`PAYLOAD`), which is renamed into place; the
     temporary, owner record and all, is removed after."""
     tmp = Path(parent) / f"{TMP_PREFIX}{secrets.token_hex(4)}"
+    # made under a name that says its owner (:func:`temporary_file`'s), then renamed: a
+    # process killed (kill -9, the out-of-memory killer) between the mkdir and its owner
+    # record left a folder that named no one, kept for ORPHAN_SECONDS after the run
+    staging = temporary_file(Path(parent) / target)
     try:
-        # the mkdir inside the try: an interrupt landing just after it (a Ctrl-C, or ray.cancel
-        # as a Ray task starts) left the folder without its owner record, for ORPHAN_SECONDS
-        tmp.mkdir()
-        (tmp / OWNER_NAME).write_text(json.dumps(_owner_record(target)))
-    except FileExistsError:
-        raise
+        # inside the try: an interrupt landing just after the mkdir (a Ctrl-C) removes it
+        staging.mkdir()
+        (staging / OWNER_NAME).write_text(json.dumps(_owner_record(target)))
+        os.rename(staging, tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     return tmp
 
