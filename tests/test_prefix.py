@@ -132,6 +132,54 @@ def test_disk_cache_round_trip_and_key(tmp_path, monkeypatch):
     assert prefix._read(key) is None
 
 
+def test_prefix_identity_is_remembered_until_a_prefix_weight_changes(monkeypatch):
+    """The weights' bytes are hashed once per model (a study asks for the
+    identity per evaluation and data set); any change the digest depends on
+    (an in-place write, load_state_dict, a new parameter, a dtype) hashes
+    them again and gives the same key a fresh hash would."""
+    prefix.clear_memory()
+    model = _tiny("llama")
+    hashed = []
+    real = prefix._hash_tensor
+    monkeypatch.setattr(prefix, "_hash_tensor", lambda h, t: (hashed.append(1), real(h, t)))
+
+    def fresh(m):  # the key without the memo
+        prefix._DIGESTS.clear()
+        return prefix.prefix_identity(m, 2)
+
+    key = prefix.prefix_identity(model, 2)
+    n = len(hashed)
+    assert n > 0 and prefix.prefix_identity(model, 2) == key and len(hashed) == n  # remembered
+    assert prefix.prefix_identity(model, 1) != key  # another split, its own digest
+    with torch.no_grad():
+        model.model.layers[3].mlp.up_proj.weight.add_(1.0)  # the top layers are not in it
+    n = len(hashed)
+    assert prefix.prefix_identity(model, 2) == key and len(hashed) == n
+    changes = [
+        lambda m: m.model.layers[1].mlp.up_proj.weight.add_(1.0),
+        lambda m: m.model.layers[0].self_attn.q_proj.weight[0, :3].mul_(2.0),  # through a view
+        lambda m: m.load_state_dict(
+            {**m.state_dict(), "model.embed_tokens.weight": m.model.embed_tokens.weight + 1}
+        ),
+        lambda m: setattr(
+            m.model.layers[1].mlp.down_proj,
+            "weight",
+            torch.nn.Parameter(m.model.layers[1].mlp.down_proj.weight * 3),
+        ),  # fmt: skip
+        lambda m: m.to(torch.float64),
+    ]
+    for change in changes:
+        before = prefix.prefix_identity(model, 2)
+        with torch.no_grad():
+            change(model)
+        after = prefix.prefix_identity(model, 2)
+        assert after != before and after == fresh(model)
+    copy_ = __import__("copy").deepcopy(model)  # equal bytes in other tensors: hashed, same key
+    n = len(hashed)
+    assert prefix.prefix_identity(copy_, 2) == prefix.prefix_identity(model, 2) and len(hashed) > n
+    prefix.clear_memory()
+
+
 def test_cached_path_equals_the_full_forward_on_smollm2(smol):
     from loramix.data import encode_records, load_records
     from loramix.models import load_causal_lm
