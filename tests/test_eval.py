@@ -141,6 +141,45 @@ def test_adapters_on_the_fly_merged_and_peft_agree(bases, tmp_path, arch):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("top", [None, 1])
+def test_adapters_on_the_fly_on_a_callers_model_wrap_it_and_leave_it_as_it_was(
+    bases, tmp_path, monkeypatch, top
+):
+    """A (model, tokenizer) with adapters on the fly: no copy of the model
+    (a study evaluates each adapter on its one base in memory); the same
+    nll_sum and tokens, to the bit, as on a copy; then the caller's model is
+    as it was: its own modules and parameters, no loramix layer left, also
+    when attaching fails half-way."""
+    import copy
+
+    from loramix.layers import wrapped_modules
+    from loramix.models import load_causal_lm
+
+    model, tok = load_causal_lm(bases["llama"])
+    ads = [make_peft_adapter(model, tmp_path / f"a{i}", seed=i, lora_alpha=128,
+                             target_modules=r"model\.layers\.1\..*_proj") for i in (1, 2)]  # fmt: skip
+    bad = make_peft_adapter(model, tmp_path / "bad", seed=3, target_modules=r"model\.layers\.1\..*_proj")
+    kw = dict(adapters=ads, weights=[0.7, 0.5], data=[ARITH, UNITS], device="cpu", top_layers=top)
+    want = evaluate((copy.deepcopy(model), tok), **kw)  # a copy holding loramix layers is copied again
+    modules = dict(model.named_modules())
+    params = {n: (p, p.clone()) for n, p in model.named_parameters()}
+    real = copy.deepcopy  # copy's own function: patched for every caller until the test ends
+
+    def no_model_copy(x, *a):
+        return pytest.fail("the model was copied") if x is model else real(x, *a)
+
+    monkeypatch.setattr("copy.deepcopy", no_model_copy)
+    got = evaluate((model, tok), **kw)
+    for col in ("tokens", "nll", "ppl", "input_tokens"):
+        assert list(got[col]) == list(want[col])  # ==, not a tolerance
+    assert not wrapped_modules(model) and dict(model.named_modules()) == modules
+    assert all(p is params[n][0] and torch.equal(p, params[n][1]) for n, p in model.named_parameters())
+    monkeypatch.setattr("loramix.layers.AttachedLinear.__init__", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        evaluate((model, tok), adapters=[bad], data=[ARITH], device="cpu")
+    assert not wrapped_modules(model) and dict(model.named_modules()) == modules
+
+
 def test_cli_table_and_json(bases, tmp_path, capfd):
     """The table names what was scored and has a union row where there are
     several data sets (with one it repeated that set's row); stderr, not a
