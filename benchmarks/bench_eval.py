@@ -40,6 +40,19 @@ base loaded in bf16, all on both cores (``--threads``).
 
     python benchmarks/bench_eval.py --smol [DIR] [--records 64] [--max-len 256] [--repeat 1]
 
+With ``--smol``, two first-run rows follow (skip them with ``--cold-records
+0``): ``loramix eval`` as a cold process (imports, loading, tokenising,
+the forward) on ``--cold-records`` records of the README's real domains
+(math and medicine, ``--max-len``, ``--batch``) with an empty
+``LORAMIX_CACHE_DIR``: its CPU time (user + system, the steadier figure on
+a shared machine) and wall time; and a study's evaluation step: one
+random rank-8 LoRA adapter on the top 2 blocks evaluated from the base held
+in memory, ``evaluate((model, tokenizer), adapters=..., top_layers=2)``, on
+4 records of each of those domains at ``max_len`` 64, ``batch`` 8 (the
+settings of ``scenarios/real-14-domains.toml``), the prefix computed by a
+first call: CPU seconds per evaluation, the best of ``--repeat`` + 2, and the
+fraction of the positions the forward computes that are padding.
+
 Prints markdown tables. On a shared machine the figures are preliminary.
 """
 
@@ -204,6 +217,79 @@ def main_smol(args) -> None:
         print(f"| {name} | {r['ppl']:.4f} | {r['seconds']:.2f} | {r['tokens_per_s']:,.0f} | "
               f"{n_in / r['seconds']:,.0f} | {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x |")  # fmt: skip
     print(f"\nThe prefix (26 layers) for these {len(ex)} records: {prefix_s:.1f} s, once per data set.")
+    if args.cold_records:
+        first_run_rows(base, model, tok, args)
+
+
+def _padding(tok, files, limit: int, max_len: int, batch: int) -> float:
+    """The fraction of the positions that eval's sorted, padded batches compute that are padding."""
+    from loramix.data import batch_indices, encode_records, load_records
+
+    computed = real = 0
+    for f in files:
+        ex = encode_records(tok, load_records(f, limit=limit), max_len=max_len)
+        for idx in batch_indices(ex, batch_size=batch, sort_by_length=True):
+            n = [len(ex[i]["input_ids"]) for i in idx]
+            computed, real = computed + len(n) * max(n), real + sum(n)
+    return 1 - real / computed
+
+
+def _cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def first_run_rows(base, model, tok, args) -> None:
+    """The cold ``loramix eval`` process and a study's evaluation step (module docstring)."""
+    import os
+    import sys
+    import tempfile
+
+    from _common import run_measured
+    from _smol import SHARED
+
+    from loramix.adapter import LORA, Adapter, ModuleDelta
+    from loramix.perplexity import evaluate
+    from loramix.prefix import layer_of, split_point
+
+    files = [SHARED / "data" / f"{d}.jsonl" for d in ("math", "medicine")]
+    if not all(f.exists() for f in files):
+        print(f"\nFirst-run rows skipped: no {files[0]} or {files[1]}")
+        return
+    n, ml, b = args.cold_records, args.max_len, args.batch
+    with tempfile.TemporaryDirectory() as cache:
+        cmd = [sys.executable, "-m", "loramix", "eval", "--base", str(base), "--data", *map(str, files),
+               "--limit", str(n), "--max-len", str(ml), "--batch", str(b), "--threads", str(torch.get_num_threads())]  # fmt: skip
+        m = run_measured(cmd, env={**os.environ, "LORAMIX_CACHE_DIR": cache}).check()
+    print(f"\n### First run: `loramix eval` as a cold process, empty cache\n\n{n} + {n} records of math and "
+          f"medicine, max_len {ml}, batch {b}, {torch.get_num_threads()} threads; padding "
+          f"{_padding(tok, files, n, ml, b):.1%} of the positions computed\n")  # fmt: skip
+    print(f"| CPU s (user + sys) | wall s |\n| ---: | ---: |\n| {m.cpu_s:.1f} | {m.wall_s:.1f} |")
+    k = split_point(model, 2)
+    g = torch.Generator().manual_seed(0)
+    mods = {}
+    for name, mod in model.named_modules():
+        if (
+            isinstance(mod, torch.nn.Linear)
+            and name.endswith(("q_proj", "v_proj"))
+            and (layer_of(model, name) or 0) >= k
+        ):
+            o, i = mod.weight.shape
+            mods[name] = ModuleDelta(name=name, B=torch.randn(o, 8, generator=g) * 0.02,
+                                     A=torch.randn(8, i, generator=g) / i**0.5, scale=2.0, alpha=16.0)  # fmt: skip
+    ad = Adapter(name="random", kind=LORA, modules=mods)
+    kw = dict(adapters=[ad], data=files, limit=4, max_len=64, batch_size=8, device="cpu", top_layers=2)
+    evaluate((model, tok), **kw)  # the prefix, once per data set
+    times = []
+    for _ in range(args.repeat + 2):
+        t = _cpu()
+        evaluate((model, tok), **kw)
+        times.append(_cpu() - t)
+    print(f"\n### A study's evaluation step: an adapter on the top 2 blocks, base in memory\n\n4 + 4 records, "
+          f"max_len 64, batch 8, prefix cached; padding {_padding(tok, files, 4, 64, 8):.1%}\n")  # fmt: skip
+    print(f"| CPU s per evaluation (best of {len(times)}) |\n| ---: |\n| {min(times):.3f} |")
 
 
 def main() -> None:
@@ -222,6 +308,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", choices=["a", "b"], default=None)
     ap.add_argument("--smol", nargs="?", const="", default=None, metavar="DIR", help="the SmolLM2-135M rows")
+    ap.add_argument(
+        "--cold-records", type=int, default=16, help="--smol: records per domain of the cold eval (0: none)"
+    )
     args = ap.parse_args()
     if args.smol is not None:
         return main_smol(args)
