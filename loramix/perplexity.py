@@ -207,6 +207,7 @@ def evaluate(
 
         check_top_layers(cfg, top_layers)
     dev = resolve_device(device)
+    was_training = isinstance(base, (tuple, list)) and base[0].training
     model, tok, lent = _model_with_adapters(base, adapters, weights, merged=merged, dev=dev, dtype=dtype,
                                             top_layers=top_layers)  # fmt: skip
     try:
@@ -223,6 +224,8 @@ def evaluate(
             from .layers import detach
 
             detach(model)
+        if isinstance(base, (tuple, list)) and model is base[0]:
+            model.train(was_training)  # and its mode
 
 
 def _read_sets(data: list, limit: int | None, fields: dict) -> list[tuple[str, list]]:
@@ -255,7 +258,7 @@ def _model_with_adapters(base, adapters: list, weights, *, merged: bool, dev, dt
     whole model per evaluation (0.6-0.8 s on SmolLM2, about a third of a
     study's evaluation of an adapter): the same weights, the same numbers.
     A model that holds loramix layers already is copied, as attaching
-    removes them."""
+    removes them, and so is one on another device than ``dev``."""
     from .layers import _SWAPPED, wrapped_modules
     from .models import load_causal_lm
 
@@ -267,7 +270,13 @@ def _model_with_adapters(base, adapters: list, weights, *, merged: bool, dev, dt
     lent = False
     if isinstance(base, (tuple, list)):
         model, tok = base
-        lent = bool(adapters) and not merged and not wrapped_modules(model) and _SWAPPED not in model.__dict__
+        lent = (
+            bool(adapters)
+            and not merged
+            and not wrapped_modules(model)
+            and _SWAPPED not in model.__dict__
+            and _already_on(model, dev)
+        )  # moving the caller's model would be a change it sees
         if adapters and not lent:
             model = copy.deepcopy(model)
         model.to(dev).eval()
@@ -297,6 +306,16 @@ def _model_with_adapters(base, adapters: list, weights, *, merged: bool, dev, dt
     elif weights is not None:
         raise UsageError("--weights", "given without --adapter")
     return model, tok, lent
+
+
+def _already_on(model, dev) -> bool:
+    """Whether every parameter of ``model`` is on the device ``dev``."""
+    import torch
+
+    want = torch.device(dev)
+    return all(
+        p.device.type == want.type and want.index in (None, p.device.index) for p in model.parameters()
+    )
 
 
 def _scored_batches(model, ex, *, batch_size, pad, prefix_at, prefix_cache) -> tuple[list, float]:

@@ -51,8 +51,10 @@ from .errors import UsageError
 
 _MEMORY: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
 _MEMORY_BYTES = 2 << 30  # the in-process cache keeps at most about 2 GiB of states
-# the digests of prefix weights, by the ids of their tensors (prefix_identity)
+# the digests of prefix weights, by the ids of their tensors (prefix_identity), used
+# while a caller that owns its model says so (remembering_digests)
 _DIGESTS: OrderedDict[tuple, tuple] = OrderedDict()
+_REMEMBER = [0]
 
 
 def supports_prefix(model) -> bool:
@@ -232,12 +234,14 @@ def prefix_identity(model, k: int) -> str:
 
     Hashing those bytes (about 0.5 GB on SmolLM2) takes about 0.4 s, and a
     study asks for the same model's identity once per evaluation and data
-    set: the weights' digest is remembered for the very tensor objects it was
-    taken of (weak references), and reused while each one's version counter,
-    storage, shape, strides and dtype are unchanged, which every in-place
-    write through the tensor or a view of it, a ``load_state_dict``, a
-    ``.to()`` or a new parameter changes. A write through ``.data`` bypasses
-    the version counter: call :func:`clear_memory` after one."""
+    set: inside :func:`remembering_digests` the weights' digest is
+    remembered for the very tensor objects it was taken of (weak references),
+    and reused while each one's version counter, storage, shape, strides and
+    dtype are unchanged, which every in-place write through the tensor or a
+    view of it, a ``load_state_dict``, a ``.to()`` or a new parameter
+    changes. A write through ``.data`` bypasses the version counter, so only
+    a caller that owns its model (a study's base, which nothing writes)
+    turns this on; any other call hashes the bytes."""
     import transformers
 
     cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
@@ -250,7 +254,7 @@ def prefix_identity(model, k: int) -> str:
     named = _prefix_tensors(model, k)
     stamps = [(name, _tensor_stamp(t)) for name, t in named]
     memo_key = (head, tuple(id(t) for _, t in named))
-    got = _DIGESTS.get(memo_key)
+    got = _DIGESTS.get(memo_key) if _REMEMBER[0] else None
     if got is not None and got[1] == stamps and all(r() is t for r, (_, t) in zip(got[0], named)):
         _DIGESTS.move_to_end(memo_key)
         return got[2]
@@ -259,11 +263,22 @@ def prefix_identity(model, k: int) -> str:
         h.update(name.encode())
         _hash_tensor(h, t)
     digest = h.hexdigest()
-    if all(s is not None for _, s in stamps):
+    if _REMEMBER[0] and all(s is not None for _, s in stamps):
         _DIGESTS[memo_key] = ([weakref.ref(t) for _, t in named], stamps, digest)
         while len(_DIGESTS) > 8:
             _DIGESTS.popitem(last=False)
     return digest
+
+
+@contextmanager
+def remembering_digests():
+    """Within it, :func:`prefix_identity` reuses a digest while the weights'
+    stamps hold. For a caller whose models no one writes through ``.data``."""
+    _REMEMBER[0] += 1
+    try:
+        yield
+    finally:
+        _REMEMBER[0] -= 1
 
 
 def examples_sha256(examples: list[dict]) -> str:

@@ -174,6 +174,8 @@ def test_adapters_on_the_fly_on_a_callers_model_wrap_it_and_leave_it_as_it_was(
         assert list(got[col]) == list(want[col])  # ==, not a tolerance
     assert not wrapped_modules(model) and dict(model.named_modules()) == modules
     assert all(p is params[n][0] and torch.equal(p, params[n][1]) for n, p in model.named_parameters())
+    model.train()  # evaluated in eval mode, handed back in the caller's
+    assert list(evaluate((model, tok), **kw)["nll"]) == list(want["nll"]) and model.training
     monkeypatch.setattr("loramix.layers.AttachedLinear.__init__", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         evaluate((model, tok), adapters=[bad], data=[ARITH], device="cpu")

@@ -149,6 +149,10 @@ def test_prefix_identity_is_remembered_until_a_prefix_weight_changes(monkeypatch
 
     key = prefix.prefix_identity(model, 2)
     n = len(hashed)
+    assert prefix.prefix_identity(model, 2) == key and len(hashed) == 2 * n  # outside the context: hashed
+    monkeypatch.setattr(prefix, "_REMEMBER", [1])  # as inside remembering_digests(), undone after
+    key = prefix.prefix_identity(model, 2)
+    n = len(hashed)
     assert n > 0 and prefix.prefix_identity(model, 2) == key and len(hashed) == n  # remembered
     assert prefix.prefix_identity(model, 1) != key  # another split, its own digest
     with torch.no_grad():

@@ -176,14 +176,16 @@ def evaluate_on_splits(ctx: StepContext, base_path: str, *, adapters=(), domains
     ``domains`` (default: every domain). ``model``: an in-memory ``(model,
     tokenizer)`` to evaluate instead of the base folder."""
     from ..perplexity import evaluate
+    from ..prefix import remembering_digests
 
     ev = ctx.sc.eval
     names = list(ctx.data) if domains is None else list(domains)
     base = model or ctx.base_model(base_path)
-    df = evaluate(base, adapters=[str(a) for a in adapters], data=[ctx.data[n].eval for n in names],
-                  on=ev.on, max_len=ev.max_len, batch_size=ev.batch, device=str(ctx.device),
-                  **{k: v for k, v in layer_kwargs(evaluate, ctx.sc.adapters, base_path).items()
-                     if k == "top_layers"})  # fmt: skip
+    with remembering_digests():  # the study's own base: nothing writes its weights
+        df = evaluate(base, adapters=[str(a) for a in adapters], data=[ctx.data[n].eval for n in names],
+                      on=ev.on, max_len=ev.max_len, batch_size=ev.batch, device=str(ctx.device),
+                      **{k: v for k, v in layer_kwargs(evaluate, ctx.sc.adapters, base_path).items()
+                         if k == "top_layers"})  # fmt: skip
     out = {}
     for i, n in enumerate(names):
         row = df.iloc[i]
