@@ -4,11 +4,6 @@ A new architecture is one entry here (plus its test in ``tests/test_archs.py``):
 
 * ``targets``: the default LoRA target modules (PEFT's defaults plus the MLP:
   every projection in a block);
-* ``peft_targets``: PEFT's own default ``target_modules`` for the type
-  (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``, PEFT 0.21.2), which
-  PEFT puts in place of a null ``target_modules`` when it loads an adapter
-  onto such a base (and then ignores factors of other modules); None where
-  PEFT has none, and refuses such an adapter;
 * ``conv1d``: whether the checkpoint stores projections as GPT-2 ``Conv1D``
   (``in x out``) rather than ``nn.Linear`` (``out x in``); decides the layout
   of a square module without building a model;
@@ -25,7 +20,8 @@ A new architecture is one entry here (plus its test in ``tests/test_archs.py``):
 
 Architectures missing here still work: targets fall back to any known name
 present in the model, the layout to the model skeleton, evaluation to the
-full forward.
+full forward. PEFT's own default ``target_modules`` (what it puts in place of
+a null one) are PEFT's facts, for every type it knows: :mod:`loramix.peft_targets`.
 """
 
 from __future__ import annotations
@@ -36,14 +32,12 @@ from dataclasses import dataclass
 from .errors import UsageError
 
 _LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_QV = ("q_proj", "v_proj")
 
 
 @dataclass(frozen=True)
 class Arch:
     model_type: str
     targets: tuple[str, ...] = ()
-    peft_targets: tuple[str, ...] | None = None
     conv1d: bool = False
     fast_head: str | None = None
     context: str = "max_position_embeddings"
@@ -56,7 +50,6 @@ ARCHS: dict[str, Arch] = {
         Arch(
             "gpt2",
             ("c_attn", "c_proj", "c_fc"),
-            peft_targets=("c_attn",),
             conv1d=True,
             fast_head="GPT2LMHeadModel",
             context="n_positions",
@@ -64,21 +57,18 @@ ARCHS: dict[str, Arch] = {
         Arch("openai-gpt", conv1d=True, context="n_positions"),
         Arch("imagegpt", conv1d=True, context="n_positions"),
         Arch("decision_transformer", conv1d=True, context="n_positions"),
-        Arch("llama", _LLAMA_TARGETS, _QV, fast_head="LlamaForCausalLM", prefix_cache=True),
-        Arch("mistral", _LLAMA_TARGETS, _QV, fast_head="MistralForCausalLM", prefix_cache=True),
-        Arch("qwen2", _LLAMA_TARGETS, _QV, fast_head="Qwen2ForCausalLM", prefix_cache=True),
-        Arch("qwen3", _LLAMA_TARGETS, _QV, fast_head="Qwen3ForCausalLM", prefix_cache=True),
+        Arch("llama", _LLAMA_TARGETS, fast_head="LlamaForCausalLM", prefix_cache=True),
+        Arch("mistral", _LLAMA_TARGETS, fast_head="MistralForCausalLM", prefix_cache=True),
+        Arch("qwen2", _LLAMA_TARGETS, fast_head="Qwen2ForCausalLM", prefix_cache=True),
+        Arch("qwen3", _LLAMA_TARGETS, fast_head="Qwen3ForCausalLM", prefix_cache=True),
         Arch("olmo2", _LLAMA_TARGETS, fast_head="Olmo2ForCausalLM", prefix_cache=True),
         Arch(
             "gpt_neox",
             ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-            ("query_key_value",),
             fast_head="GPTNeoXForCausalLM",
         ),
         Arch("phi3", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), fast_head="Phi3ForCausalLM"),
-        Arch(
-            "opt", ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), _QV, fast_head="OPTForCausalLM"
-        ),
+        Arch("opt", ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), fast_head="OPTForCausalLM"),
     ]
 }
 
@@ -86,13 +76,6 @@ ARCHS: dict[str, Arch] = {
 def arch(model_type: str | None) -> Arch | None:
     """The table entry for ``model_type``, or None for an architecture loramix has no facts on."""
     return ARCHS.get(model_type or "")
-
-
-def peft_default_targets(model_type: str | None) -> tuple[str, ...] | None:
-    """PEFT's default ``target_modules`` for ``model_type`` (:attr:`Arch.peft_targets`);
-    None where PEFT has none or the type is not in the table."""
-    a = arch(model_type)
-    return a.peft_targets if a else None
 
 
 def is_conv1d(model_type: str | None) -> bool:

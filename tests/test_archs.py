@@ -59,10 +59,20 @@ def test_unknown_architecture_has_no_facts():
 
 
 def test_peft_targets_are_pefts_defaults():
-    """``peft_targets`` is PEFT's own default ``target_modules`` for each type
-    (None where PEFT has none and refuses an adapter without them)."""
+    """:data:`loramix.peft_targets.PEFT_TARGETS` is PEFT's own default
+    ``target_modules`` for every model type, entry by entry, and no type more
+    or fewer: a peft that changes, adds or drops an entry fails here rather
+    than loramix silently applying another rule than PEFT's."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT
 
-    for model_type, entry in ARCHS.items():
+    from loramix.peft_targets import PEFT_TARGETS, peft_default_targets
+
+    def as_loramix(v):  # a list of names, or a regular expression PEFT keeps as a string
+        return v if isinstance(v, str) else tuple(v)
+
+    wrong = {t: (PEFT_TARGETS.get(t), PEFT.get(t)) for t in PEFT.keys() | PEFT_TARGETS.keys()
+             if t not in PEFT or t not in PEFT_TARGETS or PEFT_TARGETS[t] != as_loramix(PEFT[t])}  # fmt: skip
+    assert not wrong, f"model type: (loramix's, peft's): {wrong}"
+    for model_type in [*ARCHS, "bloom", "t5", "gemma4", "no-such-arch", None]:
         want = PEFT.get(model_type)
-        assert entry.peft_targets == (None if want is None else tuple(want)), model_type
+        assert peft_default_targets(model_type) == (None if want is None else as_loramix(want)), model_type

@@ -172,6 +172,10 @@ def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = DEFA
     # Every file read (and a bad one refused) before the base is loaded and run.
     records = [calibration_records(path, tokens) for path in data]
     model, tok = load_causal_lm(base, device=device)
+    from ..io.peft_layout import check_default_targets
+
+    # the base known: an adapter without target_modules holds PEFT's default for its type, or is refused
+    check_default_targets(adapters, getattr(model.config, "model_type", None))
     owners, offsets, a_cat = stacked_a(adapters)
     subs = dict(model.named_modules())
     for m in owners:

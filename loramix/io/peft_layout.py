@@ -490,13 +490,14 @@ def _null_targets(config: dict | None) -> bool:
 def check_default_targets(adapters: Sequence, model_type: str | None) -> None:
     """PEFT's rule for a LoRA adapter whose config has no ``target_modules``
     (null or absent), once the base's ``model_type`` is known: PEFT fills
-    them with its default for the type (:func:`loramix.archs.peft_default_targets`;
-    GPT-2: ``c_attn`` only) and ignores the factors of any other module, so
-    the adapter is checked as if its config named them (:func:`check_targets`,
-    ``layers_to_transform`` included). A type loramix's table knows with no
-    PEFT default is refused, as PEFT refuses it; a type outside the table,
-    and any adapter where no base is given, keeps every factor."""
-    from ..archs import arch, peft_default_targets
+    them with its default for the type (:func:`loramix.peft_targets.peft_default_targets`;
+    GPT-2: ``c_attn`` only; BLOOM: ``query_key_value``) and ignores the
+    factors of any other module, so the adapter is checked as if its config
+    named them (:func:`check_targets`, ``layers_to_transform`` included). A
+    type PEFT has no default for (or a base naming no type) is refused, as
+    PEFT refuses it. Where no base is given every factor is read
+    (:func:`warn_null_targets`)."""
+    from ..peft_targets import peft_default_targets
 
     for ad in adapters:
         cfg = ad.config or {}
@@ -505,15 +506,15 @@ def check_default_targets(adapters: Sequence, model_type: str | None) -> None:
         where = ad.weights_path or ad.path or ad.name
         defaults = peft_default_targets(model_type)
         if defaults is None:
-            if arch(model_type) is not None:
-                raise AdapterError(
-                    where,
-                    f"target_modules is null and PEFT has no default targets for model type {model_type!r}, "
-                    "so PEFT refuses to load it; name the modules in adapter_config.json",
-                )
-            continue
+            which = f"model type {model_type!r}" if model_type else "a base whose config names no model_type"
+            raise AdapterError(
+                where,
+                f"target_modules is null and PEFT has no default targets for {which}, "
+                "so PEFT refuses to load it; name the modules in adapter_config.json",
+            )
+        named = defaults if isinstance(defaults, str) else list(defaults)
         try:
-            check_targets(ad.modules, {**cfg, "target_modules": list(defaults)}, where)
+            check_targets(ad.modules, {**cfg, "target_modules": named}, where)
         except AdapterError as e:
             raise AdapterError(
                 where, f"{e.problem} (target_modules is null: PEFT's default for a {model_type} base)"
