@@ -28,6 +28,9 @@ import pandas as pd
 if TYPE_CHECKING:
     from .adapter import Adapter
 
+# the null-target_modules warning's last words here: inspect takes no base
+_LISTS_ALL = "inspect lists them all; similarity --base, sum or merge --into and eval apply PEFT's rule"
+
 COLUMNS = ["module", "kind", "out", "in", "rank", "alpha", "scale", "norm", "dtype", "params"]
 
 
@@ -43,9 +46,14 @@ def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
     ``kind`` (and ``method``, its v0.1 name), ``base_model``, the
     :func:`totals` and ``saved``: its ``modules_to_save`` full copies, one
     ``{tensor, shape, dtype, params}`` each (they replace base tensors; they
-    are not deltas, so no row of their own).
+    are not deltas, so no row of their own). A PEFT adapter with a null
+    ``target_modules`` is listed whole, with a warning: which of its modules
+    PEFT applies depends on the base (:func:`loramix.io.peft_layout.warn_null_targets`).
     """
     ad, sha256, saved = _read(adapter_or_path)
+    from .io.peft_layout import warn_null_targets
+
+    warn_null_targets([ad], _LISTS_ALL)
     rows = []
     for name in sorted(ad.modules, key=_natural_key):
         m = ad.modules[name]

@@ -306,8 +306,11 @@ def _predict_line(adapters_or_paths, fit, merge_method: str, level, device, labe
     lf = LinearFit.from_dict(entry)
     if not lf.ok:
         raise UsageError(where, f"the {kind}/{merge_method} fit has {lf.n} point(s): too few to predict")
+    from .features._context import FEATURES_READ_ALL
+    from .io.peft_layout import warn_null_targets
     from .overlap import similarity  # pandas: after the fit, the adapters and the study are checked
 
+    warn_null_targets(adapters, FEATURES_READ_ALL)  # before similarity's, which would say "give the base"
     sim = similarity(adapters, progress=False, device=device)
     names = list(sim.names)
     rms = sim.rms.loc[names, names].to_numpy(dtype=float)

@@ -1,6 +1,7 @@
 """Adapters whose ``adapter_config.json`` has a null ``target_modules``, on
 model types outside loramix's own table (:mod:`loramix.archs`), against real
-PEFT.
+PEFT; and the one warning line of the commands that read them without a base
+(one per adapter where several code paths meet).
 
 PEFT puts its default for the base's ``model_type`` in place of a null
 ``target_modules`` (:mod:`loramix.peft_targets`; BLOOM: ``query_key_value``)
@@ -20,9 +21,10 @@ import torch
 from loramix.cli import main
 from loramix.errors import AdapterError
 
-from .factories import make_peft_adapter, save_base
+from .factories import make_peft_adapter, save_base, tiny_gpt2
 
 QKV_MLP = ["query_key_value", "dense_h_to_4h"]
+NULL_LINE = "loramix: warning: target_modules is null in"
 
 
 def _null(folder: Path) -> Path:
@@ -149,3 +151,84 @@ def test_null_targets_on_a_type_peft_has_no_default_for(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     with pytest.raises(AdapterError, match=re.escape(needle)):
         attach_adapters(OlmoForCausalLM(cfg), [load_adapter(ad)])
+
+
+@pytest.fixture(scope="module")
+def gpt2_nulls(tmp_path_factory):
+    """Two GPT-2 adapters on every projection, made null-targeted, and a fit.json for them."""
+    from loramix.fit import fit_line
+
+    root = tmp_path_factory.mktemp("nulls")
+    model = tiny_gpt2()
+    ads = [_null(make_peft_adapter(model, root / n, seed=i, r=2)) for i, n in enumerate("ab")]
+    x = [0.0, 0.2, 0.4, 0.6, 0.8]
+    fit = {"adapter_method": "lora", "merge_method": "sum", **fit_line(x, [2 * v + 0.1 * (-1) ** i
+                                                                          for i, v in enumerate(x)]).to_dict()}  # fmt: skip
+    (root / "fit.json").write_text(json.dumps({"scenario": "t", "prediction_level": 0.95, "fits": [fit]}))
+    return ads, root / "fit.json"
+
+
+PREDICTORS = Path(__file__).resolve().parents[1] / "reports" / "quickstart" / "predictors.json"
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [(["inspect", "{a}"], "(inspect lists them all; similarity --base, sum or merge --into and eval apply"),
+     (["predict", "{a}", "{b}", "--fit", "{fit}"], "(the predictor's features read them all)"),
+     (["predict", "{a}", "{b}", "--fit", PREDICTORS], "(the predictor's features read them all)"),
+     (["plan", "{a}", "{b}", "--fit", PREDICTORS], "(the predictor's features read them all)"),
+     (["similarity", "{a}", "{b}"], "(give the base to apply PEFT's rule)")],
+)  # fmt: skip
+def test_commands_without_a_base_say_so_in_one_line(gpt2_nulls, capsys, args, hint):
+    """``inspect``, ``predict`` (a fit.json, whose cosine line runs similarity,
+    and a predictors file, whose features may not) and ``plan`` warn of a null
+    ``target_modules`` in one line, as ``similarity`` does, with what the
+    command does about it: inspect and predict with a predictors file said
+    nothing; predict and plan said it twice where their paths met similarity's,
+    or told predict, which takes no base, to give one."""
+    if PREDICTORS in args and not PREDICTORS.is_file():
+        pytest.skip("no committed quickstart predictors file")
+    (a, b), fit = gpt2_nulls
+    code, _, err = _cli(capsys, *[str(x).format(a=a, b=b, fit=fit) for x in args])
+    assert code == 0, err
+    said = [ln for ln in err.splitlines() if ln.startswith(NULL_LINE)]
+    assert len(said) == 1, err
+    assert f"{a} (8 modules)" in said[0] and hint in said[0], said
+
+
+def test_features_warn_once_and_apply_the_base_they_calibrate_on(tmp_path):
+    """The features (predict, plan) warn of null targets once, whichever of them
+    run; with a calibration the base is loaded, so PEFT's default for its
+    type is checked there (an adapter with factors outside it refused by the
+    capture, as by sum --into) and no warning of a missing base is given."""
+    import warnings
+
+    from loramix.errors import LoramixWarning
+    from loramix.features import compute_features
+    from loramix.features._calibration import capture
+    from loramix.io.adapter_files import load_adapter
+    from loramix.models import load_causal_lm
+
+    from .test_train import make_tiny_base
+
+    base = make_tiny_base(tmp_path / "base", "llama")
+    model, _ = load_causal_lm(base)
+    qv = [_null(make_peft_adapter(model, tmp_path / f"qv{k}", seed=k, r=2, target_modules=["q_proj", "v_proj"]))
+          for k in range(2)]  # fmt: skip
+    down = _null(
+        make_peft_adapter(model, tmp_path / "down", seed=3, r=2, target_modules=["q_proj", "down_proj"])
+    )
+    data = ["synthetic:arith?n=8&seed=3", "synthetic:units?n=8&seed=4"]
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        compute_features([load_adapter(p) for p in qv], only=["coverage", "rms_cosine", "subspace_overlap"])
+        loaded = [load_adapter(p) for p in qv]
+        cal = capture(loaded, base, data, tokens=16, max_len=16)
+        compute_features(loaded, calibration=cal, only=["rms_cosine", "functional_interference"])
+    said = [str(w.message) for w in seen if issubclass(w.category, LoramixWarning)]
+    assert len(said) == 1 and f"null in {qv[0]} (4 modules); {qv[1]} (4 modules): " in said[0], said
+    assert said[0].endswith("(the predictor's features read them all)"), said
+    with pytest.raises(AdapterError, match=re.escape("model.layers.0.mlp.down_proj is not in target_modules "
+                                                     "['q_proj', 'v_proj'] (target_modules is null")):  # fmt: skip
+        capture([load_adapter(qv[0]), load_adapter(down)], base, data, tokens=16, max_len=16)

@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import UsageError
-from ..io.peft_layout import check_compatible
+from ..io.peft_layout import check_compatible, warn_null_targets
+
+#: the warning's last words for a predictor's features (predict, plan)
+FEATURES_READ_ALL = "the predictor's features read them all"
 
 if TYPE_CHECKING:  # pandas too: the registry (predict, plan) loads this module, which makes no table
     import pandas as pd
@@ -32,6 +35,9 @@ class FeatureContext:
                 "adapters", f"pairwise features need at least two adapters, got {len(self.adapters)}"
             )
         check_compatible(self.adapters)
+        # here, not in the similarity the features share: every feature reads every factor, and
+        # with a calibration the base was loaded and its type's default checked (capture)
+        warn_null_targets(self.adapters, FEATURES_READ_ALL)
         self.names = _unique_names(self.adapters)
 
     @property

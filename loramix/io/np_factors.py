@@ -24,6 +24,7 @@ from .peft_layout import (
     LORA,
     adapter_method,
     adapter_name,
+    carry_null_targets_settled,
     check_adapter_path,
     check_features,
     module_factors,
@@ -143,7 +144,9 @@ def np_adapter(adapter) -> NpAdapter:
         else:
             B, A, s = m.kind.scaled_factors(m)
             modules[name] = NpModule(name=name, B=_np(B), A=_np(A), scale=float(s), alpha=m.alpha)
-    return NpAdapter(adapter.name, str(adapter.kind.name), modules, adapter.config, adapter.path)
+    out = NpAdapter(adapter.name, str(adapter.kind.name), modules, adapter.config, adapter.path)
+    carry_null_targets_settled(adapter, out)  # a null target_modules warned of is not told again
+    return out
 
 
 # safetensors dtype codes numpy reads directly; BF16 is widened from its bits.

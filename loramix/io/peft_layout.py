@@ -487,6 +487,25 @@ def _null_targets(config: dict | None) -> bool:
     return str(config.get("peft_type", "")).upper() == "LORA" and config.get("target_modules") is None
 
 
+# Set on an adapter object once its null target_modules is settled for this process: warned of
+# (warn_null_targets), or checked against a base (check_default_targets). A command's paths meet
+# (predict's features call similarity, plan's calibration checks the base before them): one line.
+_SETTLED = "_loramix_null_targets_settled"
+
+
+def carry_null_targets_settled(src, dst) -> None:
+    """``dst`` (``src`` converted, e.g. to numpy factors) is settled where ``src`` is."""
+    if getattr(src, _SETTLED, False):
+        _settle(dst)
+
+
+def _settle(ad) -> None:
+    try:
+        object.__setattr__(ad, _SETTLED, True)
+    except (AttributeError, TypeError):  # an object without a __dict__: it may be told twice
+        pass
+
+
 def check_default_targets(adapters: Sequence, model_type: str | None) -> None:
     """PEFT's rule for a LoRA adapter whose config has no ``target_modules``
     (null or absent), once the base's ``model_type`` is known: PEFT fills
@@ -519,24 +538,34 @@ def check_default_targets(adapters: Sequence, model_type: str | None) -> None:
             raise AdapterError(
                 where, f"{e.problem} (target_modules is null: PEFT's default for a {model_type} base)"
             ) from None
+        _settle(ad)  # every factor is one PEFT applies: reading them all is PEFT's rule
 
 
-def warn_null_targets(adapters: Sequence) -> None:
-    """Warn (:class:`~loramix.errors.LoramixWarning`) of LoRA adapters with no
-    ``target_modules`` read where no base is given: PEFT applies only its
-    default targets for the base it loads them onto
+#: what :func:`warn_null_targets` adds where a base can be given (similarity, sum, merge)
+GIVE_THE_BASE = "give the base to apply PEFT's rule"
+
+
+def warn_null_targets(adapters: Sequence, hint: str = GIVE_THE_BASE) -> None:
+    """Warn (:class:`~loramix.errors.LoramixWarning`), in one line, of LoRA
+    adapters with no ``target_modules`` read where no base is given: PEFT
+    applies only its default targets for the base it loads them onto
     (:func:`check_default_targets`), which loramix cannot tell without one,
-    so every factor is read (and an adapter written from them names them all)."""
+    so every factor is read (and an adapter written from them names them
+    all). ``hint``: what the command reading them does, or what it takes to
+    apply PEFT's rule. Once per adapter object: an adapter warned of here, or
+    checked against a base by :func:`check_default_targets`, is not named again."""
     import warnings
 
     from ..errors import LoramixWarning
 
-    hit = [f"{ad.path or ad.name} ({len(ad.modules)} modules)" for ad in adapters if _null_targets(ad.config)]
+    hit = [ad for ad in adapters if _null_targets(ad.config) and not getattr(ad, _SETTLED, False)]
     if hit:
-        warnings.warn(f"target_modules is null in {'; '.join(hit)}: PEFT applies only its default targets for "
-                      "the base's model type (GPT-2: c_attn; Llama, Mistral, Qwen: q_proj, v_proj); without a "
-                      "base every factor is read (give the base to apply PEFT's rule)",
-                      LoramixWarning, stacklevel=3)  # fmt: skip
+        for ad in hit:
+            _settle(ad)
+        said = "; ".join(f"{ad.path or ad.name} ({len(ad.modules)} modules)" for ad in hit)
+        warnings.warn(f"target_modules is null in {said}: PEFT applies only its default targets for the base's "
+                      "model type (GPT-2: c_attn; Llama, Mistral, Qwen: q_proj, v_proj); without a base every "
+                      f"factor is read ({hint})", LoramixWarning, stacklevel=3)  # fmt: skip
 
 
 def _peft_selects(names: str | list[str], module: str) -> bool:
