@@ -4,12 +4,16 @@ Load many adapters, measure how they overlap (exact, from the low-rank
 factors), merge them into base weights, evaluate and predict interference.
 
 The public API is imported lazily so that ``import loramix`` (and the CLI)
-starts fast; ``loramix.load_adapter`` etc. resolve on first use.
+starts fast; ``loramix.load_adapter`` etc. resolve on first use. Their
+errors name the functions' keywords (``rank``, ``force=True``), where the
+CLI, which calls the same functions from their modules, names its flags
+(``--rank``, ``--force``): see :mod:`loramix.api`.
 """
 
 from __future__ import annotations
 
 import importlib
+import types
 
 __version__ = "0.1.0"
 
@@ -37,7 +41,13 @@ __all__ = ["__version__", *_API]
 
 def __getattr__(name: str):
     if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
+        obj = getattr(importlib.import_module(_API[name]), name)
+        if isinstance(obj, types.FunctionType):  # a class (Adapter, LoramixError) is itself
+            from .api import python_api
+
+            obj = python_api(obj, name)  # its errors name keywords, not the CLI's flags
+        globals()[name] = obj  # the same object on every access
+        return obj
     raise AttributeError(f"module 'loramix' has no attribute {name!r}")
 
 

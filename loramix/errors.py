@@ -15,6 +15,8 @@ class LoramixError(Exception):
 
     ``where`` is usually a path; it may also be a setting such as
     ``--density`` or a scenario key such as ``scenario.toml: adapters.rank``.
+    Settings are written as the CLI's flags; ``loramix.X`` says them as its
+    keywords (``density``, ``pass force=True``), see :mod:`loramix.api`.
     """
 
     exit_code = 2

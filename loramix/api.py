@@ -1,0 +1,96 @@
+"""The package's functions as Python calls them: errors in keyword terms.
+
+loramix raises :class:`~loramix.errors.LoramixError` in the command line's
+terms, as the CLI prints it: ``where`` may be a flag (``--rank``) and the
+problem may name others (``pass --force to replace it``). ``loramix.X`` is
+the function ``X`` wrapped by :func:`python_api`, which renders such an
+error for Python before its caller sees it: each flag that stands for a
+parameter of the function called becomes that keyword (``--max-len`` ->
+``max_len``; :data:`RENAMES` where the names differ, ``--batch`` ->
+``batch_size`` in ``evaluate``), a flag for a bool parameter ``name=True``
+(``--force`` -> ``force=True``), and an upper-case placeholder after a flag
+its value (``--into BASE`` -> ``into=BASE``). A flag the function has no
+parameter for (another command's, ``ray start --head``) is left as it is.
+
+The CLI, and loramix's own modules, call the functions from their modules,
+unwrapped: the CLI's lines are the library's, and only the outermost
+``loramix.X`` call renders an error, once.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Callable
+
+from .errors import LoramixError
+
+#: per function, the flags whose keyword is not the flag's own name
+RENAMES = {
+    "evaluate": {"--batch": "batch_size", "--adapter": "adapters"},
+    "merge": {"--lambda": "lambda_"},
+    "predict": {"--method": "merge_method"},
+    "run_scenario": {"--cache": "cache_dir"},
+    "sum_into_base": {"--into": "base"},
+}
+
+# Flags as loramix writes them, alone or joined by "/" (--rank/--energy), not
+# inside a word or a path (a folder "runs--out"), with an optional upper-case
+# placeholder for the value after them.
+_FLAGS = re.compile(r"(?<![\w./-])(--[a-z][a-z0-9-]*(?:/--[a-z][a-z0-9-]*)*)(?![\w-])( [A-Z]+\b)?")
+
+
+def keyword_namer(f: Callable, renames: dict[str, str]) -> Callable[[str], str | None]:
+    """``flag -> keyword`` for ``f``: ``"--max-len"`` -> ``"max_len"``,
+    ``"--force"`` -> ``"force=True"`` (a parameter whose default is False);
+    None for a flag that stands for no parameter of ``f`` (any flag does where
+    ``f`` takes ``**params``, as ``merge`` does its methods' parameters)."""
+    params = inspect.signature(f).parameters
+    any_name = any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    def name(flag: str) -> str | None:
+        kw = renames.get(flag, flag[2:].replace("-", "_"))
+        p = params.get(kw)
+        if p is None or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            return kw if any_name else None
+        return f"{kw}=True" if p.default is False else kw
+
+    return name
+
+
+def python_terms(text: str, name: Callable[[str], str | None]) -> str:
+    """``text`` with each flag that ``name`` knows said as its keyword."""
+
+    def say(m: re.Match) -> str:
+        kws = [name(flag) for flag in m[1].split("/")]
+        if None in kws:
+            return m[0]
+        value = m[2] or ""
+        if value and len(kws) == 1 and not kws[0].endswith("=True"):
+            return f"{kws[0]}={value[1:]}"
+        return "/".join(kws) + value
+
+    return _FLAGS.sub(say, text)
+
+
+def python_api(f: Callable, public_name: str) -> Callable:
+    """``f`` as ``loramix.<public_name>``: the same call, whose
+    :class:`LoramixError` names ``f``'s keywords, not the CLI's flags (the
+    same exception, its ``where``, ``problem`` and message rendered)."""
+    name = keyword_namer(f, RENAMES.get(public_name, {}))
+
+    @functools.wraps(f)
+    def call(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except LoramixError as e:
+            if e.where is not None and e.where.startswith("--"):  # else a path or a setting, as given
+                e.where = python_terms(e.where, name)
+            e.problem = python_terms(e.problem, name)
+            e.args = (e.message,)
+            raise
+
+    # pickled by reference as loramix.<name>, which is this object (a pool's task)
+    call.__module__, call.__qualname__ = "loramix", public_name
+    return call

@@ -1,0 +1,170 @@
+"""Errors from the Python API name its keywords; the CLI's name its flags.
+
+Each case is one bad argument given both ways: ``loramix.X(...)`` raises the
+line in keyword terms (``rank``, ``force=True``, ``batch_size``), the command
+prints the same error in flag terms, byte for byte as before (``--rank``,
+``--force``, ``--batch``). Real calls on a tiny GPT-2 and PEFT adapters.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+import loramix
+from loramix.cli import main
+from loramix.errors import LoramixError, OutputError, UsageError
+
+from .factories import make_peft_adapter, tiny_gpt2, write_jsonl
+from .test_train import make_tiny_base
+
+REPORTS = Path(__file__).resolve().parents[1] / "reports" / "quickstart"
+QUICKSTART = Path(__file__).resolve().parents[1] / "scenarios" / "quickstart.toml"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("api_errors")
+    base = make_tiny_base(root / "base", "gpt2")
+    from transformers import AutoConfig
+
+    model = tiny_gpt2(vocab_size=AutoConfig.from_pretrained(base).vocab_size)
+    ads = [str(make_peft_adapter(model, root / f"a{i}", seed=i, r=2, lora_alpha=4)) for i in (1, 2)]
+    data = write_jsonl(
+        root / "d.jsonl", [{"question": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(40)]
+    )
+    exists = root / "exists"
+    exists.mkdir()
+    return {"base": str(base), "ads": ads, "data": str(data), "exists": str(exists), "new": str(root / "new")}
+
+
+def _cases(e):
+    """(name, Python call, the Python line, CLI argv, the CLI's line as it was before)."""
+    b, ads, d, ex, new = e["base"], e["ads"], e["data"], e["exists"], e["new"]
+    fit, predictors = str(REPORTS / "fit.json"), str(REPORTS / "predictors.json")
+    forced = f"{ex}: already exists; pass force=True to replace it"
+    forced_cli = f"{ex}: already exists; pass --force to replace it"
+    return [
+        ("merge rank", lambda: loramix.merge(ads, "svd", out=new, rank=9),
+         "rank: 9 is above the stacked rank 4 of the adapters (the sum of their ranks)",
+         ["merge", "-m", "svd", "--rank", "9", *ads, "--out", new],
+         "--rank: 9 is above the stacked rank 4 of the adapters (the sum of their ranks)"),
+        ("merge out-rank", lambda: loramix.merge(ads, "sum", out=new, out_rank=2, energy=0.5),
+         "out_rank/energy: give one of out_rank=K or energy=F, not both",
+         ["merge", "-m", "sum", "--out-rank", "2", "--energy", "0.5", *ads, "--out", new],
+         "--out-rank/--energy: give one of --out-rank K or --energy F, not both"),
+        ("merge force", lambda: loramix.merge(ads, "sum", out=ex), forced,
+         ["merge", "-m", "sum", *ads, "--out", ex], forced_cli),
+        ("sum_into_base", lambda: loramix.sum_into_base(ads, b, ex), forced,
+         ["sum", *ads, "--into", b, "--out", ex], forced_cli),
+        ("sum_adapters", lambda: loramix.sum_adapters(ads, ex), forced, ["sum", *ads, "--out", ex], forced_cli),
+        ("train warmup", lambda: loramix.train_adapter(b, d, new, steps=2, warmup=100),
+         "warmup: 100 steps is more than the run's 2 steps: the learning rate would never reach lr",
+         ["train", "--base", b, "--data", d, "--out", new, "--steps", "2", "--warmup", "100"],
+         "--warmup: 100 steps is more than the run's 2 steps: the learning rate would never reach --lr"),
+        ("train force", lambda: loramix.train_adapter(b, d, ex, steps=1), forced,
+         ["train", "--base", b, "--data", d, "--out", ex, "--steps", "1"], forced_cli),
+        ("evaluate batch", lambda: loramix.evaluate(b, data=[d], batch_size=0),
+         "batch_size: must be at least 1, got 0",
+         ["eval", "--base", b, "--data", d, "--batch", "0"], "--batch: must be at least 1, got 0"),
+        ("evaluate merged", lambda: loramix.evaluate(b, data=[d], merged=True),
+         "merged=True: needs at least one adapters",
+         ["eval", "--base", b, "--data", d, "--merged"], "--merged: needs at least one --adapter"),
+        ("build_base", lambda: loramix.build_base(["synthetic:arith"], new, steps=0),
+         "steps: must be at least 1, got 0",
+         ["base", "build", "--data", "synthetic:arith", "--out", new, "--steps", "0"],
+         "--steps: must be at least 1, got 0"),
+        ("run_scenario jobs", lambda: loramix.run_scenario(QUICKSTART, new, jobs=0),
+         "jobs: must be at least 1, got 0",
+         ["scenario", "run", str(QUICKSTART), "--out", new, "--jobs", "0"], "--jobs: must be at least 1, got 0"),
+        ("run_scenario force", lambda: loramix.run_scenario(QUICKSTART, ex),
+         f"{ex}: exists and is not a report of this scenario; pass force=True to replace it",
+         ["scenario", "run", str(QUICKSTART), "--out", ex],
+         f"{ex}: exists and is not a report of this scenario; pass --force to replace it"),
+        ("predict method", lambda: loramix.predict(ads, predictors, merge_method="nope"),
+         f"merge_method: {predictors} has no predictor for merge method nope (it has: sum, ties, dare-ties, svd)",
+         ["predict", *ads, "--fit", predictors, "--method", "nope"],
+         f"--method: {predictors} has no predictor for merge method nope (it has: sum, ties, dare-ties, svd)"),
+        ("predict data", lambda: loramix.predict(ads, fit, data=[d, d]),
+         "data: applies to a predictors file; a fit.json predicts from the RMS cosine alone",
+         ["predict", *ads, "--fit", fit, "--data", d, "--data", d],
+         "--data: applies to a predictors file; a fit.json predicts from the RMS cosine alone"),
+        # no error of similarity's named a flag: its device was already a keyword
+        ("similarity", lambda: loramix.similarity(ads, device="tpu"),
+         "device: unknown device 'tpu'; choose auto, cpu or cuda",
+         ["similarity", *ads, "--device", "tpu"], None),
+    ]  # fmt: skip
+
+
+CASES = [c[0] for c in _cases(dict.fromkeys(["base", "ads", "data", "exists", "new"], ""))]
+
+
+def _case(env, case):
+    c = next(c for c in _cases(env) if c[0] == case)
+    if "predict" in case and not (REPORTS / "predictors.json").is_file():
+        pytest.skip("no committed quickstart report")
+    return c
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_python_names_its_keywords(env, case):
+    _, call, python_line, _, _ = _case(env, case)
+    with pytest.raises(LoramixError) as e:
+        call()
+    assert str(e.value) == e.value.message == python_line
+    assert not Path(env["new"]).exists()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "similarity"])  # its --device is click's
+def test_the_cli_names_its_flags_as_before(env, capsys, case):
+    _, _, _, argv, cli_line = _case(env, case)
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"loramix: error: {cli_line}\n"
+    assert not Path(env["new"]).exists()
+
+
+def test_the_error_keeps_its_type_and_attributes(env):
+    with pytest.raises(OutputError) as e:
+        loramix.sum_adapters(env["ads"], env["exists"])
+    assert (e.value.where, e.value.problem) == (
+        env["exists"],
+        "already exists; pass force=True to replace it",
+    )
+    with pytest.raises(UsageError) as e:
+        loramix.merge(env["ads"], "ties", out=env["new"], lambda_=0.5)
+    assert e.value.where == "density"
+    assert e.value.problem.startswith("method ties needs density (")
+    back = pickle.loads(pickle.dumps(e.value))
+    assert (type(back), back.where, back.problem, str(back)) == (
+        UsageError,
+        "density",
+        e.value.problem,
+        str(e.value),
+    )
+
+
+def test_a_flag_the_function_has_no_keyword_for_stays():
+    """Only the function's own parameters are renamed: another command's flag,
+    or one inside a command line such as ``ray start --head``, is left alone."""
+    from loramix.api import keyword_namer, python_terms
+    from loramix.scenario.runner import run_scenario
+
+    name = keyword_namer(run_scenario, {"--cache": "cache_dir"})
+    text = "start one with `ray start --head` or leave --address out; --rank/--jobs; a path /x/--jobs, runs--jobs"
+    assert python_terms(text, name) == (
+        "start one with `ray start --head` or leave address out; --rank/--jobs; a path /x/--jobs, runs--jobs"
+    )
+    assert python_terms("pass --force, --fresh or --jobs N (--cache)", name) == (
+        "pass force=True, fresh=True or jobs=N (cache_dir)"
+    )
+
+
+def test_the_functions_pickle_as_themselves():
+    """A pool's task (``pool.map(loramix.train_adapter, ...)``) pickles the
+    function by name: ``loramix.X`` must resolve to the very object."""
+    for name in ("merge", "evaluate", "train_adapter", "predict"):
+        f = getattr(loramix, name)
+        assert pickle.loads(pickle.dumps(f)) is f
