@@ -87,6 +87,8 @@ def ref_della_sparsify(d, density, epsilon, seed):
             probs[r, c] = (density - epsilon) + rank / (in_f - 1) * 2 * epsilon
     mask = torch.bernoulli(probs, generator=torch.Generator().manual_seed(seed)).double()
     m = d * mask
+    if d.abs().sum() < 1e-7 or m.abs().sum() < 1e-7:  # mergekit's rescaled_masked_tensor guard
+        return m
     return m * (d.abs().sum() / m.abs().sum())
 
 
@@ -114,6 +116,25 @@ def test_della_matches_the_formula():
         run_method("della", ads, WS, MOD, density=density, epsilon=eps, seed=seed), got / 0.9
     )
     assert not torch.equal(run_method("della", ads, WS, MOD, density=density, epsilon=eps, seed=8), got / 0.9)
+
+
+@pytest.mark.parametrize(("delta_size", "weight_size"), [(1.0, 1e-11), (1e-12, 1e9)])
+def test_della_rescales_as_mergekit_whatever_the_size_of_the_weights(delta_size, weight_size):
+    """mergekit sparsifies each delta before it weights it, so the L1 rescale's
+    guard (no rescale where a norm is below 1e-7) sees the unweighted delta:
+    weights of 1e-11 (which --divide weight normalises away) rescale deltas of
+    ordinary size, and weights of 1e9 do not rescale deltas of 1e-12. Before,
+    the guard saw the weighted delta: the first merge came out unrescaled
+    (about 1/density too small), the second rescaled."""
+    ads = rand_adapters()
+    for a in ads:
+        a.modules[MOD].scale *= delta_size
+    density, eps, seed = 0.5, 0.2, 7
+    ws = [weight_size * w for w in (1.0, 0.6, 0.4)]
+    got = run_method("della", ads, ws, MOD, density=density, epsilon=eps, seed=seed)
+    sp = [ref_della_sparsify(d, density, eps, module_seed(seed, MOD, i)) for i, d in enumerate(_deltas(ads))]
+    ref = ref_consensus(sp, ws)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9 * float(ref.abs().max()))
 
 
 def test_della_ranks_are_the_inverse_of_the_row_sort():

@@ -6,10 +6,14 @@ For each delta ``x = w_i dW_i`` (out, in), row by row::
     rank      = 1..in, the position of |x_rc| in its row, ascending
     p_rc      = density - epsilon + 2 epsilon (rank - 1) / (in - 1)     keep probability
     keep_rc   ~ Bernoulli(p_rc)                                          seeded per (seed, module, adapter)
-    t_i       = (x * keep) * ||x||_1 / ||x * keep||_1                    (L1 rescale; skipped below 1e-7)
+    t_i       = (x * keep) * ||x||_1 / ||x * keep||_1                    (L1 rescale)
     merged    = lambda * elect_and_merge(t_i, w_i, sign, divide)         divide=weight: mergekit's normalize
 
-so larger magnitudes are dropped less often. The draws come from a CPU
+so larger magnitudes are dropped less often. The rescale is skipped, as
+mergekit's ``rescaled_masked_tensor`` skips it, where ``||dW_i||_1`` or
+``||dW_i * keep||_1`` (the *unweighted* delta's: mergekit sparsifies before it
+weights) is below ``1e-7``; the factor ``||x||_1 / ||x * keep||_1`` itself
+does not depend on ``w_i``. The draws come from a CPU
 generator seeded with :func:`~loramix.methods.base.module_seed` (the same on
 any device); ``torch.bernoulli`` with that generator, as mergekit draws with
 the global one.
@@ -57,8 +61,12 @@ def della_keep_probs(x, density: float, epsilon: float):
     return torch.empty(order.shape, dtype=torch.float32).scatter_(1, order, table.expand(order.shape))
 
 
-def della_prune_(x, density: float, epsilon: float, seed: int):
-    """Drop entries of ``x`` with :func:`della_keep_probs`, rescale to the L1 norm, in place."""
+def della_prune_(x, density: float, epsilon: float, seed: int, weight: float = 1.0):
+    """Drop entries of ``x = weight * dW`` with :func:`della_keep_probs`,
+    rescale to the L1 norm, in place. The rescale is skipped where the L1 norm
+    of ``dW`` or of ``dW * keep`` is below ``1e-7`` (mergekit's guard, on the
+    unweighted delta, so that the weights' overall size does not change which
+    deltas are rescaled); a zero ``weight`` leaves ``x = 0``."""
     if density >= 1.0:
         return x
     import torch
@@ -68,7 +76,8 @@ def della_prune_(x, density: float, epsilon: float, seed: int):
     before = x.abs().sum()
     x.mul_(keep.to(device=x.device, dtype=x.dtype))
     after = x.abs().sum()
-    if float(before) >= 1e-7 and float(after) >= 1e-7:
+    w = abs(float(weight))
+    if w > 0 and float(before) / w >= 1e-7 and float(after) / w >= 1e-7:
         x.mul_(before / after)
     return x
 
@@ -89,8 +98,8 @@ class Della(MergeMethod):
 
     def delta(self, ctx, module_deltas, weights, W0, params):
         xs = [
-            della_prune_(x, params["density"], params["epsilon"], module_seed(params["seed"], ctx.name, i))
-            for x, i in zip(dense_deltas(ctx, module_deltas, W0, weights), ctx.indices)
+            della_prune_(x, params["density"], params["epsilon"], module_seed(params["seed"], ctx.name, i), w)
+            for x, i, w in zip(dense_deltas(ctx, module_deltas, W0, weights), ctx.indices, weights)
         ]
         out = elect_and_merge(xs, weights, params["sign"], params["divide"], ctx.scratch)
         return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out
