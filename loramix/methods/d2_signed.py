@@ -3,7 +3,7 @@
 For D2-LoRA adapters with signed residuals ``dW_i = s_i (B+_i A+_i - tau B-_i A-_i)``::
 
     R     = sum_i w_i dW_i                              (out, in), from the factors
-    W*    = d2_project(W0, R) = (W0 + R) * ||W0||_n / ||W0 + R||_n
+    W*    = d2_project(W0, R) = (W0 + R) * ||W0||_n / max(||W0 + R||_n, eps)
     W     = W* + R           delta = W - W0             (project once, add the residual)
 
 Way (a), adding the effective deltas ``sum_i w_i (W_hat_i - W0)``, is

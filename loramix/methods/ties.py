@@ -2,7 +2,8 @@
 
 For deltas ``dW_i`` (out, in) with weights ``w_i``::
 
-    t_i    = dW_i * topmask(|dW_i|, density)        trim: keep the top int(density * numel) entries
+    t_i    = dW_i * topmask(|dW_i|, density)        trim: keep the top k = int(density * numel) entries
+                                                     (and any tied with the k-th: trim_)
     merged = lambda * elect_and_merge(t_i, w_i)      sign election + disjoint mean
 
 see :func:`loramix.methods.base.elect_and_merge` for the election and the two
