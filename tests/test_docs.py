@@ -1,7 +1,9 @@
 """The README, docs/*.md and every ``--help`` against the code: every option
 explained in its help, every ``loramix CMD --flag`` the docs write taken by
 that command, every ``LORAMIX_*`` variable the package reads documented and
-every documented one read."""
+every documented one read; and the defaults and constants that the math
+pages (docs/d2lora.md, predictors.md, interference.md, merging.md,
+adapters.md, scenarios.md) state, against the code's."""
 
 from __future__ import annotations
 
@@ -138,3 +140,112 @@ def test_every_plug_in_is_named_in_its_document():
     missing += [f"docs/adapters.md (Kinds): {n}" for n in packaged if f"| `{n}` |" not in adapters]
     missing += [f"docs/predictors.md (Features): {n}" for n in registry() if f"`{n}" not in predictors]
     assert missing == []
+
+
+# ---------------------------------------------------------------- the math pages' numbers
+
+
+def _doc(name: str) -> str:
+    """``docs/NAME`` with its whitespace folded (a phrase may break across lines)."""
+    return " ".join((ROOT / "docs" / name).read_text().split())
+
+
+def _said(doc: str, pattern: str) -> str:
+    """The first group of ``pattern`` in ``doc``; fails naming the pattern when the phrase is gone."""
+    m = re.search(pattern, doc)
+    assert m is not None, f"the docs no longer say {pattern!r}: reword this test with them"
+    return m[1]
+
+
+def _default(name: str, flag: str):
+    return next(p.default for p in _options(name) if flag in p.opts)
+
+
+def test_the_d2lora_page_states_the_kinds_defaults():
+    """docs/d2lora.md's defaults of eps, tau and norm_dim are those of the kind,
+    its training layer and ``loramix train``."""
+    import inspect
+
+    from loramix.kinds import D2LORA
+    from loramix.kinds.d2lora import D2LoraLinear
+
+    doc = _doc("d2lora.md")
+    said = {
+        "eps": float(_said(doc, r"\*\*eps\*\* \(default `([^`]+)`\)")),
+        "tau": float(_said(doc, r"\*\*tau\*\* is fixed \(default `([^`]+)`\)")),
+        "norm_dim": int(_said(doc, r"`(\d)` \(default\) takes one norm per output unit")),
+    }
+    assert said == D2LORA.options
+    layer = inspect.signature(D2LoraLinear.__init__).parameters
+    assert {k: layer[k].default for k in said} == said
+    assert _default("loramix train", "--tau") == said["tau"]
+    assert _default("loramix train", "--norm-dim") == said["norm_dim"]
+
+
+def test_the_predictors_page_states_the_validations_constants():
+    """docs/predictors.md: the ridge's lambdas, its interval's quantiles at the
+    default level, the plan's defaults and the calibration recipe of a file
+    that records none; docs/scenarios.md: the compositions a validation needs
+    and the random groupings a verdict needs."""
+    import inspect
+
+    from loramix.features._calibration import DEFAULT_MAX_LEN, DEFAULT_TOKENS
+    from loramix.grouping import COSINE_BUDGET, plan
+    from loramix.scenario.config import PredictorSpec
+    from loramix.scenario.planval import ALPHA
+    from loramix.scenario.predictors import MIN_COMPOSITIONS
+    from loramix.validation import LAMBDAS, validate
+
+    doc = _doc("predictors.md")
+    lambdas = _said(doc, r"`lambda` comes from `\{([^}]*)\}`")
+    assert tuple(float(v) for v in lambdas.split(",")) == LAMBDAS
+    lo, hi = _said(doc, r"the (\d+)% and (?:\d+)% quantiles"), _said(doc, r"the \d+% and (\d+)% quantiles")
+    level = inspect.signature(validate).parameters["level"].default
+    assert (float(lo), float(hi)) == (round(100 * (1 - level) / 2, 9), round(100 * (1 + level) / 2, 9))
+    assert PredictorSpec().level == level
+    assert int(_said(doc, r"has at most `K` members \(default (\d+)\)")) == _default(
+        "loramix plan", "--max-group"
+    )
+    assert inspect.signature(plan).parameters["max_group"].default == _default("loramix plan", "--max-group")
+    assert float(_said(doc, r"The default budget is a cosine of ([0-9.]+)\.")) == COSINE_BUDGET
+    assert float(_said(doc, r"The default budget is (\d+), the zero-interference point")) == 0.0
+    assert _said(doc, r"gets (\d+ and \d+)\.") == f"{DEFAULT_TOKENS} and {DEFAULT_MAX_LEN}"
+
+    scen = _doc("scenarios.md")
+    assert int(_said(scen, r"retention needs (\d+) compositions")) == MIN_COMPOSITIONS
+    # p = (1 + #{random <= plan}) / (R + 1) reaches ALPHA only from this R on
+    assert int(_said(scen, r"which needs `random` ≥ (\d+)")) == min(
+        r for r in range(1, 1000) if 1 / (r + 1) <= ALPHA
+    )
+
+
+def test_the_interference_page_states_the_fit_files_level():
+    """docs/interference.md: ``loramix predict``'s interval is at 95 % unless
+    asked otherwise, the level a scenario writes into fit.json."""
+    from loramix.scenario.report import PI_LEVEL
+
+    said = _said(_doc("interference.md"), r"at `level` \(default (\d+) %")
+    assert float(said) / 100 == PI_LEVEL
+
+
+def test_the_merging_and_adapters_pages_state_the_codes_constants():
+    """docs/merging.md's TIES engine (the sample stride, the one-pass band, the
+    block sizes) and della's divisor; docs/adapters.md's range of the Gram
+    products' factors."""
+    from loramix.methods.base import (
+        FACTOR_BLOCK_ELEMENTS,
+        ONE_PASS_BAND,
+        ROW_BLOCK_ELEMENTS,
+        SAMPLE_STRIDE,
+    )
+    from loramix.methods.della import DIVIDE_WEIGHT
+    from loramix.overlap import GRAM_RANGE
+
+    doc = _doc("merging.md")
+    assert int(_said(doc, r"every (\d+)(?:st|nd|rd|th) entry gives")) == SAMPLE_STRIDE
+    assert float(_said(doc, r"a band around it \((\d+) standard errors")) == ONE_PASS_BAND
+    assert int(_said(doc, r"Such blocks hold at most (\d+)K entries")) * 1024 == FACTOR_BLOCK_ELEMENTS
+    assert int(_said(doc, r"blocks of rows \((\d+) MiB of float32")) << 20 == 4 * ROW_BLOCK_ELEMENTS
+    assert _said(doc, r"disjoint merge with `--divide (\w+)`") == DIVIDE_WEIGHT.default
+    exp = int(_said(_doc("adapters.md"), r"beyond `2\^\+-(\d+)`"))
+    assert GRAM_RANGE == (2.0**-exp, 2.0**exp)
