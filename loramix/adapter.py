@@ -4,13 +4,15 @@ An adapter is a set of modules. Each module adapts one weight ``W0`` of shape
 ``out x in`` (``nn.Linear`` layout; a GPT-2 ``Conv1D`` stores ``in x out``, but
 the factors below are the same, only the base tensor is transposed).
 
-Each module belongs to an adapter kind (:mod:`loramix.kinds`: LoRA, D2-LoRA),
-which defines its residual as one factor pair and its effective delta::
+Each module belongs to an adapter kind (:mod:`loramix.kinds`: LoRA, D2-LoRA,
+DoRA), which defines its residual as one factor pair and its effective delta::
 
     dW = Bf @ Af                         Bf: (out, k) scale folded in, Af: (k, in)
     LoRA:    Bf = s B, Af = A, k = r     s = alpha / r (alpha / sqrt(r) with rsLoRA)
     D2-LoRA: Bf = s [B, -tau B_neg], Af = [A; A_neg], k = 2r; the effective
              delta W_hat - W0 depends on W0 (loramix.d2lora)
+    DoRA:    Bf = s B, Af = A, k = r; the effective delta
+             m / ||W0 + dW||_row * (W0 + dW) - W0 depends on W0 (loramix.kinds.dora)
 
 See ``docs/adapters.md``. Factors are kept as stored (fp32/fp16/bf16);
 nothing forms ``B @ A`` unless a caller asks for a dense delta, one module at
@@ -104,8 +106,8 @@ class ModuleDelta:
     ) -> torch.Tensor:
         """Dense effective delta (out, in): what merging adds to ``W0``.
 
-        The residual, unless the kind ``needs_base`` (D2: ``W_hat - W0``, which
-        needs ``W0`` in ``(out, in)`` layout)."""
+        The residual, unless the kind ``needs_base`` (D2-LoRA, DoRA: ``W_hat -
+        W0``, which needs ``W0`` in ``(out, in)`` layout)."""
         return self.kind.delta(self, W0, dtype=dtype, device=device)
 
     def squared_norm(self) -> float:

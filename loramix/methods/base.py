@@ -3,7 +3,7 @@
 A method is one small class, registered by name (see :mod:`loramix.methods`).
 It works on one module at a time, on the *true* deltas of that module::
 
-    dW_i = ModuleDelta.delta(W0)      (out, in): s_i B_i A_i for LoRA, W_hat_i - W0 for D2-LoRA
+    dW_i = ModuleDelta.delta(W0)      (out, in): s_i B_i A_i for LoRA, W_hat_i - W0 for D2-LoRA and DoRA
 
 never on ``A`` and ``B`` separately (docs/merging.md).
 
@@ -203,7 +203,7 @@ class MergeMethod:
         params: dict,
     ) -> torch.Tensor:
         """The merged dense delta ``(out, in)`` of one module, on ``ctx.device``
-        in ``ctx.dtype``. ``W0`` is ``(out, in)`` (needed by D2-LoRA)."""
+        in ``ctx.dtype``. ``W0`` is ``(out, in)`` (needed by D2-LoRA and DoRA)."""
         if self.low_rank:
             lr = self.factors(ctx, module_deltas, weights, params)
             return (lr.B @ lr.A).to(ctx.dtype)
