@@ -249,3 +249,23 @@ def test_the_merging_and_adapters_pages_state_the_codes_constants():
     assert _said(doc, r"disjoint merge with `--divide (\w+)`") == DIVIDE_WEIGHT.default
     exp = int(_said(_doc("adapters.md"), r"beyond `2\^\+-(\d+)`"))
     assert GRAM_RANGE == (2.0**-exp, 2.0**exp)
+
+
+def test_the_predictors_page_names_each_features_aggregation():
+    """docs/predictors.md: a composition takes the plain mean of the signed
+    features (``*mean_cosine``, ``coverage``), ``member_sum`` of
+    ``pairs_per_member``, and the RMS of its member pairs for every other."""
+    from loramix.features import registry
+
+    doc = _doc("predictors.md")
+    assert "The signed features (`*mean_cosine`, `coverage`) take the plain mean" in doc
+    assert "aggregates by `member_sum`" in doc
+    said = {
+        name: "mean"
+        if name.endswith("mean_cosine") or name == "coverage"
+        else "member_sum"
+        if name == "pairs_per_member"
+        else "rms"
+        for name in registry()
+    }
+    assert {name: f.aggregate for name, f in registry().items()} == said
