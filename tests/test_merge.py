@@ -663,6 +663,57 @@ def test_cli_into_base_matches_reference_and_loads(models, kind, method, params,
     assert [i["sha256"] for i in rec["inputs"][:3]] == [load_adapter(p).sha256 for p in m["adapters"]]
 
 
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("sum", {}),
+        ("ties", dict(density=0.4)),
+        ("dare-linear", dict(density=0.6, seed=3)),
+        ("magnitude", dict(density=0.5)),
+    ],
+)
+def test_a_float64_base_gets_float64_deltas(method, params, tmp_path):
+    """A float64 weight is added to in float64 (docs/merging.md, Sum), and its
+    delta is formed in float64 too: float64 adapters with weights and scales
+    that are not powers of two merge into a float64 base to float64's rounding
+    of the dense reference. (Before, the delta was formed in float32, from
+    factors with w_i s_i folded in float32: 3.6e-8 of the delta for sum.)"""
+    from loramix.methods import merge
+
+    model = tiny_llama(seed=0).double()
+    base = save_base(model, tmp_path / "base")
+    paths = [
+        make_peft_adapter(model, tmp_path / f"a{i}", seed=1 + i, r=3, lora_alpha=a)
+        for i, a in enumerate((5, 7))
+    ]
+    ws = [0.3, 0.7]
+    merge(
+        [str(p) for p in paths], method, weights=ws, into=base, out=tmp_path / "out", progress=False, **params
+    )
+    ads = [load_adapter(p) for p in paths]
+    assert {m.dtype for a in ads for m in a.modules.values()} == {torch.float64}
+    before, after = BaseModelFolder(base), BaseModelFolder(tmp_path / "out")
+    for name in ads[0].modules:
+        dense = [raw_delta(a.modules[name]) for a in ads]
+        if method == "sum":
+            ref = sum(w * t for t, w in zip(dense, ws))
+        elif method == "ties":
+            ref = ref_elect(
+                [ref_trim(w * t, params["density"]) for t, w in zip(dense, ws)], [1.0, 1.0], "mass", "count"
+            )
+        elif method == "magnitude":
+            ref = sum(w * ref_trim(t, params["density"]) for t, w in zip(dense, ws))
+        else:
+            d = params["density"]
+            ref = sum(
+                w * t * ref_dare_mask(tuple(t.shape), d, module_seed(params["seed"], name, i)) / d
+                for i, (t, w) in enumerate(zip(dense, ws))
+            )
+        got = after.read_module_weight(name, dtype=F64) - before.read_module_weight(name, dtype=F64)
+        err = float((got - ref).abs().max() / ref.abs().max())
+        assert err < 1e-13, (method, name, err)
+
+
 def _files(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -231,6 +231,9 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
     plan = plan_into_base(base, list(modules), ads, dtype)
 
     local = threading.local()  # work tensors reused from module to module, one set per thread
+    # A float64 weight is added to in float64 (the engine's compute dtype): its delta is
+    # formed in float64 too, not from factors (w_i s_i folded in) or a method's work rounded to float32.
+    wide = {j.module for j in plan.module_jobs if j.info.dtype == "F64"}
 
     def compute(name: str, W0: torch.Tensor | None) -> ModuleOutput:
         items = modules[name]
@@ -238,7 +241,8 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
         if scratch is None:
             scratch = local.scratch = Buffers()
         device = dev if W0 is None else W0.device
-        ctx = ModuleContext(name, tuple(i for i, _ in items), device, torch.float32, scratch)
+        dtype = torch.float64 if name in wide else torch.float32
+        ctx = ModuleContext(name, tuple(i for i, _ in items), device, dtype, scratch)
         d, facts = m.merged(ctx, [md for _, md in items], [ws[i] for i, _ in items], W0, p)
         # a non-finite delta makes a non-finite output tensor, which the writer
         # refuses naming it (io.safetensors_io.check_output_finite): no second pass here
