@@ -1722,6 +1722,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _cmdline(pid: int) -> bytes:
+    """``pid``'s command line; empty for a process that has exited meanwhile."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _gone(pids: list[int], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -1744,9 +1752,7 @@ def _study_with_workers_making(tmp_path, before: str):
                           "--quiet", "--jobs", "2"], stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     deadline = time.monotonic() + 240
     while p.poll() is None and time.monotonic() < deadline:
-        workers = [
-            q for q in _children(p.pid) if b"multiprocessing" in Path(f"/proc/{q}/cmdline").read_bytes()
-        ]
+        workers = [q for q in _children(p.pid) if b"multiprocessing" in _cmdline(q)]
         if len(workers) >= 2 and list(cache.glob(f"*/{TMP_PREFIX}*/{PAYLOAD}")):
             return p, cache, workers  # both workers up, a step being made
         time.sleep(0.05)
