@@ -11,6 +11,7 @@ from loramix.cli import main
 from loramix.data import (
     PROMPT_TEMPLATE,
     QARecord,
+    batch_indices,
     encode_records,
     format_record,
     load_records,
@@ -221,6 +222,48 @@ def test_make_batches_padding_and_shuffle():
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(s1, s2))
     sorted_b = make_batches(ex, batch_size=2, pad_id=0, sort_by_length=True)
     assert [b["attention_mask"].sum().item() for b in sorted_b] == [5, 9, 6]
+
+
+def test_make_batches_equal_the_per_example_construction():
+    """The batches built from padded lists (one tensor per field) hold exactly
+    what filling a padded tensor example by example gave: same values, dtype,
+    order, for every way of drawing them."""
+    import random
+
+    rng = random.Random(0)
+    ex = []
+    for _ in range(75):
+        n = rng.randint(1, 30)
+        ids = [rng.randint(0, 999) for _ in range(n)]
+        k = rng.randint(0, n)
+        ex.append({"input_ids": ids, "labels": [-100] * k + ids[k:]})
+
+    def reference(chunk, pad_id):
+        width = max(len(e["input_ids"]) for e in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        for j, e in enumerate(chunk):
+            n = len(e["input_ids"])
+            ids[j, :n] = torch.tensor(e["input_ids"])
+            mask[j, :n] = 1
+            labels[j, :n] = torch.tensor(e["labels"])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    for kw in (
+        {},
+        {"shuffle": True, "seed": 3, "bucket": 2},
+        {"sort_by_length": True},
+        {"shuffle": True, "take": 3},
+    ):
+        got = make_batches(ex, batch_size=8, pad_id=5, **kw)
+        want = [reference([ex[i] for i in idx], 5) for idx in batch_indices(ex, batch_size=8, **{
+            k: v for k, v in kw.items() if k != "take"})][: kw.get("take")]  # fmt: skip
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.keys() == w.keys()
+            for k in w:
+                assert g[k].dtype == w[k].dtype and torch.equal(g[k], w[k]), k
 
 
 def test_synthetic_spec():

@@ -655,3 +655,42 @@ def test_the_function_and_the_command_write_the_same_bytes(bases, tmp_path, kind
                  "--kind", kind, "--batch", "4", "--max-len", "32", "--eval-size", "0", "--quiet"]) == 0  # fmt: skip
     py, cli = ((tmp_path / d / "adapter_model.safetensors").read_bytes() for d in ("py", "cli"))
     assert py == cli
+
+
+def test_a_loaded_copy_of_the_base_trains_the_same_bytes(bases, tmp_path):
+    """``loaded`` (a study's copy of the base it holds) gives the adapter and log
+    that loading the base folder gives, byte for byte."""
+    import copy
+
+    from loramix.models import load_causal_lm
+
+    held = load_causal_lm(bases["gpt2"])
+    runs = [train_adapter(bases["gpt2"], [ARITH, UNITS], tmp_path / f"r{i}", loaded=loaded, **FAST)
+            for i, loaded in enumerate((None, (copy.deepcopy(held[0]), held[1])))]  # fmt: skip
+    files = [(Path(r["out"]) / "adapter_model.safetensors").read_bytes() for r in runs]
+    assert files[0] == files[1]
+    assert runs[0]["ppl_adapter"] == runs[1]["ppl_adapter"] and runs[0]["ppl_base"] == runs[1]["ppl_base"]
+    held_names = {n for n, _ in held[0].named_modules()}
+    assert not any("lora" in n for n in held_names)  # the copy was trained, not the held model
+
+
+def test_the_loops_fast_paths_give_the_bytes_of_the_plain_ones(bases, tmp_path, monkeypatch):
+    """The loop's AdamW updates all factors per op (``foreach``) and a batch
+    without micro-batches is passed as views: the bytes the single-tensor
+    AdamW (torch's CPU default) and the copied batch give."""
+    import loramix.train as tr
+
+    kw = {**FAST, "steps": 12, "eval_size": 0}
+    fast = train_adapter(bases["gpt2"], ARITH, tmp_path / "fast", **kw)
+    plain_adamw = torch.optim.AdamW
+
+    def single_tensor(*a, **k):
+        return plain_adamw(*a, **{**k, "foreach": False})
+
+    monkeypatch.setattr(torch.optim, "AdamW", single_tensor)
+    views = tr._micro_batches
+    monkeypatch.setattr(tr, "_micro_batches", lambda b, micro: [{k: v.clone() for k, v in p.items()}
+                                                                 for p in views(b, micro)])  # fmt: skip
+    plain = train_adapter(bases["gpt2"], ARITH, tmp_path / "plain", **kw)
+    a, b = ((Path(r["out"]) / "adapter_model.safetensors").read_bytes() for r in (fast, plain))
+    assert a == b

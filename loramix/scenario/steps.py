@@ -50,6 +50,18 @@ class StepContext:
             self._base_model_path = path
         return self._base_model
 
+    def base_copy(self, path: str) -> tuple:
+        """A copy of :meth:`base_model`'s model (the same weights, its own
+        modules) and its tokenizer, for a training to change: a deep copy
+        costs less than loading the base again (0.3 s of CPU per adapter on
+        the quickstart's tiny base). The held model is never trained, and
+        merges restore its weights (:func:`_restore`), so every copy is the
+        base as loaded."""
+        import copy
+
+        model, tok = self.base_model(path)
+        return copy.deepcopy(model), tok
+
 
 def _data_step(ctx: StepContext, st: Step, deps: dict) -> dict:
     dd, part = ctx.data[st.args["domain"]], st.args["part"]
@@ -155,7 +167,7 @@ def _adapter_step(ctx: StepContext, st: Step, deps: dict) -> dict:
                                 rank=rank_of(a["method"], ad.rank),
                                 alpha=ad.alpha, tau=ad.tau, lr=ad.lr, batch=ad.batch, max_len=ad.max_len, eval_size=0,
                                 seed=a["seed"], shared_init=init_of(a["method"], ad.init) == "shared", device=str(ctx.device), progress=False,
-                                **layer_kwargs(train_adapter, ad, base), **_train_kwargs(ad))  # fmt: skip
+                                loaded=ctx.base_copy(base), **layer_kwargs(train_adapter, ad, base), **_train_kwargs(ad))  # fmt: skip
         except UsageError as e:
             # with adapters.epochs the steps are known once the data is read: name the key, not the flag
             if e.where != "--warmup":
