@@ -841,6 +841,47 @@ def test_processes_submit_no_more_steps_than_workers():
     assert most == 2, most
 
 
+def test_processes_start_their_workers_with_the_first_step(monkeypatch):
+    """Right after the first computing step the pool gets a no-op per further
+    worker, so the workers start (torch, transformers: seconds) beside that
+    step, the base build that runs alone, not after it; no more workers than
+    computing steps (a rerun missing one adapter starts one)."""
+    import concurrent.futures as cf
+    from types import SimpleNamespace
+
+    import loramix.scenario.executors as ex
+
+    submitted = []
+
+    class Pool:
+        def __init__(self, *a, **k):
+            pass
+
+        def submit(self, fn, *args):
+            submitted.append(args[0].id if fn is ex._worker_run else fn.__name__)
+            f = cf.Future()
+            f.set_result(ex.Outcome({}) if fn is ex._worker_run else None)
+            return f
+
+        def shutdown(self, **k):
+            pass
+
+    monkeypatch.setattr(cf, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(ex, "reads_back", lambda ctx, st: st.cached)
+    monkeypatch.setattr(ex, "_timed", lambda ctx, st, deps: ex.Outcome({}))
+    ctx = SimpleNamespace(device="cpu", payload=lambda: {})
+    for computing, started in ((6, 2), (2, 1), (1, 0)):
+        submitted.clear()
+        steps = [SimpleNamespace(id="base", deps=[], cached=False)]
+        steps += [SimpleNamespace(id=f"a{i}", deps=["base"], cached=i >= computing - 1) for i in range(5)]
+        ex.ProcessExecutor(jobs=3).run(steps, ctx, lambda st, o: None)
+        assert submitted[: 1 + started] == ["base"] + ["_worker_started"] * started, submitted
+        assert submitted.count("_worker_started") == started
+        assert [x for x in submitted if x != "_worker_started"] == ["base"] + [
+            f"a{i}" for i in range(computing - 1)
+        ]
+
+
 def test_progress_line_while_one_step_runs_long(capsys, monkeypatch):
     """A step that runs for minutes (a base build) still gets its line a
     minute, naming it, where stderr is a file; none before it has run that

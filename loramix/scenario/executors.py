@@ -133,8 +133,21 @@ def _worker_init(payload: dict, threads: int, devices, parent: int | None = None
     tqdm.set_lock(threading.RLock())
     hf_logging.disable_progress_bar()
     torch.set_num_threads(threads)
+    # what every computing step imports (models, tokenizers, the training and
+    # evaluation code), now: a worker started beside the first step (the base
+    # build, which runs alone; ProcessExecutor.run) then does it on the idle core
+    import transformers.modeling_utils  # noqa: F401
+    import transformers.tokenization_utils_fast  # noqa: F401
+
+    from .. import perplexity, train  # noqa: F401
+
     device = devices.get() if devices is not None else None
     _WORKER["ctx"] = StepContext.from_payload(payload, device)
+
+
+def _worker_started() -> None:
+    """A task that does nothing: submitted to start a worker process (its
+    :func:`_worker_init`) before a step needs it."""
 
 
 @contextmanager
@@ -274,7 +287,8 @@ class ProcessExecutor:
                 future = Future()
                 future.set_result(_timed(ctx, st, deps))
                 return future
-            if not pools:
+            first = not pools
+            if first:
                 pools.append(ProcessPoolExecutor(self.jobs, mp_context=spawn, initializer=_worker_init,
                                                  initargs=(ctx.payload(), threads_per_job(self.threads, self.jobs),
                                                            devices, os.getpid())))  # fmt: skip
@@ -282,6 +296,11 @@ class ProcessExecutor:
             under_way[st.id] = st
             with _starting_workers():  # the pool starts a worker here, on demand
                 future = pool.submit(_worker_run, st, deps)
+                # the first step (a base build) often runs alone: start the other workers
+                # the computing steps can use now, so their start-up runs beside it, not after
+                others = min(self.jobs, sum(not reads_back(ctx, s) for s in steps)) - 1 if first else 0
+                for _ in range(others):
+                    pool.submit(_worker_started)
             workers.update(getattr(pool, "_processes", None) or {})
             return future
 
