@@ -272,6 +272,10 @@ def train_adapter(
     masks for each micro-batch and ``top_layers`` runs the cached prefix
     without them: the same in expectation, not to rounding
     (``grad_checkpointing`` replays the same masks and stays exact).
+    ``loaded``: ``base`` already loaded, ``(model, tokenizer)``, to train
+    instead of loading it again (a study's copy of the base it holds); the
+    run wraps that model's modules, so pass a copy. ``base`` still names the
+    folder the adapter records.
 
     Returns ``out``, ``kind`` (``method``: its v0.1 name), ``steps``, ``tokens``, ``final_loss`` (last
     10 steps), ``train_seconds`` (``setup_seconds``, ``prefix_seconds`` apart), ``tokens_per_second``,

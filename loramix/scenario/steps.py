@@ -194,7 +194,7 @@ def evaluate_on_splits(ctx: StepContext, base_path: str, *, adapters=(), domains
     ev = ctx.sc.eval
     names = list(ctx.data) if domains is None else list(domains)
     base = model or ctx.base_model(base_path)
-    with remembering_digests():  # the study's own base: nothing writes its weights
+    with remembering_digests():  # the study's own base: only in-place writes, which the digests see
         df = evaluate(base, adapters=[str(a) for a in adapters], data=[ctx.data[n].eval for n in names],
                       on=ev.on, max_len=ev.max_len, batch_size=ev.batch, device=str(ctx.device),
                       **{k: v for k, v in layer_kwargs(evaluate, ctx.sc.adapters, base_path).items()
