@@ -42,6 +42,7 @@ import math
 import os
 from pathlib import Path
 
+from .blas import one_openblas_thread
 from .errors import UsageError
 
 
@@ -230,6 +231,7 @@ def _study(fits: list, kind: str, merge_method: str, label: str | None, adapters
                      f"the adapters ({said}) match no one of them: choose one with --label")  # fmt: skip
 
 
+@one_openblas_thread
 def predict(
     adapters_or_paths,
     fit,

@@ -47,6 +47,7 @@ torch float64 on the device. Both run the same code on their arrays.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -60,6 +61,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .blas import ONE_THREAD_BELOW, openblas_threads
 from .devices import is_cpu, resolve_device
 from .errors import AdapterError, UsageError
 from .io.peft_layout import D2LORA, check_compatible, check_default_targets, check_one_base, warn_null_targets
@@ -611,9 +613,18 @@ def similarity(
         adapters_or_paths = [adapters_or_paths]
     if len(adapters_or_paths) == 0:
         raise UsageError("similarity", "needs at least one adapter")
+    # as `loramix similarity` sets OPENBLAS_NUM_THREADS before numpy loads: the Gram strips
+    # of a few adapters are small GEMMs, which OpenBLAS's spinning second thread slows down
+    small = len(adapters_or_paths) < ONE_THREAD_BELOW
+    with openblas_threads(1) if small else contextlib.nullcontext():
+        return _similarity(list(adapters_or_paths), base, per_module, progress, device)
+
+
+def _similarity(items: list, base, per_module: bool, progress: bool, device) -> SimilarityResult:
+    """:func:`similarity` of ``items`` (adapters or paths, at least one)."""
     # A torch.device asks for torch; a base may need D2 effective deltas (torch).
     numpy_path = base is None and (device is None or isinstance(device, str)) and is_cpu(device)
-    adapters, dev = _load_all(list(adapters_or_paths), numpy_path, device, progress)
+    adapters, dev = _load_all(items, numpy_path, device, progress)
     names = _unique_names(adapters)
     base_folder = None
     if base is None:

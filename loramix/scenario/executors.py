@@ -219,9 +219,12 @@ def _die_with(parent: int | None) -> None:
 
 
 def _worker_run(st: Step, deps: dict) -> Outcome:
+    from ..blas import openblas_threads
+
     _WORKER["in_step"] = True
     try:
-        return _timed(_WORKER["ctx"], st, deps)
+        with openblas_threads(1):  # as in the run's own process (run_scenario), spawned from Python
+            return _timed(_WORKER["ctx"], st, deps)
     finally:
         _WORKER["in_step"] = False
         if _WORKER.get("stopping"):
@@ -386,7 +389,9 @@ def _ray_run(payload: dict, threads: int, st: Step, deps: dict) -> Outcome:
         hf_logging.disable_progress_bar()
         _RAY_CTX.clear()
         _RAY_CTX[key] = StepContext.from_payload(payload)
-    with _stopped_by(_stop_flag(payload["cache_root"], key)):
+    from ..blas import openblas_threads
+
+    with _stopped_by(_stop_flag(payload["cache_root"], key)), openblas_threads(1):
         return _timed(_RAY_CTX[key], st, deps)
 
 

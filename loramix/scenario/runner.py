@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..blas import one_openblas_thread
 from ..environment import environment
 from ..errors import OutputError, UsageError
 from .cache import Cache, default_cache_dir
@@ -331,6 +332,7 @@ def _identity(path: str) -> str | None:
         return None
 
 
+@one_openblas_thread
 def run_scenario(
     scenario,
     out: str | os.PathLike | None = None,
