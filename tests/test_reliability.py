@@ -1949,6 +1949,33 @@ def test_a_ray_task_stops_when_its_run_makes_the_stop_flag(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cache_clean_removes_the_stop_flags_of_killed_runs(tmp_path, capsys):
+    """A Ray run killed (kill -9) while it stopped its tasks left its stop flag
+    in the cache for ever: its name now says the run's process
+    (``_run_key``), and ``cache clean`` removes the flag once that process is
+    gone; never a live run's (this process's), another host's, or one that
+    names no process (an older loramix's)."""
+    from loramix.io.outputs import owner_tag
+    from loramix.scenario.executors import _run_key, _stop_flag
+
+    code = "from loramix.scenario.executors import _run_key; print(_run_key())"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    dead_key = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                              timeout=120).stdout.strip()  # fmt: skip
+    root = tmp_path / "cache"
+    root.mkdir()
+    dead, live = _stop_flag(root, dead_key), _stop_flag(root, _run_key())
+    assert live.name.endswith("." + owner_tag()) and dead.name != live.name
+    host, pid, start = dead_key.split(".", 1)[1].split(".")
+    kept = [live, _stop_flag(root, "0" * 32), _stop_flag(root, f"{'1' * 32}.{'0' * 8}.{pid}.{start}")]
+    for f in [dead, *kept]:
+        f.touch()
+    rc, out, err = cli(capsys, "cache", "clean", "--dir", root)
+    assert rc == 0 and f"removed 1 stop flag of killed Ray runs from {root}" in out.splitlines(), (out, err)
+    assert not dead.exists() and all(f.exists() for f in kept)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("signum, says", [(signal.SIGKILL, "was killed by SIGKILL"),
                                           (signal.SIGTERM, "was terminated (SIGTERM)")])  # fmt: skip
 def test_a_worker_killed_mid_study_is_one_line(tmp_path, signum, says):

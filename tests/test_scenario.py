@@ -405,6 +405,37 @@ def test_cache_clean_removes_derived_entries_of_another_source(tmp_path, monkeyp
     assert "derived" in capsys.readouterr().out and not being_made.exists()
 
 
+def test_cache_clean_removes_the_derived_folders_it_empties(tmp_path, monkeypatch, capsys):
+    """A ``figure/`` or ``validation/`` folder that ``cache clean`` empties of
+    another source's entries goes too (it was left behind, empty); one that
+    keeps an entry of this source, or was empty before, stays. A lock taken
+    in a folder such a clean removed (between a maker's ``mkdir`` of the kind
+    folder and its lock) is taken all the same: the folder is made again."""
+    from loramix.scenario import cache as cache_mod
+    from loramix.scenario.cache import Making
+
+    root = tmp_path / "c"
+    c = Cache(root)
+
+    def make(tmp):
+        (tmp / "v").write_text("x")
+
+    ours = c.derived("figure", {"n": 1}, make)
+    monkeypatch.setattr(cache_mod, "source_digest", lambda: "f" * 64)
+    old = [c.derived("figure", {"n": 2}, make), c.derived("validation", {"n": 1}, make)]
+    monkeypatch.undo()
+    (root / "empty-before").mkdir()
+    assert main(["cache", "clean", "--dir", str(root)]) == 0
+    assert "removed 2 derived entries" in capsys.readouterr().out
+    assert not any(p.exists() for p in old) and ours.is_dir()
+    assert sorted(p.name for p in root.iterdir()) == ["empty-before", "figure"]
+
+    target = root / "validation" / "0123456789abcdef01234567"
+    with Making(target) as lock:
+        assert lock.fd is not None and lock.path.is_file()
+    assert not lock.path.exists()
+
+
 # A process that makes the artifact ("thing", {"x": argv[2]}) in the cache argv[1], taking
 # argv[4] seconds, writes argv[3] into it, and prints its lookup
 _MAKER = r"""
@@ -1175,3 +1206,4 @@ def test_scenario_run_gives_openblas_one_thread(tmp_path, env, threads):
     if p.stdout.strip() == "no OpenBLAS":
         pytest.skip("numpy without OpenBLAS")
     assert p.returncode == 0 and p.stdout.split() == [threads], (p.stdout, p.stderr)
+

@@ -14,7 +14,10 @@ which no later run would remove: each is written under a name of its own.
 And it removes the scenario cache's derived entries (validations, figures:
 :meth:`loramix.scenario.cache.Cache.derived`) that another loramix source
 made, which this code never reads again
-(:func:`loramix.scenario.cache.remove_other_code_derived`); never an artifact.
+(:func:`loramix.scenario.cache.remove_other_code_derived`), and the kind
+folders that leaves empty; never an artifact. And the stop flags
+(``.stop-<run>``) of Ray runs killed while they stopped, whose process is
+gone (:func:`loramix.scenario.cache.remove_finished_stop_flags`).
 """
 
 from __future__ import annotations
@@ -40,13 +43,15 @@ def clean(root):
     the scenario cache's validations and figures made by another version of
     loramix's source, which this one never reads (that version, run again,
     redoes them in seconds); never an artifact (data, adapters, merges,
-    evaluations), which keeps across code changes."""
+    evaluations), which keeps across code changes. And the stop flags of
+    Ray runs killed while stopping (their process is gone on this host)."""
     from pathlib import Path
 
     from ..gguf_import import remove_stale_imports
     from ..io.filehash import cache_dir, remove_stale_cache_temporaries
     from ..scenario.cache import (
         default_cache_dir,
+        remove_finished_stop_flags,
         remove_other_code_derived,
         remove_stale,
         remove_stale_locks,
@@ -65,6 +70,9 @@ def clean(root):
             amount = f"({size / 1e6:.1f} MB" if size >= 1e6 else f"({size / 1e3:.0f} kB"
             click.echo(f"removed {n} derived entr{'y' if n == 1 else 'ies'} of another loramix source "
                        f"{amount}; {', '.join(kinds)}) from {root}")  # fmt: skip
+        if flags := remove_finished_stop_flags(root):
+            n = len(flags)
+            click.echo(f"removed {n} stop flag{'' if n == 1 else 's'} of killed Ray runs from {root}")
     else:  # the default folder, before any run made it
         click.echo(f"no scenario cache at {root}: nothing to clean")
     if imports := remove_stale_imports():

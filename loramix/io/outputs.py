@@ -160,21 +160,41 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
+def owner_tag() -> str:
+    """This process in a file name: ``<host hash>.<pid>.<start>`` (start 0
+    where unknown), read back by :func:`tag_owner`."""
+    rec = _owner_record("")
+    return f"{_short_hash(rec['host'])}.{rec['pid']}.{rec['start'] or 0}"
+
+
+def tag_owner(tag: str) -> dict | None:
+    """The owner record (:func:`_owner_alive`) an :func:`owner_tag` names, its
+    host None where not this one; None where ``tag`` is not one."""
+    parts = tag.split(".")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    host = socket.gethostname() if parts[0] == _short_hash(socket.gethostname()) else None
+    return {"pid": int(parts[1]), "host": host, "start": None if parts[2] == "0" else parts[2]}
+
+
+def owner_gone(tag: str) -> bool:
+    """Whether ``tag`` (:func:`owner_tag`) names a process of this host that is
+    gone; False where it names another host's, or is no tag."""
+    rec = tag_owner(tag)
+    return rec is not None and not _owner_alive(rec)
+
+
 def temporary_file(path: Path) -> Path:
     """A fresh temporary file name beside ``path`` that says who writes it:
     ``.lmx-<random>.<target hash>.<host hash>.<pid>.<start>.tmp``."""
-    rec = _owner_record(path.name)
-    facts = (_short_hash(path.name), _short_hash(rec["host"]), rec["pid"], rec["start"] or 0)
-    return path.parent / f"{TMP_PREFIX}{secrets.token_hex(4)}.{'.'.join(map(str, facts))}.tmp"
+    return path.parent / f"{TMP_PREFIX}{secrets.token_hex(4)}.{_short_hash(path.name)}.{owner_tag()}.tmp"
 
 
 def _file_owner(name: str) -> tuple[str, dict] | None:
     """``(target hash, owner record)`` of a :func:`temporary_file` name, or None."""
-    parts = name[len(TMP_PREFIX) : -len(".tmp")].split(".") if name.endswith(".tmp") else []
-    if len(parts) != 5 or not parts[3].isdigit():
-        return None
-    host = socket.gethostname() if parts[2] == _short_hash(socket.gethostname()) else None
-    return parts[1], {"pid": int(parts[3]), "host": host, "start": None if parts[4] == "0" else parts[4]}
+    parts = name[len(TMP_PREFIX) : -len(".tmp")].split(".", 2) if name.endswith(".tmp") else []
+    rec = tag_owner(parts[2]) if len(parts) == 3 else None
+    return None if rec is None else (parts[1], rec)
 
 
 def remove_stale_temporaries(folder: str | Path, target: str | None = None) -> list[Path]:

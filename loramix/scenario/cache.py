@@ -167,7 +167,7 @@ class Making:
         try:
             import fcntl
 
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            self.fd = self._open()
         except (ImportError, OSError):
             return self
         t0 = time.perf_counter()
@@ -189,6 +189,17 @@ class Making:
             os.close(self.fd)
             raise
         return self
+
+    def _open(self) -> int:
+        """The lock file, made where missing, and its folder again where a
+        ``cache clean`` removed it, emptied (:func:`remove_other_code_derived`),
+        since the caller made it: the lock was then silently not taken."""
+        for _ in range(3):
+            try:
+                return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except FileNotFoundError:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
 
     def _sign(self) -> None:
         """``"<pid> <host>"`` into the lock file (a waiter's is overwritten)."""
@@ -256,6 +267,28 @@ def remove_stale_locks(root: Path) -> list[Path]:
     return removed
 
 
+#: a Ray run's stop flag in the cache's root: ``.stop-<run key>`` (``executors._stop_flag``)
+STOP_PREFIX = ".stop-"
+
+
+def remove_finished_stop_flags(root: Path) -> list[Path]:
+    """Remove the stop flags (``.stop-<32 hex>.<owner tag>``) of the cache at
+    ``root`` whose run is over: killed while it stopped its Ray tasks (it
+    removes its flag itself otherwise). Over means its process, named by the
+    tag (:func:`~loramix.io.outputs.owner_gone`), is gone from this host; a
+    flag of another host's run, or one without a tag (an older loramix's),
+    is kept. Returns them."""
+    from ..io.outputs import owner_gone
+
+    removed = []
+    for flag in Path(root).glob(f"{STOP_PREFIX}*"):
+        run = flag.name[len(STOP_PREFIX) :].split(".", 1)
+        if len(run) == 2 and flag.is_file() and owner_gone(run[1]):
+            flag.unlink(missing_ok=True)
+            removed.append(flag)
+    return removed
+
+
 def _is_derived(spec) -> bool:
     return isinstance(spec, dict) and spec.keys() == {"inputs", "code"}
 
@@ -269,34 +302,51 @@ def remove_other_code_derived(root: Path) -> list[tuple[Path, int]]:
     can take hours) are never touched, nor an entry whose lock
     (:class:`Making`) another process holds: it is being made again or
     replaced under ``--fresh``. Each goes by a rename into an owned
-    temporary, so a killed clean leaves no half entry."""
+    temporary, so a killed clean leaves no half entry; a kind's folder this
+    emptied goes too (``rmdir``: not one another process has put anything in,
+    a lock file included, meanwhile)."""
     code, removed = source_digest(), []
     for kind in sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []:
-        for entry in sorted(kind.iterdir()):
-            if entry.name.startswith(".") or not entry.is_dir():
-                continue  # a temporary or a lock file
+        before = len(removed)
+        writable = _remove_other_code_entries(kind, code, removed)
+        if len(removed) > before:
             try:
-                spec = json.loads((entry / MARKER).read_text()).get("spec")
-            except (OSError, ValueError, AttributeError):
-                continue  # no marker: not an entry this removes
-            if not _is_derived(spec) or spec["code"] == code:
-                continue
-            with Making(entry, wait=False) as lock:
-                if lock.busy:
-                    continue
-                size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
-                try:
-                    owned = new_temporary(kind, entry.name)
-                except OSError:  # a read-only cache: nothing can go
-                    return removed
-                try:
-                    os.replace(entry, owned / PAYLOAD)
-                    removed.append((entry, size))
-                except OSError:
-                    pass  # gone meanwhile
-                finally:
-                    remove_temporary(owned)
+                kind.rmdir()
+            except OSError:
+                pass  # not empty: this code's entries, artifacts, or another process's lock
+        if not writable:  # a read-only cache: nothing can go
+            break
     return removed
+
+
+def _remove_other_code_entries(kind: Path, code: str, removed: list) -> bool:
+    """:func:`remove_other_code_derived` in the folder ``kind``, appending to
+    ``removed``; False where the cache cannot be written."""
+    for entry in sorted(kind.iterdir()):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue  # a temporary or a lock file
+        try:
+            spec = json.loads((entry / MARKER).read_text()).get("spec")
+        except (OSError, ValueError, AttributeError):
+            continue  # no marker: not an entry this removes
+        if not _is_derived(spec) or spec["code"] == code:
+            continue
+        with Making(entry, wait=False) as lock:
+            if lock.busy:
+                continue
+            size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            try:
+                owned = new_temporary(kind, entry.name)
+            except OSError:
+                return False
+            try:
+                os.replace(entry, owned / PAYLOAD)
+                removed.append((entry, size))
+            except OSError:
+                pass  # gone meanwhile
+            finally:
+                remove_temporary(owned)
+    return True
 
 
 def is_cached(root: str | os.PathLike, kind: str, key: str) -> bool:

@@ -401,10 +401,23 @@ STOP_POLL_SECONDS = 0.2
 
 def _stop_flag(cache_root, run: str):
     """The file whose existence tells a run's Ray tasks to stop (:func:`_stop_tasks`):
-    in the cache folder, which the nodes share."""
+    in the cache folder, which the nodes share. ``run`` (:func:`_run_key`) ends with
+    its process's :func:`~loramix.io.outputs.owner_tag`, so that the flag of a run
+    killed while stopping is known for over (:func:`~.cache.remove_finished_stop_flags`)."""
     from pathlib import Path
 
-    return Path(cache_root) / f".stop-{run}"
+    from .cache import STOP_PREFIX
+
+    return Path(cache_root) / f"{STOP_PREFIX}{run}"
+
+
+def _run_key() -> str:
+    """A Ray run's key: ``<32 hex>.<owner tag>`` (:func:`_stop_flag`)."""
+    import uuid
+
+    from ..io.outputs import owner_tag
+
+    return f"{uuid.uuid4().hex}.{owner_tag()}"
 
 
 @contextmanager
@@ -555,9 +568,7 @@ class RayExecutor:
         per = threads_per_job(self.threads, self.jobs)
         gpu = 1 if str(ctx.device).startswith("cuda") else 0
         task = ray.remote(num_cpus=per, num_gpus=gpu, max_retries=0)(_ray_run)
-        import uuid
-
-        run = uuid.uuid4().hex  # one context per run and worker
+        run = _run_key()  # one context per run and worker
         payload = ray.put({**ctx.payload(), "run": run})
 
         in_flight: set = set()  # the tasks submitted and not yet seen finished
