@@ -40,9 +40,9 @@ def clean(root):
     $LORAMIX_CACHE_DIR/bases, and those of killed writers in
     $LORAMIX_CACHE_DIR's sha256/, layouts/, native/ and prefix/ (their
     process is gone on this host; another host's are kept). Also removes
-    the scenario cache's validations and figures made by another version of
-    loramix's source, which this one never reads (that version, run again,
-    redoes them in seconds); never an artifact (data, adapters, merges,
+    the scenario cache's validations, figures and report tables made by
+    another version of loramix's source, which this one never reads (that
+    version, run again, redoes them in seconds); never an artifact (data, adapters, merges,
     evaluations), which keeps across code changes. And the stop flags of
     Ray runs killed while stopping (their process is gone on this host)."""
     from pathlib import Path

@@ -30,10 +30,11 @@ that a second run trained nothing. A hit's seconds are 0, or the time it
 waited for another process to make it; a miss's, the time its ``make`` took.
 
 A result derived from cached ones by loramix alone (the predictors'
-validation, a figure of the report: :meth:`Cache.derived`) is cached too,
-keyed by the digest of its inputs and of loramix's source
-(:func:`source_digest`), so that a rerun of a finished study recomputes
-nothing, and a changed input or a changed line of loramix redoes it.
+validation, a figure of the report, its per-domain tables:
+:meth:`Cache.derived`) is cached too, keyed by the digest of its inputs and
+of loramix's source (:func:`source_digest`), so that a rerun of a finished
+study recomputes nothing, and a changed input or a changed line of loramix
+redoes it.
 
 The root defaults to ``$LORAMIX_CACHE`` when set, else ``.loramix-cache/`` in
 the current folder.
