@@ -72,7 +72,9 @@ def command(adapters, fmt, per_module, plot, base, device, force) -> None:
     # costs more than it gives (measured on 2 busy cores: 10 adapters 1.6 s with
     # one thread, 3.9-9 s with two; 100 adapters 8.6 s against 42 s). Larger
     # banks keep BLAS's own choice; OPENBLAS_NUM_THREADS overrides either way.
-    if len(adapters) < 200:
+    from ..blas import ONE_THREAD_BELOW
+
+    if len(adapters) < ONE_THREAD_BELOW:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from ..errors import OutputError, UsageError
     from ..io.outputs import resolved
