@@ -178,34 +178,10 @@ def evaluate(
     context).
     """
     from .data import check_prompt
-    from .devices import is_cpu, resolve_device
+    from .devices import resolve_device
 
-    if isinstance(data, (str, os.PathLike)):
-        data = [data]
-    data = list(data)
-    if not data:
-        raise UsageError("--data", "no data to evaluate on")
-    if isinstance(adapters, (str, os.PathLike)) or hasattr(adapters, "modules"):
-        adapters = [adapters]
-    adapters = list(adapters)
-    if merged and not adapters:
-        raise UsageError("--merged", "needs at least one --adapter")
-    check_prompt(prompt)
-    is_cpu(device)  # a bad --device is refused first, told without torch where it can be
-    # Read and check all data before loading models: bad files fail fast (and before torch loads).
-    sets = _read_sets(data, limit, fields or {})
-    # Likewise the paths, in the order they are loaded in: a mistyped adapter or base is refused without
-    # torch; what needs transformers (the base's model type) is checked when it loads.
-    from .io.peft_layout import check_adapter_paths
-    from .models import check_dtype_name, read_model_config
-
-    check_adapter_paths(adapters)
-    cfg = read_model_config(base)[1] if isinstance(base, (str, os.PathLike)) else None
-    check_dtype_name(dtype)
-    if cfg is not None:  # a --top-layers out of config.json's blocks, before torch
-        from .archs import check_top_layers
-
-        check_top_layers(cfg, top_layers)
+    sets, adapters = _checked_inputs(base, adapters, merged=merged, data=data, limit=limit, device=device,
+                                     fields=fields, dtype=dtype, top_layers=top_layers, prompt=prompt)  # fmt: skip
     dev = resolve_device(device)
     was_training = isinstance(base, (tuple, list)) and base[0].training
     model, tok, lent = _model_with_adapters(base, adapters, weights, merged=merged, dev=dev, dtype=dtype,
@@ -226,6 +202,41 @@ def evaluate(
             detach(model)
         if isinstance(base, (tuple, list)) and model is base[0]:
             model.train(was_training)  # and its mode
+
+
+def _checked_inputs(base, adapters, *, merged, data, limit, device, fields, dtype, top_layers, prompt):
+    """``(sets, adapters)``: :func:`evaluate`'s arguments checked, and its data
+    read, before any model loads: a bad file or option fails fast, without
+    torch where it can be told without it."""
+    from .data import check_prompt
+    from .devices import is_cpu
+
+    if isinstance(data, (str, os.PathLike)):
+        data = [data]
+    data = list(data)
+    if not data:
+        raise UsageError("--data", "no data to evaluate on")
+    if isinstance(adapters, (str, os.PathLike)) or hasattr(adapters, "modules"):
+        adapters = [adapters]
+    adapters = list(adapters)
+    if merged and not adapters:
+        raise UsageError("--merged", "needs at least one --adapter")
+    check_prompt(prompt)
+    is_cpu(device)  # a bad --device is refused first, told without torch where it can be
+    sets = _read_sets(data, limit, fields or {})
+    # the paths in the order they are loaded in; what needs transformers (the base's model type)
+    # is checked when it loads
+    from .io.peft_layout import check_adapter_paths
+    from .models import check_dtype_name, read_model_config
+
+    check_adapter_paths(adapters)
+    cfg = read_model_config(base)[1] if isinstance(base, (str, os.PathLike)) else None
+    check_dtype_name(dtype)
+    if cfg is not None:  # a --top-layers out of config.json's blocks, before torch
+        from .archs import check_top_layers
+
+        check_top_layers(cfg, top_layers)
+    return sets, adapters
 
 
 def _read_sets(data: list, limit: int | None, fields: dict) -> list[tuple[str, list]]:
