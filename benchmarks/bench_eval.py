@@ -50,8 +50,12 @@ random rank-8 LoRA adapter on the top 2 blocks evaluated from the base held
 in memory, ``evaluate((model, tokenizer), adapters=..., top_layers=2)``, on
 4 records of each of those domains at ``max_len`` 64, ``batch`` 8 (the
 settings of ``scenarios/real-14-domains.toml``), the prefix computed by a
-first call: CPU seconds per evaluation, the best of ``--repeat`` + 2, and the
-fraction of the positions the forward computes that are padding.
+first call: CPU seconds per evaluation, the best of ``--repeat`` + 2, as the
+study runs it (the base lent to the evaluation, its prefix digest remembered,
+:func:`loramix.prefix.remembering_digests`) against the anchor, what it did
+before: a copy of the base per evaluation, its prefix hashed each time
+(interleaved); and the fraction of the positions the forward computes that
+are padding.
 
 Prints markdown tables. On a shared machine the figures are preliminary.
 """
@@ -243,6 +247,7 @@ def _cpu() -> float:
 
 def first_run_rows(base, model, tok, args) -> None:
     """The cold ``loramix eval`` process and a study's evaluation step (module docstring)."""
+    import copy
     import os
     import sys
     import tempfile
@@ -252,7 +257,7 @@ def first_run_rows(base, model, tok, args) -> None:
 
     from loramix.adapter import LORA, Adapter, ModuleDelta
     from loramix.perplexity import evaluate
-    from loramix.prefix import layer_of, split_point
+    from loramix.prefix import layer_of, remembering_digests, split_point
 
     files = [SHARED / "data" / f"{d}.jsonl" for d in ("math", "medicine")]
     if not all(f.exists() for f in files):
@@ -282,14 +287,27 @@ def first_run_rows(base, model, tok, args) -> None:
     ad = Adapter(name="random", kind=LORA, modules=mods)
     kw = dict(adapters=[ad], data=files, limit=4, max_len=64, batch_size=8, device="cpu", top_layers=2)
     evaluate((model, tok), **kw)  # the prefix, once per data set
-    times = []
-    for _ in range(args.repeat + 2):
-        t = _cpu()
-        evaluate((model, tok), **kw)
-        times.append(_cpu() - t)
+
+    def study():  # as evaluate_on_splits runs it: the base lent, its prefix digest remembered
+        with remembering_digests():
+            evaluate((model, tok), **kw)
+
+    def copied():  # the anchor, what a study did before: a copy of the base, its prefix hashed each time
+        evaluate((copy.deepcopy(model), tok), **kw)
+
+    times = {"study": [], "copied": []}
+    for _ in range(args.repeat + 2):  # interleaved
+        for name, f in (("study", study), ("copied", copied)):
+            t = _cpu()
+            f()
+            times[name].append(_cpu() - t)
+    new, old = min(times["study"]), min(times["copied"])
     print(f"\n### A study's evaluation step: an adapter on the top 2 blocks, base in memory\n\n4 + 4 records, "
-          f"max_len 64, batch 8, prefix cached; padding {_padding(tok, files, 4, 64, 8):.1%}\n")  # fmt: skip
-    print(f"| CPU s per evaluation (best of {len(times)}) |\n| ---: |\n| {min(times):.3f} |")
+          f"max_len 64, batch 8, prefix cached; padding {_padding(tok, files, 4, 64, 8):.1%}; CPU s per "
+          f"evaluation, best of {len(times['study'])} interleaved\n")  # fmt: skip
+    print("| way | CPU s | vs copy + hash |\n| --- | ---: | ---: |")
+    print(f"| copy of the base, prefix hashed (anchor) | {old:.3f} | 1.00x |")
+    print(f"| base lent, prefix digest remembered (study) | {new:.3f} | {old / new:.2f}x |")
 
 
 def main() -> None:
