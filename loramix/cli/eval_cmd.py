@@ -40,7 +40,8 @@ from .threads import threads_option
 @click.option(
     "--dtype",
     default=None,
-    help="Load the base in this dtype (float32, bfloat16, float16, auto: the checkpoint's; default float32).",
+    help="Load the base in this dtype (float32, bfloat16, float16, auto: the checkpoint's; default float32). "
+    "bfloat16/float16 halve memory; they are faster only on a GPU or a CPU with bf16/fp16 arithmetic.",
 )
 @format_option
 @progress_option
