@@ -64,10 +64,32 @@ def _old_sections(path: Path) -> dict[str, str]:
     return {p[3:].split(" ", 1)[0]: p.rstrip() + "\n" for p in parts}
 
 
+def cpu_detail() -> str:
+    """What tells CPUs with the same model name apart (an "AMD EPYC" is a Zen 3 or a Zen 5):
+    ``family F model M``, and whether it has AVX-512 and bf16 arithmetic, which set both
+    the speed and the float rounding of torch's kernels."""
+    facts, flags = {}, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("cpu family", "model") and key not in facts:
+                facts[key] = value.strip()
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        return "CPU details unknown"
+    has = [name for name, flag in (("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_bf16"))
+           if flag in flags]  # fmt: skip
+    return f"family {facts.get('cpu family', '?')} model {facts.get('model', '?')}, " + (
+        ", ".join(has) if has else "no AVX-512"
+    )
+
+
 def machine() -> str:
     from loramix.environment import cpu_name
 
-    cpu = cpu_name()
+    cpu = f"{cpu_name()} ({cpu_detail()})"
     try:
         mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
         mem = f"{mem_kb / 2**20:.0f} GiB"
@@ -106,7 +128,8 @@ def main() -> int:
         cmd = " ".join([f"benchmarks/{script}", *extra])
         sections[name] = (
             f"## {name} (issue {issue}): `python {cmd}`\n\n"
-            f"Ran {when:%Y-%m-%d %H:%M} UTC for {took:.0f} s, load average {load:.1f} at start.\n\n{body}\n"
+            f"Ran {when:%Y-%m-%d %H:%M} UTC for {took:.0f} s on {cpu_detail()}, load average {load:.1f} "
+            f"at start.\n\n{body}\n"
         )
         print(body, file=sys.stderr)
     header = (
