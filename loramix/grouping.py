@@ -282,12 +282,9 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
     # every predictor the costs read: (its merge method, None for the primary; its name; its fit)
     predictors = [(None, fitfile["best"], fit)] if fit else []
     predictors += [(m, fitfile["by_method"][m]["best"], f) for m, f in methods.items()]
-    # coverage, without a fit: the pairs that share no module (CostModel._cosines)
-    needed = (
-        {f.split(":")[0] for _, _, fi in predictors for f in fit_features(fi)}
-        if fit
-        else {"rms_cosine", "coverage"}
-    )
+    # coverage: the pairs that share no module (CostModel._cosines; predict's note where a fit reads a cosine)
+    needed = {f.split(":")[0] for _, _, fi in predictors for f in fit_features(fi)} if fit else {"rms_cosine"}
+    needed.add("coverage")
     aware = _data_aware(needed)
     unknown = sorted(needed - set(registry()))
     if unknown:

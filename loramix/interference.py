@@ -7,8 +7,9 @@ A scenario run fits, per adapter kind and merge method, the line
 over its compositions (``fit.json``; :mod:`loramix.fit`). For new
 adapters ``A, B, ...`` (no training, no evaluation) loramix computes their
 pairwise RMS cosines (exact, from the factors; D2-LoRA on the signed residual,
-as the runner does) and the composition's cosine exactly as the runner does,
-:func:`loramix.fit.composition_cosine`::
+as the runner does; 0 for a pair that adapts no module in common, as ``loramix
+plan`` counts it, with a note) and the composition's cosine exactly as the
+runner does, :func:`loramix.fit.composition_cosine`::
 
     cos_C = sqrt( mean_{i<j} rms_ij^2 )       (= rms_AB for two adapters)
 
@@ -71,8 +72,11 @@ def predict_validated(
     validated one), ``predicted``, ``interval`` (low, high or None),
     ``level``, ``validated`` (the predictor's held-out n, r, R^2, MAE and
     coverage), ``mean_mae`` (the mean's held-out MAE), ``beats_mean``,
-    ``features`` (the composition's values of the features it reads) and
-    ``warnings``. ``merge_method``: the prediction for that merge method, from
+    ``features`` (the composition's values of the features it reads),
+    ``warnings`` and ``notes`` (where it reads ``rms_cosine`` or
+    ``mean_cosine``: the pairs that adapt no module in common, whose cosine
+    counts 0). A composition with no value of a feature the predictor reads
+    (docs/predictors.md, missing values) is refused in one line. ``merge_method``: the prediction for that merge method, from
     the file's ``by_method`` (what ``loramix plan`` quotes for a group it merges
     by that method); None: the file's primary predictor. ``tokens``,
     ``max_len``: the calibration recipe of the data-aware features; None: the
@@ -110,9 +114,14 @@ def predict_validated(
     fit = fitfile["fits"][fitfile["best"]]
     features = {f: model.features.composition(f, members) for f in fit_features(fit)}
     if not math.isfinite(y):
-        bad = [f for f, v in features.items() if not math.isfinite(v)]
-        raise UsageError("predict", f"the composition has no value of {', '.join(bad) or 'its features'} "
-                         "(no pair of adapters shares a module with a nonzero delta): no prediction")  # fmt: skip
+        bad = [f for f, v in features.items() if not math.isfinite(v)] or list(features)
+        raise UsageError("predict", f"the composition has no value of {bad[0]} ({no_value_reason(bad[0])}): "
+                         "no prediction (docs/predictors.md, missing values)")  # fmt: skip
+    from .features.cosine import ZERO_WHEN_DISJOINT
+
+    notes = []
+    if any(f in ZERO_WHEN_DISJOINT for f in features):
+        notes = disjoint_notes(model.features.names, model.features.matrices["coverage"])
     far = extrapolation(fit, features)
     if far is not None:
         warnings.append(far)
@@ -126,8 +135,35 @@ def predict_validated(
         "level": fitfile["level"], "validated": validated, "mean_mae": rows.get("mean", {}).get("mae"),
         "beats_mean": bool(fitfile.get("beats_mean")), "file": str(path), "scenario": fitfile.get("scenario"),
         "features": features, "extrapolation": far is not None,
-        "warnings": warnings,
+        "warnings": warnings, "notes": notes,
     }  # fmt: skip
+
+
+def disjoint_notes(names: list[str], coverage) -> list[str]:
+    """One line, or none, naming the pairs of ``names`` that adapt no module in
+    common (``coverage`` (N, N) is 0) and why their cosine counts 0."""
+    import numpy as np
+
+    cov = np.asarray(coverage, dtype=float)
+    pairs = [f"{names[i]}+{names[j]}" for i in range(len(names)) for j in range(i + 1, len(names))
+             if cov[i, j] == 0]  # fmt: skip
+    if not pairs:
+        return []
+    return [f"{', '.join(pairs)} adapt no module in common: their cosine counts 0, as in loramix plan "
+            "(their deltas touch disjoint weights, so they are orthogonal over all parameters)"]  # fmt: skip
+
+
+def no_value_reason(feature: str) -> str:
+    """Why a composition can have no value of ``feature`` (a matrix name): what
+    its pairs lack (docs/predictors.md, missing values)."""
+    family, _, part = feature.partition(":")
+    if family.startswith("type_"):
+        return f"no pair of the adapters adapts a {part} module in common"
+    if family.startswith("band_"):
+        return f"no pair of the adapters adapts a module in the {part} band of layers in common"
+    if family == "norm_ratio":
+        return "an adapter's delta is zero"
+    return "no pair of the adapters shares a module with a nonzero delta"
 
 
 def _composition(adapters_or_paths, load=None) -> list:
@@ -262,7 +298,8 @@ def predict(
     ``cosine`` (the composition's), ``pairwise`` (pair -> RMS cosine),
     ``predicted_delta_ppl_pct``, ``interval`` (low, high or None),
     ``level``, ``loo_rmse``, ``residual_se``, ``extrapolation``, the
-    study's ``label`` and the fit used.
+    study's ``label``, the fit used and ``notes`` (the pairs that adapt no
+    module in common: their cosine counts 0, as in ``loramix plan``).
     """
     if not isinstance(fit, dict) and is_predictors_file(fit):
         # every argument reaches it or is refused: merge_method dropped here gave the primary
@@ -284,6 +321,8 @@ def predict(
 def _predict_line(adapters_or_paths, fit, merge_method: str, level, device, label) -> dict:
     """:func:`predict` from a ``fit.json`` (path or dict): the RMS-cosine line of
     the adapters' study, at the composition's cosine."""
+    import numpy as np
+
     from .devices import is_cpu
     from .fit import LinearFit, composition_cosine
 
@@ -315,9 +354,11 @@ def _predict_line(adapters_or_paths, fit, merge_method: str, level, device, labe
     warn_null_targets(adapters, FEATURES_READ_ALL)  # before similarity's, which would say "give the base"
     sim = similarity(adapters, progress=False, device=device)
     names = list(sim.names)
-    rms = sim.rms.loc[names, names].to_numpy(dtype=float)
+    coverage = sim.coverage.loc[names, names].to_numpy(dtype=float)
+    # a pair with no module in common counts 0, as in plan and the rms_cosine feature (features/cosine.py)
+    rms = np.where(coverage == 0, 0.0, sim.rms.loc[names, names].to_numpy(dtype=float))
     cos = composition_cosine(rms, list(range(len(names))))
-    if cos != cos:  # NaN: no shared module with a cosine
+    if cos != cos:  # NaN: the modules the adapters share have a zero delta in one of them
         raise UsageError("predict", "the adapters share no module with a nonzero delta: no cosine")
     level = float(level if level is not None else fit.get("prediction_level", 0.95))
     if not 0 < level < 1:
@@ -353,6 +394,7 @@ def _predict_line(adapters_or_paths, fit, merge_method: str, level, device, labe
         "extrapolation": not (lo <= cos <= hi) or size_far,
         "fitted_range": [lo, hi],
         "fitted_sizes": sizes,
+        "notes": disjoint_notes(names, coverage),
         "fit": {
             "file": fit_path,
             "scenario": fit.get("scenario"),

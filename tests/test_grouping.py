@@ -477,14 +477,25 @@ def test_predict_method_gives_the_number_plan_quotes(bank, similar_merge_well, t
 
 
 def test_predict_without_a_feature_value_is_refused(bank, similar_merge_well, tmp_path, capsys):
-    """Two adapters sharing no module: no RMS cosine; ``predict`` with a predictors file
-    printed ``predicted interference: +nan`` and exit 0 (with a fit.json it is refused)."""
+    """Two adapters whose shared modules have a zero delta in one: no RMS cosine
+    (0/0); ``predict`` with a predictors file printed ``predicted interference:
+    +nan`` and exit 0. Two sharing no module have one, 0 (docs/predictors.md,
+    missing values): predicted as plan costs them, with a note."""
     paths, _ = bank
     fit, _ = similar_merge_well
     gen = torch.Generator().manual_seed(3)
+    zero = save_peft_adapter(tmp_path / "zero", {m: (torch.zeros(DIM, 2), torch.randn(2, DIM, generator=gen))
+                                                 for m in MODULES})  # fmt: skip
+    err = _one_line_error(capsys, ["predict", paths[0], str(zero), "--fit", str(fit)], "no prediction")
+    assert "no value of rms_cosine (no pair of the adapters shares a module with a nonzero delta)" in err
     other = save_peft_adapter(tmp_path / "mlp", {f"model.layers.{k}.mlp.down_proj": (
         torch.randn(DIM, 2, generator=gen), torch.randn(2, DIM, generator=gen)) for k in range(2)})  # fmt: skip
-    _one_line_error(capsys, ["predict", paths[0], str(other), "--fit", str(fit)], "no prediction")
+    assert main(["predict", paths[0], str(other), "--fit", str(fit), "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    r = json.loads(out)
+    assert r["features"] == {"rms_cosine": 0.0} and "adapt no module in common" in err
+    g = plan([paths[0], str(other)], fit=fit, budget=1e9).groups
+    assert len(g) == 1 and g[0]["cost"] == pytest.approx(r["predicted"], rel=1e-12)
 
 
 def test_the_plan_does_not_depend_on_the_order_of_the_adapters():

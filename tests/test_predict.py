@@ -287,7 +287,8 @@ def test_predict_json_is_standard_json_where_a_pair_shares_no_module(adapters, f
         raise ValueError(f"not JSON: {c}")
 
     out = json.loads(capsys.readouterr().out, parse_constant=strict)
-    assert rc == 0 and out["pairwise"]["e+f"] is None
+    # e and f adapt no module in common: their cosine counts 0, as in plan (no longer null)
+    assert rc == 0 and out["pairwise"]["e+f"] == 0.0
     assert out["pairwise"]["a+e"] > 0 and math.isfinite(out["predicted_delta_ppl_pct"])
 
 
@@ -444,3 +445,51 @@ def test_data_for_predictors_that_read_none_neither_loads_torch_nor_changes_a_fi
             assert r.stderr.splitlines()[-1] == "False", (command, extra, r.stderr)
             outputs.append(r.stdout)
         assert outputs[0] == outputs[1] and outputs[0].startswith("{"), command
+
+
+def test_predict_counts_a_pair_with_no_module_in_common_as_plan_does(tmp_path, capsys):
+    """Two real adapters on disjoint modules (c_fc, c_attn): their deltas are
+    orthogonal over all parameters, and plan counts their cosine 0; predict
+    refused them ("no cosine") with a fit.json and with a predictors file read
+    by rms_cosine. Now both predict at cosine 0 with one note, plan with the
+    same predictors file costs the pair the same, and a predictor reading a
+    feature with no value (a per-type cosine) is still refused in one line."""
+    from loramix.errors import UsageError
+    from loramix.grouping import plan
+    from loramix.interference import predict
+
+    model = tiny_gpt2()
+    e = make_peft_adapter(model, tmp_path / "e", seed=7, r=2, target_modules=["c_fc"])
+    f = make_peft_adapter(model, tmp_path / "f", seed=8, r=2, target_modules=["c_attn"])
+    x, y = _data(n=5, seed=1)
+    lf = fit_line(x, y)
+    line = tmp_path / "fit.json"
+    line.write_text(json.dumps({"fits": [{"adapter_method": "lora", "merge_method": "sum", **lf.to_dict()}]}))
+    r = predict([e, f], line)
+    assert r["cosine"] == 0.0 and r["pairwise"] == {"e+f": 0.0}
+    assert r["predicted_delta_ppl_pct"] == pytest.approx(lf.intercept, rel=1e-12)
+    assert len(r["notes"]) == 1 and "e+f adapt no module in common" in r["notes"][0]
+    assert main(["predict", str(e), str(f), "--fit", str(line)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("loramix: note: e+f adapt no module in common")
+
+    qs = json.loads(
+        (Path(__file__).resolve().parents[1] / "reports" / "quickstart" / "predictors.json").read_text()
+    )
+    for best in ("ols:rms_cosine", "ols:mean_cosine"):
+        p = tmp_path / f"{best}.json"
+        p.write_text(json.dumps({**qs, "best": best, "by_method": None}))
+        v = predict([e, f], p)
+        fit = qs["fits"][best]
+        assert v["features"] == {best[4:]: 0.0} and v["predicted"] == pytest.approx(
+            fit["intercept"], rel=1e-12
+        )
+        assert len(v["notes"]) == 1 and "e+f" in v["notes"][0]
+        g = plan([e, f], fit=p, budget=1e9).groups
+        assert len(g) == 1 and g[0]["cost"] == pytest.approx(v["predicted"], rel=1e-12)
+    p = tmp_path / "type.json"
+    p.write_text(json.dumps({**qs, "best": "ols:type_rms_cosine:mlp.c_fc", "by_method": None}))
+    with pytest.raises(
+        UsageError, match="reads type_rms_cosine:mlp.c_fc, which these adapters have no value"
+    ):
+        predict([e, f], p)

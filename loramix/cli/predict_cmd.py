@@ -46,6 +46,8 @@ def command(adapters, fit_path, merge_method, label, level, data, base, tokens, 
     # loramix.predict checks and passes on every option, so a notebook gets what this command prints
     r = predict(list(adapters), fit_path, merge_method=merge_method, level=level, label=label,
                 data=list(data) or None, base=base, tokens=tokens, max_len=max_len, progress=True)  # fmt: skip
+    for n in r["notes"]:
+        click.echo(f"loramix: note: {n}", err=True)
     if is_predictors_file(fit_path):
         for w in r["warnings"]:
             click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
