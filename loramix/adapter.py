@@ -53,7 +53,9 @@ class ModuleDelta:
     # D2-LoRA only: the negative branch, its weight and the projection axis.
     B_neg: torch.Tensor | None = None  # (out, r)
     A_neg: torch.Tensor | None = None  # (r, in)
-    tau: float = 0.0
+    #: None: the kind's default, D2-LoRA's ``tau`` option (``D2_TAU``, 0.5, as for a
+    #: file without ``tau``) for a D2 module, 0.0 (unused) for any other kind
+    tau: float | None = None
     norm_dim: int = 1
     eps: float = 1e-8
     #: the adapter kind (a name or a kind object); by default D2-LoRA when a
@@ -65,6 +67,8 @@ class ModuleDelta:
 
     def __post_init__(self):
         self.kind = get_kind(self.kind if self.kind is not None else (LORA if self.B_neg is None else D2LORA))
+        if self.tau is None:
+            self.tau = float(self.kind.options.get("tau", 0.0))  # the kind's: D2_TAU for D2-LoRA
 
     def __repr__(self) -> str:
         # shapes, not values: a notebook echoes the object, and torch's repr of

@@ -171,3 +171,41 @@ def test_effective_delta_in_place_has_the_bits_of_the_formula(norm_dim):
     W0g = W0.double().requires_grad_()
     m.delta(W0g).sum().backward()
     assert W0g.grad is not None
+
+
+def test_a_d2_module_built_by_hand_takes_the_tau_of_a_file_without_one(tmp_path):
+    """``ModuleDelta`` and ``NpModule`` defaulted ``tau`` to 0.0, where a D2
+    file whose config has no ``tau``, the kind and training use 0.5: a D2
+    module built in Python without ``tau`` dropped its negative branch. Now all
+    take the kind's 0.5 (``D2_TAU``); a LoRA module keeps 0.0, unused."""
+    import numpy as np
+
+    from loramix.adapter import ModuleDelta
+    from loramix.io.formats.d2 import save_d2_adapter
+    from loramix.io.np_factors import NpModule, load_np_adapter
+    from loramix.kinds import D2LORA as KIND
+
+    g = torch.Generator().manual_seed(9)
+    o, i, r = 12, 10, 2
+    t = [torch.randn(o, r, generator=g), torch.randn(r, i, generator=g)] * 2
+    t[2], t[3] = torch.randn(o, r, generator=g), torch.randn(r, i, generator=g)
+    name = "model.layers.0.self_attn.q_proj"
+    m = ModuleDelta(name=name, B=t[0], A=t[1], B_neg=t[2], A_neg=t[3], scale=2.0, alpha=4.0)
+    npm = NpModule(name, *(x.numpy() for x in t[:2]), 2.0, 4.0, *(x.numpy() for x in t[2:]))
+    assert m.tau == npm.tau == KIND.options["tau"] == 0.5
+    from loramix.io.peft_layout import D2_TAU  # the one default, new
+
+    assert D2_TAU == 0.5
+    lora = ModuleDelta(name=name, B=t[0], A=t[1], scale=2.0, alpha=4.0)
+    assert lora.tau == 0.0 and NpModule(name, t[0].numpy(), t[1].numpy(), 2.0, 4.0).tau == 0.0
+    out = save_d2_adapter(tmp_path / "d2", {name: m}, r=r, lora_alpha=4.0, tau=0.5)
+    cfg_path = out / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["tau"]
+    cfg_path.write_text(json.dumps(cfg))
+    by_file, by_np = load_adapter(out).modules[name], load_np_adapter(out).modules[name]
+    assert by_file.tau == by_np.tau == 0.5
+    ref = by_file.residual()
+    assert torch.equal(m.residual(), ref)
+    Bf, Af = npm.factors()
+    np.testing.assert_allclose(Bf @ Af, ref.numpy(), rtol=1e-12, atol=1e-12)

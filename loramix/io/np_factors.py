@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import AdapterError
 from .peft_layout import (
     BASE_COPY,
+    D2_TAU,
     D2LORA,
     EMBEDDING_PARTS,
     LORA,
@@ -48,9 +49,13 @@ class NpModule:
     alpha: float
     B_neg: np.ndarray | None = None
     A_neg: np.ndarray | None = None
-    tau: float = 0.0
+    tau: float | None = None  # None: D2_TAU for a D2 module (as ModuleDelta), 0.0 otherwise
     norm_dim: int = 1
     eps: float = 1e-8
+
+    def __post_init__(self):
+        if self.tau is None:
+            self.tau = D2_TAU if self.B_neg is not None else 0.0
 
     @property
     def kind(self) -> str:

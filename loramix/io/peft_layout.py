@@ -32,6 +32,10 @@ from .config_schema import FLOAT32_MAX, FLOAT32_TINY
 # The kinds, as loramix.adapter names them (LORA, D2LORA).
 LORA, D2LORA = "lora", "d2lora"
 
+#: D2-LoRA's ``tau`` where none is given: a file's config without it, the kind's
+#: option, training, and a module built by hand (``ModuleDelta``, ``NpModule``)
+D2_TAU = 0.5
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -612,7 +616,7 @@ def module_factors(raw: dict[str, dict], method: str, config: dict, cfg_path: Pa
             kw.update(
                 B_neg=fs[("B", "neg")],
                 A_neg=fs[("A", "neg")],
-                tau=float(config.get("tau", 0.5)),
+                tau=float(config.get("tau", D2_TAU)),
                 norm_dim=int(config.get("norm_dim", 1)),
                 eps=float(config.get("eps", 1e-8)),
             )

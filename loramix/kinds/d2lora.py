@@ -17,6 +17,7 @@ from torch import nn
 
 from ..d2lora import d2_effective_delta, d2_merged_weight, d2_norm_scale, d2_signed_factors
 from ..errors import UsageError
+from ..io.peft_layout import D2_TAU
 from .base import AdapterKind, AttachTerms, TrainableLayer, check_rank, kaiming_, layout_extra, missing_part
 
 
@@ -30,6 +31,7 @@ class D2LoraKind(AdapterKind):
         "lora_A_neg": ("A", "neg"),
         "lora_B_neg": ("B", "neg"),
     }
+    # literals: the CLI reads the kinds' files without importing them (discovery.declared); tau is D2_TAU
     options = {"tau": 0.5, "norm_dim": 1, "eps": 1e-8}
     needs_base = True
 
@@ -89,7 +91,7 @@ class D2LoraKind(AdapterKind):
             )
         return ModuleDelta(
             name=name, B=B, A=A, scale=scale, alpha=alpha, B_neg=Bn, A_neg=An, kind=self,
-            tau=float(config.get("tau", 0.5)), norm_dim=int(config.get("norm_dim", 1)),
+            tau=float(config.get("tau", D2_TAU)), norm_dim=int(config.get("norm_dim", 1)),
             eps=float(config.get("eps", 1e-8)),
         )  # fmt: skip
 
@@ -139,7 +141,7 @@ class D2LoraLinear(TrainableLayer):
         rank: int,
         alpha: float,
         *,
-        tau: float = 0.5,
+        tau: float = D2_TAU,
         norm_dim: int = 1,
         eps: float = 1e-8,
         generator: torch.Generator | None = None,
