@@ -1975,6 +1975,30 @@ def test_cache_clean_removes_the_stop_flags_of_killed_runs(tmp_path, capsys):
     assert not dead.exists() and all(f.exists() for f in kept)
 
 
+def test_cache_clean_removes_old_stop_flags_that_name_no_process_here(tmp_path, capsys):
+    """A stop flag of an older loramix (``.stop-<32 hex>``, no owner tag) or of
+    another host's run names no process this host can check: ``cache clean``
+    kept it for ever. A run reads its flag only in the seconds it stops, so one
+    over a day old is over and goes; a fresh one, this process's (however
+    old), and a file that is no run's flag stay."""
+    from loramix.scenario.executors import _run_key, _stop_flag
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    other_host = f"{'1' * 32}.{'0' * 8}.4242.17"
+    old = [_stop_flag(root, "a" * 32), _stop_flag(root, other_host)]
+    fresh = [_stop_flag(root, "b" * 32), _stop_flag(root, other_host.replace("1", "2", 32))]
+    mine, other = _stop_flag(root, _run_key()), root / ".stop-notes"
+    then = time.time() - 25 * 3600  # over a day old
+    for f in [*old, *fresh, mine, other]:
+        f.touch()
+    for f in (*old, mine, other):
+        os.utime(f, (then, then))
+    rc, out, err = cli(capsys, "cache", "clean", "--dir", root)
+    assert rc == 0 and f"removed 2 stop flags of killed Ray runs from {root}" in out.splitlines(), (out, err)
+    assert not any(f.exists() for f in old) and all(f.exists() for f in (*fresh, mine, other))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("signum, says", [(signal.SIGKILL, "was killed by SIGKILL"),
                                           (signal.SIGTERM, "was terminated (SIGTERM)")])  # fmt: skip

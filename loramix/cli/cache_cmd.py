@@ -17,7 +17,9 @@ made, which this code never reads again
 (:func:`loramix.scenario.cache.remove_other_code_derived`), and the kind
 folders that leaves empty; never an artifact. And the stop flags
 (``.stop-<run>``) of Ray runs killed while they stopped, whose process is
-gone (:func:`loramix.scenario.cache.remove_finished_stop_flags`).
+gone, or, for a flag that names no process of this host (an older
+loramix's, another host's), that is over a day old
+(:func:`loramix.scenario.cache.remove_finished_stop_flags`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def clean(root):
     another version of loramix's source, which this one never reads (that
     version, run again, redoes them in seconds); never an artifact (data, adapters, merges,
     evaluations), which keeps across code changes. And the stop flags of
-    Ray runs killed while stopping (their process is gone on this host)."""
+    Ray runs killed while stopping (their process is gone on this host; a flag
+    naming no process here, an older loramix's or another host's: over a day old)."""
     from pathlib import Path
 
     from ..gguf_import import remove_stale_imports

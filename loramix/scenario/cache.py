@@ -272,19 +272,46 @@ def remove_stale_locks(root: Path) -> list[Path]:
 STOP_PREFIX = ".stop-"
 
 
-def remove_finished_stop_flags(root: Path) -> list[Path]:
-    """Remove the stop flags (``.stop-<32 hex>.<owner tag>``) of the cache at
+#: seconds after which a stop flag whose run cannot be checked (no owner tag: an
+#: older loramix's; or another host's) is over. A run reads its flag only while
+#: it stops: its tasks look every 0.2 s and see it at once, and the run removes
+#: it after at most ``executors.STOP_SECONDS`` (30 s); a day leaves room for a
+#: run suspended in that window (a laptop asleep overnight) and for clock skew
+#: between the hosts of a shared cache.
+UNCHECKED_FLAG_SECONDS = 24 * 3600.0
+
+
+def remove_finished_stop_flags(root: Path, *, now: float | None = None) -> list[Path]:
+    """Remove the stop flags (``.stop-<32 hex>[.<owner tag>]``) of the cache at
     ``root`` whose run is over: killed while it stopped its Ray tasks (it
     removes its flag itself otherwise). Over means its process, named by the
-    tag (:func:`~loramix.io.outputs.owner_gone`), is gone from this host; a
-    flag of another host's run, or one without a tag (an older loramix's),
-    is kept. Returns them."""
-    from ..io.outputs import owner_gone
+    tag (:func:`~loramix.io.outputs.owner_gone`), is gone from this host; for
+    a flag whose process cannot be checked (one without a tag, an older
+    loramix's, or another host's), that it was last touched more than
+    :data:`UNCHECKED_FLAG_SECONDS` before ``now`` (default: the clock).
+    Returns them."""
+    import re
+    import time
 
+    from ..io.outputs import owner_gone, tag_owner
+
+    now = time.time() if now is None else now
     removed = []
     for flag in Path(root).glob(f"{STOP_PREFIX}*"):
         run = flag.name[len(STOP_PREFIX) :].split(".", 1)
-        if len(run) == 2 and flag.is_file() and owner_gone(run[1]):
+        if not re.fullmatch(r"[0-9a-f]{32}", run[0]) or not flag.is_file():
+            continue  # not a run's flag
+        owner = tag_owner(run[1]) if len(run) == 2 else None
+        try:
+            if owner is not None and owner["host"] is not None:  # this host's process: is it gone?
+                over = owner_gone(run[1])
+            elif len(run) == 1 or owner is not None:  # no tag, or another host's process
+                over = now - flag.stat().st_mtime > UNCHECKED_FLAG_SECONDS
+            else:
+                over = False  # a tag this loramix cannot read
+        except OSError:
+            continue  # gone meanwhile
+        if over:
             flag.unlink(missing_ok=True)
             removed.append(flag)
     return removed
