@@ -56,6 +56,7 @@ folder: the file is imported once into
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -455,6 +456,72 @@ def import_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, *, dtype: 
     with atomic_output_dir(out, force=force, inputs=[path]) as tmp:
         rec = write_folder(path, tmp, dtype=dtype, reader=reader, progress=progress)
     return {"out": str(out), "seconds": time.perf_counter() - t0, **rec}
+
+
+def imported_base(path: str | os.PathLike) -> Path | None:
+    """The whole import of the GGUF file ``path`` (:func:`resolve_base`'s folder),
+    or None where it was never imported (or its import is damaged); nothing is
+    imported (``scenario check``: a command that reads). The file's sha256 is
+    recorded in the hash cache, as any run records it."""
+    from .io.filehash import cache_dir, cached_file_sha256
+
+    target = cache_dir() / "bases" / f"{cached_file_sha256(path)}-float32-r{IMPORT_RULE}"
+    return target if _whole_import(target) else None
+
+
+#: the transformers names (Llama's: also Mistral's, Qwen2's and Qwen3's) of the
+#: GGUF's 2-D weights an adapter can target: ``blk.N.<part>`` -> ``model.layers.N.<name>``
+_HF_BLOCK_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                   "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                   "ffn_down": "mlp.down_proj"}  # fmt: skip
+_HF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output": "lm_head"}
+
+
+def import_preview(path: str | os.PathLike) -> dict:
+    """What importing the GGUF file ``path`` would give, from its header alone
+    (nothing de-quantised, nothing written; ``scenario check`` before the
+    run's import): ``model_type``; ``weights``, ``{module: (out, in)}`` of its
+    2-D weights under their transformers names (GGUF stores a shape innermost
+    first: reversed); ``arch``, ``model_type:layers:width:vocab`` (the
+    estimate's architecture of a base folder, :mod:`loramix.scenario.estimate`);
+    ``tokenizer``, whether it holds one; ``bytes``, its float32 import's
+    weights. The file's architecture and quantisation are refused as the
+    import refuses them. Parsed once per file (its size and time): the header
+    of SmolLM2's 49,152-token vocabulary takes seconds, and check asks twice."""
+    p = Path(path)
+    st = p.stat()
+    return dict(_import_preview(str(p.resolve()), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _import_preview(path: str, size: int, mtime_ns: int) -> dict:
+    import math
+
+    reader = open_gguf(path)
+    p = Path(path)
+    model_type = gguf_architecture(reader, p)
+    check_quantisation(reader, p)
+    weights, numel = {}, 0
+    for t in reader.tensors:
+        numel += math.prod(int(x) for x in t.shape)
+        stem, _, suffix = t.name.rpartition(".")
+        parts = stem.split(".")
+        if suffix != "weight" or len(t.shape) != 2:
+            continue
+        if len(parts) == 3 and parts[0] == "blk" and parts[2] in _HF_BLOCK_NAMES:
+            weights[f"model.layers.{parts[1]}.{_HF_BLOCK_NAMES[parts[2]]}"] = tuple(
+                int(x) for x in t.shape[::-1]
+            )
+        elif stem in _HF_TOP_NAMES:
+            weights[_HF_TOP_NAMES[stem]] = tuple(int(x) for x in t.shape[::-1])
+    gguf_arch = _field(reader, "general.architecture")
+    layers, width = (
+        _field(reader, f"{gguf_arch}.block_count"),
+        _field(reader, f"{gguf_arch}.embedding_length"),
+    )
+    vocab = weights.get("model.embed_tokens", (None,))[0]
+    return {"model_type": model_type, "weights": weights, "arch": f"{model_type}:{layers}:{width}:{vocab}",
+            "tokenizer": _field(reader, "tokenizer.ggml.model") is not None, "bytes": 4 * numel}  # fmt: skip
 
 
 def resolve_base(path: str | os.PathLike) -> Path:

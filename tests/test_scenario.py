@@ -1227,3 +1227,53 @@ def test_the_per_domain_section_is_read_back_from_the_cache(tmp_path):
     changed = render_markdown(report)
     assert changed != cold and render_markdown(report, again) == changed
     assert again.log[-1].status == "miss"
+
+
+def test_check_of_a_gguf_base_reads_it_and_imports_nothing(monkeypatch, tmp_path):
+    """``scenario check`` of a study on a GGUF base never imported imported it
+    (transformers and torch loaded, a float32 copy written into the cache:
+    seconds and 0.5 GB for SmolLM2) from a command that only reads. Now it
+    reads the file's header: the targets are checked against the same weight
+    shapes the import gives, the estimate's architecture is the import's, every
+    step is one to make (no key can name an artifact made on an import that
+    does not exist), the import is said, and nothing is written but the file's
+    hash. Once imported, check reads the import, as before."""
+    from .test_realmodel import llama_gguf
+    from .test_startup import imported_modules
+
+    gguf = llama_gguf(tmp_path / "m.gguf", tokenizer=True)
+    text = GOOD.replace("[base.build]\nsteps = 5", f'[base]\npath = "{gguf}"').replace(
+        "rank = 4", 'rank = 4\ntargets = ["q_proj", "v_proj"]'
+    )
+    scen = _write(tmp_path, text)
+    home = tmp_path / "home"
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(home))
+    rc, mods, err = imported_modules("scenario", "check", str(scen), "--cache", str(tmp_path / "c"))
+    assert rc == 0, err
+    assert not {"torch", "transformers"} & mods and not (home / "bases").exists()
+    written = sorted(p.name for p in home.iterdir()) if home.exists() else []
+    assert written in ([], ["sha256"]) and not (tmp_path / "c").exists(), written
+    from loramix.gguf_import import import_preview, resolve_base  # new: after what the old code failed
+    from loramix.io.model_folder import BaseModelFolder
+    from loramix.scenario.config import load_scenario
+    from loramix.scenario.estimate import _arch, _folder_arch
+    from loramix.scenario.plan import plan
+
+    before = plan(load_scenario(scen, import_gguf=False), import_gguf=False)
+    assert before[[s.id for s in before].index("base")].args["import_bytes"] == import_preview(gguf)["bytes"]
+    bad = _write(tmp_path, text.replace('["q_proj", "v_proj"]', '["q_proj", "c_attn"]'), "bad.toml")
+    rc, _, err = imported_modules("scenario", "check", str(bad), "--cache", str(tmp_path / "c"))
+    assert rc == 2 and "c_attn" in err and err.count("\n") == 0, err
+
+    folder = resolve_base(gguf)  # the run's import
+    weights = {k.removesuffix(".weight"): tuple(t.shape) for k, t in BaseModelFolder(folder).tensors.items()
+               if k.endswith(".weight") and len(t.shape) == 2}  # fmt: skip
+    assert import_preview(gguf)["weights"] == weights
+    after = plan(load_scenario(scen, import_gguf=False), import_gguf=False)
+    assert [s.id for s in after] == [s.id for s in before] and "import_bytes" not in after[0].args | after[
+        1
+    ].args
+    base_before = next(s for s in before if s.id == "base")
+    base_after = next(s for s in after if s.id == "base")
+    assert _arch(base_before) == _arch(base_after) == _folder_arch(str(folder))
+    assert base_after.args["path"] == str(folder)

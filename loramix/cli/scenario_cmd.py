@@ -35,7 +35,8 @@ def _jobs(jobs, threads, executor):
 @click.option("--fresh", is_flag=True, help="Estimate a --fresh run (every artifact remade).")
 def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     """Check FILE and print what a run would do, and roughly how long it would
-    take on this machine, without doing it."""
+    take on this machine, without doing it (a GGUF base not imported yet is
+    read from its header, not imported)."""
     from ..errors import UsageError
     from ..scenario.config import load_scenario
     from ..scenario.runner import merges_for
@@ -43,7 +44,7 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     for name, v in (("--jobs", jobs), ("--threads", threads)):
         if v is not None and v < 1:
             raise UsageError(name, f"must be at least 1, got {v}")
-    sc = load_scenario(file)
+    sc = load_scenario(file, import_gguf=False)  # check reads: a GGUF's import is the run's
     from collections import Counter
 
     from ..scenario.plan import merged_data_compositions, plan, prepare_data
@@ -82,7 +83,7 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
             click.echo(f"  note: [predictors] needs at least {MIN_COMPOSITIONS} compositions with the "
                        f"{sc.predictors.target} target to validate a predictor; this study has {n_target}, so the "
                        "report will have no predictors section and no predictors.json")  # fmt: skip
-    steps = plan(sc, data)
+    steps = plan(sc, data, import_gguf=False)
     kinds = Counter(st.kind for st in steps)
     click.echo(f"  plan: {len(steps)} steps ({', '.join(f'{n} {k}' for k, n in kinds.items())})")
     from ..scenario.estimate import estimate
@@ -96,6 +97,13 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
                    threads=per_job, jobs=jobs, fresh=fresh)  # fmt: skip
     for line in est.lines():
         click.echo(line)
+    base = next(st for st in steps if st.id == "base")
+    if "import_bytes" in base.args:
+        from ..io.filehash import cache_dir
+
+        click.echo(f"  base: {sc.base.path} is not imported yet: the run first imports it into "
+                   f"{cache_dir() / 'bases'} ({base.args['import_bytes'] / 1e6:,.0f} MB of float32 weights, "
+                   "not in the estimate), and finds no step cached until then")  # fmt: skip
     if sc.plan is not None:
         p = sc.plan
         click.echo(f"  plan validation: the {p.adapters} adapters of seed {p.seed} grouped by `loramix plan` "

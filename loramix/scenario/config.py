@@ -337,8 +337,9 @@ def schema_markdown() -> str:
 class _Ctx:
     """Where we are in the file, for error messages."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, import_gguf: bool = True):
         self.path = path
+        self.import_gguf = import_gguf  # False: a GGUF base not imported yet is read from its header
 
     def error(self, key: str, problem: str) -> ScenarioError:
         return ScenarioError(f"{self.path}: {key}" if key else self.path, problem)
@@ -418,9 +419,18 @@ def _base_weights(ctx, base) -> tuple[str | None, dict[str, tuple[int, ...]]]:
                   "mlp.c_proj": (4 * d, d)}  # fmt: skip
         return "gpt2", {f"transformer.h.{i}.{m}": s for i in range(cfg.n_layer) for m, s in shapes.items()}
     from ..errors import LoramixError
-    from ..gguf_import import resolve_base
+    from ..gguf_import import import_preview, imported_base, is_gguf, resolve_base
     from ..io.model_folder import BaseModelFolder
 
+    if not ctx.import_gguf and is_gguf(base.path) and imported_base(base.path) is None:
+        try:  # scenario check: the header says what the import would hold, nothing imported
+            preview = import_preview(base.path)
+        except LoramixError as e:
+            raise ctx.error("base.path", e.message) from None
+        if not preview["tokenizer"]:
+            raise ctx.error("base.path", f"{base.path} has no tokenizer (tokenizer.ggml.model), "
+                            "which training and evaluation need")  # fmt: skip
+        return preview["model_type"], preview["weights"]
     path = resolve_base(base.path)  # a GGUF: its import (made once, as the run would)
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ctx.error("base.path", f"{base.path} has no tokenizer ({', '.join(TOKENIZER_FILES)}), "
@@ -935,14 +945,17 @@ def _parse_plan(
     return PlanSpec(**v)
 
 
-def load_scenario(path: str | os.PathLike, env: dict | None = None) -> Scenario:
+def load_scenario(path: str | os.PathLike, env: dict | None = None, *, import_gguf: bool = True) -> Scenario:
     """Read and check a scenario file; raise :class:`ScenarioError` on any problem.
 
     ``env`` (default ``os.environ``) supplies ``${VAR}`` values;
-    ``LORAMIX_DATA`` gets its documented default when absent.
+    ``LORAMIX_DATA`` gets its documented default when absent. A GGUF base is
+    imported into the cache (once) to check the adapters' targets against its
+    weights; with ``import_gguf=False`` (``scenario check``) one not imported
+    yet is checked against its header instead, and nothing is written.
     """
     path = Path(path)
-    ctx = _Ctx(path)
+    ctx = _Ctx(path, import_gguf)
     if not path.is_file():
         raise ScenarioError(path, "no such scenario file")
     try:

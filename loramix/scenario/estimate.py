@@ -147,6 +147,8 @@ def _arch(base: Step) -> str:
     architecture's shape (a folder), not its weights."""
     if base.cache_kind:
         return f"build:{base.spec['recipe']['size']}"
+    if base.args.get("arch"):  # a GGUF not imported yet: from its header, as its import's config will say
+        return base.args["arch"]
     return _folder_arch(base.args["path"])
 
 

@@ -195,6 +195,10 @@ def merge_result_id(pre: str, method: str, cn: str, prefix: str = "") -> str:
     return f"{prefix}merge/{pre}/{method}/{cn}"
 
 
+#: the stand-in key of a GGUF base not imported yet (``plan(..., import_gguf=False)``)
+NOT_IMPORTED = "not-imported:"
+
+
 def base_folder_key(path: Path) -> str:
     """A given base folder's key::
 
@@ -219,8 +223,8 @@ def base_folder_key(path: Path) -> str:
 class _Planner:
     """Builds the steps in the order a serial run makes them."""
 
-    def __init__(self, sc: Scenario, data: dict[str, DomainData]):
-        self.sc, self.data = sc, data
+    def __init__(self, sc: Scenario, data: dict[str, DomainData], import_gguf: bool = True):
+        self.sc, self.data, self.import_gguf = sc, data, import_gguf
         self.steps: dict[str, Step] = {}
 
     def add(self, id, kind, cache_kind, spec, deps, label, group, key=None, **args) -> Step:
@@ -242,8 +246,15 @@ class _Planner:
     def base_step(self) -> None:
         b = self.sc.base
         if b.path is not None:
-            from ..gguf_import import resolve_base
+            from ..gguf_import import import_preview, imported_base, is_gguf, resolve_base
 
+            if not self.import_gguf and is_gguf(b.path) and imported_base(b.path) is None:
+                # scenario check before the run's import: no key can name an artifact made on
+                # it (the key hashes the import's files), so every step is one to make
+                pre = import_preview(b.path)
+                self.add("base", "base", None, None, (), "hash", "base", key=NOT_IMPORTED + b.path.name,
+                         path=None, given=str(b.path), arch=pre["arch"], import_bytes=pre["bytes"])  # fmt: skip
+                return
             folder = resolve_base(b.path)  # a GGUF: its imported folder, which every step uses
             self.add("base", "base", None, None, (), "hash", "base", key=base_folder_key(folder),
                      path=str(folder), given=str(b.path))  # fmt: skip
@@ -376,15 +387,19 @@ class _Planner:
         return merge_id
 
 
-def plan(sc: Scenario, data: dict[str, DomainData] | None = None) -> list[Step]:
+def plan(sc: Scenario, data: dict[str, DomainData] | None = None, *, import_gguf: bool = True) -> list[Step]:
     """Every step of the study ``sc``, dependencies first.
 
     ``data``: the prepared domains (:func:`prepare_data`; loaded when omitted).
     Pure apart from reading the data and, for a given base folder, hashing
-    its files (a GGUF base is imported into the cache first).
+    its files (a GGUF base is imported into the cache first). With
+    ``import_gguf=False`` (``scenario check``) a GGUF base not imported yet is
+    not: its step's key is a stand-in (:data:`NOT_IMPORTED`), so no step is
+    found cached, and its ``args`` hold ``arch`` and ``import_bytes``
+    (:func:`loramix.gguf_import.import_preview`).
     """
     data = prepare_data(sc) if data is None else data
-    p = _Planner(sc, data)
+    p = _Planner(sc, data, import_gguf)
     p.data_steps()
     p.base_step()
     p.eval_step("eval/base", {"base": p.key_of("base")}, (), "base", "evaluate")
