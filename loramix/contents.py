@@ -8,9 +8,8 @@ stored dtype and the parameter count.
 
 A path is read as numpy factors (:func:`loramix.io.np_factors.load_np_adapter`,
 lazily: one module's factors at a time) and every number is computed in numpy
-float64, so inspecting a PEFT LoRA, DoRA (its residual ``s B A``; the
-magnitude counted in the parameters) or D2-LoRA adapter never imports torch.
-What that reader leaves to the torch readers (embedding LoRA,
+float64, so inspecting a PEFT LoRA or D2-LoRA adapter never imports torch.
+What that reader leaves to the torch readers (DoRA, embedding LoRA,
 ``modules_to_save``, PEFT's copy of a base weight) is loaded as an
 :class:`~loramix.adapter.Adapter` and computed in torch float64: the same
 formula, so the same numbers up to the last bits (BLAS summation order).
@@ -102,7 +101,7 @@ def _read(adapter_or_path) -> tuple:
     if isinstance(adapter_or_path, (str, os.PathLike)):
         from .io.np_factors import load_np_adapter
 
-        ad = load_np_adapter(adapter_or_path, lazy=True, torch_fallback=False, dora=True)
+        ad = load_np_adapter(adapter_or_path, lazy=True, torch_fallback=False)
         if ad is not None:
             from .io.filehash import cached_file_sha256
 

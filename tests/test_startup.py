@@ -284,21 +284,6 @@ def test_inspect_of_a_lora_adapter_imports_no_torch(tmp_path):
         assert not {"torch", "transformers"} & mods, fmt
 
 
-def test_inspect_of_a_dora_adapter_imports_no_torch(tmp_path):
-    """``inspect A`` of a PEFT DoRA adapter loaded torch (the torch reader), where a
-    LoRA's did not: its numbers (shapes, the residual's norm s B A, the
-    parameters with the magnitude) are numpy's now (the same digits: test_inspect)."""
-    from .factories import make_peft_adapter, tiny_llama
-
-    a = make_peft_adapter(
-        tiny_llama(), tmp_path / "a", target_modules=["q_proj", "v_proj"], use_dora=True, r=2
-    )
-    for fmt in ("table", "json"):
-        rc, mods, err = imported_modules("inspect", str(a), "--format", fmt)
-        assert rc == 0, err
-        assert not {"torch", "transformers"} & mods, fmt
-
-
 def test_gguf_import_to_an_existing_out_is_refused_before_the_file_is_parsed(tmp_path):
     """``base import F --out EXISTING`` says so at once: parsing a real GGUF's
     header (gguf.GGUFReader over its vocabulary) takes seconds."""

@@ -20,8 +20,8 @@ def command(path: Path, fmt: str) -> None:
     with adapter_config.json beside it. For each module: shape (out x in, the
     nn.Linear layout), rank, alpha, scale, the Frobenius norm of the delta
     s*B@A (computed from the factors, in float64), stored dtype and parameter
-    count. LoRA, DoRA and D2-LoRA are read and computed in numpy, without
-    torch; embedding LoRA and modules_to_save by the torch readers. For
+    count. LoRA and D2-LoRA are read and computed in numpy, without torch;
+    DoRA, embedding LoRA and modules_to_save by the torch readers. For
     D2-LoRA the norm is that of the signed residual s(B+A+ - tau B-A-); the
     delta merging adds, W_hat - W0, depends on the base and differs.
     """

@@ -18,11 +18,9 @@ import numpy as np
 
 from ..errors import AdapterError
 from .peft_layout import (
-    _DORA_PARTS,
     BASE_COPY,
     D2_TAU,
     D2LORA,
-    DORA,
     EMBEDDING_PARTS,
     LORA,
     adapter_method,
@@ -42,10 +40,7 @@ from .unsupported_formats import name_unsupported
 class NpModule:
     """One adapted weight as numpy factors: ``dW = scale B A`` (LoRA,
     ``B`` (out, r), ``A`` (r, in)) or ``scale (B A - tau B_neg A_neg)`` (the
-    D2-LoRA signed residual); the fields of :class:`loramix.adapter.ModuleDelta`.
-    ``magnitude`` (out,): a DoRA module's (read with ``load_np_adapter(...,
-    dora=True)``, for ``loramix inspect``); its residual is LoRA's ``s B A``,
-    its effective delta (which needs the base) is not formed here."""
+    D2-LoRA signed residual); the fields of :class:`loramix.adapter.ModuleDelta`."""
 
     name: str
     B: np.ndarray  # or LazyFactor: anything np.asarray reads
@@ -58,15 +53,13 @@ class NpModule:
     norm_dim: int = 1
     eps: float = 1e-8
 
-    magnitude: np.ndarray | None = None
-
     def __post_init__(self):
         if self.tau is None:
             self.tau = D2_TAU if self.B_neg is not None else 0.0
 
     @property
     def kind(self) -> str:
-        return D2LORA if self.B_neg is not None else DORA if self.magnitude is not None else LORA
+        return D2LORA if self.B_neg is not None else LORA
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -86,8 +79,7 @@ class NpModule:
 
     @property
     def num_parameters(self) -> int:
-        parts = (self.B, self.A, self.B_neg, self.A_neg, self.magnitude)
-        return sum(math.prod(t.shape) for t in parts if t is not None)
+        return sum(math.prod(t.shape) for t in (self.B, self.A, self.B_neg, self.A_neg) if t is not None)
 
     def factors(self) -> tuple[np.ndarray, np.ndarray]:
         """``(Bf, Af)`` in float64 with ``dW = Bf @ Af``, the scale folded into
@@ -256,11 +248,7 @@ def _torch_read(path, name: str | None) -> NpAdapter:
 
 
 def load_np_adapter(
-    path: str | Path,
-    name: str | None = None,
-    lazy: bool = False,
-    torch_fallback: bool = True,
-    dora: bool = False,
+    path: str | Path, name: str | None = None, lazy: bool = False, torch_fallback: bool = True
 ) -> NpAdapter | None:
     """Read a PEFT LoRA or loramix D2-LoRA adapter (folder or ``.safetensors``
     file) into numpy factors, with :func:`~loramix.io.adapter_files.load_adapter`'s
@@ -270,11 +258,7 @@ def load_np_adapter(
     reader leaves to the torch readers (DoRA, embedding LoRA,
     ``modules_to_save``) is read by them and viewed as numpy (eagerly);
     with ``torch_fallback=False`` it is not read: None is returned, for a
-    caller that reads such an adapter its own way. ``dora``: a PEFT DoRA
-    adapter (``use_dora``, linear modules) is read here too, its modules with
-    their ``magnitude`` (kind ``dora``), for a caller that needs only their
-    shapes and residuals ``s B A`` (``loramix inspect``): no similarity or
-    merge reads one so. A foreign format (kohya, diffusers, a pickle) is named, as
+    caller that reads such an adapter its own way. A foreign format (kohya, diffusers, a pickle) is named, as
     :func:`~loramix.io.formats.find_format` names it."""
     given, cfg_path, weights, config = check_adapter_path(path)
     if config is None:  # a format in another layout: its reader's
@@ -288,16 +272,13 @@ def load_np_adapter(
         if str(config.get("peft_type", "")).upper() in plugin_peft_types():  # another kind's: its reader's
             return _torch_read(path, name) if torch_fallback else None
         raise
-    read_dora = bool(config.get("use_dora")) and dora and method == LORA
-    if (config.get("use_dora") and not read_dora) or config.get("modules_to_save"):
+    if config.get("use_dora") or config.get("modules_to_save"):
         return _torch_read(path, name) if torch_fallback else None
-    if read_dora:
-        method, parts = DORA, _DORA_PARTS
     factors = _lazy_factors(weights)
     if _needs_torch_reader(factors):
         return _torch_read(path, name) if torch_fallback else None
     parsed = parse_keys(list(factors), parts, weights)
-    check_features(config, cfg_path, dora=read_dora)
+    check_features(config, cfg_path)
     raw = read_parts(parsed, factors.__getitem__ if lazy else (lambda k: np.asarray(factors[k])), weights)
     modules = {
         module: NpModule(name=module, **kw)

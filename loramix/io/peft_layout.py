@@ -31,8 +31,6 @@ from .config_schema import FLOAT32_MAX, FLOAT32_TINY
 
 # The kinds, as loramix.adapter names them (LORA, D2LORA).
 LORA, D2LORA = "lora", "d2lora"
-#: PEFT's DoRA (``use_dora``), as loramix.kinds names it; the numpy reader reads it for inspect only
-DORA = "dora"
 
 #: D2-LoRA's ``tau`` where none is given: a file's config without it, the kind's
 #: option, training, and a module built by hand (``ModuleDelta``, ``NpModule``)
@@ -43,8 +41,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 _LORA_PARTS = {"lora_A": ("A", "pos"), "lora_B": ("B", "pos")}
-#: DoRA: LoRA's factors and a magnitude vector per output feature (factor "M")
-_DORA_PARTS = {**_LORA_PARTS, "lora_magnitude_vector": ("M", "pos")}
 _D2_PARTS = {
     "lora_A_pos": ("A", "pos"),
     "lora_B_pos": ("B", "pos"),
@@ -412,19 +408,11 @@ def _check_factors(module: str, fs: dict, method: str, weights: Path) -> None:
         for fac in ("A", "B"):
             if (fac, br) not in fs:
                 other = "B" if fac == "A" else "A"
-                label = {"pos": "lora_{}_pos" if method == D2LORA else "lora_{}", "neg": "lora_{}_neg"}[br]
+                label = {"pos": "lora_{}" if method == LORA else "lora_{}_pos", "neg": "lora_{}_neg"}[br]
                 raise AdapterError(
                     weights, f"module {module} has {label.format(other)} but no {label.format(fac)}"
                 )
     A, B = fs[("A", "pos")], fs[("B", "pos")]
-    if method == DORA:  # the DoRA kind's checks (kinds/dora.py from_tensors), in its words and order
-        if ("M", "pos") not in fs:
-            raise AdapterError(
-                weights, f"module {module} has lora_A and lora_B but no lora_magnitude_vector (use_dora)"
-            )
-        if tuple(fs[("M", "pos")].shape) != (B.shape[0],):
-            raise AdapterError(weights, f"module {module}: lora_magnitude_vector has shape "
-                               f"{tuple(fs[('M', 'pos')].shape)}, not ({B.shape[0]},)")  # fmt: skip
     if B.shape[1] != A.shape[0]:
         raise AdapterError(
             weights, f"module {module}: lora_A has rank {A.shape[0]} but lora_B has rank {B.shape[1]}"
@@ -624,8 +612,6 @@ def module_factors(raw: dict[str, dict], method: str, config: dict, cfg_path: Pa
         r_cfg, alpha = module_rank_alpha(config, module)
         check_config_rank(module, int(A.shape[0]), r_cfg, cfg_path, weights)
         kw = dict(B=B, A=A, scale=checked_scale(config, module, alpha, r_cfg, cfg_path), alpha=alpha)
-        if method == DORA:
-            kw["magnitude"] = fs[("M", "pos")]
         if method == D2LORA:
             kw.update(
                 B_neg=fs[("B", "neg")],
