@@ -1128,3 +1128,111 @@ def test_ties_from_factors_declines_what_it_cannot_do(monkeypatch):
         ModuleContext("m", (0, 1), scratch=Buffers()), mods, [1.0, 1.0], None, params
     )
     assert torch.equal(_bits(got), _bits(ref))
+
+
+# ----------------------------------------------------------------------------- DoRA inputs, every method
+
+
+def _full_rank_lora(deltas: dict, folder, conv1d: bool):
+    """The dense deltas ``{module: (out, in)}`` (``(in, out)`` on a ``Conv1D``)
+    as a PEFT LoRA folder holding them exactly: ``B = dW`` (float64), ``A = I``,
+    scale 1; every merge method then acts on these very deltas."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    ts, ranks = {}, {}
+    for name, d in deltas.items():
+        E = (d.T if conv1d else d).contiguous()
+        ts[f"base_model.model.{name}.lora_B.weight"] = E
+        ts[f"base_model.model.{name}.lora_A.weight"] = torch.eye(E.shape[1], dtype=F64)
+        ranks[name] = E.shape[1]
+    cfg = dict(peft_type="LORA", r=1, lora_alpha=1, target_modules=sorted(ranks), rank_pattern=ranks,
+               alpha_pattern=ranks, fan_in_fan_out=conv1d, task_type="CAUSAL_LM")  # fmt: skip
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(ts, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dora_mix(models, tmp_path_factory):
+    """Per architecture: two PEFT DoRA adapters (trained-looking magnitudes) and
+    a plain LoRA one, and the same three as full-rank LoRA folders holding the
+    deltas PEFT's ``merge_and_unload`` adds to a float64 copy of the base."""
+    from peft import PeftModel
+
+    from .test_formats import _train_magnitudes
+
+    root = tmp_path_factory.mktemp("dora_mix")
+    out = {}
+    for kind in ("gpt2", "llama"):
+        m = models[kind]
+        model = m["make"]()
+        two = ["c_attn", "c_proj"] if kind == "gpt2" else ["q_proj", "v_proj"]
+        ins = [
+            _train_magnitudes(make_peft_adapter(model, root / f"{kind}_d1", seed=7, use_dora=True, r=3,
+                                                lora_alpha=24), 3),
+            m["adapters"][0],
+            _train_magnitudes(make_peft_adapter(model, root / f"{kind}_d2", seed=8, use_dora=True, r=2,
+                                                lora_alpha=16, target_modules=two), 4),
+        ]  # fmt: skip
+        sd0 = {k: v.double() for k, v in model.state_dict().items()}
+        eq = []
+        for j, p in enumerate(ins):
+            merged = PeftModel.from_pretrained(m["make"]().double(), str(p)).merge_and_unload().state_dict()
+            d = {k[: -len(".weight")]: merged[k] - sd0[k] for k in sd0 if not torch.equal(merged[k], sd0[k])}
+            eq.append(_full_rank_lora(d, root / f"{kind}_eq{j}", conv1d=kind == "gpt2"))
+        out[kind] = (ins, eq)
+    return out
+
+
+@pytest.mark.parametrize(
+    "kind,method,params",
+    [
+        ("llama", "sum", []),
+        ("llama", "task-arithmetic", ["--lambda", "0.7"]),
+        ("gpt2", "task-arithmetic", ["--lambda", "1.3"]),
+        ("llama", "ties", ["--density", "0.5"]),
+        ("gpt2", "ties", ["--density", "0.4", "--sign", "count"]),
+        ("llama", "dare-linear", ["--density", "0.6", "--seed", "2"]),
+        ("llama", "dare-ties", ["--density", "0.6"]),
+        ("llama", "magnitude", ["--density", "0.5", "--lambda", "0.8"]),
+        ("llama", "breadcrumbs", ["--density", "0.6"]),
+        ("llama", "della", ["--density", "0.6", "--divide", "count"]),
+    ],
+)
+def test_every_method_into_a_base_acts_on_peft_dora_effective_deltas(dora_mix, models, kind, method, params,
+                                                                    tmp_path, capsys):  # fmt: skip
+    """DoRA adapters mixed with a LoRA one, weighted (a negative weight too),
+    merged ``--into`` a base by every dense method, give the bits' worth of the
+    same merge of the deltas PEFT's ``merge_and_unload`` adds (each DoRA
+    delta ``W_hat - W0`` against the same ``W0``; docs/adapters.md), written
+    as full-rank LoRA. (task-arithmetic applied its lambda twice to DoRA and
+    D2-LoRA inputs: 30 % off at lambda 0.7.)"""
+    ins, eq = dora_mix[kind]
+    for tag, srcs in (("real", ins), ("eq", eq)):
+        args = ["-m", method, *params, *srcs, "--weights", "1,0.5,-0.7", "--into", models[kind]["base"]]
+        code, _, err = cli(capsys, *args, "--out", tmp_path / tag, "--no-progress")
+        assert code == 0, err
+    base, got, want = (BaseModelFolder(p) for p in (models[kind]["base"], tmp_path / "real", tmp_path / "eq"))
+    for key in base.keys():
+        W0, x, y = (f.read_tensor(key).double() for f in (base, got, want))
+        if torch.equal(y, W0):
+            assert torch.equal(x, W0), key
+        else:  # float32 working dtype: the deltas are rounded to float32 before they merge
+            assert float((x - y).norm() / (y - W0).norm()) < 1e-6, (key, method)
+
+
+def test_task_arithmetic_scales_d2_effective_deltas_once(models, tmp_path, capsys):
+    """``lambda * sum_i w_i (W_hat_i - W0)`` for D2-LoRA into a base (lambda
+    was applied twice to kinds that need the base)."""
+    m = models["gpt2"]
+    code, _, err = cli(capsys, "-m", "task-arithmetic", "--lambda", "0.6", *m["d2"], "--weights", "1,-0.5",
+                       "--into", m["base"], "--out", tmp_path / "o", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    ads = [load_adapter(p) for p in m["d2"]]
+    base, out = BaseModelFolder(m["base"]), BaseModelFolder(tmp_path / "o")
+    for name in ads[0].modules:
+        W0 = base.read_module_weight(name, dtype=F64)
+        ref = 0.6 * (ads[0].modules[name].delta(W0) - 0.5 * ads[1].modules[name].delta(W0))
+        got = out.read_module_weight(name, dtype=F64) - W0
+        assert float((got - ref).norm() / ref.norm()) < 1e-6, name

@@ -47,8 +47,16 @@ class Sum(MergeMethod):
 
     def delta(self, ctx, module_deltas, weights, W0, params):
         """Terms that do not need the base as one matmul of the stacked
-        factors, in ``ctx.dtype``; the others (D2-LoRA) as ``w_i`` times the
-        effective delta, formed in float64."""
+        factors, in ``ctx.dtype``; the others (D2-LoRA, DoRA) as ``w_i`` times
+        the effective delta, formed in float64."""
+        return self._weighted_sum(ctx, module_deltas, weights, W0)
+
+    @staticmethod
+    def _weighted_sum(ctx, module_deltas, weights, W0):
+        """``sum_i w_i dW_i`` (effective deltas where the kind needs the base)
+        for ``weights`` as given: :meth:`merged` calls this, not :meth:`delta`,
+        which a subclass overrides to rescale the weights it was handed
+        (task-arithmetic's lambda was applied twice to a DoRA or D2-LoRA input)."""
         import torch
 
         pair = _base_free_factors(module_deltas, weights, ctx.dtype, ctx.device)
@@ -67,7 +75,7 @@ class Sum(MergeMethod):
         # fused addmm without forming the dense delta.
         if not any(m.kind.needs_base for m in module_deltas):
             return _base_free_factors(module_deltas, weights, ctx.dtype, ctx.device), {}
-        return self.delta(ctx, module_deltas, weights, W0, params), {}
+        return self._weighted_sum(ctx, module_deltas, weights, W0), {}
 
     def factors(self, ctx, module_deltas, weights, params):
         for m in module_deltas:
