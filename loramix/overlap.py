@@ -106,7 +106,9 @@ class SimilarityResult:
     * ``per_module``: long table (``per_module=True`` only, else empty):
       ``module, layer, type, i, j, a, b, cosine`` for each pair ``i < j``;
     * ``zero_norm``: ``adapter, module`` pairs whose delta is zero (no cosine);
-    * ``effective``: True when D2 modules used the effective delta (``base=``).
+    * ``effective``: True when the kinds that need the base (DoRA, D2-LoRA)
+      used their effective deltas (``base=``), else their residuals;
+    * ``kinds``: each adapter's kind name (``lora``, ``dora``, ``d2lora``).
     """
 
     names: list[str]
@@ -119,6 +121,7 @@ class SimilarityResult:
     zero_norm: pd.DataFrame
     effective: bool = False
     paths: list[str | None] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
 
     def to_json_dict(self, per_module: bool = False) -> dict:
         """Plain lists (NaN as None), for ``--format json``."""
@@ -587,6 +590,7 @@ class _Totals:
             zero_norm=pd.DataFrame(self.zero, columns=["adapter", "module"]),
             effective=effective,
             paths=[None if a.path is None else str(a.path) for a in adapters],
+            kinds=[str(getattr(a.kind, "name", a.kind)) for a in adapters],
         )
 
 

@@ -745,3 +745,77 @@ def test_effective_inner_products_cuda_equal_cpu():
     cpu = _effective_inner_products(ds, W0)
     gpu = _effective_inner_products(ds, W0.cuda()).cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-12, atol=0)
+
+
+def test_similarity_of_dora_lora_and_d2_on_gpt2_equals_the_dense_merged_deltas(tmp_path, capsys):
+    """A PEFT DoRA, a PEFT LoRA and two D2-LoRA adapters (row and column
+    projections) on GPT-2's ``Conv1D``: with the base, every per-module cosine
+    and norm equals that of the dense ``W_hat - W0`` (DoRA and LoRA: what
+    PEFT's ``merge_and_unload`` adds to a float64 copy; D2-LoRA: the formula of
+    docs/d2lora.md) to 1e-9. Without the base, one note line names the
+    adapters compared on their residuals (before: nothing said so)."""
+    import json
+
+    from peft import PeftModel
+
+    from loramix.cli import main
+    from loramix.io.adapter_files import save_d2_adapter
+    from loramix.io.model_folder import BaseModelFolder
+
+    from .factories import save_base
+    from .test_formats import _train_magnitudes
+
+    model = tiny_gpt2()
+    base = save_base(model, tmp_path / "base")
+    dora = _train_magnitudes(make_peft_adapter(model, tmp_path / "dora", seed=1, use_dora=True, r=3), 2)
+    lora = make_peft_adapter(model, tmp_path / "lora", seed=3, r=2, target_modules=["c_attn", "c_proj"])
+    sd0 = {k: v.double() for k, v in model.state_dict().items()}
+    dense = {}
+    for p in (dora, lora):
+        merged = PeftModel.from_pretrained(tiny_gpt2().double(), str(p)).merge_and_unload().state_dict()
+        # Conv1D weights are (in, out): transposed to the (out, in) of the D2 deltas below
+        dense[p.name] = {k[:-7]: (merged[k] - sd0[k]).T for k in sd0 if not torch.equal(merged[k], sd0[k])}
+    bf, g = BaseModelFolder(base), torch.Generator().manual_seed(9)
+    for nd in (1, 0):
+        mods, dense[f"d2_{nd}"] = {}, {}
+        for name in (
+            "transformer.h.0.attn.c_attn",
+            "transformer.h.1.attn.c_proj",
+            "transformer.h.1.mlp.c_fc",
+        ):
+            W0 = bf.read_module_weight(name, dtype=torch.float64)
+            (o, i), r = W0.shape, 2
+            f = [
+                0.3 * torch.randn(*s, generator=g, dtype=torch.float64)
+                for s in ((o, r), (r, i), (o, r), (r, i))
+            ]
+            mods[name] = ModuleDelta(name=name, B=f[0], A=f[1], B_neg=f[2], A_neg=f[3], scale=2.0, alpha=4.0,
+                                     tau=0.4, norm_dim=nd, kind="d2lora")  # fmt: skip
+            dW = 2.0 * (f[0] @ f[1] - 0.4 * f[2] @ f[3])
+            V = W0 + dW
+            c = W0.norm(dim=nd, keepdim=True) / V.norm(dim=nd, keepdim=True).clamp(min=1e-8)
+            dense[f"d2_{nd}"][name] = c * V + dW - W0
+        save_d2_adapter(tmp_path / f"d2_{nd}", mods, r=2, lora_alpha=4.0, tau=0.4, norm_dim=nd)
+    paths = [dora, lora, tmp_path / "d2_1", tmp_path / "d2_0"]
+    res = similarity(paths, base=base, per_module=True, progress=False)
+    # modules shared: dora-lora 6, dora-d2 3 + 3, lora-d2 2 + 2, d2-d2 3
+    assert res.effective and len(res.per_module) == 19
+    for row in res.per_module.itertuples():
+        x, y = dense[row.a][row.module], dense[row.b][row.module]
+        want = float((x * y).sum() / (x.norm() * y.norm()))
+        assert row.cosine == pytest.approx(want, rel=1e-9, abs=1e-12), (row.a, row.b, row.module)
+    for a in res.names:
+        for mod, x in dense[a].items():
+            assert res.norms.loc[a, mod] == pytest.approx(float(x.norm()), rel=1e-9)
+
+    args = ["similarity", *map(str, paths), "--format", "json"]
+    capsys.readouterr()  # transformers' shard bar of save_base
+    assert main(args + ["--base", str(base)]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["delta"] == "effective" and out.err == ""
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["delta"] == "residual"
+    note = [ln for ln in out.err.splitlines() if ln.strip()]
+    assert len(note) == 1 and note[0].startswith("loramix: note: dora, d2_1, d2_0 (DoRA and D2-LoRA)"), note
+    assert "--base" in note[0] and "lora," not in note[0]

@@ -22,6 +22,25 @@ def _pairs_table(long, by: str):
     return wide
 
 
+def _note_residuals(res) -> None:
+    """One note line where DoRA or D2-LoRA adapters were compared without the
+    base: on their residuals, which are not what merging adds."""
+    if res.effective:
+        return
+    from ..discovery import declared
+
+    kinds = declared("loramix.kinds", "AdapterKind")  # read from the files: no torch
+    based = [(n, kinds[k]) for n, k in zip(res.names, res.kinds) if kinds.get(k, {}).get("needs_base")]
+    if based:
+        labels = " and ".join(dict.fromkeys(d.get("label") or d["id"] for _, d in based))
+        click.echo(
+            f"loramix: note: {', '.join(n for n, _ in based)} ({labels}) compared on their residuals "
+            "(docs/adapters.md), not the deltas W_hat - W0 that merging adds, which depend on the base: "
+            "pass --base BASE to compare those",
+            err=True,
+        )
+
+
 @click.command("similarity")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
@@ -104,6 +123,7 @@ def command(adapters, fmt, per_module, plot, base, device, force) -> None:
             err=True,
         )
 
+    _note_residuals(res)
     if fmt == "json":
         click.echo(json.dumps(res.to_json_dict(per_module=per_module), indent=2, allow_nan=False))
     elif fmt == "csv":
