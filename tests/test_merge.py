@@ -1236,3 +1236,11 @@ def test_task_arithmetic_scales_d2_effective_deltas_once(models, tmp_path, capsy
         ref = 0.6 * (ads[0].modules[name].delta(W0) - 0.5 * ads[1].modules[name].delta(W0))
         got = out.read_module_weight(name, dtype=F64) - W0
         assert float((got - ref).norm() / ref.norm()) < 1e-6, name
+
+
+def test_svd_refuses_dora_pointing_to_what_takes_it(dora_mix, tmp_path, capsys):
+    """svd takes LoRA only; the refusal of a DoRA adapter names the way that
+    merges it (sum --into), not d2-signed alone, which refuses DoRA in turn."""
+    dora = dora_mix["llama"][0][0]
+    code, _, err = cli(capsys, "-m", "svd", "--rank", "2", dora, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, dora, "dora adapter", "DoRA", "sum --into BASE")

@@ -109,9 +109,10 @@ class Svd(MergeMethod):
     )
     low_rank = True
     kinds = (LORA,)
+    # DoRA was told to use d2-signed, which refuses it in turn
     kinds_reason = (
-        "svd recompresses LoRA factors; D2-LoRA effective deltas depend on the base "
-        "(use d2-signed or sum with --into)"
+        "svd recompresses LoRA factors, and DoRA and D2-LoRA effective deltas depend on the base "
+        "(merge them into it: sum --into BASE, or d2-signed for D2-LoRA)"
     )
 
     def check(self, params, adapters):
