@@ -498,3 +498,70 @@ def test_merged_weight_that_overflows_the_dtype_is_refused(bases, tmp_path, caps
     assert main([*args, "--format", "json"]) == 0
     assert math.isfinite(json.loads(capsys.readouterr().out)["results"][0]["ppl"])
     one_line_error(capsys, [*args, "--dtype", "float16"], "model.layers.0.self_attn.q_proj.weight", "float16")
+
+
+def _random_d2(base: Path, folder: Path, targets: list[str], seed: int, norm_dim: int = 1) -> Path:
+    """A D2-LoRA adapter with random factors (large enough to move the perplexity)
+    on the base's modules ending in ``targets``."""
+    from loramix.adapter import ModuleDelta
+    from loramix.io.adapter_files import save_d2_adapter
+    from loramix.io.model_folder import BaseModelFolder
+
+    bf, g = BaseModelFolder(base), torch.Generator().manual_seed(seed)
+    mods = {}
+    for key in bf.keys():
+        name = key.removesuffix(".weight")
+        if key.endswith(".weight") and name.rsplit(".", 1)[-1] in targets:
+            o, i = bf.read_module_weight(name).shape
+            f = [0.5 * torch.randn(*s, generator=g) for s in ((o, 2), (2, i), (o, 2), (2, i))]
+            mods[name] = ModuleDelta(name=name, B=f[0], A=f[1], B_neg=f[2], A_neg=f[3], scale=4.0, alpha=8.0,
+                                     tau=0.5, norm_dim=norm_dim, kind="d2lora")  # fmt: skip
+    return save_d2_adapter(folder, mods, r=2, lora_alpha=8.0, tau=0.5, norm_dim=norm_dim)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_dora_and_d2_on_the_fly_merged_and_peft_agree(bases, tmp_path, arch, capsys):
+    """A PEFT DoRA adapter (trained-looking magnitudes): on the fly, ``--merged``
+    and PEFT's own forward (``PeftModel`` on the same base) give one perplexity
+    to 1e-5; a D2-LoRA adapter (row and column projections) on the fly equals
+    it merged; DoRA + LoRA + D2-LoRA weighted, on the fly equals merged; the
+    CLI runs both ways."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loramix.models import load_causal_lm
+
+    from .test_formats import _train_magnitudes
+
+    base = bases[arch]
+    model, tok = load_causal_lm(base)
+    dora = _train_magnitudes(
+        make_peft_adapter(model, tmp_path / "dora", seed=1, use_dora=True, lora_alpha=64), 2
+    )
+    lora = make_peft_adapter(model, tmp_path / "lora", seed=2, lora_alpha=64)
+    targets = ["c_attn", "c_fc"] if arch == "gpt2" else ["q_proj", "up_proj", "down_proj"]
+    d2 = [_random_d2(base, tmp_path / f"d2_{nd}", targets, seed=3 + nd, norm_dim=nd) for nd in (1, 0)]
+
+    def ppl(ads, merged=False, weights=None):
+        return evaluate(base, adapters=ads, weights=weights, merged=merged, data=[ARITH], device="cpu")[
+            "ppl"
+        ][0]
+
+    plain, fly = ppl([]), ppl([dora])
+    assert abs(fly - plain) > 1e-3 * plain
+    assert ppl([dora], merged=True) == pytest.approx(fly, rel=1e-5)
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(dora)).eval()
+    batches = make_batches(
+        encode_records(tok, load_records(ARITH), max_len=64), batch_size=16, pad_id=tok.pad_token_id
+    )
+    assert _hf_token_weighted_ppl(pm, batches) == pytest.approx(fly, rel=1e-5)
+    for a in d2:
+        f = ppl([a])
+        assert abs(f - plain) > 1e-3 * plain and ppl([a], merged=True) == pytest.approx(f, rel=1e-5)
+    mix, w = [dora, lora, d2[0]], [1.0, 0.5, -0.7]
+    assert ppl(mix, merged=True, weights=w) == pytest.approx(ppl(mix, weights=w), rel=1e-5)
+    capsys.readouterr()
+    for extra in ([], ["--merged"]):
+        args = ["eval", "--base", base, "--adapter", dora, "--data", ARITH, "--format", "json", *extra]
+        assert main([str(x) for x in args]) == 0
+        assert json.loads(capsys.readouterr().out)["results"][0]["ppl"] == pytest.approx(fly, rel=1e-5)
