@@ -9,7 +9,7 @@ stored dtype and the parameter count.
 A path is read as numpy factors (:func:`loramix.io.np_factors.load_np_adapter`,
 lazily: one module's factors at a time) and every number is computed in numpy
 float64, so inspecting a PEFT LoRA or D2-LoRA adapter never imports torch.
-What that reader leaves to the torch readers (DoRA, embedding LoRA,
+What that reader leaves to the torch readers (embedding LoRA or DoRA,
 ``modules_to_save``, PEFT's copy of a base weight) is loaded as an
 :class:`~loramix.adapter.Adapter` and computed in torch float64: the same
 formula, so the same numbers up to the last bits (BLAS summation order).
@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
@@ -44,7 +45,8 @@ def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
 
     ``df.attrs`` holds the adapter's ``name``, ``path``, ``sha256``,
     ``kind`` (and ``method``, its v0.1 name), ``base_model``, the
-    :func:`totals` and ``saved``: its ``modules_to_save`` full copies, one
+    :func:`totals`, ``magnitude`` (DoRA: :func:`magnitude_range`, else None)
+    and ``saved``: its ``modules_to_save`` full copies, one
     ``{tensor, shape, dtype, params}`` each (they replace base tensors; they
     are not deltas, so no row of their own). A PEFT adapter with a null
     ``target_modules`` is listed whole, with a warning: which of its modules
@@ -81,6 +83,7 @@ def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
         method=getattr(ad.kind, "name", ad.kind),
         base_model=ad.base_model,
         totals=totals(df),
+        magnitude=magnitude_range(ad),
         saved=[
             {
                 "tensor": n,
@@ -111,6 +114,25 @@ def _read(adapter_or_path) -> tuple:
 
     ad = adapter_or_path if isinstance(adapter_or_path, Adapter) else load_adapter(adapter_or_path)
     return ad, ad.sha256, ad.saved
+
+
+def magnitude_range(ad) -> dict | None:
+    """DoRA's magnitude vectors ``m`` (one entry per output row, per column on
+    an embedding): ``{modules, min, max}`` over every module that has one, in
+    float64; None for an adapter without them. (Its effective delta,
+    ``m / ||W0 + s B A||`` times that sum, needs the base; inspect has none.)"""
+    lo, hi, n = math.inf, -math.inf, 0
+    for m in ad.modules.values():
+        mag = getattr(m, "magnitude", None)
+        if mag is None:
+            mag = getattr(m, "extra", {}).get("magnitude")
+        if mag is None:
+            continue
+        if hasattr(mag, "detach"):  # a torch tensor (the torch readers')
+            mag = mag.detach().cpu().double().numpy()
+        a = np.asarray(mag, dtype=np.float64)
+        lo, hi, n = min(lo, float(a.min())), max(hi, float(a.max())), n + 1
+    return {"modules": n, "min": lo, "max": hi} if n else None
 
 
 def totals(df: pd.DataFrame) -> dict:

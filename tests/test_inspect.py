@@ -165,21 +165,30 @@ def _inspected_by_torch(monkeypatch):
 @pytest.fixture(scope="module")
 def all_kinds(adapter_paths, tmp_path_factory):  # noqa: F811  (the fixture of test_np_similarity)
     """test_np_similarity's adapters (GPT-2 Conv1D with rank/alpha patterns,
-    rsLoRA, bf16 and fp16 factors, D2-LoRA, Llama, Llama bf16), and three the
-    numpy reader leaves to torch: embedding LoRA, modules_to_save, DoRA."""
+    rsLoRA, bf16 and fp16 factors, D2-LoRA, Llama, Llama bf16) and a DoRA one
+    (read in numpy too), and three the numpy reader leaves to torch:
+    embedding LoRA, modules_to_save, DoRA on an embedding."""
+    from .test_formats import _train_magnitudes
+
     d, model = tmp_path_factory.mktemp("kinds"), tiny_llama()
+    dora = make_peft_adapter(
+        model, d / "dora", seed=3, target_modules=["q_proj", "down_proj"], use_dora=True, r=2
+    )
     torch_read = [
         make_peft_adapter(model, d / "emb", seed=1, target_modules=["embed_tokens", "q_proj"], r=3),
         make_peft_adapter(model, d / "mts", seed=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
-        make_peft_adapter(model, d / "dora", seed=3, target_modules=["q_proj"], use_dora=True, r=2),
+        make_peft_adapter(
+            model, d / "dora_emb", seed=4, target_modules=["embed_tokens", "q_proj"], use_dora=True
+        ),
     ]
-    return adapter_paths["gpt2"] + adapter_paths["llama"], torch_read
+    return adapter_paths["gpt2"] + adapter_paths["llama"] + [_train_magnitudes(dora, 5)], torch_read
 
 
 def test_a_path_is_inspected_in_numpy_with_torchs_numbers(all_kinds, monkeypatch):
-    """By path, a LoRA or D2-LoRA adapter is read as numpy factors (torch's
-    reader is not called) and every column and attribute is that of the
-    loaded Adapter (torch float64), the norms to 1e-12 (BLAS summation order)."""
+    """By path, a LoRA, DoRA or D2-LoRA adapter is read as numpy factors
+    (torch's reader is not called) and every column and attribute is that of
+    the loaded Adapter (torch float64), the norms to 1e-12 (BLAS summation
+    order); DoRA's magnitude range too."""
     import loramix.io.adapter_files as files
     from loramix import load_adapter
 
@@ -196,7 +205,10 @@ def test_a_path_is_inspected_in_numpy_with_torchs_numbers(all_kinds, monkeypatch
         assert a["totals"].pop("norm") == pytest.approx(b["totals"].pop("norm"), rel=1e-12, abs=0)
         assert a == b, p.name
     kinds = {p.name: set(inspect_adapter(p)["kind"]) for p in numpy_read}
-    assert kinds["d0"] == {"d2lora"} and kinds["g0"] == {"lora"}
+    assert kinds["d0"] == {"d2lora"} and kinds["g0"] == {"lora"} and kinds["dora"] == {"dora"}
+    mags = {p.name: inspect_adapter(p).attrs["magnitude"] for p in numpy_read + torch_read}
+    assert mags["dora"]["modules"] == 4 and 0 < mags["dora"]["min"] < mags["dora"]["max"]
+    assert mags["dora_emb"]["modules"] == 3 and mags["g0"] is None
     assert {d for p in numpy_read for d in inspect_adapter(p)["dtype"]} == {"float32", "bfloat16", "float16"}
 
 

@@ -144,6 +144,67 @@ def test_numpy_reader_refuses_what_torchs_refuses(adapter_paths, tmp_path):
         assert s_err.value.message == n_err.value.message, bad.name
 
 
+def _bad_dora(src, tmp_path):
+    """DoRA folders from the good one ``src``, each wrong in one way."""
+    tensors = load_file(src / "adapter_model.safetensors")
+    config = json.loads((src / "adapter_config.json").read_text())
+    mag = sorted(k for k in tensors if k.endswith("lora_magnitude_vector"))[1]
+    cases = {
+        "no_magnitude": {k: v for k, v in tensors.items() if k != mag},
+        "magnitude_shape": {**tensors, mag: tensors[mag][:-1]},
+        "magnitude_nan": {**tensors, mag: tensors[mag].clone().fill_(float("nan"))},
+        "magnitude_2d": {**tensors, mag: tensors[mag][None]},
+        "lora_A_missing": {
+            k: v for k, v in tensors.items() if k != mag.replace("lora_magnitude_vector", "lora_A.weight")
+        },
+    }
+    for case, ts in cases.items():
+        d = tmp_path / case
+        d.mkdir()
+        save_file(ts, d / "adapter_model.safetensors")
+        (d / "adapter_config.json").write_text(json.dumps(config))
+        yield d
+    d = tmp_path / "not_dora"  # a magnitude in a file whose config has no use_dora
+    d.mkdir()
+    save_file(tensors, d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    yield d
+
+
+def test_numpy_reader_reads_dora_as_torchs_and_refuses_what_torchs_refuses(tmp_path):
+    """A PEFT DoRA adapter (GPT-2 Conv1D) read in numpy: the modules, residual
+    factors, scales and magnitudes of the torch reader; the same similarity;
+    each broken variant the same one-line error from both readers, eager,
+    lazy, and through a similarity run."""
+    from .test_formats import _train_magnitudes
+
+    model = tiny_gpt2()
+    good = _train_magnitudes(make_peft_adapter(model, tmp_path / "good", seed=1, use_dora=True, r=3), 2)
+    other = make_peft_adapter(
+        model, tmp_path / "other", seed=2, use_dora=True, r=2, target_modules=["c_attn"]
+    )
+    n, t = load_np_adapter(good), load_adapter(good)
+    assert n.kind == "dora" == str(t.kind.name) and set(n.modules) == set(t.modules)
+    for name, m in n.modules.items():
+        tm = t.modules[name]
+        assert m.kind == "dora" and m.scale == tm.scale and m.num_parameters == tm.kind.num_parameters(tm)
+        for f, want in (("B", tm.B), ("A", tm.A), ("magnitude", tm.extra["magnitude"])):
+            np.testing.assert_array_equal(np.asarray(getattr(m, f)), want.numpy(), err_msg=f)
+    res_np = similarity([good, other], per_module=True, progress=False, device="cpu")
+    res_t = similarity([good, other], per_module=True, progress=False, device=TORCH_CPU)
+    np.testing.assert_allclose(res_np.per_module["cosine"], res_t.per_module["cosine"], rtol=0, atol=1e-12)
+    for bad in _bad_dora(good, tmp_path):
+        with pytest.raises(AdapterError) as t_err:
+            load_adapter(bad)
+        for lazy in (False, True):
+            with pytest.raises(AdapterError) as n_err:
+                load_np_adapter(bad, lazy=lazy)
+            assert n_err.value.message == t_err.value.message, (bad.name, lazy)
+        with pytest.raises(AdapterError) as s_err:
+            similarity([other, bad], progress=False)
+        assert s_err.value.message == t_err.value.message, bad.name
+
+
 def test_lazy_factors_equal_eager(adapter_paths):
     for p in adapter_paths["gpt2"]:
         eager, lazy = load_np_adapter(p), load_np_adapter(p, lazy=True)
@@ -183,9 +244,10 @@ def test_is_cpu_agrees_with_resolve_device():
 
 
 def test_peft_features_the_numpy_reader_leaves_to_torch(tmp_path):
-    """Embedding LoRA, ``modules_to_save`` and DoRA are read by the torch
-    readers and viewed as numpy: the same modules, and a similarity by path
-    (numpy) equal to the torch path's."""
+    """Embedding LoRA and ``modules_to_save`` are read by the torch readers
+    and viewed as numpy (DoRA, which they left to torch too, is read in numpy
+    now): the same modules, and a similarity by path (numpy) equal to the
+    torch path's."""
     model = tiny_llama()
     a = make_peft_adapter(model, tmp_path / "a", seed=1, target_modules=["embed_tokens", "q_proj"], r=3)
     b = make_peft_adapter(

@@ -284,6 +284,31 @@ def test_inspect_of_a_lora_adapter_imports_no_torch(tmp_path):
         assert not {"torch", "transformers"} & mods, fmt
 
 
+def test_inspect_and_similarity_of_dora_adapters_import_no_torch(tmp_path, capsys):
+    """A PEFT DoRA adapter on linear layers is LoRA factors and a magnitude
+    vector: ``inspect`` (magnitudes shown) and ``similarity`` without a base
+    (on the residuals) read it with the numpy reader. Before, both imported
+    torch for it (2.4 s CPU instead of 0.5 s for an inspect)."""
+    from loramix.cli import main
+
+    from .factories import make_peft_adapter, tiny_gpt2
+
+    model = tiny_gpt2()
+    a = make_peft_adapter(model, tmp_path / "a", r=4, use_dora=True)
+    b = make_peft_adapter(model, tmp_path / "b", seed=1, r=2, use_dora=True, target_modules=["c_attn"])
+    for args in (
+        ["inspect", str(a)],
+        ["inspect", str(a), "--format", "json"],
+        ["similarity", str(a), str(b)],
+    ):
+        rc, mods, err = imported_modules(*args)
+        assert rc == 0, err
+        assert not {"torch", "transformers"} & mods, args
+    capsys.readouterr()
+    assert main(["inspect", str(a)]) == 0
+    assert "magnitude m (DoRA, one per output row" in capsys.readouterr().out
+
+
 def test_gguf_import_to_an_existing_out_is_refused_before_the_file_is_parsed(tmp_path):
     """``base import F --out EXISTING`` says so at once: parsing a real GGUF's
     header (gguf.GGUFReader over its vocabulary) takes seconds."""

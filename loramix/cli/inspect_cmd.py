@@ -20,10 +20,12 @@ def command(path: Path, fmt: str) -> None:
     with adapter_config.json beside it. For each module: shape (out x in, the
     nn.Linear layout), rank, alpha, scale, the Frobenius norm of the delta
     s*B@A (computed from the factors, in float64), stored dtype and parameter
-    count. LoRA and D2-LoRA are read and computed in numpy, without torch;
-    DoRA, embedding LoRA and modules_to_save by the torch readers. For
-    D2-LoRA the norm is that of the signed residual s(B+A+ - tau B-A-); the
-    delta merging adds, W_hat - W0, depends on the base and differs.
+    count. LoRA, DoRA and D2-LoRA are read and computed in numpy, without
+    torch; embedding LoRA (or DoRA) and modules_to_save by the torch readers.
+    For DoRA the norm is that of the residual s*B@A and the range of the
+    magnitudes m is shown; for D2-LoRA the norm is that of the signed
+    residual s(B+A+ - tau B-A-); the delta merging adds, W_hat - W0, depends
+    on the base and differs.
     """
     from ..io.peft_layout import check_adapter_path
 
@@ -36,6 +38,8 @@ def command(path: Path, fmt: str) -> None:
         out = {
             k: meta[k] for k in ("name", "path", "sha256", "kind", "method", "base_model", "totals", "saved")
         }
+        if meta["magnitude"] is not None:  # DoRA's
+            out["magnitude"] = meta["magnitude"]
         # not df.to_json: pandas rounds to 10 decimals (a norm of 7.08e-9 became 7.1e-09)
         out["modules"] = [
             {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
@@ -80,6 +84,11 @@ def command(path: Path, fmt: str) -> None:
         click.echo(
             f"norm of a {what} module: its residual{d2}, not the delta "
             "W_hat - W0 that merging adds (that one depends on the base weight)"
+        )
+    if (mag := meta["magnitude"]) is not None:
+        click.echo(
+            f"magnitude m (DoRA, one per output row; per column on an embedding): from {mag['min']:.6g} "
+            f"to {mag['max']:.6g} over {mag['modules']} modules; params count it"
         )
     for c in meta["saved"]:
         shape = "x".join(map(str, c["shape"]))

@@ -23,11 +23,13 @@ from .peft_layout import (
     D2LORA,
     EMBEDDING_PARTS,
     LORA,
+    MAGNITUDE_PART,
     adapter_method,
     adapter_name,
     carry_null_targets_settled,
     check_adapter_path,
     check_features,
+    magnitude_problem,
     module_factors,
     parse_keys,
     read_parts,
@@ -35,12 +37,18 @@ from .peft_layout import (
 from .st_header import FLOAT_CODES, read_safetensors_header
 from .unsupported_formats import name_unsupported
 
+#: the kind name of a module with a magnitude vector (loramix.kinds.dora, which imports torch)
+DORA = "dora"
+
 
 @dataclass
 class NpModule:
     """One adapted weight as numpy factors: ``dW = scale B A`` (LoRA,
     ``B`` (out, r), ``A`` (r, in)) or ``scale (B A - tau B_neg A_neg)`` (the
-    D2-LoRA signed residual); the fields of :class:`loramix.adapter.ModuleDelta`."""
+    D2-LoRA signed residual); the fields of :class:`loramix.adapter.ModuleDelta`.
+    A DoRA module has its residual ``scale B A`` and its ``magnitude`` ``m``
+    ((out,); an embedding's (dim,)), which only its effective delta (torch's,
+    given the base) uses."""
 
     name: str
     B: np.ndarray  # or LazyFactor: anything np.asarray reads
@@ -52,6 +60,7 @@ class NpModule:
     tau: float | None = None  # None: D2_TAU for a D2 module (as ModuleDelta), 0.0 otherwise
     norm_dim: int = 1
     eps: float = 1e-8
+    magnitude: np.ndarray | None = None  # DoRA's m, or a LazyFactor
 
     def __post_init__(self):
         if self.tau is None:
@@ -59,7 +68,9 @@ class NpModule:
 
     @property
     def kind(self) -> str:
-        return D2LORA if self.B_neg is not None else LORA
+        if self.B_neg is not None:
+            return D2LORA
+        return LORA if self.magnitude is None else DORA
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -79,7 +90,8 @@ class NpModule:
 
     @property
     def num_parameters(self) -> int:
-        return sum(math.prod(t.shape) for t in (self.B, self.A, self.B_neg, self.A_neg) if t is not None)
+        parts = (self.B, self.A, self.B_neg, self.A_neg, self.magnitude)
+        return sum(math.prod(t.shape) for t in parts if t is not None)
 
     def factors(self) -> tuple[np.ndarray, np.ndarray]:
         """``(Bf, Af)`` in float64 with ``dW = Bf @ Af``, the scale folded into
@@ -148,7 +160,10 @@ def np_adapter(adapter) -> NpAdapter:
             )
         else:
             B, A, s = m.kind.scaled_factors(m)
-            modules[name] = NpModule(name=name, B=_np(B), A=_np(A), scale=float(s), alpha=m.alpha)
+            mag = _np(m.extra.get("magnitude"))
+            modules[name] = NpModule(
+                name=name, B=_np(B), A=_np(A), scale=float(s), alpha=m.alpha, magnitude=mag
+            )
     out = NpAdapter(adapter.name, str(adapter.kind.name), modules, adapter.config, adapter.path)
     carry_null_targets_settled(adapter, out)  # a null target_modules warned of is not told again
     return out
@@ -238,7 +253,7 @@ def plugin_peft_types() -> set[str]:
 
 
 def _torch_read(path, name: str | None) -> NpAdapter:
-    """DoRA, embedding LoRA, ``modules_to_save``, PEFT's base-weight copies, a kind's
+    """Embedding LoRA (DoRA too), ``modules_to_save``, PEFT's base-weight copies, a kind's
     ``peft_type`` other than LoRA's and D2-LoRA's (:func:`plugin_peft_types`):
     read by the torch readers (:mod:`loramix.io.formats`) and viewed as numpy;
     only an adapter with such a feature makes a similarity run import torch."""
@@ -250,12 +265,12 @@ def _torch_read(path, name: str | None) -> NpAdapter:
 def load_np_adapter(
     path: str | Path, name: str | None = None, lazy: bool = False, torch_fallback: bool = True
 ) -> NpAdapter | None:
-    """Read a PEFT LoRA or loramix D2-LoRA adapter (folder or ``.safetensors``
-    file) into numpy factors, with :func:`~loramix.io.adapter_files.load_adapter`'s
+    """Read a PEFT LoRA (DoRA: its factors and magnitudes) or loramix D2-LoRA
+    adapter (folder or ``.safetensors`` file) into numpy factors, with :func:`~loramix.io.adapter_files.load_adapter`'s
     checks and errors. ``lazy``: check everything the header tells (keys,
     shapes, ranks) now, but leave the factors as :class:`LazyFactor`\\ s, read
     (and checked finite) when used. An adapter with a PEFT feature this
-    reader leaves to the torch readers (DoRA, embedding LoRA,
+    reader leaves to the torch readers (embedding LoRA or DoRA,
     ``modules_to_save``) is read by them and viewed as numpy (eagerly);
     with ``torch_fallback=False`` it is not read: None is returned, for a
     caller that reads such an adapter its own way. A foreign format (kohya, diffusers, a pickle) is named, as
@@ -272,19 +287,35 @@ def load_np_adapter(
         if str(config.get("peft_type", "")).upper() in plugin_peft_types():  # another kind's: its reader's
             return _torch_read(path, name) if torch_fallback else None
         raise
-    if config.get("use_dora") or config.get("modules_to_save"):
+    if config.get("modules_to_save"):
         return _torch_read(path, name) if torch_fallback else None
     factors = _lazy_factors(weights)
     if _needs_torch_reader(factors):
         return _torch_read(path, name) if torch_fallback else None
-    parsed = parse_keys(list(factors), parts, weights)
-    check_features(config, cfg_path)
+    dora = method == LORA and bool(config.get("use_dora"))  # DoRA on linear layers: LoRA and m
+    parsed = parse_keys(list(factors), {**parts, **MAGNITUDE_PART} if dora else parts, weights)
+    check_features(config, cfg_path, dora)
     raw = read_parts(parsed, factors.__getitem__ if lazy else (lambda k: np.asarray(factors[k])), weights)
+    mags = _magnitudes(raw, weights) if dora else {}
     modules = {
-        module: NpModule(name=module, **kw)
+        module: NpModule(name=module, **kw, magnitude=mags.get(module))
         for module, kw in module_factors(raw, method, config, cfg_path, weights).items()
     }
     return NpAdapter(
-        name=name or adapter_name(given), kind=method, modules=modules, config=config, path=given,
-        weights_path=weights,
+        name=name or adapter_name(given), kind=DORA if dora else method, modules=modules, config=config,
+        path=given, weights_path=weights,
     )  # fmt: skip
+
+
+def _magnitudes(raw: dict[str, dict], weights: Path) -> dict:
+    """DoRA's ``m`` of each module, taken out of its parts ``raw`` (those left
+    are LoRA's), checked as the torch reader checks it: one per output row."""
+    out = {}
+    for module, fs in raw.items():
+        if ("A", "pos") in fs and ("B", "pos") in fs:  # else module_factors names the one missing
+            if (why := magnitude_problem(module, fs, int(fs[("B", "pos")].shape[0]))) is not None:
+                raise AdapterError(weights, why)
+        if ("M", "pos") in fs:
+            # read now, even lazily (out floats): a non-finite m is refused as torch's reader refuses it
+            out[module] = np.asarray(fs.pop(("M", "pos")))
+    return out

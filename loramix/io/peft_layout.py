@@ -41,6 +41,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 _LORA_PARTS = {"lora_A": ("A", "pos"), "lora_B": ("B", "pos")}
+#: DoRA's per-module magnitude vector (``use_dora``), beside the LoRA factors
+MAGNITUDE_PART = {"lora_magnitude_vector": ("M", "pos")}
 _D2_PARTS = {
     "lora_A_pos": ("A", "pos"),
     "lora_B_pos": ("B", "pos"),
@@ -596,6 +598,18 @@ def peft_layer_index(module: str, layers_pattern=None) -> int | None:
         m = re.match(rx, module)
         if m is not None:
             return int(m.group(1))
+    return None
+
+
+def magnitude_problem(module: str, fs: dict, n: int) -> str | None:
+    """What is wrong with DoRA's ``lora_magnitude_vector`` among a module's
+    parts ``fs`` (``n``: the features it scales, an ``nn.Linear``'s ``out``),
+    else None; the words of both readers (torch's, numpy's)."""
+    if ("M", "pos") not in fs:
+        return f"module {module} has lora_A and lora_B but no lora_magnitude_vector (use_dora)"
+    shape = tuple(fs[("M", "pos")].shape)
+    if shape != (n,):
+        return f"module {module}: lora_magnitude_vector has shape {shape}, not ({n},)"
     return None
 
 

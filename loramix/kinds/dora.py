@@ -105,13 +105,13 @@ class DoraKind(AdapterKind):
 
         extra = layout_extra(self, name, embedding)
         missing_part(fs, {k: v for k, v in self.parts.items() if v[0] != "M"}, name)
-        if ("M", "pos") not in fs:
-            raise ValueError(f"module {name} has lora_A and lora_B but no lora_magnitude_vector (use_dora)")
-        B, A, mag = fs[("B", "pos")], fs[("A", "pos")], fs[("M", "pos")]
+        from ..io.peft_layout import magnitude_problem
+
+        B, A = fs[("B", "pos")], fs[("A", "pos")]
         # per output feature: of a linear layer's rows, of an embedding's columns (its width)
-        n = A.shape[1] if embedding else B.shape[0]
-        if mag.shape != (n,):
-            raise ValueError(f"module {name}: lora_magnitude_vector has shape {tuple(mag.shape)}, not ({n},)")
+        if (why := magnitude_problem(name, fs, A.shape[1] if embedding else B.shape[0])) is not None:
+            raise ValueError(why)
+        mag = fs[("M", "pos")]
         return ModuleDelta(
             name=name, B=B, A=A, scale=scale, alpha=alpha, kind=self, extra={**extra, "magnitude": mag}
         )
