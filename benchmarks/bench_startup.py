@@ -123,7 +123,7 @@ def fixtures(work: Path) -> None:
         "[adapters]\nrank = 2\nalpha = 8\nsteps = 4\nbatch = 8\nmax_len = 48\n"
         '[merge]\nmethods = ["sum", "ties"]\nties = { density = 0.5 }\n'
     )
-    run_scenario(work / "tiny.toml", work / "tiny", cache_dir=work / "scache", progress=False)
+    run_scenario(work / "tiny.toml", out=work / "tiny", cache_dir=work / "scache", progress=False)
 
 
 def run(args, work: Path) -> None:

@@ -34,6 +34,7 @@ _API = {
     "build_base": "loramix.basebuild",
     "run_scenario": "loramix.scenario.runner",
     "predict": "loramix.interference",
+    "plan": "loramix.grouping",
 }
 
 __all__ = ["__version__", *_API]

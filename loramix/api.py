@@ -6,8 +6,8 @@ problem may name others (``pass --force to replace it``). ``loramix.X`` is
 the function ``X`` wrapped by :func:`python_api`, which renders such an
 error for Python before its caller sees it: each flag that stands for a
 parameter of the function called becomes that keyword (``--max-len`` ->
-``max_len``; :data:`RENAMES` where the names differ, ``--batch`` ->
-``batch_size`` in ``evaluate``), a flag for a bool parameter ``name=True``
+``max_len``; :data:`RENAMES` where the names differ, ``--lambda`` ->
+``lambda_`` in ``merge``), a flag for a bool parameter ``name=True``
 (``--force`` -> ``force=True``), and an upper-case placeholder after a flag
 its value (``--into BASE`` -> ``into=BASE``). A flag the function has no
 parameter for (another command's, ``ray start --head``) is left as it is.
@@ -15,6 +15,10 @@ parameter for (another command's, ``ray start --head``) is left as it is.
 The CLI, and loramix's own modules, call the functions from their modules,
 unwrapped: the CLI's lines are the library's, and only the outermost
 ``loramix.X`` call renders an error, once.
+
+:func:`renamed` keeps the keywords of the previous release working, with a
+:class:`DeprecationWarning`: one name per concept across the functions, the
+commands' (``adapters``, ``into``, ``out``, ``method``, ``batch``).
 """
 
 from __future__ import annotations
@@ -24,15 +28,13 @@ import inspect
 import re
 from collections.abc import Callable
 
-from .errors import LoramixError
+from .errors import LoramixError, UsageError
 
 #: per function, the flags whose keyword is not the flag's own name
 RENAMES = {
-    "evaluate": {"--batch": "batch_size", "--adapter": "adapters"},
+    "evaluate": {"--adapter": "adapters"},
     "merge": {"--lambda": "lambda_"},
-    "predict": {"--method": "merge_method"},
     "run_scenario": {"--cache": "cache_dir"},
-    "sum_into_base": {"--into": "base"},
 }
 
 # Flags as loramix writes them, alone or joined by "/" (--rank/--energy), not
@@ -94,3 +96,71 @@ def python_api(f: Callable, public_name: str) -> Callable:
     # pickled by reference as loramix.<name>, which is this object (a pool's task)
     call.__module__, call.__qualname__ = "loramix", public_name
     return call
+
+
+# ---- one name per concept: the old keywords kept for one release ----------------------------------------------
+
+
+def _warn_deprecated(text: str) -> None:
+    """A :class:`DeprecationWarning` pointed at the caller's own line: the
+    first frame outside this module (``loramix.X`` is two of its wrappers
+    deep), so that Python shows it there (it shows a DeprecationWarning
+    only for code in ``__main__``: a script's or a notebook's)."""
+    import sys
+    import warnings
+
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(text, DeprecationWarning, stacklevel=level)
+
+
+def renamed(old: dict[str, str] | None = None, *, positional: tuple[str, ...] = ()) -> Callable:
+    """Keep ``f``'s callers of the previous release working, warned.
+
+    ``old``: ``{old keyword: new keyword}``; a call with the old keyword gets
+    a :class:`DeprecationWarning` naming both and runs as if given the new one
+    (the same value, the same result). ``positional``: the names, in their
+    old order, of parameters that were positional and are now keyword-only;
+    a call passing them by position gets a warning and runs as if given them
+    as keywords. Both forms of one parameter at once (``batch=`` and
+    ``batch_size=``, or a value by position and by keyword) raise a one-line
+    :class:`~loramix.errors.UsageError`, before any work. ``f``'s own
+    signature is what ``inspect.signature`` and ``help`` show.
+    """
+    old = dict(old or {})
+
+    def wrap(f: Callable) -> Callable:
+        leading = [p.name for p in inspect.signature(f).parameters.values()
+                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]  # fmt: skip
+        lead, fname = len(leading), f.__name__
+
+        @functools.wraps(f)
+        def call(*args, **kwargs):
+            if len(args) > lead and positional:
+                extra = args[lead:]
+                if len(extra) > len(positional):  # what Python says of too many
+                    raise TypeError(f"{fname}() takes {lead} positional arguments but {len(args)} were given")
+                names = positional[: len(extra)]
+                for n, v in zip(names, extra):
+                    if n in kwargs:
+                        raise UsageError(fname, f"{n} given twice, by position and as {n}=")
+                    kwargs[n] = v
+                said = ", ".join(f"{n}=..." for n in names)
+                _warn_deprecated(f"{fname}: passing {', '.join(names)} by position is deprecated; "
+                                 f"pass them as keywords ({said})")  # fmt: skip
+                args = args[:lead]
+            for was, now in old.items():
+                if was in kwargs:
+                    if now in kwargs or now in leading[: len(args)]:
+                        raise UsageError(fname, f"give {now} or its old name {was}, not both")
+                    _warn_deprecated(f"{fname}: the keyword {was} is deprecated; its name is now {now} "
+                                     "(the same meaning)")  # fmt: skip
+                    kwargs[now] = kwargs.pop(was)
+            return f(*args, **kwargs)
+
+        call.__renamed__ = dict(old)  # read by the tests of the signatures' rules
+        call.__positional__ = tuple(positional)
+        return call
+
+    return wrap

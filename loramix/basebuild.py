@@ -1,6 +1,6 @@
 """Build a small base model offline: a byte-level BPE tokenizer and a GPT-2 pre-trained on QA text.
 
-``build_base(data, out)`` writes a Hugging Face folder that
+``build_base(data, out=out)`` writes a Hugging Face folder that
 ``AutoModelForCausalLM.from_pretrained(out)`` and ``AutoTokenizer.from_pretrained(out)``
 load: ``config.json``, ``model.safetensors``, ``tokenizer.json`` and
 ``tokenizer_config.json`` (a GPT-2 tokenizer, ``<|endoftext|>`` as BOS/EOS/UNK,
@@ -35,6 +35,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .api import renamed
 from .data import QARecord, is_synthetic_spec, load_records, record_text, split_records
 from .errors import UsageError
 
@@ -225,18 +226,19 @@ def _pretrain(model, stream: list[int], *, ctx, steps, batch, lr, seed, dev, lab
     return log, warmup, running
 
 
+@renamed(positional=("out",))
 def build_base(
     data,
-    out: str | os.PathLike,
     *,
+    out: str | os.PathLike,
     size: str | BaseSize = "tiny",
     steps: int | None = None,
     seed: int = 0,
-    device: str = "auto",
-    force: bool = False,
     heldout: int | float | None = None,
     batch: int | None = None,
     lr: float | None = None,
+    device: str = "auto",
+    force: bool = False,
     progress: bool = True,
 ) -> dict:
     """Train a tokenizer and a small GPT-2 on ``data``; write the folder ``out``.

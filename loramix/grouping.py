@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .api import renamed
 from .errors import UsageError
 from .features import FeatureSet, composition_value, compute_features, registry
 
@@ -377,19 +378,33 @@ def by_method_records(by_method: dict) -> dict:
     return {m: {"predictor": e["best"], "validated": e.get("validated")} for m, e in by_method.items()}
 
 
-def plan(adapters_or_paths, *, fit=None, data=None, base=None, max_group: int = 4, budget: float | None = None,
-         tokens: int | None = None, device="cpu", max_len: int | None = None, progress: bool = False) -> Plan:  # fmt: skip
-    """Group ``adapters_or_paths`` for merging (module docstring).
+@renamed({"adapters_or_paths": "adapters"})
+def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget: float | None = None,
+         tokens: int | None = None, max_len: int | None = None, device="cpu", progress: bool = True) -> Plan:  # fmt: skip
+    """Group ``adapters`` (paths or loaded adapters, at least two) for
+    merging (module docstring): ``loramix plan``, whose options these are.
 
     ``fit``: a predictors file (:func:`loramix.validation.write_predictors`);
-    ``data``: one calibration file per adapter (its domain) and ``base``, needed
-    when the predictor reads data-aware features; ``max_group``: ``K``.
+    without it the cost is the RMS cosine. ``data``: one calibration file
+    per adapter (its domain) and ``base``, needed when the predictor reads
+    data-aware features; ``max_group``: ``K``; ``budget``: the largest
+    predicted cost of a group (None: 0 with ``fit``, else 0.1 cosine).
     ``tokens``, ``max_len``: the calibration recipe (None: the study's, see
-    :func:`cost_model`).
+    :func:`cost_model`). ``device``: ``"cpu"`` by default, as in
+    :func:`loramix.interference.predict` and for its reason (the costs come
+    from the factors in numpy float64). ``progress``: a bar of the
+    calibration pass (on a terminal).
+
+    Returns a :class:`Plan`, what the command prints as data: ``groups``
+    (each ``group``, ``members``, ``method``, ``cost``, ``interval``; with
+    predictors per merge method also ``costs``), ``cost_source``,
+    ``validated`` / ``validated_by_method``, ``budget``, ``max_group``,
+    ``rule`` and ``warnings`` (the command's ``warning:`` lines);
+    ``to_json_dict()`` is ``--format json``'s object.
     """
     from .io.peft_layout import check_adapter_paths
 
-    items = list(adapters_or_paths)
+    items = list(adapters)
     if len(items) < 2:
         raise UsageError("plan", f"needs at least two adapters, got {len(items)}")
     if max_group < 1:

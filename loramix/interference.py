@@ -43,6 +43,7 @@ import math
 import os
 from pathlib import Path
 
+from .api import renamed
 from .blas import one_openblas_thread
 from .errors import UsageError
 
@@ -268,33 +269,40 @@ def _study(fits: list, kind: str, merge_method: str, label: str | None, adapters
 
 
 @one_openblas_thread
+@renamed({"adapters_or_paths": "adapters", "merge_method": "method"})
 def predict(
-    adapters_or_paths,
+    adapters,
     fit,
     *,
-    merge_method: str | None = None,
+    method: str | None = None,
     level: float | None = None,
-    device: str = "cpu",
     label: str | None = None,
-    data=None,
     base=None,
+    data=None,
     tokens: int | None = None,
     max_len: int | None = None,
-    progress: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
 ) -> dict:
-    """Predicted delta_ppl% of merging ``adapters_or_paths`` (module docstring).
+    """Predicted delta_ppl% of merging ``adapters`` by ``method`` (module docstring).
 
     ``fit``: a ``fit.json`` path or its loaded dict; a predictors file's path
-    gives :func:`predict_validated`'s result instead, for ``merge_method``
+    gives :func:`predict_validated`'s result instead, for ``method``
     (None: the file's primary predictor) with the calibration ``data``,
     ``base``, ``tokens``, ``max_len`` and ``progress`` (what ``loramix
     predict --fit predictors.json`` passes); ``label`` and ``level`` are
     refused there, as ``data`` is with a ``fit.json`` (it reads no data-aware
     feature). The fit is the one of
-    the adapters' kind and ``merge_method`` (None: ``sum``); where the file holds several
+    the adapters' kind and ``method`` (None: ``sum``); where the file holds several
     studies of that kind (labels such as ``lora`` and ``lora:data``), the
     one named by ``label``, else the one whose initialisation the adapters
-    record (:func:`_study`). Returns a dict with
+    record (:func:`_study`). ``device``: ``"cpu"`` by default, where the
+    functions that run a model default to ``"auto"``, on purpose: the cosines
+    and features are computed from the factors in numpy float64 on the CPU
+    without importing torch (:func:`loramix.overlap.similarity`), also on a
+    machine with a GPU; another device runs them in torch there, and the
+    data-aware features' calibration passes (a CPU runs those in torch).
+    ``progress``: a bar of the calibration pass (on a terminal). Returns a dict with
     ``cosine`` (the composition's), ``pairwise`` (pair -> RMS cosine),
     ``predicted_delta_ppl_pct``, ``interval`` (low, high or None),
     ``level``, ``loo_rmse``, ``residual_se``, ``extrapolation``, the
@@ -302,20 +310,20 @@ def predict(
     module in common: their cosine counts 0, as in ``loramix plan``).
     """
     if not isinstance(fit, dict) and is_predictors_file(fit):
-        # every argument reaches it or is refused: merge_method dropped here gave the primary
+        # every argument reaches it or is refused: method dropped here gave the primary
         # predictor's figure for any method asked, and a level or label was silently ignored
         if label is not None:
             raise UsageError("--label", "applies to a fit.json; a predictors file holds one study")
         if level is not None:  # its intervals' coverage was validated at its own level
             raise UsageError("--level", "applies to a fit.json; a predictors file's intervals are at the "
                              "level its study validated them at")  # fmt: skip
-        return predict_validated(adapters_or_paths, fit, data=data, base=base, tokens=tokens, device=device,
-                                 max_len=max_len, merge_method=merge_method, progress=progress)  # fmt: skip
+        return predict_validated(adapters, fit, data=data, base=base, tokens=tokens, device=device,
+                                 max_len=max_len, merge_method=method, progress=progress)  # fmt: skip
     if data:  # the cosine line reads no data-aware feature
         raise UsageError(
             "--data", "applies to a predictors file; a fit.json predicts from the RMS cosine alone"
         )
-    return _predict_line(adapters_or_paths, fit, merge_method or "sum", level, device, label)
+    return _predict_line(adapters, fit, method or "sum", level, device, label)
 
 
 def _predict_line(adapters_or_paths, fit, merge_method: str, level, device, label) -> dict:

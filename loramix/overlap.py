@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .api import renamed
 from .blas import ONE_THREAD_BELOW, openblas_threads
 from .devices import is_cpu, resolve_device
 from .errors import AdapterError, UsageError
@@ -594,34 +595,39 @@ class _Totals:
         )
 
 
+@renamed({"adapters_or_paths": "adapters"})
 def similarity(
-    adapters_or_paths: Sequence[Adapter | str | Path],
+    adapters: Sequence[Adapter | str | Path],
     *,
     base: str | Path | None = None,
     per_module: bool = False,
-    progress: bool = True,
     device: str | torch.device = "cpu",
+    progress: bool = True,
 ) -> SimilarityResult:
     """Pairwise cosine similarity of the adapters' deltas (module docstring).
 
-    ``adapters_or_paths``: loaded :class:`Adapter`\\ s or paths (each file is
+    ``adapters``: loaded :class:`Adapter`\\ s or paths (each file is
     read once). Shared modules must have the same shape in every adapter
     (:func:`check_compatible`; else :class:`AdapterError`, exit 2 in the CLI).
     ``base``: a base model folder; D2-LoRA modules then use their effective
     delta (needs ``loramix.io.model_folder``). ``per_module``: also fill the
-    long ``per_module`` table. ``device``: where the Gram products run; on
-    the CPU (a string), in numpy (module docstring), equal to the torch
-    path (a ``torch.device``) to rounding.
+    long ``per_module`` table. ``device``: where the Gram products run.
+    ``"cpu"`` by default, where the functions that run a model default to
+    ``"auto"``, on purpose: the products of low-rank factors are small, and
+    on the CPU without ``base`` they run in numpy float64 without importing
+    torch (module docstring), also on a machine with a GPU; ``"cuda"`` or a
+    ``torch.device`` runs them in torch float64 there, equal to rounding.
+    ``progress``: a bar of the modules compared (on a terminal).
     """
-    if isinstance(adapters_or_paths, (str, Path)) or hasattr(adapters_or_paths, "modules"):
-        adapters_or_paths = [adapters_or_paths]
-    if len(adapters_or_paths) == 0:
+    if isinstance(adapters, (str, Path)) or hasattr(adapters, "modules"):
+        adapters = [adapters]
+    if len(adapters) == 0:
         raise UsageError("similarity", "needs at least one adapter")
     # as `loramix similarity` sets OPENBLAS_NUM_THREADS before numpy loads: the Gram strips
     # of a few adapters are small GEMMs, which OpenBLAS's spinning second thread slows down
-    small = len(adapters_or_paths) < ONE_THREAD_BELOW
+    small = len(adapters) < ONE_THREAD_BELOW
     with openblas_threads(1) if small else contextlib.nullcontext():
-        return _similarity(list(adapters_or_paths), base, per_module, progress, device)
+        return _similarity(list(adapters), base, per_module, progress, device)
 
 
 def _similarity(items: list, base, per_module: bool, progress: bool, device) -> SimilarityResult:

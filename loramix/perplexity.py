@@ -29,6 +29,7 @@ import os
 import time
 from collections.abc import Sequence
 
+from .api import renamed
 from .archs import context_length, fast_head_classes
 from .errors import UsageError
 
@@ -122,6 +123,7 @@ def _default_max_len(model, tokenizer) -> int:
     return int(min(n, tokenizer.model_max_length or n))
 
 
+@renamed({"batch_size": "batch"})
 def evaluate(
     base,
     *,
@@ -131,15 +133,15 @@ def evaluate(
     data=(),
     on: str = "answer",
     max_len: int | None = None,
-    batch_size: int = 16,
+    batch: int = 16,
     limit: int | None = None,
-    device="auto",
     fields: dict | None = None,
-    dtype=None,
     top_layers: int | None = None,
     prefix_cache: str | None = "disk",
     prompt: str = "raw",
-    progress: bool = False,
+    device="auto",
+    dtype=None,
+    progress: bool = True,
 ):
     """Perplexity of a base (plus the weighted sum of adapters) on data files.
 
@@ -152,8 +154,8 @@ def evaluate(
     (:func:`loramix.layers.attach_adapters`) or merged into the weights first
     (``merged=True``, :func:`loramix.layers.merge_into_model`). ``data``:
     paths, synthetic specs (``synthetic:arith?n=200``), or lists of
-    :class:`~loramix.data.QARecord`. ``limit`` keeps the first records of each.
-    ``fields``: ``question_field``/``answer_field``/``context_field`` for
+    :class:`~loramix.data.QARecord`. ``limit`` keeps the first records of each;
+    ``batch``: records per forward pass. ``fields``: ``question_field``/``answer_field``/``context_field`` for
     :func:`loramix.data.load_records`. ``dtype``: the dtype the base is
     loaded in (float32 by default; ``"bfloat16"`` halves memory, and time on
     a CPU with native bf16 arithmetic (AVX512-BF16, AMX) or a GPU; without it
@@ -196,7 +198,7 @@ def evaluate(
             from .prefix import split_point
 
             k = split_point(model, top_layers)
-        return _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch_size, dev=dev,
+        return _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch, dev=dev,
                       prefix_at=k, prefix_cache=prefix_cache, prompt=prompt, progress=progress)  # fmt: skip
     finally:
         if lent:  # the caller's own model: its modules back as they were

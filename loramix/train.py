@@ -40,6 +40,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .api import renamed
 from .archs import context_length
 from .errors import UsageError
 
@@ -189,11 +190,12 @@ def _supervised_tokens(batch) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+@renamed(positional=("out",))
 def train_adapter(
     base,
     data,
-    out,
     *,
+    out,
     kind: str = "lora",
     rank: int = 8,
     alpha: float = 16,
@@ -211,30 +213,35 @@ def train_adapter(
     weight_decay: float = 0.0,
     clip: float = 1.0,
     seed: int = 0,
-    device: str = "auto",
     on: str = "answer",
     question_field: str = "question",
     answer_field: str = "answer",
     context_field: str | None = "context",
-    force: bool = False,
-    progress: bool = True,
     method: str | None = None,
     shared_init: bool = False,
     top_layers: int | None = None,
     prefix_cache: str | None = "disk",
-    dtype: str | None = None,
     grad_accum: int = 1,
     grad_checkpointing: bool = False,
     bucket: int = 16,
     prompt: str = "raw",
     loaded: tuple | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    force: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Train an adapter of ``kind`` on ``data`` for the base model folder ``base``; write it to ``out``.
 
     ``kind``: an adapter kind's name (:mod:`loramix.kinds`; ``method`` is its
     v0.1 name); ``tau`` and ``norm_dim`` are D2-LoRA's options (recorded only
-    for kinds that take them). ``targets``: module-name suffixes (PEFT's
-    rule), a regex string, or None for the architecture's default
+    for kinds that take them). ``targets``: a list or tuple of module names
+    or suffixes, ``["q_proj", "layers.29.self_attn.v_proj"]`` (PEFT's rule:
+    a module matches a name it equals or ends with after a dot; what
+    ``loramix train --targets q_proj,layers.29.self_attn.v_proj`` takes as
+    a comma list); a single string, a regex the whole module name must match
+    (PEFT's regex form: ``r".*\\.(q_proj|v_proj)"``; so ``"q_proj,v_proj"``
+    is a regex, not two names); or None for the architecture's default
     (:func:`loramix.layers.find_targets`; GPT-2 ``c_attn, c_proj, c_fc``,
     Llama ``q/k/v/o/gate/up/down_proj``).
 

@@ -20,6 +20,7 @@ FUNCTIONS = [
     "run_scenario",
     "save_peft_adapter",
     "save_d2_adapter",
+    "plan",
 ]
 
 
@@ -98,7 +99,7 @@ def test_an_adapter_and_a_merge_echo_in_one_line(tmp_path):
     results = [
         loramix.merge([a, b], "ties", out=tmp_path / "t", density=0.5, out_rank=2),
         loramix.merge([a, b], "sum", into=base, out=tmp_path / "m"),
-        loramix.sum_into_base([a, b], base, tmp_path / "s", progress=False),
+        loramix.sum_into_base([a, b], into=base, out=tmp_path / "s", progress=False),
     ]
     for r in results:
         assert "\n" not in repr(r) and len(repr(r)) < 600 and "loramix_version" not in repr(r), repr(r)
@@ -145,9 +146,9 @@ def test_training_keeps_the_callers_random_stream(tmp_path):
     data = "synthetic:arith?n=80"
     torch.manual_seed(1234)
     state = torch.get_rng_state()
-    loramix.build_base(data, tmp_path / "base", steps=2, device="cpu", progress=False)
+    loramix.build_base(data, out=tmp_path / "base", steps=2, device="cpu", progress=False)
     assert torch.equal(torch.get_rng_state(), state), "build_base"
-    loramix.train_adapter(tmp_path / "base", data, tmp_path / "a", steps=2, batch=4, eval_size=0, device="cpu",
+    loramix.train_adapter(tmp_path / "base", data, out=tmp_path / "a", steps=2, batch=4, eval_size=0, device="cpu",
                           progress=False)  # fmt: skip
     assert torch.equal(torch.get_rng_state(), state), "train_adapter"
 
@@ -165,9 +166,9 @@ def test_the_docstrings_name_the_fields_returned(tmp_path):
     docstring promised ``seconds`` (the dict has ``train_seconds``,
     ``setup_seconds``, ``prefix_seconds``)."""
     built = loramix.build_base(
-        "synthetic:arith?n=80", tmp_path / "base", steps=2, device="cpu", progress=False
+        "synthetic:arith?n=80", out=tmp_path / "base", steps=2, device="cpu", progress=False
     )
-    trained = loramix.train_adapter(tmp_path / "base", "synthetic:arith?n=40", tmp_path / "a", steps=1, batch=4,
+    trained = loramix.train_adapter(tmp_path / "base", "synthetic:arith?n=40", out=tmp_path / "a", steps=1, batch=4,
                                     device="cpu", progress=False)  # fmt: skip
     table = loramix.evaluate(tmp_path / "base", data=["synthetic:arith?n=8"])
     assert _returned_names(loramix.train_adapter.__doc__, "Returns ``out``") - set(trained) == set()

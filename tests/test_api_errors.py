@@ -1,7 +1,7 @@
 """Errors from the Python API name its keywords; the CLI's name its flags.
 
 Each case is one bad argument given both ways: ``loramix.X(...)`` raises the
-line in keyword terms (``rank``, ``force=True``, ``batch_size``), the command
+line in keyword terms (``rank``, ``force=True``, ``batch``), the command
 prints the same error in flag terms, byte for byte as before (``--rank``,
 ``--force``, ``--batch``). Real calls on a tiny GPT-2 and PEFT adapters.
 """
@@ -57,34 +57,34 @@ def _cases(e):
          "--out-rank/--energy: give one of --out-rank K or --energy F, not both"),
         ("merge force", lambda: loramix.merge(ads, "sum", out=ex), forced,
          ["merge", "-m", "sum", *ads, "--out", ex], forced_cli),
-        ("sum_into_base", lambda: loramix.sum_into_base(ads, b, ex), forced,
+        ("sum_into_base", lambda: loramix.sum_into_base(ads, into=b, out=ex), forced,
          ["sum", *ads, "--into", b, "--out", ex], forced_cli),
-        ("sum_adapters", lambda: loramix.sum_adapters(ads, ex), forced, ["sum", *ads, "--out", ex], forced_cli),
-        ("train warmup", lambda: loramix.train_adapter(b, d, new, steps=2, warmup=100),
+        ("sum_adapters", lambda: loramix.sum_adapters(ads, out=ex), forced, ["sum", *ads, "--out", ex], forced_cli),
+        ("train warmup", lambda: loramix.train_adapter(b, d, out=new, steps=2, warmup=100),
          "warmup: 100 steps is more than the run's 2 steps: the learning rate would never reach lr",
          ["train", "--base", b, "--data", d, "--out", new, "--steps", "2", "--warmup", "100"],
          "--warmup: 100 steps is more than the run's 2 steps: the learning rate would never reach --lr"),
-        ("train force", lambda: loramix.train_adapter(b, d, ex, steps=1), forced,
+        ("train force", lambda: loramix.train_adapter(b, d, out=ex, steps=1), forced,
          ["train", "--base", b, "--data", d, "--out", ex, "--steps", "1"], forced_cli),
-        ("evaluate batch", lambda: loramix.evaluate(b, data=[d], batch_size=0),
-         "batch_size: must be at least 1, got 0",
+        ("evaluate batch", lambda: loramix.evaluate(b, data=[d], batch=0),
+         "batch: must be at least 1, got 0",
          ["eval", "--base", b, "--data", d, "--batch", "0"], "--batch: must be at least 1, got 0"),
         ("evaluate merged", lambda: loramix.evaluate(b, data=[d], merged=True),
          "merged=True: needs at least one adapters",
          ["eval", "--base", b, "--data", d, "--merged"], "--merged: needs at least one --adapter"),
-        ("build_base", lambda: loramix.build_base(["synthetic:arith"], new, steps=0),
+        ("build_base", lambda: loramix.build_base(["synthetic:arith"], out=new, steps=0),
          "steps: must be at least 1, got 0",
          ["base", "build", "--data", "synthetic:arith", "--out", new, "--steps", "0"],
          "--steps: must be at least 1, got 0"),
-        ("run_scenario jobs", lambda: loramix.run_scenario(QUICKSTART, new, jobs=0),
+        ("run_scenario jobs", lambda: loramix.run_scenario(QUICKSTART, out=new, jobs=0),
          "jobs: must be at least 1, got 0",
          ["scenario", "run", str(QUICKSTART), "--out", new, "--jobs", "0"], "--jobs: must be at least 1, got 0"),
-        ("run_scenario force", lambda: loramix.run_scenario(QUICKSTART, ex),
+        ("run_scenario force", lambda: loramix.run_scenario(QUICKSTART, out=ex),
          f"{ex}: exists and is not a report of this scenario; pass force=True to replace it",
          ["scenario", "run", str(QUICKSTART), "--out", ex],
          f"{ex}: exists and is not a report of this scenario; pass --force to replace it"),
-        ("predict method", lambda: loramix.predict(ads, predictors, merge_method="nope"),
-         f"merge_method: {predictors} has no predictor for merge method nope (it has: sum, ties, dare-ties, svd)",
+        ("predict method", lambda: loramix.predict(ads, predictors, method="nope"),
+         f"method: {predictors} has no predictor for merge method nope (it has: sum, ties, dare-ties, svd)",
          ["predict", *ads, "--fit", predictors, "--method", "nope"],
          f"--method: {predictors} has no predictor for merge method nope (it has: sum, ties, dare-ties, svd)"),
         ("predict data", lambda: loramix.predict(ads, fit, data=[d, d]),
@@ -128,7 +128,7 @@ def test_the_cli_names_its_flags_as_before(env, capsys, case):
 
 def test_the_error_keeps_its_type_and_attributes(env):
     with pytest.raises(OutputError) as e:
-        loramix.sum_adapters(env["ads"], env["exists"])
+        loramix.sum_adapters(env["ads"], out=env["exists"])
     assert (e.value.where, e.value.problem) == (
         env["exists"],
         "already exists; pass force=True to replace it",

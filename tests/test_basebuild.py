@@ -23,7 +23,7 @@ FAST = dict(size=MINI, progress=False, seed=0)
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("bb") / "base"
-    return out, build_base(DATA, out, **FAST)
+    return out, build_base(DATA, out=out, **FAST)
 
 
 def test_lr_schedule():
@@ -87,15 +87,15 @@ def test_heldout_perplexity_beats_untrained_and_is_recorded(built):
 def test_refuses_existing_output(built):
     out, _ = built
     with pytest.raises(OutputError, match="already exists"):
-        build_base(DATA, out, **FAST)
+        build_base(DATA, out=out, **FAST)
 
 
 @pytest.mark.slow
 def test_same_seed_same_weights(tmp_path):
     kw = dict(size=MINI, steps=5, progress=False)
-    build_base(DATA, tmp_path / "a", seed=1, **kw)
-    build_base(DATA, tmp_path / "b", seed=1, **kw)
-    build_base(DATA, tmp_path / "c", seed=2, **kw)
+    build_base(DATA, out=tmp_path / "a", seed=1, **kw)
+    build_base(DATA, out=tmp_path / "b", seed=1, **kw)
+    build_base(DATA, out=tmp_path / "c", seed=2, **kw)
     w = [(tmp_path / x / "model.safetensors").read_bytes() for x in "abc"]
     assert w[0] == w[1] != w[2]
     assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
@@ -131,7 +131,7 @@ def test_build_on_real_data(tmp_path):
         for n in ("math", "medicine", "finance")
         for r in load_records(SHARED_DATA / f"{n}.jsonl", limit=150)
     ]
-    res = build_base(recs, tmp_path / "real", size=MINI, steps=60, progress=False)
+    res = build_base(recs, out=tmp_path / "real", size=MINI, steps=60, progress=False)
     assert res["heldout_ppl"] < 0.5 * res["untrained_ppl"]
 
 
@@ -145,8 +145,8 @@ def test_same_data_named_relatively_gives_the_same_bytes(tmp_path, monkeypatch):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.chdir(tmp_path)
     kw = dict(size=MINI, steps=2, progress=False)
-    build_base("d.jsonl", tmp_path / "rel", **kw)
-    build_base(str(data), tmp_path / "abs", **kw)
+    build_base("d.jsonl", out=tmp_path / "rel", **kw)
+    build_base(str(data), out=tmp_path / "abs", **kw)
     rec = [json.loads((tmp_path / d / "loramix.json").read_text()) for d in ("rel", "abs")]
     assert [[i["path"] for i in r["inputs"]] for r in rec] == [[str(data)], [str(data)]]
     files = [tmp_path / d / "model.safetensors" for d in ("rel", "abs")]

@@ -68,8 +68,8 @@ def test_sum_into_base_cuda_matches_cpu(setup, arch, tmp_path):
 
     s = setup[arch]
     kw = dict(weights=[1.0, 0.5, -0.25], progress=False)
-    sum_into_base(s["adapters"], s["base"], tmp_path / "cpu", device="cpu", **kw)
-    sum_into_base(s["adapters"], s["base"], tmp_path / "gpu", device="cuda", **kw)
+    sum_into_base(s["adapters"], into=s["base"], out=tmp_path / "cpu", device="cpu", **kw)
+    sum_into_base(s["adapters"], into=s["base"], out=tmp_path / "gpu", device="cuda", **kw)
     _assert_same_tensors(tmp_path / "gpu", tmp_path / "cpu", rtol=1e-6)
 
 
@@ -107,7 +107,9 @@ def tiny_base(tmp_path_factory):
     from loramix.basebuild import build_base
 
     out = tmp_path_factory.mktemp("built") / "base"
-    build_base(["synthetic:arith?n=300"], out, size="tiny", steps=20, seed=0, device="cuda", progress=False)
+    build_base(
+        ["synthetic:arith?n=300"], out=out, size="tiny", steps=20, seed=0, device="cuda", progress=False
+    )
     return out
 
 
@@ -120,7 +122,7 @@ def test_train_and_eval_on_cuda(tiny_base, tmp_path, method):
     res = train_adapter(
         tiny_base,
         data,
-        tmp_path / method,
+        out=tmp_path / method,
         kind=method,
         steps=30,
         batch=8,

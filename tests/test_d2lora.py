@@ -48,7 +48,7 @@ def _w0(mod: nn.Module) -> torch.Tensor:
 def test_trained_d2_adapter_round_trip_and_merge(bases, tmp_path, arch, norm_dim):
     base = bases[arch]
     out = tmp_path / "d2"
-    train_adapter(base, ARITH, out, norm_dim=norm_dim, eval_size=16, **D2)
+    train_adapter(base, ARITH, out=out, norm_dim=norm_dim, eval_size=16, **D2)
 
     # The documented format (docs/d2lora.md).
     cfg = json.loads((out / "adapter_config.json").read_text())
@@ -101,7 +101,7 @@ def test_several_d2_adapters_effective_vs_signed(bases, tmp_path):
     attach/merge do) against (b) the summed residual projected once."""
     base = bases["gpt2"]
     ads = [
-        load_adapter(train_adapter(base, spec, tmp_path / n, eval_size=0, **D2)["out"])
+        load_adapter(train_adapter(base, spec, out=tmp_path / n, eval_size=0, **D2)["out"])
         for n, spec in (("a", ARITH), ("u", UNITS))
     ]
     unmerged, tok = load_causal_lm(base)

@@ -91,7 +91,7 @@ def test_perplexity_equals_transformers_loss(bases, arch, on):
 
 
 def test_evaluate_rows_and_union(bases):
-    df = evaluate(bases["gpt2"], data=[ARITH, DATES], device="cpu", batch_size=8)
+    df = evaluate(bases["gpt2"], data=[ARITH, DATES], device="cpu", batch=8)
     assert list(df["data"]) == ["arith", "dates", "union"]
     assert list(df["records"]) == [60, 40, 100]
     a, d, u = df.to_dict(orient="records")
@@ -100,7 +100,7 @@ def test_evaluate_rows_and_union(bases):
     assert u["ppl"] == pytest.approx(want, rel=1e-9)
     assert min(a["ppl"], d["ppl"]) <= u["ppl"] <= max(a["ppl"], d["ppl"])
     # batch size does not change a token-weighted perplexity
-    df2 = evaluate(bases["gpt2"], data=[ARITH], device="cpu", batch_size=3, limit=60)
+    df2 = evaluate(bases["gpt2"], data=[ARITH], device="cpu", batch=3, limit=60)
     assert df2["ppl"][0] == pytest.approx(a["ppl"], rel=1e-5)
     # record lists work too
     df3 = evaluate(bases["gpt2"], data=[load_records(ARITH)], device="cpu")

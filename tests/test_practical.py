@@ -72,7 +72,7 @@ def test_init_seed_per_data_by_default_shared_on_request(llama, tmp_path):
     for data in (ARITH, UNITS):
         for shared in (False, True):
             out = tmp_path / f"{data[10:14]}-{shared}"
-            train_adapter(llama, data, out, seed=3, shared_init=shared, **FROZEN)
+            train_adapter(llama, data, out=out, seed=3, shared_init=shared, **FROZEN)
             runs[data, shared] = (_first_A(out), json.loads((out / "loramix.json").read_text()))
     a_ar, a_un = runs[ARITH, False][0], runs[UNITS, False][0]
     cos = float(a_ar @ a_un / (a_ar.norm() * a_un.norm()))
@@ -82,7 +82,7 @@ def test_init_seed_per_data_by_default_shared_on_request(llama, tmp_path):
     assert inits[ARITH, True] == {"shared": True, "seed": 3} == inits[UNITS, True]
     assert not inits[ARITH, False]["shared"] and inits[ARITH, False]["seed"] != inits[UNITS, False]["seed"]
     # the same seed and data give the same initial factors
-    train_adapter(llama, ARITH, tmp_path / "again", seed=3, **FROZEN)
+    train_adapter(llama, ARITH, out=tmp_path / "again", seed=3, **FROZEN)
     assert torch.equal(_first_A(tmp_path / "again"), a_ar)
 
 
@@ -118,7 +118,7 @@ def test_train_log_is_written_as_training_goes(llama, tmp_path):
     )
     stale = tmp_path / f"ad.train_log.{int(dead.stdout)}.csv"
     stale.write_text("step\n")
-    train_adapter(llama, ARITH, out, **FAST)
+    train_adapter(llama, ARITH, out=out, **FAST)
     with open(out / "train_log.csv") as f:
         assert len(list(csv.reader(f))) == FAST["steps"] + 1
     assert not list(tmp_path.glob("ad.train_log.*"))
@@ -132,7 +132,7 @@ def test_targets_error_lists_the_modules(llama, tmp_path, capsys):
 
 def test_base_recorded_resolved(llama, tmp_path, monkeypatch):
     monkeypatch.chdir(llama.parent)
-    train_adapter(llama.name, ARITH, tmp_path / "ad", **FROZEN)
+    train_adapter(llama.name, ARITH, out=tmp_path / "ad", **FROZEN)
     rec = json.loads((tmp_path / "ad" / "loramix.json").read_text())["inputs"][0]
     assert rec["path"] == str(llama.resolve()) and rec["given"] == llama.name and len(rec["sha256"]) == 64
     assert os.path.isabs(rec["path"])

@@ -170,7 +170,7 @@ def test_predict_uses_the_runner_cosine(adapters, fit_file):
     assert r2["predicted_delta_ppl_pct"] == pytest.approx(lf.slope * rms[0, 1] + lf.intercept, rel=1e-12)
     assert r2["interval"] == pytest.approx(list(lf.prediction_interval(rms[0, 1])))
     assert r2["loo_rmse"] == pytest.approx(lf.loo_rmse)
-    r3 = predict(adapters, path, merge_method="ties")
+    r3 = predict(adapters, path, method="ties")
     cos3 = math.sqrt((rms[0, 1] ** 2 + rms[0, 2] ** 2 + rms[1, 2] ** 2) / 3)
     assert r3["cosine"] == pytest.approx(cos3, rel=1e-12)
     lt = LinearFit.from_dict(fits[1])
@@ -300,8 +300,8 @@ def test_predict_reads_paths_with_the_numpy_reader_to_the_same_figures(adapters,
 
     path, _ = fit_file
     for method in ("sum", "ties"):
-        by_path = predict(adapters, path, merge_method=method)
-        loaded = predict([load_adapter(a) for a in adapters], path, merge_method=method)
+        by_path = predict(adapters, path, method=method)
+        loaded = predict([load_adapter(a) for a in adapters], path, method=method)
         assert json.dumps(by_path) == json.dumps(loaded)
 
 
@@ -362,7 +362,7 @@ def test_predict_with_a_predictors_file_is_the_commands_for_every_method(adapter
     methods = list(json.loads(predictors.read_text())["by_method"])
     figures = set()
     for m in methods:
-        r = loramix.predict(adapters, predictors, merge_method=m)
+        r = loramix.predict(adapters, predictors, method=m)
         capsys.readouterr()
         assert (
             main(

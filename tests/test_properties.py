@@ -96,7 +96,7 @@ def test_sum_adapter_written_and_loaded_is_the_sum(tmp_path_factory, case):
     from loramix import load_adapter, sum_adapters
 
     ads, ws = case
-    out = sum_adapters(ads, tmp_path_factory.mktemp("s") / "out", weights=ws)
+    out = sum_adapters(ads, out=tmp_path_factory.mktemp("s") / "out", weights=ws)
     assert_written_sum(load_adapter(out).modules[MOD], ads, ws, MOD)
 
 
@@ -617,9 +617,9 @@ def test_sum_adapter_over_modules_only_some_adapters_have(tmp_path_factory, ads,
     ws = [data.draw(WEIGHTS) for _ in ads]
     if any(a.kind.name == "d2lora" for a in ads):  # documented: no LoRA adapter holds their sum
         with pytest.raises(AdapterError, match="D2-LoRA"):
-            sum_adapters(ads, tmp_path_factory.mktemp("s") / "out", weights=ws)
+            sum_adapters(ads, out=tmp_path_factory.mktemp("s") / "out", weights=ws)
         return
-    out = sum_adapters(ads, tmp_path_factory.mktemp("s") / "out", weights=ws)
+    out = sum_adapters(ads, out=tmp_path_factory.mktemp("s") / "out", weights=ws)
     got = load_adapter(out)
     names = {m for a in ads for m in a.modules}
     assert set(got.modules) == names

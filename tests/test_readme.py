@@ -55,7 +55,17 @@ def test_the_from_python_snippet_runs(tmp_path, monkeypatch):
     tok.save_pretrained(str(tmp_path / "base"))
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(_from_python_snippet(), scope)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        exec(_from_python_snippet(), scope)
+    # the README shows this release's names, none of those kept for the previous one's callers
+    import loramix
+
+    said = [str(w.message) for w in caught if w.category is DeprecationWarning]
+    old = [m for m in said if m.split(":")[0] in loramix._API and "deprecated" in m]
+    assert not old, old
     sim, ppl = scope["sim"], scope["ppl"]
     for attr in ("rms", "mean", "coverage", "norms", "per_module"):
         assert isinstance(getattr(sim, attr), pd.DataFrame), attr
@@ -63,3 +73,6 @@ def test_the_from_python_snippet_runs(tmp_path, monkeypatch):
     for out in ("a", "b", "c", "merged", "summed-adapter", "ties"):
         assert (tmp_path / out / "loramix.json").is_file(), out
     assert isinstance(ppl, pd.DataFrame) and list(ppl["data"]) == ["a", "b", "c", "union"]
+    groups = scope["groups"]
+    assert sorted(m for g in groups for m in g["members"]) == ["a", "b", "c"]
+    assert all({"members", "method", "cost"} <= set(g) for g in groups)

@@ -67,7 +67,7 @@ def trained(smol, tmp_path_factory):
     res = {}
     for i, dom in enumerate(["math", "medicine"]):
         res[dom] = train_adapter(
-            str(smol), str(SHARED_DATA / f"{dom}.jsonl"), root / dom, targets=TOP_TARGETS, rank=4,
+            str(smol), str(SHARED_DATA / f"{dom}.jsonl"), out=root / dom, targets=TOP_TARGETS, rank=4,
             alpha=8, steps=6, batch=4, max_len=64, lr=3e-3, limit=40, eval_size=8, seed=i,
             device="cpu", progress=False,
         )  # fmt: skip

@@ -614,9 +614,11 @@ def test_bad_weights_refused_by_the_python_api(world, tmp_path, w):
     from loramix.methods.sum import sum_adapters, sum_into_base
 
     with pytest.raises(UsageError, match="weights"):
-        sum_into_base([world["a"], world["b"]], world["gpt2"], tmp_path / "o", weights=[w, 1], progress=False)
+        sum_into_base(
+            [world["a"], world["b"]], into=world["gpt2"], out=tmp_path / "o", weights=[w, 1], progress=False
+        )
     with pytest.raises(UsageError, match="weights"):
-        sum_adapters([world["a"], world["b"]], tmp_path / "o", weights=[1, w])
+        sum_adapters([world["a"], world["b"]], out=tmp_path / "o", weights=[1, w])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -202,7 +202,7 @@ def test_retention_against_a_direct_computation(study):
 
     rep, sc = study["report"], load_scenario(study["scen"])
     paths, base = rep["adapters"][0], _base_path(rep)
-    kw = dict(on=sc.eval.on, max_len=sc.eval.max_len, batch_size=sc.eval.batch, device="cpu")
+    kw = dict(on=sc.eval.on, max_len=sc.eval.max_len, batch=sc.eval.batch, device="cpu")
     doms = ["arith", "sort"]
     data = [_eval_records(sc, d) for d in doms]
     merged = evaluate(base, adapters=[paths[d] for d in doms], data=data, **kw)
@@ -227,7 +227,7 @@ def test_dense_merge_in_memory_equals_the_written_merge(study, tmp_path):
     merge([paths["arith"], paths["dates"]], "ties", into=base, out=tmp_path / "ties", density=0.5)
     data = [_eval_records(sc, d) for d in ("arith", "dates")]
     df = evaluate(str(tmp_path / "ties"), data=data, on=sc.eval.on, max_len=sc.eval.max_len,
-                  batch_size=sc.eval.batch, device="cpu")  # fmt: skip
+                  batch=sc.eval.batch, device="cpu")  # fmt: skip
     ev = {e["domain"]: e["ppl"] for e in rep["evaluations"] if e["model"] == "merge:ties:arith+dates"}
     assert ev["arith"] == pytest.approx(float(df.iloc[0]["ppl"]), rel=1e-5)
     assert ev["dates"] == pytest.approx(float(df.iloc[1]["ppl"]), rel=1e-5)
@@ -391,7 +391,7 @@ def test_plan_group_retention_against_a_direct_computation(study, tmp_path):
 
     rep, sc = study["report"], load_scenario(study["scen"])
     paths, base = rep["adapters"][0], _base_path(rep)
-    kw = dict(on=sc.eval.on, max_len=sc.eval.max_len, batch_size=sc.eval.batch, device="cpu")
+    kw = dict(on=sc.eval.on, max_len=sc.eval.max_len, batch=sc.eval.batch, device="cpu")
     pv = rep["plan_validation"]
     k, g = next((k, g) for k, g in enumerate(pv["plan_groups"]) if len(g["members"]) > 1)
     doms = g["members"]

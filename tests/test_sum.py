@@ -115,7 +115,9 @@ def tokens(vocab=128):
 def test_sum_into_matches_peft_cat(kind, gpt2, llama, tmp_path):
     fx = gpt2 if kind == "gpt2" else llama
     weights = [1.0, 0.5, -0.7]
-    res = sum_into_base(fx["adapters"], fx["base"], tmp_path / "out", weights=weights, progress=False)
+    res = sum_into_base(
+        fx["adapters"], into=fx["base"], out=tmp_path / "out", weights=weights, progress=False
+    )
     assert len(res.modules) == len({m for p in fx["adapters"] for m in load_adapter(p).modules})
 
     ref = peft_cat_merged(fx["make"], fx["adapters"], weights)
@@ -136,7 +138,9 @@ def test_sum_into_matches_peft_cat(kind, gpt2, llama, tmp_path):
 def test_sum_into_matches_dense_math(llama, tmp_path):
     """Independent of PEFT: W0 + sum_i w_i s_i B_i A_i from the files."""
     weights = [0.3, 2.0, 1.0]
-    sum_into_base(llama["adapters"], llama["base"], tmp_path / "out", weights=weights, progress=False)
+    sum_into_base(
+        llama["adapters"], into=llama["base"], out=tmp_path / "out", weights=weights, progress=False
+    )
     base, out = BaseModelFolder(llama["base"]), BaseModelFolder(tmp_path / "out")
     ads = [load_adapter(p) for p in llama["adapters"]]
     for name in {n for a in ads for n in a.modules}:
@@ -154,8 +158,8 @@ def test_sum_adapters_loaded_by_peft_equals_sum_into(kind, gpt2, llama, tmp_path
 
     fx = gpt2 if kind == "gpt2" else llama
     weights = [1.0, -0.25, 0.8]
-    sum_into_base(fx["adapters"], fx["base"], tmp_path / "into", weights=weights, progress=False)
-    sum_adapters(fx["adapters"], tmp_path / "adapter", weights=weights)
+    sum_into_base(fx["adapters"], into=fx["base"], out=tmp_path / "into", weights=weights, progress=False)
+    sum_adapters(fx["adapters"], out=tmp_path / "adapter", weights=weights)
 
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["rank_pattern"], "ranks differ per module, so the pattern must say so"
@@ -171,8 +175,8 @@ def test_sum_adapters_loaded_by_peft_equals_sum_into(kind, gpt2, llama, tmp_path
 def test_sharded_base_merges_like_single_file(gpt2, tmp_path):
     base = BaseModelFolder(gpt2["sharded"])
     assert len(base.shards) >= 2
-    sum_into_base(gpt2["adapters"], gpt2["base"], tmp_path / "single", progress=False)
-    sum_into_base(gpt2["adapters"], gpt2["sharded"], tmp_path / "sharded", progress=False)
+    sum_into_base(gpt2["adapters"], into=gpt2["base"], out=tmp_path / "single", progress=False)
+    sum_into_base(gpt2["adapters"], into=gpt2["sharded"], out=tmp_path / "sharded", progress=False)
     single, sharded = BaseModelFolder(tmp_path / "single"), BaseModelFolder(tmp_path / "sharded")
     assert sharded.shards == base.shards
     idx_in = json.loads((gpt2["sharded"] / "model.safetensors.index.json").read_text())
@@ -185,7 +189,7 @@ def test_sharded_base_merges_like_single_file(gpt2, tmp_path):
 
 
 def test_untouched_tensors_copied_exactly_and_tied_head_kept(gpt2, tmp_path):
-    sum_into_base(gpt2["adapters"][2:], gpt2["base"], tmp_path / "out", progress=False)
+    sum_into_base(gpt2["adapters"][2:], into=gpt2["base"], out=tmp_path / "out", progress=False)
     base, out = BaseModelFolder(gpt2["base"]), BaseModelFolder(tmp_path / "out")
     assert out.keys() == base.keys()
     for key in base.keys():
@@ -203,7 +207,9 @@ def test_provenance(gpt2, tmp_path):
     import loramix
 
     weights = [1.0, 2.0, 0.5]
-    sum_into_base(gpt2["adapters"], gpt2["sharded"], tmp_path / "out", weights=weights, progress=False)
+    sum_into_base(
+        gpt2["adapters"], into=gpt2["sharded"], out=tmp_path / "out", weights=weights, progress=False
+    )
     rec = json.loads((tmp_path / "out" / "loramix.json").read_text())
     assert rec["method"] == "sum" and rec["loramix_version"] == loramix.__version__
     import numpy
@@ -232,7 +238,7 @@ def test_provenance(gpt2, tmp_path):
                 k: v for k, v in rec.items() if k not in ("created", "software")
             }
 
-    sum_adapters(gpt2["adapters"], tmp_path / "ad", weights=weights)
+    sum_adapters(gpt2["adapters"], out=tmp_path / "ad", weights=weights)
     rec2 = json.loads((tmp_path / "ad" / "loramix.json").read_text())
     with safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["loramix"]) == {
@@ -244,8 +250,8 @@ def test_provenance(gpt2, tmp_path):
 
 def test_sum_is_byte_reproducible(gpt2, tmp_path):
     for name in ("a", "b"):
-        sum_into_base(gpt2["adapters"], gpt2["sharded"], tmp_path / name / "into", progress=False)
-        sum_adapters(gpt2["adapters"], tmp_path / name / "adapter")
+        sum_into_base(gpt2["adapters"], into=gpt2["sharded"], out=tmp_path / name / "into", progress=False)
+        sum_adapters(gpt2["adapters"], out=tmp_path / name / "adapter")
     for sub in ("into", "adapter"):
         files = sorted(p.name for p in (tmp_path / "a" / sub).glob("*.safetensors"))
         assert files
@@ -267,7 +273,7 @@ def test_direct_writes_give_the_same_bytes(gpt2, tmp_path, monkeypatch, large):
     for how in ("0", "1"):
         monkeypatch.setenv("LORAMIX_DIRECT_IO", how)
         for base in ("base", "sharded"):
-            sum_into_base(gpt2["adapters"], gpt2[base], tmp_path / how / base, progress=False)
+            sum_into_base(gpt2["adapters"], into=gpt2[base], out=tmp_path / how / base, progress=False)
     for base in ("base", "sharded"):
         files = sorted(p.name for p in (tmp_path / "0" / base).glob("*.safetensors"))
         assert files
@@ -275,7 +281,7 @@ def test_direct_writes_give_the_same_bytes(gpt2, tmp_path, monkeypatch, large):
             assert (tmp_path / "0" / base / f).read_bytes() == (tmp_path / "1" / base / f).read_bytes(), f
     if large:
         monkeypatch.setattr(shard_writer, "DIRECT_MIN_BYTES", 1 << 40)
-        sum_into_base(gpt2["adapters"], gpt2["base"], tmp_path / "small", progress=False)
+        sum_into_base(gpt2["adapters"], into=gpt2["base"], out=tmp_path / "small", progress=False)
         ref, got = BaseModelFolder(tmp_path / "small"), BaseModelFolder(tmp_path / "1" / "base")
         assert got.keys() == ref.keys()
         for key in ref.keys():
@@ -294,7 +300,7 @@ def test_fp16_base_keeps_dtype_and_dtype_option(tmp_path):
     model = tiny_gpt2(seed=4).half()
     base = save_base(model, tmp_path / "base16")
     ad = make_peft_adapter(tiny_gpt2(seed=4), tmp_path / "ad", seed=5)
-    sum_into_base([ad], base, tmp_path / "out16", progress=False)
+    sum_into_base([ad], into=base, out=tmp_path / "out16", progress=False)
     out = BaseModelFolder(tmp_path / "out16")
     assert {t.dtype for t in out.tensors.values()} == {"F16"}
     m = load_adapter(ad).modules["transformer.h.1.mlp.c_fc"]
@@ -303,7 +309,7 @@ def test_fp16_base_keeps_dtype_and_dtype_option(tmp_path):
     got = out.read_module_weight("transformer.h.1.mlp.c_fc", dtype=None)
     assert (got.float() - expect.float()).abs().max() <= 1e-3 * expect.float().abs().max()
 
-    sum_into_base([ad], base, tmp_path / "outbf", dtype="bfloat16", progress=False)
+    sum_into_base([ad], into=base, out=tmp_path / "outbf", dtype="bfloat16", progress=False)
     assert {t.dtype for t in BaseModelFolder(tmp_path / "outbf").tensors.values()} == {"BF16"}
     assert json.loads((tmp_path / "outbf" / "config.json").read_text())["dtype"] == "bfloat16"
     from transformers import AutoModelForCausalLM
@@ -333,7 +339,7 @@ def test_d2lora_sum_into_is_dense_effective_delta(gpt2, tmp_path):
     d2 = save_d2_adapter(tmp_path / "d2", modules, r=3, lora_alpha=8, tau=0.5)
     lora = gpt2["adapters"][0]
     weights = [0.7, 1.5]
-    sum_into_base([d2, lora], gpt2["base"], tmp_path / "out", weights=weights, progress=False)
+    sum_into_base([d2, lora], into=gpt2["base"], out=tmp_path / "out", weights=weights, progress=False)
     out = BaseModelFolder(tmp_path / "out")
     lm = load_adapter(lora).modules
     for name, m in modules.items():
@@ -344,7 +350,7 @@ def test_d2lora_sum_into_is_dense_effective_delta(gpt2, tmp_path):
         assert rel_err(out.read_module_weight(name), expect) <= TOL, name
 
     with pytest.raises(AdapterError, match="--into"):
-        sum_adapters([d2, lora], tmp_path / "nope")
+        sum_adapters([d2, lora], out=tmp_path / "nope")
     assert not (tmp_path / "nope").exists()
 
 
@@ -428,7 +434,7 @@ def test_adapter_that_does_not_fit(gpt2, llama, tmp_path, capsys):
     # Wrong shape: an adapter for a wider GPT-2.
     wide = make_peft_adapter(tiny_gpt2(n_embd=48), tmp_path / "wide", seed=1)
     with pytest.raises(AdapterError, match="does not fit"):
-        sum_into_base([wide], gpt2["base"], tmp_path / "o", progress=False)
+        sum_into_base([wide], into=gpt2["base"], out=tmp_path / "o", progress=False)
     code, _, err = run_cli(capsys, wide, "--into", gpt2["base"], "--out", tmp_path / "o")
     assert_one_line_error(code, err, wide, "model.safetensors", "transformer.h.0.attn.c_attn")
     # Incompatible adapters with each other.
@@ -451,7 +457,7 @@ def test_existing_out_and_out_is_input(gpt2, tmp_path, capsys):
     before = file_sha256(gpt2["base"] / "model.safetensors")
     for target in (gpt2["base"], a):
         with pytest.raises(OutputError):
-            sum_into_base([a], gpt2["base"], target, force=True, progress=False)
+            sum_into_base([a], into=gpt2["base"], out=target, force=True, progress=False)
         code, _, err = run_cli(capsys, a, "--into", gpt2["base"], "--out", target, "--force")
         assert_one_line_error(code, err, target, "input")
     assert file_sha256(gpt2["base"] / "model.safetensors") == before
@@ -464,7 +470,7 @@ def test_bad_weights(gpt2, tmp_path, capsys):
     code, _, err = run_cli(capsys, a[0], "--weights", "x", "--out", tmp_path / "o")
     assert_one_line_error(code, err, "--weights")
     with pytest.raises(UsageError):
-        sum_into_base(a[:2], gpt2["base"], tmp_path / "o", weights=[1.0], progress=False)
+        sum_into_base(a[:2], into=gpt2["base"], out=tmp_path / "o", weights=[1.0], progress=False)
     assert not (tmp_path / "o").exists()
 
 
@@ -472,10 +478,20 @@ def test_bad_weights(gpt2, tmp_path, capsys):
 def test_cuda_matches_cpu(gpt2, tmp_path):
     weights = [1.0, 0.5, -0.7]
     sum_into_base(
-        gpt2["adapters"], gpt2["base"], tmp_path / "cpu", weights=weights, device="cpu", progress=False
+        gpt2["adapters"],
+        into=gpt2["base"],
+        out=tmp_path / "cpu",
+        weights=weights,
+        device="cpu",
+        progress=False,
     )
     res = sum_into_base(
-        gpt2["adapters"], gpt2["sharded"], tmp_path / "cuda", weights=weights, device="cuda", progress=False
+        gpt2["adapters"],
+        into=gpt2["sharded"],
+        out=tmp_path / "cuda",
+        weights=weights,
+        device="cuda",
+        progress=False,
     )
     assert res.device.startswith("cuda")
     cpu, cuda = BaseModelFolder(tmp_path / "cpu"), BaseModelFolder(tmp_path / "cuda")
@@ -502,7 +518,7 @@ def test_sum_into_a_bfloat16_base_is_computed_in_float32(native, monkeypatch, tm
     model = tiny_llama(seed=0, hidden=64).to(torch.bfloat16)
     base = save_base(model, tmp_path / "base")
     ad = make_peft_adapter(model.float(), tmp_path / "ad", seed=1, r=4, lora_alpha=32)
-    sum_into_base([ad], base, tmp_path / "out", progress=False)
+    sum_into_base([ad], into=base, out=tmp_path / "out", progress=False)
     out, src = BaseModelFolder(tmp_path / "out"), BaseModelFolder(base)
     checked = 0
     for name, m in load_adapter(ad).modules.items():

@@ -68,7 +68,7 @@ def test_lora_adapter_loads_in_peft_with_same_logits(bases, tmp_path, arch):
 
     base = bases[arch]
     out = tmp_path / "a"
-    train_adapter(base, ARITH, out, lr=2e-2, **FAST)
+    train_adapter(base, ARITH, out=out, lr=2e-2, **FAST)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
     assert cfg["fan_in_fan_out"] is (arch == "gpt2")
@@ -88,7 +88,7 @@ def test_lora_adapter_loads_in_peft_with_same_logits(bases, tmp_path, arch):
 
 def test_outputs_and_provenance(bases, tmp_path):
     out = tmp_path / "a"
-    res = train_adapter(bases["gpt2"], [ARITH, UNITS], out, **FAST)
+    res = train_adapter(bases["gpt2"], [ARITH, UNITS], out=out, **FAST)
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -117,12 +117,12 @@ def test_outputs_and_provenance(bases, tmp_path):
     from loramix.errors import OutputError
 
     with pytest.raises(OutputError, match="already exists"):
-        train_adapter(bases["gpt2"], ARITH, out, **FAST)
+        train_adapter(bases["gpt2"], ARITH, out=out, **FAST)
 
 
 @pytest.mark.parametrize("method", ["lora", "d2lora"])
 def test_same_seed_same_bytes(bases, tmp_path, method):
-    runs = [train_adapter(bases["llama"], ARITH, tmp_path / f"r{i}", kind=method, seed=s, **FAST)
+    runs = [train_adapter(bases["llama"], ARITH, out=tmp_path / f"r{i}", kind=method, seed=s, **FAST)
             for i, s in enumerate((3, 3, 4))]  # fmt: skip
     b = [(Path(r["out"]) / "adapter_model.safetensors").read_bytes() for r in runs]
     assert b[0] == b[1]
@@ -134,7 +134,7 @@ def test_same_seed_same_bytes(bases, tmp_path, method):
 @pytest.mark.parametrize("method", ["lora", "d2lora"])
 def test_training_lowers_heldout_perplexity(bases, tmp_path, method):
     res = train_adapter(
-        bases["gpt2"], ARITH, tmp_path / "a", kind=method, steps=25, batch=8, max_len=48,
+        bases["gpt2"], ARITH, out=tmp_path / "a", kind=method, steps=25, batch=8, max_len=48,
         rank=4, alpha=8, lr=1e-2, eval_size=24, progress=False,
     )  # fmt: skip
     assert res["ppl_adapter"] < 0.8 * res["ppl_base"]
@@ -219,7 +219,7 @@ def test_adapter_for_another_base_is_refused(bases, tmp_path, capsys):
     from loramix.errors import AdapterError
 
     out = tmp_path / "a"
-    train_adapter(bases["gpt2"], ARITH, out, **FAST)
+    train_adapter(bases["gpt2"], ARITH, out=out, **FAST)
     other = AutoModelForCausalLM.from_pretrained(str(bases["llama"]))
     with pytest.raises(AdapterError, match="not in the base model") as e:
         attach_adapters(other, [load_adapter(out)])
@@ -244,7 +244,7 @@ def real_base(tmp_path_factory) -> Path:
     # The last 300 records of each domain: disjoint from the first 600 the adapters use.
     recs = [r for d in DOMAINS for r in load_records(SHARED_DATA / f"{d}.jsonl")[-300:]]
     out = tmp_path_factory.mktemp("real") / "base"
-    build_base(recs, out, size="tiny", steps=150, progress=False)
+    build_base(recs, out=out, size="tiny", steps=150, progress=False)
     return out
 
 
@@ -253,7 +253,7 @@ def real_base(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_training_on_real_domain_lowers_its_perplexity(real_base, tmp_path, domain):
     res = train_adapter(
-        real_base, SHARED_DATA / f"{domain}.jsonl", tmp_path / domain, limit=600, eval_size=80,
+        real_base, SHARED_DATA / f"{domain}.jsonl", out=tmp_path / domain, limit=600, eval_size=80,
         steps=60, batch=16, max_len=128, lr=3e-3, progress=False,
     )  # fmt: skip
     assert res["ppl_adapter"] < res["ppl_base"], res
@@ -277,16 +277,18 @@ def test_top_layers_train_from_the_cached_prefix_as_from_the_full_model(bases, t
     from loramix.prefix import clear_memory
 
     clear_memory()
-    top = train_adapter(bases["llama"], ARITH, tmp_path / "top", top_layers=1, **FAST)
+    top = train_adapter(bases["llama"], ARITH, out=tmp_path / "top", top_layers=1, **FAST)
     names = sorted(load_adapter(tmp_path / "top").modules)
     assert names and all(n.startswith("model.layers.1.") for n in names)
-    full = train_adapter(bases["llama"], ARITH, tmp_path / "full", targets=names, **FAST)
+    full = train_adapter(bases["llama"], ARITH, out=tmp_path / "full", targets=names, **FAST)
     _assert_same_factors(tmp_path / "full", tmp_path / "top", 1e-5)
     assert top["ppl_base"] == pytest.approx(full["ppl_base"], rel=1e-5)
     assert top["ppl_adapter"] == pytest.approx(full["ppl_adapter"], rel=1e-5)
     assert top["settings"]["top_layers"] == 1 and top["input_tokens"] > top["tokens"] > 0
     assert top["input_tokens_per_second"] > top["tokens_per_second"] > 0
-    again = train_adapter(bases["llama"], ARITH, tmp_path / "again", top_layers=1, **FAST)  # cached prefix
+    again = train_adapter(
+        bases["llama"], ARITH, out=tmp_path / "again", top_layers=1, **FAST
+    )  # cached prefix
     assert again["prefix_seconds"] <= top["prefix_seconds"]
     _assert_same_factors(tmp_path / "top", tmp_path / "again", 0)
 
@@ -305,20 +307,20 @@ def test_top_layers_short_run_computes_the_prefix_of_the_drawn_records_only(base
     clear_memory()
     kw = {**FAST, "steps": 1, "batch": 2, "eval_size": 2}
     data = "synthetic:arith?n=20"
-    top = train_adapter(bases["llama"], data, tmp_path / "top", top_layers=1, **kw)
+    top = train_adapter(bases["llama"], data, out=tmp_path / "top", top_layers=1, **kw)
     assert top["n_train"] == 18
     held = sorted(len(load_file(f)["lengths"]) for f in (tmp_path / "cache" / "prefix").glob("*.safetensors"))
     assert held == [2, 2], held  # the eval records' and the drawn records'
     clear_memory()
     train_adapter(
-        bases["llama"], data, tmp_path / "again", top_layers=1, **kw
+        bases["llama"], data, out=tmp_path / "again", top_layers=1, **kw
     )  # the drawn records' entry, from disk
-    train_adapter(bases["llama"], data, tmp_path / "none", top_layers=1, prefix_cache=None, **kw)
+    train_adapter(bases["llama"], data, out=tmp_path / "none", top_layers=1, prefix_cache=None, **kw)
     adapter = "adapter_model.safetensors"
     for other in ("again", "none"):
         assert (tmp_path / other / adapter).read_bytes() == (tmp_path / "top" / adapter).read_bytes()
     names = sorted(load_adapter(tmp_path / "top").modules)
-    train_adapter(bases["llama"], data, tmp_path / "full", targets=names, **kw)
+    train_adapter(bases["llama"], data, out=tmp_path / "full", targets=names, **kw)
     _assert_same_factors(tmp_path / "full", tmp_path / "top", 1e-5)
 
 
@@ -340,13 +342,13 @@ def test_held_out_evaluation_runs_the_blocks_below_the_adapters_once(bases, tmp_
     targets = ["layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj"]
     handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
     try:
-        once = train_adapter(bases["llama"], ARITH, tmp_path / "once", targets=targets, **FAST)
+        once = train_adapter(bases["llama"], ARITH, out=tmp_path / "once", targets=targets, **FAST)
     finally:
         handle.remove()
     held_out_batches = -(-FAST["eval_size"] // FAST["batch"])
     assert len(calls) == FAST["steps"] + held_out_batches
     monkeypatch.setattr(train_mod, "_held_out_prefix", lambda run: None)  # the full forward, twice
-    twice = train_adapter(bases["llama"], ARITH, tmp_path / "twice", targets=targets, **FAST)
+    twice = train_adapter(bases["llama"], ARITH, out=tmp_path / "twice", targets=targets, **FAST)
     assert (once["ppl_base"], once["ppl_adapter"]) == (twice["ppl_base"], twice["ppl_adapter"])
     assert once["ppl_adapter"] < once["ppl_base"]
     adapter = "adapter_model.safetensors"
@@ -363,8 +365,8 @@ def test_top_layers_adapter_loads_in_peft_on_its_modules_only(bases, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    train_adapter(bases["llama"], ARITH, tmp_path / "top", top_layers=1, **FAST)
-    train_adapter(bases["llama"], ARITH, tmp_path / "all", **FAST)
+    train_adapter(bases["llama"], ARITH, out=tmp_path / "top", top_layers=1, **FAST)
+    train_adapter(bases["llama"], ARITH, out=tmp_path / "all", **FAST)
     top = json.loads((tmp_path / "top" / "adapter_config.json").read_text())["target_modules"]
     assert top == sorted(load_adapter(tmp_path / "top").modules) and all(".layers.1." in n for n in top)
     every = json.loads((tmp_path / "all" / "adapter_config.json").read_text())["target_modules"]
@@ -379,16 +381,16 @@ def test_top_layers_adapter_loads_in_peft_on_its_modules_only(bases, tmp_path):
 
 
 def test_gradient_accumulation_gives_the_same_adapter(bases, tmp_path):
-    train_adapter(bases["llama"], ARITH, tmp_path / "one", **FAST)
-    train_adapter(bases["llama"], ARITH, tmp_path / "three", grad_accum=3, **FAST)
+    train_adapter(bases["llama"], ARITH, out=tmp_path / "one", **FAST)
+    train_adapter(bases["llama"], ARITH, out=tmp_path / "three", grad_accum=3, **FAST)
     _assert_same_factors(tmp_path / "one", tmp_path / "three", 1e-5)
-    train_adapter(bases["llama"], ARITH, tmp_path / "ckpt", grad_checkpointing=True, **FAST)
+    train_adapter(bases["llama"], ARITH, out=tmp_path / "ckpt", grad_checkpointing=True, **FAST)
     _assert_same_factors(tmp_path / "one", tmp_path / "ckpt", 1e-5)
 
 
 def test_bfloat16_autocast_trains_close_to_float32(bases, tmp_path):
-    a = train_adapter(bases["llama"], ARITH, tmp_path / "f32", **FAST)
-    b = train_adapter(bases["llama"], ARITH, tmp_path / "bf16", dtype="bfloat16", **FAST)
+    a = train_adapter(bases["llama"], ARITH, out=tmp_path / "f32", **FAST)
+    b = train_adapter(bases["llama"], ARITH, out=tmp_path / "bf16", dtype="bfloat16", **FAST)
     assert b["settings"]["dtype"] == "bfloat16"
     assert b["final_loss"] == pytest.approx(a["final_loss"], rel=0.02)
     assert b["ppl_adapter"] == pytest.approx(a["ppl_adapter"], rel=0.02)
@@ -501,8 +503,8 @@ def test_same_inputs_named_relatively_give_the_same_bytes(bases, tmp_path, monke
                                               for i in range(12)])  # fmt: skip
     monkeypatch.chdir(tmp_path)
     opts = dict(kind=kind, steps=2, batch=4, max_len=32, rank=2, alpha=4, eval_size=0, progress=False)
-    train_adapter("base", "d.jsonl", tmp_path / "rel", **opts)
-    train_adapter(str(tmp_path / "base"), str(data), tmp_path / "abs", **opts)
+    train_adapter("base", "d.jsonl", out=tmp_path / "rel", **opts)
+    train_adapter(str(tmp_path / "base"), str(data), out=tmp_path / "abs", **opts)
     files = [(tmp_path / d / "adapter_model.safetensors") for d in ("rel", "abs")]
     with safe_open(str(files[0]), "pt") as f:
         inputs = json.loads(f.metadata()["loramix"])["inputs"]
@@ -634,8 +636,8 @@ def test_gradient_accumulation_on_a_last_batch_smaller_than_the_micro_batches(ba
     the same adapter as without accumulation."""
     kw = {**FAST, "steps": 14, "eval_size": 16}
     data = "synthetic:arith?n=125"  # 109 training records: 13 batches of 8 and one of 5
-    one = train_adapter(bases["llama"], data, tmp_path / "one", **kw)
-    eight = train_adapter(bases["llama"], data, tmp_path / "eight", grad_accum=8, **kw)
+    one = train_adapter(bases["llama"], data, out=tmp_path / "one", **kw)
+    eight = train_adapter(bases["llama"], data, out=tmp_path / "eight", grad_accum=8, **kw)
     assert one["n_train"] == 109 and eight["steps"] == 14
     _assert_same_factors(tmp_path / "one", tmp_path / "eight", 1e-5)
 
@@ -649,7 +651,7 @@ def test_the_function_and_the_command_write_the_same_bytes(bases, tmp_path, kind
     data = write_jsonl(tmp_path / "d.jsonl", [{"question": f"What is {i} plus 2?", "answer": str(i + 2)}
                                               for i in range(12)])  # fmt: skip
     train_adapter(
-        bases["gpt2"], data, tmp_path / "py", kind=kind, batch=4, max_len=32, eval_size=0, progress=False
+        bases["gpt2"], data, out=tmp_path / "py", kind=kind, batch=4, max_len=32, eval_size=0, progress=False
     )
     assert main(["train", "--base", str(bases["gpt2"]), "--data", str(data), "--out", str(tmp_path / "cli"),
                  "--kind", kind, "--batch", "4", "--max-len", "32", "--eval-size", "0", "--quiet"]) == 0  # fmt: skip
@@ -665,7 +667,7 @@ def test_a_loaded_copy_of_the_base_trains_the_same_bytes(bases, tmp_path):
     from loramix.models import load_causal_lm
 
     held = load_causal_lm(bases["gpt2"])
-    runs = [train_adapter(bases["gpt2"], [ARITH, UNITS], tmp_path / f"r{i}", loaded=loaded, **FAST)
+    runs = [train_adapter(bases["gpt2"], [ARITH, UNITS], out=tmp_path / f"r{i}", loaded=loaded, **FAST)
             for i, loaded in enumerate((None, (copy.deepcopy(held[0]), held[1])))]  # fmt: skip
     files = [(Path(r["out"]) / "adapter_model.safetensors").read_bytes() for r in runs]
     assert files[0] == files[1]
@@ -681,7 +683,7 @@ def test_the_loops_fast_paths_give_the_bytes_of_the_plain_ones(bases, tmp_path, 
     import loramix.train as tr
 
     kw = {**FAST, "steps": 12, "eval_size": 0}
-    fast = train_adapter(bases["gpt2"], ARITH, tmp_path / "fast", **kw)
+    fast = train_adapter(bases["gpt2"], ARITH, out=tmp_path / "fast", **kw)
     plain_adamw = torch.optim.AdamW
 
     def single_tensor(*a, **k):
@@ -691,6 +693,6 @@ def test_the_loops_fast_paths_give_the_bytes_of_the_plain_ones(bases, tmp_path, 
     views = tr._micro_batches
     monkeypatch.setattr(tr, "_micro_batches", lambda b, micro: [{k: v.clone() for k, v in p.items()}
                                                                  for p in views(b, micro)])  # fmt: skip
-    plain = train_adapter(bases["gpt2"], ARITH, tmp_path / "plain", **kw)
+    plain = train_adapter(bases["gpt2"], ARITH, out=tmp_path / "plain", **kw)
     a, b = ((Path(r["out"]) / "adapter_model.safetensors").read_bytes() for r in (fast, plain))
     assert a == b

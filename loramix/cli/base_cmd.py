@@ -35,7 +35,7 @@ def build(data, more_data, out, size, steps, seed, device, force, progress):
 
     r = build_base(
         [*data, *more_data],
-        out,
+        out=out,
         size=size,
         steps=steps,
         seed=seed,

@@ -64,7 +64,7 @@ def command(base, adapters, weights, merged, data, more_data, on, prompt, max_le
         on=on,
         prompt=prompt,
         max_len=max_len,
-        batch_size=batch,
+        batch=batch,
         limit=limit,
         device=device,
         fields={

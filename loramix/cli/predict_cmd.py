@@ -44,7 +44,7 @@ def command(adapters, fit_path, merge_method, label, level, data, base, tokens, 
 
     check_calibration_args(data, base, tokens, max_len)
     # loramix.predict checks and passes on every option, so a notebook gets what this command prints
-    r = predict(list(adapters), fit_path, merge_method=merge_method, level=level, label=label,
+    r = predict(list(adapters), fit_path, method=merge_method, level=level, label=label,
                 data=list(data) or None, base=base, tokens=tokens, max_len=max_len, progress=True)  # fmt: skip
     for n in r["notes"]:
         click.echo(f"loramix: note: {n}", err=True)

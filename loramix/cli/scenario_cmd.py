@@ -159,7 +159,7 @@ def run_cmd(file, out, device, fresh, cache_dir, force, threads, jobs, executor,
 
     jobs = _jobs(jobs, threads, executor)
     # a kill (SIGTERM) unwinds like Ctrl-C (loramix.cli.main), so half-made artifacts are removed
-    rep = run_scenario(file, out, device=device, fresh=fresh, cache_dir=cache_dir, force=force,
+    rep = run_scenario(file, out=out, device=device, fresh=fresh, cache_dir=cache_dir, force=force,
                        progress=progress, threads=threads, jobs=jobs, executor=executor,
                        address=address)  # fmt: skip
     t = rep["timings"]["total_seconds"]

@@ -132,7 +132,7 @@ def command(base, data, more_data, out, targets, eval_size, progress, kind, meth
     res = train_adapter(
         base,
         [*data, *more_data],
-        out,
+        out=out,
         kind=kind,
         method=method,  # the v0.1 name of --kind, still accepted (errors then name --method)
         targets=tg,

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from ..adapter import Adapter
+from ..api import renamed
 from ..errors import AdapterError
 from .formats import find_format
 from .formats.base import WEIGHTS_NAME
@@ -31,7 +32,8 @@ from .formats.peft import save_peft_adapter
 __all__ = ["WEIGHTS_NAME", "load_adapter", "save_d2_adapter", "save_peft_adapter"]
 
 
-def load_adapter(path: str | Path, name: str | None = None) -> Adapter:
+@renamed(positional=("name",))
+def load_adapter(path: str | Path, *, name: str | None = None) -> Adapter:
     """Load an adapter (folder or .safetensors file) in any known format.
 
     Tensors are read one at a time with ``safe_open`` and kept as stored.

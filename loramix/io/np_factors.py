@@ -259,7 +259,7 @@ def _torch_read(path, name: str | None) -> NpAdapter:
     only an adapter with such a feature makes a similarity run import torch."""
     from .adapter_files import load_adapter
 
-    return np_adapter(load_adapter(path, name))
+    return np_adapter(load_adapter(path, name=name))
 
 
 def load_np_adapter(

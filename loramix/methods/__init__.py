@@ -154,7 +154,7 @@ def merge(
     device: str = "auto",
     dtype: Any = None,
     force: bool = False,
-    progress: bool = False,
+    progress: bool = True,
     **params,
 ) -> MergeResult:
     """Merge ``adapters`` (paths or loaded :class:`~loramix.adapter.Adapter`\\ s)
@@ -170,7 +170,8 @@ def merge(
     ``sign``, ``divide``, ``lambda_``/``lambda``, ``seed``, ``rank``,
     ``energy``) and ``out_rank``; ``None`` values mean "not given".
     ``dtype``: the output dtype (default: the base's, or the adapters' for
-    an adapter).
+    an adapter). ``progress``: a bar of the bytes written into a model (on
+    a terminal).
 
     Every check runs before any work: bad input raises a one-line
     :class:`~loramix.errors.LoramixError`. The same inputs and parameters

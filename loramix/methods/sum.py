@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..api import renamed
 from ..errors import UsageError
 from . import merge, register
 from .base import LowRank, MergeMethod, require_base
@@ -87,46 +88,55 @@ class Sum(MergeMethod):
         return LowRank(*_base_free_factors(module_deltas, weights, ctx.dtype, ctx.device))
 
 
-def _as_list(adapters_or_paths) -> list:
+def _as_list(adapters) -> list:
     from ..adapter import Adapter
 
-    if isinstance(adapters_or_paths, (str, os.PathLike, Adapter)):
-        return [adapters_or_paths]
-    return list(adapters_or_paths)
+    if isinstance(adapters, (str, os.PathLike, Adapter)):
+        return [adapters]
+    return list(adapters)
 
 
+@renamed({"adapters_or_paths": "adapters", "base": "into"},
+         positional=("into", "out", "weights", "dtype", "device", "force", "progress"))  # fmt: skip
 def sum_into_base(
-    adapters_or_paths,
-    base,
-    out,
+    adapters,
+    *,
     weights: Sequence[float] | None = None,
-    dtype: str | torch.dtype | None = None,
+    into,
+    out,
     device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
     force: bool = False,
     progress: bool = True,
 ):
-    """``W = W0 + sum_i w_i dW_i`` for every adapted weight, written as a model
-    folder: ``merge(..., "sum", into=base)``. Returns what the engine wrote
-    (a :class:`loramix.engine.StreamResult`)."""
-    res = merge(_as_list(adapters_or_paths), "sum", weights=weights, into=base, out=out,
+    """``W = W0 + sum_i w_i dW_i`` for every adapted weight of the base model
+    folder ``into``, written as a model folder ``out``:
+    ``merge(adapters, "sum", into=into, out=out)``. Returns what the engine
+    wrote (a :class:`loramix.engine.StreamResult`: tensors, bytes, device,
+    seconds), which is that merge's ``MergeResult.stream``."""
+    res = merge(_as_list(adapters), "sum", weights=weights, into=into, out=out,
                 device=device, dtype=dtype, force=force, progress=progress)  # fmt: skip
     return res.stream
 
 
+@renamed({"adapters_or_paths": "adapters"}, positional=("out", "weights", "force", "base", "dtype"))
 def sum_adapters(
-    adapters_or_paths,
-    out,
+    adapters,
+    *,
     weights: Sequence[float] | None = None,
-    force: bool = False,
     base=None,
+    out,
     dtype: str | torch.dtype | None = None,
+    force: bool = False,
 ) -> Path:
-    """Write the exact sum ``sum_i w_i dW_i`` as one PEFT LoRA adapter folder:
-    ``merge(..., "sum")`` without a base. Per module ``B = [w_1 s_1 B_1 ...]``
-    (out, R), ``A = [A_1; ...]`` (R, in), scale 1. D2-LoRA adapters are
-    refused (their effective delta depends on ``W0``). ``base`` (optional)
-    checks that every module exists in it with a fitting shape."""
-    ads = _as_list(adapters_or_paths)
+    """Write the exact sum ``sum_i w_i dW_i`` as one PEFT LoRA adapter folder
+    ``out``: ``merge(adapters, "sum", out=out)`` without a base. Per module
+    ``B = [w_1 s_1 B_1 ...]`` (out, R), ``A = [A_1; ...]`` (R, in), scale 1.
+    D2-LoRA adapters are refused (their effective delta depends on ``W0``).
+    ``base`` (optional) checks that every module exists in it with a fitting
+    shape. Returns the folder written (``MergeResult.out``). No
+    ``progress``: :func:`merge` draws its bar only for a model written."""
+    ads = _as_list(adapters)
     if base is not None:
         from ..adapter import Adapter
         from ..engine import resolve_targets

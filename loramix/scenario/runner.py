@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..api import renamed
 from ..blas import one_openblas_thread
 from ..environment import environment
 from ..errors import OutputError, UsageError
@@ -333,19 +334,20 @@ def _identity(path: str) -> str | None:
 
 
 @one_openblas_thread
+@renamed(positional=("out",))
 def run_scenario(
     scenario,
-    out: str | os.PathLike | None = None,
     *,
-    device: str = "auto",
+    out: str | os.PathLike | None = None,
     fresh: bool = False,
     cache_dir: str | os.PathLike | None = None,
-    force: bool = False,
-    progress: bool = True,
     threads: int | None = None,
     jobs: int | str | None = None,
     executor: str | None = None,
     address: str | None = None,
+    device: str = "auto",
+    force: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Run a scenario file (or a loaded :class:`Scenario`) and write its report.
 

@@ -85,7 +85,7 @@ def _base_step(ctx: StepContext, st: Step, deps: dict) -> dict:
         from ..basebuild import build_base
 
         kw = {k: v for k, v in b.build_params.items() if k in ("lr", "batch")}
-        res = build_base(st.args["records"], tmp / "model", size=b.size, steps=b.steps, seed=b.seed,
+        res = build_base(st.args["records"], out=tmp / "model", size=b.size, steps=b.steps, seed=b.seed,
                          device=str(ctx.device), progress=False, **kw)  # fmt: skip
         return {k: v for k, v in res.items() if isinstance(v, (int, float, str)) and k != "out"}
 
@@ -164,7 +164,7 @@ def _adapter_step(ctx: StepContext, st: Step, deps: dict) -> dict:
 
         base = deps["base"]["path"]
         try:
-            res = train_adapter(base, train_paths, tmp / a["name"], method=kind_of(a["method"]),
+            res = train_adapter(base, train_paths, out=tmp / a["name"], method=kind_of(a["method"]),
                                 rank=rank_of(a["method"], ad.rank),
                                 alpha=ad.alpha, tau=ad.tau, lr=ad.lr, batch=ad.batch, max_len=ad.max_len, eval_size=0,
                                 seed=a["seed"], shared_init=init_of(a["method"], ad.init) == "shared", device=str(ctx.device), progress=False,
@@ -196,7 +196,7 @@ def evaluate_on_splits(ctx: StepContext, base_path: str, *, adapters=(), domains
     base = model or ctx.base_model(base_path)
     with remembering_digests():  # the study's own base: only in-place writes, which the digests see
         df = evaluate(base, adapters=[str(a) for a in adapters], data=[ctx.data[n].eval for n in names],
-                      on=ev.on, max_len=ev.max_len, batch_size=ev.batch, device=str(ctx.device),
+                      on=ev.on, max_len=ev.max_len, batch=ev.batch, device=str(ctx.device), progress=False,
                       **{k: v for k, v in layer_kwargs(evaluate, ctx.sc.adapters, base_path).items()
                          if k == "top_layers"})  # fmt: skip
     out = {}
@@ -267,7 +267,7 @@ def _merge_step(ctx: StepContext, st: Step, deps: dict) -> dict:
 
     def make(tmp):
         if a["low_rank"]:
-            res = do_merge(paths, a["method"], out=tmp / "adapter", device=dev, **a["params"])
+            res = do_merge(paths, a["method"], out=tmp / "adapter", device=dev, progress=False, **a["params"])
             return {"summary": res.summary}
         # A dense merge changes only the adapted modules: add its deltas to the
         # base held in memory, evaluate, restore, instead of writing a whole model.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...adapter import ModuleDelta
+from ...api import renamed
 from ...errors import AdapterError
 from ...kinds import D2LORA
 from .base import PREFIX, PeftLayoutFormat, check_pair, clean_number, write_folder
@@ -21,8 +22,9 @@ class LoramixD2(PeftLayoutFormat):
     peft_type = "D2LORA"
 
 
+@renamed({"out_dir": "out"})
 def save_d2_adapter(
-    out_dir: str | Path,
+    out: str | Path,
     modules: dict[str, ModuleDelta],
     *,
     r: int,
@@ -38,11 +40,11 @@ def save_d2_adapter(
     ``modules`` (name -> a D2-LoRA :class:`~loramix.adapter.ModuleDelta`,
     ``B``/``B_neg`` (out, r), ``A``/``A_neg`` (r, in)) as its four factors,
     the config from ``r``, ``lora_alpha``, ``tau``, ``norm_dim``, ``eps``.
-    Written into ``out_dir`` as :func:`~loramix.io.formats.peft.save_peft_adapter`
+    Written into ``out`` as :func:`~loramix.io.formats.peft.save_peft_adapter`
     writes; a module of another kind or with factors that do not pair up
     raises :class:`~loramix.errors.AdapterError` before anything is made.
-    Returns ``out_dir``."""
-    out_dir = Path(out_dir)
+    Returns ``out``."""
+    out_dir = Path(out)
     tensors = {}
     for name, m in modules.items():
         if not isinstance(m, ModuleDelta) or m.kind is not D2LORA:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ...api import renamed
 from ...errors import AdapterError
 from ...kinds import LORA
 from .base import PREFIX, PeftLayoutFormat, check_pair, clean_number, common_rank_alpha, write_folder
@@ -23,13 +24,13 @@ class PeftLora(PeftLayoutFormat):
     peft_type = "LORA"
 
 
+@renamed({"out_dir": "out"})
 def save_peft_adapter(
-    out_dir: str | Path,
+    out: str | Path,
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
     *,
     base_model_name_or_path: str | None = None,
     fan_in_fan_out: bool = False,
-    dtype: torch.dtype | None = None,
     provenance: dict | None = None,
     alphas: dict[str, float] | None = None,
     use_rslora: bool = False,
@@ -37,6 +38,7 @@ def save_peft_adapter(
     saved: dict[str, torch.Tensor] | None = None,
     embeddings: set[str] | frozenset[str] = frozenset(),
     full_names: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a PEFT LoRA folder (``adapter_config.json`` + weights).
 
@@ -56,13 +58,13 @@ def save_peft_adapter(
     ``embeddings`` are embedding weights (``(B, A)`` still in the weight's
     ``(vocab, dim)`` layout) and are stored as PEFT's ``lora_embedding_A/B``.
 
-    The files are written into ``out_dir`` as it is (made if missing, files of
+    The files are written into ``out`` as it is (made if missing, files of
     the same names replaced; the commands write into a temporary folder,
     :func:`loramix.io.outputs.atomic_output_dir`). Factors that are not such
     pairs, or nothing to write, raise :class:`~loramix.errors.AdapterError`
-    naming ``out_dir`` before anything is made. Returns ``out_dir``.
+    naming ``out`` before anything is made. Returns ``out``.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for module, pair in factors.items():

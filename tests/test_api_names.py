@@ -1,0 +1,270 @@
+"""One Python API: one name per concept, one shape of signature, the old names kept for a release.
+
+The rules (README, "From Python") are checked on every function ``loramix``
+exports, so a function added later cannot drift from them; each name of the
+previous release is checked with a real call: it warns, naming both names,
+gives the same result as the new name, and is refused when given together
+with it. pyproject ignores DeprecationWarning, so ``pytest.warns`` sees them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file
+
+import loramix
+from loramix.errors import LoramixError
+
+from .factories import make_peft_adapter, tiny_gpt2, write_jsonl
+from .test_train import make_tiny_base
+
+REPORTS = Path(__file__).resolve().parents[1] / "reports" / "quickstart"
+QUICKSTART = Path(__file__).resolve().parents[1] / "scenarios" / "quickstart.toml"
+
+#: each function's positional parameters: what the call works on (its inputs; a writer's
+#: folder and contents; merge's method, predict's fit); every other parameter is keyword-only
+POSITIONAL = {
+    "load_adapter": ("path",),
+    "save_peft_adapter": ("out", "factors"),
+    "save_d2_adapter": ("out", "modules"),
+    "similarity": ("adapters",),
+    "sum_into_base": ("adapters",),
+    "sum_adapters": ("adapters",),
+    "merge": ("adapters", "method"),
+    "train_adapter": ("base", "data"),
+    "evaluate": ("base",),
+    "build_base": ("data",),
+    "run_scenario": ("scenario",),
+    "predict": ("adapters", "fit"),
+    "plan": ("adapters",),
+}
+#: a concept's other names, which no function may take (the commands' name is the one)
+SYNONYMS = {
+    "adapters_or_paths": "adapters",
+    "adapter_paths": "adapters",
+    "batch_size": "batch",
+    "merge_method": "method",
+    "out_dir": "out",
+    "output": "out",
+    "output_dir": "out",
+    "base_model": "base",
+    "base_path": "base",
+    "verbose": "progress",
+    "show_progress": "progress",
+}
+#: the shared keywords, in the order every signature holds them; the last four close it
+ORDER = ["weights", "into", "base", "data", "out", "device", "dtype", "force", "progress"]
+LAST = ["device", "dtype", "force", "progress"]
+#: device "cpu" by default, on purpose: they compute from the factors in numpy float64
+CPU_FIRST = {"similarity", "predict", "plan"}
+
+
+def _functions() -> dict:
+    return {n: getattr(loramix, n) for n in loramix._API if inspect.isfunction(getattr(loramix, n))}
+
+
+def test_every_exported_function_declares_its_positional_parameters():
+    """A new export must be added to POSITIONAL, and so meet the rules below."""
+    assert set(_functions()) == set(POSITIONAL)
+
+
+@pytest.mark.parametrize("name", sorted(POSITIONAL))
+def test_the_signature_follows_the_rules(name):
+    params = list(inspect.signature(getattr(loramix, name)).parameters.values())
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    assert tuple(positional) == POSITIONAL[name], "only what the call works on is positional"
+    keywords = [p for p in params if p.kind is p.KEYWORD_ONLY]
+    assert len(positional) + len(keywords) + sum(p.kind is p.VAR_KEYWORD for p in params) == len(params)
+    names = [p.name for p in params]
+    assert not set(names) & set(SYNONYMS), f"{name}: use {[SYNONYMS[n] for n in set(names) & set(SYNONYMS)]}"
+    shared = [p.name for p in keywords if p.name in ORDER]
+    assert shared == sorted(shared, key=ORDER.index), f"{name}: shared keywords out of order {shared}"
+    last = [p.name for p in keywords if p.name in LAST]
+    assert [p.name for p in keywords[len(keywords) - len(last) :]] == last, f"{name}: {last} must close it"
+    by_name = {p.name: p for p in params}
+    if "progress" in by_name:  # every export runs work that can take seconds; a bar only on a terminal
+        assert by_name["progress"].default is True, name
+    if "device" in by_name:
+        want = "cpu" if name in CPU_FIRST else "auto"
+        assert by_name["device"].default == want, name
+    if name in CPU_FIRST:  # and say why
+        assert "numpy float64" in " ".join(getattr(loramix, name).__doc__.split()), name
+
+
+def test_the_commands_options_are_the_keywords():
+    """Where a command's flag and the function's keyword differ, the API's
+    error rendering needs a rename; only the unavoidable ones are left
+    (``--lambda``: a Python keyword; ``--adapter``: repeated, one per
+    adapter; ``--cache``: ``cache_dir``, a folder, beside ``fresh``)."""
+    from loramix.api import RENAMES
+
+    assert RENAMES == {
+        "evaluate": {"--adapter": "adapters"},
+        "merge": {"--lambda": "lambda_"},
+        "run_scenario": {"--cache": "cache_dir"},
+    }
+
+
+# ---- the previous release's names ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("api_names")
+    base = make_tiny_base(root / "base", "gpt2")
+    from transformers import AutoConfig
+
+    model = tiny_gpt2(vocab_size=AutoConfig.from_pretrained(base).vocab_size)
+    ads = [str(make_peft_adapter(model, root / f"a{i}", seed=i, r=2, lora_alpha=4)) for i in (1, 2)]
+    data = write_jsonl(
+        root / "d.jsonl", [{"question": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(24)]
+    )
+    return {"base": str(base), "ads": ads, "data": str(data), "root": root}
+
+
+def _tensors(folder) -> dict:
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _same_tensors(a, b) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta and ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and (ta[k] == tb[k]).all(), k
+
+
+def _deprecated(*names):
+    """``pytest.warns`` for a DeprecationWarning naming all of ``names``, said at the caller's line."""
+    return pytest.warns(DeprecationWarning, match=".*".join(names))
+
+
+def test_old_keywords_warn_and_give_the_same_result(env, tmp_path):
+    ads, b, d = env["ads"], env["base"], env["data"]
+    with _deprecated("similarity", "adapters_or_paths", "adapters") as w:
+        old = loramix.similarity(adapters_or_paths=ads)
+    assert w[0].filename == __file__  # the caller's line, where Python shows a __main__'s warning
+    assert old.rms.equals(loramix.similarity(ads).rms)
+
+    loramix.sum_into_base(ads, into=b, out=tmp_path / "new")
+    with _deprecated("sum_into_base", "base", "into"):
+        loramix.sum_into_base(ads, base=b, out=tmp_path / "old")
+    _same_tensors(tmp_path / "new", tmp_path / "old")
+    with _deprecated("sum_adapters", "adapters_or_paths", "adapters"):
+        loramix.sum_adapters(adapters_or_paths=ads, out=tmp_path / "sa-old")
+    _same_tensors(loramix.sum_adapters(ads, out=tmp_path / "sa-new"), tmp_path / "sa-old")
+
+    with _deprecated("evaluate", "batch_size", "batch"):
+        old = loramix.evaluate(b, data=[d], batch_size=5, device="cpu")
+    new = loramix.evaluate(b, data=[d], batch=5, device="cpu")
+    assert old[["records", "tokens", "ppl", "nll"]].equals(new[["records", "tokens", "ppl", "nll"]])
+
+    save = loramix.load_adapter(ads[0])
+    factors = {n: (m.B, m.A) for n, m in save.modules.items()}
+    with _deprecated("save_peft_adapter", "out_dir", "out"):
+        loramix.save_peft_adapter(out_dir=tmp_path / "w-old", factors=factors)
+    _same_tensors(loramix.save_peft_adapter(tmp_path / "w-new", factors), tmp_path / "w-old")
+
+
+@pytest.mark.skipif(not (REPORTS / "fit.json").is_file(), reason="no committed quickstart report")
+def test_predict_and_plans_old_keywords(env):
+    ads, fit = env["ads"], str(REPORTS / "fit.json")
+    new = loramix.predict(ads, fit, method="sum", label="lora")
+    with _deprecated("predict", "merge_method", "method"):
+        assert loramix.predict(ads, fit, merge_method="sum", label="lora") == new
+    with _deprecated("predict", "adapters_or_paths", "adapters"):
+        assert loramix.predict(adapters_or_paths=ads, fit=fit, method="sum", label="lora") == new
+    with _deprecated("plan", "adapters_or_paths", "adapters"):
+        old = loramix.plan(adapters_or_paths=ads, max_group=2)
+    assert old.to_json_dict() == loramix.plan(ads, max_group=2).to_json_dict()
+
+
+def test_old_positional_calls_warn_and_give_the_same_result(env, tmp_path):
+    """The previous release's positional forms, as its README wrote them."""
+    ads, b, d = env["ads"], env["base"], env["data"]
+    with _deprecated("sum_into_base", "into, out", "by position"):
+        loramix.sum_into_base(ads, b, tmp_path / "pos", [1.0, 0.5])
+    loramix.sum_into_base(ads, into=b, out=tmp_path / "kw", weights=[1.0, 0.5])
+    _same_tensors(tmp_path / "pos", tmp_path / "kw")
+    with _deprecated("sum_adapters", "out, weights"):
+        loramix.sum_adapters(ads, tmp_path / "sa-pos", [2.0, 1.0])
+    _same_tensors(loramix.sum_adapters(ads, out=tmp_path / "sa-kw", weights=[2.0, 1.0]), tmp_path / "sa-pos")
+    with _deprecated("load_adapter", "name"):
+        assert loramix.load_adapter(ads[0], "x").name == "x"
+
+    kw = dict(steps=1, batch=4, max_len=32, eval_size=0, device="cpu")
+    with _deprecated("train_adapter", "out"):
+        loramix.train_adapter(b, d, tmp_path / "t-pos", **kw)
+    loramix.train_adapter(b, d, out=tmp_path / "t-kw", **kw)
+    _same_tensors(tmp_path / "t-pos", tmp_path / "t-kw")
+
+    # build_base and run_scenario: the positional out is the out, refused as such before any work
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    for call in (lambda out: loramix.build_base("synthetic:arith", out),
+                 lambda out: loramix.run_scenario(QUICKSTART, out)):  # fmt: skip
+        with _deprecated("out"), pytest.raises(LoramixError) as e:
+            call(tmp_path / "taken")
+        assert e.value.where == str(tmp_path / "taken") and "force=True" in e.value.problem
+
+
+@pytest.mark.parametrize(
+    "call, line",
+    [
+        (lambda e, out: loramix.evaluate(e["base"], data=[e["data"]], batch=4, batch_size=4),
+         "evaluate: give batch or its old name batch_size, not both"),
+        (lambda e, out: loramix.sum_into_base(e["ads"], e["base"], into=e["base"], out=out),
+         "sum_into_base: into given twice, by position and as into="),
+        (lambda e, out: loramix.sum_into_base(e["ads"], into=e["base"], base=e["base"], out=out),
+         "sum_into_base: give into or its old name base, not both"),
+        (lambda e, out: loramix.predict(e["ads"], "fit.json", method="sum", merge_method="sum"),
+         "predict: give method or its old name merge_method, not both"),
+        (lambda e, out: loramix.similarity(e["ads"], adapters_or_paths=e["ads"]),
+         "similarity: give adapters or its old name adapters_or_paths, not both"),
+    ],
+)  # fmt: skip
+def test_both_names_at_once_are_refused(env, tmp_path, call, line):
+    with pytest.raises(LoramixError) as e:
+        call(env, tmp_path / "out")
+    assert str(e.value) == line
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_many_positional_arguments_are_a_type_error(env, tmp_path):
+    with pytest.raises(TypeError, match="takes 1 positional"):
+        loramix.sum_adapters(env["ads"], tmp_path / "o", None, False, None, None, True)
+
+
+# ---- plan and targets, as the commands take them ---------------------------------------------------------------
+
+
+def test_plan_returns_what_the_command_prints(env, capsys):
+    from loramix.cli import main
+
+    ads = env["ads"] + [env["ads"][0]]
+    assert main(["plan", *ads, "--max-group", "2", "--format", "json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert loramix.plan(ads, max_group=2).to_json_dict() == printed
+    with pytest.raises(LoramixError, match="^max_group: must be at least 1, got 0$"):
+        loramix.plan(ads, max_group=0)
+
+
+def test_targets_a_list_of_names_or_a_regex(env, tmp_path):
+    """``--targets c_attn,c_fc`` is ``targets=["c_attn", "c_fc"]`` (or a
+    tuple); a regex string selecting the same modules trains the same
+    adapter."""
+    b, d = env["base"], env["data"]
+    kw = dict(steps=1, batch=4, max_len=32, eval_size=0, device="cpu")
+    loramix.train_adapter(b, d, out=tmp_path / "list", targets=["c_attn", "c_fc"], **kw)
+    loramix.train_adapter(b, d, out=tmp_path / "tuple", targets=("c_attn", "c_fc"), **kw)
+    loramix.train_adapter(b, d, out=tmp_path / "regex", targets=r".*\.(c_attn|c_fc)", **kw)
+    _same_tensors(tmp_path / "list", tmp_path / "tuple")
+    _same_tensors(tmp_path / "list", tmp_path / "regex")
+    modules = loramix.load_adapter(tmp_path / "list").modules
+    assert {n.rpartition(".")[2] for n in modules} == {"c_attn", "c_fc"}
