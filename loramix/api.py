@@ -16,6 +16,12 @@ The CLI, and loramix's own modules, call the functions from their modules,
 unwrapped: the CLI's lines are the library's, and only the outermost
 ``loramix.X`` call renders an error, once.
 
+A warning (:class:`~loramix.errors.LoramixWarning`) is not rendered: it is
+issued where it arises, under the caller's own filters, and may have been
+recorded, or shown, before the outermost call ends. Its line is worded for
+both readers instead: one that points at another step names the function
+and the command (``evaluate merged=True, eval --merged``).
+
 :func:`renamed` keeps the keywords of the previous release working, with a
 :class:`DeprecationWarning`: one name per concept across the functions, the
 commands' (``adapters``, ``into``, ``out``, ``method``, ``batch``).

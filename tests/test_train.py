@@ -527,8 +527,9 @@ def test_training_a_tied_head_says_merging_differs(bases, tmp_path, capsys):
     warned = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
     assert warned == [
         "loramix: warning: target lm_head is tied to the input embedding: the adapter is trained on the head "
-        "alone (as PEFT applies it on the fly), but merging it changes the shared weight, so eval --merged "
-        "gives another model (and sum --into refuses it)"
+        "alone (as PEFT applies it on the fly), but merging it changes the shared weight, so merged (evaluate "
+        "merged=True, eval --merged) it is another model, and a sum into the base (sum_into_base, sum --into) "
+        "refuses it"
     ], warned
     assert main(["train", *common, "--targets", "c_attn", "--out", str(tmp_path / "b")]) == 0
     assert "warning" not in capsys.readouterr().err
