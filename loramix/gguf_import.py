@@ -46,12 +46,17 @@ What loramix adds is checking and writing:
 Supported architectures: the Llama family (``llama``, which covers SmolLM and
 llama.cpp's Mistral, ``qwen2``, with its q/k/v biases, and ``qwen3``, with its
 per-head q/k RMSNorm). Anything else, a file that is not a GGUF, a
-truncated one or a quantisation outside :data:`SUPPORTED_TYPES` is a one-line
-:class:`~loramix.errors.BaseModelError`, and nothing is left at ``out``.
+damaged one (:mod:`loramix.gguf_layout` checks its layout against its size
+before the reader parses it), metadata of the wrong kind, no vocabulary, nan
+or inf weights, or a quantisation outside :data:`SUPPORTED_TYPES` is a
+one-line :class:`~loramix.errors.BaseModelError`. What can be checked before
+de-quantising is (:func:`check_gguf`), so that nothing is written then;
+nothing is left at ``out`` in any case.
 
 :func:`resolve_base` lets every command take a GGUF file where it takes a base
 folder: the file is imported once into
-``cache_dir()/bases/<sha256>-float32-r<IMPORT_RULE>``.
+``cache_dir()/bases/<sha256>-float32-r<IMPORT_RULE>``; a file refused leaves
+nothing there (its lock file is removed).
 """
 
 from __future__ import annotations
@@ -115,10 +120,16 @@ def check_gguf_file(path: str | os.PathLike) -> Path:
 
 
 def open_gguf(path: str | os.PathLike):
-    """``gguf.GGUFReader(path)`` with every failure turned into one line naming the file."""
+    """``gguf.GGUFReader(path)`` with every failure turned into one line naming the file.
+    The layout is checked against the file's size first (:mod:`loramix.gguf_layout`):
+    the reader trusts its counts and offsets, and looped for minutes, taking
+    gigabytes, over an array length past the end of the file."""
     p = check_gguf_file(path)
     from gguf import GGUFReader
 
+    from .gguf_layout import check_layout
+
+    check_layout(p)
     try:
         return GGUFReader(str(p))
     except Exception as e:  # the reader raises ValueError/IndexError/... on a damaged file
@@ -130,6 +141,61 @@ def open_gguf(path: str | os.PathLike):
 def _field(reader, key: str):
     f = reader.fields.get(key)
     return None if f is None else f.contents()
+
+
+# GGUFValueType ids: the integers (UINT8 ... INT32, UINT64, INT64) and the numbers (those, FLOAT32, FLOAT64)
+_INTEGERS = (0, 1, 2, 3, 4, 5, 10, 11)
+_NUMBERS = (*_INTEGERS, 6, 12)
+#: ``{arch}.KEY`` metadata read as one integer, and as one number
+INTEGER_KEYS = ("block_count", "context_length", "embedding_length", "feed_forward_length",
+                "attention.head_count", "attention.head_count_kv", "attention.key_length",
+                "attention.value_length", "rope.dimension_count")  # fmt: skip
+NUMBER_KEYS = (
+    "attention.layer_norm_rms_epsilon",
+    "rope.freq_base",
+    "rope.scaling.factor",
+    "rope.scale_linear",
+)
+
+
+def check_metadata(reader, path, gguf_arch: str) -> None:
+    """Refuse in one line metadata of the wrong kind: a head count given as
+    text or as a per-layer array (``int()`` of it was a traceback)."""
+    for keys, kinds, what in ((INTEGER_KEYS, _INTEGERS, "an integer"), (NUMBER_KEYS, _NUMBERS, "a number")):
+        for key in (f"{gguf_arch}.{k}" for k in keys):
+            f = reader.fields.get(key)
+            if f is not None and [int(t) for t in f.types] not in [[k] for k in kinds]:
+                given = "/".join(t.name for t in f.types)
+                raise BaseModelError(path, f"{key} is {given} in its metadata; loramix reads {what}")
+
+
+def check_vocabulary(reader, path) -> None:
+    """Refuse a file without a vocabulary (``tokenizer.ggml.tokens``):
+    transformers then sized the embedding by its default vocabulary (32,000
+    for Llama) and the import failed after de-quantising, on a tensor shape."""
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None or [int(t) for t in tokens.types] != [9, 8]:
+        raise BaseModelError(path, "has no tokenizer (no tokenizer.ggml.tokens list in its metadata), "
+                             "which an import writes beside the weights")  # fmt: skip
+
+
+def check_float_tensors(reader, path) -> None:
+    """Refuse a tensor stored as floats (F32, F16, BF16) that holds a nan or
+    an inf (a damaged file: a real model holds none) before the long
+    de-quantisation and the notice that announces it. Blocks are checked
+    once de-quantised (:func:`_tensors`)."""
+    import numpy as np
+
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind == "BF16":  # the reader gives its bytes: exponent bits all ones is nan or inf
+            bad = int(np.count_nonzero(t.data.view(np.uint16) & 0x7F80 == 0x7F80))
+        elif kind in ("F32", "F16"):
+            bad = int(np.count_nonzero(~np.isfinite(t.data)))
+        else:
+            continue
+        if bad:
+            raise BaseModelError(path, f"tensor {t.name} holds {bad} nan or inf values")
 
 
 def gguf_architecture(reader, path) -> str:
@@ -331,7 +397,6 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str, progress: b
 
     import numpy as np
     import torch
-    from gguf.quants import dequantize
     from tqdm.auto import tqdm
 
     from .options import bar_disabled
@@ -347,7 +412,7 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str, progress: b
         hf = name_map.get(t.name)
         if hf is None:
             if t.name.startswith("rope_freqs"):  # per-frequency RoPE factors: all ones is no scaling
-                if not np.all(dequantize(t.data, t.tensor_type) == 1):
+                if not np.all(_dequantized(t) == 1):
                     raise BaseModelError(path, f"tensor {t.name} scales the RoPE frequencies (as llama.cpp "
                                                "stores Llama 3.1's), which loramix cannot import: transformers' "
                                                "GGUF support drops it")  # fmt: skip
@@ -355,7 +420,7 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str, progress: b
                 continue
             raise BaseModelError(path, f"tensor {t.name} has no place in a {arch} model")
         try:
-            w = dequantize(t.data, t.tensor_type)
+            w = _dequantized(t)
         except Exception as e:
             raise BaseModelError(
                 path, f"tensor {t.name} does not de-quantise: {type(e).__name__}: {e}"
@@ -385,6 +450,16 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str, progress: b
     return {k: out[k] for k in sorted(out) if k not in tied}
 
 
+def _dequantized(t):
+    """``t`` de-quantised; a damaged block's nan or inf is reported after, in
+    one line, not by numpy's warnings on stderr before it."""
+    import numpy as np
+    from gguf.quants import dequantize
+
+    with np.errstate(all="ignore"):
+        return dequantize(t.data, t.tensor_type)
+
+
 def _write_tokenizer(path: Path, folder: Path) -> None:
     """transformers' GGUF tokenizer conversion, saved as ``tokenizer.json`` and its config."""
     from transformers import TokenizersBackend
@@ -399,14 +474,31 @@ def _write_tokenizer(path: Path, folder: Path) -> None:
     tok.save_pretrained(str(folder))
 
 
+def check_gguf(path: Path, reader, dtype: str = "float32") -> tuple[str, dict, object]:
+    """Everything an import checks before it de-quantises, so that a bad file
+    is refused before anything is written (``--out``, the cache's ``bases/``):
+    ``(model_type, {ggml type: tensor count}, transformers config)``."""
+    if dtype not in DTYPES:
+        raise BaseModelError("--dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
+    arch = gguf_architecture(reader, path)
+    quants = check_quantisation(reader, path)
+    check_metadata(reader, path, _field(reader, "general.architecture"))
+    config = _hf_config(reader, path, arch, dtype)
+    check_float_tensors(reader, path)
+    check_vocabulary(reader, path)
+    return arch, quants, config
+
+
 def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dtype: str = "float32",
-                 sha256: str | None = None, say=None, reader=None, progress: bool = False) -> dict:  # fmt: skip
+                 sha256: str | None = None, say=None, reader=None, checked=None,
+                 progress: bool = False) -> dict:  # fmt: skip
     """Write the transformers folder for ``gguf_path`` into the existing empty ``folder``.
 
     Returns the provenance record (also written as ``loramix.json``).
     ``say``: called once the file's metadata are checked, before the long
     de-quantisation (a notice). ``reader``: the file's :func:`open_gguf`
     where the caller has one (parsing the header again costs seconds);
+    ``checked``: its :func:`check_gguf` where the caller has it;
     ``progress``: a bar of the de-quantisation. Not
     atomic by itself: :func:`import_gguf` and :func:`resolve_base` write
     into a temporary folder and rename it.
@@ -417,12 +509,8 @@ def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dty
     from .io.safetensors_io import canonicalize_header, file_sha256, safetensors_metadata
 
     path, folder = Path(gguf_path), Path(folder)
-    if dtype not in DTYPES:
-        raise BaseModelError("--dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
     reader = open_gguf(path) if reader is None else reader
-    arch = gguf_architecture(reader, path)
-    quants = check_quantisation(reader, path)
-    config = _hf_config(reader, path, arch, dtype)
+    arch, quants, config = check_gguf(path, reader, dtype) if checked is None else checked
     if say is not None:
         say()
     tensors = _tensors(reader, path, config, _field(reader, "general.architecture"), dtype, progress=progress)
@@ -453,8 +541,9 @@ def import_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, *, dtype: 
     # an --out that exists is refused before the header is parsed (4 s for SmolLM2's vocabulary)
     check_output(out, force=force, inputs=[path])
     reader = open_gguf(path)  # a bad file is refused before an output folder is created
+    checked = check_gguf(path, reader, dtype)
     with atomic_output_dir(out, force=force, inputs=[path]) as tmp:
-        rec = write_folder(path, tmp, dtype=dtype, reader=reader, progress=progress)
+        rec = write_folder(path, tmp, dtype=dtype, reader=reader, checked=checked, progress=progress)
     return {"out": str(out), "seconds": time.perf_counter() - t0, **rec}
 
 
@@ -547,8 +636,12 @@ def resolve_base(path: str | os.PathLike) -> Path:
     target = root / f"{sha}-float32-r{IMPORT_RULE}"
     if _whole_import(target):
         return target
+    # a bad file is refused before the cache is written to (a process that waits
+    # below for another's import of the same file has parsed the header for nothing)
+    reader = open_gguf(p)
+    checked = check_gguf(p, reader)
     root.mkdir(parents=True, exist_ok=True)
-    with _lock(root / f"{sha}.lock"):
+    with _lock(root / f"{sha}.lock") as lock:
         if _whole_import(target):  # another process imported it meanwhile
             return target
         damaged = (target / "config.json").is_file()
@@ -563,10 +656,13 @@ def resolve_base(path: str | os.PathLike) -> Path:
             print(f"loramix: importing {p} into {target}{why}", file=sys.stderr, flush=True)
 
         try:
-            write_folder(p, tmp, dtype="float32", sha256=sha, say=say)
+            write_folder(p, tmp, dtype="float32", sha256=sha, say=say, reader=reader, checked=checked)
             usual_modes(tmp)
             shutil.rmtree(target, ignore_errors=True)  # a leftover without config.json, or damaged
             os.replace(tmp, target)
+        except BaseException:
+            lock.remove()  # a refused file leaves nothing in bases/
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         for old in older_imports(root, sha):  # superseded (half a GB for SmolLM2 each)
@@ -626,7 +722,10 @@ def remove_stale_imports() -> list[Path]:
 class _lock:
     """An exclusive ``flock`` on ``path`` (a no-op where fcntl is missing).
     ``wait=False``: do not wait for another holder; ``held`` says whether
-    the lock was taken (never where fcntl is missing: no one can tell)."""
+    the lock was taken (never where fcntl is missing: no one can tell).
+    Its holder may delete the file (:meth:`remove`): a waiter that then
+    gets the lock of the deleted file sees that ``path`` is no longer that
+    file and locks ``path`` anew, so no two hold it at once."""
 
     def __init__(self, path: Path, wait: bool = True):
         self.path, self.wait = path, wait
@@ -638,13 +737,28 @@ class _lock:
             import fcntl
         except ImportError:  # Windows: fall back to the rename's atomicity alone
             return self
-        self.f = open(self.path, "a")
-        try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            return self
+        while True:
+            self.f = open(self.path, "a")
+            try:
+                fcntl.flock(self.f, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                return self
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.f.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            self.f.close()  # its holder removed it while this process waited
         self.held = True
         return self
+
+    def remove(self) -> None:
+        """Delete the lock file, while it is held (else leave it)."""
+        if self.held:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
     def __exit__(self, *exc):
         if self.f is not None:

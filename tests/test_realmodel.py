@@ -327,7 +327,7 @@ def test_import_refuses_bad_input(tmp_path, capsys):
             ["has no llama.embedding_length in its metadata"],
         ),  # and no transformers warning before the line
         (
-            llama_gguf(tmp_path / "nokv.gguf", drop="blk.0.ffn_up.weight"),
+            llama_gguf(tmp_path / "nokv.gguf", drop="blk.0.ffn_up.weight", tokenizer=True),
             ["lacks 1 tensor(s) of a llama model"],
         ),
         # metadata that cannot shape the model: transformers' defaults or a reshape failed with tracebacks
@@ -352,7 +352,9 @@ def test_import_refuses_bad_input(tmp_path, capsys):
         # RoPE scaling, which transformers' GGUF support drops: the written model would not be the file's
         (
             llama_gguf(
-                tmp_path / "freqs.gguf", put={"rope_freqs.weight": np.linspace(1, 8, 8, dtype=np.float32)}
+                tmp_path / "freqs.gguf",
+                put={"rope_freqs.weight": np.linspace(1, 8, 8, dtype=np.float32)},
+                tokenizer=True,
             ),
             ["tensor rope_freqs.weight scales the RoPE frequencies"],
         ),

@@ -1,0 +1,321 @@
+"""Damaged GGUF files, given where a base model is expected: one line naming
+the file, exit code 2, no traceback, and nothing left in ``--out`` or in the
+cache's ``bases/``. The files are a tiny Llama GGUF (``llama_gguf``, 52 kB)
+damaged at each part of its layout, and prefixes of the real SmolLM2 file."""
+
+from __future__ import annotations
+
+import os
+import resource
+import struct
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loramix.cli import main
+
+from .factories import SMOL_GGUF
+from .test_realmodel import llama_gguf
+
+_WIDTH = {0: 1, 1: 1, 7: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 10: 8, 11: 8, 12: 8}
+
+
+def _layout(b: bytes) -> dict:
+    """Offsets in a well-formed GGUF: ``kv[key]`` (start of its value) and
+    ``tensor[name]`` (``dims``, ``type``, ``offset``: where those fields are),
+    ``tensors`` (start of the tensor entries) and ``data`` (start of the data)."""
+
+    def skip(pos, t):
+        if t in _WIDTH:
+            return pos + _WIDTH[t]
+        if t == 8:
+            return pos + 8 + struct.unpack_from("<Q", b, pos)[0]
+        et, n = struct.unpack_from("<IQ", b, pos)
+        pos += 12
+        for _ in range(n):
+            pos = skip(pos, et)
+        return pos
+
+    n_t, n_kv = struct.unpack_from("<QQ", b, 8)
+    pos, kv, tensor = 24, {}, {}
+    for _ in range(n_kv):
+        (n,) = struct.unpack_from("<Q", b, pos)
+        key = b[pos + 8 : pos + 8 + n].decode()
+        (t,) = struct.unpack_from("<I", b, pos + 8 + n)
+        kv[key] = pos + 12 + n
+        pos = skip(pos + 12 + n, t)
+    first = pos
+    for _ in range(n_t):
+        (n,) = struct.unpack_from("<Q", b, pos)
+        name = b[pos + 8 : pos + 8 + n].decode()
+        (nd,) = struct.unpack_from("<I", b, pos + 8 + n)
+        dims = pos + 12 + n
+        tensor[name] = {"ndims": dims - 4, "dims": dims, "type": dims + 8 * nd, "offset": dims + 8 * nd + 4}
+        pos = dims + 8 * nd + 12
+    return {"kv": kv, "tensor": tensor, "tensors": first, "data": -(-pos // 32) * 32, "size": len(b)}
+
+
+def _put(b: bytes, off: int, fmt: str, v) -> bytes:
+    out = bytearray(b)
+    struct.pack_into(fmt, out, off, v)
+    return bytes(out)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[bytes, dict]:
+    p = llama_gguf(tmp_path_factory.mktemp("tiny") / "good.gguf", tokenizer=True)
+    b = p.read_bytes()
+    return b, _layout(b)
+
+
+def _damage(name: str, b: bytes, L: dict) -> bytes:
+    """The tiny file damaged as ``name`` says."""
+    kv, t = L["kv"], L["tensor"]
+    norm, embd = t["output_norm.weight"], t["token_embd.weight"]
+    last = t["blk.0.ffn_down.weight"]
+    if name.startswith("cut-"):  # truncated inside: the header, the metadata, the tensor entries, the data
+        part, at = name[4:].rsplit("+", 1)
+        return b[: {"header": 0, "kv": kv["tokenizer.ggml.tokens"], "tensors": L["tensors"],
+                    "data": L["data"], "last": L["size"] - 1}[part] + int(at)]  # fmt: skip
+    return {
+        "magic": lambda: b"GGUX" + b[4:],
+        "version-1": lambda: _put(b, 4, "<I", 1),
+        "version-4": lambda: _put(b, 4, "<I", 4),
+        "big-endian": lambda: _put(b, 4, ">I", 3),
+        "kv-count-2^62": lambda: _put(b, 16, "<Q", 2**62),
+        "tensor-count-2^62": lambda: _put(b, 8, "<Q", 2**62),
+        # fixed-width arrays: the reader looped over 2**40 elements past the end (gigabytes, a hang)
+        "u8-array-2^40": lambda: _put(
+            _put(b, kv["tokenizer.ggml.token_type"], "<I", 0),
+            kv["tokenizer.ggml.token_type"] + 4,
+            "<Q",
+            2**40,
+        ),  # fmt: skip
+        "f32-array-1e9": lambda: _put(b, kv["tokenizer.ggml.scores"] + 4, "<Q", 10**9),
+        "string-array-2^62": lambda: _put(b, kv["tokenizer.ggml.tokens"] + 4, "<Q", 2**62),
+        "string-length-2^62": lambda: _put(b, kv["general.architecture"], "<Q", 2**62),
+        "value-type-99": lambda: _put(b, kv["llama.block_count"] - 4, "<I", 99),
+        "array-of-arrays": lambda: _put(b, kv["tokenizer.ggml.scores"], "<I", 9),
+        "offset-past-end": lambda: _put(b, last["offset"], "<Q", L["size"]),
+        "offset-2^63": lambda: _put(b, last["offset"], "<Q", 2**63),
+        # accepted: two tensors read from the same bytes
+        "overlap": lambda: _put(b, norm["offset"], "<Q", 64),
+        "type-99": lambda: _put(b, norm["type"], "<I", 99),
+        "type-I8": lambda: _put(b, norm["type"], "<I", 24),
+        "dims-0": lambda: _put(b, norm["ndims"], "<I", 0),
+        "dims-5": lambda: _put(b, norm["ndims"], "<I", 5),
+        "dim-zero": lambda: _put(b, embd["dims"], "<Q", 0),
+        # 2**63+1024 x 2 wraps round to 2048 elements in uint64
+        "shape-overflow": lambda: _put(_put(b, embd["dims"], "<Q", 2**63 + 1024), embd["dims"] + 8, "<Q", 2),
+        "nan-f32": lambda: _put(
+            b, L["data"] + 8192, "<f", float("nan")
+        ),  # output_norm.weight follows token_embd
+        "inf-f32": lambda: _put(b, L["data"] + 40, "<f", float("inf")),
+        "key-not-utf8": lambda: _put(b, 24 + 8, "<B", 0xFF),
+        "empty": lambda: b"",
+    }[name]()
+
+
+CASES = {
+    **{f"cut-{p}+{d}": ["corrupt or truncated"] for p in ("kv", "tensors", "data") for d in (0, 5)},
+    "cut-header+7": ["24-byte header"],
+    "cut-header+20": ["24-byte header"],
+    "cut-last+0": ["corrupt or truncated", "blk.0.ffn_down.weight's data"],
+    "magic": ["not a GGUF file"],
+    "version-1": ["GGUF version 1"],
+    "version-4": ["GGUF version 4"],
+    "big-endian": ["big-endian"],
+    "kv-count-2^62": ["corrupt or truncated", "metadata key 14 of 4611686018427387904"],
+    "tensor-count-2^62": ["has 0 dimensions"],
+    "u8-array-2^40": ["corrupt or truncated", "1099511627776 values of tokenizer.ggml.token_type"],
+    "f32-array-1e9": ["corrupt or truncated", "1000000000 values of tokenizer.ggml.scores"],
+    "string-array-2^62": ["corrupt or truncated", "strings of tokenizer.ggml.tokens"],
+    "string-length-2^62": ["corrupt or truncated", "general.architecture"],
+    "value-type-99": ["llama.block_count has value type 99"],
+    "array-of-arrays": ["array of arrays"],
+    "offset-past-end": ["corrupt or truncated", "blk.0.ffn_down.weight's data"],
+    "offset-2^63": ["corrupt or truncated", "blk.0.ffn_down.weight's data"],
+    "overlap": ["tensors token_embd.weight and output_norm.weight overlap"],
+    "type-99": ["ggml type 99"],
+    "type-I8": ["quantised as I8"],
+    "dims-0": ["output_norm.weight has 0 dimensions"],
+    "dims-5": ["output_norm.weight has 5 dimensions"],
+    "dim-zero": ["token_embd.weight has a zero dimension"],
+    "shape-overflow": ["corrupt or truncated", "token_embd.weight's data"],
+    "nan-f32": ["output_norm.weight holds 1 nan or inf"],
+    "inf-f32": ["token_embd.weight holds 1 nan or inf"],
+    "key-not-utf8": ["is not UTF-8"],
+    "empty": ["not a GGUF file"],
+}
+
+
+def _one_line(capsys, argv, path, needles) -> None:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("loramix: error: "), (code, err)
+    assert "Traceback" not in out + err and str(path) in lines[0], err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_damaged_gguf_import_is_one_line(case, tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_damage(case, *tiny))
+    _one_line(capsys, ["base", "import", path, "--out", tmp_path / "out"], path, CASES[case])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no --out, no temporary, no cache
+
+
+#: a few through the commands that import a GGUF base into the cache (``resolve_base``)
+BASE_CASES = ["cut-data+5", "u8-array-2^40", "overlap", "nan-f32", "dims-5", "version-4"]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    """A LoRA on the tiny Llama's q/v, for ``sum --into``."""
+    from transformers import AutoModelForCausalLM
+
+    from loramix.gguf_import import import_gguf
+
+    from .factories import make_peft_adapter
+
+    root = tmp_path_factory.mktemp("adapter")
+    import_gguf(llama_gguf(root / "tiny.gguf", tokenizer=True), root / "base")
+    model = AutoModelForCausalLM.from_pretrained(root / "base")
+    return make_peft_adapter(model, root / "lora", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+
+
+@pytest.mark.parametrize("command", ["eval", "sum", "scenario"])
+@pytest.mark.parametrize("case", BASE_CASES)
+def test_damaged_gguf_base_leaves_no_cache(case, command, tiny, tmp_path, capsys, monkeypatch, request):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(cache))
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_damage(case, *tiny))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "ab", "answer": "cd"}\n' * 2)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(f'name = "v"\n[base]\npath = "{path}"\n[domains.a]\ndata = "synthetic:arith"\n'
+                        'train = 10\neval = 5\n[domains.b]\ndata = "synthetic:units"\ntrain = 10\neval = 5\n'
+                        "[adapters]\nrank = 4\n")  # fmt: skip
+    argv = {
+        "eval": lambda: ["eval", "--base", path, "--data", data, "--no-progress"],
+        "sum": lambda: ["sum", request.getfixturevalue("adapter"), "--into", path, "-o", tmp_path / "out"],
+        "scenario": lambda: ["scenario", "check", scenario],
+    }[command]()
+    _one_line(capsys, argv, path, CASES[case])
+    assert not (tmp_path / "out").exists()
+    assert not (cache / "bases").exists() or not list((cache / "bases").iterdir())
+
+
+def test_a_file_refused_after_the_lock_leaves_no_lock(tiny, tmp_path, monkeypatch):
+    """A file refused while de-quantising (a Q8_0 block whose scale is nan:
+    found only then, after the notice of the import) left its lock file
+    ``bases/<sha256>.lock`` behind; the refusal now removes it."""
+    from loramix.errors import BaseModelError
+    from loramix.gguf_import import resolve_base
+
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    b, L = tiny
+    embd = L["tensor"]["token_embd.weight"]
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_put(b, embd["type"], "<I", 8))  # its float32 bytes read as Q8_0 blocks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's, printed before the one line
+        with pytest.raises(BaseModelError, match="token_embd.weight holds 64 nan or inf"):
+            resolve_base(path)
+    assert list((tmp_path / "cache" / "bases").iterdir()) == []
+
+
+def test_a_removed_lock_is_locked_anew(tmp_path):
+    """A waiter that gets the lock of a file its holder removed locks the
+    path anew: else it and a third process, which created a new lock file,
+    held 'the' lock at once."""
+    from loramix.gguf_import import _lock
+
+    path = tmp_path / "x.lock"
+    got = threading.Event()
+    inodes = []
+
+    def waiter():
+        with _lock(path) as lk:
+            inodes.append((os.fstat(lk.f.fileno()).st_ino, os.stat(path).st_ino))
+            got.set()
+
+    with _lock(path) as held:
+        t = threading.Thread(target=waiter)
+        t.start()
+        assert not got.wait(0.3)  # it waits
+        held.remove()
+    t.join(10)
+    assert got.is_set() and inodes[0][0] == inodes[0][1]
+
+
+def test_huge_array_length_is_bounded_in_a_real_process(tiny, tmp_path):
+    """An array length of 2**40 in a 52 kB file: the reader looped over it,
+    growing past 4 GB in two minutes. Under a 3 GB address-space limit, the
+    CLI answers in one line at once."""
+    b, L = tiny
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_damage("u8-array-2^40", b, L))
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    env = {**os.environ, "LORAMIX_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "loramix", "base", "import", str(path), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120, preexec_fn=limit, env=env)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "1099511627776 values" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def smol_layout():
+    if not SMOL_GGUF.is_file():
+        pytest.skip(f"real model not found at {SMOL_GGUF} (see README: Real model)")
+    with open(SMOL_GGUF, "rb") as f:
+        head = f.read(8 << 20)  # the header (4 MB: the vocabulary and merges) and the first tensors
+    L = _layout(head)
+    L["norm"] = L["data"] + struct.unpack_from("<Q", head, L["tensor"]["output_norm.weight"]["offset"])[0]
+    return L
+
+
+@pytest.mark.parametrize(
+    "where",
+    # a nan is found after the header is parsed and the config made (seconds)
+    [
+        "header",
+        "vocabulary",
+        "tensor-entries",
+        "data",
+        "last-byte",
+        pytest.param("nan-norm", marks=pytest.mark.slow),
+    ],
+)
+def test_damaged_real_smollm2_is_one_line(where, smol_layout, tmp_path, capsys, monkeypatch):
+    """Copies of the real SmolLM2 GGUF cut inside each part, or with a nan
+    in a norm (an F32 tensor): refused from the header, before any
+    de-quantisation."""
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "smol.gguf"
+    size = SMOL_GGUF.stat().st_size
+    cut = {"header": 20, "vocabulary": 1 << 20, "tensor-entries": smol_layout["tensors"] + 100,
+           "data": smol_layout["data"] + 1000, "last-byte": size - 1, "nan-norm": size}[where]  # fmt: skip
+    with open(SMOL_GGUF, "rb") as src, open(path, "wb") as dst:
+        dst.write(src.read(cut))
+    if where == "nan-norm":
+        with open(path, "r+b") as f:
+            f.seek(smol_layout["norm"] + 4 * 7)
+            f.write(np.float32("nan").tobytes())
+    needles = {"header": ["24-byte header"], "nan-norm": ["output_norm.weight holds 1 nan"]}
+    _one_line(capsys, ["base", "import", path, "--out", tmp_path / "out"], path,
+              needles.get(where, ["corrupt or truncated"]))  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smol.gguf"]
