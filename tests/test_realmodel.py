@@ -662,6 +662,7 @@ def test_import_parses_the_gguf_header_once(tmp_path, monkeypatch, capsys):
     de-quantisation, not once for each (transformers parsed it a second time:
     1.5 s of a 7-8 s SmolLM2 import)."""
     import gguf
+    from gguf.gguf_reader import GGUFReader
 
     import loramix.gguf_import as gi
 
@@ -672,12 +673,16 @@ def test_import_parses_the_gguf_header_once(tmp_path, monkeypatch, capsys):
         return real(path)
 
     def reader(path, *args, **kwargs):
-        parsed.append(path)
         return real_reader(path, *args, **kwargs)
 
-    real, real_reader = gi.open_gguf, gguf.GGUFReader
+    def parse(self, path, *args, **kwargs):  # any GGUFReader's, loramix's subclass's too
+        parsed.append(str(path))
+        real_init(self, path, *args, **kwargs)
+
+    real, real_reader, real_init = gi.open_gguf, gguf.GGUFReader, GGUFReader.__init__
     monkeypatch.setattr(gi, "open_gguf", counted)
     monkeypatch.setattr(gguf, "GGUFReader", reader)
+    monkeypatch.setattr(GGUFReader, "__init__", parse)
     path = llama_gguf(tmp_path / "m.gguf", tokenizer=True)
     assert main(["base", "import", str(path), "--out", str(tmp_path / "m")]) == 0, capsys.readouterr().err
     assert len(opened) == 1 and parsed == [str(path)]
