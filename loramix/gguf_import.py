@@ -61,11 +61,13 @@ nothing there (its lock file is removed).
 
 from __future__ import annotations
 
+import errno
 import functools
 import glob
 import json
 import os
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -95,9 +97,9 @@ _DROP_CONFIG_KEYS = ("_model_name_or_path",)
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a file that starts with the GGUF magic bytes."""
+    """True when ``path`` is a regular file that starts with the GGUF magic bytes."""
     p = Path(path)
-    if not p.is_file():
+    if not p.is_file():  # never opened otherwise: reading a FIFO waits for a writer
         return False
     try:
         with open(p, "rb") as f:
@@ -106,16 +108,50 @@ def is_gguf(path: str | os.PathLike) -> bool:
         return False
 
 
-def check_gguf_file(path: str | os.PathLike) -> Path:
-    """Refuse a path that is no GGUF file (missing, a folder, no magic bytes)
-    in one line, from its first bytes; the header itself is not parsed."""
+def means_gguf(path: str | os.PathLike) -> bool:
+    """Whether a base path given by the user means a GGUF file: one that starts
+    with the magic (whatever its name), or a name ending in ``.gguf`` (any
+    case) that is not a folder (a missing, empty, unreadable or special file
+    so named is refused as a GGUF file by :func:`check_gguf_file`, not as a
+    model folder). A folder is a folder, whatever its name."""
     p = Path(path)
-    if not p.exists():
-        raise BaseModelError(p, "no such file")
-    if not p.is_file():
-        raise BaseModelError(p, "not a file; expected a .gguf model file")
-    if not is_gguf(p):
-        raise BaseModelError(p, "not a GGUF file (it does not start with the GGUF magic bytes)")
+    return is_gguf(p) or (p.suffix.lower() == ".gguf" and not p.is_dir())
+
+
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"))  # fmt: skip
+
+
+def check_gguf_file(path: str | os.PathLike) -> Path:
+    """Refuse a path that is no GGUF file in one line, from its first bytes
+    (the header itself is not parsed): missing (or a symbolic link to nothing),
+    a folder, not a regular file (a FIFO is never opened: that would wait for a
+    writer), unreadable (the OS's reason, not 'not a GGUF'), empty, or without
+    the GGUF magic."""
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        if os.path.islink(p):
+            raise BaseModelError(p, f"is a symbolic link to {os.readlink(p)}, which does not exist") from None
+        raise BaseModelError(p, "no such file") from None
+    except OSError as e:  # ELOOP: the words of the output checks (loramix.io.outputs), which may come first
+        loop = " (a symlink loop, or under one)" if e.errno == errno.ELOOP else ""
+        raise BaseModelError(p, f"cannot be read: {e.strerror or e}{loop}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BaseModelError(p, "is a folder, not a GGUF file (a .gguf model file)")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((what for test, what in _SPECIAL if test(st.st_mode)), "a special file")
+        raise BaseModelError(p, f"is not a regular file ({kind}); a GGUF model is a file")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise BaseModelError(p, f"cannot be read: {e.strerror or e}") from None
+    if not head:
+        raise BaseModelError(p, "is empty: a GGUF file starts with the GGUF magic bytes")
+    if head != GGUF_MAGIC:
+        raise BaseModelError(p, "is not a GGUF file: it does not start with the GGUF magic bytes")
     return p
 
 
@@ -656,7 +692,9 @@ def _import_preview(path: str, size: int, mtime_ns: int) -> dict:
 
 
 def resolve_base(path: str | os.PathLike) -> Path:
-    """A base model folder for ``path``: the folder itself, or for a GGUF file its
+    """A base model folder for ``path``: the folder itself, or for a GGUF file
+    (:func:`means_gguf`: a name ending in ``.gguf`` that is no GGUF file is
+    refused as one, :func:`check_gguf_file`, not taken for a folder) its
     import in ``cache_dir()/bases/<sha256>-float32-r<IMPORT_RULE>``, made on
     first use (an import by an older rule, ``<sha256>-float32[-rN]``, is
     removed then).
@@ -668,8 +706,9 @@ def resolve_base(path: str | os.PathLike) -> Path:
     cut short (:func:`_whole_import`) is imported again.
     """
     p = Path(path)
-    if not is_gguf(p):
+    if not means_gguf(p):
         return p
+    check_gguf_file(p)  # a .gguf name that is no GGUF file: refused as one, not as a folder
     from .io.filehash import cache_dir, cached_file_sha256  # torch-free (model_folder re-exports them)
     from .io.outputs import usual_modes
 

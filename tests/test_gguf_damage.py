@@ -126,7 +126,7 @@ CASES = {
     "cut-header+7": ["24-byte header"],
     "cut-header+20": ["24-byte header"],
     "cut-last+0": ["corrupt or truncated", "blk.0.ffn_down.weight's data"],
-    "magic": ["not a GGUF file"],
+    "magic": ["is not a GGUF file: it does not start with the GGUF magic"],
     "version-1": ["GGUF version 1"],
     "version-4": ["GGUF version 4"],
     "big-endian": ["big-endian"],
@@ -150,7 +150,7 @@ CASES = {
     "nan-f32": ["output_norm.weight holds 1 nan or inf"],
     "inf-f32": ["token_embd.weight holds 1 nan or inf"],
     "key-not-utf8": ["is not UTF-8"],
-    "empty": ["not a GGUF file"],
+    "empty": ["is empty"],
 }
 
 
@@ -214,6 +214,81 @@ def test_damaged_gguf_base_leaves_no_cache(case, command, tiny, tmp_path, capsys
     _one_line(capsys, argv, path, CASES[case])
     assert not (tmp_path / "out").exists()
     assert not (cache / "bases").exists() or not list((cache / "bases").iterdir())
+
+
+def _not_gguf(kind: str, path: Path) -> list[str]:
+    """Make ``path`` (a ``.gguf`` name) something that is no GGUF file; the
+    words of its refusal. Real files only: as root, chmod 000 does not stop a
+    read, so the unreadable ones are a link to ``/proc/self/mem`` (its first
+    page is never mapped: EIO) and a symbolic-link loop (ELOOP)."""
+    if kind == "empty":
+        path.write_bytes(b"")
+        return ["is empty"]
+    if kind == "text":
+        path.write_text("this is not a model\n")
+        return ["is not a GGUF file: it does not start with the GGUF magic"]
+    if kind == "fifo":  # never opened: a read would wait for a writer
+        os.mkfifo(path)
+        return ["is not a regular file (a FIFO)"]
+    if kind == "dangling":
+        path.symlink_to(path.with_name("nowhere.gguf"))
+        return ["is a symbolic link to", "which does not exist"]
+    if kind == "loop":
+        path.symlink_to(path.name)
+        return ["symlink loop"]  # the output checks of sum and merge may say it first
+    assert kind == "unreadable"
+    path.symlink_to("/proc/self/mem")
+    return ["cannot be read: Input/output error"]
+
+
+NOT_GGUF = ["empty", "text", "fifo", "dangling", "loop", "unreadable"]
+
+
+@pytest.mark.parametrize(
+    "command", ["base-import", "eval", "sum", "merge", "similarity", "train", "scenario-check"]
+)
+@pytest.mark.parametrize("kind", NOT_GGUF)
+def test_a_gguf_name_that_is_no_gguf_file_is_refused_as_one(
+    kind, command, tmp_path, capsys, monkeypatch, request
+):
+    """A path ending in ``.gguf`` means a GGUF file: one that is empty, not a
+    regular file, unreadable or without the magic is refused as a GGUF file
+    by every entry point (was: 'not a folder', from eval, sum --into and
+    scenario; an unreadable one 'not a GGUF file'), exit 2, nothing written."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(cache))
+    path = tmp_path / "m.gguf"
+    needles = _not_gguf(kind, path)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "ab", "answer": "cd"}\n' * 2)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(f'name = "v"\n[base]\npath = "{path}"\n[domains.a]\ndata = "synthetic:arith"\n'
+                        'train = 10\neval = 5\n[domains.b]\ndata = "synthetic:units"\ntrain = 10\neval = 5\n'
+                        "[adapters]\nrank = 4\n")  # fmt: skip
+    out, a = tmp_path / "out", lambda: request.getfixturevalue("adapter")
+    argv = {
+        "base-import": lambda: ["base", "import", path, "--out", out],
+        "eval": lambda: ["eval", "--base", path, "--data", data, "--no-progress"],
+        "sum": lambda: ["sum", a(), "--into", path, "-o", out],
+        "merge": lambda: ["merge", a(), a(), "-m", "sum", "--into", path, "-o", out],
+        "similarity": lambda: ["similarity", a(), a(), "--base", path],
+        "train": lambda: ["train", "--base", path, "--data", data, "--out", out, "--no-progress"],
+        "scenario-check": lambda: ["scenario", "check", scenario],
+    }[command]()
+    _one_line(capsys, argv, path, needles)
+    assert not out.exists() and not (cache / "bases").exists()
+
+
+def test_a_folder_named_gguf_is_a_folder(tmp_path, capsys):
+    """A folder whose name ends in ``.gguf`` is a model folder, whatever its name."""
+    path = tmp_path / "m.gguf"
+    path.mkdir()
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "ab", "answer": "cd"}\n')
+    _one_line(capsys, ["eval", "--base", path, "--data", data, "--no-progress"], path, ["no config.json"])
+    _one_line(
+        capsys, ["base", "import", path, "--out", tmp_path / "out"], path, ["is a folder, not a GGUF file"]
+    )
 
 
 def test_a_file_refused_after_the_lock_leaves_no_lock(tiny, tmp_path, monkeypatch):

@@ -562,9 +562,14 @@ def _parse_base(ctx, t, env, used) -> BaseSpec:
     if "path" in t:
         raw = _get(ctx, t, "path", "base", "str")
         p = _resolve_path(ctx, raw, "base.path", env, used)
-        from ..gguf_import import is_gguf
+        from ..errors import LoramixError
+        from ..gguf_import import check_gguf_file, means_gguf
 
-        if is_gguf(p):  # imported into the cache when the run starts
+        if means_gguf(p):  # imported into the cache when the run starts
+            try:  # a .gguf name that is no GGUF file: refused as one, as every command refuses it
+                check_gguf_file(p)
+            except LoramixError as e:
+                raise ctx.error("base.path", e.message) from None
             return BaseSpec(path=p)
         if not p.is_dir():
             hint = " (set LORAMIX_MODELS to the folder holding it)" if "LORAMIX_MODELS" in used else ""
