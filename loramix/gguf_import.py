@@ -237,21 +237,51 @@ def check_vocabulary(reader, path) -> None:
                              "which an import writes beside the weights")  # fmt: skip
 
 
-def check_float_tensors(reader, path) -> None:
-    """Refuse a tensor stored as floats (F32, F16, BF16) that holds a nan or
-    an inf (a damaged file: a real model holds none) before the long
-    de-quantisation and the notice that announces it. Blocks are checked
-    once de-quantised (:func:`_tensors`)."""
-    import numpy as np
+#: byte offsets of the float16 scales in a block of each quantised type
+#: (``d``, and ``m`` or ``dmin`` where the type has one: gguf.quants' layouts,
+#: checked against its de-quantisation in tests/test_gguf_damage.py). Every
+#: value of a block is a product with each of its scales (a sum of such
+#: products), and the integers and 6-bit scales beside them are finite, so a
+#: block de-quantises to nan or inf values, all of them, exactly where a scale
+#: is nan or inf.
+BLOCK_SCALES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
+                "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,),
+                "IQ4_XS": (0,)}  # fmt: skip
 
+
+def nonfinite_count(t) -> int:
+    """How many nan or inf values the reader's tensor ``t`` holds de-quantised,
+    from its stored bytes (nothing de-quantised): a float's exponent bits all
+    ones (float32, float16, bfloat16); for blocks, ``block_size`` per block
+    with a scale whose float16 exponent bits (``0x7C`` of its high byte,
+    little-endian) are all ones (:data:`BLOCK_SCALES`). A type outside both
+    (refused by :func:`check_quantisation`) counts 0."""
+    import numpy as np
+    from gguf.constants import GGML_QUANT_SIZES
+
+    kind = t.tensor_type.name
+    if kind == "BF16":  # the reader gives its bytes
+        return int(np.count_nonzero(t.data.view(np.uint16) & 0x7F80 == 0x7F80))
+    if kind in ("F32", "F16"):
+        return int(np.count_nonzero(~np.isfinite(t.data)))
+    if kind not in BLOCK_SCALES:
+        return 0
+    block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+    blocks = t.data.reshape(-1, type_size)
+    bad = np.zeros(len(blocks), dtype=bool)
+    for off in BLOCK_SCALES[kind]:  # one byte per scale per block is read: no pass over the quants
+        bad |= blocks[:, off + 1] & 0x7C == 0x7C
+    return int(np.count_nonzero(bad)) * block
+
+
+def check_finite_tensors(reader, path) -> None:
+    """Refuse a tensor that de-quantises to a nan or an inf (a damaged file:
+    a real model holds none) before the long de-quantisation and the notice
+    that announces it, from the stored floats and block scales
+    (:func:`nonfinite_count`). The de-quantised tensors are checked again
+    (:func:`_tensors`), the same count."""
     for t in reader.tensors:
-        kind = t.tensor_type.name
-        if kind == "BF16":  # the reader gives its bytes: exponent bits all ones is nan or inf
-            bad = int(np.count_nonzero(t.data.view(np.uint16) & 0x7F80 == 0x7F80))
-        elif kind in ("F32", "F16"):
-            bad = int(np.count_nonzero(~np.isfinite(t.data)))
-        else:
-            continue
+        bad = nonfinite_count(t)
         if bad:
             raise BaseModelError(path, f"tensor {t.name} holds {bad} nan or inf values")
 
@@ -508,7 +538,7 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str, progress: b
         except (ValueError, ZeroDivisionError) as e:  # q/k un-permuted by heads the shape does not fit
             raise BaseModelError(path, f"tensor {t.name} does not fit the metadata's heads: {e}") from None
         w = np.array(w, dtype=np.float32)  # a copy of its own, writable, for torch
-        if not np.isfinite(w).all():  # a damaged file (a real model holds no nan or inf)
+        if not np.isfinite(w).all():  # found by check_finite_tensors first; kept in case a layout is not
             raise BaseModelError(
                 path, f"tensor {t.name} holds {int((~np.isfinite(w)).sum())} nan or inf values"
             )
@@ -562,7 +592,7 @@ def check_gguf(path: Path, reader, dtype: str = "float32") -> tuple[str, dict, o
     quants = check_quantisation(reader, path)
     check_metadata(reader, path, _field(reader, "general.architecture"))
     config = _hf_config(reader, path, arch, dtype)
-    check_float_tensors(reader, path)
+    check_finite_tensors(reader, path)
     check_vocabulary(reader, path)
     return arch, quants, config
 
@@ -652,8 +682,8 @@ def import_preview(path: str | os.PathLike) -> dict:
     first: reversed); ``arch``, ``model_type:layers:width:vocab`` (the
     estimate's architecture of a base folder, :mod:`loramix.scenario.estimate`);
     ``tokenizer``, whether it holds one; ``bytes``, its float32 import's
-    weights. The file's architecture and quantisation are refused as the
-    import refuses them. Parsed once per file (its size and time): the header
+    weights. The file's architecture, quantisation and nan or inf weights
+    (:func:`check_finite_tensors`) are refused as the import refuses them. Parsed once per file (its size and time): the header
     of SmolLM2's 49,152-token vocabulary takes seconds, and check asks twice."""
     p = Path(path)
     st = p.stat()
@@ -668,6 +698,7 @@ def _import_preview(path: str, size: int, mtime_ns: int) -> dict:
     p = Path(path)
     model_type = gguf_architecture(reader, p)
     check_quantisation(reader, p)
+    check_finite_tensors(reader, p)  # as the import would refuse it: a byte per block, no de-quantising
     weights, numel = {}, 0
     for t in reader.tensors:
         numel += math.prod(int(x) for x in t.shape)

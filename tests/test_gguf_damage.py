@@ -291,23 +291,89 @@ def test_a_folder_named_gguf_is_a_folder(tmp_path, capsys):
     )
 
 
-def test_a_file_refused_after_the_lock_leaves_no_lock(tiny, tmp_path, monkeypatch):
-    """A file refused while de-quantising (a Q8_0 block whose scale is nan:
-    found only then, after the notice of the import) left its lock file
-    ``bases/<sha256>.lock`` behind; the refusal now removes it."""
+def test_a_file_refused_after_the_lock_leaves_no_lock(tmp_path, monkeypatch):
+    """A file refused while de-quantising (a tensor with no place in the
+    model: found only then, after the notice of the import) left its lock
+    file ``bases/<sha256>.lock`` behind; the refusal now removes it."""
     from loramix.errors import BaseModelError
     from loramix.gguf_import import resolve_base
 
     monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    path = llama_gguf(
+        tmp_path / "m.gguf", tokenizer=True, put={"blk.0.extra.weight": np.ones((4, 32), np.float32)}
+    )
+    with pytest.raises(BaseModelError, match="blk.0.extra.weight has no place in a llama model"):
+        resolve_base(path)
+    assert list((tmp_path / "cache" / "bases").iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["base-import", "eval", "scenario-check"])
+def test_a_nan_block_is_refused_before_the_notice(command, tiny, tmp_path, capsys, monkeypatch):
+    """A Q8_0 block whose float16 scale is nan or inf is refused from its
+    scale, before the import's notice and before the cache is touched: one
+    line (was two: the notice, then the error once de-quantised), no numpy
+    warning, the count the de-quantised tensor would give."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(cache))
     b, L = tiny
-    embd = L["tensor"]["token_embd.weight"]
     path = tmp_path / "m.gguf"
-    path.write_bytes(_put(b, embd["type"], "<I", 8))  # its float32 bytes read as Q8_0 blocks
+    path.write_bytes(_put(b, L["tensor"]["token_embd.weight"]["type"], "<I", 8))  # float32 bytes read as Q8_0
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "ab", "answer": "cd"}\n')
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(f'name = "v"\n[base]\npath = "{path}"\n[domains.a]\ndata = "synthetic:arith"\n'
+                        'train = 10\neval = 5\n[domains.b]\ndata = "synthetic:units"\ntrain = 10\neval = 5\n'
+                        "[adapters]\nrank = 4\n")  # fmt: skip
+    argv = {
+        "base-import": ["base", "import", path, "--out", tmp_path / "out"],
+        "eval": ["eval", "--base", path, "--data", data, "--no-progress"],
+        "scenario-check": ["scenario", "check", scenario],
+    }[command]
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # numpy's, printed before the one line
-        with pytest.raises(BaseModelError, match="token_embd.weight holds 64 nan or inf"):
-            resolve_base(path)
-    assert list((tmp_path / "cache" / "bases").iterdir()) == []
+        _one_line(capsys, argv, path, ["token_embd.weight holds 64 nan or inf values"])
+    assert not (tmp_path / "out").exists() and not (cache / "bases").exists()
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                                  "IQ4_NL", "IQ4_XS"])  # fmt: skip
+def test_block_scales_are_where_gguf_reads_them(kind):
+    """:data:`BLOCK_SCALES` against gguf's own de-quantisation: blocks of
+    random bytes with no float16 nan or inf anywhere (the largest finite
+    scales among them) de-quantise to finite values; a nan or an inf
+    written at an offset makes non-finite values exactly at the listed
+    offsets, and then exactly ``block_size`` of them, the count
+    :func:`nonfinite_count` gives from the bytes."""
+    from types import SimpleNamespace
+
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from loramix.gguf_import import BLOCK_SCALES, nonfinite_count
+
+    qtype = GGMLQuantizationType[kind]
+    block, size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (64, size), dtype=np.uint8)
+    blocks[(blocks & 0x7C) == 0x7C] &= 0xBF  # no byte is a float16's high byte of nan or inf
+    for off in BLOCK_SCALES[kind]:
+        blocks[:8, off : off + 2] = np.frombuffer(
+            np.float16([65504, -65504] * 4).tobytes(), np.uint8
+        ).reshape(8, 2)
+    with np.errstate(all="ignore"):
+        assert np.isfinite(dequantize(blocks, qtype)).all()
+        hits = []
+        for off in range(size - 1):
+            for bad in (np.inf, np.nan):
+                damaged = blocks.copy()
+                damaged[3, off : off + 2] = np.frombuffer(np.float16(bad).tobytes(), np.uint8)
+                n = int(np.count_nonzero(~np.isfinite(dequantize(damaged, qtype))))
+                t = SimpleNamespace(tensor_type=qtype, data=damaged)
+                assert nonfinite_count(t) == n, (off, bad)
+                if n:
+                    assert n == block, (off, bad, n)
+                    hits.append(off)
+    assert sorted(set(hits)) == list(BLOCK_SCALES[kind])
 
 
 def test_a_removed_lock_is_locked_anew(tmp_path):
