@@ -23,6 +23,9 @@ command must at least do):
 * ``inspect A``: numpy and pandas, no torch (the numpy reader; its norms are
   numpy's float64 Gram products); anchors ``import torch`` and ``python -c
   "import pandas"``;
+* ``inspect DORA`` and ``similarity DORA DORA2``: two PEFT DoRA adapters
+  (``use_dora=True``, rank 4, the 7 linear modules of the tiny Llama base's 2
+  blocks): the numpy reader too, no torch; anchor ``python -c "import pandas"``;
 * ``plan A B`` (no fit) and ``predict A B --fit fit.json``: numpy and pandas,
   no torch (the cosines are numpy's); anchors ``import torch`` and
   ``python -c "import pandas"``;
@@ -109,6 +112,14 @@ def fixtures(work: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
     tok.train_from_iterator(["1 + 2 = 3", "two plus two is four"], trainers.BpeTrainer(vocab_size=300))
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(str(work / "base"))
+    from peft import LoraConfig, get_peft_model
+
+    for i in range(2):  # DoRA: PEFT's own files (init_lora_weights=False: B nonzero)
+        torch.manual_seed(1 + i)
+        dora = LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # fmt: skip
+        model = get_peft_model(LlamaForCausalLM.from_pretrained(work / "base"), dora)
+        model.save_pretrained(str(work / f"dora{i}"))
     (work / "base.toml").write_text(
         f'name = "v"\n[base]\npath = "{work / "base"}"\n'
         '[domains.a]\ndata = "synthetic:arith"\ntrain = 10\neval = 5\n'
@@ -151,6 +162,8 @@ def run(args, work: Path) -> None:
         'python -c "import pandas"': [py, "-c", "import pandas"],
         # the other commands, each with its anchor (ANCHOR below)
         "loramix inspect A": [*lmx, "inspect", f["a"]],
+        "loramix inspect DORA": [*lmx, "inspect", str(work / "dora0")],
+        "loramix similarity DORA DORA2": [*lmx, "similarity", str(work / "dora0"), str(work / "dora1")],
         "loramix plan A B": [*lmx, "plan", f["a"], f["b"]],
         "loramix predict A B --fit fit.json": [*lmx, "predict", f["a"], f["b"], "--fit", f["fit"]],
         "loramix scenario check quickstart.toml": [
@@ -232,9 +245,9 @@ def run(args, work: Path) -> None:
     torch_, pass_, pandas_ = 'python -c "import torch"', 'python -c "pass"', 'python -c "import pandas"'
     anchor = {k: torch_ for k in cmds if k.startswith("loramix")}
     anchor.update({k: pass_ for k in cmds if "(exit 2)" in k})
-    anchor.update(
-        {k: pandas_ for k in cmds if k in ("loramix predict A B --fit fit.json", "loramix inspect A")}
-    )
+    numpy_only = ("loramix predict A B --fit fit.json", "loramix inspect A", "loramix inspect DORA",
+                  "loramix similarity DORA DORA2")  # fmt: skip
+    anchor.update({k: pandas_ for k in cmds if k in numpy_only})
     expect_rc = {k: 2 for k in cmds if "(exit 2)" in k}
     runs: dict[str, list[float]] = {k: [] for k in cmds}
     rss: dict[str, float] = {}
