@@ -1277,3 +1277,20 @@ def test_check_of_a_gguf_base_reads_it_and_imports_nothing(monkeypatch, tmp_path
     base_after = next(s for s in after if s.id == "base")
     assert _arch(base_before) == _arch(base_after) == _folder_arch(str(folder))
     assert base_after.args["path"] == str(folder)
+
+
+def test_the_summary_gives_the_cosines_of_the_compositions_it_ranges_over():
+    """The summary's Δppl % range covers the compositions with a merged-data
+    adapter, but its RMS-cosine range covered every composition (real-14-domains:
+    20 of 101), and one merged-data composition read "ranges from -7.3
+    (math+medicine) to -7.3 (math+medicine)" (d2-vs-lora)."""
+    from loramix.scenario.report import render_markdown
+
+    real = render_markdown(json.loads((ROOT / "reports" / "real-14-domains" / "report.json").read_text()))
+    line = next(x for x in real.splitlines() if x.startswith("- **lora**: Δppl % of the naive sum"))
+    assert "over 20 compositions; their RMS cosine from 0.008 to 0.173" in line, line
+    d2 = render_markdown(json.loads((ROOT / "reports" / "d2-vs-lora" / "report.json").read_text()))
+    line = next(x for x in d2.splitlines() if x.startswith("- **d2lora**: Δppl % of the naive sum"))
+    assert line.startswith("- **d2lora**: Δppl % of the naive sum against merged-data training is -7.1 "
+                           "(math+medicine), at RMS cosine 0.0"), line  # fmt: skip
+    assert "ranges" not in line

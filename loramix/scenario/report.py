@@ -177,13 +177,19 @@ def _section_summary(report: dict, v: _View) -> list[str]:
     L.append("")
     for am in dict.fromkeys(summary["adapter_method"]):
         g = summary[(summary["adapter_method"] == am) & (summary["merge_method"] == "sum")]
+        # the compositions with a merged-data adapter: the cosines beside the Δppl % are theirs
+        g = g[g["delta_ppl_pct"].notna()]
         if g.empty:
             continue
         lo, hi = g.loc[g["delta_ppl_pct"].idxmin()], g.loc[g["delta_ppl_pct"].idxmax()]
-        line = (f"- **{am}**: Δppl % of the naive sum against merged-data training ranges from "
-                f"{_f(lo['delta_ppl_pct'], 1)} ({lo['composition']}) to {_f(hi['delta_ppl_pct'], 1)} "
-                f"({hi['composition']}); RMS cosine from {_f(g['rms_cosine'].min(), 3)} to "
-                f"{_f(g['rms_cosine'].max(), 3)}")  # fmt: skip
+        head = f"- **{am}**: Δppl % of the naive sum against merged-data training "
+        if len(g) == 1:
+            line = (f"{head}is {_f(lo['delta_ppl_pct'], 1)} ({lo['composition']}), at RMS cosine "
+                    f"{_f(lo['rms_cosine'], 3)}")  # fmt: skip
+        else:
+            line = (f"{head}ranges from {_f(lo['delta_ppl_pct'], 1)} ({lo['composition']}) to "
+                    f"{_f(hi['delta_ppl_pct'], 1)} ({hi['composition']}) over {len(g)} compositions; "
+                    f"their RMS cosine from {_f(g['rms_cosine'].min(), 3)} to {_f(g['rms_cosine'].max(), 3)}")  # fmt: skip
         f = next(
             (f for f in report["fits"] if f["adapter_method"] == am and f["merge_method"] == "sum"), None
         )
