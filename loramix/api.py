@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import re
 from collections.abc import Callable
 
@@ -109,14 +110,18 @@ def python_api(f: Callable, public_name: str) -> Callable:
 
 def _warn_deprecated(text: str) -> None:
     """A :class:`DeprecationWarning` pointed at the caller's own line: the
-    first frame outside this module (``loramix.X`` is two of its wrappers
-    deep), so that Python shows it there (it shows a DeprecationWarning
-    only for code in ``__main__``: a script's or a notebook's)."""
+    first frame outside the loramix package, so that Python shows it there
+    (it shows a DeprecationWarning only for code in ``__main__``: a
+    script's or a notebook's). Outside the package, not only this module:
+    ``loramix.predict`` and ``loramix.run_scenario`` have a wrapper of
+    :mod:`loramix.blas` between :func:`python_api`'s and :func:`renamed`'s,
+    and a warning pointed at it was hidden by the default filters."""
     import sys
     import warnings
 
+    package = os.path.dirname(__file__) + os.sep
     frame, level = sys._getframe(0), 1
-    while frame is not None and frame.f_code.co_filename == __file__:
+    while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     warnings.warn(text, DeprecationWarning, stacklevel=level)
 

@@ -236,6 +236,18 @@ def test_both_names_at_once_are_refused(env, tmp_path, call, line):
     assert not (tmp_path / "out").exists()
 
 
+def test_deprecation_is_said_at_the_callers_line_through_every_wrapper(tmp_path):
+    """``predict`` and ``run_scenario`` have a second wrapper (:func:`loramix.blas.one_openblas_thread`)
+    between ``loramix.X`` and :func:`loramix.api.renamed`: the warning is still said at the
+    caller's line, not inside loramix, where Python's default filters hide it from a script."""
+    with _deprecated("run_scenario", "out") as w, pytest.raises(LoramixError):
+        loramix.run_scenario(tmp_path / "none.toml", tmp_path / "out")
+    assert [x.filename for x in w if x.category is DeprecationWarning] == [__file__]
+    with _deprecated("predict", "merge_method") as w, pytest.raises(LoramixError):
+        loramix.predict([tmp_path / "a", tmp_path / "b"], tmp_path / "fit.json", merge_method="sum")
+    assert [x.filename for x in w if x.category is DeprecationWarning] == [__file__]
+
+
 def test_too_many_positional_arguments_are_a_type_error(env, tmp_path):
     with pytest.raises(TypeError, match="takes 1 positional"):
         loramix.sum_adapters(env["ads"], tmp_path / "o", None, False, None, None, True)
