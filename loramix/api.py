@@ -126,6 +126,22 @@ def _warn_deprecated(text: str) -> None:
     warnings.warn(text, DeprecationWarning, stacklevel=level)
 
 
+def _from_position(fname: str, extra: tuple, positional: tuple[str, ...], lead: int, kwargs: dict) -> dict:
+    """``kwargs`` with the values ``extra`` given after the ``lead`` positional
+    parameters bound to their old names ``positional``, warned."""
+    if len(extra) > len(positional):  # Python's own words for too many
+        s = "" if lead == 1 else "s"
+        raise TypeError(f"{fname}() takes {lead} positional argument{s} but {lead + len(extra)} were given")
+    names = positional[: len(extra)]
+    for n in names:
+        if n in kwargs:
+            raise UsageError(fname, f"{n} given twice, by position and as {n}=")
+    said = ", ".join(f"{n}=..." for n in names)
+    them = "them as keywords" if len(names) > 1 else "it as a keyword"
+    _warn_deprecated(f"{fname}: passing {', '.join(names)} by position is deprecated; pass {them} ({said})")
+    return {**kwargs, **dict(zip(names, extra))}
+
+
 def renamed(old: dict[str, str] | None = None, *, positional: tuple[str, ...] = ()) -> Callable:
     """Keep ``f``'s callers of the previous release working, warned.
 
@@ -149,17 +165,7 @@ def renamed(old: dict[str, str] | None = None, *, positional: tuple[str, ...] = 
         @functools.wraps(f)
         def call(*args, **kwargs):
             if len(args) > lead and positional:
-                extra = args[lead:]
-                if len(extra) > len(positional):  # what Python says of too many
-                    raise TypeError(f"{fname}() takes {lead} positional arguments but {len(args)} were given")
-                names = positional[: len(extra)]
-                for n, v in zip(names, extra):
-                    if n in kwargs:
-                        raise UsageError(fname, f"{n} given twice, by position and as {n}=")
-                    kwargs[n] = v
-                said = ", ".join(f"{n}=..." for n in names)
-                _warn_deprecated(f"{fname}: passing {', '.join(names)} by position is deprecated; "
-                                 f"pass them as keywords ({said})")  # fmt: skip
+                kwargs = _from_position(fname, args[lead:], positional, lead, kwargs)
                 args = args[:lead]
             for was, now in old.items():
                 if was in kwargs:
