@@ -588,13 +588,25 @@ def check_gguf(path: Path, reader, dtype: str = "float32") -> tuple[str, dict, o
     ``(model_type, {ggml type: tensor count}, transformers config)``."""
     if dtype not in DTYPES:
         raise BaseModelError("--dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
+    arch, quants = _check_kind(reader, path)
+    config = _hf_config(reader, path, arch, dtype)
+    _check_contents(reader, path)
+    return arch, quants, config
+
+
+def _check_kind(reader, path) -> tuple[str, dict]:
+    """:func:`check_gguf`'s checks of what the file is (architecture,
+    quantisation, metadata types): ``(model_type, {ggml type: count})``."""
     arch = gguf_architecture(reader, path)
     quants = check_quantisation(reader, path)
     check_metadata(reader, path, _field(reader, "general.architecture"))
-    config = _hf_config(reader, path, arch, dtype)
+    return arch, quants
+
+
+def _check_contents(reader, path) -> None:
+    """:func:`check_gguf`'s checks of what the file holds (no nan or inf weight, a vocabulary)."""
     check_finite_tensors(reader, path)
     check_vocabulary(reader, path)
-    return arch, quants, config
 
 
 def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dtype: str = "float32",
@@ -682,12 +694,17 @@ def import_preview(path: str | os.PathLike) -> dict:
     first: reversed); ``arch``, ``model_type:layers:width:vocab`` (the
     estimate's architecture of a base folder, :mod:`loramix.scenario.estimate`);
     ``tokenizer``, whether it holds one; ``bytes``, its float32 import's
-    weights. The file's architecture, quantisation and nan or inf weights
-    (:func:`check_finite_tensors`) are refused as the import refuses them. Parsed once per file (its size and time): the header
-    of SmolLM2's 49,152-token vocabulary takes seconds, and check asks twice."""
+    weights. The file is refused as the import refuses it before
+    de-quantising (:func:`check_gguf`: nan or inf weights too, from the
+    quantised blocks' scales, :func:`check_finite_tensors`), but for
+    transformers' reading of its config, which imports torch: so that
+    ``scenario check`` does not pass a file that the run's import refuses.
+    Parsed once per file (its size and time): the header of SmolLM2's
+    49,152-token vocabulary takes seconds, and check asks twice."""
     p = Path(path)
     st = p.stat()
-    return dict(_import_preview(str(p.resolve()), st.st_size, st.st_mtime_ns))
+    got = _import_preview(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    return {**got, "weights": dict(got["weights"])}  # the cached dict stays as parsed
 
 
 @functools.lru_cache(maxsize=4)
@@ -696,9 +713,8 @@ def _import_preview(path: str, size: int, mtime_ns: int) -> dict:
 
     reader = open_gguf(path)
     p = Path(path)
-    model_type = gguf_architecture(reader, p)
-    check_quantisation(reader, p)
-    check_finite_tensors(reader, p)  # as the import would refuse it: a byte per block, no de-quantising
+    model_type, _ = _check_kind(reader, p)
+    _check_contents(reader, p)
     weights, numel = {}, 0
     for t in reader.tensors:
         numel += math.prod(int(x) for x in t.shape)

@@ -117,6 +117,8 @@ def _damage(name: str, b: bytes, L: dict) -> bytes:
         ),  # output_norm.weight follows token_embd
         "inf-f32": lambda: _put(b, L["data"] + 40, "<f", float("inf")),
         "key-not-utf8": lambda: _put(b, 24 + 8, "<B", 0xFF),
+        # the same 4 bytes read as a float: the layout holds, the metadata is of the wrong kind
+        "head-count-f32": lambda: _put(b, kv["llama.attention.head_count"] - 4, "<I", 6),
         "empty": lambda: b"",
     }[name]()
 
@@ -150,6 +152,7 @@ CASES = {
     "nan-f32": ["output_norm.weight holds 1 nan or inf"],
     "inf-f32": ["token_embd.weight holds 1 nan or inf"],
     "key-not-utf8": ["is not UTF-8"],
+    "head-count-f32": ["llama.attention.head_count is FLOAT32 in its metadata; loramix reads an integer"],
     "empty": ["is empty"],
 }
 
@@ -174,8 +177,9 @@ def test_damaged_gguf_import_is_one_line(case, tiny, tmp_path, capsys, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no --out, no temporary, no cache
 
 
-#: a few through the commands that import a GGUF base into the cache (``resolve_base``)
-BASE_CASES = ["cut-data+5", "u8-array-2^40", "overlap", "nan-f32", "dims-5", "version-4"]
+#: a few through the commands that import a GGUF base into the cache (``resolve_base``), and
+#: ``scenario check``, which reads the header instead and refuses what the import would
+BASE_CASES = ["cut-data+5", "u8-array-2^40", "overlap", "nan-f32", "dims-5", "version-4", "head-count-f32"]
 
 
 @pytest.fixture(scope="module")
