@@ -24,9 +24,10 @@ REPORTS = Path(__file__).resolve().parents[1] / "reports" / "quickstart"
 QUICKSTART = Path(__file__).resolve().parents[1] / "scenarios" / "quickstart.toml"
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("api_errors")
+def api_env(root: Path) -> dict:
+    """A tiny GPT-2 base folder, two rank-2 LoRA adapters on it and a QA file
+    under ``root``, with a folder that exists and a path that does not: what
+    the tests of the public functions call them on."""
     base = make_tiny_base(root / "base", "gpt2")
     from transformers import AutoConfig
 
@@ -38,6 +39,11 @@ def env(tmp_path_factory) -> dict:
     exists = root / "exists"
     exists.mkdir()
     return {"base": str(base), "ads": ads, "data": str(data), "exists": str(exists), "new": str(root / "new")}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    return api_env(tmp_path_factory.mktemp("api_errors"))
 
 
 def _cases(e):

@@ -19,11 +19,7 @@ from safetensors.numpy import load_file
 import loramix
 from loramix.errors import LoramixError
 
-from .factories import make_peft_adapter, tiny_gpt2, write_jsonl
-from .test_train import make_tiny_base
-
-REPORTS = Path(__file__).resolve().parents[1] / "reports" / "quickstart"
-QUICKSTART = Path(__file__).resolve().parents[1] / "scenarios" / "quickstart.toml"
+from .test_api_errors import QUICKSTART, REPORTS, api_env
 
 #: each function's positional parameters: what the call works on (its inputs; a writer's
 #: folder and contents; merge's method, predict's fit); every other parameter is keyword-only
@@ -114,16 +110,7 @@ def test_the_commands_options_are_the_keywords():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("api_names")
-    base = make_tiny_base(root / "base", "gpt2")
-    from transformers import AutoConfig
-
-    model = tiny_gpt2(vocab_size=AutoConfig.from_pretrained(base).vocab_size)
-    ads = [str(make_peft_adapter(model, root / f"a{i}", seed=i, r=2, lora_alpha=4)) for i in (1, 2)]
-    data = write_jsonl(
-        root / "d.jsonl", [{"question": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(24)]
-    )
-    return {"base": str(base), "ads": ads, "data": str(data), "root": root}
+    return api_env(tmp_path_factory.mktemp("api_names"))
 
 
 def _tensors(folder) -> dict:
