@@ -285,7 +285,10 @@ def first_run_rows(base, model, tok, args) -> None:
             mods[name] = ModuleDelta(name=name, B=torch.randn(o, 8, generator=g) * 0.02,
                                      A=torch.randn(8, i, generator=g) / i**0.5, scale=2.0, alpha=16.0)  # fmt: skip
     ad = Adapter(name="random", kind=LORA, modules=mods)
-    kw = dict(adapters=[ad], data=files, limit=4, max_len=64, batch=8, device="cpu", top_layers=2)
+    # no bar: the default turned on with 7565f9c, and the rows before it were measured without one
+    kw = dict(
+        adapters=[ad], data=files, limit=4, max_len=64, batch=8, device="cpu", top_layers=2, progress=False
+    )
     evaluate((model, tok), **kw)  # the prefix, once per data set
 
     def study():  # as evaluate_on_splits runs it: the base lent, its prefix digest remembered
