@@ -197,6 +197,17 @@ def adapter(tmp_path_factory) -> Path:
     return make_peft_adapter(model, root / "lora", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
 
 
+def _inputs(tmp_path: Path, base: Path) -> tuple[Path, Path]:
+    """A data file and a scenario on ``base``, for the commands that read a base."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "ab", "answer": "cd"}\n' * 2)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(f'name = "v"\n[base]\npath = "{base}"\n[domains.a]\ndata = "synthetic:arith"\n'
+                        'train = 10\neval = 5\n[domains.b]\ndata = "synthetic:units"\ntrain = 10\neval = 5\n'
+                        "[adapters]\nrank = 4\n")  # fmt: skip
+    return data, scenario
+
+
 @pytest.mark.parametrize("command", ["eval", "sum", "scenario"])
 @pytest.mark.parametrize("case", BASE_CASES)
 def test_damaged_gguf_base_leaves_no_cache(case, command, tiny, tmp_path, capsys, monkeypatch, request):
@@ -204,12 +215,7 @@ def test_damaged_gguf_base_leaves_no_cache(case, command, tiny, tmp_path, capsys
     monkeypatch.setenv("LORAMIX_CACHE_DIR", str(cache))
     path = tmp_path / "m.gguf"
     path.write_bytes(_damage(case, *tiny))
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"question": "ab", "answer": "cd"}\n' * 2)
-    scenario = tmp_path / "s.toml"
-    scenario.write_text(f'name = "v"\n[base]\npath = "{path}"\n[domains.a]\ndata = "synthetic:arith"\n'
-                        'train = 10\neval = 5\n[domains.b]\ndata = "synthetic:units"\ntrain = 10\neval = 5\n'
-                        "[adapters]\nrank = 4\n")  # fmt: skip
+    data, scenario = _inputs(tmp_path, path)
     argv = {
         "eval": lambda: ["eval", "--base", path, "--data", data, "--no-progress"],
         "sum": lambda: ["sum", request.getfixturevalue("adapter"), "--into", path, "-o", tmp_path / "out"],
@@ -263,12 +269,7 @@ def test_a_gguf_name_that_is_no_gguf_file_is_refused_as_one(
     monkeypatch.setenv("LORAMIX_CACHE_DIR", str(cache))
     path = tmp_path / "m.gguf"
     needles = _not_gguf(kind, path)
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"question": "ab", "answer": "cd"}\n' * 2)
-    scenario = tmp_path / "s.toml"
-    scenario.write_text(f'name = "v"\n[base]\npath = "{path}"\n[domains.a]\ndata = "synthetic:arith"\n'
-                        'train = 10\neval = 5\n[domains.b]\ndata = "synthetic:units"\ntrain = 10\neval = 5\n'
-                        "[adapters]\nrank = 4\n")  # fmt: skip
+    data, scenario = _inputs(tmp_path, path)
     out, a = tmp_path / "out", lambda: request.getfixturevalue("adapter")
     argv = {
         "base-import": lambda: ["base", "import", path, "--out", out],
