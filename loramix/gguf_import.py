@@ -286,6 +286,25 @@ def check_finite_tensors(reader, path) -> None:
             raise BaseModelError(path, f"tensor {t.name} holds {bad} nan or inf values")
 
 
+def check_rope_freqs(reader, path) -> None:
+    """Refuse per-frequency RoPE factors other than all ones (llama.cpp stores
+    Llama 3.1's scaling so) before the de-quantisation and the notice that
+    announces it: transformers' GGUF support drops them, so the import would
+    not be the file's model. The tensor is ``head_dim / 2`` floats."""
+    for t in reader.tensors:
+        if t.name.startswith("rope_freqs"):
+            _refuse_rope_scaling(t, path)
+
+
+def _refuse_rope_scaling(t, path) -> None:
+    import numpy as np
+
+    if not np.all(_dequantized(t) == 1):
+        raise BaseModelError(path, f"tensor {t.name} scales the RoPE frequencies (as llama.cpp stores "
+                                   "Llama 3.1's), which loramix cannot import: transformers' GGUF support "
+                                   "drops it")  # fmt: skip
+
+
 def gguf_architecture(reader, path) -> str:
     """The transformers ``model_type`` of a GGUF, refusing what loramix does not import."""
     arch = _field(reader, "general.architecture")
@@ -520,10 +539,7 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str, progress: b
         hf = name_map.get(t.name)
         if hf is None:
             if t.name.startswith("rope_freqs"):  # per-frequency RoPE factors: all ones is no scaling
-                if not np.all(_dequantized(t) == 1):
-                    raise BaseModelError(path, f"tensor {t.name} scales the RoPE frequencies (as llama.cpp "
-                                               "stores Llama 3.1's), which loramix cannot import: transformers' "
-                                               "GGUF support drops it")  # fmt: skip
+                _refuse_rope_scaling(t, path)  # checked before the notice too (check_rope_freqs)
                 bar.update(int(t.n_bytes))
                 continue
             raise BaseModelError(path, f"tensor {t.name} has no place in a {arch} model")
@@ -604,8 +620,10 @@ def _check_kind(reader, path) -> tuple[str, dict]:
 
 
 def _check_contents(reader, path) -> None:
-    """:func:`check_gguf`'s checks of what the file holds (no nan or inf weight, a vocabulary)."""
+    """:func:`check_gguf`'s checks of what the file holds (no nan or inf weight,
+    no RoPE frequency factors, a vocabulary)."""
     check_finite_tensors(reader, path)
+    check_rope_freqs(reader, path)
     check_vocabulary(reader, path)
 
 

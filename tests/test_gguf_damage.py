@@ -323,12 +323,7 @@ def test_a_nan_block_is_refused_before_the_notice(command, tiny, tmp_path, capsy
     b, L = tiny
     path = tmp_path / "m.gguf"
     path.write_bytes(_put(b, L["tensor"]["token_embd.weight"]["type"], "<I", 8))  # float32 bytes read as Q8_0
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"question": "ab", "answer": "cd"}\n')
-    scenario = tmp_path / "s.toml"
-    scenario.write_text(f'name = "v"\n[base]\npath = "{path}"\n[domains.a]\ndata = "synthetic:arith"\n'
-                        'train = 10\neval = 5\n[domains.b]\ndata = "synthetic:units"\ntrain = 10\neval = 5\n'
-                        "[adapters]\nrank = 4\n")  # fmt: skip
+    data, scenario = _inputs(tmp_path, path)
     argv = {
         "base-import": ["base", "import", path, "--out", tmp_path / "out"],
         "eval": ["eval", "--base", path, "--data", data, "--no-progress"],
@@ -465,3 +460,24 @@ def test_damaged_real_smollm2_is_one_line(where, smol_layout, tmp_path, capsys, 
     _one_line(capsys, ["base", "import", path, "--out", tmp_path / "out"], path,
               needles.get(where, ["corrupt or truncated"]))  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smol.gguf"]
+
+
+@pytest.mark.parametrize("command", ["base-import", "eval", "scenario-check"])
+def test_rope_frequency_factors_are_refused_before_the_notice(command, tmp_path, capsys, monkeypatch):
+    """A ``rope_freqs`` tensor other than all ones (RoPE scaling, which
+    transformers' GGUF support drops) was found while de-quantising, after the
+    import's notice: two lines through the cache (``eval --base``), and
+    ``scenario check`` passed the file. Now refused from the tensor before
+    the notice, by every entry point: one line, nothing in the cache."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(cache))
+    path = llama_gguf(tmp_path / "m.gguf", put={"rope_freqs.weight": np.linspace(1, 8, 8, dtype=np.float32)},
+                      tokenizer=True)  # fmt: skip
+    data, scenario = _inputs(tmp_path, path)
+    argv = {
+        "base-import": ["base", "import", path, "--out", tmp_path / "out"],
+        "eval": ["eval", "--base", path, "--data", data, "--no-progress"],
+        "scenario-check": ["scenario", "check", scenario],
+    }[command]
+    _one_line(capsys, argv, path, ["tensor rope_freqs.weight scales the RoPE frequencies"])
+    assert not (tmp_path / "out").exists() and not (cache / "bases").exists()
