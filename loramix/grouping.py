@@ -110,9 +110,10 @@ class CostModel:
     @cached_property
     def _cosines(self) -> np.ndarray:
         """``rms_cosine`` with 0 for the pairs that share no module (module
-        docstring): the RMS over shared modules is NaN there, no module having
-        a cosine, and a NaN pair was left out, so two such adapters were never
-        grouped, yet joined a group by a third one's cosine."""
+        docstring). The feature gives 0 there itself (:mod:`loramix.features.cosine`);
+        this guard keeps the rule for a feature set made before it did, read
+        back from a study's cache, whose NaN pair was left out: two such
+        adapters were never grouped, yet joined a group by a third one's cosine."""
         m, cov = self.features.matrices["rms_cosine"], self.features.matrices.get("coverage")
         return m if cov is None else np.where(cov == 0, 0.0, m)
 
