@@ -208,6 +208,18 @@ def _inputs(tmp_path: Path, base: Path) -> tuple[Path, Path]:
     return data, scenario
 
 
+def _reading_argv(command: str, tmp_path: Path, path: Path) -> list:
+    """The command line of ``command`` reading the GGUF ``path`` without an
+    adapter: its import into ``tmp_path/out``, ``eval`` on it (through the
+    cache), ``scenario check`` of a study on it."""
+    data, scenario = _inputs(tmp_path, path)
+    return {
+        "base-import": ["base", "import", path, "--out", tmp_path / "out"],
+        "eval": ["eval", "--base", path, "--data", data, "--no-progress"],
+        "scenario-check": ["scenario", "check", scenario],
+    }[command]
+
+
 @pytest.mark.parametrize("command", ["eval", "sum", "scenario"])
 @pytest.mark.parametrize("case", BASE_CASES)
 def test_damaged_gguf_base_leaves_no_cache(case, command, tiny, tmp_path, capsys, monkeypatch, request):
@@ -323,12 +335,7 @@ def test_a_nan_block_is_refused_before_the_notice(command, tiny, tmp_path, capsy
     b, L = tiny
     path = tmp_path / "m.gguf"
     path.write_bytes(_put(b, L["tensor"]["token_embd.weight"]["type"], "<I", 8))  # float32 bytes read as Q8_0
-    data, scenario = _inputs(tmp_path, path)
-    argv = {
-        "base-import": ["base", "import", path, "--out", tmp_path / "out"],
-        "eval": ["eval", "--base", path, "--data", data, "--no-progress"],
-        "scenario-check": ["scenario", "check", scenario],
-    }[command]
+    argv = _reading_argv(command, tmp_path, path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # numpy's, printed before the one line
         _one_line(capsys, argv, path, ["token_embd.weight holds 64 nan or inf values"])
@@ -473,11 +480,6 @@ def test_rope_frequency_factors_are_refused_before_the_notice(command, tmp_path,
     monkeypatch.setenv("LORAMIX_CACHE_DIR", str(cache))
     path = llama_gguf(tmp_path / "m.gguf", put={"rope_freqs.weight": np.linspace(1, 8, 8, dtype=np.float32)},
                       tokenizer=True)  # fmt: skip
-    data, scenario = _inputs(tmp_path, path)
-    argv = {
-        "base-import": ["base", "import", path, "--out", tmp_path / "out"],
-        "eval": ["eval", "--base", path, "--data", data, "--no-progress"],
-        "scenario-check": ["scenario", "check", scenario],
-    }[command]
+    argv = _reading_argv(command, tmp_path, path)
     _one_line(capsys, argv, path, ["tensor rope_freqs.weight scales the RoPE frequencies"])
     assert not (tmp_path / "out").exists() and not (cache / "bases").exists()
