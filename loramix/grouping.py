@@ -19,6 +19,11 @@ Cost of a group ``C`` (a set of adapters):
   not as missing: its deltas are orthogonal (no weight has both), so summing
   them cannot interfere inside a weight, the best case for a merge.
 
+Kinds: a group is merged by one method, which merges adapters of one kind
+(LoRA, DoRA, D2-LoRA), so no group mixes kinds. Without a predictors file
+each kind's adapters are grouped on their own (:func:`plan_by_kind`); a
+predictors file is fitted for one kind, and adapters of others are refused.
+
 Grouping (greedy agglomerative): start from singletons; among all pairs of
 groups whose union has at most ``K`` members, merge the one whose union has the
 lowest predicted cost, as long as that cost is at most the budget; stop when no
@@ -186,11 +191,12 @@ class Plan:
     rule: str = ""
     validated_by_method: dict | None = None  # merge method -> {"predictor", "validated"} when method-aware
     warnings: list[str] = field(default_factory=list)  # the predictors file's caveats for these adapters
+    notes: list[str] = field(default_factory=list)  # the command's note lines: kinds planned apart, residuals
 
     def to_json_dict(self) -> dict:
         d = {"adapters": self.names, "cost": self.cost_source, "validated": self.validated,
              "budget": self.budget, "max_group": self.max_group, "rule": self.rule or RULE, "groups": self.groups,
-             "warnings": self.warnings}  # fmt: skip
+             "warnings": self.warnings, "notes": self.notes}  # fmt: skip
         if self.validated_by_method:
             d["validated_by_method"] = self.validated_by_method
         return d
@@ -396,12 +402,17 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     from the factors in numpy float64). ``progress``: a bar of the
     calibration pass (on a terminal).
 
+    Adapters of several kinds (LoRA, DoRA, D2-LoRA): without ``fit`` each
+    kind is planned on its own (:func:`plan_by_kind`), with one note; with
+    ``fit`` (its predictors are per kind) they are refused.
+
     Returns a :class:`Plan`, what the command prints as data: ``groups``
-    (each ``group``, ``members``, ``method``, ``cost``, ``interval``; with
-    predictors per merge method also ``costs``), ``cost_source``,
-    ``validated`` / ``validated_by_method``, ``budget``, ``max_group``,
-    ``rule`` and ``warnings`` (the command's ``warning:`` lines);
-    ``to_json_dict()`` is ``--format json``'s object.
+    (each ``group``, ``kind``, ``members``, ``method``, ``cost``,
+    ``interval``; with predictors per merge method also ``costs``),
+    ``cost_source``, ``validated`` / ``validated_by_method``, ``budget``,
+    ``max_group``, ``rule``, ``warnings`` and ``notes`` (the command's
+    ``warning:`` and ``note:`` lines); ``to_json_dict()`` is ``--format
+    json``'s object.
     """
     from .io.peft_layout import check_adapter_paths
 
@@ -425,18 +436,18 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     else:  # a calibration pass runs the adapters in the base model: torch's
         from .io.adapter_files import load_adapter as load
     adapters = [a if hasattr(a, "modules") else load(a) for a in items]
-    # without a fit no fit is per kind, but a plan is: its groups are merged by one method each
-    one_kind(
-        adapters, "plan", "the fits are per kind" if fit is not None else "a plan groups adapters of one kind"
-    )
+    if fit is not None:  # the fits are per kind; without one each kind is planned on its own
+        one_kind(adapters, "plan", "the fits are per kind (without --fit, each kind is planned on its own)")
     # the checks of `loramix predict`: another adapter kind refused, another base warned of
     warnings = [] if fitfile is None else adapter_checks(adapters, fitfile, str(fit))
     model, source, validated = cost_model(
         adapters, fit, data, base, tokens, device, fitfile=fitfile, max_len=max_len, progress=progress
     )
     vbm = by_method_records(fitfile["by_method"]) if model.method_aware else None
-    p = plan_with(model, source=source, validated=validated, max_group=max_group, budget=budget,
-                  validated_by_method=vbm)  # fmt: skip
+    kinds = [a.method for a in adapters]
+    p = plan_by_kind(model, kinds, source=source, validated=validated, max_group=max_group, budget=budget,
+                     validated_by_method=vbm)  # fmt: skip
+    p.notes = plan_notes(kinds)
     if fitfile is not None:  # groups larger than any composition the predictor was validated on
         from .interference import fitted_sizes, size_note
 
@@ -445,6 +456,37 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
         warnings += [f"group(s) of {k}: {size_note(k, sizes)}" for k in big]
     p.warnings = warnings
     return p
+
+
+def plan_notes(kinds: list[str]) -> list[str]:
+    """The plan's notes for adapters of ``kinds``: that several kinds were
+    planned each on its own (:func:`plan_by_kind`)."""
+    notes, distinct = [], sorted(set(kinds))
+    if len(distinct) > 1:
+        notes.append(f"the adapters are of {len(distinct)} kinds ({', '.join(distinct)}); each kind is planned "
+                     "on its own (a group is merged by one method, which merges one kind)")  # fmt: skip
+    return notes
+
+
+def plan_by_kind(model: CostModel, kinds: list[str], **how) -> Plan:
+    """:func:`plan_with` (``how``: its keywords) of each kind's adapters on their
+    own (``kinds[i]``: adapter ``i``'s; ``max_group`` and ``budget`` hold for
+    every group), so that no group mixes kinds: a group is merged by one method,
+    which merges one kind. The kinds come in the order of their names, each
+    one's groups largest first, numbered on; each group says its ``kind``. One
+    kind: :func:`plan_with`'s plan, each group with that kind."""
+    from dataclasses import replace
+
+    plans = []
+    for kind in sorted(set(kinds)):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        plans.append((kind, plan_with(replace(model, features=model.features.subset(idx)), **how)))
+    groups = [{**g, "kind": kind} for kind, p in plans for g in p.groups]
+    for k, g in enumerate(groups, start=1):
+        g["group"] = k
+    first = plans[0][1]
+    return Plan(list(model.features.names), groups, first.budget, first.max_group, first.cost_source,
+                first.validated, first.rule, first.validated_by_method)  # fmt: skip
 
 
 def describe_groups(model: CostModel, groups: list[list[int]], budget: float) -> list[dict]:

@@ -422,9 +422,10 @@ def test_a_scenario_label_names_the_kind_of_its_predictors(bank, similar_merge_w
     )
 
 
-def test_adapters_of_two_kinds_are_refused(bank, similar_merge_well, tmp_path, capsys):
-    """A LoRA and a D2-LoRA adapter: one line, exit 2, with or without ``--fit`` (``plan``
-    proposed summing them, which ``merge`` then refuses; ``predict`` with a fit.json refused it)."""
+def test_adapters_of_two_kinds_are_refused_with_a_fit(bank, similar_merge_well, tmp_path, capsys):
+    """A LoRA and a D2-LoRA adapter with ``--fit``: one line, exit 2 (the fits are
+    per kind), saying that without ``--fit`` each kind is planned on its own;
+    ``predict`` refuses them too (a composition is merged by one method)."""
     from loramix.adapter import ModuleDelta
     from loramix.io.formats.d2 import save_d2_adapter
 
@@ -435,13 +436,80 @@ def test_adapters_of_two_kinds_are_refused(bank, similar_merge_well, tmp_path, c
                            scale=1.0, alpha=2.0, B_neg=torch.randn(DIM, 2, generator=gen),
                            A_neg=torch.randn(2, DIM, generator=gen), tau=0.5) for m in MODULES}  # fmt: skip
     d2 = str(save_d2_adapter(tmp_path / "d2", mods, r=2, lora_alpha=2.0, tau=0.5))
-    # no fit is involved without --fit: the line must not blame one
-    err = _one_line_error(capsys, ["plan", *paths[:2], d2], "mix kinds")
-    assert "a plan groups adapters of one kind" in err and "fit" not in err
-    assert "fits are per kind" in _one_line_error(
-        capsys, ["plan", *paths[:2], d2, "--fit", str(fit)], "mix kinds"
-    )
+    err = _one_line_error(capsys, ["plan", *paths[:2], d2, "--fit", str(fit)], "mix kinds (d2lora, lora)")
+    assert "the fits are per kind (without --fit, each kind is planned on its own)" in err
     _one_line_error(capsys, ["predict", paths[0], d2, "--fit", str(fit)], "mix kinds")
+
+
+@pytest.fixture(scope="module")
+def kinds_bank(tmp_path_factory):
+    """A tiny Llama base, three PEFT LoRA adapters, two PEFT DoRA adapters whose
+    magnitudes moved from their init (as training moves them: at PEFT's init a
+    DoRA delta is its LoRA residual) and one D2-LoRA adapter, all on q_proj and
+    v_proj: ``(base, {name: path})``."""
+    from loramix.adapter import ModuleDelta
+    from loramix.io.formats.d2 import save_d2_adapter
+
+    from .factories import make_peft_adapter, save_base, tiny_llama
+    from .test_formats import _train_magnitudes
+
+    root = tmp_path_factory.mktemp("kinds")
+    model = tiny_llama()
+    base = save_base(model, root / "base")
+    targets = ["q_proj", "v_proj"]
+    paths = {f"lora{k}": make_peft_adapter(model, root / f"lora{k}", seed=k, r=2, target_modules=targets)
+             for k in range(3)}  # fmt: skip
+    for k in range(2):
+        dora = make_peft_adapter(
+            model, root / f"dora{k}", seed=10 + k, r=2, target_modules=targets, use_dora=True
+        )
+        paths[f"dora{k}"] = _train_magnitudes(dora, 20 + k)
+    gen, mods = torch.Generator().manual_seed(7), {}
+    for layer in range(2):
+        for t in targets:
+            name = f"model.layers.{layer}.self_attn.{t}"
+            o = model.get_submodule(name).weight.shape[0]
+            f = [0.3 * torch.randn(*s, generator=gen) for s in ((o, 2), (2, 32), (o, 2), (2, 32))]
+            mods[name] = ModuleDelta(name=name, B=f[0], A=f[1], B_neg=f[2], A_neg=f[3], scale=2.0, alpha=4.0,
+                                     tau=0.5)  # fmt: skip
+    paths["d2"] = save_d2_adapter(root / "d2", mods, r=2, lora_alpha=4.0, tau=0.5)
+    return base, {n: str(p) for n, p in paths.items()}
+
+
+def test_adapters_of_several_kinds_are_planned_kind_by_kind(kinds_bank, capsys):
+    """LoRA, DoRA and D2-LoRA adapters without ``--fit``: each kind is planned on
+    its own, as if given alone (were refused: "the adapters mix kinds"), with
+    ``max_group`` and the budget holding per group; no group mixes kinds, each
+    says its kind (JSON ``kind``, the table's column), a kind of one adapter is
+    a group of one, and one note says so."""
+    _, paths = kinds_bank
+    args = ["plan", *paths.values(), "--budget", "1", "--max-group", "2"]
+    capsys.readouterr()
+    assert main([*args, "--format", "json"]) == 0
+    out = capsys.readouterr()
+    got = json.loads(out.out)
+    kind = {n: "d2lora" if n == "d2" else n[:-1] for n in paths}  # lora0 -> lora
+    assert [g["kind"] for g in got["groups"]] == ["d2lora", "dora", "lora", "lora"]
+    assert [g["group"] for g in got["groups"]] == [1, 2, 3, 4]
+    for g in got["groups"]:
+        assert {kind[m] for m in g["members"]} == {g["kind"]} and len(g["members"]) <= 2 and g["cost"] <= 1
+    by_kind = {}
+    for k in ("lora", "dora"):
+        assert main(["plan", *(p for n, p in paths.items() if kind[n] == k), "--budget", "1", "--max-group", "2",
+                     "--format", "json"]) == 0  # fmt: skip
+        by_kind[k] = json.loads(capsys.readouterr().out)["groups"]
+    for g in got["groups"][1:]:
+        alone = by_kind[g["kind"]][[x["members"] for x in by_kind[g["kind"]]].index(g["members"])]
+        assert (g["cost"], g["method"]) == (alone["cost"], alone["method"])
+    assert got["groups"][0] == {"group": 1, "members": ["d2"], "cost": 0.0, "interval": None, "method": "keep",
+                                "kind": "d2lora"}  # fmt: skip
+    notes = out.err.strip().splitlines()
+    assert notes == [f"loramix: note: {n}" for n in got["notes"]] and len(notes) == 1, notes
+    assert "the adapters are of 3 kinds (d2lora, dora, lora); each kind is planned on its own" in notes[0]
+    assert main(args) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[3].split() == ["group", "kind", "method", "cost", "interval", "members"]
+    assert table[4].split()[:3] == ["1", "d2lora", "keep"] and table[4].endswith(" d2")
 
 
 def test_predict_method_gives_the_number_plan_quotes(bank, similar_merge_well, tmp_path, capsys):

@@ -44,6 +44,8 @@ def command(adapters, fit_path, data, base, tokens, max_len, max_group, budget, 
              budget=budget, tokens=tokens, device=device, max_len=max_len, progress=True)  # fmt: skip
     for w in p.warnings:
         click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
+    for n in p.notes:
+        click.echo(f"loramix: note: {n}", err=True)
     if as_json or fmt == "json":
         click.echo(json.dumps(p.to_json_dict(), indent=2))
         return
@@ -59,7 +61,9 @@ def command(adapters, fit_path, data, base, tokens, max_len, max_group, budget, 
                    f"interval coverage {_fmt(v.get('coverage'))}")  # fmt: skip
     click.echo(f"budget: {p.budget:g}; groups of at most {p.max_group}")
     click.echo(f"method: {p.rule}")
-    click.echo(f"{'group':>5}  {'method':<6} {'cost':>9}  {'interval':<21} members")
+    kw = max(len("kind"), *(len(g["kind"]) for g in p.groups))
+    click.echo(f"{'group':>5}  {'kind':<{kw}} {'method':<6} {'cost':>9}  {'interval':<21} members")
     for g in p.groups:
         iv = "" if g["interval"] is None else f"[{g['interval'][0]:.3g}, {g['interval'][1]:.3g}]"
-        click.echo(f"{g['group']:>5}  {g['method']:<6} {g['cost']:>9.4g}  {iv:<21} {', '.join(g['members'])}")
+        click.echo(f"{g['group']:>5}  {g['kind']:<{kw}} {g['method']:<6} {g['cost']:>9.4g}  {iv:<21} "
+                   f"{', '.join(g['members'])}")  # fmt: skip
