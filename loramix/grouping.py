@@ -17,7 +17,10 @@ Cost of a group ``C`` (a set of adapters):
   ``sqrt(mean_{i<j in C} rms_cosine[i, j]^2)``, no interval; default budget ``0.1``.
   A pair that adapts no module in common (``coverage[i, j] = 0``) counts 0,
   not as missing: its deltas are orthogonal (no weight has both), so summing
-  them cannot interfere inside a weight, the best case for a merge.
+  them cannot interfere inside a weight, the best case for a merge. The
+  cosines of DoRA and D2-LoRA adapters are those of their residuals ``B A``,
+  or with a base those of their effective deltas ``W_hat - W0``, what
+  merging adds (:func:`loramix.overlap.similarity`).
 
 Kinds: a group is merged by one method, which merges adapters of one kind
 (LoRA, DoRA, D2-LoRA), so no group mixes kinds. Without a predictors file
@@ -271,14 +274,17 @@ def one_kind(adapters, where: str, why: str = "the fits are per kind") -> None:
 
 
 def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: bool = True,
-               fitfile: dict | None = None, max_len: int | None = None,
-               progress: bool = False) -> tuple[CostModel, str, dict | None]:  # fmt: skip
+               fitfile: dict | None = None, max_len: int | None = None, progress: bool = False,
+               effective: bool = False) -> tuple[CostModel, str, dict | None]:  # fmt: skip
     """The cost model of the module docstring for loaded ``adapters``; ``by_method=False``
     keeps to the file's primary predictor (``loramix predict``). ``fitfile``: the
     predictors file at ``fit_path`` where the caller has read it already.
     ``tokens``, ``max_len``: the calibration recipe; None: the one the study
     computed its features with (the file's ``calibration``), else the defaults.
-    ``data`` runs through ``base`` only when a fit reads a data-aware feature."""
+    ``data`` runs through ``base`` only when a fit reads a data-aware feature.
+    ``effective`` (without a fit): the cosines of kinds that need the base
+    (DoRA, D2-LoRA) are those of their effective deltas ``W_hat - W0`` against
+    ``base`` (torch-loaded ``adapters``), not of their residuals."""
     if fitfile is None and fit_path is not None:
         from .validation import load_predictors
 
@@ -314,9 +320,12 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
         who, feat = next((n, g) for _, n, fi in predictors for g in (f.split(":")[0] for f in fit_features(fi))
                          if g in aware)  # fmt: skip
         raise UsageError(fit_path, f"predictor {who} needs data-aware feature {feat}: give --base and --data")
-    feats = compute_features(adapters, calibration=calibration, only=sorted(needed))
+    # a fit's features are the study's, on residuals: only the cosine cost reads effective deltas
+    on = base if effective and fit is None else None
+    feats = compute_features(adapters, calibration=calibration, only=sorted(needed), base=on)
     if fit is None:
-        return CostModel(feats), "RMS cosine of the composition (no --fit given)", None
+        on_what = ", on the effective deltas against the base" if on is not None else ""
+        return CostModel(feats), f"RMS cosine of the composition (no --fit given){on_what}", None
     _check_features_present(feats, predictors, fit_path)
     summary = {r["predictor"]: r for r in fitfile["summary"]}.get(fitfile["best"])
     model = CostModel(feats, fit, fitfile["level"], methods)
@@ -404,7 +413,11 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
 
     Adapters of several kinds (LoRA, DoRA, D2-LoRA): without ``fit`` each
     kind is planned on its own (:func:`plan_by_kind`), with one note; with
-    ``fit`` (its predictors are per kind) they are refused.
+    ``fit`` (its predictors are per kind) they are refused. ``base``
+    without ``fit``: the cosines of DoRA and D2-LoRA adapters are those of
+    their effective deltas ``W_hat - W0`` (:func:`loramix.overlap.similarity`
+    with ``base``), not of their residuals; with ``fit`` it is the base of
+    the calibration pass, and the features stay the study's (residuals).
 
     Returns a :class:`Plan`, what the command prints as data: ``groups``
     (each ``group``, ``kind``, ``members``, ``method``, ``cost``,
@@ -428,26 +441,28 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
 
     # the fit file too: with --data the adapters load with torch, which a mistyped --fit need not wait for
     fitfile = None if fit is None else load_predictors(fit)  # read and checked once, used thrice
-    if fit is None or not data or not reads_data(fitfile):
+    effective = fit is None and base is not None  # the cosine cost, on effective deltas
+    if effective or (fit is not None and data and reads_data(fitfile)):
+        # effective deltas are formed with the base's weights, and a calibration pass runs the
+        # adapters in the base model: torch's reader
+        from .io.adapter_files import load_adapter as load
+    else:
         # the cost is the RMS cosine, or features without data (--data given for a file whose
         # predictors read none: ignored), computed in numpy whichever reader loaded the factors,
         # so the numpy reader's (the same checks and values) spares torch
         from .io.np_factors import load_np_adapter as load
-    else:  # a calibration pass runs the adapters in the base model: torch's
-        from .io.adapter_files import load_adapter as load
     adapters = [a if hasattr(a, "modules") else load(a) for a in items]
     if fit is not None:  # the fits are per kind; without one each kind is planned on its own
         one_kind(adapters, "plan", "the fits are per kind (without --fit, each kind is planned on its own)")
     # the checks of `loramix predict`: another adapter kind refused, another base warned of
     warnings = [] if fitfile is None else adapter_checks(adapters, fitfile, str(fit))
-    model, source, validated = cost_model(
-        adapters, fit, data, base, tokens, device, fitfile=fitfile, max_len=max_len, progress=progress
-    )
+    model, source, validated = cost_model(adapters, fit, data, base, tokens, device, fitfile=fitfile,
+                                          max_len=max_len, progress=progress, effective=effective)  # fmt: skip
     vbm = by_method_records(fitfile["by_method"]) if model.method_aware else None
     kinds = [a.method for a in adapters]
     p = plan_by_kind(model, kinds, source=source, validated=validated, max_group=max_group, budget=budget,
                      validated_by_method=vbm)  # fmt: skip
-    p.notes = plan_notes(kinds)
+    p.notes = plan_notes(model.features.names, kinds, cosine_cost=fit is None, effective=effective)
     if fitfile is not None:  # groups larger than any composition the predictor was validated on
         from .interference import fitted_sizes, size_note
 
@@ -458,13 +473,21 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     return p
 
 
-def plan_notes(kinds: list[str]) -> list[str]:
-    """The plan's notes for adapters of ``kinds``: that several kinds were
-    planned each on its own (:func:`plan_by_kind`)."""
+def plan_notes(names: list[str], kinds: list[str], *, cosine_cost: bool, effective: bool) -> list[str]:
+    """The plan's notes for adapters ``names`` of ``kinds``: that several kinds
+    were planned each on its own (:func:`plan_by_kind`); and, where the cost is
+    the RMS cosine (no fit) of residuals, :func:`loramix.overlap.residual_note`
+    (a fit reads the features its study computed, on residuals too, and was
+    validated on them: the note's ``--base`` would not apply)."""
     notes, distinct = [], sorted(set(kinds))
     if len(distinct) > 1:
         notes.append(f"the adapters are of {len(distinct)} kinds ({', '.join(distinct)}); each kind is planned "
                      "on its own (a group is merged by one method, which merges one kind)")  # fmt: skip
+    if cosine_cost:
+        from .overlap import residual_note
+
+        if note := residual_note(names, kinds, effective):
+            notes.append(note)
     return notes
 
 

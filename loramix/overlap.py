@@ -164,6 +164,26 @@ def breakdown(per_module: pd.DataFrame, by: str) -> pd.DataFrame:
     return out[cols]
 
 
+def residual_note(names: Sequence[str], kinds: Sequence[str], effective: bool) -> str | None:
+    """The note where DoRA or D2-LoRA adapters (kinds that ``needs_base``;
+    ``kinds[i]``: adapter ``names[i]``'s) were compared without the base: on
+    their residuals, which are not what merging adds. None where none was
+    (``effective``, or no such kind). ``similarity`` and ``plan`` print it."""
+    if effective:
+        return None
+    from .discovery import declared
+
+    declared_kinds = declared("loramix.kinds", "AdapterKind")  # read from the files: no torch
+    based = [
+        (n, declared_kinds[k]) for n, k in zip(names, kinds) if declared_kinds.get(k, {}).get("needs_base")
+    ]
+    if not based:
+        return None
+    labels = " and ".join(dict.fromkeys(d.get("label") or d["id"] for _, d in based))
+    return (f"{', '.join(n for n, _ in based)} ({labels}) compared on their residuals (docs/adapters.md), not the "
+            "deltas W_hat - W0 that merging adds, which depend on the base: pass --base BASE to compare those")  # fmt: skip
+
+
 def _unique_names(adapters: Sequence[Adapter]) -> list[str]:
     """Adapter names, made unique (full path, then ``#k``) where they collide."""
     names = [a.name for a in adapters]

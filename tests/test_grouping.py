@@ -481,7 +481,8 @@ def test_adapters_of_several_kinds_are_planned_kind_by_kind(kinds_bank, capsys):
     its own, as if given alone (were refused: "the adapters mix kinds"), with
     ``max_group`` and the budget holding per group; no group mixes kinds, each
     says its kind (JSON ``kind``, the table's column), a kind of one adapter is
-    a group of one, and one note says so."""
+    a group of one, and one note says so, another that the DoRA and D2-LoRA
+    adapters were compared on their residuals."""
     _, paths = kinds_bank
     args = ["plan", *paths.values(), "--budget", "1", "--max-group", "2"]
     capsys.readouterr()
@@ -504,12 +505,37 @@ def test_adapters_of_several_kinds_are_planned_kind_by_kind(kinds_bank, capsys):
     assert got["groups"][0] == {"group": 1, "members": ["d2"], "cost": 0.0, "interval": None, "method": "keep",
                                 "kind": "d2lora"}  # fmt: skip
     notes = out.err.strip().splitlines()
-    assert notes == [f"loramix: note: {n}" for n in got["notes"]] and len(notes) == 1, notes
+    assert notes == [f"loramix: note: {n}" for n in got["notes"]] and len(notes) == 2, notes
     assert "the adapters are of 3 kinds (d2lora, dora, lora); each kind is planned on its own" in notes[0]
+    assert notes[1].startswith(
+        "loramix: note: dora0, dora1, d2 (DoRA and D2-LoRA) compared on their residuals"
+    )
     assert main(args) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[3].split() == ["group", "kind", "method", "cost", "interval", "members"]
     assert table[4].split()[:3] == ["1", "d2lora", "keep"] and table[4].endswith(" d2")
+
+
+def test_plan_with_a_base_costs_dora_and_d2_on_their_effective_deltas(kinds_bank, capsys):
+    """``plan --base`` without ``--fit`` (was refused: "applies with --data") costs
+    DoRA and D2-LoRA adapters by the cosines of their effective deltas, those of
+    ``similarity --base``, and prints no residual note; without it, by their
+    residuals' (``similarity``'s), with the note ``similarity`` prints."""
+    base, paths = kinds_bank
+    dora = [paths["dora0"], paths["dora1"]]
+    for extra, delta in (["--base", str(base)], "effective"), ([], "residual"):
+        capsys.readouterr()
+        assert main(["similarity", *dora, "--format", "json", *extra]) == 0
+        sim = capsys.readouterr()
+        assert json.loads(sim.out)["delta"] == delta
+        assert main(["plan", *dora, "--budget", "1", "--format", "json", *extra]) == 0
+        out = capsys.readouterr()
+        (g,) = json.loads(out.out)["groups"]
+        assert g["cost"] == pytest.approx(abs(json.loads(sim.out)["rms"][0][1]), rel=1e-12)
+        assert out.err == sim.err  # the one residual note, or nothing
+    assert "compared on their residuals" in out.err
+    with_base = plan(dora, base=base, budget=1).groups[0]["cost"]
+    assert with_base != pytest.approx(g["cost"], rel=1e-3)  # the magnitudes moved: the numbers must
 
 
 def test_predict_method_gives_the_number_plan_quotes(bank, similar_merge_well, tmp_path, capsys):

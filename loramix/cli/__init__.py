@@ -61,13 +61,16 @@ def data_options(help: str):
     return decorate
 
 
-def calibration_options(f):
+def calibration_options(f=None, *, base_help: str = "Base model folder (with --data)."):
     """``--data`` (one calibration file per adapter), ``--base``, ``--tokens`` and
-    ``--max-len``: the data-aware features of ``predict`` and ``plan``."""
+    ``--max-len``: the data-aware features of ``predict`` and ``plan``
+    (``base_help``: what ``--base`` does beyond that, ``plan``'s)."""
+    if f is None:
+        return functools.partial(calibration_options, base_help=base_help)
     for opt in reversed([
         click.option("--data", multiple=True, type=click.Path(path_type=str),
                      help="One calibration file per adapter, in order (predictors that read data-aware features)."),
-        click.option("--base", type=click.Path(path_type=str), default=None, help="Base model folder (with --data)."),
+        click.option("--base", type=click.Path(path_type=str), default=None, help=base_help),
         click.option("--tokens", type=click.IntRange(min=1), default=None,
                      help="Calibration tokens per domain (default: the study's, from the predictors file; else 256)."),
         click.option("--max-len", "max_len", type=click.IntRange(min=2), default=None,

@@ -24,21 +24,11 @@ def _pairs_table(long, by: str):
 
 def _note_residuals(res) -> None:
     """One note line where DoRA or D2-LoRA adapters were compared without the
-    base: on their residuals, which are not what merging adds."""
-    if res.effective:
-        return
-    from ..discovery import declared
+    base (:func:`loramix.overlap.residual_note`)."""
+    from ..overlap import residual_note
 
-    kinds = declared("loramix.kinds", "AdapterKind")  # read from the files: no torch
-    based = [(n, kinds[k]) for n, k in zip(res.names, res.kinds) if kinds.get(k, {}).get("needs_base")]
-    if based:
-        labels = " and ".join(dict.fromkeys(d.get("label") or d["id"] for _, d in based))
-        click.echo(
-            f"loramix: note: {', '.join(n for n, _ in based)} ({labels}) compared on their residuals "
-            "(docs/adapters.md), not the deltas W_hat - W0 that merging adds, which depend on the base: "
-            "pass --base BASE to compare those",
-            err=True,
-        )
+    if note := residual_note(res.names, res.kinds, res.effective):
+        click.echo(f"loramix: note: {note}", err=True)
 
 
 @click.command("similarity")

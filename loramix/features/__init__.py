@@ -125,12 +125,16 @@ def composition_value(matrix: np.ndarray, members: list[int], aggregate: str = "
     return sum(vals) / len(vals)
 
 
-def compute_features(adapters, *, calibration=None, only: list[str] | None = None) -> FeatureSet:
+def compute_features(adapters, *, calibration=None, only: list[str] | None = None, base=None) -> FeatureSet:
     """Compute the registered features for loaded ``adapters``.
 
     Data-aware features are computed only when ``calibration`` (from
     :func:`loramix.features._calibration.capture` or ``from_grams``) is given.
     ``only``: feature names to compute (unknown names are a :class:`UsageError`).
+    ``base``: a base model folder; the weight-space features then read the
+    effective deltas ``W_hat - W0`` of the kinds that need the base (DoRA,
+    D2-LoRA; torch-loaded adapters), as :func:`loramix.overlap.similarity`
+    with ``base``. None (a study's features): their residuals.
     """
     from ._context import FeatureContext
 
@@ -142,7 +146,7 @@ def compute_features(adapters, *, calibration=None, only: list[str] | None = Non
                 "features", f"unknown feature(s) {', '.join(unknown)}; known: {', '.join(feats)}"
             )
         feats = {k: feats[k] for k in only}
-    ctx = FeatureContext(list(adapters), calibration=calibration)
+    ctx = FeatureContext(list(adapters), calibration=calibration, base=base)
     out = FeatureSet(names=ctx.names)
     for f in feats.values():
         if f.data_aware and calibration is None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pandas too: the registry (predict, plan) loads this module,
 class FeatureContext:
     adapters: list[Adapter]
     calibration: object | None = None  # loramix.features._calibration.Calibration
+    base: object | None = None  # a base model folder: the similarity's effective deltas (compute_features)
     names: list[str] = field(init=False)
     _sim: object | None = field(default=None, init=False, repr=False)
 
@@ -36,8 +37,10 @@ class FeatureContext:
             )
         check_compatible(self.adapters)
         # here, not in the similarity the features share: every feature reads every factor, and
-        # with a calibration the base was loaded and its type's default checked (capture)
-        warn_null_targets(self.adapters, FEATURES_READ_ALL)
+        # with a calibration the base was loaded and its type's default checked (capture); with
+        # a base for the similarity, that similarity checks its type's default
+        if self.base is None:
+            warn_null_targets(self.adapters, FEATURES_READ_ALL)
         self.names = _unique_names(self.adapters)
 
     @property
@@ -50,7 +53,7 @@ class FeatureContext:
         if self._sim is None:
             from ..overlap import similarity
 
-            self._sim = similarity(self.adapters, per_module=True, progress=False)
+            self._sim = similarity(self.adapters, base=self.base, per_module=True, progress=False)
         return self._sim
 
     def modules(self) -> dict[str, list[int]]:
