@@ -1294,3 +1294,45 @@ def test_the_summary_gives_the_cosines_of_the_compositions_it_ranges_over():
     assert line.startswith("- **d2lora**: Δppl % of the naive sum against merged-data training is -7.1 "
                            "(math+medicine), at RMS cosine 0.0"), line  # fmt: skip
     assert "ranges" not in line
+
+
+def test_a_compositions_cosine_counts_a_pair_with_no_module_in_common_as_0(tmp_path):
+    """The runner's composition cosine (and signed mean) counts a pair of
+    adapters that adapt no module in common as 0, as ``predict`` and ``plan``
+    do (their deltas are orthogonal over all parameters): it left the pair
+    out, so a triple with one such pair averaged two pairs, not three, and a
+    pair of them had a NaN cosine, where ``predict`` gives 0."""
+    import torch
+
+    from loramix.io.adapter_files import save_peft_adapter
+    from loramix.scenario.assemble import _composition_rows, _Tables
+    from loramix.scenario.plan import Step
+    from loramix.scenario.steps import _similarity_step
+
+    third = '[domains.c]\ndata = "synthetic:dates"\ntrain = 10\neval = 5\n[adapters]'
+    comps = 'name = "v"\ncompositions = ["all-2", "all-3"]'
+    text = GOOD.replace("[adapters]", third).replace('name = "v"', comps)
+    sc = load_scenario(_write(tmp_path, text))
+    assert sc.compositions[-1] == ("a", "b", "c") and [m.method for m in sc.merges] == ["sum"]
+    gen = torch.Generator().manual_seed(0)
+    modules = {"a": ["model.layers.0.self_attn.q_proj"], "b": ["model.layers.1.self_attn.q_proj"]}
+    modules["c"] = modules["b"]  # a shares no module with b nor c
+    deps = {}
+    for d, mods in modules.items():
+        factors = {m: (torch.randn(16, 2, generator=gen), torch.randn(2, 16, generator=gen)) for m in mods}
+        deps[f"adapter/lora/0/{d}"] = {"path": str(save_peft_adapter(tmp_path / d, factors))}
+    step = Step("similarity/lora/0", "similarity", None, None, "", (), "lora/0", "similarity",
+                {"names": ["a", "b", "c"], "effective": False})  # fmt: skip
+    sim = _similarity_step(None, step, deps)
+    cos_bc, mean_bc = sim["rms"][1][2], sim["mean"][1][2]
+    assert math.isnan(sim["rms"][0][1]) and sim["coverage"][0][1] == 0 and 0 < abs(cos_bc) < 1
+    ev = {d: {"ppl": 2.0, "tokens": 10, "nll_sum": 10 * math.log(2.0)} for d in "abc"}
+    results = {f"eval/lora/0/adapter/{d}": ev for d in "abc"}
+    results.update({f"eval/lora/0/merge/sum/{'+'.join(c)}": ev for c in sc.compositions})
+    t = _Tables()
+    for comp in sc.compositions:
+        _composition_rows(t, sc, results, "lora", 0, comp, sim, ["a", "b", "c"], ev)
+    got = {r["composition"]: (r["rms_cosine"], r["mean_cosine"]) for r in t.results}
+    assert got["a+b"] == (0.0, 0.0) and got["a+c"] == (0.0, 0.0)
+    assert got["b+c"] == (pytest.approx(abs(cos_bc), rel=1e-12), pytest.approx(mean_bc, rel=1e-12))
+    assert got["a+b+c"] == (pytest.approx(abs(cos_bc) / math.sqrt(3), rel=1e-12), pytest.approx(mean_bc / 3))

@@ -53,13 +53,23 @@ def _similarity(t: _Tables, am, seed, sim: dict):
     t.per_module.append(pm)
 
 
+def _pair_values(sim: dict, key: str) -> np.ndarray | None:
+    """The similarity step's ``sim[key]`` (N x N; None where it is None) with 0
+    for the pairs that adapt no module in common (``coverage`` 0), whose cosine
+    the similarity leaves NaN: their deltas touch disjoint weights, so they are
+    orthogonal over all parameters, and a composition's cosine counts them 0,
+    as ``loramix predict`` and ``plan`` do (:mod:`loramix.features.cosine`),
+    instead of leaving them out of its mean."""
+    if sim.get(key) is None:
+        return None
+    return np.where(np.array(sim["coverage"], dtype=float) == 0, 0.0, np.array(sim[key], dtype=float))
+
+
 def _composition_rows(t: _Tables, sc: Scenario, results: dict, am, seed, comp, sim, names, ev_base):
     from .report import delta_pct
 
     pre, cn = f"{am}/{seed}", comp_name(comp)
-    rms = np.array(sim["rms"], dtype=float)
-    rms_eff = None if sim["rms_effective"] is None else np.array(sim["rms_effective"], dtype=float)
-    mean = np.array(sim["mean"], dtype=float)
+    rms, mean, rms_eff = (_pair_values(sim, k) for k in ("rms", "mean", "rms_effective"))
     idx = [names.index(d) for d in comp]
     cos = composition_cosine(rms, idx)
     cos_eff = None if rms_eff is None else composition_cosine(rms_eff, idx)
