@@ -22,10 +22,11 @@ Cost of a group ``C`` (a set of adapters):
   or with a base those of their effective deltas ``W_hat - W0``, what
   merging adds (:func:`loramix.overlap.similarity`).
 
-Kinds: a group is merged by one method, which merges adapters of one kind
-(LoRA, DoRA, D2-LoRA), so no group mixes kinds. Without a predictors file
-each kind's adapters are grouped on their own (:func:`plan_by_kind`); a
-predictors file is fitted for one kind, and adapters of others are refused.
+Kinds: without a predictors file, adapters of several kinds (LoRA, DoRA,
+D2-LoRA) are grouped together by the cosines of their deltas, as
+``similarity`` compares them: the sum and TIES merge any mix into a base
+(``--into``); only a group of LoRA adapters can also become one adapter.
+A predictors file is fitted for one kind, and adapters of others are refused.
 
 Grouping (greedy agglomerative): start from singletons; among all pairs of
 groups whose union has at most ``K`` members, merge the one whose union has the
@@ -411,9 +412,9 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     from the factors in numpy float64). ``progress``: a bar of the
     calibration pass (on a terminal).
 
-    Adapters of several kinds (LoRA, DoRA, D2-LoRA): without ``fit`` each
-    kind is planned on its own (:func:`plan_by_kind`), with one note; with
-    ``fit`` (its predictors are per kind) they are refused. ``base``
+    Adapters of several kinds (LoRA, DoRA, D2-LoRA): without ``fit`` they
+    are grouped together, with one note (a mixed group merges into the base
+    only); with ``fit`` (its predictors are per kind) they are refused. ``base``
     without ``fit``: the cosines of DoRA and D2-LoRA adapters are those of
     their effective deltas ``W_hat - W0`` (:func:`loramix.overlap.similarity`
     with ``base``), not of their residuals; with ``fit`` it is the base of
@@ -452,16 +453,19 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
         # so the numpy reader's (the same checks and values) spares torch
         from .io.np_factors import load_np_adapter as load
     adapters = [a if hasattr(a, "modules") else load(a) for a in items]
-    if fit is not None:  # the fits are per kind; without one each kind is planned on its own
-        one_kind(adapters, "plan", "the fits are per kind (without --fit, each kind is planned on its own)")
+    if fit is not None:  # the fits are per kind; the cosine is one for every kind
+        one_kind(adapters, "plan", "the fits are per kind (without --fit, the kinds are grouped together)")
     # the checks of `loramix predict`: another adapter kind refused, another base warned of
     warnings = [] if fitfile is None else adapter_checks(adapters, fitfile, str(fit))
     model, source, validated = cost_model(adapters, fit, data, base, tokens, device, fitfile=fitfile,
                                           max_len=max_len, progress=progress, effective=effective)  # fmt: skip
     vbm = by_method_records(fitfile["by_method"]) if model.method_aware else None
+    p = plan_with(model, source=source, validated=validated, max_group=max_group, budget=budget,
+                  validated_by_method=vbm)  # fmt: skip
     kinds = [a.method for a in adapters]
-    p = plan_by_kind(model, kinds, source=source, validated=validated, max_group=max_group, budget=budget,
-                     validated_by_method=vbm)  # fmt: skip
+    of = dict(zip(model.features.names, kinds))
+    for g in p.groups:  # "dora+lora": what the group's merge takes (a LoRA group alone can be an adapter)
+        g["kind"] = "+".join(sorted({of[m] for m in g["members"]}))
     p.notes = plan_notes(model.features.names, kinds, cosine_cost=fit is None, effective=effective)
     if fitfile is not None:  # groups larger than any composition the predictor was validated on
         from .interference import fitted_sizes, size_note
@@ -475,41 +479,20 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
 
 def plan_notes(names: list[str], kinds: list[str], *, cosine_cost: bool, effective: bool) -> list[str]:
     """The plan's notes for adapters ``names`` of ``kinds``: that several kinds
-    were planned each on its own (:func:`plan_by_kind`); and, where the cost is
+    were grouped together, and what a mixed group's merge takes; and, where the cost is
     the RMS cosine (no fit) of residuals, :func:`loramix.overlap.residual_note`
     (a fit reads the features its study computed, on residuals too, and was
     validated on them: the note's ``--base`` would not apply)."""
     notes, distinct = [], sorted(set(kinds))
     if len(distinct) > 1:
-        notes.append(f"the adapters are of {len(distinct)} kinds ({', '.join(distinct)}); each kind is planned "
-                     "on its own (a group is merged by one method, which merges one kind)")  # fmt: skip
+        notes.append(f"the adapters are of {len(distinct)} kinds ({', '.join(distinct)}), grouped together: a "
+                     "group that mixes kinds merges into the base (--into), not into one adapter")  # fmt: skip
     if cosine_cost:
         from .overlap import residual_note
 
         if note := residual_note(names, kinds, effective):
             notes.append(note)
     return notes
-
-
-def plan_by_kind(model: CostModel, kinds: list[str], **how) -> Plan:
-    """:func:`plan_with` (``how``: its keywords) of each kind's adapters on their
-    own (``kinds[i]``: adapter ``i``'s; ``max_group`` and ``budget`` hold for
-    every group), so that no group mixes kinds: a group is merged by one method,
-    which merges one kind. The kinds come in the order of their names, each
-    one's groups largest first, numbered on; each group says its ``kind``. One
-    kind: :func:`plan_with`'s plan, each group with that kind."""
-    from dataclasses import replace
-
-    plans = []
-    for kind in sorted(set(kinds)):
-        idx = [i for i, k in enumerate(kinds) if k == kind]
-        plans.append((kind, plan_with(replace(model, features=model.features.subset(idx)), **how)))
-    groups = [{**g, "kind": kind} for kind, p in plans for g in p.groups]
-    for k, g in enumerate(groups, start=1):
-        g["group"] = k
-    first = plans[0][1]
-    return Plan(list(model.features.names), groups, first.budget, first.max_group, first.cost_source,
-                first.validated, first.rule, first.validated_by_method)  # fmt: skip
 
 
 def describe_groups(model: CostModel, groups: list[list[int]], budget: float) -> list[dict]:

@@ -424,7 +424,7 @@ def test_a_scenario_label_names_the_kind_of_its_predictors(bank, similar_merge_w
 
 def test_adapters_of_two_kinds_are_refused_with_a_fit(bank, similar_merge_well, tmp_path, capsys):
     """A LoRA and a D2-LoRA adapter with ``--fit``: one line, exit 2 (the fits are
-    per kind), saying that without ``--fit`` each kind is planned on its own;
+    per kind), saying that without ``--fit`` the kinds are grouped together;
     ``predict`` refuses them too (a composition is merged by one method)."""
     from loramix.adapter import ModuleDelta
     from loramix.io.formats.d2 import save_d2_adapter
@@ -437,7 +437,7 @@ def test_adapters_of_two_kinds_are_refused_with_a_fit(bank, similar_merge_well, 
                            A_neg=torch.randn(2, DIM, generator=gen), tau=0.5) for m in MODULES}  # fmt: skip
     d2 = str(save_d2_adapter(tmp_path / "d2", mods, r=2, lora_alpha=2.0, tau=0.5))
     err = _one_line_error(capsys, ["plan", *paths[:2], d2, "--fit", str(fit)], "mix kinds (d2lora, lora)")
-    assert "the fits are per kind (without --fit, each kind is planned on its own)" in err
+    assert "the fits are per kind (without --fit, the kinds are grouped together)" in err
     _one_line_error(capsys, ["predict", paths[0], d2, "--fit", str(fit)], "mix kinds")
 
 
@@ -476,44 +476,46 @@ def kinds_bank(tmp_path_factory):
     return base, {n: str(p) for n, p in paths.items()}
 
 
-def test_adapters_of_several_kinds_are_planned_kind_by_kind(kinds_bank, capsys):
-    """LoRA, DoRA and D2-LoRA adapters without ``--fit``: each kind is planned on
-    its own, as if given alone (were refused: "the adapters mix kinds"), with
-    ``max_group`` and the budget holding per group; no group mixes kinds, each
-    says its kind (JSON ``kind``, the table's column), a kind of one adapter is
-    a group of one, and one note says so, another that the DoRA and D2-LoRA
-    adapters were compared on their residuals."""
-    _, paths = kinds_bank
-    args = ["plan", *paths.values(), "--budget", "1", "--max-group", "2"]
+def test_adapters_of_several_kinds_are_grouped_together(kinds_bank, capsys):
+    """LoRA, DoRA and D2-LoRA adapters without ``--fit`` (were refused: "the
+    adapters mix kinds"): grouped together by the cosines ``similarity`` gives
+    the same adapters, since the sum and TIES merge any mix into a base; each
+    group says what it holds (JSON ``kind``, the table's column), one note says
+    a mixed group merges into the base only, another that the DoRA and D2-LoRA
+    adapters were compared on their residuals. And the sum takes such a group."""
+    base, paths = kinds_bank
+    kind = {n: "d2lora" if n == "d2" else n[:-1] for n in paths}  # lora0 -> lora
+    args = ["plan", *paths.values(), "--budget", "1", "--max-group", "3"]
     capsys.readouterr()
+    assert main(["similarity", *paths.values(), "--format", "json"]) == 0
+    rms = np.array(json.loads(capsys.readouterr().out)["rms"])
     assert main([*args, "--format", "json"]) == 0
     out = capsys.readouterr()
     got = json.loads(out.out)
-    kind = {n: "d2lora" if n == "d2" else n[:-1] for n in paths}  # lora0 -> lora
-    assert [g["kind"] for g in got["groups"]] == ["d2lora", "dora", "lora", "lora"]
-    assert [g["group"] for g in got["groups"]] == [1, 2, 3, 4]
+    names, mixed = list(paths), None
+    assert sorted(m for g in got["groups"] for m in g["members"]) == sorted(names)
     for g in got["groups"]:
-        assert {kind[m] for m in g["members"]} == {g["kind"]} and len(g["members"]) <= 2 and g["cost"] <= 1
-    by_kind = {}
-    for k in ("lora", "dora"):
-        assert main(["plan", *(p for n, p in paths.items() if kind[n] == k), "--budget", "1", "--max-group", "2",
-                     "--format", "json"]) == 0  # fmt: skip
-        by_kind[k] = json.loads(capsys.readouterr().out)["groups"]
-    for g in got["groups"][1:]:
-        alone = by_kind[g["kind"]][[x["members"] for x in by_kind[g["kind"]]].index(g["members"])]
-        assert (g["cost"], g["method"]) == (alone["cost"], alone["method"])
-    assert got["groups"][0] == {"group": 1, "members": ["d2"], "cost": 0.0, "interval": None, "method": "keep",
-                                "kind": "d2lora"}  # fmt: skip
+        ix = [names.index(m) for m in g["members"]]
+        assert g["kind"] == "+".join(sorted({kind[m] for m in g["members"]})) and len(ix) <= 3
+        pairs = [rms[i, j] ** 2 for a, i in enumerate(ix) for j in ix[a + 1 :]]
+        assert g["cost"] == pytest.approx(np.sqrt(np.mean(pairs)) if pairs else 0.0, rel=1e-12, abs=1e-15)
+        mixed = mixed or (g if "+" in g["kind"] else None)
+    assert mixed is not None, got["groups"]  # budget 1 admits every group: the kinds do mix
     notes = out.err.strip().splitlines()
     assert notes == [f"loramix: note: {n}" for n in got["notes"]] and len(notes) == 2, notes
-    assert "the adapters are of 3 kinds (d2lora, dora, lora); each kind is planned on its own" in notes[0]
+    assert "the adapters are of 3 kinds (d2lora, dora, lora), grouped together" in notes[0]
     assert notes[1].startswith(
         "loramix: note: dora0, dora1, d2 (DoRA and D2-LoRA) compared on their residuals"
     )
     assert main(args) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[3].split() == ["group", "kind", "method", "cost", "interval", "members"]
-    assert table[4].split()[:3] == ["1", "d2lora", "keep"] and table[4].endswith(" d2")
+    row = table[4 + got["groups"].index(mixed)].split()
+    assert row[:3] == [str(mixed["group"]), mixed["kind"], mixed["method"]]
+    out_dir = base.parent / "mixed-merged"
+    assert (
+        main(["sum", *(paths[m] for m in mixed["members"]), "--into", str(base), "--out", str(out_dir)]) == 0
+    )
 
 
 def test_plan_with_a_base_costs_dora_and_d2_on_their_effective_deltas(kinds_bank, capsys):

@@ -91,12 +91,6 @@ class FeatureSet:
         """Matrix names usable as pair predictors (symmetric ones)."""
         return [k for k in self.matrices if k not in self.directional]
 
-    def subset(self, idx: list[int]) -> FeatureSet:
-        """The features of adapters ``idx`` alone: every matrix's rows and columns ``idx``."""
-        ix = np.ix_(idx, idx)
-        return FeatureSet([self.names[i] for i in idx], {k: m[ix] for k, m in self.matrices.items()},
-                          dict(self.aggregate), set(self.directional))  # fmt: skip
-
     def composition(self, feature: str, members: list[int]) -> float:
         return composition_value(self.matrices[feature], members, self.aggregate[feature])
 
