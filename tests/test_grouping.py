@@ -188,7 +188,7 @@ def test_bad_input_is_one_line_and_exit_2(bank, tmp_path, capsys):
     _one_line_error(
         capsys, ["plan", *paths[:2], "--fit", str(tmp_path / "missing.json")], "no such predictors file"
     )
-    _one_line_error(capsys, ["plan", *paths[:2], "--data", "synthetic:arith"], "give --base")
+    _one_line_error(capsys, ["plan", *paths[:2], "--data", "synthetic:arith"], "--data: applies with --fit")
     _one_line_error(capsys, ["plan", *paths[:2], "--max-group", "0"], "--max-group")
     _one_line_error(capsys, ["plan", paths[0], str(tmp_path / "nope")], "nope")
 
@@ -633,7 +633,8 @@ def test_options_that_would_be_ignored_are_refused(bank, similar_merge_well, cap
     user took them for settings that did: the calibration options without
     ``--data``, ``--level`` with a predictors file (its intervals are at the
     level its study validated), ``--data`` with a fit.json (the cosine line
-    reads no data). Each is now one line naming the flag, exit 2 (as
+    reads no data), ``plan --data`` without ``--fit`` (the RMS cosine reads
+    none). Each is now one line naming the flag, exit 2 (as
     ``--label`` with a predictors file already was)."""
     from pathlib import Path
 
@@ -643,6 +644,7 @@ def test_options_that_would_be_ignored_are_refused(bank, similar_merge_well, cap
     data = ["--data", "synthetic:arith?n=5", "--data", "synthetic:units?n=5"]
     for argv, needle in [
         (["plan", *paths[:2], "--tokens", "40"], "--tokens: applies with --data"),
+        (["plan", *paths[:2], *data, "--base", "somewhere"], "--data: applies with --fit"),
         (["plan", *paths[:2], "--fit", str(fit), "--max-len", "32"], "--max-len: applies with --data"),
         (["predict", *paths[:2], "--fit", str(fit), "--base", "somewhere"], "--base: applies with --data"),
         (["predict", *paths[:2], "--fit", str(fit), "--level", "0.8"], "--level: applies to a fit.json"),
