@@ -494,27 +494,53 @@ def check_shape(reader, path: Path, cfg: dict, gguf_arch: str) -> int:
     return head_dim
 
 
-def _name_map(config, gguf_arch: str) -> tuple[dict[str, str], object, object]:
-    """GGUF tensor name -> transformers parameter name (``gguf``'s own tensor-name
-    table applied to a meta-device skeleton's keys), transformers' tensor
-    processor for the architecture (Llama's un-permutes q/k) and the skeleton."""
-    import torch
-    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
-    from transformers import AutoModelForCausalLM
+def _name_map(config, gguf_arch: str) -> tuple[dict[str, str], object, dict[str, tuple[int, ...]]]:
+    """GGUF tensor name -> transformers parameter name (:func:`gguf_name_map`),
+    transformers' tensor processor for the architecture (Llama's un-permutes
+    q/k) and the model's ``{parameter name: shape}`` (:func:`_hf_shapes`)."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    shapes = _hf_shapes(config)
+    name_map = gguf_name_map(shapes, gguf_arch, config.num_hidden_layers)
+    processor = TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=config.to_dict())
+    return name_map, processor, shapes
+
+
+def _hf_shapes(config) -> dict[str, tuple[int, ...]]:
+    """``{state_dict() name: shape}`` of the model ``config`` makes: from the
+    config (:func:`loramix.archs.parameter_shapes`, no modelling code
+    imported: a second of an import's CPU), else, for an architecture that
+    table does not know (none of :data:`GGUF_ARCHITECTURES`), from a
+    meta-device skeleton transformers builds."""
+    from .archs import parameter_shapes
+
+    shapes = parameter_shapes(config)
+    if shapes is not None:
+        return shapes
+    import torch
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
+    return {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+
+
+def gguf_name_map(hf_names, gguf_arch: str, n_layers: int) -> dict[str, str]:
+    """GGUF tensor name -> transformers parameter name for the parameters
+    ``hf_names``: ``gguf``'s own tensor-name table for ``gguf_arch``
+    (``model.layers.N.self_attn.q_proj`` -> ``blk.N.attn_q``), the suffix
+    (``weight``, ``bias``) kept. A name the table does not know has no GGUF name."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
     arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == gguf_arch)
-    table = get_tensor_name_map(arch_id, config.num_hidden_layers)
+    table = get_tensor_name_map(arch_id, n_layers)
     name_map = {}
-    for hf in skeleton.state_dict():
+    for hf in hf_names:
         stem, dot, suffix = hf.rpartition(".")
         g = table.get_name(stem)
         if g is not None:
             name_map[f"{g}.{suffix}"] = hf
-    processor = TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=config.to_dict())
-    return name_map, processor, skeleton
+    return name_map
 
 
 def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str, progress: bool = False) -> dict:
@@ -528,7 +554,7 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str, progress: b
 
     from .options import bar_disabled
 
-    name_map, processor, skeleton = _name_map(config, gguf_arch)
+    name_map, processor, shapes = _name_map(config, gguf_arch)
     arch = config.model_type
     tdtype = getattr(torch, dtype)
     out = {}
@@ -562,7 +588,7 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str, progress: b
         bar.update(int(t.n_bytes))
     bar.close()
     tied = set() if not config.tie_word_embeddings else {"lm_head.weight"}
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if k not in tied}
+    expected = {k: shape for k, shape in shapes.items() if k not in tied}
     missing = sorted(set(expected) - set(out))
     if missing:
         raise BaseModelError(path, f"lacks {len(missing)} tensor(s) of a {arch} model, e.g. {missing[0]}")

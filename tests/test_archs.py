@@ -4,7 +4,14 @@ import pytest
 import torch
 import transformers
 
-from loramix.archs import ARCHS, context_length, fast_head_classes, is_conv1d
+from loramix.archs import (
+    ARCHS,
+    context_length,
+    fast_head_classes,
+    is_conv1d,
+    parameter_names,
+    parameter_shapes,
+)
 from loramix.layers import default_targets, is_adaptable
 
 # what every config below shares; TINY adds what the Llama family names alike
@@ -76,3 +83,60 @@ def test_peft_targets_are_pefts_defaults():
     for model_type in [*ARCHS, "bloom", "t5", "gemma4", "no-such-arch", None]:
         want = PEFT.get(model_type)
         assert peft_default_targets(model_type) == (None if want is None else as_loramix(want)), model_type
+
+
+# configs of the Llama-family types the GGUF import writes: tied and untied head, GQA
+# (key-value heads 1 or 2 of 4), a head size other than width / heads, biases on and off
+_SHAPED = dict(
+    vocab_size=40, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4
+)
+BLOCK_CONFIGS = [
+    ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    ("llama", dict(num_key_value_heads=2, tie_word_embeddings=False, head_dim=10)),
+    ("llama", dict(num_key_value_heads=1, attention_bias=True)),
+    ("llama", dict(num_key_value_heads=2, mlp_bias=True, attention_bias=True, tie_word_embeddings=False)),
+    ("mistral", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    ("mistral", dict(num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)),
+    ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    ("qwen2", dict(num_key_value_heads=1, head_dim=10, tie_word_embeddings=False)),
+    ("qwen3", dict(num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)),
+    ("qwen3", dict(num_key_value_heads=1, tie_word_embeddings=False)),  # Qwen3Config's head_dim 128
+    ("qwen3", dict(num_key_value_heads=4, head_dim=6, attention_bias=True)),
+]
+
+
+@pytest.mark.parametrize("model_type, extra", BLOCK_CONFIGS)
+def test_parameter_shapes_are_the_models(model_type, extra):
+    """:func:`parameter_shapes` (and :func:`parameter_names`) give the names,
+    shapes and order of the ``state_dict()`` of the model transformers builds
+    from the config, exactly: the GGUF import reads them instead of building
+    that model (its modelling code: a second of the import's CPU)."""
+    cfg = transformers.AutoConfig.for_model(model_type, **_SHAPED, **extra)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    want = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    assert list(parameter_shapes(cfg).items()) == want
+    assert parameter_names(cfg) == [k for k, _ in want]
+    flags = {k: v for k, v in extra.items() if k.endswith("bias")}
+    assert parameter_names({"model_type": model_type, "num_hidden_layers": 2, **flags}) == [
+        k for k, _ in want
+    ]
+
+
+def test_every_gguf_architecture_has_its_block():
+    """Every model type the GGUF import writes has a ``block`` entry (the
+    model skeleton is the import's fallback for none of them); another
+    Llama-like type without one (olmo2: norms elsewhere) and GPT-2 give None."""
+    from loramix.gguf_import import GGUF_ARCHITECTURES
+
+    for model_type in [*GGUF_ARCHITECTURES, "mistral"]:
+        assert ARCHS[model_type].block is not None, model_type
+    for cfg in (CONFIGS["olmo2"](), CONFIGS["gpt2"](), {"model_type": "no-such-arch"}):
+        assert parameter_shapes(cfg) is None and parameter_names(cfg) is None
+    # the import's fallback for such a type: the meta-device model's own
+    from loramix.gguf_import import _hf_shapes
+
+    cfg = CONFIGS["olmo2"]()
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    assert _hf_shapes(cfg) == {k: tuple(v.shape) for k, v in model.state_dict().items()}

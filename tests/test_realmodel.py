@@ -746,3 +746,32 @@ def test_a_gguf_imported_before_resolves_without_torch(tmp_path):
     first, warm = (r.stdout.split() for r in runs)
     assert first[0] == warm[0] and first[1:] == ["True", "True"]  # the import itself needs both
     assert warm[1:] == ["False", "False"]
+
+
+def test_import_builds_no_model(tmp_path):
+    """An import of each architecture (llama, a Mistral-named llama, qwen2
+    untied, qwen3) imports none of transformers' modelling code
+    (``modeling_llama``, ``modeling_utils``...): the parameters' names and
+    shapes come from the config (:func:`loramix.archs.parameter_shapes`); a
+    meta-device model was built for them, whose modules were a second of
+    the import's CPU. transformers' GGUF config read and tokenizer
+    conversion import no modelling module either."""
+    paths = [llama_gguf(tmp_path / "llama.gguf", tokenizer=True),
+             llama_gguf(tmp_path / "mistral.gguf", tokenizer=True, name="Mistral 7B Instruct v0.3"),
+             qwen_gguf(tmp_path / "qwen2.gguf", "qwen2", tied=False)[0],
+             qwen_gguf(tmp_path / "qwen3.gguf", "qwen3", key_length=24)[0]]  # fmt: skip
+    code = (
+        "import json, sys; from loramix.gguf_import import import_gguf\n"
+        "types = [import_gguf(p, p + '.out')['architecture'] for p in sys.argv[1:]]\n"
+        "mods = sorted(m for m in sys.modules if m.startswith('transformers.'))\n"
+        "print(json.dumps([types, mods]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TQDM_DISABLE": "1"}
+    r = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True, env=env,
+                       timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    types, mods = json.loads(r.stdout.splitlines()[-1])
+    assert types == ["llama", "mistral", "qwen2", "qwen3"]
+    models = [m for m in mods if m.startswith("transformers.models.") and ".modeling_" in m]
+    built = [m for m in mods if m.endswith((".modeling_utils", ".modeling_layers", ".masking_utils"))]
+    assert models == ["transformers.models.auto.modeling_auto"] and not built, (models, built)
