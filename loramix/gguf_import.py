@@ -48,8 +48,8 @@ llama.cpp's Mistral, ``qwen2``, with its q/k/v biases, and ``qwen3``, with its
 per-head q/k RMSNorm). Anything else, a file that is not a GGUF, a
 damaged one (:mod:`loramix.gguf_layout` checks its layout against its size
 before the reader parses it), metadata of the wrong kind, no vocabulary, nan
-or inf weights, or a quantisation outside :data:`SUPPORTED_TYPES` is a
-one-line :class:`~loramix.errors.BaseModelError`. What can be checked before
+or inf weights, a tensor with no place in the model, or a quantisation
+outside :data:`SUPPORTED_TYPES` is a one-line :class:`~loramix.errors.BaseModelError`. What can be checked before
 de-quantising is (:func:`check_gguf`), so that nothing is written then;
 nothing is left at ``out`` in any case.
 
@@ -225,6 +225,17 @@ def check_metadata(reader, path, gguf_arch: str) -> None:
             if f is not None and [int(t) for t in f.types] not in [[k] for k in kinds]:
                 given = "/".join(t.name for t in f.types)
                 raise BaseModelError(path, f"{key} is {given} in its metadata; loramix reads {what}")
+
+
+def check_block_count(reader, path, gguf_arch: str) -> None:
+    """Refuse a block count the file's tensors cannot fill (a block of these
+    architectures holds nine or more): the parameter names are listed block
+    by block from it (:func:`loramix.archs.parameter_names`, and gguf's
+    name table), which ran for minutes over a damaged count of 10**9."""
+    n = _field(reader, f"{gguf_arch}.block_count")
+    if n is not None and not 0 <= int(n) <= len(reader.tensors):
+        raise BaseModelError(path, f"{gguf_arch}.block_count {int(n)} is not a number of blocks its "
+                             f"{len(reader.tensors)} tensors can fill")  # fmt: skip
 
 
 def check_vocabulary(reader, path) -> None:
@@ -543,6 +554,16 @@ def gguf_name_map(hf_names, gguf_arch: str, n_layers: int) -> dict[str, str]:
     return name_map
 
 
+def check_places(reader, path, model_type: str, name_map: dict[str, str]) -> None:
+    """Refuse a tensor that has no place in the model (no transformers
+    parameter takes it, :func:`gguf_name_map`) before the de-quantisation and
+    the notice that announces it. ``rope_freqs`` is not a parameter:
+    :func:`check_rope_freqs` checks it."""
+    for t in reader.tensors:
+        if t.name not in name_map and not t.name.startswith("rope_freqs"):
+            raise BaseModelError(path, f"tensor {t.name} has no place in a {model_type} model")
+
+
 def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str, progress: bool = False) -> dict:
     """De-quantised, renamed, un-permuted tensors as ``{hf name: torch tensor}``;
     ``progress``: a bar of the file's tensor bytes, on stderr where it is a terminal."""
@@ -568,6 +589,7 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str, progress: b
                 _refuse_rope_scaling(t, path)  # checked before the notice too (check_rope_freqs)
                 bar.update(int(t.n_bytes))
                 continue
+            # found by check_places first; kept in case a caller skipped check_gguf
             raise BaseModelError(path, f"tensor {t.name} has no place in a {arch} model")
         try:
             w = _dequantized(t)
@@ -632,7 +654,10 @@ def check_gguf(path: Path, reader, dtype: str = "float32") -> tuple[str, dict, o
         raise BaseModelError("--dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
     arch, quants = _check_kind(reader, path)
     config = _hf_config(reader, path, arch, dtype)
-    _check_contents(reader, path)
+    name_map = gguf_name_map(
+        _hf_shapes(config), _field(reader, "general.architecture"), config.num_hidden_layers
+    )
+    _check_contents(reader, path, arch, name_map)
     return arch, quants, config
 
 
@@ -642,15 +667,19 @@ def _check_kind(reader, path) -> tuple[str, dict]:
     arch = gguf_architecture(reader, path)
     quants = check_quantisation(reader, path)
     check_metadata(reader, path, _field(reader, "general.architecture"))
+    check_block_count(reader, path, _field(reader, "general.architecture"))
     return arch, quants
 
 
-def _check_contents(reader, path) -> None:
+def _check_contents(reader, path, model_type: str, name_map: dict[str, str] | None) -> None:
     """:func:`check_gguf`'s checks of what the file holds (no nan or inf weight,
-    no RoPE frequency factors, a vocabulary)."""
+    no RoPE frequency factors, a vocabulary, no tensor without a place in the
+    model: ``name_map``, :func:`gguf_name_map`, where known)."""
     check_finite_tensors(reader, path)
     check_rope_freqs(reader, path)
     check_vocabulary(reader, path)
+    if name_map is not None:
+        check_places(reader, path, model_type, name_map)
 
 
 def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dtype: str = "float32",
@@ -758,7 +787,7 @@ def _import_preview(path: str, size: int, mtime_ns: int) -> dict:
     reader = open_gguf(path)
     p = Path(path)
     model_type, _ = _check_kind(reader, p)
-    _check_contents(reader, p)
+    _check_contents(reader, p, model_type, _preview_name_map(reader, model_type))
     weights, numel = {}, 0
     for t in reader.tensors:
         numel += math.prod(int(x) for x in t.shape)
@@ -780,6 +809,22 @@ def _import_preview(path: str, size: int, mtime_ns: int) -> dict:
     vocab = weights.get("model.embed_tokens", (None,))[0]
     return {"model_type": model_type, "weights": weights, "arch": f"{model_type}:{layers}:{width}:{vocab}",
             "tokenizer": _field(reader, "tokenizer.ggml.model") is not None, "bytes": 4 * numel}  # fmt: skip
+
+
+def _preview_name_map(reader, model_type: str) -> dict[str, str] | None:
+    """:func:`gguf_name_map` from the metadata, without transformers' config
+    (which imports torch): the parameters' names need only the model type,
+    the block count and the bias flags, which transformers' GGUF config never
+    sets for these architectures (each config's default, False). None
+    without a block count (the import refuses the file for it, :func:`check_shape`)."""
+    from .archs import parameter_names
+
+    gguf_arch = _field(reader, "general.architecture")
+    blocks = _field(reader, f"{gguf_arch}.block_count")
+    if blocks is None:
+        return None
+    names = parameter_names({"model_type": model_type, "num_hidden_layers": int(blocks)})
+    return None if names is None else gguf_name_map(names, gguf_arch, int(blocks))
 
 
 def resolve_base(path: str | os.PathLike) -> Path:

@@ -119,6 +119,8 @@ def _damage(name: str, b: bytes, L: dict) -> bytes:
         "key-not-utf8": lambda: _put(b, 24 + 8, "<B", 0xFF),
         # the same 4 bytes read as a float: the layout holds, the metadata is of the wrong kind
         "head-count-f32": lambda: _put(b, kv["llama.attention.head_count"] - 4, "<I", 6),
+        # the names were listed block by block from it: minutes, before and after the notice
+        "block-count-1e9": lambda: _put(b, kv["llama.block_count"], "<I", 10**9),
         "empty": lambda: b"",
     }[name]()
 
@@ -153,6 +155,7 @@ CASES = {
     "inf-f32": ["token_embd.weight holds 1 nan or inf"],
     "key-not-utf8": ["is not UTF-8"],
     "head-count-f32": ["llama.attention.head_count is FLOAT32 in its metadata; loramix reads an integer"],
+    "block-count-1e9": ["llama.block_count 1000000000 is not a number of blocks its 11 tensors can fill"],
     "empty": ["is empty"],
 }
 
@@ -179,7 +182,8 @@ def test_damaged_gguf_import_is_one_line(case, tiny, tmp_path, capsys, monkeypat
 
 #: a few through the commands that import a GGUF base into the cache (``resolve_base``), and
 #: ``scenario check``, which reads the header instead and refuses what the import would
-BASE_CASES = ["cut-data+5", "u8-array-2^40", "overlap", "nan-f32", "dims-5", "version-4", "head-count-f32"]
+BASE_CASES = ["cut-data+5", "u8-array-2^40", "overlap", "nan-f32", "dims-5", "version-4", "head-count-f32",
+              "block-count-1e9"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -309,19 +313,35 @@ def test_a_folder_named_gguf_is_a_folder(tmp_path, capsys):
 
 
 def test_a_file_refused_after_the_lock_leaves_no_lock(tmp_path, monkeypatch):
-    """A file refused while de-quantising (a tensor with no place in the
-    model: found only then, after the notice of the import) left its lock
-    file ``bases/<sha256>.lock`` behind; the refusal now removes it."""
+    """A file refused while de-quantising (one that lacks a tensor: found
+    only then, after the notice of the import) left its lock file
+    ``bases/<sha256>.lock`` behind; the refusal now removes it."""
     from loramix.errors import BaseModelError
     from loramix.gguf_import import resolve_base
 
     monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
-    path = llama_gguf(
-        tmp_path / "m.gguf", tokenizer=True, put={"blk.0.extra.weight": np.ones((4, 32), np.float32)}
-    )
-    with pytest.raises(BaseModelError, match="blk.0.extra.weight has no place in a llama model"):
+    path = llama_gguf(tmp_path / "m.gguf", tokenizer=True, drop="blk.0.ffn_up.weight")
+    with pytest.raises(BaseModelError, match="lacks 1 tensor.*model.layers.0.mlp.up_proj.weight"):
         resolve_base(path)
     assert list((tmp_path / "cache" / "bases").iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["base-import", "eval", "scenario-check"])
+@pytest.mark.parametrize("extra", ["blk.0.extra.weight", "blk.0.attn_q.bias"])
+def test_a_tensor_with_no_place_is_refused_before_the_notice(extra, command, tmp_path, capsys, monkeypatch):
+    """A tensor no parameter of the model takes (a name gguf's table does not
+    know; a bias Llama's config has none for) was found while de-quantising,
+    after the import's notice: two lines through the cache (``eval
+    --base``), and ``scenario check`` passed the file. Now refused from the
+    parameter names (:func:`loramix.archs.parameter_names`) before the
+    notice, by every entry point: one line, nothing written."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(cache))
+    shape = (32,) if extra.endswith(".bias") else (4, 32)
+    path = llama_gguf(tmp_path / "m.gguf", tokenizer=True, put={extra: np.ones(shape, np.float32)})
+    argv = _reading_argv(command, tmp_path, path)
+    _one_line(capsys, argv, path, [f"tensor {extra} has no place in a llama model"])
+    assert not (tmp_path / "out").exists() and not (cache / "bases").exists()
 
 
 @pytest.mark.parametrize("command", ["base-import", "eval", "scenario-check"])
