@@ -609,17 +609,37 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str, progress: b
         out[hf] = torch.from_numpy(w).to(tdtype)
         bar.update(int(t.n_bytes))
     bar.close()
-    tied = set() if not config.tie_word_embeddings else {"lm_head.weight"}
-    expected = {k: shape for k, shape in shapes.items() if k not in tied}
-    missing = sorted(set(expected) - set(out))
+    # found by check_tensor_shapes first; kept in case a caller skipped check_gguf
+    check_expected(path, config, shapes, {k: tuple(v.shape) for k, v in out.items()})
+    return {k: out[k] for k in sorted(out) if not (config.tie_word_embeddings and k == "lm_head.weight")}
+
+
+def check_tensor_shapes(reader, path, config, name_map: dict[str, str], shapes: dict) -> None:
+    """:func:`check_expected` of the file's tensors from its header, before
+    the de-quantisation and the notice that announces it. GGUF lists a shape
+    innermost first: ``(in, out)`` reversed is transformers' ``(out, in)``,
+    which the de-quantised (and, for Llama's q/k, un-permuted) tensor has."""
+    got = {
+        name_map[t.name]: tuple(int(x) for x in reversed(t.shape))
+        for t in reader.tensors
+        if t.name in name_map
+    }
+    check_expected(path, config, shapes, got)
+
+
+def check_expected(path, config, shapes: dict, got: dict) -> None:
+    """Refuse ``got`` (``{parameter name: shape}``) lacking a parameter of
+    ``shapes`` (the model's; the head only where untied) or holding one of
+    another shape."""
+    expected = {k: s for k, s in shapes.items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    missing = sorted(set(expected) - set(got))
     if missing:
-        raise BaseModelError(path, f"lacks {len(missing)} tensor(s) of a {arch} model, e.g. {missing[0]}")
+        raise BaseModelError(
+            path, f"lacks {len(missing)} tensor(s) of a {config.model_type} model, e.g. {missing[0]}"
+        )
     for k, shape in expected.items():
-        if tuple(out[k].shape) != shape:
-            raise BaseModelError(
-                path, f"tensor {k} has shape {tuple(out[k].shape)}; the config implies {shape}"
-            )
-    return {k: out[k] for k in sorted(out) if k not in tied}
+        if got[k] != shape:
+            raise BaseModelError(path, f"tensor {k} has shape {got[k]}; the config implies {shape}")
 
 
 def _dequantized(t):
@@ -654,10 +674,10 @@ def check_gguf(path: Path, reader, dtype: str = "float32") -> tuple[str, dict, o
         raise BaseModelError("--dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
     arch, quants = _check_kind(reader, path)
     config = _hf_config(reader, path, arch, dtype)
-    name_map = gguf_name_map(
-        _hf_shapes(config), _field(reader, "general.architecture"), config.num_hidden_layers
-    )
+    shapes = _hf_shapes(config)
+    name_map = gguf_name_map(shapes, _field(reader, "general.architecture"), config.num_hidden_layers)
     _check_contents(reader, path, arch, name_map)
+    check_tensor_shapes(reader, path, config, name_map, shapes)
     return arch, quants, config
 
 

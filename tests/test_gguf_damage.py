@@ -313,17 +313,41 @@ def test_a_folder_named_gguf_is_a_folder(tmp_path, capsys):
 
 
 def test_a_file_refused_after_the_lock_leaves_no_lock(tmp_path, monkeypatch):
-    """A file refused while de-quantising (one that lacks a tensor: found
-    only then, after the notice of the import) left its lock file
-    ``bases/<sha256>.lock`` behind; the refusal now removes it."""
+    """A file refused while writing the import (a tokenizer transformers
+    cannot convert: found only then, after the notice of the import) left
+    its lock file ``bases/<sha256>.lock`` behind; the refusal now removes it."""
     from loramix.errors import BaseModelError
     from loramix.gguf_import import resolve_base
 
     monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
-    path = llama_gguf(tmp_path / "m.gguf", tokenizer=True, drop="blk.0.ffn_up.weight")
-    with pytest.raises(BaseModelError, match="lacks 1 tensor.*model.layers.0.mlp.up_proj.weight"):
+    path = llama_gguf(tmp_path / "m.gguf", tokenizer_model="xyz", token_list=[chr(33 + i) for i in range(64)])
+    with pytest.raises(BaseModelError, match="its tokenizer does not convert"):
         resolve_base(path)
     assert list((tmp_path / "cache" / "bases").iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["base-import", "eval"])
+@pytest.mark.parametrize("damage", ["lacks", "shape"])
+def test_a_missing_or_misshapen_tensor_is_refused_before_the_notice(
+    damage, command, tmp_path, capsys, monkeypatch
+):
+    """A file lacking a parameter of the model, or holding one of another
+    shape than its metadata imply, was found after de-quantising, after the
+    import's notice: two lines through the cache (``eval --base``). Now
+    refused from the header's shapes before the notice: one line, nothing
+    written. (``scenario check`` reads no config, so no shapes: the run's
+    import refuses such a file, before any work.)"""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(cache))
+    path, needle = {
+        "lacks": lambda: (llama_gguf(tmp_path / "m.gguf", tokenizer=True, drop="blk.0.ffn_up.weight"),
+                          "lacks 1 tensor(s) of a llama model, e.g. model.layers.0.mlp.up_proj.weight"),
+        "shape": lambda: (llama_gguf(tmp_path / "m.gguf", tokenizer=True,
+                                     put={"blk.0.ffn_up.weight": np.ones((48, 32), np.float32)}),
+                          "tensor model.layers.0.mlp.up_proj.weight has shape (48, 32); the config implies (64, 32)"),
+    }[damage]()  # fmt: skip
+    _one_line(capsys, _reading_argv(command, tmp_path, path), path, [needle])
+    assert not (tmp_path / "out").exists() and not (cache / "bases").exists()
 
 
 @pytest.mark.parametrize("command", ["base-import", "eval", "scenario-check"])
