@@ -48,10 +48,11 @@ llama.cpp's Mistral, ``qwen2``, with its q/k/v biases, and ``qwen3``, with its
 per-head q/k RMSNorm). Anything else, a file that is not a GGUF, a
 damaged one (:mod:`loramix.gguf_layout` checks its layout against its size
 before the reader parses it), metadata of the wrong kind, no vocabulary, nan
-or inf weights, a tensor with no place in the model, or a quantisation
-outside :data:`SUPPORTED_TYPES` is a one-line :class:`~loramix.errors.BaseModelError`. What can be checked before
-de-quantising is (:func:`check_gguf`), so that nothing is written then;
-nothing is left at ``out`` in any case.
+or inf weights, a tensor with no place in the model, one missing or of
+another shape than the metadata imply, or a quantisation outside
+:data:`SUPPORTED_TYPES` is a one-line :class:`~loramix.errors.BaseModelError`.
+What can be checked before de-quantising is (:func:`check_gguf`), so that
+nothing is written then; nothing is left at ``out`` in any case.
 
 :func:`resolve_base` lets every command take a GGUF file where it takes a base
 folder: the file is imported once into
@@ -519,10 +520,10 @@ def _name_map(config, gguf_arch: str) -> tuple[dict[str, str], object, dict[str,
 
 def _hf_shapes(config) -> dict[str, tuple[int, ...]]:
     """``{state_dict() name: shape}`` of the model ``config`` makes: from the
-    config (:func:`loramix.archs.parameter_shapes`, no modelling code
-    imported: a second of an import's CPU), else, for an architecture that
-    table does not know (none of :data:`GGUF_ARCHITECTURES`), from a
-    meta-device skeleton transformers builds."""
+    config (:func:`loramix.archs.parameter_shapes`: no model is built, whose
+    modelling code was 1 to 2 s of an import's CPU), else, for an
+    architecture that table does not know (none of
+    :data:`GGUF_ARCHITECTURES`), from a meta-device skeleton transformers builds."""
     from .archs import parameter_shapes
 
     shapes = parameter_shapes(config)
