@@ -517,8 +517,8 @@ def merge_into_model(
     """Merge in memory: ``W = W0 + sum_i w_i * effective delta_i`` per module.
 
     Each effective delta is formed densely, one module at a time, in float64
-    (:meth:`ModuleDelta.delta`), accumulated in float32 and written back in
-    the base weight's dtype, in place (transposed for ``Conv1D``; an
+    (:meth:`ModuleDelta.delta`), accumulated in float32 (float64 on a float64
+    base, as the streaming engine does) and written back in the base weight's dtype, in place (transposed for ``Conv1D``; an
     embedding's ``(vocab, dim)`` as stored). A weight shared by two modules
     changes for both: merging an embedding LoRA into a model whose output
     head is tied to it changes the head too, as PEFT's ``merge_and_unload``
@@ -542,9 +542,11 @@ def merge_into_model(
         W0 = weight_view(mod)  # (out, in) view; an embedding's (vocab, dim)
         if keep_original:
             originals[name] = mod.weight.detach().cpu().clone()
-        acc = W0.to(torch.float32).clone()
+        # float32 rounded a float64 model's every merged weight (3e-8 from PEFT's float64 merge)
+        cdt = torch.float64 if W0.dtype == torch.float64 else torch.float32
+        acc = W0.to(cdt).clone()
         for w, m in entries:
-            acc += (w * m.delta(W0, dtype=torch.float64, device=W0.device)).to(torch.float32)
+            acc += (w * m.delta(W0, dtype=torch.float64, device=W0.device)).to(cdt)
         # a float16 model holds |x| <= 65504 only: an inf here gave a perplexity of nan, silently
         W0.copy_(check_output_finite(acc.to(W0.dtype), f"{name}.weight"))
     swapped = _swap_in(model, copies)

@@ -279,6 +279,23 @@ def test_attach_peft_adapter_matches_peft(tmp_path, model_fn):
         assert rel(ours(IDS).logits, pm(IDS).logits) < 1e-5
 
 
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("model_fn", [tiny_gpt2, tiny_llama])
+def test_merge_into_a_float64_model_is_peft_float64_merge(tmp_path, model_fn, dora):
+    """On a float64 model the merge accumulates in float64, as the streaming
+    engine does: PEFT's float64 ``merge_and_unload`` to 1e-12. In float32
+    every merged weight was rounded, 2.9e-8 off PEFT's."""
+    from peft import PeftModel
+
+    folder = make_peft_adapter(model_fn(), tmp_path / "a", seed=3, r=4, lora_alpha=12, use_dora=dora)
+    want = PeftModel.from_pretrained(model_fn().double(), str(folder)).merge_and_unload().state_dict()
+    model = model_fn().double()
+    merge_into_model(model, [load_adapter(folder)])
+    got = model.state_dict()
+    assert got["lm_head.weight"].dtype == torch.float64
+    assert max(rel(got[k], want[k]) for k in want) < 1e-12
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("model_fn", [tiny_gpt2, tiny_llama])
 def test_attached_layer_on_a_half_base_rounds_as_peft(tmp_path, model_fn, dtype):
