@@ -26,7 +26,7 @@ Into a base (see docs/merging.md)::
 
 A module's computation, ``compute(name, W0) -> ModuleOutput``, gets ``W0`` as
 ``(out, in)`` (``nn.Linear`` layout; a ``Conv1D`` weight already transposed)
-in float32 (float64 for a float64 base) on the device, or None for a module
+in float32 (float64 for a weight read or written in float64) on the device, or None for a module
 it says it does not read ``W0`` for (``compute.needs_base``); its delta is a
 dense ``(out, in)`` tensor or a factor pair ``(B (out, k), A (k, in))``
 meaning ``B @ A``, added in one fused ``addmm`` without forming a dense
@@ -378,6 +378,14 @@ def _run_compute(compute: ModuleCompute, module: str, W0, helpers) -> ModuleOutp
         return compute(module, W0)
 
 
+def compute_dtype(stored: torch.dtype, out: torch.dtype) -> torch.dtype:
+    """The dtype a weight's ``W0 + delta`` is formed in: float64 where the
+    weight is read or written in float64, else float32. A float64 output
+    computed in float32 (``--dtype float64`` on a float32 or bfloat16 base)
+    carried float32's rounding, 1.3e-7 relative, in a float64 file."""
+    return torch.float64 if torch.float64 in (stored, out) else torch.float32
+
+
 def add_delta(
     stored: torch.Tensor,
     job: ModuleJob,
@@ -389,8 +397,8 @@ def add_delta(
     read=None,
 ) -> JobResult:
     """``W0 + delta`` in the stored layout, computed in float32 (float64 for
-    a float64 base) on ``dev`` in reused buffers, returned on the CPU in the
-    job's output dtype. ``compute`` gets ``W0`` only where it reads it
+    a float64 weight read or written, :func:`compute_dtype`) on ``dev`` in
+    reused buffers, returned on the CPU in the job's output dtype. ``compute`` gets ``W0`` only where it reads it
     (:func:`needs_base`), else None.
 
     On the CPU each block of rows (:func:`block_rows`; ``helpers``, a
@@ -412,8 +420,8 @@ def add_delta(
     output dtype is the stored one, else into a buffer of ``pool``; work
     buffers that do not outlive the call come from ``scratch`` (default
     ``pool``)."""
-    cdt = torch.float64 if stored.dtype == torch.float64 else torch.float32
     code_dtype = ST_DTYPES[job.out_code]
+    cdt = compute_dtype(stored.dtype, code_dtype)
     rows, cols = stored.shape
     shape = (cols, rows) if job.transposed else (rows, cols)  # (out, in)
     on_cpu = torch.device(dev).type == "cpu"

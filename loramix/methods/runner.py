@@ -231,9 +231,10 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
     plan = plan_into_base(base, list(modules), ads, dtype)
 
     local = threading.local()  # work tensors reused from module to module, one set per thread
-    # A float64 weight is added to in float64 (the engine's compute dtype): its delta is
-    # formed in float64 too, not from factors (w_i s_i folded in) or a method's work rounded to float32.
-    wide = {j.module for j in plan.module_jobs if j.info.dtype == "F64"}
+    # A weight read or written in float64 is added to in float64 (the engine's compute dtype): its
+    # delta is formed in float64 too, not from factors (w_i s_i folded in) or a method's work rounded
+    # to float32.
+    wide = {j.module for j in plan.module_jobs if "F64" in (j.info.dtype, j.out_code)}
 
     def compute(name: str, W0: torch.Tensor | None) -> ModuleOutput:
         items = modules[name]

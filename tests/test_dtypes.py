@@ -1,0 +1,140 @@
+"""The dtypes of every path that merges or writes weights (docs/merging.md,
+"Sum", "Rounding"): each result against the exact reference, the merge
+formed in float64 from the stored values and rounded once (round to nearest
+even) to the output dtype, for bases stored in float32, bfloat16, float16 and
+float64, adapters saved in float32, bfloat16 and float16, LoRA, DoRA and
+D2-LoRA; and against PEFT's ``merge_and_unload`` where PEFT's rule is what
+users expect."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loramix.adapter import ModuleDelta
+from loramix.cli import main
+from loramix.io.adapter_files import load_adapter
+from loramix.io.formats.d2 import save_d2_adapter
+from tests.factories import save_base, tiny_llama
+
+DT = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+WEIGHTS = [1.0, 0.7]  # 0.7 s_i is no power of two: the folded factors round
+
+
+def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 ``x`` rounded once to ``dtype`` (round to nearest even). torch's
+    own float64 -> bfloat16 / float16 goes through float32 and rounds twice;
+    numpy's float16 rounds once, and bfloat16 is float32 rounded to odd
+    (truncated, its last bit set where inexact: 24 bits, two more than
+    bfloat16's 8 need) then rounded to nearest even, which is exact."""
+    x = x.double()
+    if dtype == torch.float64:
+        return x
+    a = x.numpy()
+    if dtype in (torch.float32, torch.float16):
+        return torch.from_numpy(a.astype(np.float32 if dtype == torch.float32 else np.float16))
+    t = a.astype(np.float32)
+    t = np.where(np.abs(t.astype(np.float64)) > np.abs(a), np.nextafter(t, np.float32(0)), t)
+    bits = t.view(np.uint32) | (t.astype(np.float64) != a).astype(np.uint32)
+    return torch.from_numpy(bits.view(np.float32)).to(torch.bfloat16)
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of ``x``'s dtype at each entry of ``x``, in float64."""
+    fi = torch.finfo(x.dtype)
+    mant = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}[x.dtype]
+    e = torch.floor(torch.log2(x.double().abs().clamp_min(fi.smallest_normal)))
+    return torch.pow(2.0, e - (mant - 1))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Bases and adapters made once, in a folder per (what, dtype)."""
+    root = tmp_path_factory.mktemp("dtypes")
+    made = {}
+
+    def get(what: str, dtype: str, seed: int = 1):
+        key = (what, dtype, seed)
+        if key not in made:
+            f = root / f"{what}-{dtype}-{seed}"
+            made[key] = _make_base(f, dtype) if what == "base" else _make_adapter(f, what, dtype, seed)
+        return made[key]
+
+    return get
+
+
+def _make_base(folder, dtype):
+    return save_base(tiny_llama().to(DT[dtype]), folder)
+
+
+def _make_adapter(folder, kind, dtype, seed):
+    """A PEFT LoRA or DoRA adapter (magnitudes moved, as training would)
+    saved in ``dtype``, or a D2-LoRA adapter of ``dtype`` factors."""
+    if kind == "d2":
+        g = torch.Generator().manual_seed(seed)
+        mods = {}
+        for n, mod in tiny_llama().named_modules():
+            if n.endswith(("q_proj", "up_proj", "down_proj")):
+                (o, i), r = mod.weight.shape, 4
+                t = [0.1 * torch.randn(s, generator=g) for s in ((o, r), (r, i), (o, r), (r, i))]
+                t = [x.to(DT[dtype]) for x in t]
+                mods[n] = ModuleDelta(name=n, B=t[0], A=t[1], B_neg=t[2], A_neg=t[3], scale=2.0, alpha=8.0)
+        return save_d2_adapter(folder, mods, r=4, lora_alpha=8.0, tau=0.4)
+    from tests.factories import make_peft_adapter
+
+    make_peft_adapter(tiny_llama(), folder, seed=seed, r=4, lora_alpha=12, use_dora=kind == "dora")
+    f = folder / "adapter_model.safetensors"
+    ts = load_file(str(f))
+    g = torch.Generator().manual_seed(seed)
+    for k in sorted(ts):
+        if k.endswith("lora_magnitude_vector"):
+            ts[k] = ts[k] * (1 + 0.3 * torch.rand(ts[k].shape, generator=g))
+    save_file({k: v.to(DT[dtype]) for k, v in ts.items()}, str(f))
+    return folder
+
+
+def reference(stored: dict, adapters, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W0 + sum_i w_i dW_i, |W0| + sum_i |w_i dW_i|)`` in float64 from the
+    stored values of ``key``'s base weight and the adapters' modules."""
+    name = key.removesuffix(".weight")
+    W0 = stored[key].double()
+    acc, mag = W0.clone(), W0.abs()
+    for ad, w in zip(adapters, WEIGHTS):
+        m = ad.modules[name]
+        if m.kind.id == "lora":  # s B A, independently of loramix's kinds
+            d = w * m.scale * (m.B.double() @ m.A.double())
+        else:  # DoRA, D2-LoRA: their effective deltas, formed in float64
+            d = w * m.delta(W0, dtype=torch.float64)
+        acc += d
+        mag += d.abs()
+    return acc, mag
+
+
+def test_sum_into_a_base_as_float64_is_formed_in_float64(store, tmp_path):
+    """``sum --into --dtype float64`` on a float32 or bfloat16 base forms
+    ``W0 + sum_i w_i dW_i`` in float64, as on a float64 base: the float64
+    reference to 1e-15 relative, LoRA and DoRA. It was formed in float32 and
+    widened: 1.3e-7 off."""
+    for bdt in ("float32", "bfloat16"):
+        base = store("base", bdt)
+        stored = load_file(str(base / "model.safetensors"))
+        for kind in ("lora", "dora"):
+            paths = [store(kind, "float32", 1), store(kind, "float32", 2)]
+            out = tmp_path / f"{bdt}-{kind}"
+            args = ["sum", *paths, "--weights", "1,0.7", "--into", base, "--out", out, "--dtype", "float64"]
+            assert main([str(a) for a in args]) == 0
+            got = load_file(str(out / "model.safetensors"))
+            ads = [load_adapter(p) for p in paths]
+            for key in (n + ".weight" for n in ads[0].modules):
+                want, _ = reference(stored, ads, key)
+                assert got[key].dtype == torch.float64
+                err = float((got[key] - want).abs().max() / want.abs().max())
+                assert err < 1e-15, (bdt, kind, key, err)
+            assert all(t.dtype == torch.float64 for t in got.values())
