@@ -138,3 +138,81 @@ def test_sum_into_a_base_as_float64_is_formed_in_float64(store, tmp_path):
                 err = float((got[key] - want).abs().max() / want.abs().max())
                 assert err < 1e-15, (bdt, kind, key, err)
             assert all(t.dtype == torch.float64 for t in got.values())
+
+
+def _merged_in_memory(base, dtype, adapters) -> dict:
+    from transformers import LlamaForCausalLM
+
+    from loramix.layers import merge_into_model
+
+    model = LlamaForCausalLM.from_pretrained(str(base), dtype=DT[dtype])
+    merge_into_model(model, adapters, WEIGHTS)
+    return model.state_dict()
+
+
+def _magnitude(stored, adapters, key) -> torch.Tensor:
+    """``|W0| + sum_i |w_i| s_i |B_i| |A_i|`` for LoRA terms (the size of
+    what a product over the rank adds up), ``|w_i dW_i|`` for the others."""
+    name = key.removesuffix(".weight")
+    _, mag = reference(stored, adapters, key)
+    for ad, w in zip(adapters, WEIGHTS):
+        m = ad.modules[name]
+        if m.kind.id == "lora":
+            mag += abs(w) * m.scale * (m.B.double().abs() @ m.A.double().abs())
+    return mag
+
+
+#: (engine, base dtype) -> the bound on |result - once-rounded reference|:
+#: ("ulp", fraction of entries allowed to differ) or ("mag", k): k eps |.| (_magnitude)
+BOUNDS = {
+    ("stream", "float32"): ("mag", 16),  # B A in float32, then W0 + it: float32 roundings
+    ("memory", "float32"): ("mag", 2),  # dW in float64, rounded, added: two roundings
+    ("stream", "float64"): ("mag", 16),
+    ("memory", "float64"): ("mag", 2),
+    **{(e, d): ("ulp", 0.005) for e in ("stream", "memory") for d in ("bfloat16", "float16")},
+}
+
+
+@pytest.mark.parametrize("bdt", ["float32", "bfloat16", "float16", "float64"])
+@pytest.mark.parametrize(
+    "kind,adt",
+    [("lora", "float32"), ("lora", "bfloat16"), ("lora", "float16"), ("dora", "float32"),
+     ("dora", "bfloat16"), ("d2", "float32"), ("d2", "float16")],
+)  # fmt: skip
+def test_merge_into_a_base_against_the_once_rounded_float64_merge(store, tmp_path, kind, adt, bdt):
+    """Both engines (``sum --into``, streamed; ``merge_into_model``, ``eval
+    --merged``) on every base dtype: the result keeps each weight's dtype and
+    lies within BOUNDS of the float64 merge rounded once. On a 16-bit base
+    that is within one ulp everywhere and bit-identical in at least 99.5% of
+    the entries (measured: at most 11 of 19968 differ, by the double rounding
+    float64 -> float32 -> 16 bits and, streamed, the float32 product);
+    untouched tensors are copied bit for bit."""
+    base = store("base", bdt)
+    paths = [store(kind, adt, 1), store(kind, adt, 2)]
+    ads = [load_adapter(p) for p in paths]
+    out = tmp_path / "m"
+    assert main([str(a) for a in ["sum", *paths, "--weights", "1,0.7", "--into", base, "--out", out]]) == 0
+    stored = load_file(str(base / "model.safetensors"))
+    results = {
+        "stream": load_file(str(out / "model.safetensors")),
+        "memory": _merged_in_memory(base, bdt, ads),
+    }
+    keys = [n + ".weight" for n in ads[0].modules]
+    for k in set(stored) - set(keys):
+        assert (
+            torch.equal(results["stream"][k], stored[k]) and results["stream"][k].dtype == stored[k].dtype
+        ), k
+    for engine, got in results.items():
+        how, bound = BOUNDS[(engine, bdt)]
+        differ = total = 0
+        for key in keys:
+            want = round_once(reference(stored, ads, key)[0], DT[bdt])
+            assert got[key].dtype == DT[bdt], (engine, key)
+            err = (got[key].double() - want.double()).abs()
+            if how == "ulp":
+                assert bool((err <= ulp(want)).all()), (engine, key, float((err / ulp(want)).max()))
+                differ, total = differ + int((err > 0).sum()), total + err.numel()
+            else:
+                mag = _magnitude(stored, ads, key) * torch.finfo(DT[bdt]).eps
+                assert bool((err <= bound * mag).all()), (engine, key, float((err / mag).max()))
+        assert differ <= bound * total if how == "ulp" else True, (engine, differ, total)
