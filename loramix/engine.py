@@ -74,6 +74,7 @@ from .io.safetensors_io import (
 from .io.shard_writer import ALIGN as PAGE
 from .io.shard_writer import ShardWriter, finish_model_folder
 from .options import bar_disabled
+from .rounding import narrow
 
 Delta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -462,10 +463,10 @@ def add_delta(
         if dense is not None:
             blk.add_(dense[r0:r1])
         if out is not W:
-            out[r0:r1].copy_(blk)
+            out[r0:r1].copy_(narrow(blk, code_dtype))
         if not blk.numel():
             return []
-        written = out[r0:r1] if on_cpu else blk.to(code_dtype)  # on a GPU: summed there
+        written = out[r0:r1] if on_cpu else narrow(blk, code_dtype)  # on a GPU: summed there
         return [written.sum(dtype=wide)]
 
     sums = [e for part in _by_blocks(rows, step, helpers, block, MIN_ROWS) for e in part]
@@ -747,9 +748,9 @@ class SerialExecutor:
                 read=lambda r0, r1: read_into(src, job.info, stored, (r0, r1)),
             )
         if isinstance(job, ReplaceJob):
-            return JobResult(job, job.tensor.to(ST_DTYPES[job.out_code]).contiguous())
+            return JobResult(job, narrow(job.tensor, ST_DTYPES[job.out_code]).contiguous())
         if job.converts:  # a one-off (say an embedding to bfloat16): no buffer kept
-            t = read_into(src, job.info).to(ST_DTYPES[job.out_code])
+            t = narrow(read_into(src, job.info), ST_DTYPES[job.out_code])
             return JobResult(job, check_output_finite(t, job.info.key))
         return JobResult(job)
 

@@ -53,6 +53,7 @@ from .kinds.base import is_embedding
 from .kinds.d2lora import D2LoraLinear
 from .kinds.lora import LoraLinear
 from .options import parse_weights
+from .rounding import narrow
 
 __all__ = [
     "LoraLinear",
@@ -581,7 +582,7 @@ def detach(model: nn.Module, *, merge: bool = False) -> nn.Module:
         if merge and isinstance(layer, TrainableLayer):
             with torch.no_grad():
                 W = layer.merged_weight()
-                layer.base_weight().copy_(W.to(layer.base.weight.dtype))
+                layer.base_weight().copy_(narrow(W, layer.base.weight.dtype))
         _set_submodule(model, name, layer.base)
     for name, p in model.__dict__.pop(_SWAPPED, {}).items():
         _put_param(model, name, p)

@@ -8,6 +8,8 @@ users expect."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -216,3 +218,67 @@ def test_merge_into_a_base_against_the_once_rounded_float64_merge(store, tmp_pat
                 mag = _magnitude(stored, ads, key) * torch.finfo(DT[bdt]).eps
                 assert bool((err <= bound * mag).all()), (engine, key, float((err / mag).max()))
         assert differ <= bound * total if how == "ulp" else True, (engine, differ, total)
+
+
+@pytest.mark.parametrize("adt", ["bfloat16", "float16"])
+def test_sum_as_an_adapter_rounds_its_factors_once(store, tmp_path, adt):
+    """``sum --out`` (no base) of 16-bit adapters writes 16-bit factors, as
+    loramix.json says, ``w_i s_i B_i`` formed in float64 and rounded once
+    (docs/merging.md, "Exact sum as one adapter"), ``A_i`` as stored. torch's
+    float64 -> 16-bit conversion rounds twice (through float32): 47 (float16)
+    and 55 (bfloat16) of 4352 entries of ``B`` were one ulp off at
+    ``w s = 0.7 * 3``. Inputs of both 16-bit dtypes give float32."""
+    paths = [store("lora", adt, 1), store("lora", adt, 2)]
+    out = tmp_path / "s"
+    assert main([str(a) for a in ["sum", *paths, "--weights", "1,0.7", "--out", out]]) == 0
+    assert json.loads((out / "loramix.json").read_text())["parameters"]["dtype"] == adt
+    ads, got = [load_adapter(p) for p in paths], load_adapter(out)
+    for name, m in got.modules.items():
+        B = torch.cat(
+            [w * a.modules[name].scale * a.modules[name].B.double() for a, w in zip(ads, WEIGHTS)], 1
+        )
+        assert m.B.dtype == m.A.dtype == DT[adt] and m.scale == 1.0
+        assert torch.equal(m.B, round_once(B, DT[adt])), name
+        assert torch.equal(m.A, torch.cat([a.modules[name].A for a in ads])), name
+    other = "float16" if adt == "bfloat16" else "bfloat16"
+    both = tmp_path / "both"
+    assert main([str(a) for a in ["sum", paths[0], store("lora", other, 2), "--out", both]]) == 0
+    assert {m.B.dtype for m in load_adapter(both).modules.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("odt", ["bfloat16", "float16"])
+def test_a_float64_base_written_as_16_bits_is_rounded_once(store, tmp_path, odt):
+    """``sum --into`` a float64 base ``--dtype bfloat16/float16``: each merged
+    weight, formed in float64, and each untouched tensor are rounded once to
+    the output dtype, bit for bit the once-rounded float64 values (torch's
+    conversion, through float32, rounded some of them twice)."""
+    base = store("base", "float64")
+    paths = [store("lora", "float32", 1), store("lora", "float32", 2)]
+    out = tmp_path / "m"
+    args = ["sum", *paths, "--weights", "1,0.7", "--into", base, "--out", out, "--dtype", odt]
+    assert main([str(a) for a in args]) == 0
+    stored, got = load_file(str(base / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    ads = [load_adapter(p) for p in paths]
+    keys = {n + ".weight" for n in ads[0].modules}
+    for k, t in got.items():
+        want = reference(stored, ads, k)[0] if k in keys else stored[k]
+        assert t.dtype == DT[odt] and torch.equal(t, round_once(want, DT[odt])), k
+
+
+@pytest.mark.parametrize("kind", ["lora", "d2lora"])
+def test_detach_merge_into_a_half_model_rounds_once(kind):
+    """``detach(model, merge=True)`` on a float16 model writes each trained
+    layer's float64 merged weight rounded once (it went through float32)."""
+    from loramix.layers import detach, inject_trainable, wrapped_modules
+
+    model = tiny_llama(n_layer=4, hidden=64).to(torch.float16)
+    params = inject_trainable(model, kind=kind, rank=4, alpha=8, seed=1)
+    with torch.no_grad():
+        for p in params:  # B starts at zero: give every factor a value
+            p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    want = {
+        n: round_once(layer.merged_weight(), torch.float16) for n, layer in wrapped_modules(model).items()
+    }
+    detach(model, merge=True)
+    for n, w in want.items():
+        assert torch.equal(model.get_submodule(n).weight, w), n

@@ -43,6 +43,7 @@ from ..io.outputs import atomic_output_dir, check_output, provenance, write_prov
 from ..io.peft_layout import warn_null_targets
 from ..io.safetensors_io import canonicalize_header, file_record
 from ..options import dtype_name, parse_dtype, parse_weights, promoted_dtype
+from ..rounding import narrow
 from . import MergeResult, get_method
 from .base import (
     LowRank,
@@ -180,7 +181,7 @@ def _write_adapter(m, ads, ws, p, *, out, dev, dtype, force, inputs, trunc=None)
     ]
     factors, infos = {}, {}
     for name, lr in zip(plan, _adapter_factors(m, jobs, p, trunc)):
-        factors[name] = (lr.B.to(dtype).cpu(), lr.A.to(dtype).cpu())
+        factors[name] = (narrow(lr.B, dtype).cpu(), narrow(lr.A, dtype).cpu())  # rounded once
         if lr.info:
             infos[name] = lr.info
     summary = _summarize(m, infos, len(plan))
