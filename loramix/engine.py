@@ -74,7 +74,7 @@ from .io.safetensors_io import (
 from .io.shard_writer import ALIGN as PAGE
 from .io.shard_writer import ShardWriter, finish_model_folder
 from .options import bar_disabled
-from .rounding import narrow
+from .rounding import copy_narrowed, narrow
 
 Delta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -463,7 +463,7 @@ def add_delta(
         if dense is not None:
             blk.add_(dense[r0:r1])
         if out is not W:
-            out[r0:r1].copy_(narrow(blk, code_dtype))
+            copy_narrowed(out[r0:r1], blk)
         if not blk.numel():
             return []
         written = out[r0:r1] if on_cpu else narrow(blk, code_dtype)  # on a GPU: summed there

@@ -29,3 +29,12 @@ def narrow(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     t = torch.where(t.double().abs() > x.abs(), torch.nextafter(t, torch.zeros_like(t)), t)
     odd = (t.double() != x).to(torch.int32)  # nan != nan: a nan stays a nan
     return (t.view(torch.int32) | odd).view(torch.float32).to(dtype)
+
+
+def copy_narrowed(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst.copy_(src)`` rounded once: through :func:`narrow` only where a
+    float64 ``src`` goes into 16 bits (elsewhere ``copy_`` converts in one
+    pass, one rounding, with no temporary)."""
+    if src.dtype == torch.float64 and dst.dtype in HALF:
+        return dst.copy_(narrow(src, dst.dtype))
+    return dst.copy_(src)
