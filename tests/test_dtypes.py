@@ -378,3 +378,41 @@ def test_merged_and_on_the_fly_agree_on_a_half_base(store, kind, bdt):
     eps = torch.finfo(DT[bdt]).eps
     for a, b in ((merged, ref), (fly, ref), (fly, merged)):
         assert float((a - b).abs().max() / b.abs().max()) <= 8 * eps
+
+
+@pytest.mark.parametrize(
+    "method,kind,extra",
+    [("ties", "lora", ["--density", "0.5"]), ("dare-linear", "dora", ["--density", "0.7"]),
+     ("d2-signed", "d2", [])],
+)  # fmt: skip
+def test_a_method_into_a_base_as_float64_is_the_float64_bases(store, tmp_path, method, kind, extra):
+    """``merge -m METHOD --into BASE --dtype float64`` on a float32 base gives
+    the bytes the same merge gives into that base stored in float64 (the
+    same values, widened exactly): the method's work and the add both in
+    float64. It was done in float32."""
+    f32 = store("base", "float32")
+    f64 = tmp_path / "b64"
+    shutil.copytree(f32, f64)
+    widened = {k: v.double() for k, v in load_file(str(f32 / "model.safetensors")).items()}
+    save_file(widened, str(f64 / "model.safetensors"), metadata={"format": "pt"})
+    paths = [store(kind, "float32", 1), store(kind, "float32", 2)]
+    outs = []
+    for base, dt in ((f32, ["--dtype", "float64"]), (f64, [])):
+        outs.append(tmp_path / f"o{len(outs)}")
+        args = [
+            "merge",
+            *paths,
+            "-m",
+            method,
+            *extra,
+            "--weights",
+            "1,0.7",
+            "--into",
+            base,
+            "--out",
+            outs[-1],
+            *dt,
+        ]
+        assert main([str(a) for a in args]) == 0
+    a, b = (load_file(str(o / "model.safetensors")) for o in outs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
