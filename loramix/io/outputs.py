@@ -505,7 +505,14 @@ def atomic_write(path: str | Path, mode: str = "w", *, replace: bool = True) -> 
     remove_stale_temporaries(path.parent, path.name)
     tmp = temporary_file(path)
     try:
-        with open(tmp, mode) as f:
+        f = open(tmp, mode)
+    except BaseException as e:
+        # Nothing was made, so nothing to remove: on a read-only folder the
+        # unlink fails too (EROFS before ENOENT), and its error named the
+        # temporary instead of the file asked for.
+        raise_naming(e, (tmp,), path)
+    try:
+        with f:
             yield f
         if replace:
             os.replace(tmp, path)
