@@ -422,7 +422,7 @@ def warmup_steps(warmup: int | None, total: int) -> int:
 
 
 def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, tau, warmup) -> None:
-    from .io.config_schema import FLOAT32_MAX
+    from .io.config_schema import FLOAT32_MAX, FLOAT32_TINY
 
     for flag, v, lo in (("--rank", rank, 1), ("--batch", batch, 1), ("--max-len", max_len, 2)):
         if v < lo:
@@ -439,11 +439,17 @@ def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, 
         raise UsageError("--lr", f"must be a positive finite number, got {lr}")
     if not alpha > 0:  # 0 trained an adapter that does nothing; a scenario's adapters.alpha is refused so too
         raise UsageError("--alpha", f"must be above 0, got {alpha}")
-    # the scale alpha / rank and tau multiply factors in float32: beyond its range, inf or nan
+    # the scale alpha / rank and tau multiply factors in float32: beyond its range, inf or nan;
+    # below its normal range, the adapter written would be refused by every reader (checked_scale)
     if not abs(alpha / max(rank, 1)) <= FLOAT32_MAX:
         raise UsageError(
             "--alpha", f"must be a finite number with --alpha / --rank within float32's range, got {alpha}"
         )
+    if abs(alpha / max(rank, 1)) < FLOAT32_TINY:
+        raise UsageError(
+            "--alpha", f"--alpha / --rank = {alpha / max(rank, 1):.3g} is below float32's range (1.2e-38): "
+            "the adapter would be refused when read (by loramix, as PEFT's delta would be 0)",
+        )  # fmt: skip
     if not abs(tau) <= FLOAT32_MAX:
         raise UsageError("--tau", f"must be a finite number within float32's range, got {tau}")
     if norm_dim not in (0, 1):

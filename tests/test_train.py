@@ -572,6 +572,8 @@ def test_a_misspelt_target_among_good_ones_is_refused(bases, tmp_path, capsys):
     "args, line",
     [(["--alpha", "0"], "--alpha: must be above 0, got 0.0"),
      (["--alpha", "-2"], "--alpha: must be above 0, got -2.0"),
+     # alpha / r below float32's range: the adapter was written, then refused by every reader
+     (["--alpha", "1e-40"], "--alpha: --alpha / --rank = 1.25e-41 is below float32's range"),
      (["--rank", "99999"], "--rank: 99999 is above "),
      (["--targets", ""], "--targets: names no module"),  # an unset $T: the defaults, silently
      (["--targets", " , "], "--targets: names no module")],
@@ -581,7 +583,9 @@ def test_settings_that_train_nothing_useful_are_refused(bases, tmp_path, capsys,
     mirror) and ``--rank`` above a targeted weight's smaller dimension only
     added parameters; a scenario's ``adapters.alpha`` and ``adapters.rank``
     refuse both. An empty ``--targets`` (an unset shell variable) trained on
-    the architecture's defaults. Each is now one line, exit 2, nothing written."""
+    the architecture's defaults. ``--alpha 1e-40`` wrote an adapter that
+    ``inspect``, ``sum``, ``eval``... refuse (its scale below float32's range).
+    Each is now one line, exit 2, nothing written."""
     from loramix.cli import main
 
     out = tmp_path / "o"
