@@ -120,6 +120,13 @@ BAD = [
     (GOOD.replace('name = "v"', 'name = "v/../x"'), "name", "letters, digits"),
     ("name = 'v'\n[domains\n", "", "not valid TOML"),
     (GOOD.replace("rank = 4", "rank = 4\nsteps = 3\nwarmup = 4"), "adapters.warmup", "more than adapters.steps = 3"),
+    # a scale alpha / r beyond float32's range either way, or such a tau: the run failed at its first
+    # training, after the base and data steps, naming train's --alpha / --tau
+    (GOOD.replace("rank = 4", "rank = 4\nalpha = 1e40"), "adapters.alpha", "1e+40 / rank 4 = 2.5e+39 is outside"),
+    (GOOD.replace("rank = 4", "rank = 4\nalpha = 1e-40"), "adapters.alpha", "float32's range"),
+    (GOOD.replace("rank = 4", "rank = 4\nmethods = ['lora', 'lora@100']\nalpha = 1e-36"), "adapters.alpha",
+     "1e-36 / rank 100 = 1e-38 is outside"),
+    (GOOD.replace("rank = 4", "rank = 4\nmethods = ['d2lora']\ntau = 1e39"), "adapters.tau", "beyond float32's range"),
 ]  # fmt: skip
 
 

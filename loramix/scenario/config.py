@@ -678,6 +678,7 @@ def _parse_adapters(ctx, t) -> AdapterSpec:
         if init is not None and init not in INITS:
             raise ctx.error("adapters.methods", f"{m!r}: write KIND:INIT with INIT one of {', '.join(INITS)}")
     _no_repeats(ctx, "adapters.methods", v["methods"], meaning=_canonical_label)
+    _check_scales(ctx, v)
     inits = t.get("init", "data")
     inits = [inits] if isinstance(inits, str) else inits
     if (
@@ -706,6 +707,21 @@ def _parse_adapters(ctx, t) -> AdapterSpec:
         raise ctx.error("adapters.warmup", f"{extra['warmup']} steps is more than adapters.steps = {v['steps']}: "
                         "the learning rate would never reach adapters.lr")  # fmt: skip
     return AdapterSpec(**v, extra=extra)
+
+
+def _check_scales(ctx, v: dict) -> None:
+    """What training refuses only when the run reaches it (``--alpha``,
+    ``--tau``): a scale ``alpha / r`` outside float32's range for the rank of
+    any label (``KIND@R`` too), where deltas are computed (beyond it inf; below
+    it the adapter is refused when read), and a ``tau`` beyond it."""
+    from ..io.config_schema import FLOAT32_MAX, FLOAT32_TINY
+
+    for r in sorted({rank_of(m, v["rank"]) for m in v["methods"]}):
+        if not FLOAT32_TINY <= v["alpha"] / r <= FLOAT32_MAX:
+            raise ctx.error("adapters.alpha", f"{v['alpha']:g} / rank {r} = {v['alpha'] / r:.3g} is outside "
+                            "float32's range [1.2e-38, 3.4e38], in which the adapters' deltas are computed")  # fmt: skip
+    if v["tau"] > FLOAT32_MAX:
+        raise ctx.error("adapters.tau", f"{v['tau']:g} is beyond float32's range (3.4e38), in which D2-LoRA's deltas are computed")  # fmt: skip
 
 
 def _composition_table(ctx, t: dict, domains: list[str]) -> list:
