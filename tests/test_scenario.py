@@ -107,6 +107,10 @@ BAD = [
     (GOOD.replace('data = "synthetic:units"', 'data = "${NO_SUCH_VAR}/x.jsonl"'), "domains.b.data", "unknown variable"),
     (GOOD.replace('data = "synthetic:units"', 'data = "synthetic:poetry"'), "domains.b.data", "unknown synthetic"),
     (GOOD.replace("[base.build]\nsteps = 5", '[base]\npath = "no/model"'), "base.path", "no such model folder"),
+    # a file as the base, a folder as the data: both were said to be missing ('no such ...')
+    (GOOD.replace("[base.build]\nsteps = 5", '[base]\npath = "small.jsonl"'), "base.path",
+     "small.jsonl is not a folder: a base is a Hugging Face model folder (config.json + model.safetensors) or a .gguf"),
+    (GOOD.replace('data = "synthetic:units"', 'data = "."'), "domains.b.data", "is a folder, expected a .jsonl"),
     (GOOD.replace('data = "synthetic:units"', 'data = "small.jsonl"'), "domains.b.train", "fewer than"),
     (GOOD.replace("[adapters]", "[adapters]\nmethods = ['lora', 'qlora']"), "adapters.methods", "unknown adapter method"),
     # a method or seed listed twice is refused, as a repeated init always was (they were merged silently)

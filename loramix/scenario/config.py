@@ -532,6 +532,12 @@ def _resolve_path(ctx, value: str, key: str, env: dict, used: dict) -> Path:
     return Path(os.path.normpath(p))
 
 
+def _var_hint(raw: str, var: str, what: str) -> str:
+    """The hint to set ``var`` for a missing path whose value ``raw`` names it
+    (not for one that another key's value took from it)."""
+    return f" (set {var} to the folder holding {what})" if re.search(rf"\$\{{?{var}\b", raw) else ""
+
+
 def _synthetic_domains() -> list[str]:
     from ..synthetic import synthetic_domains
 
@@ -571,9 +577,11 @@ def _parse_base(ctx, t, env, used) -> BaseSpec:
             except LoramixError as e:
                 raise ctx.error("base.path", e.message) from None
             return BaseSpec(path=p)
+        if os.path.lexists(p) and not p.is_dir():  # a file: it was said to be missing
+            raise ctx.error("base.path", f"{p} is not a folder: a base is a Hugging Face model folder "
+                            "(config.json + model.safetensors) or a .gguf file")  # fmt: skip
         if not p.is_dir():
-            hint = " (set LORAMIX_MODELS to the folder holding it)" if "LORAMIX_MODELS" in used else ""
-            raise ctx.error("base.path", f"no such model folder: {p}{hint}")
+            raise ctx.error("base.path", f"no such model folder: {p}{_var_hint(raw, 'LORAMIX_MODELS', 'it')}")
         if not (p / "config.json").exists():
             raise ctx.error("base.path", f"{p} is not a Hugging Face model folder (no config.json)")
         return BaseSpec(path=p)
@@ -646,10 +654,10 @@ def _parse_domain(ctx, name, t, env, used, synth_names) -> DomainSpec:
         if overlap is not None or overlap_with is not None:
             raise ctx.error(f"{where}.overlap", "overlap applies to synthetic:NAME domains only")
         p = _resolve_path(ctx, raw, f"{where}.data", env, used)
+        if p.is_dir():  # it was said to be missing
+            raise ctx.error(f"{where}.data", f"{p} is a folder, expected a .jsonl, .json, .csv or .txt file")
         if not p.is_file():
-            hint = ""
-            if "LORAMIX_DATA" in used:
-                hint = " (set LORAMIX_DATA to the folder holding the QA files)"
+            hint = _var_hint(raw, "LORAMIX_DATA", "the QA files")
             raise ctx.error(f"{where}.data", f"no such data file: {p}{hint}")
         data = str(p)
     return DomainSpec(name=name, **{**v, "data": data})
