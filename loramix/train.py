@@ -42,7 +42,7 @@ from pathlib import Path
 
 from .api import renamed
 from .archs import context_length
-from .errors import UsageError
+from .errors import OutputError, UsageError
 
 DEFAULT_EVAL_SIZE = 0.1
 """Per data source: a tenth of the records are held out (at least one)."""
@@ -129,7 +129,10 @@ class LiveLog:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_logs(out)
         self.path = out.parent / f"{_log_stem(out)}.train_log.{os.getpid()}.csv"
-        self.f = open(self.path, "w", newline="")
+        try:
+            self.f = open(self.path, "w", newline="")
+        except OSError as e:  # a read-only folder, say: named by the --out asked for, as sum's is
+            raise OutputError(out, f"cannot write beside it: {e.strerror or e}") from None
         self.w = csv.writer(self.f)
         self.w.writerow(self.HEADER)
         self._cleanup = weakref.finalize(self, _remove_file, self.f, self.path)

@@ -2253,21 +2253,6 @@ def test_a_plot_appearing_during_the_run_is_left_alone(world, tmp_path, capsys, 
     assert plot.read_bytes()[:4] == b"\x89PNG" and sorted(p.name for p in tmp_path.iterdir()) == ["sim.png"]
 
 
-@pytest.fixture
-def read_only_folder(tmp_path):
-    """A real read-only mount (a 1 MiB tmpfs), where unlink fails with EROFS
-    even for a name that is not there; skipped where mounting is not allowed."""
-
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
-    yield ro
-    subprocess.run(["umount", str(ro)], check=True)
-
-
 def test_a_plot_into_a_read_only_folder_names_the_plot(world, read_only_folder, capsys):
     """``similarity --plot`` into a read-only folder: one line naming the
     plot. The failed open of the temporary was followed by its unlink, which

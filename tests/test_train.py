@@ -597,6 +597,20 @@ def test_settings_that_train_nothing_useful_are_refused(bases, tmp_path, capsys,
     assert not out.exists()
 
 
+def test_train_into_a_read_only_folder_names_the_output(bases, read_only_folder, capsys):
+    """``train --out RO/a`` (RO read-only): one line naming the output, as
+    ``sum --out`` says it. It named the live training log beside it
+    (``RO/a.train_log.<pid>.csv: Read-only file system``), a file the user
+    never asked for."""
+    out = read_only_folder / "a"
+    rc = main(["train", "--base", str(bases["llama"]), "--data", ARITH, "--out", str(out), "--steps", "1",
+               "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"loramix: error: {out}: cannot write beside it: Read-only file system"), err
+    assert list(read_only_folder.iterdir()) == []
+
+
 def test_top_layers_prefix_shows_a_bar_on_a_terminal(bases, tmp_path):
     """train --top-layers runs the frozen layers over every record first: on
     SmolLM2 (200 records, --max-len 96) 76-104 s with nothing on the terminal
