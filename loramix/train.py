@@ -453,8 +453,9 @@ def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, 
             "--alpha", f"--alpha / --rank = {alpha / max(rank, 1):.3g} is below float32's range (1.2e-38): "
             "the adapter would be refused when read (by loramix, as PEFT's delta would be 0)",
         )  # fmt: skip
-    if not abs(tau) <= FLOAT32_MAX:
-        raise UsageError("--tau", f"must be a finite number within float32's range, got {tau}")
+    # a negative tau makes a second positive branch, no D2-LoRA (a scenario's tau is refused so)
+    if not 0 <= tau <= FLOAT32_MAX:
+        raise UsageError("--tau", f"must be 0 or more and within float32's range, got {tau}")
     if norm_dim not in (0, 1):
         raise UsageError("--norm-dim", f"must be 0 or 1, got {norm_dim}")
 

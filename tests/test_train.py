@@ -576,7 +576,9 @@ def test_a_misspelt_target_among_good_ones_is_refused(bases, tmp_path, capsys):
      (["--alpha", "1e-40"], "--alpha: --alpha / --rank = 1.25e-41 is below float32's range"),
      (["--rank", "99999"], "--rank: 99999 is above "),
      (["--targets", ""], "--targets: names no module"),  # an unset $T: the defaults, silently
-     (["--targets", " , "], "--targets: names no module")],
+     (["--targets", " , "], "--targets: names no module"),
+     # the negative branch's weight: below 0 a second positive branch (a scenario's tau is refused so)
+     (["--kind", "d2lora", "--tau", "-1"], "--tau: must be 0 or more and within float32's range, got -1.0")],
 )  # fmt: skip
 def test_settings_that_train_nothing_useful_are_refused(bases, tmp_path, capsys, args, line):
     """``--alpha 0`` trained an adapter that does nothing (a negative one, its
