@@ -235,6 +235,7 @@ def _checked_inputs(base, adapters, *, merged, data, limit, device, fields, dtyp
     from .models import check_dtype_name, read_model_config
 
     check_adapter_paths(adapters)
+    warn_other_prompt(adapters, prompt)
     cfg = read_model_config(base)[1] if isinstance(base, (str, os.PathLike)) else None
     check_dtype_name(dtype)
     if cfg is not None:  # a --top-layers out of config.json's blocks, before torch
@@ -242,6 +243,30 @@ def _checked_inputs(base, adapters, *, merged, data, limit, device, fields, dtyp
 
         check_top_layers(cfg, top_layers)
     return sets, adapters
+
+
+def warn_other_prompt(adapters, prompt: str) -> None:
+    """Warn (:class:`~loramix.errors.LoramixWarning`) of an adapter that ``loramix
+    train`` made with another prompt format than ``prompt`` (its ``loramix.json``'s
+    ``parameters.prompt``): scored so, its answers follow a format it never saw,
+    and its perplexity says so, not how well it learnt. Adapters without such a
+    record (PEFT's own) are not guessed at."""
+    import warnings
+    from types import SimpleNamespace
+
+    from .errors import LoramixWarning
+    from .grouping import training_record
+
+    other = []
+    for a in adapters:
+        path = getattr(a, "path", a)
+        rec = training_record(SimpleNamespace(path=path)) if path is not None else None
+        trained = ((rec or {}).get("parameters") or {}).get("prompt") if isinstance(rec, dict) else None
+        if isinstance(trained, str) and trained != prompt:
+            other.append(f"{path} (--prompt {trained})")
+    if other:
+        warnings.warn(f"scored with --prompt {prompt}, but trained with another format: {'; '.join(other)}",
+                      LoramixWarning, stacklevel=3)  # fmt: skip
 
 
 def _read_sets(data: list, limit: int | None, fields: dict) -> list[tuple[str, list]]:

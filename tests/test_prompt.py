@@ -106,10 +106,14 @@ def test_train_and_eval_record_the_prompt(bases, capsys, tmp_path):
     assert settings["prompt"] == "chat"
     eval_args = ["eval", "--base", base, "--adapter", out, "--data", ARITH, "--device", "cpu"]
     assert main([str(a) for a in [*eval_args, "--prompt", "chat", "--format", "json"]]) == 0
-    res = json.loads(capsys.readouterr().out)
-    assert res["prompt"] == "chat"
+    got = capsys.readouterr()
+    assert json.loads(got.out)["prompt"] == "chat" and "warning" not in got.err
+    # scored in another format than it was trained in: said in one warning line, naming the adapter
     assert main([str(a) for a in eval_args]) == 0
-    assert "prompt: raw" in capsys.readouterr().out
+    got = capsys.readouterr()
+    assert "prompt: raw" in got.out
+    assert got.err.strip() == (f"loramix: warning: scored with --prompt raw, but trained with another format: "
+                               f"{out} (--prompt chat)")  # fmt: skip
     # the API's prompt= reaches the scoring: other text, another perplexity
     chat = evaluate(base, data=ARITH, prompt="chat", device="cpu").iloc[-1]
     raw = evaluate(base, data=ARITH, device="cpu").iloc[-1]
