@@ -2257,11 +2257,13 @@ def test_a_plot_into_a_read_only_folder_names_the_plot(world, read_only_folder, 
     """``similarity --plot`` into a read-only folder: one line naming the
     plot. The failed open of the temporary was followed by its unlink, which
     fails there too (EROFS), and that error, naming the temporary
-    (``.lmx-....tmp: Read-only file system``), replaced the first."""
+    (``.lmx-....tmp: Read-only file system``), replaced the first. And
+    nothing on stdout: the table came first, then the error."""
     plot = read_only_folder / "sim.png"
-    rc, _, err = cli(capsys, "similarity", world["a"], world["b"], "--plot", plot)
+    rc, out, err = cli(capsys, "similarity", world["a"], world["b"], "--plot", plot)
     line = assert_refused(rc, err, None, f"{plot}: Read-only file system")
     assert ".lmx-" not in line and os.listdir(read_only_folder) == []
+    assert out == ""  # the table was printed, then the error: no table where the command failed
 
 
 def test_a_failed_run_removes_the_folders_it_made_for_its_output(tmp_path):

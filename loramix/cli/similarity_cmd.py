@@ -114,6 +114,12 @@ def command(adapters, fmt, per_module, plot, base, device, force) -> None:
         )
 
     _note_residuals(res)
+    if plot is not None:  # first: a plot that cannot be written is the one line, not a table and then it
+        from ..plots import similarity_heatmap
+
+        title = "RMS cosine similarity" + (" (effective deltas)" if res.effective else "")
+        similarity_heatmap(res.rms, plot, title=title, replace=force)  # a file made meanwhile is not replaced
+        click.echo(f"loramix: wrote {plot}", err=True)
     if fmt == "json":
         click.echo(json.dumps(res.to_json_dict(per_module=per_module), indent=2, allow_nan=False))
     elif fmt == "csv":
@@ -135,10 +141,3 @@ def command(adapters, fmt, per_module, plot, base, device, force) -> None:
                 wide = _pairs_table(breakdown(res.per_module, by), by)
                 click.echo(f"\nRMS cosine by {label}")
                 click.echo(wide.to_string(float_format=lambda x: f"{x:.4f}", na_rep="n/a"))
-
-    if plot is not None:
-        from ..plots import similarity_heatmap
-
-        title = "RMS cosine similarity" + (" (effective deltas)" if res.effective else "")
-        similarity_heatmap(res.rms, plot, title=title, replace=force)  # a file made meanwhile is not replaced
-        click.echo(f"loramix: wrote {plot}", err=True)
