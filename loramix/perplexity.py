@@ -185,8 +185,9 @@ def evaluate(
     from .data import check_prompt
     from .devices import resolve_device
 
-    sets, adapters = _checked_inputs(base, adapters, merged=merged, data=data, limit=limit, device=device,
-                                     fields=fields, dtype=dtype, top_layers=top_layers, prompt=prompt)  # fmt: skip
+    sets, adapters = _checked_inputs(base, adapters, merged=merged, data=data, limit=limit, max_len=max_len,
+                                     device=device, fields=fields, dtype=dtype, top_layers=top_layers,
+                                     prompt=prompt)  # fmt: skip
     dev = resolve_device(device)
     was_training = isinstance(base, (tuple, list)) and base[0].training
     model, tok, lent = _model_with_adapters(base, adapters, weights, merged=merged, dev=dev, dtype=dtype,
@@ -209,7 +210,9 @@ def evaluate(
             model.train(was_training)  # and its mode
 
 
-def _checked_inputs(base, adapters, *, merged, data, limit, device, fields, dtype, top_layers, prompt):
+def _checked_inputs(
+    base, adapters, *, merged, data, limit, max_len, device, fields, dtype, top_layers, prompt
+):
     """``(sets, adapters)``: :func:`evaluate`'s arguments checked, and its data
     read, before any model loads: a bad file or option fails fast, without
     torch where it can be told without it."""
@@ -226,6 +229,12 @@ def _checked_inputs(base, adapters, *, merged, data, limit, device, fields, dtyp
     adapters = list(adapters)
     if merged and not adapters:
         raise UsageError("--merged", "needs at least one --adapter")
+    # Python's own falsy 0 and negative slices: max_len=0 scored up to the model's context, and a
+    # record list's limit=0 kept every record, limit=-1 all but the last, all silently
+    if limit is not None and limit < 1:
+        raise UsageError("--limit", f"must be at least 1, got {limit}")
+    if max_len is not None and max_len < 2:
+        raise UsageError("--max-len", f"must be at least 2, got {max_len}")
     check_prompt(prompt)
     is_cpu(device)  # a bad --device is refused first, told without torch where it can be
     sets = _read_sets(data, limit, fields or {})
@@ -281,7 +290,7 @@ def _read_sets(data: list, limit: int | None, fields: dict) -> list[tuple[str, l
                 name = os.fspath(d)
             sets.append((name, load_records(d, limit=limit, **fields)))
         else:
-            recs = list(d)[:limit] if limit else list(d)
+            recs = list(d)[:limit] if limit is not None else list(d)
             if not recs:
                 raise UsageError("data", f"record set {i} is empty")
             sets.append((f"set{i}", recs))
@@ -391,7 +400,9 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_a
     # a sequence cannot be longer than the model's positions: a larger --max-len is capped there
     # (as train does; the row's max_len says so), else its embedding lookup fails mid-run
     max_len = (
-        min(max_len, context_length(model.config) or max_len) if max_len else _default_max_len(model, tok)
+        min(max_len, context_length(model.config) or max_len)
+        if max_len is not None
+        else _default_max_len(model, tok)
     )
     pad = pad_id_for(tok)
     runner = model

@@ -13,6 +13,7 @@ import torch
 
 from loramix.cli import main
 from loramix.data import encode_records, load_records, make_batches
+from loramix.errors import UsageError
 from loramix.perplexity import evaluate, perplexity
 
 from .factories import (
@@ -565,3 +566,26 @@ def test_dora_and_d2_on_the_fly_merged_and_peft_agree(bases, tmp_path, arch, cap
         args = ["eval", "--base", base, "--adapter", dora, "--data", ARITH, "--format", "json", *extra]
         assert main([str(x) for x in args]) == 0
         assert json.loads(capsys.readouterr().out)["results"][0]["ppl"] == pytest.approx(fly, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"max_len": 0}, "--max-len: must be at least 2, got 0"),
+        ({"limit": 0}, "--limit: must be at least 1, got 0"),
+        ({"limit": -1}, "--limit: must be at least 1, got -1"),
+    ],
+)
+def test_a_falsy_or_negative_max_len_or_limit_is_refused(bases, kw, needle):
+    """max_len=0 scored up to the model's context, as if not given, and a
+    record list's limit=0 kept every record, limit=-1 all but the last:
+    Python's falsy 0 and its negative slices, silently. Refused before the
+    model loads, as the CLI's --max-len (at least 2) and --limit are."""
+    with pytest.raises(UsageError) as e:
+        evaluate(bases["gpt2"], data=[load_records(ARITH)], device="cpu", **kw)
+    assert str(e.value) == needle
+    # through the public wrapper the flag is said as the keyword
+    import loramix
+
+    with pytest.raises(UsageError, match=f"^{next(iter(kw))}: must be at least"):
+        loramix.evaluate(bases["gpt2"], data=[load_records(ARITH)], device="cpu", progress=False, **kw)
