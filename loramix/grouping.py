@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -455,7 +456,7 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
         # predictors read none: ignored), computed in numpy whichever reader loaded the factors,
         # so the numpy reader's (the same checks and values) spares torch
         from .io.np_factors import load_np_adapter as load
-    adapters = [a if hasattr(a, "modules") else load(a) for a in items]
+    adapters = [load(a) if isinstance(a, (str, os.PathLike)) else a for a in items]
     if fit is not None:  # the fits are per kind; the cosine is one for every kind
         one_kind(adapters, "plan", "the fits are per kind (without --fit, the kinds are grouped together)")
     # the checks of `loramix predict`: another adapter kind refused, another base warned of

@@ -179,7 +179,7 @@ def _composition(adapters_or_paths, load=None) -> list:
     check_adapter_paths(items)  # before torch loads: a mistyped path fails fast
     if load is None:
         from .io.adapter_files import load_adapter as load
-    adapters = [a if hasattr(a, "modules") else load(a) for a in items]
+    adapters = [load(a) if isinstance(a, (str, os.PathLike)) else a for a in items]
     one_kind(adapters, "predict")
     return adapters
 

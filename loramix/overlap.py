@@ -52,7 +52,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -65,7 +65,15 @@ from .api import renamed
 from .blas import ONE_THREAD_BELOW, openblas_threads
 from .devices import is_cpu, resolve_device
 from .errors import AdapterError, UsageError
-from .io.peft_layout import D2LORA, check_compatible, check_default_targets, check_one_base, warn_null_targets
+from .io.peft_layout import (
+    D2LORA,
+    check_compatible,
+    check_default_targets,
+    check_one_base,
+    is_loaded_adapter,
+    not_an_adapter,
+    warn_null_targets,
+)
 
 if TYPE_CHECKING:  # on the CPU the arithmetic is numpy's: torch is imported only for another device
     import torch
@@ -519,8 +527,8 @@ def _load_all(items: list, numpy_path: bool, device, progress: bool) -> tuple[li
     dev = None if numpy_path else resolve_device(device)
     adapters: list = []
     for a in _progress(items, len(items), "loading", progress and len(items) > 4, unit="adapter"):
-        if not isinstance(a, (str, os.PathLike)) and not hasattr(a, "modules"):
-            raise AdapterError(None, f"an adapter is a path or a loaded adapter, not {a!r}")
+        if not isinstance(a, (str, os.PathLike)) and not is_loaded_adapter(a):
+            raise not_an_adapter(a)
         adapters.append(load(a) if isinstance(a, (str, os.PathLike)) else convert(a))
     check_compatible(adapters)
     check_one_base(adapters)  # as merging does: a GPT-2 and a Llama adapter gave an all-n/a table
@@ -639,8 +647,12 @@ def similarity(
     ``torch.device`` runs them in torch float64 there, equal to rounding.
     ``progress``: a bar of the modules compared (on a terminal).
     """
-    if isinstance(adapters, (str, Path)) or hasattr(adapters, "modules"):
-        adapters = [adapters]
+    if (
+        isinstance(adapters, (str, os.PathLike))
+        or is_loaded_adapter(adapters)
+        or not isinstance(adapters, Iterable)
+    ):
+        adapters = [adapters]  # one adapter, or something the loader refuses in one line
     if len(adapters) == 0:
         raise UsageError("similarity", "needs at least one adapter")
     # as `loramix similarity` sets OPENBLAS_NUM_THREADS before numpy loads: the Gram strips

@@ -27,11 +27,11 @@ import copy
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from .api import renamed
 from .archs import context_length, fast_head_classes
-from .errors import UsageError
+from .errors import BaseModelError, UsageError
 
 
 def _sync(device) -> None:
@@ -219,13 +219,24 @@ def _checked_inputs(
     from .data import check_prompt
     from .devices import is_cpu
 
+    if not isinstance(base, (str, os.PathLike, tuple, list)):  # else a TypeError from pathlib
+        out = getattr(base, "out", None)
+        hint = f"; pass its .out, {os.fspath(out)!r}" if isinstance(out, (str, os.PathLike)) else ""
+        raise BaseModelError(None, f"a base is a model folder, a .gguf file or (model, tokenizer), "
+                                   f"not a {type(base).__name__}{hint}")  # fmt: skip
     if isinstance(data, (str, os.PathLike)):
         data = [data]
     data = list(data)
     if not data:
         raise UsageError("--data", "no data to evaluate on")
-    if isinstance(adapters, (str, os.PathLike)) or hasattr(adapters, "modules"):
-        adapters = [adapters]
+    from .io.peft_layout import is_loaded_adapter
+
+    if (
+        isinstance(adapters, (str, os.PathLike))
+        or is_loaded_adapter(adapters)
+        or not isinstance(adapters, Iterable)
+    ):
+        adapters = [adapters]  # one adapter, or something check_adapter_paths refuses in one line
     adapters = list(adapters)
     if merged and not adapters:
         raise UsageError("--merged", "needs at least one --adapter")

@@ -174,3 +174,34 @@ def test_the_functions_pickle_as_themselves():
     for name in ("merge", "evaluate", "train_adapter", "predict"):
         f = getattr(loramix, name)
         assert pickle.loads(pickle.dumps(f)) is f
+
+
+def test_a_result_passed_for_an_adapter_or_a_base_is_refused_in_one_line(env, tmp_path):
+    """merge's MergeResult and sum_into_base's StreamResult have a ``modules``
+    field, by which similarity, plan and predict took them for loaded
+    adapters and failed deep inside (AttributeError: 'dict' object has no
+    attribute 'kind' / 'shape'); evaluate given one as its base raised
+    pathlib's TypeError. Now one AdapterError / BaseModelError line, pointing
+    at the result's ``out``."""
+    from loramix.errors import AdapterError, BaseModelError
+
+    ads = [loramix.load_adapter(p) for p in env["ads"]]
+    merged = loramix.merge(ads, "sum", out=tmp_path / "m", progress=False)
+    into = loramix.sum_into_base(ads, into=env["base"], out=tmp_path / "b", progress=False)
+    said = f"not a MergeResult; pass its .out, {str(tmp_path / 'm')!r}"
+    fit = str(REPORTS / "fit.json")
+    for call in (
+        lambda: loramix.similarity([merged, ads[0]], progress=False),
+        lambda: loramix.similarity(merged, progress=False),
+        lambda: loramix.plan([ads[0], ads[1], merged], progress=False),
+        lambda: loramix.predict([ads[0], merged], fit, progress=False),
+        lambda: loramix.evaluate(env["base"], adapters=[merged], data=[env["data"]], progress=False),
+    ):
+        with pytest.raises(AdapterError) as e:
+            call()
+        assert str(e.value) == f"an adapter is a path or a loaded adapter, {said}"
+    with pytest.raises(BaseModelError) as e:
+        loramix.evaluate(into, data=[env["data"]], progress=False)
+    assert str(e.value).endswith(f"not a StreamResult; pass its .out, {str(tmp_path / 'b')!r}")
+    # a single loaded adapter is still one adapter, not a list of its modules
+    assert loramix.similarity(ads[0], progress=False).names == [ads[0].name]

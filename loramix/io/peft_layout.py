@@ -23,6 +23,7 @@ import errno
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -198,10 +199,34 @@ def _other_layout_reads(path) -> bool:
 
 
 def check_adapter_paths(items) -> None:
-    """:func:`check_adapter_path` for each path among ``items`` (loaded adapters are skipped)."""
+    """:func:`check_adapter_path` for each path among ``items``; loaded
+    adapters are skipped, anything else is refused (:func:`not_an_adapter`)."""
     for a in items:
         if isinstance(a, (str, os.PathLike)):
             check_adapter_path(a)
+        elif not is_loaded_adapter(a):
+            raise not_an_adapter(a)
+
+
+def is_loaded_adapter(a) -> bool:
+    """True for a loaded adapter: :class:`loramix.adapter.Adapter` or the numpy
+    reader's ``NpAdapter``. Not by a ``modules`` attribute: ``merge``'s and
+    ``sum_into_base``'s results have one, and so has an ``nn.Module``, and
+    taken for adapters they failed deep inside with an AttributeError. Without
+    torch: neither class exists unless its module has been imported."""
+    for module, cls in (("loramix.adapter", "Adapter"), ("loramix.io.np_factors", "NpAdapter")):
+        m = sys.modules.get(module)
+        if m is not None and isinstance(a, getattr(m, cls)):
+            return True
+    return False
+
+
+def not_an_adapter(a) -> AdapterError:
+    """The one-line error for ``a``, neither a path nor a loaded adapter; a
+    result that names its output folder (``out``) is pointed at it."""
+    out = getattr(a, "out", None)
+    hint = f"; pass its .out, {os.fspath(out)!r}" if isinstance(out, (str, os.PathLike)) else ""
+    return AdapterError(None, f"an adapter is a path or a loaded adapter, not a {type(a).__name__}{hint}")
 
 
 def read_config(cfg: Path) -> dict:
