@@ -178,3 +178,25 @@ def test_the_docstrings_name_the_fields_returned(tmp_path):
         _returned_names(loramix.evaluate.__doc__, "Returns a pandas") - set(table.columns) - {"union"}
         == set()
     )
+
+
+def test_a_similarity_echoes_its_rms_matrix_and_names_its_tables(tmp_path):
+    """A notebook cell ending with ``loramix.similarity(ads)`` showed the
+    dataclass repr: every table in full inside one call-like line (22 lines,
+    1,090 characters for two SmolLM2 adapters on four modules). Now a header
+    naming the adapters' kinds, the deltas and the tables, then the RMS
+    cosine matrix, as ``loramix similarity`` prints it first."""
+    from .factories import make_peft_adapter, tiny_gpt2
+
+    model = tiny_gpt2()
+    ads = [
+        loramix.load_adapter(make_peft_adapter(model, tmp_path / n, seed=i, r=2)) for i, n in enumerate("ab")
+    ]
+    sim = loramix.similarity(ads, per_module=True, progress=False)
+    lines = repr(sim).splitlines()
+    assert lines[0] == (
+        "SimilarityResult: 2 adapters (lora; residual deltas); tables .rms, .mean, .coverage, .shared, .norms, "
+        ".per_module"
+    )
+    assert lines[1] == "RMS cosine:" and lines[2:] == sim.rms.round(4).to_string().splitlines()
+    assert len(lines) == 6
