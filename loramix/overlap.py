@@ -662,6 +662,11 @@ def similarity(
     torch (module docstring), also on a machine with a GPU; ``"cuda"`` or a
     ``torch.device`` runs them in torch float64 there, equal to rounding.
     ``progress``: a bar of the modules compared (on a terminal).
+
+    Returns a :class:`SimilarityResult`: N x N DataFrames indexed by adapter
+    name (``rms`` ``sqrt(mean_m cos_m^2)`` over the ``shared`` modules, with
+    ``cos_m = <dW_i, dW_j>_F / (||dW_i||_F ||dW_j||_F)``; ``mean``,
+    ``coverage``), the N x M ``norms`` and the long ``per_module`` table.
     """
     if (
         isinstance(adapters, (str, os.PathLike))

@@ -176,7 +176,7 @@ def evaluate(
     Returns a pandas DataFrame, one row per data set and a ``union`` row
     (their pooled, token-weighted perplexity), columns ``data, records,
     tokens, ppl, nll, seconds, tokens_per_s, input_tokens,
-    input_tokens_per_s, truncated, max_len`` (``tokens``: scored;
+    input_tokens_per_s, prefix_seconds, truncated, max_len`` (``tokens``: scored;
     ``input_tokens``: every non-pad token run through the model; ``seconds``
     exclude the cached prefix, whose own time is ``prefix_seconds``;
     ``truncated``: records cut at ``max_len``, which defaults to the model's

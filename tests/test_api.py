@@ -200,3 +200,20 @@ def test_a_similarity_echoes_its_rms_matrix_and_names_its_tables(tmp_path):
     )
     assert lines[1] == "RMS cosine:" and lines[2:] == sim.rms.round(4).to_string().splitlines()
     assert len(lines) == 6
+
+
+def test_every_function_says_what_it_returns(tmp_path):
+    """``help(loramix.X)`` said nothing of what ``merge`` and ``similarity``
+    return (a notebook's next cell reads it), and ``evaluate``'s list of its
+    DataFrame's columns left out ``prefix_seconds``."""
+    from .factories import write_jsonl
+    from .test_train import make_tiny_base
+
+    for name in FUNCTIONS:
+        doc = getattr(loramix, name).__doc__
+        assert "Return" in doc or "return" in doc, name
+    base = make_tiny_base(tmp_path / "base", "gpt2")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "1+1?", "answer": "2"}] * 3)
+    df = loramix.evaluate(base, data=[data], device="cpu", progress=False)
+    said = loramix.evaluate.__doc__.split("columns ``", 1)[1].split("``", 1)[0]
+    assert [c.strip() for c in said.split(",")] == list(df.columns)

@@ -41,6 +41,11 @@ def load_adapter(path: str | Path, *, name: str | None = None) -> Adapter:
     also for something that is not a path at all (``None``, a number).
     The checks are :mod:`loramix.io.peft_layout`'s, shared with the numpy
     reader of :mod:`loramix.io.np_factors`.
+
+    Returns an :class:`~loramix.adapter.Adapter`: ``name`` (``name``, else
+    taken from the path), ``kind``, ``modules`` (module name ->
+    ``ModuleDelta``: factors ``B`` (out x r), ``A`` (r x in) and ``scale``;
+    a LoRA's delta is ``dW = scale B A``), the raw ``config`` and ``path``.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise AdapterError(None, f"an adapter is a path to a folder or a .safetensors file, not {path!r}")

@@ -177,6 +177,11 @@ def merge(
     :class:`~loramix.errors.LoramixError`. The same inputs and parameters
     give byte-identical output files (the creation time is only in
     ``loramix.json``).
+
+    Returns a :class:`MergeResult`: ``out``, ``method``, ``kind``
+    (``"model"`` or ``"adapter"``), the ``params`` used, the ``weights``, a
+    ``summary`` (modules; svd's discarded energy), per-module facts in
+    ``modules`` and, for a model, the engine's ``stream``.
     """
     # Checks that need no torch come first: a bad command line fails fast.
     m = get_method(method)
