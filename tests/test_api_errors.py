@@ -203,5 +203,8 @@ def test_a_result_passed_for_an_adapter_or_a_base_is_refused_in_one_line(env, tm
     with pytest.raises(BaseModelError) as e:
         loramix.evaluate(into, data=[env["data"]], progress=False)
     assert str(e.value).endswith(f"not a StreamResult; pass its .out, {str(tmp_path / 'b')!r}")
+    with pytest.raises(AdapterError) as e:  # said in full: its repr, 400 characters for an svd merge
+        loramix.load_adapter(merged)
+    assert str(e.value) == f"an adapter is a path to a folder or a .safetensors file, {said}"
     # a single loaded adapter is still one adapter, not a list of its modules
     assert loramix.similarity(ads[0], progress=False).names == [ads[0].name]

@@ -48,5 +48,11 @@ def load_adapter(path: str | Path, *, name: str | None = None) -> Adapter:
     a LoRA's delta is ``dW = scale B A``), the raw ``config`` and ``path``.
     """
     if not isinstance(path, (str, os.PathLike)):
-        raise AdapterError(None, f"an adapter is a path to a folder or a .safetensors file, not {path!r}")
+        out = getattr(path, "out", None)  # a merge's result: its folder, not its whole repr
+        said = (
+            f"a {type(path).__name__}; pass its .out, {os.fspath(out)!r}"
+            if isinstance(out, (str, os.PathLike))
+            else repr(path)
+        )
+        raise AdapterError(None, f"an adapter is a path to a folder or a .safetensors file, not {said}")
     return find_format(path).read(path, name)
