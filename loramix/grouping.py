@@ -422,7 +422,7 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     the calibration pass, and the features stay the study's (residuals).
 
     Returns a :class:`Plan`, what the command prints as data: ``groups``
-    (each ``group``, ``kind``, ``members``, ``method``, ``cost``,
+    (each ``group``, ``kind``, ``members`` and their ``paths``, ``method``, ``cost``,
     ``interval``; with predictors per merge method also ``costs``),
     ``cost_source``, ``validated`` / ``validated_by_method``, ``budget``,
     ``max_group``, ``rule``, ``warnings`` and ``notes`` (the command's
@@ -467,9 +467,13 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     p = plan_with(model, source=source, validated=validated, max_group=max_group, budget=budget,
                   validated_by_method=vbm)  # fmt: skip
     kinds = [a.method for a in adapters]
-    of = dict(zip(model.features.names, kinds))
+    paths = [os.fspath(a) if isinstance(a, (str, os.PathLike)) else getattr(a, "path", None) for a in items]
+    of = dict(zip(model.features.names, zip(kinds, paths)))
     for g in p.groups:  # "dora+lora": what the group's merge takes (a LoRA group alone can be an adapter)
-        g["kind"] = "+".join(sorted({of[m] for m in g["members"]}))
+        g["kind"] = "+".join(sorted({of[m][0] for m in g["members"]}))
+        # the members' files, what merge takes (loramix.merge(g["paths"], g["method"], ...)): the names alone
+        # were not; None for an adapter loaded from no file
+        g["paths"] = [None if of[m][1] is None else str(of[m][1]) for m in g["members"]]
     p.notes = plan_notes(model.features.names, kinds, cosine_cost=fit is None, effective=effective)
     if fitfile is not None:  # groups larger than any composition the predictor was validated on
         from .interference import fitted_sizes, size_note

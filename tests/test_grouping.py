@@ -512,10 +512,9 @@ def test_adapters_of_several_kinds_are_grouped_together(kinds_bank, capsys):
     assert table[3].split() == ["group", "kind", "method", "cost", "interval", "members"]
     row = table[4 + got["groups"].index(mixed)].split()
     assert row[:3] == [str(mixed["group"]), mixed["kind"], mixed["method"]]
+    assert mixed["paths"] == [str(paths[m]) for m in mixed["members"]]  # what merge takes, names did not
     out_dir = base.parent / "mixed-merged"
-    assert (
-        main(["sum", *(paths[m] for m in mixed["members"]), "--into", str(base), "--out", str(out_dir)]) == 0
-    )
+    assert main(["sum", *mixed["paths"], "--into", str(base), "--out", str(out_dir)]) == 0
 
 
 def test_plan_with_a_base_costs_dora_and_d2_on_their_effective_deltas(kinds_bank, capsys):
