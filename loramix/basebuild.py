@@ -184,9 +184,8 @@ def _pretrain(model, stream: list[int], *, ctx, steps, batch, lr, seed, dev, lab
 
     Returns ``(log rows, warmup, final running loss)``."""
     import torch
-    from tqdm.auto import tqdm
 
-    from .options import bar_disabled
+    from .progress import progress_bar
 
     stream_t = torch.tensor(stream, dtype=torch.long)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -201,7 +200,9 @@ def _pretrain(model, stream: list[int], *, ctx, steps, batch, lr, seed, dev, lab
     n_windows = len(stream) - ctx - 1
     log, running = [], None
     model.train()
-    bar = tqdm(range(steps), desc=f"base build ({label})", disable=bar_disabled(progress), dynamic_ncols=True)
+    bar = progress_bar(
+        range(steps), desc=f"base build ({label})", unit="step", progress=progress, dynamic_ncols=True
+    )
     for step in bar:
         cur_lr = lr_at(step, steps=steps, warmup=warmup, lr=lr)
         for g in opt.param_groups:

@@ -73,7 +73,6 @@ from .io.safetensors_io import (
 )
 from .io.shard_writer import ALIGN as PAGE
 from .io.shard_writer import ShardWriter, finish_model_folder
-from .options import bar_disabled
 from .rounding import copy_narrowed, narrow
 
 Delta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -777,11 +776,11 @@ class StreamResult:
 
 
 def _progress_bar(plan: Plan, out: Path, progress: bool):
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     total = sum(t.nbytes for t in plan.base.tensors.values())
-    return tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", file=sys.stderr,
-                disable=bar_disabled(progress), leave=False)  # fmt: skip
+    return progress_bar(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", file=sys.stderr,
+                        progress=progress, leave=False)  # fmt: skip
 
 
 def _write_shards(

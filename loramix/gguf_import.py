@@ -572,17 +572,16 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str, progress: b
 
     import numpy as np
     import torch
-    from tqdm.auto import tqdm
 
-    from .options import bar_disabled
+    from .progress import progress_bar
 
     name_map, processor, shapes = _name_map(config, gguf_arch)
     arch = config.model_type
     tdtype = getattr(torch, dtype)
     out = {}
     # the longest part of an import (minutes for a 7B file), which said nothing until it ended
-    bar = tqdm(total=sum(int(t.n_bytes) for t in reader.tensors), unit="B", unit_scale=True, desc="de-quantising",
-               file=sys.stderr, disable=bar_disabled(progress), leave=False, dynamic_ncols=True)  # fmt: skip
+    bar = progress_bar(total=sum(int(t.n_bytes) for t in reader.tensors), unit="B", unit_scale=True,
+                       desc="de-quantising", file=sys.stderr, progress=progress, leave=False, dynamic_ncols=True)  # fmt: skip
     for t in reader.tensors:
         hf = name_map.get(t.name)
         if hf is None:

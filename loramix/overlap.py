@@ -226,11 +226,11 @@ def _unique_names(adapters: Sequence[Adapter]) -> list[str]:
 def _progress(iterable, total: int, desc: str, enabled: bool, unit: str = "module"):
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
-    # delay: a quick run shows no bar at all; disable=None: no bar when stderr
-    # is not a terminal (pipes, CI logs).
-    return tqdm(iterable, total=total, desc=desc, unit=unit, delay=0.5, disable=None, leave=False)
+    # delay: a quick run shows no bar at all; where stderr is not a terminal
+    # (pipes, CI logs), a plain line a minute instead
+    return progress_bar(iterable, total=total, desc=desc, unit=unit, delay=0.5, progress=True, leave=False)
 
 
 # Rows per strip of the Gram product: large enough for efficient GEMMs and

@@ -403,10 +403,9 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_a
     import sys
 
     import pandas as pd
-    from tqdm.auto import tqdm
 
     from .data import encode_records, pad_id_for
-    from .options import bar_disabled
+    from .progress import progress_bar
 
     # a sequence cannot be longer than the model's positions: a larger --max-len is capped there
     # (as train does; the row's max_len says so), else its embedding lookup fails mid-run
@@ -424,8 +423,8 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_a
     rows = []
     tot = {"nll_sum": 0.0, "tokens": 0, "seconds": 0.0, "records": 0, "input_tokens": 0, "prefix_seconds": 0.0,
            "truncated": 0}  # fmt: skip
-    bar = tqdm(total=sum(len(recs) for _, recs in sets), unit="record", desc="eval", file=sys.stderr,
-               disable=bar_disabled(progress), leave=False, dynamic_ncols=True)  # fmt: skip
+    bar = progress_bar(total=sum(len(recs) for _, recs in sets), unit="record", desc="eval", file=sys.stderr,
+                       progress=progress, leave=False, dynamic_ncols=True)  # fmt: skip
     for name, recs in sets:
         stats = {"truncated": 0}
         bar.set_description(f"eval {name}")

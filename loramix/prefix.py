@@ -310,10 +310,8 @@ def compute_states(model, k: int, examples: list[dict], *, batch_size: int = 16,
     a bar of the examples run, on stderr where it is a terminal."""
     import sys
 
-    from tqdm.auto import tqdm
-
     from .data import make_batches
-    from .options import bar_disabled
+    from .progress import progress_bar
 
     dev = next(model.parameters()).device
     pre = prefix_view(model, k)
@@ -322,8 +320,8 @@ def compute_states(model, k: int, examples: list[dict], *, batch_size: int = 16,
     batches = make_batches(ordered, batch_size=batch_size, pad_id=pad_id)
     out: list[torch.Tensor | None] = [None] * len(examples)
     j = 0
-    bar = tqdm(total=len(examples), unit="record", desc=f"prefix (layers 0-{k - 1}, once)", file=sys.stderr,
-               disable=bar_disabled(progress), leave=False, dynamic_ncols=True)  # fmt: skip
+    bar = progress_bar(total=len(examples), unit="record", desc=f"prefix (layers 0-{k - 1}, once)",
+                       file=sys.stderr, progress=progress, leave=False, dynamic_ncols=True)  # fmt: skip
     for b in batches:
         ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
         with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):

@@ -659,12 +659,11 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
     ``settings["init"]``), the AdamW loop (rows logged live beside ``out``),
     adapted perplexity."""
     import torch
-    from tqdm.auto import tqdm
 
     from .data import make_batches
     from .layers import inject_trainable
-    from .options import bar_disabled
     from .perplexity import perplexity
+    from .progress import progress_bar
 
     model, dev, seed, total = run.model, run.dev, settings["seed"], settings["steps"]
     lr, batch, n_per_epoch = settings["lr"], settings["batch"], run.n_per_epoch
@@ -695,8 +694,9 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
     runner.train()
     t0 = time.perf_counter()
     epoch, batches = -1, []
-    bar = tqdm(total=total, desc=f"train {kind.name}", unit="step", disable=bar_disabled(progress),
-               dynamic_ncols=True)  # fmt: skip
+    bar = progress_bar(
+        total=total, desc=f"train {kind.name}", unit="step", progress=progress, dynamic_ncols=True
+    )
     for step in range(total):
         if step // n_per_epoch != epoch:  # new epoch: reshuffle
             epoch = step // n_per_epoch

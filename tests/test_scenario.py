@@ -727,9 +727,7 @@ def test_second_run_is_cached_and_quick(study):
 def test_progress_lines_where_stderr_is_a_file(study, capsys, monkeypatch):
     """Run in the background with stderr in a file, a study draws no bar (its
     control characters) but says in plain lines how far it is."""
-    from loramix.scenario import runner
-
-    monkeypatch.setattr(runner, "LINE_EVERY", 0.0)
+    monkeypatch.setenv("LORAMIX_PROGRESS_EVERY", "0")
     capsys.readouterr()
     assert (
         main(
@@ -748,7 +746,7 @@ def test_progress_lines_where_stderr_is_a_file(study, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "\r" not in err and "\x1b" not in err
     lines = [ln for ln in err.splitlines() if ln.startswith("scenario: ") and " steps (" in ln]
-    k = len(lines)  # one a step, as LINE_EVERY is 0; all of them cached
+    k = len(lines)  # one a step, as the interval is 0; all of them cached
     assert k > 10 and lines[-1].startswith(f"scenario: {k}/{k} steps (0 made, {k} from the cache), "), lines[
         -1
     ]
@@ -932,7 +930,7 @@ def test_progress_line_while_one_step_runs_long(capsys, monkeypatch):
 
     from loramix.scenario import runner
 
-    monkeypatch.setattr(runner, "LINE_EVERY", 1.0)
+    monkeypatch.setenv("LORAMIX_PROGRESS_EVERY", "1")
     prog = runner._Progress(3)
     base = SimpleNamespace(id="base", kind="base", label="tiny gpt2", group="base")
     prog.start(base)

@@ -179,6 +179,9 @@ class LazyGroup(click.Group):
 @click.pass_context
 def cli(ctx, debug):
     """Compose LoRA-family adapters: inspect, compare, merge, train, evaluate."""
+    from ..progress import line_every
+
+    line_every()  # a bad $LORAMIX_PROGRESS_EVERY is refused before the work, not at its first bar
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 

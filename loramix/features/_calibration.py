@@ -189,13 +189,11 @@ def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = DEFA
     prompts = prompts or ["raw"] * len(data)
     batches = [calibration_batches(tok, path, tokens=tokens, max_len=max_len, records=recs, prompt=pr)
                for path, recs, pr in zip(data, records, prompts)]  # fmt: skip
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
-    from ..options import bar_disabled
-
-    bar = tqdm(total=sum(int(b["attention_mask"].sum()) for bs in batches for b in bs), unit="token",
-               desc="calibration", file=sys.stderr, disable=bar_disabled(progress), leave=False,
-               dynamic_ncols=True)  # fmt: skip
+    bar = progress_bar(total=sum(int(b["attention_mask"].sum()) for bs in batches for b in bs), unit="token",
+                       desc="calibration", file=sys.stderr, progress=progress, leave=False,
+                       dynamic_ncols=True)  # fmt: skip
     for domain in batches:
         S = {
             m: torch.zeros(A.shape[0], A.shape[0], dtype=torch.float64, device=dev) for m, A in a_dev.items()

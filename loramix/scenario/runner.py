@@ -60,17 +60,14 @@ def check_report_dir(out: Path, name: str, force: bool, *, late: bool = False) -
     raise OutputError(out, "exists and is not a report of this scenario; pass --force to replace it")
 
 
-#: seconds between two progress lines where stderr is a file or a pipe
-LINE_EVERY = 60.0
-
-
 @dataclass
 class _Progress:
     """One bar over the plan's steps, and the seconds and cache hits per
     timing group (train, evaluate, merge, ...) of this run. Where stderr is
     not a terminal (a run in the background, its output in a file) the bar
-    is off and a plain line says how far the run is, once a minute: when a
-    step ends, or, while one step runs for minutes (a base build, a long
+    is off and a plain line says how far the run is, once a minute
+    (:func:`loramix.progress.line_every`, as every command's): when a step
+    ends, or, while one step runs for minutes (a base build, a long
     training), from a thread that names the step under way."""
 
     total: int
@@ -84,10 +81,12 @@ class _Progress:
         from tqdm.auto import tqdm
 
         from ..options import bar_disabled
+        from ..progress import line_every, lines_wanted
 
         self.bar = tqdm(total=self.total, desc="scenario", unit="step", disable=bar_disabled(self.enabled),
                         dynamic_ncols=True, file=sys.stderr)  # fmt: skip
-        self.lines = self.enabled and not sys.stderr.isatty()
+        self.lines = lines_wanted(self.enabled)
+        self.every = line_every()
         self.count = self.made = 0
         self.t0 = self.last = time.monotonic()
         self.under_way: dict = {}  # step id -> (step, when it was started or queued)
@@ -113,7 +112,7 @@ class _Progress:
         self.bar.update(1)
         with self.lock:
             self.under_way.pop(step.id, None)
-            if self.lines and time.monotonic() - self.last >= LINE_EVERY:
+            if self.lines and time.monotonic() - self.last >= self.every:
                 self.last = time.monotonic()
                 print(f"scenario: {self.count}/{self.bar.total} steps ({self.made} made, {self.count - self.made} "
                       f"from the cache), {self._minutes():.1f} min; last {step.kind}: {step.label}", file=sys.stderr,
@@ -123,15 +122,15 @@ class _Progress:
         return (time.monotonic() - self.t0) / 60
 
     def _beat(self) -> None:
-        # Polled each second; a line only after LINE_EVERY without one, and
+        # Polled each second; a line only after self.every without one, and
         # only once the oldest step under way has itself run that long.
         while not self.stop.wait(1.0):
             with self.lock:
                 now = time.monotonic()
-                if not self.under_way or now - self.last < max(LINE_EVERY, 1.0):
+                if not self.under_way or now - self.last < max(self.every, 1.0):
                     continue
                 step, since = min(self.under_way.values(), key=lambda v: v[1])
-                if now - since < max(LINE_EVERY, 1.0):
+                if now - since < max(self.every, 1.0):
                     continue
                 self.last = now
                 more = len(self.under_way) - 1
