@@ -670,12 +670,14 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
     runner = _runner(run, settings["grad_checkpointing"])
     ppl_base, k = None, _held_out_prefix(run)
     if run.eval_batches and k is None:
-        ppl_base = perplexity(runner, run.eval_batches, device=dev, autocast=run.autocast)["ppl"]
+        ppl_base = perplexity(runner, run.eval_batches, device=dev, autocast=run.autocast,
+                              bar=_eval_lines(run, kind, "base", progress))["ppl"]  # fmt: skip
     elif run.eval_batches:
         from .prefix import states_entering
 
         with states_entering(model, k) as states:
-            ppl_base = perplexity(runner, run.eval_batches, device=dev, autocast=run.autocast)["ppl"]
+            ppl_base = perplexity(runner, run.eval_batches, device=dev, autocast=run.autocast,
+                                  bar=_eval_lines(run, kind, "base", progress))["ppl"]  # fmt: skip
     torch.manual_seed(seed)  # dropout
     params = inject_trainable(model, kind=kind, rank=settings["rank"], alpha=settings["alpha"],
                               targets=run.targets, seed=settings["init"]["seed"], **options)  # fmt: skip
@@ -729,13 +731,15 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
     runner.eval()
     ev = None
     if run.eval_batches and k is None:
-        ev = perplexity(runner, run.eval_batches, device=dev, autocast=run.autocast)
+        ev = perplexity(runner, run.eval_batches, device=dev, autocast=run.autocast,
+                        bar=_eval_lines(run, kind, "adapted", progress))  # fmt: skip
     elif run.eval_batches:  # blocks k and up on the base's own h_k: the same computation as the full forward
         from .prefix import top_view
 
         held = [{**{n: v for n, v in b.items() if n != "input_ids"}, "inputs_embeds": h}
                 for b, h in zip(run.eval_batches, states)]  # fmt: skip
-        ev = perplexity(top_view(model, k), held, device=dev, autocast=run.autocast)
+        ev = perplexity(top_view(model, k), held, device=dev, autocast=run.autocast,
+                        bar=_eval_lines(run, kind, "adapted", progress))  # fmt: skip
     run.log = log
     return {
         "ppl_base": ppl_base,
@@ -757,6 +761,19 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
         "trainable_parameters": n_params,
         "device": str(dev),
     }
+
+
+def _eval_lines(run: _Run, kind, which: str, progress: bool):
+    """Where stderr is not a terminal, the plain lines of the held-out
+    evaluation of the base or the adapted model (minutes on a large
+    ``--eval-size``, which said nothing in a log); None elsewhere: no bar on
+    a terminal, as before."""
+    from .progress import Lines, lines_wanted
+
+    if not lines_wanted(progress):
+        return None
+    rows = sum(int(b["attention_mask"].shape[0]) for b in run.eval_batches)
+    return Lines(total=rows, desc=f"train {kind.name}: held-out perplexity of the {which}", unit="record")
 
 
 def _held_out_prefix(run: _Run) -> int | None:

@@ -8,6 +8,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Studies run serially unless a test asks for workers: a monkeypatch reaches
 # this process only (test_scenario.py checks the default of one job per core).
 os.environ.setdefault("LORAMIX_JOBS", "1")
+# Where stderr is not a terminal (pytest's capture) a command says how far it is once a
+# minute: a test that a loaded machine slows past that would find a stray line in its
+# stderr. The tests of those lines set the interval themselves (tests/test_progress.py).
+os.environ.setdefault("LORAMIX_PROGRESS_EVERY", "86400")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -48,7 +48,7 @@ def _run(argv: list[str], every: str | None) -> subprocess.CompletedProcess:
 def test_train_in_the_background_says_its_steps_and_loss(base, tmp_path):
     """``loramix train ... 2> log`` printed nothing until it ended (10 minutes
     on math.jsonl): a line per update here (the interval 0), with the step,
-    loss and times, in stderr only; none with --no-progress or --quiet, and
+    loss and times, and of the held-out evaluations, in stderr only; none with --no-progress or --quiet, and
     none in a run shorter than the default minute."""
     argv = ["train", "--base", str(base), "--data", ARITH, "--steps", "4", "--batch", "8", "--max-len", "32",
             "--eval-size", "8", "--rank", "2"]  # fmt: skip
@@ -58,6 +58,8 @@ def test_train_in_the_background_says_its_steps_and_loss(base, tmp_path):
     assert [m["pct"] for m in lines] == ["25", "50", "75", "100"]
     assert all(re.match(r", loss \d+\.\d{3}, lr \d\.\de-\d\d$", m["fields"]) for m in lines), p.stderr
     assert all(m["left"] for m in lines[:-1]) and lines[-1]["left"] is None
+    for which in ("base", "adapted"):  # the held-out evaluations before and after the loop
+        assert f"loramix: train lora: held-out perplexity of the {which}: 8/8 records (100%), " in p.stderr
     assert "\r" not in p.stderr and "\x1b" not in p.stderr
     assert "loramix: train" not in p.stdout and "held-out" in p.stdout
     for i, flag in enumerate(("--no-progress", "--quiet")):
