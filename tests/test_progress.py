@@ -69,6 +69,17 @@ def test_train_in_the_background_says_its_steps_and_loss(base, tmp_path):
     assert "loramix: train" not in p.stderr, p.stderr
 
 
+def test_on_a_terminal_the_bar_and_no_lines(base, tmp_path, monkeypatch):
+    """Nothing changes on a terminal: the bar, not a plain line, even at the
+    interval 0."""
+    from .test_eval import _on_a_terminal
+
+    monkeypatch.setenv("LORAMIX_PROGRESS_EVERY", "0")
+    err = _on_a_terminal(["train", "--base", str(base), "--data", ARITH, "--steps", "3", "--batch", "8",
+                          "--max-len", "32", "--eval-size", "8", "--rank", "2", "--out", str(tmp_path / "a")])  # fmt: skip
+    assert "3/3 [" in err and "loss=" in err and "loramix: train" not in err, err
+
+
 def test_eval_says_the_file_and_records_scored(base, monkeypatch, capfd):
     monkeypatch.setenv("LORAMIX_PROGRESS_EVERY", "0")
     assert main(["eval", "--base", str(base), "--data", ARITH, "synthetic:units?n=24", "--batch", "16"]) == 0
