@@ -271,6 +271,8 @@ def warn_other_prompt(adapters, prompt: str) -> None:
     ``parameters.prompt``): scored so, its answers follow a format it never saw,
     and its perplexity says so, not how well it learnt. Adapters without such a
     record (PEFT's own) are not guessed at."""
+    if not adapters:  # the base alone: nothing to read (nor grouping's numpy to import)
+        return
     import warnings
     from types import SimpleNamespace
 
