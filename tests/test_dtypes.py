@@ -92,15 +92,12 @@ def _make_adapter(folder, kind, dtype, seed):
                 mods[n] = ModuleDelta(name=n, B=t[0], A=t[1], B_neg=t[2], A_neg=t[3], scale=2.0, alpha=8.0)
         return save_d2_adapter(folder, mods, r=4, lora_alpha=8.0, tau=0.4)
     from tests.factories import make_peft_adapter
+    from tests.test_formats import _train_magnitudes
 
-    make_peft_adapter(tiny_llama(), folder, seed=seed, r=4, lora_alpha=12, use_dora=kind == "dora")
+    _train_magnitudes(make_peft_adapter(tiny_llama(), folder, seed=seed, r=4, lora_alpha=12,
+                                        use_dora=kind == "dora"), seed)  # fmt: skip
     f = folder / "adapter_model.safetensors"
-    ts = load_file(str(f))
-    g = torch.Generator().manual_seed(seed)
-    for k in sorted(ts):
-        if k.endswith("lora_magnitude_vector"):
-            ts[k] = ts[k] * (1 + 0.3 * torch.rand(ts[k].shape, generator=g))
-    save_file({k: v.to(DT[dtype]) for k, v in ts.items()}, str(f))
+    save_file({k: v.to(DT[dtype]) for k, v in load_file(str(f)).items()}, str(f))
     return folder
 
 
