@@ -281,9 +281,9 @@ def warn_other_prompt(adapters, prompt: str) -> None:
 
     other = []
     for a in adapters:
-        path = getattr(a, "path", a)
-        rec = training_record(SimpleNamespace(path=path)) if path is not None else None
-        trained = ((rec or {}).get("parameters") or {}).get("prompt") if isinstance(rec, dict) else None
+        path = getattr(a, "path", a)  # a loaded adapter's file, or the path given
+        params = (training_record(SimpleNamespace(path=path)) or {}).get("parameters")
+        trained = params.get("prompt") if isinstance(params, dict) else None
         if isinstance(trained, str) and trained != prompt:
             other.append(f"{path} (--prompt {trained})")
     if other:
