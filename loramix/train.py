@@ -662,22 +662,13 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
 
     from .data import make_batches
     from .layers import inject_trainable
-    from .perplexity import perplexity
     from .progress import progress_bar
 
     model, dev, seed, total = run.model, run.dev, settings["seed"], settings["steps"]
     lr, batch, n_per_epoch = settings["lr"], settings["batch"], run.n_per_epoch
     runner = _runner(run, settings["grad_checkpointing"])
-    ppl_base, k = None, _held_out_prefix(run)
-    if run.eval_batches and k is None:
-        ppl_base = perplexity(runner, run.eval_batches, device=dev, autocast=run.autocast,
-                              bar=_eval_lines(run, kind, "base", progress))["ppl"]  # fmt: skip
-    elif run.eval_batches:
-        from .prefix import states_entering
-
-        with states_entering(model, k) as states:
-            ppl_base = perplexity(runner, run.eval_batches, device=dev, autocast=run.autocast,
-                                  bar=_eval_lines(run, kind, "base", progress))["ppl"]  # fmt: skip
+    k = _held_out_prefix(run)
+    ppl_base, states = _base_perplexity(run, runner, k, kind, progress)
     torch.manual_seed(seed)  # dropout
     params = inject_trainable(model, kind=kind, rank=settings["rank"], alpha=settings["alpha"],
                               targets=run.targets, seed=settings["init"]["seed"], **options)  # fmt: skip
@@ -729,17 +720,7 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
     train_seconds = time.perf_counter() - t0
     model.eval()
     runner.eval()
-    ev = None
-    if run.eval_batches and k is None:
-        ev = perplexity(runner, run.eval_batches, device=dev, autocast=run.autocast,
-                        bar=_eval_lines(run, kind, "adapted", progress))  # fmt: skip
-    elif run.eval_batches:  # blocks k and up on the base's own h_k: the same computation as the full forward
-        from .prefix import top_view
-
-        held = [{**{n: v for n, v in b.items() if n != "input_ids"}, "inputs_embeds": h}
-                for b, h in zip(run.eval_batches, states)]  # fmt: skip
-        ev = perplexity(top_view(model, k), held, device=dev, autocast=run.autocast,
-                        bar=_eval_lines(run, kind, "adapted", progress))  # fmt: skip
+    ev = _adapted_perplexity(run, runner, k, states, kind, progress)
     run.log = log
     return {
         "ppl_base": ppl_base,
@@ -761,6 +742,49 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
         "trainable_parameters": n_params,
         "device": str(dev),
     }
+
+
+def _base_perplexity(
+    run: _Run, runner, k: int | None, kind, progress: bool
+) -> tuple[float | None, list | None]:
+    """``(the base's held-out perplexity, the states entering block k)``:
+    with ``k`` (:func:`_held_out_prefix`) the forward keeps each batch's
+    ``h_k``, which :func:`_adapted_perplexity` feeds the adapted blocks.
+    ``(None, None)`` without held-out records."""
+    from .perplexity import perplexity
+
+    if not run.eval_batches:
+        return None, None
+    bar = _eval_lines(run, kind, "base", progress)
+
+    def score() -> float:
+        return perplexity(runner, run.eval_batches, device=run.dev, autocast=run.autocast, bar=bar)["ppl"]
+
+    if k is None:
+        return score(), None
+    from .prefix import states_entering
+
+    with states_entering(run.model, k) as states:
+        ppl = score()
+    return ppl, states
+
+
+def _adapted_perplexity(run: _Run, runner, k: int | None, states, kind, progress: bool) -> dict | None:
+    """:func:`loramix.perplexity.perplexity` of the adapted model on the held-out
+    records (None without any); with ``k``, blocks ``k`` and up on the base's
+    own ``h_k`` (``states``): the same computation as the full forward."""
+    from .perplexity import perplexity
+
+    if not run.eval_batches:
+        return None
+    bar = _eval_lines(run, kind, "adapted", progress)
+    if k is None:
+        return perplexity(runner, run.eval_batches, device=run.dev, autocast=run.autocast, bar=bar)
+    from .prefix import top_view
+
+    held = [{**{n: v for n, v in b.items() if n != "input_ids"}, "inputs_embeds": h}
+            for b, h in zip(run.eval_batches, states)]  # fmt: skip
+    return perplexity(top_view(run.model, k), held, device=run.dev, autocast=run.autocast, bar=bar)
 
 
 def _eval_lines(run: _Run, kind, which: str, progress: bool):
