@@ -379,7 +379,7 @@ def _reader_handed_over(reader, path: Path):
 #: the tokenizer's lists, which transformers' metadata read parses value by value
 #: (SmolLM2's: 0.8 s CPU) into its tokenizer record, not into the config: the
 #: config needs only the vocabulary's length, and the tokenizer is written from
-#: transformers' own read of them (:func:`_write_tokenizer`)
+#: transformers' own read of them (:func:`_converted_tokenizer`)
 _TOKENIZER_LISTS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
                     "tokenizer.ggml.token_type")  # fmt: skip
 
@@ -652,18 +652,19 @@ def _dequantized(t):
         return dequantize(t.data, t.tensor_type)
 
 
-def _write_tokenizer(path: Path, folder: Path) -> None:
-    """transformers' GGUF tokenizer conversion, saved as ``tokenizer.json`` and its config."""
+def _converted_tokenizer(path: Path):
+    """transformers' GGUF tokenizer conversion, which :func:`write_folder` saves
+    as ``tokenizer.json`` and its config; run before the import's notice, so
+    that a tokenizer that does not convert is refused in one line."""
     from transformers import TokenizersBackend
     from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
 
     try:
         arch, tok_dict, tok_config = get_gguf_tokenizer(str(path))
         backend, extra = convert_gguf_tokenizer(arch, tok_dict)
-        tok = TokenizersBackend(tokenizer_object=backend, **{**tok_config, **extra})
+        return TokenizersBackend(tokenizer_object=backend, **{**tok_config, **extra})
     except Exception as e:
         raise BaseModelError(path, f"its tokenizer does not convert: {type(e).__name__}: {e}") from None
-    tok.save_pretrained(str(folder))
 
 
 def check_gguf(path: Path, reader, dtype: str = "float32") -> tuple[str, dict, object]:
@@ -724,6 +725,7 @@ def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dty
     path, folder = Path(gguf_path), Path(folder)
     reader = open_gguf(path) if reader is None else reader
     arch, quants, config = check_gguf(path, reader, dtype) if checked is None else checked
+    tok = _converted_tokenizer(path)  # refused before the notice, not after it (two lines)
     if say is not None:
         say()
     tensors = _tensors(reader, path, config, _field(reader, "general.architecture"), dtype, progress=progress)
@@ -738,7 +740,7 @@ def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dty
     save_file(tensors, str(folder / "model.safetensors"), metadata=safetensors_metadata(rec))
     canonicalize_header(folder / "model.safetensors")
     config.save_pretrained(str(folder))
-    _write_tokenizer(path, folder)
+    tok.save_pretrained(str(folder))
     write_provenance(folder, rec)
     return rec
 

@@ -314,8 +314,8 @@ def test_a_folder_named_gguf_is_a_folder(tmp_path, capsys):
 
 def test_a_file_refused_after_the_lock_leaves_no_lock(tmp_path, monkeypatch):
     """A file refused while writing the import (a tokenizer transformers
-    cannot convert: found only then, after the notice of the import) left
-    its lock file ``bases/<sha256>.lock`` behind; the refusal now removes it."""
+    cannot convert: found only after the lock is taken) left its lock file
+    ``bases/<sha256>.lock`` behind; the refusal now removes it."""
     from loramix.errors import BaseModelError
     from loramix.gguf_import import resolve_base
 
@@ -324,6 +324,22 @@ def test_a_file_refused_after_the_lock_leaves_no_lock(tmp_path, monkeypatch):
     with pytest.raises(BaseModelError, match="its tokenizer does not convert"):
         resolve_base(path)
     assert list((tmp_path / "cache" / "bases").iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["base-import", "eval"])
+def test_a_tokenizer_that_does_not_convert_is_refused_before_the_notice(
+    command, tmp_path, capsys, monkeypatch
+):
+    """A tokenizer transformers cannot convert was found while writing the
+    import, after its notice: two lines through the cache (``eval --base``).
+    The conversion now runs before the notice (and is saved after): one
+    line, nothing written, no lock left."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(cache))
+    path = llama_gguf(tmp_path / "m.gguf", tokenizer_model="xyz", token_list=[chr(33 + i) for i in range(64)])
+    _one_line(capsys, _reading_argv(command, tmp_path, path), path, ["its tokenizer does not convert"])
+    assert not (tmp_path / "out").exists()
+    assert not (cache / "bases").exists() or list((cache / "bases").iterdir()) == []
 
 
 @pytest.mark.parametrize("command", ["base-import", "eval"])
