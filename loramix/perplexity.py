@@ -220,10 +220,10 @@ def _checked_inputs(
     from .devices import is_cpu
 
     if not isinstance(base, (str, os.PathLike, tuple, list)):  # else a TypeError from pathlib
-        out = getattr(base, "out", None)
-        hint = f"; pass its .out, {os.fspath(out)!r}" if isinstance(out, (str, os.PathLike)) else ""
+        from .io.peft_layout import out_hint
+
         raise BaseModelError(None, f"a base is a model folder, a .gguf file or (model, tokenizer), "
-                                   f"not a {type(base).__name__}{hint}")  # fmt: skip
+                                   f"not a {type(base).__name__}{out_hint(base)}")  # fmt: skip
     if isinstance(data, (str, os.PathLike)):
         data = [data]
     data = list(data)

@@ -48,11 +48,9 @@ def load_adapter(path: str | Path, *, name: str | None = None) -> Adapter:
     a LoRA's delta is ``dW = scale B A``), the raw ``config`` and ``path``.
     """
     if not isinstance(path, (str, os.PathLike)):
-        out = getattr(path, "out", None)  # a merge's result: its folder, not its whole repr
-        said = (
-            f"a {type(path).__name__}; pass its .out, {os.fspath(out)!r}"
-            if isinstance(out, (str, os.PathLike))
-            else repr(path)
-        )
+        from .peft_layout import out_hint
+
+        hint = out_hint(path)  # a merge's result: its folder, not its whole repr
+        said = f"a {type(path).__name__}{hint}" if hint else repr(path)
         raise AdapterError(None, f"an adapter is a path to a folder or a .safetensors file, not {said}")
     return find_format(path).read(path, name)

@@ -221,12 +221,20 @@ def is_loaded_adapter(a) -> bool:
     return False
 
 
+def out_hint(obj) -> str:
+    """``"; pass its .out, 'folder'"`` for an object given where a path was
+    wanted that names its output folder (``merge``'s and ``sum_into_base``'s
+    results), else ``""``: the error points at the folder, not the object."""
+    out = getattr(obj, "out", None)
+    return f"; pass its .out, {os.fspath(out)!r}" if isinstance(out, (str, os.PathLike)) else ""
+
+
 def not_an_adapter(a) -> AdapterError:
-    """The one-line error for ``a``, neither a path nor a loaded adapter; a
-    result that names its output folder (``out``) is pointed at it."""
-    out = getattr(a, "out", None)
-    hint = f"; pass its .out, {os.fspath(out)!r}" if isinstance(out, (str, os.PathLike)) else ""
-    return AdapterError(None, f"an adapter is a path or a loaded adapter, not a {type(a).__name__}{hint}")
+    """The one-line error for ``a``, neither a path nor a loaded adapter
+    (:func:`out_hint` where it names its output folder)."""
+    return AdapterError(
+        None, f"an adapter is a path or a loaded adapter, not a {type(a).__name__}{out_hint(a)}"
+    )
 
 
 def read_config(cfg: Path) -> dict:
