@@ -52,7 +52,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -67,6 +67,7 @@ from .devices import is_cpu, resolve_device
 from .errors import AdapterError, UsageError
 from .io.peft_layout import (
     D2LORA,
+    adapter_list,
     check_compatible,
     check_default_targets,
     check_one_base,
@@ -668,12 +669,7 @@ def similarity(
     ``cos_m = <dW_i, dW_j>_F / (||dW_i||_F ||dW_j||_F)``; ``mean``,
     ``coverage``), the N x M ``norms`` and the long ``per_module`` table.
     """
-    if (
-        isinstance(adapters, (str, os.PathLike))
-        or is_loaded_adapter(adapters)
-        or not isinstance(adapters, Iterable)
-    ):
-        adapters = [adapters]  # one adapter, or something the loader refuses in one line
+    adapters = adapter_list(adapters)
     if len(adapters) == 0:
         raise UsageError("similarity", "needs at least one adapter")
     # as `loramix similarity` sets OPENBLAS_NUM_THREADS before numpy loads: the Gram strips

@@ -27,7 +27,7 @@ import copy
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from .api import renamed
 from .archs import context_length, fast_head_classes
@@ -229,15 +229,9 @@ def _checked_inputs(
     data = list(data)
     if not data:
         raise UsageError("--data", "no data to evaluate on")
-    from .io.peft_layout import is_loaded_adapter
+    from .io.peft_layout import adapter_list
 
-    if (
-        isinstance(adapters, (str, os.PathLike))
-        or is_loaded_adapter(adapters)
-        or not isinstance(adapters, Iterable)
-    ):
-        adapters = [adapters]  # one adapter, or something check_adapter_paths refuses in one line
-    adapters = list(adapters)
+    adapters = adapter_list(adapters)
     if merged and not adapters:
         raise UsageError("--merged", "needs at least one --adapter")
     # Python's own falsy 0 and negative slices: max_len=0 scored up to the model's context, and a

@@ -221,6 +221,14 @@ def is_loaded_adapter(a) -> bool:
     return False
 
 
+def adapter_list(adapters) -> list:
+    """``adapters`` as a list: one adapter (a path or a loaded adapter), or
+    anything that is not a collection, becomes a list of it, which
+    :func:`check_adapter_paths` then refuses in one line where it is neither."""
+    one = isinstance(adapters, (str, os.PathLike)) or is_loaded_adapter(adapters)
+    return [adapters] if one or not isinstance(adapters, Iterable) else list(adapters)
+
+
 def out_hint(obj) -> str:
     """``"; pass its .out, 'folder'"`` for an object given where a path was
     wanted that names its output folder (``merge``'s and ``sum_into_base``'s
