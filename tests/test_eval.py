@@ -1,4 +1,5 @@
-"""loramix.evaluate and ``loramix eval``: perplexity equals transformers' own loss, adapters, bad input."""
+"""loramix.evaluate and ``loramix eval``: perplexity equals transformers' own loss (to its
+float32 rounding) and a float64 computation from the same logits, adapters, bad input."""
 
 from __future__ import annotations
 
@@ -63,6 +64,40 @@ def _hf_token_weighted_ppl(model, batches) -> float:
     return math.exp(tot / n)
 
 
+def float64_ppl(model, batches) -> tuple[float, int]:
+    """``(mean NLL per scored token, tokens)`` from the model's float32 logits,
+    ``logsumexp`` and the sum taken in float64: the reference loramix's
+    perplexity must meet to float32's resolution of the logits."""
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            z, t = logits[:, :-1].double(), b["labels"][:, 1:]
+            keep = t != -100
+            z, t = z[keep], t[keep]
+            tot += float((torch.logsumexp(z, -1) - z.gather(1, t[:, None])[:, 0]).sum())
+            n += int(keep.sum())
+    return tot / n, n
+
+
+def test_perplexity_is_float64_exact_on_a_large_vocabulary():
+    """On a 49k vocabulary (SmolLM2's) torch's float32 ``cross_entropy`` is about
+    1e-5 relative low; loramix's logsumexp route (perplexity docstring, "Precision")
+    is within float32's resolution of the float64 value."""
+    model = tiny_gpt2(seed=0, vocab_size=49152).eval()
+    with torch.no_grad():  # a confident model: cross_entropy's error is largest at small losses
+        model.get_output_embeddings().weight.mul_(20)
+        ids = torch.randint(0, 49152, (4, 48), generator=torch.Generator().manual_seed(0))
+        labels = torch.cat([ids[:, :1], model(ids).logits[:, :-1].argmax(-1)], dim=1)  # its own top tokens
+    labels[:, :10] = -100  # a prompt that is not scored
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}]
+    want, n = float64_ppl(model, batches)
+    ours = perplexity(model, batches)
+    assert ours["tokens"] == n
+    assert ours["nll"] == pytest.approx(want, rel=1e-7, abs=0)
+    assert perplexity(model, batches, fast=False)["nll"] == pytest.approx(want, rel=1e-7, abs=0)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("on", ["answer", "all"])
 def test_perplexity_equals_transformers_loss(bases, arch, on):
@@ -83,6 +118,8 @@ def test_perplexity_equals_transformers_loss(bases, arch, on):
     assert ours["ppl"] == pytest.approx(want, rel=1e-5)
     assert ours["tokens"] == sum(counts)
     assert perplexity(model, batches, fast=False)["ppl"] == pytest.approx(want, rel=1e-5)
+    exact, _ = float64_ppl(model, batches)
+    assert ours["nll"] == pytest.approx(exact, rel=1e-7, abs=0)
     mean_of_batches = math.exp(
         sum(math.log(_hf_token_weighted_ppl(model, [b])) for b in batches) / len(batches)
     )

@@ -157,12 +157,17 @@ def test_peft_loads_the_adapter_with_the_dense_logits(smol, trained, tmp_path):
     ours = evaluate(str(smol), adapters=[path], data=[recs], device="cpu")["ppl"][0]
     tok = load_tokenizer(smol)
     batches = make_batches(encode_records(tok, recs, max_len=64), batch_size=2, pad_id=tok.pad_token_id)
-    tot, n = 0.0, 0
+    tot, n, hf = 0.0, 0, 0.0
     with torch.no_grad():
         for b in batches:
-            k = int((b["labels"][:, 1:] != -100).sum())
-            tot, n = tot + float(pm(**b).loss) * k, n + k
-    assert ours == pytest.approx(math.exp(tot / n), rel=1e-5)
+            out, t = pm(**b), b["labels"][:, 1:]
+            keep = t != -100
+            z, t = out.logits[:, :-1][keep].double(), t[keep]  # PEFT's float32 logits, then float64
+            tot += float((torch.logsumexp(z, -1) - z.gather(1, t[:, None])[:, 0]).sum())
+            n, hf = n + int(keep.sum()), hf + float(out.loss) * int(keep.sum())
+    assert ours == pytest.approx(math.exp(tot / n), rel=2e-6)
+    # transformers' float32 loss is ~1e-5 low on this vocabulary (loramix.perplexity, "Precision")
+    assert ours == pytest.approx(math.exp(hf / n), rel=1e-4)
 
 
 @needs_model

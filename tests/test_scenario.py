@@ -211,6 +211,21 @@ def test_the_truncation_rule_is_in_the_cache_keys(tmp_path):
     assert {"adapter", "eval", "merge"} <= cut, cut  # merge: ties, evaluated as it is made
 
 
+def test_the_nll_rule_is_in_the_cache_keys(tmp_path):
+    """Evaluations, and dense merges evaluated as they are made, carry the
+    rule by which loramix.perplexity computes NLL: a cache made by an earlier
+    rule (torch's cross_entropy, about 1e-5 off) is not mixed with new numbers.
+    Adapters, which no evaluation goes into, keep their keys."""
+    from loramix.perplexity import NLL_RULE
+    from loramix.scenario.plan import plan
+
+    text = GOOD + '[merge]\nmethods = ["sum", "ties"]\nties = { density = 0.5 }\n'
+    steps = plan(load_scenario(_write(tmp_path, text)))
+    ruled = [st for st in steps if st.spec and (st.spec.get("settings") or {}).get("nll") == NLL_RULE]
+    assert {st.cache_kind for st in ruled} == {"eval", "merge"}
+    assert all("/ties/" in st.id for st in ruled if st.cache_kind == "merge")  # the sum is evaluated later
+
+
 def test_merge_parameters_are_in_the_cache_keys(tmp_path):
     """A dense merge's key (and so its evaluation's) carries the method's
     parameters: a run with another density makes the ties merges again

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from ..data import TRUNCATION
 from ..errors import ScenarioError
+from ..perplexity import NLL_RULE
 from .cache import make_key
 from .config import Scenario
 from .traits import applied_on_the_fly, init_of, needs_base
@@ -277,10 +278,11 @@ class _Planner:
         return [n for n in self.data if n in serves]
 
     def eval_spec(self, names: list[str]) -> dict:
-        """What an evaluation on the domains ``names`` depends on besides its model."""
+        """What an evaluation on the domains ``names`` depends on besides its model
+        (``nll``: evaluations made by an earlier rule of loramix.perplexity are not reused)."""
         ev = self.sc.eval
         return {"data": {n: self.key_of(f"data/{n}/eval") for n in names},
-                "settings": {"on": ev.on, "max_len": ev.max_len, "truncation": TRUNCATION}}  # fmt: skip
+                "settings": {"on": ev.on, "max_len": ev.max_len, "truncation": TRUNCATION, "nll": NLL_RULE}}  # fmt: skip
 
     def eval_step(self, id, model: dict, deps, label, group, serves=None, members=False, **args) -> Step:
         names = self.eval_domains(serves, members)
