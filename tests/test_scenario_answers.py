@@ -338,3 +338,46 @@ def test_the_bars_legend_lies_on_no_bar(tmp_path, monkeypatch):
     assert box.x1 <= fig.bbox.x1 + 1  # inside the saved figure
     for ax in fig.axes:
         assert not any(box.overlaps(bar.get_window_extent(r)) for bar in ax.patches), ax.get_title()
+
+
+def _quickstart_best_predictions() -> pd.DataFrame:
+    """The committed quickstart report's held-out predictions of its best
+    predictor: the figure it drew had interval tops running into the legend."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "reports" / "quickstart"
+    best = json.loads((folder / "predictors.json").read_text())
+    pred = pd.read_csv(folder / "predictions.csv")
+    keep = (pred["adapter_method"] == best["adapter_method"]) & (pred["target"] == best["target_name"])
+    keep &= (pred["merge_method"] == best["merge_method"]) & (pred["predictor"] == best["best"])
+    return pred[keep]
+
+
+def test_predictions_legend_covers_no_point_or_interval(tmp_path, monkeypatch):
+    """predicted_vs_measured: the legend, placed "best" inside the axes, saw
+    the points but not the interval bars (matplotlib's "best" ignores a
+    LineCollection), and the quickstart's interval tops ran through it. The
+    legend's box now meets no point and no interval."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.transforms import Bbox
+
+    from loramix.scenario.plots import predicted_vs_measured
+
+    pred = _quickstart_best_predictions()
+    assert len(pred) >= 10
+    fig = _saved_figure(
+        monkeypatch, lambda: predicted_vs_measured(pred, tmp_path / "p.png", "t", "retention_pct (sum)")
+    )
+    ax = fig.axes[0]
+    r = fig.canvas.get_renderer()
+    box = ax.get_legend().get_window_extent(r)
+    assert (
+        fig.bbox.x0 - 1 <= box.x0 and box.x1 <= fig.bbox.x1 + 1 and fig.bbox.y0 - 1 <= box.y0
+    )  # saved whole
+    bars = [c for c in ax.collections if isinstance(c, LineCollection)]
+    assert bars
+    for seg in (s for c in bars for s in c.get_segments()):
+        (x0, y0), (x1, y1) = ax.transData.transform(seg[[0, -1]])
+        assert not box.overlaps(Bbox.from_extents(min(x0, x1) - 1, min(y0, y1), max(x0, x1) + 1, max(y0, y1)))
+    points = ax.transData.transform(pred[["y", "y_hat"]].to_numpy(float))
+    assert not any(box.contains(px, py) for px, py in points)

@@ -332,7 +332,7 @@ def predicted_vs_measured(pred: pd.DataFrame, path: Path, title: str, ylabel: st
     one point per (composition, held-out domain), the bar its prediction
     interval; the diagonal is a perfect prediction."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.2, 5.6), dpi=130)
+    fig, ax = plt.subplots(figsize=(8.0, 5.6), dpi=130)  # 1.8 inches more for the legend beside
     lo = pred["low"].astype(float).to_numpy()
     hi = pred["high"].astype(float).to_numpy()
     y, yh = pred["y"].astype(float).to_numpy(), pred["y_hat"].astype(float).to_numpy()
@@ -346,7 +346,9 @@ def predicted_vs_measured(pred: pd.DataFrame, path: Path, title: str, ylabel: st
     ax.set_ylabel(f"predicted {ylabel} (fit without the held-out domain)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.25)
-    ax.legend(fontsize=8)
+    # beside the axes: inside, "best" weighed the points but not the interval
+    # bars (a LineCollection, which it ignores), and the bars ran through it
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     return _saved(fig, path)
 
