@@ -325,6 +325,45 @@ def test_random_groupings_have_the_sizes_and_are_seeded():
         assert sorted(i for x in g for i in x) == list(range(14))  # a partition
 
 
+def test_a_plan_group_is_merged_in_the_domains_order(tmp_path):
+    """The plan lists a group's members by name (dates+arith as arith+dates),
+    a random grouping and the study's compositions by domain: the one set of
+    domains was merged in two orders, under two keys, with two roundings (in
+    a 4-domain study the plan "lost" to a random grouping of its own group by
+    4e-5 points), and a plan group that is a composition of the study was made
+    again. Every group is now merged in the domains' order: one key per set,
+    the composition's."""
+    from loramix.scenario import planval
+
+    sc = load_scenario(_write(tmp_path, STUDY))
+    data = prepare_data(sc)
+    study_steps = plan(sc, data)
+    keys = {s.id: s.key for s in study_steps}
+
+    def grouping(*groups):
+        return [{"members": list(g), "method": "sum" if len(g) > 1 else "keep", "cost": 0.0} for g in groups]
+
+    # arith+dates is a pair of the study; the plan names it by name, backwards in domain order
+    proposal = {"adapter_method": "lora", "seed": 0, "names": list(sc.domains), "methods": ["plan"], "budget": 0.0,
+                "plan": grouping(["dates", "arith"], ["units"], ["sort"]),
+                "random": [grouping(["arith", "dates"], ["units"], ["sort"])]}  # fmt: skip
+    assert list(sc.domains).index("dates") > list(sc.domains).index("arith")
+    new = planval.steps(sc, data, study_steps, proposal)
+    assert [s.key for s in new] == [keys["eval/lora/0/merge/sum/arith+dates"]], [s.id for s in new]
+    # a triple by name and by domain: one merge, and one mean, whose float sum
+    # depends on the order (154.20000000000002 in one, 154.2 in the other)
+    proposal["plan"] = grouping(["arith", "dates", "units"], ["sort"])
+    proposal["random"] = [grouping(["arith", "units", "dates"], ["sort"])]
+    (new,) = planval.steps(sc, data, study_steps, proposal)
+    ppl = {"arith": 2.46, "dates": 2.798, "units": 2.368}
+    results = {new.id: {d: {"ppl": p} for d, p in ppl.items()}}
+    results.update({f"eval/lora/0/adapter/{d}": {d: {"ppl": 1.0}} for d in sc.domains})
+    out = planval.assemble(proposal, results)["by_method"][0]
+    assert out["plan"]["retention_pct"] == out["random"][0]["retention_pct"]
+    assert out["plan"]["groups"][0]["retention_pct"] == out["random"][0]["groups"][0]["retention_pct"]
+    assert (out["comparison"]["ties"], out["comparison"]["loses"], out["comparison"]["rank"]) == (1, 0, 1)
+
+
 def _train_files(sc, cache) -> list[str]:
     steps = {s.id: s for s in plan(sc)}
     return [
@@ -394,7 +433,7 @@ def test_plan_group_retention_against_a_direct_computation(study, tmp_path):
     kw = dict(on=sc.eval.on, max_len=sc.eval.max_len, batch=sc.eval.batch, device="cpu")
     pv = rep["plan_validation"]
     k, g = next((k, g) for k, g in enumerate(pv["plan_groups"]) if len(g["members"]) > 1)
-    doms = g["members"]
+    doms = [d for d in sc.domains if d in g["members"]]  # merged in the domains' order, as the study merges
     data = [_eval_records(sc, d) for d in doms]
     own = [evaluate(base, adapters=[paths[d]], data=[x], **kw).iloc[0]["ppl"] for d, x in zip(doms, data)]
     merge([paths[d] for d in doms], "ties", into=base, out=tmp_path / "ties", density=0.5)

@@ -108,6 +108,16 @@ def method_of(group: dict, how: str) -> str:
     return group["method"] if how == "plan" else how
 
 
+def merged_members(members: list[str], names: list[str]) -> tuple[str, ...]:
+    """A group's members in the order they are merged: the study's domain order
+    (``names``), as its compositions are. The plan lists a group's members by
+    name, a random grouping by domain: merged in those two orders, one set of
+    domains was two merges (another key, other float roundings), and the plan
+    "lost" to a random grouping of the same group by 4e-5 points; nor was a plan
+    group that is a composition of the study the cache hit it is now."""
+    return tuple(sorted(members, key=names.index))
+
+
 def _merged(proposal: dict):
     """``(method, members)`` of every merge the proposal evaluates, each once, in order."""
     seen = {}
@@ -115,7 +125,9 @@ def _merged(proposal: dict):
         for groups in [proposal["plan"], *proposal["random"]]:
             for g in groups:
                 if len(g["members"]) > 1:
-                    seen.setdefault((method_of(g, how), tuple(g["members"])), None)
+                    seen.setdefault(
+                        (method_of(g, how), merged_members(g["members"], proposal["names"])), None
+                    )
     return list(seen)
 
 
@@ -136,7 +148,7 @@ def _evaluation(results: dict, rid: str) -> dict:
     return r["eval"] if "eval" in r else r
 
 
-def _grouping(results: dict, groups: list[dict], how: str, pre: str, own: dict) -> dict:
+def _grouping(results: dict, groups: list[dict], how: str, pre: str, own: dict, names: list[str]) -> dict:
     """One grouping merged under ``how``: each group's method and measured
     retention %, the grouping's (module docstring) and its mean predicted cost."""
     from .report import delta_pct
@@ -145,8 +157,11 @@ def _grouping(results: dict, groups: list[dict], how: str, pre: str, own: dict) 
     for g in groups:
         g = {**g, "method": method_of(g, how) if len(g["members"]) > 1 else "keep", "retention_pct": None}
         if len(g["members"]) > 1:
-            ev = _evaluation(results, merge_result_id(pre, g["method"], comp_name(g["members"]), PREFIX))
-            deltas = {d: delta_pct(ev[d]["ppl"], own[d]) for d in g["members"]}
+            members = merged_members(g["members"], names)
+            ev = _evaluation(results, merge_result_id(pre, g["method"], comp_name(members), PREFIX))
+            # summed in the domains' order too: one set, one mean to the last bit, so a random
+            # grouping that draws the plan's groups ties it instead of beating it by 1e-16
+            deltas = {d: delta_pct(ev[d]["ppl"], own[d]) for d in members}
             per_domain.update(deltas)
             g.update(retention_pct=float(np.mean(list(deltas.values()))),
                      ppl={d: ev[d]["ppl"] for d in g["members"]})  # fmt: skip
@@ -154,7 +169,8 @@ def _grouping(results: dict, groups: list[dict], how: str, pre: str, own: dict) 
     # the predicted cost of the method it is merged by, where the plan costed that method
     costs = [g.get("costs", {}).get(g["method"], g["cost"]) for g in out if len(g["members"]) > 1
              for _ in g["members"]]  # fmt: skip
-    return {"groups": out, "retention_pct": float(np.mean(list(per_domain.values()))) if per_domain else None,
+    merged = [per_domain[d] for d in names if d in per_domain]
+    return {"groups": out, "retention_pct": float(np.mean(merged)) if merged else None,
             "predicted": float(np.mean(costs)) if costs else None}  # fmt: skip
 
 
@@ -166,8 +182,8 @@ def assemble(proposal: dict, results: dict) -> dict:
     out = {k: v for k, v in proposal.items() if k not in ("plan", "random")}
     out.update(plan_groups=proposal["plan"], own_ppl=own, by_method=[])
     for how in proposal["methods"]:
-        plan = _grouping(results, proposal["plan"], how, pre, own)
-        rand = [_grouping(results, g, how, pre, own) for g in proposal["random"]]
+        plan = _grouping(results, proposal["plan"], how, pre, own, proposal["names"])
+        rand = [_grouping(results, g, how, pre, own, proposal["names"]) for g in proposal["random"]]
         c = compare(plan["retention_pct"], [r["retention_pct"] for r in rand])
         m = {"how": how, "plan": plan, "random": rand, "comparison": c}
         m["verdict"] = verdict(m, proposal["budget"])
