@@ -381,3 +381,24 @@ def test_predictions_legend_covers_no_point_or_interval(tmp_path, monkeypatch):
         assert not box.overlaps(Bbox.from_extents(min(x0, x1) - 1, min(y0, y1), max(x0, x1) + 1, max(y0, y1)))
     points = ax.transData.transform(pred[["y", "y_hat"]].to_numpy(float))
     assert not any(box.contains(px, py) for px, py in points)
+
+
+def test_plan_histogram_legend_covers_no_bar_and_counts_are_whole(tmp_path, monkeypatch):
+    """plan_vs_random of a 4-domain study of real data (5 random groupings,
+    two of them the plan's own grouping): the legend, placed "best" inside
+    the axes, lay across a bar of the histogram, and the count axis was
+    ticked 0.25, 0.5, ... groupings."""
+    from loramix.scenario.plots import plan_vs_random
+
+    rand = [-0.78091837, -2.45620825, -0.78091837, -2.45620825, 0.37306851]
+    panels = [("plan", -2.45616395, rand), ("sum", -2.45616395, rand)]
+    fig = _saved_figure(monkeypatch, lambda: plan_vs_random(panels, tmp_path / "p.png", "t"))
+    r = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        box = ax.get_legend().get_window_extent(r)
+        assert fig.bbox.x0 - 1 <= box.x0 and box.x1 <= fig.bbox.x1 + 1  # inside the saved figure
+        bars = [p for p in ax.patches if p.get_height() > 0]
+        assert bars
+        assert not any(box.overlaps(p.get_window_extent(r)) for p in bars), ax.get_title()
+        ticks = [t for t in ax.get_yticks() if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
+        assert all(float(t).is_integer() for t in ticks), ticks

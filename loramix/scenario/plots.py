@@ -395,7 +395,10 @@ def plan_vs_random(panels: list[tuple[str, float, list[float]]], path: Path, tit
     measured retention % of the random groupings (histogram) and of the plan's
     grouping (a vertical line); lower is better."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 3.8), dpi=130, squeeze=False)
+    from matplotlib.ticker import MaxNLocator
+
+    # 2.2 inches more per panel for its legend beside it
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.6 * len(panels), 3.8), dpi=130, squeeze=False)
     for ax, (name, value, values) in zip(axes[0], panels):
         r = np.asarray(values, dtype=float)
         ax.hist(r, bins=max(5, min(20, len(r) // 2)), color="tab:blue", alpha=0.6,
@@ -404,9 +407,11 @@ def plan_vs_random(panels: list[tuple[str, float, list[float]]], path: Path, tit
         ax.axvline(value, color="tab:red", lw=2, label=f"loramix plan {value:.2f}")
         ax.set_xlabel("retention % of the grouping (lower is better)")
         ax.set_ylabel("groupings")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 0.25 of a grouping
         ax.set_title("merged as proposed" if name == "plan" else f"merged by {name}", fontsize=10)
         ax.grid(alpha=0.25)
-        ax.legend(fontsize=8)
+        # beside the axes: inside, "best" found no free corner over a few tall bars and lay across one
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _saved(fig, path)
