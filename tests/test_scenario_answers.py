@@ -402,3 +402,43 @@ def test_plan_histogram_legend_covers_no_bar_and_counts_are_whole(tmp_path, monk
         assert not any(box.overlaps(p.get_window_extent(r)) for p in bars), ax.get_title()
         ticks = [t for t in ax.get_yticks() if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
         assert all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_fit_legend_covers_no_point_label_or_bar(tmp_path, monkeypatch):
+    """delta_vs_cosine of the committed real-14-domains report: the legend,
+    placed "best" inside the axes, lay over the point label science+bash
+    (lora:shared, lower right). The legend now meets no point, no point label
+    and no error bar."""
+    from pathlib import Path
+
+    from matplotlib.collections import LineCollection
+    from matplotlib.transforms import Bbox
+
+    from loramix.scenario.plots import delta_vs_cosine
+
+    rep = json.loads(
+        (Path(__file__).resolve().parents[1] / "reports/real-14-domains/report.json").read_text()
+    )
+    summary = pd.DataFrame(rep["summary"])
+    sums = summary[(summary["merge_method"] == "sum") & np.isfinite(summary["delta_ppl_pct"].astype(float))]
+    fits = [f for f in rep["fits"] if f["merge_method"] == "sum"]
+    assert len(sums) == 40
+    fig = _saved_figure(monkeypatch, lambda: delta_vs_cosine(sums, fits, tmp_path / "d.png", "t"))
+    ax = fig.axes[0]
+    r = fig.canvas.get_renderer()
+    legends = [lg for lg in [ax.get_legend(), *fig.legends] if lg is not None]
+    assert len(legends) == 1 and len(legends[0].get_texts()) == 4
+    box = legends[0].get_window_extent(r)
+    assert (
+        fig.bbox.x0 - 1 <= box.x0 and box.x1 <= fig.bbox.x1 + 1 and fig.bbox.y0 - 1 <= box.y0
+    )  # saved whole
+    taken = [t.get_window_extent(r) for t in ax.texts]
+    assert len(taken) >= 20
+    rad = 3.5 * fig.dpi / 72  # a marker of 7 points
+    for px, py in ax.transData.transform(sums[["rms_cosine", "delta_ppl_pct"]].to_numpy(float)):
+        taken.append(Bbox.from_extents(px - rad, py - rad, px + rad, py + rad))
+    for seg in (s for c in ax.collections if isinstance(c, LineCollection) for s in c.get_segments()):
+        (x0, y0), (x1, y1) = ax.transData.transform(seg[[0, -1]])
+        taken.append(Bbox.from_extents(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
+    hit = [b for b in taken if box.overlaps(b)]
+    assert not hit, hit
