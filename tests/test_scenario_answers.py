@@ -442,3 +442,22 @@ def test_fit_legend_covers_no_point_label_or_bar(tmp_path, monkeypatch):
         taken.append(Bbox.from_extents(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
     hit = [b for b in taken if box.overlaps(b)]
     assert not hit, hit
+
+
+def test_predictions_plot_names_its_adapters(tmp_path, monkeypatch):
+    """The quickstart validates lora and lora:data adapters; its
+    predicted_vs_measured.png (lora's) named the predictor, not the adapters."""
+    from pathlib import Path
+
+    from loramix.scenario.answer import write_predictor_files
+
+    rep = json.loads((Path(__file__).resolve().parents[1] / "reports/quickstart/report.json").read_text())
+    assert {v["adapter_method"] for v in rep["validations"]} == {"lora", "lora:data"}
+    import matplotlib.figure
+
+    titles, real = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (titles.append(fig.axes[0].get_title()), real(fig, *a, **k))[1])  # fmt: skip
+    write_predictor_files(tmp_path, rep)
+    (title,) = [t for t in titles if "held out" in t]
+    assert title.startswith("quickstart: ols:subspace_overlap, lora adapters"), title

@@ -264,7 +264,9 @@ def write_predictor_files(folder: Path, report: dict, cache=None) -> None:
         pred = pd.DataFrame(val["predictions"])
         plots.drawn(cache, plots.predicted_vs_measured, folder / "predicted_vs_measured.png",
                     pred[pred["predictor"] == val["best"]],
-                    title=f"{report['scenario']['name']}: {val['best']} (held out by domain)",
+                    # which adapters: a study of several labels (lora, lora:data) validates each
+                    title=f"{report['scenario']['name']}: {val['best']}, {val['adapter_method']} adapters "
+                          "(held out by domain)",
                     ylabel=val["target"])  # fmt: skip
     name = report["scenario"]["name"]
     plots.drawn(cache, plots.interference_by_method, folder / "interference_by_method.png",
