@@ -758,8 +758,15 @@ def test_progress_lines_where_stderr_is_a_file(study, capsys, monkeypatch):
         )
         == 0
     )
-    err = capsys.readouterr().err
+    import re
+
+    out, err = capsys.readouterr()
     assert "\r" not in err and "\x1b" not in err
+    # and the report's line on stdout says so: the run made nothing (it said only its seconds)
+    (report,) = [ln for ln in out.splitlines() if ln.startswith("report: ")]
+    assert re.fullmatch(
+        r"report: .*/report\.md \(\d+\.\d s; 0 steps made, [1-9]\d* from the cache\)", report
+    ), report
     lines = [ln for ln in err.splitlines() if ln.startswith("scenario: ") and " steps (" in ln]
     k = len(lines)  # one a step, as the interval is 0; all of them cached
     assert k > 10 and lines[-1].startswith(f"scenario: {k}/{k} steps (0 made, {k} from the cache), "), lines[
