@@ -166,7 +166,7 @@ def run_cmd(file, out, device, fresh, cache_dir, force, threads, jobs, executor,
     # what was made and what read back: a rerun says here that it made nothing
     kinds = rep["timings"]["by_kind"].values()
     made, reused = sum(k["made"] for k in kinds), sum(k["reused"] for k in kinds)
-    click.echo(f"report: {rep['out']}/report.md ({t:.1f} s; {made} steps made, {reused} from the cache)")
+    click.echo(f"report: {rep['out']}/report.md ({t:.1f} s; {made} artifacts made, {reused} from the cache)")
     for m in (rep.get("plan_validation") or {}).get("by_method", []):
         click.echo(f"  plan vs random groupings: {m['verdict'].replace('**', '')}")
     for f in rep["fits"]:

@@ -87,7 +87,7 @@ class _Progress:
                         dynamic_ncols=True, file=sys.stderr)  # fmt: skip
         self.lines = lines_wanted(self.enabled)
         self.every = line_every()
-        self.count = self.made = 0
+        self.count = self.made = self.cached = 0
         self.t0 = self.last = time.monotonic()
         self.under_way: dict = {}  # step id -> (step, when it was started or queued)
         self.lock = threading.Lock()  # the thread's line and a step's line
@@ -107,6 +107,8 @@ class _Progress:
         for e in outcome.events:
             t["reused" if e.status == "hit" else "made"] += 1
         self.made += any(e.status != "hit" for e in outcome.events)
+        # a step with no cache entry (the base given as a folder, a LoRA similarity) is neither
+        self.cached += bool(outcome.events) and all(e.status == "hit" for e in outcome.events)
         self.count += 1
         self.bar.set_postfix_str(f"{step.kind}: {step.label}", refresh=False)
         self.bar.update(1)
@@ -114,9 +116,10 @@ class _Progress:
             self.under_way.pop(step.id, None)
             if self.lines and time.monotonic() - self.last >= self.every:
                 self.last = time.monotonic()
-                print(f"scenario: {self.count}/{self.bar.total} steps ({self.made} made, {self.count - self.made} "
-                      f"from the cache), {self._minutes():.1f} min; last {step.kind}: {step.label}", file=sys.stderr,
-                      flush=True)  # fmt: skip
+                rest = self.count - self.made - self.cached
+                print(f"scenario: {self.count}/{self.bar.total} steps ({self.made} made, {self.cached} from the cache"
+                      f"{f', {rest} not cached' if rest else ''}), {self._minutes():.1f} min; last {step.kind}: "
+                      f"{step.label}", file=sys.stderr, flush=True)  # fmt: skip
 
     def _minutes(self) -> float:
         return (time.monotonic() - self.t0) / 60
