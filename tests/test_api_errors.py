@@ -61,6 +61,21 @@ def _cases(e):
          "out_rank/energy: give one of out_rank=K or energy=F, not both",
          ["merge", "-m", "sum", "--out-rank", "2", "--energy", "0.5", *ads, "--out", new],
          "--out-rank/--energy: give one of --out-rank K or --energy F, not both"),
+        # --out-rank above the merged delta's rank is refused as svd's --rank is (it was capped silently)
+        ("sum out-rank cap", lambda: loramix.merge(ads, "sum", out=new, out_rank=5),
+         "out_rank: 5 is above the stacked rank 4 of the adapters (the sum of their ranks): give at most 4",
+         ["sum", *ads, "--out-rank", "5", "--out", new],
+         "--out-rank: 5 is above the stacked rank 4 of the adapters (the sum of their ranks): give at most 4"),
+        ("merge out-rank cap", lambda: loramix.merge(ads, "ties", out=new, density=0.5, out_rank=33),
+         "out_rank: 33 is above 32, the largest rank a merged module can have (per module min(out, in)): "
+         "give at most 32",
+         ["merge", "-m", "ties", "--density", "0.5", "--out-rank", "33", *ads, "--out", new],
+         "--out-rank: 33 is above 32, the largest rank a merged module can have (per module min(out, in)): "
+         "give at most 32"),
+        ("merge svd out-rank", lambda: loramix.merge(ads, "svd", out=new, rank=3, out_rank=4),
+         "out_rank: 4 is above svd's rank 3: give at most 3",
+         ["merge", "-m", "svd", "--rank", "3", "--out-rank", "4", *ads, "--out", new],
+         "--out-rank: 4 is above svd's --rank 3: give at most 3"),
         ("merge force", lambda: loramix.merge(ads, "sum", out=ex), forced,
          ["merge", "-m", "sum", *ads, "--out", ex], forced_cli),
         ("sum_into_base", lambda: loramix.sum_into_base(ads, into=b, out=ex), forced,

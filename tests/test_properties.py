@@ -312,7 +312,8 @@ def test_truncation_is_eckart_young(case, k):
     S = torch.linalg.svdvals(ref)
     tail = float((S[k:] ** 2).sum())
     tot = float((S**2).sum())
-    k = min(k, sum(a.modules[MOD].rank for a in ads))  # --rank above the stacked rank is refused
+    # --rank above the stacked rank, or above min(out, in), is refused
+    k = min(k, sum(a.modules[MOD].rank for a in ads), *ads[0].modules[MOD].shape)
     for lr in (svd_factors(ads, ws, MOD, rank=k), truncate(ref, k, None)):
         kk = lr.A.shape[0]
         assert kk <= max(1, min(k, len(S)))
@@ -818,6 +819,7 @@ def test_out_rank_adapter_is_the_best_rank_k_of_the_merged_delta(tmp_path_factor
     ads, ws = case
     params = {"density": 0.5} if method != "breadcrumbs" else {"density": 0.5, "gamma": 0.1}
     out = tmp_path_factory.mktemp("r") / "out"
+    k = min(k, *ads[0].modules[MOD].shape)  # --out-rank above min(out, in) is refused
     merge(ads, method, weights=ws, out=out, out_rank=k, device="cpu", **params)
     D = run_method(method, ads, ws, MOD, dtype=torch.float32, **params).double()
     S = torch.linalg.svdvals(D)

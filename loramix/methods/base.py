@@ -193,6 +193,13 @@ class MergeMethod:
         """Cross-parameter and adapter checks of a method (override); :func:`merge`
         calls it first with no adapters, before they load."""
 
+    def rank_cap(self, params: dict, adapters: Sequence[Adapter]) -> tuple[int, str]:
+        """The largest rank this method's merged delta has in any module, and
+        those words for it: the module's ``min(out, in)`` and, for the exact
+        factors of a low-rank method, its stacked rank ``R = sum_i r_i``
+        (:func:`rank_cap`). ``--out-rank`` above it is refused."""
+        return rank_cap(adapters, self.low_rank)
+
     # -- the math ---------------------------------------------------------------
     def delta(
         self,
@@ -1090,6 +1097,38 @@ def _low_rank_names() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the adapter output's truncation
+
+
+def rank_cap(adapters: Sequence, stacked: bool) -> tuple[int, str]:
+    """``max_m cap_m`` over the adapters' modules ``m`` and its words, where
+    ``cap_m = min(out_m, in_m)`` bounds any ``(out, in)`` delta's rank and,
+    with ``stacked`` (exact factors ``B_cat (out, R) @ A_cat (R, in)``),
+    ``cap_m = min(out_m, in_m, R_m)``, ``R_m = sum_i r_i`` over the adapters
+    that touch ``m``. A rank above it holds nothing more in any module.
+    Torch-free: ``adapters`` may be the numpy reader's."""
+    ranks: dict[str, int] = {}
+    dims: dict[str, int] = {}
+    for ad in adapters:
+        for name, md in ad.modules.items():
+            ranks[name] = ranks.get(name, 0) + md.rank
+            dims[name] = min(md.shape)
+    cap = max((min(dims[n], ranks[n]) if stacked else dims[n] for n in dims), default=0)
+    if stacked and cap == max(ranks.values(), default=0):
+        return cap, f"the stacked rank {cap} of the adapters (the sum of their ranks)"
+    what = "the smaller of min(out, in) and the sum of the adapters' ranks" if stacked else "min(out, in)"
+    return cap, f"{cap}, the largest rank a merged module can have (per module {what})"
+
+
+def check_out_rank(m: MergeMethod, params: dict, ads: Sequence, trunc) -> None:
+    """``--out-rank K`` above :meth:`MergeMethod.rank_cap` is refused, as
+    ``svd --rank`` is: no module would hold rank ``K``. Below the cap a module
+    of lower rank keeps all of it (``min(K, rank)``, exactly)."""
+    out_rank = None if trunc is None else trunc[0]
+    if out_rank is None:
+        return
+    cap, what = m.rank_cap(params, ads)
+    if out_rank > cap:
+        raise UsageError("--out-rank", f"{out_rank} is above {what}: give at most {cap}")
 
 
 def split_truncation(m: MergeMethod, params: dict, into) -> tuple[int | None, float | None] | None:

@@ -50,6 +50,7 @@ from .base import (
     MergeMethod,
     ModuleContext,
     check_adapter_output,
+    check_out_rank,
     energy_info,
     split_truncation,
     summarize_energy,
@@ -103,6 +104,7 @@ def run_merge(
     out_dtype = parse_dtype(dtype)
     if into is None:
         check_adapter_output(m, ads, trunc)
+        check_out_rank(m, p, ads, trunc)
         warn_null_targets(ads)
     inputs = [a.path for a in ads if a.path is not None] + ([into] if into is not None else [])
     out = check_output(out, force=force, inputs=inputs)

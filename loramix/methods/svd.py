@@ -34,20 +34,12 @@ from .base import (
     Param,
     describe_energy,
     energy_info,
+    rank_cap,
     summarize_energy,
 )
 
 if TYPE_CHECKING:
     import torch
-
-
-def stacked_rank(adapters) -> int:
-    """The largest ``R = sum_i r_i`` over the adapters' modules."""
-    ranks: dict[str, int] = {}
-    for ad in adapters:
-        for name, m in ad.modules.items():
-            ranks[name] = ranks.get(name, 0) + m.rank
-    return max(ranks.values(), default=0)
 
 
 def lowrank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,12 +110,14 @@ class Svd(MergeMethod):
     def check(self, params, adapters):
         if (params["rank"] is None) == (params["energy"] is None):
             raise UsageError("--rank/--energy", "method svd needs exactly one of --rank k or --energy e")
-        R = stacked_rank(adapters)
-        if adapters and params["rank"] is not None and params["rank"] > R:
-            raise UsageError(
-                "--rank",
-                f"{params['rank']} is above the stacked rank {R} of the adapters (the sum of their ranks)",
-            )
+        cap, what = rank_cap(adapters, True)
+        if adapters and params["rank"] is not None and params["rank"] > cap:
+            raise UsageError("--rank", f"{params['rank']} is above {what}")
+
+    def rank_cap(self, params, adapters):
+        cap, what = rank_cap(adapters, True)
+        k = params["rank"]
+        return (k, f"svd's --rank {k}") if k is not None and k < cap else (cap, what)
 
     def factors(self, ctx, module_deltas, weights, params):
         return self._factors_group([(ctx, module_deltas, weights)], params)[0]
