@@ -38,6 +38,7 @@ from pathlib import Path
 from .api import renamed
 from .data import QARecord, is_synthetic_spec, load_records, record_text, split_records
 from .errors import UsageError
+from .options import check_seed
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -257,6 +258,7 @@ def build_base(
     from .perplexity import perplexity
 
     cfg, size, steps, batch, lr = _recipe(size, steps, batch, lr)
+    check_seed(seed)  # what base build --seed's IntRange bounds, from Python too
     is_cpu(device)  # a bad --device is refused first, told without torch where it can be
     records, inputs = _gather_records(data)
     data_paths = [i["path"] for i in inputs if i["kind"] == "data"]

@@ -28,6 +28,10 @@ DTYPE_NAMES = {
 #: the largest |weight| accepted: beyond it a merge only amplifies rounding
 #: noise into the weights (and float16 outputs overflow), so it is a typo
 MAX_WEIGHT = 1e6
+#: the largest seed any command takes (``--seed``, a scenario's seeds): torch
+#: and numpy take 64-bit seeds, and click's ``IntRange(0, 2**63 - 1)`` bounds
+#: ``train --seed``; a larger one is a typo, not to be wrapped or hashed
+MAX_SEED = 2**63 - 1
 #: the output dtypes a merge or a sum offers
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -74,6 +78,21 @@ def parse_weights(weights: Any, n: int, where: str = "weights") -> list[float]:
     if any(abs(w) > MAX_WEIGHT for w in ws):
         raise UsageError(where, f"{weights!r} holds a weight beyond +-{MAX_WEIGHT:g}; that is not a weight")
     return ws
+
+
+def seed_problem(seed: Any) -> str | None:
+    """Why ``seed`` is not a seed (an integer in ``[0, MAX_SEED]``), or None."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        return f"{seed!r} is not a seed: seeds are integers in [0, 2^63 - 1]"
+    return None
+
+
+def check_seed(seed: Any, where: str = "--seed") -> int:
+    """``seed`` if it is one (:func:`seed_problem`), else a :class:`UsageError`
+    naming ``where``: the Python API's check of what ``--seed`` bounds."""
+    if (why := seed_problem(seed)) is not None:
+        raise UsageError(where, why)
+    return seed
 
 
 def check_dtype(dtype: Any, where: str = "dtype") -> str | None:

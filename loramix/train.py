@@ -43,6 +43,7 @@ from pathlib import Path
 from .api import renamed
 from .archs import context_length
 from .errors import OutputError, UsageError
+from .options import check_seed
 
 DEFAULT_EVAL_SIZE = 0.1
 """Per data source: a tenth of the records are held out (at least one)."""
@@ -299,6 +300,7 @@ def train_adapter(
     _check_kind_name(kind, flag)
     _check_numbers(rank=rank, batch=batch, max_len=max_len, steps=steps, epochs=epochs, lr=lr,
                    norm_dim=norm_dim, alpha=alpha, tau=tau, warmup=warmup)  # fmt: skip
+    check_seed(seed)  # what train --seed's IntRange bounds, from Python too
     _check_speed(dtype=dtype, grad_accum=grad_accum, batch=batch, prefix_cache=prefix_cache, prompt=prompt)
     data_list = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     file_inputs = [d for d in data_list if not (isinstance(d, str) and d.startswith("synthetic:"))]

@@ -76,6 +76,26 @@ def _cases(e):
          "out_rank: 4 is above svd's rank 3: give at most 3",
          ["merge", "-m", "svd", "--rank", "3", "--out-rank", "4", *ads, "--out", new],
          "--out-rank: 4 is above svd's --rank 3: give at most 3"),
+        # a scale beyond +-1e6 (as --weights) was refused only after the work, naming an overflowed tensor
+        ("merge lambda", lambda: loramix.merge(ads, "task-arithmetic", out=new, lambda_=1e300),
+         "lambda_: 1e+300 is beyond +-1e+06; that is not a scale",
+         ["merge", "-m", "task-arithmetic", "--lambda", "1e300", *ads, "--out", new],
+         "--lambda: 1e+300 is beyond +-1e+06; that is not a scale"),
+        # seeds are 0..2^63-1 everywhere, as train --seed's IntRange says (merge took 2^64 silently)
+        ("merge seed", lambda: loramix.merge(ads, "dare-linear", out=new, density=0.5, seed=2**63),
+         "seed: 9223372036854775808 is not a seed: seeds are integers in [0, 2^63 - 1]",
+         ["merge", "-m", "dare-linear", "--density", "0.5", "--seed", str(2**63), *ads, "--out", new],
+         "--seed: 9223372036854775808 is not a seed: seeds are integers in [0, 2^63 - 1]"),
+        ("train seed", lambda: loramix.train_adapter(b, d, out=new, steps=2, seed=2**63),
+         "seed: 9223372036854775808 is not a seed: seeds are integers in [0, 2^63 - 1]",
+         ["train", "--base", b, "--data", d, "--out", new, "--steps", "2", "--seed", str(2**63)],
+         "Invalid value for '--seed': 9223372036854775808 is not in the range 0<=x<=9223372036854775807. "
+         "(see 'loramix train --help')"),
+        ("build seed", lambda: loramix.build_base(d, out=new, steps=2, seed=-1),
+         "seed: -1 is not a seed: seeds are integers in [0, 2^63 - 1]",
+         ["base", "build", "--data", d, "--out", new, "--steps", "2", "--seed", "-1"],
+         "Invalid value for '--seed': -1 is not in the range 0<=x<=9223372036854775807. "
+         "(see 'loramix base build --help')"),
         ("merge force", lambda: loramix.merge(ads, "sum", out=ex), forced,
          ["merge", "-m", "sum", *ads, "--out", ex], forced_cli),
         ("sum_into_base", lambda: loramix.sum_into_base(ads, into=b, out=ex), forced,

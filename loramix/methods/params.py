@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UsageError
+from ..options import MAX_WEIGHT, seed_problem
 
 
 @dataclass(frozen=True)
@@ -113,11 +114,11 @@ def check_divide_weights(params: dict, weights) -> None:
         )
 
 
-LAMBDA = Param("lambda_", float, 1.0, "scale of the merged delta")
-SEED = Param(
-    "seed",
-    int,
-    0,
-    "seed of the random drop masks (reproducible)",
-    check=lambda v: None if v >= 0 else f"{v} is negative",
-)
+def _lambda_check(v: float) -> str | None:
+    # bounded as --weights are: beyond it a merge only amplifies rounding noise, and 1e300 overflowed
+    # float32 into a refusal naming a tensor, after the work
+    return None if abs(v) <= MAX_WEIGHT else f"{v:g} is beyond +-{MAX_WEIGHT:g}; that is not a scale"
+
+
+LAMBDA = Param("lambda_", float, 1.0, "scale of the merged delta", check=_lambda_check)
+SEED = Param("seed", int, 0, "seed of the random drop masks (reproducible)", check=seed_problem)

@@ -27,6 +27,7 @@ from typing import Any
 import tomllib
 
 from ..errors import ScenarioError, UsageError
+from ..options import MAX_SEED
 from ..synthetic import MAX_RECORDS
 from .traits import ADAPTER_KINDS as ADAPTER_METHODS
 from .traits import INITS, applies_to, kinds_for, parse_label, rank_of, trainable_kinds
@@ -395,7 +396,6 @@ def _positive(ctx, v, key, allow_zero=False):
 # domain generates at most MAX_SYNTHETIC_RECORDS records (more takes minutes
 # and teaches nothing new), and a rank is at most min(out, in) of every
 # targeted weight (MAX_RANK where the base's shapes cannot tell).
-MAX_SEED = 2**63 - 1
 MAX_SYNTHETIC_RECORDS = MAX_RECORDS
 MAX_RANK = 4096
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
