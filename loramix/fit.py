@@ -284,7 +284,9 @@ def load_fit_file(path: str | os.PathLike) -> dict:
     """A ``fit.json`` written by a scenario run, checked in full; one-line errors otherwise.
 
     Checked: a JSON object with a ``fits`` list; ``prediction_level``, where
-    present, in (0, 1); ``scenario`` a string or null; each entry an object
+    present, in (0, 1); ``scenario`` and ``base_identity`` (the base's
+    :meth:`~loramix.io.model_folder.BaseModelFolder.identity`, absent in a
+    file from before it was recorded) a string or null; each entry an object
     with string ``adapter_method`` and ``merge_method`` and the fields of a
     :class:`LinearFit` (:func:`check_linear_fit`), and where present ``init``
     one of :data:`INITS`. Returns the dict as read.
@@ -308,6 +310,7 @@ def check_fit(fit, p: str | os.PathLike) -> dict:
     if "prediction_level" in fit:
         check_level(p, "prediction_level", fit["prediction_level"])
     check_str(p, "scenario", fit.get("scenario"), null=True)
+    check_str(p, "base_identity", fit.get("base_identity"), null=True)  # absent before it was written
     for k, entry in enumerate(fit["fits"]):
         name = f"fits[{k}]"
         if not isinstance(entry, dict):

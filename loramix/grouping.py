@@ -244,6 +244,18 @@ def _trained_base_identity(adapter) -> str | None:
                  and i.get("kind") == "base_model"), None) if isinstance(inputs, list) else None  # fmt: skip
 
 
+def other_base(adapters, base: str | None, fitted: str) -> str | None:
+    """The warning that ``adapters`` were trained on another base than ``base``
+    (the identity a predictors file or a fit.json records; ``fitted`` says
+    which: ``"this fit was"``), or None: the same base, or nothing to compare
+    (a file from before the field, adapters without training provenance)."""
+    seen = {i for i in (_trained_base_identity(a) for a in adapters) if i}
+    if not (base and seen and seen != {base}):
+        return None
+    return (f"the adapters were trained on another base ({', '.join(sorted(x[:12] for x in seen))}) "
+            f"than the one {fitted} fitted for ({base[:12]}): the prediction may not hold")  # fmt: skip
+
+
 def adapter_checks(adapters, fitfile: dict, where: str) -> list[str]:
     """Of a predictors file ``fitfile`` (read from ``where``) for ``adapters``: another
     adapter kind refused; warnings for another base and a fit no better than the mean."""
@@ -257,11 +269,8 @@ def adapter_checks(adapters, fitfile: dict, where: str) -> list[str]:
             where, f"fitted for {want} adapters, given {', '.join(kinds)}: the fits are per kind"
         )
     warnings = []
-    base = fitfile.get("base_identity")
-    seen = {i for i in (_trained_base_identity(a) for a in adapters) if i}
-    if base and seen and seen != {base}:
-        warnings.append(f"the adapters were trained on another base ({', '.join(sorted(x[:12] for x in seen))}) "
-                        f"than the one these predictors were fitted for ({base[:12]}): the prediction may not hold")  # fmt: skip
+    if other := other_base(adapters, fitfile.get("base_identity"), "these predictors were"):
+        warnings.append(other)
     if not fitfile.get("beats_mean"):
         warnings.append("no feature predicted this target better than the mean when validated: the prediction "
                         "is the mean of the study's compositions")  # fmt: skip

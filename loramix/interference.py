@@ -33,7 +33,9 @@ interval, and its held-out error against the mean's. A predictors file made
 for another adapter kind is refused; one made for another base (its
 ``base_identity`` against the base identity in the adapters' training
 provenance) is used with a warning, as is one whose best predictor is no
-better than the mean.
+better than the mean. A ``fit.json`` records the same ``base_identity`` and
+is warned of alike; one written before it did (null or absent) is used
+without the check, as is a predictors file whose identity is null.
 """
 
 from __future__ import annotations
@@ -306,7 +308,8 @@ def predict(
     ``cosine`` (the composition's), ``pairwise`` (pair -> RMS cosine),
     ``predicted_delta_ppl_pct``, ``interval`` (low, high or None),
     ``level``, ``loo_rmse``, ``residual_se``, ``extrapolation``, the
-    study's ``label``, the fit used and ``notes`` (the pairs that adapt no
+    study's ``label``, the fit used, ``warnings`` (adapters trained on another
+    base than the fit's ``base_identity``) and ``notes`` (the pairs that adapt no
     module in common: their cosine counts 0, as in ``loramix plan``).
     """
     if not isinstance(fit, dict) and is_predictors_file(fit):
@@ -380,6 +383,9 @@ def _predict_line(adapters_or_paths, fit, merge_method: str, level, device, labe
             f"overflows at cosine {cos:.6g}: its prediction is beyond a float's range",
         )
     lo, hi = (min(lf.x), max(lf.x)) if lf.x else (cos, cos)
+    from .grouping import other_base
+
+    other = other_base(adapters, fit.get("base_identity"), "this fit was")
     sizes = fitted_sizes(entry.get("labels") or [])
     size_far = size_note(len(adapters), sizes) is not None
     return {
@@ -403,6 +409,7 @@ def _predict_line(adapters_or_paths, fit, merge_method: str, level, device, labe
         "fitted_range": [lo, hi],
         "fitted_sizes": sizes,
         "notes": disjoint_notes(names, coverage),
+        "warnings": [other] if other else [],
         "fit": {
             "file": fit_path,
             "scenario": fit.get("scenario"),

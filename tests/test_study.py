@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import loramix
 from loramix.cli import main
 from loramix.scenario.config import load_scenario
 from loramix.scenario.plan import data_similarity, merged_data_compositions, plan, prepare_data
@@ -289,6 +290,36 @@ def test_predict_with_the_predictors_file(study, tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "d2lora" in err and str(other) in err
     # the old fit.json still works
     assert main(["predict", paths["arith"], paths["sort"], "--fit", str(out / "fit.json")]) == 0
+
+
+def test_predict_with_the_fit_file_warns_of_another_base(study, tmp_path, capsys):
+    """fit.json records the base identity, as predictors.json does, and predict
+    warns of adapters trained on another base with either file (fit.json said
+    nothing); a fit.json from before the field is used without the check."""
+    from loramix.io.model_folder import BaseModelFolder
+
+    out, rep = study["out"], study["report"]
+    paths = rep["adapters"][0]
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["base_identity"] == BaseModelFolder(_base_path(rep)).identity()
+    capsys.readouterr()
+    assert main(["predict", paths["arith"], paths["sort"], "--fit", str(out / "fit.json")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    moved = tmp_path / "arith"
+    shutil.copytree(paths["arith"], moved)
+    prov = json.loads((moved / "loramix.json").read_text())
+    next(i for i in prov["inputs"] if i.get("kind") == "base_model")["identity"] = "0" * 64
+    (moved / "loramix.json").write_text(json.dumps(prov))
+    assert main(["predict", str(moved), paths["sort"], "--fit", str(out / "fit.json")]) == 0
+    err = capsys.readouterr().err
+    assert f"loramix: warning: {out / 'fit.json'}: the adapters were trained on another base" in err
+    assert f"than the one this fit was fitted for ({fit['base_identity'][:12]})" in err
+    r = loramix.predict([str(moved), paths["sort"]], str(out / "fit.json"))
+    assert len(r["warnings"]) == 1 and "another base" in r["warnings"][0]
+    old = tmp_path / "old-fit.json"
+    old.write_text(json.dumps({k: v for k, v in fit.items() if k != "base_identity"}))
+    assert main(["predict", str(moved), paths["sort"], "--fit", str(old)]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_report_renders_labelled_adapters(study):

@@ -48,9 +48,9 @@ def command(adapters, fit_path, merge_method, label, level, data, base, tokens, 
                 data=list(data) or None, base=base, tokens=tokens, max_len=max_len, progress=True)  # fmt: skip
     for n in r["notes"]:
         click.echo(f"loramix: note: {n}", err=True)
+    for w in r["warnings"]:  # another base than the file's, for a fit.json as for a predictors file
+        click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
     if is_predictors_file(fit_path):
-        for w in r["warnings"]:
-            click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
         click.echo(_json(r) if fmt == "json" else _validated_text(r))
         return
     click.echo(_json(r) if fmt == "json" else _line_text(r))

@@ -525,6 +525,8 @@ def write_report(folder: Path, report: dict, per_module: pd.DataFrame | None = N
         per_module.to_csv(folder / "similarity_per_module.csv", index=False)
     fit = {
         "scenario": report["scenario"]["name"],
+        # the base the fits hold for, as predictors.json records it: predict warns of adapters from another
+        "base_identity": report.get("base", {}).get("identity"),
         "loramix_version": report["loramix_version"],
         "created": report["created"],
         "x": "rms_cosine: RMS cosine of the composition = sqrt(mean over pairs of pairwise RMS cosine^2)",
