@@ -39,6 +39,7 @@ from .api import renamed
 from .data import QARecord, is_synthetic_spec, load_records, record_text, split_records
 from .errors import UsageError
 from .options import check_seed
+from .results import OutputDict
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -304,7 +305,7 @@ def build_base(
     params = {"size": size, **asdict(cfg), "steps": steps, "batch": batch, "lr": lr, "seed": seed,
               "heldout": heldout, "warmup": warmup}  # fmt: skip
     _write(out, model, tokenizer, log, params, inputs, results, force=force, data_paths=data_paths)
-    return results
+    return OutputDict(results)  # path-like (its "out"): evaluate(build_base(...), ...) takes it
 
 
 def _write(out, model, tokenizer, log, params, inputs, results, *, force, data_paths) -> None:

@@ -73,6 +73,7 @@ from .io.safetensors_io import (
 )
 from .io.shard_writer import ALIGN as PAGE
 from .io.shard_writer import ShardWriter, finish_model_folder
+from .results import WrittenFolder
 from .rounding import copy_narrowed, narrow
 
 Delta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -758,8 +759,9 @@ class SerialExecutor:
 
 
 @dataclass
-class StreamResult:
+class StreamResult(WrittenFolder):
     """What :func:`execute_into_base` wrote; ``facts`` per module that has some.
+    Path-like: ``os.fspath(res)`` is ``out`` (:mod:`loramix.results`).
 
     Its repr leaves out the per-module lists and the provenance, which a
     notebook echoing the result showed as a wall of text."""

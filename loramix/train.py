@@ -44,6 +44,7 @@ from .api import renamed
 from .archs import context_length
 from .errors import OutputError, UsageError
 from .options import check_seed
+from .results import OutputDict
 
 DEFAULT_EVAL_SIZE = 0.1
 """Per data source: a tenth of the records are held out (at least one)."""
@@ -328,7 +329,10 @@ def train_adapter(
     with kept_rng(run.dev):
         metrics = _train(run, kind, settings, options, out=out, progress=progress)
     _write(out, run, kind, settings, options, metrics, force=force, file_inputs=file_inputs)
-    return {"out": str(out), **metrics, "kind": kind.name, "method": kind.name, "settings": settings}
+    # path-like (its "out"): evaluate(base, adapters=[train_adapter(...)]) takes it
+    return OutputDict(
+        {"out": str(out), **metrics, "kind": kind.name, "method": kind.name, "settings": settings}
+    )
 
 
 def _check_kind_name(kind, flag: str) -> None:

@@ -211,35 +211,71 @@ def test_the_functions_pickle_as_themselves():
         assert pickle.loads(pickle.dumps(f)) is f
 
 
-def test_a_result_passed_for_an_adapter_or_a_base_is_refused_in_one_line(env, tmp_path):
-    """merge's MergeResult and sum_into_base's StreamResult have a ``modules``
-    field, by which similarity, plan and predict took them for loaded
-    adapters and failed deep inside (AttributeError: 'dict' object has no
-    attribute 'kind' / 'shape'); evaluate given one as its base raised
-    pathlib's TypeError. Now one AdapterError / BaseModelError line, pointing
-    at the result's ``out``."""
-    from loramix.errors import AdapterError, BaseModelError
+def test_a_result_stands_for_the_folder_it_wrote(env, tmp_path):
+    """merge's MergeResult, sum_into_base's StreamResult and train_adapter's
+    and build_base's dicts are path-like (``os.fspath`` is their ``out``):
+    passed as an adapter or a base they are that folder (they were refused,
+    "pass its .out"). A merge written into a base is a model folder, and as
+    an adapter it is refused in one line that says so. An object with an
+    ``out`` that is not path-like still gets the hint. Real files, real
+    models: the figures equal those of the folders' paths."""
+    import os
+    import types
+
+    from loramix.errors import AdapterError
 
     ads = [loramix.load_adapter(p) for p in env["ads"]]
+    base, data = env["base"], [env["data"]]
     merged = loramix.merge(ads, "sum", out=tmp_path / "m", progress=False)
-    into = loramix.sum_into_base(ads, into=env["base"], out=tmp_path / "b", progress=False)
-    said = f"not a MergeResult; pass its .out, {str(tmp_path / 'm')!r}"
-    fit = str(REPORTS / "fit.json")
-    for call in (
-        lambda: loramix.similarity([merged, ads[0]], progress=False),
-        lambda: loramix.similarity(merged, progress=False),
-        lambda: loramix.plan([ads[0], ads[1], merged], progress=False),
-        lambda: loramix.predict([ads[0], merged], fit, progress=False),
-        lambda: loramix.evaluate(env["base"], adapters=[merged], data=[env["data"]], progress=False),
-    ):
-        with pytest.raises(AdapterError) as e:
-            call()
-        assert str(e.value) == f"an adapter is a path or a loaded adapter, {said}"
-    with pytest.raises(BaseModelError) as e:
-        loramix.evaluate(into, data=[env["data"]], progress=False)
-    assert str(e.value).endswith(f"not a StreamResult; pass its .out, {str(tmp_path / 'b')!r}")
-    with pytest.raises(AdapterError) as e:  # said in full: its repr, 400 characters for an svd merge
-        loramix.load_adapter(merged)
-    assert str(e.value) == f"an adapter is a path to a folder or a .safetensors file, {said}"
+    into = loramix.sum_into_base(ads, into=base, out=tmp_path / "b", progress=False)
+    model = loramix.merge(ads, "ties", density=0.5, into=base, out=tmp_path / "t", progress=False)
+    trained = loramix.train_adapter(
+        base, env["data"], out=tmp_path / "tr", steps=1, progress=False, device="cpu"
+    )
+    built = loramix.build_base(
+        ["synthetic:arith?n=40"], out=tmp_path / "bb", steps=1, progress=False, device="cpu"
+    )
+    for res, folder in ((merged, merged.out), (into, into.out), (model, model.out), (trained, trained["out"]),
+                        (built, built["out"])):  # fmt: skip
+        assert isinstance(res, os.PathLike) and os.fspath(res) == str(folder)
+    assert trained.out == trained["out"] and isinstance(trained, dict)  # still the dict it was
+
+    def ppl(b, adapters=(), d=data):
+        return loramix.evaluate(b, adapters=adapters, data=d, progress=False, device="cpu")["ppl"].tolist()
+
+    assert ppl(base, [merged]) == ppl(base, [str(merged.out)])
+    assert ppl(base, merged) == ppl(base, [str(merged.out)])  # one adapter, not a list of something
+    assert ppl(base, [trained]) == ppl(base, [trained["out"]])
+    assert ppl(into) == ppl(str(into.out)) and ppl(model) == ppl(str(model.out))
+    assert ppl(built, d=["synthetic:arith?n=8"]) == ppl(built["out"], d=["synthetic:arith?n=8"])
+    sim = loramix.similarity([merged, ads[0]], progress=False)
+    assert sim.names == ["m", ads[0].name]
+    assert (
+        loramix.load_adapter(merged).path == str(merged.out)
+        or loramix.load_adapter(merged).path == merged.out
+    )
+    assert loramix.plan([ads[0], ads[1], merged], progress=False).groups
+    again = loramix.merge([merged, trained], "sum", out=tmp_path / "again", progress=False)
+    assert loramix.load_adapter(again).modules
+    # a model folder is a base, not an adapter: one line that says so (whatever names it)
+    for given in (model, into, str(model.out)):
+        for call in (
+            lambda g: loramix.similarity([g, ads[0]], progress=False),
+            lambda g: loramix.merge([g, ads[0]], "sum", out=tmp_path / "no", progress=False),
+            lambda g: loramix.evaluate(base, adapters=[g], data=data, progress=False),
+            loramix.load_adapter,
+        ):
+            with pytest.raises(AdapterError) as e:
+                call(given)
+            assert str(e.value) == (f"{os.fspath(given)}: not an adapter folder: no adapter_config.json; it holds "
+                                    "a model (config.json), which is a base, not an adapter")  # fmt: skip
+    assert not (tmp_path / "no").exists()
+    # an object that names a folder but is not path-like: the hint stays
+    other = types.SimpleNamespace(out=tmp_path / "m")
+    with pytest.raises(AdapterError) as e:
+        loramix.similarity([other, ads[0]], progress=False)
+    assert str(e.value) == (
+        f"an adapter is a path or a loaded adapter, not a SimpleNamespace; pass its .out, {str(tmp_path / 'm')!r}"
+    )
     # a single loaded adapter is still one adapter, not a list of its modules
     assert loramix.similarity(ads[0], progress=False).names == [ads[0].name]

@@ -140,7 +140,13 @@ def resolve_adapter_paths(path: str | Path) -> tuple[Path, Path, Path]:
     if p.is_dir():
         cfg, weights = p / CONFIG_NAME, p / WEIGHTS_NAME
         if not cfg.exists():
-            raise AdapterError(p, f"not an adapter folder: no {CONFIG_NAME}")
+            # a merge written into its base (a path-like MergeResult too) reads as a model: say so
+            model = (
+                "; it holds a model (config.json), which is a base, not an adapter"
+                if (p / "config.json").is_file()
+                else ""
+            )
+            raise AdapterError(p, f"not an adapter folder: no {CONFIG_NAME}{model}")
         if not weights.exists():
             if (p / "adapter_model.bin").exists():
                 raise AdapterError(
@@ -231,8 +237,11 @@ def adapter_list(adapters) -> list:
 
 def out_hint(obj) -> str:
     """``"; pass its .out, 'folder'"`` for an object given where a path was
-    wanted that names its output folder (``merge``'s and ``sum_into_base``'s
-    results), else ``""``: the error points at the folder, not the object."""
+    wanted that names its output folder but is not path-like, else ``""``:
+    the error points at the folder, not the object. ``merge``'s,
+    ``sum_into_base``'s, ``train_adapter``'s and ``build_base``'s results are
+    path-like (:mod:`loramix.results`) and taken as their folder, which is
+    then read as any path is (a model folder refused as an adapter)."""
     out = getattr(obj, "out", None)
     return f"; pass its .out, {os.fspath(out)!r}" if isinstance(out, (str, os.PathLike)) else ""
 

@@ -46,6 +46,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..options import check_dtype, parse_weights
+from ..results import WrittenFolder
 from .params import check_divide_weights
 
 _REGISTRY: dict[str, type] = {}
@@ -121,8 +122,9 @@ def get_method(name: str):
 
 
 @dataclass
-class MergeResult:
-    """What :func:`merge` wrote.
+class MergeResult(WrittenFolder):
+    """What :func:`merge` wrote; path-like: ``os.fspath(res)`` is ``out``
+    (:mod:`loramix.results`), so it is passed on as its folder.
 
     ``kind`` is ``"adapter"`` (a PEFT folder) or ``"model"`` (a base with the
     merge added). ``modules`` holds per-module facts (svd: rank and discarded
