@@ -38,7 +38,7 @@ from pathlib import Path
 from .api import renamed
 from .data import QARecord, is_synthetic_spec, load_records, record_text, split_records
 from .errors import UsageError
-from .options import check_seed
+from .options import check_numbers, check_seed
 from .results import OutputDict
 
 EOS_TOKEN = "<|endoftext|>"
@@ -258,6 +258,7 @@ def build_base(
     from .io.outputs import check_output
     from .perplexity import perplexity
 
+    check_numbers({"--steps": steps, "--heldout": heldout, "--batch": batch, "--lr": lr})
     cfg, size, steps, batch, lr = _recipe(size, steps, batch, lr)
     check_seed(seed)  # what base build --seed's IntRange bounds, from Python too
     is_cpu(device)  # a bad --device is refused first, told without torch where it can be

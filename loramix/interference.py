@@ -312,6 +312,9 @@ def predict(
     base than the fit's ``base_identity``) and ``notes`` (the pairs that adapt no
     module in common: their cosine counts 0, as in ``loramix plan``).
     """
+    from .options import check_numbers
+
+    check_numbers({"--level": level, "--tokens": tokens, "--max-len": max_len})  # level="0.9" was parsed
     if not isinstance(fit, dict) and is_predictors_file(fit):
         # every argument reaches it or is refused: method dropped here gave the primary
         # predictor's figure for any method asked, and a level or label was silently ignored

@@ -9,6 +9,7 @@ so the table of names is free to read.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from .errors import UsageError
@@ -78,6 +79,18 @@ def parse_weights(weights: Any, n: int, where: str = "weights") -> list[float]:
     if any(abs(w) > MAX_WEIGHT for w in ws):
         raise UsageError(where, f"{weights!r} holds a weight beyond +-{MAX_WEIGHT:g}; that is not a weight")
     return ws
+
+
+def check_numbers(values: dict[str, Any]) -> None:
+    """Each of ``values`` (flag -> value; None: not given) a number: an int or
+    a float (numpy's too), never a string or a bool. The Python API takes
+    numbers, as click hands them to it; ``density="0.5"`` (a config read
+    without conversion) was parsed, ``rank="8"`` failed with a TypeError deep
+    inside, and ``True`` counted as 1. A :class:`UsageError` names the flag
+    (the keyword, in Python)."""
+    for where, v in values.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+            raise UsageError(where, f"{v!r} is not a number")
 
 
 def seed_problem(seed: Any) -> str | None:

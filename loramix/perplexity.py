@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from .api import renamed
 from .archs import context_length, fast_head_classes
 from .errors import BaseModelError, UsageError
+from .options import check_numbers
 
 # The rule by which NLL is computed, in the cache keys of a study's evaluations
 # (loramix.scenario.plan), so that numbers made by an earlier rule are made
@@ -209,6 +210,7 @@ def evaluate(
     from .data import check_prompt
     from .devices import resolve_device
 
+    check_numbers({"--batch": batch})  # batch="8" failed in a comparison, a TypeError
     sets, adapters = _checked_inputs(base, adapters, merged=merged, data=data, limit=limit, max_len=max_len,
                                      device=device, fields=fields, dtype=dtype, top_layers=top_layers,
                                      prompt=prompt)  # fmt: skip
@@ -258,6 +260,7 @@ def _checked_inputs(
     adapters = adapter_list(adapters)
     if merged and not adapters:
         raise UsageError("--merged", "needs at least one --adapter")
+    check_numbers({"--max-len": max_len, "--limit": limit, "--top-layers": top_layers})
     # Python's own falsy 0 and negative slices: max_len=0 scored up to the model's context, and a
     # record list's limit=0 kept every record, limit=-1 all but the last, all silently
     if limit is not None and limit < 1:

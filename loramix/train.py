@@ -43,7 +43,7 @@ from pathlib import Path
 from .api import renamed
 from .archs import context_length
 from .errors import OutputError, UsageError
-from .options import check_seed
+from .options import check_numbers, check_seed
 from .results import OutputDict
 
 DEFAULT_EVAL_SIZE = 0.1
@@ -299,6 +299,10 @@ def train_adapter(
     # ---- validate everything before any work (and, for a file or flag mistyped, before torch loads)
     kind, flag = (kind, "--kind") if method is None else (method, "--method")
     _check_kind_name(kind, flag)
+    check_numbers({"--rank": rank, "--alpha": alpha, "--tau": tau, "--norm-dim": norm_dim, "--steps": steps,
+                   "--epochs": epochs, "--lr": lr, "--batch": batch, "--max-len": max_len, "--warmup": warmup,
+                   "--eval-size": eval_size, "--limit": limit, "--weight-decay": weight_decay, "--clip": clip,
+                   "--top-layers": top_layers, "--grad-accum": grad_accum, "bucket": bucket})  # fmt: skip
     _check_numbers(rank=rank, batch=batch, max_len=max_len, steps=steps, epochs=epochs, lr=lr,
                    norm_dim=norm_dim, alpha=alpha, tau=tau, warmup=warmup)  # fmt: skip
     check_seed(seed)  # what train --seed's IntRange bounds, from Python too

@@ -279,3 +279,40 @@ def test_a_result_stands_for_the_folder_it_wrote(env, tmp_path):
     )
     # a single loaded adapter is still one adapter, not a list of its modules
     assert loramix.similarity(ads[0], progress=False).names == [ads[0].name]
+
+
+def test_numbers_given_as_strings_are_refused(env):
+    """The API takes numbers, as click hands them to it: ``density="0.5"``
+    was parsed and ``True`` taken as 1, ``out_rank=2.5`` kept rank 2,
+    ``rank="8"`` / ``batch="4"`` failed with a TypeError deep inside, and
+    ``level="0.9"`` was parsed. Now one line naming the keyword, before any
+    work; the CLI, whose values click converts, is unchanged."""
+    b, ads, d, new = env["base"], env["ads"], env["data"], env["new"]
+    fit = str(REPORTS / "fit.json")
+    cases = [
+        (
+            lambda: loramix.merge(ads, "ties", density="0.5", into=b, out=new),
+            "density: '0.5' is not a number",
+        ),
+        (lambda: loramix.merge(ads, "ties", density=True, into=b, out=new), "density: True is not a number"),
+        (lambda: loramix.merge(ads, "svd", rank="2", out=new), "rank: '2' is not a number"),
+        (lambda: loramix.merge(ads, "sum", out_rank="2", out=new), "out_rank: '2' is not a number"),
+        (lambda: loramix.merge(ads, "sum", out_rank=2.5, out=new), "out_rank: 2.5 is not a valid int"),
+        (lambda: loramix.merge(ads, "sum", energy="0.5", out=new), "energy: '0.5' is not a number"),
+        (lambda: loramix.train_adapter(b, d, out=new, rank="8", steps=1), "rank: '8' is not a number"),
+        (lambda: loramix.train_adapter(b, d, out=new, lr="1e-3", steps=1), "lr: '1e-3' is not a number"),
+        (lambda: loramix.evaluate(b, data=d, batch="4"), "batch: '4' is not a number"),
+        (lambda: loramix.predict(ads, fit, level="0.9", label="lora"), "level: '0.9' is not a number"),
+        (lambda: loramix.build_base(d, out=new, steps="2"), "steps: '2' is not a number"),
+    ]
+    for call, line in cases:
+        with pytest.raises(UsageError) as e:
+            call()
+        assert str(e.value) == line
+        assert not Path(new).exists()
+    # numbers of any kind still are numbers (numpy's too), and the CLI's values are
+    import numpy as np
+
+    res = loramix.merge(ads, "sum", out_rank=np.int64(2), out=new + "-ok")
+    assert res.params["out_rank"] == 2
+    assert main(["merge", "-m", "svd", "--rank", "2", *ads, "--out", new + "-cli"]) == 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -1150,18 +1151,17 @@ def check_truncation(out_rank, energy) -> tuple[int | None, float | None]:
     """``(out_rank, energy)`` coerced and range-checked; at most one of them."""
     if out_rank is not None and energy is not None:
         raise UsageError("--out-rank/--energy", "give one of --out-rank K or --energy F, not both")
+    from ..options import check_numbers
+
+    check_numbers({"--out-rank": out_rank, "--energy": energy})  # "2" was parsed, True taken as 1
     if out_rank is not None:
-        try:
-            out_rank = int(out_rank)
-        except (TypeError, ValueError):
-            raise UsageError("--out-rank", f"{out_rank!r} is not a valid int") from None
+        if not (isinstance(out_rank, numbers.Integral) or float(out_rank).is_integer()):
+            raise UsageError("--out-rank", f"{out_rank!r} is not a valid int")  # int(2.5) kept rank 2
+        out_rank = int(out_rank)
         if out_rank < 1:
             raise UsageError("--out-rank", f"{out_rank} is below 1")
     if energy is not None:
-        try:
-            energy = float(energy)
-        except (TypeError, ValueError):
-            raise UsageError("--energy", f"{energy!r} is not a valid float") from None
+        energy = float(energy)
         if not 0.0 < energy <= 1.0:
             raise UsageError("--energy", f"{energy} is outside (0, 1]: it is the fraction of the energy kept")
     return out_rank, energy

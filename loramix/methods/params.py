@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UsageError
-from ..options import MAX_WEIGHT, seed_problem
+from ..options import MAX_WEIGHT, check_numbers, seed_problem
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class Param:
             if v not in self.choices:
                 raise UsageError(self.flag, f"{value!r} is not one of {', '.join(self.choices)}")
             return v
+        if self.type in (int, float):
+            check_numbers({self.flag: value})  # "0.5" was parsed, True taken as 1
         try:
             if self.type is int:
                 if isinstance(value, float) and not value.is_integer():
