@@ -312,8 +312,7 @@ def test_truncation_is_eckart_young(case, k):
     S = torch.linalg.svdvals(ref)
     tail = float((S[k:] ** 2).sum())
     tot = float((S**2).sum())
-    # --rank above the stacked rank, or above min(out, in), is refused
-    k = min(k, sum(a.modules[MOD].rank for a in ads), *ads[0].modules[MOD].shape)
+    k = min(k, sum(a.modules[MOD].rank for a in ads))  # --rank above the stacked rank is refused
     for lr in (svd_factors(ads, ws, MOD, rank=k), truncate(ref, k, None)):
         kk = lr.A.shape[0]
         assert kk <= max(1, min(k, len(S)))

@@ -196,8 +196,8 @@ class MergeMethod:
 
     def rank_cap(self, params: dict, adapters: Sequence[Adapter]) -> tuple[int, str]:
         """The largest rank this method's merged delta has in any module, and
-        those words for it: the module's ``min(out, in)`` and, for the exact
-        factors of a low-rank method, its stacked rank ``R = sum_i r_i``
+        those words for it: for the exact factors of a low-rank method the
+        stacked rank ``R = sum_i r_i``, else ``min(out, in)``
         (:func:`rank_cap`). ``--out-rank`` above it is refused."""
         return rank_cap(adapters, self.low_rank)
 
@@ -1101,23 +1101,25 @@ def _low_rank_names() -> list[str]:
 
 
 def rank_cap(adapters: Sequence, stacked: bool) -> tuple[int, str]:
-    """``max_m cap_m`` over the adapters' modules ``m`` and its words, where
-    ``cap_m = min(out_m, in_m)`` bounds any ``(out, in)`` delta's rank and,
-    with ``stacked`` (exact factors ``B_cat (out, R) @ A_cat (R, in)``),
-    ``cap_m = min(out_m, in_m, R_m)``, ``R_m = sum_i r_i`` over the adapters
-    that touch ``m``. A rank above it holds nothing more in any module.
-    Torch-free: ``adapters`` may be the numpy reader's."""
+    """The largest rank of a merged module delta over the adapters' modules
+    ``m``, and its words: with ``stacked`` (exact factors
+    ``B_cat (out, R_m) @ A_cat (R_m, in)``) the stacked rank
+    ``max_m R_m``, ``R_m = sum_i r_i`` over the adapters that touch ``m``
+    (what ``svd --rank`` was always checked against; a module narrower than
+    ``R_m`` keeps ``min(out, in)``), else ``max_m min(out_m, in_m)``, which
+    bounds any ``(out, in)`` delta. Torch-free: ``adapters`` may be the numpy
+    reader's."""
     ranks: dict[str, int] = {}
     dims: dict[str, int] = {}
     for ad in adapters:
         for name, md in ad.modules.items():
             ranks[name] = ranks.get(name, 0) + md.rank
             dims[name] = min(md.shape)
-    cap = max((min(dims[n], ranks[n]) if stacked else dims[n] for n in dims), default=0)
-    if stacked and cap == max(ranks.values(), default=0):
+    if stacked:
+        cap = max(ranks.values(), default=0)
         return cap, f"the stacked rank {cap} of the adapters (the sum of their ranks)"
-    what = "the smaller of min(out, in) and the sum of the adapters' ranks" if stacked else "min(out, in)"
-    return cap, f"{cap}, the largest rank a merged module can have (per module {what})"
+    cap = max(dims.values(), default=0)
+    return cap, f"{cap}, the largest rank a merged module can have (per module min(out, in))"
 
 
 def check_out_rank(m: MergeMethod, params: dict, ads: Sequence, trunc) -> None:
