@@ -47,8 +47,8 @@ counts up to ``k`` times): Pearson ``r``, ``R^2 = 1 - SS_res / SS_tot``
 and the coverage of the ``level`` (default 90%) prediction intervals (the
 fraction of held-out ``y`` inside them, over the predictions that have an
 interval; NaN when none has). The best predictor has the lowest
-held-out MAE (MAEs equal to 1e-12 relative tie, and a tie goes to the name
-order: :func:`ranked`); it *beats the mean* when its MAE is below the ``mean``
+held-out MAE (MAEs equal to 1e-12 relative tie, and a tie goes to the
+least qualified name, then the name order: :func:`ranked`); it *beats the mean* when its MAE is below the ``mean``
 predictor's. Features with a missing or infinite value on any composition are
 left out. The final fits (on all compositions) are kept for ``loramix plan``.
 """
@@ -349,18 +349,21 @@ def _metrics(pred: pd.DataFrame) -> dict:
 
 def ranked(summary: pd.DataFrame, rtol: float = 1e-12) -> pd.DataFrame:
     """``summary`` best first: by held-out MAE, MAEs within ``rtol`` of each
-    other tied and a tie going to the name order. Two names for one feature
-    (``band_mean_cosine:top`` is ``mean_cosine`` where every adapted layer is
-    in the top band) give MAEs that differ in their last bits only, by the
-    order of a sum; ranked by those bits, which of the two is "best" turned
-    on float noise and changed from one run to the next."""
+    other tied, and a tie going to the least qualified name (fewest ``:``
+    parts: the general feature before a per-type or per-band one), then to
+    the name order. Two names for one feature (``band_mean_cosine:top`` is
+    ``mean_cosine`` where every adapted layer is in the top band) give MAEs
+    that differ in their last bits only, by the order of a sum; ranked by
+    those bits, which of the two is "best" turned on float noise and changed
+    from one run to the next."""
     s = summary.sort_values(["mae", "predictor"], kind="stable")
     lead, tie = math.nan, []
     for m in s["mae"].to_numpy(dtype=np.float64):
         if not abs(m - lead) <= rtol * abs(lead):  # a NaN MAE, or the first, starts a group
             lead = m
         tie.append(lead)
-    s = s.assign(_tie=tie).sort_values(["_tie", "predictor"], kind="stable")
+    s = s.assign(_tie=tie, _parts=s["predictor"].str.count(":"))
+    s = s.sort_values(["_tie", "_parts", "predictor"], kind="stable")
     return s.reset_index(drop=True)[SUMMARY_COLUMNS]
 
 

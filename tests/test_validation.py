@@ -352,3 +352,6 @@ def test_one_feature_under_two_names_ranks_by_name_not_by_float_noise(seed):
     assert [p for p in s["predictor"] if p.endswith("_same")] == ["ols:a_same", "ols:b_same"]
     m = s["mae"].to_list()
     assert all(b >= a * (1 - 1e-12) for a, b in zip(m, m[1:]))  # still by MAE, ties apart
+    # a qualified name (a band's, a module type's) yields to the general one it equals
+    s = validate(comps, y, pd.DataFrame({"z_same": x * (1 + 1e-14), "a_same:top": x})).summary
+    assert [p for p in s["predictor"] if "_same" in p] == ["ols:z_same", "ols:a_same:top"]
