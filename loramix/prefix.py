@@ -217,6 +217,19 @@ def _prefix_tensors(model, k: int) -> list[tuple[str, torch.Tensor]]:
             for name, t in [*mod.named_parameters(), *mod.named_buffers()]]  # fmt: skip
 
 
+def copy_sharing_prefix(model, k: int) -> nn.Module:
+    """``copy.deepcopy(model)`` whose input embedding and blocks ``0 .. k-1``
+    hold ``model``'s own parameter and buffer tensors (a tied head shares the
+    embedding's, as in ``model``); every other tensor is copied. ``h_k``
+    depends on those tensors alone, and an adapter on blocks ``k`` and up
+    never writes them (:func:`check_top_only`), so a training of the copy
+    leaves them as they are: the copy costs the memory of the blocks from
+    ``k`` up only, and :func:`prefix_identity` of the copy is the held
+    model's remembered digest (the same tensor objects), not a second hash."""
+    memo = {id(t): t for _, t in _prefix_tensors(model, k)}
+    return copy.deepcopy(model, memo)
+
+
 def _tensor_stamp(t: torch.Tensor) -> tuple | None:
     """What says ``t`` still holds the bytes it held: its version counter (bumped
     by every in-place write through it), storage address, shape, strides and

@@ -717,3 +717,69 @@ def test_the_loops_fast_paths_give_the_bytes_of_the_plain_ones(bases, tmp_path, 
     plain = train_adapter(bases["gpt2"], ARITH, out=tmp_path / "plain", **kw)
     a, b = ((Path(r["out"]) / "adapter_model.safetensors").read_bytes() for r in (fast, plain))
     assert a == b
+
+
+STUDY_TOP = """
+name = "top"
+[base]
+path = "{base}"
+[domains.arith]
+data = "synthetic:arith"
+train = 8
+eval = 4
+[domains.units]
+data = "synthetic:units"
+train = 8
+eval = 4
+[adapters]
+rank = 2
+alpha = 4
+steps = 2
+batch = 4
+max_len = 48
+top_layers = 1
+init = ["data", "shared"]
+[merge]
+methods = ["sum"]
+"""
+
+
+def test_study_trainings_share_the_base_prefix_and_hash_it_once(bases, tmp_path, monkeypatch):
+    """A study's trainings (``scenario run``, one process) train copies of
+    the held base that share its embedding and blocks below the top layers
+    (``StepContext.base_copy``): the prefix's weights are hashed once in the
+    run, not once more per adapter (4 here), and each adapter is the bytes of
+    a training that loads the base itself."""
+    from loramix import prefix
+    from loramix.models import load_causal_lm
+    from loramix.scenario.steps import StepContext
+
+    base = bases["llama"]
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cd"))
+    prefix.clear_memory()
+    hashed = []
+    real = prefix._hash_tensor
+    monkeypatch.setattr(prefix, "_hash_tensor", lambda h, t: (hashed.append(1), real(h, t)))
+    scen = tmp_path / "s.toml"
+    scen.write_text(STUDY_TOP.format(base=base))
+    args = ["scenario", "run", str(scen), "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "c")]
+    assert main([*args, "--jobs", "1", "--quiet"]) == 0
+    model, _ = load_causal_lm(base)
+    assert len(hashed) == len(
+        prefix._prefix_tensors(model, 1)
+    )  # one digest of blocks 0 .. 0 and the embedding
+    ctx = StepContext(None, {}, None, "cpu")
+    held, _ = ctx.base_model(str(base))
+    copy_, _ = ctx.base_copy(str(base), top_layers=1)
+    shared = {id(t) for t in held.parameters()}
+    assert copy_.model.embed_tokens.weight is held.model.embed_tokens.weight
+    assert all(id(p) in shared for p in copy_.model.layers[0].parameters())
+    assert not any(id(p) in shared for p in copy_.model.layers[1].parameters())
+    # trained twice on copies sharing the prefix (the first leaves it as it was), and on its own load
+    kw = dict(top_layers=1, rank=2, alpha=4, steps=2, batch=4, max_len=48, eval_size=4, progress=False)
+    for out in ("copy1", "copy2"):
+        train_adapter(base, ARITH, out=tmp_path / out, loaded=ctx.base_copy(str(base), 1), **kw)
+    train_adapter(base, ARITH, out=tmp_path / "alone", **kw)
+    blob = [(tmp_path / o / "adapter_model.safetensors").read_bytes() for o in ("copy1", "copy2", "alone")]
+    assert blob[0] == blob[1] == blob[2]
+    prefix.clear_memory()
