@@ -783,3 +783,19 @@ def test_study_trainings_share_the_base_prefix_and_hash_it_once(bases, tmp_path,
     blob = [(tmp_path / o / "adapter_model.safetensors").read_bytes() for o in ("copy1", "copy2", "alone")]
     assert blob[0] == blob[1] == blob[2]
     prefix.clear_memory()
+
+
+def test_study_features_run_the_held_base_not_a_second_load(bases, tmp_path, monkeypatch):
+    """The features step's calibration (``[predictors]``) runs the base the
+    process already holds: one load of the base in the whole run (was one
+    more per features step, 1-2 s each on SmolLM2)."""
+    from loramix import models
+
+    loads = []
+    real = models.load_causal_lm
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: (loads.append(a[0]), real(*a, **k))[1])
+    scen = tmp_path / "s.toml"
+    scen.write_text(STUDY_TOP.format(base=bases["llama"]) + "[predictors]\ntokens = 32\n")
+    args = ["scenario", "run", str(scen), "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "c")]
+    assert main([*args, "--jobs", "1", "--quiet"]) == 0
+    assert (tmp_path / "c" / "features").is_dir() and len(loads) == 1, loads

@@ -154,12 +154,15 @@ def _trunk(model, owners):
 
 
 def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = DEFAULT_TOKENS, max_len: int = DEFAULT_MAX_LEN,
-            device="cpu", progress: bool = False, prompts: list[str] | None = None) -> Calibration:  # fmt: skip
+            device="cpu", progress: bool = False, prompts: list[str] | None = None,
+            loaded: tuple | None = None) -> Calibration:  # fmt: skip
     """Run the base model over ``tokens`` calibration tokens of each ``data[i]``
     (adapter ``i``'s domain) and keep ``S_i,m`` for every adapted module.
     ``prompts[i]``: how domain ``i``'s records are formatted (``raw``, the
     default, or ``chat``), as adapter ``i`` saw them in training.
-    ``progress``: a bar of the tokens run, on stderr where it is a terminal."""
+    ``progress``: a bar of the tokens run, on stderr where it is a terminal.
+    ``loaded``: ``base`` already loaded on ``device``, ``(model, tokenizer)``,
+    to run instead of loading it again (only read: hooks are added and removed)."""
     from ..kinds.base import is_embedding
     from ..models import load_causal_lm
 
@@ -171,7 +174,7 @@ def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = DEFA
         raise UsageError("--tokens", f"must be at least 1, got {tokens}")
     # Every file read (and a bad one refused) before the base is loaded and run.
     records = [calibration_records(path, tokens) for path in data]
-    model, tok = load_causal_lm(base, device=device)
+    model, tok = load_causal_lm(base, device=device) if loaded is None else loaded
     from ..io.peft_layout import check_default_targets
 
     # the base known: an adapter without target_modules holds PEFT's default for its type, or is refused

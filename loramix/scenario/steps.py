@@ -351,9 +351,9 @@ def _features_step(ctx: StepContext, st: Step, deps: dict) -> dict:
         names, p = st.args["names"], ctx.sc.predictors
         ads = [load_adapter(deps[a]["path"], name=d) for a, d in zip(st.args["adapters"], names)]
         data = [deps[f"data/{d}/train"]["path"] for d in names]
-        cal = capture(
-            ads, deps["base"]["path"], data, tokens=p.tokens, max_len=p.max_len, device=str(ctx.device)
-        )
+        base = deps["base"]["path"]
+        cal = capture(ads, base, data, tokens=p.tokens, max_len=p.max_len, device=str(ctx.device),
+                      loaded=ctx.base_model(base))  # fmt: skip
         return compute_features(ads, calibration=cal).to_json_dict()
 
     return ctx.cache.json_artifact("features", st.spec, compute, st.label)
