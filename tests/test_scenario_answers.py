@@ -461,3 +461,33 @@ def test_predictions_plot_names_its_adapters(tmp_path, monkeypatch):
     write_predictor_files(tmp_path, rep)
     (title,) = [t for t in titles if "held out" in t]
     assert title.startswith("quickstart: ols:subspace_overlap, lora adapters"), title
+
+
+def test_one_wide_interval_does_not_flatten_the_predictions(tmp_path, monkeypatch):
+    """predicted_vs_measured: one held-out interval of -79..+74 around points
+    within a few units set the y axis, and every point lay on a flat line.
+    Both axes now span the points (the same range: the diagonal is the
+    diagonal), every point inside, and a cut interval ends in a marker at
+    the axes' edge that the legend names."""
+    from loramix.scenario.plots import predicted_vs_measured
+
+    pred = _quickstart_best_predictions().copy()
+    pred.iloc[0, pred.columns.get_loc("low")] = -79.0
+    pred.iloc[0, pred.columns.get_loc("high")] = 74.0
+    fig = _saved_figure(
+        monkeypatch, lambda: predicted_vs_measured(pred, tmp_path / "p.png", "t", "retention_pct (sum)")
+    )
+    ax = fig.axes[0]
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    assert (x0, x1) == (y0, y1)
+    pts = pred[["y", "y_hat"]].to_numpy(float)
+    p0, p1 = pts.min(), pts.max()
+    assert p0 - (p1 - p0) <= y0 <= p0 and p1 <= y1 <= p1 + (p1 - p0), (y0, y1, p0, p1)
+    inside = ax.get_window_extent()
+    for px, py in ax.transData.transform(pts):
+        assert inside.contains(px, py)
+    edges = [ln for ln in ax.lines if ln.get_marker() in ("^", "v") and len(ln.get_xdata())]
+    assert {ln.get_marker() for ln in edges} == {"^", "v"}
+    for ln in edges:
+        assert set(ln.get_ydata()) == {y1 if ln.get_marker() == "^" else y0}
+    assert any("cut" in t.get_text() for t in ax.get_legend().get_texts())

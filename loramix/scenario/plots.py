@@ -331,21 +331,53 @@ def cluster_order(sim: np.ndarray) -> list[int]:
     return clusters[0]
 
 
+def _shown_range(points: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> tuple[float, float]:
+    """One range for both axes of :func:`predicted_vs_measured`: the points'
+    (measured and predicted values) ``[p0, p1]``, widened to the intervals'
+    ends by at most half the points' span on each side, plus 4 % padding.
+    A single interval of -79..+74 around points within +-2 set the range
+    before, and flattened every point."""
+    p0, p1 = float(np.min(points)), float(np.max(points))
+    span = p1 - p0 if p1 > p0 else max(abs(p1), 1.0) * 0.1
+    lo = max(min(p0, float(np.min(lows, initial=p0))), p0 - span / 2)
+    hi = min(max(p1, float(np.max(highs, initial=p1))), p1 + span / 2)
+    pad = 0.04 * (hi - lo)
+    return lo - pad, hi + pad
+
+
 def predicted_vs_measured(pred: pd.DataFrame, path: Path, title: str, ylabel: str) -> Path:
     """Held-out predictions (leave-one-domain-out) against the measured values:
     one point per (composition, held-out domain), the bar its prediction
-    interval; the diagonal is a perfect prediction."""
+    interval; the diagonal is a perfect prediction. Both axes show the same
+    range (:func:`_shown_range`), so the diagonal runs corner to corner; an
+    interval cut at the axes' edge ends in an arrowhead there (named in
+    the legend)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8.0, 5.6), dpi=130)  # 1.8 inches more for the legend beside
     lo = pred["low"].astype(float).to_numpy()
     hi = pred["high"].astype(float).to_numpy()
     y, yh = pred["y"].astype(float).to_numpy(), pred["y_hat"].astype(float).to_numpy()
+    ok = np.isfinite(y) & np.isfinite(yh)
+    y, yh, lo, hi = y[ok], yh[ok], lo[ok], hi[ok]
     has = np.isfinite(lo) & np.isfinite(hi)
-    ax.errorbar(y[has], yh[has], yerr=[yh[has] - lo[has], hi[has] - yh[has]], fmt="o", ms=3, alpha=0.55,
+    if not ok.any():  # nothing to show: an empty plot with its labels
+        r0, r1 = 0.0, 1.0
+    else:
+        r0, r1 = _shown_range(np.concatenate([y, yh]), lo[has], hi[has])
+    # the bars cut at the range: matplotlib would clip them too, but the arrowheads need the cut ends
+    clo, chi = np.clip(lo, r0, r1), np.clip(hi, r0, r1)
+    ax.errorbar(y[has], yh[has], yerr=[yh[has] - clo[has], chi[has] - yh[has]], fmt="o", ms=3, alpha=0.55,
                 elinewidth=0.6, capsize=0, color="tab:blue", label="held-out prediction, interval")  # fmt: skip
     ax.plot(y[~has], yh[~has], "o", ms=3, color="tab:blue", alpha=0.55)
-    span = [float(np.nanmin([y.min(), yh.min()])), float(np.nanmax([y.max(), yh.max()]))]
-    ax.plot(span, span, color="0.3", lw=0.8, label="measured = predicted")
+    up, down = has & (hi > r1), has & (lo < r0)
+    if up.any() or down.any():
+        kw = dict(ls="none", ms=5, color="tab:blue", clip_on=False, zorder=4)
+        cut = "interval cut at the axes' edge"
+        ax.plot(y[up], np.full(up.sum(), r1), "^", label=cut if up.any() else "_", **kw)
+        ax.plot(y[down], np.full(down.sum(), r0), "v", label="_" if up.any() else cut, **kw)
+    ax.plot([r0, r1], [r0, r1], color="0.3", lw=0.8, label="measured = predicted")
+    ax.set_xlim(r0, r1)
+    ax.set_ylim(r0, r1)
     ax.set_xlabel(f"measured {ylabel}")
     ax.set_ylabel(f"predicted {ylabel} (fit without the held-out domain)")
     ax.set_title(title, fontsize=10)
