@@ -491,3 +491,27 @@ def test_one_wide_interval_does_not_flatten_the_predictions(tmp_path, monkeypatc
     for ln in edges:
         assert set(ln.get_ydata()) == {y1 if ln.get_marker() == "^" else y0}
     assert any("cut" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def _quickstart_by_layer() -> pd.DataFrame:
+    from pathlib import Path
+
+    rep = json.loads((Path(__file__).resolve().parents[1] / "reports/quickstart/report.json").read_text())
+    return pd.DataFrame(rep["cosine_by_layer"])
+
+
+def test_each_layer_panel_fills_its_own_scale(tmp_path, monkeypatch):
+    """quickstart's cosine_by_layer: the panels shared a y axis, lora's
+    cosines reached 0.5, and lora:data's (at most 0.03) lay flat near 0.
+    Each panel's largest cosine now reaches at least half its y axis."""
+    from loramix.scenario.plots import cosine_by_layer
+
+    by_layer = _quickstart_by_layer()
+    assert set(by_layer["adapter_method"]) == {"lora", "lora:data"}
+    fig = _saved_figure(monkeypatch, lambda: cosine_by_layer(by_layer, tmp_path / "c.png", "t"))
+    for ax in fig.axes:
+        method = ax.get_title().split(" ")[0]
+        peak = by_layer.loc[by_layer["adapter_method"] == method, "rms_cosine"].max()
+        lo, hi = ax.get_ylim()
+        assert lo <= 0 and peak >= (hi - lo) / 2, (method, peak, lo, hi)
+        assert any(t.get_text() for t in ax.get_yticklabels()), method  # its own scale is labelled

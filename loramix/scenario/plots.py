@@ -229,13 +229,29 @@ def delta_vs_cosine(summary: pd.DataFrame, fits: list[dict], path: Path, title: 
     return _saved(fig, path)
 
 
+#: panels of cosine_by_layer share a y axis while their peaks differ by at most this factor
+SHARE_Y_WITHIN = 3.0
+
+
+def _share_y(by_layer: pd.DataFrame) -> bool:
+    """Whether cosine_by_layer's panels share one y axis: only while the
+    adapter methods' largest cosines are within :data:`SHARE_Y_WITHIN` of
+    each other (the quickstart's lora at 0.5 beside lora:data at 0.03
+    flattened the latter near 0)."""
+    peaks = by_layer.groupby("adapter_method", sort=False)["rms_cosine"].max().to_numpy(float)
+    peaks = peaks[np.isfinite(peaks)]
+    return peaks.size < 2 or peaks.min() * SHARE_Y_WITHIN >= peaks.max()
+
+
 def cosine_by_layer(by_layer: pd.DataFrame, path: Path, title: str) -> Path:
     """``by_layer``: ``adapter_method``, ``pair``, ``layer``, ``rms_cosine``
-    (mean over seeds), one panel per adapter method."""
+    (mean over seeds), one panel per adapter method; the y axis from 0,
+    shared by the panels where their scales are alike (:func:`_share_y`)."""
     plt = _plt()
     methods = list(dict.fromkeys(by_layer["adapter_method"]))
+    share = _share_y(by_layer)
     fig, axes = plt.subplots(1, len(methods), figsize=(8.4 * len(methods), 4.4), dpi=130, squeeze=False,
-                             sharey=True)  # fmt: skip
+                             sharey=share)  # fmt: skip
     for ax, method in zip(axes[0], methods):
         g = by_layer[by_layer["adapter_method"] == method]
         # a legend of more than LEGEND_PAIRS pairs covers the panel: name the most similar
@@ -253,8 +269,9 @@ def cosine_by_layer(by_layer: pd.DataFrame, path: Path, title: str) -> Path:
         layers = sorted(g["layer"].dropna().unique())
         if layers and len(layers) <= 24:
             ax.set_xticks(layers)
+        ax.set_ylim(bottom=0)  # RMS cosines are >= 0: a bar-like scale, not a zoom on the spread
         ax.set_xlabel("layer")
-        ax.set_title(f"{method}", fontsize=10)
+        ax.set_title(f"{method}" if share else f"{method} (own y scale)", fontsize=10)
         ax.grid(alpha=0.25)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     axes[0][0].set_ylabel("RMS cosine over the layer's modules")
