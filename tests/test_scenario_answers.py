@@ -515,3 +515,25 @@ def test_each_layer_panel_fills_its_own_scale(tmp_path, monkeypatch):
         lo, hi = ax.get_ylim()
         assert lo <= 0 and peak >= (hi - lo) / 2, (method, peak, lo, hi)
         assert any(t.get_text() for t in ax.get_yticklabels()), method  # its own scale is labelled
+
+
+def test_one_adapted_layer_is_a_bar_per_pair(tmp_path, monkeypatch):
+    """A study with top_layers = 1: cosine_by_layer was a single column of
+    dots over one x tick, told apart by a legend of ten colours. Each panel
+    is now one bar per pair, named on its axis, largest at the top, and the
+    names stay inside the figure and apart."""
+    from loramix.scenario.plots import cosine_by_layer
+
+    by_layer = _quickstart_by_layer()
+    one = by_layer[by_layer["layer"] == by_layer["layer"].max()]
+    fig = _saved_figure(monkeypatch, lambda: cosine_by_layer(one, tmp_path / "c.png", "t"))
+    for ax in fig.axes:
+        method = ax.get_title().split(" ")[0]
+        want = one[one["adapter_method"] == method].set_index("pair")["rms_cosine"].sort_values()
+        names = [t.get_text() for t in ax.get_yticklabels()]
+        assert names == list(want.index), (method, names)
+        assert [p.get_width() for p in ax.patches] == list(want), method
+        boxes = [t.get_window_extent() for t in ax.get_yticklabels()]
+        assert all(fig.bbox.x0 <= b.x0 for b in boxes)
+        for i, a in enumerate(boxes):
+            assert not any(a.overlaps(b) for b in boxes[i + 1 :]), names[i]

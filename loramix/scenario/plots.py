@@ -243,38 +243,74 @@ def _share_y(by_layer: pd.DataFrame) -> bool:
     return peaks.size < 2 or peaks.min() * SHARE_Y_WITHIN >= peaks.max()
 
 
+#: pairs drawn as bars in cosine_by_layer's panels of a single layer (the most similar ones)
+BAR_PAIRS = 24
+
+
+def _one_layer_panel(ax, g: pd.DataFrame) -> None:
+    """A panel of cosine_by_layer for a study of one adapted layer: one bar
+    per pair, the most similar at the top (at most :data:`BAR_PAIRS`), named
+    on the y axis; a single column of dots over one x tick before."""
+    cos = g.groupby("pair", sort=False)["rms_cosine"].mean().dropna().sort_values(ascending=False)
+    shown = cos.iloc[:BAR_PAIRS][::-1]  # barh draws bottom-up
+    ax.barh(np.arange(len(shown)), shown.to_numpy(float), color="tab:blue", height=0.7)
+    ax.set_yticks(np.arange(len(shown)), labels=shown.index, fontsize=8)
+    ax.set_ylim(-0.6, len(shown) - 0.4)
+    layer = g["layer"].dropna().unique()
+    where = f"layer {int(layer[0])}" if len(layer) else "the layer"
+    label = f"RMS cosine over {where}'s modules"
+    if len(cos) > len(shown):
+        label += f"\n(the {len(shown)} largest of {len(cos)} pairs; all in similarity_per_module.csv)"
+    ax.set_xlabel(label)
+    ax.grid(axis="x", alpha=0.25)
+
+
+def _layers_panel(ax, g: pd.DataFrame) -> None:
+    """A panel of cosine_by_layer: one line per pair across the layers."""
+    # a legend of more than LEGEND_PAIRS pairs covers the panel: name the most similar
+    # pairs only, the others in grey (every value is in similarity_per_module.csv)
+    peak = g.groupby("pair", sort=False)["rms_cosine"].max()
+    named = set(peak.nlargest(LEGEND_PAIRS).index)
+    for pair, gp in g.groupby("pair", sort=False):
+        gp = gp.sort_values("layer")
+        if pair in named:
+            ax.plot(gp["layer"], gp["rms_cosine"], "o-", ms=4, label=pair, zorder=3)
+        else:
+            ax.plot(gp["layer"], gp["rms_cosine"], "-", color="0.8", lw=0.8, zorder=2)
+    if len(peak) > len(named):
+        ax.plot([], [], "-", color="0.8", label=f"the other {len(peak) - len(named)} pairs")
+    layers = sorted(g["layer"].dropna().unique())
+    if layers and len(layers) <= 24:
+        ax.set_xticks(layers)
+    ax.set_ylim(bottom=0)  # RMS cosines are >= 0: a bar-like scale, not a zoom on the spread
+    ax.set_xlabel("layer")
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
 def cosine_by_layer(by_layer: pd.DataFrame, path: Path, title: str) -> Path:
     """``by_layer``: ``adapter_method``, ``pair``, ``layer``, ``rms_cosine``
-    (mean over seeds), one panel per adapter method; the y axis from 0,
-    shared by the panels where their scales are alike (:func:`_share_y`)."""
+    (mean over seeds), one panel per adapter method; the cosine axis from 0,
+    shared by the panels where their scales are alike (:func:`_share_y`).
+    With one adapted layer, each panel is a bar chart of the pairs
+    (:func:`_one_layer_panel`), else a line per pair across the layers."""
     plt = _plt()
     methods = list(dict.fromkeys(by_layer["adapter_method"]))
     share = _share_y(by_layer)
-    fig, axes = plt.subplots(1, len(methods), figsize=(8.4 * len(methods), 4.4), dpi=130, squeeze=False,
-                             sharey=share)  # fmt: skip
+    one = by_layer["layer"].dropna().nunique() <= 1
+    if one:
+        bars = min(BAR_PAIRS, max(by_layer.groupby("adapter_method")["pair"].nunique().max(), 1))
+        fig, axes = plt.subplots(1, len(methods), figsize=(6.4 * len(methods), 0.24 * bars + 1.8), dpi=130,
+                                 squeeze=False, sharex=share)  # fmt: skip
+    else:
+        fig, axes = plt.subplots(1, len(methods), figsize=(8.4 * len(methods), 4.4), dpi=130, squeeze=False,
+                                 sharey=share)  # fmt: skip
     for ax, method in zip(axes[0], methods):
         g = by_layer[by_layer["adapter_method"] == method]
-        # a legend of more than LEGEND_PAIRS pairs covers the panel: name the most similar
-        # pairs only, the others in grey (every value is in similarity_per_module.csv)
-        peak = g.groupby("pair", sort=False)["rms_cosine"].max()
-        named = set(peak.nlargest(LEGEND_PAIRS).index)
-        for pair, gp in g.groupby("pair", sort=False):
-            gp = gp.sort_values("layer")
-            if pair in named:
-                ax.plot(gp["layer"], gp["rms_cosine"], "o-", ms=4, label=pair, zorder=3)
-            else:
-                ax.plot(gp["layer"], gp["rms_cosine"], "-", color="0.8", lw=0.8, zorder=2)
-        if len(peak) > len(named):
-            ax.plot([], [], "-", color="0.8", label=f"the other {len(peak) - len(named)} pairs")
-        layers = sorted(g["layer"].dropna().unique())
-        if layers and len(layers) <= 24:
-            ax.set_xticks(layers)
-        ax.set_ylim(bottom=0)  # RMS cosines are >= 0: a bar-like scale, not a zoom on the spread
-        ax.set_xlabel("layer")
-        ax.set_title(f"{method}" if share else f"{method} (own y scale)", fontsize=10)
-        ax.grid(alpha=0.25)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    axes[0][0].set_ylabel("RMS cosine over the layer's modules")
+        (_one_layer_panel if one else _layers_panel)(ax, g)
+        ax.set_title(f"{method}" if share else f"{method} (own {'x' if one else 'y'} scale)", fontsize=10)
+    if not one:
+        axes[0][0].set_ylabel("RMS cosine over the layer's modules")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _saved(fig, path)
