@@ -537,3 +537,27 @@ def test_one_adapted_layer_is_a_bar_per_pair(tmp_path, monkeypatch):
         assert all(fig.bbox.x0 <= b.x0 for b in boxes)
         for i, a in enumerate(boxes):
             assert not any(a.overlaps(b) for b in boxes[i + 1 :]), names[i]
+
+
+def test_the_suptitle_clears_the_first_panel_title(tmp_path, monkeypatch):
+    """d2-vs-lora's delta_by_method (three panels stacked, 13.8 in tall):
+    tight_layout left 3 px between the figure's title and the first panel's
+    title, which read as one line run into the other."""
+    from pathlib import Path
+
+    from loramix.scenario.plots import TITLE_GAP_PT, delta_by_method
+
+    rep = json.loads((Path(__file__).resolve().parents[1] / "reports/d2-vs-lora/report.json").read_text())
+    summary = pd.DataFrame(rep["summary"])
+    summary = summary[np.isfinite(summary["delta_ppl_pct"].astype(float))]
+    fig = _saved_figure(
+        monkeypatch,
+        lambda: delta_by_method(summary, tmp_path / "b.png", "d2-vs-lora: Δppl % by merge method"),
+    )
+    assert len(fig.axes) == 3
+    r = fig.canvas.get_renderer()
+    sup = fig._suptitle.get_window_extent(r)
+    assert sup.y1 <= fig.bbox.y1
+    for ax in fig.axes:
+        gap = sup.y0 - ax.get_tightbbox(r).y1
+        assert gap >= TITLE_GAP_PT * fig.dpi / 72 - 0.5, (ax.get_title(), gap)

@@ -79,6 +79,24 @@ def _plt():
     return plt
 
 
+#: the least room between a figure's suptitle and the panels' titles below it, in points
+TITLE_GAP_PT = 8.0
+
+
+def _titled_layout(fig, title: str) -> None:
+    """``fig.suptitle(title)`` and ``tight_layout``, the panels then lowered
+    until the suptitle clears everything below it by :data:`TITLE_GAP_PT`:
+    tight_layout alone left d2-vs-lora's three stacked panels (13.8 in tall)
+    with 3 px between the suptitle and the first panel's title."""
+    sup = fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    top = max(ax.get_tightbbox(renderer).y1 for ax in fig.axes)
+    short = TITLE_GAP_PT * fig.dpi / 72 - (sup.get_window_extent(renderer).y0 - top)
+    if short > 0:
+        fig.tight_layout(rect=(0, 0, 1, 1 - short / fig.bbox.height))
+
+
 def _saved(fig, path: Path) -> Path:
     """Write ``fig`` to ``path`` and free it (pyplot keeps every open figure)."""
     fig.savefig(path)
@@ -311,8 +329,7 @@ def cosine_by_layer(by_layer: pd.DataFrame, path: Path, title: str) -> Path:
         ax.set_title(f"{method}" if share else f"{method} (own {'x' if one else 'y'} scale)", fontsize=10)
     if not one:
         axes[0][0].set_ylabel("RMS cosine over the layer's modules")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    _titled_layout(fig, title)
     return _saved(fig, path)
 
 
@@ -359,8 +376,7 @@ def delta_by_method(summary: pd.DataFrame, path: Path, title: str) -> Path:
     order = [m for m in merges if m in handles]
     axes[0, 0].legend([handles[m] for m in order], order, fontsize=8, loc="upper left",
                       bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # fmt: skip
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    _titled_layout(fig, title)
     return _saved(fig, path)
 
 
@@ -467,15 +483,14 @@ def interference_by_method(summary: pd.DataFrame, path: Path, title: str) -> Pat
         ax.axhline(0, color="0.3", lw=0.8)
         ax.set_ylabel(lab)
         ax.grid(axis="y", alpha=0.25)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    _titled_layout(fig, title)
     # names such as lora:data/dare-ties still run into each other level: slant them
     renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer) for t in axes[0][0].get_xticklabels()]
     if any(a.x1 > b.x0 for a, b in zip(boxes, boxes[1:])):
         for ax in axes[0]:
             plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
-        fig.tight_layout()
+        _titled_layout(fig, title)  # the same suptitle, laid out again
     return _saved(fig, path)
 
 
@@ -501,6 +516,5 @@ def plan_vs_random(panels: list[tuple[str, float, list[float]]], path: Path, tit
         ax.grid(alpha=0.25)
         # beside the axes: inside, "best" found no free corner over a few tall bars and lay across one
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    _titled_layout(fig, title)
     return _saved(fig, path)
