@@ -561,3 +561,23 @@ def test_the_suptitle_clears_the_first_panel_title(tmp_path, monkeypatch):
     for ax in fig.axes:
         gap = sup.y0 - ax.get_tightbbox(r).y1
         assert gap >= TITLE_GAP_PT * fig.dpi / 72 - 0.5, (ax.get_title(), gap)
+
+
+def test_every_layer_line_lies_inside_its_panel(tmp_path, monkeypatch):
+    """real-14-domains' cosine_by_layer (lora up to 0.21, lora:shared up to
+    0.31, one shared y axis): the y axis set from 0 in the first panel froze
+    its top at 0.22 and cut lora:shared's most similar pairs off the top."""
+    from pathlib import Path
+
+    from loramix.scenario.plots import cosine_by_layer
+
+    rep = json.loads(
+        (Path(__file__).resolve().parents[1] / "reports/real-14-domains/report.json").read_text()
+    )
+    by_layer = pd.DataFrame(rep["cosine_by_layer"])
+    fig = _saved_figure(monkeypatch, lambda: cosine_by_layer(by_layer, tmp_path / "c.png", "t"))
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        lo, hi = ax.get_ylim()
+        ys = np.concatenate([np.asarray(ln.get_ydata(), float) for ln in ax.lines])
+        assert lo <= 0 and lo <= ys.min() and ys.max() <= hi, (ax.get_title(), ys.max(), hi)

@@ -300,7 +300,6 @@ def _layers_panel(ax, g: pd.DataFrame) -> None:
     layers = sorted(g["layer"].dropna().unique())
     if layers and len(layers) <= 24:
         ax.set_xticks(layers)
-    ax.set_ylim(bottom=0)  # RMS cosines are >= 0: a bar-like scale, not a zoom on the spread
     ax.set_xlabel("layer")
     ax.grid(alpha=0.25)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
@@ -329,6 +328,10 @@ def cosine_by_layer(by_layer: pd.DataFrame, path: Path, title: str) -> Path:
         ax.set_title(f"{method}" if share else f"{method} (own {'x' if one else 'y'} scale)", fontsize=10)
     if not one:
         axes[0][0].set_ylabel("RMS cosine over the layer's modules")
+        # RMS cosines are >= 0: from 0, set once every panel is drawn. Set in the loop,
+        # it froze the shared axis at the first panel's top and cut the next panel's lines
+        for ax in axes[0]:
+            ax.set_ylim(bottom=0)
     _titled_layout(fig, title)
     return _saved(fig, path)
 
