@@ -581,3 +581,30 @@ def test_every_layer_line_lies_inside_its_panel(tmp_path, monkeypatch):
         lo, hi = ax.get_ylim()
         ys = np.concatenate([np.asarray(ln.get_ydata(), float) for ln in ax.lines])
         assert lo <= 0 and lo <= ys.min() and ys.max() <= hi, (ax.get_title(), ys.max(), hi)
+
+
+def test_a_pair_has_one_colour_in_every_layer_panel(tmp_path, monkeypatch):
+    """real-14-domains' cosine_by_layer coloured each panel's named pairs in
+    its own order: law+history was grey in lora's panel and pink in
+    lora:shared's, where pink had been economics+nq_open."""
+    from pathlib import Path
+
+    from matplotlib.colors import to_hex
+
+    from loramix.scenario.plots import cosine_by_layer
+
+    rep = json.loads(
+        (Path(__file__).resolve().parents[1] / "reports/real-14-domains/report.json").read_text()
+    )
+    by_layer = pd.DataFrame(rep["cosine_by_layer"])
+    fig = _saved_figure(monkeypatch, lambda: cosine_by_layer(by_layer, tmp_path / "c.png", "t"))
+    seen: dict[str, str] = {}
+    for ax in fig.axes:
+        named = {ln.get_label(): to_hex(ln.get_color()) for ln in ax.lines if "+" in ln.get_label()}
+        assert len(named) == 10 and len(set(named.values())) == 10, named  # apart within a panel
+        for pair, color in named.items():
+            assert seen.setdefault(pair, color) == color, pair
+    by_colour: dict[str, set] = {}
+    for pair, color in seen.items():
+        by_colour.setdefault(color, set()).add(pair)
+    assert all(len(p) == 1 for p in by_colour.values()), by_colour  # and across them

@@ -283,16 +283,38 @@ def _one_layer_panel(ax, g: pd.DataFrame) -> None:
     ax.grid(axis="x", alpha=0.25)
 
 
-def _layers_panel(ax, g: pd.DataFrame) -> None:
-    """A panel of cosine_by_layer: one line per pair across the layers."""
-    # a legend of more than LEGEND_PAIRS pairs covers the panel: name the most similar
-    # pairs only, the others in grey (every value is in similarity_per_module.csv)
+def _named_pairs(g: pd.DataFrame) -> list[str]:
+    """The pairs a panel of cosine_by_layer names: a legend of more than
+    LEGEND_PAIRS pairs covers the panel, so the most similar ones only, the
+    others drawn in grey (every value is in similarity_per_module.csv)."""
     peak = g.groupby("pair", sort=False)["rms_cosine"].max()
-    named = set(peak.nlargest(LEGEND_PAIRS).index)
+    top = set(peak.nlargest(LEGEND_PAIRS).index)
+    return [p for p in peak.index if p in top]
+
+
+def _pair_colors(by_layer: pd.DataFrame) -> dict[str, tuple]:
+    """One colour per pair named in any panel, the same in every panel
+    (tab20, dark shades first; cycled above twenty): coloured panel by
+    panel, real-14-domains' law+history was pink in one panel and
+    economics+nq_open pink in the other."""
+    from matplotlib import colormaps
+
+    pairs = list(dict.fromkeys(p for _, g in by_layer.groupby("adapter_method", sort=False)
+                               for p in _named_pairs(g)))  # fmt: skip
+    # tab20's dark shades first (tab10's hues), its light ones for an eleventh pair and on
+    cmap = colormaps["tab20"]
+    return {p: cmap((2 * i + i // 10) % 20) for i, p in enumerate(pairs)}
+
+
+def _layers_panel(ax, g: pd.DataFrame, colors: dict) -> None:
+    """A panel of cosine_by_layer: one line per pair across the layers, the
+    named ones (:func:`_named_pairs`) in their ``colors``, the others grey."""
+    peak = g.groupby("pair", sort=False)["rms_cosine"].max()
+    named = set(_named_pairs(g))
     for pair, gp in g.groupby("pair", sort=False):
         gp = gp.sort_values("layer")
         if pair in named:
-            ax.plot(gp["layer"], gp["rms_cosine"], "o-", ms=4, label=pair, zorder=3)
+            ax.plot(gp["layer"], gp["rms_cosine"], "o-", ms=4, label=pair, color=colors[pair], zorder=3)
         else:
             ax.plot(gp["layer"], gp["rms_cosine"], "-", color="0.8", lw=0.8, zorder=2)
     if len(peak) > len(named):
@@ -322,9 +344,10 @@ def cosine_by_layer(by_layer: pd.DataFrame, path: Path, title: str) -> Path:
     else:
         fig, axes = plt.subplots(1, len(methods), figsize=(8.4 * len(methods), 4.4), dpi=130, squeeze=False,
                                  sharey=share)  # fmt: skip
+    colors = _pair_colors(by_layer)
     for ax, method in zip(axes[0], methods):
         g = by_layer[by_layer["adapter_method"] == method]
-        (_one_layer_panel if one else _layers_panel)(ax, g)
+        _one_layer_panel(ax, g) if one else _layers_panel(ax, g, colors)
         ax.set_title(f"{method}" if share else f"{method} (own {'x' if one else 'y'} scale)", fontsize=10)
     if not one:
         axes[0][0].set_ylabel("RMS cosine over the layer's modules")
