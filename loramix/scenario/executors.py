@@ -13,9 +13,6 @@ it, and uses it once made (:meth:`loramix.scenario.cache.Cache.get_or_make`).
 * ``serial``: in this process, in plan order.
 * ``processes``: ``jobs`` local worker processes (``spawn``); with
   ``device="cuda"`` and several GPUs, worker ``i`` uses GPU ``i mod n``.
-  The data splits, the steps read back from the cache and, on the CPU, a
-  base build (every other step waits for it) run in the run's own process,
-  on a worker's threads: the workers start up beside the build.
 * ``ray``: tasks on a Ray cluster (``ray.init(address=...)``, or a local
   instance without an address); the cache folder must be shared by the nodes.
 
@@ -137,8 +134,8 @@ def _worker_init(payload: dict, threads: int, devices, parent: int | None = None
     hf_logging.disable_progress_bar()
     torch.set_num_threads(threads)
     # what every computing step imports (models, tokenizers, the training and
-    # evaluation code), now: a worker started beside the base build (which runs
-    # alone, in the run's own process; ProcessExecutor.run) does it on the idle core
+    # evaluation code), now: a worker started beside the first step (the base
+    # build, which runs alone; ProcessExecutor.run) then does it on the idle core
     import transformers.modeling_utils  # noqa: F401
     import transformers.tokenization_utils_fast  # noqa: F401
 
@@ -234,47 +231,6 @@ def _worker_run(st: Step, deps: dict) -> Outcome:
             os._exit(143)  # the step has unwound
 
 
-def _cheap(ctx: StepContext, st: Step) -> bool:
-    """Whether ``st`` runs in this process: it reads back what is on disk
-    (:func:`~.steps.reads_back`) or writes a data split (text already in
-    memory); milliseconds, where a worker's start is seconds."""
-    return st.kind == "data" or reads_back(ctx, st)
-
-
-def _builds_here(ctx: StepContext, st: Step) -> bool:
-    """Whether ``st``, the first step that computes, runs in this process
-    rather than in a worker: a base build on the CPU (every other step waits
-    for it), which then runs beside the workers' start-up instead of after
-    one. Not on a GPU: a worker may hold another one."""
-    return st.kind == "base" and str(ctx.device) == "cpu"
-
-
-def _timed_here(ctx: StepContext, st: Step, deps: dict, threads: int) -> Outcome:
-    """:func:`_timed` in this process as a worker runs it (:func:`_worker_run`):
-    on a worker's torch threads and one OpenBLAS thread (the same threads,
-    the same bits), the caller's threads after."""
-    import torch
-
-    from ..blas import openblas_threads
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with openblas_threads(1):
-            return _timed(ctx, st, deps)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _finished(outcome: Outcome):
-    """A future already holding ``outcome`` (a step run in this process)."""
-    from concurrent.futures import Future
-
-    future = Future()
-    future.set_result(outcome)
-    return future
-
-
 def _gpu_devices(device: str) -> list[str] | None:
     if not str(device).startswith("cuda") or ":" in str(device):
         return None
@@ -321,6 +277,7 @@ class ProcessExecutor:
             devices = spawn.Queue()
             for i in range(self.jobs):
                 devices.put(gpus[i % len(gpus)])
+        from concurrent.futures import Future
         from concurrent.futures.process import BrokenProcessPool
 
         # every worker started and the steps under way: to say which died, and during what
@@ -328,35 +285,23 @@ class ProcessExecutor:
         under_way: dict = {}
         pools: list = []  # started at the first step that computes: a study read back starts none
 
-        per_job = threads_per_job(self.threads, self.jobs)
-
-        def start_pool(warm: int) -> None:
-            pools.append(ProcessPoolExecutor(self.jobs, mp_context=spawn, initializer=_worker_init,
-                                             initargs=(ctx.payload(), per_job, devices, os.getpid())))  # fmt: skip
-            with _starting_workers():  # the pool starts a worker per task here, on demand
-                for _ in range(warm):
-                    pools[0].submit(_worker_started)
-            workers.update(getattr(pools[0], "_processes", None) or {})
-
         def submit(st, deps):
+            if reads_back(ctx, st):  # milliseconds here; a worker's start is seconds (torch, transformers)
+                future = Future()
+                future.set_result(_timed(ctx, st, deps))
+                return future
             first = not pools
-            if _cheap(ctx, st):  # milliseconds here; a worker's start is seconds (torch, transformers)
-                return _finished(_timed(ctx, st, deps))
-            if first and _builds_here(ctx, st):
-                # the base build runs alone, and this process has torch already (Runner._computing):
-                # build it here while the workers start, not after one of them has started
-                if (warm := min(self.jobs, sum(not _cheap(ctx, s) for s in steps) - 1)) > 0:
-                    start_pool(warm)
-                return _finished(_timed_here(ctx, st, deps, per_job))
             if first:
-                start_pool(0)
+                pools.append(ProcessPoolExecutor(self.jobs, mp_context=spawn, initializer=_worker_init,
+                                                 initargs=(ctx.payload(), threads_per_job(self.threads, self.jobs),
+                                                           devices, os.getpid())))  # fmt: skip
             pool = pools[0]
             under_way[st.id] = st
             with _starting_workers():  # the pool starts a worker here, on demand
                 future = pool.submit(_worker_run, st, deps)
                 # the first step (a base build) often runs alone: start the other workers
                 # the computing steps can use now, so their start-up runs beside it, not after
-                others = min(self.jobs, sum(not _cheap(ctx, s) for s in steps)) - 1 if first else 0
+                others = min(self.jobs, sum(not reads_back(ctx, s) for s in steps)) - 1 if first else 0
                 for _ in range(others):
                     pool.submit(_worker_started)
             workers.update(getattr(pool, "_processes", None) or {})
