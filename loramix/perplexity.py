@@ -17,7 +17,7 @@ the float32 logits ``z`` by ``torch.logsumexp`` and the terms are summed in
 float64. torch's ``cross_entropy`` (and so transformers' own loss) goes
 through its CPU ``log_softmax`` kernel, which is about 1.2e-5 relative low
 on SmolLM2's 49k vocabulary; the ``logsumexp`` route is within 1e-7 of a
-float64 computation (``tests/test_perplexity.py``). Training keeps
+float64 computation (``tests/test_eval.py``). Training keeps
 ``cross_entropy``: its gradient is what the optimizer has always seen.
 
 Only scored positions need logits: for the model classes in

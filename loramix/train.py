@@ -299,13 +299,10 @@ def train_adapter(
     # ---- validate everything before any work (and, for a file or flag mistyped, before torch loads)
     kind, flag = (kind, "--kind") if method is None else (method, "--method")
     _check_kind_name(kind, flag)
-    check_numbers({"--rank": rank, "--alpha": alpha, "--tau": tau, "--norm-dim": norm_dim, "--steps": steps,
-                   "--epochs": epochs, "--lr": lr, "--batch": batch, "--max-len": max_len, "--warmup": warmup,
-                   "--eval-size": eval_size, "--limit": limit, "--weight-decay": weight_decay, "--clip": clip,
-                   "--top-layers": top_layers, "--grad-accum": grad_accum, "bucket": bucket})  # fmt: skip
-    _check_numbers(rank=rank, batch=batch, max_len=max_len, steps=steps, epochs=epochs, lr=lr,
-                   norm_dim=norm_dim, alpha=alpha, tau=tau, warmup=warmup)  # fmt: skip
-    check_seed(seed)  # what train --seed's IntRange bounds, from Python too
+    _check_numbers(rank=rank, batch=batch, max_len=max_len, steps=steps, epochs=epochs, lr=lr, norm_dim=norm_dim,
+                   alpha=alpha, tau=tau, warmup=warmup, seed=seed,
+                   typed={"--eval-size": eval_size, "--limit": limit, "--weight-decay": weight_decay, "--clip": clip,
+                          "--top-layers": top_layers, "--grad-accum": grad_accum, "bucket": bucket})  # fmt: skip
     _check_speed(dtype=dtype, grad_accum=grad_accum, batch=batch, prefix_cache=prefix_cache, prompt=prompt)
     data_list = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     file_inputs = [d for d in data_list if not (isinstance(d, str) and d.startswith("synthetic:"))]
@@ -434,9 +431,17 @@ def warmup_steps(warmup: int | None, total: int) -> int:
     return int(warmup)
 
 
-def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, tau, warmup) -> None:
+def _check_numbers(
+    *, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, tau, warmup, seed, typed
+) -> None:
+    """Every numeric argument a number (``typed``: those with no range to
+    check here; :func:`~loramix.options.check_numbers`), each in its range,
+    and ``seed`` what ``train --seed``'s IntRange bounds, from Python too."""
     from .io.config_schema import FLOAT32_MAX, FLOAT32_TINY
 
+    check_numbers({"--rank": rank, "--alpha": alpha, "--tau": tau, "--norm-dim": norm_dim, "--steps": steps,
+                   "--epochs": epochs, "--lr": lr, "--batch": batch, "--max-len": max_len, "--warmup": warmup,
+                   **typed})  # fmt: skip
     for flag, v, lo in (("--rank", rank, 1), ("--batch", batch, 1), ("--max-len", max_len, 2)):
         if v < lo:
             raise UsageError(flag, f"must be at least {lo}, got {v}")
@@ -468,6 +473,7 @@ def _check_numbers(*, rank, batch, max_len, steps, epochs, lr, norm_dim, alpha, 
         raise UsageError("--tau", f"must be 0 or more and within float32's range, got {tau}")
     if norm_dim not in (0, 1):
         raise UsageError("--norm-dim", f"must be 0 or 1, got {norm_dim}")
+    check_seed(seed)
 
 
 @dataclass

@@ -46,11 +46,11 @@ counts up to ``k`` times): Pearson ``r``, ``R^2 = 1 - SS_res / SS_tot``
 (about the held-out ``y``'s mean; negative when worse than that mean), ``MAE``,
 and the coverage of the ``level`` (default 90%) prediction intervals (the
 fraction of held-out ``y`` inside them, over the predictions that have an
-interval; NaN when none has). The best predictor has the lowest
-held-out MAE (MAEs equal to 1e-12 relative tie, and a tie goes to the
-least qualified name, then the name order: :func:`ranked`); it *beats the mean* when its MAE is below the ``mean``
-predictor's. Features with a missing or infinite value on any composition are
-left out. The final fits (on all compositions) are kept for ``loramix plan``.
+interval; NaN when none has). The best predictor has the lowest held-out
+MAE (MAEs equal to 1e-12 relative tie, and a tie goes to the least qualified
+name, then the name order: :func:`ranked`); it *beats the mean* when its MAE
+is below the ``mean`` predictor's. Features with a missing or infinite value
+on any composition are left out. The final fits (on all compositions) are kept for ``loramix plan``.
 """
 
 from __future__ import annotations
