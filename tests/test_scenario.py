@@ -728,6 +728,107 @@ def test_numbers_are_consistent(study):
         assert f["loo_rmse"] is not None
 
 
+def _kept_by_hand(ev: pd.DataFrame, am: str, comp: str, mm: str) -> tuple[float, float, str]:
+    """A composition's worst-member share of its gain kept by merge ``mm``,
+    from evaluations.csv alone: per member and seed 100 (base - merge) /
+    (base - own) where the own adapter beats the base, averaged over seeds;
+    the lowest member's mean, its sample std over seeds and its name."""
+    member = {}
+    for d in comp.split("+"):
+        vals = []
+        for seed in sorted(ev["seed"].unique()):
+            e = ev[(ev.adapter_method == am) & (ev.seed == seed) & (ev.domain == d)].set_index("model")["ppl"]
+            base, own, merge = e["base"], e[f"adapter:{d}"], e[f"merge:{mm}:{comp}"]
+            if base > own:
+                vals.append(100 * (base - merge) / (base - own))
+        if vals:
+            member[d] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan)
+    if not member:
+        return math.nan, math.nan, ""
+    worst = min(member, key=lambda d: member[d][0])
+    return (*member[worst], worst)
+
+
+def test_which_adapters_compose(study):
+    """The report's "Which adapters compose?" rows, recomputed from
+    evaluations.csv and results.csv: each method's worst-member kept gain,
+    the best method, the verdict at 90 / 50 %, the rank, the seed-spread
+    flags (two seeds here); the CSV, report.json and report.md agree; the
+    pair heatmap is written."""
+    out = study["out"]
+    ev, res = pd.read_csv(out / "evaluations.csv"), pd.read_csv(out / "results.csv")
+    csv_rows = pd.read_csv(out / "composability.csv", keep_default_na=False, na_values=[""])
+    rep = json.loads((out / "report.json").read_text())
+    assert len(csv_rows) == len(rep["composability"]) == len(res.groupby(["adapter_method", "composition"]))
+    for row, jrow in zip(csv_rows.to_dict(orient="records"), rep["composability"]):
+        assert (row["adapter_method"], row["composition"], row["best_method"]) == (
+            jrow["adapter_method"], jrow["composition"], jrow["best_method"])  # fmt: skip
+    for r, jrow in zip(csv_rows.to_dict(orient="records"), rep["composability"]):
+        g = res[(res.adapter_method == r["adapter_method"]) & (res.composition == r["composition"])]
+        methods = list(dict.fromkeys(g["merge_method"]))
+        figs = {m: _kept_by_hand(ev, r["adapter_method"], r["composition"], m) for m in methods}
+        for m in methods:  # every method's figure, then the best one's
+            assert r[f"kept_worst_pct_{m}"] == pytest.approx(figs[m][0], rel=1e-9)
+        best = max(methods, key=lambda m: figs[m][0])
+        assert r["best_method"] == best and r["kept_worst_pct"] == pytest.approx(figs[best][0], rel=1e-9)
+        assert (
+            r["kept_worst_pct_std"] == pytest.approx(figs[best][1], rel=1e-9)
+            and r["worst_member"] == figs[best][2]
+        )
+        k = r["kept_worst_pct"]
+        assert r["verdict"] == ("composes" if k >= 90 else "partly" if k >= 50 else "does not compose")
+        assert r["retention_pct"] == pytest.approx(
+            g[g.merge_method == best]["retention_pct"].mean(), rel=1e-9
+        )
+        runner = max((m for m in methods if m != best), key=lambda m: figs[m][0])
+        assert r["runner_up"] == runner
+        # the flags as report.json has them (booleans; the CSV's are text)
+        assert jrow["lead_within_spread"] == (k - figs[runner][0] < max(figs[best][1], figs[runner][1]))
+        assert jrow["verdict_within_spread"] == (min(abs(k - 90), abs(k - 50)) < figs[best][1])
+        assert r["n_seeds"] == 2
+    for _, g in csv_rows.groupby("adapter_method"):
+        assert list(g["rank"]) == list(range(1, len(g) + 1))
+        assert list(g["kept_worst_pct"]) == sorted(g["kept_worst_pct"], reverse=True)
+    md = (out / "report.md").read_text()
+    sec = md[md.index("## Which adapters compose?") : md.index("## Summary")]
+    assert "Figures are means over 2 seeds" in sec and "One training seed" not in sec
+    kinds = list(dict.fromkeys(csv_rows["adapter_method"]))
+    blocks = {am: sec[sec.index(f"**{am}**, ") :] for am in kinds}  # each kind's count line and table
+    for r in csv_rows.to_dict(orient="records"):  # three pairs: every row listed, with its verdict and figure
+        lines = blocks[r["adapter_method"]].splitlines()
+        line = next(ln for ln in lines if ln.startswith(f"| {r['rank']} | {r['composition']} |"))
+        assert (
+            r["verdict"] in line and f"| {r['kept_worst_pct']:.0f} ± {r['kept_worst_pct_std']:.0f} |" in line
+        )
+    png = out / "kept_gain.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_old_report_renders_which_adapters_compose():
+    """A report.json written before the section (the committed real study:
+    one seed, no ``composability``) renders it from its evaluations, after
+    the answer and before the plan, and says the spread is not measured."""
+    from loramix.scenario import compose
+    from loramix.scenario.report import _View
+
+    report = json.loads((ROOT / "reports" / "real-14-domains" / "report.json").read_text())
+    assert "composability" not in report
+    sec = compose.section(report, _View(report))
+    text = "\n".join(sec)
+    assert "One training seed: the seed-to-seed spread is not measured" in text
+    rows = compose.compute(report)
+    for am in ("lora", "lora:shared"):
+        rs = [r for r in rows if r["adapter_method"] == am]
+        counts = [sum(r["verdict"] == v for r in rs) for v in ("composes", "partly", "does not compose")]
+        assert sum(counts) == len(rs) == 101
+        assert (f"**{am}**, 101 compositions: {counts[0]} compose, {counts[1]} partly, {counts[2]} do not"
+                in text)  # fmt: skip
+    # law+sql by ties, lora: law keeps -94 % of its gain (worse than the base), sql nearly all of it
+    r = next(r for r in rows if r["adapter_method"] == "lora" and r["composition"] == "law+sql")
+    assert (r["best_method"], r["worst_member"], r["verdict"]) == ("ties", "law", "does not compose")
+    assert r["kept_worst_pct"] == pytest.approx(-94.24, abs=0.01)
+
+
 def test_second_run_is_cached_and_quick(study):
     log1, log2 = study["log1"], study["log2"]
     made1 = [e for e in log1 if e["status"] != "hit"]

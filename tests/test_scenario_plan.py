@@ -27,7 +27,13 @@ TINY = CI_SCENARIO.replace("seeds = [0, 1]", "seeds = [0]").replace('name = "ci"
 
 # Files whose every byte is a number of the study (report.md and report.json
 # also hold timings and dates).
-RESULT_FILES = ["results.csv", "evaluations.csv", "similarity_per_module.csv", "fit.json"]
+RESULT_FILES = [
+    "results.csv",
+    "evaluations.csv",
+    "similarity_per_module.csv",
+    "composability.csv",
+    "fit.json",
+]
 
 
 def _run(root: Path, name: str, *extra: str) -> Path:

@@ -12,6 +12,8 @@
 * ``interference_by_method``: the targets' spread per merge method (box plots).
 * ``plan_vs_random``: the retention % of random groupings (a histogram) and of
   ``loramix plan``'s grouping (a line).
+* ``kept_gain_heatmap``: per adapter label, the share of the worse member's
+  gain each pair's best merge keeps, domain x domain (:mod:`.compose`).
 * ``cluster_order``: the clustered order of the similarity heatmap.
 
 The similarity heatmap is :func:`loramix.plots.similarity_heatmap`.
@@ -542,5 +544,69 @@ def plan_vs_random(panels: list[tuple[str, float, list[float]]], path: Path, tit
         ax.grid(alpha=0.25)
         # beside the axes: inside, "best" found no free corner over a few tall bars and lay across one
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    _titled_layout(fig, title)
+    return _saved(fig, path)
+
+
+def _ink(rgba) -> str:
+    """Black or white text, whichever reads on a cell of colour ``rgba``
+    (relative luminance, sRGB weights, below 0.45: white)."""
+    r, g, b = rgba[:3]
+    return "white" if 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.45 else "black"
+
+
+def _kept_panel(ax, names: list[str], kept, method, cmap, norm, fs: float) -> bool:
+    """One panel of :func:`kept_gain_heatmap`; True where a cell has no pair."""
+    from ..plots import short_labels
+
+    n = len(names)
+    vals = np.array([[np.nan if x is None else x for x in row] for row in kept], dtype=float)
+    diag = np.eye(n, dtype=bool)
+    ax.imshow(np.where(diag, 1.0, np.nan), cmap="Greys", vmin=0, vmax=4)  # the diagonal: light grey
+    ax.imshow(np.ma.masked_invalid(np.where(diag, np.nan, vals)), cmap=cmap, norm=norm)
+    several = len({m for row in method for m in row if m}) > 1
+    for i in range(n):
+        for j in range(n):
+            if diag[i, j] or not np.isfinite(vals[i, j]):
+                continue
+            text = f"{vals[i, j]:.0f}" + (f"\n{method[i][j]}" if several else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=fs if not several else fs - 1,
+                    color=_ink(cmap(norm(vals[i, j]))), linespacing=0.9)  # fmt: skip
+    ax.set_xticks(range(n), labels=short_labels(names), rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), labels=short_labels(names))
+    return bool(np.isnan(vals[~diag]).any())
+
+
+def kept_gain_heatmap(panels: list[tuple], path: Path, title: str, thresholds: tuple[float, float]) -> Path:
+    """One panel per adapter label, ``(label, names, kept, method)``: an
+    ``N x N`` heatmap of the share (%) of the worse member's gain over the
+    base that the pair's best merge keeps (``kept``, None where the pair was
+    not merged), its best method written under the value where the panel has
+    several, the domains in ``names``' order (the similarity heatmap's).
+    Colour from red (0: no better than the base) through yellow to green
+    (100: as good as each member's own adapter), clipped beyond; the colour
+    bar marks ``thresholds`` (the verdicts' bounds)."""
+    plt = _plt()
+    from matplotlib.colors import Normalize
+
+    n = max(len(p[1]) for p in panels)
+    size = max(4.0, min(0.55 * n + 2.5, 30.0))
+    fs = 10 if n <= 8 else max(5, 10 - (n - 8) // 3)
+    # the colour bar in a narrow column of its own: laid out with the panels, its label is never cut
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=((size + 0.6) * len(panels) + 1.0, size + 0.4), dpi=110,
+                             gridspec_kw={"width_ratios": [1.0] * len(panels) + [0.04]})  # fmt: skip
+    cmap, norm = plt.get_cmap("RdYlGn"), Normalize(0.0, 100.0)
+    blank = False
+    for ax, (label, names, kept, method) in zip(axes[:-1], panels):
+        blank |= _kept_panel(ax, names, kept, method, cmap, norm, fs)
+        several = len({m for row in method for m in row if m}) > 1
+        ax.set_title(f"{label} (best method under each value)" if several else label, fontsize=10)
+    lo, hi = thresholds
+    bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=axes[-1], extend="both")
+    bar.set_ticks(sorted({0.0, lo, hi, 100.0}))
+    for t in (lo, hi):
+        bar.ax.axhline(t, color="black", lw=1.2)
+    key = f"kept gain % of the worse member: ≥{hi:g} composes, {lo:g}–{hi:g} partly, <{lo:g} does not"
+    bar.set_label(key + ("; white: not merged" if blank else ""), fontsize=9)
     _titled_layout(fig, title)
     return _saved(fig, path)

@@ -487,6 +487,12 @@ def _section_predictors(report: dict, v: _View) -> list[str]:
     return section_predictors(report, v)
 
 
+def _section_compose(report: dict, v: _View) -> list[str]:
+    from .compose import section
+
+    return section(report, v)
+
+
 def _section_plan(report: dict, v: _View) -> list[str]:
     from .answer import section_plan
 
@@ -499,7 +505,7 @@ def _section_kinds(report: dict, v: _View) -> list[str]:
     return section_kinds(report, v)
 
 
-_SECTIONS = (_section_intro, _section_answer, _section_plan, _section_summary, _section_setup, _section_kinds,
+_SECTIONS = (_section_intro, _section_answer, _section_compose, _section_plan, _section_summary, _section_setup, _section_kinds,
              _section_sum_tables, _section_per_domain, _section_by_method, _section_fit, _section_predictors,
              _section_similarity, _section_timings)  # fmt: skip
 
@@ -550,8 +556,10 @@ def write_report(folder: Path, report: dict, per_module: pd.DataFrame | None = N
         plots.drawn(cache, similarity_heatmap, folder / similarity_png(sim["adapter_method"]), df,
                     title=f"{name}: RMS cosine of the domain adapters ({sim['adapter_method']}; clustered order)")  # fmt: skip
     from .answer import write_plan_files, write_predictor_files
+    from .compose import write_files as write_compose_files
 
     write_predictor_files(folder, report, cache)
+    write_compose_files(folder, report, cache)
     write_plan_files(folder, report, cache)
     summary = summary[
         np.isfinite(summary["delta_ppl_pct"].to_numpy(dtype=float))

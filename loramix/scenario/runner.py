@@ -274,6 +274,7 @@ class Runner:
         return made
 
     def _report(self, study: dict, data, base: dict, timings: dict, t_start: float) -> dict:
+        from . import compose
         from .report import records
 
         sc, ev_base = self.sc, study["ev_base"]
@@ -291,6 +292,7 @@ class Runner:
                        "eval_tokens": ev_base[n]["tokens"], "sha256_train": d.sha256_train,
                        "sha256_eval": d.sha256_eval, "source_sha256": d.source_sha256}
                    for n, d in data.items()}  # fmt: skip
+        summary = records(study["summary"])
         return {
             "loramix_version": __version__,
             "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -304,11 +306,18 @@ class Runner:
             "cosine_by_layer": study["cosine_by_layer"],
             "evaluations": study["evaluations"],
             "results": records(study["results"]),
-            "summary": records(study["summary"]),
+            "summary": summary,
             "fits": study["fits"],
             "validations": study["validations"],
             "plan_validation": study.get("plan_validation"),
             "best_methods": study["best_methods"],
+            "composability": compose.compute(
+                {
+                    "evaluations": study["evaluations"],
+                    "summary": summary,
+                    "scenario": {"seeds": list(sc.seeds)},
+                }
+            ),
             "merge_summaries": study["merge_summaries"],
             "adapters": study["adapters"],
             "cache": {"root": str(self.cache.root), "counts": self.cache.counts()},

@@ -1,0 +1,306 @@
+"""Which of the study's adapters compose, and by which merge method.
+
+The measure is the share of each member's gain over the base that a merge
+keeps, on that member's own eval split ``d``:
+
+    kept_d = 100 (ppl_base(d) - ppl_merge(d)) / (ppl_base(d) - ppl_own(d))
+
+100: the merge is as good on ``d`` as ``d``'s own adapter; 0: no better than
+the base; below 0: worse than the base. Each member's share is averaged
+over the seeds (a seed where the own adapter does not beat the base has no
+gain to keep, and no share); a composition's figure is its **worst**
+member's, since a merge serves every member at once and the mean would let
+one member that gains everything hide another that loses it. A
+composition's best method is the merge method with the highest figure; its
+verdict compares that figure with :data:`COMPOSES_AT` and :data:`PARTLY_AT`.
+
+With several seeds, the spread is the sample standard deviation over seeds
+of the worst member's share: a best method that leads the runner-up by
+less than the larger of their two spreads, and a figure within its spread
+of a threshold, are flagged. With one seed nothing is flagged and the
+report says that the spread is not measured.
+
+:func:`rows` reads only ``report.json``'s ``evaluations``, ``summary`` and
+``scenario`` (a report written before this module existed re-renders);
+:func:`section` is the report's section, :func:`write_files` writes
+``composability.csv`` and ``kept_gain.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .report import _f, _table
+
+#: a composition whose worst member keeps at least this % of its gain composes
+COMPOSES_AT = 90.0
+#: ... at least this %, partly; below it, it does not compose
+PARTLY_AT = 50.0
+#: compositions listed at each end of a kind's ranking (all of them up to twice this)
+LIST_ENDS = 8
+CSV = "composability.csv"
+PNG = "kept_gain.png"
+VERDICTS = ("composes", "partly", "does not compose", "no gain to keep")
+
+
+def member_shares(evals: pd.DataFrame) -> pd.DataFrame:
+    """One row per (adapter_method, seed, composition, merge_method, member domain):
+    the base's, the own adapter's and the merge's perplexity on the member's
+    eval split and ``kept`` (module docstring; NaN where the own adapter's
+    gain is not positive)."""
+    ev = evals[["adapter_method", "seed", "model", "domain", "ppl"]]
+    key = ["adapter_method", "seed", "domain"]
+    base = ev[ev["model"] == "base"].drop(columns="model").rename(columns={"ppl": "ppl_base"})
+    own = (
+        ev[ev["model"] == "adapter:" + ev["domain"]].drop(columns="model").rename(columns={"ppl": "ppl_own"})
+    )
+    m = ev[ev["model"].str.startswith("merge:")].rename(columns={"ppl": "ppl_merge"})
+    parts = m["model"].str.split(":", n=2, expand=True)
+    m = m.assign(merge_method=parts[1], composition=parts[2]).drop(columns="model")
+    # a study evaluated on every domain evaluates each merge on non-members too: not its gain to keep
+    m = m[[d in c.split("+") for d, c in zip(m["domain"], m["composition"])]]
+    m = m.merge(base, on=key, how="left").merge(own, on=key, how="left")
+    gain = m["ppl_base"] - m["ppl_own"]
+    m["kept"] = (100.0 * (m["ppl_base"] - m["ppl_merge"]) / gain).where(gain > 0)
+    return m
+
+
+def _per_method(shares: pd.DataFrame) -> pd.DataFrame:
+    """Per (adapter_method, composition, merge_method): the worst member's
+    seed-mean share ``kept``, its spread over seeds ``kept_std``, the
+    members' mean share ``kept_mean`` and the members with no gain."""
+    keys = ["adapter_method", "composition", "merge_method"]
+    per = shares.groupby([*keys, "domain"], sort=False)["kept"].agg(["mean", "std"]).reset_index()
+    out = per.groupby(keys, sort=False)["mean"].mean().rename("kept_mean").reset_index()
+    worst = per.dropna(subset=["mean"]).sort_values("mean", kind="stable").drop_duplicates(keys)
+    worst = worst.rename(columns={"mean": "kept", "std": "kept_std", "domain": "worst_member"})
+    none = per[per["mean"].isna()].groupby(keys, sort=False)["domain"].agg("+".join).rename("no_gain")
+    out = out.merge(worst, on=keys, how="left").merge(none.reset_index(), on=keys, how="left")
+    return out.assign(no_gain=out["no_gain"].fillna(""))
+
+
+def verdict(kept: float) -> str:
+    """The verdict of a worst-member share ``kept`` (%)."""
+    if not np.isfinite(kept):
+        return "no gain to keep"
+    return "composes" if kept >= COMPOSES_AT else "partly" if kept >= PARTLY_AT else "does not compose"
+
+
+def _near_threshold(kept: float, std: float) -> bool | None:
+    if not (np.isfinite(kept) and np.isfinite(std)):
+        return None
+    return bool(min(abs(kept - COMPOSES_AT), abs(kept - PARTLY_AT)) < std)
+
+
+def _row(gc: list[dict], ret: dict, nseed: int) -> dict:
+    """A composition's row from its methods' figures ``gc`` (best first) and
+    ``ret``: ``(method) -> (retention %, its std)``."""
+    best = gc[0]
+    second = gc[1] if len(gc) > 1 and np.isfinite(gc[1]["kept"]) else None
+    lead = None
+    if nseed > 1 and second is not None and np.isfinite(best["kept"]):
+        spread = np.nanmax([best["kept_std"], second["kept_std"]])
+        lead = bool(best["kept"] - second["kept"] < spread) if np.isfinite(spread) else None
+    r, r_std = ret.get(best["merge_method"], (None, None))
+    return {"adapter_method": best["adapter_method"], "composition": best["composition"],
+            "k": len(best["composition"].split("+")), "verdict": verdict(best["kept"]),
+            "best_method": best["merge_method"], "kept_worst_pct": best["kept"],
+            "kept_worst_pct_std": best["kept_std"],
+            "worst_member": best["worst_member"] if isinstance(best["worst_member"], str) else None,
+            "kept_mean_pct": best["kept_mean"], "retention_pct": r, "retention_pct_std": r_std,
+            "runner_up": None if second is None else second["merge_method"],
+            "runner_up_kept_worst_pct": None if second is None else second["kept"],
+            "lead_within_spread": lead,
+            "verdict_within_spread": _near_threshold(best["kept"], best["kept_std"]) if nseed > 1 else None,
+            "no_gain": best["no_gain"], "n_seeds": nseed}  # fmt: skip
+
+
+def compute(report: dict) -> list[dict]:
+    """The rows, per adapter kind ranked by the best method's worst-member
+    share (highest first; a composition with no gain to keep last);
+    ``by_method``: every method's figure, in the scenario's merge order."""
+    evals, summary = pd.DataFrame(report["evaluations"]), pd.DataFrame(report["summary"])
+    if evals.empty or summary.empty:
+        return []
+    keys = ["adapter_method", "composition", "merge_method"]
+    # the scenario's order of kinds, compositions and merges
+    summary = summary.assign(order=np.arange(len(summary)))
+    per = summary[[*keys, "order", "retention_pct", "retention_pct_std"]].merge(
+        _per_method(member_shares(evals)), on=keys, how="inner"
+    )
+    nseed = len(report["scenario"]["seeds"])
+    out = []
+    for am in dict.fromkeys(summary["adapter_method"]):
+        rows = []
+        for _, g in per[per["adapter_method"] == am].groupby("composition", sort=False):
+            ret = {
+                m: (a, b) for m, a, b in zip(g["merge_method"], g["retention_pct"], g["retention_pct_std"])
+            }
+            by = g.sort_values("order").to_dict(orient="records")
+            best_first = sorted(by, key=_rank_key)
+            rows.append(
+                {**_row(best_first, ret, nseed), "by_method": {b["merge_method"]: b["kept"] for b in by}}
+            )
+        rows.sort(key=lambda r: -r["kept_worst_pct"] if np.isfinite(r["kept_worst_pct"]) else np.inf)
+        out += [{**r, "rank": i} for i, r in enumerate(rows, start=1)]
+    return out
+
+
+def _rank_key(m: dict) -> tuple:
+    """Methods best first: the higher worst-member share, then the higher
+    mean share, then the scenario's order (a method with no figure last)."""
+    k, mean = m["kept"], m["kept_mean"]
+    return (-k if np.isfinite(k) else np.inf, -mean if np.isfinite(mean) else np.inf, m["order"])
+
+
+def rows(report: dict) -> list[dict]:
+    """``report["composability"]``, or, for a report written before it was
+    kept there, the same rows computed from its evaluations."""
+    got = report.get("composability")
+    return got if got is not None else compute(report)
+
+
+def _kept(r: dict) -> str:
+    std = r.get("kept_worst_pct_std")
+    return _f(r["kept_worst_pct"], 0) + (f" ± {_f(std, 0)}" if std is not None and np.isfinite(std) else "")
+
+
+def _best(r: dict) -> str:
+    """The best method, with a note where its lead is within the seed spread."""
+    if r.get("runner_up") is None:
+        return r["best_method"]
+    note = " (tie within the seed spread)" if r.get("lead_within_spread") else ""
+    return f"{r['best_method']}{note}"
+
+
+def _verdict(r: dict) -> str:
+    v = f"**{r['verdict']}**" if r["verdict"] == "composes" else r["verdict"]
+    return v + (" (within the seed spread of a threshold)" if r.get("verdict_within_spread") else "")
+
+
+def _table_rows(rs: list[dict]) -> list[list[str]]:
+    return [[str(r["rank"]), r["composition"], _verdict(r), _best(r), _kept(r), r.get("worst_member") or "—",
+             _f(r.get("kept_mean_pct"), 0), _f(r.get("retention_pct"), 1),
+             "—" if r.get("runner_up") is None else f"{r['runner_up']} {_f(r['runner_up_kept_worst_pct'], 0)}"]
+            for r in rs]  # fmt: skip
+
+
+def _kind_lines(am: str, rs: list[dict]) -> list[str]:
+    counts = {v: sum(r["verdict"] == v for r in rs) for v in VERDICTS}
+    bests = pd.Series([r["best_method"] for r in rs if r["verdict"] != "no gain to keep"]).value_counts()
+    line = (f"**{am}**, {len(rs)} compositions: {counts['composes']} compose, {counts['partly']} partly, "
+            f"{counts['does not compose']} do not")  # fmt: skip
+    if counts["no gain to keep"]:
+        line += f", {counts['no gain to keep']} have no gain to keep"
+    if len(bests) > 1 or len(rs) > 1:
+        line += "; best method " + ", ".join(f"{m} for {n}" for m, n in bests.items())
+    ties = sum(bool(r.get("lead_within_spread")) for r in rs)
+    if ties:
+        line += f" ({ties} of those leads within the seed spread)"
+    L = [line + ".", ""]
+    shown = rs if len(rs) <= 2 * LIST_ENDS else rs[:LIST_ENDS] + rs[-LIST_ENDS:]
+    body = _table_rows(shown)
+    if len(shown) < len(rs):
+        body.insert(LIST_ENDS, ["…", f"{len(rs) - len(shown)} more in `{CSV}`", "", "", "", "", "", "", ""])
+    L += [_table(["rank", "composition", "verdict", "best method", "kept gain % (worst member)", "worst member",
+                  "kept gain % (mean of members)", "retention % (best)", "runner-up"], body), ""]  # fmt: skip
+    return L
+
+
+def section(report: dict, v) -> list[str]:
+    """``## Which adapters compose?``: per adapter kind, the compositions
+    ranked by their best method's worst-member share, with a verdict each
+    (the best and the worst :data:`LIST_ENDS`; all of them in :data:`CSV`)."""
+    rs = rows(report)
+    if not rs:
+        return []
+    L = ["## Which adapters compose?", ""]
+    L.append(
+        "Kept gain % of a member = 100 · (ppl of the base − ppl of the merge) / (ppl of the base − ppl of the "
+        "member's own adapter), on the member's eval split: 100 when the merge is as good there as the member's "
+        "own adapter, 0 when it is no better than the base, below 0 when it is worse. A composition's figure is "
+        "its **worst** member's (a merge serves all its members at once; the mean, also listed, can hide a "
+        "member that loses its gain), under its best merge method (the one with the highest figure; "
+        f"runner-up beside it). Verdict: **composes** at {COMPOSES_AT:g}% or more, **partly** from "
+        f"{PARTLY_AT:g}% to {COMPOSES_AT:g}%, **does not compose** below {PARTLY_AT:g}%. Retention % is "
+        "the best method's: the mean over the members of the merge's perplexity change against the member's "
+        "own adapter (lower is better)."
+    )
+    L.append("")
+    if v.nseed > 1:
+        L.append(f"Figures are means over {v.nseed} seeds ± the worst member's sample std over seeds; a best "
+                 "method that leads its runner-up by less than the larger of their spreads, and a figure within "
+                 "its spread of a threshold, are marked as such: those calls are within seed-to-seed noise.")  # fmt: skip
+    else:
+        L.append("One training seed: the seed-to-seed spread is not measured, so a small lead of one method or a "
+                 "figure near a threshold may be noise.")  # fmt: skip
+    L.append("")
+    for am in dict.fromkeys(r["adapter_method"] for r in rs):
+        L += _kind_lines(am, [r for r in rs if r["adapter_method"] == am])
+    if any(r["k"] == 2 for r in rs):
+        L += [
+            f"Pairs at a glance (the same order as the similarity heatmaps): ![kept gain of pairs]({PNG})",
+            "",
+        ]
+    L += [f"Every composition, with each method's figure: `{CSV}`.", ""]
+    return L
+
+
+def csv_frame(rs: list[dict]) -> pd.DataFrame:
+    """``composability.csv``: one row per composition, ``kept_worst_pct_<method>`` for each method."""
+    df = pd.DataFrame([{k: x for k, x in r.items() if k != "by_method"} for r in rs])
+    lead = ["adapter_method", "rank", "composition", "k", "verdict", "best_method"]
+    df = df[lead + [c for c in df.columns if c not in lead]]
+    methods = list(dict.fromkeys(m for r in rs for m in r["by_method"]))
+    for m in methods:
+        df[f"kept_worst_pct_{m}"] = [r["by_method"].get(m) for r in rs]
+    return df
+
+
+def pair_matrix(rs: list[dict], am: str, names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The pairs of kind ``am`` as two ``names x names`` frames (symmetric):
+    the best method's worst-member share (NaN where no pair), and the method."""
+    kept = pd.DataFrame(np.nan, index=names, columns=names)
+    method = pd.DataFrame("", index=names, columns=names)
+    for r in rs:
+        if r["adapter_method"] != am or r["k"] != 2:
+            continue
+        a, b = r["composition"].split("+")
+        x = np.nan if r["kept_worst_pct"] is None else float(r["kept_worst_pct"])
+        kept.loc[a, b] = kept.loc[b, a] = x
+        method.loc[a, b] = method.loc[b, a] = r["best_method"]
+    return kept, method
+
+
+def write_files(folder: Path, report: dict, cache=None) -> None:
+    """``composability.csv`` and, with pairs, ``kept_gain.png`` (in the
+    similarity heatmaps' clustered order; kept in ``cache``: :func:`.plots.drawn`)."""
+    from . import plots
+
+    rs = rows(report)
+    if not rs:
+        return
+    csv_frame(rs).to_csv(folder / CSV, index=False)
+    panels = []
+    for sim in report["similarity_mean"]:
+        am, names = sim["adapter_method"], sim["names"]
+        if not any(r["adapter_method"] == am and r["k"] == 2 for r in rs):
+            continue
+        order = [names[i] for i in plots.cluster_order(np.array(sim["rms"], dtype=float))]
+        kept, method = pair_matrix(rs, am, order)
+        # plain lists, NaN as None: the figure's cache key is their JSON
+        panels.append(
+            (
+                am,
+                order,
+                [[None if np.isnan(x) else x for x in row] for row in kept.to_numpy(float)],
+                method.to_numpy().tolist(),
+            )
+        )
+    if panels:
+        plots.drawn(cache, plots.kept_gain_heatmap, folder / PNG, panels,
+                    title=f"{report['scenario']['name']}: share of the worse member's gain the best merge keeps",
+                    thresholds=(PARTLY_AT, COMPOSES_AT))  # fmt: skip
