@@ -171,9 +171,9 @@ def _kept(r: dict) -> str:
 def _best(r: dict) -> str:
     """The best method, with a note where its lead is within the seed spread."""
     if r.get("runner_up") is None:
-        return r["best_method"]
-    note = " (tie within the seed spread)" if r.get("lead_within_spread") else ""
-    return f"{r['best_method']}{note}"
+        return f"`{r['best_method']}`"
+    note = " (lead within the seed spread)" if r.get("lead_within_spread") else ""
+    return f"`{r['best_method']}`{note}"
 
 
 def _verdict(r: dict) -> str:
@@ -184,7 +184,7 @@ def _verdict(r: dict) -> str:
 def _table_rows(rs: list[dict]) -> list[list[str]]:
     return [[str(r["rank"]), r["composition"], _verdict(r), _best(r), _kept(r), r.get("worst_member") or "—",
              _f(r.get("kept_mean_pct"), 0), _f(r.get("retention_pct"), 1),
-             "—" if r.get("runner_up") is None else f"{r['runner_up']} {_f(r['runner_up_kept_worst_pct'], 0)}"]
+             "—" if r.get("runner_up") is None else f"`{r['runner_up']}` {_f(r['runner_up_kept_worst_pct'], 0)}"]
             for r in rs]  # fmt: skip
 
 
@@ -195,11 +195,16 @@ def _kind_lines(am: str, rs: list[dict]) -> list[str]:
             f"{counts['does not compose']} do not")  # fmt: skip
     if counts["no gain to keep"]:
         line += f", {counts['no gain to keep']} have no gain to keep"
-    if len(bests) > 1 or len(rs) > 1:
-        line += "; best method " + ", ".join(f"{m} for {n}" for m, n in bests.items())
+    if len(bests):
+        line += "; best method " + ", ".join(f"`{m}` for {n}" for m, n in bests.items())
     ties = sum(bool(r.get("lead_within_spread")) for r in rs)
     if ties:
         line += f" ({ties} of those leads within the seed spread)"
+    # the domains to keep apart: who loses its gain where a merge does not compose (the three most often)
+    losers = pd.Series([r["worst_member"] for r in rs if r["verdict"] == "does not compose"]).value_counts()
+    if len(losers):
+        line += "; where it does not compose, the member that loses most is " + ", ".join(
+            f"{d} ({n})" for d, n in losers.iloc[:3].items()) + (", …" if len(losers) > 3 else "")  # fmt: skip
     L = [line + ".", ""]
     shown = rs if len(rs) <= 2 * LIST_ENDS else rs[:LIST_ENDS] + rs[-LIST_ENDS:]
     body = _table_rows(shown)
