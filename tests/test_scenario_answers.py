@@ -608,3 +608,80 @@ def test_a_pair_has_one_colour_in_every_layer_panel(tmp_path, monkeypatch):
     for pair, color in seen.items():
         by_colour.setdefault(color, set()).add(pair)
     assert all(len(p) == 1 for p in by_colour.values()), by_colour  # and across them
+
+
+# ---------------------------------------------------------------- which adapters compose?
+
+
+def _compose_report() -> dict:
+    """A one-seed study of three domains by hand: base ppl 10 on each; own
+    adapters a 5 (a gain of 5), b 12 and c 11 (no gain: worse than the base)."""
+    base, own = {"a": 10.0, "b": 10.0, "c": 10.0}, {"a": 5.0, "b": 12.0, "c": 11.0}
+    merged = {("sum", "a+b"): {"a": 6.0, "b": 9.0}, ("ties", "a+b"): {"a": 7.0, "b": 8.0},
+              ("sum", "b+c"): {"b": 9.0, "c": 9.0}, ("ties", "b+c"): {"b": 9.5, "c": 9.5}}  # fmt: skip
+    ev = [
+        {"adapter_method": "lora", "seed": 0, "model": "base", "domain": d, "ppl": p} for d, p in base.items()
+    ]
+    ev += [{"adapter_method": "lora", "seed": 0, "model": f"adapter:{d}", "domain": d, "ppl": p}
+           for d, p in own.items()]  # fmt: skip
+    ev += [{"adapter_method": "lora", "seed": 0, "model": f"merge:{m}:{c}", "domain": d, "ppl": p}
+           for (m, c), ps in merged.items() for d, p in ps.items()]  # fmt: skip
+    summary = [{"adapter_method": "lora", "composition": c, "k": 2, "merge_method": m, "retention_pct": 1.0,
+                "retention_pct_std": None} for m, c in merged]  # fmt: skip
+    return {"evaluations": ev, "summary": summary, "scenario": {"seeds": [0]}}
+
+
+def test_a_member_with_no_gain_has_none_to_keep():
+    """A member whose own adapter does not beat the base has no gain to keep:
+    left out of its composition's figure (named in ``no_gain``), and a
+    composition of such members only is ranked last with that verdict."""
+    from loramix.io.outputs import json_safe
+    from loramix.scenario import compose
+    from loramix.scenario.report import _View
+
+    report = _compose_report()
+    rows = compose.compute(report)
+    assert [(r["composition"], r["rank"]) for r in rows] == [("a+b", 1), ("b+c", 2)]
+    ab, bc = rows
+    # a keeps 100 (10 - 6) / (10 - 5) = 80 % by sum, 60 % by ties
+    assert ab["best_method"] == "sum" and ab["kept_worst_pct"] == pytest.approx(80.0)
+    assert (ab["worst_member"], ab["no_gain"], ab["verdict"], ab["runner_up"]) == ("a", "b", "partly", "ties")
+    assert ab["by_method"] == {"sum": pytest.approx(80.0), "ties": pytest.approx(60.0)}
+    assert bc["verdict"] == "no gain to keep" and bc["worst_member"] is None and bc["no_gain"] == "b+c"
+    json.dumps(json_safe(rows), allow_nan=False)  # report.json takes them
+    text = "\n".join(compose.section(report, _View({**report, "environment": {}})))
+    assert "**lora**, 2 compositions: 0 compose, 1 partly, 0 do not, 1 have no gain to keep" in text
+    assert "| 2 | b+c | no gain to keep | `sum` | — | — |" in text
+
+
+def test_the_kept_gain_map_follows_the_similarity_heatmaps(tmp_path, monkeypatch):
+    """kept_gain.png of the committed real study: each panel's domains in
+    its similarity heatmap's clustered order, each cell the pair's rounded
+    figure and best method, every text (the colour bar's key included)
+    inside the figure."""
+    from pathlib import Path
+
+    from loramix.scenario import compose
+    from loramix.scenario.plots import cluster_order
+
+    report = json.loads(
+        (Path(__file__).resolve().parents[1] / "reports/real-14-domains/report.json").read_text()
+    )
+    fig = _saved_figure(monkeypatch, lambda: compose.write_files(tmp_path, report))
+    rows = {(r["adapter_method"], r["composition"]): r for r in compose.rows(report)}
+    panels = fig.axes[:-1]
+    assert len(panels) == len(report["similarity_mean"]) == 2
+    for ax, sim in zip(panels, report["similarity_mean"]):
+        order = [sim["names"][i] for i in cluster_order(np.array(sim["rms"], dtype=float))]
+        assert [t.get_text() for t in ax.get_yticklabels()] == order
+        texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+        assert len(texts) == len(order) * (len(order) - 1)
+        for (i, j), text in texts.items():
+            a, b = order[i], order[j]
+            r = rows.get((sim["adapter_method"], f"{a}+{b}")) or rows[(sim["adapter_method"], f"{b}+{a}")]
+            assert text == f"{r['kept_worst_pct']:.0f}\n{r['best_method']}"
+    box = fig.bbox
+    renderer = fig.canvas.get_renderer()
+    for t in [*fig.findobj(lambda o: hasattr(o, "get_text") and o.get_text())]:
+        e = t.get_window_extent(renderer)
+        assert box.x0 - 1 <= e.x0 and e.x1 <= box.x1 + 1 and box.y0 - 1 <= e.y0 and e.y1 <= box.y1 + 1, t
