@@ -204,7 +204,7 @@ def _kind_lines(am: str, rs: list[dict]) -> list[str]:
     losers = pd.Series([r["worst_member"] for r in rs if r["verdict"] == "does not compose"]).value_counts()
     if len(losers):
         line += "; where it does not compose, the member that loses most is " + ", ".join(
-            f"{d} ({n})" for d, n in losers.iloc[:3].items()) + (", …" if len(losers) > 3 else "")  # fmt: skip
+            f"{d} ({n})" for d, n in losers.iloc[:3].items()) + (f" and {len(losers) - 3} other(s)" if len(losers) > 3 else "")  # fmt: skip
     L = [line + ".", ""]
     shown = rs if len(rs) <= 2 * LIST_ENDS else rs[:LIST_ENDS] + rs[-LIST_ENDS:]
     body = _table_rows(shown)
