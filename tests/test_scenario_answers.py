@@ -610,6 +610,22 @@ def test_a_pair_has_one_colour_in_every_layer_panel(tmp_path, monkeypatch):
     assert all(len(p) == 1 for p in by_colour.values()), by_colour  # and across them
 
 
+def test_thirty_named_pairs_have_thirty_styles(tmp_path, monkeypatch):
+    """Three panels of ten different named pairs each: tab20 gave the 21st
+    pair the 1st pair's colour and the same round marker, so two pairs read
+    as one. A pair's (colour, marker) is now its own in the whole figure."""
+    from matplotlib.colors import to_hex
+
+    from loramix.scenario.plots import cosine_by_layer
+
+    rows = [{"adapter_method": m, "pair": f"{m}{i}+x", "layer": layer, "rms_cosine": 0.01 * (i + 1) + 0.001 * layer}
+            for m in ("a", "b", "c") for i in range(10) for layer in (0, 1)]  # fmt: skip
+    fig = _saved_figure(monkeypatch, lambda: cosine_by_layer(pd.DataFrame(rows), tmp_path / "c.png", "t"))
+    styles = {ln.get_label(): (to_hex(ln.get_color()), ln.get_marker())
+              for ax in fig.axes for ln in ax.lines if "+" in ln.get_label()}  # fmt: skip
+    assert len(styles) == 30 and len(set(styles.values())) == 30, styles
+
+
 # ---------------------------------------------------------------- which adapters compose?
 
 

@@ -294,29 +294,40 @@ def _named_pairs(g: pd.DataFrame) -> list[str]:
     return [p for p in peak.index if p in top]
 
 
-def _pair_colors(by_layer: pd.DataFrame) -> dict[str, tuple]:
-    """One colour per pair named in any panel, the same in every panel
-    (tab20, dark shades first; cycled above twenty): coloured panel by
-    panel, real-14-domains' law+history was pink in one panel and
+def _pair_styles(by_layer: pd.DataFrame) -> dict[str, tuple]:
+    """One ``(colour, marker)`` per pair named in any panel, the same in
+    every panel and no two alike: tab20's colours (dark shades first), then
+    the same colours with the next of :data:`_PAIR_MARKERS` for the 21st
+    pair on (three panels of ten pairs each name up to thirty). Coloured
+    panel by panel, real-14-domains' law+history was pink in one panel and
     economics+nq_open pink in the other."""
     from matplotlib import colormaps
 
     pairs = list(dict.fromkeys(p for _, g in by_layer.groupby("adapter_method", sort=False)
                                for p in _named_pairs(g)))  # fmt: skip
-    # tab20's dark shades first (tab10's hues), its light ones for an eleventh pair and on
     cmap = colormaps["tab20"]
-    return {p: cmap((2 * i + i // 10) % 20) for i, p in enumerate(pairs)}
+    # tab20's dark shades first (tab10's hues), its light ones for an eleventh pair and on
+    return {p: (cmap((2 * i + i // 10) % 20), _PAIR_MARKERS[(i // 20) % len(_PAIR_MARKERS)])
+            for i, p in enumerate(pairs)}  # fmt: skip
 
 
-def _layers_panel(ax, g: pd.DataFrame, colors: dict) -> None:
+#: cosine_by_layer's markers, one per twenty named pairs (tab20's colours repeat after twenty)
+_PAIR_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _layers_panel(ax, g: pd.DataFrame, styles: dict) -> None:
     """A panel of cosine_by_layer: one line per pair across the layers, the
-    named ones (:func:`_named_pairs`) in their ``colors``, the others grey."""
+    named ones (:func:`_named_pairs`) in their ``styles`` (colour, marker),
+    the others grey."""
     peak = g.groupby("pair", sort=False)["rms_cosine"].max()
     named = set(_named_pairs(g))
     for pair, gp in g.groupby("pair", sort=False):
         gp = gp.sort_values("layer")
         if pair in named:
-            ax.plot(gp["layer"], gp["rms_cosine"], "o-", ms=4, label=pair, color=colors[pair], zorder=3)
+            color, marker = styles[pair]
+            ax.plot(
+                gp["layer"], gp["rms_cosine"], "-", marker=marker, ms=4, label=pair, color=color, zorder=3
+            )
         else:
             ax.plot(gp["layer"], gp["rms_cosine"], "-", color="0.8", lw=0.8, zorder=2)
     if len(peak) > len(named):
@@ -346,10 +357,10 @@ def cosine_by_layer(by_layer: pd.DataFrame, path: Path, title: str) -> Path:
     else:
         fig, axes = plt.subplots(1, len(methods), figsize=(8.4 * len(methods), 4.4), dpi=130, squeeze=False,
                                  sharey=share)  # fmt: skip
-    colors = _pair_colors(by_layer)
+    styles = _pair_styles(by_layer)
     for ax, method in zip(axes[0], methods):
         g = by_layer[by_layer["adapter_method"] == method]
-        _one_layer_panel(ax, g) if one else _layers_panel(ax, g, colors)
+        _one_layer_panel(ax, g) if one else _layers_panel(ax, g, styles)
         ax.set_title(f"{method}" if share else f"{method} (own {'x' if one else 'y'} scale)", fontsize=10)
     if not one:
         axes[0][0].set_ylabel("RMS cosine over the layer's modules")
