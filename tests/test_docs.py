@@ -269,3 +269,16 @@ def test_the_predictors_page_names_each_features_aggregation():
         for name in registry()
     }
     assert {name: f.aggregate for name, f in registry().items()} == said
+
+
+def test_the_merge_help_and_docstring_name_every_method_that_writes_an_exact_adapter():
+    """``merge --help`` and :func:`loramix.merge` list the low-rank methods
+    (``low_rank``: the exact adapter without ``--into``), written by hand."""
+    from loramix.methods import merge, method_classes
+
+    exact = sorted(n for n, c in method_classes().items() if c.low_rank)
+    cmd, _ = COMMANDS["loramix merge"]
+    said = _said(" ".join(cmd.help.split()), r"Low-rank methods \(([^)]*)\) write a PEFT adapter")
+    assert sorted(said.split(", ")) == exact
+    said = _said(" ".join(merge.__doc__.split()), r"exact for the low-rank methods \(([^:]*):")
+    assert sorted(s.strip("` ") for s in said.split(",")) == exact
