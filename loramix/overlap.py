@@ -654,8 +654,9 @@ def similarity(
     ``adapters``: loaded :class:`Adapter`\\ s or paths (each file is
     read once). Shared modules must have the same shape in every adapter
     (:func:`check_compatible`; else :class:`AdapterError`, exit 2 in the CLI).
-    ``base``: a base model folder; D2-LoRA modules then use their effective
-    delta (needs ``loramix.io.model_folder``). ``per_module``: also fill the
+    ``base``: a base model folder; DoRA and D2-LoRA modules then use their
+    effective delta ``W_hat - W0``, still from the factors (needs
+    ``loramix.io.model_folder``). ``per_module``: also fill the
     long ``per_module`` table. ``device``: where the Gram products run.
     ``"cpu"`` by default, where the functions that run a model default to
     ``"auto"``, on purpose: the products of low-rank factors are small, and

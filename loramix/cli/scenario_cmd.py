@@ -138,8 +138,9 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
 )
 @click.option("--jobs", type=int, default=None,
               help="Steps run at once (>1 means --executor processes). Default on the CPU: one per core, at "
-                   "most 4, where the plan has 4 trainings per worker, same results as --jobs 1 "
-                   "($LORAMIX_JOBS overrides); 1 on a GPU or with --threads.")  # fmt: skip
+                   "most 4, where the plan has at least 4 trainings per worker, same results as --jobs 1 "
+                   "($LORAMIX_JOBS overrides); 1 on a GPU or with --threads; 2 with --executor "
+                   "processes or ray.")  # fmt: skip
 @click.option("--executor", type=click.Choice(["serial", "processes", "ray"]), default=None,
               help="Where steps run: this process, local worker processes, or a Ray cluster.")  # fmt: skip
 @click.option(
