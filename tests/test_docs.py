@@ -282,3 +282,64 @@ def test_the_merge_help_and_docstring_name_every_method_that_writes_an_exact_ada
     assert sorted(said.split(", ")) == exact
     said = _said(" ".join(merge.__doc__.split()), r"exact for the low-rank methods \(([^:]*):")
     assert sorted(s.strip("` ") for s in said.split(",")) == exact
+
+
+def test_the_merging_page_states_the_engines_block_and_write_sizes():
+    """docs/merging.md's engine (and the README's direct writes): the blocks
+    of rows, the size from which a weight file skips the page cache, the
+    write buffers, and the age at which an ownerless temporary is stale."""
+    from loramix.engine import BLOCKS_PER_THREAD, MAX_BLOCK_ELEMENTS, MIN_ROWS
+    from loramix.io.outputs import ORPHAN_SECONDS
+    from loramix.io.shard_writer import DIRECT_CHUNK, DIRECT_MIN_BYTES
+
+    doc = _doc("merging.md")
+    big, per = (
+        _said(doc, r"up to (\d+)M entries while each thread"),
+        _said(doc, r"each thread still gets (\d+) blocks"),
+    )
+    assert (int(big) << 20, int(per)) == (MAX_BLOCK_ELEMENTS, BLOCKS_PER_THREAD)
+    assert int(_said(doc, r"a block has at least (\d+) rows")) == MIN_ROWS
+    assert int(_said(doc, r"starts on a multiple of (\d+)")) == MIN_ROWS
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for text in (doc, readme):
+        assert int(_said(text, r"A weight file of (\d+) MiB or more")) << 20 == DIRECT_MIN_BYTES
+    assert int(_said(doc, r"two page-aligned (\d+) MiB buffers")) << 20 == DIRECT_CHUNK
+    assert int(_said(doc, r"plus the adapters and (\d+) MiB of write buffers")) << 20 == 2 * DIRECT_CHUNK
+    assert float(_said(doc, r"is stale once older than (\d+) s")) == ORPHAN_SECONDS
+
+
+def test_the_readme_states_the_limits_and_the_progress_lines_pace():
+    """README: the bound on ``--weights`` and ``--lambda``, the pace of the
+    plain progress line, and the adapter count below which ``similarity``
+    runs OpenBLAS on one thread."""
+    from loramix.blas import ONE_THREAD_BELOW
+    from loramix.options import MAX_WEIGHT
+    from loramix.progress import LINE_EVERY
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert float(_said(readme, r"must be finite and at most (\S+) in size")) == MAX_WEIGHT
+    assert _said(readme, r"a plain line at most (once a minute)") and LINE_EVERY == 60.0
+    assert int(_said(readme, r"`similarity` \(below (\d+) adapters\)")) == ONE_THREAD_BELOW
+
+
+def test_the_scenarios_page_states_the_runs_limits_and_trains_defaults():
+    """docs/scenarios.md: the workers a run starts unasked, the estimate's
+    history, the Ray run's poll and probe, the refusal limits, and the
+    ``loramix train`` defaults it sets against a study's."""
+    from loramix.scenario.config import MAX_RANK, MAX_SYNTHETIC_RECORDS
+    from loramix.scenario.estimate import HISTORY
+    from loramix.scenario.executors import AUTO_JOBS_MAX, AUTO_MIN_TRAININGS, PROBE_SECONDS, STOP_POLL_SECONDS
+
+    doc = _doc("scenarios.md")
+    assert int(_said(doc, r"one worker process per usable core \(at most (\d+)\)")) == AUTO_JOBS_MAX
+    assert int(_said(doc, r"the plan has at least (\d+) trainings per worker")) == AUTO_MIN_TRAININGS
+    assert int(_said(doc, r"the older history counts as at most (\d+) steps")) == HISTORY
+    assert float(_said(doc, r"which each task looks for every ([0-9.]+) s")) == STOP_POLL_SECONDS
+    assert float(_said(doc, r"where nothing answers within (\d+) s")) == PROBE_SECONDS
+    assert int(_said(doc, r"asked for more than (\d+) records")) == MAX_SYNTHETIC_RECORDS
+    assert int(_said(doc, r"size's width; (\d+) where neither tells")) == MAX_RANK
+    said = _said(doc, r"not those of `loramix train` \(([^)]*), for a quick adapter")
+    want = {f"--{k.replace('_', '-')}": v for k, v in (kv.rsplit(" ", 1) for kv in said.split(", "))}
+    assert {flag: float(v) for flag, v in want.items()} == {
+        flag: float(_default("loramix train", flag)) for flag in want
+    }
