@@ -132,7 +132,7 @@ def sum_adapters(
     """Write the exact sum ``sum_i w_i dW_i`` as one PEFT LoRA adapter folder
     ``out``: ``merge(adapters, "sum", out=out)`` without a base. Per module
     ``B = [w_1 s_1 B_1 ...]`` (out, R), ``A = [A_1; ...]`` (R, in), scale 1.
-    D2-LoRA adapters are refused (their effective delta depends on ``W0``).
+    D2-LoRA and DoRA adapters are refused (their effective deltas depend on ``W0``).
     ``base`` (optional) checks that every module exists in it with a fitting
     shape. Returns the folder written (``MergeResult.out``). No
     ``progress``: :func:`merge` draws its bar only for a model written."""
