@@ -343,3 +343,20 @@ def test_the_scenarios_page_states_the_runs_limits_and_trains_defaults():
     assert {flag: float(v) for flag, v in want.items()} == {
         flag: float(_default("loramix train", flag)) for flag in want
     }
+
+
+def test_the_merging_page_states_the_energy_rules_slack():
+    """docs/merging.md: ``--energy F`` keeps the smallest rank whose energy
+    reaches ``F`` of the total less a relative slack, the one
+    :func:`~loramix.methods.svd.choose_rank` allows: a last component below it
+    is dropped at ``F = 1``, one above it kept."""
+    import torch
+
+    from loramix.methods.svd import choose_rank
+
+    slack = float(
+        _said(_doc("merging.md"), r"`--energy` of `\|\|sum\|\|_F\^2 = sum_j S_j\^2`, less `([^`]+)` of it")
+    )
+    for frac, k in ((slack / 2, 1), (slack * 2, 2)):  # the last component's share of the energy
+        S = torch.tensor([1.0, (frac / (1 - frac)) ** 0.5], dtype=torch.float64)
+        assert choose_rank(S, None, 1.0) == k, (frac, k)

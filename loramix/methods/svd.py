@@ -57,7 +57,7 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def choose_rank(S: torch.Tensor, rank: int | None, energy: float | None) -> int:
     """``min(rank, len(S))``, or the smallest ``k`` with
-    ``sum_{j<k} S_j^2 >= energy * sum_j S_j^2`` (at least 1)."""
+    ``sum_{j<k} S_j^2 >= (energy - 1e-12) * sum_j S_j^2`` (at least 1)."""
     import torch
 
     n = int(S.numel())
