@@ -360,3 +360,14 @@ def test_the_merging_page_states_the_energy_rules_slack():
     for frac, k in ((slack / 2, 1), (slack * 2, 2)):  # the last component's share of the energy
         S = torch.tensor([1.0, (frac / (1 - frac)) ** 0.5], dtype=torch.float64)
         assert choose_rank(S, None, 1.0) == k, (frac, k)
+
+
+def test_the_merge_docstring_names_every_methods_parameter():
+    """:func:`loramix.merge`'s ``params`` list names every parameter a merge
+    method declares (its keyword, as ``merge --help`` lists the options)."""
+    from loramix.methods import merge, method_classes
+
+    said = _said(" ".join(merge.__doc__.split()), r"``params`` are the method's \(([^)]*)\)")
+    named = set(re.findall(r"``(\w+)``", said))
+    declared = {p.name for c in method_classes().values() for p in c.params}
+    assert declared - named == set()

@@ -169,8 +169,9 @@ def merge(
     class has ``low_rank``), the SVD truncation of the
     merged delta for any other method given ``out_rank`` (a rank) or
     ``energy`` (a fraction kept). ``params`` are the method's (``density``,
-    ``sign``, ``divide``, ``lambda_``/``lambda``, ``seed``, ``rank``,
-    ``energy``) and ``out_rank``; ``None`` values mean "not given".
+    ``sign``, ``divide``, ``lambda_``/``lambda``, ``seed``, ``gamma``,
+    ``epsilon``, ``rank``, ``energy``) and ``out_rank``; ``None`` values
+    mean "not given".
     ``dtype``: the output dtype (default: the base's, or the adapters' for
     an adapter). ``progress``: a bar of the bytes written into a model (on
     a terminal).
