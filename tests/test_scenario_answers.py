@@ -696,8 +696,26 @@ def test_the_kept_gain_map_follows_the_similarity_heatmaps(tmp_path, monkeypatch
             a, b = order[i], order[j]
             r = rows.get((sim["adapter_method"], f"{a}+{b}")) or rows[(sim["adapter_method"], f"{b}+{a}")]
             assert text == f"{r['kept_worst_pct']:.0f}\n{r['best_method']}"
+    _every_text_inside(fig)
+
+
+def _every_text_inside(fig) -> None:
     box = fig.bbox
     renderer = fig.canvas.get_renderer()
     for t in [*fig.findobj(lambda o: hasattr(o, "get_text") and o.get_text())]:
         e = t.get_window_extent(renderer)
         assert box.x0 - 1 <= e.x0 and e.x1 <= box.x1 + 1 and box.y0 - 1 <= e.y0 and e.y1 <= box.y1 + 1, t
+
+
+def test_a_small_kept_gain_map_keeps_its_key_inside(tmp_path, monkeypatch):
+    """d2-vs-lora's kept_gain.png (four domains, three panels, 5 in tall):
+    the colour bar's one-line key ran longer than the bar and was cut off at
+    the figure's bottom and top."""
+    from pathlib import Path
+
+    from loramix.scenario import compose
+
+    report = json.loads((Path(__file__).resolve().parents[1] / "reports/d2-vs-lora/report.json").read_text())
+    fig = _saved_figure(monkeypatch, lambda: compose.write_files(tmp_path, report))
+    assert len(fig.axes) == 4
+    _every_text_inside(fig)

@@ -617,7 +617,8 @@ def kept_gain_heatmap(panels: list[tuple], path: Path, title: str, thresholds: t
     bar.set_ticks(sorted({0.0, lo, hi, 100.0}))
     for t in (lo, hi):
         bar.ax.axhline(t, color="black", lw=1.2)
-    key = f"kept gain % of the worse member: ≥{hi:g} composes, {lo:g}–{hi:g} partly, <{lo:g} does not"
-    bar.set_label(key + ("; white: not merged" if blank else ""), fontsize=9)
+    # a line each: in one, the key of a four-domain map (5 in tall) ran past the bar and the figure
+    key = ["kept gain % of the worse member", f"≥{hi:g} composes, {lo:g}–{hi:g} partly, <{lo:g} does not"]
+    bar.set_label("\n".join(key + (["white: not merged"] if blank else [])), fontsize=9)
     _titled_layout(fig, title)
     return _saved(fig, path)
