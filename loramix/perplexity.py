@@ -56,7 +56,9 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def scored_nll(model, batch: dict, *, device, fast: bool = True, precise: bool = False):
+def scored_nll(
+    model, batch: dict, *, device, fast: bool = True, precise: bool = False, per_row: bool = False
+):
     """``(NLL summed over the scored tokens (0-d float32 tensor), their number)``
     for one batch (module docstring), with gradients if enabled.
 
@@ -68,6 +70,10 @@ def scored_nll(model, batch: dict, *, device, fast: bool = True, precise: bool =
     feeds those instead of ``input_ids``. The fast head (module docstring)
     applies the output layer only at the ``N`` scored positions: ``(N, vocab)``
     logits instead of ``(B, L, vocab)``, in the forward and the backward.
+
+    ``per_row`` (with ``precise``): also each row's NLL sum ``(B,)`` float64
+    and its scored tokens ``(B,)``, appended to the pair; the total is the
+    same tensor sum as without.
     """
     import torch.nn.functional as F
 
@@ -90,12 +96,26 @@ def scored_nll(model, batch: dict, *, device, fast: bool = True, precise: bool =
         import torch
 
         picked = logits.gather(1, target[:, None])[:, 0]  # (N,)
-        return (torch.logsumexp(logits, dim=-1) - picked).double().sum(), int(keep.sum())
+        terms = (torch.logsumexp(logits, dim=-1) - picked).double()  # (N,), each token's -log p
+        if per_row:
+            # the scored tokens are taken row by row (boolean indexing is row-major), so
+            # index_add_ sums each row's own terms: (B,) float64, and (B,) token counts
+            rows = keep.nonzero()[:, 0]
+            per = terms.new_zeros(keep.shape[0]).index_add_(0, rows, terms)
+            return terms.sum(), int(keep.sum()), per, keep.sum(dim=1)
+        return terms.sum(), int(keep.sum())
     return F.cross_entropy(logits, target, reduction="sum"), int(keep.sum())
 
 
 def perplexity(
-    model, batches: Sequence[dict], *, device=None, fast: bool = True, autocast=None, bar=None
+    model,
+    batches: Sequence[dict],
+    *,
+    device=None,
+    fast: bool = True,
+    autocast=None,
+    bar=None,
+    per_record: bool = False,
 ) -> dict:
     """Token-weighted perplexity of ``model`` on ``batches`` (module docstring).
 
@@ -107,6 +127,9 @@ def perplexity(
     tokens processed), "seconds", "tokens_per_s" (scored tokens per second),
     "input_tokens_per_s"}``. ``fast=False`` forces the full-logits path.
     ``bar``: a progress bar (tqdm) advanced by each batch's records.
+    ``per_record``: also ``"record_nll"`` and ``"record_tokens"``, each
+    record's NLL sum and scored tokens, in the order of the batches' rows
+    (``nll_sum`` is computed as without them, to the bit).
     """
     import torch
 
@@ -116,11 +139,15 @@ def perplexity(
     nll = 0.0
     n_tok = 0
     n_in = 0
+    rec_nll, rec_tok = [], []
     _sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         for b in batches:
-            s, n = scored_nll(model, b, device=device, fast=fast, precise=True)
+            s, n, *rows = scored_nll(model, b, device=device, fast=fast, precise=True, per_row=per_record)
+            if rows:
+                rec_nll += rows[0].tolist()
+                rec_tok += rows[1].tolist()
             nll += s.item()
             n_tok += n
             n_in += int(b["attention_mask"].sum())
@@ -129,7 +156,9 @@ def perplexity(
     _sync(device)
     secs = time.perf_counter() - t0
     mean = nll / n_tok if n_tok else float("nan")
+    extra = {"record_nll": rec_nll, "record_tokens": rec_tok} if per_record else {}
     return {
+        **extra,
         "ppl": math.exp(mean) if n_tok else float("nan"),
         "nll": mean,
         "nll_sum": nll,
@@ -167,6 +196,7 @@ def evaluate(
     device="auto",
     dtype=None,
     progress: bool = True,
+    per_record: bool = False,
 ):
     """Perplexity of a base (plus the weighted sum of adapters) on data files.
 
@@ -205,7 +235,10 @@ def evaluate(
     ``input_tokens``: every non-pad token run through the model; ``seconds``
     exclude the cached prefix, whose own time is ``prefix_seconds``;
     ``truncated``: records cut at ``max_len``, which defaults to the model's
-    context).
+    context). ``per_record=True`` adds ``record_nll`` and ``record_tokens``
+    to each data set's row (None on ``union``): lists of each record's NLL
+    sum and scored tokens in the data set's own record order, whatever the
+    batching, so two models' lists on one data set pair record by record.
     """
     from .data import check_prompt
     from .devices import resolve_device
@@ -226,7 +259,8 @@ def evaluate(
 
             k = split_point(model, top_layers)
         return _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch, dev=dev,
-                      prefix_at=k, prefix_cache=prefix_cache, prompt=prompt, progress=progress)  # fmt: skip
+                      prefix_at=k, prefix_cache=prefix_cache, prompt=prompt, progress=progress,
+                      per_record=per_record)  # fmt: skip
     finally:
         if lent:  # the caller's own model: its modules back as they were
             from .layers import detach
@@ -405,7 +439,8 @@ def _already_on(model, dev) -> bool:
 def _scored_batches(model, ex, *, batch_size, pad, prefix_at, prefix_cache) -> tuple[list, float]:
     """Batches sorted by length; with ``prefix_at = k`` they carry the cached
     states entering block ``k`` instead of token ids. Returns them and the
-    seconds the prefix took (0 when cached)."""
+    seconds the prefix took (0 when cached). Their rows hold the records
+    :func:`batch_order` lists."""
     from .data import make_batches
 
     if prefix_at is None:
@@ -420,8 +455,27 @@ def _scored_batches(model, ex, *, batch_size, pad, prefix_at, prefix_cache) -> t
     return batches, time.perf_counter() - t0
 
 
+def batch_order(ex, batch_size: int) -> list[int]:
+    """The record index of each row of :func:`_scored_batches`' batches, in order."""
+    from .data import batch_indices
+
+    return [i for idx in batch_indices(ex, batch_size=batch_size, sort_by_length=True) for i in idx]
+
+
+def _in_record_order(r: dict, order: list[int]) -> dict:
+    """``{"record_nll", "record_tokens"}`` of :func:`perplexity`'s result ``r``
+    (rows in batch order ``order``) put back in record order."""
+    out = {}
+    for key in ("record_nll", "record_tokens"):
+        vals = [None] * len(order)
+        for i, x in zip(order, r[key], strict=True):
+            vals[i] = x
+        out[key] = vals
+    return out
+
+
 def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_at=None, prefix_cache="disk",
-           prompt="raw", progress: bool = False):  # fmt: skip
+           prompt="raw", progress: bool = False, per_record: bool = False):  # fmt: skip
     """One row per record set and the pooled ``union`` row (see :func:`evaluate`)."""
     import sys
 
@@ -454,7 +508,8 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_a
         ex = encode_records(tok, recs, max_len=max_len, on=on, stats=stats, prompt=prompt)
         batches, pre_s = _scored_batches(model, ex, batch_size=batch_size, pad=pad, prefix_at=prefix_at,
                                          prefix_cache=prefix_cache)  # fmt: skip
-        r = perplexity(runner, batches, device=dev, bar=bar)
+        r = perplexity(runner, batches, device=dev, bar=bar, per_record=per_record)
+        rec = _in_record_order(r, batch_order(ex, batch_size)) if per_record else {}
         rows.append(
             {
                 "data": name,
@@ -469,6 +524,7 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_a
                 "prefix_seconds": pre_s,
                 "truncated": stats["truncated"],
                 "max_len": max_len,
+                **rec,
             }
         )
         tot["truncated"] += stats["truncated"]
@@ -496,6 +552,7 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_a
             "prefix_seconds": tot["prefix_seconds"],
             "truncated": tot["truncated"],
             "max_len": max_len,
+            **({"record_nll": None, "record_tokens": None} if per_record else {}),
         }
     )
     return pd.DataFrame(rows)

@@ -626,3 +626,55 @@ def test_a_falsy_or_negative_max_len_or_limit_is_refused(bases, kw, needle):
 
     with pytest.raises(UsageError, match=f"^{next(iter(kw))}: must be at least"):
         loramix.evaluate(bases["gpt2"], data=[load_records(ARITH)], device="cpu", progress=False, **kw)
+
+
+def _record_tokens(ex: list[dict]) -> list[int]:
+    """Each encoded record's scored tokens, counted from its labels."""
+    return [sum(x != -100 for x in e["labels"][1:]) for e in ex]
+
+
+@pytest.mark.parametrize("top_layers", [None, 1])
+def test_per_record_nll_adds_up_to_the_totals_in_record_order(bases, tmp_path, top_layers):
+    """per_record: each record's NLL sum and scored tokens in the data set's record order, whatever
+    the batching (length-sorted), so that two models' lists pair up; they add up to the totals to
+    the bit, and the totals are those of an evaluation without them, to the bit."""
+    from loramix.models import load_causal_lm
+
+    base = bases["llama"]
+    model, tok = load_causal_lm(base)
+    ad = make_peft_adapter(
+        model, tmp_path / "ad", seed=1, lora_alpha=128, target_modules=r"model\.layers\.1\..*_proj"
+    )
+    kw = dict(data=[ARITH, UNITS], device="cpu", top_layers=top_layers, progress=False)
+    plain = evaluate(base, batch=8, **kw)
+    rec = evaluate(base, batch=8, per_record=True, **kw)
+    small = evaluate(base, batch=3, per_record=True, **kw)
+    other = evaluate(base, adapters=[ad], batch=8, per_record=True, **kw)
+    for col in ("nll", "ppl", "tokens"):
+        assert list(rec[col]) == list(plain[col])  # bit-identical totals
+    assert rec["record_nll"].iloc[-1] is None  # union
+    for i, spec in enumerate((ARITH, UNITS)):
+        r = rec.iloc[i]
+        assert sum(r["record_nll"]) / r["tokens"] == r["nll"]  # to the bit
+        assert sum(r["record_tokens"]) == r["tokens"]
+        ex = encode_records(tok, load_records(spec), max_len=tok.model_max_length, on="answer")
+        assert r["record_tokens"] == _record_tokens(ex) == other.iloc[i]["record_tokens"]
+        assert small.iloc[i]["record_tokens"] == r["record_tokens"]
+        assert small.iloc[i]["record_nll"] == pytest.approx(r["record_nll"], rel=1e-5)
+        assert other.iloc[i]["record_nll"] != pytest.approx(r["record_nll"], rel=1e-3)  # another model
+    # record by record against each record scored alone, in the data set's order
+    ex = encode_records(tok, load_records(UNITS), max_len=tok.model_max_length, on="answer")
+    alone = [perplexity(model, make_batches([e], batch_size=1, pad_id=0))["nll_sum"] for e in ex]
+    assert rec.iloc[1]["record_nll"] == pytest.approx(alone, rel=1e-5)
+
+
+@pytest.mark.realdata
+def test_per_record_nll_on_real_data_adds_up_to_the_bit(bases):
+    files = [SHARED_DATA / f"{n}.jsonl" for n in ("math", "medicine")]
+    kw = dict(data=files, limit=12, max_len=64, device="cpu", batch=5, progress=False)
+    plain, rec = evaluate(bases["gpt2"], **kw), evaluate(bases["gpt2"], per_record=True, **kw)
+    assert list(rec["nll"]) == list(plain["nll"])
+    for i in range(2):
+        r = rec.iloc[i]
+        assert len(r["record_nll"]) == 12 and sum(r["record_tokens"]) == r["tokens"]
+        assert sum(r["record_nll"]) / r["tokens"] == r["nll"]

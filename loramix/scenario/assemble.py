@@ -40,8 +40,10 @@ class _Tables:
 
     def add_evals(self, am, seed, model, ev):
         for dom, r in ev.items():
+            # per-record lists only where the evaluation kept them (not one cached before)
+            rec = {k: r[k] for k in ("record_nll", "record_tokens") if k in r}
             self.evaluations.append({"adapter_method": am, "seed": seed, "model": model, "domain": dom,
-                                     "ppl": r["ppl"], "tokens": r["tokens"], "nll": r["nll_sum"]})  # fmt: skip
+                                     "ppl": r["ppl"], "tokens": r["tokens"], "nll": r["nll_sum"], **rec})  # fmt: skip
 
 
 def _similarity(t: _Tables, am, seed, sim: dict):

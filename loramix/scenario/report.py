@@ -526,7 +526,11 @@ def write_report(folder: Path, report: dict, per_module: pd.DataFrame | None = N
     report = json_safe(report)
     results = pd.DataFrame(report["results"], columns=RESULT_COLUMNS)
     results.to_csv(folder / "results.csv", index=False)
-    pd.DataFrame(report["evaluations"]).to_csv(folder / "evaluations.csv", index=False)
+    # the per-record lists (the eval-split bootstrap's) stay in report.json: a CSV cell is no place for a list
+    evals = pd.DataFrame(report["evaluations"])
+    evals.drop(columns=["record_nll", "record_tokens"], errors="ignore").to_csv(
+        folder / "evaluations.csv", index=False
+    )
     if per_module is not None and not per_module.empty:
         per_module.to_csv(folder / "similarity_per_module.csv", index=False)
     fit = {

@@ -200,9 +200,13 @@ def _adapter_step(ctx: StepContext, st: Step, deps: dict) -> dict:
 
 
 def evaluate_on_splits(ctx: StepContext, base_path: str, *, adapters=(), domains=None, model=None) -> dict:
-    """Per-domain ``{ppl, tokens, nll_sum}`` of a model on the eval splits of
-    ``domains`` (default: every domain). ``model``: an in-memory ``(model,
-    tokenizer)`` to evaluate instead of the base folder."""
+    """Per-domain ``{ppl, tokens, nll_sum, record_nll, record_tokens}`` of a
+    model on the eval splits of ``domains`` (default: every domain):
+    ``record_*`` are each eval record's NLL sum and scored tokens, in the
+    split's record order (the eval-split bootstrap of
+    :mod:`loramix.scenario.compose`; an evaluation cached before they were
+    kept lacks them). ``model``: an in-memory ``(model, tokenizer)`` to
+    evaluate instead of the base folder."""
     from ..perplexity import evaluate
     from ..prefix import remembering_digests
 
@@ -212,13 +216,16 @@ def evaluate_on_splits(ctx: StepContext, base_path: str, *, adapters=(), domains
     with remembering_digests():  # the study's own base: only in-place writes, which the digests see
         df = evaluate(base, adapters=[str(a) for a in adapters], data=[ctx.data[n].eval for n in names],
                       on=ev.on, max_len=ev.max_len, batch=ev.batch, device=str(ctx.device), progress=False,
+                      per_record=True,
                       **{k: v for k, v in layer_kwargs(evaluate, ctx.sc.adapters, base_path).items()
                          if k == "top_layers"})  # fmt: skip
     out = {}
     for i, n in enumerate(names):
         row = df.iloc[i]
         out[n] = {"ppl": float(row["ppl"]), "tokens": int(row["tokens"]),
-                  "nll_sum": float(row["nll"]) * int(row["tokens"])}  # fmt: skip
+                  "nll_sum": float(row["nll"]) * int(row["tokens"]),
+                  "record_nll": [float(x) for x in row["record_nll"]],
+                  "record_tokens": [int(x) for x in row["record_tokens"]]}  # fmt: skip
     return out
 
 
