@@ -802,6 +802,19 @@ def test_which_adapters_compose(study):
         )
     png = out / "kept_gain.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every evaluation keeps its records' NLL (they add up to its total) and every composition its interval
+    for e in rep["evaluations"]:
+        assert sum(e["record_tokens"]) == e["tokens"] and sum(e["record_nll"]) == pytest.approx(
+            e["nll"], rel=1e-12
+        )
+    assert "record_nll" not in ev.columns
+    assert (csv_rows["kept_worst_pct_lo"] <= csv_rows["kept_worst_pct_hi"]).all()
+    assert list(csv_rows.columns[-3:]) == [
+        "kept_worst_pct_lo",
+        "kept_worst_pct_hi",
+        "verdict_within_eval_noise",
+    ]
+    assert "paired bootstrap" in sec and "not computed" not in sec
 
 
 def test_an_old_report_renders_which_adapters_compose():
@@ -816,7 +829,11 @@ def test_an_old_report_renders_which_adapters_compose():
     sec = compose.section(report, _View(report))
     text = "\n".join(sec)
     assert "One training seed: the seed-to-seed spread is not measured" in text
+    # no per-record NLL in its evaluations: no eval interval, said once, not per row
+    assert text.count("The eval-split interval is not computed") == 1 and "paired bootstrap" not in text
+    assert "within eval noise" not in text and "eval interval |" not in text  # nor an empty column
     rows = compose.compute(report)
+    assert all(r["kept_worst_pct_lo"] is None and r["verdict_within_eval_noise"] is None for r in rows)
     for am in ("lora", "lora:shared"):
         rs = [r for r in rows if r["adapter_method"] == am]
         counts = [sum(r["verdict"] == v for r in rs) for v in ("composes", "partly", "does not compose")]

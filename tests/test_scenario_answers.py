@@ -5,6 +5,7 @@ and the Ray executor's --address and SIGTERM (each test failed before its fix)."
 from __future__ import annotations
 
 import json
+import math
 import socket
 import time
 from types import SimpleNamespace
@@ -719,3 +720,133 @@ def test_a_small_kept_gain_map_keeps_its_key_inside(tmp_path, monkeypatch):
     fig = _saved_figure(monkeypatch, lambda: compose.write_files(tmp_path, report))
     assert len(fig.axes) == 4
     _every_text_inside(fig)
+
+
+def _noisy_report() -> dict:
+    """A two-seed study of three domains by hand with per-record NLL: a, b
+    and c have 5, 7 and 6 eval records of 3-9 tokens; each model's record
+    NLL is its own per-token level times noise, and its ``ppl`` the pooled
+    ``exp(sum NLL / sum tokens)``."""
+    rng = np.random.default_rng(5)
+    n = {"a": 5, "b": 7, "c": 6}
+    toks = {d: rng.integers(3, 10, size=k).tolist() for d, k in n.items()}
+    # per-token NLL level of each model: base 2.3, own adapters lower, merges in between
+    level = {"base": 2.3, "adapter": 1.6, "merge:sum:a+b": 1.75, "merge:ties:a+b": 1.9,
+             "merge:sum:a+b+c": 2.0, "merge:ties:a+b+c": 2.1}  # fmt: skip
+    ev, summary = [], []
+    for seed in (0, 1):
+        for model, lv in level.items():
+            doms = n if not model.startswith("merge:") else model.split(":")[2].split("+")
+            for d in doms:
+                m = f"adapter:{d}" if model == "adapter" else model
+                nll = [lv * t * float(rng.uniform(0.8, 1.2)) for t in toks[d]]
+                ppl = float(np.exp(sum(nll) / sum(toks[d])))
+                ev.append({"adapter_method": "lora", "seed": seed, "model": m, "domain": d, "ppl": ppl,
+                           "tokens": sum(toks[d]), "nll": sum(nll), "record_nll": nll, "record_tokens": toks[d]})  # fmt: skip
+    for c in ("a+b", "a+b+c"):
+        for meth in ("sum", "ties"):
+            summary.append({"adapter_method": "lora", "composition": c, "k": len(c.split("+")),
+                            "merge_method": meth, "retention_pct": 1.0, "retention_pct_std": 0.0})  # fmt: skip
+    return {"evaluations": ev, "summary": summary, "scenario": {"seeds": [0, 1]}}
+
+
+def _interval_by_loop(report: dict, comp: str, method: str) -> tuple[float, float]:
+    """The eval interval resample by resample, record by record."""
+    from loramix.scenario import compose
+
+    ev = {(e["seed"], e["model"], e["domain"]): e for e in report["evaluations"]}
+    seeds, members = report["scenario"]["seeds"], comp.split("+")
+    idx = {d: compose.resample_indices(d, len(ev[(0, "base", d)]["record_nll"])) for d in members}
+    worst = []
+    for r in range(compose.BOOT_RESAMPLES):
+        shares = []
+        for d in members:
+            ks = []
+            for s in seeds:
+                ppl = {}
+                for model in ("base", f"adapter:{d}", f"merge:{method}:{comp}"):
+                    e = ev[(s, model, d)]
+                    nll = sum(e["record_nll"][j] for j in idx[d][r])
+                    ppl[model] = math.exp(nll / sum(e["record_tokens"][j] for j in idx[d][r]))
+                gain = ppl["base"] - ppl[f"adapter:{d}"]
+                if gain > 0:
+                    ks.append(100 * (ppl["base"] - ppl[f"merge:{method}:{comp}"]) / gain)
+            if ks:
+                shares.append(sum(ks) / len(ks))
+        if shares:
+            worst.append(min(shares))
+    worst.sort()
+
+    def pct(q):  # linear between the closest ranks, numpy's default
+        pos = q / 100 * (len(worst) - 1)
+        i = int(pos)
+        return worst[i] + (pos - i) * (worst[min(i + 1, len(worst) - 1)] - worst[i])
+
+    return pct(5.0), pct(95.0)
+
+
+def test_eval_interval_is_a_paired_bootstrap_of_the_worst_member():
+    """Each composition's 90 % eval interval equals a record-by-record loop over
+    the same resamples; a verdict whose interval crosses 50 or 90 is within eval
+    noise; the section explains it once and counts the noisy verdicts; the CSV
+    has the interval last; a composition with an evaluation lacking per-record
+    NLL has no interval, said once."""
+    from loramix.scenario import compose
+    from loramix.scenario.report import _View
+
+    report = _noisy_report()
+    rows = compose.compute(report)
+    assert len(rows) == 2
+    for r in rows:
+        lo, hi = _interval_by_loop(report, r["composition"], r["best_method"])
+        assert (r["kept_worst_pct_lo"], r["kept_worst_pct_hi"]) == (
+            pytest.approx(lo, rel=1e-9),
+            pytest.approx(hi, rel=1e-9),
+        )
+        assert lo < hi
+        crosses = any(lo < t <= hi for t in (50, 90))
+        assert r["verdict_within_eval_noise"] == crosses
+    assert compose.compute(report) == rows  # seeded: a re-render gives the same figures
+    text = "\n".join(compose.section(report, _View({**report, "environment": {}})))
+    assert text.count("paired bootstrap") == 1
+    noisy = sum(bool(r["verdict_within_eval_noise"]) for r in rows)
+    assert f"; {noisy} verdict(s) within eval noise" in text
+    r = rows[0]
+    assert f"| {r['kept_worst_pct_lo']:.0f} to {r['kept_worst_pct_hi']:.0f} |" in text
+    df = compose.csv_frame(rows)
+    assert list(df.columns[-3:]) == list(compose.BOOT_COLUMNS)
+    # a+b+c's merges on c without per-record NLL in one seed (evaluations cached before they were kept)
+    for e in report["evaluations"]:
+        if e["model"].endswith(":a+b+c") and e["domain"] == "c" and e["seed"] == 1:
+            del e["record_nll"], e["record_tokens"]
+    rows2 = {r["composition"]: r for r in compose.compute(report)}
+    assert rows2["a+b+c"]["kept_worst_pct_lo"] is None and rows2["a+b+c"]["verdict_within_eval_noise"] is None
+    assert (
+        rows2["a+b"]["kept_worst_pct_lo"]
+        == rows[[r["composition"] for r in rows].index("a+b")]["kept_worst_pct_lo"]
+    )
+    text = "\n".join(compose.section(report, _View({**report, "environment": {}})))
+    assert "1 composition(s) have none" in text
+
+
+def test_the_kept_gain_map_marks_a_verdict_within_eval_noise(tmp_path, monkeypatch):
+    """A pair whose verdict is within eval noise is written ``~`` and in italics,
+    and the colour bar's key says so; a map without such a pair is as before."""
+    from loramix.scenario import compose
+
+    report = {**_noisy_report(), "similarity_mean": [{"adapter_method": "lora", "names": ["a", "b", "c"],
+              "rms": [[1.0, 0.1, 0.2], [0.1, 1.0, 0.3], [0.2, 0.3, 1.0]]}]}  # fmt: skip
+    report["scenario"]["name"] = "noisy"
+    ab = next(r for r in compose.compute(report) if r["composition"] == "a+b")
+    assert ab["verdict_within_eval_noise"]  # 43 to 80: crosses 50
+    fig = _saved_figure(monkeypatch, lambda: compose.write_files(tmp_path, report))
+    cells = [t for t in fig.axes[0].texts if t.get_text()]
+    assert len(cells) == 2 and all(t.get_text() == f"~{ab['kept_worst_pct']:.0f}" for t in cells)
+    assert all(t.get_style() == "italic" for t in cells)
+    assert "~ italic: within eval noise" in fig.axes[-1].get_ylabel()
+    _every_text_inside(fig)
+    for r in report["evaluations"]:  # no per-record NLL: no interval, no mark
+        del r["record_nll"], r["record_tokens"]
+    fig = _saved_figure(monkeypatch, lambda: compose.write_files(tmp_path, report))
+    assert [t.get_text() for t in fig.axes[0].texts if t.get_text()] == [f"{ab['kept_worst_pct']:.0f}"] * 2
+    assert "eval noise" not in fig.axes[-1].get_ylabel()

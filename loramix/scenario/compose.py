@@ -20,6 +20,20 @@ less than the larger of their two spreads, and a figure within its spread
 of a threshold, are flagged. With one seed nothing is flagged and the
 report says that the spread is not measured.
 
+Eval-split noise (:func:`eval_interval`): the eval splits are small (16
+records in the real study), so a figure also carries the sampling noise of
+the records that make them up. A paired bootstrap resamples each member's
+eval records with replacement, :data:`BOOT_RESAMPLES` times, the same
+records for the base, the own adapter and the merge (and every seed: they
+share the split), recomputes each ``kept_d`` from the resampled NLL and
+token sums, and takes the worst member per resample; the
+:data:`BOOT_INTERVAL` % percentile interval of those worst-member figures
+is the composition's eval interval, and a verdict whose interval holds
+values on both sides of a threshold is *within eval noise*. It needs each
+evaluation's per-record NLL (``record_nll``, ``record_tokens`` in
+``report.json``'s evaluations); where one lacks them (made before loramix
+kept them) the interval is not computed.
+
 :func:`rows` reads only ``report.json``'s ``evaluations``, ``summary`` and
 ``scenario`` (a report written before this module existed re-renders);
 :func:`section` is the report's section, :func:`write_files` writes
@@ -28,6 +42,7 @@ report says that the spread is not measured.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +56,12 @@ COMPOSES_AT = 90.0
 PARTLY_AT = 50.0
 #: compositions listed at each end of a kind's ranking (all of them up to twice this)
 LIST_ENDS = 8
+#: resamples of the eval-split bootstrap (module docstring), the interval (%) it reports, and its seed
+BOOT_RESAMPLES = 1000
+BOOT_INTERVAL = 90.0
+BOOT_SEED = 0
+#: the columns the bootstrap adds to a row (last in composability.csv)
+BOOT_COLUMNS = ("kept_worst_pct_lo", "kept_worst_pct_hi", "verdict_within_eval_noise")
 CSV = "composability.csv"
 PNG = "kept_gain.png"
 VERDICTS = ("composes", "partly", "does not compose", "no gain to keep")
@@ -80,6 +101,83 @@ def _per_method(shares: pd.DataFrame) -> pd.DataFrame:
     none = per[per["mean"].isna()].groupby(keys, sort=False)["domain"].agg("+".join).rename("no_gain")
     out = out.merge(worst, on=keys, how="left").merge(none.reset_index(), on=keys, how="left")
     return out.assign(no_gain=out["no_gain"].fillna(""))
+
+
+def resample_indices(domain: str, n: int, resamples: int = BOOT_RESAMPLES) -> np.ndarray:
+    """``(resamples, n)`` record indices of domain ``domain``'s eval split
+    (``n`` records) drawn with replacement, seeded by :data:`BOOT_SEED` and
+    the domain's name: a domain's resamples are the same in every
+    composition, method, seed and re-render."""
+    rng = np.random.default_rng([BOOT_SEED, zlib.crc32(domain.encode())])
+    return rng.integers(0, n, size=(resamples, n))
+
+
+def resampled_ppl(evals: pd.DataFrame) -> dict:
+    """``{(adapter_method, seed, domain, model): (R,) perplexities}`` of every
+    evaluation with per-record NLL, on each of the domain's :func:`resample_indices`
+    resamples: ``exp(C X / C t)`` with ``C`` the ``(R, n)`` counts of each record
+    in each resample, ``X`` the ``(n, M)`` record NLL sums of the ``M`` models
+    evaluated on the domain and ``t`` the ``(n,)`` record token counts."""
+    if "record_nll" not in evals:
+        return {}
+    has = evals["record_nll"].map(lambda x: isinstance(x, list) and len(x) > 0)
+    out = {}
+    for (am, seed, dom), g in evals[has].groupby(["adapter_method", "seed", "domain"], sort=False):
+        toks = g["record_tokens"].tolist()
+        if any(t != toks[0] for t in toks):  # not the same records (never in a study): not paired
+            continue
+        X = np.array(g["record_nll"].tolist(), dtype=float).T  # (n, M)
+        n = X.shape[0]
+        idx = resample_indices(dom, n)
+        R = idx.shape[0]
+        C = (
+            np.bincount((idx + n * np.arange(R)[:, None]).ravel(), minlength=R * n)
+            .reshape(R, n)
+            .astype(float)
+        )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ppl = np.exp((C @ X) / (C @ np.asarray(toks[0], dtype=float))[:, None])  # (R, M)
+        out.update({(am, seed, dom, m): ppl[:, j] for j, m in enumerate(g["model"])})
+    return out
+
+
+def eval_interval(boot: dict, am: str, comp: str, method: str, seeds) -> tuple[float, float] | None:
+    """The :data:`BOOT_INTERVAL` % percentile interval of the worst member's
+    kept gain of ``comp`` merged by ``method`` over the resamples of ``boot``
+    (:func:`resampled_ppl`; module docstring): per resample, each member's
+    share is averaged over the seeds where its own adapter beats the base on
+    that resample, and the worst member's taken (a resample where no member
+    has a gain is left out). None where an evaluation has no resamples."""
+    shares = []
+    for d in comp.split("+"):
+        try:
+            per_seed = [[boot[(am, s, d, m)] for m in ("base", f"adapter:{d}", f"merge:{method}:{comp}")]
+                        for s in seeds]  # fmt: skip
+        except KeyError:
+            return None
+        b, o, m = (np.array(x) for x in zip(*per_seed))  # (S, R) each
+        gain = b - o
+        with np.errstate(divide="ignore", invalid="ignore"):
+            k = np.where(gain > 0, 100.0 * (b - m) / gain, np.nan)
+        fin = np.isfinite(k)
+        with np.errstate(invalid="ignore"):
+            shares.append(np.where(fin, k, 0.0).sum(axis=0) / fin.sum(axis=0))  # NaN where no seed has a gain
+    worst = np.where(np.isnan(shares), np.inf, shares).min(axis=0)
+    worst = worst[np.isfinite(worst)]
+    if not len(worst):
+        return None
+    tail = (100.0 - BOOT_INTERVAL) / 2
+    lo, hi = np.percentile(worst, [tail, 100.0 - tail])
+    return float(lo), float(hi)
+
+
+def within_noise(kept: float, lo: float | None, hi: float | None) -> bool | None:
+    """Whether the interval ``[lo, hi]`` holds figures of two verdicts
+    (``lo < t <= hi`` for a threshold ``t``); None where there is no interval
+    or no figure."""
+    if lo is None or hi is None or not np.isfinite(kept):
+        return None
+    return any(lo < t <= hi for t in (PARTLY_AT, COMPOSES_AT))
 
 
 def verdict(kept: float) -> str:
@@ -131,7 +229,9 @@ def compute(report: dict) -> list[dict]:
     per = summary[[*keys, "order", "retention_pct", "retention_pct_std"]].merge(
         _per_method(member_shares(evals)), on=keys, how="inner"
     )
-    nseed = len(report["scenario"]["seeds"])
+    seeds = list(report["scenario"]["seeds"])
+    nseed = len(seeds)
+    boot = resampled_ppl(evals)
     out = []
     for am in dict.fromkeys(summary["adapter_method"]):
         rows = []
@@ -141,9 +241,11 @@ def compute(report: dict) -> list[dict]:
             }
             by = g.sort_values("order").to_dict(orient="records")
             best_first = sorted(by, key=_rank_key)
-            rows.append(
-                {**_row(best_first, ret, nseed), "by_method": {b["merge_method"]: b["kept"] for b in by}}
-            )
+            r = _row(best_first, ret, nseed)
+            lo, hi = eval_interval(boot, am, r["composition"], r["best_method"], seeds) or (None, None)
+            r.update(kept_worst_pct_lo=lo, kept_worst_pct_hi=hi,
+                     verdict_within_eval_noise=within_noise(r["kept_worst_pct"], lo, hi))  # fmt: skip
+            rows.append({**r, "by_method": {b["merge_method"]: b["kept"] for b in by}})
         rows.sort(key=lambda r: -r["kept_worst_pct"] if np.isfinite(r["kept_worst_pct"]) else np.inf)
         out += [{**r, "rank": i} for i, r in enumerate(rows, start=1)]
     return out
@@ -178,17 +280,28 @@ def _best(r: dict) -> str:
 
 def _verdict(r: dict) -> str:
     v = f"**{r['verdict']}**" if r["verdict"] == "composes" else r["verdict"]
-    return v + (" (within the seed spread of a threshold)" if r.get("verdict_within_spread") else "")
+    v += " (within the seed spread of a threshold)" if r.get("verdict_within_spread") else ""
+    return v + (" (within eval noise)" if r.get("verdict_within_eval_noise") else "")
 
 
-def _table_rows(rs: list[dict]) -> list[list[str]]:
-    return [[str(r["rank"]), r["composition"], _verdict(r), _best(r), _kept(r), r.get("worst_member") or "—",
-             _f(r.get("kept_mean_pct"), 0), _f(r.get("retention_pct"), 1),
+def _interval(r: dict) -> str:
+    lo, hi = r.get("kept_worst_pct_lo"), r.get("kept_worst_pct_hi")
+    return "—" if lo is None or hi is None else f"{_f(lo, 0)} to {_f(hi, 0)}"
+
+
+def _table_rows(rs: list[dict], interval: bool) -> list[list[str]]:
+    return [[str(r["rank"]), r["composition"], _verdict(r), _best(r), _kept(r), *([_interval(r)] if interval else []),
+             r.get("worst_member") or "—", _f(r.get("kept_mean_pct"), 0), _f(r.get("retention_pct"), 1),
              "—" if r.get("runner_up") is None else f"`{r['runner_up']}` {_f(r['runner_up_kept_worst_pct'], 0)}"]
             for r in rs]  # fmt: skip
 
 
-def _kind_lines(am: str, rs: list[dict]) -> list[str]:
+def _has_interval(rs: list[dict]) -> bool:
+    return any(r.get("kept_worst_pct_lo") is not None for r in rs)
+
+
+def _kind_lines(am: str, rs: list[dict], interval: bool) -> list[str]:
+    """A kind's count line and table; ``interval``: with the eval interval's column."""
     counts = {v: sum(r["verdict"] == v for r in rs) for v in VERDICTS}
     bests = pd.Series([r["best_method"] for r in rs if r["verdict"] != "no gain to keep"]).value_counts()
     line = (f"**{am}**, {len(rs)} compositions: {counts['composes']} compose, {counts['partly']} partly, "
@@ -200,6 +313,8 @@ def _kind_lines(am: str, rs: list[dict]) -> list[str]:
     ties = sum(bool(r.get("lead_within_spread")) for r in rs)
     if ties:
         line += f" ({ties} of those leads within the seed spread)"
+    if any(r.get("verdict_within_eval_noise") is not None for r in rs):
+        line += f"; {sum(bool(r.get('verdict_within_eval_noise')) for r in rs)} verdict(s) within eval noise"
     # the domains to keep apart: who loses its gain where a merge does not compose (the three most often)
     losers = pd.Series([r["worst_member"] for r in rs if r["verdict"] == "does not compose"]).value_counts()
     if len(losers):
@@ -207,12 +322,29 @@ def _kind_lines(am: str, rs: list[dict]) -> list[str]:
             f"{d} ({n})" for d, n in losers.iloc[:3].items()) + (f" and {len(losers) - 3} other(s)" if len(losers) > 3 else "")  # fmt: skip
     L = [line + ".", ""]
     shown = rs if len(rs) <= 2 * LIST_ENDS else rs[:LIST_ENDS] + rs[-LIST_ENDS:]
-    body = _table_rows(shown)
+    body = _table_rows(shown, interval)
+    head = ["rank", "composition", "verdict", "best method", "kept gain % (worst member)",
+            *([f"{BOOT_INTERVAL:g}% eval interval"] if interval else []), "worst member",
+            "kept gain % (mean of members)", "retention % (best)", "runner-up"]  # fmt: skip
     if len(shown) < len(rs):
-        body.insert(LIST_ENDS, ["…", f"{len(rs) - len(shown)} more in `{CSV}`", "", "", "", "", "", "", ""])
-    L += [_table(["rank", "composition", "verdict", "best method", "kept gain % (worst member)", "worst member",
-                  "kept gain % (mean of members)", "retention % (best)", "runner-up"], body), ""]  # fmt: skip
+        body.insert(LIST_ENDS, ["…", f"{len(rs) - len(shown)} more in `{CSV}`", *[""] * (len(head) - 2)])
+    L += [_table(head, body), ""]
     return L
+
+
+def _noise_line(rs: list[dict]) -> str:
+    """The eval-split bootstrap in one line, or why it is not computed."""
+    missing = sum(r.get("kept_worst_pct_lo") is None and np.isfinite(r["kept_worst_pct"]) for r in rs)
+    if not _has_interval(rs):
+        return ("The eval-split interval is not computed: this report's evaluations have no per-record NLL "
+                "(made before loramix kept it), so a verdict may be within the eval split's sampling noise.")  # fmt: skip
+    line = (f"Eval interval: the {BOOT_INTERVAL:g}% percentile interval of the worst member's kept gain over "
+            f"{BOOT_RESAMPLES} paired bootstrap resamples of each member's eval records (the same records "
+            "for the base, the own adapter and the merge); a verdict whose interval crosses a threshold is "
+            "marked *within eval noise*.")  # fmt: skip
+    if missing:
+        line += f" {missing} composition(s) have none: an evaluation of theirs has no per-record NLL."
+    return line
 
 
 def section(report: dict, v) -> list[str]:
@@ -242,9 +374,9 @@ def section(report: dict, v) -> list[str]:
     else:
         L.append("One training seed: the seed-to-seed spread is not measured, so a small lead of one method or a "
                  "figure near a threshold may be noise.")  # fmt: skip
-    L.append("")
+    L += ["", _noise_line(rs), ""]
     for am in dict.fromkeys(r["adapter_method"] for r in rs):
-        L += _kind_lines(am, [r for r in rs if r["adapter_method"] == am])
+        L += _kind_lines(am, [r for r in rs if r["adapter_method"] == am], _has_interval(rs))
     if any(r["k"] == 2 for r in rs):
         L += [
             f"Pairs at a glance (the same order as the similarity heatmaps): ![kept gain of pairs]({PNG})",
@@ -255,21 +387,28 @@ def section(report: dict, v) -> list[str]:
 
 
 def csv_frame(rs: list[dict]) -> pd.DataFrame:
-    """``composability.csv``: one row per composition, ``kept_worst_pct_<method>`` for each method."""
-    df = pd.DataFrame([{k: x for k, x in r.items() if k != "by_method"} for r in rs])
+    """``composability.csv``: one row per composition, ``kept_worst_pct_<method>`` for each method,
+    then the eval interval's :data:`BOOT_COLUMNS` (empty where not computed)."""
+    df = pd.DataFrame(
+        [{k: x for k, x in r.items() if k != "by_method" and k not in BOOT_COLUMNS} for r in rs]
+    )
     lead = ["adapter_method", "rank", "composition", "k", "verdict", "best_method"]
     df = df[lead + [c for c in df.columns if c not in lead]]
     methods = list(dict.fromkeys(m for r in rs for m in r["by_method"]))
     for m in methods:
         df[f"kept_worst_pct_{m}"] = [r["by_method"].get(m) for r in rs]
+    for c in BOOT_COLUMNS:
+        df[c] = [r.get(c) for r in rs]
     return df
 
 
-def pair_matrix(rs: list[dict], am: str, names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The pairs of kind ``am`` as two ``names x names`` frames (symmetric):
-    the best method's worst-member share (NaN where no pair), and the method."""
+def pair_matrix(rs: list[dict], am: str, names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The pairs of kind ``am`` as three ``names x names`` frames (symmetric):
+    the best method's worst-member share (NaN where no pair), the method,
+    and whether the verdict is within eval noise."""
     kept = pd.DataFrame(np.nan, index=names, columns=names)
     method = pd.DataFrame("", index=names, columns=names)
+    noisy = pd.DataFrame(False, index=names, columns=names)
     for r in rs:
         if r["adapter_method"] != am or r["k"] != 2:
             continue
@@ -277,7 +416,8 @@ def pair_matrix(rs: list[dict], am: str, names: list[str]) -> tuple[pd.DataFrame
         x = np.nan if r["kept_worst_pct"] is None else float(r["kept_worst_pct"])
         kept.loc[a, b] = kept.loc[b, a] = x
         method.loc[a, b] = method.loc[b, a] = r["best_method"]
-    return kept, method
+        noisy.loc[a, b] = noisy.loc[b, a] = bool(r.get("verdict_within_eval_noise"))
+    return kept, method, noisy
 
 
 def write_files(folder: Path, report: dict, cache=None) -> None:
@@ -295,14 +435,17 @@ def write_files(folder: Path, report: dict, cache=None) -> None:
         if not any(r["adapter_method"] == am and r["k"] == 2 for r in rs):
             continue
         order = [names[i] for i in plots.cluster_order(np.array(sim["rms"], dtype=float))]
-        kept, method = pair_matrix(rs, am, order)
-        # plain lists, NaN as None: the figure's cache key is their JSON
+        kept, method, noisy = pair_matrix(rs, am, order)
+        # plain lists, NaN as None: the figure's cache key is their JSON (a map with no noisy
+        # cell keeps the key it had before the eval interval)
+        noise = [noisy.to_numpy(bool).tolist()] if noisy.to_numpy(bool).any() else []
         panels.append(
             (
                 am,
                 order,
                 [[None if np.isnan(x) else x for x in row] for row in kept.to_numpy(float)],
                 method.to_numpy().tolist(),
+                *noise,
             )
         )
     if panels:

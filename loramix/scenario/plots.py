@@ -566,7 +566,7 @@ def _ink(rgba) -> str:
     return "white" if 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.45 else "black"
 
 
-def _kept_panel(ax, names: list[str], kept, method, cmap, norm, fs: float) -> bool:
+def _kept_panel(ax, names: list[str], kept, method, noisy, cmap, norm, fs: float) -> bool:
     """One panel of :func:`kept_gain_heatmap`; True where a cell has no pair."""
     from ..plots import short_labels
 
@@ -580,23 +580,27 @@ def _kept_panel(ax, names: list[str], kept, method, cmap, norm, fs: float) -> bo
         for j in range(n):
             if diag[i, j] or not np.isfinite(vals[i, j]):
                 continue
-            text = f"{vals[i, j]:.0f}" + (f"\n{method[i][j]}" if several else "")
+            noise = bool(noisy and noisy[i][j])
+            text = ("~" if noise else "") + f"{vals[i, j]:.0f}" + (f"\n{method[i][j]}" if several else "")
             ax.text(j, i, text, ha="center", va="center", fontsize=fs if not several else fs - 1,
-                    color=_ink(cmap(norm(vals[i, j]))), linespacing=0.9)  # fmt: skip
+                    color=_ink(cmap(norm(vals[i, j]))), linespacing=0.9,
+                    style="italic" if noise else "normal")  # fmt: skip
     ax.set_xticks(range(n), labels=short_labels(names), rotation=45, ha="right", rotation_mode="anchor")
     ax.set_yticks(range(n), labels=short_labels(names))
     return bool(np.isnan(vals[~diag]).any())
 
 
 def kept_gain_heatmap(panels: list[tuple], path: Path, title: str, thresholds: tuple[float, float]) -> Path:
-    """One panel per adapter label, ``(label, names, kept, method)``: an
+    """One panel per adapter label, ``(label, names, kept, method[, noisy])``: an
     ``N x N`` heatmap of the share (%) of the worse member's gain over the
     base that the pair's best merge keeps (``kept``, None where the pair was
     not merged), its best method written under the value where the panel has
     several, the domains in ``names``' order (the similarity heatmap's).
     Colour from red (0: no better than the base) through yellow to green
     (100: as good as each member's own adapter), clipped beyond; the colour
-    bar marks ``thresholds`` (the verdicts' bounds)."""
+    bar marks ``thresholds`` (the verdicts' bounds). ``noisy``: ``N x N``
+    booleans, a verdict within eval noise (:mod:`.compose`), whose value is
+    written ``~`` and in italics."""
     plt = _plt()
     from matplotlib.colors import Normalize
 
@@ -607,9 +611,11 @@ def kept_gain_heatmap(panels: list[tuple], path: Path, title: str, thresholds: t
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=((size + 0.6) * len(panels) + 1.0, size + 0.4), dpi=110,
                              gridspec_kw={"width_ratios": [1.0] * len(panels) + [0.04]})  # fmt: skip
     cmap, norm = plt.get_cmap("RdYlGn"), Normalize(0.0, 100.0)
-    blank = False
-    for ax, (label, names, kept, method) in zip(axes[:-1], panels):
-        blank |= _kept_panel(ax, names, kept, method, cmap, norm, fs)
+    blank = noise = False
+    for ax, (label, names, kept, method, *noisy) in zip(axes[:-1], panels):
+        noisy = noisy[0] if noisy else None
+        noise |= bool(noisy) and any(any(row) for row in noisy)
+        blank |= _kept_panel(ax, names, kept, method, noisy, cmap, norm, fs)
         several = len({m for row in method for m in row if m}) > 1
         ax.set_title(f"{label} (best method under each value)" if several else label, fontsize=10)
     lo, hi = thresholds
@@ -619,6 +625,7 @@ def kept_gain_heatmap(panels: list[tuple], path: Path, title: str, thresholds: t
         bar.ax.axhline(t, color="black", lw=1.2)
     # a line each: in one, the key of a four-domain map (5 in tall) ran past the bar and the figure
     key = ["kept gain % of the worse member", f"≥{hi:g} composes, {lo:g}–{hi:g} partly, <{lo:g} does not"]
-    bar.set_label("\n".join(key + (["white: not merged"] if blank else [])), fontsize=9)
+    key += ["white: not merged"] if blank else []
+    bar.set_label("\n".join(key + (["~ italic: within eval noise"] if noise else [])), fontsize=9)
     _titled_layout(fig, title)
     return _saved(fig, path)
