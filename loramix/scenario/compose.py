@@ -26,7 +26,8 @@ the records that make them up. A paired bootstrap resamples each member's
 eval records with replacement, :data:`BOOT_RESAMPLES` times, the same
 records for the base, the own adapter and the merge (and every seed: they
 share the split), recomputes each ``kept_d`` from the resampled NLL and
-token sums, and takes the worst member per resample; the
+token sums, and takes the worst member per resample (of those with a gain
+to keep in the figure itself); the
 :data:`BOOT_INTERVAL` % percentile interval of those worst-member figures
 is the composition's eval interval, and a verdict whose interval holds
 values on both sides of a threshold is *within eval noise*. It needs each
@@ -141,15 +142,20 @@ def resampled_ppl(evals: pd.DataFrame) -> dict:
     return out
 
 
-def eval_interval(boot: dict, am: str, comp: str, method: str, seeds) -> tuple[float, float] | None:
+def eval_interval(
+    boot: dict, am: str, comp: str, method: str, seeds, skip: str = ""
+) -> tuple[float, float] | None:
     """The :data:`BOOT_INTERVAL` % percentile interval of the worst member's
     kept gain of ``comp`` merged by ``method`` over the resamples of ``boot``
     (:func:`resampled_ppl`; module docstring): per resample, each member's
     share is averaged over the seeds where its own adapter beats the base on
     that resample, and the worst member's taken (a resample where no member
-    has a gain is left out). None where an evaluation has no resamples."""
+    has a gain is left out). ``skip``: the members (``a+b``) with no gain to
+    keep in the figure itself, left out here too (a resample where such a
+    member gains a little would give it a share the verdict never counts).
+    None where an evaluation has no resamples."""
     shares = []
-    for d in comp.split("+"):
+    for d in (d for d in comp.split("+") if d not in skip.split("+")):
         try:
             per_seed = [[boot[(am, s, d, m)] for m in ("base", f"adapter:{d}", f"merge:{method}:{comp}")]
                         for s in seeds]  # fmt: skip
@@ -162,6 +168,8 @@ def eval_interval(boot: dict, am: str, comp: str, method: str, seeds) -> tuple[f
         fin = np.isfinite(k)
         with np.errstate(invalid="ignore"):
             shares.append(np.where(fin, k, 0.0).sum(axis=0) / fin.sum(axis=0))  # NaN where no seed has a gain
+    if not shares:
+        return None
     worst = np.where(np.isnan(shares), np.inf, shares).min(axis=0)
     worst = worst[np.isfinite(worst)]
     if not len(worst):
@@ -242,7 +250,10 @@ def compute(report: dict) -> list[dict]:
             by = g.sort_values("order").to_dict(orient="records")
             best_first = sorted(by, key=_rank_key)
             r = _row(best_first, ret, nseed)
-            lo, hi = eval_interval(boot, am, r["composition"], r["best_method"], seeds) or (None, None)
+            lo, hi = eval_interval(boot, am, r["composition"], r["best_method"], seeds, r["no_gain"]) or (
+                None,
+                None,
+            )
             r.update(kept_worst_pct_lo=lo, kept_worst_pct_hi=hi,
                      verdict_within_eval_noise=within_noise(r["kept_worst_pct"], lo, hi))  # fmt: skip
             rows.append({**r, "by_method": {b["merge_method"]: b["kept"] for b in by}})
