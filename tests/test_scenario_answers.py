@@ -645,7 +645,33 @@ def _compose_report() -> dict:
            for (m, c), ps in merged.items() for d, p in ps.items()]  # fmt: skip
     summary = [{"adapter_method": "lora", "composition": c, "k": 2, "merge_method": m, "retention_pct": 1.0,
                 "retention_pct_std": None} for m, c in merged]  # fmt: skip
-    return {"evaluations": ev, "summary": summary, "scenario": {"seeds": [0]}}
+    return {"evaluations": ev, "summary": summary, "scenario": {"name": "hand", "seeds": [0]}}
+
+
+def test_a_figure_is_printed_on_its_verdicts_side(tmp_path, monkeypatch):
+    """qa-three-domains' math+medicine: its worst member kept 49.6 %, and the
+    table and the pair map printed "50" beside "does not compose". A figure
+    now takes the decimals that keep it on its verdict's side of 50 and 90."""
+    from loramix.scenario import compose
+    from loramix.scenario.plots import threshold_text
+    from loramix.scenario.report import _View
+
+    assert [threshold_text(x, (50.0, 90.0)) for x in (49.6, 89.5, 89.96, 89.9996, 90.0, 50.4, 91.2, -3.7)] == [
+        "49.6", "89.5", "89.96", "89.9996", "90", "50", "91", "-4"]  # fmt: skip
+    report = _compose_report()
+    for e in report["evaluations"]:
+        if e["model"] in ("merge:sum:a+b", "merge:ties:a+b") and e["domain"] == "a":
+            # a keeps 100 (10 - 7.52) / (10 - 5) = 49.6 % by sum, 40 % by ties
+            e["ppl"] = 7.52 if "sum" in e["model"] else 8.0
+    ab = compose.compute(report)[0]
+    assert ab["kept_worst_pct"] == pytest.approx(49.6) and ab["verdict"] == "does not compose"
+    text = "\n".join(compose.section(report, _View({**report, "environment": {}})))
+    assert "| 1 | a+b | does not compose | `sum` | 49.6 |" in text
+    report["similarity_mean"] = [
+        {"adapter_method": "lora", "names": ["a", "b", "c"], "rms": np.eye(3).tolist()}
+    ]
+    fig = _saved_figure(monkeypatch, lambda: compose.write_files(tmp_path, report, cache=None))
+    assert "49.6" in [t.get_text().split("\n")[0] for t in fig.axes[0].texts]
 
 
 def test_a_member_with_no_gain_has_none_to_keep():
@@ -674,12 +700,12 @@ def test_a_member_with_no_gain_has_none_to_keep():
 def test_the_kept_gain_map_follows_the_similarity_heatmaps(tmp_path, monkeypatch):
     """kept_gain.png of the committed real study: each panel's domains in
     its similarity heatmap's clustered order, each cell the pair's rounded
-    figure and best method, every text (the colour bar's key included)
+    (:func:`threshold_text`) figure and best method, every text (the colour bar's key included)
     inside the figure."""
     from pathlib import Path
 
     from loramix.scenario import compose
-    from loramix.scenario.plots import cluster_order
+    from loramix.scenario.plots import cluster_order, threshold_text
 
     report = json.loads(
         (Path(__file__).resolve().parents[1] / "reports/real-14-domains/report.json").read_text()
@@ -696,7 +722,7 @@ def test_the_kept_gain_map_follows_the_similarity_heatmaps(tmp_path, monkeypatch
         for (i, j), text in texts.items():
             a, b = order[i], order[j]
             r = rows.get((sim["adapter_method"], f"{a}+{b}")) or rows[(sim["adapter_method"], f"{b}+{a}")]
-            assert text == f"{r['kept_worst_pct']:.0f}\n{r['best_method']}"
+            assert text == f"{threshold_text(r['kept_worst_pct'], (50.0, 90.0))}\n{r['best_method']}"
     _every_text_inside(fig)
 
 

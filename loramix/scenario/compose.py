@@ -277,8 +277,12 @@ def rows(report: dict) -> list[dict]:
 
 
 def _kept(r: dict) -> str:
-    std = r.get("kept_worst_pct_std")
-    return _f(r["kept_worst_pct"], 0) + (f" ± {_f(std, 0)}" if std is not None and np.isfinite(std) else "")
+    """The worst member's figure, on its verdict's side of each threshold, ± its seed spread."""
+    from .plots import threshold_text
+
+    x, std = r["kept_worst_pct"], r.get("kept_worst_pct_std")
+    text = threshold_text(x, (PARTLY_AT, COMPOSES_AT)) if x is not None and np.isfinite(x) else _f(x, 0)
+    return text + (f" ± {_f(std, 0)}" if std is not None and np.isfinite(std) else "")
 
 
 def _best(r: dict) -> str:

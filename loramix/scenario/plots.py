@@ -566,8 +566,20 @@ def _ink(rgba) -> str:
     return "white" if 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.45 else "black"
 
 
-def _kept_panel(ax, names: list[str], kept, method, noisy, cmap, norm, fs: float) -> bool:
-    """One panel of :func:`kept_gain_heatmap`; True where a cell has no pair."""
+def threshold_text(x: float, thresholds) -> str:
+    """``x`` to 0 decimals, or to as many more (up to 6) as keep it on its own
+    side of every threshold ``t`` (``x >= t`` as the verdicts compare): a
+    worst member at 49.6 printed "50" beside "does not compose"."""
+    for nd in range(7):
+        text = f"{x:.{nd}f}"
+        if all((float(text) >= t) == (x >= t) for t in thresholds):
+            return text
+    return text
+
+
+def _kept_panel(ax, names: list[str], kept, method, noisy, cmap, norm, fs: float, thresholds) -> bool:
+    """One panel of :func:`kept_gain_heatmap` (each value on its verdict's
+    side of ``thresholds``: :func:`threshold_text`); True where a cell has no pair."""
     from ..plots import short_labels
 
     n = len(names)
@@ -581,7 +593,8 @@ def _kept_panel(ax, names: list[str], kept, method, noisy, cmap, norm, fs: float
             if diag[i, j] or not np.isfinite(vals[i, j]):
                 continue
             noise = bool(noisy and noisy[i][j])
-            text = ("~" if noise else "") + f"{vals[i, j]:.0f}" + (f"\n{method[i][j]}" if several else "")
+            value = threshold_text(vals[i, j], thresholds)
+            text = ("~" if noise else "") + value + (f"\n{method[i][j]}" if several else "")
             ax.text(j, i, text, ha="center", va="center", fontsize=fs if not several else fs - 1,
                     color=_ink(cmap(norm(vals[i, j]))), linespacing=0.9,
                     style="italic" if noise else "normal")  # fmt: skip
@@ -615,7 +628,7 @@ def kept_gain_heatmap(panels: list[tuple], path: Path, title: str, thresholds: t
     for ax, (label, names, kept, method, *noisy) in zip(axes[:-1], panels):
         noisy = noisy[0] if noisy else None
         noise |= bool(noisy) and any(any(row) for row in noisy)
-        blank |= _kept_panel(ax, names, kept, method, noisy, cmap, norm, fs)
+        blank |= _kept_panel(ax, names, kept, method, noisy, cmap, norm, fs, thresholds)
         several = len({m for row in method for m in row if m}) > 1
         ax.set_title(f"{label} (best method under each value)" if several else label, fontsize=10)
     lo, hi = thresholds
