@@ -2220,6 +2220,118 @@ def test_a_worker_unwinding_ignores_a_second_sigterm(monkeypatch):
     assert executors._WORKER["stopping"]
 
 
+#: a program running the CLI (argv: its arguments) whose SIGTERM handler is called, as
+#: Python calls it, in importlib's callback that drops a module's lock, as the first
+#: import of the command finishes (no real signal lands there on cue: a few microseconds
+#: per import)
+_KILL_IN_THE_IMPORT_LOCK = """
+import importlib._bootstrap as b, signal, sys, types
+from loramix import cli
+cb = next(c for c in b._get_module_lock.__code__.co_consts if isinstance(c, types.CodeType) and c.co_name == "cb")
+def hook(frame, event, arg):
+    handler = signal.getsignal(signal.SIGTERM)
+    if event == "call" and frame.f_code is cb and handler not in (signal.SIG_DFL, None):
+        sys.setprofile(None)
+        handler(signal.SIGTERM, frame)
+sys.setprofile(hook)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="POSIX signals")
+def test_a_kill_landing_in_importlib_still_stops_the_run(world, tmp_path):
+    """A kill whose handler runs inside importlib (here the weakref callback
+    that drops a module's lock: a command's first import finishing) stops
+    the run as anywhere else: one line, 143, nothing written. The exception
+    was swallowed there (``Exception ignored in ... _get_module_lock``, the
+    flake of the SIGTERM tests under load) and ``sum`` went on to write its
+    output and exit 0."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = ["sum", "--no-progress", world["a"], "--into", world["gpt2"], "--out", out]
+    p = subprocess.run([sys.executable, "-c", _KILL_IN_THE_IMPORT_LOCK, *map(str, args)], capture_output=True,
+                       text=True, env=env, timeout=300)  # fmt: skip
+    assert (p.returncode, p.stderr.splitlines()) == (143, ["loramix: terminated"]), p.stderr
+    assert leftovers(out) == []
+
+
+#: a program running the CLI (argv: its module folder, then the CLI's arguments) whose
+#: command first imports a module that kills the run from its body, inside an import that
+#: swallows whatever it raises: as torch's C start-up does numpy's (a kill landing in
+#: ``import numpy`` under ``import torch``)
+_KILL_IN_A_SWALLOWED_IMPORT = """
+import sys
+from loramix import cli
+sys.path.insert(0, sys.argv.pop(1))
+run = cli._main
+def _main(argv):
+    try:
+        import lmx_killed_on_import
+    except BaseException:
+        pass
+    return run(argv)
+cli._main = _main
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="POSIX signals")
+def test_a_kill_during_an_import_is_raised_once_the_import_is_done(world, tmp_path):
+    """A kill landing during an import stops the run once the import is
+    done, whatever the importer does with errors: one line, 143, nothing
+    written. It was raised inside the import, where torch's C start-up
+    swallowed it (importing numpy), and ``sum`` wrote its output, exit 0."""
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "lmx_killed_on_import.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.2)\n"
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [tmp_path / "mods", "sum", "--no-progress", world["a"], "--into", world["gpt2"], "--out", out]
+    p = subprocess.run([sys.executable, "-c", _KILL_IN_A_SWALLOWED_IMPORT, *map(str, args)], capture_output=True,
+                       text=True, env=env, timeout=300)  # fmt: skip
+    assert (p.returncode, p.stderr.splitlines()) == (143, ["loramix: terminated"]), p.stderr
+    assert leftovers(out) == []
+
+
+def test_a_worker_killed_inside_importlib_unwinds_its_step(monkeypatch, tmp_path):
+    """A worker's SIGTERM within a step whose handler runs inside importlib
+    (the module-lock callback of an import the step makes) unwinds the step
+    once importlib is done. The KeyboardInterrupt was swallowed there: the
+    worker, already marked stopping, finished its step, a traceback beside
+    the run's one line."""
+    import importlib._bootstrap as bootstrap
+    import types
+
+    from loramix.scenario import executors
+
+    cb = next(c for c in bootstrap._get_module_lock.__code__.co_consts
+              if isinstance(c, types.CodeType) and c.co_name == "cb")  # fmt: skip
+
+    def hook(frame, event, arg):
+        if event == "call" and frame.f_code is cb:
+            sys.setprofile(None)
+            executors._worker_terminated(signal.SIGTERM, frame)
+
+    (tmp_path / "lmx_fresh_module.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(executors._WORKER, "in_step", True)
+    monkeypatch.setitem(executors._WORKER, "stopping", False)
+    before = signal.signal(signal.SIGTERM, executors._worker_terminated)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sys.setprofile(hook)
+            try:
+                import lmx_fresh_module  # noqa: F401
+            finally:
+                sys.setprofile(None)
+                sys.modules.pop("lmx_fresh_module", None)
+            time.sleep(1)  # the step goes on: the interrupt arrives here
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert executors._WORKER["stopping"]
+
+
 def test_errors_survive_pickling():
     """A LoramixError crosses a process boundary (a worker's step, a Ray
     task) as itself: its class, where, problem and one-line message."""

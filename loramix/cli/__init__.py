@@ -22,6 +22,7 @@ import click
 from .. import __version__
 from ..devices import DEVICE_CHOICES
 from ..errors import LoramixError, LoramixWarning, UsageError
+from ..stopping import deferred
 from .threads import threads_option
 
 # module (in this package) -> command name
@@ -211,8 +212,10 @@ class Interrupted(BaseException):
 
 def _terminate(signum, frame):
     # A kill (SIGTERM: timeout, a job scheduler) unwinds like Ctrl-C, so outputs
-    # and temporaries half made are removed, not left for the next run to find.
-    raise Terminated
+    # and temporaries half made are removed, not left for the next run to find;
+    # not during an import, where the exception can be lost (loramix.stopping)
+    if not deferred(signum, frame):
+        raise Terminated
 
 
 def _interrupted(e: BaseException) -> int:

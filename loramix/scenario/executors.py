@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..errors import LoramixError, UsageError
+from ..stopping import deferred
 from .plan import Step
 from .steps import StepContext, reads_back, run_step
 
@@ -193,10 +194,13 @@ def _worker_terminated(signum, frame):
     result and wait). Already unwinding: ignored, so that the removal of
     the half-made artifact is not itself interrupted (a SIGTERM sent to the
     whole process group reaches a worker twice: once itself, once from the
-    parent's :func:`_stop`)."""
+    parent's :func:`_stop`). Within a step not during an import, where the
+    interrupt can be lost and the step go on (:mod:`loramix.stopping`)."""
     if _WORKER.get("stopping"):
         return
     if _WORKER.get("in_step"):
+        if deferred(signum, frame):
+            return
         _WORKER["stopping"] = True
         raise KeyboardInterrupt
     os._exit(128 + signum)
