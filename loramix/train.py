@@ -128,6 +128,7 @@ class LiveLog:
     HEADER = ("step", "loss", "lr", "tokens", "seconds")
 
     def __init__(self, out: Path):
+        self.out = out
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_logs(out)
         self.path = out.parent / f"{_log_stem(out)}.train_log.{os.getpid()}.csv"
@@ -143,8 +144,12 @@ class LiveLog:
         try:
             self.w.writerow([step, f"{loss:.6f}", f"{lr:.6g}", tokens, f"{seconds:.3f}"])
             self.f.flush()
-        except OSError as e:  # a full disk: name the file (a failed flush names none)
-            e.filename = e.filename or str(self.path)
+        except OSError as e:
+            from .io.outputs import NO_SPACE
+
+            # a full disk (or a file-size limit) is the output's problem, named as every other
+            # write names it (loramix.io.outputs); else the log (a failed flush names no file)
+            e.filename = str(self.out) if e.errno in NO_SPACE else (e.filename or str(self.path))
             raise
 
     def move_to(self, dest: Path) -> None:

@@ -994,6 +994,25 @@ def test_file_size_limit_mid_write_is_one_line(world, tmp_path, direct):
     assert_refused(p.returncode, p.stderr.read(), out, out)
 
 
+def test_file_size_limit_in_the_live_training_log_names_the_output(llama_with_tokenizer, tmp_path):
+    """A full disk (here RLIMIT_FSIZE) that strikes the live training log
+    beside ``--out`` names the output, as it does whatever file it strikes
+    inside it: one line, exit 2, nothing left (the log removed). It named
+    the log, ``out.train_log.<pid>.csv``, a file the run had just removed."""
+    import resource
+
+    out = tmp_path / "out"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1, 1))
+
+    p = _python_m("train", "--no-progress", "--base", llama_with_tokenizer, "--data", "synthetic:arith", "--steps",
+                  "2", "--limit", "8", "--rank", "2", "--out", out, preexec_fn=limit)  # fmt: skip
+    p.wait(timeout=300)
+    line = assert_refused(p.returncode, p.stderr.read(), out, out)
+    assert "train_log" not in line, line
+
+
 def test_symlink_loop_in_the_base(world, tmp_path, capsys):
     base = copy(world["gpt2"], tmp_path / "base")
     (base / "loop").symlink_to(base / "loop")
