@@ -2345,10 +2345,39 @@ def test_a_worker_killed_inside_importlib_unwinds_its_step(monkeypatch, tmp_path
             finally:
                 sys.setprofile(None)
                 sys.modules.pop("lmx_fresh_module", None)
-            time.sleep(1)  # the step goes on: the interrupt arrives here
+            deadline = time.monotonic() + 30  # the step goes on: the interrupt arrives here
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
     finally:
         signal.signal(signal.SIGTERM, before)
     assert executors._WORKER["stopping"]
+
+
+def test_a_kill_waits_for_imports_at_most_longest_seconds(monkeypatch):
+    """A kill waits while an import is in progress, but not for ever (a
+    program that runs loramix from inside an import of its own): after
+    LONGEST_SECONDS the handler raises as before."""
+    from loramix import stopping
+
+    frames = []
+
+    class Finder:  # a meta path finder: called by importlib, so its caller is importlib's frame
+        def find_spec(self, name, path=None, target=None):
+            if name == "lmx_not_a_module":
+                frames.append(sys._getframe(1))
+
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+    with pytest.raises(ImportError):
+        import lmx_not_a_module  # noqa: F401
+    sent = []
+    monkeypatch.setattr(stopping, "_again", sent.append)  # no signal to this test process
+    monkeypatch.setattr(stopping._thread, "start_new_thread", lambda fn, args: fn(*args))
+    assert stopping.importing(frames[0]) and not stopping.importing(sys._getframe())
+    monkeypatch.setattr(stopping, "_waiting_since", {})
+    assert stopping.deferred(signal.SIGTERM, frames[0]) and sent == [signal.SIGTERM]
+    stopping._waiting_since[signal.SIGTERM] -= stopping.LONGEST_SECONDS + 1
+    assert not stopping.deferred(signal.SIGTERM, frames[0]) and sent == [signal.SIGTERM]
+    assert stopping._waiting_since == {}
 
 
 def test_errors_survive_pickling():
