@@ -1,32 +1,33 @@
-"""Signal handlers that raise, and the one time they must not: an import.
+"""Signal handlers that raise, and the two places they must not: importlib's
+own code, and a C extension's start-up.
 
 loramix's handlers for a kill (SIGTERM) raise, so that the command unwinds
 and removes what it was writing (:func:`loramix.cli.main`, a study's worker
 in :mod:`loramix.scenario.executors`). Python runs a handler in the main
-thread between two bytecodes of whatever runs there, and that is often an
-import: a command's first ``import torch`` (seconds), transformers' lazy
-modules. An exception raised there can be lost, and the run goes on as if
-never killed:
+thread between two bytecodes of whatever runs there, and in a command's
+first second that is often an import (``import torch``; later,
+transformers' lazy modules). There an exception can be lost, and the run
+goes on as if never killed:
 
-* torch's C start-up imports numpy and, when that fails, clears the error and
-  goes on without it: a kill landing in numpy's import, under torch's, was
-  lost, the ``sum`` wrote its output and exited 0 (about 1 kill in 15 sent
-  0.3-1.1 s into it, on a loaded machine); or numpy was left half made and
-  the next ``import numpy`` failed ("cannot load module more than once per
-  process"): a traceback, exit 1;
 * raised in the weakref callback that drops a module's lock
   (``_get_module_lock.<locals>.cb``), Python swallows it, printing
-  ``Exception ignored in ... _get_module_lock``: the flake of the SIGTERM
-  tests under load.
+  ``Exception ignored in ... _get_module_lock`` (the flake of the SIGTERM
+  tests under load); raised between importlib's taking and giving back its
+  global lock, it would leave the lock held;
+* raised in Python code that a C extension runs as it starts (torch's
+  ``torch._C`` imports numpy), it is the C code's to handle: torch clears it
+  and goes on without numpy (the ``sum`` wrote its output and exited 0), or
+  numpy's own C part was left half made, and the next ``import numpy``
+  failed ("cannot load module more than once per process"): a traceback,
+  exit 1.
 
-So a handler asks :func:`deferred` first: while any import is in progress
-(importlib's code is on the main thread's stack) it returns at once, and the
-signal is sent again :data:`AGAIN_SECONDS` later by a thread (made pending at
-once, by ``_thread.interrupt_main``, it would run the handler again in
-:func:`deferred`'s own frame and raise into the import after all). Once no
-import is in progress, or after :data:`LONGEST_SECONDS` of waiting (a
-program that runs loramix from inside an import of its own), the handler
-raises as before.
+So a handler asks :func:`deferred` first: in either place it returns at
+once, and the signal is sent again :data:`AGAIN_SECONDS` later by a thread
+(made pending at once, by ``_thread.interrupt_main``, it would run the
+handler again in :func:`deferred`'s own frame, and raise there after all).
+Elsewhere, a pure-Python module's code included (importlib undoes a failed
+import of one), or after :data:`LONGEST_SECONDS` of waiting, it raises as
+before.
 """
 
 from __future__ import annotations
@@ -34,12 +35,18 @@ from __future__ import annotations
 import _thread
 import os
 import time
+from importlib import _bootstrap_external
 
 #: the names importlib's own modules have in their frames' globals (frozen or not)
 IMPORTLIB = frozenset({"importlib._bootstrap", "importlib._bootstrap_external"})
+#: the code that runs a C extension's start-up (and any Python it imports)
+EXTENSION_START = frozenset(
+    {_bootstrap_external.ExtensionFileLoader.create_module.__code__,
+     _bootstrap_external.ExtensionFileLoader.exec_module.__code__}
+)  # fmt: skip
 #: how long after a deferred signal it is sent again
 AGAIN_SECONDS = 0.01
-#: the longest a signal waits for imports to finish (``import torch``: seconds)
+#: the longest a signal is deferred (a C extension whose start-up never ends)
 LONGEST_SECONDS = 30.0
 
 _waiting_since: dict[int, float] = {}
@@ -47,9 +54,9 @@ _waiting_since: dict[int, float] = {}
 
 def deferred(signum: int, frame) -> bool:
     """Whether a handler called for ``signum`` in ``frame`` (its arguments)
-    must not raise now, because an import is in progress in the main thread;
-    if so, the signal is sent to this process again shortly (:func:`_again`)."""
-    if not importing(frame):
+    must not raise now (:func:`unsafe`); if so, the signal is sent to this
+    process again shortly (:func:`_again`)."""
+    if not unsafe(frame):
         _waiting_since.pop(signum, None)
         return False
     since = _waiting_since.setdefault(signum, time.monotonic())
@@ -60,10 +67,15 @@ def deferred(signum: int, frame) -> bool:
     return True
 
 
-def importing(frame) -> bool:
-    """Whether ``frame`` or one of its callers is importlib's code."""
+def unsafe(frame) -> bool:
+    """Whether ``frame`` is importlib's own code, or it or one of its callers
+    is a C extension's start-up."""
+    if frame is None:
+        return False
+    if frame.f_globals.get("__name__") in IMPORTLIB:
+        return True
     while frame is not None:
-        if frame.f_globals.get("__name__") in IMPORTLIB:
+        if frame.f_code in EXTENSION_START:
             return True
         frame = frame.f_back
     return False

@@ -2274,40 +2274,34 @@ def test_a_kill_landing_in_importlib_still_stops_the_run(world, tmp_path):
     assert leftovers(out) == []
 
 
-#: a program running the CLI (argv: its module folder, then the CLI's arguments) whose
-#: command first imports a module that kills the run from its body, inside an import that
-#: swallows whatever it raises: as torch's C start-up does numpy's (a kill landing in
-#: ``import numpy`` under ``import torch``)
-_KILL_IN_A_SWALLOWED_IMPORT = """
-import sys
+#: a program running the CLI (argv: its arguments) whose SIGTERM handler is called, as
+#: Python calls it, in the first numpy code to run: numpy's import, which torch's C
+#: start-up (``torch._C``) makes as a command first imports torch
+_KILL_IN_NUMPY_UNDER_TORCH = """
+import signal, sys
 from loramix import cli
-sys.path.insert(0, sys.argv.pop(1))
-run = cli._main
-def _main(argv):
-    try:
-        import lmx_killed_on_import
-    except BaseException:
-        pass
-    return run(argv)
-cli._main = _main
+def hook(frame, event, arg):
+    handler = signal.getsignal(signal.SIGTERM)
+    if event == "call" and frame.f_globals.get("__name__", "").startswith("numpy") and callable(handler):
+        sys.setprofile(None)
+        handler(signal.SIGTERM, frame)
+sys.setprofile(hook)
 sys.exit(cli.main(sys.argv[1:]))
 """
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="POSIX signals")
-def test_a_kill_during_an_import_is_raised_once_the_import_is_done(world, tmp_path):
-    """A kill landing during an import stops the run once the import is
-    done, whatever the importer does with errors: one line, 143, nothing
-    written. It was raised inside the import, where torch's C start-up
-    swallowed it (importing numpy), and ``sum`` wrote its output, exit 0."""
-    (tmp_path / "mods").mkdir()
-    (tmp_path / "mods" / "lmx_killed_on_import.py").write_text(
-        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.2)\n"
-    )
+def test_a_kill_during_a_c_extensions_start_is_raised_after_it(world, tmp_path):
+    """A kill landing in Python code that a C extension runs as it starts
+    (numpy's import, under ``torch._C``'s) stops the run once the start-up
+    is done: one line, 143, nothing written. Raised there, torch cleared
+    it and went on (``sum`` wrote its output, exit 0, nothing on stderr),
+    or numpy was left half made (an ImportError traceback, exit 1): 15 of
+    80 kills sent 0.3-1.1 s into a ``sum`` on a loaded machine."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = [tmp_path / "mods", "sum", "--no-progress", world["a"], "--into", world["gpt2"], "--out", out]
-    p = subprocess.run([sys.executable, "-c", _KILL_IN_A_SWALLOWED_IMPORT, *map(str, args)], capture_output=True,
+    args = ["sum", "--no-progress", world["a"], "--into", world["gpt2"], "--out", out]
+    p = subprocess.run([sys.executable, "-c", _KILL_IN_NUMPY_UNDER_TORCH, *map(str, args)], capture_output=True,
                        text=True, env=env, timeout=300)  # fmt: skip
     assert (p.returncode, p.stderr.splitlines()) == (143, ["loramix: terminated"]), p.stderr
     assert leftovers(out) == []
@@ -2353,10 +2347,10 @@ def test_a_worker_killed_inside_importlib_unwinds_its_step(monkeypatch, tmp_path
     assert executors._WORKER["stopping"]
 
 
-def test_a_kill_waits_for_imports_at_most_longest_seconds(monkeypatch):
-    """A kill waits while an import is in progress, but not for ever (a
-    program that runs loramix from inside an import of its own): after
-    LONGEST_SECONDS the handler raises as before."""
+def test_a_kill_is_deferred_at_most_longest_seconds(monkeypatch):
+    """A kill waits while importlib's code runs, but not for ever (a C
+    extension whose start-up never ends): after LONGEST_SECONDS the handler
+    raises as before."""
     from loramix import stopping
 
     frames = []
@@ -2372,7 +2366,7 @@ def test_a_kill_waits_for_imports_at_most_longest_seconds(monkeypatch):
     sent = []
     monkeypatch.setattr(stopping, "_again", sent.append)  # no signal to this test process
     monkeypatch.setattr(stopping._thread, "start_new_thread", lambda fn, args: fn(*args))
-    assert stopping.importing(frames[0]) and not stopping.importing(sys._getframe())
+    assert stopping.unsafe(frames[0]) and not stopping.unsafe(sys._getframe())
     monkeypatch.setattr(stopping, "_waiting_since", {})
     assert stopping.deferred(signal.SIGTERM, frames[0]) and sent == [signal.SIGTERM]
     stopping._waiting_since[signal.SIGTERM] -= stopping.LONGEST_SECONDS + 1
