@@ -213,7 +213,7 @@ class Interrupted(BaseException):
 def _terminate(signum, frame):
     # A kill (SIGTERM: timeout, a job scheduler) unwinds like Ctrl-C, so outputs
     # and temporaries half made are removed, not left for the next run to find;
-    # not during an import, where the exception can be lost (loramix.stopping)
+    # not in importlib or a C extension's start-up, where it can be lost (loramix.stopping)
     if not deferred(signum, frame):
         raise Terminated
 

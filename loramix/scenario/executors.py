@@ -194,8 +194,9 @@ def _worker_terminated(signum, frame):
     result and wait). Already unwinding: ignored, so that the removal of
     the half-made artifact is not itself interrupted (a SIGTERM sent to the
     whole process group reaches a worker twice: once itself, once from the
-    parent's :func:`_stop`). Within a step not during an import, where the
-    interrupt can be lost and the step go on (:mod:`loramix.stopping`)."""
+    parent's :func:`_stop`). Within a step not in importlib's code or a C
+    extension's start-up, where the interrupt can be lost and the step go
+    on (:mod:`loramix.stopping`)."""
     if _WORKER.get("stopping"):
         return
     if _WORKER.get("in_step"):
