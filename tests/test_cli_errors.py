@@ -91,6 +91,34 @@ def test_folder_that_is_not_an_adapter(capsys, tmp_path):
     run_error(capsys, ["inspect", str(txt)], txt, "expected a folder or a .safetensors file")
 
 
+def test_a_named_peft_adapter_is_pointed_to_in_its_subfolder(capsys, tmp_path):
+    """PEFT's ``save_pretrained`` writes an adapter named other than
+    ``default`` into ``folder/NAME/``; the parent folder was refused as 'no
+    adapter_config.json' with no word of where the adapter is."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_gpt2(n_layer=1)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    get_peft_model(copy.deepcopy(model), cfg, adapter_name="law").save_pretrained(str(tmp_path / "ad"))
+    parent, sub = tmp_path / "ad", tmp_path / "ad" / "law"
+    assert (sub / CONFIG).is_file() and not (parent / CONFIG).exists()  # PEFT's layout, as saved
+    for argv in (
+        ["inspect", parent],
+        ["similarity", parent, sub],
+        ["sum", sub, parent, "--out", tmp_path / "o"],
+    ):
+        run_error(
+            capsys,
+            [str(a) for a in argv],
+            f"{parent}: not an adapter folder: no {CONFIG}",
+            f"subfolder: pass {sub}",
+        )
+    assert not (tmp_path / "o").exists()
+    assert main(["inspect", str(sub)]) == 0 and "transformer.h.0.attn.c_attn" in capsys.readouterr().out
+
+
 def test_config_without_weights(capsys, bad):
     (bad / WEIGHTS).unlink()
     run_error(capsys, ["inspect", str(bad)], bad, f"no {WEIGHTS}")

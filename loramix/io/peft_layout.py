@@ -132,6 +132,21 @@ def _missing(p: Path) -> str:
     return "no such file or folder"
 
 
+def _named_inside(p: Path) -> str:
+    """A hint for a folder PEFT's ``save_pretrained`` wrote an adapter with a
+    name other than ``default`` into: such an adapter is saved in a subfolder
+    of that name (``p/NAME/adapter_config.json``), as PEFT loads it back
+    (``subfolder=NAME``); loramix reads the subfolder, so name it."""
+    try:
+        subs = sorted(d.name for d in p.iterdir() if (d / CONFIG_NAME).is_file())
+    except OSError:
+        return ""
+    if not subs:
+        return ""
+    shown = ", ".join(str(p / s) for s in subs[:3]) + (f" and {len(subs) - 3} more" if len(subs) > 3 else "")
+    return f"; PEFT saved a named adapter in a subfolder: pass {shown}"
+
+
 def resolve_adapter_paths(path: str | Path) -> tuple[Path, Path, Path]:
     """``(given path, config path, weights path)`` for a folder or a file."""
     p = Path(path)
@@ -146,7 +161,7 @@ def resolve_adapter_paths(path: str | Path) -> tuple[Path, Path, Path]:
                 if (p / "config.json").is_file()
                 else ""
             )
-            raise AdapterError(p, f"not an adapter folder: no {CONFIG_NAME}{model}")
+            raise AdapterError(p, f"not an adapter folder: no {CONFIG_NAME}{model or _named_inside(p)}")
         if not weights.exists():
             if (p / "adapter_model.bin").exists():
                 raise AdapterError(
