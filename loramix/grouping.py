@@ -247,10 +247,14 @@ def _trained_base_identity(adapter) -> str | None:
 def other_base(adapters, base: str | None, fitted: str) -> str | None:
     """The warning that ``adapters`` were trained on another base than ``base``
     (the identity a predictors file or a fit.json records; ``fitted`` says
-    which: ``"this fit was"``), or None: the same base, or nothing to compare
-    (a file from before the field, adapters without training provenance)."""
+    which: ``"this fit was"``), or None: the same base, or a file from before
+    the field. Adapters made outside loramix (PEFT's own training) record no
+    base identity: that the check could not be made is said, not passed over."""
     seen = {i for i in (_trained_base_identity(a) for a in adapters) if i}
-    if not (base and seen and seen != {base}):
+    if base and not seen:
+        return (f"the adapters record no base they were trained on (made outside loramix): that it is "
+                f"the one {fitted} fitted for ({base[:12]}) is not checked")  # fmt: skip
+    if not (base and seen != {base}):
         return None
     return (f"the adapters were trained on another base ({', '.join(sorted(x[:12] for x in seen))}) "
             f"than the one {fitted} fitted for ({base[:12]}): the prediction may not hold")  # fmt: skip

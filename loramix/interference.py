@@ -35,7 +35,9 @@ for another adapter kind is refused; one made for another base (its
 provenance) is used with a warning, as is one whose best predictor is no
 better than the mean. A ``fit.json`` records the same ``base_identity`` and
 is warned of alike; one written before it did (null or absent) is used
-without the check, as is a predictors file whose identity is null.
+without the check, as is a predictors file whose identity is null. Adapters
+that record no base (made outside loramix) get a warning that the check was
+not made.
 """
 
 from __future__ import annotations

@@ -493,3 +493,23 @@ def test_predict_counts_a_pair_with_no_module_in_common_as_plan_does(tmp_path, c
         UsageError, match="reads type_rms_cosine:mlp.c_fc, which these adapters have no value"
     ):
         predict([e, f], p)
+
+
+def test_adapters_made_outside_loramix_are_said_to_be_unchecked_against_the_fits_base(
+    adapters, fit_file, tmp_path, capsys
+):
+    """PEFT-trained adapters record no base identity: predict with a fit (or
+    the committed predictors file) that records one said nothing, as if the
+    base had been checked; it says the check was not made."""
+    path, fits = fit_file
+    ident = "ab" * 32
+    fit = tmp_path / "fit.json"
+    fit.write_text(json.dumps({**json.loads(path.read_text()), "base_identity": ident}))
+    committed = Path(__file__).resolve().parents[1] / "reports" / "real-14-domains" / "predictors.json"
+    for f, who in ((fit, "this fit was"), (committed, "these predictors were")):
+        assert main(["predict", str(adapters[0]), str(adapters[1]), "--fit", str(f)]) == 0
+        err = capsys.readouterr().err
+        assert (f"loramix: warning: {f}: the adapters record no base they were trained on (made outside "
+                f"loramix): that it is the one {who} fitted for (") in err  # fmt: skip
+    assert main(["predict", str(adapters[0]), str(adapters[1]), "--fit", str(path)]) == 0
+    assert "record no base" not in capsys.readouterr().err  # a fit with no base identity: nothing to check
