@@ -267,9 +267,13 @@ def _study(fits: list, kind: str, merge_method: str, label: str | None, adapters
     matching = [f for f in mine if init is not None and f.get("init") == init]
     if len(matching) == 1:
         return matching[0]
-    said = f"initialised by {init}" if init else "with no one initialisation recorded"
+    # PEFT-trained adapters record no initialisation: each study's says which fits them
+    said = (f"the adapters, initialised by {init}, match none of them" if init else
+            "the adapters record no initialisation (as those made outside loramix)" if inits == {None} else
+            "the adapters record different initialisations")  # fmt: skip
+    inits_of = ", ".join(f"{f['adapter_method']} by {f.get('init') or 'an unrecorded one'}" for f in mine)
     raise UsageError(where, f"holds {len(mine)} studies of {kind} adapters merged by {merge_method} ({labels}) and "
-                     f"the adapters ({said}) match no one of them: choose one with --label")  # fmt: skip
+                     f"{said}: choose one with --label (initialised: {inits_of})")  # fmt: skip
 
 
 @one_openblas_thread

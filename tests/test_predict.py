@@ -228,6 +228,9 @@ def test_predict_picks_the_study_of_the_adapters_initialisation(adapters, fit_fi
     err = capsys.readouterr().err
     assert rc == 2 and "holds 2 studies of lora adapters merged by sum (lora, lora:data)" in err
     assert "--label" in err and err.count("\n") == 1
+    # what a PEFT user needs to choose: that nothing is recorded, and each study's initialisation
+    assert ("and the adapters record no initialisation (as those made outside loramix): choose one with "
+            "--label (initialised: lora by shared, lora:data by data)") in err  # fmt: skip
     by_label = {f["adapter_method"]: LinearFit.from_dict(f) for f in two}
     for label, shared in (("lora", True), ("lora:data", False)):
         r = predict(pair, path, label=label)
