@@ -322,6 +322,8 @@ def test_eval_cli_with_an_embedding_adapter_equals_peft(eval_bases, tmp_path):
         args = ["eval", "--base", base, "--adapter", a, "--data", ARITH, "--format", "json", *extra]
         r = subprocess.run([sys.executable, "-m", "loramix", *map(str, args)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
+        # merged, the tied head changes too: said (it was not), and only then
+        assert ("wte is tied to the output head: merged, its delta changes both" in r.stderr) == bool(extra)
         return json.loads(r.stdout)["results"][0]["ppl"]
 
     fly, merged = cli(), cli("--merged")
