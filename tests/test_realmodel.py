@@ -204,6 +204,62 @@ def test_sum_into_equals_peft_cat(smol, trained, tmp_path, capsys):
         torch.testing.assert_close(ours(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def _peft_made(smol, folder, seed, **cfg):
+    """An adapter as a PEFT user saves it on the real base, random non-zero
+    factors (no training: the configs are what is checked); DoRA magnitudes
+    moved off their init, which would make DoRA a LoRA."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(smol))
+    get_peft_model(base, LoraConfig(init_lora_weights=False, **cfg)).save_pretrained(str(folder))
+    f = str(folder / "adapter_model.safetensors")
+    t = load_file(f)
+    g = torch.Generator().manual_seed(seed)
+    t = {k: v * (1 + 0.2 * torch.rand(v.shape, generator=g)) if "magnitude" in k else v for k, v in t.items()}
+    save_file({k: v.half() if cfg.get("use_rslora") else v for k, v in t.items()}, f)  # one saved in float16
+    return folder
+
+
+@needs_model
+def test_peft_made_configs_sum_into_the_base_as_peft_merges_them(smol, tmp_path, capsys):
+    """PEFT users' configs on the real base, not loramix's own adapters: rsLoRA
+    with a rank and an alpha pattern and ``layers_to_transform``, saved in
+    float16; DoRA. ``sum --into`` equals ``W0`` plus PEFT's own
+    ``merge_and_unload`` delta of each (DoRA's delta depends on ``W0``, so
+    PEFT cannot merge the two one after the other), every tensor to 1e-6."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    top = [28, 29]
+    ads = [_peft_made(smol, tmp_path / "rs", 0, r=8, lora_alpha=16, use_rslora=True, layers_to_transform=top,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      rank_pattern={"o_proj": 4, "model.layers.29.self_attn.q_proj": 2},
+                      alpha_pattern={"k_proj": 4}),
+           _peft_made(smol, tmp_path / "dora", 1, r=4, lora_alpha=8, use_dora=True, layers_to_transform=top,
+                      target_modules=["q_proj", "up_proj"])]  # fmt: skip
+    out = tmp_path / "merged"
+    assert main(["sum", "--no-progress", *map(str, ads), "--into", str(smol), "--out", str(out)]) == 0
+    capsys.readouterr()
+    W0 = load_file(str(smol / "model.safetensors"))
+    ref = {k: v.double() for k, v in W0.items()}
+    for a in ads:
+        pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(smol)), str(a))
+        for k, v in pm.merge_and_unload().state_dict().items():
+            if k in W0:
+                ref[k] += v.double() - W0[k].double()
+    ours = load_file(str(out / "model.safetensors"))
+    assert set(ours) == set(W0)
+    changed = {k for k in W0 if not torch.equal(ours[k], W0[k])}
+    assert len(changed) == 2 * 4 + 2  # the two layers' attention, and DoRA's up_proj
+    for k, v in ours.items():
+        err = float((v.double() - ref[k]).norm() / ref[k].norm())
+        assert err <= 1e-6, (k, err)
+
+
 @needs_model
 def test_gguf_path_accepted_as_base(smol, monkeypatch, tmp_path, capfd):
     """A GGUF where a base folder goes is imported once into the cache, keyed
