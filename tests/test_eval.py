@@ -357,6 +357,9 @@ def test_cli_bad_inputs_exit_2(bases, tmp_path, capsys):
     # adapter for a module the base lacks (a Llama adapter on GPT-2)
     assert main(["eval", "--base", base, "--adapter", str(llama_ad), "--data", ARITH]) == 2
     assert "not in the base model" in _err(capsys)
+    # merged into a tied base: the tied-weight warning's look-up raised AttributeError (a traceback)
+    assert main(["eval", "--base", base, "--adapter", str(llama_ad), "--data", ARITH, "--merged"]) == 2
+    assert "not in the base model" in _err(capsys)
     # tokenizer larger than the embedding
     small = _make_base(tmp_path / "small", "gpt2", vocab=128)
     capsys.readouterr()  # drop save_pretrained's progress output
