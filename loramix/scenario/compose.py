@@ -276,13 +276,17 @@ def rows(report: dict) -> list[dict]:
     return got if got is not None else compute(report)
 
 
-def _kept(r: dict) -> str:
-    """The worst member's figure, on its verdict's side of each threshold, ± its seed spread."""
+def _figure(x) -> str:
+    """A kept-gain figure on its verdict's side of each threshold (:func:`.plots.threshold_text`)."""
     from .plots import threshold_text
 
-    x, std = r["kept_worst_pct"], r.get("kept_worst_pct_std")
-    text = threshold_text(x, (PARTLY_AT, COMPOSES_AT)) if x is not None and np.isfinite(x) else _f(x, 0)
-    return text + (f" ± {_f(std, 0)}" if std is not None and np.isfinite(std) else "")
+    return threshold_text(x, (PARTLY_AT, COMPOSES_AT)) if x is not None and np.isfinite(x) else _f(x, 0)
+
+
+def _kept(r: dict) -> str:
+    """The worst member's figure (:func:`_figure`) ± its seed spread."""
+    std = r.get("kept_worst_pct_std")
+    return _figure(r["kept_worst_pct"]) + (f" ± {_f(std, 0)}" if std is not None and np.isfinite(std) else "")
 
 
 def _best(r: dict) -> str:
@@ -294,9 +298,12 @@ def _best(r: dict) -> str:
 
 
 def _verdict(r: dict) -> str:
+    """The verdict, with the noise it is within: ``(within seed and eval noise)``."""
     v = f"**{r['verdict']}**" if r["verdict"] == "composes" else r["verdict"]
-    v += " (within the seed spread of a threshold)" if r.get("verdict_within_spread") else ""
-    return v + (" (within eval noise)" if r.get("verdict_within_eval_noise") else "")
+    noise = [
+        n for n, k in (("seed", "verdict_within_spread"), ("eval", "verdict_within_eval_noise")) if r.get(k)
+    ]
+    return v + (f" (within {' and '.join(noise)} noise)" if noise else "")
 
 
 def _interval(r: dict) -> str:
@@ -307,7 +314,7 @@ def _interval(r: dict) -> str:
 def _table_rows(rs: list[dict], interval: bool) -> list[list[str]]:
     return [[str(r["rank"]), r["composition"], _verdict(r), _best(r), _kept(r), *([_interval(r)] if interval else []),
              r.get("worst_member") or "—", _f(r.get("kept_mean_pct"), 0), _f(r.get("retention_pct"), 1),
-             "—" if r.get("runner_up") is None else f"`{r['runner_up']}` {_f(r['runner_up_kept_worst_pct'], 0)}"]
+             "—" if r.get("runner_up") is None else f"`{r['runner_up']}` {_figure(r['runner_up_kept_worst_pct'])}"]
             for r in rs]  # fmt: skip
 
 
@@ -384,8 +391,9 @@ def section(report: dict, v) -> list[str]:
     L.append("")
     if v.nseed > 1:
         L.append(f"Figures are means over {v.nseed} seeds ± the worst member's sample std over seeds; a best "
-                 "method that leads its runner-up by less than the larger of their spreads, and a figure within "
-                 "its spread of a threshold, are marked as such: those calls are within seed-to-seed noise.")  # fmt: skip
+                 "method that leads its runner-up by less than the larger of their spreads is marked *lead within "
+                 "the seed spread*, and a verdict whose figure is within its spread of a threshold *within seed "
+                 "noise*: those calls are within seed-to-seed noise.")  # fmt: skip
     else:
         L.append("One training seed: the seed-to-seed spread is not measured, so a small lead of one method or a "
                  "figure near a threshold may be noise.")  # fmt: skip
