@@ -739,7 +739,8 @@ def _every_text_inside(fig) -> None:
 def test_a_small_kept_gain_map_keeps_its_key_inside(tmp_path, monkeypatch):
     """d2-vs-lora's kept_gain.png (four domains, three panels, 5 in tall):
     the colour bar's one-line key ran longer than the bar and was cut off at
-    the figure's bottom and top."""
+    the figure's bottom and top; lora's panel, all of its pairs best by sum,
+    never said which merge it showed."""
     from pathlib import Path
 
     from loramix.scenario import compose
@@ -748,6 +749,9 @@ def test_a_small_kept_gain_map_keeps_its_key_inside(tmp_path, monkeypatch):
     fig = _saved_figure(monkeypatch, lambda: compose.write_files(tmp_path, report))
     assert len(fig.axes) == 4
     _every_text_inside(fig)
+    # a panel whose pairs all have one best method names it (its cells name none)
+    assert [ax.get_title() for ax in fig.axes[:-1]] == [
+        "lora (best method: sum)", "lora@16 (best method: sum)", "d2lora (best method under each value)"]  # fmt: skip
 
 
 def _noisy_report() -> dict:

@@ -629,8 +629,11 @@ def kept_gain_heatmap(panels: list[tuple], path: Path, title: str, thresholds: t
         noisy = noisy[0] if noisy else None
         noise |= bool(noisy) and any(any(row) for row in noisy)
         blank |= _kept_panel(ax, names, kept, method, noisy, cmap, norm, fs, thresholds)
-        several = len({m for row in method for m in row if m}) > 1
-        ax.set_title(f"{label} (best method under each value)" if several else label, fontsize=10)
+        ones = sorted({m for row in method for m in row if m})
+        # one method throughout: named in the title, or the panel never says which merge it shows
+        title = f"{label} (best method under each value)" if len(ones) > 1 else label
+        title += f" (best method: {ones[0]})" if len(ones) == 1 else ""
+        ax.set_title(title, fontsize=10)
     lo, hi = thresholds
     bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=axes[-1], extend="both")
     bar.set_ticks(sorted({0.0, lo, hi, 100.0}))
