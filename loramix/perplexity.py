@@ -193,10 +193,10 @@ def evaluate(
     top_layers: int | None = None,
     prefix_cache: str | None = "disk",
     prompt: str = "raw",
+    per_record: bool = False,
     device="auto",
     dtype=None,
     progress: bool = True,
-    per_record: bool = False,
 ):
     """Perplexity of a base (plus the weighted sum of adapters) on data files.
 
@@ -235,10 +235,13 @@ def evaluate(
     ``input_tokens``: every non-pad token run through the model; ``seconds``
     exclude the cached prefix, whose own time is ``prefix_seconds``;
     ``truncated``: records cut at ``max_len``, which defaults to the model's
-    context). ``per_record=True`` adds ``record_nll`` and ``record_tokens``
-    to each data set's row (None on ``union``): lists of each record's NLL
-    sum and scored tokens in the data set's own record order, whatever the
-    batching, so two models' lists on one data set pair record by record.
+    context).
+
+    ``per_record=True`` adds two columns, ``record_nll`` and
+    ``record_tokens``, to each data set's row (None on ``union``): lists of
+    each record's NLL sum and scored tokens in the data set's own record
+    order, whatever the batching, so two models' lists on one data set pair
+    record by record.
     """
     from .data import check_prompt
     from .devices import resolve_device
