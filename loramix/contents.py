@@ -46,9 +46,11 @@ def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
     ``df.attrs`` holds the adapter's ``name``, ``path``, ``sha256``,
     ``kind`` (and ``method``, its v0.1 name), ``base_model``, the
     :func:`totals`, ``magnitude`` (DoRA: :func:`magnitude_range`, else None)
-    and ``saved``: its ``modules_to_save`` full copies, one
+    ``saved``: its ``modules_to_save`` full copies, one
     ``{tensor, shape, dtype, params}`` each (they replace base tensors; they
-    are not deltas, so no row of their own). A PEFT adapter with a null
+    are not deltas, so no row of their own), and ``base_copies``: PEFT's
+    copies of targeted base weights (:func:`base_copies`), which nothing
+    reads. A PEFT adapter with a null
     ``target_modules`` is listed whole, with a warning: which of its modules
     PEFT applies depends on the base (:func:`loramix.io.peft_layout.warn_null_targets`).
     """
@@ -93,8 +95,36 @@ def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
             }
             for n, t in sorted(saved.items())
         ],
+        base_copies=base_copies(ad.weights_path),
     )
     return df
+
+
+def base_copies(weights_path) -> list[dict]:
+    """PEFT's copies of targeted base weights in a safetensors adapter file,
+    one ``{tensor, shape, dtype, params}`` each (``lm_head.weight`` for the
+    key ``base_model.model.lm_head.base_layer.weight``), read from the header.
+
+    PEFT saves them with ``save_embedding_layers`` (by default when an
+    embedding or head is targeted), in case the vocabulary was resized. A
+    merge applies the delta to the base's own tensor and checks its shape
+    against the factors, so loramix never reads them
+    (:func:`loramix.io.peft_layout.read_parts`); inspect lists them so the
+    file's size is explained. ``[]`` for a file that is not safetensors."""
+    if weights_path is None or Path(weights_path).suffix != ".safetensors":
+        return []
+    from .io.peft_layout import BASE_COPY, PREFIX
+    from .io.st_header import read_safetensors_header
+
+    header, _ = read_safetensors_header(Path(weights_path))
+    out = []
+    for key, info in sorted(header.items()):
+        toks = key.split(".")
+        if key == "__metadata__" or len(toks) < 3 or toks[-2:] != [BASE_COPY, "weight"]:
+            continue
+        out.append({"tensor": ".".join(toks[:-2]).removeprefix(PREFIX) + ".weight", "shape": info["shape"],
+                    "dtype": info["dtype"], "params": math.prod(info["shape"])})  # fmt: skip
+    return out
 
 
 def _read(adapter_or_path) -> tuple:

@@ -119,7 +119,17 @@ def test_untied_lm_head_lora_is_a_linear_module(tmp_path, capsys):
     ad = make_peft_adapter(model, tmp_path / "head", target_modules=["q_proj", "lm_head"], r=3, lora_alpha=5)
     a = load_adapter(ad)
     assert "lm_head" in a.modules and a.modules["lm_head"].shape == (128, 32)
+    capsys.readouterr()
     assert main(["inspect", str(ad)]) == 0
+    # the copy is listed (so the file's size is explained), with its shape, and said to be unread
+    out = capsys.readouterr().out
+    assert "PEFT's copy of the base's lm_head.weight (128x32 F32, 4,096 parameters" in out, out
+    assert "not read" in out
+    assert main(["inspect", str(ad), "--format", "json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert js["base_copies"] == [
+        {"tensor": "lm_head.weight", "shape": [128, 32], "dtype": "F32", "params": 4096}
+    ]
     assert main(["sum", str(ad), "--into", str(base), "--out", str(tmp_path / "merged")]) == 0
     ours = logits(load_merged(tmp_path / "merged", LlamaForCausalLM))
     ref = logits(peft_merged(tiny_llama, ad))

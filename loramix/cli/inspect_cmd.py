@@ -36,7 +36,18 @@ def command(path: Path, fmt: str) -> None:
     meta = df.attrs
     if fmt == "json":
         out = {
-            k: meta[k] for k in ("name", "path", "sha256", "kind", "method", "base_model", "totals", "saved")
+            k: meta[k]
+            for k in (
+                "name",
+                "path",
+                "sha256",
+                "kind",
+                "method",
+                "base_model",
+                "totals",
+                "saved",
+                "base_copies",
+            )
         }
         if meta["magnitude"] is not None:  # DoRA's
             out["magnitude"] = meta["magnitude"]
@@ -94,4 +105,10 @@ def command(path: Path, fmt: str) -> None:
         shape = "x".join(map(str, c["shape"]))
         click.echo(
             f"full copy (modules_to_save): {c['tensor']} {shape} {c['dtype']}, {c['params']:,} parameters"
+        )
+    for c in meta["base_copies"]:
+        shape = "x".join(map(str, c["shape"]))
+        click.echo(
+            f"PEFT's copy of the base's {c['tensor']} ({shape} {c['dtype']}, {c['params']:,} parameters, "
+            "save_embedding_layers): not read; merges apply the delta to the base's own tensor"
         )
