@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import sys
 import time
 from types import SimpleNamespace
 
@@ -213,8 +214,18 @@ def _two_kinds_summary():
     return pd.DataFrame(rows), fits
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Close the figures a test kept open (after monkeypatch's teardown, which
+    this fixture precedes): one per test made pyplot warn of more than 20."""
+    yield
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
+
+
 def _saved_figure(monkeypatch, draw):
-    """Run ``draw()`` and return the figure it saves (drawn, still open)."""
+    """Run ``draw()`` and return the figure it saves (drawn, still open: a
+    closed figure loses its renderer; :func:`_close_figures` closes it)."""
     import matplotlib.figure
 
     seen = {}
