@@ -48,6 +48,10 @@ from .options import check_numbers
 # logsumexp minus the target logit, summed in float64 (module docstring).
 NLL_RULE = 2
 
+#: the two columns ``per_record=True`` adds (:func:`evaluate`): each record's
+#: NLL sum and its scored tokens, in record order
+RECORD_COLUMNS = ("record_nll", "record_tokens")
+
 
 def _sync(device) -> None:
     import torch
@@ -156,7 +160,7 @@ def perplexity(
     _sync(device)
     secs = time.perf_counter() - t0
     mean = nll / n_tok if n_tok else float("nan")
-    extra = {"record_nll": rec_nll, "record_tokens": rec_tok} if per_record else {}
+    extra = dict(zip(RECORD_COLUMNS, (rec_nll, rec_tok))) if per_record else {}
     return {
         **extra,
         "ppl": math.exp(mean) if n_tok else float("nan"),
@@ -497,7 +501,7 @@ def _in_record_order(r: dict, order: list[int]) -> dict:
     """``{"record_nll", "record_tokens"}`` of :func:`perplexity`'s result ``r``
     (rows in batch order ``order``) put back in record order."""
     out = {}
-    for key in ("record_nll", "record_tokens"):
+    for key in RECORD_COLUMNS:
         vals = [None] * len(order)
         for i, x in zip(order, r[key], strict=True):
             vals[i] = x
@@ -583,7 +587,7 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_a
             "prefix_seconds": tot["prefix_seconds"],
             "truncated": tot["truncated"],
             "max_len": max_len,
-            **({"record_nll": None, "record_tokens": None} if per_record else {}),
+            **(dict.fromkeys(RECORD_COLUMNS) if per_record else {}),
         }
     )
     return pd.DataFrame(rows)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..fit import composition_cosine
+from ..perplexity import RECORD_COLUMNS
 from .config import Scenario
 from .plan import comp_name
 
@@ -41,7 +42,7 @@ class _Tables:
     def add_evals(self, am, seed, model, ev):
         for dom, r in ev.items():
             # per-record lists only where the evaluation kept them (not one cached before)
-            rec = {k: r[k] for k in ("record_nll", "record_tokens") if k in r}
+            rec = {k: r[k] for k in RECORD_COLUMNS if k in r}
             self.evaluations.append({"adapter_method": am, "seed": seed, "model": model, "domain": dom,
                                      "ppl": r["ppl"], "tokens": r["tokens"], "nll": r["nll_sum"], **rec})  # fmt: skip
 

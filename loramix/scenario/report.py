@@ -25,6 +25,7 @@ import pandas as pd
 
 from ..fit import fit_line
 from ..io.outputs import json_safe
+from ..perplexity import RECORD_COLUMNS
 
 RESULT_COLUMNS = [
     "adapter_method", "seed", "composition", "k", "merge_method", "rms_cosine", "mean_cosine",
@@ -528,9 +529,7 @@ def write_report(folder: Path, report: dict, per_module: pd.DataFrame | None = N
     results.to_csv(folder / "results.csv", index=False)
     # the per-record lists (the eval-split bootstrap's) stay in report.json: a CSV cell is no place for a list
     evals = pd.DataFrame(report["evaluations"])
-    evals.drop(columns=["record_nll", "record_tokens"], errors="ignore").to_csv(
-        folder / "evaluations.csv", index=False
-    )
+    evals.drop(columns=list(RECORD_COLUMNS), errors="ignore").to_csv(folder / "evaluations.csv", index=False)
     if per_module is not None and not per_module.empty:
         per_module.to_csv(folder / "similarity_per_module.csv", index=False)
     fit = {
