@@ -803,10 +803,9 @@ def test_which_adapters_compose(study):
     png = out / "kept_gain.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # every evaluation keeps its records' NLL (they add up to its total) and every composition its interval
-    for e in rep["evaluations"]:
-        assert sum(e["record_tokens"]) == e["tokens"] and sum(e["record_nll"]) == pytest.approx(
-            e["nll"], rel=1e-12
-        )
+    for e in rep["evaluations"]:  # the records' tokens kept once per domain
+        assert sum(rep["record_tokens"][e["domain"]]) == e["tokens"]
+        assert sum(e["record_nll"]) == pytest.approx(e["nll"], rel=1e-12)
     assert "record_nll" not in ev.columns
     assert (csv_rows["kept_worst_pct_lo"] <= csv_rows["kept_worst_pct_hi"]).all()
     assert list(csv_rows.columns[-3:]) == [
@@ -815,6 +814,65 @@ def test_which_adapters_compose(study):
         "verdict_within_eval_noise",
     ]
     assert "paired bootstrap" in sec and "not computed" not in sec
+
+
+def _cached_record_tokens(cache: Path) -> dict[str, list]:
+    """``{domain: [each distinct record_tokens list]}`` over every evaluation
+    the study's cache holds (eval steps, merges with their evaluation)."""
+    seen: dict[str, list] = {}
+
+    def walk(x):
+        for k, v in x.items() if isinstance(x, dict) else ():
+            if isinstance(v, dict) and "record_tokens" in v:
+                lists = seen.setdefault(k, [])
+                lists += [] if v["record_tokens"] in lists else [v["record_tokens"]]
+            else:
+                walk(v)
+
+    for f in cache.glob("*/*/result.json"):
+        walk(json.loads(f.read_text()))
+    return seen
+
+
+def test_report_json_keeps_record_tokens_once_per_domain(study):
+    """report.json keeps each domain's record token counts once
+    (``record_tokens``), the evaluations only their ``record_nll``: every
+    evaluation the cache holds scored the same tokens on a domain, and the
+    composability rows, eval intervals included, are the same to the bit as
+    computed from report.json with the full list in each evaluation (the
+    layout before) and as re-rendered from report.json itself."""
+    from loramix.io.outputs import json_safe
+    from loramix.scenario import compose
+
+    rep = json.loads((study["out"] / "report.json").read_text())
+    cached = _cached_record_tokens(study["cache"])
+    assert set(cached) == set(rep["domains"]) == set(rep["record_tokens"])
+    for d, lists in cached.items():
+        assert lists == [rep["record_tokens"][d]] and len(lists[0]) == rep["domains"][d]["eval"]
+    assert all("record_tokens" not in e and len(e["record_nll"]) for e in rep["evaluations"])
+    full = {k: v for k, v in rep.items() if k not in ("record_tokens", "composability")}
+    full["evaluations"] = [
+        {**e, "record_tokens": rep["record_tokens"][e["domain"]]} for e in rep["evaluations"]
+    ]
+    rows = compose.compute(full)
+    assert any(r["kept_worst_pct_lo"] is not None for r in rows)
+    assert json_safe(rows) == rep["composability"]  # NaN as None, as report.json writes them
+    again = compose.compute({k: v for k, v in rep.items() if k != "composability"})
+    assert json_safe(again) == json_safe(rows)
+
+
+def test_an_evaluation_with_other_record_tokens_is_refused():
+    """Two evaluations on one domain with different record token counts are
+    not the same records: assembling the report refuses them, naming both."""
+    from loramix.scenario.assemble import _Tables
+
+    t = _Tables()
+    ev = {"ppl": 2.0, "tokens": 5, "nll_sum": 3.4, "record_nll": [1.0, 2.4], "record_tokens": [2, 3]}
+    t.add_evals("lora", 0, "base", {"a": ev})
+    t.add_evals("lora", 0, "adapter:a", {"a": ev})
+    assert t.record_tokens == {"a": [2, 3]} and "record_tokens" not in t.evaluations[1]
+    with pytest.raises(ValueError, match=r"eval split a: lora/0/adapter:b .* than lora/0/base"):
+        t.add_evals("lora", 0, "adapter:b", {"a": {**ev, "record_tokens": [3, 2]}})
 
 
 def test_an_old_report_renders_which_adapters_compose():

@@ -38,13 +38,30 @@ class _Tables:
         self.per_module: list[pd.DataFrame] = []
         self.merge_summaries: list[dict] = []
         self.adapters: list[dict] = []
+        self.record_tokens: dict[str, list[int]] = {}  # domain -> its eval records' scored tokens
+        self._tokens_of: dict[str, str] = {}  # domain -> the model whose list is kept, for the error
 
     def add_evals(self, am, seed, model, ev):
+        nll_key, tok_key = RECORD_COLUMNS
         for dom, r in ev.items():
-            # per-record lists only where the evaluation kept them (not one cached before)
-            rec = {k: r[k] for k in RECORD_COLUMNS if k in r}
+            # per-record NLL only where the evaluation kept it (not one cached before)
+            rec = {nll_key: r[nll_key]} if nll_key in r else {}
+            if rec:
+                self._add_tokens(dom, f"{am}/{seed}/{model}", r[tok_key])
             self.evaluations.append({"adapter_method": am, "seed": seed, "model": model, "domain": dom,
                                      "ppl": r["ppl"], "tokens": r["tokens"], "nll": r["nll_sum"], **rec})  # fmt: skip
+
+    def _add_tokens(self, dom: str, who: str, tokens: list[int]) -> None:
+        """Keep ``tokens`` (one int per eval record of ``dom``) once per domain:
+        every evaluation on ``dom`` scores the same split's answer tokens with
+        the base's tokenizer and the study's ``max_len``, so the lists agree;
+        one that does not would pair records that are not the same (the
+        bootstrap of :mod:`.compose`), and is refused rather than dropped."""
+        kept = self.record_tokens.setdefault(dom, list(tokens))
+        self._tokens_of.setdefault(dom, who)
+        if kept != list(tokens):
+            raise ValueError(f"eval split {dom}: {who} scored other record tokens than {self._tokens_of[dom]} "
+                             f"({sum(tokens)} against {sum(kept)} in all): not the same records")  # fmt: skip
 
 
 def _similarity(t: _Tables, am, seed, sim: dict):
@@ -165,7 +182,10 @@ def assemble(sc: Scenario, results: dict[str, dict], cache=None) -> dict:
     Returns ``evaluations``, ``results`` (a DataFrame), ``summary``, ``fits``,
     ``similarity``, ``similarity_mean``, ``per_module`` (a DataFrame),
     ``cosine_by_layer``, ``best_methods``, ``merge_summaries``, ``adapters``,
-    ``validations`` (:mod:`.predictors`) and ``ev_base`` (the base's evaluation).
+    ``validations`` (:mod:`.predictors`), ``ev_base`` (the base's evaluation)
+    and ``record_tokens``: ``{domain: (n_d,) scored tokens of each eval
+    record}``, once per domain, the evaluations keeping only their
+    ``record_nll`` (:meth:`_Tables._add_tokens`).
     """
     from .report import compute_fits, summarize
 
@@ -201,4 +221,5 @@ def assemble(sc: Scenario, results: dict[str, dict], cache=None) -> dict:
             "validations": _validations(sc, results, summary, cache),
             "similarity": t.sims, "similarity_mean": sim_mean, "per_module": per_module,
             "cosine_by_layer": _by_layer(per_module), "best_methods": best,
-            "merge_summaries": t.merge_summaries, "adapters": t.adapters, "ev_base": ev_base}  # fmt: skip
+            "merge_summaries": t.merge_summaries, "adapters": t.adapters, "ev_base": ev_base,
+            "record_tokens": t.record_tokens}  # fmt: skip

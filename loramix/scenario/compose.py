@@ -31,12 +31,16 @@ to keep in the figure itself); the
 :data:`BOOT_INTERVAL` % percentile interval of those worst-member figures
 is the composition's eval interval, and a verdict whose interval holds
 values on both sides of a threshold is *within eval noise*. It needs each
-evaluation's per-record NLL (``record_nll``, ``record_tokens`` in
-``report.json``'s evaluations); where one lacks them (made before loramix
-kept them) the interval is not computed.
+evaluation's per-record NLL (``record_nll`` in ``report.json``'s
+evaluations) and its records' token counts (``record_tokens``, once per
+domain: the same for every model evaluated on it; a ``report.json`` written
+before they were kept once has them in each evaluation); where an
+evaluation lacks them (made before loramix kept them) the interval is not
+computed.
 
-:func:`rows` reads only ``report.json``'s ``evaluations``, ``summary`` and
-``scenario`` (a report written before this module existed re-renders);
+:func:`rows` reads only ``report.json``'s ``evaluations``, ``record_tokens``,
+``summary`` and ``scenario`` (a report written before this module existed
+re-renders);
 :func:`section` is the report's section, :func:`write_files` writes
 ``composability.csv`` and ``kept_gain.png``.
 """
@@ -49,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..perplexity import RECORD_COLUMNS
 from .report import _f, _table
 
 #: a composition whose worst member keeps at least this % of its gain composes
@@ -113,21 +118,24 @@ def resample_indices(domain: str, n: int, resamples: int = BOOT_RESAMPLES) -> np
     return rng.integers(0, n, size=(resamples, n))
 
 
-def resampled_ppl(evals: pd.DataFrame) -> dict:
+def resampled_ppl(evals: pd.DataFrame, record_tokens: dict | None = None) -> dict:
     """``{(adapter_method, seed, domain, model): (R,) perplexities}`` of every
     evaluation with per-record NLL, on each of the domain's :func:`resample_indices`
     resamples: ``exp(C X / C t)`` with ``C`` the ``(R, n)`` counts of each record
     in each resample, ``X`` the ``(n, M)`` record NLL sums of the ``M`` models
-    evaluated on the domain and ``t`` the ``(n,)`` record token counts."""
-    if "record_nll" not in evals:
+    evaluated on the domain and ``t`` the ``(n,)`` record token counts:
+    ``record_tokens[domain]`` (``report.json``'s, once per domain), or, without
+    it (a report written before), each evaluation's own ``record_tokens``."""
+    nll_key, tok_key = RECORD_COLUMNS
+    if nll_key not in evals:
         return {}
-    has = evals["record_nll"].map(lambda x: isinstance(x, list) and len(x) > 0)
+    has = evals[nll_key].map(lambda x: isinstance(x, list) and len(x) > 0)
     out = {}
     for (am, seed, dom), g in evals[has].groupby(["adapter_method", "seed", "domain"], sort=False):
-        toks = g["record_tokens"].tolist()
+        toks = [record_tokens[dom]] if record_tokens is not None else g[tok_key].tolist()
         if any(t != toks[0] for t in toks):  # not the same records (never in a study): not paired
             continue
-        X = np.array(g["record_nll"].tolist(), dtype=float).T  # (n, M)
+        X = np.array(g[nll_key].tolist(), dtype=float).T  # (n, M)
         n = X.shape[0]
         idx = resample_indices(dom, n)
         R = idx.shape[0]
@@ -248,7 +256,7 @@ def compute(report: dict) -> list[dict]:
     )
     seeds = list(report["scenario"]["seeds"])
     nseed = len(seeds)
-    boot = resampled_ppl(evals)
+    boot = resampled_ppl(evals, report.get("record_tokens"))
     out = []
     for am in dict.fromkeys(summary["adapter_method"]):
         rows = []

@@ -305,6 +305,8 @@ class Runner:
             "similarity_mean": study["similarity_mean"],
             "cosine_by_layer": study["cosine_by_layer"],
             "evaluations": study["evaluations"],
+            # once per domain: every evaluation on a domain scores the same records' tokens
+            "record_tokens": study["record_tokens"],
             "results": records(study["results"]),
             "summary": summary,
             "fits": study["fits"],
@@ -314,6 +316,7 @@ class Runner:
             "composability": compose.compute(
                 {
                     "evaluations": study["evaluations"],
+                    "record_tokens": study["record_tokens"],
                     "summary": summary,
                     "scenario": {"seeds": list(sc.seeds)},
                 }
