@@ -577,9 +577,13 @@ def threshold_text(x: float, thresholds) -> str:
     return text
 
 
-def _kept_panel(ax, names: list[str], kept, method, noisy, cmap, norm, fs: float, thresholds) -> bool:
+def _kept_panel(
+    ax, names: list[str], kept, method, noisy, several: bool, cmap, norm, fs: float, thresholds
+) -> bool:
     """One panel of :func:`kept_gain_heatmap` (each value on its verdict's
-    side of ``thresholds``: :func:`threshold_text`); True where a cell has no pair."""
+    side of ``thresholds``: :func:`threshold_text`; ``several``: the panel's
+    pairs have more than one best method, each written under its value);
+    True where a cell has no pair."""
     from ..plots import short_labels
 
     n = len(names)
@@ -587,7 +591,6 @@ def _kept_panel(ax, names: list[str], kept, method, noisy, cmap, norm, fs: float
     diag = np.eye(n, dtype=bool)
     ax.imshow(np.where(diag, 1.0, np.nan), cmap="Greys", vmin=0, vmax=4)  # the diagonal: light grey
     ax.imshow(np.ma.masked_invalid(np.where(diag, np.nan, vals)), cmap=cmap, norm=norm)
-    several = len({m for row in method for m in row if m}) > 1
     for i in range(n):
         for j in range(n):
             if diag[i, j] or not np.isfinite(vals[i, j]):
@@ -628,8 +631,8 @@ def kept_gain_heatmap(panels: list[tuple], path: Path, title: str, thresholds: t
     for ax, (label, names, kept, method, *noisy) in zip(axes[:-1], panels):
         noisy = noisy[0] if noisy else None
         noise |= bool(noisy) and any(any(row) for row in noisy)
-        blank |= _kept_panel(ax, names, kept, method, noisy, cmap, norm, fs, thresholds)
-        ones = sorted({m for row in method for m in row if m})
+        ones = sorted({m for row in method for m in row if m})  # the panel's best methods
+        blank |= _kept_panel(ax, names, kept, method, noisy, len(ones) > 1, cmap, norm, fs, thresholds)
         # one method throughout: named in the title, or the panel never says which merge it shows
         title = f"{label} (best method under each value)" if len(ones) > 1 else label
         title += f" (best method: {ones[0]})" if len(ones) == 1 else ""
