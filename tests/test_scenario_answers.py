@@ -333,6 +333,42 @@ def test_one_composition_keeps_its_bars_under_its_name(tmp_path, monkeypatch):
             assert -0.5 <= bar.get_x() and bar.get_x() + bar.get_width() <= 0.5
 
 
+def test_one_composition_puts_the_kinds_side_by_side(tmp_path, monkeypatch, request):
+    """d2-vs-lora's delta_by_method (one composition, three kinds) stacked
+    three panels 13.8 in tall, each bar filling its panel: now one row on one
+    y axis, every text inside the figure, every bar inside its axis; the
+    many-composition figure (real-14-domains) stays stacked, at its size."""
+    from pathlib import Path
+
+    from matplotlib._pylab_helpers import Gcf
+
+    from loramix.scenario.plots import delta_by_method
+
+    root = Path(__file__).resolve().parents[1] / "reports"
+
+    def figure(study):
+        s = pd.DataFrame(json.loads((root / study / "report.json").read_text())["summary"])
+        s = s[np.isfinite(s["delta_ppl_pct"].astype(float))]
+        fig = _saved_figure(monkeypatch, lambda: delta_by_method(s, tmp_path / "b.png", f"{study}: t"))
+        request.addfinalizer(lambda: Gcf.destroy_fig(fig))  # kept open to be read, closed after
+        return fig
+
+    fig = figure("d2-vs-lora")
+    w, h = fig.get_size_inches()
+    assert len(fig.axes) == 3 and h <= 4.5 and w <= 10.0, (w, h)
+    boxes = [ax.get_position() for ax in fig.axes]
+    assert len({round(b.y0, 6) for b in boxes}) == 1 and [b.x0 for b in boxes] == sorted(b.x0 for b in boxes)
+    assert len({ax.get_ylim() for ax in fig.axes}) == 1  # one y axis: the kinds compared by eye
+    assert [ax.get_ylabel() != "" for ax in fig.axes] == [True, False, False]
+    for ax in fig.axes:
+        lo, hi = ax.get_ylim()
+        assert all(lo <= b.get_y() + b.get_height() and b.get_y() <= hi for b in ax.patches)
+    _every_text_inside(fig)
+    fig = figure("real-14-domains")  # 20 compositions: stacked, as before
+    assert len({round(ax.get_position().x0, 6) for ax in fig.axes}) == 1 and len(fig.axes) == 2
+    assert tuple(np.round(fig.get_size_inches() * fig.dpi)) == (2015, 1196)
+
+
 def test_the_bars_legend_lies_on_no_bar(tmp_path, monkeypatch):
     """delta_by_method: one legend for every panel, beside them: inside a panel
     (d2-vs-lora's d2lora panel, one composition) it lay across the bars."""
@@ -552,7 +588,7 @@ def test_one_adapted_layer_is_a_bar_per_pair(tmp_path, monkeypatch):
 
 
 def test_the_suptitle_clears_the_first_panel_title(tmp_path, monkeypatch):
-    """d2-vs-lora's delta_by_method (three panels stacked, 13.8 in tall):
+    """d2-vs-lora's delta_by_method (three panels stacked, 13.8 in tall, before they were put in a row):
     tight_layout left 3 px between the figure's title and the first panel's
     title, which read as one line run into the other."""
     from pathlib import Path

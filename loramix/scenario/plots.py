@@ -372,49 +372,79 @@ def cosine_by_layer(by_layer: pd.DataFrame, path: Path, title: str) -> Path:
     return _saved(fig, path)
 
 
+#: the kinds' panels of :func:`delta_by_method` side by side where that row is at most this wide
+#: (in), else stacked: d2-vs-lora's one composition stacked three kinds 13.8 in tall, one bar a panel
+ROW_MAX_WIDTH = 10.0
+
+
+def _row_panel_width(n_comps: int, n_merges: int) -> float:
+    """A panel's width (in) in :func:`delta_by_method`'s row: a composition's
+    slot as wide as the stacked figure's level one, and the axis' labels."""
+    return max(2.4, n_comps * 1.3 * max(1, n_merges / 2) + 0.7)
+
+
+def _method_bars(ax, g: pd.DataFrame, merges: list, comps: list, cmap, handles: dict, slant: bool) -> None:
+    """One kind's bars in :func:`delta_by_method`: a group per composition, a
+    bar per merge (its colour ``cmap(k)`` in every panel; ``handles`` gets it)."""
+    width = 0.8 / max(len(merges), 1)
+    for k, mm in enumerate(merges):
+        gm = g[g["merge_method"] == mm].set_index("composition").reindex(comps)
+        if gm["delta_ppl_pct"].isna().all():
+            continue
+        x = np.arange(len(comps)) + (k - (len(merges) - 1) / 2) * width
+        err = gm["delta_ppl_pct_std"]
+        handles[mm] = ax.bar(x, gm["delta_ppl_pct"], width, yerr=None if err.isna().all() else err.fillna(0),
+                             capsize=2, label=mm, color=cmap(k % 10))  # fmt: skip
+    ax.axhline(0, color="0.3", lw=0.8)
+    # each composition its whole slot: fitted to the bars, one composition
+    # with one merge filled the panel and left its name at an edge
+    ax.set_xlim(-0.5, len(comps) - 0.5)
+    ax.set_xticks(np.arange(len(comps)))
+    if slant:
+        ax.set_xticklabels(comps, fontsize=8, rotation=35, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticklabels(comps, fontsize=9)
+
+
 def delta_by_method(summary: pd.DataFrame, path: Path, title: str) -> Path:
     """Grouped bars: compositions on x, one bar per merge method (mean over
-    seeds, error bar = standard deviation), one panel per adapter method."""
+    seeds, error bar = standard deviation), one panel per adapter method:
+    side by side on one y axis where that row is at most :data:`ROW_MAX_WIDTH`
+    wide (a few compositions), else stacked."""
     plt = _plt()
     methods = list(dict.fromkeys(summary["adapter_method"]))
     merges = list(dict.fromkeys(summary["merge_method"]))
     comps = list(dict.fromkeys(summary["composition"]))
-    width = 0.8 / max(len(merges), 1)
-    # long names (math_geometry+finance) overlap when level: slant them and
-    # give each composition less width
-    slant = max(map(len, comps), default=0) > 12
-    per = (0.7 if slant else 1.3) * max(1, len(merges) / 2)
-    fig, axes = plt.subplots(len(methods), 1, figsize=(max(6.5, per * len(comps) + 1.5),
-                             (4.6 if slant else 3.8) * len(methods)), dpi=130, squeeze=False)  # fmt: skip
+    longest = max(map(len, comps), default=0)
+    panel = _row_panel_width(len(comps), len(merges))
+    row = len(methods) * panel + 1.4 <= ROW_MAX_WIDTH
+    if row:
+        # a name slanted where it is wider than its slot (about 0.075 in a character at 9 pt)
+        slant = 0.075 * longest > (panel - 0.7) / max(len(comps), 1)
+        fig, axes = plt.subplots(1, len(methods), figsize=(len(methods) * panel + 1.4, 4.2 if slant else 3.6),
+                                 dpi=130, squeeze=False, sharey=True)  # fmt: skip
+        panels = list(axes[0])
+    else:
+        # long names (math_geometry+finance) overlap when level: slant them and
+        # give each composition less width
+        slant = longest > 12
+        per = (0.7 if slant else 1.3) * max(1, len(merges) / 2)
+        fig, axes = plt.subplots(len(methods), 1, figsize=(max(6.5, per * len(comps) + 1.5),
+                                 (4.6 if slant else 3.8) * len(methods)), dpi=130, squeeze=False)  # fmt: skip
+        panels = list(axes[:, 0])
     cmap = plt.get_cmap("tab10")
     handles: dict = {}  # merge method -> its bars, for the one legend of every panel
-    for ax, method in zip(axes[:, 0], methods):
-        g = summary[summary["adapter_method"] == method]
-        for k, mm in enumerate(merges):
-            gm = g[g["merge_method"] == mm].set_index("composition").reindex(comps)
-            if gm["delta_ppl_pct"].isna().all():
-                continue
-            x = np.arange(len(comps)) + (k - (len(merges) - 1) / 2) * width
-            err = gm["delta_ppl_pct_std"]
-            handles[mm] = ax.bar(x, gm["delta_ppl_pct"], width, yerr=None if err.isna().all() else err.fillna(0),
-                                 capsize=2, label=mm, color=cmap(k % 10))  # fmt: skip
-        ax.axhline(0, color="0.3", lw=0.8)
-        # each composition its whole slot: fitted to the bars, one composition
-        # with one merge filled the panel and left its name at an edge
-        ax.set_xlim(-0.5, len(comps) - 0.5)
-        ax.set_xticks(np.arange(len(comps)))
-        if slant:
-            ax.set_xticklabels(comps, fontsize=8, rotation=35, ha="right", rotation_mode="anchor")
-        else:
-            ax.set_xticklabels(comps, fontsize=9)
-        ax.set_ylabel("Δppl % vs merged-data")
+    for ax, method in zip(panels, methods):
+        _method_bars(ax, summary[summary["adapter_method"] == method], merges, comps, cmap, handles, slant)
+        if not row or ax is panels[0]:  # a row shares the first panel's y axis
+            ax.set_ylabel("Δppl % vs merged-data")
         ax.set_title(method, fontsize=10)
         ax.grid(axis="y", alpha=0.25)
-    # One legend beside the top panel (a merge has one colour in every panel): inside
-    # a panel it lay across the bars wherever they filled it (one composition)
+    # One legend beside the top (or last) panel (a merge has one colour in every panel):
+    # inside a panel it lay across the bars wherever they filled it (one composition)
     order = [m for m in merges if m in handles]
-    axes[0, 0].legend([handles[m] for m in order], order, fontsize=8, loc="upper left",
-                      bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # fmt: skip
+    panels[-1 if row else 0].legend([handles[m] for m in order], order, fontsize=8, loc="upper left",
+                                    bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # fmt: skip
     _titled_layout(fig, title)
     return _saved(fig, path)
 
