@@ -25,7 +25,7 @@ from loramix.scenario import compose
 
 def main(path: str) -> None:
     report = json.loads(open(path).read())
-    boot = compose.resampled_ppl(pd.DataFrame(report["evaluations"]))
+    boot = compose.resampled_ppl(pd.DataFrame(report["evaluations"]), report.get("record_tokens"))
     seeds = report["scenario"]["seeds"]
     shift, z0, width = [], [], []
     for r in compose.compute(report):
