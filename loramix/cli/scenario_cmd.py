@@ -64,15 +64,24 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     auto = default_jobs(dev) if jobs == "auto" else None
     click.echo(f"{file}: ok — scenario {sc.name!r}")
     for n, d in sc.domains.items():
-        click.echo(f"  domain {n}: {d.data} (train {d.train}, eval {d.eval})")
+        if d.adapter is not None:  # given: nothing trained (train: [predictors]' calibration records only)
+            click.echo(f"  domain {n}: {d.data} (eval {d.eval}{f', calibration {d.train}' if d.train else ''}); "
+                       f"adapter {d.adapter}")  # fmt: skip
+        else:
+            click.echo(f"  domain {n}: {d.data} (train {d.train}, eval {d.eval})")
     comps = ", ".join("+".join(c) for c in sc.compositions)
     click.echo(f"  compositions ({len(sc.compositions)}): {comps}")
     md = merged_data_compositions(sc, data)
-    if len(md) < len(sc.compositions):
+    if len(md) < len(sc.compositions) and not sc.given:  # given: the adapter line below says none
         click.echo(f"  merged-data adapters ({len(md)}): {', '.join('+'.join(c) for c in md)}")
     n_dom = len(sc.domains)
     for am in sc.adapters.methods:
         ms = [m.method for m in merges_for(sc, am)]
+        if sc.given:
+            click.echo(
+                f"  {am}: {n_dom} given adapters (not trained, no merged-data adapters); merges {', '.join(ms)}"
+            )
+            continue
         click.echo(f"  {am}: {len(sc.seeds)} seed(s) x ({n_dom} domain + {len(md)} merged-data adapters); "
                    f"merges {', '.join(ms)}")  # fmt: skip
     if sc.predictors is not None:

@@ -139,7 +139,7 @@ def setup_lines(report: dict, v) -> list[str]:
     with_md = list(
         dict.fromkeys(r["composition"] for r in report["results"] if r.get("delta_ppl_pct") is not None)
     )
-    if md != "all":
+    if md not in ("all", "none"):  # none: given adapters (the introduction says why)
         how = (f"{md['count']} pairs: {', '.join('+'.join(c) for c in md['include']) or 'none'} by name, the others "
                "at evenly spaced ranks of the domains' data similarity (cosine of the word counts of their training "
                "splits, known before training)") if isinstance(md, dict) else "the listed compositions"  # fmt: skip

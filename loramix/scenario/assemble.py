@@ -216,6 +216,8 @@ def assemble(sc: Scenario, results: dict[str, dict], cache=None) -> dict:
     best = {}
     for am, g in summary.groupby("adapter_method", sort=False):
         means = g.groupby("merge_method", sort=False)["delta_ppl_pct"].mean()
+        if means.isna().all():  # no merged-data adapter (given adapters): no Δppl % to rank by
+            continue
         best[am] = {"method": str(means.idxmin()), "delta": float(means.min())}
     return {"evaluations": t.evaluations, "results": res_df, "summary": summary, "fits": compute_fits(summary, sc.adapters.init),
             "validations": _validations(sc, results, summary, cache),

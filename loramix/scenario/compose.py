@@ -411,6 +411,9 @@ def section(report: dict, v) -> list[str]:
                  "method that leads its runner-up by less than the larger of their spreads is marked *lead within "
                  "the seed spread*, and a verdict whose figure is within its spread of a threshold *within seed "
                  "noise*: those calls are within seed-to-seed noise.")  # fmt: skip
+    elif v.sc.get("adapters", {}).get("given"):
+        L.append("One given adapter per domain: the spread over training seeds is not measured, so a small lead of "
+                 "one method or a figure near a threshold may be noise.")  # fmt: skip
     else:
         L.append("One training seed: the seed-to-seed spread is not measured, so a small lead of one method or a "
                  "figure near a threshold may be noise.")  # fmt: skip

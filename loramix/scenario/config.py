@@ -117,7 +117,8 @@ class DomainSpec:
     name: str
     data: str = key("str", required=True,
                     help="the domain's QA records: .jsonl, .json, .csv, .txt, or `synthetic:NAME[?n=&seed=]`")  # fmt: skip
-    train: int = key("int", required=True, bound="positive", help="records in the training split")
+    train: int = key("int", bound="positive", doc_default="required (optional with `adapter`)",
+                     help="records in the training split (with `adapter`: only `[predictors]`' calibration records)")  # fmt: skip
     eval: int = key("int", required=True, bound="positive", help="records in the eval split")
     question_field: str = key("str", "question", toml="question", help="the question's field name")
     answer_field: str = key("str", "answer", toml="answer", help="the answer's field name")
@@ -126,6 +127,9 @@ class DomainSpec:
     overlap: float | None = key("float", bound="unit", doc_default="—",
                                 help="synthetic only: share this fraction of templates ...")  # fmt: skip
     overlap_with: str | None = key("str", doc_default="—", help="... with this built-in domain")
+    adapter: Path | None = key("str", doc_default="— (trained here)",
+                               help="an adapter trained elsewhere, studied instead of training one: a local PEFT LoRA / "
+                               "rsLoRA / DoRA or loramix D2-LoRA folder; in every domain or none (Adapters trained elsewhere, below)")  # fmt: skip
 
     @property
     def synthetic(self) -> bool:
@@ -282,6 +286,11 @@ class Scenario:
     plan: PlanSpec | None = key("table", doc_default="no plan validation",
                                 help="`loramix plan`'s groups against random groupings (below); needs `[predictors]`")  # fmt: skip
     variables: dict[str, str] = field(default_factory=dict)  # variables used, resolved
+
+    @property
+    def given(self) -> bool:
+        """Whether the domains' adapters are given (trained elsewhere), not trained by the study."""
+        return any(d.adapter is not None for d in self.domains.values())
 
     def merges_for(self, adapter_method: str) -> list[MergeSpec]:
         """The merge methods that apply to adapters of ``adapter_method``."""
@@ -538,6 +547,14 @@ def _var_hint(raw: str, var: str, what: str) -> str:
     return f" (set {var} to the folder holding {what})" if re.search(rf"\$\{{?{var}\b", raw) else ""
 
 
+def _given_path(ctx, raw: str, key: str, env: dict, used: dict) -> Path:
+    """``domains.NAME.adapter``: an existing adapter folder (or its ``.safetensors`` file)."""
+    p = _resolve_path(ctx, raw, key, env, used)
+    if not p.exists():
+        raise ctx.error(key, f"no such adapter folder: {p}")
+    return p
+
+
 def _synthetic_domains() -> list[str]:
     from ..synthetic import synthetic_domains
 
@@ -616,6 +633,11 @@ def _parse_domain(ctx, name, t, env, used, synth_names) -> DomainSpec:
     if not isinstance(t, dict):
         raise ctx.error(where, f"expected a table, got {_typename(t)}")
     v = _read(ctx, DomainSpec, t, where)
+    if v["adapter"] is not None:
+        v["adapter"] = _given_path(ctx, v["adapter"], f"{where}.adapter", env, used)
+        v["train"] = v["train"] or 0  # nothing is trained: records only [predictors]' calibration reads
+    elif v["train"] is None:
+        raise ctx.error(f"{where}.train", "missing (required)")
     raw, train, ev, overlap, overlap_with = v["data"], v["train"], v["eval"], v["overlap"], v["overlap_with"]
     if raw.startswith("synthetic:"):
         from ..data import parse_synthetic_spec
@@ -862,7 +884,9 @@ def _canonical_label(label: str):
     return kind, None if r is None else int(r), init  # r: checked digits
 
 
-def _parse_merge(ctx, t, adapters: AdapterSpec, min_k: int) -> list[MergeSpec]:
+def _parse_merge(ctx, t, adapters: AdapterSpec, stacked: tuple[int, str]) -> list[MergeSpec]:
+    """``stacked``: the smallest composition's stacked rank and how it is made
+    (``"2 x rank 4"``), the bound of a low-rank merge's ``rank``."""
     if t is None:
         return [MergeSpec("sum")]
     if not isinstance(t, dict):
@@ -915,10 +939,9 @@ def _parse_merge(ctx, t, adapters: AdapterSpec, min_k: int) -> list[MergeSpec]:
             _get_method(m).validate(clean, [])
         except UsageError as e:
             raise ctx.error(f"merge.{m}", e.problem) from None
-        if "rank" in clean and clean["rank"] > min_k * adapters.rank:
+        if "rank" in clean and clean["rank"] > stacked[0]:
             raise ctx.error(f"merge.{m}.rank", f"{clean['rank']} is above the stacked rank "
-                            f"{min_k * adapters.rank} of the smallest composition ({min_k} x rank "
-                            f"{adapters.rank})")  # fmt: skip
+                            f"{stacked[0]} of the smallest composition ({stacked[1]})")  # fmt: skip
         out.append(MergeSpec(m, clean))
     return out
 
@@ -974,6 +997,53 @@ def _parse_plan(
     return PlanSpec(**v)
 
 
+# [adapters] and the merged-data adapters are the training recipe: nothing is trained
+# with given adapters. (base.build too: given adapters were trained on a base of their own.)
+_NOT_WITH_GIVEN = {
+    "adapters": "[adapters] is a training recipe, and nothing is trained: remove it",
+    "merged_data": "a merged-data adapter needs the given adapters' training recipe, which is unknown: remove "
+    "merged_data",
+}
+
+
+def _given_domains(ctx, raw: dict, domains: dict, base: BaseSpec):
+    """With ``adapter`` in every domain: ``(kind, {domain: rank})``, the
+    adapters read and checked against the base (:func:`.given.check_given`),
+    and the keys that would mean training refused; None with none. Some but
+    not all is refused."""
+    have = [n for n, d in domains.items() if d.adapter is not None]
+    if not have:
+        return None
+    if len(have) < len(domains):
+        miss = next(n for n in domains if n not in have)
+        raise ctx.error(f"domains.{miss}.adapter", f"missing: give every domain its adapter or none "
+                        f"(domains {', '.join(have)} give one; a study does not mix given and trained adapters)")  # fmt: skip
+    for k, why in _NOT_WITH_GIVEN.items():
+        if k in raw:
+            raise ctx.error(k, f"the domains' adapters are given (domains.*.adapter): {why}")
+    if len(raw.get("seeds", [0])) > 1:
+        raise ctx.error("seeds", "the domains' adapters are given (domains.*.adapter): one adapter each, so one "
+                        "seed; nothing is trained")  # fmt: skip
+    if base.path is None:
+        raise ctx.error("base.build", "the domains' adapters are given (domains.*.adapter): give the base they "
+                        "were trained on as base.path, not a base to build")  # fmt: skip
+    from .given import check_given
+
+    return check_given(ctx, domains, base)
+
+
+def _given_predictors(ctx, p: PredictorSpec, domains: dict) -> None:
+    """``[predictors]`` with given adapters: the retention target only (the
+    Δppl % one needs merged-data adapters), and calibration records."""
+    if p.target != "retention":
+        raise ctx.error("predictors.target", f'"{p.target}" needs merged-data adapters, which a study of given '
+                        'adapters has not: use "retention"')  # fmt: skip
+    for n, d in domains.items():
+        if not d.train:
+            raise ctx.error(f"domains.{n}.train", "[predictors] calibrates its data-aware features on each "
+                            "domain's training records: give train (records, not trained on) with adapter")  # fmt: skip
+
+
 def load_scenario(path: str | os.PathLike, env: dict | None = None, *, import_gguf: bool = True) -> Scenario:
     """Read and check a scenario file; raise :class:`ScenarioError` on any problem.
 
@@ -1019,13 +1089,25 @@ def load_scenario(path: str | os.PathLike, env: dict | None = None, *, import_gg
     if "base" not in raw:
         raise ctx.error("base", "missing (required): base.path or [base.build]")
     base = _parse_base(ctx, raw["base"], env, used)
-    adapters = _parse_adapters(ctx, raw.get("adapters", {}))
-    _check_fit(ctx, base, adapters)
-    compositions = _parse_compositions(ctx, raw.get("compositions"), list(domains))
-    merged_data = _parse_merged_data(ctx, raw.get("merged_data"), compositions, list(domains))
-    merges = _parse_merge(ctx, raw.get("merge"), adapters, min(len(c) for c in compositions))
+    given = _given_domains(ctx, raw, domains, base)
+    if given is None:
+        adapters = _parse_adapters(ctx, raw.get("adapters", {}))
+        _check_fit(ctx, base, adapters)
+        compositions = _parse_compositions(ctx, raw.get("compositions"), list(domains))
+        merged_data = _parse_merged_data(ctx, raw.get("merged_data"), compositions, list(domains))
+        k = min(len(c) for c in compositions)
+        stacked = k * adapters.rank, f"{k} x rank {adapters.rank}"
+    else:
+        kind, ranks = given
+        compositions = _parse_compositions(ctx, raw.get("compositions"), list(domains))
+        adapters = AdapterSpec(methods=(kind,), rank=min(ranks.values()), epochs=None)
+        merged_data = ()  # none: the given adapters' recipe is unknown
+        stacked = min(sum(ranks[d] for d in c) for c in compositions), "given adapters' ranks"
+    merges = _parse_merge(ctx, raw.get("merge"), adapters, stacked)
     ev = _parse_eval(ctx, raw.get("eval"), adapters)
     predictors = _parse_predictors(ctx, raw.get("predictors"), merges)
+    if given is not None and predictors is not None:
+        _given_predictors(ctx, predictors, domains)
     plan = _parse_plan(ctx, raw.get("plan"), seeds, adapters, merges, predictors)
     return Scenario(path=path, name=name, description=top["description"], seeds=tuple(seeds),
                     data_seed=top["data_seed"], base=base, domains=domains, adapters=adapters, compositions=compositions,
@@ -1036,6 +1118,8 @@ def load_scenario(path: str | os.PathLike, env: dict | None = None, *, import_gg
 def _merged_data_summary(md):
     if md is None:
         return "all"
+    if not md:
+        return "none"
     if isinstance(md[0], int):
         return {"count": md[0], "include": [list(c) for c in md[1]]}
     return [list(c) for c in md]
@@ -1061,7 +1145,12 @@ def scenario_summary(s: Scenario) -> dict[str, Any]:
             }
         },  # fmt: skip
         "domains": {n: {"data": d.data, "train": d.train, "eval": d.eval} for n, d in s.domains.items()},
-        "adapters": {"methods": list(s.adapters.methods), "init": s.adapters.init, **s.adapters.recipe()},
+        "adapters": {
+            "methods": list(s.adapters.methods),
+            "given": {n: str(d.adapter) for n, d in s.domains.items()},
+        }
+        if s.given
+        else {"methods": list(s.adapters.methods), "init": s.adapters.init, **s.adapters.recipe()},
         "compositions": [list(c) for c in s.compositions],
         "merged_data": _merged_data_summary(s.merged_data),
         "merge": {m.method: m.params for m in s.merges},

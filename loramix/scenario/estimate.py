@@ -180,6 +180,8 @@ def work(st: Step, by_id: dict[str, Step], sc, threads: int = 1) -> Work | None:
         return Work({"kind": "data", "threads": threads}, max(1, int(st.spec["records"])))
     common = {"base": base.folder_name[:16], "arch": _arch(base), "threads": threads}
     if st.kind in ("adapter", "merged-data"):
+        if st.cache_kind is None:  # given: hashed while planning
+            return None
         r, label = st.spec["recipe"], st.spec["method"]
         n_train = _records(by_id, [d for d in st.deps if d.startswith("data/")])
         units = r["steps"] * r["batch"] if r.get("steps") else (r.get("epochs") or 1) * n_train

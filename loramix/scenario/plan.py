@@ -16,7 +16,8 @@ gives the protocol)::
     data/<domain>/<part>         the train and eval splits       (cache: data)
     base                         the base model (built or hashed) (cache: base)
     eval/base                    the base on every eval split      (cache: eval)
-    adapter/a/s/<domain>         one adapter per domain            (cache: adapter)
+    adapter/a/s/<domain>         one adapter per domain            (cache: adapter;
+                                 given, ``domains.NAME.adapter``: not cached, keyed by its files' hash)
     merged-data/a/s/<comp>       one adapter on the union of comp  (cache: adapter)
                                  (the compositions of ``merged_data`` only)
     similarity/a/s               RMS cosine of the domain adapters (numpy, not cached;
@@ -100,7 +101,12 @@ def prepare_data(sc: Scenario) -> dict[str, DomainData]:
         if len(recs) < d.train + d.eval:
             raise ScenarioError(f"{sc.path}: domains.{name}.train",
                                 f"{d.data} has {len(recs)} records, fewer than train={d.train} + eval={d.eval}")  # fmt: skip
-        train_all, ev = split_records(recs, eval_size=d.eval, seed=sc.data_seed)
+        if len(recs) == d.eval and d.train == 0:
+            # given adapters, no calibration: every record is eval's, in order, as the split
+            # would keep them (it refuses to leave no training record)
+            train_all, ev = [], list(recs)
+        else:
+            train_all, ev = split_records(recs, eval_size=d.eval, seed=sc.data_seed)
         idx = list(range(len(train_all)))
         random.Random(sc.data_seed + 1).shuffle(idx)
         train = [train_all[i] for i in sorted(idx[: d.train])]
@@ -141,6 +147,8 @@ def merged_data_compositions(sc: Scenario, data: dict[str, DomainData]) -> list[
     md = sc.merged_data
     if md is None:
         return list(sc.compositions)
+    if not md:  # none (given adapters: their recipe is unknown)
+        return []
     if not isinstance(md[0], int):
         return [c for c in sc.compositions if c in md]
     (n, include), sim = md, data_similarity(data)
@@ -162,8 +170,8 @@ class Step:
     ``kind``: data, base, adapter, merged-data, similarity, eval or merge.
     ``cache_kind``/``spec``: the cache entry it reads or makes (``None`` for
     a step that is not cached: the similarity of a kind whose delta needs no
-    base, a base given as a folder).
-    ``key``: ``make_key(cache_kind, spec)``, or the base folder's content hash.
+    base, a base or an adapter given as a folder).
+    ``key``: ``make_key(cache_kind, spec)``, or the given base's or adapter's content hash.
     ``deps``: ids of the steps whose results it uses. ``args``: what running
     it needs besides the spec (names, merge parameters, dependency roles).
     ``group``: the row of the report's timing table it counts under.
@@ -301,11 +309,25 @@ class _Planner:
         return self.add(id, kind, "adapter", spec, deps, label, "train", method=am, seed=seed,
                         domains=list(domains), name=name)  # fmt: skip
 
+    def given_step(self, id, am, domain, label) -> Step:
+        """An adapter trained elsewhere (``domains.NAME.adapter``): not cached and
+        not trained, as a base given as a folder; its key is the hash of its
+        files (:func:`~loramix.scenario.given.given_key`), which every step
+        downstream names, so they are made again when the files change."""
+        from .given import given_key
+
+        path = self.sc.domains[domain].adapter
+        return self.add(id, "adapter", None, {"method": am, "given": str(path)}, (), label, "given",
+                        key=given_key(path), method=am, domains=[domain], name=domain, path=str(path))  # fmt: skip
+
     def seed_steps(self, am: str, seed: int) -> None:
         sc, names, base = self.sc, list(self.data), self.key_of("base")
         pre = f"{am}/{seed}"
         for d in names:
-            self.adapter_step(f"adapter/{pre}/{d}", "adapter", am, seed, [d], f"{pre}/{d}", d)
+            if sc.given:
+                self.given_step(f"adapter/{pre}/{d}", am, d, f"{pre}/{d}")
+            else:
+                self.adapter_step(f"adapter/{pre}/{d}", "adapter", am, seed, [d], f"{pre}/{d}", d)
         md_comps = merged_data_compositions(sc, self.data)
         for comp in md_comps:
             cn = comp_name(comp)

@@ -167,6 +167,8 @@ def _train_kwargs(ad) -> dict:
 def _adapter_step(ctx: StepContext, st: Step, deps: dict) -> dict:
     """Train (or reuse) one adapter, named ``name`` inside its cache entry so
     that similarity and predict show readable names."""
+    if st.cache_kind is None:  # given (trained elsewhere): read where it is
+        return {"path": st.args["path"]}
     ad, a = ctx.sc.adapters, st.args
     train_paths = [deps[f"data/{d}/train"]["path"] for d in a["domains"]]
 
@@ -375,12 +377,12 @@ def reads_back(ctx: StepContext, st: Step) -> bool:
     """Whether running ``st`` in this process only reads back what is on disk,
     with neither torch nor a model: its artifact is complete in the cache
     (and the run is not ``fresh``; the effective deltas' similarity
-    included), or it is a base given as a folder, or the similarity of the
+    included), or it is a base or an adapter given as a folder, or the similarity of the
     domain adapters' factors (numpy, tenths of a second). A run whose every
     step reads back imports neither torch nor transformers."""
     if st.cache_kind is not None:
         return not ctx.cache.fresh and ctx.cache.has(st.cache_kind, st.key)
-    return st.kind == "base" or (st.kind == "similarity" and not st.args.get("effective"))
+    return st.kind in ("base", "adapter") or (st.kind == "similarity" and not st.args.get("effective"))
 
 
 def run_step(ctx: StepContext, st: Step, deps: dict) -> dict:

@@ -1,0 +1,114 @@
+"""Adapters trained elsewhere: a study of ``[domains.NAME] adapter = "PATH"``.
+
+With every domain's adapter given, nothing is trained: the study's plan
+holds one uncached adapter step per domain (like a base given as a folder)
+whose key is a content hash of the adapter's files (:func:`given_key`), so
+every merge, evaluation and similarity downstream is cached under it and
+made again when those files change. Each adapter is read and checked
+against the base when the scenario is loaded (:func:`check_given`), from the
+safetensors headers, without torch where the numpy reader reads the adapter:
+one kind for all (the study's adapter label), every adapted module a weight
+of the base with a fitting shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from ..errors import LoramixError
+
+
+def given_key(path: str | Path) -> str:
+    """The key of a given adapter::
+
+        sha256("name:sha256\\n" per file that the readers read, by name)
+
+    the config and weights files of a PEFT-layout adapter
+    (:func:`~loramix.io.peft_layout.check_adapter_path`); for a folder in
+    another layout, every file in it. ``name`` is the file's name (not its
+    folder's: a renamed copy is the same adapter)."""
+    from ..io.peft_layout import check_adapter_path
+    from ..io.st_header import file_sha256
+
+    _, cfg, weights, _ = check_adapter_path(path)
+    files = [cfg, weights] if cfg is not None else sorted(p for p in Path(path).iterdir() if p.is_file())
+    lines = sorted(f"{Path(f).name}:{file_sha256(f)}\n" for f in files)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _read(path: Path, name: str):
+    """The adapter's modules (numpy, lazy: headers only), or torch's reader's
+    for a feature the numpy reader leaves to it (embedding LoRA, ``modules_to_save``)."""
+    from ..io.np_factors import load_np_adapter
+
+    ad = load_np_adapter(path, name=name, lazy=True, torch_fallback=False)
+    if ad is None:
+        from ..io.adapter_files import load_adapter
+
+        ad = load_adapter(path, name=name)
+    return ad
+
+
+def _base_fits(ctx, base):
+    """A function ``(adapter) -> None`` raising :class:`LoramixError` where an
+    adapter module has no weight of fitting shape in the base: the base
+    folder's :meth:`~loramix.io.model_folder.BaseModelFolder.module_weight_key`
+    (a GGUF base not imported yet: its header's weights, by name and shape)."""
+    from ..errors import AdapterError
+    from ..gguf_import import import_preview, imported_base, is_gguf, resolve_base
+    from ..io.model_folder import BaseModelFolder
+    from ..io.peft_layout import check_default_targets
+
+    if not ctx.import_gguf and is_gguf(base.path) and imported_base(base.path) is None:
+        pre = import_preview(base.path)
+        weights, model_type = pre["weights"], pre["model_type"]
+
+        def fits(ad) -> None:
+            check_default_targets([ad], model_type)
+            for name, m in ad.modules.items():
+                hit = next((n for n in weights if n == name or name.endswith("." + n) or n.endswith("." + name)),
+                           None)  # fmt: skip
+                if hit is None:
+                    raise AdapterError(ad.path, f"the base has no weight for adapter module {name}")
+                if sorted(weights[hit]) != sorted(m.shape):
+                    raise AdapterError(ad.path, f"module {name} is {list(m.shape)}, the base's {hit} is "
+                                       f"{list(weights[hit])}")  # fmt: skip
+
+        return fits
+    folder = BaseModelFolder(resolve_base(base.path))
+
+    def fits(ad) -> None:
+        check_default_targets([ad], folder.config.get("model_type"))
+        for name, m in ad.modules.items():
+            folder.module_weight_key(name, tuple(m.shape), (ad.config or {}).get("fan_in_fan_out"))
+
+    return fits
+
+
+def check_given(ctx, domains: dict, base) -> tuple[str, dict[str, int]]:
+    """Read every domain's given adapter and check it against the base:
+    ``(kind, {domain: rank})`` (a module's smallest rank). A problem is one
+    line naming the domain's key and the adapter's file."""
+    fits = _base_fits(ctx, base)
+    kinds: dict[str, str] = {}
+    ranks: dict[str, int] = {}
+    for d, spec in domains.items():
+        where = f"domains.{d}.adapter"
+        try:
+            ad = _read(spec.adapter, d)
+        except LoramixError as e:
+            raise ctx.error(where, e.message) from None
+        first = next(iter(kinds.items()), None)
+        if first is not None and ad.kind != first[1]:
+            raise ctx.error(where, f"{spec.adapter} is a {ad.kind} adapter, domains.{first[0]}.adapter a "
+                            f"{first[1]} one: a study compares adapters of one kind")  # fmt: skip
+        if not ad.modules:
+            raise ctx.error(where, f"{spec.adapter} adapts no module")
+        try:
+            fits(ad)
+        except LoramixError as e:
+            raise ctx.error(where, f"{spec.adapter} does not fit the base: {e.problem}") from None
+        kinds[d] = ad.kind
+        ranks[d] = min(int(m.rank) for m in ad.modules.values())
+    return next(iter(kinds.values())), ranks

@@ -1,0 +1,181 @@
+"""A study of adapters trained elsewhere (``[domains.NAME] adapter = "PATH"``):
+PEFT LoRA adapters trained with ``peft`` itself on a tiny base, studied
+without training, checked against PEFT's own merge; and the refusals."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from loramix.cli import main
+from tests.factories import make_peft_adapter, one_line_error, tiny_gpt2, tiny_llama
+
+DOMAINS = ("arith", "units", "dates")
+TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+def _train_peft(base: Path, folder: Path, domain: str, seed: int) -> Path:
+    """A PEFT LoRA trained by ``peft`` on ``domain``'s synthetic records (a few
+    AdamW steps: its own domain's perplexity drops below the base's)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loramix.data import load_records
+
+    tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    pm = get_peft_model(model, LoraConfig(r=2, lora_alpha=8, target_modules=TARGETS, fan_in_fan_out=True))
+    texts = [f"{r.question} {r.answer}" for r in load_records(f"synthetic:{domain}?n=32&seed=7")]
+    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=48)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
+    pm.train()
+    for _ in range(12):
+        opt.zero_grad()
+        pm(**enc, labels=labels).loss.backward()
+        opt.step()
+    pm.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def given(tmp_path_factory):
+    """A tiny base built by loramix and three PEFT adapters trained on it."""
+    from loramix.basebuild import build_base
+
+    root = tmp_path_factory.mktemp("given")
+    base = root / "base"
+    build_base(["synthetic:arith?n=64"], out=base, steps=2, device="cpu", progress=False)
+    ads = {d: _train_peft(base, root / f"peft-{d}", d, i) for i, d in enumerate(DOMAINS)}
+    return root, base, ads
+
+
+def _scenario(folder: Path, base: Path, ads: dict, extra: str = "", name: str = "given") -> Path:
+    text = f'name = "{name}"\n{extra}\n[base]\npath = "{base}"\n'
+    for d in DOMAINS:
+        text += f'\n[domains.{d}]\ndata = "synthetic:{d}"\neval = 8\n'
+        if ads.get(d) is not None:
+            text += f'adapter = "{ads[d]}"\n'
+        else:
+            text += "train = 8\n"
+    text += '\n[merge]\nmethods = ["sum", "ties", "svd"]\nties = { density = 0.5 }\nsvd = { rank = 2 }\n\n[eval]\nbatch = 8\nmax_len = 48\n'
+    path = folder / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def _log(report: Path) -> list[dict]:
+    with open(report / "cache_log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _peft_sum_ppl(base: Path, paths: list[Path], records) -> float:
+    """The perplexity loramix's evaluate gives the base with PEFT's own merge of
+    ``paths`` (each merged into the weights in turn by ``merge_and_unload``)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loramix.perplexity import evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    for p in paths:
+        model = PeftModel.from_pretrained(model, str(p)).merge_and_unload()
+    df = evaluate((model.eval(), AutoTokenizer.from_pretrained(base)), data=[records], on="answer", max_len=48,
+                  batch=8, device="cpu", progress=False)  # fmt: skip
+    return float(df.iloc[0]["ppl"])
+
+
+def test_a_study_of_given_peft_adapters(given, tmp_path, capsys):
+    """No training; the report has the compose section; the naive sum's
+    perplexity is PEFT's merge's; a rerun is all hits; new bytes in one
+    adapter remake only what depends on it."""
+    from loramix.scenario.config import load_scenario
+    from loramix.scenario.plan import prepare_data
+    from loramix.scenario.runner import run_scenario
+
+    root, base, ads = given
+    scen = _scenario(tmp_path, base, ads)
+    assert main(["scenario", "check", str(scen), "--cache", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "3 given adapters (not trained" in out and "train" not in out.split("plan:")[1].split("\n")[0]
+    report, cache = tmp_path / "report", tmp_path / "cache"
+    rep = run_scenario(scen, out=report, cache_dir=cache, device="cpu", progress=False)
+    assert rep["scenario"]["adapters"] == {"methods": ["lora"], "given": {d: str(p) for d, p in ads.items()}}
+    md = (report / "report.md").read_text()
+    assert "## Which adapters compose?" in md and "trained elsewhere" in md
+    assert "merged-data training" not in md and "Δppl % by merge method" not in md
+    assert (report / "composability.csv").is_file() and not (report / "fit.json").exists()
+    assert {r["kind"] for r in _log(report)} == {"data", "eval", "merge"}  # no adapter made, none cached
+
+    with open(report / "evaluations.csv") as f:
+        rows = {(r["model"], r["domain"]): float(r["ppl"]) for r in csv.DictReader(f)}
+    ev = prepare_data(load_scenario(scen))["arith"].eval
+    want = _peft_sum_ppl(base, [ads["arith"], ads["units"]], ev)
+    got = rows[("merge:sum:arith+units", "arith")]
+    assert math.isclose(got, want, rel_tol=1e-5), (got, want)
+    assert rows[("adapter:arith", "arith")] < rows[("base", "arith")]  # trained: the domain gained
+
+    run_scenario(scen, out=report, cache_dir=cache, device="cpu", progress=False)
+    assert {r["status"] for r in _log(report)} == {"hit"}
+
+    # new bytes in one adapter's weights (its B doubled): only the steps that read it are made again
+    from safetensors.torch import load_file, save_file
+
+    wfile = ads["units"] / "adapter_model.safetensors"
+    t = load_file(wfile)
+    save_file({k: v * 2 if "lora_B" in k else v for k, v in t.items()}, wfile, metadata={"format": "pt"})
+    run_scenario(scen, out=report, cache_dir=cache, device="cpu", progress=False)
+    for r in _log(report):
+        parts = r["label"].replace(" ", "/").replace("+", "/").split("/")
+        reads = r["kind"] in ("eval", "merge") and "units" in parts
+        assert (r["status"] == "miss") == reads, r
+
+
+def _check_args(tmp_path: Path, base: Path, ads: dict, over: dict | None = None, extra: str = "") -> list:
+    return ["scenario", "check", _scenario(tmp_path, base, {**ads, **(over or {})}, extra)]
+
+
+def test_given_adapters_refused_in_one_line(given, tmp_path, capsys):
+    """Each problem: exit 2, one line naming the key and the adapter's file."""
+    _, base, ads = given
+    scen = tmp_path / "given.toml"
+    dora = make_peft_adapter(_load(base), tmp_path / "dora", use_dora=True, r=2, target_modules=TARGETS)
+    narrow = make_peft_adapter(tiny_gpt2(n_embd=32), tmp_path / "narrow", r=2)
+    llama = make_peft_adapter(tiny_llama(), tmp_path / "llama", r=2)
+    capsys.readouterr()  # transformers' loading bars
+    cases = [
+        ({"over": {"dates": None}}, "domains.dates.adapter", "every domain its adapter or none"),
+        ({"over": {"units": dora}}, "domains.units.adapter", f"{dora} is a dora adapter"),
+        ({"over": {"units": narrow}}, "domains.units.adapter", f"{narrow} does not fit the base"),
+        ({"over": {"units": llama}}, "domains.units.adapter", f"{llama} does not fit the base"),
+        ({"over": {"units": tmp_path / "nowhere"}}, "domains.units.adapter", "no such adapter folder"),
+        ({"extra": "seeds = [0, 1]"}, "seeds", "one seed"),
+        ({"extra": 'merged_data = "all"'}, "merged_data", "unknown"),
+    ]
+    for kw, key, needle in cases:
+        one_line_error(capsys, _check_args(tmp_path, base, ads, **kw), f"{scen}: {key}", needle)
+
+
+def _load(base: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base)
+
+
+def test_given_adapters_are_checked_without_torch(given, tmp_path):
+    """Reading and checking the given adapters against the base, and the plan
+    (their files hashed), read headers only: ``scenario check`` imports no torch."""
+    import subprocess
+    import sys
+
+    _, base, ads = given
+    scen = _scenario(tmp_path, base, ads)
+    code = (f"import sys\nfrom loramix.scenario.config import load_scenario\nfrom loramix.scenario.plan import plan\n"
+            f"plan(load_scenario({str(scen)!r}, import_gguf=False), import_gguf=False)\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'\n")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True)
