@@ -179,3 +179,25 @@ def test_given_adapters_are_checked_without_torch(given, tmp_path):
             f"plan(load_scenario({str(scen)!r}, import_gguf=False), import_gguf=False)\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'\n")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_adapter_trained_on_another_base_is_noticed(given, tmp_path, capsys):
+    """An adapter whose loramix provenance names another base (same shapes)
+    is studied, with one warning line; the PEFT adapters (no provenance) and
+    one trained by loramix on this base give none."""
+    from loramix.basebuild import build_base
+    from loramix.train import train_adapter
+
+    _, base, ads = given
+    other = build_base(["synthetic:units?n=64"], out=tmp_path / "other", steps=1, seed=1, device="cpu",
+                       progress=False)["out"]  # fmt: skip
+    kw = dict(rank=2, steps=1, batch=4, max_len=32, eval_size=0, device="cpu", progress=False)
+    here = train_adapter(base, "synthetic:dates?n=8", out=tmp_path / "here", **kw)["out"]
+    there = train_adapter(other, "synthetic:dates?n=8", out=tmp_path / "there", **kw)["out"]
+    capsys.readouterr()
+    for adapter, warned in ((here, False), (there, True)):
+        scen = _scenario(tmp_path, base, {**ads, "dates": adapter})
+        assert main(["scenario", "check", str(scen), "--cache", str(tmp_path / "cache")]) == 0
+        err = capsys.readouterr().err
+        line = f"loramix: warning: {scen}: domains.dates.adapter: {adapter} was trained on another base"
+        assert (line in err) == warned and err.count("loramix: warning:") == warned, err

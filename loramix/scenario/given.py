@@ -86,6 +86,42 @@ def _base_fits(ctx, base):
     return fits
 
 
+def recorded_base(path: Path) -> str | None:
+    """The base identity that a ``loramix.json`` beside the adapter records
+    (``loramix train``'s provenance), or None: PEFT's own training records
+    none (its ``base_model_name_or_path`` is a name, which a renamed or copied
+    folder changes, so it is not compared)."""
+    import json
+
+    f = (path if path.is_dir() else path.parent) / "loramix.json"
+    try:
+        inputs = json.loads(f.read_text()).get("inputs")
+    except (OSError, ValueError, AttributeError):
+        return None
+    ids = [i.get("identity") for i in inputs if isinstance(i, dict) and i.get("kind") == "base_model"]
+    return next((i for i in ids if isinstance(i, str)), None) if isinstance(inputs, list) else None
+
+
+def _notice_other_base(ctx, where: str, path: Path, base) -> None:
+    """Warn (one line) where the adapter's provenance names another base than
+    ``base.path``'s identity (its weight files' hashes, cached on disk): its
+    shapes fit, so the study goes on. Nothing for an adapter that records none."""
+    import warnings
+
+    from ..errors import LoramixWarning
+    from ..gguf_import import imported_base, is_gguf, resolve_base
+    from ..io.model_folder import BaseModelFolder
+
+    seen = recorded_base(path)
+    if seen is None or (is_gguf(base.path) and imported_base(base.path) is None):
+        return
+    own = BaseModelFolder(resolve_base(base.path)).identity()
+    if seen != own:
+        warnings.warn(f"{ctx.path}: {where}: {path} was trained on another base ({seen[:12]}) than base.path "
+                      f"({own[:12]}); its modules fit the base's shapes, so it is studied on it", LoramixWarning,
+                      stacklevel=2)  # fmt: skip
+
+
 def check_given(ctx, domains: dict, base) -> tuple[str, dict[str, int]]:
     """Read every domain's given adapter and check it against the base:
     ``(kind, {domain: rank})`` (a module's smallest rank). A problem is one
@@ -109,6 +145,7 @@ def check_given(ctx, domains: dict, base) -> tuple[str, dict[str, int]]:
             fits(ad)
         except LoramixError as e:
             raise ctx.error(where, f"{spec.adapter} does not fit the base: {e.problem}") from None
+        _notice_other_base(ctx, where, spec.adapter, base)
         kinds[d] = ad.kind
         ranks[d] = min(int(m.rank) for m in ad.modules.values())
     return next(iter(kinds.values())), ranks
