@@ -93,7 +93,10 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
                        f"{sc.predictors.target} target to validate a predictor; this study has {n_target}, so the "
                        "report will have no predictors section and no predictors.json")  # fmt: skip
     steps = plan(sc, data, import_gguf=False)
-    kinds = Counter(st.kind for st in steps)
+    # a given adapter (domains.NAME.adapter) is read where it is: not one to train
+    kinds = Counter(
+        "given adapter" if st.kind == "adapter" and st.cache_kind is None else st.kind for st in steps
+    )
     click.echo(f"  plan: {len(steps)} steps ({', '.join(f'{n} {k}' for k, n in kinds.items())})")
     from ..scenario.estimate import estimate
     from ..scenario.executors import threads_per_job

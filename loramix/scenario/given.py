@@ -25,15 +25,21 @@ def given_key(path: str | Path) -> str:
         sha256("name:sha256\\n" per file that the readers read, by name)
 
     the config and weights files of a PEFT-layout adapter
-    (:func:`~loramix.io.peft_layout.check_adapter_path`); for a folder in
-    another layout, every file in it. ``name`` is the file's name (not its
-    folder's: a renamed copy is the same adapter)."""
+    (:func:`~loramix.io.peft_layout.check_adapter_path`); for one in another
+    layout, every file of its folder (or the file given). ``name`` is the
+    file's name (not its folder's: a renamed copy is the same adapter). The
+    hashes are the base's: cached on disk by path, inode, size and times
+    (:func:`~loramix.io.filehash.cached_file_sha256`), so a rerun reads them back."""
+    from ..io.filehash import cached_file_sha256
     from ..io.peft_layout import check_adapter_path
-    from ..io.st_header import file_sha256
 
-    _, cfg, weights, _ = check_adapter_path(path)
-    files = [cfg, weights] if cfg is not None else sorted(p for p in Path(path).iterdir() if p.is_file())
-    lines = sorted(f"{Path(f).name}:{file_sha256(f)}\n" for f in files)
+    p = Path(path)
+    _, cfg, weights, _ = check_adapter_path(p)
+    if cfg is not None:
+        files = [cfg, weights]
+    else:
+        files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    lines = sorted(f"{Path(f).name}:{cached_file_sha256(Path(f))}\n" for f in files)
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
