@@ -201,3 +201,19 @@ def test_an_adapter_trained_on_another_base_is_noticed(given, tmp_path, capsys):
         err = capsys.readouterr().err
         line = f"loramix: warning: {scen}: domains.dates.adapter: {adapter} was trained on another base"
         assert (line in err) == warned and err.count("loramix: warning:") == warned, err
+
+
+def test_a_loramix_json_without_provenance_is_no_base_to_compare(given, tmp_path, capsys):
+    """A ``loramix.json`` beside a PEFT adapter that records no ``inputs``
+    (another tool's, or hand-written) names no base: the study goes on without
+    a warning (it raised TypeError iterating None)."""
+    import shutil
+
+    _, base, ads = given
+    name = next(iter(ads))
+    copy = shutil.copytree(ads[name], tmp_path / "copy")
+    for text in ('{"note": "mine"}', '{"inputs": null}', "[1, 2]"):
+        (copy / "loramix.json").write_text(text)
+        scen = _scenario(tmp_path, base, {**ads, name: copy})
+        assert main(["scenario", "check", str(scen), "--cache", str(tmp_path / "cache")]) == 0
+        assert "warning" not in capsys.readouterr().err

@@ -104,8 +104,10 @@ def recorded_base(path: Path) -> str | None:
         inputs = json.loads(f.read_text()).get("inputs")
     except (OSError, ValueError, AttributeError):
         return None
+    if not isinstance(inputs, list):  # none recorded, or not loramix's provenance
+        return None
     ids = [i.get("identity") for i in inputs if isinstance(i, dict) and i.get("kind") == "base_model"]
-    return next((i for i in ids if isinstance(i, str)), None) if isinstance(inputs, list) else None
+    return next((i for i in ids if isinstance(i, str)), None)
 
 
 def _notice_other_base(ctx, where: str, path: Path, base) -> None:
