@@ -120,8 +120,19 @@ def test_a_study_of_given_peft_adapters(given, tmp_path, capsys):
     assert math.isclose(got, want, rel_tol=1e-5), (got, want)
     assert rows[("adapter:arith", "arith")] < rows[("base", "arith")]  # trained: the domain gained
 
-    run_scenario(scen, out=report, cache_dir=cache, device="cpu", progress=False)
+    # the rerun from the command line: its closing lines give the verdicts, not an empty fit
+    capsys.readouterr()
+    assert (
+        main(["scenario", "run", str(scen), "--out", str(report), "--cache", str(cache), "--device", "cpu"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    verdicts = [r["verdict"] for r in rep["composability"]]
+    assert f"  lora: {verdicts.count('composes')} compose, {verdicts.count('partly')} partly, " in out, out
+    assert "delta_ppl% ~" not in out
     assert {r["status"] for r in _log(report)} == {"hit"}
+    # no training split: the setup's domain table has no train columns
+    assert "| domain | data | eval | eval tokens |" in (report / "report.md").read_text()
 
     # new bytes in one adapter's weights (its B doubled): only the steps that read it are made again
     from safetensors.torch import load_file, save_file

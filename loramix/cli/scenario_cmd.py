@@ -182,11 +182,24 @@ def run_cmd(file, out, device, fresh, cache_dir, force, threads, jobs, executor,
     click.echo(f"report: {rep['out']}/report.md ({t:.1f} s; {made} artifacts made, {reused} from the cache)")
     for m in (rep.get("plan_validation") or {}).get("by_method", []):
         click.echo(f"  plan vs random groupings: {m['verdict'].replace('**', '')}")
+    for am, verdicts in _verdict_counts(rep.get("composability") or []).items():
+        click.echo(f"  {am}: {verdicts} (Which adapters compose?)")
     for f in rep["fits"]:
-        if f["merge_method"] != "sum":
+        if f["merge_method"] != "sum" or not f["n"]:  # none: no merged-data adapter (given adapters)
             continue
         r = f["pearson_r"]
         loo = f["loo_rmse"]
         click.echo(f"  {f['adapter_method']}: delta_ppl% ~ RMS cosine over {f['n']} compositions: "
                    f"r = {'n/a' if r is None else f'{r:.3f}'}, LOO RMSE = "
                    f"{'n/a' if loo is None else f'{loo:.2f}'} points")  # fmt: skip
+
+
+def _verdict_counts(rows: list[dict]) -> dict[str, str]:
+    """``{adapter label: "2 compose, 4 partly, 0 do not"}`` of the report's
+    composability rows (the counts of the report's "Which adapters compose?")."""
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        out.setdefault(r["adapter_method"], []).append(r["verdict"])
+    return {am: f"{v.count('composes')} compose, {v.count('partly')} partly, {v.count('does not compose')} do not"
+            + (f", {n} with no gain to keep" if (n := v.count("no gain to keep")) else "")
+            for am, v in out.items()}  # fmt: skip

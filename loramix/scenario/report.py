@@ -278,10 +278,13 @@ def _section_setup(report: dict, v: _View) -> list[str]:
     L += setup_lines(report, v)
     L.append("")
     rows = []
+    # given adapters: no training split (a train count is [predictors]' calibration records only)
+    train = not given_adapters(sc) or any(d["train"] for d in report["domains"].values())
     for name, d in report["domains"].items():
-        rows.append([name, f"`{d['data']}`", str(d["train"]), str(d["eval"]), str(d.get("eval_tokens", "—")),
-                     d["sha256_train"][:12]])  # fmt: skip
-    L.append(_table(["domain", "data", "train", "eval", "eval tokens", "train sha256"], rows))
+        rows.append([name, f"`{d['data']}`", *([str(d["train"])] if train else []), str(d["eval"]),
+                     str(d.get("eval_tokens", "—")), *([d["sha256_train"][:12]] if train else [])])  # fmt: skip
+    head = ["domain", "data", "train", "eval", "eval tokens", "train sha256"]
+    L.append(_table([h for h in head if train or "train" not in h], rows))
     L.append("")
     return L
 
