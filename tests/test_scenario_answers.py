@@ -773,6 +773,9 @@ def test_the_kept_gain_map_follows_the_similarity_heatmaps(tmp_path, monkeypatch
             noisy = "~" if r.get("verdict_within_eval_noise") else ""
             assert text == f"{noisy}{threshold_text(r['kept_worst_pct'], (50.0, 90.0))}\n{r['best_method']}"
     _every_text_inside(fig)
+    # the figure's title is the study's (the last panel's title took its name)
+    want = "real-14-domains: share of the worse member's gain the best merge keeps"
+    assert fig._suptitle is not None and fig._suptitle.get_text() == want, fig._suptitle
 
 
 def _every_text_inside(fig) -> None:

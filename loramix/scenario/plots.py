@@ -664,9 +664,9 @@ def kept_gain_heatmap(panels: list[tuple], path: Path, title: str, thresholds: t
         ones = sorted({m for row in method for m in row if m})  # the panel's best methods
         blank |= _kept_panel(ax, names, kept, method, noisy, len(ones) > 1, cmap, norm, fs, thresholds)
         # one method throughout: named in the title, or the panel never says which merge it shows
-        title = f"{label} (best method under each value)" if len(ones) > 1 else label
-        title += f" (best method: {ones[0]})" if len(ones) == 1 else ""
-        ax.set_title(title, fontsize=10)
+        head = f"{label} (best method under each value)" if len(ones) > 1 else label
+        head += f" (best method: {ones[0]})" if len(ones) == 1 else ""
+        ax.set_title(head, fontsize=10)
     lo, hi = thresholds
     bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), cax=axes[-1], extend="both")
     bar.set_ticks(sorted({0.0, lo, hi, 100.0}))
