@@ -1,11 +1,12 @@
-"""Signal handlers that raise, and the two places they must not: importlib's
-own code, and a C extension's start-up.
+"""Signal handlers that raise, and the places they must not: importlib's own
+code, a C extension's start-up, and a finalizer.
 
-loramix's handlers for a kill (SIGTERM) raise, so that the command unwinds
-and removes what it was writing (:func:`loramix.cli.main`, a study's worker
-in :mod:`loramix.scenario.executors`). Python runs a handler in the main
-thread between two bytecodes of whatever runs there, and in a command's
-first second that is often an import (``import torch``; later,
+loramix's handlers for Ctrl-C (SIGINT) and a kill (SIGTERM) raise, so that
+the command unwinds and removes what it was writing (:func:`loramix.cli.main`,
+a study's worker and the wait on Ray's tasks in
+:mod:`loramix.scenario.executors`). Python runs a handler in the main thread
+between two bytecodes of whatever runs there, and in a command's first
+second that is often an import (``import torch``; later,
 transformers' lazy modules). There an exception can be lost, and the run
 goes on as if never killed:
 
@@ -19,9 +20,13 @@ goes on as if never killed:
   and goes on without numpy (the ``sum`` wrote its output and exited 0), or
   numpy's own C part was left half made, and the next ``import numpy``
   failed ("cannot load module more than once per process"): a traceback,
-  exit 1.
+  exit 1;
+* raised in a finalizer (a ``__del__``, a ``weakref.finalize`` callback: the
+  live training log's removal, a progress bar's close), Python swallows it,
+  printing ``Exception ignored in ...``, and the run goes on; the finalizer's
+  own work is cut short.
 
-So a handler asks :func:`deferred` first: in either place it returns at
+So a handler asks :func:`deferred` first: in any of these it returns at
 once, and the signal is sent again :data:`AGAIN_SECONDS` later by a thread
 (made pending at once, by ``_thread.interrupt_main``, it would run the
 handler again in :func:`deferred`'s own frame, and raise there after all).
@@ -35,6 +40,7 @@ from __future__ import annotations
 import _thread
 import os
 import time
+import weakref
 from importlib import _bootstrap_external
 
 #: the names importlib's own modules have in their frames' globals (frozen or not)
@@ -46,6 +52,8 @@ EXTENSION_START = frozenset(
 )  # fmt: skip
 #: how long after a deferred signal it is sent again
 AGAIN_SECONDS = 0.01
+#: the code that runs a ``weakref.finalize`` callback (a ``__del__`` is known by its name)
+FINALIZE = weakref.finalize.__call__.__code__
 #: the longest a signal is deferred (a C extension whose start-up never ends)
 LONGEST_SECONDS = 30.0
 
@@ -69,13 +77,15 @@ def deferred(signum: int, frame) -> bool:
 
 def unsafe(frame) -> bool:
     """Whether ``frame`` is importlib's own code, or it or one of its callers
-    is a C extension's start-up."""
+    is a C extension's start-up or a finalizer (an exception raised below
+    one ends there)."""
     if frame is None:
         return False
     if frame.f_globals.get("__name__") in IMPORTLIB:
         return True
     while frame is not None:
-        if frame.f_code in EXTENSION_START:
+        code = frame.f_code
+        if code in EXTENSION_START or code is FINALIZE or code.co_name == "__del__":
             return True
         frame = frame.f_back
     return False

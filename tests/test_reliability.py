@@ -2239,72 +2239,114 @@ def test_a_worker_unwinding_ignores_a_second_sigterm(monkeypatch):
     assert executors._WORKER["stopping"]
 
 
-#: a program running the CLI (argv: its arguments) whose SIGTERM handler is called, as
-#: Python calls it, in importlib's callback that drops a module's lock, as the first
-#: import of the command finishes (no real signal lands there on cue: a few microseconds
-#: per import)
+#: a program running the CLI (argv: the signal's name, then its arguments) whose handler
+#: of that signal is called, as Python calls it, in importlib's callback that drops a
+#: module's lock, as the first import of the command finishes (no real signal lands
+#: there on cue: a few microseconds per import)
 _KILL_IN_THE_IMPORT_LOCK = """
 import importlib._bootstrap as b, signal, sys, types
 from loramix import cli
+SIG = signal.Signals[sys.argv[1]]
 cb = next(c for c in b._get_module_lock.__code__.co_consts if isinstance(c, types.CodeType) and c.co_name == "cb")
 def hook(frame, event, arg):
-    handler = signal.getsignal(signal.SIGTERM)
+    handler = signal.getsignal(SIG)
     if event == "call" and frame.f_code is cb and handler not in (signal.SIG_DFL, None):
         sys.setprofile(None)
-        handler(signal.SIGTERM, frame)
+        handler(SIG, frame)
 sys.setprofile(hook)
-sys.exit(cli.main(sys.argv[1:]))
+sys.exit(cli.main(sys.argv[2:]))
 """
 
+#: what each signal ends a command with: its exit status and its one line
+_STOPPED = {"SIGTERM": (143, ["loramix: terminated"]), "SIGINT": (130, ["loramix: interrupted"])}
 
-@pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="POSIX signals")
-def test_a_kill_landing_in_importlib_still_stops_the_run(world, tmp_path):
-    """A kill whose handler runs inside importlib (here the weakref callback
-    that drops a module's lock: a command's first import finishing) stops
-    the run as anywhere else: one line, 143, nothing written. The exception
-    was swallowed there (``Exception ignored in ... _get_module_lock``, the
-    flake of the SIGTERM tests under load) and ``sum`` went on to write its
-    output and exit 0."""
+
+def _stopped_sum(world, tmp_path, program: str, sig: str) -> None:
+    """``program`` (argv: ``sig``, then a ``sum``'s arguments) stops the sum as
+    ``sig`` anywhere else does: its one line, its exit status, nothing written."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     args = ["sum", "--no-progress", world["a"], "--into", world["gpt2"], "--out", out]
-    p = subprocess.run([sys.executable, "-c", _KILL_IN_THE_IMPORT_LOCK, *map(str, args)], capture_output=True,
-                       text=True, env=env, timeout=300)  # fmt: skip
-    assert (p.returncode, p.stderr.splitlines()) == (143, ["loramix: terminated"]), p.stderr
+    p = subprocess.run([sys.executable, "-c", program, sig, *map(str, args)], capture_output=True, text=True,
+                       env=env, timeout=300)  # fmt: skip
+    assert (p.returncode, p.stderr.splitlines()) == _STOPPED[sig], p.stderr
     assert leftovers(out) == []
 
 
-#: a program running the CLI (argv: its arguments) whose SIGTERM handler is called, as
-#: Python calls it, in the first numpy code to run: numpy's import, which torch's C
-#: start-up (``torch._C``) makes as a command first imports torch
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="POSIX signals")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_kill_landing_in_importlib_still_stops_the_run(world, tmp_path, sig):
+    """A kill or a Ctrl-C whose handler runs inside importlib (here the weakref
+    callback that drops a module's lock: a command's first import finishing)
+    stops the run as anywhere else: one line, 143 or 130, nothing written.
+    The exception was swallowed there (``Exception ignored in ...
+    _get_module_lock``, the flake of the SIGTERM tests under load) and ``sum``
+    went on to write its output and exit 0; for Ctrl-C (Python's own
+    handler) until it went through loramix.stopping as a kill does."""
+    _stopped_sum(world, tmp_path, _KILL_IN_THE_IMPORT_LOCK, sig)
+
+
+#: a program running the CLI (argv: the signal's name, then its arguments) whose handler
+#: of that signal is called, as Python calls it, in the first numpy code to run: numpy's
+#: import, which torch's C start-up (``torch._C``) makes as a command first imports torch
 _KILL_IN_NUMPY_UNDER_TORCH = """
 import signal, sys
 from loramix import cli
+SIG = signal.Signals[sys.argv[1]]
 def hook(frame, event, arg):
-    handler = signal.getsignal(signal.SIGTERM)
+    handler = signal.getsignal(SIG)
     if event == "call" and frame.f_globals.get("__name__", "").startswith("numpy") and callable(handler):
         sys.setprofile(None)
-        handler(signal.SIGTERM, frame)
+        handler(SIG, frame)
 sys.setprofile(hook)
-sys.exit(cli.main(sys.argv[1:]))
+sys.exit(cli.main(sys.argv[2:]))
 """
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="POSIX signals")
-def test_a_kill_during_a_c_extensions_start_is_raised_after_it(world, tmp_path):
-    """A kill landing in Python code that a C extension runs as it starts
-    (numpy's import, under ``torch._C``'s) stops the run once the start-up
-    is done: one line, 143, nothing written. Raised there, torch cleared
-    it and went on (``sum`` wrote its output, exit 0, nothing on stderr),
-    or numpy was left half made (an ImportError traceback, exit 1): 15 of
-    80 kills sent 0.3-1.1 s into a ``sum`` on a loaded machine."""
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = ["sum", "--no-progress", world["a"], "--into", world["gpt2"], "--out", out]
-    p = subprocess.run([sys.executable, "-c", _KILL_IN_NUMPY_UNDER_TORCH, *map(str, args)], capture_output=True,
-                       text=True, env=env, timeout=300)  # fmt: skip
-    assert (p.returncode, p.stderr.splitlines()) == (143, ["loramix: terminated"]), p.stderr
-    assert leftovers(out) == []
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_kill_during_a_c_extensions_start_is_raised_after_it(world, tmp_path, sig):
+    """A kill or a Ctrl-C landing in Python code that a C extension runs as it
+    starts (numpy's import, under ``torch._C``'s) stops the run once the
+    start-up is done: one line, 143 or 130, nothing written. Raised there,
+    torch cleared it and went on (``sum`` wrote its output, exit 0, nothing
+    on stderr), or numpy was left half made (an ImportError traceback, exit
+    1): 15 of 80 kills sent 0.3-1.1 s into a ``sum`` on a loaded machine."""
+    _stopped_sum(world, tmp_path, _KILL_IN_NUMPY_UNDER_TORCH, sig)
+
+
+#: a program running the CLI (argv: the signal's name, then its arguments) in which that
+#: signal, sent to itself, lands in a ``__del__`` (an object made and dropped as ``sum``
+#: parses its weights)
+_KILL_IN_A_FINALIZER = """
+import os, signal, sys
+import loramix.options as options
+from loramix import cli
+SIG = signal.Signals[sys.argv[1]]
+class Held:
+    def __del__(self):
+        os.kill(os.getpid(), SIG)
+        for _ in range(100000):  # the handler runs here, in the finalizer
+            pass
+parse_weights = options.parse_weights
+def parse(*args, **kw):
+    Held()  # collected at once
+    return parse_weights(*args, **kw)
+options.parse_weights = parse
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="POSIX signals")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_kill_landing_in_a_finalizer_still_stops_the_run(world, tmp_path, sig):
+    """A kill or a Ctrl-C that lands in a finalizer (a ``__del__``, a
+    ``weakref.finalize`` callback: the live training log's removal, a
+    progress bar's close) stops the run once the finalizer is done: one
+    line, 143 or 130, nothing written. Raised there, Python swallowed it
+    (``Exception ignored in ... __del__``) and ``sum`` wrote its output and
+    exited 0."""
+    _stopped_sum(world, tmp_path, _KILL_IN_A_FINALIZER, sig)
 
 
 def test_a_worker_killed_inside_importlib_unwinds_its_step(monkeypatch, tmp_path):
@@ -2372,6 +2414,26 @@ def test_a_kill_is_deferred_at_most_longest_seconds(monkeypatch):
     stopping._waiting_since[signal.SIGTERM] -= stopping.LONGEST_SECONDS + 1
     assert not stopping.deferred(signal.SIGTERM, frames[0]) and sent == [signal.SIGTERM]
     assert stopping._waiting_since == {}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
+def test_an_ignored_ctrl_c_stays_ignored(world, tmp_path):
+    """A command started with SIGINT ignored (``nohup``, a shell's ``&``
+    without job control) is not stopped by one: loramix takes Ctrl-C only
+    where Python's own handler had it, and the sum ends as usual."""
+    out = tmp_path / "out"
+    code = "\n".join([
+        "import os, signal, sys", "import loramix.options as options", "from loramix import cli",
+        "parse_weights = options.parse_weights",
+        "def parse(*args, **kw):", "    os.kill(os.getpid(), signal.SIGINT)  # as sum begins", "    return parse_weights(*args, **kw)",
+        "options.parse_weights = parse", "sys.exit(cli.main(sys.argv[1:]))",
+    ])  # fmt: skip
+    args = ["sum", "--no-progress", world["a"], "--into", world["gpt2"], "--out", out]
+    p = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    assert (out / SHARD).is_file()
 
 
 def test_errors_survive_pickling():

@@ -213,9 +213,16 @@ class Interrupted(BaseException):
 def _terminate(signum, frame):
     # A kill (SIGTERM: timeout, a job scheduler) unwinds like Ctrl-C, so outputs
     # and temporaries half made are removed, not left for the next run to find;
-    # not in importlib or a C extension's start-up, where it can be lost (loramix.stopping)
+    # not in importlib, a C extension's start-up or a finalizer, where it can be lost
+    # (loramix.stopping)
     if not deferred(signum, frame):
         raise Terminated
+
+
+def _interrupt(signum, frame):
+    # Ctrl-C: Python's own handler raises anywhere, and there it was lost the same way
+    if not deferred(signum, frame):
+        raise KeyboardInterrupt
 
 
 def _interrupted(e: BaseException) -> int:
@@ -241,15 +248,19 @@ def main(argv=None) -> int:
     import signal
     import threading
 
-    in_main = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    handlers = {}  # signal -> the handler before (None: not Python's, the default then)
+    if threading.current_thread() is threading.main_thread():
+        handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _terminate)
+        # only where Ctrl-C raises now: one ignored (a job started with `nohup` or `&`) stays so
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            handlers[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
     try:
         with warnings.catch_warnings():  # restores the caller's showwarning
             warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
             return _main(argv)
     finally:
-        if in_main:  # None: the handler was not Python's, the default then
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
+        for s, before in handlers.items():
+            signal.signal(s, signal.SIG_DFL if before is None else before)
 
 
 def _show_warning(shown_before, message, category, filename, lineno, file=None, line=None):
