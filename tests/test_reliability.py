@@ -2416,6 +2416,56 @@ def test_a_kill_is_deferred_at_most_longest_seconds(monkeypatch):
     assert stopping._waiting_since == {}
 
 
+def test_a_kill_in_a_ray_wait_landing_in_importlib_still_stops_the_run(tmp_path, monkeypatch):
+    """A kill while the run waits on Ray (:func:`_ray_blocking`, whose own
+    SIGTERM handler ends the wait) that lands inside importlib (the wait
+    importing a module, as Ray's client code does lazily) still ends the
+    wait, then goes to the handler it was meant for. Its handler raised
+    there with no deferral: the interrupt was swallowed, and the wait went
+    on as if never killed (to the end of the step: minutes). Ray itself is
+    not started: ``wait`` stands for ``ray.wait``, a call that blocks."""
+    import importlib._bootstrap as bootstrap
+    import types
+
+    from loramix.scenario.executors import _ray_blocking
+
+    cb = next(c for c in bootstrap._get_module_lock.__code__.co_consts
+              if isinstance(c, types.CodeType) and c.co_name == "cb")  # fmt: skip
+
+    class Stop(BaseException):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    def hook(frame, event, arg):
+        if event == "call" and frame.f_code is cb:
+            sys.setprofile(None)
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, frame)  # _ray_blocking's, as Python calls it
+
+    def wait():
+        sys.setprofile(hook)
+        try:
+            import lmx_fresh_ray_module  # noqa: F401
+        finally:
+            sys.setprofile(None)
+            sys.modules.pop("lmx_fresh_ray_module", None)
+        deadline = time.monotonic() + 10  # the tasks run on: the kill arrives here
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "waited to the end"
+
+    (tmp_path / "lmx_fresh_ray_module.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stop):
+            _ray_blocking(wait)
+        assert signal.getsignal(signal.SIGTERM) is stop
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
 def test_an_ignored_ctrl_c_stays_ignored(world, tmp_path):
     """A command started with SIGINT ignored (``nohup``, a shell's ``&``

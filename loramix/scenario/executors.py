@@ -461,7 +461,9 @@ def _ray_blocking(call: Callable, *args, **kwargs):
     Python's signal handlers while it waits but passes on only
     KeyboardInterrupt and SystemExit: the exception loramix's handler raised
     was left pending while Ray went on waiting, until a step finished
-    (minutes, or hours), then came out as a SystemError traceback, exit 1."""
+    (minutes, or hours), then came out as a SystemError traceback, exit 1.
+    Not raised in importlib's code, a C extension's start-up or a finalizer,
+    where it could be lost and the wait go on (:mod:`loramix.stopping`)."""
     import signal
     import threading
 
@@ -471,6 +473,8 @@ def _ray_blocking(call: Callable, *args, **kwargs):
     got: list = []
 
     def term(signum, frame):
+        if deferred(signum, frame):
+            return  # sent again shortly, to this handler or, the call over, to ``before``
         got.append(frame)
         raise KeyboardInterrupt  # what ends Ray's wait
 
@@ -564,12 +568,14 @@ class RayExecutor:
             import threading
 
             main = threading.current_thread() is threading.main_thread()
-            before = signal.getsignal(signal.SIGTERM) if main else None
+            before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
             self._init(ray)
             # ray.init installs its own SIGTERM handler (a stack dump, then abort: exit 134);
-            # give back loramix's, so a kill unwinds as in the other executors ("terminated", 143)
-            if main and callable(before):
-                signal.signal(signal.SIGTERM, before)
+            # give back loramix's, so a kill unwinds as in the other executors ("terminated", 143),
+            # and Ctrl-C's (which Ray 2.60 leaves alone; kept in case another version does not)
+            for s, handler in before.items():
+                if callable(handler):
+                    signal.signal(s, handler)
         per = threads_per_job(self.threads, self.jobs)
         gpu = 1 if str(ctx.device).startswith("cuda") else 0
         task = ray.remote(num_cpus=per, num_gpus=gpu, max_retries=0)(_ray_run)
