@@ -118,12 +118,13 @@ def init_seed(seed: int, data_inputs: list[dict]) -> int:
 
 class LiveLog:
     """``train_log.csv`` written as training goes, so a long run can be followed:
-    ``<out>.train_log.<pid>.csv`` beside the output (one per process, so two
-    runs racing for one ``--out`` never write or move each other's log), one
-    flushed row per step, moved into the output folder at the end
-    (:meth:`move_to`). If training fails the file is removed (when this
-    object is collected, or at exit); a log left by a killed process is
-    removed by the next run to the same ``out`` once that process is gone."""
+    ``<out>.train_log.<host hash>.<pid>.<start>.csv`` beside the output (one
+    per process, :func:`~loramix.io.outputs.owner_tag`, so two runs racing for
+    one ``--out`` never write or move each other's log), one flushed row per
+    step, moved into the output folder at the end (:meth:`move_to`). If
+    training fails the file is removed (when this object is collected, or at
+    exit); a log left by a killed process is removed by the next run to the
+    same ``out`` once that process is gone (:func:`_remove_dead_logs`)."""
 
     HEADER = ("step", "loss", "lr", "tokens", "seconds")
 
@@ -131,7 +132,9 @@ class LiveLog:
         self.out = out
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_logs(out)
-        self.path = out.parent / f"{_log_stem(out)}.train_log.{os.getpid()}.csv"
+        from .io.outputs import owner_tag
+
+        self.path = out.parent / f"{_log_stem(out)}.train_log.{owner_tag()}.csv"
         try:
             self.f = open(self.path, "w", newline="")
         except OSError as e:  # a read-only folder, say: named by the --out asked for, as sum's is
@@ -163,7 +166,8 @@ def _log_stem(out: Path) -> str:
     limit (255 bytes), its start and a hash of the whole name."""
     from .io.outputs import NAME_MAX
 
-    room = NAME_MAX - len(".train_log.") - 10 - len(".csv")  # a pid has at most 10 digits
+    # the owner tag: 8 hex, a pid (at most 10 digits), a start time (at most 20)
+    room = NAME_MAX - len(".train_log.") - 40 - len(".csv")
     raw = os.fsencode(out.name)
     if len(raw) <= room:
         return out.name
@@ -172,18 +176,21 @@ def _log_stem(out: Path) -> str:
 
 
 def _remove_dead_logs(out: Path) -> None:
-    """Remove ``<out>.train_log.<pid>.csv`` files whose process is gone (a killed run's)."""
-    stem = _log_stem(out)
+    """Remove the live logs beside ``out`` whose process is gone (a killed run's).
+
+    A log names its process by host, pid and start time (:class:`LiveLog`),
+    so a dead run's log goes even where a later process took its pid, and a
+    run on another host (a shared folder), whose pid means nothing here,
+    keeps its own. A
+    log of an older loramix, ``<out>.train_log.<pid>.csv``, names the pid
+    alone: judged by it, on this host, as it was then."""
+    from .io.outputs import owner_gone, owner_tag
+
+    stem, here = _log_stem(out), owner_tag().split(".")[0]
     for f in out.parent.glob(f"{glob.escape(stem)}.train_log.*.csv"):
-        pid = f.name[len(stem) + len(".train_log.") : -len(".csv")]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        tag = f.name[len(stem) + len(".train_log.") : -len(".csv")]
+        if owner_gone(f"{here}.{tag}.0" if tag.isdigit() else tag):
             f.unlink(missing_ok=True)
-        except PermissionError:
-            pass
 
 
 def _remove_file(f, path: Path) -> None:

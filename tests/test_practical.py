@@ -18,6 +18,7 @@ import torch
 from loramix.cli import main
 from loramix.cli.threads import threads_option
 from loramix.io.adapter_files import load_adapter
+from loramix.io.outputs import owner_tag
 from loramix.train import LiveLog, train_adapter
 
 from .factories import one_line_error, write_jsonl
@@ -105,7 +106,7 @@ def test_eval_uses_the_context_and_counts_cut_records(llama, tmp_path, capsys):
 
 def test_train_log_is_written_as_training_goes(llama, tmp_path):
     out = tmp_path / "ad"
-    live_path = tmp_path / f"ad.train_log.{os.getpid()}.csv"
+    live_path = tmp_path / f"ad.train_log.{owner_tag()}.csv"
     live = LiveLog(out)
     live.row(1, 2.5, 1e-3, 10, 0.5)
     with open(live_path) as f:  # readable while training still runs

@@ -2466,6 +2466,42 @@ def test_a_kill_in_a_ray_wait_landing_in_importlib_still_stops_the_run(tmp_path,
         signal.signal(signal.SIGTERM, before)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_live_log_names_its_process_beyond_its_pid(tmp_path):
+    """A training run's live log beside its output names its process by host,
+    pid and start time; the next run to that output removes only the logs of
+    processes that are gone. By the pid alone, a dead run's log whose pid a
+    later process took was kept for ever, and a live run's log was removed
+    by a run on another host sharing the folder (its pid unknown there). A log
+    of an older loramix (the pid alone) is still judged by its pid."""
+    from loramix.train import LiveLog
+
+    code = ("import sys, time; from pathlib import Path; from loramix.train import LiveLog; "
+            "log = LiveLog(Path(sys.argv[1])); print(log.path, flush=True); time.sleep(600)")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        live = Path(p.stdout.readline().strip())
+        host, pid, start = live.name.removeprefix("out.train_log.").removesuffix(".csv").split(".")
+        assert pid == str(p.pid)
+        dead = tmp_path / f"out.train_log.{host}.{pid}.{int(start) - 1}.csv"  # an earlier process's, that pid
+        old = tmp_path / f"out.train_log.{pid}.csv"  # an older loramix's: its pid alive
+        other = tmp_path / f"out.train_log.{'f' * 8}.{pid}.{start}.csv"  # another host's
+        for f in (dead, old, other):
+            f.write_text("step,loss\n")
+        mine = LiveLog(out)
+        assert live.exists() and old.exists() and other.exists() and not dead.exists()
+        p.kill()
+        p.wait()
+        again = LiveLog(out)  # this process's log again
+        assert not live.exists() and not old.exists() and other.exists()
+        assert {f.name for f in tmp_path.iterdir()} == {other.name, mine.path.name, again.path.name}
+    finally:
+        p.kill()
+        p.wait()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
 def test_an_ignored_ctrl_c_stays_ignored(world, tmp_path):
     """A command started with SIGINT ignored (``nohup``, a shell's ``&``
