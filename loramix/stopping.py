@@ -24,15 +24,22 @@ goes on as if never killed:
 * raised in a finalizer (a ``__del__``, a ``weakref.finalize`` callback: the
   live training log's removal, a progress bar's close), Python swallows it,
   printing ``Exception ignored in ...``, and the run goes on; the finalizer's
-  own work is cut short.
+  own work is cut short;
+* raised in a module's own code as it is imported, the handler may be run
+  by C++ code that the module calls (torch/distributed/__init__.py calls
+  ``torch._C._c10d_init()``, which checks for signals): pybind11 turns the
+  exception into a C++ one that cannot pass there, and the process aborts
+  ("terminate called after throwing an instance of
+  'pybind11::error_already_set'", exit -6): 1 in 30 Ctrl-Cs sent 0.8 s into
+  a ``merge`` (``benchmarks/bench_interrupt.py``).
 
 So a handler asks :func:`deferred` first: in any of these it returns at
 once, and the signal is sent again :data:`AGAIN_SECONDS` later by a thread
 (made pending at once, by ``_thread.interrupt_main``, it would run the
 handler again in :func:`deferred`'s own frame, and raise there after all).
-Elsewhere, a pure-Python module's code included (importlib undoes a failed
-import of one), or after :data:`LONGEST_SECONDS` of waiting, it raises as
-before.
+Elsewhere, in the functions a module's code calls as it is imported
+included (importlib undoes a failed import), or after
+:data:`LONGEST_SECONDS` of waiting, it raises as before.
 """
 
 from __future__ import annotations
@@ -76,12 +83,14 @@ def deferred(signum: int, frame) -> bool:
 
 
 def unsafe(frame) -> bool:
-    """Whether ``frame`` is importlib's own code, or it or one of its callers
-    is a C extension's start-up or a finalizer (an exception raised below
-    one ends there)."""
+    """Whether ``frame`` is importlib's own code or a module's own code run by
+    an import, or it or one of its callers is a C extension's start-up or a
+    finalizer (an exception raised below one ends there)."""
     if frame is None:
         return False
     if frame.f_globals.get("__name__") in IMPORTLIB:
+        return True
+    if frame.f_code.co_name == "<module>" and _importing(frame.f_back):
         return True
     while frame is not None:
         code = frame.f_code
@@ -89,6 +98,11 @@ def unsafe(frame) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _importing(frame) -> bool:
+    """Whether ``frame`` is importlib's, running a module's code."""
+    return frame is not None and frame.f_globals.get("__name__") in IMPORTLIB
 
 
 def _again(signum: int) -> None:

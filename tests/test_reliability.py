@@ -2416,6 +2416,30 @@ def test_a_kill_is_deferred_at_most_longest_seconds(monkeypatch):
     assert stopping._waiting_since == {}
 
 
+def test_a_kill_waits_while_a_modules_own_code_is_imported(tmp_path, monkeypatch):
+    """A signal whose handler runs while a module's own code is being imported
+    waits (its C++ calls may run the handler: torch/distributed/__init__.py's
+    ``torch._C._c10d_init()`` did, and the KeyboardInterrupt became a C++
+    exception that aborted the process, exit -6, 1 in 30 Ctrl-Cs sent 0.8 s
+    into a merge, benchmarks/bench_interrupt.py); the functions that code
+    calls, and module code not run by an import (a script's), do not."""
+    from loramix import stopping
+
+    code = "import sys\nfrom loramix.stopping import unsafe\nHERE = unsafe(sys._getframe())\n"
+    code += "def f():\n    return unsafe(sys._getframe())\nCALLED = f()\n"
+    (tmp_path / "lmx_module_code.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        import lmx_module_code as m
+    finally:
+        sys.modules.pop("lmx_module_code", None)
+    assert (m.HERE, m.CALLED) == (True, False)
+    script: dict = {}
+    exec(compile(code, "script.py", "exec"), script)
+    assert (script["HERE"], script["CALLED"]) == (False, False)
+    assert not stopping.unsafe(sys._getframe())
+
+
 def test_a_kill_in_a_ray_wait_landing_in_importlib_still_stops_the_run(tmp_path, monkeypatch):
     """A kill while the run waits on Ray (:func:`_ray_blocking`, whose own
     SIGTERM handler ends the wait) that lands inside importlib (the wait
