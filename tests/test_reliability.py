@@ -2349,6 +2349,23 @@ def test_a_kill_landing_in_a_finalizer_still_stops_the_run(world, tmp_path, sig)
     _stopped_sum(world, tmp_path, _KILL_IN_A_FINALIZER, sig)
 
 
+def _import_then_wait(hook, module: str, seconds: float) -> None:
+    """Import the fresh ``module`` under the profile ``hook`` (which sends the
+    signal from inside importlib), then go on for ``seconds``: where the
+    deferred signal must arrive."""
+    import importlib
+
+    sys.setprofile(hook)
+    try:
+        importlib.import_module(module)
+    finally:
+        sys.setprofile(None)
+        sys.modules.pop(module, None)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_a_worker_killed_inside_importlib_unwinds_its_step(monkeypatch, tmp_path):
     """A worker's SIGTERM within a step whose handler runs inside importlib
     (the module-lock callback of an import the step makes) unwinds the step
@@ -2375,15 +2392,7 @@ def test_a_worker_killed_inside_importlib_unwinds_its_step(monkeypatch, tmp_path
     before = signal.signal(signal.SIGTERM, executors._worker_terminated)
     try:
         with pytest.raises(KeyboardInterrupt):
-            sys.setprofile(hook)
-            try:
-                import lmx_fresh_module  # noqa: F401
-            finally:
-                sys.setprofile(None)
-                sys.modules.pop("lmx_fresh_module", None)
-            deadline = time.monotonic() + 30  # the step goes on: the interrupt arrives here
-            while time.monotonic() < deadline:
-                time.sleep(0.01)
+            _import_then_wait(hook, "lmx_fresh_module", 30)  # the step goes on: the interrupt arrives then
     finally:
         signal.signal(signal.SIGTERM, before)
     assert executors._WORKER["stopping"]
@@ -2468,15 +2477,7 @@ def test_a_kill_in_a_ray_wait_landing_in_importlib_still_stops_the_run(tmp_path,
             signal.getsignal(signal.SIGTERM)(signal.SIGTERM, frame)  # _ray_blocking's, as Python calls it
 
     def wait():
-        sys.setprofile(hook)
-        try:
-            import lmx_fresh_ray_module  # noqa: F401
-        finally:
-            sys.setprofile(None)
-            sys.modules.pop("lmx_fresh_ray_module", None)
-        deadline = time.monotonic() + 10  # the tasks run on: the kill arrives here
-        while time.monotonic() < deadline:
-            time.sleep(0.01)
+        _import_then_wait(hook, "lmx_fresh_ray_module", 10)  # the tasks run on: the kill arrives then
         return "waited to the end"
 
     (tmp_path / "lmx_fresh_ray_module.py").write_text("X = 1\n")
