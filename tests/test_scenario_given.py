@@ -147,6 +147,36 @@ def test_a_study_of_given_peft_adapters(given, tmp_path, capsys):
         assert (r["status"] == "miss") == reads, r
 
 
+def test_given_adapters_with_predictors_and_plan(given, tmp_path):
+    """``[predictors]`` (the retention target, calibrated on each domain's
+    ``train`` records, not trained on) and ``[plan]`` on given adapters: the
+    features, the leave-one-domain-out validation and the plan against random
+    groupings all run, and the report has their sections; nothing is trained."""
+    from loramix.scenario.runner import run_scenario
+
+    root, base, ads = given
+    ads = {**ads, "sort": _train_peft(base, tmp_path / "peft-sort", "sort", 3)}
+    text = f'name = "given-plan"\n\n[base]\npath = "{base}"\n'
+    for d, p in ads.items():
+        text += f'\n[domains.{d}]\ndata = "synthetic:{d}"\ntrain = 8\neval = 8\nadapter = "{p}"\n'
+    text += ('\n[merge]\nmethods = ["sum", "ties"]\nties = { density = 0.5 }\n\n[eval]\nbatch = 8\nmax_len = 48\n'
+             '\n[predictors]\ntokens = 32\nmax_len = 32\ntarget = "retention"\n'
+             '\n[plan]\nmax_size = 2\nbudget = 100\nrandom = 3\nmethods = ["sum"]\n')  # fmt: skip
+    scen = tmp_path / "given-plan.toml"
+    scen.write_text(text)
+    report = tmp_path / "report"
+    rep = run_scenario(scen, out=report, cache_dir=tmp_path / "cache", device="cpu", progress=False)
+    kinds = {r["kind"] for r in _log(report)}
+    assert "adapter" not in kinds and "features" in kinds, kinds  # the plan's merges: merge and eval steps
+    md = (report / "report.md").read_text()
+    assert "## Which adapters compose?" in md
+    assert rep["validations"] and (report / "validation.csv").is_file()
+    assert rep["plan_validation"]["by_method"], rep["plan_validation"]
+    assert (
+        report / "plan_validation.csv"
+    ).is_file() and "## Does `loramix plan` beat random groupings?" in md
+
+
 def _check_args(tmp_path: Path, base: Path, ads: dict, over: dict | None = None, extra: str = "") -> list:
     return ["scenario", "check", _scenario(tmp_path, base, {**ads, **(over or {})}, extra)]
 
