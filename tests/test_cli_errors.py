@@ -119,6 +119,28 @@ def test_a_named_peft_adapter_is_pointed_to_in_its_subfolder(capsys, tmp_path):
     assert main(["inspect", str(sub)]) == 0 and "transformer.h.0.attn.c_attn" in capsys.readouterr().out
 
 
+def test_a_trainers_output_dir_points_to_its_last_checkpoint(capsys, tmp_path):
+    """A transformers Trainer's ``output_dir`` holds ``checkpoint-N``
+    subfolders, each an adapter: it was called 'a named adapter' PEFT saved
+    and listed in string order (``checkpoint-10`` before ``checkpoint-5``)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    pm = get_peft_model(tiny_gpt2(n_layer=1), cfg)
+    run = tmp_path / "run"
+    for step in (5, 10):
+        pm.save_pretrained(str(run / f"checkpoint-{step}"))
+    for argv in (["inspect", run], ["sum", run, run / "checkpoint-5", "--out", tmp_path / "o"]):
+        run_error(
+            capsys,
+            [str(a) for a in argv],
+            f"{run}: not an adapter folder: no {CONFIG}",
+            f"it holds 2 training checkpoint(s) (a Trainer's output_dir): pass one, e.g. the last, "
+            f"{run / 'checkpoint-10'}",
+        )
+    assert not (tmp_path / "o").exists()
+
+
 def test_config_without_weights(capsys, bad):
     (bad / WEIGHTS).unlink()
     run_error(capsys, ["inspect", str(bad)], bad, f"no {WEIGHTS}")

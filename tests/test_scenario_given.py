@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,9 @@ def test_given_adapters_refused_in_one_line(given, tmp_path, capsys):
     dora = make_peft_adapter(_load(base), tmp_path / "dora", use_dora=True, r=2, target_modules=TARGETS)
     narrow = make_peft_adapter(tiny_gpt2(n_embd=32), tmp_path / "narrow", r=2)
     llama = make_peft_adapter(tiny_llama(), tmp_path / "llama", r=2)
+    run = tmp_path / "run"  # a Trainer's output_dir: an adapter per checkpoint-N, none at its top
+    for step in (5, 10):
+        shutil.copytree(ads["units"], run / f"checkpoint-{step}")
     capsys.readouterr()  # transformers' loading bars
     cases = [
         ({"over": {"dates": None}}, "domains.dates.adapter", "every domain its adapter or none"),
@@ -195,6 +199,7 @@ def test_given_adapters_refused_in_one_line(given, tmp_path, capsys):
         ({"over": {"units": narrow}}, "domains.units.adapter", f"{narrow} does not fit the base"),
         ({"over": {"units": llama}}, "domains.units.adapter", f"{llama} does not fit the base"),
         ({"over": {"units": tmp_path / "nowhere"}}, "domains.units.adapter", "no such adapter folder"),
+        ({"over": {"units": run}}, "domains.units.adapter", f"e.g. the last, {run / 'checkpoint-10'}"),
         ({"extra": "seeds = [0, 1]"}, "seeds", "one seed"),
         ({"extra": 'merged_data = "all"'}, "merged_data", "unknown"),
     ]

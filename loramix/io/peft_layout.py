@@ -136,13 +136,22 @@ def _named_inside(p: Path) -> str:
     """A hint for a folder PEFT's ``save_pretrained`` wrote an adapter with a
     name other than ``default`` into: such an adapter is saved in a subfolder
     of that name (``p/NAME/adapter_config.json``), as PEFT loads it back
-    (``subfolder=NAME``); loramix reads the subfolder, so name it."""
+    (``subfolder=NAME``); loramix reads the subfolder, so name it. A
+    Trainer's ``output_dir`` holds ``checkpoint-N`` subfolders instead, each
+    the adapter at step N: the hint names the last, not a list in string
+    order (which puts ``checkpoint-10`` before ``checkpoint-5``)."""
     try:
         subs = sorted(d.name for d in p.iterdir() if (d / CONFIG_NAME).is_file())
     except OSError:
         return ""
     if not subs:
         return ""
+    steps = {s: int(s.rpartition("-")[2]) for s in subs if re.fullmatch(r"checkpoint-\d+", s)}
+    if steps:
+        # a Trainer's output_dir: its checkpoint-N folders hold the adapter at step N, the last usually wanted
+        last = max(steps, key=steps.__getitem__)
+        return (f"; it holds {len(steps)} training checkpoint(s) (a Trainer's output_dir): pass one, "
+                f"e.g. the last, {p / last}")  # fmt: skip
     shown = ", ".join(str(p / s) for s in subs[:3]) + (f" and {len(subs) - 3} more" if len(subs) > 3 else "")
     return f"; PEFT saved a named adapter in a subfolder: pass {shown}"
 
