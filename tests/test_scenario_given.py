@@ -110,6 +110,8 @@ def test_a_study_of_given_peft_adapters(given, tmp_path, capsys):
     md = (report / "report.md").read_text()
     assert "## Which adapters compose?" in md and "trained elsewhere" in md
     assert "merged-data training" not in md and "Δppl % by merge method" not in md
+    # nothing trained: no training seed is named (one adapter per domain)
+    assert "first seed" not in md and "mean over seeds" not in md and "- Seed:" not in md
     assert (report / "composability.csv").is_file() and not (report / "fit.json").exists()
     assert {r["kind"] for r in _log(report)} == {"data", "eval", "merge"}  # no adapter made, none cached
 

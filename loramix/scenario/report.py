@@ -265,7 +265,8 @@ def _section_setup(report: dict, v: _View) -> list[str]:
     if given_adapters(sc):
         L.append(f"- Adapters: {', '.join(ad['methods'])}, given (trained elsewhere): "
                  + ", ".join(f"{d} `{p}`" for d, p in ad["given"].items()))  # fmt: skip
-        L.append(f"- Seed: {seeds[0]} (one adapter per domain, given; data split seed {sc['data_seed']})")
+        L.append(f"- Eval splits drawn with data seed {sc['data_seed']} (no training seed: one adapter per "
+                 "domain, given)")  # fmt: skip
     else:
         L += _recipe_lines(ad, seeds, sc)
     merges = ", ".join(f"`{m}`" + (f" ({', '.join(f'{k}={v}' for k, v in p.items())})" if p else "")
@@ -363,9 +364,10 @@ def _per_domain(report: dict, v: _View) -> list[str]:
     L: list[str] = []
     L.append("## Per composition and domain")
     L.append("")
-    L.append("Perplexity on each eval split (first seed"
-             + (f" {seeds[0]}" if nseed > 1 else "") + "): the base, each domain's own adapter, "
-             + ("" if given_adapters(sc) else "the merged-data adapter ") + "and each merge of the composition.")  # fmt: skip
+    given = given_adapters(sc)  # one adapter per domain, none trained: no seeds to choose from
+    L.append("Perplexity on each eval split" + ("" if given else " (first seed"
+             + (f" {seeds[0]}" if nseed > 1 else "") + ")") + ": the base, each domain's own adapter, "
+             + ("" if given else "the merged-data adapter ") + "and each merge of the composition.")  # fmt: skip
     L.append("")
     if not evals.empty:
         ev0 = evals[evals["seed"] == seeds[0]]
@@ -513,7 +515,7 @@ def _section_similarity(report: dict, v: _View) -> list[str]:
     for sim in report["similarity_mean"]:
         names = sim["names"]
         rows = [[n] + [_f(v, 4) for v in row] for n, row in zip(names, sim["rms"])]
-        L.append(f"RMS cosine, {sim['adapter_method']} (mean over seeds; "
+        L.append(f"RMS cosine, {sim['adapter_method']} ({'' if given_adapters(v.sc) else 'mean over seeds; '}"
                  f"{'signed residual' if _kinds([sim['adapter_method']])[0].needs_base else 'delta B·A'}):")  # fmt: skip
         L.append("")
         L.append(_table(["", *names], rows))
