@@ -207,6 +207,13 @@ def test_given_adapters_refused_in_one_line(given, tmp_path, capsys):
     ]
     for kw, key, needle in cases:
         one_line_error(capsys, _check_args(tmp_path, base, ads, **kw), f"{scen}: {key}", needle)
+    # a held-out file smaller than eval: the key written (eval), not train, which a given study has none of
+    small = tmp_path / "dates.jsonl"
+    small.write_text("".join(f'{{"question": "q{i}", "answer": "a{i}"}}\n' for i in range(3)))
+    scen = _scenario(tmp_path, base, ads)
+    scen.write_text(scen.read_text().replace('data = "synthetic:dates"', f'data = "{small}"'))
+    one_line_error(capsys, ["scenario", "check", str(scen)], f"{scen}: domains.dates.eval",
+                   f"{small} has 3 records, fewer than eval=8")  # fmt: skip
 
 
 def _load(base: Path):

@@ -99,8 +99,12 @@ def prepare_data(sc: Scenario) -> dict[str, DomainData]:
         except LoramixError as e:
             raise ScenarioError(f"{sc.path}: domains.{name}.data", e.message) from None
         if len(recs) < d.train + d.eval:
-            raise ScenarioError(f"{sc.path}: domains.{name}.train",
-                                f"{d.data} has {len(recs)} records, fewer than train={d.train} + eval={d.eval}")  # fmt: skip
+            # with a given adapter and no train key, eval alone is too large: name the key the user wrote
+            key, want = (
+                ("train", f"train={d.train} + eval={d.eval}") if d.train else ("eval", f"eval={d.eval}")
+            )
+            raise ScenarioError(f"{sc.path}: domains.{name}.{key}",
+                                f"{d.data} has {len(recs)} records, fewer than {want}")  # fmt: skip
         if len(recs) == d.eval and d.train == 0:
             # given adapters, no calibration: every record is eval's, in order, as the split
             # would keep them (it refuses to leave no training record)
