@@ -207,6 +207,9 @@ def test_given_adapters_refused_in_one_line(given, tmp_path, capsys):
     ]
     for kw, key, needle in cases:
         one_line_error(capsys, _check_args(tmp_path, base, ads, **kw), f"{scen}: {key}", needle)
+    # an adapter folder given as the base: said so
+    one_line_error(capsys, ["scenario", "check", str(_scenario(tmp_path, ads["arith"], ads))],
+                   f"{scen}: base.path", "it holds an adapter (adapter_config.json), not its base")  # fmt: skip
     # a held-out file smaller than eval: the key written (eval), not train, which a given study has none of
     small = tmp_path / "dates.jsonl"
     small.write_text("".join(f'{{"question": "q{i}", "answer": "a{i}"}}\n' for i in range(3)))

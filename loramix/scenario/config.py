@@ -600,7 +600,13 @@ def _parse_base(ctx, t, env, used) -> BaseSpec:
         if not p.is_dir():
             raise ctx.error("base.path", f"no such model folder: {p}{_var_hint(raw, 'LORAMIX_MODELS', 'it')}")
         if not (p / "config.json").exists():
-            raise ctx.error("base.path", f"{p} is not a Hugging Face model folder (no config.json)")
+            # an adapter folder given as the base (the two paths swapped): say what it holds
+            held = (
+                "; it holds an adapter (adapter_config.json), not its base"
+                if (p / "adapter_config.json").exists()
+                else ""
+            )
+            raise ctx.error("base.path", f"{p} is not a Hugging Face model folder (no config.json){held}")
         return BaseSpec(path=p)
     b = t["build"]
     if not isinstance(b, dict):
