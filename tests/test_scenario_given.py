@@ -110,6 +110,7 @@ def test_a_study_of_given_peft_adapters(given, tmp_path, capsys):
     md = (report / "report.md").read_text()
     assert "## Which adapters compose?" in md and "trained elsewhere" in md
     assert "merged-data training" not in md and "Δppl % by merge method" not in md
+    assert "Modules in common" not in md  # the three adapt the same modules
     # nothing trained: no training seed is named (one adapter per domain)
     assert "first seed" not in md and "mean over seeds" not in md and "- Seed:" not in md
     assert (report / "composability.csv").is_file() and not (report / "fit.json").exists()
@@ -275,3 +276,23 @@ def test_a_loramix_json_without_provenance_is_no_base_to_compare(given, tmp_path
         scen = _scenario(tmp_path, base, {**ads, name: copy})
         assert main(["scenario", "check", str(scen), "--cache", str(tmp_path / "cache")]) == 0
         assert "warning" not in capsys.readouterr().err
+
+
+def test_adapters_on_other_modules_are_noted_by_the_similarity(given, tmp_path):
+    """An adapter that adapts other modules than the rest (another PEFT
+    ``target_modules``): its pairs' cosines are over the modules in common,
+    which the similarity section says, naming the pairs and their coverage.
+    It said nothing (a cosine over a quarter of the modules read as any other)."""
+    from loramix.scenario.runner import run_scenario
+
+    _, base, ads = given
+    attn = make_peft_adapter(_load(base), tmp_path / "attn", r=2, target_modules=["c_attn"])
+    report = tmp_path / "report"
+    rep = run_scenario(_scenario(tmp_path, base, {**ads, "dates": attn}), out=report, cache_dir=tmp_path / "cache",
+                       device="cpu", progress=False)  # fmt: skip
+    cov = rep["similarity"][0]["coverage"]
+    line = next(
+        x for x in (report / "report.md").read_text().splitlines() if x.startswith("Modules in common")
+    )
+    assert f"arith+dates {cov[0][2]:.2f}, units+dates {cov[1][2]:.2f}." in line and "arith+units" not in line
+    assert 0 < cov[0][2] < 1 and cov[0][1] == 1

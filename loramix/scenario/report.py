@@ -520,11 +520,31 @@ def _section_similarity(report: dict, v: _View) -> list[str]:
         L.append("")
         L.append(_table(["", *names], rows))
         L.append("")
+        L += _partial_coverage(report, sim["adapter_method"])
         L.append(f"![similarity {sim['adapter_method']}]({similarity_png(sim['adapter_method'])})")
         L.append("")
     L.append("![cosine by layer](cosine_by_layer.png)")
     L.append("")
     return L
+
+
+def _partial_coverage(report: dict, method: str) -> list[str]:
+    """A note where two adapters of ``method`` adapt different module sets
+    (given adapters with other ``target_modules`` or layers): a pair's cosine
+    is over the modules both adapt, so it says nothing of the others'. Each
+    such pair with its coverage ``|M_i & M_j| / |M_i | M_j|`` (first seed:
+    the sets are the recipe's, the same for every seed of a trained study)."""
+    sim = next((s for s in report["similarity"] if s["adapter_method"] == method and s.get("coverage")), None)
+    if sim is None:
+        return []
+    names, cov = sim["names"], sim["coverage"]
+    part = [f"{names[i]}+{names[j]} {cov[i][j]:.2f}" for i in range(len(names)) for j in range(i + 1, len(names))
+            if cov[i][j] < 1]  # fmt: skip
+    if not part:
+        return []
+    return [f"Modules in common: a cosine is over the modules both adapters adapt; these pairs adapt different "
+            f"modules (shared / all adapted): {', '.join(part)}. The modules only one of them adapts are in "
+            "no cosine, but in every merge.", ""]  # fmt: skip
 
 
 def _section_timings(report: dict, v: _View) -> list[str]:
