@@ -115,6 +115,10 @@ def test_a_study_of_given_peft_adapters(given, tmp_path, capsys):
     assert "first seed" not in md and "mean over seeds" not in md and "- Seed:" not in md
     assert (report / "composability.csv").is_file() and not (report / "fit.json").exists()
     assert {r["kind"] for r in _log(report)} == {"data", "eval", "merge"}  # no adapter made, none cached
+    # a fresh cache: every step made (no empty training splits, one file for all domains, read as hits)
+    assert {r["status"] for r in _log(report)} == {"miss"} and not any(
+        r["label"].endswith("/train") for r in _log(report)
+    )
 
     with open(report / "evaluations.csv") as f:
         rows = {(r["model"], r["domain"]): float(r["ppl"]) for r in csv.DictReader(f)}
