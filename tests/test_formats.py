@@ -67,6 +67,11 @@ def test_pickled_peft_adapter_is_named(tmp_path, capsys):
         capsys, ["inspect", str(d)], "pickled PEFT adapter", "adapter_model.bin", "not supported"
     )
     assert "no adapter_config.json" not in line
+    # the reason right after "not supported" (it read "...: save it as safetensors: not supported; ...")
+    assert (
+        "adapter_model.bin): not supported, loramix never unpickles (it can run code): save it as "
+        "safetensors; loramix reads PEFT LoRA folders" in line
+    ), line
     run_error(capsys, ["inspect", str(d / "adapter_model.bin")], "pickled PEFT adapter")
 
 

@@ -44,12 +44,16 @@ def _kind_of_keys(keys: list[str], file_name: str) -> str | None:
     return None
 
 
+#: why a pickle is refused, said right after "not supported"
+_PICKLE_WHY = ", loramix never unpickles (it can run code): save it as safetensors"
+
+
 def _file_format(p: Path) -> str | None:
     if p.suffix in PICKLE_SUFFIXES:
         what = "a pickled PEFT adapter" if p.name == "adapter_model.bin" else "a pickled checkpoint"
         if p.name in DIFFUSERS_NAMES:
             what = "a pickled diffusers LoRA"
-        return f"{what} ({p.name}); loramix never unpickles (it can run code): save it as safetensors"
+        return f"{what} ({p.name})"
     if p.suffix == ".safetensors":
         try:
             header, _ = read_safetensors_header(p, AdapterError)
@@ -74,10 +78,16 @@ def name_unsupported(path: str | Path) -> str | None:
         for f in files:
             what = _file_format(f)
             if what is not None:
-                return f"holds {what}: not supported; {_HINT}"
+                return f"holds {what}: not supported{_why(f)}; {_HINT}"
         return None
     if p.is_file() and (p.suffix in PICKLE_SUFFIXES or not (p.parent / "adapter_config.json").exists()):
         what = _file_format(p)
         if what is not None:
-            return f"is {what}: not supported; {_HINT}"
+            return f"is {what}: not supported{_why(p)}; {_HINT}"
     return None
+
+
+def _why(p: Path) -> str:
+    # a pickle's reason beside "not supported": after the format's name it read
+    # "...; loramix never unpickles ...: save it as safetensors: not supported; ..."
+    return _PICKLE_WHY if p.suffix in PICKLE_SUFFIXES else ""
