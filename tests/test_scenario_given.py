@@ -185,6 +185,57 @@ def test_given_adapters_with_predictors_and_plan(given, tmp_path):
     ).is_file() and "## Does `loramix plan` beat random groupings?" in md
 
 
+def test_the_records_an_adapter_was_trained_on_are_left_out_of_its_eval_split(given, tmp_path, capsys):
+    """``domains.NAME.trained_on``: every record of ``data`` equal to one the
+    adapter was trained on (white space runs as one space) is left out before
+    the eval split is drawn; the check, report.json and the setup table count
+    them; too few left is refused naming ``eval``; without ``adapter`` refused."""
+    import json
+
+    from loramix.data import load_records
+    from loramix.scenario.config import load_scenario
+    from loramix.scenario.plan import prepare_data
+    from loramix.scenario.runner import run_scenario
+
+    _, base, ads = given
+    recs = [{"question": r.question, "answer": r.answer} for r in load_records("synthetic:arith?n=20&seed=3")]
+    assert len({(r["question"], r["answer"]) for r in recs}) == 20
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    seen = [
+        dict(r, question=r["question"].replace(" ", "  ") + " ") for r in recs[:5]
+    ]  # re-wrapped white space
+    (tmp_path / "seen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in seen))
+
+    def scenario(eval_n: int, trained_on: bool = True, adapter: bool = True) -> Path:
+        text = f'name = "left"\n\n[base]\npath = "{base}"\n'
+        for d in DOMAINS:
+            data = f"{tmp_path / 'all.jsonl'}" if d == "arith" else f"synthetic:{d}"
+            text += f'\n[domains.{d}]\ndata = "{data}"\neval = {eval_n if d == "arith" else 8}\n'
+            text += f'adapter = "{ads[d]}"\n' if adapter else "train = 8\n"
+            if d == "arith" and trained_on:
+                text += f'trained_on = "{tmp_path / "seen.jsonl"}"\n'
+        path = tmp_path / "left.toml"
+        path.write_text(text + "\n[eval]\nbatch = 8\nmax_len = 48\n")
+        return path
+
+    data = prepare_data(load_scenario(scenario(15)))["arith"]
+    assert data.left_out == 5 and len(data.eval) == 15
+    assert {r.question for r in data.eval} == {r["question"] for r in recs[5:]}
+    assert main(["scenario", "check", str(scenario(15)), "--cache", str(tmp_path / "cache")]) == 0
+    assert "(eval 15, 5 left out as trained on)" in capsys.readouterr().out
+    rep = run_scenario(scenario(15), out=tmp_path / "report", cache_dir=tmp_path / "cache", device="cpu",
+                       progress=False)  # fmt: skip
+    assert rep["domains"]["arith"]["left_out"] == 5 and "left_out" not in rep["domains"]["units"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| domain | data | eval | eval tokens | left out (trained on) |" in md
+    line = one_line_error(capsys, ["scenario", "check", str(scenario(16))])
+    assert "domains.arith.eval" in line and "15 records once the 5 it was trained on are left out" in line, (
+        line
+    )
+    line = one_line_error(capsys, ["scenario", "check", str(scenario(8, adapter=False))])
+    assert "domains.arith.trained_on" in line and "only with adapter" in line, line
+
+
 def _check_args(tmp_path: Path, base: Path, ads: dict, over: dict | None = None, extra: str = "") -> list:
     return ["scenario", "check", _scenario(tmp_path, base, {**ads, **(over or {})}, extra)]
 

@@ -127,6 +127,9 @@ class DomainSpec:
     overlap: float | None = key("float", bound="unit", doc_default="—",
                                 help="synthetic only: share this fraction of templates ...")  # fmt: skip
     overlap_with: str | None = key("str", doc_default="—", help="... with this built-in domain")
+    trained_on: str | None = key("str", doc_default="—",
+                                 help="with `adapter`: the records it was trained on (a file or spec as `data`, the same "
+                                 "fields), left out of the eval split")  # fmt: skip
     adapter: Path | None = key("str", doc_default="— (trained here)",
                                help="an adapter trained elsewhere, studied instead of training one: a local PEFT LoRA / "
                                "rsLoRA / DoRA or loramix D2-LoRA folder; in every domain or none (Adapters trained elsewhere, below)")  # fmt: skip
@@ -644,6 +647,15 @@ def _parse_domain(ctx, name, t, env, used, synth_names) -> DomainSpec:
         v["train"] = v["train"] or 0  # nothing is trained: records only [predictors]' calibration reads
     elif v["train"] is None:
         raise ctx.error(f"{where}.train", "missing (required)")
+    if v["trained_on"] is not None:
+        if v["adapter"] is None:
+            raise ctx.error(f"{where}.trained_on", "only with adapter: a study that trains draws its train and eval "
+                            "splits apart itself")  # fmt: skip
+        if not v["trained_on"].startswith("synthetic:"):
+            p = _resolve_path(ctx, v["trained_on"], f"{where}.trained_on", env, used)
+            if not p.is_file():
+                raise ctx.error(f"{where}.trained_on", f"no such data file: {p}")
+            v["trained_on"] = str(p)
     raw, train, ev, overlap, overlap_with = v["data"], v["train"], v["eval"], v["overlap"], v["overlap_with"]
     if raw.startswith("synthetic:"):
         from ..data import parse_synthetic_spec

@@ -74,6 +74,7 @@ class DomainData:
     train_text: str
     eval_text: str
     source_sha256: str | None
+    left_out: int = 0  # records left out as the given adapter's training records (domains.NAME.trained_on)
 
     @property
     def sha256_train(self) -> str:
@@ -93,18 +94,29 @@ def prepare_data(sc: Scenario) -> dict[str, DomainData]:
 
     out = {}
     for name, d in sc.domains.items():
+        fields = dict(
+            question_field=d.question_field, answer_field=d.answer_field, context_field=d.context_field
+        )
         try:
-            recs = load_records(d.data, question_field=d.question_field, answer_field=d.answer_field,
-                                context_field=d.context_field)  # fmt: skip
+            recs = load_records(d.data, **fields)
         except LoramixError as e:
             raise ScenarioError(f"{sc.path}: domains.{name}.data", e.message) from None
+        left = 0
+        if d.trained_on is not None:
+            try:
+                seen = {_record_key(r) for r in load_records(d.trained_on, **fields)}
+            except LoramixError as e:
+                raise ScenarioError(f"{sc.path}: domains.{name}.trained_on", e.message) from None
+            kept = [r for r in recs if _record_key(r) not in seen]
+            left, recs = len(recs) - len(kept), kept
         if len(recs) < d.train + d.eval:
             # with a given adapter and no train key, eval alone is too large: name the key the user wrote
             key, want = (
                 ("train", f"train={d.train} + eval={d.eval}") if d.train else ("eval", f"eval={d.eval}")
             )
+            gone = f" once the {left} it was trained on are left out" if left else ""
             raise ScenarioError(f"{sc.path}: domains.{name}.{key}",
-                                f"{d.data} has {len(recs)} records, fewer than {want}")  # fmt: skip
+                                f"{d.data} has {len(recs)} records{gone}, fewer than {want}")  # fmt: skip
         if len(recs) == d.eval and d.train == 0:
             # given adapters, no calibration: every record is eval's, in order, as the split
             # would keep them (it refuses to leave no training record)
@@ -115,8 +127,15 @@ def prepare_data(sc: Scenario) -> dict[str, DomainData]:
         random.Random(sc.data_seed + 1).shuffle(idx)
         train = [train_all[i] for i in sorted(idx[: d.train])]
         src = None if d.synthetic else file_sha256(d.data)
-        out[name] = DomainData(name, train, ev, _records_jsonl(train), _records_jsonl(ev), src)
+        out[name] = DomainData(name, train, ev, _records_jsonl(train), _records_jsonl(ev), src, left)
     return out
+
+
+def _record_key(r) -> tuple[str, str, str]:
+    """A record as compared with a given adapter's training records: its
+    question, answer and context, each with runs of white space made one space
+    (an export that re-wrapped a line is the same record)."""
+    return tuple(" ".join((x or "").split()) for x in (r.question, r.answer, r.context))
 
 
 def _word_counts(records) -> dict[str, int]:

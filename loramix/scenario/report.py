@@ -281,11 +281,15 @@ def _section_setup(report: dict, v: _View) -> list[str]:
     rows = []
     # given adapters: no training split (a train count is [predictors]' calibration records only)
     train = not given_adapters(sc) or any(d["train"] for d in report["domains"].values())
+    # domains.NAME.trained_on: the records each adapter was trained on, left out of its eval pool
+    left = any("left_out" in d for d in report["domains"].values())
     for name, d in report["domains"].items():
         rows.append([name, f"`{d['data']}`", *([str(d["train"])] if train else []), str(d["eval"]),
-                     str(d.get("eval_tokens", "—")), *([d["sha256_train"][:12]] if train else [])])  # fmt: skip
-    head = ["domain", "data", "train", "eval", "eval tokens", "train sha256"]
-    L.append(_table([h for h in head if train or "train" not in h], rows))
+                     str(d.get("eval_tokens", "—")), *([str(d.get("left_out", "—"))] if left else []),
+                     *([d["sha256_train"][:12]] if train else [])])  # fmt: skip
+    head = ["domain", "data", "train", "eval", "eval tokens", "left out (trained on)", "train sha256"]
+    drop = ({"train", "train sha256"} if not train else set()) | ({"left out (trained on)"} if not left else set())
+    L.append(_table([h for h in head if h not in drop], rows))
     L.append("")
     return L
 

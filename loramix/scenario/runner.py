@@ -290,7 +290,9 @@ class Runner:
         base_key = next(st.folder_name for st in self.steps if st.id == "base")
         domains = {n: {"data": sc.domains[n].data, "train": len(d.train), "eval": len(d.eval),
                        "eval_tokens": ev_base[n]["tokens"], "sha256_train": d.sha256_train,
-                       "sha256_eval": d.sha256_eval, "source_sha256": d.source_sha256}
+                       "sha256_eval": d.sha256_eval, "source_sha256": d.source_sha256,
+                       **({"trained_on": sc.domains[n].trained_on, "left_out": d.left_out}
+                          if sc.domains[n].trained_on else {})}
                    for n, d in data.items()}  # fmt: skip
         summary = records(study["summary"])
         return {
