@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from loramix.cli import main
-from tests.factories import make_peft_adapter, one_line_error, tiny_gpt2, tiny_llama
+from tests.factories import make_peft_adapter, one_line_error, save_base, tiny_gpt2, tiny_llama
 
 DOMAINS = ("arith", "units", "dates")
 TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -234,6 +234,26 @@ def test_the_records_an_adapter_was_trained_on_are_left_out_of_its_eval_split(gi
     )
     line = one_line_error(capsys, ["scenario", "check", str(scenario(8, adapter=False))])
     assert "domains.arith.trained_on" in line and "only with adapter" in line, line
+
+
+def test_given_adapters_that_only_the_torch_readers_read_are_checked_too(tmp_path, capsys):
+    """Adapters on ``lm_head`` (PEFT saves the head's base copy beside the
+    factors, which only the torch readers read) are read, checked against
+    the base and studied under their kind's label like the others."""
+    from loramix.scenario.config import load_scenario
+
+    model = tiny_llama()
+    base = save_base(model, tmp_path / "base")
+    ads = {d: make_peft_adapter(model, tmp_path / d, target_modules=["q_proj", "lm_head"], r=2, seed=i)
+           for i, d in enumerate(DOMAINS[:2])}  # fmt: skip
+    text = f'name = "head"\n\n[base]\npath = "{base}"\n'
+    for d, p in ads.items():
+        text += f'\n[domains.{d}]\ndata = "synthetic:{d}"\neval = 4\nadapter = "{p}"\n'
+    (tmp_path / "head.toml").write_text(text)
+    sc = load_scenario(tmp_path / "head.toml")
+    assert sc.adapters.methods == ("lora",), sc.adapters.methods
+    assert main(["scenario", "check", str(tmp_path / "head.toml"), "--cache", str(tmp_path / "cache")]) == 0
+    assert "lora: 2 given adapters" in capsys.readouterr().out
 
 
 def _check_args(tmp_path: Path, base: Path, ads: dict, over: dict | None = None, extra: str = "") -> list:

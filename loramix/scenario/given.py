@@ -44,16 +44,13 @@ def given_key(path: str | Path) -> str:
 
 
 def _read(path: Path, name: str):
-    """The adapter's modules (numpy, lazy: headers only), or torch's reader's
-    for a feature the numpy reader leaves to it (embedding LoRA, ``modules_to_save``)."""
+    """The adapter's modules as numpy factors, lazily (headers only); an
+    adapter with a feature only the torch readers read (a head's or an
+    embedding's LoRA, ``modules_to_save``) is read by them and viewed as numpy
+    (:func:`~loramix.io.np_factors.load_np_adapter`)."""
     from ..io.np_factors import load_np_adapter
 
-    ad = load_np_adapter(path, name=name, lazy=True, torch_fallback=False)
-    if ad is None:
-        from ..io.adapter_files import load_adapter
-
-        ad = load_adapter(path, name=name)
-    return ad
+    return load_np_adapter(path, name=name, lazy=True)
 
 
 def _base_fits(ctx, base):
