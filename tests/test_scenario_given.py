@@ -256,6 +256,37 @@ def test_given_adapters_that_only_the_torch_readers_read_are_checked_too(tmp_pat
     assert "lora: 2 given adapters" in capsys.readouterr().out
 
 
+def test_a_study_of_given_dora_adapters(given, tmp_path):
+    """Two PEFT DoRA adapters (``use_dora``) given: the study's label is
+    ``dora``, its similarity compares the effective deltas (DoRA's depends on
+    the base), and the sum is measured and judged. Random, untrained, they
+    beat the base on neither domain: "no gain to keep", whose figures
+    report.json writes as null, and the report's section then raised
+    TypeError (np.isfinite(None)) instead of rendering."""
+    from transformers import AutoModelForCausalLM
+
+    from loramix.scenario.runner import run_scenario
+
+    _, base, _ = given
+    model = AutoModelForCausalLM.from_pretrained(base)
+    ads = {d: make_peft_adapter(model, tmp_path / d, target_modules=TARGETS, r=2, use_dora=True,
+                                fan_in_fan_out=True, seed=i)
+           for i, d in enumerate(DOMAINS[:2])}  # fmt: skip
+    text = f'name = "dora"\n\n[base]\npath = "{base}"\n'
+    for d, p in ads.items():
+        text += f'\n[domains.{d}]\ndata = "synthetic:{d}"\neval = 4\nadapter = "{p}"\n'
+    (tmp_path / "dora.toml").write_text(text + "\n[eval]\nbatch = 4\nmax_len = 48\n")
+    rep = run_scenario(tmp_path / "dora.toml", out=tmp_path / "report", cache_dir=tmp_path / "cache", device="cpu",
+                       progress=False)  # fmt: skip
+    assert rep["scenario"]["adapters"]["methods"] == ["dora"]
+    row = next(r for r in rep["results"] if r["merge_method"] == "sum")
+    assert row["composition"] == "arith+units" and math.isfinite(row["ppl_merge"])
+    assert row["rms_cosine_effective"] is not None and math.isfinite(row["rms_cosine_effective"])
+    assert [r["verdict"] for r in rep["composability"]] == ["no gain to keep"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Which adapters compose?" in md and "no gain to keep" in md
+
+
 def _check_args(tmp_path: Path, base: Path, ads: dict, over: dict | None = None, extra: str = "") -> list:
     return ["scenario", "check", _scenario(tmp_path, base, {**ads, **(over or {})}, extra)]
 

@@ -286,11 +286,23 @@ def _rank_key(m: dict) -> tuple:
     return (-k if np.isfinite(k) else np.inf, -mean if np.isfinite(mean) else np.inf, m["order"])
 
 
+#: a row's figures that are NaN where a composition has no gain to keep, which
+#: report.json writes as null (:func:`rows` reads them back as NaN)
+NAN_FIGURES = ("kept_worst_pct", "kept_worst_pct_std", "kept_mean_pct")
+
+
 def rows(report: dict) -> list[dict]:
     """``report["composability"]``, or, for a report written before it was
-    kept there, the same rows computed from its evaluations."""
+    kept there, the same rows computed from its evaluations. A figure that
+    JSON wrote as null (NaN: no gain to keep) is NaN again, as :func:`compute`
+    gives it."""
     got = report.get("composability")
-    return got if got is not None else compute(report)
+    if got is None:
+        return compute(report)
+    nan = float("nan")
+    return [{**r, **{k: nan for k in NAN_FIGURES if k in r and r[k] is None},
+             "by_method": {m: nan if x is None else x for m, x in (r.get("by_method") or {}).items()}}
+            for r in got]  # fmt: skip
 
 
 def _figure(x) -> str:

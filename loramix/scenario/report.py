@@ -288,7 +288,9 @@ def _section_setup(report: dict, v: _View) -> list[str]:
                      str(d.get("eval_tokens", "—")), *([str(d.get("left_out", "—"))] if left else []),
                      *([d["sha256_train"][:12]] if train else [])])  # fmt: skip
     head = ["domain", "data", "train", "eval", "eval tokens", "left out (trained on)", "train sha256"]
-    drop = ({"train", "train sha256"} if not train else set()) | ({"left out (trained on)"} if not left else set())
+    drop = ({"train", "train sha256"} if not train else set()) | (
+        {"left out (trained on)"} if not left else set()
+    )
     L.append(_table([h for h in head if h not in drop], rows))
     L.append("")
     return L
