@@ -53,17 +53,29 @@ def _read(path: Path, name: str):
     return load_np_adapter(path, name=name, lazy=True)
 
 
-def _base_fits(ctx, base):
-    """A function ``(adapter) -> None`` raising :class:`LoramixError` where an
-    adapter module has no weight of fitting shape in the base: the base
-    folder's :meth:`~loramix.io.model_folder.BaseModelFolder.module_weight_key`
-    (a GGUF base not imported yet: its header's weights, by name and shape)."""
-    from ..errors import AdapterError
-    from ..gguf_import import import_preview, imported_base, is_gguf, resolve_base
+def base_folder(ctx, base):
+    """The base's :class:`~loramix.io.model_folder.BaseModelFolder`, built once
+    for every adapter's checks; None for a GGUF base not imported yet (a
+    check that does not import it reads its header instead)."""
+    from ..gguf_import import imported_base, is_gguf, resolve_base
     from ..io.model_folder import BaseModelFolder
-    from ..io.peft_layout import check_default_targets
 
     if not ctx.import_gguf and is_gguf(base.path) and imported_base(base.path) is None:
+        return None
+    return BaseModelFolder(resolve_base(base.path))
+
+
+def _base_fits(folder, base):
+    """A function ``(adapter) -> None`` raising :class:`LoramixError` where an
+    adapter module has no weight of fitting shape in the base: ``folder``'s
+    :meth:`~loramix.io.model_folder.BaseModelFolder.module_weight_key`
+    (:func:`base_folder`; None, a GGUF base not imported yet: its header's
+    weights, by name and shape)."""
+    from ..errors import AdapterError
+    from ..gguf_import import import_preview
+    from ..io.peft_layout import check_default_targets
+
+    if folder is None:
         pre = import_preview(base.path)
         weights, model_type = pre["weights"], pre["model_type"]
 
@@ -79,7 +91,6 @@ def _base_fits(ctx, base):
                                        f"{list(weights[hit])}")  # fmt: skip
 
         return fits
-    folder = BaseModelFolder(resolve_base(base.path))
 
     def fits(ad) -> None:
         check_default_targets([ad], folder.config.get("model_type"))
@@ -107,20 +118,19 @@ def recorded_base(path: Path) -> str | None:
     return next((i for i in ids if isinstance(i, str)), None)
 
 
-def _notice_other_base(ctx, where: str, path: Path, base) -> None:
+def _notice_other_base(ctx, where: str, path: Path, identity) -> None:
     """Warn (one line) where the adapter's provenance names another base than
-    ``base.path``'s identity (its weight files' hashes, cached on disk): its
-    shapes fit, so the study goes on. Nothing for an adapter that records none."""
+    ``identity()``, the base's (its weight files' hashes, cached on disk; None
+    for a GGUF base not imported yet, which is not compared): its shapes fit,
+    so the study goes on. Nothing for an adapter that records none."""
     import warnings
 
     from ..errors import LoramixWarning
-    from ..gguf_import import imported_base, is_gguf, resolve_base
-    from ..io.model_folder import BaseModelFolder
 
     seen = recorded_base(path)
-    if seen is None or (is_gguf(base.path) and imported_base(base.path) is None):
+    if seen is None or identity is None:
         return
-    own = BaseModelFolder(resolve_base(base.path)).identity()
+    own = identity()
     if seen != own:
         warnings.warn(f"{ctx.path}: {where}: {path} was trained on another base ({seen[:12]}) than base.path "
                       f"({own[:12]}); its modules fit the base's shapes, so it is studied on it", LoramixWarning,
@@ -131,7 +141,12 @@ def check_given(ctx, domains: dict, base) -> tuple[str, dict[str, int]]:
     """Read every domain's given adapter and check it against the base:
     ``(kind, {domain: rank})`` (a module's smallest rank). A problem is one
     line naming the domain's key and the adapter's file."""
-    fits = _base_fits(ctx, base)
+    import functools
+
+    folder = base_folder(ctx, base)
+    fits = _base_fits(folder, base)
+    # read once, and only where an adapter records a base to compare it with
+    identity = None if folder is None else functools.cache(folder.identity)
     kinds: dict[str, str] = {}
     ranks: dict[str, int] = {}
     for d, spec in domains.items():
@@ -150,7 +165,7 @@ def check_given(ctx, domains: dict, base) -> tuple[str, dict[str, int]]:
             fits(ad)
         except LoramixError as e:
             raise ctx.error(where, f"{spec.adapter} does not fit the base: {e.problem}") from None
-        _notice_other_base(ctx, where, spec.adapter, base)
+        _notice_other_base(ctx, where, spec.adapter, identity)
         kinds[d] = ad.kind
         ranks[d] = min(int(m.rank) for m in ad.modules.values())
     return next(iter(kinds.values())), ranks
