@@ -209,7 +209,7 @@ def evaluate_on_splits(ctx: StepContext, base_path: str, *, adapters=(), domains
     :mod:`loramix.scenario.compose`; an evaluation cached before they were
     kept lacks them). ``model``: an in-memory ``(model, tokenizer)`` to
     evaluate instead of the base folder."""
-    from ..perplexity import evaluate
+    from ..perplexity import RECORD_COLUMNS, evaluate
     from ..prefix import remembering_digests
 
     ev = ctx.sc.eval
@@ -221,13 +221,14 @@ def evaluate_on_splits(ctx: StepContext, base_path: str, *, adapters=(), domains
                       per_record=True,
                       **{k: v for k, v in layer_kwargs(evaluate, ctx.sc.adapters, base_path).items()
                          if k == "top_layers"})  # fmt: skip
+    nll_key, tok_key = RECORD_COLUMNS
     out = {}
     for i, n in enumerate(names):
         row = df.iloc[i]
         out[n] = {"ppl": float(row["ppl"]), "tokens": int(row["tokens"]),
                   "nll_sum": float(row["nll"]) * int(row["tokens"]),
-                  "record_nll": [float(x) for x in row["record_nll"]],
-                  "record_tokens": [int(x) for x in row["record_tokens"]]}  # fmt: skip
+                  nll_key: [float(x) for x in row[nll_key]],
+                  tok_key: [int(x) for x in row[tok_key]]}  # fmt: skip
     return out
 
 
