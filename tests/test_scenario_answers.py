@@ -744,6 +744,29 @@ def test_a_member_with_no_gain_has_none_to_keep():
     assert "| 2 | b+c | no gain to keep | `sum` | — | — |" in text
 
 
+def test_kept_gain_is_one_formula_for_points_and_resamples():
+    """compose.kept_gain is the formula of both the point figures (member_shares)
+    and the bootstrap's (worst_resamples): on resamples that repeat each
+    evaluation's perplexity (a constant resample), every resample's worst
+    member keeps exactly the figure's gain; a member whose own adapter does
+    not beat the base (b, c) has none (NaN)."""
+    from loramix.scenario import compose
+
+    k = compose.kept_gain([10.0, 10.0, 10.0, 10.0], [5.0, 12.0, 10.0, 8.0], [6.0, 9.0, 8.0, 11.0])
+    assert k[0] == 100.0 * (10.0 - 6.0) / (10.0 - 5.0) and k[3] == 100.0 * (10.0 - 11.0) / (10.0 - 8.0)
+    assert np.isnan(k[1]) and np.isnan(k[2])
+    for report in (_compose_report(), _noisy_report()):
+        seeds = report["scenario"]["seeds"]
+        boot = {(e["adapter_method"], e["seed"], e["domain"], e["model"]): np.full(7, e["ppl"])
+                for e in report["evaluations"]}  # fmt: skip
+        rows = [r for r in compose.compute(report) if np.isfinite(r["kept_worst_pct"])]
+        assert rows
+        for r in rows:
+            for m, kept in r["by_method"].items():
+                worst = compose.worst_resamples(boot, "lora", r["composition"], m, seeds, r["no_gain"])
+                assert worst.shape == (7,) and worst == pytest.approx(np.full(7, kept), rel=1e-12, abs=0)
+
+
 def test_the_kept_gain_map_follows_the_similarity_heatmaps(tmp_path, monkeypatch):
     """kept_gain.png of the committed real study: each panel's domains in
     its similarity heatmap's clustered order, each cell the pair's rounded

@@ -90,9 +90,23 @@ def member_shares(evals: pd.DataFrame) -> pd.DataFrame:
     # a study evaluated on every domain evaluates each merge on non-members too: not its gain to keep
     m = m[[d in c.split("+") for d, c in zip(m["domain"], m["composition"])]]
     m = m.merge(base, on=key, how="left").merge(own, on=key, how="left")
-    gain = m["ppl_base"] - m["ppl_own"]
-    m["kept"] = (100.0 * (m["ppl_base"] - m["ppl_merge"]) / gain).where(gain > 0)
+    m["kept"] = kept_gain(*(m[c].to_numpy(dtype=float) for c in ("ppl_base", "ppl_own", "ppl_merge")))
     return m
+
+
+def kept_gain(ppl_base, ppl_own, ppl_merge) -> np.ndarray:
+    """A member's kept gain (%), elementwise over arrays of one shape (any:
+    the point values' ``(rows,)``, the bootstrap's ``(seeds, resamples)``)::
+
+        kept = 100 (ppl_base - ppl_merge) / (ppl_base - ppl_own)   where ppl_base - ppl_own > 0
+
+    and NaN where the own adapter's gain ``ppl_base - ppl_own`` is not
+    positive (or a perplexity is NaN): no gain to keep. The one formula of
+    :func:`member_shares` and :func:`worst_resamples`."""
+    b, o, m = (np.asarray(x, dtype=float) for x in (ppl_base, ppl_own, ppl_merge))
+    gain = b - o
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(gain > 0, 100.0 * (b - m) / gain, np.nan)
 
 
 def _per_method(shares: pd.DataFrame) -> pd.DataFrame:
@@ -167,10 +181,7 @@ def worst_resamples(boot: dict, am: str, comp: str, method: str, seeds, skip: st
                         for s in seeds]  # fmt: skip
         except KeyError:
             return None
-        b, o, m = (np.array(x) for x in zip(*per_seed))  # (S, R) each
-        gain = b - o
-        with np.errstate(divide="ignore", invalid="ignore"):
-            k = np.where(gain > 0, 100.0 * (b - m) / gain, np.nan)
+        k = kept_gain(*(np.array(x) for x in zip(*per_seed)))  # (S, R)
         fin = np.isfinite(k)
         with np.errstate(invalid="ignore"):
             shares.append(np.where(fin, k, 0.0).sum(axis=0) / fin.sum(axis=0))  # NaN where no seed has a gain
