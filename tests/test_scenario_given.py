@@ -110,6 +110,8 @@ def test_a_study_of_given_peft_adapters(given, tmp_path, capsys):
     md = (report / "report.md").read_text()
     assert "## Which adapters compose?" in md and "trained elsewhere" in md
     assert "merged-data training" not in md and "Δppl % by merge method" not in md
+    # the given step's row read 0.0 s, 0 made, 0 reused: its work is the scenario's loading
+    assert "| given |" not in md and "The given adapters have no row: they are read and checked" in md
     assert "Modules in common" not in md  # the three adapt the same modules
     # nothing trained: no training seed is named (one adapter per domain)
     assert "first seed" not in md and "mean over seeds" not in md and "- Seed:" not in md

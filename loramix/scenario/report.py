@@ -560,10 +560,15 @@ def _section_timings(report: dict, v: _View) -> list[str]:
     L.append("## Timings and environment")
     L.append("")
     t = report["timings"]
-    rows = [[k, _f(v["seconds"], 1), str(v["made"]), str(v["reused"])] for k, v in t["by_kind"].items()]
+    # a given adapter's step only passes its folder on: its reading and checks are the scenario's loading
+    rows = [[k, _f(v["seconds"], 1), str(v["made"]), str(v["reused"])] for k, v in t["by_kind"].items()
+            if k != "given"]  # fmt: skip
     rows.append(["**total (wall)**", _f(t["total_seconds"], 1), "", ""])
     L.append(_table(["step", "seconds (this run)", "made", "reused from cache"], rows))
     L.append("")
+    if "given" in t["by_kind"]:
+        L += ["The given adapters have no row: they are read and checked against the base when the scenario "
+              "is loaded, before the steps run, and their steps only pass each adapter's folder on.", ""]  # fmt: skip
     if t.get("made_seconds"):
         L.append("Time to make each artifact when it was first made (from the cache records):")
         L.append("")
