@@ -63,16 +63,31 @@ def test_pickled_peft_adapter_is_named(tmp_path, capsys):
     shutil.copy(src / "adapter_config.json", d / "adapter_config.json")
     torch.save({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(2, 32)},
                d / "adapter_model.bin")  # fmt: skip
-    line = run_error(
-        capsys, ["inspect", str(d)], "pickled PEFT adapter", "adapter_model.bin", "not supported"
-    )
+    line = run_error(capsys, ["inspect", str(d)], "pickled PEFT adapter", "adapter_model.bin")
     assert "no adapter_config.json" not in line
-    # the reason right after "not supported" (it read "...: save it as safetensors: not supported; ...")
+    # one clear line: the file, the problem, what to do (it read "...: not supported, loramix never
+    # unpickles (it can run code): save it as safetensors; loramix reads PEFT LoRA folders ...")
+    fix = (
+        "which loramix never loads (unpickling can run code): re-save it as safetensors with PEFT "
+        "(PeftModel.from_pretrained(base, DIR).save_pretrained(DIR, safe_serialization=True) writes "
+        "adapter_model.safetensors)"
+    )
+    assert line == f"loramix: error: {d}: holds adapter_model.bin, a pickled PEFT adapter, {fix}", line
+    # every command, and the PEFT layout's own check, say the same line
+    assert run_error(capsys, ["similarity", str(d), str(src)]) == line
     assert (
-        "adapter_model.bin): not supported, loramix never unpickles (it can run code): save it as "
-        "safetensors; loramix reads PEFT LoRA folders" in line
-    ), line
-    run_error(capsys, ["inspect", str(d / "adapter_model.bin")], "pickled PEFT adapter")
+        run_error(capsys, ["merge", str(src), str(d), "--method", "ties", "--out", str(tmp_path / "m")])
+        == line
+    )
+    assert not (tmp_path / "m").exists()
+    from loramix.errors import AdapterError
+    from loramix.io.peft_layout import resolve_adapter_paths
+
+    with pytest.raises(AdapterError) as e:
+        resolve_adapter_paths(d)
+    assert f"loramix: error: {e.value}" == line
+    f = d / "adapter_model.bin"
+    assert run_error(capsys, ["inspect", str(f)]) == f"loramix: error: {f}: is a pickled PEFT adapter, {fix}"
 
 
 def test_peft_file_without_config_still_says_so(tmp_path, capsys):

@@ -173,9 +173,9 @@ def resolve_adapter_paths(path: str | Path) -> tuple[Path, Path, Path]:
             raise AdapterError(p, f"not an adapter folder: no {CONFIG_NAME}{model or _named_inside(p)}")
         if not weights.exists():
             if (p / "adapter_model.bin").exists():
-                raise AdapterError(
-                    p, "adapter_model.bin (pickle) is not read; loramix reads safetensors only"
-                )
+                from .unsupported_formats import pickle_refusal
+
+                raise AdapterError(p, pickle_refusal(p / "adapter_model.bin", folder=True))
             raise AdapterError(p, f"not an adapter folder: no {WEIGHTS_NAME}")
     else:
         if p.suffix != ".safetensors":

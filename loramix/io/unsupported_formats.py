@@ -7,7 +7,8 @@ reads "a kohya-ss LoRA ... is not supported" rather than "no
 adapter_config.json" or "not a LoRA factor":
 
 * **pickled PEFT adapters** (``adapter_model.bin``, ``.pt``, ``.pth``,
-  ``.ckpt``): loramix never unpickles (it runs code);
+  ``.ckpt``): loramix never unpickles (it can run code); a PEFT one is
+  told how PEFT re-saves it as safetensors (:func:`pickle_refusal`);
 * **kohya-ss / sd-scripts LoRA**: ``lora_down.weight`` / ``lora_up.weight``
   / ``alpha`` keys (``lora_unet_...``, ``lora_te_...``);
 * **LyCORIS** (LoHa, LoKr): ``hada_w1_a`` / ``lokr_w1`` keys;
@@ -44,16 +45,30 @@ def _kind_of_keys(keys: list[str], file_name: str) -> str | None:
     return None
 
 
-#: why a pickle is refused, said right after "not supported"
-_PICKLE_WHY = ", loramix never unpickles (it can run code): save it as safetensors"
+#: what to do with a pickled PEFT adapter: PEFT itself writes the safetensors file loramix reads
+_PEFT_RESAVE = ("re-save it as safetensors with PEFT (PeftModel.from_pretrained(base, DIR).save_pretrained(DIR, "
+                "safe_serialization=True) writes adapter_model.safetensors)")  # fmt: skip
+
+
+def _pickle_kind(p: Path) -> str:
+    if p.name in DIFFUSERS_NAMES:
+        return "a pickled diffusers LoRA"
+    return "a pickled PEFT adapter" if p.name == "adapter_model.bin" else "a pickled checkpoint"
+
+
+def pickle_refusal(f: Path, folder: bool) -> str:
+    """The one line refusing the pickle ``f`` (``folder``: said of the folder
+    holding it, else of the file itself): the file, that loramix never
+    unpickles it and why, and what to do. :func:`name_unsupported` and
+    :func:`~loramix.io.peft_layout.resolve_adapter_paths` both say it."""
+    subject = f"holds {f.name}, {_pickle_kind(f)}," if folder else f"is {_pickle_kind(f)},"
+    fix = _PEFT_RESAVE if f.name == "adapter_model.bin" else f"not supported; {_HINT}"
+    return f"{subject} which loramix never loads (unpickling can run code): {fix}"
 
 
 def _file_format(p: Path) -> str | None:
-    if p.suffix in PICKLE_SUFFIXES:
-        what = "a pickled PEFT adapter" if p.name == "adapter_model.bin" else "a pickled checkpoint"
-        if p.name in DIFFUSERS_NAMES:
-            what = "a pickled diffusers LoRA"
-        return f"{what} ({p.name})"
+    """The foreign format of a safetensors file ``p`` by its tensor names, or None
+    (a pickle is :func:`pickle_refusal`'s)."""
     if p.suffix == ".safetensors":
         try:
             header, _ = read_safetensors_header(p, AdapterError)
@@ -76,18 +91,16 @@ def name_unsupported(path: str | Path) -> str | None:
         # The PEFT pickle first: it is what a folder with a config but no safetensors holds.
         files.sort(key=lambda f: f.name != "adapter_model.bin")
         for f in files:
+            if f.suffix in PICKLE_SUFFIXES:
+                return pickle_refusal(f, folder=True)
             what = _file_format(f)
             if what is not None:
-                return f"holds {what}: not supported{_why(f)}; {_HINT}"
+                return f"holds {what}: not supported; {_HINT}"
         return None
-    if p.is_file() and (p.suffix in PICKLE_SUFFIXES or not (p.parent / "adapter_config.json").exists()):
+    if p.is_file() and p.suffix in PICKLE_SUFFIXES:
+        return pickle_refusal(p, folder=False)
+    if p.is_file() and not (p.parent / "adapter_config.json").exists():
         what = _file_format(p)
         if what is not None:
-            return f"is {what}: not supported{_why(p)}; {_HINT}"
+            return f"is {what}: not supported; {_HINT}"
     return None
-
-
-def _why(p: Path) -> str:
-    # a pickle's reason beside "not supported": after the format's name it read
-    # "...; loramix never unpickles ...: save it as safetensors: not supported; ..."
-    return _PICKLE_WHY if p.suffix in PICKLE_SUFFIXES else ""
