@@ -21,11 +21,12 @@ import numpy as np
 import pandas as pd
 
 from loramix.scenario import compose
+from loramix.scenario.evaluations import evaluations
 
 
 def main(path: str) -> None:
     report = json.loads(open(path).read())
-    boot = compose.resampled_ppl(pd.DataFrame(report["evaluations"]), report.get("record_tokens"))
+    boot = compose.resampled_ppl(pd.DataFrame(evaluations(report)), report.get("record_tokens"))
     seeds = report["scenario"]["seeds"]
     shift, z0, width = [], [], []
     for r in compose.compute(report):

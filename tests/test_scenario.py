@@ -848,22 +848,64 @@ def test_report_json_keeps_record_tokens_once_per_domain(study):
     layout before) and as re-rendered from report.json itself."""
     from loramix.io.outputs import json_safe
     from loramix.scenario import compose
+    from loramix.scenario.evaluations import KEY, evaluations
 
     rep = json.loads((study["out"] / "report.json").read_text())
     cached = _cached_record_tokens(study["cache"])
     assert set(cached) == set(rep["domains"]) == set(rep["record_tokens"])
     for d, lists in cached.items():
         assert lists == [rep["record_tokens"][d]] and len(lists[0]) == rep["domains"][d]["eval"]
-    assert all("record_tokens" not in e and len(e["record_nll"]) for e in rep["evaluations"])
-    full = {k: v for k, v in rep.items() if k not in ("record_tokens", "composability")}
+    assert all("record_tokens" not in e and len(e["record_nll"]) for e in evaluations(rep))
+    full = {k: v for k, v in rep.items() if k not in ("record_tokens", "composability", KEY)}
     full["evaluations"] = [
-        {**e, "record_tokens": rep["record_tokens"][e["domain"]]} for e in rep["evaluations"]
+        {**e, "record_tokens": rep["record_tokens"][e["domain"]]} for e in evaluations(rep)
     ]
     rows = compose.compute(full)
     assert any(r["kept_worst_pct_lo"] is not None for r in rows)
     assert json_safe(rows) == rep["composability"]  # NaN as None, as report.json writes them
     again = compose.compute({k: v for k, v in rep.items() if k != "composability"})
     assert json_safe(again) == json_safe(rows)
+
+
+def test_report_json_keeps_the_base_evaluation_once(study, tmp_path):
+    """report.json keeps the base's evaluation once (``base_evaluation``): it
+    was repeated in every adapter label and seed, though one model on the
+    same eval splits. Rendered from it and from the repeated form (as
+    report.json had it before), report.md, every CSV and every figure are the
+    same bytes; the committed reports (the repeated form) store it once and
+    give it back as it was; base rows that differ between blocks are refused."""
+    from loramix.scenario.evaluations import KEY, compact, evaluations, expand
+    from loramix.scenario.report import write_report
+
+    rep = json.loads((study["out"] / "report.json").read_text())
+    labels = list(dict.fromkeys((e["adapter_method"], e["seed"]) for e in rep["evaluations"]))
+    assert len(labels) >= 2 and not any(e["model"] == "base" for e in rep["evaluations"])
+    assert sorted(b["domain"] for b in rep[KEY]) == sorted(rep["domains"]) and all(
+        b["record_nll"] for b in rep[KEY]
+    )
+    full = evaluations(rep)
+    assert sum(e["model"] == "base" for e in full) == len(labels) * len(rep["domains"])
+    repeated = {**{k: v for k, v in rep.items() if k != KEY}, "evaluations": full}
+    for form, r in (("once", rep), ("repeated", repeated)):
+        (tmp_path / form).mkdir()
+        write_report(tmp_path / form, r)
+    files = sorted(p.name for p in (tmp_path / "once").iterdir() if p.name != "report.json")
+    assert files == sorted(p.name for p in (tmp_path / "repeated").iterdir() if p.name != "report.json")
+    assert "evaluations.csv" in files and "composability.csv" in files and "kept_gain.png" in files
+    for f in files:
+        assert (tmp_path / "once" / f).read_bytes() == (tmp_path / "repeated" / f).read_bytes(), f
+    assert (tmp_path / "once" / "evaluations.csv").read_bytes() == (
+        study["out"] / "evaluations.csv"
+    ).read_bytes()
+    assert compact(full) == (rep["evaluations"], rep[KEY])
+    for name in ("real-14-domains", "given-adapters"):  # written before: the base's rows in every block
+        old = json.loads((ROOT / "reports" / name / "report.json").read_text())["evaluations"]
+        rows, base = compact(old)
+        assert len(rows) < len(old) and expand(rows, base) == old
+    i = max(i for i, e in enumerate(full) if e["model"] == "base")
+    bad = [*full[:i], {**full[i], "ppl": full[i]["ppl"] * (1 + 1e-12)}, *full[i + 1 :]]
+    with pytest.raises(ValueError, match=f"base evaluation of .* differs from .* on {full[i]['domain']} "):
+        compact(bad)
 
 
 def test_an_evaluation_with_other_record_tokens_is_refused():

@@ -38,7 +38,8 @@ before they were kept once has them in each evaluation); where an
 evaluation lacks them (made before loramix kept them) the interval is not
 computed.
 
-:func:`rows` reads only ``report.json``'s ``evaluations``, ``record_tokens``,
+:func:`rows` reads only ``report.json``'s ``evaluations`` (with
+``base_evaluation``: :func:`.evaluations.evaluations`), ``record_tokens``,
 ``summary`` and ``scenario`` (a report written before this module existed
 re-renders);
 :func:`section` is the report's section, :func:`write_files` writes
@@ -54,6 +55,7 @@ import numpy as np
 import pandas as pd
 
 from ..perplexity import RECORD_COLUMNS
+from .evaluations import evaluations
 from .report import _f, _table
 
 #: a composition whose worst member keeps at least this % of its gain composes
@@ -256,7 +258,7 @@ def compute(report: dict) -> list[dict]:
     """The rows, per adapter kind ranked by the best method's worst-member
     share (highest first; a composition with no gain to keep last);
     ``by_method``: every method's figure, in the scenario's merge order."""
-    evals, summary = pd.DataFrame(report["evaluations"]), pd.DataFrame(report["summary"])
+    evals, summary = pd.DataFrame(evaluations(report)), pd.DataFrame(report["summary"])
     if evals.empty or summary.empty:
         return []
     keys = ["adapter_method", "composition", "merge_method"]

@@ -26,6 +26,7 @@ import pandas as pd
 from ..fit import fit_line
 from ..io.outputs import json_safe
 from ..perplexity import RECORD_COLUMNS
+from .evaluations import evaluations
 
 RESULT_COLUMNS = [
     "adapter_method", "seed", "composition", "k", "merge_method", "rms_cosine", "mean_cosine",
@@ -146,7 +147,7 @@ class _View:
         self.sc = report["scenario"]
         self.env = report["environment"]
         self.summary = pd.DataFrame(report["summary"])
-        self.evals = pd.DataFrame(report["evaluations"])
+        self.evals = pd.DataFrame(evaluations(report))
         self.seeds = self.sc["seeds"]
         self.nseed = len(self.seeds)
         self.spread = " (mean ± sample std over seeds)" if self.nseed > 1 else ""
@@ -355,7 +356,7 @@ def _section_per_domain(report: dict, v: _View) -> list[str]:
         return _per_domain(report, v)
     # pandas and numpy too: the union's NLL is their sum
     inputs = {"section": "per_domain", "merge": list(v.sc["merge"]), "seeds": v.seeds,
-              "summary": report["summary"], "evaluations": report["evaluations"],
+              "summary": report["summary"], "evaluations": evaluations(report),
               "pandas": pd.__version__, "numpy": np.__version__}  # fmt: skip
 
     def make(tmp: Path):
@@ -645,7 +646,7 @@ def write_report(folder: Path, report: dict, per_module: pd.DataFrame | None = N
     results = pd.DataFrame(report["results"], columns=RESULT_COLUMNS)
     results.to_csv(folder / "results.csv", index=False)
     # the per-record lists (the eval-split bootstrap's) stay in report.json: a CSV cell is no place for a list
-    evals = pd.DataFrame(report["evaluations"])
+    evals = pd.DataFrame(evaluations(report))
     evals.drop(columns=list(RECORD_COLUMNS), errors="ignore").to_csv(folder / "evaluations.csv", index=False)
     if per_module is not None and not per_module.empty:
         per_module.to_csv(folder / "similarity_per_module.csv", index=False)

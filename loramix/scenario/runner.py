@@ -28,6 +28,7 @@ from ..environment import environment
 from ..errors import OutputError, UsageError
 from .cache import Cache, default_cache_dir
 from .config import Scenario, load_scenario, scenario_summary
+from .evaluations import KEY, compact
 from .plan import plan, prepare_data
 
 
@@ -295,6 +296,7 @@ class Runner:
                           if sc.domains[n].trained_on else {})}
                    for n, d in data.items()}  # fmt: skip
         summary = records(study["summary"])
+        rows, base_rows = compact(study["evaluations"])
         return {
             "loramix_version": __version__,
             "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -306,7 +308,9 @@ class Runner:
             "similarity": study["similarity"],
             "similarity_mean": study["similarity_mean"],
             "cosine_by_layer": study["cosine_by_layer"],
-            "evaluations": study["evaluations"],
+            # the base's evaluation once: the same in every label and seed (.evaluations)
+            KEY: base_rows,
+            "evaluations": rows,
             # once per domain: every evaluation on a domain scores the same records' tokens
             "record_tokens": study["record_tokens"],
             "results": records(study["results"]),
