@@ -191,6 +191,29 @@ def test_cli_table_shows_rms_signed_mean_and_coverage(gpt2_adapters, capsys):
     assert "+1.0000" in blocks[1] and not any(line.strip() == "adapter" for line in out.splitlines())
 
 
+def test_cli_plot_title_says_what_the_heatmap_shows(gpt2_adapters, tmp_path, monkeypatch, capsys):
+    """``similarity --plot``: the figure was titled "RMS cosine similarity",
+    not of what nor of how many adapters; it now heads it as the table does."""
+    import matplotlib.figure
+
+    from loramix.cli import main
+
+    seen = {}
+    real = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *a, **k):
+        seen["title"] = fig.axes[0].get_title()
+        return real(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    assert main(["similarity", *map(str, gpt2_adapters[:3]), "--plot", str(tmp_path / "s.png")]) == 0
+    assert (
+        seen["title"]
+        == capsys.readouterr().out.splitlines()[0]
+        == "RMS cosine similarity of deltas (3 adapters)"
+    )
+
+
 @pytest.mark.parametrize("block", [1, 5])
 def test_blocked_gram_equals_reference(gpt2_adapters, monkeypatch, block):
     """Small Gram blocks: the upper-triangular block pass and its mirror."""

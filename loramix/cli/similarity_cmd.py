@@ -117,7 +117,9 @@ def command(adapters, fmt, per_module, plot, base, device, force) -> None:
     if plot is not None:  # first: a plot that cannot be written is the one line, not a table and then it
         from ..plots import similarity_heatmap
 
-        title = "RMS cosine similarity" + (" (effective deltas)" if res.effective else "")
+        # the table's heading: "RMS cosine similarity" alone did not say of what
+        kind = "effective deltas" if res.effective else "deltas"
+        title = f"RMS cosine similarity of {kind} ({len(res.names)} adapters)"
         similarity_heatmap(res.rms, plot, title=title, replace=force)  # a file made meanwhile is not replaced
         click.echo(f"loramix: wrote {plot}", err=True)
     if fmt == "json":
