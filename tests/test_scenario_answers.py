@@ -418,7 +418,7 @@ def test_predictions_legend_covers_no_point_or_interval(tmp_path, monkeypatch):
     )
     ax = fig.axes[0]
     r = fig.canvas.get_renderer()
-    box = ax.get_legend().get_window_extent(r)
+    (box,) = [lg.get_window_extent(r) for lg in [ax.get_legend(), *fig.legends] if lg is not None]
     assert (
         fig.bbox.x0 - 1 <= box.x0 and box.x1 <= fig.bbox.x1 + 1 and fig.bbox.y0 - 1 <= box.y0
     )  # saved whole
@@ -538,7 +538,37 @@ def test_one_wide_interval_does_not_flatten_the_predictions(tmp_path, monkeypatc
     assert {ln.get_marker() for ln in edges} == {"^", "v"}
     for ln in edges:
         assert set(ln.get_ydata()) == {y1 if ln.get_marker() == "^" else y0}
-    assert any("cut" in t.get_text() for t in ax.get_legend().get_texts())
+    assert any("cut" in t.get_text() for t in fig.legends[0].get_texts())
+
+
+def test_cut_intervals_end_inside_a_square_of_readable_axes(tmp_path, monkeypatch):
+    """The quickstart's predicted_vs_measured.png: the arrowheads of the
+    intervals cut at the top were centred on the axes' edge, half above it,
+    touching the title; the axes were named "retention_pct (sum)", and a
+    legend beside them left a blank column as tall as the figure. The
+    arrowheads now lie inside the axes, which are square (one scale: the
+    diagonal at 45 degrees), named as the report names them, the legend
+    below."""
+    from loramix.scenario.plots import predicted_vs_measured
+
+    pred = _quickstart_best_predictions()
+    fig = _saved_figure(
+        monkeypatch, lambda: predicted_vs_measured(pred, tmp_path / "p.png", "t", "retention_pct (sum)")
+    )
+    ax = fig.axes[0]
+    r = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(r)
+    tops = [ln for ln in ax.lines if ln.get_marker() == "^" and len(ln.get_xdata())]
+    assert tops  # the quickstart's intervals run past the top
+    for ln in tops:
+        half = ln.get_markersize() / 2 * fig.dpi / 72
+        for _px, py in ln.get_transform().transform(ln.get_xydata()):
+            assert inside.y0 <= py - half and py + half <= inside.y1 + 0.5, (py + half, inside.y1)
+    assert abs(inside.width - inside.height) <= 1, inside
+    assert ax.get_xlabel() == "measured retention % (sum)" and "_pct" not in ax.get_ylabel()
+    (leg,) = fig.legends
+    assert leg.get_window_extent(r).y1 <= ax.xaxis.get_tightbbox(r).y0
+    _drawn_inside(fig)
 
 
 def _quickstart_by_layer() -> pd.DataFrame:
@@ -807,6 +837,14 @@ def _every_text_inside(fig) -> None:
     for t in [*fig.findobj(lambda o: hasattr(o, "get_text") and o.get_text())]:
         e = t.get_window_extent(renderer)
         assert box.x0 - 1 <= e.x0 and e.x1 <= box.x1 + 1 and box.y0 - 1 <= e.y0 and e.y1 <= box.y1 + 1, t
+
+
+def _drawn_inside(fig) -> None:
+    """Every axes with what it draws (titles, labels, the tick labels in view,
+    its legend) and every figure legend inside the saved figure."""
+    box, r = fig.bbox, fig.canvas.get_renderer()
+    for e in [*(ax.get_tightbbox(r) for ax in fig.axes), *(lg.get_window_extent(r) for lg in fig.legends)]:
+        assert box.x0 - 1 <= e.x0 and e.x1 <= box.x1 + 1 and box.y0 - 1 <= e.y0 and e.y1 <= box.y1 + 1, e
 
 
 def test_a_small_kept_gain_map_keeps_its_key_inside(tmp_path, monkeypatch):

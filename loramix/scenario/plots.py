@@ -483,15 +483,29 @@ def _shown_range(points: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> tup
     return lo - pad, hi + pad
 
 
+#: the summary's column names as a reader reads them (a target is ``"COLUMN (merge)"``)
+_READABLE = {"retention_pct": "retention %", "delta_ppl_pct": "Δppl %"}
+
+
+def readable(name: str) -> str:
+    """``name`` with a leading summary column name (``retention_pct``) as its
+    reader reads it (``retention %``): an axis said "retention_pct (sum)"."""
+    head, _, rest = name.partition(" ")
+    return _READABLE.get(head, head) + (" " + rest if rest else "")
+
+
 def predicted_vs_measured(pred: pd.DataFrame, path: Path, title: str, ylabel: str) -> Path:
     """Held-out predictions (leave-one-domain-out) against the measured values:
     one point per (composition, held-out domain), the bar its prediction
     interval; the diagonal is a perfect prediction. Both axes show the same
-    range (:func:`_shown_range`), so the diagonal runs corner to corner; an
-    interval cut at the axes' edge ends in an arrowhead there (named in
-    the legend)."""
+    range (:func:`_shown_range`) at the same scale (a square), so the
+    diagonal runs corner to corner at 45 degrees; an interval cut at the
+    axes' edge ends in an arrowhead just inside it (named in the legend,
+    which lies below the axes)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8.0, 5.6), dpi=130)  # 1.8 inches more for the legend beside
+    from matplotlib.transforms import offset_copy
+
+    fig, ax = plt.subplots(figsize=(6.4, 7.0), dpi=130)  # 1.2 inches below the square for the legend
     lo = pred["low"].astype(float).to_numpy()
     hi = pred["high"].astype(float).to_numpy()
     y, yh = pred["y"].astype(float).to_numpy(), pred["y_hat"].astype(float).to_numpy()
@@ -509,21 +523,31 @@ def predicted_vs_measured(pred: pd.DataFrame, path: Path, title: str, ylabel: st
     ax.plot(y[~has], yh[~has], "o", ms=3, color="tab:blue", alpha=0.55)
     up, down = has & (hi > r1), has & (lo < r0)
     if up.any() or down.any():
-        kw = dict(ls="none", ms=5, color="tab:blue", clip_on=False, zorder=4)
-        cut = "interval cut at the axes' edge"
-        ax.plot(y[up], np.full(up.sum(), r1), "^", label=cut if up.any() else "_", **kw)
-        ax.plot(y[down], np.full(down.sum(), r0), "v", label="_" if up.any() else cut, **kw)
+        ms, cut = 5, "interval cut at the axes' edge"
+        kw = dict(ls="none", ms=ms, color="tab:blue", zorder=4)
+        # drawn half a marker inside the edge: centred on it, the top ones
+        # stuck out of the axes and touched the title
+        inward = {s: offset_copy(ax.transData, fig=fig, y=s * ms / 2, units="points") for s in (-1, 1)}
+        ax.plot(y[up], np.full(up.sum(), r1), "^", label=cut if up.any() else "_", transform=inward[-1], **kw)
+        ax.plot(
+            y[down], np.full(down.sum(), r0), "v", label="_" if up.any() else cut, transform=inward[1], **kw
+        )
     ax.plot([r0, r1], [r0, r1], color="0.3", lw=0.8, label="measured = predicted")
     ax.set_xlim(r0, r1)
     ax.set_ylim(r0, r1)
-    ax.set_xlabel(f"measured {ylabel}")
-    ax.set_ylabel(f"predicted {ylabel} (fit without the held-out domain)")
+    ax.set_aspect("equal")
+    name = readable(ylabel)
+    ax.set_xlabel(f"measured {name}")
+    ax.set_ylabel(f"predicted {name}, fit without the held-out domain")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.25)
-    # beside the axes: inside, "best" weighed the points but not the interval
-    # bars (a LineCollection, which it ignores), and the bars ran through it
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    fig.tight_layout()
+    # below the axes: inside, "best" weighed the points but not the interval
+    # bars (a LineCollection, which it ignores); beside them it left a blank
+    # column under it as tall as the figure
+    handles, names = ax.get_legend_handles_labels()
+    leg = fig.legend(handles, names, fontsize=8, loc="lower center", ncol=2, bbox_to_anchor=(0.5, 0.005))
+    below = (leg.get_window_extent(fig.canvas.get_renderer()).height + 4) / fig.bbox.height
+    fig.tight_layout(rect=(0, below, 1, 1))
     return _saved(fig, path)
 
 
