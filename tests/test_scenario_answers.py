@@ -865,6 +865,24 @@ def test_a_small_kept_gain_map_keeps_its_key_inside(tmp_path, monkeypatch):
         "lora (best method: sum)", "lora@16 (best method: sum)", "d2lora (best method under each value)"]  # fmt: skip
 
 
+def test_the_kept_gain_colour_bar_stands_beside_the_last_map(tmp_path, monkeypatch):
+    """quickstart's kept_gain.png: tight_layout spaced the colour bar from the
+    last map as far as one map from the next one's domain names, 1.0 in of
+    blank. The bar now stands BAR_PAD_IN (0.25 in) from the map, every text inside."""
+    from pathlib import Path
+
+    from loramix.scenario import compose
+
+    report = json.loads((Path(__file__).resolve().parents[1] / "reports/quickstart/report.json").read_text())
+    fig = _saved_figure(monkeypatch, lambda: compose.write_files(tmp_path, report))
+    r = fig.canvas.get_renderer()
+    *maps, bar = fig.axes
+    assert len(maps) == 2
+    gap = (bar.get_window_extent(r).x0 - maps[-1].get_window_extent(r).x1) / fig.dpi
+    assert 0 < gap <= 0.3, gap  # BAR_PAD_IN, 0.25 in
+    _every_text_inside(fig)
+
+
 def _noisy_report() -> dict:
     """A two-seed study of three domains by hand with per-record NLL: a, b
     and c have 5, 7 and 6 eval records of 3-9 tokens; each model's record
