@@ -688,6 +688,25 @@ def test_a_pair_has_one_colour_in_every_layer_panel(tmp_path, monkeypatch):
     assert all(len(p) == 1 for p in by_colour.values()), by_colour  # and across them
 
 
+def test_layer_panels_name_their_pairs_in_one_legend(tmp_path, monkeypatch):
+    """d2-vs-lora's cosine_by_layer: three panels, each with a legend beside it
+    naming the same six pairs in the same colours, 25 in wide. One legend now
+    names each pair once, beside the last panel, and the figure is narrower."""
+    from pathlib import Path
+
+    from loramix.scenario.plots import cosine_by_layer
+
+    rep = json.loads((Path(__file__).resolve().parents[1] / "reports/d2-vs-lora/report.json").read_text())
+    by_layer = pd.DataFrame(rep["cosine_by_layer"])
+    fig = _saved_figure(monkeypatch, lambda: cosine_by_layer(by_layer, tmp_path / "c.png", "t"))
+    legends = [lg for ax in fig.axes for lg in [ax.get_legend()] if lg is not None]
+    assert len(fig.axes) == 3 and len(legends) == 1 and fig.axes[-1].get_legend() is legends[0]
+    names = [t.get_text() for t in legends[0].get_texts()]
+    assert sorted(names) == sorted(set(by_layer["pair"])), names
+    assert fig.get_size_inches()[0] <= 18
+    _drawn_inside(fig)
+
+
 def test_thirty_named_pairs_have_thirty_styles(tmp_path, monkeypatch):
     """Three panels of ten different named pairs each: tab20 gave the 21st
     pair the 1st pair's colour and the same round marker, so two pairs read

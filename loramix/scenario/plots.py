@@ -315,10 +315,10 @@ def _pair_styles(by_layer: pd.DataFrame) -> dict[str, tuple]:
 _PAIR_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
-def _layers_panel(ax, g: pd.DataFrame, styles: dict) -> None:
+def _layers_panel(ax, g: pd.DataFrame, styles: dict) -> int:
     """A panel of cosine_by_layer: one line per pair across the layers, the
     named ones (:func:`_named_pairs`) in their ``styles`` (colour, marker),
-    the others grey."""
+    the others grey (their count returned)."""
     peak = g.groupby("pair", sort=False)["rms_cosine"].max()
     named = set(_named_pairs(g))
     for pair, gp in g.groupby("pair", sort=False):
@@ -330,14 +330,31 @@ def _layers_panel(ax, g: pd.DataFrame, styles: dict) -> None:
             )
         else:
             ax.plot(gp["layer"], gp["rms_cosine"], "-", color="0.8", lw=0.8, zorder=2)
-    if len(peak) > len(named):
-        ax.plot([], [], "-", color="0.8", label=f"the other {len(peak) - len(named)} pairs")
     layers = sorted(g["layer"].dropna().unique())
     if layers and len(layers) <= 24:
         ax.set_xticks(layers)
     ax.set_xlabel("layer")
     ax.grid(alpha=0.25)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    return len(peak) - len(named)
+
+
+def _one_legend(axes, others: list[int]) -> None:
+    """One legend of cosine_by_layer's named pairs, beside the last panel: a
+    pair has one style in every panel (:func:`_pair_styles`), and a legend
+    beside each panel repeated the same names (d2-vs-lora: three alike,
+    25 in wide); ``others``: each panel's count of grey pairs."""
+    handles: dict = {}
+    for ax in axes:
+        for ln in ax.lines:
+            if not ln.get_label().startswith("_"):
+                handles.setdefault(ln.get_label(), ln)
+    names = list(handles)
+    if any(others):
+        grey = f"the other {others[0]} pairs" if len(set(others)) == 1 else "the other pairs of each panel"
+        names.append(grey)
+        handles[grey] = axes[0].plot([], [], "-", color="0.8")[0]
+    axes[-1].legend([handles[n] for n in names], names, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                    borderaxespad=0.0, ncol=1 if len(names) <= 16 else 2)  # fmt: skip
 
 
 def cosine_by_layer(by_layer: pd.DataFrame, path: Path, title: str) -> Path:
@@ -355,14 +372,17 @@ def cosine_by_layer(by_layer: pd.DataFrame, path: Path, title: str) -> Path:
         fig, axes = plt.subplots(1, len(methods), figsize=(6.4 * len(methods), 0.24 * bars + 1.8), dpi=130,
                                  squeeze=False, sharex=share)  # fmt: skip
     else:
-        fig, axes = plt.subplots(1, len(methods), figsize=(8.4 * len(methods), 4.4), dpi=130, squeeze=False,
-                                 sharey=share)  # fmt: skip
+        # a panel as wide as its layers need (a few layers drew 8.4 in, as many as 30), and the legend's column
+        width = len(methods) * min(8.4, 4.4 + 0.15 * by_layer["layer"].nunique()) + 2.4
+        fig, axes = plt.subplots(1, len(methods), figsize=(width, 4.4), dpi=130, squeeze=False, sharey=share)
     styles = _pair_styles(by_layer)
+    others = []
     for ax, method in zip(axes[0], methods):
         g = by_layer[by_layer["adapter_method"] == method]
-        _one_layer_panel(ax, g) if one else _layers_panel(ax, g, styles)
+        _one_layer_panel(ax, g) if one else others.append(_layers_panel(ax, g, styles))
         ax.set_title(f"{method}" if share else f"{method} (own {'x' if one else 'y'} scale)", fontsize=10)
     if not one:
+        _one_legend(list(axes[0]), others)
         axes[0][0].set_ylabel("RMS cosine over the layer's modules")
         # RMS cosines are >= 0: from 0, set once every panel is drawn. Set in the loop,
         # it froze the shared axis at the first panel's top and cut the next panel's lines
