@@ -707,6 +707,31 @@ def test_layer_panels_name_their_pairs_in_one_legend(tmp_path, monkeypatch):
     _drawn_inside(fig)
 
 
+def test_plan_legends_lie_under_their_panels(tmp_path, monkeypatch):
+    """real-14-domains' plan_vs_random.png: each panel's legend beside it, and
+    tight_layout's even spacing left 2.4 in of blank between the panels. The
+    legends now lie under their panels' x axis labels, inside the figure."""
+    from pathlib import Path
+
+    from loramix.scenario.plots import plan_vs_random
+
+    rep = json.loads(
+        (Path(__file__).resolve().parents[1] / "reports/real-14-domains/report.json").read_text()
+    )
+    ms = [m for m in rep["plan_validation"]["by_method"] if m["comparison"] is not None]
+    panels = [(m["how"], m["plan"]["retention_pct"], [x["retention_pct"] for x in m["random"]]) for m in ms]
+    assert len(panels) == 2
+    fig = _saved_figure(monkeypatch, lambda: plan_vs_random(panels, tmp_path / "p.png", "t"))
+    r = fig.canvas.get_renderer()
+    boxes = []
+    for ax in fig.axes:
+        box, axis = ax.get_legend().get_window_extent(r), ax.xaxis.get_tightbbox(r)
+        assert box.y1 <= axis.y0 and fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1, ax.get_title()
+        boxes.append(box)
+    assert not boxes[0].overlaps(boxes[1])
+    _drawn_inside(fig)
+
+
 def test_thirty_named_pairs_have_thirty_styles(tmp_path, monkeypatch):
     """Three panels of ten different named pairs each: tab20 gave the 21st
     pair the 1st pair's colour and the same round marker, so two pairs read
