@@ -389,6 +389,10 @@ def run_scenario(
     needs the usual ``if __name__ == "__main__":`` guard: workers are
     spawned, and re-import the script's main module.
     Returns the report dict (also written as ``report.json``), with ``out``.
+    Its ``evaluations`` hold the base's rows once, apart, in
+    ``base_evaluation``; :func:`loramix.scenario.evaluations.evaluations`
+    gives every row as ``evaluations.csv`` lists them (the base's in each
+    adapter label and seed).
     """
     from ..devices import is_cpu, resolve_device
     from ..io.outputs import atomic_output_dir
