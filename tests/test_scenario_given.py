@@ -238,6 +238,55 @@ def test_the_records_an_adapter_was_trained_on_are_left_out_of_its_eval_split(gi
     assert "domains.arith.trained_on" in line and "only with adapter" in line, line
 
 
+def test_templated_copies_of_the_training_records_are_left_out_too(given, tmp_path, capsys):
+    """``trained_on`` given a training file that templated its records (SmolLM2's
+    chat template, lower case, ``Q: ... A: ...`` in one field): those records
+    are left out too, found by n-gram overlap (loramix.contamination), and
+    counted apart from the exact copies in the check, report.json and the
+    setup table; the other records stay."""
+    import json
+
+    from loramix.data import load_records
+    from loramix.scenario.config import load_scenario
+    from loramix.scenario.plan import prepare_data
+    from loramix.scenario.runner import run_scenario
+
+    _, base, ads = given
+    recs = load_records("synthetic:arith?n=24&seed=3")
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps({"question": r.question, "answer": r.answer}) + "\n"
+                                                for r in recs))  # fmt: skip
+    sys_turn = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    )
+    seen = [{"question": f"{sys_turn}<|im_start|>user\n{r.question}<|im_end|>\n<|im_start|>assistant\n",
+             "answer": f"{r.answer}<|im_end|>\n"} for r in recs[:3]]  # fmt: skip
+    seen += [{"question": r.question.lower(), "answer": r.answer.lower().rstrip(".")} for r in recs[3:6]]
+    seen += [{"question": "Solve it.", "answer": f"Q: {r.question}\nA: {r.answer}"} for r in recs[6:8]]
+    seen += [{"question": recs[8].question, "answer": recs[8].answer}]  # an exact copy
+    (tmp_path / "seen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in seen))
+    text = f'name = "templated"\n\n[base]\npath = "{base}"\n'
+    for d in DOMAINS:
+        data = f"{tmp_path / 'all.jsonl'}" if d == "arith" else f"synthetic:{d}"
+        text += (
+            f'\n[domains.{d}]\ndata = "{data}"\neval = {15 if d == "arith" else 8}\nadapter = "{ads[d]}"\n'
+        )
+        if d == "arith":
+            text += f'trained_on = "{tmp_path / "seen.jsonl"}"\n'
+    scen = tmp_path / "templated.toml"
+    scen.write_text(text + "\n[eval]\nbatch = 8\nmax_len = 48\n")
+
+    data = prepare_data(load_scenario(scen))["arith"]
+    assert (data.left_out, len(data.eval)) == (9, 15) and data.left_out_ngram == 8
+    assert [r.question for r in data.eval] == [r.question for r in recs[9:]]
+    assert main(["scenario", "check", str(scen), "--cache", str(tmp_path / "cache")]) == 0
+    assert "(eval 15, 9 left out as trained on (8 near copies))" in capsys.readouterr().out
+    rep = run_scenario(
+        scen, out=tmp_path / "report", cache_dir=tmp_path / "cache", device="cpu", progress=False
+    )
+    assert (rep["domains"]["arith"]["left_out"], rep["domains"]["arith"]["left_out_ngram"]) == (9, 8)
+    assert "| 9 (8 near copies) |" in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_given_adapters_that_only_the_torch_readers_read_are_checked_too(tmp_path, capsys):
     """Adapters on ``lm_head`` (PEFT saves the head's base copy beside the
     factors, which only the torch readers read) are read, checked against

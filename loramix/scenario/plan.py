@@ -75,6 +75,7 @@ class DomainData:
     eval_text: str
     source_sha256: str | None
     left_out: int = 0  # records left out as the given adapter's training records (domains.NAME.trained_on)
+    left_out_ngram: int = 0  # ... of them, those found by n-gram overlap only (loramix.contamination)
 
     @property
     def sha256_train(self) -> str:
@@ -88,6 +89,7 @@ class DomainData:
 def prepare_data(sc: Scenario) -> dict[str, DomainData]:
     """Load and split every domain (cheap; done before any work so that a
     domain too small for its sizes fails first)."""
+    from ..contamination import contaminated
     from ..data import load_records, split_records
     from ..errors import LoramixError
     from ..io.st_header import file_sha256  # torch-free (safetensors_io re-exports it)
@@ -101,14 +103,15 @@ def prepare_data(sc: Scenario) -> dict[str, DomainData]:
             recs = load_records(d.data, **fields)
         except LoramixError as e:
             raise ScenarioError(f"{sc.path}: domains.{name}.data", e.message) from None
-        left = 0
+        left, near = 0, 0
         if d.trained_on is not None:
             try:
-                seen = {_record_key(r) for r in load_records(d.trained_on, **fields)}
+                seen = load_records(d.trained_on, **fields)
             except LoramixError as e:
                 raise ScenarioError(f"{sc.path}: domains.{name}.trained_on", e.message) from None
-            kept = [r for r in recs if _record_key(r) not in seen]
-            left, recs = len(recs) - len(kept), kept
+            found = contaminated(recs, seen)
+            kept = [r for r, f in zip(recs, found, strict=True) if f is None]
+            left, near, recs = len(recs) - len(kept), found.count("ngram"), kept
         if len(recs) < d.train + d.eval:
             # with a given adapter and no train key, eval alone is too large: name the key the user wrote
             key, want = (
@@ -127,15 +130,8 @@ def prepare_data(sc: Scenario) -> dict[str, DomainData]:
         random.Random(sc.data_seed + 1).shuffle(idx)
         train = [train_all[i] for i in sorted(idx[: d.train])]
         src = None if d.synthetic else file_sha256(d.data)
-        out[name] = DomainData(name, train, ev, _records_jsonl(train), _records_jsonl(ev), src, left)
+        out[name] = DomainData(name, train, ev, _records_jsonl(train), _records_jsonl(ev), src, left, near)
     return out
-
-
-def _record_key(r) -> tuple[str, str, str]:
-    """A record as compared with a given adapter's training records: its
-    question, answer and context, each with runs of white space made one space
-    (an export that re-wrapped a line is the same record)."""
-    return tuple(" ".join((x or "").split()) for x in (r.question, r.answer, r.context))
 
 
 def _word_counts(records) -> dict[str, int]:

@@ -286,7 +286,7 @@ def _section_setup(report: dict, v: _View) -> list[str]:
     left = any("left_out" in d for d in report["domains"].values())
     for name, d in report["domains"].items():
         rows.append([name, f"`{d['data']}`", *([str(d["train"])] if train else []), str(d["eval"]),
-                     str(d.get("eval_tokens", "—")), *([str(d.get("left_out", "—"))] if left else []),
+                     str(d.get("eval_tokens", "—")), *([_left_out(d)] if left else []),
                      *([d["sha256_train"][:12]] if train else [])])  # fmt: skip
     head = ["domain", "data", "train", "eval", "eval tokens", "left out (trained on)", "train sha256"]
     drop = ({"train", "train sha256"} if not train else set()) | (
@@ -295,6 +295,15 @@ def _section_setup(report: dict, v: _View) -> list[str]:
     L.append(_table([h for h in head if h not in drop], rows))
     L.append("")
     return L
+
+
+def _left_out(d: dict) -> str:
+    """The setup table's count of records left out as trained on, and of
+    them those found by n-gram overlap only (loramix.contamination)."""
+    if "left_out" not in d:
+        return "—"
+    near = d.get("left_out_ngram", 0)
+    return f"{d['left_out']}" + (f" ({near} near copies)" if near else "")
 
 
 def _recipe_lines(ad: dict, seeds: list, sc: dict) -> list[str]:

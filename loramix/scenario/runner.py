@@ -292,8 +292,8 @@ class Runner:
         domains = {n: {"data": sc.domains[n].data, "train": len(d.train), "eval": len(d.eval),
                        "eval_tokens": ev_base[n]["tokens"], "sha256_train": d.sha256_train,
                        "sha256_eval": d.sha256_eval, "source_sha256": d.source_sha256,
-                       **({"trained_on": sc.domains[n].trained_on, "left_out": d.left_out}
-                          if sc.domains[n].trained_on else {})}
+                       **({"trained_on": sc.domains[n].trained_on, "left_out": d.left_out,
+                           "left_out_ngram": d.left_out_ngram} if sc.domains[n].trained_on else {})}
                    for n, d in data.items()}  # fmt: skip
         summary = records(study["summary"])
         rows, base_rows = compact(study["evaluations"])
