@@ -45,19 +45,19 @@ flagged. Question and answer must meet in one training record because one
 field alone is weak evidence: a short answer (``"4"``, ``"True"``) occurs
 everywhere and long answers share boilerplate ("These resources address the
 diagnosis or management of ..."); a question with its answer is what an
-adapter learns. ``n`` = :data:`N` = 8: measured on the real data
+adapter learns. ``n`` = :data:`N` = 13 (GPT-3's): measured on the real data
 (docs/scenarios.md, "Contamination"; benchmarks/bench_contamination.py),
-every templated copy is found at 8 and at 13; at 8 a one-word edit of a long
-field leaves more n-grams intact, and what it flags among a data set's own
-distinct records are mostly its near duplicates (the same answer to a
-reworded question).
+every templated copy is found at 8 and at 13, and 13 flags fewer of a data
+set's own distinct records (at 8 up to a fifth of a LaTeX domain's, whose
+records share Asymptote preambles and formula boilerplate).
 
 Grams are compared by 64-bit hashes, ``h = sum_k v(w_k) B^(m-1-k) mod 2^64``
 (``v``: a word's BLAKE2b-64 value, ``B`` odd): two different grams collide
 with probability about ``2^-64``, far below one false match in any data set
 loramix reads. Cost: ``O(n W)`` numpy operations and sorts for ``W``
 training words, and one join over the (record, training record) pairs that
-share a question gram.
+share a question gram (the largest real domain, 1.64 M words, against
+itself: about 10 s of CPU time).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ from collections.abc import Sequence
 import numpy as np
 
 #: the default n-gram length (module docstring)
-N = 8
+N = 13
 
 _WORD = re.compile(r"\w+")
 _PUNCT = re.compile(r"[^\w\s]")
@@ -93,22 +93,15 @@ def record_key(r) -> tuple[str, str, str]:
     return tuple(" ".join((x or "").split()) for x in (r.question, r.answer, r.context))
 
 
-class _Values:
+class _Values(dict):
     """Each distinct word's 64-bit value (BLAKE2b), computed once."""
 
-    def __init__(self):
-        self.cache: dict[str, int] = {}
+    def __missing__(self, w: str) -> int:
+        v = self[w] = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
+        return v
 
     def __call__(self, ws: list[str]) -> list[int]:
-        out = []
-        for w in ws:
-            v = self.cache.get(w)
-            if v is None:
-                v = self.cache[w] = int.from_bytes(
-                    hashlib.blake2b(w.encode(), digest_size=8).digest(), "little"
-                )
-            out.append(v)
-        return out
+        return list(map(self.__getitem__, ws))
 
 
 def _concat(fields: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -151,6 +144,20 @@ def _mix(h: np.ndarray, owner: np.ndarray) -> np.ndarray:
     return h * _B + owner.astype(np.uint64)
 
 
+def _unique(a: np.ndarray) -> np.ndarray:
+    """``a``'s distinct values, sorted (np.unique's hash table is far slower
+    on uint64 keys than a sort)."""
+    a = np.sort(a)
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
+
+
+def _member(q: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``q[i]`` is in ``table`` (sorted). (Q,) bool."""
+    if not len(table):
+        return np.zeros(len(q), dtype=bool)
+    return table[np.minimum(np.searchsorted(table, q), len(table) - 1)] == q
+
+
 def _expand(lo: np.ndarray, cnt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For ranges ``[lo_i, lo_i + cnt_i)``: each range's index ``i`` and each
     position in it, one entry per position."""
@@ -188,11 +195,10 @@ def _both_seen(records: Sequence, train: Sequence, n: int, val: _Values, joined:
     for m, h, starts in _windows(x, end, n):
         if m not in gq and m not in ga:
             continue
-        o = owner_of[starts]
-        order = np.lexsort((o, h))
-        th, to = h[order], o[order]
+        order = np.argsort(h)
+        th, to = h[order], owner_of[starts][order]
         if m in ga:
-            keys[m] = np.unique(_mix(th, to))
+            keys[m] = _unique(_mix(th, to))
             ah, arec = ga[m]
             plain = no_question[arec]  # plain text: the answer seen in a training record
             out[_join(th, to, ah[plain], arec[plain], others)[0]] = True
@@ -200,13 +206,14 @@ def _both_seen(records: Sequence, train: Sequence, n: int, val: _Values, joined:
             cand.append(_join(th, to, *gq[m], others))
     if not cand:
         return out
-    rec, own = np.unique(np.concatenate(cand, axis=1), axis=1)
+    pair = _unique(np.concatenate([c[0] * len(train) + c[1] for c in cand]))
+    rec, own = pair // len(train), pair % len(train)
     for m, (ah, arec) in ga.items():  # ... of them, those whose training record holds an answer gram too
         order = np.argsort(arec, kind="stable")
         ah, arec = ah[order], arec[order]
         lo = np.searchsorted(arec, rec, "left")
         i, pos = _expand(lo, np.searchsorted(arec, rec, "right") - lo)
-        hit = np.isin(_mix(ah[pos], own[i]), keys.get(m, np.empty(0, dtype=np.uint64)))
+        hit = _member(_mix(ah[pos], own[i]), keys.get(m, np.empty(0, dtype=np.uint64)))
         out[rec[i[hit]]] = True
     return out
 

@@ -100,8 +100,8 @@ def test_long_fields_need_one_shared_n_gram():
     q = "A train leaves the station at noon travelling east at sixty miles per hour toward the coast"
     a = "It arrives at four in the afternoon after covering two hundred and forty miles of track"
     rec = [QARecord(q, a)]
-    # one word changed in each: the other n-grams remain
-    reworded = QARecord(q.replace("noon", "midday"), a.replace("four", "4"))
+    # the last word changed in each: the other n-grams remain
+    reworded = QARecord(q.replace("coast", "shore"), a.replace("track", "rail"))
     assert contaminated(rec, [reworded]) == ["ngram"]
 
     # every n-gram broken (a word changed every n - 1 words): not seen
@@ -130,16 +130,17 @@ def test_real_templated_copies_are_found(domain):
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize(("domain", "most"), [("nq_open", 0.01), ("medicine", 0.05), ("finance", 0.05),
-                                             ("bash", 0.05), ("math", 0.01), ("law", 0.02)])  # fmt: skip
+@pytest.mark.parametrize(("domain", "most"), [("nq_open", 0.0), ("medicine", 0.04), ("finance", 0.005),
+                                             ("bash", 0.01), ("math", 0.002), ("law", 0.005),
+                                             ("math_geometry", 0.05)])  # fmt: skip
 def test_unrelated_real_records_are_not_flagged(domain, most):
-    """Half of a domain against its other half (disjoint records): few flagged
-    (docs/scenarios.md's table: the domain's own near duplicates); against
-    another domain's records: none."""
+    """Half of a domain against its other half (distinct records): few flagged,
+    the domain's own near duplicates (measured at n = 13: none of nq_open's
+    1,500, 105 of medicine's 4,000, 15 of MATH geometry's 435, at most 9 of
+    the others'; docs/scenarios.md); against another domain's records: none."""
     recs = load_records(SHARED_DATA / f"{domain}.jsonl")
     half = len(recs) // 2
-    got = contaminated(recs[:half], recs[half:])
-    assert got.count("exact") == 0
+    got = contaminated(recs[:half], recs[half:])  # medicine holds 8 exact duplicates across the halves
     assert got.count("ngram") <= most * half, got.count("ngram")
     other = load_records(SHARED_DATA / ("law.jsonl" if domain != "law" else "bash.jsonl"))
     assert contaminated(recs[:half], other).count(None) == half
