@@ -115,9 +115,11 @@ def test_long_fields_need_one_shared_n_gram():
     assert contaminated(rec, [QARecord(" ".join(q.split()[: N - 1]), a)]) == [None]
 
 
-def test_n_must_be_positive():
+def test_n_must_be_positive_and_empty_sets_are_clean():
     with pytest.raises(ValueError, match="n must be at least 1"):
         contaminated([QARecord("a", "b")], [QARecord("a", "b")], 0)
+    assert contaminated([QARecord("a b", "c")], []) == [None]
+    assert contaminated([], [QARecord("a b", "c")]) == []
 
 
 @pytest.mark.realdata
