@@ -693,7 +693,7 @@ def test_numbers_are_consistent(study):
         def pooled(model, sel=sel, doms=doms):
             s = sel[sel.model == model]
             assert len(s) == len(doms)
-            return math.exp(s.nll.sum() / s.tokens.sum())
+            return math.exp(s.nll_sum.sum() / s.tokens.sum())
 
         ppl_m = pooled(f"merge:{r.merge_method}:{r.composition}")
         ppl_md = pooled(f"merged-data:{r.composition}")
@@ -810,7 +810,10 @@ def test_which_adapters_compose(study):
     # every evaluation keeps its records' NLL (they add up to its total) and every composition its interval
     for e in rep["evaluations"]:  # the records' tokens kept once per domain
         assert sum(rep["record_tokens"][e["domain"]]) == e["tokens"]
-        assert sum(e["record_nll"]) == pytest.approx(e["nll"], rel=1e-12)
+        assert sum(e["record_nll"]) == pytest.approx(e["nll_sum"], rel=1e-12)
+        # "nll" per scored token, as `loramix eval` gives it; ppl its exp
+        assert e["nll"] == e["nll_sum"] / e["tokens"]
+        assert math.exp(e["nll"]) == pytest.approx(e["ppl"], rel=1e-12)
     assert "record_nll" not in ev.columns
     assert (csv_rows["kept_worst_pct_lo"] <= csv_rows["kept_worst_pct_hi"]).all()
     assert list(csv_rows.columns[-3:]) == [

@@ -48,8 +48,12 @@ class _Tables:
             rec = {nll_key: r[nll_key]} if nll_key in r else {}
             if rec:
                 self._add_tokens(dom, f"{am}/{seed}/{model}", r[tok_key])
+            # "nll" per scored token, as `loramix eval` and evaluate() give it; "nll_sum" the total
+            # (written as "nll" before, which read as eval's mean in another unit)
+            nll = r["nll_sum"] / r["tokens"] if r["tokens"] else math.nan
             self.evaluations.append({"adapter_method": am, "seed": seed, "model": model, "domain": dom,
-                                     "ppl": r["ppl"], "tokens": r["tokens"], "nll": r["nll_sum"], **rec})  # fmt: skip
+                                     "ppl": r["ppl"], "tokens": r["tokens"], "nll": nll,
+                                     "nll_sum": r["nll_sum"], **rec})  # fmt: skip
 
     def _add_tokens(self, dom: str, who: str, tokens: list[int]) -> None:
         """Keep ``tokens`` (one int per eval record of ``dom``) once per domain:

@@ -415,7 +415,7 @@ def _per_domain(report: dict, v: _View) -> list[str]:
                         if c == "union":
                             sub = em.loc[[d for d in doms if d in em.index]]
                             tok = sub["tokens"].sum()
-                            vals.append(_f(math.exp(sub["nll"].sum() / tok)) if tok else "—")
+                            vals.append(_f(math.exp(sub["nll_sum"].sum() / tok)) if tok else "—")
                         else:
                             vals.append(_f(em.loc[c, "ppl"]) if c in em.index else "—")
                     rows.append([_model_label(m), *vals])
