@@ -318,6 +318,9 @@ def _checked_inputs(
 
     check_adapter_paths(adapters)
     warn_other_prompt(adapters, prompt)
+    from .heldout import warn_trained_on
+
+    warn_trained_on(adapters, base, data, sets)
     cfg = read_model_config(base)[1] if isinstance(base, (str, os.PathLike)) else None
     check_dtype_name(dtype)
     if cfg is not None:  # a --top-layers out of config.json's blocks, before torch

@@ -681,3 +681,41 @@ def test_per_record_nll_on_real_data_adds_up_to_the_bit(bases):
         r = rec.iloc[i]
         assert len(r["record_nll"]) == 12 and sum(r["record_tokens"]) == r["tokens"]
         assert sum(r["record_nll"]) / r["tokens"] == r["nll"]
+
+
+def test_eval_warns_of_records_an_adapter_was_trained_on(bases, capsys, tmp_path):
+    """An adapter scored on records of its own training split (README's recipe: train on the first
+    200 records of a file, eval the first 20) is told in one warning per file, naming the adapter,
+    given on the fly or merged into the base evaluated; records it never saw are not."""
+    from loramix.cli import main
+    from loramix.data import load_records, split_records
+    from tests.factories import write_jsonl
+
+    base, ad, merged = bases["gpt2"], tmp_path / "ad", tmp_path / "merged"
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"What is {i} + {i}?", "answer": str(2 * i)}
+                                               for i in range(30)])  # fmt: skip
+    other = write_jsonl(tmp_path / "other.jsonl", [{"question": f"What is {i} + 1?", "answer": str(i + 1)}
+                                                   for i in range(30)])  # fmt: skip
+    args = ["train", "--base", base, "--data", data, "--limit", "20", "--eval-size", "5", "--steps", "1",
+            "--batch", "4", "--rank", "2", "--out", ad, "--quiet", "--device", "cpu"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    trained = split_records(load_records(data, limit=20), eval_size=5, seed=0)[0]
+    n = sum(r in trained for r in load_records(data, limit=12))
+    assert 0 < n < 12
+    capsys.readouterr()
+    on_the_fly = ["eval", "--base", base, "--adapter", ad, "--limit", "12", "--device", "cpu", "--quiet"]
+    assert main([str(a) for a in [*on_the_fly, "--data", data]]) == 0
+    want = f"loramix: warning: qa: {n} of the 12 records evaluated are in the training split of {ad}: "
+    assert capsys.readouterr().err.startswith(want)
+    assert main([str(a) for a in [*on_the_fly, "--data", other]]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert (
+        main([str(a) for a in ["sum", ad, "--into", base, "--out", merged, "--quiet", "--device", "cpu"]])
+        == 0
+    )
+    capsys.readouterr()
+    args = ["eval", "--base", merged, "--data", data, "--limit", "12", "--device", "cpu", "--quiet"]
+    assert main([str(a) for a in args]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"loramix: warning: qa: {n} of the 12 records evaluated are in the training split of "
+                          f"{ad.resolve()}: ") and err.count("\n") == 1  # fmt: skip

@@ -1,0 +1,90 @@
+"""Which evaluated records an adapter was trained on, from its provenance.
+
+``loramix train`` records in its ``loramix.json`` each data source (its
+absolute ``path`` and ``records_sha256``, the hash of the records it read)
+and how it split them (``parameters.limit``, ``eval_size``, ``seed``,
+``fields``). That split is deterministic (:func:`loramix.data.split_records`),
+so the training records of a source can be rebuilt exactly: read the file
+again with the same ``limit`` and fields, check that the records hash as
+recorded (else the file changed: nothing is guessed), and split with the
+same seed. An evaluation of such an adapter (on the fly, or merged into the
+base folder it is given) on records of its own training split scores what
+the adapter learnt, not how it generalises; :func:`warn_trained_on` says so.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+
+def _adapter_paths(adapters, base) -> list[str]:
+    """The adapters given, and those a loramix merge in ``base`` was made of
+    (its ``loramix.json`` inputs with role ``adapter``)."""
+    from .grouping import training_record
+
+    paths = [os.fspath(getattr(a, "path", a)) for a in adapters if getattr(a, "path", a) is not None]
+    if isinstance(base, (str, os.PathLike)):
+        inputs = (training_record(SimpleNamespace(path=Path(base) / "config.json")) or {}).get("inputs")
+        if isinstance(inputs, list):
+            paths += [i["path"] for i in inputs if isinstance(i, dict) and i.get("role") == "adapter"
+                      and isinstance(i.get("path"), str)]  # fmt: skip
+    return paths
+
+
+def training_split(adapter_path) -> dict[str, set]:
+    """``{absolute data path: {(question, answer, context), ...}}``: the
+    training records ``loramix train`` drew from each of the adapter's data
+    files, rebuilt from its ``loramix.json``; a source whose file no longer
+    holds the recorded records (or a synthetic spec) is left out."""
+    from .data import load_records, split_records
+    from .errors import LoramixError
+    from .grouping import training_record
+    from .train import _records_sha256
+
+    rec = training_record(SimpleNamespace(path=adapter_path)) or {}
+    params, inputs = rec.get("parameters"), rec.get("inputs")
+    if rec.get("method") != "train" or not isinstance(params, dict) or not isinstance(inputs, list):
+        return {}
+    fields = params.get("fields") if isinstance(params.get("fields"), dict) else {}
+    out = {}
+    for i in inputs:
+        if not (isinstance(i, dict) and i.get("kind") == "data" and isinstance(i.get("path"), str)):
+            continue
+        try:
+            recs = load_records(i["path"], limit=params.get("limit"), **fields)
+            if _records_sha256(recs) != i.get("records_sha256"):
+                continue
+            es = params.get("eval_size")
+            tr = split_records(recs, eval_size=es, seed=params.get("seed", 0))[0] if es else recs
+        except (LoramixError, OSError, TypeError, ValueError):  # moved, changed or unreadable: not guessed
+            continue
+        out[i["path"]] = {(r.question, r.answer, r.context) for r in tr}
+    return out
+
+
+def warn_trained_on(adapters, base, data: list, sets: list) -> None:
+    """Warn (:class:`~loramix.errors.LoramixWarning`) for each evaluated data
+    file some of whose records (``sets``: ``[(name, records)]``, in ``data``'s
+    order) are in the training split of an adapter being evaluated, given or
+    merged into ``base``: ``N of the M records evaluated``, naming the adapter."""
+    import warnings
+
+    from .errors import LoramixWarning
+    from .io.outputs import normalized_path
+
+    files = {i: normalized_path(d) for i, d in enumerate(data) if isinstance(d, (str, os.PathLike))}
+    if not files:
+        return
+    for path in dict.fromkeys(_adapter_paths(adapters, base)):
+        split = training_split(path)
+        for i, f in files.items():
+            if f not in split:
+                continue
+            name, recs = sets[i]
+            n = sum((r.question, r.answer, r.context) in split[f] for r in recs)
+            if n:
+                warnings.warn(f"{name}: {n} of the {len(recs)} records evaluated are in the training split of "
+                              f"{path}: it was trained on them, so their perplexity is not held out (evaluate on "
+                              f"records it was not trained on)", LoramixWarning, stacklevel=3)  # fmt: skip
