@@ -64,6 +64,26 @@ def training_split(adapter_path) -> dict[str, set]:
     return out
 
 
+def _trained(adapters, base, data: list) -> list[tuple[int, str, set]]:
+    """``[(index in data, adapter path, its training records from that file)]``
+    for every path in ``data`` some adapter evaluated (given, or merged into
+    ``base``) was trained on."""
+    from .io.outputs import normalized_path
+
+    files = {i: normalized_path(d) for i, d in enumerate(data) if isinstance(d, (str, os.PathLike))}
+    if not files:
+        return []
+    out = []
+    for path in dict.fromkeys(_adapter_paths(adapters, base)):
+        split = training_split(path)
+        out += [(i, path, split[f]) for i, f in files.items() if f in split]
+    return out
+
+
+def _key(r) -> tuple:
+    return (r.question, r.answer, r.context)
+
+
 def warn_trained_on(adapters, base, data: list, sets: list) -> None:
     """Warn (:class:`~loramix.errors.LoramixWarning`) for each evaluated data
     file some of whose records (``sets``: ``[(name, records)]``, in ``data``'s
@@ -72,19 +92,32 @@ def warn_trained_on(adapters, base, data: list, sets: list) -> None:
     import warnings
 
     from .errors import LoramixWarning
-    from .io.outputs import normalized_path
 
-    files = {i: normalized_path(d) for i, d in enumerate(data) if isinstance(d, (str, os.PathLike))}
-    if not files:
-        return
-    for path in dict.fromkeys(_adapter_paths(adapters, base)):
-        split = training_split(path)
-        for i, f in files.items():
-            if f not in split:
-                continue
-            name, recs = sets[i]
-            n = sum((r.question, r.answer, r.context) in split[f] for r in recs)
-            if n:
-                warnings.warn(f"{name}: {n} of the {len(recs)} records evaluated are in the training split of "
-                              f"{path}: it was trained on them, so their perplexity is not held out (evaluate on "
-                              f"records it was not trained on)", LoramixWarning, stacklevel=3)  # fmt: skip
+    for i, path, trained in _trained(adapters, base, data):
+        name, recs = sets[i]
+        if n := sum(_key(r) in trained for r in recs):
+            warnings.warn(f"{name}: {n} of the {len(recs)} records evaluated are in the training split of "
+                          f"{path}: it was trained on them, so their perplexity is not held out (--held-out "
+                          f"scores only the others)", LoramixWarning, stacklevel=4)  # fmt: skip
+
+
+def held_out(adapters, base, data: list, sets: list, limit: int | None) -> tuple[list, dict]:
+    """``sets`` (read without a limit) less every record an evaluated adapter
+    was trained on, then cut to ``limit`` (the first ``limit`` records none was
+    trained on), and ``{name: records left out}``. A set left empty is refused
+    (:class:`~loramix.errors.UsageError` naming ``--held-out`` and the file)."""
+    from .errors import UsageError
+
+    drop: dict[int, set] = {}
+    for i, _, trained in _trained(adapters, base, data):
+        drop.setdefault(i, set()).update(trained)
+    out, dropped = [], {}
+    for i, (name, recs) in enumerate(sets):
+        kept = [r for r in recs if _key(r) not in drop.get(i, ())]
+        if not kept:
+            raise UsageError(
+                "--held-out", f"{data[i]}: every record is in an evaluated adapter's training split"
+            )
+        dropped[name] = len(recs) - len(kept)
+        out.append((name, kept[:limit] if limit is not None else kept))
+    return out, dropped

@@ -198,6 +198,7 @@ def evaluate(
     prefix_cache: str | None = "disk",
     prompt: str = "raw",
     per_record: bool = False,
+    held_out: bool = False,
     device="auto",
     dtype=None,
     progress: bool = True,
@@ -246,14 +247,20 @@ def evaluate(
     each record's NLL sum and scored tokens in the data set's own record
     order, whatever the batching, so two models' lists on one data set pair
     record by record.
+
+    Records an adapter evaluated (given, or one a loramix merge in ``base``
+    was made of) was trained on, as its ``loramix.json`` says
+    (:mod:`loramix.heldout`), are warned of; ``held_out=True`` leaves them out
+    (``limit`` then keeps the first records none was trained on), the count
+    left out per data set in the result's ``attrs["held_out"]``.
     """
     from .data import check_prompt
     from .devices import resolve_device
 
     check_numbers({"--batch": batch})  # batch="8" failed in a comparison, a TypeError
-    sets, adapters = _checked_inputs(base, adapters, merged=merged, data=data, limit=limit, max_len=max_len,
-                                     device=device, fields=fields, dtype=dtype, top_layers=top_layers,
-                                     prompt=prompt)  # fmt: skip
+    sets, adapters, dropped = _checked_inputs(base, adapters, merged=merged, data=data, limit=limit,
+                                              max_len=max_len, device=device, fields=fields, dtype=dtype,
+                                              top_layers=top_layers, prompt=prompt, held_out=held_out)  # fmt: skip
     dev = resolve_device(device)
     was_training = isinstance(base, (tuple, list)) and base[0].training
     model, tok, lent = _model_with_adapters(base, adapters, weights, merged=merged, dev=dev, dtype=dtype,
@@ -265,9 +272,12 @@ def evaluate(
             from .prefix import split_point
 
             k = split_point(model, top_layers)
-        return _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch, dev=dev,
-                      prefix_at=k, prefix_cache=prefix_cache, prompt=prompt, progress=progress,
-                      per_record=per_record)  # fmt: skip
+        df = _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch, dev=dev,
+                    prefix_at=k, prefix_cache=prefix_cache, prompt=prompt, progress=progress,
+                    per_record=per_record)  # fmt: skip
+        if dropped is not None:
+            df.attrs["held_out"] = dropped
+        return df
     finally:
         if lent:  # the caller's own model: its modules back as they were
             from .layers import detach
@@ -278,10 +288,11 @@ def evaluate(
 
 
 def _checked_inputs(
-    base, adapters, *, merged, data, limit, max_len, device, fields, dtype, top_layers, prompt
+    base, adapters, *, merged, data, limit, max_len, device, fields, dtype, top_layers, prompt, held_out=False
 ):
-    """``(sets, adapters)``: :func:`evaluate`'s arguments checked, and its data
-    read, before any model loads: a bad file or option fails fast, without
+    """``(sets, adapters, left out)``: :func:`evaluate`'s arguments checked, and its data
+    read (``held_out``: less the adapters' training records, and their count per set; else None),
+    before any model loads: a bad file or option fails fast, without
     torch where it can be told without it."""
     from .data import check_prompt
     from .devices import is_cpu
@@ -310,7 +321,7 @@ def _checked_inputs(
         raise UsageError("--max-len", f"must be at least 2, got {max_len}")
     check_prompt(prompt)
     is_cpu(device)  # a bad --device is refused first, told without torch where it can be
-    sets = _read_sets(data, limit, fields or {})
+    sets = _read_sets(data, None if held_out else limit, fields or {})
     # the paths in the order they are loaded in; what needs transformers (the base's model type)
     # is checked when it loads
     from .io.peft_layout import check_adapter_paths
@@ -318,16 +329,20 @@ def _checked_inputs(
 
     check_adapter_paths(adapters)
     warn_other_prompt(adapters, prompt)
-    from .heldout import warn_trained_on
+    from . import heldout
 
-    warn_trained_on(adapters, base, data, sets)
+    dropped = None
+    if held_out:
+        sets, dropped = heldout.held_out(adapters, base, data, sets, limit)
+    else:
+        heldout.warn_trained_on(adapters, base, data, sets)
     cfg = read_model_config(base)[1] if isinstance(base, (str, os.PathLike)) else None
     check_dtype_name(dtype)
     if cfg is not None:  # a --top-layers out of config.json's blocks, before torch
         from .archs import check_top_layers
 
         check_top_layers(cfg, top_layers)
-    return sets, adapters
+    return sets, adapters, dropped
 
 
 def warn_other_prompt(adapters, prompt: str) -> None:

@@ -719,3 +719,22 @@ def test_eval_warns_of_records_an_adapter_was_trained_on(bases, capsys, tmp_path
     err = capsys.readouterr().err
     assert err.startswith(f"loramix: warning: qa: {n} of the 12 records evaluated are in the training split of "
                           f"{ad.resolve()}: ") and err.count("\n") == 1  # fmt: skip
+    # --held-out: those records left out, --limit the first 12 of the others; the same as scoring them alone
+    got = capsys.readouterr()
+    assert main([str(a) for a in [*on_the_fly, "--data", data, "--held-out", "--format", "json"]]) == 0
+    got = capsys.readouterr()
+    res = json.loads(got.out)
+    assert "warning" not in got.err and res["held_out"] == {"qa": 15} and res["results"][0]["records"] == 12
+    others = [r for r in load_records(data) if r not in trained][:12]
+    want = evaluate(base, adapters=[ad], data=[others], device="cpu", progress=False)
+    assert res["results"][0]["ppl"] == want.iloc[0]["ppl"]
+    assert main([str(a) for a in [*args, "--held-out"]]) == 0
+    assert "held out: left out 15 qa records the adapters were trained on" in capsys.readouterr().out
+    # every record trained on: nothing to score, refused naming the option and the file
+    small = write_jsonl(tmp_path / "small.jsonl", [{"question": f"What is {i} - 1?", "answer": str(i - 1)}
+                                                 for i in (3, 4)])  # fmt: skip
+    args = ["train", "--base", base, "--data", small, "--eval-size", "0", "--steps", "1", "--rank", "2",
+            "--out", tmp_path / "all", "--quiet", "--device", "cpu"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    one_line_error(capsys, ["eval", "--base", base, "--adapter", tmp_path / "all", "--data", small, "--held-out"],
+                   "--held-out", small, "every record")  # fmt: skip

@@ -27,6 +27,10 @@ from .threads import threads_option
 )
 @click.option("--batch", type=int, default=16, show_default=True, help="Records per forward pass.")
 @click.option("--limit", type=int, default=None, help="Use the first N records of each file.")
+@click.option("--held-out", is_flag=True,
+              help="Leave out every record an adapter evaluated (given, or merged into --base by loramix) was "
+                   "trained on, as its loramix.json says (--limit: the first N of the others); without it, eval "
+                   "warns of them.")  # fmt: skip
 @device_option
 @field_options
 @threads_option
@@ -45,7 +49,7 @@ from .threads import threads_option
 )
 @format_option
 @progress_option
-def command(base, adapters, weights, merged, data, more_data, on, prompt, max_len, batch, limit, device,
+def command(base, adapters, weights, merged, data, more_data, on, prompt, max_len, batch, limit, held_out, device,
             question_field, answer_field, context_field, top_layers, dtype, fmt, progress):  # fmt: skip
     """Perplexity per data file and over their union (token-weighted), with token
     counts and tokens per second. Scored tokens: the answers (--on answer) or all."""
@@ -74,11 +78,14 @@ def command(base, adapters, weights, merged, data, more_data, on, prompt, max_le
         },
         top_layers=top_layers,
         dtype=dtype,
+        held_out=held_out,
         progress=progress,
     )
+    left_out = df.attrs.get("held_out")
     if fmt == "json":
         click.echo(json.dumps({"base": base, "adapters": list(adapters), "weights": w, "merged": merged,
-                               "on": on, "prompt": prompt, "results": df.to_dict(orient="records")}, indent=2))  # fmt: skip
+                               "on": on, "prompt": prompt, **({"held_out": left_out} if held_out else {}),
+                               "results": df.to_dict(orient="records")}, indent=2))  # fmt: skip
         return
     scored = "the base" if not adapters else (
         f"the base with {', '.join(adapters)} " + ("merged in" if merged else "on the fly")
@@ -97,5 +104,8 @@ def command(base, adapters, weights, merged, data, more_data, on, prompt, max_le
         lines.append(
             f"{union['truncated']} of {union['records']} records cut at {union['max_len']} tokens (--max-len)"
         )
+    if held_out:
+        lines.append("held out: left out " + ", ".join(f"{n} {d}" for d, n in left_out.items())
+                     + " records the adapters were trained on")  # fmt: skip
     lines.append(f"prompt: {prompt}" + (" (the base's chat template)" if prompt == "chat" else ""))
     click.echo("\n".join(lines))
