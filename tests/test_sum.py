@@ -532,3 +532,21 @@ def test_sum_into_a_bfloat16_base_is_computed_in_float32(native, monkeypatch, tm
         assert int(steps.max()) <= 1 and float((steps > 0).float().mean()) < 1e-3, name
         checked += 1
     assert checked > 0
+
+
+def test_an_adapter_given_twice_is_warned_of(gpt2, tmp_path, capsys):
+    """``sum a a`` (a repeated shell argument) merges a's delta twice: allowed, as --weights 2 is, but
+    said in one warning naming the adapter, whatever the spelling (a folder, its file, a trailing /)."""
+    a, b = gpt2["adapters"][0], gpt2["adapters"][1]
+    code, out, err = run_cli(capsys, a, b, f"{a}/", "--out", tmp_path / "o")
+    assert code == 0 and "summed 3 adapters" in out
+    assert (
+        err
+        == f"loramix: warning: {a}: given 2 times, so its delta is merged 2 times (--weights scales one copy instead)\n"
+    )
+    twice = load_adapter(tmp_path / "o")
+    code, _, err = run_cli(capsys, a, b, "--weights", "2,1", "--out", tmp_path / "w")
+    assert code == 0 and err == ""
+    once = load_adapter(tmp_path / "w")
+    for name, m in once.modules.items():
+        assert torch.allclose(twice.modules[name].delta(), m.delta(), atol=1e-6)

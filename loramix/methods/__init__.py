@@ -196,6 +196,7 @@ def merge(
     from ..io.peft_layout import check_adapter_paths
 
     check_adapter_paths(adapters)  # a mistyped path: what loading it would say, without torch
+    _warn_repeated(adapters)
     from .base import split_truncation
 
     # the truncation and the method's own parameters too (run_merge checks them again)
@@ -229,6 +230,29 @@ def merge(
         progress=progress,
         **params,
     )
+
+
+def _warn_repeated(adapters: Sequence) -> None:
+    """Warn of an adapter file given more than once (the same folder or file
+    by any name): each copy is a member, so its delta is merged that many
+    times (``sum a a`` is ``2 dW_a``), which a repeated shell argument does
+    unasked; ``--weights`` scales one copy instead."""
+    import warnings
+    from collections import Counter
+
+    from ..errors import LoramixWarning
+
+    def key(a):
+        p = getattr(a, "path", a)
+        return os.path.realpath(p).removesuffix("/adapter_model.safetensors") if p is not None else id(a)
+
+    first = {}
+    for a in adapters:
+        first.setdefault(key(a), getattr(a, "path", a))
+    for k, n in Counter(map(key, adapters)).items():
+        if n > 1:
+            warnings.warn(f"{first[k]}: given {n} times, so its delta is merged {n} times (--weights scales one "
+                          f"copy instead)", LoramixWarning, stacklevel=3)  # fmt: skip
 
 
 def _refuse_a_dense_adapter(m, adapters: Sequence, params: dict, device) -> None:
