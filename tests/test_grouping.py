@@ -683,3 +683,28 @@ def test_adapters_that_share_no_module_are_grouped_at_cost_0(tmp_path, capsys):
     assert g["members"] == ["first", "second", "third"] and g["cost"] == pytest.approx(
         abs(cos) / 3**0.5, rel=1e-6
     )
+
+
+def test_plan_prints_the_command_that_merges_each_group(bank, capsys):
+    """A plan names a method; the table ends with the command that merges each group of two or
+    more (ties with the --density it needs, which `merge -m ties` refuses to go without)."""
+    paths, _ = bank
+
+    def planned(*args):
+        assert main(["plan", *args, "--format", "json"]) == 0
+        groups = json.loads(capsys.readouterr().out)["groups"]
+        assert main(["plan", *args]) == 0
+        return groups, capsys.readouterr().out
+
+    groups, text = planned(*paths, "--max-group", "3", "--budget", "10")  # a sum for each group of three
+    assert [g["method"] for g in groups] == ["sum"] * 3
+    for g in groups:
+        assert f"  group {g['group']}: loramix sum {' '.join(g['paths'])} --into BASE --out OUT\n" in text
+    # two of one cluster (cosine c), a budget of 1.5 c: ties, with its --density
+    (g,), _ = planned(*paths[:2], "--budget", "10")
+    (g,), text = planned(*paths[:2], "--budget", str(1.5 * g["cost"]))
+    assert g["method"] == "ties"
+    assert (f"  group 1: loramix merge -m ties --density 0.5 {' '.join(g['paths'])} --into BASE --out OUT"
+            in text)  # fmt: skip
+    (_, _), text = planned(*paths[:2], "--max-group", "1")
+    assert "loramix" not in text  # groups of one: nothing to merge

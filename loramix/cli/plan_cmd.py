@@ -78,3 +78,25 @@ def command(adapters, fit_path, data, base, tokens, max_len, max_group, budget, 
         iv = "" if g["interval"] is None else f"[{g['interval'][0]:.3g}, {g['interval'][1]:.3g}]"
         click.echo(f"{g['group']:>5}  {g['kind']:<{kw}} {g['method']:<6} {g['cost']:>9.4g}  {iv:<21} "
                    f"{', '.join(g['members'])}")  # fmt: skip
+    for line in _commands(p.groups, base):
+        click.echo(line)
+
+
+def _commands(groups, base) -> list[str]:
+    """The command that merges each group of two or more as proposed. A plan
+    names a method, not its options: ties gets the shipped studies' --density
+    0.5, any other method but sum a pointer to its options."""
+    import shlex
+
+    into = shlex.quote(str(base)) if base else "BASE"
+    lines = []
+    for g in (g for g in groups if len(g["paths"]) > 1):
+        m, paths = g["method"], " ".join(shlex.quote(str(x)) for x in g["paths"])
+        verb = "sum" if m == "sum" else f"merge -m {m}" + (" --density 0.5" if m == "ties" else "")
+        note = {"sum": "", "ties": "  # --density: the shipped studies'"}.get(
+            m, f"  # and {m}'s options: merge --help"
+        )
+        lines.append(f"  group {g['group']}: loramix {verb} {paths} --into {into} --out OUT{note}")
+    return (
+        ["to merge (without --into: one adapter, --out-rank K for a dense method):", *lines] if lines else []
+    )
