@@ -44,7 +44,9 @@ def _eval_size(value: str) -> int | float:
 @click.option("--targets", default=None, help="Comma-separated module suffixes (default: per architecture).")
 @click.option("--epochs", type=float, default=1, show_default=True, help="Passes over the training records.")
 @click.option("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
-@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--lr", type=float, default=2e-3, show_default=True,
+              help="Peak AdamW learning rate. A study's default is 2e-4 with rank 4 and alpha 64: copy all "
+                   "three (the delta's step goes with lr x alpha / rank).")  # fmt: skip
 @click.option(
     "--warmup", type=int, default=None, help="Warm-up steps, at most the run's (default 5% of the steps)."
 )
