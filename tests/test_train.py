@@ -148,6 +148,8 @@ def test_cli_train_and_bad_input(bases, tmp_path, capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "held-out  perplexity" in text and "d2lora, rank 2" in text
+    # how much of the data 3 steps of 4 saw: 464 training records, 116 steps an epoch
+    assert "trained   3 steps of 4 records (0.026 epochs of the 464 training records) on " in text
     ad = load_adapter(out)
     assert ad.kind == "d2lora" and ad.config["tau"] == 0.25 and ad.config["r"] == 2
     assert json.loads((out / "loramix.json").read_text())["metrics"]["n_eval"] == 16

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from . import data_options, device_option, field_options, progress_option, prompt_option
@@ -146,8 +148,12 @@ def command(base, data, more_data, out, targets, eval_size, progress, kind, meth
         f"adapter   {res['out']} ({res['kind']}, rank {kw['rank']}, {res['trainable_parameters']:,} parameters, "
         f"{kw['prompt']} prompt)"
     )
+    # how much of the data the run saw: a short --steps run passes a fraction of an epoch, which the
+    # counts of cut records below (over every training record) do not tell
+    epochs = res["steps"] / math.ceil(res["n_train"] / kw["batch"])
     click.echo(
-        f"trained   {res['steps']} steps on {res['tokens']:,} scored tokens (those the loss counts), "
+        f"trained   {res['steps']} steps of {kw['batch']} records ({epochs:.2g} epochs of the {res['n_train']:,} "
+        f"training records) on {res['tokens']:,} scored tokens (those the loss counts), "
         f"{res['train_seconds']:.1f} s ({res['tokens_per_second']:,.0f} scored tokens/s), "
         f"final loss {res['final_loss']:.4f}"
     )
