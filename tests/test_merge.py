@@ -5,6 +5,7 @@ dense deltas, svd against a dense SVD, then end to end through the CLI."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -901,9 +902,13 @@ def test_divide_weight_refuses_a_negative_weight(models, tmp_path, capsys):
     with pytest.raises(UsageError, match="negative weight"):
         merge(a, "ties", weights=[1, -0.5, 1], out=out, into=base, density=0.5, divide="weight")
     assert not out.exists()
-    code, _, err = cli(capsys, *a, "-m", "ties", "--density", "0.5", "--weights", "1,-1,1", "--into", base,
-                       "--out", out)  # fmt: skip
+    code, text, err = cli(capsys, *a, "-m", "ties", "--density", "0.5", "--weights", "1,-1,1", "--into", base,
+                          "--out", out)  # fmt: skip
     assert code == 0, err
+    # the summary says what `sum --into` says of the same write: tensors, size, dtype, device, time
+    n = len(BaseModelFolder(base).tensors)
+    assert re.fullmatch(rf"merged 3 adapters with ties \(density=0\.5, [^)]*\): model written to {re.escape(str(out))} "
+                        rf"\(\d+ modules, {n} tensors, [\d.]+ MB float32, on (cpu|cuda\S*) in [\d.]+ s\)\n", text), text  # fmt: skip
     check_against_reference(base, out, a, [1.0, -1.0, 1.0], "ties", density=0.5)
     # what the refusal spares: the same kept entries divided by 1 - 0.999
     g = torch.Generator().manual_seed(0)

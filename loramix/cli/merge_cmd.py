@@ -10,6 +10,8 @@ options the user gives reach the method; one that does not apply to it
 
 from __future__ import annotations
 
+import time
+
 import click
 
 from . import merge_options
@@ -102,13 +104,19 @@ def command(adapters, method, weights, into, out, device, dtype, force, progress
     prefetch_inputs(adapters, into)  # hashed while torch loads (the output records their sha256)
     from ..methods import get_method, merge
 
+    t0 = time.perf_counter()
     res = merge(list(adapters), method, weights=weights, into=into, out=out, device=device, dtype=dtype,
                 force=force, progress=progress and into is not None, **params)  # fmt: skip
+    dt = time.perf_counter() - t0
     shown = ", ".join(f"{k}={v}" for k, v in res.params.items())
+    # into a base: what `sum --into` says of the same write (tensors, size, dtype, device, time)
+    s = res.stream
+    wrote = (f", {s.tensors} tensors, {s.bytes_written / 1e6:.1f} MB {str(s.dtype).removeprefix('torch.')}, on "
+             f"{s.device} in {dt:.2f} s" if s is not None else f" in {dt:.2f} s")  # fmt: skip
     click.echo(
-        f"merged {len(adapters)} adapter(s) with {res.method}"
+        f"merged {len(adapters)} adapter{'' if len(adapters) == 1 else 's'} with {res.method}"
         + (f" ({shown})" if shown else "")
-        + f": {res.kind} written to {res.out} ({res.summary.get('modules', 0)} modules)"
+        + f": {res.kind} written to {res.out} ({res.summary.get('modules', 0)} modules{wrote})"
     )
     from ..methods.base import describe_energy
 
