@@ -415,7 +415,9 @@ def _per_domain(report: dict, v: _View) -> list[str]:
                         if c == "union":
                             sub = em.loc[[d for d in doms if d in em.index]]
                             tok = sub["tokens"].sum()
-                            vals.append(_f(math.exp(sub["nll_sum"].sum() / tok)) if tok else "—")
+                            # a report.json written before "nll_sum" holds the total in "nll"
+                            total = sub["nll_sum"] if "nll_sum" in sub.columns else sub["nll"]
+                            vals.append(_f(math.exp(total.sum() / tok)) if tok else "—")
                         else:
                             vals.append(_f(em.loc[c, "ppl"]) if c in em.index else "—")
                     rows.append([_model_label(m), *vals])
