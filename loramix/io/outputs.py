@@ -21,6 +21,15 @@ it, when a replaced target lies there until it is removed. A temporary file
 
 A full disk (or a file-size limit) is the output's problem whatever file
 was being written or copied when it struck: the error names the output.
+
+Before the final rename every file of the output, and every folder, is
+``fsync``'ed (:func:`sync_tree`), and the parent folder after it
+(:func:`sync_folder`): the rename is what makes an output (or a scenario
+cache entry) exist, so after a power loss or an OS crash one that exists
+holds all its bytes, instead of a name whose data never reached the disk.
+An error the disk reports only then (a delayed write's ``EIO``, a network
+file system's ``ENOSPC``) fails the command like any other, naming the
+output.
 """
 
 from __future__ import annotations
@@ -292,6 +301,46 @@ def new_temporary(parent: Path, target: str) -> Path:
     return tmp
 
 
+# ---- durability ---------------------------------------------------------------------
+
+
+def sync_fd(fd: int) -> None:
+    """``fsync(fd)``; nothing where the file system cannot sync it."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # a file system that cannot sync this (a folder, on some network or FUSE ones) has
+        # nothing more to give; a write the disk failed (EIO, ENOSPC) is the output's error
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+
+
+def _fsync(path: str | os.PathLike, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        sync_fd(fd)  # read-only is enough: Linux syncs the file's data whoever wrote it
+    finally:
+        os.close(fd)
+
+
+def sync_folder(folder: str | os.PathLike) -> None:
+    """``fsync`` a folder: the names in it (a rename into it) are on the disk."""
+    _fsync(folder, getattr(os, "O_DIRECTORY", 0))
+
+
+def sync_tree(folder: str | os.PathLike) -> None:
+    """``fsync`` every regular file under ``folder``, then every folder, the
+    deepest first: all of it is on the disk before it is renamed into place.
+    A file already synced, or written with ``O_DIRECT``, costs a call and the
+    device's cache flush; a buffered one waits for its write-back."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            p = os.path.join(root, name)
+            if stat.S_ISREG(os.lstat(p).st_mode):
+                _fsync(p)
+        sync_folder(root)
+
+
 # ---- the final rename ----------------------------------------------------------------
 
 
@@ -381,8 +430,10 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
     ``force`` a target that exists now (it appeared during the run) is left
     untouched and an :class:`OutputError` raised; with ``force`` it is
     swapped out atomically (``RENAME_EXCHANGE``) into the temporary folder,
-    which the caller removes."""
+    which the caller removes. All of ``tmp`` is on the disk before the
+    rename, and the rename after it (:func:`sync_tree`)."""
     usual_modes(tmp)
+    sync_tree(tmp)
     for _ in range(8):  # with force, the target may come and go meanwhile
         try:
             done = _rename(tmp, out, _RENAME_NOREPLACE)
@@ -397,6 +448,7 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
                 continue  # the target vanished between the two calls: try again
         if not done:
             _locked_rename(tmp, out, force)
+        sync_folder(out.parent)
         return
     raise OutputError(out, "kept changing while loramix tried to replace it")
 
@@ -499,7 +551,9 @@ def atomic_write(path: str | Path, mode: str = "w", *, replace: bool = True) -> 
     process is removed by the next write to ``path`` (or
     :func:`remove_stale_temporaries`). Without ``replace`` a file that
     exists at the end (another run's, or one made meanwhile) is left as it
-    is and an :class:`OutputError` raised: the rename does not replace."""
+    is and an :class:`OutputError` raised: the rename does not replace.
+    The file is on the disk before the rename, and the rename after it
+    (:func:`sync_fd`, :func:`sync_folder`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, path.name)
@@ -514,10 +568,13 @@ def atomic_write(path: str | Path, mode: str = "w", *, replace: bool = True) -> 
     try:
         with f:
             yield f
+            f.flush()
+            sync_fd(f.fileno())
         if replace:
             os.replace(tmp, path)
         else:
             _publish_file(tmp, path)
+        sync_folder(path.parent)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         raise_naming(e, (tmp,), path)

@@ -12,8 +12,10 @@ split's key, so rebuilding the base changes every key below it).
 
 An artifact is made in a temporary folder beside its target and renamed into
 place only when complete, with ``artifact.json`` (its spec and timing) written
-last inside it: an interrupted run leaves no half artifact, and the next run
-starts again from the first missing one. A process making an artifact holds
+last inside it, and every file and folder of it ``fsync``'ed before the
+rename (the kind's folder after it): an interrupted run, or a power loss,
+leaves no half artifact, and the next run starts again from the first
+missing one. A process making an artifact holds
 a lock file beside it (``<kind>/.<key>.lock``, :class:`Making`): another
 process (a second run on the same cache, or a node sharing it where its file
 system's locks reach the nodes) asking for it meanwhile waits, and uses it
@@ -61,6 +63,8 @@ from ..io.outputs import (
     raise_naming,
     remove_stale_temporaries,
     remove_temporary,
+    sync_folder,
+    sync_tree,
     usual_modes,
 )
 
@@ -457,6 +461,8 @@ class Cache:
             with open(tmp / MARKER, "w") as f:
                 json.dump(record, f, indent=2, sort_keys=True, default=str)
             usual_modes(tmp)
+            # an entry that exists is trusted: its bytes reach the disk before its name does
+            sync_tree(tmp)
             if redo and target.exists():
                 self._swap(tmp, target)
             else:
@@ -469,6 +475,7 @@ class Cache:
                         self._swap(tmp, target)  # a stale folder without its marker
                     else:
                         raise
+            sync_folder(target.parent)
         except BaseException as e:
             raise_naming(e, (tmp, owned), target)  # a full disk names the artifact, not its temporary
         finally:
