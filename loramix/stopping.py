@@ -40,12 +40,26 @@ handler again in :func:`deferred`'s own frame, and raise there after all).
 Elsewhere, in the functions a module's code calls as it is imported
 included (importlib undoes a failed import), or after
 :data:`LONGEST_SECONDS` of waiting, it raises as before.
+
+A clean-up (:func:`cleanup`: the removal of a temporary a run was writing)
+must not be cut short either: a second Ctrl-C while the first one's
+clean-up ran raised in the middle of it and left the temporary behind.
+A signal that comes while one runs (in it, or in anything it calls) is
+held until it ends (at most :data:`LONGEST_SECONDS`). Then it is dropped
+where the clean-up ran for a stop already under way (an exception that is
+no :class:`Exception`, a ``KeyboardInterrupt`` say, is being handled or
+raised): the run stops all the same. Elsewhere (the clean-up after a
+finished output, or after an error) it is sent again, and stops the run
+there.
 """
 
 from __future__ import annotations
 
 import _thread
+import functools
 import os
+import sys
+import threading
 import time
 import weakref
 from importlib import _bootstrap_external
@@ -65,12 +79,22 @@ FINALIZE = weakref.finalize.__call__.__code__
 LONGEST_SECONDS = 30.0
 
 _waiting_since: dict[int, float] = {}
+#: the signals that came during a clean-up, in order (:func:`cleanup`)
+_held: list[int] = []
 
 
 def deferred(signum: int, frame) -> bool:
     """Whether a handler called for ``signum`` in ``frame`` (its arguments)
-    must not raise now (:func:`unsafe`); if so, the signal is sent to this
-    process again shortly (:func:`_again`)."""
+    must not raise now: in a clean-up (:func:`cleanup`), where it is held
+    until that ends; or where :func:`unsafe`, where the signal is sent to
+    this process again shortly (:func:`_again`)."""
+    if cleaning(frame):
+        since = _waiting_since.setdefault(signum, time.monotonic())
+        if time.monotonic() - since > LONGEST_SECONDS:  # a clean-up that hangs (a network disk)
+            _waiting_since.pop(signum, None)
+            return False
+        _held.append(signum)
+        return True
     if not unsafe(frame):
         _waiting_since.pop(signum, None)
         return False
@@ -100,6 +124,46 @@ def unsafe(frame) -> bool:
     return False
 
 
+def cleanup(fn):
+    """``fn`` made a clean-up: a signal whose handler asks :func:`deferred`
+    while it runs, or anything it calls, is held until it returns (or
+    raises); then dropped where a stop is already under way, else sent
+    again (module docstring). Its own clean-ups nest: the outermost one
+    decides."""
+
+    @functools.wraps(fn)
+    def clean_up(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if _held and threading.current_thread() is threading.main_thread():
+                if not cleaning(sys._getframe(1)):
+                    _release()
+
+    return clean_up
+
+
+def _release() -> None:
+    held = _held[:]
+    _held.clear()
+    for signum in held:
+        _waiting_since.pop(signum, None)
+    exc = sys.exc_info()[1]
+    if exc is None or isinstance(exc, Exception):
+        # not stopping yet: the first held signal stops the run, once out of here (sent now,
+        # it would be handled in this clean-up's frame, and held again)
+        _thread.start_new_thread(_again, (held[0],))
+
+
+def cleaning(frame) -> bool:
+    """Whether ``frame`` or one of its callers is a clean-up (:func:`cleanup`)."""
+    while frame is not None:
+        if frame.f_code is _CLEAN_UP:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _importing(frame) -> bool:
     """Whether ``frame`` is importlib's, running a module's code."""
     return frame is not None and frame.f_globals.get("__name__") in IMPORTLIB
@@ -108,3 +172,7 @@ def _importing(frame) -> bool:
 def _again(signum: int) -> None:
     time.sleep(AGAIN_SECONDS)
     os.kill(os.getpid(), signum)
+
+
+#: the code of every clean-up's wrapper (one function, so one code object)
+_CLEAN_UP = cleanup(lambda: None).__code__

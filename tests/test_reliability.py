@@ -217,6 +217,89 @@ def test_sigterm_removes_what_the_run_was_writing(big_base, tmp_path):
     assert leftovers(out) == []
 
 
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    """A GPT-2 base of about 200 small shards: an output of as many files,
+    whose removal (the clean-up after Ctrl-C) takes a while."""
+    root = tmp_path_factory.mktemp("shards")
+    model = tiny_gpt2(seed=0, n_layer=48, n_embd=32)
+    return dict(base=save_base(model, root / "base", max_shard_size="4KB"),
+                adapter=make_peft_adapter(model, root / "ad", r=2))  # fmt: skip
+
+
+def _files(folder: Path) -> int:
+    try:
+        return len(os.listdir(folder))
+    except OSError:
+        return -1
+
+
+def _stopped(p: subprocess.Popen) -> bool:
+    """Stop ``p`` (SIGSTOP) and wait until it is; False where it ended first."""
+    p.send_signal(signal.SIGSTOP)
+    while p.poll() is None:
+        try:
+            state = Path(f"/proc/{p.pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            return False
+        if state in (b"T", b"t"):
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def _second_in_clean_up(p: subprocess.Popen, payload: Path, second: int) -> bool:
+    """Ctrl-C to ``p``, which writes ``payload``; then ``p`` is let run in
+    slices of about a millisecond (SIGSTOP, SIGCONT) until its files start
+    to go, and sent ``second`` there. False where the clean-up was missed."""
+    p.send_signal(signal.SIGINT)
+    most = _files(payload)
+    while _stopped(p):
+        n = _files(payload)
+        if 0 < n < most:  # files only go once the clean-up starts
+            p.send_signal(second)
+            p.send_signal(signal.SIGCONT)
+            return True
+        p.send_signal(signal.SIGCONT)
+        if n < most:  # all gone between two looks
+            return False
+        most = n
+        time.sleep(0.0005)
+    p.send_signal(signal.SIGCONT)
+    return False
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_during_the_clean_up_leaves_nothing(many_shards, tmp_path, second):
+    """Ctrl-C while a ``sum`` writes its ~200 shards, and a second signal
+    (Ctrl-C again, or a kill) while the clean-up that the first one started
+    removes them (:func:`_second_in_clean_up`): the clean-up is not cut
+    short (it was, and left the temporary behind for the next run to
+    remove), nothing is left at the target or beside it, and the run exits
+    at once with the first signal's line."""
+    out = tmp_path / "out"
+    args = ["sum", "--no-progress", many_shards["adapter"], "--into", many_shards["base"]]
+    for _ in range(5):  # catch the run while it writes, then its clean-up under way
+        p = _python_m(*args, "--out", out)
+        payload = None
+        while p.poll() is None and payload is None:
+            payload = next(
+                (q / PAYLOAD for q in tmp_path.glob(f"{TMP_PREFIX}*") if _files(q / PAYLOAD) > 50), None
+            )
+            time.sleep(0.002)
+        caught = payload is not None and _second_in_clean_up(p, payload, second)
+        if caught:
+            break
+        p.wait()
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        pytest.skip("the run's clean-up was never caught under way")
+    assert p.wait(timeout=60) == 130
+    err = p.stderr.read()
+    assert err.splitlines() == ["loramix: interrupted"], err
+    assert leftovers(out) == []
+
+
 def test_live_temporaries_are_kept(tmp_path):
     """Only temporaries whose owner is gone are stale: a running one is kept."""
     with atomic_output_dir(tmp_path / "x") as tmp:
@@ -2423,6 +2506,59 @@ def test_a_kill_is_deferred_at_most_longest_seconds(monkeypatch):
     stopping._waiting_since[signal.SIGTERM] -= stopping.LONGEST_SECONDS + 1
     assert not stopping.deferred(signal.SIGTERM, frames[0]) and sent == [signal.SIGTERM]
     assert stopping._waiting_since == {}
+
+
+@pytest.fixture
+def interrupt_as_the_cli_does():
+    """SIGINT handled in this process as ``loramix.cli`` handles it:
+    ``KeyboardInterrupt``, unless :func:`loramix.stopping.deferred`."""
+    from loramix.stopping import deferred
+
+    def handler(signum, frame):
+        if not deferred(signum, frame):
+            raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGINT, handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def _interrupted_clean_up(steps: list) -> None:
+    """A clean-up (:func:`loramix.stopping.cleanup`) that gets Ctrl-C midway."""
+    from loramix.stopping import cleanup
+
+    @cleanup
+    def clean_up():
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(200):  # calls: where Python runs a handler
+            time.sleep(0.001)
+        steps.append("cleaned")
+
+    clean_up()
+
+
+def test_ctrl_c_in_a_clean_up_stops_the_run_once_it_ends(interrupt_as_the_cli_does):
+    """A clean-up in a run not stopping (the removal after a published
+    output): Ctrl-C there waits until it has ended, then stops the run."""
+    steps: list = []
+    with pytest.raises(KeyboardInterrupt):
+        _interrupted_clean_up(steps)
+        steps.append("went on")
+        time.sleep(5)
+    assert steps == ["cleaned", "went on"]
+
+
+def test_ctrl_c_in_the_clean_up_of_a_stop_is_dropped(interrupt_as_the_cli_does):
+    """A clean-up while a stop is under way (the first Ctrl-C's unwinding):
+    a second Ctrl-C there waits until it has ended, and is dropped."""
+    steps: list = []
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        _interrupted_clean_up(steps)
+        time.sleep(0.5)  # a signal sent again would be handled here
+        steps.append("unwound")
+    assert steps == ["cleaned", "unwound"]
 
 
 def test_a_kill_waits_while_a_modules_own_code_is_imported(tmp_path, monkeypatch):

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..errors import OutputError, UsageError
+from ..stopping import cleanup
 
 TMP_PREFIX = ".lmx-"
 OWNER_NAME = "owner.json"
@@ -224,7 +225,7 @@ def remove_stale_temporaries(folder: str | Path, target: str | None = None) -> l
             if owner is None or (target is not None and owner[0] != _short_hash(target)):
                 continue
             if not _owner_alive(owner[1]):
-                Path(entry.path).unlink(missing_ok=True)
+                discard(entry.path)
                 removed.append(Path(entry.path))
             continue
         if not entry.is_dir(follow_symlinks=False):
@@ -237,19 +238,30 @@ def remove_stale_temporaries(folder: str | Path, target: str | None = None) -> l
             # writes its record at once, so one that has waited ORPHAN_SECONDS has none.
             if (named := _file_owner(entry.name)) is not None:
                 if (target is None or named[0] == _short_hash(target)) and not _owner_alive(named[1]):
-                    shutil.rmtree(entry.path, ignore_errors=True)
+                    discard(entry.path)
                     removed.append(Path(entry.path))
                 continue
             if _age(entry) >= ORPHAN_SECONDS:
-                shutil.rmtree(entry.path, ignore_errors=True)
+                discard(entry.path)
                 removed.append(Path(entry.path))
             continue
         if not isinstance(rec, dict) or (target is not None and rec.get("target") != target):
             continue
         if not _owner_alive(rec):
-            shutil.rmtree(entry.path, ignore_errors=True)
+            discard(entry.path)
             removed.append(Path(entry.path))
     return removed
+
+
+@cleanup
+def discard(path: str | os.PathLike) -> None:
+    """Remove the folder ``path`` (errors ignored) or the file ``path`` (if
+    there); a signal meanwhile waits until it is gone
+    (:func:`loramix.stopping.cleanup`)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        Path(path).unlink(missing_ok=True)
 
 
 #: how old a temporary folder without an owner record must be to be removed
@@ -263,11 +275,13 @@ def _age(entry: os.DirEntry) -> float:
         return 0.0
 
 
+@cleanup
 def remove_temporary(owned: Path) -> None:
     """Remove a temporary folder of :func:`new_temporary`, its owner record
     last: a run killed while removing it (a replaced model can take seconds)
     leaves a temporary that still names its owner, which is gone, so the
-    next run removes it."""
+    next run removes it. A second Ctrl-C or SIGTERM meanwhile waits until
+    it is gone (:func:`loramix.stopping.cleanup`)."""
     try:
         entries = [e for e in os.scandir(owned) if e.name != OWNER_NAME]
     except OSError:
@@ -296,7 +310,7 @@ def new_temporary(parent: Path, target: str) -> Path:
         (staging / OWNER_NAME).write_text(json.dumps(_owner_record(target)))
         os.rename(staging, tmp)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard(staging)
         raise
     return tmp
 
@@ -495,6 +509,7 @@ def _make_parents(folder: Path) -> Path | None:
     return missing[-1] if missing else None
 
 
+@cleanup
 def _remove_empty(folder: Path, made: Path | None) -> None:
     """Undo :func:`_make_parents` for a run that wrote nothing: remove
     ``folder`` and its parents up to ``made`` while they are empty."""
@@ -576,7 +591,7 @@ def atomic_write(path: str | Path, mode: str = "w", *, replace: bool = True) -> 
             _publish_file(tmp, path)
         sync_folder(path.parent)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise_naming(e, (tmp,), path)
 
 

@@ -67,6 +67,7 @@ from ..io.outputs import (
     sync_tree,
     usual_modes,
 )
+from ..stopping import cleanup
 
 MARKER = "artifact.json"
 
@@ -225,6 +226,7 @@ class Making:
             return ""
         return f" (pid {pid})" if host == socket.gethostname() else f" (pid {pid} on {host})"
 
+    @cleanup
     def __exit__(self, *exc) -> None:
         if self.fd is None:
             return
