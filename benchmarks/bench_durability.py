@@ -7,6 +7,10 @@ machine's load hits both alike:
   base of ``bench_sum.py`` (124M, float32: a 498 MB weight file, written with
   ``O_DIRECT``, and the small files beside it), a whole process, warm caches;
   wall time and the process's CPU time (user + sys, ``os.wait4``);
+- ``import`` (with ``--gguf FILE``): ``loramix base import FILE --out DIR``,
+  a whole process (SmolLM2-135M: a 540 MB float32 ``model.safetensors``
+  written through the page cache by safetensors); what a GGUF given as a
+  base (imported into ``$LORAMIX_CACHE_DIR/bases/``) writes too;
 - ``cache``: every entry of a scenario cache (``--cache``, one a finished
   study left: the quickstart's 174 artifacts, say) made again through
   :meth:`loramix.scenario.cache.Cache.get_or_make` into an empty cache, its
@@ -14,7 +18,7 @@ machine's load hits both alike:
   (wall, and its CPU time from ``getrusage``): the cache's own writes and
   renames, which are what the fsync adds to.
 
-    python benchmarks/bench_durability.py --old /tmp/old-tree [--rounds 5] [--cache DIR]
+    python benchmarks/bench_durability.py --old /tmp/old-tree [--rounds 5] [--cache DIR] [--gguf FILE]
 
 Not part of ``run_all.py``: an A/B of one change.
 """
@@ -81,6 +85,15 @@ def sum_once(tree: Path, base: Path, ads: list[Path]) -> tuple[float, float]:
     return m.wall_s, m.cpu_s
 
 
+def import_once(tree: Path, gguf: Path) -> tuple[float, float]:
+    out = WORK / "imported"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "loramix", "base", "import", str(gguf), "--out", str(out), "--no-progress"]
+    m = run_measured(cmd, env=_env(tree), cwd=WORK).check()
+    shutil.rmtree(out, ignore_errors=True)
+    return m.wall_s, m.cpu_s
+
+
 def cache_once(tree: Path, source: Path) -> dict:
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         p = subprocess.run([sys.executable, "-c", REPLAY, str(source), str(Path(tmp) / "cache")], env=_env(tree),
@@ -93,14 +106,15 @@ def main(argv=None) -> None:
     ap.add_argument("--old", type=Path, required=True, help="the tree to compare with")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cache", type=Path, help="a scenario cache to make again (skipped without)")
-    ap.add_argument("--only", choices=["sum", "cache"])
+    ap.add_argument("--gguf", type=Path, help="a GGUF file to import (skipped without)")
+    ap.add_argument("--only", choices=["sum", "cache", "import"])
     args = ap.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     import bench_sum
 
     trees = {"new": ROOT, "old": args.old.resolve()}
     rows: dict[str, dict[str, list]] = {}
-    if args.only != "cache":
+    if args.only in (None, "sum"):
         base, ads = bench_sum.setup(HERE / "_work" / "sum")
         sum_once(trees["new"], base, ads)  # warm the page cache and the sha256 cache
         for _ in range(args.rounds):
@@ -109,7 +123,15 @@ def main(argv=None) -> None:
                 w, c = sum_once(tree, base, ads)
                 rows[f"sum {name}"]["wall"].append(w)
                 rows[f"sum {name}"]["cpu"].append(c)
-    if args.cache and args.only != "sum":
+    if args.gguf and args.only in (None, "import"):
+        import_once(trees["new"], args.gguf)  # warm the page cache with the file
+        for _ in range(args.rounds):
+            for name, tree in trees.items():
+                d = rows.setdefault(f"import {name}", {"wall": [], "cpu": []})
+                w, c = import_once(tree, args.gguf)
+                d["wall"].append(w)
+                d["cpu"].append(c)
+    if args.cache and args.only in (None, "cache"):
         cache_once(trees["new"], args.cache)  # warm the page cache with the source entries
         for _ in range(args.rounds):
             for name, tree in trees.items():

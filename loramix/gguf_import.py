@@ -868,7 +868,7 @@ def resolve_base(path: str | os.PathLike) -> Path:
         return p
     check_gguf_file(p)  # a .gguf name that is no GGUF file: refused as one, not as a folder
     from .io.filehash import cache_dir, cached_file_sha256  # torch-free (model_folder re-exports them)
-    from .io.outputs import usual_modes
+    from .io.outputs import discard, sync_folder, sync_tree, usual_modes
 
     sha = cached_file_sha256(p)
     root = cache_dir() / "bases"
@@ -897,13 +897,15 @@ def resolve_base(path: str | os.PathLike) -> Path:
         try:
             write_folder(p, tmp, dtype="float32", sha256=sha, say=say, reader=reader, checked=checked)
             usual_modes(tmp)
-            shutil.rmtree(target, ignore_errors=True)  # a leftover without config.json, or damaged
+            sync_tree(tmp)  # an import that exists is used: its bytes reach the disk before its name
+            discard(target)  # a leftover without config.json, or damaged
             os.replace(tmp, target)
+            sync_folder(root)
         except BaseException:
             lock.remove()  # a refused file leaves nothing in bases/
             raise
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard(tmp)
         for old in older_imports(root, sha):  # superseded (half a GB for SmolLM2 each)
             shutil.rmtree(old, ignore_errors=True)
     return target
@@ -912,10 +914,11 @@ def resolve_base(path: str | os.PathLike) -> Path:
 def _whole_import(target: Path) -> bool:
     """Whether ``target`` holds an import whose config and weights are whole:
     ``config.json`` parses and ``model.safetensors``' header covers the file
-    (a few milliseconds). A cut-short one (a disk that filled, a crash before
-    the data reached the disk: the import is renamed into place unsynced)
-    failed every command given the GGUF until its folder was found and
-    removed by hand; it is imported again instead."""
+    (a few milliseconds). A cut-short one (a disk that filled; a crash
+    before the data reached the disk, when imports were renamed into place
+    unsynced, as an older loramix's were) failed every command given the
+    GGUF until its folder was found and removed by hand; it is imported
+    again instead."""
     from .errors import LoramixError
     from .io.st_header import read_safetensors_header
 

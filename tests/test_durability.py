@@ -113,3 +113,16 @@ def test_a_cache_entry_is_on_the_disk_when_it_is_trusted(tmp_path):
     folder = Cache(tmp_path / "cache").get_or_make("adapter", {"x": 1}, make)
     assert (folder / MARKER).is_file()
     assert _all_written(folder) == {}
+
+
+def test_a_gguf_import_in_the_cache_is_on_the_disk_when_it_is_used(tmp_path, monkeypatch):
+    """A GGUF given as a base is imported into ``$LORAMIX_CACHE_DIR/bases/``
+    and used by every later command once it exists."""
+    from loramix.gguf_import import resolve_base
+
+    from .test_realmodel import llama_gguf
+
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    folder = resolve_base(llama_gguf(tmp_path / "tiny.gguf", tokenizer=True))
+    assert (folder / "model.safetensors").is_file()
+    assert _all_written(folder) == {}
