@@ -1,7 +1,7 @@
 """What the fsync of outputs and cache entries costs: this tree against an older one.
 
-Two measurements, each run by both trees in turn (A B A B ...), so that the
-machine's load hits both alike:
+Each measurement is run by both trees in turn (A B B A A B ...), so that the
+machine's load, and what a run leaves the next, hit both alike:
 
 - ``sum``: ``loramix sum`` of 3 rank-8 adapters ``--into`` the GPT-2-small
   base of ``bench_sum.py`` (124M, float32: a 498 MB weight file, written with
@@ -101,6 +101,12 @@ def cache_once(tree: Path, source: Path) -> dict:
         return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def _order(trees: dict, i: int) -> list:
+    """Round ``i``'s order: A B, then B A (a run after another pays for what
+    that one left, a page cache to refill or a disk still writing)."""
+    return list(trees.items())[:: 1 if i % 2 == 0 else -1]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--old", type=Path, required=True, help="the tree to compare with")
@@ -117,24 +123,24 @@ def main(argv=None) -> None:
     if args.only in (None, "sum"):
         base, ads = bench_sum.setup(HERE / "_work" / "sum")
         sum_once(trees["new"], base, ads)  # warm the page cache and the sha256 cache
-        for _ in range(args.rounds):
-            for name, tree in trees.items():
+        for i in range(args.rounds):
+            for name, tree in _order(trees, i):
                 rows.setdefault(f"sum {name}", {"wall": [], "cpu": []})
                 w, c = sum_once(tree, base, ads)
                 rows[f"sum {name}"]["wall"].append(w)
                 rows[f"sum {name}"]["cpu"].append(c)
     if args.gguf and args.only in (None, "import"):
         import_once(trees["new"], args.gguf)  # warm the page cache with the file
-        for _ in range(args.rounds):
-            for name, tree in trees.items():
+        for i in range(args.rounds):
+            for name, tree in _order(trees, i):
                 d = rows.setdefault(f"import {name}", {"wall": [], "cpu": []})
                 w, c = import_once(tree, args.gguf)
                 d["wall"].append(w)
                 d["cpu"].append(c)
     if args.cache and args.only in (None, "cache"):
         cache_once(trees["new"], args.cache)  # warm the page cache with the source entries
-        for _ in range(args.rounds):
-            for name, tree in trees.items():
+        for i in range(args.rounds):
+            for name, tree in _order(trees, i):
                 r = cache_once(tree, args.cache)
                 d = rows.setdefault(f"cache {name}", {"wall": [], "cpu": []})
                 d["wall"].append(r["wall"])
@@ -142,7 +148,7 @@ def main(argv=None) -> None:
                 d["what"] = f"{r['entries']} entries, {r['bytes'] / 1e6:.0f} MB"
     load = os.getloadavg()[0]
     print(f"{time.strftime('%Y-%m-%d %H:%M')} load {load:.2f}; median (min-max) of {args.rounds} rounds, A/B "
-          "interleaved")  # fmt: skip
+          "interleaved (A B B A ...)")  # fmt: skip
     for k, d in rows.items():
         w, c = d["wall"], d["cpu"]
         print(f"{k:10s} wall {statistics.median(w):7.3f} s ({min(w):.3f}-{max(w):.3f})   "
