@@ -196,7 +196,6 @@ def merge(
     from ..io.peft_layout import check_adapter_paths
 
     check_adapter_paths(adapters)  # a mistyped path: what loading it would say, without torch
-    _warn_repeated(adapters)
     from .base import split_truncation
 
     # the truncation and the method's own parameters too (run_merge checks them again)
@@ -216,6 +215,7 @@ def merge(
         read_model_config(into)  # a mistyped --into: BaseModelFolder's first checks, without torch
     elif not m.low_rank and trunc is None:
         _refuse_a_dense_adapter(m, adapters, own, device)
+    _warn_repeated(adapters)  # once the command line is known good: not a warning above its one-line error
     from .runner import run_merge
 
     return run_merge(
