@@ -442,9 +442,9 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     ``warning:`` and ``note:`` lines); ``to_json_dict()`` is ``--format
     json``'s object.
     """
-    from .io.peft_layout import check_adapter_paths
+    from .io.peft_layout import adapter_list, check_adapter_paths
 
-    items = list(adapters)
+    items = adapter_list(adapters)  # one adapter is one, not its characters or modules
     if len(items) < 2:
         raise UsageError("plan", f"needs at least two adapters, got {len(items)}")
     if max_group < 1:

@@ -175,9 +175,9 @@ def _composition(adapters_or_paths, load=None) -> list:
     """The composition to predict: at least two adapters, all of one kind;
     paths are checked, then read by ``load`` (torch's reader by default)."""
     from .grouping import one_kind
-    from .io.peft_layout import check_adapter_paths
+    from .io.peft_layout import adapter_list, check_adapter_paths
 
-    items = list(adapters_or_paths)
+    items = adapter_list(adapters_or_paths)  # one adapter is one, not its characters or modules
     if len(items) < 2:
         raise UsageError("predict", f"a composition needs at least 2 adapters, got {len(items)}")
     check_adapter_paths(items)  # before torch loads: a mistyped path fails fast

@@ -281,6 +281,37 @@ def test_a_result_stands_for_the_folder_it_wrote(env, tmp_path):
     assert loramix.similarity(ads[0], progress=False).names == [ads[0].name]
 
 
+def test_one_adapter_alone_is_one_adapter_in_every_function(env, tmp_path):
+    """A path (str or Path) or a loaded adapter given alone where a list of
+    adapters is taken is a list of one, as similarity and evaluate took it:
+    merge and sum_into_base iterated it, so ``merge("a1", ...)`` said
+    ``a: no such file or folder`` (a str's characters), a Path raised a
+    TypeError and an Adapter gave its modules; predict and plan too. Now
+    merge writes the same bytes as for the list of one, and predict and plan
+    say they need two adapters."""
+    from safetensors.torch import load_file
+
+    from loramix.errors import UsageError
+
+    one = env["ads"][0]
+    fit = str(REPORTS / "fit.json")
+    ref = loramix.merge([one], "sum", out=tmp_path / "ref", progress=False)
+    weights = load_file(Path(ref.out) / "adapter_model.safetensors")
+    into_ref = loramix.sum_into_base([one], into=env["base"], out=tmp_path / "iref", progress=False)
+    for i, given in enumerate((one, Path(one), loramix.load_adapter(one))):
+        got = loramix.merge(given, "sum", out=tmp_path / f"m{i}", progress=False)
+        assert got.weights == [1.0]
+        new = load_file(Path(got.out) / "adapter_model.safetensors")
+        assert new.keys() == weights.keys() and all(new[k].equal(weights[k]) for k in new)
+        into = loramix.sum_into_base(given, into=env["base"], out=tmp_path / f"i{i}", progress=False)
+        assert into.tensors == into_ref.tensors
+        assert loramix.sum_adapters(given, out=tmp_path / f"s{i}").exists()
+        with pytest.raises(UsageError, match=r"^predict: a composition needs at least 2 adapters, got 1$"):
+            loramix.predict(given, fit)
+        with pytest.raises(UsageError, match=r"^plan: needs at least two adapters, got 1$"):
+            loramix.plan(given, progress=False)
+
+
 def test_numbers_given_as_strings_are_refused(env):
     """The API takes numbers, as click hands them to it: ``density="0.5"``
     was parsed and ``True`` taken as 1, ``out_rank=2.5`` kept rank 2,

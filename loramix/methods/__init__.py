@@ -159,8 +159,9 @@ def merge(
     progress: bool = True,
     **params,
 ) -> MergeResult:
-    """Merge ``adapters`` (paths or loaded :class:`~loramix.adapter.Adapter`\\ s)
-    with ``method`` and write the result to ``out``.
+    """Merge ``adapters`` (paths or loaded :class:`~loramix.adapter.Adapter`\\ s;
+    one of them alone is a list of one) with ``method`` and write the result
+    to ``out``.
 
     ``weights``: one per adapter (default 1; a list or ``"1,0.5"``).
     ``into``: a Hugging Face base folder; the result is that model with the
@@ -187,14 +188,17 @@ def merge(
     ``modules`` and, for a model, the engine's ``stream``.
     """
     # Checks that need no torch come first: a bad command line fails fast.
+    from ..io.peft_layout import adapter_list, check_adapter_paths
+
     m = get_method(method)
+    # one path or loaded adapter is one adapter, as in similarity and evaluate: iterated, a path
+    # gave its characters and an Adapter its modules
+    adapters = adapter_list(adapters)
     if not adapters:
         raise UsageError("merge", "no adapters given")
     weights = parse_weights(weights, len(adapters))
     if dtype is None or isinstance(dtype, str):  # a torch dtype is taken as it is
         check_dtype(dtype)
-    from ..io.peft_layout import check_adapter_paths
-
     check_adapter_paths(adapters)  # a mistyped path: what loading it would say, without torch
     from .base import split_truncation
 

@@ -9,13 +9,13 @@ and :func:`sum_adapters` are this method through :func:`loramix.methods.merge`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..api import renamed
 from ..errors import UsageError
+from ..io.peft_layout import adapter_list
 from . import merge, register
 from .base import LowRank, MergeMethod, require_base
 
@@ -88,14 +88,6 @@ class Sum(MergeMethod):
         return LowRank(*_base_free_factors(module_deltas, weights, ctx.dtype, ctx.device))
 
 
-def _as_list(adapters) -> list:
-    from ..adapter import Adapter
-
-    if isinstance(adapters, (str, os.PathLike, Adapter)):
-        return [adapters]
-    return list(adapters)
-
-
 @renamed({"adapters_or_paths": "adapters", "base": "into"},
          positional=("into", "out", "weights", "dtype", "device", "force", "progress"))  # fmt: skip
 def sum_into_base(
@@ -114,7 +106,7 @@ def sum_into_base(
     ``merge(adapters, "sum", into=into, out=out)``. Returns what the engine
     wrote (a :class:`loramix.engine.StreamResult`: tensors, bytes, device,
     seconds), which is that merge's ``MergeResult.stream``."""
-    res = merge(_as_list(adapters), "sum", weights=weights, into=into, out=out,
+    res = merge(adapters, "sum", weights=weights, into=into, out=out,
                 device=device, dtype=dtype, force=force, progress=progress)  # fmt: skip
     return res.stream
 
@@ -136,7 +128,7 @@ def sum_adapters(
     ``base`` (optional) checks that every module exists in it with a fitting
     shape. Returns the folder written (``MergeResult.out``). No
     ``progress``: :func:`merge` draws its bar only for a model written."""
-    ads = _as_list(adapters)
+    ads = adapter_list(adapters)
     if base is not None:
         from ..adapter import Adapter
         from ..engine import resolve_targets
