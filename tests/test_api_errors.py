@@ -61,6 +61,18 @@ def _cases(e):
          "out_rank/energy: give one of out_rank=K or energy=F, not both",
          ["merge", "-m", "sum", "--out-rank", "2", "--energy", "0.5", *ads, "--out", new],
          "--out-rank/--energy: give one of --out-rank K or --energy F, not both"),
+        # each flag said once, as its keyword: they read "into=BASE (into=)", "out_rank=K / energy=F
+        # (out_rank= / energy=)" and "rank k or energy e" (a lower-case placeholder, left as it was)
+        ("merge dense", lambda: loramix.merge(ads, "ties", out=new, density=0.5),
+         "into: method ties writes a dense delta: pass into=BASE, or out_rank=K / energy=F for an adapter "
+         "truncated by SVD (only sum, svd, task-arithmetic write an exact adapter)",
+         ["merge", "-m", "ties", "--density", "0.5", *ads, "--out", new],
+         "--into: method ties writes a dense delta: pass --into BASE, or --out-rank K / --energy F for an "
+         "adapter truncated by SVD (only sum, svd, task-arithmetic write an exact adapter)"),
+        ("merge svd neither", lambda: loramix.merge(ads, "svd", out=new),
+         "rank/energy: method svd needs exactly one of rank=K or energy=F",
+         ["merge", "-m", "svd", *ads, "--out", new],
+         "--rank/--energy: method svd needs exactly one of --rank K or --energy F"),
         # --out-rank above the merged delta's rank is refused as svd's --rank is (it was capped silently)
         ("sum out-rank cap", lambda: loramix.merge(ads, "sum", out=new, out_rank=5),
          "out_rank: 5 is above the stacked rank 4 of the adapters (the sum of their ranks): give at most 4",

@@ -1085,8 +1085,8 @@ def check_adapter_output(m: MergeMethod, ads: Sequence, trunc) -> None:
     if not m.low_rank and trunc is None:
         raise UsageError(
             "into",
-            f"method {m.name} writes a dense delta: pass --into BASE (into=), or --out-rank K / --energy F "
-            f"(out_rank= / energy=) for an adapter truncated by SVD (only {', '.join(_low_rank_names())} "
+            f"method {m.name} writes a dense delta: pass --into BASE, or --out-rank K / --energy F "
+            f"for an adapter truncated by SVD (only {', '.join(_low_rank_names())} "
             "write an exact adapter)",
         )
 

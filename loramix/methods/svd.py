@@ -109,7 +109,7 @@ class Svd(MergeMethod):
 
     def check(self, params, adapters):
         if (params["rank"] is None) == (params["energy"] is None):
-            raise UsageError("--rank/--energy", "method svd needs exactly one of --rank k or --energy e")
+            raise UsageError("--rank/--energy", "method svd needs exactly one of --rank K or --energy F")
         cap, what = rank_cap(adapters, True)
         if adapters and params["rank"] is not None and params["rank"] > cap:
             raise UsageError("--rank", f"{params['rank']} is above {what}")
