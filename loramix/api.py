@@ -16,6 +16,11 @@ The CLI, and loramix's own modules, call the functions from their modules,
 unwrapped: the CLI's lines are the library's, and only the outermost
 ``loramix.X`` call renders an error, once.
 
+The sentences a result carries for the command to print (:data:`RESULT_TEXT`:
+``plan``'s ``cost_source``, ``notes`` and ``warnings``, ``predict``'s
+``notes`` and ``warnings``) are rendered the same way, in a copy of the
+result; the command prints the library's own.
+
 A warning (:class:`~loramix.errors.LoramixWarning`) is not rendered: it is
 issued where it arises, under the caller's own filters, and may have been
 recorded, or shown, before the outermost call ends. Its line is worded for
@@ -42,6 +47,13 @@ RENAMES = {
     "evaluate": {"--adapter": "adapters"},
     "merge": {"--lambda": "lambda_"},
     "run_scenario": {"--cache": "cache_dir"},
+}
+
+#: per function, the fields of its result that are sentences the command prints (plan's "cost:",
+#: "warning:" and "note:" lines), said in keyword terms as its errors are
+RESULT_TEXT = {
+    "plan": ("cost_source", "warnings", "notes"),
+    "predict": ("warnings", "notes"),
 }
 
 # Flags as loramix writes them, alone or joined by "/" (--rank/--energy), not
@@ -88,21 +100,43 @@ def python_api(f: Callable, public_name: str) -> Callable:
     :class:`LoramixError` names ``f``'s keywords, not the CLI's flags (the
     same exception, its ``where``, ``problem`` and message rendered)."""
     name = keyword_namer(f, RENAMES.get(public_name, {}))
+    fields = RESULT_TEXT.get(public_name, ())
 
     @functools.wraps(f)
     def call(*args, **kwargs):
         try:
-            return f(*args, **kwargs)
+            result = f(*args, **kwargs)
         except LoramixError as e:
             if e.where is not None and e.where.startswith("--"):  # else a path or a setting, as given
                 e.where = python_terms(e.where, name)
             e.problem = python_terms(e.problem, name)
             e.args = (e.message,)
             raise
+        return rendered(result, fields, name) if fields else result
 
     # pickled by reference as loramix.<name>, which is this object (a pool's task)
     call.__module__, call.__qualname__ = "loramix", public_name
     return call
+
+
+def rendered(result, fields: tuple[str, ...], name: Callable[[str], str | None]):
+    """``result`` (a dict or a dataclass) with each of ``fields``, a sentence
+    or a list of them, in keyword terms (:func:`python_terms`): a copy, the
+    same type; the other fields are the same objects."""
+    import dataclasses
+
+    def say(v):
+        if isinstance(v, str):
+            return python_terms(v, name)
+        return [python_terms(t, name) if isinstance(t, str) else t for t in v] if isinstance(v, list) else v
+
+    if isinstance(result, dict):
+        return {k: say(v) if k in fields else v for k, v in result.items()}
+    if dataclasses.is_dataclass(result):
+        return dataclasses.replace(
+            result, **{k: say(getattr(result, k)) for k in fields if hasattr(result, k)}
+        )
+    return result
 
 
 # ---- one name per concept: the old keywords kept for one release ----------------------------------------------

@@ -440,7 +440,8 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     ``cost_source``, ``validated`` / ``validated_by_method``, ``budget``,
     ``max_group``, ``rule``, ``warnings`` and ``notes`` (the command's
     ``warning:`` and ``note:`` lines); ``to_json_dict()`` is ``--format
-    json``'s object.
+    json``'s object. ``loramix.plan`` says those lines' flags as its
+    keywords (``no fit given``, ``pass base=BASE``), as its errors do.
     """
     from .io.peft_layout import adapter_list, check_adapter_paths
 

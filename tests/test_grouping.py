@@ -708,3 +708,20 @@ def test_plan_prints_the_command_that_merges_each_group(bank, capsys):
             in text)  # fmt: skip
     (_, _), text = planned(*paths[:2], "--max-group", "1")
     assert "loramix" not in text  # groups of one: nothing to merge
+
+
+def test_loramix_plan_says_its_notes_in_keyword_terms(kinds_bank):
+    """``loramix.plan``'s ``cost_source``, ``notes`` and ``warnings`` are the
+    command's lines, which named its flags to a Python caller too ("no --fit
+    given", "pass --base BASE"); they now name the keywords, as its errors do
+    (the command's lines, and the groups, are unchanged)."""
+    import loramix
+
+    base, paths = kinds_bank
+    dora = [paths["dora0"], paths["dora1"]]
+    cli, py = plan(dora, budget=1, progress=False), loramix.plan(dora, budget=1, progress=False)
+    assert cli.cost_source == "RMS cosine of the composition (no --fit given)"
+    assert py.cost_source == "RMS cosine of the composition (no fit given)"
+    assert [n.replace("--base BASE", "base=BASE") for n in cli.notes] == py.notes
+    assert len(py.notes) == 1 and py.notes[0].endswith("depend on the base: pass base=BASE to compare those")
+    assert py.groups == cli.groups and py.to_json_dict()["cost"] == py.cost_source
