@@ -76,3 +76,41 @@ def test_the_from_python_snippet_runs(tmp_path, monkeypatch):
     groups = scope["groups"]
     assert sorted(m for g in groups for m in g["members"]) == ["a", "b", "c"]
     assert all({"members", "method", "cost"} <= set(g) for g in groups)
+
+
+def test_what_from_python_says_of_run_scenarios_report_holds():
+    """README's "From Python" says what ``run_scenario`` returns (the report's
+    dict) and how to read it: each ``report["KEY"]`` it names is a key of a
+    committed ``report.json``, the columns it names are the summary's, and
+    the ``evaluations`` function it names gives the base's rows back, as
+    ``evaluations.csv`` lists them (it said nothing of the returned report)."""
+    import csv
+    import importlib
+    import json
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    part = readme[readme.index("### From Python") : readme.index("## Data")]
+    start = part.index("`loramix.run_scenario(")
+    said = part[start : part.index("\n\n", start)]
+    keys = set(re.findall(r'report\["(\w+)"\]', said))
+    assert {"summary", "results", "composability", "base_evaluation"} <= keys, said
+    folder = ROOT / "reports" / "quickstart"
+    report = json.loads((folder / "report.json").read_text())
+    if "base_evaluation" not in report:  # written before the base was kept apart: the form a run returns now
+        from loramix.scenario.evaluations import compact
+
+        rows, base = compact(report["evaluations"])
+        report = {**report, "evaluations": rows, "base_evaluation": base}
+    assert keys <= set(report), keys - set(report)
+    cols = re.findall(r"`(\w+_\w+)`", said.split("merge method")[1].split(")")[0])
+    assert len(cols) >= 3 and set(cols) <= set(report["summary"][0]), cols
+    path = re.search(r"`(loramix\.[\w.]+)\(report\)`", said)[1]
+    module, fn = path.rsplit(".", 1)
+    rows = getattr(importlib.import_module(module), fn)(report)
+    with open(folder / "evaluations.csv") as f:
+        listed = list(csv.DictReader(f))
+    assert [(r["model"], r["domain"]) for r in rows] == [(r["model"], r["domain"]) for r in listed]
+    assert any(r["model"] == "base" for r in rows) and not any(
+        r["model"] == "base" for r in report["evaluations"]
+    )
