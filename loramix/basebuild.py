@@ -248,7 +248,12 @@ def build_base(
 
     ``data``: a path, a synthetic spec (``synthetic:arith?n=2000``), a
     :class:`~loramix.data.QARecord`, or a list of these. ``size``: a key of
-    :data:`SIZES` or a :class:`BaseSize`; ``steps``/``batch``/``lr`` override its recipe. Returns a
+    :data:`SIZES` or a :class:`BaseSize`; ``steps``/``batch``/``lr`` override its recipe.
+    ``heldout``: the records held out (a count or a fraction; default 5%,
+    at most 256); ``seed``: that split, the initial weights and the
+    windows drawn. ``device``: ``"auto"`` (CUDA where torch sees a GPU,
+    else the CPU), ``"cpu"`` or ``"cuda"``; ``force``: replace an existing
+    ``out``; ``progress``: a bar of the steps (on a terminal). Returns a
     summary dict (also stored under ``results`` in ``loramix.json``):
     ``heldout_ppl``, ``untrained_ppl``, ``seconds``, ``params``, ``vocab_size``,
     ``train_tokens`` and the out path.

@@ -212,7 +212,11 @@ def evaluate(
     ``adapters``: paths or loaded :class:`~loramix.adapter.Adapter` s; their
     sum ``W0 + sum_i w_i dW_i`` is applied on the fly
     (:func:`loramix.layers.attach_adapters`) or merged into the weights first
-    (``merged=True``, :func:`loramix.layers.merge_into_model`). ``data``:
+    (``merged=True``, :func:`loramix.layers.merge_into_model`); ``weights``:
+    one per adapter (default 1). ``on``: the tokens scored, ``"answer"``
+    (the answer's) or ``"all"`` (the prompt's too). ``device``: ``"auto"``
+    (CUDA where torch sees a GPU, else the CPU), ``"cpu"`` or ``"cuda"``.
+    ``data``:
     paths, synthetic specs (``synthetic:arith?n=200``), or lists of
     :class:`~loramix.data.QARecord`. ``limit`` keeps the first records of each;
     ``batch``: records per forward pass. ``fields``: ``question_field``/``answer_field``/``context_field`` for

@@ -262,6 +262,21 @@ def train_adapter(
     (:func:`loramix.layers.find_targets`; GPT-2 ``c_attn, c_proj, c_fc``,
     Llama ``q/k/v/o/gate/up/down_proj``).
 
+    ``rank`` ``r`` and ``alpha``: the factors ``B`` (out, r) and ``A`` (r, in)
+    and the scale ``s = alpha / r`` of ``dW = s B A``. ``lr``: the peak
+    AdamW learning rate (``weight_decay`` its decoupled decay, ``clip`` the
+    bound on the gradients' global norm). ``batch``: records per optimizer
+    step; ``max_len``: tokens per record, in training and the held-out
+    perplexity (a longer one is cut, keeping its question; counted in
+    ``n_train_truncated`` / ``n_eval_truncated``); ``limit``: the first
+    ``limit`` records of each source (None: all). ``on``: the tokens the
+    loss and the perplexities count, ``"answer"`` or ``"all"`` (the
+    prompt's too). ``question_field``, ``answer_field``, ``context_field``:
+    the records' JSON fields (``context_field`` None: no passage).
+    ``device``: ``"auto"`` (CUDA where torch sees a GPU, else the CPU),
+    ``"cpu"`` or ``"cuda"``; ``force``: replace an existing ``out``;
+    ``progress``: a bar of the steps (on a terminal).
+
     ``data`` is one source or a list (files or ``synthetic:`` specs); each is
     split by ``seed`` into train and eval (``eval_size``: a count or a
     fraction per source; 0 or None holds nothing out and skips the

@@ -77,6 +77,23 @@ def test_help_shows_each_exports_parameters():
         assert not f.__doc__.lstrip().startswith("See "), name
 
 
+def test_help_says_what_each_parameter_is():
+    """``help(loramix.X)`` names every parameter of ``X`` in its text (as
+    ````name```` or ````name=...````), not only in the signature: a notebook user read nothing
+    of ``train_adapter``'s ``rank``, ``lr``, ``limit`` or ``on``, of
+    ``sum_into_base``'s ``weights`` or ``force``, of ``evaluate``'s
+    ``weights`` or ``build_base``'s ``seed`` (what it seeds)."""
+    import inspect
+
+    for name in FUNCTIONS:
+        f = getattr(loramix, name)
+        doc = f.__doc__
+        unsaid = [
+            p for p in inspect.signature(f).parameters if f"``{p}``" not in doc and f"``{p}=" not in doc
+        ]
+        assert not unsaid, (name, unsaid)
+
+
 def test_an_adapter_and_a_merge_echo_in_one_line(tmp_path):
     """A notebook echoes ``loramix.load_adapter(p)``: one line with the name,
     kind, size and path, each module its shape and scale (the dataclass repr

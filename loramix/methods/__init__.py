@@ -174,7 +174,9 @@ def merge(
     ``epsilon``, ``rank``, ``energy``) and ``out_rank``; ``None`` values
     mean "not given".
     ``dtype``: the output dtype (default: the base's, or the adapters' for
-    an adapter). ``progress``: a bar of the bytes written into a model (on
+    an adapter). ``device``: where the deltas are formed and merged,
+    ``"auto"`` (CUDA where torch sees a GPU, else the CPU), ``"cpu"`` or
+    ``"cuda"``. ``force``: replace an existing ``out``. ``progress``: a bar of the bytes written into a model (on
     a terminal).
 
     Every check runs before any work: bad input raises a one-line

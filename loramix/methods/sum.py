@@ -103,9 +103,14 @@ def sum_into_base(
 ):
     """``W = W0 + sum_i w_i dW_i`` for every adapted weight of the base model
     folder ``into``, written as a model folder ``out``:
-    ``merge(adapters, "sum", into=into, out=out)``. Returns what the engine
-    wrote (a :class:`loramix.engine.StreamResult`: tensors, bytes, device,
-    seconds), which is that merge's ``MergeResult.stream``."""
+    ``merge(adapters, "sum", into=into, out=out)``. ``adapters``: paths or
+    loaded adapters (one alone is a list of one); ``weights``: one per
+    adapter (default 1); ``device``, ``dtype`` (the output's; default the
+    base's), ``force`` (replace an existing ``out``) and ``progress``: as
+    :func:`merge` takes them. Returns what the engine wrote (a
+    :class:`loramix.engine.StreamResult`: tensors, bytes, device, seconds),
+    which is that merge's ``MergeResult.stream``; path-like,
+    ``os.fspath(result)`` is ``out``."""
     res = merge(adapters, "sum", weights=weights, into=into, out=out,
                 device=device, dtype=dtype, force=force, progress=progress)  # fmt: skip
     return res.stream
@@ -122,7 +127,10 @@ def sum_adapters(
     force: bool = False,
 ) -> Path:
     """Write the exact sum ``sum_i w_i dW_i`` as one PEFT LoRA adapter folder
-    ``out``: ``merge(adapters, "sum", out=out)`` without a base. Per module
+    ``out``: ``merge(adapters, "sum", out=out)`` without a base; ``adapters``
+    and ``weights`` as :func:`sum_into_base` takes them, ``dtype`` the
+    factors' written (default the adapters'), ``force`` replaces an
+    existing ``out``. Per module
     ``B = [w_1 s_1 B_1 ...]`` (out, R), ``A = [A_1; ...]`` (R, in), scale 1.
     D2-LoRA and DoRA adapters are refused (their effective deltas depend on ``W0``).
     ``base`` (optional) checks that every module exists in it with a fitting

@@ -371,6 +371,12 @@ def run_scenario(
 ) -> dict:
     """Run a scenario file (or a loaded :class:`Scenario`) and write its report.
 
+    ``scenario``: a TOML file's path (docs/scenarios.md) or a loaded
+    :class:`Scenario`. ``fresh``: remake every artifact instead of reusing
+    the cache's. ``device``: ``"auto"`` (CUDA where torch sees a GPU, else
+    the CPU), ``"cpu"`` or ``"cuda"``; ``force``: replace an ``out`` that
+    exists and is not a report of this scenario; ``progress``: a bar of the
+    plan's steps (on a terminal).
     ``out`` defaults to ``reports/<name>``; ``cache_dir`` to ``$LORAMIX_CACHE``
     or ``.loramix-cache``. Everything is checked before any work starts.
     ``threads``: torch's CPU threads during the run (restored after). The

@@ -39,7 +39,10 @@ def save_d2_adapter(
     """Write a loramix D2-LoRA folder (format in ``docs/d2lora.md``): each of
     ``modules`` (name -> a D2-LoRA :class:`~loramix.adapter.ModuleDelta`,
     ``B``/``B_neg`` (out, r), ``A``/``A_neg`` (r, in)) as its four factors,
-    the config from ``r``, ``lora_alpha``, ``tau``, ``norm_dim``, ``eps``.
+    the config from ``r``, ``lora_alpha``, ``tau``, ``norm_dim``, ``eps``
+    and ``base_model_name_or_path``, with ``extra_config`` added;
+    ``provenance`` is recorded as :func:`~loramix.io.formats.peft.save_peft_adapter`
+    records it.
     Written into ``out`` as :func:`~loramix.io.formats.peft.save_peft_adapter`
     writes; a module of another kind or with factors that do not pair up
     raises :class:`~loramix.errors.AdapterError` before anything is made.

@@ -48,7 +48,11 @@ def save_peft_adapter(
     ``full_names``: the full module names, each of which PEFT matches to that
     module alone, so it finds no module without its factors.
 
-    ``factors`` maps module name to ``(B, A)`` with B (out, r), A (r, in).
+    ``factors`` maps module name to ``(B, A)`` with B (out, r), A (r, in),
+    cast to ``dtype`` where given. ``base_model_name_or_path``,
+    ``fan_in_fan_out`` (GPT-2 ``Conv1D`` targets) and ``use_rslora`` are
+    the config's fields of those names; ``extra_config`` is added to the
+    config; ``provenance`` is recorded in the safetensors metadata.
     Without ``alphas`` the scale is folded into ``B`` already, and the config
     says ``lora_alpha = r`` per module, so PEFT's scale is exactly 1.
     Per-module ranks and alphas that differ from the most common go into
