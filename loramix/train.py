@@ -129,19 +129,25 @@ class LiveLog:
     HEADER = ("step", "loss", "lr", "tokens", "seconds")
 
     def __init__(self, out: Path):
+        from .io.outputs import _make_parents, owner_tag
+
         self.out = out
-        out.parent.mkdir(parents=True, exist_ok=True)
+        # the folders made for the log are removed with it: a failed run leaves nothing, as
+        # atomic_output_dir leaves nothing (it left the empty parents of a new --out)
+        made = _make_parents(out.parent)
         _remove_dead_logs(out)
-        from .io.outputs import owner_tag
 
         self.path = out.parent / f"{_log_stem(out)}.train_log.{owner_tag()}.csv"
         try:
             self.f = open(self.path, "w", newline="")
         except OSError as e:  # a read-only folder, say: named by the --out asked for, as sum's is
+            from .io.outputs import _remove_empty
+
+            _remove_empty(out.parent, made)
             raise OutputError(out, f"cannot write beside it: {e.strerror or e}") from None
         self.w = csv.writer(self.f)
         self.w.writerow(self.HEADER)
-        self._cleanup = weakref.finalize(self, _remove_file, self.f, self.path)
+        self._cleanup = weakref.finalize(self, _remove_file, self.f, self.path, made)
 
     def row(self, step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
         try:
@@ -193,13 +199,18 @@ def _remove_dead_logs(out: Path) -> None:
             f.unlink(missing_ok=True)
 
 
-def _remove_file(f, path: Path) -> None:
+def _remove_file(f, path: Path, made: Path | None = None) -> None:
+    """Close and remove a failed run's log, and the folders made for it
+    (up to ``made``, while empty)."""
+    from .io.outputs import _remove_empty
+
     try:
         f.close()  # flushes what is buffered, which fails on a full disk
     except OSError:
         pass
     finally:
         path.unlink(missing_ok=True)
+        _remove_empty(path.parent, made)
 
 
 def _supervised_tokens(batch) -> int:

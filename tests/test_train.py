@@ -185,6 +185,24 @@ def test_training_that_diverges_is_refused_naming_lr(bases, tmp_path, capsys, ki
     assert "lora_A" not in err and not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_training_removes_the_folders_made_for_its_out(bases, tmp_path):
+    """``train_adapter(out="new/sub/t")`` whose training fails (it diverges,
+    or a notebook's Ctrl-C) left the empty folders ``new/sub``, made for the
+    live train_log beside the output: now removed with that log, as every
+    other output's (README, Conventions), and the error is the same."""
+    import loramix
+    from loramix.errors import LoramixError
+
+    out = tmp_path / "new" / "sub" / "t"
+    with pytest.raises(LoramixError, match=r"^lr: training diverged at step"):
+        loramix.train_adapter(str(bases["gpt2"]), ARITH, out=out, steps=3, batch=4, max_len=32, eval_size=8,
+                              lr=1e30, device="cpu", progress=False)  # fmt: skip
+    import gc
+
+    gc.collect()  # the log goes when its run is collected (the traceback may hold it until then)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_eval_size_beyond_the_records_names_the_option(bases, tmp_path, capsys):
     """All records held out: the one line names --eval-size (it said eval_size)."""
     data = write_jsonl(tmp_path / "two.jsonl", [{"question": "q", "answer": "a"}] * 2)
