@@ -1,5 +1,6 @@
 import logging
 import os
+import signal
 import sys
 
 # Before torch loads: idle OpenMP workers sleep instead of spinning, which on
@@ -12,6 +13,12 @@ os.environ.setdefault("LORAMIX_JOBS", "1")
 # minute: a test that a loaded machine slows past that would find a stray line in its
 # stderr. The tests of those lines set the interval themselves (tests/test_progress.py).
 os.environ.setdefault("LORAMIX_PROGRESS_EVERY", "86400")
+# The Ctrl-C tests send SIGINT to the loramix processes they start, which inherit this
+# process's disposition: a suite started as a background job of a non-interactive shell
+# (`nohup ... &`, a CI script) has SIGINT ignored, so those processes kept running and
+# nine tests failed. A handler is not inherited across exec: the children get the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
