@@ -333,6 +333,13 @@ def _checked_inputs(
 
     check_adapter_paths(adapters)
     warn_other_prompt(adapters, prompt)
+    cfg = read_model_config(base)[1] if isinstance(base, (str, os.PathLike)) else None
+    check_dtype_name(dtype)
+    if cfg is not None:  # a --top-layers out of config.json's blocks, before torch
+        from .archs import check_top_layers
+
+        check_top_layers(cfg, top_layers)
+    # after the checks: a mistyped --base is one line without reading the adapters' training data
     from . import heldout
 
     dropped = None
@@ -340,12 +347,6 @@ def _checked_inputs(
         sets, dropped = heldout.held_out(adapters, base, data, sets, limit)
     else:
         heldout.warn_trained_on(adapters, base, data, sets)
-    cfg = read_model_config(base)[1] if isinstance(base, (str, os.PathLike)) else None
-    check_dtype_name(dtype)
-    if cfg is not None:  # a --top-layers out of config.json's blocks, before torch
-        from .archs import check_top_layers
-
-        check_top_layers(cfg, top_layers)
     return sets, adapters, dropped
 
 

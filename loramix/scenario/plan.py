@@ -89,7 +89,6 @@ class DomainData:
 def prepare_data(sc: Scenario) -> dict[str, DomainData]:
     """Load and split every domain (cheap; done before any work so that a
     domain too small for its sizes fails first)."""
-    from ..contamination import contaminated
     from ..data import load_records, split_records
     from ..errors import LoramixError
     from ..io.st_header import file_sha256  # torch-free (safetensors_io re-exports it)
@@ -109,6 +108,8 @@ def prepare_data(sc: Scenario) -> dict[str, DomainData]:
                 seen = load_records(d.trained_on, **fields)
             except LoramixError as e:
                 raise ScenarioError(f"{sc.path}: domains.{name}.trained_on", e.message) from None
+            from ..contamination import contaminated  # numpy: only for a study that gives trained_on
+
             found = contaminated(recs, seen)
             kept = [r for r, f in zip(recs, found, strict=True) if f is None]
             left, near, recs = len(recs) - len(kept), found.count("ngram"), kept
