@@ -13,8 +13,9 @@ For one module with stacked factors (R = sum of the adapters' ranks)::
 ``S`` are exactly the singular values of the dense sum (``Q_B``, ``Q_A`` have
 orthonormal columns), at ``O((out + in) R^2 + R^3)`` cost instead of an SVD of
 an ``out x in`` matrix. ``k`` is ``--rank`` (at most the module's stacked rank)
-or the smallest rank whose ``sum_{j<=k} S_j^2`` reaches ``--energy`` of
-``sum_j S_j^2``. The discarded energy ``sum_{j>k} S_j^2`` is reported per
+or the smallest rank whose ``sum_{j<k} S_j^2`` (``S`` indexed from 0, as in
+``S[:k]``) reaches ``--energy`` of ``sum_j S_j^2``. The discarded energy
+``sum_{j>=k} S_j^2`` is reported per
 module (absolute, and relative to ``||sum||_F^2 = sum_j S_j^2``).
 
 Computed in float64 on the device; written in the adapters' dtype.
