@@ -114,3 +114,28 @@ def test_what_from_python_says_of_run_scenarios_report_holds():
     assert any(r["model"] == "base" for r in rows) and not any(
         r["model"] == "base" for r in report["evaluations"]
     )
+
+
+def test_the_start_up_figures_are_those_of_the_benchmarks_report():
+    """README's Conventions, Start-up: the range of the torch-free commands'
+    start-up (``inspect``, ``similarity``, ``plan``, ``predict``) and its share
+    of ``import torch`` cover every such row of reports/benchmarks.md's startup
+    table, the last one written (a rerun that moves them must move the README)."""
+    import re
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    said = re.search(r"run without torch \([^)]*\): ([\d.]+)-([\d.]+) s where `import torch` takes ([\d.]+) s, "
+                     r"([\d.]+)-([\d.]+) of it \(`reports/benchmarks.md`, startup\)", readme)  # fmt: skip
+    assert said, "README no longer states the start-up range: reword this test with it"
+    lo, hi, torch_s, share_lo, share_hi = (float(x) for x in said.groups())
+    bench = (ROOT / "reports" / "benchmarks.md").read_text()
+    table = bench[bench.index("## startup") :].split("\n## ")[0]
+    rows = {c[0]: (float(c[1]), float(c[4])) for line in table.splitlines() if line.startswith("| ")
+            for c in [[x.strip() for x in line.strip("|").split("|")]] if re.fullmatch(r"[\d.]+", c[1])}  # fmt: skip
+    assert round(rows['python -c "import torch"'][0], 1) == torch_s
+    free = {k: v for k, v in rows.items()
+            if re.match(r"loramix (inspect|similarity|plan|predict) ", k) and "exit 2" not in k and "--help" not in k}  # fmt: skip
+    assert len(free) >= 4, sorted(rows)
+    wrong = [f"{k}: {wall:.3f} s, {share:.3f} of import torch" for k, (wall, share) in free.items()
+             if not (lo <= round(wall, 2) <= hi and share_lo <= round(share, 2) <= share_hi)]  # fmt: skip
+    assert wrong == [], f"README says {lo}-{hi} s, {share_lo}-{share_hi} of import torch"
