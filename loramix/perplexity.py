@@ -241,8 +241,9 @@ def evaluate(
     (their pooled, token-weighted perplexity), columns ``data, records,
     tokens, ppl, nll, seconds, tokens_per_s, input_tokens,
     input_tokens_per_s, prefix_seconds, truncated, max_len`` (``tokens``: scored;
-    ``input_tokens``: every non-pad token run through the model; ``seconds``
-    exclude the cached prefix, whose own time is ``prefix_seconds``;
+    ``nll``: the mean NLL per scored token, ``ppl`` its exponential and ``nll``
+    times ``tokens`` the total; ``input_tokens``: every non-pad token run
+    through the model; ``seconds`` exclude the cached prefix, whose own time is ``prefix_seconds``;
     ``truncated``: records cut at ``max_len``, which defaults to the model's
     context).
 
