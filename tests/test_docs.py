@@ -371,3 +371,38 @@ def test_the_merge_docstring_names_every_methods_parameter():
     named = set(re.findall(r"``(\w+)``", said))
     declared = {p.name for c in method_classes().values() for p in c.params}
     assert declared - named == set()
+
+
+def test_the_scenarios_page_lists_the_files_and_columns_a_report_holds():
+    """docs/scenarios.md, "The report": every file its table names is in a
+    committed report (reports/quickstart, made by the README's command, or
+    reports/real-14-domains, which has ``[plan]``), every file of the
+    quickstart's report is in the table, and every value column of
+    ``results.csv`` and ``evaluations.csv`` is named on the page, and exists
+    (a column added or renamed, as ``nll_sum`` beside ``nll``, must reach it)."""
+    import csv
+    import fnmatch
+
+    text = (ROOT / "docs" / "scenarios.md").read_text()
+    table = text[text.index("| file | contents |") :].split("\n\n")[0].splitlines()[2:]
+    rows = {n: line.split("|")[2] for line in table for n in re.findall(r"`([^`]+)`", line.split("|")[1])}
+    globs = [re.sub(r"<[^>]+>", "*", n) for n in rows]
+    reports = [ROOT / "reports" / r for r in ("quickstart", "real-14-domains")]
+    held = {p.name for r in reports for p in r.iterdir()}
+    assert [g for g in globs if not fnmatch.filter(held, g)] == [], (
+        "named on the page, in no committed report"
+    )
+    quick = sorted(p.name for p in reports[0].iterdir())
+    assert [f for f in quick if not any(fnmatch.fnmatch(f, g) for g in globs)] == [], (
+        "written, not on the page"
+    )
+    page = " ".join(text.split())
+    keys = {"adapter_method", "seed", "composition", "k", "merge_method", "model", "domain"}  # the rows' keys
+    for name in ("results.csv", "evaluations.csv"):
+        with open(reports[0] / name) as f:
+            header = next(csv.reader(f))
+        named = set(re.findall(r"`([a-z][a-z0-9_]*)`", rows[name]))
+        if name == "results.csv":
+            named |= set(re.findall(r"`results\.csv` also carries `(\w+)`", page))
+        assert sorted(set(header) - keys - named) == [], f"{name}: columns the page does not name"
+        assert sorted(named - set(header)) == [], f"{name}: columns the page names that it lacks"
