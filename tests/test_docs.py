@@ -406,3 +406,32 @@ def test_the_scenarios_page_lists_the_files_and_columns_a_report_holds():
             named |= set(re.findall(r"`results\.csv` also carries `(\w+)`", page))
         assert sorted(set(header) - keys - named) == [], f"{name}: columns the page does not name"
         assert sorted(named - set(header)) == [], f"{name}: columns the page names that it lacks"
+
+
+def test_the_readme_and_scenarios_page_state_a_studys_adapter_defaults():
+    """README (Training) and docs/scenarios.md set ``loramix train``'s
+    defaults against a study's ``[adapters]`` (rank, alpha, lr, batch,
+    max_len) and the README the delta's step, lr x alpha / rank, of each:
+    the study's half is the schema's (``AdapterSpec``), not only the train
+    half (tested above)."""
+    from loramix.scenario.config import AdapterSpec
+
+    study = AdapterSpec()
+    want = (study.rank, study.alpha, study.lr, study.batch, study.max_len)
+    scen = _said(_doc("scenarios.md"), r"The `\[adapters\]` defaults are a study's \(([^)]*)\)")
+    said = [float(kv.rsplit(" ", 1)[1]) for kv in scen.split(", ")]
+    assert said == [float(v) for v in want]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    m = re.search(r"Its defaults \(rank (\S+), alpha (\S+), lr (\S+), batch (\S+), `--max-len` (\S+)\) are for a "
+                  r"quick adapter and differ from a study's `\[adapters\]` \(rank (\S+), alpha (\S+), lr (\S+), "
+                  r"batch (\S+), (\d+);.*?lr x alpha / rank \((\S+) and (\S+)\)", readme)  # fmt: skip
+    assert m, "README no longer sets train's defaults against a study's: reword this test with it"
+    train = [
+        float(_default("loramix train", f)) for f in ("--rank", "--alpha", "--lr", "--batch", "--max-len")
+    ]
+    assert [float(v) for v in m.groups()[:5]] == train
+    assert [float(v) for v in m.groups()[5:10]] == [float(v) for v in want]
+    steps = [float(v) for v in m.groups()[10:]]
+    assert steps == pytest.approx(
+        [train[2] * train[1] / train[0], study.lr * study.alpha / study.rank], rel=1e-12
+    )
