@@ -45,12 +45,10 @@ conflicting deltas) otherwise.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 
@@ -213,35 +211,15 @@ RULE_BY_METHOD = ("each group costed under every merge method with a validated p
                   "prediction and its method the one that makes it; a group of one is kept")  # fmt: skip
 
 
-def training_record(adapter) -> dict | None:
-    """The ``loramix.json`` beside an adapter (its provenance: how ``loramix
-    train`` made it), or None where there is none or it is not a JSON object."""
-    path = getattr(adapter, "path", None)
-    if path is None:
-        return None
-    p = Path(path)
-    f = (p if p.is_dir() else p.parent) / "loramix.json"
-    try:
-        rec = json.loads(f.read_text())
-    except (OSError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) else None
-
-
 def trained_prompt(adapter) -> str:
     """How ``loramix train`` formatted the adapter's records (``raw`` or
-    ``chat``, its ``loramix.json``'s ``parameters.prompt``): a calibration pass
-    formats its domain's records the same way. ``raw`` where nothing says."""
-    params = (training_record(adapter) or {}).get("parameters")
-    prompt = params.get("prompt") if isinstance(params, dict) else None
+    ``chat``, its ``loramix.json``'s ``parameters.prompt``,
+    :mod:`loramix.io.provenance`): a calibration pass formats its domain's
+    records the same way. ``raw`` where nothing says."""
+    from .io.provenance import recorded_parameters
+
+    prompt = recorded_parameters(getattr(adapter, "path", None)).get("prompt")
     return prompt if prompt in ("raw", "chat") else "raw"
-
-
-def _trained_base_identity(adapter) -> str | None:
-    """The base identity an adapter's ``loramix.json`` records (training provenance), if any."""
-    inputs = (training_record(adapter) or {}).get("inputs")
-    return next((i.get("identity") for i in inputs if isinstance(i, dict)
-                 and i.get("kind") == "base_model"), None) if isinstance(inputs, list) else None  # fmt: skip
 
 
 def other_base(adapters, base: str | None, fitted: str) -> str | None:
@@ -250,7 +228,9 @@ def other_base(adapters, base: str | None, fitted: str) -> str | None:
     which: ``"this fit was"``), or None: the same base, or a file from before
     the field. Adapters made outside loramix (PEFT's own training) record no
     base identity: that the check could not be made is said, not passed over."""
-    seen = {i for i in (_trained_base_identity(a) for a in adapters) if i}
+    from .io.provenance import recorded_base
+
+    seen = {i for i in (recorded_base(getattr(a, "path", None)) for a in adapters) if i}
     if base and not seen:
         return (f"the adapters record no base they were trained on (made outside loramix): that it is "
                 f"the one {fitted} fitted for ({base[:12]}) is not checked")  # fmt: skip

@@ -16,20 +16,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 
 def _adapter_paths(adapters, base) -> list[str]:
     """The adapters given, and those a loramix merge in ``base`` was made of
     (its ``loramix.json`` inputs with role ``adapter``)."""
-    from .grouping import training_record
+    from .io.provenance import read_record, recorded_inputs
 
     paths = [os.fspath(getattr(a, "path", a)) for a in adapters if getattr(a, "path", a) is not None]
-    if isinstance(base, (str, os.PathLike)):
-        inputs = (training_record(SimpleNamespace(path=Path(base) / "config.json")) or {}).get("inputs")
-        if isinstance(inputs, list):
-            paths += [i["path"] for i in inputs if isinstance(i, dict) and i.get("role") == "adapter"
-                      and isinstance(i.get("path"), str)]  # fmt: skip
+    if isinstance(base, (str, os.PathLike)) and Path(base).is_dir():  # a .gguf file is no merge
+        inputs = recorded_inputs(read_record(base))
+        paths += [i["path"] for i in inputs if i.get("role") == "adapter" and isinstance(i.get("path"), str)]
     return paths
 
 
@@ -40,10 +37,9 @@ def training_split(adapter_path) -> dict[str, set]:
     holds the recorded records (or a synthetic spec) is left out."""
     from .data import load_records, split_records
     from .errors import LoramixError
-    from .grouping import training_record
-    from .train import _records_sha256
+    from .io.provenance import read_record, records_sha256
 
-    rec = training_record(SimpleNamespace(path=adapter_path)) or {}
+    rec = read_record(adapter_path) or {}
     params, inputs = rec.get("parameters"), rec.get("inputs")
     if rec.get("method") != "train" or not isinstance(params, dict) or not isinstance(inputs, list):
         return {}
@@ -54,7 +50,7 @@ def training_split(adapter_path) -> dict[str, set]:
             continue
         try:
             recs = load_records(i["path"], limit=params.get("limit"), **fields)
-            if _records_sha256(recs) != i.get("records_sha256"):
+            if records_sha256(recs) != i.get("records_sha256"):
                 continue
             es = params.get("eval_size")
             tr = split_records(recs, eval_size=es, seed=params.get("seed", 0))[0] if es else recs

@@ -235,9 +235,9 @@ def is_predictors_file(path) -> bool:
 def _recorded_init(adapter) -> str | None:
     """How ``adapter`` was initialised (``"shared"`` or ``"data"``), as its
     training record (``loramix.json`` of ``loramix train``) says; else None."""
-    from .grouping import training_record
+    from .io.provenance import recorded_parameters
 
-    init = ((training_record(adapter) or {}).get("parameters") or {}).get("init")
+    init = recorded_parameters(getattr(adapter, "path", None)).get("init")
     if not isinstance(init, dict) or not isinstance(init.get("shared"), bool):
         return None
     return "shared" if init["shared"] else "data"

@@ -357,19 +357,17 @@ def warn_other_prompt(adapters, prompt: str) -> None:
     ``parameters.prompt``): scored so, its answers follow a format it never saw,
     and its perplexity says so, not how well it learnt. Adapters without such a
     record (PEFT's own) are not guessed at."""
-    if not adapters:  # the base alone: nothing to read (nor grouping's numpy to import)
+    if not adapters:  # the base alone: nothing to read
         return
     import warnings
-    from types import SimpleNamespace
 
     from .errors import LoramixWarning
-    from .grouping import training_record
+    from .io.provenance import recorded_parameters
 
     other = []
     for a in adapters:
         path = getattr(a, "path", a)  # a loaded adapter's file, or the path given
-        params = (training_record(SimpleNamespace(path=path)) or {}).get("parameters")
-        trained = params.get("prompt") if isinstance(params, dict) else None
+        trained = recorded_parameters(path).get("prompt")
         if isinstance(trained, str) and trained != prompt:
             other.append(f"{path} (--prompt {trained})")
     if other:

@@ -65,18 +65,11 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _records_sha256(records) -> str:
-    h = hashlib.sha256()
-    for r in records:
-        h.update(json.dumps([r.question, r.answer, r.context], ensure_ascii=False).encode())
-        h.update(b"\n")
-    return h.hexdigest()
-
-
 def _load_sources(data, *, eval_size, seed: int, limit, fields: dict):
     """Load every source; return (train records, eval records, provenance per source)."""
     from .data import data_name, is_synthetic_spec, load_records, split_records
     from .io.outputs import normalized_path
+    from .io.provenance import records_sha256
     from .io.st_header import file_sha256  # torch-free (safetensors_io re-exports it)
 
     sources = [data] if isinstance(data, (str, os.PathLike)) else list(data)
@@ -98,7 +91,7 @@ def _load_sources(data, *, eval_size, seed: int, limit, fields: dict):
                 "kind": "data",
                 "name": data_name(src),
                 "sha256": file_sha256(src) if is_file else None,
-                "records_sha256": _records_sha256(recs),
+                "records_sha256": records_sha256(recs),
                 "n_train": len(tr),
                 "n_eval": len(ev),
             }

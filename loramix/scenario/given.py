@@ -100,24 +100,6 @@ def _base_fits(folder, base):
     return fits
 
 
-def recorded_base(path: Path) -> str | None:
-    """The base identity that a ``loramix.json`` beside the adapter records
-    (``loramix train``'s provenance), or None: PEFT's own training records
-    none (its ``base_model_name_or_path`` is a name, which a renamed or copied
-    folder changes, so it is not compared)."""
-    import json
-
-    f = (path if path.is_dir() else path.parent) / "loramix.json"
-    try:
-        inputs = json.loads(f.read_text()).get("inputs")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not isinstance(inputs, list):  # none recorded, or not loramix's provenance
-        return None
-    ids = [i.get("identity") for i in inputs if isinstance(i, dict) and i.get("kind") == "base_model"]
-    return next((i for i in ids if isinstance(i, str)), None)
-
-
 def _notice_other_base(ctx, where: str, path: Path, identity) -> None:
     """Warn (one line) where the adapter's provenance names another base than
     ``identity()``, the base's (its weight files' hashes, cached on disk; None
@@ -126,6 +108,7 @@ def _notice_other_base(ctx, where: str, path: Path, identity) -> None:
     import warnings
 
     from ..errors import LoramixWarning
+    from ..io.provenance import recorded_base
 
     seen = recorded_base(path)
     if seen is None or identity is None:
