@@ -19,7 +19,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(module: str) -> str:
+def package_version(module: str) -> str:
     """``module.__version__``: from the module where it is imported, else from
     its installed metadata (the same string) without importing it."""
     if module in sys.modules:
@@ -50,8 +50,8 @@ def environment(device, torch_threads: int | None = None) -> dict:
         torch_threads = torch.get_num_threads()
     return {
         "python": sys.version.split()[0],
-        "torch": _version("torch"),
-        "transformers": _version("transformers"),
+        "torch": package_version("torch"),
+        "transformers": package_version("transformers"),
         "numpy": numpy.__version__,
         "pandas": pandas.__version__,
         "platform": platform.platform(),

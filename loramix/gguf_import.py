@@ -399,11 +399,11 @@ def _hf_config(reader, path: Path, model_type: str, dtype: str):
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from .io.model_folder import _quiet_transformers
+    from .io.model_folder import quiet_transformers
 
     try:
         # its warnings about a file we then refuse in one line
-        with _quiet_transformers(), _reader_handed_over(_config_view(reader), path):
+        with quiet_transformers(), _reader_handed_over(_config_view(reader), path):
             parsed = load_gguf_checkpoint(str(path), return_tensors=False)
     except Exception as e:
         raise BaseModelError(

@@ -271,6 +271,13 @@ def wrapped_modules(model: nn.Module, kind: type | tuple = LAYERS) -> dict[str, 
     return {n: m for n, m in model.named_modules() if isinstance(m, kind)}
 
 
+def holds_loramix(model: nn.Module) -> bool:
+    """Whether ``model`` holds what :func:`attach_adapters` puts on it, which
+    :func:`detach` removes: loramix layers (:func:`wrapped_modules`), or the
+    ``modules_to_save`` copies standing in for its own parameters."""
+    return bool(wrapped_modules(model)) or _SWAPPED in model.__dict__
+
+
 def default_targets(model: nn.Module) -> list[str]:
     """Target suffixes for ``model``'s architecture (``config.model_type``)."""
     from .archs import ARCHS, arch
@@ -374,7 +381,7 @@ def inject_trainable(
     module docstring), independent of the global RNG, so the same call gives
     the same factors.
     """
-    kind = _kind_arg(kind) if method is None else _kind_arg(method, "--method")
+    kind = kind_arg(kind) if method is None else kind_arg(method, "--method")
     names = find_targets(model, targets)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -390,7 +397,7 @@ def inject_trainable(
     return params
 
 
-def _kind_arg(kind, flag: str = "--kind"):
+def kind_arg(kind, flag: str = "--kind"):
     """The kind object for a ``--kind`` value, or a one-line usage error naming ``flag``."""
     try:
         return get_kind(kind)

@@ -150,13 +150,13 @@ def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None):
     # many times in a study, so keep it quiet and restore the user's setting.
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    from .io.model_folder import _quiet_transformers
+    from .io.model_folder import quiet_transformers
 
     try:
         check_weights_hold_the_model(p)
         # quiet: transformers prints a table of missing and unexpected keys, where
         # a missing one is refused below in one line and an unexpected one is unused
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = AutoModelForCausalLM.from_pretrained(
                 str(p), local_files_only=True, dtype=tdtype, output_loading_info=True
             )
@@ -200,7 +200,7 @@ def check_weights_hold_the_model(p: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .io.filehash import INDEX_NAME, SINGLE_NAME
-    from .io.model_folder import _quiet_transformers
+    from .io.model_folder import quiet_transformers
     from .io.st_header import read_safetensors_header
 
     cfg = load_json_file(p / "config.json", BaseModelError, constants=True)
@@ -225,7 +225,7 @@ def check_weights_hold_the_model(p: Path) -> None:
             return
         header, _ = read_safetensors_header(f)
         held += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
-    with torch.device("meta"), _quiet_transformers():
+    with torch.device("meta"), quiet_transformers():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(p), local_files_only=True))
     need = sum(t.numel() for t in model.parameters())
     if need > held:

@@ -209,7 +209,7 @@ def residual_note(names: Sequence[str], kinds: Sequence[str], effective: bool) -
             "deltas W_hat - W0 that merging adds, which depend on the base: pass --base BASE to compare those")  # fmt: skip
 
 
-def _unique_names(adapters: Sequence[Adapter]) -> list[str]:
+def unique_names(adapters: Sequence[Adapter]) -> list[str]:
     """Adapter names, made unique (full path, then ``#k``) where they collide."""
     names = [a.name for a in adapters]
     if len(set(names)) == len(names):
@@ -685,7 +685,7 @@ def _similarity(items: list, base, per_module: bool, progress: bool, device) -> 
     # A torch.device asks for torch; a base may need D2 effective deltas (torch).
     numpy_path = base is None and (device is None or isinstance(device, str)) and is_cpu(device)
     adapters, dev = _load_all(items, numpy_path, device, progress)
-    names = _unique_names(adapters)
+    names = unique_names(adapters)
     base_folder = None
     if base is None:
         warn_null_targets(adapters)

@@ -406,7 +406,7 @@ def _model_with_adapters(base, adapters: list, weights, *, merged: bool, dev, dt
     study's evaluation of an adapter): the same weights, the same numbers.
     A model that holds loramix layers already is copied, as attaching
     removes them, and so is one on another device than ``dev``."""
-    from .layers import _SWAPPED, wrapped_modules
+    from .layers import holds_loramix
     from .models import load_causal_lm
 
     if adapters:
@@ -418,11 +418,7 @@ def _model_with_adapters(base, adapters: list, weights, *, merged: bool, dev, dt
     if isinstance(base, (tuple, list)):
         model, tok = base
         lent = (
-            bool(adapters)
-            and not merged
-            and not wrapped_modules(model)
-            and _SWAPPED not in model.__dict__
-            and _already_on(model, dev)
+            bool(adapters) and not merged and not holds_loramix(model) and _already_on(model, dev)
         )  # moving the caller's model would be a change it sees
         if adapters and not lent:
             model = copy.deepcopy(model)

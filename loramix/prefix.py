@@ -50,7 +50,9 @@ from torch import nn
 from .errors import UsageError
 
 _MEMORY: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
-_MEMORY_BYTES = 2 << 30  # the in-process cache keeps at most about 2 GiB of states
+#: the in-process cache (``prefix_cache="memory"``) keeps at most about 2 GiB of states; train's
+#: held-out evaluation keeps its prefix states in memory only below it
+MEMORY_BYTES = 2 << 30
 # the digests of prefix weights, by the ids of their tensors (prefix_identity), used
 # while a caller that owns its model says so (remembering_digests)
 _DIGESTS: OrderedDict[tuple, tuple] = OrderedDict()
@@ -65,7 +67,8 @@ def supports_prefix(model) -> bool:
     return bool(a and a.prefix_cache)
 
 
-def _blocks(model) -> nn.ModuleList:
+def blocks(model) -> nn.ModuleList:
+    """The decoder's blocks, ``model.model.layers`` (Llama family), in order."""
     return model.base_model.layers
 
 
@@ -75,13 +78,13 @@ def split_point(model, top_layers: int, flag: str = "--top-layers") -> int:
     from .archs import top_layers_split
 
     return top_layers_split(
-        getattr(model.config, "model_type", None), lambda: len(_blocks(model)), top_layers, flag
+        getattr(model.config, "model_type", None), lambda: len(blocks(model)), top_layers, flag
     )
 
 
 def _blocks_path(model) -> str:
-    blocks = _blocks(model)
-    return next(n for n, m in model.named_modules() if m is blocks)
+    stack = blocks(model)
+    return next(n for n, m in model.named_modules() if m is stack)
 
 
 def layer_of(model, name: str) -> int | None:
@@ -150,7 +153,7 @@ def states_entering(model, k: int):
     def hook(module, args, kwargs):
         got.append((args[0] if args else kwargs["hidden_states"]).detach())
 
-    handle = _blocks(model)[k].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = blocks(model)[k].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield got
     finally:
@@ -373,7 +376,7 @@ def prefix_states(model, k: int, examples: list[dict], *, batch_size: int = 16, 
 def _remember(key: str, states: list[torch.Tensor]) -> None:
     _MEMORY[key] = states
     size = lambda v: sum(t.numel() * t.element_size() for t in v)  # noqa: E731
-    while len(_MEMORY) > 1 and sum(size(v) for v in _MEMORY.values()) > _MEMORY_BYTES:
+    while len(_MEMORY) > 1 and sum(size(v) for v in _MEMORY.values()) > MEMORY_BYTES:
         _MEMORY.popitem(last=False)
 
 

@@ -122,21 +122,21 @@ class LiveLog:
     HEADER = ("step", "loss", "lr", "tokens", "seconds")
 
     def __init__(self, out: Path):
-        from .io.outputs import _make_parents, owner_tag
+        from .io.outputs import make_parents, owner_tag
 
         self.out = out
         # the folders made for the log are removed with it: a failed run leaves nothing, as
         # atomic_output_dir leaves nothing (it left the empty parents of a new --out)
-        made = _make_parents(out.parent)
+        made = make_parents(out.parent)
         _remove_dead_logs(out)
 
         self.path = out.parent / f"{_log_stem(out)}.train_log.{owner_tag()}.csv"
         try:
             self.f = open(self.path, "w", newline="")
         except OSError as e:  # a read-only folder, say: named by the --out asked for, as sum's is
-            from .io.outputs import _remove_empty
+            from .io.outputs import remove_made_parents
 
-            _remove_empty(out.parent, made)
+            remove_made_parents(out.parent, made)
             raise OutputError(out, f"cannot write beside it: {e.strerror or e}") from None
         self.w = csv.writer(self.f)
         self.w.writerow(self.HEADER)
@@ -195,7 +195,7 @@ def _remove_dead_logs(out: Path) -> None:
 def _remove_file(f, path: Path, made: Path | None = None) -> None:
     """Close and remove a failed run's log, and the folders made for it
     (up to ``made``, while empty)."""
-    from .io.outputs import _remove_empty
+    from .io.outputs import remove_made_parents
 
     try:
         f.close()  # flushes what is buffered, which fails on a full disk
@@ -203,7 +203,7 @@ def _remove_file(f, path: Path, made: Path | None = None) -> None:
         pass
     finally:
         path.unlink(missing_ok=True)
-        _remove_empty(path.parent, made)
+        remove_made_parents(path.parent, made)
 
 
 def _supervised_tokens(batch) -> int:
@@ -343,9 +343,9 @@ def train_adapter(
                    limit=limit, max_len=max_len, batch=batch, on=on, device=device, top_layers=top_layers,
                    prefix_cache=prefix_cache, autocast=dtype, prompt=prompt, progress=progress, rank=rank,
                    steps=steps, epochs=epochs, bucket=bucket, loaded=loaded)  # fmt: skip
-    from .layers import _kind_arg
+    from .layers import kind_arg
 
-    kind = _kind_arg(kind, flag)
+    kind = kind_arg(kind, flag)
     total = run.total
     warmup = warmup_steps(warmup, total)  # checked again: --epochs sets the steps only now
     options = {k: v for k, v in (("tau", tau), ("norm_dim", norm_dim)) if k in kind.options}
@@ -858,12 +858,12 @@ def _held_out_prefix(run: _Run) -> int | None:
     if run.prefix_at is not None or run.autocast is not None or not run.eval_batches:
         return None
     from .layers import find_targets
-    from .prefix import _MEMORY_BYTES, lowest_block
+    from .prefix import MEMORY_BYTES, lowest_block
 
     k = lowest_block(run.model, find_targets(run.model, run.targets))
     emb = run.model.get_input_embeddings().weight
     size = sum(b["attention_mask"].numel() for b in run.eval_batches) * emb.shape[1] * emb.element_size()
-    return k if k is not None and size <= _MEMORY_BYTES else None
+    return k if k is not None and size <= MEMORY_BYTES else None
 
 
 def _final_loss(log: list[tuple]) -> float:

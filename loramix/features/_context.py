@@ -29,7 +29,7 @@ class FeatureContext:
     _sim: object | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        from ..overlap import _unique_names
+        from ..overlap import unique_names
 
         if len(self.adapters) < 2:
             raise UsageError(
@@ -41,7 +41,7 @@ class FeatureContext:
         # a base for the similarity, that similarity checks its type's default
         if self.base is None:
             warn_null_targets(self.adapters, FEATURES_READ_ALL)
-        self.names = _unique_names(self.adapters)
+        self.names = unique_names(self.adapters)
 
     @property
     def n(self) -> int:

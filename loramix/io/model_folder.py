@@ -530,7 +530,7 @@ def _cached_skeleton(folder: Path, config_bytes: bytes) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """transformers' logging at error level and Python warnings off, restored after."""
     import warnings
 
@@ -562,7 +562,7 @@ def build_skeleton(folder: Path) -> dict:
         # A head class built from a bare model's config logs advice (BERT: "add
         # is_decoder=True"); it is about using the model, not about its layout,
         # and it would break the CLI's one-line promise.
-        with torch.device("meta"), _quiet_transformers():
+        with torch.device("meta"), quiet_transformers():
             for auto in (AutoModelForCausalLM, AutoModel):
                 try:
                     model = auto.from_config(cfg)

@@ -483,12 +483,12 @@ def atomic_output_dir(
     (:func:`publish`).
     """
     out = check_output(out, force=force, inputs=inputs)
-    made = _make_parents(out.parent)
+    made = make_parents(out.parent)
     remove_stale_temporaries(out.parent, out.name)
     try:
         owned = new_temporary(out.parent, out.name)
     except OSError as e:
-        _remove_empty(out.parent, made)
+        remove_made_parents(out.parent, made)
         raise OutputError(out, f"cannot write beside it: {e.strerror or e}") from None
     tmp = owned / PAYLOAD
     try:
@@ -497,22 +497,26 @@ def atomic_output_dir(
         publish(tmp, out, force)
     except BaseException as e:
         remove_temporary(owned)
-        _remove_empty(out.parent, made)
+        remove_made_parents(out.parent, made)
         raise_naming(e, (tmp, owned), out)
     remove_temporary(owned)  # its owner.json, and a replaced target
 
 
-def _make_parents(folder: Path) -> Path | None:
-    """``mkdir -p folder``; returns the highest folder it made (None: none)."""
+def make_parents(folder: Path) -> Path | None:
+    """``mkdir -p folder``; returns the highest folder it made (None: none),
+    for :func:`remove_made_parents` to undo where the run that needed them
+    writes nothing (every output, and ``loramix train``'s live log)."""
     missing = [q for q in (folder, *folder.parents) if not os.path.lexists(q)]
     folder.mkdir(parents=True, exist_ok=True)
     return missing[-1] if missing else None
 
 
 @cleanup
-def _remove_empty(folder: Path, made: Path | None) -> None:
-    """Undo :func:`_make_parents` for a run that wrote nothing: remove
-    ``folder`` and its parents up to ``made`` while they are empty."""
+def remove_made_parents(folder: Path, made: Path | None) -> None:
+    """Undo :func:`make_parents` for a run that wrote nothing: remove
+    ``folder`` and its parents up to ``made`` (what it returned) while they
+    are empty; nothing where ``made`` is None. A folder another run wrote
+    into meanwhile is kept, and so are those above it."""
     if made is None:
         return
     for q in (folder, *folder.parents):

@@ -126,11 +126,11 @@ def drawn(cache, fn, path: Path, *args, **kw) -> Path:
         return fn(*args, path=path, **kw)
     import shutil
 
-    from ..environment import _version
+    from ..environment import package_version
 
     name = Path(path).name
     inputs = {"figure": f"{fn.__module__}.{fn.__qualname__}", "file": name, "args": [_plain(a) for a in args],
-              "kw": {k: _plain(v) for k, v in kw.items()}, "matplotlib": _version("matplotlib"),
+              "kw": {k: _plain(v) for k, v in kw.items()}, "matplotlib": package_version("matplotlib"),
               "kinds": _kind_names()}  # fmt: skip
 
     def make(tmp: Path):

@@ -67,9 +67,9 @@ class StepContext:
 
         model, tok = self.base_model(path)
         if top_layers is not None:
-            from ..prefix import _blocks, copy_sharing_prefix
+            from ..prefix import blocks, copy_sharing_prefix
 
-            n = len(_blocks(model))
+            n = len(blocks(model))
             if 0 < top_layers < n:
                 return copy_sharing_prefix(model, n - top_layers), tok
         return copy.deepcopy(model), tok
