@@ -31,6 +31,7 @@ to float rounding (tests check it against transformers' own loss).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -262,15 +263,12 @@ def evaluate(
     from .data import check_prompt
     from .devices import resolve_device
 
-    check_numbers({"--batch": batch})  # batch="8" failed in a comparison, a TypeError
-    sets, adapters, dropped = _checked_inputs(base, adapters, merged=merged, data=data, limit=limit,
+    sets, adapters, dropped = _checked_inputs(base, adapters, batch=batch, merged=merged, data=data, limit=limit,
                                               max_len=max_len, device=device, fields=fields, dtype=dtype,
                                               top_layers=top_layers, prompt=prompt, held_out=held_out)  # fmt: skip
     dev = resolve_device(device)
-    was_training = isinstance(base, (tuple, list)) and base[0].training
-    model, tok, lent = _model_with_adapters(base, adapters, weights, merged=merged, dev=dev, dtype=dtype,
-                                            top_layers=top_layers)  # fmt: skip
-    try:
+    adapted = _adapted(base, adapters, weights, merged=merged, dev=dev, dtype=dtype, top_layers=top_layers)
+    with adapted as (model, tok):
         check_prompt(prompt, tok, base if isinstance(base, (str, os.PathLike)) else "base")
         k = None
         if top_layers is not None:
@@ -280,9 +278,22 @@ def evaluate(
         df = _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch, dev=dev,
                     prefix_at=k, prefix_cache=prefix_cache, prompt=prompt, progress=progress,
                     per_record=per_record)  # fmt: skip
-        if dropped is not None:
-            df.attrs["held_out"] = dropped
-        return df
+    if dropped is not None:
+        df.attrs["held_out"] = dropped
+    return df
+
+
+@contextlib.contextmanager
+def _adapted(base, adapters: list, weights, *, merged: bool, dev, dtype, top_layers):
+    """``(model, tokenizer)``: the base with the adapters, on the fly or merged
+    in (:func:`_model_with_adapters`). A caller's own model is given back as
+    it came, whatever the evaluation raised: the adapters attached to its
+    modules detached, and its train/eval mode restored."""
+    was_training = isinstance(base, (tuple, list)) and base[0].training
+    model, tok, lent = _model_with_adapters(base, adapters, weights, merged=merged, dev=dev, dtype=dtype,
+                                            top_layers=top_layers)  # fmt: skip
+    try:
+        yield model, tok
     finally:
         if lent:  # the caller's own model: its modules back as they were
             from .layers import detach
@@ -293,8 +304,9 @@ def evaluate(
 
 
 def _checked_inputs(
-    base, adapters, *, merged, data, limit, max_len, device, fields, dtype, top_layers, prompt, held_out=False
-):
+    base, adapters, *, batch, merged, data, limit, max_len, device, fields, dtype, top_layers, prompt,
+    held_out=False,
+):  # fmt: skip
     """``(sets, adapters, left out)``: :func:`evaluate`'s arguments checked, and its data
     read (``held_out``: less the adapters' training records, and their count per set; else None),
     before any model loads: a bad file or option fails fast, without
@@ -302,6 +314,7 @@ def _checked_inputs(
     from .data import check_prompt
     from .devices import is_cpu
 
+    check_numbers({"--batch": batch})  # batch="8" failed in a comparison, a TypeError
     if not isinstance(base, (str, os.PathLike, tuple, list)):  # else a TypeError from pathlib
         from .io.peft_layout import out_hint
 

@@ -39,6 +39,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from .api import renamed
 from .archs import context_length
@@ -325,37 +326,22 @@ def train_adapter(
     ``ppl_base``/``ppl_adapter`` (None without eval data), counts (``n_train``, ``n_eval``,
     ``trainable_parameters``, ...) and ``settings`` (what ``loramix.json`` records).
     """
-    from .io.outputs import check_output
-
-    # ---- validate everything before any work (and, for a file or flag mistyped, before torch loads)
-    kind, flag = (kind, "--kind") if method is None else (method, "--method")
-    _check_kind_name(kind, flag)
-    _check_numbers(rank=rank, batch=batch, max_len=max_len, steps=steps, epochs=epochs, lr=lr, norm_dim=norm_dim,
-                   alpha=alpha, tau=tau, warmup=warmup, seed=seed,
-                   typed={"--eval-size": eval_size, "--limit": limit, "--weight-decay": weight_decay, "--clip": clip,
-                          "--top-layers": top_layers, "--grad-accum": grad_accum, "bucket": bucket})  # fmt: skip
-    _check_speed(dtype=dtype, grad_accum=grad_accum, batch=batch, prefix_cache=prefix_cache, prompt=prompt)
-    data_list = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-    file_inputs = [d for d in data_list if not (isinstance(d, str) and d.startswith("synthetic:"))]
-    out = check_output(out, force=force, inputs=[base, *file_inputs])
+    kind_name, flag = (kind, "--kind") if method is None else (method, "--method")
+    # as asked: the settings loramix.json records are made from these
+    given = dict(rank=rank, alpha=alpha, steps=steps, epochs=epochs, lr=lr, batch=batch, eval_size=eval_size,
+                 limit=limit, weight_decay=weight_decay, clip=clip, seed=seed, shared_init=shared_init, on=on,
+                 top_layers=top_layers, dtype=dtype, grad_accum=grad_accum, grad_checkpointing=grad_checkpointing,
+                 bucket=bucket, prompt=prompt)  # fmt: skip
+    data_list, file_inputs, out = _checked_arguments(base, data, out, kind_name, flag, given, max_len=max_len,
+                                                     tau=tau, norm_dim=norm_dim, warmup=warmup,
+                                                     prefix_cache=prefix_cache, force=force)  # fmt: skip
     fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
     run = _prepare(base, data_list, targets=targets, fields=fields, eval_size=eval_size, seed=seed,
                    limit=limit, max_len=max_len, batch=batch, on=on, device=device, top_layers=top_layers,
                    prefix_cache=prefix_cache, autocast=dtype, prompt=prompt, progress=progress, rank=rank,
                    steps=steps, epochs=epochs, bucket=bucket, loaded=loaded)  # fmt: skip
-    from .layers import kind_arg
-
-    kind = kind_arg(kind, flag)
-    total = run.total
-    warmup = warmup_steps(warmup, total)  # checked again: --epochs sets the steps only now
-    options = {k: v for k, v in (("tau", tau), ("norm_dim", norm_dim)) if k in kind.options}
-    factor_seed = seed if shared_init else init_seed(seed, run.data_inputs)
-    settings = _settings(kind, run, options, total=total, warmup=warmup, factor_seed=factor_seed, fields=fields,
-                         given=dict(rank=rank, alpha=alpha, steps=steps, epochs=epochs, lr=lr, batch=batch,
-                                    eval_size=eval_size, limit=limit, weight_decay=weight_decay, clip=clip,
-                                    seed=seed, shared_init=shared_init, on=on, top_layers=top_layers,
-                                    dtype=dtype, grad_accum=grad_accum, grad_checkpointing=grad_checkpointing,
-                                    bucket=bucket, prompt=prompt))  # fmt: skip
+    kind, options, settings = _run_settings(kind_name, flag, run, given, fields=fields, warmup=warmup,
+                                            options={"tau": tau, "norm_dim": norm_dim})  # fmt: skip
     from .devices import kept_rng
 
     with kept_rng(run.dev):
@@ -365,6 +351,47 @@ def train_adapter(
     return OutputDict(
         {"out": str(out), **metrics, "kind": kind.name, "method": kind.name, "settings": settings}
     )
+
+
+def _checked_arguments(base, data, out, kind_name, flag: str, given: dict, *, max_len, tau, norm_dim, warmup,
+                       prefix_cache, force: bool) -> tuple[list, list, Path]:  # fmt: skip
+    """``(data sources, those that are files, out)``: :func:`train_adapter`'s
+    arguments (``given``: those its settings record) checked before any work,
+    and for a file or flag mistyped before torch loads; ``out`` free (or
+    ``force``) and no input of the run."""
+    from .io.outputs import check_output
+
+    g = SimpleNamespace(**given)
+    _check_kind_name(kind_name, flag)
+    _check_numbers(rank=g.rank, batch=g.batch, max_len=max_len, steps=g.steps, epochs=g.epochs, lr=g.lr,
+                   norm_dim=norm_dim, alpha=g.alpha, tau=tau, warmup=warmup, seed=g.seed,
+                   typed={"--eval-size": g.eval_size, "--limit": g.limit, "--weight-decay": g.weight_decay,
+                          "--clip": g.clip, "--top-layers": g.top_layers, "--grad-accum": g.grad_accum,
+                          "bucket": g.bucket})  # fmt: skip
+    _check_speed(dtype=g.dtype, grad_accum=g.grad_accum, batch=g.batch, prefix_cache=prefix_cache,
+                 prompt=g.prompt)  # fmt: skip
+    data_list = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    file_inputs = [d for d in data_list if not (isinstance(d, str) and d.startswith("synthetic:"))]
+    return data_list, file_inputs, check_output(out, force=force, inputs=[base, *file_inputs])
+
+
+def _run_settings(kind_name, flag: str, run, given: dict, *, fields: dict, warmup, options: dict):
+    """``(kind, its options, settings)`` once the run is prepared: the kind
+    object, the options it takes (``tau`` and ``norm_dim``, recorded only for
+    kinds that take them), and what ``loramix.json`` records (:func:`_settings`),
+    with the warm-up (:func:`warmup_steps`, checked again: ``--epochs`` sets
+    the steps only now) and the factors' seed (``seed`` alone with
+    ``shared_init``, else :func:`init_seed`)."""
+    from .layers import kind_arg
+
+    kind = kind_arg(kind_name, flag)
+    warmup = warmup_steps(warmup, run.total)
+    options = {k: v for k, v in options.items() if k in kind.options}
+    seed = given["seed"]
+    factor_seed = seed if given["shared_init"] else init_seed(seed, run.data_inputs)
+    settings = _settings(kind, run, options, total=run.total, warmup=warmup, factor_seed=factor_seed,
+                         fields=fields, given=given)  # fmt: skip
+    return kind, options, settings
 
 
 def _check_kind_name(kind, flag: str) -> None:
