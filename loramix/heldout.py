@@ -30,11 +30,12 @@ def _adapter_paths(adapters, base) -> list[str]:
     return paths
 
 
-def training_split(adapter_path) -> dict[str, set]:
+def training_split(adapter_path, unknown: dict | None = None) -> dict[str, set]:
     """``{absolute data path: {(question, answer, context), ...}}``: the
     training records ``loramix train`` drew from each of the adapter's data
     files, rebuilt from its ``loramix.json``; a source whose file no longer
-    holds the recorded records (or a synthetic spec) is left out."""
+    holds the recorded records (or a synthetic spec) is left out, and said in
+    ``unknown`` (``{data path: why}``, where given)."""
     from .data import load_records, split_records
     from .errors import LoramixError
     from .io.provenance import read_record, records_sha256
@@ -51,19 +52,37 @@ def training_split(adapter_path) -> dict[str, set]:
         try:
             recs = load_records(i["path"], limit=params.get("limit"), **fields)
             if records_sha256(recs) != i.get("records_sha256"):
+                if unknown is not None:
+                    unknown[i["path"]] = "its records changed since the adapter was trained on them"
                 continue
             es = params.get("eval_size")
             tr = split_records(recs, eval_size=es, seed=params.get("seed", 0))[0] if es else recs
-        except (LoramixError, OSError, TypeError, ValueError):  # moved, changed or unreadable: not guessed
+        except (LoramixError, OSError, TypeError, ValueError) as e:  # moved or unreadable: not guessed
+            if unknown is not None:
+                unknown[i["path"]] = f"it cannot be read as it was for training ({type(e).__name__})"
             continue
         out[i["path"]] = {(r.question, r.answer, r.context) for r in tr}
     return out
 
 
-def _trained(adapters, base, data: list) -> list[tuple[int, str, set]]:
+def _unreadable_record(path) -> Path | None:
+    """The adapter's ``loramix.json`` where one is there but reads as no
+    record (damaged, not JSON, not an object): its training split is unknown."""
+    from .io.provenance import FILENAME, read_record
+
+    p = Path(path)
+    f = (p if p.is_dir() else p.parent) / FILENAME
+    return f if f.is_file() and read_record(path) is None else None
+
+
+def _trained(adapters, base, data: list, strict: bool = False) -> list[tuple[int, str, set]]:
     """``[(index in data, adapter path, its training records from that file)]``
     for every path in ``data`` some adapter evaluated (given, or merged into
-    ``base``) was trained on."""
+    ``base``) was trained on. ``strict`` (``--held-out``): an adapter whose
+    record is damaged, or whose training file among ``data`` no longer reads
+    as it did, is refused (:class:`~loramix.errors.UsageError`): its split
+    cannot be rebuilt, so nothing could be held out of it."""
+    from .errors import UsageError
     from .io.outputs import normalized_path
 
     files = {i: normalized_path(d) for i, d in enumerate(data) if isinstance(d, (str, os.PathLike))}
@@ -71,7 +90,15 @@ def _trained(adapters, base, data: list) -> list[tuple[int, str, set]]:
         return []
     out = []
     for path in dict.fromkeys(_adapter_paths(adapters, base)):
-        split = training_split(path)
+        unknown: dict = {}
+        split = training_split(path, unknown)
+        if strict and (bad := _unreadable_record(path)):
+            raise UsageError("--held-out", f"{bad}: not a readable record, so the records the adapter was "
+                             "trained on are unknown")  # fmt: skip
+        for i, f in files.items():
+            if strict and f in unknown:
+                raise UsageError("--held-out", f"{data[i]}: {path} was trained on this file, but {unknown[f]}: "
+                                 "its training split cannot be rebuilt")  # fmt: skip
         out += [(i, path, split[f]) for i, f in files.items() if f in split]
     return out
 
@@ -105,7 +132,7 @@ def held_out(adapters, base, data: list, sets: list, limit: int | None) -> tuple
     from .errors import UsageError
 
     drop: dict[int, set] = {}
-    for i, _, trained in _trained(adapters, base, data):
+    for i, _, trained in _trained(adapters, base, data, strict=True):
         drop.setdefault(i, set()).update(trained)
     out, dropped = [], {}
     for i, (name, recs) in enumerate(sets):

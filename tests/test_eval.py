@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -738,3 +739,20 @@ def test_eval_warns_of_records_an_adapter_was_trained_on(bases, capsys, tmp_path
     assert main([str(a) for a in args]) == 0
     one_line_error(capsys, ["eval", "--base", base, "--adapter", tmp_path / "all", "--data", small, "--held-out"],
                    "--held-out", small, "every record")  # fmt: skip
+    # a training split that cannot be rebuilt is refused, not silently held out of nothing: a damaged record,
+    # or the training file changed since (a record among the first 20 it read, with --limit 20)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ad, damaged)
+    (damaged / "loramix.json").write_text("{not json")
+    one_line_error(capsys, ["eval", "--base", base, "--adapter", damaged, "--data", data, "--held-out"],
+                   "--held-out", damaged / "loramix.json", "not a readable record")  # fmt: skip
+    assert main([str(a) for a in ["eval", "--base", base, "--adapter", damaged, "--data", data, "--quiet"]]) == 0  # fmt: skip
+    with open(data, "a") as f:  # a record after them changes nothing
+        f.write(json.dumps({"question": "What is 30 + 30?", "answer": "60"}) + "\n")
+    assert main([str(a) for a in [*on_the_fly, "--data", data, "--held-out"]]) == 0
+    lines = data.read_text().splitlines()
+    data.write_text(
+        "\n".join([json.dumps({"question": "What is 0 + 0?", "answer": "zero"}), *lines[1:]]) + "\n"
+    )
+    one_line_error(capsys, [*on_the_fly, "--data", data, "--held-out"],
+                   "--held-out", data, f"{ad} was trained on this file, but its records changed")  # fmt: skip

@@ -29,8 +29,8 @@ from .threads import threads_option
 @click.option("--limit", type=int, default=None, help="Use the first N records of each file.")
 @click.option("--held-out", is_flag=True,
               help="Leave out every record an adapter evaluated (given, or merged into --base by loramix) was "
-                   "trained on, as its loramix.json says (--limit: the first N of the others); without it, eval "
-                   "warns of them.")  # fmt: skip
+                   "trained on, as its loramix.json says (--limit: the first N of the others; a split that cannot be "
+                   "rebuilt, from a damaged record or a changed file, is refused); without it, eval warns of them.")  # fmt: skip
 @device_option
 @field_options
 @threads_option
