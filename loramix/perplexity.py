@@ -275,6 +275,10 @@ def evaluate(
             from .prefix import split_point
 
             k = split_point(model, top_layers)
+        if adapters:  # they fit the base (else refused above): trained on another base, one line each
+            from .trained_base import warn_other_bases
+
+            warn_other_bases(adapters, base, "evaluated on it")
         df = _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch, dev=dev,
                     prefix_at=k, prefix_cache=prefix_cache, prompt=prompt, progress=progress,
                     per_record=per_record)  # fmt: skip

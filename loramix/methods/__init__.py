@@ -224,18 +224,15 @@ def merge(
     _warn_repeated(adapters)  # once the command line is known good: not a warning above its one-line error
     from .runner import run_merge
 
-    return run_merge(
-        adapters,
-        method,
-        weights=weights,
-        into=into,
-        out=out,
-        device=device,
-        dtype=dtype,
-        force=force,
-        progress=progress,
-        **params,
-    )
+    res = run_merge(adapters, method, weights=weights, into=into, out=out, device=device, dtype=dtype,
+                    force=force, progress=progress, **params)  # fmt: skip
+    if (
+        into is not None
+    ):  # after the merge, which hashed the base for its provenance: read back from the cache
+        from ..trained_base import warn_other_bases
+
+        warn_other_bases(adapters, into, "merged into it")
+    return res
 
 
 def _warn_repeated(adapters: Sequence) -> None:

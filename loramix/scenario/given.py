@@ -100,23 +100,20 @@ def _base_fits(folder, base):
     return fits
 
 
-def _notice_other_base(ctx, where: str, path: Path, identity) -> None:
+def _notice_other_base(ctx, where: str, path: Path, base_path, own) -> None:
     """Warn (one line) where the adapter's provenance names another base than
-    ``identity()``, the base's (its weight files' hashes, cached on disk; None
-    for a GGUF base not imported yet, which is not compared): its shapes fit,
-    so the study goes on. Nothing for an adapter that records none."""
+    the study's (:func:`loramix.trained_base.other_base`; ``own``: the base's
+    keys, read once; a GGUF base not imported yet is compared by its file's
+    hash only): its shapes fit, so the study goes on. Nothing for an adapter
+    that records none."""
     import warnings
 
     from ..errors import LoramixWarning
-    from ..io.provenance import recorded_base
+    from ..trained_base import other_base
 
-    seen = recorded_base(path)
-    if seen is None or identity is None:
-        return
-    own = identity()
-    if seen != own:
-        warnings.warn(f"{ctx.path}: {where}: {path} was trained on another base ({seen[:12]}) than base.path "
-                      f"({own[:12]}); its modules fit the base's shapes, so it is studied on it", LoramixWarning,
+    if (seen := other_base(path, base_path, own)) is not None:
+        warnings.warn(f"{ctx.path}: {where}: {path} was trained on another base ({seen}) than base.path; its "
+                      f"modules fit the base's shapes, so it is studied on it", LoramixWarning,
                       stacklevel=2)  # fmt: skip
 
 
@@ -126,10 +123,12 @@ def check_given(ctx, domains: dict, base) -> tuple[str, dict[str, int]]:
     line naming the domain's key and the adapter's file."""
     import functools
 
+    from ..trained_base import base_keys
+
     folder = base_folder(ctx, base)
     fits = _base_fits(folder, base)
     # read once, and only where an adapter records a base to compare it with
-    identity = None if folder is None else functools.cache(folder.identity)
+    own = functools.cache(functools.partial(base_keys, base.path))
     kinds: dict[str, str] = {}
     ranks: dict[str, int] = {}
     for d, spec in domains.items():
@@ -148,7 +147,7 @@ def check_given(ctx, domains: dict, base) -> tuple[str, dict[str, int]]:
             fits(ad)
         except LoramixError as e:
             raise ctx.error(where, f"{spec.adapter} does not fit the base: {e.problem}") from None
-        _notice_other_base(ctx, where, spec.adapter, identity)
+        _notice_other_base(ctx, where, spec.adapter, base.path, own)
         kinds[d] = ad.kind
         ranks[d] = min(int(m.rank) for m in ad.modules.values())
     return next(iter(kinds.values())), ranks
