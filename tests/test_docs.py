@@ -117,6 +117,29 @@ def test_the_readme_names_each_commands_device_default():
         assert said == device[0].default, f"{name}: --device defaults to {device[0].default}, README: {said}"
 
 
+def test_every_device_option_shows_its_choices_alike():
+    """``--device`` reads the same in every command's help: its choices where click
+    shows a choice's (``[auto|cpu|cuda]``; sum and merge said TEXT, eval the
+    choices), what auto means, and a checked value, cuda:N taken as by the library."""
+    from click.testing import CliRunner
+
+    from loramix.cli import cli
+    from loramix.devices import DEVICE_CHOICES
+
+    seen = 0
+    for name in COMMANDS:
+        device = [p for p in _options(name) if "--device" in p.opts]
+        if not device:
+            continue
+        seen += 1
+        opt, ctx = device[0], COMMANDS[name][1]
+        assert opt.make_metavar(ctx) == f"[{'|'.join(DEVICE_CHOICES)}]", name
+        assert opt.help.endswith(": auto (CUDA where torch sees a GPU, else the CPU), cpu or cuda."), name
+    assert seen >= 8
+    help_text = CliRunner().invoke(cli, ["eval", "--help"]).output
+    assert "--device [auto|cpu|cuda]" in help_text
+
+
 def test_every_plug_in_is_named_in_its_document():
     """A merge method, adapter kind or feature is one file that the packages
     discover; the tables that explain them are written by hand, so a new one

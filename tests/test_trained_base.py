@@ -115,3 +115,29 @@ def test_a_gguf_its_import_and_a_bfloat16_import_are_one_base(tmp_path, capsys):
         lines
     )
 
+
+def test_eval_names_a_merged_folder_as_the_merge_it_is(bases, tmp_path, capsys):
+    """``eval --base merged/`` said "the base: merged/"; a loramix merge's folder is
+    named by its ``loramix.json``: the method, the adapters and the base it was made
+    of (weights where not all 1), in the table and the JSON; a plain base is "the base"."""
+    merged = tmp_path / "m"
+    args = ["merge", "-m", "ties", "--density", "0.5", bases["peft"], bases["trained"], "--weights", "1,0.5",
+            "--into", bases["a"], "--out", merged]  # fmt: skip
+    assert main([str(x) for x in args]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--base", str(merged), "--data", str(bases["data"])]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == (f"the merge (ties) of {bases['peft']}, {bases['trained']} into {bases['a']} (weights 1, 0.5): "
+                     f"{merged}")  # fmt: skip
+    assert main(["eval", "--base", str(merged), "--adapter", str(bases["peft"]), "--data", str(bases["data"]),
+                 "--format", "json"]) == 0  # fmt: skip
+    got = json.loads(capsys.readouterr().out)
+    assert got["merge"] == {"method": "ties", "adapters": [str(bases["peft"]), str(bases["trained"])],
+                            "weights": [1.0, 0.5], "base": str(bases["a"])}  # fmt: skip
+    assert (
+        main(
+            ["eval", "--base", str(bases["a"]), "--adapter", str(bases["peft"]), "--data", str(bases["data"])]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.startswith(f"the base with {bases['peft']} on the fly: {bases['a']}\n")

@@ -104,8 +104,14 @@ FLAGS = {
 
 
 # Options several commands take, spelled once.
-device_option = click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
-                             help="auto: CUDA where torch sees a GPU, else the CPU.")  # fmt: skip
+def device_opt(default: str = "auto", what: str = "Where the arithmetic runs"):
+    """``--device``, one spelling for every command: its choices shown as a
+    click choice would show them, checked by the library (one line, exit 2),
+    which takes ``cuda:N`` too; ``what``: what runs there."""
+    return click.option("--device", default=default, show_default=True, metavar=f"[{'|'.join(DEVICE_CHOICES)}]",
+                        help=f"{what}: auto (CUDA where torch sees a GPU, else the CPU), cpu or cuda.")  # fmt: skip
+
+
 format_option = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
                              show_default=True, help="Output format.")  # fmt: skip
 # Every command with a bar takes both spellings: train and scenario run took
@@ -140,7 +146,7 @@ def merge_options():
                      help="Output folder (refused if it exists, unless --force)."),
         click.option("--dtype", default=None,
                      help="Output dtype: float32, float16, bfloat16 (default: the base's, or the adapters')."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+        device_opt(what="Where the deltas are formed and merged"),
         click.option("--force", is_flag=True, help="Replace an existing --out."),
         threads_option,
         progress_option,

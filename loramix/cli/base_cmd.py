@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import data_options, device_option, progress_option
+from . import data_options, device_opt, progress_option
 
 
 @click.group("base")
@@ -22,7 +22,7 @@ def command():
 @click.option("--steps", type=int, default=None, help="Pre-training steps (default per size).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
               help="Seed of the initial weights, the held-out split and the training windows.")  # fmt: skip
-@device_option
+@device_opt(what="Where the pre-training runs")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @progress_option
 def build(data, more_data, out, size, steps, seed, device, force, progress):

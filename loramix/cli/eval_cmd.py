@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import data_options, device_option, field_options, format_option, progress_option, prompt_option
+from . import data_options, device_opt, field_options, format_option, progress_option, prompt_option
 from .threads import threads_option
 
 
@@ -31,7 +31,7 @@ from .threads import threads_option
               help="Leave out every record an adapter evaluated (given, or merged into --base by loramix) was "
                    "trained on, as its loramix.json says (--limit: the first N of the others; a split that cannot be "
                    "rebuilt, from a damaged record or a changed file, is refused); without it, eval warns of them.")  # fmt: skip
-@device_option
+@device_opt(what="Where the model runs")
 @field_options
 @threads_option
 @click.option(
@@ -82,14 +82,14 @@ def command(base, adapters, weights, merged, data, more_data, on, prompt, max_le
         progress=progress,
     )
     left_out = df.attrs.get("held_out")
+    made = merge_made(base)
     if fmt == "json":
-        click.echo(json.dumps({"base": base, "adapters": list(adapters), "weights": w, "merged": merged,
-                               "on": on, "prompt": prompt, **({"held_out": left_out} if held_out else {}),
+        click.echo(json.dumps({"base": base, **({"merge": made} if made else {}), "adapters": list(adapters),
+                               "weights": w, "merged": merged, "on": on, "prompt": prompt,
+                               **({"held_out": left_out} if held_out else {}),
                                "results": df.to_dict(orient="records")}, indent=2))  # fmt: skip
         return
-    scored = "the base" if not adapters else (
-        f"the base with {', '.join(adapters)} " + ("merged in" if merged else "on the fly")
-        + ("" if w is None else f" (weights {', '.join(f'{x:g}' for x in w)})"))  # fmt: skip
+    scored = _scored(made, adapters, merged, w)
     lines = [f"{scored}: {base}",
              "| data | records | tokens | ppl | tokens/s | input tokens/s |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
@@ -109,3 +109,47 @@ def command(base, adapters, weights, merged, data, more_data, on, prompt, max_le
                      + " records the adapters were trained on")  # fmt: skip
     lines.append(f"prompt: {prompt}" + (" (the base's chat template)" if prompt == "chat" else ""))
     click.echo("\n".join(lines))
+
+
+def _weights(w) -> str:
+    return "" if w is None or set(w) <= {1} else f" (weights {', '.join(f'{x:g}' for x in w)})"
+
+
+def _scored(made: dict | None, adapters, merged: bool, w) -> str:
+    """What the table scores: "the base", or the loramix merge the folder is
+    (:func:`merge_made`), with the adapters given merged in or on the fly."""
+    text = "the base"
+    if made is not None:
+        text = f"the merge ({made['method']}) of {', '.join(made['adapters'])} into {made['base']}"
+        text += _weights(made["weights"])
+    if adapters:
+        text += f" with {', '.join(adapters)} {'merged in' if merged else 'on the fly'}{_weights(w)}"
+    return text
+
+
+def merge_made(base) -> dict | None:
+    """What a model folder written by ``loramix sum``/``merge --into`` was made
+    of, from its ``loramix.json``: ``{method, adapters, weights, base}`` (the
+    paths as recorded, absolute), or None for any other folder (a base, an
+    import, a GGUF file), which ``eval`` calls "the base"."""
+    from types import SimpleNamespace
+
+    from ..grouping import training_record
+
+    rec = training_record(SimpleNamespace(path=f"{base}/config.json")) or {}
+    inputs = (
+        [i for i in rec.get("inputs") or [] if isinstance(i, dict)]
+        if isinstance(rec.get("inputs"), list)
+        else []
+    )
+    ads = [i for i in inputs if i.get("role") == "adapter" and isinstance(i.get("path"), str)]
+    into = next((i.get("path") for i in inputs if i.get("role") == "base"), None)
+    if (
+        rec.get("output") != "model"
+        or not ads
+        or not isinstance(into, str)
+        or not isinstance(rec.get("method"), str)
+    ):
+        return None
+    weights = [w if isinstance(w := i.get("weight", 1), (int, float)) else 1 for i in ads]
+    return {"method": rec["method"], "adapters": [i["path"] for i in ads], "weights": weights, "base": into}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import calibration_options, check_calibration_args, format_option
+from . import calibration_options, check_calibration_args, device_opt, format_option
 
 
 def _fmt(v) -> str:
@@ -33,7 +33,7 @@ def _fmt(v) -> str:
     default=None,
     help="Largest predicted cost of a group (default: 0 with --fit, the zero-interference point; 0.1 cosine).",
 )
-@click.option("--device", default="cpu", show_default=True, help="Device for the calibration forward passes.")
+@device_opt("cpu", "Where the calibration forward passes run")
 @format_option
 @click.option("--json", "as_json", is_flag=True, hidden=True, help="Same as --format json.")
 def command(adapters, fit_path, data, base, tokens, max_len, max_group, budget, device, fmt, as_json):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import device_option, progress_option
+from . import device_opt, progress_option
 
 
 @click.group("scenario")
@@ -31,7 +31,7 @@ def _jobs(jobs, threads, executor):
               "are not counted, and its measured throughput prices the rest.")  # fmt: skip
 @click.option("--jobs", type=int, default=None, help="The run's --jobs (default: as the run would pick).")
 @click.option("--threads", type=int, default=None, help="The run's --threads (default 1).")
-@device_option
+@device_opt(what="The run's --device (priced by its throughput there)")
 @click.option("--fresh", is_flag=True, help="Estimate a --fresh run (every artifact remade).")
 def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     """Check FILE and print what a run would do, and roughly how long it would
@@ -135,7 +135,7 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     default=None,
     help="Report folder (default reports/NAME).",
 )
-@device_option
+@device_opt(what="Where the study trains, merges and evaluates")
 @click.option("--fresh", is_flag=True, help="Redo every artifact instead of reusing the cache.")
 @click.option(
     "--cache",

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from . import device_opt
+
 
 def _pairs_table(long, by: str):
     """Pivot a :func:`loramix.similarity.breakdown` table: one row per pair,
@@ -56,9 +58,7 @@ def _note_residuals(res) -> None:
     help="Base model folder: DoRA and D2-LoRA adapters are compared on their effective delta "
     "W_hat - W0 instead of the residual (still from the factors, docs/adapters.md).",
 )
-@click.option(
-    "--device", default="cpu", show_default=True, help="auto|cpu|cuda: where the Gram products run."
-)
+@device_opt("cpu", "Where the Gram products run")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 def command(adapters, fmt, per_module, plot, base, device, force) -> None:
     """Pairwise similarity of the deltas of adapters A, B, C, ...

@@ -6,7 +6,7 @@ import math
 
 import click
 
-from . import data_options, device_option, field_options, progress_option, prompt_option
+from . import data_options, device_opt, field_options, progress_option, prompt_option
 from .threads import threads_option
 
 
@@ -80,7 +80,7 @@ def _eval_size(value: str) -> int | float:
     is_flag=True,
     help="Initial factors from --seed alone (default: from --seed and the data, so domains start apart).",
 )
-@device_option
+@device_opt(what="Where the training runs")
 @field_options
 @click.option(
     "--top-layers",
