@@ -263,6 +263,44 @@ def data_name(path) -> str:
     return Path(path).stem
 
 
+def data_names(data: list) -> list[str]:
+    """One distinct display name per item of ``data`` (paths, synthetic specs,
+    record lists): the :func:`data_name` (a file's stem, a spec's generator)
+    where no other item has it, else, for every item that shares it, the
+    shortest tail of its absolute path that tells them apart (``a.csv``,
+    ``x/a.jsonl``; a spec: the whole spec); a record list is ``set<i>``.
+    ``union`` (the pooled row's name) counts as taken. The same file given
+    twice ends in `` (2)`` the second time."""
+
+    def tails(d) -> list[str]:  # from the shortest name up
+        if not isinstance(d, (str, os.PathLike)):
+            return []
+        if isinstance(d, str) and is_synthetic_spec(d):
+            return [d]
+        parts = Path(os.path.abspath(os.fspath(d))).parts
+        return ["/".join(parts[-k:]).removeprefix("//") for k in range(1, len(parts) + 1)]
+
+    options = [[data_name(d), *tails(d)] if isinstance(d, (str, os.PathLike)) else [f"set{i}"]
+               for i, d in enumerate(data)]  # fmt: skip
+    level = [0] * len(data)
+    while True:
+        names = [o[min(k, len(o) - 1)] for o, k in zip(options, level)]
+        # a name two different items share (the same item twice is told apart below, not by a longer path)
+        clash = [i for i, n in enumerate(names)
+                 if n == "union" or len({tuple(options[j]) for j, m in enumerate(names) if m == n}) > 1]  # fmt: skip
+        grow = [i for i in clash if level[i] < len(options[i]) - 1]
+        if not grow:
+            break
+        for i in grow:
+            level[i] += 1
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:  # only the same file (or spec) twice is left alike
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n} ({seen[n]})")
+    return out
+
+
 def split_records(records: list, *, eval_size: int | float, seed: int) -> tuple[list, list]:
     """Deterministic train/eval split.
 

@@ -246,7 +246,9 @@ def evaluate(
     times ``tokens`` the total; ``input_tokens``: every non-pad token run
     through the model; ``seconds`` exclude the cached prefix, whose own time is ``prefix_seconds``;
     ``truncated``: records cut at ``max_len``, which defaults to the model's
-    context).
+    context). A data set's row is named by :func:`loramix.data.data_names`:
+    its file's stem, or where two share one, each by the shortest tail of its
+    path that tells them apart (``x/a.jsonl``, ``a.csv``).
 
     ``per_record=True`` adds two columns, ``record_nll`` and
     ``record_tokens``, to each data set's row (None on ``union``): lists of
@@ -394,20 +396,17 @@ def warn_other_prompt(adapters, prompt: str) -> None:
 
 def _read_sets(data: list, limit: int | None, fields: dict) -> list[tuple[str, list]]:
     """``[(name, records)]`` for paths, synthetic specs or record lists."""
-    from .data import data_name, load_records
+    from .data import data_names, load_records
 
     sets = []
-    for i, d in enumerate(data):
+    for i, (d, name) in enumerate(zip(data, data_names(data))):
         if isinstance(d, (str, os.PathLike)):
-            name = data_name(d)
-            if name == "union" or any(name == n for n, _ in sets):  # rows a reader could not tell apart
-                name = os.fspath(d)
             sets.append((name, load_records(d, limit=limit, **fields)))
         else:
             recs = list(d)[:limit] if limit is not None else list(d)
             if not recs:
                 raise UsageError("data", f"record set {i} is empty")
-            sets.append((f"set{i}", recs))
+            sets.append((name, recs))
     return sets
 
 

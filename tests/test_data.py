@@ -307,3 +307,21 @@ def test_csv_keeps_line_breaks_inside_quoted_fields(tmp_path):
     p.write_text('question,answer\n"line one\nline two","a\u2028b"\nq2,a2\n', newline="")
     recs = load_records(p)
     assert [(r.question, r.answer) for r in recs] == [("line one\nline two", "a\u2028b"), ("q2", "a2")]
+
+
+def test_data_names_tell_every_item_apart(tmp_path):
+    """Each item by its stem where that is its own; every item sharing one by the
+    shortest tail of its path that tells them apart (a spec by itself, ``union``
+    taken by the pooled row), a record list as ``set<i>``; the same file twice is
+    numbered, not given a longer path."""
+    from loramix.data import data_names
+
+    x, y = tmp_path / "x" / "a.jsonl", tmp_path / "y" / "a.jsonl"
+    assert data_names([x, tmp_path / "b.jsonl"]) == ["a", "b"]
+    assert data_names([x, y, tmp_path / "a.csv"]) == ["x/a.jsonl", "y/a.jsonl", "a.csv"]
+    assert data_names([str(x), tmp_path / "a.csv"]) == ["a.jsonl", "a.csv"]
+    assert data_names(["synthetic:arith?n=8", "synthetic:arith?n=9", "synthetic:units"]) == [
+        "synthetic:arith?n=8", "synthetic:arith?n=9", "units"]  # fmt: skip
+    assert data_names([tmp_path / "union.jsonl", tmp_path / "set2.csv", [object()]]) == [
+        "union.jsonl", "set2.csv", "set2"]  # fmt: skip
+    assert data_names([x, x, y]) == ["x/a.jsonl", "x/a.jsonl (2)", "y/a.jsonl"]

@@ -502,7 +502,10 @@ def test_cli_top_layers_and_bad_value(bases, capsys):
 
 def test_rows_are_told_apart(bases, tmp_path, capsys):
     """Two files with one stem, and a file named union: each row named so a
-    reader can tell it from the others (two rows said 'ok')."""
+    reader can tell it from the others (two rows said 'ok'), both colliding
+    files alike, by the shortest tail of their paths that tells them apart (the
+    first was named by its stem, the second by its whole path), in the JSON
+    and the table."""
     from .factories import write_jsonl
 
     recs = [{"question": "1 + 1", "answer": "2"}]
@@ -513,7 +516,14 @@ def test_rows_are_told_apart(bases, tmp_path, capsys):
     ]
     assert main(["eval", "--base", str(bases["gpt2"]), "--data", *map(str, files), "--format", "json"]) == 0
     names = [r["data"] for r in json.loads(capsys.readouterr().out)["results"]]
-    assert names == ["ok", str(files[1]), str(files[2]), "union"]
+    assert names == [f"{tmp_path.name}/ok.jsonl", "z/ok.jsonl", "union.jsonl", "union"]
+    assert main(["eval", "--base", str(bases["gpt2"]), "--data", *map(str, files[:2])]) == 0
+    rows = [
+        ln.split("|")[1].strip()
+        for ln in capsys.readouterr().out.splitlines()
+        if ln.startswith("| ") and "---" not in ln
+    ]
+    assert rows == ["data", f"{tmp_path.name}/ok.jsonl", "z/ok.jsonl", "union"]
 
 
 def test_merged_weight_that_overflows_the_dtype_is_refused(bases, tmp_path, capsys):
