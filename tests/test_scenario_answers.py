@@ -1065,3 +1065,27 @@ def test_the_kept_gain_map_marks_a_verdict_within_eval_noise(tmp_path, monkeypat
     fig = _saved_figure(monkeypatch, lambda: compose.write_files(tmp_path, report))
     assert [t.get_text() for t in fig.axes[0].texts if t.get_text()] == [f"{ab['kept_worst_pct']:.0f}"] * 2
     assert "eval noise" not in fig.axes[-1].get_ylabel()
+
+
+def test_the_kept_gain_map_reads_without_red_green_vision(tmp_path, monkeypatch):
+    """kept_gain.png ran from red (0) to green (100), ends that look alike to a
+    reader with a red-green colour deficiency: now red to blue through yellow at
+    50 (RdYlBu), the bad end red and the good end blue by the colour bar, its ends
+    apart in blue; a pair not merged is hatched, not white, which a kept
+    gain near 50 nearly is."""
+    from matplotlib.colors import to_rgb
+
+    from loramix.scenario.plots import kept_gain_heatmap
+
+    kept = [[None, 0.0, 100.0], [0.0, None, None], [100.0, None, None]]
+    method = [["", "sum", "sum"], ["sum", "", ""], ["sum", "", ""]]
+    fig = _saved_figure(monkeypatch, lambda: kept_gain_heatmap([("lora", ["a", "b", "c"], kept, method)],
+                                                               tmp_path / "k.png", "t", (50.0, 90.0)))  # fmt: skip
+    cmap = fig.axes[0].images[-1].get_cmap()  # the values' (the first image is the grey diagonal)
+    assert cmap.name == "RdYlBu"
+    (r0, _, b0), (r1, _, b1) = to_rgb(cmap(0.0)), to_rgb(cmap(1.0))
+    # bad: red, good: blue, apart on the blue-yellow axis that a red-green deficiency keeps
+    assert r0 > 0.6 > b0 and b1 > 0.5 > r1 and b1 - b0 > 0.3
+    hatched = [p for p in fig.axes[0].patches if p.get_hatch() == "//"]
+    assert len(hatched) == 2  # b+c and c+b, not merged; the diagonal stays grey
+    assert "hatched: not merged" in fig.axes[-1].get_ylabel()

@@ -33,7 +33,10 @@ _K_MARKERS = {2: "o", 3: "^", 4: "s"}
 _K_NAMES = {2: "pairs", 3: "triples"}
 #: pairs named in a panel of cosine_by_layer's legend (the most similar ones)
 LEGEND_PAIRS = 10
-_PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+#: Okabe and Ito's eight colours, told apart with a red-green colour deficiency (tab10's
+#: green, red, orange and brown are not): the kinds', the labels' and the merges' colours
+OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#F0E442", "#000000")
+_PALETTE = OKABE_ITO[:5]
 
 
 def _kind_names() -> list[str]:
@@ -58,10 +61,10 @@ def _label_colors(labels) -> dict[str, str]:
     out = {lab: c for lab in labels if (c := _kind_color(lab)) is not None}
     from matplotlib.colors import to_hex
 
-    # then the rest of tab10, compared as colours (C5 is tab:brown, already in the palette)
+    # then the rest of Okabe-Ito's, then tab10's, compared as colours
     used = {to_hex(c) for c in out.values()}
     free = []
-    for c in [*_PALETTE, *(f"C{i}" for i in range(10))]:
+    for c in [*OKABE_ITO, *(f"C{i}" for i in range(10))]:
         if to_hex(c) not in used:
             used.add(to_hex(c))
             free.append(c)
@@ -403,9 +406,10 @@ def _row_panel_width(n_comps: int, n_merges: int) -> float:
     return max(2.4, n_comps * 1.3 * max(1, n_merges / 2) + 0.7)
 
 
-def _method_bars(ax, g: pd.DataFrame, merges: list, comps: list, cmap, handles: dict, slant: bool) -> None:
+def _method_bars(ax, g: pd.DataFrame, merges: list, comps: list, colors, handles: dict, slant: bool) -> None:
     """One kind's bars in :func:`delta_by_method`: a group per composition, a
-    bar per merge (its colour ``cmap(k)`` in every panel; ``handles`` gets it)."""
+    bar per merge (its colour ``colors[k]`` in every panel, hatched from the ninth
+    merge on, when the colours repeat; ``handles`` gets it)."""
     width = 0.8 / max(len(merges), 1)
     for k, mm in enumerate(merges):
         gm = g[g["merge_method"] == mm].set_index("composition").reindex(comps)
@@ -414,7 +418,8 @@ def _method_bars(ax, g: pd.DataFrame, merges: list, comps: list, cmap, handles: 
         x = np.arange(len(comps)) + (k - (len(merges) - 1) / 2) * width
         err = gm["delta_ppl_pct_std"]
         handles[mm] = ax.bar(x, gm["delta_ppl_pct"], width, yerr=None if err.isna().all() else err.fillna(0),
-                             capsize=2, label=mm, color=cmap(k % 10))  # fmt: skip
+                             capsize=2, label=mm, color=colors[k % len(colors)],
+                             hatch="//" if k >= len(colors) else None)  # fmt: skip
     ax.axhline(0, color="0.3", lw=0.8)
     # each composition its whole slot: fitted to the bars, one composition
     # with one merge filled the panel and left its name at an edge
@@ -452,10 +457,11 @@ def delta_by_method(summary: pd.DataFrame, path: Path, title: str) -> Path:
         fig, axes = plt.subplots(len(methods), 1, figsize=(max(6.5, per * len(comps) + 1.5),
                                  (4.6 if slant else 3.8) * len(methods)), dpi=130, squeeze=False)  # fmt: skip
         panels = list(axes[:, 0])
-    cmap = plt.get_cmap("tab10")
     handles: dict = {}  # merge method -> its bars, for the one legend of every panel
     for ax, method in zip(panels, methods):
-        _method_bars(ax, summary[summary["adapter_method"] == method], merges, comps, cmap, handles, slant)
+        _method_bars(
+            ax, summary[summary["adapter_method"] == method], merges, comps, OKABE_ITO, handles, slant
+        )
         if not row or ax is panels[0]:  # a row shares the first panel's y axis
             ax.set_ylabel("Δppl % vs merged-data")
         ax.set_title(method, fontsize=10)
@@ -672,6 +678,8 @@ def _kept_panel(
     side of ``thresholds``: :func:`threshold_text`; ``several``: the panel's
     pairs have more than one best method, each written under its value);
     True where a cell has no pair."""
+    from matplotlib.patches import Rectangle
+
     from ..plots import short_labels
 
     n = len(names)
@@ -681,6 +689,9 @@ def _kept_panel(
     ax.imshow(np.ma.masked_invalid(np.where(diag, np.nan, vals)), cmap=cmap, norm=norm)
     for i in range(n):
         for j in range(n):
+            if not diag[i, j] and not np.isfinite(vals[i, j]):  # hatched: white was also a kept gain near 50
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="white", edgecolor="0.6", hatch="//",
+                                       lw=0))  # fmt: skip
             if diag[i, j] or not np.isfinite(vals[i, j]):
                 continue
             noise = bool(noisy and noisy[i][j])
@@ -700,8 +711,10 @@ def kept_gain_heatmap(panels: list[tuple], path: Path, title: str, thresholds: t
     base that the pair's best merge keeps (``kept``, None where the pair was
     not merged), its best method written under the value where the panel has
     several, the domains in ``names``' order (the similarity heatmap's).
-    Colour from red (0: no better than the base) through yellow to green
-    (100: as good as each member's own adapter), clipped beyond; the colour
+    Colour from red (0: no better than the base) through yellow (50) to blue
+    (100: as good as each member's own adapter), clipped beyond: ColorBrewer's
+    RdYlBu, which readers with a red-green colour deficiency tell apart (its
+    RdYlGn ends look alike to them); the colour
     bar marks ``thresholds`` (the verdicts' bounds). ``noisy``: ``N x N``
     booleans, a verdict within eval noise (:mod:`.compose`), whose value is
     written ``~`` and in italics."""
@@ -714,7 +727,7 @@ def kept_gain_heatmap(panels: list[tuple], path: Path, title: str, thresholds: t
     # the colour bar in a narrow column of its own: laid out with the panels, its label is never cut
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=((size + 0.6) * len(panels) + 1.0, size + 0.4), dpi=110,
                              gridspec_kw={"width_ratios": [1.0] * len(panels) + [0.04]})  # fmt: skip
-    cmap, norm = plt.get_cmap("RdYlGn"), Normalize(0.0, 100.0)
+    cmap, norm = plt.get_cmap("RdYlBu"), Normalize(0.0, 100.0)
     blank = noise = False
     for ax, (label, names, kept, method, *noisy) in zip(axes[:-1], panels):
         noisy = noisy[0] if noisy else None
@@ -732,7 +745,7 @@ def kept_gain_heatmap(panels: list[tuple], path: Path, title: str, thresholds: t
         bar.ax.axhline(t, color="black", lw=1.2)
     # a line each: in one, the key of a four-domain map (5 in tall) ran past the bar and the figure
     key = ["kept gain % of the worse member", f"≥{hi:g} composes, {lo:g}–{hi:g} partly, <{lo:g} does not"]
-    key += ["white: not merged"] if blank else []
+    key += ["hatched: not merged"] if blank else []
     bar.set_label("\n".join(key + (["~ italic: within eval noise"] if noise else [])), fontsize=9)
     _titled_layout(fig, title)
     _bar_beside(fig, axes[-2], axes[-1])
