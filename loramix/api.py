@@ -8,8 +8,11 @@ error for Python before its caller sees it: each flag that stands for a
 parameter of the function called becomes that keyword (``--max-len`` ->
 ``max_len``; :data:`RENAMES` where the names differ, ``--lambda`` ->
 ``lambda_`` in ``merge``), a flag for a bool parameter ``name=True``
-(``--force`` -> ``force=True``), and an upper-case placeholder after a flag
-its value (``--into BASE`` -> ``into=BASE``). A flag the function has no
+(``--force`` -> ``force=True``), an upper-case placeholder after a flag
+its value (``--into BASE`` -> ``into=BASE``), and a literal value after it
+that value in Python (``--prompt chat`` -> ``prompt='chat'``, ``--max-len
+128`` -> ``max_len=128``: a number, or one of the few words a keyword takes,
+:func:`_choices`). A flag the function has no
 parameter for (another command's, ``ray start --head``) is left as it is.
 
 The CLI, and loramix's own modules, call the functions from their modules,
@@ -58,8 +61,35 @@ RESULT_TEXT = {
 
 # Flags as loramix writes them, alone or joined by "/" (--rank/--energy), not
 # inside a word or a path (a folder "runs--out"), with an optional upper-case
-# placeholder for the value after them.
-_FLAGS = re.compile(r"(?<![\w./-])(--[a-z][a-z0-9-]*(?:/--[a-z][a-z0-9-]*)*)(?![\w-])( [A-Z]+\b)?")
+# placeholder for the value after them, or the word after them: a literal value
+# where it is one (:func:`_literal`), else the sentence's next word.
+_FLAGS = re.compile(r"(?<![\w./-])(--[a-z][a-z0-9-]*(?:/--[a-z][a-z0-9-]*)*)(?![\w-])"
+                    r"( [A-Z]+\b| -?\d+(?:\.\d+)?(?:e-?\d+)?(?![\w.,]*\w)| [a-z][a-z0-9_]*(?![\w-]))?")  # fmt: skip
+
+
+def _choices(kw: str) -> tuple[str, ...]:
+    """The literal values of a keyword that takes one of a few words, from the
+    tables the checks use; () for any other."""
+    from .data import ON_CHOICES, PROMPT_MODES
+    from .devices import DEVICE_CHOICES
+    from .options import DTYPE_NAMES
+
+    return {
+        "prompt": PROMPT_MODES,
+        "on": ON_CHOICES,
+        "device": DEVICE_CHOICES,
+        "dtype": tuple(DTYPE_NAMES),
+    }.get(kw, ())
+
+
+def _literal(kw: str, word: str) -> str | None:
+    """``word``, written after flag ``--kw`` in a CLI sentence, as Python writes
+    that value: a number as it is, one of the keyword's choices quoted
+    (``--prompt chat`` -> ``prompt='chat'``); None for a word that is no value
+    of it (``--force to``, ``--out that``)."""
+    if word[:1].isdigit() or word[:1] == "-":
+        return word
+    return repr(word) if word in _choices(kw) else None
 
 
 def keyword_namer(f: Callable, renames: dict[str, str]) -> Callable[[str], str | None]:
@@ -89,7 +119,10 @@ def python_terms(text: str, name: Callable[[str], str | None]) -> str:
             return m[0]
         value = m[2] or ""
         if value and len(kws) == 1 and not kws[0].endswith("=True"):
-            return f"{kws[0]}={value[1:]}"
+            if value[1:].isupper():  # a placeholder: --into BASE -> into=BASE
+                return f"{kws[0]}={value[1:]}"
+            if (literal := _literal(kws[0], value[1:])) is not None:
+                return f"{kws[0]}={literal}"
         return "/".join(kws) + value
 
     return _FLAGS.sub(say, text)

@@ -330,6 +330,8 @@ def split_records(records: list, *, eval_size: int | float, seed: int) -> tuple[
 
 
 PROMPT_MODES = ("raw", "chat")
+#: the tokens scored: the answer's (``on="answer"``), or every one
+ON_CHOICES = ("answer", "all")
 """``raw``: :data:`PROMPT_TEMPLATE`; ``chat``: the tokenizer's chat template."""
 
 
@@ -414,7 +416,7 @@ def encode_records(
     and a BOS the template writes itself is not doubled.
     """
     check_prompt(prompt, tokenizer)
-    if on not in ("answer", "all"):
+    if on not in ON_CHOICES:
         raise UsageError("--on", f"must be 'answer' or 'all', got {on!r}")
     if max_len < 2:
         raise UsageError("--max-len", f"must be at least 2, got {max_len}")

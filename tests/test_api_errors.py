@@ -85,7 +85,7 @@ def _cases(e):
          "--out-rank: 33 is above 32, the largest rank a merged module can have (per module min(out, in)): "
          "give at most 32"),
         ("merge svd out-rank", lambda: loramix.merge(ads, "svd", out=new, rank=3, out_rank=4),
-         "out_rank: 4 is above svd's rank 3: give at most 3",
+         "out_rank: 4 is above svd's rank=3: give at most 3",
          ["merge", "-m", "svd", "--rank", "3", "--out-rank", "4", *ads, "--out", new],
          "--out-rank: 4 is above svd's --rank 3: give at most 3"),
         # a scale beyond +-1e6 (as --weights) was refused only after the work, naming an overflowed tensor
@@ -213,6 +213,28 @@ def test_a_flag_the_function_has_no_keyword_for_stays():
     assert python_terms("pass --force, --fresh or --jobs N (--cache)", name) == (
         "pass force=True, fresh=True or jobs=N (cache_dir)"
     )
+
+
+def test_a_flag_with_a_literal_value_reads_as_python():
+    """A flag followed by its value in a CLI sentence is that keyword with that
+    value as Python writes it (``--prompt chat`` read "prompt chat"): a choice
+    quoted, a number as it is; a word that is no value of it stays the
+    sentence's, and an upper-case placeholder is the value's name, as before."""
+    from loramix.api import keyword_namer, python_terms
+    from loramix.perplexity import evaluate
+
+    name = keyword_namer(evaluate, {"--adapter": "adapters"})
+    said = {
+        "its tokenizer has no chat template (needed by --prompt chat; use --prompt raw)":
+            "its tokenizer has no chat template (needed by prompt='chat'; use prompt='raw')",
+        "use --device cpu or --dtype bfloat16, --on all": "use device='cpu' or dtype='bfloat16', on='all'",
+        "--max-len 128 is above the model's context; --limit -1.": "max_len=128 is above the model's context; limit=-1.",
+        "--max-len is too large, --device is unknown": "max_len is too large, device is unknown",
+        "--prompt jinja is no mode; --weights 1,0.5 --merged on": "prompt jinja is no mode; weights 1,0.5 merged=True on",
+        "--batch N records": "batch=N records",
+    }  # fmt: skip
+    for cli, py in said.items():
+        assert python_terms(cli, name) == py, cli
 
 
 def test_the_functions_pickle_as_themselves():

@@ -85,9 +85,22 @@ def test_chat_without_template_is_refused():
         encode_records(_tokenizer(chat=True), RECORDS, max_len=64, prompt="jinja")
 
 
+def test_python_chat_without_template_names_the_keyword_value(bases):
+    """From Python the error reads in keyword terms, the value as Python writes
+    it: "needed by prompt='chat'; use prompt='raw'" (it read "needed by prompt
+    chat; use prompt raw"); the CLI's line keeps its flags."""
+    import loramix
+    from loramix.errors import BaseModelError
+
+    with pytest.raises(BaseModelError) as e:
+        loramix.evaluate(bases["raw"], data=ARITH, prompt="chat", limit=2)
+    assert "(needed by prompt='chat'; use prompt='raw')" in str(e.value), str(e.value)
+
+
 def test_cli_chat_without_template_is_one_line(bases, capsys, tmp_path):
     raw = bases["raw"]
-    one_line_error(capsys, ["eval", "--base", raw, "--data", ARITH, "--prompt", "chat"], raw, "chat template")
+    one_line_error(capsys, ["eval", "--base", raw, "--data", ARITH, "--prompt", "chat"], raw, "chat template",
+                   "(needed by --prompt chat; use --prompt raw)")  # fmt: skip
     one_line_error(capsys, ["train", "--base", raw, "--data", ARITH, "--out", tmp_path / "a", "--prompt", "chat",
                             "--steps", "1", "--quiet"], raw, "chat template")  # fmt: skip
     assert not (tmp_path / "a").exists()
