@@ -22,7 +22,7 @@ machine, cannot be compared: nothing is said. Adapters that record no base
 
 ``sum``, ``merge`` and ``eval`` warn (:func:`warn_other_bases`) where an
 adapter's recorded base is clearly another one; ``predict`` and ``plan``
-compare :func:`recorded_identity` with the identity their fit file records;
+compare :func:`loramix.io.provenance.recorded_base` with the identity their fit file records;
 a study of given adapters with its base's identity.
 """
 
@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 
 from .errors import LoramixError
-from .io.provenance import read_record, recorded_base, recorded_inputs
+from .io.provenance import read_record, recorded_inputs
 
 
 def _record(path: str | os.PathLike) -> dict:
@@ -46,12 +46,6 @@ def _training_input(path) -> dict | None:
     an identity (:func:`loramix.io.provenance.recorded_base`'s), or None."""
     return next((i for i in recorded_inputs(_record(path))
                  if i.get("kind") == "base_model" and isinstance(i.get("identity"), str)), None)  # fmt: skip
-
-
-def recorded_identity(path: str | os.PathLike | None) -> str | None:
-    """The base identity an adapter's ``loramix.json`` records (``loramix
-    train``'s provenance), or None: none recorded, or no file."""
-    return recorded_base(path)
 
 
 def _peft_base(path) -> str | None:

@@ -18,6 +18,7 @@ choice of fit in an AttributeError."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -84,7 +85,8 @@ def _study_sees(tmp_path: Path, base: Path, peft: Path, adapter: Path, capsys) -
     err = capsys.readouterr().err
     said = [ln for ln in err.splitlines() if "was trained on another base" in ln]
     assert len(said) <= 1 and "Traceback" not in err, err
-    return said[0].split("another base (")[1].split(")")[0] if said else None
+    # "... was trained on another base (PATH (IDENTITY[:12])) than base.path; ..."
+    return re.search(r"another base \(.*\((\w{12})\)\) than base\.path", said[0])[1] if said else None
 
 
 def _plan_sees(adapter) -> str | None:

@@ -132,16 +132,14 @@ def merge_made(base) -> dict | None:
     of, from its ``loramix.json``: ``{method, adapters, weights, base}`` (the
     paths as recorded, absolute), or None for any other folder (a base, an
     import, a GGUF file), which ``eval`` calls "the base"."""
-    from types import SimpleNamespace
+    from pathlib import Path
 
-    from ..grouping import training_record
+    from ..io.provenance import read_record, recorded_inputs
 
-    rec = training_record(SimpleNamespace(path=f"{base}/config.json")) or {}
-    inputs = (
-        [i for i in rec.get("inputs") or [] if isinstance(i, dict)]
-        if isinstance(rec.get("inputs"), list)
-        else []
-    )
+    rec = (
+        read_record(base) if Path(base).is_dir() else None
+    ) or {}  # a .gguf file's folder is not its record
+    inputs = recorded_inputs(rec)
     ads = [i for i in inputs if i.get("role") == "adapter" and isinstance(i.get("path"), str)]
     into = next((i.get("path") for i in inputs if i.get("role") == "base"), None)
     if (
