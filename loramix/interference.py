@@ -221,6 +221,35 @@ def size_note(k: int, sizes: list[int]) -> str | None:
     )
 
 
+#: what a scenario report folder given to ``--fit`` is read for, in the order ``predict`` prefers them
+REPORT_FITS = ("predictors.json", "fit.json")
+
+
+def fit_in(path, *, line: bool = False) -> tuple:
+    """The fit file that ``path`` names, and a note, or None, saying what was chosen.
+
+    A path that is no folder is itself (a missing file is refused where it is
+    read). A scenario report folder (``reports/NAME/``) gives its
+    ``predictors.json``, the study's best predictor under leave-one-domain-out,
+    else its ``fit.json``, the cosine line (a study without a ``[predictors]``
+    table writes only that); ``line`` (``--label`` or ``--level`` given, which
+    only a ``fit.json`` takes) prefers the ``fit.json``. A folder that holds
+    neither is refused in one line."""
+    p = Path(path)
+    if not p.is_dir():
+        return path, None
+    have = [name for name in REPORT_FITS if (p / name).is_file()]
+    if not have:
+        raise UsageError(p, "a folder with neither predictors.json nor fit.json in it (give a scenario report "
+                         "folder, reports/NAME, or one of those files)")  # fmt: skip
+    chosen = "fit.json" if line and "fit.json" in have else have[0]
+    why = {"predictors.json": "best predictor, validated leave-one-domain-out",
+           "fit.json": "line of delta_ppl% on the RMS cosine"}  # fmt: skip
+    other = [n for n in have if n != chosen]
+    also = f"; --fit {p / other[0]} for its {why[other[0]]}" if other else ""
+    return p / chosen, f"--fit {p}: predicting from its {chosen} (the study's {why[chosen]}{also})"
+
+
 def is_predictors_file(path) -> bool:
     """Whether ``path`` holds a predictors file (rather than a ``fit.json``)."""
     try:
@@ -241,6 +270,25 @@ def _recorded_init(adapter) -> str | None:
     if not isinstance(init, dict) or not isinstance(init.get("shared"), bool):
         return None
     return "shared" if init["shared"] else "data"
+
+
+#: how a study's ``init`` is said (docs/scenarios.md, ``adapters.init``)
+_INIT_WORDS = {"data": "per domain (init data)", "shared": "from shared factors (init shared)"}
+
+
+def _init_warning(entry: dict, adapters) -> str | None:
+    """The warning that ``adapters`` record another initialisation than the
+    study of the fit ``entry`` (one chosen by ``--label``), or None: the
+    same, or either unrecorded. Independent initial factors give cosines an
+    order of magnitude smaller than shared ones (the quickstart's 0.006-0.024
+    against 0.06-0.41), so one study's line does not carry to the other's."""
+    want = entry.get("init")
+    seen = sorted({_recorded_init(a) for a in adapters} - {None})
+    if want not in _INIT_WORDS or not seen or seen == [want]:
+        return None
+    return (f"the adapters were initialised {' and '.join(_INIT_WORDS[i] for i in seen)}, the study "
+            f"{entry['adapter_method']}'s {_INIT_WORDS[want]}: their cosines differ in scale, so the prediction "
+            "may not hold")  # fmt: skip
 
 
 def _study(fits: list, kind: str, merge_method: str, label: str | None, adapters, where: str) -> dict:
@@ -294,7 +342,9 @@ def predict(
 ) -> dict:
     """Predicted delta_ppl% of merging ``adapters`` by ``method`` (module docstring).
 
-    ``fit``: a ``fit.json`` path or its loaded dict; a predictors file's path
+    ``fit``: a ``fit.json`` path or its loaded dict, or a scenario report
+    folder (:func:`fit_in`: its ``predictors.json``, else its ``fit.json``;
+    ``notes`` then starts with the one it read); a predictors file's path
     gives :func:`predict_validated`'s result instead, for ``method``
     (None: the file's primary predictor) with the calibration ``data``,
     ``base``, ``tokens``, ``max_len`` and ``progress`` (what ``loramix
@@ -321,6 +371,17 @@ def predict(
     from .options import check_numbers
 
     check_numbers({"--level": level, "--tokens": tokens, "--max-len": max_len})  # level="0.9" was parsed
+    chose = None
+    if not isinstance(fit, dict):
+        fit, chose = fit_in(fit, line=label is not None or level is not None)
+    r = _predict(adapters, fit, method, level, label, base, data, tokens, max_len, device, progress)
+    if chose:
+        r["notes"].insert(0, chose)
+    return r
+
+
+def _predict(adapters, fit, method, level, label, base, data, tokens, max_len, device, progress) -> dict:
+    """:func:`predict` from a fit file's path (no folder) or a fit.json's dict."""
     if not isinstance(fit, dict) and is_predictors_file(fit):
         # every argument reaches it or is refused: method dropped here gave the primary
         # predictor's figure for any method asked, and a level or label was silently ignored
@@ -364,6 +425,7 @@ def _predict_line(adapters_or_paths, fit, merge_method: str, level, device, labe
     adapters = _composition(adapters_or_paths, load)
     kind = adapters[0].method
     entry = _study(fit["fits"], kind, merge_method, label, adapters, where)
+    init_differs = _init_warning(entry, adapters)
     lf = LinearFit.from_dict(entry)
     if not lf.ok:
         raise UsageError(where, f"the {kind}/{merge_method} fit has {lf.n} point(s): too few to predict")
@@ -418,7 +480,7 @@ def _predict_line(adapters_or_paths, fit, merge_method: str, level, device, labe
         "fitted_range": [lo, hi],
         "fitted_sizes": sizes,
         "notes": disjoint_notes(names, coverage),
-        "warnings": [other] if other else [],
+        "warnings": [w for w in (other, init_differs) if w],
         "fit": {
             "file": fit_path,
             "scenario": fit.get("scenario"),

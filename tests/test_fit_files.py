@@ -9,6 +9,7 @@ import copy
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -197,7 +198,8 @@ def test_fit_json_as_written_predicts_the_line(adapters, fit_json, cosine, tmp_p
 
 
 def test_a_folder_is_not_a_fit_file(adapters, tmp_path, capsys):
-    _one_line(capsys, ["predict", *adapters, "--fit", tmp_path], tmp_path, "a folder, not a fit file")
+    _one_line(capsys, ["predict", *adapters, "--fit", tmp_path], tmp_path,
+              "a folder with neither predictors.json nor fit.json in it")  # fmt: skip
     _one_line(capsys, ["plan", *adapters, "--fit", tmp_path], tmp_path, "a folder, not a predictors file")
     missing = tmp_path / "nope.json"
     _one_line(capsys, ["predict", *adapters, "--fit", missing], missing, "no such fit file")
@@ -358,3 +360,53 @@ def test_predictors_json_as_written_predicts_its_fit(adapters, predictors, cosin
     assert main(["plan", *adapters, "--fit", str(path), "--json", "--budget", "1e9"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert [g["members"] for g in plan["groups"]] == [["a", "b"]]
+
+
+def test_a_report_folder_predicts_from_its_predictors_file_else_its_fit_json(adapters, tmp_path, capsys):
+    """``--fit reports/NAME`` (the folder a study writes) was refused as "a
+    folder, not a fit file": it now reads the folder's predictors.json, else
+    its fit.json (--label or --level, which only a fit.json takes, choose
+    that), says which on stderr in one note, and predicts exactly what that
+    file predicts; the committed real-14-domains files, copied."""
+    import shutil
+
+    from loramix.interference import predict
+
+    real = Path(__file__).resolve().parents[1] / "reports" / "real-14-domains"
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for name in ("predictors.json", "fit.json"):
+        shutil.copy(real / name, folder / name)
+
+    def run(*extra):
+        capsys.readouterr()
+        assert main(["predict", *adapters, "--fit", str(folder), *extra, "--format", "json"]) == 0
+        out, err = capsys.readouterr()
+        return json.loads(out), [line for line in err.splitlines() if line.startswith("loramix: note: --fit")]
+
+    got, said = run()
+    want = predict(adapters, folder / "predictors.json", progress=False)
+    assert got["predictor"] == want["predictor"] and got["predicted"] == want["predicted"]
+    assert got["file"] == str(folder / "predictors.json")
+    assert said == [f"loramix: note: --fit {folder}: predicting from its predictors.json (the study's best "
+                    f"predictor, validated leave-one-domain-out; --fit {folder / 'fit.json'} for its line of "
+                    "delta_ppl% on the RMS cosine)"]  # fmt: skip
+    got, said = run("--label", "lora")
+    line = predict(adapters, folder / "fit.json", label="lora")
+    assert got["predicted_delta_ppl_pct"] == line["predicted_delta_ppl_pct"] and got["label"] == "lora"
+    assert len(said) == 1 and "predicting from its fit.json" in said[0]
+    (folder / "predictors.json").unlink()  # a study without [predictors] writes only fit.json
+    for a in adapters:  # what `loramix train` records: the study of that initialisation is chosen
+        (Path(a) / "loramix.json").write_text(
+            json.dumps({"parameters": {"init": {"shared": False, "seed": 0}}})
+        )
+    try:
+        got, said = run()
+        # from Python alike: the note says which file it read
+        r = predict(adapters, folder)
+    finally:
+        for a in adapters:
+            (Path(a) / "loramix.json").unlink()
+    assert got["predicted_delta_ppl_pct"] == line["predicted_delta_ppl_pct"] and got["label"] == "lora"
+    assert got["fit"]["file"] == str(folder / "fit.json") and "--fit" not in said[0].split("(")[1]
+    assert r["notes"][0].startswith(f"--fit {folder}: predicting from its fit.json")

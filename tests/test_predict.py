@@ -250,6 +250,33 @@ def test_predict_picks_the_study_of_the_adapters_initialisation(adapters, fit_fi
     assert rc == 2 and "fits[0].init" in err
 
 
+def test_a_study_of_another_initialisation_chosen_by_label_is_warned_of(adapters, fit_file, tmp_path, capsys):
+    """--label may choose the study whose adapters started otherwise than the
+    given ones (per-domain against shared factors, whose cosines differ ten-fold
+    in the quickstart): predict said nothing; it warns in one line. The
+    study the adapters' own initialisation picks, or adapters that record
+    none, get no such warning."""
+    import shutil
+
+    from loramix.interference import predict
+
+    _, fits = fit_file
+    two = [{**fits[0], "adapter_method": "lora", "init": "shared"},
+           {**fits[0], "adapter_method": "lora:data", "init": "data"}]  # fmt: skip
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps({"scenario": "t", "fits": two}))
+    pair = [shutil.copytree(a, tmp_path / a.name) for a in adapters[:2]]
+    assert predict(pair, path, label="lora")["warnings"] == []  # nothing recorded: nothing to compare
+    for a in pair:
+        (a / "loramix.json").write_text(json.dumps({"parameters": {"init": {"shared": False, "seed": 0}}}))
+    assert predict(pair, path)["warnings"] == []  # their own study, lora:data
+    assert main(["predict", *map(str, pair), "--fit", str(path), "--label", "lora"]) == 0
+    err = capsys.readouterr().err
+    assert err == (f"loramix: warning: {path}: the adapters were initialised per domain (init data), the study "
+                   "lora's from shared factors (init shared): their cosines differ in scale, so the prediction "
+                   "may not hold\n")  # fmt: skip
+
+
 def test_predict_bad_input(adapters, fit_file, tmp_path, capsys):
     path, _ = fit_file
     cases = [

@@ -1,4 +1,4 @@
-"""``loramix predict A B [C ...] --fit reports/NAME/predictors.json``: interference before merging."""
+"""``loramix predict A B [C ...] --fit reports/NAME[/predictors.json]``: interference before merging."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from . import calibration_options, check_calibration_args, format_option
     required=True,
     type=click.Path(path_type=str),
     help="predictors.json (the best validated predictor) or fit.json (the cosine line), "
-    "written by `loramix scenario run`.",
+    "written by `loramix scenario run`, or its report folder (its predictors.json, else its fit.json).",
 )
 @click.option(
     "--method",
@@ -40,7 +40,7 @@ from . import calibration_options, check_calibration_args, format_option
 @format_option
 def command(adapters, fit_path, merge_method, label, level, data, base, tokens, max_len, fmt):
     """Predict the interference of merging ADAPTERS (at least two), with error bars."""
-    from ..interference import is_predictors_file, predict
+    from ..interference import predict
 
     check_calibration_args(data, base, tokens, max_len)
     # loramix.predict checks and passes on every option, so a notebook gets what this command prints
@@ -48,9 +48,11 @@ def command(adapters, fit_path, merge_method, label, level, data, base, tokens, 
                 data=list(data) or None, base=base, tokens=tokens, max_len=max_len, progress=True)  # fmt: skip
     for n in r["notes"]:
         click.echo(f"loramix: note: {n}", err=True)
+    validated = "predictor" in r  # a predictors file's result; the file read, a report folder's too
+    read = r["file"] if validated else r["fit"]["file"]
     for w in r["warnings"]:  # another base than the file's, for a fit.json as for a predictors file
-        click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
-    if is_predictors_file(fit_path):
+        click.echo(f"loramix: warning: {read}: {w}", err=True)
+    if validated:
         click.echo(_json(r) if fmt == "json" else _validated_text(r))
         return
     click.echo(_json(r) if fmt == "json" else _line_text(r))
@@ -66,6 +68,22 @@ def _json(r: dict) -> str:
     return json.dumps(json_safe(r), indent=2, allow_nan=False)
 
 
+#: what a predicted target means, said under the figure: "retention +124" read as a share kept
+#: (docs/interference.md defines both; positive is a loss in each)
+_MEANS = {
+    "retention_pct": "the merge's perplexity on each member's domain, % above that domain's own adapter's, "
+                     "mean over the members; 0 is no loss",
+    "delta_ppl_pct": "the merge's perplexity on the members' data, % above that of one adapter trained on "
+                     "all of it; 0 is as good",
+}  # fmt: skip
+
+
+def _means(target: str) -> list[str]:
+    """The line saying what ``target`` (``retention_pct (sum)``) measures; none for an unknown one."""
+    name = target.split(" ")[0]
+    return [f"  {name}: {_MEANS[name]}"] if name in _MEANS else []
+
+
 def _validated_text(r: dict) -> str:
     v = r["validated"] or {}
     lines = [f"adapters: {', '.join(r['names'])} ({r['adapter_method']})"]
@@ -78,7 +96,7 @@ def _validated_text(r: dict) -> str:
     if r["interval"] is not None:
         lo, hi = r["interval"]
         line += f"  ({100 * r['level']:g}% prediction interval [{lo:+.2f}, {hi:+.2f}])"
-    lines.append(line)
+    lines += [line, *_means(r["target"])]
     if not r["beats_mean"]:
         lines.append("note: this predictor is no better than the mean of the study's compositions")
     return "\n".join(lines)
@@ -99,7 +117,7 @@ def _line_text(r: dict) -> str:
         line += f"  ({100 * r['level']:g}% prediction interval [{lo:+.2f}, {hi:+.2f}])"
     else:
         line += "  (no prediction interval: the fit has fewer than 3 compositions)"
-    lines.append(line)
+    lines += [line, f"  delta_ppl%: {_MEANS['delta_ppl_pct']}"]
     if r["loo_rmse"] is not None:
         lines.append(f"leave-one-out error of the fit: RMSE {r['loo_rmse']:.2f} points")
     lo, hi = r["fitted_range"]
