@@ -140,6 +140,7 @@ def predict_validated(
         "level": fitfile["level"], "validated": validated, "mean_mae": rows.get("mean", {}).get("mae"),
         "beats_mean": bool(fitfile.get("beats_mean")), "file": str(path), "scenario": fitfile.get("scenario"),
         "features": features, "extrapolation": far is not None,
+        "domains": fitted_domains(fitfile.get("compositions") or []),
         "warnings": warnings, "notes": notes,
     }  # fmt: skip
 
@@ -207,6 +208,14 @@ def _for_method(fitfile: dict, method: str, where: str) -> dict:
 def fitted_sizes(compositions) -> list[int]:
     """The composition sizes a fit saw, from its labels (``a+b``) or member lists."""
     return sorted({c.count("+") + 1 if isinstance(c, str) else len(c) for c in compositions})
+
+
+def fitted_domains(compositions) -> int | None:
+    """How many domains the compositions a fit saw draw on (labels ``a+b`` or
+    member lists): what a leave-one-domain-out error was averaged over; None
+    where the file lists none."""
+    names = {d for c in compositions for d in (c.split("+") if isinstance(c, str) else c)}
+    return len(names) or None
 
 
 def size_note(k: int, sizes: list[int]) -> str | None:
@@ -485,6 +494,7 @@ def _predict_line(adapters_or_paths, fit, merge_method: str, level, device, labe
             "file": fit_path,
             "scenario": fit.get("scenario"),
             "n": lf.n,
+            "domains": fitted_domains(entry.get("labels") or []),
             "slope": lf.slope,
             "intercept": lf.intercept,
             "pearson_r": lf.pearson_r,

@@ -388,12 +388,14 @@ def test_a_report_folder_predicts_from_its_predictors_file_else_its_fit_json(ada
     want = predict(adapters, folder / "predictors.json", progress=False)
     assert got["predictor"] == want["predictor"] and got["predicted"] == want["predicted"]
     assert got["file"] == str(folder / "predictors.json")
+    assert got["domains"] == 14  # what its leave-one-domain-out error was averaged over, said in the text
     assert said == [f"loramix: note: --fit {folder}: predicting from its predictors.json (the study's best "
                     f"predictor, validated leave-one-domain-out; --fit {folder / 'fit.json'} for its line of "
                     "delta_ppl% on the RMS cosine)"]  # fmt: skip
     got, said = run("--label", "lora")
     line = predict(adapters, folder / "fit.json", label="lora")
     assert got["predicted_delta_ppl_pct"] == line["predicted_delta_ppl_pct"] and got["label"] == "lora"
+    assert got["fit"]["n"] == 20 and got["fit"]["domains"] == 13  # its merged-data pairs draw on 13 of the 14
     assert len(said) == 1 and "predicting from its fit.json" in said[0]
     (folder / "predictors.json").unlink()  # a study without [predictors] writes only fit.json
     for a in adapters:  # what `loramix train` records: the study of that initialisation is chosen

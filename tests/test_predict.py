@@ -205,6 +205,8 @@ def test_predict_cli(adapters, fit_file, capsys):
     rc = main(["predict", str(adapters[0]), str(adapters[1]), str(adapters[2]), "--fit", str(path)])
     text = capsys.readouterr().out
     assert rc == 0 and "predicted delta_ppl%" in text and "prediction interval" in text and "a+b" in text
+    # what the figure means: a positive delta_ppl% is a loss (read as a share kept, it misleads)
+    assert "  delta_ppl%: the merge's perplexity on the members' data, % above that of one adapter" in text
 
 
 def test_predict_picks_the_study_of_the_adapters_initialisation(adapters, fit_file, tmp_path, capsys):

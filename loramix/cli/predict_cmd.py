@@ -89,8 +89,9 @@ def _validated_text(r: dict) -> str:
     lines = [f"adapters: {', '.join(r['names'])} ({r['adapter_method']})"]
     lines += [f"  {f}: {x:.4g}" for f, x in r["features"].items()]
     mae = v.get("mae")
+    over = f" of its {r['domains']} domains" if r.get("domains") else ""
     lines.append(f"predictor: {r['predictor']} from {r['file']} (best of the study's predictors under "
-                 f"leave-one-domain-out: held-out MAE {mae:.3g} over {v.get('n')} predictions, mean's "
+                 f"leave-one-domain-out{over}: held-out MAE {mae:.3g} over {v.get('n')} predictions, mean's "
                  f"{r['mean_mae']:.3g})")  # fmt: skip
     line = f"predicted {r['target']}: {r['predicted']:+.2f}"
     if r["interval"] is not None:
@@ -109,7 +110,8 @@ def _line_text(r: dict) -> str:
     if len(r["names"]) > 2:
         lines.append(f"  composition (quadratic mean over pairs): {r['cosine']:.4f}")
     rr = "n/a" if f["pearson_r"] is None else f"{f['pearson_r']:.3f}"
-    lines.append(f"fit: {f['file']} ({r['label']}, {r['merge_method']}; {f['n']} compositions, r = {rr}; "
+    of = f" of {f['domains']} domains" if f.get("domains") else ""
+    lines.append(f"fit: {f['file']} ({r['label']}, {r['merge_method']}; {f['n']} compositions{of}, r = {rr}; "
                  f"delta = {f['slope']:.3g} * cos {f['intercept']:+.3g})")  # fmt: skip
     line = f"predicted delta_ppl%: {r['predicted_delta_ppl_pct']:+.2f}"
     if r["interval"] is not None:
