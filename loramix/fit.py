@@ -276,6 +276,13 @@ def read_json_file(p: Path, kind: str, folder_hint: str, missing_hint: str, what
     return load_json_file(p, UsageError, constants=True, what=what)
 
 
+def check_recipe(path, d: dict) -> None:
+    """A fit file's ``adapters`` (its study's training recipe, which predict
+    compares with the adapters'), where present: an object or null."""
+    if not isinstance(d.get("adapters"), (dict, type(None))):
+        raise field_error(path, "adapters", "an object (the study's [adapters]) or null", d["adapters"])
+
+
 #: how a study's adapters were initialised (``adapters.init``; ``train --shared-init``)
 INITS = ("data", "shared")
 
@@ -286,7 +293,8 @@ def load_fit_file(path: str | os.PathLike) -> dict:
     Checked: a JSON object with a ``fits`` list; ``prediction_level``, where
     present, in (0, 1); ``scenario`` and ``base_identity`` (the base's
     :meth:`~loramix.io.model_folder.BaseModelFolder.identity`, absent in a
-    file from before it was recorded) a string or null; each entry an object
+    file from before it was recorded) a string or null; ``adapters`` (the
+    study's recipe, absent before it was recorded) an object or null; each entry an object
     with string ``adapter_method`` and ``merge_method`` and the fields of a
     :class:`LinearFit` (:func:`check_linear_fit`), and where present ``init``
     one of :data:`INITS`. Returns the dict as read.
@@ -311,6 +319,7 @@ def check_fit(fit, p: str | os.PathLike) -> dict:
         check_level(p, "prediction_level", fit["prediction_level"])
     check_str(p, "scenario", fit.get("scenario"), null=True)
     check_str(p, "base_identity", fit.get("base_identity"), null=True)  # absent before it was written
+    check_recipe(p, fit)
     for k, entry in enumerate(fit["fits"]):
         name = f"fits[{k}]"
         if not isinstance(entry, dict):

@@ -55,6 +55,7 @@ import numpy as np
 from .api import renamed
 from .errors import UsageError
 from .features import FeatureSet, composition_value, compute_features, registry
+from .io.config_schema import is_number
 
 COSINE_BUDGET = 0.1
 
@@ -238,6 +239,63 @@ def other_base(adapters, base: str | None, fitted: str) -> str | None:
         return None
     return (f"the adapters were trained on another base ({', '.join(sorted(x[:12] for x in seen))}) "
             f"than the one {fitted} fitted for ({base[:12]}): the prediction may not hold")  # fmt: skip
+
+
+#: the training settings that a study's ``[adapters]`` and an adapter's ``loramix.json`` both record
+#: alike (not ``top_layers``: a study's adapters record none, and it gives the same adapter as the full
+#: forward; nor the targets: a study's default is the architecture's, which no fit file spells out)
+RECIPE_KEYS = ("rank", "alpha", "steps", "epochs", "lr", "batch", "max_len")
+
+
+def _setting(v) -> str:
+    """A setting as the warning says it: numbers by value (16 is 16.0), None as ``none``."""
+    if v is None:
+        return "none"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"{float(v):g}"
+    return str(v)
+
+
+def other_recipe(adapters, recipe: dict | None, fitted: str) -> str | None:
+    """The warning that ``adapters`` were trained otherwise than the study whose
+    fits are used (``recipe``: its ``[adapters]``, at the study's rank), or None.
+
+    Said: each of :data:`RECIPE_KEYS` that differs from what the adapters'
+    ``loramix.json`` records (not checked for adapters that record no
+    training: :func:`other_base` says so; ``steps`` not for a study by
+    epochs, ``max_len`` not where the adapters' is smaller, which may be the
+    model's context, to which ``train`` caps what it records), and, where the study put its
+    adapters on its top ``top_layers`` blocks, adapters on another number of
+    layers (read from their module names). Nothing where the recipe is unknown
+    (a file from before it was recorded). The features a fit reads (cosines,
+    norms) move with rank, steps, learning rate and the modules adapted, so
+    its figures are for adapters trained as its study's."""
+    if not isinstance(recipe, dict):
+        return None
+    from .overlap import module_layer_type
+
+    said = []
+    params = [(training_record(a) or {}).get("parameters") for a in adapters]
+    if params and all(isinstance(p, dict) for p in params):
+        for key in RECIPE_KEYS:
+            want, seen = recipe.get(key), {p.get(key) for p in params}
+            # a study by epochs: its adapters record the steps they came to
+            if key == "steps" and want is None:
+                continue
+            if key == "max_len" and is_number(want) and all(is_number(v) and v < want for v in seen):
+                continue  # train records the max_len capped at the model's context: a smaller one may be that
+            shown = sorted({_setting(v) for v in seen})
+            if shown != [_setting(want)]:
+                said.append(f"{key} {'/'.join(shown)}, not {_setting(want)}")
+    top = recipe.get("top_layers")
+    if isinstance(top, int) and not isinstance(top, bool):
+        layers = sorted({len({module_layer_type(m)[0] for m in a.modules} - {None}) for a in adapters})
+        if layers != [top]:
+            said.append(f"{'/'.join(map(str, layers))} layers adapted, not the top {top}")
+    if not said:
+        return None
+    return (f"the adapters were trained otherwise than the study {fitted} fitted on ({'; '.join(said)}): "
+            "the prediction may not hold")  # fmt: skip
 
 
 def adapter_checks(adapters, fitfile: dict, where: str) -> list[str]:

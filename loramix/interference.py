@@ -37,7 +37,9 @@ better than the mean. A ``fit.json`` records the same ``base_identity`` and
 is warned of alike; one written before it did (null or absent) is used
 without the check, as is a predictors file whose identity is null. Adapters
 that record no base (made outside loramix) get a warning that the check was
-not made.
+not made. Adapters trained otherwise than the study's ``[adapters]`` (rank,
+steps, learning rate, ...: :func:`loramix.grouping.other_recipe`) are warned
+of too. ``--fit`` may name a study's report folder (:func:`fit_in`).
 """
 
 from __future__ import annotations
@@ -102,6 +104,11 @@ def predict_validated(
         from .io.np_factors import load_np_adapter as load
     adapters = _composition(adapters_or_paths, load)
     warnings = adapter_checks(adapters, fitfile, str(path))
+    from .grouping import other_recipe
+
+    recipe = study_recipe(fitfile, path, fitfile.get("adapter_method") or "")
+    if other := other_recipe(adapters, recipe, "these predictors were"):
+        warnings.insert(1 if warnings and "another base" in warnings[0] else 0, other)
     model, _, validated = cost_model(
         adapters,
         path,
@@ -259,6 +266,31 @@ def fit_in(path, *, line: bool = False) -> tuple:
     return p / chosen, f"--fit {p}: predicting from its {chosen} (the study's {why[chosen]}{also})"
 
 
+def study_recipe(fit: dict, path, label: str) -> dict | None:
+    """The ``[adapters]`` recipe of the study of ``fit`` (a fit.json's or a
+    predictors file's dict, read from ``path``), at the rank of its adapter
+    ``label`` (``lora@16``): the file's ``adapters``, else, for a file written
+    before it recorded them, ``adapters`` of the scenario in the ``report.json``
+    beside it where that is the same study's. None where neither says, or for
+    a study of given adapters (no recipe: they were trained elsewhere)."""
+    from .scenario.traits import rank_of
+
+    rec = fit.get("adapters")
+    if rec is None and path is not None:
+        try:  # an aid to a warning: a report.json that does not read is no error of the fit's
+            report = json.loads((Path(path).parent / "report.json").read_text())
+            if report["scenario"]["name"] == fit.get("scenario"):
+                rec = report["scenario"]["adapters"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    if not isinstance(rec, dict) or "given" in rec:
+        return None
+    try:
+        return {**rec, "rank": rank_of(label, rec.get("rank"))}
+    except ValueError:  # a label whose @rank is no number: no rank to compare
+        return {k: v for k, v in rec.items() if k != "rank"}
+
+
 def is_predictors_file(path) -> bool:
     """Whether ``path`` holds a predictors file (rather than a ``fit.json``)."""
     try:
@@ -374,7 +406,9 @@ def predict(
     ``predicted_delta_ppl_pct``, ``interval`` (low, high or None),
     ``level``, ``loo_rmse``, ``residual_se``, ``extrapolation``, the
     study's ``label``, the fit used, ``warnings`` (adapters trained on another
-    base than the fit's ``base_identity``) and ``notes`` (the pairs that adapt no
+    base than the fit's ``base_identity``, initialised otherwise than the study
+    ``label`` chose, or trained otherwise than its ``[adapters]``:
+    :func:`study_recipe`) and ``notes`` (the pairs that adapt no
     module in common: their cosine counts 0, as in ``loramix plan``).
     """
     from .options import check_numbers
@@ -463,9 +497,10 @@ def _predict_line(adapters_or_paths, fit, merge_method: str, level, device, labe
             f"overflows at cosine {cos:.6g}: its prediction is beyond a float's range",
         )
     lo, hi = (min(lf.x), max(lf.x)) if lf.x else (cos, cos)
-    from .grouping import other_base
+    from .grouping import other_base, other_recipe
 
     other = other_base(adapters, fit.get("base_identity"), "this fit was")
+    recipe = other_recipe(adapters, study_recipe(fit, fit_path, entry["adapter_method"]), "this fit was")
     sizes = fitted_sizes(entry.get("labels") or [])
     size_far = size_note(len(adapters), sizes) is not None
     return {
@@ -489,7 +524,7 @@ def _predict_line(adapters_or_paths, fit, merge_method: str, level, device, labe
         "fitted_range": [lo, hi],
         "fitted_sizes": sizes,
         "notes": disjoint_notes(names, coverage),
-        "warnings": [w for w in (other, init_differs) if w],
+        "warnings": [w for w in (other, init_differs, recipe) if w],
         "fit": {
             "file": fit_path,
             "scenario": fit.get("scenario"),

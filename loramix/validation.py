@@ -73,6 +73,7 @@ from .fit import (
     check_level,
     check_linear_fit,
     check_number,
+    check_recipe,
     check_str,
     field_error,
     fit_line,
@@ -531,7 +532,7 @@ def load_predictors(path: str | os.PathLike) -> dict:
     (0, 1); ``target`` a string; ``calibration`` (the study's recipe of the
     data-aware features) null or integers ``tokens`` >= 1 and ``max_len`` >= 2;
     ``scenario``, ``adapter_kind`` and
-    ``base_identity`` strings or null; ``beats_mean`` true or false; ``summary``
+    ``base_identity`` strings or null; ``adapters`` an object or null; ``beats_mean`` true or false; ``summary``
     a list of held-out records (:func:`_check_record`) with a finite ``mae`` for
     the best predictor and for ``mean``; the best fit
     (:func:`check_predictor_fit`); and each ``by_method`` entry: its ``fit``,
@@ -569,6 +570,7 @@ def load_predictors(path: str | os.PathLike) -> dict:
                 raise field_error(p, f"calibration.{key}", want, v)
     for key in ("scenario", "adapter_kind", "base_identity"):
         check_str(p, key, d.get(key), null=True)
+    check_recipe(p, d)
     _check_bool(p, "beats_mean", d, "beats_mean")
     summary = d.get("summary", MISSING)
     if not isinstance(summary, list):

@@ -122,6 +122,10 @@ FIT_DAMAGE = {
     "level-5": (_top("prediction_level", 5), "prediction_level must be a number in (0, 1)"),
     "level-nan": (_top("prediction_level", math.nan), "prediction_level"),
     "scenario-int": (_top("scenario", 3), "scenario must be a string"),
+    "adapters-list": (
+        _top("adapters", [8]),
+        "adapters must be an object (the study's [adapters]) or null, got",
+    ),
     "adapter-method-int": (_set("adapter_method", 3), "fits[0].adapter_method must be a string"),
     "merge-method-missing": (lambda d: d["fits"][0].pop("merge_method"), "fits[0].merge_method is missing"),
     "n-str": (_set("n", "5"), "fits[0].n must be an integer"),
@@ -238,6 +242,11 @@ PRED_DAMAGE = {
     "base-identity-int": (None, _pred_top("base_identity", 3), "base_identity must be a string or null"),
     "adapter-kind-int": (None, _pred_top("adapter_kind", 3), "adapter_kind must be a string or null"),
     "scenario-list": (None, _pred_top("scenario", ["x"]), "scenario"),
+    "adapters-int": (
+        None,
+        _pred_top("adapters", 3),
+        "adapters must be an object (the study's [adapters]) or null",
+    ),
     "level-3": (None, _pred_top("level", 3), "level must be a number in (0, 1), got 3"),
     "calibration-list": (None, _pred_top("calibration", [128, 64]), "calibration must be an object"),
     "calibration-tokens-0": (
@@ -412,3 +421,64 @@ def test_a_report_folder_predicts_from_its_predictors_file_else_its_fit_json(ada
     assert got["predicted_delta_ppl_pct"] == line["predicted_delta_ppl_pct"] and got["label"] == "lora"
     assert got["fit"]["file"] == str(folder / "fit.json") and "--fit" not in said[0].split("(")[1]
     assert r["notes"][0].startswith(f"--fit {folder}: predicting from its fit.json")
+
+
+def test_adapters_trained_otherwise_than_the_study_are_warned_of(adapters, tmp_path, capsys):
+    """The committed real-14-domains fits were made for adapters trained as its
+    study's [adapters] (rank 8, 16 steps at lr 3e-3, 64 tokens, the top 2
+    blocks); adapters of the README's recipe (12 steps at 2e-3, 96 tokens)
+    got them without a word. A fit file from before it recorded the recipe
+    takes it from the report.json beside it (that study's): one warning line
+    names each setting that differs; adapters trained as the study's get
+    none, and an adapter that records no training is checked only for its
+    layers."""
+    import shutil
+
+    real = Path(__file__).resolve().parents[1] / "reports" / "real-14-domains"
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for name in ("predictors.json", "fit.json", "report.json"):
+        shutil.copy(real / name, folder / name)
+    pair = [shutil.copytree(a, tmp_path / Path(a).name) for a in adapters]
+    study = {"rank": 8, "alpha": 16.0, "steps": 16, "epochs": None, "lr": 0.003, "batch": 4, "max_len": 64}
+    readme = {**study, "steps": 12, "lr": 0.002, "max_len": 96}
+
+    def warned(params, fit="fit.json", *extra):
+        for a in pair:
+            if params is None:
+                (a / "loramix.json").unlink(missing_ok=True)
+            else:  # the adapters' init is the lora study's, which then needs no --label
+                init = {"shared": False, "seed": 0}
+                (a / "loramix.json").write_text(json.dumps({"parameters": {**params, "init": init}}))
+        capsys.readouterr()
+        assert main(["predict", *map(str, pair), "--fit", str(folder / fit), *extra]) == 0
+        err = capsys.readouterr().err
+        return [line for line in err.splitlines() if "trained otherwise" in line]
+
+    # the fixture's adapters adapt every layer of a 2-layer GPT-2: as many as the study's top 2
+    assert warned(study) == [] and warned(study, "predictors.json") == []
+    said = ("the adapters were trained otherwise than the study {} fitted on (steps 12, not 16; lr 0.002, "
+            "not 0.003; max_len 96, not 64): the prediction may not hold")  # fmt: skip
+    assert warned(readme) == [f"loramix: warning: {folder / 'fit.json'}: " + said.format("this fit was")]
+    assert warned(readme, "predictors.json") == [
+        f"loramix: warning: {folder / 'predictors.json'}: " + said.format("these predictors were")
+    ]
+    assert warned(None, "fit.json", "--label", "lora") == []
+    # what train records against a study's recipe it matches: the steps a study by epochs came to, and a
+    # max_len capped at the model's context (a smaller one is not flagged)
+    report = json.loads((folder / "report.json").read_text())
+    report["scenario"]["adapters"].update(steps=None, epochs=2.0, max_len=4096)
+    (folder / "report.json").write_text(json.dumps(report))
+    assert warned({**study, "steps": 32, "epochs": 2.0, "max_len": 2048}) == []
+    assert warned({**study, "steps": 32, "epochs": None}) == [
+        f"loramix: warning: {folder / 'fit.json'}: the adapters were trained otherwise than the study this fit "
+        "was fitted on (epochs none, not 2): the prediction may not hold"
+    ]
+    # the recipe the fit file records itself is the one compared (rank from the label: lora@4)
+    fit = json.loads((folder / "fit.json").read_text())
+    fit["adapters"] = {**readme, "top_layers": 1, "rank": 8}
+    fit["fits"] = [{**f, "adapter_method": "lora@4"} for f in fit["fits"] if f["adapter_method"] == "lora"]
+    (folder / "fit.json").write_text(json.dumps(fit))
+    assert warned(readme) == [f"loramix: warning: {folder / 'fit.json'}: the adapters were trained otherwise than "
+                              "the study this fit was fitted on (rank 8, not 4; 2 layers adapted, not the top 1): "
+                              "the prediction may not hold"]  # fmt: skip

@@ -322,6 +322,34 @@ def test_predict_with_the_fit_file_warns_of_another_base(study, tmp_path, capsys
     assert "warning" not in capsys.readouterr().err
 
 
+def test_the_fit_files_record_the_study_recipe_and_its_own_adapters_match_it(study, tmp_path, capsys):
+    """fit.json and predictors.json record the study's [adapters] (predict warns
+    of adapters trained otherwise); the study's own adapters, whose loramix.json
+    the study wrote, get no such warning from either (no false alarm: they
+    record no top_layers, so that is compared by the layers they adapt), and
+    one retrained at another learning rate gets one line naming it."""
+    out, rep = study["out"], study["report"]
+    recipe = {"init": "data", "top_layers": 1, "rank": 2, "alpha": 8.0, "steps": 3, "lr": 5e-3, "batch": 8,
+              "max_len": 48}  # fmt: skip
+    for name in ("fit.json", "predictors.json"):
+        got = json.loads((out / name).read_text())["adapters"]
+        assert {k: got[k] for k in recipe} == recipe, got
+    paths = rep["adapters"][0]
+    for name in ("fit.json", "predictors.json"):
+        assert main(["predict", paths["arith"], paths["sort"], "--fit", str(out / name)]) == 0
+        assert "trained otherwise" not in capsys.readouterr().err
+    moved = tmp_path / "arith"
+    shutil.copytree(paths["arith"], moved)
+    prov = json.loads((moved / "loramix.json").read_text())
+    prov["parameters"]["lr"] = 1e-3
+    (moved / "loramix.json").write_text(json.dumps(prov))
+    assert main(["predict", str(moved), paths["sort"], "--fit", str(out)]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "trained otherwise" in line]
+    assert err == [f"loramix: warning: {out / 'predictors.json'}: the adapters were trained otherwise than the "
+                   "study these predictors were fitted on (lr 0.001/0.005, not 0.005): the prediction may not "
+                   "hold"]  # fmt: skip
+
+
 def test_report_renders_labelled_adapters(study):
     """A study's adapter labels (``KIND@R:INIT``) reach the report's kind lookups
     as their kinds: the quickstart's ``init = ["shared", "data"]`` once failed

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .report import _f, _table
+from .report import _f, _table, trained_recipe
 
 # arXiv 2508.11985, GPT-2 small: delta_ppl% of the naive sum against merged-data training.
 PAPER_PAIRS = {("math", "medicine"): -9.1, ("math", "finance"): 4.5, ("finance", "medicine"): 27.6}
@@ -253,7 +253,8 @@ def write_predictor_files(folder: Path, report: dict, cache=None) -> None:
         out = {k: x for k, x in val.items() if k != "predictions"}
         # ``adapter_method`` keeps the study's label (``lora@2``); readers match ``adapter_kind`` to a kind
         out.update(scenario=report["scenario"]["name"], base_identity=report["base"].get("identity"),
-                   adapter_kind=kind_of(val["adapter_method"]))  # fmt: skip
+                   adapter_kind=kind_of(val["adapter_method"]),
+                   adapters=trained_recipe(report["scenario"]))  # fmt: skip
         # the recipe of the data-aware features the fits read: predict and plan
         # compute them the same way (a feature of 128 tokens is not one of 256)
         rp = report["scenario"].get("predictors") or {}

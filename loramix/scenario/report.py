@@ -139,6 +139,14 @@ def given_adapters(sc: dict) -> dict | None:
     return sc.get("adapters", {}).get("given")
 
 
+def trained_recipe(sc: dict) -> dict | None:
+    """The ``[adapters]`` recipe of the study ``sc`` (report.json's ``scenario``)
+    as the fit files record it, for ``loramix predict`` (its labels' ranks are
+    in the labels); None for a study of given adapters, trained elsewhere."""
+    ads = sc.get("adapters") or {}
+    return None if "given" in ads else {k: v for k, v in ads.items() if k != "methods"}
+
+
 class _View:
     """What several report sections read, taken from ``report.json`` once."""
 
@@ -672,6 +680,8 @@ def write_report(folder: Path, report: dict, per_module: pd.DataFrame | None = N
         "cosine_on": "residual (LoRA: s B A; D2-LoRA: the signed residual, base-free)",
         "points": "one per composition, mean over seeds",
         "prediction_level": PI_LEVEL,
+        # how its adapters were trained: predict warns of adapters trained otherwise
+        "adapters": trained_recipe(report["scenario"]),
         "fits": report["fits"],
     }
     given = given_adapters(report["scenario"])
