@@ -300,7 +300,8 @@ def other_recipe(adapters, recipe: dict | None, fitted: str) -> str | None:
 
 def adapter_checks(adapters, fitfile: dict, where: str) -> list[str]:
     """Of a predictors file ``fitfile`` (read from ``where``) for ``adapters``: another
-    adapter kind refused; warnings for another base and a fit no better than the mean."""
+    adapter kind refused; warnings for another base, another training recipe
+    (:func:`other_recipe`) and a fit no better than the mean."""
     from .scenario.traits import kind_of
 
     kinds = sorted({a.method for a in adapters})
@@ -312,6 +313,11 @@ def adapter_checks(adapters, fitfile: dict, where: str) -> list[str]:
         )
     warnings = []
     if other := other_base(adapters, fitfile.get("base_identity"), "these predictors were"):
+        warnings.append(other)
+    from .interference import study_recipe
+
+    recipe = study_recipe(fitfile, where, fitfile.get("adapter_method") or "")
+    if other := other_recipe(adapters, recipe, "these predictors were"):
         warnings.append(other)
     if not fitfile.get("beats_mean"):
         warnings.append("no feature predicted this target better than the mean when validated: the prediction "
@@ -453,7 +459,8 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     """Group ``adapters`` (paths or loaded adapters, at least two) for
     merging (module docstring): ``loramix plan``, whose options these are.
 
-    ``fit``: a predictors file (:func:`loramix.validation.write_predictors`);
+    ``fit``: a predictors file (:func:`loramix.validation.write_predictors`),
+    or a study's report folder holding one;
     without it the cost is the RMS cosine. ``data``: one calibration file
     per adapter (its domain) and ``base``, needed when the predictor reads
     data-aware features; ``max_group``: ``K``; ``budget``: the largest
@@ -496,6 +503,11 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     check_adapter_paths(items)  # before torch loads: a mistyped path fails fast
     from .validation import load_predictors
 
+    if fit is not None and Path(fit).is_dir():  # a study's report folder, as predict takes it
+        if not (Path(fit) / "predictors.json").is_file():
+            raise UsageError(fit, "a folder without predictors.json in it (plan reads a study's predictors file, "
+                             "which a scenario with a [predictors] table writes to reports/NAME)")  # fmt: skip
+        fit = Path(fit) / "predictors.json"
     # the fit file too: with --data the adapters load with torch, which a mistyped --fit need not wait for
     fitfile = None if fit is None else load_predictors(fit)  # read and checked once, used thrice
     effective = fit is None and base is not None  # the cosine cost, on effective deltas

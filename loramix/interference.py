@@ -104,11 +104,6 @@ def predict_validated(
         from .io.np_factors import load_np_adapter as load
     adapters = _composition(adapters_or_paths, load)
     warnings = adapter_checks(adapters, fitfile, str(path))
-    from .grouping import other_recipe
-
-    recipe = study_recipe(fitfile, path, fitfile.get("adapter_method") or "")
-    if other := other_recipe(adapters, recipe, "these predictors were"):
-        warnings.insert(1 if warnings and "another base" in warnings[0] else 0, other)
     model, _, validated = cost_model(
         adapters,
         path,

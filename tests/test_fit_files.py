@@ -204,7 +204,9 @@ def test_fit_json_as_written_predicts_the_line(adapters, fit_json, cosine, tmp_p
 def test_a_folder_is_not_a_fit_file(adapters, tmp_path, capsys):
     _one_line(capsys, ["predict", *adapters, "--fit", tmp_path], tmp_path,
               "a folder with neither predictors.json nor fit.json in it")  # fmt: skip
-    _one_line(capsys, ["plan", *adapters, "--fit", tmp_path], tmp_path, "a folder, not a predictors file")
+    _one_line(
+        capsys, ["plan", *adapters, "--fit", tmp_path], tmp_path, "a folder without predictors.json in it"
+    )
     missing = tmp_path / "nope.json"
     _one_line(capsys, ["predict", *adapters, "--fit", missing], missing, "no such fit file")
 
@@ -464,6 +466,15 @@ def test_adapters_trained_otherwise_than_the_study_are_warned_of(adapters, tmp_p
         f"loramix: warning: {folder / 'predictors.json'}: " + said.format("these predictors were")
     ]
     assert warned(None, "fit.json", "--label", "lora") == []
+    # plan reads the same predictors file, from the folder too, and warns alike
+    capsys.readouterr()
+    assert main(["plan", *map(str, pair), "--fit", str(folder)]) == 0
+    warns = [line for line in capsys.readouterr().err.splitlines() if "trained otherwise" in line]
+    assert warns == []  # the last adapters recorded no training: nothing to compare but their 2 layers
+    warned(readme, "predictors.json")
+    assert main(["plan", *map(str, pair), "--fit", str(folder)]) == 0
+    warns = [line for line in capsys.readouterr().err.splitlines() if "trained otherwise" in line]
+    assert warns == [f"loramix: warning: {folder}: " + said.format("these predictors were")]
     # what train records against a study's recipe it matches: the steps a study by epochs came to, and a
     # max_len capped at the model's context (a smaller one is not flagged)
     report = json.loads((folder / "report.json").read_text())

@@ -18,7 +18,8 @@ def _fmt(v) -> str:
     "fit_path",
     type=click.Path(path_type=str),
     default=None,
-    help="Predictors file (loramix.validation); without it the cost is the RMS cosine.",
+    help="Predictors file (loramix.validation), or the report folder holding it; without it the cost is the "
+    "RMS cosine.",
 )
 @calibration_options(
     base_help="Base model folder: with --data, the calibration pass's; without --fit, DoRA and D2-LoRA "
