@@ -49,6 +49,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
@@ -272,10 +273,12 @@ def other_recipe(adapters, recipe: dict | None, fitted: str) -> str | None:
     its figures are for adapters trained as its study's."""
     if not isinstance(recipe, dict):
         return None
+    from .io.provenance import read_record
     from .overlap import module_layer_type
 
     said = []
-    params = [(training_record(a) or {}).get("parameters") for a in adapters]
+    # None where an adapter records nothing (made outside loramix): then no recipe is compared
+    params = [(read_record(getattr(a, "path", None)) or {}).get("parameters") for a in adapters]
     if params and all(isinstance(p, dict) for p in params):
         for key in RECIPE_KEYS:
             want, seen = recipe.get(key), {p.get(key) for p in params}
