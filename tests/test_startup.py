@@ -492,3 +492,22 @@ def test_a_dense_merge_without_into_is_refused_without_torch(other, words, two_a
     rc, mods, err = imported_modules(*args, cwd=tmp_path)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and words in err, err
     assert heavy(mods) == [], f"loramix {' '.join(args)} imported {heavy(mods)[:5]}"
+
+
+def test_a_command_run_under_cprofile_leaves_its_profile(tmp_path):
+    """``python -m cProfile -o FILE -m loramix ...`` (how to find where a
+    command's time goes) writes FILE: the entry point's ``os._exit``
+    (cli.exit_now) ended the process before cProfile wrote it, so there was
+    none. A profiled run takes Python's normal exit (sys.exit)."""
+    import pstats
+
+    prof = tmp_path / "p.prof"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "loramix", "sum", "a", "b",
+                        "--weights", "x", "--out", "o"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=120)  # fmt: skip
+    # cProfile takes the SystemExit for the end of its script: its exit status is 0
+    assert p.stderr.strip().startswith("loramix: error: --weights"), p.stderr
+    assert prof.is_file(), "no profile written"
+    funcs = {f"{Path(f).name}:{name}" for f, _, name in pstats.Stats(str(prof)).stats}
+    assert "__init__.py:main" in funcs

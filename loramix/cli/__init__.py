@@ -357,9 +357,12 @@ def exit_now(code: int) -> None:
     and published before a command returns, and loramix's own threads are
     joined by then (only the daemon that prefetches hashes may still run).
     An exception out of :func:`main` (``--debug``) takes Python's normal
-    exit with its traceback."""
+    exit with its traceback, and so does a run under a profiler
+    (:func:`_profiled`), whose results are written after the command returns."""
     import atexit
 
+    if _profiled():
+        sys.exit(code)
     try:
         atexit._run_exitfuncs()
     finally:
@@ -369,3 +372,16 @@ def exit_now(code: int) -> None:
             except (OSError, ValueError):  # a closed pipe (loramix ... | head): nothing left to say
                 pass
         os._exit(code)
+
+
+def _profiled() -> bool:
+    """Whether a profiler is enabled in this process: ``python -m cProfile -o
+    FILE -m loramix ...`` (or ``-m profile``) writes FILE once the command has
+    returned, so an ``os._exit`` left no file. cProfile is a
+    ``sys.setprofile`` hook up to Python 3.11, a ``sys.monitoring``
+    profiler tool from 3.12. (Not whether cProfile is imported: peft and
+    transformers import it.)"""
+    if sys.getprofile() is not None:
+        return True
+    mon = getattr(sys, "monitoring", None)
+    return mon is not None and mon.get_tool(mon.PROFILER_ID) is not None
