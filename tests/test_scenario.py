@@ -1143,6 +1143,36 @@ def test_processes_submit_no_more_steps_than_workers():
     assert most == 2, most
 
 
+def test_the_parent_of_workers_leaves_torch_alone(tmp_path):
+    """A run whose steps workers compute (--jobs 2) does not import torch
+    nor set its threads in the parent, which computes nothing: that import
+    (2-3 s of CPU) came before the first worker's start, on the quickstart's
+    critical path (its base build). A serial run, and an auto one that stays
+    serial (GOOD: 3 trainings), still do, and give them back after."""
+    from loramix.scenario.cache import Cache
+    from loramix.scenario.executors import ProcessExecutor, SerialExecutor
+    from loramix.scenario.plan import plan, prepare_data
+    from loramix.scenario.runner import Runner
+    from loramix.scenario.steps import StepContext
+
+    sc = load_scenario(_write(tmp_path, GOOD))
+    data = prepare_data(sc)
+    steps, cache = plan(sc, data), Cache(tmp_path / "c")
+    ctx = StepContext(sc, data, cache, "cpu")
+    for ex, computes in (
+        (ProcessExecutor(2), False),
+        (ProcessExecutor(2, auto=True), True),
+        (SerialExecutor(), True),
+    ):
+        r = Runner(sc, cache=cache, device="cpu", executor=ex)
+        r._computing(ctx, steps)
+        assert (r._saved is not None) == computes, ex
+        r._computed()
+    assert (
+        ProcessExecutor(2, auto=True).computes_here(steps, done={"base": None}) is False
+    )  # decided by the first batch
+
+
 def test_processes_start_their_workers_with_the_first_step(monkeypatch):
     """Right after the first computing step the pool gets a no-op per further
     worker, so the workers start (torch, transformers: seconds) beside that

@@ -266,6 +266,11 @@ class ProcessExecutor:
             "threads_per_job": threads_per_job(self.threads, self.jobs),
         }
 
+    def computes_here(self, steps: list[Step], done: dict | None = None) -> bool:
+        """Whether :meth:`run` of ``steps`` computes in this process (an auto
+        run that found too little to spread), not in workers."""
+        return not worth_workers(steps, self.jobs) if self.auto and not done else self.serial
+
     def run(self, steps: list[Step], ctx: StepContext, on_done, done: dict | None = None,
             on_start=None) -> dict:  # fmt: skip
         if self.auto and not done:  # decided on the plan's first batch, kept for a second

@@ -212,7 +212,7 @@ class Runner:
         proposal = planval.propose(self.sc, results, study["validations"])
         more = planval.steps(self.sc, data, self.steps, proposal)
         if more:
-            self._computing(ctx, more)
+            self._computing(ctx, more, outcomes)
             prog.bar.total += len(more)
             prog.bar.refresh()
             if rec is not None:
@@ -221,17 +221,24 @@ class Runner:
             self.steps = [*self.steps, *more]
         return outcomes, planval.assemble(proposal, {k: o.result for k, o in outcomes.items()})
 
-    def _computing(self, ctx, steps: list) -> None:
-        """Before ``steps`` run: unless each only reads back what is in the cache
+    def _computing(self, ctx, steps: list, done: dict | None = None) -> None:
+        """Before ``steps`` run (``done``: the outcomes of those run before):
+        unless each only reads back what is in the cache
         (:func:`~loramix.scenario.steps.reads_back`; a rerun of a finished
-        study), torch on the run's threads and transformers' progress bars off
+        study) or worker processes compute them, torch on the run's threads and
+        transformers' progress bars off
         (one overall bar, no per-load or per-save bars), both as they were
         again after the run (:meth:`_computed`), so that a library caller's
         process is left as it was. A study read back from the cache imports
-        neither torch nor transformers (seconds of a rerun's start)."""
+        neither torch nor transformers (seconds of a rerun's start), and nor
+        does the parent of workers: its import (2-3 s of CPU) came before the
+        first worker's start, which the base build waited for."""
         from .steps import reads_back
 
+        here = getattr(self.executor, "computes_here", None)
         if self._saved is not None or all(reads_back(ctx, st) for st in steps):
+            return
+        if here is not None and not here(steps, done):
             return
         import torch
         from transformers.utils import logging as hf_logging
