@@ -11,6 +11,7 @@ a user's file could be.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -374,9 +375,10 @@ def test_force_replaced_target_lies_in_an_owned_temporary(tmp_path):
 
 
 def test_a_temporary_killed_while_removed_still_names_its_owner(tmp_path, monkeypatch):
-    """Removing a temporary (a replaced model: seconds) takes its owner.json
-    last, so a run killed meanwhile leaves one the next run can tell is
-    stale. shutil.rmtree took owner.json first about once in 30 kills."""
+    """Removing a temporary (a replaced model: seconds) renames it first to a
+    name that says its owner, so a run killed meanwhile leaves one the next
+    run can tell is stale, owner.json or not. shutil.rmtree took owner.json
+    first about once in 30 kills."""
     from loramix.io import outputs
 
     owned = outputs.new_temporary(tmp_path, "out")
@@ -390,10 +392,62 @@ def test_a_temporary_killed_while_removed_still_names_its_owner(tmp_path, monkey
     monkeypatch.setattr(outputs.shutil, "rmtree", killed)
     with pytest.raises(KeyboardInterrupt):
         outputs.remove_temporary(owned)
-    assert (owned / "owner.json").is_file()
+    (left,) = tmp_path.iterdir()
+    me = outputs.tag_owner(outputs.owner_tag())
+    assert outputs._file_owner(left.name) == (outputs._short_hash("out"), me)
+    assert remove_stale_temporaries(tmp_path, "out") == []  # its owner (this process) is alive
     monkeypatch.setattr(outputs.shutil, "rmtree", real)
-    outputs.remove_temporary(owned)
+    outputs.remove_temporary(left)
     assert list(tmp_path.iterdir()) == []
+
+
+#: a child that makes a temporary (a payload inside, as a finished artifact's
+#: replaced folder) and is SIGKILLed at the ``n``-th call of os.unlink, os.rmdir
+#: or os.rename (shutil.rmtree's calls included) as it removes it
+_KILL_IN_REMOVAL = """
+import os, signal, sys
+from pathlib import Path
+from loramix.io.outputs import PAYLOAD, new_temporary, remove_temporary
+owned = new_temporary(Path(sys.argv[1]), "out")
+(owned / PAYLOAD / "replaced").mkdir(parents=True)
+(owned / PAYLOAD / "replaced" / "model.safetensors").write_text("old model")
+calls, n = 0, int(sys.argv[2])
+def hook(frame, event, fn):
+    global calls
+    if event == "c_call" and fn in (os.unlink, os.rmdir, os.rename, os.replace):
+        calls += 1
+        if calls == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+sys.setprofile(hook)
+remove_temporary(owned)
+sys.setprofile(None)
+print(calls)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_process_killed_anywhere_in_a_removal_leaves_what_the_next_run_removes(tmp_path):
+    """kill -9 of a process removing its temporary (the end of every artifact
+    and output), at each of the removal's file-system calls in turn: what it
+    leaves is removed at once by the next run (its owner is gone). Killed
+    between shutil.rmtree's unlink of owner.json and its rmdir, it left an
+    empty ``.lmx-<hex>`` naming no one, kept for ORPHAN_SECONDS: the
+    temporary a killed worker left in the cache (a CI flake of
+    test_a_worker_killed_mid_study_is_one_line)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, env=env, timeout=120)
+    (tmp_path / "whole").mkdir()
+    whole = run([sys.executable, "-c", _KILL_IN_REMOVAL, str(tmp_path / "whole"), "0"])
+    assert whole.returncode == 0 and list((tmp_path / "whole").iterdir()) == [], whole.stderr
+    for n in range(1, int(whole.stdout) + 1):
+        parent = tmp_path / str(n)
+        parent.mkdir()
+        r = run([sys.executable, "-c", _KILL_IN_REMOVAL, str(parent), str(n)])
+        assert r.returncode == -signal.SIGKILL, (n, r.stderr)
+        left = sorted(parent.iterdir())
+        # the next run to "out" removes it at once
+        assert sorted(remove_stale_temporaries(parent, "out")) == left, (n, left)
+        assert list(parent.iterdir()) == [], n
 
 
 def test_an_interrupt_just_after_a_temporary_is_made_leaves_nothing(tmp_path, monkeypatch):

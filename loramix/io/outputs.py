@@ -11,8 +11,9 @@ unless ``force``: it is an atomic no-replace rename (``renameat2`` with
 exclusive ``flock`` of the parent folder).
 
 A temporary folder holds ``owner.json`` (pid, host, process start time,
-target) while it is written; a run that is killed (``kill -9``) cannot remove
-its own, so the next run to the same target, and
+target) while it is written, and is made and removed under a name that says
+its owner (:func:`temporary_file`'s); a run that is killed (``kill -9``) at
+any point cannot remove its own, so the next run to the same target, and
 :func:`remove_stale_temporaries`, remove those whose owner is gone. An output
 folder is written inside its temporary (``.lmx-<hex>/output``), so the
 temporary keeps its ``owner.json`` to the end: through the rename, and after
@@ -277,20 +278,26 @@ def _age(entry: os.DirEntry) -> float:
 
 @cleanup
 def remove_temporary(owned: Path) -> None:
-    """Remove a temporary folder of :func:`new_temporary`, its owner record
-    last: a run killed while removing it (a replaced model can take seconds)
-    leaves a temporary that still names its owner, which is gone, so the
-    next run removes it. A second Ctrl-C or SIGTERM meanwhile waits until
-    it is gone (:func:`loramix.stopping.cleanup`)."""
+    """Remove a temporary folder of :func:`new_temporary` (by the process that
+    made it), so that it names its owner at every moment: it is first renamed
+    to a name that says its owner (:func:`temporary_file`'s, as while it was
+    made), then removed. A run killed meanwhile (a replaced model can take
+    seconds) leaves a temporary that the next run can tell is stale: a
+    removal that took owner.json out of the folder before its ``rmdir`` left
+    an empty ``.lmx-<hex>`` naming no one, kept for :data:`ORPHAN_SECONDS`.
+    A second Ctrl-C or SIGTERM meanwhile waits until it is gone
+    (:func:`loramix.stopping.cleanup`)."""
     try:
-        entries = [e for e in os.scandir(owned) if e.name != OWNER_NAME]
-    except OSError:
-        return
-    for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            shutil.rmtree(e.path, ignore_errors=True)
-        else:
-            Path(e.path).unlink(missing_ok=True)
+        target = json.loads((owned / OWNER_NAME).read_text())["target"]
+    except (OSError, ValueError, TypeError, KeyError):
+        target = None  # gone already, or no record: nothing to name
+    if target is not None:
+        named = temporary_file(owned.parent / target)
+        try:
+            os.rename(owned, named)
+            owned = named
+        except OSError:
+            pass  # removed meanwhile; or a file system that cannot rename it: removed as it is
     shutil.rmtree(owned, ignore_errors=True)
 
 
