@@ -126,3 +126,21 @@ def test_a_gguf_import_in_the_cache_is_on_the_disk_when_it_is_used(tmp_path, mon
     folder = resolve_base(llama_gguf(tmp_path / "tiny.gguf", tokenizer=True))
     assert (folder / "model.safetensors").is_file()
     assert _all_written(folder) == {}
+
+
+def test_a_file_hash_entry_is_on_the_disk_when_it_is_trusted(tmp_path, monkeypatch):
+    """An entry of the file-hash cache (``$LORAMIX_CACHE_DIR/sha256/``) is
+    taken as the file's sha256 by every later command: a GGUF import's
+    folder and a study's given adapters are keyed by it, so one whose bytes
+    never reached the disk could name another file's hash."""
+    from loramix.io import filehash
+
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(filehash, "_PENDING", {})
+    p = tmp_path / "w.bin"
+    p.write_bytes(os.urandom(100000))
+    then = os.stat(p).st_mtime - 60  # older than RACY_NS: its hash is remembered
+    os.utime(p, (then, then))
+    filehash.cached_file_sha256(p)
+    (entry,) = (tmp_path / "cache" / "sha256").iterdir()
+    assert unwritten(entry) == 0

@@ -104,6 +104,19 @@ def test_a_changed_file_whose_mtime_was_put_back_is_rehashed(tmp_path):
     assert cached_file_sha256(p) == _digest(p) != first
 
 
+def test_a_damaged_entry_is_rehashed(tmp_path):
+    """An entry that is not 64 hex digits (a write the disk lost: zeros, or
+    another file's bytes) is no hash: the file is hashed again and the entry
+    rewritten. One of the right length was taken as the file's sha256."""
+    p = _file(tmp_path)
+    first = cached_file_sha256(p)
+    (entry,) = (tmp_path / "cache" / "sha256").iterdir()
+    for damaged in ("\x00" * 64, "z" * 64, first.upper(), first[:63]):
+        entry.write_text(damaged + "\n")
+        assert cached_file_sha256(p) == first == _digest(p), repr(damaged)
+        assert entry.read_text() == first + "\n"
+
+
 def test_a_just_written_file_is_hashed_but_not_remembered(tmp_path):
     """A rewrite within the file system's timestamp tick could keep the
     identity (size, inode, mtime): a file this young is never cached, so

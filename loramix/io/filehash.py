@@ -4,7 +4,10 @@ Every merge into a base records the base's sha256 (its provenance). A file's
 hash is remembered under :func:`cache_dir` by (resolved path, inode, size,
 change time and mtime in ns), as git's index does, so a base is hashed once
 per change (a rename, a chmod or a new hard link change the change time
-too: one more hash).
+too: one more hash). An entry is ``fsync``'ed before it is renamed into
+place, and its folder after, as every cache entry (about 4 ms, once per
+file hashed): it keys a GGUF import's folder and a study's given adapters,
+where a lost write that left another hash would be a wrong cache hit.
 
 The first merge into a base must hash it (and its adapters). A command line
 knows its inputs before it imports torch (about 2 s on one core, while the
@@ -26,7 +29,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
-from .outputs import ORPHAN_SECONDS, remove_stale_temporaries, temporary_file
+from .outputs import ORPHAN_SECONDS, remove_stale_temporaries, sync_fd, sync_folder, temporary_file
 from .st_header import file_sha256
 
 # A model folder's weight files (loramix.io.model_folder reads them from here: one place).
@@ -123,9 +126,13 @@ def _entry(ident: str) -> Path:
 def _cached(ident: str) -> str | None:
     try:
         digest = _entry(ident).read_text().strip()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
-    return digest if len(digest) == 64 else None
+    # anything but 64 hex digits is a damaged entry (a disk that lost a write): rehashed
+    return digest if _DIGEST.fullmatch(digest) else None
+
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 #: a file modified this recently (ns) is hashed but its hash not remembered:
@@ -139,16 +146,26 @@ def _store(ident: str, digest: str) -> None:
     if time.time_ns() - mtime_ns < RACY_NS:
         return
     entry = _entry(ident)
+    # a temporary whose name says who writes it, so that `cache clean` knows one left by
+    # a killed process (not atomic_write: its sweep of this folder, which grows by one
+    # entry per file ever hashed, would cost more than the write)
+    tmp = temporary_file(entry)
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        # a temporary whose name says who writes it, so that `cache clean` knows one left by
-        # a killed process (not atomic_write: its sweep of this folder, which grows by one
-        # entry per file ever hashed, would cost more than the write)
-        tmp = temporary_file(entry)
-        tmp.write_text(digest + "\n")
+        with open(tmp, "w") as f:
+            f.write(digest + "\n")
+            f.flush()
+            # on the disk before its name, as every cache entry: an entry keys a GGUF
+            # import's folder and a study's given adapters, where one that named
+            # another file's hash would be a wrong cache hit, not a rehash
+            sync_fd(f.fileno())
         os.replace(tmp, entry)
-    except OSError:
-        pass  # a read-only cache only costs the rehash
+        sync_folder(entry.parent)
+    except OSError:  # a read-only or full cache only costs the rehash
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # a read-only one fails this too (EROFS before ENOENT)
 
 
 def _wait(fut: Future, stop: threading.Event | None) -> str | None:
