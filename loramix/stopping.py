@@ -51,6 +51,15 @@ no :class:`Exception`, a ``KeyboardInterrupt`` say, is being handled or
 raised): the run stops all the same. Elsewhere (the clean-up after a
 finished output, or after an error) it is sent again, and stops the run
 there.
+
+A library call that writes (:func:`loramix.train.train_adapter`) in a
+process whose SIGTERM is at its default (it kills the process) unwinds the
+same way (:func:`sigterm_unwinds`), and the process then dies of the signal
+as it would have: its temporary and live log are removed, not left for the
+next run. A process that handles or ignores SIGTERM itself (a notebook kernel
+that does, a job runner, loramix's own command line, a study's worker) keeps
+its own: loramix replaces no one's handler, and sets none outside the main
+thread or outside the call.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ import sys
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 from importlib import _bootstrap_external
 
 #: the names importlib's own modules have in their frames' globals (frozen or not)
@@ -176,3 +186,48 @@ def _again(signum: int) -> None:
 
 #: the code of every clean-up's wrapper (one function, so one code object)
 _CLEAN_UP = cleanup(lambda: None).__code__
+
+
+class _Killed(BaseException):
+    """SIGTERM in a library call (:func:`sigterm_unwinds`): an unwinding that
+    no ``except Exception`` stops."""
+
+
+@contextmanager
+def sigterm_unwinds():
+    """Within: a SIGTERM to a process that left it at its default first
+    unwinds the call (its ``finally`` and ``except BaseException`` remove
+    what it was writing), then kills the process with it (SIG_DFL), as it
+    would have at once: the caller's own code runs no further, as before.
+    A second SIGTERM meanwhile kills at once. Nothing changes where SIGTERM
+    has a handler (or is ignored), or outside the main thread, where no
+    handler can be set; the handler is there only during the call."""
+    import signal
+
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+    ):
+        yield
+        return
+    got: list[int] = []
+
+    def terminated(signum, frame):
+        if deferred(signum, frame):
+            return
+        got.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one kills at once
+        raise _Killed
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    except _Killed:
+        pass  # its traceback, and with it the call's frames, let go here
+    finally:
+        if signal.getsignal(signal.SIGTERM) is terminated:  # not one the caller set meanwhile
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if got:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1.0)  # delivered to another thread: it ends the process there
+        os._exit(128 + signal.SIGTERM)

@@ -155,6 +155,10 @@ class LiveLog:
             e.filename = str(self.out) if e.errno in NO_SPACE else (e.filename or str(self.path))
             raise
 
+    def discard(self) -> None:
+        """Close and remove the log now (a failed run's); nothing once moved."""
+        self._cleanup()
+
     def move_to(self, dest: Path) -> None:
         self.f.close()
         os.replace(self.path, dest)
@@ -325,6 +329,12 @@ def train_adapter(
     10 steps), ``train_seconds`` (``setup_seconds``, ``prefix_seconds`` apart), ``tokens_per_second``,
     ``ppl_base``/``ppl_adapter`` (None without eval data), counts (``n_train``, ``n_eval``,
     ``trainable_parameters``, ...) and ``settings`` (what ``loramix.json`` records).
+
+    SIGTERM during the call, where the process leaves it at its default
+    (which kills it), unwinds the call first (its live log and temporary
+    are removed), then kills the process as before; a handler of the
+    caller's own (or SIG_IGN), or a call outside the main thread, is left
+    alone (:func:`loramix.stopping.sigterm_unwinds`).
     """
     kind_name, flag = (kind, "--kind") if method is None else (method, "--method")
     # as asked: the settings loramix.json records are made from these
@@ -336,17 +346,26 @@ def train_adapter(
                                                      tau=tau, norm_dim=norm_dim, warmup=warmup,
                                                      prefix_cache=prefix_cache, force=force)  # fmt: skip
     fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
-    run = _prepare(base, data_list, targets=targets, fields=fields, eval_size=eval_size, seed=seed,
-                   limit=limit, max_len=max_len, batch=batch, on=on, device=device, top_layers=top_layers,
-                   prefix_cache=prefix_cache, autocast=dtype, prompt=prompt, progress=progress, rank=rank,
-                   steps=steps, epochs=epochs, bucket=bucket, loaded=loaded)  # fmt: skip
-    kind, options, settings = _run_settings(kind_name, flag, run, given, fields=fields, warmup=warmup,
-                                            options={"tau": tau, "norm_dim": norm_dim})  # fmt: skip
     from .devices import kept_rng
+    from .stopping import sigterm_unwinds
 
-    with kept_rng(run.dev):
-        metrics = _train(run, kind, settings, options, out=out, progress=progress)
-    _write(out, run, kind, settings, options, metrics, force=force, file_inputs=file_inputs)
+    with sigterm_unwinds():  # a kill leaves no log nor temporary where SIGTERM would end the process
+        run = _prepare(base, data_list, targets=targets, fields=fields, eval_size=eval_size, seed=seed,
+                       limit=limit, max_len=max_len, batch=batch, on=on, device=device, top_layers=top_layers,
+                       prefix_cache=prefix_cache, autocast=dtype, prompt=prompt, progress=progress, rank=rank,
+                       steps=steps, epochs=epochs, bucket=bucket, loaded=loaded)  # fmt: skip
+        try:
+            kind, options, settings = _run_settings(kind_name, flag, run, given, fields=fields, warmup=warmup,
+                                                    options={"tau": tau, "norm_dim": norm_dim})  # fmt: skip
+            with kept_rng(run.dev):
+                metrics = _train(run, kind, settings, options, out=out, progress=progress)
+            _write(out, run, kind, settings, options, metrics, force=force, file_inputs=file_inputs)
+        except BaseException:
+            # its live log goes now, not when the run is collected or at an exit (which a
+            # process killed by the signal after sigterm_unwinds never reaches)
+            if run.live is not None:
+                run.live.discard()
+            raise
     # path-like (its "out"): evaluate(base, adapters=[train_adapter(...)]) takes it
     return OutputDict(
         {"out": str(out), **metrics, "kind": kind.name, "method": kind.name, "settings": settings}

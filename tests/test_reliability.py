@@ -218,6 +218,64 @@ def test_sigterm_removes_what_the_run_was_writing(big_base, tmp_path):
     assert leftovers(out) == []
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
+def test_sigterm_in_a_library_training_removes_its_log(tmp_path):
+    """``train_adapter`` called from a plain Python process (SIGTERM at its
+    default) and killed with SIGTERM while it trains: the process dies of the
+    signal as before (the caller's next line never runs), but first the call
+    unwinds as the command line's does, so its live log (and the folder made
+    for it) is removed, not left for the next run to the same ``out``."""
+    import loramix
+
+    data = "synthetic:arith?n=80"
+    base = loramix.build_base(data, out=tmp_path / "base", steps=2, device="cpu", progress=False)["out"]
+    out = tmp_path / "runs" / "a"
+    code = ("import sys, loramix; loramix.train_adapter(sys.argv[1], sys.argv[2], out=sys.argv[3], steps=10**6, "
+            "batch=4, eval_size=0, device='cpu', progress=False); print('returned')")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-c", code, base, data, str(out)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while p.poll() is None and time.monotonic() < deadline:
+        logs = list(out.parent.glob("a.train_log.*.csv")) if out.parent.exists() else []
+        if logs and logs[0].read_text().count("\n") >= 3:  # training: its header and two steps
+            break
+        time.sleep(0.05)
+    else:
+        p.kill()
+        pytest.fail(f"no training seen: {p.communicate()}")
+    p.send_signal(signal.SIGTERM)
+    stdout, err = p.communicate(timeout=120)
+    assert p.returncode == -signal.SIGTERM and "returned" not in stdout, (p.returncode, stdout, err)
+    assert "Traceback" not in err, err
+    assert not out.parent.exists(), sorted(os.listdir(out.parent))
+
+
+def test_a_library_call_keeps_the_callers_sigterm_handler():
+    """:func:`~loramix.stopping.sigterm_unwinds` sets its handler only over a
+    SIGTERM at its default, and only for the call; one the caller set (a
+    job runner's, a notebook's) is kept as it is."""
+    from loramix.stopping import sigterm_unwinds
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with sigterm_unwinds():
+            assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+        def mine(signum, frame):
+            pass
+
+        for callers in (mine, signal.SIG_IGN):
+            signal.signal(signal.SIGTERM, callers)
+            with sigterm_unwinds():
+                assert signal.getsignal(signal.SIGTERM) is callers
+            assert signal.getsignal(signal.SIGTERM) is callers
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @pytest.fixture(scope="module")
 def many_shards(tmp_path_factory):
     """A GPT-2 base of about 200 small shards: an output of as many files,
