@@ -50,7 +50,10 @@ where the clean-up ran for a stop already under way (an exception that is
 no :class:`Exception`, a ``KeyboardInterrupt`` say, is being handled or
 raised): the run stops all the same. Elsewhere (the clean-up after a
 finished output, or after an error) it is sent again, and stops the run
-there.
+there; where that clean-up was the command's last step, :func:`loramix.cli.main`
+waits for it (:func:`settle`) before it hands the process back, and the run
+stops with its line (it came after ``main`` had given the caller's handlers
+back: the Ctrl-C was lost, or raised in an exit handler).
 
 A library call that writes (:func:`loramix.train.train_adapter`) in a
 process whose SIGTERM is at its default (it kills the process) unwinds the
@@ -112,7 +115,7 @@ def deferred(signum: int, frame) -> bool:
     if time.monotonic() - since > LONGEST_SECONDS:
         _waiting_since.pop(signum, None)
         return False
-    _thread.start_new_thread(_again, (signum,))
+    _send_again(signum)
     return True
 
 
@@ -162,7 +165,7 @@ def _release() -> None:
     if exc is None or isinstance(exc, Exception):
         # not stopping yet: the first held signal stops the run, once out of here (sent now,
         # it would be handled in this clean-up's frame, and held again)
-        _thread.start_new_thread(_again, (held[0],))
+        _send_again(held[0])
 
 
 def cleaning(frame) -> bool:
@@ -182,6 +185,42 @@ def _importing(frame) -> bool:
 def _again(signum: int) -> None:
     time.sleep(AGAIN_SECONDS)
     os.kill(os.getpid(), signum)
+
+
+#: the signals to be sent again (:func:`_send_again`) and not sent yet
+_in_flight = [0]
+_in_flight_lock = threading.Lock()
+
+
+def _send_again(signum: int) -> None:
+    """Send ``signum`` to this process again, :data:`AGAIN_SECONDS` from now,
+    from a thread; :func:`settle` waits for it."""
+    with _in_flight_lock:
+        _in_flight[0] += 1
+    _thread.start_new_thread(_sent_again, (signum,))
+
+
+def _sent_again(signum: int) -> None:
+    try:
+        _again(signum)
+    finally:
+        with _in_flight_lock:
+            _in_flight[0] -= 1
+
+
+def settle(timeout: float = 1.0) -> None:
+    """Wait until every signal that :func:`deferred` or a clean-up put off has
+    been sent again (at most ``timeout`` seconds), and let the handlers take
+    it: a command that ends meanwhile (:func:`loramix.cli.main`) must not
+    hand the process back to its caller's handlers (Python's Ctrl-C raises
+    ``KeyboardInterrupt`` wherever it lands, at exit a traceback; a default
+    SIGTERM kills) with one of its own signals on the way."""
+    if not _in_flight[0]:
+        return
+    deadline = time.monotonic() + timeout
+    while _in_flight[0] and time.monotonic() < deadline:
+        time.sleep(AGAIN_SECONDS / 5)
+    time.sleep(0.001)  # a signal just sent, pending for this thread, is taken in the sleep
 
 
 #: the code of every clean-up's wrapper (one function, so one code object)

@@ -221,13 +221,13 @@ def _terminate(signum, frame):
     # and temporaries half made are removed, not left for the next run to find;
     # not in importlib, a C extension's start-up or a finalizer, where it can be lost
     # (loramix.stopping)
-    if not deferred(signum, frame):
+    if not _not_now(signum, frame) and not deferred(signum, frame):
         raise Terminated
 
 
 def _interrupt(signum, frame):
     # Ctrl-C: Python's own handler raises anywhere, and there it was lost the same way
-    if not deferred(signum, frame):
+    if not _not_now(signum, frame) and not deferred(signum, frame):
         raise KeyboardInterrupt
 
 
@@ -263,10 +263,53 @@ def main(argv=None) -> int:
     try:
         with warnings.catch_warnings():  # restores the caller's showwarning
             warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
-            return _main(argv)
+            code = _main(argv)
     finally:
+        late = _hand_back(handlers)
+    if late and code == 0:  # the command's own signal, put off to its end: it stops the run there
+        return _interrupted(Terminated() if signal.SIGTERM in late else KeyboardInterrupt())
+    return code
+
+
+#: while :func:`main` hands the signals back (:func:`_hand_back`): those that come then
+_late: list[int] = []
+_handing_back = [False]
+
+
+def _hand_back(handlers: dict) -> list[int]:
+    """Give the caller's handlers back (``handlers``: signal -> the one before),
+    once the signals put off in the command's last milliseconds (a clean-up's,
+    :mod:`loramix.stopping`) have come: sent again after that, a Ctrl-C met
+    Python's handler, raising wherever it landed (at exit, a traceback), and
+    a SIGTERM the default action, where the command had said nothing. Those
+    that come now are returned, not raised (:func:`_not_now`)."""
+    import signal
+
+    from ..stopping import settle
+
+    _handing_back[0] = True
+    try:
+        if handlers:
+            settle()
         for s, before in handlers.items():
-            signal.signal(s, signal.SIG_DFL if before is None else before)
+            signal.signal(s, signal.SIG_DFL if before is None else before)  # takes a pending one first
+    finally:
+        _handing_back[0] = False
+    late, _late[:] = _late[:], []
+    return late
+
+
+def _not_now(signum: int, frame) -> bool:
+    """Whether a signal landing in ``frame`` is kept for :func:`main`'s end
+    (:func:`_hand_back`) rather than raised: while the handlers are handed
+    back, or in :func:`main`'s own lines or those it calls directly, outside
+    ``_main``'s ``try`` (raised there, nothing catches it: a traceback)."""
+    mine = frame is not None and (frame.f_code is main.__code__ or (
+        frame.f_back is not None and frame.f_back.f_code is main.__code__))  # fmt: skip
+    if _handing_back[0] or mine:
+        _late.append(signum)
+        return True
+    return False
 
 
 def _show_warning(shown_before, message, category, filename, lineno, file=None, line=None):
