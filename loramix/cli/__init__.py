@@ -302,8 +302,10 @@ def _hand_back(handlers: dict) -> list[int]:
 def _not_now(signum: int, frame) -> bool:
     """Whether a signal landing in ``frame`` is kept for :func:`main`'s end
     (:func:`_hand_back`) rather than raised: while the handlers are handed
-    back, or in :func:`main`'s own lines or those it calls directly, outside
-    ``_main``'s ``try`` (raised there, nothing catches it: a traceback)."""
+    back, or in the lines of :func:`main` itself or of a function it calls
+    directly (``_main``'s own, ``catch_warnings``'): raised in most of those,
+    nothing catches it (a traceback). One kept ends a command that succeeds
+    as it would have ended it (:func:`_interrupted`)."""
     mine = frame is not None and (frame.f_code is main.__code__ or (
         frame.f_back is not None and frame.f_back.f_code is main.__code__))  # fmt: skip
     if _handing_back[0] or mine:
