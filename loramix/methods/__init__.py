@@ -226,9 +226,8 @@ def merge(
 
     res = run_merge(adapters, method, weights=weights, into=into, out=out, device=device, dtype=dtype,
                     force=force, progress=progress, **params)  # fmt: skip
-    if (
-        into is not None
-    ):  # after the merge, which hashed the base for its provenance: read back from the cache
+    # after the merge, which hashed the base for its provenance: its hashes are read back from the cache
+    if into is not None:
         from ..trained_base import warn_other_bases
 
         warn_other_bases(adapters, into, "merged into it")
