@@ -30,6 +30,19 @@ recorded, or shown, before the outermost call ends. Its line is worded for
 both readers instead: one that points at another step names the function
 and the command (``evaluate merged=True, eval --merged``).
 
+A SIGTERM in a ``loramix.X`` call, in a process that leaves SIGTERM at its
+default (a plain script, where it kills at once), first unwinds the call as
+Ctrl-C unwinds a command: what it was writing is removed (an output's
+temporary, a training's live log, a study's half-made cache entry, its
+workers stopped), then the process dies of the signal as before, the
+caller's next line unrun (:func:`~loramix.stopping.sigterm_unwinds`). Every
+function does, not only those given an ``out``: any that takes a base may
+import a GGUF into the cache. A handler of the caller's own (a notebook
+kernel's, a job runner's) or SIG_IGN is kept, and so is SIGTERM in a call
+outside the main thread or inside another call (the outer one's handler);
+the CLI, which calls the functions unwrapped, keeps its own
+(``loramix: terminated``, exit 143), and a study's workers theirs.
+
 :func:`renamed` keeps the keywords of the previous release working, with a
 :class:`DeprecationWarning`: one name per concept across the functions, the
 commands' (``adapters``, ``into``, ``out``, ``method``, ``batch``).
@@ -44,6 +57,7 @@ import re
 from collections.abc import Callable
 
 from .errors import LoramixError, UsageError
+from .stopping import sigterm_unwinds
 
 #: per function, the flags whose keyword is not the flag's own name
 RENAMES = {
@@ -131,14 +145,17 @@ def python_terms(text: str, name: Callable[[str], str | None]) -> str:
 def python_api(f: Callable, public_name: str) -> Callable:
     """``f`` as ``loramix.<public_name>``: the same call, whose
     :class:`LoramixError` names ``f``'s keywords, not the CLI's flags (the
-    same exception, its ``where``, ``problem`` and message rendered)."""
+    same exception, its ``where``, ``problem`` and message rendered), and
+    which a SIGTERM left at its default unwinds before it kills the process
+    (:func:`~loramix.stopping.sigterm_unwinds`, module docstring)."""
     name = keyword_namer(f, RENAMES.get(public_name, {}))
     fields = RESULT_TEXT.get(public_name, ())
 
     @functools.wraps(f)
     def call(*args, **kwargs):
         try:
-            result = f(*args, **kwargs)
+            with sigterm_unwinds():  # a kill where SIGTERM is at its default leaves no temporary
+                result = f(*args, **kwargs)
         except LoramixError as e:
             if e.where is not None and e.where.startswith("--"):  # else a path or a setting, as given
                 e.where = python_terms(e.where, name)

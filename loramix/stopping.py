@@ -55,10 +55,10 @@ waits for it (:func:`settle`) before it hands the process back, and the run
 stops with its line (it came after ``main`` had given the caller's handlers
 back: the Ctrl-C was lost, or raised in an exit handler).
 
-A library call that writes (:func:`loramix.train.train_adapter`) in a
-process whose SIGTERM is at its default (it kills the process) unwinds the
-same way (:func:`sigterm_unwinds`), and the process then dies of the signal
-as it would have: its temporary and live log are removed, not left for the
+A library call (``loramix.X``, :mod:`loramix.api`) in a process whose
+SIGTERM is at its default (it kills the process) unwinds the same way
+(:func:`sigterm_unwinds`), and the process then dies of the signal as it
+would have: its temporaries and live log are removed, not left for the
 next run. A process that handles or ignores SIGTERM itself (a notebook kernel
 that does, a job runner, loramix's own command line, a study's worker) keeps
 its own: loramix replaces no one's handler, and sets none outside the main

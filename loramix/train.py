@@ -330,11 +330,9 @@ def train_adapter(
     ``ppl_base``/``ppl_adapter`` (None without eval data), counts (``n_train``, ``n_eval``,
     ``trainable_parameters``, ...) and ``settings`` (what ``loramix.json`` records).
 
-    SIGTERM during the call, where the process leaves it at its default
-    (which kills it), unwinds the call first (its live log and temporary
-    are removed), then kills the process as before; a handler of the
-    caller's own (or SIG_IGN), or a call outside the main thread, is left
-    alone (:func:`loramix.stopping.sigterm_unwinds`).
+    As ``loramix.train_adapter``, a SIGTERM left at its default unwinds the
+    call (its live log and temporary removed) before it kills the process
+    (:mod:`loramix.api`).
     """
     kind_name, flag = (kind, "--kind") if method is None else (method, "--method")
     # as asked: the settings loramix.json records are made from these
@@ -347,25 +345,23 @@ def train_adapter(
                                                      prefix_cache=prefix_cache, force=force)  # fmt: skip
     fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
     from .devices import kept_rng
-    from .stopping import sigterm_unwinds
 
-    with sigterm_unwinds():  # a kill leaves no log nor temporary where SIGTERM would end the process
-        run = _prepare(base, data_list, targets=targets, fields=fields, eval_size=eval_size, seed=seed,
-                       limit=limit, max_len=max_len, batch=batch, on=on, device=device, top_layers=top_layers,
-                       prefix_cache=prefix_cache, autocast=dtype, prompt=prompt, progress=progress, rank=rank,
-                       steps=steps, epochs=epochs, bucket=bucket, loaded=loaded)  # fmt: skip
-        try:
-            kind, options, settings = _run_settings(kind_name, flag, run, given, fields=fields, warmup=warmup,
-                                                    options={"tau": tau, "norm_dim": norm_dim})  # fmt: skip
-            with kept_rng(run.dev):
-                metrics = _train(run, kind, settings, options, out=out, progress=progress)
-            _write(out, run, kind, settings, options, metrics, force=force, file_inputs=file_inputs)
-        except BaseException:
-            # its live log goes now, not when the run is collected or at an exit (which a
-            # process killed by the signal after sigterm_unwinds never reaches)
-            if run.live is not None:
-                run.live.discard()
-            raise
+    run = _prepare(base, data_list, targets=targets, fields=fields, eval_size=eval_size, seed=seed,
+                   limit=limit, max_len=max_len, batch=batch, on=on, device=device, top_layers=top_layers,
+                   prefix_cache=prefix_cache, autocast=dtype, prompt=prompt, progress=progress, rank=rank,
+                   steps=steps, epochs=epochs, bucket=bucket, loaded=loaded)  # fmt: skip
+    try:
+        kind, options, settings = _run_settings(kind_name, flag, run, given, fields=fields, warmup=warmup,
+                                                options={"tau": tau, "norm_dim": norm_dim})  # fmt: skip
+        with kept_rng(run.dev):
+            metrics = _train(run, kind, settings, options, out=out, progress=progress)
+        _write(out, run, kind, settings, options, metrics, force=force, file_inputs=file_inputs)
+    except BaseException:
+        # its live log goes now, not when the run is collected or at an exit (which a
+        # process killed by the signal after sigterm_unwinds never reaches)
+        if run.live is not None:
+            run.live.discard()
+        raise
     # path-like (its "out"): evaluate(base, adapters=[train_adapter(...)]) takes it
     return OutputDict(
         {"out": str(out), **metrics, "kind": kind.name, "method": kind.name, "settings": settings}

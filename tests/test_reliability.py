@@ -251,6 +251,86 @@ def test_sigterm_in_a_library_training_removes_its_log(tmp_path):
     assert not out.parent.exists(), sorted(os.listdir(out.parent))
 
 
+def _library_call_killed(code: str, args: list, writing) -> tuple[int, str, str] | None:
+    """Run ``code`` (a ``loramix.X`` call, then ``print('returned')``) with
+    ``args`` in a plain Python process (SIGTERM at its default) and send it
+    SIGTERM once ``writing(pid)`` is true: ``(returncode, stdout, stderr)``;
+    None if the call ended before it was seen writing."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while p.poll() is None and time.monotonic() < deadline and not writing(p.pid):
+        time.sleep(0.002)
+    if p.poll() is not None or time.monotonic() >= deadline:
+        p.kill()
+        p.communicate()
+        return None
+    p.send_signal(signal.SIGTERM)
+    stdout, err = p.communicate(timeout=120)
+    return p.returncode, stdout, err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
+def test_sigterm_in_a_library_merge_into_a_base_removes_its_temporary(big_base, tmp_path):
+    """``loramix.merge(..., into=base)`` killed with SIGTERM while it writes
+    the merged model, in a plain Python process: the process dies of the
+    signal (the caller's next line unrun), and the output's temporary and the
+    folder made for it are gone. The process died at once, leaving both."""
+    out = tmp_path / "runs" / "m"
+    code = ("import sys, loramix; loramix.merge([sys.argv[1]], 'sum', into=sys.argv[2], out=sys.argv[3], "
+            "dtype='float16', progress=False); print('returned')")  # fmt: skip
+
+    def writing(pid):
+        return out.parent.exists() and any(
+            (q / PAYLOAD / SHARD).exists() for q in out.parent.glob(f"{TMP_PREFIX}*")
+        )
+
+    for _ in range(5):  # catch the call while it writes (retry if it was faster than the poll)
+        got = _library_call_killed(code, [big_base["adapter"], big_base["base"], out], writing)
+        if got is not None:
+            break
+        shutil.rmtree(out.parent, ignore_errors=True)
+    else:
+        pytest.skip("the merge always finished before it could be killed")
+    rc, stdout, err = got
+    assert rc == -signal.SIGTERM and "returned" not in stdout, got
+    assert "Traceback" not in err, err
+    assert not out.parent.exists(), sorted(os.listdir(out.parent))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigterm_in_a_library_scenario_run_removes_its_temporaries(tmp_path, jobs):
+    """``loramix.run_scenario`` killed with SIGTERM while it trains an adapter
+    into the cache: the process dies of the signal, and no temporary is left
+    in the cache, no report (the steps finished stay cached, as after the
+    command's). Serial, the process died at once, leaving the adapter's
+    temporary for the next run. With workers (their own SIGTERM handler, not
+    the library call's) the run stops them first, and none outlives it."""
+    scen, cache, report = tmp_path / "s.toml", tmp_path / "cache", tmp_path / "reports" / "r"
+    scen.write_text(LONG_ADAPTERS)
+    code = ("import sys, loramix; loramix.run_scenario(sys.argv[1], out=sys.argv[2], cache_dir=sys.argv[3], "
+            f"jobs={jobs}, progress=False); print('returned')")  # fmt: skip
+    workers = []
+
+    def writing(pid):
+        if list(cache.glob(f"adapter/{TMP_PREFIX}*/{PAYLOAD}")):
+            workers.extend(q for q in _children(pid) if b"spawn_main" in _cmdline(q))
+            time.sleep(0.5)  # in the training loop
+            return True
+        return False
+
+    got = _library_call_killed(code, [scen, report, cache], writing)
+    if got is None:
+        pytest.skip("the study ended (or never got going) before an adapter was being made")
+    rc, stdout, err = got
+    assert rc == -signal.SIGTERM and "returned" not in stdout, got
+    assert "Traceback" not in err, err
+    assert list(cache.glob(f"*/{TMP_PREFIX}*")) == [] and not report.parent.exists()
+    assert bool(workers) == (jobs > 1) and _gone(workers, 10), workers
+
+
 def test_a_library_call_keeps_the_callers_sigterm_handler():
     """:func:`~loramix.stopping.sigterm_unwinds` sets its handler only over a
     SIGTERM at its default, and only for the call; one the caller set (a
