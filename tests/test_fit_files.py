@@ -441,6 +441,11 @@ def test_adapters_trained_otherwise_than_the_study_are_warned_of(adapters, tmp_p
     folder.mkdir()
     for name in ("predictors.json", "fit.json", "report.json"):
         shutil.copy(real / name, folder / name)
+    # as written before they recorded the recipe (the committed ones were re-rendered since)
+    for name in ("predictors.json", "fit.json"):
+        doc = json.loads((folder / name).read_text())
+        doc.pop("adapters", None)
+        (folder / name).write_text(json.dumps(doc))
     pair = [shutil.copytree(a, tmp_path / Path(a).name) for a in adapters]
     study = {"rank": 8, "alpha": 16.0, "steps": 16, "epochs": None, "lr": 0.003, "batch": 4, "max_len": 64}
     readme = {**study, "steps": 12, "lr": 0.002, "max_len": 96}
