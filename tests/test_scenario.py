@@ -364,6 +364,29 @@ def test_derived_results_are_keyed_by_their_inputs_and_loramix_source(tmp_path, 
     assert c.derived("figure", inputs, make).joinpath("v").read_text() == "4"
 
 
+def test_a_cache_made_anywhere_is_ignored_by_git(tmp_path):
+    """docs/scenarios.md: the cache is ignored by git in whatever folder it is
+    made, not only at the top of loramix's own checkout (whose .gitignore
+    names it there): a study run from a subfolder of a repository left its
+    artifacts for ``git add``. A folder that existed before gets nothing."""
+    import shutil
+    import subprocess
+
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("no git on this machine")
+    repo = tmp_path / "repo"
+    subprocess.run([git, "init", "-q", str(repo)], check=True)
+    made = Cache(repo / "sub" / ".loramix-cache")
+    made.get_or_make("thing", {"x": 1}, lambda tmp: (tmp / "v").write_text("1") and None)
+    status = subprocess.run([git, "-C", str(repo), "status", "--porcelain", "--untracked-files=all"],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert status == "", status
+    (repo / "mine").mkdir()
+    Cache(repo / "mine").get_or_make("thing", {"x": 1}, lambda tmp: None)
+    assert not (repo / "mine" / ".gitignore").exists()
+
+
 def test_derived_results_on_a_cache_that_cannot_be_written(tmp_path, monkeypatch):
     """Where the cache cannot be written (a read-only mount: the temporary
     of a missing validation or figure cannot be made), it is made in a
@@ -435,7 +458,8 @@ def test_cache_clean_removes_derived_entries_of_another_source(tmp_path, monkeyp
         f"removed 2 derived entries of another loramix source ({size / 1e3:.0f} kB; figure/, validation/) from {root}",
     ]
     assert [p.is_dir() for p in [*ours, *kept, being_made]] == [True] * 5 and not any(p.exists() for p in old)
-    assert sorted(q.name for q in root.rglob("*") if q.name.startswith(".")) == []  # no temporary, no lock
+    leftover = sorted(q.name for q in root.rglob("*") if q.name.startswith("."))
+    assert leftover == [".gitignore"]  # no temporary, no lock: the root's own .gitignore alone
     assert main(["cache", "clean", "--dir", str(root)]) == 0
     assert "derived" in capsys.readouterr().out and not being_made.exists()
 
@@ -463,7 +487,7 @@ def test_cache_clean_removes_the_derived_folders_it_empties(tmp_path, monkeypatc
     assert main(["cache", "clean", "--dir", str(root)]) == 0
     assert "removed 2 derived entries" in capsys.readouterr().out
     assert not any(p.exists() for p in old) and ours.is_dir()
-    assert sorted(p.name for p in root.iterdir()) == ["empty-before", "figure"]
+    assert sorted(p.name for p in root.iterdir()) == [".gitignore", "empty-before", "figure"]
 
     target = root / "validation" / "0123456789abcdef01234567"
     with Making(target) as lock:

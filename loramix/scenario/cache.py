@@ -39,7 +39,8 @@ study recomputes nothing, and a changed input or a changed line of loramix
 redoes it.
 
 The root defaults to ``$LORAMIX_CACHE`` when set, else ``.loramix-cache/`` in
-the current folder.
+the current folder. A root that loramix makes gets a ``.gitignore`` of ``*``
+(:func:`make_root`), so git ignores the cache in whatever folder it is made.
 """
 
 from __future__ import annotations
@@ -74,6 +75,29 @@ MARKER = "artifact.json"
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LORAMIX_CACHE") or ".loramix-cache")
+
+
+#: what a cache root that loramix makes holds as its ``.gitignore``: everything
+GITIGNORE = "# made by loramix: the scenario cache, never to be committed\n*\n"
+
+
+def make_root(root: Path) -> None:
+    """Make the cache folder ``root`` where missing, with a ``.gitignore`` of
+    ``*`` in it: a repository's own ``.gitignore`` names the cache at its top
+    only, and a study run from a subfolder (or a ``$LORAMIX_CACHE`` inside
+    another repository) would otherwise offer gigabytes to ``git add``. A
+    folder that exists is left as it is (it may be the user's own)."""
+    if root.is_dir():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    try:  # O_EXCL: of two runs making the root at once, one writes it
+        fd = os.open(root / ".gitignore", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return
+    try:
+        os.write(fd, GITIGNORE.encode())
+    finally:
+        os.close(fd)
 
 
 def check_cache_root(root: str | os.PathLike) -> Path:
@@ -431,6 +455,7 @@ class Cache:
         if done and not redo:
             self.log.append(CacheEvent(kind, key, "hit", 0.0, label))
             return target
+        make_root(self.root)
         target.parent.mkdir(parents=True, exist_ok=True)
         # --fresh remakes it whoever else is making it: it does not wait
         with Making(target, wait=not redo, label=label) as lock:
