@@ -139,3 +139,57 @@ def test_the_start_up_figures_are_those_of_the_benchmarks_report():
     wrong = [f"{k}: {wall:.3f} s, {share:.3f} of import torch" for k, (wall, share) in free.items()
              if not (lo <= round(wall, 2) <= hi and share_lo <= round(share, 2) <= share_hi)]  # fmt: skip
     assert wrong == [], f"README says {lo}-{hi} s, {share_lo}-{share_hi} of import torch"
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every ``loramix ...`` line of the README's ``bash`` blocks, its
+    backslash continuations joined, its ``# comment`` dropped and the
+    recipe's ``$T`` expanded, as argument lists (``loramix`` itself dropped)."""
+    import re
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    commands, env = [], {}
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if len(words) == 1 and re.fullmatch(r"\w+=\S+", words[0]):
+                env.update([words[0].split("=", 1)])
+            for i, w in enumerate(words):  # `.venv/bin/pip ... && .venv/bin/loramix scenario run ...` too
+                if w.endswith("loramix") and (i == 0 or words[i - 1] == "&&"):
+                    commands.append([re.sub(r"\$(\w+)", lambda m: env[m[1]], x) for x in words[i + 1 :]])
+    return commands
+
+
+def test_the_readmes_commands_parse():
+    """Every ``loramix`` command the README shows names a command and options
+    that exist, with a value where the option takes one (click's own parser,
+    nothing run or imported beyond the command's module): a renamed or removed
+    flag would leave the README showing a command that exits 2."""
+    import click
+
+    from loramix.cli import cli
+
+    commands = _readme_commands()
+    assert len(commands) >= 20, commands
+    wrong = []
+    for args in commands:
+        ctx, cmd, rest = click.Context(cli, info_name="loramix"), cli, list(args)
+        while isinstance(cmd, click.Group) and rest:
+            cmd = cmd.get_command(ctx, rest.pop(0))
+        try:
+            assert cmd is not None and not isinstance(cmd, click.Group), "no such command"
+            cmd.make_parser(click.Context(cmd, info_name=cmd.name)).parse_args(rest)
+        except (AssertionError, click.UsageError) as e:
+            wrong.append(f"loramix {' '.join(args)}: {e}")
+    assert wrong == []
+
+
+def test_what_it_does_predicts_from_the_recipes_study():
+    """ "What it does" shows ``predict`` with the fit the SmolLM2 recipe below
+    uses (a study's report folder): it showed the quickstart's ``fit.json``, a
+    study of a tiny synthetic GPT-2, whose fit warns of another base on any
+    adapter of one's own. Both name a study folder that ships."""
+    fits = [a[a.index("--fit") + 1] for a in _readme_commands() if a[0] == "predict"]
+    assert len(fits) >= 2 and len(set(fits)) == 1, fits
+    assert (ROOT / fits[0] / "predictors.json").is_file(), fits[0]
