@@ -94,10 +94,12 @@ def make_root(root: Path) -> None:
         fd = os.open(root / ".gitignore", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:
         return
-    try:
+    try:  # synced as an entry is: a power loss must not leave the root without it, never rewritten
         os.write(fd, GITIGNORE.encode())
+        os.fsync(fd)
     finally:
         os.close(fd)
+    sync_folder(root)
 
 
 def check_cache_root(root: str | os.PathLike) -> Path:
