@@ -273,8 +273,7 @@ class ProcessExecutor:
 
     def run(self, steps: list[Step], ctx: StepContext, on_done, done: dict | None = None,
             on_start=None) -> dict:  # fmt: skip
-        if self.auto and not done:  # decided on the plan's first batch, kept for a second
-            self.serial = not worth_workers(steps, self.jobs)
+        self.serial = self.computes_here(steps, done)  # decided on the plan's first batch, kept for a second
         if self.serial:
             return SerialExecutor().run(steps, ctx, on_done, done, on_start)
         import multiprocessing as mp
