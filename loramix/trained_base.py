@@ -33,19 +33,12 @@ import os
 from pathlib import Path
 
 from .errors import LoramixError
-from .io.provenance import read_record, recorded_inputs
+from .io.provenance import base_input, read_record, recorded_inputs
 
 
 def _record(path: str | os.PathLike) -> dict:
     """The ``loramix.json`` beside (or in) an adapter or a model folder, or {}."""
     return read_record(path) or {}
-
-
-def _training_input(path) -> dict | None:
-    """The ``base_model`` input of an adapter's ``loramix.json`` that records
-    an identity (:func:`loramix.io.provenance.recorded_base`'s), or None."""
-    return next((i for i in recorded_inputs(_record(path))
-                 if i.get("kind") == "base_model" and isinstance(i.get("identity"), str)), None)  # fmt: skip
 
 
 def _peft_base(path) -> str | None:
@@ -103,7 +96,7 @@ def base_keys(base: str | os.PathLike) -> set[str]:
 def _trained_keys(adapter) -> tuple[str, set[str] | None]:
     """``(how the adapter names its base, its keys)``: keys None where it
     records none that can be compared (a hub name, a path not here)."""
-    rec = _training_input(adapter)
+    rec = base_input(adapter)
     if rec is not None and isinstance(rec.get("identity"), str):
         keys = {f"id:{rec['identity']}"}
         if isinstance(rec.get("gguf_sha256"), str):

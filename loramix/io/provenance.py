@@ -67,14 +67,21 @@ def recorded_inputs(record: dict | None) -> list[dict]:
     return [i for i in inputs if isinstance(i, dict)] if isinstance(inputs, list) else []
 
 
+def base_input(path: str | os.PathLike | None) -> dict | None:
+    """The ``inputs`` entry of the base the output was made from (training
+    provenance): the first of kind ``base_model`` whose ``identity`` is a
+    str (with its ``path``, and ``gguf_sha256`` for a GGUF base), or None."""
+    return next((i for i in recorded_inputs(read_record(path))
+                 if i.get("kind") == "base_model" and isinstance(i.get("identity"), str)), None)  # fmt: skip
+
+
 def recorded_base(path: str | os.PathLike | None) -> str | None:
-    """The identity of the base the output was made from (training
-    provenance): the first ``inputs`` entry of kind ``base_model`` whose
-    ``identity`` is a str; None where none is (PEFT's own training records
-    none: its ``base_model_name_or_path`` is a name, which a renamed or
-    copied folder changes, so it is not compared)."""
-    ids = (i.get("identity") for i in recorded_inputs(read_record(path)) if i.get("kind") == "base_model")
-    return next((i for i in ids if isinstance(i, str)), None)
+    """The identity of the base the output was made from (:func:`base_input`'s);
+    None where none is (PEFT's own training records none: its
+    ``base_model_name_or_path`` is a name, which a renamed or copied folder
+    changes, so it is not compared here: :mod:`loramix.trained_base` does
+    where it is a path on this machine)."""
+    return (base_input(path) or {}).get("identity")
 
 
 def records_sha256(records) -> str:
