@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from .api import renamed
+from .devices import is_cpu
 from .errors import UsageError
 from .features import FeatureSet, composition_value, compute_features, registry
 from .io.config_schema import is_number
@@ -471,7 +472,8 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     ``tokens``, ``max_len``: the calibration recipe (None: the study's, see
     :func:`cost_model`). ``device``: ``"cpu"`` by default, as in
     :func:`loramix.interference.predict` and for its reason (the costs come
-    from the factors in numpy float64). ``progress``: a bar of the
+    from the factors in numpy float64); checked with ``data`` before anything
+    loads, read by the calibration pass only. ``progress``: a bar of the
     calibration pass (on a terminal).
 
     Adapters of several kinds (LoRA, DoRA, D2-LoRA): without ``fit`` they
@@ -503,6 +505,8 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     if fit is None and data:  # else ignored, and taken for a setting that took effect
         raise UsageError("--data", "applies with --fit (calibration data for predictors that read data-aware "
                          "features); without --fit the cost is the RMS cosine, which reads no data")  # fmt: skip
+    if data:  # before anything loads, and also where the fit reads no data (no pass runs to resolve it)
+        is_cpu(device)  # an unknown device, or cuda without one: refused (one line)
     check_adapter_paths(items)  # before torch loads: a mistyped path fails fast
     from .validation import load_predictors
 

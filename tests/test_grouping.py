@@ -655,6 +655,55 @@ def test_options_that_would_be_ignored_are_refused(bank, similar_merge_well, cap
         _one_line_error(capsys, argv, needle)
 
 
+def test_plan_device_is_checked_or_refused(bank, similar_merge_well, capsys):
+    """``plan --device`` sets where the calibration pass runs, and was read
+    only when one ran: without ``--data`` (or with a fit that reads no
+    data-aware feature) ``--device gpu``, or ``cuda`` on a machine without
+    one, passed without a word. Without ``--data`` it is now refused as the
+    other calibration options are (any value: none would take effect); with
+    ``--data`` the device is checked before anything loads."""
+    paths, _ = bank
+    fit, _ = similar_merge_well
+    data = ["--data", "synthetic:arith?n=5", "--data", "synthetic:units?n=5"]
+    for dev in ("gpu", "cuda", "cpu"):
+        _one_line_error(capsys, ["plan", *paths[:2], "--device", dev], "--device: applies with --data")
+        _one_line_error(
+            capsys, ["plan", *paths[:2], "--fit", str(fit), "--device", dev], "--device: applies with --data"
+        )
+    # the fit reads no data-aware feature, so no pass runs: the device was never resolved
+    _one_line_error(
+        capsys,
+        ["plan", *paths[:2], "--fit", str(fit), *data, "--base", "b", "--device", "gpu"],
+        "--device: unknown device 'gpu'",
+    )
+    if not torch.cuda.is_available():
+        _one_line_error(
+            capsys,
+            ["plan", *paths[:2], "--fit", str(fit), *data, "--base", "b", "--device", "cuda"],
+            "--device: cuda requested",
+        )
+    # the default, and a device given with --data, still plan
+    assert main(["plan", *paths[:2], "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                *paths[:2],
+                "--fit",
+                str(fit),
+                *data,
+                "--base",
+                "b",
+                "--device",
+                "cpu",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
+
+
 def test_adapters_that_share_no_module_are_grouped_at_cost_0(tmp_path, capsys):
     """Without a fit, two adapters with no module in common cost 0 (their
     deltas are orthogonal: no weight has both), the best case for a merge.

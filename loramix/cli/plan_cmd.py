@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
+from ..errors import UsageError
 from . import calibration_options, check_calibration_args, device_opt, format_option
 
 
@@ -34,7 +36,7 @@ def _fmt(v) -> str:
     default=None,
     help="Largest predicted cost of a group (default: 0 with --fit, the zero-interference point; 0.1 cosine).",
 )
-@device_opt("cpu", "Where the calibration forward passes run")
+@device_opt("cpu", "Where the calibration forward passes run (with --data)")
 @format_option
 @click.option("--json", "as_json", is_flag=True, hidden=True, help="Same as --format json.")
 def command(adapters, fit_path, data, base, tokens, max_len, max_group, budget, device, fmt, as_json):
@@ -52,6 +54,11 @@ def command(adapters, fit_path, data, base, tokens, max_len, max_group, budget, 
 
     # without --fit, --base alone sets the deltas the cosines compare (effective, not residual)
     check_calibration_args(data, base if fit_path is not None else None, tokens, max_len)
+    # --device sets where the calibration pass runs: without --data none runs, and any device
+    # given (gpu, cuda without one) passed unread, taken for a setting that took effect
+    if not data and click.get_current_context().get_parameter_source("device") != ParameterSource.DEFAULT:
+        raise UsageError("--device", "applies with --data (where the calibration forward passes run); "
+                         "without it the costs are computed in numpy on the CPU")  # fmt: skip
     p = plan(list(adapters), fit=fit_path, data=list(data) or None, base=base, max_group=max_group,
              budget=budget, tokens=tokens, device=device, max_len=max_len, progress=True)  # fmt: skip
     for w in p.warnings:
