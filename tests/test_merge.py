@@ -895,10 +895,12 @@ def test_divide_weight_refuses_a_negative_weight(models, tmp_path, capsys):
         ],
     ]
     for args in cases:
-        assert_one_line_error(
-            *cli(capsys, *a, *args, "--out", out)[::2], "--weights", "negative", "--divide count"
-        )
+        code, _, err = cli(capsys, *a, *args, "--out", out)
+        assert_one_line_error(code, err, "--weights", "negative", "--divide count")
         assert not out.exists()
+        # the refusal said "(della's default)" for ties and dare-ties too, whose default is count
+        default = "--divide weight (della's default)" in err
+        assert default == (args[1] == "della") and "della's" not in err.replace("(della's default)", ""), err
     with pytest.raises(UsageError, match="negative weight"):
         merge(a, "ties", weights=[1, -0.5, 1], out=out, into=base, density=0.5, divide="weight")
     assert not out.exists()

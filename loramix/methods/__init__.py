@@ -209,7 +209,7 @@ def merge(
     trunc = split_truncation(m, own, into)
     own_params = m.coerce_params(own)
     m.check(own_params, [])  # the cross-parameter checks (svd: --rank or --energy); no adapter yet
-    check_divide_weights(own_params, weights)
+    check_divide_weights(own_params, weights, m)
     if into is not None or m.low_rank or trunc is not None:  # else run_merge says "pass --into" first
         from ..io.outputs import check_output
 

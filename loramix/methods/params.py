@@ -96,7 +96,7 @@ DIVIDE = Param(
 )
 
 
-def check_divide_weights(params: dict, weights) -> None:
+def check_divide_weights(params: dict, weights, method) -> None:
     """Refuse ``--divide weight`` with a negative weight (docs/merging.md,
     "Signed and zero weights").
 
@@ -106,13 +106,17 @@ def check_divide_weights(params: dict, weights) -> None:
     of the weights cancels (``--weights -1`` gives ``+t``); with both signs
     kept ``D`` can vanish (``1,-1``: 0, taken as 1) or nearly (``1,-0.999``:
     the entry grows 1000-fold). Task negation is ``--divide count``'s mean or
-    a linear method's sum; mergekit computes this, loramix refuses it."""
+    a linear method's sum; mergekit computes this, loramix refuses it.
+    ``method``: the :class:`MergeMethod`; the refusal says weight is its
+    default only where it is (della's; ties' and dare-ties' is count)."""
     if params.get("divide") == "weight" and any(float(w) < 0 for w in weights):
+        default = next((p.default for p in method.params if p.name == "divide"), None)
+        said = f"--divide weight ({method.name}'s default)" if default == "weight" else "--divide weight"
         raise UsageError(
             "--weights",
-            f"{','.join(f'{float(w):g}' for w in weights)} holds a negative weight, which --divide weight (della's "
-            "default) cannot take: dividing each kept entry by the kept weights' sum cancels that sign, and blows "
-            "it up where the sum nears 0 (1,-0.999: 1000-fold); use --divide count, or task-arithmetic",
+            f"{','.join(f'{float(w):g}' for w in weights)} holds a negative weight, which {said} cannot take: "
+            "dividing each kept entry by the kept weights' sum cancels that sign, and blows it up where the sum "
+            "nears 0 (1,-0.999: 1000-fold); use --divide count, or task-arithmetic",
         )
 
 

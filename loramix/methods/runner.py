@@ -99,7 +99,7 @@ def run_merge(
     ws = parse_weights(weights, len(ads))
     warn_unscaled_copies(ads, ws)
     p = m.validate(params, ads)
-    check_divide_weights(p, ws)
+    check_divide_weights(p, ws, m)
     dev = resolve_device(device)
     out_dtype = parse_dtype(dtype)
     if into is None:
