@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -193,3 +195,40 @@ def test_what_it_does_predicts_from_the_recipes_study():
     fits = [a[a.index("--fit") + 1] for a in _readme_commands() if a[0] == "predict"]
     assert len(fits) >= 2 and len(set(fits)) == 1, fits
     assert (ROOT / fits[0] / "predictors.json").is_file(), fits[0]
+
+
+def _readme_outputs() -> list[str]:
+    """What the README's ``bash`` blocks write: every ``--out``, ``--plot`` and
+    ``-d`` (``pip download``, ``unzip``) value, ``loramix`` or not."""
+    import re
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    outs = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            outs += [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--out", "--plot", "-d")]
+    return outs
+
+
+def test_the_readmes_outputs_stay_out_of_git():
+    """The README's commands, run in the checkout (the SmolLM2 recipe reads
+    ``../shared/``, beside it), wrote ``smol/``, ``adapters/``,
+    ``smol-merged/``... there, where ``git status`` showed them as untracked
+    files. Each output is now ignored (``.gitignore``), or a study's report
+    under ``reports/`` (which the repository tracks); and nothing the
+    repository tracks is ignored."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    outs = _readme_outputs()
+    assert {"smol/", "smol-merged/", "adapters/smol-math", "sim.png"} <= set(outs), outs
+    shown = [o for o in outs if not o.startswith("reports/")]
+    git = ["git", "-C", str(ROOT)]
+    kept = [o for o in shown if subprocess.run([*git, "check-ignore", "-q", "--no-index", o]).returncode != 0]
+    assert kept == [], f"README commands write {kept} into the checkout, which .gitignore does not list"
+    tracked = subprocess.run([*git, "ls-files", "-ci", "--exclude-standard"], capture_output=True, text=True)
+    assert tracked.returncode == 0 and tracked.stdout == "", tracked.stdout
