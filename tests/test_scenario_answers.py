@@ -676,9 +676,10 @@ def test_a_pair_has_one_colour_in_every_layer_panel(tmp_path, monkeypatch):
     )
     by_layer = pd.DataFrame(rep["cosine_by_layer"])
     fig = _saved_figure(monkeypatch, lambda: cosine_by_layer(by_layer, tmp_path / "c.png", "t"))
-    seen: dict[str, str] = {}
-    for ax in fig.axes:
-        named = {ln.get_label(): to_hex(ln.get_color()) for ln in ax.lines if "+" in ln.get_label()}
+    seen: dict[str, tuple] = {}
+    for ax in fig.axes:  # a pair's style: its colour, line style and marker
+        named = {ln.get_label(): (to_hex(ln.get_color()), ln.get_linestyle(), ln.get_marker())
+                 for ln in ax.lines if "+" in ln.get_label()}  # fmt: skip
         assert len(named) == 10 and len(set(named.values())) == 10, named  # apart within a panel
         for pair, color in named.items():
             assert seen.setdefault(pair, color) == color, pair
@@ -732,20 +733,32 @@ def test_plan_legends_lie_under_their_panels(tmp_path, monkeypatch):
     _drawn_inside(fig)
 
 
-def test_thirty_named_pairs_have_thirty_styles(tmp_path, monkeypatch):
-    """Three panels of ten different named pairs each: tab20 gave the 21st
-    pair the 1st pair's colour and the same round marker, so two pairs read
-    as one. A pair's (colour, marker) is now its own in the whole figure."""
+def test_forty_named_pairs_are_told_apart_by_colour_and_line_style(tmp_path, monkeypatch):
+    """Four panels of ten different named pairs each. tab20 gave them twenty
+    colours, its light shades beside its dark ones (the 1st and 11th pair dark
+    and light blue, both solid with round markers), and the 21st pair on the
+    1st's colour with another marker: no set of twenty colours separates
+    them. Now at most eight colours, and pairs of one colour differ in line
+    style and in marker: each pair's (colour, line style, marker) is its own,
+    and the legend names the forty pairs in their order."""
     from matplotlib.colors import to_hex
 
     from loramix.scenario.plots import cosine_by_layer
 
     rows = [{"adapter_method": m, "pair": f"{m}{i}+x", "layer": layer, "rms_cosine": 0.01 * (i + 1) + 0.001 * layer}
-            for m in ("a", "b", "c") for i in range(10) for layer in (0, 1)]  # fmt: skip
+            for m in ("a", "b", "c", "d") for i in range(10) for layer in (0, 1)]  # fmt: skip
     fig = _saved_figure(monkeypatch, lambda: cosine_by_layer(pd.DataFrame(rows), tmp_path / "c.png", "t"))
-    styles = {ln.get_label(): (to_hex(ln.get_color()), ln.get_marker())
-              for ax in fig.axes for ln in ax.lines if "+" in ln.get_label()}  # fmt: skip
-    assert len(styles) == 30 and len(set(styles.values())) == 30, styles
+    # the dash pattern itself: get_linestyle() says "--" for any custom one (matplotlib has no public getter)
+    lines = {ln.get_label(): (to_hex(ln.get_color()), str(ln._unscaled_dash_pattern), ln.get_marker())
+             for ax in fig.axes for ln in ax.lines if "+" in ln.get_label()}  # fmt: skip
+    assert len(lines) == 40 and len(set(lines.values())) == 40, lines
+    colours = {c for c, _, _ in lines.values()}
+    assert len(colours) <= 8, colours
+    for c in colours:
+        same = [(d, m) for cc, d, m in lines.values() if cc == c]
+        assert len({d for d, _ in same}) == len(same) and len({m for _, m in same}) == len(same), (c, same)
+    legend = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
+    assert legend == [f"{m}{i}+x" for m in "abcd" for i in range(10)], legend
 
 
 # ---------------------------------------------------------------- which adapters compose?

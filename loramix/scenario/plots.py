@@ -298,39 +298,39 @@ def _named_pairs(g: pd.DataFrame) -> list[str]:
 
 
 def _pair_styles(by_layer: pd.DataFrame) -> dict[str, tuple]:
-    """One ``(colour, marker)`` per pair named in any panel, the same in
-    every panel and no two alike: tab20's colours (dark shades first), then
-    the same colours with the next of :data:`_PAIR_MARKERS` for the 21st
-    pair on (three panels of ten pairs each name up to thirty). Coloured
-    panel by panel, real-14-domains' law+history was pink in one panel and
-    economics+nq_open pink in the other."""
-    from matplotlib import colormaps
-
+    """One ``(colour, line style, marker)`` per pair named in any panel, the
+    same in every panel and no two alike: the ``i``-th pair takes colour
+    ``i mod 8`` of :data:`OKABE_ITO` and line style and marker ``i div 8`` of
+    :data:`_PAIR_DASHES` and :data:`_PAIR_MARKERS`, so pairs of one colour
+    differ in both, and 8 x 5 = 40 pairs are told apart. tab20's twenty colours
+    (its light shades beside its dark ones, the 21st pair on a new marker)
+    separated no more than ten; coloured panel by panel, real-14-domains'
+    law+history was pink in one panel and economics+nq_open in the other."""
     pairs = list(dict.fromkeys(p for _, g in by_layer.groupby("adapter_method", sort=False)
                                for p in _named_pairs(g)))  # fmt: skip
-    cmap = colormaps["tab20"]
-    # tab20's dark shades first (tab10's hues), its light ones for an eleventh pair and on
-    return {p: (cmap((2 * i + i // 10) % 20), _PAIR_MARKERS[(i // 20) % len(_PAIR_MARKERS)])
-            for i, p in enumerate(pairs)}  # fmt: skip
+    n = len(OKABE_ITO)
+    return {p: (OKABE_ITO[i % n], _PAIR_DASHES[(i // n) % len(_PAIR_DASHES)],
+                _PAIR_MARKERS[(i // n) % len(_PAIR_MARKERS)]) for i, p in enumerate(pairs)}  # fmt: skip
 
 
-#: cosine_by_layer's markers, one per twenty named pairs (tab20's colours repeat after twenty)
+#: cosine_by_layer's line styles and markers, one of each per eight named pairs (a colour each):
+#: solid, dashed, dotted, dash-dot, dash-dot-dot
+_PAIR_DASHES = ("-", "--", ":", "-.", (0, (5, 1.5, 1, 1.5, 1, 1.5)))
 _PAIR_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def _layers_panel(ax, g: pd.DataFrame, styles: dict) -> int:
     """A panel of cosine_by_layer: one line per pair across the layers, the
-    named ones (:func:`_named_pairs`) in their ``styles`` (colour, marker),
+    named ones (:func:`_named_pairs`) in their ``styles`` (colour, line style, marker),
     the others grey (their count returned)."""
     peak = g.groupby("pair", sort=False)["rms_cosine"].max()
     named = set(_named_pairs(g))
     for pair, gp in g.groupby("pair", sort=False):
         gp = gp.sort_values("layer")
         if pair in named:
-            color, marker = styles[pair]
-            ax.plot(
-                gp["layer"], gp["rms_cosine"], "-", marker=marker, ms=4, label=pair, color=color, zorder=3
-            )
+            color, dashes, marker = styles[pair]
+            ax.plot(gp["layer"], gp["rms_cosine"], linestyle=dashes, marker=marker, ms=4, label=pair,
+                    color=color, zorder=3)  # fmt: skip
         else:
             ax.plot(gp["layer"], gp["rms_cosine"], "-", color="0.8", lw=0.8, zorder=2)
     layers = sorted(g["layer"].dropna().unique())
@@ -356,8 +356,9 @@ def _one_legend(axes, others: list[int]) -> None:
         grey = f"the other {others[0]} pairs" if len(set(others)) == 1 else "the other pairs of each panel"
         names.append(grey)
         handles[grey] = axes[0].plot([], [], "-", color="0.8")[0]
+    # handles long enough to show a line style: pairs of one colour differ in it
     axes[-1].legend([handles[n] for n in names], names, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                    borderaxespad=0.0, ncol=1 if len(names) <= 16 else 2)  # fmt: skip
+                    handlelength=3, borderaxespad=0.0, ncol=1 if len(names) <= 16 else 2)  # fmt: skip
 
 
 def cosine_by_layer(by_layer: pd.DataFrame, path: Path, title: str) -> Path:
