@@ -279,12 +279,66 @@ def test_templated_copies_of_the_training_records_are_left_out_too(given, tmp_pa
     assert (data.left_out, len(data.eval)) == (9, 15) and data.left_out_ngram == 8
     assert [r.question for r in data.eval] == [r.question for r in recs[9:]]
     assert main(["scenario", "check", str(scen), "--cache", str(tmp_path / "cache")]) == 0
-    assert "(eval 15, 9 left out as trained on (8 near copies))" in capsys.readouterr().out
+    assert "(eval 15, 9 left out as trained on (8 near copies by 13-grams))" in capsys.readouterr().out
     rep = run_scenario(
         scen, out=tmp_path / "report", cache_dir=tmp_path / "cache", device="cpu", progress=False
     )
-    assert (rep["domains"]["arith"]["left_out"], rep["domains"]["arith"]["left_out_ngram"]) == (9, 8)
-    assert "| 9 (8 near copies) |" in (tmp_path / "report" / "report.md").read_text()
+    arith = rep["domains"]["arith"]
+    assert (arith["left_out"], arith["left_out_ngram"], arith["trained_on_ngram"]) == (9, 8, 13)
+    assert "| 9 (8 near copies by 13-grams) |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_the_contamination_checks_n_is_a_key(tmp_path, capsys):
+    """``domains.NAME.trained_on_ngram``: the check's n was fixed at 13
+    (loramix.contamination.N). Another n changes what is left out (4: 18 of
+    these 24 synthetic records, which share their templates' 4-grams, against
+    the 3 lower-cased copies at 13); 13 given is the default's records and
+    splits (so its cache keys); the n is in ``scenario check``'s line. Not a
+    positive integer, or without ``trained_on``: one line naming the key, exit 2."""
+    import json
+
+    from loramix.data import load_records
+    from loramix.scenario.config import load_scenario
+    from loramix.scenario.plan import prepare_data
+
+    recs = load_records("synthetic:arith?n=24&seed=3")
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps({"question": r.question, "answer": r.answer}) + "\n"
+                                                for r in recs))  # fmt: skip
+    seen = [{"question": r.question.lower(), "answer": r.answer.lower().rstrip(".")} for r in recs[:3]]
+    (tmp_path / "seen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in seen))
+    base = save_base(tiny_gpt2(), tmp_path / "base")
+    ads = {d: make_peft_adapter(tiny_gpt2(), tmp_path / d, r=2, lora_alpha=4, seed=i)
+           for i, d in enumerate(("arith", "units"))}  # fmt: skip
+
+    def scenario(extra: str, trained_on: bool = True) -> Path:
+        text = f'name = "ngram"\n\n[base]\npath = "{base}"\n'
+        for d in ("arith", "units"):
+            data = f"{tmp_path / 'all.jsonl'}" if d == "arith" else "synthetic:units"
+            text += f'\n[domains.{d}]\ndata = "{data}"\neval = 4\nadapter = "{ads[d]}"\n'
+            if d == "arith":
+                text += (f'trained_on = "{tmp_path / "seen.jsonl"}"\n' if trained_on else "") + extra
+        path = tmp_path / "ngram.toml"
+        path.write_text(text + "\n[eval]\nbatch = 8\nmax_len = 48\n")
+        return path
+
+    default = prepare_data(load_scenario(scenario("")))["arith"]
+    assert (default.left_out, default.ngram) == (3, 13)
+    same = prepare_data(load_scenario(scenario("trained_on_ngram = 13\n")))["arith"]
+    assert (same.left_out, same.ngram, same.sha256_eval) == (3, 13, default.sha256_eval)
+    four = prepare_data(load_scenario(scenario("trained_on_ngram = 4\n")))["arith"]
+    assert (four.ngram, four.left_out, four.left_out_ngram) == (4, 18, 18)
+    assert (
+        main(["scenario", "check", str(scenario("trained_on_ngram = 4\n")), "--cache", str(tmp_path / "c")])
+        == 0
+    )
+    assert "left out as trained on (18 near copies by 4-grams)" in capsys.readouterr().out
+    for bad in ("0", "-2", "2.5", "true", '"8"'):
+        line = one_line_error(capsys, ["scenario", "check", str(scenario(f"trained_on_ngram = {bad}\n"))])
+        assert "domains.arith.trained_on_ngram" in line, (bad, line)
+    line = one_line_error(
+        capsys, ["scenario", "check", str(scenario("trained_on_ngram = 8\n", trained_on=False))]
+    )
+    assert "domains.arith.trained_on_ngram" in line and "only with trained_on" in line, line
 
 
 def test_given_adapters_that_only_the_torch_readers_read_are_checked_too(tmp_path, capsys):

@@ -65,9 +65,9 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     click.echo(f"{file}: ok — scenario {sc.name!r}")
     for n, d in sc.domains.items():
         if d.adapter is not None:  # given: nothing trained (train: [predictors]' calibration records only)
-            near = data[n].left_out_ngram
-            left = (f", {data[n].left_out} left out as trained on" + (f" ({near} near copies)" if near else "")
-                    if d.trained_on else "")  # fmt: skip
+            near, by = data[n].left_out_ngram, data[n].ngram
+            copies = f" ({near} near copies by {by}-grams)" if near else ""
+            left = f", {data[n].left_out} left out as trained on{copies}" if d.trained_on else ""
             click.echo(f"  domain {n}: {d.data} (eval {d.eval}{f', calibration {d.train}' if d.train else ''}"
                        f"{left}); adapter {d.adapter}")  # fmt: skip
         else:

@@ -130,6 +130,9 @@ class DomainSpec:
     trained_on: str | None = key("str", doc_default="—",
                                  help="with `adapter`: the records it was trained on (a file or spec as `data`, the same "
                                  "fields), left out of the eval split")  # fmt: skip
+    trained_on_ngram: int | None = key("int", bound="positive", doc_default="`13` (GPT-3's)",
+                                       help="with `trained_on`: the word n-gram length its records are compared by "
+                                       "(Contamination, below)")  # fmt: skip
     adapter: Path | None = key("str", doc_default="— (trained here)",
                                help="an adapter trained elsewhere, studied instead of training one: a local PEFT LoRA / "
                                "rsLoRA / DoRA or loramix D2-LoRA folder; in every domain or none (Adapters trained elsewhere, below)")  # fmt: skip
@@ -656,6 +659,10 @@ def _parse_domain(ctx, name, t, env, used, synth_names) -> DomainSpec:
             if not p.is_file():
                 raise ctx.error(f"{where}.trained_on", f"no such data file: {p}")
             v["trained_on"] = str(p)
+    elif v["trained_on_ngram"] is not None:  # else ignored, and taken for a check that ran
+        raise ctx.error(
+            f"{where}.trained_on_ngram", "only with trained_on: the n of the check of its records"
+        )
     raw, train, ev, overlap, overlap_with = v["data"], v["train"], v["eval"], v["overlap"], v["overlap_with"]
     if raw.startswith("synthetic:"):
         from ..data import parse_synthetic_spec

@@ -76,6 +76,7 @@ class DomainData:
     source_sha256: str | None
     left_out: int = 0  # records left out as the given adapter's training records (domains.NAME.trained_on)
     left_out_ngram: int = 0  # ... of them, those found by n-gram overlap only (loramix.contamination)
+    ngram: int | None = None  # the n of that overlap (domains.NAME.trained_on_ngram); None without trained_on
 
     @property
     def sha256_train(self) -> str:
@@ -102,15 +103,16 @@ def prepare_data(sc: Scenario) -> dict[str, DomainData]:
             recs = load_records(d.data, **fields)
         except LoramixError as e:
             raise ScenarioError(f"{sc.path}: domains.{name}.data", e.message) from None
-        left, near = 0, 0
+        left, near, ngram = 0, 0, None
         if d.trained_on is not None:
             try:
                 seen = load_records(d.trained_on, **fields)
             except LoramixError as e:
                 raise ScenarioError(f"{sc.path}: domains.{name}.trained_on", e.message) from None
-            from ..contamination import contaminated  # numpy: only for a study that gives trained_on
+            from ..contamination import N, contaminated  # numpy: only for a study that gives trained_on
 
-            found = contaminated(recs, seen)
+            ngram = N if d.trained_on_ngram is None else d.trained_on_ngram
+            found = contaminated(recs, seen, n=ngram)
             kept = [r for r, f in zip(recs, found, strict=True) if f is None]
             left, near, recs = len(recs) - len(kept), found.count("ngram"), kept
         if len(recs) < d.train + d.eval:
@@ -131,7 +133,9 @@ def prepare_data(sc: Scenario) -> dict[str, DomainData]:
         random.Random(sc.data_seed + 1).shuffle(idx)
         train = [train_all[i] for i in sorted(idx[: d.train])]
         src = None if d.synthetic else file_sha256(d.data)
-        out[name] = DomainData(name, train, ev, _records_jsonl(train), _records_jsonl(ev), src, left, near)
+        out[name] = DomainData(
+            name, train, ev, _records_jsonl(train), _records_jsonl(ev), src, left, near, ngram
+        )
     return out
 
 

@@ -310,8 +310,9 @@ def _left_out(d: dict) -> str:
     them those found by n-gram overlap only (loramix.contamination)."""
     if "left_out" not in d:
         return "—"
-    near = d.get("left_out_ngram", 0)
-    return f"{d['left_out']}" + (f" ({near} near copies)" if near else "")
+    near, n = d.get("left_out_ngram", 0), d.get("trained_on_ngram")
+    by = f" by {n}-grams" if n is not None else ""  # a report of before trained_on_ngram: 13 (unrecorded)
+    return f"{d['left_out']}" + (f" ({near} near copies{by})" if near else "")
 
 
 def _recipe_lines(ad: dict, seeds: list, sc: dict) -> list[str]:

@@ -300,7 +300,8 @@ class Runner:
                        "eval_tokens": ev_base[n]["tokens"], "sha256_train": d.sha256_train,
                        "sha256_eval": d.sha256_eval, "source_sha256": d.source_sha256,
                        **({"trained_on": sc.domains[n].trained_on, "left_out": d.left_out,
-                           "left_out_ngram": d.left_out_ngram} if sc.domains[n].trained_on else {})}
+                           "left_out_ngram": d.left_out_ngram, "trained_on_ngram": d.ngram}
+                          if sc.domains[n].trained_on else {})}
                    for n, d in data.items()}  # fmt: skip
         summary = records(study["summary"])
         rows, base_rows = compact(study["evaluations"])
