@@ -35,6 +35,7 @@ _API = {
     "run_scenario": "loramix.scenario.runner",
     "predict": "loramix.interference",
     "plan": "loramix.grouping",
+    "fit_evaluations": "loramix.evalfit",
 }
 
 __all__ = ["__version__", *_API]

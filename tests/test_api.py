@@ -21,6 +21,7 @@ FUNCTIONS = [
     "save_peft_adapter",
     "save_d2_adapter",
     "plan",
+    "fit_evaluations",
 ]
 
 

@@ -37,6 +37,7 @@ POSITIONAL = {
     "run_scenario": ("scenario",),
     "predict": ("adapters", "fit"),
     "plan": ("adapters",),
+    "fit_evaluations": ("evaluations",),
 }
 #: a concept's other names, which no function may take (the commands' name is the one)
 SYNONYMS = {

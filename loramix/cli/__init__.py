@@ -37,6 +37,7 @@ COMMANDS = {
     "scenario_cmd": "scenario",
     "predict_cmd": "predict",
     "plan_cmd": "plan",
+    "fit_cmd": "fit",
     "cache_cmd": "cache",
 }
 

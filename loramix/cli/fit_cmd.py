@@ -1,0 +1,49 @@
+"""``loramix fit EVAL.json ... --out DIR``: a validated predictor from the user's own evaluations
+(:func:`loramix.evalfit.fit_evaluations`)."""
+
+from __future__ import annotations
+
+import click
+
+from . import format_option
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
+
+
+@click.command("fit")
+@click.argument("evaluations", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--out", required=True, type=click.Path(path_type=str),
+              help="Folder to write (predictors.json, validation.csv, predictions.csv, points.csv), for "
+                   "predict --fit and plan --fit.")  # fmt: skip
+@click.option("--level", type=float, default=0.9, show_default=True,
+              help="Level of the prediction intervals, whose coverage is validated.")  # fmt: skip
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@format_option
+def command(evaluations, out, level, force, fmt):
+    """Fit and validate interference predictors from EVALUATIONS: the JSON files of `loramix eval
+    --format json` for single adapters (each on its own domain's data) and for merges of them."""
+    import json
+
+    from ..evalfit import fit_evaluations
+
+    r = fit_evaluations(list(evaluations), out=out, level=level, force=force)
+    if fmt == "json":
+        click.echo(json.dumps(r, indent=2))
+        return
+    n = len({d for p in r["points"] for d in p["composition"]})
+    click.echo(f"fitted from {len(evaluations)} evaluations: {len(r['points'])} merges of {n} {r['adapter_kind']} "
+               "adapters; y = retention % (the merge's perplexity on each member's data, % above the member's own)")  # fmt: skip
+    click.echo(
+        "| composition | method | RMS cosine | retention % | file |\n| --- | --- | ---: | ---: | --- |"
+    )
+    for p in r["points"]:
+        click.echo(f"| {'+'.join(p['composition'])} | {p['merge_method']} | {p['rms_cosine']:.4f} | "
+                   f"{p['y']:+.2f} | {p['file']} |")  # fmt: skip
+    for m, e in r["methods"].items():
+        best = next(s for s in e["summary"] if s["predictor"] == e["best"])
+        click.echo(f"{m}: {e['headline']}")
+        click.echo(f"  {e['best']} held out: MAE {_fmt(best['mae'])}, r {_fmt(best['r'])}, interval coverage "
+                   f"{_fmt(best['coverage'])} over {best['n']} predictions")  # fmt: skip
+    click.echo(f"wrote {r['out']}: loramix predict A B --fit {r['out']}; loramix plan ... --fit {r['out']}")

@@ -1,0 +1,331 @@
+"""A validated predictor from a user's own evaluations (``loramix fit``).
+
+Inputs: the JSON that ``loramix eval --format json`` writes, for single
+adapters and for merges of them (``eval --adapter A --adapter B [--merged]``,
+the sum; or ``eval --base M`` of a model folder ``M`` that ``sum``/``merge
+--into`` wrote, whose JSON carries a ``merge`` label). A merge is paired with
+its members by what the files record: the members' adapter paths (the merge
+label's, or the ``--adapter`` list), the base, the scoring (``on``,
+``prompt``) and the data rows.
+
+Each single adapter must be evaluated on one data set, its domain ``d`` (the
+row's name, :func:`loramix.data.data_names`: the file's stem). A merge of
+members ``C`` must be evaluated, on the same base, on every member's domain
+with the same records and scored tokens. Its interference is the study's
+retention target (docs/interference.md, :func:`loramix.scenario.assemble.retention_pct`)::
+
+    y_C = mean_{d in C} 100 (ppl_d(merge) - ppl_d(adapter_d)) / ppl_d(adapter_d)
+
+the merge's perplexity on each member's data against that member's own. (The
+study's ``delta_ppl%`` compares against an adapter trained on the members'
+pooled data, which a user's evaluations of adapters and merges do not hold.)
+``x``: the factor features of :mod:`loramix.features` (the data-aware ones
+need calibration data and are left out) over the member adapters, the
+``rms_cosine`` among them, summarised per composition as a study does
+(:func:`loramix.validation.composition_table`: the quadratic mean over pairs
+for the RMS cosine, :func:`loramix.fit.composition_cosine`).
+
+Per merge method with at least :data:`MIN_COMPOSITIONS` compositions, every
+predictor is fitted and validated leave-one-domain-out
+(:func:`loramix.validation.validate`; ``ols:rms_cosine`` is the line of
+:func:`loramix.fit.fit_line`). The output folder holds what a study's report
+folder holds for its predictors (``predictors.json``, with ``by_method``,
+``validation.csv``, ``predictions.csv``) and ``points.csv`` (each composition,
+its ``x``, ``y`` and the files they came from): ``loramix predict --fit OUT``
+and ``loramix plan --fit OUT`` read it. Every refusal is one line naming the
+file, before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LoramixError, UsageError
+
+#: the fewest compositions of one merge method that a line is fitted and validated on
+MIN_COMPOSITIONS = 3
+#: the interference fitted (the study's name of the target, docs/interference.md)
+TARGET = "retention_pct"
+Y_DEFINITION = ("retention_pct = mean over the members d of 100 (ppl_d(merge) - ppl_d(adapter_d)) / ppl_d(adapter_d), "
+                "ppl_d on member d's evaluation data")  # fmt: skip
+
+
+@dataclass
+class Evaluation:
+    """One ``eval --format json`` file: a single adapter (``method`` None) or a merge."""
+
+    path: str
+    base: str  # the base the adapters were evaluated on, or merged into (realpath)
+    members: list[str]  # the adapters (realpaths)
+    method: str | None
+    on: str
+    prompt: str
+    rows: dict  # data name -> its result row
+
+
+def _real(p: str) -> str:
+    return os.path.realpath(p)
+
+
+def _rows(path, results) -> dict:
+    """The data rows of ``results`` (the ``union`` row, the last, left out), checked."""
+    if not isinstance(results, list) or not results:
+        raise UsageError(path, "not a loramix eval --format json output (no 'results' rows)")
+    rows = results[:-1] if len(results) > 1 else results
+    for r in rows:
+        ok = isinstance(r, dict) and isinstance(r.get("data"), str)
+        ok = ok and all(
+            isinstance(r.get(k), int) and not isinstance(r.get(k), bool) for k in ("records", "tokens")
+        )
+        if (
+            not ok
+            or not isinstance(r.get("ppl"), (int, float))
+            or not math.isfinite(r["ppl"])
+            or r["ppl"] <= 0
+        ):
+            raise UsageError(path, "not a loramix eval --format json output (a result row without data, records, "
+                             "tokens and a finite ppl)")  # fmt: skip
+    return {r["data"]: r for r in rows}
+
+
+def read_evaluation(path: str | os.PathLike) -> Evaluation:
+    """The evaluation in ``path`` (module docstring); one line where it is not one that fits."""
+    from .fit import read_json_file
+
+    d = read_json_file(Path(path), "evaluation", "give the JSON that loramix eval --format json wrote",
+                       "loramix eval --format json > FILE writes one", "eval JSON")  # fmt: skip
+    keys_ok = isinstance(d, dict) and isinstance(d.get("base"), str) and isinstance(d.get("adapters"), list)
+    if not keys_ok or not all(isinstance(d.get(k), str) for k in ("on", "prompt")):
+        raise UsageError(path, "not a loramix eval --format json output (no base, adapters, on and prompt)")
+    rows = _rows(path, d.get("results"))
+    made, given = d.get("merge"), d["adapters"]
+    if made is not None and not given:
+        if not isinstance(made, dict) or not isinstance(made.get("adapters"), list):
+            raise UsageError(
+                path, "its 'merge' is not the label eval writes (method, adapters, weights, base)"
+            )
+        base, members, method, weights = (
+            made.get("base"),
+            made["adapters"],
+            made.get("method"),
+            made.get("weights"),
+        )
+    elif made is None and given:
+        base, members, weights = d["base"], given, d.get("weights")
+        method = "sum" if len(given) > 1 else None
+    else:
+        what = "the base alone" if made is None else "a merge with adapters on top of it"
+        raise UsageError(path, f"evaluates {what}: give evaluations of single adapters and of merges of them")
+    if not all(isinstance(x, str) for x in [base, method or "", *members]):
+        raise UsageError(path, "its adapters, base or merge method are not paths and a name")
+    if weights is not None and any(w != 1 for w in weights):
+        raise UsageError(
+            path, f"a merge with weights {weights}: fit takes merges of weight 1 each, as a study's"
+        )
+    return Evaluation(str(path), _real(base), [_real(m) for m in members], method, d["on"], d["prompt"], rows)
+
+
+def _domains(evals: list[Evaluation]) -> dict[str, tuple[str, Evaluation]]:
+    """adapter realpath -> (its domain, its evaluation), from the single-adapter evaluations."""
+    own: dict[str, tuple[str, Evaluation]] = {}
+    seen: dict[str, str] = {}
+    for e in (e for e in evals if e.method is None):
+        if len(e.rows) != 1:
+            raise UsageError(e.path, f"evaluates one adapter on {len(e.rows)} data sets: evaluate each adapter "
+                             "on its own domain's data alone (its retention is measured there)")  # fmt: skip
+        (dom,) = e.rows
+        (a,) = e.members
+        if a in own:
+            raise UsageError(
+                e.path, f"evaluates {a} again ({own[a][1].path} did): give one evaluation per adapter"
+            )
+        if dom in seen:
+            raise UsageError(e.path, f"evaluates a second adapter on domain {dom} ({seen[dom]}): one adapter "
+                             "per domain")  # fmt: skip
+        own[a], seen[dom] = (dom, e), a
+    return own
+
+
+def _point(m: Evaluation, own: dict) -> tuple[tuple[str, ...], float]:
+    """The composition (its members' domains, sorted) and ``y_C`` of the merge ``m``."""
+    from .scenario.assemble import retention_pct
+
+    ppl_own = {}
+    for a in m.members:
+        if a not in own:
+            raise UsageError(m.path, f"member {a} has no evaluation among the files given: evaluate it alone "
+                             "on its domain's data")  # fmt: skip
+        dom, e = own[a]
+        if e.base != m.base:
+            raise UsageError(m.path, f"the merge is of base {m.base}, member {a} was evaluated on {e.base} "
+                             f"({e.path}): not the same base")  # fmt: skip
+        if (e.on, e.prompt) != (m.on, m.prompt):
+            raise UsageError(m.path, f"scored with --on {m.on} --prompt {m.prompt}, member {a} ({e.path}) with "
+                             f"--on {e.on} --prompt {e.prompt}: not the same scoring")  # fmt: skip
+        mine, theirs = e.rows[dom], m.rows.get(dom)
+        if theirs is None or (theirs["records"], theirs["tokens"]) != (mine["records"], mine["tokens"]):
+            got = "no row" if theirs is None else f"{theirs['records']} records, {theirs['tokens']} tokens"
+            raise UsageError(m.path, f"member {a} was evaluated on {dom} ({mine['records']} records, "
+                             f"{mine['tokens']} tokens, {e.path}), the merge has {got} of it: not the same "
+                             "data")  # fmt: skip
+        ppl_own[dom] = float(mine["ppl"])
+    if len(ppl_own) != len(m.members) or len(ppl_own) < 2:
+        raise UsageError(m.path, "a merge needs two or more distinct members")
+    return tuple(sorted(ppl_own)), retention_pct({d: m.rows[d] for d in ppl_own}, ppl_own)
+
+
+def collect_points(evals: list[Evaluation]) -> tuple[dict, list[dict]]:
+    """``(own, points)``: each adapter's domain and evaluation, and one point per merge
+    (``composition``, ``merge_method``, ``y``, ``file``), each checked against its members."""
+    own = _domains(evals)
+    points, seen = [], {}
+    for m in (e for e in evals if e.method is not None):
+        comp, y = _point(m, own)
+        key = (comp, m.method)
+        if key in seen:
+            raise UsageError(m.path, f"a second {m.method} merge of {'+'.join(comp)} ({seen[key]}): give one")
+        seen[key] = m.path
+        points.append({"composition": comp, "merge_method": m.method, "y": y, "file": m.path})
+    if not points:
+        raise UsageError(evals[-1].path, "no merge among the evaluations given: a fit needs evaluations of "
+                         "merges and of their members")  # fmt: skip
+    return own, points
+
+
+def _features(own: dict, where: str):
+    """The factor features of the adapters of ``own``, named by their domains (a FeatureSet)."""
+    from .features import compute_features, registry
+    from .features.size import ensure_size
+    from .grouping import one_kind
+    from .io.np_factors import load_np_adapter
+
+    paths = list(own)
+    adapters = [load_np_adapter(p) for p in paths]
+    one_kind(adapters, where, "a fit is per adapter kind")
+    only = sorted(n for n, f in registry().items() if not f.data_aware)
+    fs = compute_features(adapters, only=only)
+    fs.names = [own[p][0] for p in paths]
+    return ensure_size(fs), adapters[0].method
+
+
+def _validations(points: list[dict], fs, level: float) -> dict:
+    """merge method -> :meth:`Validation.to_json_dict` of its points (module docstring)."""
+    from .validation import composition_table, validate
+
+    out = {}
+    for mm in dict.fromkeys(p["merge_method"] for p in points):
+        mine = [p for p in points if p["merge_method"] == mm]
+        where = mine[0]["file"]
+        if len(mine) < MIN_COMPOSITIONS:
+            raise UsageError(where, f"{len(mine)} {mm} merge(s) ({', '.join(p['file'] for p in mine)}): a fitted "
+                             f"line needs {MIN_COMPOSITIONS} compositions or more")  # fmt: skip
+        comps = [p["composition"] for p in mine]
+        X = composition_table(fs, comps)
+        try:
+            v = validate(comps, [p["y"] for p in mine], X, level=level, aggregate=fs.aggregate,
+                         target=f"{TARGET} ({mm})")  # fmt: skip
+        except UsageError as e:  # no domain can be held out
+            raise UsageError(where, f"the {mm} merges: {e.problem}") from None
+        out[mm] = v.to_json_dict()
+        out[mm]["predictions"] = v.predictions
+        for p, x in zip(mine, X["rms_cosine"]):
+            p["rms_cosine"] = float(x)
+    return out
+
+
+def _predictors_file(vals: dict, base_identity, kind: str, evals: list[str], points: list[dict]) -> dict:
+    """``predictors.json``: the primary method's validation (``sum`` where there is one), by_method, and
+    what it was fitted from."""
+    from .validation import method_entry
+
+    primary = "sum" if "sum" in vals else next(iter(vals))
+    order = [primary, *(m for m in vals if m != primary)]
+    out = {k: x for k, x in vals[primary].items() if k != "predictions"}
+    out.update(scenario=None, base_identity=base_identity, adapter_kind=kind, adapters=None,
+               by_method={m: method_entry(vals[m]) for m in order})  # fmt: skip
+    out["fitted_from"] = {
+        "evaluations": [os.path.abspath(p) for p in evals],
+        "y": Y_DEFINITION,
+        "x": "the factor features of loramix.features over the members (rms_cosine: sqrt(mean over pairs of "
+        "rms_ij^2))",
+        "points": [
+            {**p, "composition": list(p["composition"]), "file": os.path.abspath(p["file"])} for p in points
+        ],
+    }
+    return out
+
+
+def _write(out, force: bool, inputs: list[str], d: dict, vals: dict, points: list[dict]) -> Path:
+    import json
+
+    import pandas as pd
+
+    from .io.outputs import atomic_output_dir
+
+    with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
+        (tmp / "predictors.json").write_text(json.dumps(d, indent=1) + "\n")
+        rows = [{"merge_method": m, **r} for m, v in vals.items() for r in v["summary"]]
+        pd.DataFrame(rows).to_csv(tmp / "validation.csv", index=False)
+        preds = [v["predictions"].assign(merge_method=m) for m, v in vals.items()]
+        pd.concat(preds, ignore_index=True).to_csv(tmp / "predictions.csv", index=False)
+        pts = [{**p, "composition": "+".join(p["composition"])} for p in points]
+        pd.DataFrame(pts).to_csv(tmp / "points.csv", index=False)
+    return Path(out)
+
+
+def _identity(base: str) -> str | None:
+    """The base folder's identity (as training provenance records it); None for a GGUF file or a
+    folder without one."""
+    from .io.model_folder import BaseModelFolder
+
+    try:
+        return BaseModelFolder(base).identity()
+    except (LoramixError, OSError):
+        return None
+
+
+def fit_evaluations(evaluations, *, out=None, level: float = 0.9, force: bool = False) -> dict:
+    """Fit and validate interference predictors from ``loramix eval`` results (module docstring).
+
+    ``evaluations``: paths of the JSON files ``loramix eval --format json``
+    wrote, for single adapters (each on its own domain's data) and merges of
+    them. ``out``: the folder to write (``predictors.json``,
+    ``validation.csv``, ``predictions.csv``, ``points.csv``; atomically, an
+    existing one refused unless ``force``); None writes nothing. ``level``:
+    the prediction intervals' (and their validated coverage's). The features
+    are computed from the factors in numpy float64, as ``loramix predict``'s.
+    Returns ``out``, ``adapter_kind``, ``base_identity``, ``points`` (per
+    merge: ``composition``, ``merge_method``, ``y`` (retention %),
+    ``rms_cosine``, ``file``) and ``methods`` (per merge method: ``best``,
+    ``beats_mean``, ``headline`` and the held-out ``summary``), the primary
+    (``sum`` where fitted) first.
+    """
+    from .io.config_schema import is_number
+    from .io.outputs import check_output
+
+    if not (is_number(level) and 0 < level < 1):
+        raise UsageError("--level", f"must lie in (0, 1), got {level!r}")
+    files = [
+        os.fspath(p) for p in ([evaluations] if isinstance(evaluations, (str, os.PathLike)) else evaluations)
+    ]
+    if not files:
+        raise UsageError("fit", "no evaluations given")
+    if out is not None:
+        check_output(out, force=force, inputs=files)  # before the adapters are read
+    evals = [read_evaluation(p) for p in files]
+    own, points = collect_points(evals)
+    used = {a for e in evals if e.method is not None for a in e.members}
+    own = {a: v for a, v in own.items() if a in used}  # an adapter in no merge is no domain of any fit
+    fs, kind = _features(own, points[0]["file"])
+    vals = _validations(points, fs, level)
+    base = evals[0].base
+    d = _predictors_file(vals, _identity(base), kind, files, points)
+    if out is not None:
+        out = _write(out, force, files, d, vals, points)
+    methods = {m: {k: e[k] for k in ("best", "beats_mean", "headline", "summary")} for m, e in vals.items()}
+    methods = {m: methods[m] for m in d["by_method"]}
+    return {"out": None if out is None else str(out), "adapter_kind": kind, "base_identity": d["base_identity"],
+            "points": d["fitted_from"]["points"], "methods": methods}  # fmt: skip
