@@ -182,7 +182,14 @@ def collect_points(evals: list[Evaluation]) -> tuple[dict, list[dict]]:
     (``composition``, ``merge_method``, ``y``, ``file``), each checked against its members."""
     own = _domains(evals)
     points, seen = [], {}
-    for m in (e for e in evals if e.method is not None):
+    merges = [e for e in evals if e.method is not None]
+    for m in merges:
+        first = merges[0]
+        # one fit, one base and one scoring: retention on answers and on all tokens are not one y
+        if (m.base, m.on, m.prompt) != (first.base, first.on, first.prompt):
+            raise UsageError(m.path, f"evaluated on {m.base} with --on {m.on} --prompt {m.prompt}, {first.path} on "
+                             f"{first.base} with --on {first.on} --prompt {first.prompt}: a fit is of one base "
+                             "and one scoring")  # fmt: skip
         comp, y = _point(m, own)
         key = (comp, m.method)
         if key in seen:

@@ -147,6 +147,17 @@ def test_a_weighted_merge_or_one_on_another_base_is_refused(bank, tmp_path, caps
     _bad(capsys, tmp_path, files, elsewhere, "not the same base")
 
 
+def test_merges_on_two_bases_are_refused(bank, tmp_path, capsys):
+    """Each merge on its members' base, but not all on one: one fit is of one base."""
+    other = _make_base(tmp_path / "other", "gpt2", seed=1)
+    ads = bank["ads"]
+    there = [_eval(other, tmp_path / f"{d}.json", [DOMAINS[d]], ads[d]) for d in ("dates", "sort")]
+    pair = _eval(other, tmp_path / "ds.json", [DOMAINS["dates"], DOMAINS["sort"]], ads["dates"], ads["sort"])
+    capsys.readouterr()  # eval's warnings that the adapters were trained on the other base
+    files = [bank["single"]["arith"], bank["single"]["units"], bank["merges"]["arith", "units"], *there, pair]
+    _bad(capsys, tmp_path, files, pair, f"evaluated on {other}", "a fit is of one base and one scoring")
+
+
 def test_too_few_compositions_or_a_missing_member_are_refused(bank, tmp_path, capsys):
     first = bank["merges"][PAIRS[0]]
     _bad(capsys, tmp_path, _files(bank, PAIRS[:2]), first, "2 sum merge(s)", "needs 3 compositions")
