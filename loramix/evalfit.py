@@ -16,9 +16,14 @@ retention target (docs/interference.md, :func:`loramix.scenario.assemble.retenti
 
     y_C = mean_{d in C} 100 (ppl_d(merge) - ppl_d(adapter_d)) / ppl_d(adapter_d)
 
-the merge's perplexity on each member's data against that member's own. (The
+the merge's perplexity on each member's data against that member's own. The
 study's ``delta_ppl%`` compares against an adapter trained on the members'
-pooled data, which a user's evaluations of adapters and merges do not hold.)
+pooled data: given the evaluation of one (``merged_data``: one adapter on the
+data of the composition's domains, the same records and tokens as theirs),
+the composition gets ``delta_ppl_pct = 100 (ppl_C(merge) - ppl_C(ref)) /
+ppl_C(ref)``, ``ppl_C = exp(sum_d NLL_d / sum_d N_d)`` (:func:`add_delta_ppl`),
+and each merge method with :data:`MIN_COMPOSITIONS` of them a line of it on the
+RMS cosine in ``fit.json``, as a study's (:func:`line_fits`).
 ``x``: the factor features of :mod:`loramix.features` (the data-aware ones
 need calibration data and are left out) over the member adapters, the
 ``rms_cosine`` among them, summarised per composition as a study does
@@ -30,7 +35,8 @@ predictor is fitted and validated leave-one-domain-out
 (:func:`loramix.validation.validate`; ``ols:rms_cosine`` is the line of
 :func:`loramix.fit.fit_line`). The output folder holds what a study's report
 folder holds for its predictors (``predictors.json``, with ``by_method``,
-``validation.csv``, ``predictions.csv``) and ``points.csv`` (each composition,
+``validation.csv``, ``predictions.csv``), ``fit.json`` where there are lines,
+and ``points.csv`` (each composition,
 its ``x``, ``y`` and the files they came from): ``loramix predict --fit OUT``
 and ``loramix plan --fit OUT`` read it. Every refusal is one line naming the
 file, before anything is written.
@@ -202,6 +208,83 @@ def collect_points(evals: list[Evaluation]) -> tuple[dict, list[dict]]:
     return own, points
 
 
+def _pooled_nll(path, rows: dict, comp) -> float:
+    """``sum_d NLL_d / sum_d N_d`` over the domains ``comp`` (``NLL_d`` = the row's mean ``nll`` times its
+    ``tokens``): the log of the study's ``ppl_C`` (docs/interference.md)."""
+    for d in comp:
+        v = rows[d].get("nll")
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or not rows[d]["tokens"]:
+            raise UsageError(path, f"its row of {d} has no finite nll per scored token: not eval's JSON")
+    return sum(rows[d]["nll"] * rows[d]["tokens"] for d in comp) / sum(rows[d]["tokens"] for d in comp)
+
+
+def _reference(r: Evaluation, own: dict, merges: list[Evaluation]) -> tuple:
+    """The composition whose merged-data adapter ``r`` evaluates (its data rows' domains), checked
+    against the domains' own evaluations and the merges' base and scoring."""
+    by_domain = {dom: e for dom, e in own.values()}
+    first = merges[0]
+    if r.method is not None or len(r.rows) < 2:
+        raise UsageError(r.path, "a merged-data evaluation is of one adapter on two or more domains' data")
+    if (r.base, r.on, r.prompt) != (first.base, first.on, first.prompt):
+        raise UsageError(r.path, f"evaluated on {r.base} with --on {r.on} --prompt {r.prompt}, the merges on "
+                         f"{first.base} with --on {first.on} --prompt {first.prompt} ({first.path})")  # fmt: skip
+    for dom, row in r.rows.items():
+        e = by_domain.get(dom)
+        if e is None:
+            raise UsageError(r.path, f"data set {dom} is no domain of an adapter evaluated alone")
+        if (row["records"], row["tokens"]) != (e.rows[dom]["records"], e.rows[dom]["tokens"]):
+            raise UsageError(r.path, f"its {dom} row has {row['records']} records, {row['tokens']} tokens, "
+                             f"{e.path}'s {e.rows[dom]['records']} and {e.rows[dom]['tokens']}: not the same "
+                             "data")  # fmt: skip
+    return tuple(sorted(r.rows))
+
+
+def add_delta_ppl(points: list[dict], evals: list[Evaluation], refs: list[Evaluation], own: dict) -> None:
+    """``delta_ppl_pct`` (and ``merged_data``, its file) of each point whose composition has a
+    merged-data evaluation in ``refs``, None elsewhere: ``100 (ppl_C(merge) - ppl_C(ref)) / ppl_C(ref)``."""
+    from .scenario.report import delta_pct
+
+    merges = {e.path: e for e in evals if e.method is not None}
+    seen: dict[tuple, Evaluation] = {}
+    for r in refs:
+        comp = _reference(r, own, list(merges.values()))
+        if comp in seen:
+            raise UsageError(
+                r.path, f"a second merged-data evaluation of {'+'.join(comp)} ({seen[comp].path})"
+            )
+        if not any(p["composition"] == comp for p in points):
+            raise UsageError(
+                r.path, f"no merge of {'+'.join(comp)} among the evaluations: nothing to compare with"
+            )
+        seen[comp] = r
+    for p in points:
+        r = seen.get(p["composition"])
+        m = merges[p["file"]]
+        p["delta_ppl_pct"] = None if r is None else delta_pct(
+            math.exp(_pooled_nll(m.path, m.rows, p["composition"])),
+            math.exp(_pooled_nll(r.path, r.rows, p["composition"])))  # fmt: skip
+        p["merged_data"] = None if r is None else os.path.abspath(r.path)
+
+
+def line_fits(points: list[dict], kind: str) -> list[dict]:
+    """fit.json's ``fits``: per merge method, the line ``delta_ppl_pct ~ rms_cosine``
+    (:func:`loramix.fit.fit_line`) of the points that have a ``delta_ppl_pct``."""
+    from .fit import fit_line
+
+    fits = []
+    for mm in dict.fromkeys(p["merge_method"] for p in points):
+        mine = [p for p in points if p["merge_method"] == mm and p.get("delta_ppl_pct") is not None]
+        if not mine:
+            continue
+        if len(mine) < MIN_COMPOSITIONS:
+            raise UsageError(mine[0]["merged_data"], f"{len(mine)} {mm} merge(s) with a merged-data evaluation: "
+                             f"a fitted line needs {MIN_COMPOSITIONS} or more")  # fmt: skip
+        f = fit_line([p["rms_cosine"] for p in mine], [p["delta_ppl_pct"] for p in mine],
+                     labels=["+".join(p["composition"]) for p in mine])  # fmt: skip
+        fits.append({"adapter_method": kind, "merge_method": mm, **f.to_dict()})
+    return fits
+
+
 def _features(own: dict, where: str):
     """The factor features of the adapters of ``own``, named by their domains (a FeatureSet)."""
     from .features import compute_features, registry
@@ -265,7 +348,24 @@ def _predictors_file(vals: dict, base_identity, kind: str, evals: list[str], poi
     return out
 
 
-def _write(out, force: bool, inputs: list[str], d: dict, vals: dict, points: list[dict]) -> Path:
+def _fit_file(fits: list[dict], base_identity, files: list[str], points: list[dict]) -> dict:
+    """``fit.json`` as a study writes it (:func:`loramix.scenario.report.write_files`), of ``fits``."""
+    from .scenario.report import PI_LEVEL
+
+    return {
+        "scenario": None, "base_identity": base_identity,
+        "x": "rms_cosine: RMS cosine of the composition = sqrt(mean over pairs of pairwise RMS cosine^2)",
+        "y": "delta_ppl_pct = 100 (ppl_merge - ppl_merged_data) / ppl_merged_data on the union of the "
+             "members' evaluation data (ppl_C = exp(sum_d NLL_d / sum_d N_d))",
+        "cosine_on": "residual (LoRA: s B A; D2-LoRA: the signed residual, base-free)",
+        "points": "one per composition: a merge, its members' and its merged-data adapter's evaluations",
+        "prediction_level": PI_LEVEL, "adapters": None, "fits": fits,
+        "fitted_from": {"evaluations": [os.path.abspath(p) for p in files]},
+    }  # fmt: skip
+
+
+def _write(out, force: bool, inputs: list[str], files: dict, vals: dict, points: list[dict]) -> Path:
+    """``files`` (name -> JSON dict), the validations' tables and ``points.csv`` into ``out``, atomically."""
     import json
 
     import pandas as pd
@@ -273,7 +373,8 @@ def _write(out, force: bool, inputs: list[str], d: dict, vals: dict, points: lis
     from .io.outputs import atomic_output_dir
 
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
-        (tmp / "predictors.json").write_text(json.dumps(d, indent=1) + "\n")
+        for name, d in files.items():
+            (tmp / name).write_text(json.dumps(d, indent=1) + "\n")
         rows = [{"merge_method": m, **r} for m, v in vals.items() for r in v["summary"]]
         pd.DataFrame(rows).to_csv(tmp / "validation.csv", index=False)
         preds = [v["predictions"].assign(merge_method=m) for m, v in vals.items()]
@@ -294,45 +395,60 @@ def _identity(base: str) -> str | None:
         return None
 
 
-def fit_evaluations(evaluations, *, out=None, level: float = 0.9, force: bool = False) -> dict:
+def _paths(files) -> list[str]:
+    return [os.fspath(p) for p in ([files] if isinstance(files, (str, os.PathLike)) else files or [])]
+
+
+def fit_evaluations(
+    evaluations, *, merged_data=(), out=None, level: float = 0.9, force: bool = False
+) -> dict:
     """Fit and validate interference predictors from ``loramix eval`` results (module docstring).
 
     ``evaluations``: paths of the JSON files ``loramix eval --format json``
     wrote, for single adapters (each on its own domain's data) and merges of
-    them. ``out``: the folder to write (``predictors.json``,
-    ``validation.csv``, ``predictions.csv``, ``points.csv``; atomically, an
-    existing one refused unless ``force``); None writes nothing. ``level``:
-    the prediction intervals' (and their validated coverage's). The features
-    are computed from the factors in numpy float64, as ``loramix predict``'s.
+    them. ``merged_data``: evaluations of adapters trained on the pooled data
+    of a composition, each on its domains' data: the compositions that have
+    one get ``delta_ppl_pct`` too, and a ``fit.json`` its line on the RMS
+    cosine per merge method, as a study's. ``out``: the folder to write
+    (``predictors.json``, [``fit.json``], ``validation.csv``,
+    ``predictions.csv``, ``points.csv``; atomically, an existing one refused
+    unless ``force``); None writes nothing. ``level``: the prediction
+    intervals' (and their validated coverage's). The features are computed
+    from the factors in numpy float64, as ``loramix predict``'s.
     Returns ``out``, ``adapter_kind``, ``base_identity``, ``points`` (per
     merge: ``composition``, ``merge_method``, ``y`` (retention %),
-    ``rms_cosine``, ``file``) and ``methods`` (per merge method: ``best``,
-    ``beats_mean``, ``headline`` and the held-out ``summary``), the primary
-    (``sum`` where fitted) first.
+    ``rms_cosine``, ``file``, ``delta_ppl_pct`` and ``merged_data``, None
+    without one), ``methods`` (per merge method: ``best``, ``beats_mean``,
+    ``headline`` and the held-out ``summary``), the primary (``sum`` where
+    fitted) first, and ``lines`` (fit.json's fits; empty without ``merged_data``).
     """
     from .io.config_schema import is_number
     from .io.outputs import check_output
 
     if not (is_number(level) and 0 < level < 1):
         raise UsageError("--level", f"must lie in (0, 1), got {level!r}")
-    files = [
-        os.fspath(p) for p in ([evaluations] if isinstance(evaluations, (str, os.PathLike)) else evaluations)
-    ]
+    files, ref_files = _paths(evaluations), _paths(merged_data)
     if not files:
         raise UsageError("fit", "no evaluations given")
     if out is not None:
-        check_output(out, force=force, inputs=files)  # before the adapters are read
+        check_output(out, force=force, inputs=[*files, *ref_files])  # before the adapters are read
     evals = [read_evaluation(p) for p in files]
     own, points = collect_points(evals)
+    add_delta_ppl(points, evals, [read_evaluation(p) for p in ref_files], own)
     used = {a for e in evals if e.method is not None for a in e.members}
     own = {a: v for a, v in own.items() if a in used}  # an adapter in no merge is no domain of any fit
     fs, kind = _features(own, points[0]["file"])
     vals = _validations(points, fs, level)
-    base = evals[0].base
-    d = _predictors_file(vals, _identity(base), kind, files, points)
+    identity = _identity(next(e.base for e in evals if e.method is not None))
+    fits = line_fits(points, kind)
+    written = {"predictors.json": _predictors_file(vals, identity, kind, [*files, *ref_files], points)}
+    if fits:
+        written["fit.json"] = _fit_file(fits, identity, [*files, *ref_files], points)
     if out is not None:
-        out = _write(out, force, files, d, vals, points)
-    methods = {m: {k: e[k] for k in ("best", "beats_mean", "headline", "summary")} for m, e in vals.items()}
-    methods = {m: methods[m] for m in d["by_method"]}
-    return {"out": None if out is None else str(out), "adapter_kind": kind, "base_identity": d["base_identity"],
-            "points": d["fitted_from"]["points"], "methods": methods}  # fmt: skip
+        out = _write(out, force, [*files, *ref_files], written, vals, points)
+    d = written["predictors.json"]
+    methods = {
+        m: {k: vals[m][k] for k in ("best", "beats_mean", "headline", "summary")} for m in d["by_method"]
+    }
+    return {"out": None if out is None else str(out), "adapter_kind": kind, "base_identity": identity,
+            "points": d["fitted_from"]["points"], "methods": methods, "lines": fits}  # fmt: skip

@@ -65,6 +65,20 @@ def bank(tmp_path_factory):
     return {"root": root, "base": base, "ads": ads, "single": single, "merges": merges}
 
 
+@pytest.fixture(scope="module")
+def merged_data(bank):
+    """A stand-in merged-data adapter (a real PEFT adapter; fit reads only its evaluation) for
+    each of the first three pairs, evaluated on the pair's domains."""
+    from transformers import AutoModelForCausalLM
+
+    root, model = bank["root"], AutoModelForCausalLM.from_pretrained(bank["base"])
+    out = {}
+    for k, (a, b) in enumerate(PAIRS[:3]):
+        ad = make_peft_adapter(model, root / f"md-{a}+{b}", seed=10 + k, r=4, lora_alpha=8)
+        out[a, b] = _eval(bank["base"], root / "evals" / f"md-{a}+{b}.json", [DOMAINS[a], DOMAINS[b]], ad)
+    return out
+
+
 def _files(bank, pairs=PAIRS):
     return [*bank["single"].values(), *(bank["merges"][p] for p in pairs)]
 
@@ -108,6 +122,50 @@ def test_fit_reads_the_factors_without_torch(bank, tmp_path):
     rc, mods, err = imported_modules("fit", *_files(bank), "--out", str(tmp_path / "fit"))
     assert rc == 0, err
     assert not {m.split(".")[0] for m in mods} & (set(HEAVY) - {"pandas"})
+
+
+def _pooled(path, comp) -> float:
+    """ppl_C of the study: exp(sum_d NLL_d / sum_d N_d) from an eval JSON's rows."""
+    rows = {r["data"]: r for r in json.loads(open(path).read())["results"]}
+    return math.exp(
+        sum(rows[d]["nll"] * rows[d]["tokens"] for d in comp) / sum(rows[d]["tokens"] for d in comp)
+    )
+
+
+def test_merged_data_evaluations_give_delta_ppl_and_the_studys_line(bank, merged_data, tmp_path):
+    """With --merged-data the compositions that have one get the study's delta_ppl%, and fit.json
+    its line on the RMS cosine, which predict reads as a study's (--level: the line)."""
+    from loramix.fit import fit_line, load_fit_file
+
+    out = tmp_path / "fit"
+    refs = [x for f in merged_data.values() for x in ("--merged-data", f)]
+    text = _cli(["fit", *_files(bank), *refs, "--out", out])
+    assert "sum: delta_ppl% = " in text and (out / "fit.json").is_file()
+    points = json.loads((out / "predictors.json").read_text())["fitted_from"]["points"]
+    with_ref = [p for p in points if p["delta_ppl_pct"] is not None]
+    assert [tuple(p["composition"]) for p in with_ref] == [tuple(sorted(p)) for p in PAIRS[:3]]
+    for p in with_ref:
+        merge, ref = _pooled(p["file"], p["composition"]), _pooled(p["merged_data"], p["composition"])
+        assert math.isclose(p["delta_ppl_pct"], 100 * (merge - ref) / ref, rel_tol=1e-12)
+    (line,) = load_fit_file(out / "fit.json")["fits"]
+    want = fit_line([p["rms_cosine"] for p in with_ref], [p["delta_ppl_pct"] for p in with_ref])
+    assert line["merge_method"] == "sum" and line["adapter_method"] == "lora" and line["n"] == 3
+    assert math.isclose(line["slope"], want.slope, rel_tol=1e-12)
+    pair = [bank["ads"]["dates"], bank["ads"]["sort"]]
+    r = json.loads(_cli(["predict", *pair, "--fit", out, "--level", "0.9", "--format", "json"]))
+    assert math.isclose(r["predicted_delta_ppl_pct"], want.predict(r["cosine"]), rel_tol=1e-12)
+
+
+def test_a_merged_data_evaluation_that_does_not_fit_is_refused(bank, merged_data, tmp_path, capsys):
+    (a, b), (c, d) = PAIRS[0], ("dates", "sort")
+    ad = bank["root"] / f"md-{a}+{b}"
+    short = _eval(bank["base"], tmp_path / "s.json", [DOMAINS[a], DOMAINS[b]], ad, extra=("--limit", "10"))
+    nomerge = _eval(bank["base"], tmp_path / "n.json", [DOMAINS[c], DOMAINS[d]], ad)
+    two = [x for f in list(merged_data.values())[:2] for x in ("--merged-data", f)]
+    _bad(capsys, tmp_path, [*_files(bank), "--merged-data", short], short, f"its {a} row has 10 records",
+         "not the same data")  # fmt: skip
+    _bad(capsys, tmp_path, [*_files(bank), "--merged-data", nomerge], nomerge, "no merge of dates+sort")
+    _bad(capsys, tmp_path, [*_files(bank), *two], "2 sum merge(s) with a merged-data evaluation")
 
 
 def _bad(capsys, tmp_path, files, where, *needles):
