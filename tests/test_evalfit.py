@@ -18,7 +18,7 @@ import pytest
 
 from loramix.cli import main
 
-from .factories import make_peft_adapter, one_line_error
+from .factories import make_peft_adapter, one_line_error, write_jsonl
 from .test_eval import _make_base
 
 DOMAINS = {d: f"synthetic:{d}?n=24&seed=5" for d in ("arith", "units", "dates", "sort")}
@@ -122,6 +122,52 @@ def test_fit_reads_the_factors_without_torch(bank, tmp_path):
     rc, mods, err = imported_modules("fit", *_files(bank), "--out", str(tmp_path / "fit"))
     assert rc == 0, err
     assert not {m.split(".")[0] for m in mods} & (set(HEAVY) - {"pandas"})
+
+
+def test_the_points_are_those_a_study_of_the_same_adapters_measures(tmp_path):
+    """Adapters trained by PEFT, given to a scenario study, and evaluated by the CLI on that
+    study's eval records, then fitted: each composition's retention % and RMS cosine are the
+    study's (results.csv's), the same definitions from the same numbers."""
+    import loramix
+    from loramix.basebuild import build_base
+    from loramix.scenario.config import load_scenario
+    from loramix.scenario.plan import prepare_data
+
+    from .test_scenario_given import _train_peft
+
+    doms = ("arith", "units", "dates")
+    base = tmp_path / "base"
+    build_base(["synthetic:arith?n=64"], out=base, steps=2, device="cpu", progress=False)
+    ads = {d: _train_peft(base, tmp_path / f"peft-{d}", d, k) for k, d in enumerate(doms)}
+    text = f'name = "cross"\n[base]\npath = "{base}"\n'
+    text += "".join(
+        f'\n[domains.{d}]\ndata = "synthetic:{d}"\neval = 8\nadapter = "{ads[d]}"\n' for d in doms
+    )
+    scen = tmp_path / "cross.toml"
+    scen.write_text(text + '\n[merge]\nmethods = ["sum"]\n\n[eval]\nbatch = 8\nmax_len = 48\n')
+    rep = loramix.run_scenario(scen, out=tmp_path / "report", cache_dir=tmp_path / "cache", device="cpu",
+                               progress=False)  # fmt: skip
+    (tmp_path / "data").mkdir(), (tmp_path / "ev").mkdir()
+    splits = prepare_data(load_scenario(scen))
+    data = {d: write_jsonl(tmp_path / "data" / f"{d}.jsonl", [{"question": r.question, "answer": r.answer}
+                                                               for r in splits[d].eval]) for d in doms}  # fmt: skip
+    assert not any(r.context for d in doms for r in splits[d].eval)
+    opts = ("--max-len", "48", "--merged")
+    files = [_eval(base, tmp_path / "ev" / f"{d}.json", [data[d]], ads[d], extra=opts) for d in doms]
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        pair = (doms[a], doms[b])
+        merged = tmp_path / f"merged{a}{b}"  # merged as the study merges: sum --into
+        _cli(["sum", *(ads[x] for x in pair), "--into", base, "--out", merged, "--no-progress"])
+        files.append(_eval(merged, tmp_path / "ev" / f"{a}{b}.json", [data[x] for x in pair], extra=opts[:2]))
+    study = {frozenset(r["composition"].split("+")): r for r in rep["results"] if r["merge_method"] == "sum"}
+    points = loramix.fit_evaluations(files)["points"]
+    assert len(points) == len(study) == 3
+    for p in points:
+        want = study[frozenset(p["composition"])]
+        assert math.isclose(p["rms_cosine"], want["rms_cosine"], rel_tol=1e-12), (p, want)
+        # the perplexities are float32 forwards batched otherwise by the study than by eval: they
+        # agree to 3e-8 relative here, so retention % (100 times a ratio less 1) to about 1e-5 points
+        assert math.isclose(p["y"], want["retention_pct"], rel_tol=0, abs_tol=1e-4), (p, want)
 
 
 def _pooled(path, comp) -> float:
