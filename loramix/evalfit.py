@@ -429,7 +429,7 @@ def fit_evaluations(
         raise UsageError("--level", f"must lie in (0, 1), got {level!r}")
     files, ref_files = _paths(evaluations), _paths(merged_data)
     if not files:
-        raise UsageError("fit", "no evaluations given")
+        raise UsageError("evaluations", "none given: the eval --format json files to fit")
     if out is not None:
         check_output(out, force=force, inputs=[*files, *ref_files])  # before the adapters are read
     evals = [read_evaluation(p) for p in files]
