@@ -199,7 +199,8 @@ def test_what_it_does_predicts_from_the_recipes_study():
 
 def _readme_outputs() -> list[str]:
     """What the README's ``bash`` blocks write: every ``--out``, ``--plot`` and
-    ``-d`` (``pip download``, ``unzip``) value, ``loramix`` or not."""
+    ``-d`` (``pip download``, ``unzip``) value and every ``>`` redirect
+    (``eval --format json > math.json``), ``loramix`` or not."""
     import re
     import shlex
 
@@ -208,7 +209,7 @@ def _readme_outputs() -> list[str]:
     for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
-            outs += [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--out", "--plot", "-d")]
+            outs += [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--out", "--plot", "-d", ">")]
     return outs
 
 
