@@ -41,7 +41,9 @@ import a GGUF into the cache. A handler of the caller's own (a notebook
 kernel's, a job runner's) or SIG_IGN is kept, and so is SIGTERM in a call
 outside the main thread or inside another call (the outer one's handler);
 the CLI, which calls the functions unwrapped, keeps its own
-(``loramix: terminated``, exit 143), and a study's workers theirs.
+(``loramix: terminated``, exit 143), and a study's workers theirs. A
+process forked during the call (a callback's, a fork data loader's worker)
+has SIGTERM at its default again: it dies of it at once.
 
 :func:`renamed` keeps the keywords of the previous release working, with a
 :class:`DeprecationWarning`: one name per concept across the functions, the

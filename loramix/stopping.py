@@ -62,7 +62,11 @@ would have: its temporaries and live log are removed, not left for the
 next run. A process that handles or ignores SIGTERM itself (a notebook kernel
 that does, a job runner, loramix's own command line, a study's worker) keeps
 its own: loramix replaces no one's handler, and sets none outside the main
-thread or outside the call.
+thread or outside the call. A process forked during the call (by a
+caller's callback, a data loader's fork worker, ``subprocess``'s
+``preexec_fn``) gets SIGTERM's default back as it starts
+(:func:`_default_in_child`): SIGTERM kills it at once, as it would have
+without loramix, instead of raising into the parent's unwinding there.
 """
 
 from __future__ import annotations
@@ -227,6 +231,22 @@ def settle(timeout: float = 1.0) -> None:
 _CLEAN_UP = cleanup(lambda: None).__code__
 
 
+#: whether :func:`_default_in_child` is registered to run in every forked child
+_fork_hook = [False]
+
+
+def _default_in_child() -> None:
+    """In a child just forked: SIGTERM back at its default where the fork came
+    during a library call (its handler is :func:`sigterm_unwinds`'s). That
+    handler would unwind the parent's call in the child, the child's own
+    code (a worker's loop, a ``preexec_fn``) never told; SIG_DFL is what it
+    replaced, so the child dies of the signal at once, as without loramix."""
+    import signal
+
+    if getattr(signal.getsignal(signal.SIGTERM), "_unwinds", False):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the forking thread is the child's main thread
+
+
 class _Killed(BaseException):
     """SIGTERM in a library call (:func:`sigterm_unwinds`): an unwinding that
     no ``except Exception`` stops."""
@@ -240,7 +260,8 @@ def sigterm_unwinds():
     would have at once: the caller's own code runs no further, as before.
     A second SIGTERM meanwhile kills at once. Nothing changes where SIGTERM
     has a handler (or is ignored), or outside the main thread, where no
-    handler can be set; the handler is there only during the call."""
+    handler can be set; the handler is there only during the call, and
+    not in a process forked meanwhile (:func:`_default_in_child`)."""
     import signal
 
     if (
@@ -250,14 +271,23 @@ def sigterm_unwinds():
         yield
         return
     got: list[int] = []
+    pid = os.getpid()
 
     def terminated(signum, frame):
+        if os.getpid() != pid:  # a forked child, signalled before _default_in_child ran
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)  # it dies of it, as _default_in_child would have it
+            return
         if deferred(signum, frame):
             return
         got.append(signum)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one kills at once
         raise _Killed
 
+    terminated._unwinds = True  # known so in a forked child (_default_in_child)
+    if not _fork_hook[0] and hasattr(os, "register_at_fork"):  # no fork, no hook (Windows)
+        os.register_at_fork(after_in_child=_default_in_child)
+        _fork_hook[0] = True
     signal.signal(signal.SIGTERM, terminated)
     try:
         yield

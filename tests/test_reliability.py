@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -354,6 +355,71 @@ def test_a_library_call_keeps_the_callers_sigterm_handler():
             assert signal.getsignal(signal.SIGTERM) is callers
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def _sleeper(pipe: int) -> None:
+    """A forked child's work: say it is ready on ``pipe`` (a byte), sleep; and
+    say so if anything unwinds it."""
+    try:
+        os.write(pipe, b"r")
+        time.sleep(60)
+    finally:
+        os.write(pipe, b"unwound")
+
+
+def _forked_sleeper(fork: str, pipe: int) -> Callable[[], int]:
+    """Fork a :func:`_sleeper` child (``os.fork``, or multiprocessing's fork
+    start method); ``kill()``: SIGTERM it, and its exit code."""
+    if fork == "os.fork":
+        pid = os.fork()
+        if pid == 0:  # the child: never back into pytest, whatever happens
+            try:
+                _sleeper(pipe)
+            finally:
+                os._exit(3)
+
+        def kill() -> int:
+            os.kill(pid, signal.SIGTERM)
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+        return kill
+    import multiprocessing
+
+    p = multiprocessing.get_context("fork").Process(target=_sleeper, args=(pipe,))
+    p.start()
+
+    def terminate() -> int:
+        p.terminate()
+        p.join(30)
+        return p.exitcode
+
+    return terminate
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork")
+@pytest.mark.parametrize("fork", ["os.fork", "multiprocessing"])
+def test_a_process_forked_in_a_library_call_dies_of_sigterm(fork):
+    """A child forked during a library call (a caller's callback, a data
+    loader's fork worker) that receives SIGTERM dies of it at once, as
+    without loramix: it inherits no handler of :func:`sigterm_unwinds`'s,
+    which raised into the parent's unwinding there instead (the os.fork
+    child was unwound and exited 3; multiprocessing's printed a traceback
+    and exited 1)."""
+    from loramix.stopping import sigterm_unwinds
+
+    before = signal.getsignal(signal.SIGTERM)
+    r, w = os.pipe()
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with sigterm_unwinds():
+            kill = _forked_sleeper(fork, w)
+            assert os.read(r, 1) == b"r"  # the child sleeps
+            code = kill()
+        os.close(w)
+        assert code == -signal.SIGTERM and os.read(r, 100) == b"", code
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        os.close(r)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
