@@ -252,12 +252,15 @@ def test_sigterm_in_a_library_training_removes_its_log(tmp_path):
     assert not out.parent.exists(), sorted(os.listdir(out.parent))
 
 
-def _library_call_killed(code: str, args: list, writing) -> tuple[int, str, str] | None:
+def _library_call_killed(
+    code: str, args: list, writing, env: dict | None = None
+) -> tuple[int, str, str] | None:
     """Run ``code`` (a ``loramix.X`` call, then ``print('returned')``) with
-    ``args`` in a plain Python process (SIGTERM at its default) and send it
-    SIGTERM once ``writing(pid)`` is true: ``(returncode, stdout, stderr)``;
-    None if the call ended before it was seen writing."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ``args`` in a plain Python process (SIGTERM at its default; ``env`` added
+    to its environment) and send it SIGTERM once ``writing(pid)`` is true:
+    ``(returncode, stdout, stderr)``; None if the call ended before it was
+    seen writing."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}
     p = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     deadline = time.monotonic() + 240
@@ -330,6 +333,78 @@ def test_sigterm_in_a_library_scenario_run_removes_its_temporaries(tmp_path, job
     assert "Traceback" not in err, err
     assert list(cache.glob(f"*/{TMP_PREFIX}*")) == [] and not report.parent.exists()
     assert bool(workers) == (jobs > 1) and _gone(workers, 10), workers
+
+
+#: a library call that writes an output, as a plain Python caller makes it (argv: the output, the
+#: adapter, the base); its parent folder is made for it
+_WRITERS = {
+    "build_base": "loramix.build_base('synthetic:arith?n=80', out=sys.argv[1], steps=2, device='cpu', "
+                  "progress=False)",
+    "sum_adapters": "loramix.sum_adapters([sys.argv[2]] * 8, out=sys.argv[1])",
+    "sum_into_base": "loramix.sum_into_base([sys.argv[2]], into=sys.argv[3], out=sys.argv[1], dtype='float16', "
+                     "progress=False)",
+}  # fmt: skip
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
+@pytest.mark.parametrize("call", list(_WRITERS))
+def test_sigterm_in_a_library_call_leaves_no_output(call, big_base, tmp_path):
+    """Each ``loramix.X`` that writes an output, killed with SIGTERM in a plain
+    Python process once its output is being written (a temporary, or a file
+    of it, beside or in ``out``): the process dies of the signal (the
+    caller's next line unrun), with no traceback, and nothing is left: no
+    temporary, no half-written ``out``, not the folder made for it."""
+    out = tmp_path / "runs" / "o"
+    code = f"import sys, loramix; {_WRITERS[call]}; print('returned')"
+
+    def writing(pid):
+        return out.parent.exists() and any(  # a temporary beside out, or a file in it
+            q.name.startswith(TMP_PREFIX) or q == out and any(out.iterdir()) for q in out.parent.iterdir()
+        )
+
+    for _ in range(5):  # catch the call while it writes (retry if it was faster than the poll)
+        got = _library_call_killed(code, [out, big_base["adapter"], big_base["base"]], writing)
+        if got is not None and "returned" not in got[1]:
+            break
+        shutil.rmtree(out.parent, ignore_errors=True)
+    else:
+        pytest.skip(f"{call} always finished before it could be killed")
+    rc, stdout, err = got
+    assert rc == -signal.SIGTERM, got
+    assert "Traceback" not in err, err
+    assert not out.parent.exists(), sorted(os.listdir(out.parent))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
+def test_sigterm_in_a_library_evaluate_leaves_no_half_imported_base(tmp_path):
+    """``loramix.evaluate`` of a GGUF base, killed with SIGTERM while it
+    imports the base into the cache (the one output an evaluation writes):
+    the process dies of the signal, and ``bases/`` holds no temporary and no
+    half-made import; one whole import at most (the signal came after it)."""
+    from loramix.gguf_import import _whole_import
+
+    from .test_realmodel import llama_gguf
+
+    gguf = llama_gguf(tmp_path / "big.gguf", tokenizer=True, feed_forward_length=65536)  # 25 MB
+    cache = tmp_path / "cache"
+    code = ("import sys, loramix; loramix.evaluate(sys.argv[1], data='synthetic:arith?n=4', device='cpu', "
+            "progress=False); print('returned')")  # fmt: skip
+
+    def writing(pid):
+        return any(cache.glob("bases/.*.tmp-*/*"))
+
+    for _ in range(5):  # catch the import while it writes (retry if it was faster than the poll)
+        got = _library_call_killed(code, [gguf], writing, env={"LORAMIX_CACHE_DIR": str(cache)})
+        if got is not None:
+            break
+        shutil.rmtree(cache, ignore_errors=True)
+    else:
+        pytest.skip("the import always finished before it could be killed")
+    rc, stdout, err = got
+    assert rc == -signal.SIGTERM and "returned" not in stdout, got
+    assert "Traceback" not in err, err
+    bases = cache / "bases"
+    assert list(bases.glob(".*")) == [] and all(_whole_import(d) for d in bases.iterdir() if d.is_dir())
 
 
 def test_a_library_call_keeps_the_callers_sigterm_handler():

@@ -491,21 +491,24 @@ def atomic_output_dir(
     """
     out = check_output(out, force=force, inputs=inputs)
     made = make_parents(out.parent)
-    remove_stale_temporaries(out.parent, out.name)
+    owned = tmp = None
+    # one try from the parents made on: a SIGTERM or Ctrl-C that raised while the temporary
+    # was made (new_temporary removes its own) left the parents made for out
     try:
-        owned = new_temporary(out.parent, out.name)
-    except OSError as e:
-        remove_made_parents(out.parent, made)
-        raise OutputError(out, f"cannot write beside it: {e.strerror or e}") from None
-    tmp = owned / PAYLOAD
-    try:
+        remove_stale_temporaries(out.parent, out.name)
+        try:
+            owned = new_temporary(out.parent, out.name)
+        except OSError as e:
+            raise OutputError(out, f"cannot write beside it: {e.strerror or e}") from None
+        tmp = owned / PAYLOAD
         tmp.mkdir()
         yield tmp
         publish(tmp, out, force)
     except BaseException as e:
-        remove_temporary(owned)
+        if owned is not None:
+            remove_temporary(owned)
         remove_made_parents(out.parent, made)
-        raise_naming(e, (tmp, owned), out)
+        raise_naming(e, tuple(p for p in (tmp, owned) if p is not None), out)
     remove_temporary(owned)  # its owner.json, and a replaced target
 
 
