@@ -338,11 +338,17 @@ def test_sigterm_in_a_library_scenario_run_removes_its_temporaries(tmp_path, job
 #: a library call that writes an output, as a plain Python caller makes it (argv: the output, the
 #: adapter, the base); its parent folder is made for it
 _WRITERS = {
-    "build_base": "loramix.build_base('synthetic:arith?n=80', out=sys.argv[1], steps=2, device='cpu', "
+    "build_base": "loramix.build_base('synthetic:arith?n=20', out=sys.argv[1], steps=1, batch=2, device='cpu', "
                   "progress=False)",
     "sum_adapters": "loramix.sum_adapters([sys.argv[2]] * 8, out=sys.argv[1])",
     "sum_into_base": "loramix.sum_into_base([sys.argv[2]], into=sys.argv[3], out=sys.argv[1], dtype='float16', "
                      "progress=False)",
+    "save_peft_adapter": "import torch; loramix.save_peft_adapter(sys.argv[1], "
+                         "{f'm.{i}.q_proj': (torch.ones(1024, 16), torch.ones(16, 1024)) for i in range(128)})",
+    "save_d2_adapter": "import torch; one = lambda *s: torch.ones(*s); loramix.save_d2_adapter(sys.argv[1], "
+                       "{f'm.{i}.q_proj': loramix.ModuleDelta(f'm.{i}.q_proj', one(1024, 16), one(16, 1024), 1.0, "
+                       "16.0, B_neg=one(1024, 16), A_neg=one(16, 1024)) for i in range(64)}, r=16, lora_alpha=16, "
+                       "tau=0.5)",
 }  # fmt: skip
 
 
@@ -373,6 +379,36 @@ def test_sigterm_in_a_library_call_leaves_no_output(call, big_base, tmp_path):
     assert rc == -signal.SIGTERM, got
     assert "Traceback" not in err, err
     assert not out.parent.exists(), sorted(os.listdir(out.parent))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
+@pytest.mark.parametrize("call", ["save_peft_adapter", "save_d2_adapter"])
+def test_sigterm_in_a_library_save_keeps_the_folders_old_files(call, big_base, tmp_path):
+    """``save_*_adapter`` writes into ``out`` as it is, files of the same
+    names replaced: killed with SIGTERM while it writes them, it leaves the
+    folder's old files as they were, byte for byte, and no temporary.
+    Written in place, the old weights were cut short (or new weights left
+    beside the old config)."""
+    out = tmp_path / "o"
+    shutil.copytree(big_base["adapter"], out)
+    (out / "README.md").write_text("mine\n")
+    before = {q.name: q.read_bytes() for q in out.iterdir()}
+    code = f"import sys, loramix; {_WRITERS[call]}; print('returned')"
+
+    def writing(pid):
+        return any(q.name.startswith(TMP_PREFIX) for q in out.iterdir())
+
+    for _ in range(5):  # catch the call while it writes (retry if it was faster than the poll)
+        got = _library_call_killed(code, [out], writing)
+        if got is not None and "returned" not in got[1]:
+            break
+        for name, data in before.items():
+            (out / name).write_bytes(data)
+    else:
+        pytest.skip(f"{call} always finished before it could be killed")
+    rc, stdout, err = got
+    assert rc == -signal.SIGTERM and "Traceback" not in err, got
+    assert {q.name: q.read_bytes() for q in out.iterdir()} == before
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")

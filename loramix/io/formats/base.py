@@ -19,6 +19,7 @@ never silently dropped.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import ClassVar
 
@@ -28,7 +29,16 @@ from safetensors.torch import save_file
 from ...adapter import Adapter, ModuleDelta
 from ...errors import AdapterError
 from ...kinds import AdapterKind
+from ...stopping import cleanup
 from ..filehash import cached_file_sha256
+from ..outputs import (
+    discard,
+    make_parents,
+    raise_naming,
+    remove_made_parents,
+    remove_stale_temporaries,
+    temporary_file,
+)
 from ..peft_layout import (  # noqa: F401  (the torch-free parsing lives there; re-exported for the formats)
     CONFIG_NAME,
     PREFIX,
@@ -95,16 +105,43 @@ def write_folder(
 ) -> Path:
     """Write ``tensors`` (canonical header, provenance in the metadata) and the config;
     a non-finite value refused naming its tensor, and no tensor at all naming
-    ``out_dir`` (the readers refuse both), before ``out_dir`` is made."""
+    ``out_dir`` (the readers refuse both), before ``out_dir`` is made.
+
+    Each file is written beside its name (:func:`~loramix.io.outputs.temporary_file`)
+    and the two are renamed into place together at the end: an error, a
+    Ctrl-C or a library call's SIGTERM meanwhile leaves ``out_dir`` as it was
+    (its files of those names kept, a folder made for it removed). Written in
+    place, a SIGTERM there left the weights without their config."""
     if not tensors:
         raise AdapterError(out_dir, "no module to write: an adapter file holds at least one tensor")
     for key, t in tensors.items():
         check_output_finite(t, key)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata=safetensors_metadata(provenance))
-    canonicalize_header(out_dir / WEIGHTS_NAME)
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    made = make_parents(out_dir)
+    staged: dict[Path, Path] = {}  # final name -> its temporary
+    try:
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            remove_stale_temporaries(out_dir, name)  # a killed write's
+        weights = staged[out_dir / WEIGHTS_NAME] = temporary_file(out_dir / WEIGHTS_NAME)
+        save_file(tensors, str(weights), metadata=safetensors_metadata(provenance))
+        canonicalize_header(weights)
+        cfg = staged[out_dir / CONFIG_NAME] = temporary_file(out_dir / CONFIG_NAME)
+        cfg.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _put_in_place(staged)
+    except BaseException as e:
+        for tmp in staged.values():
+            discard(tmp)
+        remove_made_parents(out_dir, made)
+        raise_naming(e, tuple(staged.values()), out_dir)
     return out_dir
+
+
+@cleanup
+def _put_in_place(staged: dict[Path, Path]) -> None:
+    """Rename each temporary to its name; a signal meanwhile is held until all
+    are (:func:`~loramix.stopping.cleanup`), so no folder has one file new and
+    the other old."""
+    for path, tmp in staged.items():
+        os.replace(tmp, path)
 
 
 def _dora_reader() -> bool:

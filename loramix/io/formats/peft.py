@@ -64,7 +64,9 @@ def save_peft_adapter(
 
     The files are written into ``out`` as it is (made if missing, files of
     the same names replaced; the commands write into a temporary folder,
-    :func:`loramix.io.outputs.atomic_output_dir`). Factors that are not such
+    :func:`loramix.io.outputs.atomic_output_dir`), each through a temporary
+    beside it, both renamed into place at the end: an error, a Ctrl-C or a
+    SIGTERM meanwhile leaves ``out`` as it was (:func:`~loramix.io.formats.base.write_folder`). Factors that are not such
     pairs, or nothing to write, raise :class:`~loramix.errors.AdapterError`
     naming ``out`` before anything is made. Returns ``out``.
     """
