@@ -533,6 +533,31 @@ def test_a_process_forked_in_a_library_call_dies_of_sigterm(fork):
         os.close(r)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork")
+def test_a_forked_child_signalled_before_its_hook_dies_of_sigterm():
+    """A SIGTERM that reaches a child forked during a library call before
+    its fork hook has put SIGTERM's default back runs the parent's handler
+    there (as Python would, at the hook's first line): it kills the child
+    with the signal, unwinding nothing."""
+    from loramix.stopping import sigterm_unwinds
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with sigterm_unwinds():
+            handler = signal.getsignal(signal.SIGTERM)
+            pid = os.fork()
+            if pid == 0:  # the child: never back into pytest, whatever happens
+                try:
+                    handler(signal.SIGTERM, sys._getframe())
+                finally:
+                    os._exit(3)
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        assert code == -signal.SIGTERM, code
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
 def test_a_ctrl_c_held_by_a_commands_last_clean_up_stops_it(tmp_path):
     """Ctrl-C while the last thing a command does is a clean-up (here
