@@ -381,34 +381,51 @@ def test_sigterm_in_a_library_call_leaves_no_output(call, big_base, tmp_path):
     assert not out.parent.exists(), sorted(os.listdir(out.parent))
 
 
+#: a library call that replaces an existing output (argv: the output, the adapter): the save_*
+#: functions write into it as it is, files of the same names replaced; sum_adapters with force
+_REPLACERS = {
+    "save_peft_adapter": _WRITERS["save_peft_adapter"],
+    "save_d2_adapter": _WRITERS["save_d2_adapter"],
+    "sum_adapters": "loramix.sum_adapters([sys.argv[2]] * 8, out=sys.argv[1], force=True)",
+}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
-@pytest.mark.parametrize("call", ["save_peft_adapter", "save_d2_adapter"])
-def test_sigterm_in_a_library_save_keeps_the_folders_old_files(call, big_base, tmp_path):
-    """``save_*_adapter`` writes into ``out`` as it is, files of the same
-    names replaced: killed with SIGTERM while it writes them, it leaves the
-    folder's old files as they were, byte for byte, and no temporary.
-    Written in place, the old weights were cut short (or new weights left
-    beside the old config)."""
-    out = tmp_path / "o"
-    shutil.copytree(big_base["adapter"], out)
-    (out / "README.md").write_text("mine\n")
-    before = {q.name: q.read_bytes() for q in out.iterdir()}
-    code = f"import sys, loramix; {_WRITERS[call]}; print('returned')"
+@pytest.mark.parametrize("call", list(_REPLACERS))
+def test_sigterm_in_a_library_call_keeps_the_old_output(call, big_base, tmp_path):
+    """A ``loramix.X`` that replaces an existing output (a folder holding an
+    older adapter and a file of the user's), killed with SIGTERM while it
+    writes the new one (a temporary beside or in it): the folder is byte for
+    byte as it was, and no temporary is left. The save functions wrote in
+    place: their old weights were cut short, or new weights left beside
+    the old config."""
+    out = tmp_path / "runs" / "o"
+
+    def old() -> dict:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(big_base["adapter"], out)
+        (out / "README.md").write_text("mine\n")
+        return {q.name: q.read_bytes() for q in out.iterdir()}
+
+    before = old()
+    code = f"import sys, loramix; {_REPLACERS[call]}; print('returned')"
 
     def writing(pid):
-        return any(q.name.startswith(TMP_PREFIX) for q in out.iterdir())
+        return any(
+            q.name.startswith(TMP_PREFIX) for d in (out.parent, out) if d.is_dir() for q in d.iterdir()
+        )
 
     for _ in range(5):  # catch the call while it writes (retry if it was faster than the poll)
-        got = _library_call_killed(code, [out], writing)
+        got = _library_call_killed(code, [out, big_base["adapter"]], writing)
         if got is not None and "returned" not in got[1]:
             break
-        for name, data in before.items():
-            (out / name).write_bytes(data)
+        old()
     else:
         pytest.skip(f"{call} always finished before it could be killed")
     rc, stdout, err = got
     assert rc == -signal.SIGTERM and "Traceback" not in err, got
     assert {q.name: q.read_bytes() for q in out.iterdir()} == before
+    assert sorted(q.name for q in out.parent.iterdir()) == ["o"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
