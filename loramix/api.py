@@ -228,7 +228,9 @@ def _from_position(fname: str, extra: tuple, positional: tuple[str, ...], lead: 
     return {**kwargs, **dict(zip(names, extra))}
 
 
-def renamed(old: dict[str, str] | None = None, *, positional: tuple[str, ...] = ()) -> Callable:
+def renamed(
+    old: dict[str, str | tuple[str, ...]] | None = None, *, positional: tuple[str, ...] = ()
+) -> Callable:
     """Keep ``f``'s callers of the previous release working, warned.
 
     ``old``: ``{old keyword: new keyword}``; a call with the old keyword gets
@@ -240,6 +242,11 @@ def renamed(old: dict[str, str] | None = None, *, positional: tuple[str, ...] = 
     ``batch_size=``, or a value by position and by keyword) raise a one-line
     :class:`~loramix.errors.UsageError`, before any work. ``f``'s own
     signature is what ``inspect.signature`` and ``help`` show.
+
+    A new name may be a tuple of keywords: the old keyword took a dict of
+    them (``evaluate``'s ``fields={"question_field": "q"}``, now
+    ``question_field="q"``), which is spread over them, warned; a key that
+    is none of them is refused naming the old keyword.
     """
     old = dict(old or {})
 
@@ -255,11 +262,8 @@ def renamed(old: dict[str, str] | None = None, *, positional: tuple[str, ...] = 
                 args = args[:lead]
             for was, now in old.items():
                 if was in kwargs:
-                    if now in kwargs or now in leading[: len(args)]:
-                        raise UsageError(fname, f"give {now} or its old name {was}, not both")
-                    _warn_deprecated(f"{fname}: the keyword {was} is deprecated; its name is now {now} "
-                                     "(the same meaning)")  # fmt: skip
-                    kwargs[now] = kwargs.pop(was)
+                    kwargs = (_spread if isinstance(now, tuple) else _renamed)(fname, was, now, kwargs,
+                                                                               leading[: len(args)])  # fmt: skip
             return f(*args, **kwargs)
 
         call.__renamed__ = dict(old)  # read by the tests of the signatures' rules
@@ -267,3 +271,31 @@ def renamed(old: dict[str, str] | None = None, *, positional: tuple[str, ...] = 
         return call
 
     return wrap
+
+
+def _renamed(fname: str, was: str, now: str, kwargs: dict, given: list[str]) -> dict:
+    """``kwargs`` with the old keyword ``was`` given as ``now``, warned."""
+    if now in kwargs or now in given:
+        raise UsageError(fname, f"give {now} or its old name {was}, not both")
+    _warn_deprecated(f"{fname}: the keyword {was} is deprecated; its name is now {now} (the same meaning)")
+    kwargs = dict(kwargs)
+    kwargs[now] = kwargs.pop(was)
+    return kwargs
+
+
+def _spread(fname: str, was: str, now: tuple[str, ...], kwargs: dict, given: list[str]) -> dict:
+    """``kwargs`` with the dict given as the old keyword ``was`` spread over the
+    keywords ``now`` it held (None or an empty dict: none of them), warned."""
+    kwargs = dict(kwargs)
+    value = kwargs.pop(was)
+    if value is not None and not isinstance(value, dict):
+        raise UsageError(fname, f"{was} is a dict of {', '.join(now)}, not a {type(value).__name__}")
+    value = dict(value or {})
+    if unknown := [k for k in value if k not in now]:
+        raise UsageError(fname, f"{was}: {', '.join(map(repr, unknown))} is none of {', '.join(now)}")
+    for k in value:
+        if k in kwargs or k in given:
+            raise UsageError(fname, f"give {k} or its old form {was}={{{k!r}: ...}}, not both")
+    said = ", ".join(f"{k}=..." for k in now)
+    _warn_deprecated(f"{fname}: the keyword {was} is deprecated; pass its entries as keywords ({said})")
+    return {**kwargs, **value}

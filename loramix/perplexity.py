@@ -182,7 +182,7 @@ def _default_max_len(model, tokenizer) -> int:
     return int(min(n, tokenizer.model_max_length or n))
 
 
-@renamed({"batch_size": "batch"})
+@renamed({"batch_size": "batch", "fields": ("question_field", "answer_field", "context_field")})
 def evaluate(
     base,
     *,
@@ -194,7 +194,9 @@ def evaluate(
     max_len: int | None = None,
     batch: int = 16,
     limit: int | None = None,
-    fields: dict | None = None,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    context_field: str | None = "context",
     top_layers: int | None = None,
     prefix_cache: str | None = "disk",
     prompt: str = "raw",
@@ -220,8 +222,10 @@ def evaluate(
     ``data``:
     paths, synthetic specs (``synthetic:arith?n=200``), or lists of
     :class:`~loramix.data.QARecord`. ``limit`` keeps the first records of each;
-    ``batch``: records per forward pass. ``fields``: ``question_field``/``answer_field``/``context_field`` for
-    :func:`loramix.data.load_records`. ``dtype``: the dtype the base is
+    ``batch``: records per forward pass. ``question_field``, ``answer_field``, ``context_field``:
+    the records' fields, as :func:`loramix.train_adapter` takes them
+    (``context_field`` None: no passage; ``fields={...}`` of the previous
+    release still works, warned). ``dtype``: the dtype the base is
     loaded in (float32 by default; ``"bfloat16"`` halves memory, and time on
     a CPU with native bf16 arithmetic (AVX512-BF16, AMX) or a GPU; without it
     (a Zen 3 EPYC here) SmolLM2's evaluation ran 6.6x slower, 146 s against
@@ -265,6 +269,7 @@ def evaluate(
     from .data import check_prompt
     from .devices import resolve_device
 
+    fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
     sets, adapters, dropped = _checked_inputs(base, adapters, batch=batch, merged=merged, data=data, limit=limit,
                                               max_len=max_len, device=device, fields=fields, dtype=dtype,
                                               top_layers=top_layers, prompt=prompt, held_out=held_out)  # fmt: skip

@@ -160,6 +160,56 @@ def test_old_keywords_warn_and_give_the_same_result(env, tmp_path):
     _same_tensors(loramix.save_peft_adapter(tmp_path / "w-new", factors), tmp_path / "w-old")
 
 
+def test_evaluate_takes_the_record_fields_as_train_adapter_does(env, tmp_path, capsys):
+    """``question_field``, ``answer_field``, ``context_field``: the keywords of
+    ``train_adapter`` (and the flags of ``eval`` and ``train``); ``evaluate``
+    took them as one dict, ``fields``, so train_adapter's keywords were a
+    TypeError and a wrong key a TypeError from inside ``load_records``.
+    ``fields=`` still works, warned, and gives the same result."""
+    b = env["base"]
+    rows = [json.loads(line) for line in Path(env["data"]).read_text().splitlines()]
+    renamed_file = tmp_path / "qa.jsonl"
+    renamed_file.write_text("".join(json.dumps({"q": r["question"], "a": r["answer"]}) + "\n" for r in rows))
+    cols = ["records", "tokens", "ppl", "nll"]
+    want = loramix.evaluate(b, data=[env["data"]], limit=8, device="cpu", progress=False)[cols]
+    kw = dict(data=[str(renamed_file)], limit=8, device="cpu", progress=False)
+    new = loramix.evaluate(b, question_field="q", answer_field="a", context_field=None, **kw)
+    assert new[cols].equals(want)
+    with _deprecated("evaluate", "fields", "question_field=", "answer_field=") as w:
+        old = loramix.evaluate(b, fields={"question_field": "q", "answer_field": "a"}, **kw)
+    assert w[0].filename == __file__
+    assert old[cols].equals(want)
+    from loramix.cli import main
+
+    argv = [
+        "eval",
+        "--base",
+        b,
+        "--data",
+        str(renamed_file),
+        "--limit",
+        "8",
+        "--device",
+        "cpu",
+        "--format",
+        "json",
+    ]
+    assert main([*argv, "--question-field", "q", "--answer-field", "a", "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out)["results"]
+    assert [r["ppl"] for r in printed] == list(want["ppl"])  # the command passes its flags as the keywords
+    with pytest.raises(LoramixError) as e:
+        loramix.evaluate(b, fields={"question": "q"}, **kw)
+    assert (
+        str(e.value) == "evaluate: fields: 'question' is none of question_field, answer_field, context_field"
+    )
+    with pytest.raises(LoramixError) as e:
+        loramix.evaluate(b, fields={"question_field": "q"}, question_field="q", **kw)
+    assert (
+        str(e.value)
+        == "evaluate: give question_field or its old form fields={'question_field': ...}, not both"
+    )
+
+
 @pytest.mark.skipif(not (REPORTS / "fit.json").is_file(), reason="no committed quickstart report")
 def test_predict_and_plans_old_keywords(env):
     ads, fit = env["ads"], str(REPORTS / "fit.json")
