@@ -199,6 +199,35 @@ class Plan:
     warnings: list[str] = field(default_factory=list)  # the predictors file's caveats for these adapters
     notes: list[str] = field(default_factory=list)  # the command's note lines: kinds planned apart, residuals
 
+    def table(self) -> list[str]:
+        """The lines ``loramix plan`` prints on stdout before its merge commands:
+        the cost's source (and its validation), budget, rule, and one row per
+        group (kind, method, cost, interval, members)."""
+        lines = [f"cost: {self.cost_source}"]
+        if self.validated_by_method:
+            for m, e in self.validated_by_method.items():
+                lines.append(f"  {m}: {e['predictor']}, {_validation(e.get('validated') or {})}")
+        elif self.validated is not None:
+            lines.append(f"  {_validation(self.validated)}")
+        lines += [f"budget: {self.budget:g}; groups of at most {self.max_group}", f"method: {self.rule}"]
+        kw = max(len("kind"), *(len(g["kind"]) for g in self.groups))
+        lines.append(f"{'group':>5}  {'kind':<{kw}} {'method':<6} {'cost':>9}  {'interval':<21} members")
+        for g in self.groups:
+            iv = "" if g["interval"] is None else f"[{g['interval'][0]:.3g}, {g['interval'][1]:.3g}]"
+            lines.append(f"{g['group']:>5}  {g['kind']:<{kw}} {g['method']:<6} {g['cost']:>9.4g}  {iv:<21} "
+                         f"{', '.join(g['members'])}")  # fmt: skip
+        return lines
+
+    def __repr__(self) -> str:
+        """What a notebook cell ending with the plan shows: the command's table,
+        then its warnings and notes, which the command prints on stderr and a
+        Python caller otherwise sees only in ``.warnings`` and ``.notes``. The
+        dataclass repr was one line of every field (900 characters for three
+        adapters), the groups as dicts."""
+        head = f"Plan: {len(self.names)} adapters in {len(self.groups)} groups"
+        said = [f"warning: {w}" for w in self.warnings] + [f"note: {n}" for n in self.notes]
+        return "\n".join([head, *self.table(), *said])
+
     def to_json_dict(self) -> dict:
         d = {"adapters": self.names, "cost": self.cost_source, "validated": self.validated,
              "budget": self.budget, "max_group": self.max_group, "rule": self.rule or RULE, "groups": self.groups,
@@ -206,6 +235,16 @@ class Plan:
         if self.validated_by_method:
             d["validated_by_method"] = self.validated_by_method
         return d
+
+
+def _validation(v: dict) -> str:
+    """A validated predictor's held-out figures, as ``plan`` prints them."""
+
+    def f(x) -> str:
+        return "n/a" if x is None else f"{x:.4g}"
+
+    return (f"validated (leave-one-domain-out): MAE {f(v.get('mae'))}, r {f(v.get('r'))}, "
+            f"interval coverage {f(v.get('coverage'))}")  # fmt: skip
 
 
 RULE = ("sum when the pessimistic predicted cost (upper end of the interval, else the point cost) "

@@ -135,6 +135,27 @@ def test_plan_makes_the_checks_of_predict(bank, similar_merge_well, tmp_path, ca
     assert json.loads(out)["warnings"] and plan(paths[:2]).warnings == []
 
 
+def test_a_plan_shows_the_commands_table_and_its_warnings(bank, similar_merge_well, tmp_path, capsys):
+    """A notebook cell ending with ``loramix.plan(...)`` shows the table ``loramix plan``
+    prints, and the warnings and notes the command prints on stderr (the result held them
+    in ``.warnings`` and ``.notes`` only; its repr was the dataclass's one line of fields)."""
+    import loramix
+
+    paths, _ = bank
+    fit, _ = similar_merge_well
+    weak = tmp_path / "weak.json"
+    weak.write_text(json.dumps({**json.loads(fit.read_text()), "beats_mean": False}))
+    assert main(["plan", *paths[:3], "--fit", str(weak)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    p = loramix.plan(paths[:3], fit=str(weak))
+    shown = repr(p).splitlines()
+    assert shown[0] == f"Plan: 3 adapters in {len(p.groups)} groups"
+    table = shown[1 : 1 + len(p.table())]
+    assert table == printed[: len(table)] and table[-1].split()[-1] in "".join(paths[:3])
+    assert p.warnings and shown[1 + len(table) :] == [f"warning: {w}" for w in p.warnings]
+    assert "no feature predicted this target better than the mean" in repr(p)
+
+
 def test_predict_with_predictors_says_when_it_extrapolates(bank, similar_merge_well, tmp_path, capsys):
     """A composition whose feature lies far from the study's (here: the study
     moved to a mean of 5, sd 0.01): a warning and ``extrapolation`` in the

@@ -9,10 +9,6 @@ from ..errors import UsageError
 from . import calibration_options, check_calibration_args, device_opt, format_option
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4g}"
-
-
 @click.command("plan")
 @click.argument("adapters", nargs=-1, type=click.Path(path_type=str))
 @click.option(
@@ -68,24 +64,8 @@ def command(adapters, fit_path, data, base, tokens, max_len, max_group, budget, 
     if as_json or fmt == "json":
         click.echo(json.dumps(p.to_json_dict(), indent=2))
         return
-    click.echo(f"cost: {p.cost_source}")
-    if p.validated_by_method:
-        for m, e in p.validated_by_method.items():
-            v = e.get("validated") or {}
-            click.echo(f"  {m}: {e['predictor']}, validated (leave-one-domain-out): MAE {_fmt(v.get('mae'))}, "
-                       f"r {_fmt(v.get('r'))}, interval coverage {_fmt(v.get('coverage'))}")  # fmt: skip
-    elif p.validated is not None:
-        v = p.validated
-        click.echo(f"  validated (leave-one-domain-out): MAE {_fmt(v.get('mae'))}, r {_fmt(v.get('r'))}, "
-                   f"interval coverage {_fmt(v.get('coverage'))}")  # fmt: skip
-    click.echo(f"budget: {p.budget:g}; groups of at most {p.max_group}")
-    click.echo(f"method: {p.rule}")
-    kw = max(len("kind"), *(len(g["kind"]) for g in p.groups))
-    click.echo(f"{'group':>5}  {'kind':<{kw}} {'method':<6} {'cost':>9}  {'interval':<21} members")
-    for g in p.groups:
-        iv = "" if g["interval"] is None else f"[{g['interval'][0]:.3g}, {g['interval'][1]:.3g}]"
-        click.echo(f"{g['group']:>5}  {g['kind']:<{kw}} {g['method']:<6} {g['cost']:>9.4g}  {iv:<21} "
-                   f"{', '.join(g['members'])}")  # fmt: skip
+    for line in p.table():
+        click.echo(line)
     for line in _commands(p.groups, base):
         click.echo(line)
 
