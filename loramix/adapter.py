@@ -209,15 +209,14 @@ def warn_unscaled_copies(adapters, weights: Sequence[float]) -> None:
     weighted other than 1 carries ``modules_to_save`` copies: a copy is a
     full tensor put in place of the base's, so its weight does not scale it
     (``W0 + w (copy - W0)`` would be a guess at what the user meant)."""
-    import warnings
 
-    from .errors import LoramixWarning
+    from .errors import warn
 
     hit = [f"{ad.path or ad.name} (weight {w:g}: {', '.join(sorted(ad.saved))})"
            for ad, w in zip(adapters, weights) if ad.saved and w != 1.0]  # fmt: skip
     if hit:
-        warnings.warn(f"modules_to_save copies are full tensors and are put in whole, not scaled by their "
-                      f"adapter's weight: {'; '.join(hit)}", LoramixWarning, stacklevel=3)  # fmt: skip
+        warn(f"modules_to_save copies are full tensors and are put in whole, not scaled by their "
+             f"adapter's weight: {'; '.join(hit)}")  # fmt: skip
 
 
 def saved_tensors(adapters) -> dict[str, torch.Tensor]:

@@ -26,9 +26,11 @@ result; the command prints the library's own.
 
 A warning (:class:`~loramix.errors.LoramixWarning`) is not rendered: it is
 issued where it arises, under the caller's own filters, and may have been
-recorded, or shown, before the outermost call ends. Its line is worded for
-both readers instead: one that points at another step names the function
-and the command (``evaluate merged=True, eval --merged``).
+recorded, or shown, before the outermost call ends; it is said at the
+caller's line, the first outside loramix (:func:`~loramix.errors.warn`). Its
+line is worded for both readers instead: one that points at another step or
+option names the keyword and the flag (``evaluate merged=True, eval
+--merged``, ``held_out=True, eval --held-out``).
 
 A SIGTERM in a ``loramix.X`` call, in a process that leaves SIGTERM at its
 default (a plain script, where it kills at once), first unwinds the call as
@@ -54,7 +56,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import re
 from collections.abc import Callable
 
@@ -202,14 +203,9 @@ def _warn_deprecated(text: str) -> None:
     ``loramix.predict`` and ``loramix.run_scenario`` have a wrapper of
     :mod:`loramix.blas` between :func:`python_api`'s and :func:`renamed`'s,
     and a warning pointed at it was hidden by the default filters."""
-    import sys
-    import warnings
+    from .errors import warn
 
-    package = os.path.dirname(__file__) + os.sep
-    frame, level = sys._getframe(0), 1
-    while frame is not None and frame.f_code.co_filename.startswith(package):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(text, DeprecationWarning, stacklevel=level)
+    warn(text, DeprecationWarning)
 
 
 def _from_position(fname: str, extra: tuple, positional: tuple[str, ...], lead: int, kwargs: dict) -> dict:

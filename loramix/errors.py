@@ -43,6 +43,25 @@ class LoramixWarning(UserWarning):
     on stderr; a notebook sees a Python warning."""
 
 
+def warn(text: str, category: type[Warning] = LoramixWarning) -> None:
+    """Issue ``text`` as a warning said at the caller's own line: the first
+    frame outside the loramix package (a script's, a notebook cell's), where
+    Python shows it and its filters (``default``: once per line) apply. A
+    fixed ``stacklevel`` said it inside loramix instead, under the wrapper of
+    :func:`loramix.api.python_api` (``loramix/api.py:265: LoramixWarning: ...``
+    followed by ``return f(*args, **kwargs)``), as the number of loramix's
+    own frames between differs from call to call. The CLI prints only the
+    text (``loramix: warning: <text>``)."""
+    import sys
+    import warnings
+
+    package = os.path.dirname(__file__) + os.sep
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(text, category, stacklevel=level)
+
+
 class AdapterError(LoramixError):
     """An adapter file or folder is missing, malformed or unsupported."""
 

@@ -462,15 +462,13 @@ def _warn_short_calibration(data: list, got: list[int], tokens: int) -> None:
     holds fewer tokens than the recipe asks: its data-aware features rest on
     fewer tokens than the study's did, so they are noisier than those the
     predictor was fitted on."""
-    import warnings
 
-    from .errors import LoramixWarning
+    from .errors import warn
 
     short = [f"{path} ({n})" for path, n in zip(data, got) if n < tokens]
     if short:
-        warnings.warn(f"calibration files with fewer than the {tokens} tokens asked: {', '.join(short)}; "
-                      "their data-aware features rest on fewer tokens than the fits'", LoramixWarning,
-                      stacklevel=2)  # fmt: skip
+        warn(f"calibration files with fewer than the {tokens} tokens asked: {', '.join(short)}; "
+             "their data-aware features rest on fewer tokens than the fits'")  # fmt: skip
 
 
 def _check_features_present(feats: FeatureSet, fits, where) -> None:

@@ -112,16 +112,15 @@ def warn_trained_on(adapters, base, data: list, sets: list) -> None:
     file some of whose records (``sets``: ``[(name, records)]``, in ``data``'s
     order) are in the training split of an adapter being evaluated, given or
     merged into ``base``: ``N of the M records evaluated``, naming the adapter."""
-    import warnings
 
-    from .errors import LoramixWarning
+    from .errors import warn
 
     for i, path, trained in _trained(adapters, base, data):
         name, recs = sets[i]
         if n := sum(_key(r) in trained for r in recs):
-            warnings.warn(f"{name}: {n} of the {len(recs)} records evaluated are in the training split of "
-                          f"{path}: it was trained on them, so their perplexity is not held out (--held-out "
-                          f"scores only the others)", LoramixWarning, stacklevel=4)  # fmt: skip
+            warn(f"{name}: {n} of the {len(recs)} records evaluated are in the training split of "
+                 f"{path}: it was trained on them, so their perplexity is not held out (held_out=True, "
+                 f"eval --held-out, scores only the others)")  # fmt: skip
 
 
 def held_out(adapters, base, data: list, sets: list, limit: int | None) -> tuple[list, dict]:

@@ -383,9 +383,8 @@ def warn_other_prompt(adapters, prompt: str) -> None:
     record (PEFT's own) are not guessed at."""
     if not adapters:  # the base alone: nothing to read
         return
-    import warnings
 
-    from .errors import LoramixWarning
+    from .errors import warn
     from .io.provenance import recorded_parameters
 
     other = []
@@ -393,10 +392,10 @@ def warn_other_prompt(adapters, prompt: str) -> None:
         path = getattr(a, "path", a)  # a loaded adapter's file, or the path given
         trained = recorded_parameters(path).get("prompt")
         if isinstance(trained, str) and trained != prompt:
-            other.append(f"{path} (--prompt {trained})")
+            other.append(f"{path} ({trained})")
     if other:
-        warnings.warn(f"scored with --prompt {prompt}, but trained with another format: {'; '.join(other)}",
-                      LoramixWarning, stacklevel=3)  # fmt: skip
+        warn(f"scored with prompt {prompt} (prompt=, --prompt), but trained with another format: "
+             f"{'; '.join(other)}")  # fmt: skip
 
 
 def _read_sets(data: list, limit: int | None, fields: dict) -> list[tuple[str, list]]:
@@ -489,14 +488,12 @@ def _warn_tied_merge(model, adapters) -> None:
             except AttributeError:  # not in this base: merge_into_model refuses it in one line
                 continue
             if mod is out or mod is emb:
-                import warnings
-
-                from .errors import LoramixWarning
+                from .errors import warn
 
                 other = "the input embedding" if mod is out else "the output head"
-                warnings.warn(f"{a.path or a.name}: {name} is tied to {other}: merged, its delta changes both "
-                              "(as PEFT's merge_and_unload), on the fly only this module, so the merged "
-                              "perplexity is another model's", LoramixWarning, stacklevel=4)  # fmt: skip
+                warn(f"{a.path or a.name}: {name} is tied to {other}: merged, its delta changes both "
+                     "(as PEFT's merge_and_unload), on the fly only this module, so the merged "
+                     "perplexity is another model's")  # fmt: skip
                 return
 
 

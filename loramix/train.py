@@ -588,14 +588,12 @@ def _warn_tied_head(model, names) -> None:
         return
     head = next((n for n in names if model.get_submodule(n) is out), None)
     if head is not None:
-        import warnings
+        from .errors import warn
 
-        from .errors import LoramixWarning
-
-        warnings.warn(f"target {head} is tied to the input embedding: the adapter is trained on the head alone "
-                      "(as PEFT applies it on the fly), but merging it changes the shared weight, so merged "
-                      "(evaluate merged=True, eval --merged) it is another model, and a sum into the base "
-                      "(sum_into_base, sum --into) refuses it", LoramixWarning, stacklevel=3)  # fmt: skip
+        warn(f"target {head} is tied to the input embedding: the adapter is trained on the head alone "
+             "(as PEFT applies it on the fly), but merging it changes the shared weight, so merged "
+             "(evaluate merged=True, eval --merged) it is another model, and a sum into the base "
+             "(sum_into_base, sum --into) refuses it")  # fmt: skip
 
 
 def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_len, batch, on, device,

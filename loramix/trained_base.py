@@ -140,9 +140,8 @@ def warn_other_bases(adapters, base, what: str) -> None:
     (a folder or a GGUF file; a loaded model is not compared): its shapes
     fit, so ``what`` (``"merged into it"``) goes on."""
     import functools
-    import warnings
 
-    from .errors import LoramixWarning
+    from .errors import warn
 
     if not isinstance(base, (str, os.PathLike)):
         return
@@ -150,6 +149,5 @@ def warn_other_bases(adapters, base, what: str) -> None:
     for a in adapters:
         path = getattr(a, "path", a)
         if isinstance(path, (str, os.PathLike)) and (seen := other_base(path, base, own)) is not None:
-            warnings.warn(f"{os.fspath(path)}: trained on another base, {seen}, than {os.fspath(base)}; its "
-                          f"modules fit its shapes, so it is {what} all the same", LoramixWarning,
-                          stacklevel=3)  # fmt: skip
+            warn(f"{os.fspath(path)}: trained on another base, {seen}, than {os.fspath(base)}; its "
+                 f"modules fit its shapes, so it is {what} all the same")  # fmt: skip

@@ -125,8 +125,8 @@ def test_train_and_eval_record_the_prompt(bases, capsys, tmp_path):
     assert main([str(a) for a in eval_args]) == 0
     got = capsys.readouterr()
     assert "prompt: raw" in got.out
-    assert got.err.strip() == (f"loramix: warning: scored with --prompt raw, but trained with another format: "
-                               f"{out} (--prompt chat)")  # fmt: skip
+    assert got.err.strip() == (f"loramix: warning: scored with prompt raw (prompt=, --prompt), but trained with "
+                               f"another format: {out} (chat)")  # fmt: skip
     # the API's prompt= reaches the scoring: other text, another perplexity
     chat = evaluate(base, data=ARITH, prompt="chat", device="cpu").iloc[-1]
     raw = evaluate(base, data=ARITH, device="cpu").iloc[-1]

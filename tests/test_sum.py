@@ -542,9 +542,21 @@ def test_an_adapter_given_twice_is_warned_of(gpt2, tmp_path, capsys):
     assert code == 0 and "summed 3 adapters" in out
     assert (
         err
-        == f"loramix: warning: {a}: given 2 times, so its delta is merged 2 times (--weights scales one copy instead)\n"
+        == f"loramix: warning: {a}: given 2 times, so its delta is merged 2 times (a weight scales one copy "
+        "instead: weights=, --weights)\n"
     )
     twice = load_adapter(tmp_path / "o")
+    # from Python: at the caller's line, through every wrapper (it was said inside loramix, at
+    # loramix/api.py's "return f(*args, **kwargs)" under loramix.X, at methods/sum.py under sum_adapters)
+    import loramix
+    from loramix.errors import LoramixWarning
+
+    for i, call in enumerate([lambda out: loramix.sum_adapters([a, b, a], out=out),
+                              lambda out: loramix.merge([a, b, a], "sum", out=out),
+                              lambda out: sum_adapters([a, b, a], out=out)]):  # fmt: skip
+        with pytest.warns(LoramixWarning, match="given 2 times") as w:
+            call(tmp_path / f"api{i}")
+        assert [x.filename for x in w if x.category is LoramixWarning] == [__file__], i
     code, _, err = run_cli(capsys, a, b, "--weights", "2,1", "--out", tmp_path / "w")
     assert code == 0 and err == ""
     once = load_adapter(tmp_path / "w")

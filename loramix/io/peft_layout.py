@@ -634,18 +634,17 @@ def warn_null_targets(adapters: Sequence, hint: str = GIVE_THE_BASE) -> None:
     all). ``hint``: what the command reading them does, or what it takes to
     apply PEFT's rule. Once per adapter object: an adapter warned of here, or
     checked against a base by :func:`check_default_targets`, is not named again."""
-    import warnings
 
-    from ..errors import LoramixWarning
+    from ..errors import warn
 
     hit = [ad for ad in adapters if _null_targets(ad.config) and not getattr(ad, _SETTLED, False)]
     if hit:
         for ad in hit:
             _settle(ad)
         said = "; ".join(f"{ad.path or ad.name} ({len(ad.modules)} modules)" for ad in hit)
-        warnings.warn(f"target_modules is null in {said}: PEFT applies only its default targets for the base's "
-                      "model type (GPT-2: c_attn; Llama, Mistral, Qwen: q_proj, v_proj); without a base every "
-                      f"factor is read ({hint})", LoramixWarning, stacklevel=3)  # fmt: skip
+        warn(f"target_modules is null in {said}: PEFT applies only its default targets for the base's "
+             "model type (GPT-2: c_attn; Llama, Mistral, Qwen: q_proj, v_proj); without a base every "
+             f"factor is read ({hint})")  # fmt: skip
 
 
 def _peft_selects(names: str | list[str], module: str) -> bool:

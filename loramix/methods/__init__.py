@@ -239,10 +239,9 @@ def _warn_repeated(adapters: Sequence) -> None:
     by any name): each copy is a member, so its delta is merged that many
     times (``sum a a`` is ``2 dW_a``), which a repeated shell argument does
     unasked; ``--weights`` scales one copy instead."""
-    import warnings
     from collections import Counter
 
-    from ..errors import LoramixWarning
+    from ..errors import warn
 
     def key(a):
         p = getattr(a, "path", a)
@@ -253,8 +252,8 @@ def _warn_repeated(adapters: Sequence) -> None:
         first.setdefault(key(a), getattr(a, "path", a))
     for k, n in Counter(map(key, adapters)).items():
         if n > 1:
-            warnings.warn(f"{first[k]}: given {n} times, so its delta is merged {n} times (--weights scales one "
-                          f"copy instead)", LoramixWarning, stacklevel=3)  # fmt: skip
+            warn(f"{first[k]}: given {n} times, so its delta is merged {n} times (a weight scales one "
+                 "copy instead: weights=, --weights)")  # fmt: skip
 
 
 def _refuse_a_dense_adapter(m, adapters: Sequence, params: dict, device) -> None:

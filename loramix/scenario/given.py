@@ -106,15 +106,13 @@ def _notice_other_base(ctx, where: str, path: Path, base_path, own) -> None:
     keys, read once; a GGUF base not imported yet is compared by its file's
     hash only): its shapes fit, so the study goes on. Nothing for an adapter
     that records none."""
-    import warnings
 
-    from ..errors import LoramixWarning
+    from ..errors import warn
     from ..trained_base import other_base
 
     if (seen := other_base(path, base_path, own)) is not None:
-        warnings.warn(f"{ctx.path}: {where}: {path} was trained on another base ({seen}) than base.path; its "
-                      f"modules fit the base's shapes, so it is studied on it", LoramixWarning,
-                      stacklevel=2)  # fmt: skip
+        warn(f"{ctx.path}: {where}: {path} was trained on another base ({seen}) than base.path; its "
+             f"modules fit the base's shapes, so it is studied on it")  # fmt: skip
 
 
 def check_given(ctx, domains: dict, base) -> tuple[str, dict[str, int]]:
