@@ -36,6 +36,8 @@ _API = {
     "predict": "loramix.interference",
     "plan": "loramix.grouping",
     "fit_evaluations": "loramix.evalfit",
+    "inspect_adapter": "loramix.contents",
+    "import_gguf": "loramix.gguf_import",
 }
 
 __all__ = ["__version__", *_API]

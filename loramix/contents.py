@@ -40,8 +40,11 @@ def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
-    """One row per module, in natural name order; columns :data:`COLUMNS`.
+def inspect_adapter(adapter: Adapter | str | Path) -> pd.DataFrame:
+    """What ``loramix inspect`` shows of ``adapter`` (a path, or a loaded
+    :class:`~loramix.adapter.Adapter`): one row per module, in natural name
+    order; columns :data:`COLUMNS` (``norm``: ``||s B A||_F`` in float64,
+    the residual's for a kind that needs the base).
 
     ``df.attrs`` holds the adapter's ``name``, ``path``, ``sha256``,
     ``kind`` (and ``method``, its v0.1 name), ``base_model``, the
@@ -54,7 +57,7 @@ def inspect_adapter(adapter_or_path: Adapter | str | Path) -> pd.DataFrame:
     ``target_modules`` is listed whole, with a warning: which of its modules
     PEFT applies depends on the base (:func:`loramix.io.peft_layout.warn_null_targets`).
     """
-    ad, sha256, saved = _read(adapter_or_path)
+    ad, sha256, saved = _read(adapter)
     from .io.peft_layout import warn_null_targets
 
     warn_null_targets([ad], _LISTS_ALL)

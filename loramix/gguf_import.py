@@ -1,6 +1,6 @@
 """Importing a GGUF checkpoint (llama.cpp, Ollama, LM Studio) as a transformers folder.
 
-``import_gguf(FILE.gguf, out)`` writes ``config.json``, ``model.safetensors``
+``import_gguf(FILE.gguf, out=DIR)`` writes ``config.json``, ``model.safetensors``
 and the tokenizer files, so that ``AutoModelForCausalLM.from_pretrained(out)``
 and ``AutoTokenizer.from_pretrained(out)`` load it offline. The ecosystem's
 readers do the parsing: the ``gguf`` package (``GGUFReader`` for the header and
@@ -745,10 +745,17 @@ def write_folder(gguf_path: str | os.PathLike, folder: str | os.PathLike, *, dty
     return rec
 
 
-def import_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
-                force: bool = False, progress: bool = False) -> dict:  # fmt: skip
-    """``loramix base import``: write ``out`` atomically; return a summary dict.
-    ``progress``: a bar of the de-quantisation (:func:`_tensors`)."""
+def import_gguf(gguf_path: str | os.PathLike, *, out: str | os.PathLike, dtype: str = "float32",
+                force: bool = False, progress: bool = True) -> dict:  # fmt: skip
+    """``loramix base import``: the GGUF file ``gguf_path`` de-quantised into
+    the transformers folder ``out`` (written atomically; ``dtype``
+    ``"float32"`` or ``"bfloat16"``; ``force`` replaces an existing ``out``).
+    Returns a dict, path-like (``os.fspath(result)`` is ``out``): ``out``,
+    ``seconds``, ``architecture``, ``quantisation`` (GGUF type -> tensor
+    count), ``tie_word_embeddings`` and the rest of what the folder's
+    ``loramix.json`` records. ``progress``: a bar of the de-quantisation
+    (:func:`_tensors`), on a terminal. Where a base is taken, the ``.gguf``
+    path itself also works (imported once into the cache)."""
     from .io.outputs import atomic_output_dir, check_output
 
     t0 = time.perf_counter()
@@ -759,7 +766,9 @@ def import_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, *, dtype: 
     checked = check_gguf(path, reader, dtype)
     with atomic_output_dir(out, force=force, inputs=[path]) as tmp:
         rec = write_folder(path, tmp, dtype=dtype, reader=reader, checked=checked, progress=progress)
-    return {"out": str(out), "seconds": time.perf_counter() - t0, **rec}
+    from .results import OutputDict
+
+    return OutputDict({"out": str(out), "seconds": time.perf_counter() - t0, **rec})
 
 
 def imported_base(path: str | os.PathLike) -> Path | None:

@@ -22,6 +22,8 @@ FUNCTIONS = [
     "save_d2_adapter",
     "plan",
     "fit_evaluations",
+    "inspect_adapter",
+    "import_gguf",
 ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,8 @@ POSITIONAL = {
     "predict": ("adapters", "fit"),
     "plan": ("adapters",),
     "fit_evaluations": ("evaluations",),
+    "inspect_adapter": ("adapter",),
+    "import_gguf": ("gguf_path",),
 }
 #: a concept's other names, which no function may take (the commands' name is the one)
 SYNONYMS = {
@@ -208,6 +211,46 @@ def test_evaluate_takes_the_record_fields_as_train_adapter_does(env, tmp_path, c
         str(e.value)
         == "evaluate: give question_field or its old form fields={'question_field': ...}, not both"
     )
+
+
+def test_inspect_and_base_import_are_functions_as_the_commands_are(env, tmp_path, capsys):
+    """``loramix inspect`` and ``loramix base import`` had no ``loramix.X``: a notebook
+    reached for ``loramix.contents`` and ``loramix.gguf_import``, whose errors named the
+    commands' flags. The same tables and the same bytes as the commands; errors in keywords."""
+    from loramix.cli import main
+
+    from .test_realmodel import llama_gguf
+
+    a = env["ads"][0]
+    assert main(["inspect", a, "--format", "json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    df = loramix.inspect_adapter(a)
+    assert df.attrs["sha256"] == printed["sha256"] and df.attrs["totals"] == printed["totals"]
+    assert [
+        {k: v.item() if hasattr(v, "item") else v for k, v in r.items()} for r in df.to_dict("records")
+    ] == (printed["modules"])
+    # a loaded adapter's factors are torch's: its norms agree to float64 rounding, not bit for bit
+    assert loramix.inspect_adapter(loramix.load_adapter(a))["norm"].tolist() == pytest.approx(
+        df["norm"].tolist()
+    )
+
+    gguf = llama_gguf(tmp_path / "tiny.gguf", tokenizer=True)
+    r = loramix.import_gguf(gguf, out=tmp_path / "api", progress=False)
+    assert os.fspath(r) == str(tmp_path / "api") and r["architecture"] == printed_arch(
+        main, gguf, tmp_path, capsys
+    )
+    assert (tmp_path / "api" / "model.safetensors").read_bytes() == (
+        tmp_path / "cli" / "model.safetensors"
+    ).read_bytes()
+    with pytest.raises(LoramixError) as e:
+        loramix.import_gguf(gguf, out=tmp_path / "api")
+    assert str(e.value) == f"{tmp_path / 'api'}: already exists; pass force=True to replace it"
+
+
+def printed_arch(main, gguf, tmp_path, capsys) -> str:
+    """``loramix base import GGUF --out tmp_path/cli``'s architecture, from its line."""
+    assert main(["base", "import", str(gguf), "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+    return capsys.readouterr().out.split(" -> ")[1].split(":")[1].split(",")[0].strip()
 
 
 @pytest.mark.skipif(not (REPORTS / "fit.json").is_file(), reason="no committed quickstart report")

@@ -196,7 +196,7 @@ def adapter(tmp_path_factory) -> Path:
     from .factories import make_peft_adapter
 
     root = tmp_path_factory.mktemp("adapter")
-    import_gguf(llama_gguf(root / "tiny.gguf", tokenizer=True), root / "base")
+    import_gguf(llama_gguf(root / "tiny.gguf", tokenizer=True), out=root / "base")
     model = AutoModelForCausalLM.from_pretrained(root / "base")
     return make_peft_adapter(model, root / "lora", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
 

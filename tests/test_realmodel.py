@@ -823,7 +823,7 @@ def test_import_builds_no_model(tmp_path):
              qwen_gguf(tmp_path / "qwen3.gguf", "qwen3", key_length=24)[0]]  # fmt: skip
     code = (
         "import json, sys; from loramix.gguf_import import import_gguf\n"
-        "types = [import_gguf(p, p + '.out')['architecture'] for p in sys.argv[1:]]\n"
+        "types = [import_gguf(p, out=p + '.out')['architecture'] for p in sys.argv[1:]]\n"
         "mods = sorted(m for m in sys.modules if m.startswith('transformers.'))\n"
         "print(json.dumps([types, mods]))"
     )

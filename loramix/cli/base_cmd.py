@@ -67,7 +67,7 @@ def import_(gguf_file, out, dtype, force, progress):
     """
     from ..gguf_import import import_gguf
 
-    r = import_gguf(gguf_file, out, dtype=dtype, force=force, progress=progress)
+    r = import_gguf(gguf_file, out=out, dtype=dtype, force=force, progress=progress)
     quants = ", ".join(f"{n} {k}" for k, n in r["quantisation"].items())
     click.echo(
         f"imported {gguf_file} -> {r['out']}: {r['architecture']}, tensors {quants}, "
