@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from .api import renamed
 from .archs import context_length, fast_head_classes
 from .errors import BaseModelError, UsageError
-from .options import check_numbers
+from .options import check_numbers, parse_weights
 
 # The rule by which NLL is computed, in the cache keys of a study's evaluations
 # (loramix.scenario.plan), so that numbers made by an earlier rule are made
@@ -272,7 +272,8 @@ def evaluate(
     fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
     sets, adapters, dropped = _checked_inputs(base, adapters, batch=batch, merged=merged, data=data, limit=limit,
                                               max_len=max_len, device=device, fields=fields, dtype=dtype,
-                                              top_layers=top_layers, prompt=prompt, held_out=held_out)  # fmt: skip
+                                              top_layers=top_layers, prompt=prompt, held_out=held_out,
+                                              weights=weights)  # fmt: skip
     dev = resolve_device(device)
     adapted = _adapted(base, adapters, weights, merged=merged, dev=dev, dtype=dtype, top_layers=top_layers)
     with adapted as (model, tok):
@@ -316,7 +317,7 @@ def _adapted(base, adapters: list, weights, *, merged: bool, dev, dtype, top_lay
 
 def _checked_inputs(
     base, adapters, *, batch, merged, data, limit, max_len, device, fields, dtype, top_layers, prompt,
-    held_out=False,
+    held_out=False, weights=None,
 ):  # fmt: skip
     """``(sets, adapters, left out)``: :func:`evaluate`'s arguments checked, and its data
     read (``held_out``: less the adapters' training records, and their count per set; else None),
@@ -341,6 +342,10 @@ def _checked_inputs(
     adapters = adapter_list(adapters)
     if merged and not adapters:
         raise UsageError("--merged", "needs at least one --adapter")
+    if weights is not None:  # before the data are read and the model loads (a 7B: minutes)
+        if not adapters:
+            raise UsageError("--weights", "given without --adapter")
+        parse_weights(weights, len(adapters), "--weights")
     check_numbers({"--max-len": max_len, "--limit": limit, "--top-layers": top_layers})
     # Python's own falsy 0 and negative slices: max_len=0 scored up to the model's context, and a
     # record list's limit=0 kept every record, limit=-1 all but the last, all silently

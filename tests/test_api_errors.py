@@ -9,6 +9,7 @@ prints the same error in flag terms, byte for byte as before (``--rank``,
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -381,3 +382,24 @@ def test_numbers_given_as_strings_are_refused(env):
     res = loramix.merge(ads, "sum", out_rank=np.int64(2), out=new + "-ok")
     assert res.params["out_rank"] == 2
     assert main(["merge", "-m", "svd", "--rank", "2", *ads, "--out", new + "-cli"]) == 0
+
+
+def test_evaluate_refuses_bad_weights_before_the_model_loads(env, tmp_path):
+    """A weight count that does not match the adapters (or weights without adapters) was
+    refused only once the data were read and the base loaded (SmolLM2: seconds; a 7B:
+    minutes): here a base whose config reads but whose weights are missing, so a load
+    fails first. Now refused with the other argument checks, in the same words."""
+    broken = tmp_path / "config-only"
+    broken.mkdir()
+    shutil.copy(Path(env["base"]) / "config.json", broken)
+    cases = [
+        (
+            dict(adapters=env["ads"], weights=[1.0]),
+            "weights: got 1 weights for 2 adapters; give one per adapter",
+        ),
+        (dict(weights=[1.0]), "weights: given without adapters"),
+    ]
+    for kwargs, line in cases:
+        with pytest.raises(LoramixError) as e:
+            loramix.evaluate(str(broken), data=[env["data"]], device="cpu", progress=False, **kwargs)
+        assert str(e.value) == line
