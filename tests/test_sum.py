@@ -562,3 +562,17 @@ def test_an_adapter_given_twice_is_warned_of(gpt2, tmp_path, capsys):
     once = load_adapter(tmp_path / "w")
     for name, m in once.modules.items():
         assert torch.allclose(twice.modules[name].delta(), m.delta(), atol=1e-6)
+
+
+def test_sum_adapters_truncates_as_the_command_does(gpt2, tmp_path, capsys):
+    """``loramix sum --out-rank K`` / ``--energy F`` had no keyword in ``sum_adapters``
+    (only ``merge(..., "sum", out_rank=K)`` reached it): the same bytes as the command."""
+    a, b = gpt2["adapters"][0], gpt2["adapters"][1]
+    for flag, kw in (("--out-rank", dict(out_rank=2)), ("--energy", dict(energy=0.9))):
+        name = flag.strip("-")
+        code, _, err = run_cli(capsys, a, b, flag, next(iter(kw.values())), "--out", tmp_path / f"cli-{name}")
+        assert code == 0, err
+        got = sum_adapters([a, b], out=tmp_path / f"api-{name}", **kw)
+        cli = tmp_path / f"cli-{name}" / "adapter_model.safetensors"
+        assert (got / "adapter_model.safetensors").read_bytes() == cli.read_bytes(), flag
+    assert load_adapter(tmp_path / "api-out-rank").modules[next(iter(load_adapter(a).modules))].rank == 2

@@ -123,6 +123,8 @@ def sum_adapters(
     weights: Sequence[float] | None = None,
     base=None,
     out,
+    out_rank: int | None = None,
+    energy: float | None = None,
     dtype: str | torch.dtype | None = None,
     force: bool = False,
 ) -> Path:
@@ -134,8 +136,12 @@ def sum_adapters(
     ``B = [w_1 s_1 B_1 ...]`` (out, R), ``A = [A_1; ...]`` (R, in), scale 1.
     D2-LoRA and DoRA adapters are refused (their effective deltas depend on ``W0``).
     ``base`` (optional) checks that every module exists in it with a fitting
-    shape. Returns the folder written (``MergeResult.out``). No
-    ``progress``: :func:`merge` draws its bar only for a model written."""
+    shape. ``out_rank`` (``k``) or ``energy`` (a fraction in (0, 1]): the sum
+    truncated by SVD from its factors, as ``loramix sum --out-rank`` /
+    ``--energy`` writes it (``merge(..., "sum", out_rank=k)``, whose result
+    also holds the discarded energy). Returns the folder written
+    (``MergeResult.out``). No ``progress``: :func:`merge` draws its bar only
+    for a model written."""
     ads = adapter_list(adapters)
     if base is not None:
         from ..adapter import Adapter
@@ -146,4 +152,5 @@ def sum_adapters(
         ads = [a if isinstance(a, Adapter) else load_adapter(a) for a in ads]
         modules = list(dict.fromkeys(n for ad in ads for n in ad.modules))
         resolve_targets(base if isinstance(base, BaseModelFolder) else BaseModelFolder(base), modules, ads)
-    return merge(ads, "sum", weights=weights, out=out, dtype=dtype, device="cpu", force=force).out
+    return merge(ads, "sum", weights=weights, out=out, dtype=dtype, device="cpu", force=force, out_rank=out_rank,
+                 energy=energy).out  # fmt: skip
