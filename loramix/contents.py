@@ -42,8 +42,8 @@ def _natural_key(name: str) -> list:
 
 def inspect_adapter(adapter: Adapter | str | Path) -> pd.DataFrame:
     """What ``loramix inspect`` shows of ``adapter`` (a path, or a loaded
-    :class:`~loramix.adapter.Adapter`): one row per module, in natural name
-    order; columns :data:`COLUMNS` (``norm``: ``||s B A||_F`` in float64,
+    :class:`~loramix.adapter.Adapter`). Returns a pandas DataFrame, one row
+    per module, in natural name order; columns :data:`COLUMNS` (``norm``: ``||s B A||_F`` in float64,
     the residual's for a kind that needs the base).
 
     ``df.attrs`` holds the adapter's ``name``, ``path``, ``sha256``,
