@@ -49,7 +49,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LoramixError, UsageError
+from .errors import UsageError
+from .trained_base import base_identity
 
 #: the fewest compositions of one merge method that a line is fitted and validated on
 MIN_COMPOSITIONS = 3
@@ -384,17 +385,6 @@ def _write(out, force: bool, inputs: list[str], files: dict, vals: dict, points:
     return Path(out)
 
 
-def _identity(base: str) -> str | None:
-    """The base folder's identity (as training provenance records it); None for a GGUF file or a
-    folder without one."""
-    from .io.model_folder import BaseModelFolder
-
-    try:
-        return BaseModelFolder(base).identity()
-    except (LoramixError, OSError):
-        return None
-
-
 def _paths(files) -> list[str]:
     return [os.fspath(p) for p in ([files] if isinstance(files, (str, os.PathLike)) else files or [])]
 
@@ -439,7 +429,7 @@ def fit_evaluations(
     own = {a: v for a, v in own.items() if a in used}  # an adapter in no merge is no domain of any fit
     fs, kind = _features(own, points[0]["file"])
     vals = _validations(points, fs, level)
-    identity = _identity(next(e.base for e in evals if e.method is not None))
+    identity = base_identity(next(e.base for e in evals if e.method is not None))
     fits = line_fits(points, kind)
     written = {"predictors.json": _predictors_file(vals, identity, kind, [*files, *ref_files], points)}
     if fits:

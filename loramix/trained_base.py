@@ -66,6 +66,22 @@ def _gguf_source(path: Path) -> str | None:
     return f"gguf:{sha}" if rec.get("method") == "gguf-import" and isinstance(sha, str) else None
 
 
+def base_identity(base: str | os.PathLike) -> str | None:
+    """The identity of the base model at ``base`` as a training record names
+    it (:meth:`~loramix.io.model_folder.BaseModelFolder.identity`): of the
+    folder, or of a GGUF file's import in the user cache (nothing is
+    imported). None where there is none to read: a GGUF file not imported
+    yet, a folder without a config."""
+    from .gguf_import import imported_base, means_gguf
+    from .io.model_folder import BaseModelFolder
+
+    try:
+        p = imported_base(base) if means_gguf(Path(base)) else base
+        return None if p is None else BaseModelFolder(p).identity()
+    except (LoramixError, OSError):
+        return None
+
+
 def base_keys(base: str | os.PathLike) -> set[str]:
     """What names the base model at ``base`` (a folder or a GGUF file):
     ``id:<identity>`` of the folder, ``id:<identity>`` of the base a loramix

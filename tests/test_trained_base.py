@@ -141,3 +141,25 @@ def test_eval_names_a_merged_folder_as_the_merge_it_is(bases, tmp_path, capsys):
         == 0
     )
     assert capsys.readouterr().out.startswith(f"the base with {bases['peft']} on the fly: {bases['a']}\n")
+
+
+def test_a_bases_identity_is_its_folders_or_its_ggufs_import(bases, tmp_path, monkeypatch):
+    """``base_identity``, what a fit file records for ``predict``'s other-base
+    check (``loramix fit``, a study's report): a folder's own identity; a GGUF
+    file's import in the user cache, None before it is imported (nothing is
+    imported to read it); None where nothing names the base. ``loramix fit``
+    of merges evaluated on a ``.gguf`` base recorded None, so ``predict`` of
+    its fit compared no base."""
+    from loramix.gguf_import import resolve_base
+    from loramix.io.model_folder import BaseModelFolder
+    from loramix.trained_base import base_identity
+
+    a = BaseModelFolder(bases["a"]).identity()
+    assert base_identity(bases["a"]) == base_identity(str(bases["copy"])) == a
+    assert base_identity(bases["b"]) not in (None, a)
+    assert base_identity(tmp_path / "nothing") is None
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))  # the session's may hold its import
+    gguf = llama_gguf(tmp_path / "m.gguf", tokenizer=True)
+    assert base_identity(gguf) is None  # not imported yet, and not imported by asking
+    folder = resolve_base(gguf)
+    assert base_identity(gguf) == BaseModelFolder(folder).identity() is not None

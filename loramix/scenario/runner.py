@@ -26,6 +26,7 @@ from ..api import renamed
 from ..blas import one_openblas_thread
 from ..environment import environment
 from ..errors import OutputError, UsageError
+from ..trained_base import base_identity
 from .cache import Cache, default_cache_dir
 from .config import Scenario, load_scenario, scenario_summary
 from .evaluations import KEY, compact
@@ -311,7 +312,12 @@ class Runner:
             "scenario_file": str(sc.path),
             "scenario": scenario_summary(sc),
             "environment": environment(self.device, torch_threads=self.threads),
-            "base": {"key": base_key, "identity": _identity(base["path"]), "parameters": params, **base_info},
+            "base": {
+                "key": base_key,
+                "identity": base_identity(base["path"]),
+                "parameters": params,
+                **base_info,
+            },
             "domains": domains,
             "similarity": study["similarity"],
             "similarity_mean": study["similarity_mean"],
@@ -348,17 +354,6 @@ class Runner:
                 "made_seconds": self._made_seconds(),
             },  # fmt: skip
         }
-
-
-def _identity(path: str) -> str | None:
-    """The base folder's identity (as training provenance records it), for predictors.json."""
-    from ..errors import LoramixError
-    from ..io.model_folder import BaseModelFolder
-
-    try:
-        return BaseModelFolder(path).identity()
-    except (LoramixError, OSError):
-        return None
 
 
 @one_openblas_thread
