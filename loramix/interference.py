@@ -252,7 +252,7 @@ def fit_in(path, *, line: bool = False) -> tuple:
     have = [name for name in REPORT_FITS if (p / name).is_file()]
     if not have:
         raise UsageError(p, "a folder with neither predictors.json nor fit.json in it (give a scenario report "
-                         "folder, reports/NAME, or one of those files)")  # fmt: skip
+                         "folder, reports/NAME, a folder loramix fit wrote, or one of those files)")  # fmt: skip
     chosen = "fit.json" if line and "fit.json" in have else have[0]
     why = {"predictors.json": "best predictor, validated leave-one-domain-out",
            "fit.json": "line of delta_ppl% on the RMS cosine"}  # fmt: skip

@@ -90,7 +90,7 @@ def _validated_text(r: dict) -> str:
     lines += [f"  {f}: {x:.4g}" for f, x in r["features"].items()]
     mae = v.get("mae")
     over = f" of its {r['domains']} domains" if r.get("domains") else ""
-    lines.append(f"predictor: {r['predictor']} from {r['file']} (best of the study's predictors under "
+    lines.append(f"predictor: {r['predictor']} from {r['file']} (best of its predictors under "
                  f"leave-one-domain-out{over}: held-out MAE {mae:.3g} over {v.get('n')} predictions, mean's "
                  f"{r['mean_mae']:.3g})")  # fmt: skip
     line = f"predicted {r['target']}: {r['predicted']:+.2f}"
