@@ -457,6 +457,18 @@ def reads_data(fitfile: dict | None, *, by_method: bool = True) -> bool:
     return bool(_data_aware({f.split(":")[0] for fi in fits for f in fit_features(fi)}))
 
 
+def unread_data_note(fit, fitfile: dict | None, data, *, by_method: bool = True) -> list[str]:
+    """The note, or none, that ``data`` (``--data``) went unread: the
+    predictors of ``fitfile`` read no data-aware feature, so the cost comes
+    from the factors alone and ``--data``, ``--base`` and ``--tokens`` change
+    nothing. Said, not refused: whether they read any is known only once the
+    file is read, and the same command line suits a file whose do."""
+    if not data or fitfile is None or reads_data(fitfile, by_method=by_method):
+        return []
+    return [f"--data unread: the predictors of {fit} read no data-aware feature (their costs come from the "
+            "adapters' factors alone)"]  # fmt: skip
+
+
 def _warn_short_calibration(data: list, got: list[int], tokens: int) -> None:
     """Warn (:class:`~loramix.errors.LoramixWarning`) of a calibration file that
     holds fewer tokens than the recipe asks: its data-aware features rest on
@@ -583,6 +595,7 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
         # were not; None for an adapter loaded from no file
         g["paths"] = [None if of[m][1] is None else str(of[m][1]) for m in g["members"]]
     p.notes = plan_notes(model.features.names, kinds, cosine_cost=fit is None, effective=effective)
+    p.notes += unread_data_note(fit, fitfile, data)
     if fitfile is not None:  # groups larger than any composition the predictor was validated on
         from .interference import fitted_sizes, size_note
 

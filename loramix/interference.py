@@ -90,7 +90,7 @@ def predict_validated(
     study's (the file's ``calibration``), else 256 tokens of records cut at 128.
     ``progress``: a bar of the calibration pass (on a terminal).
     """
-    from .grouping import adapter_checks, cost_model, fit_features, reads_data
+    from .grouping import adapter_checks, cost_model, fit_features, reads_data, unread_data_note
     from .validation import extrapolation, load_predictors
 
     fitfile = load_predictors(path)
@@ -126,9 +126,9 @@ def predict_validated(
                          "no prediction (docs/predictors.md, missing values)")  # fmt: skip
     from .features.cosine import ZERO_WHEN_DISJOINT
 
-    notes = []
+    notes = unread_data_note(path, fitfile, data, by_method=False)
     if any(f in ZERO_WHEN_DISJOINT for f in features):
-        notes = disjoint_notes(model.features.names, model.features.matrices["coverage"])
+        notes += disjoint_notes(model.features.names, model.features.matrices["coverage"])
     far = extrapolation(fit, features)
     if far is not None:
         warnings.append(far)

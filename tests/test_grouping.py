@@ -795,3 +795,21 @@ def test_loramix_plan_says_its_notes_in_keyword_terms(kinds_bank):
     assert [n.replace("--base BASE", "base=BASE") for n in cli.notes] == py.notes
     assert len(py.notes) == 1 and py.notes[0].endswith("depend on the base: pass base=BASE to compare those")
     assert py.groups == cli.groups and py.to_json_dict()["cost"] == py.cost_source
+
+
+def test_data_a_fit_reads_no_feature_of_is_said_unread(bank, similar_merge_well, capsys):
+    """With a predictors file whose predictors read no data-aware feature,
+    ``--data`` (and ``--base``, ``--tokens``) change nothing: ``plan`` and
+    ``predict`` took them without a word, read for a setting that took
+    effect. Each now says so in a note; without ``--data``, no note."""
+    paths, _ = bank
+    fit, _ = similar_merge_well
+    data = ["--data", "synthetic:arith?n=5", "--base", "b"]  # b: no folder, and never read
+    for argv in (["plan", *paths[:3], "--fit", str(fit)], ["predict", *paths[:2], "--fit", str(fit)]):
+        assert main([*argv, *data, "--format", "json"]) == 0
+        err = capsys.readouterr().err
+        assert f"loramix: note: --data unread: the predictors of {fit} read no data-aware feature" in err, err
+        assert main([*argv, "--format", "json"]) == 0
+        assert "--data unread" not in capsys.readouterr().err
+    p = plan(paths[:3], fit=str(fit), data=["synthetic:arith?n=5"], base="b")
+    assert any(n.startswith("--data unread") for n in p.notes) and "--data unread" in repr(p)
