@@ -2254,6 +2254,28 @@ def test_a_folder_appearing_at_the_report_path_during_a_study_is_left_alone(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "rep", "s.toml"]
 
 
+@pytest.mark.parametrize("where", ["the scenario's folder", "inside the cache", "the data's folder"])
+def test_a_report_folder_holding_an_input_is_refused_even_with_force(tmp_path, capsys, where):
+    """The report folder is replaced whole: one that holds the scenario file or
+    a domain's data, or lies inside the cache, is refused before the study,
+    --force or not (it replaced them all, deleting the scenario file, the
+    data and the cache)."""
+    data = tmp_path / "qa"
+    data.mkdir()
+    rows = "".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(20))
+    (data / "qa.jsonl").write_text(rows)
+    scen = tmp_path / "s.toml"
+    scen.write_text(GOOD.replace('"synthetic:units"', f'"{data / "qa.jsonl"}"'))
+    cache = tmp_path / "cache"
+    out, named = {"the scenario's folder": (tmp_path, scen), "inside the cache": (cache / "rep", cache),
+                  "the data's folder": (data, data / "qa.jsonl")}[where]  # fmt: skip
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rc, _, err = cli(capsys, "scenario", "run", scen, "--out", out, "--cache", cache, "--force", "--quiet")
+    assert_refused(rc, err, None, out, named, "output would overwrite the input")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (data / "qa.jsonl").read_text() == rows
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for d in Path("/proc").iterdir():

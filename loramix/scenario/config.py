@@ -302,6 +302,17 @@ class Scenario:
         """The merge methods that apply to adapters of ``adapter_method``."""
         return [m for m in self.merges if applies_to(m.method, adapter_method)]
 
+    def inputs(self) -> list[Path]:
+        """The files and folders on this machine the study reads: the scenario
+        file, the base, the base's pre-training data, each domain's data, its
+        ``trained_on`` records and its given adapter (``synthetic:`` specs are
+        made, not read). A report folder may hold none of them: it is replaced
+        whole."""
+        specs = [*self.base.build_data, *(x for d in self.domains.values() for x in (d.data, d.trained_on))]
+        paths = [Path(s) for s in specs if s is not None and not s.startswith("synthetic:")]
+        given = [d.adapter for d in self.domains.values() if d.adapter is not None]
+        return [self.path, *([self.base.path] if self.base.path is not None else []), *paths, *given]
+
 
 @dataclass(frozen=True)
 class _CompositionKeys:

@@ -37,16 +37,18 @@ def merges_for(sc: Scenario, adapter_method: str):
     return sc.merges_for(adapter_method)
 
 
-def check_report_dir(out: Path, name: str, force: bool, *, late: bool = False) -> None:
+def check_report_dir(out: Path, name: str, force: bool, *, late: bool = False, inputs=()) -> None:
     """A report folder may be replaced when it holds an earlier report of the
     same scenario (or with ``force``); anything else is refused, and so is a
     folder that cannot be written at all (under a file, a symlink loop, the
-    current folder: :func:`~loramix.io.outputs.check_output`), before the
-    study runs rather than after it; and again at the end (``late``), for a
-    folder that appeared meanwhile."""
+    current folder: :func:`~loramix.io.outputs.check_output`) or that is,
+    holds or lies inside one of ``inputs`` (the scenario's files and its
+    cache, which replacing the folder would delete, even with ``force``),
+    before the study runs rather than after it; and again at the end
+    (``late``), for a folder that appeared meanwhile."""
     from ..io.outputs import check_output
 
-    check_output(out, force=True)
+    check_output(out, force=True, inputs=inputs)
     if not out.exists() or force:
         return
     rj = out / "report.json"
@@ -408,7 +410,9 @@ def run_scenario(
 
     sc = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
     out = Path(out) if out is not None else Path("reports") / sc.name
-    check_report_dir(out, sc.name, force)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    inputs = [*sc.inputs(), cache_dir]
+    check_report_dir(out, sc.name, force, inputs=inputs)
     # the CPU told without torch (no GPU driver): a rerun read back from the cache never imports it
     dev = "cpu" if is_cpu(device) else resolve_device(device)
     if threads is not None and threads < 1:
@@ -422,7 +426,7 @@ def run_scenario(
         ex = ProcessExecutor(n, 1, auto=True) if n > 1 and not address else make_executor(address=address)
     else:
         ex = make_executor(executor, jobs=jobs, threads=threads or 1, address=address)
-    cache = Cache(Path(cache_dir) if cache_dir is not None else default_cache_dir(), fresh=fresh)
+    cache = Cache(cache_dir, fresh=fresh)
     runner = Runner(sc, cache=cache, device=dev, progress=progress, executor=ex, threads=threads or 1)
     report = runner.run()  # torch's threads set for the run's computing, restored after
     report["out_hint"] = str(out / "fit.json")
@@ -433,6 +437,6 @@ def run_scenario(
         write_report(tmp, report, per_module=runner.per_module, cache=cache)
         # again at the last moment: a folder that appeared during the study (not a report
         # of this scenario) is refused as one there at the start was, not replaced
-        check_report_dir(out, sc.name, force, late=True)
+        check_report_dir(out, sc.name, force, late=True, inputs=inputs)
     report["out"] = str(out)
     return report
