@@ -1377,6 +1377,30 @@ def test_llama_and_gpt2_adapters_refused(world, tmp_path, capsys, method):
     assert_refused(rc, err, None, world["la"], "different architectures")
 
 
+@pytest.mark.parametrize("adapter, base", [("a", "gpt2"), ("la", "llama")])
+@pytest.mark.parametrize("method", ["sum", "ties"])
+def test_adapter_with_transposed_factors_refused_by_a_merge_into_a_base(
+    world, tmp_path, capsys, adapter, base, method
+):
+    """lora_A and lora_B swapped and transposed (A' = B^T, B' = A^T: the delta's
+    transpose) fit a non-square weight of a known architecture only against its
+    layout: PEFT refuses the file, and eval refuses it; a merge into the base
+    took it, turning the non-square modules back and leaving the square ones
+    (q_proj, c_proj) transposed."""
+    ad = copy(world[adapter], tmp_path / "ad")
+    t = load_file(ad / WEIGHTS)
+    for k in [k for k in t if "lora_A" in k]:
+        kb = k.replace("lora_A", "lora_B")
+        t[k], t[kb] = t[kb].T.contiguous(), t[k].T.contiguous()
+    save_file(t, ad / WEIGHTS)
+    out = tmp_path / "out"
+    extra = ("--density", "0.5") if method == "ties" else ()
+    rc, _, err = cli(
+        capsys, "merge", "--no-progress", "-m", method, *extra, ad, "--into", world[base], "--out", out
+    )
+    assert_refused(rc, err, out, ad, "fits it only transposed", "lora_A and lora_B are transposed")
+
+
 def test_adapters_on_different_modules_of_one_base_accepted(world, tmp_path, capsys):
     model = tiny_gpt2(seed=0)
     only_fc = make_peft_adapter(model, tmp_path / "fc", r=2, target_modules=["c_fc"])

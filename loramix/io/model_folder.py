@@ -8,8 +8,10 @@ safetensors headers without reading any weight, and maps adapter modules to
 base tensors.
 
 Layout. Adapters are always ``(out, in)`` (``nn.Linear``). A GPT-2 ``Conv1D``
-stores its weight ``(in, out)``, so its base tensor is the transpose. A
-non-square weight tells its layout by its shape (against the adapter's ``A``,
+stores its weight ``(in, out)``, so its base tensor is the transpose. In an
+architecture the table knows, the table decides (an adapter that fits a
+weight only the other way is refused: its factors are transposed). Otherwise
+a non-square weight tells its layout by its shape (against the adapter's ``A``,
 ``r x in``, and ``B``, ``out x r``); a square one (GPT-2's ``attn.c_proj``,
 768 x 768) cannot, and is decided, in this order, by the per-architecture
 table (:func:`loramix.archs.is_conv1d`: the numbered blocks of a ``Conv1D``
@@ -334,9 +336,11 @@ class BaseModelFolder:
         checkpoints saved from ``GPT2Model`` lack ``transformer.``).
         ``transposed`` is True when the tensor is stored ``(in, out)``
         (``Conv1D``). ``shape`` is the adapter's ``(out, in)``; when given, a
-        tensor that fits neither way is an error, and a non-square one decides
-        the layout. A square one is decided by :meth:`module_layout`, which
-        takes the adapter's ``fan_in_fan_out`` (None: not stated).
+        tensor that fits neither way is an error, and so, in an architecture
+        the table knows, is one that fits only against the table's layout;
+        elsewhere a non-square one decides the layout. The rest is decided by
+        :meth:`module_layout`, which takes the adapter's ``fan_in_fan_out``
+        (None: not stated).
         """
         cands = self._candidates(name)
         key = next((c + ".weight" for c in cands if c + ".weight" in self.tensors), None)
@@ -373,9 +377,20 @@ class BaseModelFolder:
                     self.path / info.shard,
                     f"tensor {key} is {rows}x{cols}, which does not fit adapter module {name} ({out_f}x{in_f}, out x in)",
                 )
-            if out_f != in_f:
+            if out_f != in_f and arch(self.config.get("model_type")) is None:
                 return key, (rows, cols) == (in_f, out_f)
-        return key, self.module_layout(key.removesuffix(".weight"), fan_in_fan_out) == CONV1D
+        transposed = self.module_layout(key.removesuffix(".weight"), fan_in_fan_out) == CONV1D
+        if shape is not None and (rows, cols) != ((in_f, out_f) if transposed else (out_f, in_f)):
+            # A known architecture's layout is a fact: an adapter that fits only the other way
+            # has its factors transposed (PEFT refuses it, and so does eval, which checks the
+            # modules); merged, its non-square modules were turned and its square ones not.
+            raise BaseModelError(
+                self.path / info.shard,
+                f"tensor {key} is {rows}x{cols}, stored {'in x out (Conv1D)' if transposed else 'out x in'}, "
+                f"so adapter module {name} ({out_f}x{in_f}, out x in) fits it only transposed: its lora_A "
+                "and lora_B are transposed (PEFT's are r x in and out x r)",
+            )
+        return key, transposed
 
     def module_layout(self, module_key: str, fan_in_fan_out: bool | None = None) -> str:
         """``"conv1d"`` or ``"linear"`` for a checkpoint module name, without
