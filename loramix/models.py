@@ -108,12 +108,29 @@ def load_tokenizer(path: str | os.PathLike):
     try:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # transformers raises OSError/ValueError/... for broken files
-        raise BaseModelError(p, f"tokenizer does not load: {type(e).__name__}: {e}") from None
+        raise _load_error(p, "tokenizer", e) from None
     if tok.eos_token_id is None:
         raise BaseModelError(p, "tokenizer has no eos_token")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _load_error(p: Path, what: str, e: Exception) -> BaseModelError:
+    """The one line for ``what`` (the tokenizer, the model) of folder ``p``
+    failing to load with ``e``: transformers reads ``config.json`` for both,
+    so a field of the wrong type there (``"vocab_size": "x"``) failed the
+    tokenizer; it is named as ``config.json``'s where transformers' own
+    config class refuses it (only on this error path: it costs a read)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except Exception as ce:
+        return BaseModelError(
+            p / "config.json", f"not a valid transformers config: {type(ce).__name__}: {ce}"
+        )
+    return BaseModelError(p, f"{what} does not load: {type(e).__name__}: {e}")
 
 
 def check_tokenizer(model, tokenizer, where) -> None:
@@ -163,7 +180,7 @@ def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None):
     except BaseModelError:
         raise
     except Exception as e:
-        raise BaseModelError(p, f"model does not load: {type(e).__name__}: {e}") from None
+        raise _load_error(p, "model", e) from None
     finally:
         if bar:
             hf_logging.enable_progress_bar()

@@ -1917,6 +1917,24 @@ def test_scenario_check_bounds_what_run_can_do(tmp_path, capsys, edit, key, word
     assert time.perf_counter() - t0 < 10
 
 
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_a_config_field_of_the_wrong_type_names_config_json(llama_with_tokenizer, tmp_path, capsys, command):
+    """transformers reads config.json to load the tokenizer too: a field of the
+    wrong type there was said as 'tokenizer does not load', naming the folder."""
+    base = copy(llama_with_tokenizer, tmp_path / "base")
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "vocab_size": "128"}))
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": f"{i} + 1", "answer": str(i + 1)}) + "\n" for i in range(8))
+    )
+    out = tmp_path / "out"
+    args = [] if command == "eval" else ["--steps", "1", "--out", out]
+    rc, _, err = cli(capsys, command, "--quiet", "--base", base, "--data", data, *args)
+    line = assert_refused(rc, err, out, base / "config.json", "vocab_size")
+    assert "tokenizer" not in line, line
+
+
 @pytest.mark.parametrize("length", [("--steps", "3"), ("--epochs", "1")])
 def test_train_warmup_beyond_the_run_refused(llama_with_tokenizer, tmp_path, capsys, length):
     """A warm-up longer than the run never reaches --lr; the run's length is
