@@ -65,14 +65,48 @@ def training_split(adapter_path, unknown: dict | None = None) -> dict[str, set]:
     return out
 
 
-def _unreadable_record(path) -> Path | None:
-    """The adapter's ``loramix.json`` where one is there but reads as no
-    record (damaged, not JSON, not an object): its training split is unknown."""
+def _unreadable_record(path) -> tuple[Path, str] | None:
+    """``(file, problem)``: the adapter's ``loramix.json`` where one is there
+    but reads as no record (damaged, not JSON, not an object), or as a
+    training record whose fields :func:`training_split` reads are of the
+    wrong type (:func:`_damage`): its training split is unknown."""
     from .io.provenance import FILENAME, read_record
 
     p = Path(path)
     f = (p if p.is_dir() else p.parent) / FILENAME
-    return f if f.is_file() and read_record(path) is None else None
+    if not f.is_file():
+        return None
+    rec = read_record(path)
+    problem = "not a readable record" if rec is None else _damage(rec)
+    return (f, problem) if problem else None
+
+
+def _damage(rec: dict) -> str | None:
+    """What in a record read as a JSON object keeps :func:`training_split`
+    from rebuilding its split, or None. Taken as they were, a ``method`` or
+    ``inputs`` of the wrong type read as a record of no training data
+    (nothing held out), and a string ``seed`` split the records by another
+    permutation than training's (its training records scored as held out)."""
+    method = rec.get("method")
+    if not isinstance(method, str):
+        return "a record whose method is not a string"
+    if method != "train":
+        return None
+    params, inputs = rec.get("parameters"), rec.get("inputs")
+    if not isinstance(params, dict):
+        return "a training record whose parameters are not an object"
+    if not isinstance(inputs, list) or not all(
+        isinstance(i, dict) and isinstance(i.get("kind"), str) for i in inputs
+    ):
+        return "a training record whose inputs are not a list of objects with a kind"
+    if any(i["kind"] == "data" and not isinstance(i.get("path"), str) for i in inputs):
+        return "a training record with a data input whose path is not a string"
+    seed = params.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return "a training record whose parameters.seed is not an integer"
+    if not isinstance(params.get("fields", {}), dict):
+        return "a training record whose parameters.fields is not an object"
+    return None
 
 
 def _trained(adapters, base, data: list, strict: bool = False) -> list[tuple[int, str, set]]:
@@ -93,7 +127,7 @@ def _trained(adapters, base, data: list, strict: bool = False) -> list[tuple[int
         unknown: dict = {}
         split = training_split(path, unknown)
         if strict and (bad := _unreadable_record(path)):
-            raise UsageError("--held-out", f"{bad}: not a readable record, so the records the adapter was "
+            raise UsageError("--held-out", f"{bad[0]}: {bad[1]}, so the records the adapter was "
                              "trained on are unknown")  # fmt: skip
         for i, f in files.items():
             if strict and f in unknown:

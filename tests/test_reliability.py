@@ -1935,6 +1935,47 @@ def test_a_config_field_of_the_wrong_type_names_config_json(llama_with_tokenizer
     assert "tokenizer" not in line, line
 
 
+@pytest.fixture(scope="module")
+def trained_adapter(llama_with_tokenizer, tmp_path_factory):
+    """A LoRA ``loramix train`` made on the tiny Llama, with its data file."""
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": f"{i} + 1", "answer": str(i + 1)}) + "\n" for i in range(20))
+    )
+    args = ["train", "--quiet", "--base", llama_with_tokenizer, "--data", data, "--steps", "1", "--rank", "2",
+            "--out", root / "ad"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    return root / "ad", data
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda r: r.update(inputs="x"), "inputs are not a list"),
+        (lambda r: r["parameters"].update(seed="0"), "parameters.seed is not an integer"),
+        (lambda r: r.update(method=5), "method is not a string"),
+        (lambda r: r["inputs"][1].update(path=5), "data input whose path is not a string"),
+    ],
+)
+def test_held_out_refuses_a_training_record_with_fields_of_the_wrong_type(
+    llama_with_tokenizer, trained_adapter, tmp_path, capsys, damage, words
+):
+    """--held-out rebuilds the training split from loramix.json: a record read as
+    JSON but with a method, inputs or seed of the wrong type was taken for one
+    of no training data, or split by another permutation, and every training
+    record (or others) scored as held out with exit 0."""
+    src, data = trained_adapter
+    ad = copy(src, tmp_path / "ad")
+    rec = json.loads((ad / "loramix.json").read_text())
+    assert rec["inputs"][1]["kind"] == "data"
+    damage(rec)
+    (ad / "loramix.json").write_text(json.dumps(rec))
+    args = ["eval", "--quiet", "--base", llama_with_tokenizer, "--adapter", ad, "--data", data, "--held-out"]
+    rc, _, err = cli(capsys, *args)
+    assert_refused(rc, err, None, "--held-out", ad / "loramix.json", words)
+
+
 @pytest.mark.parametrize("length", [("--steps", "3"), ("--epochs", "1")])
 def test_train_warmup_beyond_the_run_refused(llama_with_tokenizer, tmp_path, capsys, length):
     """A warm-up longer than the run never reaches --lr; the run's length is
