@@ -1401,6 +1401,28 @@ def test_adapter_with_transposed_factors_refused_by_a_merge_into_a_base(
     assert_refused(rc, err, out, ad, "fits it only transposed", "lora_A and lora_B are transposed")
 
 
+@pytest.mark.parametrize("name", ["default", "zeta"])
+@pytest.mark.parametrize("command", ["inspect", "similarity", "sum"])
+def test_a_factor_stored_with_and_without_an_adapter_name_refused(world, tmp_path, capsys, name, command):
+    """lora_A.weight and lora_A.<name>.weight of one module: one adapter name
+    counted, so not refused as several adapters, and the key read later
+    replaced the other unsaid (the named one where its name sorts after
+    'weight', the one PEFT ignores)."""
+    ad = copy(world["a"], tmp_path / "ad")
+    t = load_file(ad / WEIGHTS)
+    key = next(k for k in t if "lora_A" in k)
+    t[key.replace("lora_A.weight", f"lora_A.{name}.weight")] = 100 * torch.randn_like(t[key])
+    save_file(t, ad / WEIGHTS)
+    out = tmp_path / "out"
+    args = {
+        "inspect": [ad],
+        "similarity": [ad, world["b"]],
+        "sum": ["--no-progress", ad, world["b"], "--out", out],
+    }
+    rc, _, err = cli(capsys, command, *args[command])
+    assert_refused(rc, err, out, ad / WEIGHTS, key, "two copies of one factor")
+
+
 def test_adapters_on_different_modules_of_one_base_accepted(world, tmp_path, capsys):
     model = tiny_gpt2(seed=0)
     only_fc = make_peft_adapter(model, tmp_path / "fc", r=2, target_modules=["c_fc"])

@@ -456,6 +456,7 @@ def read_parts(parsed: list[tuple], get: Callable, weights: Path) -> dict[str, d
     ``"M"``: DoRA's magnitude) and one adapter per file only. PEFT's copy of
     a base weight (``BASE_COPY``) is skipped unread."""
     raw: dict[str, dict] = {}
+    seen: dict[tuple, str] = {}  # (module, factor, branch) -> its key
     adapter_names: set[str] = set()
     for key, module, factor, branch, aname in parsed:
         if factor == BASE_COPY:
@@ -471,7 +472,14 @@ def read_parts(parsed: list[tuple], get: Callable, weights: Path) -> dict[str, d
                 weights,
                 f"module {module}: {key} has {t.ndim} dimensions; only linear LoRA (2-D factors) is supported",
             )
-        raw.setdefault(module, {})[(factor, branch)] = t
+        held = raw.setdefault(module, {})
+        if (factor, branch) in held:
+            # one stored with an adapter name and one without (``lora_A.weight`` and
+            # ``lora_A.zeta.weight``): the later key silently replaced the other
+            raise AdapterError(weights, f"module {module}: holds {key} and {seen[module, factor, branch]}, two "
+                               "copies of one factor (several adapters in one file?); save them apart")  # fmt: skip
+        held[(factor, branch)] = t
+        seen[module, factor, branch] = key
     if len(adapter_names) > 1:
         raise AdapterError(
             weights, f"holds several adapters ({', '.join(sorted(adapter_names))}); save them apart"
