@@ -184,6 +184,16 @@ def _point(m: Evaluation, own: dict) -> tuple[tuple[str, ...], float]:
     return tuple(sorted(ppl_own)), retention_pct({d: m.rows[d] for d in ppl_own}, ppl_own)
 
 
+def _same_base_and_scoring(e: Evaluation, first: Evaluation) -> None:
+    """``e`` (a merge, or a merged-data adapter) evaluated on the base and with the scoring of
+    ``first`` (the first merge): a fit is of one base and one scoring, since retention on
+    answers and on all tokens are not one y."""
+    if (e.base, e.on, e.prompt) != (first.base, first.on, first.prompt):
+        raise UsageError(e.path, f"evaluated on {e.base} with --on {e.on} --prompt {e.prompt}, {first.path} on "
+                         f"{first.base} with --on {first.on} --prompt {first.prompt}: a fit is of one base "
+                         "and one scoring")  # fmt: skip
+
+
 def collect_points(evals: list[Evaluation]) -> tuple[dict, list[dict]]:
     """``(own, points)``: each adapter's domain and evaluation, and one point per merge
     (``composition``, ``merge_method``, ``y``, ``file``), each checked against its members."""
@@ -191,12 +201,7 @@ def collect_points(evals: list[Evaluation]) -> tuple[dict, list[dict]]:
     points, seen = [], {}
     merges = [e for e in evals if e.method is not None]
     for m in merges:
-        first = merges[0]
-        # one fit, one base and one scoring: retention on answers and on all tokens are not one y
-        if (m.base, m.on, m.prompt) != (first.base, first.on, first.prompt):
-            raise UsageError(m.path, f"evaluated on {m.base} with --on {m.on} --prompt {m.prompt}, {first.path} on "
-                             f"{first.base} with --on {first.on} --prompt {first.prompt}: a fit is of one base "
-                             "and one scoring")  # fmt: skip
+        _same_base_and_scoring(m, merges[0])
         comp, y = _point(m, own)
         key = (comp, m.method)
         if key in seen:
@@ -226,9 +231,7 @@ def _reference(r: Evaluation, own: dict, merges: list[Evaluation]) -> tuple:
     first = merges[0]
     if r.method is not None or len(r.rows) < 2:
         raise UsageError(r.path, "a merged-data evaluation is of one adapter on two or more domains' data")
-    if (r.base, r.on, r.prompt) != (first.base, first.on, first.prompt):
-        raise UsageError(r.path, f"evaluated on {r.base} with --on {r.on} --prompt {r.prompt}, the merges on "
-                         f"{first.base} with --on {first.on} --prompt {first.prompt} ({first.path})")  # fmt: skip
+    _same_base_and_scoring(r, first)
     for dom, row in r.rows.items():
         e = by_domain.get(dom)
         if e is None:

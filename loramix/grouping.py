@@ -237,12 +237,15 @@ class Plan:
         return d
 
 
+def figure(x) -> str:
+    """A held-out figure (MAE, r, coverage) as ``plan`` and ``fit`` print it: 4 significant
+    digits, ``n/a`` where there is none."""
+    return "n/a" if x is None else f"{x:.4g}"
+
+
 def _validation(v: dict) -> str:
     """A validated predictor's held-out figures, as ``plan`` prints them."""
-
-    def f(x) -> str:
-        return "n/a" if x is None else f"{x:.4g}"
-
+    f = figure
     return (f"validated (leave-one-domain-out): MAE {f(v.get('mae'))}, r {f(v.get('r'))}, "
             f"interval coverage {f(v.get('coverage'))}")  # fmt: skip
 

@@ -8,10 +8,6 @@ import click
 from . import format_option
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4g}"
-
-
 @click.command("fit")
 @click.argument("evaluations", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--merged-data", "merged_data", multiple=True, type=click.Path(path_type=str),
@@ -30,6 +26,7 @@ def command(evaluations, merged_data, out, level, force, fmt):
     import json
 
     from ..evalfit import fit_evaluations
+    from ..grouping import figure as _fmt
 
     r = fit_evaluations(list(evaluations), merged_data=list(merged_data), out=out, level=level, force=force)
     if fmt == "json":
