@@ -17,7 +17,11 @@ engine runs them (``methods.base``):
   recorded), then the few recorded entries that the exact trims cut another
   way elected again;
 - ``dense deltas``: the deltas formed whole first (what a D2-LoRA delta
-  takes), then the one pass on them.
+  takes), then the one pass on them;
+- on a CPU with AVX-512, ``one pass`` again with the kernels' AVX2 form
+  (what a CPU without AVX-512 runs, e.g. a Zen 3) and with their portable
+  loops (what the AVX2 form replaced there), so one machine shows what each
+  form is worth.
 
 Every way's result is checked to be the eager way's bits. Each is given in
 ms and in ns of CPU per entry of the module (wall x threads / entries), the
@@ -43,9 +47,10 @@ from _common import machine_line  # noqa: E402
 
 
 def main(argv=None) -> None:
-    from loramix import engine
+    from loramix import engine, native
     from loramix.adapter import ModuleDelta
     from loramix.methods import base as mb
+    from loramix.native import ties
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--adapters", type=int, default=3)
@@ -68,7 +73,12 @@ def main(argv=None) -> None:
     class Run:  # what engine.cpu_threads needs of an executor
         device, helpers = "cpu", None
 
-    parts: dict[str, list[float]] = {k: [] for k in ROWS}
+    lib = native.library("ties")
+    forms = {}  # row -> the kernels' form it forces
+    if lib is not None and ties.has_avx2(lib) and lib.loramix_has_avx512():
+        forms = {"kernels, AVX2 form, one pass": "avx2", "kernels, portable loops, one pass": "generic"}
+    rows = (*ROWS, *forms)
+    parts: dict[str, list[float]] = {k: [] for k in rows}
     how = (args.density, "mass", "count")
     share = mb.ONE_PASS_MAX_SHARE
     if mb._fused(torch.empty(1)) is None:
@@ -77,13 +87,15 @@ def main(argv=None) -> None:
     def bits(t: torch.Tensor) -> torch.Tensor:
         return t.view(torch.int32)
 
+    dispatched = ties.kernels
     with engine.cpu_threads(Run()):
         threads = engine.run_threads()
         for i in range(args.repeat + 1):
             times, results = {}, {}
-            for way in ROWS:
+            for way in rows:
                 os.environ["LORAMIX_NATIVE"] = "0" if way.startswith("eager") else "1"
                 mb.ONE_PASS_MAX_SHARE = -1.0 if "two passes" in way else share
+                ties.kernels = (lambda f=forms[way]: ties.Ties(lib, form=f)) if way in forms else dispatched
                 t = time.perf_counter()
                 if way.startswith("dense"):
                     out = mb.trim_and_elect(mb.dense_deltas(ctx, mods, None, weights), weights, *how, scratch)
@@ -91,7 +103,7 @@ def main(argv=None) -> None:
                     out = mb.ties_from_factors(ctx, mods, weights, *how)
                 times[way], results[way] = time.perf_counter() - t, bits(out).clone()
             os.environ.pop("LORAMIX_NATIVE", None)
-            mb.ONE_PASS_MAX_SHARE = share
+            mb.ONE_PASS_MAX_SHARE, ties.kernels = share, dispatched
             if any(not torch.equal(r, results[ROWS[0]]) for r in results.values()):
                 raise SystemExit("the ways differ")
             if i:

@@ -15,14 +15,17 @@ from loramix.native import ties
 EDGE = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-45, 0.5, -0.5, 0.25, -0.25]
 
 
-@pytest.fixture(scope="module", params=["dispatched", "generic"])
+@pytest.fixture(scope="module", params=["dispatched", "generic", "avx2"])
 def kernels(request):
-    """The kernels as loramix calls them (AVX-512 where the CPU has it), and
-    the portable loops."""
+    """The kernels as loramix calls them (AVX-512 where the CPU has it, else
+    AVX2), the portable loops, and the AVX2 forms (what a CPU without AVX-512
+    runs) where the CPU has AVX2."""
     k = ties.kernels()
     if k is None:
         pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
-    return k if request.param == "dispatched" else ties.Ties(native.library("ties"), generic=True)
+    if request.param == "avx2" and not ties.has_avx2(native.library("ties")):
+        pytest.skip("no AVX2 here (not an x86-64 CPU with AVX2): the AVX2 kernels cannot run")
+    return k if request.param == "dispatched" else ties.Ties(native.library("ties"), form=request.param)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -150,8 +153,10 @@ def test_fixup_turns_a_provisional_election_into_the_exact_one(kernels, dtype, s
 
 def test_merge_same_bits_with_and_without_kernels(kernels, monkeypatch):
     """TIES from factors and the dense way, in a streaming run, with the
-    kernels and with ``LORAMIX_NATIVE=0``: the same bits."""
+    kernels (in each form) and with ``LORAMIX_NATIVE=0``: the same bits."""
     from loramix.adapter import ModuleDelta
+
+    monkeypatch.setattr(ties, "kernels", lambda: kernels if native.enabled() else None)
     from loramix.engine import Buffers, cpu_threads
 
     class Run:

@@ -10,9 +10,9 @@ the last step of a bfloat16 weight: widen, add, round, check). Or it draws
 what torch draws without torch's per-entry dispatch (``dare.c``: the
 generator's Mersenne Twister, DARE's masks). Each kernel performs
 the eager code's operations in the same order with the same rounding (C11,
-``-ffp-contract=off``, no fast-math flag), or, in its AVX-512 form, a
-lane-for-lane equivalent that provably gives the same bits (listed in the
-source and in docs/merging.md); ``tests/test_native.py`` checks both forms
+``-ffp-contract=off``, no fast-math flag), or, in its AVX-512 and AVX2 forms,
+a lane-for-lane equivalent that provably gives the same bits (listed in the
+source and in docs/merging.md); ``tests/test_native.py`` checks every form
 against the eager code, edge values included.
 
 The library is built once per source, compiler and machine type into

@@ -42,6 +42,8 @@
 #include <immintrin.h>
 #define AVX512 1
 #define AVX512_FN __attribute__((target("avx512f,popcnt")))
+#define AVX2 1
+#define AVX2_FN __attribute__((target("avx2,popcnt")))
 #endif
 
 #define CHUNK 256
@@ -397,21 +399,249 @@ AVX512_KERNELS(double, f64, __m512d, __mmask8, pd, _mm512_set1_epi64(0x7ffffffff
                _mm512_set1_epi64(0x000fffffffffffffLL), _mm512_set1_epi64(0x7fe0000000000000LL))
 #endif
 
+#ifdef AVX2
+/*
+ * AVX2 (for CPUs without AVX-512): the AVX-512 kernels' operations, lane for lane,
+ * on 8 (float32) or 4 (float64) lanes. AVX2 has no mask registers: a comparison
+ * gives a vector of all-ones / all-zeros lanes, movemask its lanes' bits, and the
+ * AVX-512 forms become
+ *   t = mask_mov(x, |x| <= l, 0)      ->  andnot(|x| <= l, x)  (+0 where cut);
+ *   den = mask_add(den, y > 0, den, v) ->  den + and(y > 0, v): adds v or +0, and
+ *                                       den (a sum started at +0) is never -0, so
+ *                                       adding +0 changes nothing;
+ *   compress store of the window      ->  the lanes' set bits in order, one by one
+ *                                       (a window holds ~1% of the entries);
+ * and the last, partial vector is loaded and stored with maskload / maskstore
+ * (zeros in the lanes past m, as maskz_loadu), every count and record limited to
+ * the lanes below m. The clamp max(0, y), the power-of-two division and the
+ * comparisons are the AVX-512 kernels' (see there). The pass is compiled once per
+ * number of adapters 1 .. 4, as there.
+ */
+
+/* the step for the vectors at e = 0, W, 2W, ... below m: full (a constant 1) in the
+ * loop over the whole vectors, then 0 for the last, partial one; lanes and lanebits:
+ * its lanes below m as a vector mask and as bits */
+#define BY_VECTORS2(W, VT, S, LANES, m, ...)                                                     \
+    do {                                                                                         \
+        int64_t e = 0;                                                                           \
+        for (; e + (W) <= (m); e += (W)) {                                                       \
+            const int full = 1, lanebits = (1 << (W)) - 1;                                       \
+            const VT lanes = _mm256_castsi256_##S(_mm256_set1_epi32(-1));                        \
+            (void)lanes, (void)lanebits;                                                         \
+            __VA_ARGS__                                                                          \
+        }                                                                                        \
+        if (e < (m)) {                                                                           \
+            const int full = 0, lanebits = (1 << ((m) - e)) - 1;                                 \
+            const VT lanes = LANES((m) - e);                                                     \
+            (void)lanebits;                                                                      \
+            __VA_ARGS__                                                                          \
+        }                                                                                        \
+    } while (0)
+
+#define LOAD2(S, p) (full ? _mm256_loadu_##S(p) : _mm256_maskload_##S((p), _mm256_cast##S##_si256(lanes)))
+
+#define AVX2_KERNELS(T, SUF, VT, S, EPI, W, LANES, ABSMASK, MANT, RCP)                          \
+    /* the election of the lanes of e given each adapter's trimmed values t[i] */               \
+    AVX2_FN static inline __attribute__((always_inline)) void elect2_t_##SUF(                   \
+        int n, const VT *t, int64_t e, int full, VT lanes, const VT *vw, int mass, int by_count, \
+        T *out)                                                                                  \
+    {                                                                                            \
+        const VT zero = _mm256_setzero_##S(), one = _mm256_set1_##S(1), minus = _mm256_set1_##S(-1); \
+        VT g = zero, num = zero, den = zero;                                                     \
+        for (int i = 0; i < n; i++) {                                                            \
+            VT s = mass ? t[i]                                                                   \
+                        : _mm256_or_##S(_mm256_and_##S(_mm256_cmp_##S(t[i], zero, _CMP_GT_OQ), one), \
+                                        _mm256_and_##S(_mm256_cmp_##S(t[i], zero, _CMP_LT_OQ), minus)); \
+            g = i ? _mm256_add_##S(g, s) : s;                                                    \
+        }                                                                                        \
+        g = _mm256_blendv_##S(minus, one, _mm256_cmp_##S(g, zero, _CMP_GE_OQ));                 \
+        for (int i = 0; i < n; i++) {                                                            \
+            VT y = _mm256_max_##S(zero, _mm256_mul_##S(t[i], g));                                \
+            num = _mm256_add_##S(num, y);                                                        \
+            den = _mm256_add_##S(den, _mm256_and_##S(_mm256_cmp_##S(y, zero, _CMP_GT_OQ),         \
+                                                     by_count ? one : vw[i]));                   \
+        }                                                                                        \
+        VT fix = by_count ? _mm256_cmp_##S(den, one, _CMP_LT_OQ) : _mm256_cmp_##S(den, zero, _CMP_EQ_OQ); \
+        den = _mm256_blendv_##S(den, one, fix);                                                  \
+        VT q = _mm256_mul_##S(num, g);                                                           \
+        __m256i bits = _mm256_cast##S##_si256(den);                                              \
+        if (by_count && _mm256_testz_si256(bits, MANT))                                          \
+            q = _mm256_mul_##S(q, _mm256_castsi256_##S(_mm256_sub_##EPI(RCP, bits)));            \
+        else                                                                                     \
+            q = _mm256_div_##S(q, den);                                                          \
+        if (full)                                                                                \
+            _mm256_storeu_##S(out + e, q);                                                       \
+        else                                                                                     \
+            _mm256_maskstore_##S(out + e, _mm256_cast##S##_si256(lanes), q);                     \
+    }                                                                                            \
+                                                                                                 \
+    AVX2_FN static void elect_avx2_##SUF(int n, const T *const *xs, const T *lam, const T *w,    \
+                                         int mass, int by_count, T *out, int64_t m)              \
+    {                                                                                            \
+        const VT absmask = _mm256_castsi256_##S(ABSMASK);                                        \
+        VT t[MAX_ADAPTERS], vw[MAX_ADAPTERS], vlam[MAX_ADAPTERS];                                \
+        for (int i = 0; i < n; i++) {                                                            \
+            vw[i] = _mm256_set1_##S(w[i]);                                                       \
+            vlam[i] = _mm256_set1_##S(lam[i]);                                                   \
+        }                                                                                        \
+        BY_VECTORS2(W, VT, S, LANES, m, {                                                        \
+            for (int i = 0; i < n; i++) {                                                        \
+                VT x = LOAD2(S, xs[i] + e);                                                      \
+                t[i] = _mm256_andnot_##S(_mm256_cmp_##S(_mm256_and_##S(x, absmask), vlam[i], _CMP_LE_OQ), x); \
+            }                                                                                    \
+            elect2_t_##SUF(n, t, e, full, lanes, vw, mass, by_count, out);                       \
+        });                                                                                      \
+    }                                                                                            \
+                                                                                                 \
+    /* the pass for n adapters; inlined into one copy per small n, as pass_body's */            \
+    AVX2_FN static inline __attribute__((always_inline)) int64_t pass2_body_##SUF(              \
+        const int n, const T *const *xs, const T *lo, const T *hi, const T *prov, const T *rlo, \
+        const T *rhi, const T *w, int mass, int by_count, T *out, int64_t m, int64_t *above,   \
+        T *const *window, int64_t *n_window, int64_t *pos, T *const *vals)                     \
+    {                                                                                            \
+        const VT absmask = _mm256_castsi256_##S(ABSMASK);                                        \
+        VT t[MAX_ADAPTERS], vw[MAX_ADAPTERS], vlo[MAX_ADAPTERS], vhi[MAX_ADAPTERS], vprov[MAX_ADAPTERS]; \
+        const T *xp[MAX_ADAPTERS];                                                               \
+        T *win[MAX_ADAPTERS];                                                                    \
+        int64_t rec = 0, ab[MAX_ADAPTERS], nw[MAX_ADAPTERS];                                     \
+        for (int i = 0; i < n; i++) {                                                            \
+            ab[i] = nw[i] = 0;                                                                   \
+            xp[i] = xs[i];                                                                       \
+            win[i] = window[i];                                                                  \
+            vw[i] = _mm256_set1_##S(w[i]);                                                       \
+            vlo[i] = _mm256_set1_##S(lo[i]);                                                     \
+            vhi[i] = _mm256_set1_##S(hi[i]);                                                     \
+            vprov[i] = _mm256_set1_##S(prov[i]);                                                 \
+        }                                                                                        \
+        BY_VECTORS2(W, VT, S, LANES, m, {                                                        \
+            int any = 0;                                                                         \
+            for (int i = 0; i < n; i++) {                                                        \
+                VT x = LOAD2(S, xp[i] + e), a = _mm256_and_##S(x, absmask);                      \
+                int in = _mm256_movemask_##S(_mm256_and_##S(_mm256_cmp_##S(a, vlo[i], _CMP_GE_OQ), \
+                                                            _mm256_cmp_##S(a, vhi[i], _CMP_LE_OQ))) & \
+                         lanebits;                                                               \
+                ab[i] += __builtin_popcount(_mm256_movemask_##S(_mm256_cmp_##S(a, vhi[i], _CMP_GT_OQ)) & \
+                                            lanebits);                                           \
+                if (in) {                                                                        \
+                    T av[W];                                                                     \
+                    _mm256_storeu_##S(av, a);                                                    \
+                    for (unsigned b = in; b; b &= b - 1)                                         \
+                        win[i][nw[i]++] = av[__builtin_ctz(b)];                                  \
+                    any |= in & _mm256_movemask_##S(                                             \
+                                    _mm256_and_##S(_mm256_cmp_##S(a, _mm256_set1_##S(rlo[i]), _CMP_GE_OQ), \
+                                                   _mm256_cmp_##S(a, _mm256_set1_##S(rhi[i]), _CMP_LE_OQ))); \
+                }                                                                                \
+                t[i] = _mm256_andnot_##S(_mm256_cmp_##S(a, vprov[i], _CMP_LE_OQ), x);            \
+            }                                                                                    \
+            elect2_t_##SUF(n, t, e, full, lanes, vw, mass, by_count, out);                       \
+            for (unsigned b = any; b; b &= b - 1) {                                              \
+                int64_t j = e + __builtin_ctz(b);                                                \
+                pos[rec] = j;                                                                    \
+                for (int i = 0; i < n; i++)                                                      \
+                    vals[i][rec] = xp[i][j];                                                     \
+                rec++;                                                                           \
+            }                                                                                    \
+        });                                                                                      \
+        for (int i = 0; i < n; i++) {                                                            \
+            above[i] = ab[i];                                                                    \
+            n_window[i] = nw[i];                                                                 \
+        }                                                                                        \
+        return rec;                                                                              \
+    }                                                                                            \
+                                                                                                 \
+    PASS2_N(T, SUF, 1) PASS2_N(T, SUF, 2) PASS2_N(T, SUF, 3) PASS2_N(T, SUF, 4)                  \
+                                                                                                 \
+    AVX2_FN static int64_t pass_avx2_##SUF(int n, const T *const *xs, const T *lo, const T *hi, \
+                                           const T *prov, const T *rlo, const T *rhi, const T *w, \
+                                           int mass, int by_count, T *out, int64_t m,           \
+                                           int64_t *above, T *const *window, int64_t *n_window, \
+                                           int64_t *pos, T *const *vals)                         \
+    {                                                                                            \
+        static int64_t (*const fixed[])(const T *const *, const T *, const T *, const T *,      \
+                                        const T *, const T *, const T *, int, int, T *, int64_t, \
+                                        int64_t *, T *const *, int64_t *, int64_t *, T *const *) = { \
+            pass_avx2_##SUF##_1, pass_avx2_##SUF##_2, pass_avx2_##SUF##_3, pass_avx2_##SUF##_4}; \
+        if (n >= 1 && n <= 4)                                                                    \
+            return fixed[n - 1](xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out, m, above,   \
+                                window, n_window, pos, vals);                                    \
+        return pass2_body_##SUF(n, xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out, m, above, \
+                                window, n_window, pos, vals);                                    \
+    }
+
+/* the pass with a constant number of adapters N (see pass2_body) */
+#define PASS2_N(T, SUF, N)                                                                       \
+    AVX2_FN static int64_t pass_avx2_##SUF##_##N(                                                \
+        const T *const *xs, const T *lo, const T *hi, const T *prov, const T *rlo, const T *rhi, \
+        const T *w, int mass, int by_count, T *out, int64_t m, int64_t *above, T *const *window, \
+        int64_t *n_window, int64_t *pos, T *const *vals)                                         \
+    {                                                                                            \
+        return pass2_body_##SUF(N, xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out, m, above, \
+                                window, n_window, pos, vals);                                    \
+    }
+
+/* the lanes below r (1 <= r < W) as a vector mask */
+AVX2_FN static inline __m256 lanes2_f32(int64_t r)
+{
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+AVX2_FN static inline __m256d lanes2_f64(int64_t r)
+{
+    return _mm256_castsi256_pd(_mm256_cmpgt_epi64(_mm256_set1_epi64x(r), _mm256_setr_epi64x(0, 1, 2, 3)));
+}
+
+AVX2_KERNELS(float, f32, __m256, ps, epi32, 8, lanes2_f32, _mm256_set1_epi32(0x7fffffff),
+             _mm256_set1_epi32(0x007fffff), _mm256_set1_epi32(0x7f000000))
+AVX2_KERNELS(double, f64, __m256d, pd, epi64, 4, lanes2_f64, _mm256_set1_epi64x(0x7fffffffffffffffLL),
+             _mm256_set1_epi64x(0x000fffffffffffffLL), _mm256_set1_epi64x(0x7fe0000000000000LL))
+
+/* the AVX2 forms by name, for the tests (on a CPU with AVX2: loramix_has_avx2) */
+#define AVX2_ENTRY_POINTS(T, SUF)                                                                \
+    void loramix_elect_##SUF##_avx2(int n, const T *const *xs, const T *lam, const T *w, int mass, \
+                                    int by_count, T *out, int64_t m)                             \
+    {                                                                                            \
+        (n <= MAX_ADAPTERS ? elect_avx2_##SUF : loramix_elect_##SUF##_generic)(n, xs, lam, w, mass, by_count, out, m); \
+    }                                                                                            \
+                                                                                                 \
+    int64_t loramix_pass_##SUF##_avx2(int n, const T *const *xs, const T *lo, const T *hi,       \
+                                      const T *prov, const T *rlo, const T *rhi, const T *w,    \
+                                      int mass, int by_count, T *out, int64_t m, int64_t *above, \
+                                      T *const *window, int64_t *n_window, int64_t *pos,        \
+                                      T *const *vals)                                            \
+    {                                                                                            \
+        return (n <= MAX_ADAPTERS ? pass_avx2_##SUF : loramix_pass_##SUF##_generic)(             \
+            n, xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out, m, above, window, n_window, pos, vals); \
+    }
+
+AVX2_ENTRY_POINTS(float, f32)
+AVX2_ENTRY_POINTS(double, f64)
+
+int loramix_has_avx2(void) { return __builtin_cpu_supports("avx2"); }
+int loramix_has_avx512(void) { return __builtin_cpu_supports("avx512f"); }
+#endif
+
 /* the entry points: the AVX-512 kernels where the CPU has them (and the adapters fit
- * their registers' array), else the generic ones */
+ * their registers' array), else for elect and pass the AVX2 ones where it has those,
+ * else the generic ones */
 #ifdef AVX512
 #define PICK(SUF, NAME, n)                                                                       \
     ((n) <= MAX_ADAPTERS && __builtin_cpu_supports("avx512f") ? NAME##_avx512_##SUF              \
                                                               : loramix_##NAME##_##SUF##_generic)
+/* elect and pass: AVX2 where there is no AVX-512 */
+#define PICK2(SUF, NAME, n)                                                                      \
+    ((n) > MAX_ADAPTERS                     ? loramix_##NAME##_##SUF##_generic                   \
+     : __builtin_cpu_supports("avx512f") ? NAME##_avx512_##SUF                                \
+     : __builtin_cpu_supports("avx2")    ? NAME##_avx2_##SUF                                  \
+                                         : loramix_##NAME##_##SUF##_generic)
 #else
 #define PICK(SUF, NAME, n) loramix_##NAME##_##SUF##_generic
+#define PICK2 PICK
 #endif
 
 #define ENTRY_POINTS(T, SUF)                                                                     \
     void loramix_elect_##SUF(int n, const T *const *xs, const T *lam, const T *w, int mass,      \
                              int by_count, T *out, int64_t m)                                    \
     {                                                                                            \
-        PICK(SUF, elect, n)(n, xs, lam, w, mass, by_count, out, m);                                 \
+        PICK2(SUF, elect, n)(n, xs, lam, w, mass, by_count, out, m);                                 \
     }                                                                                            \
                                                                                                  \
     int64_t loramix_count_##SUF(const T *x, int64_t m, T lo, T hi, T *window, int64_t *n_window) \
@@ -425,7 +655,7 @@ AVX512_KERNELS(double, f64, __m512d, __mmask8, pd, _mm512_set1_epi64(0x7ffffffff
                                int64_t *above, T *const *window, int64_t *n_window, int64_t *pos, \
                                T *const *vals)                                                   \
     {                                                                                            \
-        return PICK(SUF, pass, n)(n, xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out, m, above, window, \
+        return PICK2(SUF, pass, n)(n, xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out, m, above, window, \
                                   n_window, pos, vals);                                          \
     }                                                                                            \
                                                                                                  \

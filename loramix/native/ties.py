@@ -17,8 +17,16 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 class Ties:
     """Typed entry points of the built ``ties.c``, float32 and float64."""
 
-    def __init__(self, lib, generic: bool = False):
-        """``generic``: the portable loops even where the CPU has AVX-512 (for the tests)."""
+    def __init__(self, lib, generic: bool = False, form: str | None = None):
+        """``form``: ``"dispatched"`` (the default: the best the CPU has, as
+        loramix runs them), ``"generic"`` (the portable loops even where the
+        CPU has AVX-512 or AVX2) or ``"avx2"`` (elect and pass in their AVX2
+        form even where the CPU has AVX-512; see :func:`has_avx2`), for the
+        tests; ``generic=True`` is ``form="generic"``."""
+        form = form or ("generic" if generic else "dispatched")
+        tails = {"dispatched": "", "generic": "_generic", "avx2": "_avx2"}
+        if form not in tails:
+            raise ValueError(f"form: one of {sorted(tails)}, not {form!r}")
         n, i, p, i64 = ctypes.c_int, ctypes.c_int, _P, _I64
         self._fns: dict = {}
         for suf, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
@@ -28,7 +36,8 @@ class Ties:
                 ("pass", [n, p, p, p, p, p, p, p, i, i, p, i64, p, p, p, p, p], i64),
                 ("fixup", [n, p, p, p, p, i, i, p, i64, p], i64),
             ):
-                tail = "_generic" if generic and name != "fixup" else ""  # fixup: scalar, one kind
+                # fixup: scalar, one kind; count: no AVX2 form (the one pass does its work)
+                tail = "" if name == "fixup" or (form == "avx2" and name == "count") else tails[form]
                 fn = getattr(lib, f"loramix_{name}_{suf}{tail}")
                 fn.argtypes, fn.restype = args, res
                 self._fns[name, suf] = fn
@@ -137,6 +146,13 @@ class OnePass:
         n = self._head[0]
         ptrs = (_P * n)(*(b.data_ptr() for b in blocks))
         return int(self._fn(n, ptrs, *self._head[2:], out.data_ptr(), m, *self._tail))
+
+
+def has_avx2(lib) -> bool:
+    """Whether the AVX2 forms of the built library ``lib`` can run here (an
+    x86-64 build, and a CPU with AVX2)."""
+    fn = getattr(lib, "loramix_has_avx2", None)
+    return fn is not None and bool(fn())
 
 
 def kernels() -> Ties | None:
