@@ -214,15 +214,51 @@ KERNELS(double, int64_t, f64, fabs)
  * counts stay in registers (1.4x faster for three adapters).
  * The comparisons are the ordered quiet ones (_CMP_LE_OQ ...): false for NaN, as C's.
  */
-/* the pass with a constant number of adapters N (see pass_body) */
-#define PASS_N(T, SUF, N)                                                                        \
-    AVX512_FN static int64_t pass_avx512_##SUF##_##N(                                            \
+/* the pass with a constant number of adapters N, for ISA (avx512 / avx2): its
+ * pass_body inlined with n a constant */
+#define PASS_N(ISA_FN, ISA, T, SUF, N)                                                           \
+    ISA_FN static int64_t pass_##ISA##_##SUF##_##N(                                              \
         const T *const *xs, const T *lo, const T *hi, const T *prov, const T *rlo, const T *rhi, \
         const T *w, int mass, int by_count, T *out, int64_t m, int64_t *above, T *const *window, \
         int64_t *n_window, int64_t *pos, T *const *vals)                                         \
     {                                                                                            \
-        return pass_body_##SUF(N, xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out, m, above, \
-                               window, n_window, pos, vals);                                     \
+        return pass_body_##ISA##_##SUF(N, xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out, m, \
+                                       above, window, n_window, pos, vals);                      \
+    }
+
+/* pass_<ISA>_<SUF>: the copies for 1 .. 4 adapters, and pass_body for more */
+#define PASS_BY_N(ISA_FN, ISA, T, SUF)                                                           \
+    PASS_N(ISA_FN, ISA, T, SUF, 1)                                                               \
+    PASS_N(ISA_FN, ISA, T, SUF, 2)                                                               \
+    PASS_N(ISA_FN, ISA, T, SUF, 3)                                                               \
+    PASS_N(ISA_FN, ISA, T, SUF, 4)                                                               \
+    ISA_FN static int64_t pass_##ISA##_##SUF(int n, const T *const *xs, const T *lo, const T *hi, \
+                                             const T *prov, const T *rlo, const T *rhi,         \
+                                             const T *w, int mass, int by_count, T *out,         \
+                                             int64_t m, int64_t *above, T *const *window,        \
+                                             int64_t *n_window, int64_t *pos, T *const *vals)    \
+    {                                                                                            \
+        static int64_t (*const fixed[])(const T *const *, const T *, const T *, const T *,      \
+                                        const T *, const T *, const T *, int, int, T *, int64_t, \
+                                        int64_t *, T *const *, int64_t *, int64_t *, T *const *) = { \
+            pass_##ISA##_##SUF##_1, pass_##ISA##_##SUF##_2, pass_##ISA##_##SUF##_3,              \
+            pass_##ISA##_##SUF##_4};                                                             \
+        if (n >= 1 && n <= 4)                                                                    \
+            return fixed[n - 1](xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out, m, above,   \
+                                window, n_window, pos, vals);                                    \
+        return pass_body_##ISA##_##SUF(n, xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out, m, \
+                                       above, window, n_window, pos, vals);                      \
+    }
+
+/* the records of the vector at e: for each lane set in bits, its position, and every
+ * adapter's value there (in a pass body) */
+#define RECORD(bits, e)                                                                          \
+    for (unsigned b_ = (bits); b_; b_ &= b_ - 1) {                                               \
+        int64_t j_ = (e) + __builtin_ctz(b_);                                                    \
+        pos[rec] = j_;                                                                           \
+        for (int i = 0; i < n; i++)                                                              \
+            vals[i][rec] = xp[i][j_];                                                            \
+        rec++;                                                                                   \
     }
 
 /*
@@ -323,7 +359,7 @@ KERNELS(double, int64_t, f64, fabs)
                                                                                                  \
     /* the pass for n adapters; inlined into one copy per small n (a constant: the      */  \
     /* adapters' loops unrolled, their vectors and counts kept in registers)              */  \
-    AVX512_FN static inline __attribute__((always_inline)) int64_t pass_body_##SUF(         \
+    AVX512_FN static inline __attribute__((always_inline)) int64_t pass_body_avx512_##SUF(         \
         const int n, const T *const *xs, const T *lo, const T *hi, const T *prov, const T *rlo, \
         const T *rhi, const T *w, int mass, int by_count, T *out, int64_t m, int64_t *above,   \
         T *const *window, int64_t *n_window, int64_t *pos, T *const *vals)                     \
@@ -358,13 +394,7 @@ KERNELS(double, int64_t, f64, fabs)
                 t[i] = _mm512_mask_mov_##S(x, cut, _mm512_setzero_##S());                        \
             }                                                                                    \
             elect_t_##SUF(n, t, e, lanes, vw, mass, by_count, out);                               \
-            for (unsigned bits = any; bits; bits &= bits - 1) {                                  \
-                int64_t j = e + __builtin_ctz(bits);                                             \
-                pos[rec] = j;                                                                    \
-                for (int i = 0; i < n; i++)                                                      \
-                    vals[i][rec] = xp[i][j];                                                     \
-                rec++;                                                                           \
-            }                                                                                    \
+            RECORD(any, e);                                                                      \
         });                                                                                      \
         for (int i = 0; i < n; i++) {                                                            \
             above[i] = ab[i];                                                                    \
@@ -373,25 +403,7 @@ KERNELS(double, int64_t, f64, fabs)
         return rec;                                                                              \
     }                                                                                            \
                                                                                                  \
-    PASS_N(T, SUF, 1) PASS_N(T, SUF, 2) PASS_N(T, SUF, 3) PASS_N(T, SUF, 4)                      \
-                                                                                                 \
-    AVX512_FN static int64_t pass_avx512_##SUF(int n, const T *const *xs, const T *lo,           \
-                                               const T *hi, const T *prov, const T *rlo,        \
-                                               const T *rhi, const T *w, int mass, int by_count, \
-                                               T *out, int64_t m, int64_t *above,                \
-                                               T *const *window, int64_t *n_window,              \
-                                               int64_t *pos, T *const *vals)                     \
-    {                                                                                            \
-        static int64_t (*const fixed[])(const T *const *, const T *, const T *, const T *,      \
-                                        const T *, const T *, const T *, int, int, T *, int64_t, \
-                                        int64_t *, T *const *, int64_t *, int64_t *, T *const *) = { \
-            pass_avx512_##SUF##_1, pass_avx512_##SUF##_2, pass_avx512_##SUF##_3, pass_avx512_##SUF##_4}; \
-        if (n >= 1 && n <= 4)                                                                    \
-            return fixed[n - 1](xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out, m, above,   \
-                                window, n_window, pos, vals);                                    \
-        return pass_body_##SUF(n, xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out, m, above, \
-                               window, n_window, pos, vals);                                     \
-    }
+    PASS_BY_N(AVX512_FN, avx512, T, SUF)
 
 AVX512_KERNELS(float, f32, __m512, __mmask16, ps, _mm512_set1_epi32(0x7fffffff), epi32,
                _mm512_set1_epi32(0x007fffff), _mm512_set1_epi32(0x7f000000))
@@ -493,8 +505,8 @@ AVX512_KERNELS(double, f64, __m512d, __mmask8, pd, _mm512_set1_epi64(0x7ffffffff
         });                                                                                      \
     }                                                                                            \
                                                                                                  \
-    /* the pass for n adapters; inlined into one copy per small n, as pass_body's */            \
-    AVX2_FN static inline __attribute__((always_inline)) int64_t pass2_body_##SUF(              \
+    /* the pass for n adapters; inlined into one copy per small n, as the AVX-512 one */            \
+    AVX2_FN static inline __attribute__((always_inline)) int64_t pass_body_avx2_##SUF(              \
         const int n, const T *const *xs, const T *lo, const T *hi, const T *prov, const T *rlo, \
         const T *rhi, const T *w, int mass, int by_count, T *out, int64_t m, int64_t *above,   \
         T *const *window, int64_t *n_window, int64_t *pos, T *const *vals)                     \
@@ -534,13 +546,7 @@ AVX512_KERNELS(double, f64, __m512d, __mmask8, pd, _mm512_set1_epi64(0x7ffffffff
                 t[i] = _mm256_andnot_##S(_mm256_cmp_##S(a, vprov[i], _CMP_LE_OQ), x);            \
             }                                                                                    \
             elect2_t_##SUF(n, t, e, full, lanes, vw, mass, by_count, out);                       \
-            for (unsigned b = any; b; b &= b - 1) {                                              \
-                int64_t j = e + __builtin_ctz(b);                                                \
-                pos[rec] = j;                                                                    \
-                for (int i = 0; i < n; i++)                                                      \
-                    vals[i][rec] = xp[i][j];                                                     \
-                rec++;                                                                           \
-            }                                                                                    \
+            RECORD(any, e);                                                                      \
         });                                                                                      \
         for (int i = 0; i < n; i++) {                                                            \
             above[i] = ab[i];                                                                    \
@@ -549,35 +555,7 @@ AVX512_KERNELS(double, f64, __m512d, __mmask8, pd, _mm512_set1_epi64(0x7ffffffff
         return rec;                                                                              \
     }                                                                                            \
                                                                                                  \
-    PASS2_N(T, SUF, 1) PASS2_N(T, SUF, 2) PASS2_N(T, SUF, 3) PASS2_N(T, SUF, 4)                  \
-                                                                                                 \
-    AVX2_FN static int64_t pass_avx2_##SUF(int n, const T *const *xs, const T *lo, const T *hi, \
-                                           const T *prov, const T *rlo, const T *rhi, const T *w, \
-                                           int mass, int by_count, T *out, int64_t m,           \
-                                           int64_t *above, T *const *window, int64_t *n_window, \
-                                           int64_t *pos, T *const *vals)                         \
-    {                                                                                            \
-        static int64_t (*const fixed[])(const T *const *, const T *, const T *, const T *,      \
-                                        const T *, const T *, const T *, int, int, T *, int64_t, \
-                                        int64_t *, T *const *, int64_t *, int64_t *, T *const *) = { \
-            pass_avx2_##SUF##_1, pass_avx2_##SUF##_2, pass_avx2_##SUF##_3, pass_avx2_##SUF##_4}; \
-        if (n >= 1 && n <= 4)                                                                    \
-            return fixed[n - 1](xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out, m, above,   \
-                                window, n_window, pos, vals);                                    \
-        return pass2_body_##SUF(n, xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out, m, above, \
-                                window, n_window, pos, vals);                                    \
-    }
-
-/* the pass with a constant number of adapters N (see pass2_body) */
-#define PASS2_N(T, SUF, N)                                                                       \
-    AVX2_FN static int64_t pass_avx2_##SUF##_##N(                                                \
-        const T *const *xs, const T *lo, const T *hi, const T *prov, const T *rlo, const T *rhi, \
-        const T *w, int mass, int by_count, T *out, int64_t m, int64_t *above, T *const *window, \
-        int64_t *n_window, int64_t *pos, T *const *vals)                                         \
-    {                                                                                            \
-        return pass2_body_##SUF(N, xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out, m, above, \
-                                window, n_window, pos, vals);                                    \
-    }
+    PASS_BY_N(AVX2_FN, avx2, T, SUF)
 
 /* the lanes below r (1 <= r < W) as a vector mask */
 AVX2_FN static inline __m256 lanes2_f32(int64_t r)
