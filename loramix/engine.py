@@ -761,7 +761,8 @@ class SerialExecutor:
 @dataclass
 class StreamResult(WrittenFolder):
     """What :func:`execute_into_base` wrote; ``facts`` per module that has some.
-    Path-like: ``os.fspath(res)`` is ``out`` (:mod:`loramix.results`).
+    Path-like: ``os.fspath(res)`` is ``out``, ``res / name`` a path inside it
+    (:mod:`loramix.results`).
 
     Its repr leaves out the per-module lists and the provenance, which a
     notebook echoing the result showed as a wall of text."""

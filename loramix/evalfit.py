@@ -413,7 +413,9 @@ def fit_evaluations(
     ``rms_cosine``, ``file``, ``delta_ppl_pct`` and ``merged_data``, None
     without one), ``methods`` (per merge method: ``best``, ``beats_mean``,
     ``headline`` and the held-out ``summary``), the primary (``sum`` where
-    fitted) first, and ``lines`` (fit.json's fits; empty without ``merged_data``).
+    fitted) first, and ``lines`` (fit.json's fits; empty without ``merged_data``);
+    a dict, path-like for ``out`` (:mod:`loramix.results`; with ``out=None``
+    its ``out`` is None and ``os.fspath`` of it a ``TypeError``).
     """
     from .io.config_schema import is_number
     from .io.outputs import check_output
@@ -443,5 +445,7 @@ def fit_evaluations(
     methods = {
         m: {k: vals[m][k] for k in ("best", "beats_mean", "headline", "summary")} for m in d["by_method"]
     }
-    return {"out": None if out is None else str(out), "adapter_kind": kind, "base_identity": identity,
-            "points": d["fitted_from"]["points"], "methods": methods, "lines": fits}  # fmt: skip
+    from .results import OutputDict
+
+    return OutputDict({"out": None if out is None else str(out), "adapter_kind": kind, "base_identity": identity,
+                       "points": d["fitted_from"]["points"], "methods": methods, "lines": fits})  # fmt: skip

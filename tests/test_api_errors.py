@@ -273,7 +273,7 @@ def test_a_result_stands_for_the_folder_it_wrote(env, tmp_path):
     for res, folder in ((merged, merged.out), (into, into.out), (model, model.out), (trained, trained["out"]),
                         (built, built["out"])):  # fmt: skip
         assert isinstance(res, os.PathLike) and os.fspath(res) == str(folder)
-    assert trained.out == trained["out"] and isinstance(trained, dict)  # still the dict it was
+    assert str(trained.out) == trained["out"] and isinstance(trained, dict)  # still the dict it was
 
     def ppl(b, adapters=(), d=data):
         return loramix.evaluate(b, adapters=adapters, data=d, progress=False, device="cpu")["ppl"].tolist()

@@ -123,7 +123,8 @@ def get_method(name: str):
 
 @dataclass
 class MergeResult(WrittenFolder):
-    """What :func:`merge` wrote; path-like: ``os.fspath(res)`` is ``out``
+    """What :func:`merge` wrote; path-like: ``os.fspath(res)`` is ``out``, a
+    :class:`~pathlib.Path`, and ``res / name`` a path inside it
     (:mod:`loramix.results`), so it is passed on as its folder.
 
     ``kind`` is ``"adapter"`` (a PEFT folder) or ``"model"`` (a base with the

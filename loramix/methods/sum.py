@@ -10,12 +10,12 @@ and :func:`sum_adapters` are this method through :func:`loramix.methods.merge`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..api import renamed
 from ..errors import UsageError
 from ..io.peft_layout import adapter_list
+from ..results import WrittenPath
 from . import merge, register
 from .base import LowRank, MergeMethod, require_base
 
@@ -110,7 +110,7 @@ def sum_into_base(
     :func:`merge` takes them. Returns what the engine wrote (a
     :class:`loramix.engine.StreamResult`: tensors, bytes, device, seconds),
     which is that merge's ``MergeResult.stream``; path-like,
-    ``os.fspath(result)`` is ``out``."""
+    ``os.fspath(result)`` is ``out`` (:mod:`loramix.results`)."""
     res = merge(adapters, "sum", weights=weights, into=into, out=out,
                 device=device, dtype=dtype, force=force, progress=progress)  # fmt: skip
     return res.stream
@@ -127,7 +127,7 @@ def sum_adapters(
     energy: float | None = None,
     dtype: str | torch.dtype | None = None,
     force: bool = False,
-) -> Path:
+) -> WrittenPath:
     """Write the exact sum ``sum_i w_i dW_i`` as one PEFT LoRA adapter folder
     ``out``: ``merge(adapters, "sum", out=out)`` without a base; ``adapters``
     and ``weights`` as :func:`sum_into_base` takes them, ``dtype`` the
@@ -139,9 +139,12 @@ def sum_adapters(
     shape. ``out_rank`` (``k``) or ``energy`` (a fraction in (0, 1]): the sum
     truncated by SVD from its factors, as ``loramix sum --out-rank`` /
     ``--energy`` writes it (``merge(..., "sum", out_rank=k)``, whose result
-    also holds the discarded energy). Returns the folder written
-    (``MergeResult.out``). No ``progress``: :func:`merge` draws its bar only
-    for a model written."""
+    also holds the discarded energy). Returns the folder written, the
+    :class:`~pathlib.Path` it always returned, as a
+    :class:`~loramix.results.WrittenPath`: path-like, ``out`` that path, and
+    the merge's figures as :func:`merge`'s result has them (``summary``,
+    ``weights``, ``params``; ``result``, the whole ``MergeResult``). No
+    ``progress``: :func:`merge` draws its bar only for a model written."""
     ads = adapter_list(adapters)
     if base is not None:
         from ..adapter import Adapter
@@ -152,5 +155,6 @@ def sum_adapters(
         ads = [a if isinstance(a, Adapter) else load_adapter(a) for a in ads]
         modules = list(dict.fromkeys(n for ad in ads for n in ad.modules))
         resolve_targets(base if isinstance(base, BaseModelFolder) else BaseModelFolder(base), modules, ads)
-    return merge(ads, "sum", weights=weights, out=out, dtype=dtype, device="cpu", force=force, out_rank=out_rank,
-                 energy=energy).out  # fmt: skip
+    res = merge(ads, "sum", weights=weights, out=out, dtype=dtype, device="cpu", force=force, out_rank=out_rank,
+                energy=energy)  # fmt: skip
+    return WrittenPath.of(res.out, result=res)  # the Path it returned before, with the merge's figures

@@ -399,7 +399,8 @@ def run_scenario(
     worker, else serial. A script that passes ``jobs`` > 1 (or ``"auto"``)
     needs the usual ``if __name__ == "__main__":`` guard: workers are
     spawned, and re-import the script's main module.
-    Returns the report dict (also written as ``report.json``), with ``out``.
+    Returns the report dict (also written as ``report.json``), with ``out``:
+    path-like for the report folder (:mod:`loramix.results`).
     Its ``evaluations`` hold the base's rows once, apart, in
     ``base_evaluation``; :func:`loramix.scenario.evaluations.evaluations`
     gives every row as ``evaluations.csv`` lists them (the base's in each
@@ -439,4 +440,6 @@ def run_scenario(
         # of this scenario) is refused as one there at the start was, not replaced
         check_report_dir(out, sc.name, force, late=True, inputs=inputs)
     report["out"] = str(out)
-    return report
+    from ..results import OutputDict
+
+    return OutputDict(report)  # path-like for the report folder (loramix.results)

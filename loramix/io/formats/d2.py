@@ -13,6 +13,7 @@ from ...adapter import ModuleDelta
 from ...api import renamed
 from ...errors import AdapterError
 from ...kinds import D2LORA
+from ...results import WrittenPath
 from .base import PREFIX, PeftLayoutFormat, check_pair, clean_number, write_folder
 
 
@@ -35,7 +36,7 @@ def save_d2_adapter(
     base_model_name_or_path: str | None = None,
     provenance: dict | None = None,
     extra_config: dict | None = None,
-) -> Path:
+) -> WrittenPath:
     """Write a loramix D2-LoRA folder (format in ``docs/d2lora.md``): each of
     ``modules`` (name -> a D2-LoRA :class:`~loramix.adapter.ModuleDelta`,
     ``B``/``B_neg`` (out, r), ``A``/``A_neg`` (r, in)) as its four factors,
@@ -46,7 +47,9 @@ def save_d2_adapter(
     Written into ``out`` as :func:`~loramix.io.formats.peft.save_peft_adapter`
     writes; a module of another kind or with factors that do not pair up
     raises :class:`~loramix.errors.AdapterError` before anything is made.
-    Returns ``out``."""
+    Returns ``out``, the :class:`~pathlib.Path` it always returned, as a
+    :class:`~loramix.results.WrittenPath` with figures ``modules`` and
+    ``tensors`` (counts written)."""
     out_dir = Path(out)
     tensors = {}
     for name, m in modules.items():
@@ -73,4 +76,6 @@ def save_d2_adapter(
     }
     if extra_config:
         config.update(extra_config)
-    return write_folder(out_dir, tensors, config, provenance)
+    return WrittenPath.of(
+        write_folder(out_dir, tensors, config, provenance), modules=len(modules), tensors=len(tensors)
+    )

@@ -15,6 +15,7 @@ import torch
 from ...api import renamed
 from ...errors import AdapterError
 from ...kinds import LORA
+from ...results import WrittenPath
 from .base import PREFIX, PeftLayoutFormat, check_pair, clean_number, common_rank_alpha, write_folder
 
 
@@ -39,7 +40,7 @@ def save_peft_adapter(
     embeddings: set[str] | frozenset[str] = frozenset(),
     full_names: bool = False,
     dtype: torch.dtype | None = None,
-) -> Path:
+) -> WrittenPath:
     """Write a PEFT LoRA folder (``adapter_config.json`` + weights).
 
     ``target_modules`` lists the modules' last names (``q_proj``), which PEFT
@@ -68,7 +69,10 @@ def save_peft_adapter(
     beside it, both renamed into place at the end: an error, a Ctrl-C or a
     SIGTERM meanwhile leaves ``out`` as it was (:func:`~loramix.io.formats.base.write_folder`). Factors that are not such
     pairs, or nothing to write, raise :class:`~loramix.errors.AdapterError`
-    naming ``out`` before anything is made. Returns ``out``.
+    naming ``out`` before anything is made. Returns ``out``, the
+    :class:`~pathlib.Path` it always returned, as a
+    :class:`~loramix.results.WrittenPath` with figures ``modules`` and
+    ``tensors`` (counts written).
     """
     out_dir = Path(out)
     tensors: dict[str, torch.Tensor] = {}
@@ -116,4 +120,6 @@ def save_peft_adapter(
     }
     if extra_config:
         config.update(extra_config)
-    return write_folder(out_dir, tensors, config, provenance)
+    return WrittenPath.of(
+        write_folder(out_dir, tensors, config, provenance), modules=len(factors), tensors=len(tensors)
+    )
