@@ -116,9 +116,13 @@ class ModuleDelta:
 
     def squared_norm(self) -> float:
         """``||dW||_F^2`` of the residual from the factors, in float64:
-        ``sum((Bf^T Bf) * (Af Af^T))``, cost O(r^2 (out + in))."""
-        B, A = self.factors()
-        return float(((B.T @ B) * (A @ A.T)).sum())
+        ``sum((Bf^T Bf) * (Af Af^T))``, cost O(r^2 (out + in)), computed in
+        numpy as a path's numpy factors are
+        (:func:`loramix.io.np_factors.factor_squared_norm`): the same value
+        to the last bit."""
+        from .io.np_factors import factor_squared_norm
+
+        return factor_squared_norm(*self.factors())
 
     def norm(self) -> float:
         return math.sqrt(max(self.squared_norm(), 0.0))

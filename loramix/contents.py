@@ -11,8 +11,10 @@ lazily: one module's factors at a time) and every number is computed in numpy
 float64, so inspecting a PEFT LoRA or D2-LoRA adapter never imports torch.
 What that reader leaves to the torch readers (embedding LoRA or DoRA,
 ``modules_to_save``, PEFT's copy of a base weight) is loaded as an
-:class:`~loramix.adapter.Adapter` and computed in torch float64: the same
-formula, so the same numbers up to the last bits (BLAS summation order).
+:class:`~loramix.adapter.Adapter`; its norms are computed from its float64
+factors by the same numpy function
+(:func:`loramix.io.np_factors.factor_squared_norm`), so a path and the
+adapter loaded from it give the same table, every norm to the last bit.
 """
 
 from __future__ import annotations

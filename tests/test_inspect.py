@@ -242,3 +242,42 @@ def test_numpy_and_torch_print_the_same(all_kinds, capsys, monkeypatch, tmp_path
             )
             assert n["totals"].pop("norm") == pytest.approx(t["totals"].pop("norm"), rel=1e-12, abs=0)
             assert n == t, p.name
+
+
+def _as_bf16(folder):
+    """``folder``'s weights stored in bfloat16 (the factors as a bf16 adapter holds them)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(path).items()}, path)
+    return folder
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_inspect_of_a_path_and_of_the_loaded_adapter_agree_bit_for_bit(tmp_path, dtype):
+    """A path is read as numpy factors and a loaded Adapter holds torch tensors: both norms are one
+    computation (numpy float64, from the same float64 factors), so every column is equal, the norm
+    to the last bit, for LoRA, DoRA and D2-LoRA in float32 and bfloat16. Wide enough modules that
+    torch's and numpy's float64 matmuls sum in another order (they did: last-bit differences)."""
+    from loramix.io.adapter_files import load_adapter
+
+    model = tiny_gpt2(n_embd=96, n_layer=2)
+    g = torch.Generator().manual_seed(1)
+    mods = {
+        f"h.{i}.mlp.c_fc": ModuleDelta(name=f"h.{i}.mlp.c_fc", B=torch.randn(384, 8, generator=g),
+                                       A=torch.randn(8, 96, generator=g), B_neg=torch.randn(384, 8, generator=g),
+                                       A_neg=torch.randn(8, 96, generator=g), scale=0.7, alpha=5.6, tau=0.3)
+        for i in range(2)
+    }  # fmt: skip
+    folders = {
+        "lora": make_peft_adapter(model, tmp_path / "lora", seed=3, r=8, lora_alpha=11),
+        "dora": make_peft_adapter(model, tmp_path / "dora", seed=4, r=8, lora_alpha=11, use_dora=True),
+        "d2lora": save_d2_adapter(tmp_path / "d2", mods, r=8, lora_alpha=5.6, tau=0.3),
+    }
+    for kind, folder in folders.items():
+        if dtype == "bfloat16":
+            _as_bf16(folder)
+        by_path, loaded = inspect_adapter(folder), inspect_adapter(load_adapter(folder))
+        assert set(by_path["kind"]) == {kind} and set(by_path["dtype"]) == {dtype}, kind
+        assert by_path["norm"].tolist() == loaded["norm"].tolist(), kind  # exactly
+        pd.testing.assert_frame_equal(by_path, loaded, check_exact=True)

@@ -41,6 +41,19 @@ from .unsupported_formats import name_unsupported
 DORA = "dora"
 
 
+def factor_squared_norm(B, A) -> float:
+    """``||Bf Af||_F^2 = sum((Bf^T Bf) * (Af Af^T))`` in numpy float64, cost
+    O(k^2 (out + in)), no dense ``(out, in)`` matrix; ``B`` (out, k), ``A``
+    (k, in), numpy arrays or torch tensors (their float64 values, on the
+    CPU). The one computation of a module's norm, whichever reader holds
+    it (:class:`NpModule`, :class:`loramix.adapter.ModuleDelta`): torch's
+    and numpy's BLAS sum the products in other orders, so each computing
+    its own gave ``inspect`` of a path and of the loaded adapter norms that
+    differed in the last bits."""
+    B, A = (np.asarray(t.detach().cpu() if hasattr(t, "detach") else t, dtype=np.float64) for t in (B, A))
+    return float(((B.T @ B) * (A @ A.T)).sum())
+
+
 @dataclass
 class NpModule:
     """One adapted weight as numpy factors: ``dW = scale B A`` (LoRA,
@@ -103,10 +116,8 @@ class NpModule:
         return B * self.scale, A
 
     def squared_norm(self) -> float:
-        """``||dW||_F^2`` from the factors, in float64: ``sum((Bf^T Bf) * (Af Af^T))``
-        (:meth:`loramix.adapter.ModuleDelta.squared_norm`), cost O(r^2 (out + in))."""
-        B, A = self.factors()
-        return float(((B.T @ B) * (A @ A.T)).sum())
+        """``||dW||_F^2`` from the factors, in float64 (:func:`factor_squared_norm`)."""
+        return factor_squared_norm(*self.factors())
 
     def norm(self) -> float:
         return math.sqrt(max(self.squared_norm(), 0.0))
