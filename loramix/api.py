@@ -13,7 +13,10 @@ its value (``--into BASE`` -> ``into=BASE``), and a literal value after it
 that value in Python (``--prompt chat`` -> ``prompt='chat'``, ``--max-len
 128`` -> ``max_len=128``: a number, or one of the few words a keyword takes,
 :func:`_choices`). A flag the function has no
-parameter for (another command's, ``ray start --head``) is left as it is.
+parameter for that is another function's keyword is said as that one's
+(:data:`ELSEWHERE`: ``sum_adapters``' ``--into BASE`` is
+``sum_into_base's into=BASE``); any other (another command's, ``ray start
+--head``) is left as it is.
 
 The CLI, and loramix's own modules, call the functions from their modules,
 unwrapped: the CLI's lines are the library's, and only the outermost
@@ -69,6 +72,13 @@ RENAMES = {
     "run_scenario": {"--cache": "cache_dir"},
 }
 
+#: per function, flags it has no keyword for that stand for another function's keyword: said as that
+#: one's (``sum_adapters``' "pass --into BASE": "pass sum_into_base's into=BASE"), not as the flag
+ELSEWHERE = {
+    "sum_adapters": {"--into": "sum_into_base's into"},
+    "plan": {"--into": "merge's into"},
+}
+
 #: per function, the fields of its result that are sentences the command prints (plan's "cost:",
 #: "warning:" and "note:" lines), said in keyword terms as its errors are
 RESULT_TEXT = {
@@ -109,17 +119,24 @@ def _literal(kw: str, word: str) -> str | None:
     return repr(word) if word in _choices(kw) else None
 
 
-def keyword_namer(f: Callable, renames: dict[str, str]) -> Callable[[str], str | None]:
+def keyword_namer(
+    f: Callable, renames: dict[str, str], elsewhere: dict[str, str] | None = None
+) -> Callable[[str], str | None]:
     """``flag -> keyword`` for ``f``: ``"--max-len"`` -> ``"max_len"``,
     ``"--force"`` -> ``"force=True"`` (a parameter whose default is False);
-    None for a flag that stands for no parameter of ``f`` (any flag does where
-    ``f`` takes ``**params``, as ``merge`` does its methods' parameters)."""
+    a flag in ``elsewhere`` (:data:`ELSEWHERE`), which ``f`` has no keyword
+    for, as another function's keyword (``"sum_into_base's into"``); None for
+    a flag that stands for no parameter of ``f`` (any flag does where ``f``
+    takes ``**params``, as ``merge`` does its methods' parameters)."""
     params = inspect.signature(f).parameters
     any_name = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    elsewhere = elsewhere or {}
 
     def name(flag: str) -> str | None:
         kw = renames.get(flag, flag[2:].replace("-", "_"))
         p = params.get(kw)
+        if p is None and flag in elsewhere:
+            return elsewhere[flag]
         if p is None or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             return kw if any_name else None
         return f"{kw}=True" if p.default is False else kw
@@ -151,7 +168,7 @@ def python_api(f: Callable, public_name: str) -> Callable:
     same exception, its ``where``, ``problem`` and message rendered), and
     which a SIGTERM left at its default unwinds before it kills the process
     (:func:`~loramix.stopping.sigterm_unwinds`, module docstring)."""
-    name = keyword_namer(f, RENAMES.get(public_name, {}))
+    name = keyword_namer(f, RENAMES.get(public_name, {}), ELSEWHERE.get(public_name))
     fields = RESULT_TEXT.get(public_name, ())
 
     @functools.wraps(f)

@@ -32,7 +32,10 @@ if TYPE_CHECKING:
     from .adapter import Adapter
 
 # the null-target_modules warning's last words here: inspect takes no base
-_LISTS_ALL = "inspect lists them all; similarity --base, sum or merge --into and eval apply PEFT's rule"
+# (a warning is worded for both readers: each step by its keyword and its flag, loramix.api)
+_LISTS_ALL = ("inspect lists them all; given the base, similarity, merge, sum_into_base and evaluate apply "
+              "PEFT's rule: similarity base=, merge or sum_into_base into=; similarity --base, sum or merge "
+              "--into, eval")  # fmt: skip
 
 COLUMNS = ["module", "kind", "out", "in", "rank", "alpha", "scale", "norm", "dtype", "params"]
 

@@ -565,7 +565,8 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     if fit is not None and Path(fit).is_dir():  # a study's report folder, as predict takes it
         if not (Path(fit) / "predictors.json").is_file():
             raise UsageError(fit, "a folder without predictors.json in it (plan reads a predictors file: a scenario "
-                             "with a [predictors] table writes one to reports/NAME, loramix fit to its --out)")  # fmt: skip
+                             "with a [predictors] table writes one to reports/NAME, loramix fit to its --out, "
+                             "fit_evaluations to its out=)")  # fmt: skip
         fit = Path(fit) / "predictors.json"
     # the fit file too: with --data the adapters load with torch, which a mistyped --fit need not wait for
     fitfile = None if fit is None else load_predictors(fit)  # read and checked once, used thrice

@@ -173,7 +173,9 @@ PREDICTORS = Path(__file__).resolve().parents[1] / "reports" / "quickstart" / "p
 
 @pytest.mark.parametrize(
     ("args", "hint"),
-    [(["inspect", "{a}"], "(inspect lists them all; similarity --base, sum or merge --into and eval apply"),
+    [(["inspect", "{a}"], "(inspect lists them all; given the base, similarity, merge, sum_into_base and evaluate "
+                          "apply PEFT's rule: similarity base=, merge or sum_into_base into=; similarity --base, "
+                          "sum or merge --into, eval)"),
      (["predict", "{a}", "{b}", "--fit", "{fit}"], "(the predictor's features read them all)"),
      (["predict", "{a}", "{b}", "--fit", PREDICTORS], "(the predictor's features read them all)"),
      (["plan", "{a}", "{b}", "--fit", PREDICTORS], "(the predictor's features read them all)"),
