@@ -4,9 +4,19 @@ Inputs: the JSON that ``loramix eval --format json`` writes, for single
 adapters and for merges of them (``eval --adapter A --adapter B [--merged]``,
 the sum; or ``eval --base M`` of a model folder ``M`` that ``sum``/``merge
 --into`` wrote, whose JSON carries a ``merge`` label). A merge is paired with
-its members by what the files record: the members' adapter paths (the merge
+its members by what the files record: the members' adapters (the merge
 label's, or the ``--adapter`` list), the base, the scoring (``on``,
 ``prompt``) and the data rows.
+
+An adapter is matched by its content where both files record it: the
+sha256 of its weights file (``adapter_sha256``, the merge label's
+``sha256``; what a merge's provenance records), so a member evaluated
+from a copy elsewhere is the same adapter, and one rewritten at the same
+path between the evaluations is refused, not matched. Where either file
+has no digest (an eval JSON written before eval recorded them, or an adapter
+without a weights file to hash), the adapters are matched by their
+resolved paths, as before. The features are read from each adapter's
+single evaluation's path, refused where the file there has changed since.
 
 Each single adapter must be evaluated on one data set, its domain ``d`` (the
 row's name, :func:`loramix.data.data_names`: the file's stem). A merge of
@@ -71,6 +81,7 @@ class Evaluation:
     on: str
     prompt: str
     rows: dict  # data name -> its result row
+    digests: list  # per member, its weights' sha256 as recorded, or None (an older JSON)
 
 
 def _real(p: str) -> str:
@@ -132,7 +143,16 @@ def read_evaluation(path: str | os.PathLike) -> Evaluation:
         raise UsageError(
             path, f"a merge with weights {weights}: fit takes merges of weight 1 each, as a study's"
         )
-    return Evaluation(str(path), _real(base), [_real(m) for m in members], method, d["on"], d["prompt"], rows)
+    digests = made.get("sha256") if made is not None and not given else d.get("adapter_sha256")
+    if digests is None:  # an older eval JSON: matched by path
+        digests = [None] * len(members)
+    if not (isinstance(digests, list) and len(digests) == len(members)
+            and all(x is None or (isinstance(x, str) and len(x) == 64) for x in digests)):  # fmt: skip
+        raise UsageError(
+            path, "its adapters' sha256 are not one digest (or null) per adapter: not eval's JSON"
+        )
+    return Evaluation(str(path), _real(base), [_real(m) for m in members], method, d["on"], d["prompt"], rows,
+                      list(digests))  # fmt: skip
 
 
 def _domains(evals: list[Evaluation]) -> dict[str, tuple[str, Evaluation]]:
@@ -149,11 +169,38 @@ def _domains(evals: list[Evaluation]) -> dict[str, tuple[str, Evaluation]]:
             raise UsageError(
                 e.path, f"evaluates {a} again ({own[a][1].path} did): give one evaluation per adapter"
             )
+        twin = next(
+            (o for o in own.values() if e.digests[0] is not None and o[1].digests[0] == e.digests[0]), None
+        )
+        if twin is not None:
+            raise UsageError(e.path, f"evaluates {a}, the same adapter (sha256 {e.digests[0][:12]}) as "
+                             f"{twin[1].members[0]} ({twin[1].path}): give one evaluation per adapter")  # fmt: skip
         if dom in seen:
             raise UsageError(e.path, f"evaluates a second adapter on domain {dom} ({seen[dom]}): one adapter "
                              "per domain")  # fmt: skip
         own[a], seen[dom] = (dom, e), a
     return own
+
+
+def _match(m: Evaluation, own: dict) -> list[str]:
+    """The members of the merge ``m`` as the keys of ``own`` (the single
+    evaluations' adapters): by digest where both files record one, else by
+    resolved path (module docstring); a member that matches none is kept as
+    it is (:func:`_point` refuses it), one whose path holds another digest
+    is refused here."""
+    by_digest = {e.digests[0]: a for a, (_, e) in own.items() if e.digests[0] is not None}
+    keys = []
+    for a, digest in zip(m.members, m.digests):
+        if digest is not None and digest in by_digest:
+            keys.append(by_digest[digest])
+            continue
+        there = own.get(a)
+        if digest is not None and there is not None and there[1].digests[0] is not None:
+            raise UsageError(m.path, f"member {a} (sha256 {digest[:12]}) is not the adapter {there[1].path} "
+                             f"evaluated at that path (sha256 {there[1].digests[0][:12]}): it was rewritten "
+                             "between the evaluations; evaluate both again")  # fmt: skip
+        keys.append(a)
+    return keys
 
 
 def _point(m: Evaluation, own: dict) -> tuple[tuple[str, ...], float]:
@@ -202,6 +249,7 @@ def collect_points(evals: list[Evaluation]) -> tuple[dict, list[dict]]:
     merges = [e for e in evals if e.method is not None]
     for m in merges:
         _same_base_and_scoring(m, merges[0])
+        m.members = _match(m, own)
         comp, y = _point(m, own)
         key = (comp, m.method)
         if key in seen:
@@ -294,9 +342,15 @@ def _features(own: dict, where: str):
     from .features import compute_features, registry
     from .features.size import ensure_size
     from .grouping import one_kind
+    from .io.filehash import adapter_sha256
     from .io.np_factors import load_np_adapter
 
     paths = list(own)
+    for p in paths:  # the factors read are those evaluated
+        e = own[p][1]
+        if e.digests[0] is not None and adapter_sha256(p) != e.digests[0]:
+            raise UsageError(e.path, f"{p} has changed since it was evaluated (sha256 {e.digests[0][:12]} then): "
+                             "evaluate it again")  # fmt: skip
     adapters = [load_np_adapter(p) for p in paths]
     one_kind(adapters, where, "a fit is per adapter kind")
     only = sorted(n for n, f in registry().items() if not f.data_aware)

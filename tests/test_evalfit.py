@@ -267,3 +267,73 @@ def test_too_few_compositions_or_a_missing_member_are_refused(bank, tmp_path, ca
     _bad(capsys, tmp_path, _files(bank, PAIRS[:2]), first, "2 sum merge(s)", "needs 3 compositions")
     files = [f for d, f in bank["single"].items() if d != "sort"] + [bank["merges"][p] for p in PAIRS]
     _bad(capsys, tmp_path, files, bank["merges"][PAIRS[2]], "has no evaluation among the files given")
+
+
+def test_a_member_is_matched_by_content_not_by_path(bank, tmp_path):
+    """eval --format json records each adapter's sha256 (the merge label's too): a member
+    evaluated alone from a copy elsewhere is matched (by path it was "no evaluation"), and
+    the points are those of the original's evaluation; an eval JSON without digests (an older
+    one) is matched by the resolved path, as before."""
+    import shutil
+
+    import loramix
+    from loramix.io.filehash import adapter_sha256
+
+    want = loramix.fit_evaluations(_files(bank))["points"]
+    units = bank["ads"]["units"]
+    for f in [*bank["single"].values(), *bank["merges"].values()]:
+        d = json.loads(f.read_text())
+        got = d["merge"]["sha256"] if "merge" in d else d["adapter_sha256"]
+        assert got == [adapter_sha256(a) for a in (d["merge"]["adapters"] if "merge" in d else d["adapters"])]
+    copy = shutil.copytree(units, tmp_path / "elsewhere" / "copy")
+    single = {
+        **bank["single"],
+        "units": _eval(bank["base"], tmp_path / "units.json", [DOMAINS["units"]], copy),
+    }
+    files = [*single.values(), *bank["merges"].values()]
+    got = loramix.fit_evaluations(files)["points"]
+    assert [(p["composition"], p["y"]) for p in got] == [(p["composition"], p["y"]) for p in want]
+    for p, q in zip(got, want):  # the same factors (read from the copy), summed as BLAS does
+        assert math.isclose(p["rms_cosine"], q["rms_cosine"], rel_tol=1e-12), (p, q)
+    # older JSONs: no digests; matched by path (the copy is then no member of any merge)
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in _files(bank):
+        d = json.loads(f.read_text())
+        d.pop("adapter_sha256", None)
+        if "merge" in d:
+            d["merge"].pop("sha256")
+        (old / f.name).write_text(json.dumps(d))
+    got = loramix.fit_evaluations([old / f.name for f in _files(bank)])["points"]
+    assert [(p["composition"], p["y"]) for p in got] == [(p["composition"], p["y"]) for p in want]
+
+
+def test_an_adapter_rewritten_at_its_path_is_not_matched(bank, tmp_path):
+    """A merge evaluated with the adapter at P, which is then rewritten (another adapter, the same
+    path) and evaluated alone: the merge is refused naming it (it was paired with the new
+    adapter's evaluation, a wrong point); so is reading features from an adapter changed after
+    its single evaluation."""
+    from transformers import AutoModelForCausalLM
+
+    from loramix.errors import UsageError
+    from loramix.evalfit import collect_points, read_evaluation
+
+    model = AutoModelForCausalLM.from_pretrained(bank["base"])
+    p = make_peft_adapter(model, tmp_path / "p", seed=20, r=4, lora_alpha=8)
+    units = bank["ads"]["units"]
+    merge = _eval(bank["base"], tmp_path / "m.json", [DOMAINS["arith"], DOMAINS["units"]], p, units)
+    make_peft_adapter(model, p, seed=21, r=4, lora_alpha=8)  # rewritten in place
+    single = {**bank["single"], "arith": _eval(bank["base"], tmp_path / "p.json", [DOMAINS["arith"]], p)}
+    evals = [read_evaluation(f) for f in [*single.values(), merge]]
+    with pytest.raises(UsageError) as e:
+        collect_points(evals)
+    assert e.value.where == str(merge) and "rewritten between the evaluations" in e.value.problem
+    # the single evaluation of the new adapter, then the file changed again: its features are refused
+    files = [*single.values(), *(bank["merges"][k] for k in PAIRS if "arith" not in k)]
+    make_peft_adapter(model, p, seed=22, r=4, lora_alpha=8)
+    with pytest.raises(UsageError) as e:
+        from loramix.evalfit import _features
+
+        own, _ = collect_points([read_evaluation(f) for f in files])
+        _features({**own, str(p.resolve()): ("arith", read_evaluation(single["arith"]))}, "x")
+    assert e.value.where == str(single["arith"]) and "has changed since it was evaluated" in e.value.problem

@@ -265,6 +265,21 @@ def adapter_weight_file(adapter: str | os.PathLike) -> list[Path]:
         return []
 
 
+def adapter_sha256(adapter: str | os.PathLike) -> str | None:
+    """sha256 of ``adapter``'s weights file (a folder's ``adapter_model.*``, or
+    the file given), as :attr:`loramix.adapter.Adapter.sha256` and a merge's
+    provenance record it; cached (:func:`cached_file_sha256`). None where
+    there is no adapter to read there."""
+    from ..errors import LoramixError
+    from .peft_layout import resolve_adapter_paths
+
+    try:
+        weights = resolve_adapter_paths(adapter)[2]
+        return cached_file_sha256(weights) if weights.is_file() else None
+    except (LoramixError, OSError):
+        return None
+
+
 def prefetch_inputs(adapters=(), base: str | os.PathLike | None = None) -> None:
     """:func:`prefetch` of the adapters' weight files (read first) and a
     base model folder's weight files (nothing for None or anything that is
