@@ -166,3 +166,43 @@ def test_a_study_on_a_damaged_cache_remakes_the_entry_and_reports_the_same(tmp_p
         assert (tmp_path / "first" / f).read_bytes() == (tmp_path / "second" / f).read_bytes(), f
     log = (tmp_path / "second" / "cache_log.csv").read_text().splitlines()[1:]
     assert [r.split(",")[2] for r in log].count("miss") == 1
+
+
+def test_a_cache_that_is_a_dangling_symlink_is_one_line_before_anything(monkeypatch, capsys, tmp_path):
+    """$LORAMIX_CACHE a symlink to nothing: ``scenario check`` said ok, and
+    the run failed with '<link>: File exists' (mkdir of the link's name).
+    Both now say what it is, before printing or writing anything."""
+    from loramix.cli import main
+
+    scen = tmp_path / "tiny.toml"
+    scen.write_text(TINY)
+    link = tmp_path / "cache-link"
+    link.symlink_to(tmp_path / "nowhere")
+    monkeypatch.setenv("LORAMIX_CACHE", str(link))
+    out = tmp_path / "o"
+    for argv in (
+        ["scenario", "check", str(scen)],
+        ["scenario", "run", str(scen), "--out", str(out), "--quiet"],
+    ):
+        assert main(argv) == 2
+        o, err = capsys.readouterr()
+        assert o == "" and err.count("\n") == 1, (o, err)
+        assert err.startswith(
+            f"loramix: error: {link}: is a symlink to {tmp_path / 'nowhere'}, which does not exist"
+        )
+    assert not out.exists() and not (tmp_path / "nowhere").exists()
+
+
+def test_a_kind_folder_that_is_a_file_is_named(tmp_path):
+    """``<cache>/eval`` a file (or a dangling link): the run said only
+    '<cache>/eval: File exists'."""
+    from loramix.errors import UsageError
+
+    c = Cache(tmp_path / "c")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "eval").write_text("x")
+    with pytest.raises(
+        UsageError, match=r"eval: is not a folder: the scenario cache keeps its eval entries there"
+    ):
+        c.get_or_make("eval", {"x": 1}, _make([]))
+    assert (tmp_path / "c" / "eval").read_text() == "x"

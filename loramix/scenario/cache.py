@@ -112,6 +112,9 @@ def check_cache_root(root: str | os.PathLike) -> Path:
     from ..errors import UsageError
 
     root = Path(root)
+    if root.is_symlink() and not root.exists():  # mkdir then said only 'File exists'
+        raise UsageError(root, f"is a symlink to {os.readlink(root)}, which does not exist: the scenario cache "
+                               "(--cache, or $LORAMIX_CACHE) must be a folder; make it, or remove the link")  # fmt: skip
     if root.exists() and not root.is_dir():
         raise UsageError(root, "is not a folder: the scenario cache (--cache, or $LORAMIX_CACHE) must be one")
     return root
@@ -552,7 +555,13 @@ class Cache:
             self.log.append(CacheEvent(kind, key, "hit", 0.0, label))
             return target
         make_root(self.root)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # said only 'File exists'
+            from ..errors import UsageError
+
+            raise UsageError(target.parent, f"is not a folder: the scenario cache keeps its {kind} entries there; "
+                                            "move it away") from None  # fmt: skip
         # --fresh remakes it whoever else is making it: it does not wait
         with Making(target, wait=not redo, label=label) as lock:
             if not redo:  # made (or mended) meanwhile: by the process waited for, or just before the lock
