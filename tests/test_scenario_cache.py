@@ -84,6 +84,28 @@ def test_a_damaged_entry_is_made_again_in_one_line(tmp_path, capsys, how):
     assert [p.name for p in (tmp_path / "c" / "eval").iterdir()] == [first.name]
 
 
+def test_a_large_file_rewritten_in_place_is_found_through_the_hash_cache(tmp_path, monkeypatch, capsys):
+    """A large file is hashed at a lookup through loramix.io.filehash's cache
+    (a warm rerun stats it instead of reading GBs again): rewritten at the
+    same size after a hit, it is still found (its times changed)."""
+    import loramix.scenario.cache as sc
+    from loramix.io import filehash
+
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "hashes"))
+    monkeypatch.setattr(sc, "HASH_CACHED_FROM", 0)  # every file "large"
+    monkeypatch.setattr(filehash, "RACY_NS", 0)  # a file just written is cached too
+    spec, made = {"x": 1}, []
+    first = Cache(tmp_path / "c").get_or_make("eval", spec, _make(made))
+    hit = Cache(tmp_path / "c")
+    assert hit.get_or_make("eval", spec, _make(made)) == first and [e.status for e in hit.log] == ["hit"]
+    assert any((tmp_path / "hashes").rglob("*")), "the hashes were not cached: nothing tested"
+    _rewrite_same_size(first / "adapter" / "adapter_model.safetensors")
+    c = Cache(tmp_path / "c")
+    c.get_or_make("eval", spec, _make(made))
+    assert len(made) == 2 and [e.status for e in c.log] == ["miss"]
+    assert "differs from what was written" in capsys.readouterr().err
+
+
 def test_an_entry_that_is_a_file_is_made_again(tmp_path, capsys):
     spec, made = {"x": 1}, []
     c = Cache(tmp_path / "c")

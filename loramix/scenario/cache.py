@@ -164,6 +164,23 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+#: files from this size on are hashed through loramix.io.filehash's cache at a lookup
+HASH_CACHED_FROM = 1 << 20
+
+
+def _lookup_sha256(path: Path, size: int) -> str:
+    """sha256 of an entry's file at a lookup: a large one (a study's base or
+    merged model, GBs in all) through :func:`loramix.io.filehash.cached_file_sha256`,
+    keyed by inode, size and times, so a warm rerun stats it instead of
+    reading it again (a rewrite in place changes its times: rehashed); a
+    small one directly (cheaper than that cache's synced entry)."""
+    if size < HASH_CACHED_FROM:
+        return _file_sha256(path)
+    from ..io.filehash import cached_file_sha256
+
+    return cached_file_sha256(path)
+
+
 def _entry_files(folder: Path) -> list[str]:
     """The files of an entry ``folder`` but its marker: POSIX paths relative
     to it, sorted."""
@@ -237,7 +254,7 @@ def entry_damage(target: Path, kind: str, key: str, *, contents: bool = True) ->
             return f"{rel} is {size} bytes, not the {fact.get('size') if isinstance(fact, dict) else '?'} written"
         if contents:
             try:
-                if _file_sha256(p) != fact.get("sha256"):
+                if _lookup_sha256(p, size) != fact.get("sha256"):
                     return f"{rel} differs from what was written (sha256)"
             except OSError as e:
                 return f"{rel} cannot be read: {e.strerror or e}"
