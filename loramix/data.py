@@ -142,12 +142,22 @@ def _value(raw, field: str, where: str, path, required: bool) -> str | None:
     return val
 
 
-def _record(obj, path, where: str, qf: str, af: str, cf: str | None) -> QARecord:
+def _missing(field: str, role: str, found, named_by: str | None) -> str:
+    """``missing field 'question' (its fields: prompt, completion; --question-field
+    names yours)``: what the record holds, and where the caller lets a user
+    name the field (``named_by``, a format of the role: ``"--{}-field"``)."""
+    found = list(found)
+    has = ", ".join(map(str, found[:8])) + (", ..." if len(found) > 8 else "") if found else "none"
+    how = f"; {named_by.format(role)} names yours" if named_by else ""
+    return f"missing field {field!r} (its fields: {has}{how})"
+
+
+def _record(obj, path, where: str, qf: str, af: str, cf: str | None, named_by: str | None = None) -> QARecord:
     if not isinstance(obj, dict):
         raise DataError(path, f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for f in (qf, af):
+    for f, role in ((qf, "question"), (af, "answer")):
         if f not in obj:
-            raise DataError(path, f"{where}: missing field {f!r}")
+            raise DataError(path, f"{where}: {_missing(f, role, obj, named_by)}")
     q = _value(obj[qf], qf, where, path, True)
     a = _value(obj[af], af, where, path, True)
     c = _value(obj.get(cf), cf, where, path, False) if cf else None
@@ -161,12 +171,16 @@ def load_records(
     answer_field: str = "answer",
     context_field: str | None = "context",
     limit: int | None = None,
+    named_by: str | None = None,
 ) -> list[QARecord]:
     """Read QA records from a file (see the module docstring for the formats).
 
     ``limit`` keeps the first ``limit`` records. Raises :class:`DataError`
     naming the file (and the line or record) when the file is missing, empty,
-    not valid JSON/CSV, or a record lacks the question or answer field.
+    not valid JSON/CSV, or a record lacks the question or answer field; that
+    error lists the fields the record has and, given ``named_by`` (where the
+    caller's user names a field, a format of ``question``/``answer``:
+    ``"--{}-field"``), says where to name the file's own.
     """
     if limit is not None and limit < 1:
         raise UsageError("--limit", f"must be at least 1, got {limit}")
@@ -218,7 +232,7 @@ def load_records(
                 raise DataError(p, f"line {i}: invalid JSON ({e.msg} at column {e.colno})") from None
             except RecursionError:
                 raise DataError(p, f"line {i}: invalid JSON (nested too deeply)") from None
-            records.append(_record(obj, p, f"line {i}", qf, af, cf))
+            records.append(_record(obj, p, f"line {i}", qf, af, cf, named_by))
             if limit is not None and len(records) >= limit:
                 break
     elif suffix == ".json":
@@ -231,14 +245,14 @@ def load_records(
         if not isinstance(data, list):
             raise DataError(p, f"expected a JSON list of objects, got {type(data).__name__}")
         for i, obj in enumerate(data[:limit] if limit else data):
-            records.append(_record(obj, p, f"record {i}", qf, af, cf))
+            records.append(_record(obj, p, f"record {i}", qf, af, cf, named_by))
     elif suffix == ".csv":
         # newline="" keeps line breaks inside quoted fields (and U+2028 etc.) in the field
         reader = csv.DictReader(io.StringIO(text, newline=""))
         header = reader.fieldnames or []
-        for f in (qf, af):
+        for f, role in ((qf, "question"), (af, "answer")):
             if f not in header:
-                raise DataError(p, f"line 1: missing field {f!r} in the header (found {', '.join(header)})")
+                raise DataError(p, f"line 1: {_missing(f, role, header, named_by)}")  # the header's fields
         for row in reader:
             # reader.line_num is the physical line just read (1 = header).
             records.append(_record(row, p, f"line {reader.line_num}", qf, af, cf if cf in header else None))

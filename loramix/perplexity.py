@@ -410,7 +410,7 @@ def _read_sets(data: list, limit: int | None, fields: dict) -> list[tuple[str, l
     sets = []
     for i, (d, name) in enumerate(zip(data, data_names(data))):
         if isinstance(d, (str, os.PathLike)):
-            sets.append((name, load_records(d, limit=limit, **fields)))
+            sets.append((name, load_records(d, limit=limit, named_by="--{}-field", **fields)))
         else:
             recs = list(d)[:limit] if limit is not None else list(d)
             if not recs:

@@ -78,7 +78,7 @@ def _load_sources(data, *, eval_size, seed: int, limit, fields: dict):
         raise UsageError("--data", "no data given")
     train, held, inputs = [], [], []
     for src in sources:
-        recs = load_records(src, limit=limit, **fields)
+        recs = load_records(src, limit=limit, named_by="--{}-field", **fields)
         if eval_size:
             tr, ev = split_records(recs, eval_size=eval_size, seed=seed)
         else:

@@ -117,7 +117,10 @@ def test_cli_build_and_bad_data(tmp_path, capsys):
     write_jsonl(tmp_path / "bad.jsonl", [{"question": "q"}])
     assert main(["base", "build", "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"loramix: error: {tmp_path / 'bad.jsonl'}: line 1: missing field 'answer'"
+    assert (
+        err
+        == f"loramix: error: {tmp_path / 'bad.jsonl'}: line 1: missing field 'answer' (its fields: question)"
+    )
     assert not (tmp_path / "x").exists()
 
 

@@ -325,3 +325,37 @@ def test_data_names_tell_every_item_apart(tmp_path):
     assert data_names([tmp_path / "union.jsonl", tmp_path / "set2.csv", [object()]]) == [
         "union.jsonl", "set2.csv", "set2"]  # fmt: skip
     assert data_names([x, x, y]) == ["x/a.jsonl", "x/a.jsonl (2)", "y/a.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "name, content, field",
+    [
+        ("qa.jsonl", '{"prompt": "1+1", "completion": "2"}\n', "question"),
+        ("qa.json", '[{"question": "1+1", "reply": "2"}]', "answer"),
+        ("qa.csv", "prompt,answer\n1+1,2\n", "question"),
+    ],
+)
+def test_a_missing_field_names_the_files_fields_and_where_to_name_yours(
+    tmp_path, capsys, name, content, field
+):
+    """A data file with other field names (a common first mistake) said only
+    ``missing field 'question'``: the refusal now lists the fields the record
+    has and names the flag (or scenario key) that takes the file's own, where
+    the caller has one. Failed before the fix."""
+    from .test_scenario import GOOD
+
+    path = tmp_path / name
+    path.write_text(content)
+    has = {"qa.jsonl": "prompt, completion", "qa.json": "question, reply", "qa.csv": "prompt, answer"}[name]
+    with pytest.raises(DataError) as e:
+        load_records(path)  # base build: no flag to name a field, so none is named
+    assert e.value.message.endswith(f"missing field {field!r} (its fields: {has})"), e.value.message
+    for cmd in (["eval"], ["train", "--out", str(tmp_path / "ad")]):
+        assert main([*cmd, "--base", str(tmp_path / "nobase"), "--data", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"(its fields: {has}; --{field}-field names yours)" in err, err
+    scen = tmp_path / "s.toml"
+    scen.write_text(GOOD.replace('data = "synthetic:units"', f'data = "{name}"'))
+    assert main(["scenario", "check", str(scen), "--cache", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert f"(its fields: {has}; domains.b.{field} names yours)" in err and err.count("\n") == 1, err

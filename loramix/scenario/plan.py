@@ -100,13 +100,13 @@ def prepare_data(sc: Scenario) -> dict[str, DomainData]:
             question_field=d.question_field, answer_field=d.answer_field, context_field=d.context_field
         )
         try:
-            recs = load_records(d.data, **fields)
+            recs = load_records(d.data, named_by=f"domains.{name}.{{}}", **fields)
         except LoramixError as e:
             raise ScenarioError(f"{sc.path}: domains.{name}.data", e.message) from None
         left, near, ngram = 0, 0, None
         if d.trained_on is not None:
             try:
-                seen = load_records(d.trained_on, **fields)
+                seen = load_records(d.trained_on, named_by=f"domains.{name}.{{}}", **fields)
             except LoramixError as e:
                 raise ScenarioError(f"{sc.path}: domains.{name}.trained_on", e.message) from None
             from ..contamination import N, contaminated  # numpy: only for a study that gives trained_on
