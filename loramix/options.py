@@ -33,8 +33,8 @@ MAX_WEIGHT = 1e6
 #: and numpy take 64-bit seeds, and click's ``IntRange(0, 2**63 - 1)`` bounds
 #: ``train --seed``; a larger one is a typo, not to be wrapped or hashed
 MAX_SEED = 2**63 - 1
-#: the output dtypes a merge or a sum offers
-OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+#: the output dtypes a merge or a sum offers (the canonical names of DTYPE_NAMES)
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def bar_disabled(progress: bool) -> bool | None:

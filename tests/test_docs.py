@@ -458,3 +458,20 @@ def test_the_readme_and_scenarios_page_state_a_studys_adapter_defaults():
     assert steps == pytest.approx(
         [train[2] * train[1] / train[0], study.lr * study.alpha / study.rank], rel=1e-12
     )
+
+
+def test_sum_and_merge_name_every_output_dtype_they_take():
+    """``--dtype float64`` is taken (docs/merging.md's rounding table measures
+    it), but ``sum --help`` and ``merge --help`` offered float32, float16 and
+    bfloat16 only, and the refusal of a bad one said "choose float32,
+    float16, bfloat16". Failed before the fix."""
+    from loramix.errors import UsageError
+    from loramix.options import DTYPE_NAMES, OUTPUT_DTYPES, check_dtype
+
+    assert set(OUTPUT_DTYPES) == set(DTYPE_NAMES.values())
+    for name in ("loramix sum", "loramix merge"):
+        said = next(p.help for p in _options(name) if p.name == "dtype")
+        assert [d for d in OUTPUT_DTYPES if d not in said] == [], f"{name} --dtype: {said}"
+    with pytest.raises(UsageError) as e:
+        check_dtype("int8", "--dtype")
+    assert all(d in e.value.message for d in OUTPUT_DTYPES), e.value.message

@@ -146,7 +146,7 @@ def merge_options():
         click.option("--out", "-o", required=True, type=click.Path(),
                      help="Output folder (refused if it exists, unless --force)."),
         click.option("--dtype", default=None,
-                     help="Output dtype: float32, float16, bfloat16 (default: the base's, or the adapters')."),
+                     help="Output dtype: float32, float16, bfloat16 or float64 (default: the base's, or the adapters')."),
         device_opt(what="Where the deltas are formed and merged"),
         click.option("--force", is_flag=True, help="Replace an existing --out."),
         threads_option,

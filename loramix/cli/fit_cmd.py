@@ -18,7 +18,7 @@ from . import format_option
                    "predictions.csv, points.csv), for predict --fit and plan --fit.")  # fmt: skip
 @click.option("--level", type=float, default=0.9, show_default=True,
               help="Level of the prediction intervals, whose coverage is validated.")  # fmt: skip
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
 @format_option
 def command(evaluations, merged_data, out, level, force, fmt):
     """Fit and validate interference predictors from EVALUATIONS: the JSON files of `loramix eval

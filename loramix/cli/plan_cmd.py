@@ -16,8 +16,8 @@ from . import calibration_options, check_calibration_args, device_opt, format_op
     "fit_path",
     type=click.Path(path_type=str),
     default=None,
-    help="Predictors file (loramix.validation), or the report folder holding it; without it the cost is the "
-    "RMS cosine.",
+    help="predictors.json (the best validated predictor), written by `loramix scenario run` or `loramix fit`, "
+    "or the folder holding it; without it the cost is the RMS cosine.",
 )
 @calibration_options(
     base_help="Base model folder: with --data, the calibration pass's; without --fit, DoRA and D2-LoRA "

@@ -15,7 +15,8 @@ from . import calibration_options, check_calibration_args, format_option
     required=True,
     type=click.Path(path_type=str),
     help="predictors.json (the best validated predictor) or fit.json (the cosine line), "
-    "written by `loramix scenario run`, or its report folder (its predictors.json, else its fit.json).",
+    "written by `loramix scenario run` or `loramix fit`, or the folder holding them (its predictors.json, "
+    "else its fit.json).",
 )
 @click.option(
     "--method",

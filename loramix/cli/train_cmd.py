@@ -34,7 +34,9 @@ def _eval_size(value: str) -> int | float:
 )
 @click.option("--method", default=None, hidden=True, help="Deprecated name of --kind.")
 @click.option("--rank", type=int, default=8, show_default=True, help="Rank r of the factors.")
-@click.option("--alpha", type=float, default=16, show_default=True, help="Scale s = alpha / rank.")
+@click.option(
+    "--alpha", type=float, default=16, show_default=True, help="LoRA alpha; the scale is s = alpha / rank."
+)
 @click.option("--tau", type=float, default=0.5, show_default=True, help="D2-LoRA negative-branch weight.")
 @click.option(
     "--norm-dim",
