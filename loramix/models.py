@@ -67,7 +67,13 @@ def read_model_config(path: str | os.PathLike) -> tuple[Path, dict]:
         )
     cfg_path = p / "config.json"
     if not cfg_path.exists():
-        raise BaseModelError(p, "not a Hugging Face model folder: no config.json")
+        # an adapter folder given as the base (--into or --base and an adapter swapped): say what it holds
+        held = (
+            "; it holds an adapter (adapter_config.json), not its base"
+            if (p / "adapter_config.json").exists()
+            else ""
+        )
+        raise BaseModelError(p, f"not a Hugging Face model folder: no config.json{held}")
     cfg = load_json_file(cfg_path, BaseModelError, constants=True)
     if not isinstance(cfg, dict):
         raise BaseModelError(cfg_path, "not valid JSON: not a JSON object")

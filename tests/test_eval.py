@@ -766,3 +766,23 @@ def test_eval_warns_of_records_an_adapter_was_trained_on(bases, capsys, tmp_path
     )
     one_line_error(capsys, [*on_the_fly, "--data", data, "--held-out"],
                    "--held-out", data, f"{ad} was trained on this file, but its records changed")  # fmt: skip
+
+
+def test_an_adapter_given_as_the_base_is_named_as_an_adapter(tmp_path, capsys):
+    """``--into`` or ``--base`` given an adapter folder (the two paths
+    swapped, a common first mistake) said only "not a Hugging Face model
+    folder: no config.json"; it now says the folder holds an adapter, as a
+    scenario's base.path did. Failed before the fix."""
+    ad = make_peft_adapter(tiny_gpt2(), tmp_path / "ad", r=2)
+    said = f"{ad}: not a Hugging Face model folder: no config.json; it holds an adapter (adapter_config.json)"
+    for argv in (
+        ["sum", str(ad), "--into", str(ad), "--out", str(tmp_path / "m")],
+        ["eval", "--base", str(ad), "--data", "synthetic:arith"],
+        ["train", "--base", str(ad), "--data", "synthetic:arith", "--out", str(tmp_path / "t")],
+    ):
+        assert main(argv) == 2
+        err = _err(capsys)
+        assert said in err and err.count("\n") == 0, err
+    (tmp_path / "neither").mkdir()  # a folder that holds no adapter: no such claim
+    assert main(["eval", "--base", str(tmp_path / "neither"), "--data", "synthetic:arith"]) == 2
+    assert _err(capsys).endswith("no config.json")
