@@ -301,7 +301,8 @@ def load_fit_file(path: str | os.PathLike) -> dict:
     """
     p = Path(path)
     fit = read_json_file(p, "fit file", "give its fit.json or predictors.json",
-                         "a scenario run writes reports/NAME/fit.json", "fit.json")  # fmt: skip
+                         "a scenario run writes reports/NAME/fit.json; so does loramix fit --merged-data, in its --out",
+                         "fit.json")  # fmt: skip
     return check_fit(fit, p)
 
 

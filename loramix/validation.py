@@ -542,9 +542,15 @@ def load_predictors(path: str | os.PathLike) -> dict:
     """
     p = Path(path)
     d = read_json_file(p, "predictors file", "give its predictors.json",
-                       "loramix.validation.write_predictors writes one", "predictors file")  # fmt: skip
+                       "a scenario run with [predictors], or loramix fit, writes one", "predictors file")  # fmt: skip
     if not isinstance(d, dict) or d.get("format") != FORMAT or not isinstance(d.get("fits"), dict):
-        raise UsageError(p, f"not a loramix predictors file (no format {FORMAT!r} with 'fits')")
+        # a study's fit.json (its fits a list, no format) given where a predictors file is read: say so
+        was = (
+            "; it is a fit.json (the cosine line, which loramix predict reads): give a predictors.json"
+            if isinstance(d, dict) and "format" not in d and isinstance(d.get("fits"), list)
+            else ""
+        )
+        raise UsageError(p, f"not a loramix predictors file (no format {FORMAT!r} with 'fits'){was}")
     best = d.get("best")
     if not isinstance(best, str) or best not in d["fits"]:
         raise UsageError(p, f"best predictor {best!r} has no fit")

@@ -214,6 +214,26 @@ def test_bad_input_is_one_line_and_exit_2(bank, tmp_path, capsys):
     _one_line_error(capsys, ["plan", paths[0], str(tmp_path / "nope")], "nope")
 
 
+def test_a_fit_file_where_a_predictors_file_is_read_is_named_so(bank, tmp_path, capsys):
+    """``plan --fit`` given a study's fit.json (predict's cosine line) said
+    "not a loramix predictors file (no format ...)"; it now says what the
+    file is and what to give. A missing fit names what writes one, ``loramix
+    fit`` too (it named a Python function, and for predict only a scenario
+    run). Failed before the fix."""
+    from pathlib import Path
+
+    paths, _ = bank
+    fit_json = Path(__file__).resolve().parents[1] / "reports" / "quickstart" / "fit.json"
+    err = _one_line_error(
+        capsys, ["plan", *paths[:2], "--fit", str(fit_json)], "not a loramix predictors file"
+    )
+    assert "it is a fit.json (the cosine line, which loramix predict reads): give a predictors.json" in err
+    err = _one_line_error(capsys, ["plan", *paths[:2], "--fit", str(tmp_path / "no.json")], "no such")
+    assert "loramix fit" in err, err
+    err = _one_line_error(capsys, ["predict", *paths[:2], "--fit", str(tmp_path / "no.json")], "no such")
+    assert "loramix fit" in err, err
+
+
 def _tiny_llama_bank(tmp_path, n: int, targets=("q_proj",)):
     """A tiny Llama base folder and ``n`` rank-2 PEFT adapters on ``targets``."""
     from loramix.models import load_causal_lm
