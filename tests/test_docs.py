@@ -512,3 +512,21 @@ def test_the_scenarios_pages_example_files_load(tmp_path, monkeypatch):
         path.write_text(block)
         sc = load_scenario(path)
         assert sc.domains, block
+
+
+def test_a_flag_that_means_the_same_everywhere_is_said_the_same_everywhere():
+    """``--weights`` is one weight per adapter for ``sum``, ``merge`` and
+    ``eval`` alike, but eval's help said it in other words ("Comma-separated
+    weight per adapter (default 1 each)"); so with ``--force``, ``--threads``
+    and ``--progress`` (a scenario's ``--force`` and ``--threads`` mean other
+    things, and are left out). Compares the commands with each other, not
+    with fixed words. Failed before the fix (eval's --weights)."""
+    other = {("--force", "loramix scenario run"), ("--force", "loramix similarity"),
+             ("--threads", "loramix scenario run"), ("--threads", "loramix scenario check")}  # fmt: skip
+    wrong = []
+    for flag in ("--weights", "--force", "--threads", "--progress"):
+        said = {name: " ".join((p.help or "").split()) for name in COMMANDS for p in _options(name)
+                if flag in p.opts and (flag, name) not in other}  # fmt: skip
+        if len(set(said.values())) > 1:
+            wrong.append(f"{flag}: {said}")
+    assert wrong == []

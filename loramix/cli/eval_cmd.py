@@ -13,7 +13,7 @@ from .threads import threads_option
 @click.option(
     "--adapter", "adapters", multiple=True, type=click.Path(), help="Adapter folder; repeat to sum."
 )
-@click.option("--weights", default=None, help="Comma-separated weight per adapter (default 1 each).")
+@click.option("--weights", default=None, help="One weight per adapter, e.g. 1,0.5 (default: all 1).")
 @click.option("--merged", is_flag=True, help="Merge the adapters into the weights first (else on the fly).")
 @data_options("Data file (.jsonl/.json/.csv/.txt) or synthetic:NAME spec; repeat or list after it.")
 @click.option("--on", type=click.Choice(["answer", "all"]), default="answer", show_default=True,
