@@ -157,7 +157,8 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
                    "($LORAMIX_JOBS overrides); 1 on a GPU or with --threads; 2 with --executor "
                    "processes or ray.")  # fmt: skip
 @click.option("--executor", type=click.Choice(["serial", "processes", "ray"]), default=None,
-              help="Where steps run: this process, local worker processes, or a Ray cluster.")  # fmt: skip
+              help="Where steps run: this process, local worker processes, or a Ray cluster (default: processes "
+                   "where --jobs is above 1, else serial).")  # fmt: skip
 @click.option(
     "--address", default=None, help="Ray cluster address (--executor ray; default: a local instance)."
 )
