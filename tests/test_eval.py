@@ -786,3 +786,21 @@ def test_an_adapter_given_as_the_base_is_named_as_an_adapter(tmp_path, capsys):
     (tmp_path / "neither").mkdir()  # a folder that holds no adapter: no such claim
     assert main(["eval", "--base", str(tmp_path / "neither"), "--data", "synthetic:arith"]) == 2
     assert _err(capsys).endswith("no config.json")
+
+
+def test_an_adapter_for_another_base_is_said_to_be_one_by_sum_as_by_eval(tmp_path, capsys):
+    """``sum --into`` of an adapter whose modules the base lacks (a Llama
+    adapter into a GPT-2) said only "has no tensor for adapter module ...";
+    ``eval`` said "the adapter was made for another base". Now both say it.
+    Failed before the fix."""
+    ad = make_peft_adapter(tiny_llama(), tmp_path / "llama-ad", r=2)
+    base = save_base(tiny_gpt2(), tmp_path / "gpt2")
+    capsys.readouterr()  # transformers' own lines as it saved them
+    assert main(["sum", str(ad), "--into", str(base), "--out", str(tmp_path / "m"), "--quiet"]) == 2
+    err = _err(capsys)
+    assert (
+        err.startswith(f"loramix: error: {ad}: does not fit the base: ")
+        and "has no tensor for adapter module" in err
+    )
+    assert err.endswith("the adapter was made for another base"), err
+    assert not (tmp_path / "m").exists()

@@ -354,7 +354,9 @@ class BaseModelFolder:
                     "module out of the adapter)",
                 )
             raise BaseModelError(
-                self.path, f"has no tensor for adapter module {name} (looked for {cands[0]}.weight)"
+                self.path,
+                f"has no tensor for adapter module {name} (looked for {cands[0]}.weight): "
+                "the adapter was made for another base",
             )
         tied = self._tied_with(key)
         if tied is not None:
