@@ -568,3 +568,13 @@ def test_every_module_name_and_file_the_docs_cite_exists():
         f"{f}: {p}" for p, f in sorted(paths) if not p.startswith(placeholders) and not (ROOT / p).exists()
     ]
     assert wrong == []
+
+
+def test_the_scenario_cache_folder_is_one_flag_everywhere():
+    """``scenario run`` and ``scenario check`` take the scenario cache folder
+    as ``--cache``; ``cache clean`` took it as ``--dir`` only, so a user
+    copying ``--cache DIR`` from a run got "No such option". ``--dir`` still
+    works. Failed before the fix."""
+    for name in ("loramix scenario run", "loramix scenario check", "loramix cache clean"):
+        assert any("--cache" in p.opts for p in _options(name)), name
+    assert any("--dir" in p.opts for p in _options("loramix cache clean"))

@@ -34,8 +34,9 @@ def command():
 
 
 @command.command("clean")
-@click.option("--dir", "root", type=click.Path(file_okay=False, exists=True), default=None,
-              help="The cache folder (default: $LORAMIX_CACHE, else .loramix-cache/).")  # fmt: skip
+@click.option("--cache", "--dir", "root", type=click.Path(file_okay=False, exists=True), default=None,
+              help="The scenario cache folder, as scenario run's --cache (default: $LORAMIX_CACHE, else "
+              ".loramix-cache/).")  # fmt: skip
 def clean(root):
     """Remove the temporaries of killed runs (their process is gone) and
     their lock files no process holds, those of killed GGUF imports in
