@@ -857,6 +857,36 @@ def test_an_interrupt_just_after_a_temporary_is_made_leaves_nothing(tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_interrupt_as_a_temporarys_rename_returns_leaves_nothing(tmp_path, monkeypatch):
+    """A SIGTERM or Ctrl-C landing as new_temporary's rename to its final
+    name returns: the folder was left under that name, which the caller had
+    not received and so did not remove (seen once in
+    test_sigterm_in_a_library_call_leaves_no_output[build_base]: a
+    ``.lmx-<hex>`` beside out). Here the interrupt is raised as the rename
+    returns; another process's temporary of the same name is kept."""
+    from loramix.io import outputs
+
+    real = os.rename
+
+    def interrupted(src, dst, *a, **k):
+        real(src, dst, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        outputs.new_temporary(tmp_path, "out")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+    # a name taken by another process's temporary: our rename fails, theirs stays
+    theirs = tmp_path / f"{TMP_PREFIX}00000000"
+    theirs.mkdir()
+    (theirs / "owner.json").write_text(json.dumps({"pid": 1, "host": "elsewhere", "target": "out"}))
+    monkeypatch.setattr(outputs.secrets, "token_hex", lambda n: "00000000")
+    with pytest.raises(OSError):
+        outputs.new_temporary(tmp_path, "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [theirs.name]
+
+
 def test_a_temporary_without_its_owner_record_is_removed_once_old(tmp_path):
     """A run killed between making its temporary and writing owner.json (or
     between removing owner.json and the empty folder) leaves a folder with
@@ -2469,8 +2499,8 @@ def _processes_with(env_entry: str) -> list[int]:
 
 def _study_with_a_damaged_training_split(tmp_path, domain="a", text=GOOD):
     """GOOD's scenario (or ``text``) and a cache where ``domain``'s training
-    split (a data artifact, made and checked before) is no longer JSON: an
-    error a worker meets only when it trains on it. Returns (scenario,
+    split (a data artifact, checked when the study's data was) is not JSON:
+    an error a worker meets only when it trains on it. Returns (scenario,
     cache, damaged file)."""
     from loramix.scenario.cache import Cache
     from loramix.scenario.config import load_scenario
@@ -2481,8 +2511,10 @@ def _study_with_a_damaged_training_split(tmp_path, domain="a", text=GOOD):
     cache = tmp_path / "cache"
     sc = load_scenario(scen)
     st = next(st for st in plan(sc, prepare_data(sc)) if st.id == f"data/{domain}/train")
-    folder = Cache(cache).get_or_make("data", st.spec, lambda tmp: (tmp / "train.jsonl").write_text("x\n"))
-    (folder / "train.jsonl").write_text('{"question": broken\n')
+    # made so (an entry damaged after it was made is remade, not read: tests/test_scenario_cache.py)
+    folder = Cache(cache).get_or_make(
+        "data", st.spec, lambda tmp: (tmp / "train.jsonl").write_text('{"question": broken\n')
+    )
     return scen, cache, folder / "train.jsonl"
 
 

@@ -311,15 +311,30 @@ def new_temporary(parent: Path, target: str) -> Path:
     # process killed (kill -9, the out-of-memory killer) between the mkdir and its owner
     # record left a folder that named no one, kept for ORPHAN_SECONDS after the run
     staging = temporary_file(Path(parent) / target)
+    record = _owner_record(target)
     try:
         # inside the try: an interrupt landing just after the mkdir (a Ctrl-C) removes it
         staging.mkdir()
-        (staging / OWNER_NAME).write_text(json.dumps(_owner_record(target)))
+        (staging / OWNER_NAME).write_text(json.dumps(record))
         os.rename(staging, tmp)
     except BaseException:
         discard(staging)
+        # a SIGTERM or Ctrl-C landing as the rename returned left it under its final name,
+        # which the caller never got to remove (seen once in a SIGTERM test: a .lmx-<hex> left)
+        if _owned_by(tmp, record):
+            discard(tmp)
         raise
     return tmp
+
+
+def _owned_by(tmp: Path, record: dict) -> bool:
+    """Whether the temporary ``tmp`` holds ``record`` as its owner (this
+    call's: not another process's of the same name, whose rename onto it
+    failed ours)."""
+    try:
+        return json.loads((tmp / OWNER_NAME).read_text()) == json.loads(json.dumps(record))
+    except (OSError, ValueError):
+        return False
 
 
 # ---- durability ---------------------------------------------------------------------
