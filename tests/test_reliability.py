@@ -3387,3 +3387,55 @@ def test_gguf_import_removes_older_rules_only(tmp_path):
     assert [d.name for d in older_imports(tmp_path, sha)] == sorted(
         [f"{sha}-float32", *(f"{sha}-float32-r{n}" for n in range(1, IMPORT_RULE))]
     )
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+@pytest.mark.parametrize("existing", [True, False], ids=["replacing", "new"])
+def test_an_os_error_on_the_second_rename_of_a_save_leaves_out_as_it_was(
+    tmp_path, monkeypatch, existing, links
+):
+    """``save_peft_adapter`` renames its weights, then its config into
+    place; the second rename failing with an OS error (injected: the second
+    ``os.replace`` raises EIO; and, for a file system without hard links,
+    ``os.link`` raises EPERM) must leave ``out`` as it was: its old files
+    byte for byte and a file of the user's kept, or no folder where there was
+    none; no temporary left. The old code left the new weights beside the
+    old config. Then a save that is let through writes the whole new one."""
+    import loramix
+
+    out = tmp_path / "runs" / "o"
+    old = {"m.0.q_proj": (torch.ones(8, 2), torch.ones(2, 8))}
+    new = {
+        "m.0.q_proj": (torch.full((8, 3), 2.0), torch.ones(3, 8)),
+        "m.1.q_proj": (torch.ones(8, 1), torch.ones(1, 8)),
+    }
+    if existing:
+        loramix.save_peft_adapter(out, old)
+        (out / "README.md").write_text("mine\n")
+    before = {q.name: q.read_bytes() for q in out.iterdir()} if existing else None
+    real_replace, calls = os.replace, []
+
+    def second_fails(src, dst, *a, **k):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
+        return real_replace(src, dst, *a, **k)
+
+    def no_link(*a, **k):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", second_fails)
+        if not links:
+            m.setattr(os, "link", no_link)
+        with pytest.raises(OSError) as e:
+            loramix.save_peft_adapter(out, new)
+    assert e.value.errno == errno.EIO and str(out) in str(e.value), e.value
+    if existing:
+        assert {q.name: q.read_bytes() for q in out.iterdir()} == before
+    else:
+        assert not out.exists()
+    assert [q.name for q in tmp_path.rglob(f"{TMP_PREFIX}*")] == []
+    loramix.save_peft_adapter(out, new)
+    assert sorted(loramix.load_adapter(out).modules) == sorted(new)
+    assert [q.name for q in tmp_path.rglob(f"{TMP_PREFIX}*")] == []

@@ -18,8 +18,10 @@ never silently dropped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import ClassVar
 
@@ -32,6 +34,7 @@ from ...kinds import AdapterKind
 from ...stopping import cleanup
 from ..filehash import cached_file_sha256
 from ..outputs import (
+    TMP_PREFIX,
     discard,
     make_parents,
     raise_naming,
@@ -111,7 +114,8 @@ def write_folder(
     and the two are renamed into place together at the end: an error, a
     Ctrl-C or a library call's SIGTERM meanwhile leaves ``out_dir`` as it was
     (its files of those names kept, a folder made for it removed). Written in
-    place, a SIGTERM there left the weights without their config."""
+    place, a SIGTERM there left the weights without their config; an OS error
+    on the second rename (:func:`_put_in_place`) undoes the first."""
     if not tensors:
         raise AdapterError(out_dir, "no module to write: an adapter file holds at least one tensor")
     for key, t in tensors.items():
@@ -120,7 +124,7 @@ def write_folder(
     staged: dict[Path, Path] = {}  # final name -> its temporary
     try:
         for name in (WEIGHTS_NAME, CONFIG_NAME):
-            remove_stale_temporaries(out_dir, name)  # a killed write's
+            remove_stale_temporaries(out_dir, name)  # a killed write's (and its kept old files)
         weights = staged[out_dir / WEIGHTS_NAME] = temporary_file(out_dir / WEIGHTS_NAME)
         save_file(tensors, str(weights), metadata=safetensors_metadata(provenance))
         canonicalize_header(weights)
@@ -137,11 +141,65 @@ def write_folder(
 
 @cleanup
 def _put_in_place(staged: dict[Path, Path]) -> None:
-    """Rename each temporary to its name; a signal meanwhile is held until all
-    are (:func:`~loramix.stopping.cleanup`), so no folder has one file new and
-    the other old."""
-    for path, tmp in staged.items():
-        os.replace(tmp, path)
+    """Rename each temporary to its name, all or none: a signal meanwhile is
+    held until all are (:func:`~loramix.stopping.cleanup`), and an OS error on
+    one (a read-only or full file system, a name made a folder meanwhile)
+    undoes the renames before it, so no folder has one file new and the
+    other old. The file a rename replaces is kept until all are done, under a
+    hard link named as a temporary (:func:`~loramix.io.outputs.temporary_file`:
+    a run killed meanwhile leaves it to the next write's
+    :func:`~loramix.io.outputs.remove_stale_temporaries`); a link costs no
+    copy. Where the file system makes no hard links, the old file itself is
+    renamed aside, and back on an error."""
+    done: list[tuple[Path, Path | None]] = []  # (name, its old file kept aside, or None: there was none)
+    try:
+        for path, tmp in staged.items():
+            kept, moved = _keep_aside(path, tmp)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if moved:
+                    os.replace(kept, path)  # renamed aside: put back
+                elif kept is not None:
+                    kept.unlink(missing_ok=True)  # a link: ``path`` is unchanged
+                raise
+            done.append((path, kept))
+    except BaseException:
+        for path, kept in reversed(done):
+            with contextlib.suppress(OSError):  # the error raised is the rename's; undo what can be
+                if kept is None:
+                    path.unlink()
+                else:
+                    os.replace(kept, path)
+        raise
+    for _, kept in done:
+        if kept is not None:
+            kept.unlink(missing_ok=True)
+
+
+def _keep_aside(path: Path, tmp: Path) -> tuple[Path | None, bool]:
+    """``(kept, moved)``: the file ``path`` (a symbolic link as itself) kept
+    under a temporary name ``kept``, by a hard link (``path`` stays) or,
+    where the file system refuses one, a rename (``moved``: ``path`` is gone);
+    ``(None, False)`` where ``path`` is no file (absent, or a folder, whose
+    rename fails as before). ``kept`` is ``path``'s temporary ``tmp`` with a
+    ``k`` before its random part: it names the same target and owner (read
+    from ``/proc`` again, :func:`~loramix.io.outputs.temporary_file` took a
+    third of a small save's CPU time)."""
+    kept = tmp.with_name(f"{TMP_PREFIX}k{tmp.name[len(TMP_PREFIX) :]}")
+    try:
+        os.link(path, kept, follow_symlinks=False)  # the common case in one call: no lstat first
+        return kept, False
+    except FileNotFoundError:
+        return None, False
+    except OSError:  # no hard links here (or none for this file): rename it aside, unless it is no file
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                return None, False
+        except FileNotFoundError:
+            return None, False
+    os.rename(path, kept)
+    return kept, True
 
 
 def _dora_reader() -> bool:
