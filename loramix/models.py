@@ -197,6 +197,13 @@ def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None):
             f"the weights lack {len(missing)} tensor(s) of the model config.json describes ({missing[0]}, ...), "
             "which transformers would fill at random",
         )
+    # a pickle checkpoint's blocks were not counted before the load: the ones it holds beyond
+    # the config's are the keys transformers left unused
+    from .io.model_folder import layer_disagreement
+
+    held = [*model.state_dict(), *info["unexpected_keys"]]
+    if (why := layer_disagreement(model.config.to_dict(), held, "the weights")) is not None:
+        raise BaseModelError(p / "config.json", why)
     model.to(dev).eval()
     if getattr(model, "loss_type", None) is None:
         # GPT-2's class name maps to no loss type, so transformers warns on every
@@ -207,23 +214,30 @@ def load_causal_lm(path: str | os.PathLike, *, device="cpu", dtype=None):
 
 
 def check_weights_hold_the_model(p: Path) -> None:
-    """Refuse a ``config.json`` whose model has more parameters than the
-    folder's safetensors weights hold values, before transformers builds it.
+    """Refuse a ``config.json`` that does not describe the model the folder's
+    safetensors weights hold, before transformers builds it: a number of
+    blocks other than the weights' (:func:`~loramix.io.model_folder.layer_disagreement`),
+    a tensor of another shape (a hidden size, vocabulary or head count that is
+    not the weights'), or more parameters than the weights hold values.
 
-    transformers fills every parameter the weights lack at random: a
-    ``model_type`` or a size that does not match the weights (a GPT-2 folder
-    whose config says ``llama`` gets Llama's defaults, 6.7e9 parameters) is
-    built in full and killed for memory, or evaluated as a random model. The
-    count comes from the model built on the meta device (tied parameters once)
-    against the sum of the tensors' sizes in the safetensors headers; a
-    quantized or pickle-only checkpoint is left to transformers."""
+    transformers drops the weights of blocks the config does not have (a
+    truncated model evaluated without a word), fills every parameter the
+    weights lack at random, and stops at a shape it cannot load with a
+    report it prints and a line that points at it. A ``model_type`` or a size
+    that does not match the weights (a GPT-2 folder whose config says
+    ``llama`` gets Llama's defaults, 6.7e9 parameters) was built in full and
+    killed for memory. The shapes and the count come from the model built on
+    the meta device (tied parameters once; a tensor named with or without the
+    model's ``base_model_prefix`` is the same one, as transformers reads it)
+    against the safetensors headers; a quantized or pickle-only checkpoint
+    is left to transformers."""
     import math
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .io.filehash import INDEX_NAME, SINGLE_NAME
-    from .io.model_folder import quiet_transformers
+    from .io.model_folder import layer_disagreement, quiet_transformers
     from .io.st_header import read_safetensors_header
 
     cfg = load_json_file(p / "config.json", BaseModelError, constants=True)
@@ -238,18 +252,34 @@ def check_weights_hold_the_model(p: Path) -> None:
         ):
             return  # transformers says what is wrong with it; nothing outside the folder is read here
         files = sorted({p / v for v in weight_map.values()})
+        weights_name = INDEX_NAME
     elif (p / SINGLE_NAME).is_file():
         files = [p / SINGLE_NAME]
+        weights_name = SINGLE_NAME
     else:
         return
-    held = 0
+    shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
         if not f.is_file():
             return
         header, _ = read_safetensors_header(f)
-        held += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+        shapes.update((k, tuple(t["shape"])) for k, t in header.items() if k != "__metadata__")
+    held = sum(math.prod(s) for s in shapes.values())
+    if (why := layer_disagreement(cfg, shapes, weights_name)) is not None:
+        raise BaseModelError(p / "config.json", why)
     with torch.device("meta"), quiet_transformers():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(p), local_files_only=True))
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    for name, t in model.state_dict().items():
+        key = next(
+            (k for k in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}") if k in shapes), None
+        )
+        if key is not None and shapes[key] != tuple(t.shape):
+            raise BaseModelError(
+                p / "config.json",
+                f"describes {name} as {_dims(t.shape)}, {weights_name} holds {_dims(shapes[key])} "
+                "(a hidden size, vocabulary or head count that does not match the weights?)",
+            )
     need = sum(t.numel() for t in model.parameters())
     if need > held:
         raise BaseModelError(
@@ -257,6 +287,10 @@ def check_weights_hold_the_model(p: Path) -> None:
             f"describes a model of {need:,} parameters but the weights hold {held:,} values "
             "(a model_type or size that does not match the weights?); transformers would fill the rest at random",
         )
+
+
+def _dims(shape) -> str:
+    return " x ".join(map(str, shape)) or "a scalar"
 
 
 #: the files transformers reads a tokenizer from, whichever a base folder has

@@ -399,7 +399,7 @@ def _llama_config_over(cfg: dict) -> dict:
 
 @pytest.mark.parametrize(
     ("edit", "needle"),
-    [("n_layer", "config.json: describes a model of"), ("llama", "config.json: describes a model of"),
+    [("n_layer", "config.json: says 3 layers (n_layer), model.safetensors holds 2"), ("llama", "config.json: describes a model of"),
      ("renamed", "the weights lack 1 tensor(s) of the model config.json describes (transformer.h.1.mlp.c_fc.weight")],
 )  # fmt: skip
 def test_weights_lacking_what_config_describes_refused(bases, tmp_path, edit, needle):
@@ -433,6 +433,61 @@ def test_weights_lacking_what_config_describes_refused(bases, tmp_path, edit, ne
     err = r.stderr.strip()
     assert r.returncode == 2 and err.count("\n") == 0, err
     assert err.startswith(f"loramix: error: {base}") and needle in err, err
+
+
+@pytest.mark.parametrize(
+    ("arch", "edit", "shards", "needle"),
+    [("gpt2", {"n_layer": 1}, None, "config.json: says 1 layer (n_layer), model.safetensors holds 2 (transformer.h.0"),
+     ("llama", {"num_hidden_layers": 1}, "20KB", "config.json: says 1 layer (num_hidden_layers), "
+      "model.safetensors.index.json holds 2 (model.layers.0 to model.layers.1)"),
+     ("gpt2", {"n_embd": 16}, None, "config.json: describes transformer.wte.weight as 400 x 16, "
+      "model.safetensors holds 400 x 32"),
+     ("llama", {"intermediate_size": 40}, None, "describes model.layers.0.mlp.gate_proj.weight as 40 x 32, "
+      "model.safetensors holds 72 x 32"),
+     ("gpt2", {"vocab_size": 512}, None, "describes transformer.wte.weight as 512 x 32, model.safetensors "
+      "holds 400 x 32")],
+)  # fmt: skip
+def test_config_that_does_not_describe_the_weights_is_refused(
+    bases, tmp_path, capsys, arch, edit, shards, needle
+):
+    """A config.json with fewer blocks than the weights (transformers dropped
+    the rest: eval, train and a scenario used a truncated model, exit 0), or
+    a tensor of another shape (a hidden size, an MLP width, a vocabulary:
+    transformers stopped with 'look at the above report', a report loramix
+    hides) is refused in one line naming config.json and the disagreement,
+    by eval, train, and a merge into that base (whose output would hold the
+    same disagreement), before anything is written. The old code evaluated
+    the one-layer model (exit 0) and merged into it."""
+    import shutil
+
+    src = bases[arch]
+    base = tmp_path / "base"
+    if shards:  # the same model saved in shards (the real checkpoints' layout)
+        from transformers import AutoModelForCausalLM
+
+        save_base(AutoModelForCausalLM.from_pretrained(str(src)), base, max_shard_size=shards)
+        for f in src.iterdir():
+            if f.name.startswith("tokenizer") or f.name in (
+                "special_tokens_map.json",
+                "vocab.json",
+                "merges.txt",
+            ):
+                shutil.copy(f, base / f.name)
+    else:
+        shutil.copytree(src, base)
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, **edit}))
+    capsys.readouterr()  # the bars of the save above
+    one_line_error(capsys, ["eval", "--base", base, "--data", ARITH, "--limit", "4", "--no-progress"], needle)
+    out = tmp_path / "out"
+    one_line_error(capsys, ["train", "--base", base, "--data", ARITH, "--out", out, "--steps", "1", "--limit", "8",
+                            "--no-progress"], needle)  # fmt: skip
+    adapter = make_peft_adapter(tiny_gpt2() if arch == "gpt2" else tiny_llama(), tmp_path / "a", r=2)
+    if (
+        "says" in needle
+    ):  # a merge checks the count from config.json and the headers; sizes need the model built
+        one_line_error(capsys, ["sum", adapter, "--into", base, "--out", out, "--no-progress"], needle)
+    assert not out.exists()
 
 
 def test_no_tokenizer_is_one_line_before_transformers_speaks(tmp_path):

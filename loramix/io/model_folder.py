@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -94,6 +95,57 @@ class TensorInfo:
         return dt is not None and dt.is_floating_point
 
 
+#: the config.json fields that give a model's number of blocks, by family (the first present counts)
+LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def _block_lists(keys: Iterable[str]) -> dict[str, tuple[int, set[int]]]:
+    """``{list: (tensors, block indices)}`` of each numbered list of blocks the
+    tensor names run through (``transformer.h`` in
+    ``transformer.h.3.attn.c_attn.weight``: the part before a name's first
+    number), most tensors first."""
+    lists: dict[str, tuple[int, set[int]]] = {}
+    for key in keys:
+        toks = key.split(".")
+        i = next((j for j, t in enumerate(toks) if t.isdigit()), None)
+        if i is None or i == 0:
+            continue
+        head = ".".join(toks[:i])
+        n, idx = lists.get(head, (0, set()))
+        idx.add(int(toks[i]))
+        lists[head] = (n + 1, idx)
+    return dict(sorted(lists.items(), key=lambda kv: -kv[1][0]))
+
+
+def layer_disagreement(config: dict, keys: Iterable[str], weights: str) -> str | None:
+    """Why ``config`` (``config.json``) and the tensor names ``keys`` of the
+    file ``weights`` do not describe the same number of blocks, or None.
+
+    ``config``'s count ``n`` is its first of :data:`LAYER_FIELDS` (an int);
+    the weights agree where one of their numbered lists of blocks
+    (:func:`_block_lists`; a vision tower's may be another) holds blocks
+    ``0 .. n-1``, or ``n`` plus the multi-token-prediction blocks stored after
+    them (DeepSeek-V3's ``num_nextn_predict_layers``). Otherwise the list of
+    the most tensors is named: a config with fewer blocks is built smaller and
+    transformers drops the rest of the weights; one with more has blocks
+    transformers fills at random. Neither side stated, nothing is said."""
+    field = next((f for f in LAYER_FIELDS if f in config), None)
+    n = config.get(field)
+    lists = _block_lists(keys)
+    if field is None or isinstance(n, bool) or not isinstance(n, int) or not lists:
+        return None
+    extra = config.get("num_nextn_predict_layers") or 0
+    ok = {n, n + extra} if isinstance(extra, int) and not isinstance(extra, bool) else {n}
+    if any(idx == set(range(len(idx))) and len(idx) in ok for _, idx in lists.values()):
+        return None
+    head, (_, idx) = next(iter(lists.items()))
+    says, held = f"says {n} layer{'s' * (n != 1)} ({field})", max(idx) + 1
+    if held in ok:  # as many as the config says, one between them missing
+        missing = min(set(range(held)) - idx)
+        return f"{says}, {weights} holds {len(idx)}: it lacks {head}.{missing}"
+    return f"{says}, {weights} holds {held} ({head}.0 to {head}.{held - 1})"
+
+
 class BaseModelFolder:
     """A Hugging Face model folder, checked on construction, read lazily.
 
@@ -110,6 +162,9 @@ class BaseModelFolder:
         self.config_bytes = (self.path / CONFIG_NAME).read_bytes()
         self.index, self.shards = self._find_shards()
         self.tensors, self.metadata = self._read_headers()
+        why = layer_disagreement(self.config, self.tensors, self.shards[0] if not self.index else INDEX_NAME)
+        if why is not None:
+            raise BaseModelError(self.path / CONFIG_NAME, why)
         self._skeleton: dict | None = None
         self._leads: list[str] | None = None
         self._sha: dict[str, str] | None = None
