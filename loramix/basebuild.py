@@ -38,7 +38,7 @@ from pathlib import Path
 from .api import renamed
 from .data import QARecord, is_synthetic_spec, load_records, record_text, split_records
 from .errors import UsageError
-from .options import check_numbers, check_seed
+from .options import check_numbers, check_seed, lr_problem, steps_problem
 from .results import OutputDict
 
 EOS_TOKEN = "<|endoftext|>"
@@ -143,6 +143,12 @@ def _recipe(size, steps, batch, lr) -> tuple[BaseSize, str, int, int, float]:
     lr = cfg.lr if lr is None else float(lr)
     if steps < 1:
         raise UsageError("--steps", f"must be at least 1, got {steps}")
+    if (why := steps_problem(steps)) is not None:
+        raise UsageError("--steps", why)
+    if batch < 1:
+        raise UsageError("--batch", f"must be at least 1, got {batch}")
+    if (why := lr_problem(lr)) is not None:
+        raise UsageError("--lr", why[1])
     return cfg, size, steps, batch, lr
 
 

@@ -33,6 +33,17 @@ MAX_WEIGHT = 1e6
 #: and numpy take 64-bit seeds, and click's ``IntRange(0, 2**63 - 1)`` bounds
 #: ``train --seed``; a larger one is a typo, not to be wrapped or hashed
 MAX_SEED = 2**63 - 1
+#: the most optimizer steps a run takes (``train --steps``, ``--epochs`` times
+#: the batches, ``--warmup``, ``base build --steps``, a scenario's): a billion
+#: steps is years of training at any speed, so more is a typo. ``--epochs
+#: 1e300`` was taken, and made a run no loop ends.
+MAX_STEPS = 10**9
+#: the most CPU threads ``--threads`` sets, and the most workers ``--jobs``
+#: starts: beyond any machine's cores. torch took ``--threads 100000`` and the
+#: process died of a segmentation fault in its first parallel region; a
+#: number past 64 bits was a traceback; ``--jobs 100000`` started as many
+#: processes, each loading torch.
+MAX_WORKERS = 1024
 #: the output dtypes a merge or a sum offers (the canonical names of DTYPE_NAMES)
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -91,6 +102,57 @@ def check_numbers(values: dict[str, Any]) -> None:
     for where, v in values.items():
         if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
             raise UsageError(where, f"{v!r} is not a number")
+
+
+def check_workers(n: Any, where: str = "--threads") -> int | None:
+    """``n`` (None: not given) if it is a whole number in ``[1, MAX_WORKERS]``
+    (or this machine's cores, where more), else a :class:`UsageError` naming
+    ``where``: ``--threads`` and ``--jobs`` of every command, and their
+    keywords in Python."""
+    import os
+
+    if n is None:
+        return None
+    most = max(MAX_WORKERS, os.cpu_count() or 1)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise UsageError(where, f"{n!r} is not a whole number")
+    if n < 1:
+        raise UsageError(where, f"must be at least 1, got {n}")
+    if n > most:
+        raise UsageError(where, f"must be at most {most} (more than any machine's cores), got {n}")
+    return n
+
+
+def steps_problem(n: Any, what: str = "steps") -> str | None:
+    """Why ``n`` optimizer steps (or epochs, ``what``: each at least one
+    step) are more than a run can take (:data:`MAX_STEPS`), or None."""
+    if n is not None and n > MAX_STEPS:
+        return (
+            f"{n:g} {what} is more than the {MAX_STEPS:,} optimizer steps a run can take (years of training)"
+        )
+    return None
+
+
+def lr_problem(lr: Any, weight_decay: Any = 0.0) -> tuple[str, str] | None:
+    """``("lr" or "weight_decay", why)`` where a peak learning rate ``lr``
+    (positive) and AdamW's decoupled ``weight_decay`` (0 or more) cannot
+    train, or None. AdamW's step multiplies each weight by
+    ``1 - lr * weight_decay`` and adds at most ``lr`` times a unit step, in
+    float32: an ``lr`` beyond float32's range (3.4e38) failed with torch's
+    traceback at the first step, and ``lr * weight_decay >= 1`` zeroes or
+    flips the sign of every weight at every step."""
+    from .io.config_schema import FLOAT32_MAX
+
+    if not 0 < lr <= FLOAT32_MAX:
+        return "lr", f"must be a positive number within float32's range (3.4e38), got {lr}"
+    if weight_decay is not None and not 0 <= weight_decay <= FLOAT32_MAX:
+        return "weight_decay", f"must be 0 or more and within float32's range, got {weight_decay}"
+    if weight_decay and lr * weight_decay >= 1:
+        return "weight_decay", (
+            f"lr x weight_decay = {lr * weight_decay:.3g} is 1 or more: AdamW multiplies every weight by "
+            "1 - lr x weight_decay at each step, which zeroes or flips it"
+        )
+    return None
 
 
 def seed_problem(seed: Any) -> str | None:

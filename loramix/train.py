@@ -44,7 +44,7 @@ from types import SimpleNamespace
 from .api import renamed
 from .archs import context_length
 from .errors import OutputError, UsageError
-from .options import check_numbers, check_seed
+from .options import check_numbers, check_seed, lr_problem, steps_problem
 from .results import OutputDict
 
 DEFAULT_EVAL_SIZE = 0.1
@@ -520,14 +520,21 @@ def _check_numbers(
             raise UsageError(flag, f"must be at least {lo}, got {v}")
     if steps is not None and steps < 1:
         raise UsageError("--steps", f"must be at least 1, got {steps}")
+    for flag, v, what in (
+        ("--steps", steps, "steps"),
+        ("--epochs", epochs, "epochs"),
+        ("--warmup", warmup, "steps"),
+    ):
+        if (why := steps_problem(v if flag != "--epochs" or steps is None else None, what)) is not None:
+            raise UsageError(flag, why)
     if warmup is not None and warmup < 0:  # a negative one bent the schedule, silently
         raise UsageError("--warmup", f"must be 0 or more steps, got {warmup}")
     if warmup is not None and steps is not None:
         warmup_steps(warmup, steps)
     if steps is None and not 0 < epochs < math.inf:  # inf: round(inf * batches) raised OverflowError
         raise UsageError("--epochs", f"must be a positive finite number, got {epochs}")
-    if not 0 < lr < math.inf:
-        raise UsageError("--lr", f"must be a positive finite number, got {lr}")
+    if (why := lr_problem(lr, typed["--weight-decay"])) is not None:
+        raise UsageError({"lr": "--lr", "weight_decay": "--weight-decay"}[why[0]], why[1])
     if not alpha > 0:  # 0 trained an adapter that does nothing; a scenario's adapters.alpha is refused so too
         raise UsageError("--alpha", f"must be above 0, got {alpha}")
     # the scale alpha / rank and tau multiply factors in float32: beyond its range, inf or nan;

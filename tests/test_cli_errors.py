@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from loramix.cli import main
 from loramix.errors import LoramixError
 
-from .factories import make_peft_adapter, save_base, tiny_gpt2
+from .factories import make_peft_adapter, one_line_error, save_base, tiny_gpt2
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -271,3 +271,41 @@ def test_calibration_tokens_below_one(capsys, good, tmp_path, cmd):
     fit = Path(__file__).resolve().parents[1] / "reports" / "quickstart" / "predictors.json"
     argv = [cmd, str(good), str(other), "--fit", str(fit), "--tokens", "0"]
     run_error(capsys, argv, "--tokens", "0 is not in the range x>=1")
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "words"),
+    [(["train", "--epochs", "1e300"], "--epochs", "1e+300 epochs is more than the 1,000,000,000 optimizer steps"),
+     (["train", "--steps", "10000000000"], "--steps", "1e+10 steps is more than"),
+     (["train", "--warmup", "10000000000"], "--warmup", "1e+10 steps is more than"),
+     (["train", "--lr", "1e300"], "--lr", "within float32's range"),
+     (["train", "--threads", "100000"], "--threads", "must be at most"),
+     (["train", "--threads", "99999999999999999999"], "--threads", "must be at most"),
+     (["eval", "--threads", "100000"], "--threads", "must be at most"),
+     (["sum", "--threads", "100000"], "--threads", "must be at most"),
+     (["base", "build", "--steps", "10000000000"], "--steps", "1e+10 steps is more than"),
+     (["scenario", "check", "--jobs", "100000"], "--jobs", "must be at most"),
+     (["scenario", "check", "--threads", "100000"], "--threads", "must be at most")],
+)  # fmt: skip
+def test_absurd_numbers_are_refused_before_any_work(capsys, good, tmp_path, args, flag, words):
+    """A number no run can mean, refused in one line naming its flag before
+    anything is read or written. The old code took --epochs 1e300 (and
+    --steps 1e10: a run no loop ends), failed at the first optimizer step of
+    --lr 1e300 with torch's traceback, and set torch to --threads 100000 (the
+    process died of a segmentation fault; a number past 64 bits was a
+    traceback). A negative weight, a budget or a large batch stays meaningful
+    and is not among these."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('name = "v"\n[base.build]\nsteps = 5\n[domains.a]\ndata = "synthetic:arith"\ntrain = 10\n'
+                        'eval = 5\n[domains.b]\ndata = "synthetic:units"\ntrain = 10\neval = 5\n')  # fmt: skip
+    out = tmp_path / "out"
+    rest = {
+        "train": ["--base", tmp_path / "base", "--data", "synthetic:arith?n=20", "--out", out],
+        "eval": ["--base", tmp_path / "base", "--data", "synthetic:arith?n=20"],
+        "sum": [good, good, "--out", out],
+        "base": ["--data", "synthetic:arith?n=20", "--out", out],
+        "scenario": [scenario],
+    }[args[0]]
+    line = one_line_error(capsys, [*args, *rest], flag, words)
+    assert line.startswith(f"loramix: error: {flag}:"), line
+    assert not out.exists()

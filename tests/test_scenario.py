@@ -131,6 +131,16 @@ BAD = [
     (GOOD.replace("rank = 4", "rank = 4\nmethods = ['lora', 'lora@100']\nalpha = 1e-36"), "adapters.alpha",
      "1e-36 / rank 100 = 1e-38 is outside"),
     (GOOD.replace("rank = 4", "rank = 4\nmethods = ['d2lora']\ntau = 1e39"), "adapters.tau", "beyond float32's range"),
+    # absurd numbers the old code took: a run of 1e300 epochs (or 2^40 steps) no loop ends; an lr that
+    # torch's optimizer step failed on with a traceback; a decay that zeroes every weight each step
+    (GOOD.replace("rank = 4", "rank = 4\nepochs = 1e300"), "adapters.epochs", "1e+300 epochs is more than"),
+    (GOOD.replace("rank = 4", "rank = 4\nsteps = 1099511627776"), "adapters.steps", "optimizer steps a run"),
+    (GOOD.replace("rank = 4", "rank = 4\nwarmup = 1099511627776"), "adapters.warmup", "optimizer steps a run"),
+    (GOOD.replace("steps = 5", "steps = 1099511627776"), "base.build.steps", "optimizer steps a run"),
+    (GOOD.replace("rank = 4", "rank = 4\nlr = 1e300"), "adapters.lr", "within float32's range"),
+    (GOOD.replace("steps = 5", "steps = 5\nlr = 1e300"), "base.build.lr", "within float32's range"),
+    (GOOD.replace("rank = 4", "rank = 4\nlr = 0.5\nweight_decay = 2.0"), "adapters.weight_decay",
+     "lr x weight_decay = 1 is 1 or more"),
 ]  # fmt: skip
 
 

@@ -37,13 +37,12 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
     """Check FILE and print what a run would do, and roughly how long it would
     take on this machine, without doing it (a GGUF base not imported yet is
     read from its header, not imported)."""
-    from ..errors import UsageError
+    from ..options import check_workers
     from ..scenario.config import load_scenario
     from ..scenario.runner import merges_for
 
     for name, v in (("--jobs", jobs), ("--threads", threads)):
-        if v is not None and v < 1:
-            raise UsageError(name, f"must be at least 1, got {v}")
+        check_workers(v, name)
     sc = load_scenario(file, import_gguf=False)  # check reads: a GGUF's import is the run's
     from collections import Counter
 

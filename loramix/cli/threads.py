@@ -21,10 +21,9 @@ def threads_option(f):
     def run(*args, threads=None, **kwargs):
         if threads is None:
             return f(*args, **kwargs)
-        from ..errors import UsageError
+        from ..options import check_workers
 
-        if threads < 1:
-            raise UsageError("--threads", f"must be at least 1, got {threads}")
+        check_workers(threads)
         import torch
 
         old = torch.get_num_threads()

@@ -27,7 +27,7 @@ from typing import Any
 import tomllib
 
 from ..errors import ScenarioError, UsageError
-from ..options import MAX_SEED
+from ..options import MAX_SEED, lr_problem, steps_problem
 from ..synthetic import MAX_RECORDS
 from .traits import ADAPTER_KINDS as ADAPTER_METHODS
 from .traits import INITS, applies_to, kinds_for, parse_label, rank_of, trainable_kinds
@@ -47,7 +47,9 @@ _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)
 class Key:
     """A key of the scenario file. ``kind``: int, float, str, bool, str-list,
     int-list (read and checked generically), or table / list / any (read by
-    its section's parser). ``bound``: positive, nonneg, unit ([0, 1]), open-unit
+    its section's parser). ``bound``: positive, nonneg, steps or nonneg-steps
+    (a number of optimizer steps, or epochs, of at most
+    :data:`~loramix.options.MAX_STEPS`), unit ([0, 1]), open-unit
     ((0, 1)), seed or seqlen (a sequence length: at least 2, a token and the
     next to predict). ``toml``: the key's name in the file when it differs
     from the field's. ``doc_type``: the type column of docs/scenarios.md where
@@ -104,7 +106,7 @@ class _BuildKeys:
     data: None = key("any", help="text to pre-train the base on (a path, a `synthetic:` spec, or a list)",
                      doc_default="the domains' training splits")  # fmt: skip
     size: str = key("str", "tiny", help="see `loramix base build`", choices=("tiny", "small"))
-    steps: int | None = key("int", help="pre-training steps", bound="positive", doc_default="the size's")
+    steps: int | None = key("int", help="pre-training steps", bound="steps", doc_default="the size's")
     seed: int = key("int", 0, bound="seed", help="pre-training seed")
     lr: float | None = key("float", help="learning rate", bound="positive", doc_default="the size's")
     batch: int | None = key("int", help="batch size", bound="positive", doc_default="the size's")
@@ -153,8 +155,8 @@ class AdapterSpec:
     tau: float = key("float", 0.5, bound="nonneg", help="D2-LoRA negative-branch weight")
     targets: tuple[str, ...] | None = key("str-list", doc_default="the architecture's",
                                           help="module-name suffixes")  # fmt: skip
-    epochs: float | None = key("float", bound="positive", doc_default="`epochs = 1`", help="passes over the data; or `steps`")  # fmt: skip
-    steps: int | None = key("int", bound="positive", doc_default="—", help="optimizer steps; or `epochs`")
+    epochs: float | None = key("float", bound="steps", doc_default="`epochs = 1`", help="passes over the data; or `steps`")  # fmt: skip
+    steps: int | None = key("int", bound="steps", doc_default="—", help="optimizer steps; or `epochs`")
     lr: float = key("float", 2e-4, bound="positive", help="learning rate")
     batch: int = key("int", 8, bound="positive", help="batch size")
     max_len: int = key("int", 256, bound="seqlen", help="sequence length")
@@ -188,7 +190,7 @@ class _TrainerKeys:
     """Optional ``[adapters]`` keys passed to the trainer (``AdapterSpec.extra``) only when given."""
 
     warmup: int | None = key(
-        "int", bound="nonneg", doc_default="trainer default", help="warm-up steps, at most the run's"
+        "int", bound="nonneg-steps", doc_default="trainer default", help="warm-up steps, at most the run's"
     )
     weight_decay: float | None = key("float", bound="nonneg", doc_default="trainer default", help="AdamW weight decay")  # fmt: skip
     grad_clip: float | None = key("float", bound="nonneg", doc_default="trainer default", help="gradient-norm clip")  # fmt: skip
@@ -337,7 +339,7 @@ SCHEMA = (("", Scenario), ("base", BaseSpec), ("base.build", _BuildKeys), ("doma
 
 _DOC_TYPES = {"int": "int", "float": "number", "str": "string", "bool": "bool", "str-list": "list of string",
               "int-list": "list of int", "table": "table", "list": "list", "any": "path/spec or list"}  # fmt: skip
-_DOC_BOUNDS = {"positive": " > 0", "nonneg": " ≥ 0", "unit": " in [0, 1]", "open-unit": " in (0, 1)",
+_DOC_BOUNDS = {"positive": " > 0", "nonneg": " ≥ 0", "steps": " in (0, 10^9]", "nonneg-steps": " in [0, 10^9]", "unit": " in [0, 1]", "open-unit": " in (0, 1)",
                "seed": " in [0, 2^63 - 1]", "seqlen": " ≥ 2"}  # fmt: skip
 
 
@@ -510,8 +512,14 @@ def _read(ctx: _Ctx, cls, t: dict, where: str, *, also=(), defaults=None) -> dic
             continue
         full = f"{where}.{name}" if where else name
         v = _get(ctx, t, name, where, k.kind, (defaults or {}).get(fname, default), required=k.required)
-        if v is not None and k.bound in ("positive", "nonneg"):
-            _positive(ctx, v, full, allow_zero=k.bound == "nonneg")
+        if v is not None and k.bound in ("positive", "nonneg", "steps", "nonneg-steps"):
+            _positive(ctx, v, full, allow_zero=k.bound.startswith("nonneg"))
+        if (
+            v is not None
+            and k.bound in ("steps", "nonneg-steps")
+            and (why := steps_problem(v, "epochs" if name == "epochs" else "steps"))
+        ):
+            raise ctx.error(full, why)
         if v is not None and k.bound == "seqlen" and v < 2:
             # what encode_records refuses (as --max-len) when the run reaches the step
             raise ctx.error(full, f"must be at least 2, got {v}")
@@ -629,6 +637,8 @@ def _parse_base(ctx, t, env, used) -> BaseSpec:
     if not isinstance(b, dict):
         raise ctx.error("base.build", f"expected a table, got {_typename(b)}")
     v = _read(ctx, _BuildKeys, b, "base.build")
+    if v["lr"] is not None and (why := lr_problem(v["lr"])) is not None:
+        raise ctx.error("base.build.lr", why[1])
     data = b.get("data", [])
     if isinstance(data, str):
         data = [data]
@@ -768,6 +778,8 @@ def _parse_adapters(ctx, t) -> AdapterSpec:
     if v["epochs"] is None and v["steps"] is None:
         v["epochs"] = 1.0
     extra = {k: x for k, x in _read(ctx, _TrainerKeys, trainer, w).items() if x is not None}
+    if (why := lr_problem(v["lr"], extra.get("weight_decay"))) is not None:
+        raise ctx.error(f"adapters.{why[0]}", why[1])
     if "warmup" in extra and v["steps"] is not None and extra["warmup"] > v["steps"]:
         # epochs: the step count is known when the domain's data is read, and the trainer refuses it then
         raise ctx.error("adapters.warmup", f"{extra['warmup']} steps is more than adapters.steps = {v['steps']}: "

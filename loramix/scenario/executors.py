@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..errors import LoramixError, UsageError
+from ..options import check_workers
 from ..stopping import deferred
 from .plan import Step
 from .steps import StepContext, reads_back, run_step
@@ -666,7 +667,7 @@ def default_jobs(device) -> int:
         n = int(v) if v.isascii() and v.isdigit() else 0
         if n < 1:
             raise UsageError("LORAMIX_JOBS", f"must be a whole number of at least 1, got {env!r}")
-        return n
+        return check_workers(n, "LORAMIX_JOBS")
     if str(device) != "cpu":
         return 1
     try:
@@ -684,8 +685,7 @@ def make_executor(name: str | None = None, *, jobs: int | None = None, threads: 
         name = "processes" if jobs and jobs > 1 else "serial"
     if name not in EXECUTORS:
         raise UsageError("--executor", f"unknown executor {name!r}; use {', '.join(EXECUTORS)}")
-    if jobs is not None and jobs < 1:
-        raise UsageError("--jobs", f"must be at least 1, got {jobs}")
+    check_workers(jobs, "--jobs")
     if address and name != "ray":
         raise UsageError("--address", "applies to --executor ray only")
     if name == "serial" and jobs and jobs > 1:

@@ -26,6 +26,7 @@ from ..api import renamed
 from ..blas import one_openblas_thread
 from ..environment import environment
 from ..errors import OutputError, UsageError
+from ..options import check_workers
 from ..trained_base import base_identity
 from .cache import Cache, default_cache_dir
 from .config import Scenario, load_scenario, scenario_summary
@@ -416,8 +417,7 @@ def run_scenario(
     check_report_dir(out, sc.name, force, inputs=inputs)
     # the CPU told without torch (no GPU driver): a rerun read back from the cache never imports it
     dev = "cpu" if is_cpu(device) else resolve_device(device)
-    if threads is not None and threads < 1:
-        raise UsageError("--threads", f"must be at least 1, got {threads}")
+    check_workers(threads, "--threads")
     from .executors import ProcessExecutor, default_jobs, make_executor
 
     if jobs == "auto":  # the command's default: workers per core where the plan has enough to spread
