@@ -4,8 +4,10 @@ Offline only (``local_files_only=True``). Every problem a user can cause is a
 one-line :class:`~loramix.errors.BaseModelError` naming the folder: not a
 folder, no ``config.json``, not a causal LM, no weights, weights lacking
 parameters of the model ``config.json`` describes (transformers would fill
-them at random), no tokenizer, or a tokenizer whose vocabulary is larger than
-the model's embedding.
+them at random), a ``config.json`` with another number of layers than the
+weights hold (transformers would drop the rest) or another shape of a tensor,
+no tokenizer, or a tokenizer whose vocabulary is larger than the model's
+embedding.
 """
 
 from __future__ import annotations
