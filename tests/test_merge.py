@@ -1089,6 +1089,44 @@ def test_ties_from_factors_gives_the_dense_ways_bits(monkeypatch, shape, rank, w
     assert ref.count_nonzero() > 0
 
 
+@pytest.mark.parametrize("case", ["normal", "ties", "edges", "nan", "misled"])
+def test_select_ranks_gives_the_ranks_values(case):
+    """_bracket's selection of the sample's ranks i_lo .. i_hi without a
+    whole partition (_select_ranks) leaves at sample[i_lo:i_hi+1] those
+    ranks' values, sorted, and _bracket's lo and hi are the values of ranks
+    i_lo and i_hi; a sample with a NaN, or a subsample that misleads, is left
+    untouched for the partitions."""
+    import numpy as np
+
+    import loramix.methods.base as mb
+
+    rng = np.random.default_rng(len(case))
+    took = []
+    for m, k, n in ((40_000, 8_000, 1_240_000), (1_452_000, 9_000_000, 45_088_768), (70_000, 1, 2_170_000),
+                    (70_000, 2_169_999, 2_170_000), (70_000, 700_000, 2_170_000)):  # fmt: skip
+        x = np.abs(rng.standard_normal(m)).astype(np.float32)
+        if case == "ties":
+            x = np.round(x * 4) / 4  # a few distinct values, each many times
+        if case == "edges":
+            x[rng.integers(0, m, m // 10)] = np.float32(np.inf)
+            x[rng.integers(0, m, m // 10)] = 0.0
+        if case == "nan":
+            x[rng.integers(0, m)] = np.nan
+        if case == "misled":  # the subsample sees only zeros, the sample has few
+            x[:: mb.SUBSAMPLE] = 0.0
+        _, i_lo, i_hi = mb._bracket_ranks(m, k, n, mb.SAMPLE_STRIDE)
+        got = x.copy()
+        took.append(mb._select_ranks(got, i_lo, i_hi))
+        if not took[-1]:
+            assert np.array_equal(got, x, equal_nan=True)  # untouched
+            continue
+        ranked = np.sort(x)
+        assert np.array_equal(got[i_lo : i_hi + 1], ranked[i_lo : i_hi + 1])
+        want = (ranked[i_lo] if i_lo else -np.inf, ranked[i_hi] if i_hi < m - 1 else np.inf)
+        assert tuple(map(float, mb._bracket(x.copy(), k, n))) == tuple(map(float, want))
+    assert (not any(took)) if case == "nan" else (not all(took)) if case == "misled" else all(took), took
+
+
 def test_factor_rows_sample_is_the_dense_sample():
     """The bracket's sample from the factors holds the entries the dense
     delta's strided sample holds (every 31st of the flattened delta)."""

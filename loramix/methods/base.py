@@ -612,7 +612,8 @@ def _each(n: int, fn) -> list:
 
 def _bracket(sample, k: int, n: int, stride: int = SAMPLE_STRIDE):
     """``(lo, hi)`` around the ``k``-th largest of ``n`` values from a sample
-    of them (partitioned in place): the sample's quantile with a margin of 8
+    of them (its ranks ``i_lo .. i_hi`` of :func:`_bracket_ranks` left at
+    those places, :func:`_select_ranks`): the sample's quantile with a margin of 8
     standard errors of its rank, plus two sampling ``stride``s (a strided
     sample's entries are not independent draws) and 8; infinite where it
     reaches an end."""
@@ -621,12 +622,67 @@ def _bracket(sample, k: int, n: int, stride: int = SAMPLE_STRIDE):
 
     m = sample.size
     _, i_lo, i_hi = _bracket_ranks(m, k, n, stride)
-    # two single partitions: numpy's partition at two indices at once costs several times more
-    sample.partition(i_lo)
-    sample[i_lo:].partition(i_hi - i_lo)  # the entries from i_lo on are those at or above it
+    if not _select_ranks(sample, i_lo, i_hi):
+        # two single partitions: numpy's partition at two indices at once costs several times more
+        sample.partition(i_lo)
+        sample[i_lo:].partition(i_hi - i_lo)  # the entries from i_lo on are those at or above it
     lo = sample[i_lo] if i_lo > 0 else sample.dtype.type(-np.inf)
     hi = sample[i_hi] if i_hi < m - 1 else sample.dtype.type(np.inf)
     return lo, hi
+
+
+#: :func:`_select_ranks` takes samples from this size (smaller ones are partitioned whole)
+SELECT_MIN = 1 << 15
+#: ... and looks at every this-many-th entry of the sample first
+SUBSAMPLE = 16
+
+
+def _select_ranks(sample, i_lo: int, i_hi: int) -> bool:
+    """Put the values of ranks ``i_lo .. i_hi`` of ``sample`` (ascending from
+    0, as ``np.sort`` orders them) at ``sample[i_lo : i_hi + 1]``, sorted, as
+    two partitions there would leave them (the same values, so the same
+    ``lo``, ``hi`` and estimate), without partitioning the whole sample
+    (Floyd and Rivest's selection): the ranks are bracketed in every
+    :data:`SUBSAMPLE`-th entry, ``[a, b]`` (8 standard errors of a rank
+    wide, plus 2), one pass counts the entries below ``a`` and collects those
+    in ``[a, b]`` (a few percent), and their sort gives the ranks. The rest
+    of ``sample`` is then not a permutation of it any more (its callers'
+    copy). False, with ``sample`` untouched, for a small sample, a NaN in it,
+    or ranks outside ``[a, b]`` (the subsample misled, rarely: it is no random
+    draw): the caller partitions. On a 7B MLP module's sample (1.45M magnitudes)
+    this is a few times faster than the two partitions, which took about a
+    sixth of a TIES merge's time there."""
+    import numpy as np
+
+    m = sample.size
+    if m < SELECT_MIN:
+        return False
+    sub = sample[::SUBSAMPLE].copy()
+    ms = sub.size
+
+    def place(i: int, side: int) -> int:
+        q = i / (m - 1)
+        return int(q * (ms - 1) + side * (8.0 * math.sqrt(q * (1.0 - q) * ms) + 2.0))
+
+    j_lo, j_hi = max(0, place(i_lo, -1)), min(ms - 1, place(i_hi, +1))
+    if j_lo > 0:
+        sub.partition(j_lo)
+    if j_hi < ms - 1:
+        sub[j_lo:].partition(j_hi - j_lo)
+    inside = np.ones(m, dtype=bool)
+    below = 0
+    if j_lo > 0:
+        low = sample < sub[j_lo]
+        below = int(np.count_nonzero(low))
+        inside &= ~low
+    if j_hi < ms - 1:
+        inside &= ~(sample > sub[j_hi])
+    sel = sample[inside]  # NaN is neither below nor above: here, and sorted last
+    sel.sort()
+    if not (below <= i_lo and below + sel.size > i_hi) or (sel.size and np.isnan(sel[-1])):
+        return False
+    sample[i_lo : i_hi + 1] = sel[i_lo - below : i_hi - below + 1]
+    return True
 
 
 def _bracket_ranks(m: int, k: int, n: int, stride: int) -> tuple[float, int, int]:
