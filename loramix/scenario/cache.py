@@ -154,16 +154,6 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 #: files from this size on are hashed through loramix.io.filehash's cache at a lookup
 HASH_CACHED_FROM = 1 << 20
 
@@ -174,8 +164,10 @@ def _lookup_sha256(path: Path, size: int) -> str:
     keyed by inode, size and times, so a warm rerun stats it instead of
     reading it again (a rewrite in place changes its times: rehashed); a
     small one directly (cheaper than that cache's synced entry)."""
+    from ..io.st_header import file_sha256
+
     if size < HASH_CACHED_FROM:
-        return _file_sha256(path)
+        return file_sha256(path)
     from ..io.filehash import cached_file_sha256
 
     return cached_file_sha256(path)
@@ -198,7 +190,9 @@ def manifest(folder: Path) -> dict[str, dict]:
     entry being made in ``folder`` (its marker aside): what
     :func:`entry_damage` checks it against. One more read of files just
     written (in the page cache: 1.5 GB/s of sha256 here)."""
-    return {rel: {"size": (folder / rel).stat().st_size, "sha256": _file_sha256(folder / rel)}
+    from ..io.st_header import file_sha256
+
+    return {rel: {"size": (folder / rel).stat().st_size, "sha256": file_sha256(folder / rel)}
             for rel in _entry_files(folder)}  # fmt: skip
 
 
