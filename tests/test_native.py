@@ -151,6 +151,55 @@ def test_fixup_turns_a_provisional_election_into_the_exact_one(kernels, dtype, s
     assert torch.equal(_bits(out), _bits(want))
 
 
+def _round32(x) -> np.float32:
+    """The float32 nearest to the rational ``x`` (ties to even), +0 for 0."""
+    from fractions import Fraction
+
+    f = np.float32(float(x))  # rounded twice: the answer or a neighbour of it
+    best = None
+    for c in (np.nextafter(f, np.float32(-np.inf)), f, np.nextafter(f, np.float32(np.inf))):
+        d = abs(Fraction(float(c)) - x)
+        even = not int(np.array(c).view(np.int32)) & 1
+        if best is None or d < best[0] or (d == best[0] and even):
+            best = (d, c)
+    return np.float32(0.0) if x == 0 else best[1]
+
+
+def _fma_chain(B: np.ndarray, A: np.ndarray) -> np.ndarray:
+    """``B @ A`` with every entry the chain ``acc = +0; acc = fma(B[r, k],
+    A[k, c], acc)``, each step the exact value rounded once (rationals)."""
+    from fractions import Fraction
+
+    out = np.empty((B.shape[0], A.shape[1]), np.float32)
+    for r in range(B.shape[0]):
+        for c in range(A.shape[1]):
+            acc = np.float32(0.0)
+            for k in range(B.shape[1]):
+                acc = _round32(Fraction(float(B[r, k])) * Fraction(float(A[k, c])) + Fraction(float(acc)))
+            out[r, c] = acc
+    return out
+
+
+@pytest.mark.parametrize(("rows", "cols", "k"), [(9, 70, 16), (6, 37, 5), (4, 64, 2)])
+def test_form_makes_each_entry_the_fma_chain(kernels, rows, cols, k):
+    """The one pass's own block product (``ties.c`` *form*, AVX-512 and AVX2,
+    every path: 4-row groups and single rows, whole vector groups and a
+    masked tail) is, entry by entry, the fused multiply-add chain along
+    ``k`` from +0 (what MKL's sgemm kernels compute), checked against
+    exact rational arithmetic: zeros of both signs, subnormal products."""
+    if kernels._form is None:
+        pytest.skip("the portable form has no block product (the one pass reads blocks torch.mm formed)")
+    g = torch.Generator().manual_seed(rows * cols + k)
+    B, A = torch.randn(rows, k, generator=g), torch.randn(k, cols, generator=g)
+    B[0], B[1], B[2] = 0.0, -0.0, B[2] * 1e-36
+    A[:, 3] = -A[:, 3].abs()
+    out = torch.full((rows, cols), float("nan"))
+    assert kernels.form(B, A, out)
+    want = torch.from_numpy(_fma_chain(B.numpy(), A.numpy()))
+    assert torch.equal(_bits(out), _bits(want))
+    assert kernels.forms_like_mm(rows, cols, k) == torch.equal(_bits(torch.mm(B, A)), _bits(want))
+
+
 def test_merge_same_bits_with_and_without_kernels(kernels, monkeypatch):
     """TIES from factors and the dense way, in a streaming run, with the
     kernels (in each form) and with ``LORAMIX_NATIVE=0``: the same bits."""
@@ -177,11 +226,20 @@ def test_merge_same_bits_with_and_without_kernels(kernels, monkeypatch):
         return fact, dense
 
     monkeypatch.setattr(mb, "ONE_PASS_MAX_SHARE", 1.0)  # a small module's wide brackets: many records
-    passes = []
+    monkeypatch.setattr(mb, "FORM_TILE_ENTRIES", 300 * 7)  # blocks formed by the kernels in 7-row tiles
+    passes, formed = [], []
     real = ties.Ties.one_pass
     monkeypatch.setattr(ties.Ties, "one_pass", lambda self, *a: passes.append(1) or real(self, *a))
+    real_formed = ties.OnePass.run_formed
+    monkeypatch.setattr(
+        ties.OnePass, "run_formed", lambda self, *a: formed.append(real_formed(self, *a)) or formed[-1]
+    )
     one_pass = run()
     assert passes  # the one pass was taken, both ways
+    if kernels._form is not None and kernels.forms_like_mm(700, 300, 8):
+        assert formed and None not in formed  # from the factors, the pass formed the blocks itself
+    else:
+        assert all(f is None for f in formed)
     monkeypatch.setattr(mb, "ONE_PASS_BAND", 0.0)  # records at the estimate only: the threshold is outside
     passes.clear()
     outside = run()

@@ -426,6 +426,10 @@ ROW_BLOCK_ELEMENTS = 1 << 18
 #: 4M entries took 1.7 ns per entry for the products and 0.9 for the pass, blocks
 #: of 512K 1.2 and 0.9: the products' writes and the pass's reads stay in the cache
 FACTOR_BLOCK_ELEMENTS = 1 << 19
+#: the one pass forms factors' blocks itself (where that gives torch.mm's bits,
+#: :func:`_formable`) in tiles of about this many entries per delta, so that a
+#: tile is passed while it is in the L2 cache
+FORM_TILE_ENTRIES = 1 << 15
 
 
 def _by_rows(t: torch.Tensor, scratch) -> bool:
@@ -886,6 +890,8 @@ def _ties_in_one_pass(srcs, k: int, weights, sign: str, divide: str, scratch):
     mass, by_count = sign == "mass", divide == "count"
     out = scratch.get("elect_out", s0.shape, s0.dtype, s0.device)
     passes: dict = {}  # thread -> its prepared pass
+    Bs, As = _formable(srcs)
+    tile_rows = max(1, FORM_TILE_ENTRIES // cols)
 
     def block(r0: int, r1: int, j: int):
         one = passes.get(j)
@@ -895,7 +901,11 @@ def _ties_in_one_pass(srcs, k: int, weights, sign: str, divide: str, scratch):
                 return scratch.get(f"{role}/{j}", (m,), getattr(torch, dtype.name), s0.device).numpy()
 
             one = passes[j] = fused.one_pass(lo, hi, prov, rlo, rhi, w, mass, by_count, space)
-        records = one.run([s.rows(r0, r1, j) for s in srcs], out[r0:r1])
+        records = None
+        if Bs is not None and fused.forms_like_mm(r1 - r0, cols, As[0].shape[0]):
+            records = one.run_formed([b[r0:r1] for b in Bs], As, out[r0:r1], tile_rows)
+        if records is None:
+            records = one.run([s.rows(r0, r1, j) for s in srcs], out[r0:r1])
         counts = [(int(c), a[:m].copy()) for c, a, m in zip(one.above, one.windows, one.n_window)]
         return counts, one.pos[:records] + r0 * cols, [v[:records].copy() for v in one.vals]
 
@@ -919,6 +929,21 @@ def _ties_in_one_pass(srcs, k: int, weights, sign: str, divide: str, scratch):
 
     _each(-(-len(parts) // per_thread), fixup)
     return out
+
+
+def _formable(srcs) -> tuple[list, list] | tuple[None, None]:
+    """``(Bs, As)``: the factors of ``srcs`` where the one pass may form
+    their blocks itself, tile by tile (:meth:`loramix.native.ties.OnePass.run_formed`:
+    float32 :class:`_FactorRows` of one rank with C-contiguous factors, as
+    ``torch.mm`` reads them); else ``(None, None)``."""
+    import torch
+
+    if not all(isinstance(s, _FactorRows) and s.dtype == torch.float32 for s in srcs):
+        return None, None
+    Bs, As = [s.B for s in srcs], [s.A for s in srcs]
+    if len({a.shape[0] for a in As}) != 1 or not all(t.is_contiguous() for t in (*Bs, *As)):
+        return None, None
+    return Bs, As
 
 
 def _trim_and_elect_rows(srcs, thresholds, weights, sign: str, divide: str, scratch) -> torch.Tensor:

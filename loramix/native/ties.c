@@ -593,6 +593,206 @@ AVX2_KERNELS(double, f64, __m256d, pd, epi64, 4, lanes2_f64, _mm256_set1_epi64x(
 AVX2_ENTRY_POINTS(float, f32)
 AVX2_ENTRY_POINTS(double, f64)
 
+/*
+ * form + pass (float32): the one pass over a block of rows of deltas given by their
+ * factors B_i (rows x K) and A_i (K x cols), each delta's rows formed a few at a time
+ * into a tile that stays in the L2 cache and passed at once, instead of the whole block
+ * formed by torch.mm (MKL: a pass that zeroes the output, the product, the block written
+ * to and read back from the L3 cache or memory). form:
+ *     tile[r, c] = the chain  acc = +0;  acc = fma(B[r, k], A[k, c], acc),  k = 0 .. K-1
+ * one rounding per step, k in order: the operations MKL's sgemm kernels perform for
+ * these shapes (its output zeroed, then each entry accumulated along k in a register).
+ * loramix takes this way only after checking, on this machine, that it gives torch.mm's
+ * bits for the block's shape (loramix.native.ties.Ties.forms_like_mm): then the pass
+ * sees the blocks it would have seen, and the merge has the same bits.
+ * The tiles are cut by rows (every tile_rows rows), so the pass's entries and records
+ * stay in the block's order; a record's position is made the block's.
+ */
+#define FMA_FN __attribute__((target("avx2,fma,popcnt")))
+
+/* 4 rows x 4 vectors of 16 lanes at a time: A's 64 columns read once for the 4 rows */
+AVX512_FN static void form_avx512(const float *B, const float *A, int64_t K, int64_t rows,
+                                  int64_t cols, float *out)
+{
+    int64_t c = 0;
+    for (; c + 64 <= cols; c += 64) {
+        int64_t r = 0;
+        for (; r + 4 <= rows; r += 4) {
+            __m512 acc[4][4];
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++)
+                    acc[i][j] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k++) {
+                const float *a = A + k * cols + c;
+                __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16);
+                __m512 a2 = _mm512_loadu_ps(a + 32), a3 = _mm512_loadu_ps(a + 48);
+                for (int i = 0; i < 4; i++) {
+                    __m512 b = _mm512_set1_ps(B[(r + i) * K + k]);
+                    acc[i][0] = _mm512_fmadd_ps(b, a0, acc[i][0]);
+                    acc[i][1] = _mm512_fmadd_ps(b, a1, acc[i][1]);
+                    acc[i][2] = _mm512_fmadd_ps(b, a2, acc[i][2]);
+                    acc[i][3] = _mm512_fmadd_ps(b, a3, acc[i][3]);
+                }
+            }
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++)
+                    _mm512_storeu_ps(out + (r + i) * cols + c + 16 * j, acc[i][j]);
+        }
+        for (; r < rows; r++) {
+            __m512 acc[4];
+            for (int j = 0; j < 4; j++)
+                acc[j] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k++) {
+                __m512 b = _mm512_set1_ps(B[r * K + k]);
+                for (int j = 0; j < 4; j++)
+                    acc[j] = _mm512_fmadd_ps(b, _mm512_loadu_ps(A + k * cols + c + 16 * j), acc[j]);
+            }
+            for (int j = 0; j < 4; j++)
+                _mm512_storeu_ps(out + r * cols + c + 16 * j, acc[j]);
+        }
+    }
+    for (; c < cols; c += 16) {
+        __mmask16 lanes = cols - c >= 16 ? (__mmask16)-1 : (__mmask16)((1u << (cols - c)) - 1);
+        for (int64_t r = 0; r < rows; r++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(B[r * K + k]),
+                                      _mm512_maskz_loadu_ps(lanes, A + k * cols + c), acc);
+            _mm512_mask_storeu_ps(out + r * cols + c, lanes, acc);
+        }
+    }
+}
+
+/* 4 rows x 3 vectors of 8 lanes at a time (12 accumulators in the 16 registers) */
+FMA_FN static void form_avx2(const float *B, const float *A, int64_t K, int64_t rows,
+                             int64_t cols, float *out)
+{
+    int64_t c = 0;
+    for (; c + 24 <= cols; c += 24) {
+        int64_t r = 0;
+        for (; r + 4 <= rows; r += 4) {
+            __m256 acc[4][3];
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 3; j++)
+                    acc[i][j] = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k++) {
+                const float *a = A + k * cols + c;
+                __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8), a2 = _mm256_loadu_ps(a + 16);
+                for (int i = 0; i < 4; i++) {
+                    __m256 b = _mm256_set1_ps(B[(r + i) * K + k]);
+                    acc[i][0] = _mm256_fmadd_ps(b, a0, acc[i][0]);
+                    acc[i][1] = _mm256_fmadd_ps(b, a1, acc[i][1]);
+                    acc[i][2] = _mm256_fmadd_ps(b, a2, acc[i][2]);
+                }
+            }
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 3; j++)
+                    _mm256_storeu_ps(out + (r + i) * cols + c + 8 * j, acc[i][j]);
+        }
+        for (; r < rows; r++) {
+            __m256 acc[3];
+            for (int j = 0; j < 3; j++)
+                acc[j] = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k++) {
+                __m256 b = _mm256_set1_ps(B[r * K + k]);
+                for (int j = 0; j < 3; j++)
+                    acc[j] = _mm256_fmadd_ps(b, _mm256_loadu_ps(A + k * cols + c + 8 * j), acc[j]);
+            }
+            for (int j = 0; j < 3; j++)
+                _mm256_storeu_ps(out + r * cols + c + 8 * j, acc[j]);
+        }
+    }
+    for (; c < cols; c += 8) {
+        __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols - c >= 8 ? 8 : (int)(cols - c)),
+                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (int64_t r = 0; r < rows; r++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k++)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(B[r * K + k]),
+                                      _mm256_maskload_ps(A + k * cols + c, lanes), acc);
+            _mm256_maskstore_ps(out + r * cols + c, lanes, acc);
+        }
+    }
+}
+
+typedef void (*form_fn)(const float *, const float *, int64_t, int64_t, int64_t, float *);
+typedef int64_t (*pass_f32_fn)(int, const float *const *, const float *, const float *,
+                               const float *, const float *, const float *, const float *, int, int,
+                               float *, int64_t, int64_t *, float *const *, int64_t *, int64_t *,
+                               float *const *);
+
+/* isa 0: the best the CPU has, 2: the AVX2 form; NULL where it cannot run here */
+static form_fn pick_form(int isa, pass_f32_fn *pass)
+{
+    if (isa == 0 && __builtin_cpu_supports("avx512f")) {
+        *pass = pass_avx512_f32;
+        return form_avx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        *pass = pass_avx2_f32;
+        return form_avx2;
+    }
+    return 0;
+}
+
+/* out (rows x cols) = B @ A as the pass sees it; -1 where no form runs here */
+int loramix_form_f32(int isa, const float *B, const float *A, int64_t K, int64_t rows, int64_t cols,
+                     float *out)
+{
+    pass_f32_fn pass;
+    form_fn form = pick_form(isa, &pass);
+    if (!form)
+        return -1;
+    form(B, A, K, rows, cols, out);
+    return 0;
+}
+
+/* the pass (loramix_pass_f32's arguments and results) over the blocks B_i @ A_i, formed
+ * tile_rows rows at a time into tiles[i] (tile_rows x cols each); -1 where no form runs
+ * here */
+int64_t loramix_formpass_f32(int isa, int n, const float *const *Bs, const float *const *As,
+                             int64_t K, int64_t rows, int64_t cols, int64_t tile_rows,
+                             float *const *tiles, const float *lo, const float *hi,
+                             const float *prov, const float *rlo, const float *rhi, const float *w,
+                             int mass, int by_count, float *out, int64_t *above,
+                             float *const *window, int64_t *n_window, int64_t *pos,
+                             float *const *vals)
+{
+    pass_f32_fn pass;
+    form_fn form = n <= MAX_ADAPTERS && tile_rows > 0 ? pick_form(isa, &pass) : 0;
+    if (!form)
+        return -1;
+    const float *xs[MAX_ADAPTERS];
+    float *win[MAX_ADAPTERS], *val[MAX_ADAPTERS];
+    int64_t rec = 0, ab[MAX_ADAPTERS], nw[MAX_ADAPTERS], ab_t[MAX_ADAPTERS], nw_t[MAX_ADAPTERS];
+    for (int i = 0; i < n; i++) {
+        ab[i] = nw[i] = 0;
+        xs[i] = tiles[i];
+    }
+    for (int64_t r = 0; r < rows; r += tile_rows) {
+        int64_t rr = rows - r < tile_rows ? rows - r : tile_rows;
+        for (int i = 0; i < n; i++) {
+            form(Bs[i] + r * K, As[i], K, rr, cols, tiles[i]);
+            win[i] = window[i] + nw[i];
+            val[i] = vals[i] + rec;
+        }
+        int64_t got = pass(n, xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out + r * cols, rr * cols,
+                           ab_t, win, nw_t, pos + rec, val);
+        for (int64_t j = 0; j < got; j++)
+            pos[rec + j] += r * cols;
+        rec += got;
+        for (int i = 0; i < n; i++) {
+            ab[i] += ab_t[i];
+            nw[i] += nw_t[i];
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        above[i] = ab[i];
+        n_window[i] = nw[i];
+    }
+    return rec;
+}
+
 int loramix_has_avx2(void) { return __builtin_cpu_supports("avx2"); }
 int loramix_has_avx512(void) { return __builtin_cpu_supports("avx512f"); }
 #endif

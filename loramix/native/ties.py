@@ -5,6 +5,7 @@ threshold count of a block and its trim + sign election + disjoint mean.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 from . import bound
 
@@ -41,6 +42,16 @@ class Ties:
                 fn = getattr(lib, f"loramix_{name}_{suf}{tail}")
                 fn.argtypes, fn.restype = args, res
                 self._fns[name, suf] = fn
+        # form + pass (float32, x86-64 with AVX2 and FMA): not in the portable form
+        self._isa = {"dispatched": 0, "avx2": 2}.get(form)
+        self._form = self._formpass = None
+        if self._isa is not None and getattr(lib, "loramix_formpass_f32", None) is not None:
+            self._form, self._formpass = lib.loramix_form_f32, lib.loramix_formpass_f32
+            self._form.argtypes, self._form.restype = [i, p, p, i64, i64, i64, p], ctypes.c_int
+            # isa, n, Bs, As, K, rows, cols, tile_rows, tiles, then pass's arguments without m
+            self._formpass.argtypes = [i, n, p, p, i64, i64, i64, i64, p, *[p] * 6, i, i, *[p] * 6]
+            self._formpass.restype = i64
+        self._formed: dict = {}  # (rows, cols, k) -> whether forms_like_mm
 
     @staticmethod
     def _suffix(dtype) -> str:
@@ -80,9 +91,55 @@ class Ties:
         recorded, inside the windows), ``weights``: numpy arrays of the
         blocks' dtype; ``space(role, n, dtype)`` lends a numpy work array of
         ``n`` entries."""
+        formpass = None
+        if self._formpass is not None and self._suffix(lo.dtype) == "f32":
+            formpass = functools.partial(self._formpass, self._isa)
         return OnePass(
-            self._fns["pass", self._suffix(lo.dtype)], lo, hi, prov, rlo, rhi, weights, mass, by_count, space
-        )
+            self._fns["pass", self._suffix(lo.dtype)], lo, hi, prov, rlo, rhi, weights, mass, by_count, space,
+            formpass,
+        )  # fmt: skip
+
+    def form(self, B, A, out) -> bool:
+        """``out = B @ A`` (C-contiguous float32 CPU tensors, ``(rows, k) @
+        (k, cols)``) as *form* (``ties.c``) makes a one-pass tile: every
+        entry the fused multiply-add chain along ``k`` from +0. False
+        (``out`` untouched) where this build or CPU has no form."""
+        if self._form is None:
+            return False
+        (rows, k), cols = B.shape, A.shape[1]
+        return self._form(self._isa, B.data_ptr(), A.data_ptr(), k, rows, cols, out.data_ptr()) == 0
+
+    def forms_like_mm(self, rows: int, cols: int, k: int) -> bool:
+        """Whether :meth:`form` gives ``torch.mm``'s bits for ``(rows, k) @
+        (k, cols)`` float32 products on this machine (MKL's sgemm kernels
+        accumulate each entry along ``k`` from a zeroed output, as *form*
+        does; another BLAS, CPU or shape may not): checked once per shape on
+        factors made to show a difference (random values, exact zeros of
+        both signs, a column of zeros, subnormal products), and remembered.
+        Only then does a merge take :meth:`OnePass.run_formed`, so its bits
+        are those of blocks formed by ``torch.mm``."""
+        key = (rows, cols, k)
+        ok = self._formed.get(key)
+        if ok is None:
+            ok = self._formed[key] = self._check_form(rows, cols, k)
+        return ok
+
+    def _check_form(self, rows: int, cols: int, k: int) -> bool:
+        import torch
+
+        if self._form is None or rows < 1 or cols < 1 or k < 1:
+            return False
+        g = torch.Generator().manual_seed(0x5EED + 7919 * rows + 131 * cols + k)
+        B, A = torch.randn(rows, k, generator=g), torch.randn(k, cols, generator=g)
+        B[0] = 0.0  # +0 products of either sign: the sign of an exact zero sum
+        if rows > 1:
+            B[1] = -0.0
+        if rows > 2:
+            B[2] *= 1e-36  # products and sums below the normal range (no flush to zero)
+        A[:, 0] = 0.0
+        A[:, -1] = -A[:, -1].abs()
+        want, got = torch.mm(B, A), torch.empty(rows, cols)
+        return self.form(B, A, got) and torch.equal(want.view(torch.int32), got.view(torch.int32))
 
     def fixup(self, vals, prov, lams, weights, mass: bool, by_count: bool, pos, out) -> int:
         """*fixup* (``ties.c``): ``out.flat[pos[r]]`` elected again with the
@@ -112,10 +169,10 @@ class OnePass:
     and the records, the positions ``pos[:records]`` where some block is in
     its band, with block ``i``'s value there in ``vals[i][:records]``."""
 
-    def __init__(self, fn, lo, hi, prov, rlo, rhi, weights, mass: bool, by_count: bool, space):
+    def __init__(self, fn, lo, hi, prov, rlo, rhi, weights, mass: bool, by_count: bool, space, formpass=None):
         import numpy as np
 
-        self._fn, self._space, n = fn, space, len(lo)
+        self._fn, self._space, self._formpass, n = fn, space, formpass, len(lo)
         self._fixed = (lo, hi, prov, rlo, rhi, weights)  # kept alive: the call holds their addresses
         self._head = (n, None, *(a.ctypes.data for a in self._fixed), int(mass), int(by_count))
         self.above, self.n_window = np.zeros(n, np.int64), np.zeros(n, np.int64)
@@ -136,6 +193,26 @@ class OnePass:
             (_P * n)(*(a.ctypes.data for a in self.vals)),
         )
         self.capacity = m
+
+    def run_formed(self, Bs, As, out, tile_rows: int) -> int | None:
+        """:meth:`run` on the blocks ``B_i @ A_i`` (C-contiguous float32
+        factors: those rows of ``B_i``, all of ``A_i``), formed ``tile_rows``
+        rows at a time by *form* into this pass's tiles (see
+        :meth:`Ties.forms_like_mm` for when that is the same); None where
+        no form runs here."""
+        if self._formpass is None:
+            return None
+        m = out.numel()
+        if m > self.capacity:
+            self._grow(m)
+        n = self._head[0]
+        (rows, k), cols = Bs[0].shape, As[0].shape[1]
+        tiles = [self._space(f"pass_tile{i}", tile_rows * cols, self._fixed[0].dtype) for i in range(n)]
+        got = self._formpass(
+            n, (_P * n)(*(b.data_ptr() for b in Bs)), (_P * n)(*(a.data_ptr() for a in As)), k, rows, cols,
+            tile_rows, (_P * n)(*(t.ctypes.data for t in tiles)), *self._head[2:], out.data_ptr(), *self._tail,
+        )  # fmt: skip
+        return None if got < 0 else int(got)
 
     def run(self, blocks, out) -> int:
         """Count and elect the ``blocks`` (C-contiguous tensors of one shape)
