@@ -15,7 +15,11 @@ engine runs them (``methods.base``):
 - ``kernels, one pass``: what a merge runs: each block formed and read once
   (counted, elected at the estimated threshold, positions near it
   recorded), then the few recorded entries that the exact trims cut another
-  way elected again;
+  way elected again; the blocks formed by the kernels themselves, a few rows
+  at a time (where that gives ``torch.mm``'s bits here: ``Ties.forms_like_mm``);
+- ``kernels, one pass, blocks by torch.mm``: the same with each block formed
+  whole by ``torch.mm`` first (what it did before, and still does where the
+  check fails);
 - ``dense deltas``: the deltas formed whole first (what a D2-LoRA delta
   takes), then the one pass on them;
 - on a CPU with AVX-512, ``one pass`` again with the kernels' AVX2 form
@@ -87,7 +91,7 @@ def main(argv=None) -> None:
     def bits(t: torch.Tensor) -> torch.Tensor:
         return t.view(torch.int32)
 
-    dispatched = ties.kernels
+    dispatched, formable = ties.kernels, mb._formable
     with engine.cpu_threads(Run()):
         threads = engine.run_threads()
         for i in range(args.repeat + 1):
@@ -96,6 +100,7 @@ def main(argv=None) -> None:
                 os.environ["LORAMIX_NATIVE"] = "0" if way.startswith("eager") else "1"
                 mb.ONE_PASS_MAX_SHARE = -1.0 if "two passes" in way else share
                 ties.kernels = (lambda f=forms[way]: ties.Ties(lib, form=f)) if way in forms else dispatched
+                mb._formable = (lambda srcs: (None, None)) if "torch.mm" in way else formable
                 t = time.perf_counter()
                 if way.startswith("dense"):
                     out = mb.trim_and_elect(mb.dense_deltas(ctx, mods, None, weights), weights, *how, scratch)
@@ -103,7 +108,7 @@ def main(argv=None) -> None:
                     out = mb.ties_from_factors(ctx, mods, weights, *how)
                 times[way], results[way] = time.perf_counter() - t, bits(out).clone()
             os.environ.pop("LORAMIX_NATIVE", None)
-            mb.ONE_PASS_MAX_SHARE, ties.kernels = share, dispatched
+            mb.ONE_PASS_MAX_SHARE, ties.kernels, mb._formable = share, dispatched, formable
             if any(not torch.equal(r, results[ROWS[0]]) for r in results.values()):
                 raise SystemExit("the ways differ")
             if i:
@@ -121,7 +126,7 @@ def main(argv=None) -> None:
 
 
 ROWS = ("eager (LORAMIX_NATIVE=0), two passes", "kernels, two passes", "kernels, one pass",
-        "kernels, dense deltas, one pass")  # fmt: skip
+        "kernels, one pass, blocks by torch.mm", "kernels, dense deltas, one pass")  # fmt: skip
 
 
 if __name__ == "__main__":
