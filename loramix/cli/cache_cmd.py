@@ -9,7 +9,7 @@ Scenario runs remove such temporaries (not the locks) when they start
 temporary folders of killed GGUF imports no process holds the lock of
 (:func:`loramix.gguf_import.remove_stale_imports`), and the temporary files
 of killed writers in the per-user cache's ``sha256/``, ``layouts/``,
-``native/`` and ``prefix/`` (:func:`loramix.io.filehash.remove_stale_cache_temporaries`),
+``native/``, ``prefix/`` and ``verified/`` (:func:`loramix.io.filehash.remove_stale_cache_temporaries`),
 which no later run would remove: each is written under a name of its own.
 And it removes the scenario cache's derived entries (validations, figures:
 :meth:`loramix.scenario.cache.Cache.derived`) that another loramix source
@@ -20,6 +20,14 @@ folders that leaves empty; never an artifact. And the stop flags
 gone, or, for a flag that names no process of this host (an older
 loramix's, another host's), that is over a day old
 (:func:`loramix.scenario.cache.remove_finished_stop_flags`).
+
+``loramix cache verify`` reads and hashes every file of every entry of the
+scenario cache against its ``artifact.json``, whatever the lookups' memos
+say (:mod:`loramix.scenario.verified`, :mod:`loramix.io.filehash`: a
+lookup stats a file it found intact before, and so cannot see bits that
+rotted under an unchanged ``stat``), and names each damaged entry; it
+forgets their memo rows, so the next run hashes them again, finds them
+damaged and makes them again.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ def clean(root):
     """Remove the temporaries of killed runs (their process is gone) and
     their lock files no process holds, those of killed GGUF imports in
     $LORAMIX_CACHE_DIR/bases, and those of killed writers in
-    $LORAMIX_CACHE_DIR's sha256/, layouts/, native/ and prefix/ (their
+    $LORAMIX_CACHE_DIR's sha256/, layouts/, native/, prefix/ and verified/ (their
     process is gone on this host; another host's are kept). Also removes
     the scenario cache's validations, figures and report tables made by
     another version of loramix's source, which this one never reads (that
@@ -87,3 +95,33 @@ def clean(root):
         n, parts = len(files), sorted({f.parent.name + "/" for f in files})
         click.echo(f"removed {n} temporary file{'' if n == 1 else 's'} of killed writers from {cache_dir()} "
                    f"({', '.join(parts)})")  # fmt: skip
+
+
+@command.command("verify")
+@click.option("--cache", "--dir", "root", type=click.Path(file_okay=False, exists=True), default=None,
+              help="The scenario cache folder, as scenario run's --cache (default: $LORAMIX_CACHE, else "
+              ".loramix-cache/).")  # fmt: skip
+def verify(root):
+    """Hash every file of every entry of the scenario cache against the sizes
+    and sha256 its artifact.json lists, and name each entry that differs.
+    A run's lookups check sizes and, for a file whose stat (inode, size,
+    times) changed since a lookup found it intact, its sha256: this also finds
+    damage that left the stat as it was (a disk's rotten bits). A damaged
+    entry is left in place, its memo forgotten: the next run finds it damaged
+    and makes it again. Exit status 1 where any is damaged."""
+    from pathlib import Path
+
+    from ..scenario.cache import default_cache_dir, verify_entries
+
+    root = Path(root) if root is not None else default_cache_dir()
+    if not root.is_dir():
+        click.echo(f"no scenario cache at {root}: nothing to verify")
+        return
+    n, size, damaged = verify_entries(root)
+    for entry, why in damaged:
+        click.echo(f"damaged: {entry.parent.name}/{entry.name} ({why})")
+    amount = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+    click.echo(f"verified {n} entr{'y' if n == 1 else 'ies'} ({amount}) in {root}: "
+               + (f"{len(damaged)} damaged, to be made again by the next run" if damaged else "none damaged"))  # fmt: skip
+    if damaged:
+        raise SystemExit(1)

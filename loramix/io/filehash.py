@@ -47,7 +47,7 @@ def cache_dir() -> Path:
 
 #: the folders of :func:`cache_dir` whose files are written through temporaries
 #: (``bases/`` has its own: :func:`loramix.gguf_import.remove_stale_imports`)
-WRITTEN_FOLDERS = ("sha256", "layouts", "native", "prefix")
+WRITTEN_FOLDERS = ("sha256", "layouts", "native", "prefix", "verified")
 #: the temporaries of older loramix in sha256/ (``<key>.tmp<pid>.<thread>``) and
 #: layouts/ (``<key>.tmp<pid>``), which name no host and no process start
 _PID_ONLY = re.compile(r"\.tmp\d+(\.\d+)?$")
@@ -166,6 +166,19 @@ def _store(ident: str, digest: str) -> None:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass  # a read-only one fails this too (EROFS before ENOENT)
+
+
+def forget(path: Path) -> None:
+    """Remove the remembered hash of ``path`` at its identity now: one found
+    not to match what it should be (``loramix cache verify``), with its
+    identity unchanged (bits rotten under the file system), is hashed again
+    at its next use instead of vouched for."""
+    ident = _identity(Path(path))
+    if ident is not None:
+        try:
+            _entry(ident).unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _wait(fut: Future, stop: threading.Event | None) -> str | None:

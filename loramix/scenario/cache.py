@@ -54,6 +54,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -158,19 +159,33 @@ def source_digest() -> str:
 HASH_CACHED_FROM = 1 << 20
 
 
-def _lookup_sha256(path: Path, size: int) -> str:
-    """sha256 of an entry's file at a lookup: a large one (a study's base or
-    merged model, GBs in all) through :func:`loramix.io.filehash.cached_file_sha256`,
-    keyed by inode, size and times, so a warm rerun stats it instead of
-    reading it again (a rewrite in place changes its times: rehashed); a
-    small one directly (cheaper than that cache's synced entry)."""
+def _intact(p: Path, st: os.stat_result, expected, name: str, memo, full: bool) -> bool:
+    """Whether the entry's file ``p`` (of stat ``st``, its name in the cache
+    ``name``) has the sha256 ``expected``. A large one through
+    :func:`loramix.io.filehash.cached_file_sha256`, keyed by inode, size and
+    times, so a warm rerun stats it instead of reading it again (a rewrite in
+    place changes its times: rehashed); a small one directly (cheaper than
+    that cache's synced entry), or not at all where ``memo``
+    (:class:`~loramix.scenario.verified.Verified`) saw it match at the same
+    identity. ``full``: every file read and hashed, whatever either memo
+    says (``loramix cache verify``), and a large one that differs leaves
+    the hash cache."""
     from ..io.st_header import file_sha256
 
-    if size < HASH_CACHED_FROM:
-        return file_sha256(path)
+    if full or st.st_size < HASH_CACHED_FROM:
+        if memo is not None and not full and memo.vouches(name, st, expected):
+            return True
+        ok = file_sha256(p) == expected
+        if ok and memo is not None:
+            memo.learn(name, st, expected)
+        if not ok and full and st.st_size >= HASH_CACHED_FROM:
+            from ..io.filehash import forget
+
+            forget(p)
+        return ok
     from ..io.filehash import cached_file_sha256
 
-    return cached_file_sha256(path)
+    return cached_file_sha256(p) == expected
 
 
 def _entry_files(folder: Path) -> list[str]:
@@ -200,7 +215,9 @@ def manifest(folder: Path) -> dict[str, dict]:
 MISSING = "missing"
 
 
-def entry_damage(target: Path, kind: str, key: str, *, contents: bool = True) -> str | None:
+def entry_damage(
+    target: Path, kind: str, key: str, *, contents: bool = True, memo=None, full: bool = False
+) -> str | None:
     """Why ``target`` is not the complete artifact ``(kind, key)``: None
     where it is, :data:`MISSING` where it holds none (no ``artifact.json``),
     else the damage in a few words: its ``artifact.json`` unreadable, not
@@ -212,7 +229,11 @@ def entry_damage(target: Path, kind: str, key: str, *, contents: bool = True) ->
     trusted as its bytes reached the disk before its name (:meth:`Cache._make`);
     this finds what happened to it after: a disk error, a hand edit, a copy
     cut short. ``contents=False`` skips the hashing (sizes alone: a check
-    that reads no file but the marker)."""
+    that reads no file but the marker). ``memo``: a
+    :class:`~loramix.scenario.verified.Verified` whose rows spare the
+    hashing of files that matched before at the same ``stat`` identity
+    (what that cannot see: :mod:`loramix.scenario.verified`); ``full``:
+    every file hashed (:func:`_intact`)."""
     try:
         text = (target / MARKER).read_text()
     except (FileNotFoundError, NotADirectoryError):
@@ -239,20 +260,50 @@ def entry_damage(target: Path, kind: str, key: str, *, contents: bool = True) ->
     for rel, fact in sorted(files.items()):
         p = target / rel
         try:
-            size = p.stat().st_size if p.is_file() else None
-        except OSError:
-            size = None
-        if size is None:
+            st = p.stat()
+        except (OSError, ValueError):
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
             return f"{rel} is missing"
+        size = st.st_size
         if not isinstance(fact, dict) or size != fact.get("size"):
             return f"{rel} is {size} bytes, not the {fact.get('size') if isinstance(fact, dict) else '?'} written"
         if contents:
             try:
-                if _lookup_sha256(p, size) != fact.get("sha256"):
+                if not _intact(p, st, fact.get("sha256"), f"{kind}/{target.name}/{rel}", memo, full):
                     return f"{rel} differs from what was written (sha256)"
             except OSError as e:
                 return f"{rel} cannot be read: {e.strerror or e}"
     return None
+
+
+def verify_entries(root: Path) -> tuple[int, int, list[tuple[Path, str]]]:
+    """Check every entry of the cache at ``root`` (every ``<kind>/<entry>/``
+    but temporaries) with :func:`entry_damage` hashing every file
+    (``full``): returns the entries checked, their bytes, and each damaged
+    one with its damage. The memo rows of a damaged entry are forgotten
+    (:mod:`.verified`), and those of intact files refreshed."""
+    from .verified import Verified
+
+    memo, n, size, damaged = Verified(root), 0, 0, []
+    for kind in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for entry in sorted(e for e in kind.iterdir() if e.is_dir() and not e.name.startswith(".")):
+            try:
+                key = json.loads((entry / MARKER).read_text()).get("key")
+            except (OSError, ValueError, AttributeError):
+                key = None
+            # a marker that does not parse or names no key: entry_damage says which
+            key = key if isinstance(key, str) and key[:24] == entry.name else entry.name
+            why = entry_damage(entry, kind.name, key, memo=memo, full=True)
+            if why == MISSING:
+                continue  # a folder without a marker: a lookup makes it, nothing to verify
+            n += 1
+            size += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            if why is not None:
+                damaged.append((entry, why))
+                memo.forget(f"{kind.name}/{entry.name}/")
+    memo.save(root)
+    return n, size, damaged
 
 
 def remove_stale(root: Path) -> list[Path]:
@@ -538,10 +589,27 @@ class Cache:
     log: list[CacheEvent] = field(default_factory=list)
     _made_this_run: set = field(default_factory=set)
     _aside: object = None  # a TemporaryDirectory: derived results where the cache cannot be written
+    _verified: object = None  # the lookups' memo (.verified.Verified), read at the first lookup
 
     def __post_init__(self):
         self.root = check_cache_root(self.root)
         remove_stale(self.root)
+
+    @property
+    def verified(self):
+        """The memo of the files this cache's lookups found intact
+        (:class:`~loramix.scenario.verified.Verified`), read once."""
+        if self._verified is None:
+            from .verified import Verified
+
+            self._verified = Verified(self.root)
+        return self._verified
+
+    def save_verified(self) -> None:
+        """Write what this process's lookups learned into the memo (once, at
+        the end of a run: :meth:`.verified.Verified.save`)."""
+        if self._verified is not None:
+            self._verified.save(self.root)
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key[:24]
@@ -559,7 +627,7 @@ class Cache:
         """
         key = make_key(kind, spec)
         target = self.path(kind, key)
-        damage = entry_damage(target, kind, key)
+        damage = entry_damage(target, kind, key, memo=self.verified)
         done = damage is None
         redo = self.fresh and key not in self._made_this_run
         if done and not redo:
@@ -576,7 +644,7 @@ class Cache:
         # --fresh remakes it whoever else is making it: it does not wait
         with Making(target, wait=not redo, label=label) as lock:
             if not redo:  # made (or mended) meanwhile: by the process waited for, or just before the lock
-                damage = entry_damage(target, kind, key)
+                damage = entry_damage(target, kind, key, memo=self.verified)
                 if damage is None:
                     self.log.append(CacheEvent(kind, key, "hit", lock.waited, label))
                     return target

@@ -198,6 +198,7 @@ class Runner:
             if rec is not None:
                 rec.flush()
             self._computed()
+            self.cache.save_verified()  # what the lookups found intact: the next run stats it, reads none
         # The cache log in plan order, whichever process made each artifact.
         self.cache.log[:] = [e for st in self.steps for e in outcomes[st.id].events]
         self.outcomes = outcomes
