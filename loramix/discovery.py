@@ -6,6 +6,7 @@ import ast
 import functools
 import importlib
 import importlib.util
+import os
 import pkgutil
 from collections.abc import Iterator
 from types import ModuleType
@@ -29,21 +30,31 @@ def _class_defs(package: str, skip: tuple[str, ...]) -> Iterator[tuple[ast.Class
         if info.name in skip or info.name.startswith("_"):
             continue
         path = info.module_finder.find_spec(f"{package}.{info.name}").origin  # no import of the package
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), path)
-        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
-            attrs = {}
-            for st in cls.body:
-                if (
-                    isinstance(st, ast.Assign)
-                    and len(st.targets) == 1
-                    and isinstance(st.targets[0], ast.Name)
-                ):
-                    try:
-                        attrs[st.targets[0].id] = ast.literal_eval(st.value)
-                    except ValueError:  # not a literal
-                        pass
-            yield cls, attrs
+        st = os.stat(path)
+        for cls, attrs in _parsed(path, st.st_mtime_ns, st.st_size, st.st_ino):
+            yield cls, dict(attrs)  # a copy: a caller's change stays out of the memo
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(path: str, mtime_ns: int, size: int, ino: int) -> tuple[tuple[ast.ClassDef, dict], ...]:
+    """The top-level classes of the source file ``path`` with the class
+    attributes they set to literals; parsed once per process and version of
+    the file (its stat in the key: an edited or replaced file is parsed
+    again). A scenario rerun asks for the kinds' declarations a dozen times
+    (each parse a hundredth of a second)."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    out = []
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        attrs = {}
+        for st in cls.body:
+            if isinstance(st, ast.Assign) and len(st.targets) == 1 and isinstance(st.targets[0], ast.Name):
+                try:
+                    attrs[st.targets[0].id] = ast.literal_eval(st.value)
+                except ValueError:  # not a literal
+                    pass
+        out.append((cls, attrs))
+    return tuple(out)
 
 
 def declared(package: str, base: str, attr: str = "id", skip: tuple[str, ...] = ("base",)) -> dict[str, dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -24,6 +25,14 @@ def package_version(module: str) -> str:
     its installed metadata (the same string) without importing it."""
     if module in sys.modules:
         return sys.modules[module].__version__
+    return _installed_version(module)
+
+
+@functools.cache
+def _installed_version(module: str) -> str:
+    """The installed metadata's version of ``module``, read once per process:
+    each read scans the installed distributions (a fiftieth of a second),
+    and a report keys each of its figures on matplotlib's."""
     from importlib.metadata import version
 
     return version(module)
