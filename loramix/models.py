@@ -6,6 +6,7 @@ folder, no ``config.json``, not a causal LM, no weights, weights lacking
 parameters of the model ``config.json`` describes (transformers would fill
 them at random), a ``config.json`` with another number of layers than the
 weights hold (transformers would drop the rest) or another shape of a tensor,
+key-value heads that do not divide the query heads (:func:`head_problem`),
 no tokenizer, or a tokenizer whose vocabulary is larger than the model's
 embedding.
 """
@@ -49,7 +50,46 @@ def check_model_folder(path: str | os.PathLike) -> dict:
         raise BaseModelError(p, f"architecture {', '.join(archs)} is not a causal language model")
     if not any((p / f).is_file() for f in WEIGHT_FILES):
         raise BaseModelError(p, "no weights (model.safetensors or pytorch_model.bin)")
+    if (why := head_problem(cfg)) is not None:
+        raise BaseModelError(p / "config.json", why)
     return cfg
+
+
+def _count(cfg: dict, key: str) -> int | None:
+    v = cfg.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def head_problem(cfg: dict) -> str | None:
+    """Why the attention ``config.json`` describes cannot be built, or None:
+    with ``h`` query heads (``num_attention_heads``), ``g`` key-value heads
+    (``num_key_value_heads``, default ``h``) and width ``w``
+    (``hidden_size``), each key-value head serves ``h / g`` query heads, so
+    ``g`` must divide ``h``; without a ``head_dim`` the head size is
+    ``w / h``, so ``h`` must divide ``w``.
+
+    transformers builds a model whose ``g`` does not divide ``h`` (Llama,
+    Qwen2, Mistral) and fails in its first forward pass (a traceback: 'The
+    size of tensor a (4) must match the size of tensor b (3)'); a Qwen2
+    config whose ``h`` does not divide ``w`` is built with heads of
+    ``w // h`` (narrower than the width, so never a checkpoint's). Configs
+    without these keys (GPT-2's ``n_head``) are left to transformers."""
+    heads, kv, width = (_count(cfg, k) for k in ("num_attention_heads", "num_key_value_heads", "hidden_size"))
+    if heads is None:
+        return None
+    if heads < 1:
+        return f"num_attention_heads {heads} is not a number of heads"
+    if kv is not None and (kv < 1 or heads % kv):
+        return (
+            f"num_key_value_heads {kv} does not divide num_attention_heads {heads}: each key-value head "
+            "serves a whole group of query heads, so the model cannot run"
+        )
+    if width is not None and cfg.get("head_dim") is None and width % heads:
+        return (
+            f"num_attention_heads {heads} does not divide hidden_size {width}, and no head_dim is given: "
+            "the model has no head size"
+        )
+    return None
 
 
 def read_model_config(path: str | os.PathLike) -> tuple[Path, dict]:

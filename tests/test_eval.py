@@ -490,6 +490,38 @@ def test_config_that_does_not_describe_the_weights_is_refused(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_kv_heads_that_do_not_divide_the_heads_are_refused(bases, tmp_path, capsys, arch):
+    """A Llama or Qwen2 config with 4 query heads and 3 key-value heads, its
+    weights saved by transformers from that config (so every shape agrees):
+    transformers builds the model and its first forward pass failed with a
+    traceback (exit 1) in eval and train. Now one line naming config.json
+    (exit 2); sum --into, which streams the tensors and builds no model,
+    still merges into it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(arch, hidden_size=48, num_attention_heads=4, num_key_value_heads=3,
+                               intermediate_size=16, num_hidden_layers=1, vocab_size=400,
+                               max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                               tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    base = save_base(model, tmp_path / "base")
+    for f in bases["llama"].iterdir():  # the tokenizer (400 tokens)
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, base / f.name)
+    capsys.readouterr()
+    needle = f"{base / 'config.json'}: num_key_value_heads 3 does not divide num_attention_heads 4"
+    one_line_error(capsys, ["eval", "--base", base, "--data", ARITH, "--limit", "4", "--no-progress"], needle)
+    out = tmp_path / "out"
+    one_line_error(capsys, ["train", "--base", base, "--data", ARITH, "--out", out, "--steps", "1", "--limit", "8",
+                            "--no-progress"], needle)  # fmt: skip
+    assert not out.exists()
+    adapter = make_peft_adapter(model, tmp_path / "a", r=2, target_modules=["q_proj", "k_proj"])
+    assert main(["sum", str(adapter), "--into", str(base), "--out", str(out), "--no-progress"]) == 0
+    assert (out / "model.safetensors").is_file()
+
+
 def test_no_tokenizer_is_one_line_before_transformers_speaks(tmp_path):
     """No tokenizer, and a config transformers warns about (EOS beyond the
     vocabulary): the tokenizer is looked for first, so the one line is all
@@ -859,3 +891,22 @@ def test_an_adapter_for_another_base_is_said_to_be_one_by_sum_as_by_eval(tmp_pat
     )
     assert err.endswith("the adapter was made for another base"), err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    ("cfg", "why"),
+    [({"num_attention_heads": 5, "hidden_size": 32}, "num_attention_heads 5 does not divide hidden_size 32"),
+     ({"num_attention_heads": 4, "num_key_value_heads": 0}, "num_key_value_heads 0 does not divide"),
+     ({"num_attention_heads": 0}, "num_attention_heads 0 is not a number of heads"),
+     ({"num_attention_heads": 5, "hidden_size": 32, "head_dim": 8}, None),  # Gemma-like: heads x head_dim
+     ({"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 32}, None),
+     ({"n_head": 5, "n_embd": 32}, None)],  # GPT-2's keys: transformers' own check
+)  # fmt: skip
+def test_head_problem(cfg, why):
+    """:func:`loramix.models.head_problem` on its own, torch-free: a Qwen2 config
+    whose heads do not divide the width and give no head_dim was built with
+    heads of width // heads (guards the rule; the kv case is the test above)."""
+    from loramix.models import head_problem
+
+    got = head_problem(cfg)
+    assert (got is None) if why is None else (why in got), got
