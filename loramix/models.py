@@ -13,6 +13,7 @@ embedding.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -329,6 +330,47 @@ def check_weights_hold_the_model(p: Path) -> None:
             f"describes a model of {need:,} parameters but the weights hold {held:,} values "
             "(a model_type or size that does not match the weights?); transformers would fill the rest at random",
         )
+
+
+def parameter_count(path: str | os.PathLike) -> tuple[int | None, str | None]:
+    """``(n, None)``: the number of values the base's safetensors weights hold
+    (every tensor of the single file or of the index's shards, from their
+    headers: nothing loaded, no torch), which is the model's parameter count
+    (transformers saves a tied head once and counts it once; a checkpoint
+    that stores both copies counts the head twice); or
+    ``(None, why)`` where the count cannot be read so: a quantized
+    checkpoint (``quantization_config``: its tensors are packed integers and
+    scales, not one value per parameter) or pickle weights only
+    (``pytorch_model.bin``, which loramix reads only through transformers,
+    when it loads the model). A study's report states one or the other."""
+    from .io.filehash import INDEX_NAME, SINGLE_NAME
+    from .io.st_header import read_safetensors_header
+
+    p, cfg = read_model_config(path)
+    quant = cfg.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        how = f" ({method})" if isinstance(method, str) else ""
+        return (
+            None,
+            f"not counted: its weights are quantized{how}, stored packed, not one value per parameter",
+        )
+    if (p / INDEX_NAME).is_file():
+        weight_map = load_json_file(p / INDEX_NAME, BaseModelError).get("weight_map")
+        names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        files = [p / n for n in names if isinstance(n, str) and n and "/" not in n and os.sep not in n]
+    elif (p / SINGLE_NAME).is_file():
+        files = [p / SINGLE_NAME]
+    else:
+        files = []
+    if not files or not all(f.is_file() for f in files):
+        held = next((f for f in WEIGHT_FILES if (p / f).is_file()), "no safetensors weights")
+        return None, f"not counted: {held} only, which loramix reads only through transformers"
+    n = 0
+    for f in files:
+        header, _ = read_safetensors_header(f)
+        n += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return n, None
 
 
 def _dims(shape) -> str:

@@ -910,3 +910,34 @@ def test_head_problem(cfg, why):
 
     got = head_problem(cfg)
     assert (got is None) if why is None else (why in got), got
+
+
+def test_parameter_count_or_why_not(bases, tmp_path):
+    """:func:`loramix.models.parameter_count`: a safetensors base's count from
+    its headers is transformers' ``parameters()`` count, whole or sharded;
+    pickle weights only and a quantized config give no count and say why (a
+    study's report prints the reason where it printed nothing)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from loramix.models import parameter_count
+
+    src = bases["llama"]
+    model = AutoModelForCausalLM.from_pretrained(str(src))
+    n = sum(p.numel() for p in model.parameters())
+    assert parameter_count(src) == (n, None)
+    assert parameter_count(save_base(model, tmp_path / "shards", max_shard_size="20KB")) == (n, None)
+    pk = tmp_path / "pickle"
+    shutil.copytree(src, pk)
+    torch.save(load_file(str(pk / "model.safetensors")), pk / "pytorch_model.bin")
+    (pk / "model.safetensors").unlink()
+    got, why = parameter_count(pk)
+    assert got is None and why.startswith("not counted: pytorch_model.bin only"), why
+    qz = tmp_path / "quantized"
+    shutil.copytree(src, qz)
+    cfg = json.loads((qz / "config.json").read_text())
+    (qz / "config.json").write_text(
+        json.dumps({**cfg, "quantization_config": {"quant_method": "gptq", "bits": 4}})
+    )
+    got, why = parameter_count(qz)
+    assert got is None and "quantized (gptq)" in why, why

@@ -109,6 +109,11 @@ def test_a_study_of_given_peft_adapters(given, tmp_path, capsys):
     assert rep["scenario"]["adapters"] == {"methods": ["lora"], "given": {d: str(p) for d, p in ads.items()}}
     md = (report / "report.md").read_text()
     assert "## Which adapters compose?" in md and "trained elsewhere" in md
+    # the given base's parameter count, read from its headers (a built base's came from its build alone)
+    from transformers import AutoModelForCausalLM
+
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
+    assert rep["base"]["parameters"] == n and f"- Base model: `{base}`\n  — {n:,} parameters" in md
     assert "merged-data training" not in md and "Δppl % by merge method" not in md
     # the given step's row read 0.0 s, 0 made, 0 reused: its work is the scenario's loading
     assert "| given |" not in md and "The given adapters have no row: they are read and checked" in md

@@ -270,6 +270,8 @@ def _section_setup(report: dict, v: _View) -> list[str]:
     base_info = report.get("base", {})
     if base_info.get("parameters"):
         L.append(f"  — {base_info['parameters']:,} parameters")
+    elif base_info.get("params_note"):  # a quantized or pickle-only base: why no count
+        L.append(f"  — parameters {base_info['params_note']}")
     ad = sc["adapters"]
     if given_adapters(sc):
         L.append(f"- Adapters: {', '.join(ad['methods'])}, given (trained elsewhere): "

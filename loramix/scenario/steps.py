@@ -89,7 +89,12 @@ def _data_step(ctx: StepContext, st: Step, deps: dict) -> dict:
 
 def _base_step(ctx: StepContext, st: Step, deps: dict) -> dict:
     if st.cache_kind is None:  # a given folder (a GGUF: its import; "given" is the file)
-        return {"path": st.args["path"], "info": {"path": st.args.get("given", st.args["path"])}}
+        from ..models import parameter_count
+
+        # a built base's count is basebuild's; a given one's is read from its headers, or why not
+        n, why = parameter_count(st.args["path"])
+        counted = {"params": n} if n is not None else {"params_note": why}
+        return {"path": st.args["path"], "info": {"path": st.args.get("given", st.args["path"]), **counted}}
     b = ctx.sc.base
 
     def make(tmp):
