@@ -21,7 +21,11 @@ machine, cannot be compared: nothing is said. Adapters that record no base
 (PEFT's own training without a name) are not compared either.
 
 ``sum``, ``merge`` and ``eval`` warn (:func:`warn_other_bases`) where an
-adapter's recorded base is clearly another one; ``predict`` and ``plan``
+adapter's recorded base is clearly another one, once per adapter, naming
+both (a warning, not a refusal: the shapes fit, and a base copied or
+re-saved elsewhere is the same model under another identity); a merge
+without ``--into`` where its adapters' recorded bases clearly differ from
+each other (:func:`warn_mixed_bases`); ``predict`` and ``plan``
 compare :func:`loramix.io.provenance.recorded_base` with the identity their fit file records;
 a study of given adapters with its base's identity.
 """
@@ -167,3 +171,28 @@ def warn_other_bases(adapters, base, what: str) -> None:
         if isinstance(path, (str, os.PathLike)) and (seen := other_base(path, base, own)) is not None:
             warn(f"{os.fspath(path)}: trained on another base, {seen}, than {os.fspath(base)}; its "
                  f"modules fit its shapes, so it is {what} all the same")  # fmt: skip
+
+
+def warn_mixed_bases(adapters, what: str) -> None:
+    """One :class:`~loramix.errors.LoramixWarning` per adapter (paths or
+    loaded adapters with a ``path``) trained on another base than the first
+    adapter that records a comparable one (:func:`_trained_keys`; their keys
+    do not meet, :func:`_clearly_other`): a merge in adapter space (no
+    ``--into``) has no base of its own to compare with, and its output
+    records its first input's base, which the others' deltas were not
+    trained against. ``what`` (``"merged with it"``) goes on: their shapes fit."""
+    from .errors import warn
+
+    first = None
+    for a in adapters:
+        path = getattr(a, "path", a)
+        if not isinstance(path, (str, os.PathLike)):
+            continue
+        shown, keys = _trained_keys(path)
+        if not keys:
+            continue
+        if first is None:
+            first = (path, shown, keys)
+        elif _clearly_other(keys, first[2]):
+            warn(f"{os.fspath(path)}: trained on another base, {shown}, than {os.fspath(first[0])} "
+                 f"({first[1]}); its modules fit, so it is {what} all the same")  # fmt: skip

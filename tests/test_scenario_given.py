@@ -476,6 +476,22 @@ def test_an_adapter_trained_on_another_base_is_noticed(given, tmp_path, capsys):
         err = capsys.readouterr().err
         line = f"loramix: warning: {scen}: domains.dates.adapter: {adapter} was trained on another base"
         assert (line in err) == warned and err.count("loramix: warning:") == warned, err
+    # the run says it once too: its adapter-space merges (sum, svd) of the dates adapter with the PEFT
+    # ones (on base) do not warn again per merge against their first adapter's base
+    args = [
+        "scenario",
+        "run",
+        scen,
+        "--out",
+        tmp_path / "report",
+        "--cache",
+        tmp_path / "cache",
+        "--jobs",
+        "1",
+    ]
+    assert main([str(a) for a in args]) == 0
+    err = capsys.readouterr().err
+    assert err.count("trained on another base") == 1 and line in err, err
 
 
 def test_a_loramix_json_without_provenance_is_no_base_to_compare(given, tmp_path, capsys):

@@ -166,3 +166,27 @@ def test_a_bases_identity_is_its_folders_or_its_ggufs_import(bases, tmp_path, mo
     assert base_identity(gguf) is None  # not imported yet, and not imported by asking
     folder = resolve_base(gguf)
     assert base_identity(gguf) == BaseModelFolder(folder).identity() is not None
+
+
+def test_a_merge_without_into_warns_of_adapters_of_two_bases(bases, tmp_path, capsys):
+    """``sum``/``merge`` in adapter space (no ``--into``) of adapters whose
+    recorded bases clearly differ: one warning per adapter off the first's
+    base, naming both (the output records the first's base, which the others
+    were not trained on); the old code said nothing. Adapters on one base by
+    any record (a loramix training, a PEFT path), or with nothing comparable
+    (a hub name), are merged without a word."""
+    from transformers import AutoModelForCausalLM
+
+    on_b = make_peft_adapter(AutoModelForCausalLM.from_pretrained(str(bases["b"])), tmp_path / "on-b",
+                             target_modules=["c_attn"])  # fmt: skip
+    a, b, ad = bases["a"], bases["b"], bases["trained"]
+    for cmd in (["sum", ad, on_b, "--out", tmp_path / "s"],
+                ["merge", "-m", "svd", "--rank", "2", ad, on_b, "--out", tmp_path / "v"]):  # fmt: skip
+        lines = _warnings(capsys, cmd)
+        assert len(lines) == 1, (cmd, lines)
+        assert lines[0].startswith(
+            f"loramix: warning: {on_b}: trained on another base, {b}, than {ad} ({a} ("
+        ), lines
+        assert "merged with it all the same" in lines[0]
+    for i, pair in enumerate([(ad, bases["peft"]), (bases["hub"], on_b), (bases["none"], on_b)]):
+        assert _warnings(capsys, ["sum", *pair, "--out", tmp_path / f"q{i}"]) == [], pair

@@ -232,6 +232,10 @@ def merge(
         from ..trained_base import warn_other_bases
 
         warn_other_bases(adapters, into, "merged into it")
+    else:
+        from ..trained_base import warn_mixed_bases
+
+        warn_mixed_bases(adapters, "merged with it")
     return res
 
 

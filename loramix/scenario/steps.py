@@ -297,7 +297,16 @@ def _merge_step(ctx: StepContext, st: Step, deps: dict) -> dict:
 
     def make(tmp):
         if a["low_rank"]:
-            res = do_merge(paths, a["method"], out=tmp / "adapter", device=dev, progress=False, **a["params"])
+            import warnings
+
+            with warnings.catch_warnings():
+                # a given adapter's base was compared with base.path once, when the study read it
+                # (scenario.given): not again per merge, against the first adapter's
+                warnings.filterwarnings(
+                    "ignore", message=r"(?s).*: trained on another base, .*merged with it"
+                )
+                res = do_merge(paths, a["method"], out=tmp / "adapter", device=dev, progress=False,
+                               **a["params"])  # fmt: skip
             return {"summary": res.summary}
         # A dense merge changes only the adapted modules: add its deltas to the
         # base held in memory, evaluate, restore, instead of writing a whole model.
