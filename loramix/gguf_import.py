@@ -42,6 +42,15 @@ What loramix adds is checking and writing:
   ``value_length`` other than the key length (given, or by default ``width /
   heads``) is refused: llama.cpp's graphs for these architectures refuse it. Qwen2 and Qwen3 store Q/K unpermuted (llama.cpp runs them
   with rotate-half RoPE, as transformers does); the un-permutation is Llama's alone.
+  The config's head counts are the metadata's, checked against the tensors:
+  the key and value projections hold ``head_count_kv * d`` rows, so a kv
+  count the weights were not made with is refused naming it. A head count
+  that keeps every shape (SmolLM2's 9 heads of 64 and 3 kv heads written as
+  3 of 192 and 1) is caught only by ``rope.dimension_count`` or
+  ``key_length`` (64, not 192); a file that gives neither, or gives them
+  edited to match, imports as another model that nothing in it can tell
+  apart (so edited, SmolLM2 scored perplexity 38,294 on 8 math records
+  against its own 4.77).
 
 Supported architectures: the Llama family (``llama``, which covers SmolLM and
 llama.cpp's Mistral, ``qwen2``, with its q/k/v biases, and ``qwen3``, with its
@@ -639,7 +648,24 @@ def check_expected(path, config, shapes: dict, got: dict) -> None:
         )
     for k, shape in expected.items():
         if got[k] != shape:
-            raise BaseModelError(path, f"tensor {k} has shape {got[k]}; the config implies {shape}")
+            raise BaseModelError(path, f"tensor {k} has shape {got[k]}; the config implies {shape}"
+                                       f"{_heads_behind(config, k)}")  # fmt: skip
+
+
+def _heads_behind(config, name: str) -> str:
+    """Where an attention projection's expected shape comes from, for its
+    refusal: ``h * d`` (query, output) or ``g * d`` (key, value) with the
+    metadata's ``attention.head_count`` ``h``, ``attention.head_count_kv``
+    ``g`` and head size ``d``; a head count that disagrees with the weights
+    shows here. '' for other tensors."""
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for parts, key, n in (
+        (("k_proj.", "v_proj."), "attention.head_count_kv", config.num_key_value_heads),
+        (("q_proj.", "o_proj."), "attention.head_count", config.num_attention_heads),
+    ):
+        if any(f".{part}" in name for part in parts):
+            return f" (its metadata's {key} {n} x head size {d})"
+    return ""
 
 
 def _dequantized(t):

@@ -405,6 +405,15 @@ def test_import_refuses_bad_input(tmp_path, capsys):
             ["head_count 3 does not divide", "32"],
         ),
         (llama_gguf(tmp_path / "kv3.gguf", head_count_kv=3), ["head_count_kv 3 does not divide"]),
+        # a kv head count the weights were not made with: the config written is the metadata's, checked
+        # against the k/v projections (g x d rows); the line names the count behind the shape
+        (
+            llama_gguf(tmp_path / "kv1.gguf", head_count_kv=1, tokenizer=True),
+            [
+                "k_proj.weight has shape (32, 32); the config implies (16, 32) (its metadata's "
+                "attention.head_count_kv 1 x head size 16)"
+            ],
+        ),  # fmt: skip
         # llama.cpp would rotate 8 of each head's 16 dimensions, transformers all 16
         (
             llama_gguf(tmp_path / "rot8.gguf", rope_dimension_count=8),
