@@ -251,11 +251,39 @@ def check_block_count(reader, path, gguf_arch: str) -> None:
 def check_vocabulary(reader, path) -> None:
     """Refuse a file without a vocabulary (``tokenizer.ggml.tokens``):
     transformers then sized the embedding by its default vocabulary (32,000
-    for Llama) and the import failed after de-quantising, on a tensor shape."""
+    for Llama) and the import failed after de-quantising, on a tensor shape;
+    a byte-level BPE (``gpt2``) with neither its merges nor the scores
+    transformers rebuilds them from; and :func:`check_eos_token`'s."""
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None or [int(t) for t in tokens.types] != [9, 8]:
         raise BaseModelError(path, "has no tokenizer (no tokenizer.ggml.tokens list in its metadata), "
                              "which an import writes beside the weights")  # fmt: skip
+    # a byte-level BPE without its merges: transformers rebuilds them from the tokens' scores, and
+    # without those either failed with "its tokenizer does not convert: KeyError: 'scores'"
+    if _field(reader, "tokenizer.ggml.model") == "gpt2" and not {"tokenizer.ggml.merges",
+                                                                 "tokenizer.ggml.scores"} & set(reader.fields):  # fmt: skip
+        raise BaseModelError(path, "has a gpt2 (byte-level BPE) tokenizer with neither its merges "
+                             "(tokenizer.ggml.merges) nor the scores to rebuild them from (tokenizer.ggml.scores)")  # fmt: skip
+    check_eos_token(reader, path)
+
+
+def check_eos_token(reader, path) -> None:
+    """Refuse a vocabulary (where there is one: :func:`check_vocabulary`) without
+    an end-of-sequence token (``tokenizer.ggml.eos_token_id``) or with one
+    outside it. Without one the import was written (half a GB for SmolLM2) and
+    every command then refused the folder ('tokenizer has no eos_token'); one
+    outside it made transformers' config speak before the line. Checked before
+    the config is read (:func:`_check_kind`)."""
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None or [int(t) for t in tokens.types] != [9, 8]:
+        return
+    eos = reader.fields.get("tokenizer.ggml.eos_token_id")
+    if eos is None or [int(t) for t in eos.types] not in [[k] for k in _INTEGERS]:
+        raise BaseModelError(path, "has no tokenizer.ggml.eos_token_id (an integer) in its metadata: loramix "
+                             "ends and pads every record with the end-of-sequence token")  # fmt: skip
+    if not 0 <= int(eos.contents()) < len(tokens.data):
+        raise BaseModelError(path, f"tokenizer.ggml.eos_token_id {int(eos.contents())} is not one of its "
+                             f"{len(tokens.data)} tokens")  # fmt: skip
 
 
 #: byte offsets of the float16 scales in a block of each quantised type
@@ -715,6 +743,7 @@ def _check_kind(reader, path) -> tuple[str, dict]:
     quants = check_quantisation(reader, path)
     check_metadata(reader, path, _field(reader, "general.architecture"))
     check_block_count(reader, path, _field(reader, "general.architecture"))
+    check_eos_token(reader, path)
     return arch, quants
 
 

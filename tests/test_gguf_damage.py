@@ -121,8 +121,20 @@ def _damage(name: str, b: bytes, L: dict) -> bytes:
         "head-count-f32": lambda: _put(b, kv["llama.attention.head_count"] - 4, "<I", 6),
         # the names were listed block by block from it: minutes, before and after the notice
         "block-count-1e9": lambda: _put(b, kv["llama.block_count"], "<I", 10**9),
+        # a tokenizer the import cannot write whole: no end-of-sequence token (the folder was written and
+        # every command refused it), one past the vocabulary, a BPE without its merges or their scores (a KeyError)
+        "no-eos": lambda: _rename(b, kv, "tokenizer.ggml.eos_token_id"),
+        "eos-99": lambda: _put(b, kv["tokenizer.ggml.eos_token_id"], "<I", 99),
+        "no-merges": lambda: _rename(b, kv, "tokenizer.ggml.scores"),  # the tiny file has no merges
         "empty": lambda: b"",
     }[name]()
+
+
+def _rename(b: bytes, kv: dict, key: str) -> bytes:
+    """``b`` with the metadata key ``key`` renamed (its last letter changed): the file
+    no longer holds ``key``."""
+    at = kv[key] - 4 - 1  # the key's last byte, before its 4-byte value type
+    return _put(b, at, "<B", ord("Z"))
 
 
 CASES = {
@@ -157,6 +169,9 @@ CASES = {
     "head-count-f32": ["llama.attention.head_count is FLOAT32 in its metadata; loramix reads an integer"],
     "block-count-1e9": ["llama.block_count 1000000000 is not a number of blocks its 11 tensors can fill"],
     "empty": ["is empty"],
+    "no-eos": ["has no tokenizer.ggml.eos_token_id (an integer) in its metadata"],
+    "eos-99": ["tokenizer.ggml.eos_token_id 99 is not one of its 64 tokens"],
+    "no-merges": ["has a gpt2 (byte-level BPE) tokenizer with neither its merges", "tokenizer.ggml.scores"],
 }
 
 
@@ -183,7 +198,7 @@ def test_damaged_gguf_import_is_one_line(case, tiny, tmp_path, capsys, monkeypat
 #: a few through the commands that import a GGUF base into the cache (``resolve_base``), and
 #: ``scenario check``, which reads the header instead and refuses what the import would
 BASE_CASES = ["cut-data+5", "u8-array-2^40", "overlap", "nan-f32", "dims-5", "version-4", "head-count-f32",
-              "block-count-1e9"]  # fmt: skip
+              "block-count-1e9", "no-eos"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +335,8 @@ def test_a_file_refused_after_the_lock_leaves_no_lock(tmp_path, monkeypatch):
     from loramix.gguf_import import resolve_base
 
     monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
-    path = llama_gguf(tmp_path / "m.gguf", tokenizer_model="xyz", token_list=[chr(33 + i) for i in range(64)])
+    path = llama_gguf(tmp_path / "m.gguf", tokenizer_model="xyz", token_list=[chr(33 + i) for i in range(64)],
+                      eos_token_id=0)  # fmt: skip
     with pytest.raises(BaseModelError, match="its tokenizer does not convert"):
         resolve_base(path)
     assert list((tmp_path / "cache" / "bases").iterdir()) == []
@@ -336,7 +352,8 @@ def test_a_tokenizer_that_does_not_convert_is_refused_before_the_notice(
     line, nothing written, no lock left."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("LORAMIX_CACHE_DIR", str(cache))
-    path = llama_gguf(tmp_path / "m.gguf", tokenizer_model="xyz", token_list=[chr(33 + i) for i in range(64)])
+    path = llama_gguf(tmp_path / "m.gguf", tokenizer_model="xyz", token_list=[chr(33 + i) for i in range(64)],
+                      eos_token_id=0)  # fmt: skip
     _one_line(capsys, _reading_argv(command, tmp_path, path), path, ["its tokenizer does not convert"])
     assert not (tmp_path / "out").exists()
     assert not (cache / "bases").exists() or list((cache / "bases").iterdir()) == []
