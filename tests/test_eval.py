@@ -496,8 +496,8 @@ def test_kv_heads_that_do_not_divide_the_heads_are_refused(bases, tmp_path, caps
     weights saved by transformers from that config (so every shape agrees):
     transformers builds the model and its first forward pass failed with a
     traceback (exit 1) in eval and train. Now one line naming config.json
-    (exit 2); sum --into, which streams the tensors and builds no model,
-    still merges into it."""
+    (exit 2), and from scenario check (a study evaluates the base); sum
+    --into, which streams the tensors and builds no model, still merges into it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(arch, hidden_size=48, num_attention_heads=4, num_key_value_heads=3,
@@ -518,6 +518,12 @@ def test_kv_heads_that_do_not_divide_the_heads_are_refused(bases, tmp_path, caps
                             "--no-progress"], needle)  # fmt: skip
     assert not out.exists()
     adapter = make_peft_adapter(model, tmp_path / "a", r=2, target_modules=["q_proj", "k_proj"])
+    # a study evaluates the base: scenario check refuses it (it passed, and the run failed), trained or given
+    for i, domain in enumerate(["train = 8", f'adapter = "{adapter}"']):
+        scen = tmp_path / f"s{i}.toml"
+        scen.write_text(f'name = "s"\n[base]\npath = "{base}"\n' + "".join(
+            f'[domains.{d}]\ndata = "synthetic:{d}"\neval = 8\n{domain}\n' for d in ("arith", "units")))  # fmt: skip
+        one_line_error(capsys, ["scenario", "check", scen, "--cache", tmp_path / "cache"], needle)
     assert main(["sum", str(adapter), "--into", str(base), "--out", str(out), "--no-progress"]) == 0
     assert (out / "model.safetensors").is_file()
 

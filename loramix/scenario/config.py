@@ -465,11 +465,24 @@ def _base_weights(ctx, base) -> tuple[str | None, dict[str, tuple[int, ...]]]:
                         "which training and evaluation need")  # fmt: skip
     try:
         folder = BaseModelFolder(path)
+        check_heads(folder)
     except LoramixError as e:
         raise ctx.error("base.path", e.message) from None
     weights = {k.removesuffix(".weight"): t.shape for k, t in folder.tensors.items()
                if k.endswith(".weight") and len(t.shape) == 2}  # fmt: skip
     return folder.config.get("model_type"), weights
+
+
+def check_heads(folder) -> None:
+    """Refuse a base whose ``config.json`` describes attention that cannot be
+    built (:func:`loramix.models.head_problem`) where a study reads it: its
+    evaluations build the model, which ``eval`` and ``train`` refuse, so
+    ``scenario check`` does too, not the run's first evaluation."""
+    from ..errors import BaseModelError
+    from ..models import head_problem
+
+    if (why := head_problem(folder.config)) is not None:
+        raise BaseModelError(folder.path / "config.json", why)
 
 
 def _check_fit(ctx, base, adapters) -> None:

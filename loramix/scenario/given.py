@@ -59,10 +59,13 @@ def base_folder(ctx, base):
     check that does not import it reads its header instead)."""
     from ..gguf_import import imported_base, is_gguf, resolve_base
     from ..io.model_folder import BaseModelFolder
+    from .config import check_heads
 
     if not ctx.import_gguf and is_gguf(base.path) and imported_base(base.path) is None:
         return None
-    return BaseModelFolder(resolve_base(base.path))
+    folder = BaseModelFolder(resolve_base(base.path))
+    check_heads(folder)
+    return folder
 
 
 def _base_fits(folder, base):
