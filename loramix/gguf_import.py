@@ -12,6 +12,10 @@ What loramix adds is checking and writing:
 * **De-quantisation.** Each tensor is de-quantised to float32
   (``Q4_0``/``Q4_1``/``Q5_0``/``Q5_1``/``Q8_0``, the K-quants ``Q2_K`` ... ``Q6_K``,
   ``F16``/``BF16``/``F32``) and stored as ``--dtype`` (float32 or bfloat16).
+  float32 keeps every value of the file exactly (an F16 or BF16 weight, a
+  block's ``d * q + m`` as llama.cpp computes it in float32); bfloat16 (8
+  significant bits) halves the folder and rounds what does not fit, F16's
+  11 bits and most de-quantised values, with a warning naming the types.
   GGUF lists a 2-D tensor's shape as ``(in, out)`` (ggml's fastest axis
   first); the de-quantised array is already ``(out, in)``, transformers' order.
 * **Q/K un-permutation (Llama family).** llama.cpp's converter stores
@@ -616,6 +620,7 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str, progress: b
     arch = config.model_type
     tdtype = getattr(torch, dtype)
     out = {}
+    rounded: dict[str, int] = {}  # ggml type -> tensors whose values the --dtype changed
     # the longest part of an import (minutes for a 7B file), which said nothing until it ended
     bar = progress_bar(total=sum(int(t.n_bytes) for t in reader.tensors), unit="B", unit_scale=True,
                        desc="de-quantising", file=sys.stderr, progress=progress, leave=False, dynamic_ncols=True)  # fmt: skip
@@ -644,11 +649,33 @@ def _tensors(reader, path: Path, config, gguf_arch: str, dtype: str, progress: b
                 path, f"tensor {t.name} holds {int((~np.isfinite(w)).sum())} nan or inf values"
             )
         out[hf] = torch.from_numpy(w).to(tdtype)
+        if tdtype != torch.float32 and not torch.equal(out[hf].float(), torch.from_numpy(w)):
+            kind = t.tensor_type.name
+            rounded[kind] = rounded.get(kind, 0) + 1
         bar.update(int(t.n_bytes))
     bar.close()
+    if rounded:
+        _warn_rounded(path, dtype, rounded)
     # found by check_tensor_shapes first; kept in case a caller skipped check_gguf
     check_expected(path, config, shapes, {k: tuple(v.shape) for k, v in out.items()})
     return {k: out[k] for k in sorted(out) if not (config.tie_word_embeddings and k == "lm_head.weight")}
+
+
+def _warn_rounded(path: Path, dtype: str, rounded: dict[str, int]) -> None:
+    """Say that ``--dtype`` rounded tensors of the file (``rounded``: ggml
+    type -> tensor count). bfloat16 keeps 8 significant bits (relative
+    error up to 2^-8 per weight); an F16 weight has 11 and a de-quantised
+    block's ``d * q + m`` (float32, as llama.cpp computes it) up to 24, so
+    only BF16 tensors (and F32 or de-quantised ones whose values happen to
+    fit) come through unchanged. The rounding is what ``--dtype`` asks for
+    (one dtype for the whole model, as ``from_pretrained`` loads it:
+    keeping F16 tensors as float16 would only defer the rounding to the
+    load), so it is a warning, not a refusal; float32 keeps every value."""
+    from .errors import warn
+
+    kinds = ", ".join(f"{n} {k}" for k, n in rounded.items())
+    warn(f"{path}: --dtype {dtype} rounded the values of {sum(rounded.values())} tensor(s) ({kinds}) "
+         f"to {dtype}'s 8 significant bits; --dtype float32 keeps the file's values exactly")  # fmt: skip
 
 
 def check_tensor_shapes(reader, path, config, name_map: dict[str, str], shapes: dict) -> None:

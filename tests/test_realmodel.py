@@ -691,6 +691,44 @@ def test_import_iq4_nl_and_iq4_xs(tmp_path, capsys):
     )
 
 
+def test_bfloat16_import_of_f16_tensors_says_it_rounds(tmp_path, capsys):
+    """``--dtype bfloat16`` is the dtype of every stored weight: an F16
+    tensor (11 significant bits) is rounded to bfloat16's 8 (relative error
+    up to 2^-8), which the import did without a word. It now warns, naming
+    the types and counts; float32 keeps the F16 values exactly, and a file of
+    BF16 tensors stored as bfloat16 is exact and not warned about."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    f16 = np.random.RandomState(2).randn(32, 32).astype(np.float16)
+    name = "model.layers.0.self_attn.v_proj.weight"
+    path = llama_gguf(tmp_path / "f16.gguf", tokenizer=True, put={"blk.0.attn_v.weight": f16})
+    assert main(["base", "import", str(path), "--out", str(tmp_path / "f32")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    np.testing.assert_array_equal(load_file(str(tmp_path / "f32" / "model.safetensors"))[name].numpy(), f16)
+    assert main(["base", "import", str(path), "--out", str(tmp_path / "bf"), "--dtype", "bfloat16"]) == 0
+    err = capsys.readouterr().err
+    # the F16 tensor and the F32 ones (random float32 values have 24 significant bits)
+    assert "loramix: warning: " in err and "rounded the values of 11 tensor(s) (10 F32, 1 F16)" in err, err
+    assert "--dtype float32 keeps the file's values exactly" in err, err
+    got = load_file(str(tmp_path / "bf" / "model.safetensors"))[name].float().numpy()
+    rel = np.abs(got - f16.astype(np.float32)) / np.abs(f16.astype(np.float32))
+    assert 1e-3 < rel.max() <= 2.0**-8, rel.max()  # the bits the F16 file had, lost as the warning says
+    # a file of BF16 tensors alone loses nothing as bfloat16: no warning, the same bits
+    shapes = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in gguf.GGUFReader(str(path)).tensors}
+    g = torch.Generator().manual_seed(3)
+    put = {n: torch.randn(*shape, generator=g).bfloat16() for n, shape in shapes.items()}
+    raw = {n: t.view(torch.uint8).numpy() for n, t in put.items()}
+    exact = llama_gguf(tmp_path / "bf16.gguf", tokenizer=True, put=raw,
+                       _raw=dict.fromkeys(raw, gguf.GGMLQuantizationType.BF16))  # fmt: skip
+    assert main(["base", "import", str(exact), "--out", str(tmp_path / "bb"), "--dtype", "bfloat16"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert torch.equal(
+        load_file(str(tmp_path / "bb" / "model.safetensors"))[name], put["blk.0.attn_v.weight"]
+    )
+
+
 def test_the_imported_tokenizer_adds_bos_as_the_file_says(tmp_path, capsys):
     """``tokenizer.ggml.add_bos_token`` decides whether the imported tokenizer
     puts BOS first, as in llama.cpp, which honours the flag: the written
