@@ -521,6 +521,7 @@ def merge_into_model(
     weights: Sequence[float] | None = None,
     *,
     keep_original: bool = False,
+    stored=None,
 ) -> dict[str, torch.Tensor]:
     """Merge in memory: ``W = W0 + sum_i w_i * effective delta_i`` per module.
 
@@ -539,6 +540,16 @@ def merge_into_model(
     would hold nan or inf in the model's dtype (a float16 model overflows
     beyond 65504) raises :class:`~loramix.errors.OutputError` naming it; the
     modules merged before it stay merged (discard the model).
+
+    ``stored``: ``stored(name)`` gives module ``name``'s ``W0`` as its
+    checkpoint stores it, ``(out, in)``, or None (then the model's own). A
+    model loaded narrower than its checkpoint (bfloat16 from float32) holds
+    ``round(W0)``; merging into that rounds twice, ``round(round(W0) +
+    delta)``, which differs from the checkpoint merged and rounded once,
+    ``round(W0 + delta)`` (what ``sum --into --dtype`` writes), in about one
+    weight in ten by one bfloat16 step. With ``stored`` the sum starts from
+    the checkpoint's ``W0`` (and a kind that reads ``W0``, DoRA's norms,
+    reads that one) and is rounded once.
     """
     adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
     per = _entries_per_module(model, adapters, weights)
@@ -550,11 +561,13 @@ def merge_into_model(
         W0 = weight_view(mod)  # (out, in) view; an embedding's (vocab, dim)
         if keep_original:
             originals[name] = mod.weight.detach().cpu().clone()
+        src = stored(name) if stored is not None else None
+        src = W0 if src is None else src.to(W0.device)
         # float32 rounded a float64 model's every merged weight (3e-8 from PEFT's float64 merge)
-        cdt = torch.float64 if W0.dtype == torch.float64 else torch.float32
-        acc = W0.to(cdt).clone()
+        cdt = torch.float64 if torch.float64 in (W0.dtype, src.dtype) else torch.float32
+        acc = src.to(cdt).clone()
         for w, m in entries:
-            acc += (w * m.delta(W0, dtype=torch.float64, device=W0.device)).to(cdt)
+            acc += (w * m.delta(src, dtype=torch.float64, device=W0.device)).to(cdt)
         # a float16 model holds |x| <= 65504 only: an inf here gave a perplexity of nan, silently
         W0.copy_(check_output_finite(acc.to(W0.dtype), f"{name}.weight"))
     swapped = _swap_in(model, copies)

@@ -462,7 +462,8 @@ def _model_with_adapters(base, adapters: list, weights, *, merged: bool, dev, dt
 
         if merged:
             _warn_tied_merge(model, adapters)
-            merge_into_model(model, adapters, weights)
+            stored = None if isinstance(base, (tuple, list)) else _checkpoint_weights(base, model)
+            merge_into_model(model, adapters, weights, stored=stored)
         else:
             try:
                 attach_adapters(model, adapters, weights)
@@ -475,6 +476,34 @@ def _model_with_adapters(base, adapters: list, weights, *, merged: bool, dev, dt
     elif weights is not None:
         raise UsageError("--weights", "given without --adapter")
     return model, tok, lent
+
+
+def _checkpoint_weights(base, model):
+    """``stored(name)`` for :func:`~loramix.layers.merge_into_model`: module
+    ``name``'s weight as the base folder (or GGUF import) stores it, where
+    that is wider than the loaded model's (``--dtype bfloat16`` of a float32
+    checkpoint), so that ``--merged`` rounds ``W0 + delta`` once, as ``sum
+    --into --dtype`` writes it; None where the loaded weight is the stored
+    one. Only the merged modules' tensors are read."""
+    from .io.model_folder import BaseModelFolder
+    from .layers import weight_view
+    from .models import resolve_base
+
+    folder = BaseModelFolder(resolve_base(base))
+
+    def stored(name: str):
+        W0 = weight_view(model.get_submodule(name))
+        try:
+            key, _ = folder.module_weight_key(name)
+        except BaseModelError:  # the head tied to the embedding: the model's own
+            return None
+        info = folder.tensors[key]
+        if info.torch_dtype is None or info.torch_dtype.itemsize <= W0.dtype.itemsize:
+            return None  # loaded as stored (or widened, exactly)
+        W = folder.read_module_weight(name, dtype=None)
+        return W if tuple(W.shape) == tuple(W0.shape) else None
+
+    return stored
 
 
 def _warn_tied_merge(model, adapters) -> None:
