@@ -476,6 +476,7 @@ def _effective_inner_products(deltas: list, W0):
         x[0] = onehot.T @ ((B_cat.T @ W0) * A_cat)  # (n, in)
     g0, g1 = [None] * n, [None] * n
     Bg, Ag = list(Bs), list(As)
+    near = {ax: torch.zeros_like(w) for ax, w in w0_sq.items()}  # 1: a row (column) that nearly cancels
     for t, (d, ax) in enumerate(zip(deltas, axes, strict=True)):
         if ax is None:
             continue
@@ -484,12 +485,78 @@ def _effective_inner_products(deltas: list, W0):
             own = ((B @ (A @ A.T)) * B).sum(dim=1)  # ||dW_t||^2 per row
         else:
             own = ((A.T @ (B.T @ B)) * A.T).sum(dim=1)  # per column
-        g0[t], g1[t] = d.kind.gains(d, w0_sq[ax], w0_sq[ax] + 2 * x[ax][t] + own)
+        v_sq = w0_sq[ax] + 2 * x[ax][t] + own
+        # the three terms' rounding, u (||W0_n||^2 + ||dW_n||^2), over ||V_n||^2 = rho^2 ||W0_n||^2:
+        # where rho^2 < 2^-10 the norm of V = W0 + dW is formed from those rows densely
+        close = torch.nonzero(v_sq < (w0_sq[ax] + own) * NEAR_CANCEL).flatten()
+        if close.numel():
+            near[ax][close] = 1.0
+            V = W0[close] + B[close] @ A if ax == 1 else W0[:, close] + B @ A[:, close]
+            v_sq = v_sq.index_put((close,), (V * V).sum(dim=ax))
+        g0[t], g1[t] = d.kind.gains(d, w0_sq[ax], v_sq)
         if ax == 1:
             Bg[t] = B * g1[t].unsqueeze(1)
         else:
             Ag[t] = A * g1[t].unsqueeze(0)
+    parts = dict(W0=W0, Bg=Bg, Ag=Ag, g0=g0, g1=g1, x=x, w0_sq=w0_sq, sq=sq if mixed else None)
+    if not any(bool(v.any()) for v in near.values()):
+        return _assembled(parts, axes, offsets, onehot)
+    if mixed:  # rows and columns gained in one module, one of them nearly cancelling: the dense deltas
+        E = torch.stack([_dense_effective(parts, t, axes[t], None) for t in range(n)]).flatten(1)
+        return _symmetric(E @ E.T)
+    # rows (columns) are independent under row (column) gains: the others from the factors, these dense
+    (ax,) = w0_sq
+    keep, close = (torch.nonzero(near[ax] == v).flatten() for v in (0.0, 1.0))
+    E = torch.stack([_dense_effective(parts, t, ax, close) for t in range(n)]).flatten(1)
+    return _symmetric(_assembled(_restricted(parts, ax, keep), axes, offsets, onehot) + E @ E.T)
 
+
+#: a row (or column) of ``V = W0 + dW`` whose squared norm is below this
+#: fraction of ``||W0_n||^2 + ||dW_n||^2`` nearly cancels its base row
+#: (``rho^2 < 2^-10``): its norm and its share of the inner products are formed
+#: densely (:func:`_effective_inner_products`)
+NEAR_CANCEL = 2.0**-10
+
+
+def _restricted(parts: dict, ax: int, keep) -> dict:
+    """:func:`_effective_inner_products`' ``parts`` restricted to the rows
+    (``ax`` 1) or columns (0) ``keep`` (an index tensor), where every gain
+    runs along ``ax``."""
+    W0 = parts["W0"][keep] if ax == 1 else parts["W0"][:, keep]
+    Bg = [B[keep] for B in parts["Bg"]] if ax == 1 else parts["Bg"]
+    Ag = parts["Ag"] if ax == 1 else [A[:, keep] for A in parts["Ag"]]
+    g0 = [None if g is None else g[keep] for g in parts["g0"]]
+    g1 = [None if g is None else g[keep] for g in parts["g1"]]
+    return dict(W0=W0, Bg=Bg, Ag=Ag, g0=g0, g1=g1, x={ax: parts["x"][ax][:, keep]},
+                w0_sq={ax: parts["w0_sq"][ax][keep]}, sq=None)  # fmt: skip
+
+
+def _dense_effective(parts: dict, t: int, ax: int | None, idx):
+    """Delta ``t``'s effective delta ``g0 * W0 + Bg Ag``, formed densely: whole
+    (``idx`` None), or its rows (``ax`` 1) or columns (0) ``idx``."""
+    W0, B, A, g0 = parts["W0"], parts["Bg"][t], parts["Ag"][t], parts["g0"][t]
+    if idx is not None:
+        W0, B, A = (W0[idx], B[idx], A) if ax == 1 else (W0[:, idx], B, A[:, idx])
+        g0 = None if g0 is None else g0[idx]
+    E = B @ A
+    if g0 is not None:
+        E += W0 * (g0.unsqueeze(1) if ax == 1 else g0.unsqueeze(0))
+    return E
+
+
+def _symmetric(ip):
+    """``ip`` with its lower triangle the mirror of its upper one (to the bit, as the Gram product)."""
+    i, j = np.tril_indices(ip.shape[0], -1)
+    ip[i, j] = ip[j, i]
+    return ip
+
+
+def _assembled(parts: dict, axes: list, offsets: list[int], onehot):
+    """``IP`` of the effective deltas ``g0_t W0 + Bg_t Ag_t`` from their parts
+    (:func:`_effective_inner_products`, the four terms of its docstring)."""
+    torch = _torch()
+    W0, Bg, Ag, g0, g1, x, w0_sq, sq = (parts[k] for k in ("W0", "Bg", "Ag", "g0", "g1", "x", "w0_sq", "sq"))
+    dev, f64, n = W0.device, torch.float64, len(Bg)
     ip = torch.zeros(n, n, dtype=f64, device=dev)
     # <Bg_i Ag_i, Bg_j Ag_j>: the stacked Gram product of the gained factors
     Bt = torch.cat([B.T for B in Bg], dim=0)  # (R, out)
@@ -510,16 +577,14 @@ def _effective_inner_products(deltas: list, W0):
         m[own_ax] = G @ torch.stack(h).T
         # <g0_i W0, g0_j W0> within the axis: sum g0_i g0_j ||W0||_n^2
         ip[np.ix_(own_ax, own_ax)] += (G * w0_sq[ax]) @ G.T
-    if mixed:  # row gains g against column gains k: g^T (W0 * W0) k
+    if sq is not None:  # row gains g against column gains k: g^T (W0 * W0) k
         rows, cols = [t for t in range(n) if axes[t] == 1], [t for t in range(n) if axes[t] == 0]
         Gr, Gc = torch.stack([g0[t] for t in rows]), torch.stack([g0[t] for t in cols])
         v = Gr @ sq @ Gc.T
         ip[np.ix_(rows, cols)] += v
         ip[np.ix_(cols, rows)] += v.T
     ip += m + m.T
-    i, j = np.tril_indices(n, -1)
-    ip[i, j] = ip[j, i]  # symmetric to the bit, as the Gram product
-    return ip
+    return _symmetric(ip)
 
 
 def _one_hot(offsets: list[int]) -> np.ndarray:

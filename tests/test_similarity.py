@@ -7,6 +7,7 @@ DESIGN.md section 2. The library never forms a dense delta for LoRA.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 
@@ -701,6 +702,73 @@ def test_effective_inner_products_equal_the_dense_deltas(kinds, shape):
     scale = torch.sqrt(torch.outer(ref.diag(), ref.diag()))
     assert float(((got - ref).abs() / scale).max()) < 1e-13
     assert torch.equal(got, got.T)
+
+
+def _cancelling(d: ModuleDelta, W0: torch.Tensor, rho: float) -> ModuleDelta:
+    """``d`` with row 0 (column 0 for gains along columns) of its residual
+    ``dW`` set to ``-(1 - rho)`` times ``W0``'s: ``V = W0 + dW`` keeps ``rho`` of it."""
+    B, A = d.B.double().clone(), d.A.double().clone()
+    f = -(1 - rho) / d.scale
+    if d.kind.norm_axis(d) == 0:
+        B[:, 0], A[:, 0], A[0, 0] = W0[:, 0], 0.0, f
+    else:
+        A[0], B[0], B[0, 0] = W0[0], 0.0, f
+    extra = {}
+    if d.B_neg is not None:  # the negative branch left out of that row / column
+        Bn, An = d.B_neg.double().clone(), d.A_neg.double().clone()
+        if d.norm_dim == 0:
+            An[:, 0] = 0.0
+        else:
+            Bn[0] = 0.0
+        extra = dict(B_neg=Bn, A_neg=An)
+    return dataclasses.replace(d, B=B, A=A, **extra)
+
+
+def _long_double_delta(d: ModuleDelta, W0: torch.Tensor) -> np.ndarray:
+    """``W_hat - W0`` of a DoRA (rows) or D2 module in numpy long double."""
+    L = np.longdouble
+    W = W0.numpy().astype(L)
+    dW = L(d.scale) * (d.B.double().numpy().astype(L) @ d.A.double().numpy().astype(L))
+    if d.B_neg is not None:
+        dW -= (
+            L(d.scale) * L(d.tau) * (d.B_neg.double().numpy().astype(L) @ d.A_neg.double().numpy().astype(L))
+        )
+    ax = d.kind.norm_axis(d)
+    V = W + dW
+    nV = np.sqrt((V * V).sum(axis=ax, keepdims=True))
+    if d.kind.name == "dora":
+        c = d.extra["magnitude"].double().numpy().astype(L)[:, None] / nV
+        return (c - 1) * W + c * dW
+    c = np.sqrt((W * W).sum(axis=ax, keepdims=True)) / np.maximum(nV, L(d.eps))
+    return (c - 1) * W + (c + 1) * dW
+
+
+@pytest.mark.parametrize(
+    "kinds", [["d2", "lora"], ["d2-col", "lora"], ["dora", "lora", "d2"], ["d2", "d2-col"]]
+)
+def test_effective_inner_products_where_a_row_nearly_cancels(kinds):
+    """A row (column) of ``V = W0 + dW`` with ``rho = ||V_n|| / ||W0_n|| =
+    1e-7``: the three-term ``||V_n||^2`` and the four-term inner products
+    cancel (error about ``u / rho^2``: the cosine was off by 1e-5 and a
+    squared norm by 1e-3 against long double); that row is now formed
+    densely, as :meth:`ModuleDelta.delta` forms it (error about ``u / rho``).
+    Both deltas of ``d2, d2-col`` cancel, one along rows and one along columns."""
+    from loramix.overlap import _effective_inner_products
+
+    g = torch.Generator().manual_seed(7)
+    W0 = torch.randn(24, 40, generator=g, dtype=torch.float64)
+    ds = [_random_module(k, 24, 40, g) for k in kinds]
+    ds = [_cancelling(d, W0, 1e-7) if d.kind.needs_base else d for d in ds]
+    E = [
+        _long_double_delta(d, W0) if d.kind.needs_base else d.delta(W0).numpy().astype(np.longdouble)
+        for d in ds
+    ]
+    ref = np.array([[(x * y).sum() for y in E] for x in E])
+    got = _effective_inner_products(ds, W0).numpy()
+    norms = np.sqrt(np.outer(np.diag(ref), np.diag(ref)))
+    err = np.abs(got - ref) / norms
+    assert float(err.max()) < 1e-10, err
+    assert np.array_equal(got, got.T)
 
 
 def test_dora_similarity_with_base_equals_peft_merged_deltas(tmp_path, monkeypatch):
