@@ -937,6 +937,30 @@ def test_an_output_that_holds_an_input_is_refused_even_with_force(models, tmp_pa
     assert sorted(p.name for p in holder.iterdir()) == ["ad"]
 
 
+@pytest.mark.parametrize("params", [{"rank": 4}, {"energy": 1.0}])
+def test_svd_of_an_adapter_with_itself_keeps_its_rank(params):
+    """An adapter merged with itself is ``(w_0 + w_1) dW``, of rank ``r`` (2
+    here) of the 4 stacked: the other two singular values come out about
+    1e-16 of the largest, and ``--rank 4`` wrote them, their directions
+    arbitrary (a rank-4 adapter, its subspace half rounding). Now the rank is
+    capped at the numerical rank (singular values above ``S_0 max(out, in)
+    eps``): the written rank is 2 and the product is the sum. The same cap
+    holds where a dense merge is truncated (``--out-rank``)."""
+    from loramix.methods.runner import truncate
+
+    ads = rand_adapters()
+    twin = [ads[0], ads[0]]
+    dense = 1.5 * raw_delta(ads[0].modules[MOD])
+    lr = svd_factors(twin, [1.0, 0.5], MOD, **params)
+    S = torch.linalg.svd(lr.B @ lr.A).S
+    assert lr.A.shape == (2, 16) and lr.B.shape == (24, 2) and lr.info["rank"] == 2, S
+    torch.testing.assert_close(lr.B @ lr.A, dense, rtol=0, atol=1e-12 * float(dense.abs().max()))
+    cut = truncate(dense, 4, None)
+    assert cut.A.shape[0] == 2 and cut.info["rank"] == 2
+    # a full-rank sum keeps every requested rank (rand_adapters' three: 2 + 3 + 4)
+    assert svd_factors(ads, [1.0, 1.0, 1.0], MOD, rank=9).A.shape[0] == 9
+
+
 def test_svd_batched_equals_per_module():
     ads = rand_adapters(shapes=((24, 16), (24, 16), (16, 40)))
     ws = [1.0, -0.5, 2.0]

@@ -295,6 +295,6 @@ def truncate(delta, out_rank: int | None, energy: float | None) -> LowRank:
     else:
         P, S, Qt = torch.linalg.svd(delta.double(), full_matrices=False)
         stacked, prior = min(delta.shape), {}
-    k = choose_rank(S, out_rank, energy)
+    k = choose_rank(S, out_rank, energy, max(int(P.shape[0]), int(Qt.shape[1])))
     info = {**{f"method_{n}": v for n, v in prior.items()}, **energy_info(S, k, stacked)}
     return LowRank(P[:, :k] * S[:k], Qt[:k], info)

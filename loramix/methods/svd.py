@@ -14,7 +14,9 @@ For one module with stacked factors (R = sum of the adapters' ranks)::
 orthonormal columns), at ``O((out + in) R^2 + R^3)`` cost instead of an SVD of
 an ``out x in`` matrix. ``k`` is ``--rank`` (at most the module's stacked rank)
 or the smallest rank whose ``sum_{j<k} S_j^2`` (``S`` indexed from 0, as in
-``S[:k]``) reaches ``--energy`` of ``sum_j S_j^2``. The discarded energy
+``S[:k]``) reaches ``--energy`` of ``sum_j S_j^2``; never more than the
+sum's numerical rank (:func:`numerical_rank`: the ``S_j`` above ``S_0
+max(out, in) eps``), so that no direction of rounding is written. The discarded energy
 ``sum_{j>=k} S_j^2`` is reported per
 module (absolute, and relative to ``||sum||_F^2 = sum_j S_j^2``).
 
@@ -56,12 +58,27 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return QB @ U, S, Vh @ QA.mT
 
 
-def choose_rank(S: torch.Tensor, rank: int | None, energy: float | None) -> int:
-    """``min(rank, len(S))``, or the smallest ``k`` with
-    ``sum_{j<k} S_j^2 >= (energy - 1e-12) * sum_j S_j^2`` (at least 1)."""
+def numerical_rank(S: torch.Tensor, size: int) -> int:
+    """How many of the descending singular values ``S`` exceed
+    ``S_0 * size * eps`` (float64's ``eps``; ``size = max(out, in)`` of the
+    matrix): LAPACK's and ``numpy.linalg.matrix_rank``'s tolerance, below
+    which a singular value is the SVD's rounding, not the matrix's. An
+    adapter merged with itself has rank ``r`` of its ``2r`` stacked: the
+    other ``r`` come out about ``1e-16 S_0``, with arbitrary directions."""
     import torch
 
-    n = int(S.numel())
+    if S.numel() == 0 or float(S[0]) == 0.0:
+        return 0
+    return int((S > S[0] * size * torch.finfo(torch.float64).eps).sum())
+
+
+def choose_rank(S: torch.Tensor, rank: int | None, energy: float | None, size: int | None = None) -> int:
+    """``min(rank, len(S))``, or the smallest ``k`` with
+    ``sum_{j<k} S_j^2 >= (energy - 1e-12) * sum_j S_j^2``; with ``size``
+    (``max(out, in)``) at most :func:`numerical_rank` (at least 1)."""
+    import torch
+
+    n = int(S.numel()) if size is None else max(1, numerical_rank(S, size))
     if rank is not None:
         return max(1, min(rank, n))
     e = S.double() ** 2
@@ -91,7 +108,13 @@ class Svd(MergeMethod):
         "the weighted sum recompressed to rank k (or an energy fraction) from the factors: QR + small SVD"
     )
     params = (
-        Param("rank", int, None, "rank k of the result (at most the stacked rank)", check=_rank_check),
+        Param(
+            "rank",
+            int,
+            None,
+            "rank k of the result (at most the stacked rank; the sum's numerical rank where that is lower)",
+            check=_rank_check,
+        ),
         Param(
             "energy",
             float,
@@ -150,7 +173,8 @@ class Svd(MergeMethod):
         A = torch.stack([st.A for st in stacks])  # (G, R, in)
         P, S, Qt = lowrank_svd(B, A)
         S_cpu = S.cpu()  # one synchronisation per group: ranks and energies
-        ks = [choose_rank(S_cpu[g], params["rank"], params["energy"]) for g in range(len(jobs))]
+        size = max(int(B.shape[1]), int(A.shape[2]))
+        ks = [choose_rank(S_cpu[g], params["rank"], params["energy"], size) for g in range(len(jobs))]
         kmax = max(ks)
         Bk = P[..., :kmax] * S[..., None, :kmax]
         Ak = Qt[..., :kmax, :]
