@@ -146,6 +146,9 @@ class Adapter:
     #: full replacement tensors (PEFT ``modules_to_save``): base tensor name
     #: as PEFT sees it (``lm_head.weight``, ``score.bias``) -> tensor
     saved: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: config and weights together (:func:`loramix.io.filehash.adapter_identity_of`), where
+    #: read from files: ``sha256`` alone is one for two configs of the same weights
+    identity: str | None = None
 
     def __post_init__(self):
         self.kind = get_kind(self.kind)
@@ -183,6 +186,7 @@ class Adapter:
             "name": self.name,
             "path": None if self.path is None else normalized_path(self.path),
             "sha256": self.sha256,
+            "identity": self.identity,
             "kind": self.kind.name,
         }
 

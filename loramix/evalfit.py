@@ -8,15 +8,26 @@ its members by what the files record: the members' adapters (the merge
 label's, or the ``--adapter`` list), the base, the scoring (``on``,
 ``prompt``) and the data rows.
 
-An adapter is matched by its content where both files record it: the
-sha256 of its weights file (``adapter_sha256``, the merge label's
-``sha256``; what a merge's provenance records), so a member evaluated
-from a copy elsewhere is the same adapter, and one rewritten at the same
-path between the evaluations is refused, not matched. Where either file
-has no digest (an eval JSON written before eval recorded them, or an adapter
-without a weights file to hash), the adapters are matched by their
-resolved paths, as before. The features are read from each adapter's
-single evaluation's path, refused where the file there has changed since.
+An adapter is matched by its content where both files record it: its
+identity, the sha256 of its config (canonical JSON) and weights together
+(:func:`loramix.io.filehash.adapter_identity_of`; ``adapter_identity``,
+the merge label's ``identity``, from a merge's provenance), so a member
+evaluated from a copy elsewhere is the same adapter, while one rewritten at
+the same path between the evaluations, or the same weights under another
+config (another ``lora_alpha``, ``target_modules``, ``rank_pattern``,
+``use_dora``, D2-LoRA field: another delta), is another adapter, refused,
+not matched. Older files: eval JSONs (and merges) of a loramix before
+identities recorded the weights file's sha256 alone (``adapter_sha256``,
+the merge label's ``sha256``; new files record it too). Where either file
+has no identity, that old key is matched against the other file's old key
+only, as before, which cannot tell two configs of one set of weights
+apart: a member whose weights match two such adapters is refused as
+ambiguous, not guessed. Where either file has neither (an eval JSON written
+before eval recorded digests, or an adapter without a weights file to
+hash), the adapters are matched by their resolved paths, as before. The
+features are read from each adapter's single evaluation's path, refused
+where the adapter there (by the key its evaluation recorded) has changed
+since.
 
 Each single adapter must be evaluated on one data set, its domain ``d`` (the
 row's name, :func:`loramix.data.data_names`: the file's stem). A merge of
@@ -82,6 +93,7 @@ class Evaluation:
     prompt: str
     rows: dict  # data name -> its result row
     digests: list  # per member, its weights' sha256 as recorded, or None (an older JSON)
+    identities: list  # per member, its identity (config and weights) as recorded, or None (an older JSON)
 
 
 def _real(p: str) -> str:
@@ -143,16 +155,41 @@ def read_evaluation(path: str | os.PathLike) -> Evaluation:
         raise UsageError(
             path, f"a merge with weights {weights}: fit takes merges of weight 1 each, as a study's"
         )
-    digests = made.get("sha256") if made is not None and not given else d.get("adapter_sha256")
-    if digests is None:  # an older eval JSON: matched by path
-        digests = [None] * len(members)
-    if not (isinstance(digests, list) and len(digests) == len(members)
-            and all(x is None or (isinstance(x, str) and len(x) == 64) for x in digests)):  # fmt: skip
-        raise UsageError(
-            path, "its adapters' sha256 are not one digest (or null) per adapter: not eval's JSON"
-        )
+    # the label's keys from the merge's record, else eval's own: the identity (config and weights),
+    # and the weights' sha256 alone that older loramix recorded (and new still records)
+    label = made is not None and not given
+    recorded = {"identities": made.get("identity") if label else d.get("adapter_identity"),
+                "sha256": made.get("sha256") if label else d.get("adapter_sha256")}  # fmt: skip
+    for what, digests in recorded.items():
+        if digests is None:  # an older eval JSON (or merge): matched by the older key, or by path
+            recorded[what] = digests = [None] * len(members)
+        if not (isinstance(digests, list) and len(digests) == len(members)
+                and all(x is None or (isinstance(x, str) and len(x) == 64) for x in digests)):  # fmt: skip
+            raise UsageError(
+                path, f"its adapters' {what} are not one digest (or null) per adapter: not eval's JSON"
+            )
     return Evaluation(str(path), _real(base), [_real(m) for m in members], method, d["on"], d["prompt"], rows,
-                      list(digests))  # fmt: skip
+                      recorded["sha256"], recorded["identities"])  # fmt: skip
+
+
+def _key(e: Evaluation, i: int) -> tuple[str | None, str | None]:
+    """``(identity, sha256)`` of ``e``'s member ``i`` as its file records them."""
+    return e.identities[i], e.digests[i]
+
+
+def _same(a: tuple, b: tuple) -> bool | None:
+    """Whether the members keyed ``a`` and ``b`` (:func:`_key`) are one adapter: by identity where
+    both record one, else by the weights' sha256 where both do (an older file: the old key only
+    against the old key), else None (unknown: matched by path)."""
+    for x, y in zip(a, b):
+        if x is not None and y is not None:
+            return x == y
+    return None
+
+
+def _shown(k: tuple) -> str:
+    """A member's key, short, for a message."""
+    return f"identity {k[0][:12]}" if k[0] is not None else f"sha256 {k[1][:12]}"
 
 
 def _domains(evals: list[Evaluation]) -> dict[str, tuple[str, Evaluation]]:
@@ -169,11 +206,9 @@ def _domains(evals: list[Evaluation]) -> dict[str, tuple[str, Evaluation]]:
             raise UsageError(
                 e.path, f"evaluates {a} again ({own[a][1].path} did): give one evaluation per adapter"
             )
-        twin = next(
-            (o for o in own.values() if e.digests[0] is not None and o[1].digests[0] == e.digests[0]), None
-        )
+        twin = next((o for o in own.values() if _same(_key(e, 0), _key(o[1], 0))), None)
         if twin is not None:
-            raise UsageError(e.path, f"evaluates {a}, the same adapter (sha256 {e.digests[0][:12]}) as "
+            raise UsageError(e.path, f"evaluates {a}, the same adapter ({_shown(_key(e, 0))}) as "
                              f"{twin[1].members[0]} ({twin[1].path}): give one evaluation per adapter")  # fmt: skip
         if dom in seen:
             raise UsageError(e.path, f"evaluates a second adapter on domain {dom} ({seen[dom]}): one adapter "
@@ -184,21 +219,27 @@ def _domains(evals: list[Evaluation]) -> dict[str, tuple[str, Evaluation]]:
 
 def _match(m: Evaluation, own: dict) -> list[str]:
     """The members of the merge ``m`` as the keys of ``own`` (the single
-    evaluations' adapters): by digest where both files record one, else by
-    resolved path (module docstring); a member that matches none is kept as
-    it is (:func:`_point` refuses it), one whose path holds another digest
-    is refused here."""
-    by_digest = {e.digests[0]: a for a, (_, e) in own.items() if e.digests[0] is not None}
+    evaluations' adapters): by identity where both files record one, else by
+    the weights' sha256 where both do, else by resolved path (module
+    docstring); a member that matches none is kept as it is (:func:`_point`
+    refuses it), one whose path holds another adapter, or whose weights
+    alone (an older file) match two adapters, is refused here."""
     keys = []
-    for a, digest in zip(m.members, m.digests):
-        if digest is not None and digest in by_digest:
-            keys.append(by_digest[digest])
+    for i, a in enumerate(m.members):
+        mine = _key(m, i)
+        hits = [b for b, (_, e) in own.items() if _same(mine, _key(e, 0))]
+        if len(hits) > 1:  # only by the weights alone: identities are one per evaluation (_domains)
+            raise UsageError(m.path, f"member {a} ({_shown(mine)}, the weights alone, as an older loramix "
+                             f"recorded) has the weights of {' and '.join(hits)}, evaluated with other configs: "
+                             "evaluate the merge again, so that its file says which")  # fmt: skip
+        if hits:
+            keys.append(hits[0])
             continue
         there = own.get(a)
-        if digest is not None and there is not None and there[1].digests[0] is not None:
-            raise UsageError(m.path, f"member {a} (sha256 {digest[:12]}) is not the adapter {there[1].path} "
-                             f"evaluated at that path (sha256 {there[1].digests[0][:12]}): it was rewritten "
-                             "between the evaluations; evaluate both again")  # fmt: skip
+        if there is not None and _same(mine, _key(there[1], 0)) is False:
+            raise UsageError(m.path, f"member {a} ({_shown(mine)}) is not the adapter {there[1].path} evaluated "
+                             f"at that path ({_shown(_key(there[1], 0))}): it was rewritten between the "
+                             "evaluations; evaluate both again")  # fmt: skip
         keys.append(a)
     return keys
 
@@ -342,14 +383,19 @@ def _features(own: dict, where: str):
     from .features import compute_features, registry
     from .features.size import ensure_size
     from .grouping import one_kind
-    from .io.filehash import adapter_sha256
+    from .io.filehash import adapter_identity_or_none, adapter_sha256
     from .io.np_factors import load_np_adapter
 
     paths = list(own)
-    for p in paths:  # the factors read are those evaluated
+    for p in paths:  # the factors read (and the config that scales them) are those evaluated
         e = own[p][1]
-        if e.digests[0] is not None and adapter_sha256(p) != e.digests[0]:
-            raise UsageError(e.path, f"{p} has changed since it was evaluated (sha256 {e.digests[0][:12]} then): "
+        then = _key(e, 0)
+        if then[0] is not None:
+            changed = adapter_identity_or_none(p) != then[0]
+        else:  # an older file: its weights alone
+            changed = then[1] is not None and adapter_sha256(p) != then[1]
+        if changed:
+            raise UsageError(e.path, f"{p} has changed since it was evaluated ({_shown(then)} then): "
                              "evaluate it again")  # fmt: skip
     adapters = [load_np_adapter(p) for p in paths]
     one_kind(adapters, where, "a fit is per adapter kind")

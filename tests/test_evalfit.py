@@ -300,9 +300,9 @@ def test_a_member_is_matched_by_content_not_by_path(bank, tmp_path):
     old.mkdir()
     for f in _files(bank):
         d = json.loads(f.read_text())
-        d.pop("adapter_sha256", None)
+        d.pop("adapter_sha256", None), d.pop("adapter_identity", None)
         if "merge" in d:
-            d["merge"].pop("sha256")
+            d["merge"].pop("sha256"), d["merge"].pop("identity")
         (old / f.name).write_text(json.dumps(d))
     got = loramix.fit_evaluations([old / f.name for f in _files(bank)])["points"]
     assert [(p["composition"], p["y"]) for p in got] == [(p["composition"], p["y"]) for p in want]
@@ -337,3 +337,44 @@ def test_an_adapter_rewritten_at_its_path_is_not_matched(bank, tmp_path):
         own, _ = collect_points([read_evaluation(f) for f in files])
         _features({**own, str(p.resolve()): ("arith", read_evaluation(single["arith"]))}, "x")
     assert e.value.where == str(single["arith"]) and "has changed since it was evaluated" in e.value.problem
+
+
+def test_the_same_weights_under_another_config_are_another_adapter(bank, tmp_path, capsys):
+    """The identity eval records (and fit matches by) is of the config and the weights together:
+    the arith adapter's weights with lora_alpha 16 (another delta) summed with units are not the
+    arith adapter's merge (by the weights' digest alone fit paired them, a wrong point); a copy
+    whose config differs in key order and whitespace only is the same adapter; an eval JSON of
+    an older loramix (the weights' sha256 alone) is still matched by it. The identity is one
+    helper: a study's given-adapter key and a loaded adapter's (and so a merge's provenance)."""
+    import shutil
+
+    import loramix
+    from loramix.io.filehash import adapter_identity
+    from loramix.scenario.given import given_key
+
+    a, u = bank["ads"]["arith"], bank["ads"]["units"]
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    other = shutil.copytree(a, tmp_path / "alpha16")
+    (other / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": 16}))
+    same = shutil.copytree(a, tmp_path / "reformatted")
+    (same / "adapter_config.json").write_text(json.dumps(dict(reversed(cfg.items())), indent=4))
+    assert adapter_identity(same) == adapter_identity(a) != adapter_identity(other)
+    assert given_key(a) == adapter_identity(a) == loramix.load_adapter(a).identity
+    merge = _eval(bank["base"], tmp_path / "m.json", [DOMAINS["arith"], DOMAINS["units"]], other, u)
+    files = [*bank["single"].values(), merge, *(bank["merges"][p] for p in PAIRS[1:])]
+    _bad(capsys, tmp_path, files, merge, f"member {other} has no evaluation among the files given")
+    want = loramix.fit_evaluations(_files(bank))["points"]
+    single = {**bank["single"], "arith": _eval(bank["base"], tmp_path / "a.json", [DOMAINS["arith"]], same)}
+    got = loramix.fit_evaluations([*single.values(), *bank["merges"].values()])["points"]
+    assert [(p["composition"], p["y"]) for p in got] == [(p["composition"], p["y"]) for p in want]
+    merged = json.loads(bank["merges"][PAIRS[-1]].read_text())["merge"]  # sum --into's record
+    assert merged["identity"] == [adapter_identity(x) for x in merged["adapters"]]
+    old = tmp_path / "old"  # as an older loramix wrote them: the weights' sha256 alone
+    old.mkdir()
+    for f in _files(bank):
+        d = json.loads(f.read_text())
+        d.pop("adapter_identity", None)
+        d.get("merge", {}).pop("identity", None)
+        (old / f.name).write_text(json.dumps(d))
+    got = loramix.fit_evaluations([old / f.name for f in _files(bank)])["points"]
+    assert [(p["composition"], p["y"]) for p in got] == [(p["composition"], p["y"]) for p in want]

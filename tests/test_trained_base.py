@@ -132,11 +132,13 @@ def test_eval_names_a_merged_folder_as_the_merge_it_is(bases, tmp_path, capsys):
     assert main(["eval", "--base", str(merged), "--adapter", str(bases["peft"]), "--data", str(bases["data"]),
                  "--format", "json"]) == 0  # fmt: skip
     got = json.loads(capsys.readouterr().out)
-    from loramix.io.filehash import adapter_sha256
+    from loramix.io.filehash import adapter_identity, adapter_sha256
 
+    pair = (bases["peft"], bases["trained"])
     assert got["merge"] == {"method": "ties", "adapters": [str(bases["peft"]), str(bases["trained"])],
                             "weights": [1.0, 0.5], "base": str(bases["a"]),
-                            "sha256": [adapter_sha256(bases["peft"]), adapter_sha256(bases["trained"])]}  # fmt: skip
+                            "sha256": [adapter_sha256(x) for x in pair],
+                            "identity": [adapter_identity(x) for x in pair]}  # fmt: skip
     assert (
         main(
             ["eval", "--base", str(bases["a"]), "--adapter", str(bases["peft"]), "--data", str(bases["data"])]

@@ -82,12 +82,14 @@ def command(base, adapters, weights, merged, data, more_data, on, prompt, max_le
     left_out = df.attrs.get("held_out")
     made = merge_made(base)
     if fmt == "json":
-        from ..io.filehash import adapter_sha256
+        from ..io.filehash import adapter_identity_or_none, adapter_sha256
 
-        # each adapter's content digest beside its path as typed: fit pairs a merge with its members
-        # by content (a copy elsewhere is the same adapter, one rewritten in place another)
+        # each adapter's content identity (config and weights) beside its path as typed: fit pairs a
+        # merge with its members by it (a copy elsewhere is the same adapter, one rewritten in place or
+        # with another lora_alpha another); adapter_sha256 (the weights alone) as older loramix wrote
         click.echo(json.dumps({"base": base, **({"merge": made} if made else {}), "adapters": list(adapters),
                                "adapter_sha256": [adapter_sha256(a) for a in adapters],
+                               "adapter_identity": [adapter_identity_or_none(a) for a in adapters],
                                "weights": w, "merged": merged, "on": on, "prompt": prompt,
                                **({"held_out": left_out} if held_out else {}),
                                "results": df.to_dict(orient="records")}, indent=2))  # fmt: skip
@@ -133,8 +135,10 @@ def _scored(made: dict | None, adapters, merged: bool, w) -> str:
 def merge_made(base) -> dict | None:
     """What a model folder written by ``loramix sum``/``merge --into`` was made
     of, from its ``loramix.json``: ``{method, adapters, weights, base,
-    sha256}`` (the paths as recorded, absolute; ``sha256`` each adapter's
-    weights digest as recorded, None where not), or None for any other folder (a base, an
+    sha256, identity}`` (the paths as recorded, absolute; ``sha256`` each adapter's
+    weights digest, ``identity`` its config and weights together
+    (:func:`loramix.io.filehash.adapter_identity_of`), as recorded, None where
+    not: a merge by an older loramix recorded no identity), or None for any other folder (a base, an
     import, a GGUF file), which ``eval`` calls "the base"."""
     from pathlib import Path
 
@@ -155,5 +159,6 @@ def merge_made(base) -> dict | None:
         return None
     weights = [w if isinstance(w := i.get("weight", 1), (int, float)) else 1 for i in ads]
     sha = [i.get("sha256") if isinstance(i.get("sha256"), str) else None for i in ads]
+    ident = [i.get("identity") if isinstance(i.get("identity"), str) else None for i in ads]
     return {"method": rec["method"], "adapters": [i["path"] for i in ads], "weights": weights, "base": into,
-            "sha256": sha}  # fmt: skip
+            "sha256": sha, "identity": ident}  # fmt: skip

@@ -293,6 +293,59 @@ def adapter_sha256(adapter: str | os.PathLike) -> str | None:
         return None
 
 
+def adapter_identity_of(config: dict, weights_sha256: str) -> str:
+    """The identity of an adapter in PEFT's layout, from its parsed
+    ``adapter_config.json`` and its weights file's sha256::
+
+        sha256("adapter_config.json:" + sha256(canonical JSON of the config) + "\\n"
+               + "weights:" + weights_sha256 + "\\n")
+
+    The canonical JSON (keys sorted at every level, no whitespace, ASCII
+    escapes) is of the config as loramix reads it, so two files that differ
+    only in key order, whitespace or escapes (or in a duplicate key's
+    earlier value, which the parser drops) are one adapter, and any field
+    that changes the delta (``lora_alpha``, ``target_modules``,
+    ``rank_pattern``, ``use_dora``, D2-LoRA's fields) makes another. The
+    file names are not in it: a renamed ``.safetensors`` file is the same
+    adapter. :attr:`loramix.adapter.Adapter.identity`, a merge's
+    provenance (``identity`` of each adapter input), ``eval --format
+    json``'s ``adapter_identity`` and a study's given adapter's cache key
+    (:func:`loramix.scenario.given.given_key`) are all this."""
+    canon = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    lines = f"adapter_config.json:{hashlib.sha256(canon.encode()).hexdigest()}\nweights:{weights_sha256}\n"
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def adapter_identity(adapter: str | os.PathLike) -> str:
+    """The identity of the adapter at ``adapter`` (a folder, or a
+    ``.safetensors`` file with its config beside it):
+    :func:`adapter_identity_of` its config and weights file for PEFT's
+    layout; for an adapter in another layout (a reader's own, which names
+    no config), ``sha256("name:sha256\\n" per file of its folder, or the
+    file given, sorted)``. The weights' hashes are cached on disk
+    (:func:`cached_file_sha256`). Raises :class:`loramix.errors.AdapterError`
+    (one line) where no adapter is there, or its config is not PEFT's."""
+    from .peft_layout import check_adapter_path
+
+    p = Path(adapter)
+    _, cfg, weights, config = check_adapter_path(p)
+    if cfg is not None:
+        return adapter_identity_of(config, cached_file_sha256(weights))
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    lines = sorted(f"{f.name}:{cached_file_sha256(f)}\n" for f in files)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def adapter_identity_or_none(adapter: str | os.PathLike) -> str | None:
+    """:func:`adapter_identity`, or None where there is no adapter to read there."""
+    from ..errors import LoramixError
+
+    try:
+        return adapter_identity(adapter)
+    except (LoramixError, OSError):
+        return None
+
+
 def prefetch_inputs(adapters=(), base: str | os.PathLike | None = None) -> None:
     """:func:`prefetch` of the adapters' weight files (read first) and a
     base model folder's weight files (nothing for None or anything that is

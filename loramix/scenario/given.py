@@ -13,34 +13,22 @@ of the base with a fitting shape.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from ..errors import LoramixError
 
 
 def given_key(path: str | Path) -> str:
-    """The key of a given adapter::
-
-        sha256("name:sha256\\n" per file that the readers read, by name)
-
-    the config and weights files of a PEFT-layout adapter
-    (:func:`~loramix.io.peft_layout.check_adapter_path`); for one in another
-    layout, every file of its folder (or the file given). ``name`` is the
-    file's name (not its folder's: a renamed copy is the same adapter). The
-    hashes are the base's: cached on disk by path, inode, size and times
+    """The key of a given adapter: its identity
+    (:func:`~loramix.io.filehash.adapter_identity`), the content of its
+    config (canonical JSON) and weights files, the one identity that
+    ``eval --format json`` records and a merge's provenance keeps. Names are
+    not in it: a renamed copy is the same adapter. The weights' hashes are
+    the base's: cached on disk by path, inode, size and times
     (:func:`~loramix.io.filehash.cached_file_sha256`), so a rerun reads them back."""
-    from ..io.filehash import cached_file_sha256
-    from ..io.peft_layout import check_adapter_path
+    from ..io.filehash import adapter_identity
 
-    p = Path(path)
-    _, cfg, weights, _ = check_adapter_path(p)
-    if cfg is not None:
-        files = [cfg, weights]
-    else:
-        files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
-    lines = sorted(f"{Path(f).name}:{cached_file_sha256(Path(f))}\n" for f in files)
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
+    return adapter_identity(path)
 
 
 def _read(path: Path, name: str):

@@ -32,7 +32,7 @@ from ...adapter import Adapter, ModuleDelta
 from ...errors import AdapterError
 from ...kinds import AdapterKind
 from ...stopping import cleanup
-from ..filehash import cached_file_sha256
+from ..filehash import adapter_identity_of, cached_file_sha256
 from ..outputs import (
     TMP_PREFIX,
     discard,
@@ -243,6 +243,8 @@ class PeftLayoutFormat:
         """
         given, cfg_path, weights = resolve_adapter_paths(path)
         config = read_config(cfg_path)
+        sha256 = cached_file_sha256(weights)
+        identity = adapter_identity_of(config, sha256)  # before anything reads the config
         saved: dict[str, torch.Tensor] = {}
         raw = self._read_tensors(weights, config, cfg_path, saved)
         modules = {m: self._module(m, fs, config, cfg_path, weights) for m, fs in raw.items()}
@@ -256,8 +258,9 @@ class PeftLayoutFormat:
             config=config,
             path=given,
             weights_path=weights,
-            sha256=cached_file_sha256(weights),
+            sha256=sha256,
             saved=saved,
+            identity=identity,
         )
 
     def _read_tensors(self, weights: Path, config: dict, cfg_path: Path, saved: dict) -> dict[str, dict]:
