@@ -7,7 +7,9 @@ parameters of the model ``config.json`` describes (transformers would fill
 them at random), a ``config.json`` with another number of layers than the
 weights hold (transformers would drop the rest) or another shape of a tensor,
 key-value heads that do not divide the query heads (:func:`head_problem`),
-no tokenizer, or a tokenizer whose vocabulary is larger than the model's
+a ``config.json`` that ties the head to the embedding over weights whose
+``lm_head`` differs from it (transformers would drop that head), no
+tokenizer, or a tokenizer whose vocabulary is larger than the model's
 embedding.
 """
 
@@ -273,7 +275,10 @@ def check_weights_hold_the_model(p: Path) -> None:
     the meta device (tied parameters once; a tensor named with or without the
     model's ``base_model_prefix`` is the same one, as transformers reads it)
     against the safetensors headers; a quantized or pickle-only checkpoint
-    is left to transformers."""
+    is left to transformers. A model that ties its head to its embedding
+    (``tie_word_embeddings``) over weights holding a head that differs from
+    the embedding is refused too (:func:`_tied_head_problem`): transformers
+    drops that head."""
     import math
 
     import torch
@@ -302,11 +307,16 @@ def check_weights_hold_the_model(p: Path) -> None:
     else:
         return
     shapes: dict[str, tuple[int, ...]] = {}
+    where: dict[str, tuple] = {}  # key -> (file, offset, length, dtype): a tied head's bytes
     for f in files:
         if not f.is_file():
             return
-        header, _ = read_safetensors_header(f)
-        shapes.update((k, tuple(t["shape"])) for k, t in header.items() if k != "__metadata__")
+        header, start = read_safetensors_header(f)
+        for k, t in header.items():
+            if k != "__metadata__":
+                shapes[k] = tuple(t["shape"])
+                begin, end = t["data_offsets"]
+                where[k] = (f, start + begin, end - begin, t["dtype"])
     held = sum(math.prod(s) for s in shapes.values())
     if (why := layer_disagreement(cfg, shapes, weights_name)) is not None:
         raise BaseModelError(p / "config.json", why)
@@ -323,6 +333,8 @@ def check_weights_hold_the_model(p: Path) -> None:
                 f"describes {name} as {_dims(t.shape)}, {weights_name} holds {_dims(shapes[key])} "
                 "(a hidden size, vocabulary or head count that does not match the weights?)",
             )
+    if (why := _tied_head_problem(cfg, model, prefix, where, weights_name)) is not None:
+        raise BaseModelError(p / "config.json", why)
     need = sum(t.numel() for t in model.parameters())
     if need > held:
         raise BaseModelError(
@@ -371,6 +383,63 @@ def parameter_count(path: str | os.PathLike) -> tuple[int | None, str | None]:
         header, _ = read_safetensors_header(f)
         n += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
     return n, None
+
+
+def _tied_head_problem(cfg: dict, model, prefix: str, where: dict, weights_name: str) -> str | None:
+    """Why the head the weights hold is not the one ``model`` (built from
+    ``config.json`` on the meta device) will use, or None: the config ties
+    the head to the input embedding (``tie_word_embeddings``, said or the
+    model type's default), so transformers drops a head the weights hold
+    and uses the embedding, while the weights' head differs from their
+    embedding (another dtype, or other bytes). Equal bit for bit, or no head
+    in the weights (the usual tied checkpoint): None. The bytes are compared
+    block by block (:func:`~loramix.io.model_folder.same_tensor_bytes`), each
+    read once, stopping at the first that differs; a head of another dtype
+    than the embedding is compared by value, as transformers would load both."""
+    from .io.model_folder import same_tensor_bytes
+
+    try:
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return None
+    if out is None or inp is None or getattr(out, "weight", None) is not getattr(inp, "weight", object()):
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    if id(out) not in names or id(inp) not in names:
+        return None
+
+    def held(name: str) -> str | None:  # as the shape check finds it: with or without the prefix
+        return next(
+            (k for k in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}") if k in where), None
+        )
+
+    head, emb = held(f"{names[id(out)]}.weight"), held(f"{names[id(inp)]}.weight")
+    if head is None or emb is None or head == emb:
+        return None
+    if where[head][3] == where[emb][3]:
+        if same_tensor_bytes(where[head], where[emb]):
+            return None
+    else:
+        from safetensors import safe_open
+
+        def value(k):
+            with safe_open(str(where[k][0]), framework="pt") as f:
+                return f.get_tensor(k).double()
+
+        if torch_equal(value(head), value(emb)):
+            return None
+    tie = cfg.get("tie_word_embeddings")
+    says = ("says tie_word_embeddings: true" if tie is True else
+            f"ties the head to the embedding (tie_word_embeddings unset: {cfg.get('model_type')}'s default is true)")  # fmt: skip
+    return (f"{says}, but {weights_name} holds a {head} that differs from its {emb}: transformers would drop "
+            "it and use the embedding as the head, another model than the file holds; set tie_word_embeddings "
+            f"to false, or remove {head}")  # fmt: skip
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def _dims(shape) -> str:

@@ -528,6 +528,33 @@ def test_kv_heads_that_do_not_divide_the_heads_are_refused(bases, tmp_path, caps
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("head", ["differs", "equal", "absent"])
+def test_a_tied_config_over_a_separate_head(bases, tmp_path, capsys, head):
+    """config.json says tie_word_embeddings: true over weights whose lm_head.weight differs from
+    the embedding: transformers ties them and drops the file's head, so eval (and train) used
+    another model than the file holds, without a word (the old code: exit 0). Refused in one
+    line naming config.json; a head equal to the embedding bit for bit, or none, is the tied
+    model the file holds, and evaluates."""
+    from safetensors.torch import load_file, save_file
+
+    base = Path(shutil.copytree(bases["llama"], tmp_path / "base"))  # untied: a head of its own
+    t = load_file(str(base / "model.safetensors"))
+    assert not torch.equal(t["lm_head.weight"], t["model.embed_tokens.weight"])
+    if head != "differs":
+        t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()
+        if head == "absent":
+            del t["lm_head.weight"]
+        save_file(t, str(base / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    args = ["eval", "--base", base, "--data", ARITH, "--limit", "4", "--no-progress"]
+    if head == "differs":
+        one_line_error(capsys, args, f"{base / 'config.json'}: says tie_word_embeddings: true, but "
+                       "model.safetensors holds a lm_head.weight that differs from its model.embed_tokens.weight")  # fmt: skip
+    else:
+        assert main([str(a) for a in args]) == 0
+
+
 def test_no_tokenizer_is_one_line_before_transformers_speaks(tmp_path):
     """No tokenizer, and a config transformers warns about (EOS beyond the
     vocabulary): the tokenizer is looked for first, so the one line is all

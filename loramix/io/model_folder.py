@@ -146,6 +146,37 @@ def layer_disagreement(config: dict, keys: Iterable[str], weights: str) -> str |
     return f"{says}, {weights} holds {held} ({head}.0 to {head}.{held - 1})"
 
 
+#: where a tensor's bytes lie: (file, absolute offset, length, dtype) (:func:`same_tensor_bytes`)
+TensorBytes = tuple[Path, int, int, str]
+
+
+def same_tensor_bytes(a: TensorBytes, b: TensorBytes, chunk: int = 8 << 20) -> bool:
+    """Whether two safetensors tensors (where their bytes lie in their files,
+    :data:`TensorBytes`) hold the same bytes: same dtype, length and content.
+    Read side by side in ``chunk``-sized blocks (memcmp of each pair), so each
+    is read once, and stopped at the first block that differs: a head that
+    differs from its embedding is told at its first block (a file's first
+    megabytes), one equal to it reads both once."""
+    (fa, oa, na, da), (fb, ob, nb, db) = a, b
+    if (na, da) != (nb, db):
+        return False
+    buf_a, buf_b = bytearray(chunk), bytearray(chunk)
+    with open(fa, "rb") as ra, open(fb, "rb") as rb:
+        ra.seek(oa)
+        rb.seek(ob)
+        left = na
+        while left:
+            k = min(chunk, left)
+            if k < chunk:  # the last block: bytearrays of its size (a memoryview's == compares item by item)
+                buf_a, buf_b = bytearray(k), bytearray(k)
+            if ra.readinto(buf_a) != k or rb.readinto(buf_b) != k:
+                return False  # shorter than its header says: the header check reports it
+            if buf_a != buf_b:
+                return False
+            left -= k
+    return True
+
+
 class BaseModelFolder:
     """A Hugging Face model folder, checked on construction, read lazily.
 
