@@ -57,8 +57,10 @@ def data_options(help: str):
     command gets ``data`` and ``more_data`` and uses ``[*data, *more_data]``."""
 
     def decorate(f):
-        f = click.argument("more_data", nargs=-1)(f)
-        return click.option("--data", "data", multiple=True, required=True, help=help)(f)
+        # paths (or synthetic:NAME specs, which click.Path takes as they are): ~ expanded
+        f = click.argument("more_data", nargs=-1, type=click.Path(path_type=str))(f)
+        return click.option("--data", "data", multiple=True, required=True, type=click.Path(path_type=str),
+                            help=help)(f)  # fmt: skip
 
     return decorate
 
@@ -177,8 +179,33 @@ class LazyGroup(click.Group):
     def get_command(self, ctx, name):
         for mod, cmd in COMMANDS.items():
             if cmd == name:
-                return importlib.import_module(f"{__name__}.{mod}").command
+                return expand_home_params(importlib.import_module(f"{__name__}.{mod}").command)
         return None
+
+
+class _HomePath(click.Path):
+    """A ``click.Path`` whose value has its leading ``~`` expanded first
+    (:func:`loramix.userpaths.expand_home`): ``--out=~/x`` and a quoted
+    ``'~/x'``, which the shell leaves as they are."""
+
+    def convert(self, value, param, ctx):
+        from ..userpaths import expand_home
+
+        return super().convert(expand_home(value), param, ctx)
+
+
+def expand_home_params(command: click.Command) -> click.Command:
+    """``command`` (and a group's subcommands) with every ``click.Path``
+    parameter's type made a :class:`_HomePath` of the same settings: the one
+    place the command line expands ``~`` (:mod:`loramix.userpaths`)."""
+    for p in command.params:
+        if isinstance(p.type, click.Path) and not isinstance(p.type, _HomePath):
+            home = _HomePath.__new__(_HomePath)
+            home.__dict__.update(p.type.__dict__)
+            p.type = home
+    for sub in getattr(command, "commands", {}).values():
+        expand_home_params(sub)
+    return command
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

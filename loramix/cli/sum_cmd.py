@@ -17,7 +17,7 @@ from . import merge_options
 
 
 @click.command("sum")
-@click.argument("adapters", nargs=-1, required=True)
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @merge_options()
 @click.option("--out-rank", type=int, default=None, help="Without --into: truncate the sum to rank K (SVD).")
 @click.option("--energy", type=float, default=None, help="Without --into: keep this energy fraction (SVD).")

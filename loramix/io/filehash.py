@@ -39,10 +39,9 @@ INDEX_NAME = "model.safetensors.index.json"
 
 def cache_dir() -> Path:
     """``$LORAMIX_CACHE_DIR``, else ``$XDG_CACHE_HOME/loramix``, else ``~/.cache/loramix``."""
-    env = os.environ.get("LORAMIX_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loramix"
+    from ..userpaths import env_path
+
+    return env_path("LORAMIX_CACHE_DIR") or (env_path("XDG_CACHE_HOME") or Path.home() / ".cache") / "loramix"
 
 
 #: the folders of :func:`cache_dir` whose files are written through temporaries

@@ -78,7 +78,9 @@ MARKER = "artifact.json"
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LORAMIX_CACHE") or ".loramix-cache")
+    from ..userpaths import env_path
+
+    return env_path("LORAMIX_CACHE") or Path(".loramix-cache")
 
 
 #: what a cache root that loramix makes holds as its ``.gitignore``: everything

@@ -569,7 +569,9 @@ def expand(ctx: _Ctx, value: str, key: str, env: dict, used: dict) -> str:
         used[var] = env[var]
         return env[var]
 
-    return os.path.expanduser(_VAR_RE.sub(sub, value))
+    from ..userpaths import expand_home
+
+    return expand_home(_VAR_RE.sub(sub, value))
 
 
 def _resolve_path(ctx, value: str, key: str, env: dict, used: dict) -> Path:

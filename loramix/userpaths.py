@@ -1,0 +1,36 @@
+"""Paths a user writes: ``~`` expanded in one place.
+
+A shell expands an unquoted ``~`` at the start of a word, but not one that
+is quoted (``LORAMIX_CACHE='~/x'``, a value from an ``.env`` file or a
+service's environment) nor one after ``=`` (``--out=~/x``): loramix then made
+a folder literally named ``~`` in the working directory. Every path a user
+gives by name goes through :func:`expand_home`: the path-valued environment
+variables (``LORAMIX_CACHE``, ``LORAMIX_CACHE_DIR``, ``XDG_CACHE_HOME``,
+through :func:`env_path`), every path-valued scenario key (after its
+``$VAR``\\ s are substituted, :func:`loramix.scenario.config.expand`), and
+every path option and argument of the command line (``click.Path``
+parameters, :func:`loramix.cli.expand_home_params`). Paths given to the
+Python API are taken as given, as :mod:`pathlib` takes them. Torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def expand_home(value):
+    """``value`` (a str or path) with a leading ``~`` or ``~user`` replaced
+    by that home folder (:func:`os.path.expanduser`), of the same type;
+    anything else (no leading ``~``, an unknown user, not a path) unchanged."""
+    if isinstance(value, (str, Path)) and os.fspath(value).startswith("~"):
+        done = os.path.expanduser(os.fspath(value))
+        return Path(done) if isinstance(value, Path) else done
+    return value
+
+
+def env_path(name: str) -> Path | None:
+    """The path in the environment variable ``name``, ``~`` expanded; None
+    where it is unset or empty."""
+    value = os.environ.get(name)
+    return Path(expand_home(value)) if value else None
