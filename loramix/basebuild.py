@@ -38,7 +38,7 @@ from pathlib import Path
 from .api import renamed
 from .data import QARecord, is_synthetic_spec, load_records, record_text, split_records
 from .errors import UsageError
-from .options import check_numbers, check_seed, lr_problem, steps_problem
+from .options import batch_problem, check_numbers, check_seed, lr_problem, steps_problem
 from .results import OutputDict
 
 EOS_TOKEN = "<|endoftext|>"
@@ -147,6 +147,8 @@ def _recipe(size, steps, batch, lr) -> tuple[BaseSize, str, int, int, float]:
         raise UsageError("--steps", why)
     if batch < 1:
         raise UsageError("--batch", f"must be at least 1, got {batch}")
+    if (why := batch_problem(batch)) is not None:
+        raise UsageError("--batch", why)
     if (why := lr_problem(lr)) is not None:
         raise UsageError("--lr", why[1])
     return cfg, size, steps, batch, lr

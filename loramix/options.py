@@ -44,6 +44,13 @@ MAX_STEPS = 10**9
 #: number past 64 bits was a traceback; ``--jobs 100000`` started as many
 #: processes, each loading torch.
 MAX_WORKERS = 1024
+#: the most windows one pre-training step of ``base build`` samples (a
+#: scenario's ``base.build.batch``, ``build_base(batch=)``): windows are drawn
+#: with replacement, so no data caps it (``train``'s and ``eval``'s batches are
+#: capped at the records there are), and ``2^62`` was taken and failed at the
+#: first step allocating ``batch x context`` tokens. 65,536 windows of the
+#: small size's 256 tokens are 16.8M tokens a step, beyond any one accelerator.
+MAX_BATCH = 2**16
 #: the output dtypes a merge or a sum offers (the canonical names of DTYPE_NAMES)
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -130,6 +137,14 @@ def steps_problem(n: Any, what: str = "steps") -> str | None:
         return (
             f"{n:g} {what} is more than the {MAX_STEPS:,} optimizer steps a run can take (years of training)"
         )
+    return None
+
+
+def batch_problem(n: Any) -> str | None:
+    """Why a batch of ``n`` (at least 1) is more than a step can take
+    (:data:`MAX_BATCH`), or None."""
+    if n is not None and n > MAX_BATCH:
+        return f"{n:,} is more than the {MAX_BATCH:,} a step can take (a typo?)"
     return None
 
 

@@ -141,6 +141,15 @@ BAD = [
     (GOOD.replace("steps = 5", "steps = 5\nlr = 1e300"), "base.build.lr", "within float32's range"),
     (GOOD.replace("rank = 4", "rank = 4\nlr = 0.5\nweight_decay = 2.0"), "adapters.weight_decay",
      "lr x weight_decay = 1 is 1 or more"),
+    # what was still unbounded: a pre-training batch of 2^62 windows (drawn with replacement, so no data
+    # caps it: the run failed at its first step), 2^62 random groupings to merge and evaluate, and a
+    # triples' seed past 64 bits (every other seed is bounded); scenario check took each
+    (GOOD.replace("steps = 5", "steps = 5\nbatch = 4611686018427387904"), "base.build.batch",
+     "4,611,686,018,427,387,904 is more than the 65,536 a step can take"),
+    (GOOD + "[predictors]\n[plan]\nrandom = 4611686018427387904\n", "plan.random",
+     "is more than 10,000 random groupings"),
+    (GOOD.replace('name = "v"', 'name = "v"\ncompositions = { pairs = "all", seed = 36893488147419103232 }'),
+     "compositions.seed", "is not a seed"),
 ]  # fmt: skip
 
 

@@ -27,13 +27,18 @@ from typing import Any
 import tomllib
 
 from ..errors import ScenarioError, UsageError
-from ..options import MAX_SEED, lr_problem, steps_problem
+from ..options import MAX_BATCH, MAX_SEED, batch_problem, lr_problem, steps_problem
 from ..synthetic import MAX_RECORDS
 from .traits import ADAPTER_KINDS as ADAPTER_METHODS
 from .traits import INITS, applies_to, kinds_for, parse_label, rank_of, trainable_kinds
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+#: the most random groupings ``plan.random`` asks for: each is merged and
+#: evaluated, and ``scenario check`` took ``2^62``, which a run would draw,
+#: merge and evaluate one by one
+MAX_GROUPINGS = 10_000
 
 # --------------------------------------------------------------------------- the schema
 #
@@ -49,7 +54,9 @@ class Key:
     int-list (read and checked generically), or table / list / any (read by
     its section's parser). ``bound``: positive, nonneg, steps or nonneg-steps
     (a number of optimizer steps, or epochs, of at most
-    :data:`~loramix.options.MAX_STEPS`), unit ([0, 1]), open-unit
+    :data:`~loramix.options.MAX_STEPS`), batch (positive, at most
+    :data:`~loramix.options.MAX_BATCH`), groupings (positive, at most
+    :data:`MAX_GROUPINGS`), unit ([0, 1]), open-unit
     ((0, 1)), seed or seqlen (a sequence length: at least 2, a token and the
     next to predict). ``toml``: the key's name in the file when it differs
     from the field's. ``doc_type``: the type column of docs/scenarios.md where
@@ -109,7 +116,7 @@ class _BuildKeys:
     steps: int | None = key("int", help="pre-training steps", bound="steps", doc_default="the size's")
     seed: int = key("int", 0, bound="seed", help="pre-training seed")
     lr: float | None = key("float", help="learning rate", bound="positive", doc_default="the size's")
-    batch: int | None = key("int", help="batch size", bound="positive", doc_default="the size's")
+    batch: int | None = key("int", help="windows per step", bound="batch", doc_default="the size's")
     # no max_len or epochs: loramix base build has neither (the size fixes the context,
     # --steps the length); keys the build ignored were recorded in the report all the same
 
@@ -262,7 +269,7 @@ class PlanSpec:
                                    help='how the groups are merged, each a comparison of its own: `"plan"`, by '
                                    "the method `loramix plan` proposes for each (`sum` or `ties`; a random group "
                                    "by the same rule), or one of `merge.methods` for every group")  # fmt: skip
-    random: int = key("int", 20, bound="positive", help="random groupings with the plan's group sizes")
+    random: int = key("int", 20, bound="groupings", help="random groupings with the plan's group sizes")
     random_seed: int = key("int", 0, bound="seed", help="the seed of the random groupings")
 
 
@@ -328,7 +335,7 @@ class _CompositionKeys:
     )
     triples: None = key("any", doc_default="—", doc_type="string or int",
                         help='`"all"`, or a number K: K triples drawn with `seed` (sorted, without repeats)')  # fmt: skip
-    seed: int = key("int", 0, bound="nonneg", help="the seed of the triples' sample")
+    seed: int = key("int", 0, bound="seed", help="the seed of the triples' sample")
 
 
 # The file's tables, in the order docs/scenarios.md lists them.
@@ -340,7 +347,8 @@ SCHEMA = (("", Scenario), ("base", BaseSpec), ("base.build", _BuildKeys), ("doma
 _DOC_TYPES = {"int": "int", "float": "number", "str": "string", "bool": "bool", "str-list": "list of string",
               "int-list": "list of int", "table": "table", "list": "list", "any": "path/spec or list"}  # fmt: skip
 _DOC_BOUNDS = {"positive": " > 0", "nonneg": " ≥ 0", "steps": " in (0, 10^9]", "nonneg-steps": " in [0, 10^9]", "unit": " in [0, 1]", "open-unit": " in (0, 1)",
-               "seed": " in [0, 2^63 - 1]", "seqlen": " ≥ 2"}  # fmt: skip
+               "seed": " in [0, 2^63 - 1]", "seqlen": " ≥ 2", "batch": f" in [1, {MAX_BATCH}]",
+               "groupings": f" in [1, {MAX_GROUPINGS:,}]"}  # fmt: skip
 
 
 def schema_markdown() -> str:
@@ -525,8 +533,13 @@ def _read(ctx: _Ctx, cls, t: dict, where: str, *, also=(), defaults=None) -> dic
             continue
         full = f"{where}.{name}" if where else name
         v = _get(ctx, t, name, where, k.kind, (defaults or {}).get(fname, default), required=k.required)
-        if v is not None and k.bound in ("positive", "nonneg", "steps", "nonneg-steps"):
+        if v is not None and k.bound in ("positive", "nonneg", "steps", "nonneg-steps", "batch", "groupings"):
             _positive(ctx, v, full, allow_zero=k.bound.startswith("nonneg"))
+        if v is not None and k.bound == "batch" and (why := batch_problem(v)):
+            raise ctx.error(full, why)
+        if v is not None and k.bound == "groupings" and v > MAX_GROUPINGS:
+            raise ctx.error(full, f"{v:,} is more than {MAX_GROUPINGS:,} random groupings, each merged and "
+                            "evaluated (a typo?)")  # fmt: skip
         if (
             v is not None
             and k.bound in ("steps", "nonneg-steps")
