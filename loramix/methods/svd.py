@@ -49,13 +49,30 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """``(P, S, Qt)`` with ``B @ A = P diag(S) Qt``, ``P`` (out, n) and ``Qt``
     (n, in) orthonormal, ``S`` descending, ``n = min(out, in, R)``; from the
     factors ``B`` (out, R), ``A`` (R, in) only. Leading batch dimensions are
-    allowed (``(G, out, R)``, ``(G, R, in)``)."""
+    allowed (``(G, out, R)``, ``(G, R, in)``).
+
+    On the CPU it runs on one torch thread: LAPACK's QR and SVD and the
+    products round by how their threads split the work (an ``svd`` merge of
+    two rank-16 SmolLM2 adapters gave 13 of 420 tensors other bits, up to
+    9e-10, with ``--threads 2`` than with 1), so the factors, and every
+    output and study cache entry made from them, would depend on
+    ``--threads``, which no cache key holds. These factorisations are of
+    ``out x R`` and ``R x R`` matrices, small beside the merge's reading and
+    writing."""
     import torch
 
-    QB, RB = torch.linalg.qr(B)
-    QA, RA = torch.linalg.qr(A.mT)
-    U, S, Vh = torch.linalg.svd(RB @ RA.mT, full_matrices=False)
-    return QB @ U, S, Vh @ QA.mT
+    old = torch.get_num_threads()
+    one = B.device.type == "cpu" and old != 1
+    if one:
+        torch.set_num_threads(1)
+    try:
+        QB, RB = torch.linalg.qr(B)
+        QA, RA = torch.linalg.qr(A.mT)
+        U, S, Vh = torch.linalg.svd(RB @ RA.mT, full_matrices=False)
+        return QB @ U, S, Vh @ QA.mT
+    finally:
+        if one:
+            torch.set_num_threads(old)
 
 
 def numerical_rank(S: torch.Tensor, size: int) -> int:

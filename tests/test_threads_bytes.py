@@ -1,0 +1,100 @@
+"""Results a study caches do not depend on ``--threads`` (no cache key holds it).
+
+Found by running the same jobs with ``--threads 1`` and ``--threads 2`` and
+comparing the files: ``train`` (SmolLM2, ``--top-layers 2``), ``eval`` (its
+perplexity JSON) and the thread-independent merges gave the same bytes; an
+``svd`` merge did not (LAPACK's QR and SVD round by their threads' split: 13
+of 420 tensors of a SmolLM2-shaped merge differed, up to 9e-10), so
+:func:`loramix.methods.svd.lowrank_svd` runs on one thread. These tests fail
+if a change makes it depend on the threads again."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramix.cli import main
+
+from .factories import make_peft_adapter, tiny_llama
+
+
+def test_lowrank_svd_is_the_same_on_one_thread_or_two():
+    """576 x 32 factors (SmolLM2's q_proj, two rank-16 adapters stacked): torch's own QR and SVD
+    give other bits on two threads than on one here; lowrank_svd gives the same."""
+    from loramix.methods.svd import lowrank_svd
+
+    g = torch.Generator().manual_seed(0)
+    B, A = (
+        torch.randn(1, 576, 32, dtype=torch.float64, generator=g),
+        torch.randn(1, 32, 576, dtype=torch.float64, generator=g),
+    )
+    old, got = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got.append(lowrank_svd(B, A))
+            assert torch.get_num_threads() == threads  # the caller's threads, as they were
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(x, y) for x, y in zip(*got))
+
+
+@pytest.mark.parametrize("method", [["svd", "--rank", "8"], ["sum", "--out-rank", "8"]])
+def test_a_low_rank_merge_is_the_same_bytes_on_any_threads(tmp_path, method):
+    """``merge -m svd`` (and an adapter output truncated by --out-rank), as a study caches it, with
+    --threads 1 and --threads 2: the same files."""
+    model = tiny_llama(hidden=576, n_layer=1, n_head=4)
+    ads = [make_peft_adapter(model, tmp_path / f"a{k}", seed=k, r=16, lora_alpha=32) for k in range(2)]
+    out = {}
+    for t in (1, 2):
+        args = ["merge", "-m", *method, *ads, "--out", tmp_path / f"t{t}", "--threads", t, "--no-progress"]
+        assert main([str(a) for a in args]) == 0
+        out[t] = (tmp_path / f"t{t}" / "adapter_model.safetensors").read_bytes()
+    assert out[1] == out[2]
+
+
+def test_training_and_evaluation_are_the_same_bytes_on_any_threads(tmp_path):
+    """``train`` (the adapter's weights file) and ``eval --format json`` (the perplexities) with
+    --threads 1 and --threads 2 on a base of SmolLM2's width: the same bytes (guards the finding;
+    the old code gave the same too)."""
+    import contextlib
+    import io
+    import json
+
+    from .factories import save_base, write_jsonl
+    from .test_eval import _make_base
+
+    base = _make_base(tmp_path / "base", "llama")  # its own tokenizer; widened below
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    save_base(tiny_llama(hidden=576, n_layer=1, n_head=4, vocab_size=len(tok)), base)
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [{"question": f"{i} plus {i}?", "answer": str(2 * i)} for i in range(24)]
+    )
+    got = {}
+    for t in (1, 2):
+        out = tmp_path / f"ad{t}"
+        args = ["train", "--base", base, "--data", data, "--steps", "2", "--batch", "8", "--eval-size", "4",
+                "--out", out, "--threads", t, "--no-progress"]  # fmt: skip
+        assert main([str(a) for a in args]) == 0
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            ev = [
+                "eval",
+                "--base",
+                base,
+                "--adapter",
+                out,
+                "--data",
+                data,
+                "--threads",
+                t,
+                "--format",
+                "json",
+                "--no-progress",
+            ]
+            assert main([str(a) for a in ev]) == 0
+        rows = json.loads(buf.getvalue())["results"]
+        got[t] = ((out / "adapter_model.safetensors").read_bytes(), [(r["ppl"], r["nll"]) for r in rows])
+    assert got[1] == got[2]
