@@ -596,7 +596,7 @@ AVX2_ENTRY_POINTS(double, f64)
 /*
  * form + pass (float32): the one pass over a block of rows of deltas given by their
  * factors B_i (rows x K) and A_i (K x cols), each delta's rows formed a few at a time
- * into a tile that stays in the L2 cache and passed at once, instead of the whole block
+ * into a tile and passed at once, from the cache, instead of the whole block
  * formed by torch.mm (MKL: a pass that zeroes the output, the product, the block written
  * to and read back from the L3 cache or memory). form:
  *     tile[r, c] = the chain  acc = +0;  acc = fma(B[r, k], A[k, c], acc),  k = 0 .. K-1
