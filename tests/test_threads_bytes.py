@@ -98,3 +98,21 @@ def test_training_and_evaluation_are_the_same_bytes_on_any_threads(tmp_path):
         rows = json.loads(buf.getvalue())["results"]
         got[t] = ((out / "adapter_model.safetensors").read_bytes(), [(r["ppl"], r["nll"]) for r in rows])
     assert got[1] == got[2]
+
+
+def test_della_into_a_base_is_the_same_bytes_on_any_threads(tmp_path):
+    """``merge -m della --into`` with --threads 1 and --threads 2: the same model files. Its L1
+    rescale summed each delta with torch's whole-tensor sum, which splits the entries between the
+    threads: the merged weights differed (methods.della.l1_norm sums by rows)."""
+    from .factories import save_base
+
+    model = tiny_llama(hidden=576, n_layer=1, n_head=4)
+    base = save_base(model, tmp_path / "base")
+    ads = [make_peft_adapter(model, tmp_path / f"a{k}", seed=k, r=16, lora_alpha=32) for k in range(2)]
+    out = {}
+    for t in (1, 2):
+        args = ["merge", "-m", "della", "--density", "0.5", *ads, "--into", base, "--out", tmp_path / f"t{t}",
+                "--threads", t, "--no-progress"]  # fmt: skip
+        assert main([str(a) for a in args]) == 0
+        out[t] = {p.name: p.read_bytes() for p in (tmp_path / f"t{t}").glob("*.safetensors")}
+    assert out[1] and out[1] == out[2]

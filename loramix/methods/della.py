@@ -73,13 +73,39 @@ def della_prune_(x, density: float, epsilon: float, seed: int, weight: float = 1
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     keep = torch.bernoulli(della_keep_probs(x, density, epsilon), generator=g)
-    before = x.abs().sum()
+    before = l1_norm(x)
     x.mul_(keep.to(device=x.device, dtype=x.dtype))
-    after = x.abs().sum()
-    w = abs(float(weight))
-    if w > 0 and float(before) / w >= 1e-7 and float(after) / w >= 1e-7:
+    after = l1_norm(x)
+    w = abs(weight)
+    if w > 0 and before / w >= 1e-7 and after / w >= 1e-7:
         x.mul_(before / after)
     return x
+
+
+def l1_norm(x) -> float:
+    """``||x||_1`` of ``x`` (out, in) as a float, the same bits on any number
+    of threads: each row's ``sum |x_r|`` in ``x``'s dtype (numpy's pairwise
+    order within the row), the rows in blocks shared out with the streaming
+    run's threads (:func:`loramix.engine.parallel_rows`: a row is never
+    split), then the exact sum of the row sums (``math.fsum``), rounded once.
+    torch's ``x.abs().sum()`` splits the entries between its threads and
+    rounds by their number: ``della --into`` wrote other bytes with
+    ``--threads 1`` and ``--threads 2``. Elsewhere than float32/float64 on
+    the CPU, torch's sum in float64."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from ..engine import block_rows, parallel_rows, run_threads
+
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 2:
+        return float(x.detach().abs().sum(dtype=torch.float64))
+    a = x.detach().numpy()
+    rows, cols = a.shape
+    step = block_rows(rows, cols, run_threads())
+    parts = parallel_rows(rows, step, lambda r0, r1, j: np.add.reduce(np.abs(a[r0:r1]), axis=1).tolist())
+    return math.fsum(v for part in parts for v in part)
 
 
 @register
