@@ -356,7 +356,7 @@ def parameter_count(path: str | os.PathLike) -> tuple[int | None, str | None]:
     (``pytorch_model.bin``, which loramix reads only through transformers,
     when it loads the model). A study's report states one or the other."""
     from .io.filehash import INDEX_NAME, SINGLE_NAME
-    from .io.st_header import read_safetensors_header
+    from .io.model_folder import BaseModelFolder
 
     p, cfg = read_model_config(path)
     quant = cfg.get("quantization_config")
@@ -367,22 +367,10 @@ def parameter_count(path: str | os.PathLike) -> tuple[int | None, str | None]:
             None,
             f"not counted: its weights are quantized{how}, stored packed, not one value per parameter",
         )
-    if (p / INDEX_NAME).is_file():
-        weight_map = load_json_file(p / INDEX_NAME, BaseModelError).get("weight_map")
-        names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
-        files = [p / n for n in names if isinstance(n, str) and n and "/" not in n and os.sep not in n]
-    elif (p / SINGLE_NAME).is_file():
-        files = [p / SINGLE_NAME]
-    else:
-        files = []
-    if not files or not all(f.is_file() for f in files):
+    if not (p / INDEX_NAME).is_file() and not (p / SINGLE_NAME).is_file():
         held = next((f for f in WEIGHT_FILES if (p / f).is_file()), "no safetensors weights")
         return None, f"not counted: {held} only, which loramix reads only through transformers"
-    n = 0
-    for f in files:
-        header, _ = read_safetensors_header(f)
-        n += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
-    return n, None
+    return sum(math.prod(t.shape) for t in BaseModelFolder(p).tensors.values()), None
 
 
 def _tied_head_problem(cfg: dict, model, prefix: str, where: dict, weights_name: str) -> str | None:
