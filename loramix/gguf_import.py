@@ -256,8 +256,9 @@ def check_vocabulary(reader, path) -> None:
     """Refuse a file without a vocabulary (``tokenizer.ggml.tokens``):
     transformers then sized the embedding by its default vocabulary (32,000
     for Llama) and the import failed after de-quantising, on a tensor shape;
-    a byte-level BPE (``gpt2``) with neither its merges nor the scores
-    transformers rebuilds them from; and :func:`check_eos_token`'s."""
+    and a byte-level BPE (``gpt2``) with neither its merges nor the scores
+    transformers rebuilds them from. Its end-of-sequence token is
+    :func:`check_eos_token`'s, which runs earlier (:func:`_check_kind`)."""
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None or [int(t) for t in tokens.types] != [9, 8]:
         raise BaseModelError(path, "has no tokenizer (no tokenizer.ggml.tokens list in its metadata), "
@@ -268,7 +269,6 @@ def check_vocabulary(reader, path) -> None:
                                                                  "tokenizer.ggml.scores"} & set(reader.fields):  # fmt: skip
         raise BaseModelError(path, "has a gpt2 (byte-level BPE) tokenizer with neither its merges "
                              "(tokenizer.ggml.merges) nor the scores to rebuild them from (tokenizer.ggml.scores)")  # fmt: skip
-    check_eos_token(reader, path)
 
 
 def check_eos_token(reader, path) -> None:
