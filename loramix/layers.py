@@ -550,30 +550,55 @@ def merge_into_model(
     weight in ten by one bfloat16 step. With ``stored`` the sum starts from
     the checkpoint's ``W0`` (and a kind that reads ``W0``, DoRA's norms,
     reads that one) and is rounded once.
+
+    Modules sharing one weight (an output head tied to the input embedding,
+    both adapted) are merged one after the other in the model's module order,
+    as PEFT's ``merge_and_unload`` does, into one sum ``W0 + delta_emb +
+    delta_head`` (a kind that reads ``W0`` reads, for the later module, the
+    sum so far, as PEFT's reads the weight the earlier merge wrote), rounded
+    once: a bfloat16 model loaded from float32 holds the float32 merge
+    rounded, not ``round(round(W0 + delta_emb) + delta_head)``.
     """
     adapters = [adapters] if isinstance(adapters, Adapter) else list(adapters)
     per = _entries_per_module(model, adapters, weights)
     copies = _saved_per_param(model, adapters, per)
     detach(model)
     originals: dict[str, torch.Tensor] = {}
-    for name, entries in per.items():
-        mod = model.get_submodule(name)
+    for names in _by_shared_weight(model, per):
+        mod = model.get_submodule(names[0])
         W0 = weight_view(mod)  # (out, in) view; an embedding's (vocab, dim)
         if keep_original:
-            originals[name] = mod.weight.detach().cpu().clone()
-        src = stored(name) if stored is not None else None
+            originals.update((n, mod.weight.detach().cpu().clone()) for n in names)
+        src = stored(names[0]) if stored is not None else None
         src = W0 if src is None else src.to(W0.device)
         # float32 rounded a float64 model's every merged weight (3e-8 from PEFT's float64 merge)
         cdt = torch.float64 if torch.float64 in (W0.dtype, src.dtype) else torch.float32
         acc = src.to(cdt).clone()
-        for w, m in entries:
-            acc += (w * m.delta(src, dtype=torch.float64, device=W0.device)).to(cdt)
+        for i, name in enumerate(names):
+            # the W0 a tied module's later merge reads is the earlier one's result, as in PEFT
+            seen = src if i == 0 else acc.clone()
+            for w, m in per[name]:
+                acc += (w * m.delta(seen, dtype=torch.float64, device=W0.device)).to(cdt)
         # a float16 model holds |x| <= 65504 only: an inf here gave a perplexity of nan, silently
-        W0.copy_(check_output_finite(acc.to(W0.dtype), f"{name}.weight"))
+        W0.copy_(check_output_finite(acc.to(W0.dtype), f"{names[0]}.weight"))
     swapped = _swap_in(model, copies)
     if keep_original:
         originals.update(swapped)
     return originals
+
+
+def _by_shared_weight(model: nn.Module, per: dict) -> list[list[str]]:
+    """The adapted module names of ``per`` grouped by the weight they hold:
+    one name each, except modules sharing one parameter (a tied head and
+    input embedding), which come together in the model's module order (the
+    order of PEFT's ``merge_and_unload``)."""
+    groups: dict[int, list[str]] = {}
+    for name in per:
+        groups.setdefault(id(model.get_submodule(name).weight), []).append(name)
+    if all(len(g) == 1 for g in groups.values()):
+        return list(groups.values())
+    order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    return [sorted(g, key=lambda n: order.get(n, len(order))) for g in groups.values()]
 
 
 @torch.no_grad()

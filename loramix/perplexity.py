@@ -484,7 +484,11 @@ def _checkpoint_weights(base, model):
     that is wider than the loaded model's (``--dtype bfloat16`` of a float32
     checkpoint), so that ``--merged`` rounds ``W0 + delta`` once, as ``sum
     --into --dtype`` writes it; None where the loaded weight is the stored
-    one. Only the merged modules' tensors are read."""
+    one. Only the merged modules' tensors are read.
+
+    A head tied to the input embedding (which ``sum --into`` refuses, and
+    the folder may not store) reads the input embedding's tensor: the one
+    weight both modules hold, ``(vocab, dim)`` in either's layout."""
     from .io.model_folder import BaseModelFolder
     from .layers import weight_view
     from .models import resolve_base
@@ -492,18 +496,32 @@ def _checkpoint_weights(base, model):
     folder = BaseModelFolder(resolve_base(base))
 
     def stored(name: str):
-        W0 = weight_view(model.get_submodule(name))
+        mod = model.get_submodule(name)
+        W0 = weight_view(mod)
         try:
-            key, _ = folder.module_weight_key(name)
-        except BaseModelError:  # the head tied to the embedding: the model's own
-            return None
+            key, tied = folder.module_weight_key(name)[0], False
+        except BaseModelError:  # refused for the engine: a tied head or embedding, or no such tensor
+            key, tied = _tied_key(folder, model, mod), True
+            if key is None:
+                return None
         info = folder.tensors[key]
         if info.torch_dtype is None or info.torch_dtype.itemsize <= W0.dtype.itemsize:
             return None  # loaded as stored (or widened, exactly)
-        W = folder.read_module_weight(name, dtype=None)
+        # an embedding's (vocab, dim) is a tied head's (out, in) too: read as stored
+        W = folder.read_tensor(key) if tied else folder.read_module_weight(name, dtype=None)
         return W if tuple(W.shape) == tuple(W0.shape) else None
 
     return stored
+
+
+def _tied_key(folder, model, mod) -> str | None:
+    """The folder's key of the input embedding when ``mod`` holds its weight
+    (``mod`` is the embedding, or an output head tied to it), else None."""
+    emb = model.get_input_embeddings()
+    if emb is None or getattr(mod, "weight", None) is not emb.weight:
+        return None
+    name = next((n for n, m in model.named_modules() if m is emb), None)
+    return None if name is None else folder.tensor_key(name)
 
 
 def _warn_tied_merge(model, adapters) -> None:

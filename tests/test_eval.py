@@ -976,6 +976,58 @@ def test_parameter_count_or_why_not(bases, tmp_path):
     assert got is None and "quantized (gptq)" in why, why
 
 
+def _tied_llama_base(folder: Path) -> Path:
+    """The tiny Llama of :func:`_make_base` with its head tied to the input
+    embedding (the checkpoint stores ``model.embed_tokens.weight`` only), float32."""
+    from safetensors.torch import load_file, save_file
+
+    base = _make_base(folder, "llama")
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    sd = load_file(str(base / "model.safetensors"))
+    del sd["lm_head.weight"]
+    save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+    return base
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_merged_tied_head_in_bfloat16_rounds_once(tmp_path, dora):
+    """``eval --merged --dtype bfloat16`` of a float32 base whose head is
+    tied to the input embedding, the adapter on both (and q_proj): the one
+    shared weight is PEFT's float32 merge (``merge_and_unload``, the
+    embedding merged first, then the head, each changing both; DoRA's head
+    reads the weight the embedding's merge wrote) rounded once. It was
+    merged into the bfloat16 weight loaded from the checkpoint, rounding
+    twice (the tied tensor was not re-read: the folder refuses it for the
+    engine): 3,891 of 12,800 weights off by a bfloat16 step. And the head
+    was merged before the embedding (the adapter file's order): DoRA's
+    tied weight was 29x its norm away from PEFT's, in float32 and float64."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loramix.perplexity import _model_with_adapters
+
+    from .test_embedding import emb_adapter, rel
+
+    base = _tied_llama_base(tmp_path / "base")
+    ad = emb_adapter(
+        lambda: AutoModelForCausalLM.from_pretrained(str(base)), tmp_path / "a", seed=3,
+        targets=["embed_tokens", "lm_head", "q_proj"], dora=dora,
+    )  # fmt: skip
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(ad))
+    want = peft.merge_and_unload().model.embed_tokens.weight
+    got = {}
+    for dt in ("float32", "bfloat16"):
+        with pytest.warns(Warning, match="is tied to"):
+            model, _, _ = _model_with_adapters(base, [str(ad)], None, merged=True, dev="cpu", dtype=dt)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        got[dt] = model.model.embed_tokens.weight
+    # PEFT's merge to float32's rounding (DoRA's norms: 1.3e-6; float64 both: 5e-15)
+    assert rel(got["float32"], want) < 1e-5
+    off = int((got["bfloat16"] != got["float32"].bfloat16()).sum())
+    assert off == 0, f"{off} of {want.numel()} tied weights differ from the float32 merge rounded once"
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_merged_in_bfloat16_rounds_once(bases, tmp_path, arch):
     """``eval --merged --dtype bfloat16`` of a float32 base: each merged
