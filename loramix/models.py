@@ -6,7 +6,10 @@ folder, no ``config.json``, not a causal LM, no weights, weights lacking
 parameters of the model ``config.json`` describes (transformers would fill
 them at random), a ``config.json`` with another number of layers than the
 weights hold (transformers would drop the rest) or another shape of a tensor,
-key-value heads that do not divide the query heads (:func:`head_problem`),
+key-value heads that do not divide the query heads (:func:`head_problem`)
+or a head count that the ``head_dim`` it gives does not fit the attention
+weights with (:func:`head_size_problem`; without ``head_dim`` a head count
+edited so that every shape holds cannot be told apart),
 a ``config.json`` that ties the head to the embedding over weights whose
 ``lm_head`` differs from it (transformers would drop that head), no
 tokenizer, or a tokenizer whose vocabulary is larger than the model's
@@ -92,6 +95,46 @@ def head_problem(cfg: dict) -> str | None:
             f"num_attention_heads {heads} does not divide hidden_size {width}, and no head_dim is given: "
             "the model has no head size"
         )
+    return None
+
+
+def head_size_problem(cfg: dict, shapes: dict, weights_name: str) -> str | None:
+    """Why the heads ``config.json`` gives do not fit the attention weights
+    the checkpoint holds, or None; torch-free, from the tensors' shapes
+    (``{key: shape}``, a safetensors header's). For a Llama-family config
+    (:func:`loramix.archs.parameter_shapes`'s ``block`` types) with ``h``
+    heads, ``g`` key-value heads and head size ``d`` (``head_dim`` where
+    given), ``q_proj`` holds ``h d`` rows and ``k_proj`` ``g d``.
+
+    ``head_dim`` is a second record of the heads: a head count edited and
+    ``head_dim`` left (9 heads of 64 written as 3, over ``head_dim`` 64) no longer
+    fits ``q_proj``, and is named here (``scenario check`` included, which
+    builds no model), where the model's build reports only a tensor of
+    another shape. Without ``head_dim`` (or with it edited to match) nothing
+    records the head size apart from the count: 9 heads of 64 written as 3
+    heads of 192 (and 3 key-value heads as 1) keeps every shape, and the
+    model builds and runs as another model (its attention split in other
+    places) that no check can tell apart. Other model types, and a config
+    without ``head_dim`` (whose default is the class's: ``hidden_size / h``,
+    Qwen3's 128), are left to the build."""
+    from .archs import arch
+
+    a = arch(cfg.get("model_type"))
+    heads, kv, hd = (_count(cfg, k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
+    # without head_dim the size is the class's default (hidden_size / h, but Qwen3's 128): left to the build
+    if a is None or a.block is None or hd is None or heads is None or head_problem(cfg) is not None:
+        return None
+    for proj, key, n in (
+        ("q_proj", "num_attention_heads", heads),
+        ("k_proj", "num_key_value_heads", kv or heads),
+    ):
+        name = next((k for k in shapes if k.endswith(f"layers.0.self_attn.{proj}.weight")), None)
+        shape = shapes.get(name) if name else None
+        if shape and len(shape) == 2 and shape[0] != n * hd:
+            return (
+                f"{key} {n} x head_dim {hd} = {n * hd}, but {name} in {weights_name} has {shape[0]} rows: "
+                "a head count or head_dim the weights were not made with"
+            )
     return None
 
 
@@ -319,6 +362,8 @@ def check_weights_hold_the_model(p: Path) -> None:
                 where[k] = (f, start + begin, end - begin, t["dtype"])
     held = sum(math.prod(s) for s in shapes.values())
     if (why := layer_disagreement(cfg, shapes, weights_name)) is not None:
+        raise BaseModelError(p / "config.json", why)
+    if (why := head_size_problem(cfg, shapes, weights_name)) is not None:
         raise BaseModelError(p / "config.json", why)
     with torch.device("meta"), quiet_transformers():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(p), local_files_only=True))

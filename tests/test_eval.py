@@ -528,6 +528,38 @@ def test_kv_heads_that_do_not_divide_the_heads_are_refused(bases, tmp_path, caps
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [({"num_attention_heads": 2, "num_key_value_heads": 1},
+      "num_attention_heads 2 x head_dim 8 = 16, but model.layers.0.self_attn.q_proj.weight in model.safetensors "
+      "has 32 rows"),
+     ({"head_dim": 16}, "num_attention_heads 4 x head_dim 16 = 64"),
+     ({"num_key_value_heads": 1}, "num_key_value_heads 1 x head_dim 8 = 8, but model.layers.0.self_attn.k_proj")],
+)  # fmt: skip
+def test_a_head_count_that_head_dim_contradicts_is_refused(bases, tmp_path, capsys, edit, needle):
+    """The tiny Llama (4 heads of 8, 2 key-value heads) with its config.json's
+    head count or head_dim edited, the other left as it was: eval refused it
+    only as a tensor of another shape ('describes ...q_proj.weight as 16 x
+    32'), naming neither key, and scenario check, which builds no model,
+    passed it (the run's first evaluation failed). Now one line naming
+    config.json and the keys, from both. The same edit with head_dim edited
+    to match (or absent) keeps every shape: nothing tells that model apart,
+    and it is evaluated (the limit docs state)."""
+    base = Path(shutil.copytree(bases["llama"], tmp_path / "base"))
+    cfg = json.loads((base / "config.json").read_text())
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (4, 2, 8)
+    (base / "config.json").write_text(json.dumps({**cfg, **edit}))
+    needle = f"{base / 'config.json'}: {needle}"
+    one_line_error(capsys, ["eval", "--base", base, "--data", ARITH, "--limit", "4", "--no-progress"], needle)
+    scen = tmp_path / "s.toml"
+    scen.write_text(f'name = "s"\n[base]\npath = "{base}"\n' + "".join(
+        f'[domains.{d}]\ndata = "synthetic:{d}"\neval = 8\ntrain = 8\n' for d in ("arith", "units")))  # fmt: skip
+    one_line_error(capsys, ["scenario", "check", scen, "--cache", tmp_path / "cache"], needle)
+    if "num_attention_heads" in edit:  # heads and head_dim edited together: every shape holds
+        (base / "config.json").write_text(json.dumps({**cfg, **edit, "head_dim": 16}))
+        assert main(["eval", "--base", str(base), "--data", ARITH, "--limit", "4", "--no-progress"]) == 0
+
+
 @pytest.mark.parametrize("head", ["differs", "equal", "absent"])
 def test_a_tied_config_over_a_separate_head(bases, tmp_path, capsys, head):
     """config.json says tie_word_embeddings: true over weights whose lm_head.weight differs from

@@ -483,13 +483,19 @@ def _base_weights(ctx, base) -> tuple[str | None, dict[str, tuple[int, ...]]]:
 
 def check_heads(folder) -> None:
     """Refuse a base whose ``config.json`` describes attention that cannot be
-    built (:func:`loramix.models.head_problem`) where a study reads it: its
+    built (:func:`loramix.models.head_problem`), or heads whose ``head_dim``
+    does not fit the attention weights (:func:`loramix.models.head_size_problem`,
+    from the headers) where a study reads it: its
     evaluations build the model, which ``eval`` and ``train`` refuse, so
     ``scenario check`` does too, not the run's first evaluation."""
     from ..errors import BaseModelError
-    from ..models import head_problem
+    from ..models import head_problem, head_size_problem
 
     if (why := head_problem(folder.config)) is not None:
+        raise BaseModelError(folder.path / "config.json", why)
+    shapes = {k: t.shape for k, t in folder.tensors.items()}
+    names = "model.safetensors.index.json" if folder.sharded else "model.safetensors"
+    if (why := head_size_problem(folder.config, shapes, names)) is not None:
         raise BaseModelError(folder.path / "config.json", why)
 
 
