@@ -51,7 +51,8 @@ What loramix adds is checking and writing:
   count the weights were not made with is refused naming it. A head count
   that keeps every shape (SmolLM2's 9 heads of 64 and 3 kv heads written as
   3 of 192 and 1) is caught only by ``rope.dimension_count`` or
-  ``key_length`` (64, not 192); a file that gives neither, or gives them
+  ``key_length`` (64, not 192), and the line names ``attention.head_count``
+  beside the key that disagrees; a file that gives neither, or gives them
   edited to match, imports as another model that nothing in it can tell
   apart (so edited, SmolLM2 scored perplexity 38,294 on 8 math records
   against its own 4.77).
@@ -533,17 +534,24 @@ def check_shape(reader, path: Path, cfg: dict, gguf_arch: str) -> int:
     # transformers' Llama, Qwen2 and Qwen3 rotate all of them, so a smaller count is another model
     # (transformers takes head_dim from the rotated count itself: the head size is the key length)
     rot = _field(reader, f"{gguf_arch}.rope.dimension_count")
-    head_dim = int(_field(reader, f"{gguf_arch}.attention.key_length") or width // heads)
+    key = _field(reader, f"{gguf_arch}.attention.key_length")
+    head_dim = int(key or width // heads)
     value = _field(reader, f"{gguf_arch}.attention.value_length")
+    # a head size taken from width / heads is the head count's: a count the weights were not
+    # made with (shapes kept: 9 heads of 64 as 3 of 192) shows only against a key or rotated size
+    count = (f"; width / heads is {gguf_arch}.embedding_length {width} / {gguf_arch}.attention.head_count "
+             f"{heads}: a head count the weights were not made with shows here too")  # fmt: skip
     if int(value or width // heads) != head_dim:
         given = (
             f"value_length {int(value)}" if value else f"no value_length (so {width // heads}, width / heads)"
         )
         raise BaseModelError(path, f"{gguf_arch}.attention.key_length {head_dim} with {given}: llama.cpp's "
-                             f"{gguf_arch} needs one head size for keys and values and refuses it")  # fmt: skip
+                             f"{gguf_arch} needs one head size for keys and values and refuses it"
+                             f"{'' if value else count}")  # fmt: skip
     if rot is not None and int(rot) != head_dim:
         raise BaseModelError(path, f"{gguf_arch}.rope.dimension_count {int(rot)} rotates part of each head "
-                             f"(head size {head_dim}), which transformers' {gguf_arch} cannot run")  # fmt: skip
+                             f"(head size {head_dim}), which transformers' {gguf_arch} cannot run"
+                             f"{'' if key else count}")  # fmt: skip
     return head_dim
 
 

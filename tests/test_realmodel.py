@@ -624,6 +624,35 @@ def test_gguf_key_and_value_head_sizes_must_agree(tmp_path, capsys, arch, length
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "records, needle",
+    [(dict(rope_dimension_count=16), "llama.rope.dimension_count 16 rotates part of each head (head size 32)"),
+     (dict(key_length=16), "llama.attention.key_length 16 with no value_length (so 32, width / heads)"),
+     (dict(key_length=16, value_length=16, rope_dimension_count=16),
+      "the config implies (16, 32) (its metadata's attention.head_count 1 x head size 16)"),
+     (dict(), None), (dict(rope_dimension_count=32), None)],
+)  # fmt: skip
+def test_a_head_count_edited_with_every_shape_kept(tmp_path, capsys, records, needle):
+    """The one-block Llama GGUF's 2 heads of 16 (and 2 key-value heads)
+    written as 1 head of 32: every tensor keeps its shape (SmolLM2's 9 heads
+    of 64 and 3 kv heads written as 3 of 192 and 1 likewise). Where a second
+    record of the head size says 16 (``rope.dimension_count``, as llama.cpp's
+    converter writes it, or ``attention.key_length``), the import refuses
+    the file in one line naming the file and both keys: the record's and
+    ``attention.head_count`` (the first two lines named the record only,
+    as partial rotation or a value size: the count, the likelier edit, now
+    too; the third named the count already). Without one, or with it edited
+    to match, the file imports: nothing in it tells that model apart."""
+    path = llama_gguf(tmp_path / "h1.gguf", tokenizer=True, head_count=1, head_count_kv=1, **records)
+    out = tmp_path / "m"
+    if needle is None:
+        assert main(["base", "import", str(path), "--out", str(out)]) == 0, capsys.readouterr().err
+        assert json.loads((out / "config.json").read_text())["num_attention_heads"] == 1
+        return
+    line = one_line_error(capsys, ["base", "import", path, "--out", out], path, needle)
+    assert "attention.head_count 1" in line and not out.exists()
+
+
 # ggml's IQ4 non-linear grid (kvalues_iq4nl): 16 levels a 4-bit index picks from
 IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
