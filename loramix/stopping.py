@@ -46,9 +46,11 @@ must not be cut short either: a second Ctrl-C while the first one's
 clean-up ran raised in the middle of it and left the temporary behind.
 A signal that comes while one runs (in it, or in anything it calls) is
 held until it ends (at most :data:`LONGEST_SECONDS`). Then it is dropped
-where the clean-up ran for a stop already under way (an exception that is
-no :class:`Exception`, a ``KeyboardInterrupt`` say, is being handled or
-raised): the run stops all the same. Elsewhere (the clean-up after a
+where the clean-up ran for a stop already under way (:func:`stop_under_way`:
+an exception that is no :class:`Exception`, a ``KeyboardInterrupt`` say, is
+being handled or raised): the run stops all the same; the command line's
+handlers drop a signal anywhere in a stop so (:func:`loramix.cli.main`).
+Elsewhere (the clean-up after a
 finished output, or after an error) it is sent again, and stops the run
 there; where that clean-up was the command's last step, :func:`loramix.cli.main`
 waits for it (:func:`settle`) before it hands the process back, and the run
@@ -165,11 +167,24 @@ def _release() -> None:
     _held.clear()
     for signum in held:
         _waiting_since.pop(signum, None)
-    exc = sys.exc_info()[1]
-    if exc is None or isinstance(exc, Exception):
+    if not stop_under_way():
         # not stopping yet: the first held signal stops the run, once out of here (sent now,
         # it would be handled in this clean-up's frame, and held again)
         _send_again(held[0])
+
+
+def stop_under_way() -> bool:
+    """Whether this thread is stopping: the exception being handled (in an
+    ``except`` or a ``finally`` it passes through, or anything they call) is
+    a stop, no :class:`Exception` (a ``KeyboardInterrupt``, a SIGTERM's), or
+    was raised from one (click's ``Abort`` from a ``KeyboardInterrupt``). A
+    generator being closed (``GeneratorExit``) is no stop. A signal then is
+    dropped, not raised: the run stops all the same, and raised there it cut
+    short what the stop does (a clean-up, the line that says so)."""
+    exc = sys.exc_info()[1]
+    return exc is not None and any(
+        e is not None and not isinstance(e, (Exception, GeneratorExit)) for e in (exc, exc.__cause__)
+    )
 
 
 def cleaning(frame) -> bool:

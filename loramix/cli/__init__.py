@@ -10,6 +10,7 @@ on stderr and exit with code 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import importlib
@@ -22,7 +23,7 @@ import click
 from .. import __version__
 from ..devices import DEVICE_CHOICES
 from ..errors import LoramixError, LoramixWarning, UsageError
-from ..stopping import deferred
+from ..stopping import deferred, stop_under_way
 from .threads import threads_option
 
 # module (in this package) -> command name
@@ -259,10 +260,18 @@ def _interrupt(signum, frame):
         raise KeyboardInterrupt
 
 
+#: set once a stop's line is printed (:func:`_interrupted`): a signal after it is dropped
+_stopping = [False]
+#: set while an error's one line is printed (:func:`_saying`): a signal then is kept
+_reporting = [False]
+
+
 def _interrupted(e: BaseException) -> int:
     """One line, and the exit status of a process stopped by the signal: 128 + 15
     for SIGTERM (what a shell or scheduler expects of a terminated job), 128 + 2
-    for Ctrl-C."""
+    for Ctrl-C. A signal from now on is dropped (:func:`_not_now`): raised in
+    the line's echo, it ended the run with a traceback, exit 1."""
+    _stopping[0] = True
     if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
         click.echo("loramix: terminated", err=True)
         return 143
@@ -283,19 +292,20 @@ def main(argv=None) -> int:
     import threading
 
     handlers = {}  # signal -> the handler before (None: not Python's, the default then)
+    _late.clear()
+    _stopping[0] = _reporting[0] = False
     if threading.current_thread() is threading.main_thread():
         handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _terminate)
         # only where Ctrl-C raises now: one ignored (a job started with `nohup` or `&`) stays so
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             handlers[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
+    code = None
     try:
         with warnings.catch_warnings():  # restores the caller's showwarning
             warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
             code = _main(argv)
     finally:
-        late = _hand_back(handlers)
-    if late and code == 0:  # the command's own signal, put off to its end: it stops the run there
-        return _interrupted(Terminated() if signal.SIGTERM in late else KeyboardInterrupt())
+        code = _hand_back(handlers, code)
     return code
 
 
@@ -304,13 +314,18 @@ _late: list[int] = []
 _handing_back = [False]
 
 
-def _hand_back(handlers: dict) -> list[int]:
+def _hand_back(handlers: dict, code: int | None) -> int | None:
     """Give the caller's handlers back (``handlers``: signal -> the one before),
     once the signals put off in the command's last milliseconds (a clean-up's,
     :mod:`loramix.stopping`) have come: sent again after that, a Ctrl-C met
     Python's handler, raising wherever it landed (at exit, a traceback), and
-    a SIGTERM the default action, where the command had said nothing. Those
-    that come now are returned, not raised (:func:`_not_now`)."""
+    a SIGTERM the default action, where the command had said nothing.
+    Returns the exit status: ``code`` (the command's; None where it raised),
+    or where a signal was kept for the end (:func:`_not_now`) that signal's
+    (:func:`_stopped_by`). Its line is printed before the handlers go back,
+    so that a second signal meanwhile is dropped: printed after, a second
+    Ctrl-C raised in it (a traceback) and a second SIGTERM killed the
+    process, where the command had said nothing."""
     import signal
 
     from ..stopping import settle
@@ -319,27 +334,58 @@ def _hand_back(handlers: dict) -> list[int]:
     try:
         if handlers:
             settle()
+            code = _stopped_by(code)
         for s, before in handlers.items():
             signal.signal(s, signal.SIG_DFL if before is None else before)  # takes a pending one first
     finally:
         _handing_back[0] = False
+    return _stopped_by(code)  # one that came as the handlers went back
+
+
+def _stopped_by(code: int | None) -> int | None:
+    """``code``, or where a signal was kept for the command's end
+    (:func:`_not_now`) and the command was not stopped already (by a signal,
+    130 or 143, or an exception out of :func:`_main`: None), the exit status
+    of a run stopped by it, its line printed (:func:`_interrupted`): the
+    signal came last, after the command's output or its error's line."""
+    import signal
+
     late, _late[:] = _late[:], []
-    return late
+    if not late or code is None or code in (130, 143):
+        return code
+    return _interrupted(Terminated() if signal.SIGTERM in late else KeyboardInterrupt())
 
 
 def _not_now(signum: int, frame) -> bool:
     """Whether a signal landing in ``frame`` is kept for :func:`main`'s end
-    (:func:`_hand_back`) rather than raised: while the handlers are handed
-    back, or in the lines of :func:`main` itself or of a function it calls
-    directly (``_main``'s own, ``catch_warnings``'): raised in most of those,
-    nothing catches it (a traceback). One kept ends a command that succeeds
-    as it would have ended it (:func:`_interrupted`)."""
+    (:func:`_hand_back`) rather than raised: while a stop is under way (its
+    clean-ups, its line: :func:`loramix.stopping.stop_under_way`,
+    :func:`_interrupted`), while an error's line is printed (:func:`_saying`),
+    while the handlers are handed back, or in the lines of :func:`main` itself
+    or of a function it calls directly (``_main``'s own, ``catch_warnings``'):
+    raised in most of those, nothing catches it (a traceback), and in a stop's
+    it cut short what the stop does. One kept ends a command that was not
+    stopped already as it would have ended it (:func:`_stopped_by`); in a
+    stop, it is dropped (the run stops with the first one's line and status)."""
     mine = frame is not None and (frame.f_code is main.__code__ or (
         frame.f_back is not None and frame.f_back.f_code is main.__code__))  # fmt: skip
-    if _handing_back[0] or mine:
+    if _stopping[0] or _reporting[0] or _handing_back[0] or mine or stop_under_way():
         _late.append(signum)
         return True
     return False
+
+
+@contextlib.contextmanager
+def _saying():
+    """Within: an error's one line is printed, and a signal meanwhile is kept
+    for the command's end (:func:`_not_now`), which it then stops with its
+    own line and status, after the error's. Raised inside the echo, it
+    ended the run with a traceback, exit 1."""
+    _reporting[0] = True
+    try:
+        yield
+    finally:
+        _reporting[0] = False
 
 
 def _show_warning(shown_before, message, category, filename, lineno, file=None, line=None):
@@ -353,28 +399,31 @@ def _show_warning(shown_before, message, category, filename, lineno, file=None, 
 
 def _main(argv) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    _paths_print_as_given()
     try:
+        _paths_print_as_given()  # in the try: a signal landing there stops the run with its line
         cli.main(args=argv, prog_name="loramix", standalone_mode=False)
     except LoramixError as e:
         if debug:
             raise
         if isinstance(e, UsageError) and e.where in FLAGS:
             e.where = FLAGS[e.where]
-        click.echo(f"loramix: error: {e.message}", err=True)
+        with _saying():
+            click.echo(f"loramix: error: {e.message}", err=True)
         return 2
     except click.exceptions.Abort as e:  # click's form of an interrupt (its cause)
         return _interrupted(e)
     except click.UsageError as e:
-        if e.ctx is None or isinstance(e, click.exceptions.NoArgsIsHelpError):
-            e.show()  # `loramix` alone: the help
-            return e.exit_code
-        # one line, as for every other bad input; click's own is four (usage, hint, blank, error)
-        message = " ".join(e.format_message().split())
-        click.echo(f"loramix: error: {message} (see '{e.ctx.command_path} --help')", err=True)
+        with _saying():
+            if e.ctx is None or isinstance(e, click.exceptions.NoArgsIsHelpError):
+                e.show()  # `loramix` alone: the help
+                return e.exit_code
+            # one line, as for every other bad input; click's own is four (usage, hint, blank, error)
+            message = " ".join(e.format_message().split())
+            click.echo(f"loramix: error: {message} (see '{e.ctx.command_path} --help')", err=True)
         return 2
     except click.ClickException as e:
-        e.show()
+        with _saying():
+            e.show()
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
@@ -383,12 +432,14 @@ def _main(argv) -> int:
     except OSError as e:
         if debug or e.errno not in SYSTEM_ERRORS:
             raise
-        click.echo(f"loramix: error: {_os_error_line(e)}", err=True)
+        with _saying():
+            click.echo(f"loramix: error: {_os_error_line(e)}", err=True)
         return 2
     except RecursionError:
         if debug:
             raise
-        click.echo("loramix: error: an input is nested too deeply to read (RecursionError)", err=True)
+        with _saying():
+            click.echo("loramix: error: an input is nested too deeply to read (RecursionError)", err=True)
         return 2
     return 0
 
