@@ -1,7 +1,7 @@
 """The command line's SIGTERM and Ctrl-C in the windows around a stop: a
 second signal while the first one's line is printed, a signal while an
-error's line is printed or as the handlers are handed back
-(:func:`loramix.cli.main`).
+error's line is printed or as the handlers are handed back, and a process
+forked during a command (:func:`loramix.cli.main`).
 
 Each case runs the real ``loramix`` command in a fresh Python whose signal
 is sent, by the process to itself, at the point under test (a wrapped
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals and fork")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,6 +125,78 @@ def test_a_signal_as_the_handlers_are_handed_back_stops_the_run_once(sig):
     code, line = _STOP[sig]
     assert (p.returncode, p.stderr.splitlines()) == (code, [line]), p.stderr
     assert p.stdout.startswith("loramix, version"), p.stdout
+
+
+#: a program running the CLI (argv: how to fork, then the command's arguments) that forks a
+#: child as the command's group starts, which sleeps (after saying so on a pipe) until its
+#: parent sends it SIGTERM; the parent prints the child's exit status and the handlers the
+#: child found, then goes on with the command
+_FORK_IN_A_COMMAND = """
+import os, signal, sys, time
+import loramix.progress as progress
+from loramix import cli
+HOW = sys.argv[1]
+def handlers():
+    return {signal.SIGTERM: signal.getsignal(signal.SIGTERM), signal.SIGINT: signal.getsignal(signal.SIGINT)}
+BEFORE = handlers()  # the caller's: what the child must find
+def sleeper(w):
+    found = handlers() == BEFORE
+    os.write(w, b"y" if found else b"n")
+    time.sleep(60)  # no guard: what unwinds it here unwinds the command (as a real fork's child would)
+line_every = progress.line_every
+def fork_a_child(*args, **kw):
+    r, w = os.pipe()
+    if HOW == "os.fork":
+        pid = os.fork()
+        if pid == 0:
+            sleeper(w)
+            os._exit(0)
+        found = os.read(r, 1)
+        os.kill(pid, signal.SIGTERM)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    elif HOW == "multiprocessing":
+        import multiprocessing
+        p = multiprocessing.get_context("fork").Process(target=sleeper, args=(w,))
+        p.start()
+        found = os.read(r, 1)
+        p.terminate()
+        p.join(30)
+        code = p.exitcode
+    else:  # signalled before its fork hook ran: the handler the parent had, called in the child
+        handler = signal.getsignal(signal.SIGTERM)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                handler(signal.SIGTERM, sys._getframe())
+            finally:
+                os._exit(3)
+        found = b"-"
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    print("child", code, found.decode(), flush=True)
+    return line_every(*args, **kw)
+progress.line_every = fork_a_child
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("how", ["os.fork", "multiprocessing", "before-its-hook"])
+def test_a_process_forked_during_a_command_dies_of_sigterm(how):
+    """A child forked while a command runs (``os.fork``, a multiprocessing
+    fork worker) finds the caller's handlers, not the command's, and dies of
+    SIGTERM at once (-15), unwinding nothing; one signalled before its fork
+    hook ran dies of it too. It inherited :func:`loramix.cli._terminate`:
+    the ``os.fork`` child unwound the parent's command (its ``loramix:
+    terminated`` on the shared stderr, exit 143; with an output, the
+    parent's temporary removed by the child), the multiprocessing one
+    printed a ``Terminated`` traceback and exited 1. The parent's command
+    goes on as ever (here: its one-line error, exit 2)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    p = subprocess.run([sys.executable, "-c", _FORK_IN_A_COMMAND, how, "inspect", "/nonexistent/adapter"],
+                       capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    found = "-" if how == "before-its-hook" else "y"
+    assert p.stdout.split() == ["child", str(-signal.SIGTERM), found], (p.stdout, p.stderr)
+    error = "loramix: error: /nonexistent/adapter: no such file or folder"
+    assert (p.returncode, p.stderr.splitlines()) == (2, [error]), p.stderr
 
 
 def test_what_counts_as_a_stop_under_way():

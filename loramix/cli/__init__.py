@@ -250,14 +250,58 @@ def _terminate(signum, frame):
     # and temporaries half made are removed, not left for the next run to find;
     # not in importlib, a C extension's start-up or a finalizer, where it can be lost
     # (loramix.stopping)
-    if not _not_now(signum, frame) and not deferred(signum, frame):
+    if not _in_a_child(signum, frame) and not _not_now(signum, frame) and not deferred(signum, frame):
         raise Terminated
 
 
 def _interrupt(signum, frame):
     # Ctrl-C: Python's own handler raises anywhere, and there it was lost the same way
-    if not _not_now(signum, frame) and not deferred(signum, frame):
+    if not _in_a_child(signum, frame) and not _not_now(signum, frame) and not deferred(signum, frame):
         raise KeyboardInterrupt
+
+
+#: the process whose command :func:`main` runs (None: none runs), and the caller's
+#: handlers it replaced (signal -> handler; None: not Python's, the default then)
+_owner: dict = {"pid": None, "handlers": {}}
+#: whether :func:`_callers_in_child` is registered to run in every forked child
+_fork_hook = [False]
+
+
+def _callers_in_child() -> None:
+    """In a child just forked while a command runs (a multiprocessing fork
+    worker, an ``os.fork`` of a library the command calls): the caller's
+    handlers back in place of :func:`_terminate` and :func:`_interrupt`,
+    as :func:`loramix.stopping.sigterm_unwinds` does for a library call.
+    Those raised into the copy of the parent's command there, the child's
+    own code never told: an ``os.fork`` child unwound the command (its
+    ``loramix: terminated`` line, exit 143, the parent's temporary removed
+    by the child), a multiprocessing one printed a traceback and exited 1.
+    With the caller's (SIGTERM's default, for a console script), SIGTERM
+    kills the child at once, as without loramix."""
+    import signal
+
+    if _owner["pid"] in (None, os.getpid()):
+        return
+    for s, before in _owner["handlers"].items():
+        if signal.getsignal(s) in (_terminate, _interrupt):  # the forking thread is the child's main thread
+            signal.signal(s, signal.SIG_DFL if before is None else before)
+
+
+def _in_a_child(signum: int, frame) -> bool:
+    """Whether this is a child forked while a command runs, signalled before
+    :func:`_callers_in_child` ran: then the caller's handlers are put back
+    and the signal goes to its own (the default: the child dies of it)."""
+    import signal
+
+    if _owner["pid"] in (None, os.getpid()):
+        return False
+    _callers_in_child()
+    handler = signal.getsignal(signum)
+    if handler == signal.SIG_DFL:
+        os.kill(os.getpid(), signum)
+    elif callable(handler):
+        handler(signum, frame)
+    return True
 
 
 #: set once a stop's line is printed (:func:`_interrupted`): a signal after it is dropped
@@ -295,6 +339,10 @@ def main(argv=None) -> int:
     _late.clear()
     _stopping[0] = _reporting[0] = False
     if threading.current_thread() is threading.main_thread():
+        if not _fork_hook[0] and hasattr(os, "register_at_fork"):  # no fork, no hook (Windows)
+            os.register_at_fork(after_in_child=_callers_in_child)
+            _fork_hook[0] = True
+        _owner.update(pid=os.getpid(), handlers=handlers)
         handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _terminate)
         # only where Ctrl-C raises now: one ignored (a job started with `nohup` or `&`) stays so
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -339,6 +387,7 @@ def _hand_back(handlers: dict, code: int | None) -> int | None:
             signal.signal(s, signal.SIG_DFL if before is None else before)  # takes a pending one first
     finally:
         _handing_back[0] = False
+        _owner["pid"] = None  # a process forked from now on has the caller's handlers already
     return _stopped_by(code)  # one that came as the handlers went back
 
 
