@@ -422,12 +422,34 @@ def _locked_rename(tmp: Path, out: Path, force: bool) -> None:
         if os.path.lexists(out):
             if not force:
                 raise _appeared(out)
-            os.rename(out, tmp.parent / "replaced")  # into the owned temporary: removed with it
-            os.rename(tmp, out)
+            swap_in(tmp, out)
         else:
             os.rename(tmp, out)
     finally:
         os.close(fd)
+
+
+@cleanup
+def swap_in(new: Path, target: Path) -> None:
+    """Put the folder ``new`` (inside an owned temporary of
+    :func:`new_temporary`) in place of ``target``, which goes into that
+    temporary (as ``replaced``), to be removed with it: two renames, for a
+    system without ``renameat2``'s exchange, all or nothing. A signal
+    meanwhile is held until both are done (:func:`~loramix.stopping.cleanup`);
+    the second failing with an OS error (a read-only or full file system, a
+    permission) puts ``target`` back, and the error is raised. Before,
+    ``target`` (an old output replaced with ``--force``, a cache entry made
+    again) lay in the temporary, removed with it: gone, nothing in its place."""
+    replaced = new.parent / "replaced"
+    os.replace(target, replaced)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        try:
+            os.replace(replaced, target)
+        except OSError:
+            pass  # the error raised is the rename's; what is in the temporary stays there
+        raise
 
 
 def _umask() -> int:

@@ -68,6 +68,7 @@ from ..io.outputs import (
     raise_naming,
     remove_stale_temporaries,
     remove_temporary,
+    swap_in,
     sync_folder,
     sync_tree,
     usual_modes,
@@ -706,9 +707,9 @@ class Cache:
     @staticmethod
     def _swap(tmp: Path, target: Path) -> None:
         """``tmp`` (in its owned temporary) in place of ``target``, which goes
-        into that temporary, to be removed with it."""
-        os.replace(target, tmp.parent / "replaced")
-        os.replace(tmp, target)
+        into that temporary, to be removed with it; all or nothing
+        (:func:`~loramix.io.outputs.swap_in`)."""
+        swap_in(tmp, target)
 
     def record(self, kind: str, key_or_path) -> dict:
         p = key_or_path if isinstance(key_or_path, Path) else self.path(kind, key_or_path)
