@@ -1573,6 +1573,46 @@ def test_the_per_domain_section_is_read_back_from_the_cache(tmp_path):
     assert again.log[-1].status == "miss"
 
 
+def _predict_example(md: str) -> str | None:
+    """The `loramix predict ... --fit` line the report offers, or None."""
+    lines = [x for x in md.splitlines() if x.startswith("loramix predict ")]
+    assert len(lines) <= 1, lines
+    return lines[0] if lines else None
+
+
+def test_the_report_offers_predict_only_on_a_fit_it_can_use():
+    """The fit section shows a `loramix predict` command on two of the study's
+    adapters. It showed it for the first label even where that label's sum
+    line had fewer than two points (a study of one pair, or one with
+    `merged_data` on a single pair), and the command then failed ("the
+    lora/sum fit has 1 point(s): too few to predict", exit 2). Now it uses
+    the first label whose line exists and is left out where none does; the
+    note on too few compositions ends its list before the figure."""
+    from loramix.scenario.report import render_markdown
+
+    report = json.loads((ROOT / "reports" / "quickstart" / "report.json").read_text())
+    paths = {a["adapter_method"]: a["arith"] for a in report["adapters"]}
+    assert paths["lora"] in _predict_example(render_markdown(report))
+
+    for f in report["fits"]:  # the first label's sum line from one composition: no line
+        if f["adapter_method"] == "lora" and f["merge_method"] == "sum":
+            f.update(n=1, slope=None, intercept=None, pearson_r=None, r2=None, loo_rmse=None, loo_mae=None)
+    md = render_markdown(report)
+    assert paths["lora:data"] in _predict_example(md) and paths["lora"] not in _predict_example(md)
+    note = md.index("- lora: 1 composition(s): too few")
+    assert md[note:].split("\n")[1] == ""  # a blank line: the figure is not part of the note's item
+
+    for f in report["fits"]:
+        if f["merge_method"] == "sum":
+            f.update(n=1, slope=None)
+    assert _predict_example(render_markdown(report)) is None
+    # the committed d2-vs-lora study: one merged-data pair per label (its report.md, rendered before,
+    # offers a command that fails)
+    d2 = json.loads((ROOT / "reports" / "d2-vs-lora" / "report.json").read_text())
+    assert {f["n"] for f in d2["fits"] if f["merge_method"] == "sum"} == {1}
+    assert _predict_example(render_markdown(d2)) is None
+
+
 def test_check_of_a_gguf_base_reads_it_and_imports_nothing(monkeypatch, tmp_path):
     """``scenario check`` of a study on a GGUF base never imported imported it
     (transformers and torch loaded, a float32 copy written into the cache:

@@ -514,14 +514,19 @@ def _section_fit(report: dict, v: _View) -> list[str]:
                      "LOO RMSE", "LOO MAE"], rows))  # fmt: skip
     L.append("")
     notes = [f for f in report["fits"] if f["merge_method"] == "sum"]
-    for f in notes:
-        if f["n"] < 3:
-            L.append(f"- {f['adapter_method']}: {f['n']} composition(s): too few for a leave-one-out error "
-                     "(add domains or compositions).")  # fmt: skip
+    few = [f for f in notes if f["n"] < 3]
+    for f in few:
+        L.append(f"- {f['adapter_method']}: {f['n']} composition(s): too few for a leave-one-out error "
+                 "(add domains or compositions).")  # fmt: skip
+    if few:  # else the figure's line would continue the last item of the list
+        L.append("")
     L.append("![Δppl vs cosine](delta_vs_cosine.png)")
     L.append("")
-    ads = report.get("adapters") or []
-    if ads and len(sc.get("compositions", [])) and notes:
+    # the example runs `predict` on a label's adapters, which refuses a fit of fewer than two distinct
+    # points ("too few to predict"): shown for the first label whose sum line exists, else not at all
+    usable = {f["adapter_method"] for f in notes if f.get("slope") is not None}
+    ads = [a for a in report.get("adapters") or [] if a.get("adapter_method") in usable]
+    if ads and len(sc.get("compositions", [])):
         first = ads[0]
         pair = sc["compositions"][0][:2]
         L.append("Predict a composition from its adapters alone (here two of this study's own adapters, "
