@@ -1613,6 +1613,19 @@ def test_the_report_offers_predict_only_on_a_fit_it_can_use():
     assert _predict_example(render_markdown(d2)) is None
 
 
+def test_the_runs_fit_line_says_n_a_without_a_unit():
+    """`scenario run`'s last lines: a study of one composition printed
+    "over 1 compositions: r = n/a, LOO RMSE = n/a points"."""
+    from loramix.cli.scenario_cmd import fit_line
+
+    one = {"adapter_method": "lora", "n": 1, "pearson_r": None, "loo_rmse": None}
+    assert fit_line(one) == "  lora: delta_ppl% ~ RMS cosine over 1 composition: r = n/a, LOO RMSE = n/a"
+    ten = {"adapter_method": "lora:data", "n": 10, "pearson_r": -0.0401, "loo_rmse": 4.987}
+    assert fit_line(ten) == (
+        "  lora:data: delta_ppl% ~ RMS cosine over 10 compositions: r = -0.040, LOO RMSE = 4.99 points"
+    )
+
+
 def test_check_of_a_gguf_base_reads_it_and_imports_nothing(monkeypatch, tmp_path):
     """``scenario check`` of a study on a GGUF base never imported imported it
     (transformers and torch loaded, a float32 copy written into the cache:

@@ -190,11 +190,17 @@ def run_cmd(file, out, device, fresh, cache_dir, force, threads, jobs, executor,
     for f in rep["fits"]:
         if f["merge_method"] != "sum" or not f["n"]:  # none: no merged-data adapter (given adapters)
             continue
-        r = f["pearson_r"]
-        loo = f["loo_rmse"]
-        click.echo(f"  {f['adapter_method']}: delta_ppl% ~ RMS cosine over {f['n']} compositions: "
-                   f"r = {'n/a' if r is None else f'{r:.3f}'}, LOO RMSE = "
-                   f"{'n/a' if loo is None else f'{loo:.2f}'} points")  # fmt: skip
+        click.echo(fit_line(f))
+
+
+def fit_line(f: dict) -> str:
+    """The run's closing line for one label's fit of the sum's Δppl % on the
+    RMS cosine (a ``report.json`` ``fits`` row): its size, r and
+    leave-one-out RMSE, each "n/a" where too few compositions give none."""
+    n, r, loo = f["n"], f["pearson_r"], f["loo_rmse"]
+    return (f"  {f['adapter_method']}: delta_ppl% ~ RMS cosine over {n} composition{'' if n == 1 else 's'}: "
+            f"r = {'n/a' if r is None else f'{r:.3f}'}, "
+            f"LOO RMSE = {'n/a' if loo is None else f'{loo:.2f} points'}")  # fmt: skip
 
 
 def _verdict_counts(rows: list[dict]) -> dict[str, str]:
