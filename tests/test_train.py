@@ -171,6 +171,23 @@ def test_cli_train_and_bad_input(bases, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
 
 
+def test_cli_train_says_the_batch_it_ran(bases, tmp_path, capsys):
+    """A batch holds at most the training records there are: 3 records with
+    the default --batch 16 ran steps of 3, and the summary said "2 steps of
+    16 records (2 epochs of the 3 training records)"."""
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i} plus {i}?", "answer": str(2 * i)}) + "\n"
+                            for i in range(3)))  # fmt: skip
+    args = ["train", "--base", str(bases["gpt2"]), "--data", str(data), "--eval-size", "0", "--max-len", "16",
+            "--quiet"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "a"), "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "trained   2 steps of 3 records (2 epochs of the 3 training records) on " in out, out
+    assert main([*args, "--out", str(tmp_path / "b"), "--steps", "1", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "trained   1 step of 1 record (0.33 epochs of the 3 training records) on " in out, out
+
+
 @pytest.mark.parametrize("kind", ["lora", "d2lora"])
 def test_training_that_diverges_is_refused_naming_lr(bases, tmp_path, capsys, kind):
     """A learning rate so large that the loss or the factors stop being

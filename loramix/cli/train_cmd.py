@@ -153,8 +153,11 @@ def command(base, data, more_data, out, targets, eval_size, progress, kind, meth
     # how much of the data the run saw: a short --steps run passes a fraction of an epoch, which the
     # counts of cut records below (over every training record) do not tell
     epochs = res["steps"] / math.ceil(res["n_train"] / kw["batch"])
+    # a batch holds at most the training records there are (3 records and --batch 16: steps of 3)
+    per = min(kw["batch"], res["n_train"])
     click.echo(
-        f"trained   {res['steps']} steps of {kw['batch']} records ({epochs:.2g} epochs of the {res['n_train']:,} "
+        f"trained   {res['steps']} step{'' if res['steps'] == 1 else 's'} of {per} record{'' if per == 1 else 's'} "
+        f"({epochs:.2g} epochs of the {res['n_train']:,} "
         f"training records) on {res['tokens']:,} scored tokens (those the loss counts), "
         f"{res['train_seconds']:.1f} s ({res['tokens_per_second']:,.0f} scored tokens/s), "
         f"final loss {res['final_loss']:.4f}"
