@@ -1693,6 +1693,24 @@ def test_the_summary_gives_the_cosines_of_the_compositions_it_ranges_over():
     assert "ranges" not in line
 
 
+def test_the_summary_of_given_adapters_of_one_composition_gives_its_figure():
+    """A study of given adapters with one composition summed up as "retention %
+    of the naive sum ... ranges from -0.1 (math+medicine) to -0.1
+    (math+medicine) over 1 compositions; their RMS cosine from 0.004 to
+    0.004", as the trained studies' line did before it was fixed (above)."""
+    from loramix.scenario.report import render_markdown
+
+    report = json.loads((ROOT / "reports" / "given-adapters" / "report.json").read_text())
+    line = next(x for x in render_markdown(report).splitlines() if "retention % of the naive sum" in x)
+    assert " ranges from " in line and " over 6 compositions; their RMS cosine from " in line, line
+    first = report["summary"][0]["composition"]
+    report["summary"] = [r for r in report["summary"] if r["composition"] == first]
+    line = next(x for x in render_markdown(report).splitlines() if "retention % of the naive sum" in x)
+    row = next(r for r in report["summary"] if r["merge_method"] == "sum")
+    assert line == (f"- **lora**: retention % of the naive sum (its perplexity against the members' own adapters) "
+                    f"is {row['retention_pct']:.1f} ({first}), at RMS cosine {row['rms_cosine']:.3f}."), line  # fmt: skip
+
+
 def test_a_compositions_cosine_counts_a_pair_with_no_module_in_common_as_0(tmp_path):
     """The runner's composition cosine (and signed mean) counts a pair of
     adapters that adapt no module in common as 0, as ``predict`` and ``plan``

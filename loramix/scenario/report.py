@@ -205,6 +205,10 @@ def _summary_given(am: str, g: pd.DataFrame) -> str:
     """The naive sum's retention % over a study of given adapters' compositions."""
     g = g[g["retention_pct"].notna()]
     lo, hi = g.loc[g["retention_pct"].idxmin()], g.loc[g["retention_pct"].idxmax()]
+    if len(g) == 1:  # not "ranges from x (a+b) to x (a+b) over 1 compositions"
+        return (f"- **{am}**: retention % of the naive sum (its perplexity against the members' own adapters) "
+                f"is {_f(lo['retention_pct'], 1)} ({lo['composition']}), at RMS cosine "
+                f"{_f(lo['rms_cosine'], 3)}.")  # fmt: skip
     return (f"- **{am}**: retention % of the naive sum (its perplexity against the members' own adapters) ranges "
             f"from {_f(lo['retention_pct'], 1)} ({lo['composition']}) to {_f(hi['retention_pct'], 1)} "
             f"({hi['composition']}) over {len(g)} compositions; their RMS cosine from "
