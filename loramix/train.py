@@ -413,10 +413,21 @@ def _check_kind_name(kind, flag: str) -> None:
     """The line :func:`loramix.kinds.get_kind` gives for an unknown kind name,
     told from :func:`loramix.discovery.kind_names`: before the kinds are
     imported (they import torch), the names their files declare."""
-    from .discovery import kind_names
+    import sys
+
+    from .discovery import declared, kind_names
 
     if isinstance(kind, str) and kind not in (names := kind_names()):
-        raise UsageError(flag, f"unknown adapter kind {kind!r}; known: {', '.join(names)}")
+        # the kinds this command trains: a kind loramix only reads (DoRA) listed as known was the next
+        # thing tried, and refused in turn
+        if (kinds := sys.modules.get("loramix.kinds")) is not None:
+            trains = [n for n in names if getattr(kinds.KINDS[n], "trainable", True)]
+        else:
+            files = declared("loramix.kinds", "AdapterKind")
+            trains = [n for n in names if files.get(n, {}).get("trainable", True)]
+        read = [n for n in names if n not in trains]
+        raise UsageError(flag, f"unknown adapter kind {kind!r}; train takes {', '.join(trains)}"
+                               + (f" ({', '.join(read)}: read, not trained)" if read else ""))  # fmt: skip
 
 
 #: train_adapter's arguments that ``loramix train`` takes as FLOAT

@@ -208,6 +208,17 @@ def test_a_new_kind_needs_no_other_change(negated):
 # ----------------------------------------------------------------- the CLI's names
 
 
+def test_an_unknown_kind_lists_those_train_takes(capsys, tmp_path):
+    """A mistyped --kind listed every kind as known ("known: d2lora, dora,
+    lora"), and --kind dora, the one a user tried next, is refused in turn:
+    loramix reads DoRA but does not train it. The line says which train takes."""
+    rc = main(["train", "--base", str(tmp_path), "--data", "synthetic:arith", "--out", str(tmp_path / "o"),
+               "--kind", "lorra"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["loramix: error: --kind: unknown adapter kind 'lorra'; train takes d2lora, lora "
+                               "(dora: read, not trained)"], err  # fmt: skip
+
+
 @pytest.mark.parametrize("flag", ["--kind", "--method"])
 def test_train_kind_flag_and_its_hidden_alias(capsys, tmp_path, flag):
     rc = main(["train", "--base", str(tmp_path), "--data", "synthetic:arith", "--out", str(tmp_path / "o"),
