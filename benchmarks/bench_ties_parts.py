@@ -22,13 +22,6 @@ engine runs them (``methods.base``):
   check fails);
 - ``dense deltas``: the deltas formed whole first (what a D2-LoRA delta
   takes), then the one pass on them;
-- ``into a bfloat16 W0``, the module's whole step in a merge ``--into`` a
-  bfloat16 base (``engine.add_delta``, ``W0``'s rows read from a copy in
-  memory as from the page cache): ``one pass, then the engine's add`` (the
-  float32 result made whole, then added by the engine's fused kernel) and
-  ``the one pass adds itself`` (each block added to ``W0``'s rows while it
-  is in the cache, ``engine.Bf16Target``: what a merge runs); both give the
-  same bytes (checked);
 - on a CPU with AVX-512, ``one pass`` again with the kernels' AVX2 form
   (what a CPU without AVX-512 runs, e.g. a Zen 3) and with their portable
   loops (what the AVX2 form replaced there), so one machine shows what each
@@ -89,7 +82,7 @@ def main(argv=None) -> None:
     if lib is not None and ties.has_avx2(lib) and lib.loramix_has_avx512():
         forms = {"kernels, AVX2 form, one pass": "avx2", "kernels, portable loops, one pass": "generic"}
     rows = (*ROWS, *forms)
-    parts: dict[str, list[float]] = {k: [] for k in (*rows, *INTO)}
+    parts: dict[str, list[float]] = {k: [] for k in rows}
     how = (args.density, "mass", "count")
     share = mb.ONE_PASS_MAX_SHARE
     if mb._fused(torch.empty(1)) is None:
@@ -99,36 +92,10 @@ def main(argv=None) -> None:
         return t.view(torch.int32)
 
     dispatched, formable = ties.kernels, mb._formable
-    g0 = torch.Generator().manual_seed(1)
-    w0 = (torch.randn(out_f, in_f, generator=g0) * 0.02).to(torch.bfloat16)  # the base's weight "on disk"
-    info = engine.TensorInfo("mlp.weight", "model.safetensors", "BF16", (out_f, in_f), 0, 2 * out_f * in_f)
-    job = engine.ModuleJob(info, "BF16", "mlp", False)
-    pool = engine.Buffers()
-    stored = pool.get("read", (out_f, in_f), torch.bfloat16, "cpu")
-
-    def compute(name, W0, into=None):
-        c = mb.ModuleContext("mlp", tuple(range(n)), scratch=scratch, into=into)
-        return engine.ModuleOutput(mb.ties_from_factors(c, mods, weights, *how, into=into))
-
-    def read(r0: int, r1: int) -> None:
-        stored[r0:r1].copy_(w0[r0:r1])
-
-    def into_bf16(fused: bool) -> torch.Tensor:
-        compute.into_bf16 = (lambda name, target: compute(name, None, target)) if fused else None
-        res = engine.add_delta(stored, job, compute, "cpu", pool, run.helpers, scratch, read)
-        return res.tensor
-
-    run = Run()
-    with engine.cpu_threads(run):
+    with engine.cpu_threads(Run()):
         threads = engine.run_threads()
         for i in range(args.repeat + 1):
             times, results = {}, {}
-            for way in INTO:
-                t = time.perf_counter()
-                out = into_bf16(fused="adds itself" in way)
-                times[way], results[way] = time.perf_counter() - t, out.view(torch.int16).clone()
-            if not torch.equal(*results.values()):
-                raise SystemExit("the ways into a bfloat16 W0 differ")
             for way in rows:
                 os.environ["LORAMIX_NATIVE"] = "0" if way.startswith("eager") else "1"
                 mb.ONE_PASS_MAX_SHARE = -1.0 if "two passes" in way else share
@@ -142,7 +109,7 @@ def main(argv=None) -> None:
                 times[way], results[way] = time.perf_counter() - t, bits(out).clone()
             os.environ.pop("LORAMIX_NATIVE", None)
             mb.ONE_PASS_MAX_SHARE, ties.kernels, mb._formable = share, dispatched, formable
-            if any(not torch.equal(r, results[ROWS[0]]) for w, r in results.items() if w not in INTO):
+            if any(not torch.equal(r, results[ROWS[0]]) for r in results.values()):
                 raise SystemExit("the ways differ")
             if i:
                 for way, dt in times.items():
@@ -153,23 +120,13 @@ def main(argv=None) -> None:
           f"{threads} threads, median of {args.repeat}\n")  # fmt: skip
     print("| way | ms | ns CPU per entry | speed-up over eager |\n|---|---:|---:|---:|")
     for k, v in med.items():
-        if k not in INTO:
-            print(f"| {k} | {1e3 * v:.0f} | {v * threads / entries * 1e9:.1f} | {med[ROWS[0]] / v:.2f}x |")
-    print(
-        "\n| into a bfloat16 W0 (read, TIES, add) | ms | ns CPU per entry | speed-up |\n|---|---:|---:|---:|"
-    )
-    for k in INTO:
-        v = med[k]
-        print(f"| {k} | {1e3 * v:.0f} | {v * threads / entries * 1e9:.1f} | {med[INTO[0]] / v:.2f}x |")
-    print(
-        "\n- every way gives the eager way's bits, and both ways into W0 the same bytes (checked every run)"
-    )
+        print(f"| {k} | {1e3 * v:.0f} | {v * threads / entries * 1e9:.1f} | {med[ROWS[0]] / v:.2f}x |")
+    print("\n- every way gives the eager way's bits (checked every run)")
     print(f"- {machine_line()}")
 
 
 ROWS = ("eager (LORAMIX_NATIVE=0), two passes", "kernels, two passes", "kernels, one pass",
         "kernels, one pass, blocks by torch.mm", "kernels, dense deltas, one pass")  # fmt: skip
-INTO = ("into a bfloat16 W0: one pass, then the engine's add", "into a bfloat16 W0: the one pass adds itself")
 
 
 if __name__ == "__main__":

@@ -93,39 +93,8 @@ class ModuleOutput:
 # may say which modules it needs W0 for (an attribute ``needs_base(module) -> bool``);
 # for the others it gets None and the engine never forms W0 in float32 whole. It runs
 # on torch's threads as set before the run, unless it says one thread changes no bit
-# for a module (``one_thread(module) -> bool``). A compute may also take a module whose
-# W0 it does not read straight into the output (an attribute ``into_bf16(module,
-# target: Bf16Target) -> ModuleOutput``, see :class:`Bf16Target`).
+# for a module (``one_thread(module) -> bool``).
 ModuleCompute = Callable[[str, torch.Tensor | None], ModuleOutput]
-
-#: the delta of a :class:`ModuleOutput` from ``compute.into_bf16`` that added itself
-#: to its :class:`Bf16Target` (there is nothing left for the engine to add)
-ADDED = "added"
-
-
-@dataclass
-class Bf16Target:
-    """A bfloat16 weight that a module's merge may add its delta to itself,
-    in place, as the engine would: ``stored`` (out, in), the read buffer
-    and the result, ``read(r0, r1)`` fills its rows ``r0:r1`` with ``W0``'s
-    (each row read before it is used, as the engine reads them), and
-    ``kernel.add(w0, d, out)`` is the engine's fused ``out = bf16(f32(w0) +
-    d)`` (:mod:`loramix.native.bf16`), whose bits the result must have.
-    ``finite`` is cleared by whoever sees a result that is not finite (the
-    engine then checks the tensor exactly, naming it).
-
-    The method gets this where it need not read ``W0`` and the weight is
-    bfloat16 in and out: it may then form its delta block by block, read
-    ``W0``'s rows and add them while the block is in the cache, instead of
-    writing a whole float32 delta that the engine reads back (TIES' one pass,
-    :func:`loramix.methods.base.ties_from_factors`). It returns :data:`ADDED`
-    as the delta when it did, or a delta as ``compute`` would: the engine then
-    reads every row again, so whatever it wrote into ``stored`` is gone."""
-
-    stored: torch.Tensor
-    read: Callable[[int, int], None]
-    kernel: object
-    finite: bool = True
 
 
 # ---- the plan ------------------------------------------------------------------------
@@ -401,26 +370,13 @@ def needs_base(compute: ModuleCompute, module: str) -> bool:
     return True if fn is None else bool(fn(module))
 
 
-def _run_compute(compute: ModuleCompute, module: str, W0, helpers, target=None) -> ModuleOutput:
-    """``compute(module, W0)`` (``compute.into_bf16(module, target)`` with a
-    ``target``) on the threads torch had before the run (its reductions round
-    as they always did), unless it says that one thread gives the same bits
-    (``compute.one_thread(module)``)."""
+def _run_compute(compute: ModuleCompute, module: str, W0, helpers) -> ModuleOutput:
+    """``compute(module, W0)`` on the threads torch had before the run (its
+    reductions round as they always did), unless it says that one thread
+    gives the same bits (``compute.one_thread(module)``)."""
     fn = getattr(compute, "one_thread", None)
     with contextlib.nullcontext() if fn is not None and fn(module) else _all_threads(helpers):
-        return compute(module, W0) if target is None else compute.into_bf16(module, target)
-
-
-def _bf16_target(compute, job: ModuleJob, stored: torch.Tensor, out: torch.Tensor, read, fused):
-    """The :class:`Bf16Target` a compute with ``into_bf16`` may add a module's
-    delta to (the fused bfloat16 kernel ``fused`` runs here, the result goes
-    into the read buffer itself, ``W0`` is read from the file by rows and is
-    stored ``(out, in)``), or None."""
-    if fused is None or read is None or out is not stored or job.transposed:
-        return None
-    if getattr(compute, "into_bf16", None) is None:
-        return None
-    return Bf16Target(stored, read, fused)
+        return compute(module, W0)
 
 
 def compute_dtype(stored: torch.dtype, out: torch.dtype) -> torch.dtype:
@@ -482,13 +438,7 @@ def add_delta(
         read = None  # every row is read
         res = _run_compute(compute, job.module, W.T if job.transposed else W, helpers)
     else:
-        out = _output_buffer(W, stored, code_dtype, pool)
-        target = _bf16_target(compute, job, stored, out, read, _fused_bf16(stored, out, W, None, cdt, on_cpu))
-        res = _run_compute(compute, job.module, None, helpers, target)
-        if target is not None and isinstance(res.delta, str) and res.delta == ADDED:
-            if not target.finite:
-                check_output_finite(stored, job.info.key)  # raises, naming the tensor
-            return JobResult(job, stored, res.facts)
+        res = _run_compute(compute, job.module, None, helpers)
     _check_delta(res.delta, job.module, shape)
     dense, left, right = _operands(res.delta, dev, cdt, job.transposed)
     out = _output_buffer(W, stored, code_dtype, pool)

@@ -290,66 +290,6 @@ def test_merge_writes_the_same_bytes_with_and_without_kernels(method, monkeypatc
     assert outs["1"] and outs["1"] == outs["0"]
 
 
-@pytest.mark.parametrize("case", ["fixed up", "band missed", "bracket missed", "overflow"])
-def test_ties_adds_its_blocks_to_a_bfloat16_base_itself(case, monkeypatch, tmp_path, capsys):
-    """TIES' one pass into a bfloat16 base adds each block of the merged
-    delta to ``W0``'s rows itself (``engine.Bf16Target``), and elects the
-    records again at the exact thresholds against the ``W0`` it kept there:
-    the bytes of the eager code (``LORAMIX_NATIVE=0``, a whole float32
-    delta added by torch). Where the band or a bracket missed, the rows it
-    already added to are read again. A sum that is not finite is refused,
-    naming the tensor, with nothing written."""
-    from loramix import engine
-    from loramix.cli import main
-
-    from .factories import make_peft_adapter, save_base, tiny_llama
-
-    if ties.kernels() is None:
-        pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
-    model = tiny_llama(seed=0, hidden=256).to(torch.bfloat16)  # 256 x 520 MLP modules: the streaming way
-    if case == "overflow":
-        with torch.no_grad():  # an infinity in the base: the sum there is not finite
-            model.model.layers[1].mlp.up_proj.weight[300, 7] = float("inf")
-    base = save_base(model, tmp_path / "base")
-    ads = [make_peft_adapter(model.float(), tmp_path / f"ad{i}", seed=i + 1, r=4) for i in range(3)]
-    monkeypatch.setattr(mb, "ONE_PASS_MAX_SHARE", 1.0)  # a small module's wide brackets: many records
-    monkeypatch.setattr(mb, "FACTOR_BLOCK_ELEMENTS", 520 * 16)  # many blocks of rows per module
-    if case == "band missed":
-        monkeypatch.setattr(
-            mb, "ONE_PASS_BAND", 0.0
-        )  # records at the estimate only: the threshold is outside
-    if case == "bracket missed":
-        monkeypatch.setattr(mb, "_pick", lambda *a: None)  # as when a sample's bracket missed
-    results, targets = [], []
-    real_pass, real_target = mb._ties_in_one_pass, engine._bf16_target
-    monkeypatch.setattr(mb, "_ties_in_one_pass", lambda *a: results.append(real_pass(*a)) or results[-1])
-    monkeypatch.setattr(engine, "_bf16_target", lambda *a: targets.append(real_target(*a)) or targets[-1])
-
-    def merge(flag: str) -> tuple[int, dict]:
-        monkeypatch.setenv("LORAMIX_NATIVE", flag)
-        results.clear()
-        targets.clear()
-        out = tmp_path / f"out{flag}"
-        code = main(["merge", "-m", "ties", "--density", "0.3", *map(str, ads), "--into", str(base), "--out",
-                     str(out), "--no-progress"])  # fmt: skip
-        return code, {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
-
-    code, fused = merge("1")
-    if case == "overflow":
-        assert code == 2 and not (tmp_path / "out1").exists()
-        assert "model.layers.1.mlp.up_proj.weight" in capsys.readouterr().err
-        assert engine.ADDED in results  # refused after the pass added the blocks, not before
-        return
-    assert code == 0
-    assert targets and all(t is not None for t in targets)  # every module could take the sum itself
-    if case == "fixed up":  # (a small module's sample may miss its bracket: the dense way then)
-        assert results.count(engine.ADDED) >= 7
-    else:  # it started adding, then gave the module back to the engine, which read W0 again
-        assert results and engine.ADDED not in results
-    assert merge("0") == (0, fused)  # the eager code's bytes
-    assert not any(targets)  # no kernels: no target
-
-
 def test_sum_into_bfloat16_by_pieces_writes_the_bytes_of_one_product(monkeypatch, tmp_path):
     """The fused bfloat16 step forms a block's product by pieces of rows
     (``engine.FUSED_PIECE_ELEMENTS``, here as small as it goes: 16 rows and

@@ -68,10 +68,6 @@ class ModuleContext:
     device: torch.device | None = None  # None: the CPU
     dtype: torch.dtype | None = None  # None: float32
     scratch: object | None = None
-    #: a bfloat16 weight the merged delta may be added to directly
-    #: (:class:`loramix.engine.Bf16Target`; a method that does returns
-    #: :data:`loramix.engine.ADDED`), or None
-    into: object | None = None
 
     def empty(self, role: str, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
         """An uninitialised work tensor: from ``scratch`` under ``role``, else fresh."""
@@ -819,8 +815,7 @@ def ties_from_factors(
     density: float,
     sign: str,
     divide: str,
-    into=None,
-) -> torch.Tensor | str | None:
+) -> torch.Tensor | None:
     """:func:`trim_and_elect` of the deltas ``w_i B_i A_i`` of factor kinds
     (those that do not need the base) from their factors, the same bits,
     without forming any delta whole (:class:`_FactorRows`): one pass over
@@ -829,12 +824,7 @@ def ties_from_factors(
     result and a few blocks per thread, instead of one float32 delta per
     adapter. None where it does not apply (a dense or small delta, another
     device, no ``ctx.scratch``, nothing trimmed or nothing kept, or a
-    sample that missed its bracket): the caller then takes the dense way.
-
-    With ``into`` (a :class:`loramix.engine.Bf16Target`, float32 work), the
-    one pass adds each block of the result to ``W0``'s rows itself and
-    :data:`loramix.engine.ADDED` is returned (see :func:`_ties_in_one_pass`);
-    where it cannot, a delta (or None) as without it."""
+    sample that missed its bracket): the caller then takes the dense way."""
     import torch
 
     if (
@@ -853,8 +843,7 @@ def ties_from_factors(
         _FactorRows(*_weighted_factors(ctx, m, float(w)), ctx.scratch, f"ties_rows{i}")
         for i, (m, w) in enumerate(zip(module_deltas, weights))
     ]
-    into = into if ctx.dtype == torch.float32 else None
-    one = _ties_in_one_pass(srcs, k, weights, sign, divide, ctx.scratch, into)
+    one = _ties_in_one_pass(srcs, k, weights, sign, divide, ctx.scratch)
     if one is not None:
         return None if one is MISSED else one
     thresholds = _abs_kth_largest_many(srcs, k, ctx.scratch)
@@ -879,7 +868,7 @@ ONE_PASS_MAX_BYTES = 64 << 20
 ONE_PASS_BAND = 4.0
 
 
-def _ties_in_one_pass(srcs, k: int, weights, sign: str, divide: str, scratch, into=None):
+def _ties_in_one_pass(srcs, k: int, weights, sign: str, divide: str, scratch):
     """:func:`trim_and_elect` of the deltas ``srcs`` (:class:`_DeltaRows`, one
     shape) by the fused kernels' *pass* (``loramix/native/ties.c``): each
     block of rows is formed and read once, instead of once to count for the
@@ -892,19 +881,7 @@ def _ties_in_one_pass(srcs, k: int, weights, sign: str, divide: str, scratch, in
     value, and once the exact thresholds are picked, those that the exact
     trims cut another way are elected again (*fixup*): the same bits as the
     two passes. None where it does not apply (no kernels, brackets too wide:
-    :data:`ONE_PASS_MAX_SHARE`); :data:`MISSED` where a bracket missed.
-
-    With ``into`` (:class:`loramix.engine.Bf16Target`; float32 deltas), no
-    float32 result is made whole: each block's rows of ``W0`` are read, its
-    provisional election goes into a work block, ``W0`` is kept at the
-    block's recorded positions and the engine's kernel adds the block to
-    ``W0``'s rows in place, while they are in the cache; the fixup then
-    elects every record at the exact thresholds and adds it to the kept
-    ``W0`` there (at a record the trims did not change, the same trimmed
-    values elect to the same bits). The result is :data:`loramix.engine.ADDED`:
-    ``bf16(f32(W0) + merged)``, the bits of the engine's add of the float32
-    result. On a bracket or band that missed, what ``into`` holds is
-    discarded by the caller (the engine reads ``W0`` again)."""
+    :data:`ONE_PASS_MAX_SHARE`); :data:`MISSED` where a bracket missed."""
     import numpy as np
     import torch
 
@@ -940,9 +917,7 @@ def _ties_in_one_pass(srcs, k: int, weights, sign: str, divide: str, scratch, in
     lo, hi, prov, rlo, rhi = (np.array([b[j] for b in brackets], dtype=dt) for j in range(5))
     w = np.array([float(v) for v in weights], dtype=dt)
     mass, by_count = sign == "mass", divide == "count"
-    if into is not None and s0.dtype != torch.float32:
-        into = None
-    out = None if into is not None else scratch.get("elect_out", s0.shape, s0.dtype, s0.device)
+    out = scratch.get("elect_out", s0.shape, s0.dtype, s0.device)
     passes: dict = {}  # thread -> its prepared pass
     Bs, As = _formable(srcs)
     tile_rows = max(1, FORM_TILE_ENTRIES // cols)
@@ -955,24 +930,13 @@ def _ties_in_one_pass(srcs, k: int, weights, sign: str, divide: str, scratch, in
                 return scratch.get(f"{role}/{j}", (m,), getattr(torch, dtype.name), s0.device).numpy()
 
             one = passes[j] = fused.one_pass(lo, hi, prov, rlo, rhi, w, mass, by_count, space)
-        if into is None:
-            blk = out[r0:r1]
-        else:
-            into.read(r0, r1)
-            blk = scratch.get(f"elect_block/{j}", (r1 - r0, cols), s0.dtype, s0.device)
         records = None
         if Bs is not None and fused.forms_like_mm(r1 - r0, cols, As[0].shape[0]):
-            records = one.run_formed([b[r0:r1] for b in Bs], As, blk, tile_rows)
+            records = one.run_formed([b[r0:r1] for b in Bs], As, out[r0:r1], tile_rows)
         if records is None:
-            records = one.run([s.rows(r0, r1, j) for s in srcs], blk)
+            records = one.run([s.rows(r0, r1, j) for s in srcs], out[r0:r1])
         counts = [(int(c), a[:m].copy()) for c, a, m in zip(one.above, one.windows, one.n_window)]
-        at, kept = one.pos[:records], None
-        if into is not None:
-            rows_w0 = into.stored[r0:r1]
-            kept = rows_w0.reshape(-1)[torch.from_numpy(at)]  # W0 at the records, before the add
-            if not into.kernel.add(rows_w0, blk, rows_w0):
-                into.finite = False
-        return counts, at + r0 * cols, [v[:records].copy() for v in one.vals], kept
+        return counts, one.pos[:records] + r0 * cols, [v[:records].copy() for v in one.vals]
 
     parts = _rows(s0, block)
     thresholds = _pick_each([p[0] for p in parts], k, s0.dtype)
@@ -988,24 +952,11 @@ def _ties_in_one_pass(srcs, k: int, weights, sign: str, divide: str, scratch, in
     def fixup(j: int) -> None:
         mine = parts[j * per_thread : (j + 1) * per_thread]
         at = np.concatenate([p[1] for p in mine])
-        if not at.size:
-            return
-        vals = [np.concatenate([p[2][i] for p in mine]) for i in range(n)]
-        if into is None:
+        if at.size:
+            vals = [np.concatenate([p[2][i] for p in mine]) for i in range(n)]
             fused.fixup(vals, prov, lams, weights, mass, by_count, at, out)
-            return
-        merged = torch.empty(at.size, dtype=s0.dtype)
-        fused.elect([torch.from_numpy(v) for v in vals], lams, weights, mass, by_count, merged)
-        kept = torch.cat([p[3] for p in mine])
-        if not into.kernel.add(kept, merged, kept):
-            into.finite = False
-        into.stored.view(-1)[torch.from_numpy(at)] = kept
 
     _each(-(-len(parts) // per_thread), fixup)
-    if into is not None:
-        from ..engine import ADDED
-
-        return ADDED
     return out
 
 

@@ -239,14 +239,14 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
     # to float32.
     wide = {j.module for j in plan.module_jobs if "F64" in (j.info.dtype, j.out_code)}
 
-    def compute(name: str, W0: torch.Tensor | None, into=None) -> ModuleOutput:
+    def compute(name: str, W0: torch.Tensor | None) -> ModuleOutput:
         items = modules[name]
         scratch = getattr(local, "scratch", None)
         if scratch is None:
             scratch = local.scratch = Buffers()
         device = dev if W0 is None else W0.device
         work = torch.float64 if name in wide else torch.float32  # not the output's dtype
-        ctx = ModuleContext(name, tuple(i for i, _ in items), device, work, scratch, into)
+        ctx = ModuleContext(name, tuple(i for i, _ in items), device, work, scratch)
         d, facts = m.merged(ctx, [md for _, md in items], [ws[i] for i, _ in items], W0, p)
         # a non-finite delta makes a non-finite output tensor, which the writer
         # refuses naming it (io.safetensors_io.check_output_finite): no second pass here
@@ -256,8 +256,6 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
     # one torch thread where that changes no bit
     compute.needs_base = lambda name: m.needs_base([md for _, md in modules[name]])
     compute.one_thread = lambda name: m.one_thread([md for _, md in modules[name]])
-    # a method may add its delta to a bfloat16 weight itself (engine.Bf16Target: TIES' one pass)
-    compute.into_bf16 = lambda name, target: compute(name, None, target)
 
     # "created" is left out: the weight files' metadata must not change from
     # run to run; the time goes into loramix.json below. The facts are known

@@ -29,10 +29,7 @@ class Ties(MergeMethod):
 
     def delta(self, ctx, module_deltas, weights, W0, params):
         how = (params["density"], params["sign"], params["divide"])
-        into = ctx.into if params["lambda_"] == 1.0 else None  # lambda scales the delta before the add
-        out = ties_from_factors(ctx, module_deltas, weights, *how, into=into)  # None: the dense way
-        if isinstance(out, str):  # engine.ADDED: added to ``into`` already
-            return out
+        out = ties_from_factors(ctx, module_deltas, weights, *how)  # None: the dense way
         if out is None:
             out = trim_and_elect(dense_deltas(ctx, module_deltas, W0, weights), weights, *how, ctx.scratch)
         return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out
