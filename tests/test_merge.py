@@ -1151,34 +1151,6 @@ def test_select_ranks_gives_the_ranks_values(case):
     assert (not any(took)) if case == "nan" else (not all(took)) if case == "misled" else all(took), took
 
 
-def test_brackets_share_the_threads_and_a_failed_sample_raises():
-    """The one pass's brackets run as the samples first, then each bracket
-    (waiting for its sample where another thread forms it), on the streaming
-    run's threads: the results of the serial loop, in order; a sample that
-    fails raises in the caller and leaves no thread waiting for it."""
-    import loramix.methods.base as mb
-    from loramix.engine import cpu_threads
-
-    class Run:
-        device, helpers = "cpu", None
-
-    class Src:
-        def __init__(self, i: int, fail: bool = False):
-            self.i, self.fail = i, fail
-
-        def abs_sample(self):
-            if self.fail:
-                raise ValueError(f"sample {self.i}")
-            return [self.i] * (self.i + 1)
-
-    srcs = [Src(i) for i in range(5)]
-    with cpu_threads(Run()):
-        assert mb._each_sampled(srcs, lambda i, s: (i, len(s))) == [(i, i + 1) for i in range(5)]
-        for bad in range(3):
-            with pytest.raises(ValueError, match=f"sample {bad}"):
-                mb._each_sampled([Src(i, fail=i == bad) for i in range(3)], lambda i, s: i)
-
-
 def test_factor_rows_sample_is_the_dense_sample():
     """The bracket's sample from the factors holds the entries the dense
     delta's strided sample holds (every 31st of the flattened delta)."""

@@ -617,33 +617,6 @@ def _each(n: int, fn) -> list:
     return [r for part in parallel_rows(n, 1, lambda i0, i1, j: [fn(i) for i in range(i0, i1)]) for r in part]
 
 
-def _each_sampled(srcs, fn) -> list:
-    """``[fn(i, srcs[i].abs_sample()) for i ...]`` shared out with the
-    streaming run's threads as ``2 n`` tasks taken in order, the ``n``
-    samples first, then ``fn`` of each (which waits for its sample where
-    another thread is still forming it): three deltas' brackets on two
-    threads otherwise take two rounds, one thread idle in the second."""
-    import threading
-
-    n = len(srcs)
-    samples: list = [None] * n
-    ready = [threading.Event() for _ in range(n)]
-
-    def task(t: int):
-        if t < n:
-            try:
-                samples[t] = srcs[t].abs_sample()
-            finally:  # a sample that failed (and raises in its thread) does not leave fn waiting
-                ready[t].set()
-            return None
-        ready[t - n].wait()
-        if samples[t - n] is None:  # its sample failed: that error is raised from its thread
-            return None
-        return fn(t - n, samples[t - n])
-
-    return _each(2 * n, task)[n:]
-
-
 def _bracket(sample, k: int, n: int, stride: int = SAMPLE_STRIDE):
     """``(lo, hi)`` around the ``k``-th largest of ``n`` values from a sample
     of them (its ranks ``i_lo .. i_hi`` of :func:`_bracket_ranks` left at
@@ -892,7 +865,8 @@ def _ties_in_one_pass(srcs, k: int, weights, sign: str, divide: str, scratch):
     rows, cols = s0.shape
     total = rows * cols
 
-    def bracket(i: int, sample):
+    def bracket(i: int):
+        sample = srcs[i].abs_sample()
         m = sample.size
         lo, hi = _bracket(sample, k, total, srcs[i].stride)
         # _bracket left the sample's ranks i_lo .. i_hi (those in [lo, hi]) together:
@@ -909,7 +883,7 @@ def _ties_in_one_pass(srcs, k: int, weights, sign: str, divide: str, scratch):
         mid, rlo, rhi = (min(max(v, lo), hi) for v in (mid, rlo, rhi))
         return lo, hi, mid, rlo, rhi, inside.size / m
 
-    brackets = _each_sampled(srcs, bracket)
+    brackets = _each(n, bracket)
     dt = torch.empty(0, dtype=s0.dtype).numpy().dtype
     share = sum(b[5] for b in brackets)
     if share > ONE_PASS_MAX_SHARE or share * total * (8 + n * dt.itemsize) > ONE_PASS_MAX_BYTES:
