@@ -270,6 +270,28 @@ def load_records(
     return records
 
 
+#: the context field a caller gets without naming one (files without passages are common)
+DEFAULT_CONTEXT_FIELD = "context"
+
+
+def check_context_field(sets, context_field: str | None, named_by: str | None = None) -> None:
+    """Refuse a context field the caller named (not :data:`DEFAULT_CONTEXT_FIELD`)
+    that no record of any of ``sets`` (``[(path, records)]``, the files read
+    with it) holds: a record without a passage is fine, but a name that no
+    record has is a misspelt one (``--context-field contxt``), and its
+    passages were dropped silently, changing every perplexity. ``named_by``:
+    where the caller's user names it (a format of ``context``)."""
+    if not context_field or context_field == DEFAULT_CONTEXT_FIELD or not sets:
+        return
+    if any(r.context is not None for _, recs in sets for r in recs):
+        return
+    where = named_by.format("context") if named_by else "the context field"
+    paths = [str(p) for p, _ in sets]
+    raise DataError(paths[0], f"no record {'here' if len(paths) == 1 else 'of ' + ', '.join(paths)} holds "
+                              f"a passage under {context_field!r} ({where} names it): a misspelt field? "
+                              f"Name a field the records have, or leave {where} out")  # fmt: skip
+
+
 def data_name(path) -> str:
     """A short display name: the file stem, or the synthetic spec itself."""
     if isinstance(path, str) and is_synthetic_spec(path):

@@ -405,17 +405,20 @@ def warn_other_prompt(adapters, prompt: str) -> None:
 
 def _read_sets(data: list, limit: int | None, fields: dict) -> list[tuple[str, list]]:
     """``[(name, records)]`` for paths, synthetic specs or record lists."""
-    from .data import data_names, load_records
+    from .data import check_context_field, data_names, is_synthetic_spec, load_records
 
-    sets = []
+    sets, read = [], []
     for i, (d, name) in enumerate(zip(data, data_names(data))):
         if isinstance(d, (str, os.PathLike)):
             sets.append((name, load_records(d, limit=limit, named_by="--{}-field", **fields)))
+            if not is_synthetic_spec(d):
+                read.append((d, sets[-1][1]))
         else:
             recs = list(d)[:limit] if limit is not None else list(d)
             if not recs:
                 raise UsageError("data", f"record set {i} is empty")
             sets.append((name, recs))
+    check_context_field(read, fields.get("context_field"), "--{}-field")
     return sets
 
 

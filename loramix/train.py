@@ -68,7 +68,7 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0
 
 def _load_sources(data, *, eval_size, seed: int, limit, fields: dict):
     """Load every source; return (train records, eval records, provenance per source)."""
-    from .data import data_name, is_synthetic_spec, load_records, split_records
+    from .data import check_context_field, data_name, is_synthetic_spec, load_records, split_records
     from .io.outputs import normalized_path
     from .io.provenance import records_sha256
     from .io.st_header import file_sha256  # torch-free (safetensors_io re-exports it)
@@ -76,9 +76,11 @@ def _load_sources(data, *, eval_size, seed: int, limit, fields: dict):
     sources = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     if not sources:
         raise UsageError("--data", "no data given")
-    train, held, inputs = [], [], []
+    train, held, inputs, read = [], [], [], []
     for src in sources:
         recs = load_records(src, limit=limit, named_by="--{}-field", **fields)
+        if not is_synthetic_spec(src):
+            read.append((src, recs))
         if eval_size:
             tr, ev = split_records(recs, eval_size=eval_size, seed=seed)
         else:
@@ -97,6 +99,7 @@ def _load_sources(data, *, eval_size, seed: int, limit, fields: dict):
                 "n_eval": len(ev),
             }
         )
+    check_context_field(read, fields.get("context_field"), "--{}-field")
     return train, held, inputs
 
 

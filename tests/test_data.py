@@ -359,3 +359,43 @@ def test_a_missing_field_names_the_files_fields_and_where_to_name_yours(
     assert main(["scenario", "check", str(scen), "--cache", str(tmp_path / "cache")]) == 2
     err = capsys.readouterr().err
     assert f"(its fields: {has}; domains.b.{field} names yours)" in err and err.count("\n") == 1, err
+
+
+def test_a_named_context_field_that_no_record_holds_is_refused(tmp_path, capsys):
+    """``--context-field contxt`` (a misspelt name) over records whose
+    passages are under ``passage`` dropped every passage silently, and the
+    perplexity moved: a context field named (not the default) that no
+    record of the files holds is refused in one line naming the file and
+    where the name was given. A record without a passage, the default name
+    over files without passages, and the right name stay accepted. Failed
+    before the fix (eval and train went on; the scenario checked)."""
+    from .test_scenario import GOOD
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text(
+        '{"question": "q1", "answer": "a1", "passage": "p1"}\n{"question": "q2", "answer": "a2"}\n'
+    )
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text('{"question": "q1", "answer": "a1"}\n{"question": "q2", "answer": "a2"}\n')
+    for cmd in (["eval"], ["train", "--out", str(tmp_path / "ad")]):
+        base = ["--base", str(tmp_path / "nobase")]
+        assert main([*cmd, *base, "--data", str(path), "--context-field", "contxt"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(path) in err, err
+        assert "no record here holds a passage under 'contxt' (--context-field names it)" in err, err
+        for ok in (["--context-field", "passage"], []):  # the data pass: the base is the next problem
+            assert main([*cmd, *base, "--data", str(path), *ok]) == 2
+            assert "nobase" in capsys.readouterr().err
+        assert (
+            main([*cmd, *base, "--data", str(bare), "--data", str(path), "--context-field", "passage"]) == 2
+        )
+        assert "nobase" in capsys.readouterr().err  # one of two files holds it: fine
+    from loramix.data import check_context_field
+
+    with pytest.raises(DataError, match="no record of .*bare.jsonl, .*bare.jsonl holds"):
+        check_context_field([(bare, load_records(bare))] * 2, "passage", "--{}-field")
+    scen = tmp_path / "s.toml"
+    scen.write_text(GOOD.replace('data = "synthetic:units"', f'data = "{path}"\ncontext = "contxt"'))
+    assert main(["scenario", "check", str(scen), "--cache", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert "under 'contxt' (domains.b.context names it)" in err and err.count("\n") == 1, err

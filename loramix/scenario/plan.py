@@ -90,7 +90,7 @@ class DomainData:
 def prepare_data(sc: Scenario) -> dict[str, DomainData]:
     """Load and split every domain (cheap; done before any work so that a
     domain too small for its sizes fails first)."""
-    from ..data import load_records, split_records
+    from ..data import check_context_field, is_synthetic_spec, load_records, split_records
     from ..errors import LoramixError
     from ..io.st_header import file_sha256  # torch-free (safetensors_io re-exports it)
 
@@ -101,6 +101,8 @@ def prepare_data(sc: Scenario) -> dict[str, DomainData]:
         )
         try:
             recs = load_records(d.data, named_by=f"domains.{name}.{{}}", **fields)
+            if not is_synthetic_spec(d.data):
+                check_context_field([(d.data, recs)], d.context_field, f"domains.{name}.{{}}")
         except LoramixError as e:
             raise ScenarioError(f"{sc.path}: domains.{name}.data", e.message) from None
         left, near, ngram = 0, 0, None
