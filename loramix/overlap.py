@@ -617,6 +617,29 @@ def _load_all(items: list, numpy_path: bool, device, progress: bool) -> tuple[li
     return adapters, dev
 
 
+@contextlib.contextmanager
+def _one_torch_thread(dev):
+    """torch on one thread in this block where the products run in torch on the
+    CPU (``dev``; None: numpy), as before after it. Its products of a few rows
+    by a long inner dimension (``Bt @ Bt.T``, ``W0 @ A_cat.T``) split the inner
+    sums between its threads and round by their number: the similarity of two
+    256-wide LoRA or DoRA adapters against their base differed in the last
+    bits with torch on 2 threads and on 1, and a study caches the effective
+    similarity under a key with no thread count. The products are
+    ``O(out in R)`` per module, small beside reading ``W0`` (two rank-16 DoRA
+    deltas of one 4096 x 11008 module: 0.52 s on one thread, 0.52 s on two on
+    the 2-core development machine)."""
+    one = dev is not None and _torch().device(dev).type == "cpu" and _torch().get_num_threads() != 1
+    old = _torch().get_num_threads() if one else None
+    if one:
+        _torch().set_num_threads(1)
+    try:
+        yield
+    finally:
+        if one:
+            _torch().set_num_threads(old)
+
+
 def _base_weight(base_folder, adapters: list, owners: list[int], mname: str, deltas: list, dev):
     """``W0`` (out, in) float64 on ``dev`` when some delta's kind needs the base, else None;
     the adapter's shape and fan_in_fan_out tell the layout (no model skeleton)."""
@@ -780,7 +803,8 @@ def _similarity(items: list, base, per_module: bool, progress: bool, device) -> 
         canon = sorted(owners, key=rank.__getitem__)
         deltas = [adapters[i].modules[mname] for i in canon]
         W0 = _base_weight(base_folder, adapters, canon, mname, deltas, dev)
-        ip, mant, exp, bad = _module_inner_products(deltas, W0, dev)
+        with _one_torch_thread(dev):
+            ip, mant, exp, bad = _module_inner_products(deltas, W0, dev)
         at = {i: k for k, i in enumerate(canon)}
         back = [at[i] for i in owners]  # owners' rows and columns, in their order
         if bad is not None:

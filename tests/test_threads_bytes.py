@@ -116,3 +116,47 @@ def test_della_into_a_base_is_the_same_bytes_on_any_threads(tmp_path):
         assert main([str(a) for a in args]) == 0
         out[t] = {p.name: p.read_bytes() for p in (tmp_path / f"t{t}").glob("*.safetensors")}
     assert out[1] and out[1] == out[2]
+
+
+def _kind_adapters(tmp_path, model, base, kind: str) -> list:
+    from .test_eval import _random_d2
+
+    if kind == "d2":
+        return [_random_d2(base, tmp_path / f"{kind}{k}", ["q_proj", "down_proj"], seed=k) for k in range(2)]
+    extra = {"use_dora": True} if kind == "dora" else {}
+    return [
+        make_peft_adapter(model, tmp_path / f"{kind}{k}", seed=k, r=16, lora_alpha=32, **extra)
+        for k in range(2)
+    ]
+
+
+def test_similarity_against_a_base_is_the_same_on_any_threads(tmp_path):
+    """``similarity`` with the base (the torch path: DoRA's and D2-LoRA's effective deltas, and
+    LoRA's deltas beside them; a study caches the effective one as ``similarity``): the same
+    numbers on 1 and 2 torch threads. Its Gram products of a few rows by a long inner dimension
+    split the inner sums between torch's threads: at 256 wide LoRA's norms and DoRA's cosines
+    differed in the last bits (overlap._one_torch_thread runs them on one). Fails on the old code."""
+    from loramix.overlap import similarity
+
+    from .factories import save_base
+
+    model = tiny_llama(hidden=256, n_layer=1, n_head=4)
+    base = save_base(model, tmp_path / "base")
+    old = torch.get_num_threads()
+    try:
+        for kind in ("lora", "dora", "d2"):
+            ads = _kind_adapters(tmp_path, model, base, kind)
+            got = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                r = similarity(ads, base=base, per_module=True, progress=False)
+                got.append(
+                    [
+                        x.to_numpy(dtype=float).tobytes()
+                        for x in (r.rms, r.mean, r.norms, r.per_module["cosine"])
+                    ]
+                )
+                assert torch.get_num_threads() == threads  # the caller's threads, as they were
+            assert got[0] == got[1], kind
+    finally:
+        torch.set_num_threads(old)
