@@ -118,6 +118,10 @@ def test_della_into_a_base_is_the_same_bytes_on_any_threads(tmp_path):
     assert out[1] and out[1] == out[2]
 
 
+DENSE = [("ties", {"density": 0.5}), ("dare-linear", {"density": 0.5}), ("dare-ties", {"density": 0.5}),
+         ("breadcrumbs", {"density": 0.5}), ("magnitude", {"density": 0.5}), ("della", {"density": 0.5})]  # fmt: skip
+
+
 def _kind_adapters(tmp_path, model, base, kind: str) -> list:
     from .test_eval import _random_d2
 
@@ -128,6 +132,39 @@ def _kind_adapters(tmp_path, model, base, kind: str) -> list:
         make_peft_adapter(model, tmp_path / f"{kind}{k}", seed=k, r=16, lora_alpha=32, **extra)
         for k in range(2)
     ]
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "d2"])
+def test_a_study_s_dense_merges_are_the_same_on_any_threads(tmp_path, kind):
+    """A study merges a dense method in memory (scenario.steps.merged_in_memory: the method on
+    torch's own threads, not the streaming engine's) and caches the evaluation under a key with no
+    thread count: every dense method (d2-signed too for D2-LoRA) on LoRA, DoRA (norms of W0 + dW)
+    and D2-LoRA gives the same weights and facts on 1 and 2 threads, on a module wide enough that
+    torch splits its reductions (256 x 520). Guards the finding: the old code gave the same too (as did
+    `merge --into` of each method and kind at 2048 x 5632, float32 and bfloat16, measured once)."""
+    from loramix.io.adapter_files import load_adapter
+    from loramix.scenario.steps import _restore, merged_in_memory
+
+    from .factories import save_base
+
+    model = tiny_llama(hidden=256, n_layer=1, n_head=4)
+    base = save_base(model, tmp_path / "base")
+    ads = [load_adapter(str(p)) for p in _kind_adapters(tmp_path, model, base, kind)]
+    methods = DENSE + ([("d2-signed", {})] if kind == "d2" else [])
+    old = torch.get_num_threads()
+    try:
+        for method, params in methods:
+            got = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                saved, facts = merged_in_memory(model, ads, method, params)
+                got.append(({n: model.get_submodule(n).weight.detach().clone() for n in saved}, facts))
+                _restore(model, saved)
+            (w1, f1), (w2, f2) = got
+            assert w1.keys() == w2.keys() and all(torch.equal(w1[n], w2[n]) for n in w1), method
+            assert f1 == f2, method
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_similarity_against_a_base_is_the_same_on_any_threads(tmp_path):
