@@ -231,7 +231,9 @@ def test_ctrl_c_in_a_clean_up_as_a_generator_closes_stops_the_run():
     and failed on the old code)."""
     import time
 
-    from loramix.stopping import cleanup, deferred
+    from loramix.stopping import deferred
+
+    from .test_reliability import _interrupted_clean_up
 
     def handler(signum, frame):  # as loramix.cli handles it
         if not deferred(signum, frame):
@@ -239,18 +241,11 @@ def test_ctrl_c_in_a_clean_up_as_a_generator_closes_stops_the_run():
 
     steps: list = []
 
-    @cleanup
-    def clean_up():
-        os.kill(os.getpid(), signal.SIGINT)
-        for _ in range(200):  # calls: where Python runs a handler
-            time.sleep(0.001)
-        steps.append("cleaned")
-
     def writer():
         try:
             yield
         finally:
-            clean_up()
+            _interrupted_clean_up(steps)
 
     before = signal.signal(signal.SIGINT, handler)
     try:
