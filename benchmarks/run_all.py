@@ -5,6 +5,9 @@ its targets); this runner only runs them serially on a quiet machine, so no
 two compete for the cores, and collects their markdown output under a
 heading with the date and the machine. The GPU figures, measured on a lent
 machine, live in ``reports/benchmarks-gpu.md`` and are linked, not rerun.
+A rerun (``--only``) keeps the other benchmarks' latest sections and the
+hand-written notes under ``## Notes on the runs`` (which machine ran which
+sections, what changed between reruns: add a bullet there after a rerun).
 
     python benchmarks/run_all.py [--only sum merge ...] [--out reports/benchmarks.md]
 """
@@ -50,6 +53,24 @@ BENCHMARKS = {
         14,
     ),
 }
+
+
+#: the heading of the hand-written notes on the runs (which machine ran which sections, what
+#: changed between reruns), kept as they are by every run and added to by hand
+NOTES = "## Notes on the runs"
+
+
+def _old_notes(path: Path) -> str:
+    """The notes section of an earlier report (from :data:`NOTES` to the first
+    benchmark's section), or ''."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    at = text.find(f"\n{NOTES}\n")
+    if at < 0:
+        return ""
+    notes = re.split(r"\n(?=## [\w-]+ \(issue \d+\))", text[at + 1 :])[0]
+    return notes.rstrip() + "\n\n"
 
 
 def _old_sections(path: Path) -> dict[str, str]:
@@ -111,7 +132,7 @@ def main() -> int:
     names = args.only or list(BENCHMARKS)
     started = dt.datetime.now(dt.timezone.utc)
     out = Path(args.out)
-    sections = _old_sections(out)
+    sections, notes = _old_sections(out), _old_notes(out)
     for name in names:
         script, extra, issue = BENCHMARKS[name]
         print(f"== {name}: {script} {' '.join(extra)}", file=sys.stderr, flush=True)
@@ -139,8 +160,10 @@ def main() -> int:
         "Each section gives its date and the load average when it started: on a busy machine the "
         "absolute times grow, the ratios (both sides measured in the same run) much less.\n\n"
         "Each benchmark compares loramix with the obvious alternative in the same run and prints the "
-        "ratio; the targets are the issues'. GPU figures: [benchmarks-gpu.md](benchmarks-gpu.md).\n\n"
-    )
+        "ratio; the targets are the issues'. GPU figures: [benchmarks-gpu.md](benchmarks-gpu.md)."
+        + (" The notes below say which machine ran which sections and what changed between reruns.\n\n" + notes
+           if notes else "\n\n")
+    )  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     order = [n for n in BENCHMARKS if n in sections] + [n for n in sections if n not in BENCHMARKS]
