@@ -396,6 +396,7 @@ def add_delta(
     helpers=None,
     scratch: Buffers | None = None,
     read=None,
+    first=None,
 ) -> JobResult:
     """``W0 + delta`` in the stored layout, computed in float32 (float64 for
     a float64 weight read or written, :func:`compute_dtype`) on ``dev`` in
@@ -420,7 +421,8 @@ def add_delta(
     The result goes into ``stored`` (the caller's read buffer) when the
     output dtype is the stored one, else into a buffer of ``pool``; work
     buffers that do not outlive the call come from ``scratch`` (default
-    ``pool``)."""
+    ``pool``). ``first()``, when given, runs in this thread while the
+    helpers start on the blocks (:func:`_by_blocks`)."""
     code_dtype = ST_DTYPES[job.out_code]
     cdt = compute_dtype(stored.dtype, code_dtype)
     rows, cols = stored.shape
@@ -469,7 +471,7 @@ def add_delta(
         written = out[r0:r1] if on_cpu else narrow(blk, code_dtype)  # on a GPU: summed there
         return [written.sum(dtype=wide)]
 
-    sums = [e for part in _by_blocks(rows, step, helpers, block, MIN_ROWS) for e in part]
+    sums = [e for part in _by_blocks(rows, step, helpers, block, MIN_ROWS, first) for e in part]
     if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
         check_output_finite(out, job.info.key)  # raises, naming the tensor, unless a sum overflowed
     return JobResult(job, out, res.facts)
@@ -572,19 +574,25 @@ def _output_buffer(W, stored: torch.Tensor, code_dtype: torch.dtype, pool: Buffe
     return pool.get("host", stored.shape, code_dtype, torch.device("cpu"))
 
 
-def _by_blocks(rows: int, step: int, helpers, fn, min_rows: int = 1) -> list:
+def _by_blocks(rows: int, step: int, helpers, fn, min_rows: int = 1, first=None) -> list:
     """``fn(r0, r1, k)`` for every block of ``step`` rows (a last block of
     fewer than ``min_rows`` rows joins the one before), shared out between
     this thread (``k = 0``) and the ``helpers`` (``k`` = 1, 2, ...): each
     takes the next block not yet taken, so a thread that gets less of the
     CPU (a machine shared with other jobs) does fewer. The results, in block
-    order."""
+    order. ``first()``, when given, runs in this thread once the helpers
+    have their shares, before it joins them (other work of its own: the
+    next module's delta, :class:`SerialExecutor`). A helper's share that
+    has not started when this thread finds no block left is cancelled, not
+    waited for (its helper may be busy with another caller's blocks)."""
     bounds = [[r0, min(rows, r0 + step)] for r0 in range(0, rows, step)]
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_rows:
         last = bounds.pop()
         bounds[-1][1] = last[1]
     parts = min(len(bounds), 1 + (helpers.threads if helpers is not None else 0))
     if parts <= 1:
+        if first is not None:
+            first()
         return [fn(r0, r1, 0) for r0, r1 in bounds]
     done: list = [None] * len(bounds)
     taken = itertools.count()  # next() is atomic under the GIL
@@ -595,10 +603,13 @@ def _by_blocks(rows: int, step: int, helpers, fn, min_rows: int = 1) -> list:
 
     others = [helpers.submit(run, k) for k in range(1, parts)]
     try:
+        if first is not None:
+            first()
         run(0)
     finally:
         for f in others:
-            f.result()
+            if not f.cancel():
+                f.result()
     return done
 
 
@@ -695,6 +706,25 @@ class Helpers:
         return self.pool.submit(fn, *args)
 
 
+class _Computed:
+    """A module compute whose result is already known (computed ahead): it
+    needs no ``W0`` and no threads, and gives that result, or raises its error."""
+
+    def __init__(self, result: ModuleOutput | Exception):
+        self.result = result
+
+    def __call__(self, module: str, W0) -> ModuleOutput:
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+    def needs_base(self, module: str) -> bool:
+        return False
+
+    def one_thread(self, module: str) -> bool:
+        return True
+
+
 class SerialExecutor:
     """Runs each job when the writer asks for it, in plan order, on one
     device with three sets of buffers, used in turn by the module jobs:
@@ -725,11 +755,55 @@ class SerialExecutor:
         self, plan: Plan, shard: ShardPlan, src, compute: ModuleCompute, phases: Sequence[int] | None = None
     ) -> Iterator[JobResult]:
         """``phases``: where in its page each job's tensor starts in the
-        output file (:meth:`ShardWriter.phases`), for its read buffer."""
-        for i, job in enumerate(shard.jobs):
-            yield self.run_job(job, src, compute, None if phases is None else phases[i])
+        output file (:meth:`ShardWriter.phases`), for its read buffer.
 
-    def run_job(self, job: Job, src, compute: ModuleCompute, phase: int | None = None) -> JobResult:
+        Ahead (on the CPU with helper threads): while the helpers start
+        adding a module's delta, this thread computes the next module's
+        (:func:`_by_blocks`' ``first``), then joins them; the helpers join
+        that computation's blocks when they are free. The arithmetic of a
+        merge whose deltas take long (TIES: forming, trimming and electing)
+        then fills the time the additions leave idle, on the same threads.
+        Only for a compute that says its result stays intact while it
+        computes the next one (``compute.ahead``, true: its work buffers in
+        two sets, used in turn, :mod:`loramix.methods.runner`), and for
+        modules whose compute needs no ``W0`` and runs on one thread
+        (``compute.one_thread``: torch's thread count is not touched while
+        the helpers add). The modules' deltas are still computed in module
+        order, each once. An error in a delta computed ahead is raised when
+        its module's turn comes, as it would have been."""
+        ahead: dict[int, ModuleOutput | Exception] = {}
+        jobs = shard.jobs
+        modules = [i for i, job in enumerate(jobs) if isinstance(job, ModuleJob)]
+        after = dict(zip(modules, modules[1:]))  # each module job's next module job
+        for i, job in enumerate(jobs):
+            use = _Computed(ahead.pop(i)) if i in ahead else compute
+            first, nxt = None, after.get(i)
+            if nxt is not None and self._ahead_ok(job, compute) and self._ahead_ok(jobs[nxt], compute):
+                first = functools.partial(self._compute_ahead, ahead, nxt, jobs[nxt], compute)
+            yield self.run_job(job, src, use, None if phases is None else phases[i], first)
+
+    def _ahead_ok(self, job: ModuleJob, compute: ModuleCompute) -> bool:
+        """Whether ``job``'s delta may be computed ahead (see :meth:`results`)."""
+        one = getattr(compute, "one_thread", None)
+        return (
+            getattr(compute, "ahead", False) is True
+            and getattr(self, "helpers", None) is not None
+            and torch.device(self.device).type == "cpu"
+            and one is not None
+            and bool(one(job.module))
+            and not needs_base(compute, job.module)
+        )
+
+    @staticmethod
+    def _compute_ahead(ahead: dict, i: int, job: ModuleJob, compute: ModuleCompute) -> None:
+        try:
+            ahead[i] = compute(job.module, None)
+        except Exception as e:  # raised in its own turn, after the modules before it
+            ahead[i] = e
+
+    def run_job(
+        self, job: Job, src, compute: ModuleCompute, phase: int | None = None, first=None
+    ) -> JobResult:
         if isinstance(job, ModuleJob):
             pool = self.pool
             # the next module jobs work in the other sets: this result may still be being written
@@ -746,6 +820,7 @@ class SerialExecutor:
                 getattr(self, "helpers", None),
                 getattr(self, "scratch", None),
                 read=lambda r0, r1: read_into(src, job.info, stored, (r0, r1)),
+                first=first,
             )
         if isinstance(job, ReplaceJob):
             return JobResult(job, narrow(job.tensor, ST_DTYPES[job.out_code]).contiguous())

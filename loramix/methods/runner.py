@@ -233,7 +233,10 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
     modules = module_plan(ads)
     plan = plan_into_base(base, list(modules), ads, dtype)
 
-    local = threading.local()  # work tensors reused from module to module, one set per thread
+    # work tensors reused from module to module: per thread, two sets used in turn, so a
+    # result stays intact while the next module's delta is computed (the engine computes it
+    # ahead while the helpers add this one: compute.ahead)
+    local = threading.local()
     # A weight read or written in float64 is added to in float64 (the engine's compute dtype): its
     # delta is formed in float64 too, not from factors (w_i s_i folded in) or a method's work rounded
     # to float32.
@@ -241,9 +244,11 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
 
     def compute(name: str, W0: torch.Tensor | None) -> ModuleOutput:
         items = modules[name]
-        scratch = getattr(local, "scratch", None)
-        if scratch is None:
-            scratch = local.scratch = Buffers()
+        sets = getattr(local, "sets", None)
+        if sets is None:
+            sets = local.sets = [Buffers(), Buffers()]
+        sets.reverse()
+        scratch = sets[0]
         device = dev if W0 is None else W0.device
         work = torch.float64 if name in wide else torch.float32  # not the output's dtype
         ctx = ModuleContext(name, tuple(i for i, _ in items), device, work, scratch)
@@ -256,6 +261,7 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
     # one torch thread where that changes no bit
     compute.needs_base = lambda name: m.needs_base([md for _, md in modules[name]])
     compute.one_thread = lambda name: m.one_thread([md for _, md in modules[name]])
+    compute.ahead = True
 
     # "created" is left out: the weight files' metadata must not change from
     # run to run; the time goes into loramix.json below. The facts are known
