@@ -47,6 +47,27 @@ def is_cpu(spec: str | torch.device | None = "auto") -> bool:
 
 
 @contextmanager
+def torch_threads(n: int | None):
+    """torch on ``n`` threads in this block (None: as it is, and torch not
+    imported), as before after it. A process-wide setting, as
+    ``torch.set_num_threads`` is."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    if n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextmanager
 def kept_rng(dev: torch.device):
     """torch's global random state (the CPU's, and ``dev``'s where it is a GPU)
     as it was on entry, restored on exit: a training seeds it for its dropout

@@ -57,7 +57,7 @@ import torch
 
 from . import native
 from .adapter import Adapter, saved_tensors
-from .devices import resolve_device
+from .devices import resolve_device, torch_threads
 from .errors import AdapterError, BaseModelError, OutputError
 from .io.model_folder import BaseModelFolder, TensorInfo
 from .io.outputs import atomic_output_dir, normalized_path, write_provenance
@@ -613,24 +613,10 @@ def _by_blocks(rows: int, step: int, helpers, fn, min_rows: int = 1, first=None)
     return done
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None):
-    """torch on ``n`` threads in this block (None: as it is), as before after it."""
-    old = torch.get_num_threads()
-    if n is None or n == old:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _all_threads(helpers):
     """torch on all the run's threads (this one and the helpers') for large
     operations (see :func:`cpu_threads`)."""
-    return _torch_threads(None if helpers is None else helpers.threads + 1)
+    return torch_threads(None if helpers is None else helpers.threads + 1)
 
 
 # The helpers of the streaming run in progress in this thread (None outside one),
@@ -646,7 +632,7 @@ def parallel_rows(rows: int, step: int, fn, min_rows: int = 1) -> list:
     ``k`` tells the threads apart (for their own work buffers). The results,
     block by block."""
     helpers = _RUN_HELPERS.get()
-    with _torch_threads(1 if helpers is not None else None):
+    with torch_threads(1 if helpers is not None else None):
         return _by_blocks(rows, step, helpers, fn, min_rows)
 
 

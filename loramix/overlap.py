@@ -63,7 +63,7 @@ import pandas as pd
 
 from .api import renamed
 from .blas import ONE_THREAD_BELOW, openblas_threads
-from .devices import is_cpu, resolve_device
+from .devices import is_cpu, resolve_device, torch_threads
 from .errors import AdapterError, UsageError
 from .io.peft_layout import (
     D2LORA,
@@ -617,30 +617,6 @@ def _load_all(items: list, numpy_path: bool, device, progress: bool) -> tuple[li
     return adapters, dev
 
 
-@contextlib.contextmanager
-def _one_torch_thread(dev):
-    """torch on one thread in this block where the products run in torch on the
-    CPU (``dev``; None: numpy), as before after it. Its products of a few rows
-    by a long inner dimension (``Bt @ Bt.T``, ``W0 @ A_cat.T``) split the inner
-    sums between its threads and round by their number: the similarity of two
-    256-wide LoRA or DoRA adapters against their base differed in the last
-    bits with torch on 2 threads and on 1, and a study caches the effective
-    similarity under a key with no thread count. The products are
-    ``O(out in R)`` per module, small beside reading ``W0`` (two rank-16 DoRA
-    deltas of one 4096 x 11008 module: 0.52 s on one thread, 0.52 s on two on
-    the 2-core development machine); the modules share the threads instead
-    (:func:`_in_order`)."""
-    one = dev is not None and _torch().device(dev).type == "cpu" and _torch().get_num_threads() != 1
-    old = _torch().get_num_threads() if one else None
-    if one:
-        _torch().set_num_threads(1)
-    try:
-        yield
-    finally:
-        if one:
-            _torch().set_num_threads(old)
-
-
 def _base_weight(base_folder, adapters: list, owners: list[int], mname: str, deltas: list, dev):
     """``W0`` (out, in) float64 on ``dev`` when some delta's kind needs the base, else None;
     the adapter's shape and fan_in_fan_out tell the layout (no model skeleton)."""
@@ -806,10 +782,21 @@ def _similarity(items: list, base, per_module: bool, progress: bool, device) -> 
         W0 = _base_weight(base_folder, adapters, canon, mname, deltas, dev)
         return canon, W0 is not None, _module_inner_products(deltas, W0, dev)
 
-    # against a base on the CPU the modules share torch's threads, each module's products on one
-    on_cpu = base_folder is not None and dev is not None and _torch().device(dev).type == "cpu"
+    # Each module's torch products on the CPU run on one torch thread: those of a few rows by a
+    # long inner dimension (Bt @ Bt.T, W0 @ A_cat.T) split their inner sums between torch's
+    # threads and round by their number (two 256-wide LoRA or DoRA adapters' similarity against
+    # their base differed in the last bits on 2 threads and on 1), and a study caches the
+    # effective similarity under a key with no thread count. They are O(out in R) per module,
+    # small beside reading W0 (two rank-16 DoRA deltas of one 4096 x 11008 module: 0.52 s on one
+    # thread, 0.52 s on two, on the 2-core development machine). Against a base the modules
+    # share the threads instead (_in_order).
+    torch_cpu = dev is not None and _torch().device(dev).type == "cpu"
+    on_cpu = base_folder is not None and torch_cpu
     workers = _torch().get_num_threads() if on_cpu else 1
-    with _one_torch_thread(dev), contextlib.closing(_in_order(products, walk, workers)) as done:
+    with (
+        torch_threads(1 if torch_cpu else None),
+        contextlib.closing(_in_order(products, walk, workers)) as done,
+    ):
         for mname in _progress(walk, len(walk), "similarity", big):
             col, owners = col_of[mname], modules[mname]
             canon, based, (ip, mant, exp, bad) = next(done)

@@ -172,7 +172,7 @@ def test_similarity_against_a_base_is_the_same_on_any_threads(tmp_path):
     LoRA's deltas beside them; a study caches the effective one as ``similarity``): the same
     numbers on 1 and 2 torch threads. Its Gram products of a few rows by a long inner dimension
     split the inner sums between torch's threads: at 256 wide LoRA's norms and DoRA's cosines
-    differed in the last bits (overlap._one_torch_thread runs them on one). Fails on the old code."""
+    differed in the last bits (overlap.similarity runs them on one, devices.torch_threads). Fails on the old code."""
     from loramix.overlap import similarity
 
     from .factories import save_base
@@ -195,5 +195,26 @@ def test_similarity_against_a_base_is_the_same_on_any_threads(tmp_path):
                 )
                 assert torch.get_num_threads() == threads  # the caller's threads, as they were
             assert got[0] == got[1], kind
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_torch_threads_sets_the_count_in_its_block_and_gives_it_back():
+    """devices.torch_threads (engine's blocks and similarity's products run under it): ``n``
+    threads inside, the caller's count after, also when the block raises; None leaves it as it
+    is. Guards the moved context manager (the two it replaces did the same)."""
+    from loramix.devices import torch_threads
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(KeyError), torch_threads(1):
+            raise KeyError
+        assert torch.get_num_threads() == 2
+        with torch_threads(None):
+            assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(old)
