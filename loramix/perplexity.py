@@ -270,10 +270,10 @@ def evaluate(
     from .devices import resolve_device
 
     fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
-    sets, adapters, dropped = _checked_inputs(base, adapters, batch=batch, merged=merged, data=data, limit=limit,
-                                              max_len=max_len, device=device, fields=fields, dtype=dtype,
-                                              top_layers=top_layers, prompt=prompt, held_out=held_out,
-                                              weights=weights)  # fmt: skip
+    sets, adapters, data, dropped = _checked_inputs(base, adapters, batch=batch, merged=merged, data=data,
+                                                    limit=limit, max_len=max_len, device=device, fields=fields,
+                                                    dtype=dtype, top_layers=top_layers, prompt=prompt,
+                                                    held_out=held_out, weights=weights)  # fmt: skip
     dev = resolve_device(device)
     adapted = _adapted(base, adapters, weights, merged=merged, dev=dev, dtype=dtype, top_layers=top_layers)
     with adapted as (model, tok):
@@ -283,10 +283,7 @@ def evaluate(
             from .prefix import split_point
 
             k = split_point(model, top_layers)
-        if adapters:  # they fit the base (else refused above): trained on another base, one line each
-            from .trained_base import warn_other_bases
-
-            warn_other_bases(adapters, base, "evaluated on it")
+        _warn_of_scoring(adapters, base, data, sets, prompt=prompt, held_out=held_out)
         df = _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch, dev=dev,
                     prefix_at=k, prefix_cache=prefix_cache, prompt=prompt, progress=progress,
                     per_record=per_record)  # fmt: skip
@@ -319,8 +316,9 @@ def _checked_inputs(
     base, adapters, *, batch, merged, data, limit, max_len, device, fields, dtype, top_layers, prompt,
     held_out=False, weights=None,
 ):  # fmt: skip
-    """``(sets, adapters, left out)``: :func:`evaluate`'s arguments checked, and its data
-    read (``held_out``: less the adapters' training records, and their count per set; else None),
+    """``(sets, adapters, data, left out)``: :func:`evaluate`'s arguments checked (``adapters``
+    and ``data`` as lists), and its data read (``held_out``: less the adapters' training records,
+    and their count per set; else None),
     before any model loads: a bad file or option fails fast, without
     torch where it can be told without it."""
     from .data import check_prompt
@@ -362,7 +360,6 @@ def _checked_inputs(
     from .models import check_dtype_name, read_model_config
 
     check_adapter_paths(adapters)
-    warn_other_prompt(adapters, prompt)
     cfg = read_model_config(base)[1] if isinstance(base, (str, os.PathLike)) else None
     check_dtype_name(dtype)
     if cfg is not None:  # a --top-layers out of config.json's blocks, before torch
@@ -375,9 +372,25 @@ def _checked_inputs(
     dropped = None
     if held_out:
         sets, dropped = heldout.held_out(adapters, base, data, sets, limit)
-    else:
-        heldout.warn_trained_on(adapters, base, data, sets)
-    return sets, adapters, dropped
+    return sets, adapters, data, dropped
+
+
+def _warn_of_scoring(adapters, base, data, sets, *, prompt: str, held_out: bool) -> None:
+    """The warnings of an evaluation that will be scored, once nothing is left to refuse (the
+    model loaded, the adapters attached or merged, the prompt's template found): an adapter
+    trained with another prompt format (:func:`warn_other_prompt`), records it was trained on
+    (:func:`loramix.heldout.warn_trained_on`; left out instead with ``held_out``), one trained
+    on another base (:func:`loramix.trained_base.warn_other_bases`). Said before a refusal,
+    they made a refused run two lines or more, and told of a run that never scored."""
+    warn_other_prompt(adapters, prompt)
+    if not held_out:
+        from .heldout import warn_trained_on
+
+        warn_trained_on(adapters, base, data, sets)
+    if adapters:  # they fit the base (else refused when attached): trained on another base, one line each
+        from .trained_base import warn_other_bases
+
+        warn_other_bases(adapters, base, "evaluated on it")
 
 
 def warn_other_prompt(adapters, prompt: str) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from loramix.cli import main
 from loramix.data import encode_records, load_records, make_batches
-from loramix.errors import UsageError
+from loramix.errors import LoramixWarning, UsageError
 from loramix.perplexity import evaluate, perplexity
 
 from .factories import (
@@ -650,6 +650,29 @@ def test_cli_top_layers_and_bad_value(bases, capsys):
     assert main(["eval", "--base", base, "--data", ARITH, "--top-layers", "7"]) == 2
     err = capsys.readouterr().err
     assert "--top-layers" in err and "between 1 and" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_refused_eval_of_a_trained_adapter_is_one_line(bases, capsys, tmp_path):
+    """An adapter scored on records it was trained on, refused after the model loads (--top-layers
+    1 with its q_proj in block 0; --prompt chat on a tokenizer without a chat template): one error
+    line, not the warnings of a run that never scores (the trained-on records, the other prompt)
+    and then the error. Fails on the old code (a warning line, then the error)."""
+    base, ad = bases["llama"], tmp_path / "ad"
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"What is {i} + {i}?", "answer": str(2 * i)}
+                                               for i in range(12)])  # fmt: skip
+    args = ["train", "--base", base, "--data", data, "--eval-size", "4", "--steps", "1", "--batch", "4",
+            "--rank", "2", "--targets", "q_proj", "--out", ad, "--quiet", "--device", "cpu"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    capsys.readouterr()
+    run = ["eval", "--base", base, "--adapter", ad, "--data", data, "--device", "cpu", "--quiet"]
+    one_line_error(capsys, [*run, "--top-layers", "1"], "--top-layers", ad, "layers.0.self_attn.q_proj",
+                   "not in the top layers")  # fmt: skip
+    one_line_error(capsys, [*run, "--prompt", "chat"], base, "no chat template")
+    # scored, the warnings are still said; data given as one path (not a list) too
+    assert main([*map(str, run), "--prompt", "raw"]) == 0
+    assert "training split of" in capsys.readouterr().err
+    with pytest.warns(LoramixWarning, match="8 of the 12 records evaluated are in the training split"):
+        evaluate(base, adapters=[ad], data=str(data), device="cpu", progress=False)
 
 
 def test_rows_are_told_apart(bases, tmp_path, capsys):
