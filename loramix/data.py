@@ -185,22 +185,41 @@ def load_records(
     if limit is not None and limit < 1:
         raise UsageError("--limit", f"must be at least 1, got {limit}")
     if is_synthetic_spec(path):
-        from . import synthetic
-
-        spec = parse_synthetic_spec(path)
-        n = spec["n"] if limit is None else min(spec["n"], limit)
-        try:
-            return synthetic.generate(
-                spec["domain"],
-                n,
-                seed=spec["seed"],
-                overlap=spec["overlap"],
-                overlap_with=spec["overlap_with"],
-            )
-        except (ValueError, KeyError) as e:
-            raise DataError(path, str(e)) from None
-
+        return _synthetic_records(path, limit)
     p = Path(path)
+    text = _read_text(p)
+    suffix = p.suffix.lower()
+    if suffix not in _READERS:
+        raise DataError(p, f"unsupported file type {suffix or '(none)'!r}; use .jsonl, .json, .csv or .txt")
+    fields = (question_field, answer_field, context_field)
+    records = _READERS[suffix](text, p, fields, limit, named_by)
+    if not records:
+        raise DataError(p, "empty file: no records")
+    return records
+
+
+def _synthetic_records(spec: str, limit: int | None) -> list[QARecord]:
+    """The records of a ``synthetic:`` spec (:mod:`loramix.synthetic`), at most ``limit``."""
+    from . import synthetic
+
+    opts = parse_synthetic_spec(spec)
+    n = opts["n"] if limit is None else min(opts["n"], limit)
+    try:
+        return synthetic.generate(
+            opts["domain"],
+            n,
+            seed=opts["seed"],
+            overlap=opts["overlap"],
+            overlap_with=opts["overlap_with"],
+        )
+    except (ValueError, KeyError) as e:
+        raise DataError(spec, str(e)) from None
+
+
+def _read_text(p: Path) -> str:
+    """The text of the data file ``p``, refused in one line (:class:`DataError`)
+    where it is missing, a folder, not a regular file, not UTF-8, unreadable
+    or blank."""
     if not p.exists():
         raise DataError(p, "no such file")
     if p.is_dir():
@@ -208,8 +227,6 @@ def load_records(
     if not stat.S_ISREG(p.stat().st_mode):
         # reading a FIFO waits for a writer that may never come: refused, not hung
         raise DataError(p, "not a regular file (a FIFO or device?)")
-    qf, af, cf = question_field, answer_field, context_field
-    suffix = p.suffix.lower()
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -218,56 +235,75 @@ def load_records(
         raise DataError(p, f"cannot read: {e.strerror or e}") from None
     if not text.strip():
         raise DataError(p, "empty file: no records")
+    return text
 
+
+# Each reader: (text, path, (question, answer, context field), limit, named_by) -> records.
+
+
+def _jsonl_records(text: str, p: Path, fields: tuple, limit: int | None, named_by) -> list[QARecord]:
+    """One JSON object per line; blank lines skipped."""
     records: list[QARecord] = []
-    if suffix == ".jsonl":
-        # split("\n"), not splitlines(): JSON strings may hold U+2028, U+0085, ... which
-        # splitlines() would treat as line breaks (GSM8K's math.jsonl does).
-        for i, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(p, f"line {i}: invalid JSON ({e.msg} at column {e.colno})") from None
-            except RecursionError:
-                raise DataError(p, f"line {i}: invalid JSON (nested too deeply)") from None
-            records.append(_record(obj, p, f"line {i}", qf, af, cf, named_by))
-            if limit is not None and len(records) >= limit:
-                break
-    elif suffix == ".json":
+    # split("\n"), not splitlines(): JSON strings may hold U+2028, U+0085, ... which
+    # splitlines() would treat as line breaks (GSM8K's math.jsonl does).
+    for i, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
         try:
-            data = json.loads(text)
+            obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(p, f"invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+            raise DataError(p, f"line {i}: invalid JSON ({e.msg} at column {e.colno})") from None
         except RecursionError:
-            raise DataError(p, "invalid JSON (nested too deeply)") from None
-        if not isinstance(data, list):
-            raise DataError(p, f"expected a JSON list of objects, got {type(data).__name__}")
-        for i, obj in enumerate(data[:limit] if limit else data):
-            records.append(_record(obj, p, f"record {i}", qf, af, cf, named_by))
-    elif suffix == ".csv":
-        # newline="" keeps line breaks inside quoted fields (and U+2028 etc.) in the field
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        header = reader.fieldnames or []
-        for f, role in ((qf, "question"), (af, "answer")):
-            if f not in header:
-                raise DataError(p, f"line 1: {_missing(f, role, header, named_by)}")  # the header's fields
-        for row in reader:
-            # reader.line_num is the physical line just read (1 = header).
-            records.append(_record(row, p, f"line {reader.line_num}", qf, af, cf if cf in header else None))
-            if limit is not None and len(records) >= limit:
-                break
-    elif suffix == ".txt":
-        paragraphs = [" ".join(par.split()) for par in text.replace("\r\n", "\n").split("\n\n")]
-        records = [QARecord("", par) for par in paragraphs if par]
-        if limit is not None:
-            records = records[:limit]
-    else:
-        raise DataError(p, f"unsupported file type {suffix or '(none)'!r}; use .jsonl, .json, .csv or .txt")
-    if not records:
-        raise DataError(p, "empty file: no records")
+            raise DataError(p, f"line {i}: invalid JSON (nested too deeply)") from None
+        records.append(_record(obj, p, f"line {i}", *fields, named_by))
+        if limit is not None and len(records) >= limit:
+            break
     return records
+
+
+def _json_records(text: str, p: Path, fields: tuple, limit: int | None, named_by) -> list[QARecord]:
+    """A JSON list of objects."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(p, f"invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise DataError(p, "invalid JSON (nested too deeply)") from None
+    if not isinstance(data, list):
+        raise DataError(p, f"expected a JSON list of objects, got {type(data).__name__}")
+    return [
+        _record(obj, p, f"record {i}", *fields, named_by)
+        for i, obj in enumerate(data[:limit] if limit else data)
+    ]
+
+
+def _csv_records(text: str, p: Path, fields: tuple, limit: int | None, named_by) -> list[QARecord]:
+    """A header row naming the fields, one record per row; a context field the
+    header lacks gives no passage."""
+    qf, af, cf = fields
+    # newline="" keeps line breaks inside quoted fields (and U+2028 etc.) in the field
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = reader.fieldnames or []
+    for f, role in ((qf, "question"), (af, "answer")):
+        if f not in header:
+            raise DataError(p, f"line 1: {_missing(f, role, header, named_by)}")  # the header's fields
+    records: list[QARecord] = []
+    for row in reader:
+        # reader.line_num is the physical line just read (1 = header).
+        records.append(_record(row, p, f"line {reader.line_num}", qf, af, cf if cf in header else None))
+        if limit is not None and len(records) >= limit:
+            break
+    return records
+
+
+def _txt_records(text: str, p: Path, fields: tuple, limit: int | None, named_by) -> list[QARecord]:
+    """Each non-empty paragraph an answer with an empty question (the fields are not used)."""
+    paragraphs = [" ".join(par.split()) for par in text.replace("\r\n", "\n").split("\n\n")]
+    records = [QARecord("", par) for par in paragraphs if par]
+    return records[:limit] if limit is not None else records
+
+
+_READERS = {".jsonl": _jsonl_records, ".json": _json_records, ".csv": _csv_records, ".txt": _txt_records}
 
 
 #: the context field a caller gets without naming one (files without passages are common)
