@@ -641,25 +641,13 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
 
     from .data import check_prompt, encode_records, make_batches, pad_id_for
     from .devices import resolve_device
-    from .layers import default_targets, find_targets
     from .models import base_provenance, load_causal_lm
 
     t_load += time.perf_counter() - t_import  # torch's import is the process's start-up, not the setup's
     dev = resolve_device(device)
     model, tok = load_causal_lm(base, device=dev) if loaded is None else loaded
     check_prompt(prompt, tok, base)
-    names = find_targets(model, targets)  # a bad --targets fails now, not after the base evaluation
-    targets = list(targets) if targets is not None and not isinstance(targets, str) else targets
-    resolved_targets = default_targets(model) if targets is None else targets
-    k = None
-    if top_layers is not None:
-        from .prefix import split_point, top_targets
-
-        k = split_point(model, top_layers)
-        targets = resolved_targets = names = top_targets(model, targets, k)
-    _warn_tied_head(model, names)
-    if rank is not None:
-        _check_rank(model, names, rank)
+    targets, resolved_targets, k = _run_targets(model, targets, top_layers=top_layers, rank=rank)
     # Sequences cannot be longer than the model's positions: cap max_len there (recorded).
     n_pos = context_length(model.config)
     if n_pos:
@@ -679,24 +667,64 @@ def _prepare(base, data_list, *, targets, fields, eval_size, seed, limit, max_le
     run.truncated = {"train": cut_train["truncated"], "eval": cut_eval["truncated"]}
     eval_states = None
     if k is not None:
-        from .prefix import prefix_states
-
-        t0 = time.perf_counter()
-        cached = dict(batch_size=batch, pad_id=pad, cache=prefix_cache, autocast=ac, progress=progress)
-        drawn = _drawn(run, batch=batch, seed=seed, bucket=bucket)
-        if drawn is None:
-            run.train_states = prefix_states(model, k, train_ex, **cached)
-        else:  # a run shorter than an epoch: the states of the examples it draws, None for the others
-            states = prefix_states(model, k, [train_ex[i] for i in drawn], **cached)
-            run.train_states = [None] * len(train_ex)
-            for i, st in zip(drawn, states):
-                run.train_states[i] = st
-        eval_states = prefix_states(model, k, eval_ex, **cached) if eval_ex else None
-        run.prefix_seconds = time.perf_counter() - t0
+        eval_states = _cache_prefix(run, eval_ex, batch=batch, seed=seed, bucket=bucket, prefix_cache=prefix_cache,
+                                    progress=progress)  # fmt: skip
     if eval_ex:
         run.eval_batches = make_batches(eval_ex, batch_size=batch, pad_id=pad, sort_by_length=True,
                                         embeds=eval_states)  # fmt: skip
     return run
+
+
+def _run_targets(model, targets, *, top_layers, rank) -> tuple:
+    """``(targets, resolved targets, k)``: the targets as the run takes them (a
+    list, a regex string, or None for the architecture's default) and as
+    ``loramix.json`` records them (the default's names for None), checked
+    against ``model`` (a bad ``--targets`` fails before the base evaluation,
+    a ``rank`` above a target's size too); with ``top_layers``, both are the
+    modules they select in blocks ``k`` and up (``k``: the first adapted
+    block, else None)."""
+    from .layers import default_targets, find_targets
+
+    names = find_targets(model, targets)  # a bad --targets fails now, not after the base evaluation
+    targets = list(targets) if targets is not None and not isinstance(targets, str) else targets
+    resolved_targets = default_targets(model) if targets is None else targets
+    k = None
+    if top_layers is not None:
+        from .prefix import split_point, top_targets
+
+        k = split_point(model, top_layers)
+        targets = resolved_targets = names = top_targets(model, targets, k)
+    _warn_tied_head(model, names)
+    if rank is not None:
+        _check_rank(model, names, rank)
+    return targets, resolved_targets, k
+
+
+def _cache_prefix(run: _Run, eval_ex: list, *, batch: int, seed: int, bucket: int, prefix_cache,
+                  progress: bool) -> list | None:  # fmt: skip
+    """The frozen prefix of a ``top_layers`` run (``run.prefix_at = k``,
+    :mod:`loramix.prefix`): the states ``h_k`` entering block ``k`` of the
+    training examples its steps draw (:func:`_drawn`; None for the others)
+    into ``run.train_states``, their time into ``run.prefix_seconds``; returns
+    those of the held-out examples ``eval_ex`` (None without)."""
+    from .prefix import prefix_states
+
+    model, k = run.model, run.prefix_at
+    t0 = time.perf_counter()
+    cached = dict(
+        batch_size=batch, pad_id=run.pad, cache=prefix_cache, autocast=run.autocast, progress=progress
+    )
+    drawn = _drawn(run, batch=batch, seed=seed, bucket=bucket)
+    if drawn is None:
+        run.train_states = prefix_states(model, k, run.train_ex, **cached)
+    else:  # a run shorter than an epoch: the states of the examples it draws, None for the others
+        states = prefix_states(model, k, [run.train_ex[i] for i in drawn], **cached)
+        run.train_states = [None] * len(run.train_ex)
+        for i, st in zip(drawn, states):
+            run.train_states[i] = st
+    eval_states = prefix_states(model, k, eval_ex, **cached) if eval_ex else None
+    run.prefix_seconds = time.perf_counter() - t0
+    return eval_states
 
 
 def _drawn(run: _Run, *, batch: int, seed: int, bucket: int) -> list[int] | None:
@@ -768,63 +796,28 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
     adapted perplexity."""
     import torch
 
-    from .data import make_batches
     from .layers import inject_trainable
-    from .progress import progress_bar
 
-    model, dev, seed, total = run.model, run.dev, settings["seed"], settings["steps"]
-    lr, batch, n_per_epoch = settings["lr"], settings["batch"], run.n_per_epoch
+    model = run.model
     runner = _runner(run, settings["grad_checkpointing"])
     k = _held_out_prefix(run)
     ppl_base, states = _base_perplexity(run, runner, k, kind, progress)
-    torch.manual_seed(seed)  # dropout
+    torch.manual_seed(settings["seed"])  # dropout
     params = inject_trainable(model, kind=kind, rank=settings["rank"], alpha=settings["alpha"],
                               targets=run.targets, seed=settings["init"]["seed"], **options)  # fmt: skip
-    n_params = sum(p.numel() for p in params)
     # foreach: one call per update op for all factors, not one per factor (torch's CPU default);
     # the same ops on each tensor, so the same bits (tests/test_train.py), 0.4 ms less per step
     opt = torch.optim.AdamW(
-        params, lr=lr, weight_decay=settings["weight_decay"], betas=(0.9, 0.999), foreach=True
+        params, lr=settings["lr"], weight_decay=settings["weight_decay"], betas=(0.9, 0.999), foreach=True
     )
     setup_seconds = time.perf_counter() - run.t_load
 
-    log, live = [], LiveLog(out)
-    run.live = live
-    tokens, in_tokens = 0, 0
+    run.live = LiveLog(out)
     model.train()
     runner.train()
     t0 = time.perf_counter()
-    epoch, batches = -1, []
-    bar = progress_bar(
-        total=total, desc=f"train {kind.name}", unit="step", progress=progress, dynamic_ncols=True
-    )
-    for step in range(total):
-        if step // n_per_epoch != epoch:  # new epoch: reshuffle
-            epoch = step // n_per_epoch
-            # take: the batches this epoch runs (a short run has the states of theirs alone, _drawn)
-            batches = make_batches(run.train_ex, batch_size=batch, pad_id=run.pad, shuffle=True,
-                                   seed=seed + epoch, embeds=run.train_states, bucket=settings["bucket"],
-                                   take=total - step)  # fmt: skip
-        cur_lr = lr_at(step, lr=lr, warmup=settings["warmup"], total=total)
-        for g in opt.param_groups:
-            g["lr"] = cur_lr
-        opt.zero_grad(set_to_none=True)
-        lv, n_scored, n_in = _step(runner, batches[step % n_per_epoch], dev=dev,
-                                   micro=settings["grad_accum"], autocast=run.autocast)  # fmt: skip
-        if settings["clip"] and settings["clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(params, settings["clip"])
-        if not math.isfinite(lv):
-            raise _diverged(step + 1, total, f"loss {lv}", lr)
-        opt.step()
-        tokens += n_scored
-        in_tokens += n_in
-        log.append((step + 1, lv, cur_lr, tokens, time.perf_counter() - t0))
-        live.row(*log[-1])
-        bar.set_postfix(loss=f"{_final_loss(log):.3f}", lr=f"{cur_lr:.1e}", refresh=False)
-        bar.update(1)
-    bar.close()
-    if not all(bool(torch.isfinite(p).all()) for p in params):  # the last step's update overflowed
-        raise _diverged(total, total, "its update left nan or inf in the factors", lr)
+    log, tokens, in_tokens = _steps(run, runner, params, opt, settings, t0=t0, desc=f"train {kind.name}",
+                                    progress=progress)  # fmt: skip
     train_seconds = time.perf_counter() - t0
     model.eval()
     runner.eval()
@@ -834,7 +827,7 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
         "ppl_base": ppl_base,
         "ppl_adapter": ev["ppl"] if ev else None,
         "final_loss": _final_loss(log),
-        "steps": total,
+        "steps": settings["steps"],
         "tokens": tokens,
         "input_tokens": in_tokens,
         "train_seconds": round(train_seconds, 3),
@@ -847,9 +840,57 @@ def _train(run: _Run, kind, settings: dict, options: dict, *, out: Path, progres
         "n_train_truncated": run.truncated["train"],
         "n_eval_truncated": run.truncated["eval"],
         "eval_tokens": ev["tokens"] if ev else 0,
-        "trainable_parameters": n_params,
-        "device": str(dev),
+        "trainable_parameters": sum(p.numel() for p in params),
+        "device": str(run.dev),
     }
+
+
+def _steps(run: _Run, runner, params: list, opt, settings: dict, *, t0: float, desc: str,
+           progress: bool) -> tuple[list, int, int]:  # fmt: skip
+    """The AdamW loop of ``settings["steps"]`` steps (module docstring): each
+    epoch's batches reshuffled (seed ``settings["seed"]`` plus the epoch), the
+    learning rate of :func:`lr_at`, the gradients' global norm clipped to
+    ``settings["clip"]``; a loss or factor that is not finite stops the run
+    (:func:`_diverged`). Each step's row ``(step, loss, lr, scored tokens so
+    far, seconds since t0)`` goes to ``run.live`` as it is made. Returns
+    ``(the rows, scored tokens, input tokens)``."""
+    import torch
+
+    from .data import make_batches
+    from .progress import progress_bar
+
+    seed, total, lr, n_per_epoch = settings["seed"], settings["steps"], settings["lr"], run.n_per_epoch
+    log, tokens, in_tokens = [], 0, 0
+    epoch, batches = -1, []
+    bar = progress_bar(total=total, desc=desc, unit="step", progress=progress, dynamic_ncols=True)
+    for step in range(total):
+        if step // n_per_epoch != epoch:  # new epoch: reshuffle
+            epoch = step // n_per_epoch
+            # take: the batches this epoch runs (a short run has the states of theirs alone, _drawn)
+            batches = make_batches(run.train_ex, batch_size=settings["batch"], pad_id=run.pad, shuffle=True,
+                                   seed=seed + epoch, embeds=run.train_states, bucket=settings["bucket"],
+                                   take=total - step)  # fmt: skip
+        cur_lr = lr_at(step, lr=lr, warmup=settings["warmup"], total=total)
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        opt.zero_grad(set_to_none=True)
+        lv, n_scored, n_in = _step(runner, batches[step % n_per_epoch], dev=run.dev,
+                                   micro=settings["grad_accum"], autocast=run.autocast)  # fmt: skip
+        if settings["clip"] and settings["clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, settings["clip"])
+        if not math.isfinite(lv):
+            raise _diverged(step + 1, total, f"loss {lv}", lr)
+        opt.step()
+        tokens += n_scored
+        in_tokens += n_in
+        log.append((step + 1, lv, cur_lr, tokens, time.perf_counter() - t0))
+        run.live.row(*log[-1])
+        bar.set_postfix(loss=f"{_final_loss(log):.3f}", lr=f"{cur_lr:.1e}", refresh=False)
+        bar.update(1)
+    bar.close()
+    if not all(bool(torch.isfinite(p).all()) for p in params):  # the last step's update overflowed
+        raise _diverged(total, total, "its update left nan or inf in the factors", lr)
+    return log, tokens, in_tokens
 
 
 def _base_perplexity(
