@@ -321,6 +321,35 @@ def _checked_inputs(
     and their count per set; else None),
     before any model loads: a bad file or option fails fast, without
     torch where it can be told without it."""
+    data, adapters = _checked_arguments(base, adapters, batch=batch, merged=merged, data=data, limit=limit,
+                                        max_len=max_len, device=device, top_layers=top_layers, prompt=prompt,
+                                        weights=weights)  # fmt: skip
+    sets = _read_sets(data, None if held_out else limit, fields or {})
+    # the paths in the order they are loaded in; what needs transformers (the base's model type)
+    # is checked when it loads
+    from .io.peft_layout import check_adapter_paths
+    from .models import check_dtype_name, read_model_config
+
+    check_adapter_paths(adapters)
+    cfg = read_model_config(base)[1] if isinstance(base, (str, os.PathLike)) else None
+    check_dtype_name(dtype)
+    if cfg is not None:  # a --top-layers out of config.json's blocks, before torch
+        from .archs import check_top_layers
+
+        check_top_layers(cfg, top_layers)
+    # after the checks: a mistyped --base is one line without reading the adapters' training data
+    from . import heldout
+
+    dropped = None
+    if held_out:
+        sets, dropped = heldout.held_out(adapters, base, data, sets, limit)
+    return sets, adapters, data, dropped
+
+
+def _checked_arguments(base, adapters, *, batch, merged, data, limit, max_len, device, top_layers, prompt,
+                       weights) -> tuple[list, list]:  # fmt: skip
+    """``(data, adapters)`` as lists: :func:`evaluate`'s arguments checked
+    that need no file read, in the order a user is told of them."""
     from .data import check_prompt
     from .devices import is_cpu
 
@@ -353,26 +382,7 @@ def _checked_inputs(
         raise UsageError("--max-len", f"must be at least 2, got {max_len}")
     check_prompt(prompt)
     is_cpu(device)  # a bad --device is refused first, told without torch where it can be
-    sets = _read_sets(data, None if held_out else limit, fields or {})
-    # the paths in the order they are loaded in; what needs transformers (the base's model type)
-    # is checked when it loads
-    from .io.peft_layout import check_adapter_paths
-    from .models import check_dtype_name, read_model_config
-
-    check_adapter_paths(adapters)
-    cfg = read_model_config(base)[1] if isinstance(base, (str, os.PathLike)) else None
-    check_dtype_name(dtype)
-    if cfg is not None:  # a --top-layers out of config.json's blocks, before torch
-        from .archs import check_top_layers
-
-        check_top_layers(cfg, top_layers)
-    # after the checks: a mistyped --base is one line without reading the adapters' training data
-    from . import heldout
-
-    dropped = None
-    if held_out:
-        sets, dropped = heldout.held_out(adapters, base, data, sets, limit)
-    return sets, adapters, data, dropped
+    return data, adapters
 
 
 def _warn_of_scoring(adapters, base, data, sets, *, prompt: str, held_out: bool) -> None:
@@ -649,49 +659,64 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_a
                                          prefix_cache=prefix_cache)  # fmt: skip
         r = perplexity(runner, batches, device=dev, bar=bar, per_record=per_record)
         rec = _in_record_order(r, batch_order(ex, batch_size)) if per_record else {}
-        rows.append(
-            {
-                "data": name,
-                "records": len(recs),
-                "tokens": r["tokens"],
-                "ppl": r["ppl"],
-                "nll": r["nll"],
-                "seconds": r["seconds"],
-                "tokens_per_s": r["tokens_per_s"],
-                "input_tokens": r["input_tokens"],
-                "input_tokens_per_s": r["input_tokens_per_s"],
-                "prefix_seconds": pre_s,
-                "truncated": stats["truncated"],
-                "max_len": max_len,
-                **rec,
-            }
-        )
-        tot["truncated"] += stats["truncated"]
-        tot["nll_sum"] += r["nll_sum"]
-        tot["tokens"] += r["tokens"]
-        tot["seconds"] += r["seconds"]
-        tot["records"] += len(recs)
-        tot["input_tokens"] += r["input_tokens"]
-        tot["prefix_seconds"] += pre_s
+        rows.append(_set_row(name, len(recs), r, prefix_seconds=pre_s, truncated=stats["truncated"],
+                             max_len=max_len, per_record=rec))  # fmt: skip
+        _add_to_union(tot, r, len(recs), prefix_seconds=pre_s, truncated=stats["truncated"])
     bar.close()
-    n = tot["tokens"]
-    rows.append(
-        {
-            "data": "union",
-            "records": tot["records"],
-            "tokens": n,
-            "ppl": math.exp(tot["nll_sum"] / n) if n else float("nan"),
-            "nll": tot["nll_sum"] / n if n else float("nan"),
-            "seconds": tot["seconds"],
-            "tokens_per_s": n / tot["seconds"] if tot["seconds"] > 0 else float("nan"),
-            "input_tokens": tot["input_tokens"],
-            "input_tokens_per_s": tot["input_tokens"] / tot["seconds"]
-            if tot["seconds"] > 0
-            else float("nan"),
-            "prefix_seconds": tot["prefix_seconds"],
-            "truncated": tot["truncated"],
-            "max_len": max_len,
-            **(dict.fromkeys(RECORD_COLUMNS) if per_record else {}),
-        }
-    )
+    rows.append(_union_row(tot, max_len=max_len, per_record=per_record))
     return pd.DataFrame(rows)
+
+
+def _set_row(name: str, records: int, r: dict, *, prefix_seconds: float, truncated: int, max_len: int,
+             per_record: dict) -> dict:  # fmt: skip
+    """A record set's row of :func:`evaluate`'s table, from :func:`perplexity`'s
+    result ``r`` (``per_record``: its record columns in record order, or {})."""
+    return {
+        "data": name,
+        "records": records,
+        "tokens": r["tokens"],
+        "ppl": r["ppl"],
+        "nll": r["nll"],
+        "seconds": r["seconds"],
+        "tokens_per_s": r["tokens_per_s"],
+        "input_tokens": r["input_tokens"],
+        "input_tokens_per_s": r["input_tokens_per_s"],
+        "prefix_seconds": prefix_seconds,
+        "truncated": truncated,
+        "max_len": max_len,
+        **per_record,
+    }
+
+
+def _add_to_union(tot: dict, r: dict, records: int, *, prefix_seconds: float, truncated: int) -> None:
+    """Add a record set's sums (:func:`perplexity`'s ``r``) to the pooled
+    ``tot``, in place, set by set: the union's NLL is the sum of the sets'
+    ``nll_sum``, not of their means."""
+    tot["truncated"] += truncated
+    tot["nll_sum"] += r["nll_sum"]
+    tot["tokens"] += r["tokens"]
+    tot["seconds"] += r["seconds"]
+    tot["records"] += records
+    tot["input_tokens"] += r["input_tokens"]
+    tot["prefix_seconds"] += prefix_seconds
+
+
+def _union_row(tot: dict, *, max_len: int, per_record: bool) -> dict:
+    """The ``union`` row: the pooled, token-weighted perplexity of every set,
+    ``exp(sum of NLL / sum of scored tokens)`` (None in the record columns)."""
+    n = tot["tokens"]
+    return {
+        "data": "union",
+        "records": tot["records"],
+        "tokens": n,
+        "ppl": math.exp(tot["nll_sum"] / n) if n else float("nan"),
+        "nll": tot["nll_sum"] / n if n else float("nan"),
+        "seconds": tot["seconds"],
+        "tokens_per_s": n / tot["seconds"] if tot["seconds"] > 0 else float("nan"),
+        "input_tokens": tot["input_tokens"],
+        "input_tokens_per_s": tot["input_tokens"] / tot["seconds"] if tot["seconds"] > 0 else float("nan"),
+        "prefix_seconds": tot["prefix_seconds"],
+        "truncated": tot["truncated"],
+        "max_len": max_len,
+        **(dict.fromkeys(RECORD_COLUMNS) if per_record else {}),
+    }
