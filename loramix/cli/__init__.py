@@ -479,11 +479,11 @@ def _main(argv) -> int:
     except (KeyboardInterrupt, Interrupted, Terminated) as e:
         return _interrupted(e)
     except OSError as e:
-        if debug or e.errno not in SYSTEM_ERRORS:
+        if debug or (e.errno not in SYSTEM_ERRORS and e.errno not in MACHINE_ERRORS):
             raise
         with _saying():
             click.echo(f"loramix: error: {_os_error_line(e)}", err=True)
-        return 2
+        return 1 if e.errno in MACHINE_ERRORS else 2
     except RecursionError:
         if debug:
             raise
@@ -494,10 +494,17 @@ def _main(argv) -> int:
 
 
 # What the system says about a path the user gave (a full disk, a read-only
-# or missing folder, a name too long, a symlink loop): the user's to fix, so
-# one line naming the path, exit 2; other OSErrors stay bugs with tracebacks.
+# or missing folder, a name too long, a symlink loop, a folder that cannot be
+# renamed onto: another mount, an overlay's lower layer, a mount point): the
+# user's to fix, so one line naming the path, exit 2; other OSErrors stay bugs
+# with tracebacks.
 SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-                 errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT, errno.EEXIST}  # fmt: skip
+                 errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT, errno.EEXIST, errno.EXDEV,
+                 errno.EBUSY}  # fmt: skip
+# The machine failing under a path (a disk's, or a network file system's, I/O
+# error): not the user's input, so exit 1 as a failed run, but one line
+# naming the path all the same; an output it struck was not kept.
+MACHINE_ERRORS = {errno.EIO}
 
 
 def _os_error_line(e: OSError) -> str:
@@ -505,6 +512,12 @@ def _os_error_line(e: OSError) -> str:
     problem = e.strerror or errno.errorcode.get(e.errno, str(e))
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         problem += "; nothing was written"
+    elif e.errno == errno.EXDEV:
+        # a rename onto (or of) a folder of an overlay's lower layer, a container image's: the kernel's EXDEV
+        problem += ("; the file system cannot rename onto it (another mount, or a folder of an overlay's lower "
+                    "layer, as in a container image); nothing was written: remove it first, or write elsewhere")  # fmt: skip
+    elif e.errno in MACHINE_ERRORS:
+        problem += "; the disk or its file system failed (see the system log: dmesg)"
     if isinstance(where, (str, bytes)):
         where = os.fsdecode(where)
     return LoramixError(where, problem).message

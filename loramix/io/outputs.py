@@ -101,6 +101,11 @@ def check_output(out: str | Path, *, force: bool = False, inputs: Iterable[str |
     if where == cwd or where in cwd.parents:
         # renaming onto the folder a command runs in fails (EBUSY) after all the work; and it is never meant
         raise OutputError(out, "is the current folder or holds it; choose another --out")
+    if os.path.ismount(out):
+        # the rename that puts an output in place cannot replace a mount point (a container's volume, say):
+        # EBUSY, after all the work
+        raise OutputError(out, "is a mount point, which an output renamed into place cannot replace; write into "
+                               "a folder inside it")  # fmt: skip
     for inp in inputs:
         if inp is not None and _overlaps(out, Path(inp)):
             raise OutputError(out, f"output would overwrite the input {inp}; choose another --out")

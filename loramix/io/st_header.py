@@ -138,8 +138,16 @@ def read_safetensors_header(path: Path, error=BaseModelError) -> tuple[dict, int
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of the file at ``path``, as hex. A read that fails (the
+    disk's ``EIO``) raises its OSError naming ``path``: a read's error names
+    no file, and the CLI's line said only ``Input/output error``."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+        try:
+            while block := f.read(chunk):
+                h.update(block)
+        except OSError as e:
+            if e.filename is None:
+                e.filename = str(path)
+            raise
     return h.hexdigest()

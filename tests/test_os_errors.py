@@ -1,0 +1,181 @@
+"""The operating system's errors on the output side, one line each.
+
+A rename the file system refuses (``EXDEV``: a folder of an overlay's lower
+layer, as in a container image), a disk that fails a write when it is synced
+(``EIO``), and a sync of the parent folder that fails after the output is in
+place. The errors are the kernel's own where a test can make them (a real
+overlay mount, as root), else raised by the ``os`` call that the kernel would
+fail (``os.fsync``, ``os.rename``) while loramix's code runs unchanged.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from loramix.cli import main
+from loramix.io import outputs
+from loramix.io.outputs import TMP_PREFIX
+
+from .factories import make_peft_adapter, tiny_gpt2
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Two real PEFT adapters on a tiny GPT-2."""
+    root = tmp_path_factory.mktemp("pair")
+    g = tiny_gpt2(seed=0)
+    return (
+        make_peft_adapter(g, root / "a", seed=1, r=2, lora_alpha=4),
+        make_peft_adapter(g, root / "b", seed=2, r=3, lora_alpha=3),
+    )
+
+
+def cli(capsys, *args) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    code = main([*map(str, args)])
+    return code, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+
+
+def temporaries(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def fsync_failing(when):
+    """``os.fsync`` that raises EIO for a descriptor where ``when(fstat)``
+    holds, as a disk does for a write it could not complete."""
+    real = os.fsync
+
+    def fsync(fd):
+        if when(os.fstat(fd)):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd)
+
+    return fsync
+
+
+def same_file(path: Path):
+    st = os.stat(path)
+    return lambda s: (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino)
+
+
+# ---- EXDEV: a rename the file system cannot do ---------------------------------------
+
+
+@pytest.fixture
+def overlay(tmp_path):
+    """A real overlay mount whose lower layer holds a folder ``out`` with a
+    file in it: renaming that folder (or onto it) fails with EXDEV, as in a
+    container whose image holds the folder. Skipped where mounting is not
+    allowed."""
+    lower, upper, work, merged = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for d in (lower / "out", upper, work, merged):
+        d.mkdir(parents=True)
+    (lower / "out" / "mine.txt").write_text("the old output\n")
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    if subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount an overlay here (needs root)")
+    yield merged
+    subprocess.run(["umount", str(merged)], check=True)
+
+
+def test_a_forced_output_onto_an_overlay_lower_folder_is_one_line(pair, overlay, capsys):
+    """``sum --force`` onto a folder of an overlay's lower layer: the kernel
+    refuses the exchange with EXDEV. One line naming the output, exit 2, the
+    old output as it was, no temporary. It was a traceback, exit 1."""
+    out = overlay / "out"
+    code, lines = cli(capsys, "sum", *pair, "--out", out, "--force")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("loramix: error: "), (code, lines)
+    assert str(out) in lines[0] and "cross-device" in lines[0] and "overlay" in lines[0], lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    assert temporaries(overlay) == []
+
+
+@pytest.mark.parametrize("err", [errno.EXDEV, errno.EBUSY], ids=errno.errorcode.get)
+def test_a_refused_rename_in_the_locked_rename_is_one_line(pair, tmp_path, capsys, monkeypatch, err):
+    """Where the system has no ``renameat2`` the output is renamed by
+    ``os.rename`` under a lock; that rename refused by the file system
+    (EXDEV; EBUSY, a mount point made there during the run), here raised by
+    ``os.rename`` itself, is one line naming the output, exit 2, nothing
+    left. It was a traceback, exit 1."""
+    out = tmp_path / "out"
+    real = os.rename
+
+    def rename(src, dst, *a, **k):
+        if Path(dst) == out:
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(outputs, "_RENAMEAT2", None)
+    monkeypatch.setattr(os, "rename", rename)
+    code, lines = cli(capsys, "sum", *pair, "--out", out)
+    monkeypatch.undo()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"loramix: error: {out}: "), (code, lines)
+    assert os.strerror(err) in lines[0], lines[0]
+    assert not out.exists() and temporaries(tmp_path) == []
+
+
+def test_an_output_that_is_a_mount_point_is_refused_before_the_work(pair, tmp_path, capsys):
+    """``--out`` a mount point (a container's volume, say), with ``--force``:
+    a rename cannot replace it (EBUSY). Refused in one line before the work,
+    exit 2, the mount as it was. It was a traceback, exit 1, after the work."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        (out / "theirs").write_text("x")
+        code, lines = cli(capsys, "sum", *pair, "--out", out, "--force")
+        assert code == 2 and len(lines) == 1, (code, lines)
+        assert lines[0].startswith(f"loramix: error: {out}: is a mount point"), lines[0]
+        assert [p.name for p in out.iterdir()] == ["theirs"] and temporaries(tmp_path) == []
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+
+
+# ---- EIO: the disk fails a write -----------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["folder", "plot"])
+def test_an_io_error_when_the_output_is_synced_is_one_line_exit_1(pair, tmp_path, capsys, monkeypatch, what):
+    """The disk failing a write that shows only when it is synced (EIO from
+    ``fsync`` of a file, before the rename): one line naming the output,
+    exit 1 (the machine failed, not the user's input), nothing at the
+    target and no temporary. It was a traceback, exit 1."""
+    out = tmp_path / ("out" if what == "folder" else "sim.png")
+    args = ("sum", *pair, "--out", out) if what == "folder" else ("similarity", *pair, "--plot", out)
+    monkeypatch.setattr(os, "fsync", fsync_failing(lambda s: stat.S_ISREG(s.st_mode)))
+    code, lines = cli(capsys, *args)
+    monkeypatch.undo()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(f"loramix: error: {out}: "), (code, lines)
+    assert "Input/output error" in lines[0] and "disk" in lines[0], lines[0]
+    assert not os.path.lexists(out) and temporaries(tmp_path) == []
+
+
+def test_an_io_error_reading_an_input_names_it(pair, tmp_path, capsys):
+    """An adapter whose weights cannot be read (a real EIO: a link to
+    ``/proc/self/mem``, whose first page is never mapped) fails as it is
+    hashed: one line naming the weights file, exit 1, nothing written. The
+    line named no file (``loramix: error: Input/output error``), after a
+    traceback on the code before this one."""
+    import shutil
+
+    bad = Path(shutil.copytree(pair[0], tmp_path / "bad"))
+    (bad / WEIGHTS).unlink()
+    (bad / WEIGHTS).symlink_to("/proc/self/mem")
+    out = tmp_path / "out"
+    code, lines = cli(capsys, "sum", bad, pair[1], "--out", out)
+    assert code == 1 and len(lines) == 1, (code, lines)
+    assert lines[0].startswith(f"loramix: error: {bad / WEIGHTS}: Input/output error"), lines[0]
+    assert not out.exists() and temporaries(tmp_path) == []
