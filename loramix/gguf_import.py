@@ -967,7 +967,7 @@ def resolve_base(path: str | os.PathLike) -> Path:
         return p
     check_gguf_file(p)  # a .gguf name that is no GGUF file: refused as one, not as a folder
     from .io.filehash import cache_dir, cached_file_sha256  # torch-free (model_folder re-exports them)
-    from .io.outputs import discard, sync_folder, sync_tree, usual_modes
+    from .io.outputs import discard, sync_published, sync_tree, usual_modes
 
     sha = cached_file_sha256(p)
     root = cache_dir() / "bases"
@@ -999,7 +999,7 @@ def resolve_base(path: str | os.PathLike) -> Path:
             sync_tree(tmp)  # an import that exists is used: its bytes reach the disk before its name
             discard(target)  # a leftover without config.json, or damaged
             os.replace(tmp, target)
-            sync_folder(root)
+            sync_published(target)
         except BaseException:
             lock.remove()  # a refused file leaves nothing in bases/
             raise

@@ -179,3 +179,87 @@ def test_an_io_error_reading_an_input_names_it(pair, tmp_path, capsys):
     assert code == 1 and len(lines) == 1, (code, lines)
     assert lines[0].startswith(f"loramix: error: {bad / WEIGHTS}: Input/output error"), lines[0]
     assert not out.exists() and temporaries(tmp_path) == []
+
+
+# ---- the parent folder's fsync, after the rename ------------------------------------------
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["new", "replacing"])
+def test_a_failed_sync_of_the_folder_after_the_rename_is_a_warning(
+    pair, tmp_path, capsys, monkeypatch, force
+):
+    """The output is renamed into place, then the ``fsync`` of its parent
+    folder fails (EIO): the output is whole (every byte synced before the
+    rename) and in place, so the command succeeds with one warning line
+    naming it. It said ``error`` (and traced back, exit 1) about an output
+    that was there, and with ``--force`` the old one already gone."""
+    import loramix
+
+    out = tmp_path / "runs" / "out"
+    if force:
+        assert main(["sum", *map(str, pair), "--out", str(out)]) == 0
+    (tmp_path / "runs").mkdir(exist_ok=True)
+    monkeypatch.setattr(os, "fsync", fsync_failing(same_file(tmp_path / "runs")))
+    code, lines = cli(capsys, "sum", *pair, "--out", out, *(["--force"] if force else []))
+    monkeypatch.undo()
+    assert code == 0, (code, lines)
+    warned = [ln for ln in lines if ln.startswith("loramix: warning: ")]
+    assert len(warned) == 1 and str(out) in warned[0] and "Input/output error" in warned[0], lines
+    assert not [ln for ln in lines if "error:" in ln or "Traceback" in ln], lines
+    assert len(loramix.load_adapter(out).modules) > 0
+    assert temporaries(out.parent) == []
+
+
+def test_a_failed_sync_of_the_folder_after_a_single_file_is_a_warning(pair, tmp_path, capsys, monkeypatch):
+    """The same for a single file (``similarity --plot``, written by
+    ``atomic_write``): the figure is in place, one warning line, exit 0."""
+    out = tmp_path / "sim.png"
+    monkeypatch.setattr(os, "fsync", fsync_failing(same_file(tmp_path)))
+    code, lines = cli(capsys, "similarity", *pair, "--plot", out)
+    monkeypatch.undo()
+    assert code == 0, (code, lines)
+    warned = [ln for ln in lines if ln.startswith("loramix: warning: ")]
+    assert len(warned) == 1 and str(out) in warned[0], lines
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert temporaries(tmp_path) == []
+
+
+def test_a_failed_sync_of_the_folder_after_a_cache_entry_is_a_warning(tmp_path, monkeypatch):
+    """A scenario cache entry renamed into place whose kind's folder then
+    fails its ``fsync``: the entry is whole, used, and said in a warning; it
+    failed the study."""
+    from loramix.errors import LoramixWarning
+    from loramix.scenario.cache import Cache
+
+    c = Cache(tmp_path / "c")
+
+    def make(tmp):
+        (tmp / "v").write_text("1")
+
+    c.get_or_make("thing", {"x": 0}, make)  # makes the kind's folder
+    monkeypatch.setattr(os, "fsync", fsync_failing(same_file(tmp_path / "c" / "thing")))
+    with pytest.warns(LoramixWarning, match="Input/output error"):
+        folder = c.get_or_make("thing", {"x": 1}, make)
+    monkeypatch.undo()
+    assert (folder / "v").read_text() == "1"
+    assert Cache(tmp_path / "c").get_or_make("thing", {"x": 1}, make) == folder
+
+
+def test_a_failed_sync_of_the_folder_after_a_gguf_import_is_a_warning(tmp_path, monkeypatch):
+    """A GGUF given as a base is imported into ``$LORAMIX_CACHE_DIR/bases/``;
+    that folder's ``fsync`` failing after the rename: the import is whole,
+    used, and said in a warning. It failed the command using the base."""
+    from loramix.errors import LoramixWarning
+    from loramix.gguf_import import resolve_base
+
+    from .test_realmodel import llama_gguf
+
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = llama_gguf(tmp_path / "tiny.gguf", tokenizer=True)
+    (tmp_path / "cache" / "bases").mkdir(parents=True)
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", fsync_failing(same_file(tmp_path / "cache" / "bases")))
+        with pytest.warns(LoramixWarning, match="Input/output error"):
+            folder = resolve_base(gguf)
+    assert (folder / "model.safetensors").is_file()
+    assert resolve_base(gguf) == folder

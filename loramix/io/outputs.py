@@ -30,7 +30,9 @@ cache entry) exist, so after a power loss or an OS crash one that exists
 holds all its bytes, instead of a name whose data never reached the disk.
 An error the disk reports only then (a delayed write's ``EIO``, a network
 file system's ``ENOSPC``) fails the command like any other, naming the
-output.
+output. One that fails only the parent folder's ``fsync``, after the rename
+(:func:`sync_published`), is a warning: the output is whole and in place,
+only its name's durability is unconfirmed.
 """
 
 from __future__ import annotations
@@ -369,6 +371,27 @@ def sync_folder(folder: str | os.PathLike) -> None:
     _fsync(folder, getattr(os, "O_DIRECTORY", 0))
 
 
+def sync_published(path: str | os.PathLike) -> None:
+    """``fsync`` the folder that ``path`` (an output, a cache entry) was just
+    renamed into (:func:`sync_folder`). Where that fails (the disk's ``EIO``,
+    a folder that cannot be opened to read), ``path`` is in place and whole:
+    every byte of it was on the disk before the rename (:func:`sync_tree`,
+    :func:`sync_fd`), and the target it replaced is gone. Only the rename's
+    own durability is unconfirmed: after a power loss or an OS crash ``path``
+    may be missing (or the old one back), never partial. So it is one
+    :class:`~loramix.errors.LoramixWarning` line naming ``path``, and the
+    command succeeds: an error (exit 2, or 1 for ``EIO``) said the output was
+    not written while it was there, and a caller that removed it or ran again
+    to get it lost a finished result."""
+    try:
+        sync_folder(Path(path).parent)
+    except OSError as e:
+        from ..errors import warn
+
+        warn(f"{path}: written, but the disk did not confirm that its name is stored (fsync of its folder: "
+             f"{e.strerror or e}); after a power loss or an OS crash it may be missing, never partial")  # fmt: skip
+
+
 def sync_tree(folder: str | os.PathLike) -> None:
     """``fsync`` every regular file under ``folder``, then every folder, the
     deepest first: all of it is on the disk before it is renamed into place.
@@ -494,7 +517,14 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
     untouched and an :class:`OutputError` raised; with ``force`` it is
     swapped out atomically (``RENAME_EXCHANGE``) into the temporary folder,
     which the caller removes. All of ``tmp`` is on the disk before the
-    rename, and the rename after it (:func:`sync_tree`)."""
+    rename (:func:`sync_tree`; an error there, the disk's ``EIO`` say, is
+    raised and nothing is renamed), and the rename after it where the disk
+    confirms it: where it does not, ``out`` is whole and in place, and that
+    is a warning line, not an error (:func:`sync_published`). A rename the
+    file system refuses (``EXDEV``: ``out`` a folder of an overlay's lower
+    layer, as in a container image; ``EBUSY``: a mount point made there
+    during the run, :func:`check_output` refuses one before) is raised,
+    ``out`` left as it was."""
     usual_modes(tmp)
     sync_tree(tmp)
     for _ in range(8):  # with force, the target may come and go meanwhile
@@ -511,7 +541,7 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
                 continue  # the target vanished between the two calls: try again
         if not done:
             _locked_rename(tmp, out, force)
-        sync_folder(out.parent)
+        sync_published(out)
         return
     raise OutputError(out, "kept changing while loramix tried to replace it")
 
@@ -624,7 +654,8 @@ def atomic_write(path: str | Path, mode: str = "w", *, replace: bool = True) -> 
     exists at the end (another run's, or one made meanwhile) is left as it
     is and an :class:`OutputError` raised: the rename does not replace.
     The file is on the disk before the rename, and the rename after it
-    (:func:`sync_fd`, :func:`sync_folder`)."""
+    where the disk confirms it (:func:`sync_fd`, :func:`sync_published`: a
+    warning where it does not, the file being whole and in place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, path.name)
@@ -645,7 +676,7 @@ def atomic_write(path: str | Path, mode: str = "w", *, replace: bool = True) -> 
             os.replace(tmp, path)
         else:
             _publish_file(tmp, path)
-        sync_folder(path.parent)
+        sync_published(path)
     except BaseException as e:
         discard(tmp)
         raise_naming(e, (tmp,), path)

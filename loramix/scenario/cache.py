@@ -70,6 +70,7 @@ from ..io.outputs import (
     remove_temporary,
     swap_in,
     sync_folder,
+    sync_published,
     sync_tree,
     usual_modes,
 )
@@ -697,7 +698,7 @@ class Cache:
                         self._swap(tmp, target)  # a stale folder without its marker
                     else:
                         raise
-            sync_folder(target.parent)
+            sync_published(target)  # the entry is whole and in place: a warning where the disk fails this
         except BaseException as e:
             raise_naming(e, (tmp, owned), target)  # a full disk names the artifact, not its temporary
         finally:
