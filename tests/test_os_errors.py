@@ -263,3 +263,21 @@ def test_a_failed_sync_of_the_folder_after_a_gguf_import_is_a_warning(tmp_path, 
             folder = resolve_base(gguf)
     assert (folder / "model.safetensors").is_file()
     assert resolve_base(gguf) == folder
+
+
+# ---- a plot under a file -----------------------------------------------------------------
+
+
+def test_a_plot_under_a_file_names_the_file(pair, tmp_path, capsys):
+    """``--plot`` under a file: one line saying that file is not a folder,
+    exit 2, before the work. It said ``<file>: File exists`` (mkdir's
+    error), after the similarity was computed."""
+    (tmp_path / "notes").write_text("x")
+    out = tmp_path / "notes" / "sim.png"
+    code, lines = cli(capsys, "similarity", *pair, "--plot", out)
+    assert code == 2 and len(lines) == 1, (code, lines)
+    assert (
+        lines[0]
+        == f"loramix: error: {tmp_path / 'notes'}: is a file, not a folder: {out} cannot be written inside it"
+    )
+    assert (tmp_path / "notes").read_text() == "x" and temporaries(tmp_path) == []

@@ -86,7 +86,7 @@ def command(adapters, fmt, per_module, plot, base, device, force) -> None:
     if len(adapters) < ONE_THREAD_BELOW:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from ..errors import OutputError, UsageError
-    from ..io.outputs import resolved
+    from ..io.outputs import check_parents, resolved
 
     if len(adapters) < 2:
         raise UsageError("similarity", "needs at least two adapters to compare")
@@ -95,6 +95,7 @@ def command(adapters, fmt, per_module, plot, base, device, force) -> None:
             raise OutputError(plot, "already exists; pass --force to replace it")
         if any(resolved(plot) == resolved(a) for a in adapters):
             raise OutputError(plot, "--plot would overwrite an input")
+        check_parents(plot)  # before the work, as --out's check: a plot under a file
         from ..plots import check_figure_path
 
         check_figure_path(plot)

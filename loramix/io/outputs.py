@@ -111,14 +111,22 @@ def check_output(out: str | Path, *, force: bool = False, inputs: Iterable[str |
     for inp in inputs:
         if inp is not None and _overlaps(out, Path(inp)):
             raise OutputError(out, f"output would overwrite the input {inp}; choose another --out")
-    above = next((q for q in out.parents if os.path.lexists(q)), None)
-    if above is not None and not above.is_dir():
-        raise OutputError(above, f"is a file, not a folder: {out} cannot be written inside it")
+    check_parents(out)
     if os.path.lexists(out) and not force:
         raise OutputError(out, "already exists; pass --force to replace it")
     if os.path.lexists(out) and not out.is_dir():
         raise OutputError(out, "exists and is not a folder")
     return out
+
+
+def check_parents(out: str | Path) -> None:
+    """Refuse ``out`` whose nearest existing parent is a file, in one line
+    naming that file (``mkdir -p`` said ``File exists`` or ``Not a
+    directory`` of it, which reads as a problem with ``out`` itself)."""
+    out = Path(out)
+    above = next((q for q in out.parents if os.path.lexists(q)), None)
+    if above is not None and not above.is_dir():
+        raise OutputError(above, f"is a file, not a folder: {out} cannot be written inside it")
 
 
 # ---- owners of temporary folders ---------------------------------------------------
@@ -655,8 +663,11 @@ def atomic_write(path: str | Path, mode: str = "w", *, replace: bool = True) -> 
     is and an :class:`OutputError` raised: the rename does not replace.
     The file is on the disk before the rename, and the rename after it
     where the disk confirms it (:func:`sync_fd`, :func:`sync_published`: a
-    warning where it does not, the file being whole and in place)."""
+    warning where it does not, the file being whole and in place). A
+    ``path`` under a file is refused in one line naming that file
+    (:func:`check_parents`)."""
     path = Path(path)
+    check_parents(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, path.name)
     tmp = temporary_file(path)
