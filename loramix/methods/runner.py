@@ -292,14 +292,14 @@ def truncate(delta, out_rank: int | None, energy: float | None) -> LowRank:
 
     ``delta`` is a dense ``(out, in)`` tensor or a :class:`LowRank` (exact
     factors ``B @ A``; its ``info`` is kept under the truncation's facts)."""
-    from .svd import choose_rank, lowrank_svd
+    from .svd import choose_rank, dense_svd, lowrank_svd
 
     if isinstance(delta, LowRank):
         B, A = delta.B.double(), delta.A.double()
         P, S, Qt = lowrank_svd(B, A)
         stacked, prior = int(B.shape[1]), dict(delta.info)
     else:
-        P, S, Qt = torch.linalg.svd(delta.double(), full_matrices=False)
+        P, S, Qt = dense_svd(delta)  # on one thread: the same bytes on any --threads
         stacked, prior = min(delta.shape), {}
     k = choose_rank(S, out_rank, energy, max(int(P.shape[0]), int(Qt.shape[1])))
     info = {**{f"method_{n}": v for n, v in prior.items()}, **energy_info(S, k, stacked)}

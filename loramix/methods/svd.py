@@ -25,6 +25,7 @@ Computed in float64 on the device; written in the adapters' dtype.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
@@ -61,15 +62,50 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
     writing."""
     import torch
 
-    old = torch.get_num_threads()
-    one = B.device.type == "cpu" and old != 1
-    if one:
-        torch.set_num_threads(1)
-    try:
+    with one_torch_thread(B.device):
         QB, RB = torch.linalg.qr(B)
         QA, RA = torch.linalg.qr(A.mT)
         U, S, Vh = torch.linalg.svd(RB @ RA.mT, full_matrices=False)
         return QB @ U, S, Vh @ QA.mT
+
+
+def dense_svd(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(P, S, Qt)`` with ``D = P diag(S) Qt`` for a dense ``D`` (out, in) in
+    float64: ``P`` (out, n), ``S`` (n,) descending, ``Qt`` (n, in),
+    ``n = min(out, in)``. The truncation of a dense method's merged delta to an
+    adapter (``merge -m ties --out-rank K`` / ``--energy F``,
+    :func:`loramix.methods.runner.truncate`).
+
+    On the CPU it runs on one torch thread, as :func:`lowrank_svd` does, for
+    the same reason: LAPACK's SVD of ``D`` rounds by its threads' split (a
+    ``ties --out-rank 8`` merge of two rank-16 adapters on a 576-wide Llama
+    wrote other bytes with ``--threads 2`` than with 1), and the adapter, with
+    everything evaluated from it, would depend on the thread count. Cost,
+    measured on the 2-core development machine shared with other jobs (load
+    5-7): one SmolLM2 module's SVD took 0.09 s (576 x 576), 0.29 s
+    (1536 x 576) and 0.45-0.62 s (576 x 1536) on one thread against 0.65-1.6,
+    1.0 and 1.1 s on two, and ``merge -m ties --density 0.5 --out-rank 16``
+    of two rank-16 adapters on SmolLM2's 210 modules 105 s with ``--threads
+    2`` against 463 s before (41-59 s with ``--threads 1``). A quiet machine
+    with many cores may have run the threaded SVD faster; not measured."""
+    import torch
+
+    with one_torch_thread(D.device):
+        return torch.linalg.svd(D.double(), full_matrices=False)
+
+
+@contextlib.contextmanager
+def one_torch_thread(device: torch.device):
+    """torch on one thread in this block where ``device`` is the CPU, the
+    caller's thread count given back after it (the same on a GPU)."""
+    import torch
+
+    old = torch.get_num_threads()
+    one = torch.device(device).type == "cpu" and old != 1
+    if one:
+        torch.set_num_threads(1)
+    try:
+        yield
     finally:
         if one:
             torch.set_num_threads(old)
