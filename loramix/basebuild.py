@@ -38,7 +38,7 @@ from pathlib import Path
 from .api import renamed
 from .data import QARecord, is_synthetic_spec, load_records, record_text, split_records
 from .errors import UsageError
-from .options import batch_problem, check_numbers, check_seed, lr_problem, steps_problem
+from .options import batch_problem, check_numbers, check_seed, lr_problem, steps_problem, whole_numbers
 from .results import OutputDict
 
 EOS_TOKEN = "<|endoftext|>"
@@ -272,6 +272,7 @@ def build_base(
     from .perplexity import perplexity
 
     check_numbers({"--steps": steps, "--heldout": heldout, "--batch": batch, "--lr": lr})
+    steps, batch = whole_numbers({"--steps": steps, "--batch": batch})  # steps=1.5 ran 1 step, silently
     cfg, size, steps, batch, lr = _recipe(size, steps, batch, lr)
     check_seed(seed)  # what base build --seed's IntRange bounds, from Python too
     is_cpu(device)  # a bad --device is refused first, told without torch where it can be

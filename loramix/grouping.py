@@ -550,6 +550,10 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     items = adapter_list(adapters)  # one adapter is one, not its characters or modules
     if len(items) < 2:
         raise UsageError("plan", f"needs at least two adapters, got {len(items)}")
+    from .options import whole_numbers
+
+    max_group, tokens, max_len = whole_numbers({"--max-group": max_group, "--tokens": tokens,
+                                                "--max-len": max_len})  # fmt: skip
     if max_group < 1:
         raise UsageError("--max-group", f"must be at least 1, got {max_group}")
     if budget is not None and not math.isfinite(budget):

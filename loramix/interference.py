@@ -406,9 +406,10 @@ def predict(
     :func:`study_recipe`) and ``notes`` (the pairs that adapt no
     module in common: their cosine counts 0, as in ``loramix plan``).
     """
-    from .options import check_numbers
+    from .options import check_numbers, whole_numbers
 
     check_numbers({"--level": level, "--tokens": tokens, "--max-len": max_len})  # level="0.9" was parsed
+    tokens, max_len = whole_numbers({"--tokens": tokens, "--max-len": max_len})
     chose = None
     if not isinstance(fit, dict):
         fit, chose = fit_in(fit, line=label is not None or level is not None)

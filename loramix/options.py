@@ -111,6 +111,26 @@ def check_numbers(values: dict[str, Any]) -> None:
             raise UsageError(where, f"{v!r} is not a number")
 
 
+def whole_numbers(values: dict[str, Any]) -> list[int | None]:
+    """Each of ``values`` (flag -> value; None: not given) as an ``int``, in
+    order: an int (numpy's too) as it is, a float only where it is whole
+    (``8.0`` -> 8, as a merge's int parameters take it); a fraction, an
+    infinity, a string or a bool is refused in one :class:`UsageError`
+    naming the flag (the keyword, in Python). The CLI's int options are ints
+    already; from Python, ``rank=2.5`` failed deep inside torch after the
+    model had loaded, ``max_len=50.5`` and ``batch=2.5`` in a slice or a
+    ``range`` (TypeErrors naming none of them), and ``top_layers=1.5``,
+    ``limit=20.5`` or ``plan``'s ``max_group=2.5`` were taken as they were."""
+    check_numbers(values)
+    out: list[int | None] = []
+    for where, v in values.items():
+        if v is not None and not isinstance(v, numbers.Integral):
+            if not (math.isfinite(v) and float(v).is_integer()):
+                raise UsageError(where, f"{v!r} is not a whole number")
+        out.append(None if v is None else int(v))
+    return out
+
+
 def check_workers(n: Any, where: str = "--threads") -> int | None:
     """``n`` (None: not given) if it is a whole number in ``[1, MAX_WORKERS]``
     (or this machine's cores, where more), else a :class:`UsageError` naming

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from .api import renamed
 from .archs import context_length, fast_head_classes
 from .errors import BaseModelError, UsageError
-from .options import check_numbers, parse_weights
+from .options import check_numbers, parse_weights, whole_numbers
 
 # The rule by which NLL is computed, in the cache keys of a study's evaluations
 # (loramix.scenario.plan), so that numbers made by an earlier rule are made
@@ -269,6 +269,10 @@ def evaluate(
     from .data import check_prompt
     from .devices import resolve_device
 
+    # counts and sizes as ints (a fraction refused naming its keyword), before anything uses them
+    batch, max_len, limit, top_layers = whole_numbers(
+        {"--batch": batch, "--max-len": max_len, "--limit": limit, "--top-layers": top_layers}
+    )
     fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
     sets, adapters, data, dropped = _checked_inputs(base, adapters, batch=batch, merged=merged, data=data,
                                                     limit=limit, max_len=max_len, device=device, fields=fields,

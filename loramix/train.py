@@ -44,7 +44,7 @@ from types import SimpleNamespace
 from .api import renamed
 from .archs import context_length
 from .errors import OutputError, UsageError
-from .options import check_numbers, check_seed, lr_problem, steps_problem
+from .options import check_numbers, check_seed, lr_problem, steps_problem, whole_numbers
 from .results import OutputDict
 
 DEFAULT_EVAL_SIZE = 0.1
@@ -337,6 +337,11 @@ def train_adapter(
     call (its live log and temporary removed) before it kills the process
     (:mod:`loramix.api`).
     """
+    # counts and sizes as ints (a fraction refused naming its keyword), before anything uses them
+    rank, steps, batch, max_len, warmup, limit, top_layers, grad_accum, bucket = whole_numbers(
+        {"--rank": rank, "--steps": steps, "--batch": batch, "--max-len": max_len, "--warmup": warmup,
+         "--limit": limit, "--top-layers": top_layers, "--grad-accum": grad_accum, "bucket": bucket}
+    )  # fmt: skip
     kind_name, flag = (kind, "--kind") if method is None else (method, "--method")
     # as asked: the settings loramix.json records are made from these
     given = dict(rank=rank, alpha=alpha, steps=steps, epochs=epochs, lr=lr, batch=batch, eval_size=eval_size,

@@ -403,3 +403,37 @@ def test_evaluate_refuses_bad_weights_before_the_model_loads(env, tmp_path):
         with pytest.raises(LoramixError) as e:
             loramix.evaluate(str(broken), data=[env["data"]], device="cpu", progress=False, **kwargs)
         assert str(e.value) == line
+
+
+def test_fractions_given_for_counts_are_refused(env):
+    """A count or a size given a fraction from Python: ``train_adapter(rank=2.5)`` failed in torch
+    (``empty() takes 1 positional argument``) after the model had loaded, ``max_len``, ``steps``
+    and ``batch`` in a slice or a ``range`` (TypeErrors naming none of them), and ``top_layers``,
+    ``limit``, ``plan``'s ``max_group`` and ``build_base``'s ``steps`` were taken as they were
+    (``max_group=2.5`` printed "groups of at most 2.5"). Now one line naming the keyword, before
+    any work (options.whole_numbers); a whole float is that int, as a merge's ``rank=2.0`` is."""
+    b, ads, d, new = env["base"], env["ads"], env["data"], env["new"]
+    cases = [
+        (lambda: loramix.train_adapter(b, d, out=new, steps=1, rank=2.5), "rank: 2.5 is not a whole number"),
+        (lambda: loramix.train_adapter(b, d, out=new, steps=1.5), "steps: 1.5 is not a whole number"),
+        (lambda: loramix.train_adapter(b, d, out=new, steps=1, batch=2.5), "batch: 2.5 is not a whole number"),
+        (lambda: loramix.train_adapter(b, d, out=new, steps=1, max_len=50.5), "max_len: 50.5 is not a whole number"),
+        (lambda: loramix.train_adapter(b, d, out=new, steps=1, limit=20.5), "limit: 20.5 is not a whole number"),
+        (lambda: loramix.train_adapter(b, d, out=new, steps=1, top_layers=1.5),
+         "top_layers: 1.5 is not a whole number"),
+        (lambda: loramix.evaluate(b, data=d, batch=2.5), "batch: 2.5 is not a whole number"),
+        (lambda: loramix.evaluate(b, data=d, max_len=40.5), "max_len: 40.5 is not a whole number"),
+        (lambda: loramix.evaluate(b, data=d, limit=2.5), "limit: 2.5 is not a whole number"),
+        (lambda: loramix.evaluate(b, data=d, limit=float("inf")), "limit: inf is not a whole number"),
+        (lambda: loramix.plan(ads, max_group=2.5), "max_group: 2.5 is not a whole number"),
+        (lambda: loramix.build_base(d, out=new, steps=1.5), "steps: 1.5 is not a whole number"),
+    ]  # fmt: skip
+    for call, line in cases:
+        with pytest.raises(UsageError) as e:
+            call()
+        assert str(e.value) == line
+        assert not Path(new).exists()
+    # a whole float is its int, as before where it worked
+    assert loramix.plan(ads, max_group=2.0, progress=False).max_group == 2
+    df = loramix.evaluate(b, data=d, limit=4.0, batch=2.0, device="cpu", progress=False)
+    assert list(df["records"]) == [4, 4]
