@@ -104,11 +104,11 @@ def lr_at(step: int, *, steps: int, warmup: int, lr: float, min_ratio: float = 0
 
 def _gather_records(data) -> tuple[list[QARecord], list[dict]]:
     """Records and provenance entries from paths, synthetic specs or records."""
+    from .data import data_list
     from .io.outputs import normalized_path
     from .io.st_header import file_sha256  # torch-free (safetensors_io re-exports it)
 
-    if isinstance(data, (str, os.PathLike, QARecord)):
-        data = [data]
+    data = [data] if isinstance(data, QARecord) else data_list(data)
     records: list[QARecord] = []
     inputs: list[dict] = []
     loose: list[QARecord] = []

@@ -99,6 +99,28 @@ class QARecord:
 # --------------------------------------------------------------------------- loading
 
 
+#: said where a table is given as data: how to make it a file
+TABLE_HINT = "(write a DataFrame as one with df.to_json(PATH, orient='records', lines=True))"
+
+
+def data_list(data, where: str = "--data") -> list:
+    """``data`` as a list of sources: one (a path or a ``synthetic:`` spec)
+    alone is a list of one. A DataFrame or a dict is refused in one line
+    naming ``where`` (:func:`loramix.userpaths.is_table`): iterated, it gave
+    its column names, each refused as a missing file (``question: no such
+    file``); and so is anything that is not a collection."""
+    from collections.abc import Iterable
+
+    from .userpaths import is_table
+
+    if isinstance(data, (str, os.PathLike)):
+        return [data]
+    if is_table(data) or not isinstance(data, Iterable):
+        raise UsageError(where, f"takes a data file, a synthetic: spec or a list of them, not a "
+                                f"{type(data).__name__} {TABLE_HINT}")  # fmt: skip
+    return list(data)
+
+
 def is_synthetic_spec(path) -> bool:
     return isinstance(path, str) and path.startswith(SYNTHETIC_PREFIX)
 
@@ -184,6 +206,10 @@ def load_records(
     """
     if limit is not None and limit < 1:
         raise UsageError("--limit", f"must be at least 1, got {limit}")
+    from .userpaths import non_path
+
+    if (said := non_path(path)) is not None:  # a pathlib TypeError, naming no argument
+        raise UsageError("--data", f"a data source is a file or a synthetic: spec, not {said} {TABLE_HINT}")
     if is_synthetic_spec(path):
         return _synthetic_records(path, limit)
     p = Path(path)

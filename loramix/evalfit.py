@@ -488,8 +488,20 @@ def _write(out, force: bool, inputs: list[str], files: dict, vals: dict, points:
     return Path(out)
 
 
-def _paths(files) -> list[str]:
-    return [os.fspath(p) for p in ([files] if isinstance(files, (str, os.PathLike)) else files or [])]
+def _paths(files, where: str) -> list[str]:
+    """``files`` (one path or a list; None: none) as strings; a DataFrame or
+    anything else that is no path refused in one line naming ``where``."""
+    from .errors import UsageError
+    from .userpaths import is_table, non_path
+
+    if is_table(files):  # its truth value raised in pandas; iterated, its column names
+        raise UsageError(
+            where, f"takes evaluation files (eval --format json > FILE), not a {type(files).__name__}"
+        )
+    files = [files] if isinstance(files, (str, os.PathLike)) else list(files or [])
+    if (said := next(filter(None, map(non_path, files)), None)) is not None:
+        raise UsageError(where, f"takes evaluation files (eval --format json > FILE), not {said}")
+    return [os.fspath(p) for p in files]
 
 
 def fit_evaluations(
@@ -522,7 +534,7 @@ def fit_evaluations(
 
     if not (is_number(level) and 0 < level < 1):
         raise UsageError("--level", f"must lie in (0, 1), got {level!r}")
-    files, ref_files = _paths(evaluations), _paths(merged_data)
+    files, ref_files = _paths(evaluations, "evaluations"), _paths(merged_data, "--merged-data")
     if not files:
         raise UsageError("evaluations", "none given: the eval --format json files to fit")
     if out is not None:

@@ -143,6 +143,10 @@ def check_gguf_file(path: str | os.PathLike) -> Path:
     a folder, not a regular file (a FIFO is never opened: that would wait for a
     writer), unreadable (the OS's reason, not 'not a GGUF'), empty, or without
     the GGUF magic."""
+    from .userpaths import non_path
+
+    if (said := non_path(path)) is not None:
+        raise BaseModelError(None, f"a GGUF file is a path, not {said}")
     p = Path(path)
     try:
         st = os.stat(p)
@@ -962,6 +966,10 @@ def resolve_base(path: str | os.PathLike) -> Path:
     a changed file is imported anew; an import whose config or weights are
     cut short (:func:`_whole_import`) is imported again.
     """
+    from .userpaths import non_path
+
+    if (said := non_path(path)) is not None:  # a base given from Python as a DataFrame, say
+        raise BaseModelError(None, f"a base is a model folder or a .gguf file, not {said}")
     p = Path(path)
     if not means_gguf(p):
         return p

@@ -558,6 +558,10 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
         raise UsageError("--max-group", f"must be at least 1, got {max_group}")
     if budget is not None and not math.isfinite(budget):
         raise UsageError("--budget", f"must be a finite number, got {budget}")
+    from .userpaths import is_table
+
+    if is_table(data):  # its truth value raised in pandas
+        raise UsageError("--data", f"takes one calibration file per adapter, not a {type(data).__name__}")
     if fit is None and data:  # else ignored, and taken for a setting that took effect
         raise UsageError("--data", "applies with --fit (calibration data for predictors that read data-aware "
                          "features); without --fit the cost is the RMS cosine, which reads no data")  # fmt: skip

@@ -246,6 +246,11 @@ def fit_in(path, *, line: bool = False) -> tuple:
     table writes only that); ``line`` (``--label`` or ``--level`` given, which
     only a ``fit.json`` takes) prefers the ``fit.json``. A folder that holds
     neither is refused in one line."""
+    from .userpaths import non_path
+
+    if (said := non_path(path)) is not None:
+        raise UsageError("--fit", f"takes a fit file (fit.json, predictors.json) or a study's report folder, "
+                                  f"not {said}")  # fmt: skip
     p = Path(path)
     if not p.is_dir():
         return path, None

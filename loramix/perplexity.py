@@ -363,9 +363,9 @@ def _checked_arguments(base, adapters, *, batch, merged, data, limit, max_len, d
 
         raise BaseModelError(None, f"a base is a model folder, a .gguf file or (model, tokenizer), "
                                    f"not a {type(base).__name__}{out_hint(base)}")  # fmt: skip
-    if isinstance(data, (str, os.PathLike)):
-        data = [data]
-    data = list(data)
+    from .data import data_list
+
+    data = data_list(data)  # a DataFrame refused, not iterated over its column names
     if not data:
         raise UsageError("--data", "no data to evaluate on")
     from .io.peft_layout import adapter_list
@@ -441,9 +441,17 @@ def _read_sets(data: list, limit: int | None, fields: dict) -> list[tuple[str, l
             if not is_synthetic_spec(d):
                 read.append((d, sets[-1][1]))
         else:
+            from .data import TABLE_HINT, QARecord
+            from .userpaths import is_table
+
+            if is_table(d):  # iterated: its column names, taken for records (an AttributeError, deep)
+                raise UsageError("data", f"data set {i} is a {type(d).__name__}, not a file, a synthetic: "
+                                         f"spec or a list of QARecord {TABLE_HINT}")  # fmt: skip
             recs = list(d)[:limit] if limit is not None else list(d)
             if not recs:
                 raise UsageError("data", f"record set {i} is empty")
+            if (bad := next((r for r in recs if not isinstance(r, QARecord)), None)) is not None:
+                raise UsageError("data", f"record set {i} holds a {type(bad).__name__}, not QARecord records")
             sets.append((name, recs))
     check_context_field(read, fields.get("context_field"), "--{}-field")
     return sets

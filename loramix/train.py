@@ -68,12 +68,19 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0
 
 def _load_sources(data, *, eval_size, seed: int, limit, fields: dict):
     """Load every source; return (train records, eval records, provenance per source)."""
-    from .data import check_context_field, data_name, is_synthetic_spec, load_records, split_records
+    from .data import (
+        check_context_field,
+        data_list,
+        data_name,
+        is_synthetic_spec,
+        load_records,
+        split_records,
+    )
     from .io.outputs import normalized_path
     from .io.provenance import records_sha256
     from .io.st_header import file_sha256  # torch-free (safetensors_io re-exports it)
 
-    sources = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    sources = data_list(data)
     if not sources:
         raise UsageError("--data", "no data given")
     train, held, inputs, read = [], [], [], []
@@ -393,7 +400,9 @@ def _checked_arguments(base, data, out, kind_name, flag: str, given: dict, *, ma
                           "bucket": g.bucket})  # fmt: skip
     _check_speed(dtype=g.dtype, grad_accum=g.grad_accum, batch=g.batch, prefix_cache=prefix_cache,
                  prompt=g.prompt)  # fmt: skip
-    data_list = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    from .data import data_list as _data_list
+
+    data_list = _data_list(data)  # a DataFrame refused, not iterated over its column names
     file_inputs = [d for d in data_list if not (isinstance(d, str) and d.startswith("synthetic:"))]
     return data_list, file_inputs, check_output(out, force=force, inputs=[base, *file_inputs])
 

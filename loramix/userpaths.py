@@ -19,6 +19,26 @@ import os
 from pathlib import Path
 
 
+def non_path(value) -> str | None:
+    """None where ``value`` is a path (a str or an ``os.PathLike``, as
+    :mod:`pathlib` takes it), else what a one-line refusal calls it: ``"a
+    DataFrame"``. Given from Python where a path was wanted, such a value
+    failed in pathlib (``expected str, bytes or os.PathLike object, not
+    DataFrame``, naming no argument) or, iterated, gave its column names,
+    each refused as a missing file."""
+    return None if isinstance(value, (str, os.PathLike)) else f"a {type(value).__name__}"
+
+
+def is_table(value) -> bool:
+    """Whether ``value`` is a pandas DataFrame or a dict: iterable, but over
+    its column names or keys, never what a list of paths or records holds.
+    pandas is not imported for this (a DataFrame exists only once it is)."""
+    import sys
+
+    pd = sys.modules.get("pandas")
+    return isinstance(value, dict) or (pd is not None and isinstance(value, pd.DataFrame))
+
+
 def expand_home(value):
     """``value`` (a str or path) with a leading ``~`` or ``~user`` replaced
     by that home folder (:func:`os.path.expanduser`), of the same type;

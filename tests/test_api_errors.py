@@ -437,3 +437,49 @@ def test_fractions_given_for_counts_are_refused(env):
     assert loramix.plan(ads, max_group=2.0, progress=False).max_group == 2
     df = loramix.evaluate(b, data=d, limit=4.0, batch=2.0, device="cpu", progress=False)
     assert list(df["records"]) == [4, 4]
+
+
+def test_a_table_or_an_object_where_a_path_is_wanted_is_refused_in_one_line(env):
+    """A notebook's DataFrame given where a path (or a list of paths) is wanted: it failed in
+    pathlib, "expected str, bytes or os.PathLike object, not DataFrame", naming no argument (out,
+    into, a base, fit, a scenario, a GGUF file); or, iterated, gave its column names, each refused
+    as a missing file ("question: no such file" for data, adapters); or raised pandas' "truth value
+    of a DataFrame is ambiguous" (fit_evaluations, plan's data); or, inside evaluate's data list, an
+    AttributeError once the model had loaded. Now one line each, before any work, that names the
+    argument or what it stands for, and says what it takes."""
+    import pandas as pd
+
+    b, ads, d, new = env["base"], env["ads"], env["data"], env["new"]
+    df = pd.DataFrame({"question": ["What is 1 plus 1?"], "answer": ["2"]})
+    base = "a base is a model folder or a .gguf file, not a DataFrame"
+    data = ("data: takes a data file, a synthetic: spec or a list of them, not a DataFrame (write a DataFrame "
+            "as one with df.to_json(PATH, orient='records', lines=True))")  # fmt: skip
+    evaluations = "evaluations: takes evaluation files (eval --format json > FILE), not a DataFrame"
+    cases = [
+        (lambda: loramix.load_adapter(df), "an adapter is a path to a folder or a .safetensors file, not a DataFrame"),
+        (lambda: loramix.merge(df, "sum", out=new), "adapters are paths or loaded adapters (or a list of them), not a DataFrame"),
+        (lambda: loramix.similarity(dict(a=ads[0])), "adapters are paths or loaded adapters (or a list of them), not a dict"),
+        (lambda: loramix.merge(ads, "sum", out=df), "out: is a DataFrame, not a path; give the folder to write"),
+        (lambda: loramix.merge(ads, "ties", density=0.5, into=df, out=new), base),
+        (lambda: loramix.sum_into_base(ads, into=df, out=new), base),
+        (lambda: loramix.similarity(ads, base=df), base),
+        (lambda: loramix.train_adapter(df, d, out=new, steps=1), base),
+        (lambda: loramix.train_adapter(b, df, out=new, steps=1), data),
+        (lambda: loramix.evaluate(b, data=df), data),
+        (lambda: loramix.build_base(df, out=new, steps=1), data),
+        (lambda: loramix.evaluate(b, data=[df]),
+         "data: data set 0 is a DataFrame, not a file, a synthetic: spec or a list of QARecord (write a "
+         "DataFrame as one with df.to_json(PATH, orient='records', lines=True))"),
+        (lambda: loramix.evaluate(b, data=[["What is 1 plus 1? 2"]]), "data: record set 0 holds a str, not QARecord records"),
+        (lambda: loramix.predict(ads, df), "fit: takes a fit file (fit.json, predictors.json) or a study's report folder, not a DataFrame"),
+        (lambda: loramix.plan(ads, data=df), "data: takes one calibration file per adapter, not a DataFrame"),
+        (lambda: loramix.fit_evaluations(df), evaluations),
+        (lambda: loramix.fit_evaluations([df]), evaluations),
+        (lambda: loramix.run_scenario(df), "a scenario is a path to its TOML file, not a DataFrame"),
+        (lambda: loramix.import_gguf(df, out=new), "a GGUF file is a path, not a DataFrame"),
+    ]  # fmt: skip
+    for call, line in cases:
+        with pytest.raises(LoramixError) as e:
+            call()
+        assert str(e.value) == line
+        assert not Path(new).exists()

@@ -51,6 +51,8 @@ def load_adapter(path: str | Path, *, name: str | None = None) -> Adapter:
         from .peft_layout import out_hint
 
         hint = out_hint(path)  # a merge's result: its folder, not its whole repr
-        said = f"a {type(path).__name__}{hint}" if hint else repr(path)
+        said = repr(path)
+        if hint or "\n" in said or len(said) > 60:  # a DataFrame's repr is its table
+            said = f"a {type(path).__name__}{hint}"
         raise AdapterError(None, f"an adapter is a path to a folder or a .safetensors file, not {said}")
     return find_format(path).read(path, name)

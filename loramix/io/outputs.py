@@ -94,6 +94,8 @@ def normalized_path(path: str | os.PathLike) -> str:
 
 def check_output(out: str | Path, *, force: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
     """Validate an output path before any work starts; return it as a Path."""
+    if out is not None and not isinstance(out, (str, os.PathLike)):  # else a pathlib TypeError
+        raise OutputError("--out", f"is a {type(out).__name__}, not a path; give the folder to write")
     if out is None or not str(os.fspath(out)).strip():
         raise OutputError("--out", "is empty; give the folder to write")
     out = Path(out)
@@ -109,7 +111,8 @@ def check_output(out: str | Path, *, force: bool = False, inputs: Iterable[str |
         raise OutputError(out, "is a mount point, which an output renamed into place cannot replace; write into "
                                "a folder inside it")  # fmt: skip
     for inp in inputs:
-        if inp is not None and _overlaps(out, Path(inp)):
+        # an input that is no path is refused where it is read, naming it (not a pathlib TypeError here)
+        if isinstance(inp, (str, os.PathLike)) and _overlaps(out, Path(inp)):
             raise OutputError(out, f"output would overwrite the input {inp}; choose another --out")
     check_parents(out)
     if os.path.lexists(out) and not force:

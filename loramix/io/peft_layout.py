@@ -255,6 +255,11 @@ def adapter_list(adapters) -> list:
     """``adapters`` as a list: one adapter (a path or a loaded adapter), or
     anything that is not a collection, becomes a list of it, which
     :func:`check_adapter_paths` then refuses in one line where it is neither."""
+    from ..userpaths import is_table
+
+    if is_table(adapters):  # iterated: its column names or keys, each refused as a missing file
+        raise AdapterError(None, f"adapters are paths or loaded adapters (or a list of them), "
+                                 f"not a {type(adapters).__name__}")  # fmt: skip
     one = isinstance(adapters, (str, os.PathLike)) or is_loaded_adapter(adapters)
     return [adapters] if one or not isinstance(adapters, Iterable) else list(adapters)
 

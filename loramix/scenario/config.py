@@ -1135,6 +1135,10 @@ def load_scenario(path: str | os.PathLike, env: dict | None = None, *, import_gg
     weights; with ``import_gguf=False`` (``scenario check``) one not imported
     yet is checked against its header instead, and nothing is written.
     """
+    from ..userpaths import non_path
+
+    if (said := non_path(path)) is not None:  # a pathlib TypeError, naming no argument
+        raise ScenarioError(None, f"a scenario is a path to its TOML file, not {said}")
     path = Path(path)
     ctx = _Ctx(path, import_gguf)
     if not path.is_file():
