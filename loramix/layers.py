@@ -335,11 +335,16 @@ def find_targets(model: nn.Module, targets: str | Iterable[str] | None) -> list[
         # Say what there is to target: the adaptable modules' short names, and one full name.
         full = [n for n, m in model.named_modules() if n and is_adaptable(m)]
         short = sorted({n.rpartition(".")[2] for n in full})
+        # one string is a regex (the command splits its comma list first): "q_proj,v_proj" from Python
+        # matched nothing and the line did not say why
+        names_it = isinstance(targets, str) and "," in targets
         raise UsageError(
             "--targets",
             f"no module of the model matches {targets}; its Linear/Conv1D modules are "
-            f"{', '.join(short) or 'none'}" + (f" (full names like {full[0]})" if full else ""),
-        )
+            f"{', '.join(short) or 'none'}" + (f" (full names like {full[0]})" if full else "")
+            + (f"; a string is one regex the whole name must match: name modules in a list, "
+               f"{[t.strip() for t in targets.split(',') if t.strip()]!r}" if names_it else ""),
+        )  # fmt: skip
     if given and not isinstance(targets, str):
         missing = unmatched_targets(names, tl)
         if missing:

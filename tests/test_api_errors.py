@@ -483,3 +483,21 @@ def test_a_table_or_an_object_where_a_path_is_wanted_is_refused_in_one_line(env)
             call()
         assert str(e.value) == line
         assert not Path(new).exists()
+
+
+def test_a_comma_list_given_as_one_string_of_targets_is_said_to_be_a_regex(env):
+    """``train_adapter(targets="c_attn,c_fc")``, the command's ``--targets`` form, is one regex in
+    Python (PEFT's rule, as the docstring says): it matched no module, and the line listed the
+    modules there are, all of them in the string, without saying why. Now it says so and gives
+    the list to pass instead."""
+    b, d, new = env["base"], env["data"], env["new"]
+    with pytest.raises(UsageError) as e:
+        loramix.train_adapter(b, d, out=new, steps=1, targets="c_attn, c_fc", progress=False)
+    assert str(e.value).startswith("targets: no module of the model matches c_attn, c_fc; ")
+    assert str(e.value).endswith(
+        "; a string is one regex the whole name must match: name modules in a list, ['c_attn', 'c_fc']"
+    )
+    assert not Path(new).exists()
+    # a list, or a regex without a comma, is as it was
+    with pytest.raises(UsageError, match=r"matches \['c_atn'\]; its Linear/Conv1D modules are [^;]*$"):
+        loramix.train_adapter(b, d, out=new, steps=1, targets=["c_atn"], progress=False)
