@@ -760,12 +760,16 @@ def _converted_tokenizer(path: Path):
         raise BaseModelError(path, f"its tokenizer does not convert: {type(e).__name__}: {e}") from None
 
 
+def _check_dtype(dtype) -> None:
+    if dtype not in DTYPES:
+        raise BaseModelError("--dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
+
+
 def check_gguf(path: Path, reader, dtype: str = "float32") -> tuple[str, dict, object]:
     """Everything an import checks before it de-quantises, so that a bad file
     is refused before anything is written (``--out``, the cache's ``bases/``):
     ``(model_type, {ggml type: tensor count}, transformers config)``."""
-    if dtype not in DTYPES:
-        raise BaseModelError("--dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
+    _check_dtype(dtype)
     arch, quants = _check_kind(reader, path)
     config = _hf_config(reader, path, arch, dtype)
     shapes = _hf_shapes(config)
@@ -854,7 +858,9 @@ def import_gguf(gguf_path: str | os.PathLike, *, out: str | os.PathLike, dtype: 
 
     t0 = time.perf_counter()
     path = check_gguf_file(gguf_path)
-    # an --out that exists is refused before the header is parsed (4 s for SmolLM2's vocabulary)
+    # an --out that exists, or a dtype from Python that is none (the command's is a choice), is
+    # refused before the header is parsed (4 s for SmolLM2's vocabulary)
+    _check_dtype(dtype)
     check_output(out, force=force, inputs=[path])
     reader = open_gguf(path)  # a bad file is refused before an output folder is created
     checked = check_gguf(path, reader, dtype)

@@ -501,3 +501,15 @@ def test_a_comma_list_given_as_one_string_of_targets_is_said_to_be_a_regex(env):
     # a list, or a regex without a comma, is as it was
     with pytest.raises(UsageError, match=r"matches \['c_atn'\]; its Linear/Conv1D modules are [^;]*$"):
         loramix.train_adapter(b, d, out=new, steps=1, targets=["c_atn"], progress=False)
+
+
+def test_import_gguf_refuses_a_bad_dtype_before_it_parses_the_file(tmp_path):
+    """``import_gguf(dtype="int3")`` (the command's ``--dtype`` is a choice) was refused only after
+    the file's header had been parsed and checked (SmolLM2: 2.6 s here), so a damaged file was
+    refused first, for its damage. Now the dtype is, at once, as an existing ``out`` is."""
+    bad = tmp_path / "damaged.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 12)  # the magic, then no header that parses
+    with pytest.raises(LoramixError) as e:
+        loramix.import_gguf(bad, out=tmp_path / "new", dtype="int3")
+    assert str(e.value) == "dtype: 'int3' is not one of float32, bfloat16"
+    assert not (tmp_path / "new").exists()
