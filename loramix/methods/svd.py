@@ -25,7 +25,6 @@ Computed in float64 on the device; written in the adapters' dtype.
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
@@ -94,21 +93,14 @@ def dense_svd(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         return torch.linalg.svd(D.double(), full_matrices=False)
 
 
-@contextlib.contextmanager
 def one_torch_thread(device: torch.device):
     """torch on one thread in this block where ``device`` is the CPU, the
-    caller's thread count given back after it (the same on a GPU)."""
+    caller's thread count given back after it (nothing changed on a GPU)."""
     import torch
 
-    old = torch.get_num_threads()
-    one = torch.device(device).type == "cpu" and old != 1
-    if one:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if one:
-            torch.set_num_threads(old)
+    from ..devices import torch_threads
+
+    return torch_threads(1 if torch.device(device).type == "cpu" else None)
 
 
 def numerical_rank(S: torch.Tensor, size: int) -> int:
