@@ -442,6 +442,18 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
     return model, src, summary
 
 
+def check_calibration_args(data, base, tokens, max_len) -> None:
+    """Refuse ``base``, ``tokens`` or ``max_len`` without ``data``
+    (``--base``, ``--tokens``, ``--max-len`` without ``--data``): they set
+    the calibration pass, which runs only over data (else they were ignored,
+    and a user took them for a setting that took effect). ``predict`` and
+    ``plan`` make this check, from Python as on the command line."""
+    if not data:
+        for flag, v in (("--base", base), ("--tokens", tokens), ("--max-len", max_len)):
+            if v is not None:
+                raise UsageError(flag, "applies with --data (the calibration files it sets the pass over)")
+
+
 def _data_aware(features) -> list[str]:
     """The data-aware features (``registry()[f].data_aware``) among the names ``features``, sorted."""
     return sorted(f for f in features if f in registry() and registry()[f].data_aware)

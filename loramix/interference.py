@@ -389,9 +389,13 @@ def predict(
     gives :func:`predict_validated`'s result instead, for ``method``
     (None: the file's primary predictor) with the calibration ``data``,
     ``base``, ``tokens``, ``max_len`` and ``progress`` (what ``loramix
-    predict --fit predictors.json`` passes); ``label`` and ``level`` are
-    refused there, as ``data`` is with a ``fit.json`` (it reads no data-aware
-    feature). The fit is the one of
+    predict --fit predictors.json`` passes);
+    ``base``, ``tokens`` and ``max_len`` set that pass, so without ``data``
+    they are refused, and ``label`` and ``level`` are refused there. With a
+    ``fit.json`` ``data``, ``base``, ``tokens`` and ``max_len`` are refused:
+    its line is on the RMS cosine of the factors (of D2-LoRA and DoRA
+    adapters their residuals, base-free, as the study measured it), which
+    reads no data and no base. The fit is the one of
     the adapters' kind and ``method`` (None: ``sum``); where the file holds several
     studies of that kind (labels such as ``lora`` and ``lora:data``), the
     one named by ``label``, else the one whose initialisation the adapters
@@ -434,12 +438,22 @@ def _predict(adapters, fit, method, level, label, base, data, tokens, max_len, d
         if level is not None:  # its intervals' coverage was validated at its own level
             raise UsageError("--level", "applies to a fit.json; a predictors file's intervals are at the "
                              "level its study validated them at")  # fmt: skip
+        from .grouping import check_calibration_args
+
+        check_calibration_args(data, base, tokens, max_len)
         return predict_validated(adapters, fit, data=data, base=base, tokens=tokens, device=device,
                                  max_len=max_len, merge_method=method, progress=progress)  # fmt: skip
     if data:  # the cosine line reads no data-aware feature
         raise UsageError(
             "--data", "applies to a predictors file; a fit.json predicts from the RMS cosine alone"
         )
+    # they set a predictors file's calibration pass; the line's cosine is the study's, of the factors
+    # alone (residuals, base-free): a base given here was ignored without a word
+    for flag, v in (("--base", base), ("--tokens", tokens), ("--max-len", max_len)):
+        if v is not None:
+            raise UsageError(flag, "applies to a predictors file, with --data (its calibration pass); a "
+                             "fit.json predicts from the RMS cosine of the factors, which reads no base "
+                             "and no data")  # fmt: skip
     return _predict_line(adapters, fit, method or "sum", level, device, label)
 
 

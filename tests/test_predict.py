@@ -413,6 +413,60 @@ def test_predict_with_a_predictors_file_is_the_commands_for_every_method(adapter
         loramix.predict(adapters, fit_file[0], data=["x.jsonl", "y.jsonl", "z.jsonl"])
 
 
+def _cosine_predictors(path: Path) -> Path:
+    """A predictors file whose predictor reads the RMS cosine alone (no data-aware feature)."""
+    import itertools
+
+    import pandas as pd
+
+    from loramix.validation import validate, write_predictors
+
+    rng = np.random.default_rng(0)
+    comps = list(itertools.combinations([f"d{k}" for k in range(6)], 2))
+    x = rng.uniform(0, 1, len(comps))
+    v = validate(comps, 5 - 30 * x + rng.normal(0, 0.5, len(comps)), pd.DataFrame({"rms_cosine": x}))
+    return write_predictors(path, v)
+
+
+def test_a_base_that_nothing_would_read_is_refused_from_python_as_by_the_command(
+    adapters, fit_file, tmp_path, capsys
+):
+    """``predict(adapters, "fit.json", base=...)`` ignored the base without a
+    word (and ``tokens`` and ``max_len``), where it refused ``data``: a
+    fit.json's line is on the RMS cosine of the factors (residuals, base-free,
+    as its study measured it), which reads no base. Refused now in one line
+    naming the keyword and why; with a predictors file they are refused
+    without ``data``, as ``loramix predict`` refused them; the command says
+    the same lines with its flags. Failed on the old code (a prediction came
+    back)."""
+    import loramix
+
+    line = fit_file[0]
+    predictors = _cosine_predictors(tmp_path / "predictors.json")
+    nowhere = str(tmp_path / "no-base")  # never read: refused before anything would read it
+    for fit, kw, needle in [
+        (line, {"base": nowhere}, "base: applies to a predictors file, with data (its calibration pass); a "
+                                  "fit.json predicts from the RMS cosine of the factors, which reads no base"),
+        (line, {"tokens": 64}, "tokens: applies to a predictors file"),
+        (line, {"max_len": 32}, "max_len: applies to a predictors file"),
+        (predictors, {"base": nowhere}, "base: applies with data (the calibration files"),
+        (predictors, {"tokens": 64}, "tokens: applies with data"),
+    ]:  # fmt: skip
+        with pytest.raises(loramix.LoramixError) as e:
+            loramix.predict(adapters[:2], fit, **kw)
+        assert str(e.value).startswith(needle), (fit, kw, str(e.value))
+        flag = "--" + next(iter(kw)).replace("_", "-")
+        argv = ["predict", *map(str, adapters[:2]), "--fit", str(fit), flag, str(next(iter(kw.values())))]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{flag}: " in err, err
+        said = needle.replace(next(iter(kw)), flag, 1).replace(" data", " --data")
+        assert said in err, (said, err)
+    # what they apply to still runs: the line without them, the predictors file without them
+    assert "predicted_delta_ppl_pct" in loramix.predict(adapters[:2], line)
+    assert "predicted" in loramix.predict(adapters[:2], predictors)
+
+
 def test_predict_checks_a_fit_given_as_a_dict(adapters, fit_file):
     """``fit`` may be a loaded dict: it gets the file's checks, one-line
     LoramixErrors (an empty dict was a bare KeyError 'fits', a fit without

@@ -88,13 +88,12 @@ def calibration_options(f=None, *, base_help: str = "Base model folder (with --d
 def check_calibration_args(data, base, tokens, max_len) -> None:
     """Refuse ``--base``, ``--tokens`` or ``--max-len`` without ``--data``: they
     set the calibration pass, which runs only over data (else they were
-    ignored, and a user took them for a setting that took effect)."""
-    from ..errors import UsageError
+    ignored, and a user took them for a setting that took effect): the
+    library's check (:func:`loramix.grouping.check_calibration_args`),
+    made before anything is read."""
+    from ..grouping import check_calibration_args as check
 
-    if not data:
-        for flag, v in (("--base", base), ("--tokens", tokens), ("--max-len", max_len)):
-            if v is not None:
-                raise UsageError(flag, "applies with --data (the calibration files it sets the pass over)")
+    check(data, base, tokens, max_len)
 
 
 # Library errors name the parameter; the CLI says the flag.

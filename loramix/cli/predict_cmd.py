@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import calibration_options, check_calibration_args, format_option
+from . import calibration_options, format_option
 
 
 @click.command("predict")
@@ -37,14 +37,17 @@ from . import calibration_options, check_calibration_args, format_option
     default=None,
     help="Prediction-interval level (fit.json; default: the fit's, 0.95).",
 )
-@calibration_options
+@calibration_options(
+    base_help="Base model folder of the calibration pass (with --data and a predictors file; a fit.json's "
+    "cosine line reads no base)."
+)
 @format_option
 def command(adapters, fit_path, merge_method, label, level, data, base, tokens, max_len, fmt):
     """Predict the interference of merging ADAPTERS (at least two), with error bars."""
     from ..interference import predict
 
-    check_calibration_args(data, base, tokens, max_len)
-    # loramix.predict checks and passes on every option, so a notebook gets what this command prints
+    # loramix.predict checks and passes on every option, so a notebook gets what this command prints, and
+    # refuses what it refuses (--base, --tokens, --max-len without --data, or with a fit.json), in its words
     r = predict(list(adapters), fit_path, method=merge_method, level=level, label=label,
                 data=list(data) or None, base=base, tokens=tokens, max_len=max_len, progress=True)  # fmt: skip
     for n in r["notes"]:
