@@ -530,8 +530,9 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     ``fit``: a predictors file (:func:`loramix.validation.write_predictors`),
     or a study's report folder holding one;
     without it the cost is the RMS cosine. ``data``: one calibration file
-    per adapter (its domain) and ``base``, needed when the predictor reads
-    data-aware features; ``max_group``: ``K``; ``budget``: the largest
+    per adapter (its domain), in a list (one alone is a list of one, as
+    :func:`loramix.train.train_adapter` takes it), and ``base``, needed
+    when the predictor reads data-aware features; ``max_group``: ``K``; ``budget``: the largest
     predicted cost of a group (None: 0 with ``fit``, else 0.1 cosine).
     ``tokens``, ``max_len``: the calibration recipe (None: the study's, see
     :func:`cost_model`). ``device``: ``"cpu"`` by default, as in
@@ -574,6 +575,11 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
 
     if is_table(data):  # its truth value raised in pandas
         raise UsageError("--data", f"takes one calibration file per adapter, not a {type(data).__name__}")
+    from .data import data_list
+
+    # one source alone is a list of one, as train_adapter and evaluate take it (a string was taken
+    # character by character, a Path raised TypeError)
+    data = None if data is None else data_list(data)
     if fit is None and data:  # else ignored, and taken for a setting that took effect
         raise UsageError("--data", "applies with --fit (calibration data for predictors that read data-aware "
                          "features); without --fit the cost is the RMS cosine, which reads no data")  # fmt: skip

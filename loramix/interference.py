@@ -387,7 +387,9 @@ def predict(
     folder (:func:`fit_in`: its ``predictors.json``, else its ``fit.json``;
     ``notes`` then starts with the one it read); a predictors file's path
     gives :func:`predict_validated`'s result instead, for ``method``
-    (None: the file's primary predictor) with the calibration ``data``,
+    (None: the file's primary predictor) with the calibration ``data`` (one
+    file or ``synthetic:`` spec per adapter, in order; one alone is a list of
+    one, as :func:`loramix.train.train_adapter` takes it),
     ``base``, ``tokens``, ``max_len`` and ``progress`` (what ``loramix
     predict --fit predictors.json`` passes);
     ``base``, ``tokens`` and ``max_len`` set that pass, so without ``data``
@@ -415,10 +417,14 @@ def predict(
     :func:`study_recipe`) and ``notes`` (the pairs that adapt no
     module in common: their cosine counts 0, as in ``loramix plan``).
     """
+    from .data import data_list
     from .options import check_numbers, whole_numbers
 
     check_numbers({"--level": level, "--tokens": tokens, "--max-len": max_len})  # level="0.9" was parsed
     tokens, max_len = whole_numbers({"--tokens": tokens, "--max-len": max_len})
+    # one source alone is a list of one, as train_adapter and evaluate take it: a string was taken
+    # character by character, a Path raised TypeError, a DataFrame pandas' "truth value ... ambiguous"
+    data = None if data is None else data_list(data)
     chose = None
     if not isinstance(fit, dict):
         fit, chose = fit_in(fit, line=label is not None or level is not None)

@@ -273,6 +273,35 @@ def test_a_data_aware_fit_needs_data_and_runs_with_it(tmp_path, capsys):
     load_adapter(ads[0])  # the inputs are untouched
 
 
+def test_one_calibration_source_given_alone_is_a_list_of_one(tmp_path):
+    """``plan(..., data="one.jsonl")`` and ``predict(..., data="one.jsonl")``
+    take one source alone as a list of one, as ``train_adapter`` and
+    ``evaluate`` do (:func:`loramix.data.data_list`): a string was taken
+    character by character ("data: 20 data files for 2 adapters" for a
+    20-character spec), a ``Path`` raised ``TypeError: 'PosixPath' object is
+    not iterable``, and ``predict(data=DataFrame)`` pandas' "truth value of a
+    DataFrame is ambiguous". Each is now the one line that counts one file
+    for two adapters, or that says what data takes. Failed on the old code."""
+    import loramix
+
+    from .factories import write_jsonl
+
+    base, ads = _tiny_llama_bank(tmp_path, 2)
+    fit = write_predictors(tmp_path / "p.json", _feature_validation("functional_interference"))
+    one = write_jsonl(tmp_path / "one.jsonl", [{"question": "q", "answer": "a"}] * 4)
+    for data in ("synthetic:arith?n=20", str(one), one):
+        for call in (loramix.plan, lambda a, **kw: loramix.predict(a, kw.pop("fit"), **kw)):
+            with pytest.raises(loramix.LoramixError) as e:
+                call(ads, fit=fit, data=data, base=base, progress=False)
+            assert str(e.value) == "data: 1 data file for 2 adapters (give one per adapter, in order)", data
+    table = pd.DataFrame({"question": ["q"], "answer": ["a"]})
+    with pytest.raises(loramix.LoramixError, match="^data: takes a data file, a synthetic: spec or a list"):
+        loramix.predict(ads, fit, data=table, base=base)
+    # one per adapter, a list or a tuple, runs
+    r = loramix.predict(ads, fit, data=(str(one), one), base=base, tokens=8, progress=False)
+    assert r["predictor"] == "ols:functional_interference"
+
+
 def test_a_calibration_file_shorter_than_the_recipe_is_warned_of(tmp_path):
     """A calibration file holding fewer tokens than asked was used without a
     word: its data-aware features then rest on fewer tokens than the fits'."""

@@ -168,7 +168,9 @@ def capture(adapters, base: str | os.PathLike, data: list, *, tokens: int = DEFA
 
     if len(data) != len(adapters):
         raise UsageError(
-            "--data", f"{len(data)} data files for {len(adapters)} adapters (give one per adapter, in order)"
+            "--data",
+            f"{len(data)} data file{'s' * (len(data) != 1)} for {len(adapters)} adapters (give one per "
+            "adapter, in order)",
         )
     if tokens < 1:
         raise UsageError("--tokens", f"must be at least 1, got {tokens}")
