@@ -538,7 +538,9 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     :func:`cost_model`). ``device``: ``"cpu"`` by default, as in
     :func:`loramix.interference.predict` and for its reason (the costs come
     from the factors in numpy float64); checked with ``data`` before anything
-    loads, read by the calibration pass only. ``progress``: a bar of the
+    loads, read by the calibration pass only. ``base`` (with ``fit``),
+    ``tokens`` and ``max_len`` set that pass, so without ``data`` they are
+    refused, as ``loramix plan`` refuses them. ``progress``: a bar of the
     calibration pass (on a terminal).
 
     Adapters of several kinds (LoRA, DoRA, D2-LoRA): without ``fit`` they
@@ -580,6 +582,9 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     # one source alone is a list of one, as train_adapter and evaluate take it (a string was taken
     # character by character, a Path raised TypeError)
     data = None if data is None else data_list(data)
+    # as `loramix plan` refuses them: without data they set no pass, and were ignored without a word
+    # (without fit, base sets the deltas the cosines compare: effective, not residual)
+    check_calibration_args(data, base if fit is not None else None, tokens, max_len)
     if fit is None and data:  # else ignored, and taken for a setting that took effect
         raise UsageError("--data", "applies with --fit (calibration data for predictors that read data-aware "
                          "features); without --fit the cost is the RMS cosine, which reads no data")  # fmt: skip

@@ -725,6 +725,28 @@ def test_options_that_would_be_ignored_are_refused(bank, similar_merge_well, cap
         _one_line_error(capsys, argv, needle)
 
 
+def test_plan_refuses_from_python_the_calibration_options_the_command_refuses(bank, similar_merge_well):
+    """``plan(..., fit=F, base=B)``, ``plan(..., tokens=T)`` and
+    ``plan(..., max_len=L)`` without ``data`` were ignored from Python without
+    a word, where ``loramix plan`` refused ``--base`` (with ``--fit``),
+    ``--tokens`` and ``--max-len`` without ``--data``: the same line now,
+    in keywords. ``base`` without ``fit`` is taken (the effective deltas).
+    Failed on the old code (a plan came back)."""
+    import loramix
+
+    paths, _ = bank
+    fit, _ = similar_merge_well
+    for kw, needle in [
+        ({"fit": fit, "base": "nowhere"}, "base: applies with data (the calibration files it sets the pass over)"),
+        ({"tokens": 40}, "tokens: applies with data"),
+        ({"fit": fit, "max_len": 32}, "max_len: applies with data"),
+    ]:  # fmt: skip
+        with pytest.raises(loramix.LoramixError) as e:
+            loramix.plan(paths[:2], **kw)
+        assert str(e.value).startswith(needle), (kw, str(e.value))
+    assert len(loramix.plan(paths[:2], fit=fit).groups) >= 1
+
+
 def test_plan_device_is_checked_or_refused(bank, similar_merge_well, capsys):
     """``plan --device`` sets where the calibration pass runs, and was read
     only when one ran: without ``--data`` (or with a fit that reads no
