@@ -74,16 +74,22 @@ def capped_note(asked: int | None, used: int) -> str | None:
 def parse_weights(weights: Any, n: int, where: str = "weights") -> list[float]:
     """One finite weight per adapter, ``|w| <= MAX_WEIGHT``: ``None`` ->
     ``[1.0] * n``; a ``"1,0.5"`` string or a sequence of ``n`` numbers
-    (booleans are not numbers). Errors name ``where``. ``sum``, ``merge`` and
-    the Python API all parse their weights here."""
+    (booleans are not numbers); one number alone is a list of one, as
+    ``"0.5"`` is (and, as one adapter alone is, ``adapters``). Errors name
+    ``where``. ``sum``, ``merge`` and the Python API all parse their weights here."""
     if weights is None:
         return [1.0] * n
     if isinstance(weights, str):
         parts = [p.strip() for p in weights.split(",")]
         if not all(parts):  # "1,,2" or "1,2,": an entry left out, not to be dropped silently
             raise UsageError(where, f"{weights!r} has an empty entry; give one number per adapter")
+    elif isinstance(weights, numbers.Real) and not isinstance(weights, bool):
+        parts = [weights]  # weights=0.5: list() of it raised TypeError ('float' object is not iterable)
     else:
-        parts = list(weights)
+        try:
+            parts = list(weights)
+        except TypeError:  # an object that is no collection: one line, not list()'s TypeError
+            parts = [weights]
     try:
         if any(isinstance(p, bool) for p in parts):
             raise TypeError

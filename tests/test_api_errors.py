@@ -405,6 +405,36 @@ def test_evaluate_refuses_bad_weights_before_the_model_loads(env, tmp_path):
         assert str(e.value) == line
 
 
+def test_one_weight_given_as_a_number_is_a_list_of_one(env, tmp_path):
+    """``weights=0.5`` for one adapter (a number, where ``weights="0.5"`` and
+    ``[0.5]`` were taken) raised ``TypeError: 'float' object is not iterable``
+    from ``merge``, ``sum_into_base``, ``sum_adapters`` and ``evaluate``; one
+    number alone is now a list of one, as one adapter alone is, so it merges
+    as ``[0.5]`` does, and for two adapters it is the count's one line; an
+    object that is no number nor a list of them is one line too. Failed on
+    the old code (the TypeError)."""
+    ads = env["ads"]
+    as_list = loramix.merge(ads[0], "sum", weights=[0.5], out=tmp_path / "list")
+    as_number = loramix.merge(ads[0], "sum", weights=0.5, out=tmp_path / "number")
+    assert as_number.weights == as_list.weights == [0.5]
+    written = sorted(p.name for p in (tmp_path / "list").iterdir())
+    assert any(name.endswith(".safetensors") for name in written), written
+    for name in written:  # the same adapter, byte for byte
+        if name.endswith(".safetensors"):
+            assert (tmp_path / "list" / name).read_bytes() == (tmp_path / "number" / name).read_bytes()
+    for weights, line in [
+        (0.5, "weights: got 1 weights for 2 adapters; give one per adapter"),
+        (object(), "weights: <object object at"),
+    ]:
+        with pytest.raises(LoramixError) as e:
+            loramix.merge(ads, "sum", weights=weights, out=tmp_path / "no")
+        assert str(e.value).startswith(line), str(e.value)
+        with pytest.raises(LoramixError) as e:  # refused before the base loads
+            loramix.evaluate(env["base"], adapters=ads, weights=weights, data=[env["data"]], progress=False)
+        assert str(e.value).startswith(line), str(e.value)
+    assert not (tmp_path / "no").exists()
+
+
 def test_fractions_given_for_counts_are_refused(env):
     """A count or a size given a fraction from Python: ``train_adapter(rank=2.5)`` failed in torch
     (``empty() takes 1 positional argument``) after the model had loaded, ``max_len``, ``steps``
