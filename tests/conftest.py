@@ -96,13 +96,9 @@ def pytest_collection_modifyitems(config, items):
 def read_only_folder(tmp_path):
     """A real read-only mount (a 1 MiB tmpfs), where unlink fails with EROFS
     even for a name that is not there; skipped where mounting is not allowed."""
-    import subprocess
+    from .factories import mounted
 
     ro = tmp_path / "ro"
     ro.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
-    yield ro
-    subprocess.run(["umount", str(ro)], check=True)
+    with mounted(ro, "tmpfs", "ro,size=1m"):
+        yield ro

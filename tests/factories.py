@@ -7,7 +7,9 @@ Nothing here is mocked: the models are the real GPT-2 (``Conv1D``,
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 from pathlib import Path
 
 import torch
@@ -103,3 +105,21 @@ def one_line_error(capsys, args, *needles) -> str:
     for n in needles:
         assert str(n) in lines[0], (n, lines[0])
     return lines[0]
+
+
+@contextlib.contextmanager
+def mounted(folder: str | Path, fstype: str, options: str, source: str | None = None):
+    """``folder`` with a real ``fstype`` file system mounted on it (``mount -t
+    fstype -o options``), unmounted after the block; the test is skipped
+    where mounting is not allowed (not root)."""
+    import pytest
+
+    got = subprocess.run(
+        ["mount", "-t", fstype, "-o", options, source or fstype, str(folder)], capture_output=True
+    )
+    if got.returncode:
+        pytest.skip(f"cannot mount a {fstype} here (needs root)")
+    try:
+        yield Path(folder)
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from loramix.cli import main
 from loramix.io import outputs
 from loramix.io.outputs import TMP_PREFIX
 
-from .factories import make_peft_adapter, tiny_gpt2
+from .factories import make_peft_adapter, mounted, tiny_gpt2
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -79,13 +78,8 @@ def overlay(tmp_path):
     for d in (lower / "out", upper, work, merged):
         d.mkdir(parents=True)
     (lower / "out" / "mine.txt").write_text("the old output\n")
-    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
-    if subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount an overlay here (needs root)")
-    yield merged
-    subprocess.run(["umount", str(merged)], check=True)
+    with mounted(merged, "overlay", f"lowerdir={lower},upperdir={upper},workdir={work}"):
+        yield merged
 
 
 def test_a_forced_output_onto_an_overlay_lower_folder_is_one_line(pair, overlay, capsys):
@@ -130,18 +124,12 @@ def test_an_output_that_is_a_mount_point_is_refused_before_the_work(pair, tmp_pa
     exit 2, the mount as it was. It was a traceback, exit 1, after the work."""
     out = tmp_path / "out"
     out.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with mounted(out, "tmpfs", "size=1m"):
         (out / "theirs").write_text("x")
         code, lines = cli(capsys, "sum", *pair, "--out", out, "--force")
         assert code == 2 and len(lines) == 1, (code, lines)
         assert lines[0].startswith(f"loramix: error: {out}: is a mount point"), lines[0]
         assert [p.name for p in out.iterdir()] == ["theirs"] and temporaries(tmp_path) == []
-    finally:
-        subprocess.run(["umount", str(out)], check=True)
 
 
 # ---- EIO: the disk fails a write -----------------------------------------------------
