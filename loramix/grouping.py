@@ -560,6 +560,44 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     json``'s object. ``loramix.plan`` says those lines' flags as its
     keywords (``no fit given``, ``pass base=BASE``), as its errors do.
     """
+    items, data, fit, max_group, tokens, max_len = _plan_inputs(
+        adapters, fit=fit, base=base, data=data, max_group=max_group, budget=budget, tokens=tokens,
+        max_len=max_len, device=device)  # fmt: skip
+    # the fit file too: with --data the adapters load with torch, which a mistyped --fit need not wait for
+    from .validation import load_predictors
+
+    fitfile = None if fit is None else load_predictors(fit)  # read and checked once, used thrice
+    effective = fit is None and base is not None  # the cosine cost, on effective deltas
+    if effective or (fit is not None and data and reads_data(fitfile)):
+        # effective deltas are formed with the base's weights, and a calibration pass runs the
+        # adapters in the base model: torch's reader
+        from .io.adapter_files import load_adapter as load
+    else:
+        # the cost is the RMS cosine, or features without data (--data given for a file whose
+        # predictors read none: ignored), computed in numpy whichever reader loaded the factors,
+        # so the numpy reader's (the same checks and values) spares torch
+        from .io.np_factors import load_np_adapter as load
+    adapters = [load(a) if isinstance(a, (str, os.PathLike)) else a for a in items]
+    if fit is not None:  # the fits are per kind; the cosine is one for every kind
+        one_kind(adapters, "plan", "the fits are per kind (without --fit, the kinds are grouped together)")
+    # the checks of `loramix predict`: another adapter kind refused, another base warned of
+    warnings = [] if fitfile is None else adapter_checks(adapters, fitfile, str(fit))
+    model, source, validated = cost_model(adapters, fit, data, base, tokens, device, fitfile=fitfile,
+                                          max_len=max_len, progress=progress, effective=effective)  # fmt: skip
+    vbm = by_method_records(fitfile["by_method"]) if model.method_aware else None
+    p = plan_with(model, source=source, validated=validated, max_group=max_group, budget=budget,
+                  validated_by_method=vbm)  # fmt: skip
+    p.warnings = warnings + _describe(p, model, adapters, items, fit=fit, fitfile=fitfile, data=data,
+                                      effective=effective)  # fmt: skip
+    return p
+
+
+def _plan_inputs(adapters, *, fit, base, data, max_group, budget, tokens, max_len, device) -> tuple:
+    """:func:`plan`'s arguments checked before anything loads (a mistyped
+    path or option fails fast, without torch): ``(items, data, fit,
+    max_group, tokens, max_len)``, the adapters as a list, ``data`` as a
+    list (or None), ``fit`` a predictors file's path (a study's report
+    folder resolved), the counts whole numbers."""
     from .io.peft_layout import adapter_list, check_adapter_paths
 
     items = adapter_list(adapters)  # one adapter is one, not its characters or modules
@@ -591,36 +629,19 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     if data:  # before anything loads, and also where the fit reads no data (no pass runs to resolve it)
         is_cpu(device)  # an unknown device, or cuda without one: refused (one line)
     check_adapter_paths(items)  # before torch loads: a mistyped path fails fast
-    from .validation import load_predictors
-
     if fit is not None and Path(fit).is_dir():  # a study's report folder, as predict takes it
         if not (Path(fit) / "predictors.json").is_file():
             raise UsageError(fit, "a folder without predictors.json in it (plan reads a predictors file: a scenario "
                              "with a [predictors] table writes one to reports/NAME, loramix fit to its --out, "
                              "fit_evaluations to its out=)")  # fmt: skip
         fit = Path(fit) / "predictors.json"
-    # the fit file too: with --data the adapters load with torch, which a mistyped --fit need not wait for
-    fitfile = None if fit is None else load_predictors(fit)  # read and checked once, used thrice
-    effective = fit is None and base is not None  # the cosine cost, on effective deltas
-    if effective or (fit is not None and data and reads_data(fitfile)):
-        # effective deltas are formed with the base's weights, and a calibration pass runs the
-        # adapters in the base model: torch's reader
-        from .io.adapter_files import load_adapter as load
-    else:
-        # the cost is the RMS cosine, or features without data (--data given for a file whose
-        # predictors read none: ignored), computed in numpy whichever reader loaded the factors,
-        # so the numpy reader's (the same checks and values) spares torch
-        from .io.np_factors import load_np_adapter as load
-    adapters = [load(a) if isinstance(a, (str, os.PathLike)) else a for a in items]
-    if fit is not None:  # the fits are per kind; the cosine is one for every kind
-        one_kind(adapters, "plan", "the fits are per kind (without --fit, the kinds are grouped together)")
-    # the checks of `loramix predict`: another adapter kind refused, another base warned of
-    warnings = [] if fitfile is None else adapter_checks(adapters, fitfile, str(fit))
-    model, source, validated = cost_model(adapters, fit, data, base, tokens, device, fitfile=fitfile,
-                                          max_len=max_len, progress=progress, effective=effective)  # fmt: skip
-    vbm = by_method_records(fitfile["by_method"]) if model.method_aware else None
-    p = plan_with(model, source=source, validated=validated, max_group=max_group, budget=budget,
-                  validated_by_method=vbm)  # fmt: skip
+    return items, data, fit, max_group, tokens, max_len
+
+
+def _describe(p: Plan, model, adapters, items, *, fit, fitfile, data, effective: bool) -> list[str]:
+    """The plan's groups told as ``merge`` takes them (each group's ``kind``
+    and its members' ``paths``) and its ``notes``; returns the warnings of
+    groups larger than any composition the predictors were validated on."""
     kinds = [a.method for a in adapters]
     paths = [os.fspath(a) if isinstance(a, (str, os.PathLike)) else getattr(a, "path", None) for a in items]
     of = dict(zip(model.features.names, zip(kinds, paths)))
@@ -631,14 +652,13 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
         g["paths"] = [None if of[m][1] is None else str(of[m][1]) for m in g["members"]]
     p.notes = plan_notes(model.features.names, kinds, cosine_cost=fit is None, effective=effective)
     p.notes += unread_data_note(fit, fitfile, data)
-    if fitfile is not None:  # groups larger than any composition the predictor was validated on
-        from .interference import fitted_sizes, size_note
+    if fitfile is None:
+        return []
+    from .interference import fitted_sizes, size_note
 
-        sizes = fitted_sizes(fitfile.get("compositions") or [])
-        big = sorted({len(g["members"]) for g in p.groups if size_note(len(g["members"]), sizes)})
-        warnings += [f"group(s) of {k}: {size_note(k, sizes)}" for k in big]
-    p.warnings = warnings
-    return p
+    sizes = fitted_sizes(fitfile.get("compositions") or [])
+    big = sorted({len(g["members"]) for g in p.groups if size_note(len(g["members"]), sizes)})
+    return [f"group(s) of {k}: {size_note(k, sizes)}" for k in big]
 
 
 def plan_notes(names: list[str], kinds: list[str], *, cosine_cost: bool, effective: bool) -> list[str]:
