@@ -165,7 +165,8 @@ def python_terms(text: str, name: Callable[[str], str | None]) -> str:
 def python_api(f: Callable, public_name: str) -> Callable:
     """``f`` as ``loramix.<public_name>``: the same call, whose
     :class:`LoramixError` names ``f``'s keywords, not the CLI's flags (the
-    same exception, its ``where``, ``problem`` and message rendered), and
+    same exception, its ``where``, ``problem`` and message rendered; one
+    made on the machine's failure is that OSError, :attr:`LoramixError.fault`), and
     which a SIGTERM left at its default unwinds before it kills the process
     (:func:`~loramix.stopping.sigterm_unwinds`, module docstring)."""
     name = keyword_namer(f, RENAMES.get(public_name, {}), ELSEWHERE.get(public_name))
@@ -177,6 +178,8 @@ def python_api(f: Callable, public_name: str) -> Callable:
             with sigterm_unwinds():  # a kill where SIGTERM is at its default leaves no temporary
                 result = f(*args, **kwargs)
         except LoramixError as e:
+            if e.fault is not None:  # the machine failed under an input: its OSError, not bad input
+                raise e.fault from None
             if e.where is not None and e.where.startswith("--"):  # else a path or a setting, as given
                 e.where = python_terms(e.where, name)
             e.problem = python_terms(e.problem, name)

@@ -1,13 +1,33 @@
-"""Errors a user can cause.
+"""Errors a user can cause, and the operating system's errors sorted by whose they are.
 
 Every such error names the file (or setting) at fault and the problem in one
 line. The CLI prints ``loramix: error: <where>: <problem>`` on stderr and exits
-with code 2; a traceback is shown only with ``--debug``.
+with code 2; a traceback is shown only with ``--debug``. The errno of an
+``OSError`` decides, wherever it is caught: one the user can fix
+(:data:`SYSTEM_ERRORS`) is such an error, exit 2; the machine failing under a
+path (:data:`MACHINE_ERRORS`) is one line naming the path too, but exit 1, a
+failed run, also where a reader caught it and refused the file
+(:attr:`LoramixError.fault`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
+
+# What the system says about a path the user gave (a full disk, a read-only
+# or missing folder, a name too long, a symlink loop, a folder that cannot be
+# renamed onto: another mount, an overlay's lower layer, a mount point): the
+# user's to fix, so one line naming the path, exit 2; other OSErrors stay bugs
+# with tracebacks.
+SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                 errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT, errno.EEXIST, errno.EXDEV,
+                 errno.EBUSY}  # fmt: skip
+# The machine failing under a path (a disk's, or a network file system's, I/O
+# error): not the user's input, so exit 1 as a failed run, but one line
+# naming the path all the same; an output it struck was not kept.
+MACHINE_ERRORS = {errno.EIO}
 
 
 class LoramixError(Exception):
@@ -24,6 +44,11 @@ class LoramixError(Exception):
     def __init__(self, where: str | os.PathLike | None, problem: str):
         self.where = None if where is None else str(where)
         self.problem = " ".join(str(problem).split())  # always one line
+        #: the machine's failure (an OSError of :data:`MACHINE_ERRORS`) this error was made
+        #: while handling, or None: a reader's "cannot read" of a file the disk failed to
+        #: give. The CLI says it as that OSError (exit 1), ``loramix.X`` raises it: the errno
+        #: decides in one place, not in each reader that refuses a file it could not read.
+        self.fault = machine_fault(sys.exc_info()[1], self.where)
         super().__init__(self.message)
 
     @property
@@ -35,6 +60,25 @@ class LoramixError(Exception):
         # message, which __init__ cannot take back; a worker process's error (a scenario
         # step) then failed to unpickle in the parent, which saw a broken pool instead.
         return type(self), (self.where, self.problem), self.__dict__
+
+
+def machine_fault(e: BaseException | None, where: str | None = None) -> OSError | None:
+    """The OSError of :data:`MACHINE_ERRORS` that ``e`` is, or was raised
+    while handling (its ``__cause__`` or ``__context__``, and so on), or a
+    :class:`LoramixError`'s own :attr:`~LoramixError.fault`; else None. One
+    that names no file (a read's error) is given ``where``, the file the
+    error that caught it names."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in MACHINE_ERRORS:
+            if e.filename is None and e.filename2 is None:
+                e.filename = where
+            return e
+        if getattr(e, "fault", None) is not None and isinstance(e, LoramixError):
+            return e.fault
+        e = e.__cause__ or e.__context__
+    return None
 
 
 class LoramixWarning(UserWarning):

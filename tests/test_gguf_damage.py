@@ -175,12 +175,12 @@ CASES = {
 }
 
 
-def _one_line(capsys, argv, path, needles) -> None:
+def _one_line(capsys, argv, path, needles, exit_code: int = 2) -> None:
     capsys.readouterr()
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("loramix: error: "), (code, err)
+    assert code == exit_code and len(lines) == 1 and lines[0].startswith("loramix: error: "), (code, err)
     assert "Traceback" not in out + err and str(path) in lines[0], err
     for n in needles:
         assert n in lines[0], (n, lines[0])
@@ -261,7 +261,8 @@ def _not_gguf(kind: str, path: Path) -> list[str]:
     """Make ``path`` (a ``.gguf`` name) something that is no GGUF file; the
     words of its refusal. Real files only: as root, chmod 000 does not stop a
     read, so the unreadable ones are a link to ``/proc/self/mem`` (its first
-    page is never mapped: EIO) and a symbolic-link loop (ELOOP)."""
+    page is never mapped: EIO: the machine's failure, exit 1) and a
+    symbolic-link loop (ELOOP)."""
     if kind == "empty":
         path.write_bytes(b"")
         return ["is empty"]
@@ -279,7 +280,7 @@ def _not_gguf(kind: str, path: Path) -> list[str]:
         return ["symlink loop"]  # the output checks of sum and merge may say it first
     assert kind == "unreadable"
     path.symlink_to("/proc/self/mem")
-    return ["cannot be read: Input/output error"]
+    return ["Input/output error; the disk or its file system failed"]
 
 
 NOT_GGUF = ["empty", "text", "fifo", "dangling", "loop", "unreadable"]
@@ -295,7 +296,9 @@ def test_a_gguf_name_that_is_no_gguf_file_is_refused_as_one(
     """A path ending in ``.gguf`` means a GGUF file: one that is empty, not a
     regular file, unreadable or without the magic is refused as a GGUF file
     by every entry point (was: 'not a folder', from eval, sum --into and
-    scenario; an unreadable one 'not a GGUF file'), exit 2, nothing written."""
+    scenario; an unreadable one 'not a GGUF file'), exit 2, nothing written;
+    one the disk fails to read (EIO) is that failure, one line, exit 1 (it
+    was ``cannot be read: Input/output error``, exit 2)."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("LORAMIX_CACHE_DIR", str(cache))
     path = tmp_path / "m.gguf"
@@ -311,7 +314,7 @@ def test_a_gguf_name_that_is_no_gguf_file_is_refused_as_one(
         "train": lambda: ["train", "--base", path, "--data", data, "--out", out, "--no-progress"],
         "scenario-check": lambda: ["scenario", "check", scenario],
     }[command]()
-    _one_line(capsys, argv, path, needles)
+    _one_line(capsys, argv, path, needles, exit_code=1 if kind == "unreadable" else 2)
     assert not out.exists() and not (cache / "bases").exists()
 
 

@@ -169,6 +169,88 @@ def test_an_io_error_reading_an_input_names_it(pair, tmp_path, capsys):
     assert not out.exists() and temporaries(tmp_path) == []
 
 
+def unreadable_copy(pair, tmp_path, name: str) -> Path:
+    """The first adapter of ``pair`` copied, its file ``name`` a link to
+    ``/proc/self/mem``: reading it is a real EIO (the first page is never
+    mapped), and ``stat`` sees a regular file, as a failing disk's file."""
+    import shutil
+
+    bad = Path(shutil.copytree(pair[0], tmp_path / "bad"))
+    (bad / name).unlink()
+    (bad / name).symlink_to("/proc/self/mem")
+    return bad
+
+
+@pytest.mark.parametrize(
+    "what", ["weights-similarity", "weights-inspect", "config-sum", "config-similarity", "data-eval"]
+)
+def test_an_io_error_in_a_reader_is_the_machine_fault(pair, tmp_path, capsys, what):
+    """EIO reading an input in loramix's own readers (the safetensors
+    header's, the JSON config's, the data file's), which catch the OSError
+    and refuse the file: the same line and exit code as the raw EIO that
+    reaches the command (above), one line naming the file, exit 1, nothing
+    written. The readers said ``<file>: cannot read: Input/output error``,
+    exit 2, as for input the user can fix: ``similarity`` so and ``sum``
+    exit 1 on the same weights file."""
+    file, command = what.split("-")
+    out = tmp_path / "out"
+    if file == "data":
+        from .factories import save_base, tiny_gpt2
+
+        bad = tmp_path / "d.jsonl"
+        bad.symlink_to("/proc/self/mem")
+        args = (
+            "eval",
+            "--base",
+            save_base(tiny_gpt2(seed=0), tmp_path / "base"),
+            "--data",
+            bad,
+            "--no-progress",
+        )
+    else:
+        name = WEIGHTS if file == "weights" else "adapter_config.json"
+        adapter = unreadable_copy(pair, tmp_path, name)
+        bad = adapter / name
+        args = {"similarity": ("similarity", adapter, pair[1]), "inspect": ("inspect", adapter),
+                "sum": ("sum", adapter, pair[1], "--out", out)}[command]  # fmt: skip
+    code, lines = cli(capsys, *args)
+    assert code == 1 and len(lines) == 1, (code, lines)
+    assert lines[0] == (
+        f"loramix: error: {bad}: Input/output error; the disk or its file system failed (see the system log: dmesg)"
+    ), lines[0]
+    assert not out.exists() and temporaries(tmp_path) == []
+
+
+def test_an_io_error_in_a_reader_is_the_oserror_from_python(pair, tmp_path):
+    """From Python the same failure is the OSError (EIO) naming the file, as
+    a raw one is; bad input stays :class:`loramix.LoramixError`. It was an
+    ``AdapterError`` (``cannot read: Input/output error``)."""
+    import loramix
+
+    bad = unreadable_copy(pair, tmp_path, WEIGHTS)
+    with pytest.raises(OSError) as e:
+        loramix.similarity([bad, pair[1]])
+    assert not isinstance(e.value, loramix.LoramixError), repr(e.value)
+    assert e.value.errno == errno.EIO and e.value.filename == str(bad / WEIGHTS), repr(e.value)
+
+
+def test_a_reader_s_refusal_made_on_an_io_error_keeps_it_across_processes(tmp_path):
+    """A study's worker sends its error to the parent pickled: an error made
+    on the machine's failure arrives with it (``fault``), so the parent's
+    command exits 1 too."""
+    import pickle
+
+    from loramix.errors import AdapterError
+
+    try:
+        Path("/proc/self/mem").read_bytes()
+    except OSError as e:
+        refusal = AdapterError(tmp_path / "x", f"cannot read: {e.strerror}")
+    back = pickle.loads(pickle.dumps(refusal))
+    assert back.message == refusal.message and back.fault.errno == errno.EIO, vars(back)
+    assert back.fault.filename == str(tmp_path / "x")
+
+
 # ---- the parent folder's fsync, after the rename ------------------------------------------
 
 

@@ -22,7 +22,7 @@ import click
 
 from .. import __version__
 from ..devices import DEVICE_CHOICES
-from ..errors import LoramixError, LoramixWarning, UsageError
+from ..errors import MACHINE_ERRORS, SYSTEM_ERRORS, LoramixError, LoramixWarning, UsageError
 from ..stopping import deferred, stop_under_way
 from .threads import threads_option
 
@@ -451,6 +451,8 @@ def _main(argv) -> int:
         _paths_print_as_given()  # in the try: a signal landing there stops the run with its line
         cli.main(args=argv, prog_name="loramix", standalone_mode=False)
     except LoramixError as e:
+        if e.fault is not None:  # a reader's refusal of a file the machine failed to give: that failure
+            return _said_os_error(e.fault, debug)
         if debug:
             raise
         if isinstance(e, UsageError) and e.where in FLAGS:
@@ -478,11 +480,7 @@ def _main(argv) -> int:
     except (KeyboardInterrupt, Interrupted, Terminated) as e:
         return _interrupted(e)
     except OSError as e:
-        if debug or (e.errno not in SYSTEM_ERRORS and e.errno not in MACHINE_ERRORS):
-            raise
-        with _saying():
-            click.echo(f"loramix: error: {_os_error_line(e)}", err=True)
-        return 1 if e.errno in MACHINE_ERRORS else 2
+        return _said_os_error(e, debug)
     except RecursionError:
         if debug:
             raise
@@ -492,18 +490,16 @@ def _main(argv) -> int:
     return 0
 
 
-# What the system says about a path the user gave (a full disk, a read-only
-# or missing folder, a name too long, a symlink loop, a folder that cannot be
-# renamed onto: another mount, an overlay's lower layer, a mount point): the
-# user's to fix, so one line naming the path, exit 2; other OSErrors stay bugs
-# with tracebacks.
-SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-                 errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT, errno.EEXIST, errno.EXDEV,
-                 errno.EBUSY}  # fmt: skip
-# The machine failing under a path (a disk's, or a network file system's, I/O
-# error): not the user's input, so exit 1 as a failed run, but one line
-# naming the path all the same; an output it struck was not kept.
-MACHINE_ERRORS = {errno.EIO}
+def _said_os_error(e: OSError, debug: bool) -> int:
+    """``e`` said in one line naming its path, and the exit code its errno
+    gives (:data:`~loramix.errors.SYSTEM_ERRORS`: 2, the user's to fix;
+    :data:`~loramix.errors.MACHINE_ERRORS`: 1, the machine's); any other
+    errno, or ``--debug``, raises it (a traceback)."""
+    if debug or (e.errno not in SYSTEM_ERRORS and e.errno not in MACHINE_ERRORS):
+        raise e
+    with _saying():
+        click.echo(f"loramix: error: {_os_error_line(e)}", err=True)
+    return 1 if e.errno in MACHINE_ERRORS else 2
 
 
 def _os_error_line(e: OSError) -> str:
