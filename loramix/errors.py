@@ -18,16 +18,21 @@ import sys
 
 # What the system says about a path the user gave (a full disk, a read-only
 # or missing folder, a name too long, a symlink loop, a folder that cannot be
-# renamed onto: another mount, an overlay's lower layer, a mount point): the
-# user's to fix, so one line naming the path, exit 2; other OSErrors stay bugs
-# with tracebacks.
+# renamed onto: another mount, an overlay's lower layer, a mount point; a
+# socket, or a device file with no device behind it, ENXIO; a file a program
+# runs from, ETXTBSY): the user's to fix, so one line naming the path, exit 2;
+# other OSErrors stay bugs with tracebacks.
 SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
                  errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOENT, errno.EEXIST, errno.EXDEV,
-                 errno.EBUSY}  # fmt: skip
-# The machine failing under a path (a disk's, or a network file system's, I/O
-# error): not the user's input, so exit 1 as a failed run, but one line
-# naming the path all the same; an output it struck was not kept.
-MACHINE_ERRORS = {errno.EIO}
+                 errno.EBUSY, errno.ENXIO, errno.ETXTBSY}  # fmt: skip
+# The machine failing under a path: a disk's or a network file system's I/O
+# error (EIO); a file system found corrupt (EUCLEAN, Linux's); a network file
+# system's handle gone stale (ESTALE); a FUSE or network mount whose server or
+# process is gone (ENOTCONN); memory, or the table of open files, exhausted
+# (ENOMEM, EMFILE, ENFILE). Not the user's input, so exit 1 as a failed run,
+# but one line naming the path all the same; an output it struck was not kept.
+MACHINE_ERRORS = {errno.EIO, getattr(errno, "EUCLEAN", errno.EIO), errno.ESTALE, errno.ENOTCONN, errno.ENOMEM,
+                  errno.EMFILE, errno.ENFILE}  # fmt: skip
 
 
 class LoramixError(Exception):

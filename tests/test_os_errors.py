@@ -1,9 +1,11 @@
-"""The operating system's errors on the output side, one line each.
+"""The operating system's errors, one line each.
 
 A rename the file system refuses (``EXDEV``: a folder of an overlay's lower
 layer, as in a container image), a disk that fails a write when it is synced
-(``EIO``), and a sync of the parent folder that fails after the output is in
-place. The errors are the kernel's own where a test can make them (a real
+(``EIO``), a disk that fails a read in loramix's own readers (the same
+failure, exit 1, not their refusal), each errno's exit code (the user's to
+fix: 2; the machine's: 1), and a sync of the parent folder that fails after
+the output is in place. The errors are the kernel's own where a test can make them (a real
 overlay mount, as root), else raised by the ``os`` call that the kernel would
 fail (``os.fsync``, ``os.rename``) while loramix's code runs unchanged.
 """
@@ -249,6 +251,80 @@ def test_a_reader_s_refusal_made_on_an_io_error_keeps_it_across_processes(tmp_pa
     back = pickle.loads(pickle.dumps(refusal))
     assert back.message == refusal.message and back.fault.errno == errno.EIO, vars(back)
     assert back.fault.filename == str(tmp_path / "x")
+
+
+# ---- whose each errno is: the user's (exit 2) or the machine's (exit 1) -----------------------
+
+#: errno -> the exit code and the words after the system's own on the line (None: none)
+WHOSE = {
+    "ENOSPC": (2, "nothing was written"), "EDQUOT": (2, "nothing was written"),
+    "EFBIG": (2, "nothing was written"), "EROFS": (2, None), "EACCES": (2, None), "EPERM": (2, None),
+    "ENAMETOOLONG": (2, None), "ELOOP": (2, None), "ENOTDIR": (2, None), "EISDIR": (2, None),
+    "ENXIO": (2, "a socket, or a device file with no device behind it"),
+    "ETXTBSY": (2, "a program runs from it: write elsewhere"),
+    "EIO": (1, "the disk or its file system failed"), "EUCLEAN": (1, "the disk or its file system failed"),
+    "ESTALE": (1, "the network file system lost track of it"), "ENOTCONN": (1, "mount it again"),
+    "ENOMEM": (1, "the machine ran out of memory"), "EMFILE": (1, "ulimit -n"),
+    "ENFILE": (1, "the system's table of open files is full"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(WHOSE))
+def test_each_errno_on_an_output_is_one_line_with_its_exit_code(pair, tmp_path, capsys, monkeypatch, name):
+    """The output's rename failing with each errno (raised by ``os.rename``,
+    as in the locked rename above: most have no real way to be provoked
+    here): one line naming the output, exit 2 where the user can fix it,
+    1 where the machine failed; nothing left. ESTALE, ENOTCONN, EUCLEAN,
+    ENOMEM, EMFILE, ENFILE, ENXIO and ETXTBSY were tracebacks."""
+    if not hasattr(errno, name):
+        pytest.skip(f"no {name} on this system")
+    err, (code_wanted, said) = getattr(errno, name), WHOSE[name]
+    out = tmp_path / "out"
+    real = os.rename
+
+    def rename(src, dst, *a, **k):
+        if Path(dst) == out:
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(outputs, "_RENAMEAT2", None)
+    monkeypatch.setattr(os, "rename", rename)
+    code, lines = cli(capsys, "sum", *pair, "--out", out)
+    monkeypatch.undo()
+    assert code == code_wanted and len(lines) == 1, (code, lines)
+    line = f"loramix: error: {out}: {os.strerror(err)}"
+    if said is None:
+        assert lines[0] == line, lines[0]
+    else:
+        assert lines[0].startswith(f"{line}; ") and said in lines[0], lines[0]
+    assert not out.exists() and temporaries(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["ESTALE", "ENXIO"])
+def test_a_reader_s_refusal_goes_by_the_errno(pair, tmp_path, capsys, monkeypatch, name):
+    """The config's reader failing with the machine's ESTALE is that failure
+    (exit 1), with ENXIO (a socket, a device with none behind it) the
+    reader's refusal, exit 2. ESTALE was the refusal, exit 2."""
+    import pathlib
+    import shutil
+
+    err = getattr(errno, name)
+    bad = Path(shutil.copytree(pair[0], tmp_path / "bad"))
+    cfg = bad / "adapter_config.json"
+    real = pathlib.Path.read_bytes
+
+    def read_bytes(self):
+        if self == cfg:
+            raise OSError(err, os.strerror(err))  # a read's error: no file named
+        return real(self)
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", read_bytes)
+    code, lines = cli(capsys, "similarity", bad, pair[1])
+    monkeypatch.undo()
+    wanted, said = {"ESTALE": (1, f"{cfg}: Stale file handle; the network file system lost track of it"),
+                    "ENXIO": (2, f"{cfg}: cannot read: No such device or address")}[name]  # fmt: skip
+    assert code == wanted and len(lines) == 1, (code, lines)
+    assert lines[0].startswith(f"loramix: error: {said}"), lines[0]
 
 
 # ---- the parent folder's fsync, after the rename ------------------------------------------

@@ -502,16 +502,30 @@ def _said_os_error(e: OSError, debug: bool) -> int:
     return 1 if e.errno in MACHINE_ERRORS else 2
 
 
+#: what the line says after the system's words for the errno: what happened, what to do
+_SAID_AFTER = {
+    errno.ENOSPC: "nothing was written",
+    errno.EDQUOT: "nothing was written",
+    errno.EFBIG: "nothing was written",
+    # a rename onto (or of) a folder of an overlay's lower layer, a container image's: the kernel's EXDEV
+    errno.EXDEV: "the file system cannot rename onto it (another mount, or a folder of an overlay's lower layer, "
+    "as in a container image); nothing was written: remove it first, or write elsewhere",
+    errno.ENXIO: "a socket, or a device file with no device behind it: give a file or a folder",
+    errno.ETXTBSY: "a program runs from it: write elsewhere",
+    errno.ESTALE: "the network file system lost track of it (replaced or removed on the server?): run again",
+    errno.ENOTCONN: "its mount lost its server or process (FUSE, sshfs, a network file system): mount it again",
+    errno.ENOMEM: "the machine ran out of memory",
+    errno.EMFILE: "loramix reached the limit on the files a process may open (ulimit -n)",
+    errno.ENFILE: "the system's table of open files is full",
+}
+
+
 def _os_error_line(e: OSError) -> str:
     where = e.filename if e.filename is not None else e.filename2
     problem = e.strerror or errno.errorcode.get(e.errno, str(e))
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        problem += "; nothing was written"
-    elif e.errno == errno.EXDEV:
-        # a rename onto (or of) a folder of an overlay's lower layer, a container image's: the kernel's EXDEV
-        problem += ("; the file system cannot rename onto it (another mount, or a folder of an overlay's lower "
-                    "layer, as in a container image); nothing was written: remove it first, or write elsewhere")  # fmt: skip
-    elif e.errno in MACHINE_ERRORS:
+    if e.errno in _SAID_AFTER:
+        problem += "; " + _SAID_AFTER[e.errno]
+    elif e.errno in MACHINE_ERRORS:  # EIO, EUCLEAN
         problem += "; the disk or its file system failed (see the system log: dmesg)"
     if isinstance(where, (str, bytes)):
         where = os.fsdecode(where)
