@@ -97,7 +97,8 @@ def parse_weights(weights: Any, n: int, where: str = "weights") -> list[float]:
     except (TypeError, ValueError, OverflowError):
         raise UsageError(where, f"{weights!r} is not a comma-separated list of numbers") from None
     if len(ws) != n:
-        raise UsageError(where, f"got {len(ws)} weights for {n} adapters; give one per adapter")
+        raise UsageError(where, f"got {len(ws)} weight{'s' * (len(ws) != 1)} for {n} adapter{'s' * (n != 1)}; "
+                         "give one per adapter")  # fmt: skip
     if not all(math.isfinite(w) for w in ws):
         raise UsageError(where, f"{weights!r} holds a non-finite number")
     if any(abs(w) > MAX_WEIGHT for w in ws):

@@ -395,7 +395,7 @@ def test_evaluate_refuses_bad_weights_before_the_model_loads(env, tmp_path):
     cases = [
         (
             dict(adapters=env["ads"], weights=[1.0]),
-            "weights: got 1 weights for 2 adapters; give one per adapter",
+            "weights: got 1 weight for 2 adapters; give one per adapter",
         ),
         (dict(weights=[1.0]), "weights: given without adapters"),
     ]
@@ -423,7 +423,7 @@ def test_one_weight_given_as_a_number_is_a_list_of_one(env, tmp_path):
         if name.endswith(".safetensors"):
             assert (tmp_path / "list" / name).read_bytes() == (tmp_path / "number" / name).read_bytes()
     for weights, line in [
-        (0.5, "weights: got 1 weights for 2 adapters; give one per adapter"),
+        (0.5, "weights: got 1 weight for 2 adapters; give one per adapter"),
         (object(), "weights: <object object at"),
     ]:
         with pytest.raises(LoramixError) as e:

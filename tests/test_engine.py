@@ -253,7 +253,7 @@ def test_option_errors_name_the_parameter(capsys, gpt2, tmp_path):
     assert e.value.where == "weights"
     with pytest.raises(UsageError) as e:
         parse_weights([1.0], 2)
-    assert e.value.where == "weights" and "1 weights for 2 adapters" in e.value.problem
+    assert e.value.where == "weights" and "got 1 weight for 2 adapters;" in e.value.problem
     with pytest.raises(UsageError) as e:
         parse_weights([1.0, float("nan")], 2)
     assert e.value.where == "weights"
@@ -267,6 +267,20 @@ def test_option_errors_name_the_parameter(capsys, gpt2, tmp_path):
     for cmd in (["sum"], ["merge", "-m", "sum"]):
         assert main([*cmd, *a, "--dtype", "int8", "--out", str(tmp_path / "o")]) == 2
         assert capsys.readouterr().err.startswith("loramix: error: --dtype: unknown dtype")
+
+
+def test_the_weight_count_line_says_one_in_the_singular():
+    """The line of a weight count that does not match the adapters counts
+    each noun as English does: it said "got 1 weights for 2 adapters" (and
+    "2 weights for 1 adapters")."""
+    for weights, n, line in [
+        ([1.0], 2, "got 1 weight for 2 adapters; give one per adapter"),
+        ([1.0, 2.0], 1, "got 2 weights for 1 adapter; give one per adapter"),
+        ("1,2,3", 2, "got 3 weights for 2 adapters; give one per adapter"),
+    ]:
+        with pytest.raises(UsageError) as e:
+            parse_weights(weights, n)
+        assert (e.value.where, e.value.problem) == ("weights", line)
 
 
 # ----------------------------------------------------------------------------- base identity
