@@ -611,14 +611,11 @@ def _plan_inputs(adapters, *, fit, base, data, max_group, budget, tokens, max_le
         raise UsageError("--max-group", f"must be at least 1, got {max_group}")
     if budget is not None and not math.isfinite(budget):
         raise UsageError("--budget", f"must be a finite number, got {budget}")
-    from .userpaths import is_table
-
-    if is_table(data):  # its truth value raised in pandas
-        raise UsageError("--data", f"takes one calibration file per adapter, not a {type(data).__name__}")
     from .data import data_list
 
     # one source alone is a list of one, as train_adapter and evaluate take it (a string was taken
-    # character by character, a Path raised TypeError)
+    # character by character, a Path raised TypeError); a DataFrame refused (its truth value raised
+    # in pandas), as predict refuses it
     data = None if data is None else data_list(data)
     # as `loramix plan` refuses them: without data they set no pass, and were ignored without a word
     # (without fit, base sets the deltas the cosines compare: effective, not residual)

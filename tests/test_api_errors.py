@@ -502,7 +502,7 @@ def test_a_table_or_an_object_where_a_path_is_wanted_is_refused_in_one_line(env)
          "DataFrame as one with df.to_json(PATH, orient='records', lines=True))"),
         (lambda: loramix.evaluate(b, data=[["What is 1 plus 1? 2"]]), "data: record set 0 holds a str, not QARecord records"),
         (lambda: loramix.predict(ads, df), "fit: takes a fit file (fit.json, predictors.json) or a study's report folder, not a DataFrame"),
-        (lambda: loramix.plan(ads, data=df), "data: takes one calibration file per adapter, not a DataFrame"),
+        (lambda: loramix.plan(ads, data=df), data),
         (lambda: loramix.fit_evaluations(df), evaluations),
         (lambda: loramix.fit_evaluations([df]), evaluations),
         (lambda: loramix.run_scenario(df), "a scenario is a path to its TOML file, not a DataFrame"),
