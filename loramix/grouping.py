@@ -454,6 +454,21 @@ def check_calibration_args(data, base, tokens, max_len) -> None:
                 raise UsageError(flag, "applies with --data (the calibration files it sets the pass over)")
 
 
+def check_device_arg(data, device, *, given: bool | None = None) -> None:
+    """Refuse ``device`` (``--device``) without ``data``: it sets where the
+    calibration forward passes run, and without data none runs (a device
+    given, ``"gpu"`` or ``"cuda"`` without one, passed unread, taken for a
+    setting that took effect). ``given``: whether it was given (the command
+    tells it from the option's source); None, from Python, where any device
+    but the default ``"cpu"`` was. ``plan`` makes this check, from Python as
+    on the command line."""
+    if given is None:
+        given = str(device).lower() != "cpu"  # "cpu" or torch.device("cpu"): the default's
+    if not data and given:
+        raise UsageError("--device", "applies with --data (where the calibration forward passes run); "
+                         "without it the costs are computed in numpy on the CPU")  # fmt: skip
+
+
 def _data_aware(features) -> list[str]:
     """The data-aware features (``registry()[f].data_aware``) among the names ``features``, sorted."""
     return sorted(f for f in features if f in registry() and registry()[f].data_aware)
@@ -539,9 +554,9 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     :func:`loramix.interference.predict` and for its reason (the costs come
     from the factors in numpy float64); checked with ``data`` before anything
     loads, read by the calibration pass only. ``base`` (with ``fit``),
-    ``tokens`` and ``max_len`` set that pass, so without ``data`` they are
-    refused, as ``loramix plan`` refuses them. ``progress``: a bar of the
-    calibration pass (on a terminal).
+    ``tokens``, ``max_len`` and another ``device`` than ``"cpu"`` set that
+    pass, so without ``data`` they are refused, as ``loramix plan`` refuses
+    them. ``progress``: a bar of the calibration pass (on a terminal).
 
     Adapters of several kinds (LoRA, DoRA, D2-LoRA): without ``fit`` they
     are grouped together, with one note (a mixed group merges into the base
@@ -620,6 +635,7 @@ def _plan_inputs(adapters, *, fit, base, data, max_group, budget, tokens, max_le
     # as `loramix plan` refuses them: without data they set no pass, and were ignored without a word
     # (without fit, base sets the deltas the cosines compare: effective, not residual)
     check_calibration_args(data, base if fit is not None else None, tokens, max_len)
+    check_device_arg(data, device)
     if fit is None and data:  # else ignored, and taken for a setting that took effect
         raise UsageError("--data", "applies with --fit (calibration data for predictors that read data-aware "
                          "features); without --fit the cost is the RMS cosine, which reads no data")  # fmt: skip

@@ -747,6 +747,27 @@ def test_plan_refuses_from_python_the_calibration_options_the_command_refuses(ba
     assert len(loramix.plan(paths[:2], fit=fit).groups) >= 1
 
 
+def test_plan_refuses_from_python_a_device_without_data_as_the_command_does(bank, similar_merge_well):
+    """``plan(..., device="gpu")`` (or ``"cuda"``, or ``"auto"``) without
+    ``data`` was taken from Python without a word, and the device never
+    read, where ``loramix plan --device`` without ``--data`` is refused: the
+    command's line now, in keywords. The default ``"cpu"`` (however
+    written) still plans. Failed on the old code (a plan came back)."""
+    import loramix
+
+    paths, _ = bank
+    fit, _ = similar_merge_well
+    line = ("device: applies with data (where the calibration forward passes run); without it the costs are "
+            "computed in numpy on the CPU")  # fmt: skip
+    for kw in ({"device": "gpu"}, {"device": "cuda"}, {"device": "auto"}, {"fit": fit, "device": "gpu"},
+               {"device": "gpu", "data": []}):  # fmt: skip
+        with pytest.raises(loramix.LoramixError) as e:
+            loramix.plan(paths[:2], **kw)
+        assert str(e.value) == line, (kw, str(e.value))
+    for device in ("cpu", "CPU", torch.device("cpu")):
+        assert len(loramix.plan(paths[:2], device=device).groups) >= 1
+
+
 def test_plan_device_is_checked_or_refused(bank, similar_merge_well, capsys):
     """``plan --device`` sets where the calibration pass runs, and was read
     only when one ran: without ``--data`` (or with a fit that reads no

@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from ..errors import UsageError
 from . import calibration_options, check_calibration_args, device_opt, format_option
 
 
@@ -46,15 +45,13 @@ def command(adapters, fit_path, data, base, tokens, max_len, max_group, budget, 
         # adapters, 14-22 s of CPU against 3.2-3.8 s with 2 threads on 2 busy cores)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-    from ..grouping import plan
+    from ..grouping import check_device_arg, plan
 
     # without --fit, --base alone sets the deltas the cosines compare (effective, not residual)
     check_calibration_args(data, base if fit_path is not None else None, tokens, max_len)
-    # --device sets where the calibration pass runs: without --data none runs, and any device
-    # given (gpu, cuda without one) passed unread, taken for a setting that took effect
-    if not data and click.get_current_context().get_parameter_source("device") != ParameterSource.DEFAULT:
-        raise UsageError("--device", "applies with --data (where the calibration forward passes run); "
-                         "without it the costs are computed in numpy on the CPU")  # fmt: skip
+    # --device given at all, --device cpu too (the library tells only another device from its default)
+    check_device_arg(data, device,
+                     given=click.get_current_context().get_parameter_source("device") != ParameterSource.DEFAULT)  # fmt: skip
     p = plan(list(adapters), fit=fit_path, data=list(data) or None, base=base, max_group=max_group,
              budget=budget, tokens=tokens, device=device, max_len=max_len, progress=True)  # fmt: skip
     for w in p.warnings:
