@@ -266,7 +266,6 @@ def evaluate(
     (``limit`` then keeps the first records none was trained on), the count
     left out per data set in the result's ``attrs["held_out"]``.
     """
-    from .data import check_prompt
     from .devices import resolve_device
 
     # counts and sizes as ints (a fraction refused naming its keyword), before anything uses them
@@ -281,19 +280,32 @@ def evaluate(
     dev = resolve_device(device)
     adapted = _adapted(base, adapters, weights, merged=merged, dev=dev, dtype=dtype, top_layers=top_layers)
     with adapted as (model, tok):
-        check_prompt(prompt, tok, base if isinstance(base, (str, os.PathLike)) else "base")
-        k = None
-        if top_layers is not None:
-            from .prefix import split_point
-
-            k = split_point(model, top_layers)
-        _warn_of_scoring(adapters, base, data, sets, prompt=prompt, held_out=held_out)
-        df = _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch, dev=dev,
-                    prefix_at=k, prefix_cache=prefix_cache, prompt=prompt, progress=progress,
-                    per_record=per_record)  # fmt: skip
+        df = _scored(model, tok, base, adapters, data, sets, on=on, max_len=max_len, batch=batch, dev=dev,
+                     top_layers=top_layers, prefix_cache=prefix_cache, prompt=prompt, held_out=held_out,
+                     progress=progress, per_record=per_record)  # fmt: skip
     if dropped is not None:
         df.attrs["held_out"] = dropped
     return df
+
+
+def _scored(model, tok, base, adapters: list, data: list, sets: list, *, on, max_len, batch, dev, top_layers,
+            prefix_cache, prompt, held_out, progress, per_record):  # fmt: skip
+    """:func:`evaluate`'s table (:func:`_score`) of ``sets`` on the adapted
+    ``model``, once the prompt's template is found in ``tok`` (a base without
+    one refused, named) and with ``top_layers`` the first adapted block ``k``
+    (:func:`loramix.prefix.split_point`), after the warnings of a run that
+    will be scored (:func:`_warn_of_scoring`)."""
+    from .data import check_prompt
+
+    check_prompt(prompt, tok, base if isinstance(base, (str, os.PathLike)) else "base")
+    k = None
+    if top_layers is not None:
+        from .prefix import split_point
+
+        k = split_point(model, top_layers)
+    _warn_of_scoring(adapters, base, data, sets, prompt=prompt, held_out=held_out)
+    return _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch, dev=dev, prefix_at=k,
+                  prefix_cache=prefix_cache, prompt=prompt, progress=progress, per_record=per_record)  # fmt: skip
 
 
 @contextlib.contextmanager

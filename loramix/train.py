@@ -359,24 +359,13 @@ def train_adapter(
                                                      tau=tau, norm_dim=norm_dim, warmup=warmup,
                                                      prefix_cache=prefix_cache, force=force)  # fmt: skip
     fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
-    from .devices import kept_rng
-
     run = _prepare(base, data_list, targets=targets, fields=fields, eval_size=eval_size, seed=seed,
                    limit=limit, max_len=max_len, batch=batch, on=on, device=device, top_layers=top_layers,
                    prefix_cache=prefix_cache, autocast=dtype, prompt=prompt, progress=progress, rank=rank,
                    steps=steps, epochs=epochs, bucket=bucket, loaded=loaded)  # fmt: skip
-    try:
-        kind, options, settings = _run_settings(kind_name, flag, run, given, fields=fields, warmup=warmup,
-                                                options={"tau": tau, "norm_dim": norm_dim})  # fmt: skip
-        with kept_rng(run.dev):
-            metrics = _train(run, kind, settings, options, out=out, progress=progress)
-        _write(out, run, kind, settings, options, metrics, force=force, file_inputs=file_inputs)
-    except BaseException:
-        # its live log goes now, not when the run is collected or at an exit (which a
-        # process killed by the signal after sigterm_unwinds never reaches)
-        if run.live is not None:
-            run.live.discard()
-        raise
+    kind, settings, metrics = _train_and_write(run, kind_name, flag, given, fields=fields, warmup=warmup,
+                                               options={"tau": tau, "norm_dim": norm_dim}, out=out, force=force,
+                                               file_inputs=file_inputs, progress=progress)  # fmt: skip
     # path-like (its "out"): evaluate(base, adapters=[train_adapter(...)]) takes it
     return OutputDict(
         {"out": str(out), **metrics, "kind": kind.name, "method": kind.name, "settings": settings}
@@ -405,6 +394,29 @@ def _checked_arguments(base, data, out, kind_name, flag: str, given: dict, *, ma
     data_list = _data_list(data)  # a DataFrame refused, not iterated over its column names
     file_inputs = [d for d in data_list if not (isinstance(d, str) and d.startswith("synthetic:"))]
     return data_list, file_inputs, check_output(out, force=force, inputs=[base, *file_inputs])
+
+
+def _train_and_write(run: _Run, kind_name, flag: str, given: dict, *, fields: dict, warmup, options: dict, out: Path,
+                     force: bool, file_inputs: list, progress: bool) -> tuple:  # fmt: skip
+    """``(kind, settings, metrics)``: the prepared ``run`` trained
+    (:func:`_run_settings`, then :func:`_train` with the caller's random
+    state kept) and written to ``out`` (:func:`_write`). Whatever stops it,
+    a signal too, its live log is removed before this raises."""
+    from .devices import kept_rng
+
+    try:
+        kind, options, settings = _run_settings(kind_name, flag, run, given, fields=fields, warmup=warmup,
+                                                options=options)  # fmt: skip
+        with kept_rng(run.dev):
+            metrics = _train(run, kind, settings, options, out=out, progress=progress)
+        _write(out, run, kind, settings, options, metrics, force=force, file_inputs=file_inputs)
+    except BaseException:
+        # its live log goes now, not when the run is collected or at an exit (which a
+        # process killed by the signal after sigterm_unwinds never reaches)
+        if run.live is not None:
+            run.live.discard()
+        raise
+    return kind, settings, metrics
 
 
 def _run_settings(kind_name, flag: str, run, given: dict, *, fields: dict, warmup, options: dict):
