@@ -574,9 +574,10 @@ def _output_buffer(W, stored: torch.Tensor, code_dtype: torch.dtype, pool: Buffe
     return pool.get("host", stored.shape, code_dtype, torch.device("cpu"))
 
 
-def _by_blocks(rows: int, step: int, helpers, fn, min_rows: int = 1, first=None) -> list:
+def _by_blocks(rows: int, step: int, helpers, fn, min_rows: int = 1, first=None, taper: int = 0) -> list:
     """``fn(r0, r1, k)`` for every block of ``step`` rows (a last block of
-    fewer than ``min_rows`` rows joins the one before), shared out between
+    fewer than ``min_rows`` rows joins the one before; with ``taper``, the
+    blocks shrink towards the end, :func:`_block_bounds`), shared out between
     this thread (``k = 0``) and the ``helpers`` (``k`` = 1, 2, ...): each
     takes the next block not yet taken, so a thread that gets less of the
     CPU (a machine shared with other jobs) does fewer. The results, in block
@@ -585,11 +586,9 @@ def _by_blocks(rows: int, step: int, helpers, fn, min_rows: int = 1, first=None)
     next module's delta, :class:`SerialExecutor`). A helper's share that
     has not started when this thread finds no block left is cancelled, not
     waited for (its helper may be busy with another caller's blocks)."""
-    bounds = [[r0, min(rows, r0 + step)] for r0 in range(0, rows, step)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_rows:
-        last = bounds.pop()
-        bounds[-1][1] = last[1]
-    parts = min(len(bounds), 1 + (helpers.threads if helpers is not None else 0))
+    threads = 1 + (helpers.threads if helpers is not None else 0)
+    bounds = _block_bounds(rows, step, min_rows, taper if threads > 1 else 0, threads)
+    parts = min(len(bounds), threads)
     if parts <= 1:
         if first is not None:
             first()
@@ -613,6 +612,28 @@ def _by_blocks(rows: int, step: int, helpers, fn, min_rows: int = 1, first=None)
     return done
 
 
+def _block_bounds(rows: int, step: int, min_rows: int, taper: int, threads: int) -> list[list[int]]:
+    """``[r0, r1]`` of each block of :func:`_by_blocks`: ``step`` rows, a last
+    block of fewer than ``min_rows`` joined to the one before. With ``taper``
+    (a multiple of ``min_rows``, as ``step`` is), a block takes at most half
+    of the rows left shared by the ``threads``, rounded down to ``taper``
+    times a power of two, and at least ``taper``: large blocks, few calls,
+    and at the end small ones, so that no thread waits long for another's
+    last block (the powers of two: few distinct heights)."""
+    bounds, r0 = [], 0
+    while r0 < rows:
+        size = step
+        if taper:
+            share = (rows - r0) // (2 * threads) // taper
+            size = min(step, taper << max(0, share.bit_length() - 1))
+        bounds.append([r0, min(rows, r0 + size)])
+        r0 += size
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_rows:
+        last = bounds.pop()
+        bounds[-1][1] = last[1]
+    return bounds
+
+
 def _all_threads(helpers):
     """torch on all the run's threads (this one and the helpers') for large
     operations (see :func:`cpu_threads`)."""
@@ -624,7 +645,7 @@ def _all_threads(helpers):
 _RUN_HELPERS: contextvars.ContextVar[Helpers | None] = contextvars.ContextVar("loramix_helpers", default=None)
 
 
-def parallel_rows(rows: int, step: int, fn, min_rows: int = 1) -> list:
+def parallel_rows(rows: int, step: int, fn, min_rows: int = 1, taper: int = 0) -> list:
     """``fn(r0, r1, k)`` over blocks of ``step`` rows (a last block of fewer
     than ``min_rows`` joins the one before; see :func:`_by_blocks`), shared
     out with the helpers of the streaming run in progress (torch on one
@@ -633,7 +654,7 @@ def parallel_rows(rows: int, step: int, fn, min_rows: int = 1) -> list:
     block by block."""
     helpers = _RUN_HELPERS.get()
     with torch_threads(1 if helpers is not None else None):
-        return _by_blocks(rows, step, helpers, fn, min_rows)
+        return _by_blocks(rows, step, helpers, fn, min_rows, taper=taper)
 
 
 def run_threads() -> int:

@@ -476,18 +476,33 @@ def test_row_blocks_of_a_factor_product_give_the_whole_products_bits(k, dtype):
 def test_blocks_cover_every_row_once(threads):
     """Every row in exactly one block, in order, none shorter than
     ``min_rows <= step`` unless the tensor is: over many heights and steps,
-    with a short last block joined to the one before."""
+    with a short last block joined to the one before. Tapered, each block
+    starts on a multiple of ``min_rows``, none is taller than ``step``, and
+    they never grow (the last, joined, apart)."""
     from loramix.engine import Helpers, _by_blocks
 
     helpers = Helpers(threads) if threads else None
     try:
-        for rows in (0, 1, 7, 8, 9, 85, 768, 769, 3072):
-            for step in (1, 3, 8, 85, 341, 1000):
+        for rows in (0, 1, 7, 8, 9, 85, 768, 769, 3072, 11008):
+            for step in (1, 3, 8, 85, 341, 1000, 1024):
                 for min_rows in (m for m in (1, 8) if m <= step):  # the engine's steps are >= MIN_ROWS
-                    got = _by_blocks(rows, step, helpers, lambda r0, r1, k: (r0, r1), min_rows)
-                    flat = [r for r0, r1 in got for r in range(r0, r1)]
-                    assert flat == list(range(rows)), (rows, step, min_rows)
-                    assert all(r1 - r0 >= min(min_rows, rows) for r0, r1 in got), (rows, step, min_rows)
+                    for taper in (0, *(t for t in (min_rows, 16, 128) if t <= step and t % min_rows == 0)):
+                        if taper and step % min_rows:
+                            continue  # the engine's steps are multiples of min_rows where it tapers
+                        at = (rows, step, min_rows, taper)
+                        got = _by_blocks(
+                            rows, step, helpers, lambda r0, r1, k: (r0, r1), min_rows, taper=taper
+                        )
+                        flat = [r for r0, r1 in got for r in range(r0, r1)]
+                        assert flat == list(range(rows)), at
+                        assert all(r1 - r0 >= min(min_rows, rows) for r0, r1 in got), at
+                        if taper and threads:
+                            heights = [r1 - r0 for r0, r1 in got[:-1]]
+                            assert all(r0 % min_rows == 0 for r0, _ in got), at
+                            assert all(taper <= h <= step for h in heights), at
+                            assert heights == sorted(heights, reverse=True), at
+                            if rows >= 4 * step:  # large: it starts with whole steps and ends with the least
+                                assert heights[0] == step and heights[-1] == taper, (at, heights)
     finally:
         if helpers is not None:
             helpers.pool.shutdown()

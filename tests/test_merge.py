@@ -1113,16 +1113,24 @@ def test_ties_from_factors_gives_the_dense_ways_bits(monkeypatch, shape, rank, w
     assert ref.count_nonzero() > 0
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["kernels", "numpy"])
 @pytest.mark.parametrize("case", ["normal", "ties", "edges", "nan", "misled"])
-def test_select_ranks_gives_the_ranks_values(case):
+def test_select_ranks_gives_the_ranks_values(case, native, monkeypatch):
     """_bracket's selection of the sample's ranks i_lo .. i_hi without a
     whole partition (_select_ranks) leaves at sample[i_lo:i_hi+1] those
     ranks' values, sorted, and _bracket's lo and hi are the values of ranks
     i_lo and i_hi; a sample with a NaN, or a subsample that misleads, is left
-    untouched for the partitions."""
+    untouched for the partitions. Counted by the fused kernels (where built)
+    and by numpy."""
     import numpy as np
 
     import loramix.methods.base as mb
+    from loramix.native import ties
+
+    if native and ties.kernels() is None:
+        pytest.skip("the fused TIES kernels are not built here")
+    if not native:
+        monkeypatch.setattr(ties, "kernels", lambda: None)
 
     rng = np.random.default_rng(len(case))
     took = []
