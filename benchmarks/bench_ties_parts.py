@@ -81,6 +81,8 @@ def main(argv=None) -> None:
     forms = {}  # row -> the kernels' form it forces
     if lib is not None and ties.has_avx2(lib) and lib.loramix_has_avx512():
         forms = {"kernels, AVX2 form, one pass": "avx2", "kernels, portable loops, one pass": "generic"}
+    # one object per form, as ties.kernels() keeps one: each remembers where its form gives torch.mm's bits
+    made = {way: ties.Ties(lib, form=f) for way, f in forms.items()}
     rows = (*ROWS, *forms)
     parts: dict[str, list[float]] = {k: [] for k in rows}
     how = (args.density, "mass", "count")
@@ -99,7 +101,7 @@ def main(argv=None) -> None:
             for way in rows:
                 os.environ["LORAMIX_NATIVE"] = "0" if way.startswith("eager") else "1"
                 mb.ONE_PASS_MAX_SHARE = -1.0 if "two passes" in way else share
-                ties.kernels = (lambda f=forms[way]: ties.Ties(lib, form=f)) if way in forms else dispatched
+                ties.kernels = (lambda f=made[way]: f) if way in forms else dispatched
                 mb._formable = (lambda srcs: (None, None)) if "torch.mm" in way else formable
                 t = time.perf_counter()
                 if way.startswith("dense"):
