@@ -662,7 +662,8 @@ def _select_ranks(sample, i_lo: int, i_hi: int) -> bool:
     (Floyd and Rivest's selection): the ranks are bracketed in every
     :data:`SUBSAMPLE`-th entry, ``[a, b]`` (8 standard errors of a rank
     wide, plus 2), one pass counts the entries below ``a`` and collects those
-    in ``[a, b]`` (a few percent), and their sort gives the ranks. The rest
+    in ``[a, b]`` (a few percent; :func:`_count_between`), and two partitions
+    of those and a sort of what lies between give the ranks. The rest
     of ``sample`` is then not a permutation of it any more (its callers'
     copy). False, with ``sample`` untouched, for a small sample, a NaN in it,
     or ranks outside ``[a, b]`` (the subsample misled, rarely: it is no random
