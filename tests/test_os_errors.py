@@ -96,14 +96,9 @@ def test_a_forced_output_onto_an_overlay_lower_folder_is_one_line(pair, overlay,
     assert temporaries(overlay) == []
 
 
-@pytest.mark.parametrize("err", [errno.EXDEV, errno.EBUSY], ids=errno.errorcode.get)
-def test_a_refused_rename_in_the_locked_rename_is_one_line(pair, tmp_path, capsys, monkeypatch, err):
-    """Where the system has no ``renameat2`` the output is renamed by
-    ``os.rename`` under a lock; that rename refused by the file system
-    (EXDEV; EBUSY, a mount point made there during the run), here raised by
-    ``os.rename`` itself, is one line naming the output, exit 2, nothing
-    left. It was a traceback, exit 1."""
-    out = tmp_path / "out"
+def _sum_with_the_rename_failing(pair, out: Path, capsys, monkeypatch, err: int):
+    """``loramix sum PAIR --out OUT`` where the system has no ``renameat2``
+    and ``os.rename`` onto ``out`` raises ``err``: ``(exit code, stderr lines)``."""
     real = os.rename
 
     def rename(src, dst, *a, **k):
@@ -113,8 +108,21 @@ def test_a_refused_rename_in_the_locked_rename_is_one_line(pair, tmp_path, capsy
 
     monkeypatch.setattr(outputs, "_RENAMEAT2", None)
     monkeypatch.setattr(os, "rename", rename)
-    code, lines = cli(capsys, "sum", *pair, "--out", out)
-    monkeypatch.undo()
+    try:
+        return cli(capsys, "sum", *pair, "--out", out)
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("err", [errno.EXDEV, errno.EBUSY], ids=errno.errorcode.get)
+def test_a_refused_rename_in_the_locked_rename_is_one_line(pair, tmp_path, capsys, monkeypatch, err):
+    """Where the system has no ``renameat2`` the output is renamed by
+    ``os.rename`` under a lock; that rename refused by the file system
+    (EXDEV; EBUSY, a mount point made there during the run), here raised by
+    ``os.rename`` itself, is one line naming the output, exit 2, nothing
+    left. It was a traceback, exit 1."""
+    out = tmp_path / "out"
+    code, lines = _sum_with_the_rename_failing(pair, out, capsys, monkeypatch, err)
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"loramix: error: {out}: "), (code, lines)
     assert os.strerror(err) in lines[0], lines[0]
     assert not out.exists() and temporaries(tmp_path) == []
@@ -280,17 +288,7 @@ def test_each_errno_on_an_output_is_one_line_with_its_exit_code(pair, tmp_path, 
         pytest.skip(f"no {name} on this system")
     err, (code_wanted, said) = getattr(errno, name), WHOSE[name]
     out = tmp_path / "out"
-    real = os.rename
-
-    def rename(src, dst, *a, **k):
-        if Path(dst) == out:
-            raise OSError(err, os.strerror(err), str(src), None, str(dst))
-        return real(src, dst, *a, **k)
-
-    monkeypatch.setattr(outputs, "_RENAMEAT2", None)
-    monkeypatch.setattr(os, "rename", rename)
-    code, lines = cli(capsys, "sum", *pair, "--out", out)
-    monkeypatch.undo()
+    code, lines = _sum_with_the_rename_failing(pair, out, capsys, monkeypatch, err)
     assert code == code_wanted and len(lines) == 1, (code, lines)
     line = f"loramix: error: {out}: {os.strerror(err)}"
     if said is None:
