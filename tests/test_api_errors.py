@@ -371,11 +371,7 @@ def test_numbers_given_as_strings_are_refused(env):
         (lambda: loramix.predict(ads, fit, level="0.9", label="lora"), "level: '0.9' is not a number"),
         (lambda: loramix.build_base(d, out=new, steps="2"), "steps: '2' is not a number"),
     ]
-    for call, line in cases:
-        with pytest.raises(UsageError) as e:
-            call()
-        assert str(e.value) == line
-        assert not Path(new).exists()
+    _each_refused(cases, new, UsageError)
     # numbers of any kind still are numbers (numpy's too), and the CLI's values are
     import numpy as np
 
@@ -458,15 +454,21 @@ def test_fractions_given_for_counts_are_refused(env):
         (lambda: loramix.plan(ads, max_group=2.5), "max_group: 2.5 is not a whole number"),
         (lambda: loramix.build_base(d, out=new, steps=1.5), "steps: 1.5 is not a whole number"),
     ]  # fmt: skip
-    for call, line in cases:
-        with pytest.raises(UsageError) as e:
-            call()
-        assert str(e.value) == line
-        assert not Path(new).exists()
+    _each_refused(cases, new, UsageError)
     # a whole float is its int, as before where it worked
     assert loramix.plan(ads, max_group=2.0, progress=False).max_group == 2
     df = loramix.evaluate(b, data=d, limit=4.0, batch=2.0, device="cpu", progress=False)
     assert list(df["records"]) == [4, 4]
+
+
+def _each_refused(cases, new, error) -> None:
+    """Each ``(call, line)`` of ``cases`` raises ``error`` whose message is
+    ``line``, leaving nothing at ``new``."""
+    for call, line in cases:
+        with pytest.raises(error) as e:
+            call()
+        assert str(e.value) == line
+        assert not Path(new).exists()
 
 
 def test_a_table_or_an_object_where_a_path_is_wanted_is_refused_in_one_line(env):
@@ -508,11 +510,7 @@ def test_a_table_or_an_object_where_a_path_is_wanted_is_refused_in_one_line(env)
         (lambda: loramix.run_scenario(df), "a scenario is a path to its TOML file, not a DataFrame"),
         (lambda: loramix.import_gguf(df, out=new), "a GGUF file is a path, not a DataFrame"),
     ]  # fmt: skip
-    for call, line in cases:
-        with pytest.raises(LoramixError) as e:
-            call()
-        assert str(e.value) == line
-        assert not Path(new).exists()
+    _each_refused(cases, new, LoramixError)
 
 
 def test_a_comma_list_given_as_one_string_of_targets_is_said_to_be_a_regex(env):
