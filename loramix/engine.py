@@ -82,8 +82,11 @@ Delta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 @dataclass
 class ModuleOutput:
     """What one module's computation returns: its ``delta`` (dense
-    ``(out, in)``, or ``(B, A)`` meaning ``B @ A``) and its ``facts`` for the
-    report (empty when the method has none)."""
+    ``(out, in)``, ``(B, A)`` meaning ``B @ A``, or one not yet formed, with
+    ``shape``, ``materialize()`` and ``add_bf16(...)``: TIES from factors,
+    :class:`loramix.methods.base.OnePassTies`, which :func:`add_delta` lets add
+    itself to a bfloat16 ``W0``) and its ``facts`` for the report (empty when
+    the method has none)."""
 
     delta: Delta
     facts: dict = field(default_factory=dict)
@@ -416,7 +419,10 @@ def add_delta(
     as bfloat16 takes the delta's rows apart and one fused kernel for the
     rest, the same bits (:func:`_fused_bf16`). On a GPU the tensor is one
     block.
-    A compute that reads ``W0`` gets it whole first.
+    A compute that reads ``W0`` gets it whole first. A delta not yet formed
+    (:class:`ModuleOutput`) adds itself where the fused kernel would add it
+    (its blocks read here, shared out as these are; ``first`` runs then),
+    else it is formed and added as a dense one.
 
     The result goes into ``stored`` (the caller's read buffer) when the
     output dtype is the stored one, else into a buffer of ``pool``; work
@@ -442,8 +448,23 @@ def add_delta(
     else:
         res = _run_compute(compute, job.module, None, helpers)
     _check_delta(res.delta, job.module, shape)
-    dense, left, right = _operands(res.delta, dev, cdt, job.transposed)
     out = _output_buffer(W, stored, code_dtype, pool)
+    fused = _fused_bf16(stored, out, W, None, cdt, on_cpu)
+    if hasattr(res.delta, "add_bf16"):  # a delta not yet formed (loramix.methods.base.OnePassTies)
+        if fused is not None and read is not None and not job.transposed:
+
+            def by_blocks(step: int, taper: int, fn) -> list:
+                nonlocal first
+                run, first = first, None
+                return _by_blocks(rows, step, helpers, fn, MIN_ROWS, run, taper)
+
+            finite = res.delta.add_bf16(stored, out, read, by_blocks)
+            if finite is not None:
+                if not finite:  # raises, naming the tensor, unless a sum overflowed
+                    check_output_finite(out, job.info.key)
+                return JobResult(job, out, res.facts)
+        res = ModuleOutput(res.delta.materialize(), res.facts)  # each block of W0 is read (again) below
+    dense, left, right = _operands(res.delta, dev, cdt, job.transposed)
     wide = code_dtype if code_dtype != torch.float16 else torch.float32
     fused = _fused_bf16(stored, out, W, dense, cdt, on_cpu)
 

@@ -68,6 +68,9 @@ class ModuleContext:
     device: torch.device | None = None  # None: the CPU
     dtype: torch.dtype | None = None  # None: float32
     scratch: object | None = None
+    #: whether the method may give a delta not yet formed (:class:`OnePassTies`):
+    #: a streaming merge into a base sets it (loramix.engine.add_delta takes it)
+    deferred: bool = False
 
     def empty(self, role: str, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
         """An uninitialised work tensor: from ``scratch`` under ``role``, else fresh."""
@@ -821,7 +824,8 @@ def ties_from_factors(
     density: float,
     sign: str,
     divide: str,
-) -> torch.Tensor | None:
+    deferred=None,
+) -> torch.Tensor | OnePassTies | None:
     """:func:`trim_and_elect` of the deltas ``w_i B_i A_i`` of factor kinds
     (those that do not need the base) from their factors, the same bits,
     without forming any delta whole (:class:`_FactorRows`): one pass over
@@ -830,7 +834,11 @@ def ties_from_factors(
     result and a few blocks per thread, instead of one float32 delta per
     adapter. None where it does not apply (a dense or small delta, another
     device, no ``ctx.scratch``, nothing trimmed or nothing kept, or a
-    sample that missed its bracket): the caller then takes the dense way."""
+    sample that missed its bracket): the caller then takes the dense way.
+
+    ``deferred``, a function that forms the delta (the caller's whole way):
+    the one pass's brackets only, as a :class:`OnePassTies` that runs the
+    pass when the engine adds it (None where the one pass does not apply)."""
     import torch
 
     if (
@@ -849,6 +857,9 @@ def ties_from_factors(
         _FactorRows(*_weighted_factors(ctx, m, float(w)), ctx.scratch, f"ties_rows{i}")
         for i, (m, w) in enumerate(zip(module_deltas, weights))
     ]
+    if deferred is not None:
+        one = _OnePass.prepare(srcs, k, weights, sign, divide, ctx.scratch)
+        return None if one is None else OnePassTies(one, deferred)
     one = _ties_in_one_pass(srcs, k, weights, sign, divide, ctx.scratch)
     if one is not None:
         return None if one is MISSED else one
@@ -888,89 +899,214 @@ def _ties_in_one_pass(srcs, k: int, weights, sign: str, divide: str, scratch):
     trims cut another way are elected again (*fixup*): the same bits as the
     two passes. None where it does not apply (no kernels, brackets too wide:
     :data:`ONE_PASS_MAX_SHARE`); :data:`MISSED` where a bracket missed."""
-    import numpy as np
-    import torch
+    one = _OnePass.prepare(srcs, k, weights, sign, divide, scratch)
+    return None if one is None else one.run()
 
-    s0, n = srcs[0], len(srcs)
-    fused = _fused(s0, n)
-    if fused is None:
-        return None
-    rows, cols = s0.shape
-    total = rows * cols
 
-    def bracket(i: int):
-        sample = srcs[i].abs_sample()
-        m = sample.size
-        lo, hi = _bracket(sample, k, total, srcs[i].stride)
-        # _bracket left the sample's ranks i_lo .. i_hi (those in [lo, hi]) together:
-        # the estimate is the sample's own k-th largest, at rank `at` among them, and
-        # the band ONE_PASS_BAND standard errors of that rank around it
-        at, i_lo, i_hi = _bracket_ranks(m, k, total, srcs[i].stride)
-        inside = np.sort(sample[i_lo : i_hi + 1])
-        p = k / total
-        band = ONE_PASS_BAND * math.sqrt(p * (1.0 - p) * m)
-        mid, rlo, rhi = (
-            inside[min(max(round(r - i_lo), 0), inside.size - 1)] for r in (at, at - band, at + band)
+class _OnePass:
+    """The state of :func:`_ties_in_one_pass` for one module: the brackets
+    (from the samples), the blocks' step, each thread's prepared kernel
+    pass; :meth:`block` runs the pass on a block of rows, :meth:`thresholds`
+    picks the exact thresholds from every block's counts."""
+
+    @classmethod
+    def prepare(cls, srcs, k: int, weights, sign: str, divide: str, scratch) -> _OnePass | None:
+        """The brackets of ``srcs`` for the ``k`` largest magnitudes, or None
+        where the one pass does not apply (no kernels, brackets too wide)."""
+        fused = _fused(srcs[0], len(srcs))
+        if fused is None:
+            return None
+        one = cls(srcs, k, weights, sign, divide, scratch, fused)
+        return one if one.lo is not None else None
+
+    def __init__(self, srcs, k: int, weights, sign: str, divide: str, scratch, fused):
+        import numpy as np
+        import torch
+
+        s0, n = srcs[0], len(srcs)
+        self.srcs, self.k, self.weights, self.scratch, self.fused = srcs, k, weights, scratch, fused
+        self.shape = s0.shape
+        rows, cols = s0.shape
+        total = rows * cols
+
+        def bracket(i: int):
+            sample = srcs[i].abs_sample()
+            m = sample.size
+            lo, hi = _bracket(sample, k, total, srcs[i].stride)
+            # _bracket left the sample's ranks i_lo .. i_hi (those in [lo, hi]) together:
+            # the estimate is the sample's own k-th largest, at rank `at` among them, and
+            # the band ONE_PASS_BAND standard errors of that rank around it
+            at, i_lo, i_hi = _bracket_ranks(m, k, total, srcs[i].stride)
+            inside = np.sort(sample[i_lo : i_hi + 1])
+            p = k / total
+            band = ONE_PASS_BAND * math.sqrt(p * (1.0 - p) * m)
+            mid, rlo, rhi = (
+                inside[min(max(round(r - i_lo), 0), inside.size - 1)] for r in (at, at - band, at + band)
+            )
+            # in [lo, hi] (the infinite ends included): what the records and the fixup assume
+            mid, rlo, rhi = (min(max(v, lo), hi) for v in (mid, rlo, rhi))
+            return lo, hi, mid, rlo, rhi, inside.size / m
+
+        brackets = _each(n, bracket)
+        dt = torch.empty(0, dtype=s0.dtype).numpy().dtype
+        share = sum(b[5] for b in brackets)
+        self.lo = None
+        if share > ONE_PASS_MAX_SHARE or share * total * (8 + n * dt.itemsize) > ONE_PASS_MAX_BYTES:
+            return
+        self.lo, self.hi, self.prov, self.rlo, self.rhi = (
+            np.array([b[j] for b in brackets], dtype=dt) for j in range(5)
         )
-        # in [lo, hi] (the infinite ends included): what the records and the fixup assume
-        mid, rlo, rhi = (min(max(v, lo), hi) for v in (mid, rlo, rhi))
-        return lo, hi, mid, rlo, rhi, inside.size / m
+        self.w = np.array([float(v) for v in weights], dtype=dt)
+        self.mass, self.by_count = sign == "mass", divide == "count"
+        self._passes: dict = {}  # thread -> its prepared pass
+        self.Bs, self.As = _formable(srcs)
+        self.tile_rows = max(1, FORM_TILE_ENTRIES // cols)
+        # formed tile by tile, a block need not fit the cache: larger blocks, fewer calls
+        self.step, self.taper = _row_step(s0, formed=True), 0
+        if self.Bs is None or not fused.forms_like_mm(min(self.step, rows), cols, self.As[0].shape[0]):
+            self.step = _row_step(s0)
+        else:  # the last blocks no larger than those formed into memory
+            self.taper = min(self.step, _row_step(s0))
 
-    brackets = _each(n, bracket)
-    dt = torch.empty(0, dtype=s0.dtype).numpy().dtype
-    share = sum(b[5] for b in brackets)
-    if share > ONE_PASS_MAX_SHARE or share * total * (8 + n * dt.itemsize) > ONE_PASS_MAX_BYTES:
-        return None
-    lo, hi, prov, rlo, rhi = (np.array([b[j] for b in brackets], dtype=dt) for j in range(5))
-    w = np.array([float(v) for v in weights], dtype=dt)
-    mass, by_count = sign == "mass", divide == "count"
-    out = scratch.get("elect_out", s0.shape, s0.dtype, s0.device)
-    passes: dict = {}  # thread -> its prepared pass
-    Bs, As = _formable(srcs)
-    tile_rows = max(1, FORM_TILE_ENTRIES // cols)
-    # formed tile by tile, a block need not fit the cache: larger blocks, fewer calls
-    step, taper = _row_step(s0, formed=True), 0
-    if Bs is None or not fused.forms_like_mm(min(step, rows), cols, As[0].shape[0]):
-        step = _row_step(s0)
-    else:
-        taper = min(step, _row_step(s0))  # the last blocks no larger than those formed into memory
-
-    def block(r0: int, r1: int, j: int):
-        one = passes.get(j)
+    def _pass(self, j: int):
+        one = self._passes.get(j)
         if one is None:
+            import torch
 
             def space(role: str, m: int, dtype):
-                return scratch.get(f"{role}/{j}", (m,), getattr(torch, dtype.name), s0.device).numpy()
+                t = self.scratch.get(f"{role}/{j}", (m,), getattr(torch, dtype.name), self.srcs[0].device)
+                return t.numpy()
 
-            one = passes[j] = fused.one_pass(lo, hi, prov, rlo, rhi, w, mass, by_count, space)
-        records = None
-        if Bs is not None and fused.forms_like_mm(r1 - r0, cols, As[0].shape[0]):
-            records = one.run_formed([b[r0:r1] for b in Bs], As, out[r0:r1], tile_rows)
-        if records is None:
-            records = one.run([s.rows(r0, r1, j) for s in srcs], out[r0:r1])
+            args = (self.lo, self.hi, self.prov, self.rlo, self.rhi, self.w, self.mass, self.by_count, space)
+            one = self._passes[j] = self.fused.one_pass(*args)
+        return one
+
+    def formed(self, r0: int, r1: int) -> list | None:
+        """The factors' rows ``r0:r1`` where the pass may form that block itself, else None."""
+        if self.Bs is not None and self.fused.forms_like_mm(r1 - r0, self.shape[1], self.As[0].shape[0]):
+            return [b[r0:r1] for b in self.Bs]
+        return None
+
+    @staticmethod
+    def _part(one, r0: int, cols: int, records: int) -> tuple:
         counts = [(int(c), a[:m].copy()) for c, a, m in zip(one.above, one.windows, one.n_window)]
         return counts, one.pos[:records] + r0 * cols, [v[:records].copy() for v in one.vals]
 
-    parts = _rows(s0, block, step, taper)
-    thresholds = _pick_each([p[0] for p in parts], k, s0.dtype)
-    if any(t is None for t in thresholds):
-        return MISSED
-    if not all(a <= float(t) <= b for a, t, b in zip(rlo, thresholds, rhi)):
-        return None  # a threshold outside its band: entries to elect again were not recorded
-    lams = [_just_below(t) for t in thresholds]
-    from ..engine import run_threads
+    def block(self, r0: int, r1: int, j: int, out) -> tuple:
+        """The pass on rows ``r0:r1`` in thread ``j``, elected into ``out``
+        (those rows): ``(counts, positions, values)``, the block's part."""
+        one, Bs = self._pass(j), self.formed(r0, r1)
+        records = None if Bs is None else one.run_formed(Bs, self.As, out, self.tile_rows)
+        if records is None:
+            records = one.run([s.rows(r0, r1, j) for s in self.srcs], out)
+        return self._part(one, r0, self.shape[1], records)
 
-    per_thread = -(-len(parts) // run_threads())  # the blocks' records in one share per thread
+    def run(self):
+        """The pass over every block into ``scratch``'s ``elect_out``, then the
+        fixup: :func:`_ties_in_one_pass`'s result."""
+        import numpy as np
 
-    def fixup(j: int) -> None:
-        mine = parts[j * per_thread : (j + 1) * per_thread]
-        at = np.concatenate([p[1] for p in mine])
-        if at.size:
-            vals = [np.concatenate([p[2][i] for p in mine]) for i in range(n)]
-            fused.fixup(vals, prov, lams, weights, mass, by_count, at, out)
+        from ..engine import run_threads
 
-    _each(-(-len(parts) // per_thread), fixup)
-    return out
+        s0 = self.srcs[0]
+        out = self.scratch.get("elect_out", s0.shape, s0.dtype, s0.device)
+        parts = _rows(s0, lambda r0, r1, j: self.block(r0, r1, j, out[r0:r1]), self.step, self.taper)
+        lams = self.thresholds(parts)
+        if lams is None or lams is MISSED:
+            return lams
+        per_thread = -(-len(parts) // run_threads())  # the blocks' records in one share per thread
+
+        def fixup(j: int) -> None:
+            mine = parts[j * per_thread : (j + 1) * per_thread]
+            at = np.concatenate([p[1] for p in mine])
+            if at.size:
+                vals = [np.concatenate([p[2][i] for p in mine]) for i in range(len(self.srcs))]
+                self.fused.fixup(vals, self.prov, lams, self.weights, self.mass, self.by_count, at, out)
+
+        _each(-(-len(parts) // per_thread), fixup)
+        return out
+
+    def thresholds(self, parts) -> list | None:
+        """The trims' lambdas just below each exact threshold, from the
+        blocks' parts; :data:`MISSED` where a bracket missed, None where a
+        threshold lies outside its band (its entries were not recorded)."""
+        thresholds = _pick_each([p[0] for p in parts], self.k, self.srcs[0].dtype)
+        if any(t is None for t in thresholds):
+            return MISSED
+        if not all(a <= float(t) <= b for a, t, b in zip(self.rlo, thresholds, self.rhi)):
+            return None
+        return [_just_below(t) for t in thresholds]
+
+
+class OnePassTies:
+    """A module's TIES delta from factors, not yet formed: what
+    :meth:`~loramix.methods.ties.Ties.delta` gives a streaming merge into a
+    base that takes it (``ModuleContext.deferred``), so that the one pass
+    (:func:`_ties_in_one_pass`) can add each tile of the election to ``W0``
+    while it is in the cache (:meth:`add_bf16`) instead of writing a
+    float32 delta for the engine to read back. ``shape``: ``(out, in)``.
+    :meth:`materialize` forms it as the method would have, the same bits."""
+
+    def __init__(self, one: _OnePass, materialize):
+        self.one, self._materialize, self.shape = one, materialize, tuple(one.shape)
+
+    def materialize(self) -> torch.Tensor:
+        """The dense delta ``(out, in)``, as :meth:`Ties.delta` gives it: the
+        one pass on the brackets found, else the method's whole way."""
+        out = self.one.run()
+        return self._materialize() if out is None or out is MISSED else out
+
+    def add_bf16(self, stored, out, read, by_blocks) -> bool | None:
+        """``out = bf16(f32(stored) + delta)`` for a bfloat16 ``stored``
+        ``(out, in)`` whose rows ``read(r0, r1)`` fills from the file
+        (``out`` may be ``stored``); the bits of the engine's add of
+        :meth:`materialize`'s delta (the same kernel, tile by tile, and at
+        the records the kernel's add of their final election). Blocks run by
+        ``by_blocks(step, taper, fn)`` (the engine's threads). True when every
+        result is finite (else some may not be: the caller checks); None when
+        a threshold lay outside what the pass recorded: ``stored`` and
+        ``out`` then hold neither ``W0`` nor the result (read again, and add
+        :meth:`materialize`'s delta)."""
+        import numpy as np
+        import torch
+
+        from ..native import bf16
+
+        one, kernel = self.one, bf16.kernels()
+        cols, add = self.shape[1], kernel.address
+
+        def block(r0: int, r1: int, j: int) -> tuple:
+            read(r0, r1)
+            w0, outb = stored[r0:r1], out[r0:r1]
+            p, Bs = one._pass(j), one.formed(r0, r1)
+            if Bs is not None:
+                tile = one.scratch.get(f"ties_tile/{j}", (one.tile_rows, cols), torch.float32, stored.device)
+                records = p.run_formed(Bs, one.As, tile, one.tile_rows, into=(add, w0, outb))
+                if records is not None:
+                    mine = (p.w0rec[:records].copy(), p.provrec[:records].copy(), p.bad)
+                    return (*one._part(p, r0, cols, records), *mine)
+            # formed into memory: the block's election, then the add, the same bits
+            blk = one.scratch.get(f"ties_block/{j}", (r1 - r0, cols), torch.float32, stored.device)
+            records = p.run([s.rows(r0, r1, j) for s in one.srcs], blk)
+            at = torch.from_numpy(p.pos[:records])
+            mine = (w0.reshape(-1)[at].view(torch.uint16).numpy(), blk.reshape(-1)[at].numpy())
+            return (*one._part(p, r0, cols, records), *mine, not kernel.add(w0, blk, outb))
+
+        parts = by_blocks(one.step, one.taper, block)
+        lams = one.thresholds(parts)
+        if lams is None or lams is MISSED:
+            return None
+        # the records: elected again where the exact trims cut otherwise (fixup), each
+        # record's final election added to its W0 as the kernel added the tiles'
+        at = np.concatenate([p[1] for p in parts])
+        vals = [np.concatenate([p[2][i] for p in parts]) for i in range(len(one.srcs))]
+        w0 = torch.from_numpy(np.concatenate([p[3] for p in parts]))
+        final = torch.from_numpy(np.concatenate([p[4] for p in parts]))
+        one.fused.fixup(vals, one.prov, lams, one.weights, one.mass, one.by_count, np.arange(at.size), final)
+        sums = torch.empty_like(w0)
+        bad = any(p[5] for p in parts) | (not kernel.add(w0, final, sums))
+        out.view(-1)[torch.from_numpy(at)] = sums.view(torch.bfloat16)
+        return not bad
 
 
 def _formable(srcs) -> tuple[list, list] | tuple[None, None]:

@@ -251,7 +251,8 @@ def _write_model(m, ads, ws, p, *, into, out, dev, dtype, force, progress) -> Me
         scratch = sets[0]
         device = dev if W0 is None else W0.device
         work = torch.float64 if name in wide else torch.float32  # not the output's dtype
-        ctx = ModuleContext(name, tuple(i for i, _ in items), device, work, scratch)
+        # deferred: a method may leave its delta to be formed as the engine adds it (add_delta)
+        ctx = ModuleContext(name, tuple(i for i, _ in items), device, work, scratch, deferred=True)
         d, facts = m.merged(ctx, [md for _, md in items], [ws[i] for i, _ in items], W0, p)
         # a non-finite delta makes a non-finite output tensor, which the writer
         # refuses naming it (io.safetensors_io.check_output_finite): no second pass here

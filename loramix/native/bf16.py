@@ -20,6 +20,11 @@ class Bf16:
         self._add = lib.loramix_add_bf16_generic if generic else lib.loramix_add_bf16
         self._add.argtypes, self._add.restype = [_P, _P, _P, ctypes.c_int64], ctypes.c_int
 
+    @property
+    def address(self) -> int:
+        """The kernel's address, for C code that calls it (``ties.c``'s *formpass*)."""
+        return ctypes.cast(self._add, ctypes.c_void_p).value
+
     def add(self, w0, d, out) -> bool:
         """``out = (w0.float() + d).bfloat16()`` for C-contiguous CPU tensors
         of one size (``w0``, ``out``: bfloat16, ``out`` may be ``w0``; ``d``:

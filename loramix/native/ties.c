@@ -747,16 +747,25 @@ int loramix_form_f32(int isa, const float *B, const float *A, int64_t K, int64_t
     return 0;
 }
 
+typedef int (*add_bf16_fn)(const uint16_t *, const float *, uint16_t *, int64_t);
+
 /* the pass (loramix_pass_f32's arguments and results) over the blocks B_i @ A_i, formed
  * tile_rows rows at a time into tiles[i] (tile_rows x cols each); -1 where no form runs
- * here */
+ * here.
+ * With add (bf16.c's loramix_add_bf16), each tile's election goes into out, a tile of
+ * its own (tile_rows x cols), and on at once, while it is in the cache, into
+ * outb = bf16(f32(w0) + election) (outb may be w0); the records also keep w0 and the
+ * provisional election at their positions (w0rec, provrec: read before outb is
+ * written), and *bad |= some result is not finite. The fixup then needs no float32
+ * copy of the whole result: bf16(w0 + the record's final election) at each record. */
 int64_t loramix_formpass_f32(int isa, int n, const float *const *Bs, const float *const *As,
                              int64_t K, int64_t rows, int64_t cols, int64_t tile_rows,
                              float *const *tiles, const float *lo, const float *hi,
                              const float *prov, const float *rlo, const float *rhi, const float *w,
                              int mass, int by_count, float *out, int64_t *above,
                              float *const *window, int64_t *n_window, int64_t *pos,
-                             float *const *vals)
+                             float *const *vals, add_bf16_fn add, const uint16_t *w0,
+                             uint16_t *outb, uint16_t *w0rec, float *provrec, int *bad)
 {
     pass_f32_fn pass;
     form_fn form = n <= MAX_ADAPTERS && tile_rows > 0 ? pick_form(isa, &pass) : 0;
@@ -776,10 +785,18 @@ int64_t loramix_formpass_f32(int isa, int n, const float *const *Bs, const float
             win[i] = window[i] + nw[i];
             val[i] = vals[i] + rec;
         }
-        int64_t got = pass(n, xs, lo, hi, prov, rlo, rhi, w, mass, by_count, out + r * cols, rr * cols,
+        float *o = add ? out : out + r * cols;
+        int64_t got = pass(n, xs, lo, hi, prov, rlo, rhi, w, mass, by_count, o, rr * cols,
                            ab_t, win, nw_t, pos + rec, val);
-        for (int64_t j = 0; j < got; j++)
+        for (int64_t j = 0; j < got; j++) {
+            if (add) {
+                w0rec[rec + j] = w0[r * cols + pos[rec + j]];
+                provrec[rec + j] = o[pos[rec + j]];
+            }
             pos[rec + j] += r * cols;
+        }
+        if (add)
+            *bad |= add(w0 + r * cols, o, outb + r * cols, rr * cols);
         rec += got;
         for (int i = 0; i < n; i++) {
             ab[i] += ab_t[i];

@@ -48,8 +48,9 @@ class Ties:
         if self._isa is not None and getattr(lib, "loramix_formpass_f32", None) is not None:
             self._form, self._formpass = lib.loramix_form_f32, lib.loramix_formpass_f32
             self._form.argtypes, self._form.restype = [i, p, p, i64, i64, i64, p], ctypes.c_int
-            # isa, n, Bs, As, K, rows, cols, tile_rows, tiles, then pass's arguments without m
-            self._formpass.argtypes = [i, n, p, p, i64, i64, i64, i64, p, *[p] * 6, i, i, *[p] * 6]
+            # isa, n, Bs, As, K, rows, cols, tile_rows, tiles, then pass's arguments without m,
+            # then the bfloat16 add's: add, w0, outb, w0rec, provrec, bad
+            self._formpass.argtypes = [i, n, p, p, i64, i64, i64, i64, p, *[p] * 6, i, i, *[p] * 12]
             self._formpass.restype = i64
         self._formed: dict = {}  # (rows, cols, k) -> whether forms_like_mm
 
@@ -176,7 +177,8 @@ class OnePass:
         self._fixed = (lo, hi, prov, rlo, rhi, weights)  # kept alive: the call holds their addresses
         self._head = (n, None, *(a.ctypes.data for a in self._fixed), int(mass), int(by_count))
         self.above, self.n_window = np.zeros(n, np.int64), np.zeros(n, np.int64)
-        self.capacity = 0
+        self.capacity = self._records_capacity = 0
+        self._bad = ctypes.c_int(0)
 
     def _grow(self, m: int) -> None:
         import numpy as np
@@ -194,25 +196,52 @@ class OnePass:
         )
         self.capacity = m
 
-    def run_formed(self, Bs, As, out, tile_rows: int) -> int | None:
+    def run_formed(self, Bs, As, out, tile_rows: int, into=None) -> int | None:
         """:meth:`run` on the blocks ``B_i @ A_i`` (C-contiguous float32
         factors: those rows of ``B_i``, all of ``A_i``), formed ``tile_rows``
         rows at a time by *form* into this pass's tiles (see
         :meth:`Ties.forms_like_mm` for when that is the same); None where
-        no form runs here."""
+        no form runs here.
+
+        ``into = (add, w0, outb)``: the election goes on, tile by tile, into
+        ``outb = bf16(f32(w0) + election)`` (``add``: the address of
+        ``bf16.c``'s kernel, :attr:`loramix.native.bf16.Bf16.address`; ``w0``,
+        ``outb``: C-contiguous bfloat16 tensors of the block's size, ``outb``
+        may be ``w0``), and ``out`` is only a tile's work space. Then also
+        ``w0rec[:records]`` and ``provrec[:records]``: ``w0``'s bits and the
+        provisional election at the records' positions, and ``bad``: whether
+        some result is not finite."""
         if self._formpass is None:
             return None
-        m = out.numel()
+        (rows, k), cols = Bs[0].shape, As[0].shape[1]
+        m = rows * cols
         if m > self.capacity:
             self._grow(m)
         n = self._head[0]
-        (rows, k), cols = Bs[0].shape, As[0].shape[1]
         tiles = [self._space(f"pass_tile{i}", tile_rows * cols, self._fixed[0].dtype) for i in range(n)]
+        tail = (None,) * 6
+        if into is not None:
+            import numpy as np
+
+            add, w0, outb = into
+            if self._records_capacity < m:
+                self.w0rec = self._space("pass_w0", m, np.dtype(np.uint16))
+                self.provrec = self._space("pass_prov", m, np.dtype(np.float32))
+                self._records_capacity = m
+            self._bad.value = 0
+            tail = (add, w0.data_ptr(), outb.data_ptr(), self.w0rec.ctypes.data, self.provrec.ctypes.data,
+                    ctypes.addressof(self._bad))  # fmt: skip
         got = self._formpass(
             n, (_P * n)(*(b.data_ptr() for b in Bs)), (_P * n)(*(a.data_ptr() for a in As)), k, rows, cols,
             tile_rows, (_P * n)(*(t.ctypes.data for t in tiles)), *self._head[2:], out.data_ptr(), *self._tail,
+            *tail,
         )  # fmt: skip
         return None if got < 0 else int(got)
+
+    @property
+    def bad(self) -> bool:
+        """After :meth:`run_formed` ``into`` bfloat16: whether some result was not finite."""
+        return bool(self._bad.value)
 
     def run(self, blocks, out) -> int:
         """Count and elect the ``blocks`` (C-contiguous tensors of one shape)
