@@ -837,8 +837,8 @@ def ties_from_factors(
     sample that missed its bracket): the caller then takes the dense way.
 
     ``deferred``, a function that forms the delta (the caller's whole way):
-    the one pass's brackets only, as a :class:`OnePassTies` that runs the
-    pass when the engine adds it (None where the one pass does not apply)."""
+    where the one pass applies, its brackets only, as a :class:`OnePassTies`
+    that runs the pass when the engine adds it."""
     import torch
 
     if (
@@ -857,12 +857,12 @@ def ties_from_factors(
         _FactorRows(*_weighted_factors(ctx, m, float(w)), ctx.scratch, f"ties_rows{i}")
         for i, (m, w) in enumerate(zip(module_deltas, weights))
     ]
-    if deferred is not None:
-        one = _OnePass.prepare(srcs, k, weights, sign, divide, ctx.scratch)
-        return None if one is None else OnePassTies(one, deferred)
-    one = _ties_in_one_pass(srcs, k, weights, sign, divide, ctx.scratch)
-    if one is not None:
-        return None if one is MISSED else one
+    one = _OnePass.prepare(srcs, k, weights, sign, divide, ctx.scratch)
+    if one is not None and deferred is not None:
+        return OnePassTies(one, deferred)
+    got = None if one is None else one.run()
+    if got is not None:
+        return None if got is MISSED else got
     thresholds = _abs_kth_largest_many(srcs, k, ctx.scratch)
     if any(t is None for t in thresholds):
         return None

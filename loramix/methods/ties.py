@@ -19,7 +19,17 @@ import dataclasses
 import functools
 
 from . import register
-from .base import DENSITY, DIVIDE, LAMBDA, SIGN, MergeMethod, dense_deltas, ties_from_factors, trim_and_elect
+from .base import (
+    DENSITY,
+    DIVIDE,
+    LAMBDA,
+    SIGN,
+    MergeMethod,
+    OnePassTies,
+    dense_deltas,
+    ties_from_factors,
+    trim_and_elect,
+)
 
 
 @register
@@ -32,14 +42,14 @@ class Ties(MergeMethod):
 
     def delta(self, ctx, module_deltas, weights, W0, params):
         how = (params["density"], params["sign"], params["divide"])
+        later = None
         if ctx.deferred and params["lambda_"] == 1.0:
-            # the one pass run as the engine adds it: each tile of the election added to W0 in the cache
+            # the one pass may run as the engine adds: each tile of the election added to W0 in the cache
             formed = dataclasses.replace(ctx, deferred=False)
             later = functools.partial(self.delta, formed, module_deltas, weights, W0, params)
-            out = ties_from_factors(ctx, module_deltas, weights, *how, deferred=later)
-            if out is not None:
-                return out
-        out = ties_from_factors(ctx, module_deltas, weights, *how)  # None: the dense way
+        out = ties_from_factors(ctx, module_deltas, weights, *how, deferred=later)  # None: the dense way
+        if isinstance(out, OnePassTies):
+            return out
         if out is None:
             out = trim_and_elect(dense_deltas(ctx, module_deltas, W0, weights), weights, *how, ctx.scratch)
         return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out
