@@ -86,6 +86,22 @@ def machine_fault(e: BaseException | None, where: str | None = None) -> OSError 
     return None
 
 
+def raise_machine_fault(e: BaseException | None, where: str | os.PathLike | None = None) -> None:
+    """Raise the machine's failure :func:`machine_fault` finds in ``e`` (an
+    OSError of :data:`MACHINE_ERRORS`, or one a :class:`LoramixError` was made
+    on), naming ``where`` when it names no file; return where there is none.
+
+    For the code that falls back when a file cannot be read (a cache read
+    anew, a record taken as absent): the user's errors (ENOENT, EACCES, a
+    read-only disk) still fall back after this call, while a failing disk is
+    said as the failure it is (exit 1, the OSError from Python), not taken
+    for a missing file whose absence changes the result or whose rewrite
+    meets the same disk. Called in the ``except`` block, before the fallback."""
+    fault = machine_fault(e, None if where is None else str(where))
+    if fault is not None:
+        raise fault
+
+
 class LoramixWarning(UserWarning):
     """Something a user should know about a result that is still computed
     (not an error): one line. The CLI prints ``loramix: warning: <line>``

@@ -425,3 +425,99 @@ def test_a_plot_under_a_file_names_the_file(pair, tmp_path, capsys):
         == f"loramix: error: {tmp_path / 'notes'}: is a file, not a folder: {out} cannot be written inside it"
     )
     assert (tmp_path / "notes").read_text() == "x" and temporaries(tmp_path) == []
+
+
+# ---- EIO on a factor read lazily, after the header ---------------------------------------
+
+
+def _lazily_loaded_then_failing(pair, tmp_path):
+    """The first adapter of ``pair`` copied and read lazily (its header and
+    config only: :func:`~loramix.io.np_factors.load_np_adapter`, as
+    ``similarity`` and ``inspect`` read), then its weights file made a link
+    to ``/proc/self/mem``: each factor read from then on is a real EIO, as
+    from a disk that fails under the data after giving the header."""
+    import shutil
+
+    from loramix.io.np_factors import load_np_adapter
+
+    good = Path(shutil.copytree(pair[0], tmp_path / "lazy"))
+    ad = load_np_adapter(good, lazy=True)
+    (good / WEIGHTS).unlink()
+    (good / WEIGHTS).symlink_to("/proc/self/mem")
+    return ad, good / WEIGHTS
+
+
+def test_an_io_error_on_a_lazily_read_factor_is_the_oserror(pair, tmp_path):
+    """A factor read lazily whose read fails with EIO raises that OSError,
+    naming the weights file, as the header's read at load time does; from
+    ``loramix.similarity`` too. ``np.fromfile`` stopped short on the EIO
+    without a word: ``cannot read tensor ... (corrupt or truncated file):
+    0 of 192 values present``, an AdapterError (exit 2) with no fault."""
+    import numpy as np
+
+    import loramix
+
+    ad, weights = _lazily_loaded_then_failing(pair, tmp_path)
+    factor = next(iter(ad.modules.values())).B
+    with pytest.raises(OSError) as e:
+        np.asarray(factor)
+    assert not isinstance(e.value, loramix.LoramixError), repr(e.value)
+    assert e.value.errno == errno.EIO and e.value.filename == str(weights), repr(e.value)
+    with pytest.raises(OSError) as e:
+        loramix.similarity([ad, pair[1]])
+    assert not isinstance(e.value, loramix.LoramixError), repr(e.value)
+    assert e.value.errno == errno.EIO and e.value.filename == str(weights), repr(e.value)
+
+
+def test_a_lazily_read_factor_the_user_can_fix_is_refused_as_at_load_time(pair, tmp_path):
+    """A lazily read factor whose file is now a folder (EISDIR, the user's
+    to fix) is the refusal the header's reader makes for an OSError,
+    ``cannot read: Is a directory``, an AdapterError with no fault. Guards
+    the new read: the old one said ``corrupt or truncated file: [Errno 21]
+    ...`` here."""
+    import shutil
+
+    import numpy as np
+
+    from loramix.errors import AdapterError
+    from loramix.io.np_factors import load_np_adapter
+
+    good = Path(shutil.copytree(pair[0], tmp_path / "lazy"))
+    ad = load_np_adapter(good, lazy=True)
+    (good / WEIGHTS).unlink()
+    (good / WEIGHTS).mkdir()
+    with pytest.raises(AdapterError) as e:
+        np.asarray(next(iter(ad.modules.values())).B)
+    assert e.value.message == f"{good / WEIGHTS}: cannot read: Is a directory", e.value.message
+    assert e.value.fault is None
+
+
+def test_an_io_error_on_a_factor_read_during_similarity_is_one_line_exit_1(
+    pair, tmp_path, capsys, monkeypatch
+):
+    """``loramix similarity`` whose adapter's factors fail with EIO after its
+    header and config were read (the file made a link to ``/proc/self/mem``
+    once every adapter is loaded, at ``check_one_base``, which runs
+    unchanged: no real disk here fails under the data alone): one line
+    naming the weights file, exit 1. It was ``cannot read tensor ...
+    (corrupt or truncated file): 0 of 192 values present``, exit 2."""
+    import shutil
+
+    from loramix import overlap
+
+    good = Path(shutil.copytree(pair[0], tmp_path / "lazy"))
+    real = overlap.check_one_base
+
+    def then_failing(adapters):
+        (good / WEIGHTS).unlink()
+        (good / WEIGHTS).symlink_to("/proc/self/mem")
+        return real(adapters)
+
+    monkeypatch.setattr(overlap, "check_one_base", then_failing)
+    code, lines = cli(capsys, "similarity", good, pair[1])
+    monkeypatch.undo()
+    assert code == 1 and len(lines) == 1, (code, lines)
+    assert lines[0] == (
+        f"loramix: error: {good / WEIGHTS}: Input/output error; the disk or its file system failed "
+        "(see the system log: dmesg)"
+    ), lines[0]

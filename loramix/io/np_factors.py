@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AdapterError
+from ..errors import AdapterError, raise_machine_fault
 from .peft_layout import (
     BASE_COPY,
     D2_TAU,
@@ -207,20 +207,43 @@ class LazyFactor:
         if self.code not in _NP_DTYPES:
             raise AdapterError(self.path, f"tensor {self.key} has dtype {self.code}, not a float factor")
         count = math.prod(self.shape)
+        t = np.empty(count, dtype=_NP_DTYPES[self.code])
         try:
-            t = np.fromfile(self.path, dtype=_NP_DTYPES[self.code], count=count, offset=self.offset)
-            if t.size != count:
-                raise ValueError(f"{t.size} of {count} values present")
-        except (OSError, ValueError) as e:
+            got = _read_at(self.path, memoryview(t.view(np.uint8)), self.offset)
+        except OSError as e:
+            # what the header's read says (st_header): the machine's failure as its OSError
+            # (exit 1; from Python the OSError), the user's (EACCES, ...) as the refusal
+            raise_machine_fault(e, self.path)
+            raise AdapterError(self.path, f"cannot read: {e.strerror or e}") from None
+        if got != t.nbytes:
             raise AdapterError(
-                self.path, f"cannot read tensor {self.key} (corrupt or truncated file): {e}"
-            ) from e
+                self.path,
+                f"cannot read tensor {self.key} (corrupt or truncated file): "
+                f"{got // t.itemsize} of {count} values present",
+            )
         if self.code == "BF16":
             t = (t.astype(np.uint32) << 16).view(np.float32)
         t = t.reshape(self.shape)
         if not np.isfinite(t).all():
             raise AdapterError(self.path, f"tensor {self.key} has non-finite values (nan or inf)")
         return t if dtype is None else t.astype(dtype)
+
+
+def _read_at(path: Path, view: memoryview, offset: int) -> int:
+    """Bytes read from ``path`` at ``offset`` into ``view``, up to its length
+    (fewer at the end of the file). A read's OSError is raised, not taken for
+    the end of the file: ``np.fromfile`` (``fread``) stopped short on the
+    disk's EIO without a word, and a failing disk was said as a truncated
+    file, exit 2."""
+    got = 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    return got
 
 
 def _lazy_factors(path: Path) -> dict[str, LazyFactor]:
