@@ -35,9 +35,12 @@ def training_split(adapter_path, unknown: dict | None = None) -> dict[str, set]:
     training records ``loramix train`` drew from each of the adapter's data
     files, rebuilt from its ``loramix.json``; a source whose file no longer
     holds the recorded records (or a synthetic spec) is left out, and said in
-    ``unknown`` (``{data path: why}``, where given)."""
+    ``unknown`` (``{data path: why}``, where given). The machine failing
+    under the record or a data file (``EIO``) raises its OSError: taken as
+    no record or an unknown split, the held-out check passed or refused
+    (exit 2) what was a failing disk."""
     from .data import load_records, split_records
-    from .errors import LoramixError
+    from .errors import LoramixError, raise_machine_fault
     from .io.provenance import read_record, records_sha256
 
     rec = read_record(adapter_path) or {}
@@ -58,6 +61,7 @@ def training_split(adapter_path, unknown: dict | None = None) -> dict[str, set]:
             es = params.get("eval_size")
             tr = split_records(recs, eval_size=es, seed=params.get("seed", 0))[0] if es else recs
         except (LoramixError, OSError, TypeError, ValueError) as e:  # moved or unreadable: not guessed
+            raise_machine_fault(e, i["path"])  # not unreadable: a failing disk, said as such (exit 1)
             if unknown is not None:
                 unknown[i["path"]] = f"it cannot be read as it was for training ({type(e).__name__})"
             continue

@@ -36,7 +36,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import LoramixError
+from .errors import LoramixError, raise_machine_fault
 from .io.provenance import base_input, read_record, recorded_inputs
 
 
@@ -48,9 +48,11 @@ def _record(path: str | os.PathLike) -> dict:
 def _peft_base(path) -> str | None:
     """``base_model_name_or_path`` of the adapter's ``adapter_config.json``, or None."""
     p = Path(path)
+    f = (p if p.is_dir() else p.parent) / "adapter_config.json"
     try:
-        cfg = json.loads(((p if p.is_dir() else p.parent) / "adapter_config.json").read_text())
-    except (OSError, ValueError):
+        cfg = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise_machine_fault(e, f)  # a failing disk: said, not the check skipped for want of a name
         return None
     name = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
     return name if isinstance(name, str) and name.strip() else None
@@ -75,14 +77,16 @@ def base_identity(base: str | os.PathLike) -> str | None:
     it (:meth:`~loramix.io.model_folder.BaseModelFolder.identity`): of the
     folder, or of a GGUF file's import in the user cache (nothing is
     imported). None where there is none to read: a GGUF file not imported
-    yet, a folder without a config."""
+    yet, a folder without a config; the machine failing under a file of it
+    (:data:`~loramix.errors.MACHINE_ERRORS`) raises its OSError."""
     from .gguf_import import imported_base, means_gguf
     from .io.model_folder import BaseModelFolder
 
     try:
         p = imported_base(base) if means_gguf(Path(base)) else base
         return None if p is None else BaseModelFolder(p).identity()
-    except (LoramixError, OSError):
+    except (LoramixError, OSError) as e:
+        raise_machine_fault(e, base)  # a failing disk: said, not "no identity" (a check skipped)
         return None
 
 
@@ -92,7 +96,8 @@ def base_keys(base: str | os.PathLike) -> set[str]:
     merge into it started from, ``gguf:<sha256>`` of the GGUF file it is, or
     was imported from. A GGUF file not imported yet has its ``gguf:`` key
     only (nothing is imported to compare). Empty where nothing can be read
-    (no config, pickled weights only)."""
+    (no config, pickled weights only); the machine failing under a file
+    (:data:`~loramix.errors.MACHINE_ERRORS`) raises its OSError."""
     from .gguf_import import imported_base, means_gguf
     from .io.model_folder import BaseModelFolder
 
@@ -105,7 +110,8 @@ def base_keys(base: str | os.PathLike) -> set[str]:
         if src := _gguf_source(p):
             keys.add(src)
         keys.add(f"id:{BaseModelFolder(p).identity()}")
-    except (LoramixError, OSError):
+    except (LoramixError, OSError) as e:
+        raise_machine_fault(e, p)  # a failing disk: said, not fewer keys (another base not told)
         return keys
     for i in recorded_inputs(_record(p / "config.json")):
         if i.get("role") == "base" and isinstance(i.get("identity"), str):  # a loramix merge into this base

@@ -281,14 +281,16 @@ def adapter_sha256(adapter: str | os.PathLike) -> str | None:
     """sha256 of ``adapter``'s weights file (a folder's ``adapter_model.*``, or
     the file given), as :attr:`loramix.adapter.Adapter.sha256` and a merge's
     provenance record it; cached (:func:`cached_file_sha256`). None where
-    there is no adapter to read there."""
-    from ..errors import LoramixError
+    there is no adapter to read there (the machine failing under it raises
+    its OSError, :data:`~loramix.errors.MACHINE_ERRORS`)."""
+    from ..errors import LoramixError, raise_machine_fault
     from .peft_layout import resolve_adapter_paths
 
     try:
         weights = resolve_adapter_paths(adapter)[2]
         return cached_file_sha256(weights) if weights.is_file() else None
-    except (LoramixError, OSError):
+    except (LoramixError, OSError) as e:
+        raise_machine_fault(e, adapter)  # a failing disk is no "no adapter here" (a null in eval's JSON)
         return None
 
 
@@ -336,12 +338,14 @@ def adapter_identity(adapter: str | os.PathLike) -> str:
 
 
 def adapter_identity_or_none(adapter: str | os.PathLike) -> str | None:
-    """:func:`adapter_identity`, or None where there is no adapter to read there."""
-    from ..errors import LoramixError
+    """:func:`adapter_identity`, or None where there is no adapter to read there
+    (the machine failing under it raises its OSError, :data:`~loramix.errors.MACHINE_ERRORS`)."""
+    from ..errors import LoramixError, raise_machine_fault
 
     try:
         return adapter_identity(adapter)
-    except (LoramixError, OSError):
+    except (LoramixError, OSError) as e:
+        raise_machine_fault(e, adapter)  # a failing disk is no "no adapter here" (fit: "it has changed")
         return None
 
 

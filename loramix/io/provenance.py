@@ -22,7 +22,8 @@ as not recorded):
   (``"adapter"`` in a merge's record).
 
 A missing, unreadable or damaged file (not JSON, not a JSON object) is no
-record: None, never an error. Every reader treats the record as optional:
+record: None, never an error; only the machine failing under it (``EIO``:
+:data:`~loramix.errors.MACHINE_ERRORS`) is its OSError. Every reader treats the record as optional:
 adapters made outside loramix (PEFT's own training) have none, and a check
 that cannot be made from it is skipped or said (each caller says which),
 not guessed.
@@ -34,6 +35,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
+
+from ..errors import raise_machine_fault
 
 #: the record's file name, in the output folder
 FILENAME = "loramix.json"
@@ -50,7 +53,10 @@ def read_record(path: str | os.PathLike | None) -> dict | None:
     f = (p if p.is_dir() else p.parent) / FILENAME
     try:
         rec = json.loads(f.read_text())
-    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        # a failing disk is not "no record": taken as none, a held-out check found
+        # no training data and passed, and a trained-base check had nothing to compare
+        raise_machine_fault(e, f)
         return None
     return rec if isinstance(rec, dict) else None
 
