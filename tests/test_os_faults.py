@@ -155,3 +155,62 @@ def test_eval_held_out_over_a_record_the_disk_fails_is_one_line_exit_1(made, tmp
     assert lines[0] == (
         f"loramix: error: {rec}: Input/output error; the disk or its file system failed (see the system log: dmesg)"
     ), lines[0]
+
+
+# ---- the scenario cache and report folder --------------------------------------------------
+
+
+def _entry(tmp_path):
+    """A real scenario cache entry (``thing``, ``{"x": 0}``) holding ``v.json``:
+    ``(cache, its folder, make)``."""
+    from loramix.scenario.cache import Cache
+
+    def make(tmp):
+        (tmp / "v.json").write_text('{"v": 1}')
+
+    c = Cache(tmp_path / "c")
+    return c, c.get_or_make("thing", {"x": 0}, make), make
+
+
+@pytest.mark.parametrize("what", ["marker", "old-json", "hashed"])
+def test_a_cache_entry_the_disk_fails_is_the_fault_not_damage(tmp_path, what):
+    """A cache entry whose file fails its read (EIO): its marker
+    (``artifact.json``), a JSON file of an entry an earlier loramix made (its
+    marker lists no files), or a file hashed against the marker (its size
+    recorded as 0, /proc/self/mem's, so the hash is what reads it). The
+    OSError naming that file, and the entry left as it is. Each was damage,
+    "damaged (... cannot be read: Input/output error / is not valid JSON):
+    made again", written anew into the disk that failed."""
+    from loramix.scenario.cache import MARKER, Cache
+
+    c, folder, make = _entry(tmp_path)
+    marker = json.loads((folder / MARKER).read_text())
+    if what == "marker":
+        bad = folder / MARKER
+    else:
+        bad = folder / "v.json"
+        if what == "old-json":
+            del marker["files"]
+        else:
+            marker["files"]["v.json"]["size"] = 0
+        (folder / MARKER).write_text(json.dumps(marker))
+    bad.unlink()
+    bad.symlink_to(MEM)
+    with pytest.raises(OSError) as e:
+        Cache(tmp_path / "c").get_or_make("thing", {"x": 0}, make)
+    assert_eio(e, bad)
+    assert bad.is_symlink() and sorted(p.name for p in folder.iterdir()) == [MARKER, "v.json"]
+
+
+def test_a_report_folder_the_disk_fails_is_the_fault_not_another_report(tmp_path):
+    """``scenario run --out`` onto a folder whose ``report.json`` fails its
+    read (EIO): the OSError naming it. It was "exists and is not a report of
+    this scenario; pass --force to replace it", exit 2."""
+    from loramix.scenario.runner import check_report_dir
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.json").symlink_to(MEM)
+    with pytest.raises(OSError) as e:
+        check_report_dir(out, "study", force=False)
+    assert_eio(e, out / "report.json")

@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..errors import raise_machine_fault
 from ..io.outputs import (
     PAYLOAD,
     new_temporary,
@@ -237,12 +238,16 @@ def entry_damage(
     :class:`~loramix.scenario.verified.Verified` whose rows spare the
     hashing of files that matched before at the same ``stat`` identity
     (what that cannot see: :mod:`loramix.scenario.verified`); ``full``:
-    every file hashed (:func:`_intact`)."""
+    every file hashed (:func:`_intact`). The machine failing under a file
+    of it (``EIO``: :data:`~loramix.errors.MACHINE_ERRORS`) is not damage
+    but its OSError, raised: said as damage, the entry was made again, hours
+    of training perhaps, into the disk that failed."""
     try:
         text = (target / MARKER).read_text()
     except (FileNotFoundError, NotADirectoryError):
         return MISSING if not target.is_file() else "it is a file, not a folder"
     except (OSError, UnicodeDecodeError) as e:
+        raise_machine_fault(e, target / MARKER)  # the disk failing is not the entry's damage
         return f"{MARKER} cannot be read: {getattr(e, 'strerror', None) or e}"
     try:
         rec = json.loads(text)
@@ -256,7 +261,8 @@ def entry_damage(
             if rel.endswith(".json"):
                 try:
                     json.loads((target / rel).read_bytes())
-                except (OSError, ValueError):
+                except (OSError, ValueError) as e:
+                    raise_machine_fault(e, target / rel)
                     return f"{rel} is not valid JSON"
         return None
     if not isinstance(files, dict):
@@ -277,6 +283,7 @@ def entry_damage(
                 if not _intact(p, st, fact.get("sha256"), f"{kind}/{target.name}/{rel}", memo, full):
                     return f"{rel} differs from what was written (sha256)"
             except OSError as e:
+                raise_machine_fault(e, p)
                 return f"{rel} cannot be read: {e.strerror or e}"
     return None
 

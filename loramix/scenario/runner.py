@@ -25,7 +25,7 @@ from .. import __version__
 from ..api import renamed
 from ..blas import one_openblas_thread
 from ..environment import environment
-from ..errors import OutputError, UsageError
+from ..errors import OutputError, UsageError, raise_machine_fault
 from ..options import check_workers
 from ..trained_base import base_identity
 from .cache import Cache, default_cache_dir
@@ -57,8 +57,8 @@ def check_report_dir(out: Path, name: str, force: bool, *, late: bool = False, i
         try:
             if json.loads(rj.read_text()).get("scenario", {}).get("name") == name:
                 return
-        except (OSError, json.JSONDecodeError):
-            pass
+        except (OSError, json.JSONDecodeError) as e:
+            raise_machine_fault(e, rj)  # a failing disk: said, not "not a report of this scenario"
     if late:
         raise OutputError(out, "appeared during the study and is not a report of this scenario: left as it is; "
                                "the study is cached, so a rerun with another --out (or --force) is quick")  # fmt: skip
