@@ -1031,14 +1031,17 @@ def _whole_import(target: Path) -> bool:
     before the data reached the disk, when imports were renamed into place
     unsynced, as an older loramix's were) failed every command given the
     GGUF until its folder was found and removed by hand; it is imported
-    again instead."""
-    from .errors import LoramixError
+    again instead. One the disk fails to read (``EIO``) raises that OSError:
+    imported again, the minutes of it went into the disk that failed."""
+    from .errors import LoramixError, raise_machine_fault
     from .io.st_header import read_safetensors_header
 
+    config = target / "config.json"
     try:
-        json.loads((target / "config.json").read_text())
+        json.loads(config.read_text())
         read_safetensors_header(target / "model.safetensors")
-    except (OSError, ValueError, LoramixError):
+    except (OSError, ValueError, LoramixError) as e:
+        raise_machine_fault(e, config)  # a read's error names no file; the header's names its own
         return False
     return True
 

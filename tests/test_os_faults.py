@@ -214,3 +214,25 @@ def test_a_report_folder_the_disk_fails_is_the_fault_not_another_report(tmp_path
     with pytest.raises(OSError) as e:
         check_report_dir(out, "study", force=False)
     assert_eio(e, out / "report.json")
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_a_gguf_import_the_disk_fails_is_the_fault_not_imported_again(tmp_path, monkeypatch, name):
+    """A GGUF's import in the user cache whose config or weights fail their
+    read (EIO) when it is looked up: the OSError naming that file, the
+    import left as it is. It was taken for a cut-short import and imported
+    again (the link replaced), into the disk that failed."""
+    from loramix.gguf_import import resolve_base
+
+    from .test_realmodel import llama_gguf
+
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = llama_gguf(tmp_path / "tiny.gguf", tokenizer=True)
+    folder = resolve_base(gguf)
+    bad = folder / name
+    bad.unlink()
+    bad.symlink_to(MEM)
+    with pytest.raises(OSError) as e:
+        resolve_base(gguf)
+    assert_eio(e, bad)
+    assert bad.is_symlink()
