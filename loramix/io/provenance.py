@@ -23,10 +23,10 @@ as not recorded):
 
 A missing, unreadable or damaged file (not JSON, not a JSON object) is no
 record: None, never an error; only the machine failing under it (``EIO``:
-:data:`~loramix.errors.MACHINE_ERRORS`) is its OSError. Every reader treats the record as optional:
-adapters made outside loramix (PEFT's own training) have none, and a check
-that cannot be made from it is skipped or said (each caller says which),
-not guessed.
+:data:`~loramix.errors.MACHINE_ERRORS`) is its OSError. Every reader
+treats the record as optional: adapters made outside loramix (PEFT's own
+training) have none, and a check that cannot be made from it is skipped or
+said (each caller says which), not guessed.
 """
 
 from __future__ import annotations
