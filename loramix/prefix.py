@@ -32,6 +32,13 @@ folder with merged top layers shares its base's entries), the token ids and
 labels of the examples (hence the data, tokenizer and ``max_len``), ``k``,
 the dtype and the torch/transformers versions. A file holds ``states``
 ``(sum_i T_i, d)`` and ``lengths`` ``(n,)``.
+
+A union of data sets (``parts``: a training on several sources, a study's
+merged-data adapter) is computed and cached part by part, each part batched
+on its own as when it is passed alone: a state's bits depend on the batch it
+ran in (its padding, the matmul's row count), so the union's states are then
+the concatenation of its parts', bit for bit, and a union over parts already
+cached runs no prefix at all.
 """
 
 from __future__ import annotations
@@ -306,10 +313,11 @@ def examples_sha256(examples: list[dict]) -> str:
     return h.hexdigest()
 
 
-def cache_key(model, k: int, examples: list[dict], *, dtype=None) -> str:
-    """The key of one cache entry (module docstring)."""
+def cache_key(model, k: int, examples: list[dict], *, dtype=None, identity: str | None = None) -> str:
+    """The key of one cache entry (module docstring); ``identity``: :func:`prefix_identity`
+    of ``model`` and ``k`` where the caller has it (the parts of a union share one)."""
     parts = {
-        "prefix": prefix_identity(model, k),
+        "prefix": identity or prefix_identity(model, k),
         "data": examples_sha256(examples),
         "k": k,
         "dtype": str(dtype or next(model.parameters()).dtype),
@@ -353,20 +361,41 @@ def compute_states(model, k: int, examples: list[dict], *, batch_size: int = 16,
 
 
 def prefix_states(model, k: int, examples: list[dict], *, batch_size: int = 16, pad_id: int = 0,
-                  cache: str | None = "disk", autocast=None, progress: bool = False) -> list[torch.Tensor]:  # fmt: skip
+                  cache: str | None = "disk", autocast=None, progress: bool = False,
+                  parts: list[int] | None = None) -> list[torch.Tensor]:  # fmt: skip
     """Cached :func:`compute_states`: ``cache`` is ``"disk"`` (this process's
-    memory, then ``cache_dir()/prefix``), ``"memory"`` or None (compute)."""
-    if cache is None or not examples:
-        return compute_states(model, k, examples, batch_size=batch_size, pad_id=pad_id, autocast=autocast,
-                              progress=progress)  # fmt: skip
-    key = cache_key(model, k, examples, dtype=autocast)
+    memory, then ``cache_dir()/prefix``), ``"memory"`` or None (compute).
+
+    ``parts``: the sizes ``n_1 .. n_p`` (summing to ``len(examples)``) of
+    consecutive runs of ``examples``, a union's sources in the order it
+    concatenates them; each run is computed (batched among its own examples
+    alone) and cached on its own, so the result is the concatenation of
+    ``prefix_states(model, k, run_j)`` for each ``j``, bit for bit, whatever
+    ``cache`` (module docstring). None: one part, the whole list."""
+    sizes = [len(examples)] if parts is None else [int(n) for n in parts]
+    if any(n < 0 for n in sizes) or sum(sizes) != len(examples):
+        raise ValueError(f"parts {sizes} do not cut {len(examples)} examples")
+    starts = [sum(sizes[:j]) for j in range(len(sizes))]
+    runs = [examples[s : s + n] for s, n in zip(starts, sizes) if n]
+    kw = dict(batch_size=batch_size, pad_id=pad_id, autocast=autocast, progress=progress)
+    if cache is None:
+        return [h for run in runs for h in compute_states(model, k, run, **kw)]
+    # one hash of the prefix's weights for every part (0.4 s each on SmolLM2)
+    identity = prefix_identity(model, k) if runs else None
+    return [h for run in runs for h in _cached_states(model, k, run, cache=cache, identity=identity, **kw)]
+
+
+def _cached_states(
+    model, k: int, examples: list[dict], *, cache: str, identity: str, **kw
+) -> list[torch.Tensor]:
+    """:func:`compute_states` of ``examples`` (one part), from the memory or disk cache where it is there."""
+    key = cache_key(model, k, examples, dtype=kw["autocast"], identity=identity)
     if key in _MEMORY:
         _MEMORY.move_to_end(key)
         return _MEMORY[key]
     states = _read(key) if cache == "disk" else None
     if states is None:
-        states = compute_states(model, k, examples, batch_size=batch_size, pad_id=pad_id, autocast=autocast,
-                                progress=progress)  # fmt: skip
+        states = compute_states(model, k, examples, **kw)
         if cache == "disk":
             _write(key, states)
     _remember(key, states)

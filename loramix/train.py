@@ -50,6 +50,11 @@ from .results import OutputDict
 DEFAULT_EVAL_SIZE = 0.1
 """Per data source: a tenth of the records are held out (at least one)."""
 
+#: version of how a run on several data sources batches their frozen prefix (``top_layers``):
+#: 1, each source on its own (:func:`_cache_prefix`); before it, the union as a whole. Part of a
+#: study cache's key for a merged-data adapter, so one trained the old way is not reused
+PREFIX_PARTS = 1
+
 
 def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
     """Learning rate for optimizer step ``step`` (0-based).
@@ -315,8 +320,9 @@ def train_adapter(
     the adapters on the targets of the top ``N`` blocks only and runs the
     frozen prefix once per example (:mod:`loramix.prefix`, cached as
     ``prefix_cache`` says; a run of fewer steps than an epoch, only over the
-    examples it draws), so every step and evaluation runs ``N`` blocks and
-    the head (Llama family). Without it, targets that all sit in blocks
+    examples it draws; several sources, source by source, each as its own
+    run has it: :func:`_cache_prefix`), so every step and evaluation runs
+    ``N`` blocks and the head (Llama family). Without it, targets that all sit in blocks
     ``k > 0`` and up still spare the adapted held-out evaluation blocks
     ``0 .. k-1``: it starts from the states the base's evaluation computed
     there, exactly the full forward (float32). ``dtype="bfloat16"``: the
@@ -730,25 +736,42 @@ def _cache_prefix(run: _Run, eval_ex: list, *, batch: int, seed: int, bucket: in
                   progress: bool) -> list | None:  # fmt: skip
     """The frozen prefix of a ``top_layers`` run (``run.prefix_at = k``,
     :mod:`loramix.prefix`): the states ``h_k`` entering block ``k`` of the
-    training examples its steps draw (:func:`_drawn`; None for the others)
-    into ``run.train_states``, their time into ``run.prefix_seconds``; returns
-    those of the held-out examples ``eval_ex`` (None without)."""
+    training examples its steps draw (:func:`_drawn`) or of their whole
+    source (below), None for the others, into ``run.train_states``, their
+    time into ``run.prefix_seconds``; returns those of the held-out examples
+    ``eval_ex`` (None without).
+
+    Each data source's examples are computed and cached as a part of their
+    own (``prefix_states``' ``parts``), as a run on that source alone
+    computes them: a run on several sources (a study's merged-data adapter,
+    ``train --data a --data b``) has each source's own states, bit for bit,
+    and reuses them where that source's run cached them. A source that the
+    run's steps would pass over whole on its own (``total >= ceil(n / batch)``,
+    its adapter trained alone with the same steps: a study's domain adapter)
+    is taken whole, all of its records; a larger one gives the records the
+    run draws from it. One source: the records the run draws, as before.
+    """
     from .prefix import prefix_states
 
-    model, k = run.model, run.prefix_at
+    model, k, ex = run.model, run.prefix_at, run.train_ex
     t0 = time.perf_counter()
     cached = dict(
         batch_size=batch, pad_id=run.pad, cache=prefix_cache, autocast=run.autocast, progress=progress
     )
     drawn = _drawn(run, batch=batch, seed=seed, bucket=bucket)
-    if drawn is None:
-        run.train_states = prefix_states(model, k, run.train_ex, **cached)
-    else:  # a run shorter than an epoch: the states of the examples it draws, None for the others
-        states = prefix_states(model, k, [run.train_ex[i] for i in drawn], **cached)
-        run.train_states = [None] * len(run.train_ex)
-        for i, st in zip(drawn, states):
-            run.train_states[i] = st
-    eval_states = prefix_states(model, k, eval_ex, **cached) if eval_ex else None
+    take, parts, lo = [], [], 0  # the examples whose states are computed, and how many per source
+    for n in (d["n_train"] for d in run.data_inputs):  # train_ex: the sources' examples in turn
+        whole = drawn is None or run.total >= math.ceil(n / batch)
+        part = range(lo, lo + n) if whole else [i for i in drawn if lo <= i < lo + n]
+        take += part
+        parts.append(len(part))
+        lo += n
+    states = prefix_states(model, k, [ex[i] for i in take], parts=parts, **cached)
+    run.train_states = [None] * len(ex)  # a run shorter than an epoch: None for the records it never draws
+    for i, st in zip(take, states):
+        run.train_states[i] = st
+    eval_sizes = [d["n_eval"] for d in run.data_inputs]
+    eval_states = prefix_states(model, k, eval_ex, parts=eval_sizes, **cached) if eval_ex else None
     run.prefix_seconds = time.perf_counter() - t0
     return eval_states
 

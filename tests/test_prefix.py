@@ -224,3 +224,29 @@ def test_top_targets_refuse_a_named_target_outside_the_top_layers():
         "model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.v_proj"
     ]  # fmt: skip
     assert prefix.top_targets(model, None, 3)  # the architecture's defaults: restricted, not refused
+
+
+def test_a_union_is_its_parts_cached_alone(tmp_path, monkeypatch):
+    """``parts``: each run of the list is computed and cached on its own, so a
+    union over parts already cached runs no prefix, and gives their states
+    (the same bits with the cache or without); parts that do not cut the
+    list are refused."""
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path))
+    prefix.clear_memory()
+    model = _tiny("llama")
+    a = _examples(model.config.vocab_size, lengths=(7, 3, 12, 5, 9), seed=1)
+    b = _examples(model.config.vocab_size, lengths=(4, 15, 6), seed=2)
+    own = prefix.prefix_states(model, 2, a, batch_size=2) + prefix.prefix_states(model, 2, b, batch_size=2)
+    ran = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda m, args: ran.append(1))
+    try:
+        union = prefix.prefix_states(model, 2, a + b, batch_size=2, parts=[5, 3])
+    finally:
+        handle.remove()
+    assert ran == [] and all(torch.equal(u, o) for u, o in zip(union, own, strict=True))
+    fresh = prefix.prefix_states(model, 2, a + b, batch_size=2, parts=[5, 0, 3], cache=None)
+    assert all(torch.equal(u, o) for u, o in zip(fresh, own, strict=True))
+    for bad in ([5, 2], [9, -1]):
+        with pytest.raises(ValueError, match="do not cut"):
+            prefix.prefix_states(model, 2, a + b, parts=bad)
+    prefix.clear_memory()

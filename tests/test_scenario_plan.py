@@ -195,3 +195,24 @@ def test_check_prints_the_plan(serial, capsys):
     steps = plan(load_scenario(root / "tiny.toml"))
     assert f"plan: {len(steps)} steps (" in out
     assert f"{sum(st.kind == 'adapter' for st in steps)} adapter" in out
+
+
+def test_a_merged_data_adapter_on_the_top_layers_keys_the_prefix_rule(tmp_path):
+    """With ``adapters.top_layers`` a merged-data adapter's prefix states are
+    now its domains' own, batched per domain (loramix.train.PREFIX_PARTS),
+    which changes its bits: its key names the rule, so one cached when the
+    union was batched as a whole is trained again, not served as this one.
+    A domain adapter's key, and any key of a study without top_layers, is
+    as it was (their bits are)."""
+    from loramix.train import PREFIX_PARTS
+
+    def specs(text):
+        (tmp_path / "s.toml").write_text(text)
+        steps = plan(load_scenario(tmp_path / "s.toml"))
+        return {k: [st.spec for st in steps if st.kind == k] for k in ("adapter", "merged-data")}
+
+    top = specs(TINY.replace("[adapters]\n", "[adapters]\ntop_layers = 1\n"))
+    assert top["merged-data"] and all(s["prefix_parts"] == PREFIX_PARTS for s in top["merged-data"])
+    assert top["adapter"] and not any("prefix_parts" in s for s in top["adapter"])
+    full = specs(TINY)
+    assert full["merged-data"] and not any("prefix_parts" in s for a in full.values() for s in a)

@@ -836,3 +836,128 @@ def test_study_features_run_the_held_base_not_a_second_load(bases, tmp_path, mon
     args = ["scenario", "run", str(scen), "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "c")]
     assert main([*args, "--jobs", "1", "--quiet"]) == 0
     assert (tmp_path / "c" / "features").is_dir() and len(loads) == 1, loads
+
+
+def _prefix_of(base, data, *, steps, prefix_cache=None, eval_size=4):
+    """The prepared run of a ``top_layers=1`` training on ``data``: its
+    training examples and the states entering block 1 its steps use."""
+    from loramix.data import data_list
+    from loramix.train import _prepare
+
+    fields = dict(question_field="question", answer_field="answer", context_field="context")
+    return _prepare(str(base), data_list(data), targets=None, fields=fields, eval_size=eval_size, seed=0,
+                    limit=None, max_len=48, batch=8, on="answer", device="cpu", top_layers=1,
+                    prefix_cache=prefix_cache, steps=steps)  # fmt: skip
+
+
+def _block0_forwards():
+    """A list that gets one entry per forward of block 0 (the prefix of ``top_layers=1``
+    on the tiny Llama), and the hook's handle."""
+    calls = []
+
+    def count(module, args):
+        if type(module).__name__ == "LlamaDecoderLayer" and module.self_attn.layer_idx == 0:
+            calls.append(1)
+
+    return calls, torch.nn.modules.module.register_module_forward_pre_hook(count)
+
+
+def _two_sources(folder: Path) -> tuple[str, str]:
+    """Two data files of 44 records each, of lengths from a few tokens to ``max_len``: the
+    union's batches, sorted by length across both, pad other rows than each file's alone."""
+    import random
+
+    words = "the a one two three of and is to in cents pretzels kilograms grams water liters".split()
+    g = random.Random(0)
+
+    def rows(n_words):
+        return [{"question": " ".join(g.choices(words, k=g.randint(*n_words))), "answer": " ".join(g.choices(words, k=g.randint(1, 4)))}
+                for _ in range(44)]  # fmt: skip
+
+    return (str(write_jsonl(folder / "short.jsonl", rows((1, 5)))),
+            str(write_jsonl(folder / "long.jsonl", rows((2, 14)))))  # fmt: skip
+
+
+def test_a_union_trains_on_its_sources_own_prefix_states(bases, tmp_path, monkeypatch):
+    """A run on two sources (a study's merged-data adapter, ``train --data a
+    --data b``) computed the prefix of the union as one list, sorted by length
+    and batched across both, so its states were not the bits each source's
+    own run had cached, and it ran the prefix again (21 of 43 s per union on
+    SmolLM2, --top-layers 2). Now each source is a part of its own: the
+    states the union's steps use are each source's alone, bit for bit (a
+    source its 5 steps would pass over whole on its own is taken whole, as
+    its own run takes it), and a union over sources already cached runs no
+    prefix at all, its held-out records' too; the adapter is the bytes of
+    the same union computed without the cache."""
+    from loramix import prefix
+
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    prefix.clear_memory()
+    a, b = _two_sources(tmp_path)  # 40 training records each: 5 batches of 8
+    alone = [_prefix_of(bases["llama"], d, steps=5) for d in (a, b)]
+    own = alone[0].train_states + alone[1].train_states
+    assert [len(r.train_ex) for r in alone] == [40, 40] and all(s is not None for s in own)
+    for steps in (10, 5):  # an epoch of the union; 5 of its 10 batches, which draw half its records
+        union = _prefix_of(bases["llama"], [a, b], steps=steps)
+        assert union.train_ex == alone[0].train_ex + alone[1].train_ex
+        assert all(torch.equal(u, o) for u, o in zip(union.train_states, own, strict=True)), steps
+    # one source: the states of its whole list, batched as one (as before)
+    want = prefix.compute_states(alone[0].model, 1, alone[0].train_ex, batch_size=8, pad_id=alone[0].pad)
+    assert all(torch.equal(s, w) for s, w in zip(alone[0].train_states, want, strict=True))
+
+    kw = {**FAST, "steps": 5, "eval_size": 4}
+    calls, handle = _block0_forwards()
+    try:
+        for d, out in ((a, "a"), (b, "b")):
+            train_adapter(bases["llama"], d, out=tmp_path / out, top_layers=1, **kw)
+        assert calls  # the sources' own runs computed their prefix
+        calls.clear()
+        prefix.clear_memory()  # from the disk cache
+        train_adapter(bases["llama"], [a, b], out=tmp_path / "union", top_layers=1, **kw)
+        assert calls == []
+    finally:
+        handle.remove()
+    train_adapter(bases["llama"], [a, b], out=tmp_path / "none", top_layers=1, prefix_cache=None, **kw)
+    blob = [(tmp_path / o / "adapter_model.safetensors").read_bytes() for o in ("union", "none")]
+    assert blob[0] == blob[1]
+    prefix.clear_memory()
+
+
+def test_a_short_union_computes_the_drawn_records_of_a_large_source_only(bases, tmp_path):
+    """Where a source is more than the run's steps pass over on their own (2
+    steps of 8 against 40 records), the union computes the records it draws
+    from it, each source's batched on their own, not the whole file: a union
+    of large files trained for a few steps costs what it did."""
+    from loramix import prefix
+
+    a, b = _two_sources(tmp_path)
+    union = _prefix_of(bases["llama"], [a, b], steps=2)
+    got = [i for i, s in enumerate(union.train_states) if s is not None]
+    assert 0 < len(got) <= 16
+    for lo, hi in ((0, 40), (40, 80)):
+        idx = [i for i in got if lo <= i < hi]
+        want = prefix.compute_states(union.model, 1, [union.train_ex[i] for i in idx], batch_size=8,
+                                     pad_id=union.pad)  # fmt: skip
+        assert all(torch.equal(union.train_states[i], w) for i, w in zip(idx, want, strict=True))
+
+
+def test_a_studys_merged_data_adapter_reuses_its_domains_prefix(bases, tmp_path, monkeypatch):
+    """A study with ``top_layers``: its domain adapters (2 steps of 4 over
+    their 8 records) cache each domain's prefix states; the merged-data
+    adapters (2 steps over the union's 16) take them, adding no entry of
+    their own to the prefix cache (one more before: the union's drawn
+    records, batched across both domains)."""
+    from safetensors.torch import load_file
+
+    from loramix import prefix
+
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cd"))
+    prefix.clear_memory()
+    scen = tmp_path / "s.toml"
+    scen.write_text(STUDY_TOP.format(base=bases["llama"]))
+    args = ["scenario", "run", str(scen), "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "c")]
+    assert main([*args, "--jobs", "1", "--quiet"]) == 0
+    assert len(list((tmp_path / "c" / "adapter").glob("*/merged-data_*"))) == 2  # lora and lora:shared
+    entries = sorted(len(load_file(f)["lengths"]) for f in (tmp_path / "cd" / "prefix").glob("*.safetensors"))
+    assert entries == [4, 4, 8, 8], entries  # each domain's eval split and training records
+    prefix.clear_memory()

@@ -45,6 +45,7 @@ from pathlib import Path
 from ..data import TRUNCATION
 from ..errors import ScenarioError
 from ..perplexity import NLL_RULE
+from ..train import PREFIX_PARTS
 from .cache import make_key
 from .config import Scenario
 from .traits import applied_on_the_fly, init_of, needs_base
@@ -335,6 +336,10 @@ class _Planner:
         spec = {"base": self.key_of("base"), "method": am, "recipe": self.sc.adapters.recipe(), "seed": seed,
                 "init": init_of(am, self.sc.adapters.init), "data": [self.key_of(f"data/{d}/train") for d in domains],
                 "truncation": TRUNCATION}  # fmt: skip
+        if len(domains) > 1 and self.sc.adapters.top_layers is not None:
+            # a union's prefix states are its domains' own since this rule (loramix.train.PREFIX_PARTS),
+            # which changes its bits: one trained from the union's as a whole is not served for it
+            spec["prefix_parts"] = PREFIX_PARTS
         deps = ("base", *(f"data/{d}/train" for d in domains))
         return self.add(id, kind, "adapter", spec, deps, label, "train", method=am, seed=seed,
                         domains=list(domains), name=name)  # fmt: skip
