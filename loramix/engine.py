@@ -449,20 +449,11 @@ def add_delta(
         res = _run_compute(compute, job.module, None, helpers)
     _check_delta(res.delta, job.module, shape)
     out = _output_buffer(W, stored, code_dtype, pool)
-    fused = _fused_bf16(stored, out, W, None, cdt, on_cpu)
     if hasattr(res.delta, "add_bf16"):  # a delta not yet formed (loramix.methods.base.OnePassTies)
-        if fused is not None and read is not None and not job.transposed:
-
-            def by_blocks(step: int, taper: int, fn) -> list:
-                nonlocal first
-                run, first = first, None
-                return _by_blocks(rows, step, helpers, fn, MIN_ROWS, run, taper)
-
-            finite = res.delta.add_bf16(stored, out, read, by_blocks)
-            if finite is not None:
-                if not finite:  # raises, naming the tensor, unless a sum overflowed
-                    check_output_finite(out, job.info.key)
-                return JobResult(job, out, res.facts)
+        fused = _fused_bf16(stored, out, W, None, cdt, on_cpu)
+        added, first = _add_unformed(res.delta, stored, out, job, fused, read, helpers, first)
+        if added:
+            return JobResult(job, out, res.facts)
         res = ModuleOutput(res.delta.materialize(), res.facts)  # each block of W0 is read (again) below
     dense, left, right = _operands(res.delta, dev, cdt, job.transposed)
     wide = code_dtype if code_dtype != torch.float16 else torch.float32
@@ -496,6 +487,27 @@ def add_delta(
     if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
         check_output_finite(out, job.info.key)  # raises, naming the tensor, unless a sum overflowed
     return JobResult(job, out, res.facts)
+
+
+def _add_unformed(delta, stored, out, job: ModuleJob, fused, read, helpers, first) -> tuple:
+    """``out = bf16(f32(W0) + delta)`` by a delta not yet formed
+    (:class:`ModuleOutput`) where the fused kernel (``fused``) would add it:
+    a bfloat16 weight whose blocks ``read`` fills, in the stored layout.
+    ``(True, None)`` once written (raising, naming the tensor, where some
+    result is not finite, unless a sum overflowed); else ``(False, first)``,
+    ``first`` still to run where the blocks did not run it: the caller forms
+    the delta and adds it, reading ``W0`` again."""
+    if fused is None or read is None or job.transposed:
+        return False, first
+    rows = stored.shape[0]
+    finite = delta.add_bf16(
+        stored, out, read, lambda step, taper, fn: _by_blocks(rows, step, helpers, fn, MIN_ROWS, first, taper)
+    )
+    if finite is None:
+        return False, None
+    if not finite:
+        check_output_finite(out, job.info.key)
+    return True, None
 
 
 def _whole_w0(stored: torch.Tensor, W, read, step: int, helpers, keep: Buffers, cdt, dev) -> torch.Tensor:
