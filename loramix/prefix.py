@@ -29,8 +29,9 @@ Cache: in this process (a bounded dictionary) and on disk under
 ``cache_dir()/prefix/<key>.safetensors`` (written atomically), keyed by
 sha256 of the prefix's own weights (embedding and blocks ``0 .. k-1``, so a
 folder with merged top layers shares its base's entries), the token ids and
-labels of the examples (hence the data, tokenizer and ``max_len``), ``k``,
-the dtype and the torch/transformers versions. A file holds ``states``
+labels of the examples (hence the data, tokenizer and ``max_len``), the
+batch size (a state's bits depend on its batch), ``k``, the dtype and the
+torch/transformers versions. A file holds ``states``
 ``(sum_i T_i, d)`` and ``lengths`` ``(n,)``.
 
 A union of data sets (``parts``: a training on several sources, a study's
@@ -304,6 +305,10 @@ def remembering_digests():
         _REMEMBER[0] -= 1
 
 
+#: examples per batch of the prefix's forward where the caller names none
+BATCH_SIZE = 16
+
+
 def examples_sha256(examples: list[dict]) -> str:
     """sha256 of the encoded examples' ``input_ids`` and ``labels``."""
     h = hashlib.sha256()
@@ -313,12 +318,17 @@ def examples_sha256(examples: list[dict]) -> str:
     return h.hexdigest()
 
 
-def cache_key(model, k: int, examples: list[dict], *, dtype=None, identity: str | None = None) -> str:
+def cache_key(model, k: int, examples: list[dict], *, dtype=None, identity: str | None = None,
+              batch_size: int = BATCH_SIZE) -> str:  # fmt: skip
     """The key of one cache entry (module docstring); ``identity``: :func:`prefix_identity`
-    of ``model`` and ``k`` where the caller has it (the parts of a union share one)."""
+    of ``model`` and ``k`` where the caller has it (the parts of a union share one).
+    ``batch_size`` is in it: a state's bits depend on the batch it ran in, and
+    without it states batched one way were served to a run batching another,
+    whose own computation gives other bits."""
     parts = {
         "prefix": identity or prefix_identity(model, k),
         "data": examples_sha256(examples),
+        "batch_size": int(batch_size),
         "k": k,
         "dtype": str(dtype or next(model.parameters()).dtype),
         "device": next(model.parameters()).device.type,
@@ -327,7 +337,7 @@ def cache_key(model, k: int, examples: list[dict], *, dtype=None, identity: str 
 
 
 @torch.inference_mode()
-def compute_states(model, k: int, examples: list[dict], *, batch_size: int = 16, pad_id: int = 0,
+def compute_states(model, k: int, examples: list[dict], *, batch_size: int = BATCH_SIZE, pad_id: int = 0,
                    autocast=None, progress: bool = False) -> list[torch.Tensor]:  # fmt: skip
     """``h_k`` per example, ``(T_i, d)``, on the CPU; batches sorted by length
     (little padding), ``autocast`` a dtype to compute in (or None); ``progress``:
@@ -360,7 +370,7 @@ def compute_states(model, k: int, examples: list[dict], *, batch_size: int = 16,
     return out  # type: ignore[return-value]
 
 
-def prefix_states(model, k: int, examples: list[dict], *, batch_size: int = 16, pad_id: int = 0,
+def prefix_states(model, k: int, examples: list[dict], *, batch_size: int = BATCH_SIZE, pad_id: int = 0,
                   cache: str | None = "disk", autocast=None, progress: bool = False,
                   parts: list[int] | None = None) -> list[torch.Tensor]:  # fmt: skip
     """Cached :func:`compute_states`: ``cache`` is ``"disk"`` (this process's
@@ -389,7 +399,7 @@ def _cached_states(
     model, k: int, examples: list[dict], *, cache: str, identity: str, **kw
 ) -> list[torch.Tensor]:
     """:func:`compute_states` of ``examples`` (one part), from the memory or disk cache where it is there."""
-    key = cache_key(model, k, examples, dtype=kw["autocast"], identity=identity)
+    key = cache_key(model, k, examples, dtype=kw["autocast"], identity=identity, batch_size=kw["batch_size"])
     if key in _MEMORY:
         _MEMORY.move_to_end(key)
         return _MEMORY[key]

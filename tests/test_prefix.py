@@ -250,3 +250,22 @@ def test_a_union_is_its_parts_cached_alone(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="do not cut"):
             prefix.prefix_states(model, 2, a + b, parts=bad)
     prefix.clear_memory()
+
+
+def test_the_batch_size_is_part_of_the_key(tmp_path, monkeypatch):
+    """States batched by 2 and cached are not served to a run batching by 3:
+    it gets the bits of its own computation (which differ here)."""
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path))
+    prefix.clear_memory()
+    model = _tiny("llama")
+    ex = _examples(model.config.vocab_size, lengths=(7, 3, 12, 5, 9, 4, 15, 6), seed=3)
+    by2, by3 = (prefix.compute_states(model, 2, ex, batch_size=b) for b in (2, 3))
+    assert not all(torch.equal(a, b) for a, b in zip(by2, by3)), "no state differs: the test shows nothing"
+    prefix.prefix_states(model, 2, ex, batch_size=2)
+    for cached in ("memory", "disk"):
+        if cached == "disk":
+            prefix.clear_memory()
+        got = prefix.prefix_states(model, 2, ex, batch_size=3)
+        assert all(torch.equal(a, b) for a, b in zip(got, by3, strict=True)), cached
+    assert prefix.cache_key(model, 2, ex, batch_size=2) != prefix.cache_key(model, 2, ex, batch_size=3)
+    prefix.clear_memory()
