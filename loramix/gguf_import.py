@@ -90,7 +90,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import BaseModelError
+from .errors import BaseModelError, raise_machine_fault
 
 GGUF_MAGIC = b"GGUF"
 # general.architecture values read: llama.cpp writes Mistral as "llama" and knows
@@ -112,14 +112,18 @@ _DROP_CONFIG_KEYS = ("_model_name_or_path",)
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a regular file that starts with the GGUF magic bytes."""
+    """True when ``path`` is a regular file that starts with the GGUF magic
+    bytes. A file the user cannot read is not one (its reader says why); a
+    read the machine fails (EIO) raises its OSError: taken as no GGUF, a
+    failing file named ``base`` was refused as no model folder."""
     p = Path(path)
     if not p.is_file():  # never opened otherwise: reading a FIFO waits for a writer
         return False
     try:
         with open(p, "rb") as f:
             return f.read(4) == GGUF_MAGIC
-    except OSError:
+    except OSError as e:
+        raise_machine_fault(e, p)
         return False
 
 

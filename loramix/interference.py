@@ -51,7 +51,7 @@ from pathlib import Path
 
 from .api import renamed
 from .blas import one_openblas_thread
-from .errors import UsageError
+from .errors import UsageError, raise_machine_fault
 
 
 def load_fit(path: str | os.PathLike) -> dict:
@@ -281,7 +281,8 @@ def study_recipe(fit: dict, path, label: str) -> dict | None:
             report = json.loads((Path(path).parent / "report.json").read_text())
             if report["scenario"]["name"] == fit.get("scenario"):
                 rec = report["scenario"]["adapters"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise_machine_fault(e, Path(path).parent / "report.json")  # a failing disk is said, not skipped
             return None
     if not isinstance(rec, dict) or "given" in rec:
         return None
@@ -292,10 +293,12 @@ def study_recipe(fit: dict, path, label: str) -> dict | None:
 
 
 def is_predictors_file(path) -> bool:
-    """Whether ``path`` holds a predictors file (rather than a ``fit.json``)."""
+    """Whether ``path`` holds a predictors file (rather than a ``fit.json``).
+    A read the machine fails (EIO) raises its OSError."""
     try:
         d = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
+        raise_machine_fault(e, path)
         return False
     from .validation import FORMAT
 

@@ -236,3 +236,64 @@ def test_a_gguf_import_the_disk_fails_is_the_fault_not_imported_again(tmp_path, 
         resolve_base(gguf)
     assert_eio(e, bad)
     assert bad.is_symlink()
+
+
+def _mem_link(path: Path) -> Path:
+    path.unlink(missing_ok=True)
+    path.symlink_to(MEM)
+    return path
+
+
+def test_a_base_file_the_disk_fails_is_the_fault_not_no_gguf(tmp_path):
+    """A base given as a file whose first read fails (EIO): its OSError from
+    the GGUF sniff, where it was "not a GGUF file" and the base then refused
+    as no model folder (or, named ``.gguf``, read again further on)."""
+    from loramix.gguf_import import is_gguf, means_gguf
+
+    for name in ("base", "base.gguf"):
+        f = _mem_link(tmp_path / name)
+        for sniff in (is_gguf, means_gguf):
+            with pytest.raises(OSError) as e:
+                sniff(f)
+            assert_eio(e, f)
+
+
+def test_a_fit_file_the_disk_fails_is_the_fault_not_no_predictors(tmp_path):
+    """``--fit FILE`` whose read fails (EIO): its OSError from the sniff
+    between a predictors file and a fit.json, where it was "not a predictors
+    file"; and a ``report.json`` beside a fit that fails: its OSError, where
+    the study's recipe was taken as unknown (no warning that the adapters
+    differ from the study's)."""
+    from loramix.interference import is_predictors_file, study_recipe
+
+    f = _mem_link(tmp_path / "fit.json")
+    with pytest.raises(OSError) as e:
+        is_predictors_file(f)
+    assert_eio(e, f)
+    fit = tmp_path / "other" / "fit.json"
+    fit.parent.mkdir()
+    report = _mem_link(fit.parent / "report.json")
+    with pytest.raises(OSError) as e:
+        study_recipe({"scenario": "s"}, fit, "lora")
+    assert_eio(e, report)
+    report.unlink()  # the user's own absence still falls back
+    assert study_recipe({"scenario": "s"}, fit, "lora") is None
+
+
+def test_a_layout_cache_entry_the_disk_fails_is_the_fault_not_a_miss(made, tmp_path, monkeypatch):
+    """The cached layout of a base's modules (``$LORAMIX_CACHE_DIR/layouts``)
+    whose read fails (EIO): its OSError, where it was a miss, the model's
+    skeleton built again and its answer written into the disk that failed.
+    A missing entry is still built again."""
+    from loramix.io.model_folder import _cached_skeleton
+
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))
+    config = (made[1] / "config.json").read_bytes()
+    built = _cached_skeleton(made[1], config)
+    (entry,) = (tmp_path / "cache" / "layouts").glob("*.json")
+    _mem_link(entry)
+    with pytest.raises(OSError) as e:
+        _cached_skeleton(made[1], config)
+    assert_eio(e, entry)
+    entry.unlink()
+    assert _cached_skeleton(made[1], config) == built

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..archs import arch, is_conv1d
-from ..errors import BaseModelError
+from ..errors import BaseModelError, raise_machine_fault
 from .config_schema import load_json_file
 from .filehash import (
     INDEX_NAME,
@@ -618,7 +618,8 @@ def _cached_skeleton(folder: Path, config_bytes: bytes) -> dict:
     path = cache_dir() / "layouts" / f"{key}.json"
     try:
         sk = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:  # absent or torn: built again; a failing disk is said
+        raise_machine_fault(e, path)
         sk = None
     if _skeleton_ok(sk):
         return sk
@@ -627,8 +628,8 @@ def _cached_skeleton(folder: Path, config_bytes: bytes) -> dict:
         try:
             with atomic_write(path) as f:  # its temporary names its writer: see `cache clean`
                 f.write(json.dumps(sk, sort_keys=True))
-        except OSError:
-            pass  # a read-only home only costs the rebuild
+        except OSError as e:
+            raise_machine_fault(e, path)  # a read-only home only costs the rebuild; a failing disk is said
     return sk
 
 
