@@ -216,3 +216,25 @@ def test_a_merged_data_adapter_on_the_top_layers_keys_the_prefix_rule(tmp_path):
     assert top["adapter"] and not any("prefix_parts" in s for s in top["adapter"])
     full = specs(TINY)
     assert full["merged-data"] and not any("prefix_parts" in s for a in full.values() for s in a)
+
+
+def test_a_merged_data_adapter_on_the_top_layers_waits_for_its_domains(tmp_path):
+    """With ``adapters.top_layers`` a union trains on its domains' cached
+    prefix states, so its step waits for its domains' adapters (their
+    training caches them): under ``--jobs > 1`` it started beside them and
+    computed their states again. Waiting changes no key. Without top_layers
+    there is nothing to share, and it waits for nothing more than its data."""
+
+    def merged(text):
+        (tmp_path / "s.toml").write_text(text)
+        steps = plan(load_scenario(tmp_path / "s.toml"))
+        return [st for st in steps if st.kind == "merged-data"]
+
+    top = merged(TINY.replace("[adapters]\n", "[adapters]\ntop_layers = 1\n"))
+    assert top
+    for st in top:
+        pre = "/".join(st.id.split("/")[1:3])
+        own = {f"adapter/{pre}/{d}" for d in st.args["domains"]}
+        assert own <= set(st.deps) and not {d for d in st.deps if d.startswith("adapter/")} - own, st.deps
+    full = merged(TINY)
+    assert full and not any(d.startswith("adapter/") for st in full for d in st.deps)

@@ -329,7 +329,8 @@ class _Planner:
         eval_deps = ("base", *(f"data/{n}/eval" for n in names), *deps)
         return self.add(id, "eval", "eval", spec, eval_deps, label, group, domains=names, **args)
 
-    def adapter_step(self, id, kind, am, seed, domains, label, name) -> Step:
+    def adapter_step(self, id, kind, am, seed, domains, label, name, after=()) -> Step:
+        # ``after``: steps to wait for, whose results it does not take (a union's domains' adapters).
         # "init": adapters cached before per-data initialisation (the default since) were
         # trained from the seed alone and must not be reused for it; "truncation": nor those
         # trained on records cut by an earlier rule (loramix.data).
@@ -340,7 +341,7 @@ class _Planner:
             # a union's prefix states are its domains' own since this rule (loramix.train.PREFIX_PARTS),
             # which changes its bits: one trained from the union's as a whole is not served for it
             spec["prefix_parts"] = PREFIX_PARTS
-        deps = ("base", *(f"data/{d}/train" for d in domains))
+        deps = ("base", *(f"data/{d}/train" for d in domains), *after)
         return self.add(id, kind, "adapter", spec, deps, label, "train", method=am, seed=seed,
                         domains=list(domains), name=name)  # fmt: skip
 
@@ -366,8 +367,11 @@ class _Planner:
         md_comps = merged_data_compositions(sc, self.data)
         for comp in md_comps:
             cn = comp_name(comp)
+            # with a frozen prefix, a union trains on its domains' cached states (loramix.train.PREFIX_PARTS):
+            # started beside a domain's own training (--jobs > 1), it computed that domain's states again
+            after = [f"adapter/{pre}/{d}" for d in comp] if sc.adapters.top_layers is not None else []
             self.adapter_step(f"merged-data/{pre}/{cn}", "merged-data", am, seed, comp,
-                              f"{pre}/merged-data {cn}", f"merged-data_{cn}")  # fmt: skip
+                              f"{pre}/merged-data {cn}", f"merged-data_{cn}", after)  # fmt: skip
         dom = [f"adapter/{pre}/{d}" for d in names]
         # a kind whose delta needs the base: the effective deltas' cosine takes its weights, in torch, so
         # it is kept in the cache as a model step is (a rerun imports no torch); else numpy, uncached
