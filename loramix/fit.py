@@ -97,8 +97,10 @@ def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
     return slope, float(ym - slope * xm)
 
 
-def fit_line(x, y, labels=None) -> LinearFit:
-    """Fit ``y ~ x`` (see the module docstring); non-finite points are dropped."""
+def fit_line(x, y, labels=None, *, loo: bool = True) -> LinearFit:
+    """Fit ``y ~ x`` (see the module docstring); non-finite points are dropped.
+    ``loo=False`` leaves the leave-one-out figures out (None): ``n`` refits
+    that a caller which only predicts from the line does not read."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     labels = list(labels) if labels is not None else [str(i) for i in range(len(x))]
@@ -124,17 +126,17 @@ def fit_line(x, y, labels=None) -> LinearFit:
     r2 = 1 - ss_res / syy if syy > 0 else None
     s = math.sqrt(ss_res / (n - 2)) if n >= 3 else None
 
-    loo: list[float | None] = []
-    for i in range(n):
+    preds: list[float | None] = []
+    for i in range(n if loo else 0):
         rest = np.arange(n) != i
         li = _ols(x[rest], y[rest]) if n >= 3 else None
-        loo.append(None if li is None else li[0] * x[i] + li[1])
-    errs = np.array([p - yi for p, yi in zip(loo, y) if p is not None])
+        preds.append(None if li is None else li[0] * x[i] + li[1])
+    errs = np.array([p - yi for p, yi in zip(preds, y) if p is not None])
     loo_rmse = float(np.sqrt((errs**2).mean())) if len(errs) else None
     loo_mae = float(np.abs(errs).mean()) if len(errs) else None
     return LinearFit(
         slope=slope, intercept=intercept, pearson_r=r, r2=r2, x_mean=float(xm), sxx=sxx,
-        residual_se=s, loo_rmse=loo_rmse, loo_mae=loo_mae, loo_predictions=loo, **base,
+        residual_se=s, loo_rmse=loo_rmse, loo_mae=loo_mae, loo_predictions=preds if loo else [None] * n, **base,
     )  # fmt: skip
 
 

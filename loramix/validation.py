@@ -159,8 +159,8 @@ def _fit_ridge(X: np.ndarray, y: np.ndarray, features: list[str], lam: float, le
             "resid_high": q[1], "n": len(y)}  # fmt: skip
 
 
-def _fit_ols(x: np.ndarray, y: np.ndarray, feature: str) -> dict:
-    f = fit_line(x, y)
+def _fit_ols(x: np.ndarray, y: np.ndarray, feature: str, loo: bool = True) -> dict:
+    f = fit_line(x, y, loo=loo)
     if not f.ok:  # the feature does not vary on the training part: no line
         return _fit_mean(y)
     keep = (
@@ -178,9 +178,9 @@ def _fit_ols(x: np.ndarray, y: np.ndarray, feature: str) -> dict:
     return {"kind": "ols", "feature": feature, **{k: getattr(f, k) for k in keep}}
 
 
-def _fit_pairsum(x: np.ndarray, size: np.ndarray, y: np.ndarray, feature: str) -> dict:
+def _fit_pairsum(x: np.ndarray, size: np.ndarray, y: np.ndarray, feature: str, loo: bool = True) -> dict:
     """The line of ``y / size`` on ``x`` (``ols_pairsum``, module docstring)."""
-    fit = _fit_ols(x, y / size, feature)
+    fit = _fit_ols(x, y / size, feature, loo)
     if fit["kind"] != "ols":  # no line: the plain mean of y
         return _fit_mean(y)
     return {**fit, "kind": "ols_pairsum", "size": SIZE}
@@ -268,16 +268,18 @@ def sized(X: pd.DataFrame) -> bool:
 
 
 def fit_all(comps, y: np.ndarray, X: pd.DataFrame, level: float = 0.9, lambdas=LAMBDAS,
-            pairsum: bool = False) -> dict[str, dict]:  # fmt: skip
-    """Every predictor fitted on ``(comps, X, y)``: ``{"mean", "ols:F"..., ["ols_pairsum:F"...], "ridge"}``."""
+            pairsum: bool = False, loo: bool = True) -> dict[str, dict]:  # fmt: skip
+    """Every predictor fitted on ``(comps, X, y)``: ``{"mean", "ols:F"..., ["ols_pairsum:F"...], "ridge"}``.
+    ``loo=False``: the lines without their leave-one-out figures (:func:`~loramix.fit.fit_line`),
+    for a fold's fits, which only predict."""
     fits = {"mean": _fit_mean(y)}
     for f in X.columns:
-        fits[f"ols:{f}"] = _fit_ols(X[f].to_numpy(), y, f)
+        fits[f"ols:{f}"] = _fit_ols(X[f].to_numpy(), y, f, loo)
     if pairsum:
         size = X[SIZE].to_numpy(dtype=np.float64)
         for f in X.columns:
             if f != SIZE:
-                fits[f"ols_pairsum:{f}"] = _fit_pairsum(X[f].to_numpy(), size, y, f)
+                fits[f"ols_pairsum:{f}"] = _fit_pairsum(X[f].to_numpy(), size, y, f, loo)
     rf = ridge_features(X)
     if rf:
         R = X[rf].to_numpy()
@@ -397,11 +399,13 @@ def validate(compositions, y, X: pd.DataFrame, *, level: float = 0.9, lambdas=LA
     rows, pairsum = [], sized(X)
     if SIZE in X.columns and not pairsum:  # one size throughout: a constant, nothing to fit on
         X = X.drop(columns=[SIZE])
+    # one dict per composition: a row's to_dict at each prediction cost more than the fits
+    xs = X.to_dict(orient="records")
     for d, tr, te in splits:
-        fits = fit_all([comps[k] for k in tr], y[tr], X.iloc[tr], level, lambdas, pairsum)
+        fits = fit_all([comps[k] for k in tr], y[tr], X.iloc[tr], level, lambdas, pairsum, loo=False)
         for name, fit in fits.items():
             for k in te:
-                yh, lo, hi = predict_from(fit, X.iloc[k].to_dict(), level)
+                yh, lo, hi = predict_from(fit, xs[k], level)
                 rows.append((name, d, label(comps[k]), float(y[k]), yh, lo, hi))
     pred = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
     summary = pd.DataFrame(

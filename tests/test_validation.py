@@ -355,3 +355,18 @@ def test_one_feature_under_two_names_ranks_by_name_not_by_float_noise(seed):
     # a qualified name (a band's, a module type's) yields to the general one it equals
     s = validate(comps, y, pd.DataFrame({"z_same": x * (1 + 1e-14), "a_same:top": x})).summary
     assert [p for p in s["predictor"] if "_same" in p] == ["ols:z_same", "ols:a_same:top"]
+
+
+def test_a_line_without_its_leave_one_out_is_the_same_line():
+    """``fit_line(loo=False)`` (a validation fold's fits, which only
+    predict) skips the ``n`` refits and gives the same line and interval,
+    bit for bit, with no leave-one-out figures. A guard of the speed-up."""
+    from loramix.fit import fit_line
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=40), rng.normal(size=40)
+    full, quick = fit_line(x, y).to_dict(), fit_line(x, y, loo=False).to_dict()
+    assert quick.pop("loo_rmse") is None and quick.pop("loo_mae") is None
+    assert quick.pop("loo_predictions") == [None] * 40
+    assert full.pop("loo_rmse") > 0 and full.pop("loo_mae") > 0 and None not in full.pop("loo_predictions")
+    assert quick == full
