@@ -68,6 +68,7 @@ from .errors import AdapterError, UsageError
 from .io.peft_layout import (
     D2LORA,
     adapter_list,
+    check_base_free,
     check_compatible,
     check_default_targets,
     check_one_base,
@@ -458,7 +459,8 @@ def _effective_inner_products(deltas: list, W0):
     """
     torch = _torch()
     dev, f64, n = W0.device, torch.float64, len(deltas)
-    Bs, As = zip(*(d.factors(dtype=f64, device=dev) for d in deltas))  # (out, r_t), (r_t, in)
+    # (out, r_t), (r_t, in): the residuals, or the deltas a kind makes low rank given W0 (PiSSA)
+    Bs, As = zip(*(d.kind.based_factors(d, W0, dtype=f64, device=dev) for d in deltas))
     axes = [d.kind.norm_axis(d) if d.kind.needs_base else None for d in deltas]
     offsets = np.concatenate([[0], np.cumsum([B.shape[1] for B in Bs])]).tolist()
     onehot = torch.from_numpy(_one_hot(offsets)).to(dev)  # (R, n)
@@ -753,6 +755,7 @@ def _similarity(items: list, base, per_module: bool, progress: bool, device) -> 
     names = unique_names(adapters)
     base_folder = None
     if base is None:
+        check_base_free(adapters)  # PiSSA, OLoRA: no residual to compare (loramix.kinds.moved_base)
         warn_null_targets(adapters)
     else:
         from .io.model_folder import BaseModelFolder

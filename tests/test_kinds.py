@@ -216,7 +216,7 @@ def test_an_unknown_kind_lists_those_train_takes(capsys, tmp_path):
                "--kind", "lorra"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["loramix: error: --kind: unknown adapter kind 'lorra'; train takes d2lora, lora "
-                               "(dora: read, not trained)"], err  # fmt: skip
+                               "(dora, moved-base: read, not trained)"], err  # fmt: skip
 
 
 @pytest.mark.parametrize("flag", ["--kind", "--method"])

@@ -31,6 +31,8 @@ from .peft_layout import (
     check_features,
     magnitude_problem,
     module_factors,
+    moved_base_init,
+    moved_base_problem,
     parse_keys,
     read_parts,
 )
@@ -329,6 +331,11 @@ def load_np_adapter(
     dora = method == LORA and bool(config.get("use_dora"))  # DoRA on linear layers: LoRA and m
     parsed = parse_keys(list(factors), {**parts, **MAGNITUDE_PART} if dora else parts, weights)
     check_features(config, cfg_path, dora)
+    if (init := moved_base_init(config)) is not None:
+        # its delta needs the base (loramix.kinds.moved_base), which no numpy reader's caller has
+        if not torch_fallback:
+            return None
+        raise AdapterError(cfg_path, moved_base_problem(init, "pass --base BASE"))
     raw = read_parts(parsed, factors.__getitem__ if lazy else (lambda k: np.asarray(factors[k])), weights)
     mags = _magnitudes(raw, weights) if dora else {}
     modules = {

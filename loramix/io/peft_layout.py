@@ -441,9 +441,89 @@ def parse_keys(keys: list[str], parts: dict, weights: Path) -> list[tuple[str, s
         raise AdapterError(weights, e.args[0]) from None
 
 
+#: PEFT's ``init_lora_weights`` that took ``s B0 A0``, a function of the base weight and the
+#: config alone, out of the base when the adapter was made: read as the kind ``moved-base``
+#: (:mod:`loramix.kinds.moved_base`), whose delta ``s (B A - B0 A0)`` needs the base
+MOVED_BASE_INITS = {"pissa": "PiSSA", "olora": "OLoRA"}
+
+#: how to make a plain LoRA of such an adapter, said where loramix has no base for it
+CONVERT_WITH_PEFT = ("save it converted to a LoRA with PEFT "
+                     "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")  # fmt: skip
+
+
+def moved_base_init(config: dict | None) -> str | None:
+    """``"pissa"`` or ``"olora"`` where the config's ``init_lora_weights`` is
+    one of :data:`MOVED_BASE_INITS` as PEFT 0.21 reads it (``"pissa"``
+    exactly, ``"olora"`` in any case), else None (an init that left the base
+    alone, or one :func:`check_init` refuses)."""
+    v = (config or {}).get("init_lora_weights", True)
+    if isinstance(v, str) and (v == "pissa" or v.lower() == "olora"):
+        return v.lower()
+    return None
+
+
+def check_init(config: dict, cfg_path: Path) -> None:
+    """Refuse an ``init_lora_weights`` whose move of the base loramix cannot
+    compute again, or one PEFT does not know (PEFT 0.21's ``update_layer``,
+    in its order). Inits that leave the base alone (``true``, ``false``,
+    ``null``, ``gaussian``, ``eva``, ``orthogonal``, ``mica``) are plain
+    LoRA; ``pissa`` and ``olora`` are :data:`MOVED_BASE_INITS`."""
+    v = config.get("init_lora_weights", True)
+    if v is None or isinstance(v, bool) or moved_base_init(config) is not None:
+        return
+    why = None
+    if not isinstance(v, str):
+        why = "is not one PEFT knows (true, false or an init's name)"
+    elif v.startswith("pissa"):
+        why = (
+            "moved the base by a randomized SVD (torch.svd_lowrank draws from the global random generator), "
+            "which loramix cannot compute again (nor can PEFT's reload: it differs from the trained model)"
+            if re.fullmatch(r"pissa_niter_\d+", v)
+            else "is not one PEFT knows ('pissa' or 'pissa_niter_N'; PEFT refuses to load it)"
+        )
+    elif v.startswith("corda"):
+        why = "(CorDA) moved the base by factors from calibration data, which the adapter does not hold"
+    elif v == "loftq":
+        why = "(LoftQ) replaced the base by a quantized one, which loramix does not reproduce"
+    elif v == "lora_ga":
+        why = ("(LoRA-GA) moved the base by factors from gradients on training data, which the adapter does "
+               "not hold (PEFT's reload leaves the base as it is, so it differs from the trained model)")  # fmt: skip
+    elif not (v.lower() in ("gaussian", "mica") or v in ("eva", "orthogonal")):
+        why = "is not one PEFT knows (PEFT refuses to load it)"
+    if why is not None:
+        raise AdapterError(cfg_path, f"not supported: init_lora_weights {v!r} {why}; {CONVERT_WITH_PEFT}")
+
+
+def check_base_free(adapters: Sequence, hint: str = "pass --base BASE") -> None:
+    """Refuse, in one line naming the adapter's config and its init, an
+    adapter whose init moved the base (:data:`MOVED_BASE_INITS`) where a
+    command compares or reads deltas without the base: its factors alone
+    (``s B A``) are not its delta ``s (B A - B0 A0)``. ``hint``: what gives
+    the command the base."""
+    for ad in adapters:
+        if (init := moved_base_init(getattr(ad, "config", None))) is not None:
+            raise AdapterError(where_config(ad), moved_base_problem(init, hint))
+
+
+def where_config(ad) -> Path | str:
+    """The config of a loaded adapter (beside its weights), else its path or name."""
+    weights = getattr(ad, "weights_path", None)
+    return Path(weights).parent / CONFIG_NAME if weights is not None else (ad.path or ad.name)
+
+
+def moved_base_problem(init: str, hint: str) -> str:
+    """The refusal of an adapter whose init ``init`` moved the base, read without one."""
+    return (f"init_lora_weights {init!r}: PEFT's {MOVED_BASE_INITS[init]} init took s B0 A0 out of the base "
+            f"weights, so the delta s (B A - B0 A0) depends on the base: {hint}, or {CONVERT_WITH_PEFT}")  # fmt: skip
+
+
 def check_features(config: dict, cfg_path: Path, dora: bool = False) -> None:
     """Refuse the config flags of LoRA variants loramix would misread
-    (``use_dora`` unless the reader is DoRA's)."""
+    (``use_dora`` unless the reader is DoRA's; an init it cannot
+    reproduce, :func:`check_init`)."""
+    check_init(config, cfg_path)
+    if config.get("use_dora") and (init := moved_base_init(config)) is not None:
+        raise AdapterError(cfg_path, f"not supported: DoRA (use_dora: true) with init_lora_weights {init!r}")
     if config.get("use_dora") and not dora:
         raise AdapterError(cfg_path, "not supported: DoRA (use_dora: true)")
     if config.get("lora_bias"):

@@ -123,6 +123,13 @@ class AdapterKind(str):
         B, A = self.factors(m, dtype=dtype, device=device)
         return B @ A
 
+    def based_factors(self, m: ModuleDelta, W0: torch.Tensor, dtype=torch.float64, device=None):
+        """``(Bf, Af)``: the pair similarity against a base stacks for ``m``
+        given ``W0`` (out, in). The residual's (:meth:`factors`), which the
+        gains of :meth:`norm_axis` then scale; a kind whose effective delta is
+        low rank once ``W0`` is known (PiSSA, OLoRA) returns that delta's pair."""
+        return self.factors(m, dtype=dtype, device=device)
+
     def norm_axis(self, m: ModuleDelta) -> int | None:
         """For a kind that ``needs_base``, the axis its norms run along (1: one per
         output row, 0: one per input column), so that the effective delta is

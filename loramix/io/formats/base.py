@@ -53,6 +53,7 @@ from ..peft_layout import (  # noqa: F401  (the torch-free parsing lives there; 
     checked_scale,
     embedding_as_weight_factors,
     module_rank_alpha,
+    moved_base_init,
     parse_keys,
     read_config,
     read_parts,
@@ -223,6 +224,9 @@ class PeftLayoutFormat:
     peft_type: ClassVar[str] = ""
     #: reads PEFT's ``use_dora: true`` adapters (and only those), else refuses them
     dora: ClassVar[bool] = False
+    #: the ``init_lora_weights`` that moved the base this format reads (and only
+    #: those, :func:`~loramix.io.peft_layout.moved_base_init`); the others leave them
+    inits: ClassVar[frozenset[str]] = frozenset()
 
     def detect(self, path: str | Path) -> bool:
         try:
@@ -232,6 +236,9 @@ class PeftLayoutFormat:
             return False
         if str(config.get("peft_type", "")).upper() != (self.peft_type or self.kind.peft_type):
             return False
+        if (init := moved_base_init(config)) is not None or self.inits:
+            # an init that moved the base is its own reader's (which refuses DoRA beside it)
+            return init in self.inits
         # A DoRA adapter is a PEFT LoRA with use_dora: its own reader claims it.
         return bool(config.get("use_dora")) == self.dora or (not self.dora and not _dora_reader())
 
