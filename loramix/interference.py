@@ -79,6 +79,8 @@ def predict_validated(
     validated one), ``predicted``, ``interval`` (low, high or None),
     ``level``, ``validated`` (the predictor's held-out n, r, R^2, MAE and
     coverage), ``mean_mae`` (the mean's held-out MAE), ``beats_mean``,
+    ``selection`` (the nested validation of choosing the best,
+    :func:`loramix.validation.nested_selection`; None in a file without it),
     ``features`` (the composition's values of the features it reads),
     ``warnings`` and ``notes`` (where it reads ``rms_cosine`` or
     ``mean_cosine``: the pairs that adapt no module in common, whose cosine
@@ -140,7 +142,8 @@ def predict_validated(
         "names": list(model.features.names), "adapter_method": adapters[0].method, "target": fitfile["target"],
         "predictor": fitfile["best"], "predicted": y, "interval": None if lo is None else [lo, hi],
         "level": fitfile["level"], "validated": validated, "mean_mae": rows.get("mean", {}).get("mae"),
-        "beats_mean": bool(fitfile.get("beats_mean")), "file": str(path), "scenario": fitfile.get("scenario"),
+        "beats_mean": bool(fitfile.get("beats_mean")), "selection": fitfile.get("selection"),
+        "file": str(path), "scenario": fitfile.get("scenario"),
         "features": features, "extrapolation": far is not None,
         "domains": fitted_domains(fitfile.get("compositions") or []),
         "warnings": warnings, "notes": notes,
@@ -203,7 +206,7 @@ def _for_method(fitfile: dict, method: str, where: str) -> dict:
         {"predictor": "mean", "mae": e.get("mean_mae")},
     ]
     return {**fitfile, "best": e["best"], "fits": {e["best"]: e["fit"]}, "summary": rows, "by_method": None,
-            "target": e.get("target") or fitfile["target"],
+            "target": e.get("target") or fitfile["target"], "selection": e.get("selection"),
             "beats_mean": bool(e.get("beats_mean", fitfile.get("beats_mean")))}  # fmt: skip
 
 

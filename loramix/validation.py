@@ -51,6 +51,31 @@ MAE (MAEs equal to 1e-12 relative tie, and a tie goes to the least qualified
 name, then the name order: :func:`ranked`); it *beats the mean* when its MAE
 is below the ``mean`` predictor's. Features with a missing or infinite value
 on any composition are left out. The final fits (on all compositions) are kept for ``loramix plan``.
+
+Choosing the best, validated too (nested leave-one-domain-out)
+--------------------------------------------------------------
+The best predictor's held-out MAE is the minimum of many noisy MAEs, so it is
+biased low: the choice itself was fitted to the held-out domains. ``validate(...,
+nested=True)`` validates the whole procedure "choose the best validated
+predictor, then fit it on everything" (:func:`nested_selection`). For each
+outer domain ``d`` of :func:`lodo_splits` with training part ``T_d`` (the
+compositions without ``d``):
+
+* ``p_d = best(validate(T_d))``: the same leave-one-domain-out selection run
+  on ``T_d`` alone (its folds hold out each domain ``e != d``; a feature that
+  does not vary, or a size that is constant, on ``T_d`` is handled as
+  :func:`validate` handles it);
+* ``p_d`` fitted on all of ``T_d`` predicts each composition ``C_k`` with
+  ``d in C_k``: ``y_hat_(k,d) = f_(p_d, T_d)(x_k)``.
+
+These predictions are pooled as the plain ones are (a composition once per
+held-out member) into ``MAE_nested``, ``r``, ``R^2`` and ``n``; the mean's
+plain predictions on the same outer folds give ``MAE_mean``. A fold whose
+training part leaves no domain to hold out (every composition of ``T_d``
+shares a domain) cannot choose and is left out of both. ``MAE_nested`` is the
+error of a user who chooses this way and predicts a new domain; choosing
+helps only where it is below ``MAE_mean``. ``best`` and ``beats_mean`` stay
+the plain figures.
 """
 
 from __future__ import annotations
@@ -304,6 +329,7 @@ class Validation:
     level: float
     target: str
     dropped: list[str] = field(default_factory=list)  # features missing or infinite on some composition
+    selection: dict | None = None  # the nested figures (nested_selection); None where not computed
 
     @property
     def best(self) -> str:
@@ -337,6 +363,8 @@ class Validation:
             "dropped_features": list(self.dropped),
             "summary": [{k: clean(v) for k, v in r.items()} for r in self.summary.to_dict(orient="records")],
             "fits": self.fits,
+            # only where computed: a validation without it writes what it wrote before
+            **({"selection": self.selection} if self.selection is not None else {}),
         }  # fmt: skip
 
 
@@ -371,11 +399,16 @@ def ranked(summary: pd.DataFrame, rtol: float = 1e-12) -> pd.DataFrame:
 
 
 def validate(compositions, y, X: pd.DataFrame, *, level: float = 0.9, lambdas=LAMBDAS,
-             aggregate: dict[str, str] | None = None, target: str = "interference") -> Validation:  # fmt: skip
+             aggregate: dict[str, str] | None = None, target: str = "interference", nested: bool = False,
+             loo: bool = True) -> Validation:  # fmt: skip
     """Leave-one-domain-out validation of every predictor (module docstring).
 
     ``compositions``: tuples of domain names, aligned with ``y`` and the rows of
     ``X`` (compositions x features, e.g. from :func:`composition_table`).
+    ``nested``: the choice of the best validated too (:func:`nested_selection`,
+    about ten times the cost), kept as ``selection``. ``loo=False``: the final
+    fits without the lines' leave-one-out figures (``fit_line(loo=False)``; a
+    nested fold's, which only predict).
     """
     import pandas as pd
 
@@ -413,18 +446,56 @@ def validate(compositions, y, X: pd.DataFrame, *, level: float = 0.9, lambdas=LA
     )
     summary = ranked(summary)
     agg = {f: (aggregate or {}).get(f, "rms") for f in X.columns}
-    fits = fit_all(comps, y, X, level, lambdas, pairsum)
-    return Validation(pred, summary, fits, comps, y.tolist(), agg, level, target, dropped)
+    fits = fit_all(comps, y, X, level, lambdas, pairsum, loo=loo)
+    v = Validation(pred, summary, fits, comps, y.tolist(), agg, level, target, dropped)
+    if nested:
+        v.selection = nested_selection(comps, y, X, pred, splits, level=level, lambdas=lambdas)
+    return v
+
+
+def nested_selection(comps, y: np.ndarray, X: pd.DataFrame, pred: pd.DataFrame, splits, *, level: float = 0.9,
+                     lambdas=LAMBDAS) -> dict:  # fmt: skip
+    """The nested leave-one-domain-out of the choice of the best (module
+    docstring): ``{"n", "r", "r2", "mae", "coverage"}`` of the pooled outer
+    predictions, ``mean_mae`` (the mean's held-out MAE on the same outer folds,
+    from ``pred``, the plain validation's predictions) and ``chosen``
+    (``{outer domain: the predictor its training part chose}``; a fold that
+    could not choose is absent). ``X`` and ``splits`` as :func:`validate` uses
+    them (the complete features; :func:`lodo_splits`). Non-finite figures are None."""
+    import pandas as pd
+
+    xs = X.to_dict(orient="records")
+    rows, chosen = [], {}
+    for d, tr, te in splits:
+        try:
+            inner = validate(
+                [comps[k] for k in tr], y[tr], X.iloc[tr], level=level, lambdas=lambdas, loo=False
+            )
+        except UsageError:  # no domain of the training part can be held out: nothing to choose by
+            continue
+        chosen[d] = inner.best
+        fit = inner.fits[inner.best]
+        for k in te:
+            rows.append((float(y[k]), *predict_from(fit, xs[k], level)))
+    if not rows:
+        return {"n": 0, "r": None, "r2": None, "mae": None, "coverage": None, "mean_mae": None, "chosen": {}}
+    m = _metrics(pd.DataFrame(rows, columns=["y", "y_hat", "low", "high"]))
+    mean = pred[(pred["predictor"] == "mean") & pred["held_out"].isin(list(chosen))]
+    m["mean_mae"] = float(np.abs(mean["y"].to_numpy(float) - mean["y_hat"].to_numpy(float)).mean())
+    out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
+    return {**out, "chosen": chosen}
 
 
 def method_entry(v: dict) -> dict:
     """One merge method's part of a predictors file's ``by_method``: from a
     :meth:`Validation.to_json_dict`, its target, level, best predictor (the fit
-    and its held-out record) and the mean's held-out MAE."""
+    and its held-out record), the mean's held-out MAE and, where computed, the
+    nested figures of the choice (``selection``, :func:`nested_selection`)."""
     rows = {r["predictor"]: r for r in v["summary"]}
     return {"target": v["target"], "level": v["level"], "best": v["best"], "beats_mean": v["beats_mean"],
             "fit": v["fits"][v["best"]], "validated": rows.get(v["best"]),
-            "mean_mae": rows.get("mean", {}).get("mae")}  # fmt: skip
+            "mean_mae": rows.get("mean", {}).get("mae"),
+            **({"selection": v["selection"]} if v.get("selection") is not None else {})}  # fmt: skip
 
 
 def write_predictors(path: str | os.PathLike, result: Validation) -> Path:
@@ -523,6 +594,30 @@ def _check_record(path, name: str, row) -> dict:
     return row
 
 
+def check_selection(path, name: str, sel) -> dict | None:
+    """The nested figures of the choice (:func:`nested_selection`), checked:
+    null or an object with ``n`` an integer >= 0, ``r`` and ``r2`` finite or
+    null, ``mae``, ``mean_mae`` >= 0 or null, ``coverage`` in [0, 1] or null,
+    and ``chosen`` an object {domain: predictor name}. A file written before
+    loramix computed it has no ``selection``, and is read as before."""
+    if sel is None:
+        return None
+    if not isinstance(sel, dict):
+        raise field_error(path, name, "an object (the nested validation of the choice) or null", sel)
+    check_int(path, f"{name}.n", sel.get("n", MISSING), 0)
+    for key in ("r", "r2"):
+        check_number(path, f"{name}.{key}", sel.get(key), null=True)
+    for key in ("mae", "mean_mae"):
+        check_number(path, f"{name}.{key}", sel.get(key), null=True, low=0)
+    cov = check_number(path, f"{name}.coverage", sel.get("coverage"), null=True, low=0)
+    if cov is not None and cov > 1:
+        raise field_error(path, f"{name}.coverage", "a number in [0, 1] or null", cov)
+    chosen = sel.get("chosen", MISSING)
+    if not isinstance(chosen, dict) or not all(isinstance(v, str) for v in chosen.values()):
+        raise field_error(path, f"{name}.chosen", "an object {domain: predictor name}", chosen)
+    return sel
+
+
 def _check_bool(path, name: str, d: dict, key: str) -> None:
     if key in d and not isinstance(d[key], bool):
         raise field_error(path, name, "true or false", d[key])
@@ -541,7 +636,8 @@ def load_predictors(path: str | os.PathLike) -> dict:
     the best predictor and for ``mean``; the best fit
     (:func:`check_predictor_fit`); and each ``by_method`` entry: its ``fit``,
     ``best`` a string, ``validated`` a held-out record or null, ``level`` in
-    (0, 1), ``target`` a string or null, ``mean_mae`` >= 0 or null. The other
+    (0, 1), ``target`` a string or null, ``mean_mae`` >= 0 or null; ``selection``
+    and each entry's, where present (:func:`check_selection`). The other
     fits and fields, which neither command reads, are not checked.
     """
     p = Path(path)
@@ -592,6 +688,7 @@ def load_predictors(path: str | os.PathLike) -> dict:
         if rows.get(name, {}).get("mae") is None:
             raise UsageError(p, f"summary has no held-out MAE for predictor {name!r}")
     check_predictor_fit(p, f"fits[{json.dumps(best)}]", d["fits"][best])
+    check_selection(p, "selection", d.get("selection"))
     for m, e in (bm or {}).items():
         name = f"by_method[{json.dumps(m)}]"
         check_predictor_fit(p, f"{name}.fit", e["fit"])
@@ -603,4 +700,5 @@ def load_predictors(path: str | os.PathLike) -> dict:
         check_str(p, f"{name}.target", e.get("target"), null=True)
         check_number(p, f"{name}.mean_mae", e.get("mean_mae"), null=True, low=0)
         _check_bool(p, f"{name}.beats_mean", e, "beats_mean")
+        check_selection(p, f"{name}.selection", e.get("selection"))
     return d

@@ -602,3 +602,39 @@ def test_adapters_made_outside_loramix_are_said_to_be_unchecked_against_the_fits
                 f"loramix): that it is the one {who} fitted for (") in err  # fmt: skip
     assert main(["predict", str(adapters[0]), str(adapters[1]), "--fit", str(path)]) == 0
     assert "record no base" not in capsys.readouterr().err  # a fit with no base identity: nothing to check
+
+
+def test_predict_says_when_choosing_the_best_does_not_beat_the_mean(adapters, tmp_path, capsys):
+    """A predictors file whose nested validation of the choice
+    (``selection``) is not below the mean's: ``loramix predict`` adds one
+    note line saying that choosing the best this way does not beat the mean
+    on held-out domains, and its JSON carries the figure; a file without it
+    (from an earlier loramix) predicts as before, with no such line. New
+    behaviour."""
+    import itertools
+
+    import pandas as pd
+
+    from loramix.validation import validate, write_predictors
+
+    rng = np.random.default_rng(1)
+    comps = list(itertools.combinations([f"d{k}" for k in range(7)], 2))
+    X = pd.DataFrame(
+        {"rms_cosine": rng.uniform(0, 1, len(comps)), "mean_cosine": rng.uniform(-1, 1, len(comps))}
+    )
+    v = validate(comps, rng.normal(size=len(comps)), X, nested=True)
+    assert v.selection["mae"] >= v.selection["mean_mae"]  # noise: the precondition of the test
+    p = write_predictors(tmp_path / "predictors.json", v)
+    argv = ["predict", *map(str, adapters[:2]), "--fit", str(p)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    said = [x for x in out.splitlines() if "choosing the best predictor this way does not beat the mean" in x]
+    assert len(said) == 1 and said[0].startswith("note: "), out
+    assert f"held-out MAE {v.selection['mae']:.3g} against {v.selection['mean_mae']:.3g}" in said[0]
+    assert main([*argv, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["selection"] == json.loads(p.read_text())["selection"]
+    old = json.loads(p.read_text())
+    del old["selection"]
+    p.write_text(json.dumps(old))
+    assert main(argv) == 0
+    assert "choosing the best" not in capsys.readouterr().out

@@ -64,11 +64,38 @@ def _best_line(v: dict) -> str:
 def _selection_note(v: dict) -> str:
     rows = {r["predictor"]: r for r in v["summary"]}
     cos = rows.get("ols:rms_cosine")
-    note = (f"The best is chosen among {len(rows)} predictors by this same held-out MAE, so its error is "
-            "slightly optimistic")  # fmt: skip
+    nested = selection_words(v.get("selection"))
+    if nested is None:  # a validation made before the choice was validated (or with no fold to choose in)
+        note = (f"The best is chosen among {len(rows)} predictors by this same held-out MAE, so its error is "
+                "slightly optimistic")  # fmt: skip
+    else:
+        note = f"The best is chosen among {len(rows)} predictors by this same held-out MAE; {nested}"
     if cos is not None:
         note += f"; the plain RMS-cosine line scores MAE {_f(cos['mae'])}, r = {_f(cos['r'])}"
     return note + "."
+
+
+def selection_words(sel: dict | None) -> str | None:
+    """The nested validation of the choice of the best (``selection``,
+    :func:`loramix.validation.nested_selection`) in words, saying plainly when
+    its held-out MAE is not below the mean's; None where there is none."""
+    from collections import Counter
+
+    if not sel or sel.get("mae") is None or sel.get("mean_mae") is None:
+        return None
+    chosen = sel.get("chosen") or {}
+    counts = Counter(chosen.values()).most_common()
+    top, count = counts[0] if counts else ("none", 0)
+    others = max(len(counts) - 1, 0)
+    which = (f"every one of the {count} outer folds chose {top}" if others == 0 else
+             f"the outer folds chose {top} in {count} of {len(chosen)}, {others} other predictor"
+             f"{'s' if others > 1 else ''} in the rest")  # fmt: skip
+    words = (f"choosing it is validated too (nested leave-one-domain-out, the choice made again without each "
+             f"held-out domain): held-out MAE {_f(sel['mae'])} against {_f(sel['mean_mae'])} for the mean on the "
+             f"same folds (r = {_f(sel['r'])}, n = {sel['n']}; {which})")  # fmt: skip
+    if not sel["mae"] < sel["mean_mae"]:
+        words += ", so **choosing a predictor this way does not beat the mean on held-out domains**"
+    return words
 
 
 def _best_feature(v: dict) -> str:
@@ -206,6 +233,8 @@ def section_predictors(report: dict, v) -> list[str]:
         L.append(f"### {val['target']}, {val['adapter_method']} ({len(val['y'])} compositions)")
         L.append("")
         L.append(val["headline"])
+        if (nested := selection_words(val.get("selection"))) is not None:
+            L[-1] += f" The best is chosen by this held-out MAE; {nested}."
         L.append("")
         L.append(_table(["predictor", "n", "r", "R²", "MAE", "coverage"],
                         [[r["predictor"], str(r["n"]), _f(r["r"]), _f(r["r2"]), _f(r["mae"]),

@@ -49,7 +49,9 @@ def feature_set(results: list[dict]) -> FeatureSet:
 def validate_targets(summary: pd.DataFrame, features: dict[str, FeatureSet], *, level: float) -> list[dict]:
     """One validation per (adapter kind, target, merge method) with at least
     :data:`MIN_COMPOSITIONS` measured compositions: the predictors file's
-    dict (:meth:`loramix.validation.Validation.to_json_dict`) plus
+    dict (:meth:`loramix.validation.Validation.to_json_dict`, with the nested
+    validation of the choice, ``selection``: about ten times the plain
+    validation's cost, paid once per inputs and code where the study caches) plus
     ``adapter_method``, ``target_name``, ``merge_method`` and the held-out
     ``predictions`` (records) of the best predictor, the mean and the RMS cosine line."""
     from ..validation import composition_table, validate
@@ -64,8 +66,10 @@ def validate_targets(summary: pd.DataFrame, features: dict[str, FeatureSet], *, 
                     continue
                 X = composition_table(fs, comps)
                 try:
+                    # nested: the choice of the best validated too, in every validation (the
+                    # report shows it for each); cached with the rest (assemble._validations)
                     v = validate(comps, g[col].to_numpy(dtype=float), X, level=level, aggregate=fs.aggregate,
-                                 target=f"{col} ({mm})")  # fmt: skip
+                                 target=f"{col} ({mm})", nested=True)  # fmt: skip
                 except UsageError:  # too few domains to hold any out
                     continue
                 d = v.to_json_dict()
