@@ -446,7 +446,7 @@ def validate(compositions, y, X: pd.DataFrame, *, level: float = 0.9, lambdas=LA
     ``compositions``: tuples of domain names, aligned with ``y`` and the rows of
     ``X`` (compositions x features, e.g. from :func:`composition_table`).
     ``nested``: the choice of the best validated too (:func:`nested_selection`,
-    about ten times the cost), kept as ``selection``. ``loo=False``: the final
+    about seven times the cost), kept as ``selection``. ``loo=False``: the final
     fits without the lines' leave-one-out figures (``fit_line(loo=False)``; a
     nested fold's, which only predict).
     """

@@ -50,7 +50,7 @@ def validate_targets(summary: pd.DataFrame, features: dict[str, FeatureSet], *, 
     """One validation per (adapter kind, target, merge method) with at least
     :data:`MIN_COMPOSITIONS` measured compositions: the predictors file's
     dict (:meth:`loramix.validation.Validation.to_json_dict`, with the nested
-    validation of the choice, ``selection``: about ten times the plain
+    validation of the choice, ``selection``: about seven times the plain
     validation's cost, paid once per inputs and code where the study caches) plus
     ``adapter_method``, ``target_name``, ``merge_method`` and the held-out
     ``predictions`` (records) of the best predictor, the mean and the RMS cosine line."""
