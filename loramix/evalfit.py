@@ -419,8 +419,9 @@ def _validations(points: list[dict], fs, level: float) -> dict:
         comps = [p["composition"] for p in mine]
         X = composition_table(fs, comps)
         try:
+            # nested: the choice of the best validated too (``selection``), as a study's validations are
             v = validate(comps, [p["y"] for p in mine], X, level=level, aggregate=fs.aggregate,
-                         target=f"{TARGET} ({mm})")  # fmt: skip
+                         target=f"{TARGET} ({mm})", nested=True)  # fmt: skip
         except UsageError as e:  # no domain can be held out
             raise UsageError(where, f"the {mm} merges: {e.problem}") from None
         out[mm] = v.to_json_dict()
@@ -524,7 +525,8 @@ def fit_evaluations(
     merge: ``composition``, ``merge_method``, ``y`` (retention %),
     ``rms_cosine``, ``file``, ``delta_ppl_pct`` and ``merged_data``, None
     without one), ``methods`` (per merge method: ``best``, ``beats_mean``,
-    ``headline`` and the held-out ``summary``), the primary (``sum`` where
+    ``headline``, the held-out ``summary`` and ``selection``, the choice of the best
+    validated too: :func:`loramix.validation.nested_selection`), the primary (``sum`` where
     fitted) first, and ``lines`` (fit.json's fits; empty without ``merged_data``);
     a dict, path-like for ``out`` (:mod:`loramix.results`; with ``out=None``
     its ``out`` is None and ``os.fspath`` of it a ``TypeError``).
@@ -555,7 +557,8 @@ def fit_evaluations(
         out = _write(out, force, [*files, *ref_files], written, vals, points)
     d = written["predictors.json"]
     methods = {
-        m: {k: vals[m][k] for k in ("best", "beats_mean", "headline", "summary")} for m in d["by_method"]
+        m: {k: vals[m].get(k) for k in ("best", "beats_mean", "headline", "summary", "selection")}
+        for m in d["by_method"]
     }
     from .results import OutputDict
 

@@ -97,6 +97,10 @@ def test_fit_from_evaluations_is_read_by_predict_and_plan(bank, tmp_path):
     d = json.loads((out / "predictors.json").read_text())
     assert d["target"] == "retention_pct (sum)" and d["adapter_kind"] == "lora" and d["base_identity"]
     assert set(d["by_method"]) == {"sum"} and len(d["fitted_from"]["points"]) == len(PAIRS)
+    # the choice of the best validated too, as a study's is (loramix.validation.nested_selection)
+    sel = d["selection"]
+    assert sel == d["by_method"]["sum"]["selection"] and sel["n"] > 0 and sel["chosen"], sel
+    assert f"the choice validated too (nested leave-one-domain-out): MAE {sel['mae']:.3g}" in text
     ppl = {dom: json.loads(f.read_text())["results"][0]["ppl"] for dom, f in bank["single"].items()}
     sim = loramix.similarity([bank["ads"][k] for k in DOMAINS], progress=False)
     names = list(sim.names)

@@ -47,6 +47,10 @@ def command(evaluations, merged_data, out, level, force, fmt):
         click.echo(f"{m}: {e['headline']}")
         click.echo(f"  {e['best']} held out: MAE {_fmt(best['mae'])}, r {_fmt(best['r'])}, interval coverage "
                    f"{_fmt(best['coverage'])} over {best['n']} predictions")  # fmt: skip
+        if (sel := e.get("selection")) and sel.get("mae") is not None:
+            beats = "" if sel["mae"] < sel["mean_mae"] else ": choosing this way does not beat the mean"
+            click.echo(f"  the choice validated too (nested leave-one-domain-out): MAE {_fmt(sel['mae'])} against "
+                       f"{_fmt(sel['mean_mae'])} for the mean{beats}")  # fmt: skip
     for f in r["lines"]:
         click.echo(f"{f['merge_method']}: delta_ppl% = {f['slope']:.4g} * cos {f['intercept']:+.4g} over {f['n']} "
                    f"compositions, r {_fmt(f['pearson_r'])}, leave-one-out RMSE {_fmt(f['loo_rmse'])}")  # fmt: skip
