@@ -260,3 +260,28 @@ def test_moved_base_without_a_base_is_refused(tmp_path, capsys):
     cfg = json.loads((d / "adapter_config.json").read_text())
     (d / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     one_line_error(capsys, ["inspect", d], "adapter_config.json", "DoRA", "'olora'")
+
+
+def test_predict_and_plan_name_the_commands_that_read_it(tmp_path, capsys):
+    """``predict`` and ``plan`` read factors without a base (and take
+    ``--base`` only with ``--data``): their refusal of a PiSSA/OLoRA adapter
+    names the commands that read it with its base. It said "pass --base
+    BASE", which those two then refused without ``--data``."""
+    import numpy as np
+
+    from loramix.fit import fit_line
+
+    model = tiny_llama(n_layer=1)
+    a = _moved_adapter(model, tmp_path / "a", "pissa", target_modules=["q_proj"])
+    x = np.linspace(0.0, 0.1, 6)
+    fit = tmp_path / "fit.json"
+    line = {"adapter_method": "lora", "merge_method": "sum", **fit_line(x, 3 * x + 1).to_dict()}
+    fit.write_text(json.dumps({"scenario": "t", "prediction_level": 0.9, "fits": [line]}))
+    from .test_predict import _cosine_predictors
+
+    predictors = _cosine_predictors(tmp_path / "predictors.json")
+    for cmd in (["predict", a, a, "--fit", fit], ["plan", a, a, "--fit", predictors]):
+        err = one_line_error(
+            capsys, cmd, "adapter_config.json", "init_lora_weights 'pissa'", "similarity --base"
+        )
+        assert "pass --base" not in err, err

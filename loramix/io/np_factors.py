@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import AdapterError, raise_machine_fault
 from .peft_layout import (
     BASE_COPY,
+    BASED_COMMANDS,
     D2_TAU,
     D2LORA,
     EMBEDDING_PARTS,
@@ -332,10 +333,11 @@ def load_np_adapter(
     parsed = parse_keys(list(factors), {**parts, **MAGNITUDE_PART} if dora else parts, weights)
     check_features(config, cfg_path, dora)
     if (init := moved_base_init(config)) is not None:
-        # its delta needs the base (loramix.kinds.moved_base), which no numpy reader's caller has
+        # its delta needs the base (loramix.kinds.moved_base), which no numpy reader's caller has;
+        # said for every caller (similarity, predict, plan, fit), not all of which take --base
         if not torch_fallback:
             return None
-        raise AdapterError(cfg_path, moved_base_problem(init, "pass --base BASE"))
+        raise AdapterError(cfg_path, moved_base_problem(init, BASED_COMMANDS))
     raw = read_parts(parsed, factors.__getitem__ if lazy else (lambda k: np.asarray(factors[k])), weights)
     mags = _magnitudes(raw, weights) if dora else {}
     modules = {

@@ -446,6 +446,9 @@ def parse_keys(keys: list[str], parts: dict, weights: Path) -> list[tuple[str, s
 #: (:mod:`loramix.kinds.moved_base`), whose delta ``s (B A - B0 A0)`` needs the base
 MOVED_BASE_INITS = {"pissa": "PiSSA", "olora": "OLoRA"}
 
+#: the commands that read such an adapter, given its base: said where one without it meets it
+BASED_COMMANDS = "loramix reads it with its base only (similarity --base, sum or merge --into, eval)"
+
 #: how to make a plain LoRA of such an adapter, said where loramix has no base for it
 CONVERT_WITH_PEFT = ("save it converted to a LoRA with PEFT "
                      "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")  # fmt: skip
