@@ -597,6 +597,11 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
         one_kind(adapters, "plan", "the fits are per kind (without --fit, the kinds are grouped together)")
     # the checks of `loramix predict`: another adapter kind refused, another base warned of
     warnings = [] if fitfile is None else adapter_checks(adapters, fitfile, str(fit))
+    if fitfile is not None:  # predict notes it; a plan's groups rest on the primary predictor's costs
+        from .validation import selection_note
+
+        if (note := selection_note(fitfile.get("selection"))) is not None:
+            warnings.append(f"{note}: the groups rest on its predictions")
     model, source, validated = cost_model(adapters, fit, data, base, tokens, device, fitfile=fitfile,
                                           max_len=max_len, progress=progress, effective=effective)  # fmt: skip
     vbm = by_method_records(fitfile["by_method"]) if model.method_aware else None

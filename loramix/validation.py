@@ -526,6 +526,20 @@ def nested_selection(comps, y: np.ndarray, X: pd.DataFrame, pred: pd.DataFrame, 
     return {**out, "chosen": chosen}
 
 
+def selection_note(sel: dict | None) -> str | None:
+    """Where a nested validation of the choice (``selection``,
+    :func:`nested_selection`) has a held-out MAE not below the mean's, in
+    words: choosing the best this way does not beat the mean on a new
+    domain, whatever the chosen predictor's own figure. None otherwise, and
+    for a file without it. ``loramix predict`` notes it, ``loramix plan``
+    warns of it."""
+    if not sel or sel.get("mae") is None or sel.get("mean_mae") is None or sel["mae"] < sel["mean_mae"]:
+        return None
+    return (f"choosing the best predictor this way does not beat the mean on held-out domains (nested "
+            f"leave-one-domain-out, the choice made again without each held-out domain: held-out MAE "
+            f"{sel['mae']:.3g} against {sel['mean_mae']:.3g} for the mean)")  # fmt: skip
+
+
 def method_entry(v: dict) -> dict:
     """One merge method's part of a predictors file's ``by_method``: from a
     :meth:`Validation.to_json_dict`, its target, level, best predictor (the fit

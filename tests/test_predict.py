@@ -638,3 +638,35 @@ def test_predict_says_when_choosing_the_best_does_not_beat_the_mean(adapters, tm
     p.write_text(json.dumps(old))
     assert main(argv) == 0
     assert "choosing the best" not in capsys.readouterr().out
+
+
+def test_plan_warns_when_choosing_the_best_does_not_beat_the_mean(adapters, tmp_path, capsys):
+    """``loramix plan --fit`` groups by the predictors file's best: where
+    the file's nested validation of the choice is not below the mean's, one
+    warning says so (predict's note, with what it means for the groups); a
+    file without it plans as before, with no such warning."""
+    import itertools
+
+    import pandas as pd
+
+    from loramix.validation import validate, write_predictors
+
+    rng = np.random.default_rng(1)
+    comps = list(itertools.combinations([f"d{k}" for k in range(7)], 2))
+    X = pd.DataFrame(
+        {"rms_cosine": rng.uniform(0, 1, len(comps)), "mean_cosine": rng.uniform(-1, 1, len(comps))}
+    )
+    v = validate(comps, rng.normal(size=len(comps)), X, nested=True)
+    assert v.selection["mae"] >= v.selection["mean_mae"]  # noise: the precondition of the test
+    p = write_predictors(tmp_path / "predictors.json", v)
+    argv = ["plan", *map(str, adapters), "--fit", str(p)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    said = [x for x in err.splitlines() if "choosing the best predictor this way does not beat the mean" in x]
+    assert len(said) == 1 and said[0].startswith("loramix: warning: "), err
+    assert said[0].endswith("the groups rest on its predictions"), said[0]
+    old = json.loads(p.read_text())
+    del old["selection"]
+    p.write_text(json.dumps(old))
+    assert main(argv) == 0
+    assert "choosing the best" not in capsys.readouterr().err

@@ -104,20 +104,11 @@ def _validated_text(r: dict) -> str:
     lines += [line, *_means(r["target"])]
     if not r["beats_mean"]:
         lines.append("note: this predictor is no better than the mean of the study's compositions")
+    from ..validation import selection_note
+
     if (note := selection_note(r.get("selection"))) is not None:
         lines.append(f"note: {note}")
     return "\n".join(lines)
-
-
-def selection_note(sel: dict | None) -> str | None:
-    """Where the file's nested validation of the choice (``selection``) has a
-    held-out MAE not below the mean's: choosing the best this way does not
-    beat the mean on a new domain, whatever the chosen predictor's own figure."""
-    if not sel or sel.get("mae") is None or sel.get("mean_mae") is None or sel["mae"] < sel["mean_mae"]:
-        return None
-    return (f"choosing the best predictor this way does not beat the mean on held-out domains (nested "
-            f"leave-one-domain-out, the choice made again without each held-out domain: held-out MAE "
-            f"{sel['mae']:.3g} against {sel['mean_mae']:.3g} for the mean)")  # fmt: skip
 
 
 def _line_text(r: dict) -> str:
