@@ -604,13 +604,9 @@ def test_adapters_made_outside_loramix_are_said_to_be_unchecked_against_the_fits
     assert "record no base" not in capsys.readouterr().err  # a fit with no base identity: nothing to check
 
 
-def test_predict_says_when_choosing_the_best_does_not_beat_the_mean(adapters, tmp_path, capsys):
-    """A predictors file whose nested validation of the choice
-    (``selection``) is not below the mean's: ``loramix predict`` adds one
-    note line saying that choosing the best this way does not beat the mean
-    on held-out domains, and its JSON carries the figure; a file without it
-    (from an earlier loramix) predicts as before, with no such line. New
-    behaviour."""
+def _noise_predictors(tmp_path: Path):
+    """A validation on pure-noise features (seeded) whose nested check says
+    choosing the best does not beat the mean, and its predictors file."""
     import itertools
 
     import pandas as pd
@@ -623,8 +619,18 @@ def test_predict_says_when_choosing_the_best_does_not_beat_the_mean(adapters, tm
         {"rms_cosine": rng.uniform(0, 1, len(comps)), "mean_cosine": rng.uniform(-1, 1, len(comps))}
     )
     v = validate(comps, rng.normal(size=len(comps)), X, nested=True)
-    assert v.selection["mae"] >= v.selection["mean_mae"]  # noise: the precondition of the test
-    p = write_predictors(tmp_path / "predictors.json", v)
+    assert v.selection["mae"] >= v.selection["mean_mae"]  # noise: the precondition of the tests
+    return v, write_predictors(tmp_path / "predictors.json", v)
+
+
+def test_predict_says_when_choosing_the_best_does_not_beat_the_mean(adapters, tmp_path, capsys):
+    """A predictors file whose nested validation of the choice
+    (``selection``) is not below the mean's: ``loramix predict`` adds one
+    note line saying that choosing the best this way does not beat the mean
+    on held-out domains, and its JSON carries the figure; a file without it
+    (from an earlier loramix) predicts as before, with no such line. New
+    behaviour."""
+    v, p = _noise_predictors(tmp_path)
     argv = ["predict", *map(str, adapters[:2]), "--fit", str(p)]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -645,20 +651,7 @@ def test_plan_warns_when_choosing_the_best_does_not_beat_the_mean(adapters, tmp_
     the file's nested validation of the choice is not below the mean's, one
     warning says so (predict's note, with what it means for the groups); a
     file without it plans as before, with no such warning."""
-    import itertools
-
-    import pandas as pd
-
-    from loramix.validation import validate, write_predictors
-
-    rng = np.random.default_rng(1)
-    comps = list(itertools.combinations([f"d{k}" for k in range(7)], 2))
-    X = pd.DataFrame(
-        {"rms_cosine": rng.uniform(0, 1, len(comps)), "mean_cosine": rng.uniform(-1, 1, len(comps))}
-    )
-    v = validate(comps, rng.normal(size=len(comps)), X, nested=True)
-    assert v.selection["mae"] >= v.selection["mean_mae"]  # noise: the precondition of the test
-    p = write_predictors(tmp_path / "predictors.json", v)
+    v, p = _noise_predictors(tmp_path)
     argv = ["plan", *map(str, adapters), "--fit", str(p)]
     assert main(argv) == 0
     err = capsys.readouterr().err

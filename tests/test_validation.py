@@ -429,9 +429,9 @@ def test_choosing_among_noise_is_optimistic_and_the_report_says_it_does_not_beat
     predict``'s note say plainly that choosing this way does not beat the
     mean. With a real signal the nested figure beats the mean and no such
     line is said. New behaviour (the report said "slightly optimistic")."""
-    from loramix.validation import selection_note
     from loramix.scenario.answer import _best_line, _selection_note, section_predictors
     from loramix.scenario.report import _f
+    from loramix.validation import selection_note
 
     # seed 2: the plain figure even "beats the mean" (0.637 against 0.697); seeds 0-5 with 12 or 24
     # features: the nested MAE above the best's plain one in all 12, above the mean's in 11
