@@ -308,13 +308,22 @@ def _assert_same_factors(a: Path, b: Path, tol: float) -> None:
             torch.testing.assert_close(y, x, rtol=0, atol=tol)
 
 
-def test_top_layers_train_from_the_cached_prefix_as_from_the_full_model(bases, tmp_path):
+def test_top_layers_train_from_the_cached_prefix_as_from_the_full_model(bases, tmp_path, monkeypatch):
     """--top-layers 1: adapters on the last block only, trained from cached states; the same
-    factors and perplexities as the full forward with the same targets."""
+    factors and perplexities as the full forward with the same targets. The second run
+    reads the prefix back: block 0 runs no forward there (the test compared the two
+    runs' prefix_seconds, 3 ms against 55 ms or more here: a machine that paused the
+    second run that long would fail it; speed is measured, not asserted)."""
     from loramix.prefix import clear_memory
 
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path / "cache"))  # not a prefix another test cached
     clear_memory()
-    top = train_adapter(bases["llama"], ARITH, out=tmp_path / "top", top_layers=1, **FAST)
+    calls, handle = _block0_forwards()
+    try:
+        top = train_adapter(bases["llama"], ARITH, out=tmp_path / "top", top_layers=1, **FAST)
+    finally:
+        handle.remove()
+    assert calls  # the first run computed its prefix
     names = sorted(load_adapter(tmp_path / "top").modules)
     assert names and all(n.startswith("model.layers.1.") for n in names)
     full = train_adapter(bases["llama"], ARITH, out=tmp_path / "full", targets=names, **FAST)
@@ -323,10 +332,12 @@ def test_top_layers_train_from_the_cached_prefix_as_from_the_full_model(bases, t
     assert top["ppl_adapter"] == pytest.approx(full["ppl_adapter"], rel=1e-5)
     assert top["settings"]["top_layers"] == 1 and top["input_tokens"] > top["tokens"] > 0
     assert top["input_tokens_per_second"] > top["tokens_per_second"] > 0
-    again = train_adapter(
-        bases["llama"], ARITH, out=tmp_path / "again", top_layers=1, **FAST
-    )  # cached prefix
-    assert again["prefix_seconds"] <= top["prefix_seconds"]
+    calls, handle = _block0_forwards()
+    try:
+        train_adapter(bases["llama"], ARITH, out=tmp_path / "again", top_layers=1, **FAST)
+    finally:
+        handle.remove()
+    assert calls == []  # the prefix came from the cache
     _assert_same_factors(tmp_path / "top", tmp_path / "again", 0)
 
 
