@@ -176,7 +176,7 @@ def test_kill_9_leftovers_are_removed_by_the_next_run(big_base, tmp_path):
         while p.poll() is None and not stale:
             stale = [q for q in tmp_path.glob(f"{TMP_PREFIX}*") if (q / PAYLOAD / SHARD).exists()]
             time.sleep(0.002)
-        if stale and p.poll() is None:
+        if stale and _held_while(p, (stale[0] / PAYLOAD / SHARD).exists):
             p.send_signal(signal.SIGKILL)
             p.wait()
             break
@@ -206,8 +206,11 @@ def test_sigterm_removes_what_the_run_was_writing(big_base, tmp_path):
         while p.poll() is None and not writing:
             writing = any((q / PAYLOAD / SHARD).exists() for q in tmp_path.glob(f"{TMP_PREFIX}*"))
             time.sleep(0.002)
-        if writing and p.poll() is None:
+        if writing and _held_while(
+            p, lambda: any((q / PAYLOAD / SHARD).exists() for q in tmp_path.glob(f"{TMP_PREFIX}*"))
+        ):
             p.send_signal(signal.SIGTERM)
+            p.send_signal(signal.SIGCONT)
             break
         p.wait()
         shutil.rmtree(out, ignore_errors=True)
@@ -253,24 +256,26 @@ def test_sigterm_in_a_library_training_removes_its_log(tmp_path):
 
 
 def _library_call_killed(
-    code: str, args: list, writing, env: dict | None = None
+    code: str, args: list, writing, env: dict | None = None, still=None
 ) -> tuple[int, str, str] | None:
     """Run ``code`` (a ``loramix.X`` call, then ``print('returned')``) with
     ``args`` in a plain Python process (SIGTERM at its default; ``env`` added
-    to its environment) and send it SIGTERM once ``writing(pid)`` is true:
-    ``(returncode, stdout, stderr)``; None if the call ended before it was
-    seen writing."""
+    to its environment) and send it SIGTERM once ``writing(pid)`` is true,
+    and still is (``still(pid)``, default ``writing``) with the process held
+    (:func:`_held_while`): ``(returncode, stdout, stderr)``; None if the
+    call ended before it was seen writing."""
     env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}
     p = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     deadline = time.monotonic() + 240
     while p.poll() is None and time.monotonic() < deadline and not writing(p.pid):
         time.sleep(0.002)
-    if p.poll() is not None or time.monotonic() >= deadline:
+    if time.monotonic() >= deadline or not _held_while(p, lambda: (still or writing)(p.pid)):
         p.kill()
         p.communicate()
         return None
     p.send_signal(signal.SIGTERM)
+    p.send_signal(signal.SIGCONT)
     stdout, err = p.communicate(timeout=120)
     return p.returncode, stdout, err
 
@@ -318,14 +323,17 @@ def test_sigterm_in_a_library_scenario_run_removes_its_temporaries(tmp_path, job
             f"jobs={jobs}, progress=False); print('returned')")  # fmt: skip
     workers = []
 
+    def making(pid):
+        return bool(list(cache.glob(f"adapter/{TMP_PREFIX}*/{PAYLOAD}")))
+
     def writing(pid):
-        if list(cache.glob(f"adapter/{TMP_PREFIX}*/{PAYLOAD}")):
+        if making(pid):
             workers.extend(q for q in _children(pid) if b"spawn_main" in _cmdline(q))
             time.sleep(0.5)  # in the training loop
             return True
         return False
 
-    got = _library_call_killed(code, [scen, report, cache], writing)
+    got = _library_call_killed(code, [scen, report, cache], writing, still=making)  # writing() sleeps
     if got is None:
         pytest.skip("the study ended (or never got going) before an adapter was being made")
     rc, stdout, err = got
@@ -605,9 +613,10 @@ def test_a_ctrl_c_held_by_a_commands_last_clean_up_stops_it(tmp_path):
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     while p.poll() is None and _files(stale) > 15000:  # until it is removing it
         time.sleep(0.002)
-    if p.poll() is not None:
+    if not _held_while(p, stale.exists):
         pytest.skip("the clean-up ended before it could be interrupted")
     p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGCONT)
     out, err = p.communicate(timeout=120)
     assert (p.returncode, err) == (130, "loramix: interrupted\n"), out
     assert not stale.exists()  # the clean-up was not cut short
@@ -641,6 +650,23 @@ def _stopped(p: subprocess.Popen) -> bool:
         if state in (b"T", b"t"):
             return True
         time.sleep(0.001)
+    return False
+
+
+def _held_while(p: subprocess.Popen, still: Callable[[], bool]) -> bool:
+    """True with ``p`` stopped (SIGSTOP) where ``still()`` holds once it is:
+    the caller's signal, sent next, lands in the state ``still`` saw (then
+    SIGCONT lets ``p`` run into it; SIGKILL needs none). False, ``p`` let
+    run on, where it ended or ``still()`` no longer holds. A signal sent
+    straight after a poll that saw the run writing landed as late as this
+    process next got a core: on a loaded machine (tens of ms, the last
+    50-90 ms of a write here) the run could have published its output or
+    ended by then, and a correct run failed its test."""
+    if not _stopped(p):
+        return False
+    if still():
+        return True
+    p.send_signal(signal.SIGCONT)
     return False
 
 
