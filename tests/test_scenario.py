@@ -515,14 +515,22 @@ def test_cache_clean_removes_the_derived_folders_it_empties(tmp_path, monkeypatc
 
 
 # A process that makes the artifact ("thing", {"x": argv[2]}) in the cache argv[1], taking
-# argv[4] seconds, writes argv[3] into it, and prints its lookup
+# argv[4] seconds (or, for "go", until a file "go" is beside the cache: at most a minute),
+# writes argv[3] into it, and prints its lookup
 _MAKER = r"""
 import sys, time
 from pathlib import Path
 from loramix.scenario.cache import Cache
 def make(tmp):
     print("making", flush=True)
-    time.sleep(float(sys.argv[4]))
+    if sys.argv[4] == "go":
+        go = Path(sys.argv[1]).parent / "go"
+        for _ in range(6000):
+            if go.exists():
+                break
+            time.sleep(0.01)
+    else:
+        time.sleep(float(sys.argv[4]))
     (tmp / "who").write_text(sys.argv[3])
 c = Cache(Path(sys.argv[1]))
 print("asking", flush=True)
@@ -531,7 +539,7 @@ print(c.log[-1].status, flush=True)
 """
 
 
-def _maker(root: Path, x: str, who: str, seconds: float, until: str):
+def _maker(root: Path, x: str, who: str, seconds: float | str, until: str):
     """A real process making ("thing", {"x": x}), returned once it printed ``until``."""
     import os
     import subprocess
@@ -597,13 +605,26 @@ def test_an_artifact_another_process_is_making_is_waited_for(tmp_path, capsys):
     assert sorted(q.name for q in (root / "thing").iterdir()) == keys
 
 
-def test_a_wait_for_another_process_says_so_once(tmp_path, capsys):
+def test_a_wait_for_another_process_says_so_once(tmp_path, capsys, monkeypatch):
     """A run about to wait for an artifact that a real process is making says
     so in one line on stderr, naming the artifact and the maker's pid (read
     from the lock file, which the maker signs); the wait was silent, seen
-    only in cache_log.csv afterwards. A hit or a miss says nothing."""
+    only in cache_log.csv afterwards. A hit or a miss says nothing.
+
+    The maker ends once the line is said (the file "go"), not after 2 s: a
+    loaded machine that kept this process from the lock that long found
+    the artifact made, no wait, no line (shown with a 2.5 s sleep here)."""
+    from loramix.scenario import cache as cache_mod
+
     root = tmp_path / "c"
-    maker = _maker(root, "1", "them", 2.0, "making")
+    say = cache_mod._say
+
+    def say_then_go(line):
+        say(line)
+        (tmp_path / "go").touch()
+
+    monkeypatch.setattr(cache_mod, "_say", say_then_go)
+    maker = _maker(root, "1", "them", "go", "making")
     try:
         c = Cache(root)
         capsys.readouterr()
