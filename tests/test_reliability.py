@@ -670,14 +670,15 @@ def _held_while(p: subprocess.Popen, still: Callable[[], bool]) -> bool:
     return False
 
 
-def _second_in_clean_up(p: subprocess.Popen, payload: Path, second: int) -> bool:
-    """Ctrl-C to ``p``, which writes ``payload``; then ``p`` is let run in
-    slices of about a millisecond (SIGSTOP, SIGCONT) until its files start
-    to go, and sent ``second`` there. False where the clean-up was missed."""
+def _second_in_clean_up(p: subprocess.Popen, files: Callable[[], int], second: int) -> bool:
+    """Ctrl-C to ``p``, which writes a payload of ``files()`` files; then
+    ``p`` is let run in slices of about a millisecond (SIGSTOP, SIGCONT)
+    until they start to go, and sent ``second`` there. False where the
+    clean-up was missed."""
     p.send_signal(signal.SIGINT)
-    most = _files(payload)
+    most = files()
     while _stopped(p):
-        n = _files(payload)
+        n = files()
         if 0 < n < most:  # files only go once the clean-up starts
             p.send_signal(second)
             p.send_signal(signal.SIGCONT)
@@ -701,15 +702,20 @@ def test_a_second_signal_during_the_clean_up_leaves_nothing(many_shards, tmp_pat
     at once with the first signal's line."""
     out = tmp_path / "out"
     args = ["sum", "--no-progress", many_shards["adapter"], "--into", many_shards["base"]]
+
+    def payload_files() -> int:
+        # wherever the temporary is: outputs.remove_temporary renames it (to a name saying its
+        # owner) before it removes it, so its first name was gone at once and the test was
+        # skipped in every run ('never caught under way')
+        return max((_files(q / PAYLOAD) for q in tmp_path.glob(f"{TMP_PREFIX}*")), default=-1)
+
     for _ in range(5):  # catch the run while it writes, then its clean-up under way
         p = _python_m(*args, "--out", out)
-        payload = None
-        while p.poll() is None and payload is None:
-            payload = next(
-                (q / PAYLOAD for q in tmp_path.glob(f"{TMP_PREFIX}*") if _files(q / PAYLOAD) > 50), None
-            )
+        writing = False
+        while p.poll() is None and not writing:
+            writing = payload_files() > 50
             time.sleep(0.002)
-        caught = payload is not None and _second_in_clean_up(p, payload, second)
+        caught = writing and _second_in_clean_up(p, payload_files, second)
         if caught:
             break
         p.wait()
