@@ -13,6 +13,12 @@ os.environ.setdefault("LORAMIX_JOBS", "1")
 # minute: a test that a loaded machine slows past that would find a stray line in its
 # stderr. The tests of those lines set the interval themselves (tests/test_progress.py).
 os.environ.setdefault("LORAMIX_PROGRESS_EVERY", "86400")
+# A study cache or a write mode exported in the caller's shell (as for a long study run
+# beside the suite) must not reach the tests: they would read and write that cache (a
+# test of `cache clean` found the user's entries there), and each test that wants one
+# sets its own. LORAMIX_MODELS / LORAMIX_DATA stay: they say where the real files are.
+for _name in ("LORAMIX_CACHE", "LORAMIX_DIRECT_IO"):
+    os.environ.pop(_name, None)
 # The Ctrl-C tests send SIGINT to the loramix processes they start, which inherit this
 # process's disposition: a suite started as a background job of a non-interactive shell
 # (`nohup ... &`, a CI script) has SIGINT ignored, so those processes kept running and
