@@ -200,15 +200,17 @@ def test_sigterm_removes_what_the_run_was_writing(big_base, tmp_path):
     Ctrl-C's), nothing at the target or beside it."""
     out = tmp_path / "out"
     args = ["sum", "--no-progress", big_base["adapter"], "--into", big_base["base"], "--dtype", "float16"]
+
+    def writing_now() -> bool:
+        return any((q / PAYLOAD / SHARD).exists() for q in tmp_path.glob(f"{TMP_PREFIX}*"))
+
     for _ in range(5):  # catch the run while it writes (retry if it was faster than the poll)
         p = _python_m(*args, "--out", out)
         writing = False
         while p.poll() is None and not writing:
-            writing = any((q / PAYLOAD / SHARD).exists() for q in tmp_path.glob(f"{TMP_PREFIX}*"))
+            writing = writing_now()
             time.sleep(0.002)
-        if writing and _held_while(
-            p, lambda: any((q / PAYLOAD / SHARD).exists() for q in tmp_path.glob(f"{TMP_PREFIX}*"))
-        ):
+        if writing and _held_while(p, writing_now):
             p.send_signal(signal.SIGTERM)
             p.send_signal(signal.SIGCONT)
             break
