@@ -27,6 +27,7 @@ def command(evaluations, merged_data, out, level, force, fmt):
 
     from ..evalfit import fit_evaluations
     from ..grouping import figure as _fmt
+    from ..validation import selection_note
 
     r = fit_evaluations(list(evaluations), merged_data=list(merged_data), out=out, level=level, force=force)
     if fmt == "json":
@@ -48,7 +49,7 @@ def command(evaluations, merged_data, out, level, force, fmt):
         click.echo(f"  {e['best']} held out: MAE {_fmt(best['mae'])}, r {_fmt(best['r'])}, interval coverage "
                    f"{_fmt(best['coverage'])} over {best['n']} predictions")  # fmt: skip
         if (sel := e.get("selection")) and sel.get("mae") is not None:
-            beats = "" if sel["mae"] < sel["mean_mae"] else ": choosing this way does not beat the mean"
+            beats = "" if selection_note(sel) is None else ": choosing this way does not beat the mean"
             click.echo(f"  the choice validated too (nested leave-one-domain-out): MAE {_fmt(sel['mae'])} against "
                        f"{_fmt(sel['mean_mae'])} for the mean{beats}")  # fmt: skip
     for f in r["lines"]:
