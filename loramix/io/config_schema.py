@@ -25,7 +25,13 @@ field                                 type
                                       within float32's range)
 ``norm_dim`` (D2-LoRA)                0 or 1
 ``loramix_format`` (D2-LoRA)          ``"d2lora/1"``
+``init_r`` (AdaLoRA)                  int > 0
+``rank_pattern`` (AdaLoRA)            null or {module name: list of bool}
 ====================================  ==========================================
+
+A field another ``peft_type`` gives another type (:data:`TYPE_FIELDS`) is
+checked as that type's: PEFT's AdaLoRA keeps its rank allocator's masks in
+``rank_pattern``, one bool per initial rank.
 
 The scale ``lora_alpha / r`` must fit float32 too (``peft_layout.checked_scale``).
 
@@ -159,6 +165,16 @@ FIELDS = {
     "loramix_format": (lambda x: x == "d2lora/1", '"d2lora/1", the D2-LoRA format this loramix reads'),
 }  # fmt: skip
 
+#: ``peft_type`` -> the fields it types otherwise than :data:`FIELDS` (or that only it has)
+TYPE_FIELDS = {
+    "ADALORA": {
+        "init_r": (lambda x: _is_int(x) and x > 0, "a positive integer"),
+        "rank_pattern": (lambda x: x is None or (isinstance(x, dict) and all(
+                             isinstance(v, list) and all(isinstance(b, bool) for b in v) for v in x.values())),
+                         "null or an object of module name -> list of true/false (AdaLoRA's masks)"),
+    },
+}  # fmt: skip
+
 
 def show(value) -> str:
     text = json.dumps(value, allow_nan=True)
@@ -171,7 +187,9 @@ def check_adapter_config(config, path: Path) -> dict:
     that it holds; an :class:`AdapterError` naming the first bad field."""
     if not isinstance(config, dict):
         raise AdapterError(path, "not a JSON object")
-    for key, (ok, what) in FIELDS.items():
+    kind = config.get("peft_type")
+    fields = {**FIELDS, **TYPE_FIELDS.get(kind.upper(), {})} if isinstance(kind, str) else FIELDS
+    for key, (ok, what) in fields.items():
         if key in config and not ok(config[key]):
             raise AdapterError(path, f"{key} must be {what}, not {show(config[key])}")
     # PEFT's LoraConfig refuses these pairs when it loads the config (a

@@ -254,7 +254,10 @@ class PeftLayoutFormat:
         identity = adapter_identity_of(config, sha256)  # before anything reads the config
         saved: dict[str, torch.Tensor] = {}
         raw = self._read_tensors(weights, config, cfg_path, saved)
-        modules = {m: self._module(m, fs, config, cfg_path, weights) for m, fs in raw.items()}
+        built = {m: self._module(m, fs, config, cfg_path, weights) for m, fs in raw.items()}
+        modules = {m: d for m, d in built.items() if d is not None}
+        if built and not modules and not saved:
+            raise AdapterError(weights, "every module has rank 0: the adapter changes nothing")
         check_targets(modules, config, weights)
         if name is None:
             name = adapter_name(given)
@@ -286,12 +289,21 @@ class PeftLayoutFormat:
                     rest.append(key)
             # Parse every key before reading any tensor or trusting the config:
             # an unsupported feature is then reported with the module it is on.
-            parsed = parse_keys(rest, with_embedding_parts(self.kind.parts), weights) if rest else []
+            parsed = parse_keys(rest, self.key_parts(), weights) if rest else []
             check_features(config, cfg_path, self.dora)
             return read_parts(parsed, lambda key: f.get(key, check_finite=True), weights)
 
-    def _module(self, module: str, fs: dict, config: dict, cfg_path: Path, weights: Path) -> ModuleDelta:
-        """One module from its tensors: ranks checked against the config, then the kind builds it."""
+    def key_parts(self) -> dict[str, tuple[str, str]]:
+        """The tensor parts this format reads, ``{part: (factor, branch)}``: its
+        kind's, with PEFT's embedding LoRA parts."""
+        return with_embedding_parts(self.kind.parts)
+
+    def _module(
+        self, module: str, fs: dict, config: dict, cfg_path: Path, weights: Path
+    ) -> ModuleDelta | None:
+        """One module from its tensors: ranks checked against the config, then
+        the kind builds it. None: a module that adds nothing, left out (a
+        format whose modules may have rank 0: AdaLoRA's)."""
         r_cfg, alpha = module_rank_alpha(config, module)
         embedding = ("EA", "pos") in fs or ("EB", "pos") in fs
         if embedding:
