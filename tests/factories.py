@@ -87,6 +87,45 @@ def make_peft_adapter(model, folder: str | Path, seed: int = 0, **lora_kwargs) -
     return Path(folder)
 
 
+def peft_reloaded(make, folder: str | Path):
+    """PEFT's own reload of the adapter at ``folder`` onto ``make()``, the
+    original base, in eval mode (merge it with its ``merge_and_unload``)."""
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        # PEFT 0.21 checks an AdaLoRA rank_pattern's keys as LoRA's patterns and warns that none
+        # matched; AdaLoRA's own resize then applies them
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return PeftModel.from_pretrained(make(), str(folder)).eval()
+
+
+def peft_deltas(pm) -> dict[str, torch.Tensor]:
+    """PEFT's ``get_delta_weight`` of every module a PEFT model wraps (any
+    tuner whose layers keep ``lora_A`` or LoHa's ``hada_w1_a``), in
+    ``nn.Linear`` layout (out, in)."""
+    out = {}
+    for name, mod in pm.base_model.model.named_modules():
+        if "default" in getattr(mod, "lora_A", {}) or "default" in getattr(mod, "hada_w1_a", {}):
+            d = mod.get_delta_weight("default")
+            out[name] = d.T if getattr(mod, "fan_in_fan_out", False) else d
+    return out
+
+
+def assert_rel(got: torch.Tensor, ref: torch.Tensor, rel: float = 1e-6, msg: str = "") -> None:
+    """``max |got - ref| <= rel * max |ref|``: the project's bar against PEFT in float32."""
+    err = float((got.double() - ref.double()).abs().max())
+    assert err <= rel * float(ref.double().abs().max()), (msg, err)
+
+
+def logits(model) -> torch.Tensor:
+    """``model``'s logits of two fixed rows of six token ids, without gradients."""
+    ids = torch.arange(1, 13).reshape(2, 6) % 100
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -12,13 +12,22 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from .factories import make_peft_adapter, one_line_error, save_base, tiny_gpt2, tiny_llama
+from .factories import (
+    assert_rel,
+    logits,
+    make_peft_adapter,
+    one_line_error,
+    peft_deltas,
+    peft_reloaded,
+    save_base,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 LLAMA = ["q_proj", "v_proj", "down_proj"]
 INIT_R = 6
@@ -49,39 +58,6 @@ def _adalora(model, folder: Path, seed: int = 0, masks: bool = True, **kw) -> Pa
     return folder
 
 
-def _peft_reloaded(make, folder: Path):
-    from peft import PeftModel
-
-    with warnings.catch_warnings():
-        # PEFT 0.21 checks rank_pattern's keys as LoRA's patterns and warns that none matched;
-        # AdaLoRA's own resize then applies them
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return PeftModel.from_pretrained(make(), str(folder)).eval()
-
-
-def _assert_rel(got: torch.Tensor, ref: torch.Tensor, rel: float = 1e-6, msg: str = "") -> None:
-    """``max |got - ref| <= rel * max |ref|``: the project's bar against PEFT in float32."""
-    err = float((got.double() - ref.double()).abs().max())
-    assert err <= rel * float(ref.double().abs().max()), (msg, err)
-
-
-def _logits(model) -> torch.Tensor:
-    ids = torch.arange(1, 13).reshape(2, 6) % 100
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def _peft_deltas(pm) -> dict[str, torch.Tensor]:
-    """PEFT's ``get_delta_weight`` of every wrapped module (AdaLoRA's or
-    LoRA's), in ``nn.Linear`` layout (out, in)."""
-    out = {}
-    for name, mod in pm.base_model.model.named_modules():
-        if "default" in getattr(mod, "lora_A", {}):
-            d = mod.get_delta_weight("default")
-            out[name] = d.T if mod.fan_in_fan_out else d
-    return out
-
-
 @pytest.mark.parametrize(
     "masks,alpha", [(True, 10), (True, 0), (False, 10)], ids=["pruned", "pruned-alpha0", "unpruned"]
 )
@@ -107,11 +83,11 @@ def test_adalora_into_the_base_equals_peft_reload(masks, alpha, tmp_path):
     assert len(ad.modules) == (wrapped - 1 if masks else wrapped)
     ranks = {m.rank for m in ad.modules.values()}
     assert ranks == ({4} if masks else {INIT_R})
-    pm = _peft_reloaded(tiny_llama, a)
-    on_the_fly = _logits(pm)
-    for name, d in _peft_deltas(pm).items():
+    pm = peft_reloaded(tiny_llama, a)
+    on_the_fly = logits(pm)
+    for name, d in peft_deltas(pm).items():
         if name in ad.modules:
-            _assert_rel(ad.modules[name].delta(), d, msg=name)
+            assert_rel(ad.modules[name].delta(), d, msg=name)
         else:
             assert masks and float(d.abs().max()) == 0.0, name
     ref = pm.merge_and_unload().state_dict()
@@ -128,8 +104,8 @@ def test_adalora_into_the_base_equals_peft_reload(masks, alpha, tmp_path):
     ):
         sd = got.state_dict()
         for n, p in ref.items():
-            _assert_rel(sd[n], p, msg=n)
-    _assert_rel(_logits(attach_adapters(tiny_llama(), [ad])), on_the_fly)
+            assert_rel(sd[n], p, msg=n)
+    assert_rel(logits(attach_adapters(tiny_llama(), [ad])), on_the_fly)
 
 
 def test_adalora_on_gpt2_conv1d_equals_peft(tmp_path):
@@ -145,14 +121,14 @@ def test_adalora_on_gpt2_conv1d_equals_peft(tmp_path):
     base = save_base(model, tmp_path / "base")
     a = _adalora(model, tmp_path / "a", seed=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
     assert json.loads((a / "adapter_config.json").read_text())["fan_in_fan_out"] is True
-    pm = _peft_reloaded(tiny_gpt2, a)
-    on_the_fly = _logits(pm)
+    pm = peft_reloaded(tiny_gpt2, a)
+    on_the_fly = logits(pm)
     ref = pm.merge_and_unload().state_dict()
     assert main(["sum", str(a), "--into", str(base), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
     sd = GPT2LMHeadModel.from_pretrained(str(tmp_path / "s")).state_dict()
     for n, p in ref.items():
-        _assert_rel(sd[n], p, msg=n)
-    _assert_rel(_logits(attach_adapters(tiny_gpt2(), [load_adapter(a)])), on_the_fly)
+        assert_rel(sd[n], p, msg=n)
+    assert_rel(logits(attach_adapters(tiny_gpt2(), [load_adapter(a)])), on_the_fly)
 
 
 def test_bfloat16_adalora_is_scaled_in_float32_as_peft(tmp_path):
@@ -168,12 +144,12 @@ def test_bfloat16_adalora_is_scaled_in_float32_as_peft(tmp_path):
     f = a / "adapter_model.safetensors"
     save_file({k: t.to(torch.bfloat16) for k, t in load_file(str(f)).items()}, str(f))
     ad = load_adapter(a)
-    pm = _peft_reloaded(tiny_llama, a)
-    deltas = _peft_deltas(pm)
+    pm = peft_reloaded(tiny_llama, a)
+    deltas = peft_deltas(pm)
     assert ad.modules
     for name, m in ad.modules.items():
         assert m.A.dtype == torch.float32 and m.B.dtype == torch.bfloat16
-        _assert_rel(m.delta(), deltas[name], msg=name)
+        assert_rel(m.delta(), deltas[name], msg=name)
 
 
 def test_summed_adalora_is_a_peft_lora_and_composes(tmp_path):
@@ -192,13 +168,13 @@ def test_summed_adalora_is_a_peft_lora_and_composes(tmp_path):
     lo = make_peft_adapter(model, tmp_path / "lo", seed=5, target_modules=["q_proj", "o_proj"])
     assert main(["sum", str(a), "--out", str(tmp_path / "alone"), "--no-progress"]) == 0
     assert main(["sum", str(a), str(lo), "--out", str(tmp_path / "both"), "--no-progress"]) == 0
-    ada = _peft_deltas(_peft_reloaded(tiny_llama, a))
-    lora = _peft_deltas(PeftModel.from_pretrained(tiny_llama(), str(lo)))
-    summed = _peft_deltas(PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "both")))
+    ada = peft_deltas(peft_reloaded(tiny_llama, a))
+    lora = peft_deltas(PeftModel.from_pretrained(tiny_llama(), str(lo)))
+    summed = peft_deltas(PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "both")))
     for name in set(ada) | set(lora):
         want = sum(d[name] for d in (ada, lora) if name in d)
         if float(want.abs().max()) > 0:  # a module pruned to rank 0 is left out
-            _assert_rel(summed[name], want, msg=name)
+            assert_rel(summed[name], want, msg=name)
     alone = load_adapter(tmp_path / "alone")
     got = similarity([str(a), str(lo)], progress=False, per_module=True)
     want = similarity([alone, load_adapter(lo)], progress=False, per_module=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .factories import one_line_error, save_base, tiny_gpt2, tiny_llama
+from .factories import assert_rel, logits, one_line_error, peft_reloaded, save_base, tiny_gpt2, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -45,25 +45,6 @@ def _moved_adapter(model, folder: Path, init, seed: int = 0, convert_to: Path | 
     return folder
 
 
-def _peft_reloaded(make, folder: Path):
-    """PEFT's own reload onto the original base, merged (its ``merge_and_unload``)."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(make(), str(folder)).eval()
-
-
-def _assert_rel(got: torch.Tensor, ref: torch.Tensor, rel: float = 1e-6, msg: str = "") -> None:
-    """``max |got - ref| <= rel * max |ref|``: the project's bar against PEFT in float32."""
-    err = float((got.double() - ref.double()).abs().max())
-    assert err <= rel * float(ref.double().abs().max()), (msg, err)
-
-
-def _logits(model) -> torch.Tensor:
-    ids = torch.arange(1, 13).reshape(2, 6) % 100
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_moved_base_into_the_base_equals_peft_reload(init, tmp_path, capsys):
     """``sum --into``, ``merge --into``, ``merge_into_model`` (eval merged) and
@@ -83,8 +64,8 @@ def test_moved_base_into_the_base_equals_peft_reload(init, tmp_path, capsys):
     a = _moved_adapter(model, tmp_path / "a", init, seed=1, use_rslora=True, alpha_pattern={"v_proj": 3})
     ad = load_adapter(a)
     assert ad.kind == "moved-base" and ad.kind.needs_base
-    pm = _peft_reloaded(tiny_llama, a)
-    on_the_fly = _logits(pm)
+    pm = peft_reloaded(tiny_llama, a)
+    on_the_fly = logits(pm)
     ref = pm.merge_and_unload().state_dict()
     # PEFT's reload moved the base: the plain LoRA reading is far off (what the old code merged)
     q = "model.layers.0.self_attn.q_proj"
@@ -103,8 +84,8 @@ def test_moved_base_into_the_base_equals_peft_reload(init, tmp_path, capsys):
     ):
         sd = got.state_dict()
         for n, p in ref.items():
-            _assert_rel(sd[n], p, msg=n)
-    _assert_rel(_logits(attach_adapters(tiny_llama(), [ad])), on_the_fly)
+            assert_rel(sd[n], p, msg=n)
+    assert_rel(logits(attach_adapters(tiny_llama(), [ad])), on_the_fly)
 
 
 def test_moved_base_equals_peft_conversion_and_composes(tmp_path):
@@ -126,7 +107,7 @@ def test_moved_base_equals_peft_conversion_and_composes(tmp_path):
     assert conv.kind == "lora" and ad.kind == "moved-base"
     for name, m in ad.modules.items():
         W0 = model.get_submodule(name).weight.detach()
-        _assert_rel(m.delta(W0), conv.modules[name].delta(), msg=name)
+        assert_rel(m.delta(W0), conv.modules[name].delta(), msg=name)
     other = load_adapter(
         make_peft_adapter(model, tmp_path / "o", seed=5, target_modules=["q_proj", "down_proj"])
     )
@@ -151,14 +132,14 @@ def test_pissa_on_gpt2_conv1d_equals_peft(tmp_path):
     base = save_base(model, tmp_path / "base")
     a = _moved_adapter(model, tmp_path / "a", "pissa", seed=3, target_modules=["c_attn", "c_proj", "c_fc"],
                        fan_in_fan_out=True)  # fmt: skip
-    pm = _peft_reloaded(tiny_gpt2, a)
-    on_the_fly = _logits(pm)
+    pm = peft_reloaded(tiny_gpt2, a)
+    on_the_fly = logits(pm)
     ref = pm.merge_and_unload().state_dict()
     assert main(["sum", str(a), "--into", str(base), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
     sd = GPT2LMHeadModel.from_pretrained(str(tmp_path / "s")).state_dict()
     for n, p in ref.items():
-        _assert_rel(sd[n], p, msg=n)
-    _assert_rel(_logits(attach_adapters(tiny_gpt2(), [load_adapter(a)])), on_the_fly)
+        assert_rel(sd[n], p, msg=n)
+    assert_rel(logits(attach_adapters(tiny_gpt2(), [load_adapter(a)])), on_the_fly)
 
 
 def test_olora_on_a_square_conv1d_equals_peft(tmp_path):
@@ -174,13 +155,13 @@ def test_olora_on_a_square_conv1d_equals_peft(tmp_path):
     base = save_base(model, tmp_path / "base")
     a = _moved_adapter(model, tmp_path / "a", "olora", seed=4, target_modules=r".*attn\.c_proj",
                        fan_in_fan_out=True)  # fmt: skip
-    ref = _peft_reloaded(tiny_gpt2, a).merge_and_unload().state_dict()
+    ref = peft_reloaded(tiny_gpt2, a).merge_and_unload().state_dict()
     assert main(["sum", str(a), "--into", str(base), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
     sd = GPT2LMHeadModel.from_pretrained(str(tmp_path / "s")).state_dict()
     moved = "transformer.h.0.attn.c_proj.weight"
     assert float((ref[moved] - model.state_dict()[moved]).abs().max()) > 1e-3
     for n, p in ref.items():
-        _assert_rel(sd[n], p, msg=n)
+        assert_rel(sd[n], p, msg=n)
 
 
 def _with_init(src: Path, dst: Path, init) -> Path:

@@ -27,6 +27,8 @@ field                                 type
 ``loramix_format`` (D2-LoRA)          ``"d2lora/1"``
 ``init_r`` (AdaLoRA)                  int > 0
 ``rank_pattern`` (AdaLoRA)            null or {module name: list of bool}
+``alpha`` (LoHa)                      finite number
+``use_effective_conv2d`` (LoHa)       bool
 ====================================  ==========================================
 
 A field another ``peft_type`` gives another type (:data:`TYPE_FIELDS`) is
@@ -172,6 +174,10 @@ TYPE_FIELDS = {
         "rank_pattern": (lambda x: x is None or (isinstance(x, dict) and all(
                              isinstance(v, list) and all(isinstance(b, bool) for b in v) for v in x.values())),
                          "null or an object of module name -> list of true/false (AdaLoRA's masks)"),
+    },
+    "LOHA": {
+        "alpha": (is_number, "a finite number"),
+        "use_effective_conv2d": (lambda x: isinstance(x, bool), "true or false"),
     },
 }  # fmt: skip
 

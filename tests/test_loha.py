@@ -1,0 +1,163 @@
+"""PEFT LoHa adapters, read as LoRA of rank r^2 (loramix/io/formats/loha.py).
+
+Real PEFT LoHa adapters on a tiny Llama (tests/factories.py), every factor
+moved by noise as training moves them, with a rank and an alpha pattern.
+loramix's exact Khatri-Rao factors must give PEFT's reload: merged into the
+base, on the fly, and as the plain LoRA ``sum --out`` writes, which PEFT
+must load.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .factories import (
+    assert_rel,
+    logits,
+    one_line_error,
+    peft_deltas,
+    peft_reloaded,
+    save_base,
+    tiny_llama,
+)
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _loha(model, folder: Path, seed: int = 0, **kw) -> Path:
+    """A PEFT LoHa adapter on ``model`` (left as it is), ``r`` 3 and ``alpha``
+    5, ``v_proj`` at rank 2 and ``down_proj`` at alpha 7 by the patterns,
+    every factor moved by noise."""
+    from peft import LoHaConfig, get_peft_model
+
+    cfg = dict(
+        r=3, alpha=5, target_modules=TARGETS, rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 7}
+    )
+    cfg.update(kw)
+    pm = get_peft_model(copy.deepcopy(model), LoHaConfig(**cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, t in sorted(pm.named_parameters()):
+            if "hada_" in n:
+                t.add_(0.1 * torch.randn(t.shape, generator=g))
+    pm.save_pretrained(str(folder))
+    return folder
+
+
+def test_khatri_rao_factors_are_the_hadamard_product():
+    """``B @ A = (W1a @ W1b) * (W2a @ W2b)``, to float64 rounding, ranks 3 and 2."""
+    from loramix.io.formats.loha import khatri_rao
+
+    g = torch.Generator().manual_seed(0)
+    W1a, W1b = (
+        torch.randn(7, 3, generator=g, dtype=torch.float64),
+        torch.randn(3, 5, generator=g, dtype=torch.float64),
+    )
+    W2a, W2b = (
+        torch.randn(7, 2, generator=g, dtype=torch.float64),
+        torch.randn(2, 5, generator=g, dtype=torch.float64),
+    )
+    B, A = khatri_rao(W1a, W1b, W2a, W2b)
+    assert B.shape == (7, 6) and A.shape == (6, 5)
+    assert torch.allclose(B @ A, (W1a @ W1b) * (W2a @ W2b), rtol=0, atol=1e-13)
+
+
+def test_loha_into_the_base_equals_peft_reload(tmp_path):
+    """``sum --into``, ``merge_into_model`` and ``attach_adapters`` (on the
+    fly) equal PEFT's reload to 1e-6 of the weights, each module's delta too;
+    the patterns' rank and alpha are each module's (rank r^2 as LoRA)."""
+    from transformers import LlamaForCausalLM
+
+    from loramix.cli import main
+    from loramix.io.adapter_files import load_adapter
+    from loramix.layers import attach_adapters, merge_into_model
+
+    model = tiny_llama()
+    base = save_base(model, tmp_path / "base")
+    a = _loha(model, tmp_path / "a", seed=1)
+    ad = load_adapter(a)
+    assert ad.kind == "lora"
+    for name, m in ad.modules.items():
+        assert (m.rank, m.scale) == (
+            (4, 2.5) if name.endswith("v_proj") else (9, 7 / 3 if "down" in name else 5 / 3)
+        )
+    pm = peft_reloaded(tiny_llama, a)
+    on_the_fly = logits(pm)
+    deltas = peft_deltas(pm)
+    assert set(deltas) == set(ad.modules)
+    for name, d in deltas.items():
+        assert_rel(ad.modules[name].delta(), d, msg=name)
+    ref = pm.merge_and_unload().state_dict()
+    assert main(["sum", str(a), "--into", str(base), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    in_memory = tiny_llama()
+    merge_into_model(in_memory, [ad])
+    for got in (LlamaForCausalLM.from_pretrained(str(tmp_path / "s")), in_memory):
+        sd = got.state_dict()
+        for n, p in ref.items():
+            assert_rel(sd[n], p, msg=n)
+    assert_rel(logits(attach_adapters(tiny_llama(), [ad])), on_the_fly)
+
+
+def test_bfloat16_loha_is_formed_in_float32_and_sums_to_a_peft_lora(tmp_path):
+    """Factors stored in bfloat16 are formed into ``B``, ``A`` in float32, as
+    PEFT's float32 parameters multiply them; ``sum --out`` writes a LoRA
+    PEFT loads, with the LoHa deltas."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    from loramix.cli import main
+    from loramix.io.adapter_files import load_adapter
+
+    a = _loha(tiny_llama(), tmp_path / "a", seed=2)
+    f = a / "adapter_model.safetensors"
+    save_file({k: t.to(torch.bfloat16) for k, t in load_file(str(f)).items()}, str(f))
+    ad = load_adapter(a)
+    want = peft_deltas(peft_reloaded(tiny_llama, a))
+    for name, m in ad.modules.items():
+        assert m.A.dtype == m.B.dtype == torch.float32
+        assert_rel(m.delta(), want[name], msg=name)
+    assert main(["sum", str(a), "--out", str(tmp_path / "lora"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    got = peft_deltas(PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "lora")))
+    assert set(got) == set(want)
+    for name, d in want.items():
+        assert_rel(got[name], d, msg=name)
+
+
+def test_bad_loha_files_are_refused_in_one_line(tmp_path, capsys):
+    """Exit 2 and one line naming the file: a module without one of its four
+    factors, a rank the config does not say, LoHa on convolutions, and an
+    ``alpha`` that is not a number."""
+    from safetensors.torch import load_file, save_file
+
+    a = _loha(tiny_llama(), tmp_path / "a", seed=3)
+
+    def copy_with(name, tensors=None, config=None):
+        d = shutil.copytree(a, tmp_path / name)
+        if tensors is not None:
+            f = d / "adapter_model.safetensors"
+            save_file(tensors(load_file(str(f))), str(f))
+        if config is not None:
+            cfg = json.loads((d / "adapter_config.json").read_text())
+            config(cfg)
+            (d / "adapter_config.json").write_text(json.dumps(cfg))
+        return d
+
+    def drop(ts):
+        del ts[sorted(k for k in ts if k.endswith("hada_w2_b"))[0]]
+        return ts
+
+    one_line_error(capsys, ["inspect", copy_with("drop", tensors=drop)], "adapter_model.safetensors",
+                   "no hada_w2_b")  # fmt: skip
+    one_line_error(capsys, ["inspect", copy_with("rank", config=lambda c: c.update(rank_pattern={}))],
+                   "adapter_model.safetensors", "v_proj has rank 2", "says 3")  # fmt: skip
+    one_line_error(capsys, ["inspect", copy_with("conv", config=lambda c: c.update(use_effective_conv2d=True))],
+                   "adapter_config.json", "LoHa on convolutions")  # fmt: skip
+    one_line_error(capsys, ["sum", copy_with("alpha", config=lambda c: c.update(alpha="5")), "--out", tmp_path / "o"],
+                   "adapter_config.json", "alpha must be a finite number")  # fmt: skip
+    assert not (tmp_path / "o").exists()
