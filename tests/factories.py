@@ -126,6 +126,42 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+def moved(pm, seed: int, marker: str, size: float = 0.05):
+    """``pm`` with every parameter whose name holds ``marker`` moved by
+    ``size`` times seeded normal noise, as training moves them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, t in sorted(pm.named_parameters()):
+            if marker in n:
+                t.add_(size * torch.randn(t.shape, generator=g))
+    return pm
+
+
+def assert_applied_as_peft(ref: dict, on_the_fly, adapter, base, make, out) -> None:
+    """Every way loramix applies the adapter at ``adapter`` to the model
+    ``make()`` builds (saved at ``base``) equals PEFT's reload of it: ``sum
+    --into``, ``merge -m ties --density 1 --into`` (the adapter itself) and
+    ``merge_into_model`` give the weights of ``ref`` (the reload's merged
+    state dict), ``attach_adapters`` the logits ``on_the_fly``, each to 1e-6
+    (:func:`assert_rel`). Outputs go under ``out``."""
+    from loramix.cli import main
+    from loramix.io.adapter_files import load_adapter
+    from loramix.layers import attach_adapters, merge_into_model
+
+    out = Path(out)
+    for how in (["sum"], ["merge", "-m", "ties", "--density", "1"]):
+        args = [*how, str(adapter), "--into", str(base), "--out", str(out / how[0]), "--no-progress"]
+        assert main(args) == 0, args
+    in_memory = make()
+    merge_into_model(in_memory, [load_adapter(adapter)])
+    cls = type(in_memory)
+    for got in (cls.from_pretrained(str(out / "sum")), cls.from_pretrained(str(out / "merge")), in_memory):
+        sd = got.state_dict()
+        for n, p in ref.items():
+            assert_rel(sd[n], p, msg=n)
+    assert_rel(logits(attach_adapters(make(), [load_adapter(adapter)])), on_the_fly)
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -18,9 +18,11 @@ import pytest
 import torch
 
 from .factories import (
+    assert_applied_as_peft,
     assert_rel,
     logits,
     make_peft_adapter,
+    moved,
     one_line_error,
     peft_deltas,
     peft_reloaded,
@@ -43,11 +45,7 @@ def _adalora(model, folder: Path, seed: int = 0, masks: bool = True, **kw) -> Pa
     cfg = dict(init_r=INIT_R, target_r=3, lora_alpha=10, total_step=20, target_modules=LLAMA)
     cfg.update(kw)
     pm = get_peft_model(copy.deepcopy(model), AdaLoraConfig(**cfg))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, t in sorted(pm.named_parameters()):
-            if "lora_" in n:
-                t.add_(0.05 * torch.randn(t.shape, generator=g))
+    moved(pm, seed, "lora_")
     if masks:
         names = sorted(n.removeprefix("base_model.model.").replace(".default", "")
                        for n, _ in pm.named_parameters() if ".lora_E." in n)  # fmt: skip
@@ -68,11 +66,8 @@ def test_adalora_into_the_base_equals_peft_reload(masks, alpha, tmp_path):
     (left out: its delta is zero), and ``lora_alpha = 0`` (PEFT scales by
     the kept ``r`` then, where a LoRA of alpha 0 does nothing). Before this reader
     the config was refused (its ``rank_pattern`` of lists)."""
-    from transformers import LlamaForCausalLM
 
-    from loramix.cli import main
     from loramix.io.adapter_files import load_adapter
-    from loramix.layers import attach_adapters, merge_into_model
 
     model = tiny_llama()
     base = save_base(model, tmp_path / "base")
@@ -92,43 +87,21 @@ def test_adalora_into_the_base_equals_peft_reload(masks, alpha, tmp_path):
             assert masks and float(d.abs().max()) == 0.0, name
     ref = pm.merge_and_unload().state_dict()
 
-    assert main(["sum", str(a), "--into", str(base), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
-    assert main(["merge", "-m", "ties", "--density", "1", str(a), "--into", str(base),
-                 "--out", str(tmp_path / "t"), "--no-progress"]) == 0  # fmt: skip
-    in_memory = tiny_llama()
-    merge_into_model(in_memory, [ad])
-    for got in (
-        LlamaForCausalLM.from_pretrained(str(tmp_path / "s")),
-        LlamaForCausalLM.from_pretrained(str(tmp_path / "t")),
-        in_memory,
-    ):
-        sd = got.state_dict()
-        for n, p in ref.items():
-            assert_rel(sd[n], p, msg=n)
-    assert_rel(logits(attach_adapters(tiny_llama(), [ad])), on_the_fly)
+    assert_applied_as_peft(ref, on_the_fly, a, base, tiny_llama, tmp_path / "out")
 
 
 def test_adalora_on_gpt2_conv1d_equals_peft(tmp_path):
     """GPT-2's ``Conv1D`` (``fan_in_fan_out``, which PEFT's AdaLoRA sets for
-    it): ``sum --into`` and on the fly equal PEFT's reload."""
-    from transformers import GPT2LMHeadModel
-
-    from loramix.cli import main
-    from loramix.io.adapter_files import load_adapter
-    from loramix.layers import attach_adapters
-
+    it): every way loramix applies it equals PEFT's reload."""
     model = tiny_gpt2()
     base = save_base(model, tmp_path / "base")
     a = _adalora(model, tmp_path / "a", seed=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
     assert json.loads((a / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     pm = peft_reloaded(tiny_gpt2, a)
     on_the_fly = logits(pm)
-    ref = pm.merge_and_unload().state_dict()
-    assert main(["sum", str(a), "--into", str(base), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
-    sd = GPT2LMHeadModel.from_pretrained(str(tmp_path / "s")).state_dict()
-    for n, p in ref.items():
-        assert_rel(sd[n], p, msg=n)
-    assert_rel(logits(attach_adapters(tiny_gpt2(), [load_adapter(a)])), on_the_fly)
+    assert_applied_as_peft(
+        pm.merge_and_unload().state_dict(), on_the_fly, a, base, tiny_gpt2, tmp_path / "out"
+    )
 
 
 def test_bfloat16_adalora_is_scaled_in_float32_as_peft(tmp_path):

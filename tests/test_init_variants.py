@@ -15,9 +15,18 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from .factories import assert_rel, logits, one_line_error, peft_reloaded, save_base, tiny_gpt2, tiny_llama
+from .factories import (
+    assert_applied_as_peft,
+    assert_rel,
+    logits,
+    moved,
+    one_line_error,
+    peft_reloaded,
+    save_base,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -34,11 +43,7 @@ def _moved_adapter(model, folder: Path, init, seed: int = 0, convert_to: Path | 
     pm = get_peft_model(copy.deepcopy(model), LoraConfig(**cfg))
     if convert_to is not None:
         pm.save_pretrained(str(folder / "initial"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, t in sorted(pm.named_parameters()):
-            if "lora_" in n:
-                t.add_(0.05 * torch.randn(t.shape, generator=g))
+    moved(pm, seed, "lora_")
     pm.save_pretrained(str(folder))
     if convert_to is not None:
         pm.save_pretrained(str(convert_to), path_initial_model_for_weight_conversion=str(folder / "initial"))
@@ -53,11 +58,7 @@ def test_moved_base_into_the_base_equals_peft_reload(init, tmp_path, capsys):
     ``use_rslora`` and an ``alpha_pattern``, whose scale PiSSA divides by.
     On the old code the adapter was a plain LoRA (s B A on the original base):
     0.04-0.14 off."""
-    from transformers import LlamaForCausalLM
-
-    from loramix.cli import main
     from loramix.io.adapter_files import load_adapter
-    from loramix.layers import attach_adapters, merge_into_model
 
     model = tiny_llama()
     base = save_base(model, tmp_path / "base")
@@ -72,20 +73,7 @@ def test_moved_base_into_the_base_equals_peft_reload(init, tmp_path, capsys):
     plain = model.get_submodule(q).weight.detach().double() + ad.modules[q].residual()
     assert float((plain - ref[q + ".weight"].double()).abs().max()) > 1e-3
 
-    assert main(["sum", str(a), "--into", str(base), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
-    assert main(["merge", "-m", "ties", "--density", "1", str(a), "--into", str(base),
-                 "--out", str(tmp_path / "t"), "--no-progress"]) == 0  # fmt: skip
-    in_memory = tiny_llama()
-    merge_into_model(in_memory, [ad])
-    for got in (
-        LlamaForCausalLM.from_pretrained(str(tmp_path / "s")),
-        LlamaForCausalLM.from_pretrained(str(tmp_path / "t")),
-        in_memory,
-    ):
-        sd = got.state_dict()
-        for n, p in ref.items():
-            assert_rel(sd[n], p, msg=n)
-    assert_rel(logits(attach_adapters(tiny_llama(), [ad])), on_the_fly)
+    assert_applied_as_peft(ref, on_the_fly, a, base, tiny_llama, tmp_path / "out")
 
 
 def test_moved_base_equals_peft_conversion_and_composes(tmp_path):
@@ -122,11 +110,6 @@ def test_pissa_on_gpt2_conv1d_equals_peft(tmp_path):
     """GPT-2's ``Conv1D`` (``fan_in_fan_out``): PiSSA takes the SVD of the
     ``(out, in)`` weight (PEFT transposes the stored one); into the base and
     on the fly equal PEFT's reload."""
-    from transformers import GPT2LMHeadModel
-
-    from loramix.cli import main
-    from loramix.io.adapter_files import load_adapter
-    from loramix.layers import attach_adapters
 
     model = tiny_gpt2()
     base = save_base(model, tmp_path / "base")
@@ -134,12 +117,9 @@ def test_pissa_on_gpt2_conv1d_equals_peft(tmp_path):
                        fan_in_fan_out=True)  # fmt: skip
     pm = peft_reloaded(tiny_gpt2, a)
     on_the_fly = logits(pm)
-    ref = pm.merge_and_unload().state_dict()
-    assert main(["sum", str(a), "--into", str(base), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
-    sd = GPT2LMHeadModel.from_pretrained(str(tmp_path / "s")).state_dict()
-    for n, p in ref.items():
-        assert_rel(sd[n], p, msg=n)
-    assert_rel(logits(attach_adapters(tiny_gpt2(), [load_adapter(a)])), on_the_fly)
+    assert_applied_as_peft(
+        pm.merge_and_unload().state_dict(), on_the_fly, a, base, tiny_gpt2, tmp_path / "out"
+    )
 
 
 def test_olora_on_a_square_conv1d_equals_peft(tmp_path):

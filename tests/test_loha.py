@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from .factories import (
+    assert_applied_as_peft,
     assert_rel,
     logits,
+    moved,
     one_line_error,
     peft_deltas,
     peft_reloaded,
@@ -40,11 +42,7 @@ def _loha(model, folder: Path, seed: int = 0, **kw) -> Path:
     )
     cfg.update(kw)
     pm = get_peft_model(copy.deepcopy(model), LoHaConfig(**cfg))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, t in sorted(pm.named_parameters()):
-            if "hada_" in n:
-                t.add_(0.1 * torch.randn(t.shape, generator=g))
+    moved(pm, seed, "hada_", size=0.1)
     pm.save_pretrained(str(folder))
     return folder
 
@@ -71,11 +69,8 @@ def test_loha_into_the_base_equals_peft_reload(tmp_path):
     """``sum --into``, ``merge_into_model`` and ``attach_adapters`` (on the
     fly) equal PEFT's reload to 1e-6 of the weights, each module's delta too;
     the patterns' rank and alpha are each module's (rank r^2 as LoRA)."""
-    from transformers import LlamaForCausalLM
 
-    from loramix.cli import main
     from loramix.io.adapter_files import load_adapter
-    from loramix.layers import attach_adapters, merge_into_model
 
     model = tiny_llama()
     base = save_base(model, tmp_path / "base")
@@ -92,15 +87,9 @@ def test_loha_into_the_base_equals_peft_reload(tmp_path):
     assert set(deltas) == set(ad.modules)
     for name, d in deltas.items():
         assert_rel(ad.modules[name].delta(), d, msg=name)
-    ref = pm.merge_and_unload().state_dict()
-    assert main(["sum", str(a), "--into", str(base), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
-    in_memory = tiny_llama()
-    merge_into_model(in_memory, [ad])
-    for got in (LlamaForCausalLM.from_pretrained(str(tmp_path / "s")), in_memory):
-        sd = got.state_dict()
-        for n, p in ref.items():
-            assert_rel(sd[n], p, msg=n)
-    assert_rel(logits(attach_adapters(tiny_llama(), [ad])), on_the_fly)
+    assert_applied_as_peft(
+        pm.merge_and_unload().state_dict(), on_the_fly, a, base, tiny_llama, tmp_path / "out"
+    )
 
 
 def test_bfloat16_loha_is_formed_in_float32_and_sums_to_a_peft_lora(tmp_path):
