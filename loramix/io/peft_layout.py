@@ -599,13 +599,14 @@ def _check_factors(module: str, fs: dict, method: str, weights: Path) -> None:
             )
 
 
-def check_config_rank(module: str, rank: int, r_cfg: int, cfg_path: Path, weights: Path) -> None:
-    """The tensors' rank of ``module`` must be the config's (``r`` / ``rank_pattern``)."""
+def check_config_rank(module: str, rank: int, r_cfg: int, cfg_path: Path, weights: Path,
+                      fields: str = "r / rank_pattern") -> None:  # fmt: skip
+    """The tensors' rank of ``module`` must be the config's (``fields``: those that say it)."""
     if rank != r_cfg:
         raise AdapterError(
             weights,
             f"config and tensors disagree: module {module} has rank {rank} "
-            f"but {cfg_path.name} says {r_cfg} (r / rank_pattern)",
+            f"but {cfg_path.name} says {r_cfg} ({fields})",
         )
 
 

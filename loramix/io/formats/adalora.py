@@ -37,7 +37,7 @@ import torch
 from ...adapter import ModuleDelta
 from ...errors import AdapterError
 from ...kinds import LORA
-from .base import PeftLayoutFormat, checked_scale
+from .base import PeftLayoutFormat, check_config_rank, checked_scale
 
 #: AdaLoRA's default ``init_r`` (``AdaLoraConfig``), for a config that omits it
 INIT_R = 12
@@ -83,10 +83,8 @@ class PeftAdaLora(PeftLayoutFormat):
         if mask is not None and len(mask) != init_r:
             raise AdapterError(cfg_path, f"rank_pattern of module {module} has {len(mask)} entries, "
                                f"but init_r is {init_r}: one per initial rank")  # fmt: skip
-        want = init_r if mask is None else sum(mask)
-        if r != want:
-            raise AdapterError(weights, f"config and tensors disagree: module {module} has rank {r} but "
-                               f"{cfg_path.name} says {want} (init_r / rank_pattern)")  # fmt: skip
+        check_config_rank(module, r, init_r if mask is None else sum(mask), cfg_path, weights,
+                          fields="init_r / rank_pattern")  # fmt: skip
         if r == 0:
             return None
         alpha = float(config.get("lora_alpha", 8))
