@@ -104,8 +104,22 @@ def inspect_adapter(adapter: Adapter | str | Path) -> pd.DataFrame:
             for n, t in sorted(saved.items())
         ],
         base_copies=base_copies(ad.weights_path),
+        read_as=read_as(ad.config),
     )
     return df
+
+
+def read_as(config: dict | None) -> str | None:
+    """How loramix reads an adapter whose ``peft_type`` a format reads as
+    another kind (the format's ``read_as``: AdaLoRA and LoHa as LoRA), else
+    None; read from the format files without importing them."""
+    from .discovery import declared
+
+    peft_type = str((config or {}).get("peft_type", "")).upper()
+    for d in declared("loramix.io.formats", "PeftLayoutFormat", attr="name").values():
+        if str(d.get("peft_type", "")).upper() == peft_type and isinstance(d.get("read_as"), str):
+            return d["read_as"]
+    return None
 
 
 def base_copies(weights_path) -> list[dict]:

@@ -222,3 +222,22 @@ def copy_folder(src: Path, dst: Path) -> Path:
 
     shutil.copytree(src, dst)
     return dst
+
+
+def test_inspect_says_how_an_adalora_adapter_is_read(tmp_path, capsys):
+    """``inspect`` names the format and how it is read (``read_as``, text and
+    JSON); a plain LoRA has neither line nor key."""
+    from loramix.cli import main
+
+    model = tiny_llama()
+    a = _adalora(model, tmp_path / "a", seed=7)
+    lo = make_peft_adapter(model, tmp_path / "lo", seed=8)
+    assert main(["inspect", str(a)]) == 0
+    text = capsys.readouterr().out
+    assert "format:     PEFT AdaLoRA, read as LoRA: A is lora_A * lora_E" in text
+    assert main(["inspect", str(a), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["read_as"].startswith("PEFT AdaLoRA, read as LoRA")
+    assert main(["inspect", str(lo)]) == 0
+    assert "format:" not in capsys.readouterr().out
+    assert main(["inspect", str(lo), "--format", "json"]) == 0
+    assert "read_as" not in json.loads(capsys.readouterr().out)

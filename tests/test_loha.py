@@ -150,3 +150,14 @@ def test_bad_loha_files_are_refused_in_one_line(tmp_path, capsys):
     one_line_error(capsys, ["sum", copy_with("alpha", config=lambda c: c.update(alpha="5")), "--out", tmp_path / "o"],
                    "adapter_config.json", "alpha must be a finite number")  # fmt: skip
     assert not (tmp_path / "o").exists()
+
+
+def test_inspect_says_how_a_loha_adapter_is_read(tmp_path, capsys):
+    """``inspect`` names LoHa and its reading as LoRA of rank r^2; the ranks listed are r^2."""
+    from loramix.cli import main
+
+    a = _loha(tiny_llama(), tmp_path / "a", seed=4)
+    assert main(["inspect", str(a), "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["read_as"].startswith("PEFT LoHa, read as LoRA of rank r^2")
+    assert sorted({m["rank"] for m in out["modules"]}) == [4, 9]

@@ -21,7 +21,8 @@ def command(path: Path, fmt: str) -> None:
     nn.Linear layout), rank, alpha, scale, the Frobenius norm of the delta
     s*B@A (computed from the factors, in float64), stored dtype and parameter
     count. LoRA, DoRA and D2-LoRA are read and computed in numpy, without
-    torch; embedding LoRA (or DoRA) and modules_to_save by the torch readers.
+    torch; embedding LoRA (or DoRA) and modules_to_save by the torch readers,
+    as are PEFT AdaLoRA and LoHa, read as LoRA (a "format:" line says how).
     For DoRA the norm is that of the residual s*B@A and the range of the
     magnitudes m is shown; for D2-LoRA the norm is that of the signed
     residual s(B+A+ - tau B-A-); the delta merging adds, W_hat - W0, depends
@@ -51,6 +52,8 @@ def command(path: Path, fmt: str) -> None:
         }
         if meta["magnitude"] is not None:  # DoRA's
             out["magnitude"] = meta["magnitude"]
+        if meta["read_as"] is not None:  # AdaLoRA's, LoHa's
+            out["read_as"] = meta["read_as"]
         # not df.to_json: pandas rounds to 10 decimals (a norm of 7.08e-9 became 7.1e-09)
         out["modules"] = [
             {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
@@ -63,6 +66,8 @@ def command(path: Path, fmt: str) -> None:
     click.echo(f"path:       {meta['path']}")
     click.echo(f"sha256:     {meta['sha256']}")
     click.echo(f"base model: {meta['base_model'] or '(not recorded)'}")
+    if meta["read_as"] is not None:
+        click.echo(f"format:     {meta['read_as']}")
     click.echo("")
     click.echo(
         df.to_string(

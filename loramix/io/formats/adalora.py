@@ -57,6 +57,9 @@ class PeftAdaLora(PeftLayoutFormat):
     name = "peft-adalora"
     kind = LORA
     peft_type = "ADALORA"
+    #: what ``loramix inspect`` says of such an adapter (read from this file as a literal)
+    read_as = ("PEFT AdaLoRA, read as LoRA: A is lora_A * lora_E and the scale lora_alpha / (init_r + 1e-5); "
+               "pruned ranks are gone, and a module pruned to rank 0 is not listed")  # fmt: skip
 
     def key_parts(self) -> dict[str, tuple[str, str]]:
         # no embedding parts: PEFT's AdaLoRA wraps linear and Conv1D layers only

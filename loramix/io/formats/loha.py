@@ -60,6 +60,9 @@ class PeftLoha(PeftLayoutFormat):
     name = "peft-loha"
     kind = LORA
     peft_type = "LOHA"
+    #: what ``loramix inspect`` says of such an adapter (read from this file as a literal)
+    read_as = ("PEFT LoHa, read as LoRA of rank r^2: B and A are the Khatri-Rao factors of (W1a W1b) * (W2a W2b) "
+               "and the scale alpha / r; params count B and A, not LoHa's four factors")  # fmt: skip
 
     def key_parts(self) -> dict[str, tuple[str, str]]:
         return dict(_PARTS)
