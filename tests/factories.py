@@ -102,12 +102,12 @@ def peft_reloaded(make, folder: str | Path):
 
 
 def peft_deltas(pm) -> dict[str, torch.Tensor]:
-    """PEFT's ``get_delta_weight`` of every module a PEFT model wraps (any
-    tuner whose layers keep ``lora_A`` or LoHa's ``hada_w1_a``), in
-    ``nn.Linear`` layout (out, in)."""
+    """PEFT's ``get_delta_weight`` of every module a PEFT model wraps with
+    its adapter ``default`` (any tuner's layer: one of its
+    ``adapter_layer_names`` holds it), in ``nn.Linear`` layout (out, in)."""
     out = {}
     for name, mod in pm.base_model.model.named_modules():
-        if "default" in getattr(mod, "lora_A", {}) or "default" in getattr(mod, "hada_w1_a", {}):
+        if any("default" in getattr(mod, n, {}) for n in getattr(mod, "adapter_layer_names", ())):
             d = mod.get_delta_weight("default")
             out[name] = d.T if getattr(mod, "fan_in_fan_out", False) else d
     return out

@@ -22,7 +22,7 @@ def command(path: Path, fmt: str) -> None:
     s*B@A (computed from the factors, in float64), stored dtype and parameter
     count. LoRA, DoRA and D2-LoRA are read and computed in numpy, without
     torch; embedding LoRA (or DoRA) and modules_to_save by the torch readers,
-    as are PEFT AdaLoRA and LoHa, read as LoRA (a "format:" line says how).
+    as are PEFT AdaLoRA, LoHa and LoKr, read as LoRA (a "format:" line says how).
     For DoRA the norm is that of the residual s*B@A and the range of the
     magnitudes m is shown; for D2-LoRA the norm is that of the signed
     residual s(B+A+ - tau B-A-); the delta merging adds, W_hat - W0, depends

@@ -27,8 +27,8 @@ field                                 type
 ``loramix_format`` (D2-LoRA)          ``"d2lora/1"``
 ``init_r`` (AdaLoRA)                  int > 0
 ``rank_pattern`` (AdaLoRA)            null or {module name: list of bool}
-``alpha`` (LoHa)                      finite number
-``use_effective_conv2d`` (LoHa)       bool
+``alpha`` (LoHa, LoKr)                finite number
+``use_effective_conv2d`` (LoHa, LoKr) bool
 ====================================  ==========================================
 
 A field another ``peft_type`` gives another type (:data:`TYPE_FIELDS`) is
@@ -176,6 +176,10 @@ TYPE_FIELDS = {
                          "null or an object of module name -> list of true/false (AdaLoRA's masks)"),
     },
     "LOHA": {
+        "alpha": (is_number, "a finite number"),
+        "use_effective_conv2d": (lambda x: isinstance(x, bool), "true or false"),
+    },
+    "LOKR": {
         "alpha": (is_number, "a finite number"),
         "use_effective_conv2d": (lambda x: isinstance(x, bool), "true or false"),
     },
