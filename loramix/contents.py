@@ -113,10 +113,10 @@ def read_as(config: dict | None) -> str | None:
     """How loramix reads an adapter whose ``peft_type`` a format reads as
     another kind (the format's ``read_as``: AdaLoRA and LoHa as LoRA), else
     None; read from the format files without importing them."""
-    from .discovery import declared
+    from .io.peft_layout import declared_formats
 
     peft_type = str((config or {}).get("peft_type", "")).upper()
-    for d in declared("loramix.io.formats", "PeftLayoutFormat", attr="name").values():
+    for d in declared_formats():
         if str(d.get("peft_type", "")).upper() == peft_type and isinstance(d.get("read_as"), str):
             return d["read_as"]
     return None

@@ -57,17 +57,20 @@ def _parsed(path: str, mtime_ns: int, size: int, ino: int) -> tuple[tuple[ast.Cl
     return tuple(out)
 
 
-def declared(package: str, base: str, attr: str = "id", skip: tuple[str, ...] = ("base",)) -> dict[str, dict]:
+def declared(package: str, base: str | tuple[str, ...], attr: str = "id",
+             skip: tuple[str, ...] = ("base",)) -> dict[str, dict]:  # fmt: skip
     """``{name: {attribute: value}}`` of the classes whose bases name ``base``
+    (or one of the names ``base`` lists)
     and that set ``attr = "name"`` (a string literal), in the modules
     :func:`package_modules` would import, with the other class attributes they
     set to literals (``needs_base = True``); read from the source without
     importing the modules (or the package), so a plug-in's name and flags are
     known before its imports (torch) are paid for."""
+    bases = (base,) if isinstance(base, str) else base
     found: dict[str, dict] = {}
     for cls, attrs in _class_defs(package, skip):
         if any(
-            (getattr(b, "id", None) or getattr(b, "attr", None)) == base for b in cls.bases
+            (getattr(b, "id", None) or getattr(b, "attr", None)) in bases for b in cls.bases
         ) and isinstance(attrs.get(attr), str):
             found[attrs[attr]] = attrs
     return found

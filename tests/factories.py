@@ -162,6 +162,60 @@ def assert_applied_as_peft(ref: dict, on_the_fly, adapter, base, make, out) -> N
     assert_rel(logits(attach_adapters(make(), [load_adapter(adapter)])), on_the_fly)
 
 
+def edited_copy(src, dst, tensors=None, config=None) -> Path:
+    """A copy of the adapter folder ``src`` at ``dst``, its weights replaced by
+    ``tensors(weights)`` (a dict of tensors to a dict) and its config changed
+    in place by ``config(cfg)``, where given."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = Path(shutil.copytree(src, dst))
+    if tensors is not None:
+        w = d / "adapter_model.safetensors"
+        save_file(tensors(load_file(str(w))), str(w))
+    if config is not None:
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        config(cfg)
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def as_bfloat16(folder) -> Path:
+    """The adapter folder ``folder`` with its weights file's tensors rewritten in bfloat16."""
+    from safetensors.torch import load_file, save_file
+
+    w = Path(folder) / "adapter_model.safetensors"
+    save_file({k: t.to(torch.bfloat16) for k, t in load_file(str(w)).items()}, str(w))
+    return Path(folder)
+
+
+def assert_read_in_float32_and_summed(adapter, make, out) -> None:
+    """The adapter at ``adapter`` (a PEFT tuner that loramix reads as LoRA,
+    its file in bfloat16: :func:`as_bfloat16`) reads into float32 factors
+    whose deltas are those of PEFT's reload onto ``make()`` (PEFT's
+    parameters are float32 too), to 1e-6; and ``loramix sum --out out``
+    writes a PEFT LoRA that PEFT loads with those deltas (a module whose
+    delta is zero, AdaLoRA's pruned to rank 0, left out)."""
+    from peft import PeftModel
+
+    from loramix.cli import main
+    from loramix.io.adapter_files import load_adapter
+
+    ad = load_adapter(adapter)
+    want = {n: d for n, d in peft_deltas(peft_reloaded(make, adapter)).items() if float(d.abs().max()) > 0}
+    assert set(ad.modules) == set(want)
+    for name, m in ad.modules.items():
+        assert m.A.dtype == m.B.dtype == torch.float32, name
+        assert_rel(m.delta(), want[name], msg=name)
+    assert main(["sum", str(adapter), "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((Path(out) / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    got = peft_deltas(PeftModel.from_pretrained(make(), str(out)))
+    assert {n for n, d in got.items() if float(d.abs().max()) > 0} == set(want)
+    for name, d in want.items():
+        assert_rel(got[name], d, msg=name)
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -15,11 +15,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from .factories import (
+    as_bfloat16,
     assert_applied_as_peft,
+    assert_read_in_float32_and_summed,
     assert_rel,
+    edited_copy,
     logits,
     make_peft_adapter,
     moved,
@@ -107,22 +109,10 @@ def test_adalora_on_gpt2_conv1d_equals_peft(tmp_path):
 def test_bfloat16_adalora_is_scaled_in_float32_as_peft(tmp_path):
     """Factors stored in bfloat16: PEFT loads them into float32 parameters and
     forms ``A * E`` there; loramix too, so the deltas agree to 1e-6 (``A * E``
-    rounded to bfloat16 would be off by about 4e-3)."""
-    from safetensors.torch import load_file, save_file
-
-    from loramix.io.adapter_files import load_adapter
-
-    model = tiny_llama()
-    a = _adalora(model, tmp_path / "a", seed=3)
-    f = a / "adapter_model.safetensors"
-    save_file({k: t.to(torch.bfloat16) for k, t in load_file(str(f)).items()}, str(f))
-    ad = load_adapter(a)
-    pm = peft_reloaded(tiny_llama, a)
-    deltas = peft_deltas(pm)
-    assert ad.modules
-    for name, m in ad.modules.items():
-        assert m.A.dtype == torch.float32 and m.B.dtype == torch.bfloat16
-        assert_rel(m.delta(), deltas[name], msg=name)
+    rounded to bfloat16 would be off by about 4e-3); ``sum --out`` writes
+    them as a LoRA PEFT loads."""
+    a = as_bfloat16(_adalora(tiny_llama(), tmp_path / "a", seed=3))
+    assert_read_in_float32_and_summed(a, tiny_llama, tmp_path / "lora")
 
 
 def test_summed_adalora_is_a_peft_lora_and_composes(tmp_path):
@@ -155,21 +145,11 @@ def test_summed_adalora_is_a_peft_lora_and_composes(tmp_path):
     assert got.norms.to_numpy() == pytest.approx(want.norms.to_numpy(), rel=1e-6, nan_ok=True)
 
 
-def _edit(folder: Path, change) -> Path:
-    cfg = folder / "adapter_config.json"
-    data = json.loads(cfg.read_text())
-    change(data)
-    cfg.write_text(json.dumps(data))
-    return folder
-
-
 def test_bad_adalora_files_are_refused_in_one_line(tmp_path, capsys):
     """Exit 2 and one line naming the file and the problem: a mask of the
     wrong length, a mask whose kept count is not the tensors' rank, a
     ``rank_pattern`` of numbers (LoRA's form), an adapter pruned to nothing,
     a module without its ``lora_E``."""
-    from safetensors.torch import load_file, save_file
-
     model = tiny_llama()
     a = _adalora(model, tmp_path / "a", seed=6)
     masks = json.loads((a / "adapter_config.json").read_text())["rank_pattern"]
@@ -178,7 +158,7 @@ def test_bad_adalora_files_are_refused_in_one_line(tmp_path, capsys):
     def cut(d):
         d["rank_pattern"][first] = d["rank_pattern"][first][:-1]
 
-    bad = _edit(copy_folder(a, tmp_path / "short"), cut)
+    bad = edited_copy(a, tmp_path / "short", config=cut)
     one_line_error(
         capsys, ["inspect", bad], "adapter_config.json", first.removesuffix(".lora_E"), "init_r is 6"
     )
@@ -186,42 +166,31 @@ def test_bad_adalora_files_are_refused_in_one_line(tmp_path, capsys):
     def flip(d):
         d["rank_pattern"][first] = [True] * INIT_R
 
-    bad = _edit(copy_folder(a, tmp_path / "flip"), flip)
+    bad = edited_copy(a, tmp_path / "flip", config=flip)
     one_line_error(capsys, ["inspect", bad], "adapter_model.safetensors", "init_r / rank_pattern")
 
     def numbers(d):
         d["rank_pattern"] = {k: 3 for k in d["rank_pattern"]}
 
-    bad = _edit(copy_folder(a, tmp_path / "numbers"), numbers)
+    bad = edited_copy(a, tmp_path / "numbers", config=numbers)
     one_line_error(capsys, ["inspect", bad], "adapter_config.json", "rank_pattern must be", "AdaLoRA")
 
     def nothing(d):
         d["rank_pattern"] = {k: [False] * INIT_R for k in d["rank_pattern"]}
 
-    empty = copy_folder(a, tmp_path / "empty")
-    f = empty / "adapter_model.safetensors"
-    tensors = load_file(str(f))
-    save_file(
-        {k: t[:0] if k.endswith(("lora_A", "lora_E")) else t[:, :0] for k, t in tensors.items()}, str(f)
-    )
-    _edit(empty, nothing)
+    def emptied(ts):
+        return {k: t[:0] if k.endswith(("lora_A", "lora_E")) else t[:, :0] for k, t in ts.items()}
+
+    empty = edited_copy(a, tmp_path / "empty", tensors=emptied, config=nothing)
     one_line_error(capsys, ["sum", empty, "--out", tmp_path / "o"], "adapter_model.safetensors", "rank 0")
     assert not (tmp_path / "o").exists()
 
-    no_e = copy_folder(a, tmp_path / "no_e")
-    f = no_e / "adapter_model.safetensors"
-    tensors = load_file(str(f))
-    gone = sorted(k for k in tensors if k.endswith("lora_E"))[0]
-    del tensors[gone]
-    save_file(tensors, str(f))
-    one_line_error(capsys, ["inspect", no_e], "adapter_model.safetensors", "no lora_E")
+    def no_e(ts):
+        del ts[sorted(k for k in ts if k.endswith("lora_E"))[0]]
+        return ts
 
-
-def copy_folder(src: Path, dst: Path) -> Path:
-    import shutil
-
-    shutil.copytree(src, dst)
-    return dst
+    one_line_error(capsys, ["inspect", edited_copy(a, tmp_path / "no_e", tensors=no_e)],
+                   "adapter_model.safetensors", "no lora_E")  # fmt: skip
 
 
 def test_inspect_says_how_an_adalora_adapter_is_read(tmp_path, capsys):

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from .factories import (
+    as_bfloat16,
     assert_applied_as_peft,
+    assert_read_in_float32_and_summed,
     assert_rel,
+    edited_copy,
     logits,
     moved,
     one_line_error,
@@ -96,58 +98,28 @@ def test_bfloat16_loha_is_formed_in_float32_and_sums_to_a_peft_lora(tmp_path):
     """Factors stored in bfloat16 are formed into ``B``, ``A`` in float32, as
     PEFT's float32 parameters multiply them; ``sum --out`` writes a LoRA
     PEFT loads, with the LoHa deltas."""
-    from peft import PeftModel
-    from safetensors.torch import load_file, save_file
-
-    from loramix.cli import main
-    from loramix.io.adapter_files import load_adapter
-
-    a = _loha(tiny_llama(), tmp_path / "a", seed=2)
-    f = a / "adapter_model.safetensors"
-    save_file({k: t.to(torch.bfloat16) for k, t in load_file(str(f)).items()}, str(f))
-    ad = load_adapter(a)
-    want = peft_deltas(peft_reloaded(tiny_llama, a))
-    for name, m in ad.modules.items():
-        assert m.A.dtype == m.B.dtype == torch.float32
-        assert_rel(m.delta(), want[name], msg=name)
-    assert main(["sum", str(a), "--out", str(tmp_path / "lora"), "--no-progress"]) == 0
-    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    got = peft_deltas(PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "lora")))
-    assert set(got) == set(want)
-    for name, d in want.items():
-        assert_rel(got[name], d, msg=name)
+    a = as_bfloat16(_loha(tiny_llama(), tmp_path / "a", seed=2))
+    assert_read_in_float32_and_summed(a, tiny_llama, tmp_path / "lora")
 
 
 def test_bad_loha_files_are_refused_in_one_line(tmp_path, capsys):
     """Exit 2 and one line naming the file: a module without one of its four
     factors, a rank the config does not say, LoHa on convolutions, and an
     ``alpha`` that is not a number."""
-    from safetensors.torch import load_file, save_file
 
     a = _loha(tiny_llama(), tmp_path / "a", seed=3)
-
-    def copy_with(name, tensors=None, config=None):
-        d = shutil.copytree(a, tmp_path / name)
-        if tensors is not None:
-            f = d / "adapter_model.safetensors"
-            save_file(tensors(load_file(str(f))), str(f))
-        if config is not None:
-            cfg = json.loads((d / "adapter_config.json").read_text())
-            config(cfg)
-            (d / "adapter_config.json").write_text(json.dumps(cfg))
-        return d
 
     def drop(ts):
         del ts[sorted(k for k in ts if k.endswith("hada_w2_b"))[0]]
         return ts
 
-    one_line_error(capsys, ["inspect", copy_with("drop", tensors=drop)], "adapter_model.safetensors",
+    one_line_error(capsys, ["inspect", edited_copy(a, tmp_path / "drop", tensors=drop)], "adapter_model.safetensors",
                    "no hada_w2_b")  # fmt: skip
-    one_line_error(capsys, ["inspect", copy_with("rank", config=lambda c: c.update(rank_pattern={}))],
+    one_line_error(capsys, ["inspect", edited_copy(a, tmp_path / "rank", config=lambda c: c.update(rank_pattern={}))],
                    "adapter_model.safetensors", "v_proj has rank 2", "says 3")  # fmt: skip
-    one_line_error(capsys, ["inspect", copy_with("conv", config=lambda c: c.update(use_effective_conv2d=True))],
+    one_line_error(capsys, ["inspect", edited_copy(a, tmp_path / "conv", config=lambda c: c.update(use_effective_conv2d=True))],
                    "adapter_config.json", "LoHa on convolutions")  # fmt: skip
-    one_line_error(capsys, ["sum", copy_with("alpha", config=lambda c: c.update(alpha="5")), "--out", tmp_path / "o"],
+    one_line_error(capsys, ["sum", edited_copy(a, tmp_path / "alpha", config=lambda c: c.update(alpha="5")), "--out", tmp_path / "o"],
                    "adapter_config.json", "alpha must be a finite number")  # fmt: skip
     assert not (tmp_path / "o").exists()
 

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from .factories import (
+    as_bfloat16,
     assert_applied_as_peft,
+    assert_read_in_float32_and_summed,
     assert_rel,
+    edited_copy,
     logits,
     moved,
     one_line_error,
@@ -98,48 +100,22 @@ def test_bfloat16_lokr_is_formed_in_float32_and_sums_to_a_peft_lora(tmp_path):
     """Factors stored in bfloat16 are formed into ``B``, ``A`` in float32, as
     PEFT's float32 parameters multiply them; ``sum --out`` writes a LoRA PEFT
     loads, with the LoKr deltas; ``inspect`` says how the adapter is read."""
-    from peft import PeftModel
-    from safetensors.torch import load_file, save_file
-
-    from loramix.cli import main
     from loramix.contents import read_as
-    from loramix.io.adapter_files import load_adapter
 
-    a = _lokr(tiny_llama(), tmp_path / "a", seed=2, **SHAPES["both-pairs"])
-    f = a / "adapter_model.safetensors"
-    save_file({k: t.to(torch.bfloat16) for k, t in load_file(str(f)).items()}, str(f))
-    ad = load_adapter(a)
-    want = peft_deltas(peft_reloaded(tiny_llama, a))
-    for name, m in ad.modules.items():
-        assert m.A.dtype == m.B.dtype == torch.float32
-        assert_rel(m.delta(), want[name], msg=name)
-    assert main(["sum", str(a), "--out", str(tmp_path / "lora"), "--no-progress"]) == 0
-    got = peft_deltas(PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "lora")))
-    assert set(got) == set(want)
-    for name, d in want.items():
-        assert_rel(got[name], d, msg=name)
-    assert read_as(ad.config).startswith("PEFT LoKr, read as LoRA: B = kron(U1, U2)")
+    a = as_bfloat16(_lokr(tiny_llama(), tmp_path / "a", seed=2, **SHAPES["both-pairs"]))
+    assert_read_in_float32_and_summed(a, tiny_llama, tmp_path / "lora")
+    assert read_as(json.loads((a / "adapter_config.json").read_text())).startswith(
+        "PEFT LoKr, read as LoRA: B = kron(U1, U2)"
+    )
 
 
 def test_bad_lokr_files_are_refused_in_one_line(tmp_path, capsys):
     """Exit 2 and one line naming the file: a side without its pair's other
     half, a side both whole and a pair, a rank the config does not say, LoKr
     on convolutions."""
-    from safetensors.torch import load_file, save_file
 
     a = _lokr(tiny_llama(), tmp_path / "a", seed=3, **SHAPES["w1-whole"])
     q = "base_model.model.model.layers.0.self_attn.q_proj"
-
-    def copy_with(name, tensors=None, config=None):
-        d = shutil.copytree(a, tmp_path / name)
-        if tensors is not None:
-            f = d / "adapter_model.safetensors"
-            save_file(tensors(load_file(str(f))), str(f))
-        if config is not None:
-            cfg = json.loads((d / "adapter_config.json").read_text())
-            config(cfg)
-            (d / "adapter_config.json").write_text(json.dumps(cfg))
-        return d
 
     def drop(ts):
         del ts[f"{q}.lokr_w2_b"]
@@ -149,13 +125,13 @@ def test_bad_lokr_files_are_refused_in_one_line(tmp_path, capsys):
         ts[f"{q}.lokr_w1_a"], ts[f"{q}.lokr_w1_b"] = torch.ones(4, 2), torch.ones(2, 4)
         return ts
 
-    one_line_error(capsys, ["inspect", copy_with("drop", tensors=drop)], "adapter_model.safetensors",
+    one_line_error(capsys, ["inspect", edited_copy(a, tmp_path / "drop", tensors=drop)], "adapter_model.safetensors",
                    "q_proj needs lokr_w2 or both lokr_w2_a and lokr_w2_b, and holds lokr_w2_a")  # fmt: skip
-    one_line_error(capsys, ["inspect", copy_with("both", tensors=both)], "adapter_model.safetensors",
+    one_line_error(capsys, ["inspect", edited_copy(a, tmp_path / "both", tensors=both)], "adapter_model.safetensors",
                    "holds lokr_w1, lokr_w1_a, lokr_w1_b")  # fmt: skip
-    one_line_error(capsys, ["inspect", copy_with("rank", config=lambda c: c.update(rank_pattern={}))],
+    one_line_error(capsys, ["inspect", edited_copy(a, tmp_path / "rank", config=lambda c: c.update(rank_pattern={}))],
                    "adapter_model.safetensors", "v_proj has rank 1", "says 2")  # fmt: skip
-    conv = copy_with("conv", config=lambda c: c.update(use_effective_conv2d=True))
+    conv = edited_copy(a, tmp_path / "conv", config=lambda c: c.update(use_effective_conv2d=True))
     one_line_error(
         capsys, ["sum", conv, "--out", tmp_path / "o"], "adapter_config.json", "LoKr on convolutions"
     )

@@ -30,6 +30,7 @@ from .peft_layout import (
     carry_null_targets_settled,
     check_adapter_path,
     check_features,
+    declared_formats,
     magnitude_problem,
     module_factors,
     moved_base_init,
@@ -284,8 +285,7 @@ def plugin_peft_types() -> set[str]:
     (a kind added by one file and its format) is one for the torch readers."""
     from ..discovery import declared
 
-    found = [*declared("loramix.kinds", "AdapterKind").values(),
-             *declared("loramix.io.formats", "PeftLayoutFormat", attr="name").values()]  # fmt: skip
+    found = [*declared("loramix.kinds", "AdapterKind").values(), *declared_formats()]
     return {d["peft_type"].upper() for d in found if isinstance(d.get("peft_type"), str) and d["peft_type"]}
 
 

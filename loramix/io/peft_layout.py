@@ -401,14 +401,25 @@ def with_embedding_parts(parts: dict) -> dict:
     return {**parts, **(EMBEDDING_PARTS if "lora_A" in parts else {})}
 
 
+#: the classes of :mod:`loramix.io.formats.base` a PEFT-layout format subclasses
+FORMAT_BASES = ("PeftLayoutFormat", "LoraReading")
+
+
+def declared_formats() -> list[dict]:
+    """The class attributes each PEFT-layout format (:mod:`loramix.io.formats`)
+    sets to literals (``name``, ``peft_type``, ``read_as``, ...), read from
+    the files without importing them (:func:`loramix.discovery.declared`)."""
+    from ..discovery import declared
+
+    return list(declared("loramix.io.formats", FORMAT_BASES, attr="name").values())
+
+
 def unsupported_peft_type(config: dict) -> str:
     """What a config whose ``peft_type`` no reader reads is told: the
     ``peft_type``\\ s the PEFT-layout formats name in their files
-    (:func:`loramix.discovery.declared`, torch-free), so that the numpy and
-    the torch readers say the same."""
-    from ..discovery import declared
-
-    found = declared("loramix.io.formats", "PeftLayoutFormat", attr="name").values()
+    (:func:`declared_formats`, torch-free), so that the numpy and the torch
+    readers say the same."""
+    found = declared_formats()
     known = sorted(
         {str(d["peft_type"]).upper() for d in found if d.get("peft_type")}, key=lambda t: (len(t), t)
     )

@@ -32,12 +32,9 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ...adapter import ModuleDelta
 from ...errors import AdapterError
-from ...kinds import LORA
-from .base import PeftLayoutFormat, check_config_rank, checked_scale
+from .base import LoraReading, check_config_rank, checked_scale
 
 #: AdaLoRA's default ``init_r`` (``AdaLoraConfig``), for a config that omits it
 INIT_R = 12
@@ -53,29 +50,21 @@ def rank_mask(config: dict, module: str) -> list[bool] | None:
     return None
 
 
-class PeftAdaLora(PeftLayoutFormat):
+class PeftAdaLora(LoraReading):
     name = "peft-adalora"
-    kind = LORA
     peft_type = "ADALORA"
-    #: what ``loramix inspect`` says of such an adapter (read from this file as a literal)
+    label = "AdaLoRA"
+    # no embedding parts: PEFT's AdaLoRA wraps linear and Conv1D layers only
+    parts = {"lora_A": ("A", "pos"), "lora_B": ("B", "pos"), "lora_E": ("E", "pos")}
     read_as = ("PEFT AdaLoRA, read as LoRA: A is lora_A * lora_E and the scale lora_alpha / (init_r + 1e-5); "
                "pruned ranks are gone, and a module pruned to rank 0 is not listed")  # fmt: skip
 
-    def key_parts(self) -> dict[str, tuple[str, str]]:
-        # no embedding parts: PEFT's AdaLoRA wraps linear and Conv1D layers only
-        return {**self.kind.parts, "lora_E": ("E", "pos")}
-
-    def _module(
+    def lora_factors(
         self, module: str, fs: dict, config: dict, cfg_path: Path, weights: Path
-    ) -> ModuleDelta | None:
-        """``module`` as a LoRA module ``(B, A * E)`` with scale ``c / (init_r
-        + 1e-5)`` (module docstring), after checking its parts against each
-        other and the config; None where its rank is 0."""
-        missing = [p for p, k in self.key_parts().items() if k not in fs]
-        if missing:
-            raise AdapterError(
-                weights, f"module {module} has no {' or '.join(missing)} (AdaLoRA keeps all three)"
-            )
+    ) -> tuple | None:
+        """``(B, A * E, c / (init_r + 1e-5), lora_alpha)`` (module docstring);
+        None where the module's rank is 0."""
+        self.require_all(module, fs, weights)
         A, B, E = fs[("A", "pos")], fs[("B", "pos")], fs[("E", "pos")]
         r = int(A.shape[0])
         if B.shape[1] != r or tuple(E.shape) != (r, 1):
@@ -93,13 +82,5 @@ class PeftAdaLora(PeftLayoutFormat):
         alpha = float(config.get("lora_alpha", 8))
         # PEFT's ranknum is a float32 parameter, and + 1e-5 is a float32 sum
         ranknum = float(np.float32(init_r) + np.float32(1e-5))
-        c = alpha if alpha > 0 else float(r)
-        scale = checked_scale({}, module, c, ranknum, cfg_path)
-        dt = torch.promote_types(A.dtype, torch.float32)  # PEFT's parameters are float32
-        A_scaled = A.to(dt) * E.to(dt)
-        try:
-            return self.kind.from_tensors(
-                module, {("A", "pos"): A_scaled, ("B", "pos"): B}, config, scale=scale, alpha=alpha
-            )
-        except ValueError as e:
-            raise AdapterError(weights, str(e)) from None
+        scale = checked_scale({}, module, alpha if alpha > 0 else float(r), ranknum, cfg_path)
+        return B, A * E, scale, alpha

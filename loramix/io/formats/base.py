@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from ...adapter import Adapter, ModuleDelta
 from ...errors import AdapterError
-from ...kinds import AdapterKind
+from ...kinds import LORA, AdapterKind
 from ...stopping import cleanup
 from ..filehash import adapter_identity_of, cached_file_sha256
 from ..outputs import (
@@ -322,3 +322,65 @@ class PeftLayoutFormat:
             )
         check_config_rank(module, int(m.A.shape[0]), r_cfg, cfg_path, weights)
         return m
+
+
+class LoraReading(PeftLayoutFormat):
+    """A PEFT tuner read as LoRA: each module's delta is ``s B A`` once its
+    stored parts are formed into ``B`` ``(out, k)`` and ``A`` ``(k, in)``
+    (AdaLoRA, LoHa, LoKr; ``docs/adapters.md``), so every command takes it
+    as it takes a LoRA.
+
+    A subclass sets ``name``, ``peft_type``, ``parts`` (``{part: (factor,
+    branch)}``, the tensors it reads), ``label`` and ``read_as`` (what
+    ``loramix inspect`` says of it; read from the file as a literal), and
+    defines :meth:`lora_factors`. The parts are cast to float32 first
+    (float64 kept), as PEFT loads them into float32 parameters and forms its
+    products there. ``lycoris`` (LoHa, LoKr): the config names its alpha
+    ``alpha`` (default 8, as ``lora_alpha``'s), and a module on a
+    convolution (``use_effective_conv2d``) is refused.
+    """
+
+    kind = LORA
+    parts: ClassVar[dict[str, tuple[str, str]]] = {}
+    label: ClassVar[str] = ""
+    lycoris: ClassVar[bool] = False
+
+    def key_parts(self) -> dict[str, tuple[str, str]]:
+        return dict(self.parts)
+
+    def rank_alpha(self, config: dict, module: str) -> tuple[int, float]:
+        """``(r, alpha)`` of ``module`` by PEFT's patterns (:func:`module_rank_alpha`)."""
+        return module_rank_alpha(
+            {**config, "lora_alpha": config.get("alpha", 8)} if self.lycoris else config, module
+        )
+
+    def require_all(self, module: str, fs: dict, weights: Path) -> None:
+        """Refuse, naming ``weights``, a module without every one of ``parts``."""
+        if missing := [p for p, k in self.parts.items() if k not in fs]:
+            raise AdapterError(weights, f"module {module} has no {' or '.join(missing)} "
+                               f"({self.label} keeps all {len(self.parts)} parts)")  # fmt: skip
+
+    def lora_factors(
+        self, module: str, fs: dict, config: dict, cfg_path: Path, weights: Path
+    ) -> tuple | None:
+        """``(B, A, scale, alpha)`` of ``module`` from its parts ``fs`` (float32),
+        checked against each other and the config; None where the module adds
+        nothing (it is left out)."""
+        raise NotImplementedError
+
+    def _module(
+        self, module: str, fs: dict, config: dict, cfg_path: Path, weights: Path
+    ) -> ModuleDelta | None:
+        if self.lycoris and config.get("use_effective_conv2d"):
+            raise AdapterError(
+                cfg_path, f"not supported: {self.label} on convolutions (use_effective_conv2d)"
+            )
+        fs = {k: t.to(torch.promote_types(t.dtype, torch.float32)) for k, t in fs.items()}
+        if (got := self.lora_factors(module, fs, config, cfg_path, weights)) is None:
+            return None
+        B, A, scale, alpha = got
+        try:
+            return self.kind.from_tensors(module, {("A", "pos"): A, ("B", "pos"): B}, config, scale=scale,
+                                          alpha=alpha)  # fmt: skip
+        except ValueError as e:
+            raise AdapterError(weights, str(e)) from None

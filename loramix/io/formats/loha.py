@@ -29,20 +29,8 @@ from pathlib import Path
 
 import torch
 
-from ...adapter import ModuleDelta
 from ...errors import AdapterError
-from ...kinds import LORA
-from .base import PeftLayoutFormat, check_config_rank, checked_scale, module_rank_alpha
-
-#: LoHaConfig's default ``alpha``, for a config that omits it
-ALPHA = 8
-
-_PARTS = {
-    "hada_w1_a": ("B", "pos"),
-    "hada_w1_b": ("A", "pos"),
-    "hada_w2_a": ("B", "neg"),
-    "hada_w2_b": ("A", "neg"),
-}
+from .base import LoraReading, check_config_rank, checked_scale
 
 
 def khatri_rao(W1a, W1b, W2a, W2b) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,41 +44,29 @@ def khatri_rao(W1a, W1b, W2a, W2b) -> tuple[torch.Tensor, torch.Tensor]:
     return B, A
 
 
-class PeftLoha(PeftLayoutFormat):
+class PeftLoha(LoraReading):
     name = "peft-loha"
-    kind = LORA
     peft_type = "LOHA"
-    #: what ``loramix inspect`` says of such an adapter (read from this file as a literal)
+    label = "LoHa"
+    lycoris = True
+    parts = {
+        "hada_w1_a": ("B", "pos"),
+        "hada_w1_b": ("A", "pos"),
+        "hada_w2_a": ("B", "neg"),
+        "hada_w2_b": ("A", "neg"),
+    }
     read_as = ("PEFT LoHa, read as LoRA of rank r^2: B and A are the Khatri-Rao factors of (W1a W1b) * (W2a W2b) "
                "and the scale alpha / r; params count B and A, not LoHa's four factors")  # fmt: skip
 
-    def key_parts(self) -> dict[str, tuple[str, str]]:
-        return dict(_PARTS)
-
-    def _module(self, module: str, fs: dict, config: dict, cfg_path: Path, weights: Path) -> ModuleDelta:
-        """``module`` as the LoRA module of its Khatri-Rao factors (module
-        docstring), after checking its four parts against each other and
-        the config's rank."""
-        if config.get("use_effective_conv2d"):
-            raise AdapterError(cfg_path, "not supported: LoHa on convolutions (use_effective_conv2d)")
-        missing = [p for p, k in _PARTS.items() if k not in fs]
-        if missing:
-            raise AdapterError(
-                weights, f"module {module} has no {' or '.join(missing)} (LoHa keeps all four)"
-            )
-        W1a, W1b, W2a, W2b = (fs[_PARTS[p]] for p in _PARTS)
+    def lora_factors(self, module: str, fs: dict, config: dict, cfg_path: Path, weights: Path) -> tuple:
+        """The Khatri-Rao factors, ``alpha / r`` and ``alpha`` (module docstring)."""
+        self.require_all(module, fs, weights)
+        W1a, W1b, W2a, W2b = (fs[k] for k in self.parts.values())
         r = int(W1b.shape[0])
         if not (W1a.shape == W2a.shape and W1b.shape == W2b.shape and W1a.shape[1] == r):
-            shapes = ", ".join(f"{p} {tuple(fs[k].shape)}" for p, k in _PARTS.items())
+            shapes = ", ".join(f"{p} {tuple(fs[k].shape)}" for p, k in self.parts.items())
             raise AdapterError(weights, f"module {module}: {shapes}; the a factors must be (out, r) and the b "
                                "factors (r, in), one r")  # fmt: skip
-        r_cfg, alpha = module_rank_alpha({**config, "lora_alpha": config.get("alpha", ALPHA)}, module)
+        r_cfg, alpha = self.rank_alpha(config, module)
         check_config_rank(module, r, r_cfg, cfg_path, weights)
-        scale = checked_scale({}, module, alpha, r, cfg_path)
-        dt = torch.promote_types(W1a.dtype, torch.float32)  # PEFT's parameters are float32
-        B, A = khatri_rao(*(t.to(dt) for t in (W1a, W1b, W2a, W2b)))
-        try:
-            return self.kind.from_tensors(module, {("A", "pos"): A, ("B", "pos"): B}, config, scale=scale,
-                                          alpha=alpha)  # fmt: skip
-        except ValueError as e:
-            raise AdapterError(weights, str(e)) from None
+        return (*khatri_rao(W1a, W1b, W2a, W2b), checked_scale({}, module, alpha, r, cfg_path), alpha)

@@ -33,23 +33,8 @@ from pathlib import Path
 
 import torch
 
-from ...adapter import ModuleDelta
 from ...errors import AdapterError
-from ...kinds import LORA
-from .base import PeftLayoutFormat, check_config_rank, checked_scale, module_rank_alpha
-
-#: LoKrConfig's default ``alpha``, for a config that omits it
-ALPHA = 8
-
-_PARTS = {
-    "lokr_w1": ("W", "1"),
-    "lokr_w1_a": ("U", "1"),
-    "lokr_w1_b": ("V", "1"),
-    "lokr_w2": ("W", "2"),
-    "lokr_w2_a": ("U", "2"),
-    "lokr_w2_b": ("V", "2"),
-    "lokr_t2": ("T", "2"),  # read to be refused by name (a convolution's Tucker core)
-}
+from .base import LoraReading, check_config_rank, checked_scale
 
 
 def side_factors(W, U, V) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,28 +47,28 @@ def side_factors(W, U, V) -> tuple[torch.Tensor, torch.Tensor]:
     return (eye, W) if a <= b else (W, eye)
 
 
-class PeftLokr(PeftLayoutFormat):
+class PeftLokr(LoraReading):
     name = "peft-lokr"
-    kind = LORA
     peft_type = "LOKR"
-    #: what ``loramix inspect`` says of such an adapter (read from this file as a literal)
+    label = "LoKr"
+    lycoris = True
+    parts = {
+        "lokr_w1": ("W", "1"),
+        "lokr_w1_a": ("U", "1"),
+        "lokr_w1_b": ("V", "1"),
+        "lokr_w2": ("W", "2"),
+        "lokr_w2_a": ("U", "2"),
+        "lokr_w2_b": ("V", "2"),
+        "lokr_t2": ("T", "2"),  # read to be refused by name (a convolution's Tucker core)
+    }
     read_as = ("PEFT LoKr, read as LoRA: B = kron(U1, U2) and A = kron(V1, V2), W1 = U1 V1 and W2 = U2 V2 (a whole "
                "W is I W or W I), so B A = kron(W1, W2); the scale alpha / r; params count B and A")  # fmt: skip
 
-    def key_parts(self) -> dict[str, tuple[str, str]]:
-        return dict(_PARTS)
-
-    def _module(self, module: str, fs: dict, config: dict, cfg_path: Path, weights: Path) -> ModuleDelta:
-        """``module`` as the LoRA module of its Kronecker factors (module
-        docstring), after checking its parts against each other and the
-        config's rank."""
-        if config.get("use_effective_conv2d") or ("T", "2") in fs:
-            raise AdapterError(cfg_path if config.get("use_effective_conv2d") else weights,
-                               f"module {module}: not supported: LoKr on convolutions "
-                               "(use_effective_conv2d, lokr_t2)")  # fmt: skip
-        r_cfg, alpha = module_rank_alpha({**config, "lora_alpha": config.get("alpha", ALPHA)}, module)
-        # PEFT's parameters are float32, whatever the file holds
-        dt = torch.promote_types(next(iter(fs.values())).dtype, torch.float32)
+    def lora_factors(self, module: str, fs: dict, config: dict, cfg_path: Path, weights: Path) -> tuple:
+        """The Kronecker factors, ``alpha / r`` and ``alpha`` (module docstring)."""
+        if ("T", "2") in fs:
+            raise AdapterError(weights, f"module {module}: not supported: LoKr on convolutions (lokr_t2)")
+        r_cfg, alpha = self.rank_alpha(config, module)
         sides = []
         for n in ("1", "2"):
             W, U, V = (fs.get((f, n)) for f in ("W", "U", "V"))
@@ -95,17 +80,15 @@ class PeftLokr(PeftLayoutFormat):
                     raise AdapterError(weights, f"module {module}: lokr_w{n}_a {tuple(U.shape)} and lokr_w{n}_b "
                                        f"{tuple(V.shape)} must be (rows, r) and (r, cols)")  # fmt: skip
                 check_config_rank(module, int(U.shape[1]), r_cfg, cfg_path, weights)
-            sides.append(side_factors(*(None if t is None else t.to(dt) for t in (W, U, V))))
+            sides.append(side_factors(W, U, V))
         (U1, V1), (U2, V2) = sides
-        scale = checked_scale({}, module, alpha, r_cfg, cfg_path)
-        B, A = torch.kron(U1, U2), torch.kron(V1, V2)
-        try:
-            return self.kind.from_tensors(module, {("A", "pos"): A, ("B", "pos"): B}, config, scale=scale,
-                                          alpha=alpha)  # fmt: skip
-        except ValueError as e:
-            raise AdapterError(weights, str(e)) from None
+        return (
+            torch.kron(U1, U2),
+            torch.kron(V1, V2),
+            checked_scale({}, module, alpha, r_cfg, cfg_path),
+            alpha,
+        )
 
-    @staticmethod
-    def _held(fs: dict, n: str) -> str:
-        held = [p for p, k in _PARTS.items() if k in fs and k[1] == n]
+    def _held(self, fs: dict, n: str) -> str:
+        held = [p for p, k in self.parts.items() if k in fs and k[1] == n]
         return ", ".join(held) if held else "none of them"
