@@ -47,6 +47,7 @@ BENCHMARKS = {
         14,
     ),
     "calibration": ("bench_calibration.py", [], 12),
+    "tuners": ("bench_tuners.py", [], 13),
     "eval-smol": (
         "bench_eval.py",
         ["--smol", "--records", "48", "--batch", "16", "--max-len", "256", "--repeat", "1"],
