@@ -34,33 +34,44 @@ def command(path: Path, fmt: str) -> None:
     from ..contents import inspect_adapter
 
     df = inspect_adapter(path)
-    meta = df.attrs
     if fmt == "json":
-        out = {
-            k: meta[k]
-            for k in (
-                "name",
-                "path",
-                "sha256",
-                "kind",
-                "method",
-                "base_model",
-                "totals",
-                "saved",
-                "base_copies",
-            )
-        }
-        if meta["magnitude"] is not None:  # DoRA's
-            out["magnitude"] = meta["magnitude"]
-        if meta["read_as"] is not None:  # AdaLoRA's, LoHa's
-            out["read_as"] = meta["read_as"]
-        # not df.to_json: pandas rounds to 10 decimals (a norm of 7.08e-9 became 7.1e-09)
-        out["modules"] = [
-            {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
-            for row in df.to_dict(orient="records")
-        ]
-        click.echo(json.dumps(out, indent=2))
-        return
+        click.echo(_json(df))
+    else:
+        _print_text(df)
+
+
+def _json(df) -> str:
+    """``inspect --format json``'s document of ``df`` (:func:`~loramix.contents.inspect_adapter`)."""
+    meta = df.attrs
+    out = {
+        k: meta[k]
+        for k in (
+            "name",
+            "path",
+            "sha256",
+            "kind",
+            "method",
+            "base_model",
+            "totals",
+            "saved",
+            "base_copies",
+        )
+    }
+    if meta["magnitude"] is not None:  # DoRA's
+        out["magnitude"] = meta["magnitude"]
+    if meta["read_as"] is not None:  # a tuner read as LoRA (AdaLoRA, LoHa, LoKr)
+        out["read_as"] = meta["read_as"]
+    # not df.to_json: pandas rounds to 10 decimals (a norm of 7.08e-9 became 7.1e-09)
+    out["modules"] = [
+        {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
+        for row in df.to_dict(orient="records")
+    ]
+    return json.dumps(out, indent=2)
+
+
+def _print_text(df) -> None:
+    """``inspect``'s table of ``df`` (:func:`~loramix.contents.inspect_adapter`) and the lines under it."""
+    meta = df.attrs
     t = meta["totals"]
     click.echo(f"adapter:    {meta['name']} ({meta['kind']})")
     click.echo(f"path:       {meta['path']}")
