@@ -1123,8 +1123,8 @@ def test_an_eval_that_is_mostly_padding_says_so(bases, tmp_path, capsys):
     """One long record among many short ones in one batch: most positions
     computed are padding, and eval says so in one warning naming ``--batch``;
     in smaller batches it computes less and says nothing, and the perplexity
-    is the same to float rounding (a SmolLM2 run of 16 real records was 3.5x
-    slower in one batch than in batches of 3, unsaid)."""
+    is the same to float rounding (a SmolLM2 run of 16 real records was 3.4x
+    slower in one batch than in batches of 4, unsaid)."""
     from .factories import write_jsonl
 
     rows = [{"question": "1 + 1 " * 60, "answer": "2"}] + [{"question": "q", "answer": "a"}] * 299
