@@ -111,7 +111,7 @@ def inspect_adapter(adapter: Adapter | str | Path) -> pd.DataFrame:
 
 def read_as(config: dict | None) -> str | None:
     """How loramix reads an adapter whose ``peft_type`` a format reads as
-    another kind (the format's ``read_as``: AdaLoRA and LoHa as LoRA), else
+    another kind (the format's ``read_as``: AdaLoRA, LoHa and LoKr as LoRA), else
     None; read from the format files without importing them."""
     from .io.peft_layout import declared_formats
 
