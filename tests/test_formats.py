@@ -38,6 +38,18 @@ def test_kohya_lora_is_named(tmp_path, capsys):
     run_error(capsys, ["inspect", str(d)], "kohya-ss LoRA", "not supported")
 
 
+def test_lycoris_in_its_own_layout_is_named(tmp_path, capsys):
+    """A LyCORIS LoHa file names its modules as kohya's do (``lora_unet_...``)
+    but is LyCORIS's: said so, with PEFT's layout as what loramix reads (it was
+    called a kohya-ss LoRA)."""
+    f = tmp_path / "lycoris.safetensors"
+    m = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{m}.{p}": torch.zeros(4, 4) for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+              | {f"{m}.alpha": torch.tensor(4.0)}, str(f))  # fmt: skip
+    said = run_error(capsys, ["inspect", str(f)], str(f), "a LyCORIS adapter", "peft_type LOHA or LOKR")
+    assert "kohya" not in said
+
+
 def test_diffusers_lora_is_named(tmp_path, capsys):
     d = tmp_path / "diffusers"
     d.mkdir()

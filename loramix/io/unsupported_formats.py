@@ -11,7 +11,9 @@ adapter_config.json" or "not a LoRA factor":
   told how PEFT re-saves it as safetensors (:func:`pickle_refusal`);
 * **kohya-ss / sd-scripts LoRA**: ``lora_down.weight`` / ``lora_up.weight``
   / ``alpha`` keys (``lora_unet_...``, ``lora_te_...``);
-* **LyCORIS** (LoHa, LoKr): ``hada_w1_a`` / ``lokr_w1`` keys;
+* **LyCORIS** (LoHa, LoKr) in its own layout: ``hada_w1_a`` / ``lokr_w1``
+  keys without PEFT's ``adapter_config.json`` (PEFT's LoHa and LoKr folders
+  are read: :mod:`loramix.io.formats.loha`, :mod:`loramix.io.formats.lokr`);
 * **diffusers LoRA**: ``pytorch_lora_weights.safetensors``, or keys under
   ``unet.`` / ``text_encoder.`` or with ``.lora.down`` /
   ``lora_linear_layer``, without an ``adapter_config.json``.
@@ -30,13 +32,16 @@ _HINT = "loramix reads PEFT LoRA folders (adapter_config.json + adapter_model.sa
 
 
 def _kind_of_keys(keys: list[str], file_name: str) -> str | None:
-    """The foreign format a list of tensor names belongs to, or None."""
+    """The foreign format a list of tensor names belongs to, or None. LyCORIS
+    is looked for first: its files name their modules as kohya's do
+    (``lora_unet_...``), and what to do differs."""
+    if any(p in k for k in keys for p in ("hada_w1_a", "lokr_w1")):
+        return ("a LyCORIS adapter (LoHa / LoKr keys) in its own layout: loramix reads LoHa and LoKr as PEFT "
+                "saves them (adapter_config.json with peft_type LOHA or LOKR)")  # fmt: skip
     if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys) or any(
         k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys
     ):
         return "a kohya-ss LoRA (lora_down / lora_up / alpha keys)"
-    if any(p in k for k in keys for p in ("hada_w1_a", "lokr_w1")):
-        return "a LyCORIS adapter (LoHa / LoKr keys)"
     diffusers_keys = any(".lora.down." in k or "lora_linear_layer" in k for k in keys) or any(
         k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys
     )
