@@ -84,3 +84,18 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def child_check(ours: str, ref: str) -> None:
+    """Print the largest per-tensor relative difference between two model
+    folders (``||a - b|| / ||b||``); a benchmark's ``--child check`` (it
+    imports loramix and torch, which the timing parent does not)."""
+    from loramix.io.model_folder import BaseModelFolder
+
+    a_f, b_f = BaseModelFolder(ours), BaseModelFolder(ref)
+    worst = 0.0
+    for k in a_f.keys():
+        if k in b_f.tensors:
+            a, b = a_f.read_tensor(k).double(), b_f.read_tensor(k).double()
+            worst = max(worst, float((a - b).norm() / b.norm().clamp_min(1e-30)))
+    print(f"{worst:.2e}")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import machine_line, markdown_table, run_measured  # noqa: E402
+from _common import child_check, machine_line, markdown_table, run_measured  # noqa: E402
 
 WORK = HERE / "_work" / "sum"
 TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -128,19 +128,6 @@ def child_setup(work: str) -> None:
     base, ads = setup(Path(work))
     size = sum(p.stat().st_size for p in base.glob("*.safetensors")) / 1e6
     print(f"base {base} ({size:.0f} MB), adapters {', '.join(a.name for a in ads)}")
-
-
-def child_check(ours: str, ref: str) -> None:
-    """Largest per-tensor relative difference between two model folders."""
-    from loramix.io.model_folder import BaseModelFolder
-
-    a_f, b_f = BaseModelFolder(ours), BaseModelFolder(ref)
-    worst = 0.0
-    for k in a_f.keys():
-        if k in b_f.tensors:
-            a, b = a_f.read_tensor(k).double(), b_f.read_tensor(k).double()
-            worst = max(worst, float((a - b).norm() / b.norm().clamp_min(1e-30)))
-    print(f"{worst:.2e}")
 
 
 def main(argv=None) -> None:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import machine_line, markdown_table, run_measured  # noqa: E402
+from _common import child_check, machine_line, markdown_table, run_measured  # noqa: E402
 from _smol import smol_base  # noqa: E402
 
 WORK = HERE / "_work" / "tuners"
@@ -115,19 +115,6 @@ def child_peft(base: str, adapter: str, out: str) -> None:
     warnings.simplefilter("ignore")  # AdaLoRA's rank_pattern keys, checked as LoRA's patterns
     model = AutoModelForCausalLM.from_pretrained(base)
     PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(out, safe_serialization=True)
-
-
-def child_check(ours: str, ref: str) -> None:
-    """Largest per-tensor relative difference between two model folders."""
-    from loramix.io.model_folder import BaseModelFolder
-
-    a_f, b_f = BaseModelFolder(ours), BaseModelFolder(ref)
-    worst = 0.0
-    for k in a_f.keys():
-        if k in b_f.tensors:
-            a, b = a_f.read_tensor(k).double(), b_f.read_tensor(k).double()
-            worst = max(worst, float((a - b).norm() / b.norm().clamp_min(1e-30)))
-    print(f"{worst:.2e}")
 
 
 def main(argv=None) -> None:
