@@ -676,22 +676,21 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_a
            "truncated": 0}  # fmt: skip
     bar = progress_bar(total=sum(len(recs) for _, recs in sets), unit="record", desc="eval", file=sys.stderr,
                        progress=progress, leave=False, dynamic_ncols=True)  # fmt: skip
-    sizes = []
+    widths = []  # (positions, width) of each batch: how much of what was computed is padding
     for name, recs in sets:
         stats = {"truncated": 0}
         bar.set_description(f"eval {name}")
         ex = encode_records(tok, recs, max_len=max_len, on=on, stats=stats, prompt=prompt)
         batches, pre_s = _scored_batches(model, ex, batch_size=batch_size, pad=pad, prefix_at=prefix_at,
                                          prefix_cache=prefix_cache)  # fmt: skip
-        # (positions, input tokens, width) of each batch, not the masks: a large evaluation's add up
-        sizes += [(m.numel(), int(m.sum()), m.shape[1]) for m in (b["attention_mask"] for b in batches)]
+        widths += [tuple(b["attention_mask"].shape) for b in batches]
         r = perplexity(runner, batches, device=dev, bar=bar, per_record=per_record)
         rec = _in_record_order(r, batch_order(ex, batch_size)) if per_record else {}
         rows.append(_set_row(name, len(recs), r, prefix_seconds=pre_s, truncated=stats["truncated"],
                              max_len=max_len, per_record=rec))  # fmt: skip
         _add_to_union(tot, r, len(recs), prefix_seconds=pre_s, truncated=stats["truncated"])
     bar.close()
-    _warn_padding(sizes, batch_size=batch_size)
+    _warn_padding(widths, tot["input_tokens"], batch_size=batch_size)
     rows.append(_union_row(tot, max_len=max_len, per_record=per_record))
     return pd.DataFrame(rows)
 
@@ -702,9 +701,10 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_a
 PADDING_SAID = 16384
 
 
-def _warn_padding(sizes: list[tuple[int, int, int]], *, batch_size: int) -> None:
-    """Warn where most of what an evaluation computed was padding (``sizes``:
-    each batch's positions, input tokens and width): its
+def _warn_padding(shapes: list[tuple[int, int]], tokens: int, *, batch_size: int) -> None:
+    """Warn where most of what an evaluation computed was padding (``shapes``:
+    each batch's ``(records, width)``; ``tokens``: the input tokens among
+    them, :func:`perplexity`'s count): its
     batches (``batch_size`` records of similar length, :func:`_scored_batches`)
     pad each record to the batch's longest, so a few long records among short
     ones (long-tailed answers, no ``max_len``) multiply the work. The first
@@ -712,10 +712,10 @@ def _warn_padding(sizes: list[tuple[int, int, int]], *, batch_size: int) -> None
     in one batch of 16 (78% padding) and 24 s in batches of 4 on SmolLM2-135M
     (2 cores). A smaller batch changes the perplexities only by float
     rounding (about 1e-8 relative there)."""
-    positions, tokens = sum(z[0] for z in sizes), sum(z[1] for z in sizes)
+    positions = sum(n * w for n, w in shapes)
     if positions - tokens < PADDING_SAID or positions < 3 * tokens:
         return
-    longest = max(z[2] for z in sizes)
+    longest = max(w for _, w in shapes)
     from .errors import warn
 
     warn(f"{1 - tokens / positions:.0%} of the positions evaluated were padding: a batch of up to {batch_size} "

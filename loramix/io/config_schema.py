@@ -167,6 +167,12 @@ FIELDS = {
     "loramix_format": (lambda x: x == "d2lora/1", '"d2lora/1", the D2-LoRA format this loramix reads'),
 }  # fmt: skip
 
+#: the LyCORIS tuners' own fields (PEFT's LoHa and LoKr)
+_LYCORIS = {
+    "alpha": (is_number, "a finite number"),
+    "use_effective_conv2d": (lambda x: isinstance(x, bool), "true or false"),
+}
+
 #: ``peft_type`` -> the fields it types otherwise than :data:`FIELDS` (or that only it has)
 TYPE_FIELDS = {
     "ADALORA": {
@@ -175,14 +181,8 @@ TYPE_FIELDS = {
                              isinstance(v, list) and all(isinstance(b, bool) for b in v) for v in x.values())),
                          "null or an object of module name -> list of true/false (AdaLoRA's masks)"),
     },
-    "LOHA": {
-        "alpha": (is_number, "a finite number"),
-        "use_effective_conv2d": (lambda x: isinstance(x, bool), "true or false"),
-    },
-    "LOKR": {
-        "alpha": (is_number, "a finite number"),
-        "use_effective_conv2d": (lambda x: isinstance(x, bool), "true or false"),
-    },
+    "LOHA": _LYCORIS,
+    "LOKR": _LYCORIS,
 }  # fmt: skip
 
 
