@@ -48,6 +48,7 @@ BENCHMARKS = {
     ),
     "calibration": ("bench_calibration.py", [], 12),
     "tuners": ("bench_tuners.py", [], 13),
+    "batching": ("bench_batching.py", [], 12),
     "eval-smol": (
         "bench_eval.py",
         ["--smol", "--records", "48", "--batch", "16", "--max-len", "256", "--repeat", "1"],

@@ -193,6 +193,7 @@ def evaluate(
     on: str = "answer",
     max_len: int | None = None,
     batch: int = 16,
+    batch_tokens: int | None = None,
     limit: int | None = None,
     question_field: str = "question",
     answer_field: str = "answer",
@@ -222,8 +223,15 @@ def evaluate(
     ``data``:
     paths, synthetic specs (``synthetic:arith?n=200``), or lists of
     :class:`~loramix.data.QARecord`. ``limit`` keeps the first records of each;
-    ``batch``: records per forward pass (of similar length; an evaluation
-    mostly of padding is warned of). ``question_field``, ``answer_field``, ``context_field``:
+    ``batch``: records per forward pass, at most (sorted by length, each
+    padded to its batch's longest); ``batch_tokens``: positions (records
+    times their longest) per forward pass, at most, a longer record alone;
+    None: ``batch`` times the data set's mean record length
+    (:func:`loramix.data.position_budget`), so a few long records among
+    short ones go in smaller batches and add little padding; 0: no limit but
+    ``batch``. An evaluation still mostly of padding is warned of. The
+    batching changes the perplexities only by float rounding.
+    ``question_field``, ``answer_field``, ``context_field``:
     the records' fields, as :func:`loramix.train_adapter` takes them
     (``context_field`` None: no passage; ``fields={...}`` of the previous
     release still works, warned). ``dtype``: the dtype the base is
@@ -270,9 +278,12 @@ def evaluate(
     from .devices import resolve_device
 
     # counts and sizes as ints (a fraction refused naming its keyword), before anything uses them
-    batch, max_len, limit, top_layers = whole_numbers(
-        {"--batch": batch, "--max-len": max_len, "--limit": limit, "--top-layers": top_layers}
-    )
+    batch, batch_tokens, max_len, limit, top_layers = whole_numbers(
+        {"--batch": batch, "--batch-tokens": batch_tokens, "--max-len": max_len, "--limit": limit,
+         "--top-layers": top_layers}
+    )  # fmt: skip
+    if batch_tokens is not None and batch_tokens < 0:
+        raise UsageError("--batch-tokens", f"must be 0 (no limit) or more, got {batch_tokens}")
     fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
     sets, adapters, data, dropped = _checked_inputs(base, adapters, batch=batch, merged=merged, data=data,
                                                     limit=limit, max_len=max_len, device=device, fields=fields,
@@ -281,16 +292,16 @@ def evaluate(
     dev = resolve_device(device)
     adapted = _adapted(base, adapters, weights, merged=merged, dev=dev, dtype=dtype, top_layers=top_layers)
     with adapted as (model, tok):
-        df = _scored(model, tok, base, adapters, data, sets, on=on, max_len=max_len, batch=batch, dev=dev,
-                     top_layers=top_layers, prefix_cache=prefix_cache, prompt=prompt, held_out=held_out,
-                     progress=progress, per_record=per_record)  # fmt: skip
+        df = _scored(model, tok, base, adapters, data, sets, on=on, max_len=max_len, batch=batch,
+                     batch_tokens=batch_tokens, dev=dev, top_layers=top_layers, prefix_cache=prefix_cache,
+                     prompt=prompt, held_out=held_out, progress=progress, per_record=per_record)  # fmt: skip
     if dropped is not None:
         df.attrs["held_out"] = dropped
     return df
 
 
-def _scored(model, tok, base, adapters: list, data: list, sets: list, *, on, max_len, batch, dev, top_layers,
-            prefix_cache, prompt, held_out, progress, per_record):  # fmt: skip
+def _scored(model, tok, base, adapters: list, data: list, sets: list, *, on, max_len, batch, batch_tokens, dev,
+            top_layers, prefix_cache, prompt, held_out, progress, per_record):  # fmt: skip
     """:func:`evaluate`'s table (:func:`_score`) of ``sets`` on the adapted
     ``model``, once the prompt's template is found in ``tok`` (a base without
     one refused, named) and with ``top_layers`` the first adapted block ``k``
@@ -305,8 +316,9 @@ def _scored(model, tok, base, adapters: list, data: list, sets: list, *, on, max
 
         k = split_point(model, top_layers)
     _warn_of_scoring(adapters, base, data, sets, prompt=prompt, held_out=held_out)
-    return _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch, dev=dev, prefix_at=k,
-                  prefix_cache=prefix_cache, prompt=prompt, progress=progress, per_record=per_record)  # fmt: skip
+    return _score(model, tok, sets, on=on, max_len=max_len, batch_size=batch, batch_tokens=batch_tokens, dev=dev,
+                  prefix_at=k, prefix_cache=prefix_cache, prompt=prompt, progress=progress,
+                  per_record=per_record)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -610,30 +622,37 @@ def _already_on(model, dev) -> bool:
     )
 
 
-def _scored_batches(model, ex, *, batch_size, pad, prefix_at, prefix_cache) -> tuple[list, float]:
-    """Batches sorted by length; with ``prefix_at = k`` they carry the cached
+def _scored_batches(model, ex, *, batch_size, max_tokens, pad, prefix_at, prefix_cache) -> tuple[list, float]:
+    """Batches sorted by length, of at most ``batch_size`` records and
+    ``max_tokens`` positions; with ``prefix_at = k`` they carry the cached
     states entering block ``k`` instead of token ids. Returns them and the
     seconds the prefix took (0 when cached). Their rows hold the records
     :func:`batch_order` lists."""
     from .data import make_batches
 
     if prefix_at is None:
-        return make_batches(ex, batch_size=batch_size, pad_id=pad, sort_by_length=True), 0.0
+        batches = make_batches(
+            ex, batch_size=batch_size, pad_id=pad, sort_by_length=True, max_tokens=max_tokens
+        )
+        return batches, 0.0
     from .prefix import prefix_states
 
     t0 = time.perf_counter()
-    states = prefix_states(model, prefix_at, ex, batch_size=batch_size, pad_id=pad, cache=prefix_cache)
-    batches = make_batches(ex, batch_size=batch_size, pad_id=pad, sort_by_length=True, embeds=states)
+    states = prefix_states(model, prefix_at, ex, batch_size=batch_size, pad_id=pad, cache=prefix_cache,
+                           max_tokens=max_tokens)  # fmt: skip
+    batches = make_batches(ex, batch_size=batch_size, pad_id=pad, sort_by_length=True, embeds=states,
+                           max_tokens=max_tokens)  # fmt: skip
     for b in batches:
         del b["input_ids"]
     return batches, time.perf_counter() - t0
 
 
-def batch_order(ex, batch_size: int) -> list[int]:
+def batch_order(ex, batch_size: int, max_tokens: int | None = None) -> list[int]:
     """The record index of each row of :func:`_scored_batches`' batches, in order."""
     from .data import batch_indices
 
-    return [i for idx in batch_indices(ex, batch_size=batch_size, sort_by_length=True) for i in idx]
+    chunks = batch_indices(ex, batch_size=batch_size, sort_by_length=True, max_tokens=max_tokens)
+    return [i for idx in chunks for i in idx]
 
 
 def _in_record_order(r: dict, order: list[int]) -> dict:
@@ -648,14 +667,16 @@ def _in_record_order(r: dict, order: list[int]) -> dict:
     return out
 
 
-def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_at=None, prefix_cache="disk",
-           prompt="raw", progress: bool = False, per_record: bool = False):  # fmt: skip
-    """One row per record set and the pooled ``union`` row (see :func:`evaluate`)."""
+def _score(model, tok, sets, *, on: str, max_len, batch_size: int, batch_tokens: int | None = None, dev,
+           prefix_at=None, prefix_cache="disk", prompt="raw", progress: bool = False,
+           per_record: bool = False):  # fmt: skip
+    """One row per record set and the pooled ``union`` row (see :func:`evaluate`;
+    ``batch_tokens`` as there)."""
     import sys
 
     import pandas as pd
 
-    from .data import encode_records, pad_id_for
+    from .data import encode_records, pad_id_for, position_budget
     from .progress import progress_bar
 
     # a sequence cannot be longer than the model's positions: a larger --max-len is capped there
@@ -681,11 +702,12 @@ def _score(model, tok, sets, *, on: str, max_len, batch_size: int, dev, prefix_a
         stats = {"truncated": 0}
         bar.set_description(f"eval {name}")
         ex = encode_records(tok, recs, max_len=max_len, on=on, stats=stats, prompt=prompt)
-        batches, pre_s = _scored_batches(model, ex, batch_size=batch_size, pad=pad, prefix_at=prefix_at,
-                                         prefix_cache=prefix_cache)  # fmt: skip
+        cap = position_budget(ex, batch_size) if batch_tokens is None else batch_tokens or None
+        batches, pre_s = _scored_batches(model, ex, batch_size=batch_size, max_tokens=cap, pad=pad,
+                                         prefix_at=prefix_at, prefix_cache=prefix_cache)  # fmt: skip
         widths += [tuple(b["attention_mask"].shape) for b in batches]
         r = perplexity(runner, batches, device=dev, bar=bar, per_record=per_record)
-        rec = _in_record_order(r, batch_order(ex, batch_size)) if per_record else {}
+        rec = _in_record_order(r, batch_order(ex, batch_size, cap)) if per_record else {}
         rows.append(_set_row(name, len(recs), r, prefix_seconds=pre_s, truncated=stats["truncated"],
                              max_len=max_len, per_record=rec))  # fmt: skip
         _add_to_union(tot, r, len(recs), prefix_seconds=pre_s, truncated=stats["truncated"])
@@ -710,8 +732,11 @@ def _warn_padding(shapes: list[tuple[int, int]], tokens: int, *, batch_size: int
     ones (long-tailed answers, no ``max_len``) multiply the work. The first
     16 medicine records (4,982 input tokens, one record of 1,429) took 81 s
     in one batch of 16 (78% padding) and 24 s in batches of 4 on SmolLM2-135M
-    (2 cores). A smaller batch changes the perplexities only by float
-    rounding (about 1e-8 relative there)."""
+    (2 cores). The default cap on a batch's positions (``batch_tokens``,
+    :func:`loramix.data.position_budget`) keeps most runs well below this;
+    one with ``batch_tokens=0`` or a large cap may not. A smaller batch
+    changes the perplexities only by float rounding (about 1e-8 relative
+    there)."""
     positions = sum(n * w for n, w in shapes)
     if positions - tokens < PADDING_SAID or positions < 3 * tokens:
         return
@@ -719,8 +744,8 @@ def _warn_padding(shapes: list[tuple[int, int]], tokens: int, *, batch_size: int
     from .errors import warn
 
     warn(f"{1 - tokens / positions:.0%} of the positions evaluated were padding: a batch of up to {batch_size} "
-         f"records pads each to its longest (here up to {longest:,} tokens); a smaller --batch or a --max-len "
-         "computes less, with the same perplexities to float rounding")  # fmt: skip
+         f"records pads each to its longest (here up to {longest:,} tokens); a smaller --batch-tokens or --batch, "
+         "or a --max-len, computes less, with the same perplexities to float rounding")  # fmt: skip
 
 
 def _set_row(name: str, records: int, r: dict, *, prefix_seconds: float, truncated: int, max_len: int,

@@ -319,12 +319,13 @@ def examples_sha256(examples: list[dict]) -> str:
 
 
 def cache_key(model, k: int, examples: list[dict], *, dtype=None, identity: str | None = None,
-              batch_size: int = BATCH_SIZE) -> str:  # fmt: skip
+              batch_size: int = BATCH_SIZE, max_tokens: int | None = None) -> str:  # fmt: skip
     """The key of one cache entry (module docstring); ``identity``: :func:`prefix_identity`
     of ``model`` and ``k`` where the caller has it (the parts of a union share one).
     ``batch_size`` is in it: a state's bits depend on the batch it ran in, and
     without it states batched one way were served to a run batching another,
-    whose own computation gives other bits."""
+    whose own computation gives other bits; so is ``max_tokens`` where set
+    (absent otherwise, so entries cached before it existed are still found)."""
     parts = {
         "prefix": identity or prefix_identity(model, k),
         "data": examples_sha256(examples),
@@ -332,15 +333,18 @@ def cache_key(model, k: int, examples: list[dict], *, dtype=None, identity: str 
         "k": k,
         "dtype": str(dtype or next(model.parameters()).dtype),
         "device": next(model.parameters()).device.type,
+        **({"max_tokens": int(max_tokens)} if max_tokens else {}),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 @torch.inference_mode()
 def compute_states(model, k: int, examples: list[dict], *, batch_size: int = BATCH_SIZE, pad_id: int = 0,
-                   autocast=None, progress: bool = False) -> list[torch.Tensor]:  # fmt: skip
+                   autocast=None, progress: bool = False, max_tokens: int | None = None) -> list[torch.Tensor]:  # fmt: skip
     """``h_k`` per example, ``(T_i, d)``, on the CPU; batches sorted by length
-    (little padding), ``autocast`` a dtype to compute in (or None); ``progress``:
+    (little padding) of at most ``batch_size`` examples and ``max_tokens``
+    positions (:func:`loramix.data.make_batches`), ``autocast`` a dtype to
+    compute in (or None); ``progress``:
     a bar of the examples run, on stderr where it is a terminal."""
     import sys
 
@@ -351,7 +355,7 @@ def compute_states(model, k: int, examples: list[dict], *, batch_size: int = BAT
     pre = prefix_view(model, k)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     ordered = [examples[i] for i in order]
-    batches = make_batches(ordered, batch_size=batch_size, pad_id=pad_id)
+    batches = make_batches(ordered, batch_size=batch_size, pad_id=pad_id, max_tokens=max_tokens)
     out: list[torch.Tensor | None] = [None] * len(examples)
     j = 0
     bar = progress_bar(total=len(examples), unit="record", desc=f"prefix (layers 0-{k - 1}, once)",
@@ -372,7 +376,7 @@ def compute_states(model, k: int, examples: list[dict], *, batch_size: int = BAT
 
 def prefix_states(model, k: int, examples: list[dict], *, batch_size: int = BATCH_SIZE, pad_id: int = 0,
                   cache: str | None = "disk", autocast=None, progress: bool = False,
-                  parts: list[int] | None = None) -> list[torch.Tensor]:  # fmt: skip
+                  parts: list[int] | None = None, max_tokens: int | None = None) -> list[torch.Tensor]:  # fmt: skip
     """Cached :func:`compute_states`: ``cache`` is ``"disk"`` (this process's
     memory, then ``cache_dir()/prefix``), ``"memory"`` or None (compute).
 
@@ -387,7 +391,9 @@ def prefix_states(model, k: int, examples: list[dict], *, batch_size: int = BATC
         raise ValueError(f"parts {sizes} do not cut {len(examples)} examples")
     starts = [sum(sizes[:j]) for j in range(len(sizes))]
     runs = [examples[s : s + n] for s, n in zip(starts, sizes) if n]
-    kw = dict(batch_size=batch_size, pad_id=pad_id, autocast=autocast, progress=progress)
+    kw = dict(
+        batch_size=batch_size, pad_id=pad_id, autocast=autocast, progress=progress, max_tokens=max_tokens
+    )
     if cache is None:
         return [h for run in runs for h in compute_states(model, k, run, **kw)]
     # one hash of the prefix's weights for every part (0.4 s each on SmolLM2)
@@ -399,7 +405,8 @@ def _cached_states(
     model, k: int, examples: list[dict], *, cache: str, identity: str, **kw
 ) -> list[torch.Tensor]:
     """:func:`compute_states` of ``examples`` (one part), from the memory or disk cache where it is there."""
-    key = cache_key(model, k, examples, dtype=kw["autocast"], identity=identity, batch_size=kw["batch_size"])
+    key = cache_key(model, k, examples, dtype=kw["autocast"], identity=identity, batch_size=kw["batch_size"],
+                    max_tokens=kw["max_tokens"])  # fmt: skip
     if key in _MEMORY:
         _MEMORY.move_to_end(key)
         return _MEMORY[key]

@@ -17,6 +17,7 @@ from loramix.data import (
     load_records,
     make_batches,
     parse_synthetic_spec,
+    position_budget,
     split_records,
 )
 from loramix.errors import DataError, UsageError
@@ -255,6 +256,8 @@ def test_make_batches_equal_the_per_example_construction():
         {"shuffle": True, "seed": 3, "bucket": 2},
         {"sort_by_length": True},
         {"shuffle": True, "take": 3},
+        {"sort_by_length": True, "max_tokens": 60},
+        {"shuffle": True, "seed": 3, "bucket": 2, "max_tokens": 60},
     ):
         got = make_batches(ex, batch_size=8, pad_id=5, **kw)
         want = [reference([ex[i] for i in idx], 5) for idx in batch_indices(ex, batch_size=8, **{
@@ -264,6 +267,27 @@ def test_make_batches_equal_the_per_example_construction():
             assert g.keys() == w.keys()
             for k in w:
                 assert g[k].dtype == w[k].dtype and torch.equal(g[k], w[k]), k
+
+
+def test_a_position_cap_cuts_batches_where_the_long_records_are():
+    """``max_tokens``: each batch of the sorted records holds at most that many
+    positions (records x its longest) and ``batch_size`` records, a longer
+    record alone; every record once, in sorted order. The default cap
+    (``position_budget``: ``batch_size`` records of the mean length) leaves
+    records of one length in full batches and splits a long tail."""
+    lens = [3] * 10 + [4, 5, 9, 40]
+    ex = [{"input_ids": [1] * n, "labels": [1] * n} for n in lens]
+    chunks = batch_indices(ex, batch_size=4, sort_by_length=True, max_tokens=16)
+    assert [[lens[i] for i in c] for c in chunks] == [[3] * 4, [3] * 4, [3, 3, 4], [5], [9], [40]]
+    assert sorted(i for c in chunks for i in c) == list(range(len(ex)))
+    assert [len(c) for c in batch_indices(ex, batch_size=4, sort_by_length=True)] == [4, 4, 4, 2]
+    assert position_budget(ex, 4) == -(-4 * sum(lens) // len(lens)) == 26
+    same = [{"input_ids": [1] * 7, "labels": [1] * 7}] * 10
+    assert [len(c) for c in batch_indices(same, batch_size=4, sort_by_length=True,
+                                          max_tokens=position_budget(same, 4))] == [4, 4, 2]  # fmt: skip
+    widths = [b["input_ids"].shape for b in make_batches(ex, batch_size=4, pad_id=0, sort_by_length=True,
+                                                         max_tokens=position_budget(ex, 4))]  # fmt: skip
+    assert widths == [(4, 3), (4, 3), (4, 5), (1, 9), (1, 40)]
 
 
 def test_synthetic_spec():

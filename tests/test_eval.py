@@ -1120,25 +1120,63 @@ def test_merged_in_bfloat16_rounds_once(bases, tmp_path, arch):
 
 
 def test_an_eval_that_is_mostly_padding_says_so(bases, tmp_path, capsys):
-    """One long record among many short ones in one batch: most positions
-    computed are padding, and eval says so in one warning naming ``--batch``;
-    in smaller batches it computes less and says nothing, and the perplexity
-    is the same to float rounding (a SmolLM2 run of 16 real records was 3.4x
-    slower in one batch than in batches of 4, unsaid)."""
+    """One long record among many short ones in one batch (no cap on its
+    positions, ``--batch-tokens 0``): most positions computed are padding,
+    and eval says so in one warning naming ``--batch-tokens`` and ``--batch``;
+    in smaller batches, or under the default cap, it computes less and says
+    nothing, and the perplexity is the same to float rounding (a SmolLM2 run
+    of 16 real records was 3.4x slower in one batch than in batches of 4,
+    unsaid)."""
     from .factories import write_jsonl
 
     rows = [{"question": "1 + 1 " * 60, "answer": "2"}] + [{"question": "q", "answer": "a"}] * 299
     data = write_jsonl(tmp_path / "tail.jsonl", rows)
     ppl = {}
-    for batch in (300, 32):
-        args = ["eval", "--base", str(bases["llama"]), "--data", str(data), "--batch", str(batch)]
+    for batch, cap in ((300, ["--batch-tokens", "0"]), (32, []), (300, [])):
+        args = ["eval", "--base", str(bases["llama"]), "--data", str(data), "--batch", str(batch), *cap]
         assert main([*args, "--format", "json"]) == 0
         got = capsys.readouterr()
         said = [ln for ln in got.err.splitlines() if "padding" in ln]
-        if batch == 32:
+        if cap == []:
             assert not said, got.err
         else:
             assert len(said) == 1 and said[0].startswith("loramix: warning: "), got.err
-            assert "positions evaluated were padding" in said[0] and "a smaller --batch" in said[0], said
-        ppl[batch] = json.loads(got.out)["results"][0]["ppl"]
-    assert ppl[300] == pytest.approx(ppl[32], rel=1e-6)
+            assert (
+                "positions evaluated were padding" in said[0]
+                and "a smaller --batch-tokens or --batch" in said[0]
+            )
+        ppl[batch, bool(cap)] = json.loads(got.out)["results"][0]["ppl"]
+    assert ppl[300, True] == pytest.approx(ppl[32, False], rel=1e-6)
+    assert ppl[300, False] == pytest.approx(ppl[32, False], rel=1e-6)
+
+
+def test_the_position_cap_changes_the_batches_not_the_results(bases, tmp_path):
+    """Capped (the default, or a given ``batch_tokens``) or not, an evaluation
+    scores every record once, each record's NLL in its own place (per-record
+    lists paired record by record), with the same totals to float rounding;
+    so with ``top_layers`` (the cached prefix batched the same way). A
+    negative cap is refused naming ``--batch-tokens``."""
+    from transformers import AutoTokenizer
+
+    from loramix.data import batch_indices, position_budget
+
+    from .factories import write_jsonl
+
+    rows = [{"question": "2 + 3 " * n, "answer": str(n)} for n in (1, 40, 2, 3, 25, 1, 2, 60, 4, 2, 1, 3)]
+    data = write_jsonl(tmp_path / "tail.jsonl", rows)
+    tok = AutoTokenizer.from_pretrained(bases["llama"])
+    ex = encode_records(tok, load_records(data), max_len=512)
+    cuts = [len(batch_indices(ex, batch_size=8, sort_by_length=True, max_tokens=m))
+            for m in (None, position_budget(ex, 8), 40)]  # fmt: skip
+    assert cuts[0] == 2 and cuts[1] > 2 and cuts[2] > cuts[1], cuts  # the caps batch otherwise
+    for top in (None, 1):
+        kw = dict(data=[data], device="cpu", batch=8, per_record=True, progress=False, top_layers=top,
+                  prefix_cache=None)  # fmt: skip
+        runs = [evaluate(bases["llama"], batch_tokens=cap, **kw).iloc[0] for cap in (0, None, 40)]
+        for r in runs[1:]:
+            assert r["tokens"] == runs[0]["tokens"] and r["input_tokens"] == runs[0]["input_tokens"]
+            assert r["ppl"] == pytest.approx(runs[0]["ppl"], rel=1e-6)
+            assert r["record_tokens"] == runs[0]["record_tokens"]
+            assert r["record_nll"] == pytest.approx(runs[0]["record_nll"], rel=1e-5)
+    with pytest.raises(UsageError, match="--batch-tokens"):
+        evaluate(bases["llama"], data=[data], batch_tokens=-1)

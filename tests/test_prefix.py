@@ -269,3 +269,28 @@ def test_the_batch_size_is_part_of_the_key(tmp_path, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(got, by3, strict=True)), cached
     assert prefix.cache_key(model, 2, ex, batch_size=2) != prefix.cache_key(model, 2, ex, batch_size=3)
     prefix.clear_memory()
+
+
+def test_the_position_cap_is_part_of_the_key(tmp_path, monkeypatch):
+    """States batched under a cap on positions (``max_tokens``) are not served
+    to a run without it, nor the other way round; without a cap the key is
+    the one entries cached before the cap existed have."""
+    monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path))
+    prefix.clear_memory()
+    model = _tiny("llama")
+    ex = _examples(model.config.vocab_size, lengths=(7, 3, 12, 5, 9, 4, 15, 6), seed=3)
+    capped = prefix.compute_states(model, 2, ex, batch_size=4, max_tokens=24)
+    whole = prefix.compute_states(model, 2, ex, batch_size=4)
+    assert not all(torch.equal(a, b) for a, b in zip(capped, whole)), (
+        "no state differs: the test shows nothing"
+    )
+    prefix.prefix_states(model, 2, ex, batch_size=4)
+    for cached in ("memory", "disk"):
+        if cached == "disk":
+            prefix.clear_memory()
+        got = prefix.prefix_states(model, 2, ex, batch_size=4, max_tokens=24)
+        assert all(torch.equal(a, b) for a, b in zip(got, capped, strict=True)), cached
+    assert prefix.cache_key(model, 2, ex, batch_size=4, max_tokens=None) == prefix.cache_key(
+        model, 2, ex, batch_size=4
+    )
+    prefix.clear_memory()

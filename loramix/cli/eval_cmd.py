@@ -25,7 +25,10 @@ from .threads import threads_option
     default=None,
     help="Tokens per sequence (default: the model's context).",
 )
-@click.option("--batch", type=int, default=16, show_default=True, help="Records per forward pass.")
+@click.option("--batch", type=int, default=16, show_default=True, help="Records per forward pass, at most.")
+@click.option("--batch-tokens", type=int, default=None,
+              help="Positions (records x their longest) per forward pass, at most; a longer record goes alone "
+                   "[default: --batch times the data set's mean record length; 0: no limit but --batch].")  # fmt: skip
 @click.option("--limit", type=int, default=None, help="Use the first N records of each file.")
 @click.option("--held-out", is_flag=True,
               help="Leave out every record an adapter evaluated (given, or merged into --base by loramix) was "
@@ -49,8 +52,9 @@ from .threads import threads_option
 )
 @format_option
 @progress_option
-def command(base, adapters, weights, merged, data, more_data, on, prompt, max_len, batch, limit, held_out, device,
-            question_field, answer_field, context_field, top_layers, dtype, fmt, progress):  # fmt: skip
+def command(base, adapters, weights, merged, data, more_data, on, prompt, max_len, batch, batch_tokens, limit,
+            held_out, device, question_field, answer_field, context_field, top_layers, dtype, fmt,
+            progress):  # fmt: skip
     """Perplexity per data file and over their union (token-weighted), with token
     counts and tokens per second. Scored tokens: the answers (--on answer) or all."""
     import json
@@ -69,6 +73,7 @@ def command(base, adapters, weights, merged, data, more_data, on, prompt, max_le
         prompt=prompt,
         max_len=max_len,
         batch=batch,
+        batch_tokens=batch_tokens,
         limit=limit,
         device=device,
         question_field=question_field,
