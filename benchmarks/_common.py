@@ -99,3 +99,23 @@ def child_check(ours: str, ref: str) -> None:
             a, b = a_f.read_tensor(k).double(), b_f.read_tensor(k).double()
             worst = max(worst, float((a - b).norm() / b.norm().clamp_min(1e-30)))
     print(f"{worst:.2e}")
+
+
+def eval_positions(
+    tok, files, limit: int | None, max_len: int, batch: int, cap: int | None = None
+) -> tuple[int, int]:
+    """``(positions computed, input tokens)`` of ``loramix eval``'s sorted,
+    padded batches of the first ``limit`` records of each of ``files``: each
+    data set's batches capped as eval caps them (``cap`` None: its default
+    budget, :func:`loramix.data.position_budget`; 0: no cap; else that many
+    positions)."""
+    from loramix.data import batch_indices, encode_records, load_records, position_budget
+
+    computed = real = 0
+    for f in files:
+        ex = encode_records(tok, load_records(f, limit=limit), max_len=max_len)
+        m = position_budget(ex, batch) if cap is None else cap or None
+        for idx in batch_indices(ex, batch_size=batch, sort_by_length=True, max_tokens=m):
+            n = [len(ex[i]["input_ids"]) for i in idx]
+            computed, real = computed + len(n) * max(n), real + sum(n)
+    return computed, real

@@ -34,26 +34,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from _common import machine_line, run_measured  # noqa: E402
+from _common import eval_positions, machine_line, run_measured  # noqa: E402
 from _smol import SHARED, smol_base  # noqa: E402
 
 
 def positions(base: Path, files: list[Path], records: int, batch: int, cap: int | None) -> tuple[int, int]:
     """``(positions computed, input tokens)`` of eval's batches of ``files``
-    (``cap``: ``None`` the default budget, 0 none), as :func:`loramix.perplexity._score` builds them."""
+    (``cap``: ``None`` the default budget, 0 none; ``_common.eval_positions``)."""
     from transformers import AutoTokenizer
 
-    from loramix.data import batch_indices, encode_records, load_records, position_budget
-
     tok = AutoTokenizer.from_pretrained(str(base))
-    computed = real = 0
-    for f in files:
-        ex = encode_records(tok, load_records(f, limit=records), max_len=tok.model_max_length)
-        m = position_budget(ex, batch) if cap is None else cap or None
-        for idx in batch_indices(ex, batch_size=batch, sort_by_length=True, max_tokens=m):
-            n = [len(ex[i]["input_ids"]) for i in idx]
-            computed, real = computed + len(n) * max(n), real + sum(n)
-    return computed, real
+    return eval_positions(tok, files, records, tok.model_max_length, batch, cap)
 
 
 def main() -> None:

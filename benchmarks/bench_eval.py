@@ -226,15 +226,11 @@ def main_smol(args) -> None:
 
 
 def _padding(tok, files, limit: int, max_len: int, batch: int) -> float:
-    """The fraction of the positions that eval's sorted, padded batches compute that are padding."""
-    from loramix.data import batch_indices, encode_records, load_records
+    """The fraction of the positions that eval's sorted, padded batches compute
+    that are padding (capped as eval caps them, ``_common.eval_positions``)."""
+    from _common import eval_positions
 
-    computed = real = 0
-    for f in files:
-        ex = encode_records(tok, load_records(f, limit=limit), max_len=max_len)
-        for idx in batch_indices(ex, batch_size=batch, sort_by_length=True):
-            n = [len(ex[i]["input_ids"]) for i in idx]
-            computed, real = computed + len(n) * max(n), real + sum(n)
+    computed, real = eval_positions(tok, files, limit, max_len, batch)
     return 1 - real / computed
 
 
