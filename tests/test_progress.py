@@ -82,7 +82,9 @@ def test_on_a_terminal_the_bar_and_no_lines(base, tmp_path, monkeypatch):
 
 def test_eval_says_the_file_and_records_scored(base, monkeypatch, capfd):
     monkeypatch.setenv("LORAMIX_PROGRESS_EVERY", "0")
-    assert main(["eval", "--base", str(base), "--data", ARITH, "synthetic:units?n=24", "--batch", "16"]) == 0
+    # batches of 16 records alone (no cap on their positions): one line per batch
+    assert main(["eval", "--base", str(base), "--data", ARITH, "synthetic:units?n=24", "--batch", "16",
+                 "--batch-tokens", "0"]) == 0  # fmt: skip
     out, err = capfd.readouterr()
     counts = [(m["what"], m["count"]) for m in map(LINE.match, err.splitlines()) if m]
     assert counts == [("eval arith", "16/64 records"), ("eval arith", "32/64 records"),
