@@ -567,8 +567,8 @@ def batch_indices(
     order = list(range(len(examples)))
     if shuffle:
         random.Random(seed).shuffle(order)
-    if sort_by_length:
-        order.sort(key=lambda i: len(examples[i]["input_ids"]))
+    if sort_by_length:  # longest first (make_batches)
+        order.sort(key=lambda i: -len(examples[i]["input_ids"]))
     chunks = _cut(order, examples, batch_size, max_tokens)
     if shuffle and bucket > 0:
         rng, w = random.Random(seed + 1), bucket * batch_size
@@ -635,7 +635,9 @@ def make_batches(
     ``-100`` (so pads never count). ``shuffle`` permutes the examples with
     ``random.Random(seed)`` (reproducible); ``sort_by_length`` groups similar
     lengths (less padding, for evaluation; the results are unchanged because
-    perplexity is token-weighted). ``bucket=m`` with ``shuffle`` (training):
+    perplexity is token-weighted), longest first: a batch too large for the
+    memory fails at once, not at the end of a long run, and a progress bar's
+    rate starts from the slowest batches, so its estimate is not optimistic. ``bucket=m`` with ``shuffle`` (training):
     the shuffled examples are sorted by length within windows of ``m``
     batches, cut into batches, and the batches shuffled again: batches stay
     random but hold similar lengths, so little of them is padding.

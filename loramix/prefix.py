@@ -30,7 +30,8 @@ Cache: in this process (a bounded dictionary) and on disk under
 sha256 of the prefix's own weights (embedding and blocks ``0 .. k-1``, so a
 folder with merged top layers shares its base's entries), the token ids and
 labels of the examples (hence the data, tokenizer and ``max_len``), the
-batch size (a state's bits depend on its batch), ``k``, the dtype and the
+batching (batch size, cap on positions, order: a state's bits depend on its
+batch), ``k``, the dtype and the
 torch/transformers versions. A file holds ``states``
 ``(sum_i T_i, d)`` and ``lengths`` ``(n,)``.
 
@@ -308,6 +309,10 @@ def remembering_digests():
 #: examples per batch of the prefix's forward where the caller names none
 BATCH_SIZE = 16
 
+#: the order :func:`compute_states` cuts its batches in, part of the cache key: entries
+#: cached when it cut them shortest first (other batches, other bits) are not served
+ORDER = "longest-first"
+
 
 def examples_sha256(examples: list[dict]) -> str:
     """sha256 of the encoded examples' ``input_ids`` and ``labels``."""
@@ -324,8 +329,8 @@ def cache_key(model, k: int, examples: list[dict], *, dtype=None, identity: str 
     of ``model`` and ``k`` where the caller has it (the parts of a union share one).
     ``batch_size`` is in it: a state's bits depend on the batch it ran in, and
     without it states batched one way were served to a run batching another,
-    whose own computation gives other bits; so is ``max_tokens`` where set
-    (absent otherwise, so entries cached before it existed are still found)."""
+    whose own computation gives other bits; so are ``max_tokens`` and the
+    order the batches are cut in (:data:`ORDER`)."""
     parts = {
         "prefix": identity or prefix_identity(model, k),
         "data": examples_sha256(examples),
@@ -333,7 +338,8 @@ def cache_key(model, k: int, examples: list[dict], *, dtype=None, identity: str 
         "k": k,
         "dtype": str(dtype or next(model.parameters()).dtype),
         "device": next(model.parameters()).device.type,
-        **({"max_tokens": int(max_tokens)} if max_tokens else {}),
+        "max_tokens": int(max_tokens) if max_tokens else None,
+        "order": ORDER,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -341,8 +347,9 @@ def cache_key(model, k: int, examples: list[dict], *, dtype=None, identity: str 
 @torch.inference_mode()
 def compute_states(model, k: int, examples: list[dict], *, batch_size: int = BATCH_SIZE, pad_id: int = 0,
                    autocast=None, progress: bool = False, max_tokens: int | None = None) -> list[torch.Tensor]:  # fmt: skip
-    """``h_k`` per example, ``(T_i, d)``, on the CPU; batches sorted by length
-    (little padding) of at most ``batch_size`` examples and ``max_tokens``
+    """``h_k`` per example, ``(T_i, d)``, on the CPU; batches sorted by length,
+    longest first (little padding, and a batch too large for the memory fails
+    at once) of at most ``batch_size`` examples and ``max_tokens``
     positions (:func:`loramix.data.make_batches`), ``autocast`` a dtype to
     compute in (or None); ``progress``:
     a bar of the examples run, on stderr where it is a terminal."""
@@ -353,7 +360,7 @@ def compute_states(model, k: int, examples: list[dict], *, batch_size: int = BAT
 
     dev = next(model.parameters()).device
     pre = prefix_view(model, k)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     ordered = [examples[i] for i in order]
     batches = make_batches(ordered, batch_size=batch_size, pad_id=pad_id, max_tokens=max_tokens)
     out: list[torch.Tensor | None] = [None] * len(examples)

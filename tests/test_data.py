@@ -222,7 +222,7 @@ def test_make_batches_padding_and_shuffle():
     s2 = make_batches(ex, batch_size=2, pad_id=0, shuffle=True, seed=1)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(s1, s2))
     sorted_b = make_batches(ex, batch_size=2, pad_id=0, sort_by_length=True)
-    assert [b["attention_mask"].sum().item() for b in sorted_b] == [5, 9, 6]
+    assert [b["attention_mask"].sum().item() for b in sorted_b] == [11, 7, 2]  # longest first
 
 
 def test_make_batches_equal_the_per_example_construction():
@@ -272,13 +272,13 @@ def test_make_batches_equal_the_per_example_construction():
 def test_a_position_cap_cuts_batches_where_the_long_records_are():
     """``max_tokens``: each batch of the sorted records holds at most that many
     positions (records x its longest) and ``batch_size`` records, a longer
-    record alone; every record once, in sorted order. The default cap
+    record alone; every record once, longest first. The default cap
     (``position_budget``: ``batch_size`` records of the mean length) leaves
     records of one length in full batches and splits a long tail."""
     lens = [3] * 10 + [4, 5, 9, 40]
     ex = [{"input_ids": [1] * n, "labels": [1] * n} for n in lens]
     chunks = batch_indices(ex, batch_size=4, sort_by_length=True, max_tokens=16)
-    assert [[lens[i] for i in c] for c in chunks] == [[3] * 4, [3] * 4, [3, 3, 4], [5], [9], [40]]
+    assert [[lens[i] for i in c] for c in chunks] == [[40], [9], [5, 4, 3], [3] * 4, [3] * 4, [3]]
     assert sorted(i for c in chunks for i in c) == list(range(len(ex)))
     assert [len(c) for c in batch_indices(ex, batch_size=4, sort_by_length=True)] == [4, 4, 4, 2]
     assert position_budget(ex, 4) == -(-4 * sum(lens) // len(lens)) == 26
@@ -287,7 +287,7 @@ def test_a_position_cap_cuts_batches_where_the_long_records_are():
                                           max_tokens=position_budget(same, 4))] == [4, 4, 2]  # fmt: skip
     widths = [b["input_ids"].shape for b in make_batches(ex, batch_size=4, pad_id=0, sort_by_length=True,
                                                          max_tokens=position_budget(ex, 4))]  # fmt: skip
-    assert widths == [(4, 3), (4, 3), (4, 5), (1, 9), (1, 40)]
+    assert widths == [(1, 40), (2, 9), (4, 4), (4, 3), (3, 3)]
 
 
 def test_synthetic_spec():
