@@ -605,7 +605,7 @@ def position_budget(examples: list[dict], batch_size: int) -> int:
     Sorted by length, a batch pads each example to its longest, so where a
     few long examples sit among short ones (long-tailed answers) the batch
     holding them is mostly padding: the first 48 medicine records at
-    ``--batch 16`` were 55% padding, 26% with this cap (SmolLM2's tokens).
+    ``--batch 16`` were 55% padding, 28% with this cap (SmolLM2's tokens).
     A set of similar lengths keeps its full batches."""
     total = sum(len(e["input_ids"]) for e in examples)
     return max(1, -(-batch_size * total // max(1, len(examples))))
@@ -637,10 +637,11 @@ def make_batches(
     lengths (less padding, for evaluation; the results are unchanged because
     perplexity is token-weighted), longest first: a batch too large for the
     memory fails at once, not at the end of a long run, and a progress bar's
-    rate starts from the slowest batches, so its estimate is not optimistic. ``bucket=m`` with ``shuffle`` (training):
-    the shuffled examples are sorted by length within windows of ``m``
-    batches, cut into batches, and the batches shuffled again: batches stay
-    random but hold similar lengths, so little of them is padding.
+    rate starts from the slowest batches, so its estimate is not optimistic.
+    ``bucket=m`` with ``shuffle`` (training): the shuffled examples are sorted
+    by length within windows of ``m`` batches, cut into batches, and the
+    batches shuffled again: batches stay random but hold similar lengths, so
+    little of them is padding.
     ``take=n``: only the first ``n`` of those batches (a run that stops
     mid-epoch; ``embeds`` then needs only their examples' states).
     ``max_tokens``: a batch also holds at most that many positions (its

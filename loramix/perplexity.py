@@ -224,8 +224,9 @@ def evaluate(
     paths, synthetic specs (``synthetic:arith?n=200``), or lists of
     :class:`~loramix.data.QARecord`. ``limit`` keeps the first records of each;
     ``batch``: records per forward pass, at most (sorted by length, longest
-    first, each padded to its batch's longest); ``batch_tokens``: positions (records
-    times their longest) per forward pass, at most, a longer record alone;
+    first, each padded to its batch's longest); ``batch_tokens``: positions
+    (records times their longest) per forward pass, at most, a longer record
+    alone;
     None: ``batch`` times the data set's mean record length
     (:func:`loramix.data.position_budget`), so a few long records among
     short ones go in smaller batches and add little padding; 0: no limit but
