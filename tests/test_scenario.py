@@ -148,6 +148,7 @@ BAD = [
      "4,611,686,018,427,387,904 is more than the 65,536 a step can take"),
     (GOOD + "[predictors]\n[plan]\nrandom = 4611686018427387904\n", "plan.random",
      "is more than 10,000 random groupings"),
+    (GOOD + "[eval]\nbatch_tokens = -1\n", "eval.batch_tokens", "must be at least 0, got -1"),
     (GOOD.replace('name = "v"', 'name = "v"\ncompositions = { pairs = "all", seed = 36893488147419103232 }'),
      "compositions.seed", "is not a seed"),
 ]  # fmt: skip
@@ -193,6 +194,9 @@ def test_variables_and_defaults(tmp_path):
     assert sc.compositions == [("a", "b")] and [m.method for m in sc.merges] == ["sum"]
     assert sc.domains["a"].data == "synthetic:arith?n=15&seed=0"
     assert sc.seeds == (0,) and sc.adapters.epochs == 1.0 and sc.eval.max_len == sc.adapters.max_len
+    assert sc.eval.batch_tokens is None  # eval's default cap on a batch's positions
+    capped = _write(sub, text + "[eval]\nbatch_tokens = 0\n", "capped.toml")
+    assert load_scenario(capped, env={"LORAMIX_DATA": str(data)}).eval.batch_tokens == 0
 
 
 def test_shipped_scenarios_are_valid():
@@ -728,7 +732,8 @@ def test_every_artifact_is_written(study):
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     for words in ["## Setup", "Naive sum vs merged-data training: lora", "d2lora", "Δppl % by merge method",
-                  "Does similarity predict interference?", "## Timings and environment", "torch 2.", "arith+units"]:  # fmt: skip
+                  "Does similarity predict interference?", "## Timings and environment", "torch 2.", "arith+units",
+                  "batch 16 (at most `batch` records of the domain's mean length in positions)"]:  # fmt: skip
         assert words in md, words
     assert not list(out.parent.glob(".ci.tmp-*"))  # the report was renamed into place
 

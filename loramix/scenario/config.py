@@ -224,6 +224,9 @@ class _MergeKeys:
 @dataclass(frozen=True)
 class EvalSpec:
     batch: int = key("int", 16, bound="positive", help="evaluation batch size")
+    batch_tokens: int | None = key("int", bound="nonneg", doc_default="`batch` records of the domain's mean length",
+                                   help="positions (records x their longest) per forward pass, at most; 0: no "
+                                        "cap but `batch` (`loramix eval --batch-tokens`)")  # fmt: skip
     max_len: int = key("int", 256, bound="seqlen", doc_default="`adapters.max_len`", help="sequence length")
     on: str = key(
         "str", "answer", choices=("answer", "all"), help="perplexity over answer tokens or all tokens"
@@ -1242,6 +1245,7 @@ def scenario_summary(s: Scenario) -> dict[str, Any]:
         "merge": {m.method: m.params for m in s.merges},
         "eval": {
             "batch": s.eval.batch,
+            "batch_tokens": s.eval.batch_tokens,
             "max_len": s.eval.max_len,
             "on": s.eval.on,
             "domains": s.eval.domains,

@@ -288,7 +288,8 @@ def _section_setup(report: dict, v: _View) -> list[str]:
                        for m, p in sc["merge"].items())  # fmt: skip
     L.append(f"- Merge methods: {merges}")
     ev = sc["eval"]
-    L.append(f"- Evaluation: perplexity over {ev['on']} tokens, max_len {ev['max_len']}, batch {ev['batch']}")
+    L.append(f"- Evaluation: perplexity over {ev['on']} tokens, max_len {ev['max_len']}, batch {ev['batch']}"
+             + _cap_said(ev))  # fmt: skip
     from .answer import setup_lines
 
     L += setup_lines(report, v)
@@ -309,6 +310,17 @@ def _section_setup(report: dict, v: _View) -> list[str]:
     L.append(_table([h for h in head if h not in drop], rows))
     L.append("")
     return L
+
+
+def _cap_said(ev: dict) -> str:
+    """The cap on an evaluation batch's positions, as the report's setup says it;
+    nothing for a study summarised before the cap existed (its batches had none)."""
+    if "batch_tokens" not in ev:
+        return ""
+    cap = ev["batch_tokens"]
+    if cap is None:
+        return " (at most `batch` records of the domain's mean length in positions)"
+    return " (no cap on positions)" if cap == 0 else f" (at most {cap:,} positions)"
 
 
 def _left_out(d: dict) -> str:

@@ -222,7 +222,8 @@ def evaluate_on_splits(ctx: StepContext, base_path: str, *, adapters=(), domains
     base = model or ctx.base_model(base_path)
     with remembering_digests():  # the study's own base: only in-place writes, which the digests see
         df = evaluate(base, adapters=[str(a) for a in adapters], data=[ctx.data[n].eval for n in names],
-                      on=ev.on, max_len=ev.max_len, batch=ev.batch, device=str(ctx.device), progress=False,
+                      on=ev.on, max_len=ev.max_len, batch=ev.batch, batch_tokens=ev.batch_tokens,
+                      device=str(ctx.device), progress=False,
                       per_record=True,
                       **{k: v for k, v in layer_kwargs(evaluate, ctx.sc.adapters, base_path).items()
                          if k == "top_layers"})  # fmt: skip
