@@ -284,13 +284,12 @@ def evaluate(
         {"--batch": batch, "--batch-tokens": batch_tokens, "--max-len": max_len, "--limit": limit,
          "--top-layers": top_layers}
     )  # fmt: skip
-    if batch_tokens is not None and batch_tokens < 0:
-        raise UsageError("--batch-tokens", f"must be 0 (no limit) or more, got {batch_tokens}")
     fields = dict(question_field=question_field, answer_field=answer_field, context_field=context_field)
-    sets, adapters, data, dropped = _checked_inputs(base, adapters, batch=batch, merged=merged, data=data,
-                                                    limit=limit, max_len=max_len, device=device, fields=fields,
-                                                    dtype=dtype, top_layers=top_layers, prompt=prompt,
-                                                    held_out=held_out, weights=weights)  # fmt: skip
+    sets, adapters, data, dropped = _checked_inputs(base, adapters, batch=batch, batch_tokens=batch_tokens,
+                                                    merged=merged, data=data, limit=limit, max_len=max_len,
+                                                    device=device, fields=fields, dtype=dtype,
+                                                    top_layers=top_layers, prompt=prompt, held_out=held_out,
+                                                    weights=weights)  # fmt: skip
     dev = resolve_device(device)
     adapted = _adapted(base, adapters, weights, merged=merged, dev=dev, dtype=dtype, top_layers=top_layers)
     with adapted as (model, tok):
@@ -345,7 +344,7 @@ def _adapted(base, adapters: list, weights, *, merged: bool, dev, dtype, top_lay
 
 def _checked_inputs(
     base, adapters, *, batch, merged, data, limit, max_len, device, fields, dtype, top_layers, prompt,
-    held_out=False, weights=None,
+    held_out=False, weights=None, batch_tokens=None,
 ):  # fmt: skip
     """``(sets, adapters, data, left out)``: :func:`evaluate`'s arguments checked (``adapters``
     and ``data`` as lists), and its data read (``held_out``: less the adapters' training records,
@@ -354,7 +353,7 @@ def _checked_inputs(
     torch where it can be told without it."""
     data, adapters = _checked_arguments(base, adapters, batch=batch, merged=merged, data=data, limit=limit,
                                         max_len=max_len, device=device, top_layers=top_layers, prompt=prompt,
-                                        weights=weights)  # fmt: skip
+                                        weights=weights, batch_tokens=batch_tokens)  # fmt: skip
     sets = _read_sets(data, None if held_out else limit, fields or {})
     # the paths in the order they are loaded in; what needs transformers (the base's model type)
     # is checked when it loads
@@ -378,7 +377,7 @@ def _checked_inputs(
 
 
 def _checked_arguments(base, adapters, *, batch, merged, data, limit, max_len, device, top_layers, prompt,
-                       weights) -> tuple[list, list]:  # fmt: skip
+                       weights, batch_tokens=None) -> tuple[list, list]:  # fmt: skip
     """``(data, adapters)`` as lists: :func:`evaluate`'s arguments checked
     that need no file read, in the order a user is told of them."""
     from .data import check_prompt
@@ -411,6 +410,8 @@ def _checked_arguments(base, adapters, *, batch, merged, data, limit, max_len, d
         raise UsageError("--limit", f"must be at least 1, got {limit}")
     if max_len is not None and max_len < 2:
         raise UsageError("--max-len", f"must be at least 2, got {max_len}")
+    if batch_tokens is not None and batch_tokens < 0:
+        raise UsageError("--batch-tokens", f"must be 0 (no limit) or more, got {batch_tokens}")
     check_prompt(prompt)
     is_cpu(device)  # a bad --device is refused first, told without torch where it can be
     return data, adapters
