@@ -62,11 +62,11 @@ def test_a_low_rank_merge_is_the_same_bytes_on_any_threads(tmp_path, method):
 def _torch_rounds_by_threads() -> str | None:
     """What of torch's own arithmetic rounds otherwise on two threads than on
     one here, at the shapes of the test below, or None. Seen on an Intel Xeon
-    (AVX-512, AMX), not on the Zen 3, 4 and 5 that ran this test before: MKL
-    splits the inner dimension of a skinny product (down_proj's LoRA ``A``
-    product, ``(238, 1160) @ (1160, 8)``) between the threads there, and
-    torch's SiLU computes the last entries of each thread's share of a tensor
-    with scalar code, whose ``exp`` rounds otherwise than the vector code's."""
+    (AVX-512, AMX); the Zen 3, 4 and 5 that ran this test before gave the
+    same bytes. There MKL rounds a skinny product (down_proj's LoRA ``A``
+    product, ``(238, 1160) @ (1160, 8)``) by its threads, and torch's SiLU
+    computes the last entries of each thread's share of a tensor with scalar
+    code, whose ``exp`` rounds otherwise than the vector code's."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)
