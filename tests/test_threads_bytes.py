@@ -88,8 +88,9 @@ def test_training_and_evaluation_are_the_same_bytes_on_any_threads(tmp_path):
     --threads 1 and --threads 2 on a base of SmolLM2's width: the same bytes (guards the finding;
     the old code gave the same too), where torch's own arithmetic rounds alike on one thread and
     two (:func:`_torch_rounds_by_threads`). Where it does not, loramix cannot give the same bytes;
-    the results then agree to that rounding (the perplexities to 1e-7, each factor to 1e-3 of its
-    largest entry: Adam's normalised steps carry a last-bit difference in a gradient further)."""
+    the results then agree to that rounding: the perplexities to 1e-6, each factor to 1e-3 of its
+    norm and each entry to 1e-2 of the factor's largest (seen here: 2e-8, 1e-5 and 6e-4; Adam's
+    normalised steps carry a last-bit difference in a gradient further)."""
     import contextlib
     import io
     import json
@@ -136,11 +137,12 @@ def test_training_and_evaluation_are_the_same_bytes_on_any_threads(tmp_path):
     from safetensors.torch import load
 
     (one, ppl_one), (two, ppl_two) = got[1], got[2]
-    assert [x for r in ppl_one for x in r] == pytest.approx([x for r in ppl_two for x in r], rel=1e-7)
+    assert [x for r in ppl_one for x in r] == pytest.approx([x for r in ppl_two for x in r], rel=1e-6)
     one, two = load(one), load(two)
     assert one.keys() == two.keys()
     for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-3 * float(one[k].abs().max()), msg=k)
+        assert float((two[k] - one[k]).norm()) <= 1e-3 * float(one[k].norm()), k
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-2 * float(one[k].abs().max()), msg=k)
 
 
 def test_della_into_a_base_is_the_same_bytes_on_any_threads(tmp_path):
