@@ -30,15 +30,16 @@ Cache: in this process (a bounded dictionary) and on disk under
 sha256 of the prefix's own weights (embedding and blocks ``0 .. k-1``, so a
 folder with merged top layers shares its base's entries), the token ids and
 labels of the examples (hence the data, tokenizer and ``max_len``), the
-batching (batch size, cap on positions, order: a state's bits depend on its
-batch), ``k``, the dtype and the
+batching (batch size, cap on positions, order: a state's bits can depend on
+its batch), ``k``, the dtype and the
 torch/transformers versions. A file holds ``states``
 ``(sum_i T_i, d)`` and ``lengths`` ``(n,)``.
 
 A union of data sets (``parts``: a training on several sources, a study's
 merged-data adapter) is computed and cached part by part, each part batched
-on its own as when it is passed alone: a state's bits depend on the batch it
-ran in (its padding, the matmul's row count), so the union's states are then
+on its own as when it is passed alone: a state's bits can depend on the batch
+it ran in (its padding, the matmul's row count; on a Zen 4 they did, on an
+Intel Xeon with AMX not at the tests' shapes), so the union's states are then
 the concatenation of its parts', bit for bit, and a union over parts already
 cached runs no prefix at all.
 """
@@ -310,7 +311,7 @@ def remembering_digests():
 BATCH_SIZE = 16
 
 #: the order :func:`compute_states` cuts its batches in, part of the cache key: entries
-#: cached when it cut them shortest first (other batches, other bits) are not served
+#: cached when it cut them shortest first (other batches, maybe other bits) are not served
 ORDER = "longest-first"
 
 
@@ -327,7 +328,7 @@ def cache_key(model, k: int, examples: list[dict], *, dtype=None, identity: str 
               batch_size: int = BATCH_SIZE, max_tokens: int | None = None) -> str:  # fmt: skip
     """The key of one cache entry (module docstring); ``identity``: :func:`prefix_identity`
     of ``model`` and ``k`` where the caller has it (the parts of a union share one).
-    ``batch_size`` is in it: a state's bits depend on the batch it ran in, and
+    ``batch_size`` is in it: a state's bits can depend on the batch it ran in, and
     without it states batched one way were served to a run batching another,
     whose own computation gives other bits; so are ``max_tokens`` and the
     order the batches are cut in (:data:`ORDER`)."""
