@@ -1096,17 +1096,25 @@ class OnePassTies:
         lams = one.thresholds(parts)
         if lams is None or lams is MISSED:
             return None
-        # the records: elected again where the exact trims cut otherwise (fixup), each
-        # record's final election added to its W0 as the kernel added the tiles'
-        at = np.concatenate([p[1] for p in parts])
-        vals = [np.concatenate([p[2][i] for p in parts]) for i in range(len(one.srcs))]
-        w0 = torch.from_numpy(np.concatenate([p[3] for p in parts]))
-        final = torch.from_numpy(np.concatenate([p[4] for p in parts]))
-        one.fused.fixup(vals, one.prov, lams, one.weights, one.mass, one.by_count, np.arange(at.size), final)
-        sums = torch.empty_like(w0)
-        bad = any(p[5] for p in parts) | (not kernel.add(w0, final, sums))
-        out.view(-1)[torch.from_numpy(at)] = sums.view(torch.bfloat16)
-        return not bad
+        flat, how = out.view(-1), (one.prov, lams, one.weights, one.mass, one.by_count)
+
+        def fixup(i: int) -> bool:
+            # a block's records, elected again where the exact trims cut otherwise. The
+            # tiles added every record's provisional election already: only those the fixup
+            # moved (about a tenth) are added to their W0 again, by the kernel the tiles used
+            at, vals, w0, final = parts[i][1:5]
+            bits = final.view(f"u{final.itemsize}")
+            prov = bits.copy()
+            if not one.fused.fixup(vals, *how, np.arange(at.size), torch.from_numpy(final)):
+                return True
+            moved = np.flatnonzero(bits != prov)
+            sums = torch.empty(moved.size, dtype=torch.bfloat16)
+            finite = kernel.add(torch.from_numpy(w0[moved]), torch.from_numpy(final[moved]), sums)
+            flat[torch.from_numpy(at[moved])] = sums
+            return finite
+
+        finite = _each(len(parts), fixup)  # every block's, on the run's threads
+        return not any(p[5] for p in parts) and all(finite)
 
 
 def _formable(srcs) -> tuple[list, list] | tuple[None, None]:

@@ -832,6 +832,25 @@ int loramix_has_avx512(void) { return __builtin_cpu_supports("avx512f"); }
 #define PICK2 PICK
 #endif
 
+/* need[j] |= whether a trim at l keeps x[j] where a trim at p did not, or the other way,
+   for j < c: |x| <= p is -p <= x <= p, NaN or not. Its own function, so that the
+   compiler vectorises this loop alone rather than unrolling the adapters' loop */
+#if defined(__GNUC__)
+#define NOINLINE __attribute__((noinline))
+#else
+#define NOINLINE
+#endif
+#define MOVED(T, SUF)                                                                            \
+    NOINLINE static void moved_##SUF(int *restrict need, const T *restrict x, T p, T l, int c) \
+    {                                                                                            \
+        for (int j = 0; j < c; j++) {                                                            \
+            T a = x[j] < 0 ? -x[j] : x[j];                                                       \
+            need[j] |= (a <= p) ^ (a <= l);                                                      \
+        }                                                                                        \
+    }
+MOVED(float, f32)
+MOVED(double, f64)
+
 #define ENTRY_POINTS(T, SUF)                                                                     \
     void loramix_elect_##SUF(int n, const T *const *xs, const T *lam, const T *w, int mass,      \
                              int by_count, T *out, int64_t m)                                    \
@@ -854,39 +873,45 @@ int loramix_has_avx512(void) { return __builtin_cpu_supports("avx512f"); }
                                   n_window, pos, vals);                                          \
     }                                                                                            \
                                                                                                  \
-    /* out[pos[r]] for the records r where a trim at lam gives another t_i than the trim */     \
-    /* at prov did: the election of the record's values, one by one (few of them) */            \
-    int64_t loramix_fixup_##SUF(int n, const T *const *vals, const T *prov, const T *lam,       \
-                                const T *w, int mass, int by_count, const int64_t *pos,         \
-                                int64_t records, T *out)                                        \
+    /* out[pos[r]] for the records r where a trim at lam gives another t_i than the trim         \
+       at prov did: the election of the record's values, one by one (few of them); which         \
+       records those are is found a chunk at a time, adapter by adapter (vectorised) */          \
+    int64_t loramix_fixup_##SUF(int n, const T *const *vals, const T *prov, const T *lam,        \
+                                const T *w, int mass, int by_count, const int64_t *pos,          \
+                                int64_t records, T *out)                                         \
     {                                                                                            \
         int64_t fixed = 0;                                                                       \
-        for (int64_t r = 0; r < records; r++) {                                                  \
-            int need = 0;                                                                        \
+        int need[CHUNK];                                                                         \
+        for (int64_t r0 = 0; r0 < records; r0 += CHUNK) {                                        \
+            int c = records - r0 < CHUNK ? (int)(records - r0) : CHUNK;                          \
+            for (int j = 0; j < c; j++)                                                          \
+                need[j] = 0;                                                                     \
             for (int i = 0; i < n; i++) {                                                        \
-                T v = vals[i][r], p = prov[i], l = lam[i];                                       \
-                need |= ((v >= -p) & (v <= p)) != ((v >= -l) & (v <= l));                        \
+                moved_##SUF(need, vals[i] + r0, prov[i], lam[i], c);                             \
             }                                                                                    \
-            if (!need)                                                                           \
-                continue;                                                                        \
-            T g = 0, num = 0, den = 0;                                                           \
-            for (int i = 0; i < n; i++) {                                                        \
-                T v = vals[i][r], t = ((v >= -lam[i]) & (v <= lam[i])) ? (T)0 : v;               \
-                T s = mass ? t : (T)((t > 0) - (t < 0));                                         \
-                g = i ? g + s : s;                                                               \
+            for (int j = 0; j < c; j++) {                                                        \
+                if (!need[j])                                                                    \
+                    continue;                                                                    \
+                int64_t r = r0 + j;                                                              \
+                T g = 0, num = 0, den = 0;                                                       \
+                for (int i = 0; i < n; i++) {                                                    \
+                    T v = vals[i][r], t = ((v >= -lam[i]) & (v <= lam[i])) ? (T)0 : v;           \
+                    T s = mass ? t : (T)((t > 0) - (t < 0));                                     \
+                    g = i ? g + s : s;                                                           \
+                }                                                                                \
+                g = g >= 0 ? (T)1 : (T)-1;                                                       \
+                for (int i = 0; i < n; i++) {                                                    \
+                    T v = vals[i][r], t = ((v >= -lam[i]) & (v <= lam[i])) ? (T)0 : v;           \
+                    T y = t * g;                                                                 \
+                    y = y < 0 ? (T)0 : y;                                                        \
+                    num = num + y;                                                               \
+                    T s = (T)((y > 0) - (y < 0));                                                \
+                    den = by_count ? den + s : den + w[i] * s;                                   \
+                }                                                                                \
+                T d = by_count ? (den < 1 ? (T)1 : den) : (den == 0 ? (T)1 : den);               \
+                out[pos[r]] = num * g / d;                                                       \
+                fixed++;                                                                         \
             }                                                                                    \
-            g = g >= 0 ? (T)1 : (T)-1;                                                           \
-            for (int i = 0; i < n; i++) {                                                        \
-                T v = vals[i][r], t = ((v >= -lam[i]) & (v <= lam[i])) ? (T)0 : v;               \
-                T y = t * g;                                                                     \
-                y = y < 0 ? (T)0 : y;                                                            \
-                num = num + y;                                                                   \
-                T s = (T)((y > 0) - (y < 0));                                                    \
-                den = by_count ? den + s : den + w[i] * s;                                       \
-            }                                                                                    \
-            T d = by_count ? (den < 1 ? (T)1 : den) : (den == 0 ? (T)1 : den);                   \
-            out[pos[r]] = num * g / d;                                                           \
-            fixed++;                                                                             \
         }                                                                                        \
         return fixed;                                                                            \
     }
