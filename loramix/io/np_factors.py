@@ -38,6 +38,7 @@ from .peft_layout import (
     parse_keys,
     read_parts,
 )
+from .pread import read_at
 from .st_header import FLOAT_CODES, read_safetensors_header
 from .unsupported_formats import name_unsupported
 
@@ -213,7 +214,8 @@ class LazyFactor:
         count = math.prod(self.shape)
         t = np.empty(count, dtype=_NP_DTYPES[self.code])
         try:
-            got = _read_at(self.path, memoryview(t.view(np.uint8)), self.offset)
+            with open(self.path, "rb", buffering=0) as f:
+                got = read_at(f, memoryview(t.view(np.uint8)), self.offset)
         except OSError as e:
             # what the header's read says (st_header): the machine's failure as its OSError
             # (exit 1; from Python the OSError), the user's (EACCES, ...) as the refusal
@@ -231,23 +233,6 @@ class LazyFactor:
         if not np.isfinite(t).all():
             raise AdapterError(self.path, f"tensor {self.key} has non-finite values (nan or inf)")
         return t if dtype is None else t.astype(dtype)
-
-
-def _read_at(path: Path, view: memoryview, offset: int) -> int:
-    """Bytes read from ``path`` at ``offset`` into ``view``, up to its length
-    (fewer at the end of the file). A read's OSError is raised, not taken for
-    the end of the file: ``np.fromfile`` (``fread``) stopped short on the
-    disk's EIO without a word, and a failing disk was said as a truncated
-    file, exit 2."""
-    got = 0
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        while got < len(view):
-            n = f.readinto(view[got:])
-            if not n:
-                break
-            got += n
-    return got
 
 
 def _lazy_factors(path: Path) -> dict[str, LazyFactor]:

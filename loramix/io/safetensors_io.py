@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import BaseModelError, LoramixError, OutputError
+from .pread import read_at
 from .st_header import (  # noqa: F401  (the torch-free header layer; re-exported)
     FLOAT_CODES,
     file_sha256,
@@ -240,20 +241,6 @@ def read_into(
             buf[rows[0] : rows[1]],
         )
     view = memoryview(part.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
-    got = 0
-    while got < nbytes:  # short reads are allowed
-        n = pread_into(src, view[got:], start + got)
-        if not n:
-            raise BaseModelError(Path(src.name), f"truncated while reading tensor {info.key}")
-        got += n
+    if read_at(src, view, start) < nbytes:
+        raise BaseModelError(Path(src.name), f"truncated while reading tensor {info.key}")
     return buf
-
-
-def pread_into(f, view: memoryview, offset: int) -> int:
-    """Read into ``view`` from the open file ``f`` at ``offset``, leaving its
-    position alone (``os.preadv``), so that threads can read one file at
-    their own offsets; bytes read (0 at the end of the file)."""
-    if hasattr(os, "preadv"):
-        return os.preadv(f.fileno(), [view], offset)
-    f.seek(offset)  # pragma: no cover  (no preadv: one reader at a time)
-    return f.readinto(view)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BaseModelError
-from .safetensors_io import pread_into
+from .pread import pread_into
 
 #: a shard with at least this many bytes of tensor data is written with
 #: ``O_DIRECT`` where the file system takes it (:func:`direct_wanted`)
