@@ -258,12 +258,14 @@ def test_merge_same_bits_with_and_without_kernels(kernels, monkeypatch):
     assert torch.equal(_bits(eager[0]), _bits(eager[1]))
 
 
-@pytest.mark.parametrize("method", ["ties", "dare-ties", "magnitude", "sum"])
+@pytest.mark.parametrize("method", ["ties", "dare-ties", "dare-linear", "magnitude", "sum"])
 def test_merge_writes_the_same_bytes_with_and_without_kernels(method, monkeypatch, tmp_path):
     """A merge into a bfloat16 base through the command line, with the
-    kernels and with ``LORAMIX_NATIVE=0``: the same bytes."""
+    kernels and with ``LORAMIX_NATIVE=0``: the same bytes. DARE's deltas
+    are dropped by ``dare.c`` (the mask applied as drawn) against torch's
+    ``mul_(mask).div_(density)``."""
     from loramix.cli import main
-    from loramix.native import bf16
+    from loramix.native import bf16, dare
 
     from .factories import make_peft_adapter, save_base, tiny_llama
 
@@ -273,10 +275,13 @@ def test_merge_writes_the_same_bytes_with_and_without_kernels(method, monkeypatc
     base = save_base(model, tmp_path / "base")
     ads = [make_peft_adapter(model.float(), tmp_path / f"ad{i}", seed=i + 1, r=4) for i in range(2)]
     calls = []
-    taken = ((ties.Ties, "elect"), (ties.Ties, "count"), (ties.Ties, "one_pass"), (bf16.Bf16, "add"))
+    taken = ((ties.Ties, "elect"), (ties.Ties, "count"), (ties.Ties, "one_pass"), (bf16.Bf16, "add"),
+             (dare.Dare, "drop"))  # fmt: skip
     for cls, name in taken:
         real = getattr(cls, name)
-        monkeypatch.setattr(cls, name, lambda self, *a, real=real: calls.append(1) or real(self, *a))
+        monkeypatch.setattr(
+            cls, name, lambda self, *a, real=real, name=name: calls.append(name) or real(self, *a)
+        )
     outs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("LORAMIX_NATIVE", flag)
@@ -287,6 +292,7 @@ def test_merge_writes_the_same_bytes_with_and_without_kernels(method, monkeypatc
                      str(out), "--no-progress"]) == 0  # fmt: skip
         outs[flag] = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
         assert bool(calls) == (flag == "1")  # the kernels are taken, and LORAMIX_NATIVE=0 takes none
+        assert ("drop" in calls) == (flag == "1" and method.startswith("dare")), calls
     assert outs["1"] and outs["1"] == outs["0"]
 
 
@@ -432,6 +438,28 @@ def test_dare_mask_kernel_draws_what_torch_draws(seed, monkeypatch):
     monkeypatch.setenv("LORAMIX_NATIVE", "1")
     assert torch.equal(_bits(mb.dare_mask((300, 7), 0.3, seed)), _bits(eager))
     assert torch.equal(_bits(mb.dare_mask((300, 7), 0.3, seed, out=torch.empty(300, 7))), _bits(eager))
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 + 7])
+def test_dare_drop_kernel_is_torchs_mul_and_div(seed):
+    """``dare.c``'s drop is ``x.mul_(mask).div_(density)`` with the mask above,
+    bit for bit: dropped negatives give -0, infinities NaN, and a density
+    that float32 cannot hold divides as torch divides by it."""
+    from loramix.native import dare
+
+    k = dare.kernels()
+    if k is None:
+        pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
+    g = torch.Generator().manual_seed(1)
+    for m in (1, 623, 625, 50_000):
+        x = torch.randn(m, generator=g) * 10
+        x[::7] *= -1e-30  # tiny and subnormal quotients
+        x[: min(m, 4)] = torch.tensor([float("inf"), -0.0, float("-inf"), -3.0])[: min(m, 4)]
+        for density in (1e-8, 0.2, 1 / 3, 0.7, 1.0):
+            mask = torch.rand(m, generator=torch.Generator().manual_seed(seed)).lt_(density).float()
+            want, got = x.clone().mul_(mask).div_(density), x.clone()
+            k.drop(seed, density, got)
+            assert torch.equal(_bits(got), _bits(want)), (m, density)
 
 
 @pytest.mark.parametrize("generic", [False, True])

@@ -37,13 +37,19 @@ def _drop_all(xs, density: float, seeds, scratch=None, then=None):
     everything (no draw). ``then(r0, r1, j)`` (optional) runs afterwards on
     the rows ``r0:r1``.
 
-    With ``scratch`` on large CPU matrices (a streaming merge): the masks
-    are drawn a few at a time in parallel (each from its own generator, so
-    the draws are those of one at a time; a draw is serial and the largest
-    cost of DARE), into reused tensors, and each is applied by blocks of
-    rows, ``then`` on each block after its rows of every delta are dropped,
-    while they are in the cache."""
+    With ``scratch`` on large CPU matrices (a streaming merge): float32
+    deltas are dropped by the native kernel, each whole by one thread
+    (:func:`_dropped_by_kernel`), then ``then`` runs by blocks of rows.
+    Else the masks are drawn a few at a time in parallel (each from its own
+    generator, so the draws are those of one at a time; a draw is serial and
+    the largest cost of DARE), into reused tensors, and each is applied by
+    blocks of rows, ``then`` on each block after its rows of every delta are
+    dropped, while they are in the cache."""
     blocked = scratch is not None and all(_by_rows(x, scratch) and x.device.type == "cpu" for x in xs)
+    if density < 1.0 and blocked and _dropped_by_kernel(xs, density, seeds):
+        if then is not None:
+            _rows(xs[0], then)
+        return xs
     if density < 1.0 and blocked:
         from ..engine import run_threads
 
@@ -59,6 +65,28 @@ def _drop_all(xs, density: float, seeds, scratch=None, then=None):
     if then is not None:
         then(0, xs[0].shape[0], 0)
     return xs
+
+
+def _dropped_by_kernel(xs, density: float, seeds) -> bool:
+    """Each float32 ``x_j`` dropped whole in place by the native kernel
+    (``dare.c``: its mask applied as it is drawn, never held, the same
+    bits), one delta per thread of the run; False, nothing done, without
+    the kernels or for another dtype."""
+    import torch
+
+    from ..engine import parallel_rows
+    from ..native import dare
+
+    kernel = dare.kernels()
+    if kernel is None or not all(x.dtype == torch.float32 and x.is_contiguous() for x in xs):
+        return False
+
+    def drop(i0: int, i1: int, k: int) -> None:
+        for i in range(i0, i1):
+            kernel.drop(seeds[i], density, xs[i])
+
+    parallel_rows(len(xs), 1, drop)  # a draw is serial: the deltas share out the threads
+    return True
 
 
 def _drop_group(xs, part, density: float, seeds, scratch, then) -> None:

@@ -78,3 +78,27 @@ void loramix_dare_mask_f32(uint64_t seed, float density, float *out, int64_t m)
         e += c;
     }
 }
+
+/* x[0 .. m) = (x * mask) / density in place, the mask drawn as above: what
+ * torch.Tensor.mul_(mask).div_(density) gives a float32 x, bit for bit (a
+ * dropped entry is x * 0.0f, -0 for a negative x and NaN for an infinite one,
+ * divided like the others), in one reading of x and without the mask in
+ * memory (tests/test_native.py checks it against torch). */
+void loramix_dare_drop_f32(uint64_t seed, float density, float *x, int64_t m)
+{
+    mt19937 g;
+    mt_seed(&g, (uint32_t)seed);
+    for (int64_t e = 0; e < m;) {
+        if (g.i == N)
+            mt_twist(&g);
+        int64_t c = m - e < N - g.i ? m - e : N - g.i;
+        const uint32_t *s = g.s + g.i;
+        float *y = x + e;
+        for (int64_t j = 0; j < c; j++) {
+            float u = (float)(temper(s[j]) & 0xffffffu) * 0x1p-24f;
+            y[j] = (y[j] * (u < density ? 1.0f : 0.0f)) / density;
+        }
+        g.i += (int)c;
+        e += c;
+    }
+}
