@@ -262,8 +262,9 @@ def test_merge_same_bits_with_and_without_kernels(kernels, monkeypatch):
 def test_merge_writes_the_same_bytes_with_and_without_kernels(method, monkeypatch, tmp_path):
     """A merge into a bfloat16 base through the command line, with the
     kernels and with ``LORAMIX_NATIVE=0``: the same bytes. DARE's deltas
-    are dropped by ``dare.c`` (the mask applied as drawn) against torch's
-    ``mul_(mask).div_(density)``."""
+    are formed and dropped block by block by ``dare.c`` (each block's mask
+    drawn from the generator's state there, applied as drawn) against the
+    dense deltas and torch's ``mul_(mask).div_(density)``."""
     from loramix.cli import main
     from loramix.native import bf16, dare
 
@@ -276,7 +277,7 @@ def test_merge_writes_the_same_bytes_with_and_without_kernels(method, monkeypatc
     ads = [make_peft_adapter(model.float(), tmp_path / f"ad{i}", seed=i + 1, r=4) for i in range(2)]
     calls = []
     taken = ((ties.Ties, "elect"), (ties.Ties, "count"), (ties.Ties, "one_pass"), (bf16.Bf16, "add"),
-             (dare.Dare, "drop"))  # fmt: skip
+             (dare.Dare, "drop"), (dare.Dare, "drop_from"))  # fmt: skip
     for cls, name in taken:
         real = getattr(cls, name)
         monkeypatch.setattr(
@@ -292,7 +293,7 @@ def test_merge_writes_the_same_bytes_with_and_without_kernels(method, monkeypatc
                      str(out), "--no-progress"]) == 0  # fmt: skip
         outs[flag] = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
         assert bool(calls) == (flag == "1")  # the kernels are taken, and LORAMIX_NATIVE=0 takes none
-        assert ("drop" in calls) == (flag == "1" and method.startswith("dare")), calls
+        assert ("drop_from" in calls) == (flag == "1" and method.startswith("dare")), calls  # from factors
     assert outs["1"] and outs["1"] == outs["0"]
 
 
@@ -460,6 +461,52 @@ def test_dare_drop_kernel_is_torchs_mul_and_div(seed):
             want, got = x.clone().mul_(mask).div_(density), x.clone()
             k.drop(seed, density, got)
             assert torch.equal(_bits(got), _bits(want)), (m, density)
+
+
+def test_dare_drop_from_states_is_the_whole_drop_by_blocks():
+    """``states`` and ``drop_from``: blocks of rows of a delta dropped from
+    the generator's state at each block's first entry, in any order, give
+    the whole delta's drop, across the twister's 624-word refills."""
+    from loramix.native import dare
+
+    k = dare.kernels()
+    if k is None:
+        pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
+    x = torch.randn(300, 77, generator=torch.Generator().manual_seed(3))
+    for seed in (0, 2**32 + 7):
+        want = x.clone()
+        k.drop(seed, 0.3, want)
+        bounds = [(0, 8), (8, 9), (9, 17), (17, 200), (200, 300)]  # 17 x 77 = 1309: a refill inside
+        states = k.states(seed, [r0 * 77 for r0, _ in bounds])
+        got = x.clone()
+        for b, (r0, r1) in reversed(list(enumerate(bounds))):
+            k.drop_from(states, b, 0.3, got[r0:r1])
+        assert torch.equal(_bits(got), _bits(want)), seed
+
+
+@pytest.mark.parametrize("method", ["dare-ties", "dare-linear"])
+def test_dare_from_factors_by_small_blocks_writes_the_dense_ways_bytes(method, monkeypatch, tmp_path):
+    """DARE from factors with blocks of 8 rows (many blocks, each mask drawn
+    from its own state): the bytes of the dense deltas dropped by torch."""
+    from loramix.cli import main
+    from loramix.methods import dare as dare_method
+
+    from .factories import make_peft_adapter, save_base, tiny_llama
+
+    if ties.kernels() is None:
+        pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
+    model = tiny_llama(seed=0, hidden=256).to(torch.bfloat16)
+    base = save_base(model, tmp_path / "base")
+    ads = [make_peft_adapter(model.float(), tmp_path / f"ad{i}", seed=i + 1, r=4) for i in range(3)]
+    monkeypatch.setattr(dare_method, "_row_step", lambda src: 8)
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LORAMIX_NATIVE", flag)
+        out = tmp_path / f"out{flag}"
+        assert main(["merge", "-m", method, "--density", "0.4", "--seed", "3", *map(str, ads), "--into",
+                     str(base), "--out", str(out), "--weights", "1,0.5,2", "--no-progress"]) == 0  # fmt: skip
+        outs[flag] = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    assert outs["1"] and outs["1"] == outs["0"]
 
 
 @pytest.mark.parametrize("generic", [False, True])

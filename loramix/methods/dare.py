@@ -9,13 +9,16 @@ For deltas ``dW_i`` (out, in)::
     dare-linear: merged = lambda * sum_i w_i t_i
     dare-ties:   merged = lambda * elect_and_merge(t_i, w_i)   (sign election, disjoint mean)
 
-``density = 1`` keeps everything (no draw), as PEFT does.
+``density = 1`` keeps everything (no draw), as PEFT does. In a streaming
+merge on the CPU the deltas of factor kinds are formed, dropped and combined
+block by block of rows, never whole (:func:`_from_factors`), the same bits.
 """
 
 from __future__ import annotations
 
 from . import register
 from .base import (
+    BRACKET_MIN,
     DENSITY,
     DIVIDE,
     LAMBDA,
@@ -23,7 +26,10 @@ from .base import (
     SIGN,
     MergeMethod,
     _by_rows,
+    _FactorRows,
+    _row_step,
     _rows,
+    _weighted_factors,
     dare_mask,
     dense_deltas,
     elect_and_merge,
@@ -116,6 +122,73 @@ def _drop_group(xs, part, density: float, seeds, scratch, then) -> None:
     _rows(xs[0], apply)
 
 
+def _from_factors(ctx, module_deltas, weights, params, combine):
+    """DARE's merge of the deltas ``w_i B_i A_i`` of factor kinds from their
+    factors, block by block of rows, no delta formed whole: each block of
+    each delta formed (:class:`~loramix.methods.base._FactorRows`, the bits
+    of those rows of the dense delta), dropped by the native kernel with its
+    mask's draws for those entries (``dare.c``: the generator's state at
+    each block's first entry, found first by its twists alone), then
+    ``combine(blocks, out_rows)`` into ``scratch``'s ``elect_out`` while the
+    blocks are in the cache. The same bits as dropping the dense deltas;
+    memory: the result and a few blocks per thread instead of a float32
+    delta per adapter. None where it does not apply (the kernels off, a
+    dense or small delta, another device or dtype, no ``ctx.scratch``): the
+    caller takes the dense way."""
+    import torch
+
+    from ..engine import MIN_ROWS, _block_bounds, parallel_rows, run_threads
+    from ..native import dare
+
+    density, kernel = params["density"], dare.kernels()
+    if (
+        kernel is None
+        or density >= 1.0
+        or ctx.scratch is None
+        or ctx.device.type != "cpu"
+        or ctx.dtype != torch.float32
+        or any(m.kind.needs_base for m in module_deltas)
+    ):
+        return None
+    shape = module_deltas[0].shape
+    if shape[0] * shape[1] < BRACKET_MIN or any(m.shape != shape for m in module_deltas):
+        return None
+    srcs = [
+        _FactorRows(*_weighted_factors(ctx, m, float(w)), ctx.scratch, f"dare_rows{i}")
+        for i, (m, w) in enumerate(zip(module_deltas, weights))
+    ]
+    rows, cols = shape
+    bounds = _block_bounds(rows, _row_step(srcs[0]), MIN_ROWS, 0, run_threads())
+    seeds, at = _seeds(ctx, params), [r0 * cols for r0, _ in bounds]
+    states = [None] * len(srcs)
+
+    def find(i0: int, i1: int, j: int) -> None:
+        for i in range(i0, i1):
+            states[i] = kernel.states(seeds[i], at)
+
+    parallel_rows(len(srcs), 1, find)  # each generator's twists are serial: one per thread
+    out = ctx.scratch.get("elect_out", shape, torch.float32, ctx.device)
+
+    def block(b0: int, b1: int, j: int) -> None:
+        for b in range(b0, b1):
+            r0, r1 = bounds[b]
+            blocks = [s.rows(r0, r1, j) for s in srcs]
+            for x, st in zip(blocks, states):
+                kernel.drop_from(st, b, density, x)
+            combine(blocks, out[r0:r1])
+
+    parallel_rows(len(bounds), 1, block)
+    return out
+
+
+def _election_kernels(n: int):
+    """The fused election (``ties.c``) for ``n`` float32 deltas on the CPU, as
+    :func:`~loramix.methods.base.elect_and_merge` takes it, or None."""
+    from ..native import ties
+
+    return ties.kernels() if n <= ties.MAX_ADAPTERS else None
+
+
 def _dropped(ctx, module_deltas, weights, W0, params):
     """``[w_i dW_i m_i / density]``: weighted, dropped and rescaled deltas."""
     xs = dense_deltas(ctx, module_deltas, W0, weights)
@@ -138,6 +211,17 @@ class DareLinear(MergeMethod):
 
     def delta(self, ctx, module_deltas, weights, W0, params):
         lam = params["lambda_"]
+
+        def combine(blocks, out) -> None:  # as add() below, on blocks already dropped
+            out.copy_(blocks[0])
+            for x in blocks[1:]:
+                out.add_(x)
+            if lam != 1.0:
+                out.mul_(lam)
+
+        out = _from_factors(ctx, module_deltas, weights, params, combine)
+        if out is not None:
+            return out
         xs = dense_deltas(ctx, module_deltas, W0, weights)
 
         def add(r0: int, r1: int, j: int) -> None:  # x_0 + x_1 + ... in order, by blocks of rows
@@ -160,6 +244,14 @@ class DareTies(MergeMethod):
     params = (DENSITY, SEED, SIGN, DIVIDE, LAMBDA)
 
     def delta(self, ctx, module_deltas, weights, W0, params):
-        xs = _dropped(ctx, module_deltas, weights, W0, params)
-        out = elect_and_merge(xs, weights, params["sign"], params["divide"], ctx.scratch)
+        mass, by_count = params["sign"] == "mass", params["divide"] == "count"
+        fused = _election_kernels(len(module_deltas))
+
+        def combine(blocks, out) -> None:  # elect_and_merge's fused election, on blocks already dropped
+            fused.elect(blocks, [None] * len(blocks), weights, mass, by_count, out)
+
+        out = _from_factors(ctx, module_deltas, weights, params, combine) if fused is not None else None
+        if out is None:
+            xs = _dropped(ctx, module_deltas, weights, W0, params)
+            out = elect_and_merge(xs, weights, params["sign"], params["divide"], ctx.scratch)
         return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out
