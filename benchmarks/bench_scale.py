@@ -1,4 +1,4 @@
-"""Benchmark ``sum --into`` and ``merge -m ties`` at 7B scale, against a plain copy of the shards.
+"""Benchmark ``sum --into``, ``merge -m ties`` and ``-m dare-ties`` at 7B scale, against a plain copy of the shards.
 
 Setup (written once into ``--work``, default ``benchmarks/_work/scale/``,
 git-ignored, and reused while its recipe is unchanged; about 14 GB):
@@ -25,6 +25,8 @@ time, and that child's own peak RSS from ``os.wait4``, the figure
 - ``sum``: ``loramix sum A1 A2 A3 --into BASE --out OUT``;
 - ``ties``: ``loramix merge -m ties --density 0.2 A1 A2 A3 --into BASE --out OUT``
   (``--no-progress``, as ``sum``);
+- ``dare-ties``: the same with ``-m dare-ties`` (no target: how far DARE's
+  serial mask draws leave it behind TIES);
 - ``sum`` again with ``LORAMIX_DIRECT_IO=0``: the output through the page
   cache instead of straight to the disk (``O_DIRECT``, the default for files
   this large), to show what that choice is worth.
@@ -365,6 +367,17 @@ def main(argv=None) -> None:
         "copy": [py, __file__, "--child", "copy", str(base), str(out)],
         "sum": [*lm, "sum", *map(str, ads), *into, "--no-progress"],
         "ties": [*lm, "merge", "-m", "ties", "--density", "0.2", *map(str, ads), *into, "--no-progress"],
+        "dare-ties": [
+            *lm,
+            "merge",
+            "-m",
+            "dare-ties",
+            "--density",
+            "0.2",
+            *map(str, ads),
+            *into,
+            "--no-progress",
+        ],
     }
     cmds["sum-cold"] = cmds["sum-buffered"] = cmds["sum"]
     envs = {"sum-buffered": dict(env, LORAMIX_DIRECT_IO="0")}
@@ -406,7 +419,7 @@ def main(argv=None) -> None:
         + (f"{built.wall_s:.1f} s here" if built.returncode == 0 else "not built here (the eager code runs)")
     )
     runs: dict[str, list[tuple]] = {k: [] for k in cmds}
-    order = ["copy", "sum-cold", "sum", "sum-buffered", "ties"]
+    order = ["copy", "sum-cold", "sum", "sum-buffered", "ties", "dare-ties"]
     for _ in range(max(1, args.repeat)):
         for kind in order:
             runs[kind].append(once(kind))
@@ -438,6 +451,7 @@ def main(argv=None) -> None:
         ("loramix sum --into, first run (hashes the base)", med["sum-cold"]),
         ("loramix sum --into, through the page cache (`LORAMIX_DIRECT_IO=0`)", med["sum-buffered"]),
         ("loramix merge -m ties --density 0.2 --into", med["ties"]),
+        ("loramix merge -m dare-ties --density 0.2 --into (no target)", med["dare-ties"]),
     ]
     print(
         markdown_table(
@@ -476,9 +490,15 @@ def main(argv=None) -> None:
         f"with the sync {sd:.1f} against {bd:.1f} s; CPU {med['sum'][2]:.1f} against {med['sum-buffered'][2]:.1f} s"
     )
     peak = max(med["sum"][1], med["sum-cold"][1])
-    print(f"- sum peak RSS: {peak:.0f} MiB (target < 1536 MiB); ties: {med['ties'][1]:.0f} MiB")
+    print(
+        f"- sum peak RSS: {peak:.0f} MiB (target < 1536 MiB); ties: {med['ties'][1]:.0f} MiB; "
+        f"dare-ties: {med['dare-ties'][1]:.0f} MiB"
+    )
     print(
         f"- ties / sum: {tw / sw:.2f} (target <= 2); with the sync {td / sd:.2f}; CPU {med['ties'][2] / med['sum'][2]:.2f}"
+    )
+    print(
+        f"- dare-ties / sum: {med['dare-ties'][0] / sw:.2f}; dare-ties / ties: {med['dare-ties'][0] / tw:.2f}"
     )
     print(
         f"- check: layer 0's down_proj of the sum against W0 + sum_i s_i B_i A_i formed in float64 "

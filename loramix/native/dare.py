@@ -2,8 +2,8 @@
 generator seeded with ``seed``, compared with ``density``, without torch's
 per-entry dispatch; the drop itself, the mask applied as it is drawn; and
 the generator's state at any draw (its twists alone), so that a delta's
-blocks can be dropped apart, in any order. :func:`kernels` is None where the kernels are off
-(:mod:`loramix.native`)."""
+blocks can be dropped apart, in any order. :func:`kernels` is None where
+the kernels are off (:mod:`loramix.native`)."""
 
 from __future__ import annotations
 
