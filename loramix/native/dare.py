@@ -16,30 +16,17 @@ class Dare:
     """Typed entry point of the built ``dare.c``."""
 
     def __init__(self, lib):
-        self._mask = lib.loramix_dare_mask_f32
-        self._mask.argtypes = [ctypes.c_uint64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64]
-        self._mask.restype = None
-        self._drop = lib.loramix_dare_drop_f32
-        self._drop.argtypes = [ctypes.c_uint64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64]
-        self._drop.restype = None
-        self._states = lib.loramix_dare_states
-        self._states.argtypes = [
+        u64, f32, i32, i64, ptr = (
             ctypes.c_uint64,
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-        ]
-        self._states.restype = None
-        self._drop_from = lib.loramix_dare_drop_from
-        self._drop_from.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_int32,
             ctypes.c_float,
-            ctypes.c_void_p,
+            ctypes.c_int32,
             ctypes.c_int64,
-        ]
-        self._drop_from.restype = None
+            ctypes.c_void_p,
+        )
+        self._mask = _entry(lib, "loramix_dare_mask_f32", u64, f32, ptr, i64)
+        self._drop = _entry(lib, "loramix_dare_drop_f32", u64, f32, ptr, i64)
+        self._states = _entry(lib, "loramix_dare_states", u64, ptr, i64, ptr, ptr)
+        self._drop_from = _entry(lib, "loramix_dare_drop_from", ptr, i32, f32, ptr, i64)
 
     def mask(self, seed: int, density: float, out) -> None:
         """``out`` (a C-contiguous float32 CPU tensor) = ``torch.rand(out.shape,
@@ -70,6 +57,13 @@ class Dare:
         delta dropped as the whole delta's drop would drop those entries."""
         words, index = states
         self._drop_from(words[k].ctypes.data, int(index[k]), density, x.data_ptr(), x.numel())
+
+
+def _entry(lib, name: str, *argtypes):
+    """``lib``'s function ``name``, typed: those arguments, no result."""
+    fn = getattr(lib, name)
+    fn.argtypes, fn.restype = list(argtypes), None
+    return fn
 
 
 def kernels() -> Dare | None:
