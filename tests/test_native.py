@@ -490,6 +490,7 @@ def test_dare_from_factors_by_small_blocks_writes_the_dense_ways_bytes(method, m
     from its own state): the bytes of the dense deltas dropped by torch."""
     from loramix.cli import main
     from loramix.methods import dare as dare_method
+    from loramix.native import dare
 
     from .factories import make_peft_adapter, save_base, tiny_llama
 
@@ -499,6 +500,8 @@ def test_dare_from_factors_by_small_blocks_writes_the_dense_ways_bytes(method, m
     base = save_base(model, tmp_path / "base")
     ads = [make_peft_adapter(model.float(), tmp_path / f"ad{i}", seed=i + 1, r=4) for i in range(3)]
     monkeypatch.setattr(dare_method, "_row_step", lambda src: 8)
+    blocks, real = [], dare.Dare.drop_from
+    monkeypatch.setattr(dare.Dare, "drop_from", lambda self, *a: blocks.append(a[1]) or real(self, *a))
     outs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("LORAMIX_NATIVE", flag)
@@ -506,6 +509,7 @@ def test_dare_from_factors_by_small_blocks_writes_the_dense_ways_bytes(method, m
         assert main(["merge", "-m", method, "--density", "0.4", "--seed", "3", *map(str, ads), "--into",
                      str(base), "--out", str(out), "--weights", "1,0.5,2", "--no-progress"]) == 0  # fmt: skip
         outs[flag] = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    assert max(blocks) >= 31  # 256 rows in blocks of 8: from factors, every block from its own state
     assert outs["1"] and outs["1"] == outs["0"]
 
 

@@ -874,7 +874,7 @@ MOVED(double, f64)
     }                                                                                            \
                                                                                                  \
     /* out[pos[r]] for the records r where a trim at lam gives another t_i than the trim         \
-       at prov did: the election of the record's values, one by one (few of them); which         \
+       at prov did: the election of the record's values, one by one (about a tenth); which       \
        records those are is found a chunk at a time, adapter by adapter (vectorised) */          \
     int64_t loramix_fixup_##SUF(int n, const T *const *vals, const T *prov, const T *lam,        \
                                 const T *w, int mass, int by_count, const int64_t *pos,          \
