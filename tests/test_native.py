@@ -15,17 +15,65 @@ from loramix.native import ties
 EDGE = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-45, 0.5, -0.5, 0.25, -0.25]
 
 
-@pytest.fixture(scope="module", params=["dispatched", "generic", "avx2"])
-def kernels(request):
+# Each portable loop is compiled in three forms (target_clones: AVX-512, AVX2,
+# x86-64 baseline) and the CPU runs the widest it has; so the others are built
+# here alone (-DLORAMIX_ONE_FORM: no clones, only the flags' own form) and
+# checked as the dispatched one is.
+FORMS = {"baseline": (), "avx2": ("-mavx2",), "avx512f": ("-mavx512f",)}
+_ONE_FORM: dict = {}
+
+
+def one_form(name: str, form: str, tmp_path_factory):
+    """``<name>.c`` built in ``form`` only (see FORMS), loaded; skips where
+    this machine cannot build or run it."""
+    import ctypes
+    import platform
+    import subprocess
+
+    if native.library(name) is None:
+        pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
+    if platform.machine() != "x86_64":
+        pytest.skip("the forms are x86-64's (target_clones)")
+    flags = open("/proc/cpuinfo").read().split("\nflags", 1)[-1].split("\n", 1)[0].split()
+    if form != "baseline" and form.replace("-m", "") not in flags:
+        pytest.skip(f"no {form} on this CPU: its form cannot run here")
+    if (name, form) not in _ONE_FORM:
+        so = tmp_path_factory.mktemp("forms") / f"{name}-{form}.so"
+        cc = native._compiler().split()
+        flags = (*native.FLAGS, "-march=x86-64", "-DLORAMIX_ONE_FORM", *FORMS[form])
+        subprocess.run([*cc, *flags, "-o", str(so), str(native.HERE / f"{name}.c")], check=True)
+        _ONE_FORM[name, form] = ctypes.CDLL(str(so))
+    return _ONE_FORM[name, form]
+
+
+@pytest.fixture(scope="module", params=["dispatched", "generic", "avx2", "generic:baseline", "generic:avx2"])
+def kernels(request, tmp_path_factory):
     """The kernels as loramix calls them (AVX-512 where the CPU has it, else
-    AVX2), the portable loops, and the AVX2 forms (what a CPU without AVX-512
-    runs) where the CPU has AVX2."""
+    AVX2), the portable loops (the form the CPU picks), the AVX2 forms (what a
+    CPU without AVX-512 runs) where the CPU has AVX2, and the portable loops'
+    baseline and AVX2 forms, built alone."""
     k = ties.kernels()
     if k is None:
         pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
     if request.param == "avx2" and not ties.has_avx2(native.library("ties")):
         pytest.skip("no AVX2 here (not an x86-64 CPU with AVX2): the AVX2 kernels cannot run")
+    if request.param.startswith("generic:"):
+        return ties.Ties(one_form("ties", request.param.split(":")[1], tmp_path_factory), form="generic")
     return k if request.param == "dispatched" else ties.Ties(native.library("ties"), form=request.param)
+
+
+@pytest.fixture(scope="module", params=["dispatched", "baseline", "avx2", "avx512f"])
+def dare_kernels(request, tmp_path_factory):
+    """``dare.c`` as loramix calls it (its widest form here), and each form
+    built alone."""
+    from loramix.native import dare
+
+    k = dare.kernels()
+    if k is None:
+        pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
+    return (
+        k if request.param == "dispatched" else dare.Dare(one_form("dare", request.param, tmp_path_factory))
+    )
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -351,8 +399,8 @@ def test_no_compiler_means_eager_code_and_one_notice(monkeypatch, tmp_path, caps
 def test_unwritable_cache_means_eager_code_and_a_notice(monkeypatch, tmp_path, capsys):
     """A cache that cannot hold the build (here a file where its folder
     would be): a notice naming it, the eager code, no exception."""
-    if native._compiler() is None:
-        pytest.skip("no C compiler here")
+    if native._compiler() is None or not native.enabled():
+        pytest.skip("no C compiler here, or LORAMIX_NATIVE=0")
     (tmp_path / "native").write_text("not a folder")
     monkeypatch.setattr(native, "_LOADED", {})
     monkeypatch.setattr(native, "_SAID", set())
@@ -362,11 +410,11 @@ def test_unwritable_cache_means_eager_code_and_a_notice(monkeypatch, tmp_path, c
     assert "native kernels off" in err and str(tmp_path / "native") in err
 
 
-def test_build_is_cached_per_source(kernels, monkeypatch, tmp_path):
+def test_build_is_cached_per_source(monkeypatch, tmp_path):
     """A fresh cache builds the library once, into ``<cache>/native``; a
     second process (here: a cleared registry) loads the same file."""
-    if native._compiler() is None:
-        pytest.skip("no C compiler here")
+    if native._compiler() is None or not native.enabled():
+        pytest.skip("no C compiler here, or LORAMIX_NATIVE=0")
     monkeypatch.setattr(native, "_LOADED", {})
     monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path))
     said: list[str] = []
@@ -417,15 +465,11 @@ def test_a_merge_says_it_is_compiling_above_its_progress_bar(cmd, progress, monk
 
 
 @pytest.mark.parametrize("seed", [0, 5489, 2**32 + 7, 2**63 - 1])
-def test_dare_mask_kernel_draws_what_torch_draws(seed, monkeypatch):
+def test_dare_mask_kernel_draws_what_torch_draws(dare_kernels, seed, monkeypatch):
     """``dare.c``'s mask is ``torch.rand(generator seeded with seed) < density``
     bit for bit: seeds past 32 bits, lengths around the twister's 624-word
     refills, densities at the ends and between two float32 values."""
-    from loramix.native import dare
-
-    k = dare.kernels()
-    if k is None:
-        pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
+    k = dare_kernels
     for m in (1, 623, 624, 625, 1249, 50_000):
         for density in (0.0, 1e-8, 0.2, 0.5, 1 / 3, 0.9, 1.0):
             g = torch.Generator().manual_seed(seed)
@@ -442,15 +486,11 @@ def test_dare_mask_kernel_draws_what_torch_draws(seed, monkeypatch):
 
 
 @pytest.mark.parametrize("seed", [0, 2**32 + 7])
-def test_dare_drop_kernel_is_torchs_mul_and_div(seed):
+def test_dare_drop_kernel_is_torchs_mul_and_div(dare_kernels, seed):
     """``dare.c``'s drop is ``x.mul_(mask).div_(density)`` with the mask above,
     bit for bit: dropped negatives give -0, infinities NaN, and a density
     that float32 cannot hold divides as torch divides by it."""
-    from loramix.native import dare
-
-    k = dare.kernels()
-    if k is None:
-        pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
+    k = dare_kernels
     g = torch.Generator().manual_seed(1)
     for m in (1, 623, 625, 50_000):
         x = torch.randn(m, generator=g) * 10
@@ -463,15 +503,11 @@ def test_dare_drop_kernel_is_torchs_mul_and_div(seed):
             assert torch.equal(_bits(got), _bits(want)), (m, density)
 
 
-def test_dare_drop_from_states_is_the_whole_drop_by_blocks():
+def test_dare_drop_from_states_is_the_whole_drop_by_blocks(dare_kernels):
     """``states`` and ``drop_from``: blocks of rows of a delta dropped from
     the generator's state at each block's first entry, in any order, give
     the whole delta's drop, across the twister's 624-word refills."""
-    from loramix.native import dare
-
-    k = dare.kernels()
-    if k is None:
-        pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
+    k = dare_kernels
     x = torch.randn(300, 77, generator=torch.Generator().manual_seed(3))
     for seed in (0, 2**32 + 7):
         want = x.clone()
@@ -513,20 +549,27 @@ def test_dare_from_factors_by_small_blocks_writes_the_dense_ways_bytes(method, m
     assert outs["1"] and outs["1"] == outs["0"]
 
 
-@pytest.mark.parametrize("generic", [False, True])
-def test_bf16_add_kernel_has_torchs_bits(generic):
+@pytest.mark.parametrize("form", ["dispatched", "generic", "generic:baseline", "generic:avx2"])
+def test_bf16_add_kernel_has_torchs_bits(form, tmp_path_factory):
     """``bf16.c``: ``(w0.float() + d).bfloat16()`` bit for bit for every
     bfloat16 ``w0`` that is a number, with deltas that tie (round to even),
     carry to infinity, are subnormal or zero of either sign; not finite
     (NaN or infinity in, or an overflow) is reported, on lengths on and off
     the vector width, in place or not; by the kernel as loramix calls it
-    (AVX-512 where the CPU has it) and by the portable loop."""
+    (AVX-512 where the CPU has it) and by the portable loop, in the form the
+    CPU picks and in its baseline and AVX2 forms, built alone."""
     from loramix.native import bf16
 
     k = bf16.kernels()
     if k is None:
         pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
-    k = bf16.Bf16(native.library("bf16"), generic=True) if generic else k
+    if form != "dispatched":
+        lib = (
+            native.library("bf16")
+            if form == "generic"
+            else one_form("bf16", form.split(":")[1], tmp_path_factory)
+        )
+        k = bf16.Bf16(lib, generic=True)
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
     w0 = bits.view(torch.bfloat16)
     w0 = w0[~torch.isnan(w0)]
@@ -574,15 +617,15 @@ def test_addmm_adds_the_finished_product():
             assert torch.equal(W.clone().addmm_(B, A), W + B @ A)
 
 
-def test_a_killed_builds_temporary_is_removed_by_the_next_build(kernels, monkeypatch, tmp_path):
+def test_a_killed_builds_temporary_is_removed_by_the_next_build(monkeypatch, tmp_path):
     """kill -9 while compiling leaves the compiler's output beside the
     library; its name says whose it was, so the next build removes it."""
     import subprocess
     import sys
     from pathlib import Path
 
-    if native._compiler() is None:
-        pytest.skip("no C compiler here")
+    if native._compiler() is None or not native.enabled():
+        pytest.skip("no C compiler here, or LORAMIX_NATIVE=0")
     monkeypatch.setattr(native, "_LOADED", {})
     monkeypatch.setenv("LORAMIX_CACHE_DIR", str(tmp_path))
     assert native.library("ties") is not None

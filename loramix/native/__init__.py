@@ -12,8 +12,11 @@ generator's Mersenne Twister, DARE's masks). Each kernel performs
 the eager code's operations in the same order with the same rounding (C11,
 ``-ffp-contract=off``, no fast-math flag), or, in its AVX-512 and AVX2 forms,
 a lane-for-lane equivalent that provably gives the same bits (listed in the
-source and in docs/merging.md); ``tests/test_native.py`` checks every form
-against the eager code, edge values included.
+source and in docs/merging.md). The portable loops are compiled in three
+forms (GCC's ``target_clones``: AVX-512, AVX2, x86-64 baseline) and the CPU
+runs the widest it has; ``-DLORAMIX_ONE_FORM`` builds the one form that the
+compiler flags give instead, so that ``tests/test_native.py`` checks every
+form against the eager code on one machine, edge values included.
 
 The library is built once per source, compiler and machine type into
 ``<cache>/native/`` (:func:`loramix.io.filehash.cache_dir`), written to a

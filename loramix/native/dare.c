@@ -19,7 +19,7 @@
 /* the twist and the drop in AVX-512 or AVX2 where the CPU has them: integer
    operations and IEEE float32 multiplies and divides, lane for lane the
    same bits as the baseline code, only more at a time */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(LORAMIX_ONE_FORM)
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CLONES

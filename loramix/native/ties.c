@@ -50,7 +50,7 @@
 #define MAX_ADAPTERS 64 /* loramix.native.ties.MAX_ADAPTERS */
 #define SUB 32 /* entries looked at one by one when a window entry is among them */
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(LORAMIX_ONE_FORM)
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CLONES
