@@ -83,10 +83,11 @@ Delta = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 class ModuleOutput:
     """What one module's computation returns: its ``delta`` (dense
     ``(out, in)``, ``(B, A)`` meaning ``B @ A``, or one not yet formed, with
-    ``shape``, ``materialize()`` and ``add_bf16(...)``: TIES from factors,
-    :class:`loramix.methods.base.OnePassTies`, which :func:`add_delta` lets add
-    itself to a bfloat16 ``W0``) and its ``facts`` for the report (empty when
-    the method has none)."""
+    ``shape``, ``materialize()`` and ``add_bf16(...)``: TIES or DARE from
+    factors, :class:`loramix.methods.base.OnePassTies` and
+    :class:`loramix.methods.dare.FactorDrops`, which :func:`add_delta` lets add
+    themselves to a bfloat16 ``W0``) and its ``facts`` for the report (empty
+    when the method has none)."""
 
     delta: Delta
     facts: dict = field(default_factory=dict)
@@ -449,7 +450,7 @@ def add_delta(
         res = _run_compute(compute, job.module, None, helpers)
     _check_delta(res.delta, job.module, shape)
     out = _output_buffer(W, stored, code_dtype, pool)
-    if hasattr(res.delta, "add_bf16"):  # a delta not yet formed (loramix.methods.base.OnePassTies)
+    if hasattr(res.delta, "add_bf16"):  # a delta not yet formed (OnePassTies, FactorDrops)
         fused = _fused_bf16(stored, out, W, None, cdt, on_cpu)
         added, first = _add_unformed(res.delta, stored, out, job, fused, read, helpers, first)
         if added:

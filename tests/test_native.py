@@ -520,10 +520,13 @@ def test_dare_drop_from_states_is_the_whole_drop_by_blocks(dare_kernels):
         assert torch.equal(_bits(got), _bits(want)), seed
 
 
+@pytest.mark.parametrize("lam", ["1", "0.7"])
 @pytest.mark.parametrize("method", ["dare-ties", "dare-linear"])
-def test_dare_from_factors_by_small_blocks_writes_the_dense_ways_bytes(method, monkeypatch, tmp_path):
+def test_dare_from_factors_by_small_blocks_writes_the_dense_ways_bytes(method, lam, monkeypatch, tmp_path):
     """DARE from factors with blocks of 8 rows (many blocks, each mask drawn
-    from its own state): the bytes of the dense deltas dropped by torch."""
+    from its own state), each block added to the bfloat16 base as it is
+    combined (no float32 delta): the bytes of the dense deltas dropped by
+    torch and added by the engine."""
     from loramix.cli import main
     from loramix.methods import dare as dare_method
     from loramix.native import dare
@@ -538,14 +541,19 @@ def test_dare_from_factors_by_small_blocks_writes_the_dense_ways_bytes(method, m
     monkeypatch.setattr(dare_method, "_row_step", lambda src: 8)
     blocks, real = [], dare.Dare.drop_from
     monkeypatch.setattr(dare.Dare, "drop_from", lambda self, *a: blocks.append(a[1]) or real(self, *a))
+    added, real_add = [], dare_method.FactorDrops.add_bf16
+    monkeypatch.setattr(
+        dare_method.FactorDrops, "add_bf16", lambda self, *a: added.append(real_add(self, *a)) or added[-1]
+    )
     outs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("LORAMIX_NATIVE", flag)
         out = tmp_path / f"out{flag}"
         assert main(["merge", "-m", method, "--density", "0.4", "--seed", "3", *map(str, ads), "--into",
-                     str(base), "--out", str(out), "--weights", "1,0.5,2", "--no-progress"]) == 0  # fmt: skip
+                     str(base), "--out", str(out), "--weights", "1,0.5,2", "--lambda", lam, "--no-progress"]) == 0  # fmt: skip
         outs[flag] = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
     assert max(blocks) >= 31  # 256 rows in blocks of 8: from factors, every block from its own state
+    assert added and all(added)  # each module's blocks added to W0 by the drops themselves
     assert outs["1"] and outs["1"] == outs["0"]
 
 

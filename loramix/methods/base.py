@@ -68,7 +68,8 @@ class ModuleContext:
     device: torch.device | None = None  # None: the CPU
     dtype: torch.dtype | None = None  # None: float32
     scratch: object | None = None
-    #: whether the method may give a delta not yet formed (:class:`OnePassTies`):
+    #: whether the method may give a delta not yet formed (:class:`OnePassTies`,
+    #: :class:`loramix.methods.dare.FactorDrops`):
     #: a streaming merge into a base sets it (loramix.engine.add_delta takes it)
     deferred: bool = False
 

@@ -11,7 +11,9 @@ For deltas ``dW_i`` (out, in)::
 
 ``density = 1`` keeps everything (no draw), as PEFT does. In a streaming
 merge on the CPU the deltas of factor kinds are formed, dropped and combined
-block by block of rows, never whole (:func:`_from_factors`), the same bits.
+block by block of rows, never whole (:func:`_from_factors`), the same bits;
+into a bfloat16 base each block is added to ``W0`` as it is combined
+(:class:`FactorDrops`).
 """
 
 from __future__ import annotations
@@ -124,20 +126,17 @@ def _drop_group(xs, part, density: float, seeds, scratch, then) -> None:
 
 def _from_factors(ctx, module_deltas, weights, params, combine):
     """DARE's merge of the deltas ``w_i B_i A_i`` of factor kinds from their
-    factors, block by block of rows, no delta formed whole: each block of
-    each delta formed (:class:`~loramix.methods.base._FactorRows`, the bits
-    of those rows of the dense delta), dropped by the native kernel with its
-    mask's draws for those entries (``dare.c``: the generator's state at
-    each block's first entry, found first by its twists alone), then
-    ``combine(blocks, out_rows)`` into ``scratch``'s ``elect_out`` while the
-    blocks are in the cache. The same bits as dropping the dense deltas;
-    memory: the result and a few blocks per thread instead of a float32
-    delta per adapter. None where it does not apply (the kernels off, a
-    dense or small delta, another device or dtype, no ``ctx.scratch``): the
-    caller takes the dense way."""
+    factors, block by block of rows, no delta formed whole (:class:`FactorDrops`):
+    the merged delta, or, where the streaming merge takes one not yet formed
+    (``ctx.deferred``), the :class:`FactorDrops` itself, which adds each block
+    to ``W0`` as it is combined. ``combine(blocks, out_rows)`` combines the
+    blocks already dropped (``lambda`` included). The same bits as dropping
+    the dense deltas; memory: the result (or nothing) and a few blocks per
+    thread instead of a float32 delta per adapter. None where it does not
+    apply (the kernels off, a dense or small delta, another device or dtype,
+    no ``ctx.scratch``): the caller takes the dense way."""
     import torch
 
-    from ..engine import MIN_ROWS, _block_bounds, parallel_rows, run_threads
     from ..native import dare
 
     density, kernel = params["density"], dare.kernels()
@@ -157,28 +156,95 @@ def _from_factors(ctx, module_deltas, weights, params, combine):
         _FactorRows(*_weighted_factors(ctx, m, float(w)), ctx.scratch, f"dare_rows{i}")
         for i, (m, w) in enumerate(zip(module_deltas, weights))
     ]
-    rows, cols = shape
-    bounds = _block_bounds(rows, _row_step(srcs[0]), MIN_ROWS, 0, run_threads())
-    seeds, at = _seeds(ctx, params), [r0 * cols for r0, _ in bounds]
-    states = [None] * len(srcs)
+    drops = FactorDrops(srcs, kernel, density, _seeds(ctx, params), combine, ctx.scratch)
+    return drops if ctx.deferred else drops.materialize()
 
-    def find(i0: int, i1: int, j: int) -> None:
-        for i in range(i0, i1):
-            states[i] = kernel.states(seeds[i], at)
 
-    parallel_rows(len(srcs), 1, find)  # each generator's twists are serial: one per thread
-    out = ctx.scratch.get("elect_out", shape, torch.float32, ctx.device)
+class FactorDrops:
+    """A module's DARE delta from factors, not yet formed: each block of rows
+    of each delta formed (:class:`~loramix.methods.base._FactorRows`, the
+    bits of those rows of the dense delta), dropped by the native kernel with
+    its mask's draws for those entries (``dare.c``: each generator's state at
+    each block's first entry, found here by its twists alone, one generator
+    per thread), then combined (``combine(blocks, out_rows)``) while the
+    blocks are in the cache: into a float32 delta (:meth:`materialize`), or
+    added to a bfloat16 ``W0`` block by block (:meth:`add_bf16`, for the
+    streaming merge's ``add_delta``: no float32 delta written and read back).
+    ``shape``: ``(out, in)``."""
 
-    def block(b0: int, b1: int, j: int) -> None:
-        for b in range(b0, b1):
-            r0, r1 = bounds[b]
-            blocks = [s.rows(r0, r1, j) for s in srcs]
-            for x, st in zip(blocks, states):
-                kernel.drop_from(st, b, density, x)
-            combine(blocks, out[r0:r1])
+    def __init__(self, srcs, kernel, density: float, seeds, combine, scratch):
+        from ..engine import MIN_ROWS, _block_bounds, parallel_rows, run_threads
 
-    parallel_rows(len(bounds), 1, block)
-    return out
+        self.srcs, self.kernel, self.density, self.combine, self.scratch = (
+            srcs,
+            kernel,
+            density,
+            combine,
+            scratch,
+        )
+        self.shape = tuple(srcs[0].shape)
+        rows, cols = self.shape
+        # blocks without a taper: the same bounds on any number of threads, so the
+        # engine's blocks of the same step (add_bf16) are these
+        self.step = _row_step(srcs[0])
+        self.bounds = _block_bounds(rows, self.step, MIN_ROWS, 0, run_threads())
+        self.index = {r0: b for b, (r0, _) in enumerate(self.bounds)}
+        at, self.states = [r0 * cols for r0, _ in self.bounds], [None] * len(srcs)
+
+        def find(i0: int, i1: int, j: int) -> None:
+            for i in range(i0, i1):
+                self.states[i] = kernel.states(seeds[i], at)
+
+        parallel_rows(len(srcs), 1, find)  # each generator's twists are serial: one per thread
+
+    def _block(self, r0: int, r1: int, j: int, out) -> None:
+        """Rows ``r0:r1`` of the merged delta into ``out`` (thread ``j``'s work)."""
+        b = self.index[r0]  # KeyError: blocks other than the states' (a programming error)
+        blocks = [s.rows(r0, r1, j) for s in self.srcs]
+        for x, st in zip(blocks, self.states):
+            self.kernel.drop_from(st, b, self.density, x)
+        self.combine(blocks, out)
+
+    def materialize(self):
+        """The merged delta ``(out, in)``, float32, in ``scratch``'s ``elect_out``."""
+        import torch
+
+        from ..engine import parallel_rows
+
+        out = self.scratch.get("elect_out", self.shape, torch.float32, self.srcs[0].device)
+
+        def block(b0: int, b1: int, j: int) -> None:
+            for r0, r1 in self.bounds[b0:b1]:
+                self._block(r0, r1, j, out[r0:r1])
+
+        parallel_rows(len(self.bounds), 1, block)
+        return out
+
+    def add_bf16(self, stored, out, read, by_blocks) -> bool | None:
+        """``out = bf16(f32(stored) + delta)`` for a bfloat16 ``stored``
+        ``(out, in)`` whose rows ``read(r0, r1)`` fills from the file
+        (``out`` may be ``stored``), block by block by ``by_blocks(step,
+        taper, fn)`` (the engine's threads): each block of the delta
+        combined into a thread's work buffer and added by the kernel the
+        engine's add of :meth:`materialize`'s delta uses, the same bits. True
+        when every result is finite (else the caller checks); None, nothing
+        done, without the bfloat16 kernel."""
+        import torch
+
+        from ..native import bf16
+
+        kernel = bf16.kernels()
+        if kernel is None:
+            return None
+        cols = self.shape[1]
+
+        def block(r0: int, r1: int, j: int) -> bool:
+            read(r0, r1)
+            delta = self.scratch.get(f"dare_out/{j}", (r1 - r0, cols), torch.float32, stored.device)
+            self._block(r0, r1, j, delta)
+            return kernel.add(stored[r0:r1], delta, out[r0:r1])
+
+        return all(by_blocks(self.step, 0, block))
 
 
 def _election_kernels(n: int):
@@ -245,13 +311,16 @@ class DareTies(MergeMethod):
 
     def delta(self, ctx, module_deltas, weights, W0, params):
         mass, by_count = params["sign"] == "mass", params["divide"] == "count"
-        fused = _election_kernels(len(module_deltas))
+        fused, lam = _election_kernels(len(module_deltas)), params["lambda_"]
 
         def combine(blocks, out) -> None:  # elect_and_merge's fused election, on blocks already dropped
             fused.elect(blocks, [None] * len(blocks), weights, mass, by_count, out)
+            if lam != 1.0:
+                out.mul_(lam)
 
         out = _from_factors(ctx, module_deltas, weights, params, combine) if fused is not None else None
-        if out is None:
-            xs = _dropped(ctx, module_deltas, weights, W0, params)
-            out = elect_and_merge(xs, weights, params["sign"], params["divide"], ctx.scratch)
-        return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out
+        if out is not None:
+            return out
+        xs = _dropped(ctx, module_deltas, weights, W0, params)
+        out = elect_and_merge(xs, weights, params["sign"], params["divide"], ctx.scratch)
+        return out.mul_(lam) if lam != 1.0 else out
