@@ -29,19 +29,21 @@ def one_form(name: str, form: str, tmp_path_factory):
     import ctypes
     import platform
     import subprocess
+    from pathlib import Path
 
     if native.library(name) is None:
         pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
-    if platform.machine() != "x86_64":
-        pytest.skip("the forms are x86-64's (target_clones)")
-    flags = open("/proc/cpuinfo").read().split("\nflags", 1)[-1].split("\n", 1)[0].split()
-    if form != "baseline" and form.replace("-m", "") not in flags:
+    if platform.machine() != "x86_64" or not Path("/proc/cpuinfo").exists():
+        pytest.skip("the forms are x86-64's (target_clones), told apart by Linux's /proc/cpuinfo")
+    cpu = Path("/proc/cpuinfo").read_text().split("\nflags", 1)[-1].split("\n", 1)[0].split()
+    if form != "baseline" and form not in cpu:
         pytest.skip(f"no {form} on this CPU: its form cannot run here")
     if (name, form) not in _ONE_FORM:
         so = tmp_path_factory.mktemp("forms") / f"{name}-{form}.so"
-        cc = native._compiler().split()
         flags = (*native.FLAGS, "-march=x86-64", "-DLORAMIX_ONE_FORM", *FORMS[form])
-        subprocess.run([*cc, *flags, "-o", str(so), str(native.HERE / f"{name}.c")], check=True)
+        subprocess.run(
+            [*native._compiler().split(), *flags, "-o", str(so), str(native.HERE / f"{name}.c")], check=True
+        )
         _ONE_FORM[name, form] = ctypes.CDLL(str(so))
     return _ONE_FORM[name, form]
 

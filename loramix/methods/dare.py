@@ -175,13 +175,8 @@ class FactorDrops:
     def __init__(self, srcs, kernel, density: float, seeds, combine, scratch):
         from ..engine import MIN_ROWS, _block_bounds, parallel_rows, run_threads
 
-        self.srcs, self.kernel, self.density, self.combine, self.scratch = (
-            srcs,
-            kernel,
-            density,
-            combine,
-            scratch,
-        )
+        self.srcs, self.kernel, self.density = srcs, kernel, density
+        self.combine, self.scratch = combine, scratch
         self.shape = tuple(srcs[0].shape)
         rows, cols = self.shape
         # blocks without a taper: the same bounds on any number of threads, so the
