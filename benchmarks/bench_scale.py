@@ -1,4 +1,4 @@
-"""Benchmark ``sum --into``, ``merge -m ties`` and ``-m dare-ties`` at 7B scale, against a plain copy of the shards.
+"""Benchmark ``sum --into``, ``merge -m ties``, ``-m dare-ties`` and ``-m della`` at 7B scale, against a plain copy of the shards.
 
 Setup (written once into ``--work``, default ``benchmarks/_work/scale/``,
 git-ignored, and reused while its recipe is unchanged; about 14 GB):
@@ -27,6 +27,8 @@ time, and that child's own peak RSS from ``os.wait4``, the figure
   (``--no-progress``, as ``sum``);
 - ``dare-ties``: the same with ``-m dare-ties`` (no target: how far DARE's
   serial mask draws leave it behind TIES);
+- ``della``: the same with ``-m della`` (no target: each row of each dense
+  delta ranked by magnitude, then drawn; how far that leaves it behind);
 - ``sum`` again with ``LORAMIX_DIRECT_IO=0``: the output through the page
   cache instead of straight to the disk (``O_DIRECT``, the default for files
   this large), to show what that choice is worth.
@@ -379,6 +381,7 @@ def main(argv=None) -> None:
             "--no-progress",
         ],
     }
+    cmds["della"] = ["della" if a == "dare-ties" else a for a in cmds["dare-ties"]]
     cmds["sum-cold"] = cmds["sum-buffered"] = cmds["sum"]
     envs = {"sum-buffered": dict(env, LORAMIX_DIRECT_IO="0")}
     checked: dict[str, str] = {}
@@ -419,7 +422,7 @@ def main(argv=None) -> None:
         + (f"{built.wall_s:.1f} s here" if built.returncode == 0 else "not built here (the eager code runs)")
     )
     runs: dict[str, list[tuple]] = {k: [] for k in cmds}
-    order = ["copy", "sum-cold", "sum", "sum-buffered", "ties", "dare-ties"]
+    order = ["copy", "sum-cold", "sum", "sum-buffered", "ties", "dare-ties", "della"]
     for _ in range(max(1, args.repeat)):
         for kind in order:
             runs[kind].append(once(kind))
@@ -452,6 +455,7 @@ def main(argv=None) -> None:
         ("loramix sum --into, through the page cache (`LORAMIX_DIRECT_IO=0`)", med["sum-buffered"]),
         ("loramix merge -m ties --density 0.2 --into", med["ties"]),
         ("loramix merge -m dare-ties --density 0.2 --into (no target)", med["dare-ties"]),
+        ("loramix merge -m della --density 0.2 --into (no target)", med["della"]),
     ]
     print(
         markdown_table(
@@ -492,13 +496,14 @@ def main(argv=None) -> None:
     peak = max(med["sum"][1], med["sum-cold"][1])
     print(
         f"- sum peak RSS: {peak:.0f} MiB (target < 1536 MiB); ties: {med['ties'][1]:.0f} MiB; "
-        f"dare-ties: {med['dare-ties'][1]:.0f} MiB"
+        f"dare-ties: {med['dare-ties'][1]:.0f} MiB; della: {med['della'][1]:.0f} MiB"
     )
     print(
         f"- ties / sum: {tw / sw:.2f} (target <= 2); with the sync {td / sd:.2f}; CPU {med['ties'][2] / med['sum'][2]:.2f}"
     )
     print(
-        f"- dare-ties / sum: {med['dare-ties'][0] / sw:.2f}; dare-ties / ties: {med['dare-ties'][0] / tw:.2f}"
+        f"- dare-ties / sum: {med['dare-ties'][0] / sw:.2f}; dare-ties / ties: {med['dare-ties'][0] / tw:.2f}; "
+        f"della / sum: {med['della'][0] / sw:.2f}; della / ties: {med['della'][0] / tw:.2f}"
     )
     print(
         f"- check: layer 0's down_proj of the sum against W0 + sum_i s_i B_i A_i formed in float64 "

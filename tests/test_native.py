@@ -308,10 +308,11 @@ def test_merge_same_bits_with_and_without_kernels(kernels, monkeypatch):
     assert torch.equal(_bits(eager[0]), _bits(eager[1]))
 
 
-@pytest.mark.parametrize("method", ["ties", "dare-ties", "dare-linear", "magnitude", "sum"])
+@pytest.mark.parametrize("method", ["ties", "dare-ties", "dare-linear", "magnitude", "della", "sum"])
 def test_merge_writes_the_same_bytes_with_and_without_kernels(method, monkeypatch, tmp_path):
     """A merge into a bfloat16 base through the command line, with the
-    kernels and with ``LORAMIX_NATIVE=0``: the same bytes. DARE's deltas
+    kernels and with ``LORAMIX_NATIVE=0``: the same bytes (DELLA: the keep
+    by ``dare.c``, each row ranked by its radix sort). DARE's deltas
     are formed and dropped block by block by ``dare.c`` (each block's mask
     drawn from the generator's state there, applied as drawn) against the
     dense deltas and torch's ``mul_(mask).div_(density)``."""
@@ -327,7 +328,7 @@ def test_merge_writes_the_same_bytes_with_and_without_kernels(method, monkeypatc
     ads = [make_peft_adapter(model.float(), tmp_path / f"ad{i}", seed=i + 1, r=4) for i in range(2)]
     calls = []
     taken = ((ties.Ties, "elect"), (ties.Ties, "count"), (ties.Ties, "one_pass"), (bf16.Bf16, "add"),
-             (dare.Dare, "drop"), (dare.Dare, "drop_from"))  # fmt: skip
+             (dare.Dare, "drop"), (dare.Dare, "drop_from"), (dare.Dare, "della_keep_from"))  # fmt: skip
     for cls, name in taken:
         real = getattr(cls, name)
         monkeypatch.setattr(
@@ -344,6 +345,7 @@ def test_merge_writes_the_same_bytes_with_and_without_kernels(method, monkeypatc
         outs[flag] = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
         assert bool(calls) == (flag == "1")  # the kernels are taken, and LORAMIX_NATIVE=0 takes none
         assert ("drop_from" in calls) == (flag == "1" and method.startswith("dare")), calls  # from factors
+        assert ("della_keep_from" in calls) == (flag == "1" and method == "della"), calls
     assert outs["1"] and outs["1"] == outs["0"]
 
 
@@ -520,6 +522,75 @@ def test_dare_drop_from_states_is_the_whole_drop_by_blocks(dare_kernels):
         for b, (r0, r1) in reversed(list(enumerate(bounds))):
             k.drop_from(states, b, 0.3, got[r0:r1])
         assert torch.equal(_bits(got), _bits(want)), seed
+
+
+def _della_rows() -> dict[str, torch.Tensor]:
+    """Deltas for DELLA's keep: normal values; values rounded to bfloat16 and
+    small integers (many equal magnitudes in a row: torch's unstable sort
+    ranks those its own way); rows of zeros of both signs; infinities and
+    NaNs; one column; rows across the twister's 624-word refills."""
+    g = torch.Generator().manual_seed(4)
+    special = torch.randn(40, 333, generator=g)
+    special[3, 5], special[7, 9], special[7, 10] = float("inf"), float("nan"), -float("nan")
+    special[1, :100], special[2, :50] = 0.0, -0.0
+    special[5, :] = -0.0
+    mixed = torch.randn(30, 625, generator=g)
+    mixed[::3] = torch.randint(-3, 4, (10, 625), generator=g).float()  # every third row has ties
+    return {
+        "normal": torch.randn(64, 517, generator=g),
+        "bf16": torch.randn(50, 300, generator=g).to(torch.bfloat16).float(),
+        "ints": torch.randint(-4, 5, (20, 623), generator=g).float(),
+        "zeros": torch.zeros(9, 700),
+        "special": special,
+        "mixed": mixed,
+        "one column": torch.randn(9, 1, generator=g),
+    }
+
+
+@pytest.mark.parametrize("name", list(_della_rows()))
+def test_della_keep_kernel_is_torchs_bernoulli_by_rank(dare_kernels, name):
+    """``dare.c``'s DELLA keep, by blocks from the generator's states in any
+    order: ``x * bernoulli(della_keep_probs(x))`` bit for bit, equal
+    magnitudes included. Rows whose equal magnitudes the radix sort would
+    rank otherwise than torch where it changes a keep are ranked again by
+    std::sort's steps: small integers make nearly every row so (rows with
+    ties of 30-140 entries), normal values none."""
+    from loramix.methods.della import della_keep_probs, della_table
+
+    k, x = dare_kernels, _della_rows()[name]
+    rows, n = x.shape
+    for seed, density, eps in ((0, 0.5, 0.2), (2**32 + 7, 0.2, 0.15)):
+        p = della_keep_probs(x, density, eps)
+        want = x * torch.bernoulli(p, generator=torch.Generator().manual_seed(seed))
+        table = della_table(n, density, eps)
+        bounds = [(r0, min(rows, r0 + 7)) for r0 in range(0, rows, 7)]
+        states = k.states(seed, [r0 * n for r0, _ in bounds])
+        got, again = x.clone(), 0
+        for b, (r0, r1) in reversed(list(enumerate(bounds))):
+            again += k.della_keep_from(states, b, table, got[r0:r1])
+        assert torch.equal(_bits(got), _bits(want)), (name, seed)
+        if name == "ints":
+            assert again >= rows - 2, again  # std::sort's own order, nearly every row
+        if name in ("normal", "zeros", "one column"):
+            assert again == 0
+
+
+def test_della_prune_has_the_same_bits_with_and_without_kernels(monkeypatch):
+    """``della_prune_all`` (the keep by the kernel, tied rows by torch's
+    ranks, then the L1 rescale) against the eager code, on every delta of
+    :func:`_della_rows` at once, with weights of both signs and zero."""
+    from loramix.methods.della import della_prune_all
+
+    xs = list(_della_rows().values())
+    weights = [1.0, -0.5, 2.0, 0.0, 1.0, 0.3, 1.0]
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LORAMIX_NATIVE", flag)
+        ys = [x.clone() for x in xs]
+        della_prune_all(ys, 0.4, 0.15, list(range(len(ys))), weights)
+        out[flag] = ys
+    for a, b in zip(out["1"], out["0"]):
+        assert torch.equal(_bits(a), _bits(b))
 
 
 @pytest.mark.parametrize("lam", ["1", "0.7"])

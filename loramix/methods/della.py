@@ -16,7 +16,9 @@ weights) is below ``1e-7``; the factor ``||x||_1 / ||x * keep||_1`` itself
 does not depend on ``w_i``. The draws come from a CPU
 generator seeded with :func:`~loramix.methods.base.module_seed` (the same on
 any device); ``torch.bernoulli`` with that generator, as mergekit draws with
-the global one.
+the global one. On float32 CPU deltas the native kernel ranks and draws row
+by row, the same bits, ties ranked as torch's sort ranks them where that
+changes a keep (:func:`_kept_by_kernel`, docs/merging.md).
 """
 
 from __future__ import annotations
@@ -41,23 +43,29 @@ DIVIDE_WEIGHT = Param(
 )
 
 
+def della_table(n: int, density: float, epsilon: float):
+    """The ``n`` keep probabilities by rank (0 .. n-1), float32 on the CPU,
+    with the elementwise float32 operations the (out, in) formula would run
+    (a single column: the middle, 0.5 of the way)."""
+    import torch
+
+    ranks = torch.arange(n, dtype=torch.float32)
+    return (density - epsilon) + (ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)) * (2 * epsilon)
+
+
 def della_keep_probs(x, density: float, epsilon: float):
     """``p`` (out, in) float32 on the CPU: the keep probability of each entry by its rank in its row."""
     import torch
 
     a = x.detach().abs().float().cpu()
-    n = a.shape[1]
     # Sorted as int32: for non-negative floats the bit patterns order as the values, and
     # torch's CPU argsort runs the same comparison sort for both dtypes (equal magnitudes
     # keep the float sort's order), about 1.2x faster than on the floats.
     order = a.view(torch.int32).argsort(dim=1)
     del a
-    # The n probabilities by rank (0 .. in-1) with the elementwise float32 operations the
-    # (out, in) formula would run, then scattered to the entries by the inverse of the
-    # sorting permutation: the same bits as ranks -> probabilities on the whole matrix,
-    # without its three (out, in) passes.
-    ranks = torch.arange(n, dtype=torch.float32)
-    table = (density - epsilon) + (ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)) * (2 * epsilon)
+    # The table scattered to the entries by the inverse of the sorting permutation: the
+    # same bits as ranks -> probabilities on the whole matrix, without its three passes.
+    table = della_table(order.shape[1], density, epsilon)
     return torch.empty(order.shape, dtype=torch.float32).scatter_(1, order, table.expand(order.shape))
 
 
@@ -67,19 +75,68 @@ def della_prune_(x, density: float, epsilon: float, seed: int, weight: float = 1
     of ``dW`` or of ``dW * keep`` is below ``1e-7`` (mergekit's guard, on the
     unweighted delta, so that the weights' overall size does not change which
     deltas are rescaled); a zero ``weight`` leaves ``x = 0``."""
+    return della_prune_all([x], density, epsilon, [seed], [weight])[0]
+
+
+def della_prune_all(xs, density: float, epsilon: float, seeds, weights):
+    """:func:`della_prune_` of each ``x_i`` with ``seeds[i]`` and
+    ``weights[i]``, in place. float32 CPU matrices are kept by the native
+    kernel (:func:`_kept_by_kernel`, the same bits); others by torch."""
     if density >= 1.0:
-        return x
+        return xs
     import torch
 
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    keep = torch.bernoulli(della_keep_probs(x, density, epsilon), generator=g)
-    before = l1_norm(x)
-    x.mul_(keep.to(device=x.device, dtype=x.dtype))
-    after = l1_norm(x)
-    w = abs(weight)
-    if w > 0 and before / w >= 1e-7 and after / w >= 1e-7:
-        x.mul_(before / after)
-    return x
+    before = [l1_norm(x) for x in xs]
+    if not _kept_by_kernel(xs, density, epsilon, seeds):
+        for x, seed in zip(xs, seeds):
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            keep = torch.bernoulli(della_keep_probs(x, density, epsilon), generator=g)
+            x.mul_(keep.to(device=x.device, dtype=x.dtype))
+    for x, b, weight in zip(xs, before, weights):
+        after, w = l1_norm(x), abs(weight)
+        if w > 0 and b / w >= 1e-7 and after / w >= 1e-7:
+            x.mul_(b / after)
+    return xs
+
+
+def _kept_by_kernel(xs, density: float, epsilon: float, seeds) -> bool:
+    """``x_i *= bernoulli(della_keep_probs(x_i), seeds[i])`` for each float32
+    CPU matrix ``x_i`` by the native kernel (``dare.c``), the same bits, in
+    blocks of rows shared out with the run's threads: each row ranked by a
+    radix sort (std::sort's steps where equal magnitudes would keep
+    otherwise) and kept as its draws come, no probability matrix formed;
+    the generator's state at each block's first entry found first by its
+    twists alone. False, nothing done, without the kernels or for another
+    dtype or device."""
+    import torch
+
+    from ..engine import _block_bounds, block_rows, parallel_rows, run_threads
+    from ..native import dare
+
+    kernel = dare.kernels()
+    ok = all(
+        x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and x.is_contiguous() for x in xs
+    )
+    if kernel is None or not ok:
+        return False
+    bounds = [_block_bounds(x.shape[0], block_rows(*x.shape, run_threads()), 1, 0, 1) for x in xs]
+    states = [None] * len(xs)
+
+    def find(i0: int, i1: int, k: int) -> None:
+        for i in range(i0, i1):
+            states[i] = kernel.states(seeds[i], [r0 * xs[i].shape[1] for r0, _ in bounds[i]])
+
+    parallel_rows(len(xs), 1, find)  # each generator's twists are serial: one per thread
+    tables = [della_table(x.shape[1], density, epsilon) for x in xs]
+    jobs = [(i, b) for i, x in enumerate(xs) if x.numel() for b in range(len(bounds[i]))]
+
+    def keep(j0: int, j1: int, k: int) -> None:
+        for i, b in jobs[j0:j1]:
+            r0, r1 = bounds[i][b]
+            kernel.della_keep_from(states[i], b, tables[i], xs[i][r0:r1])
+
+    parallel_rows(len(jobs), 1, keep)
+    return True
 
 
 def l1_norm(x) -> float:
@@ -123,9 +180,8 @@ class Della(MergeMethod):
             raise UsageError("--epsilon", f"density +- epsilon must lie in (0, 1); got {d} +- {e}")
 
     def delta(self, ctx, module_deltas, weights, W0, params):
-        xs = [
-            della_prune_(x, params["density"], params["epsilon"], module_seed(params["seed"], ctx.name, i), w)
-            for x, i, w in zip(dense_deltas(ctx, module_deltas, W0, weights), ctx.indices, weights)
-        ]
+        seeds = [module_seed(params["seed"], ctx.name, i) for i in ctx.indices]
+        xs = dense_deltas(ctx, module_deltas, W0, weights)
+        della_prune_all(xs, params["density"], params["epsilon"], seeds, weights)
         out = elect_and_merge(xs, weights, params["sign"], params["divide"], ctx.scratch)
         return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out

@@ -2,8 +2,9 @@
 generator seeded with ``seed``, compared with ``density``, without torch's
 per-entry dispatch; the drop itself, the mask applied as it is drawn; and
 the generator's state at any draw (its twists alone), so that a delta's
-blocks can be dropped apart, in any order. :func:`kernels` is None where
-the kernels are off (:mod:`loramix.native`)."""
+blocks can be dropped apart, in any order. DELLA's keep draws from the
+same generator, each entry's probability by its rank in its row.
+:func:`kernels` is None where the kernels are off (:mod:`loramix.native`)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ class Dare:
         self._drop = _entry(lib, "loramix_dare_drop_f32", u64, f32, ptr, i64)
         self._states = _entry(lib, "loramix_dare_states", u64, ptr, i64, ptr, ptr)
         self._drop_from = _entry(lib, "loramix_dare_drop_from", ptr, i32, f32, ptr, i64)
+        self._della = _entry(lib, "loramix_della_keep_from", ptr, i32, ptr, ptr, i64, i64)
+        self._della.restype = i64
 
     def mask(self, seed: int, density: float, out) -> None:
         """``out`` (a C-contiguous float32 CPU tensor) = ``torch.rand(out.shape,
@@ -57,6 +60,21 @@ class Dare:
         delta dropped as the whole delta's drop would drop those entries."""
         words, index = states
         self._drop_from(words[k].ctypes.data, int(index[k]), density, x.data_ptr(), x.numel())
+
+    def della_keep_from(self, states, k: int, table, x) -> int:
+        """DELLA's keep of the rows of ``x`` (a C-contiguous float32 CPU block
+        ``(rows, n)`` of a delta, in place): ``x *= bernoulli(p)`` with ``p``
+        each entry's ``table[rank]`` (``table``: n float32 probabilities,
+        ``rank``: its place in torch's argsort of its row's magnitudes), the
+        draws from state ``k`` of :meth:`states` on, as torch draws them.
+        Returns how many rows were ranked by std::sort's own steps (those
+        where the order of equal magnitudes changes a keep; ``dare.c``)."""
+        words, index = states
+        rows, n = x.shape
+        again = self._della(words[k].ctypes.data, int(index[k]), table.data_ptr(), x.data_ptr(), rows, n)
+        if again < 0:
+            raise MemoryError(f"DELLA's keep: no work memory for a row of {n} entries")
+        return again
 
 
 def _entry(lib, name: str, *argtypes):
