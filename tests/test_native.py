@@ -575,6 +575,25 @@ def test_della_keep_kernel_is_torchs_bernoulli_by_rank(dare_kernels, name):
             assert again == 0
 
 
+def test_della_checks_once_that_its_sort_is_torchs(dare_kernels, monkeypatch):
+    """Each form's std::sort steps rank equal magnitudes as this torch's
+    argsort does (its own check says so); where the check says otherwise
+    (a torch built with another C++ library), DELLA keeps by torch's way,
+    the kernel untouched."""
+    from loramix.methods import della
+    from loramix.native import dare
+
+    assert dare_kernels.sorts_as_torch()
+    k = dare.kernels()
+    monkeypatch.setattr(k, "_sorts_as_torch", False)
+    monkeypatch.setattr(dare.Dare, "della_keep_from", lambda *a: pytest.fail("the kernel was taken"))
+    x = torch.randn(20, 300, generator=torch.Generator().manual_seed(1))
+    assert not della._kept_by_kernel([x.clone()], 0.5, 0.2, [3])
+    got = della.della_prune_(x.clone(), 0.5, 0.2, 3)
+    monkeypatch.setenv("LORAMIX_NATIVE", "0")
+    assert torch.equal(_bits(got), _bits(della.della_prune_(x.clone(), 0.5, 0.2, 3)))
+
+
 def test_della_prune_has_the_same_bits_with_and_without_kernels(monkeypatch):
     """``della_prune_all`` (the keep by the kernel, tied rows by torch's
     ranks, then the L1 rescale) against the eager code, on every delta of

@@ -106,8 +106,9 @@ def _kept_by_kernel(xs, density: float, epsilon: float, seeds) -> bool:
     radix sort (std::sort's steps where equal magnitudes would keep
     otherwise) and kept as its draws come, no probability matrix formed;
     the generator's state at each block's first entry found first by its
-    twists alone. False, nothing done, without the kernels or for another
-    dtype or device."""
+    twists alone. False, nothing done, without the kernels, for another
+    dtype or device, or where this torch's sort orders equal magnitudes
+    otherwise than std::sort's steps in ``dare.c``."""
     import torch
 
     from ..engine import _block_bounds, block_rows, parallel_rows, run_threads
@@ -117,7 +118,7 @@ def _kept_by_kernel(xs, density: float, epsilon: float, seeds) -> bool:
     ok = all(
         x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and x.is_contiguous() for x in xs
     )
-    if kernel is None or not ok:
+    if kernel is None or not ok or not kernel.sorts_as_torch():
         return False
     bounds = [_block_bounds(x.shape[0], block_rows(*x.shape, run_threads()), 1, 0, 1) for x in xs]
     states = [None] * len(xs)

@@ -339,6 +339,20 @@ static void rank_as_torch(const float *x, int64_t n, int32_t *rank, kv *pairs)
         rank[pairs[k].i] = (int32_t)k;
 }
 
+/* rank[0 .. n) = the ranks of rank_as_torch, for loramix to check once per
+   process that they are torch's own (a torch built with another C++ library
+   sorts otherwise: then DELLA takes torch's way). Returns -1 where the work
+   memory could not be had, else 0. */
+int64_t loramix_della_torch_ranks(const float *x, int64_t n, int32_t *rank)
+{
+    kv *pairs = malloc((size_t)n * sizeof(kv) + 1);
+    if (pairs == NULL)
+        return -1;
+    rank_as_torch(x, n, rank, pairs);
+    free(pairs);
+    return 0;
+}
+
 /* rank[c] = place of |x_c| in its row sorted ascending (n entries, equal
    ones in column order): three passes of 11 bits (a fifth faster than four
    of 8 at 4096 columns); the row's keys sorted into *keys, and their

@@ -28,8 +28,9 @@ class Dare:
         self._drop = _entry(lib, "loramix_dare_drop_f32", u64, f32, ptr, i64)
         self._states = _entry(lib, "loramix_dare_states", u64, ptr, i64, ptr, ptr)
         self._drop_from = _entry(lib, "loramix_dare_drop_from", ptr, i32, f32, ptr, i64)
-        self._della = _entry(lib, "loramix_della_keep_from", ptr, i32, ptr, ptr, i64, i64)
-        self._della.restype = i64
+        self._della = _entry(lib, "loramix_della_keep_from", ptr, i32, ptr, ptr, i64, i64, result=i64)
+        self._torch_ranks = _entry(lib, "loramix_della_torch_ranks", ptr, i64, ptr, result=i64)
+        self._sorts_as_torch: bool | None = None
 
     def mask(self, seed: int, density: float, out) -> None:
         """``out`` (a C-contiguous float32 CPU tensor) = ``torch.rand(out.shape,
@@ -76,11 +77,37 @@ class Dare:
             raise MemoryError(f"DELLA's keep: no work memory for a row of {n} entries")
         return again
 
+    def sorts_as_torch(self) -> bool:
+        """Whether ``dare.c``'s ranks by std::sort's steps are those of this
+        torch's argsort, on rows whose many equal magnitudes its introsort
+        orders its own way (checked once: about a millisecond). They are
+        libstdc++'s algorithm; a torch built with another C++ library
+        would sort equal magnitudes otherwise, and DELLA then takes torch's
+        own way."""
+        if self._sorts_as_torch is None:
+            import torch
 
-def _entry(lib, name: str, *argtypes):
-    """``lib``'s function ``name``, typed: those arguments, no result."""
+            g = torch.Generator().manual_seed(0)
+            probe = [
+                torch.randint(-k, k + 1, (n,), generator=g).float() for k, n in ((1, 17), (3, 700), (8, 4096))
+            ]
+            probe.append(torch.zeros(300))
+            same = True
+            for x in probe:
+                want = torch.empty(x.numel(), dtype=torch.int32)
+                want[x.abs().view(torch.int32).argsort()] = torch.arange(x.numel(), dtype=torch.int32)
+                got = torch.empty_like(want)
+                if self._torch_ranks(x.data_ptr(), x.numel(), got.data_ptr()) < 0:
+                    raise MemoryError("DELLA's keep: no work memory for its sort check")
+                same = same and torch.equal(got, want)
+            self._sorts_as_torch = same
+        return self._sorts_as_torch
+
+
+def _entry(lib, name: str, *argtypes, result=None):
+    """``lib``'s function ``name``, typed: those arguments, ``result`` (none by default)."""
     fn = getattr(lib, name)
-    fn.argtypes, fn.restype = list(argtypes), None
+    fn.argtypes, fn.restype = list(argtypes), result
     return fn
 
 
