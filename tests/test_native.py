@@ -573,6 +573,9 @@ def test_della_keep_kernel_is_torchs_bernoulli_by_rank(dare_kernels, name):
             assert again >= rows - 2, again  # std::sort's own order, nearly every row
         if name in ("normal", "zeros", "one column"):
             assert again == 0
+    # no rows, no columns: nothing to keep, nothing read
+    assert k.della_keep_from(k.states(0, [0]), 0, della_table(n, 0.5, 0.2), x[:0]) == 0
+    assert k.della_keep_from(k.states(0, [0]), 0, della_table(0, 0.5, 0.2), torch.empty(3, 0)) == 0
 
 
 def test_della_checks_once_that_its_sort_is_torchs(dare_kernels, monkeypatch):

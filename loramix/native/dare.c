@@ -453,6 +453,8 @@ CLONES static void keep_row(const float *restrict u, const float *restrict table
 int64_t loramix_della_keep_from(const uint32_t *state, int32_t i, const float *table, float *x, int64_t rows,
                                 int64_t n)
 {
+    if (rows <= 0 || n <= 0)
+        return 0; /* nothing to keep (and rank_stable reads a first key) */
     uint32_t *work = malloc((size_t)n * 8 * sizeof(uint32_t));
     if (work == NULL)
         return -1;
