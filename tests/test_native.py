@@ -528,7 +528,9 @@ def _della_rows() -> dict[str, torch.Tensor]:
     """Deltas for DELLA's keep: normal values; values rounded to bfloat16 and
     small integers (many equal magnitudes in a row: torch's unstable sort
     ranks those its own way); rows of zeros of both signs; infinities and
-    NaNs; one column; rows across the twister's 624-word refills."""
+    NaNs; one, five and a hundred columns (numpy sums fewer than 8 entries,
+    and up to 128, its own ways); rows across the twister's 624-word
+    refills."""
     g = torch.Generator().manual_seed(4)
     special = torch.randn(40, 333, generator=g)
     special[3, 5], special[7, 9], special[7, 10] = float("inf"), float("nan"), -float("nan")
@@ -544,6 +546,8 @@ def _della_rows() -> dict[str, torch.Tensor]:
         "special": special,
         "mixed": mixed,
         "one column": torch.randn(9, 1, generator=g),
+        "few columns": torch.randn(11, 5, generator=g),  # numpy sums fewer than 8 one by one
+        "short rows": torch.randn(10, 100, generator=g),  # and up to 128 in eight running sums
     }
 
 
@@ -566,12 +570,22 @@ def test_della_keep_kernel_is_torchs_bernoulli_by_rank(dare_kernels, name):
         bounds = [(r0, min(rows, r0 + 7)) for r0 in range(0, rows, 7)]
         states = k.states(seed, [r0 * n for r0, _ in bounds])
         got, again = x.clone(), 0
+        sums = np.full((2, rows), np.nan, dtype=np.float32)
         for b, (r0, r1) in reversed(list(enumerate(bounds))):
-            again += k.della_keep_from(states, b, table, got[r0:r1])
+            if b % 2:  # the norms are optional
+                again += k.della_keep_from(states, b, table, got[r0:r1])
+            else:
+                again += k.della_keep_from(states, b, table, got[r0:r1], sums[0, r0:r1], sums[1, r0:r1])
         assert torch.equal(_bits(got), _bits(want)), (name, seed)
+        # each row's L1 norm before and after as numpy sums it (della.l1_norm), to the bit
+        even = [r for b, (r0, r1) in enumerate(bounds) if b % 2 == 0 for r in range(r0, r1)]
+        for i, t in enumerate((x, got)):
+            assert np.array_equal(
+                sums[i, even].view(np.int32), np.add.reduce(np.abs(t.numpy()[even]), axis=1).view(np.int32)
+            ), (name, seed, i)
         if name == "ints":
             assert again >= rows - 2, again  # std::sort's own order, nearly every row
-        if name in ("normal", "zeros", "one column"):
+        if name in ("normal", "zeros", "one column", "short rows"):
             assert again == 0
     # no rows, no columns: nothing to keep, nothing read
     assert k.della_keep_from(k.states(0, [0]), 0, della_table(n, 0.5, 0.2), x[:0]) == 0
@@ -592,6 +606,26 @@ def test_della_checks_once_that_its_sort_is_torchs(dare_kernels, monkeypatch):
     monkeypatch.setattr(dare.Dare, "della_keep_from", lambda *a: pytest.fail("the kernel was taken"))
     x = torch.randn(20, 300, generator=torch.Generator().manual_seed(1))
     assert not della._kept_by_kernel([x.clone()], 0.5, 0.2, [3])
+    got = della.della_prune_(x.clone(), 0.5, 0.2, 3)
+    monkeypatch.setenv("LORAMIX_NATIVE", "0")
+    assert torch.equal(_bits(got), _bits(della.della_prune_(x.clone(), 0.5, 0.2, 3)))
+
+
+def test_della_keeps_by_torch_where_its_table_would_not_rise(monkeypatch):
+    """The kernel's bounds on each rank decide a keep only for a table that
+    rises with the rank (della_table's float32 steps do); a table that did
+    not would be kept by torch's way, the kernel untouched."""
+    from loramix.methods import della
+    from loramix.native import dare
+
+    if dare.kernels() is None:
+        pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
+    x = torch.randn(20, 300, generator=torch.Generator().manual_seed(1))
+    assert della._kept_by_kernel([x.clone()], 0.5, 0.2, [3]) is not None
+    falling = della.della_table
+    monkeypatch.setattr(della, "della_table", lambda n, d, e: falling(n, d, e).flip(0))
+    monkeypatch.setattr(dare.Dare, "della_keep_from", lambda *a: pytest.fail("the kernel was taken"))
+    assert della._kept_by_kernel([x.clone()], 0.5, 0.2, [3]) is None
     got = della.della_prune_(x.clone(), 0.5, 0.2, 3)
     monkeypatch.setenv("LORAMIX_NATIVE", "0")
     assert torch.equal(_bits(got), _bits(della.della_prune_(x.clone(), 0.5, 0.2, 3)))

@@ -16,9 +16,11 @@ weights) is below ``1e-7``; the factor ``||x||_1 / ||x * keep||_1`` itself
 does not depend on ``w_i``. The draws come from a CPU
 generator seeded with :func:`~loramix.methods.base.module_seed` (the same on
 any device); ``torch.bernoulli`` with that generator, as mergekit draws with
-the global one. On float32 CPU deltas the native kernel ranks and draws row
-by row, the same bits, ties ranked as torch's sort ranks them where that
-changes a keep (:func:`_kept_by_kernel`, docs/merging.md).
+the global one. On float32 CPU deltas the native kernel keeps row by row,
+the same bits: each entry's rank bounded by a count of its magnitude's
+leading bits, which decides nearly every keep, the few left ranked exactly,
+ties as torch's sort ranks them where that changes a keep; it sums the rows'
+L1 norms as it goes (:func:`_kept_by_kernel`, docs/merging.md).
 """
 
 from __future__ import annotations
@@ -86,29 +88,36 @@ def della_prune_all(xs, density: float, epsilon: float, seeds, weights):
         return xs
     import torch
 
-    before = [l1_norm(x) for x in xs]
-    if not _kept_by_kernel(xs, density, epsilon, seeds):
+    norms = _kept_by_kernel(xs, density, epsilon, seeds)
+    if norms is None:
+        before = [l1_norm(x) for x in xs]
         for x, seed in zip(xs, seeds):
             g = torch.Generator(device="cpu").manual_seed(seed)
             keep = torch.bernoulli(della_keep_probs(x, density, epsilon), generator=g)
             x.mul_(keep.to(device=x.device, dtype=x.dtype))
-    for x, b, weight in zip(xs, before, weights):
-        after, w = l1_norm(x), abs(weight)
+        norms = [(b, l1_norm(x)) for b, x in zip(before, xs)]
+    for x, (b, after), weight in zip(xs, norms, weights):
+        w = abs(weight)
         if w > 0 and b / w >= 1e-7 and after / w >= 1e-7:
             x.mul_(b / after)
     return xs
 
 
-def _kept_by_kernel(xs, density: float, epsilon: float, seeds) -> bool:
+def _kept_by_kernel(xs, density: float, epsilon: float, seeds) -> list[tuple[float, float]] | None:
     """``x_i *= bernoulli(della_keep_probs(x_i), seeds[i])`` for each float32
     CPU matrix ``x_i`` by the native kernel (``dare.c``), the same bits, in
-    blocks of rows shared out with the run's threads: each row ranked by a
-    radix sort (std::sort's steps where equal magnitudes would keep
-    otherwise) and kept as its draws come, no probability matrix formed;
-    the generator's state at each block's first entry found first by its
-    twists alone. False, nothing done, without the kernels, for another
-    dtype or device, or where this torch's sort orders equal magnitudes
-    otherwise than std::sort's steps in ``dare.c``."""
+    blocks of rows shared out with the run's threads: each row's keep
+    decided by bounds on its rank (a count of its magnitudes' leading bits),
+    the few left open ranked exactly, std::sort's steps where equal
+    magnitudes would keep otherwise; no probability matrix formed, the
+    generator's state at each block's first entry found first by its twists
+    alone. Returns each ``x_i``'s :func:`l1_norm` before and after the keep
+    (the kernel sums each row as numpy does). None, nothing done, without
+    the kernels, for another dtype or device, or where this torch's sort
+    orders equal magnitudes otherwise than std::sort's steps in ``dare.c``."""
+    import math
+
+    import numpy as np
     import torch
 
     from ..engine import _block_bounds, block_rows, parallel_rows, run_threads
@@ -119,7 +128,7 @@ def _kept_by_kernel(xs, density: float, epsilon: float, seeds) -> bool:
         x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and x.is_contiguous() for x in xs
     )
     if kernel is None or not ok or not kernel.sorts_as_torch():
-        return False
+        return None
     bounds = [_block_bounds(x.shape[0], block_rows(*x.shape, run_threads()), 1, 0, 1) for x in xs]
     states = [None] * len(xs)
 
@@ -129,15 +138,20 @@ def _kept_by_kernel(xs, density: float, epsilon: float, seeds) -> bool:
 
     parallel_rows(len(xs), 1, find)  # each generator's twists are serial: one per thread
     tables = [della_table(x.shape[1], density, epsilon) for x in xs]
+    if not all(bool((t[1:] >= t[:-1]).all()) for t in tables):
+        return None  # the kernel's bounds need the table to rise with the rank, as its float32 steps make it
+    sums = [np.zeros((2, x.shape[0]), dtype=np.float32) for x in xs]
     jobs = [(i, b) for i, x in enumerate(xs) if x.numel() for b in range(len(bounds[i]))]
 
     def keep(j0: int, j1: int, k: int) -> None:
         for i, b in jobs[j0:j1]:
             r0, r1 = bounds[i][b]
-            kernel.della_keep_from(states[i], b, tables[i], xs[i][r0:r1])
+            kernel.della_keep_from(
+                states[i], b, tables[i], xs[i][r0:r1], sums[i][0, r0:r1], sums[i][1, r0:r1]
+            )
 
     parallel_rows(len(jobs), 1, keep)
-    return True
+    return [(math.fsum(s[0].tolist()), math.fsum(s[1].tolist())) for s in sums]
 
 
 def l1_norm(x) -> float:

@@ -28,7 +28,9 @@ class Dare:
         self._drop = _entry(lib, "loramix_dare_drop_f32", u64, f32, ptr, i64)
         self._states = _entry(lib, "loramix_dare_states", u64, ptr, i64, ptr, ptr)
         self._drop_from = _entry(lib, "loramix_dare_drop_from", ptr, i32, f32, ptr, i64)
-        self._della = _entry(lib, "loramix_della_keep_from", ptr, i32, ptr, ptr, i64, i64, result=i64)
+        self._della = _entry(
+            lib, "loramix_della_keep_from", ptr, i32, ptr, ptr, i64, i64, ptr, ptr, result=i64
+        )
         self._torch_ranks = _entry(lib, "loramix_della_torch_ranks", ptr, i64, ptr, result=i64)
         self._sorts_as_torch: bool | None = None
 
@@ -62,17 +64,28 @@ class Dare:
         words, index = states
         self._drop_from(words[k].ctypes.data, int(index[k]), density, x.data_ptr(), x.numel())
 
-    def della_keep_from(self, states, k: int, table, x) -> int:
+    def della_keep_from(self, states, k: int, table, x, before=None, after=None) -> int:
         """DELLA's keep of the rows of ``x`` (a C-contiguous float32 CPU block
         ``(rows, n)`` of a delta, in place): ``x *= bernoulli(p)`` with ``p``
         each entry's ``table[rank]`` (``table``: n float32 probabilities,
         ``rank``: its place in torch's argsort of its row's magnitudes), the
         draws from state ``k`` of :meth:`states` on, as torch draws them.
-        Returns how many rows were ranked by std::sort's own steps (those
-        where the order of equal magnitudes changes a keep; ``dare.c``)."""
+        ``before``, ``after`` (optional float32 numpy arrays of ``rows``):
+        each row's ``np.add.reduce(np.abs(row))`` before and after the keep,
+        the same bits. Returns how many rows were ranked by std::sort's own
+        steps (those where the order of equal magnitudes changes a keep;
+        ``dare.c``)."""
         words, index = states
         rows, n = x.shape
-        again = self._della(words[k].ctypes.data, int(index[k]), table.data_ptr(), x.data_ptr(), rows, n)
+        for a in (before, after):  # the kernel writes rows floats there
+            if a is not None and not (
+                a.dtype.name == "float32" and a.shape == (rows,) and a.flags.c_contiguous
+            ):
+                raise ValueError(f"DELLA's keep: row sums need a contiguous float32 array of {rows}")
+        sums = [None if a is None else a.ctypes.data for a in (before, after)]
+        again = self._della(
+            words[k].ctypes.data, int(index[k]), table.data_ptr(), x.data_ptr(), rows, n, *sums
+        )
         if again < 0:
             raise MemoryError(f"DELLA's keep: no work memory for a row of {n} entries")
         return again
