@@ -27,8 +27,9 @@ time, and that child's own peak RSS from ``os.wait4``, the figure
   (``--no-progress``, as ``sum``);
 - ``dare-ties``: the same with ``-m dare-ties`` (no target: how far DARE's
   serial mask draws leave it behind TIES);
-- ``della``: the same with ``-m della`` (no target: each row of each dense
-  delta ranked by magnitude, then drawn; how far that leaves it behind);
+- ``della``: the same with ``-m della`` (no target: each entry of each dense
+  delta kept with a probability by its magnitude's rank in its row; how far
+  that leaves it behind);
 - ``sum`` again with ``LORAMIX_DIRECT_IO=0``: the output through the page
   cache instead of straight to the disk (``O_DIRECT``, the default for files
   this large), to show what that choice is worth.
