@@ -72,6 +72,25 @@ static inline uint32_t temper(uint32_t y)
     return y;
 }
 
+/* The next min(want, words left before a twist) words of g's state at *w,
+ * taken (g moves past them); twists first where none are left. Each caller's
+ * loop over them is its own, so that the draws vectorise with its work. */
+static inline int64_t take(mt19937 *g, int64_t want, const uint32_t **w)
+{
+    if (g->i == N)
+        mt_twist(g);
+    int64_t c = want < N - g->i ? want : N - g->i;
+    *w = g->s + g->i;
+    g->i += (int)c;
+    return c;
+}
+
+/* a state word as torch.rand's float32 value: its tempered low 24 bits / 2^24 */
+static inline float uniform(uint32_t w)
+{
+    return (float)(temper(w) & 0xffffffu) * 0x1p-24f;
+}
+
 /* the generator at a state of loramix_dare_states (N words and its index) */
 static void from_state(mt19937 *g, const uint32_t *state, int32_t i)
 {
@@ -86,15 +105,10 @@ void loramix_dare_mask_f32(uint64_t seed, float density, float *out, int64_t m)
     mt19937 g;
     mt_seed(&g, (uint32_t)seed);
     for (int64_t e = 0; e < m;) {
-        if (g.i == N)
-            mt_twist(&g);
-        int64_t c = m - e < N - g.i ? m - e : N - g.i;
-        const uint32_t *s = g.s + g.i;
-        for (int64_t j = 0; j < c; j++) {
-            float u = (float)(temper(s[j]) & 0xffffffu) * 0x1p-24f;
-            out[e + j] = u < density ? 1.0f : 0.0f;
-        }
-        g.i += (int)c;
+        const uint32_t *w;
+        int64_t c = take(&g, m - e, &w);
+        for (int64_t j = 0; j < c; j++)
+            out[e + j] = uniform(w[j]) < density ? 1.0f : 0.0f;
         e += c;
     }
 }
@@ -107,16 +121,11 @@ void loramix_dare_mask_f32(uint64_t seed, float density, float *out, int64_t m)
 CLONES static void drop(mt19937 *g, float density, float *x, int64_t m)
 {
     for (int64_t e = 0; e < m;) {
-        if (g->i == N)
-            mt_twist(g);
-        int64_t c = m - e < N - g->i ? m - e : N - g->i;
-        const uint32_t *s = g->s + g->i;
+        const uint32_t *w;
+        int64_t c = take(g, m - e, &w);
         float *y = x + e;
-        for (int64_t j = 0; j < c; j++) {
-            float u = (float)(temper(s[j]) & 0xffffffu) * 0x1p-24f;
-            y[j] = (y[j] * (u < density ? 1.0f : 0.0f)) / density;
-        }
-        g->i += (int)c;
+        for (int64_t j = 0; j < c; j++)
+            y[j] = (y[j] * (uniform(w[j]) < density ? 1.0f : 0.0f)) / density;
         e += c;
     }
 }
@@ -479,14 +488,10 @@ CLONES static int keep_by_bounds(const float *x, const float *u, const float *ta
 CLONES static void draw_row(mt19937 *g, float *u, int64_t n)
 {
     for (int64_t e = 0; e < n;) {
-        if (g->i == N)
-            mt_twist(g);
-        int64_t c = n - e < N - g->i ? n - e : N - g->i;
-        const uint32_t *s = g->s + g->i;
-        float *v = u + e;
+        const uint32_t *w;
+        int64_t c = take(g, n - e, &w);
         for (int64_t j = 0; j < c; j++)
-            v[j] = (float)(temper(s[j]) & 0xffffffu) * 0x1p-24f;
-        g->i += (int)c;
+            u[e + j] = uniform(w[j]);
         e += c;
     }
 }
