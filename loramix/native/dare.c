@@ -504,10 +504,6 @@ CLONES static void keep_row(const float *restrict u, const float *restrict table
         x[c] = x[c] * (float)(u[c] < table[rank[c]]);
 }
 
-/* DELLA's keep of the rows (rows, n) of x in place, the draws from a state
- * of loramix_dare_states on (that of the block's first entry). Returns the
- * number of rows ranked again by std::sort's steps, or -1 where the work
- * memory could not be had (nothing done). */
 /* numpy's np.add.reduce of a float32 row, the same bits: pairwise, eight
    running sums in each block of up to 128 entries (numpy's pairwise_sum) */
 static float pairwise_sum(const float *a, int64_t n)
