@@ -16,7 +16,18 @@ SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
 
 def _round(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, str]:
     out, work = tmp_path / "out", tmp_path / "work"
-    argv = [sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--out", str(out), "--work", str(work), *args]
+    argv = [
+        sys.executable,
+        str(SCRIPT),
+        "--device",
+        "cpu",
+        "--quick",
+        "--out",
+        str(out),
+        "--work",
+        str(work),
+        *args,
+    ]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
     report = out / "gpu-round.md"
     return r, report.read_text() if report.exists() else ""
