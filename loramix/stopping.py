@@ -31,7 +31,16 @@ goes on as if never killed:
   exception into a C++ one that cannot pass there, and the process aborts
   ("terminate called after throwing an instance of
   'pybind11::error_already_set'", exit -6): 1 in 30 Ctrl-Cs sent 0.8 s into
-  a ``merge`` (``benchmarks/bench_interrupt.py``).
+  a ``merge`` (``benchmarks/bench_interrupt.py``);
+* raised in Python code that takes a lock and returns holding it (a
+  ``threading.Condition``'s ``__enter__``, under every ``with
+  future._condition`` of ``concurrent.futures``; the loop of
+  ``_AcquireFutures`` that ``wait()`` takes and gives back every future's
+  lock in), the ``with`` is never entered, or the loop never ends, and the
+  lock stays held: a study's Ctrl-C as its workers started left a future's
+  lock so, and the process pool's manager thread waited on it for ever
+  while the run waited on the pool (a hang, seen once in a CI run's
+  ``test_ctrl_c_as_workers_start_is_one_line``).
 
 So a handler asks :func:`deferred` first: in any of these it returns at
 once, and the signal is sent again :data:`AGAIN_SECONDS` later by a thread
@@ -90,6 +99,14 @@ EXTENSION_START = frozenset(
     {_bootstrap_external.ExtensionFileLoader.create_module.__code__,
      _bootstrap_external.ExtensionFileLoader.exec_module.__code__}
 )  # fmt: skip
+#: (module, function) of the Python code that takes a lock and returns holding it, or
+#: gives several back in a loop: an exception raised there leaves a lock held for good
+#: (threading's ``__enter__``s, a Condition's under every Future's ``with
+#: self._condition``; concurrent.futures' ``_AcquireFutures`` in ``wait()``)
+LOCK_WINDOWS = frozenset(
+    {("threading", "__enter__"), ("concurrent.futures._base", "__enter__"),
+     ("concurrent.futures._base", "__exit__")}
+)  # fmt: skip
 #: how long after a deferred signal it is sent again
 AGAIN_SECONDS = 0.01
 #: the code that runs a ``weakref.finalize`` callback (a ``__del__`` is known by its name)
@@ -127,11 +144,14 @@ def deferred(signum: int, frame) -> bool:
 
 def unsafe(frame) -> bool:
     """Whether ``frame`` is importlib's own code or a module's own code run by
-    an import, or it or one of its callers is a C extension's start-up or a
-    finalizer (an exception raised below one ends there)."""
+    an import, or a lock's window (:data:`LOCK_WINDOWS`), or it or one of its
+    callers is a C extension's start-up or a finalizer (an exception raised
+    below one ends there)."""
     if frame is None:
         return False
     if frame.f_globals.get("__name__") in IMPORTLIB:
+        return True
+    if (frame.f_globals.get("__name__"), frame.f_code.co_name) in LOCK_WINDOWS:
         return True
     if frame.f_code.co_name == "<module>" and _importing(frame.f_back):
         return True

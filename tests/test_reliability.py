@@ -3150,6 +3150,65 @@ def test_a_kill_is_deferred_at_most_longest_seconds(monkeypatch):
     assert stopping._waiting_since == {}
 
 
+def test_a_signal_waits_while_a_lock_is_taken_by_python_code(monkeypatch):
+    """A handler's exception raised in Python code that takes a lock and
+    returns holding it leaves the lock held for good: a study's Ctrl-C as its
+    workers started left a future's lock so (``Condition.__enter__`` under
+    ``with future._condition``, or the loops of ``wait()``'s
+    ``_AcquireFutures``), and the process pool's manager thread waited on it
+    for ever while the run waited on the pool (a hang seen once in CI).
+    There the signal is deferred; in a Condition's wait, where a run sits
+    until Ctrl-C, it is not."""
+    import threading
+    from concurrent.futures import _base
+
+    from loramix import stopping
+
+    class Lock:  # a lock that notes the frame of each call made to it, by the call's name
+        def __init__(self):
+            self.real, self.frames = threading.Lock(), {}
+
+        def __enter__(self):
+            self.frames["__enter__"] = sys._getframe(1)
+            return self.real.__enter__()
+
+        def __exit__(self, *exc):
+            return self.real.__exit__(*exc)
+
+        def acquire(self, *args):
+            self.frames.setdefault("acquire", sys._getframe(1))
+            return self.real.acquire(*args)
+
+        def release(self):
+            self.frames.setdefault("release", sys._getframe(1))
+            self.real.release()
+
+    cond = Lock()
+    c = threading.Condition(cond)
+    with c:
+        c.wait(0.001)  # gives the lock back by release(), takes it again by acquire()
+    future = type("Future", (), {"_condition": Lock()})()
+    with _base._AcquireFutures([future]):
+        pass
+    taken = {
+        "Condition.__enter__": cond.frames["__enter__"],
+        "_AcquireFutures.__enter__": future._condition.frames["acquire"],
+        "_AcquireFutures.__exit__": future._condition.frames["release"],
+    }
+    for where, frame in taken.items():
+        assert f"{frame.f_globals['__name__']}.{frame.f_code.co_name}".endswith(where.split(".")[-1]), where
+        assert stopping.unsafe(frame), where
+    waiting = cond.frames["release"].f_back  # Condition.wait, through its _release_save
+    assert waiting.f_code.co_name == "wait"
+    assert not any(stopping.unsafe(f) for f in (waiting, cond.frames["release"], sys._getframe()))
+    sent = []
+    monkeypatch.setattr(stopping, "_again", sent.append)  # no signal to this test process
+    monkeypatch.setattr(stopping._thread, "start_new_thread", lambda fn, args: fn(*args))
+    monkeypatch.setattr(stopping, "_waiting_since", {})
+    assert stopping.deferred(signal.SIGINT, taken["Condition.__enter__"]) and sent == [signal.SIGINT]
+    assert not stopping.deferred(signal.SIGINT, waiting) and sent == [signal.SIGINT]
+
+
 @pytest.fixture
 def interrupt_as_the_cli_does():
     """SIGINT handled in this process as ``loramix.cli`` handles it:
