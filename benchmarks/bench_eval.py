@@ -89,15 +89,15 @@ ARCHS = {
 }
 
 
-def make_base(arch: str, max_len: int) -> Path:
+def make_base(arch: str, max_len: int, work: Path = WORK) -> Path:
     """A random GPT-2 (or Llama, ``smol``) of ``arch`` with a synthetic-data
-    tokenizer, cached in ``_work``."""
+    tokenizer, cached in ``work`` (``--work``)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     from loramix.basebuild import train_tokenizer
     from loramix.data import load_records, record_text
 
-    folder = WORK / f"base-{arch}-{max_len}"
+    folder = work / f"base-{arch}-{max_len}"
     if (folder / "model.safetensors").exists():
         return folder
     texts = [
@@ -313,6 +313,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", choices=list(ARCHS), default="small")
     ap.add_argument("--base", default=None)
+    ap.add_argument("--work", type=Path, default=WORK, help="where the random base is built and kept")
     ap.add_argument("--data", nargs="*", default=None)
     ap.add_argument("--records", type=int, default=256, help="records per data source")
     ap.add_argument("--batch", type=int, default=16)
@@ -341,7 +342,7 @@ def main() -> None:
     from loramix.perplexity import perplexity
 
     dev = resolve_device(args.device)
-    base = Path(args.base) if args.base else make_base(args.arch, args.max_len)
+    base = Path(args.base) if args.base else make_base(args.arch, args.max_len, args.work)
     model, tok = load_causal_lm(base, device=dev)
     sources = args.data or [
         f"synthetic:{d}?n={args.records}&seed=1" for d in ("arith", "units", "dates", "sort")

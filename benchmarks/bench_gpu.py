@@ -56,7 +56,8 @@ def steps(device: str, quick: bool, work: Path) -> list[tuple[str, list[str], fl
         n_bank = ["--n", "1000"]
     train = [py, str(HERE / "bench_train.py"), "--device", device, "--models", *model, "--batch", batch,
              "--seq", seq, *n_steps, "--out", str(work / "bench_train.json")]  # fmt: skip
-    evals = [py, str(HERE / "bench_eval.py"), "--device", device, "--only", "b", *ev]
+    evals = [py, str(HERE / "bench_eval.py"), "--device", device, "--only", "b", "--work", str(work / "eval"),
+             *ev]  # fmt: skip
     tests = [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_cuda.py")]
     return [
         ("cuda-tests", tests, 0.15),
