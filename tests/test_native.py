@@ -571,12 +571,24 @@ def test_della_keep_kernel_is_torchs_bernoulli_by_rank(dare_kernels, name):
         states = k.states(seed, [r0 * n for r0, _ in bounds])
         got, again = x.clone(), 0
         sums = np.full((2, rows), np.nan, dtype=np.float32)
+        keep = np.full((rows, (n + 7) // 8), 0xA5, dtype=np.uint8)  # every byte written
         for b, (r0, r1) in reversed(list(enumerate(bounds))):
-            if b % 2:  # the norms are optional
-                again += k.della_keep_from(states, b, table, got[r0:r1])
+            if b % 2:  # the norms and the bits are optional
+                again += k.della_keep_from(states, b, table, got[r0:r1], bits=keep[r0:r1])
             else:
                 again += k.della_keep_from(states, b, table, got[r0:r1], sums[0, r0:r1], sums[1, r0:r1])
+                k.della_keep_from(states, b, table, x[r0:r1].clone(), bits=keep[r0:r1])
         assert torch.equal(_bits(got), _bits(want)), (name, seed)
+        # the keep as bits, applied again to the same entries: the keep's bits, and torch's
+        # x.mul_(scale) after it (DELLA from factors keeps each block twice)
+        unpacked = np.unpackbits(keep, axis=1, bitorder="little")
+        assert not unpacked[:, n:].any(), name  # the last byte's bits past the row are clear
+        plain = (torch.isfinite(x) & (x != 0)).numpy()  # there, kept is want != 0
+        assert np.array_equal(unpacked[:, :n][plain].astype(bool), (want != 0).numpy()[plain]), name
+        for scale in (None, 0.37, 3.0e38):
+            y = x.clone()
+            k.della_apply(keep, y, scale)
+            assert torch.equal(_bits(y), _bits(want if scale is None else want * scale)), (name, scale)
         # each row's L1 norm before and after as numpy sums it (della.l1_norm), to the bit
         even = [r for b, (r0, r1) in enumerate(bounds) if b % 2 == 0 for r in range(r0, r1)]
         for i, t in enumerate((x, got)):
@@ -650,14 +662,18 @@ def test_della_prune_has_the_same_bits_with_and_without_kernels(monkeypatch):
 
 
 @pytest.mark.parametrize("lam", ["1", "0.7"])
-@pytest.mark.parametrize("method", ["dare-ties", "dare-linear"])
-def test_dare_from_factors_by_small_blocks_writes_the_dense_ways_bytes(method, lam, monkeypatch, tmp_path):
-    """DARE from factors with blocks of 8 rows (many blocks, each mask drawn
-    from its own state), each block added to the bfloat16 base as it is
-    combined (no float32 delta): the bytes of the dense deltas dropped by
-    torch and added by the engine."""
+@pytest.mark.parametrize("method", ["dare-ties", "dare-linear", "della", "della:count"])
+def test_merges_from_factors_by_small_blocks_write_the_dense_ways_bytes(method, lam, monkeypatch, tmp_path):
+    """DARE and DELLA from factors with blocks of 8 rows (many blocks, each
+    one's draws from its own state), each block added to the bfloat16 base
+    as it is combined (no float32 delta): the bytes of the dense deltas
+    dropped or kept by torch and added by the engine. DELLA forms each block
+    twice, keeping it first (its keep saved as bits, its rows' L1 norms
+    summed) and then by those bits, rescaled."""
     from loramix.cli import main
+    from loramix.methods import base as methods_base
     from loramix.methods import dare as dare_method
+    from loramix.methods import della as della_method
     from loramix.native import dare
 
     from .factories import make_peft_adapter, save_base, tiny_llama
@@ -667,22 +683,32 @@ def test_dare_from_factors_by_small_blocks_writes_the_dense_ways_bytes(method, l
     model = tiny_llama(seed=0, hidden=256).to(torch.bfloat16)
     base = save_base(model, tmp_path / "base")
     ads = [make_peft_adapter(model.float(), tmp_path / f"ad{i}", seed=i + 1, r=4) for i in range(3)]
-    monkeypatch.setattr(dare_method, "_row_step", lambda src: 8)
-    blocks, real = [], dare.Dare.drop_from
-    monkeypatch.setattr(dare.Dare, "drop_from", lambda self, *a: blocks.append(a[1]) or real(self, *a))
-    added, real_add = [], dare_method.FactorDrops.add_bf16
+    monkeypatch.setattr(methods_base, "_row_step", lambda src: 8)
+    name, _, divide = method.partition(":")
+    spied = {"dare": ("drop_from", 1), "della": ("della_apply", None)}[name.split("-")[0]]
+    blocks, real = [], getattr(dare.Dare, spied[0])
     monkeypatch.setattr(
-        dare_method.FactorDrops, "add_bf16", lambda self, *a: added.append(real_add(self, *a)) or added[-1]
+        dare.Dare,
+        spied[0],
+        lambda self, *a: blocks.append(a[1] if spied[1] else a[1].shape[0]) or real(self, *a),
     )
+    cls = dare_method.FactorDrops if name.startswith("dare") else della_method.FactorKeeps
+    added, real_add = [], cls.add_bf16
+    monkeypatch.setattr(cls, "add_bf16", lambda self, *a: added.append(real_add(self, *a)) or added[-1])
+    extra = ["--divide", divide] if divide else []
     outs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("LORAMIX_NATIVE", flag)
         out = tmp_path / f"out{flag}"
-        assert main(["merge", "-m", method, "--density", "0.4", "--seed", "3", *map(str, ads), "--into",
-                     str(base), "--out", str(out), "--weights", "1,0.5,2", "--lambda", lam, "--no-progress"]) == 0  # fmt: skip
+        assert main(["merge", "-m", name, "--density", "0.4", "--seed", "3", *map(str, ads), "--into",
+                     str(base), "--out", str(out), "--weights", "1,0.5,2", "--lambda", lam, *extra,
+                     "--no-progress"]) == 0  # fmt: skip
         outs[flag] = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
-    assert max(blocks) >= 31  # 256 rows in blocks of 8: from factors, every block from its own state
-    assert added and all(added)  # each module's blocks added to W0 by the drops themselves
+    if spied[1]:
+        assert max(blocks) >= 31  # 256 rows in blocks of 8: from factors, every block from its own state
+    else:
+        assert blocks and max(blocks) == 8  # DELLA's blocks kept again by their bits, 8 rows each
+    assert added and all(added)  # each module's blocks added to W0 by the merge's own blocks
     assert outs["1"] and outs["1"] == outs["0"]
 
 

@@ -541,6 +541,86 @@ class _FactorRows(_DeltaRows):
         return out.abs_().numpy()
 
 
+class FactorBlocks:
+    """A module's merged delta from the factors of its deltas, not yet
+    formed: each block of rows of each delta formed (:class:`_FactorRows`,
+    the bits of those rows of the dense delta), pruned in place by
+    :meth:`prune` (a subclass's: DARE's drop, DELLA's keep), then combined
+    (``combine(blocks, out_rows)``) while the blocks are in the cache: into
+    a float32 delta (:meth:`materialize`), or added to a bfloat16 ``W0``
+    block by block (:meth:`add_bf16`, for the streaming merge's
+    ``add_delta``: no float32 delta written and read back). ``shape``:
+    ``(out, in)``; ``bounds``: the blocks, the same on any number of
+    threads, for a subclass that keeps something per block."""
+
+    #: the name of the work buffers :meth:`add_bf16` combines into
+    role = "factor"
+
+    def __init__(self, srcs, combine, scratch):
+        from ..engine import MIN_ROWS, _block_bounds, run_threads
+
+        self.srcs, self.combine, self.scratch = srcs, combine, scratch
+        self.shape = tuple(srcs[0].shape)
+        # blocks without a taper: the same bounds on any number of threads, so the
+        # engine's blocks of the same step (add_bf16) are these
+        self.step = _row_step(srcs[0])
+        self.bounds = _block_bounds(self.shape[0], self.step, MIN_ROWS, 0, run_threads())
+        self.index = {r0: b for b, (r0, _) in enumerate(self.bounds)}
+
+    def prune(self, i: int, b: int, x) -> None:
+        """Block ``b`` (rows ``bounds[b]``) of delta ``i``, formed in ``x``: pruned in place."""
+        raise NotImplementedError
+
+    def _block(self, r0: int, r1: int, j: int, out) -> None:
+        """Rows ``r0:r1`` of the merged delta into ``out`` (thread ``j``'s work)."""
+        b = self.index[r0]  # KeyError: blocks other than the bounds' (a programming error)
+        blocks = [s.rows(r0, r1, j) for s in self.srcs]
+        for i, x in enumerate(blocks):
+            self.prune(i, b, x)
+        self.combine(blocks, out)
+
+    def materialize(self):
+        """The merged delta ``(out, in)``, float32, in ``scratch``'s ``elect_out``."""
+        import torch
+
+        from ..engine import parallel_rows
+
+        out = self.scratch.get("elect_out", self.shape, torch.float32, self.srcs[0].device)
+
+        def block(b0: int, b1: int, j: int) -> None:
+            for r0, r1 in self.bounds[b0:b1]:
+                self._block(r0, r1, j, out[r0:r1])
+
+        parallel_rows(len(self.bounds), 1, block)
+        return out
+
+    def add_bf16(self, stored, out, read, by_blocks) -> bool | None:
+        """``out = bf16(f32(stored) + delta)`` for a bfloat16 ``stored``
+        ``(out, in)`` whose rows ``read(r0, r1)`` fills from the file
+        (``out`` may be ``stored``), block by block by ``by_blocks(step,
+        taper, fn)`` (the engine's threads): each block of the delta
+        combined into a thread's work buffer and added by the kernel the
+        engine's add of :meth:`materialize`'s delta uses, the same bits. True
+        when every result is finite (else the caller checks); None, nothing
+        done, without the bfloat16 kernel."""
+        import torch
+
+        from ..native import bf16
+
+        kernel = bf16.kernels()
+        if kernel is None:
+            return None
+        cols = self.shape[1]
+
+        def block(r0: int, r1: int, j: int) -> bool:
+            read(r0, r1)
+            delta = self.scratch.get(f"{self.role}_out/{j}", (r1 - r0, cols), torch.float32, stored.device)
+            self._block(r0, r1, j, delta)
+            return kernel.add(stored[r0:r1], delta, out[r0:r1])
+
+        return all(by_blocks(self.step, 0, block))
+
+
 @functools.lru_cache(maxsize=64)
 def _sample_plan(out_f: int, in_f: int):
     """How :meth:`_FactorRows.abs_sample` forms an ``(out_f, in_f)`` delta's

@@ -26,10 +26,10 @@ from .base import (
     LAMBDA,
     SEED,
     SIGN,
+    FactorBlocks,
     MergeMethod,
     _by_rows,
     _FactorRows,
-    _row_step,
     _rows,
     _weighted_factors,
     dare_mask,
@@ -160,31 +160,21 @@ def _from_factors(ctx, module_deltas, weights, params, combine):
     return drops if ctx.deferred else drops.materialize()
 
 
-class FactorDrops:
-    """A module's DARE delta from factors, not yet formed: each block of rows
-    of each delta formed (:class:`~loramix.methods.base._FactorRows`, the
-    bits of those rows of the dense delta), dropped by the native kernel with
-    its mask's draws for those entries (``dare.c``: each generator's state at
-    each block's first entry, found here by its twists alone, one generator
-    per thread), then combined (``combine(blocks, out_rows)``) while the
-    blocks are in the cache: into a float32 delta (:meth:`materialize`), or
-    added to a bfloat16 ``W0`` block by block (:meth:`add_bf16`, for the
-    streaming merge's ``add_delta``: no float32 delta written and read back).
-    ``shape``: ``(out, in)``."""
+class FactorDrops(FactorBlocks):
+    """A module's DARE delta from factors, not yet formed
+    (:class:`~loramix.methods.base.FactorBlocks`): each block of rows of
+    each delta dropped by the native kernel with its mask's draws for those
+    entries (``dare.c``: each generator's state at each block's first entry,
+    found here by its twists alone, one generator per thread)."""
+
+    role = "dare"
 
     def __init__(self, srcs, kernel, density: float, seeds, combine, scratch):
-        from ..engine import MIN_ROWS, _block_bounds, parallel_rows, run_threads
+        from ..engine import parallel_rows
 
-        self.srcs, self.kernel, self.density = srcs, kernel, density
-        self.combine, self.scratch = combine, scratch
-        self.shape = tuple(srcs[0].shape)
-        rows, cols = self.shape
-        # blocks without a taper: the same bounds on any number of threads, so the
-        # engine's blocks of the same step (add_bf16) are these
-        self.step = _row_step(srcs[0])
-        self.bounds = _block_bounds(rows, self.step, MIN_ROWS, 0, run_threads())
-        self.index = {r0: b for b, (r0, _) in enumerate(self.bounds)}
-        at, self.states = [r0 * cols for r0, _ in self.bounds], [None] * len(srcs)
+        super().__init__(srcs, combine, scratch)
+        self.kernel, self.density = kernel, density
+        at, self.states = [r0 * self.shape[1] for r0, _ in self.bounds], [None] * len(srcs)
 
         def find(i0: int, i1: int, j: int) -> None:
             for i in range(i0, i1):
@@ -192,54 +182,8 @@ class FactorDrops:
 
         parallel_rows(len(srcs), 1, find)  # each generator's twists are serial: one per thread
 
-    def _block(self, r0: int, r1: int, j: int, out) -> None:
-        """Rows ``r0:r1`` of the merged delta into ``out`` (thread ``j``'s work)."""
-        b = self.index[r0]  # KeyError: blocks other than the states' (a programming error)
-        blocks = [s.rows(r0, r1, j) for s in self.srcs]
-        for x, st in zip(blocks, self.states):
-            self.kernel.drop_from(st, b, self.density, x)
-        self.combine(blocks, out)
-
-    def materialize(self):
-        """The merged delta ``(out, in)``, float32, in ``scratch``'s ``elect_out``."""
-        import torch
-
-        from ..engine import parallel_rows
-
-        out = self.scratch.get("elect_out", self.shape, torch.float32, self.srcs[0].device)
-
-        def block(b0: int, b1: int, j: int) -> None:
-            for r0, r1 in self.bounds[b0:b1]:
-                self._block(r0, r1, j, out[r0:r1])
-
-        parallel_rows(len(self.bounds), 1, block)
-        return out
-
-    def add_bf16(self, stored, out, read, by_blocks) -> bool | None:
-        """``out = bf16(f32(stored) + delta)`` for a bfloat16 ``stored``
-        ``(out, in)`` whose rows ``read(r0, r1)`` fills from the file
-        (``out`` may be ``stored``), block by block by ``by_blocks(step,
-        taper, fn)`` (the engine's threads): each block of the delta
-        combined into a thread's work buffer and added by the kernel the
-        engine's add of :meth:`materialize`'s delta uses, the same bits. True
-        when every result is finite (else the caller checks); None, nothing
-        done, without the bfloat16 kernel."""
-        import torch
-
-        from ..native import bf16
-
-        kernel = bf16.kernels()
-        if kernel is None:
-            return None
-        cols = self.shape[1]
-
-        def block(r0: int, r1: int, j: int) -> bool:
-            read(r0, r1)
-            delta = self.scratch.get(f"dare_out/{j}", (r1 - r0, cols), torch.float32, stored.device)
-            self._block(r0, r1, j, delta)
-            return kernel.add(stored[r0:r1], delta, out[r0:r1])
-
-        return all(by_blocks(self.step, 0, block))
+    def prune(self, i: int, b: int, x) -> None:
+        self.kernel.drop_from(self.states[i], b, self.density, x)
 
 
 def _election_kernels(n: int):

@@ -20,13 +20,31 @@ the global one. On float32 CPU deltas the native kernel keeps row by row,
 the same bits: each entry's rank bounded by a count of its magnitude's
 leading bits, which decides nearly every keep, the few left ranked exactly,
 ties as torch's sort ranks them where that changes a keep; it sums the rows'
-L1 norms as it goes (:func:`_kept_by_kernel`, docs/merging.md).
+L1 norms as it goes (:func:`_kept_by_kernel`, docs/merging.md). In a
+streaming merge on the CPU the deltas of factor kinds are never formed
+whole: each block of rows is formed from the factors and kept, its keep
+saved as bits, then formed again, kept by those bits, rescaled and elected
+(:class:`FactorKeeps`), the same bits.
 """
 
 from __future__ import annotations
 
 from . import register
-from .base import DENSITY, LAMBDA, SEED, SIGN, MergeMethod, Param, dense_deltas, elect_and_merge, module_seed
+from .base import (
+    BRACKET_MIN,
+    DENSITY,
+    LAMBDA,
+    SEED,
+    SIGN,
+    FactorBlocks,
+    MergeMethod,
+    Param,
+    _FactorRows,
+    _weighted_factors,
+    dense_deltas,
+    elect_and_merge,
+    module_seed,
+)
 from .params import in_unit_interval
 
 EPSILON = Param(
@@ -195,8 +213,117 @@ class Della(MergeMethod):
             raise UsageError("--epsilon", f"density +- epsilon must lie in (0, 1); got {d} +- {e}")
 
     def delta(self, ctx, module_deltas, weights, W0, params):
+        out = _from_factors(ctx, module_deltas, weights, params)
+        if out is not None:
+            return out
         seeds = [module_seed(params["seed"], ctx.name, i) for i in ctx.indices]
         xs = dense_deltas(ctx, module_deltas, W0, weights)
         della_prune_all(xs, params["density"], params["epsilon"], seeds, weights)
         out = elect_and_merge(xs, weights, params["sign"], params["divide"], ctx.scratch)
         return out.mul_(params["lambda_"]) if params["lambda_"] != 1.0 else out
+
+
+def _from_factors(ctx, module_deltas, weights, params):
+    """DELLA's merge of the deltas ``w_i B_i A_i`` of factor kinds from their
+    factors, block by block of rows, no delta formed whole
+    (:class:`FactorKeeps`): the merged delta, or, where the streaming merge
+    takes one not yet formed (``ctx.deferred``), the :class:`FactorKeeps`
+    itself, which adds each block to ``W0`` as it is combined. The same bits
+    as the dense way; memory: each delta's keep as bits (an eighth of a byte
+    an entry) and a few blocks per thread instead of a float32 delta per
+    adapter. None where it does not apply (the kernels off or not torch's
+    order, a dense or small delta, another device or dtype, no
+    ``ctx.scratch``, more adapters than the fused election takes): the
+    caller takes the dense way."""
+    import torch
+
+    from ..native import dare, ties
+
+    density, epsilon = params["density"], params["epsilon"]
+    kernel, fused = dare.kernels(), ties.kernels()
+    if (
+        kernel is None
+        or fused is None
+        or len(module_deltas) > ties.MAX_ADAPTERS
+        or density >= 1.0
+        or ctx.scratch is None
+        or ctx.device.type != "cpu"
+        or ctx.dtype != torch.float32
+        or any(m.kind.needs_base for m in module_deltas)
+    ):
+        return None
+    shape = module_deltas[0].shape
+    if shape[0] * shape[1] < BRACKET_MIN or any(m.shape != shape for m in module_deltas):
+        return None
+    table = della_table(shape[1], density, epsilon)
+    if not kernel.sorts_as_torch() or not bool((table[1:] >= table[:-1]).all()):
+        return None  # as _kept_by_kernel: the dense way then keeps by torch's
+    mass, by_count, lam = params["sign"] == "mass", params["divide"] == "count", params["lambda_"]
+
+    def combine(blocks, out) -> None:  # elect_and_merge's fused election, on blocks already kept
+        fused.elect(blocks, [None] * len(blocks), weights, mass, by_count, out)
+        if lam != 1.0:
+            out.mul_(lam)
+
+    srcs = [
+        _FactorRows(*_weighted_factors(ctx, m, float(w)), ctx.scratch, f"della_rows{i}")
+        for i, (m, w) in enumerate(zip(module_deltas, weights))
+    ]
+    seeds = [module_seed(params["seed"], ctx.name, i) for i in ctx.indices]
+    keeps = FactorKeeps(srcs, kernel, table, seeds, weights, combine, ctx.scratch)
+    return keeps if ctx.deferred else keeps.materialize()
+
+
+class FactorKeeps(FactorBlocks):
+    """A module's DELLA delta from factors, not yet formed
+    (:class:`~loramix.methods.base.FactorBlocks`), in two readings of the
+    factors. First (here, on the run's threads): each block of rows of each
+    delta formed and kept by the native kernel (``dare.c``, each block's
+    draws from the generator's state at its first entry), which writes the
+    keep as bits and sums each row's ``|x|`` before and after it; from those
+    sums each delta's L1 rescale, as :func:`della_prune_all` computes it.
+    Then, as the merge adds the module: each block formed again (the same
+    bits), kept by its bits and rescaled (:meth:`prune`), and combined."""
+
+    role = "della"
+
+    def __init__(self, srcs, kernel, table, seeds, weights, combine, scratch):
+        import math
+
+        import numpy as np
+
+        from ..engine import parallel_rows
+
+        super().__init__(srcs, combine, scratch)
+        self.kernel = kernel
+        rows, cols = self.shape
+        at, states = [r0 * cols for r0, _ in self.bounds], [None] * len(srcs)
+
+        def find(i0: int, i1: int, j: int) -> None:
+            for i in range(i0, i1):
+                states[i] = kernel.states(seeds[i], at)
+
+        parallel_rows(len(srcs), 1, find)  # each generator's twists are serial: one per thread
+        self.bits = [np.empty((rows, (cols + 7) // 8), dtype=np.uint8) for _ in srcs]
+        sums = [np.empty((2, rows), dtype=np.float32) for _ in srcs]
+        jobs = [(i, b) for i in range(len(srcs)) for b in range(len(self.bounds))]
+
+        def keep(j0: int, j1: int, j: int) -> None:
+            for i, b in jobs[j0:j1]:
+                r0, r1 = self.bounds[b]
+                x = srcs[i].rows(r0, r1, j)
+                kernel.della_keep_from(
+                    states[i], b, table, x, sums[i][0, r0:r1], sums[i][1, r0:r1], self.bits[i][r0:r1]
+                )
+
+        parallel_rows(len(jobs), 1, keep)
+        # della_prune_all's rescale: the factor ||x||_1 / ||x * keep||_1 where both norms of
+        # the unweighted delta reach 1e-7, else none
+        self.scales = []
+        for s, weight in zip(sums, weights):
+            before, after, w = math.fsum(s[0].tolist()), math.fsum(s[1].tolist()), abs(weight)
+            self.scales.append(before / after if w > 0 and before / w >= 1e-7 and after / w >= 1e-7 else None)
+
+    def prune(self, i: int, b: int, x) -> None:
+        r0, r1 = self.bounds[b]
+        self.kernel.della_apply(self.bits[i][r0:r1], x, self.scales[i])

@@ -496,12 +496,14 @@ CLONES static void draw_row(mt19937 *g, float *u, int64_t n)
     }
 }
 
-/* x[c] *= (u[c] < table[rank[c]]) */
+/* x[c] *= m[c] = (u[c] < table[rank[c]]) */
 CLONES static void keep_row(const float *restrict u, const float *restrict table, const int32_t *restrict rank,
-                            float *restrict x, int64_t n)
+                            float *restrict x, float *restrict m, int64_t n)
 {
-    for (int64_t c = 0; c < n; c++)
-        x[c] = x[c] * (float)(u[c] < table[rank[c]]);
+    for (int64_t c = 0; c < n; c++) {
+        m[c] = (float)(u[c] < table[rank[c]]);
+        x[c] = x[c] * m[c];
+    }
 }
 
 /* numpy's np.add.reduce of a float32 row, the same bits: pairwise, eight
@@ -532,6 +534,72 @@ static float pairwise_sum(const float *a, int64_t n)
     return pairwise_sum(a, half) + pairwise_sum(a + half, n - half);
 }
 
+/* A keep as bits: bit c % 8 of byte c / 8 for entry c of a row. Sixteen
+ * entries at a time with AVX-512 (a comparison's mask is those two bytes,
+ * little-endian); the portable loops a byte at a time. */
+static void pack_from(const float *m, uint8_t *bits, int64_t c, int64_t n)
+{
+    for (; c + 8 <= n; c += 8) {
+        unsigned v = 0;
+        for (int k = 0; k < 8; k++)
+            v |= (unsigned)(m[c + k] != 0.0f) << k;
+        bits[c >> 3] = (uint8_t)v;
+    }
+    if (c < n) {
+        unsigned v = 0;
+        for (int k = 0; c + k < n; k++)
+            v |= (unsigned)(m[c + k] != 0.0f) << k;
+        bits[c >> 3] = (uint8_t)v;
+    }
+}
+
+/* row[c] = row[c] * keep_c (1.0f or 0.0f), then * scale where scaled, for c from c0 */
+static const float bit_value[2] = {0.0f, 1.0f};
+static void apply_from(const uint8_t *bits, float *row, int64_t c, int64_t n, float scale, int scaled)
+{
+    for (; c < n; c++) {
+        float v = row[c] * bit_value[(bits[c >> 3] >> (c & 7)) & 1];
+        row[c] = scaled ? v * scale : v;
+    }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(LORAMIX_ONE_FORM)
+__attribute__((target("avx512f"))) static void pack_avx512(const float *m, uint8_t *bits, int64_t n)
+{
+    int64_t c = 0;
+    for (; c + 16 <= n; c += 16) {
+        uint16_t k = _mm512_cmp_ps_mask(_mm512_loadu_ps(m + c), _mm512_setzero_ps(), _CMP_NEQ_OQ);
+        memcpy(bits + (c >> 3), &k, sizeof k);
+    }
+    pack_from(m, bits, c, n);
+}
+
+__attribute__((target("avx512f"))) static void apply_avx512(const uint8_t *bits, float *row, int64_t n, float scale,
+                                                            int scaled)
+{
+    const __m512 one = _mm512_set1_ps(1.0f), s = _mm512_set1_ps(scale);
+    int64_t c = 0;
+    for (; c + 16 <= n; c += 16) {
+        uint16_t k;
+        memcpy(&k, bits + (c >> 3), sizeof k);
+        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(row + c), _mm512_maskz_mov_ps(k, one));
+        _mm512_storeu_ps(row + c, scaled ? _mm512_mul_ps(v, s) : v);
+    }
+    apply_from(bits, row, c, n, scale, scaled);
+}
+#endif
+
+static void pack_row(const float *m, uint8_t *bits, int64_t n)
+{
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(LORAMIX_ONE_FORM)
+    if (__builtin_cpu_supports("avx512f")) {
+        pack_avx512(m, bits, n);
+        return;
+    }
+#endif
+    pack_from(m, bits, 0, n);
+}
+
 /* numpy's sum of |row| (as della.l1_norm sums each row), with work for |row| */
 static float l1_row(const float *row, float *work, int64_t n)
 {
@@ -543,11 +611,14 @@ static float l1_row(const float *row, float *work, int64_t n)
 /* DELLA's keep of the rows (rows, n) of x in place, the draws from a state
  * of loramix_dare_states on (that of the block's first entry); where before
  * and after are not NULL, each row's L1 norm before and after the keep as
- * numpy sums it (the rescale's norms, without two more readings of x).
- * Returns the number of rows ranked by std::sort's steps, or -1 where the
- * work memory could not be had (nothing done). */
+ * numpy sums it (the rescale's norms, without two more readings of x); where
+ * bits is not NULL, the keep itself: bit c % 8 of byte c / 8 of row r's
+ * (n + 7) / 8 bytes set where entry c is kept (loramix_della_apply applies
+ * it again to the same entries formed anew). Returns the number of rows
+ * ranked by std::sort's steps, or -1 where the work memory could not be had
+ * (nothing done). */
 int64_t loramix_della_keep_from(const uint32_t *state, int32_t i, const float *table, float *x, int64_t rows,
-                                int64_t n, float *before, float *after)
+                                int64_t n, float *before, float *after, uint8_t *bits)
 {
     if (rows <= 0 || n <= 0)
         return 0; /* nothing to keep */
@@ -562,7 +633,7 @@ int64_t loramix_della_keep_from(const uint32_t *state, int32_t i, const float *t
     float *lo = (float *)(at + BUCKETS), *hi = (float *)(at + 2 * BUCKETS);
     mt19937 g;
     from_state(&g, state, i);
-    int64_t again = 0;
+    int64_t again = 0, stride = (n + 7) / 8;
     for (int64_t r = 0; r < rows; r++) {
         float *row = x + r * n;
         if (before != NULL)
@@ -573,12 +644,32 @@ int64_t loramix_della_keep_from(const uint32_t *state, int32_t i, const float *t
                 row[c] = row[c] * m[c];
         } else {
             rank_as_torch(row, n, rank, pairs);
-            keep_row(u, table, rank, row, n);
+            keep_row(u, table, rank, row, m, n);
             again++;
         }
+        if (bits != NULL) /* m: 1.0f kept, 0.0f dropped (before after's sum takes it for work) */
+            pack_row(m, bits + r * stride, n);
         if (after != NULL)
             after[r] = l1_row(row, m, n);
     }
     free(work);
     return again;
+}
+
+/* x = x * keep (1.0f or 0.0f, by bit c % 8 of byte c / 8 of each row's
+ * (n + 7) / 8 bytes of bits, as loramix_della_keep_from wrote them), then
+ * x * scale where scaled: the bits of that keep and of torch's x.mul_(scale)
+ * after it (a float32 scalar), on the rows (rows, n) of x formed anew. */
+void loramix_della_apply(const uint8_t *bits, float *x, int64_t rows, int64_t n, float scale, int scaled)
+{
+    int64_t stride = (n + 7) / 8;
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(LORAMIX_ONE_FORM)
+    if (__builtin_cpu_supports("avx512f")) {
+        for (int64_t r = 0; r < rows; r++)
+            apply_avx512(bits + r * stride, x + r * n, n, scale, scaled);
+        return;
+    }
+#endif
+    for (int64_t r = 0; r < rows; r++)
+        apply_from(bits + r * stride, x + r * n, 0, n, scale, scaled);
 }

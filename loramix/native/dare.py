@@ -29,8 +29,9 @@ class Dare:
         self._states = _entry(lib, "loramix_dare_states", u64, ptr, i64, ptr, ptr)
         self._drop_from = _entry(lib, "loramix_dare_drop_from", ptr, i32, f32, ptr, i64)
         self._della = _entry(
-            lib, "loramix_della_keep_from", ptr, i32, ptr, ptr, i64, i64, ptr, ptr, result=i64
+            lib, "loramix_della_keep_from", ptr, i32, ptr, ptr, i64, i64, ptr, ptr, ptr, result=i64
         )
+        self._della_apply = _entry(lib, "loramix_della_apply", ptr, ptr, i64, i64, f32, ctypes.c_int)
         self._torch_ranks = _entry(lib, "loramix_della_torch_ranks", ptr, i64, ptr, result=i64)
         self._sorts_as_torch: bool | None = None
 
@@ -64,7 +65,7 @@ class Dare:
         words, index = states
         self._drop_from(words[k].ctypes.data, int(index[k]), density, x.data_ptr(), x.numel())
 
-    def della_keep_from(self, states, k: int, table, x, before=None, after=None) -> int:
+    def della_keep_from(self, states, k: int, table, x, before=None, after=None, bits=None) -> int:
         """DELLA's keep of the rows of ``x`` (a C-contiguous float32 CPU block
         ``(rows, n)`` of a delta, in place): ``x *= bernoulli(p)`` with ``p``
         each entry's ``table[rank]`` (``table``: n float32 probabilities,
@@ -72,9 +73,12 @@ class Dare:
         draws from state ``k`` of :meth:`states` on, as torch draws them.
         ``before``, ``after`` (optional float32 numpy arrays of ``rows``):
         each row's ``np.add.reduce(np.abs(row))`` before and after the keep,
-        the same bits. Returns how many rows were ranked by std::sort's own
-        steps (those where the order of equal magnitudes changes a keep;
-        ``dare.c``)."""
+        the same bits. ``bits`` (optional, a C-contiguous uint8 numpy array
+        ``(rows, (n + 7) // 8)``): the keep, bit ``c % 8`` of byte ``c // 8``
+        of row ``r`` set where entry ``(r, c)`` is kept, for
+        :meth:`della_apply`. Returns how many rows were ranked by
+        std::sort's own steps (those where the order of equal magnitudes
+        changes a keep; ``dare.c``)."""
         words, index = states
         rows, n = x.shape
         for a in (before, after):  # the kernel writes rows floats there
@@ -82,13 +86,26 @@ class Dare:
                 a.dtype.name == "float32" and a.shape == (rows,) and a.flags.c_contiguous
             ):
                 raise ValueError(f"DELLA's keep: row sums need a contiguous float32 array of {rows}")
-        sums = [None if a is None else a.ctypes.data for a in (before, after)]
+        _check_bits(bits, rows, n)
+        sums = [None if a is None else a.ctypes.data for a in (before, after, bits)]
         again = self._della(
             words[k].ctypes.data, int(index[k]), table.data_ptr(), x.data_ptr(), rows, n, *sums
         )
         if again < 0:
             raise MemoryError(f"DELLA's keep: no work memory for a row of {n} entries")
         return again
+
+    def della_apply(self, bits, x, scale: float | None) -> None:
+        """``x = x * keep`` by the keep :meth:`della_keep_from` wrote in
+        ``bits`` for the same entries, then ``x * float32(scale)`` unless
+        ``scale`` is None, in place (``x``: a C-contiguous float32 CPU block
+        ``(rows, n)``): the bits of that keep and torch's ``x.mul_(scale)``
+        after it."""
+        rows, n = x.shape
+        _check_bits(bits, rows, n)
+        self._della_apply(
+            bits.ctypes.data, x.data_ptr(), rows, n, 1.0 if scale is None else scale, scale is not None
+        )
 
     def sorts_as_torch(self) -> bool:
         """Whether ``dare.c``'s ranks by std::sort's steps are those of this
@@ -127,3 +144,12 @@ def _entry(lib, name: str, *argtypes, result=None):
 def kernels() -> Dare | None:
     """The mask kernels, or None (off, or not built here)."""
     return bound("dare", Dare)
+
+
+def _check_bits(bits, rows: int, n: int) -> None:
+    """A keep's bits must be a C-contiguous uint8 ``(rows, (n + 7) // 8)``
+    array: the kernels read and write that many bytes."""
+    if bits is not None and not (
+        bits.dtype.name == "uint8" and bits.shape == (rows, (n + 7) // 8) and bits.flags.c_contiguous
+    ):
+        raise ValueError(f"DELLA's keep: its bits need a contiguous uint8 array of {rows} x {(n + 7) // 8}")
