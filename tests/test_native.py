@@ -662,29 +662,35 @@ def test_della_prune_has_the_same_bits_with_and_without_kernels(monkeypatch):
 
 
 @pytest.mark.parametrize("lam", ["1", "0.7"])
-@pytest.mark.parametrize("method", ["dare-ties", "dare-linear", "della", "della:count"])
+@pytest.mark.parametrize("method", ["dare-ties", "dare-linear", "della", "della:count", "della:weight:gpt2"])
 def test_merges_from_factors_by_small_blocks_write_the_dense_ways_bytes(method, lam, monkeypatch, tmp_path):
     """DARE and DELLA from factors with blocks of 8 rows (many blocks, each
     one's draws from its own state), each block added to the bfloat16 base
     as it is combined (no float32 delta): the bytes of the dense deltas
     dropped or kept by torch and added by the engine. DELLA forms each block
     twice, keeping it first (its keep saved as bits, its rows' L1 norms
-    summed) and then by those bits, rescaled."""
+    summed) and then by those bits, rescaled. On GPT-2 (``Conv1D``, stored
+    ``(in, out)``) the merged delta is formed whole from its blocks
+    (``materialize``) and added by the engine."""
     from loramix.cli import main
     from loramix.methods import base as methods_base
     from loramix.methods import dare as dare_method
     from loramix.methods import della as della_method
     from loramix.native import dare
 
-    from .factories import make_peft_adapter, save_base, tiny_llama
+    from .factories import make_peft_adapter, save_base, tiny_gpt2, tiny_llama
 
     if ties.kernels() is None:
         pytest.skip("the native kernels are not built here (no C compiler, or LORAMIX_NATIVE=0)")
-    model = tiny_llama(seed=0, hidden=256).to(torch.bfloat16)
+    name, divide, arch = (method.split(":") + ["", ""])[:3]
+    model = (tiny_gpt2(n_embd=256) if arch == "gpt2" else tiny_llama(seed=0, hidden=256)).to(torch.bfloat16)
     base = save_base(model, tmp_path / "base")
     ads = [make_peft_adapter(model.float(), tmp_path / f"ad{i}", seed=i + 1, r=4) for i in range(3)]
     monkeypatch.setattr(methods_base, "_row_step", lambda src: 8)
-    name, _, divide = method.partition(":")
+    materialized, real_m = [], methods_base.FactorBlocks.materialize
+    monkeypatch.setattr(
+        methods_base.FactorBlocks, "materialize", lambda self: materialized.append(1) or real_m(self)
+    )
     spied = {"dare": ("drop_from", 1), "della": ("della_apply", None)}[name.split("-")[0]]
     blocks, real = [], getattr(dare.Dare, spied[0])
     monkeypatch.setattr(
@@ -708,7 +714,10 @@ def test_merges_from_factors_by_small_blocks_write_the_dense_ways_bytes(method, 
         assert max(blocks) >= 31  # 256 rows in blocks of 8: from factors, every block from its own state
     else:
         assert blocks and max(blocks) == 8  # DELLA's blocks kept again by their bits, 8 rows each
-    assert added and all(added)  # each module's blocks added to W0 by the merge's own blocks
+    if arch == "gpt2":
+        assert materialized and not added  # every module transposed: formed from its blocks, then added
+    else:
+        assert added and all(added) and not materialized  # each block added to W0 by the merge's own
     assert outs["1"] and outs["1"] == outs["0"]
 
 
