@@ -541,6 +541,32 @@ class _FactorRows(_DeltaRows):
         return out.abs_().numpy()
 
 
+def factor_sources(ctx: ModuleContext, module_deltas, weights, role: str) -> list | None:
+    """Each delta ``w_i B_i A_i`` as a :class:`_FactorRows` (blocks of rows
+    formed from its factors, ``w_i`` folded in, into work buffers
+    ``role{i}/j`` of ``ctx.scratch``), for a merge that never forms a delta
+    whole (:class:`FactorBlocks`); None where that does not apply: no
+    ``ctx.scratch`` (not a streaming merge), another device than the CPU or
+    work dtype than float32, a kind whose delta needs ``W0``, a module under
+    :data:`BRACKET_MIN` entries, or deltas of different shapes."""
+    import torch
+
+    if (
+        ctx.scratch is None
+        or ctx.device.type != "cpu"
+        or ctx.dtype != torch.float32
+        or any(m.kind.needs_base for m in module_deltas)
+    ):
+        return None
+    shape = module_deltas[0].shape
+    if shape[0] * shape[1] < BRACKET_MIN or any(m.shape != shape for m in module_deltas):
+        return None
+    return [
+        _FactorRows(*_weighted_factors(ctx, m, float(w)), ctx.scratch, f"{role}{i}")
+        for i, (m, w) in enumerate(zip(module_deltas, weights))
+    ]
+
+
 class FactorBlocks:
     """A module's merged delta from the factors of its deltas, not yet
     formed: each block of rows of each delta formed (:class:`_FactorRows`,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from . import register
 from .base import (
-    BRACKET_MIN,
     DENSITY,
     DIVIDE,
     LAMBDA,
@@ -29,12 +28,11 @@ from .base import (
     FactorBlocks,
     MergeMethod,
     _by_rows,
-    _FactorRows,
     _rows,
-    _weighted_factors,
     dare_mask,
     dense_deltas,
     elect_and_merge,
+    factor_sources,
     module_seed,
 )
 
@@ -135,27 +133,14 @@ def _from_factors(ctx, module_deltas, weights, params, combine):
     thread instead of a float32 delta per adapter. None where it does not
     apply (the kernels off, a dense or small delta, another device or dtype,
     no ``ctx.scratch``): the caller takes the dense way."""
-    import torch
-
     from ..native import dare
 
     density, kernel = params["density"], dare.kernels()
-    if (
-        kernel is None
-        or density >= 1.0
-        or ctx.scratch is None
-        or ctx.device.type != "cpu"
-        or ctx.dtype != torch.float32
-        or any(m.kind.needs_base for m in module_deltas)
-    ):
+    if kernel is None or density >= 1.0:
         return None
-    shape = module_deltas[0].shape
-    if shape[0] * shape[1] < BRACKET_MIN or any(m.shape != shape for m in module_deltas):
+    srcs = factor_sources(ctx, module_deltas, weights, "dare_rows")
+    if srcs is None:
         return None
-    srcs = [
-        _FactorRows(*_weighted_factors(ctx, m, float(w)), ctx.scratch, f"dare_rows{i}")
-        for i, (m, w) in enumerate(zip(module_deltas, weights))
-    ]
     drops = FactorDrops(srcs, kernel, density, _seeds(ctx, params), combine, ctx.scratch)
     return drops if ctx.deferred else drops.materialize()
 

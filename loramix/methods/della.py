@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from . import register
 from .base import (
-    BRACKET_MIN,
     DENSITY,
     LAMBDA,
     SEED,
@@ -39,10 +38,9 @@ from .base import (
     FactorBlocks,
     MergeMethod,
     Param,
-    _FactorRows,
-    _weighted_factors,
     dense_deltas,
     elect_and_merge,
+    factor_sources,
     module_seed,
 )
 from .params import in_unit_interval
@@ -235,27 +233,16 @@ def _from_factors(ctx, module_deltas, weights, params):
     order, a dense or small delta, another device or dtype, no
     ``ctx.scratch``, more adapters than the fused election takes): the
     caller takes the dense way."""
-    import torch
-
     from ..native import dare, ties
 
     density, epsilon = params["density"], params["epsilon"]
     kernel, fused = dare.kernels(), ties.kernels()
-    if (
-        kernel is None
-        or fused is None
-        or len(module_deltas) > ties.MAX_ADAPTERS
-        or density >= 1.0
-        or ctx.scratch is None
-        or ctx.device.type != "cpu"
-        or ctx.dtype != torch.float32
-        or any(m.kind.needs_base for m in module_deltas)
-    ):
+    if kernel is None or fused is None or len(module_deltas) > ties.MAX_ADAPTERS or density >= 1.0:
         return None
-    shape = module_deltas[0].shape
-    if shape[0] * shape[1] < BRACKET_MIN or any(m.shape != shape for m in module_deltas):
+    srcs = factor_sources(ctx, module_deltas, weights, "della_rows")
+    if srcs is None:
         return None
-    table = della_table(shape[1], density, epsilon)
+    table = della_table(srcs[0].shape[1], density, epsilon)
     if not kernel.sorts_as_torch() or not bool((table[1:] >= table[:-1]).all()):
         return None  # as _kept_by_kernel: the dense way then keeps by torch's
     mass, by_count, lam = params["sign"] == "mass", params["divide"] == "count", params["lambda_"]
@@ -265,10 +252,6 @@ def _from_factors(ctx, module_deltas, weights, params):
         if lam != 1.0:
             out.mul_(lam)
 
-    srcs = [
-        _FactorRows(*_weighted_factors(ctx, m, float(w)), ctx.scratch, f"della_rows{i}")
-        for i, (m, w) in enumerate(zip(module_deltas, weights))
-    ]
     seeds = [module_seed(params["seed"], ctx.name, i) for i in ctx.indices]
     keeps = FactorKeeps(srcs, kernel, table, seeds, weights, combine, ctx.scratch)
     return keeps if ctx.deferred else keeps.materialize()
