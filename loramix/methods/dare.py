@@ -145,6 +145,23 @@ def _from_factors(ctx, module_deltas, weights, params, combine):
     return drops if ctx.deferred else drops.materialize()
 
 
+def generator_states(kernel, seeds, ats) -> list:
+    """For each seed ``seeds[i]``, the generator's state at each draw of
+    ``ats[i]`` (:meth:`loramix.native.dare.Dare.states`: its twists alone),
+    the seeds shared out with the run's threads (each generator's twists
+    are serial: one per thread)."""
+    from ..engine import parallel_rows
+
+    states = [None] * len(seeds)
+
+    def find(i0: int, i1: int, j: int) -> None:
+        for i in range(i0, i1):
+            states[i] = kernel.states(seeds[i], ats[i])
+
+    parallel_rows(len(seeds), 1, find)
+    return states
+
+
 class FactorDrops(FactorBlocks):
     """A module's DARE delta from factors, not yet formed
     (:class:`~loramix.methods.base.FactorBlocks`): each block of rows of
@@ -155,17 +172,11 @@ class FactorDrops(FactorBlocks):
     role = "dare"
 
     def __init__(self, srcs, kernel, density: float, seeds, combine, scratch):
-        from ..engine import parallel_rows
 
         super().__init__(srcs, combine, scratch)
         self.kernel, self.density = kernel, density
-        at, self.states = [r0 * self.shape[1] for r0, _ in self.bounds], [None] * len(srcs)
-
-        def find(i0: int, i1: int, j: int) -> None:
-            for i in range(i0, i1):
-                self.states[i] = kernel.states(seeds[i], at)
-
-        parallel_rows(len(srcs), 1, find)  # each generator's twists are serial: one per thread
+        at = [r0 * self.shape[1] for r0, _ in self.bounds]
+        self.states = generator_states(kernel, seeds, [at] * len(srcs))
 
     def prune(self, i: int, b: int, x) -> None:
         self.kernel.drop_from(self.states[i], b, self.density, x)

@@ -43,6 +43,7 @@ from .base import (
     factor_sources,
     module_seed,
 )
+from .dare import generator_states
 from .params import in_unit_interval
 
 EPSILON = Param(
@@ -112,11 +113,29 @@ def della_prune_all(xs, density: float, epsilon: float, seeds, weights):
             keep = torch.bernoulli(della_keep_probs(x, density, epsilon), generator=g)
             x.mul_(keep.to(device=x.device, dtype=x.dtype))
         norms = [(b, l1_norm(x)) for b, x in zip(before, xs)]
-    for x, (b, after), weight in zip(xs, norms, weights):
-        w = abs(weight)
-        if w > 0 and b / w >= 1e-7 and after / w >= 1e-7:
-            x.mul_(b / after)
+    for x, (before, after), weight in zip(xs, norms, weights):
+        scale = rescale(before, after, weight)
+        if scale is not None:
+            x.mul_(scale)
     return xs
+
+
+def rescale(before: float, after: float, weight: float) -> float | None:
+    """The L1 rescale of a kept delta ``x = weight * dW``: ``||x||_1 /
+    ||x * keep||_1`` (``before``, ``after``), or None (no rescale) where the
+    *unweighted* delta's norm or its kept part's is below ``1e-7``
+    (mergekit's guard, which sees the delta before its weight) or the
+    weight is zero."""
+    w = abs(weight)
+    return before / after if w > 0 and before / w >= 1e-7 and after / w >= 1e-7 else None
+
+
+def _keeps_as_torch(kernel, table) -> bool:
+    """Whether ``dare.c`` keeps as torch would with the probabilities
+    ``table``: its std::sort steps order equal magnitudes as this torch's
+    argsort, and the table rises with the rank, as its bounds need (as
+    della_table's float32 steps make it)."""
+    return kernel.sorts_as_torch() and bool((table[1:] >= table[:-1]).all())
 
 
 def _kept_by_kernel(xs, density: float, epsilon: float, seeds) -> list[tuple[float, float]] | None:
@@ -143,19 +162,13 @@ def _kept_by_kernel(xs, density: float, epsilon: float, seeds) -> list[tuple[flo
     ok = all(
         x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and x.is_contiguous() for x in xs
     )
-    if kernel is None or not ok or not kernel.sorts_as_torch():
+    if kernel is None or not ok:
+        return None
+    tables = [della_table(x.shape[1], density, epsilon) for x in xs]
+    if not all(_keeps_as_torch(kernel, t) for t in tables):
         return None
     bounds = [_block_bounds(x.shape[0], block_rows(*x.shape, run_threads()), 1, 0, 1) for x in xs]
-    states = [None] * len(xs)
-
-    def find(i0: int, i1: int, k: int) -> None:
-        for i in range(i0, i1):
-            states[i] = kernel.states(seeds[i], [r0 * xs[i].shape[1] for r0, _ in bounds[i]])
-
-    parallel_rows(len(xs), 1, find)  # each generator's twists are serial: one per thread
-    tables = [della_table(x.shape[1], density, epsilon) for x in xs]
-    if not all(bool((t[1:] >= t[:-1]).all()) for t in tables):
-        return None  # the kernel's bounds need the table to rise with the rank, as its float32 steps make it
+    states = generator_states(kernel, seeds, [[r0 * x.shape[1] for r0, _ in b] for x, b in zip(xs, bounds)])
     sums = [np.zeros((2, x.shape[0]), dtype=np.float32) for x in xs]
     jobs = [(i, b) for i, x in enumerate(xs) if x.numel() for b in range(len(bounds[i]))]
 
@@ -243,8 +256,8 @@ def _from_factors(ctx, module_deltas, weights, params):
     if srcs is None:
         return None
     table = della_table(srcs[0].shape[1], density, epsilon)
-    if not kernel.sorts_as_torch() or not bool((table[1:] >= table[:-1]).all()):
-        return None  # as _kept_by_kernel: the dense way then keeps by torch's
+    if not _keeps_as_torch(kernel, table):
+        return None  # the dense way then keeps by torch's
     mass, by_count, lam = params["sign"] == "mass", params["divide"] == "count", params["lambda_"]
 
     def combine(blocks, out) -> None:  # elect_and_merge's fused election, on blocks already kept
@@ -280,13 +293,7 @@ class FactorKeeps(FactorBlocks):
         super().__init__(srcs, combine, scratch)
         self.kernel = kernel
         rows, cols = self.shape
-        at, states = [r0 * cols for r0, _ in self.bounds], [None] * len(srcs)
-
-        def find(i0: int, i1: int, j: int) -> None:
-            for i in range(i0, i1):
-                states[i] = kernel.states(seeds[i], at)
-
-        parallel_rows(len(srcs), 1, find)  # each generator's twists are serial: one per thread
+        states = generator_states(kernel, seeds, [[r0 * cols for r0, _ in self.bounds]] * len(srcs))
         self.bits = [np.empty((rows, (cols + 7) // 8), dtype=np.uint8) for _ in srcs]
         sums = [np.empty((2, rows), dtype=np.float32) for _ in srcs]
         jobs = [(i, b) for i in range(len(srcs)) for b in range(len(self.bounds))]
@@ -300,12 +307,10 @@ class FactorKeeps(FactorBlocks):
                 )
 
         parallel_rows(len(jobs), 1, keep)
-        # della_prune_all's rescale: the factor ||x||_1 / ||x * keep||_1 where both norms of
-        # the unweighted delta reach 1e-7, else none
-        self.scales = []
-        for s, weight in zip(sums, weights):
-            before, after, w = math.fsum(s[0].tolist()), math.fsum(s[1].tolist()), abs(weight)
-            self.scales.append(before / after if w > 0 and before / w >= 1e-7 and after / w >= 1e-7 else None)
+        self.scales = [
+            rescale(math.fsum(s[0].tolist()), math.fsum(s[1].tolist()), weight)
+            for s, weight in zip(sums, weights)
+        ]
 
     def prune(self, i: int, b: int, x) -> None:
         r0, r1 = self.bounds[b]
