@@ -182,6 +182,21 @@ class FactorDrops(FactorBlocks):
         self.kernel.drop_from(self.states[i], b, self.density, x)
 
 
+def fused_election(fused, weights, params):
+    """``combine(blocks, out)`` for :class:`~loramix.methods.base.FactorBlocks`:
+    :func:`~loramix.methods.base.elect_and_merge`'s fused election (``fused``,
+    ``ties.c``) of blocks already pruned, by ``params``' sign and divide, then
+    ``lambda``."""
+    mass, by_count, lam = params["sign"] == "mass", params["divide"] == "count", params["lambda_"]
+
+    def combine(blocks, out) -> None:
+        fused.elect(blocks, [None] * len(blocks), weights, mass, by_count, out)
+        if lam != 1.0:
+            out.mul_(lam)
+
+    return combine
+
+
 def _election_kernels(n: int):
     """The fused election (``ties.c``) for ``n`` float32 deltas on the CPU, as
     :func:`~loramix.methods.base.elect_and_merge` takes it, or None."""
@@ -245,15 +260,10 @@ class DareTies(MergeMethod):
     params = (DENSITY, SEED, SIGN, DIVIDE, LAMBDA)
 
     def delta(self, ctx, module_deltas, weights, W0, params):
-        mass, by_count = params["sign"] == "mass", params["divide"] == "count"
         fused, lam = _election_kernels(len(module_deltas)), params["lambda_"]
-
-        def combine(blocks, out) -> None:  # elect_and_merge's fused election, on blocks already dropped
-            fused.elect(blocks, [None] * len(blocks), weights, mass, by_count, out)
-            if lam != 1.0:
-                out.mul_(lam)
-
-        out = _from_factors(ctx, module_deltas, weights, params, combine) if fused is not None else None
+        out = None
+        if fused is not None:
+            out = _from_factors(ctx, module_deltas, weights, params, fused_election(fused, weights, params))
         if out is not None:
             return out
         xs = _dropped(ctx, module_deltas, weights, W0, params)

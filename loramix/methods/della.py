@@ -43,7 +43,7 @@ from .base import (
     factor_sources,
     module_seed,
 )
-from .dare import generator_states
+from .dare import fused_election, generator_states
 from .params import in_unit_interval
 
 EPSILON = Param(
@@ -150,12 +150,10 @@ def _kept_by_kernel(xs, density: float, epsilon: float, seeds) -> list[tuple[flo
     (the kernel sums each row as numpy does). None, nothing done, without
     the kernels, for another dtype or device, or where this torch's sort
     orders equal magnitudes otherwise than std::sort's steps in ``dare.c``."""
-    import math
 
-    import numpy as np
     import torch
 
-    from ..engine import _block_bounds, block_rows, parallel_rows, run_threads
+    from ..engine import _block_bounds, block_rows, run_threads
     from ..native import dare
 
     kernel = dare.kernels()
@@ -169,15 +167,35 @@ def _kept_by_kernel(xs, density: float, epsilon: float, seeds) -> list[tuple[flo
         return None
     bounds = [_block_bounds(x.shape[0], block_rows(*x.shape, run_threads()), 1, 0, 1) for x in xs]
     states = generator_states(kernel, seeds, [[r0 * x.shape[1] for r0, _ in b] for x, b in zip(xs, bounds)])
-    sums = [np.zeros((2, x.shape[0]), dtype=np.float32) for x in xs]
-    jobs = [(i, b) for i, x in enumerate(xs) if x.numel() for b in range(len(bounds[i]))]
+    return _keep_blocks(
+        kernel, states, tables, bounds, lambda i, r0, r1, j: xs[i][r0:r1], [x.numel() > 0 for x in xs]
+    )
 
-    def keep(j0: int, j1: int, k: int) -> None:
+
+def _keep_blocks(kernel, states, tables, bounds, rows_of, nonempty, bits=None) -> list[tuple[float, float]]:
+    """Each delta ``i``'s blocks ``bounds[i]`` kept in place by the kernel
+    (``dare.c``; ``rows_of(i, r0, r1, j)``: its rows there, thread ``j``'s
+    work; ``states[i]``: the generator's at each block's first entry;
+    ``tables[i]``: its keep probabilities), the blocks of all the deltas
+    shared out with the run's threads; each keep written to ``bits[i]``
+    where given. Returns each delta's L1 norm before and after the keep: the
+    exact sum of the kernel's row sums (numpy's), rounded once."""
+    import math
+
+    import numpy as np
+
+    from ..engine import parallel_rows
+
+    sums = [np.zeros((2, b[-1][1] if b else 0), dtype=np.float32) for b in bounds]
+    jobs = [(i, b) for i in range(len(bounds)) if nonempty[i] for b in range(len(bounds[i]))]
+
+    def keep(j0: int, j1: int, j: int) -> None:
         for i, b in jobs[j0:j1]:
             r0, r1 = bounds[i][b]
             kernel.della_keep_from(
-                states[i], b, tables[i], xs[i][r0:r1], sums[i][0, r0:r1], sums[i][1, r0:r1]
-            )
+                states[i], b, tables[i], rows_of(i, r0, r1, j), sums[i][0, r0:r1], sums[i][1, r0:r1],
+                None if bits is None else bits[i][r0:r1],
+            )  # fmt: skip
 
     parallel_rows(len(jobs), 1, keep)
     return [(math.fsum(s[0].tolist()), math.fsum(s[1].tolist())) for s in sums]
@@ -258,15 +276,10 @@ def _from_factors(ctx, module_deltas, weights, params):
     table = della_table(srcs[0].shape[1], density, epsilon)
     if not _keeps_as_torch(kernel, table):
         return None  # the dense way then keeps by torch's
-    mass, by_count, lam = params["sign"] == "mass", params["divide"] == "count", params["lambda_"]
-
-    def combine(blocks, out) -> None:  # elect_and_merge's fused election, on blocks already kept
-        fused.elect(blocks, [None] * len(blocks), weights, mass, by_count, out)
-        if lam != 1.0:
-            out.mul_(lam)
-
     seeds = [module_seed(params["seed"], ctx.name, i) for i in ctx.indices]
-    keeps = FactorKeeps(srcs, kernel, table, seeds, weights, combine, ctx.scratch)
+    keeps = FactorKeeps(
+        srcs, kernel, table, seeds, weights, fused_election(fused, weights, params), ctx.scratch
+    )
     return keeps if ctx.deferred else keeps.materialize()
 
 
@@ -284,33 +297,19 @@ class FactorKeeps(FactorBlocks):
     role = "della"
 
     def __init__(self, srcs, kernel, table, seeds, weights, combine, scratch):
-        import math
 
         import numpy as np
-
-        from ..engine import parallel_rows
 
         super().__init__(srcs, combine, scratch)
         self.kernel = kernel
         rows, cols = self.shape
         states = generator_states(kernel, seeds, [[r0 * cols for r0, _ in self.bounds]] * len(srcs))
         self.bits = [np.empty((rows, (cols + 7) // 8), dtype=np.uint8) for _ in srcs]
-        sums = [np.empty((2, rows), dtype=np.float32) for _ in srcs]
-        jobs = [(i, b) for i in range(len(srcs)) for b in range(len(self.bounds))]
-
-        def keep(j0: int, j1: int, j: int) -> None:
-            for i, b in jobs[j0:j1]:
-                r0, r1 = self.bounds[b]
-                x = srcs[i].rows(r0, r1, j)
-                kernel.della_keep_from(
-                    states[i], b, table, x, sums[i][0, r0:r1], sums[i][1, r0:r1], self.bits[i][r0:r1]
-                )
-
-        parallel_rows(len(jobs), 1, keep)
-        self.scales = [
-            rescale(math.fsum(s[0].tolist()), math.fsum(s[1].tolist()), weight)
-            for s, weight in zip(sums, weights)
-        ]
+        norms = _keep_blocks(
+            kernel, states, [table] * len(srcs), [self.bounds] * len(srcs),
+            lambda i, r0, r1, j: srcs[i].rows(r0, r1, j), [True] * len(srcs), self.bits,
+        )  # fmt: skip
+        self.scales = [rescale(before, after, weight) for (before, after), weight in zip(norms, weights)]
 
     def prune(self, i: int, b: int, x) -> None:
         r0, r1 = self.bounds[b]

@@ -553,7 +553,7 @@ static void pack_from(const float *m, uint8_t *bits, int64_t c, int64_t n)
     }
 }
 
-/* row[c] = row[c] * keep_c (1.0f or 0.0f), then * scale where scaled, for c from c0 */
+/* row[c] = row[c] * keep_c (1.0f or 0.0f), then * scale where scaled, for the entries from c on */
 static const float bit_value[2] = {0.0f, 1.0f};
 static void apply_from(const uint8_t *bits, float *row, int64_t c, int64_t n, float scale, int scaled)
 {
@@ -647,7 +647,7 @@ int64_t loramix_della_keep_from(const uint32_t *state, int32_t i, const float *t
             keep_row(u, table, rank, row, m, n);
             again++;
         }
-        if (bits != NULL) /* m: 1.0f kept, 0.0f dropped (before after's sum takes it for work) */
+        if (bits != NULL) /* m: 1.0f kept, 0.0f dropped; packed before the after-sum reuses m as work */
             pack_row(m, bits + r * stride, n);
         if (after != NULL)
             after[r] = l1_row(row, m, n);
