@@ -145,6 +145,40 @@ def test_count_kernel_counts_and_collects_as_numpy(kernels, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_window_appends_stay_in_order_and_inside_their_buffer(kernels, dtype):
+    """*count* and *pass* append the window's magnitudes in the entries'
+    order, and write nothing past the ``m`` entries their buffers hold, even
+    with every entry in the window (the AVX-512 forms store whole vectors
+    there, up to ``W - 1`` lanes of junk after the appended ones): a
+    sentinel after each buffer stays. NaNs (in no window) make the appends
+    lag the entries by a few, the lengths end inside a vector and on one."""
+    rng = np.random.default_rng(5)
+    sentinel, pad = dtype(-7.0), 64
+    for m in (1, 7, 15, 16, 17, 31, 33, 1000, 4099):
+        x = rng.standard_normal(m).astype(dtype)
+        x[rng.integers(0, m, m // 9)] = np.nan
+        a = np.abs(x)
+        want = a[~np.isnan(a)]
+        buf = np.full(m + pad, sentinel, dtype)
+        above, got = kernels.count(x, dtype(-np.inf), dtype(np.inf), buf[:m])
+        assert above == 0 and np.array_equal(got.view(np.uint8), want.view(np.uint8)), m
+        assert (buf[m:] == sentinel).all(), m
+        bufs: dict = {}
+
+        def space(role, size, dt, bufs=bufs):
+            bufs[role] = np.full(size + pad, sentinel if dt == dtype else 7, dt)
+            return bufs[role][:size]
+
+        ends = np.array([-np.inf, -np.inf], dtype), np.array([np.inf, np.inf], dtype)
+        one = kernels.one_pass(*ends, np.zeros(2, dtype), *ends, np.ones(2, dtype), True, True, space)
+        xs = [torch.from_numpy(x), torch.from_numpy(-x)]
+        one.run(xs, torch.empty_like(xs[0]))
+        for i in range(2):
+            assert np.array_equal(one.windows[i][: one.n_window[i]].view(np.uint8), want.view(np.uint8)), m
+        assert all((b[-pad:] == (sentinel if b.dtype == dtype else 7)).all() for b in bufs.values()), m
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("sign", "divide"), [("mass", "count"), ("count", "weight")])
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])  # 1 .. 4: a copy of the AVX-512 pass each; 5: the general one
 def test_one_pass_kernel_counts_elects_and_records(kernels, dtype, sign, divide, n):

@@ -191,7 +191,7 @@ KERNELS(double, int64_t, f64, fabs)
 /*
  * AVX-512: W lanes at a time with every adapter's values in registers. A compare
  * gives the lanes' answers as the bits of a mask; popcount counts them; a compress
- * store appends the lanes in the window, in order; the records' positions are the
+ * appends the lanes in the window, in order (APPEND); the records' positions are the
  * set bits. The operations are the generic loop's, rewritten lane for lane where
  * a cheaper one gives the same bits:
  *   hardshrink's cut  (x >= -l) & (x <= l)  is  |x| <= l  (NaN: false either way;
@@ -214,6 +214,24 @@ KERNELS(double, int64_t, f64, fabs)
  * counts stay in registers (1.4x faster for three adapters).
  * The comparisons are the ordered quiet ones (_CMP_LE_OQ ...): false for NaN, as C's.
  */
+/*
+ * APPEND: the lanes `in` of v stored in order at p. In a whole vector (lanes all set) as a
+ * compress into a register and a whole store, which also writes W - |in| lanes of junk
+ * after them: inside the buffer, which holds the m entries and has at most e of them
+ * before this vector, so junk that a later append or nothing reads. In the last, partial
+ * vector, where that bound does not hold, as the masked compress store. Zen 4 runs the
+ * compress store to memory in microcode, about 70 cycles even in the L1 cache (the
+ * register form and a store: a few); a window holds ~0.5% of a 7B module's entries,
+ * so about 8% of a delta's vectors append, and that store took a third of the pass.
+ */
+#define APPEND(S, MT, lanes, p, in, v)                                                           \
+    do {                                                                                         \
+        if ((lanes) == (MT)-1)                                                                   \
+            _mm512_storeu_##S((p), _mm512_maskz_compress_##S((in), (v)));                        \
+        else                                                                                     \
+            _mm512_mask_compressstoreu_##S((p), (in), (v));                                      \
+    } while (0)
+
 /* the pass with a constant number of adapters N, for ISA (avx512 / avx2): its
  * pass_body inlined with n a constant */
 #define PASS_N(ISA_FN, ISA, T, SUF, N)                                                           \
@@ -349,7 +367,7 @@ KERNELS(double, int64_t, f64, fabs)
             MT in = _mm512_cmp_##S##_mask(a, vlo, _CMP_GE_OQ) & le;                              \
             above += __builtin_popcount(_mm512_cmp_##S##_mask(a, vhi, _CMP_GT_OQ) & lanes);      \
             if (in) {                                                                            \
-                _mm512_mask_compressstoreu_##S(window + nw, in, a);                              \
+                APPEND(S, MT, lanes, window + nw, in, a);                                        \
                 nw += __builtin_popcount(in);                                                    \
             }                                                                                    \
         });                                                                                      \
@@ -385,7 +403,7 @@ KERNELS(double, int64_t, f64, fabs)
                 MT in = _mm512_cmp_##S##_mask(a, vlo[i], _CMP_GE_OQ) & cut & lanes;              \
                 ab[i] += __builtin_popcount(_mm512_cmp_##S##_mask(a, vhi[i], _CMP_GT_OQ) & lanes); \
                 if (in) {                                                                        \
-                    _mm512_mask_compressstoreu_##S(win[i] + nw[i], in, a);                       \
+                    APPEND(S, MT, lanes, win[i] + nw[i], in, a);                                 \
                     nw[i] += __builtin_popcount(in);                                             \
                     any |= in & _mm512_cmp_##S##_mask(a, _mm512_set1_##S(rlo[i]), _CMP_GE_OQ) &  \
                            _mm512_cmp_##S##_mask(a, _mm512_set1_##S(rhi[i]), _CMP_LE_OQ);        \
