@@ -1159,6 +1159,41 @@ def test_select_ranks_gives_the_ranks_values(case, native, monkeypatch):
     assert (not any(took)) if case == "nan" else (not all(took)) if case == "misled" else all(took), took
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["kernels", "numpy"])
+@pytest.mark.parametrize("case", ["normal", "ties", "edges", "misled"])
+def test_pick_is_the_kth_largest_of_all(case, native, monkeypatch):
+    """_pick: the k-th largest of everything, from the count above a window
+    and the window's values, by selection in a bracket of a subsample
+    (_select_ranks) from SELECT_MIN values, else by a partition; None where
+    the answer lies outside the window."""
+    import numpy as np
+
+    import loramix.methods.base as mb
+    from loramix.native import ties
+
+    if native and ties.kernels() is None:
+        pytest.skip("the fused TIES kernels are not built here")
+    if not native:
+        monkeypatch.setattr(ties, "kernels", lambda: None)
+    rng = np.random.default_rng(7 + len(case))
+    for m in (1, 1_000, mb.SELECT_MIN, 250_000):
+        x = (0.5 + rng.random(m)).astype(np.float32)
+        if case == "ties":
+            x = np.round(x * 8) / 8
+        if case == "edges":
+            x[rng.integers(0, m, m // 10)] = np.float32(0.5)
+            x[rng.integers(0, m, m // 10)] = np.float32(1.5)
+        if case == "misled":
+            x[:: mb.SUBSAMPLE] = np.float32(0.5)
+        ranked = np.sort(x)
+        for above in (0, 12_345):
+            for r in sorted({1, max(1, m // 3), max(1, m - 7), m}):
+                got = mb._pick(above, x.copy(), above + r, torch.float32)
+                assert got.dtype == torch.float32 and float(got) == float(ranked[m - r]), (m, above, r)
+            assert mb._pick(above, x.copy(), above + m + 1, torch.float32) is None
+        assert mb._pick(5, x.copy(), 5, torch.float32) is None
+
+
 def test_factor_rows_sample_is_the_dense_sample():
     """The bracket's sample from the factors holds the entries the dense
     delta's strided sample holds (every 31st of the flattened delta)."""

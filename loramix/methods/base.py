@@ -846,14 +846,19 @@ def _bracket_ranks(m: int, k: int, n: int, stride: int) -> tuple[float, int, int
 
 def _pick(n_above: int, inside, k: int, dtype) -> torch.Tensor | None:
     """The ``k``-th largest of all, given ``n_above`` values above the bracket
-    and the values ``inside`` it; None when it is not inside."""
-    import numpy as np
+    and the values ``inside`` it (a numpy array of the caller's, reordered);
+    None when it is not inside."""
     import torch
 
     r = k - n_above  # the answer is the r-th largest inside
     if n_above >= k or r > inside.size:
         return None
-    return torch.tensor(np.partition(inside, inside.size - r)[inside.size - r], dtype=dtype)
+    at = inside.size - r
+    # a 7B module's window holds ~250K magnitudes: selecting in a few percent of them,
+    # bracketed from a subsample, is several times faster than partitioning them all
+    if not _select_ranks(inside, at, at):
+        inside.partition(at)
+    return torch.tensor(inside[at], dtype=dtype)
 
 
 def module_seed(seed: int, module: str, index: int) -> int:
