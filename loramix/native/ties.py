@@ -63,7 +63,9 @@ class Ties:
     def count(self, a, lo, hi, window):
         """``(#{|a| > hi}, the |a| in [lo, hi])`` for a C-contiguous numpy
         array ``a``; ``window`` (same dtype, at least ``a.size``) holds the
-        collected magnitudes, and the second result is a copy of them."""
+        collected magnitudes, and the second result is a copy of them. Its
+        first ``a.size`` entries are all work space: the kernel may write
+        past the collected ones (whole vectors, ``ties.c``'s APPEND)."""
         n = _I64(0)
         above = self._fns["count", self._suffix(a.dtype)](
             a.ctypes.data, a.size, float(lo), float(hi), window.ctypes.data, ctypes.byref(n)
