@@ -977,6 +977,37 @@ def test_svd_batched_equals_per_module():
             torch.testing.assert_close(lr.B @ lr.A, one.B @ one.A, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("out, R, inn", [(40, 6, 24), (4, 9, 30), (30, 9, 5), (3, 7, 2)])
+def test_lowrank_svd_factors_are_the_dense_svds_leading_vectors(out, R, inn):
+    """LowRankSVD applies the QR's reflectors to the leading ``k`` singular
+    vectors of the core instead of forming ``Q``: each ``k`` gives orthonormal
+    ``P``, ``Qt``, the dense SVD's singular values, its rank-``k`` truncation,
+    and the first ``k`` columns of the full factors; a batch gives each
+    member's own; ``out`` or ``in`` below ``R`` included."""
+    from loramix.methods.svd import LowRankSVD
+
+    g = torch.Generator().manual_seed(out * 100 + R)
+    B = torch.randn(2, out, R, dtype=F64, generator=g)
+    A = torch.randn(2, R, inn, dtype=F64, generator=g)
+    svd = LowRankSVD(B, A)
+    n = min(out, R, inn)
+    assert svd.S.shape == (2, n)
+    P_all, Qt_all = svd.factors(n)
+    for j in range(2):
+        U, S, Vh = torch.linalg.svd(B[j] @ A[j], full_matrices=False)
+        torch.testing.assert_close(svd.S[j], S[:n], rtol=1e-12, atol=1e-12 * float(S[0]))
+        for k in range(1, n + 1):
+            P, Qt = (m[j] for m in svd.factors(k))
+            assert P.shape == (out, k) and Qt.shape == (k, inn)
+            eye = torch.eye(k, dtype=F64)
+            torch.testing.assert_close(P.mT @ P, eye, rtol=0, atol=1e-13)
+            torch.testing.assert_close(Qt @ Qt.mT, eye, rtol=0, atol=1e-13)
+            torch.testing.assert_close((P * svd.S[j, :k]) @ Qt, (U[:, :k] * S[:k]) @ Vh[:k],
+                                       rtol=0, atol=1e-12 * float(S[0]))  # fmt: skip
+            torch.testing.assert_close(P, P_all[j, :, :k], rtol=0, atol=1e-14)
+            torch.testing.assert_close(Qt, Qt_all[j, :k], rtol=0, atol=1e-14)
+
+
 # ----------------------------------------------------------------------------- the streaming pieces
 
 

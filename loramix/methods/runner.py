@@ -293,15 +293,17 @@ def truncate(delta, out_rank: int | None, energy: float | None) -> LowRank:
 
     ``delta`` is a dense ``(out, in)`` tensor or a :class:`LowRank` (exact
     factors ``B @ A``; its ``info`` is kept under the truncation's facts)."""
-    from .svd import choose_rank, dense_svd, lowrank_svd
+    from .svd import LowRankSVD, choose_rank, dense_svd
 
     if isinstance(delta, LowRank):
-        B, A = delta.B.double(), delta.A.double()
-        P, S, Qt = lowrank_svd(B, A)
-        stacked, prior = int(B.shape[1]), dict(delta.info)
+        svd = LowRankSVD(delta.B.double(), delta.A.double())
+        S, stacked, prior = svd.S, int(delta.B.shape[1]), dict(delta.info)
+        k = choose_rank(S, out_rank, energy, max(int(delta.B.shape[0]), int(delta.A.shape[1])))
+        P, Qt = svd.factors(k)
     else:
         P, S, Qt = dense_svd(delta)  # on one thread: the same bytes on any --threads
         stacked, prior = min(delta.shape), {}
-    k = choose_rank(S, out_rank, energy, max(int(P.shape[0]), int(Qt.shape[1])))
+        k = choose_rank(S, out_rank, energy, max(delta.shape))
+        P, Qt = P[:, :k], Qt[:k]
     info = {**{f"method_{n}": v for n, v in prior.items()}, **energy_info(S, k, stacked)}
-    return LowRank(P[:, :k] * S[:k], Qt[:k], info)
+    return LowRank(P * S[:k], Qt, info)

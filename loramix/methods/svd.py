@@ -10,6 +10,9 @@ For one module with stacked factors (R = sum of the adapters' ranks)::
     U, S, V^T = svd(R_B @ R_A^T)   a small R' x R'' core
     B' = Q_B U[:, :k] diag(S[:k])  (out, k)      A' = V[:, :k]^T Q_A^T  (k, in)
 
+``Q_B``, ``Q_A`` stay Householder reflectors, applied to ``U[:, :k]``, ``V[:, :k]`` only
+(:class:`LowRankSVD`).
+
 ``S`` are exactly the singular values of the dense sum (``Q_B``, ``Q_A`` have
 orthonormal columns), at ``O((out + in) R^2 + R^3)`` cost instead of an SVD of
 an ``out x in`` matrix. ``k`` is ``--rank`` (at most the module's stacked rank)
@@ -45,11 +48,20 @@ if TYPE_CHECKING:
     import torch
 
 
-def lowrank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(P, S, Qt)`` with ``B @ A = P diag(S) Qt``, ``P`` (out, n) and ``Qt``
-    (n, in) orthonormal, ``S`` descending, ``n = min(out, in, R)``; from the
-    factors ``B`` (out, R), ``A`` (R, in) only. Leading batch dimensions are
-    allowed (``(G, out, R)``, ``(G, R, in)``).
+class LowRankSVD:
+    """The SVD of ``B @ A`` from the factors ``B`` (out, R), ``A`` (R, in),
+    with leading batch dimensions allowed (``(G, out, R)``, ``(G, R, in)``)::
+
+        B = Q_B R_B,  A^T = Q_A R_A                 Householder QR (geqrf)
+        R_B R_A^T = U diag(S) V^T                    the small core's SVD
+        B @ A = (Q_B U) diag(S) (Q_A V)^T
+
+    ``S`` (``(..., n)``, ``n = min(out, in, R)``, descending) on construction;
+    :meth:`factors` forms only the leading ``k`` columns of ``Q_B U`` and rows
+    of ``V^T Q_A^T``, by applying the reflectors to ``U[:, :k]`` (``ormqr``)
+    rather than forming ``Q_B`` and multiplying: a merge keeps ``k`` of ``R``
+    directions, and on the CPU the explicit ``Q`` (``orgqr``) and its product
+    cost more than the QR itself (docs/merging.md).
 
     On the CPU it runs on one torch thread: LAPACK's QR and SVD and the
     products round by how their threads split the work (an ``svd`` merge of
@@ -59,13 +71,46 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
     ``--threads``, which no cache key holds. These factorisations are of
     ``out x R`` and ``R x R`` matrices, small beside the merge's reading and
     writing."""
+
+    def __init__(self, B: torch.Tensor, A: torch.Tensor):
+        import torch
+
+        self.device = B.device
+        self.nB, self.nA = min(B.shape[-2], B.shape[-1]), min(A.shape[-1], A.shape[-2])
+        with one_torch_thread(self.device):
+            self._hB = torch.geqrf(B)  # (..., out, R) reflectors below R_B, tau (..., nB)
+            self._hA = torch.geqrf(A.mT)
+            RB = self._hB[0][..., : self.nB, :].triu()  # (..., nB, R)
+            RA = self._hA[0][..., : self.nA, :].triu()  # (..., nA, R)
+            self._U, self.S, self._Vh = torch.linalg.svd(RB @ RA.mT, full_matrices=False)
+
+    def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P, Qt)``: ``P = Q_B U[:, :k]`` (..., out, k) and ``Qt = V[:, :k]^T
+        Q_A^T`` (..., k, in), orthonormal columns and rows."""
+        with one_torch_thread(self.device):
+            return _apply_q(self._hB, self.nB, self._U[..., :k]), _apply_q(
+                self._hA, self.nA, self._Vh[..., :k, :].mT
+            ).mT
+
+
+def _apply_q(h, n: int, C: torch.Tensor) -> torch.Tensor:
+    """``Q[:, :n] @ C`` for the Householder QR ``h = geqrf(X)`` of an
+    ``(m, R)`` ``X`` and ``C`` (..., n, k): ``Q (C; 0)``, ``m x k``."""
     import torch
 
-    with one_torch_thread(B.device):
-        QB, RB = torch.linalg.qr(B)
-        QA, RA = torch.linalg.qr(A.mT)
-        U, S, Vh = torch.linalg.svd(RB @ RA.mT, full_matrices=False)
-        return QB @ U, S, Vh @ QA.mT
+    a, tau = h
+    full = C.new_zeros(*C.shape[:-2], a.shape[-2], C.shape[-1])
+    full[..., :n, :] = C
+    return torch.ormqr(a[..., :n], tau, full)
+
+
+def lowrank_svd(B: torch.Tensor, A: torch.Tensor, k: int | None = None):
+    """``(P, S, Qt)`` with ``B @ A = P diag(S) Qt`` (:class:`LowRankSVD`):
+    ``P`` (out, k) and ``Qt`` (k, in) the leading ``k`` (default all ``n``)
+    singular vectors, ``S`` (n,) all singular values, descending."""
+    svd = LowRankSVD(B, A)
+    P, Qt = svd.factors(int(svd.S.shape[-1]) if k is None else k)
+    return P, svd.S, Qt
 
 
 def dense_svd(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -214,15 +259,16 @@ class Svd(MergeMethod):
 
         device = jobs[0][0].device
         stacks = [stack_factors(mds, ws, dtype=torch.float64, device=device) for _ctx, mds, ws in jobs]
-        B = torch.stack([st.B for st in stacks])  # (G, out, R)
+        # (G, out, R) in LAPACK's column-major order, as stack_factors lays out each B
+        B = torch.stack([st.B.mT for st in stacks]).mT
         A = torch.stack([st.A for st in stacks])  # (G, R, in)
-        P, S, Qt = lowrank_svd(B, A)
-        S_cpu = S.cpu()  # one synchronisation per group: ranks and energies
+        svd = LowRankSVD(B, A)
+        S_cpu = svd.S.cpu()  # one synchronisation per group: ranks and energies
         size = max(int(B.shape[1]), int(A.shape[2]))
         ks = [choose_rank(S_cpu[g], params["rank"], params["energy"], size) for g in range(len(jobs))]
         kmax = max(ks)
-        Bk = P[..., :kmax] * S[..., None, :kmax]
-        Ak = Qt[..., :kmax, :]
+        P, Ak = svd.factors(kmax)
+        Bk = P * svd.S[..., None, :kmax]
         res = []
         for g, k in enumerate(ks):
             info = energy_info(S_cpu[g], k, int(B.shape[2]))
