@@ -593,6 +593,12 @@ class FactorBlocks:
         self.bounds = _block_bounds(self.shape[0], self.step, MIN_ROWS, 0, run_threads())
         self.index = {r0: b for b, (r0, _) in enumerate(self.bounds)}
 
+    @property
+    def block_starts(self) -> list[int]:
+        """Each block's first entry in the row-major delta, ``r0 * in``: where
+        a subclass's draws for the block start."""
+        return [r0 * self.shape[1] for r0, _ in self.bounds]
+
     def prune(self, i: int, b: int, x) -> None:
         """Block ``b`` (rows ``bounds[b]``) of delta ``i``, formed in ``x``: pruned in place."""
         raise NotImplementedError

@@ -172,11 +172,9 @@ class FactorDrops(FactorBlocks):
     role = "dare"
 
     def __init__(self, srcs, kernel, density: float, seeds, combine, scratch):
-
         super().__init__(srcs, combine, scratch)
         self.kernel, self.density = kernel, density
-        at = [r0 * self.shape[1] for r0, _ in self.bounds]
-        self.states = generator_states(kernel, seeds, [at] * len(srcs))
+        self.states = generator_states(kernel, seeds, [self.block_starts] * len(srcs))
 
     def prune(self, i: int, b: int, x) -> None:
         self.kernel.drop_from(self.states[i], b, self.density, x)

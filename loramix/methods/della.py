@@ -297,13 +297,12 @@ class FactorKeeps(FactorBlocks):
     role = "della"
 
     def __init__(self, srcs, kernel, table, seeds, weights, combine, scratch):
-
         import numpy as np
 
         super().__init__(srcs, combine, scratch)
         self.kernel = kernel
         rows, cols = self.shape
-        states = generator_states(kernel, seeds, [[r0 * cols for r0, _ in self.bounds]] * len(srcs))
+        states = generator_states(kernel, seeds, [self.block_starts] * len(srcs))
         self.bits = [np.empty((rows, (cols + 7) // 8), dtype=np.uint8) for _ in srcs]
         norms = _keep_blocks(
             kernel, states, [table] * len(srcs), [self.bounds] * len(srcs),
