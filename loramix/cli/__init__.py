@@ -40,6 +40,7 @@ COMMANDS = {
     "plan_cmd": "plan",
     "fit_cmd": "fit",
     "cache_cmd": "cache",
+    "convert_cmd": "convert",
 }
 
 

@@ -423,7 +423,12 @@ def unsupported_peft_type(config: dict) -> str:
     known = sorted(
         {str(d["peft_type"]).upper() for d in found if d.get("peft_type")}, key=lambda t: (len(t), t)
     )
-    return f"unsupported peft_type {config.get('peft_type')!r}: loramix reads {' and '.join(known)}"
+    said = f"unsupported peft_type {config.get('peft_type')!r}: loramix reads {' and '.join(known)}"
+    if str(config.get("peft_type", "")).upper() == "VERA":  # its delta needs the base's shapes
+        said += (
+            "; convert a VeRA adapter to LoRA with its base: loramix convert ADAPTER --base BASE --out DIR"
+        )
+    return said
 
 
 def adapter_method(config: dict, cfg_path: Path) -> tuple[str, dict]:
