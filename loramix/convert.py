@@ -21,7 +21,14 @@ in-features, which only the base knows (a Llama adapter on ``q_proj`` and
 the other). So loramix reads VeRA with its base only, here, and writes the
 LoRA: :func:`convert_adapter` (``loramix convert``). Every command then
 takes the converted folder as the LoRA it is; the others refuse a VeRA
-folder, naming this conversion. ``docs/adapters.md`` has the math.
+folder, naming this conversion.
+
+A PEFT LoRA whose init moved the base (PiSSA, OLoRA, saved unconverted:
+:mod:`loramix.kinds.moved_base`) has the delta ``s (B A - B0 A0)``, ``B0
+A0`` computed from the base weight; it is written as the rank-``2r`` LoRA
+``s [B, -B0]``, ``[A; A0]`` (the pair PEFT's own conversion writes), so that
+the commands without a base (similarity, adapter outputs) take it too.
+``docs/adapters.md`` has the math.
 """
 
 from __future__ import annotations
@@ -37,30 +44,41 @@ PARTS = {"vera_lambda_b": ("B", "pos"), "vera_lambda_d": ("A", "pos")}
 
 
 def convert_adapter(adapter, base, out, *, force: bool = False) -> dict:
-    """Write the VeRA adapter at ``adapter`` as a PEFT LoRA folder ``out``
-    whose delta is the same on the base model folder ``base`` (module
-    docstring); ``force`` replaces an existing ``out``. Returns ``out``,
-    ``modules`` (their number), ``rank`` and the ``kind`` converted.
+    """Write the VeRA or PiSSA/OLoRA adapter at ``adapter`` as a PEFT LoRA
+    folder ``out`` whose delta is the same on the base model folder ``base``
+    (module docstring); ``force`` replaces an existing ``out``. Returns
+    ``out``, ``modules`` (their number), ``rank`` (the largest) and ``kind``,
+    what was converted (``"vera"``, ``"pissa"`` or ``"olora"``).
 
-    Bad input (not VeRA, projections not saved, a module the base lacks or
-    whose shape does not fit) raises :class:`~loramix.errors.AdapterError`
-    or :class:`~loramix.errors.BaseModelError` naming the file, before
-    anything is written."""
+    Bad input (an adapter that needs no conversion, VeRA's projections not
+    saved, a module the base lacks or whose shape does not fit) raises
+    :class:`~loramix.errors.AdapterError` or
+    :class:`~loramix.errors.BaseModelError` naming the file, before anything
+    is written."""
     from .io.adapter_files import WEIGHTS_NAME, save_peft_adapter
     from .io.filehash import cached_file_sha256
     from .io.model_folder import BaseModelFolder
     from .io.outputs import atomic_output_dir, normalized_path, provenance, write_provenance
-    from .io.peft_layout import resolve_adapter_paths
+    from .io.peft_layout import moved_base_init, read_config, resolve_adapter_paths
     from .io.safetensors_io import canonicalize_header, file_record
 
     given, cfg_path, weights = resolve_adapter_paths(adapter)
+    config = read_config(cfg_path)
+    init = moved_base_init(config)
+    if str(config.get("peft_type", "")).upper() != "VERA" and init is None:
+        raise AdapterError(cfg_path, f"peft_type {config.get('peft_type')!r}, init_lora_weights "
+                           f"{config.get('init_lora_weights', True)!r}: loramix convert reads VeRA (peft_type "
+                           "VERA) and PiSSA/OLoRA adapters; this one needs no conversion")  # fmt: skip
     folder = base if isinstance(base, BaseModelFolder) else BaseModelFolder(base)
-    config, vectors, shared, saved = read_vera(given)
-    factors = vera_factors(config, vectors, shared, folder, weights)
-    rank = int(shared["vera_A"].shape[0])
+    if init is None:
+        config, vectors, shared, saved = read_vera(given)
+        factors, kind = vera_factors(config, vectors, shared, folder, weights), "vera"
+    else:
+        factors, saved, kind = moved_base_factors(given, folder, weights), {}, init
+    rank = max(int(A.shape[0]) for _, A in factors.values())
     record = provenance(
         "convert",
-        {"from": "vera", "rank": rank},
+        {"from": kind, "rank": rank},
         [
             {"role": "adapter", "path": normalized_path(given), "sha256": cached_file_sha256(weights)},
             {"role": "base", "path": normalized_path(folder.path)},
@@ -80,7 +98,30 @@ def convert_adapter(adapter, base, out, *, force: bool = False) -> dict:
         )
         canonicalize_header(tmp / WEIGHTS_NAME)
         write_provenance(tmp, record)
-    return {"out": str(out), "modules": len(factors), "rank": rank, "kind": "vera"}
+    return {"out": str(out), "modules": len(factors), "rank": rank, "kind": kind}
+
+
+def moved_base_factors(path, base, weights: Path) -> dict:
+    """``{module: (B, A)}``, float32 ``(out, 2r)`` and ``(r, in)``: ``s [B,
+    -B0]`` and ``[A; A0]`` of each module of the PiSSA/OLoRA adapter at
+    ``path``, ``B0 A0`` from ``base``'s weight as PEFT computes it
+    (:meth:`~loramix.kinds.moved_base.MovedBaseKind.based_factors`)."""
+    import torch
+
+    from .io.adapter_files import load_adapter
+
+    ad = load_adapter(path)
+    factors = {}
+    for name, m in ad.modules.items():
+        try:
+            W0 = base.read_module_weight(name, dtype=None)  # (out, in); the init takes it in float32
+        except BaseModelError as e:
+            raise AdapterError(weights, f"does not fit the base: {e.message}") from None
+        if tuple(W0.shape) != m.shape:
+            raise AdapterError(weights, f"module {name} is {m.shape[0]} x {m.shape[1]} (out x in) but the base's "
+                               f"weight is {W0.shape[0]} x {W0.shape[1]}")  # fmt: skip
+        factors[name] = m.kind.based_factors(m, W0, dtype=torch.float32)
+    return factors
 
 
 def read_vera(path) -> tuple[dict, dict, dict, dict]:

@@ -106,6 +106,39 @@ def test_moved_base_equals_peft_conversion_and_composes(tmp_path):
     assert got.norms.to_numpy() == pytest.approx(want.norms.to_numpy(), rel=1e-6, nan_ok=True)
 
 
+@pytest.mark.parametrize(
+    "make, init, kw",
+    [
+        (tiny_llama, "pissa", dict(use_rslora=True, alpha_pattern={"v_proj": 3})),
+        (tiny_llama, "olora", {}),
+        (tiny_gpt2, "pissa", dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
+        (tiny_gpt2, "olora", dict(target_modules=r".*attn\.c_proj", fan_in_fan_out=True)),
+    ],
+)
+def test_convert_writes_the_moved_base_delta_as_a_lora_peft_reloads(tmp_path, capsys, make, init, kw):
+    """``loramix convert`` of an unconverted PiSSA/OLoRA adapter writes the
+    rank-2r LoRA ``s [B, -B0]``, ``[A; A0]``: PEFT's reload of it on the
+    original base, merged, is PEFT's reload of the unconverted adapter (1e-6
+    of the weights), and the commands without a base take it (which refuse
+    the unconverted one, naming the conversion)."""
+    from loramix.cli import main
+    from loramix.io.adapter_files import load_adapter
+
+    model = make()
+    base = save_base(model, tmp_path / "base")
+    a = _moved_adapter(model, tmp_path / "a", init, seed=6, **kw)
+    capsys.readouterr()
+    one_line_error(capsys, ["similarity", a, a], "loramix convert")
+    assert main(["convert", str(a), "--base", str(base), "--out", str(tmp_path / "lora")]) == 0
+    conv = load_adapter(tmp_path / "lora")
+    assert conv.kind == "lora" and {m.rank for m in conv.modules.values()} == {6}  # 2r
+    want = peft_reloaded(make, a).merge_and_unload().state_dict()
+    got = peft_reloaded(make, tmp_path / "lora").merge_and_unload().state_dict()
+    for n, p in want.items():
+        assert_rel(got[n], p, msg=n)
+    assert main(["similarity", str(tmp_path / "lora"), str(tmp_path / "lora")]) == 0
+
+
 def test_pissa_on_gpt2_conv1d_equals_peft(tmp_path):
     """GPT-2's ``Conv1D`` (``fan_in_fan_out``): PiSSA takes the SVD of the
     ``(out, in)`` weight (PEFT transposes the stored one); into the base and

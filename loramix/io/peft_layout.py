@@ -533,7 +533,8 @@ def where_config(ad) -> Path | str:
 def moved_base_problem(init: str, hint: str) -> str:
     """The refusal of an adapter whose init ``init`` moved the base, read without one."""
     return (f"init_lora_weights {init!r}: PEFT's {MOVED_BASE_INITS[init]} init took s B0 A0 out of the base "
-            f"weights, so the delta s (B A - B0 A0) depends on the base: {hint}, or {CONVERT_WITH_PEFT}")  # fmt: skip
+            f"weights, so the delta s (B A - B0 A0) depends on the base: {hint}, convert it to a LoRA with its "
+            f"base (loramix convert ADAPTER --base BASE --out DIR), or {CONVERT_WITH_PEFT}")  # fmt: skip
 
 
 def check_features(config: dict, cfg_path: Path, dora: bool = False) -> None:
