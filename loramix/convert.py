@@ -66,9 +66,9 @@ def convert_adapter(adapter, base, out, *, force: bool = False) -> dict:
     config = read_config(cfg_path)
     init = moved_base_init(config)
     if str(config.get("peft_type", "")).upper() != "VERA" and init is None:
-        raise AdapterError(cfg_path, f"peft_type {config.get('peft_type')!r}, init_lora_weights "
-                           f"{config.get('init_lora_weights', True)!r}: loramix convert reads VeRA (peft_type "
-                           "VERA) and PiSSA/OLoRA adapters; this one needs no conversion")  # fmt: skip
+        raise AdapterError(cfg_path, f"peft_type {config.get('peft_type')!r}: loramix convert writes VeRA "
+                           "(peft_type VERA) and PiSSA/OLoRA adapters as LoRA; a LoRA needs no conversion, and "
+                           "no LoRA holds a DoRA or D2-LoRA delta (merge those into their base: sum --into)")  # fmt: skip
     folder = base if isinstance(base, BaseModelFolder) else BaseModelFolder(base)
     if init is None:
         config, vectors, shared, saved = read_vera(given)

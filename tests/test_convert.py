@@ -86,6 +86,10 @@ def test_vera_is_refused_elsewhere_and_bad_vera_input_in_one_line(tmp_path, caps
     # a LoRA needs no conversion
     lora = edited_copy(vera, tmp_path / "lora", config=lambda c: c.update(peft_type="LORA"))
     one_line_error(capsys, ["convert", lora, "--base", base, "--out", out], "adapter_config.json", "VeRA")
+    from .factories import make_peft_adapter
+
+    dora = make_peft_adapter(make(), tmp_path / "dora", use_dora=True, target_modules=["q_proj"])
+    one_line_error(capsys, ["convert", dora, "--base", base, "--out", out], "DoRA", "sum --into")
     # projections not saved: PEFT draws them again, loramix does not
     unsaved = edited_copy(vera, tmp_path / "unsaved", config=lambda c: c.update(save_projection=False))
     one_line_error(capsys, ["convert", unsaved, "--base", base, "--out", out], "save_projection")
