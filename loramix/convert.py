@@ -61,6 +61,7 @@ def convert_adapter(adapter, base, out, *, force: bool = False) -> dict:
     from .io.outputs import atomic_output_dir, normalized_path, provenance, write_provenance
     from .io.peft_layout import moved_base_init, read_config, resolve_adapter_paths
     from .io.safetensors_io import canonicalize_header, file_record
+    from .models import base_provenance
 
     given, cfg_path, weights = resolve_adapter_paths(adapter)
     config = read_config(cfg_path)
@@ -74,14 +75,15 @@ def convert_adapter(adapter, base, out, *, force: bool = False) -> dict:
         config, vectors, shared, saved = read_vera(given)
         factors, kind = vera_factors(config, vectors, shared, folder, weights), "vera"
     else:
-        factors, saved, kind = moved_base_factors(given, folder, weights), {}, init
+        (factors, saved), kind = moved_base_factors(given, folder, weights), init
     rank = max(int(A.shape[0]) for _, A in factors.values())
     record = provenance(
         "convert",
         {"from": kind, "rank": rank},
         [
             {"role": "adapter", "path": normalized_path(given), "sha256": cached_file_sha256(weights)},
-            {"role": "base", "path": normalized_path(folder.path)},
+            # as a training records its base: the conversion is for this base (loramix.trained_base)
+            {**base_provenance(folder.path), "role": "base"},
         ],
         output="adapter",
     )
@@ -101,11 +103,12 @@ def convert_adapter(adapter, base, out, *, force: bool = False) -> dict:
     return {"out": str(out), "modules": len(factors), "rank": rank, "kind": kind}
 
 
-def moved_base_factors(path, base, weights: Path) -> dict:
-    """``{module: (B, A)}``, float32 ``(out, 2r)`` and ``(r, in)``: ``s [B,
-    -B0]`` and ``[A; A0]`` of each module of the PiSSA/OLoRA adapter at
-    ``path``, ``B0 A0`` from ``base``'s weight as PEFT computes it
-    (:meth:`~loramix.kinds.moved_base.MovedBaseKind.based_factors`)."""
+def moved_base_factors(path, base, weights: Path) -> tuple[dict, dict]:
+    """``({module: (B, A)}, saved)``: float32 ``(out, 2r)`` and ``(2r, in)``,
+    ``s [B, -B0]`` and ``[A; A0]`` of each module of the PiSSA/OLoRA adapter
+    at ``path``, ``B0 A0`` from ``base``'s weight as PEFT computes it
+    (:meth:`~loramix.kinds.moved_base.MovedBaseKind.based_factors`), and its
+    ``modules_to_save`` copies."""
     import torch
 
     from .io.adapter_files import load_adapter
@@ -121,7 +124,7 @@ def moved_base_factors(path, base, weights: Path) -> dict:
             raise AdapterError(weights, f"module {name} is {m.shape[0]} x {m.shape[1]} (out x in) but the base's "
                                f"weight is {W0.shape[0]} x {W0.shape[1]}")  # fmt: skip
         factors[name] = m.kind.based_factors(m, W0, dtype=torch.float32)
-    return factors
+    return factors, dict(ad.saved)
 
 
 def read_vera(path) -> tuple[dict, dict, dict, dict]:

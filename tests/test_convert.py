@@ -73,6 +73,10 @@ def test_converted_vera_is_peft_s_delta_in_peft_and_in_every_command(tmp_path, m
     assert_rel(logits(merged), logits(peft_reloaded(make, vera).merge_and_unload()), 1e-5)
     rec = json.loads((tmp_path / "lora" / "loramix.json").read_text())
     assert rec["method"] == "convert" and rec["parameters"] == {"from": "vera", "rank": 4}
+    from loramix.io.model_folder import BaseModelFolder
+    from loramix.io.provenance import recorded_base
+
+    assert recorded_base(tmp_path / "lora") == BaseModelFolder(base).identity()  # made for that base
 
 
 def test_vera_is_refused_elsewhere_and_bad_vera_input_in_one_line(tmp_path, capsys):
