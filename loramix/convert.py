@@ -179,8 +179,9 @@ def read_vera(path) -> tuple[dict, dict, dict, dict]:
             if t.ndim != 1:
                 raise AdapterError(weights, f"module {module}: {key} has {t.ndim} dimensions, not a vector")
             if (factor, branch) in vectors.setdefault(module, {}):
-                raise AdapterError(weights, f"module {module}: holds two {key.rsplit('.', 1)[-1]} (several "
-                                   "adapters in one file?); save them apart")  # fmt: skip
+                part = next(p for p, k in PARTS.items() if k == (factor, branch))
+                raise AdapterError(weights, f"module {module}: holds two {part} (several adapters in one "
+                                   "file?); save them apart")  # fmt: skip
             vectors[module][(factor, branch)] = cast(t)
     if not vectors:
         raise AdapterError(weights, "holds no VeRA module (vera_lambda_b / vera_lambda_d)")
