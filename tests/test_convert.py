@@ -21,6 +21,8 @@ from .factories import (
     assert_rel,
     edited_copy,
     logits,
+    make_peft_adapter,
+    moved,
     one_line_error,
     peft_deltas,
     peft_reloaded,
@@ -35,11 +37,7 @@ def _vera(model, folder: Path, seed: int = 0, **kw) -> Path:
     from peft import VeraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    pm = get_peft_model(copy.deepcopy(model), VeraConfig(r=4, **kw))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "vera_lambda" in n:
-                p.add_(torch.randn_like(p) * 0.3)
+    pm = moved(get_peft_model(copy.deepcopy(model), VeraConfig(r=4, **kw)), seed, "vera_lambda", 0.3)
     pm.save_pretrained(str(folder))
     return folder
 
@@ -90,8 +88,6 @@ def test_vera_is_refused_elsewhere_and_bad_vera_input_in_one_line(tmp_path, caps
     # a LoRA needs no conversion
     lora = edited_copy(vera, tmp_path / "lora", config=lambda c: c.update(peft_type="LORA"))
     one_line_error(capsys, ["convert", lora, "--base", base, "--out", out], "adapter_config.json", "VeRA")
-    from .factories import make_peft_adapter
-
     dora = make_peft_adapter(make(), tmp_path / "dora", use_dora=True, target_modules=["q_proj"])
     one_line_error(capsys, ["convert", dora, "--base", base, "--out", out], "DoRA", "sum --into")
     # projections not saved: PEFT draws them again, loramix does not
