@@ -7,7 +7,7 @@ the Zen 3, 4 and 5; on an Intel Xeon torch's own kernels round trainings and
 evaluations by their threads: docs/scenarios.md); an
 ``svd`` merge did not (LAPACK's QR and SVD round by their threads' split: 13
 of 420 tensors of a SmolLM2-shaped merge differed, up to 9e-10), so
-:func:`loramix.methods.svd.lowrank_svd` runs on one thread. These tests fail
+:class:`loramix.methods.svd.LowRankSVD` runs on one thread. These tests fail
 if a change makes it depend on the threads again."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from .factories import make_peft_adapter, tiny_llama
 
 def test_lowrank_svd_is_the_same_on_one_thread_or_two():
     """576 x 32 factors (SmolLM2's q_proj, two rank-16 adapters stacked): torch's own QR and SVD
-    give other bits on two threads than on one here; lowrank_svd gives the same."""
-    from loramix.methods.svd import lowrank_svd
+    give other bits on two threads than on one here; LowRankSVD gives the same."""
+    from loramix.methods.svd import LowRankSVD
 
     g = torch.Generator().manual_seed(0)
     B, A = (
@@ -34,7 +34,8 @@ def test_lowrank_svd_is_the_same_on_one_thread_or_two():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            got.append(lowrank_svd(B, A))
+            svd = LowRankSVD(B, A)
+            got.append((*svd.factors(32), svd.S))  # every singular vector
             assert torch.get_num_threads() == threads  # the caller's threads, as they were
     finally:
         torch.set_num_threads(old)

@@ -104,15 +104,6 @@ def _apply_q(h, n: int, C: torch.Tensor) -> torch.Tensor:
     return torch.ormqr(a[..., :n], tau, full)
 
 
-def lowrank_svd(B: torch.Tensor, A: torch.Tensor, k: int | None = None):
-    """``(P, S, Qt)`` with ``B @ A = P diag(S) Qt`` (:class:`LowRankSVD`):
-    ``P`` (out, k) and ``Qt`` (k, in) the leading ``k`` (default all ``n``)
-    singular vectors, ``S`` (n,) all singular values, descending."""
-    svd = LowRankSVD(B, A)
-    P, Qt = svd.factors(int(svd.S.shape[-1]) if k is None else k)
-    return P, svd.S, Qt
-
-
 def dense_svd(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(P, S, Qt)`` with ``D = P diag(S) Qt`` for a dense ``D`` (out, in) in
     float64: ``P`` (out, n), ``S`` (n,) descending, ``Qt`` (n, in),
@@ -120,7 +111,7 @@ def dense_svd(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     adapter (``merge -m ties --out-rank K`` / ``--energy F``,
     :func:`loramix.methods.runner.truncate`).
 
-    On the CPU it runs on one torch thread, as :func:`lowrank_svd` does, for
+    On the CPU it runs on one torch thread, as :class:`LowRankSVD` does, for
     the same reason: LAPACK's SVD of ``D`` rounds by its threads' split (a
     ``ties --out-rank 8`` merge of two rank-16 adapters on a 576-wide Llama
     wrote other bytes with ``--threads 2`` than with 1), and the adapter, with
