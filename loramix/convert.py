@@ -116,14 +116,12 @@ def moved_base_factors(path, base, weights: Path) -> tuple[dict, dict]:
     ad = load_adapter(path)
     factors = {}
     for name, m in ad.modules.items():
-        try:
-            W0 = base.read_module_weight(name, dtype=None)  # (out, in); the init takes it in float32
+        try:  # the merge's lookup: the module's shape checked, the layout from the adapter's fan_in_fan_out
+            key, transposed = base.module_weight_key(name, m.shape, ad.config.get("fan_in_fan_out"))
         except BaseModelError as e:
             raise AdapterError(weights, f"does not fit the base: {e.message}") from None
-        if tuple(W0.shape) != m.shape:
-            raise AdapterError(weights, f"module {name} is {m.shape[0]} x {m.shape[1]} (out x in) but the base's "
-                               f"weight is {W0.shape[0]} x {W0.shape[1]}")  # fmt: skip
-        factors[name] = m.kind.based_factors(m, W0, dtype=torch.float32)
+        W0 = base.read_tensor(key)  # as stored; the init takes it in float32
+        factors[name] = m.kind.based_factors(m, W0.T if transposed else W0, dtype=torch.float32)
     return factors, dict(ad.saved)
 
 
