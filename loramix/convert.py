@@ -139,6 +139,7 @@ def read_vera(path) -> tuple[dict, dict, dict, dict]:
         check_targets,
         parse_keys,
         read_config,
+        read_parts,
         resolve_adapter_paths,
         saved_tensor_name,
     )
@@ -171,16 +172,11 @@ def read_vera(path) -> tuple[dict, dict, dict, dict]:
                 saved[tname] = f.get(key, check_finite=True)
             else:
                 rest.append(key)
-        vectors: dict[str, dict] = {}
-        for key, module, factor, branch, _name in parse_keys(rest, PARTS, weights) if rest else []:
-            t = f.get(key, check_finite=True)
-            if t.ndim != 1:
-                raise AdapterError(weights, f"module {module}: {key} has {t.ndim} dimensions, not a vector")
-            if (factor, branch) in vectors.setdefault(module, {}):
-                part = next(p for p, k in PARTS.items() if k == (factor, branch))
-                raise AdapterError(weights, f"module {module}: holds two {part} (several adapters in one "
-                                   "file?); save them apart")  # fmt: skip
-            vectors[module][(factor, branch)] = cast(t)
+        vectors = (
+            read_parts(parse_keys(rest, PARTS, weights), lambda k: cast(f.get(k, check_finite=True)), weights,
+                       vectors=("A", "B"))
+            if rest else {}
+        )  # fmt: skip
     if not vectors:
         raise AdapterError(weights, "holds no VeRA module (vera_lambda_b / vera_lambda_d)")
     for module, fs in vectors.items():

@@ -24,7 +24,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 
 from ..errors import AdapterError
@@ -555,11 +555,13 @@ def check_features(config: dict, cfg_path: Path, dora: bool = False) -> None:
             raise AdapterError(cfg_path, f"not supported: {feature}")
 
 
-def read_parts(parsed: list[tuple], get: Callable, weights: Path) -> dict[str, dict]:
+def read_parts(
+    parsed: list[tuple], get: Callable, weights: Path, vectors: Collection[str] = ("M",)
+) -> dict[str, dict]:
     """``{module: {(factor, branch): array}}`` with ``get(key)`` reading one
-    tensor (torch or numpy); 2-D factors (1-D for a per-row vector, factor
-    ``"M"``: DoRA's magnitude) and one adapter per file only. PEFT's copy of
-    a base weight (``BASE_COPY``) is skipped unread."""
+    tensor (torch or numpy); 2-D factors (1-D for the factors in ``vectors``:
+    DoRA's magnitude ``"M"``, VeRA's two vectors) and one adapter per file
+    only. PEFT's copy of a base weight (``BASE_COPY``) is skipped unread."""
     raw: dict[str, dict] = {}
     seen: dict[tuple, str] = {}  # (module, factor, branch) -> its key
     adapter_names: set[str] = set()
@@ -572,7 +574,9 @@ def read_parts(parsed: list[tuple], get: Callable, weights: Path) -> dict[str, d
         if aname is not None:
             adapter_names.add(aname)
         t = get(key)
-        if t.ndim != (1 if factor == "M" else 2):
+        if factor in vectors and t.ndim != 1:
+            raise AdapterError(weights, f"module {module}: {key} has {t.ndim} dimensions, not a vector")
+        if factor not in vectors and t.ndim != 2:
             raise AdapterError(
                 weights,
                 f"module {module}: {key} has {t.ndim} dimensions; only linear LoRA (2-D factors) is supported",
