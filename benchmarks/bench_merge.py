@@ -17,13 +17,20 @@
     Target: loramix >= 100x faster than dense. The singular values of loramix
     and of the dense SVD are compared as a sanity check.
 
-(b) ``ties`` / ``dare-ties`` / ``dare-linear`` into a 124M GPT-2-small base
-    against ``sum --into``, each a whole ``python -m loramix merge`` process
-    (wall time and peak RSS via ``os.wait4``), interleaved. Target: within 2x
-    of ``sum``. Reuses ``benchmarks/_work/sum/`` (``bench_sum.py``'s base and
-    adapters) when it is there, else builds its own in ``_work/merge/``.
+(b) ``ties`` / ``dare-ties`` / ``dare-linear`` / ``core-ties`` into a 124M
+    GPT-2-small base against ``sum --into``, each a whole ``python -m loramix
+    merge`` process (wall time and peak RSS via ``os.wait4``), interleaved.
+    Target: within 2x of ``sum``. Reuses ``benchmarks/_work/sum/``
+    (``bench_sum.py``'s base and adapters) when it is there, else builds its
+    own in ``_work/merge/``.
 
-    python benchmarks/bench_merge.py [--repeat 3] [--device cpu|cuda] [--only a|b] [--threads N]
+(c) TIES as one adapter of the same three adapters, whole processes,
+    interleaved: ``core-ties`` (the exact adapter of TIES in the core space,
+    rank <= 24) against the way to a TIES adapter without it, ``ties
+    --out-rank 24`` (the dense TIES delta of each module truncated by its SVD
+    to the stacked rank). No target: the ratio is what the exact form saves.
+
+    python benchmarks/bench_merge.py [--repeat 3] [--device cpu|cuda] [--only a|b|c] [--threads N]
 
 Prints markdown tables. On a shared machine the figures are preliminary.
 """
@@ -238,6 +245,7 @@ def bench_into(args) -> list[list[str]]:
         "ties": ["-m", "ties", "--density", "0.2"],
         "dare-ties": ["-m", "dare-ties", "--density", "0.5", "--seed", "0"],
         "dare-linear": ["-m", "dare-linear", "--density", "0.5", "--seed", "0"],
+        "core-ties": ["-m", "core-ties", "--density", "0.2"],
     }
     out = work / "merge" / "out"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -286,13 +294,46 @@ def bench_into(args) -> list[list[str]]:
     return rows
 
 
+def bench_adapter(args) -> list[list[str]]:
+    work = Path(args.work)
+    _, ads = setup_files(work)
+    env = dict(os.environ, LORAMIX_CACHE_DIR=str(work / "layout-cache"))
+    stacked = N_ADAPTERS * RANK
+    runs = {
+        "core-ties": ["-m", "core-ties", "--density", "0.2"],
+        f"ties --out-rank {stacked}": ["-m", "ties", "--density", "0.2", "--out-rank", str(stacked)],
+    }
+    out = work / "merge" / "adapter-out"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def cmd(flags):
+        return [sys.executable, "-m", "loramix", "merge", *flags, *map(str, ads), "--out", str(out), "--force",
+                "--device", args.device]  # fmt: skip
+
+    res = {k: [] for k in runs}
+    for _ in range(args.repeat):
+        for k, flags in runs.items():
+            res[k].append(run_child(cmd(flags), env))
+    shutil.rmtree(out, ignore_errors=True)
+    first = next(iter(runs))
+    t0 = statistics.median(w for w, _, _ in res[first])
+    rows = []
+    for k, v in res.items():
+        t, c, rss = (statistics.median(w for w, _, _ in v), statistics.median(c for _, c, _ in v),
+                     max(r for *_, r in v))  # fmt: skip
+        ratio = "1.0x" if k == first else f"{t / t0:.1f}x slower"
+        rows.append([f"(c) merge --method {k}, an adapter", f"{t:.2f} s wall, {c:.2f} s CPU, peak RSS {rss:.0f} MiB",
+                     ratio, ""])  # fmt: skip
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--layers", type=int, default=12, help="(a) layers of the in-memory adapters")
     ap.add_argument("--no-peft", action="store_true", help="(a) skip the PEFT baseline")
-    ap.add_argument("--only", choices=["a", "b"], default=None)
+    ap.add_argument("--only", choices=["a", "b", "c"], default=None)
     ap.add_argument(
         "--threads",
         type=int,
@@ -310,6 +351,8 @@ def main(argv=None) -> None:
     # peak RSS starts from its parent's at exec, so (a)'s models would inflate it.
     if args.only in (None, "b"):
         rows += bench_into(args)
+    if args.only in (None, "c"):
+        rows += bench_adapter(args)
     if args.only in (None, "a"):
         import torch
 

@@ -443,6 +443,9 @@ LAMBDA_METHODS = [
     ("breadcrumbs", dict(density=0.4, gamma=0.05)),
     ("della", dict(density=0.5, epsilon=0.2, seed=7)),
     ("task-arithmetic", {}),
+    ("core-ties", dict(density=0.3)),
+    ("core-dare-ties", dict(density=0.4, seed=7)),
+    ("core-dare-linear", dict(density=0.4, seed=7)),
 ]
 
 

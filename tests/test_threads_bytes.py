@@ -44,7 +44,12 @@ def test_lowrank_svd_is_the_same_on_one_thread_or_two():
 
 @pytest.mark.parametrize(
     "method",
-    [["svd", "--rank", "8"], ["sum", "--out-rank", "8"], ["ties", "--density", "0.5", "--out-rank", "8"]],
+    [
+        ["svd", "--rank", "8"],
+        ["sum", "--out-rank", "8"],
+        ["ties", "--density", "0.5", "--out-rank", "8"],
+        ["core-ties", "--density", "0.5"],
+    ],
 )
 def test_a_low_rank_merge_is_the_same_bytes_on_any_threads(tmp_path, method):
     """``merge -m svd`` (and an adapter output truncated by --out-rank), as a study caches it, with

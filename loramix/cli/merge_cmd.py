@@ -95,9 +95,10 @@ def command(adapters, method, weights, into, out, device, dtype, force, progress
     """Merge adapters A B ... with a registered method.
 
     \b
-    Low-rank methods (sum, svd, task-arithmetic) write a PEFT adapter
-    without --into; any method writes an adapter truncated by SVD with
-    --out-rank K or --energy F, and a full model with --into BASE.
+    Low-rank methods (sum, svd, task-arithmetic, core-ties, core-dare-ties,
+    core-dare-linear) write a PEFT adapter without --into; any method writes
+    an adapter truncated by SVD with --out-rank K or --energy F, and a full
+    model with --into BASE.
     """
     from ..io.filehash import prefetch_inputs
 
