@@ -1468,11 +1468,12 @@ def check_adapter_output(m: MergeMethod, ads: Sequence, trunc) -> None:
                 "LoRA adapter holds the result; merge it into the base with --into BASE",
             )
     if not m.low_rank and trunc is None:
+        names = _low_rank_names()
+        core = f"; core-{m.name} is {m.name} in the adapters' core space" if f"core-{m.name}" in names else ""
         raise UsageError(
             "into",
             f"method {m.name} writes a dense delta: pass --into BASE, or --out-rank K / --energy F "
-            f"for an adapter truncated by SVD (only {', '.join(_low_rank_names())} "
-            "write an exact adapter)",
+            f"for an adapter truncated by SVD (only {', '.join(names)} write an exact adapter{core})",
         )
 
 
