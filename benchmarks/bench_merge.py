@@ -25,8 +25,9 @@
     own in ``_work/merge/``.
 
 (c) TIES as one adapter of the same three adapters, whole processes,
-    interleaved: ``core-ties`` (the exact adapter of TIES in the core space,
-    rank <= 24) against the way to a TIES adapter without it, ``ties
+    interleaved: ``core-ties`` and ``knots-ties`` (the exact adapters of TIES
+    in the core space and in KnOTS' basis, rank <= 24) against the way to a
+    TIES adapter without them, ``ties
     --out-rank 24`` (the dense TIES delta of each module truncated by its SVD
     to the stacked rank). No target: the ratio is what the exact form saves.
 
@@ -301,6 +302,7 @@ def bench_adapter(args) -> list[list[str]]:
     stacked = N_ADAPTERS * RANK
     runs = {
         "core-ties": ["-m", "core-ties", "--density", "0.2"],
+        "knots-ties": ["-m", "knots-ties", "--density", "0.2"],
         f"ties --out-rank {stacked}": ["-m", "ties", "--density", "0.2", "--out-rank", str(stacked)],
     }
     out = work / "merge" / "adapter-out"
@@ -321,7 +323,7 @@ def bench_adapter(args) -> list[list[str]]:
     for k, v in res.items():
         t, c, rss = (statistics.median(w for w, _, _ in v), statistics.median(c for _, c, _ in v),
                      max(r for *_, r in v))  # fmt: skip
-        ratio = "1.0x" if k == first else f"{t / t0:.1f}x slower"
+        ratio = "1.0x" if k == first else f"{t / t0:.2f}x of {first}"
         rows.append([f"(c) merge --method {k}, an adapter", f"{t:.2f} s wall, {c:.2f} s CPU, peak RSS {rss:.0f} MiB",
                      ratio, ""])  # fmt: skip
     return rows

@@ -26,6 +26,7 @@ METHOD_PARAMS = {
     "dare-ties": {"density": 0.6, "seed": 3},
     "magnitude": {"density": 0.4},
     "core-ties": {"density": 0.5},
+    "knots-ties": {"density": 0.5},
 }
 WEIGHTS = [1.0, 0.7]
 

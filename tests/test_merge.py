@@ -446,6 +446,8 @@ LAMBDA_METHODS = [
     ("core-ties", dict(density=0.3)),
     ("core-dare-ties", dict(density=0.4, seed=7)),
     ("core-dare-linear", dict(density=0.4, seed=7)),
+    ("knots-ties", dict(density=0.3)),
+    ("knots-dare-ties", dict(density=0.4, seed=7)),
 ]
 
 

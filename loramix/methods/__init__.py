@@ -23,6 +23,8 @@ della        magnitude-ranked random drop, L1 rescale, TIES         model
 d2-signed    D2-LoRA: sum residuals, project once, add              model
 core-ties    ties on the deltas' cores in their factors' SVD bases  adapter or model
 core-dare-*  dare-ties / dare-linear likewise                       adapter or model
+knots-ties   ties on U^T dW_i, U the deltas' joint left basis       adapter or model
+knots-dare-* dare-ties likewise                                     adapter or model
 ===========  =====================================================  ==========
 
 Any method writes an adapter with ``out_rank`` / ``energy`` (the merged
@@ -170,8 +172,8 @@ def merge(
     ``into``: a Hugging Face base folder; the result is that model with the
     merged delta added. Without it the result is a PEFT adapter: exact for
     the low-rank methods (``sum``, ``task-arithmetic``, ``svd``,
-    ``core-ties``, ``core-dare-ties``, ``core-dare-linear``: those whose
-    class has ``low_rank``), the SVD truncation of the
+    ``core-ties``, ``core-dare-ties``, ``core-dare-linear``, ``knots-ties``,
+    ``knots-dare-ties``: those whose class has ``low_rank``), the SVD truncation of the
     merged delta for any other method given ``out_rank`` (a rank) or
     ``energy`` (a fraction kept). ``params`` are the method's (``density``,
     ``sign``, ``divide``, ``lambda_``/``lambda``, ``seed``, ``gamma``,

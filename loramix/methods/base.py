@@ -1469,7 +1469,8 @@ def check_adapter_output(m: MergeMethod, ads: Sequence, trunc) -> None:
             )
     if not m.low_rank and trunc is None:
         names = _low_rank_names()
-        core = f"; core-{m.name} is {m.name} in the adapters' core space" if f"core-{m.name}" in names else ""
+        small = [n for n in (f"core-{m.name}", f"knots-{m.name}") if n in names]
+        core = f"; {' and '.join(small)}: {m.name} in bases the adapters span" if small else ""
         raise UsageError(
             "into",
             f"method {m.name} writes a dense delta: pass --into BASE, or --out-rank K / --energy F "
