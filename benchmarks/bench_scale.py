@@ -1,4 +1,5 @@
-"""Benchmark ``sum --into``, ``merge -m ties``, ``-m dare-ties`` and ``-m della`` at 7B scale, against a plain copy of the shards.
+"""Benchmark ``sum --into``, ``merge -m ties``, ``-m dare-ties``, ``-m della``, ``-m core-ties`` and ``-m knots-ties``
+at 7B scale, against a plain copy of the shards.
 
 Setup (written once into ``--work``, default ``benchmarks/_work/scale/``,
 git-ignored, and reused while its recipe is unchanged; about 14 GB):
@@ -30,6 +31,10 @@ time, and that child's own peak RSS from ``os.wait4``, the figure
 - ``della``: the same with ``-m della`` (no target: each entry of each dense
   delta kept with a probability by its magnitude's rank in its row; how far
   that leaves it behind);
+- ``core-ties``, ``knots-ties``: the same with ``-m core-ties`` / ``-m
+  knots-ties`` (no target: TIES on each delta's coordinates in bases the
+  factors span, whose merged delta is a factor pair again; docs/merging.md,
+  "Core space and KnOTS");
 - ``sum`` again with ``LORAMIX_DIRECT_IO=0``: the output through the page
   cache instead of straight to the disk (``O_DIRECT``, the default for files
   this large), to show what that choice is worth.
@@ -382,7 +387,8 @@ def main(argv=None) -> None:
             "--no-progress",
         ],
     }
-    cmds["della"] = ["della" if a == "dare-ties" else a for a in cmds["dare-ties"]]
+    for other in ("della", "core-ties", "knots-ties"):
+        cmds[other] = [other if a == "dare-ties" else a for a in cmds["dare-ties"]]
     cmds["sum-cold"] = cmds["sum-buffered"] = cmds["sum"]
     envs = {"sum-buffered": dict(env, LORAMIX_DIRECT_IO="0")}
     checked: dict[str, str] = {}
@@ -423,7 +429,17 @@ def main(argv=None) -> None:
         + (f"{built.wall_s:.1f} s here" if built.returncode == 0 else "not built here (the eager code runs)")
     )
     runs: dict[str, list[tuple]] = {k: [] for k in cmds}
-    order = ["copy", "sum-cold", "sum", "sum-buffered", "ties", "dare-ties", "della"]
+    order = [
+        "copy",
+        "sum-cold",
+        "sum",
+        "sum-buffered",
+        "ties",
+        "dare-ties",
+        "della",
+        "core-ties",
+        "knots-ties",
+    ]
     for _ in range(max(1, args.repeat)):
         for kind in order:
             runs[kind].append(once(kind))
@@ -457,6 +473,8 @@ def main(argv=None) -> None:
         ("loramix merge -m ties --density 0.2 --into", med["ties"]),
         ("loramix merge -m dare-ties --density 0.2 --into (no target)", med["dare-ties"]),
         ("loramix merge -m della --density 0.2 --into (no target)", med["della"]),
+        ("loramix merge -m core-ties --density 0.2 --into (no target)", med["core-ties"]),
+        ("loramix merge -m knots-ties --density 0.2 --into (no target)", med["knots-ties"]),
     ]
     print(
         markdown_table(
@@ -505,6 +523,10 @@ def main(argv=None) -> None:
     print(
         f"- dare-ties / sum: {med['dare-ties'][0] / sw:.2f}; dare-ties / ties: {med['dare-ties'][0] / tw:.2f}; "
         f"della / sum: {med['della'][0] / sw:.2f}; della / ties: {med['della'][0] / tw:.2f}"
+    )
+    print(
+        f"- core-ties / sum: {med['core-ties'][0] / sw:.2f} ({med['core-ties'][1]:.0f} MiB); "
+        f"knots-ties / sum: {med['knots-ties'][0] / sw:.2f} ({med['knots-ties'][1]:.0f} MiB)"
     )
     print(
         f"- check: layer 0's down_proj of the sum against W0 + sum_i s_i B_i A_i formed in float64 "
