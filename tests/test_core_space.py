@@ -228,3 +228,29 @@ def test_knots_cuts_its_basis_at_the_deltas_joint_rank():
     m = get_method("knots-ties")
     ctx = ModuleContext(MOD, (0, 1, 2), torch.device("cpu"), F64)
     assert m.factors(ctx, mds, WS, m.validate({"density": 0.3}, ads)).B.shape[1] == 5
+
+
+@pytest.mark.parametrize("method", list(REFS))
+def test_adapters_saved_untrained_merge_to_a_zero_adapter_peft_loads(peft_setup, capsys, method):
+    """PEFT saves ``B = 0`` before training: the deltas are all zero, KnOTS'
+    basis has rank 0 and was written as a rank-0 module, which the writer
+    refused (PEFT cannot load one); now rank 1, zero."""
+    import copy
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    root, *_ = peft_setup
+    model, ads = tiny_llama(), []
+    for i in range(2):
+        folder = root / f"untrained{i}"
+        if not folder.exists():
+            get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+                folder
+            )
+        ads.append(str(folder))
+    out = root / f"{method}-untrained"
+    assert main(["merge", "-m", method, "--density", "0.5", *ads, "--out", str(out)]) == 0, (
+        capsys.readouterr().err
+    )
+    merged = PeftModel.from_pretrained(tiny_llama(), str(out)).merge_and_unload().state_dict()
+    assert all(torch.equal(merged[k], v) for k, v in tiny_llama().state_dict().items())

@@ -173,8 +173,8 @@ def merge(
     merged delta added. Without it the result is a PEFT adapter: exact for
     the low-rank methods (``sum``, ``task-arithmetic``, ``svd``,
     ``core-ties``, ``core-dare-ties``, ``core-dare-linear``, ``knots-ties``,
-    ``knots-dare-ties``: those whose class has ``low_rank``), the SVD truncation of the
-    merged delta for any other method given ``out_rank`` (a rank) or
+    ``knots-dare-ties``: those whose class has ``low_rank``), the SVD
+    truncation of the merged delta for any other method given ``out_rank`` (a rank) or
     ``energy`` (a fraction kept). ``params`` are the method's (``density``,
     ``sign``, ``divide``, ``lambda_``/``lambda``, ``seed``, ``gamma``,
     ``epsilon``, ``rank``, ``energy``) and ``out_rank``; ``None`` values

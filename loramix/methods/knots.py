@@ -6,7 +6,7 @@ For one module with the adapters' factors ``Bf_i = s_i B_i`` (out, r_i) and
 ``A_i`` (r_i, in), ``R = sum_i r_i``::
 
     C = [dW_1 ... dW_N] = U S [V_1^T ... V_N^T]       (out, N in): the deltas side by side
-    U (out, k): C's left singular vectors, k its numerical rank (<= R)
+    U (out, k): C's left singular vectors, k its numerical rank (<= R; at least 1)
     M_i = U^T dW_i = S V_i^T                          (k, in): delta i's block, scaled
     D   = method(M_1 ... M_N; w, params)              (k, in)
     merged delta = U D                                an adapter of rank k
@@ -40,7 +40,10 @@ if TYPE_CHECKING:
 def knots_basis(factors) -> torch.Tensor:
     """``U`` (out, k) for the factor pairs ``[(Bf_i, A_i)]`` of one module: the
     left singular vectors of ``[Bf_1 A_1 ... Bf_N A_N]`` above its numerical
-    rank, float64, signs as :func:`~loramix.methods.core.signed_columns` fixes them."""
+    rank, float64, signs as :func:`~loramix.methods.core.signed_columns` fixes them.
+    At least one: deltas that are all zero (adapters saved untrained, ``B = 0``)
+    give a zero block on one vector, so the adapter written has rank 1, as
+    PEFT needs, not 0."""
     import torch
 
     Bs = torch.cat([B for B, _ in factors], dim=1)
@@ -49,7 +52,7 @@ def knots_basis(factors) -> torch.Tensor:
         QB, RB = torch.linalg.qr(Bs)  # (out, p), (p, R)
         K = RB @ torch.block_diag(*[torch.linalg.qr(A.T)[1].T for _, A in factors])
         UK, S, _ = torch.linalg.svd(K, full_matrices=False)
-        k = numerical_rank(S, max(Bs.shape[0], n_in))
+        k = max(1, numerical_rank(S, max(Bs.shape[0], n_in)))
         return signed_columns(QB @ UK[:, :k])
 
 
