@@ -1469,7 +1469,7 @@ def check_adapter_output(m: MergeMethod, ads: Sequence, trunc) -> None:
             )
     if not m.low_rank and trunc is None:
         names = _low_rank_names()
-        small = [n for n in (f"core-{m.name}", f"knots-{m.name}") if n in names]
+        small = _in_small_bases(m)
         core = f"; {' and '.join(small)}: {m.name} in bases the adapters span" if small else ""
         raise UsageError(
             "into",
@@ -1482,6 +1482,14 @@ def _low_rank_names() -> list[str]:
     from . import _REGISTRY
 
     return sorted(n for n, c in _REGISTRY.items() if c.low_rank)
+
+
+def _in_small_bases(m: MergeMethod) -> list[str]:
+    """The registered methods that run ``m`` on the deltas in small bases
+    (:meth:`loramix.methods.core.CoreSpace.of`: their ``inner``), sorted."""
+    from . import _REGISTRY
+
+    return sorted(n for n, c in _REGISTRY.items() if getattr(c, "inner", None) is type(m))
 
 
 # ----------------------------------------------------------------------------- the adapter output's truncation

@@ -16,6 +16,10 @@ and ``A_i^T = Q_i R_i`` (reduced QRs), ``C = Q_B K blockdiag(Q_1^T ... Q_N^T)``
 with ``K = R_B blockdiag(R_1^T ... R_N^T)`` (p, sum_i min(in, r_i)); the last
 factor has orthonormal rows, so ``U = Q_B U_K`` and ``S = S_K`` for the SVD
 of the small ``K``. ``U U^T dW_i = dW_i``: a sum is the same in either form.
+(:class:`~loramix.methods.svd.LowRankSVD` of ``[Bf_1 ... Bf_N]`` and
+``blockdiag(A_1 ... A_N)`` is the same SVD, but its QR of the whole
+``(N in, R)`` block-diagonal costs ``N in R^2`` against the blocks' ``sum_i
+in r_i^2``: ``N^2`` times as much for equal ranks.)
 Signs fixed as :mod:`loramix.methods.core` fixes them, float64 on one torch
 thread.
 
