@@ -17,6 +17,14 @@
     Target: loramix >= 100x faster than dense. The singular values of loramix
     and of the dense SVD are compared as a sanity check.
 
+    The same adapters merged by TIES (density 0.2) into one adapter, in the
+    same loop: ``core-ties`` (:meth:`CoreSpace.factors` per module, what
+    ``merge(..., "core-ties")`` runs for an adapter output) against PEFT's
+    ``add_weighted_adapter(..., combination_type="ties_svd", density=0.2,
+    svd_rank=24)`` (the dense TIES delta and its SVD per module). Not the same
+    merge (TIES of the cores against TIES of the deltas, then truncated):
+    the two ways to a TIES adapter.
+
 (b) ``ties`` / ``dare-ties`` / ``dare-linear`` / ``core-ties`` into a 124M
     GPT-2-small base against ``sum --into``, each a whole ``python -m loramix
     merge`` process (wall time and peak RSS via ``os.wait4``), interleaved.
@@ -53,6 +61,7 @@ from _common import run_measured  # noqa: E402
 WORK = HERE / "_work"
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 N_ADAPTERS, RANK, ALPHA = 3, 8, 16
+TIES_DENSITY = 0.2
 # GPT-2 small, (out, in) in nn.Linear layout
 SHAPES = {
     "attn.c_attn": (2304, 768),
@@ -155,15 +164,37 @@ def peft_model(ads, device):
     return pm.to(device).eval()
 
 
-def svd_peft(pm, n, device):
+def svd_peft(pm, n, device, how="svd"):
+    """PEFT's ``add_weighted_adapter`` with ``combination_type`` ``how``: ``svd``
+    to rank 8, or ``ties_svd`` (density 0.2) to the stacked rank."""
     import torch
 
     names = [f"a{i}" for i in range(n)]
-    if "svd" in pm.peft_config:
-        pm.delete_adapter("svd")
+    if how in pm.peft_config:
+        pm.delete_adapter(how)
+    kw = {"svd_rank": RANK} if how == "svd" else {"svd_rank": n * RANK, "density": TIES_DENSITY}
     with torch.no_grad():
-        pm.add_weighted_adapter(names, [1.0] * n, "svd", combination_type="svd", svd_rank=RANK)
+        pm.add_weighted_adapter(names, [1.0] * n, how, combination_type=how, **kw)
     sync(device)
+
+
+def core_ties_loramix(ads, device):
+    """What ``merge(..., "core-ties", density=0.2)`` computes for an adapter output."""
+    import torch
+
+    from loramix.methods import get_method
+    from loramix.methods.base import ModuleContext
+
+    m = get_method("core-ties")
+    p = m.validate({"density": TIES_DENSITY}, ads)
+    n = len(ads)
+    out = {
+        name: m.factors(ModuleContext(name, tuple(range(n)), device, torch.float64), [a.modules[name] for a in ads],
+                        [1.0] * n, p)
+        for name in ads[0].modules
+    }  # fmt: skip
+    sync(device)
+    return out
 
 
 def bench_svd(args) -> list[list[str]]:
@@ -172,20 +203,23 @@ def bench_svd(args) -> list[list[str]]:
     torch.manual_seed(0)
     device = torch.device(args.device)
     ads = make_adapters(args.layers)
-    times = {"loramix": [], "dense": [], "peft": []}
+    times = {"loramix": [], "dense": [], "peft": [], "core-ties": [], "peft-ties": []}
     pm = None if args.no_peft else peft_model(ads, device)
     svd_loramix(ads, device)  # warm-up (kernels, lazy imports)
+    core_ties_loramix(ads, device)
     for _ in range(args.repeat):
         for kind in times:
-            if kind == "peft" and pm is None:
+            if kind.startswith("peft") and pm is None:
                 continue
             t0 = time.perf_counter()
             if kind == "loramix":
                 lm = svd_loramix(ads, device)
             elif kind == "dense":
                 dn = svd_dense(ads, device)
+            elif kind == "core-ties":
+                core_ties_loramix(ads, device)
             else:
-                svd_peft(pm, len(ads), device)
+                svd_peft(pm, len(ads), device, "svd" if kind == "peft" else "ties_svd")
             times[kind].append(time.perf_counter() - t0)
     # sanity: the same singular values (relative to the largest)
     err = max(
@@ -211,6 +245,16 @@ def bench_svd(args) -> list[list[str]]:
                 "(a) svd, PEFT add_weighted_adapter",
                 f"{med['peft'] * 1e3:.0f} ms",
                 f"{med['peft'] / med['loramix']:.0f}x slower",
+                "",
+            ]
+        )
+    rows.append(["(a) ties as an adapter, loramix core-ties", f"{med['core-ties'] * 1e3:.1f} ms", "1.0x", ""])
+    if "peft-ties" in med:
+        rows.append(
+            [
+                f"(a) ties as an adapter, PEFT add_weighted_adapter ties_svd (rank {len(ads) * RANK})",
+                f"{med['peft-ties'] * 1e3:.0f} ms",
+                f"{med['peft-ties'] / med['core-ties']:.0f}x slower",
                 "",
             ]
         )
