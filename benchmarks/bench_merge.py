@@ -105,15 +105,16 @@ def make_adapters(n_layer: int):
     return ads
 
 
-def svd_loramix(ads, device):
-    """What ``merge(..., "svd")`` computes for an adapter output (same call)."""
+def loramix_factors(ads, device, method="svd", params=None):
+    """What ``merge(..., method)`` computes for an adapter output (same call):
+    ``svd`` to rank 8, or ``core-ties`` at density 0.2."""
     import torch
 
     from loramix.methods import get_method
     from loramix.methods.base import ModuleContext
 
-    m = get_method("svd")
-    p = m.validate({"rank": RANK}, ads)
+    m = get_method(method)
+    p = m.validate(params if params is not None else {"rank": RANK}, ads)
     names = list(ads[0].modules)
     jobs = [
         (
@@ -178,25 +179,6 @@ def svd_peft(pm, n, device, how="svd"):
     sync(device)
 
 
-def core_ties_loramix(ads, device):
-    """What ``merge(..., "core-ties", density=0.2)`` computes for an adapter output."""
-    import torch
-
-    from loramix.methods import get_method
-    from loramix.methods.base import ModuleContext
-
-    m = get_method("core-ties")
-    p = m.validate({"density": TIES_DENSITY}, ads)
-    n = len(ads)
-    out = {
-        name: m.factors(ModuleContext(name, tuple(range(n)), device, torch.float64), [a.modules[name] for a in ads],
-                        [1.0] * n, p)
-        for name in ads[0].modules
-    }  # fmt: skip
-    sync(device)
-    return out
-
-
 def bench_svd(args) -> list[list[str]]:
     import torch
 
@@ -205,19 +187,20 @@ def bench_svd(args) -> list[list[str]]:
     ads = make_adapters(args.layers)
     times = {"loramix": [], "dense": [], "peft": [], "core-ties": [], "peft-ties": []}
     pm = None if args.no_peft else peft_model(ads, device)
-    svd_loramix(ads, device)  # warm-up (kernels, lazy imports)
-    core_ties_loramix(ads, device)
+    core_ties = ("core-ties", {"density": TIES_DENSITY})
+    loramix_factors(ads, device)  # warm-up (kernels, lazy imports)
+    loramix_factors(ads, device, *core_ties)
     for _ in range(args.repeat):
         for kind in times:
             if kind.startswith("peft") and pm is None:
                 continue
             t0 = time.perf_counter()
             if kind == "loramix":
-                lm = svd_loramix(ads, device)
+                lm = loramix_factors(ads, device)
             elif kind == "dense":
                 dn = svd_dense(ads, device)
             elif kind == "core-ties":
-                core_ties_loramix(ads, device)
+                loramix_factors(ads, device, *core_ties)
             else:
                 svd_peft(pm, len(ads), device, "svd" if kind == "peft" else "ties_svd")
             times[kind].append(time.perf_counter() - t0)
