@@ -448,6 +448,8 @@ LAMBDA_METHODS = [
     ("core-dare-linear", dict(density=0.4, seed=7)),
     ("knots-ties", dict(density=0.3)),
     ("knots-dare-ties", dict(density=0.4, seed=7)),
+    ("iso-c", {}),
+    ("tsv", {}),
 ]
 
 

@@ -50,6 +50,8 @@ def test_lowrank_svd_is_the_same_on_one_thread_or_two():
         ["ties", "--density", "0.5", "--out-rank", "8"],
         ["core-ties", "--density", "0.5"],
         ["knots-ties", "--density", "0.5"],
+        ["iso-c"],
+        ["tsv"],
     ],
 )
 def test_a_low_rank_merge_is_the_same_bytes_on_any_threads(tmp_path, method):

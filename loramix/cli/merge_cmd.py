@@ -96,9 +96,10 @@ def command(adapters, method, weights, into, out, device, dtype, force, progress
 
     \b
     Low-rank methods (sum, svd, task-arithmetic, core-ties, core-dare-ties,
-    core-dare-linear, knots-ties, knots-dare-ties) write a PEFT adapter
-    without --into; any method writes an adapter truncated by SVD with
-    --out-rank K or --energy F, and a full model with --into BASE.
+    core-dare-linear, knots-ties, knots-dare-ties, iso-c, tsv) write a PEFT
+    adapter without --into; any method (but iso-c) writes an adapter
+    truncated by SVD with --out-rank K or --energy F, and a full model with
+    --into BASE.
     """
     from ..io.filehash import prefetch_inputs
 

@@ -25,6 +25,8 @@ core-ties    ties on the deltas' cores in their factors' SVD bases  adapter or m
 core-dare-*  dare-ties / dare-linear likewise                       adapter or model
 knots-ties   ties on U^T dW_i, U the deltas' joint left basis       adapter or model
 knots-dare-* dare-ties likewise                                     adapter or model
+iso-c        the sum's singular values set to their mean (Iso-C)    adapter or model
+tsv          each delta's singular vectors decorrelated (TSV)       adapter or model
 ===========  =====================================================  ==========
 
 Any method writes an adapter with ``out_rank`` / ``energy`` (the merged
@@ -173,8 +175,9 @@ def merge(
     merged delta added. Without it the result is a PEFT adapter: exact for
     the low-rank methods (``sum``, ``task-arithmetic``, ``svd``,
     ``core-ties``, ``core-dare-ties``, ``core-dare-linear``, ``knots-ties``,
-    ``knots-dare-ties``: those whose class has ``low_rank``), the SVD
-    truncation of the merged delta for any other method given ``out_rank`` (a rank) or
+    ``knots-dare-ties``, ``iso-c``, ``tsv``: those whose class has
+    ``low_rank``), the SVD truncation of the merged delta for any other
+    method (and any of those but ``iso-c``) given ``out_rank`` (a rank) or
     ``energy`` (a fraction kept). ``params`` are the method's (``density``,
     ``sign``, ``divide``, ``lambda_``/``lambda``, ``seed``, ``gamma``,
     ``epsilon``, ``rank``, ``energy``) and ``out_rank``; ``None`` values

@@ -129,6 +129,9 @@ class MergeMethod:
     kinds: tuple[str, ...] | None = None
     #: why other kinds are refused (appended to the error)
     kinds_reason: str = ""
+    #: why an adapter output of it may not be truncated by SVD (``--out-rank``,
+    #: ``--energy``), or None: it may
+    no_truncation: str | None = None
 
     @classmethod
     def applies_to(cls, kind) -> bool:
@@ -1537,6 +1540,8 @@ def split_truncation(m: MergeMethod, params: dict, into) -> tuple[int | None, fl
     energy = None if any(q.name == "energy" for q in m.params) else params.pop("energy", None)
     if out_rank is None and energy is None:
         return None
+    if m.no_truncation is not None:
+        raise UsageError("--out-rank/--energy", f"method {m.name} is not truncated: {m.no_truncation}")
     if into is not None:
         raise UsageError(
             "--out-rank/--energy", "truncate an adapter output; a merge --into BASE is not truncated"

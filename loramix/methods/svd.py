@@ -256,15 +256,26 @@ class Svd(MergeMethod):
         svd = LowRankSVD(B, A)
         S_cpu = svd.S.cpu()  # one synchronisation per group: ranks and energies
         size = max(int(B.shape[1]), int(A.shape[2]))
-        ks = [choose_rank(S_cpu[g], params["rank"], params["energy"], size) for g in range(len(jobs))]
-        kmax = max(ks)
-        P, Ak = svd.factors(kmax)
-        Bk = P * svd.S[..., None, :kmax]
-        res = []
-        for g, k in enumerate(ks):
-            info = energy_info(S_cpu[g], k, int(B.shape[2]))
-            res.append(LowRank(Bk[g, :, :k], Ak[g, :k], info))
-        return res
+        ks = [self.keep(S_cpu[g], params, size) for g in range(len(jobs))]
+        P, Ak = svd.factors(max(ks))
+        return [
+            LowRank(P[g, :, :k] * self.spectrum(svd.S[g, :k], params), Ak[g, :k],
+                    self.facts(S_cpu[g], k, int(B.shape[2]), params))
+            for g, k in enumerate(ks)
+        ]  # fmt: skip
+
+    def keep(self, S: torch.Tensor, params: dict, size: int) -> int:
+        """How many of the sum's singular values ``S`` (descending, on the CPU)
+        the result keeps; ``size = max(out, in)``."""
+        return choose_rank(S, params["rank"], params["energy"], size)
+
+    def spectrum(self, S: torch.Tensor, params: dict) -> torch.Tensor:
+        """The singular values written for the kept ``S`` (k,): themselves."""
+        return S
+
+    def facts(self, S: torch.Tensor, k: int, stacked: int, params: dict) -> dict:
+        """The module's facts for the report: the energy the cut discards."""
+        return energy_info(S, k, stacked)
 
     def merged(self, ctx, module_deltas, weights, W0, params):
         import torch
