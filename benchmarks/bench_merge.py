@@ -25,6 +25,12 @@
     merge (TIES of the cores against TIES of the deltas, then truncated):
     the two ways to a TIES adapter.
 
+    ``iso-c`` and ``tsv`` from the factors (what ``merge`` runs for an
+    adapter output) against their papers' algorithms on the dense deltas in
+    float32 (an SVD of each module's summed ``out x in`` delta; an SVD of
+    each delta and of the stacked vectors), in the same loop; the results
+    are compared as a sanity check.
+
 (b) ``ties`` / ``dare-ties`` / ``dare-linear`` / ``core-ties`` into a 124M
     GPT-2-small base against ``sum --into``, each a whole ``python -m loramix
     merge`` process (wall time and peak RSS via ``os.wait4``), interleaved.
@@ -144,6 +150,46 @@ def svd_dense(ads, device):
     return out
 
 
+def iso_dense(ads, device):
+    """Iso-C as its paper's code computes it, on the dense sum (float32): its
+    SVD, every nonzero singular value set to their mean (the paper's mean is
+    over all ``min(out, in)``; here over the sum's rank, loramix's answer)."""
+    import torch
+
+    out = {}
+    for name in ads[0].modules:
+        D = None
+        for a in ads:
+            B, A = a.modules[name].factors(dtype=torch.float32, device=device)
+            D = B @ A if D is None else D.addmm_(B, A)
+        U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+        k = int((S > S[0] * max(D.shape) * torch.finfo(S.dtype).eps).sum())
+        out[name] = (U[:, :k] * S[:k].mean()) @ Vh[:k]
+    sync(device)
+    return out
+
+
+def tsv_dense(ads, device):
+    """TSV-Merge as its paper's code computes it, on the dense deltas (float32):
+    each delta's SVD, its top ``min(out, in) // N`` triplets, the stacked
+    vectors orthogonalised by their own SVDs."""
+    import torch
+
+    out = {}
+    for name in ads[0].modules:
+        Us, Ss, Vs = [], [], []
+        for a in ads:
+            B, A = a.modules[name].factors(dtype=torch.float32, device=device)
+            U, S, Vh = torch.linalg.svd(B @ A, full_matrices=False)
+            k = min(min(B.shape[0], A.shape[1]) // len(ads), RANK)  # the delta's rank, as loramix keeps
+            Us.append(U[:, :k]), Ss.append(S[:k]), Vs.append(Vh[:k])
+        P, _, Zt = torch.linalg.svd(torch.cat(Us, 1), full_matrices=False)
+        P2, _, Zt2 = torch.linalg.svd(torch.cat(Vs, 0).T, full_matrices=False)
+        out[name] = ((P @ Zt) * torch.cat(Ss)) @ (P2 @ Zt2).T
+    sync(device)
+    return out
+
+
 def peft_model(ads, device):
     import torch
     from peft import LoraConfig, get_peft_model
@@ -185,11 +231,20 @@ def bench_svd(args) -> list[list[str]]:
     torch.manual_seed(0)
     device = torch.device(args.device)
     ads = make_adapters(args.layers)
-    times = {"loramix": [], "dense": [], "peft": [], "core-ties": [], "peft-ties": []}
+    times = {"loramix": [], "dense": [], "peft": [], "core-ties": [], "peft-ties": [], "iso-c": [],
+             "iso-c-dense": [], "tsv": [], "tsv-dense": []}  # fmt: skip
     pm = None if args.no_peft else peft_model(ads, device)
     core_ties = ("core-ties", {"density": TIES_DENSITY})
     loramix_factors(ads, device)  # warm-up (kernels, lazy imports)
     loramix_factors(ads, device, *core_ties)
+    got = {k: loramix_factors(ads, device, k, {}) for k in ("iso-c", "tsv")}
+    dense = {"iso-c": iso_dense(ads, device), "tsv": tsv_dense(ads, device)}
+    # sanity: the same merges, to float32's rounding of the dense way
+    agree = {
+        k: max(float((got[k][n].B @ got[k][n].A - dense[k][n].double()).abs().max() / dense[k][n].abs().max())
+               for n in dense[k])
+        for k in got
+    }  # fmt: skip
     for _ in range(args.repeat):
         for kind in times:
             if kind.startswith("peft") and pm is None:
@@ -201,6 +256,12 @@ def bench_svd(args) -> list[list[str]]:
                 dn = svd_dense(ads, device)
             elif kind == "core-ties":
                 loramix_factors(ads, device, *core_ties)
+            elif kind in ("iso-c", "tsv"):
+                loramix_factors(ads, device, kind, {})
+            elif kind == "iso-c-dense":
+                iso_dense(ads, device)
+            elif kind == "tsv-dense":
+                tsv_dense(ads, device)
             else:
                 svd_peft(pm, len(ads), device, "svd" if kind == "peft" else "ties_svd")
             times[kind].append(time.perf_counter() - t0)
@@ -241,7 +302,16 @@ def bench_svd(args) -> list[list[str]]:
                 "",
             ]
         )
+    for k, what in (
+        ("iso-c", "sum, torch.linalg.svd"),
+        ("tsv", "each delta's torch.linalg.svd, then the stacked vectors'"),
+    ):
+        rows.append([f"(a) {k}, loramix (from the factors)", f"{med[k] * 1e3:.1f} ms", "1.0x", ""])
+        rows.append([f"(a) {k}, dense ({what}), as its paper's code", f"{med[k + '-dense'] * 1e3:.0f} ms",
+                     f"{med[k + '-dense'] / med[k]:.0f}x slower", ""])  # fmt: skip
     print(f"svd sanity: max |S_loramix - S_dense| / S_max over modules = {err:.2e}", file=sys.stderr)
+    for k, e in agree.items():
+        print(f"{k} sanity: max |loramix - dense| / max |dense| over modules = {e:.2e}", file=sys.stderr)
     return rows
 
 

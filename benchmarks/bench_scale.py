@@ -1,4 +1,4 @@
-"""Benchmark ``sum --into``, ``merge -m ties``, ``-m dare-ties``, ``-m della``, ``-m core-ties`` and ``-m knots-ties``
+"""Benchmark ``sum --into``, ``merge -m ties``, ``-m dare-ties``, ``-m della``, ``-m core-ties``, ``-m knots-ties``, ``-m iso-c`` and ``-m tsv``
 at 7B scale, against a plain copy of the shards.
 
 Setup (written once into ``--work``, default ``benchmarks/_work/scale/``,
@@ -35,6 +35,9 @@ time, and that child's own peak RSS from ``os.wait4``, the figure
   knots-ties`` (no target: TIES on each delta's coordinates in bases the
   factors span, whose merged delta is a factor pair again; docs/merging.md,
   "Core space and KnOTS");
+- ``iso-c``, ``tsv``: the same with ``-m iso-c`` / ``-m tsv`` (no target:
+  the sum's SVD from the factors, its spectrum flattened; each delta's SVD and
+  the stacked vectors orthogonalised; docs/merging.md, "Iso-C and TSV");
 - ``sum`` again with ``LORAMIX_DIRECT_IO=0``: the output through the page
   cache instead of straight to the disk (``O_DIRECT``, the default for files
   this large), to show what that choice is worth.
@@ -389,6 +392,8 @@ def main(argv=None) -> None:
     }
     for other in ("della", "core-ties", "knots-ties"):
         cmds[other] = [other if a == "dare-ties" else a for a in cmds["dare-ties"]]
+    for other in ("iso-c", "tsv"):  # no parameter to give
+        cmds[other] = [*lm, "merge", "-m", other, *map(str, ads), *into, "--no-progress"]
     cmds["sum-cold"] = cmds["sum-buffered"] = cmds["sum"]
     envs = {"sum-buffered": dict(env, LORAMIX_DIRECT_IO="0")}
     checked: dict[str, str] = {}
@@ -439,6 +444,8 @@ def main(argv=None) -> None:
         "della",
         "core-ties",
         "knots-ties",
+        "iso-c",
+        "tsv",
     ]
     for _ in range(max(1, args.repeat)):
         for kind in order:
@@ -475,6 +482,8 @@ def main(argv=None) -> None:
         ("loramix merge -m della --density 0.2 --into (no target)", med["della"]),
         ("loramix merge -m core-ties --density 0.2 --into (no target)", med["core-ties"]),
         ("loramix merge -m knots-ties --density 0.2 --into (no target)", med["knots-ties"]),
+        ("loramix merge -m iso-c --into (no target)", med["iso-c"]),
+        ("loramix merge -m tsv --into (no target)", med["tsv"]),
     ]
     print(
         markdown_table(
@@ -526,7 +535,9 @@ def main(argv=None) -> None:
     )
     print(
         f"- core-ties / sum: {med['core-ties'][0] / sw:.2f} ({med['core-ties'][1]:.0f} MiB); "
-        f"knots-ties / sum: {med['knots-ties'][0] / sw:.2f} ({med['knots-ties'][1]:.0f} MiB)"
+        f"knots-ties / sum: {med['knots-ties'][0] / sw:.2f} ({med['knots-ties'][1]:.0f} MiB); "
+        f"iso-c / sum: {med['iso-c'][0] / sw:.2f} ({med['iso-c'][1]:.0f} MiB); "
+        f"tsv / sum: {med['tsv'][0] / sw:.2f} ({med['tsv'][1]:.0f} MiB)"
     )
     print(
         f"- check: layer 0's down_proj of the sum against W0 + sum_i s_i B_i A_i formed in float64 "
