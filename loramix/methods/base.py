@@ -1436,14 +1436,30 @@ def summarize_energy(facts: dict[str, dict]) -> dict:
     }
 
 
+def ranks_text(ranks: Sequence[int]) -> str:
+    """The sorted ``ranks`` of a merge's modules in words: ``8`` or ``5..9``."""
+    return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
+
+
+def factor_pair_merged(m: MergeMethod, ctx: ModuleContext, module_deltas, weights, params) -> tuple:
+    """:meth:`MergeMethod.merged` of a low-rank method whose factors are
+    computed in float64 (``iso-c``, ``tsv``): the pair ``(B, A)`` in
+    ``ctx.dtype``, which the engine adds in one fused product (no dense delta
+    formed), and the module's facts."""
+    import torch
+
+    lr = m.factors(
+        ModuleContext(ctx.name, ctx.indices, ctx.device, torch.float64), module_deltas, weights, params
+    )
+    return (lr.B.to(ctx.dtype), lr.A.to(ctx.dtype)), lr.info
+
+
 def describe_energy(summary: dict) -> list[str]:
     """:func:`summarize_energy`'s totals in words."""
     if "energy_discarded_fraction" not in summary:
         return []
-    ranks = summary["ranks"]
-    rank_txt = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
     return [
-        f"rank {rank_txt}; discarded energy {summary['energy_discarded']:.4g} "
+        f"rank {ranks_text(summary['ranks'])}; discarded energy {summary['energy_discarded']:.4g} "
         f"({100 * summary['energy_discarded_fraction']:.3g}% of ||merged||^2); worst module "
         f"{summary['worst_module']} ({100 * summary['worst_module_discarded_fraction']:.3g}%)"
     ]

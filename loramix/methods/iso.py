@@ -31,7 +31,7 @@ mean is at most the root mean square): the module's facts report that ratio.
 from __future__ import annotations
 
 from . import register
-from .base import LAMBDA, ModuleContext, rank_cap
+from .base import LAMBDA, factor_pair_merged, rank_cap, ranks_text
 from .svd import Svd, numerical_rank
 
 
@@ -65,17 +65,11 @@ class IsoC(Svd):
 
     def facts(self, S, k, stacked, params):
         total = float((S.double() ** 2).sum())
-        kept = params["lambda_"] ** 2 * k * float(S[:k].double().mean()) ** 2 if k else 0.0
+        kept = params["lambda_"] ** 2 * k * float(S[:k].double().mean()) ** 2
         return {"rank": k, "stacked_rank": stacked, "energy_sum": total, "energy_merged": kept}
 
     def merged(self, ctx, module_deltas, weights, W0, params):
-        import torch
-
-        # the factor pair: the engine adds it in one fused addmm, no dense delta formed
-        lr = self.factors(
-            ModuleContext(ctx.name, ctx.indices, ctx.device, torch.float64), module_deltas, weights, params
-        )
-        return (lr.B.to(ctx.dtype), lr.A.to(ctx.dtype)), lr.info
+        return factor_pair_merged(self, ctx, module_deltas, weights, params)
 
     def summarize(self, facts):
         facts = {n: f for n, f in facts.items() if "energy_sum" in f}
@@ -90,9 +84,7 @@ class IsoC(Svd):
     def describe(self, summary):
         if "ranks" not in summary:
             return []
-        ranks = summary["ranks"]
-        rank_txt = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
         return [
-            f"rank {rank_txt} (each module's sum's rank); singular values set to their mean: "
+            f"rank {ranks_text(summary['ranks'])} (each module's sum's rank); singular values set to their mean: "
             f"||merged||^2 is {summary['energy_ratio']:.3g} of ||sum||^2"
         ]

@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import register
-from .base import LAMBDA, LORA, LowRank, MergeMethod, ModuleContext
+from .base import LAMBDA, LORA, LowRank, MergeMethod, factor_pair_merged, ranks_text
 from .svd import LowRankSVD, numerical_rank, one_torch_thread
 
 if TYPE_CHECKING:
@@ -103,12 +103,7 @@ class Tsv(MergeMethod):
         }
 
     def merged(self, ctx, module_deltas, weights, W0, params):
-        import torch
-
-        # the factor pair: the engine adds it in one fused addmm, no dense delta formed
-        here = ModuleContext(ctx.name, ctx.indices, ctx.device, torch.float64)
-        lr = self.factors(here, module_deltas, weights, params)
-        return (lr.B.to(ctx.dtype), lr.A.to(ctx.dtype)), lr.info
+        return factor_pair_merged(self, ctx, module_deltas, weights, params)
 
     def summarize(self, facts):
         facts = {n: f for n, f in facts.items() if "energy_total" in f}
@@ -125,8 +120,7 @@ class Tsv(MergeMethod):
     def describe(self, summary):
         if "ranks" not in summary:
             return []
-        ranks = summary["ranks"]
-        line = f"rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}..{ranks[-1]}'}; each adapter's directions decorrelated"
+        line = f"rank {ranks_text(summary['ranks'])}; each adapter's directions decorrelated"
         if summary["energy_discarded_fraction"] > 0:
             line += (
                 f"; keeping min(out, in) / N directions of each discarded "
