@@ -135,15 +135,23 @@ def loramix_factors(ads, device, method="svd", params=None):
     return out
 
 
+def dense_sum(ads, name, device):
+    """The summed delta of module ``name``, formed densely in float32."""
+    import torch
+
+    D = None
+    for a in ads:
+        B, A = a.modules[name].factors(dtype=torch.float32, device=device)
+        D = B @ A if D is None else D.addmm_(B, A)
+    return D
+
+
 def svd_dense(ads, device):
     import torch
 
     out = {}
     for name in ads[0].modules:
-        D = None
-        for a in ads:
-            B, A = a.modules[name].factors(dtype=torch.float32, device=device)
-            D = B @ A if D is None else D.addmm_(B, A)
+        D = dense_sum(ads, name, device)
         U, S, Vh = torch.linalg.svd(D, full_matrices=False)
         out[name] = (U[:, :RANK] * S[:RANK], Vh[:RANK], S)
     sync(device)
@@ -158,10 +166,7 @@ def iso_dense(ads, device):
 
     out = {}
     for name in ads[0].modules:
-        D = None
-        for a in ads:
-            B, A = a.modules[name].factors(dtype=torch.float32, device=device)
-            D = B @ A if D is None else D.addmm_(B, A)
+        D = dense_sum(ads, name, device)
         U, S, Vh = torch.linalg.svd(D, full_matrices=False)
         k = int((S > S[0] * max(D.shape) * torch.finfo(S.dtype).eps).sum())
         out[name] = (U[:, :k] * S[:k].mean()) @ Vh[:k]

@@ -166,37 +166,71 @@ def peft_setup(tmp_path_factory):
     return root, base, [str(a) for a in ads], str(dora)
 
 
-def _reference(method, ads, ws, density):
-    """module -> the reference merged delta of the adapters' files."""
+def reference_deltas(ref, ads, ws, *args):
+    """module -> ``ref(module_deltas, weights, *args)``, the reference merged
+    delta of the adapters' files (a module some adapters leave out merges
+    those that touch it)."""
     from loramix.io.adapter_files import load_adapter
 
     loaded = [load_adapter(a) for a in ads]
     out = {}
     for n in dict.fromkeys(n for ad in loaded for n in ad.modules):
         idx = [i for i, ad in enumerate(loaded) if n in ad.modules]
-        out[n] = REFS[method]([loaded[i].modules[n] for i in idx], [ws[i] for i in idx], density)
+        out[n] = ref([loaded[i].modules[n] for i in idx], [ws[i] for i in idx], *args)
     return out
 
 
-@pytest.mark.parametrize("method", list(REFS))
-def test_it_writes_an_exact_adapter_peft_loads_and_merges_into_a_base(peft_setup, capsys, method):
-    root, base, ads, _ = peft_setup
+def check_written_and_into(root, base, ads, method, flags, ref, **params):
+    """``merge -m METHOD FLAGS`` of the three adapters (weights 1, 0.6, -0.8)
+    as one adapter: PEFT loads it and its logits are the reference deltas';
+    into the base: ``W0`` + the same deltas, to float32's rounding. Returns
+    what the command printed."""
+    import contextlib
+    import io
+
     ws = [1.0, 0.6, -0.8]
     out = root / method
-    assert main(["merge", "-m", method, "--density", "0.4", *ads, "--weights", "1,0.6,-0.8",
-                 "--out", str(out)]) == 0  # fmt: skip
-    capsys.readouterr()
-    ref = _reference(method, ads, ws, 0.4)
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        assert main(["merge", "-m", method, *flags, *ads, "--weights", "1,0.6,-0.8", "--out", str(out)]) == 0
     torch.testing.assert_close(peft_logits(out), reference_logits(ref), rtol=0, atol=2e-5)
-    # into the base: W0 + the same delta, to float32's rounding of the merge
     into = root / f"{method}-into"
-    res = merge(ads, method, weights=ws, density=0.4, into=base, out=into, progress=False)
+    res = merge(ads, method, weights=ws, into=base, out=into, progress=False, **params)
     assert res.kind == "model"
     b, m = BaseModelFolder(base), BaseModelFolder(into)
     for n, d in ref.items():
         key = f"{n}.weight"
         got = m.read_tensor(key).double() - b.read_tensor(key).double()
         assert float((got - d).abs().max()) < 1e-6 * max(1.0, float(d.abs().max())), n
+    return said.getvalue()
+
+
+def check_untrained(root, method, flags, capsys):
+    """PEFT saves ``B = 0`` before training: adapters saved so merge to a
+    zero adapter of rank 1, which PEFT loads (it cannot load rank 0)."""
+    import copy
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model, ads = tiny_llama(), []
+    for i in range(2):
+        folder = root / f"untrained{i}"
+        if not folder.exists():
+            get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+                folder
+            )
+        ads.append(str(folder))
+    out = root / f"{method}-untrained"
+    assert main(["merge", "-m", method, *flags, *ads, "--out", str(out)]) == 0, capsys.readouterr().err
+    merged = PeftModel.from_pretrained(tiny_llama(), str(out)).merge_and_unload().state_dict()
+    assert all(torch.equal(merged[k], v) for k, v in tiny_llama().state_dict().items())
+
+
+@pytest.mark.parametrize("method", list(REFS))
+def test_it_writes_an_exact_adapter_peft_loads_and_merges_into_a_base(peft_setup, method):
+    root, base, ads, _ = peft_setup
+    ref = reference_deltas(REFS[method], ads, [1.0, 0.6, -0.8], 0.4)
+    check_written_and_into(root, base, ads, method, ["--density", "0.4"], ref, density=0.4)
 
 
 @pytest.mark.parametrize("method", list(REFS))
@@ -232,25 +266,7 @@ def test_knots_cuts_its_basis_at_the_deltas_joint_rank():
 
 @pytest.mark.parametrize("method", list(REFS))
 def test_adapters_saved_untrained_merge_to_a_zero_adapter_peft_loads(peft_setup, capsys, method):
-    """PEFT saves ``B = 0`` before training: the deltas are all zero, KnOTS'
-    basis has rank 0 and was written as a rank-0 module, which the writer
-    refused (PEFT cannot load one); now rank 1, zero."""
-    import copy
-
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    root, *_ = peft_setup
-    model, ads = tiny_llama(), []
-    for i in range(2):
-        folder = root / f"untrained{i}"
-        if not folder.exists():
-            get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
-                folder
-            )
-        ads.append(str(folder))
-    out = root / f"{method}-untrained"
-    assert main(["merge", "-m", method, "--density", "0.5", *ads, "--out", str(out)]) == 0, (
-        capsys.readouterr().err
-    )
-    merged = PeftModel.from_pretrained(tiny_llama(), str(out)).merge_and_unload().state_dict()
-    assert all(torch.equal(merged[k], v) for k, v in tiny_llama().state_dict().items())
+    """The deltas are all zero: KnOTS' basis had rank 0 and was written as a
+    rank-0 module, which the writer refused (PEFT cannot load one); now rank
+    1, zero."""
+    check_untrained(peft_setup[0], method, ["--density", "0.5"], capsys)

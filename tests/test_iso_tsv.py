@@ -11,14 +11,17 @@ import pytest
 import torch
 
 from loramix.adapter import Adapter, ModuleDelta
-from loramix.cli import main
-from loramix.io.model_folder import BaseModelFolder
 from loramix.methods import merge
 
-from .factories import make_peft_adapter, save_base, tiny_llama
-from .test_adapter_output import peft_logits, reference_logits
 from .test_cli_errors import run_error
-from .test_core_space import SHAPES, WS
+from .test_core_space import (
+    SHAPES,
+    WS,
+    check_untrained,
+    check_written_and_into,
+    peft_setup,  # noqa: F401  (the fixture: the same adapters, a, b, c and a DoRA)
+    reference_deltas,
+)
 from .test_merge import F64, MOD, rand_adapters, raw_delta, run_method
 
 EPS = torch.finfo(F64).eps
@@ -119,56 +122,16 @@ def test_an_adapter_given_twice_adds_no_direction():
                                rtol=1e-12, atol=1e-12)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def peft_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("isotsv")
-    model = tiny_llama()
-    base = save_base(model, root / "base")
-    ads = [
-        make_peft_adapter(model, root / "a", seed=1, r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj"]),
-        make_peft_adapter(model, root / "b", seed=2, r=4, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "down_proj"]),
-        make_peft_adapter(model, root / "c", seed=3, r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    ]  # fmt: skip
-    dora = make_peft_adapter(model, root / "dora", seed=5, r=2, use_dora=True, target_modules=["q_proj"])
-    return root, base, [str(a) for a in ads], str(dora)
-
-
-def _reference(method, ads, ws, lam):
-    """module -> the reference merged delta of the adapters' files (a module
-    some adapters leave out merges those that touch it)."""
-    from loramix.io.adapter_files import load_adapter
-
-    loaded = [load_adapter(a) for a in ads]
-    out = {}
-    for n in dict.fromkeys(n for ad in loaded for n in ad.modules):
-        idx = [i for i, ad in enumerate(loaded) if n in ad.modules]
-        out[n] = REFS[method]([loaded[i].modules[n] for i in idx], [ws[i] for i in idx], lam)
-    return out
-
-
 @pytest.mark.parametrize("method", list(REFS))
-def test_it_writes_an_exact_adapter_peft_loads_and_merges_into_a_base(peft_setup, capsys, method):
+def test_it_writes_an_exact_adapter_peft_loads_and_merges_into_a_base(peft_setup, method):  # noqa: F811  (the fixture)
     root, base, ads, _ = peft_setup
-    ws = [1.0, 0.6, -0.8]
-    out = root / method
-    assert main(["merge", "-m", method, "--lambda", "1.3", *ads, "--weights", "1,0.6,-0.8",
-                 "--out", str(out)]) == 0  # fmt: skip
-    said = capsys.readouterr().out
+    ref = reference_deltas(REFS[method], ads, [1.0, 0.6, -0.8], 1.3)
+    said = check_written_and_into(root, base, ads, method, ["--lambda", "1.3"], ref, lambda_=1.3)
     assert ("singular values set to their mean" if method == "iso-c" else "directions decorrelated") in said
-    ref = _reference(method, ads, ws, 1.3)
-    torch.testing.assert_close(peft_logits(out), reference_logits(ref), rtol=0, atol=2e-5)
-    into = root / f"{method}-into"
-    res = merge(ads, method, weights=ws, lambda_=1.3, into=base, out=into, progress=False)
-    assert res.kind == "model"
-    b, m = BaseModelFolder(base), BaseModelFolder(into)
-    for n, d in ref.items():
-        key = f"{n}.weight"
-        got = m.read_tensor(key).double() - b.read_tensor(key).double()
-        assert float((got - d).abs().max()) < 1e-6 * max(1.0, float(d.abs().max())), n
 
 
 @pytest.mark.parametrize("method", list(REFS))
-def test_they_refuse_a_kind_whose_delta_needs_the_base(peft_setup, capsys, method):
+def test_they_refuse_a_kind_whose_delta_needs_the_base(peft_setup, capsys, method):  # noqa: F811  (the fixture)
     root, _, ads, dora = peft_setup
     line = run_error(capsys, ["merge", "-m", method, ads[0], dora, "--out", str(root / "never")],
                      f"method {method} needs lora adapters", "dora adapter", "depend on the base")  # fmt: skip
@@ -177,27 +140,11 @@ def test_they_refuse_a_kind_whose_delta_needs_the_base(peft_setup, capsys, metho
 
 
 @pytest.mark.parametrize("method", list(REFS))
-def test_adapters_saved_untrained_merge_to_a_zero_adapter_peft_loads(peft_setup, capsys, method):
-    """PEFT saves ``B = 0`` before training: every delta is zero, and the
-    merge a zero adapter of rank 1 (PEFT cannot load rank 0)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    root, *_ = peft_setup
-    model, ads = tiny_llama(), []
-    for i in range(2):
-        folder = root / f"untrained{i}"
-        if not folder.exists():
-            get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
-                folder
-            )
-        ads.append(str(folder))
-    out = root / f"{method}-untrained"
-    assert main(["merge", "-m", method, *ads, "--out", str(out)]) == 0, capsys.readouterr().err
-    merged = PeftModel.from_pretrained(tiny_llama(), str(out)).merge_and_unload().state_dict()
-    assert all(torch.equal(merged[k], v) for k, v in tiny_llama().state_dict().items())
+def test_adapters_saved_untrained_merge_to_a_zero_adapter_peft_loads(peft_setup, capsys, method):  # noqa: F811  (the fixture)
+    check_untrained(peft_setup[0], method, [], capsys)
 
 
-def test_iso_c_refuses_a_cut_to_fewer_directions(peft_setup, capsys):
+def test_iso_c_refuses_a_cut_to_fewer_directions(peft_setup, capsys):  # noqa: F811  (the fixture)
     """Its singular values are all equal: ``--out-rank``/``--energy`` would
     keep whichever directions rounding ranks first (a dense reference and the
     factors picked other ones), so they are refused before any work."""
