@@ -905,3 +905,23 @@ def test_data_a_fit_reads_no_feature_of_is_said_unread(bank, similar_merge_well,
         assert "--data unread" not in capsys.readouterr().err
     p = plan(paths[:3], fit=str(fit), data=["synthetic:arith?n=5"], base="b")
     assert any(n.startswith("--data unread") for n in p.notes) and "--data unread" in repr(p)
+
+
+def test_the_merge_commands_name_what_each_method_needs():
+    """A plan names a method, not its options: ties gets the shipped studies'
+    --density 0.5, dare-ties a pointer to the --density it needs, and a method
+    whose options all have defaults (tsv's --lambda) runs as written."""
+    from loramix.cli.plan_cmd import _commands
+
+    groups = [
+        {"group": i + 1, "paths": ["a", "b c"], "method": m}
+        for i, m in enumerate(["sum", "ties", "dare-ties", "tsv"])
+    ]
+    lines = _commands(groups, "base/")
+    assert lines[1:] == [
+        "  group 1: loramix sum a 'b c' --into base/ --out OUT",
+        "  group 2: loramix merge -m ties --density 0.5 a 'b c' --into base/ --out OUT  # --density: the shipped studies'",
+        "  group 3: loramix merge -m dare-ties a 'b c' --into base/ --out OUT  # and dare-ties's --density: merge --help",
+        "  group 4: loramix merge -m tsv a 'b c' --into base/ --out OUT",
+    ]
+    assert _commands([{"group": 1, "paths": ["a"], "method": "keep"}], None) == []

@@ -70,17 +70,22 @@ def command(adapters, fit_path, data, base, tokens, max_len, max_group, budget, 
 def _commands(groups, base) -> list[str]:
     """The command that merges each group of two or more as proposed. A plan
     names a method, not its options: ties gets the shipped studies' --density
-    0.5, any other method but sum a pointer to its options."""
+    0.5, another method that needs an option (dare-ties' --density) a pointer
+    to it, one whose options all have defaults (tsv, iso-c) nothing."""
     import shlex
+
+    from ..methods import get_method
 
     into = shlex.quote(str(base)) if base else "BASE"
     lines = []
     for g in (g for g in groups if len(g["paths"]) > 1):
         m, paths = g["method"], " ".join(shlex.quote(str(x)) for x in g["paths"])
         verb = "sum" if m == "sum" else f"merge -m {m}" + (" --density 0.5" if m == "ties" else "")
-        note = {"sum": "", "ties": "  # --density: the shipped studies'"}.get(
-            m, f"  # and {m}'s options: merge --help"
-        )
+        needs = [p.flag for p in get_method(m).params if p.required]
+        if m == "ties":
+            note = "  # --density: the shipped studies'"
+        else:
+            note = f"  # and {m}'s {', '.join(needs)}: merge --help" if needs else ""
         lines.append(f"  group {g['group']}: loramix {verb} {paths} --into {into} --out OUT{note}")
     return (
         ["to merge (without --into: one adapter, --out-rank K for a dense method):", *lines] if lines else []
