@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shlex
 import warnings
 
 import numpy as np
@@ -75,7 +76,7 @@ def test_cosine_cost_groups_one_adapter_per_cluster(bank):
     assert p.budget == 0.1 and "RMS cosine" in p.cost_source
     assert [sorted(g) for g in _clusters_of(p.groups)] == [[0, 1, 2]] * 3
     for g in p.groups:
-        assert g["cost"] == pytest.approx(0.0, abs=1e-6) and g["method"] == "sum" and g["interval"] is None
+        assert g["cost"] == pytest.approx(0.0, abs=1e-6) and g["method"] == "tsv" and g["interval"] is None
 
 
 @pytest.fixture(scope="module")
@@ -834,7 +835,7 @@ def test_adapters_that_share_no_module_are_grouped_at_cost_0(tmp_path, capsys):
     first, second = adapter("first", MODULES[:1]), adapter("second", MODULES[1:])
     assert main(["plan", first, second, "--format", "json"]) == 0
     groups = json.loads(capsys.readouterr().out)["groups"]
-    assert [(g["members"], g["cost"], g["method"]) for g in groups] == [(["first", "second"], 0.0, "sum")]
+    assert [(g["members"], g["cost"], g["method"]) for g in groups] == [(["first", "second"], 0.0, "tsv")]
     # with a third adapter that shares second's module: the composition's pairs are
     # (first, second) 0, (first, third) 0 and (second, third) its cosine
     third = adapter("third", MODULES[1:])
@@ -847,9 +848,11 @@ def test_adapters_that_share_no_module_are_grouped_at_cost_0(tmp_path, capsys):
     )
 
 
-def test_plan_prints_the_command_that_merges_each_group(bank, capsys):
+def test_plan_prints_the_command_that_merges_each_group(bank, kinds_bank, capsys):
     """A plan names a method; the table ends with the command that merges each group of two or
-    more (ties with the --density it needs, which `merge -m ties` refuses to go without)."""
+    more: tsv for LoRA adapters, with no option to add; for DoRA adapters (which tsv does not
+    take) sum while the cosine is low, else ties with the --density it needs, which `merge -m
+    ties` refuses to go without. Each command runs as printed (BASE and OUT filled in)."""
     paths, _ = bank
 
     def planned(*args):
@@ -858,18 +861,30 @@ def test_plan_prints_the_command_that_merges_each_group(bank, capsys):
         assert main(["plan", *args]) == 0
         return groups, capsys.readouterr().out
 
-    groups, text = planned(*paths, "--max-group", "3", "--budget", "10")  # a sum for each group of three
-    assert [g["method"] for g in groups] == ["sum"] * 3
+    groups, text = planned(*paths, "--max-group", "3", "--budget", "10")  # LoRA groups of three: tsv
+    assert [g["method"] for g in groups] == ["tsv"] * 3
+    assert "tsv for a group of LoRA adapters" in text
     for g in groups:
-        assert f"  group {g['group']}: loramix sum {' '.join(g['paths'])} --into BASE --out OUT\n" in text
-    # two of one cluster (cosine c), a budget of 1.5 c: ties, with its --density
-    (g,), _ = planned(*paths[:2], "--budget", "10")
-    (g,), text = planned(*paths[:2], "--budget", str(1.5 * g["cost"]))
-    assert g["method"] == "ties"
-    assert (f"  group 1: loramix merge -m ties --density 0.5 {' '.join(g['paths'])} --into BASE --out OUT"
-            in text)  # fmt: skip
+        assert (
+            f"  group {g['group']}: loramix merge -m tsv {' '.join(g['paths'])} --into BASE --out OUT\n"
+            in text
+        )
     (_, _), text = planned(*paths[:2], "--max-group", "1")
     assert "loramix" not in text  # groups of one: nothing to merge
+    base, kinds = kinds_bank
+    dora = [kinds["dora0"], kinds["dora1"]]
+    (g,), text = planned(*dora, "--budget", "10")  # DoRA, far under the budget: the sum
+    assert g["method"] == "sum" and f"  group 1: loramix sum {' '.join(dora)} --into BASE --out OUT\n" in text
+    (g,), text = planned(*dora, "--budget", str(1.5 * g["cost"]))  # over half the budget: ties
+    assert g["method"] == "ties"
+    line = f"  group 1: loramix merge -m ties --density 0.5 {' '.join(dora)} --into BASE --out OUT"
+    assert line in text
+    (g,), text = planned(kinds["lora0"], kinds["lora1"], "--budget", "10")
+    assert g["method"] == "tsv"
+    cmd = next(t for t in text.splitlines() if t.startswith("  group 1: loramix "))
+    out = base.parent / "planned-tsv"
+    argv = shlex.split(cmd.split("loramix ", 1)[1].replace("BASE", str(base)).replace("OUT", str(out)))
+    assert main(argv) == 0 and (out / "config.json").is_file()
 
 
 def test_loramix_plan_says_its_notes_in_keyword_terms(kinds_bank):

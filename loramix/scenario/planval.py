@@ -62,8 +62,10 @@ def cost_model(sc: Scenario, results: dict, validations: list[dict]):
     fs = feature_set([results[f"features/{p.adapters}/{p.seed}"]])
     v = _validation_for(validations, p.adapters, pr.target, pr.method)
     if v is None:
+        from .traits import kind_of
+
         return (
-            CostModel(fs),
+            CostModel(fs, kinds=(kind_of(p.adapters),) * len(fs.names)),
             "RMS cosine of the composition (the study validated no predictor for it)",
             None,
             None,
