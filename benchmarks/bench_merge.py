@@ -31,7 +31,7 @@
     each delta and of the stacked vectors), in the same loop; the results
     are compared as a sanity check.
 
-(b) ``ties`` / ``dare-ties`` / ``dare-linear`` / ``core-ties`` into a 124M
+(b) ``ties`` / ``dare-ties`` / ``dare-linear`` / ``core-ties`` / ``tsv`` / ``iso-c`` into a 124M
     GPT-2-small base against ``sum --into``, each a whole ``python -m loramix
     merge`` process (wall time and peak RSS via ``os.wait4``), interleaved.
     Target: within 2x of ``sum``. Reuses ``benchmarks/_work/sum/``
@@ -349,6 +349,8 @@ def bench_into(args) -> list[list[str]]:
         "dare-ties": ["-m", "dare-ties", "--density", "0.5", "--seed", "0"],
         "dare-linear": ["-m", "dare-linear", "--density", "0.5", "--seed", "0"],
         "core-ties": ["-m", "core-ties", "--density", "0.2"],
+        "tsv": ["-m", "tsv"],  # what `loramix plan` proposes for LoRA adapters without a fit
+        "iso-c": ["-m", "iso-c"],
     }
     out = work / "merge" / "out"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,12 +3,14 @@ step and `loramix predict` with a predictors file (issue 10)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -421,6 +423,30 @@ def test_a_plan_group_is_merged_in_the_domains_order(tmp_path):
     assert out["plan"]["retention_pct"] == out["random"][0]["retention_pct"]
     assert out["plan"]["groups"][0]["retention_pct"] == out["random"][0]["groups"][0]["retention_pct"]
     assert (out["comparison"]["ties"], out["comparison"]["loses"], out["comparison"]["rank"]) == (1, 0, 1)
+
+
+def test_a_plan_without_a_validated_predictor_takes_the_cosine_rule(tmp_path):
+    """Where the study validated no predictor, its plan is costed by the RMS cosine and
+    takes ``loramix plan``'s rule without ``--fit``: ``tsv`` for a group of the study's
+    LoRA adapters (a DoRA study's groups get the sum, or TIES over half the budget)."""
+    from loramix.features import FeatureSet
+    from loramix.grouping import RULE_COSINE
+    from loramix.scenario import planval
+
+    sc = load_scenario(_write(tmp_path, STUDY))
+    names = list(sc.domains)
+    cos = np.full((len(names), len(names)), 0.03)
+    np.fill_diagonal(cos, 1.0)
+    fs = FeatureSet(names=names, matrices={"rms_cosine": cos, "coverage": np.ones_like(cos)})
+    fs.aggregate.update(rms_cosine="rms", coverage="mean")
+    results = {f"features/{sc.plan.adapters}/{sc.plan.seed}": fs.to_json_dict()}
+    model, source, validated, vbm = planval.cost_model(sc, results, [])
+    assert "validated no predictor" in source and validated is None and vbm is None
+    assert model.rule == RULE_COSINE and model.method([0, 1], 0.1) == "tsv"
+    assert model.cost([0, 1])[0] == pytest.approx(0.03)
+    sc = dataclasses.replace(sc, plan=dataclasses.replace(sc.plan, adapters="dora"))
+    dora, *_ = planval.cost_model(sc, {f"features/dora/{sc.plan.seed}": results.popitem()[1]}, [])
+    assert dora.method([0, 1], 0.1) == "sum" and dora.method([0, 1], 0.05) == "ties"
 
 
 def _train_files(sc, cache) -> list[str]:
