@@ -169,6 +169,39 @@ def test_weight_space_features_equal_dense_reference():
             assert fs.matrices["subspace_overlap"][i, j] == pytest.approx(np.mean(ov), rel=1e-9)
 
 
+def test_each_feature_alone_equals_it_among_all_and_the_table_is_made_for_those_that_read_it(monkeypatch):
+    """The similarity's per-module table (2M rows for 1,000 adapters on 4 modules, most of a
+    plan's time and memory) is made only where a computed feature reads it (``per_module``):
+    each feature computed alone gives its matrices bit for bit as among all, and a feature
+    that reads the table without saying so still gets it (made again)."""
+    import loramix.features._context as context
+    import loramix.overlap as overlap
+
+    ads = _bank()
+    _, grams = _grams(ads)
+    cal = from_grams(ads, grams)
+    made = []
+    real = overlap.similarity
+
+    def spy(*args, per_module=False, **kw):
+        made.append(per_module)
+        return real(*args, per_module=per_module, **kw)
+
+    monkeypatch.setattr(overlap, "similarity", spy)
+    every = compute_features(ads, calibration=cal)
+    assert made == [True]
+    for name, f in registry().items():
+        made.clear()
+        alone = compute_features(ads, calibration=cal, only=[name])
+        assert made in ([], [f.per_module]), (name, made)
+        for k, m in alone.matrices.items():
+            np.testing.assert_array_equal(m, every.matrices[k], err_msg=k)
+        assert set(alone.matrices) == {k for k in every.matrices if k == name or k.startswith(name + ":")}
+    made.clear()
+    ctx = context.FeatureContext(ads, with_per_module=False)
+    assert not ctx.similarity.per_module.shape[0] and ctx.per_module.shape[0] > 0 and made == [False, True]
+
+
 def test_shared_initial_a_gives_full_subspace_overlap():
     ads = _bank(n=3)  # adapters 0 and 2 have rank 2 everywhere
     for m, d in ads[2].modules.items():

@@ -42,6 +42,9 @@ class Feature:
     ``compute(ctx)`` returns ``{matrix name: (N, N) ndarray}``; the names must
     start with ``name`` (``name`` itself or ``name:suffix``) so that no two
     features can produce the same column. ``data_aware``: needs ``ctx.calibration``.
+    ``per_module``: reads the similarity's per-module table (``ctx.per_module``),
+    which is then made with the similarity, once; without a feature that reads
+    it, the similarity skips it.
     """
 
     name: str
@@ -50,6 +53,7 @@ class Feature:
     aggregate: str = "rms"  # or "mean", "member_sum"
     directional: frozenset[str] = frozenset()  # matrix names not symmetric
     doc: str = ""
+    per_module: bool = False
 
 
 AGGREGATES = ("rms", "mean", "member_sum")
@@ -140,11 +144,11 @@ def compute_features(adapters, *, calibration=None, only: list[str] | None = Non
                 "features", f"unknown feature(s) {', '.join(unknown)}; known: {', '.join(feats)}"
             )
         feats = {k: feats[k] for k in only}
-    ctx = FeatureContext(list(adapters), calibration=calibration, base=base)
+    feats = {k: f for k, f in feats.items() if calibration is not None or not f.data_aware}
+    ctx = FeatureContext(list(adapters), calibration=calibration, base=base,
+                         with_per_module=any(f.per_module for f in feats.values()))  # fmt: skip
     out = FeatureSet(names=ctx.names)
     for f in feats.values():
-        if f.data_aware and calibration is None:
-            continue
         for key, m in f.compute(ctx).items():
             if key != f.name and not key.startswith(f.name + ":"):
                 raise ValueError(f"feature {f.name!r} produced a matrix named {key!r}")

@@ -25,6 +25,9 @@ class FeatureContext:
     adapters: list[Adapter]
     calibration: object | None = None  # loramix.features._calibration.Calibration
     base: object | None = None  # a base model folder: the similarity's effective deltas (compute_features)
+    #: whether :attr:`similarity` is computed with its per-module table (a feature that reads it
+    #: says so, ``Feature.per_module``): 2M rows for 1,000 adapters on 4 modules, most of a plan's memory
+    with_per_module: bool = True
     names: list[str] = field(init=False)
     _sim: object | None = field(default=None, init=False, repr=False)
 
@@ -49,12 +52,23 @@ class FeatureContext:
 
     @property
     def similarity(self):
-        """:func:`loramix.overlap.similarity` with ``per_module=True``, computed once."""
+        """:func:`loramix.overlap.similarity`, computed once (with its per-module
+        table where :attr:`with_per_module`)."""
         if self._sim is None:
             from ..overlap import similarity
 
-            self._sim = similarity(self.adapters, base=self.base, per_module=True, progress=False)
+            self._sim = similarity(self.adapters, base=self.base, per_module=self.with_per_module,
+                                   progress=False)  # fmt: skip
         return self._sim
+
+    @property
+    def per_module(self) -> pd.DataFrame:
+        """The similarity's per-module table (:attr:`SimilarityResult.per_module`);
+        computed again, with the table, where the first similarity was made
+        without one (a feature that reads it and did not say so: right, if slower)."""
+        if not self.with_per_module:
+            self.with_per_module, self._sim = True, None
+        return self.similarity.per_module
 
     def modules(self) -> dict[str, list[int]]:
         """Module name -> indices of the adapters that adapt it (first-seen order)."""

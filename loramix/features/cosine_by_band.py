@@ -33,7 +33,7 @@ def _groups(ctx):
 
     layers = [module_layer_type(m)[0] for m in ctx.modules()]
     known = [x for x in layers if x is not None]
-    per = ctx.similarity.per_module
+    per = ctx.per_module
     if not known or per.empty:
         return {}
     per = per[per["layer"].notna()]
@@ -49,7 +49,17 @@ def _mean(ctx):
     return {f"band_mean_cosine:{g}": mn for g, (_, mn) in _groups(ctx).items()}
 
 
-register(Feature("band_rms_cosine", _rms, aggregate="rms", doc="RMS cosine per third of the depth"))
 register(
-    Feature("band_mean_cosine", _mean, aggregate="mean", doc="signed mean cosine per third of the depth")
+    Feature(
+        "band_rms_cosine", _rms, aggregate="rms", doc="RMS cosine per third of the depth", per_module=True
+    )
+)
+register(
+    Feature(
+        "band_mean_cosine",
+        _mean,
+        aggregate="mean",
+        doc="signed mean cosine per third of the depth",
+        per_module=True,
+    )
 )

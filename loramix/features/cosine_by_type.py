@@ -18,7 +18,7 @@ from ._context import grouped_cosines
 
 
 def _groups(ctx):
-    per = ctx.similarity.per_module
+    per = ctx.per_module
     return grouped_cosines(per, per["type"], ctx.n)
 
 
@@ -30,5 +30,9 @@ def _mean(ctx):
     return {f"type_mean_cosine:{g}": mn for g, (_, mn) in _groups(ctx).items()}
 
 
-register(Feature("type_rms_cosine", _rms, aggregate="rms", doc="RMS cosine per module type"))
-register(Feature("type_mean_cosine", _mean, aggregate="mean", doc="signed mean cosine per module type"))
+register(Feature("type_rms_cosine", _rms, aggregate="rms", doc="RMS cosine per module type", per_module=True))
+register(
+    Feature(
+        "type_mean_cosine", _mean, aggregate="mean", doc="signed mean cosine per module type", per_module=True
+    )
+)
