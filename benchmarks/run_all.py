@@ -38,6 +38,7 @@ BENCHMARKS = {
     "startup": ("bench_startup.py", [], 12),
     "scenario": ("bench_scenario.py", [], 12),
     "bank": ("bench_bank.py", [], 12),
+    "plan": ("bench_plan.py", [], 12),
     "scale": ("bench_scale.py", ["--repeat", "2"], 12),
     "ties-parts": ("bench_ties_parts.py", [], 12),
     "gguf": ("bench_gguf.py", ["--repeat", "1"], 14),

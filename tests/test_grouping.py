@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import shlex
 import warnings
 
@@ -12,6 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loramix.cli import main
 from loramix.grouping import greedy_groups, method_for, plan
@@ -191,6 +194,45 @@ def test_greedy_groups_and_method_rule():
     assert method_for(3, 0.4, None, 1.0) == "sum"
     assert method_for(3, 0.4, 0.6, 1.0) == "ties"  # the interval's upper end decides
     assert method_for(3, 0.9, None, 1.0) == "ties"
+
+
+def _scan_groups(n, cost, budget, max_group):
+    """The grouping as it was first written: every pair of groups scanned at each step,
+    the first of lowest cost merged in place (the reference ``greedy_groups`` must equal)."""
+    groups = [[i] for i in range(n)]
+    while True:
+        best = None
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                if len(groups[a]) + len(groups[b]) > max_group:
+                    continue
+                v = cost(sorted(groups[a] + groups[b]))[0]
+                if math.isfinite(v) and v <= budget and (best is None or v < best[0]):
+                    best = (v, a, b)
+        if best is None:
+            return sorted(groups, key=lambda g: (-len(g), g))
+        _, a, b = best
+        groups[a] = sorted(groups[a] + groups[b])
+        del groups[b]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(2, 9).flatmap(lambda n: st.tuples(
+    st.just(n), st.lists(st.sampled_from([0.0, 1.0, 2.0, 3.0, math.inf, math.nan]), min_size=n * n, max_size=n * n),
+    st.sampled_from([0.0, 1.0, 1.5, 2.5, 10.0]), st.integers(1, 5), st.sampled_from(["rms", "max", "sum"]))))  # fmt: skip
+def test_greedy_groups_by_a_heap_are_the_scans(case):
+    """The heap's groups are the scan's, to the order of equal costs: small whole-number pair
+    costs (many ties), unusable pairs (inf, NaN), and several ways to cost a union."""
+    n, flat, budget, max_group, how = case
+    w = np.array(flat).reshape(n, n)
+
+    def cost(m):
+        vals = [w[i, j] for a, i in enumerate(m) for j in m[a + 1 :]]
+        v = {"rms": lambda: float(np.sqrt(np.mean(np.square(vals)))), "max": lambda: max(vals),
+             "sum": lambda: float(sum(vals))}[how]()  # fmt: skip
+        return v, None, None
+
+    assert greedy_groups(n, cost, budget, max_group) == _scan_groups(n, cost, budget, max_group)
 
 
 def _one_line_error(capsys, argv, needle):
