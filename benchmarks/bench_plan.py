@@ -9,6 +9,11 @@
     costs spread and a plan merges across topics, as ``tests/test_grouping.py``'s
     banks do. The scan costs ``O(n^3)`` look-ups, the heap ``O(n^2 log n)``.
 
+    A third column times the same heap on a study's predictors file with a
+    predictor per merge method (``reports/merge-methods-14-domains``: four
+    methods, each union costed under each), on synthetic matrices of the
+    features its predictors read: what ``plan --fit`` adds per union.
+
 (b) Whole processes over ``--n`` small PEFT LoRA adapters (GPT-2-shaped, one
     layer at 1/12 width, rank 8, on disk): ``loramix plan`` against
     ``loramix similarity`` of the same adapters, the cosines the plan's cost
@@ -80,6 +85,26 @@ def topic_cosines(n: int, seed: int = 0):
     return c
 
 
+FITTED = HERE.parent / "reports" / "merge-methods-14-domains" / "predictors.json"
+
+
+def fitted_model(n: int):
+    """A :class:`CostModel` of :data:`FITTED`'s predictors (one per merge method)
+    over synthetic matrices of the features they read, for ``n`` adapters."""
+    import json
+
+    from loramix.features import FeatureSet
+    from loramix.grouping import CostModel, fit_features
+
+    d = json.loads(FITTED.read_text())
+    methods = {m: e["fit"] for m, e in d["by_method"].items()}
+    need = sorted({f for fi in [d["fits"][d["best"]], *methods.values()] for f in fit_features(fi)})
+    fs = FeatureSet(names=[f"a{i:04d}" for i in range(n)])
+    for k, f in enumerate(need):
+        fs.matrices[f], fs.aggregate[f] = 0.1 * topic_cosines(n, seed=k + 1), "rms"
+    return CostModel(fs, d["fits"][d["best"]], d["level"], methods), len(methods)
+
+
 def bench_grouping(sizes: list[int], max_group: int, budget: float, scan_limit: float) -> list[list[str]]:
     from loramix.features import FeatureSet
     from loramix.grouping import CostModel, greedy_groups
@@ -94,17 +119,23 @@ def bench_grouping(sizes: list[int], max_group: int, budget: float, scan_limit: 
         heap = greedy_groups(n, model.cost, budget, max_group)
         t_heap = time.perf_counter() - t
         merged = sum(len(g) for g in heap if len(g) > 1)
+        fitted, n_methods = fitted_model(n)
+        t = time.perf_counter()
+        greedy_groups(n, fitted.cost, 15.0, max_group)  # a budget of 15 points of retention: most unions
+        t_fit = f"{time.perf_counter() - t:.2f}"
         if skip_scan:
-            rows.append([str(n), f"{t_heap:.3f}", "(not run)", "", f"{len(heap)} groups, {merged} merged"])
+            rows.append(
+                [str(n), f"{t_heap:.3f}", t_fit, "(not run)", "", f"{len(heap)} groups, {merged} merged"]
+            )
             continue
         t = time.perf_counter()
         scan = scan_groups(n, model.cost, budget, max_group)
         t_scan = time.perf_counter() - t
         assert scan == heap, f"n={n}: the heap's groups are not the scan's"
         skip_scan = t_scan > scan_limit  # the next size would take 8x as long
-        rows.append([str(n), f"{t_heap:.3f}", f"{t_scan:.2f}", f"{t_scan / t_heap:.0f}x",
+        rows.append([str(n), f"{t_heap:.3f}", t_fit, f"{t_scan:.2f}", f"{t_scan / t_heap:.0f}x",
                      f"{len(heap)} groups, {merged} merged; same groups"])  # fmt: skip
-    return rows
+    return rows, n_methods
 
 
 def child_generate(work: str, n: str) -> None:
@@ -166,8 +197,9 @@ def main(argv=None) -> None:
     print("# plan benchmark\n")
     print(f"(a) the grouping alone, in process: RMS-cosine cost, budget {args.budget}, groups of at most "
           f"{args.max_group}; seconds\n")  # fmt: skip
-    rows = bench_grouping(args.sizes, args.max_group, args.budget, args.scan_limit)
-    print(markdown_table(["adapters", "heap (s)", "scan (s)", "scan / heap", "plan"], rows))
+    rows, n_methods = bench_grouping(args.sizes, args.max_group, args.budget, args.scan_limit)
+    fit_col = f"heap, --fit of {n_methods} methods (s)"
+    print(markdown_table(["adapters", "heap (s)", fit_col, "scan (s)", "scan / heap", "plan (cosine)"], rows))
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"\n(b) whole processes over {args.n} PEFT LoRA adapters (one GPT-2 layer at 1/12 width, rank 8)\n")
     rows = bench_processes(args.n, args.work, args.max_group, args.old, args.old_timeout)

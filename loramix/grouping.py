@@ -115,9 +115,18 @@ class CostModel:
         x = {f: self.features.composition(f, members) for f in fit_features(fit)}
         if any(not math.isfinite(v) for v in x.values()):
             return float("nan"), None, None
-        from .validation import predict_from
+        return self._predictor(fit)(x)
 
-        return predict_from(fit, x, self.level)
+    def _predictor(self, fit: dict):
+        """``predict_from(fit, ., level)`` with the fit read once (a plan costs
+        ``n^2 / 2`` unions or more: reading the fit anew was a quarter of it);
+        the same arithmetic, so the same bits."""
+        cache = self.__dict__.setdefault("_predictors", {})
+        if id(fit) not in cache:
+            from .validation import predictor_of
+
+            cache[id(fit)] = (fit, predictor_of(fit, self.level))  # the fit held: its id stays its own
+        return cache[id(fit)][1]
 
     def method_costs(self, members: list[int]) -> dict[str, tuple[float, float | None, float | None]]:
         """``{method: (cost, low, high)}`` under each merge method's predictor (empty for one adapter)."""

@@ -233,10 +233,10 @@ def _ridge_value(ybar: float, mu: np.ndarray, sd: np.ndarray, beta: np.ndarray, 
 def predict_from(fit: dict, x: dict, level: float = 0.9) -> tuple[float, float | None, float | None]:
     """``(y_hat, low, high)`` of a fitted predictor at feature values ``x``
     (feature name -> composition value); no interval where the fit has too few points."""
-    return _predictor_of(fit, level)(x)
+    return predictor_of(fit, level)(x)
 
 
-def _predictor_of(fit: dict, level: float = 0.9):
+def predictor_of(fit: dict, level: float = 0.9):
     """:func:`predict_from` of ``fit`` as a function of ``x``, the fit read once:
     a validation fold predicts many compositions from one fit, and reading the
     fit (a line's :class:`~loramix.fit.LinearFit`, a ridge's arrays) cost more
@@ -477,7 +477,7 @@ def validate(compositions, y, X: pd.DataFrame, *, level: float = 0.9, lambdas=LA
     for d, tr, te in splits:
         fits = fit_all([comps[k] for k in tr], y[tr], X.iloc[tr], level, lambdas, pairsum, loo=False)
         for name, fit in fits.items():
-            at = _predictor_of(fit, level)
+            at = predictor_of(fit, level)
             for k in te:
                 yh, lo, hi = at(xs[k])
                 rows.append((name, d, label(comps[k]), float(y[k]), yh, lo, hi))
@@ -515,7 +515,7 @@ def nested_selection(comps, y: np.ndarray, X: pd.DataFrame, pred: pd.DataFrame, 
         except UsageError:  # no domain of the training part can be held out: nothing to choose by
             continue
         chosen[d] = inner.best
-        at = _predictor_of(inner.fits[inner.best], level)
+        at = predictor_of(inner.fits[inner.best], level)
         rows += [(float(y[k]), *at(xs[k])) for k in te]
     if not rows:
         return {"n": 0, "r": None, "r2": None, "mae": None, "coverage": None, "mean_mae": None, "chosen": {}}
