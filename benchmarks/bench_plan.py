@@ -3,7 +3,8 @@
 (a) In process, the grouping alone (:func:`loramix.grouping.greedy_groups`)
     on the RMS-cosine cost of ``n`` adapters, against the scan it replaced
     (every pair of groups scanned at each step, the first of lowest cost
-    merged: ``scan_groups`` below, the code of loramix before it), on the same
+    merged: :func:`loramix.grouping.scan_groups`, the code of loramix before
+    it), on the same
     cost model, for growing ``n``. The two must give the same groups (checked).
     The cosines come from a model of three "topics" with noise, so that the
     costs spread and a plan merges across topics, as ``tests/test_grouping.py``'s
@@ -27,7 +28,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import subprocess
 import sys
@@ -40,34 +40,6 @@ sys.path.insert(0, str(HERE.parent))
 from _common import machine_line, markdown_table, run_measured  # noqa: E402
 
 WORK = HERE / "_work" / "plan"
-
-
-def scan_groups(n: int, cost, budget: float, max_group: int) -> list[list[int]]:
-    """The grouping as loramix ran it before the heap: every pair of groups
-    scanned at each step (costs memoised), the first of lowest cost merged in place."""
-    groups = [[i] for i in range(n)]
-    memo: dict[tuple[int, ...], float] = {}
-
-    def c(members):
-        key = tuple(sorted(members))
-        if key not in memo:
-            memo[key] = cost(list(key))[0]
-        return memo[key]
-
-    while True:
-        best = None
-        for a in range(len(groups)):
-            for b in range(a + 1, len(groups)):
-                if len(groups[a]) + len(groups[b]) > max_group:
-                    continue
-                v = c(groups[a] + groups[b])
-                if math.isfinite(v) and v <= budget and (best is None or v < best[0]):
-                    best = (v, a, b)
-        if best is None:
-            return sorted(groups, key=lambda g: (-len(g), g))
-        _, a, b = best
-        groups[a] = sorted(groups[a] + groups[b])
-        del groups[b]
 
 
 def topic_cosines(n: int, seed: int = 0):
@@ -107,7 +79,7 @@ def fitted_model(n: int):
 
 def bench_grouping(sizes: list[int], max_group: int, budget: float, scan_limit: float) -> list[list[str]]:
     from loramix.features import FeatureSet
-    from loramix.grouping import CostModel, greedy_groups
+    from loramix.grouping import CostModel, greedy_groups, scan_groups
 
     rows, skip_scan = [], False
     for n in sizes:

@@ -37,7 +37,7 @@ linkage of pair costs), so a group's cost is exactly what is reported.
 Method rule: a group of one is kept as is (``keep``). With predictors per merge
 method, a merged group gets the method of lowest predicted cost (above), so the
 groups are chosen by the cost of the method they will be merged by. Without a
-predictors file (the cost is the RMS cosine, which no method's), a group of
+predictors file (the cost is the RMS cosine, which is no method's), a group of
 LoRA adapters gets ``tsv`` (TSV-Merge): on the fourteen real domains' pairs and
 triples it kept more of the worst member's gain than the sum in 99 of 101
 compositions and than TIES in 84 (reports/merge-methods-14-domains), and where
@@ -218,6 +218,38 @@ def greedy_groups(n: int, cost, budget: float, max_group: int) -> list[list[int]
             if o != a:
                 offer(min(a, o), max(a, o))
     return sorted(groups.values(), key=lambda g: (-len(g), g))
+
+
+def scan_groups(n: int, cost, budget: float, max_group: int) -> list[list[int]]:
+    """:func:`greedy_groups` in its plainest form, as loramix first ran it: at
+    each step every pair of groups is scanned, the groups kept in place as they
+    merge, and the first union of lowest cost merged. ``O(n^3)`` look-ups (two
+    minutes for 1,000 adapters); the definition :func:`greedy_groups` keeps,
+    to the order of equal costs, which the tests and ``benchmarks/bench_plan.py``
+    hold it to."""
+    groups = [[i] for i in range(n)]
+    memo: dict[tuple[int, ...], float] = {}  # a union is costed once, as it was
+
+    def c(members: list[int]) -> float:
+        key = tuple(sorted(members))
+        if key not in memo:
+            memo[key] = cost(list(key))[0]
+        return memo[key]
+
+    while True:
+        best = None
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                if len(groups[a]) + len(groups[b]) > max_group:
+                    continue
+                v = c(groups[a] + groups[b])
+                if math.isfinite(v) and v <= budget and (best is None or v < best[0]):
+                    best = (v, a, b)
+        if best is None:
+            return sorted(groups, key=lambda g: (-len(g), g))
+        _, a, b = best
+        groups[a] = sorted(groups[a] + groups[b])
+        del groups[b]
 
 
 def method_for(size: int, cost: float, high: float | None, budget: float) -> str:

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loramix.cli import main
-from loramix.grouping import greedy_groups, method_for, plan
+from loramix.grouping import greedy_groups, method_for, plan, scan_groups
 from loramix.io.adapter_files import save_peft_adapter
 from loramix.validation import validate, write_predictors
 
@@ -196,26 +196,6 @@ def test_greedy_groups_and_method_rule():
     assert method_for(3, 0.9, None, 1.0) == "ties"
 
 
-def _scan_groups(n, cost, budget, max_group):
-    """The grouping as it was first written: every pair of groups scanned at each step,
-    the first of lowest cost merged in place (the reference ``greedy_groups`` must equal)."""
-    groups = [[i] for i in range(n)]
-    while True:
-        best = None
-        for a in range(len(groups)):
-            for b in range(a + 1, len(groups)):
-                if len(groups[a]) + len(groups[b]) > max_group:
-                    continue
-                v = cost(sorted(groups[a] + groups[b]))[0]
-                if math.isfinite(v) and v <= budget and (best is None or v < best[0]):
-                    best = (v, a, b)
-        if best is None:
-            return sorted(groups, key=lambda g: (-len(g), g))
-        _, a, b = best
-        groups[a] = sorted(groups[a] + groups[b])
-        del groups[b]
-
-
 @settings(max_examples=300, deadline=None)
 @given(st.integers(2, 9).flatmap(lambda n: st.tuples(
     st.just(n), st.lists(st.sampled_from([0.0, 1.0, 2.0, 3.0, math.inf, math.nan]), min_size=n * n, max_size=n * n),
@@ -232,7 +212,7 @@ def test_greedy_groups_by_a_heap_are_the_scans(case):
              "sum": lambda: float(sum(vals))}[how]()  # fmt: skip
         return v, None, None
 
-    assert greedy_groups(n, cost, budget, max_group) == _scan_groups(n, cost, budget, max_group)
+    assert greedy_groups(n, cost, budget, max_group) == scan_groups(n, cost, budget, max_group)
 
 
 def _one_line_error(capsys, argv, needle):
