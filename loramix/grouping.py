@@ -177,7 +177,7 @@ class CostModel:
         return method_for(len(members), cost, high, budget)
 
 
-def greedy_groups(n: int, cost, budget: float, max_group: int) -> list[list[int]]:
+def greedy_groups(n: int, cost, budget: float, max_group: int, bar=None) -> list[list[int]]:
     """Greedy agglomerative grouping of ``0..n-1`` (module docstring); ``cost(members)``
     returns the predicted cost first, for ``members`` sorted. Groups come out sorted,
     largest first.
@@ -191,7 +191,9 @@ def greedy_groups(n: int, cost, budget: float, max_group: int) -> list[list[int]
     has since merged is dropped when it surfaces. So a plan of ``n`` adapters
     costs ``O(n^2)`` unions (``n^2 / 2`` pairs, then ``n`` per merge) and the
     heap's ``log``, where a scan of every pair at every step cost ``O(n^3)``
-    look-ups: minutes for 1,000 adapters.
+    look-ups: minutes for 1,000 adapters. ``bar``: a progress bar
+    (:func:`loramix.progress.progress_bar`) the first costing of the pairs,
+    half or more of the work, moves.
     """
     import heapq
 
@@ -208,6 +210,8 @@ def greedy_groups(n: int, cost, budget: float, max_group: int) -> list[list[int]
     for b in range(n):
         for a in range(b):
             offer(a, b)
+        if bar is not None:
+            bar.update(b)
     while heap:
         _, a, b, size_a, size_b = heapq.heappop(heap)
         # a group only grows and keeps its smallest member: one of another size has merged since
@@ -503,7 +507,9 @@ def cost_model(adapters, fit_path, data, base, tokens, device, *, by_method: boo
         raise UsageError(fit_path, f"predictor {who} needs data-aware feature {feat}: give --base and --data")
     # a fit's features are the study's, on residuals: only the cosine cost reads effective deltas
     on = base if effective and fit is None else None
-    feats = compute_features(adapters, calibration=calibration, only=sorted(needed), base=on)
+    feats = compute_features(
+        adapters, calibration=calibration, only=sorted(needed), base=on, progress=progress
+    )
     if fit is None:
         on_what = ", on the effective deltas against the base" if on is not None else ""
         kinds = tuple(a.method for a in adapters)
@@ -633,7 +639,9 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     loads, read by the calibration pass only. ``base`` (with ``fit``),
     ``tokens``, ``max_len`` and another ``device`` than ``"cpu"`` set that
     pass, so without ``data`` they are refused, as ``loramix plan`` refuses
-    them. ``progress``: a bar of the calibration pass (on a terminal).
+    them. ``progress``: bars of the calibration pass, the similarity the
+    features read and the pairs' costing (on a terminal; elsewhere a plain
+    line a minute, :mod:`loramix.progress`).
 
     Adapters of several kinds (LoRA, DoRA, D2-LoRA): without ``fit`` they
     are grouped together, with one note (a mixed group merges into the base
@@ -683,7 +691,7 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
                                           max_len=max_len, progress=progress, effective=effective)  # fmt: skip
     vbm = by_method_records(fitfile["by_method"]) if model.method_aware else None
     p = plan_with(model, source=source, validated=validated, max_group=max_group, budget=budget,
-                  validated_by_method=vbm)  # fmt: skip
+                  validated_by_method=vbm, progress=progress)  # fmt: skip
     p.warnings = warnings + _describe(p, model, adapters, items, fit=fit, fitfile=fitfile, data=data,
                                       effective=effective)  # fmt: skip
     return p
@@ -790,15 +798,23 @@ def describe_groups(model: CostModel, groups: list[list[int]], budget: float) ->
 
 
 def plan_with(model: CostModel, *, source: str, validated: dict | None = None, max_group: int = 4,
-              budget: float | None = None, validated_by_method: dict | None = None) -> Plan:  # fmt: skip
+              budget: float | None = None, validated_by_method: dict | None = None,
+              progress: bool = False) -> Plan:  # fmt: skip
     """The plan of :func:`plan` from a ready cost model (the features already
-    computed, e.g. by a scenario's features step)."""
+    computed, e.g. by a scenario's features step); ``progress``: a bar of the
+    pairs' costing (seconds for 1,000 adapters by the cosine, tens under a
+    study's predictors)."""
+    from .progress import progress_bar
+
     b = model.default_budget if budget is None else float(budget)
     names = list(model.features.names)
+    n = len(names)
     # search in the order of the names, so that ties (equal predicted costs, e.g. the mean
     # predictor's) go the same way whatever order the adapters were given in
-    order = sorted(range(len(names)), key=lambda i: (names[i], i))
-    groups = greedy_groups(len(names), lambda m: model.cost([order[i] for i in m]), b, max_group)
+    order = sorted(range(n), key=lambda i: (names[i], i))
+    with progress_bar(total=n * (n - 1) // 2, desc="plan: costing pairs", unit="pair",
+                      delay=0.5, leave=False, progress=progress) as bar:  # fmt: skip
+        groups = greedy_groups(n, lambda m: model.cost([order[i] for i in m]), b, max_group, bar=bar)
     groups = [[order[i] for i in g] for g in groups]  # members and groups in the names' order
     return Plan(names, describe_groups(model, groups, b), b, max_group, source, validated, model.rule,
                 validated_by_method)  # fmt: skip

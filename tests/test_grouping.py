@@ -215,6 +215,24 @@ def test_greedy_groups_by_a_heap_are_the_scans(case):
     assert greedy_groups(n, cost, budget, max_group) == scan_groups(n, cost, budget, max_group)
 
 
+def test_plan_says_how_far_it_is_and_is_quiet_when_asked(bank, capsys, monkeypatch):
+    """A plan of a thousand adapters spends minutes in the similarity and seconds (tens,
+    under a study's predictors) costing pairs: where stderr is not a terminal, plain
+    progress lines say so (here one at every update); ``--no-progress`` and ``--quiet``
+    say nothing, and the plan is the same."""
+    paths, _ = bank
+    monkeypatch.setenv("LORAMIX_PROGRESS_EVERY", "0")
+    assert main(["plan", *paths, "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    n = len(paths)
+    assert f"plan: costing pairs: {n * (n - 1) // 2}/{n * (n - 1) // 2} pairs (100%)" in err
+    assert f"loramix: loading: {n}/{n} adapters (100%)" in err  # the similarity's bar
+    for flag in ("--no-progress", "--quiet"):
+        assert main(["plan", *paths, "--format", "json", flag]) == 0
+        quiet = capsys.readouterr()
+        assert quiet.out == out and quiet.err == ""
+
+
 def _one_line_error(capsys, argv, needle):
     capsys.readouterr()  # drop what earlier steps printed
     assert main(argv) == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from . import calibration_options, check_calibration_args, device_opt, format_option
+from . import calibration_options, check_calibration_args, device_opt, format_option, progress_option
 
 
 @click.command("plan")
@@ -34,7 +34,10 @@ from . import calibration_options, check_calibration_args, device_opt, format_op
 @device_opt("cpu", "Where the calibration forward passes run (with --data)")
 @format_option
 @click.option("--json", "as_json", is_flag=True, hidden=True, help="Same as --format json.")
-def command(adapters, fit_path, data, base, tokens, max_len, max_group, budget, device, fmt, as_json):
+@progress_option
+def command(
+    adapters, fit_path, data, base, tokens, max_len, max_group, budget, device, fmt, as_json, progress
+):
     """Propose groups of ADAPTERS to merge, with each group's predicted cost and a method."""
     import json
     import os
@@ -53,7 +56,7 @@ def command(adapters, fit_path, data, base, tokens, max_len, max_group, budget, 
     check_device_arg(data, device,
                      given=click.get_current_context().get_parameter_source("device") != ParameterSource.DEFAULT)  # fmt: skip
     p = plan(list(adapters), fit=fit_path, data=list(data) or None, base=base, max_group=max_group,
-             budget=budget, tokens=tokens, device=device, max_len=max_len, progress=True)  # fmt: skip
+             budget=budget, tokens=tokens, device=device, max_len=max_len, progress=progress)  # fmt: skip
     for w in p.warnings:
         click.echo(f"loramix: warning: {fit_path}: {w}", err=True)
     for n in p.notes:

@@ -123,7 +123,9 @@ def composition_value(matrix: np.ndarray, members: list[int], aggregate: str = "
     return sum(vals) / len(vals)
 
 
-def compute_features(adapters, *, calibration=None, only: list[str] | None = None, base=None) -> FeatureSet:
+def compute_features(
+    adapters, *, calibration=None, only: list[str] | None = None, base=None, progress: bool = False
+) -> FeatureSet:
     """Compute the registered features for loaded ``adapters``.
 
     Data-aware features are computed only when ``calibration`` (from
@@ -132,7 +134,9 @@ def compute_features(adapters, *, calibration=None, only: list[str] | None = Non
     ``base``: a base model folder; the weight-space features then read the
     effective deltas ``W_hat - W0`` of the kinds that need the base (DoRA,
     D2-LoRA; torch-loaded adapters), as :func:`loramix.overlap.similarity`
-    with ``base``. None (a study's features): their residuals.
+    with ``base``. None (a study's features): their residuals. ``progress``:
+    the similarity's bars, as ``loramix similarity`` draws them (a plan of a
+    thousand adapters spends minutes there).
     """
     from ._context import FeatureContext
 
@@ -146,7 +150,7 @@ def compute_features(adapters, *, calibration=None, only: list[str] | None = Non
         feats = {k: feats[k] for k in only}
     feats = {k: f for k, f in feats.items() if calibration is not None or not f.data_aware}
     ctx = FeatureContext(list(adapters), calibration=calibration, base=base,
-                         with_per_module=any(f.per_module for f in feats.values()))  # fmt: skip
+                         with_per_module=any(f.per_module for f in feats.values()), progress=progress)  # fmt: skip
     out = FeatureSet(names=ctx.names)
     for f in feats.values():
         for key, m in f.compute(ctx).items():

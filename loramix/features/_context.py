@@ -28,6 +28,7 @@ class FeatureContext:
     #: whether :attr:`similarity` is computed with its per-module table (a feature that reads it
     #: says so, ``Feature.per_module``): 2M rows for 1,000 adapters on 4 modules, most of a plan's memory
     with_per_module: bool = True
+    progress: bool = False  # the similarity's bars (loading, modules) where it is long
     names: list[str] = field(init=False)
     _sim: object | None = field(default=None, init=False, repr=False)
 
@@ -58,7 +59,7 @@ class FeatureContext:
             from ..overlap import similarity
 
             self._sim = similarity(self.adapters, base=self.base, per_module=self.with_per_module,
-                                   progress=False)  # fmt: skip
+                                   progress=self.progress)  # fmt: skip
         return self._sim
 
     @property
