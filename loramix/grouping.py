@@ -288,10 +288,11 @@ class Plan:
             lines.append(f"  {_validation(self.validated)}")
         lines += [f"budget: {self.budget:g}; groups of at most {self.max_group}", f"method: {self.rule}"]
         kw = max(len("kind"), *(len(g["kind"]) for g in self.groups))
-        lines.append(f"{'group':>5}  {'kind':<{kw}} {'method':<6} {'cost':>9}  {'interval':<21} members")
+        mw = max(len("method"), *(len(g["method"]) for g in self.groups))  # dare-ties, core-ties: wider
+        lines.append(f"{'group':>5}  {'kind':<{kw}} {'method':<{mw}} {'cost':>9}  {'interval':<21} members")
         for g in self.groups:
             iv = "" if g["interval"] is None else f"[{g['interval'][0]:.3g}, {g['interval'][1]:.3g}]"
-            lines.append(f"{g['group']:>5}  {g['kind']:<{kw}} {g['method']:<6} {g['cost']:>9.4g}  {iv:<21} "
+            lines.append(f"{g['group']:>5}  {g['kind']:<{kw}} {g['method']:<{mw}} {g['cost']:>9.4g}  {iv:<21} "
                          f"{', '.join(g['members'])}")  # fmt: skip
         return lines
 

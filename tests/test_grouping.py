@@ -233,6 +233,19 @@ def test_plan_says_how_far_it_is_and_is_quiet_when_asked(bank, capsys, monkeypat
         assert quiet.out == out and quiet.err == ""
 
 
+def test_the_plan_table_keeps_its_columns_for_long_method_names():
+    """A method named longer than the column's header (``core-dare-ties``, which a study's
+    predictors per method can propose) pushed that row's cost and members out of line."""
+    from loramix.grouping import Plan
+
+    groups = [{"group": k, "kind": "lora", "method": m, "cost": 0.5, "interval": None, "members": ["a", "b"]}
+              for k, m in enumerate(["tsv", "core-dare-ties", "keep"], start=1)]  # fmt: skip
+    head, *rows = Plan(["a", "b"], groups, 1.0, 2, "x").table()[3:]
+    for row in rows:
+        assert row.index("0.5") + len("0.5") == head.index("cost") + len("cost")
+        assert row.index("a, b") == head.index("members")
+
+
 def _one_line_error(capsys, argv, needle):
     capsys.readouterr()  # drop what earlier steps printed
     assert main(argv) == 2
