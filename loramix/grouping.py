@@ -89,6 +89,17 @@ class CostModel:
     level: float = 0.9
     by_method: dict[str, dict] = field(default_factory=dict)  # merge method -> its fitted predictor
     kinds: tuple[str, ...] | None = None  # each adapter's kind (``Adapter.method``), in features.names' order
+    # merge method (None: the primary) -> (the features it reads, predict_from of its fit at this level), each
+    # fit read once: a plan costs n^2 / 2 unions or more, and reading the fit anew was a quarter of it
+    _predictors: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        fits = {**({None: self.fit} if self.fit is not None else {}), **self.by_method}
+        self._predictors = {}
+        if fits:  # the cosine cost reads none (and spares the import)
+            from .validation import predictor_of
+
+            self._predictors = {m: (fit_features(f), predictor_of(f, self.level)) for m, f in fits.items()}
 
     @property
     def method_aware(self) -> bool:
@@ -111,28 +122,19 @@ class CostModel:
     def default_budget(self) -> float:
         return 0.0 if self.fit is not None else COSINE_BUDGET
 
-    def _predict(self, fit: dict, members: list[int]) -> tuple[float, float | None, float | None]:
-        x = {f: self.features.composition(f, members) for f in fit_features(fit)}
+    def _predict(self, method: str | None, members: list[int]) -> tuple[float, float | None, float | None]:
+        """``(cost, low, high)`` of ``members`` by ``method``'s predictor (None: the primary)."""
+        features, predict = self._predictors[method]
+        x = {f: self.features.composition(f, members) for f in features}
         if any(not math.isfinite(v) for v in x.values()):
             return float("nan"), None, None
-        return self._predictor(fit)(x)
-
-    def _predictor(self, fit: dict):
-        """``predict_from(fit, ., level)`` with the fit read once (a plan costs
-        ``n^2 / 2`` unions or more: reading the fit anew was a quarter of it);
-        the same arithmetic, so the same bits."""
-        cache = self.__dict__.setdefault("_predictors", {})
-        if id(fit) not in cache:
-            from .validation import predictor_of
-
-            cache[id(fit)] = (fit, predictor_of(fit, self.level))  # the fit held: its id stays its own
-        return cache[id(fit)][1]
+        return predict(x)
 
     def method_costs(self, members: list[int]) -> dict[str, tuple[float, float | None, float | None]]:
         """``{method: (cost, low, high)}`` under each merge method's predictor (empty for one adapter)."""
         if len(members) < 2:
             return {}
-        return {m: self._predict(f, members) for m, f in self.by_method.items()}
+        return {m: self._predict(m, members) for m in self.by_method}
 
     def choose(self, members: list[int]) -> tuple[str | None, tuple[float, float | None, float | None]]:
         """The method of lowest finite predicted cost and its ``(cost, low, high)``
@@ -161,7 +163,7 @@ class CostModel:
             return composition_value(self._cosines, members, "rms"), None, None
         if self.method_aware:
             return self.choose(members)[1]
-        return self._predict(self.fit, members)
+        return self._predict(None, members)
 
     def method(self, members: list[int], budget: float) -> str:
         """The merge method the rule of the module docstring proposes for ``members``."""
