@@ -283,11 +283,14 @@ def test_the_predictors_page_names_each_features_aggregation():
     doc = _doc("predictors.md")
     assert "The signed features (`*mean_cosine`, `coverage`) take the plain mean" in doc
     assert "aggregates by `member_sum`" in doc
+    assert "`max_cosine` takes the largest" in doc
     said = {
         name: "mean"
         if name.endswith("mean_cosine") or name == "coverage"
         else "member_sum"
         if name == "pairs_per_member"
+        else "max"
+        if name == "max_cosine"
         else "rms"
         for name in registry()
     }

@@ -69,7 +69,7 @@ def _shared(adapters, i, j):
 
 def test_registry_discovers_every_feature_module_and_refuses_duplicates():
     feats = registry()
-    for name in ("rms_cosine", "mean_cosine", "type_rms_cosine", "band_rms_cosine", "norm_ratio", "coverage",
+    for name in ("rms_cosine", "mean_cosine", "max_cosine", "type_rms_cosine", "band_rms_cosine", "norm_ratio", "coverage",
                  "subspace_overlap", "functional_interference", "weighted_subspace_overlap"):  # fmt: skip
         assert name in feats
     with pytest.raises(ValueError, match="registered twice"):
@@ -82,6 +82,25 @@ def test_composition_value_rms_and_mean():
     assert composition_value(M, [0, 1]) == pytest.approx(0.3)
     assert composition_value(M, [0, 1, 2]) == pytest.approx(math.sqrt((0.09 + 0.16 + 0.25) / 3))
     assert composition_value(M, [0, 1, 2], "mean") == pytest.approx((0.3 - 0.4 + 0.5) / 3)
+    assert composition_value(M, [0, 1, 2], "max") == 0.5
+    assert composition_value(M, [0, 2], "max") == -0.4
+
+
+def test_max_cosine_is_the_worst_pair_where_the_rms_dilutes_it():
+    """A 0.3 pair among members orthogonal to it: the RMS over the group's 28
+    pairs is 0.3 / sqrt(28); the worst pair stays 0.3. For a pair both are the
+    pair's RMS cosine."""
+    from loramix.features import FeatureSet
+
+    M = np.zeros((8, 8))
+    M[0, 1] = M[1, 0] = 0.3
+    fs = FeatureSet([f"a{i}" for i in range(8)], {"rms_cosine": M, "max_cosine": M},
+                    {"rms_cosine": "rms", "max_cosine": "max"})  # fmt: skip
+    group = list(range(8))
+    assert fs.composition("rms_cosine", group) == pytest.approx(0.3 / math.sqrt(28))
+    assert fs.composition("max_cosine", group) == 0.3
+    assert fs.composition("max_cosine", [0, 1]) == fs.composition("rms_cosine", [0, 1]) == 0.3
+    assert registry()["max_cosine"].aggregate == "max"
 
 
 # ----------------------------------------------------------------------------- weight space

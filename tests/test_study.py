@@ -91,6 +91,13 @@ BAD = [
     (STUDY.replace("triples = 1", "triples = 0"), "compositions.triples", "must be between 1 and 4"),
     (STUDY.replace('pairs = "all"', 'pairs = "some"'), "compositions.pairs", 'expected "all"'),
     (STUDY.replace("seed = 3", "seed = 3\nquads = 2"), "compositions.quads", "unknown key"),
+    (STUDY.replace("seed = 3", "seed = 3\ngroups = { 4 = 2 }"), "compositions.groups.4", "between 1 and 1"),
+    (STUDY.replace("seed = 3", "seed = 3\ngroups = { 5 = 1 }"), "compositions.groups.5", "at least 5 domains"),
+    (STUDY.replace("seed = 3", "seed = 3\ngroups = { 3 = 1 }"), "compositions.groups.3", "sampled twice"),
+    (STUDY.replace("seed = 3", 'seed = 3\ngroups = { four = 1 }'), "compositions.groups.four", "group size"),
+    (STUDY.replace("seed = 3", "seed = 3\ngroups = { 1 = 1 }"), "compositions.groups.1", "group size"),
+    (STUDY.replace("seed = 3", 'seed = 3\ngroups = { 4 = "all" }'), "compositions.groups.4", "a number of groups"),
+    (STUDY.replace("seed = 3", "seed = 3\ngroups = 4"), "compositions.groups", "expected a table"),
     (STUDY.replace("top_layers = 1", "top_layers = 0"), "adapters.top_layers", "must be positive"),
     (STUDY.replace('domains = "members"', 'domains = "mine"'), "eval.domains", "must be 'all' or 'members'"),
     # (0, 1), open: the schema (and so docs/scenarios.md) said [0, 1], which the parser refused at 0 and 1
@@ -127,6 +134,38 @@ def test_new_keys_fail_as_one_line(tmp_path, capsys, text, key, words):
     assert rc == 2, err
     assert err.startswith(f"loramix: error: {p}: {key}:") and err.count("\n") == 1, err
     assert words in err, err
+
+
+def test_groups_are_sampled_as_the_triples_are(tmp_path):
+    """``groups = { K = N }`` draws N of the K-combinations with the seed, in
+    their order: for K = 3 exactly the triples' sample, and a size added
+    leaves the others' samples as they were."""
+    import itertools
+    import random
+
+    from loramix.scenario.config import _combination
+
+    names = [f"d{i}" for i in range(14)]
+    for k in (2, 3, 4, 6):
+        assert [tuple(_combination(names, k, i)) for i in range(math.comb(14, k))] == list(
+            itertools.combinations(names, k)
+        )
+    doms = "".join(f'[domains.d{i}]\ndata = "synthetic:arith"\ntrain = 4\neval = 2\n' for i in range(4, 8))
+    text = STUDY.replace("[adapters]", doms + "[adapters]")
+    triples = load_scenario(_write(tmp_path, text)).compositions
+    as_groups = load_scenario(
+        _write(tmp_path, text.replace("triples = 1", "groups = { 3 = 1 }"), "g.toml")
+    ).compositions
+    assert as_groups == triples
+    both = load_scenario(
+        _write(tmp_path, text.replace("seed = 3", "seed = 3\ngroups = { 4 = 5, 6 = 2 }"), "b.toml")
+    ).compositions
+    assert both[: len(triples)] == triples
+    domains = ["arith", "units", "dates", "sort", "d4", "d5", "d6", "d7"]
+    for k, n in ((4, 5), (6, 2)):
+        mine = [c for c in both if len(c) == k]
+        every = list(itertools.combinations(domains, k))
+        assert mine == sorted(random.Random(3).sample(every, n), key=every.index)
 
 
 def test_kind_at_rank_is_a_study_of_its_own(tmp_path):

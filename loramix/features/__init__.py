@@ -16,7 +16,9 @@ from its pairs (:func:`composition_value`):
 * ``"mean"``: ``mean_{i<j in C} F[i, j]``, for signed values;
 * ``"member_sum"``: ``(k - 1) mean_{i<j in C} F[i, j] = mean_{i in C} sum_{j in C, j != i} F[i, j]``,
   each member's sum over its ``k - 1`` partners, averaged over the members: the
-  size-aware aggregation (:mod:`.size`, whose all-ones matrix gives ``k - 1``).
+  size-aware aggregation (:mod:`.size`, whose all-ones matrix gives ``k - 1``);
+* ``"max"``: ``max_{i<j in C} F[i, j]``, the worst pair, which members
+  unrelated to it do not dilute (:mod:`.max_cosine`).
 
 A *directional* matrix (``F[i, j] != F[j, i]``, e.g. the interference of
 adapter ``j`` on domain ``i``) is kept for reports but not used as a predictor.
@@ -50,13 +52,13 @@ class Feature:
     name: str
     compute: Callable
     data_aware: bool = False
-    aggregate: str = "rms"  # or "mean", "member_sum"
+    aggregate: str = "rms"  # or "mean", "member_sum", "max"
     directional: frozenset[str] = frozenset()  # matrix names not symmetric
     doc: str = ""
     per_module: bool = False
 
 
-AGGREGATES = ("rms", "mean", "member_sum")
+AGGREGATES = ("rms", "mean", "member_sum", "max")
 _REGISTRY: dict[str, Feature] = {}
 _DISCOVERED = False
 
@@ -120,6 +122,8 @@ def composition_value(matrix: np.ndarray, members: list[int], aggregate: str = "
         return math.sqrt(sum(v * v for v in vals) / len(vals))
     if aggregate == "member_sum":
         return (len(members) - 1) * sum(vals) / len(vals)
+    if aggregate == "max":
+        return max(vals)
     return sum(vals) / len(vals)
 
 

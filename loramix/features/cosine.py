@@ -33,8 +33,8 @@ def _mean(ctx):
     return {"mean_cosine": np.where(disjoint(ctx), 0.0, ctx.similarity.mean.to_numpy())}
 
 
-#: the features that count a pair with no module in common as 0 (:func:`disjoint`)
-ZERO_WHEN_DISJOINT = ("rms_cosine", "mean_cosine")
+#: the features that count a pair with no module in common as 0 (:func:`disjoint`; max_cosine reads rms_cosine's)
+ZERO_WHEN_DISJOINT = ("rms_cosine", "mean_cosine", "max_cosine")
 
 register(Feature("rms_cosine", _rms, aggregate="rms", doc="RMS over shared modules of the delta cosines"))
 register(

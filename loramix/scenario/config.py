@@ -338,7 +338,10 @@ class _CompositionKeys:
     )
     triples: None = key("any", doc_default="—", doc_type="string or int",
                         help='`"all"`, or a number K: K triples drawn with `seed` (sorted, without repeats)')  # fmt: skip
-    seed: int = key("int", 0, bound="seed", help="the seed of the triples' sample")
+    groups: None = key("any", doc_default="—", doc_type="table",
+                       help="`{ K = N }`: N compositions of K domains drawn with `seed`, as the triples "
+                       "(`{ 4 = 20, 6 = 10 }`)")  # fmt: skip
+    seed: int = key("int", 0, bound="seed", help="the seed of the triples' and groups' samples")
 
 
 # The file's tables, in the order docs/scenarios.md lists them.
@@ -840,13 +843,17 @@ def _check_scales(ctx, v: dict) -> None:
 
 
 def _composition_table(ctx, t: dict, domains: list[str]) -> list:
-    """``[compositions]`` as a table: its pairs and a seeded sample of triples,
-    returned in the list form that :func:`_parse_compositions` reads."""
+    """``[compositions]`` as a table: its pairs and seeded samples of triples
+    and larger groups, returned in the list form that :func:`_parse_compositions` reads.
+    Each size's sample is drawn with its own ``random.Random(seed)``, so adding
+    a size leaves the others' samples as they were."""
     v = _read(ctx, _CompositionKeys, t, "compositions")
     out: list = []
-    pairs, triples = t.get("pairs"), t.get("triples")
-    if pairs is None and triples is None:
-        raise ctx.error("compositions", "give compositions.pairs and/or compositions.triples")
+    pairs, triples, groups = t.get("pairs"), t.get("triples"), t.get("groups")
+    if pairs is None and triples is None and groups is None:
+        raise ctx.error(
+            "compositions", "give compositions.pairs, compositions.triples and/or compositions.groups"
+        )
     if pairs == "all":
         out.append("all-pairs")
     elif isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 for p in pairs):
@@ -856,13 +863,53 @@ def _composition_table(ctx, t: dict, domains: list[str]) -> list:
     if triples == "all":
         out.append("all-triples")
     elif isinstance(triples, int) and not isinstance(triples, bool):
-        every = list(itertools.combinations(domains, 3))
-        if not 1 <= triples <= len(every):
-            raise ctx.error("compositions.triples", f"must be between 1 and {len(every)} (all triples of "
-                            f"{len(domains)} domains), got {triples}")  # fmt: skip
-        out.extend(list(c) for c in sorted(random.Random(v["seed"]).sample(every, triples), key=every.index))
+        out.extend(_sample(ctx, "compositions.triples", domains, 3, triples, v["seed"]))
     elif triples is not None:
         raise ctx.error("compositions.triples", f'expected "all" or a number of triples, got {triples!r}')
+    if groups is not None:
+        if not isinstance(groups, dict) or not groups:
+            raise ctx.error("compositions.groups", f"expected a table {{ K = N }} (N groups of K domains), got {groups!r}")  # fmt: skip
+        for size, n in groups.items():
+            key = f"compositions.groups.{size}"
+            if not re.fullmatch(r"[0-9]+", size) or int(size) < 2:
+                raise ctx.error(key, f"the key is a group size, a whole number >= 2; got {size!r}")
+            if int(size) == 3 and triples is not None:
+                raise ctx.error(
+                    key, "triples are sampled twice: give compositions.triples or groups.3, not both"
+                )
+            if int(size) > len(domains):
+                raise ctx.error(
+                    key, f"groups of {size} need at least {size} domains; the scenario has {len(domains)}"
+                )
+            if not isinstance(n, int) or isinstance(n, bool):
+                raise ctx.error(key, f"expected a number of groups, got {n!r}")
+            out.extend(_sample(ctx, key, domains, int(size), n, v["seed"]))
+    return out
+
+
+def _sample(ctx, key: str, domains: list[str], k: int, n: int, seed: int) -> list[list[str]]:
+    """``n`` of the combinations of ``k`` domains, drawn with ``random.Random(seed)``,
+    in the combinations' order. Drawn by index (the same draw as sampling the
+    listed combinations), so ``C(len(domains), k)`` is never listed."""
+    total = math.comb(len(domains), k)
+    if not 1 <= n <= total:
+        raise ctx.error(
+            key, f"must be between 1 and {total} (all groups of {k} of {len(domains)} domains), got {n}"
+        )
+    return [_combination(domains, k, i) for i in sorted(random.Random(seed).sample(range(total), n))]
+
+
+def _combination(items: list[str], k: int, index: int) -> list[str]:
+    """The ``index``-th ``k``-combination of ``items`` in ``itertools.combinations``' order."""
+    out, start = [], 0
+    for left in range(k, 0, -1):
+        for i in range(start, len(items)):
+            c = math.comb(len(items) - i - 1, left - 1)
+            if index < c:
+                out.append(items[i])
+                start = i + 1
+                break
+            index -= c
     return out
 
 
