@@ -831,6 +831,32 @@ def test_a_member_with_no_gain_has_none_to_keep():
     assert "| 2 | b+c | no gain to keep | `sum` | — | — |" in text
 
 
+def test_a_kind_with_several_sizes_gets_a_by_size_table():
+    """Compositions of two sizes: each method's worst-member kept gain averaged
+    per size (a composition with no gain to keep left out), the verdicts and
+    the best methods counted per size; one size has no such table."""
+    from loramix.scenario import compose
+    from loramix.scenario.report import _View
+
+    report = _compose_report()
+    one_size = "\n".join(compose.section(report, _View({**report, "environment": {}})))
+    assert "By size" not in one_size
+    # a keeps 100 (10 - 7) / 5 = 60 % by sum, 100 (10 - 6.5) / 5 = 70 % by ties; b and c have no gain
+    for m, p in (("sum", 7.0), ("ties", 6.5)):
+        report["evaluations"] += [{"adapter_method": "lora", "seed": 0, "model": f"merge:{m}:a+b+c", "domain": d,
+                                   "ppl": q} for d, q in (("a", p), ("b", 9.0), ("c", 9.0))]  # fmt: skip
+        report["summary"].append({"adapter_method": "lora", "composition": "a+b+c", "k": 3, "merge_method": m,
+                                  "retention_pct": 1.0, "retention_pct_std": None})  # fmt: skip
+    got = compose.size_rows(compose.compute(report))
+    assert [(g["k"], g["n"], g["partly"], g["no gain to keep"]) for g in got] == [(2, 2, 1, 1), (3, 1, 1, 0)]
+    assert got[0]["kept"] == {"sum": pytest.approx(80.0), "ties": pytest.approx(60.0)}
+    assert got[1]["kept"] == {"sum": pytest.approx(60.0), "ties": pytest.approx(70.0)}
+    assert (got[0]["best"], got[1]["best"]) == ({"sum": 1, "ties": 0}, {"sum": 0, "ties": 1})
+    text = "\n".join(compose.section(report, _View({**report, "environment": {}})))
+    assert "| 2 | 2 | 0 / 1 / 0 | 80.0 | 60.0 | `sum` 1 |" in text
+    assert "| 3 | 1 | 0 / 1 / 0 | 60.0 | 70.0 | `ties` 1 |" in text
+
+
 def test_kept_gain_is_one_formula_for_points_and_resamples():
     """compose.kept_gain is the formula of both the point figures (member_shares)
     and the bootstrap's (worst_resamples): on resamples that repeat each

@@ -393,7 +393,42 @@ def _kind_lines(am: str, rs: list[dict], interval: bool) -> list[str]:
     if len(shown) < len(rs):
         body.insert(LIST_ENDS, ["…", f"{len(rs) - len(shown)} more in `{CSV}`", *[""] * (len(head) - 2)])
     L += [_table(head, body), ""]
-    return L
+    return L + _size_lines(am, rs)
+
+
+def size_rows(rs: list[dict]) -> list[dict]:
+    """Per composition size ``k`` (with two sizes or more): the compositions,
+    their verdicts, each method's worst-member kept gain averaged over the
+    compositions of that size (NaN ones, no gain to keep, left out) and how
+    often each method is best. A kind's methods, in the scenario's order."""
+    sizes = sorted({r["k"] for r in rs})
+    if len(sizes) < 2:
+        return []
+    methods = list(dict.fromkeys(m for r in rs for m in r["by_method"]))
+    out = []
+    for k in sizes:
+        mine = [r for r in rs if r["k"] == k]
+        kept = {m: [r["by_method"].get(m, np.nan) for r in mine] for m in methods}
+        out.append({"k": k, "n": len(mine), **{v: sum(r["verdict"] == v for r in mine) for v in VERDICTS},
+                    "kept": {m: float(np.nanmean(x)) if np.isfinite(x).any() else np.nan for m, x in kept.items()},
+                    "best": {m: sum(r["best_method"] == m and r["verdict"] != "no gain to keep" for r in mine)
+                             for m in methods}})  # fmt: skip
+    return out
+
+
+def _size_lines(am: str, rs: list[dict]) -> list[str]:
+    """The by-size table (:func:`size_rows`), where a kind has compositions of several sizes."""
+    got = size_rows(rs)
+    if not got:
+        return []
+    methods = list(got[0]["kept"])
+    head = ["size", "compositions", "compose / partly / not", *[f"`{m}`" for m in methods], "best method"]
+    body = [[str(g["k"]), str(g["n"]), f"{g['composes']} / {g['partly']} / {g['does not compose']}",
+             *[_f(g["kept"][m], 1) for m in methods],
+             ", ".join(f"`{m}` {n}" for m, n in sorted(g["best"].items(), key=lambda x: -x[1]) if n)]
+            for g in got]  # fmt: skip
+    return [f"By size ({am}): the worst member's kept gain %, the mean over the compositions of each size, "
+            "per merge method:", "", _table(head, body), ""]  # fmt: skip
 
 
 def _noise_line(rs: list[dict]) -> str:
