@@ -168,6 +168,22 @@ def test_groups_are_sampled_as_the_triples_are(tmp_path):
         assert mine == sorted(random.Random(3).sample(every, n), key=every.index)
 
 
+def test_a_feature_registered_later_makes_the_features_step_again(tmp_path, monkeypatch):
+    """The features step's key names the registered features: a study cached
+    before a feature existed (max_cosine, added as one file) computes its
+    features again, where it used to read the old set back and leave the new
+    feature out of its validation without a word. Nothing else is made again."""
+    from loramix import features
+    from loramix.features import Feature
+
+    sc = load_scenario(_write(tmp_path, STUDY))
+    before = {s.id: s.key for s in plan(sc)}
+    monkeypatch.setitem(features._REGISTRY, "later", Feature("later", lambda ctx: {}))
+    after = {s.id: s.key for s in plan(sc)}
+    changed = sorted(i for i in before if before[i] != after[i])
+    assert changed and all(i.startswith("features/") for i in changed), changed
+
+
 def test_kind_at_rank_is_a_study_of_its_own(tmp_path):
     sc = load_scenario(_write(tmp_path, STUDY.replace("rank = 2", 'rank = 2\nmethods = ["lora", "lora@4"]')))
     steps = {s.id: s for s in plan(sc)}

@@ -404,12 +404,19 @@ class _Planner:
 
     def features_step(self, pre: str, names: list[str]) -> None:
         """Every registered feature of the domain adapters, the data-aware ones
-        from ``predictors.tokens`` calibration tokens of each domain's training split."""
+        from ``predictors.tokens`` calibration tokens of each domain's training split.
+        The key names the registered features and their aggregates: a feature
+        added (one new file, :mod:`loramix.features`) makes the step again, where
+        a cached one without it would have left the feature out of the study's
+        validation without a word."""
+        from ..features import registry
+
         p = self.sc.predictors
         ads = [f"adapter/{pre}/{d}" for d in names]
         spec = {"base": self.key_of("base"), "adapters": [self.key_of(a) for a in ads],
                 "data": [self.key_of(f"data/{d}/train") for d in names],
-                "settings": {"tokens": p.tokens, "max_len": p.max_len, "truncation": TRUNCATION}}  # fmt: skip
+                "settings": {"tokens": p.tokens, "max_len": p.max_len, "truncation": TRUNCATION},
+                "features": {n: f.aggregate for n, f in sorted(registry().items())}}  # fmt: skip
         deps = ("base", *(f"data/{d}/train" for d in names), *ads)
         self.add(
             f"features/{pre}", "features", "features", spec, deps, pre, "features", names=names, adapters=ads
