@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loramix.cli import main
-from loramix.grouping import greedy_groups, method_for, plan, scan_groups
+from loramix.grouping import SIZE_NOTE, greedy_groups, method_for, plan, scan_groups
 from loramix.io.adapter_files import save_peft_adapter
 from loramix.validation import validate, write_predictors
 
@@ -109,7 +109,7 @@ def test_fit_cost_recovers_the_clusters_through_the_cli(bank, similar_merge_well
     # the table form says where the cost comes from and the rule
     assert main(["plan", *paths, "--fit", str(fit), "--max-group", "3"]) == 0
     text = capsys.readouterr().out
-    assert f"predicted interference by {best}" in text and "sum when" in text
+    assert f"predicted interference by {best}" in text and "sum for a group of at most 3 whose" in text
     # a smaller K splits the clusters; a budget below every group's cost merges nothing
     p = plan(paths, fit=fit, max_group=2)
     assert max(len(g["members"]) for g in p.groups) == 2
@@ -194,6 +194,7 @@ def test_greedy_groups_and_method_rule():
     assert method_for(3, 0.4, None, 1.0) == "sum"
     assert method_for(3, 0.4, 0.6, 1.0) == "ties"  # the interval's upper end decides
     assert method_for(3, 0.9, None, 1.0) == "ties"
+    assert method_for(4, 0.0, None, 1.0) == "ties"  # four or more: never the sum (SUM_MAX_GROUP)
 
 
 @settings(max_examples=300, deadline=None)
@@ -230,7 +231,8 @@ def test_plan_says_how_far_it_is_and_is_quiet_when_asked(bank, capsys, monkeypat
     for flag in ("--no-progress", "--quiet"):
         assert main(["plan", *paths, "--format", "json", flag]) == 0
         quiet = capsys.readouterr()
-        assert quiet.out == out and quiet.err == ""
+        notes = "".join(f"loramix: note: {n}\n" for n in json.loads(out)["notes"])  # not progress: said still
+        assert quiet.out == out and quiet.err == notes
 
 
 def test_the_plan_table_keeps_its_columns_for_long_method_names():
@@ -626,11 +628,13 @@ def test_adapters_of_several_kinds_are_grouped_together(kinds_bank, capsys):
         mixed = mixed or (g if "+" in g["kind"] else None)
     assert mixed is not None, got["groups"]  # budget 1 admits every group: the kinds do mix
     notes = out.err.strip().splitlines()
-    assert notes == [f"loramix: note: {n}" for n in got["notes"]] and len(notes) == 2, notes
+    three = any(len(g["members"]) > 2 for g in got["groups"])
+    assert notes == [f"loramix: note: {n}" for n in got["notes"]] and len(notes) == 2 + three, notes
     assert "the adapters are of 3 kinds (d2lora, dora, lora), grouped together" in notes[0]
     assert notes[1].startswith(
         "loramix: note: dora0, dora1, d2 (DoRA and D2-LoRA) compared on their residuals"
     )
+    assert not three or notes[2] == f"loramix: note: {SIZE_NOTE}"
     assert main(args) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[3].split() == ["group", "kind", "method", "cost", "interval", "members"]
@@ -932,12 +936,38 @@ def test_plan_prints_the_command_that_merges_each_group(bank, kinds_bank, capsys
     assert g["method"] == "ties"
     line = f"  group 1: loramix merge -m ties --density 0.5 {' '.join(dora)} --into BASE --out OUT"
     assert line in text
+    # four DoRA/D2-LoRA/LoRA adapters far under the budget: ties, since the sum of four or more lost
+    # the most in every such group of reports/merge-groups-14-domains (grouping.SUM_MAX_GROUP)
+    four = [kinds["dora0"], kinds["dora1"], kinds["d2"], kinds["lora0"]]
+    (g,), text = planned(*four, "--budget", "10")
+    assert len(g["members"]) == 4 and g["cost"] <= 5 and g["method"] == "ties"
+    (g,), text = planned(*four[:3], "--budget", "10")
+    assert g["method"] == "sum"  # three: the sum still
     (g,), text = planned(kinds["lora0"], kinds["lora1"], "--budget", "10")
     assert g["method"] == "tsv"
     cmd = next(t for t in text.splitlines() if t.startswith("  group 1: loramix "))
     out = base.parent / "planned-tsv"
     argv = shlex.split(cmd.split("loramix ", 1)[1].replace("BASE", str(base)).replace("OUT", str(out)))
     assert main(argv) == 0 and (out / "config.json").is_file()
+
+
+def test_a_cosine_plan_with_groups_of_three_or_more_says_what_size_costs(bank, capsys):
+    """The RMS cosine does not grow with a group's size; a plan without a fit
+    whose groups hold three or more adapters says so in one note (what the
+    real study's groups lost, --max-group 2 and --fit); a plan of pairs does
+    not, and the note does not change the groups."""
+    paths, _ = bank
+
+    def notes(*args):
+        assert main(["plan", *paths, *args, "--format", "json"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        return [len(g["members"]) for g in got["groups"]], got["notes"]
+
+    sizes, said = notes("--max-group", "3", "--budget", "10")
+    assert max(sizes) == 3 and said.count(SIZE_NOTE) == 1
+    sizes, said = notes("--max-group", "2", "--budget", "10")
+    assert max(sizes) == 2 and SIZE_NOTE not in said
+    assert "82 % of its gain in a pair" in SIZE_NOTE and "--max-group 2" in SIZE_NOTE
 
 
 def test_loramix_plan_says_its_notes_in_keyword_terms(kinds_bank):
