@@ -270,8 +270,8 @@ class PlanSpec:
                                "(`loramix plan --budget`)")  # fmt: skip
     methods: tuple[str, ...] = key("str-list", ("plan",), doc_default='`["plan"]`',
                                    help='how the groups are merged, each a comparison of its own: `"plan"`, by '
-                                   "the method `loramix plan` proposes for each (`sum` or `ties`; a random group "
-                                   "by the same rule), or one of `merge.methods` for every group")  # fmt: skip
+                                   "the method `loramix plan` proposes for each (docs/predictors.md, The method; a "
+                                   "random group by the same rule), or one of `merge.methods` for every group")  # fmt: skip
     random: int = key("int", 20, bound="groupings", help="random groupings with the plan's group sizes")
     random_seed: int = key("int", 0, bound="seed", help="the seed of the random groupings")
 
