@@ -733,6 +733,22 @@ def test_plan_legends_lie_under_their_panels(tmp_path, monkeypatch):
     _drawn_inside(fig)
 
 
+def test_a_long_title_over_one_panel_is_wrapped_inside_the_figure(tmp_path, monkeypatch):
+    """merge-groups-14-domains' plan_vs_random.png has one panel, 5.2 in wide;
+    its title (the study's name, the label and the seed) ran off both edges.
+    A title wider than the figure is now wrapped onto lines that fit; a short
+    one stays one line."""
+    from loramix.scenario.plots import plan_vs_random
+
+    panels = [("plan", 4.31, [5.0, 9.5, 16.1, 7.2, 10.3])]
+    title = "merge-groups-14-domains: loramix plan against random groupings (lora, seed 0)"
+    fig = _saved_figure(monkeypatch, lambda: plan_vs_random(panels, tmp_path / "p.png", title))
+    assert fig._suptitle.get_text().count("\n") >= 1 and " ".join(fig._suptitle.get_text().split()) == title
+    _drawn_inside(fig)
+    fig = _saved_figure(monkeypatch, lambda: plan_vs_random(panels, tmp_path / "q.png", "short"))
+    assert fig._suptitle.get_text() == "short"
+
+
 def test_forty_named_pairs_are_told_apart_by_colour_and_line_style(tmp_path, monkeypatch):
     """Four panels of ten different named pairs each. tab20 gave them twenty
     colours, its light shades beside its dark ones (the 1st and 11th pair dark
@@ -924,9 +940,14 @@ def _every_text_inside(fig) -> None:
 
 def _drawn_inside(fig) -> None:
     """Every axes with what it draws (titles, labels, the tick labels in view,
-    its legend) and every figure legend inside the saved figure."""
+    its legend), every figure legend and the figure's title inside the saved figure."""
     box, r = fig.bbox, fig.canvas.get_renderer()
-    for e in [*(ax.get_tightbbox(r) for ax in fig.axes), *(lg.get_window_extent(r) for lg in fig.legends)]:
+    sup = [fig._suptitle.get_window_extent(r)] if fig._suptitle is not None else []
+    for e in [
+        *(ax.get_tightbbox(r) for ax in fig.axes),
+        *(lg.get_window_extent(r) for lg in fig.legends),
+        *sup,
+    ]:
         assert box.x0 - 1 <= e.x0 and e.x1 <= box.x1 + 1 and box.y0 - 1 <= e.y0 and e.y1 <= box.y1 + 1, e
 
 

@@ -92,10 +92,16 @@ def _titled_layout(fig, title: str) -> None:
     """``fig.suptitle(title)`` and ``tight_layout``, the panels then lowered
     until the suptitle clears everything below it by :data:`TITLE_GAP_PT`:
     tight_layout alone left d2-vs-lora's three stacked panels (13.8 in tall)
-    with 3 px between the suptitle and the first panel's title."""
+    with 3 px between the suptitle and the first panel's title. A title wider
+    than the figure is wrapped onto lines that fit."""
     sup = fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
     renderer = fig.canvas.get_renderer()
+    wide = sup.get_window_extent(renderer).width / (0.96 * fig.bbox.width)
+    if wide > 1:  # one panel's width: a study's name and label ran off both edges (plan_vs_random)
+        import textwrap
+
+        sup.set_text("\n".join(textwrap.wrap(title, max(20, int(len(title) / wide)))))
+    fig.tight_layout()
     top = max(ax.get_tightbbox(renderer).y1 for ax in fig.axes)
     short = TITLE_GAP_PT * fig.dpi / 72 - (sup.get_window_extent(renderer).y0 - top)
     if short > 0:
