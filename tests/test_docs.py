@@ -401,8 +401,9 @@ def test_the_merge_docstring_names_every_methods_parameter():
 
 def test_the_scenarios_page_lists_the_files_and_columns_a_report_holds():
     """docs/scenarios.md, "The report": every file its table names is in a
-    committed report (reports/quickstart, made by the README's command, or
-    reports/real-14-domains, which has ``[plan]``), every file of the
+    committed report (reports/quickstart, made by the README's command,
+    reports/real-14-domains, which has ``[plan]``, or merge-groups-14-domains,
+    whose compositions come in four sizes), every file of the
     quickstart's report is in the table, and every value column of
     ``results.csv`` and ``evaluations.csv`` is named on the page, and exists
     (a column added or renamed, as ``nll_sum`` beside ``nll``, must reach it)."""
@@ -413,7 +414,7 @@ def test_the_scenarios_page_lists_the_files_and_columns_a_report_holds():
     table = text[text.index("| file | contents |") :].split("\n\n")[0].splitlines()[2:]
     rows = {n: line.split("|")[2] for line in table for n in re.findall(r"`([^`]+)`", line.split("|")[1])}
     globs = [re.sub(r"<[^>]+>", "*", n) for n in rows]
-    reports = [ROOT / "reports" / r for r in ("quickstart", "real-14-domains")]
+    reports = [ROOT / "reports" / r for r in ("quickstart", "real-14-domains", "merge-groups-14-domains")]
     held = {p.name for r in reports for p in r.iterdir()}
     assert [g for g in globs if not fnmatch.filter(held, g)] == [], (
         "named on the page, in no committed report"

@@ -224,15 +224,17 @@ def _close_figures():
 
 
 def _saved_figure(monkeypatch, draw):
-    """Run ``draw()`` and return the figure it saves (drawn, still open: a
-    closed figure loses its renderer; :func:`_close_figures` closes it)."""
+    """Run ``draw()`` and return the first figure it saves (drawn, still open: a
+    closed figure loses its renderer; :func:`_close_figures` closes it):
+    compose.write_files saves the kept-gain map, then, with several sizes,
+    kept_by_size."""
     import matplotlib.figure
 
     seen = {}
     real = matplotlib.figure.Figure.savefig
 
     def savefig(fig, *a, **k):
-        seen["fig"] = fig
+        seen.setdefault("fig", fig)
         out = real(fig, *a, **k)
         fig.canvas.draw()
         return out
@@ -871,6 +873,35 @@ def test_a_kind_with_several_sizes_gets_a_by_size_table():
     text = "\n".join(compose.section(report, _View({**report, "environment": {}})))
     assert "| 2 | 2 | 0 / 1 / 0 | 80.0 | 60.0 | `sum` 1 |" in text
     assert "| 3 | 1 | 0 / 1 / 0 | 60.0 | 70.0 | `ties` 1 |" in text
+    assert f"![kept gain by size]({compose.SIZE_PNG})" in text
+    # the figure's panels: each composition's figure per method and size (b+c: no gain, None)
+    ((label, by),) = compose.size_panels(compose.compute(report))
+    assert label == "lora" and list(by) == ["sum", "ties"]
+    assert by["sum"] == {2: [pytest.approx(80.0), None], 3: [pytest.approx(60.0)]}
+    assert by["ties"] == {2: [pytest.approx(60.0), None], 3: [pytest.approx(70.0)]}
+
+
+def test_kept_by_size_puts_the_points_far_below_the_base_on_its_floor(tmp_path, monkeypatch):
+    """merge-groups-14-domains: the sum of four real adapters left its worst
+    member at -704 %, which would squeeze every other point into a sliver.
+    Points (and means) below KEPT_FLOOR lie on it as triangles, counted in the
+    panel's title, a floored mean's value written under it; the rest keep
+    their values; everything inside the figure."""
+    from loramix.scenario.plots import KEPT_FLOOR, kept_by_size
+
+    by = {"sum": {2: [80.0, -20.0, None], 4: [-704.0, 10.0]}, "tsv": {2: [90.0, 85.0], 4: [50.0, 40.0]}}
+    fig = _saved_figure(
+        monkeypatch, lambda: kept_by_size([("lora", by)], tmp_path / "s.png", "t", (50.0, 90.0))
+    )
+    (ax,) = fig.axes
+    assert ax.get_title() == f"lora (1 below {KEPT_FLOOR:g}: on the floor, ▼)"
+    ys = sorted(
+        float(y) for line in ax.get_lines() if line.get_marker() in ("o", "v") for y in line.get_ydata()
+    )
+    assert ys[0] == KEPT_FLOOR and -704.0 not in ys and {-20.0, 10.0, 40.0, 80.0, 90.0} <= set(ys)
+    assert ax.get_ylim()[0] < KEPT_FLOOR and [t.get_text() for t in ax.texts] == ["-347"]  # sum's mean at 4
+    assert (tmp_path / "s.png").is_file()
+    _drawn_inside(fig)
 
 
 def test_kept_gain_is_one_formula_for_points_and_resamples():

@@ -72,6 +72,7 @@ BOOT_SEED = 0
 BOOT_COLUMNS = ("kept_worst_pct_lo", "kept_worst_pct_hi", "verdict_within_eval_noise")
 CSV = "composability.csv"
 PNG = "kept_gain.png"
+SIZE_PNG = "kept_by_size.png"
 VERDICTS = ("composes", "partly", "does not compose", "no gain to keep")
 
 
@@ -428,7 +429,8 @@ def _size_lines(am: str, rs: list[dict]) -> list[str]:
              ", ".join(f"`{m}` {n}" for m, n in sorted(g["best"].items(), key=lambda x: -x[1]) if n)]
             for g in got]  # fmt: skip
     return [f"By size ({am}): the worst member's kept gain %, the mean over the compositions of each size, "
-            "per merge method:", "", _table(head, body), ""]  # fmt: skip
+            "per merge method:", "", _table(head, body), "", f"Each composition by size: ![kept gain by size]({SIZE_PNG})",
+            ""]  # fmt: skip
 
 
 def _noise_line(rs: list[dict]) -> str:
@@ -555,3 +557,27 @@ def write_files(folder: Path, report: dict, cache=None) -> None:
         plots.drawn(cache, plots.kept_gain_heatmap, folder / PNG, panels,
                     title=f"{report['scenario']['name']}: share of the worse member's gain the best merge keeps",
                     thresholds=(PARTLY_AT, COMPOSES_AT))  # fmt: skip
+    by_size = size_panels(rs)
+    if by_size:
+        plots.drawn(cache, plots.kept_by_size, folder / SIZE_PNG, by_size,
+                    title=f"{report['scenario']['name']}: the worst member's kept gain by composition size",
+                    thresholds=(PARTLY_AT, COMPOSES_AT))  # fmt: skip
+
+
+def size_panels(rs: list[dict]) -> list[tuple[str, dict]]:
+    """:func:`.plots.kept_by_size`'s panels: per label whose compositions come
+    in several sizes, ``{method: {size: [each composition's figure]}}`` (None for
+    no gain to keep: plain lists, the figure's cache key is their JSON)."""
+    out = []
+    for am in dict.fromkeys(r["adapter_method"] for r in rs):
+        mine = [r for r in rs if r["adapter_method"] == am]
+        if len({r["k"] for r in mine}) < 2:
+            continue
+        by: dict = {}
+        for r in sorted(mine, key=lambda r: (r["k"], r["composition"])):
+            for m, x in r["by_method"].items():
+                by.setdefault(m, {}).setdefault(r["k"], []).append(
+                    None if x is None or np.isnan(x) else float(x)
+                )
+        out.append((am, by))
+    return out

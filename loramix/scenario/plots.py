@@ -782,3 +782,70 @@ def _bar_beside(fig, panel, cax) -> None:
     for ax, b in boxes:
         x0 = b.x0 - (shift if ax is cax else 0.0)
         ax.set_position([x0 * w / narrow, b.y0, b.width * w / narrow, b.height])
+
+
+#: kept_by_size's lowest y: a worst member far below the base (the sum of four real adapters
+#: reached -704 %) is drawn on this floor as a downward triangle, so the others stay legible
+KEPT_FLOOR = -100.0
+
+
+def kept_by_size(
+    panels: list[tuple[str, dict]], path: Path, title: str, thresholds: tuple[float, float]
+) -> Path:
+    """One panel per adapter label, ``(label, {method: {size: [kept gain %, ...]}})``:
+    each composition's worst-member kept gain (%) under each merge method, by
+    composition size (the sizes side by side, the methods side by side within
+    a size), its mean over the size's compositions a black bar. Points and
+    means below :data:`KEPT_FLOOR` lie on the floor as downward triangles,
+    their number written under it. Dashed lines mark ``thresholds`` (the
+    verdicts' bounds), the solid one 0 (no better than the base)."""
+    plt = _plt()
+    methods = list(dict.fromkeys(m for _, by in panels for m in by))
+    colors = dict(zip(methods, [*OKABE_ITO, *(f"C{i}" for i in range(10))]))
+    sizes = sorted({k for _, by in panels for per in by.values() for k in per})
+    width = max(5.2, 0.55 * len(sizes) * len(methods) + 1.8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.6), dpi=130, squeeze=False)
+    rng = np.random.default_rng(0)  # jitter only, fixed for identical figures
+    step = 0.8 / len(methods)
+    for ax, (label, by) in zip(axes[0], panels):
+        values = [
+            v for per in by.values() for vs in per.values() for v in vs if v is not None and np.isfinite(v)
+        ]
+        floor = max(KEPT_FLOOR, min([0.0, *values]) - 5.0)
+        below, sunk = 0, False
+        for j, m in enumerate(methods):
+            for i, k in enumerate(sizes):
+                vs = np.array(
+                    [v for v in by.get(m, {}).get(k, []) if v is not None and np.isfinite(v)], dtype=float
+                )
+                if not len(vs):
+                    continue
+                x = i + (j - (len(methods) - 1) / 2) * step
+                low = vs < floor
+                below += int(low.sum())
+                xs = x + rng.uniform(-0.3, 0.3, len(vs)) * step
+                ax.plot(xs[~low], vs[~low], "o", ms=3.5, alpha=0.6, color=colors[m],
+                        label=m if i == 0 else None)  # fmt: skip
+                ax.plot(xs[low], np.full(low.sum(), floor), "v", ms=5, color=colors[m],
+                        label=m if i == 0 and not (~low).any() else None)  # fmt: skip
+                mean = float(vs.mean())
+                ax.plot([x - 0.4 * step, x + 0.4 * step], [max(mean, floor)] * 2, color="black", lw=2,
+                        label="mean" if i == 0 and j == 0 else None)  # fmt: skip
+                if mean < floor:  # the bar on the floor, its value under it
+                    ax.plot(x, floor, "v", ms=7, color="black")
+                    ax.annotate(f"{mean:.0f}", (x, floor), xytext=(0, -7), textcoords="offset points",
+                                ha="center", va="top", fontsize=7)  # fmt: skip
+                    sunk = True
+        for t in thresholds:
+            ax.axhline(t, color="0.4", lw=0.8, ls="--")
+        ax.axhline(0.0, color="0.3", lw=0.8)
+        ax.set_ylim(floor - (14.0 if sunk else 4.0), max(105.0, max(values, default=100.0) + 5.0))
+        ax.set_xticks(range(len(sizes)), labels=[str(k) for k in sizes])
+        ax.set_xlabel("composition size (adapters merged)")
+        ax.set_ylabel("kept gain % of the worst member")
+        head = label + (f" ({below} below {floor:g}: on the floor, ▼)" if below else "")
+        ax.set_title(head, fontsize=10)
+        ax.grid(axis="y", alpha=0.25)
+    _titled_layout(fig, title)
+    _legends_below(fig, axes[0], title)
+    return _saved(fig, path)
