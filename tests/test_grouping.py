@@ -1023,3 +1023,24 @@ def test_the_merge_commands_name_what_each_method_needs():
         "  group 4: loramix merge -m tsv a 'b c' --into base/ --out OUT",
     ]
     assert _commands([{"group": 1, "paths": ["a"], "method": "keep"}], None) == []
+
+
+def test_the_size_note_quotes_its_study():
+    """SIZE_NOTE and SUM_MAX_GROUP rest on reports/merge-groups-14-domains: the
+    note's kept gains are that report's `tsv` means by size, rounded, and the
+    sum kept more than TIES in some group of SUM_MAX_GROUP but in none larger
+    (a study made again must bring the note and the rule with it)."""
+    import re
+    from pathlib import Path
+
+    from loramix.grouping import SUM_MAX_GROUP
+
+    rep = Path(__file__).resolve().parents[1] / "reports" / "merge-groups-14-domains" / "composability.csv"
+    df = pd.read_csv(rep)
+    tsv = df.groupby("k")["kept_worst_pct_tsv"].mean().round().astype(int).to_dict()
+    said = re.findall(
+        r"(\d+) % of its gain in a pair, (\d+) % in a group of three, (\d+) % in a group of four", SIZE_NOTE
+    )
+    assert [tuple(int(x) for x in said[0])] == [(tsv[2], tsv[3], tsv[4])]
+    wins = df.assign(w=df["kept_worst_pct_sum"] > df["kept_worst_pct_ties"]).groupby("k")["w"].sum().to_dict()
+    assert wins[SUM_MAX_GROUP] > 0 and all(n == 0 for k, n in wins.items() if k > SUM_MAX_GROUP)
