@@ -41,7 +41,9 @@ predictors file (the cost is the RMS cosine, which is no method's), a group of
 LoRA adapters gets ``tsv`` (TSV-Merge): on the fourteen real domains' pairs and
 triples it kept more of the worst member's gain than the sum in 99 of 101
 compositions and than TIES in 84 (reports/merge-methods-14-domains), and where
-the members' deltas are orthogonal it is their sum. Otherwise (a group that
+the members' deltas are orthogonal it is their sum; on groups of four and six
+it kept far more than the sum and as much as TIES, within a few points either
+way (reports/merge-groups-14-domains, reports/merge-groups-rank16). Otherwise (a group that
 mixes kinds or holds DoRA or D2-LoRA adapters, which ``tsv`` does not take, or
 one predictor, i.e. an older predictors file, whose cost is that of the merge
 method it was fitted for) a merged group of at most :data:`SUM_MAX_GROUP`
@@ -51,7 +53,8 @@ interval, else its point cost) is at most half the budget, and ``ties``
 every larger group: on the real domains the sum kept more of the worst
 member's gain than TIES in 40 of 91 pairs and 4 of 10 triples, and in none
 of 30 groups of four and six, not even those of the lowest cosines, where
-its worst member mostly fell below the base (reports/merge-groups-14-domains).
+its worst member mostly fell below the base (reports/merge-groups-14-domains;
+again on rank-16 adapters, reports/merge-groups-rank16).
 
 The RMS cosine does not grow with a group's size, while what a merge loses
 does (in that study the worst member of a ``tsv`` merge kept 82 % of its
