@@ -902,6 +902,13 @@ def test_kept_by_size_puts_the_points_far_below_the_base_on_its_floor(tmp_path, 
     assert ax.get_ylim()[0] < KEPT_FLOOR and [t.get_text() for t in ax.texts] == ["-347"]  # sum's mean at 4
     assert (tmp_path / "s.png").is_file()
     _drawn_inside(fig)
+    # each method named once in the legend: one whose first size lies all on the floor (was named
+    # twice) and one that starts at a later size (was not named at all)
+    by = {"sum": {2: [-500.0], 4: [10.0]}, "tsv": {2: [], 4: [50.0]}}
+    fig = _saved_figure(
+        monkeypatch, lambda: kept_by_size([("lora", by)], tmp_path / "l.png", "t", (50.0, 90.0))
+    )
+    assert sorted(t.get_text() for t in fig.axes[0].get_legend().get_texts()) == ["mean", "sum", "tsv"]
 
 
 def test_kept_gain_is_one_formula_for_points_and_resamples():

@@ -399,19 +399,21 @@ def _kind_lines(am: str, rs: list[dict], interval: bool) -> list[str]:
 
 def size_rows(rs: list[dict]) -> list[dict]:
     """Per composition size ``k`` (with two sizes or more): the compositions,
-    their verdicts, each method's worst-member kept gain averaged over the
-    compositions of that size (NaN ones, no gain to keep, left out) and how
-    often each method is best. A kind's methods, in the scenario's order."""
+    their verdicts, each method's worst-member figures (``values``, the
+    compositions in name order, NaN for no gain to keep), their mean over the
+    compositions of that size (``kept``, NaN ones left out) and how often each
+    method is best. A kind's methods, in the scenario's order."""
     sizes = sorted({r["k"] for r in rs})
     if len(sizes) < 2:
         return []
     methods = list(dict.fromkeys(m for r in rs for m in r["by_method"]))
     out = []
     for k in sizes:
-        mine = [r for r in rs if r["k"] == k]
-        kept = {m: [r["by_method"].get(m, np.nan) for r in mine] for m in methods}
+        mine = sorted((r for r in rs if r["k"] == k), key=lambda r: r["composition"])
+        values = {m: [float(r["by_method"].get(m, np.nan)) for r in mine] for m in methods}
         out.append({"k": k, "n": len(mine), **{v: sum(r["verdict"] == v for r in mine) for v in VERDICTS},
-                    "kept": {m: float(np.nanmean(x)) if np.isfinite(x).any() else np.nan for m, x in kept.items()},
+                    "values": values,
+                    "kept": {m: float(np.nanmean(x)) if np.isfinite(x).any() else np.nan for m, x in values.items()},
                     "best": {m: sum(r["best_method"] == m and r["verdict"] != "no gain to keep" for r in mine)
                              for m in methods}})  # fmt: skip
     return out
@@ -565,19 +567,14 @@ def write_files(folder: Path, report: dict, cache=None) -> None:
 
 
 def size_panels(rs: list[dict]) -> list[tuple[str, dict]]:
-    """:func:`.plots.kept_by_size`'s panels: per label whose compositions come
-    in several sizes, ``{method: {size: [each composition's figure]}}`` (None for
-    no gain to keep: plain lists, the figure's cache key is their JSON)."""
+    """:func:`.plots.kept_by_size`'s panels, from :func:`size_rows`: per label
+    whose compositions come in several sizes, ``{method: {size: [each
+    composition's figure]}}`` (None for no gain to keep: plain lists, the
+    figure's cache key is their JSON)."""
     out = []
     for am in dict.fromkeys(r["adapter_method"] for r in rs):
-        mine = [r for r in rs if r["adapter_method"] == am]
-        if len({r["k"] for r in mine}) < 2:
-            continue
-        by: dict = {}
-        for r in sorted(mine, key=lambda r: (r["k"], r["composition"])):
-            for m, x in r["by_method"].items():
-                by.setdefault(m, {}).setdefault(r["k"], []).append(
-                    None if x is None or np.isnan(x) else float(x)
-                )
-        out.append((am, by))
+        got = size_rows([r for r in rs if r["adapter_method"] == am])
+        if got:
+            out.append((am, {m: {g["k"]: [None if np.isnan(x) else x for x in g["values"][m]] for g in got}
+                             for m in got[0]["values"]}))  # fmt: skip
     return out

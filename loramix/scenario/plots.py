@@ -812,7 +812,7 @@ def kept_by_size(
             v for per in by.values() for vs in per.values() for v in vs if v is not None and np.isfinite(v)
         ]
         floor = max(KEPT_FLOOR, min([0.0, *values]) - 5.0)
-        below, sunk = 0, False
+        below, sunk, named = 0, False, set()
         for j, m in enumerate(methods):
             for i, k in enumerate(sizes):
                 vs = np.array(
@@ -824,13 +824,14 @@ def kept_by_size(
                 low = vs < floor
                 below += int(low.sum())
                 xs = x + rng.uniform(-0.3, 0.3, len(vs)) * step
+                # each name once in the legend, on the first size the method has (its marker even if empty)
                 ax.plot(xs[~low], vs[~low], "o", ms=3.5, alpha=0.6, color=colors[m],
-                        label=m if i == 0 else None)  # fmt: skip
-                ax.plot(xs[low], np.full(low.sum(), floor), "v", ms=5, color=colors[m],
-                        label=m if i == 0 and not (~low).any() else None)  # fmt: skip
+                        label=None if m in named else m)  # fmt: skip
+                ax.plot(xs[low], np.full(low.sum(), floor), "v", ms=5, color=colors[m])
                 mean = float(vs.mean())
                 ax.plot([x - 0.4 * step, x + 0.4 * step], [max(mean, floor)] * 2, color="black", lw=2,
-                        label="mean" if i == 0 and j == 0 else None)  # fmt: skip
+                        label=None if "mean" in named else "mean")  # fmt: skip
+                named |= {m, "mean"}
                 if mean < floor:  # the bar on the floor, its value under it
                     ax.plot(x, floor, "v", ms=7, color="black")
                     ax.annotate(f"{mean:.0f}", (x, floor), xytext=(0, -7), textcoords="offset points",
