@@ -10,7 +10,8 @@ reported as such while the next one still runs:
    pytest is not installed);
 2. ``train``: the D2-LoRA training-step overhead over LoRA on a model of
    SmolLM2-135M's shapes (random weights, which do not change the time) with
-   a batch that fills the GPU (``bench_train.py``; target <= +19%);
+   a batch that fills the GPU (``bench_train.py``: ``d2lora`` as `train` runs
+   it on the GPU, the dense forward, and the factored one; target <= +19%);
 3. ``eval-d2``, ``eval-lora``: merged against on-the-fly evaluation of the
    sum of 3 adapters on the same model (``bench_eval.py --arch smol --only
    b``; target >= 1.9x);
@@ -61,7 +62,7 @@ def steps(device: str, quick: bool, work: Path) -> list[tuple[str, list[str], fl
     tests = [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_cuda.py")]
     return [
         ("cuda-tests", tests, 0.15),
-        ("train", [*train, "--methods", "lora", "d2lora", "d2lora-dense"], 0.2),
+        ("train", [*train, "--methods", "lora", "d2lora", "d2lora-factored"], 0.2),
         ("eval-d2", [*evals, "--kind", "d2lora"], 0.1),
         ("eval-lora", [*evals, "--kind", "lora"], 0.1),
         (

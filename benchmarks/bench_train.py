@@ -4,12 +4,13 @@ One training step = forward, backward and an AdamW update of the adapter
 factors, on the same model and the same batches for every method:
 
 - ``lora``: :class:`loramix.layers.LoraLinear`.
-- ``d2lora``: :class:`loramix.layers.D2LoraLinear`, the factored forward
-  (row norms of ``W0 + dW`` from the factors, ``||W0||`` cached; ``dW`` and
-  ``W_hat`` never formed).
-- ``d2lora-dense``: the same layer with ``dense=True``, the reference forward
-  that builds ``W_hat = W* + dW`` each step (what a direct transcription of the
-  paper's formula costs; shown to measure the optimisation).
+- ``d2lora``: :class:`loramix.layers.D2LoraLinear` as ``loramix train``
+  runs it (``dense=None``: the dense forward when training on CUDA, the
+  factored one elsewhere).
+- ``d2lora-factored``: the factored forward (row norms of ``W0 + dW`` from
+  the factors, ``||W0||`` cached; ``dW`` and ``W_hat`` never formed).
+- ``d2lora-dense``: the reference forward that builds ``W_hat = W* + dW``
+  each step (a direct transcription of the paper's formula).
 - ``lora-compiled``, ``d2lora-compiled``: the model under
   ``torch.compile(dynamic=False)`` (compiled in the warm-up steps): the D2
   forward's small kernels (row norms, scales) fused; each is set against
@@ -65,9 +66,11 @@ MODELS = {
     "smollm2-135m": ("llama", 30, 576, 9, 49152, 3, 1536),
     "llama-1b": ("llama", 16, 2048, 32, 32000),
 }
-#: methods: the adapter kind, then "-dense" (D2's reference forward) or
-#: "-compiled" (the model under ``torch.compile``: its small kernels fused)
-METHODS = ("lora", "d2lora", "d2lora-dense", "lora-compiled", "d2lora-compiled")
+#: methods: the adapter kind, then "-factored" or "-dense" (D2's two forwards; without
+#: either, the one `train` takes on the device) or "-compiled" (the model under
+#: ``torch.compile``: its small kernels fused)
+METHODS = ("lora", "d2lora", "d2lora-factored", "d2lora-dense", "lora-compiled", "d2lora-compiled")
+DENSE = {"dense": True, "factored": False}
 
 
 def build_model(name: str, seq: int, device, dtype):
@@ -109,7 +112,7 @@ def make_setup(name, method, rank, alpha, seq, device, dtype):
 
     model, vocab = build_model(name, seq, device, dtype)
     kind, _, variant = method.partition("-")
-    params = inject_trainable(model, method=kind, rank=rank, alpha=alpha, seed=0, dense=variant == "dense")
+    params = inject_trainable(model, method=kind, rank=rank, alpha=alpha, seed=0, dense=DENSE.get(variant))
     # Non-zero B, as after some training (B = 0 would make some products trivially cheap).
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -320,7 +323,9 @@ def main(argv=None):
     ap.add_argument(
         "--models", nargs="+", default=["gpt2-tiny", "gpt2-small", "llama-small"], choices=list(MODELS)
     )
-    ap.add_argument("--methods", nargs="+", default=list(METHODS[:3]), choices=METHODS)
+    ap.add_argument(
+        "--methods", nargs="+", default=["lora", "d2lora-factored", "d2lora-dense"], choices=METHODS
+    )
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16)
     ap.add_argument("--batch", type=int, default=16)

@@ -372,13 +372,15 @@ def inject_trainable(
     alpha: float = 16,
     targets: str | Iterable[str] | None = None,
     seed: int = 0,
-    dense: bool = False,
+    dense: bool | None = None,
     method: str | None = None,
     **options,
 ) -> list[nn.Parameter]:
     """Wrap the target modules with trainable layers of adapter ``kind``, in place.
 
     ``options`` are the kind's own (D2-LoRA: ``tau``, ``norm_dim``, ``eps``);
+    ``dense`` picks D2-LoRA's forward (None: by device, see
+    :class:`loramix.kinds.d2lora.D2LoraLinear`; other kinds ignore it);
     ``method`` is the v0.1 name of ``kind``. Every existing parameter of
     ``model`` is frozen; the new factors are the only trainable ones and are
     returned (in model order: for each module ``A, B`` or ``A+, A-, B+, B-``).

@@ -164,3 +164,30 @@ def test_llama_d2_layer_cuda_merged_matches_unmerged():
             if layer.bias is not None:
                 ref = ref + layer.bias.double()
             assert float((y - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_d2_layer_trains_with_the_dense_forward_on_cuda():
+    """``dense=None`` takes the dense forward when training on CUDA (measured
+    faster there, reports/benchmarks-gpu.md) and the factored one under
+    no_grad; both give ``F.linear`` with ``W_hat`` and the same gradients."""
+    from loramix.layers import D2LoraLinear
+
+    from .test_d2lora import _forward_taken
+
+    g = torch.Generator().manual_seed(0)
+    layer = D2LoraLinear(torch.nn.Linear(24, 16), 4, 8.0, generator=g).cuda()
+    with torch.no_grad():
+        for p in (layer.lora_B_pos, layer.lora_B_neg):
+            p.normal_(0, 0.05)
+    x = torch.randn(3, 24, device="cuda")
+    assert _forward_taken(layer, x) == "dense"
+    with torch.no_grad():
+        assert _forward_taken(layer, x) == "factored"
+    grads = []
+    for dense in (None, False):
+        layer.dense = dense
+        layer.zero_grad(set_to_none=True)
+        layer(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in (layer.lora_A_pos, layer.lora_B_neg)])
+    for a, b in zip(*grads, strict=True):
+        assert float((a - b).norm() / b.norm()) < 1e-4

@@ -209,3 +209,31 @@ def test_a_d2_module_built_by_hand_takes_the_tau_of_a_file_without_one(tmp_path)
     assert torch.equal(m.residual(), ref)
     Bf, Af = npm.factors()
     np.testing.assert_allclose(Bf @ Af, ref.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def _forward_taken(layer, x) -> str:
+    """Which forward ``layer(x)`` runs: "dense" or "factored"."""
+    taken = []
+    dense = layer._dense_forward
+    layer._dense_forward = lambda t: taken.append("dense") or dense(t)
+    try:
+        layer(x)
+    finally:
+        del layer._dense_forward
+    return taken[0] if taken else "factored"
+
+
+def test_forward_is_chosen_by_device_unless_given():
+    """``dense=None`` trains with the factored forward on the CPU (the dense one
+    on CUDA: tests/test_cuda.py); True and False are obeyed everywhere."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, generator=g)
+    auto, dense, factored = (
+        D2LoraLinear(nn.Linear(6, 5), 2, 4.0, generator=g, dense=d) for d in (None, True, False)
+    )
+    assert _forward_taken(auto, x) == "factored"
+    with torch.no_grad():
+        assert _forward_taken(auto, x) == "factored"
+        assert _forward_taken(dense, x) == "dense"
+    assert _forward_taken(dense, x) == "dense"
+    assert _forward_taken(factored, x) == "factored"

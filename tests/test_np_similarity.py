@@ -264,3 +264,23 @@ def test_peft_features_the_numpy_reader_leaves_to_torch(tmp_path):
         res_np.rms.to_numpy(), res_t.rms.to_numpy(), rtol=0, atol=1e-12, equal_nan=True
     )
     np.testing.assert_allclose(res_np.per_module["cosine"], res_t.per_module["cosine"], rtol=0, atol=1e-12)
+
+
+def test_a_torch_device_reads_the_factors_with_numpy(adapter_paths, monkeypatch):
+    """Without a base, a torch device (a GPU's path) reads no adapter with the
+    torch readers: each module's numpy stack is moved to the device whole, so
+    a bank of adapters never sits in host memory at once."""
+    import loramix.io.adapter_files as af
+    from loramix.overlap import _one_hot
+
+    def refuse(*a, **k):
+        raise AssertionError("read by torch")
+
+    monkeypatch.setattr(af, "load_adapter", refuse)
+    paths = adapter_paths["gpt2"]
+    res_t = similarity(paths, progress=False, device=TORCH_CPU)
+    res_np = similarity(paths, progress=False, device="cpu")
+    np.testing.assert_allclose(res_t.rms.to_numpy(), res_np.rms.to_numpy(), rtol=0, atol=1e-12)
+    offsets = [0, 2, 3, 7]
+    np.testing.assert_array_equal(_one_hot(offsets, TORCH_CPU).numpy(), _one_hot(offsets))
+    assert _one_hot(offsets).sum(0).tolist() == [2, 1, 4]
