@@ -13,7 +13,11 @@
     A third column times the same heap on a study's predictors file with a
     predictor per merge method (``reports/merge-methods-14-domains``: four
     methods, each union costed under each), on synthetic matrices of the
-    features its predictors read: what ``plan --fit`` adds per union.
+    features its predictors read: what ``plan --fit`` adds per union. The
+    heap reads every pair's cost formed at once
+    (:meth:`loramix.grouping.CostModel.pair_costs`, as ``plan`` does); the
+    next columns cost the pairs one by one, as before (the same groups,
+    checked).
 
 (b) Whole processes over ``--n`` small PEFT LoRA adapters (GPT-2-shaped, one
     layer at 1/12 width, rank 8, on disk): ``loramix plan`` against
@@ -88,16 +92,24 @@ def bench_grouping(sizes: list[int], max_group: int, budget: float, scan_limit: 
         fs.aggregate["rms_cosine"] = "rms"
         model = CostModel(fs)
         t = time.perf_counter()
-        heap = greedy_groups(n, model.cost, budget, max_group)
+        heap = greedy_groups(
+            n, model.cost, budget, max_group, pair_cost=model.pair_costs()
+        )  # as plan runs it
         t_heap = time.perf_counter() - t
         merged = sum(len(g) for g in heap if len(g) > 1)
         fitted, n_methods = fitted_model(n)
         t = time.perf_counter()
-        greedy_groups(n, fitted.cost, 15.0, max_group)  # a budget of 15 points of retention: most unions
-        t_fit = f"{time.perf_counter() - t:.2f}"
+        # a budget of 15 points of retention: most unions
+        fit_groups = greedy_groups(n, fitted.cost, 15.0, max_group, pair_cost=fitted.pair_costs())
+        t_fit = time.perf_counter() - t
+        t = time.perf_counter()
+        one_by_one = greedy_groups(n, fitted.cost, 15.0, max_group)  # the pairs costed one by one, as before
+        t_one = time.perf_counter() - t
+        assert one_by_one == fit_groups, f"n={n}: the pairs costed at once changed the fitted plan"
+        fit_cells = [f"{t_fit:.2f}", f"{t_one:.2f}", f"{t_one / t_fit:.1f}x"]
         if skip_scan:
             rows.append(
-                [str(n), f"{t_heap:.3f}", t_fit, "(not run)", "", f"{len(heap)} groups, {merged} merged"]
+                [str(n), f"{t_heap:.3f}", *fit_cells, "(not run)", "", f"{len(heap)} groups, {merged} merged"]
             )
             continue
         t = time.perf_counter()
@@ -105,7 +117,7 @@ def bench_grouping(sizes: list[int], max_group: int, budget: float, scan_limit: 
         t_scan = time.perf_counter() - t
         assert scan == heap, f"n={n}: the heap's groups are not the scan's"
         skip_scan = t_scan > scan_limit  # the next size would take 8x as long
-        rows.append([str(n), f"{t_heap:.3f}", t_fit, f"{t_scan:.2f}", f"{t_scan / t_heap:.0f}x",
+        rows.append([str(n), f"{t_heap:.3f}", *fit_cells, f"{t_scan:.2f}", f"{t_scan / t_heap:.0f}x",
                      f"{len(heap)} groups, {merged} merged; same groups"])  # fmt: skip
     return rows, n_methods
 
@@ -170,8 +182,14 @@ def main(argv=None) -> None:
     print(f"(a) the grouping alone, in process: RMS-cosine cost, budget {args.budget}, groups of at most "
           f"{args.max_group}; seconds\n")  # fmt: skip
     rows, n_methods = bench_grouping(args.sizes, args.max_group, args.budget, args.scan_limit)
-    fit_col = f"heap, --fit of {n_methods} methods (s)"
-    print(markdown_table(["adapters", "heap (s)", fit_col, "scan (s)", "scan / heap", "plan (cosine)"], rows))
+    fit_cols = [
+        f"heap, --fit of {n_methods} methods (s)",
+        "same, pairs one by one (s)",
+        "one by one / at once",
+    ]
+    print(
+        markdown_table(["adapters", "heap (s)", *fit_cols, "scan (s)", "scan / heap", "plan (cosine)"], rows)
+    )
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"\n(b) whole processes over {args.n} PEFT LoRA adapters (one GPT-2 layer at 1/12 width, rank 8)\n")
     rows = bench_processes(args.n, args.work, args.max_group, args.old, args.old_timeout)

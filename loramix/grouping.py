@@ -134,11 +134,15 @@ class CostModel:
     def default_budget(self) -> float:
         return 0.0 if self.fit is not None else COSINE_BUDGET
 
-    def _predict(self, method: str | None, members: list[int]) -> tuple[float, float | None, float | None]:
-        """``(cost, low, high)`` of ``members`` by ``method``'s predictor (None: the primary)."""
+    def _predict(
+        self, method: str | None, members: list[int], x: dict | None = None
+    ) -> tuple[float, float | None, float | None]:
+        """``(cost, low, high)`` of ``members`` by ``method``'s predictor (None: the
+        primary); ``x``: their feature values where already computed."""
         features, predict = self._predictors[method]
-        x = {f: self.features.composition(f, members) for f in features}
-        if any(not math.isfinite(v) for v in x.values()):
+        if x is None:
+            x = {f: self.features.composition(f, members) for f in features}
+        if any(not math.isfinite(x[f]) for f in features):
             return float("nan"), None, None
         return predict(x)
 
@@ -146,7 +150,14 @@ class CostModel:
         """``{method: (cost, low, high)}`` under each merge method's predictor (empty for one adapter)."""
         if len(members) < 2:
             return {}
-        return {m: self._predict(m, members) for m in self.by_method}
+        # each feature once, though several methods' predictors read it
+        x = {f: self.features.composition(f, members) for f in self._method_features}
+        return {m: self._predict(m, members, x) for m in self.by_method}
+
+    @cached_property
+    def _method_features(self) -> list[str]:
+        """The features any merge method's predictor reads, each once."""
+        return list(dict.fromkeys(f for m in self.by_method for f in self._predictors[m][0]))
 
     def choose(self, members: list[int]) -> tuple[str | None, tuple[float, float | None, float | None]]:
         """The method of lowest finite predicted cost and its ``(cost, low, high)``
@@ -156,6 +167,34 @@ class CostModel:
             if math.isfinite(c[0]) and (best is None or c[0] < best[1][0]):
                 best = (m, c)
         return best if best is not None else (None, (float("nan"), None, None))
+
+    def pair_costs(self) -> np.ndarray | None:
+        """``C`` (N x N): ``C[i, j] = cost([i, j])[0]`` for ``i != j``, the same
+        bits, formed elementwise for all pairs at once (a plan of 1,000
+        adapters costs half a million pairs before it merges any); None where
+        a predictor is not elementwise (:func:`loramix.validation.pair_predictor_of`)."""
+        if self.fit is None:
+            return _pair_values(self._cosines, "rms")
+        from .validation import pair_predictor_of
+
+        n, best = len(self.features.names), None
+        for m in list(self.by_method) if self.method_aware else [None]:
+            predict = pair_predictor_of(self.fit if m is None else self.by_method[m])
+            if predict is None:
+                return None
+            features = self._predictors[m][0]
+            x = {f: _pair_values(self.features.matrices[f], self.features.aggregate[f]) for f in features}
+            with np.errstate(over="ignore", invalid="ignore"):
+                c = np.array(np.broadcast_to(predict(x), (n, n)), dtype=np.float64)
+            for f in features:  # _predict: a feature without a value gives no cost
+                c[~np.isfinite(x[f])] = np.nan
+            if m is None:
+                return c
+            # choose(): the first method of lowest finite cost; NaN where none is finite
+            best = c if best is None else best
+            take = np.isfinite(c) & (~np.isfinite(best) | (c < best))
+            best = np.where(take, c, best)
+        return np.where(np.isfinite(best), best, np.nan)
 
     @cached_property
     def _cosines(self) -> np.ndarray:
@@ -191,7 +230,19 @@ class CostModel:
         return method_for(len(members), cost, high, budget)
 
 
-def greedy_groups(n: int, cost, budget: float, max_group: int, bar=None) -> list[list[int]]:
+def _pair_values(matrix: np.ndarray, aggregate: str) -> np.ndarray:
+    """:func:`loramix.features.composition_value` of every pair ``[i, j]`` at
+    once, with its arithmetic on one value (NaN where the pair has none)."""
+    M = np.asarray(matrix, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        v = np.sqrt(M * M) if aggregate == "rms" else M.copy() if aggregate == "max" else M + 0.0
+    v[~np.isfinite(M)] = np.nan
+    return v
+
+
+def greedy_groups(
+    n: int, cost, budget: float, max_group: int, bar=None, pair_cost: np.ndarray | None = None
+) -> list[list[int]]:
     """Greedy agglomerative grouping of ``0..n-1`` (module docstring); ``cost(members)``
     returns the predicted cost first, for ``members`` sorted. Groups come out sorted,
     largest first.
@@ -207,7 +258,9 @@ def greedy_groups(n: int, cost, budget: float, max_group: int, bar=None) -> list
     heap's ``log``, where a scan of every pair at every step cost ``O(n^3)``
     look-ups: minutes for 1,000 adapters. ``bar``: a progress bar
     (:func:`loramix.progress.progress_bar`) the first costing of the pairs,
-    half or more of the work, moves.
+    half or more of the work, moves. ``pair_cost``: ``cost([a, b])[0]`` of
+    every pair (n x n, :meth:`CostModel.pair_costs`), read instead of
+    costing the pairs one by one; the same keys, so the same groups.
     """
     import heapq
 
@@ -221,11 +274,21 @@ def greedy_groups(n: int, cost, budget: float, max_group: int, bar=None) -> list
             if math.isfinite(v) and v <= budget:
                 heapq.heappush(heap, (v, a, b, size_a, size_b))
 
-    for b in range(n):
-        for a in range(b):
-            offer(a, b)
+    if pair_cost is not None:
+        a, b = np.triu_indices(n, 1)
+        v = pair_cost[a, b]
+        with np.errstate(invalid="ignore"):
+            keep = np.isfinite(v) & (v <= budget) & (max_group >= 2)
+        heap = [(x, i, j, 1, 1) for x, i, j in zip(v[keep].tolist(), a[keep].tolist(), b[keep].tolist())]
+        heapq.heapify(heap)  # the keys are distinct: the pops come in the order of offers made one by one
         if bar is not None:
-            bar.update(b)
+            bar.update(n * (n - 1) // 2)
+    else:
+        for b in range(n):
+            for a in range(b):
+                offer(a, b)
+            if bar is not None:
+                bar.update(b)
     while heap:
         _, a, b, size_a, size_b = heapq.heappop(heap)
         # a group only grows and keeps its smallest member: one of another size has merged since
@@ -840,7 +903,10 @@ def plan_with(model: CostModel, *, source: str, validated: dict | None = None, m
     order = sorted(range(n), key=lambda i: (names[i], i))
     with progress_bar(total=n * (n - 1) // 2, desc="plan: costing pairs", unit="pair",
                       delay=0.5, leave=False, progress=progress) as bar:  # fmt: skip
-        groups = greedy_groups(n, lambda m: model.cost([order[i] for i in m]), b, max_group, bar=bar)
+        pairs = model.pair_costs()
+        pairs = None if pairs is None else pairs[np.ix_(order, order)]
+        groups = greedy_groups(n, lambda m: model.cost([order[i] for i in m]), b, max_group, bar=bar,
+                               pair_cost=pairs)  # fmt: skip
     groups = [[order[i] for i in g] for g in groups]  # members and groups in the names' order
     return Plan(names, describe_groups(model, groups, b), b, max_group, source, validated, model.rule,
                 validated_by_method)  # fmt: skip

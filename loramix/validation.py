@@ -270,6 +270,30 @@ def predictor_of(fit: dict, level: float = 0.9):
     return ridge
 
 
+def pair_predictor_of(fit: dict):
+    """The value of :func:`predictor_of` (not its interval) as a function of
+    feature arrays, elementwise and with the same operations in the same
+    order, so the same bits: for the mean and the lines. None for the ridge,
+    a dot product whose order of summation a vectorised form need not keep.
+    A plan costs every pair of ``n`` adapters (``n^2 / 2``) before it merges
+    any (:meth:`loramix.grouping.CostModel.pair_costs`)."""
+    if fit["kind"] == "mean":
+        m = fit["mean"]
+        return lambda x: m
+    if fit["kind"] not in ("ols", "ols_pairsum"):
+        return None
+    f = LinearFit.from_dict(fit)
+    if not f.ok:  # predictor_of's line raises here: left to it
+        return None
+    feature, size = fit["feature"], fit["size"] if fit["kind"] == "ols_pairsum" else None
+
+    def line(x: dict):
+        y = f.slope * x[feature] + f.intercept  # LinearFit.predict
+        return y if size is None else x[size] * y  # 1.0 * y is y
+
+    return line
+
+
 #: a feature value this many of the study's standard deviations from its mean is an extrapolation
 FAR = 3.0
 

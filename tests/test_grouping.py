@@ -213,7 +213,13 @@ def test_greedy_groups_by_a_heap_are_the_scans(case):
              "sum": lambda: float(sum(vals))}[how]()  # fmt: skip
         return v, None, None
 
-    assert greedy_groups(n, cost, budget, max_group) == scan_groups(n, cost, budget, max_group)
+    scan = scan_groups(n, cost, budget, max_group)
+    assert greedy_groups(n, cost, budget, max_group) == scan
+    # the pairs costed at once (as plan does), then the same heap
+    pairs = np.full((n, n), np.nan)
+    for i, j in itertools.permutations(range(n), 2):
+        pairs[i, j] = cost([i, j])[0] if i < j else np.nan
+    assert greedy_groups(n, cost, budget, max_group, pair_cost=pairs) == scan
 
 
 def test_plan_says_how_far_it_is_and_is_quiet_when_asked(bank, capsys, monkeypatch):
@@ -1052,3 +1058,65 @@ def test_the_size_note_quotes_its_study():
             .to_dict()
         )
         assert wins[SUM_MAX_GROUP] > 0 and all(n == 0 for k, n in wins.items() if k > SUM_MAX_GROUP), study
+
+
+def _same_bits(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1.0, a) == math.copysign(1.0, b))
+
+
+def test_pair_costs_are_the_costs_of_the_pairs_to_the_bit():
+    """``CostModel.pair_costs`` (every pair at once, as ``plan`` reads them) gives
+    ``cost([i, j])[0]`` to the bit: under the cosine (pairs that share no module
+    cost 0), one line, a line scaled by size, the mean, and a choice among
+    methods; with NaN, inf, -0.0 and large values among the features. A ridge
+    (a dot product) has none, and a plan then costs the pairs one by one."""
+    from loramix.features import FeatureSet
+    from loramix.grouping import CostModel, plan_with
+
+    rng = np.random.default_rng(3)
+    n = 12
+    mats = {}
+    for name in ("f", "g", "rms_cosine"):
+        m = rng.normal(size=(n, n))
+        m = (m + m.T) / 2
+        m[1, 2] = m[2, 1] = np.nan
+        m[3, 4] = m[4, 3] = np.inf
+        m[5, 6] = m[6, 5] = -0.0
+        m[7, 8] = m[8, 7] = 1e150
+        mats[name] = m
+    for name in ("f", "rms_cosine"):  # rms: the square overflows, the pair has no value
+        mats[name][7, 8] = mats[name][8, 7] = 1e200
+    mats["coverage"] = np.ones((n, n))
+    mats["coverage"][0, 9] = mats["coverage"][9, 0] = 0.0
+    mats["pairs_per_member"] = np.ones((n, n))
+    agg = {"f": "rms", "g": "mean", "rms_cosine": "rms", "coverage": "mean", "pairs_per_member": "member_sum"}
+    fs = FeatureSet(names=[f"a{i}" for i in range(n)], matrices=mats, aggregate=agg)
+
+    def ols(feature, slope, pairsum=False):
+        fit = {"kind": "ols", "feature": feature, "slope": slope, "intercept": 0.3, "n": 10, "x_mean": 0.1,
+               "sxx": 2.0, "residual_se": 0.5, "pearson_r": 0.5, "r2": 0.25, "loo_rmse": 1.0, "loo_mae": 1.0}  # fmt: skip
+        return {**fit, "kind": "ols_pairsum", "size": "pairs_per_member"} if pairsum else fit
+
+    mean = {"kind": "mean", "n": 5, "mean": 0.7, "sd": 0.2}
+    ridge = {"kind": "ridge", "features": ["f", "g"], "lambda": 0.1, "mu": [0.0, 0.1], "sd": [1.0, 2.0],
+             "coef": [0.5, -0.25], "intercept": 0.2, "resid_low": None, "resid_high": None, "n": 10}  # fmt: skip
+    models = {
+        "cosine": CostModel(fs),
+        "line": CostModel(fs, ols("g", -3.0)),
+        "pairsum": CostModel(fs, ols("f", 2.0, pairsum=True)),
+        "mean": CostModel(fs, mean),
+        "by method": CostModel(
+            fs, ols("f", 1.0), 0.9, {"sum": ols("f", 1.0), "ties": ols("g", 0.5, True), "tsv": mean}
+        ),  # fmt: skip
+    }
+    for label, model in models.items():
+        pairs = model.pair_costs()
+        for i, j in itertools.permutations(range(n), 2):
+            assert _same_bits(pairs[i, j], model.cost([i, j])[0]), (label, i, j, pairs[i, j])
+        # the plan reads them, and plans as it did pair by pair
+        p = plan_with(model, source=label, max_group=3, budget=1.0)
+        model.pair_costs = lambda: None
+        assert plan_with(model, source=label, max_group=3, budget=1.0).groups == p.groups, label
+    assert models["cosine"].pair_costs is not None and CostModel(fs).pair_costs()[0, 9] == 0.0
+    assert CostModel(fs, ridge).pair_costs() is None
+    assert CostModel(fs, ols("f", 1.0), 0.9, {"sum": ols("f", 1.0), "ties": ridge}).pair_costs() is None

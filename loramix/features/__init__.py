@@ -114,6 +114,13 @@ class FeatureSet:
 def composition_value(matrix: np.ndarray, members: list[int], aggregate: str = "rms") -> float:
     """The composition's value from its pairs (module docstring); NaN pairs are
     left out, NaN when none is left."""
+    if len(members) == 2:  # a plan costs n^2 / 2 pairs: the general form's arithmetic on one value
+        v = float(matrix[members[0], members[1]])
+        if not math.isfinite(v):
+            return float("nan")
+        if aggregate == "rms":
+            return math.sqrt(v * v)  # sqrt((0 + v^2) / 1)
+        return v if aggregate == "max" else v + 0.0  # mean, member_sum: (0 + v) / 1 and 1 (0 + v) / 1
     vals = [float(matrix[i, j]) for a, i in enumerate(members) for j in members[a + 1 :]]
     vals = [v for v in vals if math.isfinite(v)]
     if not vals:
