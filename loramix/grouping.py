@@ -891,7 +891,7 @@ def plan_with(model: CostModel, *, source: str, validated: dict | None = None, m
               progress: bool = False) -> Plan:  # fmt: skip
     """The plan of :func:`plan` from a ready cost model (the features already
     computed, e.g. by a scenario's features step); ``progress``: a bar of the
-    pairs' costing (seconds for 1,000 adapters by the cosine, tens under a
+    pairs' costing (about a second for 1,000 adapters by the cosine, ten under a
     study's predictors)."""
     from .progress import progress_bar
 
