@@ -284,3 +284,50 @@ def test_a_torch_device_reads_the_factors_with_numpy(adapter_paths, monkeypatch)
     offsets = [0, 2, 3, 7]
     np.testing.assert_array_equal(_one_hot(offsets, TORCH_CPU).numpy(), _one_hot(offsets))
     assert _one_hot(offsets).sum(0).tolist() == [2, 1, 4]
+
+
+def _old_add(t, col, owners, ip, mant, exp):
+    """``_Totals.add`` as it was before its common-case path (the reference)."""
+    sq = np.clip(np.diag(ip), 0.0, None)
+    root = np.sqrt(sq)
+    idx = np.asarray(owners)
+    t.norms[idx, col] = np.ldexp(np.abs(mant) * root, exp)
+    ok = (sq > 0.0) & (mant != 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.clip(ip / np.outer(root, root) * np.sign(np.outer(mant, mant)), -1.0, 1.0)
+    np.fill_diagonal(cos, 1.0)
+    valid = np.outer(ok, ok)
+    cos_v = np.where(valid, cos, 0.0)
+    ix = np.ix_(idx, idx)
+    t.shared[ix] += 1
+    t.n_cos[ix] += valid
+    t.sum_c[ix] += cos_v
+    t.sum_c2[ix] += cos_v**2
+
+
+def test_totals_common_case_has_the_general_bits():
+    """Folding a module in by the common case (every adapter, positive scales,
+    no zero delta) and by the general one gives the same sums to the bit, and
+    so do negative scales, a zero delta and a module some adapters lack."""
+    from loramix.overlap import _Totals
+
+    rng = np.random.default_rng(7)
+    n = 9
+    names = [f"a{i}" for i in range(n)]
+    new, ref = _Totals(names, 4, False), _Totals(names, 4, False)
+    X = rng.standard_normal((n, 5))
+    cases = [
+        (list(range(n)), np.ones(n)),
+        (list(range(n)), np.where(np.arange(n) == 3, -0.5, 2.0)),
+        (list(range(n)), np.where(np.arange(n) == 5, 0.0, 1.0)),
+        ([0, 2, 3, 7], np.ones(4)),
+    ]
+    for col, (owners, mant) in enumerate(cases):
+        Y = X[owners] * rng.uniform(0.5, 2.0, size=(len(owners), 1))
+        ip = Y @ Y.T
+        exp = rng.integers(-3, 3, size=len(owners))
+        new.add(col, f"m{col}", owners, ip, mant, exp)
+        _old_add(ref, col, owners, ip, mant, exp)
+        for f in ("sum_c", "sum_c2", "n_cos", "shared", "norms"):
+            a, b = getattr(new, f), getattr(ref, f)
+            assert np.array_equal(a, b, equal_nan=True), (col, f)
