@@ -252,3 +252,15 @@ def mounted(folder: str | Path, fstype: str, options: str, source: str | None = 
         yield Path(folder)
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def forward_taken(layer, x) -> str:
+    """Which forward a D2-LoRA ``layer(x)`` runs: "dense" or "factored"."""
+    taken = []
+    dense = layer._dense_forward
+    layer._dense_forward = lambda t: taken.append("dense") or dense(t)
+    try:
+        layer(x)
+    finally:
+        del layer._dense_forward
+    return taken[0] if taken else "factored"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .factories import make_peft_adapter, save_base, tiny_gpt2, tiny_llama
+from .factories import forward_taken, make_peft_adapter, save_base, tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.cuda
 
@@ -172,17 +172,15 @@ def test_d2_layer_trains_with_the_dense_forward_on_cuda():
     no_grad; both give ``F.linear`` with ``W_hat`` and the same gradients."""
     from loramix.layers import D2LoraLinear
 
-    from .test_d2lora import _forward_taken
-
     g = torch.Generator().manual_seed(0)
     layer = D2LoraLinear(torch.nn.Linear(24, 16), 4, 8.0, generator=g).cuda()
     with torch.no_grad():
         for p in (layer.lora_B_pos, layer.lora_B_neg):
             p.normal_(0, 0.05)
     x = torch.randn(3, 24, device="cuda")
-    assert _forward_taken(layer, x) == "dense"
+    assert forward_taken(layer, x) == "dense"
     with torch.no_grad():
-        assert _forward_taken(layer, x) == "factored"
+        assert forward_taken(layer, x) == "factored"
     grads = []
     for dense in (None, False):
         layer.dense = dense

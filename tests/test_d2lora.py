@@ -19,6 +19,7 @@ from loramix.models import load_causal_lm
 from loramix.perplexity import perplexity
 from loramix.train import train_adapter
 
+from .factories import forward_taken
 from .test_train import ARITH, UNITS, make_tiny_base
 
 D2 = dict(kind="d2lora", steps=8, batch=8, max_len=48, rank=4, alpha=8, tau=0.4, lr=2e-2, progress=False)
@@ -211,18 +212,6 @@ def test_a_d2_module_built_by_hand_takes_the_tau_of_a_file_without_one(tmp_path)
     np.testing.assert_allclose(Bf @ Af, ref.numpy(), rtol=1e-12, atol=1e-12)
 
 
-def _forward_taken(layer, x) -> str:
-    """Which forward ``layer(x)`` runs: "dense" or "factored"."""
-    taken = []
-    dense = layer._dense_forward
-    layer._dense_forward = lambda t: taken.append("dense") or dense(t)
-    try:
-        layer(x)
-    finally:
-        del layer._dense_forward
-    return taken[0] if taken else "factored"
-
-
 def test_forward_is_chosen_by_device_unless_given():
     """``dense=None`` trains with the factored forward on the CPU (the dense one
     on CUDA: tests/test_cuda.py); True and False are obeyed everywhere."""
@@ -231,9 +220,9 @@ def test_forward_is_chosen_by_device_unless_given():
     auto, dense, factored = (
         D2LoraLinear(nn.Linear(6, 5), 2, 4.0, generator=g, dense=d) for d in (None, True, False)
     )
-    assert _forward_taken(auto, x) == "factored"
+    assert forward_taken(auto, x) == "factored"
     with torch.no_grad():
-        assert _forward_taken(auto, x) == "factored"
-        assert _forward_taken(dense, x) == "dense"
-    assert _forward_taken(dense, x) == "dense"
-    assert _forward_taken(factored, x) == "factored"
+        assert forward_taken(auto, x) == "factored"
+        assert forward_taken(dense, x) == "dense"
+    assert forward_taken(dense, x) == "dense"
+    assert forward_taken(factored, x) == "factored"
