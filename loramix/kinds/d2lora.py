@@ -185,7 +185,8 @@ class D2LoraLinear(TrainableLayer):
         return Bf * self.scale, Af
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense if self.dense is not None else (x.is_cuda and torch.is_grad_enabled()):
+        dense = self.dense if self.dense is not None else x.is_cuda and torch.is_grad_enabled()
+        if dense:
             return self._dense_forward(x)
         Bf, Af = self.factors()
         W0 = self.base_weight()
