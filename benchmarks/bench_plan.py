@@ -14,10 +14,9 @@
     predictor per merge method (``reports/merge-methods-14-domains``: four
     methods, each union costed under each), on synthetic matrices of the
     features its predictors read: what ``plan --fit`` adds per union. The
-    heap reads every pair's cost formed at once
-    (:meth:`loramix.grouping.CostModel.pair_costs`, as ``plan`` does); the
-    next columns cost the pairs one by one, as before (the same groups,
-    checked).
+    heap costs the unions of one size at once
+    (:meth:`loramix.grouping.CostModel.union_costs`, as ``plan`` does); the
+    next columns cost them one by one, as before (the same groups, checked).
 
 (b) Whole processes over ``--n`` small PEFT LoRA adapters (GPT-2-shaped, one
     layer at 1/12 width, rank 8, on disk): ``loramix plan`` against
@@ -92,18 +91,16 @@ def bench_grouping(sizes: list[int], max_group: int, budget: float, scan_limit: 
         fs.aggregate["rms_cosine"] = "rms"
         model = CostModel(fs)
         t = time.perf_counter()
-        heap = greedy_groups(
-            n, model.cost, budget, max_group, pair_cost=model.pair_costs()
-        )  # as plan runs it
+        heap = greedy_groups(n, model.cost, budget, max_group, costs=model.union_costs)  # as plan runs it
         t_heap = time.perf_counter() - t
         merged = sum(len(g) for g in heap if len(g) > 1)
         fitted, n_methods = fitted_model(n)
         t = time.perf_counter()
         # a budget of 15 points of retention: most unions
-        fit_groups = greedy_groups(n, fitted.cost, 15.0, max_group, pair_cost=fitted.pair_costs())
+        fit_groups = greedy_groups(n, fitted.cost, 15.0, max_group, costs=fitted.union_costs)
         t_fit = time.perf_counter() - t
         t = time.perf_counter()
-        one_by_one = greedy_groups(n, fitted.cost, 15.0, max_group)  # the pairs costed one by one, as before
+        one_by_one = greedy_groups(n, fitted.cost, 15.0, max_group)  # the unions costed one by one, as before
         t_one = time.perf_counter() - t
         assert one_by_one == fit_groups, f"n={n}: the pairs costed at once changed the fitted plan"
         fit_cells = [f"{t_fit:.2f}", f"{t_one:.2f}", f"{t_one / t_fit:.1f}x"]
@@ -184,7 +181,7 @@ def main(argv=None) -> None:
     rows, n_methods = bench_grouping(args.sizes, args.max_group, args.budget, args.scan_limit)
     fit_cols = [
         f"heap, --fit of {n_methods} methods (s)",
-        "same, pairs one by one (s)",
+        "same, unions one by one (s)",
         "one by one / at once",
     ]
     print(

@@ -168,27 +168,32 @@ class CostModel:
                 best = (m, c)
         return best if best is not None else (None, (float("nan"), None, None))
 
-    def pair_costs(self) -> np.ndarray | None:
-        """``C`` (N x N): ``C[i, j] = cost([i, j])[0]`` for ``i != j``, the same
-        bits, formed elementwise for all pairs at once (a plan of 1,000
-        adapters costs half a million pairs before it merges any); None where
-        a predictor is not elementwise (:func:`loramix.validation.pair_predictor_of`)."""
+    def union_costs(self, unions: np.ndarray) -> np.ndarray | None:
+        """``cost(list(unions[r]))[0]`` for each row of ``unions`` (m, k), the
+        same bits, formed elementwise for all rows at once (a plan of 1,000
+        adapters costs half a million pairs, then hundreds of thousands of
+        unions); None where that cannot keep the bits: a predictor that is
+        not elementwise (:func:`loramix.validation.pair_predictor_of`), or a
+        ``max`` of more than one pair."""
         if self.fit is None:
-            return _pair_values(self._cosines, "rms")
+            return _union_values(self._cosines, unions, "rms")
         from .validation import pair_predictor_of
 
-        n, best = len(self.features.names), None
-        for m in list(self.by_method) if self.method_aware else [None]:
-            predict = pair_predictor_of(self.fit if m is None else self.by_method[m])
-            if predict is None:
+        m, best = len(unions), None
+        for method in list(self.by_method) if self.method_aware else [None]:
+            predict = pair_predictor_of(self.fit if method is None else self.by_method[method])
+            features = self._predictors[method][0]
+            x = {
+                f: _union_values(self.features.matrices[f], unions, self.features.aggregate[f])
+                for f in features
+            }
+            if predict is None or any(v is None for v in x.values()):
                 return None
-            features = self._predictors[m][0]
-            x = {f: _pair_values(self.features.matrices[f], self.features.aggregate[f]) for f in features}
             with np.errstate(over="ignore", invalid="ignore"):
-                c = np.array(np.broadcast_to(predict(x), (n, n)), dtype=np.float64)
+                c = np.array(np.broadcast_to(predict(x), (m,)), dtype=np.float64)
             for f in features:  # _predict: a feature without a value gives no cost
                 c[~np.isfinite(x[f])] = np.nan
-            if m is None:
+            if method is None:
                 return c
             # choose(): the first method of lowest finite cost; NaN where none is finite
             best = c if best is None else best
@@ -230,19 +235,38 @@ class CostModel:
         return method_for(len(members), cost, high, budget)
 
 
-def _pair_values(matrix: np.ndarray, aggregate: str) -> np.ndarray:
-    """:func:`loramix.features.composition_value` of every pair ``[i, j]`` at
-    once, with its arithmetic on one value (NaN where the pair has none)."""
+def _union_values(matrix: np.ndarray, unions: np.ndarray, aggregate: str) -> np.ndarray | None:
+    """:func:`loramix.features.composition_value` of each row of ``unions``
+    (m, k) at once, with its operations in its order (the pairs in the row's
+    order, the finite ones summed one after the other from 0), so the same
+    bits; NaN where a row has no finite pair. None for ``max`` over more
+    than one pair (which of two equal zeros ``max`` returns depends on their
+    order)."""
     M = np.asarray(matrix, dtype=np.float64)
+    k = unions.shape[1]
+    if aggregate == "max" and k > 2:
+        return None
+    s, count = np.zeros(len(unions)), np.zeros(len(unions), dtype=np.int64)
     with np.errstate(over="ignore", invalid="ignore"):
-        v = np.sqrt(M * M) if aggregate == "rms" else M.copy() if aggregate == "max" else M + 0.0
-    v[~np.isfinite(M)] = np.nan
-    return v
+        for p in range(k):
+            for q in range(p + 1, k):
+                v = M[unions[:, p], unions[:, q]]
+                finite = np.isfinite(v)
+                if aggregate == "max":  # one pair: the value itself
+                    return np.where(finite, v, np.nan)
+                s = np.where(finite, s + (v * v if aggregate == "rms" else v), s)
+                count += finite
+        if aggregate == "rms":
+            out = np.sqrt(s / count)
+        elif aggregate == "member_sum":
+            out = (k - 1) * s / count
+        else:
+            out = s / count
+    out[count == 0] = np.nan
+    return out
 
 
-def greedy_groups(
-    n: int, cost, budget: float, max_group: int, bar=None, pair_cost: np.ndarray | None = None
-) -> list[list[int]]:
+def greedy_groups(n: int, cost, budget: float, max_group: int, bar=None, costs=None) -> list[list[int]]:
     """Greedy agglomerative grouping of ``0..n-1`` (module docstring); ``cost(members)``
     returns the predicted cost first, for ``members`` sorted. Groups come out sorted,
     largest first.
@@ -257,10 +281,11 @@ def greedy_groups(
     costs ``O(n^2)`` unions (``n^2 / 2`` pairs, then ``n`` per merge) and the
     heap's ``log``, where a scan of every pair at every step cost ``O(n^3)``
     look-ups: minutes for 1,000 adapters. ``bar``: a progress bar
-    (:func:`loramix.progress.progress_bar`) the first costing of the pairs,
-    half or more of the work, moves. ``pair_cost``: ``cost([a, b])[0]`` of
-    every pair (n x n, :meth:`CostModel.pair_costs`), read instead of
-    costing the pairs one by one; the same keys, so the same groups.
+    (:func:`loramix.progress.progress_bar`) the first costing of the pairs
+    moves. ``costs``: ``costs(U)`` gives ``cost(list(U[r]))[0]`` for each row
+    of an (m, k) array of sorted unions at once (:meth:`CostModel.union_costs`),
+    or None where it cannot; then ``cost`` is asked one union at a time. The
+    same keys either way, so the same groups.
     """
     import heapq
 
@@ -274,13 +299,33 @@ def greedy_groups(
             if math.isfinite(v) and v <= budget:
                 heapq.heappush(heap, (v, a, b, size_a, size_b))
 
-    if pair_cost is not None:
-        a, b = np.triu_indices(n, 1)
-        v = pair_cost[a, b]
+    def offer_unions(ab: list[tuple[int, int]], unions: np.ndarray) -> None:
+        """offer() of each ``(a, b)``, whose sorted union is that row of ``unions``, all
+        costed at once where ``costs`` can."""
+        v = costs(unions)
+        if v is None:
+            for a, b in ab:
+                offer(a, b)
+            return
         with np.errstate(invalid="ignore"):
-            keep = np.isfinite(v) & (v <= budget) & (max_group >= 2)
-        heap = [(x, i, j, 1, 1) for x, i, j in zip(v[keep].tolist(), a[keep].tolist(), b[keep].tolist())]
-        heapq.heapify(heap)  # the keys are distinct: the pops come in the order of offers made one by one
+            keep = np.flatnonzero(np.isfinite(v) & (v <= budget))
+        for r, x in zip(keep.tolist(), v[keep].tolist()):
+            a, b = ab[r]
+            heapq.heappush(heap, (x, a, b, len(groups[a]), len(groups[b])))
+
+    def offer_all(pairs: list[tuple[int, int]]) -> None:
+        by_size: dict[int, list[tuple[int, int]]] = {}
+        for a, b in pairs:
+            k = len(groups[a]) + len(groups[b])
+            if k <= max_group:
+                by_size.setdefault(k, []).append((a, b))
+        for ab in by_size.values():
+            offer_unions(ab, np.array([sorted(groups[a] + groups[b]) for a, b in ab], dtype=np.int64))
+
+    if costs is not None:
+        if max_group >= 2:  # the singletons' pairs, a < b: already sorted unions
+            a, b = np.triu_indices(n, 1)
+            offer_unions(list(zip(a.tolist(), b.tolist())), np.stack([a, b], axis=1))
         if bar is not None:
             bar.update(n * (n - 1) // 2)
     else:
@@ -295,9 +340,12 @@ def greedy_groups(
         if len(groups.get(a, ())) != size_a or len(groups.get(b, ())) != size_b:
             continue
         groups[a] = sorted(groups[a] + groups.pop(b))
-        for o in groups:
-            if o != a:
-                offer(min(a, o), max(a, o))
+        others = [(min(a, o), max(a, o)) for o in groups if o != a]
+        if costs is not None:
+            offer_all(others)
+        else:
+            for lo, hi in others:
+                offer(lo, hi)
     return sorted(groups.values(), key=lambda g: (-len(g), g))
 
 
@@ -903,10 +951,9 @@ def plan_with(model: CostModel, *, source: str, validated: dict | None = None, m
     order = sorted(range(n), key=lambda i: (names[i], i))
     with progress_bar(total=n * (n - 1) // 2, desc="plan: costing pairs", unit="pair",
                       delay=0.5, leave=False, progress=progress) as bar:  # fmt: skip
-        pairs = model.pair_costs()
-        pairs = None if pairs is None else pairs[np.ix_(order, order)]
+        ranked = np.asarray(order, dtype=np.int64)
         groups = greedy_groups(n, lambda m: model.cost([order[i] for i in m]), b, max_group, bar=bar,
-                               pair_cost=pairs)  # fmt: skip
+                               costs=lambda unions: model.union_costs(ranked[unions]))  # fmt: skip
     groups = [[order[i] for i in g] for g in groups]  # members and groups in the names' order
     return Plan(names, describe_groups(model, groups, b), b, max_group, source, validated, model.rule,
                 validated_by_method)  # fmt: skip

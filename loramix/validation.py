@@ -276,7 +276,7 @@ def pair_predictor_of(fit: dict):
     order, so the same bits: for the mean and the lines. None for the ridge,
     a dot product whose order of summation a vectorised form need not keep.
     A plan costs every pair of ``n`` adapters (``n^2 / 2``) before it merges
-    any (:meth:`loramix.grouping.CostModel.pair_costs`)."""
+    any (:meth:`loramix.grouping.CostModel.union_costs`)."""
     if fit["kind"] == "mean":
         m = fit["mean"]
         return lambda x: m

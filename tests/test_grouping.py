@@ -215,11 +215,14 @@ def test_greedy_groups_by_a_heap_are_the_scans(case):
 
     scan = scan_groups(n, cost, budget, max_group)
     assert greedy_groups(n, cost, budget, max_group) == scan
-    # the pairs costed at once (as plan does), then the same heap
-    pairs = np.full((n, n), np.nan)
-    for i, j in itertools.permutations(range(n), 2):
-        pairs[i, j] = cost([i, j])[0] if i < j else np.nan
-    assert greedy_groups(n, cost, budget, max_group, pair_cost=pairs) == scan
+
+    # the unions of one size costed at once (as plan does), and where that cannot (None) one by one
+    def at_once(unions):
+        return np.array([cost(list(u))[0] for u in unions.tolist()])
+
+    assert greedy_groups(n, cost, budget, max_group, costs=at_once) == scan
+    pairs_only = lambda unions: at_once(unions) if unions.shape[1] == 2 else None  # noqa: E731
+    assert greedy_groups(n, cost, budget, max_group, costs=pairs_only) == scan
 
 
 def test_plan_says_how_far_it_is_and_is_quiet_when_asked(bank, capsys, monkeypatch):
@@ -1064,19 +1067,21 @@ def _same_bits(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1.0, a) == math.copysign(1.0, b))
 
 
-def test_pair_costs_are_the_costs_of_the_pairs_to_the_bit():
-    """``CostModel.pair_costs`` (every pair at once, as ``plan`` reads them) gives
-    ``cost([i, j])[0]`` to the bit: under the cosine (pairs that share no module
-    cost 0), one line, a line scaled by size, the mean, and a choice among
-    methods; with NaN, inf, -0.0 and large values among the features. A ridge
-    (a dot product) has none, and a plan then costs the pairs one by one."""
+def test_union_costs_are_the_costs_to_the_bit():
+    """``CostModel.union_costs`` (the unions of one size at once, as ``plan``
+    costs them) gives ``cost(members)[0]`` to the bit for pairs, triples and
+    fours: under the cosine (pairs that share no module cost 0), one line, a
+    line scaled by size, the mean, and a choice among methods; with NaN, inf,
+    -0.0 and large values among the features. A ridge (a dot product) and a
+    ``max`` over several pairs have none; a plan then costs those one by one,
+    to the same groups."""
     from loramix.features import FeatureSet
     from loramix.grouping import CostModel, plan_with
 
     rng = np.random.default_rng(3)
     n = 12
     mats = {}
-    for name in ("f", "g", "rms_cosine"):
+    for name in ("f", "g", "h", "rms_cosine"):
         m = rng.normal(size=(n, n))
         m = (m + m.T) / 2
         m[1, 2] = m[2, 1] = np.nan
@@ -1089,7 +1094,8 @@ def test_pair_costs_are_the_costs_of_the_pairs_to_the_bit():
     mats["coverage"] = np.ones((n, n))
     mats["coverage"][0, 9] = mats["coverage"][9, 0] = 0.0
     mats["pairs_per_member"] = np.ones((n, n))
-    agg = {"f": "rms", "g": "mean", "rms_cosine": "rms", "coverage": "mean", "pairs_per_member": "member_sum"}
+    agg = {"f": "rms", "g": "mean", "h": "max", "rms_cosine": "rms", "coverage": "mean",
+           "pairs_per_member": "member_sum"}  # fmt: skip
     fs = FeatureSet(names=[f"a{i}" for i in range(n)], matrices=mats, aggregate=agg)
 
     def ols(feature, slope, pairsum=False):
@@ -1105,18 +1111,23 @@ def test_pair_costs_are_the_costs_of_the_pairs_to_the_bit():
         "line": CostModel(fs, ols("g", -3.0)),
         "pairsum": CostModel(fs, ols("f", 2.0, pairsum=True)),
         "mean": CostModel(fs, mean),
+        "max": CostModel(fs, ols("h", 1.5)),
         "by method": CostModel(
             fs, ols("f", 1.0), 0.9, {"sum": ols("f", 1.0), "ties": ols("g", 0.5, True), "tsv": mean}
         ),  # fmt: skip
+        "ridge": CostModel(fs, ridge),
     }
     for label, model in models.items():
-        pairs = model.pair_costs()
-        for i, j in itertools.permutations(range(n), 2):
-            assert _same_bits(pairs[i, j], model.cost([i, j])[0]), (label, i, j, pairs[i, j])
-        # the plan reads them, and plans as it did pair by pair
-        p = plan_with(model, source=label, max_group=3, budget=1.0)
-        model.pair_costs = lambda: None
-        assert plan_with(model, source=label, max_group=3, budget=1.0).groups == p.groups, label
-    assert models["cosine"].pair_costs is not None and CostModel(fs).pair_costs()[0, 9] == 0.0
-    assert CostModel(fs, ridge).pair_costs() is None
-    assert CostModel(fs, ols("f", 1.0), 0.9, {"sum": ols("f", 1.0), "ties": ridge}).pair_costs() is None
+        for k in (2, 3, 4):
+            unions = np.array(list(itertools.combinations(range(n), k)))
+            got = model.union_costs(unions)
+            if label == "ridge" or (label == "max" and k > 2):
+                assert got is None, (label, k)
+                continue
+            for row, v in zip(unions.tolist(), got.tolist(), strict=True):
+                assert _same_bits(v, model.cost(row)[0]), (label, row, v)
+        # the plan reads them, and plans as it does one union at a time
+        p = plan_with(model, source=label, max_group=4, budget=1.0)
+        model.union_costs = lambda unions: None
+        assert plan_with(model, source=label, max_group=4, budget=1.0).groups == p.groups, label
+    assert CostModel(fs).union_costs(np.array([[0, 9]]))[0] == 0.0

@@ -125,13 +125,19 @@ def composition_value(matrix: np.ndarray, members: list[int], aggregate: str = "
     vals = [v for v in vals if math.isfinite(v)]
     if not vals:
         return float("nan")
-    if aggregate == "rms":
-        return math.sqrt(sum(v * v for v in vals) / len(vals))
-    if aggregate == "member_sum":
-        return (len(members) - 1) * sum(vals) / len(vals)
     if aggregate == "max":
         return max(vals)
-    return sum(vals) / len(vals)
+    # summed one after the other from 0, not by sum(): Python 3.12's sum() compensates its
+    # rounding, so a study's values would differ in the last bits between Python versions,
+    # and a plan's costs formed at once (loramix.grouping._union_values) from these
+    total = 0.0
+    for v in vals:
+        total += v * v if aggregate == "rms" else v
+    if aggregate == "rms":
+        return math.sqrt(total / len(vals))
+    if aggregate == "member_sum":
+        return (len(members) - 1) * total / len(vals)
+    return total / len(vals)
 
 
 def compute_features(
