@@ -939,8 +939,8 @@ def plan_with(model: CostModel, *, source: str, validated: dict | None = None, m
               progress: bool = False) -> Plan:  # fmt: skip
     """The plan of :func:`plan` from a ready cost model (the features already
     computed, e.g. by a scenario's features step); ``progress``: a bar of the
-    pairs' costing (about a second for 1,000 adapters by the cosine, ten under a
-    study's predictors)."""
+    pairs' costing (under a second for 1,000 adapters by the cosine, a few
+    under a study's predictors)."""
     from .progress import progress_bar
 
     b = model.default_budget if budget is None else float(budget)

@@ -226,7 +226,7 @@ def test_greedy_groups_by_a_heap_are_the_scans(case):
 
 
 def test_plan_says_how_far_it_is_and_is_quiet_when_asked(bank, capsys, monkeypatch):
-    """A plan of a thousand adapters spends minutes in the similarity and seconds (about ten
+    """A plan of a thousand adapters spends minutes in the similarity and seconds (a few
     under a study's predictors) costing pairs: where stderr is not a terminal, plain
     progress lines say so (here one at every update); ``--no-progress`` and ``--quiet``
     say nothing, and the plan is the same."""
