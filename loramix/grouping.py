@@ -302,7 +302,7 @@ def greedy_groups(n: int, cost, budget: float, max_group: int, bar=None, costs=N
     def offer_unions(ab: list[tuple[int, int]], unions: np.ndarray) -> None:
         """offer() of each ``(a, b)``, whose sorted union is that row of ``unions``, all
         costed at once where ``costs`` can."""
-        v = costs(unions)
+        v = None if costs is None else costs(unions)
         if v is None:
             for a, b in ab:
                 offer(a, b)
@@ -340,12 +340,7 @@ def greedy_groups(n: int, cost, budget: float, max_group: int, bar=None, costs=N
         if len(groups.get(a, ())) != size_a or len(groups.get(b, ())) != size_b:
             continue
         groups[a] = sorted(groups[a] + groups.pop(b))
-        others = [(min(a, o), max(a, o)) for o in groups if o != a]
-        if costs is not None:
-            offer_all(others)
-        else:
-            for lo, hi in others:
-                offer(lo, hi)
+        offer_all([(min(a, o), max(a, o)) for o in groups if o != a])
     return sorted(groups.values(), key=lambda g: (-len(g), g))
 
 
