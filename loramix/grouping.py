@@ -168,6 +168,15 @@ class CostModel:
                 best = (m, c)
         return best if best is not None else (None, (float("nan"), None, None))
 
+    @property
+    def elementwise(self) -> bool:
+        """Whether :meth:`union_costs` can cost unions at once (every predictor is
+        the cosine, a line or the mean), so that a plan tries it only then."""
+        from .validation import pair_predictor_of
+
+        fits = list(self.by_method.values()) if self.method_aware else [self.fit]
+        return all(f is None or pair_predictor_of(f) is not None for f in fits)
+
     def union_costs(self, unions: np.ndarray) -> np.ndarray | None:
         """``cost(list(unions[r]))[0]`` for each row of ``unions`` (m, k), the
         same bits, formed elementwise for all rows at once (a plan of 1,000
@@ -182,12 +191,14 @@ class CostModel:
         m, best = len(unions), None
         for method in list(self.by_method) if self.method_aware else [None]:
             predict = pair_predictor_of(self.fit if method is None else self.by_method[method])
+            if predict is None:
+                return None
             features = self._predictors[method][0]
             x = {
                 f: _union_values(self.features.matrices[f], unions, self.features.aggregate[f])
                 for f in features
             }
-            if predict is None or any(v is None for v in x.values()):
+            if any(v is None for v in x.values()):
                 return None
             with np.errstate(over="ignore", invalid="ignore"):
                 c = np.array(np.broadcast_to(predict(x), (m,)), dtype=np.float64)
@@ -302,7 +313,7 @@ def greedy_groups(n: int, cost, budget: float, max_group: int, bar=None, costs=N
     def offer_unions(ab: list[tuple[int, int]], unions: np.ndarray) -> None:
         """offer() of each ``(a, b)``, whose sorted union is that row of ``unions``, all
         costed at once where ``costs`` can."""
-        v = None if costs is None else costs(unions)
+        v = costs(unions)
         if v is None:
             for a, b in ab:
                 offer(a, b)
@@ -314,6 +325,10 @@ def greedy_groups(n: int, cost, budget: float, max_group: int, bar=None, costs=N
             heapq.heappush(heap, (x, a, b, len(groups[a]), len(groups[b])))
 
     def offer_all(pairs: list[tuple[int, int]]) -> None:
+        if costs is None:
+            for a, b in pairs:
+                offer(a, b)
+            return
         by_size: dict[int, list[tuple[int, int]]] = {}
         for a, b in pairs:
             k = len(groups[a]) + len(groups[b])
@@ -947,8 +962,9 @@ def plan_with(model: CostModel, *, source: str, validated: dict | None = None, m
     with progress_bar(total=n * (n - 1) // 2, desc="plan: costing pairs", unit="pair",
                       delay=0.5, leave=False, progress=progress) as bar:  # fmt: skip
         ranked = np.asarray(order, dtype=np.int64)
+        costs = (lambda unions: model.union_costs(ranked[unions])) if model.elementwise else None
         groups = greedy_groups(n, lambda m: model.cost([order[i] for i in m]), b, max_group, bar=bar,
-                               costs=lambda unions: model.union_costs(ranked[unions]))  # fmt: skip
+                               costs=costs)  # fmt: skip
     groups = [[order[i] for i in g] for g in groups]  # members and groups in the names' order
     return Plan(names, describe_groups(model, groups, b), b, max_group, source, validated, model.rule,
                 validated_by_method)  # fmt: skip

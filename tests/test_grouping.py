@@ -1118,6 +1118,7 @@ def test_union_costs_are_the_costs_to_the_bit():
         "ridge": CostModel(fs, ridge),
     }
     for label, model in models.items():
+        assert model.elementwise == (label != "ridge"), label  # a plan tries union_costs only then
         for k in (2, 3, 4):
             unions = np.array(list(itertools.combinations(range(n), k)))
             got = model.union_costs(unions)
