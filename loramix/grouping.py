@@ -277,7 +277,9 @@ def _union_values(matrix: np.ndarray, unions: np.ndarray, aggregate: str) -> np.
     return out
 
 
-def greedy_groups(n: int, cost, budget: float, max_group: int, bar=None, costs=None) -> list[list[int]]:
+def greedy_groups(
+    n: int, cost, budget: float, max_group: int, bar=None, costs=None, merge_bar=None
+) -> list[list[int]]:
     """Greedy agglomerative grouping of ``0..n-1`` (module docstring); ``cost(members)``
     returns the predicted cost first, for ``members`` sorted. Groups come out sorted,
     largest first.
@@ -293,8 +295,9 @@ def greedy_groups(n: int, cost, budget: float, max_group: int, bar=None, costs=N
     heap's ``log``, where a scan of every pair at every step cost ``O(n^3)``
     look-ups: minutes for 1,000 adapters. ``bar``: a progress bar
     (:func:`loramix.progress.progress_bar`) the first costing of the pairs
-    moves. ``costs``: ``costs(U)`` gives ``cost(list(U[r]))[0]`` for each row
-    of an (m, k) array of sorted unions at once (:meth:`CostModel.union_costs`),
+    moves; ``merge_bar``: one each merge moves. ``costs``: ``costs(U)`` gives
+    ``cost(list(U[r]))[0]`` for each row of an (m, k) array of sorted unions
+    at once (:meth:`CostModel.union_costs`),
     or None where it cannot; then ``cost`` is asked one union at a time. The
     same keys either way, so the same groups.
     """
@@ -356,6 +359,8 @@ def greedy_groups(n: int, cost, budget: float, max_group: int, bar=None, costs=N
             continue
         groups[a] = sorted(groups[a] + groups.pop(b))
         offer_all([(min(a, o), max(a, o)) for o in groups if o != a])
+        if merge_bar is not None:
+            merge_bar.update(1)
     return sorted(groups.values(), key=lambda g: (-len(g), g))
 
 
@@ -785,7 +790,7 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     ``tokens``, ``max_len`` and another ``device`` than ``"cpu"`` set that
     pass, so without ``data`` they are refused, as ``loramix plan`` refuses
     them. ``progress``: bars of the calibration pass, the similarity the
-    features read and the pairs' costing (on a terminal; elsewhere a plain
+    features read, the pairs' costing and the merges (on a terminal; elsewhere a plain
     line a minute, :mod:`loramix.progress`).
 
     Adapters of several kinds (LoRA, DoRA, D2-LoRA): without ``fit`` they
@@ -948,9 +953,10 @@ def plan_with(model: CostModel, *, source: str, validated: dict | None = None, m
               budget: float | None = None, validated_by_method: dict | None = None,
               progress: bool = False) -> Plan:  # fmt: skip
     """The plan of :func:`plan` from a ready cost model (the features already
-    computed, e.g. by a scenario's features step); ``progress``: a bar of the
-    pairs' costing (under a second for 1,000 adapters by the cosine, a few
-    under a study's predictors)."""
+    computed, e.g. by a scenario's features step); ``progress``: bars of the
+    pairs' costing and of the merges (for 1,000 adapters: under a second by
+    the cosine, a few seconds under a study's line predictors, longer under
+    ridges, which cost each union on its own)."""
     from .progress import progress_bar
 
     b = model.default_budget if budget is None else float(budget)
@@ -959,12 +965,17 @@ def plan_with(model: CostModel, *, source: str, validated: dict | None = None, m
     # search in the order of the names, so that ties (equal predicted costs, e.g. the mean
     # predictor's) go the same way whatever order the adapters were given in
     order = sorted(range(n), key=lambda i: (names[i], i))
-    with progress_bar(total=n * (n - 1) // 2, desc="plan: costing pairs", unit="pair",
-                      delay=0.5, leave=False, progress=progress) as bar:  # fmt: skip
+    # the merges (at most n - 1; how many, the budget decides) after the pairs: a fitted
+    # plan of 1,000 adapters spends most of its time there
+    with (
+        progress_bar(total=n * (n - 1) // 2, desc="plan: costing pairs", unit="pair", delay=0.5, leave=False,
+                     progress=progress) as bar,
+        progress_bar(desc="plan: merging", unit="merge", delay=0.5, leave=False, progress=progress) as merges,
+    ):  # fmt: skip
         ranked = np.asarray(order, dtype=np.int64)
         costs = (lambda unions: model.union_costs(ranked[unions])) if model.elementwise else None
         groups = greedy_groups(n, lambda m: model.cost([order[i] for i in m]), b, max_group, bar=bar,
-                               costs=costs)  # fmt: skip
+                               costs=costs, merge_bar=merges)  # fmt: skip
     groups = [[order[i] for i in g] for g in groups]  # members and groups in the names' order
     return Plan(names, describe_groups(model, groups, b), b, max_group, source, validated, model.rule,
                 validated_by_method)  # fmt: skip

@@ -236,6 +236,10 @@ def test_plan_says_how_far_it_is_and_is_quiet_when_asked(bank, capsys, monkeypat
     out, err = capsys.readouterr()
     n = len(paths)
     assert f"plan: costing pairs: {n * (n - 1) // 2}/{n * (n - 1) // 2} pairs (100%)" in err
+    merged = sum(
+        len(g["members"]) - 1 for g in json.loads(out)["groups"]
+    )  # one merge per member past the first
+    assert merged > 0 and f"plan: merging: {merged}/? merges" in err
     assert f"loramix: loading: {n}/{n} adapters (100%)" in err  # the similarity's bar
     for flag in ("--no-progress", "--quiet"):
         assert main(["plan", *paths, "--format", "json", flag]) == 0
