@@ -102,7 +102,7 @@ def bench_grouping(sizes: list[int], max_group: int, budget: float, scan_limit: 
         t = time.perf_counter()
         one_by_one = greedy_groups(n, fitted.cost, 15.0, max_group)  # the unions costed one by one, as before
         t_one = time.perf_counter() - t
-        assert one_by_one == fit_groups, f"n={n}: the pairs costed at once changed the fitted plan"
+        assert one_by_one == fit_groups, f"n={n}: the unions costed at once changed the fitted plan"
         fit_cells = [f"{t_fit:.2f}", f"{t_one:.2f}", f"{t_one / t_fit:.1f}x"]
         if skip_scan:
             rows.append(
