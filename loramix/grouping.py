@@ -168,14 +168,23 @@ class CostModel:
                 best = (m, c)
         return best if best is not None else (None, (float("nan"), None, None))
 
+    @cached_property
+    def _union_predictors(self) -> dict:
+        """The method (None: the primary) -> its elementwise predictor
+        (:func:`loramix.validation.pair_predictor_of`, None for a ridge), for
+        the methods :meth:`cost` reads; each fit read once, as ``_predictors``."""
+        if self.fit is None:
+            return {}
+        from .validation import pair_predictor_of
+
+        return {m: pair_predictor_of(self.fit if m is None else self.by_method[m])
+                for m in (list(self.by_method) if self.method_aware else [None])}  # fmt: skip
+
     @property
     def elementwise(self) -> bool:
         """Whether :meth:`union_costs` can cost unions at once (every predictor is
         the cosine, a line or the mean), so that a plan tries it only then."""
-        from .validation import pair_predictor_of
-
-        fits = list(self.by_method.values()) if self.method_aware else [self.fit]
-        return all(f is None or pair_predictor_of(f) is not None for f in fits)
+        return all(p is not None for p in self._union_predictors.values())
 
     def union_costs(self, unions: np.ndarray) -> np.ndarray | None:
         """``cost(list(unions[r]))[0]`` for each row of ``unions`` (m, k), the
@@ -186,13 +195,10 @@ class CostModel:
         ``max`` of more than one pair."""
         if self.fit is None:
             return _union_values(self._cosines, unions, "rms")
-        from .validation import pair_predictor_of
-
+        if not self.elementwise:
+            return None
         m, best = len(unions), None
-        for method in list(self.by_method) if self.method_aware else [None]:
-            predict = pair_predictor_of(self.fit if method is None else self.by_method[method])
-            if predict is None:
-                return None
+        for method, predict in self._union_predictors.items():
             features = self._predictors[method][0]
             x = {
                 f: _union_values(self.features.matrices[f], unions, self.features.aggregate[f])

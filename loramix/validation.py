@@ -276,7 +276,8 @@ def pair_predictor_of(fit: dict):
     order, so the same bits: for the mean and the lines. None for the ridge,
     a dot product whose order of summation a vectorised form need not keep.
     A plan costs every pair of ``n`` adapters (``n^2 / 2``) before it merges
-    any (:meth:`loramix.grouping.CostModel.union_costs`)."""
+    any, then the unions each merge makes
+    (:meth:`loramix.grouping.CostModel.union_costs`)."""
     if fit["kind"] == "mean":
         m = fit["mean"]
         return lambda x: m
@@ -288,7 +289,7 @@ def pair_predictor_of(fit: dict):
     feature, size = fit["feature"], fit["size"] if fit["kind"] == "ols_pairsum" else None
 
     def line(x: dict):
-        y = f.slope * x[feature] + f.intercept  # LinearFit.predict
+        y = f.predict(x[feature])  # elementwise on arrays as on floats
         return y if size is None else x[size] * y  # 1.0 * y is y
 
     return line
