@@ -10,13 +10,14 @@
     costs spread and a plan merges across topics, as ``tests/test_grouping.py``'s
     banks do. The scan costs ``O(n^3)`` look-ups, the heap ``O(n^2 log n)``.
 
-    A third column times the same heap on a study's predictors file with a
-    predictor per merge method (``reports/merge-methods-14-domains``: four
-    methods, each union costed under each), on synthetic matrices of the
-    features its predictors read: what ``plan --fit`` adds per union. The
-    heap costs the unions of one size at once
+    A second table times the same heap on studies' predictors files with a
+    predictor per merge method, on synthetic matrices of the features their
+    predictors read: what ``plan --fit`` adds per union.
+    ``reports/merge-methods-14-domains``: four methods' lines, each union
+    costed under each; ``reports/merge-groups-rank16``: three methods'
+    ridges on nine features. The heap costs the unions of one size at once
     (:meth:`loramix.grouping.CostModel.union_costs`, as ``plan`` does); the
-    next columns cost them one by one, as before (the same groups, checked).
+    next column costs them one by one (the same groups, checked).
 
 (b) Whole processes over ``--n`` small PEFT LoRA adapters (GPT-2-shaped, one
     layer at 1/12 width, rank 8, on disk): ``loramix plan`` against
@@ -60,18 +61,22 @@ def topic_cosines(n: int, seed: int = 0):
     return c
 
 
-FITTED = HERE.parent / "reports" / "merge-methods-14-domains" / "predictors.json"
+FITTED = {  # label -> a study's predictors file with a predictor per merge method
+    "lines": HERE.parent / "reports" / "merge-methods-14-domains" / "predictors.json",
+    "ridges": HERE.parent / "reports" / "merge-groups-rank16" / "predictors.json",
+}
 
 
-def fitted_model(n: int):
-    """A :class:`CostModel` of :data:`FITTED`'s predictors (one per merge method)
-    over synthetic matrices of the features they read, for ``n`` adapters."""
+def fitted_model(n: int, path: Path):
+    """A :class:`CostModel` of the predictors in ``path`` (one per merge method)
+    over synthetic matrices of the features they read, for ``n`` adapters;
+    and the number of methods."""
     import json
 
     from loramix.features import FeatureSet
     from loramix.grouping import CostModel, fit_features
 
-    d = json.loads(FITTED.read_text())
+    d = json.loads(path.read_text())
     methods = {m: e["fit"] for m, e in d["by_method"].items()}
     need = sorted({f for fi in [d["fits"][d["best"]], *methods.values()] for f in fit_features(fi)})
     fs = FeatureSet(names=[f"a{i:04d}" for i in range(n)])
@@ -84,7 +89,7 @@ def bench_grouping(sizes: list[int], max_group: int, budget: float, scan_limit: 
     from loramix.features import FeatureSet
     from loramix.grouping import CostModel, greedy_groups, scan_groups
 
-    rows, skip_scan = [], False
+    rows, fit_rows, skip_scan = [], [], False
     for n in sizes:
         c = topic_cosines(n)
         fs = FeatureSet(names=[f"a{i:04d}" for i in range(n)], matrices={"rms_cosine": c})
@@ -94,29 +99,29 @@ def bench_grouping(sizes: list[int], max_group: int, budget: float, scan_limit: 
         heap = greedy_groups(n, model.cost, budget, max_group, costs=model.union_costs)  # as plan runs it
         t_heap = time.perf_counter() - t
         merged = sum(len(g) for g in heap if len(g) > 1)
-        fitted, n_methods = fitted_model(n)
-        t = time.perf_counter()
-        # a budget of 15 points of retention: most unions
-        fit_groups = greedy_groups(n, fitted.cost, 15.0, max_group, costs=fitted.union_costs)
-        t_fit = time.perf_counter() - t
-        t = time.perf_counter()
-        one_by_one = greedy_groups(n, fitted.cost, 15.0, max_group)  # the unions costed one by one, as before
-        t_one = time.perf_counter() - t
-        assert one_by_one == fit_groups, f"n={n}: the unions costed at once changed the fitted plan"
-        fit_cells = [f"{t_fit:.2f}", f"{t_one:.2f}", f"{t_one / t_fit:.1f}x"]
+        for label, path in FITTED.items():
+            fitted, n_methods = fitted_model(n, path)
+            t = time.perf_counter()
+            # a budget of 15 points of retention: most unions
+            fit_groups = greedy_groups(n, fitted.cost, 15.0, max_group, costs=fitted.union_costs)
+            t_fit = time.perf_counter() - t
+            t = time.perf_counter()
+            one_by_one = greedy_groups(n, fitted.cost, 15.0, max_group)  # the unions costed one by one
+            t_one = time.perf_counter() - t
+            assert one_by_one == fit_groups, f"n={n}, {label}: the unions costed at once changed the plan"
+            fit_rows.append([str(n), f"{n_methods} methods' {label} ({path.parent.name})", f"{t_fit:.2f}",
+                             f"{t_one:.2f}", f"{t_one / t_fit:.1f}x", f"{len(fit_groups)} groups; same groups"])  # fmt: skip
         if skip_scan:
-            rows.append(
-                [str(n), f"{t_heap:.3f}", *fit_cells, "(not run)", "", f"{len(heap)} groups, {merged} merged"]
-            )
+            rows.append([str(n), f"{t_heap:.3f}", "(not run)", "", f"{len(heap)} groups, {merged} merged"])
             continue
         t = time.perf_counter()
         scan = scan_groups(n, model.cost, budget, max_group)
         t_scan = time.perf_counter() - t
         assert scan == heap, f"n={n}: the heap's groups are not the scan's"
         skip_scan = t_scan > scan_limit  # the next size would take 8x as long
-        rows.append([str(n), f"{t_heap:.3f}", *fit_cells, f"{t_scan:.2f}", f"{t_scan / t_heap:.0f}x",
+        rows.append([str(n), f"{t_heap:.3f}", f"{t_scan:.2f}", f"{t_scan / t_heap:.0f}x",
                      f"{len(heap)} groups, {merged} merged; same groups"])  # fmt: skip
-    return rows, n_methods
+    return rows, fit_rows
 
 
 def child_generate(work: str, n: str) -> None:
@@ -178,15 +183,12 @@ def main(argv=None) -> None:
     print("# plan benchmark\n")
     print(f"(a) the grouping alone, in process: RMS-cosine cost, budget {args.budget}, groups of at most "
           f"{args.max_group}; seconds\n")  # fmt: skip
-    rows, n_methods = bench_grouping(args.sizes, args.max_group, args.budget, args.scan_limit)
-    fit_cols = [
-        f"heap, --fit of {n_methods} methods (s)",
-        "same, unions one by one (s)",
-        "one by one / at once",
-    ]
-    print(
-        markdown_table(["adapters", "heap (s)", *fit_cols, "scan (s)", "scan / heap", "plan (cosine)"], rows)
-    )
+    rows, fit_rows = bench_grouping(args.sizes, args.max_group, args.budget, args.scan_limit)
+    print(markdown_table(["adapters", "heap (s)", "scan (s)", "scan / heap", "plan (cosine)"], rows))
+    print(f"\nThe same heap under studies' predictors files (`plan --fit`), budget 15, groups of at most "
+          f"{args.max_group}; seconds\n")  # fmt: skip
+    print(markdown_table(["adapters", "predictors", "unions at once (s)", "one by one (s)",
+                          "one by one / at once", "plan"], fit_rows))  # fmt: skip
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"\n(b) whole processes over {args.n} PEFT LoRA adapters (one GPT-2 layer at 1/12 width, rank 8)\n")
     rows = bench_processes(args.n, args.work, args.max_group, args.old, args.old_timeout)

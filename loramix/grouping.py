@@ -171,7 +171,7 @@ class CostModel:
     @cached_property
     def _union_predictors(self) -> dict:
         """The method (None: the primary) -> its elementwise predictor
-        (:func:`loramix.validation.pair_predictor_of`, None for a ridge), for
+        (:func:`loramix.validation.pair_predictor_of`; None for a line it refuses), for
         the methods :meth:`cost` reads; each fit read once, as ``_predictors``."""
         if self.fit is None:
             return {}
@@ -182,8 +182,8 @@ class CostModel:
 
     @property
     def elementwise(self) -> bool:
-        """Whether :meth:`union_costs` can cost unions at once (every predictor is
-        the cosine, a line or the mean), so that a plan tries it only then."""
+        """Whether :meth:`union_costs` can cost unions at once (every predictor has
+        an elementwise form), so that a plan tries it only then."""
         return all(p is not None for p in self._union_predictors.values())
 
     def union_costs(self, unions: np.ndarray) -> np.ndarray | None:
@@ -191,21 +191,20 @@ class CostModel:
         same bits, formed elementwise for all rows at once (a plan of 1,000
         adapters costs half a million pairs, then hundreds of thousands of
         unions); None where that cannot keep the bits: a predictor that is
-        not elementwise (:func:`loramix.validation.pair_predictor_of`), or a
-        ``max`` of more than one pair."""
+        not elementwise (:func:`loramix.validation.pair_predictor_of`)."""
         if self.fit is None:
             return _union_values(self._cosines, unions, "rms")
         if not self.elementwise:
             return None
         m, best = len(unions), None
+        # each feature once, though several methods' predictors read it (a study's ridges share nine)
+        needed = dict.fromkeys(f for method in self._union_predictors for f in self._predictors[method][0])
+        values = {
+            f: _union_values(self.features.matrices[f], unions, self.features.aggregate[f]) for f in needed
+        }
         for method, predict in self._union_predictors.items():
             features = self._predictors[method][0]
-            x = {
-                f: _union_values(self.features.matrices[f], unions, self.features.aggregate[f])
-                for f in features
-            }
-            if any(v is None for v in x.values()):
-                return None
+            x = {f: values[f] for f in features}
             with np.errstate(over="ignore", invalid="ignore"):
                 c = np.array(np.broadcast_to(predict(x), (m,)), dtype=np.float64)
             for f in features:  # _predict: a feature without a value gives no cost
@@ -252,27 +251,30 @@ class CostModel:
         return method_for(len(members), cost, high, budget)
 
 
-def _union_values(matrix: np.ndarray, unions: np.ndarray, aggregate: str) -> np.ndarray | None:
+def _union_values(matrix: np.ndarray, unions: np.ndarray, aggregate: str) -> np.ndarray:
     """:func:`loramix.features.composition_value` of each row of ``unions``
     (m, k) at once, with its operations in its order (the pairs in the row's
     order, the finite ones summed one after the other from 0), so the same
-    bits; NaN where a row has no finite pair. None for ``max`` over more
-    than one pair (which of two equal zeros ``max`` returns depends on their
-    order)."""
+    bits; NaN where a row has no finite pair. ``max`` keeps the first of the
+    largest, as Python's ``max`` does (a later pair replaces it only where
+    greater), so of two equal zeros the same one."""
     M = np.asarray(matrix, dtype=np.float64)
     k = unions.shape[1]
-    if aggregate == "max" and k > 2:
-        return None
     s, count = np.zeros(len(unions)), np.zeros(len(unions), dtype=np.int64)
+    if aggregate == "max":
+        s[:] = np.nan
     with np.errstate(over="ignore", invalid="ignore"):
         for p in range(k):
             for q in range(p + 1, k):
                 v = M[unions[:, p], unions[:, q]]
                 finite = np.isfinite(v)
-                if aggregate == "max":  # one pair: the value itself
-                    return np.where(finite, v, np.nan)
-                s = np.where(finite, s + (v * v if aggregate == "rms" else v), s)
+                if aggregate == "max":  # NaN < v is False: the first finite one is taken by count == 0
+                    s = np.where(finite & ((count == 0) | (v > s)), v, s)
+                else:
+                    s = np.where(finite, s + (v * v if aggregate == "rms" else v), s)
                 count += finite
+        if aggregate == "max":
+            return s
         if aggregate == "rms":
             out = np.sqrt(s / count)
         elif aggregate == "member_sum":
@@ -961,8 +963,7 @@ def plan_with(model: CostModel, *, source: str, validated: dict | None = None, m
     """The plan of :func:`plan` from a ready cost model (the features already
     computed, e.g. by a scenario's features step); ``progress``: bars of the
     pairs' costing and of the merges (for 1,000 adapters: under a second by
-    the cosine, a few seconds under a study's line predictors, longer under
-    ridges, which cost each union on its own)."""
+    the cosine, a few seconds under a study's predictors)."""
     from .progress import progress_bar
 
     b = model.default_budget if budget is None else float(budget)

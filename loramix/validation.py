@@ -22,7 +22,8 @@ Predictors
   ``ols:F`` assumes a group costs what its mean pair does.
 * ``ridge``: the overall features (names without ``:``) standardised on the
   training part, ``z = (x - mu) / sd``, and
-  ``beta = (Z^T Z + lambda I)^{-1} Z^T (y - y_bar)``, ``y_hat = y_bar + z beta``;
+  ``beta = (Z^T Z + lambda I)^{-1} Z^T (y - y_bar)``, ``y_hat = y_bar + z beta``
+  (its products added in the features' order, :func:`ridge_value`);
   ``lambda`` from :data:`LAMBDAS` by an inner leave-one-domain-out on the
   training part (smallest held-out MAE; 1.0 when the training part spans fewer
   than three domains). Its interval adds to ``y_hat`` the ``(1 -+ level) / 2``
@@ -225,9 +226,24 @@ def _fit_pairsum(x: np.ndarray, size: np.ndarray, y: np.ndarray, feature: str, l
     return {**fit, "kind": "ols_pairsum", "size": SIZE}
 
 
+def ridge_value(ybar: float, mu, sd, beta, x):
+    """``y_bar + sum_j ((x_j - mu_j) / sd_j) beta_j``, the products added one
+    after the other from 0, in the features' order: ``mu``, ``sd``, ``beta``
+    sequences of floats, ``x`` one of floats (a composition) or of arrays
+    (many unions at once, :func:`pair_predictor_of`), elementwise with the
+    same operations, so the same bits. Not a BLAS dot product, whose order of
+    summation (and fused multiply-adds) varies with the machine and the
+    length, so that a ridge's predictions differed in their last bits between
+    machines and a plan could not cost its unions at once."""
+    total = 0.0
+    for xj, m, s, b in zip(x, mu, sd, beta, strict=True):
+        total = total + (xj - m) / s * b
+    return ybar + total
+
+
 def _ridge_value(ybar: float, mu: np.ndarray, sd: np.ndarray, beta: np.ndarray, x: np.ndarray) -> float:
-    """``y_bar + ((x - mu) / sd) @ beta``."""
-    return ybar + float(((x - mu) / sd) @ beta)
+    """:func:`ridge_value` of a row of floats."""
+    return ridge_value(ybar, mu.tolist(), sd.tolist(), beta.tolist(), x.tolist())
 
 
 def predict_from(fit: dict, x: dict, level: float = 0.9) -> tuple[float, float | None, float | None]:
@@ -258,11 +274,10 @@ def predictor_of(fit: dict, level: float = 0.9):
             return s * f.predict(x0), *((s * iv[0], s * iv[1]) if iv is not None else (None, None))
 
         return line
-    features, mu = fit["features"], np.asarray(fit["mu"], dtype=np.float64)
-    sd, coef = np.asarray(fit["sd"]), np.asarray(fit["coef"])
+    features, ybar, mu, sd, coef = _ridge_parts(fit)
 
     def ridge(x: dict):
-        yh = _ridge_value(fit["intercept"], mu, sd, coef, np.array([float(x[k]) for k in features]))
+        yh = ridge_value(ybar, mu, sd, coef, [float(x[k]) for k in features])
         if fit["resid_low"] is None:
             return yh, None, None
         return yh, yh + fit["resid_low"], yh + fit["resid_high"]
@@ -270,17 +285,29 @@ def predictor_of(fit: dict, level: float = 0.9):
     return ridge
 
 
+def _ridge_parts(fit: dict) -> tuple:
+    """A ridge's ``(features, y_bar, mu, sd, coef)``, the numbers as floats."""
+    return (
+        fit["features"],
+        float(fit["intercept"]),
+        *([float(v) for v in fit[k]] for k in ("mu", "sd", "coef")),
+    )
+
+
 def pair_predictor_of(fit: dict):
     """The value of :func:`predictor_of` (not its interval) as a function of
     feature arrays, elementwise and with the same operations in the same
-    order, so the same bits: for the mean and the lines. None for the ridge,
-    a dot product whose order of summation a vectorised form need not keep.
+    order, so the same bits: for the mean, the lines and the ridge
+    (:func:`ridge_value`). None for a line that :func:`predictor_of` refuses.
     A plan costs every pair of ``n`` adapters (``n^2 / 2``) before it merges
     any, then the unions each merge makes
     (:meth:`loramix.grouping.CostModel.union_costs`)."""
     if fit["kind"] == "mean":
         m = fit["mean"]
         return lambda x: m
+    if fit["kind"] == "ridge":
+        features, ybar, mu, sd, coef = _ridge_parts(fit)
+        return lambda x: ridge_value(ybar, mu, sd, coef, [x[f] for f in features])
     if fit["kind"] not in ("ols", "ols_pairsum"):
         return None
     f = LinearFit.from_dict(fit)

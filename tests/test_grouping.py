@@ -1076,9 +1076,10 @@ def test_union_costs_are_the_costs_to_the_bit():
     costs them) gives ``cost(members)[0]`` to the bit for pairs, triples and
     fours: under the cosine (pairs that share no module cost 0), one line, a
     line scaled by size, the mean, and a choice among methods; with NaN, inf,
-    -0.0 and large values among the features. A ridge (a dot product) and a
-    ``max`` over several pairs have none; a plan then costs those one by one,
-    to the same groups."""
+    -0.0 and large values among the features, and under ridges (one of them
+    reading a ``max`` feature, whose equal zeros of either sign must come out
+    as Python's ``max`` gives them, one overflowing). A plan costs the same
+    groups with every union costed one by one."""
     from loramix.features import FeatureSet
     from loramix.grouping import CostModel, plan_with
 
@@ -1095,6 +1096,9 @@ def test_union_costs_are_the_costs_to_the_bit():
         mats[name] = m
     for name in ("f", "rms_cosine"):  # rms: the square overflows, the pair has no value
         mats[name][7, 8] = mats[name][8, 7] = 1e200
+    # max over (5, 6, 7) meets -0.0 first, then 0.0: Python's max keeps the first of equals
+    mats["h"][5, 7] = mats["h"][7, 5] = 0.0
+    mats["h"][6, 7] = mats["h"][7, 6] = -1.0
     mats["coverage"] = np.ones((n, n))
     mats["coverage"][0, 9] = mats["coverage"][9, 0] = 0.0
     mats["pairs_per_member"] = np.ones((n, n))
@@ -1110,25 +1114,27 @@ def test_union_costs_are_the_costs_to_the_bit():
     mean = {"kind": "mean", "n": 5, "mean": 0.7, "sd": 0.2}
     ridge = {"kind": "ridge", "features": ["f", "g"], "lambda": 0.1, "mu": [0.0, 0.1], "sd": [1.0, 2.0],
              "coef": [0.5, -0.25], "intercept": 0.2, "resid_low": None, "resid_high": None, "n": 10}  # fmt: skip
+    # a max feature among a ridge's, one product overflowing
+    ridge_max = {**ridge, "features": ["h", "g", "f"], "mu": [0.0, 0.1, -0.3], "sd": [1.0, 2.0, 0.7],
+                 "coef": [1e300, -0.25, 0.125]}  # fmt: skip
     models = {
         "cosine": CostModel(fs),
         "line": CostModel(fs, ols("g", -3.0)),
         "pairsum": CostModel(fs, ols("f", 2.0, pairsum=True)),
         "mean": CostModel(fs, mean),
-        "max": CostModel(fs, ols("h", 1.5)),
+        "max": CostModel(fs, {**ols("h", 1.5), "intercept": -0.0}),  # keeps the sign of a zero max
         "by method": CostModel(
             fs, ols("f", 1.0), 0.9, {"sum": ols("f", 1.0), "ties": ols("g", 0.5, True), "tsv": mean}
         ),  # fmt: skip
         "ridge": CostModel(fs, ridge),
+        "ridge of a max": CostModel(fs, ridge_max),
+        "ridges by method": CostModel(fs, ridge, 0.9, {"sum": ridge, "ties": {**ridge, "coef": [-0.5, 0.3]}}),
     }
     for label, model in models.items():
-        assert model.elementwise == (label != "ridge"), label  # a plan tries union_costs only then
+        assert model.elementwise, label  # a plan tries union_costs only then
         for k in (2, 3, 4):
             unions = np.array(list(itertools.combinations(range(n), k)))
             got = model.union_costs(unions)
-            if label == "ridge" or (label == "max" and k > 2):
-                assert got is None, (label, k)
-                continue
             for row, v in zip(unions.tolist(), got.tolist(), strict=True):
                 assert _same_bits(v, model.cost(row)[0]), (label, row, v)
         # the plan reads them, and plans as it does one union at a time

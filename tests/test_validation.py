@@ -111,6 +111,22 @@ def test_ridge_matches_least_squares_on_standardised_features():
     assert np.allclose(validate(comps, y, X, lambdas=(1e-9,)).fits["ridge"]["coef"], ls, rtol=1e-6)
 
 
+def test_ridge_prediction_adds_its_products_in_the_features_order():
+    """A ridge predicts ``y_bar + sum_j z_j beta_j`` with the products added one
+    after the other from 0 in the features' order (docs/predictors.md), the
+    same on every machine, whatever a BLAS dot product would do: here that
+    order gives ``(1e16 + 1) - 1e16 = 0``, where another gives 1."""
+    from loramix.validation import pair_predictor_of
+
+    fit = {"kind": "ridge", "features": ["a", "b", "c"], "lambda": 1.0, "mu": [0.0, 0.0, 1.0], "sd": [1.0, 1.0, 2.0],
+           "coef": [1e16, 1.0, -1e16], "intercept": 0.5, "resid_low": -1.0, "resid_high": 2.0, "n": 9}  # fmt: skip
+    x = {"a": 1.0, "b": 1.0, "c": 3.0}  # z = (1, 1, 1)
+    assert predict_from(fit, x) == (0.5, -0.5, 2.5)
+    # the plan's elementwise form (many unions at once) gives the same bits
+    got = pair_predictor_of(fit)({k: np.array([v, v]) for k, v in x.items()})
+    assert got.tolist() == [0.5, 0.5]
+
+
 def test_ridge_interval_is_the_central_quantiles_of_its_held_out_residuals():
     """The ridge's interval at ``level`` adds to ``y_hat`` the ``(1 - level) / 2``
     and ``(1 + level) / 2`` quantiles of the residuals of its inner
