@@ -25,13 +25,14 @@
     merge (TIES of the cores against TIES of the deltas, then truncated):
     the two ways to a TIES adapter.
 
-    ``iso-c`` and ``tsv`` from the factors (what ``merge`` runs for an
-    adapter output) against their papers' algorithms on the dense deltas in
-    float32 (an SVD of each module's summed ``out x in`` delta; an SVD of
-    each delta and of the stacked vectors), in the same loop; the results
-    are compared as a sanity check.
+    ``iso-c``, ``iso-cts`` and ``tsv`` from the factors (what ``merge`` runs
+    for an adapter output) against their papers' algorithms on the dense
+    deltas in float32 (an SVD of each module's summed ``out x in`` delta;
+    for Iso-CTS also of each delta's part outside the common subspace and of
+    the stacked vectors; an SVD of each delta and of the stacked vectors),
+    in the same loop; the results are compared as a sanity check.
 
-(b) ``ties`` / ``dare-ties`` / ``dare-linear`` / ``core-ties`` / ``tsv`` / ``iso-c`` into a 124M
+(b) ``ties`` / ``dare-ties`` / ``dare-linear`` / ``core-ties`` / ``tsv`` / ``iso-c`` / ``iso-cts`` into a 124M
     GPT-2-small base against ``sum --into``, each a whole ``python -m loramix
     merge`` process (wall time and peak RSS via ``os.wait4``), interleaved.
     Target: within 2x of ``sum``. Reuses ``benchmarks/_work/sum/``
@@ -174,6 +175,35 @@ def iso_dense(ads, device):
     return out
 
 
+def iso_cts_dense(ads, device, beta=0.8):
+    """Iso-CTS as its paper's code computes it, on the dense deltas (float32):
+    the sum's SVD, its top ``k_c`` directions, each delta's part outside them
+    and that part's SVD, the stacked vectors orthogonalised by their own SVDs;
+    the fractions of the sum's rank (the paper's are of ``min(out, in)``;
+    loramix's answer, as ``iso_dense``)."""
+    import torch
+
+    out = {}
+    for name in ads[0].modules:
+        D = dense_sum(ads, name, device)
+        U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+        K = int((S > S[0] * max(D.shape) * torch.finfo(S.dtype).eps).sum())
+        each = min(round((K - int(K * beta)) / len(ads)), K // len(ads))
+        k_c = K - each * len(ads)
+        Uc = U[:, :k_c]
+        Us, Ss, Vs = [Uc], [S[:k_c]], [Vh[:k_c]]
+        for a in ads:
+            B, A = a.modules[name].factors(dtype=torch.float32, device=device)
+            d = B @ A
+            P, R, Qh = torch.linalg.svd(d - Uc @ (Uc.T @ d), full_matrices=False)
+            Us.append(P[:, :each]), Ss.append(R[:each]), Vs.append(Qh[:each])
+        P, _, Zt = torch.linalg.svd(torch.cat(Us, 1), full_matrices=False)
+        P2, _, Zt2 = torch.linalg.svd(torch.cat(Vs, 0).T, full_matrices=False)
+        out[name] = ((P @ Zt) * torch.cat(Ss).mean()) @ (P2 @ Zt2).T
+    sync(device)
+    return out
+
+
 def tsv_dense(ads, device):
     """TSV-Merge as its paper's code computes it, on the dense deltas (float32):
     each delta's SVD, its top ``min(out, in) // N`` triplets, the stacked
@@ -237,13 +267,17 @@ def bench_svd(args) -> list[list[str]]:
     device = torch.device(args.device)
     ads = make_adapters(args.layers)
     times = {"loramix": [], "dense": [], "peft": [], "core-ties": [], "peft-ties": [], "iso-c": [],
-             "iso-c-dense": [], "tsv": [], "tsv-dense": []}  # fmt: skip
+             "iso-c-dense": [], "iso-cts": [], "iso-cts-dense": [], "tsv": [], "tsv-dense": []}  # fmt: skip
     pm = None if args.no_peft else peft_model(ads, device)
     core_ties = ("core-ties", {"density": TIES_DENSITY})
     loramix_factors(ads, device)  # warm-up (kernels, lazy imports)
     loramix_factors(ads, device, *core_ties)
-    got = {k: loramix_factors(ads, device, k, {}) for k in ("iso-c", "tsv")}
-    dense = {"iso-c": iso_dense(ads, device), "tsv": tsv_dense(ads, device)}
+    got = {k: loramix_factors(ads, device, k, {}) for k in ("iso-c", "iso-cts", "tsv")}
+    dense = {
+        "iso-c": iso_dense(ads, device),
+        "iso-cts": iso_cts_dense(ads, device),
+        "tsv": tsv_dense(ads, device),
+    }
     # sanity: the same merges, to float32's rounding of the dense way
     agree = {
         k: max(float((got[k][n].B @ got[k][n].A - dense[k][n].double()).abs().max() / dense[k][n].abs().max())
@@ -261,10 +295,12 @@ def bench_svd(args) -> list[list[str]]:
                 dn = svd_dense(ads, device)
             elif kind == "core-ties":
                 loramix_factors(ads, device, *core_ties)
-            elif kind in ("iso-c", "tsv"):
+            elif kind in ("iso-c", "iso-cts", "tsv"):
                 loramix_factors(ads, device, kind, {})
             elif kind == "iso-c-dense":
                 iso_dense(ads, device)
+            elif kind == "iso-cts-dense":
+                iso_cts_dense(ads, device)
             elif kind == "tsv-dense":
                 tsv_dense(ads, device)
             else:
@@ -309,6 +345,7 @@ def bench_svd(args) -> list[list[str]]:
         )
     for k, what in (
         ("iso-c", "sum, torch.linalg.svd"),
+        ("iso-cts", "sum, each delta's part and the stacked vectors, torch.linalg.svd"),
         ("tsv", "each delta's torch.linalg.svd, then the stacked vectors'"),
     ):
         rows.append([f"(a) {k}, loramix (from the factors)", f"{med[k] * 1e3:.1f} ms", "1.0x", ""])
@@ -351,6 +388,7 @@ def bench_into(args) -> list[list[str]]:
         "core-ties": ["-m", "core-ties", "--density", "0.2"],
         "tsv": ["-m", "tsv"],  # what `loramix plan` proposes for LoRA adapters without a fit
         "iso-c": ["-m", "iso-c"],
+        "iso-cts": ["-m", "iso-cts"],
     }
     out = work / "merge" / "out"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ METHOD_PARAMS = {
     "core-ties": {"density": 0.5},
     "knots-ties": {"density": 0.5},
     "iso-c": {},
+    "iso-cts": {"common": 0.5},
     "tsv": {},
 }
 WEIGHTS = [1.0, 0.7]

@@ -66,12 +66,12 @@ def _cases(e):
         # (out_rank= / energy=)" and "rank k or energy e" (a lower-case placeholder, left as it was)
         ("merge dense", lambda: loramix.merge(ads, "ties", out=new, density=0.5),
          "into: method ties writes a dense delta: pass into=BASE, or out_rank=K / energy=F for an adapter "
-         "truncated by SVD (only core-dare-linear, core-dare-ties, core-ties, iso-c, knots-dare-ties, knots-ties, sum, "
-         "svd, task-arithmetic, tsv write an exact adapter; core-ties and knots-ties: ties in bases the adapters span)",
+         "truncated by SVD (only core-dare-linear, core-dare-ties, core-ties, iso-c, iso-cts, knots-dare-ties, knots-ties, "
+         "sum, svd, task-arithmetic, tsv write an exact adapter; core-ties and knots-ties: ties in bases the adapters span)",
          ["merge", "-m", "ties", "--density", "0.5", *ads, "--out", new],
          "--into: method ties writes a dense delta: pass --into BASE, or --out-rank K / --energy F for an "
-         "adapter truncated by SVD (only core-dare-linear, core-dare-ties, core-ties, iso-c, knots-dare-ties, "
-         "knots-ties, sum, svd, task-arithmetic, tsv write an exact adapter; core-ties and knots-ties: ties in bases "
+         "adapter truncated by SVD (only core-dare-linear, core-dare-ties, core-ties, iso-c, iso-cts, "
+         "knots-dare-ties, knots-ties, sum, svd, task-arithmetic, tsv write an exact adapter; core-ties and knots-ties: ties in bases "
          "the adapters span)"),
         ("merge svd neither", lambda: loramix.merge(ads, "svd", out=new),
          "rank/energy: method svd needs exactly one of rank=K or energy=F",

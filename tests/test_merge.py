@@ -449,6 +449,7 @@ LAMBDA_METHODS = [
     ("knots-ties", dict(density=0.3)),
     ("knots-dare-ties", dict(density=0.4, seed=7)),
     ("iso-c", {}),
+    ("iso-cts", dict(common=0.5)),
     ("tsv", {}),
 ]
 

@@ -51,6 +51,7 @@ def test_lowrank_svd_is_the_same_on_one_thread_or_two():
         ["core-ties", "--density", "0.5"],
         ["knots-ties", "--density", "0.5"],
         ["iso-c"],
+        ["iso-cts"],
         ["tsv"],
     ],
 )

@@ -96,8 +96,8 @@ def command(adapters, method, weights, into, out, device, dtype, force, progress
 
     \b
     Low-rank methods (sum, svd, task-arithmetic, core-ties, core-dare-ties,
-    core-dare-linear, knots-ties, knots-dare-ties, iso-c, tsv) write a PEFT
-    adapter without --into; any method (but iso-c) writes an adapter
+    core-dare-linear, knots-ties, knots-dare-ties, iso-c, iso-cts, tsv) write
+    a PEFT adapter without --into; any method (but iso-c, iso-cts) writes an adapter
     truncated by SVD with --out-rank K or --energy F, and a full model with
     --into BASE.
     """

@@ -26,6 +26,7 @@ core-dare-*  dare-ties / dare-linear likewise                       adapter or m
 knots-ties   ties on U^T dW_i, U the deltas' joint left basis       adapter or model
 knots-dare-* dare-ties likewise                                     adapter or model
 iso-c        the sum's singular values set to their mean (Iso-C)    adapter or model
+iso-cts      iso-c, the sum's least directions each adapter's own   adapter or model
 tsv          each delta's singular vectors decorrelated (TSV)       adapter or model
 ===========  =====================================================  ==========
 
@@ -175,12 +176,13 @@ def merge(
     merged delta added. Without it the result is a PEFT adapter: exact for
     the low-rank methods (``sum``, ``task-arithmetic``, ``svd``,
     ``core-ties``, ``core-dare-ties``, ``core-dare-linear``, ``knots-ties``,
-    ``knots-dare-ties``, ``iso-c``, ``tsv``: those whose class has
-    ``low_rank``), the SVD truncation of the merged delta for any other
-    method (and any of those but ``iso-c``) given ``out_rank`` (a rank) or
-    ``energy`` (a fraction kept). ``params`` are the method's (``density``,
-    ``sign``, ``divide``, ``lambda_``/``lambda``, ``seed``, ``gamma``,
-    ``epsilon``, ``rank``, ``energy``) and ``out_rank``; ``None`` values
+    ``knots-dare-ties``, ``iso-c``, ``iso-cts``, ``tsv``: those whose class
+    has ``low_rank``), the SVD truncation of the merged delta for any other
+    method (and any of those but ``iso-c`` and ``iso-cts``) given
+    ``out_rank`` (a rank) or ``energy`` (a fraction kept). ``params`` are the
+    method's (``density``, ``sign``, ``divide``, ``lambda_``/``lambda``,
+    ``seed``, ``gamma``, ``epsilon``, ``rank``, ``energy``, ``common``) and
+    ``out_rank``; ``None`` values
     mean "not given".
     ``dtype``: the output dtype (default: the base's, or the adapters' for
     an adapter). ``device``: where the deltas are formed and merged,
