@@ -97,9 +97,9 @@ def command(adapters, method, weights, into, out, device, dtype, force, progress
     \b
     Low-rank methods (sum, svd, task-arithmetic, core-ties, core-dare-ties,
     core-dare-linear, knots-ties, knots-dare-ties, iso-c, iso-cts, tsv) write
-    a PEFT adapter without --into; any method (but iso-c, iso-cts) writes an adapter
-    truncated by SVD with --out-rank K or --energy F, and a full model with
-    --into BASE.
+    a PEFT adapter without --into; any method (but iso-c and iso-cts) writes
+    an adapter truncated by SVD with --out-rank K or --energy F, and a full
+    model with --into BASE.
     """
     from ..io.filehash import prefetch_inputs
 
