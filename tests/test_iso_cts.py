@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 
+from loramix.cli import main
 from loramix.methods.iso_cts import split
 
 from .test_cli_errors import run_error
@@ -27,7 +28,7 @@ from .test_merge import MOD, rand_adapters, raw_delta, run_method
 EPS = torch.finfo(torch.float64).eps
 
 
-def ref_iso_cts(mds, ws, lam=1.0, beta=0.8):
+def ref_iso_cts(mds, ws, lam=1.0, beta=0.8, flat="mean"):
     """docs/merging.md, "Iso-CTS", on the dense deltas: the sum's top ``k_c``
     directions and each delta's top ``s`` outside them, the stacked vectors
     orthogonalised, every singular value set to the mean of the stacked ones."""
@@ -43,7 +44,8 @@ def ref_iso_cts(mds, ws, lam=1.0, beta=0.8):
         k = min(s, int((R > S[0] * max(d.shape) * EPS).sum()))
         Us.append(P[:, :k]), Vs.append(Qh[:k].T), sig.append(R[:k])
     sigma = torch.cat(sig)
-    return lam * sigma.mean() * orthonormal(torch.cat(Us, 1)) @ orthonormal(torch.cat(Vs, 1)).T
+    value = sigma.mean() if flat == "mean" else sigma.square().mean().sqrt()
+    return lam * value * orthonormal(torch.cat(Us, 1)) @ orthonormal(torch.cat(Vs, 1)).T
 
 
 def paper_iso_cts(deltas, beta):
@@ -63,16 +65,17 @@ def paper_iso_cts(deltas, beta):
     return torch.cat(Ss).mean() * orthonormal(torch.cat(Us, 1)) @ orthonormal(torch.cat(Vs, 1)).T
 
 
+@pytest.mark.parametrize("flat", ["mean", "rms"])
 @pytest.mark.parametrize("beta", [0.8, 0.5, 0.0])
 @pytest.mark.parametrize("shapes", SHAPES, ids=["R<out,in", "R>out,in"])
-def test_from_the_factors_it_is_the_definition(shapes, beta):
+def test_from_the_factors_it_is_the_definition(shapes, beta, flat):
     """Signed weights and a scale; ``R = 9`` above ``out`` or ``in`` on the
     second shapes, where the sum has full rank."""
     ads = rand_adapters(shapes=shapes)
     for mod in ("layers.0.proj", "layers.1.proj"):
         mds = [a.modules[mod] for a in ads]
-        got = run_method("iso-cts", ads, WS, mod, lambda_=0.8, common=beta)
-        ref = ref_iso_cts(mds, WS, 0.8, beta)
+        got = run_method("iso-cts", ads, WS, mod, lambda_=0.8, common=beta, flat=flat)
+        ref = ref_iso_cts(mds, WS, 0.8, beta, flat)
         assert ref.abs().max() > 1
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
@@ -93,13 +96,13 @@ def test_where_the_sum_has_full_rank_it_is_the_papers_algorithm():
     assert float((got - plain).abs().max()) > 1e-3 * float(want.abs().max())
 
 
-def test_common_one_is_iso_c():
+@pytest.mark.parametrize("flat", ["mean", "rms"])
+def test_common_one_is_iso_c(flat):
     ads = rand_adapters()
     for mod in ("layers.0.proj", "layers.1.proj"):
-        got = run_method("iso-cts", ads, WS, mod, common=1.0, lambda_=1.3)
-        torch.testing.assert_close(
-            got, run_method("iso-c", ads, WS, mod, lambda_=1.3), rtol=1e-12, atol=1e-12
-        )
+        got = run_method("iso-cts", ads, WS, mod, common=1.0, lambda_=1.3, flat=flat)
+        want = run_method("iso-c", ads, WS, mod, lambda_=1.3, flat=flat)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(("K", "T", "beta", "want"), [
@@ -134,12 +137,16 @@ def test_an_adapter_inside_the_common_part_adds_no_direction():
         assert int((torch.linalg.svdvals(got) > 1e-10 * float(got.abs().max())).sum()) == rank
 
 
-def test_it_writes_an_exact_adapter_peft_loads_and_merges_into_a_base(peft_setup):  # noqa: F811  (the fixture)
+def test_it_writes_an_exact_adapter_peft_loads_and_merges_into_a_base(peft_setup, capsys):  # noqa: F811  (the fixture)
     root, base, ads, _ = peft_setup
     ref = reference_deltas(ref_iso_cts, ads, [1.0, 0.6, -0.8], 1.3, 0.5)
     said = check_written_and_into(root, base, ads, "iso-cts", ["--lambda", "1.3", "--common", "0.5"], ref,
                                   lambda_=1.3, common=0.5)  # fmt: skip
     assert "each adapter's own" in said and "singular values set to their mean" in said
+    # --flat rms: the squared norm of each module's merge is that of its stacked singular values
+    capsys.readouterr()
+    assert main(["merge", "-m", "iso-cts", "--flat", "rms", *ads, "--out", str(root / "iso-cts-rms")]) == 0
+    assert "singular values set to their root mean square: ||merged||^2 is" in capsys.readouterr().out
 
 
 def test_it_refuses_a_kind_whose_delta_needs_the_base(peft_setup, capsys):  # noqa: F811  (the fixture)
@@ -158,6 +165,7 @@ def test_adapters_saved_untrained_merge_to_a_zero_adapter_peft_loads(peft_setup,
     (["--out-rank", "2"], "method iso-cts is not truncated"),
     (["--common", "1.5"], "--common: 1.5 is outside [0, 1]"),
     (["--common", "nan"], "--common"),
+    (["--flat", "median"], "--flat: 'median' is not one of mean, rms"),
 ])  # fmt: skip
 def test_it_refuses_a_cut_and_a_fraction_outside_the_unit_interval(peft_setup, capsys, flags, said):  # noqa: F811  (the fixture)
     root, _, ads, _ = peft_setup

@@ -34,10 +34,11 @@ def svd_cut(D):
     return U[:, :k], S[:k], Vh[:k]
 
 
-def ref_iso_c(mds, ws, lam=1.0):
-    """Iso-C: the sum's singular values all set to their mean (over its nonzero ones)."""
+def ref_iso_c(mds, ws, lam=1.0, flat="mean"):
+    """Iso-C: the sum's singular values all set to their mean (over its nonzero
+    ones), or with ``flat="rms"`` to their root mean square."""
     U, S, Vh = svd_cut(sum(w * raw_delta(m) for w, m in zip(ws, mds)))
-    return lam * S.mean() * U @ Vh
+    return lam * (S.mean() if flat == "mean" else S.square().mean().sqrt()) * U @ Vh
 
 
 def orthonormal(X):
@@ -85,6 +86,21 @@ def test_iso_c_gives_every_direction_of_the_sum_the_mean_singular_value():
     got = torch.linalg.svdvals(run_method("iso-c", ads, WS, MOD))
     torch.testing.assert_close(got[:9], S.mean().expand(9), rtol=1e-12, atol=0)
     assert float(got[9:].max()) < 1e-12 * float(S[0])  # rank 9 = R, nothing else
+
+
+def test_iso_c_flat_rms_keeps_the_sums_norm_in_every_module():
+    """``--flat rms``: every singular value the sum's root mean square one, so
+    ``||merged||_F = lambda ||S||_F``, module by module; the paper's mean
+    gives less (the mean is at most the RMS)."""
+    ads = rand_adapters()
+    for mod in ("layers.0.proj", "layers.1.proj"):
+        mds = [a.modules[mod] for a in ads]
+        plain = sum(w * raw_delta(m) for w, m in zip(WS, mds))
+        got = run_method("iso-c", ads, WS, mod, lambda_=0.7, flat="rms")
+        torch.testing.assert_close(got, ref_iso_c(mds, WS, 0.7, "rms"), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.linalg.norm(got), 0.7 * torch.linalg.norm(plain), rtol=1e-12, atol=0)
+        mean = run_method("iso-c", ads, WS, mod, lambda_=0.7)
+        assert float(torch.linalg.norm(mean)) < 0.99 * float(torch.linalg.norm(got))
 
 
 def _orthogonal_adapters():

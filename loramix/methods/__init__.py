@@ -181,7 +181,8 @@ def merge(
     method (and any of those but ``iso-c`` and ``iso-cts``) given
     ``out_rank`` (a rank) or ``energy`` (a fraction kept). ``params`` are the
     method's (``density``, ``sign``, ``divide``, ``lambda_``/``lambda``,
-    ``seed``, ``gamma``, ``epsilon``, ``rank``, ``energy``, ``common``) and
+    ``seed``, ``gamma``, ``epsilon``, ``rank``, ``energy``, ``common``,
+    ``flat``) and
     ``out_rank``; ``None`` values
     mean "not given".
     ``dtype``: the output dtype (default: the base's, or the adapters' for

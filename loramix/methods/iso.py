@@ -26,20 +26,43 @@ sum the two agree.
 The paper picks ``lambda`` on held-out data (``--lambda``, default 1). Note
 that ``||merged||_F^2 = lambda^2 k sigma_bar^2 <= lambda^2 ||S||_F^2`` (the
 mean is at most the root mean square): the module's facts report that ratio.
+``--flat rms`` sets every singular value to their root mean square instead,
+``sigma_rms = sqrt((sigma_1^2 + ... + sigma_k^2) / k)``, so that the merge
+keeps the sum's Frobenius norm in every module (``||merged||_F = lambda
+||S||_F``): the flat spectrum without the shrinking, no held-out data needed.
 """
 
 from __future__ import annotations
 
 from . import register
-from .base import LAMBDA, factor_pair_merged, rank_cap, ranks_text
+from .base import LAMBDA, Param, factor_pair_merged, rank_cap, ranks_text
 from .svd import Svd, numerical_rank
+
+FLAT = Param(
+    "flat",
+    str,
+    "mean",
+    "the one singular value every direction gets: mean (the paper's) or rms (the root mean square, which keeps "
+    "the sum's Frobenius norm)",
+    choices=("mean", "rms"),
+)
+
+
+def flat_words(summary: dict) -> str:
+    """How a summary's flat singular value was taken, in words."""
+    return "root mean square" if summary.get("flat") == "rms" else "mean"
+
+
+def flat_value(S, how: str):
+    """The value a flattened spectrum ``S`` (a 1-D tensor, nonzero values) takes: its mean or its RMS."""
+    return S.mean() if how == "mean" else (S * S).mean().sqrt()
 
 
 @register
 class IsoC(Svd):
     name = "iso-c"
     summary = "the weighted sum with its singular values set to their mean (Iso-C; an exact adapter)"
-    params = (LAMBDA,)
+    params = (LAMBDA, FLAT)
     thread_independent = True  # float64 on one thread; into a base the factor pair, one fused product
     kinds_reason = (
         "Iso-C takes the SVD of the sum of LoRA factors, and DoRA and D2-LoRA effective deltas depend on "
@@ -61,12 +84,13 @@ class IsoC(Svd):
         return max(1, numerical_rank(S, size))
 
     def spectrum(self, S, params):
-        return (params["lambda_"] * S.mean()).expand(S.shape)
+        return (params["lambda_"] * flat_value(S, params["flat"])).expand(S.shape)
 
     def facts(self, S, k, stacked, params):
         total = float((S.double() ** 2).sum())
-        kept = params["lambda_"] ** 2 * k * float(S[:k].double().mean()) ** 2
-        return {"rank": k, "stacked_rank": stacked, "energy_sum": total, "energy_merged": kept}
+        kept = params["lambda_"] ** 2 * k * float(flat_value(S[:k].double(), params["flat"])) ** 2
+        return {"rank": k, "stacked_rank": stacked, "energy_sum": total, "energy_merged": kept,
+                "flat": params["flat"]}  # fmt: skip
 
     def merged(self, ctx, module_deltas, weights, W0, params):
         return factor_pair_merged(self, ctx, module_deltas, weights, params)
@@ -79,12 +103,13 @@ class IsoC(Svd):
         return {
             "ranks": sorted({f["rank"] for f in facts.values()}),
             "energy_ratio": sum(f["energy_merged"] for f in facts.values()) / total if total > 0 else 0.0,
+            "flat": next(iter(facts.values())).get("flat", "mean"),
         }
 
     def describe(self, summary):
         if "ranks" not in summary:
             return []
         return [
-            f"rank {ranks_text(summary['ranks'])} (each module's sum's rank); singular values set to their mean: "
-            f"||merged||^2 is {summary['energy_ratio']:.3g} of ||sum||^2"
+            f"rank {ranks_text(summary['ranks'])} (each module's sum's rank); singular values set to their "
+            f"{flat_words(summary)}: ||merged||^2 is {summary['energy_ratio']:.3g} of ||sum||^2"
         ]

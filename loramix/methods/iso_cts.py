@@ -10,7 +10,7 @@ For one module with ``T`` adapters, ``S = sum_i w_i dW_i`` of numerical rank
     S   = U diag(sigma) V^T,  U_c = U[:, :k_c], V_c likewise      its top k_c directions
     w_i dW_i - U_c U_c^T w_i dW_i = P_i diag(rho_i) Q_i^T          each adapter's part outside U_c
     U* = [U_c  P_1[:, :s] ... P_T[:, :s]]   (out, K)   V* = [V_c  Q_1[:, :s] ...]   (in, K)
-    sigma_bar = mean(sigma_1..sigma_k_c, rho_1[:s], ..., rho_T[:s])
+    sigma_bar = mean(sigma_1..sigma_k_c, rho_1[:s], ..., rho_T[:s])     (their RMS with --flat rms)
     merged delta = lambda sigma_bar polar(U*) polar(V*)^T                           rank <= K
 
 ``beta`` is ``--common`` (the paper's common-space fraction, default 0.8).
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from . import register
 from .base import LAMBDA, LORA, LowRank, MergeMethod, Param, factor_pair_merged, rank_cap, ranks_text
-from .iso import IsoC
+from .iso import FLAT, IsoC, flat_value, flat_words
 from .svd import LowRankSVD, numerical_rank, one_torch_thread
 from .tsv import polar
 
@@ -71,7 +71,7 @@ class IsoCts(MergeMethod):
     summary = (
         "iso-c with the sum's least directions replaced by each adapter's own (Iso-CTS; an exact adapter)"
     )
-    params = (COMMON, LAMBDA)
+    params = (COMMON, LAMBDA, FLAT)
     low_rank = True
     uses_base = False
     thread_independent = True  # float64 on one thread; into a base the factor pair, one fused product
@@ -100,7 +100,7 @@ class IsoCts(MergeMethod):
             K = numerical_rank(S, size)
             if K == 0:  # every delta zero (adapters saved untrained): a zero rank-1 adapter, as PEFT needs
                 zero = torch.zeros(out, 1, dtype=ctx.dtype, device=ctx.device)
-                return LowRank(zero, zero.new_zeros(1, inn), _facts(0, 0, 0, st.B.shape[1], S, 0.0))
+                return LowRank(zero, zero.new_zeros(1, inn), _facts(0, 0, 0, st.B.shape[1], S, 0.0, params))
             k_c, s = split(K, len(module_deltas), params["common"])
             Uc, Vct = svd.factors(k_c)  # (out, k_c), (k_c, in); empty where k_c = 0
             Us, Vts, sigmas = [Uc], [Vct], [svd.S[:k_c]]
@@ -117,14 +117,14 @@ class IsoCts(MergeMethod):
                         Vts.append(Qt)
                         sigmas.append(part.S[:k])
             sigma = torch.cat(sigmas)
-            B = polar(torch.cat(Us, dim=1)) * (params["lambda_"] * sigma.mean())
+            B = polar(torch.cat(Us, dim=1)) * (params["lambda_"] * flat_value(sigma, params["flat"]))
             A = polar(torch.cat(Vts, dim=0).T).T
             # ||B A||_F^2 = trace(B^T B A A^T): the partial isometries need not have rank K
             energy = float(torch.trace((B.T @ B) @ (A @ A.T)))
         return LowRank(
             B.to(ctx.dtype),
             A.to(ctx.dtype),
-            _facts(B.shape[1], k_c, len(sigma) - k_c, st.B.shape[1], S, energy),
+            _facts(B.shape[1], k_c, len(sigma) - k_c, st.B.shape[1], S, energy, params),
         )
 
     def merged(self, ctx, module_deltas, weights, W0, params):
@@ -135,11 +135,12 @@ class IsoCts(MergeMethod):
             return []
         return [
             f"rank {ranks_text(summary['ranks'])} (each module's sum's rank: its top directions and each "
-            f"adapter's own); singular values set to their mean: ||merged||^2 is {summary['energy_ratio']:.3g} "
+            f"adapter's own); singular values set to their {flat_words(summary)}: ||merged||^2 is "
+            f"{summary['energy_ratio']:.3g} "
             "of ||sum||^2"
         ]
 
 
-def _facts(k: int, k_c: int, own: int, stacked: int, S, energy: float) -> dict:
+def _facts(k: int, k_c: int, own: int, stacked: int, S, energy: float, params: dict) -> dict:
     return {"rank": int(k), "common_rank": int(k_c), "own_rank": int(own), "stacked_rank": int(stacked),
-            "energy_sum": float((S.double() ** 2).sum()), "energy_merged": energy}  # fmt: skip
+            "energy_sum": float((S.double() ** 2).sum()), "energy_merged": energy, "flat": params["flat"]}  # fmt: skip
