@@ -1,4 +1,4 @@
-"""Benchmark ``sum --into``, ``merge -m ties``, ``-m dare-ties``, ``-m della``, ``-m core-ties``, ``-m knots-ties``, ``-m iso-c`` and ``-m tsv``
+"""Benchmark ``sum --into``, ``merge -m ties``, ``-m dare-ties``, ``-m della``, ``-m core-ties``, ``-m knots-ties``, ``-m iso-c``, ``-m iso-cts`` and ``-m tsv``
 at 7B scale, against a plain copy of the shards.
 
 Setup (written once into ``--work``, default ``benchmarks/_work/scale/``,
@@ -35,9 +35,11 @@ time, and that child's own peak RSS from ``os.wait4``, the figure
   knots-ties`` (no target: TIES on each delta's coordinates in bases the
   factors span, whose merged delta is a factor pair again; docs/merging.md,
   "Core space and KnOTS");
-- ``iso-c``, ``tsv``: the same with ``-m iso-c`` / ``-m tsv`` (no target:
-  the sum's SVD from the factors, its spectrum flattened; each delta's SVD and
-  the stacked vectors orthogonalised; docs/merging.md, "Iso-C and TSV");
+- ``iso-c``, ``iso-cts``, ``tsv``: the same with ``-m iso-c`` / ``-m iso-cts``
+  / ``-m tsv`` (no target: the sum's SVD from the factors, its spectrum
+  flattened, for Iso-CTS with each adapter's own directions in its weakest
+  ones; each delta's SVD and the stacked vectors orthogonalised;
+  docs/merging.md, "Iso-C and TSV", "Iso-CTS");
 - ``sum`` again with ``LORAMIX_DIRECT_IO=0``: the output through the page
   cache instead of straight to the disk (``O_DIRECT``, the default for files
   this large), to show what that choice is worth.
@@ -392,7 +394,7 @@ def main(argv=None) -> None:
     }
     for other in ("della", "core-ties", "knots-ties"):
         cmds[other] = [other if a == "dare-ties" else a for a in cmds["dare-ties"]]
-    for other in ("iso-c", "tsv"):  # no parameter to give
+    for other in ("iso-c", "iso-cts", "tsv"):  # no parameter to give
         cmds[other] = [*lm, "merge", "-m", other, *map(str, ads), *into, "--no-progress"]
     cmds["sum-cold"] = cmds["sum-buffered"] = cmds["sum"]
     envs = {"sum-buffered": dict(env, LORAMIX_DIRECT_IO="0")}
@@ -445,6 +447,7 @@ def main(argv=None) -> None:
         "core-ties",
         "knots-ties",
         "iso-c",
+        "iso-cts",
         "tsv",
     ]
     for _ in range(max(1, args.repeat)):
@@ -483,6 +486,7 @@ def main(argv=None) -> None:
         ("loramix merge -m core-ties --density 0.2 --into (no target)", med["core-ties"]),
         ("loramix merge -m knots-ties --density 0.2 --into (no target)", med["knots-ties"]),
         ("loramix merge -m iso-c --into (no target)", med["iso-c"]),
+        ("loramix merge -m iso-cts --into (no target)", med["iso-cts"]),
         ("loramix merge -m tsv --into (no target)", med["tsv"]),
     ]
     print(
@@ -537,6 +541,7 @@ def main(argv=None) -> None:
         f"- core-ties / sum: {med['core-ties'][0] / sw:.2f} ({med['core-ties'][1]:.0f} MiB); "
         f"knots-ties / sum: {med['knots-ties'][0] / sw:.2f} ({med['knots-ties'][1]:.0f} MiB); "
         f"iso-c / sum: {med['iso-c'][0] / sw:.2f} ({med['iso-c'][1]:.0f} MiB); "
+        f"iso-cts / sum: {med['iso-cts'][0] / sw:.2f} ({med['iso-cts'][1]:.0f} MiB); "
         f"tsv / sum: {med['tsv'][0] / sw:.2f} ({med['tsv'][1]:.0f} MiB)"
     )
     print(
