@@ -100,7 +100,7 @@ class IsoCts(MergeMethod):
             K = numerical_rank(S, size)
             if K == 0:  # every delta zero (adapters saved untrained): a zero rank-1 adapter, as PEFT needs
                 zero = torch.zeros(out, 1, dtype=ctx.dtype, device=ctx.device)
-                return LowRank(zero, zero.new_zeros(1, inn), _facts(0, 0, 0, st.B.shape[1], S, 0.0, params))
+                return LowRank(zero, zero.new_zeros(1, inn), _facts(1, 0, 0, st.B.shape[1], S, 0.0, params))
             k_c, s = split(K, len(module_deltas), params["common"])
             Uc, Vct = svd.factors(k_c)  # (out, k_c), (k_c, in); empty where k_c = 0
             Us, Vts, sigmas = [Uc], [Vct], [svd.S[:k_c]]
