@@ -105,12 +105,11 @@ class IsoCts(MergeMethod):
             Uc, Vct = svd.factors(k_c)  # (out, k_c), (k_c, in); empty where k_c = 0
             Us, Vts, sigmas = [Uc], [Vct], [svd.S[:k_c]]
             if s:
-                floor = float(S[0]) * size * torch.finfo(torch.float64).eps  # the sum's rounding
                 for m, w in zip(module_deltas, weights):
                     B, A = m.factors(dtype=torch.float64, device=ctx.device)
                     B = B * float(w)
                     part = LowRankSVD(B - Uc @ (Uc.T @ B), A)
-                    k = min(s, int((part.S.cpu() > floor).sum()))
+                    k = min(s, numerical_rank(part.S.cpu(), size, top=float(S[0])))  # the sum's rounding
                     if k:
                         P, Qt = part.factors(k)
                         Us.append(P)

@@ -139,18 +139,24 @@ def one_torch_thread(device: torch.device):
     return torch_threads(1 if torch.device(device).type == "cpu" else None)
 
 
-def numerical_rank(S: torch.Tensor, size: int) -> int:
+def numerical_rank(S: torch.Tensor, size: int, top: float | None = None) -> int:
     """How many of the descending singular values ``S`` exceed
     ``S_0 * size * eps`` (float64's ``eps``; ``size = max(out, in)`` of the
     matrix): LAPACK's and ``numpy.linalg.matrix_rank``'s tolerance, below
     which a singular value is the SVD's rounding, not the matrix's. An
     adapter merged with itself has rank ``r`` of its ``2r`` stacked: the
-    other ``r`` come out about ``1e-16 S_0``, with arbitrary directions."""
+    other ``r`` come out about ``1e-16 S_0``, with arbitrary directions.
+    ``top``: the value to count against instead of ``S_0``, where ``S`` is
+    of a part of a larger matrix whose rounding it carries (``iso-cts``'
+    parts outside the common subspace: the sum's largest singular value)."""
     import torch
 
-    if S.numel() == 0 or float(S[0]) == 0.0:
+    if S.numel() == 0:
         return 0
-    return int((S > S[0] * size * torch.finfo(torch.float64).eps).sum())
+    ref = S[0] if top is None else top  # S[0] a tensor, as before: the tolerance in S's own dtype
+    if float(ref) == 0.0:
+        return 0
+    return int((S > ref * size * torch.finfo(torch.float64).eps).sum())
 
 
 def choose_rank(S: torch.Tensor, rank: int | None, energy: float | None, size: int | None = None) -> int:
