@@ -153,7 +153,7 @@ def numerical_rank(S: torch.Tensor, size: int, top: float | None = None) -> int:
 
     if S.numel() == 0:
         return 0
-    ref = S[0] if top is None else top  # S[0] a tensor, as before: the tolerance in S's own dtype
+    ref = S[0] if top is None else top  # S[0] a tensor: the tolerance in S's own dtype
     if float(ref) == 0.0:
         return 0
     return int((S > ref * size * torch.finfo(torch.float64).eps).sum())
