@@ -182,9 +182,7 @@ def merge(
     ``out_rank`` (a rank) or ``energy`` (a fraction kept). ``params`` are the
     method's (``density``, ``sign``, ``divide``, ``lambda_``/``lambda``,
     ``seed``, ``gamma``, ``epsilon``, ``rank``, ``energy``, ``common``,
-    ``flat``) and
-    ``out_rank``; ``None`` values
-    mean "not given".
+    ``flat``) and ``out_rank``; ``None`` values mean "not given".
     ``dtype``: the output dtype (default: the base's, or the adapters' for
     an adapter). ``device``: where the deltas are formed and merged,
     ``"auto"`` (CUDA where torch sees a GPU, else the CPU), ``"cpu"`` or

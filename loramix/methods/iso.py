@@ -48,7 +48,7 @@ FLAT = Param(
 )
 
 
-def flat_words(summary: dict) -> str:
+def _flat_words(summary: dict) -> str:
     """How a summary's flat singular value was taken, in words."""
     return "root mean square" if summary.get("flat") == "rms" else "mean"
 
@@ -106,10 +106,12 @@ class IsoC(Svd):
             "flat": next(iter(facts.values())).get("flat", "mean"),
         }
 
+    rank_words = "each module's sum's rank"  # what the summary's ranks are, in words (iso-cts has its own)
+
     def describe(self, summary):
         if "ranks" not in summary:
             return []
         return [
-            f"rank {ranks_text(summary['ranks'])} (each module's sum's rank); singular values set to their "
-            f"{flat_words(summary)}: ||merged||^2 is {summary['energy_ratio']:.3g} of ||sum||^2"
+            f"rank {ranks_text(summary['ranks'])} ({self.rank_words}); singular values set to their "
+            f"{_flat_words(summary)}: ||merged||^2 is {summary['energy_ratio']:.3g} of ||sum||^2"
         ]

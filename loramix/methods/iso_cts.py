@@ -37,8 +37,8 @@ Float64 on one torch thread.
 from __future__ import annotations
 
 from . import register
-from .base import LAMBDA, LORA, LowRank, MergeMethod, Param, factor_pair_merged, rank_cap, ranks_text
-from .iso import FLAT, IsoC, flat_value, flat_words
+from .base import LAMBDA, LORA, LowRank, MergeMethod, Param, factor_pair_merged, rank_cap
+from .iso import FLAT, IsoC, flat_value
 from .svd import LowRankSVD, numerical_rank, one_torch_thread
 from .tsv import polar
 
@@ -105,9 +105,9 @@ class IsoCts(MergeMethod):
             Uc, Vct = svd.factors(k_c)  # (out, k_c), (k_c, in); empty where k_c = 0
             Us, Vts, sigmas = [Uc], [Vct], [svd.S[:k_c]]
             if s:
-                for m, w in zip(module_deltas, weights):
-                    B, A = m.factors(dtype=torch.float64, device=ctx.device)
-                    B = B * float(w)
+                o = st.offsets
+                for i in range(len(module_deltas)):  # w_i dW_i = B[:, o_i:o_i+1] A[o_i:o_i+1], as stacked
+                    B, A = st.B[:, o[i] : o[i + 1]], st.A[o[i] : o[i + 1]]
                     part = LowRankSVD(B - Uc @ (Uc.T @ B), A)
                     k = min(s, numerical_rank(part.S.cpu(), size, top=float(S[0])))  # the sum's rounding
                     if k:
@@ -129,15 +129,8 @@ class IsoCts(MergeMethod):
     def merged(self, ctx, module_deltas, weights, W0, params):
         return factor_pair_merged(self, ctx, module_deltas, weights, params)
 
-    def describe(self, summary):
-        if "ranks" not in summary:
-            return []
-        return [
-            f"rank {ranks_text(summary['ranks'])} (each module's sum's rank: its top directions and each "
-            f"adapter's own); singular values set to their {flat_words(summary)}: ||merged||^2 is "
-            f"{summary['energy_ratio']:.3g} "
-            "of ||sum||^2"
-        ]
+    rank_words = "each module's sum's rank: its top directions and each adapter's own"
+    describe = IsoC.describe
 
 
 def _facts(k: int, k_c: int, own: int, stacked: int, S, energy: float, params: dict) -> dict:
