@@ -811,7 +811,9 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
 
     Returns a :class:`Plan`, what the command prints as data: ``groups``
     (each ``group``, ``kind``, ``members`` and their ``paths``, ``method``, ``cost``,
-    ``interval``; with predictors per merge method also ``costs``),
+    ``interval``; with predictors per merge method also ``costs``, and
+    ``merge``, ``{"method", "params"}``, where the file says how its study
+    merged by ``method``),
     ``cost_source``, ``validated`` / ``validated_by_method``, ``budget``,
     ``max_group``, ``rule``, ``warnings`` and ``notes`` (the command's
     ``warning:`` and ``note:`` lines); ``to_json_dict()`` is ``--format
@@ -850,6 +852,10 @@ def plan(adapters, *, fit=None, base=None, data=None, max_group: int = 4, budget
     vbm = by_method_records(fitfile["by_method"]) if model.method_aware else None
     p = plan_with(model, source=source, validated=validated, max_group=max_group, budget=budget,
                   validated_by_method=vbm, progress=progress)  # fmt: skip
+    merges = {m: e["merge"] for m, e in ((fitfile or {}).get("by_method") or {}).items() if e.get("merge")}
+    for g in p.groups:  # the study's method and parameters behind the name (a variant's, iso-c-rms)
+        if len(g["members"]) > 1 and g["method"] in merges:
+            g["merge"] = merges[g["method"]]
     p.warnings = warnings + _describe(p, model, adapters, items, fit=fit, fitfile=fitfile, data=data,
                                       effective=effective)  # fmt: skip
     return p

@@ -807,4 +807,39 @@ def load_predictors(path: str | os.PathLike) -> dict:
         check_number(p, f"{name}.mean_mae", e.get("mean_mae"), null=True, low=0)
         _check_bool(p, f"{name}.beats_mean", e, "beats_mean")
         check_selection(p, f"{name}.selection", e.get("selection"))
+        if e.get("merge") is not None:
+            _check_merge(p, f"{name}.merge", e["merge"])
     return d
+
+
+def _check_merge(path, name: str, merge) -> None:
+    """A ``by_method`` entry's ``merge``: ``{"method": a registered merge method,
+    "params": its parameters}``, each value one ``loramix merge`` takes (what
+    ``loramix plan`` writes into a group's command)."""
+    from .methods import available_methods, get_method
+
+    if not isinstance(merge, dict) or not isinstance(merge.get("params"), dict):
+        raise field_error(path, name, 'an object {"method": ..., "params": {...}}', merge)
+    if merge.get("method") not in available_methods():
+        raise field_error(
+            path, f"{name}.method", f"one of {', '.join(available_methods())}", merge.get("method")
+        )
+    params = {("lambda" if q.name == "lambda_" else q.name): q for q in get_method(merge["method"]).params}
+    for k, v in merge["params"].items():
+        if k not in params:
+            raise field_error(
+                path, f"{name}.params", f"{merge['method']}'s parameters ({', '.join(params)})", k
+            )
+        try:  # as a study writes it: coerced already (0.5, not "0.5")
+            ok = not isinstance(v, bool) and params[k].coerce(v) == v
+        except UsageError:
+            ok = False
+        if not ok:
+            raise field_error(
+                path, f"{name}.params.{k}", f"a value of {merge['method']}'s {params[k].flag}", v
+            )
+    for k, q in params.items():
+        if q.required and k not in merge["params"]:
+            raise field_error(
+                path, f"{name}.params.{k}", f"given ({merge['method']} requires {q.flag})", MISSING
+            )

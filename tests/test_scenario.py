@@ -120,6 +120,20 @@ BAD = [
     (GOOD.replace("[adapters]", "[adapters]\nmethods = ['lora@\u00b2']"), "adapters.methods", "positive rank"),
     (GOOD + '[merge]\nmethods = ["sum", "ties", "ties"]\nties = { density = 0.5 }\n', "merge.methods",
      "'ties' is listed twice in ['sum', 'ties', 'ties']"),
+    # variants: another name with method = "METHOD" (iso-c-rms = { method = "iso-c", flat = "rms" })
+    (GOOD + '[merge]\nmethods = ["x"]\nx = { method = "tie" }\n', "merge.x.method", "unknown merge method 'tie'"),
+    (GOOD + '[merge]\nmethods = ["a:b"]\n"a:b" = { method = "iso-c" }\n', "merge.a:b", "a variant's name is"),
+    (GOOD + '[merge]\nmethods = ["plan"]\nplan = { method = "iso-c" }\n', "merge.plan", "not plan or keep"),
+    (GOOD + '[merge]\nmethods = ["ties", "t2"]\nties = { density = 0.5 }\nt2 = { method = "ties", density = 0.5, '
+     'sign = "mass" }\n', "merge.t2", "merges as ties does (the method ties with the same parameters)"),
+    (GOOD + '[merge]\nmethods = ["iso-c", "iso-c-mean"]\niso-c-mean = { method = "iso-c", flat = "mean" }\n',
+     "merge.iso-c-mean", "merges as iso-c does"),
+    (GOOD + '[merge]\nmethods = ["ties"]\nties = { method = "ties", density = 0.5 }\n', "merge.ties.method",
+     "a merge method's own name"),
+    (GOOD + '[merge]\nmethods = ["ties2"]\n', "merge.methods", 'or a variant: [merge.ties2] with method = "METHOD"'),
+    (GOOD + '[merge]\nmethods = ["sum"]\nt2 = { density = 0.5 }\n', "merge.t2", "or a variant's name with"),
+    (GOOD + '[merge]\nmethods = ["d2s"]\nd2s = { method = "d2-signed" }\n', "merge.methods", "d2s does not apply"),
+    (GOOD + '[merge]\nmethods = ["t2"]\nt2 = { method = "ties" }\n', "merge.t2.density", "missing (required by ties"),
     (GOOD.replace('name = "v"', 'name = "v"\nseeds = [0, 1, 0]'), "seeds", "0 is listed twice"),
     (GOOD.replace('name = "v"', 'name = "v/../x"'), "name", "letters, digits"),
     ("name = 'v'\n[domains\n", "", "not valid TOML"),
@@ -274,6 +288,33 @@ def test_merge_parameters_are_in_the_cache_keys(tmp_path):
     merges = {i for i in a if i.startswith("merge/") and "/ties/" in i}
     assert merges and merges <= changed
     assert all("/ties/" in i for i in changed), changed  # adapters, sums and the rest are reused
+
+
+def test_a_variant_is_keyed_as_its_method_with_its_parameters(tmp_path):
+    """``iso-c-rms = { method = "iso-c", flat = "rms" }`` has its own steps and
+    label, keyed by the method and parameters alone: a study that merged by
+    ``iso-c = { flat = "rms" }`` (a side study) made the same merges, found
+    cached; beside the plain ``iso-c`` it is a merge of its own."""
+    from loramix.scenario.plan import plan
+
+    def steps(merge, name):
+        return {st.id: st for st in plan(load_scenario(_write(tmp_path, GOOD + merge, name=name)))}
+
+    variant = steps('[merge]\nmethods = ["iso-c", "iso-c-rms"]\niso-c-rms = { method = "iso-c", flat = "rms" }\n',
+                    "v.toml")  # fmt: skip
+    side = steps('[merge]\nmethods = ["iso-c"]\niso-c = { flat = "rms" }\n', "side.toml")
+    plain = steps('[merge]\nmethods = ["iso-c"]\n', "plain.toml")
+    for sid, st in variant.items():
+        if "/iso-c-rms/" in sid:
+            twin = side[sid.replace("/iso-c-rms/", "/iso-c/")]
+            assert st.key == twin.key and st.spec == twin.spec and "iso-c-rms a+b" in st.label
+            assert plain[sid.replace("/iso-c-rms/", "/iso-c/")].key != st.key
+        elif sid in plain:
+            assert st.key == plain[sid].key, sid
+    assert any("/iso-c-rms/" in sid for sid in variant)
+    sc = load_scenario(tmp_path / "v.toml")
+    assert [(m.label, m.method, m.params) for m in sc.merges] == [
+        ("sum", "sum", {}), ("iso-c", "iso-c", {}), ("iso-c-rms", "iso-c", {"flat": "rms"})]  # fmt: skip
 
 
 def test_a_given_base_tokenizer_is_in_the_cache_keys(tmp_path):

@@ -24,7 +24,8 @@ from tests.test_scenario import _write
 # triple, merged-data adapters for 3 pairs (one forced), adapters on the top
 # block only, each model evaluated on the domains it serves, the predictors step,
 # and `loramix plan`'s groups against 4 random groupings (a budget that lets
-# every group grow to 3), merged as proposed and by ties.
+# every group grow to 3), merged as proposed and by ties-sparse, a variant:
+# ties again at another density.
 STUDY = """
 name = "study"
 merged_data = { count = 3, include = [["arith", "units"]] }
@@ -67,8 +68,9 @@ max_len = 48
 top_layers = 1
 
 [merge]
-methods = ["sum", "ties"]
+methods = ["sum", "ties", "ties-sparse"]
 ties = { density = 0.5 }
+ties-sparse = { method = "ties", density = 0.2 }
 
 [eval]
 domains = "members"
@@ -80,7 +82,7 @@ tokens = 64
 max_size = 3
 budget = 1000
 random = 4
-methods = ["plan", "ties"]
+methods = ["plan", "ties-sparse"]
 """
 
 
@@ -109,7 +111,7 @@ BAD = [
     (STUDY.replace("rank = 2", 'rank = 2\ninit = ["data", "seed"]'), "adapters.init", 'expected "data"'),
     (STUDY.replace("top_layers = 1", "top_layers = 3"), "adapters.top_layers", "above the base's 2 blocks"),
     (STUDY.replace("max_size = 3", "max_size = 1"), "plan.max_size", "at least 2"),
-    (STUDY.replace('"plan", "ties"', '"plan", "svd"'), "plan.methods", "got 'svd'"),
+    (STUDY.replace('"plan", "ties-sparse"', '"plan", "svd"'), "plan.methods", "got 'svd'"),
     (STUDY.replace("random = 4", "random = 0"), "plan.random", "must be positive"),
     (STUDY.replace("budget = 1000", 'budget = "big"'), "plan.budget", "expected a number"),
     (STUDY.replace("random = 4", 'random = 4\nadapters = "d2lora"'), "plan.adapters", "not one of"),
@@ -189,7 +191,7 @@ def test_kind_at_rank_is_a_study_of_its_own(tmp_path):
     steps = {s.id: s for s in plan(sc)}
     a, b = steps["adapter/lora/0/arith"], steps["adapter/lora@4/0/arith"]
     assert a.key != b.key and b.spec["method"] == "lora@4" and b.args["method"] == "lora@4"
-    assert [m.method for m in sc.merges_for("lora@4")] == ["sum", "ties"]
+    assert [m.label for m in sc.merges_for("lora@4")] == ["sum", "ties", "ties-sparse"]
 
 
 def test_init_list_is_an_ablation(tmp_path):
@@ -518,7 +520,7 @@ def test_plan_validation_section(study):
 
     out, rep, sc = study["out"], study["report"], load_scenario(study["scen"])
     pv = rep["plan_validation"]
-    assert pv["adapter_method"] == "lora" and pv["seed"] == 0 and pv["methods"] == ["plan", "ties"]
+    assert pv["adapter_method"] == "lora" and pv["seed"] == 0 and pv["methods"] == ["plan", "ties-sparse"]
     paths = rep["adapters"][0]
     # no tokens=: the calibration recipe is the file's
     cli = make_plan([paths[d] for d in sc.domains], fit=out / "predictors.json", data=_train_files(sc, study["cache"]),
@@ -532,15 +534,21 @@ def test_plan_validation_section(study):
 
     fitfile = json.loads((out / "predictors.json").read_text())
     assert (
-        list(fitfile["by_method"]) == ["sum", "ties"]
+        list(fitfile["by_method"]) == ["sum", "ties", "ties-sparse"]
         and fitfile["by_method"]["sum"]["best"] == fitfile["best"]
     )
-    assert pv["rule"] == cli.rule == RULE_BY_METHOD and set(pv["validated_by_method"]) == {"sum", "ties"}
+    # each label's merge: what `loramix plan --fit` writes into a group's command
+    assert [e["merge"] for e in fitfile["by_method"].values()] == [
+        {"method": "sum", "params": {}}, {"method": "ties", "params": {"density": 0.5}},
+        {"method": "ties", "params": {"density": 0.2}}]  # fmt: skip
+    assert pv["rule"] == cli.rule == RULE_BY_METHOD and set(pv["validated_by_method"]) == set(
+        fitfile["by_method"]
+    )
     for g in (g for g in pv["plan_groups"] if len(g["members"]) > 1):
         assert g["method"] == min(g["costs"], key=g["costs"].get) and g["cost"] == min(g["costs"].values())
     sizes = sorted(len(g["members"]) for g in pv["plan_groups"])
     assert max(sizes) > 1 and sum(sizes) == 4
-    assert [m["how"] for m in pv["by_method"]] == ["plan", "ties"]
+    assert [m["how"] for m in pv["by_method"]] == ["plan", "ties-sparse"]
     for m in pv["by_method"]:
         assert len(m["random"]) == 4
         for r in m["random"]:
@@ -548,23 +556,72 @@ def test_plan_validation_section(study):
             assert sorted(d for g in r["groups"] for d in g["members"]) == sorted(sc.domains)
         c = m["comparison"]
         assert c["beats"] + c["ties"] + c["loses"] == 4 and 1 <= c["rank"] <= 5
-        assert all(g["method"] == "ties" for g in m["plan"]["groups"] if len(g["members"]) > 1) == (
-            m["how"] == "ties"
+        assert all(g["method"] == "ties-sparse" for g in m["plan"]["groups"] if len(g["members"]) > 1) == (
+            m["how"] == "ties-sparse"
         )
     md = (out / "report.md").read_text()
     section = md.split("## Does `loramix plan` beat random groupings?")[1].split("\n## ")[0]
     assert section.count("random groupings of the same sizes") == 2 and "one-sided p = " in section
     assert (out / "plan_vs_random.png").stat().st_size > 1000 and "(plan_vs_random.png)" in section
     csv = pd.read_csv(out / "plan_validation.csv")
-    assert set(csv["merged"]) == {"plan", "ties"} and set(csv["grouping"]) == {
+    assert set(csv["merged"]) == {"plan", "ties-sparse"} and set(csv["grouping"]) == {
         "plan",
         *(f"random-{k}" for k in range(1, 5)),
     }
 
 
+def test_plan_writes_each_group_s_merge_as_its_study_merged(study, capsys):
+    """`loramix plan --fit` names a group's merge by the study's label and
+    writes its command with the parameters the study merged by: the variant
+    ``ties-sparse`` is ``merge -m ties --density 0.2``, ``ties`` is the
+    study's ``--density 0.5`` (no longer a guess said to be the shipped
+    studies'), the sum ``sum``."""
+    out, rep, sc = study["out"], study["report"], load_scenario(study["scen"])
+    paths = [rep["adapters"][0][d] for d in sc.domains]
+    data = [a for f in _train_files(sc, study["cache"]) for a in ("--data", f)]
+    args = ["plan", *paths, "--fit", str(out), "--base", _base_path(rep), *data, "--max-group", "3",
+            "--budget", "1000", "--no-progress"]  # fmt: skip
+    assert main([*args, "--format", "json"]) == 0
+    groups = [g for g in json.loads(capsys.readouterr().out)["groups"] if len(g["members"]) > 1]
+    fitfile = json.loads((out / "predictors.json").read_text())
+    assert groups and all(g["merge"] == fitfile["by_method"][g["method"]]["merge"] for g in groups)
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for g in groups:
+        line = next(x for x in lines if x.startswith(f"  group {g['group']}: loramix "))
+        verb = {"sum": "sum", "ties": "merge -m ties --density 0.5",
+                "ties-sparse": "merge -m ties --density 0.2"}[g["method"]]  # fmt: skip
+        assert line.startswith(f"  group {g['group']}: loramix {verb} ") and "shipped" not in line
+        assert line.endswith("  # ties-sparse") == (g["method"] == "ties-sparse")
+
+
+def test_plan_commands_of_a_variant_and_of_a_name_alone():
+    """A group's ``merge`` gives its method and every parameter as its flag
+    (``lambda`` as ``--lambda``); a group that names its method alone (a file
+    written before files said how) keeps the old pointers."""
+    from loramix.cli.plan_cmd import _commands
+
+    groups = [
+        {"group": 1, "paths": ["a", "b"], "method": "iso-c-rms",
+         "merge": {"method": "iso-c", "params": {"flat": "rms", "lambda": 1.5}}},
+        {"group": 2, "paths": ["c", "d"], "method": "sum", "merge": {"method": "sum", "params": {}}},
+        {"group": 3, "paths": ["e", "f g"], "method": "ties"},
+        {"group": 4, "paths": ["h", "i"], "method": "dare-ties"},
+        {"group": 5, "paths": ["j"], "method": "sum"},
+    ]  # fmt: skip
+    assert _commands(groups, None)[1:] == [
+        "  group 1: loramix merge -m iso-c --flat rms --lambda 1.5 a b --into BASE --out OUT  # iso-c-rms",
+        "  group 2: loramix sum c d --into BASE --out OUT",
+        "  group 3: loramix merge -m ties --density 0.5 e 'f g' --into BASE --out OUT  # --density: the shipped "
+        "studies'",
+        "  group 4: loramix merge -m dare-ties h i --into BASE --out OUT  # and dare-ties's --density: merge --help",
+    ]
+
+
 def test_plan_group_retention_against_a_direct_computation(study, tmp_path):
     """A plan group's measured retention %, merged by the sum (on the fly) and by
-    ties (dense, in memory), equals merging those adapters here and evaluating."""
+    ties at either density (dense, in memory; ``ties-sparse`` is the variant at
+    0.2), equals merging those adapters here and evaluating."""
     from loramix.methods import merge
     from loramix.perplexity import evaluate
 
@@ -576,9 +633,10 @@ def test_plan_group_retention_against_a_direct_computation(study, tmp_path):
     doms = [d for d in sc.domains if d in g["members"]]  # merged in the domains' order, as the study merges
     data = [_eval_records(sc, d) for d in doms]
     own = [evaluate(base, adapters=[paths[d]], data=[x], **kw).iloc[0]["ppl"] for d, x in zip(doms, data)]
-    merge([paths[d] for d in doms], "ties", into=base, out=tmp_path / "ties", density=0.5)
-    models = {"sum": evaluate(base, adapters=[paths[d] for d in doms], data=data, **kw),
-              "ties": evaluate(str(tmp_path / "ties"), data=data, **kw)}  # fmt: skip
+    models = {"sum": evaluate(base, adapters=[paths[d] for d in doms], data=data, **kw)}
+    for label, density in (("ties", 0.5), ("ties-sparse", 0.2)):
+        merge([paths[d] for d in doms], "ties", into=base, out=tmp_path / label, density=density)
+        models[label] = evaluate(str(tmp_path / label), data=data, **kw)
     for m in pv["by_method"]:
         got = m["plan"]["groups"][k]
         df = models[got["method"]]

@@ -517,3 +517,40 @@ def test_a_predictors_file_without_the_nested_figure_loads_and_a_malformed_one_i
             with pytest.raises(UsageError) as e:
                 load_predictors(p)
             assert needle in str(e.value) and "\n" not in str(e.value), (where, str(e.value))
+
+
+def test_a_by_method_entry_s_merge_is_checked_as_plan_writes_it(tmp_path):
+    """A ``by_method`` entry's ``merge`` (the method and parameters behind its
+    label, which ``loramix plan`` writes into a group's command) is a
+    registered method with parameters it takes, as a study writes them;
+    anything else is refused in one line naming the field. A file without
+    it (written before) loads. New behaviour."""
+    from loramix.validation import method_entry
+
+    comps, y, X = _noise_study(seed=1, features=3)
+    p = write_predictors(tmp_path / "predictors.json", validate(comps, y, X))
+    good = json.loads(p.read_text())
+    good["by_method"] = {"sum": method_entry(good), "iso-c-rms": method_entry(good)}
+    p.write_text(json.dumps(good))
+    assert "merge" not in load_predictors(p)["by_method"]["iso-c-rms"]
+    ok = {"method": "iso-c", "params": {"flat": "rms", "lambda": 1.5}}
+    good["by_method"]["iso-c-rms"]["merge"] = ok
+    p.write_text(json.dumps(good))
+    assert load_predictors(p)["by_method"]["iso-c-rms"]["merge"] == ok
+    field = 'by_method["iso-c-rms"].merge'
+    for bad, needle in [
+        ("iso-c", f'{field} must be an object {{"method": ..., "params": {{...}}}}'),
+        ({"method": "iso-c"}, f"{field} must be an object"),
+        ({"method": "iso-d", "params": {}}, f"{field}.method must be one of breadcrumbs,"),
+        ({"method": "iso-c", "params": {"density": 0.5}}, f"{field}.params must be iso-c's parameters"),
+        ({"method": "iso-c", "params": {"flat": "median"}}, f"{field}.params.flat must be a value of iso-c's --flat"),
+        ({"method": "iso-c", "params": {"lambda": "1.5"}}, f"{field}.params.lambda must be a value of"),
+        ({"method": "iso-c", "params": {"lambda": True}}, f"{field}.params.lambda must be a value of"),
+        ({"method": "ties", "params": {}}, f"{field}.params.density is missing (it must be given (ties requires "
+         "--density))"),
+    ]:  # fmt: skip
+        good["by_method"]["iso-c-rms"]["merge"] = bad
+        p.write_text(json.dumps(good))
+        with pytest.raises(UsageError) as e:
+            load_predictors(p)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)

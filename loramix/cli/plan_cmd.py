@@ -71,10 +71,13 @@ def command(
 
 
 def _commands(groups, base) -> list[str]:
-    """The command that merges each group of two or more as proposed. A plan
-    names a method, not its options: ties gets the shipped studies' --density
-    0.5, another method that needs an option (dare-ties' --density) a pointer
-    to it, one whose options all have defaults (tsv, iso-c) nothing."""
+    """The command that merges each group of two or more as proposed: by the
+    method and parameters its study merged by (the group's ``merge``, from
+    the predictors file: ``iso-c-rms`` is ``merge -m iso-c --flat rms``).
+    A name alone (a file written before it said them, or no file): ties gets
+    the shipped studies' --density 0.5, another method that needs an option
+    (dare-ties' --density) a pointer to it, one whose options all have
+    defaults (tsv, iso-c) nothing."""
     import shlex
 
     from ..methods import get_method
@@ -82,14 +85,28 @@ def _commands(groups, base) -> list[str]:
     into = shlex.quote(str(base)) if base else "BASE"
     lines = []
     for g in (g for g in groups if len(g["paths"]) > 1):
-        m, paths = g["method"], " ".join(shlex.quote(str(x)) for x in g["paths"])
-        verb = "sum" if m == "sum" else f"merge -m {m}" + (" --density 0.5" if m == "ties" else "")
-        needs = [p.flag for p in get_method(m).params if p.required]
-        if m == "ties":
-            note = "  # --density: the shipped studies'"
+        paths = " ".join(shlex.quote(str(x)) for x in g["paths"])
+        if "merge" in g:
+            m, params = g["merge"]["method"], g["merge"]["params"]
+            flags = {q.name.rstrip("_"): q.flag for q in get_method(m).params}
+            opts = "".join(f" {flags[k]} {shlex.quote(_value(v))}" for k, v in params.items())
+            verb, note = ("sum" if m == "sum" and not opts else f"merge -m {m}{opts}"), ""
+            if g["method"] != m:
+                note = f"  # {g['method']}"
         else:
-            note = f"  # and {m}'s {', '.join(needs)}: merge --help" if needs else ""
+            m = g["method"]
+            verb = "sum" if m == "sum" else f"merge -m {m}" + (" --density 0.5" if m == "ties" else "")
+            needs = [q.flag for q in get_method(m).params if q.required]
+            if m == "ties":
+                note = "  # --density: the shipped studies'"
+            else:
+                note = f"  # and {m}'s {', '.join(needs)}: merge --help" if needs else ""
         lines.append(f"  group {g['group']}: loramix {verb} {paths} --into {into} --out OUT{note}")
     return (
         ["to merge (without --into: one adapter, --out-rank K for a dense method):", *lines] if lines else []
     )
+
+
+def _value(v) -> str:
+    """A parameter's value as its flag takes it (``0.5``, ``rms``; a float's shortest repr)."""
+    return repr(v) if isinstance(v, float) else str(v)

@@ -262,6 +262,13 @@ def by_method(vals: list[dict], val: dict) -> dict:
     return {v["merge_method"]: method_entry(v) for v in same}
 
 
+def merge_of(merges: dict, label: str) -> dict:
+    """``{"method", "params"}`` of the study's merge ``label``, from the report's
+    ``scenario.merge`` (``{label: its table}``, a variant's holding ``method``)."""
+    params = dict(merges.get(label) or {})
+    return {"method": params.pop("method", label), "params": params}
+
+
 def write_predictor_files(folder: Path, report: dict, cache=None) -> None:
     """``predictors.json``, ``validation.csv``, ``predictions.csv`` and the
     predictors' plots (kept in ``cache``: :func:`.plots.drawn`)."""
@@ -290,6 +297,8 @@ def write_predictor_files(folder: Path, report: dict, cache=None) -> None:
         if "tokens" in rp and "max_len" in rp:
             out["calibration"] = {"tokens": rp["tokens"], "max_len": rp["max_len"]}
         out["by_method"] = by_method(vals, val)
+        for label, e in out["by_method"].items():  # what `loramix plan` writes in a group's merge command
+            e["merge"] = merge_of(report["scenario"]["merge"], label)
         (folder / "predictors.json").write_text(json.dumps(out, indent=1) + "\n")
         pred = pd.DataFrame(val["predictions"])
         plots.drawn(cache, plots.predicted_vs_measured, folder / "predicted_vs_measured.png",

@@ -19,7 +19,7 @@ import pandas as pd
 from ..fit import composition_cosine
 from ..perplexity import RECORD_COLUMNS
 from .config import Scenario
-from .plan import comp_name
+from .plan import comp_name, merge_evaluation
 
 
 def union_ppl(ev: dict, comp) -> tuple[float, int]:
@@ -106,16 +106,16 @@ def _composition_rows(t: _Tables, sc: Scenario, results: dict, am, seed, comp, s
     ppl_base, tok = union_ppl(ev_base, comp)
     own = {d: results[f"eval/{pre}/adapter/{d}"][d]["ppl"] for d in comp}
     for mg in sc.merges_for(am):
-        merge = results.get(f"merge/{pre}/{mg.method}/{cn}")
-        ev_m = merge["eval"] if merge and "eval" in merge else results[f"eval/{pre}/merge/{mg.method}/{cn}"]
+        merge = results.get(f"merge/{pre}/{mg.label}/{cn}")
+        ev_m = merge_evaluation(results, pre, mg.label, cn)
         if merge is not None:
             t.merge_summaries.append({"adapter_method": am, "seed": seed, "composition": cn,
-                                      "merge_method": mg.method, "summary": merge["summary"]})  # fmt: skip
-        t.add_evals(am, seed, f"merge:{mg.method}:{cn}", ev_m)
+                                      "merge_method": mg.label, "summary": merge["summary"]})  # fmt: skip
+        t.add_evals(am, seed, f"merge:{mg.label}:{cn}", ev_m)
         ppl_m, _ = union_ppl(ev_m, comp)
         t.results.append({
             "adapter_method": am, "seed": seed, "composition": cn, "k": len(comp),
-            "merge_method": mg.method, "rms_cosine": cos, "mean_cosine": mean_cos,
+            "merge_method": mg.label, "rms_cosine": cos, "mean_cosine": mean_cos,
             "rms_cosine_effective": cos_eff, "ppl_merge": ppl_m, "ppl_merged_data": ppl_md,
             "delta_ppl_pct": delta_pct(ppl_m, ppl_md), "ppl_base": ppl_base, "eval_tokens": tok,
             "retention_pct": retention_pct(ev_m, own),

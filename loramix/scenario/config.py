@@ -205,20 +205,35 @@ class _TrainerKeys:
 
 @dataclass(frozen=True)
 class MergeSpec:
+    """A merge of the study: ``method`` (a registered name) with ``params``.
+    ``name``: a variant's own name (``[merge.iso-c-rms]`` with ``method =
+    "iso-c"``), so one method can be studied with two sets of parameters;
+    empty for the method under its own name."""
+
     method: str
     params: dict = field(default_factory=dict)
+    name: str = ""
 
     @property
     def label(self) -> str:
-        return self.method
+        """What the study calls it: step ids, reports, ``predictors.json``'s ``by_method``."""
+        return self.name or self.method
+
+    def summary(self) -> dict:
+        """Its ``[merge.LABEL]`` table as the report keeps it: the parameters,
+        and a variant's ``method``."""
+        return {**({"method": self.method} if self.name else {}), **self.params}
 
 
 @dataclass(frozen=True)
 class _MergeKeys:
     methods: None = key("str-list", doc_default='`["sum"]`',
-                        help="any of `loramix merge`'s methods; `sum` is always added")  # fmt: skip
+                        help="any of `loramix merge`'s methods, or a variant's NAME; `sum` is always added")  # fmt: skip
     params: None = key("table", toml="METHOD", doc_default="the method's defaults",
                        help="its parameters, as `loramix merge --help` lists them (`lambda` for `--lambda`)")  # fmt: skip
+    variant: None = key("table", toml="NAME", doc_default="none",
+                        help="a variant: `method = \"METHOD\"` and its parameters, e.g. `iso-c-rms = { method = "
+                             "\"iso-c\", flat = \"rms\" }`; NAME is its label in the report and the predictors")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -1016,9 +1031,18 @@ def _canonical_label(label: str):
     return kind, None if r is None else int(r), init  # r: checked digits
 
 
+#: A variant's name: a step id's and a model column's part (``merge:NAME:a+b``), so no ``/`` or ``:``.
+_VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: What a group's method can also be in a plan's comparison (:mod:`.planval`).
+_RESERVED_NAMES = ("plan", "keep")
+
+
 def _parse_merge(ctx, t, adapters: AdapterSpec, stacked: tuple[int, str]) -> list[MergeSpec]:
-    """``stacked``: the smallest composition's stacked rank and how it is made
-    (``"2 x rank 4"``), the bound of a low-rank merge's ``rank``."""
+    """``[merge]``: ``methods``, each a registered method or a variant
+    (``[merge.NAME]`` with ``method = "METHOD"`` and that method's
+    parameters), and each one's parameters. ``stacked``: the smallest
+    composition's stacked rank and how it is made (``"2 x rank 4"``), the
+    bound of a low-rank merge's ``rank``."""
     if t is None:
         return [MergeSpec("sum")]
     if not isinstance(t, dict):
@@ -1028,54 +1052,89 @@ def _parse_merge(ctx, t, adapters: AdapterSpec, stacked: tuple[int, str]) -> lis
         raise ctx.error("merge.methods", "empty: list at least sum")
     _no_repeats(ctx, "merge.methods", methods)
     known = _merge_registry()
+    variants = {k: v for k, v in t.items() if k not in known and isinstance(v, dict) and "method" in v}
     for m in methods:
-        if m not in known:
-            raise ctx.error("merge.methods", f"unknown merge method {m!r}; available: {', '.join(known)}")
-        usable = [a for a in adapters.methods if applies_to(m, a)]
-        if not usable:
-            raise ctx.error("merge.methods", f"{m} does not apply to {', '.join(adapters.methods)} adapters "
-                            f"({m} takes {', '.join(sorted(kinds_for(m)))})")  # fmt: skip
+        if m not in known and m not in variants:
+            raise ctx.error("merge.methods", f"unknown merge method {m!r}; available: {', '.join(known)}, or a "
+                            f'variant: [merge.{m}] with method = "METHOD" and its parameters')  # fmt: skip
     if "sum" not in methods:
         # The naive sum is the study's subject (and the fit's x-y relation).
         methods = ["sum", *methods]
     for k in t:
         if k == "methods":
             continue
-        if k not in known:
-            raise ctx.error(f"merge.{k}", f"unknown key; allowed: methods, {', '.join(known)}")
+        if k not in known and k not in variants:
+            raise ctx.error(f"merge.{k}", f"unknown key; allowed: methods, a merge method's name "
+                            f'({", ".join(known)}), or a variant\'s name with method = "METHOD"')  # fmt: skip
         if k not in methods:
             raise ctx.error(f"merge.{k}", f"parameters for {k}, which is not in merge.methods")
-    out = []
-    for m in dict.fromkeys(methods):
-        params = t.get(m, {})
+    out, seen = [], {}
+    for label in methods:
+        params = t.get(label, {})
+        where = f"merge.{label}"
         if not isinstance(params, dict):
-            raise ctx.error(f"merge.{m}", f"expected a table of parameters, got {_typename(params)}")
-        reg = _method_params(m)
-        clean = {}
-        for pk, pv in params.items():
-            if pk not in reg:
-                raise ctx.error(f"merge.{m}.{pk}", f"unknown parameter; {m} takes "
-                                f"{', '.join(sorted(reg)) or 'none'}")  # fmt: skip
-            if isinstance(pv, (bool, list, dict)) or (reg[pk].type is not str and isinstance(pv, str)):
+            raise ctx.error(where, f"expected a table of parameters, got {_typename(params)}")
+        if label in variants:
+            m = params["method"]
+            if not isinstance(m, str) or m not in known:
                 raise ctx.error(
-                    f"merge.{m}.{pk}", f"expected {_typename(reg[pk].type())}, got {_typename(pv)} {pv!r}"
+                    f"{where}.method", f"unknown merge method {m!r}; available: {', '.join(known)}"
                 )
-            try:
-                clean[pk] = reg[pk].coerce(pv)
-            except UsageError as e:
-                raise ctx.error(f"merge.{m}.{pk}", e.problem) from None
-        for pk, p in reg.items():
-            if p.required and pk not in clean:
-                raise ctx.error(f"merge.{m}.{pk}", f"missing (required by {m}: {p.help})")
-        try:  # the method's own checks, as `loramix merge` runs them (no adapters yet)
-            _get_method(m).validate(clean, [])
-        except UsageError as e:
-            raise ctx.error(f"merge.{m}", e.problem) from None
-        if "rank" in clean and clean["rank"] > stacked[0]:
-            raise ctx.error(f"merge.{m}.rank", f"{clean['rank']} is above the stacked rank "
-                            f"{stacked[0]} of the smallest composition ({stacked[1]})")  # fmt: skip
-        out.append(MergeSpec(m, clean))
+            if not _VARIANT_NAME.fullmatch(label) or label in _RESERVED_NAMES:
+                raise ctx.error(where, "a variant's name is letters, digits, '.', '_' and '-', starting with a "
+                                f"letter or digit, and not {' or '.join(_RESERVED_NAMES)}")  # fmt: skip
+            params = {k: v for k, v in params.items() if k != "method"}
+        else:
+            m = label
+            if "method" in params:
+                raise ctx.error(f"{where}.method", f"{label} is a merge method's own name; give its variant "
+                                "another name")  # fmt: skip
+        usable = [a for a in adapters.methods if applies_to(m, a)]
+        if not usable:
+            raise ctx.error("merge.methods", f"{label} does not apply to {', '.join(adapters.methods)} adapters "
+                            f"({m} takes {', '.join(sorted(kinds_for(m)))})")  # fmt: skip
+        clean = _merge_params(ctx, where, m, params, stacked)
+        same = (m, _with_defaults(m, clean))
+        if same in seen:
+            raise ctx.error(where, f"merges as {seen[same]} does (the method {m} with the same parameters)")
+        seen[same] = label
+        out.append(MergeSpec(m, clean, "" if label == m else label))
     return out
+
+
+def _with_defaults(method: str, params: dict) -> tuple:
+    """``params`` with ``method``'s defaults filled in, as a comparable value."""
+    filled = {k: p.default for k, p in _method_params(method).items() if p.default is not None}
+    return tuple(sorted({**filled, **params}.items()))
+
+
+def _merge_params(ctx, where: str, m: str, params: dict, stacked: tuple[int, str]) -> dict:
+    """``params`` of merge method ``m`` coerced and checked as ``loramix merge`` checks them."""
+    reg = _method_params(m)
+    clean = {}
+    for pk, pv in params.items():
+        if pk not in reg:
+            raise ctx.error(f"{where}.{pk}", f"unknown parameter; {m} takes "
+                            f"{', '.join(sorted(reg)) or 'none'}")  # fmt: skip
+        if isinstance(pv, (bool, list, dict)) or (reg[pk].type is not str and isinstance(pv, str)):
+            raise ctx.error(
+                f"{where}.{pk}", f"expected {_typename(reg[pk].type())}, got {_typename(pv)} {pv!r}"
+            )
+        try:
+            clean[pk] = reg[pk].coerce(pv)
+        except UsageError as e:
+            raise ctx.error(f"{where}.{pk}", e.problem) from None
+    for pk, p in reg.items():
+        if p.required and pk not in clean:
+            raise ctx.error(f"{where}.{pk}", f"missing (required by {m}: {p.help})")
+    try:  # the method's own checks, as `loramix merge` runs them (no adapters yet)
+        _get_method(m).validate(clean, [])
+    except UsageError as e:
+        raise ctx.error(where, e.problem) from None
+    if "rank" in clean and clean["rank"] > stacked[0]:
+        raise ctx.error(f"{where}.rank", f"{clean['rank']} is above the stacked rank "
+                        f"{stacked[0]} of the smallest composition ({stacked[1]})")  # fmt: skip
+    return clean
 
 
 def _parse_eval(ctx, t, adapters: AdapterSpec) -> EvalSpec:
@@ -1092,7 +1151,7 @@ def _parse_predictors(ctx, t, merges: list[MergeSpec]) -> PredictorSpec | None:
     if not isinstance(t, dict):
         raise ctx.error("predictors", f"expected a table, got {_typename(t)}")
     p = PredictorSpec(**_read(ctx, PredictorSpec, t, "predictors"))
-    if p.method not in [m.method for m in merges]:
+    if p.method not in [m.label for m in merges]:
         raise ctx.error("predictors.method", f"{p.method!r} is not in merge.methods")
     return p
 
@@ -1118,7 +1177,7 @@ def _parse_plan(
         raise ctx.error(
             "plan.max_size", f"must be at least 2 (a group of one merges nothing), got {v['max_size']}"
         )
-    usable = [m.method for m in merges if applies_to(m.method, v["adapters"])]
+    usable = [m.label for m in merges if applies_to(m.method, v["adapters"])]
     if not v["methods"]:
         raise ctx.error("plan.methods", 'empty: list "plan" and/or merge methods')
     for m in v["methods"]:
@@ -1289,7 +1348,7 @@ def scenario_summary(s: Scenario) -> dict[str, Any]:
         else {"methods": list(s.adapters.methods), "init": s.adapters.init, **s.adapters.recipe()},
         "compositions": [list(c) for c in s.compositions],
         "merged_data": _merged_data_summary(s.merged_data),
-        "merge": {m.method: m.params for m in s.merges},
+        "merge": {m.label: m.summary() for m in s.merges},
         "eval": {
             "batch": s.eval.batch,
             "batch_tokens": s.eval.batch_tokens,

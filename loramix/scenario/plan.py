@@ -220,15 +220,12 @@ class Step:
         return self.key[:24] if self.cache_kind else self.key
 
 
-def merge_result_id(pre: str, method: str, cn: str, prefix: str = "") -> str:
-    """The id of the step whose result holds the evaluation of the merge of ``cn``
-    by ``method`` (:meth:`_Planner.merge_steps`): the merge step for a dense
-    method (evaluated in memory), else its evaluation step."""
-    from ..methods import get_method
-
-    if applied_on_the_fly(method) or get_method(method).low_rank:
-        return f"{prefix}eval/{pre}/merge/{method}/{cn}"
-    return f"{prefix}merge/{pre}/{method}/{cn}"
+def merge_evaluation(results: dict, pre: str, label: str, cn: str, prefix: str = "") -> dict:
+    """The evaluation of the merge of ``cn`` by the study's merge ``label``
+    (:meth:`_Planner.merge_steps`): its evaluation step's result, or, for a
+    dense merge (evaluated in memory, no evaluation step), its merge step's."""
+    ev = results.get(f"{prefix}eval/{pre}/merge/{label}/{cn}")
+    return ev if ev is not None else results[f"{prefix}merge/{pre}/{label}/{cn}"]["eval"]
 
 
 #: the stand-in key of a GGUF base not imported yet (``plan(..., import_gguf=False)``)
@@ -435,14 +432,14 @@ class _Planner:
         cn, base = comp_name(comp), self.key_of("base")
         ads = [f"adapter/{pre}/{d}" for d in comp]
         keys = [self.key_of(a) for a in ads]
-        label = f"{pre}/{prefix}{mg.method} {cn}"
-        eval_id = f"{prefix}eval/{pre}/merge/{mg.method}/{cn}"
+        label = f"{pre}/{prefix}{mg.label} {cn}"
+        eval_id = f"{prefix}eval/{pre}/merge/{mg.label}/{cn}"
         if applied_on_the_fly(mg.method):
             self.eval_step(eval_id, {"base": base, "adapters": keys, "sum": True}, ads, label,
                            group, serves=comp, members=members, adapters=ads)  # fmt: skip
             return eval_id
         spec = {"method": mg.method, "params": mg.params, "base": base, "adapters": keys}
-        merge_id = f"{prefix}merge/{pre}/{mg.method}/{cn}"
+        merge_id = f"{prefix}merge/{pre}/{mg.label}/{cn}"
         if get_method(mg.method).low_rank:
             self.add(merge_id, "merge", "merge", spec, ("base", *ads), label, group, method=mg.method,
                      params=mg.params, adapters=ads, low_rank=True)  # fmt: skip

@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import MergeSpec, Scenario
-from .plan import DomainData, Step, _Planner, comp_name, merge_result_id
+from .plan import DomainData, Step, _Planner, comp_name, merge_evaluation
 
 PREFIX = "plan/"
 ALPHA = 0.05  # one-sided empirical p-value for "beats random groupings"
@@ -100,9 +100,9 @@ def propose(sc: Scenario, results: dict, validations: list[dict]) -> dict:
             "plan": pl.groups, "random": [describe_groups(model, g, pl.budget) for g in rand]}  # fmt: skip
 
 
-def merge_spec(sc: Scenario, method: str) -> MergeSpec:
-    """The study's parameters for ``method`` (its defaults where the study does not merge by it)."""
-    return next((m for m in sc.merges if m.method == method), MergeSpec(method))
+def merge_spec(sc: Scenario, label: str) -> MergeSpec:
+    """The study's merge ``label`` (a method's defaults where the study does not merge by it)."""
+    return next((m for m in sc.merges if m.label == label), MergeSpec(label))
 
 
 def method_of(group: dict, how: str) -> str:
@@ -145,11 +145,6 @@ def steps(sc: Scenario, data: dict[str, DomainData], study_steps: list[Step], pr
     return [s for k, s in pl.steps.items() if k not in known]
 
 
-def _evaluation(results: dict, rid: str) -> dict:
-    r = results[rid]
-    return r["eval"] if "eval" in r else r
-
-
 def _grouping(results: dict, groups: list[dict], how: str, pre: str, own: dict, names: list[str]) -> dict:
     """One grouping merged under ``how``: each group's method and measured
     retention %, the grouping's (module docstring) and its mean predicted cost."""
@@ -160,7 +155,7 @@ def _grouping(results: dict, groups: list[dict], how: str, pre: str, own: dict, 
         g = {**g, "method": method_of(g, how) if len(g["members"]) > 1 else "keep", "retention_pct": None}
         if len(g["members"]) > 1:
             members = merged_members(g["members"], names)
-            ev = _evaluation(results, merge_result_id(pre, g["method"], comp_name(members), PREFIX))
+            ev = merge_evaluation(results, pre, g["method"], comp_name(members), PREFIX)
             # summed in the domains' order too: one set, one mean to the last bit, so a random
             # grouping that draws the plan's groups ties it instead of beating it by 1e-16
             deltas = {d: delta_pct(ev[d]["ppl"], own[d]) for d in members}

@@ -284,8 +284,9 @@ def _section_setup(report: dict, v: _View) -> list[str]:
                  "domain, given)")  # fmt: skip
     else:
         L += _recipe_lines(ad, seeds, sc)
-    merges = ", ".join(f"`{m}`" + (f" ({', '.join(f'{k}={v}' for k, v in p.items())})" if p else "")
-                       for m, p in sc["merge"].items())  # fmt: skip
+    # a variant's table holds its method: "`iso-c-rms` (iso-c, flat=rms)"
+    merges = ", ".join(f"`{m}`" + (f" ({', '.join(v if k == 'method' else f'{k}={v}' for k, v in p.items())})"
+                                   if p else "") for m, p in sc["merge"].items())  # fmt: skip
     L.append(f"- Merge methods: {merges}")
     ev = sc["eval"]
     L.append(f"- Evaluation: perplexity over {ev['on']} tokens, max_len {ev['max_len']}, batch {ev['batch']}"
