@@ -290,7 +290,7 @@ def test_merge_parameters_are_in_the_cache_keys(tmp_path):
     assert all("/ties/" in i for i in changed), changed  # adapters, sums and the rest are reused
 
 
-def test_a_variant_is_keyed_as_its_method_with_its_parameters(tmp_path):
+def test_a_variant_is_keyed_as_its_method_with_its_parameters(tmp_path, capsys):
     """``iso-c-rms = { method = "iso-c", flat = "rms" }`` has its own steps and
     label, keyed by the method and parameters alone: a study that merged by
     ``iso-c = { flat = "rms" }`` (a side study) made the same merges, found
@@ -315,6 +315,8 @@ def test_a_variant_is_keyed_as_its_method_with_its_parameters(tmp_path):
     sc = load_scenario(tmp_path / "v.toml")
     assert [(m.label, m.method, m.params) for m in sc.merges] == [
         ("sum", "sum", {}), ("iso-c", "iso-c", {}), ("iso-c-rms", "iso-c", {"flat": "rms"})]  # fmt: skip
+    assert main(["scenario", "check", str(tmp_path / "v.toml")]) == 0
+    assert "; merges sum, iso-c, iso-c-rms\n" in capsys.readouterr().out
 
 
 def test_a_given_base_tokenizer_is_in_the_cache_keys(tmp_path):

@@ -78,7 +78,7 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
         click.echo(f"  merged-data adapters ({len(md)}): {', '.join('+'.join(c) for c in md)}")
     n_dom = len(sc.domains)
     for am in sc.adapters.methods:
-        ms = [m.method for m in merges_for(sc, am)]
+        ms = [m.label for m in merges_for(sc, am)]
         if sc.given:
             click.echo(
                 f"  {am}: {n_dom} given adapters (not trained, no merged-data adapters); merges {', '.join(ms)}"
