@@ -51,7 +51,11 @@ need calibration data and are left out) over the member adapters, the
 (:func:`loramix.validation.composition_table`: the quadratic mean over pairs
 for the RMS cosine, :func:`loramix.fit.composition_cosine`).
 
-Per merge method with at least :data:`MIN_COMPOSITIONS` compositions, every
+A merge method is one set of predictors per setting: merges by one method
+with other parameters (``eval`` records those of a ``merge --into`` folder)
+are labelled by the ones that differ, ``ties --density 0.2`` beside ``ties
+--density 0.5`` (:func:`merge_labels`), as a study's variants are. Per label
+with at least :data:`MIN_COMPOSITIONS` compositions, every
 predictor is fitted and validated leave-one-domain-out
 (:func:`loramix.validation.validate`; ``ols:rms_cosine`` is the line of
 :func:`loramix.fit.fit_line`). The output folder holds what a study's report
@@ -65,6 +69,7 @@ file, before anything is written.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -94,6 +99,7 @@ class Evaluation:
     rows: dict  # data name -> its result row
     digests: list  # per member, its weights' sha256 as recorded, or None (an older JSON)
     identities: list  # per member, its identity (config and weights) as recorded, or None (an older JSON)
+    params: dict | None = None  # a merge's parameters as it merged by them, or None (not recorded)
 
 
 def _real(p: str) -> str:
@@ -168,8 +174,14 @@ def read_evaluation(path: str | os.PathLike) -> Evaluation:
             raise UsageError(
                 path, f"its adapters' {what} are not one digest (or null) per adapter: not eval's JSON"
             )
+    params = {} if made is None else made.get("params")  # the sum of --adapter's: no parameters
+    if params is not None and not (isinstance(params, dict) and all(
+            isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in params.values())):  # fmt: skip
+        raise UsageError(
+            path, "its merge's 'params' are not the method's parameters eval writes (name: value)"
+        )
     return Evaluation(str(path), _real(base), [_real(m) for m in members], method, d["on"], d["prompt"], rows,
-                      recorded["sha256"], recorded["identities"])  # fmt: skip
+                      recorded["sha256"], recorded["identities"], params)  # fmt: skip
 
 
 def _key(e: Evaluation, i: int) -> tuple[str | None, str | None]:
@@ -282,21 +294,65 @@ def _same_base_and_scoring(e: Evaluation, first: Evaluation) -> None:
                          "and one scoring")  # fmt: skip
 
 
+def merge_labels(merges: list[Evaluation]) -> list[tuple[str, dict | None]]:
+    """Each merge's ``(label, merge)``: ``label`` names its predictors
+    (``by_method``), ``merge`` is ``{"method", "params"}`` (the parameters
+    that are not the method's defaults; None where the file records none).
+    A method merged by one set of parameters is labelled by its name
+    (``ties``); merged by several, each label adds the parameters that differ
+    (``ties --density 0.2``, ``ties --density 0.5``), as a study's variants
+    are fitted apart. A merge that records no parameters beside merges of
+    its method that differ is refused: which it was cannot be told."""
+    from .methods import available_methods, get_method
+
+    out = []
+    for m in merges:
+        if m.params is None or m.method not in available_methods():
+            out.append((m.method, None))
+            continue
+        declared = {q.name.rstrip("_"): q for q in get_method(m.method).params}
+        kept = {
+            k: v
+            for k, v in m.params.items()
+            if k in declared and (declared[k].required or v != declared[k].default)
+        }
+        out.append((m.method, {"method": m.method, "params": kept}))
+    for method in dict.fromkeys(m.method for m in merges):
+        mine = [i for i, m in enumerate(merges) if m.method == method]
+        kinds = {json.dumps(out[i][1], sort_keys=True) for i in mine}
+        if len(kinds) < 2:
+            continue
+        unknown = next((i for i in mine if out[i][1] is None), None)
+        if unknown is not None:
+            raise UsageError(merges[unknown].path, f"its {method} merge records no parameters, and the other "
+                             f"{method} merges were made with different ones: evaluate it again with this loramix")  # fmt: skip
+        differ = [k for k in dict.fromkeys(k for i in mine for k in out[i][1]["params"])
+                  if len({json.dumps(out[i][1]["params"].get(k)) for i in mine}) > 1]  # fmt: skip
+        declared = {q.name.rstrip("_"): q for q in get_method(method).params}
+        for i in mine:
+            params = out[i][1]["params"]
+            said = " ".join(f"{declared[k].flag} {params.get(k, declared[k].default)}" for k in differ)
+            out[i] = (f"{method} {said}", out[i][1])
+    return out
+
+
 def collect_points(evals: list[Evaluation]) -> tuple[dict, list[dict]]:
     """``(own, points)``: each adapter's domain and evaluation, and one point per merge
-    (``composition``, ``merge_method``, ``y``, ``file``), each checked against its members."""
+    (``composition``, ``merge_method``, its label, :func:`merge_labels`; ``y``, ``file``,
+    ``merge``), each checked against its members."""
     own = _domains(evals)
     points, seen = [], {}
     merges = [e for e in evals if e.method is not None]
-    for m in merges:
+    labels = merge_labels(merges)
+    for m, (label, merge) in zip(merges, labels):
         _same_base_and_scoring(m, merges[0])
         m.members = _match(m, own)
         comp, y = _point(m, own)
-        key = (comp, m.method)
+        key = (comp, label)
         if key in seen:
-            raise UsageError(m.path, f"a second {m.method} merge of {'+'.join(comp)} ({seen[key]}): give one")
+            raise UsageError(m.path, f"a second {label} merge of {'+'.join(comp)} ({seen[key]}): give one")
         seen[key] = m.path
-        points.append({"composition": comp, "merge_method": m.method, "y": y, "file": m.path})
+        points.append({"composition": comp, "merge_method": label, "y": y, "file": m.path, "merge": merge})
     if not points:
         raise UsageError(evals[-1].path, "no merge among the evaluations given: a fit needs evaluations of "
                          "merges and of their members")  # fmt: skip
@@ -439,8 +495,10 @@ def _predictors_file(vals: dict, base_identity, kind: str, evals: list[str], poi
     primary = "sum" if "sum" in vals else next(iter(vals))
     order = [primary, *(m for m in vals if m != primary)]
     out = {k: x for k, x in vals[primary].items() if k != "predictions"}
+    merges = {p["merge_method"]: p["merge"] for p in points if p.get("merge") is not None}
     out.update(scenario=None, base_identity=base_identity, adapter_kind=kind, adapters=None,
-               by_method={m: method_entry(vals[m]) for m in order})  # fmt: skip
+               by_method={m: {**method_entry(vals[m]), **({"merge": merges[m]} if m in merges else {})}
+                          for m in order})  # fmt: skip
     out["fitted_from"] = {
         "evaluations": [os.path.abspath(p) for p in evals],
         "y": Y_DEFINITION,
@@ -484,7 +542,9 @@ def _write(out, force: bool, inputs: list[str], files: dict, vals: dict, points:
         pd.DataFrame(rows).to_csv(tmp / "validation.csv", index=False)
         preds = [v["predictions"].assign(merge_method=m) for m, v in vals.items()]
         pd.concat(preds, ignore_index=True).to_csv(tmp / "predictions.csv", index=False)
-        pts = [{**p, "composition": "+".join(p["composition"])} for p in points]
+        # the merge's parameters are predictors.json's (by_method), not a column
+        pts = [{**{k: v for k, v in p.items() if k != "merge"}, "composition": "+".join(p["composition"])}
+               for p in points]  # fmt: skip
         pd.DataFrame(pts).to_csv(tmp / "points.csv", index=False)
     return Path(out)
 

@@ -382,3 +382,51 @@ def test_the_same_weights_under_another_config_are_another_adapter(bank, tmp_pat
         (old / f.name).write_text(json.dumps(d))
     got = loramix.fit_evaluations([old / f.name for f in _files(bank)])["points"]
     assert [(p["composition"], p["y"]) for p in got] == [(p["composition"], p["y"]) for p in want]
+
+
+def test_one_method_at_two_settings_is_fitted_as_two(bank, tmp_path, capsys):
+    """TIES merges at two densities are two sets of predictors, labelled by
+    the parameter that differs (``ties --density 0.2``), each with the merge
+    behind it in ``by_method``, so `plan --fit` writes that command. A merge
+    whose JSON records no parameters beside them cannot be told apart and is
+    refused. Before, the second density's merge of a pair was refused as "a
+    second ties merge". New behaviour."""
+    base, ads = bank["base"], bank["ads"]
+    files = list(bank["single"].values())
+    for density in (0.2, 0.5):
+        for a, b in PAIRS[:3]:
+            folder = tmp_path / f"ties{density}-{a}+{b}"
+            _cli(["merge", "-m", "ties", "--density", density, ads[a], ads[b], "--into", base, "--out", folder,
+                  "--no-progress"])  # fmt: skip
+            files.append(_eval(folder, tmp_path / f"{folder.name}.json", [DOMAINS[a], DOMAINS[b]]))
+    merge = json.loads(files[-1].read_text())["merge"]
+    assert (
+        merge["method"] == "ties" and merge["params"]["density"] == 0.5 and merge["params"]["sign"] == "mass"
+    )
+    out = tmp_path / "fit"
+    _cli(["fit", *files, *(bank["merges"][p] for p in PAIRS), "--out", out])
+    d = json.loads((out / "predictors.json").read_text())
+    assert list(d["by_method"]) == ["sum", "ties --density 0.2", "ties --density 0.5"]
+    assert [e["merge"] for e in d["by_method"].values()] == [
+        {"method": "sum", "params": {}}, {"method": "ties", "params": {"density": 0.2}},
+        {"method": "ties", "params": {"density": 0.5}}]  # fmt: skip
+    plan = json.loads(_cli(["plan", *ads.values(), "--fit", out, "--max-group", "2", "--budget", "1000",
+                            "--format", "json"]))  # fmt: skip
+    lines = _cli(["plan", *ads.values(), "--fit", out, "--max-group", "2", "--budget", "1000"]).splitlines()
+    merged = [g for g in plan["groups"] if len(g["members"]) > 1]
+    assert merged
+    for g in merged:
+        assert g["merge"] == d["by_method"][g["method"]]["merge"]
+        line = next(x for x in lines if x.startswith(f"  group {g['group']}: "))
+        verb = {"sum": "sum", "ties --density 0.2": "merge -m ties --density 0.2",
+                "ties --density 0.5": "merge -m ties --density 0.5"}[g["method"]]  # fmt: skip
+        assert line.startswith(f"  group {g['group']}: loramix {verb} ") and "#" not in line, line
+    # the 0.5 merges' JSONs as an older loramix wrote them: no parameters to tell them from the 0.2 ones
+    for f in files[-3:]:
+        e = json.loads(f.read_text())
+        del e["merge"]["params"]
+        f.write_text(json.dumps(e))
+    capsys.readouterr()  # plan's warnings: no base recorded, a prediction that is the mean
+    one_line_error(capsys, ["fit", *files, *(bank["merges"][p] for p in PAIRS), "--out", tmp_path / "fit2"],
+                   f"{files[-3]}: its ties merge records no parameters, and the other ties merges were made "
+                   "with different ones")  # fmt: skip

@@ -140,7 +140,9 @@ def _scored(made: dict | None, adapters, merged: bool, w) -> str:
 def merge_made(base) -> dict | None:
     """What a model folder written by ``loramix sum``/``merge --into`` was made
     of, from its ``loramix.json``: ``{method, adapters, weights, base,
-    sha256, identity}`` (the paths as recorded, absolute; ``sha256`` each adapter's
+    sha256, identity, params}`` (``params``: the method's parameters as it
+    merged by them, where the record holds them; the paths as recorded,
+    absolute; ``sha256`` each adapter's
     weights digest, ``identity`` its config and weights together
     (:func:`loramix.io.filehash.adapter_identity_of`), as recorded, None where
     not: a merge by an older loramix recorded no identity), or None for any other folder (a base, an
@@ -165,5 +167,22 @@ def merge_made(base) -> dict | None:
     weights = [w if isinstance(w := i.get("weight", 1), (int, float)) else 1 for i in ads]
     sha = [i.get("sha256") if isinstance(i.get("sha256"), str) else None for i in ads]
     ident = [i.get("identity") if isinstance(i.get("identity"), str) else None for i in ads]
-    return {"method": rec["method"], "adapters": [i["path"] for i in ads], "weights": weights, "base": into,
+    made = {"method": rec["method"], "adapters": [i["path"] for i in ads], "weights": weights, "base": into,
             "sha256": sha, "identity": ident}  # fmt: skip
+    if (params := _method_params(rec)) is not None:
+        made["params"] = params
+    return made
+
+
+def _method_params(rec: dict) -> dict | None:
+    """The merge's parameters from its record, the method's own (``density``,
+    ``lambda``; not ``weights`` or ``dtype``) as ``loramix merge`` filled them
+    in, defaults included; None for a method this loramix does not know or
+    a record without them."""
+    from ..methods import available_methods, get_method
+
+    recorded = rec.get("parameters")
+    if rec["method"] not in available_methods() or not isinstance(recorded, dict):
+        return None
+    names = [q.name.rstrip("_") for q in get_method(rec["method"]).params]
+    return {k: recorded[k] for k in names if k in recorded}

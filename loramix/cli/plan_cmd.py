@@ -91,7 +91,7 @@ def _commands(groups, base) -> list[str]:
             flags = {q.name.rstrip("_"): q.flag for q in get_method(m).params}
             opts = "".join(f" {flags[k]} {shlex.quote(_value(v))}" for k, v in params.items())
             verb, note = ("sum" if m == "sum" and not opts else f"merge -m {m}{opts}"), ""
-            if g["method"] != m:
+            if g["method"] != m and not g["method"].startswith(f"{m} --"):  # a variant's name: say it
                 note = f"  # {g['method']}"
         else:
             m = g["method"]
