@@ -303,14 +303,14 @@ def merge_labels(merges: list[Evaluation]) -> list[tuple[str, dict | None]]:
     (``ties --density 0.2``, ``ties --density 0.5``), as a study's variants
     are fitted apart. A merge that records no parameters beside merges of
     its method that differ is refused: which it was cannot be told."""
-    from .methods import available_methods, get_method
+    from .methods import available_methods, params_of
 
     out = []
     for m in merges:
         if m.params is None or m.method not in available_methods():
             out.append((m.method, None))
             continue
-        declared = {q.name.rstrip("_"): q for q in get_method(m.method).params}
+        declared = params_of(m.method)
         kept = {
             k: v
             for k, v in m.params.items()
@@ -328,7 +328,7 @@ def merge_labels(merges: list[Evaluation]) -> list[tuple[str, dict | None]]:
                              f"{method} merges were made with different ones: evaluate it again with this loramix")  # fmt: skip
         differ = [k for k in dict.fromkeys(k for i in mine for k in out[i][1]["params"])
                   if len({json.dumps(out[i][1]["params"].get(k)) for i in mine}) > 1]  # fmt: skip
-        declared = {q.name.rstrip("_"): q for q in get_method(method).params}
+        declared = params_of(method)
         for i in mine:
             params = out[i][1]["params"]
             said = " ".join(f"{declared[k].flag} {params.get(k, declared[k].default)}" for k in differ)

@@ -816,7 +816,7 @@ def _check_merge(path, name: str, merge) -> None:
     """A ``by_method`` entry's ``merge``: ``{"method": a registered merge method,
     "params": its parameters}``, each value one ``loramix merge`` takes (what
     ``loramix plan`` writes into a group's command)."""
-    from .methods import available_methods, get_method
+    from .methods import available_methods, params_of
 
     if not isinstance(merge, dict) or not isinstance(merge.get("params"), dict):
         raise field_error(path, name, 'an object {"method": ..., "params": {...}}', merge)
@@ -824,7 +824,7 @@ def _check_merge(path, name: str, merge) -> None:
         raise field_error(
             path, f"{name}.method", f"one of {', '.join(available_methods())}", merge.get("method")
         )
-    params = {("lambda" if q.name == "lambda_" else q.name): q for q in get_method(merge["method"]).params}
+    params = params_of(merge["method"])
     for k, v in merge["params"].items():
         if k not in params:
             raise field_error(

@@ -179,10 +179,9 @@ def _method_params(rec: dict) -> dict | None:
     ``lambda``; not ``weights`` or ``dtype``) as ``loramix merge`` filled them
     in, defaults included; None for a method this loramix does not know or
     a record without them."""
-    from ..methods import available_methods, get_method
+    from ..methods import available_methods, params_of
 
     recorded = rec.get("parameters")
     if rec["method"] not in available_methods() or not isinstance(recorded, dict):
         return None
-    names = [q.name.rstrip("_") for q in get_method(rec["method"]).params]
-    return {k: recorded[k] for k in names if k in recorded}
+    return {k: recorded[k] for k in params_of(rec["method"]) if k in recorded}

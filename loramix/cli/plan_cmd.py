@@ -80,7 +80,7 @@ def _commands(groups, base) -> list[str]:
     defaults (tsv, iso-c) nothing."""
     import shlex
 
-    from ..methods import get_method
+    from ..methods import get_method, params_of
 
     into = shlex.quote(str(base)) if base else "BASE"
     lines = []
@@ -88,8 +88,8 @@ def _commands(groups, base) -> list[str]:
         paths = " ".join(shlex.quote(str(x)) for x in g["paths"])
         if "merge" in g:
             m, params = g["merge"]["method"], g["merge"]["params"]
-            flags = {q.name.rstrip("_"): q.flag for q in get_method(m).params}
-            opts = "".join(f" {flags[k]} {shlex.quote(_value(v))}" for k, v in params.items())
+            declared = params_of(m)
+            opts = "".join(f" {declared[k].flag} {shlex.quote(_value(v))}" for k, v in params.items())
             verb, note = ("sum" if m == "sum" and not opts else f"merge -m {m}{opts}"), ""
             if g["method"] != m and not g["method"].startswith(f"{m} --"):  # a variant's name: say it
                 note = f"  # {g['method']}"

@@ -128,6 +128,12 @@ def get_method(name: str):
     return _REGISTRY[key]()
 
 
+def params_of(name: str) -> dict:
+    """``{Param.key: Param}`` of the method called ``name``: its parameters by
+    the names files write them under (``lambda``, not ``lambda_``)."""
+    return {p.key: p for p in get_method(name).params}
+
+
 @dataclass
 class MergeResult(WrittenFolder):
     """What :func:`merge` wrote; path-like: ``os.fspath(res)`` is ``out``, a

@@ -33,8 +33,14 @@ class Param:
     required: bool = False
 
     @property
+    def key(self) -> str:
+        """Its name as files write it (provenance, a scenario's table, a
+        predictors file's ``merge``): ``lambda_`` is ``lambda``, a Python keyword."""
+        return self.name.rstrip("_")
+
+    @property
     def flag(self) -> str:
-        return "--" + self.name.rstrip("_").replace("_", "-")
+        return "--" + self.key.replace("_", "-")
 
     def coerce(self, value: Any) -> Any:
         if self.choices is not None:

@@ -1006,9 +1006,9 @@ def _parse_merged_data(ctx, v, compositions: list[tuple[str, ...]], domains: lis
 
 def _method_params(name: str) -> dict[str, Any]:
     """``{toml key: Param}`` of a registered merge method (``lambda_`` is ``lambda``)."""
-    from ..methods import get_method
+    from ..methods import params_of
 
-    return {("lambda" if p.name == "lambda_" else p.name): p for p in get_method(name).params}
+    return params_of(name)
 
 
 def _no_repeats(ctx, where: str, items, meaning=None) -> None:
