@@ -22,8 +22,8 @@ from . import calibration_options, format_option
     "--method",
     "merge_method",
     default=None,
-    help="Merge method whose fit to use (fit.json: default sum; predictors.json: from its by_method, "
-    "default its primary predictor).",
+    help="Merge method whose fit to use (fit.json: default sum; predictors.json: from its by_method, by "
+    "its label there, a study's variant's name or fit's 'ties --density 0.2'; default its primary predictor).",
 )
 @click.option(
     "--label",
