@@ -138,7 +138,9 @@ def test_eval_names_a_merged_folder_as_the_merge_it_is(bases, tmp_path, capsys):
     assert got["merge"] == {"method": "ties", "adapters": [str(bases["peft"]), str(bases["trained"])],
                             "weights": [1.0, 0.5], "base": str(bases["a"]),
                             "sha256": [adapter_sha256(x) for x in pair],
-                            "identity": [adapter_identity(x) for x in pair]}  # fmt: skip
+                            "identity": [adapter_identity(x) for x in pair],
+                            # the method's parameters as it merged by them: fit labels merges by them
+                            "params": {"density": 0.5, "sign": "mass", "divide": "count", "lambda": 1.0}}  # fmt: skip
     assert (
         main(
             ["eval", "--base", str(bases["a"]), "--adapter", str(bases["peft"]), "--data", str(bases["data"])]
