@@ -587,12 +587,25 @@ def test_plan_writes_each_group_s_merge_as_its_study_merged(study, capsys):
     assert groups and all(g["merge"] == fitfile["by_method"][g["method"]]["merge"] for g in groups)
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
+    verbs = {
+        "sum": "sum",
+        "ties": "merge -m ties --density 0.5",
+        "ties-sparse": "merge -m ties --density 0.2",
+    }
     for g in groups:
         line = next(x for x in lines if x.startswith(f"  group {g['group']}: loramix "))
-        verb = {"sum": "sum", "ties": "merge -m ties --density 0.5",
-                "ties-sparse": "merge -m ties --density 0.2"}[g["method"]]  # fmt: skip
-        assert line.startswith(f"  group {g['group']}: loramix {verb} ") and "shipped" not in line
+        assert (
+            line.startswith(f"  group {g['group']}: loramix {verbs[g['method']]} ") and "shipped" not in line
+        )
         assert line.endswith("  # ties-sparse") == (g["method"] == "ties-sparse")
+    # the plan merges what its costs choose (here, one group by the sum): each label of the
+    # file as a group's method, as the plan attaches it, writes its study's command
+    from loramix.cli.plan_cmd import _commands
+
+    for label, e in fitfile["by_method"].items():
+        line = _commands([{"group": 1, "paths": ["A", "B"], "method": label, "merge": e["merge"]}], "BASE")[1]
+        note = "  # ties-sparse" if label == "ties-sparse" else ""
+        assert line == f"  group 1: loramix {verbs[label]} A B --into BASE --out OUT{note}", line
 
 
 def test_plan_commands_of_a_variant_and_of_a_name_alone():
