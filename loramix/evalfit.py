@@ -303,20 +303,14 @@ def merge_labels(merges: list[Evaluation]) -> list[tuple[str, dict | None]]:
     (``ties --density 0.2``, ``ties --density 0.5``), as a study's variants
     are fitted apart. A merge that records no parameters beside merges of
     its method that differ is refused: which it was cannot be told."""
-    from .methods import available_methods, params_of
+    from .methods import available_methods, explicit_params, params_of
 
     out = []
     for m in merges:
         if m.params is None or m.method not in available_methods():
             out.append((m.method, None))
             continue
-        declared = params_of(m.method)
-        kept = {
-            k: v
-            for k, v in m.params.items()
-            if k in declared and (declared[k].required or v != declared[k].default)
-        }
-        out.append((m.method, {"method": m.method, "params": kept}))
+        out.append((m.method, {"method": m.method, "params": explicit_params(m.method, m.params)}))
     for method in dict.fromkeys(m.method for m in merges):
         mine = [i for i, m in enumerate(merges) if m.method == method]
         kinds = {json.dumps(out[i][1], sort_keys=True) for i in mine}

@@ -134,6 +134,18 @@ def params_of(name: str) -> dict:
     return {p.key: p for p in get_method(name).params}
 
 
+def explicit_params(name: str, params: dict) -> dict:
+    """``params`` (by :attr:`Param.key`) of the method called ``name`` as its
+    own: its parameters that differ from their defaults, the required ones
+    always. Two merges by one method with equal explicit parameters merge alike."""
+    declared = params_of(name)
+    return {
+        k: v
+        for k, v in params.items()
+        if k in declared and (declared[k].required or v != declared[k].default)
+    }
+
+
 @dataclass
 class MergeResult(WrittenFolder):
     """What :func:`merge` wrote; path-like: ``os.fspath(res)`` is ``out``, a

@@ -1051,6 +1051,8 @@ def _parse_merge(ctx, t, adapters: AdapterSpec, stacked: tuple[int, str]) -> lis
     if not methods:
         raise ctx.error("merge.methods", "empty: list at least sum")
     _no_repeats(ctx, "merge.methods", methods)
+    from ..methods import explicit_params
+
     known = _merge_registry()
     variants = {k: v for k, v in t.items() if k not in known and isinstance(v, dict) and "method" in v}
     for m in methods:
@@ -1094,18 +1096,12 @@ def _parse_merge(ctx, t, adapters: AdapterSpec, stacked: tuple[int, str]) -> lis
             raise ctx.error("merge.methods", f"{label} does not apply to {', '.join(adapters.methods)} adapters "
                             f"({m} takes {', '.join(sorted(kinds_for(m)))})")  # fmt: skip
         clean = _merge_params(ctx, where, m, params, stacked)
-        same = (m, _with_defaults(m, clean))
+        same = (m, tuple(sorted(explicit_params(m, clean).items())))
         if same in seen:
             raise ctx.error(where, f"merges as {seen[same]} does (the method {m} with the same parameters)")
         seen[same] = label
         out.append(MergeSpec(m, clean, "" if label == m else label))
     return out
-
-
-def _with_defaults(method: str, params: dict) -> tuple:
-    """``params`` with ``method``'s defaults filled in, as a comparable value."""
-    filled = {k: p.default for k, p in _method_params(method).items() if p.default is not None}
-    return tuple(sorted({**filled, **params}.items()))
 
 
 def _merge_params(ctx, where: str, m: str, params: dict, stacked: tuple[int, str]) -> dict:
