@@ -37,7 +37,9 @@ retention target (docs/interference.md, :func:`loramix.scenario.assemble.retenti
 
     y_C = mean_{d in C} 100 (ppl_d(merge) - ppl_d(adapter_d)) / ppl_d(adapter_d)
 
-the merge's perplexity on each member's data against that member's own. The
+the merge's perplexity on each member's data against that member's own;
+with ``target="worst"`` the study's worst-member target, the largest of
+those losses (:func:`loramix.scenario.assemble.worst_pct`). The
 study's ``delta_ppl%`` compares against an adapter trained on the members'
 pooled data: given the evaluation of one (``merged_data``: one adapter on the
 data of the composition's domains, the same records and tokens as theirs),
@@ -80,10 +82,13 @@ from .trained_base import base_identity
 
 #: the fewest compositions of one merge method that a line is fitted and validated on
 MIN_COMPOSITIONS = 3
-#: the interference fitted (the study's name of the target, docs/interference.md)
-TARGET = "retention_pct"
-Y_DEFINITION = ("retention_pct = mean over the members d of 100 (ppl_d(merge) - ppl_d(adapter_d)) / ppl_d(adapter_d), "
-                "ppl_d on member d's evaluation data")  # fmt: skip
+#: ``--target`` -> the interference fitted (the study's name of it, docs/interference.md) and its definition
+TARGETS = {
+    "retention": ("retention_pct", "retention_pct = mean over the members d of 100 (ppl_d(merge) - ppl_d(adapter_d)) "
+                  "/ ppl_d(adapter_d), ppl_d on member d's evaluation data"),
+    "worst": ("worst_pct", "worst_pct = max over the members d of 100 (ppl_d(merge) - ppl_d(adapter_d)) / "
+              "ppl_d(adapter_d), ppl_d on member d's evaluation data"),
+}  # fmt: skip
 
 
 @dataclass
@@ -256,9 +261,10 @@ def _match(m: Evaluation, own: dict) -> list[str]:
     return keys
 
 
-def _point(m: Evaluation, own: dict) -> tuple[tuple[str, ...], float]:
-    """The composition (its members' domains, sorted) and ``y_C`` of the merge ``m``."""
-    from .scenario.assemble import retention_pct
+def _point(m: Evaluation, own: dict, target: str) -> tuple[tuple[str, ...], float]:
+    """The composition (its members' domains, sorted) and ``y_C`` of the merge ``m``
+    (its ``target``: :data:`TARGETS`)."""
+    from .scenario import assemble
 
     ppl_own = {}
     for a in m.members:
@@ -281,7 +287,8 @@ def _point(m: Evaluation, own: dict) -> tuple[tuple[str, ...], float]:
         ppl_own[dom] = float(mine["ppl"])
     if len(ppl_own) != len(m.members) or len(ppl_own) < 2:
         raise UsageError(m.path, "a merge needs two or more distinct members")
-    return tuple(sorted(ppl_own)), retention_pct({d: m.rows[d] for d in ppl_own}, ppl_own)
+    y = getattr(assemble, TARGETS[target][0])  # the study's own function of the target
+    return tuple(sorted(ppl_own)), y({d: m.rows[d] for d in ppl_own}, ppl_own)
 
 
 def _same_base_and_scoring(e: Evaluation, first: Evaluation) -> None:
@@ -330,10 +337,10 @@ def merge_labels(merges: list[Evaluation]) -> list[tuple[str, dict | None]]:
     return out
 
 
-def collect_points(evals: list[Evaluation]) -> tuple[dict, list[dict]]:
+def collect_points(evals: list[Evaluation], target: str = "retention") -> tuple[dict, list[dict]]:
     """``(own, points)``: each adapter's domain and evaluation, and one point per merge
-    (``composition``, ``merge_method``, its label, :func:`merge_labels`; ``y``, ``file``,
-    ``merge``), each checked against its members."""
+    (``composition``, ``merge_method``, its label, :func:`merge_labels`; ``y``, its
+    ``target``; ``file``, ``merge``), each checked against its members."""
     own = _domains(evals)
     points, seen = [], {}
     merges = [e for e in evals if e.method is not None]
@@ -341,7 +348,7 @@ def collect_points(evals: list[Evaluation]) -> tuple[dict, list[dict]]:
     for m, (label, merge) in zip(merges, labels):
         _same_base_and_scoring(m, merges[0])
         m.members = _match(m, own)
-        comp, y = _point(m, own)
+        comp, y = _point(m, own, target)
         key = (comp, label)
         if key in seen:
             raise UsageError(m.path, f"a second {label} merge of {'+'.join(comp)} ({seen[key]}): give one")
@@ -455,7 +462,7 @@ def _features(own: dict, where: str):
     return ensure_size(fs), adapters[0].method
 
 
-def _validations(points: list[dict], fs, level: float) -> dict:
+def _validations(points: list[dict], fs, level: float, target: str) -> dict:
     """merge method -> :meth:`Validation.to_json_dict` of its points (module docstring)."""
     from .validation import composition_table, validate
 
@@ -471,7 +478,7 @@ def _validations(points: list[dict], fs, level: float) -> dict:
         try:
             # nested: the choice of the best validated too (``selection``), as a study's validations are
             v = validate(comps, [p["y"] for p in mine], X, level=level, aggregate=fs.aggregate,
-                         target=f"{TARGET} ({mm})", nested=True)  # fmt: skip
+                         target=f"{TARGETS[target][0]} ({mm})", nested=True)  # fmt: skip
         except UsageError as e:  # no domain can be held out
             raise UsageError(where, f"the {mm} merges: {e.problem}") from None
         out[mm] = v.to_json_dict()
@@ -481,7 +488,9 @@ def _validations(points: list[dict], fs, level: float) -> dict:
     return out
 
 
-def _predictors_file(vals: dict, base_identity, kind: str, evals: list[str], points: list[dict]) -> dict:
+def _predictors_file(
+    vals: dict, base_identity, kind: str, evals: list[str], points: list[dict], target: str
+) -> dict:
     """``predictors.json``: the primary method's validation (``sum`` where there is one), by_method, and
     what it was fitted from."""
     from .validation import method_entry
@@ -495,7 +504,7 @@ def _predictors_file(vals: dict, base_identity, kind: str, evals: list[str], poi
                           for m in order})  # fmt: skip
     out["fitted_from"] = {
         "evaluations": [os.path.abspath(p) for p in evals],
-        "y": Y_DEFINITION,
+        "y": TARGETS[target][1],
         "x": "the factor features of loramix.features over the members (rms_cosine: sqrt(mean over pairs of "
         "rms_ij^2))",
         "points": [
@@ -560,7 +569,13 @@ def _paths(files, where: str) -> list[str]:
 
 
 def fit_evaluations(
-    evaluations, *, merged_data=(), out=None, level: float = 0.9, force: bool = False
+    evaluations,
+    *,
+    merged_data=(),
+    out=None,
+    level: float = 0.9,
+    target: str = "retention",
+    force: bool = False,
 ) -> dict:
     """Fit and validate interference predictors from ``loramix eval`` results (module docstring).
 
@@ -573,10 +588,11 @@ def fit_evaluations(
     (``predictors.json``, [``fit.json``], ``validation.csv``,
     ``predictions.csv``, ``points.csv``; atomically, an existing one refused
     unless ``force``); None writes nothing. ``level``: the prediction
-    intervals' (and their validated coverage's). The features are computed
+    intervals' (and their validated coverage's). ``target``: ``y``, the
+    members' mean loss (``retention``) or the largest (``worst``). The features are computed
     from the factors in numpy float64, as ``loramix predict``'s.
     Returns ``out``, ``adapter_kind``, ``base_identity``, ``points`` (per
-    merge: ``composition``, ``merge_method``, ``y`` (retention %),
+    merge: ``composition``, ``merge_method``, ``y`` (retention % or worst member %),
     ``rms_cosine``, ``file``, ``delta_ppl_pct`` and ``merged_data``, None
     without one), ``methods`` (per merge method: ``best``, ``beats_mean``,
     ``headline``, the held-out ``summary`` and ``selection``, the choice of the best
@@ -590,21 +606,25 @@ def fit_evaluations(
 
     if not (is_number(level) and 0 < level < 1):
         raise UsageError("--level", f"must lie in (0, 1), got {level!r}")
+    if target not in TARGETS:
+        raise UsageError("--target", f"must be one of {', '.join(TARGETS)}, got {target!r}")
     files, ref_files = _paths(evaluations, "evaluations"), _paths(merged_data, "--merged-data")
     if not files:
         raise UsageError("evaluations", "none given: the eval --format json files to fit")
     if out is not None:
         check_output(out, force=force, inputs=[*files, *ref_files])  # before the adapters are read
     evals = [read_evaluation(p) for p in files]
-    own, points = collect_points(evals)
+    own, points = collect_points(evals, target)
     add_delta_ppl(points, evals, [read_evaluation(p) for p in ref_files], own)
     used = {a for e in evals if e.method is not None for a in e.members}
     own = {a: v for a, v in own.items() if a in used}  # an adapter in no merge is no domain of any fit
     fs, kind = _features(own, points[0]["file"])
-    vals = _validations(points, fs, level)
+    vals = _validations(points, fs, level, target)
     identity = base_identity(next(e.base for e in evals if e.method is not None))
     fits = line_fits(points, kind)
-    written = {"predictors.json": _predictors_file(vals, identity, kind, [*files, *ref_files], points)}
+    written = {
+        "predictors.json": _predictors_file(vals, identity, kind, [*files, *ref_files], points, target)
+    }
     if fits:
         written["fit.json"] = _fit_file(fits, identity, [*files, *ref_files], points)
     if out is not None:

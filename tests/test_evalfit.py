@@ -119,6 +119,41 @@ def test_fit_from_evaluations_is_read_by_predict_and_plan(bank, tmp_path):
     assert again["out"] is None and again["points"] == d["fitted_from"]["points"]
 
 
+def test_fit_of_the_worst_member_is_read_by_predict_and_plan(bank, tmp_path):
+    """``--target worst``: each point is the largest of the members' losses that
+    the retention target averages, and predict names that target and says what
+    it measures."""
+    out = tmp_path / "fit"
+    text = _cli(["fit", *_files(bank), "--out", out, "--target", "worst"])
+    assert "| composition | method | RMS cosine | worst member % |" in text
+    d = json.loads((out / "predictors.json").read_text())
+    assert d["target"] == "worst_pct (sum)" and d["fitted_from"]["y"].startswith("worst_pct = max over")
+    ppl = {dom: json.loads(f.read_text())["results"][0]["ppl"] for dom, f in bank["single"].items()}
+    for p in d["fitted_from"]["points"]:
+        rows = {r["data"]: r["ppl"] for r in json.loads(open(p["file"]).read())["results"]}
+        losses = [100 * (rows[x] - ppl[x]) / ppl[x] for x in p["composition"]]
+        assert p["y"] == max(losses) and losses[0] != losses[1]
+    pair = [bank["ads"]["dates"], bank["ads"]["sort"]]
+    said = _cli(["predict", *pair, "--fit", out])
+    assert "predicted worst_pct (sum):" in said and "the largest over the members" in said
+    assert "groups of at most" in _cli(["plan", *bank["ads"].values(), "--fit", out])
+
+
+def test_fit_takes_only_the_targets_it_knows(bank, tmp_path, capsys):
+    """The Python call refuses another target before reading anything; the CLI
+    in one line (delta_ppl is fit.json's, with --merged-data)."""
+    import loramix
+    from loramix.errors import UsageError
+
+    with pytest.raises(UsageError, match="must be one of retention, worst, got 'delta_ppl'"):
+        loramix.fit_evaluations(_files(bank), out=tmp_path / "fit", target="delta_ppl")
+    assert not (tmp_path / "fit").exists()
+    one_line_error(
+        capsys, ["fit", *_files(bank), "--out", tmp_path / "fit", "--target", "delta_ppl"], "--target"
+    )
+    assert not (tmp_path / "fit").exists()
+
+
 def test_fit_reads_the_factors_without_torch(bank, tmp_path):
     """As predict: the features from the factors in numpy, the perplexities from the files."""
     from .test_startup import HEAVY, imported_modules

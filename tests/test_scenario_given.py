@@ -192,6 +192,22 @@ def test_given_adapters_with_predictors_and_plan(given, tmp_path):
     ).is_file() and "## Does `loramix plan` beat random groupings?" in md
 
 
+@pytest.mark.parametrize("target", ["worst", "delta_ppl"])
+def test_given_adapters_take_the_worst_member_target_not_delta_ppl(given, tmp_path, capsys, target):
+    """The worst member's loss, like retention, needs only the members' own
+    adapters; Δppl % needs merged-data adapters, which given adapters lack."""
+    root, base, ads = given
+    text = f'name = "given-target"\n\n[base]\npath = "{base}"\n'
+    for d, p in ads.items():
+        text += f'\n[domains.{d}]\ndata = "synthetic:{d}"\ntrain = 8\neval = 8\nadapter = "{p}"\n'
+    scen = tmp_path / "given-target.toml"
+    scen.write_text(text + f'\n[predictors]\ntokens = 32\nmax_len = 32\ntarget = "{target}"\n')
+    if target == "worst":
+        assert main(["scenario", "check", str(scen)]) == 0
+    else:
+        one_line_error(capsys, ["scenario", "check", scen], "predictors.target", 'use "retention" or "worst"')
+
+
 def test_the_records_an_adapter_was_trained_on_are_left_out_of_its_eval_split(given, tmp_path, capsys):
     """``domains.NAME.trained_on``: every record of ``data`` equal to one the
     adapter was trained on (white space runs as one space) is left out before

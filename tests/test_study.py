@@ -267,9 +267,10 @@ def test_retention_against_a_direct_computation(study):
     data = [_eval_records(sc, d) for d in doms]
     merged = evaluate(base, adapters=[paths[d] for d in doms], data=data, **kw)
     own = [evaluate(base, adapters=[paths[d]], data=[x], **kw).iloc[0]["ppl"] for d, x in zip(doms, data)]
-    want = sum(100 * (merged.iloc[i]["ppl"] - own[i]) / own[i] for i in range(2)) / 2
+    losses = [100 * (merged.iloc[i]["ppl"] - own[i]) / own[i] for i in range(2)]
     row = next(r for r in rep["results"] if r["composition"] == "arith+sort" and r["merge_method"] == "sum")
-    assert row["retention_pct"] == pytest.approx(want, rel=1e-6, abs=1e-6)
+    assert row["retention_pct"] == pytest.approx(sum(losses) / 2, rel=1e-6, abs=1e-6)
+    assert row["worst_pct"] == pytest.approx(max(losses), rel=1e-6, abs=1e-6) and losses[0] != losses[1]
     assert row["delta_ppl_pct"] is None or not math.isfinite(row["delta_ppl_pct"])  # no merged-data adapter
     forced = next(
         r for r in rep["results"] if r["composition"] == "arith+units" and r["merge_method"] == "sum"
@@ -463,7 +464,7 @@ def test_a_plan_group_is_merged_in_the_domains_order(tmp_path):
 
     # arith+dates is a pair of the study; the plan names it by name, backwards in domain order
     proposal = {"adapter_method": "lora", "seed": 0, "names": list(sc.domains), "methods": ["plan"], "budget": 0.0,
-                "plan": grouping(["dates", "arith"], ["units"], ["sort"]),
+                "measure": "retention_pct", "plan": grouping(["dates", "arith"], ["units"], ["sort"]),
                 "random": [grouping(["arith", "dates"], ["units"], ["sort"])]}  # fmt: skip
     assert list(sc.domains).index("dates") > list(sc.domains).index("arith")
     new = planval.steps(sc, data, study_steps, proposal)
@@ -568,6 +569,60 @@ def test_plan_validation_section(study):
         "plan",
         *(f"random-{k}" for k in range(1, 5)),
     }
+
+
+def test_a_worst_member_study_plans_by_and_is_judged_by_the_worst_member(study, tmp_path):
+    """``[predictors] target = "worst"``: the study validates the worst member's
+    loss beside the other targets (theirs unchanged), saves its predictor as
+    ``predictors.json``, and its ``[plan]`` groups by it as ``loramix plan --fit``
+    does, each grouping judged by the largest loss of a domain it merges. Its
+    adapters, merges and evaluations are the first study's, from the cache."""
+    from loramix.grouping import plan as make_plan
+    from loramix.validation import load_predictors
+
+    scen = _write(tmp_path, STUDY.replace("tokens = 64", 'tokens = 64\ntarget = "worst"'))
+    out = tmp_path / "worst"
+    assert (
+        main(["scenario", "run", str(scen), "--out", str(out), "--cache", str(study["cache"]), "--quiet"])
+        == 0
+    )
+    rep, first = json.loads((out / "report.json").read_text()), study["report"]
+    log = pd.read_csv(out / "cache_log.csv")
+    assert set(log[log["kind"].isin(["adapter", "base"])]["status"]) == {"hit"}
+    assert rep["results"] == first["results"]
+    vals = {(v["target_name"], v["merge_method"]): v for v in rep["validations"]}
+    assert {t for t, _ in vals} == {"retention", "worst"}  # too few merged-data pairs for delta_ppl
+    assert [v for v in rep["validations"] if v["target_name"] != "worst"] == first["validations"]
+    p = load_predictors(out / "predictors.json")
+    assert p["target"] == "worst_pct (sum)" and list(p["by_method"]) == ["sum", "ties", "ties-sparse"]
+    worst = {r["composition"]: r["worst_pct"] for r in rep["results"] if r["merge_method"] == "sum"}
+    assert p["y"] == [worst["+".join(c)] for c in p["compositions"]]
+    for r in rep["results"]:
+        assert r["worst_pct"] >= r["retention_pct"]
+    pv = rep["plan_validation"]
+    assert pv["measure"] == "worst_pct" and "worst_pct" in pv["cost"]
+    sc = load_scenario(scen)
+    paths = rep["adapters"][0]
+    cli = make_plan([paths[d] for d in sc.domains], fit=out / "predictors.json", data=_train_files(sc, study["cache"]),
+                    base=_base_path(rep), max_group=3, budget=1000)  # fmt: skip
+    assert [(g["members"], g["method"]) for g in pv["plan_groups"]] == [
+        (g["members"], g["method"]) for g in cli.groups
+    ]
+    for m in pv["by_method"]:
+        for gr in [m["plan"], *m["random"]]:
+            merged = [g for g in gr["groups"] if len(g["members"]) > 1]
+            assert gr["worst_pct"] == max(g["worst_pct"] for g in merged)
+            assert gr["predicted"] == max(g.get("costs", {}).get(g["method"], g["cost"]) for g in merged)
+            for g in merged:
+                assert g["worst_pct"] >= g["retention_pct"]
+        c = m["comparison"]
+        assert c["mean"] == pytest.approx(np.mean([r["worst_pct"] for r in m["random"]]), rel=1e-12)
+        assert c["beats"] == sum(r["worst_pct"] > m["plan"]["worst_pct"] for r in m["random"])
+    md = (out / "report.md").read_text()
+    section = md.split("## Does `loramix plan` beat random groupings?")[1].split("\n## ")[0]
+    assert section.count("worst member % of the plan's grouping") == 2 and "retention %" not in section
+    csv = pd.read_csv(out / "plan_validation.csv")
+    assert {"worst_pct", "grouping_worst_pct"} <= set(csv.columns)
 
 
 def test_plan_writes_each_group_s_merge_as_its_study_merged(study, capsys):

@@ -18,9 +18,12 @@ from . import format_option
                    "predictions.csv, points.csv), for predict --fit and plan --fit.")  # fmt: skip
 @click.option("--level", type=float, default=0.9, show_default=True,
               help="Level of the prediction intervals, whose coverage is validated.")  # fmt: skip
+@click.option("--target", type=click.Choice(["retention", "worst"]), default="retention", show_default=True,
+              help="What is fitted: each merge's members' mean loss against their own adapters (retention %), or "
+                   "the largest (worst member %), which plan --fit then keeps under --budget for every member.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @format_option
-def command(evaluations, merged_data, out, level, force, fmt):
+def command(evaluations, merged_data, out, level, target, force, fmt):
     """Fit and validate interference predictors from EVALUATIONS: the JSON files of `loramix eval
     --format json` for single adapters (each on its own domain's data) and for merges of them."""
     import json
@@ -29,15 +32,17 @@ def command(evaluations, merged_data, out, level, force, fmt):
     from ..grouping import figure as _fmt
     from ..validation import selection_note
 
-    r = fit_evaluations(list(evaluations), merged_data=list(merged_data), out=out, level=level, force=force)
+    r = fit_evaluations(list(evaluations), merged_data=list(merged_data), out=out, level=level, target=target,
+                        force=force)  # fmt: skip
     if fmt == "json":
         click.echo(json.dumps(r, indent=2))
         return
     n = len({d for p in r["points"] for d in p["composition"]})
+    words = "worst member %" if target == "worst" else "retention %"
     click.echo(f"fitted from {len(evaluations) + len(merged_data)} evaluations: {len(r['points'])} merges of {n} "
-               f"{r['adapter_kind']} adapters; retention %: the merge's perplexity on each member's data, % above "
-               "the member's own")  # fmt: skip
-    click.echo("| composition | method | RMS cosine | retention % | delta_ppl % | file |")
+               f"{r['adapter_kind']} adapters; {words}: the merge's perplexity on each member's data, % above "
+               f"the member's own{', the largest over the members' if target == 'worst' else ''}")  # fmt: skip
+    click.echo(f"| composition | method | RMS cosine | {words} | delta_ppl % | file |")
     click.echo("| --- | --- | ---: | ---: | ---: | --- |")
     for p in r["points"]:
         delta = "" if p["delta_ppl_pct"] is None else f"{p['delta_ppl_pct']:+.2f}"

@@ -73,10 +73,12 @@ def _json(r: dict) -> str:
 
 
 #: what a predicted target means, said under the figure: "retention +124" read as a share kept
-#: (docs/interference.md defines both; positive is a loss in each)
+#: (docs/interference.md defines them; positive is a loss in each)
 _MEANS = {
     "retention_pct": "the merge's perplexity on each member's domain, % above that domain's own adapter's, "
                      "mean over the members; 0 is no loss",
+    "worst_pct": "the merge's perplexity on each member's domain, % above that domain's own adapter's, "
+                 "the largest over the members; 0 is no loss to any member",
     "delta_ppl_pct": "the merge's perplexity on the members' data, % above that of one adapter trained on "
                      "all of it; 0 is as good",
 }  # fmt: skip

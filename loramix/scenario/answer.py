@@ -393,6 +393,10 @@ def section_plan(report: dict, v) -> list[str]:
     if not pv:
         return []
     L = ["## Does `loramix plan` beat random groupings?", ""]
+    from .planval import MEASURES
+
+    measure = pv.get("measure", "retention_pct")  # a report.json written before the worst target
+    words, how = MEASURES[measure]
     for m in pv["by_method"]:
         L += [f"- {m['verdict']}"]
     L.append("")
@@ -407,19 +411,19 @@ def section_plan(report: dict, v) -> list[str]:
              f"`loramix plan --fit predictors.json --max-group {pv['max_size']} --budget {pv['budget']:g}` groups "
              f"them: cost {pv['cost']}{how}; proposed method: {pv['rule']}. Each group of two or more is merged "
              f"and evaluated on its members' eval splits, and so is every group of {pv['random_count']} random "
-             f"groupings with the same group sizes ({sizes}; seed {pv['random_seed']}). A group's retention % is "
-             "the mean over its members of 100 · (ppl of the merge − ppl of the member's own adapter) / ppl of the "
-             "own adapter; a grouping's, the mean over the domains it merges (lower is better). Every group: "
-             "`plan_validation.csv`.")  # fmt: skip
+             f"groupings with the same group sizes ({sizes}; seed {pv['random_seed']}). A member's loss is "
+             "100 · (ppl of the merge − ppl of the member's own adapter) / ppl of the own adapter; a group's "
+             f"{words} is {how.removesuffix(' the domains it merges of')} its members' losses, a grouping's "
+             f"{how.removesuffix(' of')} (lower is better). Every group: `plan_validation.csv`.")  # fmt: skip
     L.append("")
     ms = pv["by_method"]
     head = ["group", "members", "proposed", "predicted cost", "interval"]
-    head += [f"retention % ({'as proposed' if m['how'] == 'plan' else m['how']})" for m in ms]
+    head += [f"{words} ({'as proposed' if m['how'] == 'plan' else m['how']})" for m in ms]
     rows = []
     for k, g in enumerate(pv["plan_groups"]):
         if len(g["members"]) > 1:
             rows.append([str(g["group"]), ", ".join(g["members"]), g["method"], _f(g["cost"]),
-                         _interval(g.get("interval")), *(_f(m["plan"]["groups"][k]["retention_pct"]) for m in ms)])  # fmt: skip
+                         _interval(g.get("interval")), *(_f(m["plan"]["groups"][k][measure]) for m in ms)])  # fmt: skip
     if rows:
         L += [_table(head, rows), ""]
     alone = [g["members"][0] for g in pv["plan_groups"] if len(g["members"]) == 1]
@@ -432,16 +436,18 @@ def section_plan(report: dict, v) -> list[str]:
             continue
         pred = float(np.mean([r["predicted"] for r in m["random"]]))
         std = f" ± {_f(c['std'])}" if c["std"] is not None else ""
-        rows.append([label, _f(m["plan"]["predicted"]), _f(pred), _f(m["plan"]["retention_pct"]),
+        rows.append([label, _f(m["plan"]["predicted"]), _f(pred), _f(m["plan"][measure]),
                      f"{_f(c['mean'])}{std}", f"{_f(c['min'])} / {_f(c['median'])} / {_f(c['max'])}",
                      f"{c['beats']} of {c['n']}", f"{c['rank']} of {c['of']}", _f(c["p_value"], 3)])  # fmt: skip
     if rows:
-        L.append(_table(["merged", "predicted: plan", "predicted: random mean", "retention %: plan",
+        L.append(_table(["merged", "predicted: plan", "predicted: random mean", f"{words}: plan",
                          "random mean ± std", "random min / median / max", "plan beats", "plan's rank",
                          "one-sided p"], rows))  # fmt: skip
         L.append("")
-        L.append("Predicted: the mean over the merged domains of their group's predicted cost. The p-value "
-                 "counts the random groupings at least as good as the plan's, `(1 + #) / (R + 1)`.")  # fmt: skip
+        pred = ("the largest group's predicted cost" if measure == "worst_pct"
+                else "the mean over the merged domains of their group's predicted cost")  # fmt: skip
+        L.append(f"Predicted: {pred}. The p-value counts the random groupings at least as good as the plan's, "
+                 "`(1 + #) / (R + 1)`.")  # fmt: skip
         L.append("")
         L.append("![plan vs random groupings](plan_vs_random.png)")
         L.append("")
@@ -452,10 +458,12 @@ def write_plan_files(folder: Path, report: dict, cache=None) -> None:
     """``plan_validation.csv`` (every group of every grouping, for each way of
     merging) and ``plan_vs_random.png`` (kept in ``cache``: :func:`.plots.drawn`)."""
     from . import plots
+    from .planval import MEASURES
 
     pv = report.get("plan_validation")
     if not pv:
         return
+    measure = pv.get("measure", "retention_pct")
     rows = []
     for m in pv["by_method"]:
         for name, gr in [
@@ -467,11 +475,12 @@ def write_plan_files(folder: Path, report: dict, cache=None) -> None:
                 rows.append({"merged": m["how"], "grouping": name, "group": g["group"], "size": len(g["members"]),
                              "members": "+".join(g["members"]), "method": g["method"], "predicted_cost": g["cost"],
                              "low": iv[0], "high": iv[1], "retention_pct": g["retention_pct"],
-                             "grouping_retention_pct": gr["retention_pct"]})  # fmt: skip
+                             "grouping_retention_pct": gr["retention_pct"], "worst_pct": g.get("worst_pct"),
+                             "grouping_worst_pct": gr.get("worst_pct")})  # fmt: skip
     pd.DataFrame(rows).to_csv(folder / "plan_validation.csv", index=False)
     ms = [m for m in pv["by_method"] if m["comparison"] is not None]
     if ms:
         plots.drawn(cache, plots.plan_vs_random, folder / "plan_vs_random.png",
-                    [(m["how"], m["plan"]["retention_pct"], [r["retention_pct"] for r in m["random"]]) for m in ms],
+                    [(m["how"], m["plan"][measure], [r[measure] for r in m["random"]]) for m in ms],
                     title=f"{report['scenario']['name']}: loramix plan against random groupings "
-                    f"({pv['adapter_method']}, seed {pv['seed']})")  # fmt: skip
+                    f"({pv['adapter_method']}, seed {pv['seed']})", what=MEASURES[measure][0])  # fmt: skip

@@ -118,7 +118,7 @@ def _composition_rows(t: _Tables, sc: Scenario, results: dict, am, seed, comp, s
             "merge_method": mg.label, "rms_cosine": cos, "mean_cosine": mean_cos,
             "rms_cosine_effective": cos_eff, "ppl_merge": ppl_m, "ppl_merged_data": ppl_md,
             "delta_ppl_pct": delta_pct(ppl_m, ppl_md), "ppl_base": ppl_base, "eval_tokens": tok,
-            "retention_pct": retention_pct(ev_m, own),
+            "retention_pct": retention_pct(ev_m, own), "worst_pct": worst_pct(ev_m, own),
         })  # fmt: skip
 
 
@@ -128,9 +128,23 @@ def retention_pct(ev_merge: dict, own: dict[str, float]) -> float:
     perplexity on each member's eval split against that member's own adapter
     on it (``own = {d: ppl_d(d)}``); 0 when the merge keeps every member's gain,
     positive when it loses some."""
+    return float(np.mean(member_losses(ev_merge, own)))
+
+
+def worst_pct(ev_merge: dict, own: dict[str, float]) -> float:
+    """The worst-member target of a composition ``C``:
+    ``max_{d in C} 100 (ppl_merge(d) - ppl_d(d)) / ppl_d(d)``, the largest of
+    the losses whose mean is :func:`retention_pct`. Per seed, like every
+    value of a result row; the summary's is the mean over seeds, the worst
+    member's loss a user merging one seed's adapters meets on average."""
+    return float(np.max(member_losses(ev_merge, own)))
+
+
+def member_losses(ev_merge: dict, own: dict[str, float]) -> list[float]:
+    """``[100 (ppl_merge(d) - ppl_d(d)) / ppl_d(d) for d in own]``, in ``own``'s order."""
     from .report import delta_pct
 
-    return float(np.mean([delta_pct(ev_merge[d]["ppl"], own[d]) for d in own]))
+    return [delta_pct(ev_merge[d]["ppl"], own[d]) for d in own]
 
 
 def _by_layer(per_module: pd.DataFrame) -> list[dict]:
@@ -150,15 +164,16 @@ def _validations(sc: Scenario, results: dict, summary: pd.DataFrame, cache=None)
     same code (:meth:`~loramix.scenario.cache.Cache.derived`): seconds of a
     rerun. A fresh validation is read back too, from the JSON written, so
     that both give the report the same values."""
-    from .predictors import feature_set, validate_targets
+    from .predictors import feature_set, targets_for, validate_targets
 
     if sc.predictors is None:
         return []
     runs = {am: [results[f"features/{am}/{s}"] for s in sc.seeds] for am in sc.adapters.methods}
+    targets = targets_for(sc.predictors.target)
 
     def compute() -> list[dict]:
         feats = {am: feature_set(r) for am, r in runs.items()}
-        return validate_targets(summary, feats, level=sc.predictors.level)
+        return validate_targets(summary, feats, level=sc.predictors.level, targets=targets)
 
     if cache is None:
         return compute()
@@ -167,7 +182,8 @@ def _validations(sc: Scenario, results: dict, summary: pd.DataFrame, cache=None)
         # in order (not sorted: report.json keeps it) and NaN as NaN, read back as the same floats
         (tmp / "result.json").write_text(json.dumps(compute(), indent=1, default=_item))
 
-    inputs = {"summary": summary.to_dict(orient="split"), "features": runs, "level": sc.predictors.level}
+    inputs = {"summary": summary.to_dict(orient="split"), "features": runs, "level": sc.predictors.level,
+              "targets": list(targets)}  # fmt: skip
     folder = cache.derived("validation", inputs, make, label="predictors")
     return json.loads((folder / "result.json").read_text())
 

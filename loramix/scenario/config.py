@@ -261,8 +261,10 @@ class PredictorSpec:
     )
     max_len: int = key("int", 128, bound="seqlen", help="sequence length of the calibration records")
     level: float = key("float", 0.9, bound="open-unit", help="level of the prediction intervals")
-    target: str = key("str", "retention", choices=("retention", "delta_ppl"),
-                      help="the target whose best predictor is saved as predictors.json")  # fmt: skip
+    target: str = key("str", "retention", choices=("retention", "delta_ppl", "worst"),
+                      help="the target whose best predictor is saved as predictors.json (and `[plan]` "
+                      "minimises): the members' mean loss, Δppl % against merged-data training, or the worst "
+                      "member's loss (docs/interference.md)")  # fmt: skip
     method: str = key("str", "sum", help="... for this merge method")
 
 
@@ -281,7 +283,7 @@ class PlanSpec:
         "int", 4, bound="positive", help="largest group (`loramix plan --max-group`), at least 2"
     )
     budget: float | None = key("float", doc_default="`0`, `loramix plan`'s with a predictors file",
-                               help="largest predicted cost (retention % or Δppl %) of a merged group "
+                               help="largest predicted cost (retention %, Δppl % or worst member %) of a merged group "
                                "(`loramix plan --budget`)")  # fmt: skip
     methods: tuple[str, ...] = key("str-list", ("plan",), doc_default='`["plan"]`',
                                    help='how the groups are merged, each a comparison of its own: `"plan"`, by '
@@ -1220,11 +1222,11 @@ def _given_domains(ctx, raw: dict, domains: dict, base: BaseSpec):
 
 
 def _given_predictors(ctx, p: PredictorSpec, domains: dict) -> None:
-    """``[predictors]`` with given adapters: the retention target only (the
-    Δppl % one needs merged-data adapters), and calibration records."""
-    if p.target != "retention":
+    """``[predictors]`` with given adapters: not the Δppl % target (it needs
+    merged-data adapters), and calibration records."""
+    if p.target == "delta_ppl":
         raise ctx.error("predictors.target", f'"{p.target}" needs merged-data adapters, which a study of given '
-                        'adapters has not: use "retention"')  # fmt: skip
+                        'adapters has not: use "retention" or "worst"')  # fmt: skip
     for n, d in domains.items():
         if not d.train:
             raise ctx.error(f"domains.{n}.train", "[predictors] calibrates its data-aware features on each "

@@ -22,14 +22,15 @@ only), cached under keys made from their specs like every other step, so a
 group that is also one of the study's compositions is a cache hit and a rerun
 makes nothing; the runner hands them to the same executor.
 
-Measured, per group ``C``: its retention % (docs/interference.md),
-``mean_{d in C} 100 (ppl_merge(d) - ppl_own(d)) / ppl_own(d)``, against each
-member's own adapter. Per grouping: the mean of ``100 (ppl_group(d) -
-ppl_own(d)) / ppl_own(d)`` over the domains it merges (a domain kept alone
-loses nothing and is left out; every grouping here merges as many domains, so
-this ranks them as the mean over all domains would). The plan's value is set
-against the random groupings' distribution: its rank among them and the share
-of them it beats.
+Measured, per group ``C``: each member's loss ``100 (ppl_merge(d) -
+ppl_own(d)) / ppl_own(d)`` against its own adapter, and their mean (retention %,
+docs/interference.md) and largest (worst member %). Per grouping: the mean of
+the losses over the domains it merges (a domain kept alone loses nothing and is
+left out; every grouping here merges as many domains, so this ranks them as the
+mean over all domains would), and their largest. The plan is judged by the one
+its target costs (:data:`MEASURES`: the worst member's with ``predictors.target
+= "worst"``, the mean otherwise): its value set against the random groupings'
+distribution, its rank among them and the share of them it beats.
 """
 
 from __future__ import annotations
@@ -41,6 +42,18 @@ from .plan import DomainData, Step, _Planner, comp_name, merge_evaluation
 
 PREFIX = "plan/"
 ALPHA = 0.05  # one-sided empirical p-value for "beats random groupings"
+#: a grouping's measure: (its words, how it is made from the losses of the domains it merges)
+MEASURES = {
+    "retention_pct": ("retention %", "the mean over the domains it merges of"),
+    "worst_pct": ("worst member %", "the largest over the domains it merges of"),
+}
+
+
+def measure_of(target: str) -> str:
+    """The grouping measure that predictors target ``target`` costs: the worst
+    member's loss for ``worst``, the members' mean loss otherwise (``delta_ppl``
+    too: a plan group has no merged-data adapter to compare with)."""
+    return "worst_pct" if target == "worst" else "retention_pct"
 
 
 def _validation_for(validations: list[dict], am: str, target: str, method: str) -> dict | None:
@@ -95,6 +108,7 @@ def propose(sc: Scenario, results: dict, validations: list[dict]) -> dict:
     sizes = [len(g["members"]) for g in pl.groups]
     rand = random_groupings(len(pl.names), sizes, p.random, p.random_seed)
     return {"adapter_method": p.adapters, "seed": p.seed, "names": pl.names, "cost": source, "validated": validated,
+            "measure": measure_of(sc.predictors.target),
             "validated_by_method": vbm, "budget": pl.budget, "max_size": p.max_size, "rule": pl.rule,
             "methods": list(p.methods), "sizes": sizes, "random_count": p.random, "random_seed": p.random_seed,
             "plan": pl.groups, "random": [describe_groups(model, g, pl.budget) for g in rand]}  # fmt: skip
@@ -145,14 +159,18 @@ def steps(sc: Scenario, data: dict[str, DomainData], study_steps: list[Step], pr
     return [s for k, s in pl.steps.items() if k not in known]
 
 
-def _grouping(results: dict, groups: list[dict], how: str, pre: str, own: dict, names: list[str]) -> dict:
+def _grouping(results: dict, groups: list[dict], how: str, pre: str, own: dict, names: list[str],
+              measure: str) -> dict:  # fmt: skip
     """One grouping merged under ``how``: each group's method and measured
-    retention %, the grouping's (module docstring) and its mean predicted cost."""
+    retention % and worst member %, the grouping's (module docstring) and its
+    predicted ``measure``: the mean over the merged domains of their group's
+    predicted cost, or with ``worst_pct`` the largest group's."""
     from .report import delta_pct
 
     per_domain, out = {}, []
     for g in groups:
-        g = {**g, "method": method_of(g, how) if len(g["members"]) > 1 else "keep", "retention_pct": None}
+        g = {**g, "method": method_of(g, how) if len(g["members"]) > 1 else "keep", "retention_pct": None,
+             "worst_pct": None}  # fmt: skip
         if len(g["members"]) > 1:
             members = merged_members(g["members"], names)
             ev = merge_evaluation(results, pre, g["method"], comp_name(members), PREFIX)
@@ -160,15 +178,16 @@ def _grouping(results: dict, groups: list[dict], how: str, pre: str, own: dict, 
             # grouping that draws the plan's groups ties it instead of beating it by 1e-16
             deltas = {d: delta_pct(ev[d]["ppl"], own[d]) for d in members}
             per_domain.update(deltas)
-            g.update(retention_pct=float(np.mean(list(deltas.values()))),
+            g.update(retention_pct=float(np.mean(list(deltas.values()))), worst_pct=max(deltas.values()),
                      ppl={d: ev[d]["ppl"] for d in g["members"]})  # fmt: skip
         out.append(g)
     # the predicted cost of the method it is merged by, where the plan costed that method
     costs = [g.get("costs", {}).get(g["method"], g["cost"]) for g in out if len(g["members"]) > 1
              for _ in g["members"]]  # fmt: skip
     merged = [per_domain[d] for d in names if d in per_domain]
+    predicted = None if not costs else float(max(costs) if measure == "worst_pct" else np.mean(costs))
     return {"groups": out, "retention_pct": float(np.mean(merged)) if merged else None,
-            "predicted": float(np.mean(costs)) if costs else None}  # fmt: skip
+            "worst_pct": max(merged) if merged else None, "predicted": predicted}  # fmt: skip
 
 
 def assemble(proposal: dict, results: dict) -> dict:
@@ -178,12 +197,13 @@ def assemble(proposal: dict, results: dict) -> dict:
     own = {d: results[f"eval/{pre}/adapter/{d}"][d]["ppl"] for d in proposal["names"]}
     out = {k: v for k, v in proposal.items() if k not in ("plan", "random")}
     out.update(plan_groups=proposal["plan"], own_ppl=own, by_method=[])
+    measure = proposal["measure"]
     for how in proposal["methods"]:
-        plan = _grouping(results, proposal["plan"], how, pre, own, proposal["names"])
-        rand = [_grouping(results, g, how, pre, own, proposal["names"]) for g in proposal["random"]]
-        c = compare(plan["retention_pct"], [r["retention_pct"] for r in rand])
+        plan = _grouping(results, proposal["plan"], how, pre, own, proposal["names"], measure)
+        rand = [_grouping(results, g, how, pre, own, proposal["names"], measure) for g in proposal["random"]]
+        c = compare(plan[measure], [r[measure] for r in rand])
         m = {"how": how, "plan": plan, "random": rand, "comparison": c}
-        m["verdict"] = verdict(m, proposal["budget"])
+        m["verdict"] = verdict(m, proposal["budget"], measure)
         out["by_method"].append(m)
     return out
 
@@ -208,7 +228,7 @@ def _how(methods: str) -> str:
     return "merged as `loramix plan` proposes" if methods == "plan" else f"merged by {methods}"
 
 
-def verdict(m: dict, budget: float) -> str:
+def verdict(m: dict, budget: float, measure: str = "retention_pct") -> str:
     """One line, with the numbers."""
     c, p = m["comparison"], m["plan"]
     if c is None:
@@ -216,13 +236,14 @@ def verdict(m: dict, budget: float) -> str:
                 "adapter), so there is nothing to measure; raise `plan.budget`.")  # fmt: skip
     std = f" ± {c['std']:.2f}" if c["std"] is not None else ""
     ties = f", ties {c['ties']}" if c["ties"] else ""
-    nums = (f"retention % of the plan's grouping {p['retention_pct']:.2f} (the mean over the domains it merges of "
-            f"the merge's perplexity change against each domain's own adapter) against {c['mean']:.2f}{std} for "
-            f"{c['n']} random groupings of the same sizes (median {c['median']:.2f}); it beats {c['beats']}{ties} "
-            f"and loses to {c['loses']} of them, rank {c['rank']} of {c['of']}, one-sided p = {c['p_value']:.3f}")  # fmt: skip
+    words, how = MEASURES[measure]
+    nums = (f"{words} of the plan's grouping {p[measure]:.2f} ({how} the merge's perplexity change against each "
+            f"domain's own adapter) against {c['mean']:.2f}{std} for {c['n']} random groupings of the same sizes "
+            f"(median {c['median']:.2f}); it beats {c['beats']}{ties} and loses to {c['loses']} of them, rank "
+            f"{c['rank']} of {c['of']}, one-sided p = {c['p_value']:.3f}")  # fmt: skip
     if c["p_value"] <= ALPHA:
         head = "Yes: `loramix plan` beats random groupings"
-    elif p["retention_pct"] < c["mean"]:
+    elif p[measure] < c["mean"]:
         head = f"Not clearly: `loramix plan` beats the random mean, not significantly (p > {ALPHA})"
     else:
         head = "No: `loramix plan` does no better than random groupings"

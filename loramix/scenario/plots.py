@@ -517,7 +517,7 @@ def _shown_range(points: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> tup
 
 
 #: the summary's column names as a reader reads them (a target is ``"COLUMN (merge)"``)
-_READABLE = {"retention_pct": "retention %", "delta_ppl_pct": "Δppl %"}
+_READABLE = {"retention_pct": "retention %", "delta_ppl_pct": "Δppl %", "worst_pct": "worst member %"}
 
 
 def readable(name: str) -> str:
@@ -620,10 +620,13 @@ def interference_by_method(summary: pd.DataFrame, path: Path, title: str) -> Pat
     return _saved(fig, path)
 
 
-def plan_vs_random(panels: list[tuple[str, float, list[float]]], path: Path, title: str) -> Path:
+def plan_vs_random(
+    panels: list[tuple[str, float, list[float]]], path: Path, title: str, what: str = "retention %"
+) -> Path:
     """One panel per way of merging (``(name, plan value, random values)``): the
-    measured retention % of the random groupings (histogram) and of the plan's
-    grouping (a vertical line); lower is better."""
+    measured ``what`` (the grouping's retention % or worst member %) of the
+    random groupings (histogram) and of the plan's grouping (a vertical line);
+    lower is better."""
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
@@ -634,7 +637,7 @@ def plan_vs_random(panels: list[tuple[str, float, list[float]]], path: Path, tit
                 label=f"{len(r)} random groupings (same sizes)")  # fmt: skip
         ax.axvline(float(r.mean()), color="tab:blue", lw=1, ls="--", label=f"random mean {r.mean():.2f}")
         ax.axvline(value, color="tab:red", lw=2, label=f"loramix plan {value:.2f}")
-        ax.set_xlabel("retention % of the grouping (lower is better)")
+        ax.set_xlabel(f"{what} of the grouping (lower is better)")
         ax.set_ylabel("groupings")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 0.25 of a grouping
         ax.set_title("merged as proposed" if name == "plan" else f"merged by {name}", fontsize=10)

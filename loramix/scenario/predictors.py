@@ -6,7 +6,11 @@ Targets, per composition ``C`` and merge method (seed means, docs/interference.m
 * ``retention``: ``retention_pct = mean_{d in C} 100 (ppl_merge(d) - ppl_d(d)) / ppl_d(d)``,
   measured for every composition;
 * ``delta_ppl``: ``delta_ppl_pct`` against the merged-data adapter, for the
-  compositions that have one (``merged_data``).
+  compositions that have one (``merged_data``);
+* ``worst``: ``worst_pct = max_{d in C} 100 (ppl_merge(d) - ppl_d(d)) / ppl_d(d)``,
+  the worst member's loss, measured for every composition; validated only
+  where the study asks for it (``predictors.target = "worst"``): another
+  nested validation per merge method, and the other two keep their tables.
 
 The features are the matrices of :mod:`loramix.features` computed by the
 plan's ``features`` step (averaged over seeds), summarised per composition by
@@ -28,7 +32,8 @@ from ..features.size import ensure_size
 if TYPE_CHECKING:  # scenario check reads MIN_COMPOSITIONS, without pandas
     import pandas as pd
 
-TARGETS = {"retention": "retention_pct", "delta_ppl": "delta_ppl_pct"}
+TARGETS = {"retention": "retention_pct", "delta_ppl": "delta_ppl_pct", "worst": "worst_pct"}
+ALWAYS = ("retention", "delta_ppl")  # validated in every study; the others where predictors.target names them
 MIN_COMPOSITIONS = 6  # fewer points than this cannot validate a line held out domain by domain
 
 
@@ -46,8 +51,16 @@ def feature_set(results: list[dict]) -> FeatureSet:
     return ensure_size(fs)  # results cached before the size feature was registered lack it
 
 
-def validate_targets(summary: pd.DataFrame, features: dict[str, FeatureSet], *, level: float) -> list[dict]:
-    """One validation per (adapter kind, target, merge method) with at least
+def targets_for(target: str) -> tuple[str, ...]:
+    """The targets a study whose ``predictors.target`` is ``target`` validates:
+    :data:`ALWAYS`, and ``target`` after them where it is not one of them."""
+    return ALWAYS if target in ALWAYS else (*ALWAYS, target)
+
+
+def validate_targets(
+    summary: pd.DataFrame, features: dict[str, FeatureSet], *, level: float, targets: tuple[str, ...] = ALWAYS
+) -> list[dict]:
+    """One validation per (adapter kind, target of ``targets``, merge method) with at least
     :data:`MIN_COMPOSITIONS` measured compositions: the predictors file's
     dict (:meth:`loramix.validation.Validation.to_json_dict`, with the nested
     validation of the choice, ``selection``: about seven times the plain
@@ -58,7 +71,8 @@ def validate_targets(summary: pd.DataFrame, features: dict[str, FeatureSet], *, 
 
     out = []
     for am, fs in features.items():
-        for target, col in TARGETS.items():
+        for target in targets:
+            col = TARGETS[target]
             for mm, g in summary[summary["adapter_method"] == am].groupby("merge_method", sort=False):
                 g = g[np.isfinite(g[col].to_numpy(dtype=float))]
                 comps = [tuple(c.split("+")) for c in g["composition"]]

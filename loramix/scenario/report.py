@@ -31,10 +31,10 @@ from .evaluations import evaluations
 RESULT_COLUMNS = [
     "adapter_method", "seed", "composition", "k", "merge_method", "rms_cosine", "mean_cosine",
     "rms_cosine_effective", "ppl_merge", "ppl_merged_data", "delta_ppl_pct", "ppl_base", "eval_tokens",
-    "retention_pct",
+    "retention_pct", "worst_pct",
 ]  # fmt: skip
 SUMMARY_VALUES = ["rms_cosine", "mean_cosine", "ppl_merge", "ppl_merged_data", "delta_ppl_pct", "ppl_base",
-                  "retention_pct"]  # fmt: skip
+                  "retention_pct", "worst_pct"]  # fmt: skip
 PI_LEVEL = 0.95
 MAX_DOMAIN_TABLES = 12  # beyond this many compositions, per-domain tables only for those with merged data
 
@@ -475,9 +475,10 @@ def _section_by_method(report: dict, v: _View) -> list[str]:
                                       if m in gc.index else "—" for m in methods])  # fmt: skip
             mean_row = ["**mean**"] + [_f(g[g["merge_method"] == m]["delta_ppl_pct"].mean()) for m in methods]
             rows.append(mean_row)
-            if g["retention_pct"].notna().any():
-                rows.append(["**mean retention %** (all compositions)"]
-                            + [_f(g[g["merge_method"] == m]["retention_pct"].mean()) for m in methods])  # fmt: skip
+            for col, name in (("retention_pct", "retention %"), ("worst_pct", "worst member %")):
+                if col in g and g[col].notna().any():  # worst_pct: not in a report.json written before it
+                    rows.append([f"**mean {name}** (all compositions)"]
+                                + [_f(g[g["merge_method"] == m][col].mean()) for m in methods])  # fmt: skip
             L.append(f"### {am}")
             L.append("")
             L.append(_table(["composition", *methods], rows))
@@ -504,6 +505,9 @@ def _by_method_given(summary: pd.DataFrame) -> list[str]:
             gc = g[g["composition"] == comp].set_index("merge_method")
             rows.append([comp] + [_f(gc.loc[m, "retention_pct"]) if m in gc.index else "—" for m in methods])
         rows.append(["**mean**"] + [_f(g[g["merge_method"] == m]["retention_pct"].mean()) for m in methods])
+        if "worst_pct" in g:  # not in a report.json written before it
+            rows.append(["**mean worst member %**"] + [_f(g[g["merge_method"] == m]["worst_pct"].mean())
+                                                       for m in methods])  # fmt: skip
         L += [f"### {am}", "", _table(["composition", *methods], rows), ""]
     return L
 
