@@ -619,6 +619,7 @@ def test_a_worst_member_study_plans_by_and_is_judged_by_the_worst_member(study, 
         assert c["mean"] == pytest.approx(np.mean([r["worst_pct"] for r in m["random"]]), rel=1e-12)
         assert c["beats"] == sum(r["worst_pct"] > m["plan"]["worst_pct"] for r in m["random"])
     md = (out / "report.md").read_text()
+    assert md.count("Pearson r of worst member % with the RMS cosine over 6 pairs") == 3  # per merge label
     section = md.split("## Does `loramix plan` beat random groupings?")[1].split("\n## ")[0]
     assert section.count("worst member % of the plan's grouping") == 2 and "retention %" not in section
     csv = pd.read_csv(out / "plan_validation.csv")

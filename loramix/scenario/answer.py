@@ -103,11 +103,17 @@ def _best_feature(v: dict) -> str:
     return "none" if r is None else f"{r['predictor']}, MAE {_f(r['mae'])}, r = {_f(r['r'])}"
 
 
-def _similarity_lines(summary: pd.DataFrame) -> list[str]:
+def _similarity_lines(summary: pd.DataFrame, target: str | None = None) -> list[str]:
+    """Pearson r of each target with the RMS cosine over the pairs, per merge
+    method: retention % and Δppl %, and the worst member % where it is the
+    study's ``target``."""
     L = []
     pairs = summary[summary["k"] == 2]
+    cols = [("retention_pct", "retention %"), ("delta_ppl_pct", "Δppl %")]
+    if target == "worst":
+        cols.insert(1, ("worst_pct", "worst member %"))
     for (am, mm), g in pairs.groupby(["adapter_method", "merge_method"], sort=False):
-        for col, name in (("retention_pct", "retention %"), ("delta_ppl_pct", "Δppl %")):
+        for col, name in cols:
             r, n = _pearson(g["rms_cosine"], g[col])
             if n >= 3:
                 # the ranges over the same n pairs as r (Δppl % only where a merged-data adapter is)
@@ -198,7 +204,7 @@ def section_answer(report: dict, v) -> list[str]:
     if val is None:
         return []
     L = ["## The answer", "", _best_line(val) + " " + _selection_note(val), ""]
-    L += _similarity_lines(v.summary)
+    L += _similarity_lines(v.summary, report["scenario"]["predictors"]["target"])
     L += _ablation_lines(report, v.summary)
     L.append("")
     rows = _paper_rows(v.summary)
