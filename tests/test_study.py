@@ -624,6 +624,11 @@ def test_a_worst_member_study_plans_by_and_is_judged_by_the_worst_member(study, 
     assert section.count("worst member % of the plan's grouping") == 2 and "retention %" not in section
     csv = pd.read_csv(out / "plan_validation.csv")
     assert {"worst_pct", "grouping_worst_pct"} <= set(csv.columns)
+    # a panel of the worst member % beside the retention % and the Δppl % panels
+    import matplotlib.pyplot as plt
+
+    width = [plt.imread(f / "interference_by_method.png").shape[1] for f in (study["out"], out)]
+    assert width[1] == pytest.approx(1.5 * width[0], rel=0.02), width
 
 
 def test_plan_writes_each_group_s_merge_as_its_study_merged(study, capsys):

@@ -315,7 +315,8 @@ def write_predictor_files(folder: Path, report: dict, cache=None) -> None:
                     ylabel=val["target"])  # fmt: skip
     name = report["scenario"]["name"]
     plots.drawn(cache, plots.interference_by_method, folder / "interference_by_method.png",
-                pd.DataFrame(report["summary"]), title=f"{name}: interference by merge method")  # fmt: skip
+                pd.DataFrame(report["summary"]), title=f"{name}: interference by merge method",
+                worst=(report["scenario"].get("predictors") or {}).get("target") == "worst")  # fmt: skip
 
 
 # The D2-LoRA paper (arXiv 2602.14728): accuracy points over LoRA, training volatility, merge gap.

@@ -584,12 +584,15 @@ def predicted_vs_measured(pred: pd.DataFrame, path: Path, title: str, ylabel: st
     return _saved(fig, path)
 
 
-def interference_by_method(summary: pd.DataFrame, path: Path, title: str) -> Path:
-    """Each composition's retention % (and Δppl % where measured) per merge
-    method, as box plots with the points over them; one panel per target."""
+def interference_by_method(summary: pd.DataFrame, path: Path, title: str, worst: bool = False) -> Path:
+    """Each composition's retention % (the worst member % too with ``worst``,
+    and Δppl % where measured) per merge method, as box plots with the points
+    over them; one panel per target."""
     plt = _plt()
-    cols = [(c, lab) for c, lab in (("retention_pct", "retention % vs own adapters"),
-                                    ("delta_ppl_pct", "Δppl % vs merged-data")) if summary[c].notna().any()]  # fmt: skip
+    cols = [("retention_pct", "retention % vs own adapters"), ("delta_ppl_pct", "Δppl % vs merged-data")]
+    if worst:
+        cols.insert(1, ("worst_pct", "worst member % vs own adapter"))
+    cols = [(c, lab) for c, lab in cols if c in summary and summary[c].notna().any()]
     labels = [
         f"{am}/{mm}" for am, mm in dict.fromkeys(zip(summary["adapter_method"], summary["merge_method"]))
     ]
