@@ -571,7 +571,7 @@ def test_plan_validation_section(study):
     }
 
 
-def test_a_worst_member_study_plans_by_and_is_judged_by_the_worst_member(study, tmp_path):
+def test_a_worst_member_study_plans_by_and_is_judged_by_the_worst_member(study, tmp_path, capsys):
     """``[predictors] target = "worst"``: the study validates the worst member's
     loss beside the other targets (theirs unchanged), saves its predictor as
     ``predictors.json``, and its ``[plan]`` groups by it as ``loramix plan --fit``
@@ -581,6 +581,8 @@ def test_a_worst_member_study_plans_by_and_is_judged_by_the_worst_member(study, 
     from loramix.validation import load_predictors
 
     scen = _write(tmp_path, STUDY.replace("tokens = 64", 'tokens = 64\ntarget = "worst"'))
+    assert main(["scenario", "check", str(scen), "--cache", str(study["cache"])]) == 0
+    assert "grouped by `loramix plan` on the worst member's predicted loss" in capsys.readouterr().out
     out = tmp_path / "worst"
     assert (
         main(["scenario", "run", str(scen), "--out", str(out), "--cache", str(study["cache"]), "--quiet"])

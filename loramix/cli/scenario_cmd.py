@@ -120,7 +120,12 @@ def check_cmd(file, cache_dir, jobs, threads, device, fresh):
                    "not in the estimate), and finds no step cached until then")  # fmt: skip
     if sc.plan is not None:
         p = sc.plan
-        click.echo(f"  plan validation: the {p.adapters} adapters of seed {p.seed} grouped by `loramix plan` "
+        cost = (
+            "the worst member's predicted loss"
+            if sc.predictors.target == "worst"
+            else "predicted interference"
+        )
+        click.echo(f"  plan validation: the {p.adapters} adapters of seed {p.seed} grouped by `loramix plan` on {cost} "
                    f"(groups of at most {p.max_size}; merged: {', '.join(p.methods)}) and {p.random} random groupings of the "
                    f"same sizes: at most {len(p.methods) * (p.random + 1) * (n_dom // 2)} merge evaluations, planned after the "
                    "predictors step (cached like the others; not in the estimate)")  # fmt: skip
