@@ -287,7 +287,9 @@ def _point(m: Evaluation, own: dict, target: str) -> tuple[tuple[str, ...], floa
         ppl_own[dom] = float(mine["ppl"])
     if len(ppl_own) != len(m.members) or len(ppl_own) < 2:
         raise UsageError(m.path, "a merge needs two or more distinct members")
-    y = getattr(assemble, TARGETS[target][0])  # the study's own function of the target
+    y = {"retention": assemble.retention_pct, "worst": assemble.worst_pct}[
+        target
+    ]  # the study's own functions
     return tuple(sorted(ppl_own)), y({d: m.rows[d] for d in ppl_own}, ppl_own)
 
 

@@ -165,7 +165,7 @@ def _grouping(results: dict, groups: list[dict], how: str, pre: str, own: dict, 
     retention % and worst member %, the grouping's (module docstring) and its
     predicted ``measure``: the mean over the merged domains of their group's
     predicted cost, or with ``worst_pct`` the largest group's."""
-    from .report import delta_pct
+    from .assemble import member_losses
 
     per_domain, out = {}, []
     for g in groups:
@@ -176,7 +176,7 @@ def _grouping(results: dict, groups: list[dict], how: str, pre: str, own: dict, 
             ev = merge_evaluation(results, pre, g["method"], comp_name(members), PREFIX)
             # summed in the domains' order too: one set, one mean to the last bit, so a random
             # grouping that draws the plan's groups ties it instead of beating it by 1e-16
-            deltas = {d: delta_pct(ev[d]["ppl"], own[d]) for d in members}
+            deltas = dict(zip(members, member_losses(ev, {d: own[d] for d in members})))
             per_domain.update(deltas)
             g.update(retention_pct=float(np.mean(list(deltas.values()))), worst_pct=max(deltas.values()),
                      ppl={d: ev[d]["ppl"] for d in g["members"]})  # fmt: skip
