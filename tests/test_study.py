@@ -563,6 +563,8 @@ def test_plan_validation_section(study):
     md = (out / "report.md").read_text()
     section = md.split("## Does `loramix plan` beat random groupings?")[1].split("\n## ")[0]
     assert section.count("random groupings of the same sizes") == 2 and "one-sided p = " in section
+    assert ("a group's retention % is the mean over its members' losses, a grouping's the mean over the domains it "
+            "merges (lower is better)") in " ".join(section.split())  # fmt: skip
     assert (out / "plan_vs_random.png").stat().st_size > 1000 and "(plan_vs_random.png)" in section
     csv = pd.read_csv(out / "plan_validation.csv")
     assert set(csv["merged"]) == {"plan", "ties-sparse"} and set(csv["grouping"]) == {
@@ -624,6 +626,8 @@ def test_a_worst_member_study_plans_by_and_is_judged_by_the_worst_member(study, 
     assert md.count("Pearson r of worst member % with the RMS cosine over 6 pairs") == 3  # per merge label
     section = md.split("## Does `loramix plan` beat random groupings?")[1].split("\n## ")[0]
     assert section.count("worst member % of the plan's grouping") == 2 and "retention %" not in section
+    assert ("a group's worst member % is the largest over its members' losses, a grouping's the largest over the "
+            "domains it merges (lower is better)") in " ".join(section.split())  # fmt: skip
     csv = pd.read_csv(out / "plan_validation.csv")
     assert {"worst_pct", "grouping_worst_pct"} <= set(csv.columns)
     # a panel of the worst member % beside the retention % and the Δppl % panels

@@ -403,7 +403,7 @@ def section_plan(report: dict, v) -> list[str]:
     from .planval import MEASURES
 
     measure = pv.get("measure", "retention_pct")  # a report.json written before the worst target
-    words, how = MEASURES[measure]
+    words, agg = MEASURES[measure]
     for m in pv["by_method"]:
         L += [f"- {m['verdict']}"]
     L.append("")
@@ -420,8 +420,8 @@ def section_plan(report: dict, v) -> list[str]:
              f"and evaluated on its members' eval splits, and so is every group of {pv['random_count']} random "
              f"groupings with the same group sizes ({sizes}; seed {pv['random_seed']}). A member's loss is "
              "100 · (ppl of the merge − ppl of the member's own adapter) / ppl of the own adapter; a group's "
-             f"{words} is {how.removesuffix(' the domains it merges of')} its members' losses, a grouping's "
-             f"{how.removesuffix(' of')} (lower is better). Every group: `plan_validation.csv`.")  # fmt: skip
+             f"{words} is the {agg} over its members' losses, a grouping's the {agg} over the domains it merges "
+             "(lower is better). Every group: `plan_validation.csv`.")  # fmt: skip
     L.append("")
     ms = pv["by_method"]
     head = ["group", "members", "proposed", "predicted cost", "interval"]

@@ -42,11 +42,8 @@ from .plan import DomainData, Step, _Planner, comp_name, merge_evaluation
 
 PREFIX = "plan/"
 ALPHA = 0.05  # one-sided empirical p-value for "beats random groupings"
-#: a grouping's measure: (its words, how it is made from the losses of the domains it merges)
-MEASURES = {
-    "retention_pct": ("retention %", "the mean over the domains it merges of"),
-    "worst_pct": ("worst member %", "the largest over the domains it merges of"),
-}
+#: a grouping's measure: (its words, the aggregate of the losses of the domains it merges that it is)
+MEASURES = {"retention_pct": ("retention %", "mean"), "worst_pct": ("worst member %", "largest")}
 
 
 def measure_of(target: str) -> str:
@@ -236,9 +233,10 @@ def verdict(m: dict, budget: float, measure: str = "retention_pct") -> str:
                 "adapter), so there is nothing to measure; raise `plan.budget`.")  # fmt: skip
     std = f" ± {c['std']:.2f}" if c["std"] is not None else ""
     ties = f", ties {c['ties']}" if c["ties"] else ""
-    words, how = MEASURES[measure]
-    nums = (f"{words} of the plan's grouping {p[measure]:.2f} ({how} the merge's perplexity change against each "
-            f"domain's own adapter) against {c['mean']:.2f}{std} for {c['n']} random groupings of the same sizes "
+    words, agg = MEASURES[measure]
+    nums = (f"{words} of the plan's grouping {p[measure]:.2f} (the {agg} over the domains it merges of the merge's "
+            f"perplexity change against each domain's own adapter) against {c['mean']:.2f}{std} for {c['n']} random "
+            "groupings of the same sizes "
             f"(median {c['median']:.2f}); it beats {c['beats']}{ties} and loses to {c['loses']} of them, rank "
             f"{c['rank']} of {c['of']}, one-sided p = {c['p_value']:.3f}")  # fmt: skip
     if c["p_value"] <= ALPHA:
